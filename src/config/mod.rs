@@ -1,0 +1,302 @@
+//! Configuration: the TOML schema, loading, and validation that reports
+//! every problem with the path of the value at fault.
+
+mod schema;
+mod types;
+mod validate;
+
+use std::fmt;
+use std::path::Path;
+
+pub use types::*;
+pub use validate::{DEFAULT_LISTEN, EnvLookup};
+
+/// One thing wrong with a config file, at a path such as
+/// `models[1].deployments[0].backend`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in one config; never empty.
+#[derive(Debug, Clone)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+impl Problems {
+    fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self(vec![Problem {
+            path: path.into(),
+            message: message.into(),
+        }])
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Config, Problems> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Problems::one(
+            "",
+            format!("cannot read config file {}: {e}", path.display()),
+        )
+    })?;
+    parse(&text, env)
+}
+
+/// Parses and validates config text. Unknown keys are all reported along
+/// with the semantic problems; a value of the wrong type stops parsing, so
+/// it is reported alone.
+pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, Problems> {
+    let document =
+        toml::Deserializer::parse(text).map_err(|e| Problems::one("", syntax_error(text, &e)))?;
+    let mut unknown = Vec::new();
+    let raw: schema::RawConfig = serde_path_to_error::deserialize(
+        serde_ignored::Deserializer::new(document, &mut |path: serde_ignored::Path<'_>| {
+            unknown.push(dotted(&path))
+        }),
+    )
+    .map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let at = inner
+            .span()
+            .map(|s| location(text, s.start))
+            .unwrap_or_default();
+        Problems::one(
+            if path == "." { String::new() } else { path },
+            format!("{}{at}", inner.message()),
+        )
+    })?;
+    let mut problems: Vec<Problem> = unknown
+        .into_iter()
+        .map(|path| Problem {
+            path,
+            message: "unknown key; check its spelling against the README's config reference".into(),
+        })
+        .collect();
+    match validate::validate(raw, env) {
+        Ok(config) if problems.is_empty() => Ok(config),
+        Ok(_) => Err(Problems(problems)),
+        Err(Problems(more)) => {
+            problems.extend(more);
+            Err(Problems(problems))
+        }
+    }
+}
+
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let at = e
+        .span()
+        .map(|s| location(text, s.start))
+        .unwrap_or_default();
+    format!("TOML syntax error{at}: {}", e.message())
+}
+
+fn location(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!(" (line {line}, column {column})")
+}
+
+/// `models[1].deployments[0].foo`, the same notation validation uses.
+fn dotted(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    match path {
+        P::Root => String::new(),
+        P::Seq { parent, index } => format!("{}[{index}]", dotted(parent)),
+        P::Map { parent, key } => {
+            let parent = dotted(parent);
+            if parent.is_empty() {
+                key.clone()
+            } else {
+                format!("{parent}.{key}")
+            }
+        }
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            dotted(parent)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text, &no_env) {
+            Ok(_) => Vec::new(),
+            Err(p) => p.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    const MINIMAL: &str = r#"
+[[backends]]
+name = "sim"
+kind = "simulated"
+
+[[models]]
+alias = "m"
+[[models.deployments]]
+backend = "sim"
+model = "llama"
+context_window = 8192
+"#;
+
+    #[test]
+    fn minimal_config_is_valid_with_defaults() {
+        let config = parse(MINIMAL, &no_env).expect("valid");
+        assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
+        let d = &config.models[0].deployments[0];
+        assert_eq!(d.name, "m/sim");
+        assert!(d.modalities.text && !d.modalities.image);
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_path() {
+        let text = r#"
+[server]
+listn = "0.0.0.0:1"
+
+[[backends]]
+name = "v"
+kind = "vllm"
+
+[[backends]]
+name = "v"
+kind = "nope"
+
+[[models]]
+alias = "a"
+[[models.deployments]]
+backend = "sim"
+model = "x"
+context_window = 1
+modalities = ["text", "smell"]
+colour = "red"
+
+[[models]]
+alias = "b"
+[[models.deployments]]
+backend = "vllm-eu"
+model = "x"
+context_window = 1
+
+[[keys]]
+name = "k"
+models = ["zzz"]
+"#;
+        let got = problems(text);
+        let expected = [
+            "server.listn: unknown key",
+            "models[0].deployments[0].colour: unknown key",
+            "backends[0].base_url: a vllm backend needs base_url",
+            "backends[1].kind: unknown kind \"nope\"",
+            "backends[1].name: \"v\" is defined twice",
+            "models[0].deployments[0].backend: no backend named \"sim\"",
+            "models[0].deployments[0].modalities[1]: unknown modality \"smell\"",
+            "models[1].deployments[0].backend: no backend named \"vllm-eu\"",
+            "keys[0]: needs sha256",
+            "keys[0].models[0]: no model with alias \"zzz\"",
+        ];
+        for e in expected {
+            assert!(
+                got.iter().any(|g| g.starts_with(e)),
+                "missing {e:?} in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), expected.len(), "{got:#?}");
+    }
+
+    #[test]
+    fn a_wrong_type_names_its_path_and_line() {
+        let got = problems("[[backends]]\nname = \"a\"\nkind = 5\n");
+        assert_eq!(got.len(), 1);
+        assert!(
+            got[0].starts_with("backends[0].kind: invalid type"),
+            "{got:?}"
+        );
+        assert!(got[0].contains("line 3"), "{got:?}");
+    }
+
+    #[test]
+    fn missing_secrets_are_reported_by_variable_name() {
+        let text = r#"
+[[backends]]
+name = "t"
+kind = "together"
+api_key_env = "TOGETHER_KEY_FOR_TEST"
+"#;
+        let got = problems(text);
+        assert_eq!(
+            got,
+            [
+                "backends[0].api_key_env: environment variable TOGETHER_KEY_FOR_TEST is not set (or is empty)"
+            ]
+        );
+        let env = |name: &str| (name == "TOGETHER_KEY_FOR_TEST").then(|| "secret".to_string());
+        let config = parse(text, &env).expect("valid once set");
+        assert_eq!(
+            config.backends[0].base_url.as_ref().unwrap().as_str(),
+            "https://api.together.xyz/v1"
+        );
+        assert!(
+            !format!("{config:?}").contains("secret\""),
+            "secrets never show in Debug"
+        );
+    }
+
+    #[test]
+    fn prices_become_exact_micro_dollars() {
+        let text = MINIMAL.replace(
+            "context_window",
+            "input_usd_per_mtok = 0.88\noutput_usd_per_mtok = 0.2\ncontext_window",
+        );
+        let config = parse(&text, &no_env).expect("valid");
+        let price = config.models[0].deployments[0].price;
+        assert_eq!(price.input_micro_usd_per_mtok, 880_000);
+        assert_eq!(price.output_micro_usd_per_mtok, 200_000);
+    }
+
+    #[test]
+    fn image_modality_requires_multimodal_flag() {
+        let text = MINIMAL.replace(
+            "context_window",
+            "modalities = [\"text\", \"image\"]\ncontext_window",
+        );
+        assert_eq!(
+            problems(&text),
+            [
+                "models[0].deployments[0].multimodal: this deployment accepts images or audio, so its model is multimodal; set multimodal = true"
+            ]
+        );
+    }
+}

@@ -1,0 +1,520 @@
+//! Semantic validation: turns a `RawConfig` into a `Config`, or reports
+//! every problem it finds, each with the path of the value at fault.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use reqwest::Url;
+use sha2::{Digest, Sha256};
+
+use super::schema::{RawBackend, RawConfig, RawDeployment, RawKey, RawModel, RawSimulated};
+use super::types::*;
+use super::{Problem, Problems};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
+const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 30_000;
+const DEFAULT_CONNECT_MS: u64 = 5_000;
+const DEFAULT_FIRST_BYTE_MS: u64 = 60_000;
+const DEFAULT_IDLE_MS: u64 = 30_000;
+
+/// Reads an environment variable; injected so tests need not touch the
+/// process environment.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> {
+    let mut v = Validator {
+        problems: Vec::new(),
+        env,
+    };
+    let server = v.server(&raw);
+    let backends: Vec<Backend> = raw
+        .backends
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| v.backend(i, b))
+        .collect();
+    v.unique(
+        raw.backends.iter().map(|b| b.name.as_str()),
+        "backends",
+        "name",
+    );
+    let backend_names: HashSet<&str> = raw.backends.iter().map(|b| b.name.as_str()).collect();
+    let models: Vec<Model> = raw
+        .models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| v.model(i, m, &backend_names))
+        .collect();
+    v.unique(
+        raw.models.iter().map(|m| m.alias.as_str()),
+        "models",
+        "alias",
+    );
+    let deployment_names = models.iter().enumerate().flat_map(|(i, m)| {
+        m.deployments
+            .iter()
+            .enumerate()
+            .map(move |(j, d)| (i, j, d))
+    });
+    let mut seen = HashSet::new();
+    for (i, j, d) in deployment_names {
+        if !seen.insert(d.name.as_str()) {
+            v.problem(
+                format!("models[{i}].deployments[{j}].name"),
+                format!(
+                    "deployment name \"{}\" is used twice; give each deployment its own name",
+                    d.name
+                ),
+            );
+        }
+    }
+    let aliases: HashSet<&str> = raw.models.iter().map(|m| m.alias.as_str()).collect();
+    let keys: Vec<Key> = raw
+        .keys
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| v.key(i, k, &aliases))
+        .collect();
+    v.unique(raw.keys.iter().map(|k| k.name.as_str()), "keys", "name");
+    let mut hashes: HashMap<[u8; 32], usize> = HashMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        if let Some(first) = hashes.insert(key.sha256, i) {
+            v.problem(
+                format!("keys[{i}]"),
+                format!(
+                    "key \"{}\" has the same secret as keys[{first}]; each key needs its own",
+                    key.name
+                ),
+            );
+        }
+    }
+
+    if v.problems.is_empty() {
+        Ok(Config {
+            server: server.expect("server is valid when there are no problems"),
+            backends,
+            models,
+            keys,
+        })
+    } else {
+        Err(Problems(v.problems))
+    }
+}
+
+struct Validator<'a> {
+    problems: Vec<Problem>,
+    env: EnvLookup<'a>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn unique<'n>(&mut self, names: impl Iterator<Item = &'n str>, list: &str, field: &str) {
+        let mut seen = HashSet::new();
+        for (i, name) in names.enumerate() {
+            if name.trim().is_empty() {
+                self.problem(format!("{list}[{i}].{field}"), "must not be empty");
+            } else if !seen.insert(name) {
+                self.problem(
+                    format!("{list}[{i}].{field}"),
+                    format!("\"{name}\" is defined twice; {field}s must be unique"),
+                );
+            }
+        }
+    }
+
+    /// A secret named by an environment variable; reports a missing one.
+    fn secret(&mut self, path: String, var: &str) -> Option<Secret> {
+        if var.is_empty() || var.contains('=') || var.contains('\0') {
+            self.problem(
+                path,
+                format!("\"{var}\" is not a valid environment variable name"),
+            );
+            return None;
+        }
+        match (self.env)(var) {
+            Some(value) if !value.is_empty() => Some(Secret::new(value)),
+            _ => {
+                self.problem(
+                    path,
+                    format!("environment variable {var} is not set (or is empty)"),
+                );
+                None
+            }
+        }
+    }
+
+    fn server(&mut self, raw: &RawConfig) -> Option<ServerConfig> {
+        let s = &raw.server;
+        let listen_text = s.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen = match listen_text.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.problem(
+                    "server.listen",
+                    format!("\"{listen_text}\" is not an address; write IP:PORT, such as \"0.0.0.0:8080\""),
+                );
+                None
+            }
+        };
+        let max_body_bytes = s.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes < 1024 {
+            self.problem("server.max_body_bytes", "must be at least 1024");
+        }
+        let grace = Duration::from_millis(s.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS));
+        Some(ServerConfig {
+            listen: listen?,
+            max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
+            shutdown_grace: grace,
+        })
+    }
+
+    fn backend(&mut self, i: usize, b: &RawBackend) -> Option<Backend> {
+        let at = |field: &str| format!("backends[{i}].{field}");
+        let Some(kind) = BackendKind::parse(&b.kind) else {
+            self.problem(
+                at("kind"),
+                format!(
+                    "unknown kind \"{}\"; expected one of: {}",
+                    b.kind,
+                    BackendKind::NAMES.join(", ")
+                ),
+            );
+            return None;
+        };
+        let base_url = match (kind, b.base_url.as_deref()) {
+            (BackendKind::Simulated, Some(_)) => {
+                self.problem(
+                    at("base_url"),
+                    "a simulated backend has no base_url; remove it",
+                );
+                None
+            }
+            (BackendKind::Simulated, None) => None,
+            (_, Some(text)) => self.url(at("base_url"), text),
+            (_, None) => match kind.default_base_url() {
+                Some(url) => Some(Url::parse(url).expect("built-in base URLs parse")),
+                None => {
+                    self.problem(
+                        at("base_url"),
+                        format!(
+                            "a {} backend needs base_url, such as \"http://10.0.0.5:8000/v1\"",
+                            b.kind
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let credential = match (&b.api_key_env, kind) {
+            (Some(_), BackendKind::Simulated) => {
+                self.problem(
+                    at("api_key_env"),
+                    "a simulated backend takes no credential; remove it",
+                );
+                None
+            }
+            (Some(var), _) => self.secret(at("api_key_env"), var),
+            (None, BackendKind::Together | BackendKind::Groq) => {
+                self.problem(
+                    at("api_key_env"),
+                    format!("a {} backend needs api_key_env, the environment variable holding its API key", b.kind),
+                );
+                None
+            }
+            (None, _) => None,
+        };
+        let timeouts = self.timeouts(i, b);
+        let simulated = match (&b.simulated, kind) {
+            (Some(spec), BackendKind::Simulated) => self.simulated(i, spec),
+            (Some(_), _) => {
+                self.problem(
+                    at("simulated"),
+                    "only a backend of kind \"simulated\" takes this table",
+                );
+                SimulatedSpec::default()
+            }
+            (None, _) => SimulatedSpec::default(),
+        };
+        if b.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            self.problem(at("region"), "must not be empty; leave it out instead");
+        }
+        Some(Backend {
+            name: b.name.clone(),
+            kind,
+            base_url,
+            region: b.region.clone(),
+            credential,
+            timeouts,
+            simulated,
+        })
+    }
+
+    fn url(&mut self, path: String, text: &str) -> Option<Url> {
+        match Url::parse(text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                if url.query().is_some() || url.fragment().is_some() {
+                    self.problem(path, "must not have a query or fragment");
+                    return None;
+                }
+                Some(url)
+            }
+            Ok(_) => {
+                self.problem(
+                    path,
+                    format!("\"{text}\" must be an http:// or https:// URL with a host"),
+                );
+                None
+            }
+            Err(e) => {
+                self.problem(path, format!("\"{text}\" is not a URL: {e}"));
+                None
+            }
+        }
+    }
+
+    fn timeouts(&mut self, i: usize, b: &RawBackend) -> Timeouts {
+        let mut ms = |field: &str, value: Option<u64>, default: u64| {
+            let value = value.unwrap_or(default);
+            if value == 0 {
+                self.problem(
+                    format!("backends[{i}].timeouts.{field}"),
+                    "must be greater than 0",
+                );
+            }
+            Duration::from_millis(value)
+        };
+        Timeouts {
+            connect: ms("connect_ms", b.timeouts.connect_ms, DEFAULT_CONNECT_MS),
+            first_byte: ms(
+                "first_byte_ms",
+                b.timeouts.first_byte_ms,
+                DEFAULT_FIRST_BYTE_MS,
+            ),
+            idle: ms("idle_ms", b.timeouts.idle_ms, DEFAULT_IDLE_MS),
+        }
+    }
+
+    fn simulated(&mut self, i: usize, s: &RawSimulated) -> SimulatedSpec {
+        let at = |field: &str| format!("backends[{i}].simulated.{field}");
+        let default = SimulatedSpec::default();
+        let spec = SimulatedSpec {
+            ttft: s.ttft_ms.map_or(default.ttft, Duration::from_millis),
+            tokens_per_second: s.tokens_per_second.unwrap_or(default.tokens_per_second),
+            completion_tokens: s.completion_tokens.unwrap_or(default.completion_tokens),
+            failure_rate: s.failure_rate.unwrap_or(default.failure_rate),
+        };
+        if !(spec.tokens_per_second.is_finite() && spec.tokens_per_second > 0.0) {
+            self.problem(at("tokens_per_second"), "must be a number greater than 0");
+        }
+        if spec.completion_tokens == 0 {
+            self.problem(at("completion_tokens"), "must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&spec.failure_rate) {
+            self.problem(at("failure_rate"), "must be between 0.0 and 1.0");
+        }
+        spec
+    }
+
+    fn model(&mut self, i: usize, m: &RawModel, backends: &HashSet<&str>) -> Model {
+        if m.deployments.is_empty() {
+            self.problem(
+                format!("models[{i}].deployments"),
+                format!(
+                    "model \"{}\" has no deployments; add at least one [[models.deployments]]",
+                    m.alias
+                ),
+            );
+        }
+        let deployments = m
+            .deployments
+            .iter()
+            .enumerate()
+            .map(|(j, d)| {
+                self.deployment(
+                    format!("models[{i}].deployments[{j}]"),
+                    &m.alias,
+                    d,
+                    backends,
+                )
+            })
+            .collect();
+        Model {
+            alias: m.alias.clone(),
+            deployments,
+        }
+    }
+
+    fn deployment(
+        &mut self,
+        at: String,
+        alias: &str,
+        d: &RawDeployment,
+        backends: &HashSet<&str>,
+    ) -> Deployment {
+        if !backends.contains(d.backend.as_str()) {
+            let mut known: Vec<&str> = backends.iter().copied().collect();
+            known.sort_unstable();
+            self.problem(
+                format!("{at}.backend"),
+                format!(
+                    "no backend named \"{}\" (backends: {})",
+                    d.backend,
+                    known.join(", ")
+                ),
+            );
+        }
+        if d.model.trim().is_empty() {
+            self.problem(format!("{at}.model"), "must name the upstream model id");
+        }
+        let price = Price {
+            input_micro_usd_per_mtok: self
+                .price(format!("{at}.input_usd_per_mtok"), d.input_usd_per_mtok),
+            output_micro_usd_per_mtok: self
+                .price(format!("{at}.output_usd_per_mtok"), d.output_usd_per_mtok),
+        };
+        if d.context_window == 0 {
+            self.problem(format!("{at}.context_window"), "must be greater than 0");
+        }
+        let modalities = self.modalities(&at, d);
+        if (modalities.image || modalities.audio) && !d.multimodal {
+            self.problem(
+                format!("{at}.multimodal"),
+                "this deployment accepts images or audio, so its model is multimodal; set multimodal = true",
+            );
+        }
+        if let Some(licence) = &d.licence
+            && licence.trim().is_empty()
+        {
+            self.problem(
+                format!("{at}.licence"),
+                "must not be empty; leave it out for no licence family",
+            );
+        }
+        Deployment {
+            name: d
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{alias}/{}", d.backend)),
+            backend: d.backend.clone(),
+            upstream_model: d.model.clone(),
+            price,
+            context_window: d.context_window,
+            modalities,
+            tools: d.tools,
+            licence: d.licence.clone(),
+            multimodal: d.multimodal,
+        }
+    }
+
+    /// USD per million tokens → integer micro-dollars per million tokens.
+    fn price(&mut self, path: String, usd: f64) -> u64 {
+        if !usd.is_finite() || usd < 0.0 || usd > 1_000_000.0 {
+            self.problem(
+                path,
+                "must be a price in USD per million tokens between 0 and 1000000",
+            );
+            return 0;
+        }
+        let micro = usd * 1_000_000.0;
+        if (micro - micro.round()).abs() > 1e-6 {
+            self.problem(
+                path,
+                "prices are exact to the micro-dollar; use at most 6 decimal places",
+            );
+        }
+        micro.round() as u64
+    }
+
+    fn modalities(&mut self, at: &str, d: &RawDeployment) -> Modalities {
+        let mut m = Modalities {
+            text: false,
+            image: false,
+            audio: false,
+        };
+        let Some(list) = &d.modalities else {
+            m.text = true;
+            return m;
+        };
+        for (k, name) in list.iter().enumerate() {
+            match name.as_str() {
+                "text" => m.text = true,
+                "image" => m.image = true,
+                "audio" => m.audio = true,
+                other => self.problem(
+                    format!("{at}.modalities[{k}]"),
+                    format!("unknown modality \"{other}\"; expected text, image or audio"),
+                ),
+            }
+        }
+        if !m.text {
+            self.problem(format!("{at}.modalities"), "must include \"text\"");
+        }
+        m
+    }
+
+    fn key(&mut self, i: usize, k: &RawKey, aliases: &HashSet<&str>) -> Option<Key> {
+        let at = |field: &str| format!("keys[{i}].{field}");
+        let sha256 = match (&k.sha256, &k.key_env) {
+            (Some(hex_digest), None) => match hex::decode(hex_digest.trim()) {
+                Ok(bytes) if bytes.len() == 32 => Some(bytes.try_into().expect("length checked")),
+                _ => {
+                    self.problem(
+                        at("sha256"),
+                        "must be 64 hex digits: the sha256 of the key, as `printf %s KEY | sha256sum` prints",
+                    );
+                    None
+                }
+            },
+            (None, Some(var)) => self
+                .secret(at("key_env"), var)
+                .map(|s| Sha256::digest(s.expose().as_bytes()).into()),
+            (Some(_), Some(_)) => {
+                self.problem(
+                    format!("keys[{i}]"),
+                    "give either sha256 or key_env, not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.problem(
+                    format!("keys[{i}]"),
+                    "needs sha256 (the key's sha256 in hex) or key_env (the environment variable holding the key)",
+                );
+                None
+            }
+        };
+        let models = if k.models.iter().any(|m| m == "*") {
+            AllowedModels::All
+        } else {
+            for (j, alias) in k.models.iter().enumerate() {
+                if !aliases.contains(alias.as_str()) {
+                    self.problem(
+                        format!("keys[{i}].models[{j}]"),
+                        format!("no model with alias \"{alias}\"; use a models[].alias, or \"*\" for all"),
+                    );
+                }
+            }
+            if k.models.is_empty() {
+                self.problem(
+                    at("models"),
+                    "lists no models; name the aliases this key may use, or \"*\"",
+                );
+            }
+            AllowedModels::Only(k.models.clone())
+        };
+        Some(Key {
+            name: k.name.clone(),
+            sha256: sha256?,
+            models,
+            region: k.region.clone(),
+        })
+    }
+}

@@ -1,0 +1,318 @@
+//! The one error type. It knows who is at fault (client, upstream, gateway)
+//! and whether another deployment may be tried; `server` turns it into an
+//! OpenAI error body in one place (`into_response`).
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::openai::{ErrorBody, UpstreamErrorParts};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    Client,
+    Upstream,
+    Internal,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayError {
+    pub status: StatusCode,
+    pub source: ErrorSource,
+    /// OpenAI's `type`.
+    pub kind: &'static str,
+    /// OpenAI's `code`.
+    pub code: Option<String>,
+    pub param: Option<String>,
+    pub message: String,
+    /// Another deployment may be tried (only before the client got a byte).
+    pub retriable: bool,
+    pub retry_after: Option<Duration>,
+}
+
+impl GatewayError {
+    fn new(
+        status: StatusCode,
+        source: ErrorSource,
+        kind: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            source,
+            kind,
+            code: None,
+            param: None,
+            message: message.into(),
+            retriable: false,
+            retry_after: None,
+        }
+    }
+
+    fn code(mut self, code: &str) -> Self {
+        self.code = Some(code.to_owned());
+        self
+    }
+
+    fn retriable(mut self) -> Self {
+        self.retriable = true;
+        self
+    }
+
+    pub fn bad_request(message: impl Into<String>, param: Option<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            ErrorSource::Client,
+            "invalid_request_error",
+            message,
+        );
+        e.param = param;
+        e
+    }
+
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorSource::Client,
+            "invalid_request_error",
+            format!("request body is larger than this gateway's limit of {limit} bytes; send a smaller request"),
+        )
+        .code("request_too_large")
+    }
+
+    pub fn unauthorized(message: &str) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorSource::Client,
+            "invalid_request_error",
+            message,
+        )
+        .code("invalid_api_key")
+    }
+
+    pub fn model_not_allowed(alias: &str, key: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            ErrorSource::Client,
+            "invalid_request_error",
+            format!("key \"{key}\" may not use model \"{alias}\"; GET /v1/models lists the models it may use"),
+        )
+        .code("model_not_allowed")
+    }
+
+    pub fn unknown_model(alias: &str, known: &[&str]) -> Self {
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorSource::Client,
+            "invalid_request_error",
+            format!(
+                "the model \"{alias}\" does not exist; available models: {}",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        )
+        .code("model_not_found");
+        e.param = Some("model".into());
+        e
+    }
+
+    pub fn not_found(path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorSource::Client,
+            "invalid_request_error",
+            format!(
+                "no route for {path}; this gateway serves /v1/chat/completions, /v1/completions and /v1/models"
+            ),
+        )
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorSource::Client,
+            "invalid_request_error",
+            "method not allowed",
+        )
+    }
+
+    pub fn upstream_connect(backend: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorSource::Upstream,
+            "upstream_error",
+            format!("could not connect to backend \"{backend}\""),
+        )
+        .code("upstream_unavailable")
+        .retriable()
+    }
+
+    pub fn upstream_timeout(backend: &str, waited: Duration) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            ErrorSource::Upstream,
+            "upstream_error",
+            format!(
+                "backend \"{backend}\" sent no response within {} ms",
+                waited.as_millis()
+            ),
+        )
+        .code("upstream_timeout")
+        .retriable()
+    }
+
+    pub fn upstream_idle(backend: &str, waited: Duration) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            ErrorSource::Upstream,
+            "upstream_error",
+            format!(
+                "backend \"{backend}\" stopped sending for {} ms in the middle of a response",
+                waited.as_millis()
+            ),
+        )
+        .code("upstream_timeout")
+    }
+
+    /// The upstream broke its protocol: a body that is not what it promised.
+    pub fn upstream_protocol(backend: &str, what: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorSource::Upstream,
+            "upstream_error",
+            format!("backend \"{backend}\" sent an invalid response: {what}"),
+        )
+        .code("upstream_invalid_response")
+    }
+
+    /// A transport failure after the response started.
+    pub fn upstream_broken(backend: &str) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorSource::Upstream,
+            "upstream_error",
+            format!("the connection to backend \"{backend}\" failed in the middle of a response"),
+        )
+        .code("upstream_disconnected")
+    }
+
+    /// An error status from the upstream. 429 and 5xx may be retried on
+    /// another deployment; 401/403 mean the gateway's own credential was
+    /// refused, which is not the client's fault, so the client sees 502.
+    pub fn upstream_status(
+        backend: &str,
+        status: StatusCode,
+        body: &[u8],
+        retry_after: Option<Duration>,
+    ) -> Self {
+        let parts = UpstreamErrorParts::parse(body);
+        let detail = parts.message.unwrap_or_else(|| status.to_string());
+        let retriable = matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504);
+        let mut e = match status.as_u16() {
+            401 | 403 => Self::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorSource::Upstream,
+                "upstream_error",
+                format!(
+                    "backend \"{backend}\" refused the gateway's credentials ({status}); \
+                     the gateway operator must fix the backend's api_key_env"
+                ),
+            )
+            .code("upstream_auth_failed"),
+            429 => Self::new(
+                status,
+                ErrorSource::Upstream,
+                "rate_limit_error",
+                format!("backend \"{backend}\" is rate limiting: {detail}"),
+            )
+            .code("rate_limit_exceeded"),
+            400..=499 => {
+                let mut e = Self::new(
+                    status,
+                    ErrorSource::Client,
+                    "invalid_request_error",
+                    format!("backend \"{backend}\" rejected the request: {detail}"),
+                );
+                e.param = parts.param;
+                e.code = parts.code;
+                e
+            }
+            _ => Self::new(
+                if status == StatusCode::GATEWAY_TIMEOUT {
+                    status
+                } else {
+                    StatusCode::BAD_GATEWAY
+                },
+                ErrorSource::Upstream,
+                "upstream_error",
+                format!("backend \"{backend}\" failed with {status}: {detail}"),
+            )
+            .code("upstream_error"),
+        };
+        e.retriable = retriable;
+        e.retry_after = retry_after;
+        e
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorSource::Internal,
+            "server_error",
+            message,
+        )
+    }
+
+    /// A bounded label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match (self.source, self.status.as_u16()) {
+            (ErrorSource::Client, 401) => "unauthorized",
+            (ErrorSource::Client, 403) => "forbidden",
+            (ErrorSource::Client, 404) => "not_found",
+            (ErrorSource::Client, 413) => "too_large",
+            (ErrorSource::Client, _) => "bad_request",
+            (ErrorSource::Upstream, 429) => "upstream_rate_limited",
+            (ErrorSource::Upstream, 504) => "upstream_timeout",
+            (ErrorSource::Upstream, _) => "upstream_error",
+            (ErrorSource::Internal, _) => "internal",
+        }
+    }
+
+    /// The OpenAI error body, also used as an SSE error event mid-stream.
+    pub fn body_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&ErrorBody {
+            error: crate::openai::ErrorObject {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code.as_deref(),
+            },
+        })
+        .expect("error bodies serialise")
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, self.body_json()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(after) = self.retry_after {
+            // Whole seconds, rounded up: the SDKs read integer seconds.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if !self.retriable && self.source == ErrorSource::Client {
+            // The official SDKs retry 408/409/429/5xx only; say so for clarity.
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        response
+    }
+}

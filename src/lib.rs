@@ -1,0 +1,15 @@
+//! tollgate: an OpenAI-compatible gateway in front of self-hosted and
+//! managed Llama backends. `main.rs` is a thin CLI over this library, so
+//! tests start the gateway in-process.
+
+pub mod config;
+pub mod error;
+pub mod metering;
+pub mod metrics;
+pub mod openai;
+pub mod providers;
+pub mod routing;
+pub mod server;
+pub mod snapshot;
+
+pub use server::Gateway;

@@ -1,0 +1,149 @@
+//! The `tollgate` command: `serve` and `check`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+const DEFAULT_CONFIG: &str = "config/tollgate.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An OpenAI-compatible gateway for Llama backends"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Overrides `server.listen` from the config.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Validate a config file and print every problem in it.
+    Check {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Serve { config, listen } => serve(&config, listen),
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn load(path: &std::path::Path) -> Option<tollgate::config::Config> {
+    match tollgate::config::load(path, &env) {
+        Ok(config) => Some(config),
+        Err(problems) => {
+            eprintln!("{}: {} problem(s):", path.display(), problems.0.len());
+            for problem in &problems.0 {
+                eprintln!("  {problem}");
+            }
+            None
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    let deployments: usize = config.models.iter().map(|m| m.deployments.len()).sum();
+    println!(
+        "{}: ok ({} backends, {} models, {} deployments, {} keys)",
+        path.display(),
+        config.backends.len(),
+        config.models.len(),
+        deployments,
+        config.keys.len()
+    );
+    ExitCode::SUCCESS
+}
+
+fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
+    let Some(mut config) = load(path) else {
+        eprintln!("refusing to start on an invalid config");
+        return ExitCode::FAILURE;
+    };
+    if let Some(listen) = listen {
+        config.server.listen = listen;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let addr = config.server.listen;
+        if config.keys.is_empty() {
+            tracing::warn!("no [[keys]] configured: anyone who can reach the gateway may use it");
+        }
+        let gateway = match tollgate::Gateway::new(config) {
+            Ok(gateway) => gateway,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let listener = match TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(%addr, config = %path.display(), "tollgate listening");
+        match gateway.serve(listener, stop_signal()).await {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("server error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// SIGTERM or SIGINT: stop accepting and drain.
+async fn stop_signal() {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the process with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,124 @@
+//! Metering: usage from what the upstream reported, estimated from what
+//! passed through when it reported nothing, recorded exactly once per
+//! response, when it ends or when the client goes away.
+
+pub mod estimate;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus::IntGauge;
+
+use crate::metrics::Metrics;
+use crate::openai::{ResponseView, Usage};
+
+/// HTTP status recorded for a response the client abandoned (nginx's 499).
+pub const CLIENT_CLOSED: u16 = 499;
+
+pub struct Meter {
+    metrics: Arc<Metrics>,
+    alias: String,
+    backend: String,
+    started: Instant,
+    prompt_estimate: u64,
+    usage: Option<Usage>,
+    output_chars: usize,
+    first_chunk: bool,
+    recorded: bool,
+    _in_flight: InFlight,
+}
+
+impl Meter {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        alias: &str,
+        backend: &str,
+        started: Instant,
+        prompt_estimate: u64,
+        in_flight: InFlight,
+    ) -> Self {
+        Self {
+            metrics,
+            alias: alias.to_owned(),
+            backend: backend.to_owned(),
+            started,
+            prompt_estimate,
+            usage: None,
+            output_chars: 0,
+            first_chunk: false,
+            recorded: false,
+            _in_flight: in_flight,
+        }
+    }
+
+    /// Reads usage and generated text from a response object or chunk.
+    pub fn observe(&mut self, view: &ResponseView<'_>) {
+        if let Some(usage) = view.usage() {
+            self.usage = Some(usage);
+        }
+        self.output_chars += view.text_chars();
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// Marks the first chunk sent to the client (time to first token).
+    pub fn first_chunk_sent(&mut self) {
+        if !self.first_chunk {
+            self.first_chunk = true;
+            self.metrics
+                .time_to_first_token
+                .with_label_values(&[&self.alias, &self.backend])
+                .observe(self.started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Records the response once; later calls and the drop do nothing.
+    pub fn finish(&mut self, status: u16) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        let (usage, estimated) = match self.usage {
+            Some(usage) => (usage, "false"),
+            None => (
+                Usage::new(
+                    self.prompt_estimate,
+                    estimate::tokens_for_chars(self.output_chars),
+                ),
+                "true",
+            ),
+        };
+        let tokens = &self.metrics.tokens;
+        tokens
+            .with_label_values(&[&self.alias, &self.backend, "input", estimated])
+            .inc_by(usage.prompt_tokens);
+        tokens
+            .with_label_values(&[&self.alias, &self.backend, "output", estimated])
+            .inc_by(usage.completion_tokens);
+        self.metrics
+            .record_request(&self.alias, &self.backend, status, self.started.elapsed());
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.finish(CLIENT_CLOSED);
+    }
+}
+
+/// Counts a request in `tollgate_requests_in_flight` while it lives.
+pub struct InFlight(IntGauge);
+
+impl InFlight {
+    pub fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

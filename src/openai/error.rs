@@ -1,0 +1,131 @@
+//! The OpenAI error body: `{"error":{"message","type","param","code"}}`.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorObject<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorObject<'a> {
+    pub message: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub param: Option<&'a str>,
+    pub code: Option<&'a str>,
+}
+
+/// An error body as upstreams send it: OpenAI's nested shape, vLLM's older
+/// flat one (`{"object":"error","message":...}`), or a bare `detail`.
+#[derive(Debug, Default, Deserialize)]
+pub struct UpstreamError {
+    #[serde(default)]
+    pub error: Option<UpstreamErrorField>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub detail: Option<serde_json::Value>,
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UpstreamErrorField {
+    Object {
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(rename = "type", default)]
+        kind: Option<String>,
+        #[serde(default)]
+        param: Option<String>,
+        #[serde(default)]
+        code: Option<serde_json::Value>,
+    },
+    Text(String),
+}
+
+/// The parts of an upstream error worth passing on to the client.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UpstreamErrorParts {
+    pub message: Option<String>,
+    pub kind: Option<String>,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+impl UpstreamErrorParts {
+    pub fn parse(body: &[u8]) -> Self {
+        let Ok(parsed) = serde_json::from_slice::<UpstreamError>(body) else {
+            let text = String::from_utf8_lossy(body)
+                .trim()
+                .chars()
+                .take(500)
+                .collect::<String>();
+            return Self {
+                message: (!text.is_empty()).then_some(text),
+                ..Self::default()
+            };
+        };
+        match parsed.error {
+            Some(UpstreamErrorField::Object {
+                message,
+                kind,
+                param,
+                code,
+            }) => Self {
+                message,
+                kind,
+                param,
+                // vLLM sends the HTTP status as an integer code; only
+                // string codes mean something to OpenAI clients.
+                code: code.and_then(|c| c.as_str().map(str::to_owned)),
+            },
+            Some(UpstreamErrorField::Text(message)) => Self {
+                message: Some(message),
+                kind: parsed.kind,
+                ..Self::default()
+            },
+            None => Self {
+                message: parsed.message.or_else(|| {
+                    parsed.detail.map(|d| match d {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    })
+                }),
+                kind: parsed.kind,
+                ..Self::default()
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_openai_vllm_and_plain_errors() {
+        let openai = UpstreamErrorParts::parse(
+            br#"{"error":{"message":"bad","type":"invalid_request_error","param":"messages","code":"x"}}"#,
+        );
+        assert_eq!(openai.message.as_deref(), Some("bad"));
+        assert_eq!(openai.param.as_deref(), Some("messages"));
+        assert_eq!(openai.code.as_deref(), Some("x"));
+        let vllm_new = UpstreamErrorParts::parse(
+            br#"{"error":{"message":"m","type":"BadRequestError","code":400}}"#,
+        );
+        assert_eq!(vllm_new.code, None);
+        let vllm_old = UpstreamErrorParts::parse(
+            br#"{"object":"error","message":"old","type":"BadRequestError"}"#,
+        );
+        assert_eq!(vllm_old.message.as_deref(), Some("old"));
+        let tgi = UpstreamErrorParts::parse(
+            br#"{"error":"Input validation error","error_type":"validation"}"#,
+        );
+        assert_eq!(tgi.message.as_deref(), Some("Input validation error"));
+        let text = UpstreamErrorParts::parse(b"upstream exploded");
+        assert_eq!(text.message.as_deref(), Some("upstream exploded"));
+    }
+}

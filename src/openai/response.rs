@@ -1,0 +1,199 @@
+//! Response objects: completions, stream chunks, usage, the model list.
+//! Upstream responses are forwarded as the bytes received; these types are
+//! for the objects the gateway writes itself and for reading usage.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatCompletion<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: [ChatChoice<'a>; 1],
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChoice<'a> {
+    pub index: u32,
+    pub message: AssistantMessage<'a>,
+    pub logprobs: Option<()>,
+    pub finish_reason: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AssistantMessage<'a> {
+    pub role: &'static str,
+    pub content: &'a str,
+    pub refusal: Option<()>,
+}
+
+/// `chat.completion.chunk`; `choices` is empty on the usage-only chunk.
+#[derive(Debug, Serialize)]
+pub struct ChatChunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<ChunkChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChunkChoice<'a> {
+    pub index: u32,
+    pub delta: Delta<'a>,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<&'static str>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<&'a str>,
+}
+
+/// `text_completion`: the same shape streamed or not.
+#[derive(Debug, Serialize)]
+pub struct TextCompletion<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<TextChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TextChoice<'a> {
+    pub index: u32,
+    pub text: &'a str,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelList<'a> {
+    pub object: &'static str,
+    pub data: Vec<ModelEntry<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelEntry<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+}
+
+/// What the gateway reads from any response object or stream chunk, chat
+/// or legacy, whichever upstream sent it. Borrowed, so reading a chunk
+/// copies nothing but the usage numbers.
+#[derive(Debug, Default, Deserialize)]
+pub struct ResponseView<'a> {
+    #[serde(borrow, default)]
+    pub id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    pub created: Option<u64>,
+    #[serde(borrow, default)]
+    pub model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub choices: Option<Vec<ChoiceView<'a>>>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    /// Groq reports stream usage here, on the final chunk.
+    #[serde(default)]
+    pub x_groq: Option<XGroq>,
+    /// An error object sent in place of a chunk.
+    #[serde(default)]
+    pub error: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct XGroq {
+    #[serde(default)]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ChoiceView<'a> {
+    #[serde(borrow, default)]
+    pub delta: Option<TextView<'a>>,
+    #[serde(borrow, default)]
+    pub message: Option<TextView<'a>>,
+    /// Legacy completions carry their text here.
+    #[serde(borrow, default)]
+    pub text: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub finish_reason: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct TextView<'a> {
+    #[serde(borrow, default)]
+    pub content: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl ResponseView<'_> {
+    /// Usage from wherever this upstream put it.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+            .or_else(|| self.x_groq.as_ref().and_then(|x| x.usage))
+    }
+
+    /// The usage-only chunk OpenAI sends last when `include_usage` is on.
+    pub fn is_usage_only(&self) -> bool {
+        self.usage.is_some() && self.choices.as_ref().is_some_and(Vec::is_empty)
+    }
+
+    /// Characters of generated text in this object, for estimating usage
+    /// when the upstream reports none.
+    pub fn text_chars(&self) -> usize {
+        self.choices
+            .iter()
+            .flatten()
+            .map(ChoiceView::text_chars)
+            .sum()
+    }
+
+    pub fn finish_reason(&self) -> Option<&str> {
+        self.choices
+            .iter()
+            .flatten()
+            .find_map(|c| c.finish_reason.as_deref())
+    }
+}
+
+impl ChoiceView<'_> {
+    fn text_chars(&self) -> usize {
+        let content = |t: &Option<TextView<'_>>| {
+            t.as_ref()
+                .and_then(|t| t.content.as_ref())
+                .map_or(0, |c| c.len())
+        };
+        content(&self.delta) + content(&self.message) + self.text.as_ref().map_or(0, |t| t.len())
+    }
+}

@@ -1,0 +1,55 @@
+//! Upstream protocols, one module each. Every provider takes an OpenAI
+//! request and returns OpenAI response bytes or chunks: translation lives
+//! in the provider, never elsewhere.
+
+mod openai_compat;
+mod simulated;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+
+use crate::config::{Backend, BackendKind};
+use crate::error::GatewayError;
+use crate::openai::InboundRequest;
+
+/// One attempt at one deployment.
+pub struct UpstreamCall<'a> {
+    pub request: &'a InboundRequest,
+    pub upstream_model: &'a str,
+    pub request_id: &'a str,
+}
+
+/// A successful upstream answer, already in the OpenAI shape of the
+/// endpoint that was called.
+pub enum UpstreamReply {
+    /// A whole response object (non-streaming).
+    Complete(Bytes),
+    /// The JSON of each stream chunk, in order; the end of the stream is
+    /// the end of the iterator (no `[DONE]` item).
+    Stream(ChunkStream),
+}
+
+pub type ChunkStream = BoxStream<'static, Result<Bytes, GatewayError>>;
+
+pub trait Provider: Send + Sync {
+    /// Sends the request and resolves once the upstream answered: with its
+    /// whole body, or with a stream whose chunks arrive as the upstream
+    /// sends them. Timeouts are the caller's (`server::dispatch`).
+    fn send<'a>(
+        &'a self,
+        call: UpstreamCall<'a>,
+    ) -> BoxFuture<'a, Result<UpstreamReply, GatewayError>>;
+}
+
+/// The one place a backend kind is matched to its protocol.
+pub fn build(backend: &Backend) -> Result<Arc<dyn Provider>, String> {
+    Ok(match backend.kind {
+        BackendKind::Vllm | BackendKind::Together | BackendKind::Groq | BackendKind::Openai => {
+            Arc::new(openai_compat::OpenAiCompat::new(backend)?)
+        }
+        BackendKind::Simulated => Arc::new(simulated::Simulated::new(backend)),
+    })
+}

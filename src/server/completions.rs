@@ -1,0 +1,321 @@
+//! The request pipeline for `/v1/chat/completions` and `/v1/completions`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::AppState;
+use super::auth;
+use super::sse::{SseBody, SseParams};
+use crate::config::{Backend, Deployment, Key, Model};
+use crate::error::GatewayError;
+use crate::metering::{InFlight, Meter, estimate};
+use crate::metrics::NONE;
+use crate::openai::{Endpoint, InboundRequest, ResponseView};
+use crate::providers::{ChunkStream, UpstreamCall, UpstreamReply};
+use crate::routing;
+use crate::snapshot::Snapshot;
+
+const BACKEND_HEADER: &str = "x-tollgate-backend";
+
+/// What one request carries down the pipeline.
+struct RequestCtx {
+    request_id: String,
+    started: Instant,
+    snapshot: Arc<Snapshot>,
+    in_flight: InFlight,
+}
+
+/// Serves one completion request:
+///
+/// 1. Take the client's `x-request-id` or make one.
+/// 2. Load the config snapshot, once; the request uses it to the end.
+/// 3. Authenticate the API key (when keys are configured).
+/// 4. Read the body, refusing one over `server.max_body_bytes` (413).
+/// 5. Parse it as the endpoint's request (400 naming the bad field).
+/// 6. Resolve the model alias (404) and check the key may use it (403).
+/// 7. Plan the deployments to try (`routing::plan`).
+/// 8. For each, call the provider and wait, within the backend's
+///    first-byte timeout, for the whole body or the first stream chunk;
+///    a retriable failure moves on to the next deployment.
+/// 9. Answer: the body, or an SSE stream that forwards chunks as they
+///    arrive (`sse::SseBody`).
+/// 10. Meter usage, latency and status exactly once, at the end of the
+///     response or when the client goes away (`metering::Meter`).
+pub async fn handle(
+    app: Arc<AppState>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let ctx = RequestCtx {
+        request_id: auth::request_id(&headers),
+        started: Instant::now(),
+        snapshot: app.snapshot.load_full(),
+        in_flight: InFlight::new(&app.metrics.in_flight),
+    };
+    let request_id = ctx.request_id.clone();
+    let response = match serve(&app, ctx, endpoint, &headers, body).await {
+        Ok(response) => response,
+        Err(failure) => {
+            let Failure {
+                error,
+                alias,
+                backend,
+                started,
+            } = failure;
+            let status = error.status.as_u16();
+            app.metrics
+                .record_request(&alias, &backend, status, started.elapsed());
+            tracing::info!(request_id, alias, backend, status, kind = error.label(), error = %error.message, "request failed");
+            let mut response = error.into_response();
+            if backend != NONE {
+                set_backend(&mut response, &backend);
+            }
+            response
+        }
+    };
+    auth::with_request_id(response, &request_id)
+}
+
+/// An error answer and the labels it is recorded under.
+struct Failure {
+    error: GatewayError,
+    alias: String,
+    backend: String,
+    started: Instant,
+}
+
+async fn serve(
+    app: &AppState,
+    ctx: RequestCtx,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Failure> {
+    let fail = |alias: &str, backend: &str| {
+        let (alias, backend, started) = (alias.to_owned(), backend.to_owned(), ctx.started);
+        move |error| Failure {
+            error,
+            alias,
+            backend,
+            started,
+        }
+    };
+    let snapshot = ctx.snapshot.clone();
+    let key = auth::authenticate(&snapshot, headers).map_err(fail(NONE, NONE))?;
+    let limit = snapshot.config.server.max_body_bytes;
+    let bytes = read_body(headers, body, limit)
+        .await
+        .map_err(fail(NONE, NONE))?;
+    let request = parse(endpoint, &bytes).map_err(fail(NONE, NONE))?;
+    let model = resolve(&snapshot, key, request.model()).map_err(fail(NONE, NONE))?;
+    let alias = model.alias.as_str();
+
+    let mut last_error = None;
+    for deployment in routing::plan(model) {
+        let (backend, _) = snapshot.backend(deployment);
+        match attempt(app, &ctx, &request, deployment).await {
+            Ok(reply) => {
+                tracing::info!(
+                    request_id = ctx.request_id,
+                    alias,
+                    backend = backend.name,
+                    "upstream answered"
+                );
+                return Ok(respond(app, ctx, &request, model, backend, reply));
+            }
+            Err(error) if error.retriable => {
+                tracing::warn!(
+                    request_id = ctx.request_id, alias, backend = backend.name, error = %error.message,
+                    "upstream failed before the first byte; trying the next deployment"
+                );
+                last_error = Some((error, backend.name.clone()));
+            }
+            Err(error) => return Err(fail(alias, &backend.name)(error)),
+        }
+    }
+    let (error, backend) = last_error.expect("a model has at least one deployment");
+    Err(fail(alias, &backend)(error))
+}
+
+/// What came back from an upstream before the client saw anything.
+enum Ready {
+    Complete(Bytes),
+    Stream(Bytes, ChunkStream),
+}
+
+/// One upstream call, bounded by the backend's first-byte timeout: the
+/// whole body, or the first stream chunk peeked so a failure can still
+/// become an HTTP error or a failover.
+async fn attempt(
+    app: &AppState,
+    ctx: &RequestCtx,
+    request: &InboundRequest,
+    deployment: &Deployment,
+) -> Result<Ready, GatewayError> {
+    let (backend, provider) = ctx.snapshot.backend(deployment);
+    let call = UpstreamCall {
+        request,
+        upstream_model: &deployment.upstream_model,
+        request_id: &ctx.request_id,
+    };
+    let first_byte = backend.timeouts.first_byte;
+    let result = tokio::time::timeout(first_byte, async {
+        match provider.send(call).await? {
+            UpstreamReply::Complete(body) => Ok(Ready::Complete(body)),
+            UpstreamReply::Stream(mut stream) => match stream.next().await {
+                Some(Ok(first)) => Ok(Ready::Stream(first, stream)),
+                Some(Err(error)) => Err(error),
+                None => Err(GatewayError::upstream_protocol(
+                    &backend.name,
+                    "the stream ended before any chunk",
+                )),
+            },
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err(GatewayError::upstream_timeout(&backend.name, first_byte)));
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.label(),
+    };
+    app.metrics
+        .upstream_attempts
+        .with_label_values(&[&backend.name, outcome])
+        .inc();
+    result
+}
+
+fn respond(
+    app: &AppState,
+    ctx: RequestCtx,
+    request: &InboundRequest,
+    model: &Model,
+    backend: &Backend,
+    reply: Ready,
+) -> Response {
+    let mut meter = Meter::new(
+        app.metrics.clone(),
+        &model.alias,
+        &backend.name,
+        ctx.started,
+        estimate::prompt_tokens(request),
+        ctx.in_flight,
+    );
+    let mut response = match reply {
+        Ready::Complete(body) => {
+            if let Ok(view) = serde_json::from_slice::<ResponseView<'_>>(&body) {
+                meter.observe(&view);
+            }
+            meter.finish(200);
+            super::json_response(StatusCode::OK, body)
+        }
+        Ready::Stream(first, upstream) => {
+            let body = SseBody::new(SseParams {
+                first,
+                upstream,
+                idle: backend.timeouts.idle,
+                backend: backend.name.clone(),
+                endpoint: request.endpoint(),
+                include_usage: request.include_usage(),
+                meter,
+            });
+            let mut response = Response::new(Body::from_stream(body));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            // Tell nginx-style proxies in front not to buffer the stream.
+            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            response
+        }
+    };
+    set_backend(&mut response, &backend.name);
+    response
+}
+
+fn set_backend(response: &mut Response, backend: &str) {
+    if let Ok(value) = HeaderValue::from_str(backend) {
+        response.headers_mut().insert(BACKEND_HEADER, value);
+    }
+}
+
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(GatewayError::payload_too_large(limit));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            GatewayError::payload_too_large(limit)
+        } else {
+            GatewayError::bad_request("the request body could not be read", None)
+        }
+    })
+}
+
+fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<InboundRequest, GatewayError> {
+    fn typed<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                GatewayError::bad_request(
+                    format!("the request body is not valid JSON: {inner}"),
+                    None,
+                )
+            } else if path == "." {
+                GatewayError::bad_request(format!("invalid request body: {inner}"), None)
+            } else {
+                GatewayError::bad_request(
+                    format!("invalid request body at `{path}`: {inner}"),
+                    Some(path),
+                )
+            }
+        })
+    }
+    let request = match endpoint {
+        Endpoint::Chat => InboundRequest::Chat(typed(bytes)?),
+        Endpoint::Completions => InboundRequest::Completion(typed(bytes)?),
+    };
+    if let InboundRequest::Chat(chat) = &request
+        && chat.messages.is_empty()
+    {
+        return Err(GatewayError::bad_request(
+            "`messages` is empty; send at least one message",
+            Some("messages".into()),
+        ));
+    }
+    Ok(request)
+}
+
+fn resolve<'s>(
+    snapshot: &'s Snapshot,
+    key: Option<&Key>,
+    alias: &str,
+) -> Result<&'s Model, GatewayError> {
+    let model = snapshot.model(alias).ok_or_else(|| {
+        let known: Vec<&str> = snapshot.aliases_for(key).collect();
+        GatewayError::unknown_model(alias, &known)
+    })?;
+    match key {
+        Some(key) if !key.models.allows(alias) => {
+            Err(GatewayError::model_not_allowed(alias, &key.name))
+        }
+        _ => Ok(model),
+    }
+}

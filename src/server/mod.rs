@@ -1,0 +1,179 @@
+//! Inbound HTTP: the routes, the shared state, and graceful shutdown.
+
+mod auth;
+mod completions;
+mod sse;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+use crate::openai::{Endpoint, ModelEntry, ModelList};
+use crate::snapshot::Snapshot;
+
+pub struct AppState {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    draining: AtomicBool,
+}
+
+/// A gateway ready to serve: its state and its routes.
+pub struct Gateway {
+    state: Arc<AppState>,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Result<Self, String> {
+        Ok(Self {
+            state: Arc::new(AppState {
+                snapshot: ArcSwap::from_pointee(Snapshot::build(config)?),
+                metrics: Arc::new(Metrics::new()),
+                draining: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/chat/completions", post(chat_completions))
+            .route("/v1/completions", post(completions))
+            .route("/v1/models", get(models))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .with_state(self.state.clone())
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets
+    /// requests and streams in flight finish for up to the configured grace
+    /// period, and returns.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let grace = self.state.snapshot.load().config.server.shutdown_grace;
+        let state = self.state.clone();
+        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(listener, self.router()).with_graceful_shutdown(async move {
+            shutdown.await;
+            state.draining.store(true, Ordering::SeqCst);
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "shutting down: draining requests in flight"
+            );
+            let _ = drain_tx.send(());
+        });
+        let server = server.into_future();
+        tokio::pin!(server);
+        tokio::select! {
+            result = &mut server => return result,
+            Ok(()) = drain_rx => {}
+        }
+        match tokio::time::timeout(grace, server).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!("grace period over: closing the connections still open");
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn chat_completions(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    completions::handle(app, Endpoint::Chat, headers, body).await
+}
+
+async fn completions(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    completions::handle(app, Endpoint::Completions, headers, body).await
+}
+
+/// The aliases the caller's key may use, in OpenAI's list shape.
+async fn models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let request_id = auth::request_id(&headers);
+    let snapshot = app.snapshot.load_full();
+    let response = match auth::authenticate(&snapshot, &headers) {
+        Ok(key) => {
+            let list = ModelList {
+                object: "list",
+                data: snapshot
+                    .aliases_for(key)
+                    .map(|id| ModelEntry {
+                        id,
+                        object: "model",
+                        created: snapshot.created,
+                        owned_by: "tollgate",
+                    })
+                    .collect(),
+            };
+            json_response(
+                StatusCode::OK,
+                serde_json::to_vec(&list).expect("model lists serialise"),
+            )
+        }
+        Err(e) => e.into_response(),
+    };
+    auth::with_request_id(response, &request_id)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Ready while serving; 503 once draining, so load balancers stop sending.
+async fn readyz(State(app): State<Arc<AppState>>) -> Response {
+    if app.draining.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn not_found(uri: Uri) -> Response {
+    GatewayError::not_found(uri.path()).into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    GatewayError::method_not_allowed().into_response()
+}
+
+fn json_response(status: StatusCode, body: impl Into<axum::body::Body>) -> Response {
+    let mut response = (status, body.into()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
