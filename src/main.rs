@@ -119,7 +119,8 @@ fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(%addr, config = %path.display(), "tollgate listening");
+        let bound = listener.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
+        tracing::info!(addr = %bound, config = %path.display(), "tollgate listening");
         match gateway.serve(listener, stop_signal()).await {
             Ok(()) => {
                 tracing::info!("stopped");

@@ -416,7 +416,7 @@ impl Validator<'_> {
 
     /// USD per million tokens → integer micro-dollars per million tokens.
     fn price(&mut self, path: String, usd: f64) -> u64 {
-        if !usd.is_finite() || usd < 0.0 || usd > 1_000_000.0 {
+        if !usd.is_finite() || !(0.0..=1_000_000.0).contains(&usd) {
             self.problem(
                 path,
                 "must be a price in USD per million tokens between 0 and 1000000",
