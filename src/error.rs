@@ -242,10 +242,9 @@ impl GatewayError {
                 e
             }
             _ => Self::new(
-                if status == StatusCode::GATEWAY_TIMEOUT {
-                    status
-                } else {
-                    StatusCode::BAD_GATEWAY
+                match status {
+                    StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => status,
+                    _ => StatusCode::BAD_GATEWAY,
                 },
                 ErrorSource::Upstream,
                 "upstream_error",
