@@ -1,0 +1,183 @@
+//! SIGTERM and SIGINT on the real binary: stop accepting, let streams in
+//! flight finish within the grace period, exit 0.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+/// A stream of 20 tokens at 20 per second: about a second long.
+fn config(grace_ms: u64) -> String {
+    format!(
+        r#"
+[server]
+shutdown_grace_ms = {grace_ms}
+
+[[backends]]
+name = "slow"
+kind = "simulated"
+[backends.simulated]
+ttft_ms = 50
+tokens_per_second = 20
+completion_tokens = 20
+
+[[models]]
+alias = "llama"
+[[models.deployments]]
+backend = "slow"
+model = "m"
+context_window = 8192
+"#
+    )
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn start(grace_ms: u64) -> Server {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), config(grace_ms)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(file.path())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next().expect("the server logs its address").unwrap();
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap());
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Server {
+        child,
+        base,
+        _config: file,
+    }
+}
+
+fn signal(server: &Server, name: &str) {
+    let status = Command::new("kill")
+        .args([name, &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(server: &mut Server, within: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not exit in time"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn open_stream(base: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&serde_json::json!({"model": "llama", "stream": true,
+                                  "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sigterm_lets_streams_in_flight_finish_then_exits_zero() {
+    let mut server = start(10_000);
+    let response = open_stream(&server.base).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+
+    signal(&server, "-TERM");
+    // The listener closes: a new connection is refused once the signal lands.
+    let mut refused = false;
+    for _ in 0..100 {
+        if reqwest::get(format!("{}/healthz", server.base))
+            .await
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "new connections are refused while draining");
+
+    let mut rest = Vec::from(&first[..]);
+    while let Some(chunk) = body.next().await {
+        rest.extend_from_slice(&chunk.expect("the stream in flight is not cut"));
+    }
+    let text = String::from_utf8(rest).unwrap();
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "the stream finished: {text}"
+    );
+    assert_eq!(
+        text.matches("\"content\"").count(),
+        20,
+        "every token arrived"
+    );
+    assert_eq!(
+        wait_exit(&mut server, Duration::from_secs(10)).code(),
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn sigint_exits_zero_when_the_grace_period_runs_out() {
+    let mut server = start(200);
+    let response = open_stream(&server.base).await;
+    let mut body = response.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    signal(&server, "-INT");
+    // The stream takes a second; the grace period is 200 ms.
+    assert_eq!(
+        wait_exit(&mut server, Duration::from_secs(5)).code(),
+        Some(0)
+    );
+    let mut text = String::new();
+    while let Some(Ok(chunk)) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        !text.ends_with("data: [DONE]\n\n"),
+        "the stream was cut at the deadline"
+    );
+}
+
+#[tokio::test]
+async fn readyz_and_healthz_answer_while_serving() {
+    let server = start(1_000);
+    let ready = reqwest::get(format!("{}/readyz", server.base))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let healthy = reqwest::get(format!("{}/healthz", server.base))
+        .await
+        .unwrap();
+    assert_eq!(healthy.status(), 200);
+}

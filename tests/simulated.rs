@@ -1,0 +1,247 @@
+//! The built-in `simulated` backend, through the gateway, as a client sees it.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+const CONFIG: &str = r#"
+[[backends]]
+name = "sim"
+kind = "simulated"
+[backends.simulated]
+ttft_ms = 20
+tokens_per_second = 500
+completion_tokens = 12
+
+[[backends]]
+name = "broken"
+kind = "simulated"
+[backends.simulated]
+ttft_ms = 1
+failure_rate = 1.0
+
+[[models]]
+alias = "llama"
+[[models.deployments]]
+backend = "sim"
+model = "meta-llama/Llama-3.1-8B-Instruct"
+context_window = 8192
+
+[[models]]
+alias = "flaky"
+[[models.deployments]]
+backend = "broken"
+model = "x"
+context_window = 8192
+[[models.deployments]]
+backend = "sim"
+model = "y"
+context_window = 8192
+
+[[models]]
+alias = "down"
+[[models.deployments]]
+backend = "broken"
+model = "x"
+context_window = 8192
+"#;
+
+async fn start() -> String {
+    let config = tollgate::config::parse(CONFIG, &|_| None).expect("valid config");
+    let gateway = tollgate::Gateway::new(config).expect("gateway builds");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(gateway.serve(listener, std::future::pending()));
+    base
+}
+
+async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("gateway answers")
+}
+
+/// The `data:` payloads of an SSE body, `[DONE]` included.
+fn events(body: &str) -> Vec<&str> {
+    body.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .expect("every event is a data line")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn non_streaming_chat_is_deterministic_with_exact_usage() {
+    let base = start().await;
+    let request =
+        json!({"model": "llama", "messages": [{"role": "user", "content": "Say something"}]});
+    let first: Value = post(&base, "/v1/chat/completions", request.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let second: Value = post(&base, "/v1/chat/completions", request)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let text = first["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        text, second["choices"][0]["message"]["content"],
+        "same prompt, same text"
+    );
+    assert_eq!(first["object"], "chat.completion");
+    assert_eq!(first["choices"][0]["finish_reason"], "stop");
+    assert_eq!(first["usage"]["completion_tokens"], 12);
+    assert_eq!(text.split(' ').count(), 12, "one word per token");
+    let usage = &first["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + 12
+    );
+}
+
+#[tokio::test]
+async fn max_tokens_cuts_the_answer_with_finish_reason_length() {
+    let base = start().await;
+    let body: Value = post(
+        &base,
+        "/v1/chat/completions",
+        json!({"model": "llama", "max_completion_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["completion_tokens"], 3);
+}
+
+#[tokio::test]
+async fn streaming_chat_sends_one_chunk_per_token_and_usage_on_request() {
+    let base = start().await;
+    for include_usage in [false, true] {
+        let response = post(
+            &base,
+            "/v1/chat/completions",
+            json!({"model": "llama", "stream": true, "stream_options": {"include_usage": include_usage},
+                   "messages": [{"role": "user", "content": "Say something"}]}),
+        )
+        .await;
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        assert_eq!(response.headers()["x-tollgate-backend"], "sim");
+        let body = response.text().await.unwrap();
+        let events = events(&body);
+        assert_eq!(events.last(), Some(&"[DONE]"));
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let words = chunks
+            .iter()
+            .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+            .count();
+        assert_eq!(words, 12);
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        let usage_chunks: Vec<&Value> = chunks
+            .iter()
+            .filter(|c| c["choices"] == json!([]))
+            .collect();
+        if include_usage {
+            assert_eq!(usage_chunks.len(), 1);
+            assert_eq!(usage_chunks[0]["usage"]["completion_tokens"], 12);
+        } else {
+            assert!(usage_chunks.is_empty(), "usage chunk only when asked for");
+        }
+    }
+}
+
+#[tokio::test]
+async fn legacy_completions_stream_and_not() {
+    let base = start().await;
+    let whole: Value = post(
+        &base,
+        "/v1/completions",
+        json!({"model": "llama", "prompt": "Once", "max_tokens": 5}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(whole["object"], "text_completion");
+    assert_eq!(whole["usage"]["completion_tokens"], 5);
+    let text = whole["choices"][0]["text"].as_str().unwrap().to_owned();
+
+    let body = post(
+        &base,
+        "/v1/completions",
+        json!({"model": "llama", "prompt": "Once", "max_tokens": 5, "stream": true}),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    let events = events(&body);
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .map(|c| {
+            c["choices"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(streamed, text, "streamed and whole answers agree");
+}
+
+#[tokio::test]
+async fn a_failing_deployment_fails_over_and_an_all_failing_alias_is_503() {
+    let base = start().await;
+    let ok = post(
+        &base,
+        "/v1/chat/completions",
+        json!({"model": "flaky", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()["x-tollgate-backend"], "sim");
+
+    let down = post(
+        &base,
+        "/v1/chat/completions",
+        json!({"model": "down", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(down.status(), 503);
+    assert_eq!(down.headers()["x-tollgate-backend"], "broken");
+    let body: Value = down.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("simulated failure")
+    );
+
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(
+        r#"tollgate_upstream_attempts_total{backend="broken",outcome="upstream_error"} 2"#
+    ));
+    assert!(
+        metrics
+            .contains(r#"tollgate_requests_total{alias="down",backend="broken",status="503"} 1"#)
+    );
+}
