@@ -119,7 +119,9 @@ fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let bound = listener.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
+        let bound = listener
+            .local_addr()
+            .map_or_else(|_| addr.to_string(), |a| a.to_string());
         tracing::info!(addr = %bound, config = %path.display(), "tollgate listening");
         match gateway.serve(listener, stop_signal()).await {
             Ok(()) => {
