@@ -116,11 +116,24 @@ impl Validator<'_> {
         });
     }
 
+    /// Names are unique, and made of characters that are safe in metric
+    /// labels, logs and the `x-tollgate-backend` header.
     fn unique<'n>(&mut self, names: impl Iterator<Item = &'n str>, list: &str, field: &str) {
         let mut seen = HashSet::new();
         for (i, name) in names.enumerate() {
-            if name.trim().is_empty() {
-                self.problem(format!("{list}[{i}].{field}"), "must not be empty");
+            if name.is_empty() || name.len() > 128 {
+                self.problem(
+                    format!("{list}[{i}].{field}"),
+                    "must be 1 to 128 characters long",
+                );
+            } else if !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+            {
+                self.problem(
+                    format!("{list}[{i}].{field}"),
+                    format!("\"{name}\" may use only letters, digits and - _ . : /"),
+                );
             } else if !seen.insert(name) {
                 self.problem(
                     format!("{list}[{i}].{field}"),
@@ -311,11 +324,11 @@ impl Validator<'_> {
             completion_tokens: s.completion_tokens.unwrap_or(default.completion_tokens),
             failure_rate: s.failure_rate.unwrap_or(default.failure_rate),
         };
-        if !(spec.tokens_per_second.is_finite() && spec.tokens_per_second > 0.0) {
-            self.problem(at("tokens_per_second"), "must be a number greater than 0");
+        if !(0.1..=100_000.0).contains(&spec.tokens_per_second) {
+            self.problem(at("tokens_per_second"), "must be between 0.1 and 100000");
         }
-        if spec.completion_tokens == 0 {
-            self.problem(at("completion_tokens"), "must be at least 1");
+        if !(1..=1_000_000).contains(&spec.completion_tokens) {
+            self.problem(at("completion_tokens"), "must be between 1 and 1000000");
         }
         if !(0.0..=1.0).contains(&spec.failure_rate) {
             self.problem(at("failure_rate"), "must be between 0.0 and 1.0");

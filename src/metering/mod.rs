@@ -15,6 +15,23 @@ use crate::openai::{ResponseView, Usage};
 /// HTTP status recorded for a response the client abandoned (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;
 
+/// What the meter reads from one response object or stream chunk.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Observed {
+    pub usage: Option<Usage>,
+    /// Generated text, for estimating usage the upstream did not report.
+    pub text_chars: usize,
+}
+
+impl Observed {
+    pub fn of(view: &ResponseView<'_>) -> Self {
+        Self {
+            usage: view.usage(),
+            text_chars: view.text_chars(),
+        }
+    }
+}
+
 pub struct Meter {
     metrics: Arc<Metrics>,
     alias: String,
@@ -51,12 +68,11 @@ impl Meter {
         }
     }
 
-    /// Reads usage and generated text from a response object or chunk.
-    pub fn observe(&mut self, view: &ResponseView<'_>) {
-        if let Some(usage) = view.usage() {
+    pub fn observe(&mut self, observed: Observed) {
+        if let Some(usage) = observed.usage {
             self.usage = Some(usage);
         }
-        self.output_chars += view.text_chars();
+        self.output_chars += observed.text_chars;
     }
 
     pub fn usage(&self) -> Option<Usage> {

@@ -14,7 +14,7 @@ use super::auth;
 use super::sse::{SseBody, SseParams};
 use crate::config::{Backend, Deployment, Key, Model};
 use crate::error::GatewayError;
-use crate::metering::{InFlight, Meter, estimate};
+use crate::metering::{InFlight, Meter, Observed, estimate};
 use crate::metrics::NONE;
 use crate::openai::{Endpoint, InboundRequest, ResponseView};
 use crate::providers::{ChunkStream, UpstreamCall, UpstreamReply};
@@ -146,7 +146,8 @@ async fn serve(
 
 /// What came back from an upstream before the client saw anything.
 enum Ready {
-    Complete(Bytes),
+    /// A whole response, checked to be JSON, with what the meter needs.
+    Complete(Bytes, Observed),
     Stream(Bytes, ChunkStream),
 }
 
@@ -168,7 +169,17 @@ async fn attempt(
     let first_byte = backend.timeouts.first_byte;
     let result = tokio::time::timeout(first_byte, async {
         match provider.send(call).await? {
-            UpstreamReply::Complete(body) => Ok(Ready::Complete(body)),
+            UpstreamReply::Complete(body) => {
+                let observed = serde_json::from_slice::<ResponseView<'_>>(&body)
+                    .map(|view| Observed::of(&view))
+                    .map_err(|e| {
+                        GatewayError::upstream_protocol(
+                            &backend.name,
+                            format_args!("the body is not JSON: {e}"),
+                        )
+                    })?;
+                Ok(Ready::Complete(body, observed))
+            }
             UpstreamReply::Stream(mut stream) => match stream.next().await {
                 Some(Ok(first)) => Ok(Ready::Stream(first, stream)),
                 Some(Err(error)) => Err(error),
@@ -209,10 +220,8 @@ fn respond(
         ctx.in_flight,
     );
     let mut response = match reply {
-        Ready::Complete(body) => {
-            if let Ok(view) = serde_json::from_slice::<ResponseView<'_>>(&body) {
-                meter.observe(&view);
-            }
+        Ready::Complete(body, observed) => {
+            meter.observe(observed);
             meter.finish(200);
             super::json_response(StatusCode::OK, body)
         }

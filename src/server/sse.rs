@@ -17,7 +17,7 @@ use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::GatewayError;
-use crate::metering::Meter;
+use crate::metering::{Meter, Observed};
 use crate::openai::{Endpoint, ResponseView, Usage};
 use crate::providers::ChunkStream;
 
@@ -81,7 +81,7 @@ impl SseBody {
                 return None;
             }
         };
-        self.meter.observe(&view);
+        self.meter.observe(Observed::of(&view));
         if view.error.is_some() {
             // The upstream's own error event, already in OpenAI shape.
             self.end(502);
