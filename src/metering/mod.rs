@@ -32,10 +32,16 @@ impl Observed {
     }
 }
 
+/// Who a metered response belongs to.
+pub struct MeterLabels {
+    pub request_id: String,
+    pub alias: String,
+    pub backend: String,
+}
+
 pub struct Meter {
     metrics: Arc<Metrics>,
-    alias: String,
-    backend: String,
+    labels: MeterLabels,
     started: Instant,
     prompt_estimate: u64,
     usage: Option<Usage>,
@@ -48,16 +54,14 @@ pub struct Meter {
 impl Meter {
     pub fn new(
         metrics: Arc<Metrics>,
-        alias: &str,
-        backend: &str,
+        labels: MeterLabels,
         started: Instant,
         prompt_estimate: u64,
         in_flight: InFlight,
     ) -> Self {
         Self {
             metrics,
-            alias: alias.to_owned(),
-            backend: backend.to_owned(),
+            labels,
             started,
             prompt_estimate,
             usage: None,
@@ -85,7 +89,7 @@ impl Meter {
             self.first_chunk = true;
             self.metrics
                 .time_to_first_token
-                .with_label_values(&[&self.alias, &self.backend])
+                .with_label_values(&[&self.labels.alias, &self.labels.backend])
                 .observe(self.started.elapsed().as_secs_f64());
         }
     }
@@ -105,15 +109,31 @@ impl Meter {
                 "true",
             ),
         };
+        let MeterLabels {
+            request_id,
+            alias,
+            backend,
+        } = &self.labels;
         let tokens = &self.metrics.tokens;
         tokens
-            .with_label_values(&[&self.alias, &self.backend, "input", estimated])
+            .with_label_values(&[alias, backend, "input", estimated])
             .inc_by(usage.prompt_tokens);
         tokens
-            .with_label_values(&[&self.alias, &self.backend, "output", estimated])
+            .with_label_values(&[alias, backend, "output", estimated])
             .inc_by(usage.completion_tokens);
-        self.metrics
-            .record_request(&self.alias, &self.backend, status, self.started.elapsed());
+        let elapsed = self.started.elapsed();
+        self.metrics.record_request(alias, backend, status, elapsed);
+        tracing::info!(
+            request_id,
+            alias,
+            backend,
+            status,
+            duration_ms = elapsed.as_millis() as u64,
+            input_tokens = usage.prompt_tokens,
+            output_tokens = usage.completion_tokens,
+            estimated = self.usage.is_none(),
+            "request done"
+        );
     }
 }
 

@@ -14,7 +14,7 @@ use super::auth;
 use super::sse::{SseBody, SseParams};
 use crate::config::{Backend, Deployment, Key, Model};
 use crate::error::GatewayError;
-use crate::metering::{InFlight, Meter, Observed, estimate};
+use crate::metering::{InFlight, Meter, MeterLabels, Observed, estimate};
 use crate::metrics::NONE;
 use crate::openai::{Endpoint, InboundRequest, ResponseView};
 use crate::providers::{ChunkStream, UpstreamCall, UpstreamReply};
@@ -122,12 +122,6 @@ async fn serve(
         let (backend, _) = snapshot.backend(deployment);
         match attempt(app, &ctx, &request, deployment).await {
             Ok(reply) => {
-                tracing::info!(
-                    request_id = ctx.request_id,
-                    alias,
-                    backend = backend.name,
-                    "upstream answered"
-                );
                 return Ok(respond(app, ctx, &request, model, backend, reply));
             }
             Err(error) if error.retriable => {
@@ -213,8 +207,11 @@ fn respond(
 ) -> Response {
     let mut meter = Meter::new(
         app.metrics.clone(),
-        &model.alias,
-        &backend.name,
+        MeterLabels {
+            request_id: ctx.request_id,
+            alias: model.alias.clone(),
+            backend: backend.name.clone(),
+        },
         ctx.started,
         estimate::prompt_tokens(request),
         ctx.in_flight,
