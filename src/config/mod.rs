@@ -146,6 +146,7 @@ fn dotted(path: &serde_ignored::Path<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::Digest;
 
     fn no_env(_: &str) -> Option<String> {
         None
@@ -298,5 +299,42 @@ api_key_env = "TOGETHER_KEY_FOR_TEST"
                 "models[0].deployments[0].multimodal: this deployment accepts images or audio, so its model is multimodal; set multimodal = true"
             ]
         );
+    }
+
+    #[test]
+    fn duplicate_key_secrets_name_the_right_entries() {
+        let digest = "a".repeat(64);
+        let text = format!(
+            "{MINIMAL}\n[[keys]]\nname = \"bad\"\nsha256 = \"zz\"\nmodels = [\"m\"]\n\
+             [[keys]]\nname = \"one\"\nsha256 = \"{digest}\"\nmodels = [\"*\", \"nope\"]\n\
+             [[keys]]\nname = \"two\"\nsha256 = \"{digest}\"\nmodels = [\"m\"]\nregion = \"\"\n"
+        );
+        let got = problems(&text);
+        for expected in [
+            "keys[0].sha256: must be 64 hex digits",
+            "keys[1].models[1]: no model with alias \"nope\"",
+            "keys[2]: key \"two\" has the same secret as keys[1]",
+            "keys[2].region: must not be empty",
+        ] {
+            assert!(
+                got.iter().any(|g| g.starts_with(expected)),
+                "missing {expected:?} in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), 4, "{got:#?}");
+    }
+
+    #[test]
+    fn secrets_are_trimmed_and_must_be_printable() {
+        let text = MINIMAL.replace(
+            "kind = \"simulated\"",
+            "kind = \"simulated\"\n\n[[keys]]\nname = \"k\"\nkey_env = \"K\"\nmodels = [\"*\"]",
+        );
+        let trailing_newline = |_: &str| Some("sk-123\n".to_string());
+        let config = parse(&text, &trailing_newline).expect("a trailing newline is trimmed");
+        let expected: [u8; 32] = sha2::Sha256::digest(b"sk-123").into();
+        assert_eq!(config.keys[0].sha256, expected);
+        let control = |_: &str| Some("sk\x01x".to_string());
+        assert!(parse(&text, &control).is_err());
     }
 }

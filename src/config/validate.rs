@@ -18,6 +18,8 @@ const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 30_000;
 const DEFAULT_CONNECT_MS: u64 = 5_000;
 const DEFAULT_FIRST_BYTE_MS: u64 = 60_000;
 const DEFAULT_IDLE_MS: u64 = 30_000;
+/// No wait the config sets may exceed an hour: a bigger number is a typo.
+const MAX_WAIT_MS: u64 = 3_600_000;
 
 /// Reads an environment variable; injected so tests need not touch the
 /// process environment.
@@ -36,9 +38,10 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
         .filter_map(|(i, b)| v.backend(i, b))
         .collect();
     v.unique(
-        raw.backends.iter().map(|b| b.name.as_str()),
-        "backends",
-        "name",
+        raw.backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (format!("backends[{i}].name"), b.name.as_str())),
     );
     let backend_names: HashSet<&str> = raw.backends.iter().map(|b| b.name.as_str()).collect();
     let models: Vec<Model> = raw
@@ -48,39 +51,35 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
         .map(|(i, m)| v.model(i, m, &backend_names))
         .collect();
     v.unique(
-        raw.models.iter().map(|m| m.alias.as_str()),
-        "models",
-        "alias",
-    );
-    let deployment_names = models.iter().enumerate().flat_map(|(i, m)| {
-        m.deployments
+        raw.models
             .iter()
             .enumerate()
-            .map(move |(j, d)| (i, j, d))
-    });
-    let mut seen = HashSet::new();
-    for (i, j, d) in deployment_names {
-        if !seen.insert(d.name.as_str()) {
-            v.problem(
+            .map(|(i, m)| (format!("models[{i}].alias"), m.alias.as_str())),
+    );
+    v.unique(models.iter().enumerate().flat_map(|(i, m)| {
+        m.deployments.iter().enumerate().map(move |(j, d)| {
+            (
                 format!("models[{i}].deployments[{j}].name"),
-                format!(
-                    "deployment name \"{}\" is used twice; give each deployment its own name",
-                    d.name
-                ),
-            );
-        }
-    }
+                d.name.as_str(),
+            )
+        })
+    }));
     let aliases: HashSet<&str> = raw.models.iter().map(|m| m.alias.as_str()).collect();
-    let keys: Vec<Key> = raw
+    let keys: Vec<(usize, Key)> = raw
         .keys
         .iter()
         .enumerate()
-        .filter_map(|(i, k)| v.key(i, k, &aliases))
+        .filter_map(|(i, k)| Some((i, v.key(i, k, &aliases)?)))
         .collect();
-    v.unique(raw.keys.iter().map(|k| k.name.as_str()), "keys", "name");
+    v.unique(
+        raw.keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (format!("keys[{i}].name"), k.name.as_str())),
+    );
     let mut hashes: HashMap<[u8; 32], usize> = HashMap::new();
-    for (i, key) in keys.iter().enumerate() {
-        if let Some(first) = hashes.insert(key.sha256, i) {
+    for (i, key) in &keys {
+        if let Some(first) = hashes.insert(key.sha256, *i) {
             v.problem(
                 format!("keys[{i}]"),
                 format!(
@@ -96,7 +95,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
             server: server.expect("server is valid when there are no problems"),
             backends,
             models,
-            keys,
+            keys: keys.into_iter().map(|(_, key)| key).collect(),
         })
     } else {
         Err(Problems(v.problems))
@@ -118,26 +117,23 @@ impl Validator<'_> {
 
     /// Names are unique, and made of characters that are safe in metric
     /// labels, logs and the `x-tollgate-backend` header.
-    fn unique<'n>(&mut self, names: impl Iterator<Item = &'n str>, list: &str, field: &str) {
+    fn unique<'n>(&mut self, names: impl Iterator<Item = (String, &'n str)>) {
         let mut seen = HashSet::new();
-        for (i, name) in names.enumerate() {
+        for (path, name) in names {
             if name.is_empty() || name.len() > 128 {
-                self.problem(
-                    format!("{list}[{i}].{field}"),
-                    "must be 1 to 128 characters long",
-                );
+                self.problem(path, "must be 1 to 128 characters long");
             } else if !name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
             {
                 self.problem(
-                    format!("{list}[{i}].{field}"),
+                    path,
                     format!("\"{name}\" may use only letters, digits and - _ . : /"),
                 );
             } else if !seen.insert(name) {
                 self.problem(
-                    format!("{list}[{i}].{field}"),
-                    format!("\"{name}\" is defined twice; {field}s must be unique"),
+                    path,
+                    format!("\"{name}\" is defined twice; names must be unique"),
                 );
             }
         }
@@ -152,8 +148,16 @@ impl Validator<'_> {
             );
             return None;
         }
-        match (self.env)(var) {
-            Some(value) if !value.is_empty() => Some(Secret::new(value)),
+        // Env files often leave a trailing newline; a secret never ends in one.
+        match (self.env)(var).as_deref().map(str::trim) {
+            Some(value) if value.bytes().any(|b| !b.is_ascii_graphic()) => {
+                self.problem(
+                    path,
+                    format!("environment variable {var} holds spaces or control characters; a credential cannot"),
+                );
+                None
+            }
+            Some(value) if !value.is_empty() => Some(Secret::new(value.to_owned())),
             _ => {
                 self.problem(
                     path,
@@ -181,7 +185,14 @@ impl Validator<'_> {
         if max_body_bytes < 1024 {
             self.problem("server.max_body_bytes", "must be at least 1024");
         }
-        let grace = Duration::from_millis(s.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS));
+        let grace_ms = s.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS);
+        if grace_ms > MAX_WAIT_MS {
+            self.problem(
+                "server.shutdown_grace_ms",
+                "must be at most 3600000 (one hour)",
+            );
+        }
+        let grace = Duration::from_millis(grace_ms);
         Some(ServerConfig {
             listen: listen?,
             max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
@@ -296,10 +307,10 @@ impl Validator<'_> {
     fn timeouts(&mut self, i: usize, b: &RawBackend) -> Timeouts {
         let mut ms = |field: &str, value: Option<u64>, default: u64| {
             let value = value.unwrap_or(default);
-            if value == 0 {
+            if !(1..=MAX_WAIT_MS).contains(&value) {
                 self.problem(
                     format!("backends[{i}].timeouts.{field}"),
-                    "must be greater than 0",
+                    "must be between 1 and 3600000 (one hour)",
                 );
             }
             Duration::from_millis(value)
@@ -319,11 +330,16 @@ impl Validator<'_> {
         let at = |field: &str| format!("backends[{i}].simulated.{field}");
         let default = SimulatedSpec::default();
         let spec = SimulatedSpec {
-            ttft: s.ttft_ms.map_or(default.ttft, Duration::from_millis),
+            ttft: s.ttft_ms.map_or(default.ttft, |ms| {
+                Duration::from_millis(ms.min(MAX_WAIT_MS))
+            }),
             tokens_per_second: s.tokens_per_second.unwrap_or(default.tokens_per_second),
             completion_tokens: s.completion_tokens.unwrap_or(default.completion_tokens),
             failure_rate: s.failure_rate.unwrap_or(default.failure_rate),
         };
+        if s.ttft_ms.is_some_and(|ms| ms > MAX_WAIT_MS) {
+            self.problem(at("ttft_ms"), "must be at most 3600000 (one hour)");
+        }
         if !(0.1..=100_000.0).contains(&spec.tokens_per_second) {
             self.problem(at("tokens_per_second"), "must be between 0.1 and 100000");
         }
@@ -504,25 +520,30 @@ impl Validator<'_> {
                 None
             }
         };
+        for (j, alias) in k.models.iter().enumerate() {
+            if alias != "*" && !aliases.contains(alias.as_str()) {
+                self.problem(
+                    format!("keys[{i}].models[{j}]"),
+                    format!(
+                        "no model with alias \"{alias}\"; use a models[].alias, or \"*\" for all"
+                    ),
+                );
+            }
+        }
+        if k.models.is_empty() {
+            self.problem(
+                at("models"),
+                "lists no models; name the aliases this key may use, or \"*\"",
+            );
+        }
         let models = if k.models.iter().any(|m| m == "*") {
             AllowedModels::All
         } else {
-            for (j, alias) in k.models.iter().enumerate() {
-                if !aliases.contains(alias.as_str()) {
-                    self.problem(
-                        format!("keys[{i}].models[{j}]"),
-                        format!("no model with alias \"{alias}\"; use a models[].alias, or \"*\" for all"),
-                    );
-                }
-            }
-            if k.models.is_empty() {
-                self.problem(
-                    at("models"),
-                    "lists no models; name the aliases this key may use, or \"*\"",
-                );
-            }
             AllowedModels::Only(k.models.clone())
         };
+        if k.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            self.problem(at("region"), "must not be empty; leave it out instead");
+        }
         Some(Key {
             name: k.name.clone(),
             sha256: sha256?,
