@@ -185,3 +185,110 @@ impl Stream for SseBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use futures_util::{StreamExt, stream};
+
+    use super::*;
+    use crate::metering::{InFlight, MeterLabels};
+    use crate::metrics::Metrics;
+
+    const CONTENT: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}"#;
+    const LAST_WITH_USAGE: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+    const USAGE_ONLY: &str = r#"{"id":"c1","created":7,"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+
+    async fn run(
+        chunks: Vec<Result<&'static str, GatewayError>>,
+        include_usage: bool,
+    ) -> (Vec<String>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let meter = Meter::new(
+            metrics.clone(),
+            MeterLabels {
+                request_id: "r".into(),
+                alias: "a".into(),
+                backend: "b".into(),
+            },
+            std::time::Instant::now(),
+            10,
+            InFlight::new(&metrics.in_flight),
+        );
+        let mut chunks = chunks.into_iter().map(|c| c.map(|s| Bytes::from_static(s.as_bytes())));
+        let first = chunks.next().unwrap().unwrap();
+        let body = SseBody::new(SseParams {
+            first,
+            upstream: stream::iter(chunks.collect::<Vec<_>>()).boxed(),
+            idle: Duration::from_secs(5),
+            backend: "b".into(),
+            endpoint: Endpoint::Chat,
+            include_usage,
+            meter,
+        });
+        let events = body
+            .map(|e| String::from_utf8(e.unwrap().to_vec()).unwrap())
+            .collect::<Vec<_>>()
+            .await;
+        (events, metrics)
+    }
+
+    fn usage_metric(metrics: &Metrics, estimated: &str) -> u64 {
+        metrics
+            .tokens
+            .with_label_values(&["a", "b", "output", estimated])
+            .get()
+    }
+
+    #[tokio::test]
+    async fn drops_the_usage_chunk_nobody_asked_for() {
+        let (events, metrics) = run(vec![Ok(CONTENT), Ok(USAGE_ONLY)], false).await;
+        assert_eq!(
+            events,
+            [format!("data: {CONTENT}\n\n"), "data: [DONE]\n\n".into()]
+        );
+        assert_eq!(usage_metric(&metrics, "false"), 1, "still metered");
+    }
+
+    #[tokio::test]
+    async fn synthesises_a_usage_chunk_from_usage_on_a_content_chunk() {
+        let (events, _) = run(vec![Ok(CONTENT), Ok(LAST_WITH_USAGE)], true).await;
+        assert_eq!(events.len(), 4);
+        let usage: serde_json::Value =
+            serde_json::from_str(events[2].strip_prefix("data: ").unwrap().trim()).unwrap();
+        assert_eq!(usage["choices"], serde_json::json!([]));
+        assert_eq!(usage["usage"]["total_tokens"], 4);
+        assert_eq!(usage["id"], "c1");
+        assert_eq!(usage["object"], "chat.completion.chunk");
+        assert_eq!(events[3], "data: [DONE]\n\n");
+    }
+
+    #[tokio::test]
+    async fn a_failure_mid_stream_is_an_error_event_then_done() {
+        let (events, metrics) = run(
+            vec![Ok(CONTENT), Err(GatewayError::upstream_broken("b"))],
+            false,
+        )
+        .await;
+        assert_eq!(events.len(), 3);
+        assert!(
+            events[1].starts_with(
+                r#"data: {"error":{"message":"the connection to backend \"b\" failed"#
+            )
+        );
+        assert_eq!(events[2], "data: [DONE]\n\n");
+        assert_eq!(
+            usage_metric(&metrics, "true"),
+            2,
+            "usage estimated from the 5 characters sent"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_that_is_not_json_ends_the_stream_with_an_error() {
+        let (events, _) = run(vec![Ok(CONTENT), Ok("{not json"), Ok(CONTENT)], false).await;
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert!(events[1].contains("is not JSON"));
+    }
+}
