@@ -161,12 +161,14 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn not_found(uri: Uri) -> Response {
-    GatewayError::not_found(uri.path()).into_response()
+async fn not_found(uri: Uri, headers: HeaderMap) -> Response {
+    let response = GatewayError::not_found(uri.path()).into_response();
+    auth::with_request_id(response, &auth::request_id(&headers))
 }
 
-async fn method_not_allowed() -> Response {
-    GatewayError::method_not_allowed().into_response()
+async fn method_not_allowed(headers: HeaderMap) -> Response {
+    let response = GatewayError::method_not_allowed().into_response();
+    auth::with_request_id(response, &auth::request_id(&headers))
 }
 
 fn json_response(status: StatusCode, body: impl Into<axum::body::Body>) -> Response {

@@ -216,7 +216,9 @@ mod tests {
             10,
             InFlight::new(&metrics.in_flight),
         );
-        let mut chunks = chunks.into_iter().map(|c| c.map(|s| Bytes::from_static(s.as_bytes())));
+        let mut chunks = chunks
+            .into_iter()
+            .map(|c| c.map(|s| Bytes::from_static(s.as_bytes())));
         let first = chunks.next().unwrap().unwrap();
         let body = SseBody::new(SseParams {
             first,

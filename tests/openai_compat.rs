@@ -1,0 +1,1418 @@
+//! OpenAI-compatible backends (vLLM, OpenAI, Together, Groq) through the
+//! gateway, as a client sees them, against the mock upstream in
+//! `support/mock.rs`. Everything runs on 127.0.0.1, on ports picked by the OS.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use serde_json::{Value, json};
+use support::mock::{self, MockServer, MockUpstream};
+use tokio::net::TcpListener;
+
+/// The longest any single step may take before a test gives up: a bound
+/// against hangs, never a measure of speed.
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---- configuration -------------------------------------------------------
+
+/// A `[[backends]]` table whose credential is `sk-test-<name>`.
+fn backend(name: &str, kind: &str, base_url: &str) -> String {
+    backend_with_timeouts(name, kind, base_url, 5_000, 5_000)
+}
+
+fn backend_with_timeouts(
+    name: &str,
+    kind: &str,
+    base_url: &str,
+    first_byte_ms: u64,
+    idle_ms: u64,
+) -> String {
+    format!(
+        r#"
+[[backends]]
+name = "{name}"
+kind = "{kind}"
+base_url = "{base_url}"
+api_key_env = "UPSTREAM_KEY_{env}"
+[backends.timeouts]
+connect_ms = 2000
+first_byte_ms = {first_byte_ms}
+idle_ms = {idle_ms}
+"#,
+        env = name.to_uppercase().replace('-', "_"),
+    )
+}
+
+/// A `[[models]]` table; each deployment is `(backend, upstream model id)`.
+fn model(alias: &str, deployments: &[(&str, &str)]) -> String {
+    let mut out = format!("\n[[models]]\nalias = \"{alias}\"\n");
+    for (backend, upstream) in deployments {
+        out += &format!(
+            "[[models.deployments]]\nbackend = \"{backend}\"\nmodel = \"{upstream}\"\ncontext_window = 8192\n"
+        );
+    }
+    out
+}
+
+/// The environment the gateway under test sees; nothing comes from the
+/// process environment.
+fn env(name: &str) -> Option<String> {
+    if let Some(backend) = name.strip_prefix("UPSTREAM_KEY_") {
+        return Some(format!(
+            "sk-test-{}",
+            backend.to_lowercase().replace('_', "-")
+        ));
+    }
+    match name {
+        "KEY_TEAM" => Some("team-secret".into()),
+        "KEY_ADMIN" => Some("admin-secret".into()),
+        _ => None,
+    }
+}
+
+fn url(mock: &MockServer) -> String {
+    format!("{}/v1", mock.base_url())
+}
+
+// ---- the gateway and its client ------------------------------------------
+
+struct Gateway {
+    base: String,
+    http: reqwest::Client,
+}
+
+async fn start(config: &str) -> Gateway {
+    let config = tollgate::config::parse(config, &env).expect("valid test config");
+    let gateway = tollgate::Gateway::new(config).expect("gateway builds");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(gateway.serve(listener, std::future::pending()));
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    Gateway { base, http }
+}
+
+impl Gateway {
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.post(format!("{}{path}", self.base))
+    }
+
+    async fn chat(&self, body: Value) -> reqwest::Response {
+        self.post("/v1/chat/completions")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A streamed request that must succeed: its headers, and its events
+    /// to read one by one.
+    async fn stream(&self, path: &str, body: Value) -> (reqwest::header::HeaderMap, Events) {
+        let response = self.post(path).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 200, "the stream starts");
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        (response.headers().clone(), Events::new(response))
+    }
+
+    async fn get(&self, path: &str, key: Option<&str>) -> reqwest::Response {
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send().await.unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        self.get("/metrics", None).await.text().await.unwrap()
+    }
+
+    /// Polls /metrics until `name{labels}` has `value`; bounded by WAIT.
+    async fn eventually_metric(&self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let text = self.metrics().await;
+            if metric(&text, name, labels) == Some(value) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}{labels:?} never reached {value}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The value of one sample in a Prometheus text exposition.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            let inner = if rest.is_empty() {
+                ""
+            } else {
+                rest.strip_prefix('{')?.strip_suffix('}')?
+            };
+            let found: Vec<(&str, &str)> = inner
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| {
+                    let (k, v) = p.split_once('=')?;
+                    Some((k, v.trim_matches('"')))
+                })
+                .collect();
+            let matches = found.len() == labels.len() && labels.iter().all(|l| found.contains(l));
+            matches.then(|| value.parse().ok()).flatten()
+        })
+}
+
+/// The `data:` payloads of an SSE body, read incrementally.
+struct Events {
+    body: BoxStream<'static, reqwest::Result<Bytes>>,
+    buffer: Vec<u8>,
+}
+
+impl Events {
+    fn new(response: reqwest::Response) -> Self {
+        Self {
+            body: response.bytes_stream().boxed(),
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next event's payload; `None` at the end of the body.
+    async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                let text = String::from_utf8(event).expect("events are UTF-8");
+                let payload = text
+                    .trim_end()
+                    .strip_prefix("data: ")
+                    .unwrap_or_else(|| panic!("not a data event: {text:?}"));
+                return Some(payload.to_owned());
+            }
+            match tokio::time::timeout(WAIT, self.body.next())
+                .await
+                .expect("the gateway sends the next event in time")
+            {
+                Some(chunk) => self.buffer.extend_from_slice(&chunk.expect("body reads")),
+                None => {
+                    assert!(self.buffer.is_empty(), "a partial event at the end");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Every payload left, to the end of the body.
+    async fn rest(mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(event) = self.next().await {
+            out.push(event);
+        }
+        out
+    }
+}
+
+/// The payloads of a fixture's events, as the upstream sent them.
+fn fixture_payloads(name: &str) -> Vec<String> {
+    mock::split_events(&mock::fixture(name))
+        .iter()
+        .map(|e| {
+            std::str::from_utf8(e)
+                .unwrap()
+                .trim_end()
+                .strip_prefix("data: ")
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// `payloads` without the usage-only chunk.
+fn without_usage_chunk(payloads: &[String]) -> Vec<String> {
+    payloads
+        .iter()
+        .filter(|p| !is_usage_only(p))
+        .cloned()
+        .collect()
+}
+
+fn is_usage_only(payload: &str) -> bool {
+    serde_json::from_str::<Value>(payload)
+        .is_ok_and(|c| c["choices"] == json!([]) && c["usage"].is_object())
+}
+
+fn parse(payload: &str) -> Value {
+    serde_json::from_str(payload).unwrap_or_else(|e| panic!("{payload}: {e}"))
+}
+
+/// The OpenAI error object of an error response, checked for shape.
+async fn error_of(response: reqwest::Response) -> Value {
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: Value = response.json().await.unwrap();
+    check_error_shape(&body);
+    body["error"].clone()
+}
+
+fn check_error_shape(body: &Value) {
+    let error = &body["error"];
+    assert!(error["message"].is_string(), "{body}");
+    assert!(error["type"].is_string(), "{body}");
+    assert!(
+        error.get("param").is_some() && error.get("code").is_some(),
+        "{body}"
+    );
+}
+
+fn message(error: &Value) -> &str {
+    error["message"].as_str().unwrap()
+}
+
+fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+// ---- pass-through ---------------------------------------------------------
+
+#[tokio::test]
+async fn chat_passes_through_every_kind_with_only_model_and_credential_changed() {
+    let kinds = [
+        ("vllm", "/v1", "vllm_chat.json"),
+        ("openai", "/v1", "vllm_chat.json"),
+        ("together", "/v1", "together_chat.json"),
+        ("groq", "/openai/v1", "vllm_chat.json"),
+    ];
+    let mut mocks = Vec::new();
+    let mut config = String::new();
+    for (kind, prefix, body) in kinds {
+        let upstream = MockUpstream::openai()
+            .body(mock::fixture(body))
+            .start()
+            .await;
+        config += &backend(kind, kind, &format!("{}{prefix}", upstream.base_url()));
+        config += &model(kind, &[(kind, &format!("upstream/{kind}-model"))]);
+        mocks.push(upstream);
+    }
+    let gateway = start(&config).await;
+
+    for ((kind, prefix, fixture), upstream) in kinds.into_iter().zip(&mocks) {
+        let sent = json!({
+            "model": kind,
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Capital of France?"}], "name": "ann"},
+            ],
+            "temperature": 0.2,
+            "top_k": 40,
+            "max_tokens": 64,
+            "stream": false,
+            "stream_options": {"include_usage": true},
+            "seed": 7,
+            "logit_bias": {"128000": -100},
+            "vendor_extension": {"nested": [1, {"deep": null, "list": ["a", 2.5]}], "flag": true},
+        });
+        let response = gateway.chat(sent.clone()).await;
+        assert_eq!(response.status(), 200, "{kind}");
+        assert_eq!(response.headers()["x-tollgate-backend"], kind);
+        assert!(!response.headers()["x-request-id"].is_empty());
+        let body = response.bytes().await.unwrap();
+        if kind == "together" {
+            let mut expected: Value = serde_json::from_slice(&mock::fixture(fixture)).unwrap();
+            expected["choices"][0]["finish_reason"] = json!("stop");
+            assert_eq!(
+                serde_json::from_slice::<Value>(&body).unwrap(),
+                expected,
+                "Together's eos becomes stop, nothing else changes"
+            );
+        } else {
+            assert_eq!(
+                body,
+                mock::fixture(fixture),
+                "{kind}: the body is passed on byte for byte"
+            );
+        }
+
+        let got = upstream.single_request();
+        assert_eq!(got.method, "POST");
+        assert_eq!(got.path, format!("{prefix}/chat/completions"), "{kind}");
+        assert_eq!(
+            got.header("authorization"),
+            Some(&*format!("Bearer sk-test-{kind}"))
+        );
+        assert_eq!(got.header("content-type"), Some("application/json"));
+        assert_eq!(got.json["model"], format!("upstream/{kind}-model"));
+        assert!(
+            got.json.get("stream_options").is_none(),
+            "{kind}: a non-streaming call carries no stream_options"
+        );
+        let (mut expected, mut received) = (sent.clone(), got.json.clone());
+        for object in [&mut expected, &mut received] {
+            let object = object.as_object_mut().unwrap();
+            object.remove("model");
+            object.remove("stream_options");
+        }
+        assert_eq!(received, expected, "{kind}: every other field untouched");
+    }
+}
+
+#[tokio::test]
+async fn legacy_completions_pass_through_streaming_and_not() {
+    let upstream = MockUpstream::openai()
+        .body(mock::fixture("vllm_completions.json"))
+        .stream("vllm_completions_usage.sse")
+        .start()
+        .await;
+    let config = backend("vllm", "vllm", &url(&upstream))
+        + &model("llama", &[("vllm", "meta-llama/Llama-3.1-8B-Instruct")]);
+    let gateway = start(&config).await;
+
+    let sent = json!({"model": "llama", "prompt": ["Once"], "max_tokens": 5, "echo": false, "best_of": 1, "suffix": null});
+    let response = gateway
+        .post("/v1/completions")
+        .json(&sent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.bytes().await.unwrap(),
+        mock::fixture("vllm_completions.json")
+    );
+
+    let (_, events) = gateway
+        .stream(
+            "/v1/completions",
+            json!({"model": "llama", "prompt": "Once", "max_tokens": 5, "stream": true}),
+        )
+        .await;
+    let fixture = fixture_payloads("vllm_completions_usage.sse");
+    assert_eq!(events.rest().await, without_usage_chunk(&fixture));
+
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 2);
+    let (whole, streamed) = (&requests[0], &requests[1]);
+    assert_eq!(whole.path, "/v1/completions");
+    assert_eq!(whole.json["model"], "meta-llama/Llama-3.1-8B-Instruct");
+    assert_eq!(whole.json["suffix"], Value::Null);
+    assert_eq!(whole.json["best_of"], 1);
+    assert!(whole.json.get("stream_options").is_none());
+    assert_eq!(
+        streamed.json["stream_options"],
+        json!({"include_usage": true})
+    );
+}
+
+#[tokio::test]
+async fn streams_ask_for_usage_and_drop_the_usage_chunk_unless_the_client_asked() {
+    for (kind, fixture) in [
+        ("vllm", "vllm_chat_usage.sse"),
+        ("openai", "openai_chat_usage.sse"),
+    ] {
+        let upstream = MockUpstream::openai().stream(fixture).start().await;
+        let config = backend(kind, kind, &url(&upstream)) + &model("chat", &[(kind, "m")]);
+        let gateway = start(&config).await;
+        let payloads = fixture_payloads(fixture);
+        assert!(
+            payloads.iter().any(|p| is_usage_only(p)),
+            "the fixture has a usage chunk"
+        );
+
+        for stream_options in [Value::Null, json!({"include_usage": false})] {
+            let mut body = json!({"model": "chat", "stream": true, "messages": user("hi")});
+            if !stream_options.is_null() {
+                body["stream_options"] = stream_options;
+            }
+            let (_, events) = gateway.stream("/v1/chat/completions", body).await;
+            assert_eq!(
+                events.rest().await,
+                without_usage_chunk(&payloads),
+                "{kind}"
+            );
+        }
+
+        let (_, events) = gateway
+            .stream(
+                "/v1/chat/completions",
+                json!({"model": "chat", "stream": true, "messages": user("hi"),
+                       "stream_options": {"include_usage": true, "include_obfuscation": false}}),
+            )
+            .await;
+        assert_eq!(
+            events.rest().await,
+            payloads,
+            "{kind}: kept, exactly as sent"
+        );
+
+        for request in upstream.requests() {
+            let options = &request.json["stream_options"];
+            assert_eq!(
+                options["include_usage"], true,
+                "{kind}: usage is always asked for"
+            );
+        }
+        assert_eq!(
+            upstream.requests()[2].json["stream_options"]["include_obfuscation"],
+            false,
+            "the client's other stream options go up untouched"
+        );
+    }
+}
+
+#[tokio::test]
+async fn together_gets_no_stream_options_and_its_usage_is_turned_into_a_usage_chunk() {
+    let upstream = MockUpstream::openai()
+        .stream("together_chat.sse")
+        .start()
+        .await;
+    let config = backend("together", "together", &url(&upstream))
+        + &model(
+            "llama",
+            &[("together", "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo")],
+        );
+    let gateway = start(&config).await;
+    let upstream_chunks: Vec<Value> = fixture_payloads("together_chat.sse")
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .map(|p| parse(p))
+        .collect();
+
+    for include_usage in [false, true] {
+        let (_, events) = gateway
+            .stream(
+                "/v1/chat/completions",
+                json!({"model": "llama", "stream": true, "messages": user("hi"),
+                       "stream_options": {"include_usage": include_usage}}),
+            )
+            .await;
+        let mut payloads = events.rest().await;
+        assert_eq!(payloads.pop().as_deref(), Some("[DONE]"));
+        let chunks: Vec<Value> = payloads.iter().map(|p| parse(p)).collect();
+        let (content, usage_chunk) = if include_usage {
+            let (usage, content) = chunks.split_last().unwrap();
+            (content, Some(usage))
+        } else {
+            (&chunks[..], None)
+        };
+        assert_eq!(content.len(), upstream_chunks.len());
+        for (got, sent) in content.iter().zip(&upstream_chunks) {
+            let mut expected = sent.clone();
+            if expected["choices"][0]["finish_reason"] == "eos" {
+                expected["choices"][0]["finish_reason"] = json!("stop");
+            }
+            assert_eq!(got, &expected, "chunks pass through, eos becomes stop");
+        }
+        assert!(!payloads.iter().any(|p| p.contains("\"eos\"")));
+        if let Some(usage_chunk) = usage_chunk {
+            let last = upstream_chunks.last().unwrap();
+            assert_eq!(usage_chunk["choices"], json!([]));
+            assert_eq!(
+                usage_chunk["usage"],
+                json!({"prompt_tokens": 25, "completion_tokens": 5, "total_tokens": 30})
+            );
+            assert_eq!(usage_chunk["id"], last["id"]);
+            assert_eq!(usage_chunk["model"], last["model"]);
+            assert_eq!(usage_chunk["object"], "chat.completion.chunk");
+        }
+    }
+    for request in upstream.requests() {
+        assert!(
+            request.json.get("stream_options").is_none(),
+            "Together is never sent stream_options: {}",
+            request.json
+        );
+        assert_eq!(request.json["stream"], true);
+    }
+}
+
+#[tokio::test]
+async fn groq_usage_in_x_groq_is_metered_as_counted_and_offered_as_a_usage_chunk() {
+    let upstream = MockUpstream::openai().stream("groq_chat.sse").start().await;
+    let config = backend(
+        "groq",
+        "groq",
+        &format!("{}/openai/v1", upstream.base_url()),
+    ) + &model("fast", &[("groq", "llama-3.1-8b-instant")]);
+    let gateway = start(&config).await;
+    let payloads = fixture_payloads("groq_chat.sse");
+
+    let (_, events) = gateway
+        .stream(
+            "/v1/chat/completions",
+            json!({"model": "fast", "stream": true, "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(
+        events.rest().await,
+        payloads,
+        "nothing to remove: Groq sends no usage chunk"
+    );
+    let request = upstream.single_request();
+    assert_eq!(request.path, "/openai/v1/chat/completions");
+    assert_eq!(request.json["stream_options"]["include_usage"], true);
+
+    let text = gateway.metrics().await;
+    let tokens = |direction, estimated| {
+        metric(
+            &text,
+            "tollgate_tokens_total",
+            &[
+                ("alias", "fast"),
+                ("backend", "groq"),
+                ("direction", direction),
+                ("estimated", estimated),
+            ],
+        )
+    };
+    assert_eq!(tokens("input", "false"), Some(40.0), "{text}");
+    assert_eq!(tokens("output", "false"), Some(6.0), "{text}");
+    assert_eq!(tokens("input", "true"), None, "nothing estimated");
+
+    let (_, events) = gateway
+        .stream(
+            "/v1/chat/completions",
+            json!({"model": "fast", "stream": true, "messages": user("hi"), "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    let mut got = events.rest().await;
+    assert_eq!(got.pop().as_deref(), Some("[DONE]"));
+    let usage_chunk = parse(&got.pop().unwrap());
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(
+        usage_chunk["usage"],
+        json!({"prompt_tokens": 40, "completion_tokens": 6, "total_tokens": 46})
+    );
+    assert_eq!(got, payloads[..payloads.len() - 1]);
+}
+
+#[tokio::test]
+async fn every_stream_ends_with_done_even_when_the_upstream_omits_it() {
+    let upstream = MockUpstream::openai()
+        .stream("vllm_chat_usage.sse")
+        .omit_done()
+        .start()
+        .await;
+    let config = backend("vllm", "vllm", &url(&upstream)) + &model("chat", &[("vllm", "m")]);
+    let gateway = start(&config).await;
+    let (_, events) = gateway
+        .stream(
+            "/v1/chat/completions",
+            json!({"model": "chat", "stream": true, "messages": user("hi")}),
+        )
+        .await;
+    let got = events.rest().await;
+    assert_eq!(
+        got,
+        without_usage_chunk(&fixture_payloads("vllm_chat_usage.sse"))
+    );
+    assert_eq!(got.last().map(String::as_str), Some("[DONE]"));
+}
+
+#[tokio::test]
+async fn events_cut_across_tcp_writes_come_out_whole() {
+    let upstream = MockUpstream::openai()
+        .stream("vllm_completions_usage.sse")
+        .split_every(3)
+        .start()
+        .await;
+    let config = backend("vllm", "vllm", &url(&upstream)) + &model("llama", &[("vllm", "m")]);
+    let gateway = start(&config).await;
+    let (_, events) = gateway
+        .stream(
+            "/v1/completions",
+            json!({"model": "llama", "prompt": "Once", "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    assert_eq!(
+        events.rest().await,
+        fixture_payloads("vllm_completions_usage.sse")
+    );
+}
+
+// ---- streaming behaviour ----------------------------------------------------
+
+#[tokio::test]
+async fn the_first_chunk_reaches_the_client_before_the_upstream_has_finished() {
+    let upstream = MockUpstream::openai()
+        .stream("vllm_chat_usage.sse")
+        .hold_after(1)
+        .start()
+        .await;
+    let config = backend("vllm", "vllm", &url(&upstream)) + &model("chat", &[("vllm", "m")]);
+    let gateway = start(&config).await;
+    let (_, mut events) = gateway
+        .stream(
+            "/v1/chat/completions",
+            json!({"model": "chat", "stream": true, "messages": user("hi")}),
+        )
+        .await;
+    let payloads = fixture_payloads("vllm_chat_usage.sse");
+    // The mock has sent one event and holds the rest until released.
+    assert_eq!(events.next().await.as_ref(), Some(&payloads[0]));
+    upstream.release();
+    let mut got = vec![payloads[0].clone()];
+    got.extend(events.rest().await);
+    assert_eq!(got, without_usage_chunk(&payloads));
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_mid_stream_closes_the_upstream_connection() {
+    let upstream = MockUpstream::openai()
+        .stream("vllm_chat_usage.sse")
+        .hold_after(2)
+        .start()
+        .await;
+    let config = backend("vllm", "vllm", &url(&upstream)) + &model("chat", &[("vllm", "m")]);
+    let gateway = start(&config).await;
+    let (_, mut events) = gateway
+        .stream(
+            "/v1/chat/completions",
+            json!({"model": "chat", "stream": true, "messages": user("hi")}),
+        )
+        .await;
+    assert!(events.next().await.is_some());
+    assert_eq!(
+        upstream.peer_closed(),
+        0,
+        "the upstream stream is still open"
+    );
+    drop(events);
+    assert!(
+        upstream.wait_peer_closed(1, WAIT).await,
+        "the gateway closed the upstream connection after the client left"
+    );
+    gateway
+        .eventually_metric(
+            "tollgate_requests_total",
+            &[("alias", "chat"), ("backend", "vllm"), ("status", "499")],
+            1.0,
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn a_slow_but_steady_stream_is_not_cut_by_the_idle_timeout() {
+    // Each gap (60 ms) is well inside idle_ms (250 ms); the whole stream
+    // (about 600 ms) is not, so the timer must restart on every chunk.
+    let upstream = MockUpstream::openai()
+        .stream("vllm_chat_usage.sse")
+        .first_byte_after(Duration::from_millis(60))
+        .event_delay(Duration::from_millis(60))
+        .start()
+        .await;
+    let config = backend_with_timeouts("vllm", "vllm", &url(&upstream), 2_000, 250)
+        + &model("chat", &[("vllm", "m")]);
+    let gateway = start(&config).await;
+    let (_, events) = gateway
+        .stream(
+            "/v1/chat/completions",
+            json!({"model": "chat", "stream": true, "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(
+        events.rest().await,
+        without_usage_chunk(&fixture_payloads("vllm_chat_usage.sse"))
+    );
+}
+
+// ---- upstream failures --------------------------------------------------------
+
+#[tokio::test]
+async fn upstream_failures_before_the_first_byte_become_http_errors() {
+    let refused = mock::refused_base_url().await;
+    let silent = MockUpstream::openai()
+        .first_byte_after(Duration::from_secs(60))
+        .start()
+        .await;
+    let headers_only = MockUpstream::openai()
+        .body_after(Duration::from_secs(60))
+        .start()
+        .await;
+    let rejecting = MockUpstream::openai()
+        .error(400, json!({"object": "error", "message": "This model's maximum context length is 8192 tokens. However, you requested 9000 tokens. Please reduce the length of the messages or completion.", "type": "BadRequestError", "param": null, "code": 400}))
+        .start()
+        .await;
+    let picky = MockUpstream::openai()
+        .error(400, json!({"error": {"message": "Invalid value for 'temperature': must be at most 2.", "type": "invalid_request_error", "param": "temperature", "code": "invalid_value"}}))
+        .start()
+        .await;
+    let unauthorised = MockUpstream::openai()
+        .error(401, json!({"error": {"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}}))
+        .start()
+        .await;
+    let limited = MockUpstream::openai()
+        .error(429, json!({"error": {"message": "Rate limit reached for model llama-3.1-8b-instant", "type": "tokens", "code": "rate_limit_exceeded"}}))
+        .header("retry-after", "7")
+        .start()
+        .await;
+    let crashing = MockUpstream::openai()
+        .status(500)
+        .body("Internal Server Error")
+        .start()
+        .await;
+    let garbled = MockUpstream::openai()
+        .body(r#"{"id": "chatcmpl-1", "choices": ["#)
+        .start()
+        .await;
+    let mut config = backend("refused", "vllm", &format!("{refused}/v1"));
+    config += &backend_with_timeouts("silent", "vllm", &url(&silent), 150, 5_000);
+    config += &backend_with_timeouts("headers-only", "openai", &url(&headers_only), 150, 5_000);
+    for (name, kind, mock) in [
+        ("rejecting", "vllm", &rejecting),
+        ("picky", "openai", &picky),
+        ("unauthorised", "groq", &unauthorised),
+        ("limited", "groq", &limited),
+        ("crashing", "together", &crashing),
+        ("garbled", "vllm", &garbled),
+    ] {
+        config += &backend(name, kind, &url(mock));
+    }
+    for name in [
+        "refused",
+        "silent",
+        "headers-only",
+        "rejecting",
+        "picky",
+        "unauthorised",
+        "limited",
+        "crashing",
+        "garbled",
+    ] {
+        config += &model(name, &[(name, "m")]);
+    }
+    let gateway = start(&config).await;
+    let call = |alias: &'static str, stream: bool| {
+        gateway.chat(json!({"model": alias, "stream": stream, "messages": user("hi")}))
+    };
+
+    let response = call("refused", false).await;
+    assert_eq!(response.status(), 502);
+    assert!(!response.headers()["x-request-id"].is_empty());
+    let error = error_of(response).await;
+    assert_eq!(error["code"], "upstream_unavailable");
+    assert!(
+        message(&error).contains("could not connect to backend \"refused\""),
+        "{error}"
+    );
+
+    for stream in [false, true] {
+        let response = call("silent", stream).await;
+        assert_eq!(response.status(), 504, "no head within first_byte_ms");
+        assert_eq!(error_of(response).await["code"], "upstream_timeout");
+        let response = call("headers-only", stream).await;
+        assert_eq!(
+            response.status(),
+            504,
+            "a head but no body within first_byte_ms"
+        );
+        assert_eq!(error_of(response).await["code"], "upstream_timeout");
+    }
+
+    let response = call("rejecting", true).await;
+    assert_eq!(response.status(), 400);
+    let error = error_of(response).await;
+    assert_eq!(error["type"], "invalid_request_error");
+    assert!(
+        message(&error).contains("maximum context length is 8192 tokens"),
+        "{error}"
+    );
+
+    let error = error_of(call("picky", false).await).await;
+    assert_eq!(error["param"], "temperature");
+    assert_eq!(error["code"], "invalid_value");
+    assert!(
+        message(&error).contains("Invalid value for 'temperature'"),
+        "{error}"
+    );
+
+    let response = call("unauthorised", false).await;
+    assert_eq!(
+        response.status(),
+        502,
+        "the gateway's own credential was refused"
+    );
+    let body = response.text().await.unwrap();
+    assert!(!body.contains("sk-test-"), "no secret in the error: {body}");
+    let error = parse(&body)["error"].clone();
+    assert_eq!(error["code"], "upstream_auth_failed");
+    assert!(message(&error).contains("credential"), "{error}");
+
+    let response = call("limited", false).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "7");
+    let error = error_of(response).await;
+    assert_eq!(error["type"], "rate_limit_error");
+    assert!(message(&error).contains("Rate limit reached"), "{error}");
+
+    let response = call("crashing", false).await;
+    assert_eq!(response.status(), 502);
+    assert!(message(&error_of(response).await).contains("Internal Server Error"));
+
+    let response = call("garbled", false).await;
+    assert_eq!(
+        response.status(),
+        502,
+        "a body that is not JSON is not passed on"
+    );
+    assert_eq!(
+        error_of(response).await["code"],
+        "upstream_invalid_response"
+    );
+}
+
+/// Reads a stream that fails after `good` events: those events, then an
+/// error event, then `[DONE]`. Returns the error object.
+async fn stream_failing_after(gateway: &Gateway, alias: &str, fixture: &str, good: usize) -> Value {
+    let (_, events) = gateway
+        .stream(
+            "/v1/chat/completions",
+            json!({"model": alias, "stream": true, "messages": user("hi")}),
+        )
+        .await;
+    let got = events.rest().await;
+    assert_eq!(got.len(), good + 2, "{got:#?}");
+    assert_eq!(got[..good], fixture_payloads(fixture)[..good]);
+    assert_eq!(got[good + 1], "[DONE]");
+    let error = parse(&got[good]);
+    check_error_shape(&error);
+    error["error"].clone()
+}
+
+#[tokio::test]
+async fn failures_after_the_first_byte_end_the_stream_with_an_error_event() {
+    let reset = MockUpstream::openai()
+        .stream("vllm_chat_usage.sse")
+        .reset_after(3)
+        .start()
+        .await;
+    let stalled = MockUpstream::openai()
+        .stream("vllm_chat_usage.sse")
+        .hold_after(3)
+        .start()
+        .await;
+    let first = &fixture_payloads("vllm_chat_usage.sse")[0];
+    let malformed = MockUpstream::openai()
+        .stream_bytes(format!(
+            "data: {first}\n\ndata: {{\"id\":\"chatcmpl-1\",\"choices\":[{{\"delta\":{{\"content\":\"oops\"\n\ndata: [DONE]\n\n"
+        ))
+        .start()
+        .await;
+    let upstream_error = r#"{"error":{"object":"error","message":"CUDA out of memory","type":"InternalServerError","param":null,"code":500}}"#;
+    let erroring = MockUpstream::openai()
+        .stream_bytes(format!(
+            "data: {first}\n\ndata: {upstream_error}\n\ndata: [DONE]\n\n"
+        ))
+        .start()
+        .await;
+    let config = backend("reset", "vllm", &url(&reset))
+        + &backend_with_timeouts("stalled", "vllm", &url(&stalled), 5_000, 150)
+        + &backend("malformed", "vllm", &url(&malformed))
+        + &backend("erroring", "vllm", &url(&erroring))
+        + &model("reset", &[("reset", "m")])
+        + &model("stalled", &[("stalled", "m")])
+        + &model("malformed", &[("malformed", "m")])
+        + &model("erroring", &[("erroring", "m")]);
+    let gateway = start(&config).await;
+
+    let error = stream_failing_after(&gateway, "reset", "vllm_chat_usage.sse", 3).await;
+    assert_eq!(error["code"], "upstream_disconnected", "{error}");
+    let error = stream_failing_after(&gateway, "stalled", "vllm_chat_usage.sse", 3).await;
+    assert_eq!(error["code"], "upstream_timeout", "{error}");
+    assert!(message(&error).contains("150 ms"), "{error}");
+    let error = stream_failing_after(&gateway, "malformed", "vllm_chat_usage.sse", 1).await;
+    assert_eq!(error["code"], "upstream_invalid_response", "{error}");
+    let error = stream_failing_after(&gateway, "erroring", "vllm_chat_usage.sse", 1).await;
+    assert_eq!(
+        error["message"], "CUDA out of memory",
+        "the upstream's own error event is passed on"
+    );
+
+    let text = gateway.metrics().await;
+    for (alias, status) in [
+        ("reset", "502"),
+        ("stalled", "504"),
+        ("malformed", "502"),
+        ("erroring", "502"),
+    ] {
+        let labels = [("alias", alias), ("backend", alias), ("status", status)];
+        assert_eq!(
+            metric(&text, "tollgate_requests_total", &labels),
+            Some(1.0),
+            "{alias}: {text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn retriable_failures_fail_over_to_the_next_deployment_and_a_400_does_not() {
+    let unavailable = MockUpstream::openai()
+        .error(
+            503,
+            json!({"error": {"message": "Service Unavailable", "type": "server_error"}}),
+        )
+        .start()
+        .await;
+    let rejecting = MockUpstream::openai()
+        .error(
+            400,
+            json!({"error": {"message": "bad prompt", "type": "BadRequestError", "code": 400}}),
+        )
+        .start()
+        .await;
+    let refused = mock::refused_base_url().await;
+    let spare_a = MockUpstream::openai().start().await;
+    let spare_b = MockUpstream::openai().start().await;
+    let spare_c = MockUpstream::openai().start().await;
+    let config = backend("unavailable", "vllm", &url(&unavailable))
+        + &backend("refused", "vllm", &format!("{refused}/v1"))
+        + &backend("rejecting", "vllm", &url(&rejecting))
+        + &backend("spare-a", "together", &url(&spare_a))
+        + &backend("spare-b", "groq", &url(&spare_b))
+        + &backend("spare-c", "openai", &url(&spare_c))
+        + &model("after-503", &[("unavailable", "m1"), ("spare-a", "m2")])
+        + &model("after-refused", &[("refused", "m1"), ("spare-b", "m2")])
+        + &model("after-400", &[("rejecting", "m1"), ("spare-c", "m2")]);
+    let gateway = start(&config).await;
+
+    let response = gateway
+        .chat(json!({"model": "after-503", "messages": user("hi")}))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-backend"], "spare-a");
+    assert_eq!((unavailable.hits(), spare_a.hits()), (1, 1));
+    assert_eq!(spare_a.single_request().json["model"], "m2");
+
+    let (head, events) = gateway
+        .stream(
+            "/v1/chat/completions",
+            json!({"model": "after-refused", "stream": true, "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(head["x-tollgate-backend"], "spare-b");
+    assert_eq!(
+        events.rest().await.last().map(String::as_str),
+        Some("[DONE]")
+    );
+    assert_eq!(spare_b.hits(), 1);
+
+    let response = gateway
+        .chat(json!({"model": "after-400", "messages": user("hi")}))
+        .await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(response.headers()["x-tollgate-backend"], "rejecting");
+    assert!(message(&error_of(response).await).contains("bad prompt"));
+    assert_eq!(
+        (rejecting.hits(), spare_c.hits()),
+        (1, 0),
+        "a 400 is not retried elsewhere"
+    );
+
+    let text = gateway.metrics().await;
+    let attempts = |backend, outcome| {
+        metric(
+            &text,
+            "tollgate_upstream_attempts_total",
+            &[("backend", backend), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(
+        attempts("unavailable", "upstream_error"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(attempts("refused", "upstream_error"), Some(1.0), "{text}");
+    assert_eq!(attempts("spare-a", "ok"), Some(1.0), "{text}");
+}
+
+// ---- client errors ----------------------------------------------------------------
+
+#[tokio::test]
+async fn bad_requests_are_refused_before_any_upstream_call() {
+    let upstream = MockUpstream::openai().start().await;
+    let config = "[server]\nmax_body_bytes = 4096\n".to_owned()
+        + &backend("vllm", "vllm", &url(&upstream))
+        + &model("chat", &[("vllm", "m")])
+        + &model("code", &[("vllm", "m")]);
+    let gateway = start(&config).await;
+    let gateway = &gateway;
+    let raw = move |body: &'static str| async move {
+        gateway
+            .post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    };
+
+    let response = raw(r#"{"model": "chat", "messages": ["#).await;
+    assert_eq!(response.status(), 400);
+    let error = error_of(response).await;
+    assert_eq!(error["type"], "invalid_request_error");
+    assert!(message(&error).contains("not valid JSON"), "{error}");
+    assert!(
+        message(&error).contains("line 1 column"),
+        "says where: {error}"
+    );
+
+    let response = raw(r#"{"model": "chat", "messages": [{"role": "user", "content": 5}]}"#).await;
+    assert_eq!(response.status(), 400);
+    let error = error_of(response).await;
+    assert_eq!(error["param"], "messages[0].content", "{error}");
+    assert!(message(&error).contains("messages[0].content"), "{error}");
+
+    let response = raw(r#"{"model": "chat", "max_tokens": "ten", "messages": [{"role": "user", "content": "hi"}]}"#).await;
+    assert_eq!(error_of(response).await["param"], "max_tokens");
+
+    let big = json!({"model": "chat", "messages": user(&"x".repeat(8_000))});
+    let response = gateway.chat(big.clone()).await;
+    assert_eq!(response.status(), 413);
+    assert_eq!(error_of(response).await["code"], "request_too_large");
+    // The same without a content-length: the limit holds while reading.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = serde_json::to_vec(&big)
+        .unwrap()
+        .chunks(1024)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    let response = gateway
+        .post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+
+    let response = gateway
+        .chat(json!({"model": "gpt-5", "messages": user("hi")}))
+        .await;
+    assert_eq!(response.status(), 404);
+    let error = error_of(response).await;
+    assert_eq!(error["code"], "model_not_found");
+    assert_eq!(error["param"], "model");
+    assert!(message(&error).contains("\"gpt-5\""), "{error}");
+    assert!(
+        message(&error).contains("chat, code"),
+        "names the models that exist: {error}"
+    );
+
+    assert_eq!(upstream.hits(), 0, "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn api_keys_decide_who_may_call_and_which_models_they_see() {
+    let upstream = MockUpstream::openai().start().await;
+    let config = backend("vllm", "vllm", &url(&upstream))
+        + &model("chat", &[("vllm", "m")])
+        + &model("code", &[("vllm", "m")])
+        + r#"
+[[keys]]
+name = "team"
+key_env = "KEY_TEAM"
+models = ["chat"]
+
+[[keys]]
+name = "admin"
+key_env = "KEY_ADMIN"
+models = ["*"]
+"#;
+    let gateway = start(&config).await;
+    let gateway = &gateway;
+    let chat = move |key: Option<&'static str>, alias: &'static str| async move {
+        let mut request = gateway
+            .post("/v1/chat/completions")
+            .json(&json!({"model": alias, "messages": user("hi")}));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send().await.unwrap()
+    };
+
+    for key in [None, Some("wrong-secret")] {
+        let response = chat(key, "chat").await;
+        assert_eq!(response.status(), 401, "{key:?}");
+        assert!(!response.headers()["x-request-id"].is_empty());
+        assert_eq!(error_of(response).await["code"], "invalid_api_key");
+    }
+    let response = chat(Some("team-secret"), "code").await;
+    assert_eq!(response.status(), 403);
+    let error = error_of(response).await;
+    assert_eq!(error["code"], "model_not_allowed");
+    assert!(message(&error).contains("\"team\""), "{error}");
+    assert_eq!(upstream.hits(), 0);
+
+    assert_eq!(chat(Some("team-secret"), "chat").await.status(), 200);
+    assert_eq!(chat(Some("admin-secret"), "code").await.status(), 200);
+    for request in upstream.requests() {
+        assert_eq!(
+            request.header("authorization"),
+            Some("Bearer sk-test-vllm"),
+            "the client's key never goes upstream"
+        );
+    }
+
+    let ids = |key| async move {
+        let response = gateway.get("/v1/models", key).await;
+        assert_eq!(response.status(), 200);
+        let list: Value = response.json().await.unwrap();
+        assert_eq!(list["object"], "list");
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(Some("team-secret")).await, ["chat"]);
+    assert_eq!(ids(Some("admin-secret")).await, ["chat", "code"]);
+    let response = gateway.get("/v1/models", None).await;
+    assert_eq!(response.status(), 401);
+    assert!(!response.headers()["x-request-id"].is_empty());
+}
+
+// ---- request ids and metrics -----------------------------------------------------------
+
+#[tokio::test]
+async fn every_response_carries_a_request_id_and_successes_name_the_backend() {
+    let upstream = MockUpstream::openai().start().await;
+    let refused = mock::refused_base_url().await;
+    let config = backend("vllm", "vllm", &url(&upstream))
+        + &backend("down", "vllm", &format!("{refused}/v1"))
+        + &model("chat", &[("vllm", "m")])
+        + &model("down", &[("down", "m")]);
+    let gateway = start(&config).await;
+    let gateway = &gateway;
+    let with_id = move |id: &'static str, body: Value| async move {
+        gateway
+            .post("/v1/chat/completions")
+            .header("x-request-id", id)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    };
+
+    let response = with_id(
+        "req-whole-1",
+        json!({"model": "chat", "messages": user("hi")}),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "req-whole-1");
+    assert_eq!(response.headers()["x-tollgate-backend"], "vllm");
+    assert_eq!(
+        upstream.requests()[0].header("x-request-id"),
+        Some("req-whole-1"),
+        "passed upstream"
+    );
+
+    let response = with_id(
+        "req-stream-2",
+        json!({"model": "chat", "stream": true, "messages": user("hi")}),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "req-stream-2");
+    assert_eq!(response.headers()["x-tollgate-backend"], "vllm");
+    assert_eq!(
+        Events::new(response)
+            .rest()
+            .await
+            .last()
+            .map(String::as_str),
+        Some("[DONE]")
+    );
+
+    for (body, status) in [
+        (json!({"model": "nope", "messages": user("hi")}), 404),
+        (json!({"model": "down", "messages": user("hi")}), 502),
+    ] {
+        let response = with_id("req-error-3", body).await;
+        assert_eq!(response.status(), status);
+        assert_eq!(response.headers()["x-request-id"], "req-error-3");
+    }
+
+    let mut generated = Vec::new();
+    for body in [
+        json!({"model": "chat", "messages": user("hi")}),
+        json!({"model": "nope", "messages": user("hi")}),
+    ] {
+        let response = gateway.chat(body).await;
+        let id = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(id.len() >= 16, "a generated id: {id:?}");
+        generated.push(id);
+    }
+    assert_ne!(generated[0], generated[1]);
+    assert_eq!(
+        upstream.requests()[2].header("x-request-id"),
+        Some(&*generated[0])
+    );
+
+    let response = gateway.get("/v1/no-such-route", None).await;
+    assert_eq!(response.status(), 404);
+    assert!(
+        response.headers().contains_key("x-request-id"),
+        "even a wrong path gets one"
+    );
+    check_error_shape(&response.json().await.unwrap());
+    let response = gateway
+        .post("/v1/models")
+        .header("x-request-id", "req-method-4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["x-request-id"], "req-method-4");
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_alias_backend_and_status() {
+    let upstream = MockUpstream::openai().start().await;
+    let failing = MockUpstream::openai().status(500).start().await;
+    let config = backend("vllm", "vllm", &url(&upstream))
+        + &backend("broken", "vllm", &url(&failing))
+        + &model("chat", &[("vllm", "m")])
+        + &model("flaky", &[("broken", "m")]);
+    let gateway = start(&config).await;
+    for _ in 0..2 {
+        assert_eq!(
+            gateway
+                .chat(json!({"model": "chat", "messages": user("hi")}))
+                .await
+                .status(),
+            200
+        );
+    }
+    let (_, events) = gateway
+        .stream(
+            "/v1/chat/completions",
+            json!({"model": "chat", "stream": true, "messages": user("hi")}),
+        )
+        .await;
+    events.rest().await;
+    assert_eq!(
+        gateway
+            .chat(json!({"model": "flaky", "messages": user("hi")}))
+            .await
+            .status(),
+        502
+    );
+    assert_eq!(
+        gateway
+            .chat(json!({"model": "nope", "messages": user("hi")}))
+            .await
+            .status(),
+        404
+    );
+
+    let text = gateway.metrics().await;
+    let requests = |alias, backend, status| {
+        metric(
+            &text,
+            "tollgate_requests_total",
+            &[("alias", alias), ("backend", backend), ("status", status)],
+        )
+    };
+    assert_eq!(requests("chat", "vllm", "200"), Some(3.0), "{text}");
+    assert_eq!(requests("flaky", "broken", "502"), Some(1.0), "{text}");
+    assert_eq!(requests("none", "none", "404"), Some(1.0), "{text}");
+    let tokens = metric(
+        &text,
+        "tollgate_tokens_total",
+        &[
+            ("alias", "chat"),
+            ("backend", "vllm"),
+            ("direction", "input"),
+            ("estimated", "false"),
+        ],
+    );
+    assert_eq!(
+        tokens,
+        Some(3.0 * mock::CANNED_PROMPT_TOKENS as f64),
+        "{text}"
+    );
+}
+
+// ---- the mock itself -------------------------------------------------------------------
+
+/// Sends one streaming request to the mock over a raw socket and returns
+/// every byte of the answer, to the close.
+async fn raw_exchange(upstream: &MockServer) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(upstream.addr())
+        .await
+        .unwrap();
+    let body = r#"{"model":"m","stream":true}"#;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, socket.read_to_end(&mut answer))
+        .await
+        .expect("the mock ends the exchange")
+        .expect("reads");
+    String::from_utf8(answer).unwrap()
+}
+
+#[tokio::test]
+async fn the_mock_cuts_events_into_separate_chunks_and_resets_without_a_chunked_end() {
+    let events = mock::split_events(&mock::fixture("vllm_chat_usage.sse"));
+    let cut = MockUpstream::openai()
+        .stream("vllm_chat_usage.sse")
+        .split_every(3)
+        .start()
+        .await;
+    let answer = raw_exchange(&cut).await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.to_lowercase().contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    assert!(body.ends_with("0\r\n\r\n"), "a clean end: {body:?}");
+    let sizes: Vec<&str> = body.split("\r\n").step_by(2).collect();
+    assert!(
+        sizes[..sizes.len() - 2]
+            .iter()
+            .all(|s| *s == "3" || *s == "2" || *s == "1"),
+        "every write is at most 3 bytes: {sizes:?}"
+    );
+
+    let reset = MockUpstream::openai()
+        .stream("vllm_chat_usage.sse")
+        .reset_after(2)
+        .start()
+        .await;
+    let answer = raw_exchange(&reset).await;
+    let body = answer.split_once("\r\n\r\n").unwrap().1;
+    for (i, event) in events.iter().enumerate() {
+        let event = std::str::from_utf8(event).unwrap();
+        assert_eq!(
+            body.contains(event),
+            i < 2,
+            "event {i} sent only before the reset"
+        );
+    }
+    assert!(!body.ends_with("0\r\n\r\n"), "no clean end: {body:?}");
+    assert_eq!(
+        reset.peer_closed(),
+        0,
+        "the mock's own reset is not the peer's close"
+    );
+}

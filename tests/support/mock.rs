@@ -1,0 +1,827 @@
+//! A mock OpenAI-compatible upstream (vLLM, OpenAI, Together, Groq) on
+//! 127.0.0.1, port 0, written directly on hyper so every byte it sends is
+//! under the test's control.
+//!
+//! ```ignore
+//! let upstream = MockUpstream::openai()
+//!     .first_byte_after(Duration::from_millis(50))
+//!     .stream("vllm_chat_usage.sse")
+//!     .start()
+//!     .await;
+//! // base_url = "{upstream.base_url()}/v1" in the gateway's config
+//! ```
+//!
+//! It answers `POST …/chat/completions` and `POST …/completions` under any
+//! prefix (`/v1`, Groq's `/openai/v1`), records each request, and replies
+//! with one configured behaviour: a JSON body (canned or given), an SSE
+//! stream (canned, or a byte-exact `.sse` fixture from
+//! `tests/fixtures/openai/`) when the request has `"stream": true`, or any
+//! status with any body. Faults: a late response head, a late first body
+//! byte, a pause between events, a connection dropped after N events, a
+//! stream held open until `MockServer::release`, events cut across TCP
+//! writes. It reports connections the peer closed.
+//!
+//! Benches include this file with `#[path]`; `MockUpstream::canned(n)` is
+//! the fast mode for them: no delays and no request bodies kept.
+
+#![allow(
+    dead_code,
+    reason = "each test binary and bench uses a different part of the mock"
+)]
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinSet;
+
+/// The directory of the byte-exact upstream recordings.
+pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openai");
+
+/// The bytes of `tests/fixtures/openai/<name>`.
+pub fn fixture(name: &str) -> Bytes {
+    let path = format!("{FIXTURES}/{name}");
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("cannot read fixture {path}: {e}"))
+        .into()
+}
+
+/// Cuts an SSE byte stream after each blank line, so that the pieces,
+/// concatenated, are the input again, byte for byte. A trailing partial
+/// event is kept as a last piece.
+pub fn split_events(sse: &[u8]) -> Vec<Bytes> {
+    let mut events = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < sse.len() {
+        let end = if sse[i..].starts_with(b"\r\n\r\n") {
+            Some(i + 4)
+        } else if sse[i..].starts_with(b"\n\n") || sse[i..].starts_with(b"\r\r") {
+            Some(i + 2)
+        } else {
+            None
+        };
+        match end {
+            Some(end) => {
+                events.push(Bytes::copy_from_slice(&sse[start..end]));
+                start = end;
+                i = end;
+            }
+            None => i += 1,
+        }
+    }
+    if start < sse.len() {
+        events.push(Bytes::copy_from_slice(&sse[start..]));
+    }
+    events
+}
+
+/// The base URL of a port on 127.0.0.1 that nothing listens on: a bound
+/// listener is dropped, so connecting to it is refused.
+pub async fn refused_base_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("bound address");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+/// How the mock answers every request. Build with `openai()` or
+/// `canned(n)`, then `start()`.
+#[derive(Clone)]
+pub struct MockUpstream {
+    status: StatusCode,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// The non-streaming body; `None` for the canned one.
+    body: Option<Bytes>,
+    /// The SSE stream, one item per event; `None` for the canned one.
+    events: Option<Vec<Bytes>>,
+    canned_chunks: usize,
+    omit_done: bool,
+    first_byte_after: Duration,
+    body_after: Duration,
+    event_delay: Duration,
+    reset_after: Option<usize>,
+    hold_after: Option<usize>,
+    split_every: Option<usize>,
+    record: bool,
+}
+
+impl MockUpstream {
+    /// A well-behaved OpenAI-compatible server with canned answers (a
+    /// three-token stream), recording every request.
+    pub fn openai() -> Self {
+        Self {
+            status: StatusCode::OK,
+            headers: Vec::new(),
+            body: None,
+            events: None,
+            canned_chunks: 3,
+            omit_done: false,
+            first_byte_after: Duration::ZERO,
+            body_after: Duration::ZERO,
+            event_delay: Duration::ZERO,
+            reset_after: None,
+            hold_after: None,
+            split_every: None,
+            record: true,
+        }
+    }
+
+    /// The fast mode, for benches: a canned JSON answer, or a stream of
+    /// `chunks` content chunks (plus role, finish and, when asked, usage
+    /// chunks), with no delays; requests are counted, not kept.
+    pub fn canned(chunks: usize) -> Self {
+        Self {
+            canned_chunks: chunks,
+            record: false,
+            ..Self::openai()
+        }
+    }
+
+    /// Answer streaming requests with `tests/fixtures/openai/<name>`,
+    /// byte for byte.
+    pub fn stream(self, name: &str) -> Self {
+        self.stream_bytes(fixture(name))
+    }
+
+    /// Answer streaming requests with these SSE bytes, byte for byte.
+    pub fn stream_bytes(mut self, sse: impl AsRef<[u8]>) -> Self {
+        self.events = Some(split_events(sse.as_ref()));
+        self
+    }
+
+    /// Drop the `data: [DONE]` event from the stream, as some servers do.
+    pub fn omit_done(mut self) -> Self {
+        self.omit_done = true;
+        self
+    }
+
+    /// Answer non-streaming requests (and error statuses) with this JSON.
+    pub fn json(self, body: Value) -> Self {
+        self.body(serde_json::to_vec(&body).expect("JSON serialises"))
+    }
+
+    /// Answer non-streaming requests (and error statuses) with these
+    /// bytes, which need not be JSON.
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = Some(body.into());
+        self
+    }
+
+    /// Answer every request with this status. A status that is not 2xx is
+    /// never streamed; its body is `body`/`json`, or an OpenAI error.
+    pub fn status(mut self, status: u16) -> Self {
+        self.status = StatusCode::from_u16(status).expect("a valid HTTP status");
+        self
+    }
+
+    /// `status` with this JSON body.
+    pub fn error(self, status: u16, body: Value) -> Self {
+        self.status(status).json(body)
+    }
+
+    /// Add a response header (e.g. `retry-after`); it overrides the
+    /// default `content-type`.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((
+            HeaderName::from_bytes(name.as_bytes()).expect("a valid header name"),
+            HeaderValue::from_str(value).expect("a valid header value"),
+        ));
+        self
+    }
+
+    /// Wait this long before sending the response head.
+    pub fn first_byte_after(mut self, delay: Duration) -> Self {
+        self.first_byte_after = delay;
+        self
+    }
+
+    /// Send the head at once but the first body byte this much later.
+    pub fn body_after(mut self, delay: Duration) -> Self {
+        self.body_after = delay;
+        self
+    }
+
+    /// Pause this long before each SSE event after the first.
+    pub fn event_delay(mut self, delay: Duration) -> Self {
+        self.event_delay = delay;
+        self
+    }
+
+    /// Send `events` SSE events, then close the connection without ending
+    /// the chunked body, as a crashed server would.
+    pub fn reset_after(mut self, events: usize) -> Self {
+        self.reset_after = Some(events);
+        self
+    }
+
+    /// Send `events` SSE events, then keep the stream open, sending
+    /// nothing, until `MockServer::release` (or forever).
+    pub fn hold_after(mut self, events: usize) -> Self {
+        self.hold_after = Some(events);
+        self
+    }
+
+    /// Write the stream in pieces of `bytes` bytes, each flushed to the
+    /// socket on its own, so events are cut across TCP writes (the
+    /// receiver may still read several pieces at once).
+    pub fn split_every(mut self, bytes: usize) -> Self {
+        assert!(bytes > 0, "pieces need at least one byte");
+        self.split_every = Some(bytes);
+        self
+    }
+
+    /// Keep (or not) each request's headers and body for `requests()`.
+    pub fn record(mut self, record: bool) -> Self {
+        self.record = record;
+        self
+    }
+
+    /// Binds 127.0.0.1:0 and serves until the returned server is dropped.
+    pub async fn start(self) -> MockServer {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("bound address");
+        let (release, _) = watch::channel(false);
+        let (peer_closed, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            canned: Canned::new(self.canned_chunks),
+            reply: self,
+            requests: Mutex::new(Vec::new()),
+            hits: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            peer_closed,
+            release,
+        });
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        MockServer {
+            addr,
+            shared,
+            accept,
+        }
+    }
+}
+
+/// One request as the mock received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The body parsed as JSON; `Value::Null` when it is not JSON.
+    pub json: Value,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A running mock; stops serving when dropped.
+pub struct MockServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl MockServer {
+    /// `http://127.0.0.1:PORT`, with no path: add `/v1` (or `/openai/v1`).
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Requests received so far, on any path.
+    pub fn hits(&self) -> usize {
+        self.shared.hits.load(Ordering::SeqCst)
+    }
+
+    /// The requests received so far, in order (empty with `record(false)`).
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.shared.requests.lock().expect("not poisoned").clone()
+    }
+
+    /// The only request received; panics if there was not exactly one.
+    pub fn single_request(&self) -> Recorded {
+        let requests = self.requests();
+        assert_eq!(requests.len(), 1, "expected exactly one upstream request");
+        requests.into_iter().next().expect("one request")
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections the peer closed (not those the mock dropped itself).
+    pub fn peer_closed(&self) -> usize {
+        *self.shared.peer_closed.borrow()
+    }
+
+    /// Waits, at most `limit`, until the peer has closed `count`
+    /// connections; returns whether it did.
+    pub async fn wait_peer_closed(&self, count: usize, limit: Duration) -> bool {
+        let mut seen = self.shared.peer_closed.subscribe();
+        tokio::time::timeout(limit, seen.wait_for(|closed| *closed >= count))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Lets streams held by `hold_after` go on, now and from now on.
+    pub fn release(&self) {
+        self.shared.release.send_replace(true);
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        // Aborting the accept loop drops its JoinSet, which aborts every
+        // connection (and with them the streams they feed).
+        self.accept.abort();
+    }
+}
+
+struct Shared {
+    reply: MockUpstream,
+    canned: Canned,
+    requests: Mutex<Vec<Recorded>>,
+    hits: AtomicUsize,
+    connections: AtomicUsize,
+    peer_closed: watch::Sender<usize>,
+    release: watch::Sender<bool>,
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut connections = JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        while connections.try_join_next().is_some() {}
+        let _ = stream.set_nodelay(true);
+        shared.connections.fetch_add(1, Ordering::SeqCst);
+        let conn = Arc::new(ConnState::default());
+        let io = TokioIo::new(MockIo {
+            inner: stream,
+            conn: conn.clone(),
+        });
+        let shared = shared.clone();
+        connections.spawn(async move {
+            let service = {
+                let (shared, conn) = (shared.clone(), conn.clone());
+                service_fn(move |request| respond(shared.clone(), conn.clone(), request))
+            };
+            // Ok: the peer closed an idle connection. Err: it closed (or
+            // broke) the connection in the middle of an exchange, or the
+            // mock reset it on purpose, which is not the peer's doing.
+            let _ = http1::Builder::new().serve_connection(io, service).await;
+            if !conn.reset.load(Ordering::SeqCst) {
+                shared.peer_closed.send_modify(|closed| *closed += 1);
+            }
+        });
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Completions,
+}
+
+async fn respond(
+    shared: Arc<Shared>,
+    conn: Arc<ConnState>,
+    request: Request<Incoming>,
+) -> Result<Response<MockBody>, Infallible> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let path = parts.uri.path().to_owned();
+    shared.hits.fetch_add(1, Ordering::SeqCst);
+    let reply = &shared.reply;
+    if reply.record {
+        let recorded = Recorded {
+            method: parts.method.to_string(),
+            path: path.clone(),
+            headers: parts.headers.clone(),
+            json: serde_json::from_slice(&body).unwrap_or(Value::Null),
+            body: body.clone(),
+        };
+        shared.requests.lock().expect("not poisoned").push(recorded);
+    }
+    let endpoint = if parts.method != hyper::Method::POST {
+        None
+    } else if path.ends_with("/chat/completions") {
+        Some(Endpoint::Chat)
+    } else if path.ends_with("/completions") {
+        Some(Endpoint::Completions)
+    } else {
+        None
+    };
+    if !reply.first_byte_after.is_zero() {
+        tokio::time::sleep(reply.first_byte_after).await;
+    }
+    let Some(endpoint) = endpoint else {
+        let body = json!({"error": {"message": format!("no route for {path}"), "type": "invalid_request_error", "param": null, "code": null}});
+        return Ok(plain(
+            StatusCode::NOT_FOUND,
+            &[],
+            Bytes::from(body.to_string()),
+        ));
+    };
+    let flags: Flags = serde_json::from_slice(&body).unwrap_or_default();
+    let streaming = flags.stream == Some(true);
+
+    if !reply.status.is_success() {
+        let body = reply.body.clone().unwrap_or_else(|| {
+            let message = format!("mock upstream answers {}", reply.status);
+            Bytes::from(json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}}).to_string())
+        });
+        return Ok(plain(reply.status, &reply.headers, body));
+    }
+    if !streaming {
+        let body = reply
+            .body
+            .clone()
+            .unwrap_or_else(|| shared.canned.json(endpoint).clone());
+        if reply.body_after.is_zero() {
+            return Ok(plain(reply.status, &reply.headers, body));
+        }
+        return Ok(streamed(&shared, conn, vec![body], "application/json"));
+    }
+    let mut events = match &reply.events {
+        Some(events) => events.clone(),
+        None => shared.canned.stream(endpoint, flags.include_usage()),
+    };
+    if reply.omit_done {
+        events.retain(|e| !e.starts_with(b"data: [DONE]"));
+    }
+    Ok(streamed(&shared, conn, events, "text/event-stream"))
+}
+
+/// A whole body, sent with a content-length.
+fn plain(
+    status: StatusCode,
+    headers: &[(HeaderName, HeaderValue)],
+    body: Bytes,
+) -> Response<MockBody> {
+    let mut response = Response::new(MockBody::Full(Some(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for (name, value) in headers {
+        response.headers_mut().insert(name.clone(), value.clone());
+    }
+    response
+}
+
+/// A chunked body fed, with the configured faults, by a task of its own.
+fn streamed(
+    shared: &Shared,
+    conn: Arc<ConnState>,
+    events: Vec<Bytes>,
+    content_type: &'static str,
+) -> Response<MockBody> {
+    let reply = &shared.reply;
+    let (tx, rx) = mpsc::channel(1);
+    if reply.split_every.is_some() {
+        conn.watch_flush.store(true, Ordering::SeqCst);
+    }
+    let plan = StreamPlan {
+        events,
+        body_after: reply.body_after,
+        event_delay: reply.event_delay,
+        reset_after: reply.reset_after,
+        hold_after: reply.hold_after,
+        split_every: reply.split_every,
+        release: shared.release.subscribe(),
+    };
+    tokio::spawn(plan.run(tx, conn.clone()));
+    let mut response = Response::new(MockBody::Stream { rx, conn });
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    for (name, value) in &reply.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    response
+}
+
+struct StreamPlan {
+    events: Vec<Bytes>,
+    body_after: Duration,
+    event_delay: Duration,
+    reset_after: Option<usize>,
+    hold_after: Option<usize>,
+    split_every: Option<usize>,
+    release: watch::Receiver<bool>,
+}
+
+enum Piece {
+    Data(Bytes),
+    /// Close the connection once everything before is on the wire.
+    Reset,
+}
+
+impl StreamPlan {
+    async fn run(mut self, tx: mpsc::Sender<Piece>, conn: Arc<ConnState>) {
+        // Every wait also ends when the connection is gone (the receiver
+        // dropped), so no task outlives its connection.
+        macro_rules! or_gone {
+            ($wait:expr) => {
+                tokio::select! {
+                    _ = $wait => {}
+                    _ = tx.closed() => return,
+                }
+            };
+        }
+        if !self.body_after.is_zero() {
+            or_gone!(tokio::time::sleep(self.body_after));
+        }
+        let events = std::mem::take(&mut self.events);
+        let total = events.len();
+        for (i, event) in events.into_iter().enumerate() {
+            if self.reset_after == Some(i) {
+                break;
+            }
+            if self.hold_after == Some(i) {
+                or_gone!(self.release.wait_for(|released| *released));
+            }
+            if i > 0 && !self.event_delay.is_zero() {
+                or_gone!(tokio::time::sleep(self.event_delay));
+            }
+            let pieces: Vec<Bytes> = match self.split_every {
+                Some(size) => (0..event.len())
+                    .step_by(size)
+                    .map(|at| event.slice(at..(at + size).min(event.len())))
+                    .collect(),
+                None => vec![event],
+            };
+            for piece in pieces {
+                if self.split_every.is_some() {
+                    // Wait until hyper has written this piece and flushed,
+                    // so the next one goes out in a write of its own.
+                    let flushed = conn.flushed.notified();
+                    tokio::pin!(flushed);
+                    flushed.as_mut().enable();
+                    if tx.send(Piece::Data(piece)).await.is_err() {
+                        return;
+                    }
+                    or_gone!(flushed);
+                } else if tx.send(Piece::Data(piece)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if self.reset_after.is_some() {
+            if tx.send(Piece::Reset).await.is_ok() {
+                tx.closed().await;
+            }
+            return;
+        }
+        // `hold_after` at or past the last event holds the end of the body.
+        if self.hold_after.is_some_and(|n| n >= total) {
+            or_gone!(self.release.wait_for(|released| *released));
+        }
+    }
+}
+
+/// Per-connection state shared by the IO wrapper and the bodies it carries.
+#[derive(Default)]
+struct ConnState {
+    /// The mock asked for this connection to be dropped mid-body.
+    reset: AtomicBool,
+    /// Someone waits on `flushed` (only then is it signalled).
+    watch_flush: AtomicBool,
+    flushed: Notify,
+}
+
+/// The socket, with two hooks: a flush can be awaited, and a flush after a
+/// reset request fails, which makes hyper drop the connection right after
+/// writing everything before it — without the chunked body's last chunk.
+struct MockIo {
+    inner: TcpStream,
+    conn: Arc<ConnState>,
+}
+
+impl AsyncRead for MockIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MockIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        if self.conn.watch_flush.load(Ordering::SeqCst) {
+            self.conn.flushed.notify_waiters();
+        }
+        if self.conn.reset.load(Ordering::SeqCst) {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+enum MockBody {
+    Full(Option<Bytes>),
+    Stream {
+        rx: mpsc::Receiver<Piece>,
+        conn: Arc<ConnState>,
+    },
+}
+
+impl hyper::body::Body for MockBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Self::Full(body) => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
+            Self::Stream { rx, conn } => match ready!(rx.poll_recv(cx)) {
+                Some(Piece::Data(bytes)) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                Some(Piece::Reset) => {
+                    // The next flush fails; until then, nothing more.
+                    conn.reset.store(true, Ordering::SeqCst);
+                    Poll::Pending
+                }
+                None => Poll::Ready(None),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Self::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(Some(body)) => SizeHint::with_exact(body.len() as u64),
+            Self::Full(None) => SizeHint::with_exact(0),
+            Self::Stream { .. } => SizeHint::default(),
+        }
+    }
+}
+
+/// The part of a request body the mock reads to decide how to answer.
+#[derive(Default, serde::Deserialize)]
+struct Flags {
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<Value>,
+}
+
+impl Flags {
+    fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+}
+
+/// Canned answers, built once per mock, in vLLM's shapes.
+struct Canned {
+    chat_json: Bytes,
+    completion_json: Bytes,
+    /// role chunk, content chunks, finish chunk, usage chunk, `[DONE]`.
+    chat_stream: Vec<Bytes>,
+    completion_stream: Vec<Bytes>,
+}
+
+pub const CANNED_MODEL: &str = "mock-model";
+pub const CANNED_PROMPT_TOKENS: u64 = 11;
+
+impl Canned {
+    fn new(chunks: usize) -> Self {
+        let usage = json!({"prompt_tokens": CANNED_PROMPT_TOKENS, "completion_tokens": chunks, "total_tokens": CANNED_PROMPT_TOKENS + chunks as u64});
+        let text = "tok ".repeat(chunks);
+        let event = |v: Value| Bytes::from(format!("data: {v}\n\n"));
+        let done = Bytes::from_static(b"data: [DONE]\n\n");
+        let chat_chunk = |delta: Value, finish: Value| {
+            event(
+                json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": CANNED_MODEL,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]}),
+            )
+        };
+        let mut chat_stream = vec![chat_chunk(
+            json!({"role": "assistant", "content": ""}),
+            Value::Null,
+        )];
+        chat_stream
+            .extend((0..chunks).map(|_| chat_chunk(json!({"content": "tok "}), Value::Null)));
+        chat_stream.push(chat_chunk(json!({}), json!("stop")));
+        chat_stream.push(event(json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": CANNED_MODEL, "choices": [], "usage": usage})));
+        chat_stream.push(done.clone());
+        let text_chunk = |text: &str, finish: Value| {
+            event(
+                json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": CANNED_MODEL,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]}),
+            )
+        };
+        let mut completion_stream: Vec<Bytes> = (0..chunks)
+            .map(|_| text_chunk("tok ", Value::Null))
+            .collect();
+        completion_stream.push(text_chunk("", json!("length")));
+        completion_stream.push(event(json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": CANNED_MODEL, "choices": [], "usage": usage})));
+        completion_stream.push(done);
+        Self {
+            chat_json: Bytes::from(
+                json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": CANNED_MODEL,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"}],
+                    "usage": usage})
+                .to_string(),
+            ),
+            completion_json: Bytes::from(
+                json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": CANNED_MODEL,
+                    "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length"}],
+                    "usage": usage})
+                .to_string(),
+            ),
+            chat_stream,
+            completion_stream,
+        }
+    }
+
+    fn json(&self, endpoint: Endpoint) -> &Bytes {
+        match endpoint {
+            Endpoint::Chat => &self.chat_json,
+            Endpoint::Completions => &self.completion_json,
+        }
+    }
+
+    /// The canned stream; the usage chunk only when the request asked.
+    fn stream(&self, endpoint: Endpoint, include_usage: bool) -> Vec<Bytes> {
+        let all = match endpoint {
+            Endpoint::Chat => &self.chat_stream,
+            Endpoint::Completions => &self.completion_stream,
+        };
+        let usage_at = all.len() - 2;
+        all.iter()
+            .enumerate()
+            .filter(|(i, _)| include_usage || *i != usage_at)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+}

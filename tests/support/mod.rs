@@ -1,0 +1,3 @@
+//! Test support shared by the integration tests: mock upstreams.
+
+pub mod mock;
