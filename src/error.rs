@@ -187,6 +187,19 @@ impl GatewayError {
             format!("backend \"{backend}\" sent an invalid response: {what}"),
         )
         .code("upstream_invalid_response")
+        .retriable()
+    }
+
+    /// An error object the upstream sent in place of a response or stream
+    /// chunk, with a 200 status. vLLM puts the HTTP status it meant in
+    /// `code`; without one, it counts as an upstream failure.
+    pub fn upstream_in_band(backend: &str, body: &[u8]) -> Self {
+        let meant = UpstreamErrorParts::parse(body)
+            .status
+            .and_then(|code| StatusCode::from_u16(code).ok())
+            .filter(|status| status.is_client_error() || status.is_server_error())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Self::upstream_status(backend, meant, body, None)
     }
 
     /// A transport failure after the response started.
@@ -211,7 +224,7 @@ impl GatewayError {
     ) -> Self {
         let parts = UpstreamErrorParts::parse(body);
         let detail = parts.message.unwrap_or_else(|| status.to_string());
-        let retriable = matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504);
+        let retriable = matches!(status.as_u16(), 404 | 429 | 500 | 502 | 503 | 504);
         let mut e = match status.as_u16() {
             401 | 403 => Self::new(
                 StatusCode::BAD_GATEWAY,
@@ -223,6 +236,18 @@ impl GatewayError {
                 ),
             )
             .code("upstream_auth_failed"),
+            // The deployment's upstream model id or base URL is wrong: the
+            // operator's mistake, and another deployment may still serve.
+            404 => Self::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorSource::Upstream,
+                "upstream_error",
+                format!(
+                    "backend \"{backend}\" answered 404 ({detail}); the gateway operator must check \
+                     the deployment's upstream model id and the backend's base_url"
+                ),
+            )
+            .code("upstream_not_found"),
             429 => Self::new(
                 status,
                 ErrorSource::Upstream,

@@ -914,14 +914,21 @@ async fn failures_after_the_first_byte_end_the_stream_with_an_error_event() {
         ))
         .start()
         .await;
+    let flat_error = r#"{"object":"error","message":"Engine loop has died","type":"InternalServerError","param":null,"code":500}"#;
+    let erroring_flat = MockUpstream::openai()
+        .stream_bytes(format!("data: {first}\n\ndata: {flat_error}\n\n"))
+        .start()
+        .await;
     let config = backend("reset", "vllm", &url(&reset))
         + &backend_with_timeouts("stalled", "vllm", &url(&stalled), 5_000, 150)
         + &backend("malformed", "vllm", &url(&malformed))
         + &backend("erroring", "vllm", &url(&erroring))
+        + &backend("erroring-flat", "vllm", &url(&erroring_flat))
         + &model("reset", &[("reset", "m")])
         + &model("stalled", &[("stalled", "m")])
         + &model("malformed", &[("malformed", "m")])
-        + &model("erroring", &[("erroring", "m")]);
+        + &model("erroring", &[("erroring", "m")])
+        + &model("erroring-flat", &[("erroring-flat", "m")]);
     let gateway = start(&config).await;
 
     let error = stream_failing_after(&gateway, "reset", "vllm_chat_usage.sse", 3).await;
@@ -932,9 +939,15 @@ async fn failures_after_the_first_byte_end_the_stream_with_an_error_event() {
     let error = stream_failing_after(&gateway, "malformed", "vllm_chat_usage.sse", 1).await;
     assert_eq!(error["code"], "upstream_invalid_response", "{error}");
     let error = stream_failing_after(&gateway, "erroring", "vllm_chat_usage.sse", 1).await;
-    assert_eq!(
-        error["message"], "CUDA out of memory",
-        "the upstream's own error event is passed on"
+    assert_eq!(error["code"], "upstream_error", "{error}");
+    assert!(
+        message(&error).contains("CUDA out of memory"),
+        "the upstream's own message is passed on: {error}"
+    );
+    let error = stream_failing_after(&gateway, "erroring-flat", "vllm_chat_usage.sse", 1).await;
+    assert!(
+        message(&error).contains("Engine loop has died"),
+        "older vLLM's flat error object is understood: {error}"
     );
 
     let text = gateway.metrics().await;
@@ -943,6 +956,7 @@ async fn failures_after_the_first_byte_end_the_stream_with_an_error_event() {
         ("stalled", "504"),
         ("malformed", "502"),
         ("erroring", "502"),
+        ("erroring-flat", "502"),
     ] {
         let labels = [("alias", alias), ("backend", alias), ("status", status)];
         assert_eq!(
@@ -1032,6 +1046,84 @@ async fn retriable_failures_fail_over_to_the_next_deployment_and_a_400_does_not(
     );
     assert_eq!(attempts("refused", "upstream_error"), Some(1.0), "{text}");
     assert_eq!(attempts("spare-a", "ok"), Some(1.0), "{text}");
+}
+
+#[tokio::test]
+async fn errors_sent_with_a_200_and_a_wrong_model_id_fail_over_before_the_first_byte() {
+    // vLLM can answer 200 and then send an error object as the first event.
+    let first_event_error = r#"{"object":"error","message":"Engine is overloaded","type":"ServiceUnavailableError","param":null,"code":503}"#;
+    let overloaded = MockUpstream::openai()
+        .stream_bytes(format!("data: {first_event_error}\n\ndata: [DONE]\n\n"))
+        .start()
+        .await;
+    let missing = MockUpstream::openai()
+        .error(404, json!({"object": "error", "message": "The model `m1` does not exist.", "type": "NotFoundError", "param": null, "code": 404}))
+        .start()
+        .await;
+    let garbled = MockUpstream::openai()
+        .body("<html>502 Bad Gateway</html>")
+        .start()
+        .await;
+    let spare = MockUpstream::openai().start().await;
+    let config = backend("overloaded", "vllm", &url(&overloaded))
+        + &backend("missing", "vllm", &url(&missing))
+        + &backend("garbled", "openai", &url(&garbled))
+        + &backend("spare", "openai", &url(&spare))
+        + &model("overloaded", &[("overloaded", "m1")])
+        + &model("missing", &[("missing", "m1")])
+        + &model(
+            "stream-with-spare",
+            &[("overloaded", "m1"), ("missing", "m1"), ("spare", "m2")],
+        )
+        + &model(
+            "with-spare",
+            &[("missing", "m1"), ("garbled", "m1"), ("spare", "m2")],
+        );
+    let gateway = start(&config).await;
+
+    let response = gateway
+        .chat(json!({"model": "overloaded", "stream": true, "messages": user("hi")}))
+        .await;
+    assert_eq!(
+        response.status(),
+        503,
+        "an error as the first event is still an HTTP error"
+    );
+    assert!(message(&error_of(response).await).contains("Engine is overloaded"));
+
+    let response = gateway
+        .chat(json!({"model": "missing", "messages": user("hi")}))
+        .await;
+    assert_eq!(
+        response.status(),
+        502,
+        "a wrong upstream model id is the operator's fault"
+    );
+    let error = error_of(response).await;
+    assert_eq!(error["code"], "upstream_not_found");
+    assert!(message(&error).contains("does not exist"), "{error}");
+
+    let (head, events) = gateway
+        .stream(
+            "/v1/chat/completions",
+            json!({"model": "stream-with-spare", "stream": true, "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(head["x-tollgate-backend"], "spare");
+    assert_eq!(
+        events.rest().await.last().map(String::as_str),
+        Some("[DONE]")
+    );
+    let response = gateway
+        .chat(json!({"model": "with-spare", "messages": user("hi")}))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-backend"], "spare");
+    assert_eq!(spare.hits(), 2);
+    assert_eq!(
+        (overloaded.hits(), missing.hits(), garbled.hits()),
+        (2, 3, 1)
+    );
 }
 
 // ---- client errors ----------------------------------------------------------------
@@ -1278,6 +1370,11 @@ async fn every_response_carries_a_request_id_and_successes_name_the_backend() {
         .unwrap();
     assert_eq!(response.status(), 405);
     assert_eq!(response.headers()["x-request-id"], "req-method-4");
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let response = gateway.get(path, None).await;
+        assert_eq!(response.status(), 200, "{path}");
+        assert!(response.headers().contains_key("x-request-id"), "{path}");
+    }
 }
 
 #[tokio::test]

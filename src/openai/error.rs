@@ -28,6 +28,8 @@ pub struct UpstreamError {
     pub detail: Option<serde_json::Value>,
     #[serde(rename = "type", default)]
     pub kind: Option<String>,
+    #[serde(default)]
+    pub code: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,6 +55,19 @@ pub struct UpstreamErrorParts {
     pub kind: Option<String>,
     pub param: Option<String>,
     pub code: Option<String>,
+    /// The HTTP status vLLM puts in an integer `code`: what an error sent
+    /// inside a 200 stream meant.
+    pub status: Option<u16>,
+}
+
+fn code_parts(code: Option<serde_json::Value>) -> (Option<String>, Option<u16>) {
+    match code {
+        Some(serde_json::Value::String(code)) => (Some(code), None),
+        Some(serde_json::Value::Number(n)) => {
+            (None, n.as_u64().and_then(|n| u16::try_from(n).ok()))
+        }
+        _ => (None, None),
+    }
 }
 
 impl UpstreamErrorParts {
@@ -74,29 +89,36 @@ impl UpstreamErrorParts {
                 kind,
                 param,
                 code,
-            }) => Self {
-                message,
-                kind,
-                param,
-                // vLLM sends the HTTP status as an integer code; only
-                // string codes mean something to OpenAI clients.
-                code: code.and_then(|c| c.as_str().map(str::to_owned)),
-            },
+            }) => {
+                let (code, status) = code_parts(code);
+                Self {
+                    message,
+                    kind,
+                    param,
+                    code,
+                    status,
+                }
+            }
             Some(UpstreamErrorField::Text(message)) => Self {
                 message: Some(message),
                 kind: parsed.kind,
                 ..Self::default()
             },
-            None => Self {
-                message: parsed.message.or_else(|| {
-                    parsed.detail.map(|d| match d {
-                        serde_json::Value::String(s) => s,
-                        other => other.to_string(),
-                    })
-                }),
-                kind: parsed.kind,
-                ..Self::default()
-            },
+            None => {
+                let (code, status) = code_parts(parsed.code);
+                Self {
+                    message: parsed.message.or_else(|| {
+                        parsed.detail.map(|d| match d {
+                            serde_json::Value::String(s) => s,
+                            other => other.to_string(),
+                        })
+                    }),
+                    kind: parsed.kind,
+                    code,
+                    status,
+                    ..Self::default()
+                }
+            }
         }
     }
 }
@@ -117,10 +139,12 @@ mod tests {
             br#"{"error":{"message":"m","type":"BadRequestError","code":400}}"#,
         );
         assert_eq!(vllm_new.code, None);
+        assert_eq!(vllm_new.status, Some(400));
         let vllm_old = UpstreamErrorParts::parse(
-            br#"{"object":"error","message":"old","type":"BadRequestError"}"#,
+            br#"{"object":"error","message":"old","type":"BadRequestError","code":503}"#,
         );
         assert_eq!(vllm_old.message.as_deref(), Some("old"));
+        assert_eq!(vllm_old.status, Some(503));
         let tgi = UpstreamErrorParts::parse(
             br#"{"error":"Input validation error","error_type":"validation"}"#,
         );

@@ -116,6 +116,8 @@ pub struct ModelEntry<'a> {
 pub struct ResponseView<'a> {
     #[serde(borrow, default)]
     pub id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub object: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     pub created: Option<u64>,
     #[serde(borrow, default)]
@@ -164,6 +166,12 @@ impl ResponseView<'_> {
             .or_else(|| self.x_groq.as_ref().and_then(|x| x.usage))
     }
 
+    /// An error sent in place of a response or chunk: OpenAI's nested
+    /// `error`, or older vLLM's flat `{"object":"error",...}`.
+    pub fn is_error(&self) -> bool {
+        self.error.is_some() || self.object.as_deref() == Some("error")
+    }
+
     /// The usage-only chunk OpenAI sends last when `include_usage` is on.
     pub fn is_usage_only(&self) -> bool {
         self.usage.is_some() && self.choices.as_ref().is_some_and(Vec::is_empty)
@@ -188,12 +196,14 @@ impl ResponseView<'_> {
 }
 
 impl ChoiceView<'_> {
+    /// Together sends the same text both as `text` and `delta.content`, so
+    /// the first one present counts, not their sum.
     fn text_chars(&self) -> usize {
-        let content = |t: &Option<TextView<'_>>| {
-            t.as_ref()
-                .and_then(|t| t.content.as_ref())
-                .map_or(0, |c| c.len())
-        };
-        content(&self.delta) + content(&self.message) + self.text.as_ref().map_or(0, |t| t.len())
+        let content =
+            |t: &Option<TextView<'_>>| t.as_ref().and_then(|t| t.content.as_ref()).map(|c| c.len());
+        content(&self.delta)
+            .or_else(|| content(&self.message))
+            .or_else(|| self.text.as_ref().map(|t| t.len()))
+            .unwrap_or(0)
     }
 }

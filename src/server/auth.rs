@@ -1,30 +1,11 @@
-//! Who is calling: the request id to answer with, and the API key.
+//! Who is calling: the API key.
 
-use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::Response;
+use axum::http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
 
 use crate::config::Key;
 use crate::error::GatewayError;
 use crate::snapshot::Snapshot;
-
-const REQUEST_ID: &str = "x-request-id";
-
-/// The client's own `x-request-id` when it is a sane token, else a new one.
-pub fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned)
-}
-
-pub fn with_request_id(mut response: Response, request_id: &str) -> Response {
-    if let Ok(value) = HeaderValue::from_str(request_id) {
-        response.headers_mut().insert(REQUEST_ID, value);
-    }
-    response
-}
 
 /// The key the caller presented, `None` when the gateway has no keys.
 pub fn authenticate<'s>(

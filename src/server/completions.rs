@@ -33,7 +33,8 @@ struct RequestCtx {
 
 /// Serves one completion request:
 ///
-/// 1. Take the client's `x-request-id` or make one.
+/// 1. (The `request_id` middleware took the client's `x-request-id` or
+///    made one.)
 /// 2. Load the config snapshot, once; the request uses it to the end.
 /// 3. Authenticate the API key (when keys are configured).
 /// 4. Read the body, refusing one over `server.max_body_bytes` (413).
@@ -49,18 +50,18 @@ struct RequestCtx {
 ///     response or when the client goes away (`metering::Meter`).
 pub async fn handle(
     app: Arc<AppState>,
+    request_id: String,
     endpoint: Endpoint,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let ctx = RequestCtx {
-        request_id: auth::request_id(&headers),
+        request_id: request_id.clone(),
         started: Instant::now(),
         snapshot: app.snapshot.load_full(),
         in_flight: InFlight::new(&app.metrics.in_flight),
     };
-    let request_id = ctx.request_id.clone();
-    let response = match serve(&app, ctx, endpoint, &headers, body).await {
+    match serve(&app, ctx, endpoint, &headers, body).await {
         Ok(response) => response,
         Err(failure) => {
             let Failure {
@@ -79,8 +80,7 @@ pub async fn handle(
             }
             response
         }
-    };
-    auth::with_request_id(response, &request_id)
+    }
 }
 
 /// An error answer and the labels it is recorded under.
@@ -164,18 +164,14 @@ async fn attempt(
     let result = tokio::time::timeout(first_byte, async {
         match provider.send(call).await? {
             UpstreamReply::Complete(body) => {
-                let observed = serde_json::from_slice::<ResponseView<'_>>(&body)
-                    .map(|view| Observed::of(&view))
-                    .map_err(|e| {
-                        GatewayError::upstream_protocol(
-                            &backend.name,
-                            format_args!("the body is not JSON: {e}"),
-                        )
-                    })?;
+                let observed = Observed::of(&read_view(&backend.name, &body)?);
                 Ok(Ready::Complete(body, observed))
             }
             UpstreamReply::Stream(mut stream) => match stream.next().await {
-                Some(Ok(first)) => Ok(Ready::Stream(first, stream)),
+                Some(Ok(first)) => {
+                    read_view(&backend.name, &first)?;
+                    Ok(Ready::Stream(first, stream))
+                }
                 Some(Err(error)) => Err(error),
                 None => Err(GatewayError::upstream_protocol(
                     &backend.name,
@@ -195,6 +191,18 @@ async fn attempt(
         .with_label_values(&[&backend.name, outcome])
         .inc();
     result
+}
+
+/// Reads an upstream object before the client has seen any of it, so that
+/// a broken one or an error sent with a 200 can still fail over.
+fn read_view<'b>(backend: &str, body: &'b [u8]) -> Result<ResponseView<'b>, GatewayError> {
+    let view = serde_json::from_slice::<ResponseView<'_>>(body).map_err(|e| {
+        GatewayError::upstream_protocol(backend, format_args!("the body is not JSON: {e}"))
+    })?;
+    if view.is_error() {
+        return Err(GatewayError::upstream_in_band(backend, body));
+    }
+    Ok(view)
 }
 
 fn respond(

@@ -2,6 +2,7 @@
 
 mod auth;
 mod completions;
+mod request_id;
 mod sse;
 
 use std::future::Future;
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +22,7 @@ use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::openai::{Endpoint, ModelEntry, ModelList};
 use crate::snapshot::Snapshot;
+use request_id::RequestId;
 
 pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
@@ -54,6 +56,7 @@ impl Gateway {
             .route("/metrics", get(metrics))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
+            .layer(axum::middleware::from_fn(request_id::tag))
             .with_state(self.state.clone())
     }
 
@@ -95,25 +98,26 @@ impl Gateway {
 
 async fn chat_completions(
     State(app): State<Arc<AppState>>,
+    Extension(RequestId(id)): Extension<RequestId>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    completions::handle(app, Endpoint::Chat, headers, body).await
+    completions::handle(app, id, Endpoint::Chat, headers, body).await
 }
 
 async fn completions(
     State(app): State<Arc<AppState>>,
+    Extension(RequestId(id)): Extension<RequestId>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    completions::handle(app, Endpoint::Completions, headers, body).await
+    completions::handle(app, id, Endpoint::Completions, headers, body).await
 }
 
 /// The aliases the caller's key may use, in OpenAI's list shape.
 async fn models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let request_id = auth::request_id(&headers);
     let snapshot = app.snapshot.load_full();
-    let response = match auth::authenticate(&snapshot, &headers) {
+    match auth::authenticate(&snapshot, &headers) {
         Ok(key) => {
             let list = ModelList {
                 object: "list",
@@ -133,8 +137,7 @@ async fn models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respons
             )
         }
         Err(e) => e.into_response(),
-    };
-    auth::with_request_id(response, &request_id)
+    }
 }
 
 async fn healthz() -> &'static str {
@@ -161,14 +164,12 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn not_found(uri: Uri, headers: HeaderMap) -> Response {
-    let response = GatewayError::not_found(uri.path()).into_response();
-    auth::with_request_id(response, &auth::request_id(&headers))
+async fn not_found(uri: Uri) -> Response {
+    GatewayError::not_found(uri.path()).into_response()
 }
 
-async fn method_not_allowed(headers: HeaderMap) -> Response {
-    let response = GatewayError::method_not_allowed().into_response();
-    auth::with_request_id(response, &auth::request_id(&headers))
+async fn method_not_allowed() -> Response {
+    GatewayError::method_not_allowed().into_response()
 }
 
 fn json_response(status: StatusCode, body: impl Into<axum::body::Body>) -> Response {

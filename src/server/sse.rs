@@ -81,12 +81,11 @@ impl SseBody {
                 return None;
             }
         };
-        self.meter.observe(Observed::of(&view));
-        if view.error.is_some() {
-            // The upstream's own error event, already in OpenAI shape.
-            self.end(502);
-            return Some(event(&chunk));
+        if view.is_error() {
+            self.fail(GatewayError::upstream_in_band(&self.backend, &chunk));
+            return None;
         }
+        self.meter.observe(Observed::of(&view));
         if self.identity.is_none() {
             self.identity = Some((
                 view.id.as_deref().unwrap_or_default().to_owned(),

@@ -1,0 +1,31 @@
+//! Every response carries `x-request-id`: the client's own when it is a
+//! sane token, else a new one. One middleware sets it for every route, so
+//! handlers only read it (for logs and upstream calls).
+
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+
+const HEADER: &str = "x-request-id";
+
+/// The request's id, put in the request's extensions by [`tag`].
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+pub async fn tag(mut request: Request, next: Next) -> Response {
+    let id = from_headers(request.headers());
+    let value = HeaderValue::from_str(&id).expect("request ids are visible ASCII");
+    request.extensions_mut().insert(RequestId(id));
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(HEADER, value);
+    response
+}
+
+fn from_headers(headers: &HeaderMap) -> String {
+    headers
+        .get(HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned)
+}
