@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use axum::Router;
+use axum::serve::ListenerExt;
 use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -71,6 +72,14 @@ impl Gateway {
         let grace = self.state.snapshot.load().config.server.shutdown_grace;
         let state = self.state.clone();
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        // Stream events are small writes; without TCP_NODELAY, Nagle's
+        // algorithm holds each one back until the client's delayed ACK
+        // (about 40 ms on Linux).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
         let server = axum::serve(listener, self.router()).with_graceful_shutdown(async move {
             shutdown.await;
             state.draining.store(true, Ordering::SeqCst);
