@@ -120,6 +120,51 @@ impl GatewayError {
         e
     }
 
+    /// Policy leaves no deployment for the request (region, licence,
+    /// modality, context window, tools).
+    pub fn policy_blocked(message: String) -> Self {
+        Self::new(
+            StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS,
+            ErrorSource::Client,
+            "invalid_request_error",
+            message,
+        )
+        .code("policy_blocked")
+    }
+
+    /// Every deployment the policy allows is unhealthy or cooling down.
+    pub fn no_deployment_available(alias: &str, retry_after: Duration) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorSource::Upstream,
+            "server_error",
+            format!(
+                "no deployment of model \"{alias}\" is available right now (circuits open or rate limited); retry after {} s",
+                retry_after.as_secs_f64().ceil()
+            ),
+        )
+        .code("no_deployment_available");
+        e.retry_after = Some(retry_after);
+        e
+    }
+
+    pub fn region_not_allowed(key: &str, chosen: &str, own: Option<&str>) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            ErrorSource::Client,
+            "invalid_request_error",
+            match own {
+                Some(own) => format!(
+                    "key \"{key}\" serves region \"{own}\" and may not choose region \"{chosen}\" with x-tollgate-region; remove the header"
+                ),
+                None => format!(
+                    "key \"{key}\" may not choose its region with x-tollgate-region (\"{chosen}\"); remove the header, or ask the operator for region_header = true"
+                ),
+            },
+        )
+        .code("region_not_allowed")
+    }
+
     pub fn not_found(path: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -298,9 +343,15 @@ impl GatewayError {
             (ErrorSource::Client, 403) => "forbidden",
             (ErrorSource::Client, 404) => "not_found",
             (ErrorSource::Client, 413) => "too_large",
+            (ErrorSource::Client, 451) => "policy_blocked",
             (ErrorSource::Client, _) => "bad_request",
             (ErrorSource::Upstream, 429) => "upstream_rate_limited",
             (ErrorSource::Upstream, 504) => "upstream_timeout",
+            (ErrorSource::Upstream, 503)
+                if self.code.as_deref() == Some("no_deployment_available") =>
+            {
+                "no_deployment"
+            }
             (ErrorSource::Upstream, _) => "upstream_error",
             (ErrorSource::Internal, _) => "internal",
         }

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::{Backend, Config, Deployment, Key, Model};
+use crate::config::{Backend, Config, Deployment, Key};
 use crate::providers::{self, Provider};
+use crate::routing::{AliasLive, BackendLive, DeploymentLive, Lease, LiveState, LiveView};
 
 pub struct Snapshot {
     pub config: Config,
@@ -16,10 +17,13 @@ pub struct Snapshot {
     models: HashMap<String, usize>,
     keys: HashMap<[u8; 32], usize>,
     backends: HashMap<String, (usize, Arc<dyn Provider>)>,
+    live: LiveView,
 }
 
 impl Snapshot {
-    pub fn build(config: Config) -> Result<Self, String> {
+    /// Builds the snapshot of `config`, taking live state for its names
+    /// from `live` (carried over from the previous snapshot's names).
+    pub fn build(config: Config, live: &LiveState) -> Result<Self, String> {
         let backends = config
             .backends
             .iter()
@@ -43,12 +47,41 @@ impl Snapshot {
                 .map(|(i, k)| (k.sha256, i))
                 .collect(),
             backends,
+            live: live.view(&config),
             config,
         })
     }
 
-    pub fn model(&self, alias: &str) -> Option<&Model> {
-        self.models.get(alias).map(|&i| &self.config.models[i])
+    pub fn model_index(&self, alias: &str) -> Option<usize> {
+        self.models.get(alias).copied()
+    }
+
+    pub fn live(&self) -> &LiveView {
+        &self.live
+    }
+
+    pub fn deployment_live(&self, model: usize, deployment: usize) -> &Arc<DeploymentLive> {
+        &self.live.deployments[model][deployment]
+    }
+
+    pub fn alias_live(&self, model: usize) -> &Arc<AliasLive> {
+        &self.live.aliases[model]
+    }
+
+    /// A deployment's backend and its live state.
+    pub fn backend_live(&self, deployment: &Deployment) -> (&Backend, &Arc<BackendLive>) {
+        let (i, _) = &self.backends[&deployment.backend];
+        (&self.config.backends[*i], &self.live.backends[*i])
+    }
+
+    /// Counts a request against a deployment while the lease lives.
+    pub fn lease(&self, model: usize, deployment: usize) -> Lease {
+        let d = &self.config.models[model].deployments[deployment];
+        Lease::new(
+            self.deployment_live(model, deployment).clone(),
+            self.backend_live(d).1.clone(),
+            self.alias_live(model).clone(),
+        )
     }
 
     /// Keys are looked up by the sha256 of what the client sent.

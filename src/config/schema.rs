@@ -17,6 +17,41 @@ pub struct RawConfig {
     pub models: Vec<RawModel>,
     #[serde(default)]
     pub keys: Vec<RawKey>,
+    #[serde(default)]
+    pub routing: RawRouting,
+    #[serde(default)]
+    pub policy: RawPolicy,
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawRouting {
+    pub max_attempts: Option<u32>,
+    pub circuit_failures: Option<u32>,
+    pub circuit_cooldown_ms: Option<u64>,
+    pub exploration: Option<f64>,
+    pub default_output_tokens: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawPolicy {
+    pub eu_regions: Option<Vec<String>>,
+    pub llama_eu_multimodal_block: Option<bool>,
+    pub default_region: Option<String>,
+    #[serde(default)]
+    pub residency: Vec<RawResidency>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawResidency {
+    pub request_region: String,
+    pub backend_regions: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawAdmin {
+    pub token_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -36,6 +71,18 @@ pub struct RawBackend {
     #[serde(default)]
     pub timeouts: RawTimeouts,
     pub simulated: Option<RawSimulated>,
+    pub gpu_hour_usd: Option<f64>,
+    pub gpus: Option<u32>,
+    pub throughput_tokens_per_second: Option<f64>,
+    pub max_concurrency: Option<u32>,
+    pub engine_metrics: Option<RawEngineMetrics>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawEngineMetrics {
+    pub enabled: Option<bool>,
+    pub url: Option<String>,
+    pub interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -56,8 +103,17 @@ pub struct RawSimulated {
 #[derive(Debug, Clone, Deserialize)]
 pub struct RawModel {
     pub alias: String,
+    pub strategy: Option<String>,
+    pub spillover: Option<RawSpillover>,
     #[serde(default)]
     pub deployments: Vec<RawDeployment>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawSpillover {
+    pub high_load: Option<f64>,
+    pub low_load: Option<f64>,
+    pub price_cap_usd_per_mtok: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +132,8 @@ pub struct RawDeployment {
     pub licence: Option<String>,
     #[serde(default)]
     pub multimodal: bool,
+    pub weight: Option<u32>,
+    pub tier: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,4 +144,6 @@ pub struct RawKey {
     #[serde(default)]
     pub models: Vec<String>,
     pub region: Option<String>,
+    #[serde(default)]
+    pub region_header: bool,
 }

@@ -14,6 +14,60 @@ pub struct Config {
     pub backends: Vec<Backend>,
     pub models: Vec<Model>,
     pub keys: Vec<Key>,
+    pub routing: RoutingSettings,
+    pub policy: Policy,
+    pub admin: Admin,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutingSettings {
+    /// Deployments tried for one request, at most.
+    pub max_attempts: usize,
+    /// Consecutive failures that open a deployment's circuit.
+    pub circuit_failures: u32,
+    /// How long an open circuit rejects before it lets one probe through.
+    pub circuit_cooldown: Duration,
+    /// Share of `latency` decisions that try a random deployment first.
+    pub exploration: f64,
+    /// Expected completion length before an alias has observed any.
+    pub default_output_tokens: u32,
+}
+
+/// Who may be served where: data residency and the Llama licence.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Request regions that are in the EU, for the Llama licence rule.
+    pub eu_regions: Vec<String>,
+    /// Multimodal Llama models never serve EU requests (Llama 3.2 / 4
+    /// acceptable use policy). On unless the config turns it off.
+    pub llama_eu_multimodal_block: bool,
+    /// The region of a request whose key names none and that sends none.
+    pub default_region: Option<String>,
+    pub residency: Vec<Residency>,
+}
+
+impl Policy {
+    pub fn is_eu(&self, region: &str) -> bool {
+        self.eu_regions.iter().any(|r| r == region)
+    }
+
+    /// The backend regions allowed for requests from `region`, when a
+    /// residency rule limits them.
+    pub fn residency_for(&self, region: &str) -> Option<&Residency> {
+        self.residency.iter().find(|r| r.request_region == region)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Residency {
+    pub request_region: String,
+    pub backend_regions: Vec<String>,
+}
+
+/// Admin endpoints are on only when a token is configured.
+#[derive(Debug, Clone, Default)]
+pub struct Admin {
+    pub token_sha256: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +123,36 @@ pub struct Backend {
     pub credential: Option<Secret>,
     pub timeouts: Timeouts,
     pub simulated: SimulatedSpec,
+    /// GPUs the operator pays for by the hour; `None` for per-token APIs.
+    pub self_hosted: Option<SelfHosted>,
+    /// Concurrent requests the backend is sized for; load is measured
+    /// against it.
+    pub max_concurrency: Option<u32>,
+    /// Where the inference engine's Prometheus metrics are scraped.
+    pub engine_metrics: Option<EngineMetrics>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SelfHosted {
+    pub gpu_hour_usd: f64,
+    pub gpus: u32,
+    /// Tokens (input and output) the pool processes per second flat out.
+    pub throughput_tokens_per_second: f64,
+}
+
+impl SelfHosted {
+    /// USD per million tokens when the pool runs at full throughput: the
+    /// lowest its amortised cost can be.
+    pub fn full_load_usd_per_mtok(&self) -> f64 {
+        self.gpu_hour_usd * f64::from(self.gpus) * 1e6
+            / (self.throughput_tokens_per_second * 3600.0)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineMetrics {
+    pub url: Url,
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -103,7 +187,41 @@ impl Default for SimulatedSpec {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub alias: String,
+    pub strategy: Strategy,
     pub deployments: Vec<Deployment>,
+}
+
+/// How an alias orders its deployments, after policy has filtered them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Strategy {
+    Cost,
+    Latency,
+    Spillover(Spillover),
+    Weighted,
+}
+
+impl Strategy {
+    pub const NAMES: &'static [&'static str] = &["cost", "latency", "spillover", "weighted"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Cost => "cost",
+            Self::Latency => "latency",
+            Self::Spillover(_) => "spillover",
+            Self::Weighted => "weighted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spillover {
+    /// A deployment stops taking new traffic at this load...
+    pub high_load: f64,
+    /// ...and takes it again once its load falls below this.
+    pub low_load: f64,
+    /// Overflow deployments dearer than this (USD per million output
+    /// tokens) are not used.
+    pub price_cap_usd_per_mtok: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +236,16 @@ pub struct Deployment {
     pub tools: bool,
     pub licence: Option<String>,
     pub multimodal: bool,
+    /// `weighted` strategy: relative share of traffic.
+    pub weight: u32,
+    /// `spillover` strategy: lower tiers are filled first.
+    pub tier: u32,
+}
+
+impl Deployment {
+    pub fn is_llama(&self) -> bool {
+        self.licence.as_deref() == Some("llama")
+    }
 }
 
 /// Prices are held as integer micro-dollars per million tokens, so a token
@@ -141,6 +269,8 @@ pub struct Key {
     pub sha256: [u8; 32],
     pub models: AllowedModels,
     pub region: Option<String>,
+    /// The key's callers may set their region with `x-tollgate-region`.
+    pub region_header: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -12,6 +12,8 @@ use super::schema::{RawBackend, RawConfig, RawDeployment, RawKey, RawModel, RawS
 use super::types::*;
 use super::{Problem, Problems};
 
+mod routing;
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
 const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 30_000;
@@ -19,7 +21,7 @@ const DEFAULT_CONNECT_MS: u64 = 5_000;
 const DEFAULT_FIRST_BYTE_MS: u64 = 60_000;
 const DEFAULT_IDLE_MS: u64 = 30_000;
 /// No wait the config sets may exceed an hour: a bigger number is a typo.
-const MAX_WAIT_MS: u64 = 3_600_000;
+pub(super) const MAX_WAIT_MS: u64 = 3_600_000;
 
 /// Reads an environment variable; injected so tests need not touch the
 /// process environment.
@@ -31,6 +33,9 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
         env,
     };
     let server = v.server(&raw);
+    let routing = v.routing(&raw);
+    let policy = v.policy(&raw);
+    let admin = v.admin(&raw);
     let backends: Vec<Backend> = raw
         .backends
         .iter()
@@ -43,12 +48,16 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
             .enumerate()
             .map(|(i, b)| (format!("backends[{i}].name"), b.name.as_str())),
     );
-    let backend_names: HashSet<&str> = raw.backends.iter().map(|b| b.name.as_str()).collect();
+    let self_hosted: HashMap<&str, bool> = raw
+        .backends
+        .iter()
+        .map(|b| (b.name.as_str(), b.gpu_hour_usd.is_some()))
+        .collect();
     let models: Vec<Model> = raw
         .models
         .iter()
         .enumerate()
-        .map(|(i, m)| v.model(i, m, &backend_names))
+        .map(|(i, m)| v.model(i, m, &self_hosted))
         .collect();
     v.unique(
         raw.models
@@ -96,6 +105,9 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
             backends,
             models,
             keys: keys.into_iter().map(|(_, key)| key).collect(),
+            routing,
+            policy,
+            admin,
         })
     } else {
         Err(Problems(v.problems))
@@ -267,9 +279,14 @@ impl Validator<'_> {
             }
             (None, _) => SimulatedSpec::default(),
         };
-        if b.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
-            self.problem(at("region"), "must not be empty; leave it out instead");
+        if let Some(region) = &b.region {
+            self.region_name(at("region"), region);
         }
+        let self_hosted = self.self_hosted(i, b, kind);
+        if b.max_concurrency == Some(0) {
+            self.problem(at("max_concurrency"), "must be greater than 0");
+        }
+        let engine_metrics = self.engine_metrics(i, b, kind, base_url.as_ref());
         Some(Backend {
             name: b.name.clone(),
             kind,
@@ -278,6 +295,9 @@ impl Validator<'_> {
             credential,
             timeouts,
             simulated,
+            self_hosted,
+            max_concurrency: b.max_concurrency,
+            engine_metrics,
         })
     }
 
@@ -352,7 +372,8 @@ impl Validator<'_> {
         spec
     }
 
-    fn model(&mut self, i: usize, m: &RawModel, backends: &HashSet<&str>) -> Model {
+    /// `backends` maps each backend name to whether it is self-hosted.
+    fn model(&mut self, i: usize, m: &RawModel, backends: &HashMap<&str, bool>) -> Model {
         if m.deployments.is_empty() {
             self.problem(
                 format!("models[{i}].deployments"),
@@ -377,6 +398,7 @@ impl Validator<'_> {
             .collect();
         Model {
             alias: m.alias.clone(),
+            strategy: self.strategy(i, m),
             deployments,
         }
     }
@@ -386,10 +408,11 @@ impl Validator<'_> {
         at: String,
         alias: &str,
         d: &RawDeployment,
-        backends: &HashSet<&str>,
+        backends: &HashMap<&str, bool>,
     ) -> Deployment {
-        if !backends.contains(d.backend.as_str()) {
-            let mut known: Vec<&str> = backends.iter().copied().collect();
+        let self_hosted = backends.get(d.backend.as_str()).copied();
+        if self_hosted.is_none() {
+            let mut known: Vec<&str> = backends.keys().copied().collect();
             known.sort_unstable();
             self.problem(
                 format!("{at}.backend"),
@@ -409,6 +432,19 @@ impl Validator<'_> {
             output_micro_usd_per_mtok: self
                 .price(format!("{at}.output_usd_per_mtok"), d.output_usd_per_mtok),
         };
+        if self_hosted == Some(true) && price != Price::default() {
+            self.problem(
+                format!("{at}.input_usd_per_mtok"),
+                "this deployment's backend is self-hosted and priced by GPU-hour \
+                 (gpu_hour_usd); remove its per-token prices",
+            );
+        }
+        if d.weight == Some(0) {
+            self.problem(
+                format!("{at}.weight"),
+                "must be greater than 0; remove the deployment to stop its traffic",
+            );
+        }
         if d.context_window == 0 {
             self.problem(format!("{at}.context_window"), "must be greater than 0");
         }
@@ -440,6 +476,9 @@ impl Validator<'_> {
             tools: d.tools,
             licence: d.licence.clone(),
             multimodal: d.multimodal,
+            weight: d.weight.unwrap_or(1),
+            // Spillover fills self-hosted capacity before paying per token.
+            tier: d.tier.unwrap_or(u32::from(self_hosted != Some(true))),
         }
     }
 
@@ -541,14 +580,15 @@ impl Validator<'_> {
         } else {
             AllowedModels::Only(k.models.clone())
         };
-        if k.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
-            self.problem(at("region"), "must not be empty; leave it out instead");
+        if let Some(region) = &k.region {
+            self.region_name(at("region"), region);
         }
         Some(Key {
             name: k.name.clone(),
             sha256: sha256?,
             models,
             region: k.region.clone(),
+            region_header: k.region_header,
         })
     }
 }

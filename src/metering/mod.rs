@@ -11,6 +11,7 @@ use prometheus::IntGauge;
 
 use crate::metrics::Metrics;
 use crate::openai::{ResponseView, Usage};
+use crate::routing::Lease;
 
 /// HTTP status recorded for a response the client abandoned (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -49,6 +50,8 @@ pub struct Meter {
     first_chunk: bool,
     recorded: bool,
     _in_flight: InFlight,
+    /// Held until the response is over: the deployment's in-flight count.
+    lease: Lease,
 }
 
 impl Meter {
@@ -58,6 +61,7 @@ impl Meter {
         started: Instant,
         prompt_estimate: u64,
         in_flight: InFlight,
+        lease: Lease,
     ) -> Self {
         Self {
             metrics,
@@ -69,6 +73,7 @@ impl Meter {
             first_chunk: false,
             recorded: false,
             _in_flight: in_flight,
+            lease,
         }
     }
 
@@ -100,7 +105,10 @@ impl Meter {
             return;
         }
         let (usage, estimated) = match self.usage {
-            Some(usage) => (usage, "false"),
+            Some(usage) => {
+                self.lease.record_output_tokens(usage.completion_tokens);
+                (usage, "false")
+            }
             None => (
                 Usage::new(
                     self.prompt_estimate,

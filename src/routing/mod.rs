@@ -1,14 +1,23 @@
-//! Turns a request into a plan: the deployments to try, in order.
+//! Turns a request into a plan: every deployment of its alias, kept or
+//! dropped with a reason, and the kept ones in the order to try them.
 //!
-//! Deployments are tried in the order the config lists them; the next one
-//! is tried only after a retriable failure before the first byte reached
-//! the client.
+//! Policy filters run first (`policy`: residency, the Llama licence in the
+//! EU, modality, context window, tools), then health (`circuit`, 429
+//! cooldowns), then the alias's strategy orders what is left (`strategy`:
+//! cost, latency, spillover, weighted). What routing learns while serving
+//! lives in `live`, outside the config snapshot, keyed by name; engine load
+//! comes from scraping vLLM and TGI (`engine`).
 
-use crate::config::{Deployment, Model};
+mod circuit;
+pub mod engine;
+mod facts;
+mod live;
+mod plan;
+mod policy;
+mod strategy;
 
-/// At most this many deployments are tried for one request.
-pub const MAX_ATTEMPTS: usize = 3;
-
-pub fn plan(model: &Model) -> impl Iterator<Item = &Deployment> {
-    model.deployments.iter().take(MAX_ATTEMPTS)
-}
+pub use circuit::CircuitView;
+pub use facts::{REGION_HEADER, RequestFacts, region};
+pub use live::{AliasLive, Attempt, BackendLive, DeploymentLive, Lease, LiveState, LiveView};
+pub use plan::{Candidate, Explained, Plan, PlanStatus, plan, refusal};
+pub use policy::Rule;

@@ -18,10 +18,11 @@ use crate::metering::{InFlight, Meter, MeterLabels, Observed, estimate};
 use crate::metrics::NONE;
 use crate::openai::{Endpoint, InboundRequest, ResponseView};
 use crate::providers::{ChunkStream, UpstreamCall, UpstreamReply};
-use crate::routing;
+use crate::routing::{self, Attempt, Lease, PlanStatus, RequestFacts};
 use crate::snapshot::Snapshot;
 
 const BACKEND_HEADER: &str = "x-tollgate-backend";
+const ATTEMPTS_HEADER: &str = "x-tollgate-attempts";
 
 /// What one request carries down the pipeline.
 struct RequestCtx {
@@ -40,10 +41,13 @@ struct RequestCtx {
 /// 4. Read the body, refusing one over `server.max_body_bytes` (413).
 /// 5. Parse it as the endpoint's request (400 naming the bad field).
 /// 6. Resolve the model alias (404) and check the key may use it (403).
-/// 7. Plan the deployments to try (`routing::plan`).
-/// 8. For each, call the provider and wait, within the backend's
-///    first-byte timeout, for the whole body or the first stream chunk;
-///    a retriable failure moves on to the next deployment.
+/// 7. Read the request's facts (region, modality, size, tools) and plan
+///    the deployments to try (`routing::plan`): 451 when policy leaves
+///    none, 503 when health leaves none.
+/// 8. For each, up to `routing.max_attempts`, call the provider and wait,
+///    within the backend's first-byte timeout, for the whole body or the
+///    first stream chunk; a retriable failure moves on to the next
+///    deployment, and every outcome teaches the deployment's circuit.
 /// 9. Answer: the body, or an SSE stream that forwards chunks as they
 ///    arrive (`sse::SseBody`).
 /// 10. Meter usage, latency and status exactly once, at the end of the
@@ -69,6 +73,7 @@ pub async fn handle(
                 alias,
                 backend,
                 started,
+                attempts,
             } = failure;
             let status = error.status.as_u16();
             app.metrics
@@ -76,7 +81,7 @@ pub async fn handle(
             tracing::info!(request_id, alias, backend, status, kind = error.label(), error = %error.message, "request failed");
             let mut response = error.into_response();
             if backend != NONE {
-                set_backend(&mut response, &backend);
+                set_served_by(&mut response, &backend, attempts);
             }
             response
         }
@@ -89,6 +94,8 @@ struct Failure {
     alias: String,
     backend: String,
     started: Instant,
+    /// Upstream attempts made before giving up.
+    attempts: usize,
 }
 
 async fn serve(
@@ -98,44 +105,89 @@ async fn serve(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, Failure> {
-    let fail = |alias: &str, backend: &str| {
+    let fail = |alias: &str, backend: &str, attempts: usize| {
         let (alias, backend, started) = (alias.to_owned(), backend.to_owned(), ctx.started);
         move |error| Failure {
             error,
             alias,
             backend,
             started,
+            attempts,
         }
     };
     let snapshot = ctx.snapshot.clone();
-    let key = auth::authenticate(&snapshot, headers).map_err(fail(NONE, NONE))?;
+    let key = auth::authenticate(&snapshot, headers).map_err(fail(NONE, NONE, 0))?;
     let limit = snapshot.config.server.max_body_bytes;
     let bytes = read_body(headers, body, limit)
         .await
-        .map_err(fail(NONE, NONE))?;
-    let request = parse(endpoint, &bytes).map_err(fail(NONE, NONE))?;
-    let model = resolve(&snapshot, key, request.model()).map_err(fail(NONE, NONE))?;
+        .map_err(fail(NONE, NONE, 0))?;
+    let request = parse(endpoint, &bytes).map_err(fail(NONE, NONE, 0))?;
+    let model_index = resolve(&snapshot, key, request.model()).map_err(fail(NONE, NONE, 0))?;
+    let model = &snapshot.config.models[model_index];
     let alias = model.alias.as_str();
+    let region =
+        routing::region(headers, key, &snapshot.config.policy).map_err(fail(alias, NONE, 0))?;
+    let facts = RequestFacts::of(&request, region);
+    let plan = routing::plan(
+        &snapshot,
+        model_index,
+        &facts,
+        Instant::now(),
+        &mut fastrand::Rng::new(),
+    );
+    if plan.status != PlanStatus::Ready {
+        return Err(fail(alias, NONE, 0)(routing::refusal(
+            &snapshot, &plan, &facts, key,
+        )));
+    }
 
+    let settings = &snapshot.config.routing;
+    let mut attempts = 0;
     let mut last_error = None;
-    for deployment in routing::plan(model) {
+    for index in plan.order() {
+        if attempts == settings.max_attempts {
+            break;
+        }
+        let deployment = &model.deployments[index];
+        let live = snapshot.deployment_live(model_index, index);
+        // A half-open circuit whose probe another request took is skipped,
+        // not failed.
+        let Some(attempt) = Attempt::begin(|| snapshot.lease(model_index, index), live) else {
+            continue;
+        };
+        attempts += 1;
         let (backend, _) = snapshot.backend(deployment);
-        match attempt(app, &ctx, &request, deployment).await {
+        match call(app, &ctx, &request, deployment).await {
             Ok(reply) => {
-                return Ok(respond(app, ctx, &request, model, backend, reply));
+                let lease = attempt.succeeded(facts.stream);
+                let served = Served {
+                    model,
+                    backend,
+                    attempts,
+                    lease,
+                };
+                return Ok(respond(app, ctx, &request, served, reply));
             }
-            Err(error) if error.retriable => {
+            Err(error) => {
+                attempt.failed(&error, settings);
+                if !error.retriable {
+                    return Err(fail(alias, &backend.name, attempts)(error));
+                }
                 tracing::warn!(
-                    request_id = ctx.request_id, alias, backend = backend.name, error = %error.message,
+                    request_id = ctx.request_id, alias, deployment = deployment.name, error = %error.message,
                     "upstream failed before the first byte; trying the next deployment"
                 );
                 last_error = Some((error, backend.name.clone()));
             }
-            Err(error) => return Err(fail(alias, &backend.name)(error)),
         }
     }
-    let (error, backend) = last_error.expect("a model has at least one deployment");
-    Err(fail(alias, &backend)(error))
+    Err(match last_error {
+        Some((error, backend)) => fail(alias, &backend, attempts)(error),
+        None => fail(alias, NONE, 0)(GatewayError::no_deployment_available(
+            alias,
+            plan.retry_after(),
+        )),
+    })
 }
 
 /// What came back from an upstream before the client saw anything.
@@ -148,7 +200,7 @@ enum Ready {
 /// One upstream call, bounded by the backend's first-byte timeout: the
 /// whole body, or the first stream chunk peeked so a failure can still
 /// become an HTTP error or a failover.
-async fn attempt(
+async fn call(
     app: &AppState,
     ctx: &RequestCtx,
     request: &InboundRequest,
@@ -205,14 +257,27 @@ fn read_view<'b>(backend: &str, body: &'b [u8]) -> Result<ResponseView<'b>, Gate
     Ok(view)
 }
 
+/// Where a request was served: what the answer reports and meters.
+struct Served<'s> {
+    model: &'s Model,
+    backend: &'s Backend,
+    attempts: usize,
+    lease: Lease,
+}
+
 fn respond(
     app: &AppState,
     ctx: RequestCtx,
     request: &InboundRequest,
-    model: &Model,
-    backend: &Backend,
+    served: Served<'_>,
     reply: Ready,
 ) -> Response {
+    let Served {
+        model,
+        backend,
+        attempts,
+        lease,
+    } = served;
     let mut meter = Meter::new(
         app.metrics.clone(),
         MeterLabels {
@@ -223,6 +288,7 @@ fn respond(
         ctx.started,
         estimate::prompt_tokens(request),
         ctx.in_flight,
+        lease,
     );
     let mut response = match reply {
         Ready::Complete(body, observed) => {
@@ -252,14 +318,17 @@ fn respond(
             response
         }
     };
-    set_backend(&mut response, &backend.name);
+    set_served_by(&mut response, &backend.name, attempts);
     response
 }
 
-fn set_backend(response: &mut Response, backend: &str) {
+/// `x-tollgate-backend` and `x-tollgate-attempts`.
+fn set_served_by(response: &mut Response, backend: &str, attempts: usize) {
+    let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(backend) {
-        response.headers_mut().insert(BACKEND_HEADER, value);
+        headers.insert(BACKEND_HEADER, value);
     }
+    headers.insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));
 }
 
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, GatewayError> {
@@ -317,12 +386,9 @@ fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<InboundRequest, GatewayErro
     Ok(request)
 }
 
-fn resolve<'s>(
-    snapshot: &'s Snapshot,
-    key: Option<&Key>,
-    alias: &str,
-) -> Result<&'s Model, GatewayError> {
-    let model = snapshot.model(alias).ok_or_else(|| {
+/// The index of the requested model, which the key must be allowed.
+fn resolve(snapshot: &Snapshot, key: Option<&Key>, alias: &str) -> Result<usize, GatewayError> {
+    let model = snapshot.model_index(alias).ok_or_else(|| {
         let known: Vec<&str> = snapshot.aliases_for(key).collect();
         GatewayError::unknown_model(alias, &known)
     })?;

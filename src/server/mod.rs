@@ -11,23 +11,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::serve::ListenerExt;
 use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::openai::{Endpoint, ModelEntry, ModelList};
+use crate::routing::{LiveState, engine};
 use crate::snapshot::Snapshot;
 use request_id::RequestId;
 
 pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
+    /// What routing has learned, by name; outlives any one snapshot.
+    pub live: LiveState,
     pub metrics: Arc<Metrics>,
+    /// The engine scrapers of the snapshot's backends; they stop when
+    /// dropped.
+    _scrapers: engine::Scrapers,
     draining: AtomicBool,
 }
 
@@ -37,11 +43,18 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// Builds the gateway and starts scraping its engines' load metrics;
+    /// call it inside the Tokio runtime.
     pub fn new(config: Config) -> Result<Self, String> {
+        let live = LiveState::default();
+        let snapshot = Snapshot::build(config, &live)?;
+        let scrapers = engine::spawn(&snapshot.config.backends, &snapshot.live().backends);
         Ok(Self {
             state: Arc::new(AppState {
-                snapshot: ArcSwap::from_pointee(Snapshot::build(config)?),
+                snapshot: ArcSwap::from_pointee(snapshot),
+                live,
                 metrics: Arc::new(Metrics::new()),
+                _scrapers: scrapers,
                 draining: AtomicBool::new(false),
             }),
         })

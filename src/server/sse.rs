@@ -194,6 +194,7 @@ mod tests {
     use super::*;
     use crate::metering::{InFlight, MeterLabels};
     use crate::metrics::Metrics;
+    use crate::routing::Lease;
 
     const CONTENT: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}"#;
     const LAST_WITH_USAGE: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
@@ -214,6 +215,7 @@ mod tests {
             std::time::Instant::now(),
             10,
             InFlight::new(&metrics.in_flight),
+            Lease::new(Arc::default(), Arc::default(), Arc::default()),
         );
         let mut chunks = chunks
             .into_iter()

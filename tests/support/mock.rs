@@ -269,6 +269,8 @@ impl MockUpstream {
             reply: self,
             requests: Mutex::new(Vec::new()),
             hits: AtomicUsize::new(0),
+            metrics: Mutex::new(IDLE_VLLM_METRICS.to_owned()),
+            scrapes: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             peer_closed,
             release,
@@ -316,9 +318,20 @@ impl MockServer {
         self.addr
     }
 
-    /// Requests received so far, on any path.
+    /// Requests received so far, on any path but `GET /metrics`.
     pub fn hits(&self) -> usize {
         self.shared.hits.load(Ordering::SeqCst)
+    }
+
+    /// Sets the page `GET /metrics` serves from now on (an idle vLLM's
+    /// at first), as an engine reports its load.
+    pub fn set_metrics(&self, page: impl Into<String>) {
+        *self.shared.metrics.lock().expect("not poisoned") = page.into();
+    }
+
+    /// `GET /metrics` requests received so far.
+    pub fn scrapes(&self) -> usize {
+        self.shared.scrapes.load(Ordering::SeqCst)
     }
 
     /// The requests received so far, in order (empty with `record(false)`).
@@ -366,11 +379,26 @@ impl Drop for MockServer {
     }
 }
 
+/// What an idle vLLM (v0.10 or later) reports.
+pub const IDLE_VLLM_METRICS: &str = "\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 0.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 0.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.0
+";
+
 struct Shared {
     reply: MockUpstream,
     canned: Canned,
     requests: Mutex<Vec<Recorded>>,
     hits: AtomicUsize,
+    metrics: Mutex<String>,
+    scrapes: AtomicUsize,
     connections: AtomicUsize,
     peer_closed: watch::Sender<usize>,
     release: watch::Sender<bool>,
@@ -425,6 +453,11 @@ async fn respond(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let path = parts.uri.path().to_owned();
+    if parts.method == hyper::Method::GET && path == "/metrics" {
+        shared.scrapes.fetch_add(1, Ordering::SeqCst);
+        let page = shared.metrics.lock().expect("not poisoned").clone();
+        return Ok(Response::new(MockBody::Full(Some(Bytes::from(page)))));
+    }
     shared.hits.fetch_add(1, Ordering::SeqCst);
     let reply = &shared.reply;
     if reply.record {

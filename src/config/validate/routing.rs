@@ -1,0 +1,284 @@
+//! Validation of what routing reads: `[routing]`, `[policy]`, `[admin]`,
+//! each alias's strategy, and the self-hosted and load settings of
+//! backends.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::super::schema::{RawBackend, RawConfig, RawModel, RawSpillover};
+use super::super::types::*;
+use super::{MAX_WAIT_MS, Validator};
+
+const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
+const DEFAULT_CIRCUIT_COOLDOWN_MS: u64 = 30_000;
+const DEFAULT_EXPLORATION: f64 = 0.05;
+const DEFAULT_OUTPUT_TOKENS: u32 = 256;
+const DEFAULT_SCRAPE_INTERVAL_MS: u64 = 2_000;
+const DEFAULT_HIGH_LOAD: f64 = 0.85;
+const DEFAULT_LOW_LOAD: f64 = 0.7;
+
+impl Validator<'_> {
+    pub(super) fn routing(&mut self, raw: &RawConfig) -> RoutingSettings {
+        let r = &raw.routing;
+        let max_attempts = r.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        if !(1..=10).contains(&max_attempts) {
+            self.problem("routing.max_attempts", "must be between 1 and 10");
+        }
+        let circuit_failures = r.circuit_failures.unwrap_or(DEFAULT_CIRCUIT_FAILURES);
+        if !(1..=1000).contains(&circuit_failures) {
+            self.problem("routing.circuit_failures", "must be between 1 and 1000");
+        }
+        let cooldown = r.circuit_cooldown_ms.unwrap_or(DEFAULT_CIRCUIT_COOLDOWN_MS);
+        if !(1..=MAX_WAIT_MS).contains(&cooldown) {
+            self.problem(
+                "routing.circuit_cooldown_ms",
+                "must be between 1 and 3600000 (one hour)",
+            );
+        }
+        let exploration = r.exploration.unwrap_or(DEFAULT_EXPLORATION);
+        if !(0.0..=0.5).contains(&exploration) {
+            self.problem(
+                "routing.exploration",
+                "must be between 0.0 and 0.5 (a share of requests)",
+            );
+        }
+        let default_output_tokens = r.default_output_tokens.unwrap_or(DEFAULT_OUTPUT_TOKENS);
+        if default_output_tokens == 0 {
+            self.problem("routing.default_output_tokens", "must be greater than 0");
+        }
+        RoutingSettings {
+            max_attempts: max_attempts as usize,
+            circuit_failures,
+            circuit_cooldown: Duration::from_millis(cooldown),
+            exploration,
+            default_output_tokens,
+        }
+    }
+
+    pub(super) fn policy(&mut self, raw: &RawConfig) -> Policy {
+        let p = &raw.policy;
+        let eu_regions = p.eu_regions.clone().unwrap_or_else(|| vec!["eu".into()]);
+        for (i, region) in eu_regions.iter().enumerate() {
+            self.region_name(format!("policy.eu_regions[{i}]"), region);
+        }
+        if let Some(region) = &p.default_region {
+            self.region_name("policy.default_region".into(), region);
+        }
+        let mut seen = HashSet::new();
+        for (i, rule) in p.residency.iter().enumerate() {
+            let at = format!("policy.residency[{i}]");
+            self.region_name(format!("{at}.request_region"), &rule.request_region);
+            if !seen.insert(rule.request_region.as_str()) {
+                self.problem(
+                    format!("{at}.request_region"),
+                    format!(
+                        "\"{}\" already has a residency rule; merge their backend_regions",
+                        rule.request_region
+                    ),
+                );
+            }
+            if rule.backend_regions.is_empty() {
+                self.problem(
+                    format!("{at}.backend_regions"),
+                    "lists no regions; name the backend regions that may serve these requests",
+                );
+            }
+            for (j, region) in rule.backend_regions.iter().enumerate() {
+                self.region_name(format!("{at}.backend_regions[{j}]"), region);
+            }
+        }
+        Policy {
+            eu_regions,
+            llama_eu_multimodal_block: p.llama_eu_multimodal_block.unwrap_or(true),
+            default_region: p.default_region.clone(),
+            residency: p
+                .residency
+                .iter()
+                .map(|r| Residency {
+                    request_region: r.request_region.clone(),
+                    backend_regions: r.backend_regions.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    pub(super) fn region_name(&mut self, path: String, region: &str) {
+        if region.trim().is_empty() {
+            self.problem(path, "must not be empty");
+        } else if !region
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+        {
+            self.problem(
+                path,
+                format!("\"{region}\" may use only letters, digits, - and _"),
+            );
+        }
+    }
+
+    pub(super) fn admin(&mut self, raw: &RawConfig) -> Admin {
+        Admin {
+            token_sha256: raw.admin.token_env.as_ref().and_then(|var| {
+                self.secret("admin.token_env".into(), var)
+                    .map(|s| Sha256::digest(s.expose().as_bytes()).into())
+            }),
+        }
+    }
+
+    pub(super) fn self_hosted(
+        &mut self,
+        i: usize,
+        b: &RawBackend,
+        kind: BackendKind,
+    ) -> Option<SelfHosted> {
+        let at = |field: &str| format!("backends[{i}].{field}");
+        let (gpu_hour_usd, gpus) = match (b.gpu_hour_usd, b.gpus) {
+            (None, None) => {
+                if b.throughput_tokens_per_second.is_some() {
+                    self.problem(
+                        at("throughput_tokens_per_second"),
+                        "only a self-hosted backend (with gpu_hour_usd and gpus) takes this",
+                    );
+                }
+                return None;
+            }
+            (Some(usd), Some(gpus)) => (usd, gpus),
+            _ => {
+                self.problem(
+                    format!("backends[{i}]"),
+                    "a self-hosted backend needs both gpu_hour_usd and gpus",
+                );
+                return None;
+            }
+        };
+        if matches!(kind, BackendKind::Together | BackendKind::Groq) {
+            self.problem(
+                at("gpu_hour_usd"),
+                "a managed API is priced per token on its deployments, not by GPU-hour",
+            );
+        }
+        if !gpu_hour_usd.is_finite() || !(0.0..=10_000.0).contains(&gpu_hour_usd) {
+            self.problem(
+                at("gpu_hour_usd"),
+                "must be USD per GPU-hour between 0 and 10000",
+            );
+        }
+        if !(1..=100_000).contains(&gpus) {
+            self.problem(at("gpus"), "must be between 1 and 100000");
+        }
+        let Some(throughput) = b.throughput_tokens_per_second else {
+            self.problem(
+                at("throughput_tokens_per_second"),
+                "a self-hosted backend needs the tokens per second it processes flat out \
+                 (input and output together), to turn GPU-hours into a price per token",
+            );
+            return None;
+        };
+        if !throughput.is_finite() || !(1.0..=100_000_000.0).contains(&throughput) {
+            self.problem(
+                at("throughput_tokens_per_second"),
+                "must be between 1 and 100000000",
+            );
+        }
+        Some(SelfHosted {
+            gpu_hour_usd,
+            gpus,
+            throughput_tokens_per_second: throughput,
+        })
+    }
+
+    /// vLLM servers are scraped by default; any backend can be scraped by
+    /// giving `engine_metrics.url`.
+    pub(super) fn engine_metrics(
+        &mut self,
+        i: usize,
+        b: &RawBackend,
+        kind: BackendKind,
+        base_url: Option<&reqwest::Url>,
+    ) -> Option<EngineMetrics> {
+        let at = |field: &str| format!("backends[{i}].engine_metrics.{field}");
+        let raw = b.engine_metrics.clone().unwrap_or_default();
+        let interval_ms = raw.interval_ms.unwrap_or(DEFAULT_SCRAPE_INTERVAL_MS);
+        if !(100..=MAX_WAIT_MS).contains(&interval_ms) {
+            self.problem(at("interval_ms"), "must be between 100 and 3600000");
+        }
+        if !raw.enabled.unwrap_or(true) {
+            return None;
+        }
+        let url = match (&raw.url, kind, base_url) {
+            (Some(_), BackendKind::Simulated, _) => {
+                self.problem(at("url"), "a simulated backend has no engine to scrape");
+                return None;
+            }
+            (Some(text), _, _) => self.url(at("url"), text)?,
+            // The engine serves /metrics at its root, beside /v1.
+            (None, BackendKind::Vllm, Some(base)) => base.join("/metrics").ok()?,
+            (None, _, _) => return None,
+        };
+        Some(EngineMetrics {
+            url,
+            interval: Duration::from_millis(interval_ms),
+        })
+    }
+
+    pub(super) fn strategy(&mut self, i: usize, m: &RawModel) -> Strategy {
+        let at = |field: &str| format!("models[{i}].{field}");
+        let name = m.strategy.as_deref().unwrap_or("cost");
+        let strategy = match name {
+            "cost" => Strategy::Cost,
+            "latency" => Strategy::Latency,
+            "weighted" => Strategy::Weighted,
+            "spillover" => {
+                Strategy::Spillover(self.spillover(i, &m.spillover.clone().unwrap_or_default()))
+            }
+            other => {
+                self.problem(
+                    at("strategy"),
+                    format!(
+                        "unknown strategy \"{other}\"; expected one of: {}",
+                        Strategy::NAMES.join(", ")
+                    ),
+                );
+                Strategy::Cost
+            }
+        };
+        if m.spillover.is_some() && name != "spillover" {
+            self.problem(
+                at("spillover"),
+                "only a model with strategy = \"spillover\" takes this table",
+            );
+        }
+        strategy
+    }
+
+    fn spillover(&mut self, i: usize, s: &RawSpillover) -> Spillover {
+        let at = |field: &str| format!("models[{i}].spillover.{field}");
+        let high_load = s.high_load.unwrap_or(DEFAULT_HIGH_LOAD);
+        let low_load = s.low_load.unwrap_or(DEFAULT_LOW_LOAD.min(high_load));
+        if !(0.05..=1.0).contains(&high_load) {
+            self.problem(at("high_load"), "must be between 0.05 and 1.0");
+        }
+        if !(0.0..=1.0).contains(&low_load) || low_load > high_load {
+            self.problem(
+                at("low_load"),
+                "must be between 0.0 and high_load, so traffic does not flap",
+            );
+        }
+        if let Some(cap) = s.price_cap_usd_per_mtok
+            && (!cap.is_finite() || cap < 0.0)
+        {
+            self.problem(
+                at("price_cap_usd_per_mtok"),
+                "must be a price in USD per million output tokens, 0 or more",
+            );
+        }
+        Spillover {
+            high_load,
+            low_load,
+            price_cap_usd_per_mtok: s.price_cap_usd_per_mtok,
+        }
+    }
+}

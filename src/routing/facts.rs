@@ -1,0 +1,99 @@
+//! The facts of a request that routing decides on, read once.
+
+use axum::http::HeaderMap;
+
+use crate::config::{Key, Policy};
+use crate::error::GatewayError;
+use crate::metering::estimate;
+use crate::openai::{InboundRequest, MessageContent};
+
+pub const REGION_HEADER: &str = "x-tollgate-region";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub region: Option<String>,
+    pub image: bool,
+    pub audio: bool,
+    pub tools: bool,
+    pub input_tokens: u64,
+    pub max_output_tokens: Option<u64>,
+    pub stream: bool,
+}
+
+impl RequestFacts {
+    pub fn of(request: &InboundRequest, region: Option<String>) -> Self {
+        let mut facts = Self {
+            region,
+            input_tokens: estimate::prompt_tokens(request),
+            max_output_tokens: request.max_output_tokens().map(u64::from),
+            stream: request.stream(),
+            ..Self::default()
+        };
+        if let InboundRequest::Chat(chat) = request {
+            facts.tools = chat.tools.as_ref().is_some_and(|t| !t.is_empty());
+            let parts = chat.messages.iter().filter_map(|m| match &m.content {
+                Some(MessageContent::Parts(parts)) => Some(parts),
+                _ => None,
+            });
+            for part in parts.flatten() {
+                match part.kind.as_str() {
+                    "image_url" | "image" => facts.image = true,
+                    "input_audio" | "audio" => facts.audio = true,
+                    _ => {}
+                }
+            }
+        }
+        facts
+    }
+
+    /// The same request with its images and audio left out.
+    pub fn text_only(&self) -> Self {
+        Self {
+            image: false,
+            audio: false,
+            ..self.clone()
+        }
+    }
+}
+
+/// The request's region: its key's, or `x-tollgate-region` where the key
+/// allows callers to choose (always, when the gateway has no keys), or
+/// the policy's default.
+pub fn region(
+    headers: &HeaderMap,
+    key: Option<&Key>,
+    policy: &Policy,
+) -> Result<Option<String>, GatewayError> {
+    let header = match headers.get(REGION_HEADER) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|r| {
+                    !r.is_empty()
+                        && r.len() <= 64
+                        && r.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+                })
+                .ok_or_else(|| {
+                    GatewayError::bad_request(
+                        format!("{REGION_HEADER} must be a region name such as \"eu\": letters, digits, - and _"),
+                        None,
+                    )
+                })?,
+        ),
+    };
+    let key_region = key.and_then(|k| k.region.as_deref());
+    let may_choose = key.is_none_or(|k| k.region_header);
+    Ok(match (header, key_region) {
+        (Some(chosen), _) if may_choose => Some(chosen.to_owned()),
+        (Some(chosen), Some(own)) if chosen == own => Some(own.to_owned()),
+        (Some(chosen), _) => {
+            let key = key.map_or("", |k| k.name.as_str());
+            return Err(GatewayError::region_not_allowed(key, chosen, key_region));
+        }
+        (None, Some(own)) => Some(own.to_owned()),
+        (None, None) => policy.default_region.clone(),
+    })
+}

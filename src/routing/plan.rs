@@ -1,0 +1,304 @@
+//! A plan: every deployment of the alias, kept or dropped with a reason a
+//! person can read, and the kept ones in the order they will be tried.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::circuit::CircuitView;
+use super::facts::RequestFacts;
+use super::policy::{self, Rule};
+use super::strategy::{self, Contender, Inputs};
+use crate::config::Key;
+use crate::error::GatewayError;
+use crate::snapshot::Snapshot;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanStatus {
+    /// At least one deployment may be tried.
+    Ready,
+    /// Policy leaves no deployment (451).
+    Blocked,
+    /// Health or capacity leaves none (503).
+    Unavailable,
+}
+
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Index into the model's deployments.
+    pub deployment: usize,
+    pub kept: bool,
+    pub reason: String,
+    pub score: Option<f64>,
+    /// The policy rule that dropped it.
+    pub rule: Option<Rule>,
+    /// When it may be usable again (open circuit, 429 cooldown).
+    pub retry_in: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub model: usize,
+    pub strategy: &'static str,
+    pub status: PlanStatus,
+    /// The kept deployments in the order they will be tried, then the
+    /// dropped ones in config order.
+    pub candidates: Vec<Candidate>,
+}
+
+impl Plan {
+    /// Deployments to try, in order.
+    pub fn order(&self) -> impl Iterator<Item = usize> + '_ {
+        self.candidates
+            .iter()
+            .take_while(|c| c.kept)
+            .map(|c| c.deployment)
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self.status {
+            PlanStatus::Ready => 200,
+            PlanStatus::Blocked => 451,
+            PlanStatus::Unavailable => 503,
+        }
+    }
+
+    /// The policy rules that dropped deployments, each once.
+    pub fn rules(&self) -> Vec<Rule> {
+        let mut rules: Vec<Rule> = self.candidates.iter().filter_map(|c| c.rule).collect();
+        rules.sort_unstable();
+        rules.dedup();
+        rules
+    }
+
+    /// The soonest a dropped deployment may be usable again.
+    pub fn retry_after(&self) -> Duration {
+        self.candidates
+            .iter()
+            .filter_map(|c| c.retry_in)
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_secs(1))
+    }
+
+    /// The plan as `tollgate explain` and `POST /admin/explain` print it.
+    pub fn explain(&self, snapshot: &Snapshot) -> Explained {
+        let model = &snapshot.config.models[self.model];
+        Explained {
+            model: model.alias.clone(),
+            strategy: self.strategy,
+            status: self.http_status(),
+            chosen: self
+                .order()
+                .next()
+                .map(|i| model.deployments[i].name.clone()),
+            candidates: self
+                .candidates
+                .iter()
+                .map(|c| {
+                    let d = &model.deployments[c.deployment];
+                    ExplainedCandidate {
+                        deployment: d.name.clone(),
+                        backend: d.backend.clone(),
+                        kept: c.kept,
+                        reason: c.reason.clone(),
+                        score: c.score,
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Explained {
+    pub model: String,
+    pub strategy: &'static str,
+    pub status: u16,
+    pub chosen: Option<String>,
+    pub candidates: Vec<ExplainedCandidate>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExplainedCandidate {
+    pub deployment: String,
+    pub backend: String,
+    pub kept: bool,
+    pub reason: String,
+    pub score: Option<f64>,
+}
+
+/// Plans one request for the model at index `model` of the snapshot.
+pub fn plan(
+    snapshot: &Snapshot,
+    model: usize,
+    facts: &RequestFacts,
+    now: Instant,
+    rng: &mut fastrand::Rng,
+) -> Plan {
+    let config = &snapshot.config;
+    let m = &config.models[model];
+    let mut dropped = Vec::new();
+    let mut contenders = Vec::new();
+    let mut blocked_by_policy = 0;
+    for (index, deployment) in m.deployments.iter().enumerate() {
+        let (backend, backend_live) = snapshot.backend_live(deployment);
+        let live = snapshot.deployment_live(model, index);
+        let drop = |reason: String, rule: Option<Rule>, retry_in: Option<Duration>| Candidate {
+            deployment: index,
+            kept: false,
+            reason,
+            score: None,
+            rule,
+            retry_in,
+        };
+        if let Err((rule, reason)) = policy::check(deployment, backend, &config.policy, facts) {
+            blocked_by_policy += 1;
+            dropped.push(drop(
+                format!("policy {}: {reason}", rule.name()),
+                Some(rule),
+                None,
+            ));
+            continue;
+        }
+        match live.circuit.view(now) {
+            CircuitView::Open { failures, probe_in } => {
+                dropped.push(drop(
+                    format!(
+                        "circuit open after {failures} consecutive failures; probe in {} ms",
+                        probe_in.as_millis()
+                    ),
+                    None,
+                    Some(probe_in),
+                ));
+                continue;
+            }
+            CircuitView::HalfOpen { probing: true } => {
+                dropped.push(drop(
+                    "circuit half-open: its probe request is in flight".into(),
+                    None,
+                    None,
+                ));
+                continue;
+            }
+            CircuitView::Closed | CircuitView::HalfOpen { probing: false } => {}
+        }
+        if let Some(left) = live.cooling_for(now) {
+            dropped.push(drop(
+                format!(
+                    "rate limited upstream: cooling down for {} ms more (retry-after)",
+                    left.as_millis()
+                ),
+                None,
+                Some(left),
+            ));
+            continue;
+        }
+        contenders.push(Contender {
+            index,
+            deployment,
+            backend,
+            live,
+            backend_live,
+        });
+    }
+
+    let inputs = Inputs {
+        strategy: m.strategy,
+        facts,
+        settings: &config.routing,
+        expected_output: facts.max_output_tokens.unwrap_or_else(|| {
+            snapshot
+                .alias_live(model)
+                .mean_output_tokens()
+                .map_or(u64::from(config.routing.default_output_tokens), |m| {
+                    m.round() as u64
+                })
+        }),
+        now,
+    };
+    let mut candidates: Vec<Candidate> = strategy::rank(&contenders, &inputs, rng)
+        .into_iter()
+        .map(|r| Candidate {
+            deployment: r.index,
+            kept: !r.dropped,
+            reason: r.reason,
+            score: Some(r.score),
+            rule: None,
+            retry_in: None,
+        })
+        .collect();
+    let kept = candidates.iter().filter(|c| c.kept).count();
+    candidates.extend(dropped);
+    candidates[kept..].sort_by_key(|c| c.deployment);
+    let status = if kept > 0 {
+        PlanStatus::Ready
+    } else if blocked_by_policy == m.deployments.len() {
+        PlanStatus::Blocked
+    } else {
+        PlanStatus::Unavailable
+    };
+    Plan {
+        model,
+        strategy: m.strategy.name(),
+        status,
+        candidates,
+    }
+}
+
+/// Whether policy lets some deployment of `model` serve the request.
+fn policy_allows(snapshot: &Snapshot, model: usize, facts: &RequestFacts) -> bool {
+    let config = &snapshot.config;
+    config.models[model].deployments.iter().any(|d| {
+        let (backend, _) = snapshot.backend_live(d);
+        policy::check(d, backend, &config.policy, facts).is_ok()
+    })
+}
+
+/// The error for a plan that has nothing to try: 451 naming the rules and
+/// what would make the request servable, or 503 with `retry-after`.
+pub fn refusal(
+    snapshot: &Snapshot,
+    plan: &Plan,
+    facts: &RequestFacts,
+    key: Option<&Key>,
+) -> GatewayError {
+    let alias = &snapshot.config.models[plan.model].alias;
+    if plan.status == PlanStatus::Unavailable {
+        return GatewayError::no_deployment_available(alias, plan.retry_after());
+    }
+    let policy = &snapshot.config.policy;
+    let why: Vec<String> = plan
+        .rules()
+        .into_iter()
+        .map(|rule| rule.explain(policy, facts))
+        .collect();
+    let others: Vec<&str> = snapshot
+        .aliases_for(key)
+        .filter(|other| other != alias)
+        .filter(|other| {
+            snapshot
+                .model_index(other)
+                .is_some_and(|i| policy_allows(snapshot, i, facts))
+        })
+        .collect();
+    let mut remedies = Vec::new();
+    if !others.is_empty() {
+        remedies.push(format!(
+            "use a model that can serve it: {}",
+            others.join(", ")
+        ));
+    }
+    if (facts.image || facts.audio) && policy_allows(snapshot, plan.model, &facts.text_only()) {
+        remedies.push("send text only".into());
+    }
+    let remedy = if remedies.is_empty() {
+        "no model this key may use can serve it".to_owned()
+    } else {
+        remedies.join(", or ")
+    };
+    GatewayError::policy_blocked(format!(
+        "model \"{alias}\" cannot serve this request: {}. To be served, {remedy}.",
+        why.join("; ")
+    ))
+}

@@ -1,0 +1,235 @@
+//! The strategies that order the deployments policy and health kept. Each
+//! gives every deployment a score (shown by explain) and a reason.
+
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::time::Instant;
+
+use super::facts::RequestFacts;
+use super::live::{BackendLive, DeploymentLive};
+use crate::config::{Backend, Deployment, RoutingSettings, Spillover, Strategy};
+
+/// A deployment still in the running, with what the strategies read.
+pub struct Contender<'a> {
+    pub index: usize,
+    pub deployment: &'a Deployment,
+    pub backend: &'a Backend,
+    pub live: &'a DeploymentLive,
+    pub backend_live: &'a BackendLive,
+}
+
+/// A strategy's verdict on one option: its place, score and reason, or
+/// that it is dropped (spillover's price cap).
+pub struct Ranked {
+    pub index: usize,
+    pub score: f64,
+    pub reason: String,
+    pub dropped: bool,
+}
+
+pub struct Inputs<'a> {
+    pub strategy: Strategy,
+    pub facts: &'a RequestFacts,
+    pub settings: &'a RoutingSettings,
+    /// Expected completion tokens: the requested max, else the alias's
+    /// observed mean, else the configured default.
+    pub expected_output: u64,
+    pub now: Instant,
+}
+
+/// Orders the options, best first; dropped ones come last.
+pub fn rank(
+    options: &[Contender<'_>],
+    inputs: &Inputs<'_>,
+    rng: &mut fastrand::Rng,
+) -> Vec<Ranked> {
+    let mut ranked = match inputs.strategy {
+        Strategy::Cost => by_cost(options, inputs),
+        Strategy::Latency => by_latency(options, inputs, rng),
+        Strategy::Spillover(spill) => by_spillover(options, inputs, spill),
+        Strategy::Weighted => by_weight(options, rng),
+    };
+    ranked.sort_by_key(|r| r.dropped);
+    ranked
+}
+
+/// Expected USD for this request on this option, and how it was priced.
+/// Self-hosted GPUs are paid for by the hour whether used or not, so the
+/// marginal token is priced at the pool's full-load amortised price scaled
+/// by its load: free when idle, the full amortised price when saturated.
+pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, String) {
+    let input = inputs.facts.input_tokens as f64;
+    let output = inputs.expected_output as f64;
+    match option.backend.self_hosted {
+        Some(pool) => {
+            let load = option
+                .backend_live
+                .load(option.backend, inputs.now)
+                .unwrap_or(0.0)
+                .clamp(0.0, 1.0);
+            let per_mtok = pool.full_load_usd_per_mtok() * load;
+            (
+                (input + output) * per_mtok / 1e6,
+                format!(
+                    "self-hosted at {:.0}% load: ${per_mtok:.4}/Mtok marginal",
+                    load * 100.0
+                ),
+            )
+        }
+        None => {
+            let p = option.deployment.price;
+            let usd = (input * p.input_micro_usd_per_mtok as f64
+                + output * p.output_micro_usd_per_mtok as f64)
+                / 1e12;
+            (
+                usd,
+                format!("{input} input + {output} output tokens at list price"),
+            )
+        }
+    }
+}
+
+fn by_cost(options: &[Contender<'_>], inputs: &Inputs<'_>) -> Vec<Ranked> {
+    let mut ranked: Vec<Ranked> = options
+        .iter()
+        .map(|o| {
+            let (usd, how) = expected_cost(o, inputs);
+            Ranked {
+                index: o.index,
+                score: usd,
+                reason: format!("expected ${usd:.6} ({how})"),
+                dropped: false,
+            }
+        })
+        .collect();
+    // Stable: equal costs keep config order.
+    ranked.sort_by(|a, b| a.score.total_cmp(&b.score));
+    ranked
+}
+
+fn by_latency(
+    options: &[Contender<'_>],
+    inputs: &Inputs<'_>,
+    rng: &mut fastrand::Rng,
+) -> Vec<Ranked> {
+    let what = if inputs.facts.stream {
+        "to first token"
+    } else {
+        "to the whole answer"
+    };
+    let mut ranked: Vec<Ranked> = options
+        .iter()
+        .map(|o| match o.live.expected_latency_ms(inputs.facts.stream) {
+            Some(ms) => Ranked {
+                index: o.index,
+                score: ms,
+                reason: format!("expected {ms:.0} ms {what}"),
+                dropped: false,
+            },
+            // Unmeasured goes first, so it gets measured.
+            None => Ranked {
+                index: o.index,
+                score: 0.0,
+                reason: "not measured yet: tried first to measure it".into(),
+                dropped: false,
+            },
+        })
+        .collect();
+    ranked.sort_by(|a, b| a.score.total_cmp(&b.score));
+    if ranked.len() > 1 && rng.f64() < inputs.settings.exploration {
+        // A share of requests tries another deployment first, so one that
+        // was slow, or has recovered, is measured again.
+        let pick = rng.usize(1..ranked.len());
+        let explored = ranked.remove(pick);
+        ranked.insert(
+            0,
+            Ranked {
+                reason: format!("exploring ({})", explored.reason),
+                ..explored
+            },
+        );
+    }
+    ranked
+}
+
+fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover) -> Vec<Ranked> {
+    let first_tier = options.iter().map(|o| o.deployment.tier).min().unwrap_or(0);
+    let mut ranked: Vec<(bool, u32, f64, Ranked)> = options
+        .iter()
+        .map(|o| {
+            let load = o.backend_live.load(o.backend, inputs.now);
+            let saturated = update_saturation(o.live, load, spill);
+            let (usd, _) = expected_cost(o, inputs);
+            let tier = o.deployment.tier;
+            let output_price = o.deployment.price.output_micro_usd_per_mtok as f64 / 1e6;
+            let over_cap = tier > first_tier
+                && spill
+                    .price_cap_usd_per_mtok
+                    .is_some_and(|cap| output_price > cap);
+            let load_text = load.map_or("load unknown".to_owned(), |l| format!("load {l:.2}"));
+            let reason = if over_cap {
+                format!(
+                    "tier {tier}: ${output_price}/Mtok output is over the price cap of ${}",
+                    spill.price_cap_usd_per_mtok.unwrap_or_default()
+                )
+            } else if saturated {
+                format!("tier {tier}, {load_text}: saturated, overflow goes on")
+            } else {
+                format!("tier {tier}, {load_text}: taking traffic")
+            };
+            let ranked = Ranked {
+                index: o.index,
+                score: load.unwrap_or(0.0),
+                reason,
+                dropped: over_cap,
+            };
+            (saturated, tier, usd, ranked)
+        })
+        .collect();
+    // Deployments taking traffic first, by tier, cheapest first within a
+    // tier; saturated ones stay in the plan as a last resort.
+    ranked.sort_by(|a, b| {
+        (a.0, a.1)
+            .cmp(&(b.0, b.1))
+            .then_with(|| a.2.total_cmp(&b.2))
+    });
+    ranked.into_iter().map(|(_, _, _, r)| r).collect()
+}
+
+/// Hysteresis: a deployment stops taking traffic at `high_load` and takes
+/// it again only below `low_load`. Unknown load never saturates.
+fn update_saturation(live: &DeploymentLive, load: Option<f64>, spill: Spillover) -> bool {
+    let was = live.saturated.load(AtomicOrdering::Relaxed);
+    let now = match load {
+        None => false,
+        Some(l) if was => l >= spill.low_load,
+        Some(l) => l >= spill.high_load,
+    };
+    if now != was {
+        live.saturated.store(now, AtomicOrdering::Relaxed);
+    }
+    now
+}
+
+/// A weighted random order (Efraimidis–Spirakis): each deployment comes
+/// first with probability weight / total weight.
+fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Vec<Ranked> {
+    let total: u32 = options.iter().map(|o| o.deployment.weight).sum();
+    let mut keyed: Vec<(f64, Ranked)> = options
+        .iter()
+        .map(|o| {
+            let weight = o.deployment.weight;
+            let key = rng.f64().powf(1.0 / f64::from(weight));
+            (
+                key,
+                Ranked {
+                    index: o.index,
+                    score: f64::from(weight),
+                    reason: format!("weight {weight} of {total}"),
+                    dropped: false,
+                },
+            )
+        })
+        .collect();
+    keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
+    keyed.into_iter().map(|(_, r)| r).collect()
+}
