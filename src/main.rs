@@ -1,4 +1,4 @@
-//! The `tollgate` command: `serve` and `check`.
+//! The `tollgate` command: `serve`, `check` and `explain`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tollgate::routing::LiveState;
+use tollgate::server::ExplainRequest;
+use tollgate::snapshot::Snapshot;
 
 const DEFAULT_CONFIG: &str = "config/tollgate.toml";
 
@@ -36,6 +39,23 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Print, as JSON, how a request would be routed: every deployment of
+    /// its model, kept or dropped and why, and the one chosen. Live state
+    /// (latency, load, circuits) is that of a gateway just started; `POST
+    /// /admin/explain` asks a running one.
+    Explain {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// A chat or completions request body, as a client would send it.
+        #[arg(long)]
+        request: PathBuf,
+        /// The request's region (default: the key's, then the policy's).
+        #[arg(long)]
+        region: Option<String>,
+        /// The name of the key the request would come with.
+        #[arg(long)]
+        key: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +69,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Serve { config, listen } => serve(&config, listen),
+        Command::Explain {
+            config,
+            request,
+            region,
+            key,
+        } => explain(&config, &request, region, key),
     }
 }
 
@@ -83,6 +109,50 @@ fn check(path: &std::path::Path) -> ExitCode {
         config.keys.len()
     );
     ExitCode::SUCCESS
+}
+
+fn explain(
+    path: &std::path::Path,
+    request: &std::path::Path,
+    region: Option<String>,
+    key: Option<String>,
+) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    let request = match std::fs::read(request)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+    {
+        Ok(request) => request,
+        Err(e) => {
+            eprintln!("cannot read the request {}: {e}", request.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let snapshot = match Snapshot::build(config, &LiveState::default()) {
+        Ok(snapshot) => snapshot,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ask = ExplainRequest {
+        request,
+        region,
+        key,
+    };
+    match tollgate::server::explain(&snapshot, &ask) {
+        Ok(explained) => {
+            let json = serde_json::to_string_pretty(&explained).expect("plans serialise");
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}", e.message);
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {

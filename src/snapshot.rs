@@ -89,6 +89,10 @@ impl Snapshot {
         self.keys.get(sha256).map(|&i| &self.config.keys[i])
     }
 
+    pub fn key_named(&self, name: &str) -> Option<&Key> {
+        self.config.keys.iter().find(|k| k.name == name)
+    }
+
     pub fn auth_required(&self) -> bool {
         !self.config.keys.is_empty()
     }

@@ -15,13 +15,7 @@ pub fn authenticate<'s>(
     if !snapshot.auth_required() {
         return Ok(None);
     }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .ok_or_else(|| {
+    let presented = bearer(headers).ok_or_else(|| {
             GatewayError::unauthorized(
                 "no API key: send it as the header `Authorization: Bearer YOUR_KEY` (the OpenAI SDKs' api_key)",
             )
@@ -32,4 +26,40 @@ pub fn authenticate<'s>(
             "the API key is not valid for this gateway; check it with your gateway operator",
         )
     })
+}
+
+/// Admin endpoints need the admin token; without one configured they do
+/// not exist (404), so a gateway never has an open admin API.
+pub fn authenticate_admin(
+    snapshot: &Snapshot,
+    headers: &HeaderMap,
+    path: &str,
+) -> Result<(), GatewayError> {
+    let Some(expected) = snapshot.config.admin.token_sha256 else {
+        return Err(GatewayError::not_found(path));
+    };
+    let presented = bearer(headers).ok_or_else(|| {
+        GatewayError::unauthorized(
+            "admin endpoints need the admin token: `Authorization: Bearer TOKEN`",
+        )
+    })?;
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    // Comparing digests, not secrets, leaks nothing useful through timing.
+    if digest == expected {
+        Ok(())
+    } else {
+        Err(GatewayError::unauthorized("the admin token is not valid"))
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
 }

@@ -350,7 +350,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     })
 }
 
-fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<InboundRequest, GatewayError> {
+pub(super) fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<InboundRequest, GatewayError> {
     fn typed<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -387,7 +387,11 @@ fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<InboundRequest, GatewayErro
 }
 
 /// The index of the requested model, which the key must be allowed.
-fn resolve(snapshot: &Snapshot, key: Option<&Key>, alias: &str) -> Result<usize, GatewayError> {
+pub(super) fn resolve(
+    snapshot: &Snapshot,
+    key: Option<&Key>,
+    alias: &str,
+) -> Result<usize, GatewayError> {
     let model = snapshot.model_index(alias).ok_or_else(|| {
         let known: Vec<&str> = snapshot.aliases_for(key).collect();
         GatewayError::unknown_model(alias, &known)

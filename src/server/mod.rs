@@ -2,6 +2,7 @@
 
 mod auth;
 mod completions;
+mod explain;
 mod request_id;
 mod sse;
 
@@ -25,6 +26,8 @@ use crate::openai::{Endpoint, ModelEntry, ModelList};
 use crate::routing::{LiveState, engine};
 use crate::snapshot::Snapshot;
 use request_id::RequestId;
+
+pub use explain::{ExplainRequest, explain};
 
 pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
@@ -68,6 +71,7 @@ impl Gateway {
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
+            .route("/admin/explain", post(admin_explain))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(axum::middleware::from_fn(request_id::tag))
@@ -184,6 +188,32 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         app.metrics.encode(),
     )
         .into_response()
+}
+
+/// `POST /admin/explain`: the plan the live state would make.
+async fn admin_explain(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: axum::body::Bytes,
+) -> Response {
+    let snapshot = app.snapshot.load_full();
+    let result = auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
+        let ask: ExplainRequest = serde_json::from_slice(&body).map_err(|e| {
+            GatewayError::bad_request(
+                format!("the body must be {{\"request\": {{...}}, \"region\"?, \"key\"?}}: {e}"),
+                None,
+            )
+        })?;
+        explain(&snapshot, &ask)
+    });
+    match result {
+        Ok(explained) => json_response(
+            StatusCode::OK,
+            serde_json::to_vec(&explained).expect("plans serialise"),
+        ),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn not_found(uri: Uri) -> Response {
