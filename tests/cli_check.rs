@@ -73,23 +73,38 @@ fn run(mut cmd: Command) -> Output {
     }
 }
 
-/// Every environment variable the config names, with the path of the field
-/// that names it (`backends[3].api_key_env`, `keys[0].key_env`). Read from
-/// the file itself so the test follows the example as it changes.
+/// Every environment variable the config names (every `*_env` field, at any
+/// depth), with the path of the field that names it
+/// (`backends[3].api_key_env`, `keys[0].key_env`, `admin.token_env`). Read
+/// from the file itself so the test follows the example as it changes.
 fn secret_vars(config: &Path) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(config).expect("config is readable");
-    let doc: toml::Table = text.parse().expect("config is valid TOML");
-    let mut vars = Vec::new();
-    for (list, field) in [("backends", "api_key_env"), ("keys", "key_env")] {
-        let Some(items) = doc.get(list).and_then(toml::Value::as_array) else {
-            continue;
-        };
-        for (i, item) in items.iter().enumerate() {
-            if let Some(var) = item.get(field).and_then(toml::Value::as_str) {
-                vars.push((var.to_owned(), format!("{list}[{i}].{field}")));
+    fn walk(value: &toml::Value, path: &str, vars: &mut Vec<(String, String)>) {
+        match value {
+            toml::Value::Table(table) => {
+                for (key, value) in table {
+                    let path = if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    match value.as_str() {
+                        Some(var) if key.ends_with("_env") => vars.push((var.to_owned(), path)),
+                        _ => walk(value, &path, vars),
+                    }
+                }
             }
+            toml::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(item, &format!("{path}[{i}]"), vars);
+                }
+            }
+            _ => {}
         }
     }
+    let text = std::fs::read_to_string(config).expect("config is readable");
+    let doc: toml::Value = text.parse().expect("config is valid TOML");
+    let mut vars = Vec::new();
+    walk(&doc, "", &mut vars);
     vars
 }
 

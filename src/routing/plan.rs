@@ -293,12 +293,12 @@ pub fn refusal(
         remedies.push("send text only".into());
     }
     let remedy = if remedies.is_empty() {
-        "no model this key may use can serve it".to_owned()
+        "No other model this key may use can serve it either.".to_owned()
     } else {
-        remedies.join(", or ")
+        format!("To be served, {}.", remedies.join(", or "))
     };
     GatewayError::policy_blocked(format!(
-        "model \"{alias}\" cannot serve this request: {}. To be served, {remedy}.",
+        "model \"{alias}\" cannot serve this request: {}. {remedy}",
         why.join("; ")
     ))
 }
