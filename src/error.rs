@@ -165,6 +165,17 @@ impl GatewayError {
         .code("region_not_allowed")
     }
 
+    /// A key's budget cannot cover the request.
+    pub fn budget_exhausted(message: String) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorSource::Client,
+            "insufficient_quota",
+            message,
+        )
+        .code("insufficient_quota")
+    }
+
     pub fn not_found(path: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -344,6 +355,7 @@ impl GatewayError {
             (ErrorSource::Client, 404) => "not_found",
             (ErrorSource::Client, 413) => "too_large",
             (ErrorSource::Client, 451) => "policy_blocked",
+            (ErrorSource::Client, 429) => "budget_exhausted",
             (ErrorSource::Client, _) => "bad_request",
             (ErrorSource::Upstream, 429) => "upstream_rate_limited",
             (ErrorSource::Upstream, 504) => "upstream_timeout",

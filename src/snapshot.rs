@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::{Backend, Config, Deployment, Key};
+use crate::metering::cost::Rate;
 use crate::providers::{self, Provider};
 use crate::routing::{AliasLive, BackendLive, DeploymentLive, Lease, LiveState, LiveView};
 
@@ -18,6 +19,10 @@ pub struct Snapshot {
     keys: HashMap<[u8; 32], usize>,
     backends: HashMap<String, (usize, Arc<dyn Provider>)>,
     live: LiveView,
+    /// Per model, per deployment: what its tokens cost.
+    rates: Vec<Vec<Rate>>,
+    /// Per model: its per-token deployments, for counterfactual costs.
+    counterfactuals: Vec<Arc<[(String, Rate)]>>,
 }
 
 impl Snapshot {
@@ -29,7 +34,31 @@ impl Snapshot {
             .iter()
             .enumerate()
             .map(|(i, b)| Ok((b.name.clone(), (i, providers::build(b)?))))
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<HashMap<_, _>, String>>()?;
+        let backend_of = |d: &Deployment| &config.backends[backends[&d.backend].0];
+        let rates: Vec<Vec<Rate>> = config
+            .models
+            .iter()
+            .map(|m| {
+                m.deployments
+                    .iter()
+                    .map(|d| Rate::of(d, backend_of(d)))
+                    .collect()
+            })
+            .collect();
+        let counterfactuals = config
+            .models
+            .iter()
+            .zip(&rates)
+            .map(|(m, rates)| {
+                m.deployments
+                    .iter()
+                    .zip(rates)
+                    .filter(|(_, rate)| rate.per_token)
+                    .map(|(d, rate)| (d.name.clone(), *rate))
+                    .collect()
+            })
+            .collect();
         Ok(Self {
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -48,8 +77,18 @@ impl Snapshot {
                 .collect(),
             backends,
             live: live.view(&config),
+            rates,
+            counterfactuals,
             config,
         })
+    }
+
+    pub fn rate(&self, model: usize, deployment: usize) -> Rate {
+        self.rates[model][deployment]
+    }
+
+    pub fn counterfactuals(&self, model: usize) -> &Arc<[(String, Rate)]> {
+        &self.counterfactuals[model]
     }
 
     pub fn model_index(&self, alias: &str) -> Option<usize> {

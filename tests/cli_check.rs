@@ -102,7 +102,7 @@ fn secret_vars(config: &Path) -> Vec<(String, String)> {
         }
     }
     let text = std::fs::read_to_string(config).expect("config is readable");
-    let doc: toml::Value = text.parse().expect("config is valid TOML");
+    let doc = toml::Value::Table(text.parse().expect("config is valid TOML"));
     let mut vars = Vec::new();
     walk(&doc, "", &mut vars);
     vars

@@ -23,6 +23,14 @@ pub struct RawConfig {
     pub policy: RawPolicy,
     #[serde(default)]
     pub admin: RawAdmin,
+    #[serde(default)]
+    pub ledger: RawLedger,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawLedger {
+    pub data_dir: Option<String>,
+    pub flush_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -125,6 +133,7 @@ pub struct RawDeployment {
     pub input_usd_per_mtok: f64,
     #[serde(default)]
     pub output_usd_per_mtok: f64,
+    pub cached_input_usd_per_mtok: Option<f64>,
     pub context_window: u32,
     pub modalities: Option<Vec<String>>,
     #[serde(default)]
@@ -146,4 +155,6 @@ pub struct RawKey {
     pub region: Option<String>,
     #[serde(default)]
     pub region_header: bool,
+    pub budget_daily_usd: Option<f64>,
+    pub budget_monthly_usd: Option<f64>,
 }

@@ -17,6 +17,15 @@ pub struct Config {
     pub routing: RoutingSettings,
     pub policy: Policy,
     pub admin: Admin,
+    pub ledger: LedgerSettings,
+}
+
+/// Where spend is kept. Without a directory it lives in memory only and a
+/// restart loses it.
+#[derive(Debug, Clone)]
+pub struct LedgerSettings {
+    pub data_dir: Option<std::path::PathBuf>,
+    pub flush_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +262,8 @@ impl Deployment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Price {
     pub input_micro_usd_per_mtok: u64,
+    /// Input tokens the upstream served from its prompt cache.
+    pub cached_input_micro_usd_per_mtok: u64,
     pub output_micro_usd_per_mtok: u64,
 }
 
@@ -271,6 +282,14 @@ pub struct Key {
     pub region: Option<String>,
     /// The key's callers may set their region with `x-tollgate-region`.
     pub region_header: bool,
+    pub budget: Budget,
+}
+
+/// Spending limits in nano-dollars per UTC day and calendar month.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub daily_nano_usd: Option<u64>,
+    pub monthly_nano_usd: Option<u64>,
 }
 
 #[derive(Debug, Clone)]

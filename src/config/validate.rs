@@ -12,6 +12,7 @@ use super::schema::{RawBackend, RawConfig, RawDeployment, RawKey, RawModel, RawS
 use super::types::*;
 use super::{Problem, Problems};
 
+mod metering;
 mod routing;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -36,6 +37,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
     let routing = v.routing(&raw);
     let policy = v.policy(&raw);
     let admin = v.admin(&raw);
+    let ledger = v.ledger(&raw);
     let backends: Vec<Backend> = raw
         .backends
         .iter()
@@ -108,6 +110,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
             routing,
             policy,
             admin,
+            ledger,
         })
     } else {
         Err(Problems(v.problems))
@@ -426,9 +429,12 @@ impl Validator<'_> {
         if d.model.trim().is_empty() {
             self.problem(format!("{at}.model"), "must name the upstream model id");
         }
+        let input = self.price(format!("{at}.input_usd_per_mtok"), d.input_usd_per_mtok);
         let price = Price {
-            input_micro_usd_per_mtok: self
-                .price(format!("{at}.input_usd_per_mtok"), d.input_usd_per_mtok),
+            input_micro_usd_per_mtok: input,
+            cached_input_micro_usd_per_mtok: d.cached_input_usd_per_mtok.map_or(input, |usd| {
+                self.price(format!("{at}.cached_input_usd_per_mtok"), usd)
+            }),
             output_micro_usd_per_mtok: self
                 .price(format!("{at}.output_usd_per_mtok"), d.output_usd_per_mtok),
         };
@@ -589,6 +595,7 @@ impl Validator<'_> {
             models,
             region: k.region.clone(),
             region_header: k.region_header,
+            budget: self.budget(i, k),
         })
     }
 }

@@ -1,17 +1,23 @@
 //! Metering: usage from what the upstream reported, estimated from what
-//! passed through when it reported nothing, recorded exactly once per
-//! response, when it ends or when the client goes away.
+//! passed through when it reported nothing, priced, and recorded exactly
+//! once per request — in the metrics, the log and the spend ledger — when
+//! it ends or when the client goes away.
 
+pub mod budget;
+pub mod cost;
 pub mod estimate;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus::IntGauge;
 
-use crate::metrics::Metrics;
+use crate::ledger::{Ledger, Row, Totals};
+use crate::metrics::{Metrics, NONE};
 use crate::openai::{ResponseView, Usage};
 use crate::routing::Lease;
+use budget::Reservation;
+use cost::Rate;
 
 /// HTTP status recorded for a response the client abandoned (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -33,47 +39,106 @@ impl Observed {
     }
 }
 
-/// Who a metered response belongs to.
+/// Who a metered request belongs to.
 pub struct MeterLabels {
     pub request_id: String,
     pub alias: String,
-    pub backend: String,
+    /// The key's name, or `none` without keys.
+    pub key: String,
 }
 
+/// The deployment an attempt went to, and what its tokens cost.
+pub struct Serving {
+    pub deployment: String,
+    pub backend: String,
+    pub rate: Rate,
+    /// Counts the attempt against the deployment while it lives.
+    pub lease: Lease,
+}
+
+/// What a request is charged against: the ledger, the key's budget
+/// reservation (released once the cost is recorded), and the alias's
+/// per-token deployments for counterfactual costs.
+pub struct Charges {
+    pub ledger: Arc<Ledger>,
+    pub reservation: Option<Reservation>,
+    pub counterfactuals: Arc<[(String, Rate)]>,
+}
+
+/// Meters one client request across its upstream attempts, and records it
+/// exactly once: when it ends, or when the client goes away (dropped).
 pub struct Meter {
     metrics: Arc<Metrics>,
     labels: MeterLabels,
+    charges: Charges,
     started: Instant,
     prompt_estimate: u64,
+    /// The attempt in flight or answering; `None` between attempts.
+    serving: Option<Serving>,
+    /// The backend of the last attempt, for the request's labels.
+    last_backend: Option<String>,
+    /// An upstream answered (its body or first chunk arrived).
+    answered: bool,
     usage: Option<Usage>,
     output_chars: usize,
-    first_chunk: bool,
+    last_chunk_sent: Option<Instant>,
+    upstream_since: Option<Instant>,
+    upstream_wait: Duration,
     recorded: bool,
     _in_flight: InFlight,
-    /// Held until the response is over: the deployment's in-flight count.
-    lease: Lease,
 }
 
 impl Meter {
     pub fn new(
         metrics: Arc<Metrics>,
         labels: MeterLabels,
+        charges: Charges,
         started: Instant,
         prompt_estimate: u64,
         in_flight: InFlight,
-        lease: Lease,
     ) -> Self {
         Self {
             metrics,
             labels,
+            charges,
             started,
             prompt_estimate,
+            serving: None,
+            last_backend: None,
+            answered: false,
             usage: None,
             output_chars: 0,
-            first_chunk: false,
+            last_chunk_sent: None,
+            upstream_since: None,
+            upstream_wait: Duration::ZERO,
             recorded: false,
             _in_flight: in_flight,
-            lease,
+        }
+    }
+
+    /// An upstream call starts.
+    pub fn begin_attempt(&mut self, serving: Serving) {
+        self.last_backend = Some(serving.backend.clone());
+        self.serving = Some(serving);
+        self.upstream_since = Some(Instant::now());
+    }
+
+    /// The attempt failed before anything reached the client: nothing was
+    /// generated, so it costs nothing; the next attempt may start.
+    pub fn attempt_failed(&mut self) {
+        self.upstream_done();
+        self.serving = None;
+    }
+
+    /// The upstream answered: its whole body, or its first chunk.
+    pub fn attempt_answered(&mut self) {
+        self.answered = true;
+    }
+
+    /// The upstream is done sending (the whole body, or the stream's end).
+    pub fn upstream_done(&mut self) {
+        if let Some(since) = self.upstream_since.take() {
+            self.upstream_wait += since.elapsed();
         }
     }
 
@@ -88,58 +153,127 @@ impl Meter {
         self.usage
     }
 
-    /// Marks the first chunk sent to the client (time to first token).
-    pub fn first_chunk_sent(&mut self) {
-        if !self.first_chunk {
-            self.first_chunk = true;
-            self.metrics
+    /// A stream chunk was sent to the client: time to first token, then
+    /// the time between tokens.
+    pub fn chunk_sent(&mut self) {
+        let now = Instant::now();
+        let labels = [
+            self.labels.alias.as_str(),
+            self.last_backend.as_deref().unwrap_or(NONE),
+        ];
+        match self.last_chunk_sent.replace(now) {
+            None => self
+                .metrics
                 .time_to_first_token
-                .with_label_values(&[&self.labels.alias, &self.labels.backend])
-                .observe(self.started.elapsed().as_secs_f64());
+                .with_label_values(&labels)
+                .observe((now - self.started).as_secs_f64()),
+            Some(previous) => self
+                .metrics
+                .time_between_tokens
+                .with_label_values(&labels)
+                .observe((now - previous).as_secs_f64()),
         }
     }
 
-    /// Records the response once; later calls and the drop do nothing.
-    pub fn finish(&mut self, status: u16) {
-        if std::mem::replace(&mut self.recorded, true) {
-            return;
-        }
-        let (usage, estimated) = match self.usage {
-            Some(usage) => {
-                self.lease.record_output_tokens(usage.completion_tokens);
-                (usage, "false")
-            }
-            None => (
+    /// What the request used: the upstream's count; else, once an upstream
+    /// answered, an estimate from what passed through; else, for a client
+    /// that left while an upstream was working, the prompt estimate;
+    /// else nothing (a failed upstream generated nothing).
+    fn final_usage(&self, status: u16) -> (Usage, bool) {
+        match self.usage {
+            Some(usage) => (usage, false),
+            None if self.answered => (
                 Usage::new(
                     self.prompt_estimate,
                     estimate::tokens_for_chars(self.output_chars),
                 ),
-                "true",
+                true,
             ),
-        };
+            None if status == CLIENT_CLOSED && self.serving.is_some() => {
+                (Usage::new(self.prompt_estimate, 0), true)
+            }
+            None => (Usage::default(), false),
+        }
+    }
+
+    /// Records the request once; later calls and the drop do nothing.
+    pub fn finish(&mut self, status: u16) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        self.upstream_done();
+        let (usage, estimated) = self.final_usage(status);
+        let backend = self.last_backend.as_deref().unwrap_or(NONE);
         let MeterLabels {
             request_id,
             alias,
-            backend,
+            key,
         } = &self.labels;
-        let tokens = &self.metrics.tokens;
-        tokens
-            .with_label_values(&[alias, backend, "input", estimated])
-            .inc_by(usage.prompt_tokens);
-        tokens
-            .with_label_values(&[alias, backend, "output", estimated])
-            .inc_by(usage.completion_tokens);
+        let m = &self.metrics;
+        let estimated_label = if estimated { "true" } else { "false" };
+        for (direction, tokens) in [
+            ("input", usage.prompt_tokens),
+            ("output", usage.completion_tokens),
+        ] {
+            if tokens > 0 {
+                m.tokens
+                    .with_label_values(&[alias, backend, direction, estimated_label])
+                    .inc_by(tokens);
+            }
+        }
+        let mut cost_nano = 0;
+        if let Some(serving) = &self.serving
+            && usage.total_tokens > 0
+        {
+            cost_nano = serving.rate.cost_nano_usd(&usage);
+            m.cost
+                .with_label_values(&[alias, &serving.deployment, key])
+                .inc_by(cost_nano as f64 / 1e9);
+            for (deployment, rate) in self.charges.counterfactuals.iter() {
+                m.counterfactual_cost
+                    .with_label_values(&[alias, deployment])
+                    .inc_by(rate.cost_nano_usd(&usage) as f64 / 1e9);
+            }
+            serving
+                .lease
+                .record_tokens(usage.prompt_tokens, usage.completion_tokens, !estimated);
+            self.charges.ledger.record(
+                Row {
+                    day: budget::today(),
+                    key: key.clone(),
+                    model: alias.clone(),
+                    deployment: serving.deployment.clone(),
+                },
+                Totals {
+                    requests: 1,
+                    input_tokens: usage.prompt_tokens,
+                    output_tokens: usage.completion_tokens,
+                    cost_nano_usd: cost_nano,
+                },
+            );
+        }
+        // Only now, with the cost in the ledger, may the budget be freed.
+        self.charges.reservation = None;
         let elapsed = self.started.elapsed();
-        self.metrics.record_request(alias, backend, status, elapsed);
+        m.record_request(alias, backend, status, elapsed);
+        m.gateway_overhead
+            .with_label_values(&[alias])
+            .observe(elapsed.saturating_sub(self.upstream_wait).as_secs_f64());
         tracing::info!(
             request_id,
             alias,
+            key,
             backend,
+            deployment = self
+                .serving
+                .as_ref()
+                .map_or(NONE, |s| s.deployment.as_str()),
             status,
             duration_ms = elapsed.as_millis() as u64,
             input_tokens = usage.prompt_tokens,
             output_tokens = usage.completion_tokens,
-            estimated = self.usage.is_none(),
+            estimated,
+            cost_usd = cost_nano as f64 / 1e9,
             "request done"
         );
     }

@@ -147,10 +147,25 @@ impl DeploymentLive {
 }
 
 /// Live state of one backend (one inference server or API account).
-#[derive(Default)]
 pub struct BackendLive {
     pub in_flight: AtomicU64,
     engine: Mutex<Option<EngineSignals>>,
+    /// When the gateway first had this backend: a self-hosted backend's
+    /// fixed cost accrues from then.
+    pub since: Instant,
+    /// Tokens (input and output) the backend has served.
+    pub tokens_served: AtomicU64,
+}
+
+impl Default for BackendLive {
+    fn default() -> Self {
+        Self {
+            in_flight: AtomicU64::new(0),
+            engine: Mutex::new(None),
+            since: Instant::now(),
+            tokens_served: AtomicU64::new(0),
+        }
+    }
 }
 
 impl BackendLive {
@@ -237,13 +252,16 @@ impl Lease {
         }
     }
 
-    pub fn deployment(&self) -> &DeploymentLive {
-        &self.deployment
-    }
-
-    /// Teaches the alias how long its answers run, for cost estimates.
-    pub fn record_output_tokens(&self, tokens: u64) {
-        self.alias.record_output_tokens(tokens);
+    /// Counts the tokens served by the backend, and teaches the alias how
+    /// long its answers run (for cost estimates) when the count is the
+    /// upstream's own.
+    pub fn record_tokens(&self, input: u64, output: u64, reported: bool) {
+        self.backend
+            .tokens_served
+            .fetch_add(input + output, Ordering::Relaxed);
+        if reported {
+            self.alias.record_output_tokens(output);
+        }
     }
 }
 
@@ -254,39 +272,37 @@ impl Drop for Lease {
     }
 }
 
-/// One try at one deployment, admitted by its circuit. It must end in
+/// One try at one deployment, admitted by its circuit. It ends in
 /// [`Attempt::succeeded`] or [`Attempt::failed`]; dropped otherwise (the
 /// client left first), it frees a half-open circuit's probe slot.
 pub struct Attempt {
-    lease: Option<Lease>,
+    deployment: Option<Arc<DeploymentLive>>,
     probe: bool,
     started: Instant,
 }
 
 impl Attempt {
     /// `None` when the deployment's circuit does not admit a request now.
-    pub fn begin(lease: impl FnOnce() -> Lease, deployment: &DeploymentLive) -> Option<Self> {
+    pub fn begin(deployment: &Arc<DeploymentLive>) -> Option<Self> {
         let started = Instant::now();
         let probe = deployment.circuit.admit(started)?;
         Some(Self {
-            lease: Some(lease()),
+            deployment: Some(deployment.clone()),
             probe,
             started,
         })
     }
 
-    fn take(&mut self) -> Lease {
-        self.lease.take().expect("an attempt ends once")
+    fn take(&mut self) -> Arc<DeploymentLive> {
+        self.deployment.take().expect("an attempt ends once")
     }
 
     /// The upstream answered (the first chunk, or the whole body): the
     /// circuit closes and the latency counts.
-    pub fn succeeded(mut self, stream: bool) -> Lease {
-        let lease = self.take();
-        let d = lease.deployment();
+    pub fn succeeded(mut self, stream: bool) {
+        let d = self.take();
         d.circuit.on_success();
         d.record_latency(stream, self.started.elapsed());
-        lease
     }
 
     /// The upstream failed before the client saw a byte. A 429 cools the
@@ -294,8 +310,7 @@ impl Attempt {
     /// against the circuit; an upstream that rejected the request itself
     /// (a 4xx) is healthy.
     pub fn failed(mut self, error: &GatewayError, settings: &RoutingSettings) {
-        let lease = self.take();
-        let d = lease.deployment();
+        let d = self.take();
         let now = Instant::now();
         match error.source {
             ErrorSource::Upstream if error.status == StatusCode::TOO_MANY_REQUESTS => {
@@ -312,8 +327,8 @@ impl Attempt {
 
 impl Drop for Attempt {
     fn drop(&mut self) {
-        if let Some(lease) = &self.lease {
-            lease.deployment().circuit.on_abandon(self.probe);
+        if let Some(d) = &self.deployment {
+            d.circuit.on_abandon(self.probe);
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct Candidate {
     pub rule: Option<Rule>,
     /// When it may be usable again (open circuit, 429 cooldown).
     pub retry_in: Option<Duration>,
+    /// The strategy's reason as a closed set, for metrics.
+    pub label: &'static str,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ pub struct Plan {
     pub model: usize,
     pub strategy: &'static str,
     pub status: PlanStatus,
+    /// Completion tokens the request is expected to generate.
+    pub expected_output: u64,
     /// The kept deployments in the order they will be tried, then the
     /// dropped ones in config order.
     pub candidates: Vec<Candidate>,
@@ -151,6 +155,7 @@ pub fn plan(
             score: None,
             rule,
             retry_in,
+            label: "dropped",
         };
         if let Err((rule, reason)) = policy::check(deployment, backend, &config.policy, facts) {
             blocked_by_policy += 1;
@@ -226,6 +231,7 @@ pub fn plan(
             score: Some(r.score),
             rule: None,
             retry_in: None,
+            label: r.label,
         })
         .collect();
     let kept = candidates.iter().filter(|c| c.kept).count();
@@ -242,6 +248,7 @@ pub fn plan(
         model,
         strategy: m.strategy.name(),
         status,
+        expected_output: inputs.expected_output,
         candidates,
     }
 }

@@ -23,6 +23,8 @@ pub struct Ranked {
     pub index: usize,
     pub score: f64,
     pub reason: String,
+    /// Why, as a closed set for the routing-decisions metric.
+    pub label: &'static str,
     pub dropped: bool,
 }
 
@@ -97,6 +99,7 @@ fn by_cost(options: &[Contender<'_>], inputs: &Inputs<'_>) -> Vec<Ranked> {
                 index: o.index,
                 score: usd,
                 reason: format!("expected ${usd:.6} ({how})"),
+                label: "cheapest",
                 dropped: false,
             }
         })
@@ -123,6 +126,7 @@ fn by_latency(
                 index: o.index,
                 score: ms,
                 reason: format!("expected {ms:.0} ms {what}"),
+                label: "fastest",
                 dropped: false,
             },
             // Unmeasured goes first, so it gets measured.
@@ -130,6 +134,7 @@ fn by_latency(
                 index: o.index,
                 score: 0.0,
                 reason: "not measured yet: tried first to measure it".into(),
+                label: "unmeasured",
                 dropped: false,
             },
         })
@@ -144,6 +149,7 @@ fn by_latency(
             0,
             Ranked {
                 reason: format!("exploring ({})", explored.reason),
+                label: "exploring",
                 ..explored
             },
         );
@@ -176,10 +182,17 @@ fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover
             } else {
                 format!("tier {tier}, {load_text}: taking traffic")
             };
+            let label = match (over_cap, saturated) {
+                (true, _) => "over_price_cap",
+                (false, true) => "saturated",
+                (false, false) if tier == first_tier => "first_tier",
+                (false, false) => "overflow",
+            };
             let ranked = Ranked {
                 index: o.index,
                 score: load.unwrap_or(0.0),
                 reason,
+                label,
                 dropped: over_cap,
             };
             (saturated, tier, usd, ranked)
@@ -225,6 +238,7 @@ fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Vec<Ranked> 
                     index: o.index,
                     score: f64::from(weight),
                     reason: format!("weight {weight} of {total}"),
+                    label: "weighted",
                     dropped: false,
                 },
             )

@@ -12,13 +12,13 @@ use futures_util::StreamExt;
 use super::AppState;
 use super::auth;
 use super::sse::{SseBody, SseParams};
-use crate::config::{Backend, Deployment, Key, Model};
+use crate::config::{Backend, Budget, Deployment, Key};
 use crate::error::GatewayError;
-use crate::metering::{InFlight, Meter, MeterLabels, Observed, estimate};
+use crate::metering::{Charges, InFlight, Meter, MeterLabels, Observed, Serving, budget};
 use crate::metrics::NONE;
 use crate::openai::{Endpoint, InboundRequest, ResponseView};
 use crate::providers::{ChunkStream, UpstreamCall, UpstreamReply};
-use crate::routing::{self, Attempt, Lease, PlanStatus, RequestFacts};
+use crate::routing::{self, Attempt, PlanStatus, RequestFacts};
 use crate::snapshot::Snapshot;
 
 const BACKEND_HEADER: &str = "x-tollgate-backend";
@@ -74,11 +74,19 @@ pub async fn handle(
                 backend,
                 started,
                 attempts,
+                meter,
             } = failure;
             let status = error.status.as_u16();
-            app.metrics
-                .record_request(&alias, &backend, status, started.elapsed());
+            let metrics = &app.metrics;
+            metrics
+                .errors
+                .with_label_values(&[&alias, error.label()])
+                .inc();
             tracing::info!(request_id, alias, backend, status, kind = error.label(), error = %error.message, "request failed");
+            match meter {
+                Some(mut meter) => meter.finish(status),
+                None => metrics.record_request(&alias, &backend, status, started.elapsed()),
+            }
             let mut response = error.into_response();
             if backend != NONE {
                 set_served_by(&mut response, &backend, attempts);
@@ -96,6 +104,8 @@ struct Failure {
     started: Instant,
     /// Upstream attempts made before giving up.
     attempts: usize,
+    /// Records the request once upstreams were tried.
+    meter: Option<Meter>,
 }
 
 async fn serve(
@@ -105,28 +115,27 @@ async fn serve(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, Failure> {
-    let fail = |alias: &str, backend: &str, attempts: usize| {
-        let (alias, backend, started) = (alias.to_owned(), backend.to_owned(), ctx.started);
+    let started = ctx.started;
+    let fail = |alias: &str| {
+        let alias = alias.to_owned();
         move |error| Failure {
             error,
             alias,
-            backend,
+            backend: NONE.to_owned(),
             started,
-            attempts,
+            attempts: 0,
+            meter: None,
         }
     };
     let snapshot = ctx.snapshot.clone();
-    let key = auth::authenticate(&snapshot, headers).map_err(fail(NONE, NONE, 0))?;
+    let key = auth::authenticate(&snapshot, headers).map_err(fail(NONE))?;
     let limit = snapshot.config.server.max_body_bytes;
-    let bytes = read_body(headers, body, limit)
-        .await
-        .map_err(fail(NONE, NONE, 0))?;
-    let request = parse(endpoint, &bytes).map_err(fail(NONE, NONE, 0))?;
-    let model_index = resolve(&snapshot, key, request.model()).map_err(fail(NONE, NONE, 0))?;
+    let bytes = read_body(headers, body, limit).await.map_err(fail(NONE))?;
+    let request = parse(endpoint, &bytes).map_err(fail(NONE))?;
+    let model_index = resolve(&snapshot, key, request.model()).map_err(fail(NONE))?;
     let model = &snapshot.config.models[model_index];
     let alias = model.alias.as_str();
-    let region =
-        routing::region(headers, key, &snapshot.config.policy).map_err(fail(alias, NONE, 0))?;
+    let region = routing::region(headers, key, &snapshot.config.policy).map_err(fail(alias))?;
     let facts = RequestFacts::of(&request, region);
     let plan = routing::plan(
         &snapshot,
@@ -135,11 +144,63 @@ async fn serve(
         Instant::now(),
         &mut fastrand::Rng::new(),
     );
-    if plan.status != PlanStatus::Ready {
-        return Err(fail(alias, NONE, 0)(routing::refusal(
-            &snapshot, &plan, &facts, key,
-        )));
+    let metrics = &app.metrics;
+    match plan.status {
+        PlanStatus::Ready => {
+            let first = &plan.candidates[0];
+            metrics
+                .routing_decisions
+                .with_label_values(&[alias, plan.strategy, first.label])
+                .inc();
+        }
+        PlanStatus::Blocked => {
+            for rule in plan.rules() {
+                metrics
+                    .policy_blocks
+                    .with_label_values(&[alias, rule.name()])
+                    .inc();
+            }
+            return Err(fail(alias)(routing::refusal(&snapshot, &plan, &facts, key)));
+        }
+        PlanStatus::Unavailable => {
+            return Err(fail(alias)(routing::refusal(&snapshot, &plan, &facts, key)));
+        }
     }
+    // The estimate is what the dearest deployment in the plan would charge
+    // for the prompt and the expected (or requested maximum) output.
+    let estimate = plan
+        .order()
+        .map(|i| {
+            snapshot
+                .rate(model_index, i)
+                .estimate_nano_usd(facts.input_tokens, plan.expected_output)
+        })
+        .max()
+        .unwrap_or(0);
+    let reservation = match key {
+        Some(key) if key.budget != Budget::default() => Some(
+            app.budgets
+                .admit(&app.ledger, key, estimate, budget::today())
+                .map_err(fail(alias))?,
+        ),
+        _ => None,
+    };
+    let mut meter = Meter::new(
+        metrics.clone(),
+        MeterLabels {
+            request_id: ctx.request_id.clone(),
+            alias: alias.to_owned(),
+            key: key.map_or(NONE, |k| k.name.as_str()).to_owned(),
+        },
+        Charges {
+            ledger: app.ledger.clone(),
+            reservation,
+            counterfactuals: snapshot.counterfactuals(model_index).clone(),
+        },
+        started,
+        facts.input_tokens,
+        ctx.in_flight,
+    );
 
     let settings = &snapshot.config.routing;
     let mut attempts = 0;
@@ -149,30 +210,47 @@ async fn serve(
             break;
         }
         let deployment = &model.deployments[index];
-        let live = snapshot.deployment_live(model_index, index);
         // A half-open circuit whose probe another request took is skipped,
         // not failed.
-        let Some(attempt) = Attempt::begin(|| snapshot.lease(model_index, index), live) else {
+        let Some(attempt) = Attempt::begin(snapshot.deployment_live(model_index, index)) else {
             continue;
         };
         attempts += 1;
         let (backend, _) = snapshot.backend(deployment);
-        match call(app, &ctx, &request, deployment).await {
+        meter.begin_attempt(Serving {
+            deployment: deployment.name.clone(),
+            backend: backend.name.clone(),
+            rate: snapshot.rate(model_index, index),
+            lease: snapshot.lease(model_index, index),
+        });
+        match call(app, &ctx.request_id, &snapshot, &request, deployment).await {
             Ok(reply) => {
-                let lease = attempt.succeeded(facts.stream);
+                attempt.succeeded(facts.stream);
+                meter.attempt_answered();
                 let served = Served {
-                    model,
                     backend,
                     attempts,
-                    lease,
+                    meter,
                 };
-                return Ok(respond(app, ctx, &request, served, reply));
+                return Ok(respond(&request, served, reply));
             }
             Err(error) => {
                 attempt.failed(&error, settings);
+                meter.attempt_failed();
                 if !error.retriable {
-                    return Err(fail(alias, &backend.name, attempts)(error));
+                    return Err(Failure {
+                        error,
+                        alias: alias.to_owned(),
+                        backend: backend.name.clone(),
+                        started,
+                        attempts,
+                        meter: Some(meter),
+                    });
                 }
+                metrics
+                    .failovers
+                    .with_label_values(&[alias, &deployment.name, error.label()])
+                    .inc();
                 tracing::warn!(
                     request_id = ctx.request_id, alias, deployment = deployment.name, error = %error.message,
                     "upstream failed before the first byte; trying the next deployment"
@@ -181,12 +259,19 @@ async fn serve(
             }
         }
     }
-    Err(match last_error {
-        Some((error, backend)) => fail(alias, &backend, attempts)(error),
-        None => fail(alias, NONE, 0)(GatewayError::no_deployment_available(
-            alias,
-            plan.retry_after(),
-        )),
+    let (error, backend) = last_error.unwrap_or_else(|| {
+        (
+            GatewayError::no_deployment_available(alias, plan.retry_after()),
+            NONE.to_owned(),
+        )
+    });
+    Err(Failure {
+        error,
+        alias: alias.to_owned(),
+        backend,
+        started,
+        attempts,
+        meter: Some(meter),
     })
 }
 
@@ -202,15 +287,16 @@ enum Ready {
 /// become an HTTP error or a failover.
 async fn call(
     app: &AppState,
-    ctx: &RequestCtx,
+    request_id: &str,
+    snapshot: &Snapshot,
     request: &InboundRequest,
     deployment: &Deployment,
 ) -> Result<Ready, GatewayError> {
-    let (backend, provider) = ctx.snapshot.backend(deployment);
+    let (backend, provider) = snapshot.backend(deployment);
     let call = UpstreamCall {
         request,
         upstream_model: &deployment.upstream_model,
-        request_id: &ctx.request_id,
+        request_id,
     };
     let first_byte = backend.timeouts.first_byte;
     let result = tokio::time::timeout(first_byte, async {
@@ -257,41 +343,22 @@ fn read_view<'b>(backend: &str, body: &'b [u8]) -> Result<ResponseView<'b>, Gate
     Ok(view)
 }
 
-/// Where a request was served: what the answer reports and meters.
+/// Where a request was served, and its meter.
 struct Served<'s> {
-    model: &'s Model,
     backend: &'s Backend,
     attempts: usize,
-    lease: Lease,
+    meter: Meter,
 }
 
-fn respond(
-    app: &AppState,
-    ctx: RequestCtx,
-    request: &InboundRequest,
-    served: Served<'_>,
-    reply: Ready,
-) -> Response {
+fn respond(request: &InboundRequest, served: Served<'_>, reply: Ready) -> Response {
     let Served {
-        model,
         backend,
         attempts,
-        lease,
+        mut meter,
     } = served;
-    let mut meter = Meter::new(
-        app.metrics.clone(),
-        MeterLabels {
-            request_id: ctx.request_id,
-            alias: model.alias.clone(),
-            backend: backend.name.clone(),
-        },
-        ctx.started,
-        estimate::prompt_tokens(request),
-        ctx.in_flight,
-        lease,
-    );
     let mut response = match reply {
         Ready::Complete(body, observed) => {
+            meter.upstream_done();
             meter.observe(observed);
             meter.finish(200);
             super::json_response(StatusCode::OK, body)

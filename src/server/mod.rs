@@ -21,6 +21,8 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::ledger::{self, Ledger};
+use crate::metering::budget::Budgets;
 use crate::metrics::Metrics;
 use crate::openai::{Endpoint, ModelEntry, ModelList};
 use crate::routing::{LiveState, engine};
@@ -34,6 +36,9 @@ pub struct AppState {
     /// What routing has learned, by name; outlives any one snapshot.
     pub live: LiveState,
     pub metrics: Arc<Metrics>,
+    /// Spend per day, key, model and deployment; durable with a data_dir.
+    pub ledger: Arc<Ledger>,
+    pub budgets: Arc<Budgets>,
     /// The engine scrapers of the snapshot's backends; they stop when
     /// dropped.
     _scrapers: engine::Scrapers,
@@ -49,6 +54,12 @@ impl Gateway {
     /// Builds the gateway and starts scraping its engines' load metrics;
     /// call it inside the Tokio runtime.
     pub fn new(config: Config) -> Result<Self, String> {
+        let ledger = Arc::new(Ledger::open(config.ledger.data_dir.as_deref())?);
+        if ledger.is_durable() {
+            ledger::spawn_flusher(&ledger, config.ledger.flush_interval);
+        } else {
+            tracing::warn!("no [ledger] data_dir: spend is kept in memory and lost on restart");
+        }
         let live = LiveState::default();
         let snapshot = Snapshot::build(config, &live)?;
         let scrapers = engine::spawn(&snapshot.config.backends, &snapshot.live().backends);
@@ -57,6 +68,8 @@ impl Gateway {
                 snapshot: ArcSwap::from_pointee(snapshot),
                 live,
                 metrics: Arc::new(Metrics::new()),
+                ledger,
+                budgets: Arc::default(),
                 _scrapers: scrapers,
                 draining: AtomicBool::new(false),
             }),
@@ -108,17 +121,20 @@ impl Gateway {
         });
         let server = server.into_future();
         tokio::pin!(server);
-        tokio::select! {
-            result = &mut server => return result,
-            Ok(()) = drain_rx => {}
+        let result = tokio::select! {
+            result = &mut server => result,
+            Ok(()) = drain_rx => match tokio::time::timeout(grace, server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!("grace period over: closing the connections still open");
+                    Ok(())
+                }
+            },
+        };
+        if let Err(e) = self.state.ledger.flush() {
+            tracing::error!(error = %e, "could not write the last spend to the ledger");
         }
-        match tokio::time::timeout(grace, server).await {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::warn!("grace period over: closing the connections still open");
-                Ok(())
-            }
-        }
+        result
     }
 }
 

@@ -99,12 +99,13 @@ impl SseBody {
             }
             self.sent_usage_chunk = true;
         }
-        self.meter.first_chunk_sent();
+        self.meter.chunk_sent();
         Some(event(&chunk))
     }
 
     /// The upstream ended normally.
     fn on_end(&mut self) {
+        self.meter.upstream_done();
         if self.include_usage && !self.sent_usage_chunk {
             if let Some(usage) = self.meter.usage() {
                 self.tail.push_back(event(&self.usage_chunk(usage)));
@@ -114,6 +115,7 @@ impl SseBody {
     }
 
     fn fail(&mut self, error: GatewayError) {
+        self.meter.upstream_done();
         tracing::warn!(backend = %self.backend, error = %error.message, "stream failed after it started");
         self.tail.push_back(event(&error.body_json()));
         self.end(error.status.as_u16());
@@ -192,7 +194,9 @@ mod tests {
     use futures_util::{StreamExt, stream};
 
     use super::*;
-    use crate::metering::{InFlight, MeterLabels};
+    use crate::ledger::Ledger;
+    use crate::metering::cost::Rate;
+    use crate::metering::{Charges, InFlight, MeterLabels, Serving};
     use crate::metrics::Metrics;
     use crate::routing::Lease;
 
@@ -205,18 +209,29 @@ mod tests {
         include_usage: bool,
     ) -> (Vec<String>, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new());
-        let meter = Meter::new(
+        let mut meter = Meter::new(
             metrics.clone(),
             MeterLabels {
                 request_id: "r".into(),
                 alias: "a".into(),
-                backend: "b".into(),
+                key: "k".into(),
+            },
+            Charges {
+                ledger: Arc::new(Ledger::open(None).unwrap()),
+                reservation: None,
+                counterfactuals: Arc::new([]),
             },
             std::time::Instant::now(),
             10,
             InFlight::new(&metrics.in_flight),
-            Lease::new(Arc::default(), Arc::default(), Arc::default()),
         );
+        meter.begin_attempt(Serving {
+            deployment: "a/b".into(),
+            backend: "b".into(),
+            rate: Rate::default(),
+            lease: Lease::new(Arc::default(), Arc::default(), Arc::default()),
+        });
+        meter.attempt_answered();
         let mut chunks = chunks
             .into_iter()
             .map(|c| c.map(|s| Bytes::from_static(s.as_bytes())));

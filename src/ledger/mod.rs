@@ -1,0 +1,266 @@
+//! The spend ledger: requests, tokens and USD per day, key, model and
+//! deployment. Totals live in memory for budgets and `/admin/spend`; new
+//! spend is written to SQLite under `ledger.data_dir` about once a second
+//! (`ledger.flush_interval_ms`), so a crash loses at most that much and a
+//! restart restores every total.
+
+mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use serde::Serialize;
+use time::Date;
+
+use store::Store;
+
+/// One row of the ledger: a day (UTC) and who spent on what.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Row {
+    pub day: Date,
+    pub key: String,
+    pub model: String,
+    pub deployment: String,
+}
+
+/// Spend is held in nano-dollars: exact integer sums, and room for
+/// 9 billion USD in an i64 column.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_nano_usd: u64,
+}
+
+impl Totals {
+    fn add(&mut self, other: &Totals) {
+        self.requests += other.requests;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cost_nano_usd += other.cost_nano_usd;
+    }
+}
+
+pub struct Ledger {
+    state: Mutex<State>,
+    /// `None`: spend is kept in memory only (no `[ledger]` in the config).
+    store: Option<Mutex<Store>>,
+}
+
+#[derive(Default)]
+struct State {
+    totals: BTreeMap<Row, Totals>,
+    /// Spend per key and day, for budgets.
+    by_key_day: HashMap<(String, Date), u64>,
+    /// Recorded but not yet written.
+    pending: HashMap<Row, Totals>,
+}
+
+impl State {
+    fn add(&mut self, row: Row, totals: Totals) {
+        *self
+            .by_key_day
+            .entry((row.key.clone(), row.day))
+            .or_default() += totals.cost_nano_usd;
+        self.totals.entry(row).or_default().add(&totals);
+    }
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger in `data_dir` and loads its totals;
+    /// without a directory, a ledger in memory.
+    pub fn open(data_dir: Option<&Path>) -> Result<Self, String> {
+        let mut state = State::default();
+        let store = match data_dir {
+            None => None,
+            Some(dir) => {
+                let store = Store::open(dir)?;
+                for (row, totals) in store.load()? {
+                    state.add(row, totals);
+                }
+                Some(Mutex::new(store))
+            }
+        };
+        Ok(Self {
+            state: Mutex::new(state),
+            store,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn record(&self, row: Row, totals: Totals) {
+        let mut state = self.state();
+        if self.store.is_some() {
+            state.pending.entry(row.clone()).or_default().add(&totals);
+        }
+        state.add(row, totals);
+    }
+
+    /// Nano-dollars a key spent from `from` to `to`, both included.
+    pub fn spent(&self, key: &str, from: Date, to: Date) -> u64 {
+        let state = self.state();
+        let mut total = 0;
+        let mut day = from;
+        while day <= to {
+            total += state
+                .by_key_day
+                .get(&(key.to_owned(), day))
+                .copied()
+                .unwrap_or(0);
+            let Some(next) = day.next_day() else { break };
+            day = next;
+        }
+        total
+    }
+
+    /// The rows, optionally for one key and a date range (both ends
+    /// included), in day order.
+    pub fn rows(
+        &self,
+        key: Option<&str>,
+        from: Option<Date>,
+        to: Option<Date>,
+    ) -> Vec<(Row, Totals)> {
+        self.state()
+            .totals
+            .iter()
+            .filter(|(row, _)| {
+                key.is_none_or(|k| row.key == k)
+                    && from.is_none_or(|f| row.day >= f)
+                    && to.is_none_or(|t| row.day <= t)
+            })
+            .map(|(row, totals)| (row.clone(), *totals))
+            .collect()
+    }
+
+    /// Writes what was recorded since the last flush, in one transaction.
+    /// On failure the spend stays pending and the next flush retries it.
+    pub fn flush(&self) -> Result<(), String> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let pending = std::mem::take(&mut self.state().pending);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let result = store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(&pending);
+        if result.is_err() {
+            let mut state = self.state();
+            for (row, totals) in pending {
+                state.pending.entry(row).or_default().add(&totals);
+            }
+        }
+        result
+    }
+
+    pub fn is_durable(&self) -> bool {
+        self.store.is_some()
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::error!(error = %e, "could not write the last spend to the ledger");
+        }
+    }
+}
+
+/// Flushes the ledger every `every` on a thread of its own (SQLite blocks),
+/// until the ledger is dropped.
+pub fn spawn_flusher(ledger: &Arc<Ledger>, every: Duration) {
+    if !ledger.is_durable() {
+        return;
+    }
+    let ledger: Weak<Ledger> = Arc::downgrade(ledger);
+    std::thread::Builder::new()
+        .name("ledger-flush".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                std::thread::sleep(every);
+                let Some(ledger) = ledger.upgrade() else { return };
+                match ledger.flush() {
+                    Ok(()) => failing = false,
+                    Err(e) if !failing => {
+                        tracing::error!(error = %e, "cannot write spend to the ledger; keeping it in memory and retrying");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+        .expect("a thread can be spawned");
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::date;
+
+    use super::*;
+
+    fn row(day: Date, key: &str) -> Row {
+        Row {
+            day,
+            key: key.into(),
+            model: "m".into(),
+            deployment: "m/b".into(),
+        }
+    }
+
+    fn spend(nano: u64) -> Totals {
+        Totals {
+            requests: 1,
+            input_tokens: 10,
+            output_tokens: 5,
+            cost_nano_usd: nano,
+        }
+    }
+
+    #[test]
+    fn totals_survive_a_restart_and_only_flushed_spend_is_lost_in_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(Some(dir.path())).unwrap();
+        ledger.record(row(date!(2026 - 11 - 27), "a"), spend(100));
+        ledger.record(row(date!(2026 - 11 - 28), "a"), spend(50));
+        ledger.record(row(date!(2026 - 11 - 28), "a"), spend(50));
+        ledger.record(row(date!(2026 - 11 - 28), "b"), spend(7));
+        ledger.flush().unwrap();
+        // Recorded after the last flush, then a crash: this is lost.
+        ledger.record(row(date!(2026 - 11 - 28), "a"), spend(1));
+        std::mem::forget(ledger);
+
+        let ledger = Ledger::open(Some(dir.path())).unwrap();
+        assert_eq!(
+            ledger.spent("a", date!(2026 - 11 - 28), date!(2026 - 11 - 28)),
+            100
+        );
+        assert_eq!(
+            ledger.spent("a", date!(2026 - 11 - 1), date!(2026 - 11 - 30)),
+            200
+        );
+        let rows = ledger.rows(Some("a"), Some(date!(2026 - 11 - 28)), None);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].1.requests, 2);
+        assert_eq!(ledger.rows(None, None, None).len(), 3);
+        drop(ledger);
+        // A clean drop flushes.
+        let ledger = Ledger::open(Some(dir.path())).unwrap();
+        ledger.record(row(date!(2026 - 11 - 28), "b"), spend(3));
+        drop(ledger);
+        let ledger = Ledger::open(Some(dir.path())).unwrap();
+        assert_eq!(
+            ledger.spent("b", date!(2026 - 11 - 28), date!(2026 - 11 - 28)),
+            10
+        );
+    }
+}

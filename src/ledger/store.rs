@@ -1,0 +1,123 @@
+//! The SQLite file behind the ledger: one table of daily totals, added to
+//! with upserts.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rusqlite::{Connection, params};
+use time::Date;
+use time::macros::format_description;
+
+use super::{Row, Totals};
+
+const FILE: &str = "tollgate-ledger.sqlite3";
+const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
+    format_description!("[year]-[month]-[day]");
+
+pub struct Store {
+    connection: Connection,
+}
+
+fn sql(e: rusqlite::Error) -> String {
+    format!("ledger database: {e}")
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create ledger directory {}: {e}", dir.display()))?;
+        let path = dir.join(FILE);
+        let connection = Connection::open(&path)
+            .map_err(|e| format!("cannot open ledger {}: {e}", path.display()))?;
+        // WAL: a flush never blocks readers, and a crash mid-write leaves
+        // the last committed flush intact.
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = NORMAL;
+                 CREATE TABLE IF NOT EXISTS spend (
+                     day TEXT NOT NULL,
+                     key TEXT NOT NULL,
+                     model TEXT NOT NULL,
+                     deployment TEXT NOT NULL,
+                     requests INTEGER NOT NULL,
+                     input_tokens INTEGER NOT NULL,
+                     output_tokens INTEGER NOT NULL,
+                     cost_nano_usd INTEGER NOT NULL,
+                     PRIMARY KEY (day, key, model, deployment)
+                 );",
+            )
+            .map_err(sql)?;
+        Ok(Self { connection })
+    }
+
+    pub fn load(&self) -> Result<Vec<(Row, Totals)>, String> {
+        let mut statement = self
+            .connection
+            .prepare(
+                "SELECT day, key, model, deployment, requests, input_tokens, output_tokens, cost_nano_usd FROM spend",
+            )
+            .map_err(sql)?;
+        let rows = statement
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Row {
+                        day: Date::MIN,
+                        key: r.get(1)?,
+                        model: r.get(2)?,
+                        deployment: r.get(3)?,
+                    },
+                    Totals {
+                        requests: r.get::<_, i64>(4)?.max(0) as u64,
+                        input_tokens: r.get::<_, i64>(5)?.max(0) as u64,
+                        output_tokens: r.get::<_, i64>(6)?.max(0) as u64,
+                        cost_nano_usd: r.get::<_, i64>(7)?.max(0) as u64,
+                    },
+                ))
+            })
+            .map_err(sql)?;
+        rows.map(|row| {
+            let (day, mut row, totals) = row.map_err(sql)?;
+            row.day = Date::parse(&day, DAY)
+                .map_err(|e| format!("ledger database: bad day {day:?}: {e}"))?;
+            Ok((row, totals))
+        })
+        .collect()
+    }
+
+    /// Adds the pending totals to the stored ones, all or nothing.
+    pub fn add(&mut self, pending: &HashMap<Row, Totals>) -> Result<(), String> {
+        let tx = self.connection.transaction().map_err(sql)?;
+        {
+            let mut upsert = tx
+                .prepare_cached(
+                    "INSERT INTO spend (day, key, model, deployment, requests, input_tokens, output_tokens, cost_nano_usd)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (day, key, model, deployment) DO UPDATE SET
+                         requests = requests + excluded.requests,
+                         input_tokens = input_tokens + excluded.input_tokens,
+                         output_tokens = output_tokens + excluded.output_tokens,
+                         cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd",
+                )
+                .map_err(sql)?;
+            for (row, t) in pending {
+                let day = row.day.format(DAY).map_err(|e| e.to_string())?;
+                let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                upsert
+                    .execute(params![
+                        day,
+                        row.key,
+                        row.model,
+                        row.deployment,
+                        int(t.requests),
+                        int(t.input_tokens),
+                        int(t.output_tokens),
+                        int(t.cost_nano_usd),
+                    ])
+                    .map_err(sql)?;
+            }
+        }
+        tx.commit().map_err(sql)
+    }
+}
