@@ -41,6 +41,8 @@ pub enum CircuitView {
 }
 
 impl CircuitView {
+    pub const NAMES: [&'static str; 3] = ["closed", "half_open", "open"];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Closed => "closed",

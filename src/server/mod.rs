@@ -1,8 +1,10 @@
 //! Inbound HTTP: the routes, the shared state, and graceful shutdown.
 
+mod admin;
 mod auth;
 mod completions;
 mod explain;
+mod metrics_page;
 mod request_id;
 mod sse;
 
@@ -84,7 +86,8 @@ impl Gateway {
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
-            .route("/admin/explain", post(admin_explain))
+            .route("/admin/explain", post(admin::explain_plan))
+            .route("/admin/spend", get(admin::spend))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(axum::middleware::from_fn(request_id::tag))
@@ -201,35 +204,9 @@ async fn metrics(State(app): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        app.metrics.encode(),
+        metrics_page::render(&app),
     )
         .into_response()
-}
-
-/// `POST /admin/explain`: the plan the live state would make.
-async fn admin_explain(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: axum::body::Bytes,
-) -> Response {
-    let snapshot = app.snapshot.load_full();
-    let result = auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
-        let ask: ExplainRequest = serde_json::from_slice(&body).map_err(|e| {
-            GatewayError::bad_request(
-                format!("the body must be {{\"request\": {{...}}, \"region\"?, \"key\"?}}: {e}"),
-                None,
-            )
-        })?;
-        explain(&snapshot, &ask)
-    });
-    match result {
-        Ok(explained) => json_response(
-            StatusCode::OK,
-            serde_json::to_vec(&explained).expect("plans serialise"),
-        ),
-        Err(e) => e.into_response(),
-    }
 }
 
 async fn not_found(uri: Uri) -> Response {

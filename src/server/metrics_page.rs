@@ -1,0 +1,98 @@
+//! `GET /metrics`: the gauges that describe live state (circuits, load,
+//! engine signals, self-hosted cost, budgets) are set from it at scrape
+//! time, then every metric is encoded.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::AppState;
+use crate::metering::budget::{self, Period};
+use crate::routing::CircuitView;
+
+pub fn render(app: &AppState) -> String {
+    refresh(app);
+    app.metrics.encode()
+}
+
+fn refresh(app: &AppState) {
+    let snapshot = app.snapshot.load();
+    let m = &app.metrics;
+    let now = Instant::now();
+    // Reset first, so names a reload removed disappear.
+    for gauges in [
+        &m.circuit_state,
+        &m.backend_load,
+        &m.engine_requests_waiting,
+        &m.engine_requests_running,
+        &m.engine_kv_cache_usage,
+        &m.selfhosted_effective_price,
+        &m.selfhosted_utilization,
+        &m.budget_remaining,
+    ] {
+        gauges.reset();
+    }
+    let config = &snapshot.config;
+    for (model, deployments) in config.models.iter().zip(&snapshot.live().deployments) {
+        for (deployment, live) in model.deployments.iter().zip(deployments) {
+            let current = live.circuit.view(now).name();
+            for state in CircuitView::NAMES {
+                m.circuit_state
+                    .with_label_values(&[&deployment.name, state])
+                    .set(f64::from(u8::from(state == current)));
+            }
+        }
+    }
+    for (backend, live) in config.backends.iter().zip(&snapshot.live().backends) {
+        let name = backend.name.as_str();
+        if let Some(load) = live.load(backend, now) {
+            m.backend_load.with_label_values(&[name]).set(load);
+        }
+        if let Some(signals) = backend
+            .engine_metrics
+            .as_ref()
+            .and_then(|e| live.engine(now, e.interval * 3))
+        {
+            m.engine_requests_waiting
+                .with_label_values(&[name])
+                .set(signals.waiting);
+            m.engine_requests_running
+                .with_label_values(&[name])
+                .set(signals.running);
+            if let Some(kv) = signals.kv_cache {
+                m.engine_kv_cache_usage.with_label_values(&[name]).set(kv);
+            }
+        }
+        if let Some(pool) = backend.self_hosted {
+            // GPU-hours are paid whether used or not: the cost accrues with
+            // time, from when the gateway first had this backend.
+            let hours = now.saturating_duration_since(live.since).as_secs_f64() / 3600.0;
+            let accrued = pool.gpu_hour_usd * f64::from(pool.gpus) * hours;
+            let counter = m.selfhosted_cost.with_label_values(&[name]);
+            if accrued > counter.get() {
+                counter.inc_by(accrued - counter.get());
+            }
+            let tokens = live.tokens_served.load(Ordering::Relaxed) as f64;
+            if tokens > 0.0 {
+                m.selfhosted_effective_price
+                    .with_label_values(&[name])
+                    .set(accrued / tokens * 1e6);
+            }
+            let capacity = pool.throughput_tokens_per_second * hours * 3600.0;
+            if capacity > 0.0 {
+                m.selfhosted_utilization
+                    .with_label_values(&[name])
+                    .set(tokens / capacity);
+            }
+        }
+    }
+    let today = budget::today();
+    for key in &config.keys {
+        for period in [Period::Daily, Period::Monthly] {
+            if let Some(left) = app.budgets.remaining(&app.ledger, key, period, today) {
+                m.budget_remaining
+                    .with_label_values(&[&key.name, period.name()])
+                    .set(budget::usd(left));
+            }
+        }
+    }
+}
