@@ -265,6 +265,7 @@ impl MockUpstream {
         let (release, _) = watch::channel(false);
         let (peer_closed, _) = watch::channel(0);
         let shared = Arc::new(Shared {
+            status: Mutex::new(self.status),
             canned: Canned::new(self.canned_chunks),
             reply: self,
             requests: Mutex::new(Vec::new()),
@@ -327,6 +328,14 @@ impl MockServer {
     /// at first), as an engine reports its load.
     pub fn set_metrics(&self, page: impl Into<String>) {
         *self.shared.metrics.lock().expect("not poisoned") = page.into();
+    }
+
+    /// Answers later requests with this status instead of the configured
+    /// one, as an upstream that starts (or stops) failing: not 2xx gives
+    /// the configured error body, 200 the configured answers again.
+    pub fn set_status(&self, status: u16) {
+        *self.shared.status.lock().expect("not poisoned") =
+            StatusCode::from_u16(status).expect("a valid HTTP status");
     }
 
     /// `GET /metrics` requests received so far.
@@ -397,6 +406,8 @@ struct Shared {
     canned: Canned,
     requests: Mutex<Vec<Recorded>>,
     hits: AtomicUsize,
+    /// The status answered now: `reply.status` until `set_status`.
+    status: Mutex<StatusCode>,
     metrics: Mutex<String>,
     scrapes: AtomicUsize,
     connections: AtomicUsize,
@@ -493,12 +504,13 @@ async fn respond(
     let flags: Flags = serde_json::from_slice(&body).unwrap_or_default();
     let streaming = flags.stream == Some(true);
 
-    if !reply.status.is_success() {
+    let status = *shared.status.lock().expect("not poisoned");
+    if !status.is_success() {
         let body = reply.body.clone().unwrap_or_else(|| {
-            let message = format!("mock upstream answers {}", reply.status);
+            let message = format!("mock upstream answers {status}");
             Bytes::from(json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}}).to_string())
         });
-        return Ok(plain(reply.status, &reply.headers, body));
+        return Ok(plain(status, &reply.headers, body));
     }
     if !streaming {
         let body = reply
@@ -506,7 +518,7 @@ async fn respond(
             .clone()
             .unwrap_or_else(|| shared.canned.json(endpoint).clone());
         if reply.body_after.is_zero() {
-            return Ok(plain(reply.status, &reply.headers, body));
+            return Ok(plain(status, &reply.headers, body));
         }
         return Ok(streamed(&shared, conn, vec![body], "application/json"));
     }

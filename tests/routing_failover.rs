@@ -1,0 +1,393 @@
+//! Failover through the gateway over HTTP, against mock upstreams on
+//! 127.0.0.1: each retriable failure moves on to the next deployment, up
+//! to `routing.max_attempts`; a client error and anything after the first
+//! byte do not; a 429's `retry-after` cools its deployment; a circuit
+//! opens, lets one probe through, and closes or reopens; every answer says
+//! which backend served it after how many attempts.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::gateway::*;
+use support::mock::{self, MockServer, MockUpstream};
+
+fn hi(alias: &str) -> Value {
+    json!({"model": alias, "messages": user("hi")})
+}
+
+fn hi_stream(alias: &str) -> Value {
+    json!({"model": alias, "stream": true, "messages": user("hi")})
+}
+
+fn ask(alias: &str) -> Value {
+    json!({"request": hi(alias)})
+}
+
+/// `(x-tollgate-backend, x-tollgate-attempts)` of a request that must get
+/// `status`.
+async fn outcome(gateway: &Gateway, request: Value, status: u16) -> (String, String) {
+    let response = gateway.chat(request).await;
+    assert_eq!(response.status(), status);
+    let served = served_by(&response);
+    if status == 200 {
+        response.bytes().await.unwrap();
+    } else {
+        error_of(response).await;
+    }
+    served
+}
+
+fn pair(backend: &str, attempts: usize) -> (String, String) {
+    (backend.to_owned(), attempts.to_string())
+}
+
+// ---- failover --------------------------------------------------------------------
+
+#[tokio::test]
+async fn each_retriable_failure_before_the_first_byte_fails_over_to_the_next_deployment() {
+    let refused = mock::refused_base_url().await;
+    let silent = MockUpstream::openai()
+        .first_byte_after(Duration::from_secs(30))
+        .start()
+        .await;
+    let stalled = MockUpstream::openai()
+        .body_after(Duration::from_secs(30))
+        .start()
+        .await;
+    let mut failing = Vec::new();
+    for status in [404, 429, 500, 502, 503, 504] {
+        failing.push((status, MockUpstream::openai().status(status).start().await));
+    }
+    let spare = MockUpstream::openai().start().await;
+    let mut config = backend_toml("refused", "openai", &format!("{refused}/v1"), "")
+        + &backend_toml(
+            "silent",
+            "openai",
+            &url(&silent),
+            "[backends.timeouts]\nfirst_byte_ms = 150",
+        )
+        + &backend_toml(
+            "stalled",
+            "openai",
+            &url(&stalled),
+            "[backends.timeouts]\nfirst_byte_ms = 150",
+        )
+        + &backend_toml("spare", "openai", &url(&spare), "")
+        + &model_toml(
+            "stalled",
+            "",
+            &[("stalled", "stalled", ""), ("stalled-spare", "spare", "")],
+        )
+        + &model_toml(
+            "refused",
+            "",
+            &[("refused", "refused", ""), ("refused-spare", "spare", "")],
+        )
+        + &model_toml(
+            "silent",
+            "",
+            &[("silent", "silent", ""), ("silent-spare", "spare", "")],
+        );
+    for (status, mock) in &failing {
+        let name = format!("status-{status}");
+        config += &backend_toml(&name, "openai", &url(mock), "");
+        config += &model_toml(
+            &name,
+            "",
+            &[(&name, &name, ""), (&format!("{name}-spare"), "spare", "")],
+        );
+    }
+    let gateway = start(&config).await;
+
+    // Refused connections; no head in time; a head but no body in time;
+    // each retriable status.
+    let mut aliases = vec![
+        "refused".to_owned(),
+        "silent".to_owned(),
+        "stalled".to_owned(),
+    ];
+    aliases.extend(failing.iter().map(|(status, _)| format!("status-{status}")));
+    for alias in &aliases {
+        assert_eq!(
+            outcome(&gateway, hi(alias), 200).await,
+            pair("spare", 2),
+            "{alias}"
+        );
+        let (head, events) = gateway
+            .stream("/v1/chat/completions", hi_stream(alias))
+            .await;
+        assert_eq!(head["x-tollgate-backend"], "spare", "{alias} streamed");
+        assert_eq!(head["x-tollgate-attempts"], "2", "{alias} streamed");
+        assert_eq!(
+            events.rest().await.last().map(String::as_str),
+            Some("[DONE]")
+        );
+    }
+    assert_eq!((silent.hits(), stalled.hits()), (2, 2));
+    for (status, mock) in &failing {
+        assert_eq!(mock.hits(), 2, "{status}");
+    }
+    assert_eq!(spare.hits(), 2 * aliases.len());
+}
+
+#[tokio::test]
+async fn a_client_error_from_the_upstream_is_not_retried() {
+    let rejecting = MockUpstream::openai()
+        .error(400, json!({"error": {"message": "bad prompt", "type": "invalid_request_error", "param": null, "code": null}}))
+        .start()
+        .await;
+    let spare = MockUpstream::openai().start().await;
+    let config = backend_toml("rejecting", "openai", &url(&rejecting), "")
+        + &backend_toml("spare", "openai", &url(&spare), "")
+        + &model_toml(
+            "chat",
+            "",
+            &[("first", "rejecting", ""), ("second", "spare", "")],
+        );
+    let gateway = start(&config).await;
+    assert_eq!(
+        outcome(&gateway, hi("chat"), 400).await,
+        pair("rejecting", 1)
+    );
+    assert_eq!((rejecting.hits(), spare.hits()), (1, 0));
+}
+
+#[tokio::test]
+async fn max_attempts_bounds_how_many_deployments_one_request_tries() {
+    let mut mocks = Vec::new();
+    let mut config = "\n[routing]\nmax_attempts = 2\n".to_owned();
+    let mut deployments = Vec::new();
+    for name in ["one", "two", "three"] {
+        let mock = MockUpstream::openai().status(503).start().await;
+        config += &backend_toml(name, "openai", &url(&mock), "");
+        deployments.push(name);
+        mocks.push(mock);
+    }
+    let good = MockUpstream::openai().start().await;
+    config += &backend_toml("good", "openai", &url(&good), "");
+    let list: Vec<(&str, &str, &str)> = deployments
+        .iter()
+        .chain(&["good"])
+        .map(|name| (*name, *name, ""))
+        .collect();
+    config += &model_toml("chat", "", &list);
+    let gateway = start(&config).await;
+
+    let response = gateway.chat(hi("chat")).await;
+    assert_eq!(response.status(), 503, "the last upstream error");
+    assert_eq!(
+        served_by(&response),
+        pair("two", 2),
+        "the last backend tried"
+    );
+    assert_eq!(error_of(response).await["code"], "upstream_error");
+    let hits: Vec<usize> = mocks.iter().map(MockServer::hits).collect();
+    assert_eq!(hits, [1, 1, 0]);
+    assert_eq!(good.hits(), 0);
+}
+
+#[tokio::test]
+async fn nothing_is_retried_once_the_client_has_had_a_byte() {
+    let breaking = MockUpstream::openai()
+        .stream("vllm_chat_usage.sse")
+        .reset_after(2)
+        .start()
+        .await;
+    let spare = MockUpstream::openai().start().await;
+    let config = backend_toml("breaking", "vllm", &url(&breaking), "")
+        + &backend_toml("spare", "openai", &url(&spare), "")
+        + &model_toml(
+            "chat",
+            "",
+            &[("first", "breaking", ""), ("second", "spare", "")],
+        );
+    let gateway = start(&config).await;
+
+    let (head, events) = gateway
+        .stream("/v1/chat/completions", hi_stream("chat"))
+        .await;
+    assert_eq!(head["x-tollgate-backend"], "breaking");
+    assert_eq!(head["x-tollgate-attempts"], "1");
+    let events = events.rest().await;
+    assert_eq!(
+        events.len(),
+        4,
+        "two events, an error event, [DONE]: {events:#?}"
+    );
+    let error = parse(&events[2]);
+    check_error_shape(&error);
+    assert_eq!(error["error"]["code"], "upstream_disconnected");
+    assert_eq!(events[3], "[DONE]");
+    assert_eq!(
+        (breaking.hits(), spare.hits()),
+        (1, 0),
+        "the second deployment is never tried"
+    );
+}
+
+// ---- 429 cooldowns ---------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_429_with_retry_after_cools_its_deployment_for_that_long() {
+    let limited = MockUpstream::openai()
+        .status(429)
+        .header("retry-after", "0.8")
+        .start()
+        .await;
+    let alone = MockUpstream::openai()
+        .status(429)
+        .header("retry-after", "0.8")
+        .start()
+        .await;
+    let spare = MockUpstream::openai().start().await;
+    let config = backend_toml("limited", "openai", &url(&limited), "")
+        + &backend_toml("alone", "openai", &url(&alone), "")
+        + &backend_toml("spare", "openai", &url(&spare), "")
+        + &model_toml(
+            "chat",
+            "",
+            &[("limited", "limited", ""), ("spare", "spare", "")],
+        )
+        + &model_toml("alone", "", &[("alone", "alone", "")])
+        + ADMIN;
+    let gateway = start(&config).await;
+
+    let limited_at = Instant::now();
+    assert_eq!(outcome(&gateway, hi("chat"), 200).await, pair("spare", 2));
+    let explained = gateway.explain(ask("chat")).await;
+    assert_eq!(explained["chosen"], "spare");
+    assert_eq!(candidate(&explained, "limited")["kept"], false);
+    assert!(
+        reason(&explained, "limited").starts_with("rate limited upstream: cooling down for"),
+        "{explained:#}"
+    );
+    assert_eq!(
+        outcome(&gateway, hi("chat"), 200).await,
+        pair("spare", 1),
+        "the cooling deployment is skipped"
+    );
+    assert_eq!(limited.hits(), 1);
+
+    gateway
+        .explain_until(ask("chat"), |e| e["chosen"] == "limited")
+        .await;
+    assert!(
+        limited_at.elapsed() >= Duration::from_millis(800),
+        "not before retry-after"
+    );
+    limited.set_status(200);
+    assert_eq!(outcome(&gateway, hi("chat"), 200).await, pair("limited", 1));
+    assert_eq!((limited.hits(), spare.hits()), (2, 2));
+
+    // With nothing else to try, the 429 reaches the client; then, while the
+    // only deployment cools, the gateway answers 503 itself.
+    let response = gateway.chat(hi("alone")).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(
+        response.headers()["retry-after"],
+        "1",
+        "rounded up to seconds"
+    );
+    assert_eq!(served_by(&response), pair("alone", 1));
+    let response = gateway.chat(hi("alone")).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let error = error_of(response).await;
+    assert_eq!(error["code"], "no_deployment_available");
+    assert!(message(&error).contains("model \"alone\""), "{error}");
+    assert_eq!(alone.hits(), 1);
+}
+
+// ---- circuit breakers -------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_circuit_opens_after_consecutive_failures_then_probes_once_and_closes_or_reopens() {
+    let flaky = MockUpstream::openai().status(500).start().await;
+    let spare = MockUpstream::openai().start().await;
+    let config = backend_toml("flaky", "openai", &url(&flaky), "")
+        + &backend_toml("spare", "openai", &url(&spare), "")
+        + &model_toml(
+            "chat",
+            "",
+            &[("flaky", "flaky", ""), ("spare", "spare", "")],
+        )
+        + "\n[routing]\ncircuit_failures = 2\ncircuit_cooldown_ms = 500\n"
+        + ADMIN;
+    let gateway = start(&config).await;
+    let is_open =
+        |e: &Value| reason(e, "flaky").starts_with("circuit open after 2 consecutive failures");
+    let is_half_open = |e: &Value| e["chosen"] == "flaky";
+
+    // Closed: each failure fails over; the second one opens the circuit.
+    for _ in 0..2 {
+        assert_eq!(outcome(&gateway, hi("chat"), 200).await, pair("spare", 2));
+    }
+    let explained = gateway.explain(ask("chat")).await;
+    assert!(is_open(&explained), "{explained:#}");
+    assert_eq!(candidate(&explained, "flaky")["kept"], false);
+    // Open: not tried at all.
+    assert_eq!(outcome(&gateway, hi("chat"), 200).await, pair("spare", 1));
+    assert_eq!(flaky.hits(), 2);
+
+    // Half-open after the cooldown: one probe, which fails and reopens it.
+    let opened = Instant::now();
+    gateway.explain_until(ask("chat"), is_half_open).await;
+    assert!(opened.elapsed() < Duration::from_secs(2));
+    assert_eq!(outcome(&gateway, hi("chat"), 200).await, pair("spare", 2));
+    assert_eq!(flaky.hits(), 3, "one probe");
+    let explained = gateway.explain(ask("chat")).await;
+    assert!(is_open(&explained), "a failed probe reopens: {explained:#}");
+
+    // The upstream recovers: the next probe succeeds and closes it.
+    flaky.set_status(200);
+    gateway.explain_until(ask("chat"), is_half_open).await;
+    assert_eq!(outcome(&gateway, hi("chat"), 200).await, pair("flaky", 1));
+    for _ in 0..3 {
+        assert_eq!(outcome(&gateway, hi("chat"), 200).await, pair("flaky", 1));
+    }
+    let explained = gateway.explain(ask("chat")).await;
+    assert!(
+        !reason(&explained, "flaky").contains("circuit"),
+        "{explained:#}"
+    );
+    assert_eq!((flaky.hits(), spare.hits()), (7, 4));
+}
+
+#[tokio::test]
+async fn with_every_circuit_open_the_gateway_answers_503_with_retry_after() {
+    let down = MockUpstream::openai().status(502).start().await;
+    let config = backend_toml("down", "openai", &url(&down), "")
+        + &model_toml("chat", "", &[("down", "down", "")])
+        + "\n[routing]\ncircuit_failures = 1\ncircuit_cooldown_ms = 1500\n";
+    let gateway = start(&config).await;
+    assert_eq!(outcome(&gateway, hi("chat"), 502).await, pair("down", 1));
+    let response = gateway.chat(hi("chat")).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "2", "1.5 s, rounded up");
+    assert_eq!(error_of(response).await["code"], "no_deployment_available");
+    assert_eq!(down.hits(), 1);
+}
+
+// ---- served-by headers ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn answers_name_the_last_backend_tried_and_the_attempts_even_when_all_fail() {
+    let first = MockUpstream::openai().status(500).start().await;
+    let second = MockUpstream::openai()
+        .error(502, json!({"error": {"message": "bad gateway upstream", "type": "server_error", "param": null, "code": null}}))
+        .start()
+        .await;
+    let config = backend_toml("first", "openai", &url(&first), "")
+        + &backend_toml("second", "openai", &url(&second), "")
+        + &model_toml("chat", "", &[("a", "first", ""), ("b", "second", "")]);
+    let gateway = start(&config).await;
+    let response = gateway.chat(hi("chat")).await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(served_by(&response), pair("second", 2));
+    assert!(message(&error_of(response).await).contains("bad gateway upstream"));
+    let response = gateway.chat(hi_stream("chat")).await;
+    assert_eq!(served_by(&response), pair("second", 2), "streamed too");
+    assert_eq!((first.hits(), second.hits()), (2, 2));
+}

@@ -1,0 +1,394 @@
+//! Routing decisions without any network: a snapshot built from a config,
+//! its live state set by hand, and the plan `tollgate::routing::plan` (or
+//! `tollgate::server::explain`) makes for a request. Here: the policy
+//! filters and the refusal when they leave nothing, health (open circuits,
+//! 429 cooldowns), and how explain finds the request's region. The
+//! strategies are in `routing_strategies.rs`.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::gateway::{candidate, reason, user};
+use support::plan::*;
+use tollgate::routing::{self, PlanStatus, RequestFacts};
+use tollgate::server::explain;
+
+// ---- policy filters ---------------------------------------------------------
+
+#[test]
+fn residency_keeps_only_backends_in_the_regions_a_request_region_may_use() {
+    let config = sim("eu-pool", "eu-west-1", "")
+        + &sim("us-pool", "us-east-1", "")
+        + &model(
+            "chat",
+            "",
+            &[("in-us", "us-pool", ""), ("in-eu", "eu-pool", "")],
+        )
+        + "[policy]\n[[policy.residency]]\nrequest_region = \"eu\"\nbackend_regions = [\"eu-west-1\"]\n";
+    let s = snapshot(&config);
+
+    let eu = explained(&s, "chat", user("hi"), Some("eu"));
+    assert_eq!(eu["status"], 200);
+    assert_eq!(eu["chosen"], "in-eu");
+    assert_eq!(kept(&eu), ["in-eu"]);
+    assert_eq!(
+        reason(&eu, "in-us"),
+        "policy residency: backend region \"us-east-1\" may not serve requests from \"eu\""
+    );
+    assert_eq!(candidate(&eu, "in-us")["backend"], "us-pool");
+
+    for region in [Some("us"), None] {
+        let other = explained(&s, "chat", user("hi"), region);
+        assert_eq!(
+            kept(&other),
+            ["in-us", "in-eu"],
+            "{region:?}: no residency rule, no limit"
+        );
+    }
+}
+
+#[test]
+fn multimodal_llama_never_serves_the_eu_even_text_only_while_text_llama_does() {
+    let deployments = [
+        (
+            "llama-vision",
+            "pool",
+            "licence = \"llama\"\nmultimodal = true\nmodalities = [\"text\", \"image\"]",
+        ),
+        ("llama-text", "pool", "licence = \"llama\""),
+        (
+            "other-vision",
+            "pool",
+            "multimodal = true\nmodalities = [\"text\", \"image\"]",
+        ),
+    ];
+    let base = sim("pool", "eu-west-1", "") + &model("chat", "", &deployments);
+    let s = snapshot(&(base.clone() + "[policy]\neu_regions = [\"eu\", \"de\"]\n"));
+
+    for region in ["eu", "de"] {
+        let text = explained(&s, "chat", user("hi"), Some(region));
+        assert_eq!(kept(&text), ["llama-text", "other-vision"], "{region}");
+        assert_eq!(
+            reason(&text, "llama-vision"),
+            format!(
+                "policy llama_eu_multimodal: multimodal Llama model; its licence excludes users in the EU (\"{region}\")"
+            )
+        );
+        let with_image = explained(&s, "chat", image("what is this?"), Some(region));
+        assert_eq!(kept(&with_image), ["other-vision"], "{region}");
+    }
+    let us = explained(&s, "chat", image("what is this?"), Some("us"));
+    assert_eq!(
+        kept(&us),
+        ["llama-vision", "other-vision"],
+        "outside the EU it serves"
+    );
+
+    let default_on = snapshot(&base);
+    let eu = explained(&default_on, "chat", user("hi"), Some("eu"));
+    assert_eq!(
+        candidate(&eu, "llama-vision")["kept"],
+        false,
+        "on by default, with \"eu\" the default EU region"
+    );
+    let off = snapshot(&(base + "[policy]\nllama_eu_multimodal_block = false\n"));
+    let eu = explained(&off, "chat", image("what is this?"), Some("eu"));
+    assert_eq!(kept(&eu), ["llama-vision", "other-vision"]);
+}
+
+#[test]
+fn media_context_window_and_tools_each_filter_the_deployments_that_cannot_serve() {
+    let deployments = [
+        ("small-text", "pool", "context_window = 1000"),
+        (
+            "vision",
+            "pool",
+            "multimodal = true\nmodalities = [\"text\", \"image\"]",
+        ),
+        (
+            "audio",
+            "pool",
+            "multimodal = true\nmodalities = [\"text\", \"audio\"]",
+        ),
+        ("tools", "pool", "tools = true"),
+    ];
+    // context_window is given twice for small-text: take it from `extra`.
+    let mut config = sim("pool", "us", "") + "\n[[models]]\nalias = \"chat\"\n";
+    for (name, backend, extra) in deployments {
+        let window = if extra.contains("context_window") {
+            ""
+        } else {
+            "context_window = 8192\n"
+        };
+        config += &format!(
+            "[[models.deployments]]\nname = \"{name}\"\nbackend = \"{backend}\"\nmodel = \"m\"\n{window}{extra}\n"
+        );
+    }
+    let s = snapshot(&config);
+
+    let pic = explained(&s, "chat", image("what is this?"), None);
+    assert_eq!(kept(&pic), ["vision"]);
+    assert_eq!(
+        reason(&pic, "small-text"),
+        "policy modality: does not accept image input"
+    );
+    assert_eq!(
+        reason(&pic, "audio"),
+        "policy modality: does not accept image input"
+    );
+
+    let sound = json!([{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+    ]}]);
+    assert_eq!(kept(&explained(&s, "chat", sound, None)), ["audio"]);
+
+    // One message of 2000 characters is 4 + 500 tokens; with 600 to write,
+    // 1104 do not fit in 1000.
+    let long = json!({"model": "chat", "messages": user(&"x".repeat(2000)), "max_tokens": 600});
+    let plan = explained_request(&s, long, None);
+    assert_eq!(kept(&plan), ["vision", "audio", "tools"]);
+    assert_eq!(
+        reason(&plan, "small-text"),
+        "policy context_window: about 1104 tokens exceed its context window of 1000"
+    );
+    let newer = json!({"model": "chat", "messages": user(&"x".repeat(2000)), "max_tokens": 10, "max_completion_tokens": 600});
+    assert_eq!(
+        kept(&explained_request(&s, newer, None)),
+        ["vision", "audio", "tools"],
+        "max_completion_tokens counts before max_tokens"
+    );
+    let fits = json!({"model": "chat", "messages": user(&"x".repeat(2000)), "max_tokens": 496});
+    assert_eq!(
+        kept(&explained_request(&s, fits, None)).len(),
+        4,
+        "exactly 1000 fits"
+    );
+
+    let with_tools = json!({"model": "chat", "messages": user("weather?"), "tools": [
+        {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}},
+    ]});
+    let plan = explained_request(&s, with_tools, None);
+    assert_eq!(kept(&plan), ["tools"]);
+    assert_eq!(
+        reason(&plan, "vision"),
+        "policy tools: does not support tools"
+    );
+    let empty_tools = json!({"model": "chat", "messages": user("hi"), "tools": []});
+    assert_eq!(kept(&explained_request(&s, empty_tools, None)).len(), 4);
+}
+
+#[test]
+fn when_policy_leaves_nothing_the_refusal_names_the_rule_and_a_remedy() {
+    let vision = "multimodal = true\nmodalities = [\"text\", \"image\"]";
+    let llama_vision = "licence = \"llama\"\nmultimodal = true\nmodalities = [\"text\", \"image\"]";
+    let key = |name: &str, digit: char, models: &str| {
+        format!(
+            "[[keys]]\nname = \"{name}\"\nsha256 = \"{}\"\nmodels = {models}\n",
+            digit.to_string().repeat(64)
+        )
+    };
+    let config = sim("pool", "eu-west-1", "")
+        + &model("llama-vision", "", &[("lv", "pool", llama_vision)])
+        + &model("text", "", &[("t", "pool", "")])
+        + &model("other-vision", "", &[("ov", "pool", vision)])
+        + &key("all", 'a', "[\"*\"]")
+        + &key("llama-only", 'b', "[\"llama-vision\", \"text\"]");
+    let s = snapshot(&config);
+    let refuse = |alias: &str, facts: &RequestFacts, key: Option<&str>| {
+        let model = s.model_index(alias).unwrap();
+        let plan = plan_at(&s, model, facts, Instant::now());
+        assert_eq!(plan.status, PlanStatus::Blocked, "{alias}");
+        assert_eq!(plan.http_status(), 451);
+        let error = routing::refusal(&s, &plan, facts, key.and_then(|k| s.key_named(k)));
+        assert_eq!(error.status.as_u16(), 451);
+        assert_eq!(error.code.as_deref(), Some("policy_blocked"));
+        error.message
+    };
+    let eu_text = RequestFacts {
+        region: Some("eu".into()),
+        ..text_facts(5, 10)
+    };
+    let message = refuse("llama-vision", &eu_text, Some("all"));
+    assert_eq!(
+        message,
+        "model \"llama-vision\" cannot serve this request: the Llama licence does not allow \
+         multimodal Llama models to serve users in the EU, even for text-only requests. \
+         To be served, use a model that can serve it: text, other-vision."
+    );
+    let message = refuse("llama-vision", &eu_text, Some("llama-only"));
+    assert!(
+        message.ends_with("To be served, use a model that can serve it: text."),
+        "only aliases the key may use: {message}"
+    );
+
+    let us_image = RequestFacts {
+        region: Some("us".into()),
+        image: true,
+        ..text_facts(800, 10)
+    };
+    let message = refuse("text", &us_image, None);
+    assert!(
+        message.contains("no deployment accepts image input"),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(
+            "To be served, use a model that can serve it: llama-vision, other-vision, or send text only."
+        ),
+        "{message}"
+    );
+
+    let huge = text_facts(100_000, 10);
+    let message = refuse("text", &huge, None);
+    assert_eq!(
+        message,
+        "model \"text\" cannot serve this request: about 100000 input tokens plus 10 requested \
+         output tokens do not fit any deployment's context window. \
+         No other model this key may use can serve it either."
+    );
+}
+
+// ---- health ---------------------------------------------------------------------
+
+#[test]
+fn open_circuits_and_rate_limit_cooldowns_drop_deployments_until_they_pass() {
+    let config = sim("a", "us", "")
+        + &sim("b", "us", "")
+        + &sim("c", "eu", "")
+        + &model(
+            "chat",
+            "",
+            &[
+                ("flaky", "a", ""),
+                ("limited", "b", ""),
+                ("elsewhere", "c", ""),
+            ],
+        )
+        + "[routing]\ncircuit_failures = 2\ncircuit_cooldown_ms = 2500\n\
+           [policy]\n[[policy.residency]]\nrequest_region = \"us\"\nbackend_regions = [\"us\"]\n";
+    let s = snapshot(&config);
+    let (flaky, limited) = (s.deployment_live(0, 0), s.deployment_live(0, 1));
+    let now = Instant::now();
+    let facts = RequestFacts {
+        region: Some("us".into()),
+        ..text_facts(5, 10)
+    };
+
+    flaky.circuit.on_failure(false, now, &s.config.routing);
+    assert_eq!(
+        order(&s, &plan_at(&s, 0, &facts, now)),
+        ["flaky", "limited"],
+        "one failure"
+    );
+    flaky.circuit.on_failure(false, now, &s.config.routing);
+    limited.cool_down(now + Duration::from_millis(1500));
+    let plan = plan_at(&s, 0, &facts, now);
+    assert_eq!(
+        plan.status,
+        PlanStatus::Unavailable,
+        "health, not policy, left none"
+    );
+    assert_eq!(plan.http_status(), 503);
+    assert_eq!(
+        plan.retry_after(),
+        Duration::from_millis(1500),
+        "the soonest back"
+    );
+    let explained = explain_json(&s, &plan);
+    assert_eq!(explained["chosen"], Value::Null);
+    assert_eq!(
+        reason(&explained, "flaky"),
+        "circuit open after 2 consecutive failures; probe in 2500 ms"
+    );
+    assert_eq!(
+        reason(&explained, "limited"),
+        "rate limited upstream: cooling down for 1500 ms more (retry-after)"
+    );
+    assert!(reason(&explained, "elsewhere").starts_with("policy residency"));
+    let error = routing::refusal(&s, &plan, &facts, None);
+    assert_eq!(error.status.as_u16(), 503);
+    assert_eq!(error.code.as_deref(), Some("no_deployment_available"));
+    assert_eq!(error.retry_after, Some(Duration::from_millis(1500)));
+
+    let later = now + Duration::from_millis(1500);
+    assert_eq!(
+        order(&s, &plan_at(&s, 0, &facts, later)),
+        ["limited"],
+        "cooled down"
+    );
+    let later = now + Duration::from_millis(2500);
+    assert_eq!(
+        order(&s, &plan_at(&s, 0, &facts, later)),
+        ["flaky", "limited"],
+        "half-open: the probe may go"
+    );
+    assert_eq!(flaky.circuit.admit(later), Some(true), "the probe");
+    let plan = plan_at(&s, 0, &facts, later);
+    assert_eq!(order(&s, &plan), ["limited"]);
+    assert_eq!(
+        plan.candidates[1].reason,
+        "circuit half-open: its probe request is in flight"
+    );
+}
+
+// ---- explain --------------------------------------------------------------------
+
+#[test]
+fn explain_takes_the_region_from_the_request_then_the_key_then_the_policy_default() {
+    let config = sim("eu-pool", "eu-west-1", "")
+        + &sim("us-pool", "us-east-1", "")
+        + &model(
+            "chat",
+            "",
+            &[("in-us", "us-pool", ""), ("in-eu", "eu-pool", "")],
+        )
+        + &format!(
+            "[[keys]]\nname = \"eu-team\"\nsha256 = \"{}\"\nmodels = [\"*\"]\nregion = \"eu\"\n",
+            "c".repeat(64)
+        )
+        + "[policy]\ndefault_region = \"us\"\n\
+           [[policy.residency]]\nrequest_region = \"eu\"\nbackend_regions = [\"eu-west-1\"]\n\
+           [[policy.residency]]\nrequest_region = \"us\"\nbackend_regions = [\"us-east-1\"]\n";
+    let s = snapshot(&config);
+    let chosen = |region: Option<&str>, key: Option<&str>| {
+        let plan = explain(
+            &s,
+            &ask(
+                json!({"model": "chat", "messages": user("hi")}),
+                region,
+                key,
+            ),
+        )
+        .expect("explainable");
+        plan.chosen.expect("one chosen")
+    };
+    assert_eq!(chosen(None, None), "in-us", "the policy's default region");
+    assert_eq!(chosen(None, Some("eu-team")), "in-eu", "the key's region");
+    assert_eq!(chosen(Some("us"), Some("eu-team")), "in-us", "as asked");
+    assert_eq!(chosen(Some("eu"), None), "in-eu");
+
+    let completion = explain(
+        &s,
+        &ask(json!({"model": "chat", "prompt": "Once"}), None, None),
+    )
+    .expect("a completions request is explained too");
+    assert_eq!(completion.model, "chat");
+    for (request, key, expected) in [
+        (json!({"model": "chat"}), None, "must be a chat request"),
+        (
+            json!({"model": "nope", "messages": user("hi")}),
+            None,
+            "nope",
+        ),
+        (
+            json!({"model": "chat", "messages": user("hi")}),
+            Some("ghost"),
+            "no key named \"ghost\"",
+        ),
+    ] {
+        let error = explain(&s, &ask(request, None, key)).expect_err("refused");
+        assert!(error.message.contains(expected), "{}", error.message);
+    }
+}
