@@ -1,3 +1,14 @@
-//! Test support shared by the integration tests: mock upstreams.
+//! Test support shared by the integration tests: mock upstreams, one
+//! module per protocol on a shared server (`mock`).
 
+#![allow(
+    dead_code,
+    reason = "each test binary and bench uses a different part of the support code"
+)]
+
+pub mod bedrock_mock;
+pub mod gateway;
 pub mod mock;
+pub mod openai_mock;
+pub mod sigv4;
+pub mod tgi_mock;

@@ -1,0 +1,310 @@
+//! The gateway under test and its client: config snippets, starting a
+//! gateway in-process on 127.0.0.1, reading SSE events and OpenAI errors
+//! as a client does.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use super::bedrock_mock::{Auth, Expect};
+use super::mock::{MockServer, MockUpstream};
+
+/// The longest any single step may take before a test gives up: a bound
+/// against hangs, never a measure of speed.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+// ---- configuration -------------------------------------------------------
+
+/// A `[[backends]]` table whose credential is `sk-test-<name>`.
+pub fn backend(name: &str, kind: &str, base_url: &str) -> String {
+    backend_with_timeouts(name, kind, base_url, 5_000, 5_000)
+}
+
+pub fn backend_with_timeouts(
+    name: &str,
+    kind: &str,
+    base_url: &str,
+    first_byte_ms: u64,
+    idle_ms: u64,
+) -> String {
+    format!(
+        r#"
+[[backends]]
+name = "{name}"
+kind = "{kind}"
+base_url = "{base_url}"
+api_key_env = "UPSTREAM_KEY_{env}"
+[backends.timeouts]
+connect_ms = 2000
+first_byte_ms = {first_byte_ms}
+idle_ms = {idle_ms}
+"#,
+        env = name.to_uppercase().replace('-', "_"),
+    )
+}
+
+/// A `[[models]]` table; each deployment is `(backend, upstream model id)`.
+pub fn model(alias: &str, deployments: &[(&str, &str)]) -> String {
+    let mut out = format!("\n[[models]]\nalias = \"{alias}\"\n");
+    for (backend, upstream) in deployments {
+        out += &format!(
+            "[[models.deployments]]\nbackend = \"{backend}\"\nmodel = \"{upstream}\"\ncontext_window = 8192\n"
+        );
+    }
+    out
+}
+
+/// The environment the gateway under test sees; nothing comes from the
+/// process environment.
+pub fn env(name: &str) -> Option<String> {
+    if let Some(backend) = name.strip_prefix("UPSTREAM_KEY_") {
+        return Some(format!(
+            "sk-test-{}",
+            backend.to_lowercase().replace('_', "-")
+        ));
+    }
+    match name {
+        "KEY_TEAM" => Some("team-secret".into()),
+        "KEY_ADMIN" => Some("admin-secret".into()),
+        "AWS_KEY_ID_TEST" => Some(AWS_KEY_ID.into()),
+        "AWS_SECRET_TEST" => Some(AWS_SECRET.into()),
+        "AWS_TOKEN_TEST" => Some(AWS_TOKEN.into()),
+        // A secret the mock Bedrock does not know: its signatures fail.
+        "AWS_WRONG_SECRET_TEST" => Some("not/the/secret".into()),
+        "BEDROCK_API_KEY_TEST" => Some(BEDROCK_API_KEY.into()),
+        _ => None,
+    }
+}
+
+/// The AWS credentials `env` gives the gateway, for the mock Bedrock to
+/// expect.
+pub const AWS_KEY_ID: &str = "AKIDTOLLGATETEST";
+pub const AWS_SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYTOLLGATE";
+pub const AWS_TOKEN: &str = "IQoJb3JpZ2luX2VjEXAMPLESESSIONTOKEN";
+pub const BEDROCK_API_KEY: &str = "ABSKQmVkcm9ja0FQSUtleS1leGFtcGxl";
+
+pub fn url(mock: &MockServer) -> String {
+    format!("{}/v1", mock.base_url())
+}
+
+// ---- the gateway and its client ------------------------------------------
+
+pub struct Gateway {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+pub async fn start(config: &str) -> Gateway {
+    let config = tollgate::config::parse(config, &env).expect("valid test config");
+    let gateway = tollgate::Gateway::new(config).expect("gateway builds");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(gateway.serve(listener, std::future::pending()));
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    Gateway { base, http }
+}
+
+impl Gateway {
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.post(format!("{}{path}", self.base))
+    }
+
+    pub async fn chat(&self, body: Value) -> reqwest::Response {
+        self.post("/v1/chat/completions")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A streamed request that must succeed: its headers, and its events
+    /// to read one by one.
+    pub async fn stream(&self, path: &str, body: Value) -> (reqwest::header::HeaderMap, Events) {
+        let response = self.post(path).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 200, "the stream starts");
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        (response.headers().clone(), Events::new(response))
+    }
+
+    pub async fn get(&self, path: &str, key: Option<&str>) -> reqwest::Response {
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send().await.unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics", None).await.text().await.unwrap()
+    }
+
+    /// Polls /metrics until `name{labels}` has `value`; bounded by WAIT.
+    pub async fn eventually_metric(&self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let text = self.metrics().await;
+            if metric(&text, name, labels) == Some(value) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}{labels:?} never reached {value}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The value of one sample in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            let inner = if rest.is_empty() {
+                ""
+            } else {
+                rest.strip_prefix('{')?.strip_suffix('}')?
+            };
+            let found: Vec<(&str, &str)> = inner
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| {
+                    let (k, v) = p.split_once('=')?;
+                    Some((k, v.trim_matches('"')))
+                })
+                .collect();
+            let matches = found.len() == labels.len() && labels.iter().all(|l| found.contains(l));
+            matches.then(|| value.parse().ok()).flatten()
+        })
+}
+
+/// The `data:` payloads of an SSE body, read incrementally.
+pub struct Events {
+    body: BoxStream<'static, reqwest::Result<Bytes>>,
+    buffer: Vec<u8>,
+}
+
+impl Events {
+    pub fn new(response: reqwest::Response) -> Self {
+        Self {
+            body: response.bytes_stream().boxed(),
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next event's payload; `None` at the end of the body.
+    pub async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                let text = String::from_utf8(event).expect("events are UTF-8");
+                let payload = text
+                    .trim_end()
+                    .strip_prefix("data: ")
+                    .unwrap_or_else(|| panic!("not a data event: {text:?}"));
+                return Some(payload.to_owned());
+            }
+            match tokio::time::timeout(WAIT, self.body.next())
+                .await
+                .expect("the gateway sends the next event in time")
+            {
+                Some(chunk) => self.buffer.extend_from_slice(&chunk.expect("body reads")),
+                None => {
+                    assert!(self.buffer.is_empty(), "a partial event at the end");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Every payload left, to the end of the body.
+    pub async fn rest(mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(event) = self.next().await {
+            out.push(event);
+        }
+        out
+    }
+}
+
+pub fn is_usage_only(payload: &str) -> bool {
+    serde_json::from_str::<Value>(payload)
+        .is_ok_and(|c| c["choices"] == json!([]) && c["usage"].is_object())
+}
+
+pub fn parse(payload: &str) -> Value {
+    serde_json::from_str(payload).unwrap_or_else(|e| panic!("{payload}: {e}"))
+}
+
+/// The OpenAI error object of an error response, checked for shape.
+pub async fn error_of(response: reqwest::Response) -> Value {
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: Value = response.json().await.unwrap();
+    check_error_shape(&body);
+    body["error"].clone()
+}
+
+pub fn check_error_shape(body: &Value) {
+    let error = &body["error"];
+    assert!(error["message"].is_string(), "{body}");
+    assert!(error["type"].is_string(), "{body}");
+    assert!(
+        error.get("param").is_some() && error.get("code").is_some(),
+        "{body}"
+    );
+}
+
+pub fn message(error: &Value) -> &str {
+    error["message"].as_str().unwrap()
+}
+
+pub fn user(text: &str) -> Value {
+    json!([{"role": "user", "content": text}])
+}
+
+/// A `[[backends]]` table of kind `bedrock` calling the mock at
+/// `base_url`, in us-east-1, with `credentials` (TOML lines naming the
+/// environment variables of `env`).
+pub fn bedrock_backend(name: &str, base_url: &str, credentials: &str) -> String {
+    format!(
+        r#"
+[[backends]]
+name = "{name}"
+kind = "bedrock"
+base_url = "{base_url}"
+aws_region = "us-east-1"
+{credentials}
+[backends.timeouts]
+connect_ms = 2000
+first_byte_ms = 5000
+idle_ms = 5000
+"#
+    )
+}
+
+/// SigV4 with a session token, as `env` holds them.
+pub const SIGV4_WITH_TOKEN: &str = r#"aws_access_key_id_env = "AWS_KEY_ID_TEST"
+aws_secret_access_key_env = "AWS_SECRET_TEST"
+aws_session_token_env = "AWS_TOKEN_TEST""#;
+
+/// The mock Bedrock that accepts what `SIGV4_WITH_TOKEN` signs with.
+pub fn bedrock_mock_with_token() -> MockUpstream {
+    MockUpstream::bedrock(Expect {
+        region: "us-east-1".into(),
+        auth: Auth::SigV4 {
+            access_key_id: AWS_KEY_ID.into(),
+            secret_access_key: AWS_SECRET.into(),
+            session_token: Some(AWS_TOKEN.into()),
+        },
+    })
+}
