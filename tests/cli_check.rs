@@ -80,7 +80,13 @@ fn secret_vars(config: &Path) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(config).expect("config is readable");
     let doc: toml::Table = text.parse().expect("config is valid TOML");
     let mut vars = Vec::new();
-    for (list, field) in [("backends", "api_key_env"), ("keys", "key_env")] {
+    for (list, field) in [
+        ("backends", "api_key_env"),
+        ("backends", "aws_access_key_id_env"),
+        ("backends", "aws_secret_access_key_env"),
+        ("backends", "aws_session_token_env"),
+        ("keys", "key_env"),
+    ] {
         let Some(items) = doc.get(list).and_then(toml::Value::as_array) else {
             continue;
         };
