@@ -25,6 +25,17 @@ async fn one_backend(upstream: &MockServer, credentials: &str, model_id: &str) -
     start(&config).await
 }
 
+/// A gateway where alias `chat` is served by `bedrock` then by a vLLM
+/// mock (returned, to count its hits), and alias `alone` by `bedrock` only.
+async fn with_backup(bedrock: &MockServer) -> (Gateway, MockServer) {
+    let backup = MockUpstream::openai().start().await;
+    let config = bedrock_backend("bedrock-us", &bedrock.base_url(), SIGV4_WITH_TOKEN)
+        + &backend("vllm", "vllm", &url(&backup))
+        + &model("chat", &[("bedrock-us", LLAMA_33), ("vllm", "llama")])
+        + &model("alone", &[("bedrock-us", LLAMA_33)]);
+    (start(&config).await, backup)
+}
+
 fn chat(stream: bool) -> Value {
     json!({"model": "chat", "messages": user("Hello"), "stream": stream})
 }
@@ -206,11 +217,8 @@ async fn what_bedrock_cannot_take_is_refused_before_any_upstream_call() {
     );
 
     let response = gateway
-        .post("/v1/completions")
-        .json(&json!({"model": "chat", "prompt": "Once upon"}))
-        .send()
-        .await
-        .unwrap();
+        .completion(json!({"model": "chat", "prompt": "Once upon"}))
+        .await;
     assert_eq!(response.status(), 400);
     assert!(message(&error_of(response).await).contains("serves chat only"));
     assert_eq!(upstream.hits(), 0);
@@ -248,17 +256,12 @@ async fn an_exception_frame_is_an_http_error_first_and_an_sse_error_event_later(
         .events(vec![throttled.clone()])
         .start()
         .await;
-    let backup = MockUpstream::openai().start().await;
-    let config = bedrock_backend("bedrock-us", &first.base_url(), SIGV4_WITH_TOKEN)
-        + &backend("vllm", "vllm", &url(&backup))
-        + &model("chat", &[("bedrock-us", LLAMA_33), ("vllm", "llama")])
-        + &model("bedrock-only", &[("bedrock-us", LLAMA_33)]);
-    let gateway = start(&config).await;
+    let (gateway, _backup) = with_backup(&first).await;
     let (headers, events) = gateway.stream("/v1/chat/completions", chat(true)).await;
     assert_eq!(headers["x-tollgate-backend"], "vllm");
     events.rest().await;
     let response = gateway
-        .chat(json!({"model": "bedrock-only", "messages": user("Hi"), "stream": true}))
+        .chat(json!({"model": "alone", "messages": user("Hi"), "stream": true}))
         .await;
     assert_eq!(response.status(), 429);
     assert!(message(&error_of(response).await).contains("Too many requests"));
@@ -303,12 +306,7 @@ async fn bedrock_errors_map_to_client_statuses_and_failover() {
     ];
     for (status, name, client, fails_over) in cases {
         let failing = bedrock_error(status, name).start().await;
-        let backup = MockUpstream::openai().start().await;
-        let config = bedrock_backend("bedrock-us", &failing.base_url(), SIGV4_WITH_TOKEN)
-            + &backend("vllm", "vllm", &url(&backup))
-            + &model("chat", &[("bedrock-us", LLAMA_33), ("vllm", "llama")])
-            + &model("alone", &[("bedrock-us", LLAMA_33)]);
-        let gateway = start(&config).await;
+        let (gateway, backup) = with_backup(&failing).await;
         let response = gateway
             .chat(json!({"model": "alone", "messages": user("Hi")}))
             .await;

@@ -149,14 +149,8 @@ async fn a_whole_answer_is_an_openai_chat_completion_with_exact_usage(kind: Kind
     assert_eq!(choice["message"]["content"], "tok tok tok ");
     assert_eq!(choice["finish_reason"], "stop");
     assert_eq!(body["usage"], expected_usage());
-    let labels = [
-        ("alias", "chat"),
-        ("backend", "up"),
-        ("direction", "output"),
-        ("estimated", "false"),
-    ];
     gateway
-        .eventually_metric("tollgate_tokens_total", &labels, COMPLETION_TOKENS as f64)
+        .eventually_exact_output_tokens("chat", "up", COMPLETION_TOKENS)
         .await;
     assert_eq!(upstream.hits(), 1);
 }
@@ -179,18 +173,8 @@ async fn a_stream_has_no_usage_chunk_unless_asked(kind: Kind) {
         );
     }
     // Usage is metered exactly all the same.
-    let labels = [
-        ("alias", "chat"),
-        ("backend", "up"),
-        ("direction", "output"),
-        ("estimated", "false"),
-    ];
     gateway
-        .eventually_metric(
-            "tollgate_tokens_total",
-            &labels,
-            2.0 * COMPLETION_TOKENS as f64,
-        )
+        .eventually_exact_output_tokens("chat", "up", 2 * COMPLETION_TOKENS)
         .await;
 }
 

@@ -18,7 +18,7 @@ async fn one_backend(upstream: &MockServer) -> Gateway {
     start(&(backend("tgi", "tgi", &upstream.base_url()) + &model("chat", &[("tgi", MODEL)]))).await
 }
 
-fn completion(stream: bool, include_usage: bool) -> Value {
+fn legacy(stream: bool, include_usage: bool) -> Value {
     json!({"model": "chat", "prompt": "Once upon", "max_tokens": 8, "temperature": 0.5, "stop": "\n",
            "stream": stream, "stream_options": if stream { json!({"include_usage": include_usage}) } else { Value::Null }})
 }
@@ -75,12 +75,7 @@ async fn a_chat_error_event_carries_tgis_status() {
 async fn legacy_completions_use_generate_with_details_and_exact_usage() {
     let upstream = MockUpstream::tgi().start().await;
     let gateway = one_backend(&upstream).await;
-    let response = gateway
-        .post("/v1/completions")
-        .json(&completion(false, false))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.completion(legacy(false, false)).await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["object"], "text_completion");
@@ -105,7 +100,7 @@ async fn legacy_streams_use_generate_stream_with_the_usage_chunk_on_request() {
     let gateway = one_backend(&upstream).await;
     for include_usage in [true, false] {
         let (_, events) = gateway
-            .stream("/v1/completions", completion(true, include_usage))
+            .stream("/v1/completions", legacy(true, include_usage))
             .await;
         let mut payloads = events.rest().await;
         assert_eq!(payloads.pop().as_deref(), Some("[DONE]"));
@@ -139,14 +134,8 @@ async fn legacy_streams_use_generate_stream_with_the_usage_chunk_on_request() {
             .iter()
             .all(|r| r.path == "/generate_stream")
     );
-    let labels = [
-        ("alias", "chat"),
-        ("backend", "tgi"),
-        ("direction", "output"),
-        ("estimated", "false"),
-    ];
     gateway
-        .eventually_metric("tollgate_tokens_total", &labels, 8.0)
+        .eventually_exact_output_tokens("chat", "tgi", 8)
         .await;
 }
 
@@ -161,12 +150,7 @@ async fn an_error_event_on_generate_stream_is_an_http_error_first_and_an_sse_err
         .start()
         .await;
     let gateway = one_backend(&first).await;
-    let response = gateway
-        .post("/v1/completions")
-        .json(&completion(true, false))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.completion(legacy(true, false)).await;
     assert_eq!(
         response.status(),
         502,
@@ -178,9 +162,7 @@ async fn an_error_event_on_generate_stream_is_an_http_error_first_and_an_sse_err
     events.push(failed);
     let later = MockUpstream::tgi().events(events).start().await;
     let gateway = one_backend(&later).await;
-    let (_, events) = gateway
-        .stream("/v1/completions", completion(true, false))
-        .await;
+    let (_, events) = gateway.stream("/v1/completions", legacy(true, false)).await;
     let payloads = events.rest().await;
     assert_eq!(payloads.len(), 3, "{payloads:#?}");
     assert_eq!(parse(&payloads[0])["choices"][0]["text"], "tok ");
@@ -236,11 +218,8 @@ async fn prompts_tgi_cannot_take_are_refused_before_any_upstream_call() {
     let upstream = MockUpstream::tgi().start().await;
     let gateway = one_backend(&upstream).await;
     let response = gateway
-        .post("/v1/completions")
-        .json(&json!({"model": "chat", "prompt": ["one", "two"]}))
-        .send()
-        .await
-        .unwrap();
+        .completion(json!({"model": "chat", "prompt": ["one", "two"]}))
+        .await;
     assert_eq!(response.status(), 400);
     let error = error_of(response).await;
     assert_eq!(error["param"], "prompt");

@@ -134,6 +134,27 @@ impl Gateway {
         (response.headers().clone(), Events::new(response))
     }
 
+    pub async fn completion(&self, body: Value) -> reqwest::Response {
+        self.post("/v1/completions")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `value` output tokens, as the upstream counted them,
+    /// are metered for `alias` on `backend`.
+    pub async fn eventually_exact_output_tokens(&self, alias: &str, backend: &str, value: u64) {
+        let labels = [
+            ("alias", alias),
+            ("backend", backend),
+            ("direction", "output"),
+            ("estimated", "false"),
+        ];
+        self.eventually_metric("tollgate_tokens_total", &labels, value as f64)
+            .await;
+    }
+
     pub async fn get(&self, path: &str, key: Option<&str>) -> reqwest::Response {
         let mut request = self.http.get(format!("{}{path}", self.base));
         if let Some(key) = key {
