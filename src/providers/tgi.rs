@@ -384,3 +384,39 @@ impl ChunkMapper for GenerateMapper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::stream;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn openai_sampling_values_tgi_refuses_mean_its_defaults() {
+        let request: CompletionRequest = serde_json::from_value(json!({"model": "m",
+            "prompt": ["only one"], "temperature": 0, "top_p": 1.0, "seed": 7, "stop": ["a", "b"]}))
+        .unwrap();
+        let body = serde_json::to_value(generate_request(&request).unwrap()).unwrap();
+        assert_eq!(
+            body,
+            json!({"inputs": "only one", "parameters": {"details": true, "seed": 7, "stop": ["a", "b"]}})
+        );
+    }
+
+    #[tokio::test]
+    async fn the_chat_stream_is_mended() {
+        let chunks = [
+            r#"{"id":"c1","choices":[{"delta":{"content":"x"}}]}"#,
+            r#"{"id":"","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
+            r#"{"error":{"message":"bad","http_status_code":422}}"#,
+        ];
+        let upstream = stream::iter(chunks.map(|c| Ok(Bytes::from_static(c.as_bytes())))).boxed();
+        let out: Vec<Value> = mend_chat_stream(upstream)
+            .map(|c| serde_json::from_slice(&c.unwrap()).unwrap())
+            .collect()
+            .await;
+        assert_eq!(out[1]["id"], "c1");
+        assert_eq!(out[2]["error"]["code"], 422);
+    }
+}
