@@ -45,7 +45,7 @@ impl Auth {
                 region: aws.region.clone(),
             });
         }
-        super::super::http::bearer(backend)?
+        crate::providers::http::bearer(backend)?
             .map(Self::ApiKey)
             .ok_or_else(|| "a bedrock backend needs credentials".to_owned())
     }
