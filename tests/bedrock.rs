@@ -25,6 +25,18 @@ async fn one_backend(upstream: &MockServer, credentials: &str, model_id: &str) -
     start(&config).await
 }
 
+/// Alias `chat` on a Bedrock vision model, so requests with images may
+/// reach it.
+async fn vision_backend(upstream: &MockServer) -> Gateway {
+    let config = bedrock_backend("bedrock-us", &upstream.base_url(), SIGV4_WITH_TOKEN)
+        + &model(
+            "chat",
+            &[("bedrock-us", "us.meta.llama3-2-90b-instruct-v1:0")],
+        )
+        + "modalities = [\"text\", \"image\"]\nmultimodal = true\n";
+    start(&config).await
+}
+
 /// A gateway where alias `chat` is served by `bedrock` then by a vLLM
 /// mock (returned, to count its hits), and alias `alone` by `bedrock` only.
 async fn with_backup(bedrock: &MockServer) -> (Gateway, MockServer) {
@@ -178,7 +190,7 @@ async fn a_bedrock_api_key_is_sent_as_a_bearer_token_without_sigv4() {
 #[tokio::test]
 async fn a_chat_request_becomes_a_converse_request() {
     let upstream = bedrock_mock_with_token().start().await;
-    let gateway = one_backend(&upstream, SIGV4_WITH_TOKEN, LLAMA_33).await;
+    let gateway = vision_backend(&upstream).await;
     let response = gateway
         .chat(json!({"model": "chat", "max_completion_tokens": 100, "temperature": 0.2, "top_p": 0.9,
             "stop": ["\n\n"], "user": "u-1", "messages": [
@@ -203,7 +215,7 @@ async fn a_chat_request_becomes_a_converse_request() {
 #[tokio::test]
 async fn what_bedrock_cannot_take_is_refused_before_any_upstream_call() {
     let upstream = bedrock_mock_with_token().start().await;
-    let gateway = one_backend(&upstream, SIGV4_WITH_TOKEN, LLAMA_33).await;
+    let gateway = vision_backend(&upstream).await;
     let image = json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]);
     let response = gateway
         .chat(json!({"model": "chat", "messages": image}))

@@ -84,7 +84,10 @@ impl Kind {
 
 /// A gateway with one alias, `chat`, served by `mock`.
 async fn start_for(kind: Kind, mock: &MockServer) -> Gateway {
-    let config = kind.backend("up", mock) + &model("chat", &[("up", kind.upstream_model())]);
+    // Tool calling is declared, as routing may require it for tools.
+    let config = kind.backend("up", mock)
+        + &model("chat", &[("up", kind.upstream_model())])
+        + "tools = true\n";
     start(&config).await
 }
 
