@@ -7,8 +7,10 @@
 //! figures are the gateway's cost on a loaded box, not a proxy shoot-out;
 //! `benches/load/` (issue 7) is the pinned, multi-process harness.
 
-#[path = "../tests/support/mock.rs"]
-mod mock;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use support::mock;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -272,6 +272,8 @@ impl GatewayError {
     /// An error status from the upstream. 429 and 5xx may be retried on
     /// another deployment; 401/403 mean the gateway's own credential was
     /// refused, which is not the client's fault, so the client sees 502.
+    /// 424 (TGI's and Bedrock's "the model failed") is the upstream's
+    /// failure too: 502, and another deployment may serve.
     pub fn upstream_status(
         backend: &str,
         status: StatusCode,
@@ -280,7 +282,7 @@ impl GatewayError {
     ) -> Self {
         let parts = UpstreamErrorParts::parse(body);
         let detail = parts.message.unwrap_or_else(|| status.to_string());
-        let retriable = matches!(status.as_u16(), 404 | 429 | 500 | 502 | 503 | 504);
+        let retriable = matches!(status.as_u16(), 404 | 424 | 429 | 500 | 502 | 503 | 504);
         let mut e = match status.as_u16() {
             401 | 403 => Self::new(
                 StatusCode::BAD_GATEWAY,
@@ -311,7 +313,7 @@ impl GatewayError {
                 format!("backend \"{backend}\" is rate limiting: {detail}"),
             )
             .code("rate_limit_exceeded"),
-            400..=499 => {
+            400..=423 | 425..=499 => {
                 let mut e = Self::new(
                     status,
                     ErrorSource::Client,

@@ -62,7 +62,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into())
+                // aws-sigv4 traces the canonical request, Bedrock's session
+                // token included: whatever RUST_LOG says, it never logs.
+                .add_directive("aws_sigv4=off".parse().expect("a valid directive")),
         )
         .with_writer(std::io::stderr)
         .init();

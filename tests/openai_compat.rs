@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::gateway::*;
 use support::mock::{self, MockServer, MockUpstream};
+use support::openai_mock;
 
 /// The payloads of a fixture's events, as the upstream sent them.
 fn fixture_payloads(name: &str) -> Vec<String> {
@@ -32,11 +33,6 @@ fn without_usage_chunk(payloads: &[String]) -> Vec<String> {
         .filter(|p| !is_usage_only(p))
         .cloned()
         .collect()
-}
-
-fn is_usage_only(payload: &str) -> bool {
-    serde_json::from_str::<Value>(payload)
-        .is_ok_and(|c| c["choices"] == json!([]) && c["usage"].is_object())
 }
 
 // ---- pass-through ---------------------------------------------------------
@@ -1196,7 +1192,7 @@ async fn metrics_count_requests_by_alias_backend_and_status() {
     );
     assert_eq!(
         tokens,
-        Some(3.0 * mock::CANNED_PROMPT_TOKENS as f64),
+        Some(3.0 * openai_mock::CANNED_PROMPT_TOKENS as f64),
         "{text}"
     );
 }

@@ -337,4 +337,128 @@ api_key_env = "TOGETHER_KEY_FOR_TEST"
         let control = |_: &str| Some("sk\x01x".to_string());
         assert!(parse(&text, &control).is_err());
     }
+
+    const BEDROCK: &str = r#"
+[[backends]]
+name = "bedrock-us"
+kind = "bedrock"
+aws_region = "us-east-1"
+aws_access_key_id_env = "AWS_ID"
+aws_secret_access_key_env = "AWS_SECRET"
+aws_session_token_env = "AWS_TOKEN"
+
+[[backends]]
+name = "bedrock-eu"
+kind = "bedrock"
+aws_region = "eu-central-1"
+api_key_env = "BEDROCK_KEY"
+
+[[backends]]
+name = "tgi"
+kind = "tgi"
+base_url = "http://10.0.0.5:8080"
+"#;
+
+    fn aws_env(name: &str) -> Option<String> {
+        Some(format!("value-of-{name}"))
+    }
+
+    #[test]
+    fn bedrock_takes_sigv4_keys_or_an_api_key_and_defaults_its_base_url() {
+        let config = parse(BEDROCK, &aws_env).expect("valid");
+        let [us, eu, tgi] = &config.backends[..] else {
+            panic!("three backends");
+        };
+        assert_eq!(us.kind, BackendKind::Bedrock);
+        assert_eq!(
+            us.base_url.as_ref().unwrap().as_str(),
+            "https://bedrock-runtime.us-east-1.amazonaws.com/"
+        );
+        let aws = us.aws.as_ref().unwrap();
+        assert_eq!(aws.region, "us-east-1");
+        let keys = aws.keys.as_ref().unwrap();
+        assert_eq!(keys.secret_access_key.expose(), "value-of-AWS_SECRET");
+        assert_eq!(
+            keys.session_token.as_ref().unwrap().expose(),
+            "value-of-AWS_TOKEN"
+        );
+        assert!(
+            !format!("{us:?}").contains("value-of"),
+            "no secret in Debug"
+        );
+        assert!(eu.aws.as_ref().unwrap().keys.is_none());
+        assert_eq!(
+            eu.credential.as_ref().unwrap().expose(),
+            "value-of-BEDROCK_KEY"
+        );
+        assert_eq!(tgi.kind, BackendKind::Tgi);
+        assert!(tgi.aws.is_none());
+    }
+
+    #[test]
+    fn bedrock_and_tgi_rules_are_reported_with_their_paths() {
+        let text = r#"
+[[backends]]
+name = "no-region-no-credentials"
+kind = "bedrock"
+
+[[backends]]
+name = "both"
+kind = "bedrock"
+aws_region = "us-east-1"
+api_key_env = "K"
+aws_access_key_id_env = "ID"
+aws_secret_access_key_env = "SECRET"
+
+[[backends]]
+name = "half"
+kind = "bedrock"
+aws_region = "US East"
+aws_secret_access_key_env = "SECRET"
+
+[[backends]]
+name = "token-with-key"
+kind = "bedrock"
+aws_region = "eu-west-1"
+api_key_env = "K"
+aws_session_token_env = "T"
+
+[[backends]]
+name = "vllm-with-aws"
+kind = "vllm"
+base_url = "http://10.0.0.5:8000/v1"
+aws_region = "us-east-1"
+
+[[backends]]
+name = "tgi-v1"
+kind = "tgi"
+base_url = "http://10.0.0.5:8080/v1"
+
+[[backends]]
+name = "tgi-no-url"
+kind = "tgi"
+"#;
+        let got = match parse(text, &aws_env) {
+            Ok(_) => Vec::new(),
+            Err(p) => p.0.iter().map(ToString::to_string).collect(),
+        };
+        let expected = [
+            "backends[0].aws_region: a bedrock backend needs aws_region",
+            "backends[0]: a bedrock backend needs credentials",
+            "backends[1]: give either api_key_env (a Bedrock API key) or aws_access_key_id_env",
+            "backends[2].aws_region: \"US East\" is not an AWS region",
+            "backends[2].aws_access_key_id_env: is needed with aws_secret_access_key_env",
+            "backends[3].aws_session_token_env: a session token goes with",
+            "backends[4].aws_region: only a bedrock backend takes aws_region",
+            "backends[5].base_url: a tgi backend's base_url is the server's root",
+            "backends[6].base_url: a tgi backend needs base_url, such as \"http://10.0.0.5:8080\"",
+        ];
+        for e in expected {
+            assert!(
+                got.iter().any(|g| g.starts_with(e)),
+                "missing {e:?} in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), expected.len(), "{got:#?}");
+    }
 }

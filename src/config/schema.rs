@@ -76,6 +76,11 @@ pub struct RawBackend {
     pub base_url: Option<String>,
     pub region: Option<String>,
     pub api_key_env: Option<String>,
+    /// Bedrock only: the AWS region requests are signed for and sent to.
+    pub aws_region: Option<String>,
+    pub aws_access_key_id_env: Option<String>,
+    pub aws_secret_access_key_env: Option<String>,
+    pub aws_session_token_env: Option<String>,
     #[serde(default)]
     pub timeouts: RawTimeouts,
     pub simulated: Option<RawSimulated>,

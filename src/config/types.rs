@@ -94,11 +94,21 @@ pub enum BackendKind {
     Together,
     Groq,
     Openai,
+    Tgi,
+    Bedrock,
     Simulated,
 }
 
 impl BackendKind {
-    pub const NAMES: &'static [&'static str] = &["vllm", "together", "groq", "openai", "simulated"];
+    pub const NAMES: &'static [&'static str] = &[
+        "vllm",
+        "together",
+        "groq",
+        "openai",
+        "tgi",
+        "bedrock",
+        "simulated",
+    ];
 
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
@@ -106,18 +116,21 @@ impl BackendKind {
             "together" => Self::Together,
             "groq" => Self::Groq,
             "openai" => Self::Openai,
+            "tgi" => Self::Tgi,
+            "bedrock" => Self::Bedrock,
             "simulated" => Self::Simulated,
             _ => return None,
         })
     }
 
     /// The base URL used when the config gives none; `None` where the
-    /// server's address cannot be guessed.
+    /// server's address cannot be guessed. Bedrock's depends on the AWS
+    /// region, so it is `None` here too (see `validate`).
     pub fn default_base_url(self) -> Option<&'static str> {
         match self {
             Self::Together => Some("https://api.together.xyz/v1"),
             Self::Groq => Some("https://api.groq.com/openai/v1"),
-            Self::Vllm | Self::Openai | Self::Simulated => None,
+            Self::Vllm | Self::Openai | Self::Tgi | Self::Bedrock | Self::Simulated => None,
         }
     }
 }
@@ -129,7 +142,10 @@ pub struct Backend {
     /// `None` only for `simulated`.
     pub base_url: Option<Url>,
     pub region: Option<String>,
+    /// The API key (`api_key_env`), sent as a bearer token.
     pub credential: Option<Secret>,
+    /// Bedrock only: where and how requests are signed.
+    pub aws: Option<AwsSettings>,
     pub timeouts: Timeouts,
     pub simulated: SimulatedSpec,
     /// GPUs the operator pays for by the hour; `None` for per-token APIs.
@@ -162,6 +178,22 @@ impl SelfHosted {
 pub struct EngineMetrics {
     pub url: Url,
     pub interval: Duration,
+}
+
+/// A Bedrock backend's AWS region, and its SigV4 credentials unless it
+/// uses a Bedrock API key (`Backend::credential`) instead.
+#[derive(Debug, Clone)]
+pub struct AwsSettings {
+    pub region: String,
+    pub keys: Option<AwsKeys>,
+}
+
+/// Static AWS credentials read from the environment.
+#[derive(Debug, Clone)]
+pub struct AwsKeys {
+    pub access_key_id: Secret,
+    pub secret_access_key: Secret,
+    pub session_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -12,6 +12,7 @@ use super::schema::{RawBackend, RawConfig, RawDeployment, RawKey, RawModel, RawS
 use super::types::*;
 use super::{Problem, Problems};
 
+mod aws;
 mod metering;
 mod routing;
 
@@ -228,6 +229,7 @@ impl Validator<'_> {
             );
             return None;
         };
+        let aws = self.aws(i, kind, b);
         let base_url = match (kind, b.base_url.as_deref()) {
             (BackendKind::Simulated, Some(_)) => {
                 self.problem(
@@ -237,16 +239,28 @@ impl Validator<'_> {
                 None
             }
             (BackendKind::Simulated, None) => None,
+            (BackendKind::Tgi, Some(text)) if text.trim_end_matches('/').ends_with("/v1") => {
+                self.problem(
+                    at("base_url"),
+                    format!("a tgi backend's base_url is the server's root (tollgate adds /v1/chat/completions or /generate); remove the /v1 from \"{text}\""),
+                );
+                None
+            }
             (_, Some(text)) => self.url(at("base_url"), text),
+            (BackendKind::Bedrock, None) => aws.as_ref().and_then(|aws| {
+                let url = format!("https://bedrock-runtime.{}.amazonaws.com", aws.region);
+                self.url(at("aws_region"), &url)
+            }),
             (_, None) => match kind.default_base_url() {
                 Some(url) => Some(Url::parse(url).expect("built-in base URLs parse")),
                 None => {
+                    let example = match kind {
+                        BackendKind::Tgi => "http://10.0.0.5:8080",
+                        _ => "http://10.0.0.5:8000/v1",
+                    };
                     self.problem(
                         at("base_url"),
-                        format!(
-                            "a {} backend needs base_url, such as \"http://10.0.0.5:8000/v1\"",
-                            b.kind
-                        ),
+                        format!("a {} backend needs base_url, such as \"{example}\"", b.kind),
                     );
                     None
                 }
@@ -296,6 +310,7 @@ impl Validator<'_> {
             base_url,
             region: b.region.clone(),
             credential,
+            aws,
             timeouts,
             simulated,
             self_hosted,

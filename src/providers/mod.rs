@@ -2,8 +2,12 @@
 //! request and returns OpenAI response bytes or chunks: translation lives
 //! in the provider, never elsewhere.
 
+mod bedrock;
+mod http;
 mod openai_compat;
 mod simulated;
+mod tgi;
+mod translate;
 
 use std::sync::Arc;
 
@@ -50,6 +54,8 @@ pub fn build(backend: &Backend) -> Result<Arc<dyn Provider>, String> {
         BackendKind::Vllm | BackendKind::Together | BackendKind::Groq | BackendKind::Openai => {
             Arc::new(openai_compat::OpenAiCompat::new(backend)?)
         }
+        BackendKind::Tgi => Arc::new(tgi::Tgi::new(backend)?),
+        BackendKind::Bedrock => Arc::new(bedrock::Bedrock::new(backend)?),
         BackendKind::Simulated => Arc::new(simulated::Simulated::new(backend)),
     })
 }

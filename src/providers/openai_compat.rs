@@ -3,21 +3,16 @@
 //! `stream_options` and the credential changed; responses come back as the
 //! bytes received, one SSE event at a time.
 
-use std::time::Duration;
-
 use bytes::Bytes;
-use eventsource_stream::{EventStreamError, Eventsource};
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
-use reqwest::{Client, StatusCode};
+use reqwest::Client;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 
+use super::http::{self, ErrorReply};
 use super::{Provider, UpstreamCall, UpstreamReply};
 use crate::config::{Backend, BackendKind};
 use crate::error::GatewayError;
-
-/// Error bodies larger than this are cut: they only feed a message.
-const MAX_ERROR_BODY: usize = 64 * 1024;
 
 pub struct OpenAiCompat {
     name: String,
@@ -33,41 +28,19 @@ impl OpenAiCompat {
             .base_url
             .as_ref()
             .ok_or("an OpenAI-compatible backend needs a base_url")?
-            .as_str()
-            .trim_end_matches('/')
-            .to_owned();
-        let auth = backend
-            .credential
-            .as_ref()
-            .map(|secret| {
-                let mut value = HeaderValue::try_from(format!("Bearer {}", secret.expose()))
-                    .map_err(|_| {
-                        format!(
-                            "the credential of backend \"{}\" is not a valid header value",
-                            backend.name
-                        )
-                    })?;
-                value.set_sensitive(true);
-                Ok::<_, String>(value)
-            })
-            .transpose()?;
-        let client = Client::builder()
-            .connect_timeout(backend.timeouts.connect)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| {
-                format!(
-                    "cannot build the HTTP client for backend \"{}\": {e}",
-                    backend.name
-                )
-            })?;
+            .as_str();
+        Self::with_base_url(backend, base_url)
+    }
+
+    /// For servers whose OpenAI-compatible API lives below their own
+    /// base URL (TGI's `/v1`).
+    pub fn with_base_url(backend: &Backend, base_url: &str) -> Result<Self, String> {
         Ok(Self {
             name: backend.name.clone(),
             kind: backend.kind,
-            base_url,
-            auth,
-            client,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            auth: http::bearer(backend)?,
+            client: http::client(backend)?,
         })
     }
 
@@ -91,72 +64,25 @@ impl OpenAiCompat {
         if let Some(auth) = &self.auth {
             request = request.header(AUTHORIZATION, auth.clone());
         }
-        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(self.status_error(response).await);
+        let response = request
+            .send()
+            .await
+            .map_err(|e| http::transport_error(&self.name, &e))?;
+        if !response.status().is_success() {
+            return Err(ErrorReply::read(response).await.into_error(&self.name));
         }
         if !streaming {
             let bytes = response
                 .bytes()
                 .await
-                .map_err(|e| self.transport_error(&e))?;
-            return Ok(UpstreamReply::Complete(self.normalise(bytes)));
+                .map_err(|e| http::transport_error(&self.name, &e))?;
+            return Ok(UpstreamReply::Complete(normalise(self.kind, bytes)));
         }
-        let name = self.name.clone();
         let kind = self.kind;
-        let events = response
-            .bytes_stream()
-            .eventsource()
-            .try_take_while(|event| std::future::ready(Ok(event.data != "[DONE]")))
-            .map(move |event| match event {
-                Ok(event) => Ok(normalise(kind, Bytes::from(event.data))),
-                Err(EventStreamError::Transport(_)) => Err(GatewayError::upstream_broken(&name)),
-                Err(e) => Err(GatewayError::upstream_protocol(&name, e)),
-            })
-            // An SSE comment or keep-alive has no data; it is not a chunk.
-            .try_filter(|chunk| std::future::ready(!chunk.is_empty()));
+        let events = http::sse_data(&self.name, response)
+            .try_take_while(|data| std::future::ready(Ok(data != "[DONE]")))
+            .map_ok(move |data| normalise(kind, Bytes::from(data)));
         Ok(UpstreamReply::Stream(events.boxed()))
-    }
-
-    fn transport_error(&self, e: &reqwest::Error) -> GatewayError {
-        if e.is_connect() {
-            GatewayError::upstream_connect(&self.name)
-        } else if e.is_body() || e.is_decode() {
-            GatewayError::upstream_broken(&self.name)
-        } else {
-            let mut error = GatewayError::upstream_connect(&self.name);
-            error.message = format!(
-                "request to backend \"{}\" failed before a response",
-                self.name
-            );
-            error
-        }
-    }
-
-    async fn status_error(&self, response: reqwest::Response) -> GatewayError {
-        let status =
-            StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64);
-        let mut body = Vec::new();
-        let mut chunks = response.bytes_stream();
-        while let Some(Ok(chunk)) = chunks.next().await {
-            body.extend_from_slice(&chunk[..chunk.len().min(MAX_ERROR_BODY - body.len())]);
-            if body.len() >= MAX_ERROR_BODY {
-                break;
-            }
-        }
-        GatewayError::upstream_status(&self.name, status, &body, retry_after)
-    }
-
-    fn normalise(&self, body: Bytes) -> Bytes {
-        normalise(self.kind, body)
     }
 }
 

@@ -1,11 +1,6 @@
-//! The gateway under test, started in-process on 127.0.0.1, and its
-//! client: config snippets, the injected environment, error-shape and
-//! metric helpers shared by the integration tests.
-
-#![allow(
-    dead_code,
-    reason = "each test binary uses a different part of the helpers"
-)]
+//! The gateway under test and its client: config snippets, starting a
+//! gateway in-process on 127.0.0.1, reading SSE events and OpenAI errors
+//! as a client does.
 
 use std::time::Duration;
 
@@ -15,7 +10,8 @@ use futures_util::stream::BoxStream;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use super::mock::MockServer;
+use super::bedrock_mock::{Auth, Expect};
+use super::mock::{MockServer, MockUpstream};
 
 /// The longest any single step may take before a test gives up: a bound
 /// against hangs, never a measure of speed.
@@ -71,16 +67,33 @@ pub fn env(name: &str) -> Option<String> {
             backend.to_lowercase().replace('_', "-")
         ));
     }
-    if let Some(key) = name.strip_prefix("KEY_") {
-        // KEY_TEAM is "team-secret".
-        return Some(format!("{}-secret", key.to_lowercase().replace('_', "-")));
+    if name == "ADMIN_TOKEN" {
+        return Some(ADMIN_TOKEN.to_owned());
     }
-    (name == "ADMIN_TOKEN").then(|| ADMIN_TOKEN.to_owned())
+    match name {
+        "AWS_KEY_ID_TEST" => Some(AWS_KEY_ID.into()),
+        "AWS_SECRET_TEST" => Some(AWS_SECRET.into()),
+        "AWS_TOKEN_TEST" => Some(AWS_TOKEN.into()),
+        // A secret the mock Bedrock does not know: its signatures fail.
+        "AWS_WRONG_SECRET_TEST" => Some("not/the/secret".into()),
+        "BEDROCK_API_KEY_TEST" => Some(BEDROCK_API_KEY.into()),
+        // KEY_TEAM is "team-secret".
+        _ => name
+            .strip_prefix("KEY_")
+            .map(|key| format!("{}-secret", key.to_lowercase().replace('_', "-"))),
+    }
 }
 
 /// The admin token the environment holds under `ADMIN_TOKEN`, for
 /// `[admin] token_env = "ADMIN_TOKEN"`.
 pub const ADMIN_TOKEN: &str = "admin-token";
+
+/// The AWS credentials `env` gives the gateway, for the mock Bedrock to
+/// expect.
+pub const AWS_KEY_ID: &str = "AKIDTOLLGATETEST";
+pub const AWS_SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYTOLLGATE";
+pub const AWS_TOKEN: &str = "IQoJb3JpZ2luX2VjEXAMPLESESSIONTOKEN";
+pub const BEDROCK_API_KEY: &str = "ABSKQmVkcm9ja0FQSUtleS1leGFtcGxl";
 
 pub fn url(mock: &MockServer) -> String {
     format!("{}/v1", mock.base_url())
@@ -127,6 +140,27 @@ impl Gateway {
         assert_eq!(response.status(), 200, "the stream starts");
         assert_eq!(response.headers()["content-type"], "text/event-stream");
         (response.headers().clone(), Events::new(response))
+    }
+
+    pub async fn completion(&self, body: Value) -> reqwest::Response {
+        self.post("/v1/completions")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `value` output tokens, as the upstream counted them,
+    /// are metered for `alias` on `backend`.
+    pub async fn eventually_exact_output_tokens(&self, alias: &str, backend: &str, value: u64) {
+        let labels = [
+            ("alias", alias),
+            ("backend", backend),
+            ("direction", "output"),
+            ("estimated", "false"),
+        ];
+        self.eventually_metric("tollgate_tokens_total", &labels, value as f64)
+            .await;
     }
 
     pub async fn get(&self, path: &str, key: Option<&str>) -> reqwest::Response {
@@ -232,6 +266,11 @@ impl Events {
     }
 }
 
+pub fn is_usage_only(payload: &str) -> bool {
+    serde_json::from_str::<Value>(payload)
+        .is_ok_and(|c| c["choices"] == json!([]) && c["usage"].is_object())
+}
+
 pub fn parse(payload: &str) -> Value {
     serde_json::from_str(payload).unwrap_or_else(|e| panic!("{payload}: {e}"))
 }
@@ -260,6 +299,43 @@ pub fn message(error: &Value) -> &str {
 
 pub fn user(text: &str) -> Value {
     json!([{"role": "user", "content": text}])
+}
+
+/// A `[[backends]]` table of kind `bedrock` calling the mock at
+/// `base_url`, in us-east-1, with `credentials` (TOML lines naming the
+/// environment variables of `env`).
+pub fn bedrock_backend(name: &str, base_url: &str, credentials: &str) -> String {
+    format!(
+        r#"
+[[backends]]
+name = "{name}"
+kind = "bedrock"
+base_url = "{base_url}"
+aws_region = "us-east-1"
+{credentials}
+[backends.timeouts]
+connect_ms = 2000
+first_byte_ms = 5000
+idle_ms = 5000
+"#
+    )
+}
+
+/// SigV4 with a session token, as `env` holds them.
+pub const SIGV4_WITH_TOKEN: &str = r#"aws_access_key_id_env = "AWS_KEY_ID_TEST"
+aws_secret_access_key_env = "AWS_SECRET_TEST"
+aws_session_token_env = "AWS_TOKEN_TEST""#;
+
+/// The mock Bedrock that accepts what `SIGV4_WITH_TOKEN` signs with.
+pub fn bedrock_mock_with_token() -> MockUpstream {
+    MockUpstream::bedrock(Expect {
+        region: "us-east-1".into(),
+        auth: Auth::SigV4 {
+            access_key_id: AWS_KEY_ID.into(),
+            secret_access_key: AWS_SECRET.into(),
+            session_token: Some(AWS_TOKEN.into()),
+        },
+    })
 }
 
 // ---- routing configs and explain ------------------------------------------

@@ -21,13 +21,11 @@
 //! stream held open until `MockServer::release`, events cut across TCP
 //! writes. It reports connections the peer closed.
 //!
-//! Benches include this file with `#[path]`; `MockUpstream::canned(n)` is
-//! the fast mode for them: no delays and no request bodies kept.
-
-#![allow(
-    dead_code,
-    reason = "each test binary and bench uses a different part of the mock"
-)]
+//! The protocol (`openai_mock`, `tgi_mock`, `bedrock_mock`) decides the
+//! routes and the canned answers; the faults apply to every protocol.
+//! Benches include the support folder with `#[path]`;
+//! `MockUpstream::canned(n)` is the fast mode for them: no delays and no
+//! request bodies kept.
 
 use std::convert::Infallible;
 use std::io;
@@ -51,6 +49,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
+
+use super::{bedrock_mock, openai_mock, tgi_mock};
 
 /// The directory of the byte-exact upstream recordings.
 pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openai");
@@ -123,6 +123,7 @@ pub struct MockUpstream {
     hold_after: Option<usize>,
     split_every: Option<usize>,
     record: bool,
+    protocol: Protocol,
 }
 
 impl MockUpstream {
@@ -143,6 +144,24 @@ impl MockUpstream {
             hold_after: None,
             split_every: None,
             record: true,
+            protocol: Protocol::OpenAi,
+        }
+    }
+
+    /// A well-behaved TGI server (`support/tgi_mock.rs`).
+    pub fn tgi() -> Self {
+        Self {
+            protocol: Protocol::Tgi,
+            ..Self::openai()
+        }
+    }
+
+    /// A well-behaved Bedrock Runtime that accepts only requests made
+    /// with these credentials (`support/bedrock_mock.rs`).
+    pub fn bedrock(expect: bedrock_mock::Expect) -> Self {
+        Self {
+            protocol: Protocol::Bedrock(Arc::new(expect)),
+            ..Self::openai()
         }
     }
 
@@ -166,6 +185,13 @@ impl MockUpstream {
     /// Answer streaming requests with these SSE bytes, byte for byte.
     pub fn stream_bytes(mut self, sse: impl AsRef<[u8]>) -> Self {
         self.events = Some(split_events(sse.as_ref()));
+        self
+    }
+
+    /// Answer streaming requests with these events (SSE events, or
+    /// event-stream frames), one item each.
+    pub fn events(mut self, events: Vec<Bytes>) -> Self {
+        self.events = Some(events);
         self
     }
 
@@ -266,7 +292,7 @@ impl MockUpstream {
         let (peer_closed, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             status: Mutex::new(self.status),
-            canned: Canned::new(self.canned_chunks),
+            canned: openai_mock::Canned::new(self.canned_chunks),
             reply: self,
             requests: Mutex::new(Vec::new()),
             hits: AtomicUsize::new(0),
@@ -403,7 +429,7 @@ vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.0
 
 struct Shared {
     reply: MockUpstream,
-    canned: Canned,
+    canned: openai_mock::Canned,
     requests: Mutex<Vec<Recorded>>,
     hits: AtomicUsize,
     /// The status answered now: `reply.status` until `set_status`.
@@ -446,12 +472,6 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
-    Chat,
-    Completions,
-}
-
 async fn respond(
     shared: Arc<Shared>,
     conn: Arc<ConnState>,
@@ -481,29 +501,20 @@ async fn respond(
         };
         shared.requests.lock().expect("not poisoned").push(recorded);
     }
-    let endpoint = if parts.method != hyper::Method::POST {
-        None
-    } else if path.ends_with("/chat/completions") {
-        Some(Endpoint::Chat)
-    } else if path.ends_with("/completions") {
-        Some(Endpoint::Completions)
-    } else {
-        None
-    };
     if !reply.first_byte_after.is_zero() {
         tokio::time::sleep(reply.first_byte_after).await;
     }
-    let Some(endpoint) = endpoint else {
-        let body = json!({"error": {"message": format!("no route for {path}"), "type": "invalid_request_error", "param": null, "code": null}});
-        return Ok(plain(
-            StatusCode::NOT_FOUND,
-            &[],
-            Bytes::from(body.to_string()),
-        ));
+    let route = match &reply.protocol {
+        Protocol::OpenAi => openai_mock::route(&shared.canned, &parts, &body),
+        Protocol::Tgi => tgi_mock::route(&shared.canned, &parts, &body),
+        Protocol::Bedrock(expect) => bedrock_mock::route(expect, &parts, &body),
     };
-    let flags: Flags = serde_json::from_slice(&body).unwrap_or_default();
-    let streaming = flags.stream == Some(true);
-
+    let route = match route {
+        Ok(route) => route,
+        Err(rejection) => {
+            return Ok(plain(rejection.status, &rejection.headers, rejection.body));
+        }
+    };
     let status = *shared.status.lock().expect("not poisoned");
     if !status.is_success() {
         let body = reply.body.clone().unwrap_or_else(|| {
@@ -512,24 +523,77 @@ async fn respond(
         });
         return Ok(plain(status, &reply.headers, body));
     }
-    if !streaming {
-        let body = reply
-            .body
-            .clone()
-            .unwrap_or_else(|| shared.canned.json(endpoint).clone());
+    if !route.streaming {
+        let body = reply.body.clone().unwrap_or(route.json);
         if reply.body_after.is_zero() {
-            return Ok(plain(status, &reply.headers, body));
+            return Ok(plain(status, &route.headers, body).with(&reply.headers));
         }
         return Ok(streamed(&shared, conn, vec![body], "application/json"));
     }
-    let mut events = match &reply.events {
-        Some(events) => events.clone(),
-        None => shared.canned.stream(endpoint, flags.include_usage()),
-    };
+    let mut events = reply.events.clone().unwrap_or(route.events);
     if reply.omit_done {
         events.retain(|e| !e.starts_with(b"data: [DONE]"));
     }
-    Ok(streamed(&shared, conn, events, "text/event-stream"))
+    Ok(streamed(&shared, conn, events, route.content_type))
+}
+
+/// The upstream protocol a mock speaks.
+#[derive(Clone)]
+pub enum Protocol {
+    OpenAi,
+    Tgi,
+    Bedrock(Arc<bedrock_mock::Expect>),
+}
+
+/// What the protocol makes of a request it accepts: its canned answer,
+/// whole and streamed (the configured faults apply on top).
+pub struct Route {
+    pub streaming: bool,
+    pub json: Bytes,
+    /// Extra headers of the whole answer (e.g. TGI's `x-prompt-tokens`).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The stream, one item per event or frame.
+    pub events: Vec<Bytes>,
+    pub content_type: &'static str,
+}
+
+/// A request the protocol refuses (unknown route, bad signature, a body
+/// of the wrong shape), answered whatever the configured behaviour.
+pub struct Rejection {
+    pub status: StatusCode,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}
+
+impl Rejection {
+    pub fn new(status: u16, headers: &[(&'static str, &str)], body: Value) -> Self {
+        Self {
+            status: StatusCode::from_u16(status).expect("a valid status"),
+            headers: headers
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        HeaderName::from_static(n),
+                        HeaderValue::from_str(v).expect("a header value"),
+                    )
+                })
+                .collect(),
+            body: Bytes::from(body.to_string()),
+        }
+    }
+}
+
+trait WithHeaders {
+    fn with(self, headers: &[(HeaderName, HeaderValue)]) -> Self;
+}
+
+impl WithHeaders for Response<MockBody> {
+    fn with(mut self, headers: &[(HeaderName, HeaderValue)]) -> Self {
+        for (name, value) in headers {
+            self.headers_mut().insert(name.clone(), value.clone());
+        }
+        self
+    }
 }
 
 /// A whole body, sent with a content-length.
@@ -764,109 +828,5 @@ impl hyper::body::Body for MockBody {
             Self::Full(None) => SizeHint::with_exact(0),
             Self::Stream { .. } => SizeHint::default(),
         }
-    }
-}
-
-/// The part of a request body the mock reads to decide how to answer.
-#[derive(Default, serde::Deserialize)]
-struct Flags {
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<Value>,
-}
-
-impl Flags {
-    fn include_usage(&self) -> bool {
-        self.stream_options
-            .as_ref()
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-    }
-}
-
-/// Canned answers, built once per mock, in vLLM's shapes.
-struct Canned {
-    chat_json: Bytes,
-    completion_json: Bytes,
-    /// role chunk, content chunks, finish chunk, usage chunk, `[DONE]`.
-    chat_stream: Vec<Bytes>,
-    completion_stream: Vec<Bytes>,
-}
-
-pub const CANNED_MODEL: &str = "mock-model";
-pub const CANNED_PROMPT_TOKENS: u64 = 11;
-
-impl Canned {
-    fn new(chunks: usize) -> Self {
-        let usage = json!({"prompt_tokens": CANNED_PROMPT_TOKENS, "completion_tokens": chunks, "total_tokens": CANNED_PROMPT_TOKENS + chunks as u64});
-        let text = "tok ".repeat(chunks);
-        let event = |v: Value| Bytes::from(format!("data: {v}\n\n"));
-        let done = Bytes::from_static(b"data: [DONE]\n\n");
-        let chat_chunk = |delta: Value, finish: Value| {
-            event(
-                json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": CANNED_MODEL,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]}),
-            )
-        };
-        let mut chat_stream = vec![chat_chunk(
-            json!({"role": "assistant", "content": ""}),
-            Value::Null,
-        )];
-        chat_stream
-            .extend((0..chunks).map(|_| chat_chunk(json!({"content": "tok "}), Value::Null)));
-        chat_stream.push(chat_chunk(json!({}), json!("stop")));
-        chat_stream.push(event(json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": CANNED_MODEL, "choices": [], "usage": usage})));
-        chat_stream.push(done.clone());
-        let text_chunk = |text: &str, finish: Value| {
-            event(
-                json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": CANNED_MODEL,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]}),
-            )
-        };
-        let mut completion_stream: Vec<Bytes> = (0..chunks)
-            .map(|_| text_chunk("tok ", Value::Null))
-            .collect();
-        completion_stream.push(text_chunk("", json!("length")));
-        completion_stream.push(event(json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": CANNED_MODEL, "choices": [], "usage": usage})));
-        completion_stream.push(done);
-        Self {
-            chat_json: Bytes::from(
-                json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": CANNED_MODEL,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"}],
-                    "usage": usage})
-                .to_string(),
-            ),
-            completion_json: Bytes::from(
-                json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": CANNED_MODEL,
-                    "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length"}],
-                    "usage": usage})
-                .to_string(),
-            ),
-            chat_stream,
-            completion_stream,
-        }
-    }
-
-    fn json(&self, endpoint: Endpoint) -> &Bytes {
-        match endpoint {
-            Endpoint::Chat => &self.chat_json,
-            Endpoint::Completions => &self.completion_json,
-        }
-    }
-
-    /// The canned stream; the usage chunk only when the request asked.
-    fn stream(&self, endpoint: Endpoint, include_usage: bool) -> Vec<Bytes> {
-        let all = match endpoint {
-            Endpoint::Chat => &self.chat_stream,
-            Endpoint::Completions => &self.completion_stream,
-        };
-        let usage_at = all.len() - 2;
-        all.iter()
-            .enumerate()
-            .filter(|(i, _)| include_usage || *i != usage_at)
-            .map(|(_, e)| e.clone())
-            .collect()
     }
 }

@@ -1,6 +1,16 @@
-//! Test support shared by the integration tests: mock upstreams, the
-//! gateway under test with its client, and plan-level helpers.
+//! Test support shared by the integration tests: mock upstreams, one
+//! module per protocol on a shared server (`mock`), the gateway under test
+//! with its client (`gateway`), and plan-level helpers (`plan`).
 
+#![allow(
+    dead_code,
+    reason = "each test binary and bench uses a different part of the support code"
+)]
+
+pub mod bedrock_mock;
 pub mod gateway;
 pub mod mock;
+pub mod openai_mock;
 pub mod plan;
+pub mod sigv4;
+pub mod tgi_mock;

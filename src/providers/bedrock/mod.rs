@@ -1,0 +1,146 @@
+//! AWS Bedrock Runtime through Converse (`POST /model/{modelId}/converse`)
+//! and ConverseStream (`…/converse-stream`). Requests are translated from
+//! OpenAI chat (`request`), answers back to OpenAI objects (`response`) and
+//! chunks (`stream`); `auth` signs, `errors` maps Bedrock's errors.
+
+mod auth;
+mod errors;
+mod request;
+mod response;
+mod stream;
+
+use futures_util::future::BoxFuture;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::header::CONTENT_TYPE;
+use reqwest::{Client, Url};
+
+use super::http::{self, ErrorReply};
+use super::{Provider, UpstreamCall, UpstreamReply};
+use crate::config::Backend;
+use crate::error::GatewayError;
+use crate::openai::InboundRequest;
+use auth::Auth;
+
+/// A path label is encoded as AWS SDKs do: everything but the unreserved
+/// characters, so the `:` of `meta.llama3-1-8b-instruct-v1:0` is sent as
+/// `%3A` (and signed as `%253A`).
+const LABEL: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+pub struct Bedrock {
+    name: String,
+    base_url: Url,
+    auth: Auth,
+    client: Client,
+}
+
+impl Bedrock {
+    pub fn new(backend: &Backend) -> Result<Self, String> {
+        Ok(Self {
+            name: backend.name.clone(),
+            base_url: backend
+                .base_url
+                .clone()
+                .ok_or("a bedrock backend needs a base_url")?,
+            auth: Auth::new(backend)?,
+            client: http::client(backend)?,
+        })
+    }
+
+    fn url(&self, model: &str, streaming: bool) -> Result<Url, GatewayError> {
+        let operation = if streaming {
+            "converse-stream"
+        } else {
+            "converse"
+        };
+        let url = format!(
+            "{}/model/{}/{operation}",
+            self.base_url.as_str().trim_end_matches('/'),
+            utf8_percent_encode(model, LABEL)
+        );
+        Url::parse(&url).map_err(|e| {
+            GatewayError::internal(format!("backend \"{}\": bad URL {url}: {e}", self.name))
+        })
+    }
+
+    async fn call(&self, call: UpstreamCall<'_>) -> Result<UpstreamReply, GatewayError> {
+        let InboundRequest::Chat(chat) = call.request else {
+            // Another deployment of the alias may serve legacy completions.
+            let mut error = GatewayError::bad_request(
+                format!(
+                    "backend \"{}\" is AWS Bedrock, which serves chat only; send this as /v1/chat/completions",
+                    self.name
+                ),
+                None,
+            );
+            error.retriable = true;
+            return Err(error);
+        };
+        let body = serde_json::to_vec(&request::converse(chat)?).map_err(|e| {
+            GatewayError::internal(format!("cannot encode a Converse request: {e}"))
+        })?;
+        let streaming = call.request.stream();
+        let url = self.url(call.upstream_model, streaming)?;
+        let mut builder = self
+            .client
+            .post(url.clone())
+            .header(CONTENT_TYPE, "application/json");
+        for (name, value) in self.auth.headers(&self.name, &url, &body)? {
+            builder = builder.header(name, value);
+        }
+        let response = builder
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| http::transport_error(&self.name, &e))?;
+        if !response.status().is_success() {
+            return Err(errors::from_reply(
+                &self.name,
+                ErrorReply::read(response).await,
+            ));
+        }
+        if streaming {
+            return Ok(UpstreamReply::Stream(stream::chunks(
+                &self.name,
+                call.upstream_model,
+                response.bytes_stream(),
+            )));
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| http::transport_error(&self.name, &e))?;
+        response::chat_completion(&self.name, call.upstream_model, &bytes)
+            .map(UpstreamReply::Complete)
+    }
+}
+
+impl Provider for Bedrock {
+    fn send<'a>(
+        &'a self,
+        call: UpstreamCall<'a>,
+    ) -> BoxFuture<'a, Result<UpstreamReply, GatewayError>> {
+        Box::pin(self.call(call))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_ids_are_encoded_as_one_path_label() {
+        let encoded = |id| utf8_percent_encode(id, LABEL).to_string();
+        assert_eq!(
+            encoded("us.meta.llama3-3-70b-instruct-v1:0"),
+            "us.meta.llama3-3-70b-instruct-v1%3A0"
+        );
+        assert_eq!(
+            encoded("arn:aws:bedrock:us-east-1::foundation-model/x"),
+            "arn%3Aaws%3Abedrock%3Aus-east-1%3A%3Afoundation-model%2Fx"
+        );
+    }
+}

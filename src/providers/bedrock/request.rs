@@ -1,0 +1,513 @@
+//! OpenAI chat request → Bedrock `ConverseRequest`. Everything Bedrock
+//! cannot take is refused with a 400 that names the field and says what
+//! to send instead, rather than silently dropped.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::error::GatewayError;
+use crate::openai::{ChatMessage, ChatRequest, ContentPart, MessageContent};
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConverseRequest {
+    messages: Vec<Message>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    system: Vec<Block>,
+    #[serde(skip_serializing_if = "InferenceConfig::is_empty")]
+    inference_config: InferenceConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_config: Option<ToolConfig>,
+}
+
+#[derive(Debug, Serialize)]
+struct Message {
+    role: &'static str,
+    content: Vec<Block>,
+}
+
+/// A `ContentBlock`: a union written as an object with exactly one key.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+enum Block {
+    Text(String),
+    Image {
+        format: &'static str,
+        source: ImageSource,
+    },
+    #[serde(rename_all = "camelCase")]
+    ToolUse {
+        tool_use_id: String,
+        name: String,
+        input: Value,
+    },
+    #[serde(rename_all = "camelCase")]
+    ToolResult {
+        tool_use_id: String,
+        content: Vec<Block>,
+    },
+}
+
+#[derive(Debug, Serialize)]
+struct ImageSource {
+    /// Base64, as Bedrock's JSON protocol carries blobs.
+    bytes: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct InferenceConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    stop_sequences: Vec<String>,
+}
+
+impl InferenceConfig {
+    fn is_empty(&self) -> bool {
+        self.max_tokens.is_none()
+            && self.temperature.is_none()
+            && self.top_p.is_none()
+            && self.stop_sequences.is_empty()
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolConfig {
+    tools: Vec<Tool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<Value>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Tool {
+    tool_spec: ToolSpec,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolSpec {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+    input_schema: InputSchema,
+}
+
+#[derive(Debug, Serialize)]
+struct InputSchema {
+    json: Value,
+}
+
+fn bad(message: impl Into<String>, param: impl Into<String>) -> GatewayError {
+    GatewayError::bad_request(message, Some(param.into()))
+}
+
+/// Translates a chat request; `Err` is a 400 for the client.
+pub fn converse(chat: &ChatRequest) -> Result<ConverseRequest, GatewayError> {
+    if let Some(n) = chat.extra.get("n").filter(|n| !n.is_null())
+        && n.as_u64() != Some(1)
+    {
+        return Err(bad(
+            "Bedrock returns one choice per request; leave `n` out or set it to 1",
+            "n",
+        ));
+    }
+    let mut system = Vec::new();
+    let mut messages: Vec<Message> = Vec::new();
+    for (i, message) in chat.messages.iter().enumerate() {
+        let at = format!("messages[{i}]");
+        let (role, blocks) = match message.role.as_str() {
+            "system" | "developer" => {
+                system.extend(text_blocks(message, &at)?);
+                continue;
+            }
+            "user" => ("user", user_blocks(message, &at)?),
+            "assistant" => ("assistant", assistant_blocks(message, &at)?),
+            // Bedrock carries tool results inside a user turn.
+            "tool" => ("user", vec![tool_result(message, &at)?]),
+            other => {
+                return Err(bad(
+                    format!(
+                        "role \"{other}\" is not supported by Bedrock; use system, developer, user, assistant or tool"
+                    ),
+                    format!("{at}.role"),
+                ));
+            }
+        };
+        // Bedrock requires turns to alternate: consecutive turns of one
+        // role become one message.
+        match messages.last_mut() {
+            Some(last) if last.role == role => last.content.extend(blocks),
+            _ => messages.push(Message {
+                role,
+                content: blocks,
+            }),
+        }
+    }
+    Ok(ConverseRequest {
+        messages,
+        system,
+        inference_config: inference_config(chat)?,
+        tool_config: tool_config(chat)?,
+    })
+}
+
+fn text_blocks(message: &ChatMessage, at: &str) -> Result<Vec<Block>, GatewayError> {
+    match &message.content {
+        None => Ok(Vec::new()),
+        Some(MessageContent::Text(text)) => Ok(non_empty(text).into_iter().collect()),
+        Some(MessageContent::Parts(parts)) => parts
+            .iter()
+            .enumerate()
+            .filter_map(|(j, part)| match (part.kind.as_str(), &part.text) {
+                ("text", Some(text)) => non_empty(text).map(Ok),
+                _ => Some(Err(bad(
+                    format!(
+                        "a {} message may hold only text parts for Bedrock",
+                        message.role
+                    ),
+                    format!("{at}.content[{j}]"),
+                ))),
+            })
+            .collect(),
+    }
+}
+
+/// Bedrock refuses blank text blocks; an empty string carries nothing.
+fn non_empty(text: &str) -> Option<Block> {
+    (!text.is_empty()).then(|| Block::Text(text.to_owned()))
+}
+
+fn user_blocks(message: &ChatMessage, at: &str) -> Result<Vec<Block>, GatewayError> {
+    let Some(MessageContent::Parts(parts)) = &message.content else {
+        return text_blocks(message, at);
+    };
+    parts
+        .iter()
+        .enumerate()
+        .filter_map(|(j, part)| part_block(part, &format!("{at}.content[{j}]")).transpose())
+        .collect()
+}
+
+fn part_block(part: &ContentPart, at: &str) -> Result<Option<Block>, GatewayError> {
+    match part.kind.as_str() {
+        "text" => Ok(part.text.as_deref().and_then(non_empty)),
+        "image_url" => {
+            let url = match part.extra.get("image_url") {
+                Some(Value::String(url)) => url.as_str(),
+                Some(Value::Object(image)) => {
+                    image.get("url").and_then(Value::as_str).unwrap_or("")
+                }
+                _ => "",
+            };
+            image_block(url, &format!("{at}.image_url.url")).map(Some)
+        }
+        other => Err(bad(
+            format!(
+                "content parts of type \"{other}\" are not supported by Bedrock; send text or image_url parts"
+            ),
+            format!("{at}.type"),
+        )),
+    }
+}
+
+/// A `data:image/...;base64,...` URL → an image block with its bytes.
+fn image_block(url: &str, at: &str) -> Result<Block, GatewayError> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Err(bad(
+            "Bedrock needs images inline: send the image as a data URL (data:image/png;base64,...) instead of an http(s) URL",
+            at,
+        ));
+    }
+    let invalid = || {
+        bad(
+            "an image must be a data URL such as data:image/png;base64,... (png, jpeg, gif or webp)",
+            at,
+        )
+    };
+    let (header, data) = url
+        .strip_prefix("data:")
+        .and_then(|rest| rest.split_once(','))
+        .ok_or_else(invalid)?;
+    let mime = header.strip_suffix(";base64").ok_or_else(invalid)?;
+    let format = match mime.to_ascii_lowercase().as_str() {
+        "image/png" => "png",
+        "image/jpeg" | "image/jpg" => "jpeg",
+        "image/gif" => "gif",
+        "image/webp" => "webp",
+        _ => return Err(invalid()),
+    };
+    let bytes = BASE64
+        .decode(data.trim())
+        .map_err(|_| bad("the image data URL does not hold valid base64", at))?;
+    Ok(Block::Image {
+        format,
+        source: ImageSource {
+            bytes: BASE64.encode(bytes),
+        },
+    })
+}
+
+fn assistant_blocks(message: &ChatMessage, at: &str) -> Result<Vec<Block>, GatewayError> {
+    let mut blocks = text_blocks(message, at)?;
+    let calls = match message.extra.get("tool_calls") {
+        None | Some(Value::Null) => return Ok(blocks),
+        Some(Value::Array(calls)) => calls,
+        Some(_) => return Err(bad("must be an array", format!("{at}.tool_calls"))),
+    };
+    for (j, call) in calls.iter().enumerate() {
+        let at = format!("{at}.tool_calls[{j}]");
+        let field = |path: &str| call.pointer(path).and_then(Value::as_str);
+        let (Some(id), Some(name)) = (field("/id"), field("/function/name")) else {
+            return Err(bad("a tool call needs `id` and `function.name`", at));
+        };
+        let arguments = field("/function/arguments").unwrap_or("");
+        let input = if arguments.trim().is_empty() {
+            Value::Object(Map::new())
+        } else {
+            serde_json::from_str(arguments).map_err(|_| {
+                bad(
+                    "the tool call's arguments are not valid JSON",
+                    format!("{at}.function.arguments"),
+                )
+            })?
+        };
+        blocks.push(Block::ToolUse {
+            tool_use_id: id.to_owned(),
+            name: name.to_owned(),
+            input,
+        });
+    }
+    Ok(blocks)
+}
+
+fn tool_result(message: &ChatMessage, at: &str) -> Result<Block, GatewayError> {
+    let id = message
+        .extra
+        .get("tool_call_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            bad(
+                "a tool message needs `tool_call_id`",
+                format!("{at}.tool_call_id"),
+            )
+        })?;
+    let mut content = text_blocks(message, at)?;
+    if content.is_empty() {
+        // Bedrock requires some content in a tool result.
+        content.push(Block::Text("(empty)".into()));
+    }
+    Ok(Block::ToolResult {
+        tool_use_id: id.to_owned(),
+        content,
+    })
+}
+
+/// A number field in `0..=max`, or absent.
+fn unit_number(chat: &ChatRequest, field: &str, max: f64) -> Result<Option<f64>, GatewayError> {
+    match chat.extra.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => match value.as_f64() {
+            Some(x) if (0.0..=max).contains(&x) => Ok(Some(x)),
+            _ => Err(bad(
+                format!("Bedrock accepts `{field}` from 0 to {max}; send a number in that range"),
+                field,
+            )),
+        },
+    }
+}
+
+fn inference_config(chat: &ChatRequest) -> Result<InferenceConfig, GatewayError> {
+    let stop_sequences = match chat.extra.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(stop)) => vec![stop.clone()],
+        Some(Value::Array(stops)) => stops
+            .iter()
+            .map(|s| s.as_str().map(str::to_owned))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("`stop` must be a string or an array of strings", "stop"))?,
+        Some(_) => {
+            return Err(bad(
+                "`stop` must be a string or an array of strings",
+                "stop",
+            ));
+        }
+    };
+    Ok(InferenceConfig {
+        max_tokens: chat.max_completion_tokens.or(chat.max_tokens),
+        temperature: unit_number(chat, "temperature", 1.0)?,
+        top_p: unit_number(chat, "top_p", 1.0)?,
+        stop_sequences,
+    })
+}
+
+fn tool_config(chat: &ChatRequest) -> Result<Option<ToolConfig>, GatewayError> {
+    let Some(tools) = chat.tools.as_ref().filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    let tool_choice = match chat.extra.get("tool_choice") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(choice)) => match choice.as_str() {
+            "auto" => Some(serde_json::json!({"auto": {}})),
+            "required" => Some(serde_json::json!({"any": {}})),
+            // Bedrock cannot forbid tool use while offering tools; not
+            // offering them is the nearest.
+            "none" => return Ok(None),
+            _ => {
+                return Err(bad(
+                    "`tool_choice` must be \"auto\", \"required\", \"none\" or {\"type\":\"function\",\"function\":{\"name\":...}}",
+                    "tool_choice",
+                ));
+            }
+        },
+        Some(choice) => match choice.pointer("/function/name").and_then(Value::as_str) {
+            Some(name) => Some(serde_json::json!({"tool": {"name": name}})),
+            None => {
+                return Err(bad(
+                    "`tool_choice` names no function; send {\"type\":\"function\",\"function\":{\"name\":...}}",
+                    "tool_choice",
+                ));
+            }
+        },
+    };
+    let tools = tools
+        .iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            let function = tool
+                .get("function")
+                .filter(|_| tool.get("type").and_then(Value::as_str) == Some("function"));
+            let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
+            let (Some(function), Some(name)) = (function, name) else {
+                return Err(bad(
+                    "each tool must be {\"type\":\"function\",\"function\":{\"name\":...}}",
+                    format!("tools[{i}]"),
+                ));
+            };
+            Ok(Tool {
+                tool_spec: ToolSpec {
+                    name: name.to_owned(),
+                    description: function
+                        .get("description")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
+                    input_schema: InputSchema {
+                        json: function.get("parameters").cloned().unwrap_or_else(
+                            || serde_json::json!({"type": "object", "properties": {}}),
+                        ),
+                    },
+                },
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Some(ToolConfig { tools, tool_choice }))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn translate(request: Value) -> Result<Value, GatewayError> {
+        let chat: ChatRequest = serde_json::from_value(request).unwrap();
+        converse(&chat).map(|c| serde_json::to_value(c).unwrap())
+    }
+
+    #[test]
+    fn system_goes_to_system_and_turns_of_one_role_are_merged() {
+        let out = translate(json!({"model": "m", "max_completion_tokens": 64, "temperature": 0.5,
+            "top_p": 0.9, "stop": "</s>", "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "developer", "content": [{"type": "text", "text": "Be kind."}]},
+            {"role": "user", "content": "Hi"},
+            {"role": "user", "content": [{"type": "text", "text": "there"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]},
+        ]}))
+        .unwrap();
+        assert_eq!(
+            out,
+            json!({
+                "messages": [{"role": "user", "content": [{"text": "Hi"}, {"text": "there"},
+                    {"image": {"format": "png", "source": {"bytes": "iVBORw0KGgo="}}}]}],
+                "system": [{"text": "Answer briefly."}, {"text": "Be kind."}],
+                "inferenceConfig": {"maxTokens": 64, "temperature": 0.5, "topP": 0.9, "stopSequences": ["</s>"]}
+            })
+        );
+    }
+
+    #[test]
+    fn tools_tool_calls_and_results_map_to_tool_config_tool_use_and_tool_result() {
+        let out = translate(json!({"model": "m", "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+            {"role": "user", "content": "Thanks"},
+        ], "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather by city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}))
+        .unwrap();
+        assert_eq!(
+            out["messages"],
+            json!([
+                {"role": "user", "content": [{"text": "Weather in Paris?"}]},
+                {"role": "assistant", "content": [{"toolUse": {"toolUseId": "call_1", "name": "get_weather", "input": {"city": "Paris"}}}]},
+                {"role": "user", "content": [{"toolResult": {"toolUseId": "call_1", "content": [{"text": "18C"}]}}, {"text": "Thanks"}]},
+            ])
+        );
+        assert_eq!(
+            out["toolConfig"],
+            json!({"tools": [{"toolSpec": {"name": "get_weather", "description": "Weather by city",
+                "inputSchema": {"json": {"type": "object", "properties": {"city": {"type": "string"}}}}}}],
+                "toolChoice": {"tool": {"name": "get_weather"}}})
+        );
+    }
+
+    #[test]
+    fn what_bedrock_cannot_take_is_a_400_naming_the_field() {
+        let cases = [
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url",
+                "image_url": {"url": "https://example.com/cat.png"}}]}]}),
+                "messages[0].content[0].image_url.url",
+                "inline",
+            ),
+            (
+                json!({"temperature": 1.5, "messages": [{"role": "user", "content": "x"}]}),
+                "temperature",
+                "0 to 1",
+            ),
+            (
+                json!({"n": 2, "messages": [{"role": "user", "content": "x"}]}),
+                "n",
+                "one choice",
+            ),
+            (
+                json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{oops"}}]}]}),
+                "messages[0].tool_calls[0].function.arguments",
+                "not valid JSON",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}),
+                "messages[0].content[0].type",
+                "not supported",
+            ),
+        ];
+        for (mut request, param, words) in cases {
+            request["model"] = json!("m");
+            let error = translate(request).unwrap_err();
+            assert_eq!(error.status, 400);
+            assert_eq!(error.param.as_deref(), Some(param));
+            assert!(error.message.contains(words), "{}", error.message);
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Bedrock `ConverseResponse` → OpenAI `chat.completion`, and the OpenAI
+//! shapes the stream mapper writes: chunks, finish reasons, usage.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::GatewayError;
+use crate::openai::Usage;
+use crate::providers::translate::ResponseIdentity;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConverseResponse {
+    output: Output,
+    stop_reason: String,
+    usage: TokenUsage,
+}
+
+#[derive(Debug, Deserialize)]
+struct Output {
+    message: OutputMessage,
+}
+
+#[derive(Debug, Deserialize)]
+struct OutputMessage {
+    #[serde(default)]
+    content: Vec<OutputBlock>,
+}
+
+/// One `ContentBlock`; members other than text and toolUse (reasoning,
+/// citations…) are read as neither and skipped.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OutputBlock {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    tool_use: Option<ToolUse>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolUse {
+    tool_use_id: String,
+    name: String,
+    #[serde(default)]
+    input: Value,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenUsage {
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+impl From<TokenUsage> for Usage {
+    fn from(u: TokenUsage) -> Self {
+        Usage::new(u.input_tokens, u.output_tokens)
+    }
+}
+
+/// Bedrock's `stopReason` as an OpenAI `finish_reason`.
+pub fn finish_reason(stop_reason: &str) -> &'static str {
+    match stop_reason {
+        "max_tokens" | "model_context_window_exceeded" => "length",
+        "tool_use" => "tool_calls",
+        "guardrail_intervened" | "content_filtered" => "content_filter",
+        // end_turn, stop_sequence, and the malformed_* outcomes: the model
+        // stopped; there is no closer OpenAI value.
+        _ => "stop",
+    }
+}
+
+/// The `chat.completion` for a Converse response body.
+pub fn chat_completion(backend: &str, model: &str, body: &[u8]) -> Result<Bytes, GatewayError> {
+    let response: ConverseResponse = serde_json::from_slice(body).map_err(|e| {
+        GatewayError::upstream_protocol(backend, format_args!("not a Converse response: {e}"))
+    })?;
+    let identity = ResponseIdentity::new("chatcmpl", model);
+    let blocks = response.output.message.content;
+    let text: String = blocks.iter().filter_map(|b| b.text.as_deref()).collect();
+    let tool_calls: Vec<Value> = blocks
+        .iter()
+        .filter_map(|b| b.tool_use.as_ref())
+        .map(|t| {
+            json!({"id": t.tool_use_id, "type": "function",
+                   "function": {"name": t.name, "arguments": t.input.to_string()}})
+        })
+        .collect();
+    let mut message = json!({"role": "assistant", "content": text, "refusal": null});
+    if !tool_calls.is_empty() {
+        if text.is_empty() {
+            message["content"] = Value::Null;
+        }
+        message["tool_calls"] = Value::Array(tool_calls);
+    }
+    let completion = json!({
+        "id": identity.id, "object": "chat.completion", "created": identity.created,
+        "model": identity.model,
+        "choices": [{"index": 0, "message": message, "logprobs": null,
+                     "finish_reason": finish_reason(&response.stop_reason)}],
+        "usage": Usage::from(response.usage),
+    });
+    Ok(Bytes::from(completion.to_string()))
+}
+
+/// A `chat.completion.chunk` with one choice.
+pub fn chunk(identity: &ResponseIdentity, delta: Value, finish_reason: Option<&str>) -> Bytes {
+    Bytes::from(
+        json!({
+            "id": identity.id, "object": "chat.completion.chunk", "created": identity.created,
+            "model": identity.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
+        })
+        .to_string(),
+    )
+}
+
+/// The usage-only chunk OpenAI sends last (`choices` empty).
+pub fn usage_chunk(identity: &ResponseIdentity, usage: Usage) -> Bytes {
+    Bytes::from(
+        json!({
+            "id": identity.id, "object": "chat.completion.chunk", "created": identity.created,
+            "model": identity.model, "choices": [], "usage": usage,
+        })
+        .to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_tool_calls_stop_reason_and_usage_become_an_openai_completion() {
+        let body = br#"{"output":{"message":{"role":"assistant","content":[
+            {"text":"Let me check."},{"toolUse":{"toolUseId":"t1","name":"get_weather","input":{"city":"Paris"}}}]}},
+            "stopReason":"tool_use","usage":{"inputTokens":1620,"outputTokens":6,"totalTokens":1626},
+            "metrics":{"latencyMs":812}}"#;
+        let out: Value =
+            serde_json::from_slice(&chat_completion("b", "meta.llama", body).unwrap()).unwrap();
+        assert_eq!(out["object"], "chat.completion");
+        assert_eq!(out["model"], "meta.llama");
+        let choice = &out["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert_eq!(choice["message"]["content"], "Let me check.");
+        assert_eq!(
+            choice["message"]["tool_calls"][0],
+            json!({"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}})
+        );
+        assert_eq!(
+            out["usage"],
+            json!({"prompt_tokens": 1620, "completion_tokens": 6, "total_tokens": 1626})
+        );
+    }
+
+    #[test]
+    fn stop_reasons_become_openai_finish_reasons() {
+        for (bedrock, openai) in [
+            ("end_turn", "stop"),
+            ("stop_sequence", "stop"),
+            ("max_tokens", "length"),
+            ("tool_use", "tool_calls"),
+            ("content_filtered", "content_filter"),
+        ] {
+            assert_eq!(finish_reason(bedrock), openai);
+        }
+    }
+
+    #[test]
+    fn a_body_that_is_not_a_converse_response_is_a_protocol_error() {
+        let error = chat_completion("b", "m", b"{}").unwrap_err();
+        assert_eq!(error.code.as_deref(), Some("upstream_invalid_response"));
+    }
+}

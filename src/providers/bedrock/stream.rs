@@ -1,0 +1,349 @@
+//! ConverseStream: the AWS event-stream body, decoded frame by frame as
+//! bytes arrive (`aws-smithy-eventstream`), and its events turned into
+//! OpenAI chunks. Usage comes from the `metadata` event, last, as a
+//! usage-only chunk.
+
+use std::collections::HashMap;
+
+use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder};
+use aws_smithy_types::event_stream::Message;
+use axum::http::StatusCode;
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{self, BoxStream};
+use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::errors;
+use super::response::{TokenUsage, chunk, finish_reason, usage_chunk};
+use crate::error::GatewayError;
+use crate::providers::ChunkStream;
+use crate::providers::translate::{ChunkMapper, Chunks, ResponseIdentity, map_chunks};
+
+/// The chunks of a ConverseStream response body.
+pub fn chunks(
+    backend: &str,
+    model: &str,
+    body: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+) -> ChunkStream {
+    map_chunks(
+        frames(backend, body),
+        Mapper {
+            backend: backend.to_owned(),
+            identity: ResponseIdentity::new("chatcmpl", model),
+            tools: HashMap::new(),
+            stopped: false,
+        },
+    )
+}
+
+/// The event-stream messages of a body; a frame may arrive in any number
+/// of pieces, and one piece may hold several frames. A bad CRC, a broken
+/// connection or a body that ends inside a frame is an error.
+fn frames(
+    backend: &str,
+    body: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+) -> BoxStream<'static, Result<Message, GatewayError>> {
+    struct State<S> {
+        body: S,
+        decoder: MessageFrameDecoder,
+        buffer: BytesMut,
+        /// Bytes of an unfinished frame have been read.
+        partial: bool,
+        backend: String,
+        done: bool,
+    }
+    let state = State {
+        body: Box::pin(body),
+        decoder: MessageFrameDecoder::new(),
+        buffer: BytesMut::new(),
+        partial: false,
+        backend: backend.to_owned(),
+        done: false,
+    };
+    stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        loop {
+            match s.decoder.decode_frame(&mut s.buffer) {
+                Ok(DecodedFrame::Complete(message)) => {
+                    s.partial = !s.buffer.is_empty();
+                    return Some((Ok(message), s));
+                }
+                Ok(DecodedFrame::Incomplete) => {}
+                Err(e) => {
+                    s.done = true;
+                    let error = GatewayError::upstream_protocol(
+                        &s.backend,
+                        format_args!("a bad event-stream frame: {e}"),
+                    );
+                    return Some((Err(error), s));
+                }
+            }
+            match s.body.next().await {
+                Some(Ok(bytes)) => {
+                    s.partial = true;
+                    s.buffer.extend_from_slice(&bytes);
+                }
+                Some(Err(_)) => {
+                    s.done = true;
+                    return Some((Err(GatewayError::upstream_broken(&s.backend)), s));
+                }
+                None if s.partial => {
+                    s.done = true;
+                    let error = GatewayError::upstream_protocol(
+                        &s.backend,
+                        "the stream ended in the middle of an event-stream frame",
+                    );
+                    return Some((Err(error), s));
+                }
+                None => return None,
+            }
+        }
+    })
+    .boxed()
+}
+
+struct Mapper {
+    backend: String,
+    identity: ResponseIdentity,
+    /// Bedrock's `contentBlockIndex` of each tool use → its OpenAI
+    /// `tool_calls` index.
+    tools: HashMap<u64, usize>,
+    stopped: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BlockEvent {
+    #[serde(default)]
+    content_block_index: u64,
+    #[serde(default)]
+    start: Option<Value>,
+    #[serde(default)]
+    delta: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StopEvent {
+    stop_reason: String,
+}
+
+#[derive(Deserialize)]
+struct MetadataEvent {
+    usage: TokenUsage,
+}
+
+fn header<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
+    message
+        .headers()
+        .iter()
+        .find(|h| h.name().as_str() == name)
+        .and_then(|h| h.value().as_string().ok())
+        .map(|s| s.as_str())
+}
+
+impl Mapper {
+    fn event(&mut self, kind: &str, payload: &[u8]) -> Result<Option<Bytes>, GatewayError> {
+        let parse_error = |e: serde_json::Error| {
+            GatewayError::upstream_protocol(&self.backend, format_args!("a bad {kind} event: {e}"))
+        };
+        Ok(match kind {
+            "messageStart" => Some(chunk(
+                &self.identity,
+                json!({"role": "assistant", "content": ""}),
+                None,
+            )),
+            "contentBlockStart" => {
+                let event: BlockEvent = serde_json::from_slice(payload).map_err(parse_error)?;
+                let Some(tool) = event.start.as_ref().and_then(|s| s.get("toolUse")) else {
+                    return Ok(None);
+                };
+                let index = self.tools.len();
+                self.tools.insert(event.content_block_index, index);
+                Some(chunk(
+                    &self.identity,
+                    json!({"tool_calls": [{"index": index, "id": tool.get("toolUseId"), "type": "function",
+                        "function": {"name": tool.get("name"), "arguments": ""}}]}),
+                    None,
+                ))
+            }
+            "contentBlockDelta" => {
+                let event: BlockEvent = serde_json::from_slice(payload).map_err(parse_error)?;
+                let delta = event.delta.unwrap_or_default();
+                if let Some(text) = delta.get("text").and_then(Value::as_str) {
+                    Some(chunk(&self.identity, json!({"content": text}), None))
+                } else if let Some(input) = delta.pointer("/toolUse/input").and_then(Value::as_str)
+                {
+                    let index = self
+                        .tools
+                        .get(&event.content_block_index)
+                        .copied()
+                        .unwrap_or(0);
+                    Some(chunk(
+                        &self.identity,
+                        json!({"tool_calls": [{"index": index, "function": {"arguments": input}}]}),
+                        None,
+                    ))
+                } else {
+                    // Reasoning and citation deltas have no OpenAI chunk.
+                    None
+                }
+            }
+            "messageStop" => {
+                let event: StopEvent = serde_json::from_slice(payload).map_err(parse_error)?;
+                self.stopped = true;
+                Some(chunk(
+                    &self.identity,
+                    json!({}),
+                    Some(finish_reason(&event.stop_reason)),
+                ))
+            }
+            "metadata" => {
+                let event: MetadataEvent = serde_json::from_slice(payload).map_err(parse_error)?;
+                Some(usage_chunk(&self.identity, event.usage.into()))
+            }
+            // contentBlockStop, and events added to the API later.
+            _ => None,
+        })
+    }
+}
+
+impl ChunkMapper for Mapper {
+    type Event = Message;
+
+    fn map(&mut self, message: Message, out: &mut Chunks) {
+        let result = match header(&message, ":message-type") {
+            Some("event") => {
+                let kind = header(&message, ":event-type").unwrap_or_default();
+                self.event(kind, message.payload())
+            }
+            Some("exception") => Err(errors::exception(
+                &self.backend,
+                header(&message, ":exception-type").unwrap_or_default(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                message.payload(),
+                None,
+            )),
+            _ => Err(errors::exception(
+                &self.backend,
+                header(&message, ":error-code").unwrap_or_default(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                header(&message, ":error-message")
+                    .unwrap_or_default()
+                    .as_bytes(),
+                None,
+            )),
+        };
+        match result {
+            Ok(Some(chunk)) => out.push(Ok(chunk)),
+            Ok(None) => {}
+            Err(error) => out.push(Err(error)),
+        }
+    }
+
+    fn end(&mut self) -> Result<(), GatewayError> {
+        if self.stopped {
+            Ok(())
+        } else {
+            Err(GatewayError::upstream_broken(&self.backend))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The frames of PROTOCOLS.md 4.5, checked there against botocore.
+    const MESSAGE_START: &str = "000000760000005296d5fade0b3a6576656e742d7479706507000c6d65737361676553746172740d3a636f6e74656e742d747970650700106170706c69636174696f6e2f6a736f6e0d3a6d6573736167652d747970650700056576656e747b22726f6c65223a22617373697374616e74227d6fa8c599";
+    const DELTA_HI: &str = "0000009400000057b4ab9aee0b3a6576656e742d74797065070011636f6e74656e74426c6f636b44656c74610d3a636f6e74656e742d747970650700106170706c69636174696f6e2f6a736f6e0d3a6d6573736167652d747970650700056576656e747b22636f6e74656e74426c6f636b496e646578223a302c2264656c7461223a7b2274657874223a224869227d7d1f944657";
+    const BLOCK_STOP: &str = "0000007d00000056e6680fd60b3a6576656e742d74797065070010636f6e74656e74426c6f636b53746f700d3a636f6e74656e742d747970650700106170706c69636174696f6e2f6a736f6e0d3a6d6573736167652d747970650700056576656e747b22636f6e74656e74426c6f636b496e646578223a307db32e4d34";
+    const MESSAGE_STOP: &str = "0000007a00000051ca2c46650b3a6576656e742d7479706507000b6d65737361676553746f700d3a636f6e74656e742d747970650700106170706c69636174696f6e2f6a736f6e0d3a6d6573736167652d747970650700056576656e747b2273746f70526561736f6e223a22656e645f7475726e227d5fbf09fc";
+    const METADATA: &str = "000000b80000004ed4f1f02b0b3a6576656e742d747970650700086d657461646174610d3a636f6e74656e742d747970650700106170706c69636174696f6e2f6a736f6e0d3a6d6573736167652d747970650700056576656e747b227573616765223a7b22696e707574546f6b656e73223a31302c226f7574707574546f6b656e73223a322c22746f74616c546f6b656e73223a31327d2c226d657472696373223a7b226c6174656e63794d73223a3132337d7dc4f6cca0";
+    const THROTTLED: &str = "00000090000000618e91a9b70f3a657863657074696f6e2d747970650700137468726f74746c696e67457863657074696f6e0d3a636f6e74656e742d747970650700106170706c69636174696f6e2f6a736f6e0d3a6d6573736167652d74797065070009657863657074696f6e7b226d657373616765223a22546f6f206d616e79207265717565737473227de67f8005";
+
+    fn bytes(frames: &[&str]) -> Vec<u8> {
+        frames
+            .iter()
+            .flat_map(|f| hex::decode(f).unwrap())
+            .collect()
+    }
+
+    /// Feeds `body` in pieces of `size` bytes; returns the chunks as JSON
+    /// and the error that ended the stream, if any.
+    async fn run(body: Vec<u8>, size: usize) -> (Vec<Value>, Option<GatewayError>) {
+        let pieces: Vec<reqwest::Result<Bytes>> = body
+            .chunks(size)
+            .map(|p| Ok(Bytes::copy_from_slice(p)))
+            .collect();
+        let mut out = chunks("b", "m", stream::iter(pieces));
+        let mut values = Vec::new();
+        while let Some(item) = out.next().await {
+            match item {
+                Ok(chunk) => values.push(serde_json::from_slice(&chunk).unwrap()),
+                Err(e) => return (values, Some(e)),
+            }
+        }
+        (values, None)
+    }
+
+    #[tokio::test]
+    async fn frames_become_openai_chunks_however_the_bytes_are_cut() {
+        let body = bytes(&[MESSAGE_START, DELTA_HI, BLOCK_STOP, MESSAGE_STOP, METADATA]);
+        for size in [1, 7, 118, 200, body.len()] {
+            let (chunks, error) = run(body.clone(), size).await;
+            assert!(error.is_none(), "pieces of {size}: {error:?}");
+            assert_eq!(chunks.len(), 4, "pieces of {size}");
+            assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+            assert_eq!(chunks[1]["choices"][0]["delta"]["content"], "Hi");
+            assert_eq!(chunks[2]["choices"][0]["finish_reason"], "stop");
+            assert_eq!(chunks[3]["choices"], json!([]));
+            assert_eq!(
+                chunks[3]["usage"],
+                json!({"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12})
+            );
+            assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_exception_frame_ends_the_stream_with_its_error() {
+        let (chunks, error) = run(bytes(&[MESSAGE_START, DELTA_HI, THROTTLED]), 50).await;
+        assert_eq!(chunks.len(), 2);
+        let error = error.expect("an error");
+        assert_eq!(error.status, 429);
+        assert!(
+            error.message.contains("Too many requests"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cut_frame_a_bad_crc_and_a_missing_stop_are_errors() {
+        let mut body = bytes(&[MESSAGE_START, DELTA_HI]);
+        let cut = body.len() - 3;
+        let (_, error) = run(body[..cut].to_vec(), 10).await;
+        assert!(
+            error
+                .unwrap()
+                .message
+                .contains("middle of an event-stream frame")
+        );
+
+        let last = body.len() - 1;
+        body[last] ^= 1;
+        let (chunks, error) = run(body, 1000).await;
+        assert_eq!(chunks.len(), 1);
+        assert!(error.unwrap().message.contains("bad event-stream frame"));
+
+        let (_, error) = run(bytes(&[MESSAGE_START, DELTA_HI]), 1000).await;
+        assert_eq!(
+            error.unwrap().code.as_deref(),
+            Some("upstream_disconnected")
+        );
+    }
+}

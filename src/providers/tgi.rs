@@ -1,0 +1,422 @@
+//! Hugging Face TGI. Chat goes to its OpenAI-compatible Messages API
+//! (`/v1/chat/completions`) through `OpenAiCompat`, with TGI's quirks
+//! mended; legacy completions go to its native `/generate` and
+//! `/generate_stream`, asked for `details` so usage is exact, and come
+//! back as OpenAI `text_completion` objects and chunks.
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::{StreamExt, TryStreamExt};
+use reqwest::Client;
+use reqwest::header::CONTENT_TYPE;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::http::{self, ErrorReply};
+use super::openai_compat::OpenAiCompat;
+use super::translate::{ChunkMapper, Chunks, ResponseIdentity, map_chunks};
+use super::{ChunkStream, Provider, UpstreamCall, UpstreamReply};
+use crate::config::Backend;
+use crate::error::GatewayError;
+use crate::openai::{CompletionRequest, InboundRequest, Prompt, TextChoice, TextCompletion, Usage};
+
+pub struct Tgi {
+    name: String,
+    /// The server's root, e.g. `http://10.0.0.5:8080`.
+    root: String,
+    chat: OpenAiCompat,
+    client: Client,
+}
+
+impl Tgi {
+    pub fn new(backend: &Backend) -> Result<Self, String> {
+        let root = backend
+            .base_url
+            .as_ref()
+            .ok_or("a tgi backend needs a base_url")?
+            .as_str()
+            .trim_end_matches('/')
+            .to_owned();
+        Ok(Self {
+            name: backend.name.clone(),
+            chat: OpenAiCompat::with_base_url(backend, &format!("{root}/v1"))?,
+            root,
+            client: http::client(backend)?,
+        })
+    }
+
+    async fn call(&self, call: UpstreamCall<'_>) -> Result<UpstreamReply, GatewayError> {
+        let InboundRequest::Completion(completion) = call.request else {
+            return Ok(match self.chat.send(call).await? {
+                UpstreamReply::Stream(chunks) => UpstreamReply::Stream(mend_chat_stream(chunks)),
+                complete => complete,
+            });
+        };
+        let streaming = call.request.stream();
+        let body = serde_json::to_vec(&generate_request(completion)?).map_err(|e| {
+            GatewayError::internal(format!("cannot encode a generate request: {e}"))
+        })?;
+        let path = if streaming {
+            "generate_stream"
+        } else {
+            "generate"
+        };
+        let response = self
+            .client
+            .post(format!("{}/{path}", self.root))
+            .header(CONTENT_TYPE, "application/json")
+            .header("x-request-id", call.request_id)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| http::transport_error(&self.name, &e))?;
+        if !response.status().is_success() {
+            return Err(ErrorReply::read(response).await.into_error(&self.name));
+        }
+        let identity = ResponseIdentity::new("cmpl", call.upstream_model);
+        if streaming {
+            let events = http::sse_data(&self.name, response);
+            let mapper = GenerateMapper {
+                backend: self.name.clone(),
+                identity,
+                finished: false,
+            };
+            return Ok(UpstreamReply::Stream(map_chunks(events, mapper)));
+        }
+        // TGI counts the prompt in this header on the generate route.
+        let prompt_tokens = response
+            .headers()
+            .get("x-prompt-tokens")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| http::transport_error(&self.name, &e))?;
+        let generated: Generated = serde_json::from_slice(&bytes).map_err(|e| {
+            GatewayError::upstream_protocol(
+                &self.name,
+                format_args!("not a generate response: {e}"),
+            )
+        })?;
+        let details = generated.details.ok_or_else(|| {
+            GatewayError::upstream_protocol(&self.name, "the generate response has no details")
+        })?;
+        let prompt_tokens = (!details.prefill.is_empty())
+            .then_some(details.prefill.len() as u64)
+            .or(prompt_tokens);
+        let json = text_completion(
+            &identity,
+            &generated.generated_text,
+            Some(finish_reason(&details.finish_reason)),
+            prompt_tokens.map(|p| Usage::new(p, details.generated_tokens)),
+        );
+        Ok(UpstreamReply::Complete(json))
+    }
+}
+
+impl Provider for Tgi {
+    fn send<'a>(
+        &'a self,
+        call: UpstreamCall<'a>,
+    ) -> BoxFuture<'a, Result<UpstreamReply, GatewayError>> {
+        Box::pin(self.call(call))
+    }
+}
+
+/// TGI's Messages API stream, mended: its usage-only chunk has an empty
+/// `id` (it gets the stream's), and its mid-stream error puts the status
+/// in `http_status_code` (copied to `code`, where the gateway reads it).
+fn mend_chat_stream(chunks: ChunkStream) -> ChunkStream {
+    let mut stream_id: Option<String> = None;
+    chunks
+        .map_ok(move |chunk| {
+            let Ok(mut value) = serde_json::from_slice::<Value>(&chunk) else {
+                return chunk;
+            };
+            if let Some(error) = value.get_mut("error").and_then(Value::as_object_mut) {
+                if let Some(status) = error.get("http_status_code").cloned() {
+                    error.insert("code".into(), status);
+                    return Bytes::from(value.to_string());
+                }
+                return chunk;
+            }
+            match (value.get("id").and_then(Value::as_str), &stream_id) {
+                (Some(""), Some(id)) => {
+                    value["id"] = Value::String(id.clone());
+                    Bytes::from(value.to_string())
+                }
+                (Some(id), None) => {
+                    stream_id = Some(id.to_owned());
+                    chunk
+                }
+                _ => chunk,
+            }
+        })
+        .boxed()
+}
+
+#[derive(Debug, Serialize)]
+struct GenerateRequest<'a> {
+    inputs: &'a str,
+    parameters: Parameters,
+}
+
+#[derive(Debug, Serialize)]
+struct Parameters {
+    /// Without it TGI reports no token counts.
+    details: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_new_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    stop: Vec<String>,
+}
+
+fn bad(message: &str, param: &str) -> GatewayError {
+    GatewayError::bad_request(message, Some(param.to_owned()))
+}
+
+fn generate_request(c: &CompletionRequest) -> Result<GenerateRequest<'_>, GatewayError> {
+    let inputs = match &c.prompt {
+        Prompt::Text(text) => text.as_str(),
+        Prompt::Texts(texts) if texts.len() == 1 => texts[0].as_str(),
+        _ => {
+            return Err(bad(
+                "TGI's generate API takes one prompt, as text; send `prompt` as a single string",
+                "prompt",
+            ));
+        }
+    };
+    if c.extra
+        .get("n")
+        .and_then(Value::as_u64)
+        .is_some_and(|n| n != 1)
+    {
+        return Err(bad(
+            "TGI returns one choice per request; leave `n` out or set it to 1",
+            "n",
+        ));
+    }
+    let number = |field: &str| c.extra.get(field).and_then(Value::as_f64);
+    let stop = match c.extra.get("stop") {
+        Some(Value::String(stop)) => vec![stop.clone()],
+        Some(Value::Array(stops)) => stops
+            .iter()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok(GenerateRequest {
+        inputs,
+        parameters: Parameters {
+            details: true,
+            max_new_tokens: c.max_tokens,
+            // TGI refuses temperature 0 and top_p 1; both mean "no
+            // change" in OpenAI's terms, which is TGI's default.
+            temperature: number("temperature").filter(|t| *t > 0.0),
+            top_p: number("top_p").filter(|p| *p > 0.0 && *p < 1.0),
+            seed: c.extra.get("seed").and_then(Value::as_u64),
+            frequency_penalty: number("frequency_penalty"),
+            stop,
+        },
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct Generated {
+    generated_text: String,
+    #[serde(default)]
+    details: Option<Details>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Details {
+    finish_reason: String,
+    generated_tokens: u64,
+    /// The prompt's tokens (filled only when asked for).
+    #[serde(default)]
+    prefill: Vec<Value>,
+    /// On the last stream event: the prompt's length in tokens.
+    #[serde(default)]
+    input_length: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamEvent {
+    token: Token,
+    #[serde(default)]
+    details: Option<Details>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Token {
+    text: String,
+    #[serde(default)]
+    special: bool,
+}
+
+/// TGI's finish reasons as OpenAI's.
+fn finish_reason(tgi: &str) -> &'static str {
+    match tgi {
+        "length" => "length",
+        // eos_token, stop_sequence
+        _ => "stop",
+    }
+}
+
+fn text_completion(
+    identity: &ResponseIdentity,
+    text: &str,
+    finish_reason: Option<&'static str>,
+    usage: Option<Usage>,
+) -> Bytes {
+    let choice = TextChoice {
+        index: 0,
+        text,
+        logprobs: None,
+        finish_reason,
+    };
+    encode(identity, vec![choice], usage)
+}
+
+/// A `text_completion` object; with no choices, the usage-only chunk.
+fn encode(
+    identity: &ResponseIdentity,
+    choices: Vec<TextChoice<'_>>,
+    usage: Option<Usage>,
+) -> Bytes {
+    let object = TextCompletion {
+        id: &identity.id,
+        object: "text_completion",
+        created: identity.created,
+        model: &identity.model,
+        choices,
+        usage,
+    };
+    Bytes::from(serde_json::to_vec(&object).expect("completions serialise"))
+}
+
+/// `/generate_stream` events → `text_completion` chunks; the last event's
+/// details become the finish reason and a usage-only chunk.
+struct GenerateMapper {
+    backend: String,
+    identity: ResponseIdentity,
+    finished: bool,
+}
+
+/// TGI's error body, sent as an event in place of a token.
+#[derive(Debug, Deserialize)]
+struct TgiError {
+    /// Marks an error event; `upstream_status` reads the message from
+    /// the raw body.
+    #[serde(rename = "error")]
+    _message: String,
+    #[serde(default)]
+    error_type: String,
+}
+
+impl ChunkMapper for GenerateMapper {
+    type Event = String;
+
+    fn map(&mut self, data: String, out: &mut Chunks) {
+        if let Ok(error) = serde_json::from_str::<TgiError>(&data) {
+            // The statuses TGI's router gives each error type.
+            let status = match error.error_type.as_str() {
+                "overloaded" => 429,
+                "validation" | "template_error" | "tool_error" => 422,
+                "generation" => 424,
+                _ => 500,
+            };
+            let status = axum::http::StatusCode::from_u16(status).expect("a valid status");
+            out.push(Err(GatewayError::upstream_status(
+                &self.backend,
+                status,
+                data.as_bytes(),
+                None,
+            )));
+            return;
+        }
+        let event: StreamEvent = match serde_json::from_str(&data) {
+            Ok(event) => event,
+            Err(e) => {
+                out.push(Err(GatewayError::upstream_protocol(
+                    &self.backend,
+                    format_args!("not a generate_stream event: {e}"),
+                )));
+                return;
+            }
+        };
+        let text = if event.token.special {
+            ""
+        } else {
+            &event.token.text
+        };
+        let Some(details) = event.details else {
+            out.push(Ok(text_completion(&self.identity, text, None, None)));
+            return;
+        };
+        self.finished = true;
+        out.push(Ok(text_completion(
+            &self.identity,
+            text,
+            Some(finish_reason(&details.finish_reason)),
+            None,
+        )));
+        if let Some(prompt) = details.input_length {
+            let usage = Usage::new(prompt, details.generated_tokens);
+            out.push(Ok(encode(&self.identity, Vec::new(), Some(usage))));
+        }
+    }
+
+    fn end(&mut self) -> Result<(), GatewayError> {
+        if self.finished {
+            Ok(())
+        } else {
+            Err(GatewayError::upstream_broken(&self.backend))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::stream;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn openai_sampling_values_tgi_refuses_mean_its_defaults() {
+        let request: CompletionRequest = serde_json::from_value(json!({"model": "m",
+            "prompt": ["only one"], "temperature": 0, "top_p": 1.0, "seed": 7, "stop": ["a", "b"]}))
+        .unwrap();
+        let body = serde_json::to_value(generate_request(&request).unwrap()).unwrap();
+        assert_eq!(
+            body,
+            json!({"inputs": "only one", "parameters": {"details": true, "seed": 7, "stop": ["a", "b"]}})
+        );
+    }
+
+    #[tokio::test]
+    async fn the_chat_stream_is_mended() {
+        let chunks = [
+            r#"{"id":"c1","choices":[{"delta":{"content":"x"}}]}"#,
+            r#"{"id":"","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
+            r#"{"error":{"message":"bad","http_status_code":422}}"#,
+        ];
+        let upstream = stream::iter(chunks.map(|c| Ok(Bytes::from_static(c.as_bytes())))).boxed();
+        let out: Vec<Value> = mend_chat_stream(upstream)
+            .map(|c| serde_json::from_slice(&c.unwrap()).unwrap())
+            .collect()
+            .await;
+        assert_eq!(out[1]["id"], "c1");
+        assert_eq!(out[2]["error"]["code"], 422);
+    }
+}

@@ -1,0 +1,356 @@
+//! Bedrock deployments through the gateway, against the mock Bedrock in
+//! `support/bedrock_mock.rs`, which re-derives every request's SigV4
+//! signature from its own copy of the secret and answers in real
+//! event-stream frames. What every backend kind shares is in
+//! `client_behaviour.rs`; this file holds what is Bedrock's own.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::HeaderMap;
+use serde_json::{Value, json};
+use support::bedrock_mock::{self, Auth, Expect};
+use support::gateway::*;
+use support::mock::{MockServer, MockUpstream};
+use support::sigv4;
+
+const LLAMA_33: &str = "us.meta.llama3-3-70b-instruct-v1:0";
+const LLAMA_31: &str = "meta.llama3-1-8b-instruct-v1:0";
+
+async fn one_backend(upstream: &MockServer, credentials: &str, model_id: &str) -> Gateway {
+    let config = bedrock_backend("bedrock-us", &upstream.base_url(), credentials)
+        + &model("chat", &[("bedrock-us", model_id)]);
+    start(&config).await
+}
+
+/// Alias `chat` on a Bedrock vision model, so requests with images may
+/// reach it.
+async fn vision_backend(upstream: &MockServer) -> Gateway {
+    let config = bedrock_backend("bedrock-us", &upstream.base_url(), SIGV4_WITH_TOKEN)
+        + &model(
+            "chat",
+            &[("bedrock-us", "us.meta.llama3-2-90b-instruct-v1:0")],
+        )
+        + "modalities = [\"text\", \"image\"]\nmultimodal = true\n";
+    start(&config).await
+}
+
+/// A gateway where alias `chat` is served by `bedrock` then by a vLLM
+/// mock (returned, to count its hits), and alias `alone` by `bedrock` only.
+async fn with_backup(bedrock: &MockServer) -> (Gateway, MockServer) {
+    let backup = MockUpstream::openai().start().await;
+    let config = bedrock_backend("bedrock-us", &bedrock.base_url(), SIGV4_WITH_TOKEN)
+        + &backend("vllm", "vllm", &url(&backup))
+        + &model("chat", &[("bedrock-us", LLAMA_33), ("vllm", "llama")])
+        + &model("alone", &[("bedrock-us", LLAMA_33)]);
+    (start(&config).await, backup)
+}
+
+fn chat(stream: bool) -> Value {
+    json!({"model": "chat", "messages": user("Hello"), "stream": stream})
+}
+
+#[test]
+fn the_mock_verifier_accepts_the_golden_vector_and_no_other_secret() {
+    // PROTOCOLS.md 4.7, computed there with botocore and aws-sigv4.
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    headers.insert(
+        "host",
+        "bedrock-runtime.us-east-1.amazonaws.com".parse().unwrap(),
+    );
+    headers.insert("x-amz-date", "20150830T123600Z".parse().unwrap());
+    headers.insert("authorization", "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/bedrock/aws4_request, SignedHeaders=content-type;host;x-amz-date, Signature=57369b61c2f182ee97acdb5d1e03f7b072896a1137b7fcce28438cbfb59dc5cc".parse().unwrap());
+    let body = br#"{"messages":[{"role":"user","content":[{"text":"Hello"}]}],"inferenceConfig":{"maxTokens":64}}"#;
+    let path = "/model/meta.llama3-3-70b-instruct-v1%3A0/converse";
+    let creds = |secret| sigv4::Credentials {
+        access_key_id: "AKIDEXAMPLE",
+        secret_access_key: secret,
+        session_token: None,
+        region: "us-east-1",
+        service: "bedrock",
+    };
+    let canonical = sigv4::canonical_request(
+        "POST",
+        path,
+        "",
+        &headers,
+        "content-type;host;x-amz-date",
+        body,
+    );
+    assert!(
+        canonical.contains("\n/model/meta.llama3-3-70b-instruct-v1%253A0/converse\n"),
+        "{canonical}"
+    );
+    sigv4::verify(
+        &creds("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"),
+        "POST",
+        path,
+        "",
+        &headers,
+        body,
+    )
+    .unwrap();
+    assert!(sigv4::verify(&creds("another"), "POST", path, "", &headers, body).is_err());
+}
+
+#[tokio::test]
+async fn requests_are_signed_with_the_session_token_and_model_ids_with_a_colon_are_encoded() {
+    let upstream = bedrock_mock_with_token().start().await;
+    let config = bedrock_backend("bedrock-us", &upstream.base_url(), SIGV4_WITH_TOKEN)
+        + &model("llama-3.3", &[("bedrock-us", LLAMA_33)])
+        + &model("llama-3.1", &[("bedrock-us", LLAMA_31)]);
+    let gateway = start(&config).await;
+    for (alias, stream) in [("llama-3.3", false), ("llama-3.1", true)] {
+        let response = gateway
+            .chat(json!({"model": alias, "messages": user("Hello"), "stream": stream}))
+            .await;
+        assert_eq!(
+            response.status(),
+            200,
+            "{alias}: {}",
+            response.text().await.unwrap()
+        );
+        response.bytes().await.unwrap();
+    }
+    let requests = upstream.requests();
+    assert_eq!(
+        requests[0].path,
+        "/model/us.meta.llama3-3-70b-instruct-v1%3A0/converse"
+    );
+    assert_eq!(
+        requests[1].path,
+        "/model/meta.llama3-1-8b-instruct-v1%3A0/converse-stream"
+    );
+    for request in &requests {
+        assert_eq!(request.header("x-amz-security-token"), Some(AWS_TOKEN));
+        let authorization = request.header("authorization").unwrap();
+        assert!(
+            authorization.contains("/us-east-1/bedrock/aws4_request"),
+            "{authorization}"
+        );
+        assert!(
+            authorization.contains("x-amz-security-token"),
+            "{authorization}"
+        );
+        assert_eq!(request.header("content-type"), Some("application/json"));
+    }
+}
+
+#[tokio::test]
+async fn a_refused_signature_is_the_operators_problem_not_the_clients() {
+    let upstream = bedrock_mock_with_token().start().await;
+    let credentials = SIGV4_WITH_TOKEN.replace("AWS_SECRET_TEST", "AWS_WRONG_SECRET_TEST");
+    let gateway = one_backend(&upstream, &credentials, LLAMA_33).await;
+    for stream in [false, true] {
+        let response = gateway.chat(chat(stream)).await;
+        assert_eq!(response.status(), 502);
+        let error = error_of(response).await;
+        assert_eq!(error["code"], "upstream_auth_failed");
+        let text = message(&error);
+        assert!(
+            text.contains("refused the gateway's own AWS credentials"),
+            "{text}"
+        );
+        assert!(text.contains("InvalidSignatureException"), "{text}");
+        assert!(
+            !text.contains("not/the/secret") && !text.contains(AWS_TOKEN),
+            "no secret in {text}"
+        );
+    }
+    assert_eq!(upstream.hits(), 2);
+}
+
+#[tokio::test]
+async fn a_bedrock_api_key_is_sent_as_a_bearer_token_without_sigv4() {
+    let upstream = MockUpstream::bedrock(Expect {
+        region: "us-east-1".into(),
+        auth: Auth::ApiKey(BEDROCK_API_KEY.into()),
+    })
+    .start()
+    .await;
+    let gateway = one_backend(
+        &upstream,
+        r#"api_key_env = "BEDROCK_API_KEY_TEST""#,
+        LLAMA_33,
+    )
+    .await;
+    let response = gateway.chat(chat(false)).await;
+    assert_eq!(response.status(), 200);
+    let request = upstream.single_request();
+    assert_eq!(
+        request.header("authorization"),
+        Some(format!("Bearer {BEDROCK_API_KEY}").as_str())
+    );
+    assert_eq!(request.header("x-amz-date"), None);
+}
+
+#[tokio::test]
+async fn a_chat_request_becomes_a_converse_request() {
+    let upstream = bedrock_mock_with_token().start().await;
+    let gateway = vision_backend(&upstream).await;
+    let response = gateway
+        .chat(json!({"model": "chat", "max_completion_tokens": 100, "temperature": 0.2, "top_p": 0.9,
+            "stop": ["\n\n"], "user": "u-1", "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "developer", "content": "Use French."},
+            {"role": "user", "content": "What is this?"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQSkZJRg=="}}]},
+        ]}))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        upstream.single_request().json,
+        json!({
+            "messages": [{"role": "user", "content": [{"text": "What is this?"},
+                {"image": {"format": "jpeg", "source": {"bytes": "/9j/4AAQSkZJRg=="}}}]}],
+            "system": [{"text": "Answer briefly."}, {"text": "Use French."}],
+            "inferenceConfig": {"maxTokens": 100, "temperature": 0.2, "topP": 0.9, "stopSequences": ["\n\n"]},
+        })
+    );
+}
+
+#[tokio::test]
+async fn what_bedrock_cannot_take_is_refused_before_any_upstream_call() {
+    let upstream = bedrock_mock_with_token().start().await;
+    let gateway = vision_backend(&upstream).await;
+    let image = json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]);
+    let response = gateway
+        .chat(json!({"model": "chat", "messages": image}))
+        .await;
+    assert_eq!(response.status(), 400);
+    let error = error_of(response).await;
+    assert_eq!(error["param"], "messages[0].content[0].image_url.url");
+    assert!(
+        message(&error).contains("Bedrock needs images inline"),
+        "{error}"
+    );
+
+    let response = gateway
+        .completion(json!({"model": "chat", "prompt": "Once upon"}))
+        .await;
+    assert_eq!(response.status(), 400);
+    assert!(message(&error_of(response).await).contains("serves chat only"));
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn frames_cut_across_tcp_writes_come_out_whole() {
+    let upstream = bedrock_mock_with_token().split_every(5).start().await;
+    let gateway = one_backend(&upstream, SIGV4_WITH_TOKEN, LLAMA_33).await;
+    let body = json!({"model": "chat", "messages": user("Hello"), "stream": true, "stream_options": {"include_usage": true}});
+    let (_, events) = gateway.stream("/v1/chat/completions", body).await;
+    let payloads = events.rest().await;
+    let text: String = payloads
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .filter_map(|p| {
+            parse(p)["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, "tok tok tok ");
+    assert_eq!(
+        parse(&payloads[payloads.len() - 2])["usage"]["total_tokens"],
+        14
+    );
+}
+
+#[tokio::test]
+async fn an_exception_frame_is_an_http_error_first_and_an_sse_error_event_later() {
+    let throttled =
+        bedrock_mock::exception("throttlingException", "Too many requests, please wait.");
+    // First: the client still gets an HTTP error, and failover is possible.
+    let first = bedrock_mock_with_token()
+        .events(vec![throttled.clone()])
+        .start()
+        .await;
+    let (gateway, _backup) = with_backup(&first).await;
+    let (headers, events) = gateway.stream("/v1/chat/completions", chat(true)).await;
+    assert_eq!(headers["x-tollgate-backend"], "vllm");
+    events.rest().await;
+    let response = gateway
+        .chat(json!({"model": "alone", "messages": user("Hi"), "stream": true}))
+        .await;
+    assert_eq!(response.status(), 429);
+    assert!(message(&error_of(response).await).contains("Too many requests"));
+
+    // After the first chunk: an SSE error event, then [DONE].
+    let mut frames = bedrock_mock::frames(false);
+    frames.truncate(2);
+    frames.push(throttled);
+    let later = bedrock_mock_with_token().events(frames).start().await;
+    let gateway = one_backend(&later, SIGV4_WITH_TOKEN, LLAMA_33).await;
+    let (_, events) = gateway.stream("/v1/chat/completions", chat(true)).await;
+    let payloads = events.rest().await;
+    assert_eq!(payloads.len(), 4, "{payloads:#?}");
+    assert_eq!(
+        parse(&payloads[1])["choices"][0]["delta"]["content"],
+        "tok "
+    );
+    let error = parse(&payloads[2]);
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(payloads[3], "[DONE]");
+}
+
+#[tokio::test]
+async fn bedrock_errors_map_to_client_statuses_and_failover() {
+    let bedrock_error = |status: u16, name: &str| {
+        bedrock_mock_with_token()
+            .error(status, json!({"message": format!("{name} says no")}))
+            .header(
+                "x-amzn-errortype",
+                &format!("{name}:http://internal.amazon.com/coral/com.amazon.bedrock/"),
+            )
+    };
+    // (Bedrock's status and error, the client's status, whether the next
+    // deployment is tried)
+    let cases = [
+        (429, "ThrottlingException", 429, true),
+        (429, "ModelNotReadyException", 503, true),
+        (503, "ServiceUnavailableException", 503, true),
+        (408, "ModelTimeoutException", 504, true),
+        (400, "ValidationException", 400, false),
+        (403, "AccessDeniedException", 502, false),
+    ];
+    for (status, name, client, fails_over) in cases {
+        let failing = bedrock_error(status, name).start().await;
+        let (gateway, backup) = with_backup(&failing).await;
+        let response = gateway
+            .chat(json!({"model": "alone", "messages": user("Hi")}))
+            .await;
+        assert_eq!(response.status(), client, "{name}");
+        assert!(message(&error_of(response).await).contains(name), "{name}");
+        let response = gateway.chat(chat(false)).await;
+        let served_by = response.headers()["x-tollgate-backend"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(served_by == "vllm", fails_over, "{name}");
+        assert_eq!(backup.hits(), usize::from(fails_over), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_cut_inside_a_frame_is_an_error_not_a_silent_end() {
+    let mut frames = bedrock_mock::frames(false);
+    frames.truncate(3);
+    let cut = frames.pop().unwrap();
+    frames.push(Bytes::copy_from_slice(&cut[..cut.len() / 2]));
+    let upstream = bedrock_mock_with_token()
+        .events(frames)
+        .event_delay(Duration::from_millis(5))
+        .start()
+        .await;
+    let gateway = one_backend(&upstream, SIGV4_WITH_TOKEN, LLAMA_33).await;
+    let (_, events) = gateway.stream("/v1/chat/completions", chat(true)).await;
+    let payloads = events.rest().await;
+    let error = parse(&payloads[payloads.len() - 2]);
+    assert!(
+        message(&error["error"]).contains("middle of an event-stream frame"),
+        "{payloads:#?}"
+    );
+}

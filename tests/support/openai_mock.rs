@@ -1,0 +1,202 @@
+//! The OpenAI-compatible protocol of the mock upstream (vLLM, OpenAI,
+//! Together, Groq): `POST …/chat/completions` and `POST …/completions`
+//! under any prefix, answered in vLLM's shapes. A request with tools gets
+//! one canned tool call.
+
+use bytes::Bytes;
+use hyper::Method;
+use hyper::http::request::Parts;
+use serde_json::{Value, json};
+
+use super::mock::{Rejection, Route};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+}
+
+pub fn route(canned: &Canned, parts: &Parts, body: &[u8]) -> Result<Route, Rejection> {
+    let path = parts.uri.path();
+    let endpoint = if parts.method != Method::POST {
+        None
+    } else if path.ends_with("/chat/completions") {
+        Some(Endpoint::Chat)
+    } else if path.ends_with("/completions") {
+        Some(Endpoint::Completions)
+    } else {
+        None
+    };
+    let Some(endpoint) = endpoint else {
+        return Err(Rejection::new(
+            404,
+            &[],
+            json!({"error": {"message": format!("no route for {path}"), "type": "invalid_request_error", "param": null, "code": null}}),
+        ));
+    };
+    let flags = Flags::parse(body);
+    Ok(Route {
+        streaming: flags.streaming(),
+        json: canned.json(endpoint, &flags).clone(),
+        headers: Vec::new(),
+        events: canned.stream(endpoint, &flags),
+        content_type: "text/event-stream",
+    })
+}
+
+/// The part of a request body the mock reads to decide how to answer.
+#[derive(Default, serde::Deserialize)]
+pub struct Flags {
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+    #[serde(default)]
+    stream_options: Option<Value>,
+}
+
+impl Flags {
+    pub fn parse(body: &[u8]) -> Self {
+        serde_json::from_slice(body).unwrap_or_default()
+    }
+
+    pub fn streaming(&self) -> bool {
+        self.stream == Some(true)
+    }
+
+    /// The request offers tools: the canned answer calls one.
+    pub fn tools(&self) -> bool {
+        self.tools.as_ref().is_some_and(|t| !t.is_empty())
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+}
+
+/// Canned answers, built once per mock, in vLLM's shapes.
+pub struct Canned {
+    chat_json: Bytes,
+    completion_json: Bytes,
+    /// The answer to a request with tools: one call of `get_weather`.
+    tool_json: Bytes,
+    /// role chunk, content chunks, finish chunk, usage chunk, `[DONE]`.
+    chat_stream: Vec<Bytes>,
+    completion_stream: Vec<Bytes>,
+    /// role chunk, tool call chunks, finish chunk, usage chunk, `[DONE]`.
+    tool_stream: Vec<Bytes>,
+}
+
+pub const CANNED_MODEL: &str = "mock-model";
+pub const CANNED_PROMPT_TOKENS: u64 = 11;
+/// The tool call every mock answers a request with tools with.
+pub const TOOL_CALL_ID: &str = "call_mock";
+pub const TOOL_NAME: &str = "get_weather";
+/// `{"city":"Paris"}`, in the pieces a stream sends it in.
+pub const TOOL_ARGUMENTS: [&str; 2] = ["{\"city\":", "\"Paris\"}"];
+
+impl Canned {
+    pub fn new(chunks: usize) -> Self {
+        let usage = json!({"prompt_tokens": CANNED_PROMPT_TOKENS, "completion_tokens": chunks, "total_tokens": CANNED_PROMPT_TOKENS + chunks as u64});
+        let text = "tok ".repeat(chunks);
+        let event = |v: Value| Bytes::from(format!("data: {v}\n\n"));
+        let done = Bytes::from_static(b"data: [DONE]\n\n");
+        let chat_chunk = |delta: Value, finish: Value| {
+            event(
+                json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": CANNED_MODEL,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]}),
+            )
+        };
+        let mut chat_stream = vec![chat_chunk(
+            json!({"role": "assistant", "content": ""}),
+            Value::Null,
+        )];
+        chat_stream
+            .extend((0..chunks).map(|_| chat_chunk(json!({"content": "tok "}), Value::Null)));
+        chat_stream.push(chat_chunk(json!({}), json!("stop")));
+        chat_stream.push(event(json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": CANNED_MODEL, "choices": [], "usage": usage})));
+        chat_stream.push(done.clone());
+        let text_chunk = |text: &str, finish: Value| {
+            event(
+                json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": CANNED_MODEL,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]}),
+            )
+        };
+        let mut completion_stream: Vec<Bytes> = (0..chunks)
+            .map(|_| text_chunk("tok ", Value::Null))
+            .collect();
+        completion_stream.push(text_chunk("", json!("length")));
+        completion_stream.push(event(json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": CANNED_MODEL, "choices": [], "usage": usage})));
+        completion_stream.push(done.clone());
+        let mut tool_stream = vec![chat_chunk(
+            json!({"role": "assistant", "content": ""}),
+            Value::Null,
+        )];
+        tool_stream.push(chat_chunk(
+            json!({"tool_calls": [{"index": 0, "id": TOOL_CALL_ID, "type": "function", "function": {"name": TOOL_NAME, "arguments": ""}}]}),
+            Value::Null,
+        ));
+        for piece in TOOL_ARGUMENTS {
+            tool_stream.push(chat_chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+                Value::Null,
+            ));
+        }
+        tool_stream.push(chat_chunk(json!({}), json!("tool_calls")));
+        tool_stream.push(chat_stream[chat_stream.len() - 2].clone());
+        tool_stream.push(done);
+        Self {
+            tool_json: Bytes::from(
+                json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": CANNED_MODEL,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
+                        {"id": TOOL_CALL_ID, "type": "function", "function": {"name": TOOL_NAME, "arguments": TOOL_ARGUMENTS.concat()}}]},
+                        "logprobs": null, "finish_reason": "tool_calls"}],
+                    "usage": usage})
+                .to_string(),
+            ),
+            tool_stream,
+            chat_json: Bytes::from(
+                json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": CANNED_MODEL,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"}],
+                    "usage": usage})
+                .to_string(),
+            ),
+            completion_json: Bytes::from(
+                json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": CANNED_MODEL,
+                    "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length"}],
+                    "usage": usage})
+                .to_string(),
+            ),
+            chat_stream,
+            completion_stream,
+        }
+    }
+
+    pub fn json(&self, endpoint: Endpoint, flags: &Flags) -> &Bytes {
+        match endpoint {
+            Endpoint::Chat if flags.tools() => &self.tool_json,
+            Endpoint::Chat => &self.chat_json,
+            Endpoint::Completions => &self.completion_json,
+        }
+    }
+
+    /// The canned stream; the usage chunk only when the request asked.
+    pub fn stream(&self, endpoint: Endpoint, flags: &Flags) -> Vec<Bytes> {
+        let include_usage = flags.include_usage();
+        let all = match endpoint {
+            Endpoint::Chat if flags.tools() => &self.tool_stream,
+            Endpoint::Chat => &self.chat_stream,
+            Endpoint::Completions => &self.completion_stream,
+        };
+        let usage_at = all.len() - 2;
+        all.iter()
+            .enumerate()
+            .filter(|(i, _)| include_usage || *i != usage_at)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+}
