@@ -175,6 +175,11 @@ async fn a_request_no_deployment_may_serve_gets_451_naming_the_rule_and_a_remedy
     let response = in_eu(hi("llama-vision")).await.unwrap();
     assert_eq!(response.status(), 451);
     assert!(response.headers().get("x-tollgate-backend").is_none());
+    assert_eq!(
+        response.headers()["x-tollgate-attempts"],
+        "0",
+        "a refusal says no backend was tried"
+    );
     let error = error_of(response).await;
     assert_eq!(error["code"], "policy_blocked");
     assert_eq!(error["type"], "invalid_request_error");
@@ -400,18 +405,16 @@ async fn spillover_overflows_when_vllm_reports_load_and_returns_only_below_low_l
 }
 
 #[tokio::test]
-async fn spillover_reads_a_tgi_queue_from_an_engine_metrics_url() {
-    let tgi = MockUpstream::openai().start().await;
+async fn spillover_reads_a_tgi_queue_from_its_metrics() {
+    let tgi = MockUpstream::tgi().start().await;
     tgi.set_metrics(tgi_page(0, 2));
     let api = MockUpstream::openai().start().await;
+    // A TGI backend is scraped at its root's /metrics by default.
     let engine = backend_toml(
         "gpu",
-        "openai",
-        &url(&tgi),
-        &format!(
-            "{POOL}max_concurrency = 8\n[backends.engine_metrics]\nurl = \"{}/metrics\"\ninterval_ms = 100",
-            tgi.base_url()
-        ),
+        "tgi",
+        &tgi.base_url(),
+        &format!("{POOL}max_concurrency = 8\n[backends.engine_metrics]\ninterval_ms = 100"),
     );
     let gateway = start(&spillover_config(&engine, &api)).await;
     let explained = gateway

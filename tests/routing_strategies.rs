@@ -375,6 +375,20 @@ fn spillover_price_cap_drops_dear_overflow_deployments() {
         ["cheap", "self"],
         "capped even when saturated"
     );
+    // The self-hosted tier down: the cap still holds.
+    s.live().backends[0].in_flight.store(0, Ordering::Relaxed);
+    let settings = &s.config.routing;
+    for _ in 0..settings.circuit_failures {
+        s.deployment_live(0, 2)
+            .circuit
+            .on_failure(false, Instant::now(), settings);
+    }
+    let plan = plan_at(&s, 0, &facts, Instant::now());
+    assert_eq!(
+        order(&s, &plan),
+        ["cheap"],
+        "an outage of the first tier does not lift the cost ceiling"
+    );
 }
 
 #[test]

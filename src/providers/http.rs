@@ -15,6 +15,8 @@ use crate::error::GatewayError;
 
 /// Error bodies larger than this are cut: they only feed a message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
+/// The longest `retry-after` honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 pub fn client(backend: &Backend) -> Result<Client, String> {
     Client::builder()
@@ -88,14 +90,20 @@ impl ErrorReply {
         }
     }
 
-    /// `retry-after` in seconds, when the upstream sent a usable one.
+    /// `retry-after`, as seconds or an HTTP date, when the upstream sent a
+    /// usable one; at most an hour, so a bad header cannot bench a
+    /// deployment for longer.
     pub fn retry_after(&self) -> Option<Duration> {
-        self.headers
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64)
+        let value = self.headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+        let wait = match value.parse::<f64>() {
+            Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
+            Ok(_) => return None,
+            Err(_) => httpdate::parse_http_date(value)
+                .ok()?
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+        };
+        Some(wait.min(MAX_RETRY_AFTER))
     }
 
     /// The error as the generic upstream mapping sees it.
@@ -123,4 +131,39 @@ pub fn sse_data(
         })
         .try_filter(|data| std::future::ready(!data.is_empty()))
         .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry_after(value: &str) -> Option<Duration> {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+        ErrorReply {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            headers,
+            body: Vec::new(),
+        }
+        .retry_after()
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date_and_at_most_an_hour() {
+        assert_eq!(retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after("0.5"), Some(Duration::from_millis(500)));
+        assert_eq!(retry_after("999999"), Some(MAX_RETRY_AFTER));
+        let in_a_minute = std::time::SystemTime::now() + Duration::from_secs(60);
+        let wait = retry_after(&httpdate::fmt_http_date(in_a_minute)).unwrap();
+        assert!(
+            (Duration::from_secs(58)..=Duration::from_secs(60)).contains(&wait),
+            "{wait:?}"
+        );
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon"), None);
+        assert_eq!(retry_after("-3"), None);
+    }
 }

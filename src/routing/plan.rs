@@ -221,6 +221,7 @@ pub fn plan(
                 })
         }),
         now,
+        first_tier: m.deployments.iter().map(|d| d.tier).min().unwrap_or(0),
     };
     let mut candidates: Vec<Candidate> = strategy::rank(&contenders, &inputs, rng)
         .into_iter()

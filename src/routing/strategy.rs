@@ -35,6 +35,8 @@ pub struct Inputs<'a> {
     /// Expected completion tokens: the requested max, else the alias's
     /// observed mean, else the configured default.
     pub expected_output: u64,
+    /// The lowest `tier` among all of the alias's deployments.
+    pub first_tier: u32,
     pub now: Instant,
 }
 
@@ -158,7 +160,10 @@ fn by_latency(
 }
 
 fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover) -> Vec<Ranked> {
-    let first_tier = options.iter().map(|o| o.deployment.tier).min().unwrap_or(0);
+    // The cap spares the alias's first tier as configured, not the first
+    // tier still standing: an outage of the self-hosted tier must not lift
+    // the cost ceiling.
+    let first_tier = inputs.first_tier;
     let mut ranked: Vec<(bool, u32, f64, Ranked)> = options
         .iter()
         .map(|o| {

@@ -88,8 +88,14 @@ pub async fn handle(
                 None => metrics.record_request(&alias, &backend, status, started.elapsed()),
             }
             let mut response = error.into_response();
-            if backend != NONE {
-                set_served_by(&mut response, &backend, attempts);
+            // Once routing ran, every answer says how many attempts it took
+            // (0 for a refusal) and, after one, which backend answered last.
+            if alias != NONE {
+                set_served_by(
+                    &mut response,
+                    (backend != NONE).then_some(&*backend),
+                    attempts,
+                );
             }
             response
         }
@@ -385,14 +391,14 @@ fn respond(request: &InboundRequest, served: Served<'_>, reply: Ready) -> Respon
             response
         }
     };
-    set_served_by(&mut response, &backend.name, attempts);
+    set_served_by(&mut response, Some(&backend.name), attempts);
     response
 }
 
 /// `x-tollgate-backend` and `x-tollgate-attempts`.
-fn set_served_by(response: &mut Response, backend: &str, attempts: usize) {
+fn set_served_by(response: &mut Response, backend: Option<&str>, attempts: usize) {
     let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(backend) {
+    if let Some(value) = backend.and_then(|b| HeaderValue::from_str(b).ok()) {
         headers.insert(BACKEND_HEADER, value);
     }
     headers.insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));

@@ -190,8 +190,8 @@ impl Validator<'_> {
         })
     }
 
-    /// vLLM servers are scraped by default; any backend can be scraped by
-    /// giving `engine_metrics.url`.
+    /// vLLM and TGI servers are scraped by default; any backend can be
+    /// scraped by giving `engine_metrics.url`.
     pub(super) fn engine_metrics(
         &mut self,
         i: usize,
@@ -215,7 +215,9 @@ impl Validator<'_> {
             }
             (Some(text), _, _) => self.url(at("url"), text)?,
             // The engine serves /metrics at its root, beside /v1.
-            (None, BackendKind::Vllm, Some(base)) => base.join("/metrics").ok()?,
+            (None, BackendKind::Vllm | BackendKind::Tgi, Some(base)) => {
+                base.join("/metrics").ok()?
+            }
             (None, _, _) => return None,
         };
         Some(EngineMetrics {
