@@ -82,6 +82,13 @@ pub fn usd(nano: u64) -> f64 {
     nano as f64 / 1e9
 }
 
+/// `$200`, `$0.005`, `$0.004905`: to the micro-dollar, without trailing
+/// zeros.
+fn dollars(nano: u64) -> String {
+    let text = format!("{:.6}", usd(nano));
+    format!("${}", text.trim_end_matches('0').trim_end_matches('.'))
+}
+
 impl Budgets {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
         self.reserved.lock().unwrap_or_else(PoisonError::into_inner)
@@ -106,18 +113,18 @@ impl Budgets {
             let spent = ledger.spent(&key.name, from, to);
             if spent + held + estimate > limit {
                 return Err(GatewayError::budget_exhausted(format!(
-                    "key \"{}\" has used ${:.4} of its {} budget of ${:.2}{}, and this request may cost up to ${:.4}; \
+                    "key \"{}\" has used {} of its {} budget of {}{}, and this request may cost up to {}; \
                      the budget resets at {} 00:00 UTC",
                     key.name,
-                    usd(spent),
+                    dollars(spent),
                     period.name(),
-                    usd(limit),
+                    dollars(limit),
                     if held > 0 {
-                        format!(" (${:.4} more is held by requests in flight)", usd(held))
+                        format!(" ({} more is held by requests in flight)", dollars(held))
                     } else {
                         String::new()
                     },
-                    usd(estimate),
+                    dollars(estimate),
                     period.resets(today),
                 )));
             }

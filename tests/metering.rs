@@ -1,0 +1,360 @@
+//! Metering as finance sees it: exact cost and counterfactual cost per
+//! request, usage estimated (and marked) when a stream is cut, the spend
+//! ledger behind `/admin/spend`, budgets that hold under concurrency, and
+//! spend that survives a crash of the process.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::gateway::*;
+use support::mock::MockUpstream;
+
+/// Two per-token deployments of one alias; `cost` picks the cheaper `a`.
+fn priced(a: &str, b: &str, key_extra: &str) -> String {
+    backend("api-a", "openai", a)
+        + &backend("api-b", "openai", b)
+        + r#"
+[[models]]
+alias = "chat"
+[[models.deployments]]
+backend = "api-a"
+model = "m"
+context_window = 8192
+input_usd_per_mtok = 1.0
+output_usd_per_mtok = 2.0
+[[models.deployments]]
+backend = "api-b"
+model = "m"
+context_window = 8192
+input_usd_per_mtok = 3.0
+output_usd_per_mtok = 4.0
+
+[[keys]]
+name = "team"
+key_env = "KEY_TEAM"
+models = ["*"]
+"# + key_extra
+        + ADMIN
+}
+
+async fn spend(gateway: &Gateway, query: &str) -> Value {
+    let response = gateway
+        .http
+        .get(format!("{}/admin/spend{query}", gateway.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+async fn chat_as_team(gateway: &Gateway, body: Value) -> reqwest::Response {
+    gateway
+        .post("/v1/chat/completions")
+        .bearer_auth("team-secret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-9
+}
+
+#[tokio::test]
+async fn each_request_is_priced_with_its_counterfactuals_and_lands_in_the_ledger() {
+    let (a, b) = (
+        MockUpstream::openai().start().await,
+        MockUpstream::openai().start().await,
+    );
+    let gateway = start(&priced(&url(&a), &url(&b), "")).await;
+    let response = chat_as_team(&gateway, json!({"model": "chat", "messages": user("hi")})).await;
+    assert_eq!(response.status(), 200);
+    let usage = response.json::<Value>().await.unwrap()["usage"].clone();
+    let (input, output) = (
+        usage["prompt_tokens"].as_f64().unwrap(),
+        usage["completion_tokens"].as_f64().unwrap(),
+    );
+    let on_a = (input * 1.0 + output * 2.0) / 1e6;
+    let on_b = (input * 3.0 + output * 4.0) / 1e6;
+
+    let text = gateway.metrics().await;
+    let cost = metric(
+        &text,
+        "tollgate_cost_usd_total",
+        &[
+            ("alias", "chat"),
+            ("deployment", "chat/api-a"),
+            ("key", "team"),
+        ],
+    )
+    .unwrap();
+    assert!(close(cost, on_a), "{cost} != {on_a}");
+    let counterfactual = |d| {
+        metric(
+            &text,
+            "tollgate_counterfactual_cost_usd_total",
+            &[("alias", "chat"), ("deployment", d)],
+        )
+        .unwrap()
+    };
+    assert!(close(counterfactual("chat/api-a"), on_a));
+    assert!(
+        close(counterfactual("chat/api-b"), on_b),
+        "what the same tokens would have cost on b"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_tokens_total",
+            &[
+                ("alias", "chat"),
+                ("backend", "api-a"),
+                ("direction", "output"),
+                ("estimated", "false")
+            ]
+        ),
+        Some(output)
+    );
+
+    let report = spend(&gateway, "?key=team").await;
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{report:#}");
+    assert_eq!(rows[0]["deployment"], "chat/api-a");
+    assert_eq!(rows[0]["requests"], 1);
+    assert_eq!(rows[0]["input_tokens"].as_f64(), Some(input));
+    assert!(close(rows[0]["cost_usd"].as_f64().unwrap(), on_a));
+    assert!(close(report["total"]["cost_usd"].as_f64().unwrap(), on_a));
+    let none = spend(&gateway, "?key=team&from=2000-01-01&to=2000-12-31").await;
+    assert_eq!(none["rows"], json!([]));
+    let bad = gateway
+        .http
+        .get(format!("{}/admin/spend?from=yesterday", gateway.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(message(&error_of(bad).await).contains("YYYY-MM-DD"));
+}
+
+#[tokio::test]
+async fn a_stream_the_client_cuts_is_metered_once_with_estimated_usage() {
+    let held = MockUpstream::openai().hold_after(3).start().await;
+    let failing = MockUpstream::openai().status(500).start().await;
+    let gateway = start(&priced(&url(&held), &url(&failing), "")).await;
+    let response = chat_as_team(
+        &gateway,
+        json!({"model": "chat", "stream": true, "messages": user("hello there")}),
+    )
+    .await;
+    let mut events = Events::new(response);
+    assert!(events.next().await.is_some());
+    assert!(events.next().await.is_some());
+    drop(events);
+    gateway
+        .eventually_metric(
+            "tollgate_requests_total",
+            &[("alias", "chat"), ("backend", "api-a"), ("status", "499")],
+            1.0,
+        )
+        .await;
+    let text = gateway.metrics().await;
+    let estimated = |direction| {
+        metric(
+            &text,
+            "tollgate_tokens_total",
+            &[
+                ("alias", "chat"),
+                ("backend", "api-a"),
+                ("direction", direction),
+                ("estimated", "true"),
+            ],
+        )
+    };
+    assert!(estimated("input").unwrap() > 0.0, "{text}");
+    assert!(
+        estimated("output").unwrap() > 0.0,
+        "the text that passed through"
+    );
+    let report = spend(&gateway, "").await;
+    assert_eq!(report["total"]["requests"], 1, "metered exactly once");
+    assert!(report["total"]["cost_usd"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test]
+async fn budgets_hold_under_concurrency_and_refusals_say_which_budget_and_when_it_resets() {
+    // Requests overlap: each upstream call takes 50 ms.
+    let a = MockUpstream::openai()
+        .first_byte_after(Duration::from_millis(50))
+        .start()
+        .await;
+    let b = MockUpstream::openai().start().await;
+    let config = priced(&url(&a), &url(&b), "budget_daily_usd = 0.005\n")
+        .replace("input_usd_per_mtok = 1.0", "input_usd_per_mtok = 10.0")
+        .replace("output_usd_per_mtok = 2.0", "output_usd_per_mtok = 10.0")
+        .replace("input_usd_per_mtok = 3.0", "input_usd_per_mtok = 20.0")
+        .replace("output_usd_per_mtok = 4.0", "output_usd_per_mtok = 20.0");
+    let gateway = start(&config).await;
+    let body = json!({"model": "chat", "max_tokens": 100, "messages": user("hi")});
+    // Each may cost up to (prompt + 100 tokens) × $20/Mtok on the dearer b,
+    // about $0.0021, which is reserved; each actually costs about $0.00014.
+    let responses =
+        futures_util::future::join_all((0..60).map(|_| chat_as_team(&gateway, body.clone()))).await;
+    let served = responses.iter().filter(|r| r.status() == 200).count();
+    let refused: Vec<_> = responses
+        .into_iter()
+        .filter(|r| r.status() == 429)
+        .collect();
+    assert!(served > 0);
+    assert_eq!(
+        served + refused.len(),
+        60,
+        "every request is served or refused"
+    );
+    let mut last_refusal = None;
+    for _ in 0..100 {
+        let response = chat_as_team(&gateway, body.clone()).await;
+        if response.status() == 429 {
+            last_refusal = Some(response);
+            break;
+        }
+    }
+    let refusal = last_refusal.expect("the budget runs out");
+    assert_eq!(refusal.headers()["x-should-retry"], "false");
+    let error = error_of(refusal).await;
+    assert_eq!(error["code"], "insufficient_quota");
+    assert_eq!(error["type"], "insufficient_quota");
+    let text = message(&error);
+    assert!(text.contains("key \"team\""), "{text}");
+    assert!(text.contains("daily budget of $0.005,"), "{text}");
+    assert!(text.contains("00:00 UTC"), "says when it resets: {text}");
+
+    let spent = spend(&gateway, "?key=team").await["total"]["cost_usd"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        spent <= 0.005 + 0.0021,
+        "spent ${spent}: at most one estimate over the budget"
+    );
+    let remaining = metric(
+        &gateway.metrics().await,
+        "tollgate_budget_remaining_usd",
+        &[("key", "team"), ("period", "daily")],
+    )
+    .unwrap();
+    assert!(close(remaining, (0.005 - spent).max(0.0)), "{remaining}");
+}
+
+// ---- a crash of the process ------------------------------------------------
+
+struct Process {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(config: &std::path::Path) -> Process {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env("TOLLGATE_TEST_ADMIN", ADMIN_TOKEN)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next().expect("the server logs its address").unwrap();
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap());
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    Process { child, base }
+}
+
+async fn total_spend(base: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("{base}/admin/spend"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["total"]
+        .clone()
+}
+
+#[tokio::test]
+async fn spend_survives_a_crash_losing_at_most_one_flush_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[backends]]
+name = "sim"
+kind = "simulated"
+[backends.simulated]
+ttft_ms = 1
+tokens_per_second = 10000
+completion_tokens = 20
+
+[[models]]
+alias = "chat"
+[[models.deployments]]
+backend = "sim"
+model = "m"
+context_window = 8192
+input_usd_per_mtok = 5.0
+output_usd_per_mtok = 15.0
+
+[ledger]
+data_dir = "{}"
+flush_interval_ms = 100
+
+[admin]
+token_env = "TOLLGATE_TEST_ADMIN"
+"#,
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut first = serve(&config);
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let response = client
+            .post(format!("{}/v1/chat/completions", first.base))
+            .json(&json!({"model": "chat", "messages": user("hello")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let before = total_spend(&first.base).await;
+    assert_eq!(before["requests"], 3);
+    // Longer than one flush interval, then SIGKILL: no graceful flush.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+
+    let second = serve(&config);
+    let after = total_spend(&second.base).await;
+    assert_eq!(after, before, "every total is restored after a crash");
+}
