@@ -21,3 +21,4 @@ pub use facts::{REGION_HEADER, RequestFacts, region};
 pub use live::{AliasLive, Attempt, BackendLive, DeploymentLive, Lease, LiveState, LiveView};
 pub use plan::{Candidate, Explained, Plan, PlanStatus, plan, refusal};
 pub use policy::Rule;
+pub use strategy::Why;
