@@ -5,13 +5,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::gateway::*;
 use support::mock::MockUpstream;
+use support::process::{Process, serve_file};
 
 /// Two per-token deployments of one alias; `cost` picks the cheaper `a`.
 fn priced(a: &str, b: &str, key_extra: &str) -> String {
@@ -254,37 +253,8 @@ async fn budgets_hold_under_concurrency_and_refusals_say_which_budget_and_when_i
 
 // ---- a crash of the process ------------------------------------------------
 
-struct Process {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn serve(config: &std::path::Path) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(config)
-        .env("TOLLGATE_TEST_ADMIN", ADMIN_TOKEN)
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next().expect("the server logs its address").unwrap();
-        if let Some(rest) = line.split("addr=").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    Process { child, base }
+    serve_file(config, &[("TOLLGATE_TEST_ADMIN", ADMIN_TOKEN)])
 }
 
 async fn total_spend(base: &str) -> Value {

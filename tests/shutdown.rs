@@ -1,11 +1,13 @@
 //! SIGTERM and SIGINT on the real binary: stop accepting, let streams in
 //! flight finish within the grace period, exit 0.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::Command;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use support::process::{Process, serve_text};
 
 /// A stream of 20 tokens at 20 per second: about a second long.
 fn config(grace_ms: u64) -> String {
@@ -32,46 +34,11 @@ context_window = 8192
     )
 }
 
-struct Server {
-    child: Child,
-    base: String,
-    _config: tempfile::NamedTempFile,
+fn start(grace_ms: u64) -> Process {
+    serve_text(&config(grace_ms), &[])
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
-
-fn start(grace_ms: u64) -> Server {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), config(grace_ms)).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(file.path())
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next().expect("the server logs its address").unwrap();
-        if let Some(rest) = line.split("addr=").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
-        }
-    };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    Server {
-        child,
-        base,
-        _config: file,
-    }
-}
-
-fn signal(server: &Server, name: &str) {
+fn signal(server: &Process, name: &str) {
     let status = Command::new("kill")
         .args([name, &server.child.id().to_string()])
         .status()
@@ -79,7 +46,7 @@ fn signal(server: &Server, name: &str) {
     assert!(status.success());
 }
 
-fn wait_exit(server: &mut Server, within: Duration) -> std::process::ExitStatus {
+fn wait_exit(server: &mut Process, within: Duration) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + within;
     loop {
         if let Some(status) = server.child.try_wait().unwrap() {

@@ -12,5 +12,6 @@ pub mod gateway;
 pub mod mock;
 pub mod openai_mock;
 pub mod plan;
+pub mod process;
 pub mod sigv4;
 pub mod tgi_mock;

@@ -1,0 +1,57 @@
+//! The tollgate binary run as a real process, for what only a process
+//! shows: signals, crashes, restarts.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+pub struct Process {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`, from the address it logs.
+    pub base: String,
+    _config: Option<tempfile::NamedTempFile>,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `tollgate serve --config PATH` on a port the OS picks, with `env` added
+/// to its environment.
+pub fn serve_file(config: &Path, env: &[(&str, &str)]) -> Process {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next().expect("the server logs its address").unwrap();
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap());
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Process {
+        child,
+        base,
+        _config: None,
+    }
+}
+
+/// Like [`serve_file`], on a config given as text.
+pub fn serve_text(config: &str, env: &[(&str, &str)]) -> Process {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), config).unwrap();
+    let mut process = serve_file(file.path(), env);
+    process._config = Some(file);
+    process
+}
