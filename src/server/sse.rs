@@ -71,6 +71,28 @@ impl SseBody {
 
     /// Decides what the client sees of one upstream chunk.
     fn on_chunk(&mut self, chunk: Bytes) -> Option<Bytes> {
+        // Most chunks carry a few characters of text and nothing the meter
+        // needs to read: they are checked to be JSON and have their text
+        // measured, without building them. The first chunk (the stream's
+        // identity), usage and errors are read in full.
+        if self.identity.is_some()
+            && !contains(&chunk, b"\"usage\"")
+            && !contains(&chunk, b"\"error")
+        {
+            if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&chunk) {
+                self.fail(GatewayError::upstream_protocol(
+                    &self.backend,
+                    format_args!("a stream chunk is not JSON: {e}"),
+                ));
+                return None;
+            }
+            self.meter.observe(Observed {
+                usage: None,
+                text_chars: text_chars(&chunk),
+            });
+            self.meter.chunk_sent();
+            return Some(event(&chunk));
+        }
         let view = match serde_json::from_slice::<ResponseView<'_>>(&chunk) {
             Ok(view) => view,
             Err(e) => {
@@ -141,6 +163,36 @@ impl SseBody {
     }
 }
 
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Bytes of generated text in a chunk, for an estimate when the upstream
+/// reports no usage: the first `"content":"…"` (chat) or `"text":"…"`
+/// (legacy; Together sends both, so the first one found counts), escapes
+/// counted as written.
+fn text_chars(chunk: &[u8]) -> usize {
+    let start = [&b"\"content\":\""[..], b"\"text\":\""]
+        .iter()
+        .find_map(|key| {
+            chunk
+                .windows(key.len())
+                .position(|w| w == *key)
+                .map(|at| at + key.len())
+        });
+    let Some(start) = start else { return 0 };
+    let mut escaped = false;
+    for (i, &b) in chunk[start..].iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' => escaped = true,
+            b'"' => return i,
+            _ => {}
+        }
+    }
+    0
+}
+
 fn event(json: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(json.len() + 8);
     out.put_slice(b"data: ");
@@ -203,6 +255,23 @@ mod tests {
     const CONTENT: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}"#;
     const LAST_WITH_USAGE: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
     const USAGE_ONLY: &str = r#"{"id":"c1","created":7,"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+
+    #[test]
+    fn text_is_measured_without_parsing() {
+        assert_eq!(text_chars(CONTENT.as_bytes()), 5);
+        assert_eq!(
+            text_chars(br#"{"choices":[{"delta":{"content":"a\"b"}}]}"#),
+            4
+        );
+        assert_eq!(
+            text_chars(br#"{"choices":[{"text":"xyz","delta":{"content":"xyz"}}]}"#),
+            3
+        );
+        assert_eq!(
+            text_chars(br#"{"choices":[{"delta":{"content":null}}]}"#),
+            0
+        );
+    }
 
     async fn run(
         chunks: Vec<Result<&'static str, GatewayError>>,
