@@ -5,6 +5,7 @@
 pub mod config;
 pub mod error;
 pub mod ledger;
+pub mod limits;
 pub mod metering;
 pub mod metrics;
 pub mod openai;

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub selfhosted_utilization: GaugeVec,
     pub budget_remaining: GaugeVec,
     pub policy_blocks: IntCounterVec,
+    pub rate_limited: IntCounterVec,
     pub routing_decisions: IntCounterVec,
     pub circuit_state: GaugeVec,
     pub backend_load: GaugeVec,
@@ -177,6 +178,11 @@ impl Metrics {
             "Requests refused because policy left no deployment (451), by rule.",
             &["alias", "rule"],
         );
+        let rate_limited = d.counter(
+            "tollgate_rate_limited_total",
+            "Requests a rate limit held back: a key's (refused with 429) or a deployment's (skipped), by rpm or tpm.",
+            &["scope", "name", "limit"],
+        );
         let routing_decisions = d.counter(
             "tollgate_routing_decisions_total",
             "Deployments chosen first by the router, by strategy and reason.",
@@ -242,6 +248,7 @@ impl Metrics {
             selfhosted_utilization,
             budget_remaining,
             policy_blocks,
+            rate_limited,
             routing_decisions,
             circuit_state,
             backend_load,
