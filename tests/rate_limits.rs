@@ -16,13 +16,7 @@ fn hi(alias: &str) -> Value {
 
 /// A chat request with `team`'s key.
 async fn chat_as_team(gateway: &Gateway, body: Value) -> reqwest::Response {
-    gateway
-        .post("/v1/chat/completions")
-        .bearer_auth("team-secret")
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
+    gateway.chat_as("team-secret", body).await
 }
 
 /// `retry-after` in whole seconds.
@@ -77,13 +71,7 @@ async fn a_key_over_its_rpm_gets_429_with_retry_after_and_other_keys_do_not() {
         "{text}"
     );
 
-    let other = gateway
-        .post("/v1/chat/completions")
-        .bearer_auth("other-secret")
-        .json(&hi("chat"))
-        .send()
-        .await
-        .unwrap();
+    let other = gateway.chat_as("other-secret", hi("chat")).await;
     assert_eq!(other.status(), 200, "limits are per key");
     let labels = [("scope", "key"), ("name", "team"), ("limit", "rpm")];
     gateway

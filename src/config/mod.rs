@@ -144,7 +144,7 @@ fn dotted(path: &serde_ignored::Path<'_>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use sha2::Digest;
 
@@ -159,7 +159,9 @@ mod tests {
         }
     }
 
-    const MINIMAL: &str = r#"
+    /// One simulated backend and one model `m` on it, ending inside the
+    /// deployment's table.
+    pub(crate) const MINIMAL: &str = r#"
 [[backends]]
 name = "sim"
 kind = "simulated"

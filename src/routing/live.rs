@@ -364,25 +364,8 @@ mod tests {
 
     fn config(key_rpm: u32, deployment_rpm: u32) -> Config {
         let text = format!(
-            r#"
-[[backends]]
-name = "sim"
-kind = "simulated"
-
-[[models]]
-alias = "m"
-[[models.deployments]]
-backend = "sim"
-model = "llama"
-context_window = 8192
-rpm = {deployment_rpm}
-
-[[keys]]
-name = "web"
-sha256 = "{}"
-models = ["*"]
-rpm = {key_rpm}
-"#,
+            "{}rpm = {deployment_rpm}\n\n[[keys]]\nname = \"web\"\nsha256 = \"{}\"\nmodels = [\"*\"]\nrpm = {key_rpm}\n",
+            crate::config::tests::MINIMAL,
             "ab".repeat(32)
         );
         crate::config::parse(&text, &|_| None).expect("valid")
