@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tollgate::routing::LiveState;
-use tollgate::server::ExplainRequest;
+use tollgate::server::{ExplainRequest, GatewayOptions};
 use tollgate::snapshot::Snapshot;
 
 const DEFAULT_CONFIG: &str = "config/tollgate.toml";
@@ -34,10 +34,13 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
-    /// Validate a config file and print every problem in it.
+    /// Validate a config file and print every problem in it; with
+    /// `--diff OLD NEW`, validate both and print what changes between them.
     Check {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
+        #[arg(long, default_value = DEFAULT_CONFIG, conflicts_with = "diff")]
         config: PathBuf,
+        #[arg(long, num_args = 2, value_names = ["OLD", "NEW"])]
+        diff: Option<Vec<PathBuf>>,
     },
     /// Print, as JSON, how a request would be routed: every deployment of
     /// its model, kept or dropped and why, and the one chosen. Live state
@@ -71,7 +74,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check {
+            diff: Some(paths), ..
+        } => check_diff(&paths[0], &paths[1]),
+        Command::Check { config, diff: None } => check(&config),
         Command::Serve { config, listen } => serve(&config, listen),
         Command::Explain {
             config,
@@ -111,6 +117,20 @@ fn check(path: &std::path::Path) -> ExitCode {
         config.models.len(),
         deployments,
         config.keys.len()
+    );
+    ExitCode::SUCCESS
+}
+
+/// `check --diff OLD NEW`: both must be valid; the diff goes to stdout
+/// as JSON.
+fn check_diff(old: &std::path::Path, new: &std::path::Path) -> ExitCode {
+    let (Some(old), Some(new)) = (load(old), load(new)) else {
+        return ExitCode::FAILURE;
+    };
+    let diff = tollgate::config::diff(&old, &new);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&diff).expect("diffs serialise")
     );
     ExitCode::SUCCESS
 }
@@ -179,7 +199,11 @@ fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
         if config.keys.is_empty() {
             tracing::warn!("no [[keys]] configured: anyone who can reach the gateway may use it");
         }
-        let gateway = match tollgate::Gateway::new(config) {
+        let options = GatewayOptions {
+            config_file: Some(path.to_owned()),
+            ..GatewayOptions::default()
+        };
+        let gateway = match tollgate::Gateway::with_options(config, options) {
             Ok(gateway) => gateway,
             Err(e) => {
                 eprintln!("{e}");
@@ -197,6 +221,7 @@ fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
             .local_addr()
             .map_or_else(|_| addr.to_string(), |a| a.to_string());
         tracing::info!(addr = %bound, config = %path.display(), "tollgate listening");
+        tokio::spawn(reload_on_sighup(gateway.state()));
         match gateway.serve(listener, stop_signal()).await {
             Ok(()) => {
                 tracing::info!("stopped");
@@ -208,6 +233,19 @@ fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
             }
         }
     })
+}
+
+/// SIGHUP: read the config file again and swap it in if it is valid.
+async fn reload_on_sighup(state: std::sync::Arc<tollgate::server::AppState>) {
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reload with POST /admin/reload");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading the config file");
+        let state = state.clone();
+        let _ = tokio::task::spawn_blocking(move || state.reload_file(true)).await;
+    }
 }
 
 /// SIGTERM or SIGINT: stop accepting and drain.

@@ -28,6 +28,7 @@ const OVERHEAD_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
+    names: Vec<String>,
     /// Client requests answered, by alias, backend and HTTP status.
     pub requests: IntCounterVec,
     pub upstream_attempts: IntCounterVec,
@@ -44,6 +45,7 @@ pub struct Metrics {
     pub selfhosted_effective_price: GaugeVec,
     pub selfhosted_utilization: GaugeVec,
     pub budget_remaining: GaugeVec,
+    pub budget_limit: GaugeVec,
     pub policy_blocks: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub routing_decisions: IntCounterVec,
@@ -57,11 +59,17 @@ pub struct Metrics {
     pub in_flight: IntGauge,
 }
 
-/// Declares metrics into one registry.
-struct Declare(Registry);
+/// Declares metrics into one registry, remembering their names.
+struct Declare(Registry, std::cell::RefCell<Vec<String>>);
 
 impl Declare {
     fn add<C: Collector + Clone + 'static>(&self, collector: C) -> C {
+        self.1.borrow_mut().extend(
+            collector
+                .desc()
+                .into_iter()
+                .map(|desc| desc.fq_name.clone()),
+        );
         self.0
             .register(Box::new(collector.clone()))
             .expect("metric names are unique");
@@ -93,7 +101,7 @@ impl Declare {
 
 impl Metrics {
     pub fn new() -> Self {
-        let d = Declare(Registry::new());
+        let d = Declare(Registry::new(), Default::default());
         let requests = d.counter(
             "tollgate_requests_total",
             "Client requests answered, by model alias, backend and HTTP status.",
@@ -173,6 +181,11 @@ impl Metrics {
             "What is left of a key's budget in the current period, in USD.",
             &["key", "period"],
         );
+        let budget_limit = d.gauge(
+            "tollgate_budget_limit_usd",
+            "A key's budget for the period, in USD.",
+            &["key", "period"],
+        );
         let policy_blocks = d.counter(
             "tollgate_policy_blocks_total",
             "Requests refused because policy left no deployment (451), by rule.",
@@ -230,8 +243,14 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        // Both outcomes exist from the start, so `increase()` sees the
+        // first failure after a restart.
+        for result in ["applied", "invalid"] {
+            config_reloads.with_label_values(&[result]);
+        }
         Self {
             registry: d.0,
+            names: d.1.into_inner(),
             requests,
             upstream_attempts,
             failovers,
@@ -247,6 +266,7 @@ impl Metrics {
             selfhosted_effective_price,
             selfhosted_utilization,
             budget_remaining,
+            budget_limit,
             policy_blocks,
             rate_limited,
             routing_decisions,
@@ -276,14 +296,16 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Marks `version` as the active config.
+    pub fn set_config_version(&self, version: &str) {
+        self.config_info.reset();
+        self.config_info.with_label_values(&[version]).set(1.0);
+    }
+
     /// The names of every metric family, for checks that a dashboard or an
     /// alert only asks for what exists.
-    pub fn names(&self) -> Vec<String> {
-        self.registry
-            .gather()
-            .into_iter()
-            .map(|family| family.name().to_owned())
-            .collect()
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The Prometheus text exposition of every metric.

@@ -30,11 +30,33 @@ impl Snapshot {
     /// Builds the snapshot of `config`, taking live state for its names
     /// from `live` (carried over from the previous snapshot's names).
     pub fn build(config: Config, live: &LiveState) -> Result<Self, String> {
+        Self::rebuild(config, live, None)
+    }
+
+    /// Like [`Snapshot::build`], reusing the providers of `previous` for
+    /// backends whose settings did not change, so their connection pools
+    /// stay warm and a reload builds only what changed.
+    pub fn rebuild(
+        config: Config,
+        live: &LiveState,
+        previous: Option<&Snapshot>,
+    ) -> Result<Self, String> {
+        let unchanged = |b: &Backend| {
+            let previous = previous?;
+            let (i, provider) = previous.backends.get(&b.name)?;
+            (previous.config.backends[*i] == *b).then(|| provider.clone())
+        };
         let backends = config
             .backends
             .iter()
             .enumerate()
-            .map(|(i, b)| Ok((b.name.clone(), (i, providers::build(b)?))))
+            .map(|(i, b)| {
+                let provider = match unchanged(b) {
+                    Some(provider) => provider,
+                    None => providers::build(b)?,
+                };
+                Ok((b.name.clone(), (i, provider)))
+            })
             .collect::<Result<HashMap<_, _>, String>>()?;
         let backend_of = |d: &Deployment| &config.backends[backends[&d.backend].0];
         let rates: Vec<Vec<Rate>> = config

@@ -1,6 +1,7 @@
 //! Configuration: the TOML schema, loading, and validation that reports
 //! every problem with the path of the value at fault.
 
+mod diff;
 mod schema;
 mod types;
 mod validate;
@@ -8,6 +9,7 @@ mod validate;
 use std::fmt;
 use std::path::Path;
 
+pub use diff::{Changes, ConfigDiff, diff};
 pub use types::*;
 pub use validate::{DEFAULT_LISTEN, EnvLookup};
 
@@ -99,13 +101,41 @@ pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, Problems> {
         })
         .collect();
     match validate::validate(raw, env) {
-        Ok(config) if problems.is_empty() => Ok(config),
+        Ok(mut config) if problems.is_empty() => {
+            config.version = version(text);
+            config.document = redacted(text);
+            Ok(config)
+        }
         Ok(_) => Err(Problems(problems)),
         Err(Problems(more)) => {
             problems.extend(more);
             Err(Problems(problems))
         }
     }
+}
+
+/// A config's version: the first 16 hex digits of the sha256 of its text.
+pub fn version(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(text.as_bytes())[..8])
+}
+
+/// The config file as JSON, with key digests replaced by a fingerprint
+/// (enough to see that one changed). Secrets themselves never sit in the
+/// file, only the names of the variables holding them.
+fn redacted(text: &str) -> serde_json::Value {
+    use sha2::Digest;
+    let table: toml::Table = text.parse().unwrap_or_default();
+    let mut document = serde_json::to_value(table).unwrap_or_default();
+    if let Some(keys) = document.get_mut("keys").and_then(|k| k.as_array_mut()) {
+        for key in keys {
+            if let Some(digest) = key.get_mut("sha256") {
+                let print = sha2::Sha256::digest(digest.to_string().as_bytes());
+                *digest = format!("[redacted {}]", hex::encode(&print[..4])).into();
+            }
+        }
+    }
+    document
 }
 
 fn syntax_error(text: &str, e: &toml::de::Error) -> String {
@@ -495,5 +525,55 @@ kind = "tgi"
             got.len() == 1 && got[0].starts_with("models[0].deployments[0].tpm: invalid value"),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn versions_and_diffs_name_what_changed() {
+        let base = r#"
+[[backends]]
+name = "a"
+kind = "simulated"
+[[backends]]
+name = "b"
+kind = "simulated"
+[[models]]
+alias = "chat"
+[[models.deployments]]
+backend = "a"
+model = "m"
+context_window = 8192
+[[keys]]
+name = "team"
+sha256 = "5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b"
+models = ["*"]
+"#;
+        let old = parse(base, &no_env).unwrap();
+        let new_text = base
+            .replace("name = \"b\"", "name = \"c\"")
+            .replace("model = \"m\"", "model = \"m2\"")
+            .replace("5b5b5b5b", "6c6c6c6c")
+            + "[routing]\nmax_attempts = 2\n[[models]]\nalias = \"new\"\nstrategy = \"latency\"\n[[models.deployments]]\nbackend = \"a\"\nmodel = \"m\"\ncontext_window = 1\n";
+        let new = parse(&new_text, &no_env).unwrap();
+        assert_eq!(old.version.len(), 16);
+        assert_ne!(old.version, new.version);
+        assert_eq!(
+            parse(base, &no_env).unwrap().version,
+            old.version,
+            "a hash of the text"
+        );
+        assert!(
+            !old.document.to_string().contains("5b5b5b5b"),
+            "digests are redacted"
+        );
+        let d = diff(&old, &new);
+        assert_eq!(d.backends.added, ["c"]);
+        assert_eq!(d.backends.removed, ["b"]);
+        assert!(d.backends.changed.is_empty());
+        assert_eq!(d.models.added, ["new"]);
+        assert_eq!(d.deployments.added, ["new/a"]);
+        assert_eq!(d.deployments.changed, ["chat/a"]);
+        assert_eq!(d.keys.changed, ["team"], "a new digest shows as a change");
+        assert_eq!(d.settings, ["routing"]);
+        assert!(diff(&old, &old).is_empty());
     }
 }

@@ -11,6 +11,11 @@ use reqwest::Url;
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// A hash of the config text (`config::version`).
+    pub version: String,
+    /// The config as written, as JSON, digests redacted: what
+    /// `GET /admin/config` shows and what diffs compare.
+    pub document: serde_json::Value,
     pub server: ServerConfig,
     pub backends: Vec<Backend>,
     pub models: Vec<Model>,
@@ -136,7 +141,7 @@ impl BackendKind {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Backend {
     pub name: String,
     pub kind: BackendKind,
@@ -175,7 +180,7 @@ impl SelfHosted {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EngineMetrics {
     pub url: Url,
     pub interval: Duration,
@@ -183,21 +188,21 @@ pub struct EngineMetrics {
 
 /// A Bedrock backend's AWS region, and its SigV4 credentials unless it
 /// uses a Bedrock API key (`Backend::credential`) instead.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AwsSettings {
     pub region: String,
     pub keys: Option<AwsKeys>,
 }
 
 /// Static AWS credentials read from the environment.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AwsKeys {
     pub access_key_id: Secret,
     pub secret_access_key: Secret,
     pub session_token: Option<Secret>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     pub connect: Duration,
     /// From sending the request to the first byte of the response body.
@@ -351,7 +356,7 @@ impl AllowedModels {
 }
 
 /// A credential read from the environment. Its `Debug` never shows it.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {

@@ -105,6 +105,8 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
 
     if v.problems.is_empty() {
         Ok(Config {
+            version: String::new(),
+            document: serde_json::Value::Null,
             server: server.expect("server is valid when there are no problems"),
             backends,
             models,

@@ -70,7 +70,8 @@ impl Period {
         last.next_day().unwrap_or(last)
     }
 
-    fn limit(self, key: &Key) -> Option<u64> {
+    /// The key's budget for this period, in nano-dollars.
+    pub fn limit(self, key: &Key) -> Option<u64> {
         match self {
             Self::Daily => key.budget.daily_nano_usd,
             Self::Monthly => key.budget.monthly_nano_usd,

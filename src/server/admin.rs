@@ -12,6 +12,7 @@ use time::Date;
 use time::macros::format_description;
 
 use super::explain::{ExplainRequest, explain};
+use super::reload::{ReloadError, ReloadReport};
 use super::{AppState, auth, json_response};
 use crate::error::GatewayError;
 
@@ -148,6 +149,95 @@ pub async fn spend(
                 rows,
                 total,
             })
+        }),
+    )
+}
+
+/// `POST /admin/reload[?dry_run=true]`: validates the candidate config
+/// (the body, as TOML; without a body, the config file) and applies it
+/// unless it is a dry run. 422 with every problem when it is invalid.
+pub async fn reload(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    Query(params): Query<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> Response {
+    let snapshot = app.snapshot.load_full();
+    if let Err(e) = auth::authenticate_admin(&snapshot, &headers, uri.path()) {
+        return e.into_response();
+    }
+    let dry_run = match params.get("dry_run").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return GatewayError::bad_request(
+                format!("dry_run must be true or false, not \"{other}\""),
+                Some("dry_run".into()),
+            )
+            .into_response();
+        }
+    };
+    let text = match std::str::from_utf8(&body) {
+        Ok(text) if text.trim().is_empty() => None,
+        Ok(text) => Some(text.to_owned()),
+        Err(_) => {
+            return GatewayError::bad_request("the candidate config must be UTF-8 TOML", None)
+                .into_response();
+        }
+    };
+    let outcome = tokio::task::spawn_blocking(move || app.reload(text, dry_run)).await;
+    match outcome {
+        Ok(Ok(report)) => answer::<ReloadReport>(Ok(report)),
+        Ok(Err(ReloadError::Invalid(problems))) => {
+            let mut error = GatewayError::bad_request(
+                format!(
+                    "the candidate config is invalid; the running config stays: {}",
+                    problems
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+                None,
+            );
+            error.status = StatusCode::UNPROCESSABLE_ENTITY;
+            let mut body: serde_json::Value =
+                serde_json::from_slice(&error.body_json()).expect("error bodies are JSON");
+            body["problems"] = problems
+                .iter()
+                .map(|p| serde_json::json!({"path": p.path, "message": p.message}))
+                .collect();
+            json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::to_vec(&body).expect("JSON serialises"),
+            )
+        }
+        Ok(Err(ReloadError::NoFile(message))) => {
+            GatewayError::bad_request(message, None).into_response()
+        }
+        Err(_) => GatewayError::internal("the reload task failed").into_response(),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ActiveConfig {
+    version: String,
+    config: serde_json::Value,
+}
+
+/// `GET /admin/config`: the running config's version and content, key
+/// digests redacted (secrets are never in the file).
+pub async fn active_config(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let snapshot = app.snapshot.load_full();
+    answer(
+        auth::authenticate_admin(&snapshot, &headers, uri.path()).map(|()| ActiveConfig {
+            version: snapshot.config.version.clone(),
+            config: snapshot.config.document.clone(),
         }),
     )
 }

@@ -23,6 +23,7 @@ use crate::snapshot::Snapshot;
 
 const BACKEND_HEADER: &str = "x-tollgate-backend";
 const ATTEMPTS_HEADER: &str = "x-tollgate-attempts";
+const CONFIG_VERSION_HEADER: &str = "x-tollgate-config-version";
 
 /// What one request carries down the pipeline.
 struct RequestCtx {
@@ -71,7 +72,8 @@ pub async fn handle(
         snapshot: app.snapshot.load_full(),
         in_flight: InFlight::new(&app.metrics.in_flight),
     };
-    match serve(&app, ctx, endpoint, &headers, body).await {
+    let version = HeaderValue::from_str(&ctx.snapshot.config.version).ok();
+    let mut response = match serve(&app, ctx, endpoint, &headers, body).await {
         Ok(response) => response,
         Err(failure) => {
             let Failure {
@@ -105,7 +107,14 @@ pub async fn handle(
             }
             response
         }
+    };
+    // Which config served the request: what a reload changed, per answer.
+    if let Some(version) = version {
+        response
+            .headers_mut()
+            .insert(CONFIG_VERSION_HEADER, version);
     }
+    response
 }
 
 /// An error answer and the labels it is recorded under.

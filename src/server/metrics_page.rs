@@ -28,6 +28,7 @@ fn refresh(app: &AppState) {
         &m.selfhosted_effective_price,
         &m.selfhosted_utilization,
         &m.budget_remaining,
+        &m.budget_limit,
     ] {
         gauges.reset();
     }
@@ -92,6 +93,11 @@ fn refresh(app: &AppState) {
                 m.budget_remaining
                     .with_label_values(&[&key.name, period.name()])
                     .set(budget::usd(left));
+            }
+            if let Some(limit) = period.limit(key) {
+                m.budget_limit
+                    .with_label_values(&[&key.name, period.name()])
+                    .set(budget::usd(limit));
             }
         }
     }

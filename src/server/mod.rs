@@ -5,10 +5,12 @@ mod auth;
 mod completions;
 mod explain;
 mod metrics_page;
+mod reload;
 mod request_id;
 mod sse;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -32,6 +34,7 @@ use crate::snapshot::Snapshot;
 use request_id::RequestId;
 
 pub use explain::{ExplainRequest, explain};
+pub use reload::{Env, ReloadError, ReloadReport};
 
 pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
@@ -41,10 +44,27 @@ pub struct AppState {
     /// Spend per day, key, model and deployment; durable with a data_dir.
     pub ledger: Arc<Ledger>,
     pub budgets: Arc<Budgets>,
-    /// The engine scrapers of the snapshot's backends; they stop when
-    /// dropped.
-    _scrapers: engine::Scrapers,
+    /// Config reloads, and the engine scrapers of the current snapshot.
+    reloader: reload::Reloader,
     draining: AtomicBool,
+}
+
+/// How a gateway finds its config again when it reloads.
+pub struct GatewayOptions {
+    /// Reads the environment variables a config names.
+    pub env: Env,
+    /// The config file: watched, and read again on SIGHUP and
+    /// `POST /admin/reload` without a body.
+    pub config_file: Option<PathBuf>,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        Self {
+            env: Arc::new(|name| std::env::var(name).ok()),
+            config_file: None,
+        }
+    }
 }
 
 /// A gateway ready to serve: its state and its routes.
@@ -54,8 +74,13 @@ pub struct Gateway {
 
 impl Gateway {
     /// Builds the gateway and starts scraping its engines' load metrics;
-    /// call it inside the Tokio runtime.
+    /// call it inside the Tokio runtime. Reloads read the process
+    /// environment and need a config text (no file).
     pub fn new(config: Config) -> Result<Self, String> {
+        Self::with_options(config, GatewayOptions::default())
+    }
+
+    pub fn with_options(config: Config, options: GatewayOptions) -> Result<Self, String> {
         let ledger = Arc::new(Ledger::open(config.ledger.data_dir.as_deref())?);
         if ledger.is_durable() {
             ledger::spawn_flusher(&ledger, config.ledger.flush_interval);
@@ -65,17 +90,24 @@ impl Gateway {
         let live = LiveState::default();
         let snapshot = Snapshot::build(config, &live)?;
         let scrapers = engine::spawn(&snapshot.config.backends, &snapshot.live().backends);
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_config_version(&snapshot.config.version);
         Ok(Self {
             state: Arc::new(AppState {
                 snapshot: ArcSwap::from_pointee(snapshot),
                 live,
-                metrics: Arc::new(Metrics::new()),
+                metrics,
                 ledger,
                 budgets: Arc::default(),
-                _scrapers: scrapers,
+                reloader: reload::Reloader::new(options.env, options.config_file, scrapers),
                 draining: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// The shared state, for reloading from outside (SIGHUP).
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
     }
 
     pub fn router(&self) -> Router {
@@ -88,6 +120,8 @@ impl Gateway {
             .route("/metrics", get(metrics))
             .route("/admin/explain", post(admin::explain_plan))
             .route("/admin/spend", get(admin::spend))
+            .route("/admin/reload", post(admin::reload))
+            .route("/admin/config", get(admin::active_config))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(axum::middleware::from_fn(request_id::tag))
@@ -103,6 +137,8 @@ impl Gateway {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let grace = self.state.snapshot.load().config.server.shutdown_grace;
+        // Held while serving: dropping it stops the watch.
+        let _watch = reload::watch(&self.state).map_err(std::io::Error::other)?;
         let state = self.state.clone();
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
         // Stream events are small writes; without TCP_NODELAY, Nagle's

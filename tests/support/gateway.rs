@@ -106,9 +106,29 @@ pub struct Gateway {
     pub http: reqwest::Client,
 }
 
+/// A gateway on `config`; reloads see the same injected environment.
 pub async fn start(config: &str) -> Gateway {
     let config = tollgate::config::parse(config, &env).expect("valid test config");
-    let gateway = tollgate::Gateway::new(config).expect("gateway builds");
+    let options = tollgate::server::GatewayOptions {
+        env: std::sync::Arc::new(env),
+        config_file: None,
+    };
+    serve(tollgate::Gateway::with_options(config, options).expect("gateway builds")).await
+}
+
+/// A gateway started from a config file, which it watches and reloads;
+/// reloads see the same injected environment.
+pub async fn start_from_file(path: &std::path::Path) -> Gateway {
+    let text = std::fs::read_to_string(path).expect("config file is readable");
+    let config = tollgate::config::parse(&text, &env).expect("valid test config");
+    let options = tollgate::server::GatewayOptions {
+        env: std::sync::Arc::new(env),
+        config_file: Some(path.to_owned()),
+    };
+    serve(tollgate::Gateway::with_options(config, options).expect("gateway builds")).await
+}
+
+async fn serve(gateway: tollgate::Gateway) -> Gateway {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(gateway.serve(listener, std::future::pending()));

@@ -1,0 +1,649 @@
+#!/usr/bin/env python3
+"""Helpers for benches/load/run.sh (Python 3.8+, standard library only).
+
+    loadtool.py gen WORKDIR            canned bodies, request bodies, configs
+    loadtool.py check-target URL BODY MODE
+                                       one request; asserts the answer's shape
+    loadtool.py ttfb URL BODY N        N sequential streamed requests on one
+                                       keep-alive connection: time to the
+                                       first `data:` event and to the end
+    loadtool.py hold-serve PORT        a mock upstream that answers every
+                                       chat request with one SSE event and
+                                       then holds the stream open
+    loadtool.py hold-open URL BODY N PID
+                                       opens N streams through URL, waits
+                                       for the first event on each, reads
+                                       PID's memory while all are open
+    loadtool.py report RESULTS.jsonl OUT.md
+                                       the table, the ratios, the targets
+
+Every measuring command prints one line `RESULT {json}` on stdout.
+"""
+
+import asyncio
+import json
+import os
+import re
+import socket
+import sys
+import time
+from urllib.parse import urlsplit
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHUNKS = 20
+UPSTREAM_MODEL = "llama-3.1-8b"  # short: nginx caps a config string at 4 KB
+PROMPT_TOKENS = 452
+ISSUE_STREAMS = 10000  # issue 7: streams held open for the memory target
+
+
+# ---------------------------------------------------------------- gen
+
+
+def request_body(model, stream):
+    """The ~2 KB chat request of benches/overhead.rs, with a key-free body."""
+    filler = "Summarise the following support ticket in two sentences. " * 32
+    body = {
+        "model": model,
+        "stream": stream,
+        "messages": [
+            {"role": "system", "content": "You are a concise assistant."},
+            {"role": "user", "content": filler},
+        ],
+        "max_tokens": 64,
+    }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return json.dumps(body, separators=(",", ":"))
+
+
+def canned_json():
+    return json.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": 1764300000,
+            "model": UPSTREAM_MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": " ".join(f"tok{i}" for i in range(CHUNKS)),
+                    },
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": PROMPT_TOKENS,
+                "completion_tokens": CHUNKS,
+                "total_tokens": PROMPT_TOKENS + CHUNKS,
+            },
+        },
+        separators=(",", ":"),
+    )
+
+
+def chunk(delta, finish=None, usage=None, choices=True):
+    obj = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1764300000,
+        "model": UPSTREAM_MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
+    }
+    if usage is not None:
+        obj["usage"] = usage
+    return "data: " + json.dumps(obj, separators=(",", ":")) + "\n\n"
+
+
+def canned_sse():
+    """20 content chunks (the first with the role, the last with the finish
+    reason), the usage chunk vLLM sends for include_usage, and [DONE]."""
+    events = []
+    for i in range(CHUNKS):
+        delta = {"content": f" tok{i}"}
+        if i == 0:
+            delta = {"role": "assistant", "content": "tok0"}
+        events.append(chunk(delta, "stop" if i == CHUNKS - 1 else None))
+    usage = {
+        "prompt_tokens": PROMPT_TOKENS,
+        "completion_tokens": CHUNKS,
+        "total_tokens": PROMPT_TOKENS + CHUNKS,
+    }
+    events.append(chunk({}, usage=usage, choices=False))
+    events.append("data: [DONE]\n\n")
+    return "".join(events)
+
+
+ENGINE_METRICS = (
+    "# TYPE vllm:num_requests_running gauge\n"
+    'vllm:num_requests_running{engine="0",model_name="m"} 1.0\n'
+    "# TYPE vllm:num_requests_waiting gauge\n"
+    'vllm:num_requests_waiting{engine="0",model_name="m"} 0.0\n'
+    "# TYPE vllm:kv_cache_usage_perc gauge\n"
+    'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.1\n'
+)
+
+
+def nginx_string(text):
+    """A single-quoted nginx string (nginx unescapes \\\\ and \\')."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def fill(template, values):
+    with open(os.path.join(HERE, template)) as f:
+        text = f.read()
+    for key, value in values.items():
+        text = text.replace("@" + key + "@", str(value))
+    left = re.findall(r"@[A-Z_]+@", text)
+    assert not left, f"unfilled placeholders in {template}: {left}"
+    return text
+
+
+def gen(work):
+    env = os.environ
+    values = {
+        "WORK": work,
+        "MOCK_PORT": env["MOCK_PORT"],
+        "PROXY_PORT": env["PROXY_PORT"],
+        "HOLD_PORT": env["HOLD_PORT"],
+        "CANNED_JSON": nginx_string(canned_json()),
+        "CANNED_SSE": nginx_string(canned_sse()),
+        "ENGINE_METRICS": nginx_string(ENGINE_METRICS),
+        "PROXY_ACCESS_LOG": (
+            f"access_log {work}/proxy-access.log"
+            if env.get("ACCESS_LOG", "1") != "0"
+            else "access_log off"
+        ),
+    }
+    files = {
+        "mock-nginx.conf": fill("mock-nginx.conf", values),
+        "proxy-nginx.conf": fill("proxy-nginx.conf", values),
+        "tollgate.toml": fill("tollgate.toml", values),
+        "tollgate-hold.toml": fill("tollgate-hold.toml", values),
+        "body-nonstream.json": request_body("bench", False),
+        "body-stream.json": request_body("bench-stream", True),
+        "body-hold.json": request_body("bench-hold", True),
+    }
+    for name, text in files.items():
+        with open(os.path.join(work, name), "w") as f:
+            f.write(text)
+    print(
+        f"request bodies: {len(files['body-nonstream.json'])} B non-streaming, "
+        f"{len(files['body-stream.json'])} B streaming; canned answers: "
+        f"{len(canned_json())} B JSON, {len(canned_sse())} B SSE ({CHUNKS} chunks)"
+    )
+
+
+# ---------------------------------------------------------------- a tiny HTTP/1.1 client
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection, raw sockets, timing in ns."""
+
+    def __init__(self, url):
+        parts = urlsplit(url)
+        self.host, self.port, self.path = parts.hostname, parts.port or 80, parts.path
+        self.sock = None
+
+    def connect(self):
+        self.sock = socket.create_connection((self.host, self.port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def request_bytes(self, body, key):
+        body = body.encode()
+        head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+    def _recv(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("connection closed by the server")
+        return data
+
+    def roundtrip(self, request):
+        """Returns (status, headers, body, ns to the first `data:`, ns total)."""
+        if self.sock is None:
+            self.connect()
+        start = time.perf_counter_ns()
+        self.sock.sendall(request)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += self._recv()
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = b""
+        first = None
+
+        def seen(now):
+            nonlocal first
+            if first is None and b"data:" in body:
+                first = now - start
+
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                while b"\r\n" not in buf:
+                    buf += self._recv()
+                size_line, buf = buf.split(b"\r\n", 1)
+                size = int(size_line.split(b";")[0], 16)
+                while len(buf) < size + 2:
+                    buf += self._recv()
+                body += buf[:size]
+                buf = buf[size + 2 :]
+                seen(time.perf_counter_ns())
+                if size == 0:
+                    break
+        else:
+            length = int(headers.get("content-length", "0"))
+            body, buf = buf, b""
+            seen(time.perf_counter_ns())
+            while len(body) < length:
+                body += self._recv()
+                seen(time.perf_counter_ns())
+        end = time.perf_counter_ns()
+        if headers.get("connection", "").lower() == "close":
+            self.sock.close()
+            self.sock = None
+        return status, headers, body, (first if first is not None else end - start), end - start
+
+
+def percentile(sorted_values, p):
+    return sorted_values[min(len(sorted_values) - 1, round((len(sorted_values) - 1) * p))]
+
+
+def check_target(url, body_file, mode):
+    conn = Conn(url)
+    with open(body_file) as f:
+        body = f.read()
+    status, headers, payload, _, _ = conn.roundtrip(
+        conn.request_bytes(body, os.environ.get("TOLLGATE_BENCH_KEY", ""))
+    )
+    text = payload.decode()
+    problems = []
+    if status != 200:
+        problems.append(f"status {status}: {text[:300]}")
+    elif mode == "stream":
+        if "text/event-stream" not in headers.get("content-type", ""):
+            problems.append(f"content-type {headers.get('content-type')!r}")
+        content = text.count('"content":')
+        if content != CHUNKS or not text.rstrip().endswith("data: [DONE]"):
+            problems.append(f"{content} content chunks, ends {text[-40:]!r}")
+    else:
+        if json.loads(text).get("object") != "chat.completion":
+            problems.append(f"not a chat.completion: {text[:300]}")
+    backend = headers.get("x-tollgate-backend")
+    if problems:
+        sys.exit(f"{url} ({mode}): " + "; ".join(problems))
+    print(f"  ok {mode:<9} {url}" + (f"  (x-tollgate-backend: {backend})" if backend else ""))
+
+
+def ttfb(url, body_file, n):
+    with open(body_file) as f:
+        body = f.read()
+    conn = Conn(url)
+    request = conn.request_bytes(body, os.environ.get("TOLLGATE_BENCH_KEY", ""))
+    for _ in range(max(1, n // 10)):  # warm up: connection, pools, caches
+        conn.roundtrip(request)
+    firsts, totals, errors = [], [], 0
+    for _ in range(n):
+        status, _, _, first, total = conn.roundtrip(request)
+        if status != 200:
+            errors += 1
+        firsts.append(first / 1000)
+        totals.append(total / 1000)
+    firsts.sort()
+    totals.sort()
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "requests": n,
+                "errors": errors,
+                "ttfb_p50_us": percentile(firsts, 0.5),
+                "ttfb_p99_us": percentile(firsts, 0.99),
+                "total_p50_us": percentile(totals, 0.5),
+                "total_p99_us": percentile(totals, 0.99),
+            }
+        )
+    )
+
+
+# ---------------------------------------------------------------- held-open streams
+
+
+async def hold_serve(port):
+    first = chunk({"role": "assistant", "content": "tok0"}).encode()
+    first_chunk = b"%x\r\n%s\r\n" % (len(first), first)
+    open_streams = 0
+
+    async def handle(reader, writer):
+        nonlocal open_streams
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                if length:
+                    await reader.readexactly(length)
+                if head.startswith(b"GET"):
+                    body = ENGINE_METRICS.encode()
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+                    )
+                    continue
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n" + first_chunk
+                )
+                await writer.drain()
+                open_streams += 1
+                try:
+                    await reader.read()  # held until the gateway hangs up
+                finally:
+                    open_streams -= 1
+                break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
+def memory(pid):
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM", "Threads"):
+                fields[name] = int(value.split()[0])
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    return {
+        "rss_mb": fields["VmRSS"] / 1024,
+        "hwm_mb": fields["VmHWM"] / 1024,
+        "threads": fields["Threads"],
+        "fds": fds,
+    }
+
+
+async def hold_open(url, body_file, n, pid):
+    with open(body_file) as f:
+        body = f.read()
+    conn = Conn(url)
+    request = conn.request_bytes(body, os.environ.get("TOLLGATE_BENCH_KEY", ""))
+    before = memory(pid)
+    writers, failures = [], []
+    gate = asyncio.Semaphore(200)  # keep connects under the listen backlog
+
+    async def open_one():
+        async with gate:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(conn.host, conn.port), 30
+                )
+                writer.write(request)
+                buf = b""
+                while b"data:" not in buf:
+                    data = await asyncio.wait_for(reader.read(4096), 30)
+                    if not data:
+                        raise ConnectionError("closed: " + buf[:200].decode("latin-1"))
+                    buf += data
+                if not buf.startswith(b"HTTP/1.1 200"):
+                    raise ConnectionError(buf[:200].decode("latin-1"))
+                writers.append(writer)
+            except Exception as e:  # noqa: BLE001 - reported below
+                failures.append(repr(e)[:200])
+
+    start = time.monotonic()
+    await asyncio.gather(*(open_one() for _ in range(n)))
+    opened_s = time.monotonic() - start
+    await asyncio.sleep(1.0)
+    during = memory(pid)
+    for writer in writers:
+        writer.close()
+    await asyncio.sleep(2.0)
+    after = memory(pid)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "streams_asked": n,
+                "streams_open": len(writers),
+                "failures": len(failures),
+                "first_failures": sorted(set(failures))[:3],
+                "open_seconds": round(opened_s, 2),
+                "rss_before_mb": round(before["rss_mb"], 1),
+                "rss_mb": round(during["rss_mb"], 1),
+                "hwm_mb": round(during["hwm_mb"], 1),
+                "rss_after_close_mb": round(after["rss_mb"], 1),
+                "threads": during["threads"],
+                "fds": during["fds"],
+            }
+        )
+    )
+
+
+# ---------------------------------------------------------------- report
+
+
+def fmt_us(v):
+    return "—" if v is None else f"{v:,.0f} µs".replace(",", " ")
+
+
+def fmt_rps(v):
+    return "—" if v is None else f"{v:,.0f}".replace(",", " ")
+
+
+def ratio(v, base):
+    return "" if v is None or not base else f" ({v / base:.2f}×)"
+
+
+def cpu_per_request(r):
+    """µs of the proxy's own CPU time (user + system) per request."""
+    if not r or r.get("proxy_cpu_s") is None or not r.get("requests"):
+        return None
+    return r["proxy_cpu_s"] * 1e6 / r["requests"]
+
+
+def report(results_file, out_file):
+    results = {}
+    with open(results_file) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                results[(r["mode"], r["target"], r["kind"])] = r
+    meta = results.get(("meta", "meta", "meta"), {})
+
+    def get(mode, target, kind, field):
+        r = results.get((mode, target, kind))
+        return None if r is None else r.get(field)
+
+    lines = []
+    out = lines.append
+    out("# tollgate load test (benches/load)")
+    out("")
+    for key in ("date", "machine", "command", "durations", "pinning", "logging", "versions"):
+        if key in meta:
+            out(f"- {key}: {meta[key]}")
+    out("")
+    out("Ratios in brackets are to nginx's figure in the same mode (req/s: higher is better; latency: lower is better).")
+    out("")
+    out("| mode | target | req/s @32 conns | p50 @1 conn | p99 @1 conn | first chunk p50 @1 | first chunk p99 @1 | proxy CPU per request @32 | cores busy @32 (proxy, load) | errors |")
+    out("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for mode, label in (("nonstream", "non-streaming"), ("stream", f"streaming, {CHUNKS} chunks")):
+        base_rps = get(mode, "nginx", "rps", "rps")
+        base_p50 = get(mode, "nginx", "lat", "p50_us")
+        base_p99 = get(mode, "nginx", "lat", "p99_us")
+        base_t50 = get(mode, "nginx", "ttfb", "ttfb_p50_us")
+        base_t99 = get(mode, "nginx", "ttfb", "ttfb_p99_us")
+        for target in ("direct", "nginx", "tollgate"):
+            rps = get(mode, target, "rps", "rps")
+            p50 = get(mode, target, "lat", "p50_us")
+            p99 = get(mode, target, "lat", "p99_us")
+            t50 = get(mode, target, "ttfb", "ttfb_p50_us")
+            t99 = get(mode, target, "ttfb", "ttfb_p99_us")
+            busy = get(mode, target, "rps", "core0_busy")
+            lbusy = get(mode, target, "rps", "core1_busy")
+            cpu = cpu_per_request(results.get((mode, target, "rps")))
+            base_cpu = cpu_per_request(results.get((mode, "nginx", "rps")))
+            errors = sum(
+                (get(mode, target, kind, "errors") or 0) for kind in ("rps", "lat", "ttfb")
+            )
+            out(
+                f"| {label} | {target} | {fmt_rps(rps)}{ratio(rps, base_rps)} "
+                f"| {fmt_us(p50)}{ratio(p50, base_p50)} | {fmt_us(p99)}{ratio(p99, base_p99)} "
+                + (
+                    f"| {fmt_us(t50)}{ratio(t50, base_t50)} | {fmt_us(t99)}{ratio(t99, base_t99)} "
+                    if mode == "stream"
+                    else "| — | — "
+                )
+                + f"| {fmt_us(cpu)}{ratio(cpu, base_cpu)} "
+                + f"| {'—' if busy is None else f'{busy:.0f}%, {lbusy:.0f}%'} | {errors} |"
+            )
+    out("")
+
+    checks = []
+
+    def check(name, ok, figure):
+        checks.append((name, "PASS" if ok else ("FAIL" if ok is not None else "n/a"), figure))
+
+    for mode, label in (("nonstream", "non-streaming"), ("stream", "streaming")):
+        t, n = get(mode, "tollgate", "rps", "rps"), get(mode, "nginx", "rps", "rps")
+        r = t / n if t and n else None
+        check(
+            f"throughput ≥ 0.5× nginx ({label})",
+            None if r is None else r >= 0.5,
+            "—" if r is None else f"{r:.2f}× ({fmt_rps(t)} vs {fmt_rps(n)} req/s)",
+        )
+        tc = cpu_per_request(results.get((mode, "tollgate", "rps")))
+        nc = cpu_per_request(results.get((mode, "nginx", "rps")))
+        if tc and nc:
+            checks.append(
+                (
+                    f"… the same by CPU per request ({label})",
+                    "PASS" if nc / tc >= 0.5 else "FAIL",
+                    f"{nc / tc:.2f}× (nginx {nc:.0f} µs, tollgate {tc:.0f} µs of CPU per request): "
+                    "the throughput ratio if each had a whole core, robust to a busy load core",
+                )
+            )
+        d = get(mode, "direct", "lat", "p50_us")
+        t = get(mode, "tollgate", "lat", "p50_us")
+        n = get(mode, "nginx", "lat", "p50_us")
+        if None not in (d, t, n):
+            added_t, added_n = t - d, n - d
+            ok = added_t <= 2 * max(added_n, 0.0)
+            check(
+                f"added p50 latency ≤ 2× nginx's ({label})",
+                ok,
+                f"tollgate +{added_t:.0f} µs, nginx +{added_n:.0f} µs"
+                + (f" ({added_t / added_n:.2f}×)" if added_n > 0 else ""),
+            )
+        else:
+            check(f"added p50 latency ≤ 2× nginx's ({label})", None, "—")
+    d = get("stream", "direct", "ttfb", "ttfb_p50_us")
+    t = get("stream", "tollgate", "ttfb", "ttfb_p50_us")
+    n = get("stream", "nginx", "ttfb", "ttfb_p50_us")
+    if None not in (d, t):
+        check(
+            "streaming first chunk added ≤ 200 µs at p50",
+            t - d <= 200,
+            f"+{t - d:.0f} µs (nginx +{n - d:.0f} µs)" if n is not None else f"+{t - d:.0f} µs",
+        )
+    else:
+        check("streaming first chunk added ≤ 200 µs at p50", None, "—")
+    hold = results.get(("hold", "tollgate", "hold"))
+    if hold:
+        name = f"{ISSUE_STREAMS:,}".replace(",", " ") + " open streams, RSS ≤ 300 MB"
+        held = hold["streams_open"]
+        figure = (
+            f"{hold['rss_mb']:.0f} MB RSS with {held} streams open "
+            f"(idle {hold['rss_before_mb']:.0f} MB, after closing them {hold['rss_after_close_mb']:.0f} MB; "
+            f"{hold['threads']} threads, {hold['fds']} fds)"
+        )
+        if held >= ISSUE_STREAMS:
+            check(name, hold["rss_mb"] <= 300, figure)
+        elif held > 0:
+            per_kb = (hold["rss_mb"] - hold["rss_before_mb"]) * 1024 / held
+            est = hold["rss_before_mb"] + per_kb * ISSUE_STREAMS / 1024
+            why = f"fd limit {hold['fd_limit']}" if hold.get("clamped") else f"STREAMS={hold['streams_target']}"
+            checks.append(
+                (
+                    name,
+                    "est. PASS" if est <= 300 else "est. FAIL",
+                    figure + f"; only {held} held ({why}): {per_kb:.1f} KB per stream, "
+                    f"so about {est:.0f} MB at {ISSUE_STREAMS}",
+                )
+            )
+        else:
+            check(name, False, f"no stream held: {hold['first_failures']}")
+    n_load = get("nonstream", "nginx", "rps", "core1_busy")
+    s_load = get("stream", "nginx", "rps", "core1_busy")
+    if max(n_load or 0, s_load or 0) >= 90:
+        out(
+            "Note: the load core was ≥ 90% busy during an nginx throughput run, so nginx's "
+            "req/s there is bounded by the load generator and mock, not by nginx: the "
+            "throughput ratio overstates tollgate in that mode."
+        )
+        out("")
+    shared = []
+    for mode in ("nonstream", "stream"):
+        for target in ("nginx", "tollgate"):
+            r = results.get((mode, target, "rps"))
+            if r and r.get("proxy_cpu_s") is not None and r.get("duration_s"):
+                share = 100 * r["proxy_cpu_s"] / r["duration_s"]
+                if share < 80 and (r.get("core0_busy") or 0) >= 90:
+                    shared.append(f"{target} {mode} {share:.0f}%")
+    if shared:
+        out(
+            "Note: the proxy core was busy, but not with the proxy (its own share: "
+            + ", ".join(shared)
+            + "): other work on the machine took the rest, so those req/s and latencies "
+            "measure the machine; compare CPU per request instead, and rerun on a quiet machine."
+        )
+        out("")
+    out("| target (issue 7) | result | figure |")
+    out("| --- | --- | --- |")
+    for name, verdict, figure in checks:
+        out(f"| {name} | {verdict} | {figure} |")
+    out("")
+    text = "\n".join(lines)
+    with open(out_file, "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+def main(argv):
+    cmd = argv[1] if len(argv) > 1 else ""
+    if cmd == "gen":
+        gen(argv[2])
+    elif cmd == "check-target":
+        check_target(argv[2], argv[3], argv[4])
+    elif cmd == "ttfb":
+        ttfb(argv[2], argv[3], int(argv[4]))
+    elif cmd == "hold-serve":
+        asyncio.run(hold_serve(int(argv[2])))
+    elif cmd == "hold-open":
+        asyncio.run(hold_open(argv[2], argv[3], int(argv[4]), int(argv[5])))
+    elif cmd == "report":
+        report(argv[2], argv[3])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

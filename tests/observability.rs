@@ -1,0 +1,811 @@
+//! The observability deliverables against the gateway's metrics: every
+//! metric `deploy/grafana/tollgate.json` and `deploy/prometheus/alerts.yml`
+//! query is one the gateway declares (and, where the scenario here can make
+//! it happen, exports with samples on `/metrics`); every declared metric
+//! follows the Prometheus naming conventions; and the dashboard and the
+//! rules file have the shape Grafana and Prometheus expect.
+//!
+//! Self-contained on purpose: the gateway is built in-process from a config
+//! of `simulated` backends plus one `vllm` backend whose `/metrics` page is
+//! a few lines of tokio below, on 127.0.0.1.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use prometheus::HistogramVec;
+use prometheus::core::{Atomic, Collector, GenericCounterVec, GenericGauge, GenericGaugeVec};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tollgate::metrics::Metrics;
+
+const DASHBOARD: &str = "deploy/grafana/tollgate.json";
+const ALERTS: &str = "deploy/prometheus/alerts.yml";
+
+/// Declared names whose unit is not a base unit, kept knowingly: USD per
+/// million tokens is how every LLM price list reads.
+const UNIT_EXCEPTIONS: &[&str] = &["tollgate_selfhosted_effective_usd_per_mtok"];
+
+// ---- what the gateway declares ---------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Family {
+    name: String,
+    help: String,
+    labels: Vec<String>,
+    kind: Kind,
+}
+
+fn family(collector: &dyn Collector, kind: Kind) -> Family {
+    let descs = collector.desc();
+    assert_eq!(descs.len(), 1, "one family per collector");
+    Family {
+        name: descs[0].fq_name.clone(),
+        help: descs[0].help.clone(),
+        labels: descs[0].variable_labels.clone(),
+        kind,
+    }
+}
+
+fn counter<P: Atomic + 'static>(c: &GenericCounterVec<P>) -> Family {
+    family(c, Kind::Counter)
+}
+
+fn gauge<P: Atomic + 'static>(c: &GenericGaugeVec<P>) -> Family {
+    family(c, Kind::Gauge)
+}
+
+fn plain_gauge<P: Atomic + 'static>(c: &GenericGauge<P>) -> Family {
+    family(c, Kind::Gauge)
+}
+
+fn histogram(c: &HistogramVec) -> Family {
+    family(c, Kind::Histogram)
+}
+
+/// Every family `Metrics` declares, whether or not it has samples yet, with
+/// its type taken from the collector's Rust type;
+/// `every_exported_family_is_in_the_declared_list` catches a metric added to
+/// `Metrics` but not here.
+fn declared() -> Vec<Family> {
+    let m = Metrics::new();
+    vec![
+        counter(&m.requests),
+        counter(&m.upstream_attempts),
+        counter(&m.failovers),
+        counter(&m.errors),
+        histogram(&m.request_duration),
+        histogram(&m.time_to_first_token),
+        histogram(&m.time_between_tokens),
+        histogram(&m.gateway_overhead),
+        counter(&m.tokens),
+        counter(&m.cost),
+        counter(&m.counterfactual_cost),
+        counter(&m.selfhosted_cost),
+        gauge(&m.selfhosted_effective_price),
+        gauge(&m.selfhosted_utilization),
+        gauge(&m.budget_remaining),
+        gauge(&m.budget_limit),
+        counter(&m.policy_blocks),
+        counter(&m.rate_limited),
+        counter(&m.routing_decisions),
+        gauge(&m.circuit_state),
+        gauge(&m.backend_load),
+        gauge(&m.engine_requests_waiting),
+        gauge(&m.engine_requests_running),
+        gauge(&m.engine_kv_cache_usage),
+        counter(&m.config_reloads),
+        gauge(&m.config_info),
+        plain_gauge(&m.in_flight),
+    ]
+}
+
+// ---- what the dashboard and the alerts query -------------------------------------------
+
+fn read(path: &str) -> String {
+    let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{}: {e}", full.display()))
+}
+
+fn dashboard() -> Value {
+    serde_json::from_str(&read(DASHBOARD)).unwrap_or_else(|e| panic!("{DASHBOARD}: {e}"))
+}
+
+/// Every `tollgate_…` metric name in a PromQL expression (a name is
+/// `tollgate_` and the `[a-z0-9_:]` that follow, not preceded by a name
+/// character).
+fn metric_names(expr: &str) -> Vec<String> {
+    let bytes = expr.as_bytes();
+    let mut names = Vec::new();
+    let mut from = 0;
+    while let Some(at) = expr[from..].find("tollgate_") {
+        let start = from + at;
+        let mut end = start + "tollgate_".len();
+        while end < bytes.len()
+            && (bytes[end].is_ascii_lowercase()
+                || bytes[end].is_ascii_digit()
+                || bytes[end] == b'_'
+                || bytes[end] == b':')
+        {
+            end += 1;
+        }
+        let preceded = start > 0 && {
+            let b = bytes[start - 1];
+            b.is_ascii_alphanumeric() || b == b'_' || b == b':'
+        };
+        if !preceded {
+            names.push(expr[start..end].to_owned());
+        }
+        from = end;
+    }
+    names
+}
+
+/// The PromQL strings of the dashboard: panel targets, annotations and
+/// template-variable queries, with where each is.
+fn dashboard_queries(value: &Value, at: &str, out: &mut Vec<(String, String)>) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map {
+                let here = match map.get("title").and_then(Value::as_str) {
+                    Some(title) => format!("{at} > {title:?}"),
+                    None => at.to_owned(),
+                };
+                match (key.as_str(), v) {
+                    ("expr" | "definition" | "query", Value::String(s)) => {
+                        out.push((format!("{here} {key}"), s.clone()));
+                    }
+                    _ => dashboard_queries(v, &here, out),
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                dashboard_queries(item, at, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The `expr` of every rule in the rules file, read as text: `expr: …` on
+/// one line, or a `|`/`>` block of the lines indented under it.
+fn rule_exprs(yaml: &str) -> Vec<String> {
+    let lines: Vec<&str> = yaml.lines().collect();
+    let mut exprs = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let trimmed = line.trim_start().trim_start_matches("- ");
+        i += 1;
+        let Some(rest) = trimmed.strip_prefix("expr:") else {
+            continue;
+        };
+        let indent = line.len() - line.trim_start().len();
+        let rest = rest.trim();
+        if rest.starts_with('|') || rest.starts_with('>') {
+            let mut block = String::new();
+            while i < lines.len()
+                && (lines[i].trim().is_empty()
+                    || lines[i].len() - lines[i].trim_start().len() > indent)
+            {
+                block += lines[i].trim();
+                block.push('\n');
+                i += 1;
+            }
+            exprs.push(block);
+        } else {
+            exprs.push(rest.trim_matches(|c| c == '"' || c == '\'').to_owned());
+        }
+    }
+    exprs
+}
+
+/// Each name the dashboard and alerts query, with where: histogram series
+/// (`_bucket`, `_sum`, `_count`) count as their family.
+fn referenced(histograms: &BTreeSet<String>) -> BTreeMap<String, BTreeSet<String>> {
+    let mut queries = Vec::new();
+    dashboard_queries(&dashboard(), DASHBOARD, &mut queries);
+    for (n, expr) in rule_exprs(&read(ALERTS)).into_iter().enumerate() {
+        queries.push((format!("{ALERTS} expr #{}", n + 1), expr));
+    }
+    let mut names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (at, expr) in queries {
+        for name in metric_names(&expr) {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|suffix| name.strip_suffix(suffix))
+                .find(|base| histograms.contains(*base))
+                .map_or(name.clone(), str::to_owned);
+            names.entry(family).or_default().insert(at.clone());
+        }
+    }
+    names
+}
+
+// ---- a gateway with samples in every family it can have ------------------------------
+
+/// A vLLM engine's `/metrics` page, served to whoever asks.
+async fn engine_metrics_page() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let body = "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"m\"} 2.0\n\
+                    # TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 3.0\n\
+                    # TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.25\n";
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+const KEY: &str = "obs-test-key";
+
+fn config(engine_url: &str) -> String {
+    format!(
+        r#"
+[[backends]]
+name = "sim-gpu"
+kind = "simulated"
+gpu_hour_usd = 2.5
+gpus = 2
+throughput_tokens_per_second = 3000
+max_concurrency = 16
+[backends.simulated]
+ttft_ms = 5
+tokens_per_second = 2000
+completion_tokens = 6
+
+[[backends]]
+name = "sim-api"
+kind = "simulated"
+[backends.simulated]
+ttft_ms = 5
+tokens_per_second = 2000
+completion_tokens = 6
+
+[[backends]]
+name = "sim-broken"
+kind = "simulated"
+[backends.simulated]
+ttft_ms = 1
+failure_rate = 1.0
+
+[[backends]]
+name = "engine"
+kind = "vllm"
+base_url = "{engine_url}"
+gpu_hour_usd = 2.0
+gpus = 1
+throughput_tokens_per_second = 1000
+max_concurrency = 8
+[backends.engine_metrics]
+interval_ms = 100
+
+[[models]]
+alias = "chat"
+strategy = "spillover"
+[[models.deployments]]
+backend = "sim-gpu"
+model = "gpu-model"
+context_window = 131072
+[[models.deployments]]
+backend = "sim-api"
+model = "api-model"
+context_window = 131072
+input_usd_per_mtok = 0.5
+output_usd_per_mtok = 1.5
+
+# The cheapest deployment always fails: every request fails over.
+[[models]]
+alias = "flaky"
+strategy = "cost"
+[[models.deployments]]
+backend = "sim-broken"
+model = "broken-model"
+context_window = 131072
+input_usd_per_mtok = 0.01
+output_usd_per_mtok = 0.01
+[[models.deployments]]
+backend = "sim-api"
+model = "api-model"
+context_window = 131072
+input_usd_per_mtok = 0.5
+output_usd_per_mtok = 1.5
+
+# Multimodal Llama: refused to EU requests by policy.
+[[models]]
+alias = "vision"
+[[models.deployments]]
+backend = "sim-api"
+model = "vision-model"
+context_window = 131072
+input_usd_per_mtok = 0.3
+output_usd_per_mtok = 0.9
+modalities = ["text", "image"]
+multimodal = true
+licence = "llama"
+
+# Never called: only here so the vLLM engine is scraped.
+[[models]]
+alias = "engine-pool"
+[[models.deployments]]
+backend = "engine"
+model = "m"
+context_window = 131072
+
+[[keys]]
+name = "team"
+key_env = "OBS_TEST_KEY"
+models = ["*"]
+budget_daily_usd = 100
+budget_monthly_usd = 1000
+region_header = true
+"#
+    )
+}
+
+/// Starts the gateway, sends requests that touch every family a request can
+/// touch, and returns its `/metrics` page once the engine's signals are in.
+async fn scraped_metrics() -> String {
+    let engine_url = engine_metrics_page().await;
+    let config = tollgate::config::parse(&config(&engine_url), &|name| {
+        (name == "OBS_TEST_KEY").then(|| KEY.to_owned())
+    })
+    .unwrap_or_else(|problems| panic!("test config is invalid: {problems:?}"));
+    let gateway = tollgate::Gateway::new(config).expect("gateway builds");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(gateway.serve(listener, std::future::pending()));
+
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let chat = |body: Value, region: Option<&'static str>| {
+        let mut request = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&body);
+        if let Some(region) = region {
+            request = request.header("x-tollgate-region", region);
+        }
+        async move {
+            let response = request.send().await.expect("gateway answers");
+            let status = response.status().as_u16();
+            let _ = response.bytes().await;
+            status
+        }
+    };
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    let image = json!([{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+    ]}]);
+    let cases = [
+        (json!({"model": "chat", "messages": hi}), None, 200),
+        (
+            json!({"model": "chat", "messages": hi, "stream": true}),
+            None,
+            200,
+        ),
+        (
+            json!({"model": "flaky", "messages": hi, "stream": true}),
+            None,
+            200,
+        ),
+        (json!({"model": "flaky", "messages": hi}), None, 200),
+        (
+            json!({"model": "vision", "messages": image}),
+            Some("eu"),
+            451,
+        ),
+        (json!({"model": "no-such-model", "messages": hi}), None, 404),
+    ];
+    for (body, region, want) in cases {
+        let status = chat(body.clone(), region).await;
+        assert_eq!(status, want, "{body} (region {region:?})");
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics answers")
+            .text()
+            .await
+            .expect("metrics body");
+        if page.contains("tollgate_engine_kv_cache_usage_ratio{") || Instant::now() > deadline {
+            return page;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Family name → type, from the page's `# TYPE` lines.
+fn exported_types(page: &str) -> BTreeMap<String, String> {
+    page.lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| {
+            let mut parts = rest.split_whitespace();
+            Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
+        })
+        .collect()
+}
+
+/// Families with at least one sample line on the page.
+fn with_samples(page: &str, families: &[Family]) -> BTreeSet<String> {
+    let sampled: BTreeSet<&str> = page
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .collect();
+    families
+        .iter()
+        .filter(|f| match f.kind {
+            Kind::Histogram => sampled.contains(format!("{}_count", f.name).as_str()),
+            _ => sampled.contains(f.name.as_str()),
+        })
+        .map(|f| f.name.clone())
+        .collect()
+}
+
+// ---- tests ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_and_alerts_query_is_one_the_gateway_exports() {
+    let declared = declared();
+    let page = scraped_metrics().await;
+    let exported = exported_types(&page);
+
+    let mut names: BTreeSet<String> = declared.iter().map(|f| f.name.clone()).collect();
+    names.extend(exported.keys().cloned());
+    names.extend(Metrics::new().names().iter().cloned());
+    let histograms: BTreeSet<String> = declared
+        .iter()
+        .filter(|f| f.kind == Kind::Histogram)
+        .map(|f| f.name.clone())
+        .collect();
+
+    let referenced = referenced(&histograms);
+    assert!(
+        referenced.len() >= 20,
+        "the dashboard and alerts should query most families; found only {:?}",
+        referenced.keys().collect::<Vec<_>>()
+    );
+    let missing: Vec<String> = referenced
+        .iter()
+        .filter(|(name, _)| !names.contains(*name))
+        .map(|(name, at)| {
+            format!(
+                "{name} (in {})",
+                at.iter().cloned().collect::<Vec<_>>().join("; ")
+            )
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "queried but not declared or exported by the gateway:\n  {}\ndeclared or exported: {:?}",
+        missing.join("\n  "),
+        names
+    );
+
+    // What the scenario above makes happen has samples to graph and alert on.
+    let sampled = with_samples(&page, &declared);
+    let silent: Vec<&String> = referenced
+        .keys()
+        .filter(|name| !sampled.contains(*name))
+        .collect();
+    assert!(
+        silent.is_empty(),
+        "queried, declared, but no samples after the scenario: {silent:?}\n---\n{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_exported_family_is_in_the_declared_list_with_its_type_and_help() {
+    let declared: BTreeMap<String, Family> = declared()
+        .into_iter()
+        .map(|f| (f.name.clone(), f))
+        .collect();
+    let page = scraped_metrics().await;
+    let helps: BTreeMap<&str, &str> = page
+        .lines()
+        .filter_map(|line| line.strip_prefix("# HELP "))
+        .filter_map(|rest| rest.split_once(' '))
+        .collect();
+    for (name, kind) in exported_types(&page) {
+        let family = declared.get(&name).unwrap_or_else(|| {
+            panic!("{name} is exported but not in this test's declared() list: add it there")
+        });
+        assert_eq!(kind, family.kind.name(), "{name}: exported type");
+        assert!(
+            helps
+                .get(name.as_str())
+                .is_some_and(|h| !h.trim().is_empty()),
+            "{name}: exported without help text"
+        );
+    }
+}
+
+#[test]
+fn declared_metrics_follow_prometheus_naming_conventions() {
+    // Units in a name must be base units; these are the scaled ones.
+    const NOT_BASE: &[&str] = &[
+        "ms",
+        "milliseconds",
+        "us",
+        "microseconds",
+        "ns",
+        "nanoseconds",
+        "minutes",
+        "hours",
+        "days",
+        "kb",
+        "mb",
+        "gb",
+        "kilobytes",
+        "megabytes",
+        "gigabytes",
+        "percent",
+        "pct",
+        "cents",
+        "dollars",
+        "ktok",
+        "mtok",
+    ];
+    const BASE_UNITS: &[&str] = &["seconds", "bytes", "usd", "ratio"];
+    let mut problems = Vec::new();
+    let mut seen = BTreeSet::new();
+    for f in declared() {
+        let name = f.name.as_str();
+        if !seen.insert(name.to_owned()) {
+            problems.push(format!("{name}: declared twice"));
+        }
+        if !name.starts_with("tollgate_") {
+            problems.push(format!("{name}: no tollgate_ prefix"));
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            || name.contains("__")
+            || name.ends_with('_')
+        {
+            problems.push(format!("{name}: not snake_case"));
+        }
+        match f.kind {
+            Kind::Counter if !name.ends_with("_total") => {
+                problems.push(format!("{name}: a counter without the _total suffix"))
+            }
+            Kind::Gauge | Kind::Histogram if name.ends_with("_total") => problems.push(format!(
+                "{name}: a {} with the _total suffix",
+                f.kind.name()
+            )),
+            _ => {}
+        }
+        if f.kind == Kind::Histogram && !BASE_UNITS.iter().any(|u| name.ends_with(&format!("_{u}")))
+        {
+            problems.push(format!("{name}: a histogram without a base-unit suffix"));
+        }
+        let tokens: Vec<&str> = name.split('_').collect();
+        if let Some(unit) = tokens.iter().find(|t| NOT_BASE.contains(t))
+            && !UNIT_EXCEPTIONS.contains(&name)
+        {
+            problems.push(format!("{name}: unit {unit:?} is not a base unit"));
+        }
+        // A unit, when there is one, comes last (before _total).
+        let stem = name.strip_suffix("_total").unwrap_or(name);
+        for unit in BASE_UNITS {
+            if tokens.contains(unit)
+                && !stem.ends_with(&format!("_{unit}"))
+                && !UNIT_EXCEPTIONS.contains(&name)
+            {
+                problems.push(format!("{name}: unit {unit} is not the name's suffix"));
+            }
+        }
+        if f.help.trim().is_empty() {
+            problems.push(format!("{name}: no help text"));
+        }
+        for label in &f.labels {
+            if !label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                || label.starts_with("__")
+            {
+                problems.push(format!("{name}: label {label:?} is not snake_case"));
+            }
+            // Bounded label sets: never per-request or per-user values.
+            if ["request_id", "user", "prompt", "ip", "url", "message"].contains(&label.as_str()) {
+                problems.push(format!("{name}: label {label:?} is unbounded"));
+            }
+        }
+    }
+    for exception in UNIT_EXCEPTIONS {
+        assert!(
+            seen.contains(*exception),
+            "{exception} is no longer declared: drop it from UNIT_EXCEPTIONS"
+        );
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_dashboard_is_a_grafana_model_over_a_prometheus_datasource_variable() {
+    let d = dashboard();
+    assert!(
+        d["schemaVersion"].as_u64().unwrap_or(0) >= 36,
+        "schemaVersion"
+    );
+    assert!(d["uid"].as_str().is_some_and(|u| !u.is_empty()), "uid");
+    assert!(d["title"].as_str().is_some_and(|t| !t.is_empty()), "title");
+    let vars = d["templating"]["list"].as_array().expect("templating.list");
+    assert!(
+        vars.iter().any(|v| v["name"] == "datasource"
+            && v["type"] == "datasource"
+            && v["query"] == "prometheus"),
+        "a `datasource` variable of type prometheus"
+    );
+    let panels = d["panels"].as_array().expect("panels");
+    let mut ids = BTreeSet::new();
+    let mut graphs = 0;
+    for p in panels {
+        let title = p["title"].as_str().unwrap_or("?");
+        assert!(
+            ids.insert(p["id"].as_u64().expect("panel id")),
+            "{title}: duplicate id"
+        );
+        let grid = &p["gridPos"];
+        let (x, w) = (grid["x"].as_u64().unwrap(), grid["w"].as_u64().unwrap());
+        assert!(
+            x + w <= 24 && grid["h"].as_u64().unwrap() > 0,
+            "{title}: gridPos {grid}"
+        );
+        if p["type"] == "row" {
+            continue;
+        }
+        graphs += 1;
+        assert_eq!(
+            p["datasource"]["uid"], "${datasource}",
+            "{title}: datasource"
+        );
+        assert!(
+            p["description"].as_str().is_some_and(|s| !s.is_empty()),
+            "{title}: description"
+        );
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no targets");
+        let mut refs = BTreeSet::new();
+        let mut queried = 0;
+        for t in targets {
+            assert!(
+                refs.insert(t["refId"].as_str().expect("refId")),
+                "{title}: refId"
+            );
+            queried += metric_names(t["expr"].as_str().expect("expr")).len();
+        }
+        assert!(queried > 0, "{title}: queries no tollgate metric");
+    }
+    assert!(graphs >= 30, "{graphs} panels");
+    // The panels the issue asks for, by what they query.
+    let text = d.to_string();
+    for needle in [
+        "tollgate_cost_usd_total",
+        "tollgate_counterfactual_cost_usd_total",
+        "tollgate_selfhosted_cost_usd_total",
+        "tollgate_selfhosted_utilization_ratio",
+        "tollgate_tokens_total",
+        "histogram_quantile(0.99, sum by (backend, le) (rate(tollgate_request_duration_seconds_bucket",
+        "histogram_quantile(0.95, sum by (backend, le) (rate(tollgate_time_to_first_token_seconds_bucket",
+        "tollgate_errors_total",
+        "tollgate_failovers_total",
+        "tollgate_budget_remaining_usd",
+        "tollgate_circuit_state",
+        "tollgate_backend_load_ratio",
+    ] {
+        assert!(
+            text.contains(needle),
+            "the dashboard has no panel with {needle}"
+        );
+    }
+}
+
+#[test]
+fn every_alert_rule_has_an_expr_a_for_a_severity_and_annotations() {
+    let yaml = read(ALERTS);
+    assert!(
+        yaml.starts_with("#") || yaml.starts_with("groups:"),
+        "groups: at the top"
+    );
+    assert!(
+        yaml.lines().any(|l| l == "groups:"),
+        "a top-level groups: key"
+    );
+    let blocks: Vec<&str> = yaml.split("- alert: ").skip(1).collect();
+    assert!(blocks.len() >= 5, "{} alert rules", blocks.len());
+    assert_eq!(
+        rule_exprs(&yaml).len(),
+        blocks.len(),
+        "one expr per alert rule"
+    );
+    let mut names = BTreeSet::new();
+    for block in blocks {
+        let name = block.lines().next().unwrap_or("").trim();
+        assert!(names.insert(name.to_owned()), "{name}: defined twice");
+        for key in ["expr:", "for:", "severity:", "summary:", "description:"] {
+            assert!(block.contains(key), "{name}: no {key}");
+        }
+        let severity = block
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("severity:"))
+            .map(str::trim)
+            .unwrap_or("");
+        assert!(
+            ["critical", "warning"].contains(&severity),
+            "{name}: severity {severity:?}"
+        );
+        assert!(
+            block.contains("{{ $labels."),
+            "{name}: annotations name no label"
+        );
+    }
+    // The alerts the issue asks for, by what they query.
+    let exprs = rule_exprs(&yaml).join("\n");
+    for needle in [
+        "tollgate_budget_remaining_usd{period=\"daily\"}",
+        "tollgate_requests_total{status=~\"5..\"}",
+        "tollgate_time_to_first_token_seconds_bucket",
+        "tollgate_circuit_state{state=\"open\"}",
+        "tollgate_config_reloads_total{result=\"invalid\"}",
+    ] {
+        assert!(exprs.contains(needle), "no alert queries {needle}");
+    }
+}
+
+#[test]
+fn metric_names_are_found_where_they_are_names() {
+    assert_eq!(
+        metric_names("sum(rate(tollgate_a_total{x=\"y\"}[5m])) / xtollgate_c + tollgate_d_bucket"),
+        ["tollgate_a_total", "tollgate_d_bucket"]
+    );
+    let yaml = "      - alert: A\n        expr: |\n          tollgate_x\n            > 1\n        for: 1m\n      - alert: B\n        expr: tollgate_y > 2\n";
+    assert_eq!(rule_exprs(yaml), ["tollgate_x\n> 1\n", "tollgate_y > 2"]);
+}

@@ -1,0 +1,480 @@
+//! Hot-swapping the config: the file watched (Kubernetes ConfigMap symlink
+//! swaps included), `POST /admin/reload` with dry runs and diffs, invalid
+//! candidates refused whole, live state carried over by name, and 200
+//! requests in flight across 50 swaps without one failing.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::gateway::*;
+use support::mock::MockUpstream;
+
+async fn admin(gateway: &Gateway, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    gateway
+        .http
+        .request(method, format!("{}{path}", gateway.base))
+        .bearer_auth(ADMIN_TOKEN)
+}
+
+async fn active_version(gateway: &Gateway) -> String {
+    let config: Value = admin(gateway, reqwest::Method::GET, "/admin/config")
+        .await
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    config["version"].as_str().unwrap().to_owned()
+}
+
+/// Waits, within `WAIT`, until the running config has `version`.
+async fn until_version(gateway: &Gateway, version: &str) -> Duration {
+    let started = Instant::now();
+    while active_version(gateway).await != version {
+        assert!(
+            started.elapsed() < WAIT,
+            "the gateway never took version {version}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+fn simulated(names: &[&str], alias: &str) -> String {
+    let mut text = String::new();
+    for name in names {
+        text += &format!(
+            "[[backends]]\nname = \"{name}\"\nkind = \"simulated\"\n[backends.simulated]\nttft_ms = 1\ntokens_per_second = 5000\ncompletion_tokens = 3\n"
+        );
+    }
+    text += &model(alias, &names.iter().map(|n| (*n, "m")).collect::<Vec<_>>());
+    text + ADMIN
+}
+
+fn write(path: &Path, text: &str) {
+    // Write then rename, as editors and config tools do.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test]
+async fn an_edited_file_is_applied_within_a_second_and_an_invalid_edit_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    write(&path, &simulated(&["one"], "chat"));
+    let gateway = start_from_file(&path).await;
+    let first = active_version(&gateway).await;
+
+    let second = simulated(&["one", "two"], "chat");
+    write(&path, &second);
+    let took = until_version(&gateway, &tollgate::config::version(&second)).await;
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_ne!(first, tollgate::config::version(&second));
+
+    write(&path, &(second.clone() + "\n[routing]\nmax_attempts = 0\n"));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        active_version(&gateway).await,
+        tollgate::config::version(&second),
+        "an invalid file changes nothing"
+    );
+    let text = gateway.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_config_reloads_total",
+            &[("result", "invalid")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_config_reloads_total",
+            &[("result", "applied")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_config_info",
+            &[("version", &tollgate::config::version(&second))]
+        ),
+        Some(1.0)
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_kubernetes_configmap_update_swapping_its_symlink_is_seen() {
+    use std::os::unix::fs::symlink;
+    // The layout kubelet writes: config.toml -> ..data/config.toml,
+    // ..data -> ..2026_11_28_v1; an update swaps ..data in one rename.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let v1 = simulated(&["one"], "chat");
+    let v2 = simulated(&["one"], "chat") + "\n[routing]\nmax_attempts = 2\n";
+    for (name, text) in [("..v1", &v1), ("..v2", &v2)] {
+        std::fs::create_dir(root.join(name)).unwrap();
+        std::fs::write(root.join(name).join("tollgate.toml"), text).unwrap();
+    }
+    symlink("..v1", root.join("..data")).unwrap();
+    symlink("..data/tollgate.toml", root.join("tollgate.toml")).unwrap();
+    let gateway = start_from_file(&root.join("tollgate.toml")).await;
+    assert_eq!(
+        active_version(&gateway).await,
+        tollgate::config::version(&v1)
+    );
+
+    symlink("..v2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    let took = until_version(&gateway, &tollgate::config::version(&v2)).await;
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}
+
+#[tokio::test]
+async fn admin_reload_validates_whole_candidates_and_dry_runs_return_the_diff() {
+    let base = simulated(&["one", "two"], "chat");
+    let gateway = start(&base).await;
+    let version = active_version(&gateway).await;
+
+    let candidate = simulated(&["one", "three"], "chat")
+        + "[[keys]]\nname = \"team\"\nkey_env = \"KEY_TEAM\"\nmodels = [\"*\"]\n";
+    let response = admin(
+        &gateway,
+        reqwest::Method::POST,
+        "/admin/reload?dry_run=true",
+    )
+    .await
+    .body(candidate.clone())
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let report: Value = response.json().await.unwrap();
+    assert_eq!(report["applied"], false);
+    assert_eq!(
+        report["version"],
+        version.as_str(),
+        "a dry run applies nothing"
+    );
+    assert_eq!(report["diff"]["backends"]["added"], json!(["three"]));
+    assert_eq!(report["diff"]["backends"]["removed"], json!(["two"]));
+    assert_eq!(
+        report["diff"]["deployments"]["added"],
+        json!(["chat/three"])
+    );
+    assert_eq!(
+        report["diff"]["deployments"]["removed"],
+        json!(["chat/two"])
+    );
+    assert_eq!(report["diff"]["keys"]["added"], json!(["team"]));
+    assert_eq!(active_version(&gateway).await, version);
+
+    let invalid = candidate.replace("backend = \"three\"", "backend = \"nowhere\"")
+        + "[routing]\nmax_attempts = 99\n";
+    let response = admin(&gateway, reqwest::Method::POST, "/admin/reload")
+        .await
+        .body(invalid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let refused: Value = response.json().await.unwrap();
+    let paths: Vec<&str> = refused["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        ["routing.max_attempts", "models[0].deployments[1].backend"],
+        "every problem, located: {refused:#}"
+    );
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the running config stays")
+    );
+    assert_eq!(active_version(&gateway).await, version);
+
+    let response = admin(&gateway, reqwest::Method::POST, "/admin/reload")
+        .await
+        .body(candidate.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let report: Value = response.json().await.unwrap();
+    assert_eq!(report["applied"], true);
+    assert_eq!(
+        report["version"].as_str(),
+        Some(tollgate::config::version(&candidate).as_str())
+    );
+    // The new config has keys: the key it names now opens the gateway.
+    let response = gateway
+        .post("/v1/chat/completions")
+        .bearer_auth("team-secret")
+        .json(&json!({"model": "chat", "messages": user("hi")}))
+        .send()
+        .await
+        .unwrap();
+    let (backend, _) = served_by(&response);
+    assert!(["one", "three"].contains(&backend.as_str()), "{backend}");
+
+    // Without a body there is no file to read: the gateway says so.
+    let response = admin(&gateway, reqwest::Method::POST, "/admin/reload")
+        .await
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(message(&error_of(response).await).contains("not started from a config file"));
+
+    let config: Value = admin(&gateway, reqwest::Method::GET, "/admin/config")
+        .await
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["config"]["keys"][0]["key_env"], "KEY_TEAM");
+    assert!(
+        !config.to_string().contains("team-secret"),
+        "no secret in the active config: {config}"
+    );
+}
+
+#[tokio::test]
+async fn live_state_carries_over_for_names_that_persist() {
+    let down = MockUpstream::openai().status(503).start().await;
+    let up = MockUpstream::openai().start().await;
+    let config = |extra: &str| {
+        backend("down", "vllm", &url(&down))
+            + &backend("up", "vllm", &url(&up))
+            + extra
+            + &model("chat", &[("down", "m"), ("up", "m")])
+            + "[routing]\ncircuit_failures = 1\ncircuit_cooldown_ms = 60000\n"
+            + ADMIN
+    };
+    let gateway = start(&config("")).await;
+    let response = gateway
+        .chat(json!({"model": "chat", "messages": user("hi")}))
+        .await;
+    assert_eq!(served_by(&response).0, "up", "the 503 fails over");
+
+    let response = admin(&gateway, reqwest::Method::POST, "/admin/reload")
+        .await
+        .body(config(&backend("spare", "vllm", &url(&up))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let explained = gateway
+        .explain(json!({"request": {"model": "chat", "messages": user("hi")}}))
+        .await;
+    assert!(
+        reason(&explained, "chat/down").starts_with("circuit open"),
+        "the open circuit survived the reload: {explained:#}"
+    );
+    assert_eq!(down.hits(), 1);
+}
+
+// ---- 200 requests across 50 swaps -------------------------------------------------
+
+/// Candidate `i`: backends named after it, so an answer's backend tells
+/// which config served it; every fifth candidate is invalid.
+fn candidate(i: usize, x: &str, y: &str) -> String {
+    let strategy = ["cost", "latency", "weighted", "spillover"][i % 4];
+    let mut text = backend(&format!("x{i}"), "vllm", x) + &backend(&format!("y{i}"), "openai", y);
+    if i % 3 == 0 {
+        text += &backend(&format!("z{i}"), "vllm", y);
+    }
+    let backend_y = if i % 5 == 4 {
+        "missing".to_owned()
+    } else {
+        format!("y{i}")
+    };
+    text += &format!(
+        "[[models]]\nalias = \"chat\"\nstrategy = \"{strategy}\"\n\
+         [[models.deployments]]\nbackend = \"x{i}\"\nmodel = \"m\"\ncontext_window = 8192\n\
+         [[models.deployments]]\nbackend = \"{backend_y}\"\nmodel = \"m\"\ncontext_window = 8192\n"
+    );
+    text + ADMIN
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_requests_in_flight_across_fifty_swaps_all_succeed_on_their_own_snapshot() {
+    let x = MockUpstream::openai()
+        .event_delay(Duration::from_millis(3))
+        .record(false)
+        .start()
+        .await;
+    let y = MockUpstream::openai()
+        .first_byte_after(Duration::from_millis(5))
+        .record(false)
+        .start()
+        .await;
+    let (x_url, y_url) = (url(&x), url(&y));
+    let gateway = start(&candidate(0, &x_url, &y_url)).await;
+
+    // The backends of every valid candidate, by version.
+    let mut valid: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut invalid: HashSet<String> = HashSet::new();
+    let first = tollgate::config::parse(&candidate(0, &x_url, &y_url), &env).unwrap();
+    valid.insert(
+        first.version.clone(),
+        first.backends.iter().map(|b| b.name.clone()).collect(),
+    );
+
+    let send = |n: usize| {
+        let (base, http) = (gateway.base.clone(), gateway.http.clone());
+        tokio::spawn(async move {
+            let stream = n % 2 == 0;
+            let response = http
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&json!({"model": "chat", "stream": stream, "messages": user("hi")}))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default()
+            };
+            let (version, backend) = (
+                header("x-tollgate-config-version"),
+                header("x-tollgate-backend"),
+            );
+            let body = response.text().await.unwrap();
+            let complete = if stream {
+                body.ends_with("data: [DONE]\n\n") && !body.contains("\"error\"")
+            } else {
+                serde_json::from_str::<Value>(&body).is_ok_and(|b| b["usage"].is_object())
+            };
+            (status, version, backend, complete)
+        })
+    };
+
+    // Four requests start before each swap, so each swap has requests in
+    // flight on the snapshot it replaces.
+    let mut requests = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for i in 1..=50 {
+        requests.extend((0..4).map(|k| send(i * 4 + k)));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let text = candidate(i, &x_url, &y_url);
+        let started = Instant::now();
+        let response = admin(&gateway, reqwest::Method::POST, "/admin/reload")
+            .await
+            .body(text.clone())
+            .send()
+            .await
+            .unwrap();
+        slowest = slowest.max(started.elapsed());
+        if i % 5 == 4 {
+            assert_eq!(response.status(), 422, "candidate {i} is invalid");
+            invalid.insert(tollgate::config::version(&text));
+        } else {
+            assert_eq!(response.status(), 200, "candidate {i} is valid");
+            let config = tollgate::config::parse(&text, &env).unwrap();
+            valid.insert(
+                config.version.clone(),
+                config.backends.iter().map(|b| b.name.clone()).collect(),
+            );
+        }
+    }
+    assert_eq!(requests.len(), 200);
+    println!("slowest reload: {slowest:?}");
+
+    let mut versions_seen = HashSet::new();
+    for request in requests {
+        let (status, version, backend, complete) = request.await.unwrap();
+        assert_eq!(status, 200, "served by {backend} on {version}");
+        assert!(complete, "the answer is whole ({backend} on {version})");
+        assert!(
+            !invalid.contains(&version),
+            "an invalid candidate never served"
+        );
+        let backends = valid
+            .get(&version)
+            .unwrap_or_else(|| panic!("{version} is a config that was applied"));
+        assert!(
+            backends.contains(&backend),
+            "{backend} existed in the snapshot {version} the request started with"
+        );
+        versions_seen.insert(version);
+    }
+    assert!(
+        versions_seen.len() > 20,
+        "requests ran across many snapshots: {}",
+        versions_seen.len()
+    );
+    let last_valid = tollgate::config::version(&candidate(50, &x_url, &y_url));
+    assert_eq!(active_version(&gateway).await, last_valid);
+    let text = gateway.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_config_reloads_total",
+            &[("result", "invalid")]
+        ),
+        Some(10.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_config_reloads_total",
+            &[("result", "applied")]
+        ),
+        Some(40.0)
+    );
+}
+
+#[test]
+fn check_diff_compares_two_files_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (dir.path().join("old.toml"), dir.path().join("new.toml"));
+    std::fs::write(&old, simulated(&["one", "two"], "chat").replace(ADMIN, "")).unwrap();
+    std::fs::write(
+        &new,
+        simulated(&["one", "three"], "chat").replace(ADMIN, ""),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "--diff"])
+        .args([&old, &new])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let diff: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(diff["backends"]["added"], json!(["three"]));
+    assert_eq!(diff["backends"]["removed"], json!(["two"]));
+    assert_eq!(diff["deployments"]["removed"], json!(["chat/two"]));
+
+    std::fs::write(&new, "[[backends]]\nname = 5\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "--diff"])
+        .args([&old, &new])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "an invalid side fails the check");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("new.toml"));
+}
