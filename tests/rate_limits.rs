@@ -1,8 +1,9 @@
 //! Rate limits through the gateway over HTTP, against mock upstreams on
 //! 127.0.0.1: a key over its rpm or tpm gets a 429 with `retry-after`; a
 //! deployment at its own quota, or whose upstream reports no requests
-//! left, is skipped (not failed) until it has room again. Quotas are tiny
-//! so limits are reached at once; no test waits for a minute to refill.
+//! left, is skipped (not failed) until it has room again; a key's limiter
+//! outlives a reload. Quotas are tiny so limits are reached at once; no
+//! test waits for a minute to refill.
 
 mod support;
 
@@ -260,4 +261,44 @@ async fn upstream_ratelimit_headers_skip_a_deployment_until_they_reset() {
         .and_then(|ms| ms.parse().ok())
         .unwrap_or_else(|| panic!("{why}"));
     assert!((300_000..=360_000).contains(&ms), "{why}");
+}
+
+/// `POST /admin/reload` with `config`, which must be applied.
+async fn reload(gateway: &Gateway, config: &str) {
+    let response = gateway
+        .post("/admin/reload")
+        .bearer_auth(ADMIN_TOKEN)
+        .body(config.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let report: Value = response.json().await.unwrap();
+    assert_eq!(report["applied"], true, "{report:#}");
+}
+
+#[tokio::test]
+async fn a_keys_minute_goes_on_across_a_reload_and_a_new_quota_starts_afresh() {
+    let upstream = MockUpstream::openai().start().await;
+    let config = |rpm: u32, attempts: u32| {
+        backend("up", "openai", &url(&upstream))
+            + &model("chat", &[("up", "m")])
+            + &format!(
+                "\n[[keys]]\nname = \"team\"\nkey_env = \"KEY_TEAM\"\nmodels = [\"*\"]\nrpm = {rpm}\n\
+                 \n[routing]\nmax_attempts = {attempts}\n"
+            )
+            + ADMIN
+    };
+    let gateway = start(&config(1, 3)).await;
+    assert_eq!(chat_as_team(&gateway, hi("chat")).await.status(), 200);
+
+    reload(&gateway, &config(1, 2)).await;
+    assert_eq!(
+        chat_as_team(&gateway, hi("chat")).await.status(),
+        429,
+        "the same key, the same quota: the same minute"
+    );
+
+    reload(&gateway, &config(2, 2)).await;
+    assert_eq!(chat_as_team(&gateway, hi("chat")).await.status(), 200);
 }
