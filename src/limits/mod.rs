@@ -69,9 +69,10 @@ pub struct Limits {
 
 impl Limits {
     /// Applies the configured quota; an unchanged one keeps its state.
-    pub fn configure(&self, quota: PerMinute) {
-        self.requests.configure(quota.requests);
-        self.tokens.configure(quota.tokens);
+    /// Whether anything changed.
+    pub fn configure(&self, quota: PerMinute) -> bool {
+        let requests = self.requests.configure(quota.requests);
+        self.tokens.configure(quota.tokens) || requests
     }
 
     /// Takes one request and `tokens` (the prompt estimate). When the
@@ -126,9 +127,9 @@ impl Bucket {
         self.0.load().as_ref().map(|g| g.per_minute)
     }
 
-    fn configure(&self, per_minute: Option<NonZeroU32>) {
+    fn configure(&self, per_minute: Option<NonZeroU32>) -> bool {
         if self.per_minute() == per_minute {
-            return;
+            return false;
         }
         self.0.store(per_minute.map(|per_minute| {
             Arc::new(Gcra {
@@ -136,6 +137,7 @@ impl Bucket {
                 limiter: RateLimiter::direct(Quota::per_minute(per_minute)),
             })
         }));
+        true
     }
 
     /// Takes `n` cells, or says how long until they fit (`None`: never).

@@ -81,7 +81,7 @@ impl LiveState {
         };
         for (model, live) in config.models.iter().zip(&view.deployments) {
             for (d, l) in model.deployments.iter().zip(live) {
-                l.quota.limits.configure(d.limits);
+                l.quota.configure(d.limits);
                 guard.deployments.insert(d.name.clone(), l.clone());
             }
         }

@@ -6,6 +6,7 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::config::PerMinute;
 use crate::limits::{Limits, Refused, Remaining, UpstreamQuota};
 
 /// How long an upstream's remaining count holds when it sends no reset.
@@ -50,6 +51,14 @@ impl Left {
 impl DeploymentQuota {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies the configured quota (a reload); a changed one forgets the
+    /// last refusal, which the old quota made.
+    pub fn configure(&self, quota: PerMinute) {
+        if self.limits.configure(quota) {
+            self.state().limited = None;
+        }
     }
 
     /// Takes a request and its estimated `tokens` from the deployment's
@@ -143,12 +152,11 @@ mod tests {
     use std::num::NonZeroU32;
 
     use super::*;
-    use crate::config::PerMinute;
 
     #[test]
     fn a_refusal_blocks_until_the_next_slot() {
         let quota = DeploymentQuota::default();
-        quota.limits.configure(PerMinute {
+        quota.configure(PerMinute {
             requests: NonZeroU32::new(1),
             tokens: None,
         });
@@ -164,6 +172,11 @@ mod tests {
         );
         assert!(retry.unwrap() > Duration::from_secs(59));
         assert!(quota.blocked(10, now + Duration::from_secs(61)).is_none());
+        quota.configure(PerMinute {
+            requests: NonZeroU32::new(100),
+            tokens: None,
+        });
+        assert!(quota.blocked(10, now).is_none(), "a raised quota has room");
     }
 
     #[test]
