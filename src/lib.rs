@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod error;
+pub mod id;
 pub mod ledger;
 pub mod limits;
 pub mod metering;

@@ -1,5 +1,6 @@
 //! The `tollgate` command: `serve`, `check` and `explain`.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,6 +64,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Log lines are written by a thread of their own, so a request never
+    // waits on stderr; when the queue is full, writers wait rather than
+    // drop lines.
+    let (log_writer, flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -71,8 +78,11 @@ fn main() -> ExitCode {
                 // token included: whatever RUST_LOG says, it never logs.
                 .add_directive("aws_sigv4=off".parse().expect("a valid directive")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // Dropped last: flushes the log lines still queued.
+    let _flush_logs = flush_on_exit;
     match cli.command {
         Command::Check {
             diff: Some(paths), ..

@@ -26,6 +26,9 @@ pub fn client(backend: &Backend) -> Result<Client, String> {
         .connect_timeout(backend.timeouts.connect)
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(60))
+        // Upstream APIs do not redirect; following one would resend the
+        // request (and its credential) somewhere unconfigured.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| {
             format!(

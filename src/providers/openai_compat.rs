@@ -6,18 +6,21 @@
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
-use reqwest::Client;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use reqwest::{Client, Url};
 
 use super::http::{self, ErrorReply};
 use super::{Provider, UpstreamCall, UpstreamReply};
 use crate::config::{Backend, BackendKind};
 use crate::error::GatewayError;
+use crate::openai::Endpoint;
 
 pub struct OpenAiCompat {
     name: String,
     kind: BackendKind,
-    base_url: String,
+    /// Parsed once: `{base_url}/chat/completions` and `{base_url}/completions`.
+    chat_url: Url,
+    completions_url: Url,
     auth: Option<HeaderValue>,
     client: Client,
 }
@@ -35,10 +38,16 @@ impl OpenAiCompat {
     /// For servers whose OpenAI-compatible API lives below their own
     /// base URL (TGI's `/v1`).
     pub fn with_base_url(backend: &Backend, base_url: &str) -> Result<Self, String> {
+        let base = base_url.trim_end_matches('/');
+        let endpoint = |endpoint: Endpoint| {
+            Url::parse(&format!("{base}/{}", endpoint.path()))
+                .map_err(|e| format!("backend \"{}\": bad base_url: {e}", backend.name))
+        };
         Ok(Self {
             name: backend.name.clone(),
             kind: backend.kind,
-            base_url: base_url.trim_end_matches('/').to_owned(),
+            chat_url: endpoint(Endpoint::Chat)?,
+            completions_url: endpoint(Endpoint::Completions)?,
             auth: http::bearer(backend)?,
             client: http::client(backend)?,
         })
@@ -54,10 +63,13 @@ impl OpenAiCompat {
         let body = call
             .request
             .to_upstream_json(call.upstream_model, options.as_ref());
-        let url = format!("{}/{}", self.base_url, call.request.endpoint().path());
+        let url = match call.request.endpoint() {
+            Endpoint::Chat => &self.chat_url,
+            Endpoint::Completions => &self.completions_url,
+        };
         let mut request = self
             .client
-            .post(url)
+            .post(url.clone())
             .header(CONTENT_TYPE, "application/json")
             .header("x-request-id", call.request_id)
             .body(body);

@@ -112,7 +112,7 @@ impl Answer {
                 } else {
                     "cmpl"
                 },
-                uuid::Uuid::new_v4().simple()
+                crate::id::random()
             ),
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)

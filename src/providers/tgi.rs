@@ -7,8 +7,8 @@
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
-use reqwest::Client;
 use reqwest::header::CONTENT_TYPE;
+use reqwest::{Client, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -22,10 +22,15 @@ use crate::openai::{CompletionRequest, InboundRequest, Prompt, TextChoice, TextC
 
 pub struct Tgi {
     name: String,
-    /// The server's root, e.g. `http://10.0.0.5:8080`.
-    root: String,
+    /// `{root}/generate` and `{root}/generate_stream`, parsed once.
+    generate: Url,
+    generate_stream: Url,
     chat: OpenAiCompat,
     client: Client,
+}
+
+fn url(root: &str, path: &str) -> Result<Url, String> {
+    Url::parse(&format!("{root}/{path}")).map_err(|e| format!("bad base_url: {e}"))
 }
 
 impl Tgi {
@@ -40,7 +45,8 @@ impl Tgi {
         Ok(Self {
             name: backend.name.clone(),
             chat: OpenAiCompat::with_base_url(backend, &format!("{root}/v1"))?,
-            root,
+            generate: url(&root, "generate")?,
+            generate_stream: url(&root, "generate_stream")?,
             client: http::client(backend)?,
         })
     }
@@ -56,14 +62,14 @@ impl Tgi {
         let body = serde_json::to_vec(&generate_request(completion)?).map_err(|e| {
             GatewayError::internal(format!("cannot encode a generate request: {e}"))
         })?;
-        let path = if streaming {
-            "generate_stream"
+        let url = if streaming {
+            &self.generate_stream
         } else {
-            "generate"
+            &self.generate
         };
         let request = self
             .client
-            .post(format!("{}/{path}", self.root))
+            .post(url.clone())
             .header(CONTENT_TYPE, "application/json")
             .header("x-request-id", call.request_id)
             .body(body);

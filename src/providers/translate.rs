@@ -24,7 +24,7 @@ impl ResponseIdentity {
     /// A fresh identity, `id` such as `chatcmpl-…` or `cmpl-…`.
     pub fn new(prefix: &str, model: &str) -> Self {
         Self {
-            id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+            id: format!("{prefix}-{}", crate::id::random()),
             created: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

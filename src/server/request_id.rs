@@ -27,5 +27,5 @@ fn from_headers(headers: &HeaderMap) -> String {
         .get(HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned)
+        .map_or_else(crate::id::random, str::to_owned)
 }
