@@ -328,7 +328,7 @@ fn open_circuits_and_rate_limit_cooldowns_drop_deployments_until_they_pass() {
     let plan = plan_at(&s, 0, &facts, later);
     assert_eq!(order(&s, &plan), ["limited"]);
     assert_eq!(
-        plan.candidates[1].reason,
+        plan.candidates[1].reason.to_string(),
         "circuit half-open: its probe request is in flight"
     );
 }

@@ -186,7 +186,12 @@ fn latency_exploration_puts_another_deployment_first_for_its_share_of_requests()
     for _ in 0..runs {
         let plan = routing::plan(&s, 0, &facts, Instant::now(), &mut rng);
         if plan.candidates[0].deployment == 0 {
-            assert!(plan.candidates[0].reason.starts_with("exploring ("));
+            assert!(
+                plan.candidates[0]
+                    .reason
+                    .to_string()
+                    .starts_with("exploring (")
+            );
             explored += 1;
         }
     }

@@ -24,3 +24,4 @@ pub use live::{AliasLive, Attempt, BackendLive, DeploymentLive, Lease, LiveState
 pub use plan::{Candidate, Explained, Plan, PlanStatus, plan, refusal};
 pub use policy::Rule;
 pub use quota::DeploymentQuota;
+pub use strategy::Why;

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::circuit::CircuitView;
 use super::facts::RequestFacts;
 use super::policy::{self, Rule};
-use super::strategy::{self, Contender, Inputs};
+use super::strategy::{self, Contender, Inputs, Why};
 use crate::config::Key;
 use crate::error::GatewayError;
 use crate::snapshot::Snapshot;
@@ -28,7 +28,8 @@ pub struct Candidate {
     /// Index into the model's deployments.
     pub deployment: usize,
     pub kept: bool,
-    pub reason: String,
+    /// Why, in words when displayed (explain).
+    pub reason: Why,
     pub score: Option<f64>,
     /// The policy rule that dropped it.
     pub rule: Option<Rule>,
@@ -112,7 +113,7 @@ impl Plan {
                         deployment: d.name.clone(),
                         backend: d.backend.clone(),
                         kept: c.kept,
-                        reason: c.reason.clone(),
+                        reason: c.reason.to_string(),
                         score: c.score,
                     }
                 })
@@ -158,7 +159,7 @@ pub fn plan(
         let drop = |reason: String, rule: Option<Rule>, retry_in: Option<Duration>| Candidate {
             deployment: index,
             kept: false,
-            reason,
+            reason: Why::Text(reason),
             score: None,
             rule,
             retry_in,

@@ -1,6 +1,8 @@
 //! The strategies that order the deployments policy and health kept. Each
-//! gives every deployment a score (shown by explain) and a reason.
+//! gives every deployment a score (shown by explain) and a reason, kept as
+//! numbers and turned into text only when explain shows it.
 
+use std::fmt;
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::Instant;
 
@@ -22,7 +24,7 @@ pub struct Contender<'a> {
 pub struct Ranked {
     pub index: usize,
     pub score: f64,
-    pub reason: String,
+    pub reason: Why,
     /// Why, as a closed set for the routing-decisions metric.
     pub label: &'static str,
     pub dropped: bool,
@@ -56,11 +58,105 @@ pub fn rank(
     ranked
 }
 
+/// Why a deployment is where it is in a plan.
+#[derive(Debug, Clone)]
+pub enum Why {
+    Cost {
+        usd: f64,
+        priced: Priced,
+    },
+    Latency {
+        ms: f64,
+        stream: bool,
+    },
+    Unmeasured,
+    Exploring(Box<Why>),
+    Spill {
+        tier: u32,
+        load: Option<f64>,
+        saturated: bool,
+    },
+    OverCap {
+        tier: u32,
+        price: f64,
+        cap: f64,
+    },
+    Weight {
+        weight: u32,
+        total: u32,
+    },
+    /// Dropped by policy or health, already in words.
+    Text(String),
+}
+
+/// How an expected cost was priced.
+#[derive(Debug, Clone, Copy)]
+pub enum Priced {
+    SelfHosted { load: f64, per_mtok: f64 },
+    List { input: f64, output: f64 },
+}
+
+impl fmt::Display for Priced {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::SelfHosted { load, per_mtok } => write!(
+                f,
+                "self-hosted at {:.0}% load: ${per_mtok:.4}/Mtok marginal",
+                load * 100.0
+            ),
+            Self::List { input, output } => {
+                write!(f, "{input} input + {output} output tokens at list price")
+            }
+        }
+    }
+}
+
+impl fmt::Display for Why {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cost { usd, priced } => write!(f, "expected ${usd:.6} ({priced})"),
+            Self::Latency { ms, stream } => write!(
+                f,
+                "expected {ms:.0} ms {}",
+                if *stream {
+                    "to first token"
+                } else {
+                    "to the whole answer"
+                }
+            ),
+            Self::Unmeasured => f.write_str("not measured yet: tried first to measure it"),
+            Self::Exploring(why) => write!(f, "exploring ({why})"),
+            Self::Spill {
+                tier,
+                load,
+                saturated,
+            } => {
+                write!(f, "tier {tier}, ")?;
+                match load {
+                    Some(l) => write!(f, "load {l:.2}")?,
+                    None => f.write_str("load unknown")?,
+                }
+                f.write_str(if *saturated {
+                    ": saturated, overflow goes on"
+                } else {
+                    ": taking traffic"
+                })
+            }
+            Self::OverCap { tier, price, cap } => write!(
+                f,
+                "tier {tier}: ${price}/Mtok output is over the price cap of ${cap}"
+            ),
+            Self::Weight { weight, total } => write!(f, "weight {weight} of {total}"),
+            Self::Text(text) => f.write_str(text),
+        }
+    }
+}
+
 /// Expected USD for this request on this option, and how it was priced.
 /// Self-hosted GPUs are paid for by the hour whether used or not, so the
 /// marginal token is priced at the pool's full-load amortised price scaled
 /// by its load: free when idle, the full amortised price when saturated.
-pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, String) {
+pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Priced) {
     let input = inputs.facts.input_tokens as f64;
     let output = inputs.expected_output as f64;
     match option.backend.self_hosted {
@@ -73,10 +169,7 @@ pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Strin
             let per_mtok = pool.full_load_usd_per_mtok() * load;
             (
                 (input + output) * per_mtok / 1e6,
-                format!(
-                    "self-hosted at {:.0}% load: ${per_mtok:.4}/Mtok marginal",
-                    load * 100.0
-                ),
+                Priced::SelfHosted { load, per_mtok },
             )
         }
         None => {
@@ -84,10 +177,7 @@ pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Strin
             let usd = (input * p.input_micro_usd_per_mtok as f64
                 + output * p.output_micro_usd_per_mtok as f64)
                 / 1e12;
-            (
-                usd,
-                format!("{input} input + {output} output tokens at list price"),
-            )
+            (usd, Priced::List { input, output })
         }
     }
 }
@@ -96,11 +186,11 @@ fn by_cost(options: &[Contender<'_>], inputs: &Inputs<'_>) -> Vec<Ranked> {
     let mut ranked: Vec<Ranked> = options
         .iter()
         .map(|o| {
-            let (usd, how) = expected_cost(o, inputs);
+            let (usd, priced) = expected_cost(o, inputs);
             Ranked {
                 index: o.index,
                 score: usd,
-                reason: format!("expected ${usd:.6} ({how})"),
+                reason: Why::Cost { usd, priced },
                 label: "cheapest",
                 dropped: false,
             }
@@ -116,18 +206,16 @@ fn by_latency(
     inputs: &Inputs<'_>,
     rng: &mut fastrand::Rng,
 ) -> Vec<Ranked> {
-    let what = if inputs.facts.stream {
-        "to first token"
-    } else {
-        "to the whole answer"
-    };
     let mut ranked: Vec<Ranked> = options
         .iter()
         .map(|o| match o.live.expected_latency_ms(inputs.facts.stream) {
             Some(ms) => Ranked {
                 index: o.index,
                 score: ms,
-                reason: format!("expected {ms:.0} ms {what}"),
+                reason: Why::Latency {
+                    ms,
+                    stream: inputs.facts.stream,
+                },
                 label: "fastest",
                 dropped: false,
             },
@@ -135,7 +223,7 @@ fn by_latency(
             None => Ranked {
                 index: o.index,
                 score: 0.0,
-                reason: "not measured yet: tried first to measure it".into(),
+                reason: Why::Unmeasured,
                 label: "unmeasured",
                 dropped: false,
             },
@@ -150,7 +238,7 @@ fn by_latency(
         ranked.insert(
             0,
             Ranked {
-                reason: format!("exploring ({})", explored.reason),
+                reason: Why::Exploring(Box::new(explored.reason)),
                 label: "exploring",
                 ..explored
             },
@@ -176,16 +264,18 @@ fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover
                 && spill
                     .price_cap_usd_per_mtok
                     .is_some_and(|cap| output_price > cap);
-            let load_text = load.map_or("load unknown".to_owned(), |l| format!("load {l:.2}"));
             let reason = if over_cap {
-                format!(
-                    "tier {tier}: ${output_price}/Mtok output is over the price cap of ${}",
-                    spill.price_cap_usd_per_mtok.unwrap_or_default()
-                )
-            } else if saturated {
-                format!("tier {tier}, {load_text}: saturated, overflow goes on")
+                Why::OverCap {
+                    tier,
+                    price: output_price,
+                    cap: spill.price_cap_usd_per_mtok.unwrap_or_default(),
+                }
             } else {
-                format!("tier {tier}, {load_text}: taking traffic")
+                Why::Spill {
+                    tier,
+                    load,
+                    saturated,
+                }
             };
             let label = match (over_cap, saturated) {
                 (true, _) => "over_price_cap",
@@ -242,7 +332,7 @@ fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Vec<Ranked> 
                 Ranked {
                     index: o.index,
                     score: f64::from(weight),
-                    reason: format!("weight {weight} of {total}"),
+                    reason: Why::Weight { weight, total },
                     label: "weighted",
                     dropped: false,
                 },
