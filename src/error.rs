@@ -7,7 +7,11 @@ use std::time::Duration;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::limits::{Limit, Refused};
 use crate::openai::{ErrorBody, UpstreamErrorParts};
+
+/// OpenAI's `code` for a rate limit.
+const RATE_LIMIT_EXCEEDED: &str = "rate_limit_exceeded";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorSource {
@@ -176,6 +180,47 @@ impl GatewayError {
         .code("insufficient_quota")
     }
 
+    /// A key is over its `rpm` or `tpm`: 429 with `retry-after` from the
+    /// limiter, which the SDKs honour and retry, as they should — the
+    /// limit refills. A prompt of about `tokens` that is more than the
+    /// whole `tpm` never fits: 400.
+    pub fn key_rate_limited(key: &str, refused: &Refused, tokens: u64) -> Self {
+        let Refused {
+            limit, per_minute, ..
+        } = *refused;
+        let Some(wait) = refused.wait else {
+            return Self::new(
+                StatusCode::BAD_REQUEST,
+                ErrorSource::Client,
+                "invalid_request_error",
+                format!(
+                    "the request's prompt is about {tokens} tokens, more than key \"{key}\" may use in a minute \
+                     (tpm = {per_minute}); send a shorter prompt, or ask the operator to raise the key's tpm"
+                ),
+            )
+            .code("request_too_large");
+        };
+        let wait = wait.max(Duration::from_secs(1));
+        let need = match limit {
+            Limit::Requests => String::new(),
+            Limit::Tokens => format!(" (this request needs about {tokens})"),
+        };
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorSource::Client,
+            "rate_limit_error",
+            format!(
+                "key \"{key}\" is over its rate limit of {per_minute} {} per minute ({}){need}; retry after {} s",
+                limit.unit(),
+                limit.name(),
+                wait.as_secs_f64().ceil()
+            ),
+        )
+        .code(RATE_LIMIT_EXCEEDED);
+        e.retry_after = Some(wait);
+        e
+    }
+
     pub fn not_found(path: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -312,7 +357,7 @@ impl GatewayError {
                 "rate_limit_error",
                 format!("backend \"{backend}\" is rate limiting: {detail}"),
             )
-            .code("rate_limit_exceeded"),
+            .code(RATE_LIMIT_EXCEEDED),
             400..=423 | 425..=499 => {
                 let mut e = Self::new(
                     status,
@@ -357,6 +402,7 @@ impl GatewayError {
             (ErrorSource::Client, 404) => "not_found",
             (ErrorSource::Client, 413) => "too_large",
             (ErrorSource::Client, 451) => "policy_blocked",
+            (ErrorSource::Client, 429) if self.is_rate_limit() => "rate_limited",
             (ErrorSource::Client, 429) => "budget_exhausted",
             (ErrorSource::Client, _) => "bad_request",
             (ErrorSource::Upstream, 429) => "upstream_rate_limited",
@@ -369,6 +415,10 @@ impl GatewayError {
             (ErrorSource::Upstream, _) => "upstream_error",
             (ErrorSource::Internal, _) => "internal",
         }
+    }
+
+    fn is_rate_limit(&self) -> bool {
+        self.code.as_deref() == Some(RATE_LIMIT_EXCEEDED)
     }
 
     /// The OpenAI error body, also used as an SSE error event mid-stream.
@@ -398,8 +448,9 @@ impl IntoResponse for GatewayError {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if !self.retriable && self.source == ErrorSource::Client {
-            // The official SDKs retry 408/409/429/5xx only; say so for clarity.
+        if !self.retriable && self.source == ErrorSource::Client && !self.is_rate_limit() {
+            // The official SDKs retry 408/409/429/5xx only; say so for
+            // clarity. A key's rate limit refills, so its 429 is retried.
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod id;
 pub mod ledger;
+pub mod limits;
 pub mod metering;
 pub mod metrics;
 pub mod openai;

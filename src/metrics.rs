@@ -47,6 +47,7 @@ pub struct Metrics {
     pub budget_remaining: GaugeVec,
     pub budget_limit: GaugeVec,
     pub policy_blocks: IntCounterVec,
+    pub rate_limited: IntCounterVec,
     pub routing_decisions: IntCounterVec,
     pub circuit_state: GaugeVec,
     pub backend_load: GaugeVec,
@@ -190,6 +191,11 @@ impl Metrics {
             "Requests refused because policy left no deployment (451), by rule.",
             &["alias", "rule"],
         );
+        let rate_limited = d.counter(
+            "tollgate_rate_limited_total",
+            "Requests a rate limit held back: a key's (refused with 429) or a deployment's (skipped), by rpm or tpm.",
+            &["scope", "name", "limit"],
+        );
         let routing_decisions = d.counter(
             "tollgate_routing_decisions_total",
             "Deployments chosen first by the router, by strategy and reason.",
@@ -262,6 +268,7 @@ impl Metrics {
             budget_remaining,
             budget_limit,
             policy_blocks,
+            rate_limited,
             routing_decisions,
             circuit_state,
             backend_load,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::{Backend, Config, Deployment, Key};
+use crate::limits::Limits;
 use crate::metering::cost::Rate;
 use crate::providers::{self, Provider};
 use crate::routing::{AliasLive, BackendLive, DeploymentLive, Lease, LiveState, LiveView};
@@ -148,6 +149,11 @@ impl Snapshot {
     /// Keys are looked up by the sha256 of what the client sent.
     pub fn key(&self, sha256: &[u8; 32]) -> Option<&Key> {
         self.keys.get(sha256).map(|&i| &self.config.keys[i])
+    }
+
+    /// A key's rate limits, which live as long as its name.
+    pub fn key_limits(&self, key: &Key) -> &Arc<Limits> {
+        &self.live.keys[self.keys[&key.sha256]]
     }
 
     pub fn key_named(&self, name: &str) -> Option<&Key> {

@@ -53,13 +53,7 @@ async fn spend(gateway: &Gateway, query: &str) -> Value {
 }
 
 async fn chat_as_team(gateway: &Gateway, body: Value) -> reqwest::Response {
-    gateway
-        .post("/v1/chat/completions")
-        .bearer_auth("team-secret")
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
+    gateway.chat_as("team-secret", body).await
 }
 
 fn close(a: f64, b: f64) -> bool {

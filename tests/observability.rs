@@ -105,6 +105,7 @@ fn declared() -> Vec<Family> {
         gauge(&m.budget_remaining),
         gauge(&m.budget_limit),
         counter(&m.policy_blocks),
+        counter(&m.rate_limited),
         counter(&m.routing_decisions),
         gauge(&m.circuit_state),
         gauge(&m.backend_load),

@@ -174,7 +174,7 @@ fn dotted(path: &serde_ignored::Path<'_>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use sha2::Digest;
 
@@ -189,7 +189,9 @@ mod tests {
         }
     }
 
-    const MINIMAL: &str = r#"
+    /// One simulated backend and one model `m` on it, ending inside the
+    /// deployment's table.
+    pub(crate) const MINIMAL: &str = r#"
 [[backends]]
 name = "sim"
 kind = "simulated"
@@ -490,6 +492,39 @@ kind = "tgi"
             );
         }
         assert_eq!(got.len(), expected.len(), "{got:#?}");
+    }
+
+    #[test]
+    fn rate_limits_of_keys_and_deployments() {
+        let text = format!(
+            "{MINIMAL}rpm = 600\ntpm = 100000\n\n[[keys]]\nname = \"web\"\nsha256 = \"{}\"\nmodels = [\"*\"]\nrpm = 2\n",
+            "ab".repeat(32)
+        );
+        let config = parse(&text, &no_env).expect("valid");
+        let d = &config.models[0].deployments[0];
+        assert_eq!(d.limits.requests.map(|n| n.get()), Some(600));
+        assert_eq!(d.limits.tokens.map(|n| n.get()), Some(100_000));
+        let key = &config.keys[0];
+        assert_eq!(key.limits.requests.map(|n| n.get()), Some(2));
+        assert_eq!(key.limits.tokens, None, "no tpm, no token limit");
+
+        let zeros = format!(
+            "{MINIMAL}rpm = 0\n\n[[keys]]\nname = \"web\"\nsha256 = \"{}\"\nmodels = [\"*\"]\ntpm = 0\n",
+            "ab".repeat(32)
+        );
+        assert_eq!(
+            problems(&zeros),
+            [
+                "models[0].deployments[0].rpm: must be greater than 0; leave it out for no limit",
+                "keys[0].tpm: must be greater than 0; leave it out for no limit",
+            ]
+        );
+        let negative = format!("{MINIMAL}tpm = -5\n");
+        let got = problems(&negative);
+        assert!(
+            got.len() == 1 && got[0].starts_with("models[0].deployments[0].tpm: invalid value"),
+            "{got:?}"
+        );
     }
 
     #[test]

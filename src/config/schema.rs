@@ -148,6 +148,8 @@ pub struct RawDeployment {
     pub multimodal: bool,
     pub weight: Option<u32>,
     pub tier: Option<u32>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,4 +164,6 @@ pub struct RawKey {
     pub region_header: bool,
     pub budget_daily_usd: Option<f64>,
     pub budget_monthly_usd: Option<f64>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u32>,
 }

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use reqwest::Url;
@@ -286,6 +287,8 @@ pub struct Deployment {
     pub weight: u32,
     /// `spillover` strategy: lower tiers are filled first.
     pub tier: u32,
+    /// The provider's quota for this model on this account.
+    pub limits: PerMinute,
 }
 
 impl Deployment {
@@ -320,6 +323,14 @@ pub struct Key {
     /// The key's callers may set their region with `x-tollgate-region`.
     pub region_header: bool,
     pub budget: Budget,
+    pub limits: PerMinute,
+}
+
+/// Rate limits: requests and tokens per minute; `None` is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PerMinute {
+    pub requests: Option<NonZeroU32>,
+    pub tokens: Option<NonZeroU32>,
 }
 
 /// Spending limits in nano-dollars per UTC day and calendar month.

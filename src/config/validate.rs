@@ -13,6 +13,7 @@ use super::types::*;
 use super::{Problem, Problems};
 
 mod aws;
+mod limits;
 mod metering;
 mod routing;
 
@@ -502,6 +503,7 @@ impl Validator<'_> {
             weight: d.weight.unwrap_or(1),
             // Spillover fills self-hosted capacity before paying per token.
             tier: d.tier.unwrap_or(u32::from(self_hosted != Some(true))),
+            limits: self.per_minute(&at, d.rpm, d.tpm),
         }
     }
 
@@ -613,6 +615,7 @@ impl Validator<'_> {
             region: k.region.clone(),
             region_header: k.region_header,
             budget: self.budget(i, k),
+            limits: self.per_minute(&format!("keys[{i}]"), k.rpm, k.tpm),
         })
     }
 }

@@ -175,6 +175,7 @@ mod tests {
                 daily_nano_usd: daily,
                 monthly_nano_usd: monthly,
             },
+            limits: Default::default(),
         }
     }
 

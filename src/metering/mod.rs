@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use prometheus::IntGauge;
 
 use crate::ledger::{Ledger, Row, Totals};
+use crate::limits::Limits;
 use crate::metrics::{Metrics, NONE};
 use crate::openai::{ResponseView, Usage};
 use crate::routing::Lease;
@@ -57,12 +58,14 @@ pub struct Serving {
 }
 
 /// What a request is charged against: the ledger, the key's budget
-/// reservation (released once the cost is recorded), and the alias's
-/// per-token deployments for counterfactual costs.
+/// reservation (released once the cost is recorded), the alias's per-token
+/// deployments for counterfactual costs, and the key's rate limits (which
+/// took the prompt estimate at admission and take the rest at the end).
 pub struct Charges {
     pub ledger: Arc<Ledger>,
     pub reservation: Option<Reservation>,
     pub counterfactuals: Arc<[(String, Rate)]>,
+    pub limits: Option<Arc<Limits>>,
 }
 
 /// Meters one client request across its upstream attempts, and records it
@@ -237,6 +240,10 @@ impl Meter {
             serving
                 .lease
                 .record_tokens(usage.prompt_tokens, usage.completion_tokens, !estimated);
+            serving.lease.settle_quota(self.prompt_estimate, &usage);
+            if let Some(limits) = &self.charges.limits {
+                limits.settle(self.prompt_estimate, &usage);
+            }
             self.charges.ledger.record(
                 Row {
                     day: budget::today(),

@@ -1,17 +1,20 @@
 //! What the HTTP providers share: building the client and the bearer
-//! credential, naming transport failures, reading an error response, and
-//! reading an SSE body as its `data` payloads.
+//! credential, sending (and reading the upstream's quota headers), naming
+//! transport failures, reading an error response, and reading an SSE body
+//! as its `data` payloads.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use eventsource_stream::{EventStreamError, Eventsource};
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
-use reqwest::{Client, Response, StatusCode};
+use reqwest::{Client, RequestBuilder, Response, StatusCode};
 
 use crate::config::Backend;
 use crate::error::GatewayError;
+use crate::limits::UpstreamQuota;
 
 /// Error bodies larger than this are cut: they only feed a message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -53,6 +56,23 @@ pub fn bearer(backend: &Backend) -> Result<Option<HeaderValue>, String> {
             Ok(value)
         })
         .transpose()
+}
+
+/// Sends a request to backend `backend`, and keeps the quota the
+/// response's headers report in `quota`, whatever its status.
+pub async fn send(
+    backend: &str,
+    request: RequestBuilder,
+    quota: &OnceLock<UpstreamQuota>,
+) -> Result<Response, GatewayError> {
+    let response = request
+        .send()
+        .await
+        .map_err(|e| transport_error(backend, &e))?;
+    if let Some(reported) = UpstreamQuota::from_headers(response.headers()) {
+        let _ = quota.set(reported);
+    }
+    Ok(response)
 }
 
 pub fn transport_error(backend: &str, e: &reqwest::Error) -> GatewayError {

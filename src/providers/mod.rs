@@ -9,7 +9,7 @@ mod simulated;
 mod tgi;
 mod translate;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -17,6 +17,7 @@ use futures_util::stream::BoxStream;
 
 use crate::config::{Backend, BackendKind};
 use crate::error::GatewayError;
+use crate::limits::UpstreamQuota;
 use crate::openai::InboundRequest;
 
 /// One attempt at one deployment.
@@ -24,6 +25,9 @@ pub struct UpstreamCall<'a> {
     pub request: &'a InboundRequest,
     pub upstream_model: &'a str,
     pub request_id: &'a str,
+    /// Where the upstream's `x-ratelimit-*` headers are put, from any
+    /// response, success or error (`http::send`).
+    pub quota: &'a OnceLock<UpstreamQuota>,
 }
 
 /// A successful upstream answer, already in the OpenAI shape of the

@@ -76,10 +76,7 @@ impl OpenAiCompat {
         if let Some(auth) = &self.auth {
             request = request.header(AUTHORIZATION, auth.clone());
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| http::transport_error(&self.name, &e))?;
+        let response = http::send(&self.name, request, call.quota).await?;
         if !response.status().is_success() {
             return Err(ErrorReply::read(response).await.into_error(&self.name));
         }

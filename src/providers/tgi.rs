@@ -67,15 +67,13 @@ impl Tgi {
         } else {
             &self.generate
         };
-        let response = self
+        let request = self
             .client
             .post(url.clone())
             .header(CONTENT_TYPE, "application/json")
             .header("x-request-id", call.request_id)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| http::transport_error(&self.name, &e))?;
+            .body(body);
+        let response = http::send(&self.name, request, call.quota).await?;
         if !response.status().is_success() {
             return Err(ErrorReply::read(response).await.into_error(&self.name));
         }

@@ -1,7 +1,8 @@
 //! What the router learns while serving, kept outside the config snapshot
 //! and keyed by name, so it survives a config reload for every deployment,
 //! backend and alias whose name persists: requests in flight, latency
-//! estimates, circuits, 429 cooldowns, spillover state, engine load.
+//! estimates, circuits, 429 cooldowns, spillover state, engine load, and
+//! the rate limiters of deployments and keys.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,10 +11,13 @@ use std::time::{Duration, Instant};
 
 use super::circuit::Circuit;
 use super::engine::EngineSignals;
+use super::quota::DeploymentQuota;
 use axum::http::StatusCode;
 
 use crate::config::{Backend, Config, RoutingSettings};
 use crate::error::{ErrorSource, GatewayError};
+use crate::limits::Limits;
+use crate::openai::Usage;
 
 /// Weight of the newest sample in the moving averages.
 const EWMA_ALPHA: f64 = 0.2;
@@ -29,6 +33,7 @@ struct Registry {
     deployments: HashMap<String, Arc<DeploymentLive>>,
     backends: HashMap<String, Arc<BackendLive>>,
     aliases: HashMap<String, Arc<AliasLive>>,
+    keys: HashMap<String, Arc<Limits>>,
 }
 
 /// The live entries for one config, in the config's order.
@@ -37,6 +42,8 @@ pub struct LiveView {
     pub deployments: Vec<Vec<Arc<DeploymentLive>>>,
     pub backends: Vec<Arc<BackendLive>>,
     pub aliases: Vec<Arc<AliasLive>>,
+    /// Per key, its rate limits.
+    pub keys: Vec<Arc<Limits>>,
 }
 
 impl LiveState {
@@ -66,11 +73,21 @@ impl LiveState {
                 .iter()
                 .map(|m| reuse(&old.aliases, &m.alias))
                 .collect(),
+            keys: config
+                .keys
+                .iter()
+                .map(|k| reuse(&old.keys, &k.name))
+                .collect(),
         };
         for (model, live) in config.models.iter().zip(&view.deployments) {
             for (d, l) in model.deployments.iter().zip(live) {
+                l.quota.configure(d.limits);
                 guard.deployments.insert(d.name.clone(), l.clone());
             }
+        }
+        for (k, l) in config.keys.iter().zip(&view.keys) {
+            l.configure(k.limits);
+            guard.keys.insert(k.name.clone(), l.clone());
         }
         for (b, l) in config.backends.iter().zip(&view.backends) {
             guard.backends.insert(b.name.clone(), l.clone());
@@ -93,6 +110,8 @@ pub struct DeploymentLive {
     pub circuit: Circuit,
     /// Spillover: whether the deployment takes new traffic (hysteresis).
     pub saturated: AtomicBool,
+    /// Its rate limits and what the upstream says is left.
+    pub quota: DeploymentQuota,
     estimates: Mutex<Estimates>,
 }
 
@@ -263,6 +282,12 @@ impl Lease {
             self.alias.record_output_tokens(output);
         }
     }
+
+    /// Charges the deployment's token quota what the request used beyond
+    /// the `admitted` prompt estimate.
+    pub fn settle_quota(&self, admitted: u64, usage: &Usage) {
+        self.deployment.quota.limits.settle(admitted, usage);
+    }
 }
 
 impl Drop for Lease {
@@ -330,5 +355,39 @@ impl Drop for Attempt {
         if let Some(d) = &self.deployment {
             d.circuit.on_abandon(self.probe);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(key_rpm: u32, deployment_rpm: u32) -> Config {
+        let text = format!(
+            "{}rpm = {deployment_rpm}\n\n[[keys]]\nname = \"web\"\nsha256 = \"{}\"\nmodels = [\"*\"]\nrpm = {key_rpm}\n",
+            crate::config::tests::MINIMAL,
+            "ab".repeat(32)
+        );
+        crate::config::parse(&text, &|_| None).expect("valid")
+    }
+
+    #[test]
+    fn rate_limiters_survive_a_reload_for_the_same_name_until_their_quota_changes() {
+        let live = LiveState::default();
+        let first = live.view(&config(1, 1));
+        first.keys[0].admit(0).unwrap();
+        first.deployments[0][0].quota.limits.admit(0).unwrap();
+
+        let same = live.view(&config(1, 1));
+        assert!(Arc::ptr_eq(&first.keys[0], &same.keys[0]));
+        assert!(same.keys[0].admit(0).is_err(), "the key's minute goes on");
+        assert!(
+            same.deployments[0][0].quota.limits.admit(0).is_err(),
+            "so does the deployment's"
+        );
+
+        let raised = live.view(&config(5, 1));
+        assert_eq!(raised.keys[0].admit(0), Ok(()), "a new quota starts afresh");
+        assert!(raised.deployments[0][0].quota.limits.admit(0).is_err());
     }
 }

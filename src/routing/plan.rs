@@ -33,7 +33,7 @@ pub struct Candidate {
     pub score: Option<f64>,
     /// The policy rule that dropped it.
     pub rule: Option<Rule>,
-    /// When it may be usable again (open circuit, 429 cooldown).
+    /// When it may be usable again (open circuit, 429 cooldown, quota).
     pub retry_in: Option<Duration>,
     /// The strategy's reason as a closed set, for metrics.
     pub label: &'static str,
@@ -78,9 +78,16 @@ impl Plan {
 
     /// The soonest a dropped deployment may be usable again.
     pub fn retry_after(&self) -> Duration {
+        self.retry_after_with(None)
+    }
+
+    /// The same, counting a deployment skipped at attempt time that has
+    /// room again after `skipped`.
+    pub fn retry_after_with(&self, skipped: Option<Duration>) -> Duration {
         self.candidates
             .iter()
             .filter_map(|c| c.retry_in)
+            .chain(skipped)
             .min()
             .unwrap_or(Duration::from_secs(1))
             .max(Duration::from_secs(1))
@@ -198,6 +205,10 @@ pub fn plan(
                 None,
                 Some(left),
             ));
+            continue;
+        }
+        if let Some((reason, retry_in)) = live.quota.blocked(facts.input_tokens, now) {
+            dropped.push(drop(reason, None, retry_in));
             continue;
         }
         contenders.push(Contender {

@@ -1,7 +1,7 @@
 //! The request pipeline for `/v1/chat/completions` and `/v1/completions`.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -18,7 +18,7 @@ use crate::metering::{Charges, InFlight, Meter, MeterLabels, Observed, Serving, 
 use crate::metrics::NONE;
 use crate::openai::{Endpoint, InboundRequest, ResponseView};
 use crate::providers::{ChunkStream, UpstreamCall, UpstreamReply};
-use crate::routing::{self, Attempt, PlanStatus, RequestFacts};
+use crate::routing::{self, Attempt, DeploymentQuota, PlanStatus, RequestFacts};
 use crate::snapshot::Snapshot;
 
 const BACKEND_HEADER: &str = "x-tollgate-backend";
@@ -44,15 +44,21 @@ struct RequestCtx {
 /// 6. Resolve the model alias (404) and check the key may use it (403).
 /// 7. Read the request's facts (region, modality, size, tools) and plan
 ///    the deployments to try (`routing::plan`): 451 when policy leaves
-///    none, 503 when health leaves none.
-/// 8. For each, up to `routing.max_attempts`, call the provider and wait,
-///    within the backend's first-byte timeout, for the whole body or the
-///    first stream chunk; a retriable failure moves on to the next
-///    deployment, and every outcome teaches the deployment's circuit.
-/// 9. Answer: the body, or an SSE stream that forwards chunks as they
-///    arrive (`sse::SseBody`).
-/// 10. Meter usage, latency and status exactly once, at the end of the
-///     response or when the client goes away (`metering::Meter`).
+///    none, 503 when health (circuits, cooldowns, quotas) leaves none.
+/// 8. Admit the request against the key's rate limits (a request and its
+///    prompt estimate; 429 with `retry-after`) and budget (429).
+/// 9. For each deployment, up to `routing.max_attempts`, take a request
+///    and the prompt estimate from its quota (at its quota: skipped, not
+///    failed), call the provider and wait, within the backend's
+///    first-byte timeout, for the whole body or the first stream chunk; a
+///    retriable failure moves on to the next deployment, every outcome
+///    teaches the deployment's circuit, and every response's
+///    `x-ratelimit-*` headers its quota.
+/// 10. Answer: the body, or an SSE stream that forwards chunks as they
+///     arrive (`sse::SseBody`).
+/// 11. Meter usage, latency and status exactly once, at the end of the
+///     response or when the client goes away (`metering::Meter`), and
+///     charge the key's and deployment's token limits the rest.
 pub async fn handle(
     app: Arc<AppState>,
     request_id: String,
@@ -181,6 +187,24 @@ async fn serve(
             return Err(fail(alias)(routing::refusal(&snapshot, &plan, &facts, key)));
         }
     }
+    let key_limits = match key {
+        Some(key) => {
+            let limits = snapshot.key_limits(key);
+            limits.admit(facts.input_tokens).map_err(|refused| {
+                metrics
+                    .rate_limited
+                    .with_label_values(&["key", &key.name, refused.limit.name()])
+                    .inc();
+                fail(alias)(GatewayError::key_rate_limited(
+                    &key.name,
+                    &refused,
+                    facts.input_tokens,
+                ))
+            })?;
+            Some(limits.clone())
+        }
+        None => None,
+    };
     // The estimate is what the dearest deployment in the plan would charge
     // for the prompt and the expected (or requested maximum) output.
     let estimate = plan
@@ -211,6 +235,7 @@ async fn serve(
             ledger: app.ledger.clone(),
             reservation,
             counterfactuals: snapshot.counterfactuals(model_index).clone(),
+            limits: key_limits,
         },
         started,
         facts.input_tokens,
@@ -220,16 +245,30 @@ async fn serve(
     let settings = &snapshot.config.routing;
     let mut attempts = 0;
     let mut last_error = None;
+    // The soonest a deployment skipped at its quota has room again.
+    let mut skipped: Option<Duration> = None;
     for index in plan.order() {
         if attempts == settings.max_attempts {
             break;
         }
         let deployment = &model.deployments[index];
+        let live = snapshot.deployment_live(model_index, index);
         // A half-open circuit whose probe another request took is skipped,
-        // not failed.
-        let Some(attempt) = Attempt::begin(snapshot.deployment_live(model_index, index)) else {
+        // not failed; so is a deployment at its quota (the attempt, dropped,
+        // frees the probe).
+        let Some(attempt) = Attempt::begin(live) else {
             continue;
         };
+        if let Err(refused) = live.quota.admit(facts.input_tokens, Instant::now()) {
+            metrics
+                .rate_limited
+                .with_label_values(&["deployment", &deployment.name, refused.limit.name()])
+                .inc();
+            if let Some(wait) = refused.wait {
+                skipped = Some(skipped.map_or(wait, |s| s.min(wait)));
+            }
+            continue;
+        }
         attempts += 1;
         let (backend, _) = snapshot.backend(deployment);
         meter.begin_attempt(Serving {
@@ -238,7 +277,16 @@ async fn serve(
             rate: snapshot.rate(model_index, index),
             lease: snapshot.lease(model_index, index),
         });
-        match call(app, &ctx.request_id, &snapshot, &request, deployment).await {
+        match call(
+            app,
+            &ctx.request_id,
+            &snapshot,
+            &request,
+            deployment,
+            &live.quota,
+        )
+        .await
+        {
             Ok(reply) => {
                 attempt.succeeded(facts.stream);
                 meter.attempt_answered();
@@ -276,7 +324,7 @@ async fn serve(
     }
     let (error, backend) = last_error.unwrap_or_else(|| {
         (
-            GatewayError::no_deployment_available(alias, plan.retry_after()),
+            GatewayError::no_deployment_available(alias, plan.retry_after_with(skipped)),
             NONE.to_owned(),
         )
     });
@@ -306,12 +354,15 @@ async fn call(
     snapshot: &Snapshot,
     request: &InboundRequest,
     deployment: &Deployment,
+    quota: &DeploymentQuota,
 ) -> Result<Ready, GatewayError> {
     let (backend, provider) = snapshot.backend(deployment);
+    let reported = OnceLock::new();
     let call = UpstreamCall {
         request,
         upstream_model: &deployment.upstream_model,
         request_id,
+        quota: &reported,
     };
     let first_byte = backend.timeouts.first_byte;
     let result = tokio::time::timeout(first_byte, async {
@@ -335,6 +386,9 @@ async fn call(
     })
     .await
     .unwrap_or_else(|_| Err(GatewayError::upstream_timeout(&backend.name, first_byte)));
+    if let Some(reported) = reported.get() {
+        quota.observe(reported, Instant::now());
+    }
     let outcome = match &result {
         Ok(_) => "ok",
         Err(e) => e.label(),

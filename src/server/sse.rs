@@ -289,6 +289,7 @@ mod tests {
                 ledger: Arc::new(Ledger::open(None).unwrap()),
                 reservation: None,
                 counterfactuals: Arc::new([]),
+                limits: None,
             },
             std::time::Instant::now(),
             10,

@@ -162,6 +162,16 @@ impl Gateway {
         (response.headers().clone(), Events::new(response))
     }
 
+    /// A chat request with the API key `key`.
+    pub async fn chat_as(&self, key: &str, body: Value) -> reqwest::Response {
+        self.post("/v1/chat/completions")
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn completion(&self, body: Value) -> reqwest::Response {
         self.post("/v1/completions")
             .json(&body)

@@ -91,11 +91,7 @@ impl Bedrock {
         for (name, value) in self.auth.headers(&self.name, &url, &body)? {
             builder = builder.header(name, value);
         }
-        let response = builder
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| http::transport_error(&self.name, &e))?;
+        let response = http::send(&self.name, builder.body(body), call.quota).await?;
         if !response.status().is_success() {
             return Err(errors::from_reply(
                 &self.name,

@@ -1,0 +1,223 @@
+//! What an upstream says of its own quota, on every response (success or
+//! error): OpenAI and Groq send `x-ratelimit-remaining-requests`,
+//! `x-ratelimit-remaining-tokens` and `x-ratelimit-reset-requests` /
+//! `-tokens` as durations (`1s`, `6m0s`, `2m59.56s`, `120ms`); Together
+//! sends `x-ratelimit-remaining`, `x-tokenlimit-remaining` and
+//! `x-ratelimit-reset` (seconds). Reading is lenient: a value that does not
+//! parse is ignored.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::HeaderMap;
+
+/// No reset is believed further away than this: a bad header must not
+/// bench a deployment for longer.
+const MAX_RESET: Duration = Duration::from_secs(3600);
+/// Plain numbers above this are unix times, not seconds to wait.
+const UNIX_TIME_FLOOR: f64 = 1_000_000_000.0;
+
+/// What is left of one upstream limit, and when it resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Remaining {
+    pub left: u64,
+    /// `None` when the upstream did not say.
+    pub reset_in: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpstreamQuota {
+    pub requests: Option<Remaining>,
+    pub tokens: Option<Remaining>,
+}
+
+impl UpstreamQuota {
+    /// The quota a response's headers report; `None` when they report
+    /// none.
+    pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
+        let quota = Self {
+            requests: remaining(
+                headers,
+                &["x-ratelimit-remaining-requests", "x-ratelimit-remaining"],
+                &["x-ratelimit-reset-requests", "x-ratelimit-reset"],
+            ),
+            tokens: remaining(
+                headers,
+                &["x-ratelimit-remaining-tokens", "x-tokenlimit-remaining"],
+                &["x-ratelimit-reset-tokens"],
+            ),
+        };
+        (quota != Self::default()).then_some(quota)
+    }
+}
+
+/// The first of `names` that holds a usable value.
+fn first<T>(headers: &HeaderMap, names: &[&str], parse: impl Fn(&str) -> Option<T>) -> Option<T> {
+    names.iter().find_map(|name| {
+        headers
+            .get(*name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse(v.trim()))
+    })
+}
+
+fn remaining(headers: &HeaderMap, left: &[&str], reset: &[&str]) -> Option<Remaining> {
+    Some(Remaining {
+        left: first(headers, left, parse_count)?,
+        reset_in: first(headers, reset, parse_reset),
+    })
+}
+
+/// A count; a fractional one (some proxies send `12.0`) is floored.
+fn parse_count(value: &str) -> Option<u64> {
+    value.parse::<u64>().ok().or_else(|| {
+        let n = value.parse::<f64>().ok()?;
+        (n.is_finite() && n >= 0.0).then(|| n.floor() as u64)
+    })
+}
+
+/// A reset: a Go-style duration (`1h2m3.5s`, `120ms`), plain seconds, or
+/// a unix time in seconds; at most an hour.
+pub(super) fn parse_reset(value: &str) -> Option<Duration> {
+    let wait = match value.parse::<f64>() {
+        Ok(n) if !n.is_finite() || n < 0.0 => return None,
+        Ok(at) if at >= UNIX_TIME_FLOOR => (UNIX_EPOCH + Duration::from_secs_f64(at))
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+        Ok(secs) => Duration::from_secs_f64(secs),
+        Err(_) => parse_go_duration(value)?,
+    };
+    Some(wait.min(MAX_RESET))
+}
+
+/// `6m0s`, `2m59.56s`, `7.66s`, `120ms`, `1h30m`, `500us`.
+fn parse_go_duration(value: &str) -> Option<Duration> {
+    let mut total = 0.0;
+    let mut rest = value;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit..];
+        total += number * seconds;
+    }
+    (!value.is_empty() && total.is_finite()).then(|| Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    fn ms(ms: u64) -> Option<Duration> {
+        Some(Duration::from_millis(ms))
+    }
+
+    #[test]
+    fn resets_are_go_durations_or_seconds() {
+        assert_eq!(parse_reset("1s"), ms(1000));
+        assert_eq!(parse_reset("6m0s"), ms(360_000));
+        assert_eq!(parse_reset("2m59.56s"), ms(179_560));
+        assert_eq!(parse_reset("7.66s"), ms(7660));
+        assert_eq!(parse_reset("120ms"), ms(120));
+        assert_eq!(parse_reset("1h30m"), ms(3_600_000), "capped at an hour");
+        assert_eq!(parse_reset("2"), ms(2000));
+        assert_eq!(parse_reset("0.25"), ms(250));
+        let in_a_minute = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60;
+        let wait = parse_reset(&in_a_minute.to_string()).unwrap();
+        assert!(
+            (Duration::from_secs(58)..=Duration::from_secs(60)).contains(&wait),
+            "{wait:?}"
+        );
+        for bad in ["", "soon", "5 minutes", "-1", "1x", "s"] {
+            assert_eq!(parse_reset(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn openai_and_groq_headers() {
+        let quota = UpstreamQuota::from_headers(&headers(&[
+            ("x-ratelimit-limit-requests", "14400"),
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "2m59.56s"),
+            ("x-ratelimit-remaining-tokens", "5800"),
+            ("x-ratelimit-reset-tokens", "7.66s"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            quota.requests,
+            Some(Remaining {
+                left: 0,
+                reset_in: ms(179_560)
+            })
+        );
+        assert_eq!(
+            quota.tokens,
+            Some(Remaining {
+                left: 5800,
+                reset_in: ms(7660)
+            })
+        );
+    }
+
+    #[test]
+    fn together_headers() {
+        let quota = UpstreamQuota::from_headers(&headers(&[
+            ("x-ratelimit-remaining", "9"),
+            ("x-ratelimit-reset", "1"),
+            ("x-tokenlimit-remaining", "1200.0"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            quota.requests,
+            Some(Remaining {
+                left: 9,
+                reset_in: ms(1000)
+            })
+        );
+        assert_eq!(
+            quota.tokens,
+            Some(Remaining {
+                left: 1200,
+                reset_in: None
+            })
+        );
+    }
+
+    #[test]
+    fn no_or_unreadable_headers_report_nothing() {
+        assert_eq!(UpstreamQuota::from_headers(&HeaderMap::new()), None);
+        assert_eq!(
+            UpstreamQuota::from_headers(&headers(&[
+                ("x-ratelimit-remaining-requests", "lots"),
+                ("x-ratelimit-reset-requests", "1s"),
+            ])),
+            None
+        );
+    }
+}

@@ -1,0 +1,304 @@
+//! Rate limits through the gateway over HTTP, against mock upstreams on
+//! 127.0.0.1: a key over its rpm or tpm gets a 429 with `retry-after`; a
+//! deployment at its own quota, or whose upstream reports no requests
+//! left, is skipped (not failed) until it has room again; a key's limiter
+//! outlives a reload. Quotas are tiny so limits are reached at once; no
+//! test waits for a minute to refill.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::gateway::*;
+use support::mock::{MockServer, MockUpstream};
+
+fn hi(alias: &str) -> Value {
+    json!({"model": alias, "messages": user("hi")})
+}
+
+/// A chat request with `team`'s key.
+async fn chat_as_team(gateway: &Gateway, body: Value) -> reqwest::Response {
+    gateway.chat_as("team-secret", body).await
+}
+
+/// `retry-after` in whole seconds.
+fn retry_after(response: &reqwest::Response) -> u64 {
+    response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("whole seconds")
+}
+
+/// One model `chat` on one mock, and the key `team` with `limits`; plus
+/// the key `other` without limits.
+async fn keyed_gateway(limits: &str) -> (Gateway, MockServer) {
+    let upstream = MockUpstream::openai().start().await;
+    let config = backend("up", "openai", &url(&upstream))
+        + &model("chat", &[("up", "m")])
+        + &format!(
+            "\n[[keys]]\nname = \"team\"\nkey_env = \"KEY_TEAM\"\nmodels = [\"*\"]\n{limits}\n\
+             \n[[keys]]\nname = \"other\"\nkey_env = \"KEY_OTHER\"\nmodels = [\"*\"]\n"
+        );
+    (start(&config).await, upstream)
+}
+
+#[tokio::test]
+async fn a_key_over_its_rpm_gets_429_with_retry_after_and_other_keys_do_not() {
+    let (gateway, _upstream) = keyed_gateway("rpm = 2").await;
+    // A request that is refused before admission uses none of the quota.
+    assert_eq!(chat_as_team(&gateway, hi("nope")).await.status(), 404);
+    for _ in 0..2 {
+        let response = chat_as_team(&gateway, hi("chat")).await;
+        assert_eq!(response.status(), 200);
+    }
+
+    let response = chat_as_team(&gateway, hi("chat")).await;
+    assert_eq!(response.status(), 429);
+    let wait = retry_after(&response);
+    assert!((1..=30).contains(&wait), "a slot frees every 30 s: {wait}");
+    assert!(
+        response.headers().get("x-should-retry").is_none(),
+        "the SDKs retry a 429 after retry-after, as they should"
+    );
+    assert_eq!(response.headers()["x-tollgate-attempts"], "0");
+    let error = error_of(response).await;
+    assert_eq!(error["type"], "rate_limit_error");
+    assert_eq!(error["code"], "rate_limit_exceeded");
+    let text = message(&error);
+    assert!(
+        text.starts_with(
+            "key \"team\" is over its rate limit of 2 requests per minute (rpm); retry after"
+        ),
+        "{text}"
+    );
+
+    let other = gateway.chat_as("other-secret", hi("chat")).await;
+    assert_eq!(other.status(), 200, "limits are per key");
+    let labels = [("scope", "key"), ("name", "team"), ("limit", "rpm")];
+    gateway
+        .eventually_metric("tollgate_rate_limited_total", &labels, 1.0)
+        .await;
+    let labels = [("alias", "chat"), ("kind", "rate_limited")];
+    gateway
+        .eventually_metric("tollgate_errors_total", &labels, 1.0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_key_over_its_tpm_gets_429_counting_what_requests_really_used() {
+    // "hi" is estimated at 5 prompt tokens; the mock reports 11 prompt and
+    // 3 completion tokens. Counted at admission only, six requests would
+    // fit 30 tokens; counted as used (14 each), two do.
+    let (gateway, _upstream) = keyed_gateway("tpm = 30").await;
+    for _ in 0..2 {
+        assert_eq!(chat_as_team(&gateway, hi("chat")).await.status(), 200);
+    }
+    let response = chat_as_team(&gateway, hi("chat")).await;
+    assert_eq!(response.status(), 429);
+    assert!(retry_after(&response) >= 1);
+    let error = error_of(response).await;
+    let text = message(&error);
+    assert!(
+        text.starts_with(
+            "key \"team\" is over its rate limit of 30 tokens per minute (tpm) (this request needs about 5)"
+        ),
+        "{text}"
+    );
+
+    // A prompt larger than the whole minute's quota can never fit.
+    let long = json!({"model": "chat", "messages": user(&"word ".repeat(100))});
+    let response = chat_as_team(&gateway, long).await;
+    assert_eq!(response.status(), 400);
+    assert!(response.headers().get("retry-after").is_none());
+    let error = error_of(response).await;
+    assert_eq!(error["code"], "request_too_large");
+    assert!(
+        message(&error).contains("more than key \"team\" may use in a minute (tpm = 30)"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_deployment_at_its_rpm_quota_is_skipped_not_failed() {
+    let cheap = MockUpstream::openai().start().await;
+    let dear = MockUpstream::openai().start().await;
+    let single = MockUpstream::openai().start().await;
+    let config = backend_toml("cheap", "openai", &url(&cheap), "")
+        + &backend_toml("dear", "openai", &url(&dear), "")
+        + &backend_toml("single", "openai", &url(&single), "")
+        + &model_toml(
+            "chat",
+            "",
+            &[
+                ("cheap", "cheap", "input_usd_per_mtok = 0.1\nrpm = 2"),
+                ("dear", "dear", "input_usd_per_mtok = 1.0"),
+                // Never fits: "hi" is about 5 tokens.
+                ("tiny", "dear", "tpm = 4"),
+            ],
+        )
+        + &model_toml("single", "", &[("single", "single", "rpm = 1")])
+        + ADMIN;
+    let gateway = start(&config).await;
+
+    for _ in 0..2 {
+        let response = gateway.chat(hi("chat")).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(served_by(&response), ("cheap".into(), "1".into()));
+    }
+    // The third finds the quota spent at attempt time: skipped, and the
+    // next deployment serves it in what counts as its only attempt.
+    let response = gateway.chat(hi("chat")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response), ("dear".into(), "1".into()));
+    assert_eq!((cheap.hits(), dear.hits()), (2, 1));
+    let labels = [("scope", "deployment"), ("name", "cheap"), ("limit", "rpm")];
+    gateway
+        .eventually_metric("tollgate_rate_limited_total", &labels, 1.0)
+        .await;
+
+    // From then on plans drop it, with the reason, until its next slot.
+    let explained = gateway.explain(json!({"request": hi("chat")})).await;
+    assert_eq!(explained["chosen"], "dear");
+    assert_eq!(candidate(&explained, "cheap")["kept"], false);
+    let why = reason(&explained, "cheap");
+    assert!(
+        why.starts_with("at its rpm quota of 2; next slot in"),
+        "{why}"
+    );
+    assert_eq!(
+        reason(&explained, "tiny"),
+        "the request's estimated 5 input tokens exceed its tpm quota of 4"
+    );
+    let response = gateway.chat(hi("chat")).await;
+    assert_eq!(served_by(&response), ("dear".into(), "1".into()));
+    assert_eq!(cheap.hits(), 2, "a skipped deployment is never called");
+
+    // An alias whose only deployment is at its quota: 503 with retry-after.
+    assert_eq!(gateway.chat(hi("single")).await.status(), 200);
+    let response = gateway.chat(hi("single")).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["x-tollgate-attempts"], "0");
+    let wait = retry_after(&response);
+    assert!((1..=60).contains(&wait), "{wait}");
+    let error = error_of(response).await;
+    assert_eq!(error["code"], "no_deployment_available");
+    assert_eq!(single.hits(), 1);
+}
+
+#[tokio::test]
+async fn upstream_ratelimit_headers_skip_a_deployment_until_they_reset() {
+    let spent = MockUpstream::openai()
+        .header("x-ratelimit-remaining-requests", "0")
+        .header("x-ratelimit-reset-requests", "1s")
+        .header("x-ratelimit-remaining-tokens", "90000")
+        .header("x-ratelimit-reset-tokens", "1m0s")
+        .start()
+        .await;
+    // An error response reports its quota too.
+    let refusing = MockUpstream::openai()
+        .status(429)
+        .header("x-ratelimit-remaining-requests", "0")
+        .header("x-ratelimit-reset-requests", "6m0s")
+        .start()
+        .await;
+    let spare = MockUpstream::openai().start().await;
+    let config = backend_toml(
+        "spent",
+        "groq",
+        &url(&spent),
+        r#"api_key_env = "UPSTREAM_KEY_SPENT""#,
+    ) + &backend_toml("refusing", "openai", &url(&refusing), "")
+        + &backend_toml("spare", "openai", &url(&spare), "")
+        + &model_toml(
+            "chat",
+            "",
+            &[
+                ("spent", "spent", "input_usd_per_mtok = 0.1"),
+                ("spare", "spare", "input_usd_per_mtok = 1.0"),
+            ],
+        )
+        + &model_toml(
+            "other",
+            "",
+            &[
+                ("refusing", "refusing", "input_usd_per_mtok = 0.1"),
+                ("other-spare", "spare", "input_usd_per_mtok = 1.0"),
+            ],
+        )
+        + ADMIN;
+    let gateway = start(&config).await;
+
+    let response = gateway.chat(hi("chat")).await;
+    assert_eq!(served_by(&response), ("spent".into(), "1".into()));
+    let response = gateway.chat(hi("chat")).await;
+    assert_eq!(
+        served_by(&response),
+        ("spare".into(), "1".into()),
+        "the upstream said it has no requests left"
+    );
+    let explained = gateway.explain(json!({"request": hi("chat")})).await;
+    assert_eq!(candidate(&explained, "spent")["kept"], false);
+    let why = reason(&explained, "spent");
+    assert!(
+        why.starts_with("upstream reports no requests left; resets in"),
+        "{why}"
+    );
+    let explained = gateway
+        .explain_until(json!({"request": hi("chat")}), |e| e["chosen"] == "spent")
+        .await;
+    assert_eq!(candidate(&explained, "spent")["kept"], true);
+    let response = gateway.chat(hi("chat")).await;
+    assert_eq!(served_by(&response), ("spent".into(), "1".into()));
+    assert_eq!(spent.hits(), 2);
+
+    let response = gateway.chat(hi("other")).await;
+    assert_eq!(served_by(&response), ("spare".into(), "2".into()));
+    let explained = gateway.explain(json!({"request": hi("other")})).await;
+    let why = reason(&explained, "refusing");
+    let ms: u64 = why
+        .strip_prefix("upstream reports no requests left; resets in ")
+        .and_then(|rest| rest.strip_suffix(" ms"))
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("{why}"));
+    assert!((300_000..=360_000).contains(&ms), "{why}");
+}
+
+/// `POST /admin/reload` with `config`, which must be applied.
+async fn reload(gateway: &Gateway, config: &str) {
+    let response = gateway
+        .post("/admin/reload")
+        .bearer_auth(ADMIN_TOKEN)
+        .body(config.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let report: Value = response.json().await.unwrap();
+    assert_eq!(report["applied"], true, "{report:#}");
+}
+
+#[tokio::test]
+async fn a_keys_minute_goes_on_across_a_reload_and_a_new_quota_starts_afresh() {
+    let upstream = MockUpstream::openai().start().await;
+    let config = |rpm: u32, attempts: u32| {
+        backend("up", "openai", &url(&upstream))
+            + &model("chat", &[("up", "m")])
+            + &format!(
+                "\n[[keys]]\nname = \"team\"\nkey_env = \"KEY_TEAM\"\nmodels = [\"*\"]\nrpm = {rpm}\n\
+                 \n[routing]\nmax_attempts = {attempts}\n"
+            )
+            + ADMIN
+    };
+    let gateway = start(&config(1, 3)).await;
+    assert_eq!(chat_as_team(&gateway, hi("chat")).await.status(), 200);
+
+    reload(&gateway, &config(1, 2)).await;
+    assert_eq!(
+        chat_as_team(&gateway, hi("chat")).await.status(),
+        429,
+        "the same key, the same quota: the same minute"
+    );
+
+    reload(&gateway, &config(2, 2)).await;
+    assert_eq!(chat_as_team(&gateway, hi("chat")).await.status(), 200);
+}
