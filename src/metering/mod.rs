@@ -10,7 +10,7 @@ pub mod estimate;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus::IntGauge;
+use prometheus::{Histogram, IntGauge};
 
 use crate::ledger::{Ledger, Row, Totals};
 use crate::limits::Limits;
@@ -85,6 +85,7 @@ pub struct Meter {
     usage: Option<Usage>,
     output_chars: usize,
     last_chunk_sent: Option<Instant>,
+    between_tokens: Option<Histogram>,
     upstream_since: Option<Instant>,
     upstream_wait: Duration,
     recorded: bool,
@@ -112,6 +113,7 @@ impl Meter {
             usage: None,
             output_chars: 0,
             last_chunk_sent: None,
+            between_tokens: None,
             upstream_since: None,
             upstream_wait: Duration::ZERO,
             recorded: false,
@@ -160,21 +162,25 @@ impl Meter {
     /// the time between tokens.
     pub fn chunk_sent(&mut self) {
         let now = Instant::now();
-        let labels = [
-            self.labels.alias.as_str(),
-            self.last_backend.as_deref().unwrap_or(NONE),
-        ];
         match self.last_chunk_sent.replace(now) {
-            None => self
-                .metrics
-                .time_to_first_token
-                .with_label_values(&labels)
-                .observe((now - self.started).as_secs_f64()),
-            Some(previous) => self
-                .metrics
-                .time_between_tokens
-                .with_label_values(&labels)
-                .observe((now - previous).as_secs_f64()),
+            None => {
+                let labels = [
+                    self.labels.alias.as_str(),
+                    self.last_backend.as_deref().unwrap_or(NONE),
+                ];
+                self.metrics
+                    .time_to_first_token
+                    .with_label_values(&labels)
+                    .observe((now - self.started).as_secs_f64());
+                // Looked up once per stream, not once per chunk.
+                self.between_tokens =
+                    Some(self.metrics.time_between_tokens.with_label_values(&labels));
+            }
+            Some(previous) => {
+                if let Some(histogram) = &self.between_tokens {
+                    histogram.observe((now - previous).as_secs_f64());
+                }
+            }
         }
     }
 
