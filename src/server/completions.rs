@@ -11,12 +11,12 @@ use futures_util::StreamExt;
 
 use super::AppState;
 use super::auth;
-use super::sse::{SseBody, SseParams};
+use super::sse::{self, ChunkFacts, SseBody, SseParams};
 use crate::config::{Backend, Budget, Deployment, Key};
 use crate::error::GatewayError;
 use crate::metering::{Charges, InFlight, Meter, MeterLabels, Observed, Serving, budget};
 use crate::metrics::NONE;
-use crate::openai::{Endpoint, InboundRequest, ResponseView};
+use crate::openai::{Endpoint, InboundRequest};
 use crate::providers::{ChunkStream, UpstreamCall, UpstreamReply};
 use crate::routing::{self, Attempt, DeploymentQuota, PlanStatus, RequestFacts};
 use crate::snapshot::Snapshot;
@@ -342,7 +342,8 @@ async fn serve(
 enum Ready {
     /// A whole response, checked to be JSON, with what the meter needs.
     Complete(Bytes, Observed),
-    Stream(Bytes, ChunkStream),
+    /// The first chunk, read, and the rest of the stream.
+    Stream(Bytes, ChunkFacts, ChunkStream),
 }
 
 /// One upstream call, bounded by the backend's first-byte timeout: the
@@ -368,13 +369,13 @@ async fn call(
     let result = tokio::time::timeout(first_byte, async {
         match provider.send(call).await? {
             UpstreamReply::Complete(body) => {
-                let observed = Observed::of(&read_view(&backend.name, &body)?);
+                let observed = Observed::of(&sse::read_view(&backend.name, &body)?);
                 Ok(Ready::Complete(body, observed))
             }
             UpstreamReply::Stream(mut stream) => match stream.next().await {
                 Some(Ok(first)) => {
-                    read_view(&backend.name, &first)?;
-                    Ok(Ready::Stream(first, stream))
+                    let facts = sse::read_chunk(&backend.name, &first, true)?;
+                    Ok(Ready::Stream(first, facts, stream))
                 }
                 Some(Err(error)) => Err(error),
                 None => Err(GatewayError::upstream_protocol(
@@ -400,18 +401,6 @@ async fn call(
     result
 }
 
-/// Reads an upstream object before the client has seen any of it, so that
-/// a broken one or an error sent with a 200 can still fail over.
-fn read_view<'b>(backend: &str, body: &'b [u8]) -> Result<ResponseView<'b>, GatewayError> {
-    let view = serde_json::from_slice::<ResponseView<'_>>(body).map_err(|e| {
-        GatewayError::upstream_protocol(backend, format_args!("the body is not JSON: {e}"))
-    })?;
-    if view.is_error() {
-        return Err(GatewayError::upstream_in_band(backend, body));
-    }
-    Ok(view)
-}
-
 /// Where a request was served, and its meter.
 struct Served<'s> {
     backend: &'s Backend,
@@ -432,9 +421,9 @@ fn respond(request: &InboundRequest, served: Served<'_>, reply: Ready) -> Respon
             meter.finish(200);
             super::json_response(StatusCode::OK, body)
         }
-        Ready::Stream(first, upstream) => {
+        Ready::Stream(first, facts, upstream) => {
             let body = SseBody::new(SseParams {
-                first,
+                first: (first, facts),
                 upstream,
                 idle: backend.timeouts.idle,
                 backend: backend.name.clone(),

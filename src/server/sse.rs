@@ -23,10 +23,68 @@ use crate::providers::ChunkStream;
 
 const DONE: &[u8] = b"data: [DONE]\n\n";
 
+/// `id`, `created` and `model` of a stream, for a synthesised usage chunk.
+type Identity = (String, u64, String);
+
+/// What the gateway reads of one stream chunk.
+pub struct ChunkFacts {
+    observed: Observed,
+    /// Read from the first chunk only.
+    identity: Option<Identity>,
+    usage_only: bool,
+}
+
+/// Reads an upstream object before the client has seen any of it, so that
+/// a broken one or an error sent with a 200 can still fail over.
+pub fn read_view<'b>(backend: &str, body: &'b [u8]) -> Result<ResponseView<'b>, GatewayError> {
+    let view = serde_json::from_slice::<ResponseView<'_>>(body).map_err(|e| {
+        GatewayError::upstream_protocol(backend, format_args!("the body is not JSON: {e}"))
+    })?;
+    if view.is_error() {
+        return Err(GatewayError::upstream_in_band(backend, body));
+    }
+    Ok(view)
+}
+
+/// Reads one chunk. Most chunks carry a few characters of text and nothing
+/// the meter needs: they are checked to be JSON and their text measured,
+/// without being built. The first chunk (`first`, for the stream's
+/// identity), usage and errors are read in full.
+pub fn read_chunk(backend: &str, chunk: &[u8], first: bool) -> Result<ChunkFacts, GatewayError> {
+    if !first && !contains(chunk, b"\"usage\"") && !contains(chunk, b"\"error") {
+        serde_json::from_slice::<serde::de::IgnoredAny>(chunk).map_err(|e| {
+            GatewayError::upstream_protocol(
+                backend,
+                format_args!("a stream chunk is not JSON: {e}"),
+            )
+        })?;
+        return Ok(ChunkFacts {
+            observed: Observed {
+                usage: None,
+                text_chars: text_chars(chunk),
+            },
+            identity: None,
+            usage_only: false,
+        });
+    }
+    let view = read_view(backend, chunk)?;
+    Ok(ChunkFacts {
+        observed: Observed::of(&view),
+        identity: first.then(|| {
+            (
+                view.id.as_deref().unwrap_or_default().to_owned(),
+                view.created.unwrap_or_default(),
+                view.model.as_deref().unwrap_or_default().to_owned(),
+            )
+        }),
+        usage_only: view.is_usage_only(),
+    })
+}
+
 pub struct SseBody {
     upstream: ChunkStream,
-    /// The chunk peeked before the response started.
-    first: Option<Bytes>,
+    /// The chunk read before the response started, to send first.
+    first: Option<(Bytes, ChunkFacts)>,
     /// Events left to send once the upstream is finished.
     tail: VecDeque<Bytes>,
     finished: bool,
@@ -36,13 +94,13 @@ pub struct SseBody {
     endpoint: Endpoint,
     include_usage: bool,
     sent_usage_chunk: bool,
-    /// `id`, `created` and `model` of the stream, for a synthesised usage chunk.
-    identity: Option<(String, u64, String)>,
+    identity: Option<Identity>,
     meter: Meter,
 }
 
 pub struct SseParams {
-    pub first: Bytes,
+    /// The first chunk, already read with [`read_chunk`].
+    pub first: (Bytes, ChunkFacts),
     pub upstream: ChunkStream,
     pub idle: Duration,
     pub backend: String,
@@ -70,52 +128,12 @@ impl SseBody {
     }
 
     /// Decides what the client sees of one upstream chunk.
-    fn on_chunk(&mut self, chunk: Bytes) -> Option<Bytes> {
-        // Most chunks carry a few characters of text and nothing the meter
-        // needs to read: they are checked to be JSON and have their text
-        // measured, without building them. The first chunk (the stream's
-        // identity), usage and errors are read in full.
-        if self.identity.is_some()
-            && !contains(&chunk, b"\"usage\"")
-            && !contains(&chunk, b"\"error")
-        {
-            if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&chunk) {
-                self.fail(GatewayError::upstream_protocol(
-                    &self.backend,
-                    format_args!("a stream chunk is not JSON: {e}"),
-                ));
-                return None;
-            }
-            self.meter.observe(Observed {
-                usage: None,
-                text_chars: text_chars(&chunk),
-            });
-            self.meter.chunk_sent();
-            return Some(event(&chunk));
+    fn on_chunk(&mut self, chunk: Bytes, facts: ChunkFacts) -> Option<Bytes> {
+        self.meter.observe(facts.observed);
+        if facts.identity.is_some() {
+            self.identity = facts.identity;
         }
-        let view = match serde_json::from_slice::<ResponseView<'_>>(&chunk) {
-            Ok(view) => view,
-            Err(e) => {
-                self.fail(GatewayError::upstream_protocol(
-                    &self.backend,
-                    format_args!("a stream chunk is not JSON: {e}"),
-                ));
-                return None;
-            }
-        };
-        if view.is_error() {
-            self.fail(GatewayError::upstream_in_band(&self.backend, &chunk));
-            return None;
-        }
-        self.meter.observe(Observed::of(&view));
-        if self.identity.is_none() {
-            self.identity = Some((
-                view.id.as_deref().unwrap_or_default().to_owned(),
-                view.created.unwrap_or_default(),
-                view.model.as_deref().unwrap_or_default().to_owned(),
-            ));
-        }
-        if view.is_usage_only() {
+        if facts.usage_only {
             if !self.include_usage {
                 return None;
             }
@@ -213,16 +231,23 @@ impl Stream for SseBody {
             if this.finished {
                 return Poll::Ready(None);
             }
-            let next = match this.first.take() {
-                Some(first) => Poll::Ready(Some(Ok(first))),
-                None => this.upstream.as_mut().poll_next(cx),
-            };
-            match next {
+            if let Some((chunk, facts)) = this.first.take() {
+                if let Some(out) = this.on_chunk(chunk, facts) {
+                    return Poll::Ready(Some(Ok(out)));
+                }
+                continue;
+            }
+            match this.upstream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let deadline = Instant::now() + this.idle;
                     this.idle_timer.as_mut().reset(deadline);
-                    if let Some(out) = this.on_chunk(chunk) {
-                        return Poll::Ready(Some(Ok(out)));
+                    match read_chunk(&this.backend, &chunk, false) {
+                        Ok(facts) => {
+                            if let Some(out) = this.on_chunk(chunk, facts) {
+                                return Poll::Ready(Some(Ok(out)));
+                            }
+                        }
+                        Err(error) => this.fail(error),
                     }
                 }
                 Poll::Ready(Some(Err(error))) => this.fail(error),
@@ -306,8 +331,9 @@ mod tests {
             .into_iter()
             .map(|c| c.map(|s| Bytes::from_static(s.as_bytes())));
         let first = chunks.next().unwrap().unwrap();
+        let facts = read_chunk("b", &first, true).unwrap();
         let body = SseBody::new(SseParams {
-            first,
+            first: (first, facts),
             upstream: stream::iter(chunks.collect::<Vec<_>>()).boxed(),
             idle: Duration::from_secs(5),
             backend: "b".into(),
