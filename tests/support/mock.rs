@@ -93,14 +93,17 @@ pub fn split_events(sse: &[u8]) -> Vec<Bytes> {
     events
 }
 
-/// The base URL of a port on 127.0.0.1 that nothing listens on: a bound
-/// listener is dropped, so connecting to it is refused.
+/// The base URL of a port on 127.0.0.1 that nothing listens on, so
+/// connecting to it is refused. The socket stays bound but never listens:
+/// a dropped listener's port could be handed to a parallel test's mock.
+/// It is leaked on purpose; each test runs in its own process.
 pub async fn refused_base_url() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("an address"))
         .expect("bind 127.0.0.1:0");
-    let addr = listener.local_addr().expect("bound address");
-    drop(listener);
+    let addr = socket.local_addr().expect("bound address");
+    std::mem::forget(socket);
     format!("http://{addr}")
 }
 
