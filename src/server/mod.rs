@@ -4,6 +4,7 @@ mod admin;
 mod auth;
 mod completions;
 mod explain;
+mod listen;
 mod metrics_page;
 mod reload;
 mod request_id;
@@ -20,7 +21,6 @@ use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -140,44 +140,22 @@ impl Gateway {
         // Held while serving: dropping it stops the watch.
         let _watch = reload::watch(&self.state).map_err(std::io::Error::other)?;
         let state = self.state.clone();
-        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-        // Stream events are small writes; without TCP_NODELAY, Nagle's
-        // algorithm holds each one back until the client's delayed ACK
-        // (about 40 ms on Linux).
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %e, "could not set TCP_NODELAY");
-            }
-        });
-        // A make-service hands each connection the router as built, where
-        // serving the `Router` itself rebuilds part of it per connection
-        // (about 8 KB of each open stream).
-        let server = axum::serve(listener, self.router().into_make_service())
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                state.draining.store(true, Ordering::SeqCst);
-                tracing::info!(
-                    grace_ms = grace.as_millis() as u64,
-                    "shutting down: draining requests in flight"
-                );
-                let _ = drain_tx.send(());
-            });
-        let server = server.into_future();
-        tokio::pin!(server);
-        let result = tokio::select! {
-            result = &mut server => result,
-            Ok(()) = drain_rx => match tokio::time::timeout(grace, server).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!("grace period over: closing the connections still open");
-                    Ok(())
-                }
-            },
-        };
+        let drained = listen::accept_until(listener, self.router(), async move {
+            shutdown.await;
+            state.draining.store(true, Ordering::SeqCst);
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "shutting down: draining requests in flight"
+            );
+        })
+        .await;
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!("grace period over: closing the connections still open");
+        }
         if let Err(e) = self.state.ledger.flush() {
             tracing::error!(error = %e, "could not write the last spend to the ledger");
         }
-        result
+        Ok(())
     }
 }
 
