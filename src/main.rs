@@ -64,12 +64,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Log lines are written by a thread of their own, so a request never
-    // waits on stderr; when the queue is full, writers wait rather than
-    // drop lines.
-    let (log_writer, flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
+    // Log lines are buffered and written by a thread of their own, so a
+    // request never waits on stderr.
+    let (log_writer, flush_on_exit) = tollgate::log_buffer::start(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

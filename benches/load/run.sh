@@ -95,6 +95,10 @@ FD_LIMIT=$(ulimit -n)
 # ------------------------------------------------------------------ processes
 
 WORK=$(mktemp -d /tmp/tollgate-load.XXXXXX)
+# tollgate watches its config's directory for changes: its logs go elsewhere,
+# or every log line would wake its file watcher.
+LOGS=$WORK/logs
+mkdir "$LOGS"
 PIDS=()
 cleanup() {
     local pid
@@ -120,7 +124,7 @@ wait_port() { # port, pid, name
         if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
         if ! kill -0 "$2" 2>/dev/null; then
             echo "$3 exited before listening on $1; its log:" >&2
-            tail -n 20 "$WORK"/*.log >&2 || true
+            tail -n 20 "$WORK"/*.log "$LOGS"/*.log >&2 || true
             exit 1
         fi
         sleep 0.05
@@ -144,7 +148,7 @@ taskset -c "$PROXY_CORE" "$NGINX" -c "$WORK/proxy-nginx.conf" -p "$WORK" &
 PROXY_PID=$!
 PIDS+=("$PROXY_PID")
 RUST_LOG=$TOLLGATE_LOG taskset -c "$PROXY_CORE" "$TOLLGATE_BIN" serve \
-    --config "$WORK/tollgate.toml" --listen "127.0.0.1:$TOLLGATE_PORT" 2>"$WORK/tollgate.log" &
+    --config "$WORK/tollgate.toml" --listen "127.0.0.1:$TOLLGATE_PORT" 2>"$LOGS/tollgate.log" &
 TOLLGATE_PID=$!
 PIDS+=("$TOLLGATE_PID")
 wait_port "$MOCK_PORT" "$MOCK_PID" "mock nginx"
@@ -274,7 +278,7 @@ if [ "$STREAMS" -gt 0 ]; then
     HOLD_PID=$!
     PIDS+=("$HOLD_PID")
     RUST_LOG=$TOLLGATE_LOG taskset -c "$PROXY_CORE" "$TOLLGATE_BIN" serve \
-        --config "$WORK/tollgate-hold.toml" --listen "127.0.0.1:$HOLD_TOLLGATE_PORT" 2>"$WORK/tollgate-hold.log" &
+        --config "$WORK/tollgate-hold.toml" --listen "127.0.0.1:$HOLD_TOLLGATE_PORT" 2>"$LOGS/tollgate-hold.log" &
     HOLD_TOLLGATE_PID=$!
     PIDS+=("$HOLD_TOLLGATE_PID")
     wait_port "$HOLD_PORT" "$HOLD_PID" "hold mock"

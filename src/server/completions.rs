@@ -476,7 +476,12 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
 }
 
 pub(super) fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<InboundRequest, GatewayError> {
+    // Parsed plainly first; only a body that fails is parsed again, with
+    // the path tracking that names where it went wrong.
     fn typed<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
+        if let Ok(value) = serde_json::from_slice(bytes) {
+            return Ok(value);
+        }
         let mut de = serde_json::Deserializer::from_slice(bytes);
         serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
