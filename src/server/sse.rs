@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::Stream;
+use memchr::memmem;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::GatewayError;
@@ -182,7 +183,7 @@ impl SseBody {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memmem::find(haystack, needle).is_some()
 }
 
 /// Bytes of generated text in a chunk, for an estimate when the upstream
@@ -192,20 +193,19 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 fn text_chars(chunk: &[u8]) -> usize {
     let start = [&b"\"content\":\""[..], b"\"text\":\""]
         .iter()
-        .find_map(|key| {
-            chunk
-                .windows(key.len())
-                .position(|w| w == *key)
-                .map(|at| at + key.len())
-        });
+        .find_map(|key| memmem::find(chunk, key).map(|at| at + key.len()));
     let Some(start) = start else { return 0 };
-    let mut escaped = false;
-    for (i, &b) in chunk[start..].iter().enumerate() {
-        match b {
-            _ if escaped => escaped = false,
-            b'\\' => escaped = true,
-            b'"' => return i,
-            _ => {}
+    let text = &chunk[start..];
+    let mut at = 0;
+    // Skips to each quote or backslash; a backslash escapes the next byte.
+    while let Some(found) = memchr::memchr2(b'"', b'\\', &text[at..]) {
+        let i = at + found;
+        if text[i] == b'"' {
+            return i;
+        }
+        at = i + 2;
+        if at >= text.len() {
+            break;
         }
     }
     0
