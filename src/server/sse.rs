@@ -23,6 +23,8 @@ use crate::openai::{Endpoint, ResponseView, Usage};
 use crate::providers::ChunkStream;
 
 const DONE: &[u8] = b"data: [DONE]\n\n";
+/// The most sent in one frame when the upstream has sent a lot at once.
+const MAX_FRAME: usize = 64 * 1024;
 
 /// `id`, `created` and `model` of a stream, for a synthesised usage chunk.
 type Identity = (String, u64, String);
@@ -90,6 +92,9 @@ pub struct SseBody {
     tail: VecDeque<Bytes>,
     finished: bool,
     idle: Duration,
+    /// When the upstream last sent a chunk. The timer is moved on from it
+    /// only when it fires, not re-armed for every chunk.
+    last_chunk: Instant,
     idle_timer: Pin<Box<Sleep>>,
     backend: String,
     endpoint: Endpoint,
@@ -118,6 +123,7 @@ impl SseBody {
             tail: VecDeque::new(),
             finished: false,
             idle: p.idle,
+            last_chunk: Instant::now(),
             idle_timer: Box::pin(tokio::time::sleep(p.idle)),
             backend: p.backend,
             endpoint: p.endpoint,
@@ -128,20 +134,34 @@ impl SseBody {
         }
     }
 
-    /// Decides what the client sees of one upstream chunk.
-    fn on_chunk(&mut self, chunk: Bytes, facts: ChunkFacts) -> Option<Bytes> {
+    /// Decides what the client sees of one upstream chunk, and adds it to
+    /// `out`.
+    fn on_chunk(&mut self, out: &mut BytesMut, chunk: &[u8], facts: ChunkFacts) {
         self.meter.observe(facts.observed);
         if facts.identity.is_some() {
             self.identity = facts.identity;
         }
         if facts.usage_only {
             if !self.include_usage {
-                return None;
+                return;
             }
             self.sent_usage_chunk = true;
         }
         self.meter.chunk_sent();
-        Some(event(&chunk))
+        put_event(out, chunk);
+    }
+
+    /// Whether the upstream has been silent for longer than `idle`; if not,
+    /// the timer is set for when it would be.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.idle_timer.as_mut().poll(cx).is_ready() {
+            let deadline = self.last_chunk + self.idle;
+            if deadline <= Instant::now() {
+                return true;
+            }
+            self.idle_timer.as_mut().reset(deadline);
+        }
+        false
     }
 
     /// The upstream ended normally.
@@ -211,49 +231,51 @@ fn text_chars(chunk: &[u8]) -> usize {
     0
 }
 
-fn event(json: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(json.len() + 8);
+fn put_event(out: &mut BytesMut, json: &[u8]) {
+    out.reserve(json.len() + 8);
     out.put_slice(b"data: ");
     out.put_slice(json);
     out.put_slice(b"\n\n");
+}
+
+fn event(json: &[u8]) -> Bytes {
+    let mut out = BytesMut::new();
+    put_event(&mut out, json);
     out.freeze()
 }
 
 impl Stream for SseBody {
     type Item = Result<Bytes, Infallible>;
 
+    /// Everything ready is sent as one frame: the events of one upstream
+    /// read go out in one write, and nothing that has arrived waits.
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        let mut out = BytesMut::new();
         loop {
-            if let Some(out) = this.tail.pop_front() {
-                return Poll::Ready(Some(Ok(out)));
+            while let Some(event) = this.tail.pop_front() {
+                out.extend_from_slice(&event);
             }
-            if this.finished {
-                return Poll::Ready(None);
+            if this.finished || out.len() >= MAX_FRAME {
+                break;
             }
             if let Some((chunk, facts)) = this.first.take() {
-                if let Some(out) = this.on_chunk(chunk, facts) {
-                    return Poll::Ready(Some(Ok(out)));
-                }
+                this.on_chunk(&mut out, &chunk, facts);
                 continue;
             }
             match this.upstream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    let deadline = Instant::now() + this.idle;
-                    this.idle_timer.as_mut().reset(deadline);
+                    this.last_chunk = Instant::now();
                     match read_chunk(&this.backend, &chunk, false) {
-                        Ok(facts) => {
-                            if let Some(out) = this.on_chunk(chunk, facts) {
-                                return Poll::Ready(Some(Ok(out)));
-                            }
-                        }
+                        Ok(facts) => this.on_chunk(&mut out, &chunk, facts),
                         Err(error) => this.fail(error),
                     }
                 }
                 Poll::Ready(Some(Err(error))) => this.fail(error),
                 Poll::Ready(None) => this.on_end(),
+                Poll::Pending if !out.is_empty() => break,
                 Poll::Pending => {
-                    if this.idle_timer.as_mut().poll(cx).is_ready() {
+                    if this.idle_expired(cx) {
                         this.fail(GatewayError::upstream_idle(&this.backend, this.idle));
                         continue;
                     }
@@ -261,6 +283,10 @@ impl Stream for SseBody {
                 }
             }
         }
+        if out.is_empty() {
+            return Poll::Ready(None);
+        }
+        Poll::Ready(Some(Ok(out.freeze())))
     }
 }
 
@@ -298,10 +324,7 @@ mod tests {
         );
     }
 
-    async fn run(
-        chunks: Vec<Result<&'static str, GatewayError>>,
-        include_usage: bool,
-    ) -> (Vec<String>, Arc<Metrics>) {
+    fn test_meter() -> (Arc<Metrics>, Meter) {
         let metrics = Arc::new(Metrics::new());
         let mut meter = Meter::new(
             metrics.clone(),
@@ -327,6 +350,14 @@ mod tests {
             lease: Lease::new(Arc::default(), Arc::default(), Arc::default()),
         });
         meter.attempt_answered();
+        (metrics, meter)
+    }
+
+    async fn run(
+        chunks: Vec<Result<&'static str, GatewayError>>,
+        include_usage: bool,
+    ) -> (Vec<String>, Arc<Metrics>) {
+        let (metrics, meter) = test_meter();
         let mut chunks = chunks
             .into_iter()
             .map(|c| c.map(|s| Bytes::from_static(s.as_bytes())));
@@ -341,11 +372,50 @@ mod tests {
             include_usage,
             meter,
         });
-        let events = body
+        let frames = body
             .map(|e| String::from_utf8(e.unwrap().to_vec()).unwrap())
             .collect::<Vec<_>>()
             .await;
-        (events, metrics)
+        (split_events(&frames.concat()), metrics)
+    }
+
+    /// Each `data: …\n\n` event of a body, in order.
+    fn split_events(body: &str) -> Vec<String> {
+        body.split_inclusive("\n\n").map(str::to_owned).collect()
+    }
+
+    #[tokio::test]
+    async fn events_that_are_ready_together_go_out_in_one_frame() {
+        let first = Bytes::from_static(CONTENT.as_bytes());
+        let facts = read_chunk("b", &first, true).unwrap();
+        let later = stream::iter([Ok(Bytes::from_static(CONTENT.as_bytes()))]);
+        // The upstream has nothing for a moment after its second chunk.
+        let upstream = stream::iter([Ok(Bytes::from_static(CONTENT.as_bytes()))])
+            .chain(stream::once(tokio::task::yield_now()).filter_map(|()| async { None }))
+            .chain(later)
+            .boxed();
+        let (_, meter) = test_meter();
+        let frames: Vec<Bytes> = SseBody::new(SseParams {
+            first: (first, facts),
+            upstream,
+            idle: Duration::from_secs(5),
+            backend: "b".into(),
+            endpoint: Endpoint::Chat,
+            include_usage: false,
+            meter,
+        })
+        .map(Result::unwrap)
+        .collect()
+        .await;
+        let events: Vec<usize> = frames
+            .iter()
+            .map(|f| split_events(std::str::from_utf8(f).unwrap()).len())
+            .collect();
+        assert_eq!(
+            events,
+            [2, 2],
+            "two chunks, a pause, then a chunk and [DONE]"
+        );
     }
 
     fn usage_metric(metrics: &Metrics, estimated: &str) -> u64 {
