@@ -5,7 +5,6 @@
 //! ends with `data: [DONE]`. Dropping it (the client went away) drops the
 //! upstream stream, which closes the upstream connection.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -89,7 +88,7 @@ pub struct SseBody {
     /// The chunk read before the response started, to send first.
     first: Option<(Bytes, ChunkFacts)>,
     /// Events left to send once the upstream is finished.
-    tail: VecDeque<Bytes>,
+    tail: BytesMut,
     finished: bool,
     idle: Duration,
     /// When the upstream last sent a chunk. The timer is moved on from it
@@ -120,7 +119,7 @@ impl SseBody {
         Self {
             upstream: p.upstream,
             first: Some(p.first),
-            tail: VecDeque::new(),
+            tail: BytesMut::new(),
             finished: false,
             idle: p.idle,
             last_chunk: Instant::now(),
@@ -169,7 +168,8 @@ impl SseBody {
         self.meter.upstream_done();
         if self.include_usage && !self.sent_usage_chunk {
             if let Some(usage) = self.meter.usage() {
-                self.tail.push_back(event(&self.usage_chunk(usage)));
+                let chunk = self.usage_chunk(usage);
+                put_event(&mut self.tail, &chunk);
             }
         }
         self.end(200);
@@ -178,12 +178,12 @@ impl SseBody {
     fn fail(&mut self, error: GatewayError) {
         self.meter.upstream_done();
         tracing::warn!(backend = %self.backend, error = %error.message, "stream failed after it started");
-        self.tail.push_back(event(&error.body_json()));
+        put_event(&mut self.tail, &error.body_json());
         self.end(error.status.as_u16());
     }
 
     fn end(&mut self, status: u16) {
-        self.tail.push_back(Bytes::from_static(DONE));
+        self.tail.put_slice(DONE);
         self.finished = true;
         self.meter.finish(status);
     }
@@ -238,12 +238,6 @@ fn put_event(out: &mut BytesMut, json: &[u8]) {
     out.put_slice(b"\n\n");
 }
 
-fn event(json: &[u8]) -> Bytes {
-    let mut out = BytesMut::new();
-    put_event(&mut out, json);
-    out.freeze()
-}
-
 impl Stream for SseBody {
     type Item = Result<Bytes, Infallible>;
 
@@ -253,9 +247,8 @@ impl Stream for SseBody {
         let this = &mut *self;
         let mut out = BytesMut::new();
         loop {
-            while let Some(event) = this.tail.pop_front() {
-                out.extend_from_slice(&event);
-            }
+            out.extend_from_slice(&this.tail);
+            this.tail.clear();
             if this.finished || out.len() >= MAX_FRAME {
                 break;
             }
