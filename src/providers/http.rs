@@ -6,11 +6,11 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use eventsource_stream::{EventStreamError, Eventsource};
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Client, RequestBuilder, Response, StatusCode};
+use sse_stream::SseByteStream;
 
 use crate::config::Backend;
 use crate::error::GatewayError;
@@ -137,19 +137,18 @@ impl ErrorReply {
 }
 
 /// The `data` of each SSE event of a response body, parsed incrementally
-/// (an event may be cut across reads). Events without data (comments,
-/// keep-alives) are skipped.
+/// (an event may be cut across reads; the parser's work is linear in the
+/// bytes, however many events a read holds). Events without data
+/// (comments, keep-alives) are skipped.
 pub fn sse_data(
     backend: &str,
     response: Response,
 ) -> BoxStream<'static, Result<String, GatewayError>> {
     let backend = backend.to_owned();
-    response
-        .bytes_stream()
-        .eventsource()
+    SseByteStream::new(response.bytes_stream())
         .map(move |event| match event {
-            Ok(event) => Ok(event.data),
-            Err(EventStreamError::Transport(_)) => Err(GatewayError::upstream_broken(&backend)),
+            Ok(event) => Ok(event.data.unwrap_or_default()),
+            Err(sse_stream::Error::Body(_)) => Err(GatewayError::upstream_broken(&backend)),
             Err(e) => Err(GatewayError::upstream_protocol(&backend, e)),
         })
         .try_filter(|data| std::future::ready(!data.is_empty()))
@@ -169,6 +168,19 @@ mod tests {
             body: Vec::new(),
         }
         .retry_after()
+    }
+
+    #[tokio::test]
+    async fn sse_data_skips_comments_and_empty_events_and_joins_cut_ones() {
+        let pieces: Vec<Result<&'static str, std::io::Error>> = vec![
+            Ok(": keep-alive\n\ndata: {\"a\":1}\n\nda"),
+            Ok("ta: {\"b\":2}\r\n\r\nevent: ping\n\n"),
+            Ok("data: line one\ndata: line two\n\ndata: cut at the end"),
+        ];
+        let body = reqwest::Body::wrap_stream(futures_util::stream::iter(pieces));
+        let response = Response::from(axum::http::Response::new(body));
+        let data: Vec<String> = sse_data("b", response).map(Result::unwrap).collect().await;
+        assert_eq!(data, [r#"{"a":1}"#, r#"{"b":2}"#, "line one\nline two"]);
     }
 
     #[test]
