@@ -8,12 +8,13 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::Stream;
-use memchr::memmem;
+use memchr::memmem::Finder;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::GatewayError;
@@ -53,7 +54,8 @@ pub fn read_view<'b>(backend: &str, body: &'b [u8]) -> Result<ResponseView<'b>, 
 /// without being built. The first chunk (`first`, for the stream's
 /// identity), usage and errors are read in full.
 pub fn read_chunk(backend: &str, chunk: &[u8], first: bool) -> Result<ChunkFacts, GatewayError> {
-    if !first && !contains(chunk, b"\"usage\"") && !contains(chunk, b"\"error") {
+    let keys = &*KEYS;
+    if !first && keys.usage.find(chunk).is_none() && keys.error.find(chunk).is_none() {
         serde_json::from_slice::<serde::de::IgnoredAny>(chunk).map_err(|e| {
             GatewayError::upstream_protocol(
                 backend,
@@ -202,18 +204,30 @@ impl SseBody {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    memmem::find(haystack, needle).is_some()
+/// The keys a chunk is searched for, each searcher built once: building
+/// one per search cost more than the search.
+struct Keys {
+    usage: Finder<'static>,
+    error: Finder<'static>,
+    content: Finder<'static>,
+    text: Finder<'static>,
 }
+
+static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
+    usage: Finder::new(b"\"usage\""),
+    error: Finder::new(b"\"error"),
+    content: Finder::new(b"\"content\":\""),
+    text: Finder::new(b"\"text\":\""),
+});
 
 /// Bytes of generated text in a chunk, for an estimate when the upstream
 /// reports no usage: the first `"content":"…"` (chat) or `"text":"…"`
 /// (legacy; Together sends both, so the first one found counts), escapes
 /// counted as written.
 fn text_chars(chunk: &[u8]) -> usize {
-    let start = [&b"\"content\":\""[..], b"\"text\":\""]
-        .iter()
-        .find_map(|key| memmem::find(chunk, key).map(|at| at + key.len()));
+    let start = [&KEYS.content, &KEYS.text]
+        .into_iter()
+        .find_map(|key| key.find(chunk).map(|at| at + key.needle().len()));
     let Some(start) = start else { return 0 };
     let text = &chunk[start..];
     let mut at = 0;
