@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use reqwest::Url;
+use url::Url;
 
 #[derive(Debug, Clone)]
 pub struct Config {

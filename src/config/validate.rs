@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use reqwest::Url;
 use sha2::{Digest, Sha256};
+use url::Url;
 
 use super::schema::{RawBackend, RawConfig, RawDeployment, RawKey, RawModel, RawSimulated};
 use super::types::*;

@@ -1,16 +1,24 @@
-//! What the HTTP providers share: building the client and the bearer
-//! credential, sending (and reading the upstream's quota headers), naming
-//! transport failures, reading an error response, and reading an SSE body
-//! as its `data` payloads.
+//! What the HTTP providers share: the client (hyper's pooled client over
+//! rustls), the bearer credential, building and sending a request (and
+//! reading the upstream's quota headers), naming transport failures,
+//! reading a body whole, as bytes as they come, or as SSE `data` payloads,
+//! and reading an error response.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use bytes::Bytes;
 use futures_util::stream::BoxStream;
-use futures_util::{StreamExt, TryStreamExt};
-use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
-use reqwest::{Client, RequestBuilder, Response, StatusCode};
-use sse_stream::SseByteStream;
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use http_body_util::{BodyDataStream, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use sse_stream::SseStream;
 
 use crate::config::Backend;
 use crate::error::GatewayError;
@@ -20,22 +28,68 @@ use crate::limits::UpstreamQuota;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 /// The longest `retry-after` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// How long an idle pooled connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(60);
 
-pub fn client(backend: &Backend) -> Result<Client, String> {
-    Client::builder()
-        .connect_timeout(backend.timeouts.connect)
-        .tcp_nodelay(true)
-        .pool_idle_timeout(Duration::from_secs(60))
-        // Upstream APIs do not redirect; following one would resend the
-        // request (and its credential) somewhere unconfigured.
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| {
-            format!(
-                "cannot build the HTTP client for backend \"{}\": {e}",
-                backend.name
-            )
-        })
+/// hyper's client with a connection pool, HTTP/1.1, and HTTP/2 where TLS
+/// negotiates it. It follows no redirects: upstream APIs do not redirect,
+/// and following one would resend the request (and its credential)
+/// somewhere unconfigured.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type UpstreamResponse = Response<Incoming>;
+
+pub fn client(backend: &Backend) -> Result<HttpClient, String> {
+    new_client(backend.timeouts.connect).map_err(|e| {
+        format!(
+            "cannot build the HTTP client for backend \"{}\": {e}",
+            backend.name
+        )
+    })
+}
+
+/// A client that gives up connecting after `connect_timeout`.
+pub fn new_client(connect_timeout: Duration) -> Result<HttpClient, String> {
+    let mut tcp = HttpConnector::new();
+    tcp.set_connect_timeout(Some(connect_timeout));
+    tcp.set_nodelay(true);
+    tcp.enforce_http(false);
+    let connector = HttpsConnectorBuilder::new()
+        .try_with_platform_verifier()
+        .map_err(|e| e.to_string())?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tcp);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE)
+        .build(connector))
+}
+
+/// A `POST` of a JSON body to `uri`.
+pub fn post_json(uri: &Uri, body: Vec<u8>) -> Request<Full<Bytes>> {
+    let mut request = Request::new(Full::new(Bytes::from(body)));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = uri.clone();
+    request
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    request
+}
+
+/// Tags an upstream request with the gateway's request id, so the two
+/// logs can be joined.
+pub fn tag(request: &mut Request<Full<Bytes>>, request_id: &str) {
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        request.headers_mut().insert("x-request-id", id);
+    }
+}
+
+/// A backend URL as the client takes it; parsed once, when the backend is
+/// built.
+pub fn uri(backend: &str, url: &str) -> Result<Uri, String> {
+    url.parse()
+        .map_err(|e| format!("backend \"{backend}\": bad URL {url}: {e}"))
 }
 
 /// `Authorization: Bearer <api_key_env>`, marked sensitive so it never
@@ -62,29 +116,38 @@ pub fn bearer(backend: &Backend) -> Result<Option<HeaderValue>, String> {
 /// response's headers report in `quota`, whatever its status.
 pub async fn send(
     backend: &str,
-    request: RequestBuilder,
+    client: &HttpClient,
+    request: Request<Full<Bytes>>,
     quota: &OnceLock<UpstreamQuota>,
-) -> Result<Response, GatewayError> {
-    let response = request
-        .send()
-        .await
-        .map_err(|e| transport_error(backend, &e))?;
+) -> Result<UpstreamResponse, GatewayError> {
+    let response = client.request(request).await.map_err(|e| {
+        if e.is_connect() {
+            GatewayError::upstream_connect(backend)
+        } else {
+            let mut error = GatewayError::upstream_connect(backend);
+            error.message = format!("request to backend \"{backend}\" failed before a response");
+            error
+        }
+    })?;
     if let Some(reported) = UpstreamQuota::from_headers(response.headers()) {
         let _ = quota.set(reported);
     }
     Ok(response)
 }
 
-pub fn transport_error(backend: &str, e: &reqwest::Error) -> GatewayError {
-    if e.is_connect() {
-        GatewayError::upstream_connect(backend)
-    } else if e.is_body() || e.is_decode() {
-        GatewayError::upstream_broken(backend)
-    } else {
-        let mut error = GatewayError::upstream_connect(backend);
-        error.message = format!("request to backend \"{backend}\" failed before a response");
-        error
+/// The whole body of a response.
+pub async fn read_body(backend: &str, response: UpstreamResponse) -> Result<Bytes, GatewayError> {
+    match response.into_body().collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(_) => Err(GatewayError::upstream_broken(backend)),
     }
+}
+
+/// The body of a response as its bytes arrive.
+pub fn body_bytes(
+    response: UpstreamResponse,
+) -> impl Stream<Item = Result<Bytes, hyper::Error>> + Send + 'static {
+    BodyDataStream::new(response.into_body())
 }
 
 /// An error status as received: status, headers and (the start of) the body.
@@ -95,21 +158,20 @@ pub struct ErrorReply {
 }
 
 impl ErrorReply {
-    pub async fn read(response: Response) -> Self {
-        let status = response.status();
-        let headers = response.headers().clone();
-        let mut body = Vec::new();
-        let mut chunks = response.bytes_stream();
+    pub async fn read(response: UpstreamResponse) -> Self {
+        let (parts, body) = response.into_parts();
+        let mut read = Vec::new();
+        let mut chunks = BodyDataStream::new(body);
         while let Some(Ok(chunk)) = chunks.next().await {
-            body.extend_from_slice(&chunk[..chunk.len().min(MAX_ERROR_BODY - body.len())]);
-            if body.len() >= MAX_ERROR_BODY {
+            read.extend_from_slice(&chunk[..chunk.len().min(MAX_ERROR_BODY - read.len())]);
+            if read.len() >= MAX_ERROR_BODY {
                 break;
             }
         }
         Self {
-            status,
-            headers,
-            body,
+            status: parts.status,
+            headers: parts.headers,
+            body: read,
         }
     }
 
@@ -140,12 +202,13 @@ impl ErrorReply {
 /// (an event may be cut across reads; the parser's work is linear in the
 /// bytes, however many events a read holds). Events without data
 /// (comments, keep-alives) are skipped.
-pub fn sse_data(
-    backend: &str,
-    response: Response,
-) -> BoxStream<'static, Result<String, GatewayError>> {
+pub fn sse_data<B>(backend: &str, body: B) -> BoxStream<'static, Result<String, GatewayError>>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
     let backend = backend.to_owned();
-    SseByteStream::new(response.bytes_stream())
+    SseStream::new(body)
         .map(move |event| match event {
             Ok(event) => Ok(event.data.unwrap_or_default()),
             Err(sse_stream::Error::Body(_)) => Err(GatewayError::upstream_broken(&backend)),
@@ -157,6 +220,9 @@ pub fn sse_data(
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
     use super::*;
 
     fn retry_after(value: &str) -> Option<Duration> {
@@ -172,14 +238,14 @@ mod tests {
 
     #[tokio::test]
     async fn sse_data_skips_comments_and_empty_events_and_joins_cut_ones() {
-        let pieces: Vec<Result<&'static str, std::io::Error>> = vec![
-            Ok(": keep-alive\n\ndata: {\"a\":1}\n\nda"),
-            Ok("ta: {\"b\":2}\r\n\r\nevent: ping\n\n"),
-            Ok("data: line one\ndata: line two\n\ndata: cut at the end"),
-        ];
-        let body = reqwest::Body::wrap_stream(futures_util::stream::iter(pieces));
-        let response = Response::from(axum::http::Response::new(body));
-        let data: Vec<String> = sse_data("b", response).map(Result::unwrap).collect().await;
+        let pieces = [
+            ": keep-alive\n\ndata: {\"a\":1}\n\nda",
+            "ta: {\"b\":2}\r\n\r\nevent: ping\n\n",
+            "data: line one\ndata: line two\n\ndata: cut at the end",
+        ]
+        .map(|piece| Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(piece.as_bytes()))));
+        let body = StreamBody::new(futures_util::stream::iter(pieces));
+        let data: Vec<String> = sse_data("b", body).map(Result::unwrap).collect().await;
         assert_eq!(data, [r#"{"a":1}"#, r#"{"b":2}"#, "line one\nline two"]);
     }
 

@@ -3,7 +3,7 @@
 //! in the provider, never elsewhere.
 
 mod bedrock;
-mod http;
+pub(crate) mod http;
 mod openai_compat;
 mod simulated;
 mod tgi;

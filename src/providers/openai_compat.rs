@@ -3,13 +3,13 @@
 //! `stream_options` and the credential changed; responses come back as the
 //! bytes received, one SSE event at a time.
 
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderValue, Uri};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
-use reqwest::{Client, Url};
 
-use super::http::{self, ErrorReply};
+use super::http::{self, ErrorReply, HttpClient};
 use super::{Provider, UpstreamCall, UpstreamReply};
 use crate::config::{Backend, BackendKind};
 use crate::error::GatewayError;
@@ -19,10 +19,10 @@ pub struct OpenAiCompat {
     name: String,
     kind: BackendKind,
     /// Parsed once: `{base_url}/chat/completions` and `{base_url}/completions`.
-    chat_url: Url,
-    completions_url: Url,
+    chat_url: Uri,
+    completions_url: Uri,
     auth: Option<HeaderValue>,
-    client: Client,
+    client: HttpClient,
 }
 
 impl OpenAiCompat {
@@ -39,10 +39,8 @@ impl OpenAiCompat {
     /// base URL (TGI's `/v1`).
     pub fn with_base_url(backend: &Backend, base_url: &str) -> Result<Self, String> {
         let base = base_url.trim_end_matches('/');
-        let endpoint = |endpoint: Endpoint| {
-            Url::parse(&format!("{base}/{}", endpoint.path()))
-                .map_err(|e| format!("backend \"{}\": bad base_url: {e}", backend.name))
-        };
+        let endpoint =
+            |endpoint: Endpoint| http::uri(&backend.name, &format!("{base}/{}", endpoint.path()));
         Ok(Self {
             name: backend.name.clone(),
             kind: backend.kind,
@@ -67,28 +65,21 @@ impl OpenAiCompat {
             Endpoint::Chat => &self.chat_url,
             Endpoint::Completions => &self.completions_url,
         };
-        let mut request = self
-            .client
-            .post(url.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header("x-request-id", call.request_id)
-            .body(body);
+        let mut request = http::post_json(url, body);
+        http::tag(&mut request, call.request_id);
         if let Some(auth) = &self.auth {
-            request = request.header(AUTHORIZATION, auth.clone());
+            request.headers_mut().insert(AUTHORIZATION, auth.clone());
         }
-        let response = http::send(&self.name, request, call.quota).await?;
+        let response = http::send(&self.name, &self.client, request, call.quota).await?;
         if !response.status().is_success() {
             return Err(ErrorReply::read(response).await.into_error(&self.name));
         }
         if !streaming {
-            let bytes = response
-                .bytes()
-                .await
-                .map_err(|e| http::transport_error(&self.name, &e))?;
+            let bytes = http::read_body(&self.name, response).await?;
             return Ok(UpstreamReply::Complete(normalise(self.kind, bytes)));
         }
         let kind = self.kind;
-        let events = http::sse_data(&self.name, response)
+        let events = http::sse_data(&self.name, response.into_body())
             .try_take_while(|data| std::future::ready(Ok(data != "[DONE]")))
             .map_ok(move |data| normalise(kind, Bytes::from(data)));
         Ok(UpstreamReply::Stream(events.boxed()))

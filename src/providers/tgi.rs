@@ -4,15 +4,14 @@
 //! `/generate_stream`, asked for `details` so usage is exact, and come
 //! back as OpenAI `text_completion` objects and chunks.
 
+use axum::http::Uri;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
-use reqwest::header::CONTENT_TYPE;
-use reqwest::{Client, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::http::{self, ErrorReply};
+use super::http::{self, ErrorReply, HttpClient};
 use super::openai_compat::OpenAiCompat;
 use super::translate::{ChunkMapper, Chunks, ResponseIdentity, map_chunks};
 use super::{ChunkStream, Provider, UpstreamCall, UpstreamReply};
@@ -23,14 +22,10 @@ use crate::openai::{CompletionRequest, InboundRequest, Prompt, TextChoice, TextC
 pub struct Tgi {
     name: String,
     /// `{root}/generate` and `{root}/generate_stream`, parsed once.
-    generate: Url,
-    generate_stream: Url,
+    generate: Uri,
+    generate_stream: Uri,
     chat: OpenAiCompat,
-    client: Client,
-}
-
-fn url(root: &str, path: &str) -> Result<Url, String> {
-    Url::parse(&format!("{root}/{path}")).map_err(|e| format!("bad base_url: {e}"))
+    client: HttpClient,
 }
 
 impl Tgi {
@@ -45,8 +40,8 @@ impl Tgi {
         Ok(Self {
             name: backend.name.clone(),
             chat: OpenAiCompat::with_base_url(backend, &format!("{root}/v1"))?,
-            generate: url(&root, "generate")?,
-            generate_stream: url(&root, "generate_stream")?,
+            generate: http::uri(&backend.name, &format!("{root}/generate"))?,
+            generate_stream: http::uri(&backend.name, &format!("{root}/generate_stream"))?,
             client: http::client(backend)?,
         })
     }
@@ -67,19 +62,15 @@ impl Tgi {
         } else {
             &self.generate
         };
-        let request = self
-            .client
-            .post(url.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header("x-request-id", call.request_id)
-            .body(body);
-        let response = http::send(&self.name, request, call.quota).await?;
+        let mut request = http::post_json(url, body);
+        http::tag(&mut request, call.request_id);
+        let response = http::send(&self.name, &self.client, request, call.quota).await?;
         if !response.status().is_success() {
             return Err(ErrorReply::read(response).await.into_error(&self.name));
         }
         let identity = ResponseIdentity::new("cmpl", call.upstream_model);
         if streaming {
-            let events = http::sse_data(&self.name, response);
+            let events = http::sse_data(&self.name, response.into_body());
             let mapper = GenerateMapper {
                 backend: self.name.clone(),
                 identity,
@@ -93,10 +84,7 @@ impl Tgi {
             .get("x-prompt-tokens")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| http::transport_error(&self.name, &e))?;
+        let bytes = http::read_body(&self.name, response).await?;
         let generated: Generated = serde_json::from_slice(&bytes).map_err(|e| {
             GatewayError::upstream_protocol(
                 &self.name,

@@ -7,10 +7,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::http::{Request, Uri};
+use http_body_util::{BodyExt, Full};
 use tokio::task::JoinHandle;
 
 use super::live::BackendLive;
 use crate::config::{Backend, EngineMetrics};
+use crate::providers::http::{self, HttpClient};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EngineSignals {
@@ -110,16 +113,23 @@ pub fn spawn(backends: &[Backend], live: &[Arc<BackendLive>]) -> Scrapers {
 }
 
 async fn scrape_loop(backend: String, metrics: EngineMetrics, live: Arc<BackendLive>) {
-    let client = reqwest::Client::builder()
-        .timeout(metrics.interval)
-        .build()
-        .expect("a plain HTTP client builds");
+    let client = http::new_client(metrics.interval).and_then(|client| {
+        let uri = http::uri(&backend, metrics.url.as_str())?;
+        Ok((client, uri))
+    });
+    let (client, uri) = match client {
+        Ok(built) => built,
+        Err(error) => {
+            tracing::error!(backend, error, "engine metrics are not scraped");
+            return;
+        }
+    };
     let mut tick = tokio::time::interval(metrics.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
         tick.tick().await;
-        match scrape(&client, &metrics).await {
+        match scrape(&client, &uri, &metrics).await {
             Ok(signals) => {
                 if failing {
                     tracing::info!(backend, "engine metrics scrape recovered");
@@ -137,18 +147,26 @@ async fn scrape_loop(backend: String, metrics: EngineMetrics, live: Arc<BackendL
     }
 }
 
+/// One `GET` of the metrics page, within one scrape interval.
 async fn scrape(
-    client: &reqwest::Client,
+    client: &HttpClient,
+    uri: &Uri,
     metrics: &EngineMetrics,
 ) -> Result<EngineSignals, String> {
-    let response = client
-        .get(metrics.url.clone())
-        .send()
-        .await
-        .and_then(reqwest::Response::error_for_status)
-        .map_err(|e| e.to_string())?;
-    let text = response.text().await.map_err(|e| e.to_string())?;
-    parse(&text, Instant::now()).ok_or_else(|| "no vLLM or TGI load metrics on the page".into())
+    let mut request = Request::new(Full::default());
+    *request.uri_mut() = uri.clone();
+    let page = tokio::time::timeout(metrics.interval, async {
+        let response = client.request(request).await.map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("the page answered {}", response.status()));
+        }
+        let body = response.into_body().collect().await;
+        Ok(body.map_err(|e| e.to_string())?.to_bytes())
+    })
+    .await
+    .map_err(|_| format!("no answer within {:?}", metrics.interval))??;
+    let text = std::str::from_utf8(&page).map_err(|e| e.to_string())?;
+    parse(text, Instant::now()).ok_or_else(|| "no vLLM or TGI load metrics on the page".into())
 }
 
 #[cfg(test)]

@@ -197,7 +197,7 @@ impl Validator<'_> {
         i: usize,
         b: &RawBackend,
         kind: BackendKind,
-        base_url: Option<&reqwest::Url>,
+        base_url: Option<&url::Url>,
     ) -> Option<EngineMetrics> {
         let at = |field: &str| format!("backends[{i}].engine_metrics.{field}");
         let raw = b.engine_metrics.clone().unwrap_or_default();

@@ -8,8 +8,8 @@ use std::time::SystemTime;
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
-use reqwest::Url;
-use reqwest::header::{AUTHORIZATION, HeaderName, HeaderValue};
+use axum::http::header::{AUTHORIZATION, HeaderName, HeaderValue};
+use url::Url;
 
 use crate::config::Backend;
 use crate::error::GatewayError;

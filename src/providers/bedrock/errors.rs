@@ -81,7 +81,7 @@ pub fn exception(
 
 #[cfg(test)]
 mod tests {
-    use reqwest::header::{HeaderMap, HeaderValue};
+    use axum::http::{HeaderMap, HeaderValue};
 
     use super::*;
 

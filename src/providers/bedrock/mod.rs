@@ -11,10 +11,9 @@ mod stream;
 
 use futures_util::future::BoxFuture;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use reqwest::header::CONTENT_TYPE;
-use reqwest::{Client, Url};
+use url::Url;
 
-use super::http::{self, ErrorReply};
+use super::http::{self, ErrorReply, HttpClient};
 use super::{Provider, UpstreamCall, UpstreamReply};
 use crate::config::Backend;
 use crate::error::GatewayError;
@@ -34,7 +33,7 @@ pub struct Bedrock {
     name: String,
     base_url: Url,
     auth: Auth,
-    client: Client,
+    client: HttpClient,
 }
 
 impl Bedrock {
@@ -84,14 +83,11 @@ impl Bedrock {
         })?;
         let streaming = call.request.stream();
         let url = self.url(call.upstream_model, streaming)?;
-        let mut builder = self
-            .client
-            .post(url.clone())
-            .header(CONTENT_TYPE, "application/json");
-        for (name, value) in self.auth.headers(&self.name, &url, &body)? {
-            builder = builder.header(name, value);
-        }
-        let response = http::send(&self.name, builder.body(body), call.quota).await?;
+        let uri = http::uri(&self.name, url.as_str()).map_err(GatewayError::internal)?;
+        let headers = self.auth.headers(&self.name, &url, &body)?;
+        let mut request = http::post_json(&uri, body);
+        request.headers_mut().extend(headers);
+        let response = http::send(&self.name, &self.client, request, call.quota).await?;
         if !response.status().is_success() {
             return Err(errors::from_reply(
                 &self.name,
@@ -102,13 +98,10 @@ impl Bedrock {
             return Ok(UpstreamReply::Stream(stream::chunks(
                 &self.name,
                 call.upstream_model,
-                response.bytes_stream(),
+                http::body_bytes(response),
             )));
         }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| http::transport_error(&self.name, &e))?;
+        let bytes = http::read_body(&self.name, response).await?;
         response::chat_completion(&self.name, call.upstream_model, &bytes)
             .map(UpstreamReply::Complete)
     }

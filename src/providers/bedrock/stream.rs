@@ -21,11 +21,14 @@ use crate::providers::ChunkStream;
 use crate::providers::translate::{ChunkMapper, Chunks, ResponseIdentity, map_chunks};
 
 /// The chunks of a ConverseStream response body.
-pub fn chunks(
+pub fn chunks<E>(
     backend: &str,
     model: &str,
-    body: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
-) -> ChunkStream {
+    body: impl Stream<Item = Result<Bytes, E>> + Send + 'static,
+) -> ChunkStream
+where
+    E: Send + 'static,
+{
     map_chunks(
         frames(backend, body),
         Mapper {
@@ -40,9 +43,9 @@ pub fn chunks(
 /// The event-stream messages of a body; a frame may arrive in any number
 /// of pieces, and one piece may hold several frames. A bad CRC, a broken
 /// connection or a body that ends inside a frame is an error.
-fn frames(
+fn frames<E: Send + 'static>(
     backend: &str,
-    body: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+    body: impl Stream<Item = Result<Bytes, E>> + Send + 'static,
 ) -> BoxStream<'static, Result<Message, GatewayError>> {
     struct State<S> {
         body: S,
@@ -275,7 +278,7 @@ mod tests {
     /// Feeds `body` in pieces of `size` bytes; returns the chunks as JSON
     /// and the error that ended the stream, if any.
     async fn run(body: Vec<u8>, size: usize) -> (Vec<Value>, Option<GatewayError>) {
-        let pieces: Vec<reqwest::Result<Bytes>> = body
+        let pieces: Vec<Result<Bytes, std::io::Error>> = body
             .chunks(size)
             .map(|p| Ok(Bytes::copy_from_slice(p)))
             .collect();
