@@ -255,9 +255,8 @@ fn put_event(out: &mut BytesMut, json: &[u8]) {
 impl Stream for SseBody {
     type Item = Result<Bytes, Infallible>;
 
-    /// After the first chunk, everything ready is sent as one frame: the
-    /// events of one upstream read go out in one write, and nothing that has
-    /// arrived waits.
+    /// Everything ready is sent as one frame: the events of one upstream
+    /// read go out in one write, and nothing that has arrived waits.
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         let mut out = BytesMut::new();
@@ -269,11 +268,6 @@ impl Stream for SseBody {
             }
             if let Some((chunk, facts)) = this.first.take() {
                 this.on_chunk(&mut out, &chunk, facts);
-                // The first chunk goes out with the head at once, not after
-                // the upstream's later chunks have been read.
-                if !out.is_empty() {
-                    break;
-                }
                 continue;
             }
             match this.upstream.as_mut().poll_next(cx) {
@@ -398,13 +392,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_first_chunk_goes_alone_then_ready_events_go_together() {
+    async fn events_that_are_ready_together_go_out_in_one_frame() {
         let first = Bytes::from_static(CONTENT.as_bytes());
         let facts = read_chunk("b", &first, true).unwrap();
         let later = stream::iter([Ok(Bytes::from_static(CONTENT.as_bytes()))]);
-        // The upstream has two chunks ready, then nothing for a moment.
-        let ready = || Ok(Bytes::from_static(CONTENT.as_bytes()));
-        let upstream = stream::iter([ready(), ready()])
+        // The upstream has nothing for a moment after its second chunk.
+        let upstream = stream::iter([Ok(Bytes::from_static(CONTENT.as_bytes()))])
             .chain(stream::once(tokio::task::yield_now()).filter_map(|()| async { None }))
             .chain(later)
             .boxed();
@@ -427,8 +420,8 @@ mod tests {
             .collect();
         assert_eq!(
             events,
-            [1, 2, 2],
-            "the first chunk alone; two ready chunks; a pause, then a chunk and [DONE]"
+            [2, 2],
+            "two chunks, a pause, then a chunk and [DONE]"
         );
     }
 
