@@ -32,12 +32,16 @@ impl OpenAiCompat {
             .as_ref()
             .ok_or("an OpenAI-compatible backend needs a base_url")?
             .as_str();
-        Self::with_base_url(backend, base_url)
+        Self::with_base_url(backend, base_url, http::client(backend)?)
     }
 
     /// For servers whose OpenAI-compatible API lives below their own
-    /// base URL (TGI's `/v1`).
-    pub fn with_base_url(backend: &Backend, base_url: &str) -> Result<Self, String> {
+    /// base URL (TGI's `/v1`), sharing that server's connection pool.
+    pub fn with_base_url(
+        backend: &Backend,
+        base_url: &str,
+        client: HttpClient,
+    ) -> Result<Self, String> {
         let base = base_url.trim_end_matches('/');
         let endpoint =
             |endpoint: Endpoint| http::uri(&backend.name, &format!("{base}/{}", endpoint.path()));
@@ -47,7 +51,7 @@ impl OpenAiCompat {
             chat_url: endpoint(Endpoint::Chat)?,
             completions_url: endpoint(Endpoint::Completions)?,
             auth: http::bearer(backend)?,
-            client: http::client(backend)?,
+            client,
         })
     }
 

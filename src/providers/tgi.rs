@@ -37,12 +37,13 @@ impl Tgi {
             .as_str()
             .trim_end_matches('/')
             .to_owned();
+        let client = http::client(backend)?;
         Ok(Self {
             name: backend.name.clone(),
-            chat: OpenAiCompat::with_base_url(backend, &format!("{root}/v1"))?,
+            chat: OpenAiCompat::with_base_url(backend, &format!("{root}/v1"), client.clone())?,
             generate: http::uri(&backend.name, &format!("{root}/generate"))?,
             generate_stream: http::uri(&backend.name, &format!("{root}/generate_stream"))?,
-            client: http::client(backend)?,
+            client,
         })
     }
 
