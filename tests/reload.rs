@@ -111,6 +111,40 @@ async fn an_edited_file_is_applied_within_a_second_and_an_invalid_edit_never() {
     );
 }
 
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn an_idle_gateway_stops_reading_its_config_file() {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    write(&path, &simulated(&["one"], "chat"));
+    let gateway = start_from_file(&path).await;
+    let version = active_version(&gateway).await; // it is serving: the watch is on
+    // Something else in the directory changes (a ledger, a log, an editor's
+    // swap file): the gateway reads its config once to see whether it
+    // changed too.
+    std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            let _ = tx.send(event.kind);
+        }
+    })
+    .unwrap();
+    watcher.watch(&path, RecursiveMode::NonRecursive).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let opened = rx
+        .try_iter()
+        .filter(|kind| matches!(kind, EventKind::Access(_)))
+        .count();
+    // Reading the file is itself a file event: a watch that reacted to it
+    // would read the file again every debounce interval, forever.
+    assert_eq!(opened, 0, "the gateway kept reading its config file");
+    assert_eq!(active_version(&gateway).await, version);
+}
+
 #[cfg(unix)]
 #[tokio::test]
 async fn a_kubernetes_configmap_update_swapping_its_symlink_is_seen() {

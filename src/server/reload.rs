@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use notify_debouncer_mini::notify::RecursiveMode;
-use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use serde::Serialize;
 
 use super::AppState;
@@ -172,7 +171,8 @@ impl AppState {
 
     /// Reloads from the config file, logging the outcome (file watch and
     /// SIGHUP have no one else to tell). Unless `always`, a file whose text
-    /// was already tried is left alone: watching sees reads and touches too.
+    /// was already tried is left alone: the watch also sees touches and other
+    /// files in the directory changing.
     pub fn reload_file(&self, always: bool) {
         if !always
             && let Some(path) = &self.reloader.file
@@ -207,9 +207,7 @@ impl AppState {
 
 /// Watches the config file's directory and reloads when anything in it
 /// changes; stops when the returned watcher is dropped or the gateway is.
-pub fn watch(
-    app: &Arc<AppState>,
-) -> Result<Option<Debouncer<impl notify_debouncer_mini::notify::Watcher>>, String> {
+pub fn watch(app: &Arc<AppState>) -> Result<Option<RecommendedWatcher>, String> {
     let Some(file) = app.reloader.file.clone() else {
         return Ok(None);
     };
@@ -219,20 +217,25 @@ pub fn watch(
         .unwrap_or(Path::new("."))
         .to_owned();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let mut debouncer = new_debouncer(DEBOUNCE, move |events: DebounceEventResult| {
-        if events.is_ok_and(|e| !e.is_empty()) {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Opening and reading are events too, and the reload itself reads
+        // the file: reacting to them would reload forever.
+        if event.is_ok_and(|e| !matches!(e.kind, EventKind::Access(_))) {
             // A reload is pending already when the channel is full.
             let _ = tx.try_send(());
         }
     })
     .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
-    debouncer
-        .watcher()
+    watcher
         .watch(&dir, RecursiveMode::NonRecursive)
         .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
     let app: Weak<AppState> = Arc::downgrade(app);
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
+            // An editor's save or a ConfigMap swap is several events: let
+            // them settle, then reload once.
+            tokio::time::sleep(DEBOUNCE).await;
+            let _ = rx.try_recv();
             let Some(app) = app.upgrade() else { return };
             // Parsing and building touch the disk and spawn nothing slow,
             // but keep them off the async workers anyway.
@@ -240,5 +243,5 @@ pub fn watch(
         }
     });
     tracing::info!(file = %file.display(), "watching the config file for changes");
-    Ok(Some(debouncer))
+    Ok(Some(watcher))
 }
