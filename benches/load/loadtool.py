@@ -460,18 +460,48 @@ def cpu_per_request(r):
     return r["proxy_cpu_s"] * 1e6 / r["requests"]
 
 
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
 def report(results_file, out_file):
-    results = {}
+    # Every measured figure is kept per round; the report shows medians, and
+    # each ratio is taken within a round (nginx and tollgate measured minutes
+    # apart drift on a shared machine) before its median is taken.
+    rounds = {}  # round -> {(mode, target, kind): row}
+    singles = {}
     with open(results_file) as f:
         for line in f:
             if line.strip():
                 r = json.loads(line)
-                results[(r["mode"], r["target"], r["kind"])] = r
-    meta = results.get(("meta", "meta", "meta"), {})
+                key = (r["mode"], r["target"], r["kind"])
+                if "round" in r:
+                    rounds.setdefault(r["round"], {})[key] = r
+                else:
+                    singles[key] = r
+    meta = singles.get(("meta", "meta", "meta"), {})
+    n_rounds = len(rounds)
 
     def get(mode, target, kind, field):
-        r = results.get((mode, target, kind))
-        return None if r is None else r.get(field)
+        return median(
+            (rows.get((mode, target, kind)) or {}).get(field) for rows in rounds.values()
+        )
+
+    def cpu(mode, target):
+        return median(cpu_per_request(rows.get((mode, target, "rps"))) for rows in rounds.values())
+
+    def per_round(fn):
+        """fn(rows of one round) for every round where it is not None."""
+        return [v for v in (fn(rows) for _, rows in sorted(rounds.items())) if v is not None]
+
+    def spread(values, fmt):
+        if len(values) < 2:
+            return ""
+        return f"; {fmt(min(values))} to {fmt(max(values))} over {len(values)} rounds"
 
     lines = []
     out = lines.append
@@ -481,7 +511,11 @@ def report(results_file, out_file):
         if key in meta:
             out(f"- {key}: {meta[key]}")
     out("")
-    out("Ratios in brackets are to nginx's figure in the same mode (req/s: higher is better; latency: lower is better).")
+    out(
+        f"Figures are medians of {n_rounds} round(s), each measuring every target in turn. "
+        "Ratios in brackets are to nginx's figure in the same mode (req/s: higher is better; "
+        "latency: lower is better)."
+    )
     out("")
     out("| mode | target | req/s @32 conns | p50 @1 conn | p99 @1 conn | first chunk p50 @1 | first chunk p99 @1 | proxy CPU per request @32 | cores busy @32 (proxy, load) | errors |")
     out("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -499,10 +533,12 @@ def report(results_file, out_file):
             t99 = get(mode, target, "ttfb", "ttfb_p99_us")
             busy = get(mode, target, "rps", "core0_busy")
             lbusy = get(mode, target, "rps", "core1_busy")
-            cpu = cpu_per_request(results.get((mode, target, "rps")))
-            base_cpu = cpu_per_request(results.get((mode, "nginx", "rps")))
+            cpu_t = cpu(mode, target)
+            base_cpu = cpu(mode, "nginx")
             errors = sum(
-                (get(mode, target, kind, "errors") or 0) for kind in ("rps", "lat", "ttfb")
+                (rows.get((mode, target, kind)) or {}).get("errors") or 0
+                for rows in rounds.values()
+                for kind in ("rps", "lat", "ttfb")
             )
             out(
                 f"| {label} | {target} | {fmt_rps(rps)}{ratio(rps, base_rps)} "
@@ -512,7 +548,7 @@ def report(results_file, out_file):
                     if mode == "stream"
                     else "| — | — "
                 )
-                + f"| {fmt_us(cpu)}{ratio(cpu, base_cpu)} "
+                + f"| {fmt_us(cpu_t)}{ratio(cpu_t, base_cpu)} "
                 + f"| {'—' if busy is None else f'{busy:.0f}%, {lbusy:.0f}%'} | {errors} |"
             )
     out("")
@@ -522,51 +558,81 @@ def report(results_file, out_file):
     def check(name, ok, figure):
         checks.append((name, "PASS" if ok else ("FAIL" if ok is not None else "n/a"), figure))
 
+    def field(rows, mode, target, kind, name):
+        return (rows.get((mode, target, kind)) or {}).get(name)
+
+    def times(v):
+        return f"{v:.2f}×"
+
     for mode, label in (("nonstream", "non-streaming"), ("stream", "streaming")):
+
+        def rps_ratio(rows, mode=mode):
+            t = field(rows, mode, "tollgate", "rps", "rps")
+            n = field(rows, mode, "nginx", "rps", "rps")
+            return t / n if t and n else None
+
+        rs = per_round(rps_ratio)
+        r = median(rs)
         t, n = get(mode, "tollgate", "rps", "rps"), get(mode, "nginx", "rps", "rps")
-        r = t / n if t and n else None
         check(
             f"throughput ≥ 0.5× nginx ({label})",
             None if r is None else r >= 0.5,
-            "—" if r is None else f"{r:.2f}× ({fmt_rps(t)} vs {fmt_rps(n)} req/s)",
+            "—" if r is None else f"{r:.2f}× ({fmt_rps(t)} vs {fmt_rps(n)} req/s{spread(rs, times)})",
         )
-        tc = cpu_per_request(results.get((mode, "tollgate", "rps")))
-        nc = cpu_per_request(results.get((mode, "nginx", "rps")))
-        if tc and nc:
+
+        def cpu_ratio(rows, mode=mode):
+            tc = cpu_per_request(rows.get((mode, "tollgate", "rps")))
+            nc = cpu_per_request(rows.get((mode, "nginx", "rps")))
+            return nc / tc if tc and nc else None
+
+        cs = per_round(cpu_ratio)
+        if cs:
             checks.append(
                 (
                     f"… the same by CPU per request ({label})",
-                    "PASS" if nc / tc >= 0.5 else "FAIL",
-                    f"{nc / tc:.2f}× (nginx {nc:.0f} µs, tollgate {tc:.0f} µs of CPU per request): "
+                    "PASS" if median(cs) >= 0.5 else "FAIL",
+                    f"{median(cs):.2f}× (nginx {cpu(mode, 'nginx'):.0f} µs, tollgate "
+                    f"{cpu(mode, 'tollgate'):.0f} µs of CPU per request{spread(cs, times)}): "
                     "the throughput ratio if each had a whole core, robust to a busy load core",
                 )
             )
-        d = get(mode, "direct", "lat", "p50_us")
-        t = get(mode, "tollgate", "lat", "p50_us")
-        n = get(mode, "nginx", "lat", "p50_us")
-        if None not in (d, t, n):
-            added_t, added_n = t - d, n - d
-            ok = added_t <= 2 * max(added_n, 0.0)
+
+        def added(rows, target, mode=mode):
+            d = field(rows, mode, "direct", "lat", "p50_us")
+            v = field(rows, mode, target, "lat", "p50_us")
+            return None if None in (d, v) else v - d
+
+        def added_ratio(rows):
+            t, n = added(rows, "tollgate"), added(rows, "nginx")
+            return None if None in (t, n) or n <= 0 else t / n
+
+        ls = per_round(added_ratio)
+        if ls:
             check(
                 f"added p50 latency ≤ 2× nginx's ({label})",
-                ok,
-                f"tollgate +{added_t:.0f} µs, nginx +{added_n:.0f} µs"
-                + (f" ({added_t / added_n:.2f}×)" if added_n > 0 else ""),
+                median(ls) <= 2,
+                f"{median(ls):.2f}× (tollgate +{median(per_round(lambda r: added(r, 'tollgate'))):.0f} µs, "
+                f"nginx +{median(per_round(lambda r: added(r, 'nginx'))):.0f} µs{spread(ls, times)})",
             )
         else:
             check(f"added p50 latency ≤ 2× nginx's ({label})", None, "—")
-    d = get("stream", "direct", "ttfb", "ttfb_p50_us")
-    t = get("stream", "tollgate", "ttfb", "ttfb_p50_us")
-    n = get("stream", "nginx", "ttfb", "ttfb_p50_us")
-    if None not in (d, t):
+
+    def first_added(rows, target):
+        d = field(rows, "stream", "direct", "ttfb", "ttfb_p50_us")
+        v = field(rows, "stream", target, "ttfb", "ttfb_p50_us")
+        return None if None in (d, v) else v - d
+
+    fs = per_round(lambda rows: first_added(rows, "tollgate"))
+    if fs:
+        ns = per_round(lambda rows: first_added(rows, "nginx"))
         check(
             "streaming first chunk added ≤ 200 µs at p50",
-            t - d <= 200,
-            f"+{t - d:.0f} µs (nginx +{n - d:.0f} µs)" if n is not None else f"+{t - d:.0f} µs",
+            median(fs) <= 200,
+            f"+{median(fs):.0f} µs (nginx +{median(ns):.0f} µs{spread(fs, lambda v: f'+{v:.0f} µs')})",
         )
     else:
         check("streaming first chunk added ≤ 200 µs at p50", None, "—")
-    hold = results.get(("hold", "tollgate", "hold"))
+    hold = singles.get(("hold", "tollgate", "hold"))
     if hold:
         name = f"{ISSUE_STREAMS:,}".replace(",", " ") + " open streams, RSS ≤ 300 MB"
         held = hold["streams_open"]
@@ -603,10 +669,11 @@ def report(results_file, out_file):
     shared = []
     for mode in ("nonstream", "stream"):
         for target in ("nginx", "tollgate"):
-            r = results.get((mode, target, "rps"))
-            if r and r.get("proxy_cpu_s") is not None and r.get("duration_s"):
-                share = 100 * r["proxy_cpu_s"] / r["duration_s"]
-                if share < 80 and (r.get("core0_busy") or 0) >= 90:
+            dur = get(mode, target, "rps", "duration_s")
+            own = get(mode, target, "rps", "proxy_cpu_s")
+            if own is not None and dur:
+                share = 100 * own / dur
+                if share < 80 and (get(mode, target, "rps", "core0_busy") or 0) >= 90:
                     shared.append(f"{target} {mode} {share:.0f}%")
     if shared:
         out(

@@ -5,6 +5,8 @@
 #   DURATION=30s benches/load/run.sh     # the figures for a report
 #
 # Environment (defaults in brackets):
+#   ROUNDS [3]            rounds; each measures every target in turn, and the
+#                         report gives medians and each ratio's spread
 #   DURATION [10s]        each wrk throughput run (32 connections)
 #   LAT_DURATION [DURATION] each wrk latency run (1 connection)
 #   WARMUP [2s]           wrk warm-up before each target's runs
@@ -32,6 +34,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 
+ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 LAT_DURATION=${LAT_DURATION:-$DURATION}
 WARMUP=${WARMUP:-2s}
@@ -182,11 +185,11 @@ cpu_ticks() { # core -> "busy total"
     awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
 }
 
-result_line() { # RESULT-json mode target kind [extra json fields]
+result_line() { # RESULT-json mode target kind [extra json fields]; in a round when ROUND is set
     local json=${1#RESULT } extra=${5:-}
     [ -n "$extra" ] || extra='{}'
-    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(mode=sys.argv[2], target=sys.argv[3], kind=sys.argv[4]); r.update(json.loads(sys.argv[5])); print(json.dumps(r))' \
-        "$json" "$2" "$3" "$4" "$extra" >>"$RESULTS"
+    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(mode=sys.argv[2], target=sys.argv[3], kind=sys.argv[4]); r.update(json.loads(sys.argv[5])); r.update({"round": int(sys.argv[6])} if sys.argv[6] else {}); print(json.dumps(r))' \
+        "$json" "$2" "$3" "$4" "$extra" "${ROUND:-}" >>"$RESULTS"
 }
 
 proc_ticks() { # pids... -> CPU clock ticks (user + system) of them and their children
@@ -204,57 +207,67 @@ run_wrk() { # connections duration url body
         -s "$HERE/post.lua" "$3" | grep '^RESULT ' || { echo "wrk failed against $3" >&2; exit 1; }
 }
 
-for mode in nonstream stream; do
-    for target in direct nginx tollgate; do
-        u=$(url $target $mode)
-        b=$(body $mode)
-        log "$mode / $target: $u"
-        run_wrk "$CONNECTIONS" "$WARMUP" "$u" "$b" >/dev/null
+measure() { # mode target: one round's figures for one target
+    local mode=$1 target=$2 u b r watched p0 p1 b0 b1 t0 t1 lb0 lb1 lt0 lt1 busy lbusy proxy_cpu_s perf_pid
+    u=$(url "$target" "$mode")
+    b=$(body "$mode")
+    log "round $ROUND/$ROUNDS, $mode / $target: $u"
+    run_wrk "$CONNECTIONS" "$WARMUP" "$u" "$b" >/dev/null
 
-        case $target in
-            direct) watched=() ;;
-            nginx) watched=("$PROXY_PID") ;;
-            tollgate) watched=("$TOLLGATE_PID") ;;
-        esac
-        p0=$(proc_ticks "${watched[@]}")
-        read -r b0 t0 <<<"$(cpu_ticks "$PROXY_CORE")"
-        read -r lb0 lt0 <<<"$(cpu_ticks "$LOAD_CORE")"
-        perf_pid=""
-        if [ -n "${PERF:-}" ] && [ $target = tollgate ]; then
-            PERF_DIR=${PERF_DIR:-$ROOT/target/load-perf}
-            mkdir -p "$PERF_DIR"
-            perf record -F 999 --call-graph dwarf,16384 -p "$TOLLGATE_PID" \
-                -o "$PERF_DIR/tollgate-$mode.perf.data" 2>"$WORK/perf-$mode.log" &
-            perf_pid=$!
-        fi
-        r=$(run_wrk "$CONNECTIONS" "$DURATION" "$u" "$b")
-        if [ -n "$perf_pid" ]; then
-            kill -INT "$perf_pid"
-            wait "$perf_pid" || true
-            echo "  perf: $PERF_DIR/tollgate-$mode.perf.data" \
-                "(perf report -i … --children --sort symbol -g none)" >&2
-        fi
-        read -r b1 t1 <<<"$(cpu_ticks "$PROXY_CORE")"
-        p1=$(proc_ticks "${watched[@]}")
-        read -r lb1 lt1 <<<"$(cpu_ticks "$LOAD_CORE")"
-        busy=$(( 100 * (b1 - b0) / (t1 - t0 > 0 ? t1 - t0 : 1) ))
-        lbusy=$(( 100 * (lb1 - lb0) / (lt1 - lt0 > 0 ? lt1 - lt0 : 1) ))
-        proxy_cpu_s=$(awk -v t=$((p1 - p0)) -v hz="$HZ" 'BEGIN { printf "%.3f", t / hz }')
-        [ ${#watched[@]} -gt 0 ] || proxy_cpu_s=null
-        echo "  $CONNECTIONS conns: $r  (core $PROXY_CORE ${busy}% busy, core $LOAD_CORE ${lbusy}%, proxy CPU ${proxy_cpu_s} s)" >&2
-        result_line "$r" $mode $target rps "{\"core0_busy\": $busy, \"core1_busy\": $lbusy, \"proxy_cpu_s\": $proxy_cpu_s}"
+    case $target in
+        direct) watched=() ;;
+        nginx) watched=("$PROXY_PID") ;;
+        tollgate) watched=("$TOLLGATE_PID") ;;
+    esac
+    p0=$(proc_ticks "${watched[@]}")
+    read -r b0 t0 <<<"$(cpu_ticks "$PROXY_CORE")"
+    read -r lb0 lt0 <<<"$(cpu_ticks "$LOAD_CORE")"
+    perf_pid=""
+    if [ -n "${PERF:-}" ] && [ $target = tollgate ]; then
+        PERF_DIR=${PERF_DIR:-$ROOT/target/load-perf}
+        mkdir -p "$PERF_DIR"
+        perf record -F 999 --call-graph dwarf,16384 -p "$TOLLGATE_PID" \
+            -o "$PERF_DIR/tollgate-$mode.perf.data" 2>"$WORK/perf-$mode.log" &
+        perf_pid=$!
+    fi
+    r=$(run_wrk "$CONNECTIONS" "$DURATION" "$u" "$b")
+    if [ -n "$perf_pid" ]; then
+        kill -INT "$perf_pid"
+        wait "$perf_pid" || true
+        echo "  perf: $PERF_DIR/tollgate-$mode.perf.data" \
+            "(perf report -i … --children --sort symbol -g none)" >&2
+    fi
+    read -r b1 t1 <<<"$(cpu_ticks "$PROXY_CORE")"
+    p1=$(proc_ticks "${watched[@]}")
+    read -r lb1 lt1 <<<"$(cpu_ticks "$LOAD_CORE")"
+    busy=$(( 100 * (b1 - b0) / (t1 - t0 > 0 ? t1 - t0 : 1) ))
+    lbusy=$(( 100 * (lb1 - lb0) / (lt1 - lt0 > 0 ? lt1 - lt0 : 1) ))
+    proxy_cpu_s=$(awk -v t=$((p1 - p0)) -v hz="$HZ" 'BEGIN { printf "%.3f", t / hz }')
+    [ ${#watched[@]} -gt 0 ] || proxy_cpu_s=null
+    echo "  $CONNECTIONS conns: $r  (core $PROXY_CORE ${busy}% busy, core $LOAD_CORE ${lbusy}%, proxy CPU ${proxy_cpu_s} s)" >&2
+    result_line "$r" $mode $target rps "{\"core0_busy\": $busy, \"core1_busy\": $lbusy, \"proxy_cpu_s\": $proxy_cpu_s}"
 
-        r=$(run_wrk 1 "$LAT_DURATION" "$u" "$b")
-        echo "  1 conn:   $r" >&2
-        result_line "$r" $mode $target lat
+    r=$(run_wrk 1 "$LAT_DURATION" "$u" "$b")
+    echo "  1 conn:   $r" >&2
+    result_line "$r" $mode $target lat
 
-        if [ $mode = stream ]; then
-            r=$(taskset -c "$LOAD_CORE" python3 "$HERE/loadtool.py" ttfb "$u" "$b" "$TTFB_REQUESTS" | grep '^RESULT ')
-            echo "  first chunk: $r" >&2
-            result_line "$r" $mode $target ttfb
-        fi
+    if [ $mode = stream ]; then
+        r=$(taskset -c "$LOAD_CORE" python3 "$HERE/loadtool.py" ttfb "$u" "$b" "$TTFB_REQUESTS" | grep '^RESULT ')
+        echo "  first chunk: $r" >&2
+        result_line "$r" $mode $target ttfb
+    fi
+}
+
+# Targets take turns within each round, so that drift of the machine over
+# minutes shows as spread between rounds rather than as a ratio.
+for ROUND in $(seq 1 "$ROUNDS"); do
+    for mode in nonstream stream; do
+        for target in direct nginx tollgate; do
+            measure "$mode" "$target"
+        done
     done
 done
+ROUND=
 
 # ------------------------------------------------------------------ open streams
 
@@ -302,8 +315,8 @@ meta = {
     "date": "$(date -u +'%Y-%m-%d %H:%M UTC')",
     "machine": "$machine",
     "versions": "$versions",
-    "command": "ACCESS_LOG=$ACCESS_LOG DURATION=$DURATION LAT_DURATION=$LAT_DURATION CONNECTIONS=$CONNECTIONS TTFB_REQUESTS=$TTFB_REQUESTS STREAMS=$STREAMS benches/load/run.sh",
-    "durations": "wrk ${DURATION} at $CONNECTIONS connections, ${LAT_DURATION} at 1 connection (after ${WARMUP} warm-up), $TTFB_REQUESTS streamed requests for first-chunk times",
+    "command": "ACCESS_LOG=$ACCESS_LOG ROUNDS=$ROUNDS DURATION=$DURATION LAT_DURATION=$LAT_DURATION CONNECTIONS=$CONNECTIONS TTFB_REQUESTS=$TTFB_REQUESTS STREAMS=$STREAMS benches/load/run.sh",
+    "durations": "$ROUNDS rounds of: wrk ${DURATION} at $CONNECTIONS connections, ${LAT_DURATION} at 1 connection (after ${WARMUP} warm-up), $TTFB_REQUESTS streamed requests for first-chunk times",
     "logging": "ACCESS_LOG=$ACCESS_LOG (tollgate RUST_LOG=$TOLLGATE_LOG)",
     "pinning": "proxy under test (nginx, 1 worker / tollgate) on core $PROXY_CORE; wrk, the first-chunk client and the mock on core $LOAD_CORE",
 }
