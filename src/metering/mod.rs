@@ -158,10 +158,9 @@ impl Meter {
         self.usage
     }
 
-    /// A stream chunk was sent to the client: time to first token, then
-    /// the time between tokens.
-    pub fn chunk_sent(&mut self) {
-        let now = Instant::now();
+    /// A stream chunk was sent to the client at `now`: time to first
+    /// token, then the time between tokens.
+    pub fn chunk_sent(&mut self, now: Instant) {
         match self.last_chunk_sent.replace(now) {
             None => {
                 let labels = [

@@ -137,7 +137,7 @@ impl SseBody {
 
     /// Decides what the client sees of one upstream chunk, and adds it to
     /// `out`.
-    fn on_chunk(&mut self, out: &mut BytesMut, chunk: &[u8], facts: ChunkFacts) {
+    fn on_chunk(&mut self, out: &mut BytesMut, chunk: &[u8], facts: ChunkFacts, now: Instant) {
         self.meter.observe(facts.observed);
         if facts.identity.is_some() {
             self.identity = facts.identity;
@@ -148,7 +148,7 @@ impl SseBody {
             }
             self.sent_usage_chunk = true;
         }
-        self.meter.chunk_sent();
+        self.meter.chunk_sent(now.into_std());
         put_event(out, chunk);
     }
 
@@ -260,6 +260,8 @@ impl Stream for SseBody {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         let mut out = BytesMut::new();
+        // Chunks that are ready together arrived together: one clock read.
+        let mut arrived = None;
         loop {
             out.extend_from_slice(&this.tail);
             this.tail.clear();
@@ -267,14 +269,15 @@ impl Stream for SseBody {
                 break;
             }
             if let Some((chunk, facts)) = this.first.take() {
-                this.on_chunk(&mut out, &chunk, facts);
+                this.on_chunk(&mut out, &chunk, facts, Instant::now());
                 continue;
             }
             match this.upstream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    this.last_chunk = Instant::now();
+                    let now = *arrived.get_or_insert_with(Instant::now);
+                    this.last_chunk = now;
                     match read_chunk(&this.backend, &chunk, false) {
-                        Ok(facts) => this.on_chunk(&mut out, &chunk, facts),
+                        Ok(facts) => this.on_chunk(&mut out, &chunk, facts, now),
                         Err(error) => this.fail(error),
                     }
                 }
