@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use serde::Serialize;
 
@@ -219,8 +220,13 @@ pub fn watch(app: &Arc<AppState>) -> Result<Option<RecommendedWatcher>, String> 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Opening and reading are events too, and the reload itself reads
-        // the file: reacting to them would reload forever.
-        if event.is_ok_and(|e| !matches!(e.kind, EventKind::Access(_))) {
+        // the file: reacting to them would reload forever. Closing a file
+        // that was written is a change.
+        let change = |kind: &EventKind| match kind {
+            EventKind::Access(access) => *access == AccessKind::Close(AccessMode::Write),
+            _ => true,
+        };
+        if event.is_ok_and(|e| change(&e.kind)) {
             // A reload is pending already when the channel is full.
             let _ = tx.try_send(());
         }
