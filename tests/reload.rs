@@ -63,12 +63,19 @@ fn write(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-#[tokio::test]
-async fn an_edited_file_is_applied_within_a_second_and_an_invalid_edit_never() {
+/// A gateway serving from `tollgate.toml` in a fresh directory, written
+/// with `text`.
+async fn serving_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf, Gateway) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tollgate.toml");
-    write(&path, &simulated(&["one"], "chat"));
+    write(&path, text);
     let gateway = start_from_file(&path).await;
+    (dir, path, gateway)
+}
+
+#[tokio::test]
+async fn an_edited_file_is_applied_within_a_second_and_an_invalid_edit_never() {
+    let (_dir, path, gateway) = serving_file(&simulated(&["one"], "chat")).await;
     let first = active_version(&gateway).await;
 
     let second = simulated(&["one", "two"], "chat");
@@ -115,10 +122,7 @@ async fn an_edited_file_is_applied_within_a_second_and_an_invalid_edit_never() {
 #[tokio::test]
 async fn an_idle_gateway_stops_reading_its_config_file() {
     use notify::{EventKind, RecursiveMode, Watcher};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tollgate.toml");
-    write(&path, &simulated(&["one"], "chat"));
-    let gateway = start_from_file(&path).await;
+    let (dir, path, gateway) = serving_file(&simulated(&["one"], "chat")).await;
     let version = active_version(&gateway).await; // it is serving: the watch is on
     // Something else in the directory changes (a ledger, a log, an editor's
     // swap file): the gateway reads its config once to see whether it
