@@ -14,6 +14,15 @@ use tollgate::snapshot::Snapshot;
 
 const DEFAULT_CONFIG: &str = "config/tollgate.toml";
 
+// jemalloc rather than glibc's malloc. Each open stream holds hyper's fixed
+// per-connection buffers, mostly untouched; jemalloc keeps their untouched
+// pages out of memory (31.9 KB a held stream against 35.1 KB) and hands
+// memory back after a spike (glibc kept 170 MB after 5 000 streams closed;
+// jemalloc went back to 20 MB). CPU per request fell 5-7% too.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
