@@ -81,7 +81,9 @@ pub fn post_json(uri: &Uri, body: Vec<u8>) -> Request<Full<Bytes>> {
 /// logs can be joined.
 pub fn tag(request: &mut Request<Full<Bytes>>, request_id: &str) {
     if let Ok(id) = HeaderValue::from_str(request_id) {
-        request.headers_mut().insert("x-request-id", id);
+        request
+            .headers_mut()
+            .insert(crate::id::REQUEST_ID_HEADER, id);
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -21,9 +21,11 @@ use crate::providers::{ChunkStream, UpstreamCall, UpstreamReply};
 use crate::routing::{self, Attempt, DeploymentQuota, PlanStatus, RequestFacts};
 use crate::snapshot::Snapshot;
 
-const BACKEND_HEADER: &str = "x-tollgate-backend";
-const ATTEMPTS_HEADER: &str = "x-tollgate-attempts";
-const CONFIG_VERSION_HEADER: &str = "x-tollgate-config-version";
+const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-tollgate-backend");
+const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-tollgate-attempts");
+const CONFIG_VERSION_HEADER: HeaderName = HeaderName::from_static("x-tollgate-config-version");
+/// Tells nginx-style proxies in front not to buffer a stream.
+const ACCEL_BUFFERING_HEADER: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 /// What one request carries down the pipeline.
 struct RequestCtx {
@@ -438,8 +440,7 @@ fn respond(request: &InboundRequest, served: Served<'_>, reply: Ready) -> Respon
                 HeaderValue::from_static("text/event-stream"),
             );
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            // Tell nginx-style proxies in front not to buffer the stream.
-            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            headers.insert(ACCEL_BUFFERING_HEADER, HeaderValue::from_static("no"));
             response
         }
     };

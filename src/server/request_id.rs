@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 
-const HEADER: &str = "x-request-id";
+use crate::id::REQUEST_ID_HEADER as HEADER;
 
 /// The request's id, put in the request's extensions by [`tag`].
 #[derive(Debug, Clone)]
