@@ -40,7 +40,11 @@ pub enum UpstreamReply {
     Stream(ChunkStream),
 }
 
-pub type ChunkStream = BoxStream<'static, Result<Bytes, GatewayError>>;
+/// One stream chunk's JSON. Owned and never shared, so a `Vec`: a
+/// `Bytes` made from a `String` or `Vec` with spare capacity (what parsers
+/// and serialisers hand out) costs one more allocation per chunk.
+pub type Chunk = Vec<u8>;
+pub type ChunkStream = BoxStream<'static, Result<Chunk, GatewayError>>;
 
 pub trait Provider: Send + Sync {
     /// Sends the request and resolves once the upstream answered: with its

@@ -5,7 +5,6 @@
 
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderValue, Uri};
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
 
@@ -85,7 +84,7 @@ impl OpenAiCompat {
         let kind = self.kind;
         let events = http::sse_data(&self.name, response.into_body())
             .try_take_while(|data| std::future::ready(Ok(data != "[DONE]")))
-            .map_ok(move |data| normalise(kind, Bytes::from(data)));
+            .map_ok(move |data| normalise(kind, data.into_bytes()));
         Ok(UpstreamReply::Stream(events.boxed()))
     }
 }
@@ -101,12 +100,12 @@ impl Provider for OpenAiCompat {
 
 /// Together ends with `finish_reason: "eos"`, which OpenAI clients do not
 /// know; it becomes `"stop"`. Only objects that contain it are re-encoded.
-fn normalise(kind: BackendKind, body: Bytes) -> Bytes {
+fn normalise<B: AsRef<[u8]> + From<Vec<u8>>>(kind: BackendKind, body: B) -> B {
     const EOS: &[u8] = br#""eos""#;
-    if kind != BackendKind::Together || !body.windows(EOS.len()).any(|w| w == EOS) {
+    if kind != BackendKind::Together || !body.as_ref().windows(EOS.len()).any(|w| w == EOS) {
         return body;
     }
-    let Ok(mut object) = serde_json::from_slice::<serde_json::Value>(&body) else {
+    let Ok(mut object) = serde_json::from_slice::<serde_json::Value>(body.as_ref()) else {
         return body;
     };
     let choices = object.get_mut("choices").and_then(|c| c.as_array_mut());
@@ -115,7 +114,7 @@ fn normalise(kind: BackendKind, body: Bytes) -> Bytes {
             choice["finish_reason"] = "stop".into();
         }
     }
-    serde_json::to_vec(&object).map_or(body, Bytes::from)
+    serde_json::to_vec(&object).map_or(body, B::from)
 }
 
 #[cfg(test)]
@@ -124,8 +123,7 @@ mod tests {
 
     #[test]
     fn together_eos_becomes_stop() {
-        let chunk =
-            Bytes::from_static(br#"{"choices":[{"index":0,"delta":{},"finish_reason":"eos"}]}"#);
+        let chunk = br#"{"choices":[{"index":0,"delta":{},"finish_reason":"eos"}]}"#.to_vec();
         let out: serde_json::Value =
             serde_json::from_slice(&normalise(BackendKind::Together, chunk.clone())).unwrap();
         assert_eq!(out["choices"][0]["finish_reason"], "stop");

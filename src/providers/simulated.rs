@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream;
 
-use super::{Provider, UpstreamCall, UpstreamReply};
+use super::{Chunk, Provider, UpstreamCall, UpstreamReply};
 use crate::config::{Backend, SimulatedSpec};
 use crate::error::GatewayError;
 use crate::metering::estimate;
@@ -165,7 +165,7 @@ impl Answer {
         Bytes::from(json.expect("responses serialise"))
     }
 
-    fn chunk(&self, i: usize) -> Bytes {
+    fn chunk(&self, i: usize) -> Chunk {
         let n = self.words.len();
         let piece = (i < n).then(|| self.piece(i));
         let finish = (i == n).then_some(self.finish_reason);
@@ -201,7 +201,7 @@ impl Answer {
                 false,
             )),
         };
-        Bytes::from(json.expect("chunks serialise"))
+        json.expect("chunks serialise")
     }
 
     fn text_completion<'a>(

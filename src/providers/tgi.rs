@@ -5,7 +5,6 @@
 //! back as OpenAI `text_completion` objects and chunks.
 
 use axum::http::Uri;
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
@@ -14,7 +13,7 @@ use serde_json::Value;
 use super::http::{self, ErrorReply, HttpClient};
 use super::openai_compat::OpenAiCompat;
 use super::translate::{ChunkMapper, Chunks, ResponseIdentity, map_chunks};
-use super::{ChunkStream, Provider, UpstreamCall, UpstreamReply};
+use super::{Chunk, ChunkStream, Provider, UpstreamCall, UpstreamReply};
 use crate::config::Backend;
 use crate::error::GatewayError;
 use crate::openai::{CompletionRequest, InboundRequest, Prompt, TextChoice, TextCompletion, Usage};
@@ -104,7 +103,7 @@ impl Tgi {
             Some(finish_reason(&details.finish_reason)),
             prompt_tokens.map(|p| Usage::new(p, details.generated_tokens)),
         );
-        Ok(UpstreamReply::Complete(json))
+        Ok(UpstreamReply::Complete(json.into()))
     }
 }
 
@@ -130,14 +129,14 @@ fn mend_chat_stream(chunks: ChunkStream) -> ChunkStream {
             if let Some(error) = value.get_mut("error").and_then(Value::as_object_mut) {
                 if let Some(status) = error.get("http_status_code").cloned() {
                     error.insert("code".into(), status);
-                    return Bytes::from(value.to_string());
+                    return value.to_string().into_bytes();
                 }
                 return chunk;
             }
             match (value.get("id").and_then(Value::as_str), &stream_id) {
                 (Some(""), Some(id)) => {
                     value["id"] = Value::String(id.clone());
-                    Bytes::from(value.to_string())
+                    value.to_string().into_bytes()
                 }
                 (Some(id), None) => {
                     stream_id = Some(id.to_owned());
@@ -270,7 +269,7 @@ fn text_completion(
     text: &str,
     finish_reason: Option<&'static str>,
     usage: Option<Usage>,
-) -> Bytes {
+) -> Chunk {
     let choice = TextChoice {
         index: 0,
         text,
@@ -285,7 +284,7 @@ fn encode(
     identity: &ResponseIdentity,
     choices: Vec<TextChoice<'_>>,
     usage: Option<Usage>,
-) -> Bytes {
+) -> Chunk {
     let object = TextCompletion {
         id: &identity.id,
         object: "text_completion",
@@ -294,7 +293,7 @@ fn encode(
         choices,
         usage,
     };
-    Bytes::from(serde_json::to_vec(&object).expect("completions serialise"))
+    serde_json::to_vec(&object).expect("completions serialise")
 }
 
 /// `/generate_stream` events → `text_completion` chunks; the last event's
@@ -404,7 +403,7 @@ mod tests {
             r#"{"id":"","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
             r#"{"error":{"message":"bad","http_status_code":422}}"#,
         ];
-        let upstream = stream::iter(chunks.map(|c| Ok(Bytes::from_static(c.as_bytes())))).boxed();
+        let upstream = stream::iter(chunks.map(|c| Ok(c.as_bytes().to_vec()))).boxed();
         let out: Vec<Value> = mend_chat_stream(upstream)
             .map(|c| serde_json::from_slice(&c.unwrap()).unwrap())
             .collect()

@@ -5,11 +5,10 @@
 use std::collections::VecDeque;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream};
 
-use super::ChunkStream;
+use super::{Chunk, ChunkStream};
 use crate::error::GatewayError;
 
 /// `id`, `created` and `model` of one response, the same on every chunk.
@@ -33,7 +32,7 @@ impl ResponseIdentity {
     }
 }
 
-pub type Chunks = Vec<Result<Bytes, GatewayError>>;
+pub type Chunks = Vec<Result<Chunk, GatewayError>>;
 
 /// Turns the events of one upstream stream into OpenAI chunks.
 pub trait ChunkMapper: Send + 'static {
@@ -55,7 +54,7 @@ pub fn map_chunks<M: ChunkMapper>(
     struct State<M: ChunkMapper> {
         events: BoxStream<'static, Result<M::Event, GatewayError>>,
         mapper: M,
-        pending: VecDeque<Result<Bytes, GatewayError>>,
+        pending: VecDeque<Result<Chunk, GatewayError>>,
         done: bool,
     }
     let state = State {
@@ -112,8 +111,8 @@ mod tests {
             if n % 2 == 1 {
                 out.push(Err(GatewayError::internal("odd")));
             } else {
-                out.push(Ok(Bytes::from(n.to_string())));
-                out.push(Ok(Bytes::from(n.to_string())));
+                out.push(Ok(n.to_string().into_bytes()));
+                out.push(Ok(n.to_string().into_bytes()));
             }
         }
 

@@ -17,7 +17,7 @@ use crate::error::GatewayError;
 use crate::metering::{Charges, InFlight, Meter, MeterLabels, Observed, Serving, budget};
 use crate::metrics::NONE;
 use crate::openai::{Endpoint, InboundRequest};
-use crate::providers::{ChunkStream, UpstreamCall, UpstreamReply};
+use crate::providers::{Chunk, ChunkStream, UpstreamCall, UpstreamReply};
 use crate::routing::{self, Attempt, DeploymentQuota, PlanStatus, RequestFacts};
 use crate::snapshot::Snapshot;
 
@@ -345,7 +345,7 @@ enum Ready {
     /// A whole response, checked to be JSON, with what the meter needs.
     Complete(Bytes, Observed),
     /// The first chunk, read, and the rest of the stream.
-    Stream(Bytes, ChunkFacts, ChunkStream),
+    Stream(Chunk, ChunkFacts, ChunkStream),
 }
 
 /// One upstream call, bounded by the backend's first-byte timeout: the

@@ -20,7 +20,7 @@ use tokio::time::{Instant, Sleep};
 use crate::error::GatewayError;
 use crate::metering::{Meter, Observed};
 use crate::openai::{Endpoint, ResponseView, Usage};
-use crate::providers::ChunkStream;
+use crate::providers::{Chunk, ChunkStream};
 
 const DONE: &[u8] = b"data: [DONE]\n\n";
 /// The most sent in one frame when the upstream has sent a lot at once.
@@ -88,7 +88,7 @@ pub fn read_chunk(backend: &str, chunk: &[u8], first: bool) -> Result<ChunkFacts
 pub struct SseBody {
     upstream: ChunkStream,
     /// The chunk read before the response started, to send first.
-    first: Option<(Bytes, ChunkFacts)>,
+    first: Option<(Chunk, ChunkFacts)>,
     /// Events left to send once the upstream is finished.
     tail: BytesMut,
     finished: bool,
@@ -107,7 +107,7 @@ pub struct SseBody {
 
 pub struct SseParams {
     /// The first chunk, already read with [`read_chunk`].
-    pub first: (Bytes, ChunkFacts),
+    pub first: (Chunk, ChunkFacts),
     pub upstream: ChunkStream,
     pub idle: Duration,
     pub backend: String,
@@ -368,9 +368,7 @@ mod tests {
         include_usage: bool,
     ) -> (Vec<String>, Arc<Metrics>) {
         let (metrics, meter) = test_meter();
-        let mut chunks = chunks
-            .into_iter()
-            .map(|c| c.map(|s| Bytes::from_static(s.as_bytes())));
+        let mut chunks = chunks.into_iter().map(|c| c.map(|s| s.as_bytes().to_vec()));
         let first = chunks.next().unwrap().unwrap();
         let facts = read_chunk("b", &first, true).unwrap();
         let body = SseBody::new(SseParams {
@@ -396,11 +394,11 @@ mod tests {
 
     #[tokio::test]
     async fn events_that_are_ready_together_go_out_in_one_frame() {
-        let first = Bytes::from_static(CONTENT.as_bytes());
+        let first = CONTENT.as_bytes().to_vec();
         let facts = read_chunk("b", &first, true).unwrap();
-        let later = stream::iter([Ok(Bytes::from_static(CONTENT.as_bytes()))]);
+        let later = stream::iter([Ok(CONTENT.as_bytes().to_vec())]);
         // The upstream has nothing for a moment after its second chunk.
-        let upstream = stream::iter([Ok(Bytes::from_static(CONTENT.as_bytes()))])
+        let upstream = stream::iter([Ok(CONTENT.as_bytes().to_vec())])
             .chain(stream::once(tokio::task::yield_now()).filter_map(|()| async { None }))
             .chain(later)
             .boxed();

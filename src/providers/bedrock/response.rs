@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use crate::error::GatewayError;
 use crate::openai::Usage;
+use crate::providers::Chunk;
 use crate::providers::translate::ResponseIdentity;
 
 #[derive(Debug, Deserialize)]
@@ -107,26 +108,24 @@ pub fn chat_completion(backend: &str, model: &str, body: &[u8]) -> Result<Bytes,
 }
 
 /// A `chat.completion.chunk` with one choice.
-pub fn chunk(identity: &ResponseIdentity, delta: Value, finish_reason: Option<&str>) -> Bytes {
-    Bytes::from(
-        json!({
-            "id": identity.id, "object": "chat.completion.chunk", "created": identity.created,
-            "model": identity.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
-        })
-        .to_string(),
-    )
+pub fn chunk(identity: &ResponseIdentity, delta: Value, finish_reason: Option<&str>) -> Chunk {
+    json!({
+        "id": identity.id, "object": "chat.completion.chunk", "created": identity.created,
+        "model": identity.model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
+    })
+    .to_string()
+    .into_bytes()
 }
 
 /// The usage-only chunk OpenAI sends last (`choices` empty).
-pub fn usage_chunk(identity: &ResponseIdentity, usage: Usage) -> Bytes {
-    Bytes::from(
-        json!({
-            "id": identity.id, "object": "chat.completion.chunk", "created": identity.created,
-            "model": identity.model, "choices": [], "usage": usage,
-        })
-        .to_string(),
-    )
+pub fn usage_chunk(identity: &ResponseIdentity, usage: Usage) -> Chunk {
+    json!({
+        "id": identity.id, "object": "chat.completion.chunk", "created": identity.created,
+        "model": identity.model, "choices": [], "usage": usage,
+    })
+    .to_string()
+    .into_bytes()
 }
 
 #[cfg(test)]

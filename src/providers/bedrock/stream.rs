@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use super::errors;
 use super::response::{TokenUsage, chunk, finish_reason, usage_chunk};
 use crate::error::GatewayError;
-use crate::providers::ChunkStream;
 use crate::providers::translate::{ChunkMapper, Chunks, ResponseIdentity, map_chunks};
+use crate::providers::{Chunk, ChunkStream};
 
 /// The chunks of a ConverseStream response body.
 pub fn chunks<E>(
@@ -149,7 +149,7 @@ fn header<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
 }
 
 impl Mapper {
-    fn event(&mut self, kind: &str, payload: &[u8]) -> Result<Option<Bytes>, GatewayError> {
+    fn event(&mut self, kind: &str, payload: &[u8]) -> Result<Option<Chunk>, GatewayError> {
         let parse_error = |e: serde_json::Error| {
             GatewayError::upstream_protocol(&self.backend, format_args!("a bad {kind} event: {e}"))
         };
