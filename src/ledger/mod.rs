@@ -53,19 +53,30 @@ pub struct Ledger {
 #[derive(Default)]
 struct State {
     totals: BTreeMap<Row, Totals>,
-    /// Spend per key and day, for budgets.
-    by_key_day: HashMap<(String, Date), u64>,
+    /// Spend per key, by day, for budgets: looked up by the key's name and
+    /// summed over a range of days, with nothing allocated per request.
+    by_key: HashMap<String, BTreeMap<Date, u64>>,
     /// Recorded but not yet written.
     pending: HashMap<Row, Totals>,
 }
 
 impl State {
+    /// Rows and keys are cloned only when first seen, not per request.
     fn add(&mut self, row: Row, totals: Totals) {
-        *self
-            .by_key_day
-            .entry((row.key.clone(), row.day))
-            .or_default() += totals.cost_nano_usd;
-        self.totals.entry(row).or_default().add(&totals);
+        let cost = totals.cost_nano_usd;
+        match self.by_key.get_mut(row.key.as_str()) {
+            Some(days) => *days.entry(row.day).or_default() += cost,
+            None => {
+                self.by_key
+                    .insert(row.key.clone(), BTreeMap::from([(row.day, cost)]));
+            }
+        }
+        match self.totals.get_mut(&row) {
+            Some(existing) => existing.add(&totals),
+            None => {
+                self.totals.insert(row, totals);
+            }
+        }
     }
 }
 
@@ -97,26 +108,22 @@ impl Ledger {
     pub fn record(&self, row: Row, totals: Totals) {
         let mut state = self.state();
         if self.store.is_some() {
-            state.pending.entry(row.clone()).or_default().add(&totals);
+            match state.pending.get_mut(&row) {
+                Some(pending) => pending.add(&totals),
+                None => {
+                    state.pending.insert(row.clone(), totals);
+                }
+            }
         }
         state.add(row, totals);
     }
 
     /// Nano-dollars a key spent from `from` to `to`, both included.
     pub fn spent(&self, key: &str, from: Date, to: Date) -> u64 {
-        let state = self.state();
-        let mut total = 0;
-        let mut day = from;
-        while day <= to {
-            total += state
-                .by_key_day
-                .get(&(key.to_owned(), day))
-                .copied()
-                .unwrap_or(0);
-            let Some(next) = day.next_day() else { break };
-            day = next;
-        }
-        total
+        self.state()
+            .by_key
+            .get(key)
+            .map_or(0, |days| days.range(from..=to).map(|(_, cost)| cost).sum())
     }
 
     /// The rows, optionally for one key and a date range (both ends
