@@ -1,25 +1,36 @@
-//! The accept loop: each connection served by hyper, HTTP/1.1 or HTTP/2,
-//! with buffers sized for many long-lived streams, and a graceful drain.
+//! The accept loop: each connection served by hyper, HTTP/1.1 or HTTP/2
+//! with prior knowledge, with buffers sized for many long-lived streams,
+//! and a graceful drain.
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 /// The most a request head (request line and headers) may take: nginx's
-/// default. It is also hyper's smallest read buffer: with a larger cap,
-/// the first read after HTTP/2 detection's peek grows every connection's
-/// buffer to 16 KB, which is most of an idle stream's memory.
+/// default, and hyper's smallest read buffer.
 const MAX_HEAD_BYTES: usize = 8 * 1024;
 
 /// A client that sends no complete request head for this long is dropped.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How an HTTP/2 client with prior knowledge opens (RFC 9113 §3.4). No
+/// HTTP/1 request starts with it: HTTP/1 requests differ from it by their
+/// second byte at the latest, unless they use the method `PRI`, which
+/// exists only to make this preface fail on HTTP/1 servers.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How often a connection whose first bytes leave its protocol open ("P"
+/// of POST or PRI, sent alone) is looked at again.
+const SNIFF_RETRY: Duration = Duration::from_millis(5);
 
 /// Accepts and serves connections until `shutdown` resolves; then stops
 /// accepting and returns a future that resolves once every connection has
@@ -30,8 +41,10 @@ pub async fn accept_until(
     router: Router,
     shutdown: impl Future<Output = ()>,
 ) -> impl Future<Output = ()> {
-    let builder = connection_builder();
+    let protocols = Arc::new(Protocols::new());
     let graceful = GracefulShutdown::new();
+    // Tells connections still sniffing their protocol to give up.
+    let (stopping, stop) = watch::channel(());
     tokio::pin!(shutdown);
     loop {
         let tcp = tokio::select! {
@@ -50,27 +63,105 @@ pub async fn accept_until(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "could not set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(router.clone());
-        let connection = builder.serve_connection(TokioIo::new(tcp), service);
-        let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+        tokio::spawn(start_serving(
+            tcp,
+            protocols.clone(),
+            router.clone(),
+            graceful.watcher(),
+            stop.clone(),
+        ));
     }
     drop(listener);
+    stopping.send_replace(());
     graceful.shutdown()
 }
 
-fn connection_builder() -> Builder<TokioExecutor> {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT)
-        .max_buf_size(MAX_HEAD_BYTES);
-    builder
+/// One configured server per protocol, shared by every connection.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new() -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEAD_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEAD_BYTES as u32);
+        Self { http1, http2 }
+    }
+}
+
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Finds which protocol a connection speaks, then serves it in a task of
+/// its own: a task is as large as the largest state its future can be in,
+/// so an HTTP/1 connection served by a future that could also hold an
+/// HTTP/2 one (hyper-util's `auto`) takes about 1.2 KB more for as long as
+/// it is open, which is most of what a held stream costs above hyper's
+/// buffers.
+async fn start_serving(
+    tcp: TcpStream,
+    protocols: Arc<Protocols>,
+    router: Router,
+    watcher: Watcher,
+    mut stop: watch::Receiver<()>,
+) {
+    let protocol = tokio::select! {
+        sniffed = tokio::time::timeout(HEAD_TIMEOUT, sniff(&tcp)) => match sniffed {
+            Ok(Ok(Some(protocol))) => protocol,
+            // Closed, failed or silent before its first request.
+            _ => return,
+        },
+        _ = stop.changed() => return,
+    };
+    let io = TokioIo::new(tcp);
+    let service = TowerToHyperService::new(router);
+    match protocol {
+        Protocol::Http1 => {
+            spawn_watched(watcher.watch(protocols.http1.serve_connection(io, service)))
+        }
+        Protocol::Http2 => {
+            spawn_watched(watcher.watch(protocols.http2.serve_connection(io, service)))
+        }
+    }
+}
+
+fn spawn_watched(connection: impl Future<Output = hyper::Result<()>> + Send + 'static) {
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
+}
+
+/// Looks at a connection's first bytes without taking them, so hyper reads
+/// them as if nothing had. `None`: the client closed without sending any.
+async fn sniff(tcp: &TcpStream) -> io::Result<Option<Protocol>> {
+    let mut start = [0; H2_PREFACE.len()];
+    loop {
+        let seen = tcp.peek(&mut start).await?;
+        if seen == 0 {
+            return Ok(None);
+        }
+        if start[..seen] != H2_PREFACE[..seen] {
+            return Ok(Some(Protocol::Http1));
+        }
+        if seen == H2_PREFACE.len() {
+            return Ok(Some(Protocol::Http2));
+        }
+        // The bytes seen stay readable, so waiting for the socket to be
+        // readable would return at once: wait a moment instead.
+        tokio::time::sleep(SNIFF_RETRY).await;
+    }
 }
 
 /// An accept error from one client (it reset before we took it) is

@@ -1,0 +1,116 @@
+//! What the accept loop serves: HTTP/1.1, and HTTP/2 with prior knowledge,
+//! told apart by a connection's first bytes however they arrive.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const CONFIG: &str = r#"
+[[backends]]
+name = "sim"
+kind = "simulated"
+[backends.simulated]
+ttft_ms = 5
+tokens_per_second = 1000
+completion_tokens = 5
+
+[[models]]
+alias = "llama"
+[[models.deployments]]
+backend = "sim"
+model = "m"
+context_window = 8192
+"#;
+
+const STREAM: &str =
+    r#"{"model":"llama","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+/// The gateway's address.
+async fn start() -> std::net::SocketAddr {
+    let config = tollgate::config::parse(CONFIG, &|_| None).expect("valid config");
+    let gateway = tollgate::Gateway::new(config).expect("gateway builds");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(gateway.serve(listener, std::future::pending()));
+    addr
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served_streams_included() {
+    let addr = start().await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("the gateway speaks HTTP/2");
+    tokio::spawn(connection);
+
+    let health = sender
+        .send_request(
+            Request::get(format!("http://{addr}/healthz"))
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(health.version(), hyper::Version::HTTP_2);
+    assert_eq!(health.status(), 200);
+
+    let stream = sender
+        .send_request(
+            Request::post(format!("http://{addr}/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(STREAM.as_bytes())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let body = stream.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert_eq!(text.matches("\"content\"").count(), 5, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+}
+
+#[tokio::test]
+async fn an_http1_request_whose_first_byte_comes_alone_is_served() {
+    let addr = start().await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    // "P" could open "POST" or HTTP/2's "PRI": the gateway waits for more.
+    tcp.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let rest = format!(
+        "OST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{STREAM}",
+        STREAM.len()
+    );
+    tcp.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut answer))
+        .await
+        .expect("answered in time")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("data: [DONE]"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_connection_closed_before_its_first_byte_leaves_the_gateway_serving() {
+    let addr = start().await;
+    drop(TcpStream::connect(addr).await.unwrap());
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("ok\n"), "{answer}");
+}
