@@ -1,5 +1,5 @@
-//! What the HTTP providers share: the client (hyper's pooled client over
-//! rustls), the bearer credential, building and sending a request (and
+//! What the HTTP providers share: the client (hyper's pooled client, over
+//! plain TCP or rustls), the bearer credential, building and sending a request (and
 //! reading the upstream's quota headers), naming transport failures,
 //! reading a body whole, as bytes as they come, or as SSE `data` payloads,
 //! and reading an error response.
@@ -15,10 +15,11 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use http_body_util::{BodyDataStream, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use sse_stream::SseStream;
+use url::Url;
 
 use crate::config::Backend;
 use crate::error::GatewayError;
@@ -31,15 +32,38 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// How long an idle pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
-/// hyper's client with a connection pool, HTTP/1.1, and HTTP/2 where TLS
-/// negotiates it. It follows no redirects: upstream APIs do not redirect,
-/// and following one would resend the request (and its credential)
-/// somewhere unconfigured.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// hyper's pooled client, over plain TCP for a backend at an `http://`
+/// URL (a self-hosted engine on a private network) and over rustls for one
+/// at `https://`, with HTTP/2 where TLS negotiates it. Two clients, not one
+/// that does both: a connection that might be TLS carries a TLS session's
+/// state (1.1 KB) for as long as it is open, used or not, and every open
+/// stream holds an upstream connection. It follows no redirects: upstream
+/// APIs do not redirect, and following one would resend the request (and
+/// its credential) somewhere unconfigured.
+#[derive(Clone)]
+pub enum HttpClient {
+    Plain(Client<HttpConnector, Full<Bytes>>),
+    Tls(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+}
+
+impl HttpClient {
+    pub fn request(&self, request: Request<Full<Bytes>>) -> ResponseFuture {
+        match self {
+            Self::Plain(client) => client.request(request),
+            Self::Tls(client) => client.request(request),
+        }
+    }
+}
+
 pub type UpstreamResponse = Response<Incoming>;
 
+/// The client for a backend's URLs, which all share its `base_url`'s scheme.
 pub fn client(backend: &Backend) -> Result<HttpClient, String> {
-    new_client(backend.timeouts.connect).map_err(|e| {
+    let url = backend
+        .base_url
+        .as_ref()
+        .ok_or_else(|| format!("backend \"{}\" has no base_url", backend.name))?;
+    new_client(url, backend.timeouts.connect).map_err(|e| {
         format!(
             "cannot build the HTTP client for backend \"{}\": {e}",
             backend.name
@@ -47,23 +71,28 @@ pub fn client(backend: &Backend) -> Result<HttpClient, String> {
     })
 }
 
-/// A client that gives up connecting after `connect_timeout`.
-pub fn new_client(connect_timeout: Duration) -> Result<HttpClient, String> {
+/// A client for URLs with `url`'s scheme, that gives up connecting after
+/// `connect_timeout`.
+pub fn new_client(url: &Url, connect_timeout: Duration) -> Result<HttpClient, String> {
     let mut tcp = HttpConnector::new();
     tcp.set_connect_timeout(Some(connect_timeout));
     tcp.set_nodelay(true);
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE);
+    if url.scheme() == "http" {
+        return Ok(HttpClient::Plain(builder.build(tcp)));
+    }
     tcp.enforce_http(false);
     let connector = HttpsConnectorBuilder::new()
         .try_with_platform_verifier()
         .map_err(|e| e.to_string())?
-        .https_or_http()
+        .https_only()
         .enable_http1()
         .enable_http2()
         .wrap_connector(tcp);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE)
-        .build(connector))
+    Ok(HttpClient::Tls(builder.build(connector)))
 }
 
 /// A `POST` of a JSON body to `uri`.
