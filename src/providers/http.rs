@@ -10,7 +10,6 @@ use std::time::Duration;
 use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use bytes::Bytes;
-use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use http_body_util::{BodyDataStream, BodyExt, Full};
 use hyper::body::Incoming;
@@ -233,7 +232,10 @@ impl ErrorReply {
 /// (an event may be cut across reads; the parser's work is linear in the
 /// bytes, however many events a read holds). Events without data
 /// (comments, keep-alives) are skipped.
-pub fn sse_data<B>(backend: &str, body: B) -> BoxStream<'static, Result<String, GatewayError>>
+pub fn sse_data<B>(
+    backend: &str,
+    body: B,
+) -> impl Stream<Item = Result<String, GatewayError>> + Send + 'static
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -246,7 +248,6 @@ where
             Err(e) => Err(GatewayError::upstream_protocol(&backend, e)),
         })
         .try_filter(|data| std::future::ready(!data.is_empty()))
-        .boxed()
 }
 
 #[cfg(test)]

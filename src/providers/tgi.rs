@@ -70,7 +70,7 @@ impl Tgi {
         }
         let identity = ResponseIdentity::new("cmpl", call.upstream_model);
         if streaming {
-            let events = http::sse_data(&self.name, response.into_body());
+            let events = http::sse_data(&self.name, response.into_body()).boxed();
             let mapper = GenerateMapper {
                 backend: self.name.clone(),
                 identity,

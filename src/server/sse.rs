@@ -87,10 +87,9 @@ pub fn read_chunk(backend: &str, chunk: &[u8], first: bool) -> Result<ChunkFacts
 
 pub struct SseBody {
     upstream: ChunkStream,
-    /// The chunk read before the response started, to send first.
-    first: Option<(Chunk, ChunkFacts)>,
-    /// Events left to send once the upstream is finished.
-    tail: BytesMut,
+    /// Events written but not sent yet: the first chunk's (read before the
+    /// response started) and the last ones.
+    ready: BytesMut,
     finished: bool,
     idle: Duration,
     /// When the upstream last sent a chunk. The timer is moved on from it
@@ -118,10 +117,9 @@ pub struct SseParams {
 
 impl SseBody {
     pub fn new(p: SseParams) -> Self {
-        Self {
+        let mut body = Self {
             upstream: p.upstream,
-            first: Some(p.first),
-            tail: BytesMut::new(),
+            ready: BytesMut::new(),
             finished: false,
             idle: p.idle,
             last_chunk: Instant::now(),
@@ -132,14 +130,20 @@ impl SseBody {
             sent_usage_chunk: false,
             identity: None,
             meter: p.meter,
-        }
+        };
+        let (chunk, facts) = p.first;
+        let mut ready = BytesMut::new();
+        body.on_chunk(&mut ready, &chunk, facts, Instant::now());
+        body.ready = ready;
+        body
     }
 
     /// Decides what the client sees of one upstream chunk, and adds it to
     /// `out`.
     fn on_chunk(&mut self, out: &mut BytesMut, chunk: &[u8], facts: ChunkFacts, now: Instant) {
         self.meter.observe(facts.observed);
-        if facts.identity.is_some() {
+        // Kept only for a usage chunk the gateway may have to write.
+        if self.include_usage && facts.identity.is_some() {
             self.identity = facts.identity;
         }
         if facts.usage_only {
@@ -171,7 +175,7 @@ impl SseBody {
         if self.include_usage && !self.sent_usage_chunk {
             if let Some(usage) = self.meter.usage() {
                 let chunk = self.usage_chunk(usage);
-                put_event(&mut self.tail, &chunk);
+                put_event(&mut self.ready, &chunk);
             }
         }
         self.end(200);
@@ -180,12 +184,12 @@ impl SseBody {
     fn fail(&mut self, error: GatewayError) {
         self.meter.upstream_done();
         tracing::warn!(backend = %self.backend, error = %error.message, "stream failed after it started");
-        put_event(&mut self.tail, &error.body_json());
+        put_event(&mut self.ready, &error.body_json());
         self.end(error.status.as_u16());
     }
 
     fn end(&mut self, status: u16) {
-        self.tail.put_slice(DONE);
+        self.ready.put_slice(DONE);
         self.finished = true;
         self.meter.finish(status);
     }
@@ -259,18 +263,14 @@ impl Stream for SseBody {
     /// read go out in one write, and nothing that has arrived waits.
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        let mut out = BytesMut::new();
+        let mut out = std::mem::take(&mut this.ready);
         // Chunks that are ready together arrived together: one clock read.
         let mut arrived = None;
         loop {
-            out.extend_from_slice(&this.tail);
-            this.tail.clear();
+            out.extend_from_slice(&this.ready);
+            this.ready.clear();
             if this.finished || out.len() >= MAX_FRAME {
                 break;
-            }
-            if let Some((chunk, facts)) = this.first.take() {
-                this.on_chunk(&mut out, &chunk, facts, Instant::now());
-                continue;
             }
             match this.upstream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
