@@ -1,6 +1,8 @@
 //! What the accept loop serves: HTTP/1.1, and HTTP/2 with prior knowledge,
 //! told apart by a connection's first bytes however they arrive.
 
+mod support;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -8,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const CONFIG: &str = r#"
 [[backends]]
@@ -31,19 +33,15 @@ const STREAM: &str =
     r#"{"model":"llama","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
 
 /// The gateway's address.
-async fn start() -> std::net::SocketAddr {
-    let config = tollgate::config::parse(CONFIG, &|_| None).expect("valid config");
-    let gateway = tollgate::Gateway::new(config).expect("gateway builds");
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(gateway.serve(listener, std::future::pending()));
-    addr
+async fn start() -> String {
+    let gateway = support::gateway::start(CONFIG).await;
+    gateway.base.trim_start_matches("http://").to_owned()
 }
 
 #[tokio::test]
 async fn http2_with_prior_knowledge_is_served_streams_included() {
     let addr = start().await;
-    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tcp = TcpStream::connect(&addr).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
@@ -81,7 +79,7 @@ async fn http2_with_prior_knowledge_is_served_streams_included() {
 #[tokio::test]
 async fn an_http1_request_whose_first_byte_comes_alone_is_served() {
     let addr = start().await;
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tcp = TcpStream::connect(&addr).await.unwrap();
     tcp.set_nodelay(true).unwrap();
     // "P" could open "POST" or HTTP/2's "PRI": the gateway waits for more.
     tcp.write_all(b"P").await.unwrap();
@@ -104,8 +102,8 @@ async fn an_http1_request_whose_first_byte_comes_alone_is_served() {
 #[tokio::test]
 async fn a_connection_closed_before_its_first_byte_leaves_the_gateway_serving() {
     let addr = start().await;
-    drop(TcpStream::connect(addr).await.unwrap());
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    drop(TcpStream::connect(&addr).await.unwrap());
+    let mut tcp = TcpStream::connect(&addr).await.unwrap();
     tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();
