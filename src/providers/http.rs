@@ -269,6 +269,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn plain_http_urls_get_a_client_without_tls() {
+        let client = |url: &str| new_client(&Url::parse(url).unwrap(), Duration::from_secs(1));
+        assert!(matches!(
+            client("http://10.0.0.5:8000/v1"),
+            Ok(HttpClient::Plain(_))
+        ));
+        assert!(matches!(
+            client("https://api.together.xyz/v1"),
+            Ok(HttpClient::Tls(_))
+        ));
+    }
+
+    #[tokio::test]
     async fn sse_data_skips_comments_and_empty_events_and_joins_cut_ones() {
         let pieces = [
             ": keep-alive\n\ndata: {\"a\":1}\n\nda",
