@@ -1,8 +1,8 @@
 //! What the HTTP providers share: the client (hyper's pooled client, over
-//! plain TCP or rustls), the bearer credential, building and sending a request (and
-//! reading the upstream's quota headers), naming transport failures,
-//! reading a body whole, as bytes as they come, or as SSE `data` payloads,
-//! and reading an error response.
+//! plain TCP or rustls), the bearer credential, building and sending a
+//! request (and reading the upstream's quota headers), naming transport
+//! failures, reading a body whole, as bytes as they come, or as SSE `data`
+//! payloads, and reading an error response.
 
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -376,7 +376,8 @@ async fn call(
             }
             UpstreamReply::Stream(mut stream) => match stream.next().await {
                 Some(Ok(first)) => {
-                    let facts = sse::read_chunk(&backend.name, &first, true)?;
+                    // Its identity names a usage chunk the gateway may write.
+                    let facts = sse::read_chunk(&backend.name, &first, request.include_usage())?;
                     Ok(Ready::Stream(first, facts, stream))
                 }
                 Some(Err(error)) => Err(error),

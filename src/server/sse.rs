@@ -51,11 +51,12 @@ pub fn read_view<'b>(backend: &str, body: &'b [u8]) -> Result<ResponseView<'b>, 
 
 /// Reads one chunk. Most chunks carry a few characters of text and nothing
 /// the meter needs: they are checked to be JSON and their text measured,
-/// without being built. The first chunk (`first`, for the stream's
-/// identity), usage and errors are read in full.
-pub fn read_chunk(backend: &str, chunk: &[u8], first: bool) -> Result<ChunkFacts, GatewayError> {
+/// without being built. Usage, errors and a chunk whose stream identity is
+/// wanted (`identity`: the first, when the gateway may have to write a
+/// usage chunk) are read in full.
+pub fn read_chunk(backend: &str, chunk: &[u8], identity: bool) -> Result<ChunkFacts, GatewayError> {
     let keys = &*KEYS;
-    if !first && keys.usage.find(chunk).is_none() && keys.error.find(chunk).is_none() {
+    if !identity && keys.usage.find(chunk).is_none() && keys.error.find(chunk).is_none() {
         serde_json::from_slice::<serde::de::IgnoredAny>(chunk).map_err(|e| {
             GatewayError::upstream_protocol(
                 backend,
@@ -74,7 +75,7 @@ pub fn read_chunk(backend: &str, chunk: &[u8], first: bool) -> Result<ChunkFacts
     let view = read_view(backend, chunk)?;
     Ok(ChunkFacts {
         observed: Observed::of(&view),
-        identity: first.then(|| {
+        identity: identity.then(|| {
             (
                 view.id.as_deref().unwrap_or_default().to_owned(),
                 view.created.unwrap_or_default(),
@@ -105,7 +106,8 @@ pub struct SseBody {
 }
 
 pub struct SseParams {
-    /// The first chunk, already read with [`read_chunk`].
+    /// The first chunk, already read with [`read_chunk`] (its identity
+    /// kept when `include_usage`).
     pub first: (Chunk, ChunkFacts),
     pub upstream: ChunkStream,
     pub idle: Duration,
@@ -117,12 +119,13 @@ pub struct SseParams {
 
 impl SseBody {
     pub fn new(p: SseParams) -> Self {
+        let now = Instant::now();
         let mut body = Self {
             upstream: p.upstream,
             ready: BytesMut::new(),
             finished: false,
             idle: p.idle,
-            last_chunk: Instant::now(),
+            last_chunk: now,
             idle_timer: Box::pin(tokio::time::sleep(p.idle)),
             backend: p.backend,
             endpoint: p.endpoint,
@@ -133,7 +136,7 @@ impl SseBody {
         };
         let (chunk, facts) = p.first;
         let mut ready = BytesMut::new();
-        body.on_chunk(&mut ready, &chunk, facts, Instant::now());
+        body.on_chunk(&mut ready, &chunk, facts, now);
         body.ready = ready;
         body
     }
@@ -142,8 +145,7 @@ impl SseBody {
     /// `out`.
     fn on_chunk(&mut self, out: &mut BytesMut, chunk: &[u8], facts: ChunkFacts, now: Instant) {
         self.meter.observe(facts.observed);
-        // Kept only for a usage chunk the gateway may have to write.
-        if self.include_usage && facts.identity.is_some() {
+        if facts.identity.is_some() {
             self.identity = facts.identity;
         }
         if facts.usage_only {
