@@ -195,6 +195,23 @@ fn explain(
     }
 }
 
+/// The async runtime for `serve`. With one CPU to run on (a pinned process,
+/// or a container's CPU quota), a work-stealing scheduler has no one to
+/// steal for, and handing work between its worker and the thread that
+/// started it cost about a fifth of the CPU per request (benches/load):
+/// then everything runs on one thread. `TOKIO_WORKER_THREADS` still picks
+/// the work-stealing scheduler's size, whatever the CPU count.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    if cpus == 1 && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Runtime::new()
+    }
+}
+
 fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
     let Some(mut config) = load(path) else {
         eprintln!("refusing to start on an invalid config");
@@ -203,7 +220,7 @@ fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -236,7 +253,8 @@ fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
         let bound = listener
             .local_addr()
             .map_or_else(|_| addr.to_string(), |a| a.to_string());
-        tracing::info!(addr = %bound, config = %path.display(), "tollgate listening");
+        let threads = tokio::runtime::Handle::current().metrics().num_workers();
+        tracing::info!(addr = %bound, config = %path.display(), threads, "tollgate listening");
         tokio::spawn(reload_on_sighup(gateway.state()));
         match gateway.serve(listener, stop_signal()).await {
             Ok(()) => {

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use support::process::{Process, serve_text};
+use support::process::{Process, serve_text, serve_text_on_one_cpu};
 
 /// A stream of 20 tokens at 20 per second: about a second long.
 fn config(grace_ms: u64) -> String {
@@ -72,7 +72,23 @@ async fn open_stream(base: &str) -> reqwest::Response {
 
 #[tokio::test]
 async fn sigterm_lets_streams_in_flight_finish_then_exits_zero() {
-    let mut server = start(10_000);
+    sigterm_drains(start(10_000)).await;
+}
+
+/// On one CPU the gateway runs on a single-threaded runtime: it serves and
+/// drains the same.
+#[tokio::test]
+async fn on_one_cpu_one_thread_serves_and_drains() {
+    let server = serve_text_on_one_cpu(&config(10_000));
+    assert!(
+        server.listening.contains("threads=1"),
+        "{}",
+        server.listening
+    );
+    sigterm_drains(server).await;
+}
+
+async fn sigterm_drains(mut server: Process) {
     let response = open_stream(&server.base).await;
     assert_eq!(response.status(), 200);
     let mut body = response.bytes_stream();

@@ -9,6 +9,8 @@ pub struct Process {
     pub child: Child,
     /// `http://127.0.0.1:PORT`, from the address it logs.
     pub base: String,
+    /// The line the server logs once it listens.
+    pub listening: String,
     _config: Option<tempfile::NamedTempFile>,
 }
 
@@ -22,7 +24,13 @@ impl Drop for Process {
 /// `tollgate serve --config PATH` on a port the OS picks, with `env` added
 /// to its environment.
 pub fn serve_file(config: &Path, env: &[(&str, &str)]) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    spawn(Command::new(env!("CARGO_BIN_EXE_tollgate")), config, env)
+}
+
+/// `program` (the tollgate binary, or a command that runs it) with the
+/// arguments of `serve`.
+fn spawn(mut program: Command, config: &Path, env: &[(&str, &str)]) -> Process {
+    let mut child = program
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(config)
         .envs(env.iter().copied())
@@ -32,10 +40,11 @@ pub fn serve_file(config: &Path, env: &[(&str, &str)]) -> Process {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
+    let (base, listening) = loop {
         let line = lines.next().expect("the server logs its address").unwrap();
         if let Some(rest) = line.split("addr=").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
+            let base = format!("http://{}", rest.split_whitespace().next().unwrap());
+            break (base, line);
         }
     };
     // Keep draining stderr so the child never blocks on a full pipe.
@@ -43,8 +52,21 @@ pub fn serve_file(config: &Path, env: &[(&str, &str)]) -> Process {
     Process {
         child,
         base,
+        listening,
         _config: None,
     }
+}
+
+/// Like [`serve_text`], with the process allowed only one CPU (`taskset`),
+/// as when pinned or given one CPU by a container.
+pub fn serve_text_on_one_cpu(config: &str) -> Process {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), config).unwrap();
+    let mut taskset = Command::new("taskset");
+    taskset.args(["-c", "0", env!("CARGO_BIN_EXE_tollgate")]);
+    let mut process = spawn(taskset, file.path(), &[]);
+    process._config = Some(file);
+    process
 }
 
 /// Like [`serve_file`], on a config given as text.
