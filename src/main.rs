@@ -11,6 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tollgate::routing::LiveState;
 use tollgate::server::{ExplainRequest, GatewayOptions};
 use tollgate::snapshot::Snapshot;
+use tracing_subscriber::field::MakeExt;
 
 const DEFAULT_CONFIG: &str = "config/tollgate.toml";
 
@@ -83,6 +84,18 @@ fn main() -> ExitCode {
                 // aws-sigv4 traces the canonical request, Bedrock's session
                 // token included: whatever RUST_LOG says, it never logs.
                 .add_directive("aws_sigv4=off".parse().expect("a valid directive")),
+        )
+        // `name=value` fields, as the default writes them but without its
+        // per-field styling, which was a third of each access-log line's CPU.
+        .fmt_fields(
+            tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+                if field.name() == "message" {
+                    write!(w, "{value:?}")
+                } else {
+                    write!(w, "{field}={value:?}")
+                }
+            })
+            .delimited(" "),
         )
         .with_writer(log_writer)
         .with_ansi(std::io::stderr().is_terminal())

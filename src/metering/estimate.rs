@@ -2,7 +2,9 @@
 //! facts before routing, and usage when an upstream reports none. About
 //! four characters a token holds for English text with Llama tokenizers.
 
-use crate::openai::{ChatRequest, CompletionRequest, InboundRequest, MessageContent, Prompt};
+use crate::openai::{
+    ChatRequest, CompletionRequest, InboundRequest, MessageContent, Prompt, TypedRequest,
+};
 
 const CHARS_PER_TOKEN: usize = 4;
 /// Chat templates add role markers and separators around every message.
@@ -16,9 +18,9 @@ pub fn tokens_for_chars(chars: usize) -> u64 {
 }
 
 pub fn prompt_tokens(request: &InboundRequest) -> u64 {
-    match request {
-        InboundRequest::Chat(chat) => chat_prompt_tokens(chat),
-        InboundRequest::Completion(completion) => completion_prompt_tokens(completion),
+    match &request.typed {
+        TypedRequest::Chat(chat) => chat_prompt_tokens(chat),
+        TypedRequest::Completion(completion) => completion_prompt_tokens(completion),
     }
 }
 
@@ -64,21 +66,27 @@ fn completion_prompt_tokens(completion: &CompletionRequest) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
+    use crate::openai::Endpoint;
 
     #[test]
     fn estimates_chat_and_completion_prompts() {
-        let chat: ChatRequest = serde_json::from_str(
-            r#"{"model":"m","messages":[{"role":"user","content":"12345678"},
+        let chat = InboundRequest::parse(
+            Endpoint::Chat,
+            Bytes::from_static(
+                br#"{"model":"m","messages":[{"role":"user","content":"12345678"},
             {"role":"user","content":[{"type":"text","text":"abcd"},{"type":"image_url","image_url":{"url":"x"}}]}]}"#,
+            ),
         )
         .unwrap();
-        assert_eq!(
-            prompt_tokens(&InboundRequest::Chat(chat)),
-            4 + 2 + 4 + 1 + 765
-        );
-        let tokens: CompletionRequest =
-            serde_json::from_str(r#"{"model":"m","prompt":[1,2,3]}"#).unwrap();
-        assert_eq!(prompt_tokens(&InboundRequest::Completion(tokens)), 3);
+        assert_eq!(prompt_tokens(&chat), 4 + 2 + 4 + 1 + 765);
+        let tokens = InboundRequest::parse(
+            Endpoint::Completions,
+            Bytes::from_static(br#"{"model":"m","prompt":[1,2,3]}"#),
+        )
+        .unwrap();
+        assert_eq!(prompt_tokens(&tokens), 3);
     }
 }

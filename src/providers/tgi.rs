@@ -16,7 +16,7 @@ use super::translate::{ChunkMapper, Chunks, ResponseIdentity, map_chunks};
 use super::{Chunk, ChunkStream, Provider, UpstreamCall, UpstreamReply};
 use crate::config::Backend;
 use crate::error::GatewayError;
-use crate::openai::{CompletionRequest, InboundRequest, Prompt, TextChoice, TextCompletion, Usage};
+use crate::openai::{CompletionRequest, Prompt, TextChoice, TextCompletion, TypedRequest, Usage};
 
 pub struct Tgi {
     name: String,
@@ -47,7 +47,7 @@ impl Tgi {
     }
 
     async fn call(&self, call: UpstreamCall<'_>) -> Result<UpstreamReply, GatewayError> {
-        let InboundRequest::Completion(completion) = call.request else {
+        let TypedRequest::Completion(completion) = &call.request.typed else {
             return Ok(match self.chat.send(call).await? {
                 UpstreamReply::Stream(chunks) => UpstreamReply::Stream(mend_chat_stream(chunks)),
                 complete => complete,

@@ -5,7 +5,7 @@ use axum::http::HeaderMap;
 use crate::config::{Key, Policy};
 use crate::error::GatewayError;
 use crate::metering::estimate;
-use crate::openai::{InboundRequest, MessageContent};
+use crate::openai::{InboundRequest, MessageContent, TypedRequest};
 
 pub const REGION_HEADER: &str = "x-tollgate-region";
 
@@ -29,7 +29,7 @@ impl RequestFacts {
             stream: request.stream(),
             ..Self::default()
         };
-        if let InboundRequest::Chat(chat) = request {
+        if let TypedRequest::Chat(chat) = &request.typed {
             facts.tools = chat.tools.as_ref().is_some_and(|t| !t.is_empty());
             let parts = chat.messages.iter().filter_map(|m| match &m.content {
                 Some(MessageContent::Parts(parts)) => Some(parts),

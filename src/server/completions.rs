@@ -154,7 +154,7 @@ async fn serve(
     let key = auth::authenticate(&snapshot, headers).map_err(fail(NONE))?;
     let limit = snapshot.config.server.max_body_bytes;
     let bytes = read_body(headers, body, limit).await.map_err(fail(NONE))?;
-    let request = parse(endpoint, &bytes).map_err(fail(NONE))?;
+    let request = InboundRequest::parse(endpoint, bytes).map_err(fail(NONE))?;
     let model_index = resolve(&snapshot, key, request.model()).map_err(fail(NONE))?;
     let model = &snapshot.config.models[model_index];
     let alias = model.alias.as_str();
@@ -475,47 +475,6 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
             GatewayError::bad_request("the request body could not be read", None)
         }
     })
-}
-
-pub(super) fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<InboundRequest, GatewayError> {
-    // Parsed plainly first; only a body that fails is parsed again, with
-    // the path tracking that names where it went wrong.
-    fn typed<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
-        if let Ok(value) = serde_json::from_slice(bytes) {
-            return Ok(value);
-        }
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if inner.is_syntax() || inner.is_eof() {
-                GatewayError::bad_request(
-                    format!("the request body is not valid JSON: {inner}"),
-                    None,
-                )
-            } else if path == "." {
-                GatewayError::bad_request(format!("invalid request body: {inner}"), None)
-            } else {
-                GatewayError::bad_request(
-                    format!("invalid request body at `{path}`: {inner}"),
-                    Some(path),
-                )
-            }
-        })
-    }
-    let request = match endpoint {
-        Endpoint::Chat => InboundRequest::Chat(typed(bytes)?),
-        Endpoint::Completions => InboundRequest::Completion(typed(bytes)?),
-    };
-    if let InboundRequest::Chat(chat) = &request
-        && chat.messages.is_empty()
-    {
-        return Err(GatewayError::bad_request(
-            "`messages` is empty; send at least one message",
-            Some("messages".into()),
-        ));
-    }
-    Ok(request)
 }
 
 /// The index of the requested model, which the key must be allowed.

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::completions;
 use crate::error::GatewayError;
-use crate::openai::Endpoint;
+use crate::openai::{Endpoint, InboundRequest};
 use crate::routing::{self, Explained, RequestFacts};
 use crate::snapshot::Snapshot;
 
@@ -45,7 +45,7 @@ pub fn explain(snapshot: &Snapshot, ask: &ExplainRequest) -> Result<Explained, G
         })?),
     };
     let bytes = serde_json::to_vec(&ask.request).expect("JSON values serialise");
-    let request = completions::parse(endpoint, &bytes)?;
+    let request = InboundRequest::parse(endpoint, bytes.into())?;
     let model = completions::resolve(snapshot, key, request.model())?;
     let region = ask
         .region

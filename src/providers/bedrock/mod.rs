@@ -17,7 +17,7 @@ use super::http::{self, ErrorReply, HttpClient};
 use super::{Provider, UpstreamCall, UpstreamReply};
 use crate::config::Backend;
 use crate::error::GatewayError;
-use crate::openai::InboundRequest;
+use crate::openai::TypedRequest;
 use auth::Auth;
 
 /// A path label is encoded as AWS SDKs do: everything but the unreserved
@@ -66,7 +66,7 @@ impl Bedrock {
     }
 
     async fn call(&self, call: UpstreamCall<'_>) -> Result<UpstreamReply, GatewayError> {
-        let InboundRequest::Chat(chat) = call.request else {
+        let TypedRequest::Chat(chat) = &call.request.typed else {
             // Another deployment of the alias may serve legacy completions.
             let mut error = GatewayError::bad_request(
                 format!(
