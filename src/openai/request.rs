@@ -5,9 +5,15 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
+use std::ops::Range;
 
 use bytes::Bytes;
-use serde::de::{self, DeserializeOwned, Deserializer as _, MapAccess, Visitor};
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{
+    self, DeserializeOwned, DeserializeSeed, Deserializer as _, IntoDeserializer, MapAccess,
+    Visitor,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -16,16 +22,11 @@ use crate::error::GatewayError;
 
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+/// `model` and `stream_options` are read apart (see [`InboundRequest`]).
 pub struct ChatRequest {
-    /// Replaced by the deployment's upstream model id when sent upstream.
-    #[serde(skip_serializing)]
-    pub model: String,
     pub messages: Vec<ChatMessage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
-    /// Rewritten per upstream call (see `Outbound`).
-    #[serde(default, skip_serializing)]
-    pub stream_options: Option<StreamOptions>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,16 +75,13 @@ pub struct StreamOptions {
     pub extra: Map<String, Value>,
 }
 
-/// `POST /v1/completions` (legacy).
+/// `POST /v1/completions` (legacy); `model` and `stream_options` are read
+/// apart, as for chat.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct CompletionRequest {
-    #[serde(skip_serializing)]
-    pub model: String,
     pub prompt: Prompt,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
-    #[serde(default, skip_serializing)]
-    pub stream_options: Option<StreamOptions>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
     #[serde(flatten)]
@@ -124,10 +122,21 @@ impl Endpoint {
 #[derive(Debug, Clone)]
 pub struct InboundRequest {
     /// The client's JSON object. An OpenAI-compatible upstream gets these
-    /// bytes with two members replaced instead of a re-encoding of `typed`:
-    /// re-encoding escaped every message again, a tenth of a stream's CPU.
+    /// bytes with `model` and `stream_options` replaced where they stand:
+    /// re-encoding the request escaped every message again, and copying it
+    /// member by member scanned it again, each a tenth of a stream's CPU.
     body: Bytes,
+    /// Where the client's `model` and `stream_options` values are in `body`.
+    spans: Spans,
+    model: String,
+    stream_options: Option<StreamOptions>,
     pub typed: TypedRequest,
+}
+
+#[derive(Debug, Clone)]
+struct Spans {
+    model: Range<usize>,
+    stream_options: Option<Range<usize>>,
 }
 
 #[derive(Debug, Clone)]
@@ -140,9 +149,23 @@ impl InboundRequest {
     /// Reads a client body sent to `endpoint`. A body that does not fit is
     /// a 400 whose message and `param` say where it went wrong.
     pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<Self, GatewayError> {
-        let typed = match endpoint {
-            Endpoint::Chat => TypedRequest::Chat(typed(&body)?),
-            Endpoint::Completions => TypedRequest::Completion(typed(&body)?),
+        let (typed, model, stream_options) = match endpoint {
+            Endpoint::Chat => {
+                let read = typed::<ChatRequest>(&body)?;
+                (
+                    TypedRequest::Chat(read.rest),
+                    read.model,
+                    read.stream_options,
+                )
+            }
+            Endpoint::Completions => {
+                let read = typed::<CompletionRequest>(&body)?;
+                (
+                    TypedRequest::Completion(read.rest),
+                    read.model,
+                    read.stream_options,
+                )
+            }
         };
         if let TypedRequest::Chat(chat) = &typed
             && chat.messages.is_empty()
@@ -152,7 +175,26 @@ impl InboundRequest {
                 Some("messages".into()),
             ));
         }
-        Ok(Self { body, typed })
+        let span = |raw: &RawValue| {
+            let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+            start..start + raw.get().len()
+        };
+        let spans = Spans {
+            model: span(model),
+            stream_options: stream_options.map(span),
+        };
+        let model = member::<String>("model", model)?;
+        let stream_options = stream_options
+            .map(|raw| member::<Option<StreamOptions>>("stream_options", raw))
+            .transpose()?
+            .flatten();
+        Ok(Self {
+            spans,
+            model,
+            stream_options,
+            typed,
+            body,
+        })
     }
 
     pub fn endpoint(&self) -> Endpoint {
@@ -163,10 +205,7 @@ impl InboundRequest {
     }
 
     pub fn model(&self) -> &str {
-        match &self.typed {
-            TypedRequest::Chat(r) => &r.model,
-            TypedRequest::Completion(r) => &r.model,
-        }
+        &self.model
     }
 
     pub fn stream(&self) -> bool {
@@ -178,10 +217,7 @@ impl InboundRequest {
     }
 
     fn stream_options(&self) -> Option<&StreamOptions> {
-        match &self.typed {
-            TypedRequest::Chat(r) => r.stream_options.as_ref(),
-            TypedRequest::Completion(r) => r.stream_options.as_ref(),
-        }
+        self.stream_options.as_ref()
     }
 
     /// Whether the client asked for the usage-only chunk at the end of a stream.
@@ -202,21 +238,49 @@ impl InboundRequest {
     }
 
     /// The body to send to an OpenAI-compatible upstream: the client's
-    /// members as it wrote them, in its order, except `model` (replaced by
-    /// `upstream_model`) and `stream_options` (set as the upstream call
-    /// needs; `None` removes it).
+    /// bytes, with `model` replaced by `upstream_model` and
+    /// `stream_options` set as the upstream call needs (`None` removes it).
     pub fn to_upstream_json(
         &self,
         upstream_model: &str,
         stream_options: Option<&StreamOptions>,
     ) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.body.len() + upstream_model.len() + 64);
-        out.extend_from_slice(b"{\"model\":");
-        write_json(&mut out, upstream_model);
-        if let Some(options) = stream_options {
-            out.extend_from_slice(b",\"stream_options\":");
-            write_json(&mut out, options);
+        let body = &self.body[..];
+        let model = serde_json::to_vec(upstream_model).expect("strings serialise");
+        let options = stream_options.map(|o| serde_json::to_vec(o).expect("options serialise"));
+        let inserted;
+        // Each edit puts text in place of a range of the body.
+        let mut edits = Vec::with_capacity(2);
+        edits.push((self.spans.model.clone(), &model[..]));
+        match (&self.spans.stream_options, &options) {
+            (Some(span), Some(options)) => edits.push((span.clone(), options)),
+            (None, Some(options)) => {
+                // First in the object, which is never empty: it has `model`.
+                let open = body.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
+                inserted = [&b"\"stream_options\":"[..], options, b","].concat();
+                edits.push((open..open, &inserted));
+            }
+            // The client's own has to go: its member is left out of a copy
+            // made member by member, which is rare enough to cost a scan.
+            (Some(_), None) => return self.upstream_json_without_stream_options(&model),
+            (None, None) => {}
         }
+        edits.sort_by_key(|(range, _)| range.start);
+        let mut out = Vec::with_capacity(body.len() + model.len() + 64);
+        let mut at = 0;
+        for (range, text) in edits {
+            out.extend_from_slice(&body[at..range.start]);
+            out.extend_from_slice(text);
+            at = range.end;
+        }
+        out.extend_from_slice(&body[at..]);
+        out
+    }
+
+    fn upstream_json_without_stream_options(&self, model: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body.len() + model.len() + 16);
+        out.extend_from_slice(b"{\"model\":");
+        out.extend_from_slice(model);
         serde_json::Deserializer::from_slice(&self.body)
             .deserialize_map(CopyMembers { out: &mut out })
             .expect("the body was read as a JSON object");
@@ -235,9 +299,9 @@ impl InboundRequest {
 
 /// Parsed plainly first; only a body that fails is parsed again, with the
 /// path tracking that names where it went wrong.
-fn typed<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
-    if let Ok(value) = serde_json::from_slice(bytes) {
-        return Ok(value);
+fn typed<'b, T: DeserializeOwned>(bytes: &'b [u8]) -> Result<Read<'b, T>, GatewayError> {
+    if let Ok(read) = serde_json::from_slice(bytes) {
+        return Ok(read);
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -248,12 +312,91 @@ fn typed<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
         } else if path == "." {
             GatewayError::bad_request(format!("invalid request body: {inner}"), None)
         } else {
-            GatewayError::bad_request(
-                format!("invalid request body at `{path}`: {inner}"),
-                Some(path),
-            )
+            invalid_at(&path, inner)
         }
     })
+}
+
+fn invalid_at(path: &str, error: impl fmt::Display) -> GatewayError {
+    GatewayError::bad_request(
+        format!("invalid request body at `{path}`: {error}"),
+        Some(path.to_owned()),
+    )
+}
+
+/// A top-level member read apart from the rest.
+fn member<T: DeserializeOwned>(name: &str, raw: &RawValue) -> Result<T, GatewayError> {
+    serde_json::from_str(raw.get()).map_err(|e| invalid_at(name, e))
+}
+
+/// A request object: `model` and `stream_options` as the client wrote
+/// them, borrowed from the body so that their place in it is known, and
+/// every other member read into `T`.
+struct Read<'de, T> {
+    rest: T,
+    model: &'de RawValue,
+    stream_options: Option<&'de RawValue>,
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Read<'de, T> {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Object<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Object<T> {
+            type Value = Read<'de, T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let mut members = SetAside {
+                    map,
+                    model: None,
+                    stream_options: None,
+                };
+                let rest = T::deserialize(MapAccessDeserializer::new(&mut members))?;
+                Ok(Read {
+                    rest,
+                    model: members
+                        .model
+                        .ok_or_else(|| de::Error::missing_field("model"))?,
+                    stream_options: members.stream_options,
+                })
+            }
+        }
+        deserializer.deserialize_map(Object(PhantomData))
+    }
+}
+
+/// The members of an object but `model` and `stream_options`, which it
+/// keeps as raw text.
+struct SetAside<'de, A> {
+    map: A,
+    model: Option<&'de RawValue>,
+    stream_options: Option<&'de RawValue>,
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for SetAside<'de, A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        while let Some(name) = self.map.next_key::<MemberName<'de>>()? {
+            let (slot, field) = match &*name.0 {
+                "model" => (&mut self.model, "model"),
+                "stream_options" => (&mut self.stream_options, "stream_options"),
+                _ => return seed.deserialize(name.0.into_deserializer()).map(Some),
+            };
+            if slot.replace(self.map.next_value()?).is_some() {
+                return Err(de::Error::duplicate_field(field));
+            }
+        }
+        Ok(None)
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
 }
 
 fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
@@ -335,24 +478,82 @@ mod tests {
         assert!(!req.include_usage());
     }
 
+    fn chat(body: &'static str) -> Result<InboundRequest, GatewayError> {
+        InboundRequest::parse(Endpoint::Chat, Bytes::from_static(body.as_bytes()))
+    }
+
+    fn upstream(request: &InboundRequest, options: Option<&StreamOptions>) -> String {
+        String::from_utf8(request.to_upstream_json("meta/llama", options)).unwrap()
+    }
+
     #[test]
     fn upstream_body_is_the_clients_own_text_with_model_and_stream_options_replaced() {
-        let body = concat!(
+        let req = chat(concat!(
             "{ \"messages\" : [ {\"role\":\"user\", \"content\":\"caf\\u00e9 \\\"q\\\"\"} ],\n",
             "  \"mod\\u0065l\": \"alias\", \"stream\": true,\n",
             "  \"stream_options\": {\"include_usage\": false}, \"top_k\" : 5 }",
-        );
-        let req =
-            InboundRequest::parse(Endpoint::Chat, Bytes::from_static(body.as_bytes())).unwrap();
-        let out = req.to_upstream_json("meta/llama", Some(&req.upstream_stream_options()));
+        ))
+        .unwrap();
+        assert_eq!(req.model(), "alias");
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            upstream(&req, Some(&req.upstream_stream_options())),
             concat!(
-                r#"{"model":"meta/llama","stream_options":{"include_usage":true},"#,
-                r#""messages":[ {"role":"user", "content":"caf\u00e9 \"q\""} ],"#,
-                r#""stream":true,"top_k":5}"#,
+                "{ \"messages\" : [ {\"role\":\"user\", \"content\":\"caf\\u00e9 \\\"q\\\"\"} ],\n",
+                "  \"mod\\u0065l\": \"meta/llama\", \"stream\": true,\n",
+                "  \"stream_options\": {\"include_usage\":true}, \"top_k\" : 5 }",
             )
         );
+    }
+
+    #[test]
+    fn stream_options_are_added_first_when_the_client_sent_none_or_null() {
+        let options = StreamOptions {
+            include_usage: Some(true),
+            extra: Map::new(),
+        };
+        let none = chat(r#" {"messages":[{"role":"user","content":"hi"}],"model":"a"}"#).unwrap();
+        assert_eq!(
+            upstream(&none, Some(&options)),
+            r#" {"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}],"model":"meta/llama"}"#
+        );
+        let null = chat(
+            r#"{"model":"a","stream_options":null,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            upstream(&null, Some(&options)),
+            r#"{"model":"meta/llama","stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#
+        );
+        assert_eq!(
+            upstream(&null, None),
+            r#"{"model":"meta/llama","messages":[{"role":"user","content":"hi"}]}"#
+        );
+    }
+
+    #[test]
+    fn model_is_required_once_and_must_be_a_string() {
+        let error = |body| chat(body).expect_err(body).message;
+        let messages = r#""messages":[{"role":"user","content":"hi"}]"#;
+        assert!(
+            error(r#"{"messages":[{"role":"user","content":"hi"}]}"#)
+                .contains("missing field `model`")
+        );
+        let twice = format!(r#"{{"model":"a",{messages},"model":"b"}}"#).leak();
+        assert!(error(twice).contains("duplicate field `model`"));
+        let number = format!(r#"{{"model":5,{messages}}}"#).leak();
+        let wrong = chat(number).err().unwrap();
+        assert!(
+            wrong
+                .message
+                .contains("at `model`: invalid type: integer `5`"),
+            "{}",
+            wrong.message
+        );
+        assert_eq!(wrong.param.as_deref(), Some("model"));
+        let options =
+            format!(r#"{{"model":"a","stream_options":{{"include_usage":"yes"}},{messages}}}"#)
+                .leak();
+        assert!(error(options).contains("at `stream_options`"));
     }
 
     #[test]
@@ -360,8 +561,9 @@ mod tests {
         let body = r#"{"model":"a","prompt":["x","y"],"stream_options":{"include_usage":true}}"#;
         let req = InboundRequest::parse(Endpoint::Completions, Bytes::from_static(body.as_bytes()))
             .unwrap();
-        let out: Value = serde_json::from_slice(&req.to_upstream_json("m", None)).unwrap();
-        assert!(out.get("stream_options").is_none());
-        assert_eq!(out["prompt"][1], "y");
+        assert_eq!(
+            upstream(&req, None),
+            r#"{"model":"meta/llama","prompt":["x","y"]}"#
+        );
     }
 }
