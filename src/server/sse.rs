@@ -25,6 +25,10 @@ use crate::providers::{Chunk, ChunkStream};
 const DONE: &[u8] = b"data: [DONE]\n\n";
 /// The most sent in one frame when the upstream has sent a lot at once.
 const MAX_FRAME: usize = 64 * 1024;
+/// A frame's first allocation: room for about 20 typical events, so that
+/// events read together are not copied again at every doubling. Frames
+/// live only until they are written.
+const FRAME_START: usize = 4 * 1024;
 
 /// `id`, `created` and `model` of a stream, for a synthesised usage chunk.
 type Identity = (String, u64, String);
@@ -263,7 +267,7 @@ fn framed_as_object(chunk: &[u8]) -> bool {
 }
 
 fn put_event(out: &mut BytesMut, json: &[u8]) {
-    out.reserve(json.len() + 8);
+    out.reserve((json.len() + 8).max(FRAME_START - out.len().min(FRAME_START)));
     out.put_slice(b"data: ");
     out.put_slice(json);
     out.put_slice(b"\n\n");
