@@ -210,9 +210,9 @@ fn explain(
 
 /// The async runtime for `serve`. With one CPU to run on (a pinned process,
 /// or a container's CPU quota), a work-stealing scheduler has no one to
-/// steal for, and handing work between its worker and the thread that
-/// started it cost about a fifth of the CPU per request (benches/load):
-/// then everything runs on one thread. `TOKIO_WORKER_THREADS` still picks
+/// steal for, and its hand-offs were a quarter of the CPU per streamed
+/// request (147 against 112 µs, benches/load): then everything runs on one
+/// thread. `TOKIO_WORKER_THREADS` still picks
 /// the work-stealing scheduler's size, whatever the CPU count.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);

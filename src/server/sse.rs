@@ -267,7 +267,7 @@ fn framed_as_object(chunk: &[u8]) -> bool {
 }
 
 fn put_event(out: &mut BytesMut, json: &[u8]) {
-    out.reserve((json.len() + 8).max(FRAME_START - out.len().min(FRAME_START)));
+    out.reserve((json.len() + 8).max(FRAME_START.saturating_sub(out.len())));
     out.put_slice(b"data: ");
     out.put_slice(json);
     out.put_slice(b"\n\n");
