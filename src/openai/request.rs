@@ -326,7 +326,12 @@ fn invalid_at(path: &str, error: impl fmt::Display) -> GatewayError {
 
 /// A top-level member read apart from the rest.
 fn member<T: DeserializeOwned>(name: &str, raw: &RawValue) -> Result<T, GatewayError> {
-    serde_json::from_str(raw.get()).map_err(|e| invalid_at(name, e))
+    serde_json::from_str(raw.get()).map_err(|e| {
+        // The position is within the member's own text; the path says where.
+        let text = e.to_string();
+        let position = format!(" at line {} column {}", e.line(), e.column());
+        invalid_at(name, text.strip_suffix(&position).unwrap_or(&text))
+    })
 }
 
 /// A request object: `model` and `stream_options` as the client wrote
@@ -542,12 +547,9 @@ mod tests {
         assert!(error(twice).contains("duplicate field `model`"));
         let number = format!(r#"{{"model":5,{messages}}}"#).leak();
         let wrong = chat(number).err().unwrap();
-        assert!(
-            wrong
-                .message
-                .contains("at `model`: invalid type: integer `5`"),
-            "{}",
-            wrong.message
+        assert_eq!(
+            wrong.message,
+            "invalid request body at `model`: invalid type: integer `5`, expected a string"
         );
         assert_eq!(wrong.param.as_deref(), Some("model"));
         let options =
