@@ -20,33 +20,33 @@ use serde_json::{Map, Value};
 
 use crate::error::GatewayError;
 
-/// `POST /v1/chat/completions`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-/// `model` and `stream_options` are read apart (see [`InboundRequest`]).
+/// `POST /v1/chat/completions`; `model` and `stream_options` are read
+/// apart (see [`InboundRequest`]).
+#[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_tokens: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_completion_tokens: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub tools: Option<Vec<Value>>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub content: Option<MessageContent>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(
     untagged,
     expecting = "a string, or an array of content parts such as {\"type\":\"text\",\"text\":\"...\"}"
@@ -57,11 +57,11 @@ pub enum MessageContent {
 }
 
 /// One part of an array content: `text`, `image_url`, `input_audio`, `file`…
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub text: Option<String>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -77,19 +77,19 @@ pub struct StreamOptions {
 
 /// `POST /v1/completions` (legacy); `model` and `stream_options` are read
 /// apart, as for chat.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: Prompt,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_tokens: Option<u32>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
 /// A string, an array of strings, or token ids (one prompt or many).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(
     untagged,
     expecting = "a string, an array of strings, or an array of token ids"
