@@ -9,61 +9,48 @@ use std::marker::PhantomData;
 use std::ops::Range;
 
 use bytes::Bytes;
-use serde::de::value::MapAccessDeserializer;
+use serde::de::value::{BorrowedStrDeserializer, MapAccessDeserializer};
 use serde::de::{
     self, DeserializeOwned, DeserializeSeed, Deserializer as _, IntoDeserializer, MapAccess,
-    Visitor,
+    SeqAccess, Visitor,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::object::{self, MemberName, Members};
 use crate::error::GatewayError;
 
 /// `POST /v1/chat/completions`; `model` and `stream_options` are read
 /// apart (see [`InboundRequest`]).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
-    #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default)]
     pub max_tokens: Option<u32>,
-    #[serde(default)]
     pub max_completion_tokens: Option<u32>,
-    #[serde(default)]
     pub tools: Option<Vec<Value>>,
-    #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct ChatMessage {
     pub role: String,
-    #[serde(default)]
     pub content: Option<MessageContent>,
-    #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(
-    untagged,
-    expecting = "a string, or an array of content parts such as {\"type\":\"text\",\"text\":\"...\"}"
-)]
+#[derive(Debug, Clone)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
 /// One part of an array content: `text`, `image_url`, `input_audio`, `file`…
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct ContentPart {
-    #[serde(rename = "type")]
     pub kind: String,
-    #[serde(default)]
     pub text: Option<String>,
-    #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
@@ -77,14 +64,11 @@ pub struct StreamOptions {
 
 /// `POST /v1/completions` (legacy); `model` and `stream_options` are read
 /// apart, as for chat.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct CompletionRequest {
     pub prompt: Prompt,
-    #[serde(default)]
     pub stream: Option<bool>,
-    #[serde(default)]
     pub max_tokens: Option<u32>,
-    #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
@@ -99,6 +83,165 @@ pub enum Prompt {
     Texts(Vec<String>),
     Tokens(Vec<u32>),
     TokenBatches(Vec<Vec<u32>>),
+}
+
+// Option<Option<_>>: sent at most once, and `null` is as good as absent.
+type Nullable<T> = Option<Option<T>>;
+
+impl Members for ChatRequest {
+    type Fields = (
+        Option<Vec<ChatMessage>>,
+        Nullable<bool>,
+        Nullable<u32>,
+        Nullable<u32>,
+        Nullable<Vec<Value>>,
+    );
+    const EXPECTING: &'static str = "a chat completion request object";
+
+    fn member<'de, A: MapAccess<'de>>(
+        f: &mut Self::Fields,
+        name: &str,
+        members: &mut A,
+    ) -> Result<bool, A::Error> {
+        match name {
+            "messages" => object::once(&mut f.0, "messages", members),
+            "stream" => object::once(&mut f.1, "stream", members),
+            "max_tokens" => object::once(&mut f.2, "max_tokens", members),
+            "max_completion_tokens" => object::once(&mut f.3, "max_completion_tokens", members),
+            "tools" => object::once(&mut f.4, "tools", members),
+            _ => Ok(false),
+        }
+    }
+
+    fn build<E: de::Error>(f: Self::Fields, extra: Map<String, Value>) -> Result<Self, E> {
+        Ok(Self {
+            messages: object::required(f.0, "messages")?,
+            stream: f.1.flatten(),
+            max_tokens: f.2.flatten(),
+            max_completion_tokens: f.3.flatten(),
+            tools: f.4.flatten(),
+            extra,
+        })
+    }
+}
+
+impl Members for ChatMessage {
+    type Fields = (Option<String>, Nullable<MessageContent>);
+    const EXPECTING: &'static str =
+        "a message object such as {\"role\":\"user\",\"content\":\"...\"}";
+
+    fn member<'de, A: MapAccess<'de>>(
+        f: &mut Self::Fields,
+        name: &str,
+        members: &mut A,
+    ) -> Result<bool, A::Error> {
+        match name {
+            "role" => object::once(&mut f.0, "role", members),
+            "content" => object::once(&mut f.1, "content", members),
+            _ => Ok(false),
+        }
+    }
+
+    fn build<E: de::Error>(f: Self::Fields, extra: Map<String, Value>) -> Result<Self, E> {
+        Ok(Self {
+            role: object::required(f.0, "role")?,
+            content: f.1.flatten(),
+            extra,
+        })
+    }
+}
+
+impl Members for ContentPart {
+    type Fields = (Option<String>, Nullable<String>);
+    const EXPECTING: &'static str = "a content part such as {\"type\":\"text\",\"text\":\"...\"}";
+
+    fn member<'de, A: MapAccess<'de>>(
+        f: &mut Self::Fields,
+        name: &str,
+        members: &mut A,
+    ) -> Result<bool, A::Error> {
+        match name {
+            "type" => object::once(&mut f.0, "type", members),
+            "text" => object::once(&mut f.1, "text", members),
+            _ => Ok(false),
+        }
+    }
+
+    fn build<E: de::Error>(f: Self::Fields, extra: Map<String, Value>) -> Result<Self, E> {
+        Ok(Self {
+            kind: object::required(f.0, "type")?,
+            text: f.1.flatten(),
+            extra,
+        })
+    }
+}
+
+impl Members for CompletionRequest {
+    type Fields = (Option<Prompt>, Nullable<bool>, Nullable<u32>);
+    const EXPECTING: &'static str = "a completion request object";
+
+    fn member<'de, A: MapAccess<'de>>(
+        f: &mut Self::Fields,
+        name: &str,
+        members: &mut A,
+    ) -> Result<bool, A::Error> {
+        match name {
+            "prompt" => object::once(&mut f.0, "prompt", members),
+            "stream" => object::once(&mut f.1, "stream", members),
+            "max_tokens" => object::once(&mut f.2, "max_tokens", members),
+            _ => Ok(false),
+        }
+    }
+
+    fn build<E: de::Error>(f: Self::Fields, extra: Map<String, Value>) -> Result<Self, E> {
+        Ok(Self {
+            prompt: object::required(f.0, "prompt")?,
+            stream: f.1.flatten(),
+            max_tokens: f.2.flatten(),
+            extra,
+        })
+    }
+}
+
+macro_rules! deserialize_members {
+    ($($t:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                object::deserialize(deserializer)
+            }
+        }
+    )*};
+}
+deserialize_members!(ChatRequest, ChatMessage, ContentPart, CompletionRequest);
+
+/// A string or an array of parts, told apart by the JSON type (serde's
+/// `untagged` would buffer the value and try each shape in turn).
+impl<'de> Deserialize<'de> for MessageContent {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Content;
+        impl<'de> Visitor<'de> for Content {
+            type Value = MessageContent;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a string, or an array of content parts such as {\"type\":\"text\",\"text\":\"...\"}",
+                )
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(MessageContent::Text(text.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, text: String) -> Result<Self::Value, E> {
+                Ok(MessageContent::Text(text))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut parts: A) -> Result<Self::Value, A::Error> {
+                let mut all = Vec::with_capacity(parts.size_hint().unwrap_or(0).min(64));
+                while let Some(part) = parts.next_element()? {
+                    all.push(part);
+                }
+                Ok(MessageContent::Parts(all))
+            }
+        }
+        deserializer.deserialize_any(Content)
+    }
 }
 
 /// Which endpoint a request came in on; decides the response object shapes.
@@ -390,7 +533,13 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for SetAside<'de, A> {
             let (slot, field) = match &*name.0 {
                 "model" => (&mut self.model, "model"),
                 "stream_options" => (&mut self.stream_options, "stream_options"),
-                _ => return seed.deserialize(name.0.into_deserializer()).map(Some),
+                _ => {
+                    return match name.0 {
+                        Cow::Borrowed(name) => seed.deserialize(BorrowedStrDeserializer::new(name)),
+                        Cow::Owned(name) => seed.deserialize(name.into_deserializer()),
+                    }
+                    .map(Some);
+                }
             };
             if slot.replace(self.map.next_value()?).is_some() {
                 return Err(de::Error::duplicate_field(field));
@@ -433,28 +582,6 @@ impl<'de> Visitor<'de> for CopyMembers<'_> {
             self.out.extend_from_slice(value.get().as_bytes());
         }
         Ok(())
-    }
-}
-
-/// A member's name, borrowed unless it had escapes.
-struct MemberName<'de>(Cow<'de, str>);
-
-impl<'de> Deserialize<'de> for MemberName<'de> {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Name;
-        impl<'de> Visitor<'de> for Name {
-            type Value = MemberName<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a member name")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, name: &'de str) -> Result<Self::Value, E> {
-                Ok(MemberName(Cow::Borrowed(name)))
-            }
-            fn visit_str<E: de::Error>(self, name: &str) -> Result<Self::Value, E> {
-                Ok(MemberName(Cow::Owned(name.to_owned())))
-            }
-        }
-        deserializer.deserialize_str(Name)
     }
 }
 
@@ -556,6 +683,61 @@ mod tests {
             format!(r#"{{"model":"a","stream_options":{{"include_usage":"yes"}},{messages}}}"#)
                 .leak();
         assert!(error(options).contains("at `stream_options`"));
+    }
+
+    #[test]
+    fn messages_are_read_member_by_member_with_the_rest_kept() {
+        let body = r#"{"model":"a","stream":null,"temperature":0.5,"messages":[
+            {"role":"user","content":"hi","na\u006de":"bob"},
+            {"role":"user","content":[{"type":"text","text":"look"},
+                {"type":"image_url","image_url":{"url":"https://x/y.png"}}]},
+            {"role":"assistant","content":null,"tool_calls":[]}]}"#;
+        let TypedRequest::Chat(chat) = chat(body).unwrap().typed else {
+            panic!("a chat request")
+        };
+        assert_eq!(chat.stream, None);
+        assert_eq!(chat.extra["temperature"], 0.5);
+        let [first, second, third] = &chat.messages[..] else {
+            panic!("three messages")
+        };
+        assert!(matches!(&first.content, Some(MessageContent::Text(t)) if t == "hi"));
+        assert_eq!(first.extra["name"], "bob");
+        let Some(MessageContent::Parts(parts)) = &second.content else {
+            panic!("content parts")
+        };
+        assert_eq!(parts[0].text.as_deref(), Some("look"));
+        assert_eq!(parts[1].kind, "image_url");
+        assert_eq!(parts[1].extra["image_url"]["url"], "https://x/y.png");
+        assert!(third.content.is_none());
+        assert_eq!(third.extra["tool_calls"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn a_malformed_message_is_named_by_its_path() {
+        let wrong = |messages: &str| {
+            let body = format!(r#"{{"model":"a","messages":{messages}}}"#).leak();
+            let error = chat(body).expect_err(body);
+            (error.message, error.param.unwrap_or_default())
+        };
+        let (message, param) = wrong(r#"[{"role":"user","content":5}]"#);
+        assert_eq!(param, "messages[0].content");
+        assert!(
+            message.contains("invalid type: integer `5`, expected a string, or an array of content parts such as {\"type\":\"text\",\"text\":\"...\"}"),
+            "{message}"
+        );
+        let (message, param) = wrong(r#"[{"content":"hi"}]"#);
+        assert_eq!(param, "messages[0]");
+        assert!(message.contains("missing field `role`"), "{message}");
+        let (message, _) = wrong(r#"[{"role":"user","role":"user"}]"#);
+        assert!(message.contains("duplicate field `role`"), "{message}");
+        let (message, param) = wrong(r#"[{"role":"user","content":[{"text":"x"}]}]"#);
+        assert_eq!(param, "messages[0].content[0]");
+        assert!(message.contains("missing field `type`"), "{message}");
+        let (message, param) = wrong(r#"["hi"]"#);
+        assert_eq!(param, "messages[0]");
+        assert!(message.contains("expected a message object"), "{message}");
+        let error = chat(r#"{"model":"a"}"#).unwrap_err();
+        assert!(error.message.contains("missing field `messages`"));
     }
 
     #[test]
