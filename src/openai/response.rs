@@ -2,6 +2,8 @@
 //! Upstream responses are forwarded as the bytes received; these types are
 //! for the objects the gateway writes itself and for reading usage.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -124,19 +126,34 @@ pub struct ModelEntry<'a> {
     pub owned_by: &'static str,
 }
 
+/// A string of a response, borrowed from its body unless it had escapes.
+/// serde's `borrow` reaches a bare `Cow` field but not one inside an
+/// `Option`, which it copies into a `String` of its own.
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 /// What the gateway reads from any response object or stream chunk, chat
 /// or legacy, whichever upstream sent it. Borrowed, so reading a chunk
 /// copies nothing but the usage numbers.
 #[derive(Debug, Default, Deserialize)]
 pub struct ResponseView<'a> {
     #[serde(borrow, default)]
-    pub id: Option<std::borrow::Cow<'a, str>>,
+    pub id: Option<Text<'a>>,
     #[serde(borrow, default)]
-    pub object: Option<std::borrow::Cow<'a, str>>,
+    pub object: Option<Text<'a>>,
     #[serde(default)]
     pub created: Option<u64>,
     #[serde(borrow, default)]
-    pub model: Option<std::borrow::Cow<'a, str>>,
+    pub model: Option<Text<'a>>,
     #[serde(borrow, default)]
     pub choices: Option<Vec<ChoiceView<'a>>>,
     #[serde(default)]
@@ -163,15 +180,15 @@ pub struct ChoiceView<'a> {
     pub message: Option<TextView<'a>>,
     /// Legacy completions carry their text here.
     #[serde(borrow, default)]
-    pub text: Option<std::borrow::Cow<'a, str>>,
+    pub text: Option<Text<'a>>,
     #[serde(borrow, default)]
-    pub finish_reason: Option<std::borrow::Cow<'a, str>>,
+    pub finish_reason: Option<Text<'a>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 pub struct TextView<'a> {
     #[serde(borrow, default)]
-    pub content: Option<std::borrow::Cow<'a, str>>,
+    pub content: Option<Text<'a>>,
 }
 
 impl ResponseView<'_> {
@@ -220,5 +237,26 @@ impl ChoiceView<'_> {
             .or_else(|| content(&self.message))
             .or_else(|| self.text.as_ref().map(|t| t.len()))
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_is_read_without_copying_its_strings_unless_escaped() {
+        let chunk = r#"{"id":"c1","object":"chat.completion.chunk","model":"m\u00e9",
+            "choices":[{"delta":{"content":"hi"},"finish_reason":"stop"}]}"#;
+        let view: ResponseView<'_> = serde_json::from_str(chunk).unwrap();
+        let borrowed = |t: &Option<Text<'_>>| matches!(t, Some(Text(Cow::Borrowed(_))));
+        assert!(borrowed(&view.id) && borrowed(&view.object));
+        assert_eq!(view.model.as_deref(), Some("mé"));
+        assert!(!borrowed(&view.model));
+        let choice = &view.choices.as_ref().unwrap()[0];
+        assert!(borrowed(&choice.delta.as_ref().unwrap().content));
+        assert!(borrowed(&choice.finish_reason));
+        assert_eq!(view.finish_reason(), Some("stop"));
+        assert_eq!(view.text_chars(), 2);
     }
 }
