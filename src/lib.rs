@@ -7,7 +7,7 @@ pub mod error;
 pub mod id;
 pub mod ledger;
 pub mod limits;
-pub mod log_buffer;
+pub mod logging;
 pub mod metering;
 pub mod metrics;
 pub mod openai;

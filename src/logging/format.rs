@@ -1,0 +1,237 @@
+//! The parts of a log line tracing would format with `fmt` machinery,
+//! written directly instead: the access-log line's fields and timestamp
+//! cost more CPU than anything else the gateway does for a request but
+//! parse it. The output is the same as tracing's default.
+
+use std::cell::RefCell;
+use std::fmt::{self, Write as _};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::FormatTime;
+
+/// Fields as `name=value`, space-separated; the message bare, strings
+/// quoted and escaped as `Debug` writes them.
+pub struct Fields;
+
+impl<'writer> FormatFields<'writer> for Fields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+        let mut visitor = FieldWriter {
+            out: writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct FieldWriter<'w> {
+    out: Writer<'w>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl FieldWriter<'_> {
+    /// Writes the separator and `name=`, or nothing for the message.
+    fn name(&mut self, field: &Field) -> fmt::Result {
+        if !std::mem::take(&mut self.first) {
+            self.out.write_char(' ')?;
+        }
+        if field.name() == "message" {
+            return Ok(());
+        }
+        self.out.write_str(field.name())?;
+        self.out.write_char('=')
+    }
+
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
+        if self.result.is_ok() {
+            self.result = self.name(field).and_then(|()| value(&mut self.out));
+        }
+    }
+
+    fn integer(&mut self, field: &Field, value: impl itoa::Integer) {
+        self.field(field, |out| {
+            out.write_str(itoa::Buffer::new().format(value))
+        });
+    }
+}
+
+impl Visit for FieldWriter<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        let message = field.name() == "message";
+        self.field(field, |out| {
+            if message {
+                return out.write_str(value);
+            }
+            // What `Debug` leaves unescaped is written as it is.
+            let plain = |b: u8| (b.is_ascii_graphic() && b != b'"' && b != b'\\') || b == b' ';
+            if value.bytes().all(plain) {
+                out.write_char('"')?;
+                out.write_str(value)?;
+                out.write_char('"')
+            } else {
+                write!(out, "{value:?}")
+            }
+        });
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.integer(field, value);
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.integer(field, value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.field(field, |out| {
+            out.write_str(if value { "true" } else { "false" })
+        });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.field(field, |out| write!(out, "{value:?}"));
+    }
+}
+
+/// UTC time to the microsecond, as tracing's default timer writes it
+/// (`2026-12-02T03:36:15.123456Z`); the text up to the second is made once
+/// a second.
+pub struct Timestamp;
+
+thread_local! {
+    /// The second last formatted and its text, up to and with the `.`.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+impl FormatTime for Timestamp {
+    fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        SECOND.with_borrow_mut(|(second, text)| {
+            if *second != now.as_secs() {
+                *second = now.as_secs();
+                text.clear();
+                write_second(text, now.as_secs())?;
+            }
+            w.write_str(text)
+        })?;
+        // Six digits: a leading 1 keeps the zeros, and is dropped.
+        let mut digits = itoa::Buffer::new();
+        w.write_str(&digits.format(1_000_000 + now.subsec_micros())[1..])?;
+        w.write_char('Z')
+    }
+}
+
+fn write_second(text: &mut String, unix_seconds: u64) -> fmt::Result {
+    let t = i64::try_from(unix_seconds)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    write!(
+        text,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing_subscriber::fmt::format::DefaultFields;
+
+    use super::*;
+
+    /// Formats the same event's fields with `fields`.
+    fn line<F: for<'w> FormatFields<'w> + Send + Sync + 'static>(fields: F) -> String {
+        use tracing_subscriber::layer::SubscriberExt;
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = {
+            let out = out.clone();
+            move || Sink(out.clone())
+        };
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .fmt_fields(fields)
+                .without_time()
+                .with_ansi(false)
+                .with_writer(writer),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(
+                text = "plain text",
+                quoted = "say \"hi\"\\n",
+                accented = "café\t",
+                count = 7u64,
+                negative = -3i64,
+                status = 200u16,
+                flag = true,
+                cost = 0.000125,
+                shown = %"display",
+                "request done"
+            );
+            tracing::info!(message = "a plain message", kind = "x");
+        });
+        String::from_utf8(out.lock().unwrap().clone()).unwrap()
+    }
+
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn fields_are_written_as_debug_would_write_them() {
+        let ours = line(Fields);
+        assert_eq!(
+            ours,
+            " INFO tollgate::logging::format::tests: request done text=\"plain text\" \
+             quoted=\"say \\\"hi\\\"\\\\n\" accented=\"café\\t\" count=7 negative=-3 \
+             status=200 flag=true cost=0.000125 shown=display\n \
+             INFO tollgate::logging::format::tests: a plain message kind=\"x\"\n"
+        );
+        // tracing's own, which styles names apart only with ANSI on.
+        assert_eq!(ours, line(DefaultFields::new()));
+    }
+
+    #[test]
+    fn timestamps_match_tracings_own_to_the_second() {
+        let mut ours = String::new();
+        Timestamp.format_time(&mut Writer::new(&mut ours)).unwrap();
+        let mut theirs = String::new();
+        tracing_subscriber::fmt::time::SystemTime
+            .format_time(&mut Writer::new(&mut theirs))
+            .unwrap();
+        assert_eq!(ours.len(), "2026-12-02T03:36:15.123456Z".len(), "{ours}");
+        assert!(ours.ends_with('Z'));
+        // The same second unless the clock ticked over between the two.
+        let second = |t: &str| t[..19].to_owned();
+        assert!(
+            second(&ours) == second(&theirs) || ours < theirs,
+            "{ours} {theirs}"
+        );
+        let mut epoch = String::new();
+        write_second(&mut epoch, 0).unwrap();
+        assert_eq!(epoch, "1970-01-01T00:00:00.");
+        epoch.clear();
+        write_second(&mut epoch, 1_764_644_175).unwrap();
+        assert_eq!(epoch, "2025-12-02T02:56:15.");
+    }
+}
