@@ -2,9 +2,10 @@
 //! (lookup tables, provider clients). Requests load it once, from the
 //! `ArcSwap` in the app state, and use it to the end.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use foldhash::HashMap;
 
 use crate::config::{Backend, Config, Deployment, Key};
 use crate::limits::Limits;

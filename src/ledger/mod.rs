@@ -6,11 +6,12 @@
 
 mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use foldhash::HashMap;
 use serde::Serialize;
 use time::Date;
 

@@ -1,9 +1,9 @@
 //! The SQLite file behind the ledger: one table of daily totals, added to
 //! with upserts.
 
-use std::collections::HashMap;
 use std::path::Path;
 
+use foldhash::HashMap;
 use rusqlite::{Connection, params};
 use time::Date;
 use time::macros::format_description;

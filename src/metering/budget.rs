@@ -4,9 +4,9 @@
 //! reserved until the request's actual cost is in the ledger. So requests
 //! running at once cannot overrun a budget by more than one estimate.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use foldhash::HashMap;
 use time::Date;
 
 use crate::config::Key;
