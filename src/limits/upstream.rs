@@ -8,13 +8,22 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName};
 
 /// No reset is believed further away than this: a bad header must not
 /// bench a deployment for longer.
 const MAX_RESET: Duration = Duration::from_secs(3600);
 /// Plain numbers above this are unix times, not seconds to wait.
 const UNIX_TIME_FLOOR: f64 = 1_000_000_000.0;
+
+// Named once: looking a header up by a string parses the name first.
+const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const TOKENLIMIT_REMAINING: HeaderName = HeaderName::from_static("x-tokenlimit-remaining");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
 /// What is left of one upstream limit, and when it resets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,13 +46,13 @@ impl UpstreamQuota {
         let quota = Self {
             requests: remaining(
                 headers,
-                &["x-ratelimit-remaining-requests", "x-ratelimit-remaining"],
-                &["x-ratelimit-reset-requests", "x-ratelimit-reset"],
+                &[REMAINING_REQUESTS, REMAINING],
+                &[RESET_REQUESTS, RESET],
             ),
             tokens: remaining(
                 headers,
-                &["x-ratelimit-remaining-tokens", "x-tokenlimit-remaining"],
-                &["x-ratelimit-reset-tokens"],
+                &[REMAINING_TOKENS, TOKENLIMIT_REMAINING],
+                &[RESET_TOKENS],
             ),
         };
         (quota != Self::default()).then_some(quota)
@@ -51,16 +60,20 @@ impl UpstreamQuota {
 }
 
 /// The first of `names` that holds a usable value.
-fn first<T>(headers: &HeaderMap, names: &[&str], parse: impl Fn(&str) -> Option<T>) -> Option<T> {
+fn first<T>(
+    headers: &HeaderMap,
+    names: &[HeaderName],
+    parse: impl Fn(&str) -> Option<T>,
+) -> Option<T> {
     names.iter().find_map(|name| {
         headers
-            .get(*name)
+            .get(name)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse(v.trim()))
     })
 }
 
-fn remaining(headers: &HeaderMap, left: &[&str], reset: &[&str]) -> Option<Remaining> {
+fn remaining(headers: &HeaderMap, left: &[HeaderName], reset: &[HeaderName]) -> Option<Remaining> {
     Some(Remaining {
         left: first(headers, left, parse_count)?,
         reset_in: first(headers, reset, parse_reset),
