@@ -421,7 +421,7 @@ fn respond(request: &InboundRequest, served: Served<'_>, reply: Ready) -> Respon
         Ready::Complete(body, observed) => {
             meter.upstream_done();
             meter.observe(observed);
-            meter.finish(200);
+            meter.finish_after_response(200);
             super::json_response(StatusCode::OK, body)
         }
         Ready::Stream(first, facts, upstream) => {

@@ -106,7 +106,8 @@ pub struct SseBody {
     include_usage: bool,
     sent_usage_chunk: bool,
     identity: Option<Identity>,
-    meter: Meter,
+    /// Given up when the stream ends, to record the request.
+    meter: Option<Meter>,
 }
 
 pub struct SseParams {
@@ -136,7 +137,7 @@ impl SseBody {
             include_usage: p.include_usage,
             sent_usage_chunk: false,
             identity: None,
-            meter: p.meter,
+            meter: Some(p.meter),
         };
         let (chunk, facts) = p.first;
         let mut ready = BytesMut::new();
@@ -148,7 +149,7 @@ impl SseBody {
     /// Decides what the client sees of one upstream chunk, and adds it to
     /// `out`.
     fn on_chunk(&mut self, out: &mut BytesMut, chunk: &[u8], facts: ChunkFacts, now: Instant) {
-        self.meter.observe(facts.observed);
+        self.meter().observe(facts.observed);
         if facts.identity.is_some() {
             self.identity = facts.identity;
         }
@@ -158,7 +159,7 @@ impl SseBody {
             }
             self.sent_usage_chunk = true;
         }
-        self.meter.chunk_sent(now.into_std());
+        self.meter().chunk_sent(now.into_std());
         put_event(out, chunk);
     }
 
@@ -175,11 +176,17 @@ impl SseBody {
         false
     }
 
+    fn meter(&mut self) -> &mut Meter {
+        self.meter
+            .as_mut()
+            .expect("the meter is kept until the stream ends")
+    }
+
     /// The upstream ended normally.
     fn on_end(&mut self) {
-        self.meter.upstream_done();
+        self.meter().upstream_done();
         if self.include_usage && !self.sent_usage_chunk {
-            if let Some(usage) = self.meter.usage() {
+            if let Some(usage) = self.meter().usage() {
                 let chunk = self.usage_chunk(usage);
                 put_event(&mut self.ready, &chunk);
             }
@@ -188,7 +195,7 @@ impl SseBody {
     }
 
     fn fail(&mut self, error: GatewayError) {
-        self.meter.upstream_done();
+        self.meter().upstream_done();
         tracing::warn!(backend = %self.backend, error = %error.message, "stream failed after it started");
         put_event(&mut self.ready, &error.body_json());
         self.end(error.status.as_u16());
@@ -197,7 +204,9 @@ impl SseBody {
     fn end(&mut self, status: u16) {
         self.ready.put_slice(DONE);
         self.finished = true;
-        self.meter.finish(status);
+        if let Some(meter) = self.meter.take() {
+            meter.finish_after_response(status);
+        }
     }
 
     fn usage_chunk(&self, usage: Usage) -> Vec<u8> {
@@ -418,6 +427,8 @@ mod tests {
             .map(|e| String::from_utf8(e.unwrap().to_vec()).unwrap())
             .collect::<Vec<_>>()
             .await;
+        // The request is recorded by a task of its own, once this one yields.
+        tokio::task::yield_now().await;
         (split_events(&frames.concat()), metrics)
     }
 
@@ -458,6 +469,38 @@ mod tests {
             [2, 2],
             "two chunks, a pause, then a chunk and [DONE]"
         );
+    }
+
+    fn requests_metric(metrics: &Metrics, status: &str) -> u64 {
+        metrics
+            .requests
+            .with_label_values(&["a", "b", status])
+            .get()
+    }
+
+    #[test]
+    fn a_request_is_recorded_after_its_response_with_its_status_whatever_happens() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Recorded by a task of its own, once the current one yields.
+        let (metrics, meter) = test_meter();
+        runtime.block_on(async {
+            meter.finish_after_response(200);
+            assert_eq!(requests_metric(&metrics, "200"), 0);
+            tokio::task::yield_now().await;
+            assert_eq!(requests_metric(&metrics, "200"), 1);
+        });
+        // The runtime stops before that task runs: recorded as it is dropped.
+        let (metrics, meter) = test_meter();
+        runtime.block_on(async { meter.finish_after_response(502) });
+        drop(runtime);
+        assert_eq!(requests_metric(&metrics, "502"), 1);
+        assert_eq!(requests_metric(&metrics, "499"), 0, "not as a client gone");
+        // No runtime: recorded at once.
+        let (metrics, meter) = test_meter();
+        meter.finish_after_response(200);
+        assert_eq!(requests_metric(&metrics, "200"), 1);
     }
 
     fn usage_metric(metrics: &Metrics, estimated: &str) -> u64 {
