@@ -2,7 +2,6 @@
 //! one clients speak. Providers translate to and from these types.
 
 mod error;
-mod object;
 mod request;
 mod response;
 
