@@ -151,20 +151,8 @@ impl Drop for FlushOnDrop {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Sink;
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Sink {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn lines_are_written_in_order_soon_and_all_of_them_on_drop() {
@@ -176,7 +164,7 @@ mod tests {
         while sink.0.lock().unwrap().is_empty() && waited.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(FLUSH_EVERY);
         }
-        assert_eq!(sink.0.lock().unwrap().as_slice(), b"one\n");
+        assert_eq!(sink.text(), "one\n");
         for i in 0..1000 {
             buffer
                 .make_writer()
@@ -184,7 +172,7 @@ mod tests {
                 .unwrap();
         }
         drop(flush);
-        let written = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let written = sink.text();
         let expected: String = std::iter::once("one\n".to_owned())
             .chain((0..1000).map(|i| format!("{i}\n")))
             .collect();

@@ -150,15 +150,16 @@ fn write_second(text: &mut String, unix_seconds: u64) -> fmt::Result {
 mod tests {
     use tracing_subscriber::fmt::format::DefaultFields;
 
+    use super::super::Sink;
     use super::*;
 
     /// Formats the same event's fields with `fields`.
     fn line<F: for<'w> FormatFields<'w> + Send + Sync + 'static>(fields: F) -> String {
         use tracing_subscriber::layer::SubscriberExt;
-        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = Sink::default();
         let writer = {
             let out = out.clone();
-            move || Sink(out.clone())
+            move || out.clone()
         };
         let subscriber = tracing_subscriber::registry().with(
             tracing_subscriber::fmt::layer()
@@ -182,19 +183,7 @@ mod tests {
             );
             tracing::info!(message = "a plain message", kind = "x");
         });
-        String::from_utf8(out.lock().unwrap().clone()).unwrap()
-    }
-
-    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Sink {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+        out.text()
     }
 
     #[test]
