@@ -7,7 +7,8 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::header::{CONTENT_TYPE, HOST, RETRY_AFTER};
+use axum::http::uri::Scheme;
 use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
@@ -94,14 +95,42 @@ pub fn new_client(url: &Url, connect_timeout: Duration) -> Result<HttpClient, St
     Ok(HttpClient::Tls(builder.build(connector)))
 }
 
-/// A `POST` of a JSON body to `uri`.
-pub fn post_json(uri: &Uri, body: Vec<u8>) -> Request<Full<Bytes>> {
+/// A URL the gateway posts to, parsed once, with the `Host` header sent
+/// to it: made once here rather than formatted for every request by the
+/// client (which sets only a missing one), and the one Bedrock signs.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub uri: Uri,
+    pub host: HeaderValue,
+}
+
+/// Backend `backend`'s URL `url` as a [`Target`]. The port is in `Host`
+/// only when it is not the scheme's default, as HTTP clients write it.
+pub fn target(backend: &str, url: &str) -> Result<Target, String> {
+    let bad = |e: &dyn std::fmt::Display| format!("backend \"{backend}\": bad URL {url}: {e}");
+    let uri: Uri = url.parse().map_err(|e| bad(&e))?;
+    let name = uri.host().ok_or_else(|| bad(&"it has no host"))?;
+    let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    let host = match uri.port_u16() {
+        Some(port) if port != default_port => HeaderValue::try_from(format!("{name}:{port}")),
+        _ => HeaderValue::try_from(name),
+    }
+    .map_err(|e| bad(&e))?;
+    Ok(Target { uri, host })
+}
+
+/// A `POST` of a JSON body to `target`.
+pub fn post_json(target: &Target, body: Vec<u8>) -> Request<Full<Bytes>> {
     let mut request = Request::new(Full::new(Bytes::from(body)));
     *request.method_mut() = Method::POST;
-    *request.uri_mut() = uri.clone();
-    request
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    *request.uri_mut() = target.uri.clone();
+    let headers = request.headers_mut();
+    headers.insert(HOST, target.host.clone());
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     request
 }
 
@@ -113,13 +142,6 @@ pub fn tag(request: &mut Request<Full<Bytes>>, request_id: &str) {
             .headers_mut()
             .insert(crate::id::REQUEST_ID_HEADER, id);
     }
-}
-
-/// A backend URL as the client takes it; parsed once, when the backend is
-/// built.
-pub fn uri(backend: &str, url: &str) -> Result<Uri, String> {
-    url.parse()
-        .map_err(|e| format!("backend \"{backend}\": bad URL {url}: {e}"))
 }
 
 /// `Authorization: Bearer <api_key_env>`, marked sensitive so it never
@@ -292,6 +314,34 @@ mod tests {
         let body = StreamBody::new(futures_util::stream::iter(pieces));
         let data: Vec<String> = sse_data("b", body).map(Result::unwrap).collect().await;
         assert_eq!(data, [r#"{"a":1}"#, r#"{"b":2}"#, "line one\nline two"]);
+    }
+
+    #[test]
+    fn a_target_carries_the_host_header_clients_write() {
+        let host = |url: &str| target("b", url).unwrap().host;
+        assert_eq!(
+            host("http://127.0.0.1:8000/v1/chat/completions"),
+            "127.0.0.1:8000"
+        );
+        assert_eq!(host("http://vllm.internal/v1/completions"), "vllm.internal");
+        assert_eq!(host("http://vllm.internal:80/v1"), "vllm.internal");
+        assert_eq!(host("https://api.groq.com:443/openai/v1"), "api.groq.com");
+        assert_eq!(
+            host("https://api.groq.com:8443/openai/v1"),
+            "api.groq.com:8443"
+        );
+        assert_eq!(host("http://[::1]:9000/generate"), "[::1]:9000");
+        let request = post_json(
+            &target("b", "http://10.0.0.5:8000/v1/chat/completions").unwrap(),
+            Vec::new(),
+        );
+        assert_eq!(request.headers()[HOST], "10.0.0.5:8000");
+        assert_eq!(request.uri(), "http://10.0.0.5:8000/v1/chat/completions");
+        let error = target("b", "/v1/chat/completions").unwrap_err();
+        assert!(
+            error.contains("backend \"b\": bad URL /v1/chat/completions"),
+            "{error}"
+        );
     }
 
     #[test]

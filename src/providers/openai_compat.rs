@@ -3,12 +3,12 @@
 //! `stream_options` and the credential changed; responses come back as the
 //! bytes received, one SSE event at a time.
 
+use axum::http::HeaderValue;
 use axum::http::header::AUTHORIZATION;
-use axum::http::{HeaderValue, Uri};
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
 
-use super::http::{self, ErrorReply, HttpClient};
+use super::http::{self, ErrorReply, HttpClient, Target};
 use super::{Provider, UpstreamCall, UpstreamReply};
 use crate::config::{Backend, BackendKind};
 use crate::error::GatewayError;
@@ -18,8 +18,8 @@ pub struct OpenAiCompat {
     name: String,
     kind: BackendKind,
     /// Parsed once: `{base_url}/chat/completions` and `{base_url}/completions`.
-    chat_url: Uri,
-    completions_url: Uri,
+    chat_url: Target,
+    completions_url: Target,
     auth: Option<HeaderValue>,
     client: HttpClient,
 }
@@ -42,8 +42,9 @@ impl OpenAiCompat {
         client: HttpClient,
     ) -> Result<Self, String> {
         let base = base_url.trim_end_matches('/');
-        let endpoint =
-            |endpoint: Endpoint| http::uri(&backend.name, &format!("{base}/{}", endpoint.path()));
+        let endpoint = |endpoint: Endpoint| {
+            http::target(&backend.name, &format!("{base}/{}", endpoint.path()))
+        };
         Ok(Self {
             name: backend.name.clone(),
             kind: backend.kind,

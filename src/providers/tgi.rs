@@ -4,13 +4,12 @@
 //! `/generate_stream`, asked for `details` so usage is exact, and come
 //! back as OpenAI `text_completion` objects and chunks.
 
-use axum::http::Uri;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::http::{self, ErrorReply, HttpClient};
+use super::http::{self, ErrorReply, HttpClient, Target};
 use super::openai_compat::OpenAiCompat;
 use super::translate::{ChunkMapper, Chunks, ResponseIdentity, map_chunks};
 use super::{Chunk, ChunkStream, Provider, UpstreamCall, UpstreamReply};
@@ -21,8 +20,8 @@ use crate::openai::{CompletionRequest, Prompt, TextChoice, TextCompletion, Typed
 pub struct Tgi {
     name: String,
     /// `{root}/generate` and `{root}/generate_stream`, parsed once.
-    generate: Uri,
-    generate_stream: Uri,
+    generate: Target,
+    generate_stream: Target,
     chat: OpenAiCompat,
     client: HttpClient,
 }
@@ -40,8 +39,8 @@ impl Tgi {
         Ok(Self {
             name: backend.name.clone(),
             chat: OpenAiCompat::with_base_url(backend, &format!("{root}/v1"), client.clone())?,
-            generate: http::uri(&backend.name, &format!("{root}/generate"))?,
-            generate_stream: http::uri(&backend.name, &format!("{root}/generate_stream"))?,
+            generate: http::target(&backend.name, &format!("{root}/generate"))?,
+            generate_stream: http::target(&backend.name, &format!("{root}/generate_stream"))?,
             client,
         })
     }

@@ -114,7 +114,7 @@ pub fn spawn(backends: &[Backend], live: &[Arc<BackendLive>]) -> Scrapers {
 
 async fn scrape_loop(backend: String, metrics: EngineMetrics, live: Arc<BackendLive>) {
     let client = http::new_client(&metrics.url, metrics.interval).and_then(|client| {
-        let uri = http::uri(&backend, metrics.url.as_str())?;
+        let uri = http::target(&backend, metrics.url.as_str())?.uri;
         Ok((client, uri))
     });
     let (client, uri) = match client {

@@ -9,10 +9,10 @@ use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
 use axum::http::header::{AUTHORIZATION, HeaderName, HeaderValue};
-use url::Url;
 
 use crate::config::Backend;
 use crate::error::GatewayError;
+use crate::providers::http::Target;
 
 /// The service name in the credential scope: `bedrock`, not the
 /// endpoint prefix `bedrock-runtime`.
@@ -50,20 +50,20 @@ impl Auth {
             .ok_or_else(|| "a bedrock backend needs credentials".to_owned())
     }
 
-    /// The headers that authenticate a `POST` of `body` (JSON) to `url`.
+    /// The headers that authenticate a `POST` of `body` (JSON) to `target`.
     pub fn headers(
         &self,
         backend: &str,
-        url: &Url,
+        target: &Target,
         body: &[u8],
     ) -> Result<Vec<(HeaderName, HeaderValue)>, GatewayError> {
-        self.headers_at(backend, url, body, SystemTime::now())
+        self.headers_at(backend, target, body, SystemTime::now())
     }
 
     fn headers_at(
         &self,
         backend: &str,
-        url: &Url,
+        target: &Target,
         body: &[u8],
         time: SystemTime,
     ) -> Result<Vec<(HeaderName, HeaderValue)>, GatewayError> {
@@ -79,13 +79,9 @@ impl Auth {
                 "could not sign the request to backend \"{backend}\": {e}"
             ))
         };
-        // The host header the HTTP client will send: the port only when it
-        // is not the scheme's default.
-        let host = match (url.host_str(), url.port()) {
-            (Some(host), Some(port)) => format!("{host}:{port}"),
-            (Some(host), None) => host.to_owned(),
-            (None, _) => return Err(failed(&"the URL has no host")),
-        };
+        // The host header the request is sent with.
+        let host = target.host.to_str().map_err(|e| failed(&e))?;
+        let url = target.uri.to_string();
         let identity = credentials.clone().into();
         let params = v4::SigningParams::builder()
             .identity(&identity)
@@ -101,12 +97,8 @@ impl Auth {
             .into();
         let request = SignableRequest::new(
             "POST",
-            url.as_str(),
-            [
-                ("host", host.as_str()),
-                ("content-type", "application/json"),
-            ]
-            .into_iter(),
+            &url,
+            [("host", host), ("content-type", "application/json")].into_iter(),
             SignableBody::Bytes(body),
         )
         .map_err(|e| failed(&e))?;
@@ -143,10 +135,10 @@ mod tests {
             ),
             region: "us-east-1".into(),
         };
-        let url = Url::parse("https://bedrock-runtime.us-east-1.amazonaws.com/model/meta.llama3-3-70b-instruct-v1%3A0/converse").unwrap();
+        let target = crate::providers::http::target("b", "https://bedrock-runtime.us-east-1.amazonaws.com/model/meta.llama3-3-70b-instruct-v1%3A0/converse").unwrap();
         let body = br#"{"messages":[{"role":"user","content":[{"text":"Hello"}]}],"inferenceConfig":{"maxTokens":64}}"#;
         let time = UNIX_EPOCH + Duration::from_secs(1_440_938_160); // 2015-08-30T12:36:00Z
-        auth.headers_at("b", &url, body, time).unwrap()
+        auth.headers_at("b", &target, body, time).unwrap()
     }
 
     fn header<'h>(headers: &'h [(HeaderName, HeaderValue)], name: &str) -> &'h str {

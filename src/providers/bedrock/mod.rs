@@ -83,9 +83,9 @@ impl Bedrock {
         })?;
         let streaming = call.request.stream();
         let url = self.url(call.upstream_model, streaming)?;
-        let uri = http::uri(&self.name, url.as_str()).map_err(GatewayError::internal)?;
-        let headers = self.auth.headers(&self.name, &url, &body)?;
-        let mut request = http::post_json(&uri, body);
+        let target = http::target(&self.name, url.as_str()).map_err(GatewayError::internal)?;
+        let headers = self.auth.headers(&self.name, &target, &body)?;
+        let mut request = http::post_json(&target, body);
         request.headers_mut().extend(headers);
         let response = http::send(&self.name, &self.client, request, call.quota).await?;
         if !response.status().is_success() {
