@@ -166,6 +166,19 @@ pub struct ResponseView<'a> {
     pub error: Option<Value>,
 }
 
+/// A stream's `id`, `created` and `model`, for the usage chunk the gateway
+/// may have to write: read from its first chunk, the rest of which is
+/// skipped over rather than read.
+#[derive(Debug, Default, Deserialize)]
+pub struct IdentityView<'a> {
+    #[serde(borrow, default)]
+    pub id: Option<Text<'a>>,
+    #[serde(default)]
+    pub created: Option<u64>,
+    #[serde(borrow, default)]
+    pub model: Option<Text<'a>>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 pub struct XGroq {
     #[serde(default)]

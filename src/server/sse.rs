@@ -15,11 +15,12 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::Stream;
 use memchr::memmem::Finder;
+use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::GatewayError;
 use crate::metering::{Meter, Observed};
-use crate::openai::{Endpoint, ResponseView, Usage};
+use crate::openai::{Endpoint, IdentityView, ResponseView, Text, Usage};
 use crate::providers::{Chunk, ChunkStream};
 
 const DONE: &[u8] = b"data: [DONE]\n\n";
@@ -44,50 +45,63 @@ pub struct ChunkFacts {
 /// Reads an upstream object before the client has seen any of it, so that
 /// a broken one or an error sent with a 200 can still fail over.
 pub fn read_view<'b>(backend: &str, body: &'b [u8]) -> Result<ResponseView<'b>, GatewayError> {
-    let view = serde_json::from_slice::<ResponseView<'_>>(body).map_err(|e| {
-        GatewayError::upstream_protocol(backend, format_args!("the body is not JSON: {e}"))
-    })?;
+    let view = parse::<ResponseView<'_>>(backend, body)?;
     if view.is_error() {
         return Err(GatewayError::upstream_in_band(backend, body));
     }
     Ok(view)
 }
 
+fn parse<'b, T: Deserialize<'b>>(backend: &str, body: &'b [u8]) -> Result<T, GatewayError> {
+    serde_json::from_slice(body).map_err(|e| {
+        GatewayError::upstream_protocol(backend, format_args!("the body is not JSON: {e}"))
+    })
+}
+
 /// Reads one chunk. Most chunks carry a few characters of text and nothing
 /// the meter needs: they are checked to be framed as a JSON object and
-/// their text measured, without being parsed. Usage, errors and a chunk
-/// whose stream identity is wanted (`identity`: the first, when the gateway
-/// may have to write a usage chunk) are read in full.
+/// their text measured, without being parsed. Usage and errors are read in
+/// full; of a chunk whose stream identity is wanted (`identity`: the
+/// first, when the gateway may have to write a usage chunk), only that.
 pub fn read_chunk(backend: &str, chunk: &[u8], identity: bool) -> Result<ChunkFacts, GatewayError> {
     let keys = &*KEYS;
-    if !identity && keys.usage.find(chunk).is_none() && keys.error.find(chunk).is_none() {
-        if !framed_as_object(chunk) {
-            return Err(GatewayError::upstream_protocol(
-                backend,
-                "a stream chunk is not a JSON object",
-            ));
-        }
+    if keys.usage.find(chunk).is_some() || keys.error.find(chunk).is_some() {
+        let view = read_view(backend, chunk)?;
         return Ok(ChunkFacts {
-            observed: Observed {
-                usage: None,
-                text_chars: text_chars(chunk),
-            },
-            identity: None,
-            usage_only: false,
+            observed: Observed::of(&view),
+            identity: identity.then(|| owned(&view.id, view.created, &view.model)),
+            usage_only: view.is_usage_only(),
         });
     }
-    let view = read_view(backend, chunk)?;
+    if !framed_as_object(chunk) {
+        return Err(GatewayError::upstream_protocol(
+            backend,
+            "a stream chunk is not a JSON object",
+        ));
+    }
+    let identity = match identity {
+        true => {
+            let view = parse::<IdentityView<'_>>(backend, chunk)?;
+            Some(owned(&view.id, view.created, &view.model))
+        }
+        false => None,
+    };
     Ok(ChunkFacts {
-        observed: Observed::of(&view),
-        identity: identity.then(|| {
-            (
-                view.id.as_deref().unwrap_or_default().to_owned(),
-                view.created.unwrap_or_default(),
-                view.model.as_deref().unwrap_or_default().to_owned(),
-            )
-        }),
-        usage_only: view.is_usage_only(),
+        observed: Observed {
+            usage: None,
+            text_chars: text_chars(chunk),
+        },
+        identity,
+        usage_only: false,
     })
+}
+
+fn owned(id: &Option<Text<'_>>, created: Option<u64>, model: &Option<Text<'_>>) -> Identity {
+    (
+        id.as_deref().unwrap_or_default().to_owned(),
+        created.unwrap_or_default(),
+        model.as_deref().unwrap_or_default().to_owned(),
+    )
 }
 
 pub struct SseBody {
@@ -375,6 +389,11 @@ mod tests {
             let error = read_chunk("b", bad.as_bytes(), false).err().expect(bad);
             assert_eq!(error.status, axum::http::StatusCode::BAD_GATEWAY, "{bad}");
         }
+        // A chunk whose identity is read must be JSON, not only framed.
+        let garbled = br#"{"id":"c1",choices}"#;
+        assert!(read_chunk("b", garbled, false).is_ok());
+        let error = read_chunk("b", garbled, true).err().unwrap();
+        assert!(error.message.contains("not JSON"), "{}", error.message);
     }
 
     fn test_meter() -> (Arc<Metrics>, Meter) {
@@ -529,6 +548,8 @@ mod tests {
         assert_eq!(usage["choices"], serde_json::json!([]));
         assert_eq!(usage["usage"]["total_tokens"], 4);
         assert_eq!(usage["id"], "c1");
+        assert_eq!(usage["created"], 7);
+        assert_eq!(usage["model"], "m");
         assert_eq!(usage["object"], "chat.completion.chunk");
         assert_eq!(events[3], "data: [DONE]\n\n");
     }
