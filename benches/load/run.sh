@@ -12,7 +12,8 @@
 #   WARMUP [2s]           wrk warm-up before each target's runs
 #   CONNECTIONS [32]      connections for the throughput runs
 #   TTFB_REQUESTS [2000]  sequential streamed requests for time to first chunk
-#   STREAMS [10000]       streams held open for the memory test (0 skips it)
+#   STREAMS [10000]       streams held open for the memory test, over HTTP/1.1
+#                         and over HTTP/2 (0 skips it)
 #   PROXY_CORE [0]        the core nginx-as-proxy and tollgate run on
 #   LOAD_CORE [1]         the core the load generators and mocks run on
 #   MOCK_PORT [18081] PROXY_PORT [18082] TOLLGATE_PORT [18083]
@@ -65,6 +66,7 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v wrk >/dev/null || need+=(wrk)
 command -v taskset >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
+if [ "$STREAMS" -gt 0 ]; then command -v h2load >/dev/null || need+=(nghttp2-client); fi
 if [ -n "${PERF:-}" ]; then command -v perf >/dev/null || need+=(linux-perf); fi
 if [ ${#need[@]} -gt 0 ]; then
     if [ -n "${NO_INSTALL:-}" ]; then
@@ -302,6 +304,22 @@ if [ "$STREAMS" -gt 0 ]; then
     echo "  $r" >&2
     result_line "$r" hold tollgate hold \
         "{\"streams_target\": $STREAMS, \"clamped\": $clamped, \"fd_limit\": $FD_LIMIT}"
+
+    # Over HTTP/2 a stream costs tollgate one descriptor, not two: all of
+    # STREAMS fit where HTTP/1.1's did not. A fresh gateway, as above.
+    kill "$HOLD_TOLLGATE_PID"
+    wait "$HOLD_TOLLGATE_PID" 2>/dev/null || true
+    log "holding $STREAMS streams open through tollgate over HTTP/2"
+    RUST_LOG=$TOLLGATE_LOG taskset -c "$PROXY_CORE" "$TOLLGATE_BIN" serve \
+        --config "$WORK/tollgate-hold.toml" --listen "127.0.0.1:$HOLD_TOLLGATE_PORT" 2>"$LOGS/tollgate-hold-h2.log" &
+    HOLD_TOLLGATE_PID=$!
+    PIDS+=("$HOLD_TOLLGATE_PID")
+    wait_port "$HOLD_TOLLGATE_PORT" "$HOLD_TOLLGATE_PID" "tollgate (hold, HTTP/2)"
+    r=$(taskset -c "$LOAD_CORE" python3 "$HERE/loadtool.py" hold-h2 \
+        "http://127.0.0.1:$HOLD_TOLLGATE_PORT/v1/chat/completions" "$(body hold)" "$STREAMS" "$HOLD_TOLLGATE_PID" |
+        grep '^RESULT ')
+    echo "  $r" >&2
+    result_line "$r" hold tollgate hold-h2
 fi
 
 # ------------------------------------------------------------------ report
