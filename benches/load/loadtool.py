@@ -443,13 +443,19 @@ async def hold_open(url, body_file, n, pid):
         writer.close()
     await asyncio.sleep(1.0)
     after = memory_after_close(url, pid)
+    hold_result(n, len(writers), failures, opened_s, (before, during, after))
+
+
+def hold_result(n, held, failures, opened_s, readings, **extra):
+    """Prints a hold test's RESULT line: memory before, during and after."""
+    before, during, after = readings
     print(
         "RESULT "
         + json.dumps(
             {
                 "streams_asked": n,
-                "streams_open": len(writers),
-                "failures": len(failures),
+                "streams_open": held,
+                "failures": n - held,
                 "first_failures": sorted(set(failures))[:3],
                 "open_seconds": round(opened_s, 2),
                 "rss_before_mb": round(before["rss_mb"], 1),
@@ -458,6 +464,7 @@ async def hold_open(url, body_file, n, pid):
                 "rss_after_close_mb": round(after["rss_mb"], 1),
                 "threads": during["threads"],
                 "fds": during["fds"],
+                **extra,
             }
         )
     )
@@ -477,7 +484,7 @@ def hold_h2(url, body_file, n, pid):
     h2load = subprocess.Popen(
         [
             "h2load", "-n", str(n), "-c", str(conns), "-m", str(H2_STREAMS_PER_CONN),
-            "--rate", str(H2_CONNS_PER_SECOND), "-t", "1", "-d", body_file,
+            "--rate", str(min(conns, H2_CONNS_PER_SECOND)), "-t", "1", "-d", body_file,
             "-H", "content-type: application/json",
             "-H", "authorization: Bearer " + os.environ.get("TOLLGATE_BENCH_KEY", ""),
             url,
@@ -502,25 +509,8 @@ def hold_h2(url, body_file, n, pid):
     h2load.terminate()
     output = h2load.communicate()[0]
     after = memory_after_close(url, pid)
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "streams_asked": n,
-                "streams_open": held,
-                "connections": conns,
-                "failures": n - held,
-                "first_failures": [] if held else [output.strip()[-300:]],
-                "open_seconds": round(opened_s, 2),
-                "rss_before_mb": round(before["rss_mb"], 1),
-                "rss_mb": round(during["rss_mb"], 1),
-                "hwm_mb": round(during["hwm_mb"], 1),
-                "rss_after_close_mb": round(after["rss_mb"], 1),
-                "threads": during["threads"],
-                "fds": during["fds"],
-            }
-        )
-    )
+    failures = [output.strip()[-300:]] if held < n else []
+    hold_result(n, held, failures, opened_s, (before, during, after), connections=conns)
 
 
 # ---------------------------------------------------------------- report

@@ -79,12 +79,11 @@ pub fn read_chunk(backend: &str, chunk: &[u8], identity: bool) -> Result<ChunkFa
             "a stream chunk is not a JSON object",
         ));
     }
-    let identity = match identity {
-        true => {
-            let view = parse::<IdentityView<'_>>(backend, chunk)?;
-            Some(owned(&view.id, view.created, &view.model))
-        }
-        false => None,
+    let identity = if identity {
+        let view = parse::<IdentityView<'_>>(backend, chunk)?;
+        Some(owned(&view.id, view.created, &view.model))
+    } else {
+        None
     };
     Ok(ChunkFacts {
         observed: Observed {
