@@ -5,7 +5,7 @@
 //! BENCH_CONCURRENCY tune it). Everything runs in one process on one
 //! runtime — client, gateway and mock share the machine's cores — so the
 //! figures are the gateway's cost on a loaded box, not a proxy shoot-out;
-//! `benches/load/` (issue 7) is the pinned, multi-process harness.
+//! `benches/load/` is the pinned, multi-process harness against nginx.
 
 #[path = "../tests/support/mod.rs"]
 mod support;

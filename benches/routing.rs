@@ -7,8 +7,9 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tollgate::routing::{self, LiveState, RequestFacts};
-use tollgate::snapshot::Snapshot;
+use tollgate::health::LiveState;
+use tollgate::routing::{self, RequestFacts};
+use tollgate::state::Snapshot;
 
 fn config(strategy: &str) -> String {
     let mut text = String::new();

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod id;
 pub mod ledger;
 pub mod limits;
@@ -11,9 +12,10 @@ pub mod logging;
 pub mod metering;
 pub mod metrics;
 pub mod openai;
+pub mod pipeline;
 pub mod providers;
 pub mod routing;
 pub mod server;
-pub mod snapshot;
+pub mod state;
 
 pub use server::Gateway;

@@ -8,17 +8,17 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tollgate::routing::LiveState;
-use tollgate::server::{ExplainRequest, GatewayOptions};
-use tollgate::snapshot::Snapshot;
+use tollgate::health::LiveState;
+use tollgate::pipeline::admit::ExplainRequest;
+use tollgate::server::GatewayOptions;
+use tollgate::state::{AppState, Snapshot};
 
 const DEFAULT_CONFIG: &str = "config/tollgate.toml";
 
 // jemalloc rather than glibc's malloc. Each open stream holds hyper's fixed
 // per-connection buffers, mostly untouched; jemalloc keeps their untouched
-// pages out of memory (31.9 KB a held stream against 35.1 KB) and hands
-// memory back after a spike (glibc kept 170 MB after 5 000 streams closed;
-// jemalloc went back to 20 MB). CPU per request fell 5-7% too.
+// pages out of memory and hands memory back after a spike of open streams,
+// where glibc's malloc keeps it, and it costs less CPU per request.
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -186,7 +186,7 @@ fn explain(
         region,
         key,
     };
-    match tollgate::server::explain(&snapshot, &ask) {
+    match tollgate::pipeline::admit::explain(&snapshot, &ask) {
         Ok(explained) => {
             let json = serde_json::to_string_pretty(&explained).expect("plans serialise");
             println!("{json}");
@@ -201,10 +201,10 @@ fn explain(
 
 /// The async runtime for `serve`. With one CPU to run on (a pinned process,
 /// or a container's CPU quota), a work-stealing scheduler has no one to
-/// steal for, and its hand-offs were a quarter of the CPU per streamed
-/// request (147 against 112 µs, benches/load): then everything runs on one
-/// thread. `TOKIO_WORKER_THREADS` still picks
-/// the work-stealing scheduler's size, whatever the CPU count.
+/// steal for, and its hand-offs cost about a quarter of a streamed
+/// request's CPU: then everything runs on one thread.
+/// `TOKIO_WORKER_THREADS` still picks the work-stealing scheduler's size,
+/// whatever the CPU count.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     if cpus == 1 && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
@@ -274,7 +274,7 @@ fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
 }
 
 /// SIGHUP: read the config file again and swap it in if it is valid.
-async fn reload_on_sighup(state: std::sync::Arc<tollgate::server::AppState>) {
+async fn reload_on_sighup(state: std::sync::Arc<AppState>) {
     let Ok(mut hangup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler; reload with POST /admin/reload");
         return;

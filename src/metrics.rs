@@ -1,6 +1,6 @@
 //! Every Prometheus metric the gateway exports, declared once, in a registry
 //! of its own. Label values come from config names and closed sets only —
-//! never raw client input. The README's Metrics section documents each.
+//! never raw client input. docs/metrics.md lists each.
 
 use prometheus::core::Collector;
 use prometheus::{

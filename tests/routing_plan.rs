@@ -1,6 +1,6 @@
 //! Routing decisions without any network: a snapshot built from a config,
 //! its live state set by hand, and the plan `tollgate::routing::plan` (or
-//! `tollgate::server::explain`) makes for a request. Here: the policy
+//! `tollgate::pipeline::admit::explain`) makes for a request. Here: the policy
 //! filters and the refusal when they leave nothing, health (open circuits,
 //! 429 cooldowns), and how explain finds the request's region. The
 //! strategies are in `routing_strategies.rs`.
@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::gateway::{candidate, reason, user};
 use support::plan::*;
+use tollgate::pipeline::admit::explain;
 use tollgate::routing::{self, PlanStatus, RequestFacts};
-use tollgate::server::explain;
 
 // ---- policy filters ---------------------------------------------------------
 
@@ -269,7 +269,7 @@ fn open_circuits_and_rate_limit_cooldowns_drop_deployments_until_they_pass() {
         + "[routing]\ncircuit_failures = 2\ncircuit_cooldown_ms = 2500\n\
            [policy]\n[[policy.residency]]\nrequest_region = \"us\"\nbackend_regions = [\"us\"]\n";
     let s = snapshot(&config);
-    let (flaky, limited) = (s.deployment_live(0, 0), s.deployment_live(0, 1));
+    let (flaky, limited) = (&s.resolved(0, 0).health, &s.resolved(0, 1).health);
     let now = Instant::now();
     let facts = RequestFacts {
         region: Some("us".into()),

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::gateway::{candidate, reason};
 use support::plan::*;
-use tollgate::routing::engine::EngineSignals;
+use tollgate::health::EngineSignals;
 use tollgate::routing::{self, Plan, RequestFacts};
-use tollgate::snapshot::Snapshot;
+use tollgate::state::Snapshot;
 
 // ---- strategies ---------------------------------------------------------------
 
@@ -120,7 +120,7 @@ fn latency_tries_unmeasured_first_then_the_fastest_for_streams_and_whole_answers
         )
         + "[routing]\nexploration = 0.0\n";
     let s = snapshot(&config);
-    let (slow, fast) = (s.deployment_live(0, 0), s.deployment_live(0, 1));
+    let (slow, fast) = (&s.resolved(0, 0).health, &s.resolved(0, 1).health);
     let stream = RequestFacts {
         stream: true,
         ..text_facts(5, 10)
@@ -175,9 +175,11 @@ fn latency_exploration_puts_another_deployment_first_for_its_share_of_requests()
         )
         + "[routing]\nexploration = 0.2\n";
     let s = snapshot(&config);
-    s.deployment_live(0, 0)
+    s.resolved(0, 0)
+        .health
         .record_latency(false, Duration::from_millis(900));
-    s.deployment_live(0, 1)
+    s.resolved(0, 1)
+        .health
         .record_latency(false, Duration::from_millis(100));
     let facts = text_facts(5, 10);
     let mut rng = fastrand::Rng::with_seed(42);
@@ -384,7 +386,8 @@ fn spillover_price_cap_drops_dear_overflow_deployments() {
     s.live().backends[0].in_flight.store(0, Ordering::Relaxed);
     let settings = &s.config.routing;
     for _ in 0..settings.circuit_failures {
-        s.deployment_live(0, 2)
+        s.resolved(0, 2)
+            .health
             .circuit
             .on_failure(false, Instant::now(), settings);
     }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# tollgate's load test against nginx (issue 7). See benches/load/README.md.
+# tollgate's load test against nginx. See benches/load/README.md; the
+# latest figures are in docs/performance.md.
 #
-#   benches/load/run.sh                  # ~3 minutes with the defaults
+#   benches/load/run.sh                  # ~8 minutes with the defaults
 #   DURATION=30s benches/load/run.sh     # the figures for a report
 #
 # Environment (defaults in brackets):

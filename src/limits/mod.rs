@@ -19,7 +19,6 @@ use arc_swap::ArcSwapOption;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::config::PerMinute;
-use crate::openai::Usage;
 
 pub use upstream::{Remaining, UpstreamQuota};
 
@@ -106,8 +105,8 @@ impl Limits {
     /// Charges what the request used beyond the `admitted` estimate: the
     /// prompt's excess and the completion. The request was served, so a
     /// refusal is ignored: the bucket is emptied and later requests wait.
-    pub fn settle(&self, admitted: u64, usage: &Usage) {
-        let rest = usage.prompt_tokens.saturating_sub(admitted) + usage.completion_tokens;
+    pub fn settle(&self, admitted: u64, prompt: u64, completion: u64) {
+        let rest = prompt.saturating_sub(admitted) + completion;
         self.tokens.drain(rest);
     }
 }
@@ -212,7 +211,7 @@ mod tests {
         limits.configure(quota(0, 1000));
         assert_eq!(limits.admit(100), Ok(()));
         // 300 prompt tokens where 100 were estimated, and 500 generated.
-        limits.settle(100, &Usage::new(300, 500));
+        limits.settle(100, 300, 500);
         assert_eq!(limits.admit(200), Ok(()), "exactly what is left");
         let refused = limits.admit(10).unwrap_err();
         assert_eq!((refused.limit, refused.per_minute), (Limit::Tokens, 1000));
@@ -229,7 +228,7 @@ mod tests {
     fn settling_more_than_is_left_empties_the_bucket() {
         let limits = Limits::default();
         limits.configure(quota(0, 1000));
-        limits.settle(0, &Usage::new(0, 5000));
+        limits.settle(0, 0, 5000);
         assert!(limits.admit(1).is_err());
     }
 

@@ -1,8 +1,8 @@
 //! Log lines gathered in memory and written to stderr by a thread of their
 //! own: a request pays for a copy under an uncontended lock. Under load the
 //! thread writes a batch every few milliseconds, so no request pays for a
-//! write to stderr or for waking a thread (a per-line hand-off to a writer
-//! thread cost about 10 µs of CPU per request on one core); when idle it
+//! write to stderr or for waking a thread (handing each line to a writer
+//! thread costs about 10 µs of CPU per request on one core); when idle it
 //! sleeps until the next line.
 
 use std::io::Write;

@@ -1,7 +1,8 @@
 //! The parts of a log line tracing would format with `fmt` machinery,
-//! written directly instead: the access-log line's fields and timestamp
-//! cost more CPU than anything else the gateway does for a request but
-//! parse it. The output is the same as tracing's default.
+//! written directly instead: formatted with `fmt`, the access-log line's
+//! fields and timestamp would cost more CPU than anything else the gateway
+//! does for a request but parse it. The output is the same as tracing's
+//! default.
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};

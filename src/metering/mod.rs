@@ -6,6 +6,7 @@
 pub mod budget;
 pub mod cost;
 pub mod estimate;
+pub mod usage;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +17,6 @@ use crate::ledger::{Ledger, Row, Totals};
 use crate::limits::Limits;
 use crate::metrics::{Metrics, NONE};
 use crate::openai::{ResponseView, Usage};
-use crate::routing::Lease;
 use budget::Reservation;
 use cost::Rate;
 
@@ -53,8 +53,18 @@ pub struct Serving {
     pub deployment: String,
     pub backend: String,
     pub rate: Rate,
-    /// Counts the attempt against the deployment while it lives.
-    pub lease: Lease,
+    /// Counts the attempt against the deployment while it lives, and
+    /// learns its usage.
+    pub lease: Box<dyn Settle>,
+}
+
+/// What the deployment that served a request learns once its usage is
+/// known (health's lease on it, held by the meter until then).
+pub trait Settle: Send + Sync {
+    /// `input` and `output` tokens were served; `reported` when the count
+    /// is the upstream's own, not an estimate. `admitted` is the prompt
+    /// estimate the deployment's quota took at admission.
+    fn settle(&self, admitted: u64, usage: &Usage, reported: bool);
 }
 
 /// What a request is charged against: the ledger, the key's budget
@@ -244,10 +254,13 @@ impl Meter {
             }
             serving
                 .lease
-                .record_tokens(usage.prompt_tokens, usage.completion_tokens, !estimated);
-            serving.lease.settle_quota(self.prompt_estimate, &usage);
+                .settle(self.prompt_estimate, &usage, !estimated);
             if let Some(limits) = &self.charges.limits {
-                limits.settle(self.prompt_estimate, &usage);
+                limits.settle(
+                    self.prompt_estimate,
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                );
             }
             self.charges.ledger.record(
                 Row {

@@ -115,6 +115,15 @@ impl Endpoint {
             Self::Completions => "completions",
         }
     }
+
+    /// The `object` of a stream chunk: legacy completions stream
+    /// `text_completion` objects.
+    pub fn chunk_object(self) -> &'static str {
+        match self {
+            Self::Chat => "chat.completion.chunk",
+            Self::Completions => "text_completion",
+        }
+    }
 }
 
 /// A client request of either endpoint: the body as it came, and the

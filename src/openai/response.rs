@@ -7,6 +7,8 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::Endpoint;
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Usage {
     pub prompt_tokens: u64,
@@ -39,24 +41,7 @@ impl Usage {
     }
 }
 
-#[derive(Debug, Serialize)]
-pub struct ChatCompletion<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub choices: [ChatChoice<'a>; 1],
-    pub usage: Usage,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ChatChoice<'a> {
-    pub index: u32,
-    pub message: AssistantMessage<'a>,
-    pub logprobs: Option<()>,
-    pub finish_reason: &'static str,
-}
-
+/// An assistant's whole message, as a simple provider writes it.
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage<'a> {
     pub role: &'static str,
@@ -64,26 +49,7 @@ pub struct AssistantMessage<'a> {
     pub refusal: Option<()>,
 }
 
-/// `chat.completion.chunk`; `choices` is empty on the usage-only chunk.
-#[derive(Debug, Serialize)]
-pub struct ChatChunk<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub choices: Vec<ChunkChoice<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ChunkChoice<'a> {
-    pub index: u32,
-    pub delta: Delta<'a>,
-    pub logprobs: Option<()>,
-    pub finish_reason: Option<&'static str>,
-}
-
+/// A stream chunk's delta, as a simple provider writes it.
 #[derive(Debug, Default, Serialize)]
 pub struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -92,24 +58,41 @@ pub struct Delta<'a> {
     pub content: Option<&'a str>,
 }
 
-/// `text_completion`: the same shape streamed or not.
-#[derive(Debug, Serialize)]
-pub struct TextCompletion<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub choices: Vec<TextChoice<'a>>,
+/// Every response object and chunk the gateway writes itself has this
+/// envelope; `choices` is empty on the usage-only chunk.
+#[derive(Serialize)]
+struct Object<'a, C> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: C,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
+    usage: Option<Usage>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct TextChoice<'a> {
-    pub index: u32,
-    pub text: &'a str,
-    pub logprobs: Option<()>,
-    pub finish_reason: Option<&'static str>,
+#[derive(Serialize)]
+struct MessageChoice<'a, M> {
+    index: u32,
+    message: &'a M,
+    logprobs: Option<()>,
+    finish_reason: &'a str,
+}
+
+#[derive(Serialize)]
+struct DeltaChoice<'a, D> {
+    index: u32,
+    delta: &'a D,
+    logprobs: Option<()>,
+    finish_reason: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct TextChoice<'a> {
+    index: u32,
+    text: &'a str,
+    logprobs: Option<()>,
+    finish_reason: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -166,17 +149,124 @@ pub struct ResponseView<'a> {
     pub error: Option<Value>,
 }
 
-/// A stream's `id`, `created` and `model`, for the usage chunk the gateway
-/// may have to write: read from its first chunk, the rest of which is
-/// skipped over rather than read.
+/// A stream's `id`, `created` and `model` as read from its first chunk,
+/// the rest of which is skipped over rather than read.
 #[derive(Debug, Default, Deserialize)]
 pub struct IdentityView<'a> {
     #[serde(borrow, default)]
-    pub id: Option<Text<'a>>,
+    id: Option<Text<'a>>,
     #[serde(default)]
-    pub created: Option<u64>,
+    created: Option<u64>,
     #[serde(borrow, default)]
-    pub model: Option<Text<'a>>,
+    model: Option<Text<'a>>,
+}
+
+impl IdentityView<'_> {
+    pub fn identity(&self) -> ResponseIdentity {
+        ResponseIdentity::read(&self.id, self.created, &self.model)
+    }
+}
+
+/// `id`, `created` and `model` of one response, the same on every chunk
+/// of a stream: made up by a translating provider, or read from an
+/// upstream's first chunk for the usage chunk the gateway may write.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResponseIdentity {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+impl ResponseIdentity {
+    /// A fresh identity, `id` such as `chatcmpl-…` or `cmpl-…`.
+    pub fn new(prefix: &str, model: &str) -> Self {
+        Self {
+            id: format!("{prefix}-{}", crate::id::random()),
+            created: unix_now(),
+            model: model.to_owned(),
+        }
+    }
+
+    fn read(id: &Option<Text<'_>>, created: Option<u64>, model: &Option<Text<'_>>) -> Self {
+        Self {
+            id: id.as_deref().unwrap_or_default().to_owned(),
+            created: created.unwrap_or_default(),
+            model: model.as_deref().unwrap_or_default().to_owned(),
+        }
+    }
+
+    fn write<C: Serialize>(
+        &self,
+        object: &'static str,
+        choices: C,
+        usage: Option<Usage>,
+    ) -> Vec<u8> {
+        serde_json::to_vec(&Object {
+            id: &self.id,
+            object,
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
+        })
+        .expect("response objects serialise")
+    }
+
+    /// A whole `chat.completion` with one choice.
+    pub fn chat_completion(
+        &self,
+        message: &impl Serialize,
+        finish_reason: &str,
+        usage: Usage,
+    ) -> Vec<u8> {
+        let choice = MessageChoice {
+            index: 0,
+            message,
+            logprobs: None,
+            finish_reason,
+        };
+        self.write("chat.completion", [choice], Some(usage))
+    }
+
+    /// A `chat.completion.chunk` with one choice.
+    pub fn chat_chunk(&self, delta: &impl Serialize, finish_reason: Option<&str>) -> Vec<u8> {
+        let choice = DeltaChoice {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason,
+        };
+        self.write(Endpoint::Chat.chunk_object(), [choice], None)
+    }
+
+    /// A `text_completion` with one choice: the same shape whole or as a
+    /// stream chunk.
+    pub fn text_completion(
+        &self,
+        text: &str,
+        finish_reason: Option<&str>,
+        usage: Option<Usage>,
+    ) -> Vec<u8> {
+        let choice = TextChoice {
+            index: 0,
+            text,
+            logprobs: None,
+            finish_reason,
+        };
+        self.write(Endpoint::Completions.chunk_object(), [choice], usage)
+    }
+
+    /// The usage-only chunk OpenAI sends last when `include_usage` is on.
+    pub fn usage_chunk(&self, endpoint: Endpoint, usage: Usage) -> Vec<u8> {
+        self.write(endpoint.chunk_object(), [(); 0], Some(usage))
+    }
+}
+
+/// Seconds since the epoch, as OpenAI's `created`.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -205,6 +295,10 @@ pub struct TextView<'a> {
 }
 
 impl ResponseView<'_> {
+    pub fn identity(&self) -> ResponseIdentity {
+        ResponseIdentity::read(&self.id, self.created, &self.model)
+    }
+
     /// Usage from wherever this upstream put it.
     pub fn usage(&self) -> Option<Usage> {
         self.usage

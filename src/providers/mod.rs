@@ -49,7 +49,7 @@ pub type ChunkStream = BoxStream<'static, Result<Chunk, GatewayError>>;
 pub trait Provider: Send + Sync {
     /// Sends the request and resolves once the upstream answered: with its
     /// whole body, or with a stream whose chunks arrive as the upstream
-    /// sends them. Timeouts are the caller's (`server::dispatch`).
+    /// sends them. Timeouts are the caller's (`pipeline::attempt`).
     fn send<'a>(
         &'a self,
         call: UpstreamCall<'a>,

@@ -2,7 +2,7 @@
 //! OpenAI-compatible server with deterministic text, a configured time to
 //! first token and speed, exact usage, and an optional failure rate.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use bytes::Bytes;
@@ -82,9 +82,7 @@ impl Provider for Simulated {
 struct Answer {
     endpoint: Endpoint,
     streaming: bool,
-    id: String,
-    created: u64,
-    model: String,
+    identity: ResponseIdentity,
     words: Vec<&'static str>,
     finish_reason: &'static str,
     usage: Usage,
@@ -105,19 +103,14 @@ impl Answer {
         Self {
             endpoint,
             streaming: call.request.stream(),
-            id: format!(
-                "{}-sim{}",
+            identity: ResponseIdentity::new(
                 if endpoint == Endpoint::Chat {
-                    "chatcmpl"
+                    "chatcmpl-sim"
                 } else {
-                    "cmpl"
+                    "cmpl-sim"
                 },
-                crate::id::random()
+                call.upstream_model,
             ),
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            model: call.upstream_model.to_owned(),
             words,
             finish_reason: if spec.completion_tokens > limit {
                 "length"
@@ -140,88 +133,42 @@ impl Answer {
 
     fn complete(&self) -> Bytes {
         let text: String = (0..self.words.len()).map(|i| self.piece(i)).collect();
-        let json = match self.endpoint {
-            Endpoint::Chat => serde_json::to_vec(&ChatCompletion {
-                id: &self.id,
-                object: "chat.completion",
-                created: self.created,
-                model: &self.model,
-                choices: [ChatChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        role: "assistant",
-                        content: &text,
-                        refusal: None,
-                    },
-                    logprobs: None,
-                    finish_reason: self.finish_reason,
-                }],
-                usage: self.usage,
-            }),
-            Endpoint::Completions => {
-                serde_json::to_vec(&self.text_completion(&text, Some(self.finish_reason), true))
+        let finish = self.finish_reason;
+        Bytes::from(match self.endpoint {
+            Endpoint::Chat => {
+                let message = AssistantMessage {
+                    role: "assistant",
+                    content: &text,
+                    refusal: None,
+                };
+                self.identity.chat_completion(&message, finish, self.usage)
             }
-        };
-        Bytes::from(json.expect("responses serialise"))
+            Endpoint::Completions => {
+                self.identity
+                    .text_completion(&text, Some(finish), Some(self.usage))
+            }
+        })
     }
 
     fn chunk(&self, i: usize) -> Chunk {
         let n = self.words.len();
+        if i == n + 1 {
+            return self.identity.usage_chunk(self.endpoint, self.usage);
+        }
         let piece = (i < n).then(|| self.piece(i));
         let finish = (i == n).then_some(self.finish_reason);
-        let usage_only = i == n + 1;
-        let json = match self.endpoint {
-            Endpoint::Chat => serde_json::to_vec(&ChatChunk {
-                id: &self.id,
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: &self.model,
-                choices: if usage_only {
-                    Vec::new()
-                } else {
-                    vec![ChunkChoice {
-                        index: 0,
-                        delta: Delta {
-                            role: (i == 0).then_some("assistant"),
-                            content: piece.as_deref(),
-                        },
-                        logprobs: None,
-                        finish_reason: finish,
-                    }]
-                },
-                usage: usage_only.then_some(self.usage),
-            }),
-            Endpoint::Completions if usage_only => serde_json::to_vec(&TextCompletion {
-                choices: Vec::new(),
-                ..self.text_completion("", None, true)
-            }),
-            Endpoint::Completions => serde_json::to_vec(&self.text_completion(
-                piece.as_deref().unwrap_or(""),
-                finish,
-                false,
-            )),
-        };
-        json.expect("chunks serialise")
-    }
-
-    fn text_completion<'a>(
-        &'a self,
-        text: &'a str,
-        finish: Option<&'static str>,
-        usage: bool,
-    ) -> TextCompletion<'a> {
-        TextCompletion {
-            id: &self.id,
-            object: "text_completion",
-            created: self.created,
-            model: &self.model,
-            choices: vec![TextChoice {
-                index: 0,
-                text,
-                logprobs: None,
-                finish_reason: finish,
-            }],
-            usage: usage.then_some(self.usage),
+        match self.endpoint {
+            Endpoint::Chat => {
+                let delta = Delta {
+                    role: (i == 0).then_some("assistant"),
+                    content: piece.as_deref(),
+                };
+                self.identity.chat_chunk(&delta, finish)
+            }
+            Endpoint::Completions => {
+                self.identity
+                    .text_completion(piece.as_deref().unwrap_or(""), finish, None)
+            }
         }
     }
 }

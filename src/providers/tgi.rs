@@ -11,11 +11,11 @@ use serde_json::Value;
 
 use super::http::{self, ErrorReply, HttpClient, Target};
 use super::openai_compat::OpenAiCompat;
-use super::translate::{ChunkMapper, Chunks, ResponseIdentity, map_chunks};
-use super::{Chunk, ChunkStream, Provider, UpstreamCall, UpstreamReply};
+use super::translate::{ChunkMapper, Chunks, map_chunks};
+use super::{ChunkStream, Provider, UpstreamCall, UpstreamReply};
 use crate::config::Backend;
 use crate::error::GatewayError;
-use crate::openai::{CompletionRequest, Prompt, TextChoice, TextCompletion, TypedRequest, Usage};
+use crate::openai::{CompletionRequest, Endpoint, Prompt, ResponseIdentity, TypedRequest, Usage};
 
 pub struct Tgi {
     name: String,
@@ -96,8 +96,7 @@ impl Tgi {
         let prompt_tokens = (!details.prefill.is_empty())
             .then_some(details.prefill.len() as u64)
             .or(prompt_tokens);
-        let json = text_completion(
-            &identity,
+        let json = identity.text_completion(
             &generated.generated_text,
             Some(finish_reason(&details.finish_reason)),
             prompt_tokens.map(|p| Usage::new(p, details.generated_tokens)),
@@ -263,38 +262,6 @@ fn finish_reason(tgi: &str) -> &'static str {
     }
 }
 
-fn text_completion(
-    identity: &ResponseIdentity,
-    text: &str,
-    finish_reason: Option<&'static str>,
-    usage: Option<Usage>,
-) -> Chunk {
-    let choice = TextChoice {
-        index: 0,
-        text,
-        logprobs: None,
-        finish_reason,
-    };
-    encode(identity, vec![choice], usage)
-}
-
-/// A `text_completion` object; with no choices, the usage-only chunk.
-fn encode(
-    identity: &ResponseIdentity,
-    choices: Vec<TextChoice<'_>>,
-    usage: Option<Usage>,
-) -> Chunk {
-    let object = TextCompletion {
-        id: &identity.id,
-        object: "text_completion",
-        created: identity.created,
-        model: &identity.model,
-        choices,
-        usage,
-    };
-    serde_json::to_vec(&object).expect("completions serialise")
-}
-
 /// `/generate_stream` events → `text_completion` chunks; the last event's
 /// details become the finish reason and a usage-only chunk.
 struct GenerateMapper {
@@ -351,19 +318,18 @@ impl ChunkMapper for GenerateMapper {
             &event.token.text
         };
         let Some(details) = event.details else {
-            out.push(Ok(text_completion(&self.identity, text, None, None)));
+            out.push(Ok(self.identity.text_completion(text, None, None)));
             return;
         };
         self.finished = true;
-        out.push(Ok(text_completion(
-            &self.identity,
+        out.push(Ok(self.identity.text_completion(
             text,
             Some(finish_reason(&details.finish_reason)),
             None,
         )));
         if let Some(prompt) = details.input_length {
             let usage = Usage::new(prompt, details.generated_tokens);
-            out.push(Ok(encode(&self.identity, Vec::new(), Some(usage))));
+            out.push(Ok(self.identity.usage_chunk(Endpoint::Completions, usage)));
         }
     }
 

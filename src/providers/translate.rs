@@ -1,36 +1,14 @@
-//! What the translating providers (Bedrock, TGI's generate API) share:
-//! the identity of the OpenAI objects they make up, and the machinery that
-//! turns an upstream's own stream of events into OpenAI chunks.
+//! What the translating providers (Bedrock, TGI's generate API) share: the
+//! machinery that turns an upstream's own stream of events into OpenAI
+//! chunks.
 
 use std::collections::VecDeque;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream};
 
 use super::{Chunk, ChunkStream};
 use crate::error::GatewayError;
-
-/// `id`, `created` and `model` of one response, the same on every chunk.
-#[derive(Debug, Clone)]
-pub struct ResponseIdentity {
-    pub id: String,
-    pub created: u64,
-    pub model: String,
-}
-
-impl ResponseIdentity {
-    /// A fresh identity, `id` such as `chatcmpl-…` or `cmpl-…`.
-    pub fn new(prefix: &str, model: &str) -> Self {
-        Self {
-            id: format!("{prefix}-{}", crate::id::random()),
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            model: model.to_owned(),
-        }
-    }
-}
 
 pub type Chunks = Vec<Result<Chunk, GatewayError>>;
 

@@ -1,7 +1,5 @@
 //! The facts of a request that routing decides on, read once.
 
-use axum::http::HeaderMap;
-
 use crate::config::{Key, Policy};
 use crate::error::GatewayError;
 use crate::metering::estimate;
@@ -56,19 +54,18 @@ impl RequestFacts {
     }
 }
 
-/// The request's region: its key's, or `x-tollgate-region` where the key
-/// allows callers to choose (always, when the gateway has no keys), or
-/// the policy's default.
+/// The request's region: its key's, or the one it asks for (`asked`, from
+/// `x-tollgate-region`) where the key allows callers to choose (always,
+/// when the gateway has no keys), or the policy's default.
 pub fn region(
-    headers: &HeaderMap,
+    asked: Option<&[u8]>,
     key: Option<&Key>,
     policy: &Policy,
 ) -> Result<Option<String>, GatewayError> {
-    let header = match headers.get(REGION_HEADER) {
+    let header = match asked {
         None => None,
         Some(value) => Some(
-            value
-                .to_str()
+            std::str::from_utf8(value)
                 .ok()
                 .map(str::trim)
                 .filter(|r| {

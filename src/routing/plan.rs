@@ -5,13 +5,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::circuit::CircuitView;
 use super::facts::RequestFacts;
 use super::policy::{self, Rule};
 use super::strategy::{self, Contender, Inputs, Why};
 use crate::config::Key;
 use crate::error::GatewayError;
-use crate::snapshot::Snapshot;
+use crate::health::CircuitView;
+use crate::state::Snapshot;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlanStatus {
@@ -154,8 +154,9 @@ pub fn plan(
     let mut contenders = Vec::new();
     let mut blocked_by_policy = 0;
     for (index, deployment) in m.deployments.iter().enumerate() {
-        let (backend, backend_live) = snapshot.backend_live(deployment);
-        let live = snapshot.deployment_live(model, index);
+        let resolved = snapshot.resolved(model, index);
+        let backend = snapshot.backend(resolved.backend);
+        let live = &*resolved.health;
         let drop = |reason: String, rule: Option<Rule>, retry_in: Option<Duration>| Candidate {
             deployment: index,
             kept: false,
@@ -216,7 +217,8 @@ pub fn plan(
             deployment,
             backend,
             live,
-            backend_live,
+            backend_live: &resolved.backend_health,
+            rate: resolved.rate,
         });
     }
 
@@ -269,10 +271,14 @@ pub fn plan(
 /// Whether policy lets some deployment of `model` serve the request.
 fn policy_allows(snapshot: &Snapshot, model: usize, facts: &RequestFacts) -> bool {
     let config = &snapshot.config;
-    config.models[model].deployments.iter().any(|d| {
-        let (backend, _) = snapshot.backend_live(d);
-        policy::check(d, backend, &config.policy, facts).is_ok()
-    })
+    config.models[model]
+        .deployments
+        .iter()
+        .enumerate()
+        .any(|(i, d)| {
+            let backend = snapshot.backend(snapshot.resolved(model, i).backend);
+            policy::check(d, backend, &config.policy, facts).is_ok()
+        })
 }
 
 /// The error for a plan that has nothing to try: 451 naming the rules and

@@ -7,8 +7,10 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::Instant;
 
 use super::facts::RequestFacts;
-use super::live::{BackendLive, DeploymentLive};
 use crate::config::{Backend, Deployment, RoutingSettings, Spillover, Strategy};
+use crate::health::{BackendLive, DeploymentLive};
+use crate::metering::cost::Rate;
+use crate::openai::Usage;
 
 /// A deployment still in the running, with what the strategies read.
 pub struct Contender<'a> {
@@ -17,6 +19,7 @@ pub struct Contender<'a> {
     pub backend: &'a Backend,
     pub live: &'a DeploymentLive,
     pub backend_live: &'a BackendLive,
+    pub rate: Rate,
 }
 
 /// A strategy's verdict on one option: its place, score and reason, or
@@ -152,33 +155,31 @@ impl fmt::Display for Why {
     }
 }
 
-/// Expected USD for this request on this option, and how it was priced.
-/// Self-hosted GPUs are paid for by the hour whether used or not, so the
-/// marginal token is priced at the pool's full-load amortised price scaled
-/// by its load: free when idle, the full amortised price when saturated.
+/// Expected USD for this request on this option, and how it was priced:
+/// the metered cost of the expected usage at the deployment's rate. Self-
+/// hosted GPUs are paid for by the hour whether used or not, so their
+/// marginal token is that rate (the pool's full-load amortised price)
+/// scaled by load: free when idle, the full price when saturated.
 pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Priced) {
-    let input = inputs.facts.input_tokens as f64;
-    let output = inputs.expected_output as f64;
+    let (input, output) = (inputs.facts.input_tokens, inputs.expected_output);
+    let usd = option.rate.cost_pico_usd(&Usage::new(input, output)) as f64 / 1e12;
     match option.backend.self_hosted {
-        Some(pool) => {
+        Some(_) => {
             let load = option
                 .backend_live
                 .load(option.backend, inputs.now)
                 .unwrap_or(0.0)
                 .clamp(0.0, 1.0);
-            let per_mtok = pool.full_load_usd_per_mtok() * load;
-            (
-                (input + output) * per_mtok / 1e6,
-                Priced::SelfHosted { load, per_mtok },
-            )
+            let per_mtok = option.rate.output as f64 / 1e6 * load;
+            (usd * load, Priced::SelfHosted { load, per_mtok })
         }
-        None => {
-            let p = option.deployment.price;
-            let usd = (input * p.input_micro_usd_per_mtok as f64
-                + output * p.output_micro_usd_per_mtok as f64)
-                / 1e12;
-            (usd, Priced::List { input, output })
-        }
+        None => (
+            usd,
+            Priced::List {
+                input: input as f64,
+                output: output as f64,
+            },
+        ),
     }
 }
 

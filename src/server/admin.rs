@@ -11,10 +11,11 @@ use serde::Serialize;
 use time::Date;
 use time::macros::format_description;
 
-use super::explain::{ExplainRequest, explain};
-use super::reload::{ReloadError, ReloadReport};
-use super::{AppState, auth, json_response};
+use super::json_response;
 use crate::error::GatewayError;
+use crate::pipeline::admit::{ExplainRequest, explain};
+use crate::pipeline::auth;
+use crate::state::{AppState, ReloadError, ReloadReport};
 
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]-[day]");

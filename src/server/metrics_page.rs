@@ -5,9 +5,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::AppState;
+use crate::health::CircuitView;
 use crate::metering::budget::{self, Period};
-use crate::routing::CircuitView;
+use crate::state::AppState;
 
 pub fn render(app: &AppState) -> String {
     refresh(app);

@@ -1,21 +1,14 @@
-//! Inbound HTTP: the routes, the shared state, and graceful shutdown.
+//! Inbound HTTP: the routes, the listeners, admin handlers and graceful
+//! shutdown. A completion request is handed to `pipeline`.
 
 mod admin;
-mod auth;
-mod completions;
-mod explain;
 mod listen;
 mod metrics_page;
-mod reload;
 mod request_id;
-mod sse;
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
@@ -25,47 +18,12 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::error::GatewayError;
-use crate::ledger::{self, Ledger};
-use crate::metering::budget::Budgets;
-use crate::metrics::Metrics;
 use crate::openai::{Endpoint, ModelEntry, ModelList};
-use crate::routing::{LiveState, engine};
-use crate::snapshot::Snapshot;
+use crate::pipeline::{self, auth};
+use crate::state::{self, AppState};
 use request_id::RequestId;
 
-pub use explain::{ExplainRequest, explain};
-pub use reload::{Env, ReloadError, ReloadReport};
-
-pub struct AppState {
-    pub snapshot: ArcSwap<Snapshot>,
-    /// What routing has learned, by name; outlives any one snapshot.
-    pub live: LiveState,
-    pub metrics: Arc<Metrics>,
-    /// Spend per day, key, model and deployment; durable with a data_dir.
-    pub ledger: Arc<Ledger>,
-    pub budgets: Arc<Budgets>,
-    /// Config reloads, and the engine scrapers of the current snapshot.
-    reloader: reload::Reloader,
-    draining: AtomicBool,
-}
-
-/// How a gateway finds its config again when it reloads.
-pub struct GatewayOptions {
-    /// Reads the environment variables a config names.
-    pub env: Env,
-    /// The config file: watched, and read again on SIGHUP and
-    /// `POST /admin/reload` without a body.
-    pub config_file: Option<PathBuf>,
-}
-
-impl Default for GatewayOptions {
-    fn default() -> Self {
-        Self {
-            env: Arc::new(|name| std::env::var(name).ok()),
-            config_file: None,
-        }
-    }
-}
+pub use crate::state::GatewayOptions;
 
 /// A gateway ready to serve: its state and its routes.
 pub struct Gateway {
@@ -81,27 +39,8 @@ impl Gateway {
     }
 
     pub fn with_options(config: Config, options: GatewayOptions) -> Result<Self, String> {
-        let ledger = Arc::new(Ledger::open(config.ledger.data_dir.as_deref())?);
-        if ledger.is_durable() {
-            ledger::spawn_flusher(&ledger, config.ledger.flush_interval);
-        } else {
-            tracing::warn!("no [ledger] data_dir: spend is kept in memory and lost on restart");
-        }
-        let live = LiveState::default();
-        let snapshot = Snapshot::build(config, &live)?;
-        let scrapers = engine::spawn(&snapshot.config.backends, &snapshot.live().backends);
-        let metrics = Arc::new(Metrics::new());
-        metrics.set_config_version(&snapshot.config.version);
         Ok(Self {
-            state: Arc::new(AppState {
-                snapshot: ArcSwap::from_pointee(snapshot),
-                live,
-                metrics,
-                ledger,
-                budgets: Arc::default(),
-                reloader: reload::Reloader::new(options.env, options.config_file, scrapers),
-                draining: AtomicBool::new(false),
-            }),
+            state: Arc::new(AppState::new(config, options)?),
         })
     }
 
@@ -138,11 +77,11 @@ impl Gateway {
     ) -> std::io::Result<()> {
         let grace = self.state.snapshot.load().config.server.shutdown_grace;
         // Held while serving: dropping it stops the watch.
-        let _watch = reload::watch(&self.state).map_err(std::io::Error::other)?;
+        let _watch = state::watch(&self.state).map_err(std::io::Error::other)?;
         let state = self.state.clone();
         let drained = listen::accept_until(listener, self.router(), async move {
             shutdown.await;
-            state.draining.store(true, Ordering::SeqCst);
+            state.start_draining();
             tracing::info!(
                 grace_ms = grace.as_millis() as u64,
                 "shutting down: draining requests in flight"
@@ -165,7 +104,7 @@ async fn chat_completions(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    completions::handle(app, id, Endpoint::Chat, headers, body).await
+    pipeline::handle(app, id, Endpoint::Chat, headers, body).await
 }
 
 async fn completions(
@@ -174,7 +113,7 @@ async fn completions(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
-    completions::handle(app, id, Endpoint::Completions, headers, body).await
+    pipeline::handle(app, id, Endpoint::Completions, headers, body).await
 }
 
 /// The aliases the caller's key may use, in OpenAI's list shape.
@@ -209,7 +148,7 @@ async fn healthz() -> &'static str {
 
 /// Ready while serving; 503 once draining, so load balancers stop sending.
 async fn readyz(State(app): State<Arc<AppState>>) -> Response {
-    if app.draining.load(Ordering::SeqCst) {
+    if app.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
         (StatusCode::OK, "ready\n").into_response()

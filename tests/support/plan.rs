@@ -10,9 +10,10 @@
 use std::time::Instant;
 
 use serde_json::{Value, json};
-use tollgate::routing::{self, LiveState, Plan, RequestFacts};
-use tollgate::server::{ExplainRequest, explain};
-use tollgate::snapshot::Snapshot;
+use tollgate::health::LiveState;
+use tollgate::pipeline::admit::{ExplainRequest, explain};
+use tollgate::routing::{self, Plan, RequestFacts};
+use tollgate::state::Snapshot;
 
 pub fn snapshot(config: &str) -> Snapshot {
     let config = tollgate::config::parse(config, &|_| None)

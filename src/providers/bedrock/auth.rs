@@ -122,8 +122,8 @@ mod tests {
 
     use super::*;
 
-    /// The golden vector of PROTOCOLS.md 4.7, cross-checked there against
-    /// botocore and a hand implementation.
+    /// A golden vector: fixed credentials, time and body, whose signatures
+    /// botocore's `SigV4Auth` and a hand implementation give too.
     fn golden(session_token: Option<&str>) -> Vec<(HeaderName, HeaderValue)> {
         let auth = Auth::SigV4 {
             credentials: Credentials::new(

@@ -6,9 +6,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::error::GatewayError;
+use crate::openai::ResponseIdentity;
 use crate::openai::Usage;
-use crate::providers::Chunk;
-use crate::providers::translate::ResponseIdentity;
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -97,35 +96,11 @@ pub fn chat_completion(backend: &str, model: &str, body: &[u8]) -> Result<Bytes,
         }
         message["tool_calls"] = Value::Array(tool_calls);
     }
-    let completion = json!({
-        "id": identity.id, "object": "chat.completion", "created": identity.created,
-        "model": identity.model,
-        "choices": [{"index": 0, "message": message, "logprobs": null,
-                     "finish_reason": finish_reason(&response.stop_reason)}],
-        "usage": Usage::from(response.usage),
-    });
-    Ok(Bytes::from(completion.to_string()))
-}
-
-/// A `chat.completion.chunk` with one choice.
-pub fn chunk(identity: &ResponseIdentity, delta: Value, finish_reason: Option<&str>) -> Chunk {
-    json!({
-        "id": identity.id, "object": "chat.completion.chunk", "created": identity.created,
-        "model": identity.model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
-    })
-    .to_string()
-    .into_bytes()
-}
-
-/// The usage-only chunk OpenAI sends last (`choices` empty).
-pub fn usage_chunk(identity: &ResponseIdentity, usage: Usage) -> Chunk {
-    json!({
-        "id": identity.id, "object": "chat.completion.chunk", "created": identity.created,
-        "model": identity.model, "choices": [], "usage": usage,
-    })
-    .to_string()
-    .into_bytes()
+    Ok(Bytes::from(identity.chat_completion(
+        &message,
+        finish_reason(&response.stop_reason),
+        response.usage.into(),
+    )))
 }
 
 #[cfg(test)]

@@ -15,9 +15,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::errors;
-use super::response::{TokenUsage, chunk, finish_reason, usage_chunk};
+use super::response::{TokenUsage, finish_reason};
 use crate::error::GatewayError;
-use crate::providers::translate::{ChunkMapper, Chunks, ResponseIdentity, map_chunks};
+use crate::openai::{Endpoint, ResponseIdentity};
+use crate::providers::translate::{ChunkMapper, Chunks, map_chunks};
 use crate::providers::{Chunk, ChunkStream};
 
 /// The chunks of a ConverseStream response body.
@@ -154,11 +155,10 @@ impl Mapper {
             GatewayError::upstream_protocol(&self.backend, format_args!("a bad {kind} event: {e}"))
         };
         Ok(match kind {
-            "messageStart" => Some(chunk(
-                &self.identity,
-                json!({"role": "assistant", "content": ""}),
-                None,
-            )),
+            "messageStart" => Some(
+                self.identity
+                    .chat_chunk(&json!({"role": "assistant", "content": ""}), None),
+            ),
             "contentBlockStart" => {
                 let event: BlockEvent = serde_json::from_slice(payload).map_err(parse_error)?;
                 let Some(tool) = event.start.as_ref().and_then(|s| s.get("toolUse")) else {
@@ -166,9 +166,7 @@ impl Mapper {
                 };
                 let index = self.tools.len();
                 self.tools.insert(event.content_block_index, index);
-                Some(chunk(
-                    &self.identity,
-                    json!({"tool_calls": [{"index": index, "id": tool.get("toolUseId"), "type": "function",
+                Some(self.identity.chat_chunk(&json!({"tool_calls": [{"index": index, "id": tool.get("toolUseId"), "type": "function",
                         "function": {"name": tool.get("name"), "arguments": ""}}]}),
                     None,
                 ))
@@ -177,7 +175,7 @@ impl Mapper {
                 let event: BlockEvent = serde_json::from_slice(payload).map_err(parse_error)?;
                 let delta = event.delta.unwrap_or_default();
                 if let Some(text) = delta.get("text").and_then(Value::as_str) {
-                    Some(chunk(&self.identity, json!({"content": text}), None))
+                    Some(self.identity.chat_chunk(&json!({"content": text}), None))
                 } else if let Some(input) = delta.pointer("/toolUse/input").and_then(Value::as_str)
                 {
                     let index = self
@@ -185,9 +183,7 @@ impl Mapper {
                         .get(&event.content_block_index)
                         .copied()
                         .unwrap_or(0);
-                    Some(chunk(
-                        &self.identity,
-                        json!({"tool_calls": [{"index": index, "function": {"arguments": input}}]}),
+                    Some(self.identity.chat_chunk(&json!({"tool_calls": [{"index": index, "function": {"arguments": input}}]}),
                         None,
                     ))
                 } else {
@@ -198,15 +194,17 @@ impl Mapper {
             "messageStop" => {
                 let event: StopEvent = serde_json::from_slice(payload).map_err(parse_error)?;
                 self.stopped = true;
-                Some(chunk(
-                    &self.identity,
-                    json!({}),
-                    Some(finish_reason(&event.stop_reason)),
-                ))
+                Some(
+                    self.identity
+                        .chat_chunk(&json!({}), Some(finish_reason(&event.stop_reason))),
+                )
             }
             "metadata" => {
                 let event: MetadataEvent = serde_json::from_slice(payload).map_err(parse_error)?;
-                Some(usage_chunk(&self.identity, event.usage.into()))
+                Some(
+                    self.identity
+                        .usage_chunk(Endpoint::Chat, event.usage.into()),
+                )
             }
             // contentBlockStop, and events added to the API later.
             _ => None,
@@ -260,7 +258,8 @@ impl ChunkMapper for Mapper {
 mod tests {
     use super::*;
 
-    /// The frames of PROTOCOLS.md 4.5, checked there against botocore.
+    /// ConverseStream frames, CRCs included, that botocore decodes to the
+    /// same events (the last one as a `throttlingException`).
     const MESSAGE_START: &str = "000000760000005296d5fade0b3a6576656e742d7479706507000c6d65737361676553746172740d3a636f6e74656e742d747970650700106170706c69636174696f6e2f6a736f6e0d3a6d6573736167652d747970650700056576656e747b22726f6c65223a22617373697374616e74227d6fa8c599";
     const DELTA_HI: &str = "0000009400000057b4ab9aee0b3a6576656e742d74797065070011636f6e74656e74426c6f636b44656c74610d3a636f6e74656e742d747970650700106170706c69636174696f6e2f6a736f6e0d3a6d6573736167652d747970650700056576656e747b22636f6e74656e74426c6f636b496e646578223a302c2264656c7461223a7b2274657874223a224869227d7d1f944657";
     const BLOCK_STOP: &str = "0000007d00000056e6680fd60b3a6576656e742d74797065070010636f6e74656e74426c6f636b53746f700d3a636f6e74656e742d747970650700106170706c69636174696f6e2f6a736f6e0d3a6d6573736167652d747970650700056576656e747b22636f6e74656e74426c6f636b496e646578223a307db32e4d34";

@@ -8,7 +8,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::limits::{Limit, Refused};
-use crate::openai::{ErrorBody, UpstreamErrorParts};
+mod wire;
+
+pub use wire::UpstreamErrorParts;
+use wire::{ErrorBody, ErrorObject};
 
 /// OpenAI's `code` for a rate limit.
 const RATE_LIMIT_EXCEEDED: &str = "rate_limit_exceeded";
@@ -424,7 +427,7 @@ impl GatewayError {
     /// The OpenAI error body, also used as an SSE error event mid-stream.
     pub fn body_json(&self) -> Vec<u8> {
         serde_json::to_vec(&ErrorBody {
-            error: crate::openai::ErrorObject {
+            error: ErrorObject {
                 message: &self.message,
                 kind: self.kind,
                 param: self.param.as_deref(),

@@ -11,20 +11,9 @@ use axum::http::{Request, Uri};
 use http_body_util::{BodyExt, Full};
 use tokio::task::JoinHandle;
 
-use super::live::BackendLive;
+use super::backend::{BackendLive, EngineSignals};
 use crate::config::{Backend, EngineMetrics};
 use crate::providers::http::{self, HttpClient};
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EngineSignals {
-    /// Requests queued, not yet scheduled.
-    pub waiting: f64,
-    /// Requests in the running batch.
-    pub running: f64,
-    /// Share of the KV cache in use, 0.0 to 1.0 (vLLM only).
-    pub kv_cache: Option<f64>,
-    pub at: Instant,
-}
 
 /// Reads the signals from a metrics page; `None` when it has none of them.
 /// Values are summed over label sets (one per model an engine serves).

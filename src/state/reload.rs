@@ -17,9 +17,9 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use serde::Serialize;
 
 use super::AppState;
+use super::Snapshot;
 use crate::config::{self, Config, ConfigDiff, Problem};
-use crate::routing::engine;
-use crate::snapshot::Snapshot;
+use crate::health::engine;
 
 /// Reads an environment variable for config validation.
 pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;

@@ -1,4 +1,5 @@
-//! The OpenAI error body: `{"error":{"message","type","param","code"}}`.
+//! The OpenAI error body on the wire, `{"error":{"message","type","param","code"}}`:
+//! written for clients, and read from upstreams that send one.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,17 +1,18 @@
 //! One immutable view of the configuration and everything built from it
-//! (lookup tables, provider clients). Requests load it once, from the
-//! `ArcSwap` in the app state, and use it to the end.
+//! (lookup tables, provider clients, each deployment resolved to its
+//! backend, prices and health). Requests load it once, from the `ArcSwap`
+//! in the app state, and use it to the end.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use foldhash::HashMap;
 
 use crate::config::{Backend, Config, Deployment, Key};
+use crate::health::{AliasLive, BackendLive, DeploymentLive, Lease, LiveState, LiveView};
 use crate::limits::Limits;
 use crate::metering::cost::Rate;
+use crate::openai::unix_now;
 use crate::providers::{self, Provider};
-use crate::routing::{AliasLive, BackendLive, DeploymentLive, Lease, LiveState, LiveView};
 
 pub struct Snapshot {
     pub config: Config,
@@ -19,12 +20,25 @@ pub struct Snapshot {
     pub created: u64,
     models: HashMap<String, usize>,
     keys: HashMap<[u8; 32], usize>,
-    backends: HashMap<String, (usize, Arc<dyn Provider>)>,
+    /// Per backend, in config order.
+    providers: Vec<Arc<dyn Provider>>,
     live: LiveView,
-    /// Per model, per deployment: what its tokens cost.
-    rates: Vec<Vec<Rate>>,
+    /// Per model, per deployment: what an attempt needs, resolved once.
+    resolved: Vec<Vec<Resolved>>,
     /// Per model: its per-token deployments, for counterfactual costs.
     counterfactuals: Vec<Arc<[(String, Rate)]>>,
+}
+
+/// One deployment with everything serving it looks up, resolved when the
+/// snapshot is built: requests index it, never search by name.
+pub struct Resolved {
+    /// Index of its backend in `config.backends`.
+    pub backend: usize,
+    pub provider: Arc<dyn Provider>,
+    /// What its tokens cost.
+    pub rate: Rate,
+    pub health: Arc<DeploymentLive>,
+    pub backend_health: Arc<BackendLive>,
 }
 
 impl Snapshot {
@@ -42,51 +56,75 @@ impl Snapshot {
         live: &LiveState,
         previous: Option<&Snapshot>,
     ) -> Result<Self, String> {
+        let previous_backends: HashMap<&str, usize> = previous
+            .map(|p| {
+                p.config
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| (b.name.as_str(), i))
+                    .collect()
+            })
+            .unwrap_or_default();
         let unchanged = |b: &Backend| {
             let previous = previous?;
-            let (i, provider) = previous.backends.get(&b.name)?;
-            (previous.config.backends[*i] == *b).then(|| provider.clone())
+            let &i = previous_backends.get(b.name.as_str())?;
+            (previous.config.backends[i] == *b).then(|| previous.providers[i].clone())
         };
-        let backends = config
+        let providers = config
+            .backends
+            .iter()
+            .map(|b| match unchanged(b) {
+                Some(provider) => Ok(provider),
+                None => providers::build(b),
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let backend_index: HashMap<&str, usize> = config
             .backends
             .iter()
             .enumerate()
-            .map(|(i, b)| {
-                let provider = match unchanged(b) {
-                    Some(provider) => provider,
-                    None => providers::build(b)?,
-                };
-                Ok((b.name.clone(), (i, provider)))
-            })
-            .collect::<Result<HashMap<_, _>, String>>()?;
-        let backend_of = |d: &Deployment| &config.backends[backends[&d.backend].0];
-        let rates: Vec<Vec<Rate>> = config
+            .map(|(i, b)| (b.name.as_str(), i))
+            .collect();
+        let live = live.view(&config);
+        // Validation guarantees every deployment's backend exists.
+        let resolve = |m: usize, d: usize, deployment: &Deployment| {
+            let backend = backend_index[deployment.backend.as_str()];
+            Resolved {
+                backend,
+                provider: providers[backend].clone(),
+                rate: Rate::of(deployment, &config.backends[backend]),
+                health: live.deployments[m][d].clone(),
+                backend_health: live.backends[backend].clone(),
+            }
+        };
+        let resolved: Vec<Vec<Resolved>> = config
             .models
             .iter()
-            .map(|m| {
-                m.deployments
+            .enumerate()
+            .map(|(m, model)| {
+                model
+                    .deployments
                     .iter()
-                    .map(|d| Rate::of(d, backend_of(d)))
+                    .enumerate()
+                    .map(|(d, deployment)| resolve(m, d, deployment))
                     .collect()
             })
             .collect();
         let counterfactuals = config
             .models
             .iter()
-            .zip(&rates)
-            .map(|(m, rates)| {
+            .zip(&resolved)
+            .map(|(m, resolved)| {
                 m.deployments
                     .iter()
-                    .zip(rates)
-                    .filter(|(_, rate)| rate.per_token)
-                    .map(|(d, rate)| (d.name.clone(), *rate))
+                    .zip(resolved)
+                    .filter(|(_, r)| r.rate.per_token)
+                    .map(|(d, r)| (d.name.clone(), r.rate))
                     .collect()
             })
             .collect();
         Ok(Self {
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created: unix_now(),
             models: config
                 .models
                 .iter()
@@ -99,16 +137,22 @@ impl Snapshot {
                 .enumerate()
                 .map(|(i, k)| (k.sha256, i))
                 .collect(),
-            backends,
-            live: live.view(&config),
-            rates,
+            providers,
+            live,
+            resolved,
             counterfactuals,
             config,
         })
     }
 
-    pub fn rate(&self, model: usize, deployment: usize) -> Rate {
-        self.rates[model][deployment]
+    /// A deployment of a model, resolved.
+    pub fn resolved(&self, model: usize, deployment: usize) -> &Resolved {
+        &self.resolved[model][deployment]
+    }
+
+    /// The backend at an index of `config.backends`.
+    pub fn backend(&self, index: usize) -> &Backend {
+        &self.config.backends[index]
     }
 
     pub fn counterfactuals(&self, model: usize) -> &Arc<[(String, Rate)]> {
@@ -123,26 +167,16 @@ impl Snapshot {
         &self.live
     }
 
-    pub fn deployment_live(&self, model: usize, deployment: usize) -> &Arc<DeploymentLive> {
-        &self.live.deployments[model][deployment]
-    }
-
     pub fn alias_live(&self, model: usize) -> &Arc<AliasLive> {
         &self.live.aliases[model]
     }
 
-    /// A deployment's backend and its live state.
-    pub fn backend_live(&self, deployment: &Deployment) -> (&Backend, &Arc<BackendLive>) {
-        let (i, _) = &self.backends[&deployment.backend];
-        (&self.config.backends[*i], &self.live.backends[*i])
-    }
-
     /// Counts a request against a deployment while the lease lives.
     pub fn lease(&self, model: usize, deployment: usize) -> Lease {
-        let d = &self.config.models[model].deployments[deployment];
+        let r = self.resolved(model, deployment);
         Lease::new(
-            self.deployment_live(model, deployment).clone(),
-            self.backend_live(d).1.clone(),
+            r.health.clone(),
+            r.backend_health.clone(),
             self.alias_live(model).clone(),
         )
     }
@@ -163,13 +197,6 @@ impl Snapshot {
 
     pub fn auth_required(&self) -> bool {
         !self.config.keys.is_empty()
-    }
-
-    /// The backend serving a deployment and its provider. Validation
-    /// guarantees the backend exists.
-    pub fn backend(&self, deployment: &Deployment) -> (&Backend, &dyn Provider) {
-        let (i, provider) = &self.backends[&deployment.backend];
-        (&self.config.backends[*i], provider.as_ref())
     }
 
     /// Aliases a key may use (all of them without a key), in config order.

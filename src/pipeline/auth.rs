@@ -5,7 +5,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Key;
 use crate::error::GatewayError;
-use crate::snapshot::Snapshot;
+use crate::state::Snapshot;
 
 /// The key the caller presented, `None` when the gateway has no keys.
 pub fn authenticate<'s>(

@@ -1,0 +1,126 @@
+//! What one request holds while it is served: a lease on its deployment
+//! and backend, and an attempt admitted by the deployment's circuit.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::http::StatusCode;
+
+use super::{AliasLive, BackendLive, DeploymentLive};
+use crate::config::RoutingSettings;
+use crate::error::{ErrorSource, GatewayError};
+use crate::metering::Settle;
+use crate::openai::Usage;
+
+/// Counts a request against its deployment and backend for as long as it
+/// lives: from the upstream call until the response has been sent.
+pub struct Lease {
+    deployment: Arc<DeploymentLive>,
+    backend: Arc<BackendLive>,
+    alias: Arc<AliasLive>,
+}
+
+impl Lease {
+    pub fn new(
+        deployment: Arc<DeploymentLive>,
+        backend: Arc<BackendLive>,
+        alias: Arc<AliasLive>,
+    ) -> Self {
+        deployment.in_flight.fetch_add(1, Ordering::Relaxed);
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self {
+            deployment,
+            backend,
+            alias,
+        }
+    }
+}
+
+impl Settle for Lease {
+    /// Counts the tokens served by the backend, teaches the alias how long
+    /// its answers run (for cost estimates) when the count is the
+    /// upstream's own, and charges the deployment's token quota what the
+    /// request used beyond the prompt estimate it took.
+    fn settle(&self, admitted: u64, usage: &Usage, reported: bool) {
+        self.backend.tokens_served.fetch_add(
+            usage.prompt_tokens + usage.completion_tokens,
+            Ordering::Relaxed,
+        );
+        if reported {
+            self.alias.record_output_tokens(usage.completion_tokens);
+        }
+        self.deployment
+            .quota
+            .limits
+            .settle(admitted, usage.prompt_tokens, usage.completion_tokens);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.deployment.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One try at one deployment, admitted by its circuit. It ends in
+/// [`Attempt::succeeded`] or [`Attempt::failed`]; dropped otherwise (the
+/// client left first), it frees a half-open circuit's probe slot.
+pub struct Attempt {
+    deployment: Option<Arc<DeploymentLive>>,
+    probe: bool,
+    started: Instant,
+}
+
+impl Attempt {
+    /// `None` when the deployment's circuit does not admit a request now.
+    pub fn begin(deployment: &Arc<DeploymentLive>) -> Option<Self> {
+        let started = Instant::now();
+        let probe = deployment.circuit.admit(started)?;
+        Some(Self {
+            deployment: Some(deployment.clone()),
+            probe,
+            started,
+        })
+    }
+
+    fn take(&mut self) -> Arc<DeploymentLive> {
+        self.deployment.take().expect("an attempt ends once")
+    }
+
+    /// The upstream answered (the first chunk, or the whole body): the
+    /// circuit closes and the latency counts.
+    pub fn succeeded(mut self, stream: bool) {
+        let d = self.take();
+        d.circuit.on_success();
+        d.record_latency(stream, self.started.elapsed());
+    }
+
+    /// The upstream failed before the client saw a byte. A 429 cools the
+    /// deployment for its `retry-after`; other upstream failures count
+    /// against the circuit; an upstream that rejected the request itself
+    /// (a 4xx) is healthy.
+    pub fn failed(mut self, error: &GatewayError, settings: &RoutingSettings) {
+        let d = self.take();
+        let now = Instant::now();
+        match error.source {
+            ErrorSource::Upstream if error.status == StatusCode::TOO_MANY_REQUESTS => {
+                if let Some(after) = error.retry_after {
+                    d.cool_down(now + after);
+                }
+                d.circuit.on_abandon(self.probe);
+            }
+            ErrorSource::Upstream => d.circuit.on_failure(self.probe, now, settings),
+            ErrorSource::Client | ErrorSource::Internal => d.circuit.on_success(),
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if let Some(d) = &self.deployment {
+            d.circuit.on_abandon(self.probe);
+        }
+    }
+}

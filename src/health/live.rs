@@ -1,0 +1,124 @@
+//! The registry of live state by name, and the view of it that one config
+//! snapshot holds, in the config's order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::{AliasLive, BackendLive, DeploymentLive};
+use crate::config::Config;
+use crate::limits::Limits;
+
+/// The registry the snapshot takes its live entries from.
+#[derive(Default)]
+pub struct LiveState {
+    inner: Mutex<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    deployments: HashMap<String, Arc<DeploymentLive>>,
+    backends: HashMap<String, Arc<BackendLive>>,
+    aliases: HashMap<String, Arc<AliasLive>>,
+    keys: HashMap<String, Arc<Limits>>,
+}
+
+/// The live entries for one config, in the config's order.
+pub struct LiveView {
+    /// Per model, per deployment.
+    pub deployments: Vec<Vec<Arc<DeploymentLive>>>,
+    pub backends: Vec<Arc<BackendLive>>,
+    pub aliases: Vec<Arc<AliasLive>>,
+    /// Per key, its rate limits.
+    pub keys: Vec<Arc<Limits>>,
+}
+
+impl LiveState {
+    /// The entries for `config`: existing ones for names that persist, new
+    /// ones for new names. Names the config no longer has are forgotten.
+    pub fn view(&self, config: &Config) -> LiveView {
+        let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = std::mem::take(&mut *guard);
+        let view = LiveView {
+            deployments: config
+                .models
+                .iter()
+                .map(|m| {
+                    m.deployments
+                        .iter()
+                        .map(|d| reuse(&old.deployments, &d.name))
+                        .collect()
+                })
+                .collect(),
+            backends: config
+                .backends
+                .iter()
+                .map(|b| reuse(&old.backends, &b.name))
+                .collect(),
+            aliases: config
+                .models
+                .iter()
+                .map(|m| reuse(&old.aliases, &m.alias))
+                .collect(),
+            keys: config
+                .keys
+                .iter()
+                .map(|k| reuse(&old.keys, &k.name))
+                .collect(),
+        };
+        for (model, live) in config.models.iter().zip(&view.deployments) {
+            for (d, l) in model.deployments.iter().zip(live) {
+                l.quota.configure(d.limits);
+                guard.deployments.insert(d.name.clone(), l.clone());
+            }
+        }
+        for (k, l) in config.keys.iter().zip(&view.keys) {
+            l.configure(k.limits);
+            guard.keys.insert(k.name.clone(), l.clone());
+        }
+        for (b, l) in config.backends.iter().zip(&view.backends) {
+            guard.backends.insert(b.name.clone(), l.clone());
+        }
+        for (m, l) in config.models.iter().zip(&view.aliases) {
+            guard.aliases.insert(m.alias.clone(), l.clone());
+        }
+        view
+    }
+}
+
+fn reuse<T: Default>(map: &HashMap<String, Arc<T>>, name: &str) -> Arc<T> {
+    map.get(name).cloned().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(key_rpm: u32, deployment_rpm: u32) -> Config {
+        let text = format!(
+            "{}rpm = {deployment_rpm}\n\n[[keys]]\nname = \"web\"\nsha256 = \"{}\"\nmodels = [\"*\"]\nrpm = {key_rpm}\n",
+            crate::config::tests::MINIMAL,
+            "ab".repeat(32)
+        );
+        crate::config::parse(&text, &|_| None).expect("valid")
+    }
+
+    #[test]
+    fn rate_limiters_survive_a_reload_for_the_same_name_until_their_quota_changes() {
+        let live = LiveState::default();
+        let first = live.view(&config(1, 1));
+        first.keys[0].admit(0).unwrap();
+        first.deployments[0][0].quota.limits.admit(0).unwrap();
+
+        let same = live.view(&config(1, 1));
+        assert!(Arc::ptr_eq(&first.keys[0], &same.keys[0]));
+        assert!(same.keys[0].admit(0).is_err(), "the key's minute goes on");
+        assert!(
+            same.deployments[0][0].quota.limits.admit(0).is_err(),
+            "so does the deployment's"
+        );
+
+        let raised = live.view(&config(5, 1));
+        assert_eq!(raised.keys[0].admit(0), Ok(()), "a new quota starts afresh");
+        assert!(raised.deployments[0][0].quota.limits.admit(0).is_err());
+    }
+}

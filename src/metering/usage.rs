@@ -1,0 +1,172 @@
+//! Reading usage out of upstream answers: whole bodies and stream chunks,
+//! before and while they are forwarded. A chunk is read for what the meter
+//! needs (usage, the length of its text) and, for the first one, the
+//! stream's identity; an upstream error sent with a 200 is found here, so
+//! it can still fail over.
+
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+use serde::Deserialize;
+
+use super::Observed;
+use crate::error::GatewayError;
+use crate::openai::{IdentityView, ResponseIdentity, ResponseView};
+
+/// What the gateway reads of one stream chunk.
+pub struct ChunkFacts {
+    pub observed: Observed,
+    /// Read from the first chunk only.
+    pub identity: Option<ResponseIdentity>,
+    pub usage_only: bool,
+}
+
+/// Reads an upstream object before the client has seen any of it, so that
+/// a broken one or an error sent with a 200 can still fail over.
+pub fn read_view<'b>(backend: &str, body: &'b [u8]) -> Result<ResponseView<'b>, GatewayError> {
+    let view = parse::<ResponseView<'_>>(backend, body)?;
+    if view.is_error() {
+        return Err(GatewayError::upstream_in_band(backend, body));
+    }
+    Ok(view)
+}
+
+fn parse<'b, T: Deserialize<'b>>(backend: &str, body: &'b [u8]) -> Result<T, GatewayError> {
+    serde_json::from_slice(body).map_err(|e| {
+        GatewayError::upstream_protocol(backend, format_args!("the body is not JSON: {e}"))
+    })
+}
+
+/// Reads one chunk. Most chunks carry a few characters of text and nothing
+/// the meter needs: they are checked to be framed as a JSON object and
+/// their text measured, without being parsed. Usage and errors are read in
+/// full; of a chunk whose stream identity is wanted (`identity`: the
+/// first, when the gateway may have to write a usage chunk), only that.
+pub fn read_chunk(backend: &str, chunk: &[u8], identity: bool) -> Result<ChunkFacts, GatewayError> {
+    let keys = &*KEYS;
+    if keys.usage.find(chunk).is_some() || keys.error.find(chunk).is_some() {
+        let view = read_view(backend, chunk)?;
+        return Ok(ChunkFacts {
+            observed: Observed::of(&view),
+            identity: identity.then(|| view.identity()),
+            usage_only: view.is_usage_only(),
+        });
+    }
+    if !framed_as_object(chunk) {
+        return Err(GatewayError::upstream_protocol(
+            backend,
+            "a stream chunk is not a JSON object",
+        ));
+    }
+    let identity = if identity {
+        Some(parse::<IdentityView<'_>>(backend, chunk)?.identity())
+    } else {
+        None
+    };
+    Ok(ChunkFacts {
+        observed: Observed {
+            usage: None,
+            text_chars: text_chars(chunk),
+        },
+        identity,
+        usage_only: false,
+    })
+}
+
+/// The keys a chunk is searched for, each searcher built once: building
+/// one per search cost more than the search.
+struct Keys {
+    usage: Finder<'static>,
+    error: Finder<'static>,
+    content: Finder<'static>,
+    text: Finder<'static>,
+}
+
+static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
+    usage: Finder::new(b"\"usage\""),
+    error: Finder::new(b"\"error"),
+    content: Finder::new(b"\"content\":\""),
+    text: Finder::new(b"\"text\":\""),
+});
+
+/// Bytes of generated text in a chunk, for an estimate when the upstream
+/// reports no usage: the first `"content":"…"` (chat) or `"text":"…"`
+/// (legacy; Together sends both, so the first one found counts), escapes
+/// counted as written.
+fn text_chars(chunk: &[u8]) -> usize {
+    let start = [&KEYS.content, &KEYS.text]
+        .into_iter()
+        .find_map(|key| key.find(chunk).map(|at| at + key.needle().len()));
+    let Some(start) = start else { return 0 };
+    let text = &chunk[start..];
+    let mut at = 0;
+    // Skips to each quote or backslash; a backslash escapes the next byte.
+    while let Some(found) = memchr::memchr2(b'"', b'\\', &text[at..]) {
+        let i = at + found;
+        if text[i] == b'"' {
+            return i;
+        }
+        at = i + 2;
+        if at >= text.len() {
+            break;
+        }
+    }
+    0
+}
+
+/// Whether a chunk starts and ends as a JSON object does. Chunks are passed
+/// on as the upstream wrote them, and parsing each one in full to check it
+/// was a fifth of the gateway's CPU for a stream. The framing catches what
+/// upstreams send in place of a chunk (plain text, an HTML page, an object
+/// cut short); any other fault is left to the client's JSON parser, as it
+/// would be without a gateway.
+fn framed_as_object(chunk: &[u8]) -> bool {
+    let chunk = chunk.trim_ascii();
+    chunk.first() == Some(&b'{') && chunk.last() == Some(&b'}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTENT: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}"#;
+
+    #[test]
+    fn text_is_measured_without_parsing() {
+        assert_eq!(text_chars(CONTENT.as_bytes()), 5);
+        assert_eq!(
+            text_chars(br#"{"choices":[{"delta":{"content":"a\"b"}}]}"#),
+            4
+        );
+        assert_eq!(
+            text_chars(br#"{"choices":[{"text":"xyz","delta":{"content":"xyz"}}]}"#),
+            3
+        );
+        assert_eq!(
+            text_chars(br#"{"choices":[{"delta":{"content":null}}]}"#),
+            0
+        );
+    }
+
+    #[test]
+    fn chunks_not_framed_as_an_object_are_refused_without_parsing() {
+        for good in [CONTENT, " {\"choices\":[]}\r\n"] {
+            assert!(read_chunk("b", good.as_bytes(), false).is_ok(), "{good}");
+        }
+        for bad in [
+            "Internal Server Error",
+            "<html><body>502 Bad Gateway</body></html>",
+            r#"{"id":"c1","choices":[{"delta":{"content":"cut"#,
+            "[1,2]",
+            "",
+        ] {
+            let error = read_chunk("b", bad.as_bytes(), false).err().expect(bad);
+            assert_eq!(error.status, axum::http::StatusCode::BAD_GATEWAY, "{bad}");
+        }
+        // A chunk whose identity is read must be JSON, not only framed.
+        let garbled = br#"{"id":"c1",choices}"#;
+        assert!(read_chunk("b", garbled, false).is_ok());
+        let error = read_chunk("b", garbled, true).err().unwrap();
+        assert!(error.message.contains("not JSON"), "{}", error.message);
+    }
+}

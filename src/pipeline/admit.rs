@@ -1,0 +1,188 @@
+//! Admission: what a request may have before anything is sent upstream.
+//! [`admit`] resolves the alias, checks the key may use it, settles the
+//! region, reads the request's facts and plans it; the live pipeline,
+//! `tollgate explain` and `POST /admin/explain` all decide through it, so
+//! what explain says is what the gateway does. [`reserve`] then takes the
+//! request from the key's rate limits and budget (serving only).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::{Budget, Key};
+use crate::error::GatewayError;
+use crate::metering::budget::{self, Reservation};
+use crate::openai::{Endpoint, InboundRequest};
+use crate::routing::{self, Explained, Plan, PlanStatus, RequestFacts};
+use crate::state::{AppState, Snapshot};
+
+/// A request admitted: the model it resolved to, its facts and its plan,
+/// with at least one deployment to try.
+pub struct Admission {
+    pub model: usize,
+    pub facts: RequestFacts,
+    pub plan: Plan,
+}
+
+/// Why a request is not admitted, with how far it got: the model (for
+/// the labels it is recorded under) and the plan, when policy or health
+/// left nothing to try (451, 503).
+pub struct Refusal {
+    pub error: GatewayError,
+    pub model: Option<usize>,
+    pub plan: Option<Plan>,
+}
+
+impl From<GatewayError> for Refusal {
+    fn from(error: GatewayError) -> Self {
+        Self {
+            error,
+            model: None,
+            plan: None,
+        }
+    }
+}
+
+/// Decides a parsed request: 404 for an unknown model, 403 for a model
+/// the key may not use or a region it may not choose, 451 when policy
+/// leaves no deployment, 503 when health leaves none. `region` is what
+/// the request asks for (the `x-tollgate-region` header, or explain's
+/// `region`).
+pub fn admit(
+    snapshot: &Snapshot,
+    request: &InboundRequest,
+    key: Option<&Key>,
+    region: Option<&[u8]>,
+) -> Result<Admission, Refusal> {
+    let model = resolve(snapshot, key, request.model())?;
+    let region =
+        routing::region(region, key, &snapshot.config.policy).map_err(|error| Refusal {
+            error,
+            model: Some(model),
+            plan: None,
+        })?;
+    let facts = RequestFacts::of(request, region);
+    let plan = routing::plan(
+        snapshot,
+        model,
+        &facts,
+        Instant::now(),
+        &mut fastrand::Rng::new(),
+    );
+    if plan.status == PlanStatus::Ready {
+        return Ok(Admission { model, facts, plan });
+    }
+    Err(Refusal {
+        error: routing::refusal(snapshot, &plan, &facts, key),
+        model: Some(model),
+        plan: Some(plan),
+    })
+}
+
+/// The index of the requested model, which the key must be allowed.
+fn resolve(snapshot: &Snapshot, key: Option<&Key>, alias: &str) -> Result<usize, GatewayError> {
+    let model = snapshot.model_index(alias).ok_or_else(|| {
+        let known: Vec<&str> = snapshot.aliases_for(key).collect();
+        GatewayError::unknown_model(alias, &known)
+    })?;
+    match key {
+        Some(key) if !key.models.allows(alias) => {
+            Err(GatewayError::model_not_allowed(alias, &key.name))
+        }
+        _ => Ok(model),
+    }
+}
+
+/// Takes an admitted request from its key's rate limits (a request and its
+/// prompt estimate; 429 with `retry-after`) and budget (429), reserving
+/// what the dearest deployment in the plan would charge. Returns the key's
+/// limits, to be settled with the tokens really used, and the budget
+/// reservation.
+pub fn reserve(
+    app: &AppState,
+    snapshot: &Snapshot,
+    key: Option<&Key>,
+    admission: &Admission,
+) -> Result<(Option<Arc<crate::limits::Limits>>, Option<Reservation>), GatewayError> {
+    let Some(key) = key else {
+        return Ok((None, None));
+    };
+    let tokens = admission.facts.input_tokens;
+    let limits = snapshot.key_limits(key);
+    limits.admit(tokens).map_err(|refused| {
+        app.metrics
+            .rate_limited
+            .with_label_values(&["key", &key.name, refused.limit.name()])
+            .inc();
+        GatewayError::key_rate_limited(&key.name, &refused, tokens)
+    })?;
+    let reservation = if key.budget == Budget::default() {
+        None
+    } else {
+        let plan = &admission.plan;
+        let estimate = plan
+            .order()
+            .map(|i| {
+                snapshot
+                    .resolved(admission.model, i)
+                    .rate
+                    .estimate_nano_usd(tokens, plan.expected_output)
+            })
+            .max()
+            .unwrap_or(0);
+        Some(
+            app.budgets
+                .admit(&app.ledger, key, estimate, budget::today())?,
+        )
+    };
+    Ok((Some(limits.clone()), reservation))
+}
+
+/// The body of `POST /admin/explain`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainRequest {
+    /// A chat or legacy completions request, as a client would send it.
+    pub request: Value,
+    /// The region the request asks for, as `x-tollgate-region` would.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// The name of the key the request would come with.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+/// The plan [`admit`] makes for a request, without sending it anywhere: a
+/// plan (with its status, 200, 451 or 503), or the error the gateway would
+/// answer before planning. Shared by `tollgate explain` (a fresh gateway's
+/// state) and `POST /admin/explain` (the live state).
+pub fn explain(snapshot: &Snapshot, ask: &ExplainRequest) -> Result<Explained, GatewayError> {
+    let endpoint = if ask.request.get("messages").is_some() {
+        Endpoint::Chat
+    } else if ask.request.get("prompt").is_some() {
+        Endpoint::Completions
+    } else {
+        return Err(GatewayError::bad_request(
+            "`request` must be a chat request (with `messages`) or a completions request (with `prompt`)",
+            Some("request".into()),
+        ));
+    };
+    let key = match &ask.key {
+        None => None,
+        Some(name) => Some(snapshot.key_named(name).ok_or_else(|| {
+            GatewayError::bad_request(format!("no key named \"{name}\""), Some("key".into()))
+        })?),
+    };
+    let bytes = serde_json::to_vec(&ask.request).expect("JSON values serialise");
+    let request = InboundRequest::parse(endpoint, bytes.into())?;
+    let region = ask.region.as_deref().map(str::as_bytes);
+    match admit(snapshot, &request, key, region) {
+        Ok(admission) => Ok(admission.plan.explain(snapshot)),
+        Err(Refusal {
+            plan: Some(plan), ..
+        }) => Ok(plan.explain(snapshot)),
+        Err(refusal) => Err(refusal.error),
+    }
+}

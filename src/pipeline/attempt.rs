@@ -1,0 +1,190 @@
+//! The failover loop: the plan's deployments in order, each call bounded
+//! by its backend's first-byte timeout, until one answers or a failure may
+//! not be retried. Nothing is retried once the client has a byte: a
+//! stream's first chunk is read here, before the response starts.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::admit::Admission;
+use super::{Failure, RequestCtx};
+use crate::config::Backend;
+use crate::error::GatewayError;
+use crate::health::Attempt;
+use crate::metering::usage::{self, ChunkFacts};
+use crate::metering::{Meter, Observed, Serving};
+use crate::metrics::NONE;
+use crate::openai::InboundRequest;
+use crate::providers::{Chunk, ChunkStream, UpstreamCall, UpstreamReply};
+use crate::state::{AppState, Resolved};
+
+/// What came back from an upstream before the client saw anything.
+pub enum Ready {
+    /// A whole response, checked to be JSON, with what the meter needs.
+    Complete(Bytes, Observed),
+    /// The first chunk, read, and the rest of the stream.
+    Stream(Chunk, ChunkFacts, ChunkStream),
+}
+
+/// The answer of the deployment that served a request.
+pub struct Served<'s> {
+    pub backend: &'s Backend,
+    pub attempts: usize,
+    pub meter: Meter,
+    pub reply: Ready,
+}
+
+/// Tries the plan's deployments in order. A half-open circuit whose probe
+/// another request took is skipped, not failed; so is a deployment at its
+/// quota. Every outcome teaches the deployment's circuit and latency
+/// estimate, and every response's `x-ratelimit-*` headers its quota.
+pub async fn attempt<'s>(
+    app: &AppState,
+    ctx: &'s RequestCtx,
+    request: &InboundRequest,
+    admission: &Admission,
+    mut meter: Meter,
+) -> Result<Served<'s>, Failure> {
+    let snapshot = &*ctx.snapshot;
+    let (model, facts, plan) = (admission.model, &admission.facts, &admission.plan);
+    let config = &snapshot.config.models[model];
+    let alias = config.alias.as_str();
+    let settings = &snapshot.config.routing;
+    let metrics = &app.metrics;
+    let mut attempts = 0;
+    let mut last_error = None;
+    // The soonest a deployment skipped at its quota has room again.
+    let mut skipped: Option<Duration> = None;
+    for index in plan.order() {
+        if attempts == settings.max_attempts {
+            break;
+        }
+        let deployment = &config.deployments[index];
+        let resolved = snapshot.resolved(model, index);
+        let Some(attempt) = Attempt::begin(&resolved.health) else {
+            continue;
+        };
+        if let Err(refused) = resolved
+            .health
+            .quota
+            .admit(facts.input_tokens, Instant::now())
+        {
+            metrics
+                .rate_limited
+                .with_label_values(&["deployment", &deployment.name, refused.limit.name()])
+                .inc();
+            if let Some(wait) = refused.wait {
+                skipped = Some(skipped.map_or(wait, |s| s.min(wait)));
+            }
+            continue;
+        }
+        attempts += 1;
+        let backend = snapshot.backend(resolved.backend);
+        meter.begin_attempt(Serving {
+            deployment: deployment.name.clone(),
+            backend: backend.name.clone(),
+            rate: resolved.rate,
+            lease: Box::new(snapshot.lease(model, index)),
+        });
+        let call = UpstreamCall {
+            request,
+            upstream_model: &deployment.upstream_model,
+            request_id: &ctx.request_id,
+            quota: &OnceLock::new(),
+        };
+        match call_upstream(app, backend, resolved, call).await {
+            Ok(reply) => {
+                attempt.succeeded(facts.stream);
+                meter.attempt_answered();
+                return Ok(Served {
+                    backend,
+                    attempts,
+                    meter,
+                    reply,
+                });
+            }
+            Err(error) => {
+                attempt.failed(&error, settings);
+                meter.attempt_failed();
+                if !error.retriable {
+                    return Err(Failure::after_attempts(
+                        error,
+                        alias,
+                        &backend.name,
+                        attempts,
+                        meter,
+                    ));
+                }
+                metrics
+                    .failovers
+                    .with_label_values(&[alias, &deployment.name, error.label()])
+                    .inc();
+                tracing::warn!(
+                    request_id = ctx.request_id, alias, deployment = deployment.name, error = %error.message,
+                    "upstream failed before the first byte; trying the next deployment"
+                );
+                last_error = Some((error, backend.name.as_str()));
+            }
+        }
+    }
+    let (error, backend) = last_error.unwrap_or_else(|| {
+        (
+            GatewayError::no_deployment_available(alias, plan.retry_after_with(skipped)),
+            NONE,
+        )
+    });
+    Err(Failure::after_attempts(
+        error, alias, backend, attempts, meter,
+    ))
+}
+
+/// One upstream call, bounded by the backend's first-byte timeout: the
+/// whole body, or the first stream chunk peeked so a failure can still
+/// become an HTTP error or a failover.
+async fn call_upstream(
+    app: &AppState,
+    backend: &Backend,
+    resolved: &Resolved,
+    call: UpstreamCall<'_>,
+) -> Result<Ready, GatewayError> {
+    let include_usage = call.request.include_usage();
+    let reported = call.quota;
+    let first_byte = backend.timeouts.first_byte;
+    let result = tokio::time::timeout(first_byte, async {
+        match resolved.provider.send(call).await? {
+            UpstreamReply::Complete(body) => {
+                let observed = Observed::of(&usage::read_view(&backend.name, &body)?);
+                Ok(Ready::Complete(body, observed))
+            }
+            UpstreamReply::Stream(mut stream) => match stream.next().await {
+                Some(Ok(first)) => {
+                    // Its identity names a usage chunk the gateway may write.
+                    let facts = usage::read_chunk(&backend.name, &first, include_usage)?;
+                    Ok(Ready::Stream(first, facts, stream))
+                }
+                Some(Err(error)) => Err(error),
+                None => Err(GatewayError::upstream_protocol(
+                    &backend.name,
+                    "the stream ended before any chunk",
+                )),
+            },
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err(GatewayError::upstream_timeout(&backend.name, first_byte)));
+    if let Some(reported) = reported.get() {
+        resolved.health.quota.observe(reported, Instant::now());
+    }
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.label(),
+    };
+    app.metrics
+        .upstream_attempts
+        .with_label_values(&[&backend.name, outcome])
+        .inc();
+    result
+}

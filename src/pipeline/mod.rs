@@ -1,0 +1,253 @@
+//! One completion request's path (`/v1/chat/completions`,
+//! `/v1/completions`), as named steps:
+//!
+//! 1. [`auth::authenticate`]: the API key (when keys are configured).
+//! 2. [`read_body`]: the body, up to `server.max_body_bytes` (413), then
+//!    parsed as the endpoint's request (400 naming the bad field).
+//! 3. [`admit::admit`]: the alias (404), the key's permission (403), the
+//!    region (403), the request's facts and the plan: 451 when policy
+//!    leaves no deployment, 503 when health leaves none. `tollgate
+//!    explain` and `POST /admin/explain` decide through the same function.
+//! 4. [`admit::reserve`]: the key's rate limits (429 with `retry-after`)
+//!    and budget (429).
+//! 5. [`attempt::attempt`]: the plan's deployments in order, up to
+//!    `routing.max_attempts`, each call bounded by the backend's
+//!    first-byte timeout; a retriable failure before the client saw a
+//!    byte moves on to the next deployment.
+//! 6. [`respond::respond`]: the whole body, or a stream forwarded chunk
+//!    by chunk ([`stream::SseBody`]), metered exactly once when it ends or
+//!    the client goes away.
+//!
+//! The config snapshot is loaded once, before step 1, and used to the end.
+
+pub mod admit;
+pub mod attempt;
+pub mod auth;
+pub mod respond;
+pub mod stream;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use crate::error::GatewayError;
+use crate::metering::{Charges, InFlight, Meter, MeterLabels};
+use crate::metrics::NONE;
+use crate::openai::{Endpoint, InboundRequest};
+use crate::routing::{PlanStatus, REGION_HEADER};
+use crate::state::{AppState, Snapshot};
+use admit::Refusal;
+
+const CONFIG_VERSION_HEADER: HeaderName = HeaderName::from_static("x-tollgate-config-version");
+
+/// What one request carries down the pipeline.
+pub struct RequestCtx {
+    pub request_id: String,
+    pub started: Instant,
+    pub snapshot: Arc<Snapshot>,
+}
+
+/// Serves one completion request; every answer, success or error, says
+/// which config served it.
+pub async fn handle(
+    app: Arc<AppState>,
+    request_id: String,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let ctx = RequestCtx {
+        request_id,
+        started: Instant::now(),
+        snapshot: app.snapshot.load_full(),
+    };
+    let in_flight = InFlight::new(&app.metrics.in_flight);
+    let version = HeaderValue::from_str(&ctx.snapshot.config.version).ok();
+    let mut response = match serve(&app, &ctx, endpoint, &headers, body, in_flight).await {
+        Ok(response) => response,
+        Err(failure) => failure.respond(&app, &ctx),
+    };
+    if let Some(version) = version {
+        response
+            .headers_mut()
+            .insert(CONFIG_VERSION_HEADER, version);
+    }
+    response
+}
+
+async fn serve(
+    app: &AppState,
+    ctx: &RequestCtx,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+    in_flight: InFlight,
+) -> Result<Response, Failure> {
+    let snapshot = &*ctx.snapshot;
+    let key = auth::authenticate(snapshot, headers)?;
+    let bytes = read_body(headers, body, snapshot.config.server.max_body_bytes).await?;
+    let request = InboundRequest::parse(endpoint, bytes)?;
+    let region = headers.get(REGION_HEADER).map(HeaderValue::as_bytes);
+    let admission = admit::admit(snapshot, &request, key, region)
+        .map_err(|refusal| Failure::refused(app, snapshot, refusal))?;
+    let alias = snapshot.config.models[admission.model].alias.as_str();
+    let first = &admission.plan.candidates[0];
+    app.metrics
+        .routing_decisions
+        .with_label_values(&[alias, admission.plan.strategy, first.label])
+        .inc();
+    let (limits, reservation) = admit::reserve(app, snapshot, key, &admission)
+        .map_err(|error| Failure::before_upstream(error, alias))?;
+    let meter = Meter::new(
+        app.metrics.clone(),
+        MeterLabels {
+            request_id: ctx.request_id.clone(),
+            alias: alias.to_owned(),
+            key: key.map_or(NONE, |k| k.name.as_str()).to_owned(),
+        },
+        Charges {
+            ledger: app.ledger.clone(),
+            reservation,
+            counterfactuals: snapshot.counterfactuals(admission.model).clone(),
+            limits,
+        },
+        ctx.started,
+        admission.facts.input_tokens,
+        in_flight,
+    );
+    let served = attempt::attempt(app, ctx, &request, &admission, meter).await?;
+    Ok(respond::respond(&request, served))
+}
+
+/// A request that ends in an error, and the labels it is recorded under.
+pub struct Failure {
+    error: GatewayError,
+    alias: String,
+    backend: String,
+    /// Upstream attempts made before giving up; `None` before routing.
+    attempts: Option<usize>,
+    /// Records the request once upstreams were tried.
+    meter: Option<Meter>,
+}
+
+impl From<GatewayError> for Failure {
+    /// A failure before the model was known.
+    fn from(error: GatewayError) -> Self {
+        Self {
+            error,
+            alias: NONE.to_owned(),
+            backend: NONE.to_owned(),
+            attempts: None,
+            meter: None,
+        }
+    }
+}
+
+impl Failure {
+    /// Routed, refused before any upstream was tried.
+    fn before_upstream(error: GatewayError, alias: &str) -> Self {
+        Self {
+            error,
+            alias: alias.to_owned(),
+            backend: NONE.to_owned(),
+            attempts: Some(0),
+            meter: None,
+        }
+    }
+
+    /// Not admitted; policy refusals count the rules that applied.
+    fn refused(app: &AppState, snapshot: &Snapshot, refusal: Refusal) -> Self {
+        let Refusal { error, model, plan } = refusal;
+        let Some(model) = model else {
+            return error.into();
+        };
+        let alias = snapshot.config.models[model].alias.as_str();
+        if let Some(plan) = plan.filter(|p| p.status == PlanStatus::Blocked) {
+            for rule in plan.rules() {
+                app.metrics
+                    .policy_blocks
+                    .with_label_values(&[alias, rule.name()])
+                    .inc();
+            }
+        }
+        Self::before_upstream(error, alias)
+    }
+
+    /// After attempts upstream: the meter records it.
+    pub fn after_attempts(
+        error: GatewayError,
+        alias: &str,
+        backend: &str,
+        attempts: usize,
+        meter: Meter,
+    ) -> Self {
+        Self {
+            error,
+            alias: alias.to_owned(),
+            backend: backend.to_owned(),
+            attempts: Some(attempts),
+            meter: Some(meter),
+        }
+    }
+
+    fn respond(self, app: &AppState, ctx: &RequestCtx) -> Response {
+        let Self {
+            error,
+            alias,
+            backend,
+            attempts,
+            meter,
+        } = self;
+        let status = error.status.as_u16();
+        let metrics = &app.metrics;
+        metrics
+            .errors
+            .with_label_values(&[&alias, error.label()])
+            .inc();
+        tracing::info!(request_id = ctx.request_id, alias, backend, status, kind = error.label(), error = %error.message, "request failed");
+        match meter {
+            Some(mut meter) => meter.finish(status),
+            None => metrics.record_request(&alias, &backend, status, ctx.started.elapsed()),
+        }
+        let mut response = error.into_response();
+        // Once routing ran, every answer says how many attempts it took
+        // (0 for a refusal) and, after one, which backend answered last.
+        if let Some(attempts) = attempts {
+            respond::set_served_by(
+                &mut response,
+                (backend != NONE).then_some(&*backend),
+                attempts,
+            );
+        }
+        response
+    }
+}
+
+/// The request body, refused (413) over `limit` bytes, whether declared
+/// or sent.
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(GatewayError::payload_too_large(limit));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            GatewayError::payload_too_large(limit)
+        } else {
+            GatewayError::bad_request("the request body could not be read", None)
+        }
+    })
+}

@@ -1,0 +1,68 @@
+//! The answer to the client: the upstream's whole body, or a stream
+//! forwarded chunk by chunk, with the headers that say who served it.
+
+use axum::body::Body;
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::attempt::{Ready, Served};
+use super::stream::{SseBody, SseParams};
+use crate::openai::InboundRequest;
+
+const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-tollgate-backend");
+const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-tollgate-attempts");
+/// Tells nginx-style proxies in front not to buffer a stream.
+const ACCEL_BUFFERING_HEADER: HeaderName = HeaderName::from_static("x-accel-buffering");
+
+pub fn respond(request: &InboundRequest, served: Served<'_>) -> Response {
+    let Served {
+        backend,
+        attempts,
+        mut meter,
+        reply,
+    } = served;
+    let mut response = match reply {
+        Ready::Complete(body, observed) => {
+            meter.upstream_done();
+            meter.observe(observed);
+            meter.finish_after_response(200);
+            let mut response = (StatusCode::OK, body).into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Ready::Stream(first, facts, upstream) => {
+            let body = SseBody::new(SseParams {
+                first: (first, facts),
+                upstream,
+                idle: backend.timeouts.idle,
+                backend: backend.name.clone(),
+                endpoint: request.endpoint(),
+                include_usage: request.include_usage(),
+                meter,
+            });
+            let mut response = Response::new(Body::from_stream(body));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            headers.insert(ACCEL_BUFFERING_HEADER, HeaderValue::from_static("no"));
+            response
+        }
+    };
+    set_served_by(&mut response, Some(&backend.name), attempts);
+    response
+}
+
+/// `x-tollgate-backend` and `x-tollgate-attempts`.
+pub fn set_served_by(response: &mut Response, backend: Option<&str>, attempts: usize) {
+    let headers = response.headers_mut();
+    if let Some(value) = backend.and_then(|b| HeaderValue::from_str(b).ok()) {
+        headers.insert(BACKEND_HEADER, value);
+    }
+    headers.insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));
+}

@@ -1,0 +1,88 @@
+//! What the gateway holds while it runs: the current config snapshot
+//! (swapped whole on reload), the live state that outlives snapshots, the
+//! metrics, the spend ledger and budgets.
+
+mod reload;
+mod snapshot;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::health::{LiveState, engine};
+use crate::ledger::{self, Ledger};
+use crate::metering::budget::Budgets;
+use crate::metrics::Metrics;
+
+pub use reload::{Env, ReloadError, ReloadReport, watch};
+pub use snapshot::{Resolved, Snapshot};
+
+pub struct AppState {
+    pub snapshot: ArcSwap<Snapshot>,
+    /// What routing has learned, by name; outlives any one snapshot.
+    pub live: LiveState,
+    pub metrics: Arc<Metrics>,
+    /// Spend per day, key, model and deployment; durable with a data_dir.
+    pub ledger: Arc<Ledger>,
+    pub budgets: Arc<Budgets>,
+    /// Config reloads, and the engine scrapers of the current snapshot.
+    reloader: reload::Reloader,
+    draining: AtomicBool,
+}
+
+/// How a gateway finds its config again when it reloads.
+pub struct GatewayOptions {
+    /// Reads the environment variables a config names.
+    pub env: Env,
+    /// The config file: watched, and read again on SIGHUP and
+    /// `POST /admin/reload` without a body.
+    pub config_file: Option<PathBuf>,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        Self {
+            env: Arc::new(|name| std::env::var(name).ok()),
+            config_file: None,
+        }
+    }
+}
+
+impl AppState {
+    /// Opens the ledger, builds the first snapshot and starts scraping its
+    /// engines' load metrics; call it inside the Tokio runtime.
+    pub fn new(config: Config, options: GatewayOptions) -> Result<Self, String> {
+        let ledger = Arc::new(Ledger::open(config.ledger.data_dir.as_deref())?);
+        if ledger.is_durable() {
+            ledger::spawn_flusher(&ledger, config.ledger.flush_interval);
+        } else {
+            tracing::warn!("no [ledger] data_dir: spend is kept in memory and lost on restart");
+        }
+        let live = LiveState::default();
+        let snapshot = Snapshot::build(config, &live)?;
+        let scrapers = engine::spawn(&snapshot.config.backends, &snapshot.live().backends);
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_config_version(&snapshot.config.version);
+        Ok(Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            live,
+            metrics,
+            ledger,
+            budgets: Arc::default(),
+            reloader: reload::Reloader::new(options.env, options.config_file, scrapers),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// From now on `/readyz` answers 503, so load balancers stop sending.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
