@@ -336,7 +336,8 @@ fn open_circuits_and_rate_limit_cooldowns_drop_deployments_until_they_pass() {
 // ---- explain --------------------------------------------------------------------
 
 #[test]
-fn explain_takes_the_region_from_the_request_then_the_key_then_the_policy_default() {
+fn explain_takes_the_region_from_the_request_then_the_key_then_the_policy_default_as_the_gateway_does()
+ {
     let config = sim("eu-pool", "eu-west-1", "")
         + &sim("us-pool", "us-east-1", "")
         + &model(
@@ -366,7 +367,16 @@ fn explain_takes_the_region_from_the_request_then_the_key_then_the_policy_defaul
     };
     assert_eq!(chosen(None, None), "in-us", "the policy's default region");
     assert_eq!(chosen(None, Some("eu-team")), "in-eu", "the key's region");
-    assert_eq!(chosen(Some("us"), Some("eu-team")), "in-us", "as asked");
+    let refused = explain(
+        &s,
+        &ask(
+            json!({"model": "chat", "messages": user("hi")}),
+            Some("us"),
+            Some("eu-team"),
+        ),
+    )
+    .expect_err("a key fixed to a region may not ask for another");
+    assert_eq!(refused.status, 403);
     assert_eq!(chosen(Some("eu"), None), "in-eu");
 
     let completion = explain(

@@ -1,0 +1,292 @@
+//! One admission path: the live gateway and explain (`POST /admin/explain`
+//! and `tollgate explain`) decide every request through the same function,
+//! so for each key, region header, model and modality they agree on the
+//! status and on the deployment chosen.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::gateway::*;
+
+const CONFIG: &str = r#"
+[admin]
+token_env = "ADMIN_TOKEN"
+
+[policy]
+default_region = "us"
+eu_regions = ["eu"]
+[[policy.residency]]
+request_region = "eu"
+backend_regions = ["eu-west-1"]
+[[policy.residency]]
+request_region = "us"
+backend_regions = ["us-east-1"]
+
+[[backends]]
+name = "sim-us"
+kind = "simulated"
+region = "us-east-1"
+[backends.simulated]
+ttft_ms = 0
+tokens_per_second = 100000
+completion_tokens = 2
+
+[[backends]]
+name = "sim-eu"
+kind = "simulated"
+region = "eu-west-1"
+[backends.simulated]
+ttft_ms = 0
+tokens_per_second = 100000
+completion_tokens = 2
+
+[[models]]
+alias = "chat"
+[[models.deployments]]
+name = "chat/us"
+backend = "sim-us"
+model = "m"
+context_window = 8192
+[[models.deployments]]
+name = "chat/eu"
+backend = "sim-eu"
+model = "m"
+context_window = 8192
+
+[[models]]
+alias = "vision"
+[[models.deployments]]
+name = "vision/us"
+backend = "sim-us"
+model = "llama-4-maverick"
+context_window = 8192
+licence = "llama"
+multimodal = true
+modalities = ["text", "image"]
+[[models.deployments]]
+name = "vision/eu"
+backend = "sim-eu"
+model = "llama-4-maverick"
+context_window = 8192
+licence = "llama"
+multimodal = true
+modalities = ["text", "image"]
+
+[[models]]
+alias = "text"
+[[models.deployments]]
+name = "text/us"
+backend = "sim-us"
+model = "m"
+context_window = 8192
+[[models.deployments]]
+name = "text/eu"
+backend = "sim-eu"
+model = "m"
+context_window = 8192
+
+[[models]]
+alias = "scarce"
+[[models.deployments]]
+name = "scarce/us"
+backend = "sim-us"
+model = "m"
+context_window = 8192
+rpm = 1
+
+[[keys]]
+name = "eu-team"
+key_env = "KEY_EU_TEAM"
+models = ["*"]
+region = "eu"
+
+[[keys]]
+name = "us-team"
+key_env = "KEY_US_TEAM"
+models = ["chat", "text"]
+region = "us"
+
+[[keys]]
+name = "roamer"
+key_env = "KEY_ROAMER"
+models = ["*"]
+region_header = true
+"#;
+
+struct Case {
+    key: &'static str,
+    region: Option<&'static str>,
+    model: &'static str,
+    image: bool,
+    status: u16,
+    /// The backend that serves it, when it is served.
+    backend: Option<&'static str>,
+}
+
+const fn case(
+    key: &'static str,
+    region: Option<&'static str>,
+    model: &'static str,
+    image: bool,
+    status: u16,
+    backend: Option<&'static str>,
+) -> Case {
+    Case {
+        key,
+        region,
+        model,
+        image,
+        status,
+        backend,
+    }
+}
+
+const CASES: &[Case] = &[
+    // A key's own region, named or not.
+    case("eu-team", None, "chat", false, 200, Some("sim-eu")),
+    case("eu-team", Some("eu"), "chat", false, 200, Some("sim-eu")),
+    // A key fixed to a region may not choose another.
+    case("eu-team", Some("us"), "chat", false, 403, None),
+    case("us-team", Some("eu"), "chat", false, 403, None),
+    // A model the key may not use; a model nobody has.
+    case("us-team", None, "vision", false, 403, None),
+    case("us-team", None, "nope", false, 404, None),
+    // A key that may choose, and the default region when it does not.
+    case("roamer", Some("eu"), "chat", false, 200, Some("sim-eu")),
+    case("roamer", None, "chat", false, 200, Some("sim-us")),
+    case("roamer", Some("us"), "chat", false, 200, Some("sim-us")),
+    // Multimodal Llama: never for the EU, with or without an image.
+    case("roamer", Some("eu"), "vision", false, 451, None),
+    case("roamer", Some("eu"), "vision", true, 451, None),
+    case("eu-team", None, "vision", true, 451, None),
+    case("roamer", None, "vision", true, 200, Some("sim-us")),
+    // An image to text-only deployments.
+    case("roamer", Some("us"), "text", true, 451, None),
+    case("us-team", None, "text", false, 200, Some("sim-us")),
+    // Residency leaves the EU nothing in "scarce"; its one US deployment
+    // is at its quota after the warm-up requests.
+    case("eu-team", None, "scarce", false, 451, None),
+    case("roamer", Some("us"), "scarce", false, 503, None),
+    // A region header that is no region name.
+    case("roamer", Some("eu west"), "chat", false, 400, None),
+];
+
+fn request(model: &str, image: bool) -> Value {
+    let content = if image {
+        json!([{"type": "text", "text": "what is this?"},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}])
+    } else {
+        json!("hello")
+    };
+    json!({"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": content}]})
+}
+
+/// What explain says: the plan's status and the chosen deployment's
+/// backend, or the HTTP status of the error it answers.
+async fn explained(gateway: &Gateway, case: &Case) -> (u16, Option<String>) {
+    let mut ask = json!({"request": request(case.model, case.image), "key": case.key});
+    if let Some(region) = case.region {
+        ask["region"] = json!(region);
+    }
+    let response = gateway
+        .post("/admin/explain")
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&ask)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    if status != 200 {
+        return (status, None);
+    }
+    let chosen = body["chosen"].as_str().map(|name| {
+        candidate(&body, name)["backend"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    });
+    (body["status"].as_u64().unwrap() as u16, chosen)
+}
+
+/// What the gateway does: the status, and the backend that answered.
+async fn served(gateway: &Gateway, case: &Case) -> (u16, Option<String>) {
+    let secret = format!("{}-secret", case.key);
+    let mut post = gateway
+        .post("/v1/chat/completions")
+        .bearer_auth(secret)
+        .json(&request(case.model, case.image));
+    if let Some(region) = case.region {
+        post = post.header("x-tollgate-region", region);
+    }
+    let response = post.send().await.unwrap();
+    let status = response.status().as_u16();
+    let backend = (status == 200).then(|| served_by(&response).0);
+    (status, backend)
+}
+
+#[tokio::test]
+async fn the_gateway_and_explain_decide_every_case_alike() {
+    let gateway = start(CONFIG).await;
+    // The one request a minute of "scarce/us", then one refused at its
+    // quota, after which plans drop it until the minute is over.
+    let warm_up = Case {
+        region: Some("us"),
+        ..case("roamer", None, "scarce", false, 200, Some("sim-us"))
+    };
+    assert_eq!(
+        served(&gateway, &warm_up).await,
+        (200, Some("sim-us".into()))
+    );
+    assert_eq!(served(&gateway, &warm_up).await, (503, None));
+    for case in CASES {
+        let what = format!(
+            "key {} region {:?} model {} image {}",
+            case.key, case.region, case.model, case.image
+        );
+        let want = (case.status, case.backend.map(str::to_owned));
+        // Explain first: it changes no live state.
+        assert_eq!(explained(&gateway, case).await, want, "explain: {what}");
+        assert_eq!(served(&gateway, case).await, want, "served: {what}");
+    }
+}
+
+/// `tollgate explain` on the same config: the region a key may not
+/// choose is refused as the gateway refuses it, not planned.
+#[test]
+fn the_explain_command_refuses_a_region_the_key_may_not_choose() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let request = dir.path().join("request.json");
+    std::fs::write(&request, request_body()).unwrap();
+    let explain = |region: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["explain", "--config"])
+            .arg(&config)
+            .arg("--request")
+            .arg(&request)
+            .args(["--key", "eu-team", "--region", region])
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            .envs(["EU_TEAM", "US_TEAM", "ROAMER"].map(|k| (format!("KEY_{k}"), k)))
+            .output()
+            .unwrap()
+    };
+    let refused = explain("us");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("may not choose region \"us\""), "{stderr}");
+    let planned = explain("eu");
+    assert!(
+        planned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&planned.stderr)
+    );
+    let plan: Value = serde_json::from_slice(&planned.stdout).unwrap();
+    assert_eq!(plan["status"], 200);
+    assert_eq!(plan["chosen"], "chat/eu");
+}
+
+fn request_body() -> String {
+    request("chat", false).to_string()
+}
