@@ -1,6 +1,8 @@
-//! Every Prometheus metric the gateway exports, declared once, in a registry
-//! of its own. Label values come from config names and closed sets only —
-//! never raw client input. docs/metrics.md lists each.
+//! Every Prometheus metric the gateway exports, declared once in
+//! [`METRICS`]: registration, the typed handles in [`Metrics`],
+//! `docs/metrics.md` and the observability test all derive from it. Label
+//! values come from config names and closed sets only — never raw client
+//! input.
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -11,6 +13,66 @@ use prometheus::{
 /// Label value for "no alias", "no backend" or "no key" (the request never
 /// got that far, or the gateway has no keys).
 pub const NONE: &str = "none";
+
+/// One metric family: what `/metrics` exports and the docs describe.
+#[derive(Debug)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+    pub labels: &'static [Label],
+    /// Upper bounds of the buckets; a histogram has them, nothing else does.
+    pub buckets: &'static [f64],
+}
+
+/// The Prometheus type of a family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    /// The type as the text format's `# TYPE` line spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// A label and where its values come from, so the docs can show that each
+/// set is bounded.
+#[derive(Debug)]
+pub struct Label {
+    pub name: &'static str,
+    pub values: &'static str,
+}
+
+const fn label(name: &'static str, values: &'static str) -> Label {
+    Label { name, values }
+}
+
+const ALIAS: Label = label(
+    "alias",
+    "a model alias from config; `none` when the request was refused before its model was known",
+);
+const BACKEND: Label = label(
+    "backend",
+    "a backend name from config; `none` when no backend was called",
+);
+const DEPLOYMENT: Label = label(
+    "deployment",
+    "a deployment name from config (by default `alias/backend`)",
+);
+const KEY: Label = label(
+    "key",
+    "a key name from config; `none` when the gateway has no keys",
+);
+const PERIOD: Label = label("period", "`daily` or `monthly`");
 
 /// Latency buckets from 5 ms to 2 minutes: LLM calls span that range.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -26,259 +88,334 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     1.0,
 ];
 
-pub struct Metrics {
-    registry: Registry,
-    names: Vec<String>,
-    /// Client requests answered, by alias, backend and HTTP status.
-    pub requests: IntCounterVec,
-    pub upstream_attempts: IntCounterVec,
-    pub failovers: IntCounterVec,
-    pub errors: IntCounterVec,
-    pub request_duration: HistogramVec,
-    pub time_to_first_token: HistogramVec,
-    pub time_between_tokens: HistogramVec,
-    pub gateway_overhead: HistogramVec,
-    pub tokens: IntCounterVec,
-    pub cost: CounterVec,
-    pub counterfactual_cost: CounterVec,
-    pub selfhosted_cost: CounterVec,
-    pub selfhosted_effective_price: GaugeVec,
-    pub selfhosted_utilization: GaugeVec,
-    pub budget_remaining: GaugeVec,
-    pub budget_limit: GaugeVec,
-    pub policy_blocks: IntCounterVec,
-    pub rate_limited: IntCounterVec,
-    pub routing_decisions: IntCounterVec,
-    pub circuit_state: GaugeVec,
-    pub backend_load: GaugeVec,
-    pub engine_requests_waiting: GaugeVec,
-    pub engine_requests_running: GaugeVec,
-    pub engine_kv_cache_usage: GaugeVec,
-    pub config_reloads: IntCounterVec,
-    pub config_info: GaugeVec,
-    pub in_flight: IntGauge,
+/// A handle a [`MetricDef`] can build; its Rust type decides the family's
+/// Prometheus type, so the table cannot disagree with the field.
+trait Handle: Collector + Clone + 'static {
+    const KIND: Kind;
+    fn build(def: &MetricDef) -> prometheus::Result<Self>;
 }
 
-/// Declares metrics into one registry, remembering their names.
-struct Declare(Registry, std::cell::RefCell<Vec<String>>);
+impl MetricDef {
+    /// Name, help and labels: labels reach even an unlabelled handle, which
+    /// then refuses to build.
+    fn opts(&self) -> Opts {
+        Opts::new(self.name, self.help)
+            .variable_labels(self.labels.iter().map(|l| l.name.to_owned()).collect())
+    }
 
-impl Declare {
-    fn add<C: Collector + Clone + 'static>(&self, collector: C) -> C {
-        self.1.borrow_mut().extend(
-            collector
-                .desc()
-                .into_iter()
-                .map(|desc| desc.fq_name.clone()),
+    fn label_names(&self) -> Vec<&'static str> {
+        self.labels.iter().map(|l| l.name).collect()
+    }
+}
+
+impl Handle for IntCounterVec {
+    const KIND: Kind = Kind::Counter;
+    fn build(def: &MetricDef) -> prometheus::Result<Self> {
+        Self::new(def.opts(), &def.label_names())
+    }
+}
+
+/// Counts dollars, which come in fractions.
+impl Handle for CounterVec {
+    const KIND: Kind = Kind::Counter;
+    fn build(def: &MetricDef) -> prometheus::Result<Self> {
+        Self::new(def.opts(), &def.label_names())
+    }
+}
+
+impl Handle for GaugeVec {
+    const KIND: Kind = Kind::Gauge;
+    fn build(def: &MetricDef) -> prometheus::Result<Self> {
+        Self::new(def.opts(), &def.label_names())
+    }
+}
+
+impl Handle for HistogramVec {
+    const KIND: Kind = Kind::Histogram;
+    fn build(def: &MetricDef) -> prometheus::Result<Self> {
+        let opts = HistogramOpts::from(def.opts()).buckets(def.buckets.to_vec());
+        Self::new(opts, &def.label_names())
+    }
+}
+
+/// Unlabelled: a definition with labels fails here, when `Metrics` is built.
+impl Handle for IntGauge {
+    const KIND: Kind = Kind::Gauge;
+    fn build(def: &MetricDef) -> prometheus::Result<Self> {
+        Self::with_opts(def.opts())
+    }
+}
+
+fn register<H: Handle>(registry: &Registry, def: &MetricDef) -> H {
+    let handle = H::build(def).unwrap_or_else(|e| panic!("{}: {e}", def.name));
+    registry
+        .register(Box::new(handle.clone()))
+        .unwrap_or_else(|e| panic!("{}: {e}", def.name));
+    handle
+}
+
+/// Declares each metric once — its field in `Metrics`, its type and its
+/// entry in `METRICS` — and registers the fields in table order.
+macro_rules! metrics {
+    ($(
+        $field:ident: $ty:ty {
+            name: $name:literal,
+            help: $help:literal,
+            labels: [$($label:expr),* $(,)?],
+            $(buckets: $buckets:expr,)?
+        }
+    )*) => {
+        /// Every metric family the gateway exports.
+        pub const METRICS: &[MetricDef] = &[$(
+            MetricDef {
+                name: $name,
+                kind: <$ty as Handle>::KIND,
+                help: $help,
+                labels: &[$($label),*],
+                buckets: metrics!(@buckets $($buckets)?),
+            },
+        )*];
+
+        /// Typed handles to every metric, in a registry of their own.
+        pub struct Metrics {
+            registry: Registry,
+            $(#[doc = $help] pub $field: $ty,)*
+        }
+
+        impl Metrics {
+            fn register_all(registry: Registry) -> Self {
+                let mut defs = METRICS.iter();
+                $(
+                    let def = defs.next().expect("one entry per field");
+                    let $field = register::<$ty>(&registry, def);
+                )*
+                Self { registry, $($field),* }
+            }
+        }
+    };
+    (@buckets) => { &[] };
+    (@buckets $buckets:expr) => { $buckets };
+}
+
+metrics! {
+    requests: IntCounterVec {
+        name: "tollgate_requests_total",
+        help: "Client requests answered, by model alias, backend and HTTP status.",
+        labels: [
+            ALIAS,
+            BACKEND,
+            label(
+                "status",
+                "the HTTP status answered; `499` when the client went away first",
+            ),
+        ],
+    }
+    upstream_attempts: IntCounterVec {
+        name: "tollgate_upstream_attempts_total",
+        help: "Calls made to upstream backends, by outcome (ok, or an error kind).",
+        labels: [BACKEND, label("outcome", "`ok`, or an error kind as for `kind`")],
+    }
+    failovers: IntCounterVec {
+        name: "tollgate_failovers_total",
+        help: "Requests moved on from a deployment to the next one, by the error kind that caused it.",
+        labels: [
+            ALIAS,
+            DEPLOYMENT,
+            label("reason", "the error kind that moved the request on, as for `kind`"),
+        ],
+    }
+    errors: IntCounterVec {
+        name: "tollgate_errors_total",
+        help: "Error answers to clients, by kind.",
+        labels: [
+            ALIAS,
+            label(
+                "kind",
+                "an error kind from the fixed set in `GatewayError::label` (`src/error.rs`), \
+                 e.g. `bad_request`, `rate_limited`, `budget_exhausted`, `upstream_error`, \
+                 `upstream_timeout`, `no_deployment`",
+            ),
+        ],
+    }
+    request_duration: HistogramVec {
+        name: "tollgate_request_duration_seconds",
+        help: "Time from a request's arrival to its last byte sent.",
+        labels: [ALIAS, BACKEND],
+        buckets: LATENCY_BUCKETS,
+    }
+    time_to_first_token: HistogramVec {
+        name: "tollgate_time_to_first_token_seconds",
+        help: "Time from a streaming request's arrival to its first chunk sent to the client.",
+        labels: [ALIAS, BACKEND],
+        buckets: LATENCY_BUCKETS,
+    }
+    time_between_tokens: HistogramVec {
+        name: "tollgate_time_between_tokens_seconds",
+        help: "Time between consecutive chunks of a stream sent to the client.",
+        labels: [ALIAS, BACKEND],
+        buckets: GAP_BUCKETS,
+    }
+    gateway_overhead: HistogramVec {
+        name: "tollgate_gateway_overhead_seconds",
+        help: "Time the gateway itself added to a request: total time minus time waiting on upstreams.",
+        labels: [ALIAS],
+        buckets: OVERHEAD_BUCKETS,
+    }
+    tokens: IntCounterVec {
+        name: "tollgate_tokens_total",
+        help: "Tokens metered, by direction (input, output) and whether the gateway estimated them.",
+        labels: [
+            ALIAS,
+            BACKEND,
+            label("direction", "`input` or `output`"),
+            label(
+                "estimated",
+                "`true` when the upstream reported no usage and the gateway estimated it, \
+                 else `false`",
+            ),
+        ],
+    }
+    cost: CounterVec {
+        name: "tollgate_cost_usd_total",
+        help: "Cost of the tokens served, in USD: list prices for APIs, the full-load amortised price for self-hosted backends.",
+        labels: [ALIAS, DEPLOYMENT, KEY],
+    }
+    counterfactual_cost: CounterVec {
+        name: "tollgate_counterfactual_cost_usd_total",
+        help: "What the tokens served for an alias would have cost on each of its priced deployments, in USD.",
+        labels: [ALIAS, DEPLOYMENT],
+    }
+    selfhosted_cost: CounterVec {
+        name: "tollgate_selfhosted_cost_usd_total",
+        help: "Fixed cost of self-hosted backends accrued while the gateway ran (GPU-hours), in USD.",
+        labels: [BACKEND],
+    }
+    selfhosted_effective_price: GaugeVec {
+        name: "tollgate_selfhosted_effective_usd_per_mtok",
+        help: "Fixed cost of a self-hosted backend divided by the tokens it served, per million tokens.",
+        labels: [BACKEND],
+    }
+    selfhosted_utilization: GaugeVec {
+        name: "tollgate_selfhosted_utilization_ratio",
+        help: "Tokens a self-hosted backend served as a share of its configured full-load throughput.",
+        labels: [BACKEND],
+    }
+    budget_remaining: GaugeVec {
+        name: "tollgate_budget_remaining_usd",
+        help: "What is left of a key's budget in the current period, in USD.",
+        labels: [KEY, PERIOD],
+    }
+    budget_limit: GaugeVec {
+        name: "tollgate_budget_limit_usd",
+        help: "A key's budget for the period, in USD.",
+        labels: [KEY, PERIOD],
+    }
+    policy_blocks: IntCounterVec {
+        name: "tollgate_policy_blocks_total",
+        help: "Requests refused because policy left no deployment (451), by rule.",
+        labels: [
+            ALIAS,
+            label(
+                "rule",
+                "a policy rule (`Rule::name` in `src/routing/policy.rs`): `residency`, \
+                 `llama_eu_multimodal`, `modality`, `context_window`, `tools`",
+            ),
+        ],
+    }
+    rate_limited: IntCounterVec {
+        name: "tollgate_rate_limited_total",
+        help: "Requests a rate limit held back: a key's (refused with 429) or a deployment's (skipped), by rpm or tpm.",
+        labels: [
+            label("scope", "`key` or `deployment`"),
+            label("name", "the key's or the deployment's name from config"),
+            label("limit", "`rpm` or `tpm`"),
+        ],
+    }
+    routing_decisions: IntCounterVec {
+        name: "tollgate_routing_decisions_total",
+        help: "Deployments chosen first by the router, by strategy and reason.",
+        labels: [
+            ALIAS,
+            label(
+                "strategy",
+                "the alias's routing strategy: `cost`, `latency`, `spillover` or `weighted`",
+            ),
+            label(
+                "reason",
+                "why the router put that deployment first, from the fixed set in \
+                 `src/routing/strategy.rs`, e.g. `cheapest`, `fastest`, `exploring`, \
+                 `first_tier`, `overflow`",
+            ),
+        ],
+    }
+    circuit_state: GaugeVec {
+        name: "tollgate_circuit_state",
+        help: "Circuit breaker state per deployment: 1 for the current state (closed, half_open, open).",
+        labels: [DEPLOYMENT, label("state", "`closed`, `half_open` or `open`")],
+    }
+    backend_load: GaugeVec {
+        name: "tollgate_backend_load_ratio",
+        help: "A backend's load as a share of its capacity, as the router sees it.",
+        labels: [BACKEND],
+    }
+    engine_requests_waiting: GaugeVec {
+        name: "tollgate_engine_requests_waiting",
+        help: "Requests queued in the inference engine, from its metrics.",
+        labels: [BACKEND],
+    }
+    engine_requests_running: GaugeVec {
+        name: "tollgate_engine_requests_running",
+        help: "Requests in the inference engine's running batch, from its metrics.",
+        labels: [BACKEND],
+    }
+    engine_kv_cache_usage: GaugeVec {
+        name: "tollgate_engine_kv_cache_usage_ratio",
+        help: "Share of the inference engine's KV cache in use, from its metrics.",
+        labels: [BACKEND],
+    }
+    config_reloads: IntCounterVec {
+        name: "tollgate_config_reloads_total",
+        help: "Config reloads, by result (applied, invalid).",
+        labels: [label("result", "`applied` or `invalid`")],
+    }
+    config_info: GaugeVec {
+        name: "tollgate_config_info",
+        help: "The active config: 1, with its version (a hash of its content) as a label.",
+        labels: [label(
+            "version",
+            "the active config's version, a hash of its content; one series at a time",
+        )],
+    }
+    in_flight: IntGauge {
+        name: "tollgate_requests_in_flight",
+        help: "Client requests being served right now.",
+        labels: [],
+    }
+}
+
+// Checked when compiling, so a histogram never falls back to the client
+// library's default buckets.
+const _: () = {
+    let mut i = 0;
+    while i < METRICS.len() {
+        let def = &METRICS[i];
+        assert!(
+            matches!(def.kind, Kind::Histogram) != def.buckets.is_empty(),
+            "a histogram has buckets, and only a histogram"
         );
-        self.0
-            .register(Box::new(collector.clone()))
-            .expect("metric names are unique");
-        collector
+        i += 1;
     }
-
-    fn counter(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-        self.add(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
-    }
-
-    fn usd(&self, name: &str, help: &str, labels: &[&str]) -> CounterVec {
-        self.add(CounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
-    }
-
-    fn gauge(&self, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
-        self.add(GaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
-    }
-
-    fn histogram(&self, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
-        self.add(
-            HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                labels,
-            )
-            .expect("valid metric"),
-        )
-    }
-}
+};
 
 impl Metrics {
     pub fn new() -> Self {
-        let d = Declare(Registry::new(), Default::default());
-        let requests = d.counter(
-            "tollgate_requests_total",
-            "Client requests answered, by model alias, backend and HTTP status.",
-            &["alias", "backend", "status"],
-        );
-        let upstream_attempts = d.counter(
-            "tollgate_upstream_attempts_total",
-            "Calls made to upstream backends, by outcome (ok, or an error kind).",
-            &["backend", "outcome"],
-        );
-        let failovers = d.counter(
-            "tollgate_failovers_total",
-            "Requests moved on from a deployment to the next one, by the error kind that caused it.",
-            &["alias", "deployment", "reason"],
-        );
-        let errors = d.counter(
-            "tollgate_errors_total",
-            "Error answers to clients, by kind.",
-            &["alias", "kind"],
-        );
-        let request_duration = d.histogram(
-            "tollgate_request_duration_seconds",
-            "Time from a request's arrival to its last byte sent.",
-            &["alias", "backend"],
-            LATENCY_BUCKETS,
-        );
-        let time_to_first_token = d.histogram(
-            "tollgate_time_to_first_token_seconds",
-            "Time from a streaming request's arrival to its first chunk sent to the client.",
-            &["alias", "backend"],
-            LATENCY_BUCKETS,
-        );
-        let time_between_tokens = d.histogram(
-            "tollgate_time_between_tokens_seconds",
-            "Time between consecutive chunks of a stream sent to the client.",
-            &["alias", "backend"],
-            GAP_BUCKETS,
-        );
-        let gateway_overhead = d.histogram(
-            "tollgate_gateway_overhead_seconds",
-            "Time the gateway itself added to a request: total time minus time waiting on upstreams.",
-            &["alias"],
-            OVERHEAD_BUCKETS,
-        );
-        let tokens = d.counter(
-            "tollgate_tokens_total",
-            "Tokens metered, by direction (input, output) and whether the gateway estimated them.",
-            &["alias", "backend", "direction", "estimated"],
-        );
-        let cost = d.usd(
-            "tollgate_cost_usd_total",
-            "Cost of the tokens served, in USD: list prices for APIs, the full-load amortised price for self-hosted backends.",
-            &["alias", "deployment", "key"],
-        );
-        let counterfactual_cost = d.usd(
-            "tollgate_counterfactual_cost_usd_total",
-            "What the tokens served for an alias would have cost on each of its priced deployments, in USD.",
-            &["alias", "deployment"],
-        );
-        let selfhosted_cost = d.usd(
-            "tollgate_selfhosted_cost_usd_total",
-            "Fixed cost of self-hosted backends accrued while the gateway ran (GPU-hours), in USD.",
-            &["backend"],
-        );
-        let selfhosted_effective_price = d.gauge(
-            "tollgate_selfhosted_effective_usd_per_mtok",
-            "Fixed cost of a self-hosted backend divided by the tokens it served, per million tokens.",
-            &["backend"],
-        );
-        let selfhosted_utilization = d.gauge(
-            "tollgate_selfhosted_utilization_ratio",
-            "Tokens a self-hosted backend served as a share of its configured full-load throughput.",
-            &["backend"],
-        );
-        let budget_remaining = d.gauge(
-            "tollgate_budget_remaining_usd",
-            "What is left of a key's budget in the current period, in USD.",
-            &["key", "period"],
-        );
-        let budget_limit = d.gauge(
-            "tollgate_budget_limit_usd",
-            "A key's budget for the period, in USD.",
-            &["key", "period"],
-        );
-        let policy_blocks = d.counter(
-            "tollgate_policy_blocks_total",
-            "Requests refused because policy left no deployment (451), by rule.",
-            &["alias", "rule"],
-        );
-        let rate_limited = d.counter(
-            "tollgate_rate_limited_total",
-            "Requests a rate limit held back: a key's (refused with 429) or a deployment's (skipped), by rpm or tpm.",
-            &["scope", "name", "limit"],
-        );
-        let routing_decisions = d.counter(
-            "tollgate_routing_decisions_total",
-            "Deployments chosen first by the router, by strategy and reason.",
-            &["alias", "strategy", "reason"],
-        );
-        let circuit_state = d.gauge(
-            "tollgate_circuit_state",
-            "Circuit breaker state per deployment: 1 for the current state (closed, half_open, open).",
-            &["deployment", "state"],
-        );
-        let backend_load = d.gauge(
-            "tollgate_backend_load_ratio",
-            "A backend's load as a share of its capacity, as the router sees it.",
-            &["backend"],
-        );
-        let engine_requests_waiting = d.gauge(
-            "tollgate_engine_requests_waiting",
-            "Requests queued in the inference engine, from its metrics.",
-            &["backend"],
-        );
-        let engine_requests_running = d.gauge(
-            "tollgate_engine_requests_running",
-            "Requests in the inference engine's running batch, from its metrics.",
-            &["backend"],
-        );
-        let engine_kv_cache_usage = d.gauge(
-            "tollgate_engine_kv_cache_usage_ratio",
-            "Share of the inference engine's KV cache in use, from its metrics.",
-            &["backend"],
-        );
-        let config_reloads = d.counter(
-            "tollgate_config_reloads_total",
-            "Config reloads, by result (applied, invalid).",
-            &["result"],
-        );
-        let config_info = d.gauge(
-            "tollgate_config_info",
-            "The active config: 1, with its version (a hash of its content) as a label.",
-            &["version"],
-        );
-        let in_flight = d.add(
-            IntGauge::new(
-                "tollgate_requests_in_flight",
-                "Client requests being served right now.",
-            )
-            .expect("valid metric"),
-        );
+        let metrics = Self::register_all(Registry::new());
         // Both outcomes exist from the start, so `increase()` sees the
         // first failure after a restart.
         for result in ["applied", "invalid"] {
-            config_reloads.with_label_values(&[result]);
+            metrics.config_reloads.with_label_values(&[result]);
         }
-        Self {
-            registry: d.0,
-            names: d.1.into_inner(),
-            requests,
-            upstream_attempts,
-            failovers,
-            errors,
-            request_duration,
-            time_to_first_token,
-            time_between_tokens,
-            gateway_overhead,
-            tokens,
-            cost,
-            counterfactual_cost,
-            selfhosted_cost,
-            selfhosted_effective_price,
-            selfhosted_utilization,
-            budget_remaining,
-            budget_limit,
-            policy_blocks,
-            rate_limited,
-            routing_decisions,
-            circuit_state,
-            backend_load,
-            engine_requests_waiting,
-            engine_requests_running,
-            engine_kv_cache_usage,
-            config_reloads,
-            config_info,
-            in_flight,
-        }
+        metrics
     }
 
     pub fn record_request(
@@ -300,12 +437,6 @@ impl Metrics {
     pub fn set_config_version(&self, version: &str) {
         self.config_info.reset();
         self.config_info.with_label_values(&[version]).set(1.0);
-    }
-
-    /// The names of every metric family, for checks that a dashboard or an
-    /// alert only asks for what exists.
-    pub fn names(&self) -> &[String] {
-        &self.names
     }
 
     /// The Prometheus text exposition of every metric.

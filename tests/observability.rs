@@ -2,8 +2,10 @@
 //! metric `deploy/grafana/tollgate.json` and `deploy/prometheus/alerts.yml`
 //! query is one the gateway declares (and, where the scenario here can make
 //! it happen, exports with samples on `/metrics`); every declared metric
-//! follows the Prometheus naming conventions; and the dashboard and the
-//! rules file have the shape Grafana and Prometheus expect.
+//! follows the Prometheus naming conventions; `docs/metrics.md` lists what
+//! the table declares; and the dashboard and the rules file have the shape
+//! Grafana and Prometheus expect. "Declared" means `METRICS` in
+//! `src/metrics.rs`, the table the gateway registers its metrics from.
 //!
 //! Self-contained on purpose: the gateway is built in-process from a config
 //! of `simulated` backends plus one `vllm` backend whose `/metrics` page is
@@ -13,12 +15,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use prometheus::HistogramVec;
-use prometheus::core::{Atomic, Collector, GenericCounterVec, GenericGauge, GenericGaugeVec};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tollgate::metrics::Metrics;
+use tollgate::metrics::{Kind, Label, METRICS, MetricDef};
 
 const DASHBOARD: &str = "deploy/grafana/tollgate.json";
 const ALERTS: &str = "deploy/prometheus/alerts.yml";
@@ -27,95 +27,58 @@ const ALERTS: &str = "deploy/prometheus/alerts.yml";
 /// million tokens is how every LLM price list reads.
 const UNIT_EXCEPTIONS: &[&str] = &["tollgate_selfhosted_effective_usd_per_mtok"];
 
-// ---- what the gateway declares ---------------------------------------------------------
+// ---- docs/metrics.md, generated from the table ----------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Counter,
-    Gauge,
-    Histogram,
+const METRICS_DOC: &str = "docs/metrics.md";
+
+/// The line between the page's prose, written by hand, and what
+/// `metrics_doc_list` renders from `METRICS`.
+const GENERATED_BELOW: &str = "<!-- Generated from METRICS in src/metrics.rs: edit above this \
+     line only, and regenerate with `UPDATE_DOCS=1 cargo test --test observability`. -->";
+
+/// A Markdown table cell: a `|` would end the cell.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|")
 }
 
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-            Kind::Histogram => "histogram",
-        }
+/// The families, the values each label takes, and the histograms' buckets.
+fn metrics_doc_list() -> String {
+    let mut out = String::new();
+    let mut line = |text: String| {
+        out += &text;
+        out.push('\n');
+    };
+    line("## Families\n".into());
+    line("| metric | type | labels | help |\n| --- | --- | --- | --- |".into());
+    for def in METRICS {
+        let labels: Vec<String> = def.labels.iter().map(|l| format!("`{}`", l.name)).collect();
+        line(format!(
+            "| `{}` | {} | {} | {} |",
+            def.name,
+            def.kind.name(),
+            labels.join(", "),
+            cell(def.help)
+        ));
     }
-}
-
-#[derive(Debug, Clone)]
-struct Family {
-    name: String,
-    help: String,
-    labels: Vec<String>,
-    kind: Kind,
-}
-
-fn family(collector: &dyn Collector, kind: Kind) -> Family {
-    let descs = collector.desc();
-    assert_eq!(descs.len(), 1, "one family per collector");
-    Family {
-        name: descs[0].fq_name.clone(),
-        help: descs[0].help.clone(),
-        labels: descs[0].variable_labels.clone(),
-        kind,
+    // One row per distinct meaning: a name used with two meanings gets two.
+    let labels: BTreeSet<(&str, &str)> = METRICS
+        .iter()
+        .flat_map(|def| def.labels)
+        .map(|l| (l.name, l.values))
+        .collect();
+    line("\n## Labels\n".into());
+    line("| label | values |\n| --- | --- |".into());
+    for (name, values) in labels {
+        line(format!("| `{name}` | {} |", cell(values)));
     }
-}
-
-fn counter<P: Atomic + 'static>(c: &GenericCounterVec<P>) -> Family {
-    family(c, Kind::Counter)
-}
-
-fn gauge<P: Atomic + 'static>(c: &GenericGaugeVec<P>) -> Family {
-    family(c, Kind::Gauge)
-}
-
-fn plain_gauge<P: Atomic + 'static>(c: &GenericGauge<P>) -> Family {
-    family(c, Kind::Gauge)
-}
-
-fn histogram(c: &HistogramVec) -> Family {
-    family(c, Kind::Histogram)
-}
-
-/// Every family `Metrics` declares, whether or not it has samples yet, with
-/// its type taken from the collector's Rust type;
-/// `every_exported_family_is_in_the_declared_list` catches a metric added to
-/// `Metrics` but not here.
-fn declared() -> Vec<Family> {
-    let m = Metrics::new();
-    vec![
-        counter(&m.requests),
-        counter(&m.upstream_attempts),
-        counter(&m.failovers),
-        counter(&m.errors),
-        histogram(&m.request_duration),
-        histogram(&m.time_to_first_token),
-        histogram(&m.time_between_tokens),
-        histogram(&m.gateway_overhead),
-        counter(&m.tokens),
-        counter(&m.cost),
-        counter(&m.counterfactual_cost),
-        counter(&m.selfhosted_cost),
-        gauge(&m.selfhosted_effective_price),
-        gauge(&m.selfhosted_utilization),
-        gauge(&m.budget_remaining),
-        gauge(&m.budget_limit),
-        counter(&m.policy_blocks),
-        counter(&m.rate_limited),
-        counter(&m.routing_decisions),
-        gauge(&m.circuit_state),
-        gauge(&m.backend_load),
-        gauge(&m.engine_requests_waiting),
-        gauge(&m.engine_requests_running),
-        gauge(&m.engine_kv_cache_usage),
-        counter(&m.config_reloads),
-        gauge(&m.config_info),
-        plain_gauge(&m.in_flight),
-    ]
+    line("\n## Histogram buckets\n".into());
+    line("Upper bounds (`le`), in the metric's unit; each histogram also has `+Inf`.\n".into());
+    line("| metric | buckets |\n| --- | --- |".into());
+    for def in METRICS.iter().filter(|def| def.kind == Kind::Histogram) {
+        let bounds: Vec<String> = def.buckets.iter().map(f64::to_string).collect();
+        line(format!("| `{}` | {} |", def.name, bounds.join(", ")));
+    }
+    out
 }
 
 // ---- what the dashboard and the alerts query -------------------------------------------
@@ -472,20 +435,20 @@ fn exported_types(page: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Families with at least one sample line on the page.
-fn with_samples(page: &str, families: &[Family]) -> BTreeSet<String> {
+/// Declared families with at least one sample line on the page.
+fn with_samples(page: &str) -> BTreeSet<&'static str> {
     let sampled: BTreeSet<&str> = page
         .lines()
         .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
         .filter_map(|line| line.split(['{', ' ']).next())
         .collect();
-    families
+    METRICS
         .iter()
-        .filter(|f| match f.kind {
-            Kind::Histogram => sampled.contains(format!("{}_count", f.name).as_str()),
-            _ => sampled.contains(f.name.as_str()),
+        .filter(|def| match def.kind {
+            Kind::Histogram => sampled.contains(format!("{}_count", def.name).as_str()),
+            _ => sampled.contains(def.name),
         })
-        .map(|f| f.name.clone())
+        .map(|def| def.name)
         .collect()
 }
 
@@ -493,17 +456,15 @@ fn with_samples(page: &str, families: &[Family]) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_and_alerts_query_is_one_the_gateway_exports() {
-    let declared = declared();
     let page = scraped_metrics().await;
     let exported = exported_types(&page);
 
-    let mut names: BTreeSet<String> = declared.iter().map(|f| f.name.clone()).collect();
+    let mut names: BTreeSet<String> = METRICS.iter().map(|def| def.name.to_owned()).collect();
     names.extend(exported.keys().cloned());
-    names.extend(Metrics::new().names().iter().cloned());
-    let histograms: BTreeSet<String> = declared
+    let histograms: BTreeSet<String> = METRICS
         .iter()
-        .filter(|f| f.kind == Kind::Histogram)
-        .map(|f| f.name.clone())
+        .filter(|def| def.kind == Kind::Histogram)
+        .map(|def| def.name.to_owned())
         .collect();
 
     let referenced = referenced(&histograms);
@@ -530,10 +491,10 @@ async fn every_metric_the_dashboard_and_alerts_query_is_one_the_gateway_exports(
     );
 
     // What the scenario above makes happen has samples to graph and alert on.
-    let sampled = with_samples(&page, &declared);
+    let sampled = with_samples(&page);
     let silent: Vec<&String> = referenced
         .keys()
-        .filter(|name| !sampled.contains(*name))
+        .filter(|name| !sampled.contains(name.as_str()))
         .collect();
     assert!(
         silent.is_empty(),
@@ -542,11 +503,8 @@ async fn every_metric_the_dashboard_and_alerts_query_is_one_the_gateway_exports(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_exported_family_is_in_the_declared_list_with_its_type_and_help() {
-    let declared: BTreeMap<String, Family> = declared()
-        .into_iter()
-        .map(|f| (f.name.clone(), f))
-        .collect();
+async fn every_exported_family_is_in_the_table_with_its_type_and_help() {
+    let declared: BTreeMap<&str, &MetricDef> = METRICS.iter().map(|def| (def.name, def)).collect();
     let page = scraped_metrics().await;
     let helps: BTreeMap<&str, &str> = page
         .lines()
@@ -554,15 +512,14 @@ async fn every_exported_family_is_in_the_declared_list_with_its_type_and_help() 
         .filter_map(|rest| rest.split_once(' '))
         .collect();
     for (name, kind) in exported_types(&page) {
-        let family = declared.get(&name).unwrap_or_else(|| {
-            panic!("{name} is exported but not in this test's declared() list: add it there")
+        let def = declared.get(name.as_str()).unwrap_or_else(|| {
+            panic!("{name} is exported but not in METRICS (src/metrics.rs): declare it there")
         });
-        assert_eq!(kind, family.kind.name(), "{name}: exported type");
-        assert!(
-            helps
-                .get(name.as_str())
-                .is_some_and(|h| !h.trim().is_empty()),
-            "{name}: exported without help text"
+        assert_eq!(kind, def.kind.name(), "{name}: exported type");
+        assert_eq!(
+            helps.get(name.as_str()).copied(),
+            Some(def.help),
+            "{name}: exported help text"
         );
     }
 }
@@ -596,9 +553,9 @@ fn declared_metrics_follow_prometheus_naming_conventions() {
     const BASE_UNITS: &[&str] = &["seconds", "bytes", "usd", "ratio"];
     let mut problems = Vec::new();
     let mut seen = BTreeSet::new();
-    for f in declared() {
-        let name = f.name.as_str();
-        if !seen.insert(name.to_owned()) {
+    for def in METRICS {
+        let name = def.name;
+        if !seen.insert(name) {
             problems.push(format!("{name}: declared twice"));
         }
         if !name.starts_with("tollgate_") {
@@ -612,17 +569,18 @@ fn declared_metrics_follow_prometheus_naming_conventions() {
         {
             problems.push(format!("{name}: not snake_case"));
         }
-        match f.kind {
+        match def.kind {
             Kind::Counter if !name.ends_with("_total") => {
                 problems.push(format!("{name}: a counter without the _total suffix"))
             }
             Kind::Gauge | Kind::Histogram if name.ends_with("_total") => problems.push(format!(
                 "{name}: a {} with the _total suffix",
-                f.kind.name()
+                def.kind.name()
             )),
             _ => {}
         }
-        if f.kind == Kind::Histogram && !BASE_UNITS.iter().any(|u| name.ends_with(&format!("_{u}")))
+        if def.kind == Kind::Histogram
+            && !BASE_UNITS.iter().any(|u| name.ends_with(&format!("_{u}")))
         {
             problems.push(format!("{name}: a histogram without a base-unit suffix"));
         }
@@ -642,10 +600,19 @@ fn declared_metrics_follow_prometheus_naming_conventions() {
                 problems.push(format!("{name}: unit {unit} is not the name's suffix"));
             }
         }
-        if f.help.trim().is_empty() {
+        if def.help.trim().is_empty() {
             problems.push(format!("{name}: no help text"));
         }
-        for label in &f.labels {
+        for Label {
+            name: label,
+            values,
+        } in def.labels
+        {
+            if values.trim().is_empty() {
+                problems.push(format!(
+                    "{name}: label {label:?} does not say where its values come from"
+                ));
+            }
             if !label
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
@@ -654,7 +621,7 @@ fn declared_metrics_follow_prometheus_naming_conventions() {
                 problems.push(format!("{name}: label {label:?} is not snake_case"));
             }
             // Bounded label sets: never per-request or per-user values.
-            if ["request_id", "user", "prompt", "ip", "url", "message"].contains(&label.as_str()) {
+            if ["request_id", "user", "prompt", "ip", "url", "message"].contains(label) {
                 problems.push(format!("{name}: label {label:?} is unbounded"));
             }
         }
@@ -666,6 +633,43 @@ fn declared_metrics_follow_prometheus_naming_conventions() {
         );
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn docs_metrics_md_lists_what_the_table_declares() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(METRICS_DOC);
+    let current = read(METRICS_DOC);
+    let Some(at) = current.find(GENERATED_BELOW) else {
+        panic!(
+            "{METRICS_DOC} has lost its marker line; put it back under the prose:\n{GENERATED_BELOW}"
+        );
+    };
+    let expected = format!(
+        "{}{GENERATED_BELOW}\n\n{}",
+        &current[..at],
+        metrics_doc_list()
+    );
+    if current == expected {
+        return;
+    }
+    if std::env::var_os("UPDATE_DOCS").is_some() {
+        std::fs::write(&path, expected).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        eprintln!("wrote {}", path.display());
+        return;
+    }
+    let has: Vec<&str> = current.split('\n').collect();
+    let wants: Vec<&str> = expected.split('\n').collect();
+    let first = (0..=has.len().max(wants.len()))
+        .find(|&i| has.get(i) != wants.get(i))
+        .expect("texts that differ differ in some line");
+    panic!(
+        "{METRICS_DOC} does not match METRICS in src/metrics.rs; regenerate it with \
+         `UPDATE_DOCS=1 cargo test --test observability` and commit the result.\n\
+         First difference, line {}:\n  has:   {}\n  wants: {}",
+        first + 1,
+        has.get(first).unwrap_or(&"<end of file>"),
+        wants.get(first).unwrap_or(&"<end of file>")
+    );
 }
 
 #[test]
