@@ -193,7 +193,7 @@ fn explain(
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("{}", e.message);
+            eprintln!("{}", e.message());
             ExitCode::FAILURE
         }
     }

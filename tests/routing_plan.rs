@@ -202,9 +202,9 @@ fn when_policy_leaves_nothing_the_refusal_names_the_rule_and_a_remedy() {
         assert_eq!(plan.status, PlanStatus::Blocked, "{alias}");
         assert_eq!(plan.http_status(), 451);
         let error = routing::refusal(&s, &plan, facts, key.and_then(|k| s.key_named(k)));
-        assert_eq!(error.status.as_u16(), 451);
-        assert_eq!(error.code.as_deref(), Some("policy_blocked"));
-        error.message
+        assert_eq!(error.status().as_u16(), 451);
+        assert_eq!(error.code(), Some("policy_blocked"));
+        error.message().to_owned()
     };
     let eu_text = RequestFacts {
         region: Some("eu".into()),
@@ -308,9 +308,9 @@ fn open_circuits_and_rate_limit_cooldowns_drop_deployments_until_they_pass() {
     );
     assert!(reason(&explained, "elsewhere").starts_with("policy residency"));
     let error = routing::refusal(&s, &plan, &facts, None);
-    assert_eq!(error.status.as_u16(), 503);
-    assert_eq!(error.code.as_deref(), Some("no_deployment_available"));
-    assert_eq!(error.retry_after, Some(Duration::from_millis(1500)));
+    assert_eq!(error.status().as_u16(), 503);
+    assert_eq!(error.code(), Some("no_deployment_available"));
+    assert_eq!(error.wait(), Some(Duration::from_millis(1500)));
 
     let later = now + Duration::from_millis(1500);
     assert_eq!(
@@ -376,7 +376,7 @@ fn explain_takes_the_region_from_the_request_then_the_key_then_the_policy_defaul
         ),
     )
     .expect_err("a key fixed to a region may not ask for another");
-    assert_eq!(refused.status, 403);
+    assert_eq!(refused.status(), 403);
     assert_eq!(chosen(Some("eu"), None), "in-eu");
 
     let completion = explain(
@@ -399,6 +399,6 @@ fn explain_takes_the_region_from_the_request_then_the_key_then_the_policy_defaul
         ),
     ] {
         let error = explain(&s, &ask(request, None, key)).expect_err("refused");
-        assert!(error.message.contains(expected), "{}", error.message);
+        assert!(error.message().contains(expected), "{}", error.message());
     }
 }

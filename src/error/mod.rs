@@ -1,6 +1,8 @@
-//! The one error type. It knows who is at fault (client, upstream, gateway)
-//! and whether another deployment may be tried; `server` turns it into an
-//! OpenAI error body in one place (`into_response`).
+//! The one error type. Its kind (`kind.rs`) says who is at fault and
+//! decides the status, the OpenAI `type` and `code`, and whether another
+//! deployment may be tried; `into_response` turns it into the OpenAI error
+//! body (`wire.rs`) in one place. Its fields are set once, by the
+//! constructor that names the case.
 
 use std::time::Duration;
 
@@ -8,111 +10,112 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::limits::{Limit, Refused};
+
+mod kind;
 mod wire;
 
+pub use kind::ErrorKind;
 pub use wire::UpstreamErrorParts;
 use wire::{ErrorBody, ErrorObject};
 
-/// OpenAI's `code` for a rate limit.
-const RATE_LIMIT_EXCEEDED: &str = "rate_limit_exceeded";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorSource {
-    Client,
-    Upstream,
-    Internal,
-}
-
 #[derive(Debug, Clone)]
 pub struct GatewayError {
-    pub status: StatusCode,
-    pub source: ErrorSource,
-    /// OpenAI's `type`.
-    pub kind: &'static str,
-    /// OpenAI's `code`.
-    pub code: Option<String>,
-    pub param: Option<String>,
-    pub message: String,
-    /// Another deployment may be tried (only before the client got a byte).
-    pub retriable: bool,
-    pub retry_after: Option<Duration>,
+    kind: ErrorKind,
+    message: String,
+    param: Option<String>,
+    /// The code an upstream's own rejection carried, passed on.
+    upstream_code: Option<String>,
+    retry_after: Option<Duration>,
 }
 
 impl GatewayError {
-    fn new(
-        status: StatusCode,
-        source: ErrorSource,
-        kind: &'static str,
-        message: impl Into<String>,
-    ) -> Self {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
-            status,
-            source,
             kind,
-            code: None,
-            param: None,
             message: message.into(),
-            retriable: false,
+            param: None,
+            upstream_code: None,
             retry_after: None,
         }
     }
 
-    fn code(mut self, code: &str) -> Self {
-        self.code = Some(code.to_owned());
+    fn param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_owned());
         self
     }
 
-    fn retriable(mut self) -> Self {
-        self.retriable = true;
+    fn retry_after(mut self, after: Option<Duration>) -> Self {
+        self.retry_after = after;
         self
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.kind.status()
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn param_name(&self) -> Option<&str> {
+        self.param.as_deref()
+    }
+
+    /// OpenAI's `code`.
+    pub fn code(&self) -> Option<&str> {
+        self.kind.code().or(self.upstream_code.as_deref())
+    }
+
+    /// Another deployment may be tried (only before the client got a byte).
+    pub fn retriable(&self) -> bool {
+        self.kind.retriable()
+    }
+
+    /// How long the client should wait before trying again, when known.
+    pub fn wait(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// A bounded label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        self.kind.label()
     }
 
     pub fn bad_request(message: impl Into<String>, param: Option<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::BAD_REQUEST,
-            ErrorSource::Client,
-            "invalid_request_error",
-            message,
-        );
+        let mut e = Self::new(ErrorKind::BadRequest, message);
         e.param = param;
         e
     }
 
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorSource::Client,
-            "invalid_request_error",
-            format!("request body is larger than this gateway's limit of {limit} bytes; send a smaller request"),
+            ErrorKind::PayloadTooLarge,
+            format!(
+                "request body is larger than this gateway's limit of {limit} bytes; send a smaller request"
+            ),
         )
-        .code("request_too_large")
     }
 
     pub fn unauthorized(message: &str) -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorSource::Client,
-            "invalid_request_error",
-            message,
-        )
-        .code("invalid_api_key")
+        Self::new(ErrorKind::Unauthorized, message)
     }
 
     pub fn model_not_allowed(alias: &str, key: &str) -> Self {
         Self::new(
-            StatusCode::FORBIDDEN,
-            ErrorSource::Client,
-            "invalid_request_error",
-            format!("key \"{key}\" may not use model \"{alias}\"; GET /v1/models lists the models it may use"),
+            ErrorKind::ModelNotAllowed,
+            format!(
+                "key \"{key}\" may not use model \"{alias}\"; GET /v1/models lists the models it may use"
+            ),
         )
-        .code("model_not_allowed")
     }
 
     pub fn unknown_model(alias: &str, known: &[&str]) -> Self {
-        let mut e = Self::new(
-            StatusCode::NOT_FOUND,
-            ErrorSource::Client,
-            "invalid_request_error",
+        Self::new(
+            ErrorKind::UnknownModel,
             format!(
                 "the model \"{alias}\" does not exist; available models: {}",
                 if known.is_empty() {
@@ -122,44 +125,30 @@ impl GatewayError {
                 }
             ),
         )
-        .code("model_not_found");
-        e.param = Some("model".into());
-        e
+        .param("model")
     }
 
     /// Policy leaves no deployment for the request (region, licence,
     /// modality, context window, tools).
     pub fn policy_blocked(message: String) -> Self {
-        Self::new(
-            StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS,
-            ErrorSource::Client,
-            "invalid_request_error",
-            message,
-        )
-        .code("policy_blocked")
+        Self::new(ErrorKind::PolicyBlocked, message)
     }
 
     /// Every deployment the policy allows is unhealthy or cooling down.
     pub fn no_deployment_available(alias: &str, retry_after: Duration) -> Self {
-        let mut e = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorSource::Upstream,
-            "server_error",
+        Self::new(
+            ErrorKind::NoDeployment,
             format!(
                 "no deployment of model \"{alias}\" is available right now (circuits open or rate limited); retry after {} s",
                 retry_after.as_secs_f64().ceil()
             ),
         )
-        .code("no_deployment_available");
-        e.retry_after = Some(retry_after);
-        e
+        .retry_after(Some(retry_after))
     }
 
     pub fn region_not_allowed(key: &str, chosen: &str, own: Option<&str>) -> Self {
         Self::new(
-            StatusCode::FORBIDDEN,
-            ErrorSource::Client,
-            "invalid_request_error",
+            ErrorKind::RegionNotAllowed,
             match own {
                 Some(own) => format!(
                     "key \"{key}\" serves region \"{own}\" and may not choose region \"{chosen}\" with x-tollgate-region; remove the header"
@@ -169,18 +158,11 @@ impl GatewayError {
                 ),
             },
         )
-        .code("region_not_allowed")
     }
 
     /// A key's budget cannot cover the request.
     pub fn budget_exhausted(message: String) -> Self {
-        Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorSource::Client,
-            "insufficient_quota",
-            message,
-        )
-        .code("insufficient_quota")
+        Self::new(ErrorKind::BudgetExhausted, message)
     }
 
     /// A key is over its `rpm` or `tpm`: 429 with `retry-after` from the
@@ -193,25 +175,20 @@ impl GatewayError {
         } = *refused;
         let Some(wait) = refused.wait else {
             return Self::new(
-                StatusCode::BAD_REQUEST,
-                ErrorSource::Client,
-                "invalid_request_error",
+                ErrorKind::PromptOverTpm,
                 format!(
                     "the request's prompt is about {tokens} tokens, more than key \"{key}\" may use in a minute \
                      (tpm = {per_minute}); send a shorter prompt, or ask the operator to raise the key's tpm"
                 ),
-            )
-            .code("request_too_large");
+            );
         };
         let wait = wait.max(Duration::from_secs(1));
         let need = match limit {
             Limit::Requests => String::new(),
             Limit::Tokens => format!(" (this request needs about {tokens})"),
         };
-        let mut e = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorSource::Client,
-            "rate_limit_error",
+        Self::new(
+            ErrorKind::RateLimited,
             format!(
                 "key \"{key}\" is over its rate limit of {per_minute} {} per minute ({}){need}; retry after {} s",
                 limit.unit(),
@@ -219,16 +196,12 @@ impl GatewayError {
                 wait.as_secs_f64().ceil()
             ),
         )
-        .code(RATE_LIMIT_EXCEEDED);
-        e.retry_after = Some(wait);
-        e
+        .retry_after(Some(wait))
     }
 
     pub fn not_found(path: &str) -> Self {
         Self::new(
-            StatusCode::NOT_FOUND,
-            ErrorSource::Client,
-            "invalid_request_error",
+            ErrorKind::UnknownRoute,
             format!(
                 "no route for {path}; this gateway serves /v1/chat/completions, /v1/completions and /v1/models"
             ),
@@ -236,62 +209,56 @@ impl GatewayError {
     }
 
     pub fn method_not_allowed() -> Self {
-        Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            ErrorSource::Client,
-            "invalid_request_error",
-            "method not allowed",
-        )
+        Self::new(ErrorKind::MethodNotAllowed, "method not allowed")
+    }
+
+    /// A backend that cannot serve this endpoint; another deployment of
+    /// the alias may.
+    pub fn endpoint_unsupported(message: String) -> Self {
+        Self::new(ErrorKind::EndpointUnsupported, message)
     }
 
     pub fn upstream_connect(backend: &str) -> Self {
         Self::new(
-            StatusCode::BAD_GATEWAY,
-            ErrorSource::Upstream,
-            "upstream_error",
+            ErrorKind::UpstreamConnect,
             format!("could not connect to backend \"{backend}\""),
         )
-        .code("upstream_unavailable")
-        .retriable()
+    }
+
+    /// The connection was made, but the request failed before a response.
+    pub fn upstream_request_failed(backend: &str) -> Self {
+        Self::new(
+            ErrorKind::UpstreamConnect,
+            format!("request to backend \"{backend}\" failed before a response"),
+        )
     }
 
     pub fn upstream_timeout(backend: &str, waited: Duration) -> Self {
         Self::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            ErrorSource::Upstream,
-            "upstream_error",
+            ErrorKind::UpstreamTimeout,
             format!(
                 "backend \"{backend}\" sent no response within {} ms",
                 waited.as_millis()
             ),
         )
-        .code("upstream_timeout")
-        .retriable()
     }
 
     pub fn upstream_idle(backend: &str, waited: Duration) -> Self {
         Self::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            ErrorSource::Upstream,
-            "upstream_error",
+            ErrorKind::UpstreamIdle,
             format!(
                 "backend \"{backend}\" stopped sending for {} ms in the middle of a response",
                 waited.as_millis()
             ),
         )
-        .code("upstream_timeout")
     }
 
     /// The upstream broke its protocol: a body that is not what it promised.
     pub fn upstream_protocol(backend: &str, what: impl std::fmt::Display) -> Self {
         Self::new(
-            StatusCode::BAD_GATEWAY,
-            ErrorSource::Upstream,
-            "upstream_error",
+            ErrorKind::UpstreamProtocol,
             format!("backend \"{backend}\" sent an invalid response: {what}"),
         )
-        .code("upstream_invalid_response")
-        .retriable()
     }
 
     /// An error object the upstream sent in place of a response or stream
@@ -309,12 +276,15 @@ impl GatewayError {
     /// A transport failure after the response started.
     pub fn upstream_broken(backend: &str) -> Self {
         Self::new(
-            StatusCode::BAD_GATEWAY,
-            ErrorSource::Upstream,
-            "upstream_error",
+            ErrorKind::UpstreamBroken,
             format!("the connection to backend \"{backend}\" failed in the middle of a response"),
         )
-        .code("upstream_disconnected")
+    }
+
+    /// The upstream refused the gateway's own credentials; `message` says
+    /// what the operator must fix.
+    pub fn upstream_auth(message: String) -> Self {
+        Self::new(ErrorKind::UpstreamAuth, message)
     }
 
     /// An error status from the upstream. 429 and 5xx may be retried on
@@ -330,98 +300,43 @@ impl GatewayError {
     ) -> Self {
         let parts = UpstreamErrorParts::parse(body);
         let detail = parts.message.unwrap_or_else(|| status.to_string());
-        let retriable = matches!(status.as_u16(), 404 | 424 | 429 | 500 | 502 | 503 | 504);
-        let mut e = match status.as_u16() {
-            401 | 403 => Self::new(
-                StatusCode::BAD_GATEWAY,
-                ErrorSource::Upstream,
-                "upstream_error",
-                format!(
-                    "backend \"{backend}\" refused the gateway's credentials ({status}); \
-                     the gateway operator must fix the backend's api_key_env"
-                ),
-            )
-            .code("upstream_auth_failed"),
+        let e = match status.as_u16() {
+            401 | 403 => Self::upstream_auth(format!(
+                "backend \"{backend}\" refused the gateway's credentials ({status}); \
+                 the gateway operator must fix the backend's api_key_env"
+            )),
             // The deployment's upstream model id or base URL is wrong: the
             // operator's mistake, and another deployment may still serve.
             404 => Self::new(
-                StatusCode::BAD_GATEWAY,
-                ErrorSource::Upstream,
-                "upstream_error",
+                ErrorKind::UpstreamNotFound,
                 format!(
                     "backend \"{backend}\" answered 404 ({detail}); the gateway operator must check \
                      the deployment's upstream model id and the backend's base_url"
                 ),
-            )
-            .code("upstream_not_found"),
+            ),
             429 => Self::new(
-                status,
-                ErrorSource::Upstream,
-                "rate_limit_error",
+                ErrorKind::UpstreamRateLimited,
                 format!("backend \"{backend}\" is rate limiting: {detail}"),
-            )
-            .code(RATE_LIMIT_EXCEEDED),
+            ),
             400..=423 | 425..=499 => {
                 let mut e = Self::new(
-                    status,
-                    ErrorSource::Client,
-                    "invalid_request_error",
+                    ErrorKind::UpstreamRejected(status),
                     format!("backend \"{backend}\" rejected the request: {detail}"),
                 );
                 e.param = parts.param;
-                e.code = parts.code;
+                e.upstream_code = parts.code;
                 e
             }
             _ => Self::new(
-                match status {
-                    StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => status,
-                    _ => StatusCode::BAD_GATEWAY,
-                },
-                ErrorSource::Upstream,
-                "upstream_error",
+                ErrorKind::UpstreamFailed(status),
                 format!("backend \"{backend}\" failed with {status}: {detail}"),
-            )
-            .code("upstream_error"),
+            ),
         };
-        e.retriable = retriable;
-        e.retry_after = retry_after;
-        e
+        e.retry_after(retry_after)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorSource::Internal,
-            "server_error",
-            message,
-        )
-    }
-
-    /// A bounded label for metrics and logs.
-    pub fn label(&self) -> &'static str {
-        match (self.source, self.status.as_u16()) {
-            (ErrorSource::Client, 401) => "unauthorized",
-            (ErrorSource::Client, 403) => "forbidden",
-            (ErrorSource::Client, 404) => "not_found",
-            (ErrorSource::Client, 413) => "too_large",
-            (ErrorSource::Client, 451) => "policy_blocked",
-            (ErrorSource::Client, 429) if self.is_rate_limit() => "rate_limited",
-            (ErrorSource::Client, 429) => "budget_exhausted",
-            (ErrorSource::Client, _) => "bad_request",
-            (ErrorSource::Upstream, 429) => "upstream_rate_limited",
-            (ErrorSource::Upstream, 504) => "upstream_timeout",
-            (ErrorSource::Upstream, 503)
-                if self.code.as_deref() == Some("no_deployment_available") =>
-            {
-                "no_deployment"
-            }
-            (ErrorSource::Upstream, _) => "upstream_error",
-            (ErrorSource::Internal, _) => "internal",
-        }
-    }
-
-    fn is_rate_limit(&self) -> bool {
-        self.code.as_deref() == Some(RATE_LIMIT_EXCEEDED)
+        Self::new(ErrorKind::Internal, message)
     }
 
     /// The OpenAI error body, also used as an SSE error event mid-stream.
@@ -429,9 +344,9 @@ impl GatewayError {
         serde_json::to_vec(&ErrorBody {
             error: ErrorObject {
                 message: &self.message,
-                kind: self.kind,
+                kind: self.kind.openai_type(),
                 param: self.param.as_deref(),
-                code: self.code.as_deref(),
+                code: self.code(),
             },
         })
         .expect("error bodies serialise")
@@ -440,7 +355,7 @@ impl GatewayError {
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, self.body_json()).into_response();
+        let mut response = (self.status(), self.body_json()).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -451,9 +366,7 @@ impl IntoResponse for GatewayError {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if !self.retriable && self.source == ErrorSource::Client && !self.is_rate_limit() {
-            // The official SDKs retry 408/409/429/5xx only; say so for
-            // clarity. A key's rate limit refills, so its 429 is retried.
+        if self.kind.client_should_not_retry() {
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response

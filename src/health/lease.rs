@@ -5,11 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use axum::http::StatusCode;
-
 use super::{AliasLive, BackendLive, DeploymentLive};
 use crate::config::RoutingSettings;
-use crate::error::{ErrorSource, GatewayError};
+use crate::error::{ErrorKind, GatewayError};
 use crate::metering::Settle;
 use crate::openai::Usage;
 
@@ -104,15 +102,15 @@ impl Attempt {
     pub fn failed(mut self, error: &GatewayError, settings: &RoutingSettings) {
         let d = self.take();
         let now = Instant::now();
-        match error.source {
-            ErrorSource::Upstream if error.status == StatusCode::TOO_MANY_REQUESTS => {
-                if let Some(after) = error.retry_after {
+        match error.kind() {
+            ErrorKind::UpstreamRateLimited => {
+                if let Some(after) = error.wait() {
                     d.cool_down(now + after);
                 }
                 d.circuit.on_abandon(self.probe);
             }
-            ErrorSource::Upstream => d.circuit.on_failure(self.probe, now, settings),
-            ErrorSource::Client | ErrorSource::Internal => d.circuit.on_success(),
+            kind if kind.upstream_at_fault() => d.circuit.on_failure(self.probe, now, settings),
+            _ => d.circuit.on_success(),
         }
     }
 }

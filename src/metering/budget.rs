@@ -204,17 +204,17 @@ mod tests {
         let first = budgets.admit(&ledger, &k, 300, today).unwrap();
         let second = budgets.admit(&ledger, &k, 300, today).unwrap();
         let refused = budgets.admit(&ledger, &k, 300, today).err().unwrap();
-        assert_eq!(refused.status, 429);
-        assert_eq!(refused.code.as_deref(), Some("insufficient_quota"));
+        assert_eq!(refused.status(), 429);
+        assert_eq!(refused.code(), Some("insufficient_quota"));
         assert!(
-            refused.message.contains("daily budget"),
+            refused.message().contains("daily budget"),
             "{}",
-            refused.message
+            refused.message()
         );
         assert!(
-            refused.message.contains("2026-11-29 00:00 UTC"),
+            refused.message().contains("2026-11-29 00:00 UTC"),
             "{}",
-            refused.message
+            refused.message()
         );
         drop(first);
         let third = budgets.admit(&ledger, &k, 300, today).unwrap();
@@ -234,14 +234,14 @@ mod tests {
         let today = date!(2026 - 11 - 30);
         let refused = budgets.admit(&ledger, &k, 500, today).err().unwrap();
         assert!(
-            refused.message.contains("monthly budget"),
+            refused.message().contains("monthly budget"),
             "{}",
-            refused.message
+            refused.message()
         );
         assert!(
-            refused.message.contains("2026-12-01"),
+            refused.message().contains("2026-12-01"),
             "{}",
-            refused.message
+            refused.message()
         );
         assert!(budgets.admit(&ledger, &k, 400, today).is_ok());
         assert_eq!(

@@ -161,12 +161,12 @@ mod tests {
             "",
         ] {
             let error = read_chunk("b", bad.as_bytes(), false).err().expect(bad);
-            assert_eq!(error.status, axum::http::StatusCode::BAD_GATEWAY, "{bad}");
+            assert_eq!(error.status(), axum::http::StatusCode::BAD_GATEWAY, "{bad}");
         }
         // A chunk whose identity is read must be JSON, not only framed.
         let garbled = br#"{"id":"c1",choices}"#;
         assert!(read_chunk("b", garbled, false).is_ok());
         let error = read_chunk("b", garbled, true).err().unwrap();
-        assert!(error.message.contains("not JSON"), "{}", error.message);
+        assert!(error.message().contains("not JSON"), "{}", error.message());
     }
 }

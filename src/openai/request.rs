@@ -553,7 +553,7 @@ mod tests {
 
     #[test]
     fn model_is_required_once_and_must_be_a_string() {
-        let error = |body| chat(body).expect_err(body).message;
+        let error = |body| chat(body).expect_err(body).message().to_owned();
         let messages = r#""messages":[{"role":"user","content":"hi"}]"#;
         assert!(
             error(r#"{"messages":[{"role":"user","content":"hi"}]}"#)
@@ -564,10 +564,10 @@ mod tests {
         let number = format!(r#"{{"model":5,{messages}}}"#).leak();
         let wrong = chat(number).err().unwrap();
         assert_eq!(
-            wrong.message,
+            wrong.message(),
             "invalid request body at `model`: invalid type: integer `5`, expected a string"
         );
-        assert_eq!(wrong.param.as_deref(), Some("model"));
+        assert_eq!(wrong.param_name(), Some("model"));
         let options =
             format!(r#"{{"model":"a","stream_options":{{"include_usage":"yes"}},{messages}}}"#)
                 .leak();
@@ -606,7 +606,10 @@ mod tests {
         let wrong = |messages: &str| {
             let body = format!(r#"{{"model":"a","messages":{messages}}}"#).leak();
             let error = chat(body).expect_err(body);
-            (error.message, error.param.unwrap_or_default())
+            (
+                error.message().to_owned(),
+                error.param_name().unwrap_or_default().to_owned(),
+            )
         };
         let (message, param) = wrong(r#"[{"role":"user","content":5}]"#);
         assert_eq!(param, "messages[0].content");
@@ -621,7 +624,7 @@ mod tests {
         assert_eq!(param, "messages[0].content");
         assert!(message.contains("content parts"), "{message}");
         let error = chat(r#"{"model":"a"}"#).unwrap_err();
-        assert!(error.message.contains("missing field `messages`"));
+        assert!(error.message().contains("missing field `messages`"));
     }
 
     #[test]

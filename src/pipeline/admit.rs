@@ -32,7 +32,7 @@ pub struct Admission {
 pub struct Refusal {
     pub error: GatewayError,
     pub model: Option<usize>,
-    pub plan: Option<Plan>,
+    pub plan: Option<Box<Plan>>,
 }
 
 impl From<GatewayError> for Refusal {
@@ -77,7 +77,7 @@ pub fn admit(
     Err(Refusal {
         error: routing::refusal(snapshot, &plan, &facts, key),
         model: Some(model),
-        plan: Some(plan),
+        plan: Some(Box::new(plan)),
     })
 }
 

@@ -109,7 +109,7 @@ pub async fn attempt<'s>(
             Err(error) => {
                 attempt.failed(&error, settings);
                 meter.attempt_failed();
-                if !error.retriable {
+                if !error.retriable() {
                     return Err(Failure::after_attempts(
                         error,
                         alias,
@@ -123,7 +123,7 @@ pub async fn attempt<'s>(
                     .with_label_values(&[alias, &deployment.name, error.label()])
                     .inc();
                 tracing::warn!(
-                    request_id = ctx.request_id, alias, deployment = deployment.name, error = %error.message,
+                    request_id = ctx.request_id, alias, deployment = deployment.name, error = %error.message(),
                     "upstream failed before the first byte; trying the next deployment"
                 );
                 last_error = Some((error, backend.name.as_str()));

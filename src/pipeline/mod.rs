@@ -202,13 +202,13 @@ impl Failure {
             attempts,
             meter,
         } = self;
-        let status = error.status.as_u16();
+        let status = error.status().as_u16();
         let metrics = &app.metrics;
         metrics
             .errors
             .with_label_values(&[&alias, error.label()])
             .inc();
-        tracing::info!(request_id = ctx.request_id, alias, backend, status, kind = error.label(), error = %error.message, "request failed");
+        tracing::info!(request_id = ctx.request_id, alias, backend, status, kind = error.label(), error = %error.message(), "request failed");
         match meter {
             Some(mut meter) => meter.finish(status),
             None => metrics.record_request(&alias, &backend, status, ctx.started.elapsed()),

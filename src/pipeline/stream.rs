@@ -135,9 +135,9 @@ impl SseBody {
 
     fn fail(&mut self, error: GatewayError) {
         self.meter().upstream_done();
-        tracing::warn!(backend = %self.backend, error = %error.message, "stream failed after it started");
+        tracing::warn!(backend = %self.backend, error = %error.message(), "stream failed after it started");
         put_event(&mut self.ready, &error.body_json());
-        self.end(error.status.as_u16());
+        self.end(error.status().as_u16());
     }
 
     fn end(&mut self, status: u16) {

@@ -176,9 +176,7 @@ pub async fn send(
         if e.is_connect() {
             GatewayError::upstream_connect(backend)
         } else {
-            let mut error = GatewayError::upstream_connect(backend);
-            error.message = format!("request to backend \"{backend}\" failed before a response");
-            error
+            GatewayError::upstream_request_failed(backend)
         }
     })?;
     if let Some(reported) = UpstreamQuota::from_headers(response.headers()) {

@@ -108,7 +108,7 @@ mod tests {
         map_chunks(events, Doubler { saw_zero: false })
             .map(|r| {
                 r.map(|b| String::from_utf8(b.to_vec()).unwrap())
-                    .map_err(|e| e.message)
+                    .map_err(|e| e.message().to_owned())
             })
             .collect()
             .await

@@ -191,7 +191,7 @@ pub async fn reload(
     match outcome {
         Ok(Ok(report)) => answer::<ReloadReport>(Ok(report)),
         Ok(Err(ReloadError::Invalid(problems))) => {
-            let mut error = GatewayError::bad_request(
+            let error = GatewayError::bad_request(
                 format!(
                     "the candidate config is invalid; the running config stays: {}",
                     problems
@@ -202,7 +202,6 @@ pub async fn reload(
                 ),
                 None,
             );
-            error.status = StatusCode::UNPROCESSABLE_ENTITY;
             let mut body: serde_json::Value =
                 serde_json::from_slice(&error.body_json()).expect("error bodies are JSON");
             body["problems"] = problems

@@ -66,17 +66,16 @@ pub fn exception(
         "internalserverexception" => StatusCode::INTERNAL_SERVER_ERROR,
         _ => status,
     };
-    let body = serde_json::json!({"message": detail}).to_string();
-    let mut error = GatewayError::upstream_status(backend, status, body.as_bytes(), retry_after);
     if matches!(status.as_u16(), 401 | 403) {
-        error.message = format!(
+        return GatewayError::upstream_auth(format!(
             "backend \"{backend}\" refused the gateway's own AWS credentials ({detail}); \
              this is not the client's fault: the gateway operator must fix the backend's \
              aws_*_env or api_key_env credentials and the IAM permissions \
              (bedrock:InvokeModel, bedrock:InvokeModelWithResponseStream)"
-        );
+        ));
     }
-    error
+    let body = serde_json::json!({"message": detail}).to_string();
+    GatewayError::upstream_status(backend, status, body.as_bytes(), retry_after)
 }
 
 #[cfg(test)]
@@ -122,20 +121,20 @@ mod tests {
         ];
         for (status, name, client, retriable) in cases {
             let e = reply(status, name, r#"{"message":"words"}"#);
-            assert_eq!(e.status, client, "{name}");
-            assert_eq!(e.retriable, retriable, "{name}");
-            assert!(e.message.contains("words"), "{name}: {}", e.message);
+            assert_eq!(e.status(), client, "{name}");
+            assert_eq!(e.retriable(), retriable, "{name}");
+            assert!(e.message().contains("words"), "{name}: {}", e.message());
         }
         let e = reply(403, "AccessDeniedException", r#"{"Message":"no"}"#);
         assert!(
-            e.message.contains("gateway's own AWS credentials"),
+            e.message().contains("gateway's own AWS credentials"),
             "{}",
-            e.message
+            e.message()
         );
         assert!(
-            e.message.contains("AccessDeniedException: no"),
+            e.message().contains("AccessDeniedException: no"),
             "{}",
-            e.message
+            e.message()
         );
     }
 }

@@ -68,15 +68,10 @@ impl Bedrock {
     async fn call(&self, call: UpstreamCall<'_>) -> Result<UpstreamReply, GatewayError> {
         let TypedRequest::Chat(chat) = &call.request.typed else {
             // Another deployment of the alias may serve legacy completions.
-            let mut error = GatewayError::bad_request(
-                format!(
-                    "backend \"{}\" is AWS Bedrock, which serves chat only; send this as /v1/chat/completions",
-                    self.name
-                ),
-                None,
-            );
-            error.retriable = true;
-            return Err(error);
+            return Err(GatewayError::endpoint_unsupported(format!(
+                "backend \"{}\" is AWS Bedrock, which serves chat only; send this as /v1/chat/completions",
+                self.name
+            )));
         };
         let body = serde_json::to_vec(&request::converse(chat)?).map_err(|e| {
             GatewayError::internal(format!("cannot encode a Converse request: {e}"))

@@ -505,9 +505,9 @@ mod tests {
         for (mut request, param, words) in cases {
             request["model"] = json!("m");
             let error = translate(request).unwrap_err();
-            assert_eq!(error.status, 400);
-            assert_eq!(error.param.as_deref(), Some(param));
-            assert!(error.message.contains(words), "{}", error.message);
+            assert_eq!(error.status(), 400);
+            assert_eq!(error.param_name(), Some(param));
+            assert!(error.message().contains(words), "{}", error.message());
         }
     }
 }

@@ -146,6 +146,6 @@ mod tests {
     #[test]
     fn a_body_that_is_not_a_converse_response_is_a_protocol_error() {
         let error = chat_completion("b", "m", b"{}").unwrap_err();
-        assert_eq!(error.code.as_deref(), Some("upstream_invalid_response"));
+        assert_eq!(error.code(), Some("upstream_invalid_response"));
     }
 }

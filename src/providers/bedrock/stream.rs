@@ -316,11 +316,11 @@ mod tests {
         let (chunks, error) = run(bytes(&[MESSAGE_START, DELTA_HI, THROTTLED]), 50).await;
         assert_eq!(chunks.len(), 2);
         let error = error.expect("an error");
-        assert_eq!(error.status, 429);
+        assert_eq!(error.status(), 429);
         assert!(
-            error.message.contains("Too many requests"),
+            error.message().contains("Too many requests"),
             "{}",
-            error.message
+            error.message()
         );
     }
 
@@ -332,7 +332,7 @@ mod tests {
         assert!(
             error
                 .unwrap()
-                .message
+                .message()
                 .contains("middle of an event-stream frame")
         );
 
@@ -340,12 +340,9 @@ mod tests {
         body[last] ^= 1;
         let (chunks, error) = run(body, 1000).await;
         assert_eq!(chunks.len(), 1);
-        assert!(error.unwrap().message.contains("bad event-stream frame"));
+        assert!(error.unwrap().message().contains("bad event-stream frame"));
 
         let (_, error) = run(bytes(&[MESSAGE_START, DELTA_HI]), 1000).await;
-        assert_eq!(
-            error.unwrap().code.as_deref(),
-            Some("upstream_disconnected")
-        );
+        assert_eq!(error.unwrap().code(), Some("upstream_disconnected"));
     }
 }

@@ -1,0 +1,261 @@
+//! The closed set of errors the gateway answers. Everything a client or a
+//! metric sees of an error — its status, OpenAI `type` and `code`, whether
+//! another deployment may be tried, whether the SDKs should retry, and
+//! its metrics label — follows from its kind, here, once.
+
+use axum::http::StatusCode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is malformed or asks for something impossible.
+    BadRequest,
+    /// The prompt alone is more than the key's whole `tpm`.
+    PromptOverTpm,
+    PayloadTooLarge,
+    Unauthorized,
+    ModelNotAllowed,
+    RegionNotAllowed,
+    UnknownModel,
+    UnknownRoute,
+    MethodNotAllowed,
+    /// Policy leaves no deployment (region, licence, modality, context).
+    PolicyBlocked,
+    BudgetExhausted,
+    /// The key is over its `rpm` or `tpm`; it refills.
+    RateLimited,
+    /// This backend cannot serve the endpoint; another deployment may.
+    EndpointUnsupported,
+    /// Every deployment policy allows is unhealthy, cooling or at quota.
+    NoDeployment,
+    UpstreamConnect,
+    /// No first byte within the backend's first-byte timeout.
+    UpstreamTimeout,
+    /// The upstream went silent in the middle of a response.
+    UpstreamIdle,
+    /// The upstream sent something that is not what it promised.
+    UpstreamProtocol,
+    /// The connection failed in the middle of a response.
+    UpstreamBroken,
+    /// The upstream refused the gateway's own credentials.
+    UpstreamAuth,
+    /// The upstream does not know the deployment's model id or path.
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    /// The upstream rejected the request itself with this 4xx.
+    UpstreamRejected(StatusCode),
+    /// The upstream failed with this status (5xx, or TGI's and Bedrock's
+    /// 424 "the model failed").
+    UpstreamFailed(StatusCode),
+    Internal,
+}
+
+use ErrorKind::*;
+
+impl ErrorKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            BadRequest | PromptOverTpm | EndpointUnsupported => StatusCode::BAD_REQUEST,
+            PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Unauthorized => StatusCode::UNAUTHORIZED,
+            ModelNotAllowed | RegionNotAllowed => StatusCode::FORBIDDEN,
+            UnknownModel | UnknownRoute => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            PolicyBlocked => StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS,
+            BudgetExhausted | RateLimited | UpstreamRateLimited => StatusCode::TOO_MANY_REQUESTS,
+            NoDeployment => StatusCode::SERVICE_UNAVAILABLE,
+            UpstreamTimeout | UpstreamIdle => StatusCode::GATEWAY_TIMEOUT,
+            // The operator's problems, not the client's: the client is not
+            // told its request was wrong.
+            UpstreamConnect | UpstreamProtocol | UpstreamBroken | UpstreamAuth
+            | UpstreamNotFound => StatusCode::BAD_GATEWAY,
+            UpstreamRejected(status) => status,
+            UpstreamFailed(status) => match status {
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => status,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `type`.
+    pub fn openai_type(self) -> &'static str {
+        match self {
+            BudgetExhausted => "insufficient_quota",
+            RateLimited | UpstreamRateLimited => "rate_limit_error",
+            NoDeployment | Internal => "server_error",
+            UpstreamConnect | UpstreamTimeout | UpstreamIdle | UpstreamProtocol
+            | UpstreamBroken | UpstreamAuth | UpstreamNotFound | UpstreamFailed(_) => {
+                "upstream_error"
+            }
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// OpenAI's `code`; an upstream's rejection carries the upstream's own.
+    pub fn code(self) -> Option<&'static str> {
+        Some(match self {
+            PromptOverTpm | PayloadTooLarge => "request_too_large",
+            Unauthorized => "invalid_api_key",
+            ModelNotAllowed => "model_not_allowed",
+            RegionNotAllowed => "region_not_allowed",
+            UnknownModel => "model_not_found",
+            PolicyBlocked => "policy_blocked",
+            BudgetExhausted => "insufficient_quota",
+            RateLimited | UpstreamRateLimited => "rate_limit_exceeded",
+            NoDeployment => "no_deployment_available",
+            UpstreamConnect => "upstream_unavailable",
+            UpstreamTimeout | UpstreamIdle => "upstream_timeout",
+            UpstreamProtocol => "upstream_invalid_response",
+            UpstreamBroken => "upstream_disconnected",
+            UpstreamAuth => "upstream_auth_failed",
+            UpstreamNotFound => "upstream_not_found",
+            UpstreamFailed(_) => "upstream_error",
+            BadRequest | UnknownRoute | MethodNotAllowed | EndpointUnsupported
+            | UpstreamRejected(_) | Internal => return None,
+        })
+    }
+
+    /// Another deployment may be tried (only before the client got a
+    /// byte): the upstream, not the request, was the trouble.
+    pub fn retriable(self) -> bool {
+        match self {
+            UpstreamConnect | UpstreamTimeout | UpstreamProtocol | UpstreamNotFound
+            | UpstreamRateLimited | EndpointUnsupported => true,
+            UpstreamFailed(status) => matches!(status.as_u16(), 424 | 500 | 502 | 503 | 504),
+            _ => false,
+        }
+    }
+
+    /// The request itself is at fault, and sending it again cannot help:
+    /// the answer says `x-should-retry: false`. The official SDKs retry
+    /// 408/409/429/5xx only; a key's rate limit refills, so its 429 is
+    /// retried.
+    pub fn client_should_not_retry(self) -> bool {
+        !self.retriable() && self.client_at_fault() && self != RateLimited
+    }
+
+    fn client_at_fault(self) -> bool {
+        !self.upstream_at_fault() && !matches!(self, UpstreamRateLimited | NoDeployment | Internal)
+    }
+
+    /// The upstream failed: its deployment's circuit counts it.
+    pub fn upstream_at_fault(self) -> bool {
+        matches!(
+            self,
+            UpstreamConnect
+                | UpstreamTimeout
+                | UpstreamIdle
+                | UpstreamProtocol
+                | UpstreamBroken
+                | UpstreamAuth
+                | UpstreamNotFound
+                | UpstreamFailed(_)
+        )
+    }
+
+    /// A bounded label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Unauthorized => "unauthorized",
+            ModelNotAllowed | RegionNotAllowed => "forbidden",
+            UnknownModel | UnknownRoute => "not_found",
+            PayloadTooLarge => "too_large",
+            PolicyBlocked => "policy_blocked",
+            RateLimited => "rate_limited",
+            BudgetExhausted => "budget_exhausted",
+            UpstreamRejected(status) => match status.as_u16() {
+                413 => "too_large",
+                451 => "policy_blocked",
+                _ => "bad_request",
+            },
+            BadRequest | PromptOverTpm | MethodNotAllowed | EndpointUnsupported => "bad_request",
+            UpstreamRateLimited => "upstream_rate_limited",
+            UpstreamTimeout | UpstreamIdle => "upstream_timeout",
+            UpstreamFailed(StatusCode::GATEWAY_TIMEOUT) => "upstream_timeout",
+            NoDeployment => "no_deployment",
+            UpstreamConnect | UpstreamProtocol | UpstreamBroken | UpstreamAuth
+            | UpstreamNotFound | UpstreamFailed(_) => "upstream_error",
+            Internal => "internal",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: &[ErrorKind] = &[
+        BadRequest,
+        PromptOverTpm,
+        PayloadTooLarge,
+        Unauthorized,
+        ModelNotAllowed,
+        RegionNotAllowed,
+        UnknownModel,
+        UnknownRoute,
+        MethodNotAllowed,
+        PolicyBlocked,
+        BudgetExhausted,
+        RateLimited,
+        EndpointUnsupported,
+        NoDeployment,
+        UpstreamConnect,
+        UpstreamTimeout,
+        UpstreamIdle,
+        UpstreamProtocol,
+        UpstreamBroken,
+        UpstreamAuth,
+        UpstreamNotFound,
+        UpstreamRateLimited,
+        UpstreamRejected(StatusCode::UNPROCESSABLE_ENTITY),
+        UpstreamFailed(StatusCode::INTERNAL_SERVER_ERROR),
+        UpstreamFailed(StatusCode::NOT_IMPLEMENTED),
+        UpstreamFailed(StatusCode::GATEWAY_TIMEOUT),
+        Internal,
+    ];
+
+    #[test]
+    fn what_a_client_sees_agrees_with_who_is_at_fault() {
+        for &kind in ALL {
+            let status = kind.status();
+            if kind.upstream_at_fault() {
+                assert!(
+                    status.is_server_error(),
+                    "{kind:?}: an upstream fault is 5xx"
+                );
+            }
+            if kind.client_should_not_retry() {
+                assert!(status.is_client_error(), "{kind:?}: only a 4xx is final");
+                assert!(!kind.retriable(), "{kind:?}");
+            }
+            if status == StatusCode::TOO_MANY_REQUESTS && kind != BudgetExhausted {
+                assert!(
+                    !kind.client_should_not_retry(),
+                    "{kind:?}: a rate limit refills"
+                );
+                assert_eq!(kind.openai_type(), "rate_limit_error", "{kind:?}");
+            }
+            assert!(
+                status.is_client_error() || status.is_server_error(),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_upstream_status_keeps_only_what_the_sdks_handle() {
+        assert_eq!(UpstreamFailed(StatusCode::NOT_IMPLEMENTED).status(), 502);
+        assert!(!UpstreamFailed(StatusCode::NOT_IMPLEMENTED).retriable());
+        assert_eq!(UpstreamFailed(StatusCode::GATEWAY_TIMEOUT).status(), 504);
+        assert_eq!(
+            UpstreamFailed(StatusCode::GATEWAY_TIMEOUT).label(),
+            "upstream_timeout"
+        );
+        assert!(UpstreamFailed(StatusCode::FAILED_DEPENDENCY).retriable());
+        assert_eq!(
+            UpstreamRejected(StatusCode::UNPROCESSABLE_ENTITY).status(),
+            422
+        );
+        assert!(UpstreamRejected(StatusCode::UNPROCESSABLE_ENTITY).client_should_not_retry());
+    }
+}
