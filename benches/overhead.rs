@@ -10,6 +10,8 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use support::config::{Backend, Config, Deployment, Model};
+use support::gateway::url;
 use support::mock;
 
 use std::sync::Arc;
@@ -139,23 +141,16 @@ fn main() {
         let requests = env_number("BENCH_REQUESTS", 2000);
         let concurrency = env_number("BENCH_CONCURRENCY", 32);
         let upstream = mock::MockUpstream::canned(20).start().await;
-        let config = format!(
-            r#"
-[[backends]]
-name = "mock"
-kind = "vllm"
-base_url = "{}/v1"
-
-[[models]]
-alias = "bench"
-[[models.deployments]]
-backend = "mock"
-model = "meta-llama/Llama-3.1-8B-Instruct"
-context_window = 131072
-"#,
-            upstream.base_url()
-        );
-        let config = tollgate::config::parse(&config, &|_| None).expect("bench config is valid");
+        let config = Config::new()
+            .backend(Backend::new("mock", "vllm", &url(&upstream)))
+            .model(
+                Model::new("bench").deployment(
+                    Deployment::new("mock", "meta-llama/Llama-3.1-8B-Instruct")
+                        .set("context_window", 131_072),
+                ),
+            );
+        let config =
+            tollgate::config::parse(&config.to_toml(), &|_| None).expect("bench config is valid");
         let gateway = tollgate::Gateway::new(config).expect("gateway builds");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let gateway_url = format!("http://{}/v1/chat/completions", listener.local_addr().expect("addr"));

@@ -6,112 +6,53 @@
 mod support;
 
 use serde_json::{Value, json};
+use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 
-const CONFIG: &str = r#"
-[admin]
-token_env = "ADMIN_TOKEN"
-
-[policy]
-default_region = "us"
-eu_regions = ["eu"]
-[[policy.residency]]
-request_region = "eu"
-backend_regions = ["eu-west-1"]
-[[policy.residency]]
-request_region = "us"
-backend_regions = ["us-east-1"]
-
-[[backends]]
-name = "sim-us"
-kind = "simulated"
-region = "us-east-1"
-[backends.simulated]
-ttft_ms = 0
-tokens_per_second = 100000
-completion_tokens = 2
-
-[[backends]]
-name = "sim-eu"
-kind = "simulated"
-region = "eu-west-1"
-[backends.simulated]
-ttft_ms = 0
-tokens_per_second = 100000
-completion_tokens = 2
-
-[[models]]
-alias = "chat"
-[[models.deployments]]
-name = "chat/us"
-backend = "sim-us"
-model = "m"
-context_window = 8192
-[[models.deployments]]
-name = "chat/eu"
-backend = "sim-eu"
-model = "m"
-context_window = 8192
-
-[[models]]
-alias = "vision"
-[[models.deployments]]
-name = "vision/us"
-backend = "sim-us"
-model = "llama-4-maverick"
-context_window = 8192
-licence = "llama"
-multimodal = true
-modalities = ["text", "image"]
-[[models.deployments]]
-name = "vision/eu"
-backend = "sim-eu"
-model = "llama-4-maverick"
-context_window = 8192
-licence = "llama"
-multimodal = true
-modalities = ["text", "image"]
-
-[[models]]
-alias = "text"
-[[models.deployments]]
-name = "text/us"
-backend = "sim-us"
-model = "m"
-context_window = 8192
-[[models.deployments]]
-name = "text/eu"
-backend = "sim-eu"
-model = "m"
-context_window = 8192
-
-[[models]]
-alias = "scarce"
-[[models.deployments]]
-name = "scarce/us"
-backend = "sim-us"
-model = "m"
-context_window = 8192
-rpm = 1
-
-[[keys]]
-name = "eu-team"
-key_env = "KEY_EU_TEAM"
-models = ["*"]
-region = "eu"
-
-[[keys]]
-name = "us-team"
-key_env = "KEY_US_TEAM"
-models = ["chat", "text"]
-region = "us"
-
-[[keys]]
-name = "roamer"
-key_env = "KEY_ROAMER"
-models = ["*"]
-region_header = true
-"#;
+/// Chat in the US and the EU; a multimodal Llama in both; text-only
+/// deployments in both; one US deployment at one request a minute. Keys
+/// fixed to the EU and to the US, and one that may choose its region.
+fn config() -> Config {
+    let sim = |name: &str, region: &str| {
+        Backend::simulated(name)
+            .set("region", region)
+            .answers(0, 100_000, 2)
+    };
+    let both = |alias: &str, model: &str, vision: bool| {
+        let deployment = |region: &str| {
+            let d = Deployment::new(&format!("sim-{region}"), model)
+                .set("name", format!("{alias}/{region}"));
+            if vision {
+                d.set("licence", "llama").multimodal(&["text", "image"])
+            } else {
+                d
+            }
+        };
+        Model::new(alias)
+            .deployment(deployment("us"))
+            .deployment(deployment("eu"))
+    };
+    Config::new()
+        .admin()
+        .set("policy", "default_region", "us")
+        .residency("eu", &["eu-west-1"])
+        .residency("us", &["us-east-1"])
+        .backend(sim("sim-us", "us-east-1"))
+        .backend(sim("sim-eu", "eu-west-1"))
+        .model(both("chat", "m", false))
+        .model(both("vision", "llama-4-maverick", true))
+        .model(both("text", "m", false))
+        .model(
+            Model::new("scarce").deployment(Deployment::named("scarce/us", "sim-us").set("rpm", 1)),
+        )
+        .key(Key::new("eu-team").set("region", "eu"))
+        .key(
+            Key::new("us-team")
+                .models(&["chat", "text"])
+                .set("region", "us"),
+        )
+        .key(Key::new("roamer").set("region_header", true))
+}
 
 struct Case {
     key: &'static str,
@@ -227,7 +168,7 @@ async fn served(gateway: &Gateway, case: &Case) -> (u16, Option<String>) {
 
 #[tokio::test]
 async fn the_gateway_and_explain_decide_every_case_alike() {
-    let gateway = start(CONFIG).await;
+    let gateway = start(&config()).await;
     // The one request a minute of "scarce/us", then one refused at its
     // quota, after which plans drop it until the minute is over.
     let warm_up = Case {
@@ -257,7 +198,7 @@ async fn the_gateway_and_explain_decide_every_case_alike() {
 fn the_explain_command_refuses_a_region_the_key_may_not_choose() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tollgate.toml");
-    std::fs::write(&config, CONFIG).unwrap();
+    std::fs::write(&config, self::config().to_toml()).unwrap();
     let request = dir.path().join("request.json");
     std::fs::write(&request, request_body()).unwrap();
     let explain = |region: &str| {

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use hyper::HeaderMap;
 use serde_json::{Value, json};
 use support::bedrock_mock::{self, Auth, Expect};
+use support::config::{Backend, Config, Deployment, Model};
 use support::gateway::*;
 use support::mock::{MockServer, MockUpstream};
 use support::sigv4;
@@ -19,21 +20,38 @@ use support::sigv4;
 const LLAMA_33: &str = "us.meta.llama3-3-70b-instruct-v1:0";
 const LLAMA_31: &str = "meta.llama3-1-8b-instruct-v1:0";
 
-async fn one_backend(upstream: &MockServer, credentials: &str, model_id: &str) -> Gateway {
-    let config = bedrock_backend("bedrock-us", &upstream.base_url(), credentials)
-        + &model("chat", &[("bedrock-us", model_id)]);
+/// Backend `bedrock-us` on the mock at `upstream`, with no credentials.
+fn bedrock_us(upstream: &MockServer) -> Backend {
+    Backend::bedrock("bedrock-us", &upstream.base_url())
+}
+
+/// Backend `bedrock-us` on the mock at `upstream`, signing as
+/// `bedrock_mock_with_token` expects.
+fn signed(upstream: &MockServer) -> Backend {
+    bedrock_us(upstream).sigv4_with_token()
+}
+
+/// Alias `alias` on `model_id` of backend `bedrock-us`.
+fn on_bedrock(alias: &str, model_id: &str) -> Model {
+    Model::new(alias).deployment(Deployment::new("bedrock-us", model_id))
+}
+
+/// A gateway where alias `chat` is `model_id` on `bedrock`.
+async fn one_backend(bedrock: Backend, model_id: &str) -> Gateway {
+    let config = Config::new()
+        .backend(bedrock)
+        .model(on_bedrock("chat", model_id));
     start(&config).await
 }
 
 /// Alias `chat` on a Bedrock vision model, so requests with images may
 /// reach it.
 async fn vision_backend(upstream: &MockServer) -> Gateway {
-    let config = bedrock_backend("bedrock-us", &upstream.base_url(), SIGV4_WITH_TOKEN)
-        + &model(
-            "chat",
-            &[("bedrock-us", "us.meta.llama3-2-90b-instruct-v1:0")],
-        )
-        + "modalities = [\"text\", \"image\"]\nmultimodal = true\n";
+    let vision = Deployment::new("bedrock-us", "us.meta.llama3-2-90b-instruct-v1:0")
+        .multimodal(&["text", "image"]);
+    let config = Config::new()
+        .backend(signed(upstream))
+        .model(Model::new("chat").deployment(vision));
     start(&config).await
 }
 
@@ -41,10 +59,15 @@ async fn vision_backend(upstream: &MockServer) -> Gateway {
 /// mock (returned, to count its hits), and alias `alone` by `bedrock` only.
 async fn with_backup(bedrock: &MockServer) -> (Gateway, MockServer) {
     let backup = MockUpstream::openai().start().await;
-    let config = bedrock_backend("bedrock-us", &bedrock.base_url(), SIGV4_WITH_TOKEN)
-        + &backend("vllm", "vllm", &url(&backup))
-        + &model("chat", &[("bedrock-us", LLAMA_33), ("vllm", "llama")])
-        + &model("alone", &[("bedrock-us", LLAMA_33)]);
+    let config = Config::new()
+        .backend(signed(bedrock))
+        .backend(Backend::upstream("vllm", "vllm", &url(&backup)))
+        .model(
+            Model::new("chat")
+                .deployment(Deployment::new("bedrock-us", LLAMA_33))
+                .deployment(Deployment::new("vllm", "llama")),
+        )
+        .model(on_bedrock("alone", LLAMA_33));
     (start(&config).await, backup)
 }
 
@@ -99,9 +122,10 @@ fn the_mock_verifier_accepts_the_golden_vector_and_no_other_secret() {
 #[tokio::test]
 async fn requests_are_signed_with_the_session_token_and_model_ids_with_a_colon_are_encoded() {
     let upstream = bedrock_mock_with_token().start().await;
-    let config = bedrock_backend("bedrock-us", &upstream.base_url(), SIGV4_WITH_TOKEN)
-        + &model("llama-3.3", &[("bedrock-us", LLAMA_33)])
-        + &model("llama-3.1", &[("bedrock-us", LLAMA_31)]);
+    let config = Config::new()
+        .backend(signed(&upstream))
+        .model(on_bedrock("llama-3.3", LLAMA_33))
+        .model(on_bedrock("llama-3.1", LLAMA_31));
     let gateway = start(&config).await;
     for (alias, stream) in [("llama-3.3", false), ("llama-3.1", true)] {
         let response = gateway
@@ -142,8 +166,8 @@ async fn requests_are_signed_with_the_session_token_and_model_ids_with_a_colon_a
 #[tokio::test]
 async fn a_refused_signature_is_the_operators_problem_not_the_clients() {
     let upstream = bedrock_mock_with_token().start().await;
-    let credentials = SIGV4_WITH_TOKEN.replace("AWS_SECRET_TEST", "AWS_WRONG_SECRET_TEST");
-    let gateway = one_backend(&upstream, &credentials, LLAMA_33).await;
+    let wrong_secret = signed(&upstream).set("aws_secret_access_key_env", "AWS_WRONG_SECRET_TEST");
+    let gateway = one_backend(wrong_secret, LLAMA_33).await;
     for stream in [false, true] {
         let response = gateway.chat(chat(stream)).await;
         assert_eq!(response.status(), 502);
@@ -171,12 +195,8 @@ async fn a_bedrock_api_key_is_sent_as_a_bearer_token_without_sigv4() {
     })
     .start()
     .await;
-    let gateway = one_backend(
-        &upstream,
-        r#"api_key_env = "BEDROCK_API_KEY_TEST""#,
-        LLAMA_33,
-    )
-    .await;
+    let with_api_key = bedrock_us(&upstream).set("api_key_env", "BEDROCK_API_KEY_TEST");
+    let gateway = one_backend(with_api_key, LLAMA_33).await;
     let response = gateway.chat(chat(false)).await;
     assert_eq!(response.status(), 200);
     let request = upstream.single_request();
@@ -239,7 +259,7 @@ async fn what_bedrock_cannot_take_is_refused_before_any_upstream_call() {
 #[tokio::test]
 async fn frames_cut_across_tcp_writes_come_out_whole() {
     let upstream = bedrock_mock_with_token().split_every(5).start().await;
-    let gateway = one_backend(&upstream, SIGV4_WITH_TOKEN, LLAMA_33).await;
+    let gateway = one_backend(signed(&upstream), LLAMA_33).await;
     let body = json!({"model": "chat", "messages": user("Hello"), "stream": true, "stream_options": {"include_usage": true}});
     let (_, events) = gateway.stream("/v1/chat/completions", body).await;
     let payloads = events.rest().await;
@@ -283,7 +303,7 @@ async fn an_exception_frame_is_an_http_error_first_and_an_sse_error_event_later(
     frames.truncate(2);
     frames.push(throttled);
     let later = bedrock_mock_with_token().events(frames).start().await;
-    let gateway = one_backend(&later, SIGV4_WITH_TOKEN, LLAMA_33).await;
+    let gateway = one_backend(signed(&later), LLAMA_33).await;
     let (_, events) = gateway.stream("/v1/chat/completions", chat(true)).await;
     let payloads = events.rest().await;
     assert_eq!(payloads.len(), 4, "{payloads:#?}");
@@ -345,7 +365,7 @@ async fn a_stream_cut_inside_a_frame_is_an_error_not_a_silent_end() {
         .event_delay(Duration::from_millis(5))
         .start()
         .await;
-    let gateway = one_backend(&upstream, SIGV4_WITH_TOKEN, LLAMA_33).await;
+    let gateway = one_backend(signed(&upstream), LLAMA_33).await;
     let (_, events) = gateway.stream("/v1/chat/completions", chat(true)).await;
     let payloads = events.rest().await;
     let error = parse(&payloads[payloads.len() - 2]);

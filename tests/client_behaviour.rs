@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::bedrock_mock;
+use support::config::{Backend, Config, Deployment, Model};
 use support::gateway::*;
 use support::mock::{MockServer, MockUpstream};
 use support::openai_mock::{CANNED_PROMPT_TOKENS, TOOL_CALL_ID, TOOL_NAME};
@@ -35,11 +36,11 @@ impl Kind {
         }
     }
 
-    fn backend(self, name: &str, mock: &MockServer) -> String {
+    fn backend(self, name: &str, mock: &MockServer) -> Backend {
         match self {
-            Self::OpenAi => backend(name, "vllm", &url(mock)),
-            Self::Bedrock => bedrock_backend(name, &mock.base_url(), SIGV4_WITH_TOKEN),
-            Self::Tgi => backend(name, "tgi", &mock.base_url()),
+            Self::OpenAi => Backend::upstream(name, "vllm", &url(mock)),
+            Self::Bedrock => Backend::bedrock(name, &mock.base_url()).sigv4_with_token(),
+            Self::Tgi => Backend::upstream(name, "tgi", &mock.base_url()),
         }
     }
 
@@ -85,9 +86,10 @@ impl Kind {
 /// A gateway with one alias, `chat`, served by `mock`.
 async fn start_for(kind: Kind, mock: &MockServer) -> Gateway {
     // Tool calling is declared, as routing may require it for tools.
-    let config = kind.backend("up", mock)
-        + &model("chat", &[("up", kind.upstream_model())])
-        + "tools = true\n";
+    let config = Config::new().backend(kind.backend("up", mock)).model(
+        Model::new("chat")
+            .deployment(Deployment::new("up", kind.upstream_model()).set("tools", true)),
+    );
     start(&config).await
 }
 

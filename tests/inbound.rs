@@ -9,32 +9,19 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::config::{Backend, Config, Deployment, Model};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const CONFIG: &str = r#"
-[[backends]]
-name = "sim"
-kind = "simulated"
-[backends.simulated]
-ttft_ms = 5
-tokens_per_second = 1000
-completion_tokens = 5
-
-[[models]]
-alias = "llama"
-[[models.deployments]]
-backend = "sim"
-model = "m"
-context_window = 8192
-"#;
 
 const STREAM: &str =
     r#"{"model":"llama","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
 
 /// The gateway's address.
 async fn start() -> String {
-    let gateway = support::gateway::start(CONFIG).await;
+    let config = Config::new()
+        .backend(Backend::simulated("sim").answers(5, 1000, 5))
+        .model(Model::new("llama").deployment(Deployment::new("sim", "m")));
+    let gateway = support::gateway::start(&config).await;
     gateway.base.trim_start_matches("http://").to_owned()
 }
 

@@ -8,37 +8,29 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::MockUpstream;
 use support::process::{Process, serve_file};
 
-/// Two per-token deployments of one alias; `cost` picks the cheaper `a`.
-fn priced(a: &str, b: &str, key_extra: &str) -> String {
-    backend("api-a", "openai", a)
-        + &backend("api-b", "openai", b)
-        + r#"
-[[models]]
-alias = "chat"
-[[models.deployments]]
-backend = "api-a"
-model = "m"
-context_window = 8192
-input_usd_per_mtok = 1.0
-output_usd_per_mtok = 2.0
-[[models.deployments]]
-backend = "api-b"
-model = "m"
-context_window = 8192
-input_usd_per_mtok = 3.0
-output_usd_per_mtok = 4.0
-
-[[keys]]
-name = "team"
-key_env = "KEY_TEAM"
-models = ["*"]
-"# + key_extra
-        + ADMIN
+/// Two per-token deployments of one alias, `a` at these prices and `b` at
+/// those (input, output per Mtok), and the key `team`.
+fn priced(a: &str, b: &str, prices: [(f64, f64); 2], team: Key) -> Config {
+    let [(a_in, a_out), (b_in, b_out)] = prices;
+    Config::new()
+        .backend(Backend::upstream("api-a", "openai", a))
+        .backend(Backend::upstream("api-b", "openai", b))
+        .model(
+            Model::new("chat")
+                .deployment(Deployment::new("api-a", "m").price(a_in, a_out))
+                .deployment(Deployment::new("api-b", "m").price(b_in, b_out)),
+        )
+        .key(team)
+        .admin()
 }
+
+/// `priced`'s usual prices: `cost` picks the cheaper `a`.
+const PRICES: [(f64, f64); 2] = [(1.0, 2.0), (3.0, 4.0)];
 
 async fn spend(gateway: &Gateway, query: &str) -> Value {
     let response = gateway
@@ -66,7 +58,7 @@ async fn each_request_is_priced_with_its_counterfactuals_and_lands_in_the_ledger
         MockUpstream::openai().start().await,
         MockUpstream::openai().start().await,
     );
-    let gateway = start(&priced(&url(&a), &url(&b), "")).await;
+    let gateway = start(&priced(&url(&a), &url(&b), PRICES, Key::new("team"))).await;
     let response = chat_as_team(&gateway, json!({"model": "chat", "messages": user("hi")})).await;
     assert_eq!(response.status(), 200);
     let usage = response.json::<Value>().await.unwrap()["usage"].clone();
@@ -141,7 +133,8 @@ async fn each_request_is_priced_with_its_counterfactuals_and_lands_in_the_ledger
 async fn a_stream_the_client_cuts_is_metered_once_with_estimated_usage() {
     let held = MockUpstream::openai().hold_after(3).start().await;
     let failing = MockUpstream::openai().status(500).start().await;
-    let gateway = start(&priced(&url(&held), &url(&failing), "")).await;
+    let config = priced(&url(&held), &url(&failing), PRICES, Key::new("team"));
+    let gateway = start(&config).await;
     let response = chat_as_team(
         &gateway,
         json!({"model": "chat", "stream": true, "messages": user("hello there")}),
@@ -189,11 +182,12 @@ async fn budgets_hold_under_concurrency_and_refusals_say_which_budget_and_when_i
         .start()
         .await;
     let b = MockUpstream::openai().start().await;
-    let config = priced(&url(&a), &url(&b), "budget_daily_usd = 0.005\n")
-        .replace("input_usd_per_mtok = 1.0", "input_usd_per_mtok = 10.0")
-        .replace("output_usd_per_mtok = 2.0", "output_usd_per_mtok = 10.0")
-        .replace("input_usd_per_mtok = 3.0", "input_usd_per_mtok = 20.0")
-        .replace("output_usd_per_mtok = 4.0", "output_usd_per_mtok = 20.0");
+    let config = priced(
+        &url(&a),
+        &url(&b),
+        [(10.0, 10.0), (20.0, 20.0)],
+        Key::new("team").set("budget_daily_usd", 0.005),
+    );
     let gateway = start(&config).await;
     let body = json!({"model": "chat", "max_tokens": 100, "messages": user("hi")});
     // Each may cost up to (prompt + 100 tokens) × $20/Mtok on the dearer b,
@@ -268,38 +262,19 @@ async fn total_spend(base: &str) -> Value {
 async fn spend_survives_a_crash_losing_at_most_one_flush_interval() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[[backends]]
-name = "sim"
-kind = "simulated"
-[backends.simulated]
-ttft_ms = 1
-tokens_per_second = 10000
-completion_tokens = 20
-
-[[models]]
-alias = "chat"
-[[models.deployments]]
-backend = "sim"
-model = "m"
-context_window = 8192
-input_usd_per_mtok = 5.0
-output_usd_per_mtok = 15.0
-
-[ledger]
-data_dir = "{}"
-flush_interval_ms = 100
-
-[admin]
-token_env = "TOLLGATE_TEST_ADMIN"
-"#,
-            dir.path().join("data").display()
-        ),
-    )
-    .unwrap();
+    let data_dir = dir.path().join("data");
+    let text = Config::new()
+        .backend(Backend::simulated("sim").answers(1, 10_000, 20))
+        .model(Model::new("chat").deployment(Deployment::new("sim", "m").price(5.0, 15.0)))
+        .set(
+            "ledger",
+            "data_dir",
+            data_dir.to_str().expect("a UTF-8 path"),
+        )
+        .set("ledger", "flush_interval_ms", 100)
+        .set("admin", "token_env", "TOLLGATE_TEST_ADMIN")
+        .to_toml();
+    std::fs::write(&config, text).unwrap();
     let mut first = serve(&config);
     let client = reqwest::Client::new();
     for _ in 0..3 {

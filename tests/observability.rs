@@ -11,11 +11,14 @@
 //! of `simulated` backends plus one `vllm` backend whose `/metrics` page is
 //! a few lines of tokio below, on 127.0.0.1.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::config::{Backend, Config, Deployment, Key, Model};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tollgate::metrics::{Kind, Label, METRICS, MetricDef};
@@ -241,115 +244,62 @@ async fn engine_metrics_page() -> String {
 
 const KEY: &str = "obs-test-key";
 
-fn config(engine_url: &str) -> String {
-    format!(
-        r#"
-[[backends]]
-name = "sim-gpu"
-kind = "simulated"
-gpu_hour_usd = 2.5
-gpus = 2
-throughput_tokens_per_second = 3000
-max_concurrency = 16
-[backends.simulated]
-ttft_ms = 5
-tokens_per_second = 2000
-completion_tokens = 6
-
-[[backends]]
-name = "sim-api"
-kind = "simulated"
-[backends.simulated]
-ttft_ms = 5
-tokens_per_second = 2000
-completion_tokens = 6
-
-[[backends]]
-name = "sim-broken"
-kind = "simulated"
-[backends.simulated]
-ttft_ms = 1
-failure_rate = 1.0
-
-[[backends]]
-name = "engine"
-kind = "vllm"
-base_url = "{engine_url}"
-gpu_hour_usd = 2.0
-gpus = 1
-throughput_tokens_per_second = 1000
-max_concurrency = 8
-[backends.engine_metrics]
-interval_ms = 100
-
-[[models]]
-alias = "chat"
-strategy = "spillover"
-[[models.deployments]]
-backend = "sim-gpu"
-model = "gpu-model"
-context_window = 131072
-[[models.deployments]]
-backend = "sim-api"
-model = "api-model"
-context_window = 131072
-input_usd_per_mtok = 0.5
-output_usd_per_mtok = 1.5
-
-# The cheapest deployment always fails: every request fails over.
-[[models]]
-alias = "flaky"
-strategy = "cost"
-[[models.deployments]]
-backend = "sim-broken"
-model = "broken-model"
-context_window = 131072
-input_usd_per_mtok = 0.01
-output_usd_per_mtok = 0.01
-[[models.deployments]]
-backend = "sim-api"
-model = "api-model"
-context_window = 131072
-input_usd_per_mtok = 0.5
-output_usd_per_mtok = 1.5
-
-# Multimodal Llama: refused to EU requests by policy.
-[[models]]
-alias = "vision"
-[[models.deployments]]
-backend = "sim-api"
-model = "vision-model"
-context_window = 131072
-input_usd_per_mtok = 0.3
-output_usd_per_mtok = 0.9
-modalities = ["text", "image"]
-multimodal = true
-licence = "llama"
-
-# Never called: only here so the vLLM engine is scraped.
-[[models]]
-alias = "engine-pool"
-[[models.deployments]]
-backend = "engine"
-model = "m"
-context_window = 131072
-
-[[keys]]
-name = "team"
-key_env = "OBS_TEST_KEY"
-models = ["*"]
-budget_daily_usd = 100
-budget_monthly_usd = 1000
-region_header = true
-"#
-    )
+fn config(engine_url: &str) -> Config {
+    let on =
+        |backend: &str, model: &str| Deployment::new(backend, model).set("context_window", 131_072);
+    Config::new()
+        .backend(
+            Backend::simulated("sim-gpu")
+                .answers(5, 2000, 6)
+                .pool(2.5, 2, 3000)
+                .set("max_concurrency", 16),
+        )
+        .backend(Backend::simulated("sim-api").answers(5, 2000, 6))
+        .backend(Backend::simulated("sim-broken").always_fails())
+        .backend(
+            Backend::new("engine", "vllm", engine_url)
+                .pool(2.0, 1, 1000)
+                .set("max_concurrency", 8)
+                .engine_metrics("interval_ms", 100),
+        )
+        .model(
+            Model::new("chat")
+                .strategy("spillover")
+                .deployment(on("sim-gpu", "gpu-model"))
+                .deployment(on("sim-api", "api-model").price(0.5, 1.5)),
+        )
+        // The cheapest deployment always fails: every request fails over.
+        .model(
+            Model::new("flaky")
+                .strategy("cost")
+                .deployment(on("sim-broken", "broken-model").price(0.01, 0.01))
+                .deployment(on("sim-api", "api-model").price(0.5, 1.5)),
+        )
+        // Multimodal Llama: refused to EU requests by policy.
+        .model(
+            Model::new("vision").deployment(
+                on("sim-api", "vision-model")
+                    .price(0.3, 0.9)
+                    .multimodal(&["text", "image"])
+                    .set("licence", "llama"),
+            ),
+        )
+        // Never called: only here so the vLLM engine is scraped.
+        .model(Model::new("engine-pool").deployment(on("engine", "m")))
+        .key(
+            Key::new("team")
+                .set("key_env", "OBS_TEST_KEY")
+                .set("budget_daily_usd", 100.0)
+                .set("budget_monthly_usd", 1000.0)
+                .set("region_header", true),
+        )
 }
 
 /// Starts the gateway, sends requests that touch every family a request can
 /// touch, and returns its `/metrics` page once the engine's signals are in.
 async fn scraped_metrics() -> String {
     let engine_url = engine_metrics_page().await;
-    let config = tollgate::config::parse(&config(&engine_url), &|name| {
+    let config = tollgate::config::parse(&config(&engine_url).to_toml(), &|name| {
         (name == "OBS_TEST_KEY").then(|| KEY.to_owned())
     })
     .unwrap_or_else(|problems| panic!("test config is invalid: {problems:?}"));

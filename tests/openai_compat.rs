@@ -7,9 +7,22 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::{self, MockServer, MockUpstream};
 use support::openai_mock;
+
+/// Alias `alias` on `backend`'s model `m`.
+fn on(alias: &str, backend: &str) -> Model {
+    Model::new(alias).deployment(Deployment::new(backend, "m"))
+}
+
+/// Alias `alias` on a vLLM backend `vllm` at `upstream`.
+fn vllm(upstream: &MockServer, alias: &str) -> Config {
+    Config::new()
+        .backend(Backend::upstream("vllm", "vllm", &url(upstream)))
+        .model(on(alias, "vllm"))
+}
 
 /// The payloads of a fixture's events, as the upstream sent them.
 fn fixture_payloads(name: &str) -> Vec<String> {
@@ -46,14 +59,19 @@ async fn chat_passes_through_every_kind_with_only_model_and_credential_changed()
         ("groq", "/openai/v1", "vllm_chat.json"),
     ];
     let mut mocks = Vec::new();
-    let mut config = String::new();
+    let mut config = Config::new();
     for (kind, prefix, body) in kinds {
         let upstream = MockUpstream::openai()
             .body(mock::fixture(body))
             .start()
             .await;
-        config += &backend(kind, kind, &format!("{}{prefix}", upstream.base_url()));
-        config += &model(kind, &[(kind, &format!("upstream/{kind}-model"))]);
+        let base_url = format!("{}{prefix}", upstream.base_url());
+        config = config
+            .backend(Backend::upstream(kind, kind, &base_url))
+            .model(
+                Model::new(kind)
+                    .deployment(Deployment::new(kind, &format!("upstream/{kind}-model"))),
+            );
         mocks.push(upstream);
     }
     let gateway = start(&config).await;
@@ -125,8 +143,12 @@ async fn legacy_completions_pass_through_streaming_and_not() {
         .stream("vllm_completions_usage.sse")
         .start()
         .await;
-    let config = backend("vllm", "vllm", &url(&upstream))
-        + &model("llama", &[("vllm", "meta-llama/Llama-3.1-8B-Instruct")]);
+    let config = Config::new()
+        .backend(Backend::upstream("vllm", "vllm", &url(&upstream)))
+        .model(
+            Model::new("llama")
+                .deployment(Deployment::new("vllm", "meta-llama/Llama-3.1-8B-Instruct")),
+        );
     let gateway = start(&config).await;
 
     let sent = json!({"model": "llama", "prompt": ["Once"], "max_tokens": 5, "echo": false, "best_of": 1, "suffix": null});
@@ -172,7 +194,9 @@ async fn streams_ask_for_usage_and_drop_the_usage_chunk_unless_the_client_asked(
         ("openai", "openai_chat_usage.sse"),
     ] {
         let upstream = MockUpstream::openai().stream(fixture).start().await;
-        let config = backend(kind, kind, &url(&upstream)) + &model("chat", &[(kind, "m")]);
+        let config = Config::new()
+            .backend(Backend::upstream(kind, kind, &url(&upstream)))
+            .model(on("chat", kind));
         let gateway = start(&config).await;
         let payloads = fixture_payloads(fixture);
         assert!(
@@ -227,11 +251,12 @@ async fn together_gets_no_stream_options_and_its_usage_is_turned_into_a_usage_ch
         .stream("together_chat.sse")
         .start()
         .await;
-    let config = backend("together", "together", &url(&upstream))
-        + &model(
-            "llama",
-            &[("together", "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo")],
-        );
+    let config = Config::new()
+        .backend(Backend::upstream("together", "together", &url(&upstream)))
+        .model(Model::new("llama").deployment(Deployment::new(
+            "together",
+            "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo",
+        )));
     let gateway = start(&config).await;
     let upstream_chunks: Vec<Value> = fixture_payloads("together_chat.sse")
         .iter()
@@ -290,11 +315,10 @@ async fn together_gets_no_stream_options_and_its_usage_is_turned_into_a_usage_ch
 #[tokio::test]
 async fn groq_usage_in_x_groq_is_metered_as_counted_and_offered_as_a_usage_chunk() {
     let upstream = MockUpstream::openai().stream("groq_chat.sse").start().await;
-    let config = backend(
-        "groq",
-        "groq",
-        &format!("{}/openai/v1", upstream.base_url()),
-    ) + &model("fast", &[("groq", "llama-3.1-8b-instant")]);
+    let base_url = format!("{}/openai/v1", upstream.base_url());
+    let config = Config::new()
+        .backend(Backend::upstream("groq", "groq", &base_url))
+        .model(Model::new("fast").deployment(Deployment::new("groq", "llama-3.1-8b-instant")));
     let gateway = start(&config).await;
     let payloads = fixture_payloads("groq_chat.sse");
 
@@ -354,8 +378,7 @@ async fn every_stream_ends_with_done_even_when_the_upstream_omits_it() {
         .omit_done()
         .start()
         .await;
-    let config = backend("vllm", "vllm", &url(&upstream)) + &model("chat", &[("vllm", "m")]);
-    let gateway = start(&config).await;
+    let gateway = start(&vllm(&upstream, "chat")).await;
     let (_, events) = gateway
         .stream(
             "/v1/chat/completions",
@@ -377,8 +400,7 @@ async fn events_cut_across_tcp_writes_come_out_whole() {
         .split_every(3)
         .start()
         .await;
-    let config = backend("vllm", "vllm", &url(&upstream)) + &model("llama", &[("vllm", "m")]);
-    let gateway = start(&config).await;
+    let gateway = start(&vllm(&upstream, "llama")).await;
     let (_, events) = gateway
         .stream(
             "/v1/completions",
@@ -400,8 +422,7 @@ async fn the_first_chunk_reaches_the_client_before_the_upstream_has_finished() {
         .hold_after(1)
         .start()
         .await;
-    let config = backend("vllm", "vllm", &url(&upstream)) + &model("chat", &[("vllm", "m")]);
-    let gateway = start(&config).await;
+    let gateway = start(&vllm(&upstream, "chat")).await;
     let (_, mut events) = gateway
         .stream(
             "/v1/chat/completions",
@@ -424,8 +445,7 @@ async fn a_client_that_goes_away_mid_stream_closes_the_upstream_connection() {
         .hold_after(2)
         .start()
         .await;
-    let config = backend("vllm", "vllm", &url(&upstream)) + &model("chat", &[("vllm", "m")]);
-    let gateway = start(&config).await;
+    let gateway = start(&vllm(&upstream, "chat")).await;
     let (_, mut events) = gateway
         .stream(
             "/v1/chat/completions",
@@ -462,8 +482,13 @@ async fn a_slow_but_steady_stream_is_not_cut_by_the_idle_timeout() {
         .event_delay(Duration::from_millis(60))
         .start()
         .await;
-    let config = backend_with_timeouts("vllm", "vllm", &url(&upstream), 2_000, 250)
-        + &model("chat", &[("vllm", "m")]);
+    let config = Config::new()
+        .backend(
+            Backend::upstream("vllm", "vllm", &url(&upstream))
+                .first_byte_ms(2_000)
+                .idle_ms(250),
+        )
+        .model(on("chat", "vllm"));
     let gateway = start(&config).await;
     let (_, events) = gateway
         .stream(
@@ -516,9 +541,16 @@ async fn upstream_failures_before_the_first_byte_become_http_errors() {
         .body(r#"{"id": "chatcmpl-1", "choices": ["#)
         .start()
         .await;
-    let mut config = backend("refused", "vllm", &format!("{refused}/v1"));
-    config += &backend_with_timeouts("silent", "vllm", &url(&silent), 150, 5_000);
-    config += &backend_with_timeouts("headers-only", "openai", &url(&headers_only), 150, 5_000);
+    let mut config = Config::new()
+        .backend(Backend::upstream(
+            "refused",
+            "vllm",
+            &format!("{refused}/v1"),
+        ))
+        .backend(Backend::upstream("silent", "vllm", &url(&silent)).first_byte_ms(150))
+        .backend(
+            Backend::upstream("headers-only", "openai", &url(&headers_only)).first_byte_ms(150),
+        );
     for (name, kind, mock) in [
         ("rejecting", "vllm", &rejecting),
         ("picky", "openai", &picky),
@@ -527,7 +559,7 @@ async fn upstream_failures_before_the_first_byte_become_http_errors() {
         ("crashing", "together", &crashing),
         ("garbled", "vllm", &garbled),
     ] {
-        config += &backend(name, kind, &url(mock));
+        config = config.backend(Backend::upstream(name, kind, &url(mock)));
     }
     for name in [
         "refused",
@@ -540,7 +572,7 @@ async fn upstream_failures_before_the_first_byte_become_http_errors() {
         "crashing",
         "garbled",
     ] {
-        config += &model(name, &[(name, "m")]);
+        config = config.model(on(name, name));
     }
     let gateway = start(&config).await;
     let call = |alias: &'static str, stream: bool| {
@@ -671,16 +703,21 @@ async fn failures_after_the_first_byte_end_the_stream_with_an_error_event() {
         .stream_bytes(format!("data: {first}\n\ndata: {flat_error}\n\n"))
         .start()
         .await;
-    let config = backend("reset", "vllm", &url(&reset))
-        + &backend_with_timeouts("stalled", "vllm", &url(&stalled), 5_000, 150)
-        + &backend("malformed", "vllm", &url(&malformed))
-        + &backend("erroring", "vllm", &url(&erroring))
-        + &backend("erroring-flat", "vllm", &url(&erroring_flat))
-        + &model("reset", &[("reset", "m")])
-        + &model("stalled", &[("stalled", "m")])
-        + &model("malformed", &[("malformed", "m")])
-        + &model("erroring", &[("erroring", "m")])
-        + &model("erroring-flat", &[("erroring-flat", "m")]);
+    let config = Config::new()
+        .backend(Backend::upstream("reset", "vllm", &url(&reset)))
+        .backend(Backend::upstream("stalled", "vllm", &url(&stalled)).idle_ms(150))
+        .backend(Backend::upstream("malformed", "vllm", &url(&malformed)))
+        .backend(Backend::upstream("erroring", "vllm", &url(&erroring)))
+        .backend(Backend::upstream(
+            "erroring-flat",
+            "vllm",
+            &url(&erroring_flat),
+        ))
+        .model(on("reset", "reset"))
+        .model(on("stalled", "stalled"))
+        .model(on("malformed", "malformed"))
+        .model(on("erroring", "erroring"))
+        .model(on("erroring-flat", "erroring-flat"));
     let gateway = start(&config).await;
 
     let error = stream_failing_after(&gateway, "reset", "vllm_chat_usage.sse", 3).await;
@@ -739,15 +776,25 @@ async fn retriable_failures_fail_over_to_the_next_deployment_and_a_400_does_not(
     let spare_a = MockUpstream::openai().start().await;
     let spare_b = MockUpstream::openai().start().await;
     let spare_c = MockUpstream::openai().start().await;
-    let config = backend("unavailable", "vllm", &url(&unavailable))
-        + &backend("refused", "vllm", &format!("{refused}/v1"))
-        + &backend("rejecting", "vllm", &url(&rejecting))
-        + &backend("spare-a", "together", &url(&spare_a))
-        + &backend("spare-b", "groq", &url(&spare_b))
-        + &backend("spare-c", "openai", &url(&spare_c))
-        + &model("after-503", &[("unavailable", "m1"), ("spare-a", "m2")])
-        + &model("after-refused", &[("refused", "m1"), ("spare-b", "m2")])
-        + &model("after-400", &[("rejecting", "m1"), ("spare-c", "m2")]);
+    let then = |alias: &str, first: &str, spare: &str| {
+        Model::new(alias)
+            .deployment(Deployment::new(first, "m1"))
+            .deployment(Deployment::new(spare, "m2"))
+    };
+    let config = Config::new()
+        .backend(Backend::upstream("unavailable", "vllm", &url(&unavailable)))
+        .backend(Backend::upstream(
+            "refused",
+            "vllm",
+            &format!("{refused}/v1"),
+        ))
+        .backend(Backend::upstream("rejecting", "vllm", &url(&rejecting)))
+        .backend(Backend::upstream("spare-a", "together", &url(&spare_a)))
+        .backend(Backend::upstream("spare-b", "groq", &url(&spare_b)))
+        .backend(Backend::upstream("spare-c", "openai", &url(&spare_c)))
+        .model(then("after-503", "unavailable", "spare-a"))
+        .model(then("after-refused", "refused", "spare-b"))
+        .model(then("after-400", "rejecting", "spare-c"));
     let gateway = start(&config).await;
 
     let response = gateway
@@ -817,19 +864,24 @@ async fn errors_sent_with_a_200_and_a_wrong_model_id_fail_over_before_the_first_
         .start()
         .await;
     let spare = MockUpstream::openai().start().await;
-    let config = backend("overloaded", "vllm", &url(&overloaded))
-        + &backend("missing", "vllm", &url(&missing))
-        + &backend("garbled", "openai", &url(&garbled))
-        + &backend("spare", "openai", &url(&spare))
-        + &model("overloaded", &[("overloaded", "m1")])
-        + &model("missing", &[("missing", "m1")])
-        + &model(
-            "stream-with-spare",
-            &[("overloaded", "m1"), ("missing", "m1"), ("spare", "m2")],
+    let config = Config::new()
+        .backend(Backend::upstream("overloaded", "vllm", &url(&overloaded)))
+        .backend(Backend::upstream("missing", "vllm", &url(&missing)))
+        .backend(Backend::upstream("garbled", "openai", &url(&garbled)))
+        .backend(Backend::upstream("spare", "openai", &url(&spare)))
+        .model(Model::new("overloaded").deployment(Deployment::new("overloaded", "m1")))
+        .model(Model::new("missing").deployment(Deployment::new("missing", "m1")))
+        .model(
+            Model::new("stream-with-spare")
+                .deployment(Deployment::new("overloaded", "m1"))
+                .deployment(Deployment::new("missing", "m1"))
+                .deployment(Deployment::new("spare", "m2")),
         )
-        + &model(
-            "with-spare",
-            &[("missing", "m1"), ("garbled", "m1"), ("spare", "m2")],
+        .model(
+            Model::new("with-spare")
+                .deployment(Deployment::new("missing", "m1"))
+                .deployment(Deployment::new("garbled", "m1"))
+                .deployment(Deployment::new("spare", "m2")),
         );
     let gateway = start(&config).await;
 
@@ -883,10 +935,10 @@ async fn errors_sent_with_a_200_and_a_wrong_model_id_fail_over_before_the_first_
 #[tokio::test]
 async fn bad_requests_are_refused_before_any_upstream_call() {
     let upstream = MockUpstream::openai().start().await;
-    let config = "[server]\nmax_body_bytes = 4096\n".to_owned()
-        + &backend("vllm", "vllm", &url(&upstream))
-        + &model("chat", &[("vllm", "m")])
-        + &model("code", &[("vllm", "m")]);
+    let config =
+        vllm(&upstream, "chat")
+            .model(on("code", "vllm"))
+            .set("server", "max_body_bytes", 4096);
     let gateway = start(&config).await;
     let gateway = &gateway;
     let raw = move |body: &'static str| async move {
@@ -958,20 +1010,10 @@ async fn bad_requests_are_refused_before_any_upstream_call() {
 #[tokio::test]
 async fn api_keys_decide_who_may_call_and_which_models_they_see() {
     let upstream = MockUpstream::openai().start().await;
-    let config = backend("vllm", "vllm", &url(&upstream))
-        + &model("chat", &[("vllm", "m")])
-        + &model("code", &[("vllm", "m")])
-        + r#"
-[[keys]]
-name = "team"
-key_env = "KEY_TEAM"
-models = ["chat"]
-
-[[keys]]
-name = "admin"
-key_env = "KEY_ADMIN"
-models = ["*"]
-"#;
+    let config = vllm(&upstream, "chat")
+        .model(on("code", "vllm"))
+        .key(Key::new("team").models(&["chat"]))
+        .key(Key::new("admin"));
     let gateway = start(&config).await;
     let gateway = &gateway;
     let chat = move |key: Option<&'static str>, alias: &'static str| async move {
@@ -1032,10 +1074,11 @@ models = ["*"]
 async fn every_response_carries_a_request_id_and_successes_name_the_backend() {
     let upstream = MockUpstream::openai().start().await;
     let refused = mock::refused_base_url().await;
-    let config = backend("vllm", "vllm", &url(&upstream))
-        + &backend("down", "vllm", &format!("{refused}/v1"))
-        + &model("chat", &[("vllm", "m")])
-        + &model("down", &[("down", "m")]);
+    let config = Config::new()
+        .backend(Backend::upstream("vllm", "vllm", &url(&upstream)))
+        .backend(Backend::upstream("down", "vllm", &format!("{refused}/v1")))
+        .model(on("chat", "vllm"))
+        .model(on("down", "down"));
     let gateway = start(&config).await;
     let gateway = &gateway;
     let with_id = move |id: &'static str, body: Value| async move {
@@ -1133,10 +1176,11 @@ async fn every_response_carries_a_request_id_and_successes_name_the_backend() {
 async fn metrics_count_requests_by_alias_backend_and_status() {
     let upstream = MockUpstream::openai().start().await;
     let failing = MockUpstream::openai().status(500).start().await;
-    let config = backend("vllm", "vllm", &url(&upstream))
-        + &backend("broken", "vllm", &url(&failing))
-        + &model("chat", &[("vllm", "m")])
-        + &model("flaky", &[("broken", "m")]);
+    let config = Config::new()
+        .backend(Backend::upstream("vllm", "vllm", &url(&upstream)))
+        .backend(Backend::upstream("broken", "vllm", &url(&failing)))
+        .model(on("chat", "vllm"))
+        .model(on("flaky", "broken"));
     let gateway = start(&config).await;
     for _ in 0..2 {
         assert_eq!(

@@ -8,6 +8,7 @@
 mod support;
 
 use serde_json::{Value, json};
+use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::{MockServer, MockUpstream};
 
@@ -29,22 +30,26 @@ fn retry_after(response: &reqwest::Response) -> u64 {
         .expect("whole seconds")
 }
 
-/// One model `chat` on one mock, and the key `team` with `limits`; plus
-/// the key `other` without limits.
-async fn keyed_gateway(limits: &str) -> (Gateway, MockServer) {
+/// Model `chat` on the mock at `upstream`, as backend `up`.
+fn one_model(upstream: &MockServer) -> Config {
+    Config::new()
+        .backend(Backend::upstream("up", "openai", &url(upstream)))
+        .model(Model::new("chat").deployment(Deployment::new("up", "m")))
+}
+
+/// One model `chat` on one mock, and the key `team` with the limit
+/// `limit = quota`; plus the key `other` without limits.
+async fn keyed_gateway(limit: &str, quota: u32) -> (Gateway, MockServer) {
     let upstream = MockUpstream::openai().start().await;
-    let config = backend("up", "openai", &url(&upstream))
-        + &model("chat", &[("up", "m")])
-        + &format!(
-            "\n[[keys]]\nname = \"team\"\nkey_env = \"KEY_TEAM\"\nmodels = [\"*\"]\n{limits}\n\
-             \n[[keys]]\nname = \"other\"\nkey_env = \"KEY_OTHER\"\nmodels = [\"*\"]\n"
-        );
+    let config = one_model(&upstream)
+        .key(Key::new("team").set(limit, quota))
+        .key(Key::new("other"));
     (start(&config).await, upstream)
 }
 
 #[tokio::test]
 async fn a_key_over_its_rpm_gets_429_with_retry_after_and_other_keys_do_not() {
-    let (gateway, _upstream) = keyed_gateway("rpm = 2").await;
+    let (gateway, _upstream) = keyed_gateway("rpm", 2).await;
     // A request that is refused before admission uses none of the quota.
     assert_eq!(chat_as_team(&gateway, hi("nope")).await.status(), 404);
     for _ in 0..2 {
@@ -89,7 +94,7 @@ async fn a_key_over_its_tpm_gets_429_counting_what_requests_really_used() {
     // "hi" is estimated at 5 prompt tokens; the mock reports 11 prompt and
     // 3 completion tokens. Counted at admission only, six requests would
     // fit 30 tokens; counted as used (14 each), two do.
-    let (gateway, _upstream) = keyed_gateway("tpm = 30").await;
+    let (gateway, _upstream) = keyed_gateway("tpm", 30).await;
     for _ in 0..2 {
         assert_eq!(chat_as_team(&gateway, hi("chat")).await.status(), 200);
     }
@@ -123,21 +128,23 @@ async fn a_deployment_at_its_rpm_quota_is_skipped_not_failed() {
     let cheap = MockUpstream::openai().start().await;
     let dear = MockUpstream::openai().start().await;
     let single = MockUpstream::openai().start().await;
-    let config = backend_toml("cheap", "openai", &url(&cheap), "")
-        + &backend_toml("dear", "openai", &url(&dear), "")
-        + &backend_toml("single", "openai", &url(&single), "")
-        + &model_toml(
-            "chat",
-            "",
-            &[
-                ("cheap", "cheap", "input_usd_per_mtok = 0.1\nrpm = 2"),
-                ("dear", "dear", "input_usd_per_mtok = 1.0"),
+    let config = Config::new()
+        .backend(Backend::new("cheap", "openai", &url(&cheap)))
+        .backend(Backend::new("dear", "openai", &url(&dear)))
+        .backend(Backend::new("single", "openai", &url(&single)))
+        .model(
+            Model::new("chat")
+                .deployment(
+                    Deployment::named("cheap", "cheap")
+                        .price(0.1, 0.0)
+                        .set("rpm", 2),
+                )
+                .deployment(Deployment::named("dear", "dear").price(1.0, 0.0))
                 // Never fits: "hi" is about 5 tokens.
-                ("tiny", "dear", "tpm = 4"),
-            ],
+                .deployment(Deployment::named("tiny", "dear").set("tpm", 4)),
         )
-        + &model_toml("single", "", &[("single", "single", "rpm = 1")])
-        + ADMIN;
+        .model(Model::new("single").deployment(Deployment::named("single", "single").set("rpm", 1)))
+        .admin();
     let gateway = start(&config).await;
 
     for _ in 0..2 {
@@ -202,30 +209,21 @@ async fn upstream_ratelimit_headers_skip_a_deployment_until_they_reset() {
         .start()
         .await;
     let spare = MockUpstream::openai().start().await;
-    let config = backend_toml(
-        "spent",
-        "groq",
-        &url(&spent),
-        r#"api_key_env = "UPSTREAM_KEY_SPENT""#,
-    ) + &backend_toml("refusing", "openai", &url(&refusing), "")
-        + &backend_toml("spare", "openai", &url(&spare), "")
-        + &model_toml(
-            "chat",
-            "",
-            &[
-                ("spent", "spent", "input_usd_per_mtok = 0.1"),
-                ("spare", "spare", "input_usd_per_mtok = 1.0"),
-            ],
+    let config = Config::new()
+        .backend(Backend::new("spent", "groq", &url(&spent)).credential())
+        .backend(Backend::new("refusing", "openai", &url(&refusing)))
+        .backend(Backend::new("spare", "openai", &url(&spare)))
+        .model(
+            Model::new("chat")
+                .deployment(Deployment::named("spent", "spent").price(0.1, 0.0))
+                .deployment(Deployment::named("spare", "spare").price(1.0, 0.0)),
         )
-        + &model_toml(
-            "other",
-            "",
-            &[
-                ("refusing", "refusing", "input_usd_per_mtok = 0.1"),
-                ("other-spare", "spare", "input_usd_per_mtok = 1.0"),
-            ],
+        .model(
+            Model::new("other")
+                .deployment(Deployment::named("refusing", "refusing").price(0.1, 0.0))
+                .deployment(Deployment::named("other-spare", "spare").price(1.0, 0.0)),
         )
-        + ADMIN;
+        .admin();
     let gateway = start(&config).await;
 
     let response = gateway.chat(hi("chat")).await;
@@ -264,11 +262,11 @@ async fn upstream_ratelimit_headers_skip_a_deployment_until_they_reset() {
 }
 
 /// `POST /admin/reload` with `config`, which must be applied.
-async fn reload(gateway: &Gateway, config: &str) {
+async fn reload(gateway: &Gateway, config: &Config) {
     let response = gateway
         .post("/admin/reload")
         .bearer_auth(ADMIN_TOKEN)
-        .body(config.to_owned())
+        .body(config.to_toml())
         .send()
         .await
         .unwrap();
@@ -281,13 +279,10 @@ async fn reload(gateway: &Gateway, config: &str) {
 async fn a_keys_minute_goes_on_across_a_reload_and_a_new_quota_starts_afresh() {
     let upstream = MockUpstream::openai().start().await;
     let config = |rpm: u32, attempts: u32| {
-        backend("up", "openai", &url(&upstream))
-            + &model("chat", &[("up", "m")])
-            + &format!(
-                "\n[[keys]]\nname = \"team\"\nkey_env = \"KEY_TEAM\"\nmodels = [\"*\"]\nrpm = {rpm}\n\
-                 \n[routing]\nmax_attempts = {attempts}\n"
-            )
-            + ADMIN
+        one_model(&upstream)
+            .key(Key::new("team").set("rpm", rpm))
+            .set("routing", "max_attempts", attempts)
+            .admin()
     };
     let gateway = start(&config(1, 3)).await;
     assert_eq!(chat_as_team(&gateway, hi("chat")).await.status(), 200);

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::MockUpstream;
 
@@ -45,50 +46,59 @@ async fn until_version(gateway: &Gateway, version: &str) -> Duration {
     started.elapsed()
 }
 
-fn simulated(names: &[&str], alias: &str) -> String {
-    let mut text = String::new();
+/// Simulated backends `names`, and model `chat` with a deployment on each
+/// of `deployed` (which may name a backend that does not exist).
+fn simulated_on(names: &[&str], deployed: &[&str]) -> Config {
+    let mut config = Config::new();
     for name in names {
-        text += &format!(
-            "[[backends]]\nname = \"{name}\"\nkind = \"simulated\"\n[backends.simulated]\nttft_ms = 1\ntokens_per_second = 5000\ncompletion_tokens = 3\n"
-        );
+        config = config.backend(Backend::simulated(name).answers(1, 5000, 3));
     }
-    text += &model(alias, &names.iter().map(|n| (*n, "m")).collect::<Vec<_>>());
-    text + ADMIN
+    let mut chat = Model::new("chat");
+    for backend in deployed {
+        chat = chat.deployment(Deployment::new(backend, "m"));
+    }
+    config.model(chat)
 }
 
-fn write(path: &Path, text: &str) {
+/// Simulated backends `names`, model `chat` on each, and the admin API.
+fn simulated(names: &[&str]) -> Config {
+    simulated_on(names, names).admin()
+}
+
+fn write(path: &Path, config: &Config) {
     // Write then rename, as editors and config tools do.
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
+    std::fs::write(&tmp, config.to_toml()).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
 
 /// A gateway serving from `tollgate.toml` in a fresh directory, written
-/// with `text`.
-async fn serving_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf, Gateway) {
+/// with `config`.
+async fn serving_file(config: &Config) -> (tempfile::TempDir, std::path::PathBuf, Gateway) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tollgate.toml");
-    write(&path, text);
+    write(&path, config);
     let gateway = start_from_file(&path).await;
     (dir, path, gateway)
 }
 
 #[tokio::test]
 async fn an_edited_file_is_applied_within_a_second_and_an_invalid_edit_never() {
-    let (_dir, path, gateway) = serving_file(&simulated(&["one"], "chat")).await;
+    let (_dir, path, gateway) = serving_file(&simulated(&["one"])).await;
     let first = active_version(&gateway).await;
 
-    let second = simulated(&["one", "two"], "chat");
+    let second = simulated(&["one", "two"]);
     write(&path, &second);
-    let took = until_version(&gateway, &tollgate::config::version(&second)).await;
+    let version = tollgate::config::version(&second.to_toml());
+    let took = until_version(&gateway, &version).await;
     assert!(took < Duration::from_secs(1), "took {took:?}");
-    assert_ne!(first, tollgate::config::version(&second));
+    assert_ne!(first, version);
 
-    write(&path, &(second.clone() + "\n[routing]\nmax_attempts = 0\n"));
+    write(&path, &second.set("routing", "max_attempts", 0));
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
         active_version(&gateway).await,
-        tollgate::config::version(&second),
+        version,
         "an invalid file changes nothing"
     );
     let text = gateway.metrics().await;
@@ -109,11 +119,7 @@ async fn an_edited_file_is_applied_within_a_second_and_an_invalid_edit_never() {
         Some(1.0)
     );
     assert_eq!(
-        metric(
-            &text,
-            "tollgate_config_info",
-            &[("version", &tollgate::config::version(&second))]
-        ),
+        metric(&text, "tollgate_config_info", &[("version", &version)]),
         Some(1.0)
     );
 }
@@ -122,7 +128,7 @@ async fn an_edited_file_is_applied_within_a_second_and_an_invalid_edit_never() {
 #[tokio::test]
 async fn an_idle_gateway_stops_reading_its_config_file() {
     use notify::{EventKind, RecursiveMode, Watcher};
-    let (dir, path, gateway) = serving_file(&simulated(&["one"], "chat")).await;
+    let (dir, path, gateway) = serving_file(&simulated(&["one"])).await;
     let version = active_version(&gateway).await; // it is serving: the watch is on
     // Something else in the directory changes (a ledger, a log, an editor's
     // swap file): the gateway reads its config once to see whether it
@@ -157,8 +163,10 @@ async fn a_kubernetes_configmap_update_swapping_its_symlink_is_seen() {
     // ..data -> ..2026_11_28_v1; an update swaps ..data in one rename.
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let v1 = simulated(&["one"], "chat");
-    let v2 = simulated(&["one"], "chat") + "\n[routing]\nmax_attempts = 2\n";
+    let v1 = simulated(&["one"]).to_toml();
+    let v2 = simulated(&["one"])
+        .set("routing", "max_attempts", 2)
+        .to_toml();
     for (name, text) in [("..v1", &v1), ("..v2", &v2)] {
         std::fs::create_dir(root.join(name)).unwrap();
         std::fs::write(root.join(name).join("tollgate.toml"), text).unwrap();
@@ -179,19 +187,17 @@ async fn a_kubernetes_configmap_update_swapping_its_symlink_is_seen() {
 
 #[tokio::test]
 async fn admin_reload_validates_whole_candidates_and_dry_runs_return_the_diff() {
-    let base = simulated(&["one", "two"], "chat");
-    let gateway = start(&base).await;
+    let gateway = start(&simulated(&["one", "two"])).await;
     let version = active_version(&gateway).await;
 
-    let candidate = simulated(&["one", "three"], "chat")
-        + "[[keys]]\nname = \"team\"\nkey_env = \"KEY_TEAM\"\nmodels = [\"*\"]\n";
+    let candidate = simulated(&["one", "three"]).key(Key::new("team"));
     let response = admin(
         &gateway,
         reqwest::Method::POST,
         "/admin/reload?dry_run=true",
     )
     .await
-    .body(candidate.clone())
+    .body(candidate.to_toml())
     .send()
     .await
     .unwrap();
@@ -216,11 +222,13 @@ async fn admin_reload_validates_whole_candidates_and_dry_runs_return_the_diff() 
     assert_eq!(report["diff"]["keys"]["added"], json!(["team"]));
     assert_eq!(active_version(&gateway).await, version);
 
-    let invalid = candidate.replace("backend = \"three\"", "backend = \"nowhere\"")
-        + "[routing]\nmax_attempts = 99\n";
+    let invalid = simulated_on(&["one", "three"], &["one", "nowhere"])
+        .key(Key::new("team"))
+        .set("routing", "max_attempts", 99)
+        .admin();
     let response = admin(&gateway, reqwest::Method::POST, "/admin/reload")
         .await
-        .body(invalid)
+        .body(invalid.to_toml())
         .send()
         .await
         .unwrap();
@@ -247,7 +255,7 @@ async fn admin_reload_validates_whole_candidates_and_dry_runs_return_the_diff() 
 
     let response = admin(&gateway, reqwest::Method::POST, "/admin/reload")
         .await
-        .body(candidate.clone())
+        .body(candidate.to_toml())
         .send()
         .await
         .unwrap();
@@ -256,7 +264,7 @@ async fn admin_reload_validates_whole_candidates_and_dry_runs_return_the_diff() 
     assert_eq!(report["applied"], true);
     assert_eq!(
         report["version"].as_str(),
-        Some(tollgate::config::version(&candidate).as_str())
+        Some(tollgate::config::version(&candidate.to_toml()).as_str())
     );
     // The new config has keys: the key it names now opens the gateway.
     let response = gateway
@@ -297,15 +305,18 @@ async fn admin_reload_validates_whole_candidates_and_dry_runs_return_the_diff() 
 async fn live_state_carries_over_for_names_that_persist() {
     let down = MockUpstream::openai().status(503).start().await;
     let up = MockUpstream::openai().start().await;
-    let config = |extra: &str| {
-        backend("down", "vllm", &url(&down))
-            + &backend("up", "vllm", &url(&up))
-            + extra
-            + &model("chat", &[("down", "m"), ("up", "m")])
-            + "[routing]\ncircuit_failures = 1\ncircuit_cooldown_ms = 60000\n"
-            + ADMIN
-    };
-    let gateway = start(&config("")).await;
+    let config = Config::new()
+        .backend(Backend::upstream("down", "vllm", &url(&down)))
+        .backend(Backend::upstream("up", "vllm", &url(&up)))
+        .model(
+            Model::new("chat")
+                .deployment(Deployment::new("down", "m"))
+                .deployment(Deployment::new("up", "m")),
+        )
+        .set("routing", "circuit_failures", 1)
+        .set("routing", "circuit_cooldown_ms", 60_000)
+        .admin();
+    let gateway = start(&config).await;
     let response = gateway
         .chat(json!({"model": "chat", "messages": user("hi")}))
         .await;
@@ -313,7 +324,11 @@ async fn live_state_carries_over_for_names_that_persist() {
 
     let response = admin(&gateway, reqwest::Method::POST, "/admin/reload")
         .await
-        .body(config(&backend("spare", "vllm", &url(&up))))
+        .body(
+            config
+                .backend(Backend::upstream("spare", "vllm", &url(&up)))
+                .to_toml(),
+        )
         .send()
         .await
         .unwrap();
@@ -332,23 +347,27 @@ async fn live_state_carries_over_for_names_that_persist() {
 
 /// Candidate `i`: backends named after it, so an answer's backend tells
 /// which config served it; every fifth candidate is invalid.
-fn candidate(i: usize, x: &str, y: &str) -> String {
+fn candidate(i: usize, x: &str, y: &str) -> Config {
     let strategy = ["cost", "latency", "weighted", "spillover"][i % 4];
-    let mut text = backend(&format!("x{i}"), "vllm", x) + &backend(&format!("y{i}"), "openai", y);
+    let mut config = Config::new()
+        .backend(Backend::upstream(&format!("x{i}"), "vllm", x))
+        .backend(Backend::upstream(&format!("y{i}"), "openai", y));
     if i % 3 == 0 {
-        text += &backend(&format!("z{i}"), "vllm", y);
+        config = config.backend(Backend::upstream(&format!("z{i}"), "vllm", y));
     }
     let backend_y = if i % 5 == 4 {
         "missing".to_owned()
     } else {
         format!("y{i}")
     };
-    text += &format!(
-        "[[models]]\nalias = \"chat\"\nstrategy = \"{strategy}\"\n\
-         [[models.deployments]]\nbackend = \"x{i}\"\nmodel = \"m\"\ncontext_window = 8192\n\
-         [[models.deployments]]\nbackend = \"{backend_y}\"\nmodel = \"m\"\ncontext_window = 8192\n"
-    );
-    text + ADMIN
+    config
+        .model(
+            Model::new("chat")
+                .strategy(strategy)
+                .deployment(Deployment::new(&format!("x{i}"), "m"))
+                .deployment(Deployment::new(&backend_y, "m")),
+        )
+        .admin()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,7 +388,7 @@ async fn two_hundred_requests_in_flight_across_fifty_swaps_all_succeed_on_their_
     // The backends of every valid candidate, by version.
     let mut valid: HashMap<String, HashSet<String>> = HashMap::new();
     let mut invalid: HashSet<String> = HashSet::new();
-    let first = tollgate::config::parse(&candidate(0, &x_url, &y_url), &env).unwrap();
+    let first = tollgate::config::parse(&candidate(0, &x_url, &y_url).to_toml(), &env).unwrap();
     valid.insert(
         first.version.clone(),
         first.backends.iter().map(|b| b.name.clone()).collect(),
@@ -414,7 +433,7 @@ async fn two_hundred_requests_in_flight_across_fifty_swaps_all_succeed_on_their_
     for i in 1..=50 {
         requests.extend((0..4).map(|k| send(i * 4 + k)));
         tokio::time::sleep(Duration::from_millis(2)).await;
-        let text = candidate(i, &x_url, &y_url);
+        let text = candidate(i, &x_url, &y_url).to_toml();
         let started = Instant::now();
         let response = admin(&gateway, reqwest::Method::POST, "/admin/reload")
             .await
@@ -461,7 +480,7 @@ async fn two_hundred_requests_in_flight_across_fifty_swaps_all_succeed_on_their_
         "requests ran across many snapshots: {}",
         versions_seen.len()
     );
-    let last_valid = tollgate::config::version(&candidate(50, &x_url, &y_url));
+    let last_valid = tollgate::config::version(&candidate(50, &x_url, &y_url).to_toml());
     assert_eq!(active_version(&gateway).await, last_valid);
     let text = gateway.metrics().await;
     assert_eq!(
@@ -486,12 +505,10 @@ async fn two_hundred_requests_in_flight_across_fifty_swaps_all_succeed_on_their_
 fn check_diff_compares_two_files_offline() {
     let dir = tempfile::tempdir().unwrap();
     let (old, new) = (dir.path().join("old.toml"), dir.path().join("new.toml"));
-    std::fs::write(&old, simulated(&["one", "two"], "chat").replace(ADMIN, "")).unwrap();
-    std::fs::write(
-        &new,
-        simulated(&["one", "three"], "chat").replace(ADMIN, ""),
-    )
-    .unwrap();
+    let two = simulated_on(&["one", "two"], &["one", "two"]);
+    let three = simulated_on(&["one", "three"], &["one", "three"]);
+    std::fs::write(&old, two.to_toml()).unwrap();
+    std::fs::write(&new, three.to_toml()).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["check", "--diff"])
         .args([&old, &new])

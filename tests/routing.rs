@@ -9,6 +9,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::{MockServer, MockUpstream};
 
@@ -28,9 +29,6 @@ fn tgi_page(queue: u32, batch: u32) -> String {
     )
 }
 
-/// `gpu_hour_usd` and friends of a self-hosted pool at $1/Mtok flat out.
-const POOL: &str = "gpu_hour_usd = 3.6\ngpus = 1\nthroughput_tokens_per_second = 1000\n";
-
 fn hi(alias: &str) -> Value {
     json!({"model": alias, "messages": user("hi")})
 }
@@ -49,13 +47,18 @@ async fn served(gateway: &Gateway, request: Value) -> String {
 
 // ---- the request's region ------------------------------------------------------
 
-fn two_region_config(eu: &MockServer, us: &MockServer) -> String {
-    backend_toml("eu", "openai", &url(eu), "region = \"eu-west-1\"")
-        + &backend_toml("us", "openai", &url(us), "region = \"us-east-1\"")
-        + &model_toml("chat", "", &[("in-us", "us", ""), ("in-eu", "eu", "")])
-        + "\n[policy]\ndefault_region = \"us\"\n\
-           [[policy.residency]]\nrequest_region = \"eu\"\nbackend_regions = [\"eu-west-1\"]\n\
-           [[policy.residency]]\nrequest_region = \"us\"\nbackend_regions = [\"us-east-1\"]\n"
+fn two_region_config(eu: &MockServer, us: &MockServer) -> Config {
+    Config::new()
+        .backend(Backend::new("eu", "openai", &url(eu)).set("region", "eu-west-1"))
+        .backend(Backend::new("us", "openai", &url(us)).set("region", "us-east-1"))
+        .model(
+            Model::new("chat")
+                .deployment(Deployment::named("in-us", "us"))
+                .deployment(Deployment::named("in-eu", "eu")),
+        )
+        .set("policy", "default_region", "us")
+        .residency("eu", &["eu-west-1"])
+        .residency("us", &["us-east-1"])
 }
 
 #[tokio::test]
@@ -64,26 +67,15 @@ async fn the_region_comes_from_the_key_or_from_the_header_where_the_key_allows_i
         MockUpstream::openai().start().await,
         MockUpstream::openai().start().await,
     );
-    let keys = r#"
-[[keys]]
-name = "eu-team"
-key_env = "KEY_EU_TEAM"
-models = ["*"]
-region = "eu"
-
-[[keys]]
-name = "roaming"
-key_env = "KEY_ROAMING"
-models = ["*"]
-region = "us"
-region_header = true
-
-[[keys]]
-name = "plain"
-key_env = "KEY_PLAIN"
-models = ["*"]
-"#;
-    let gateway = start(&(two_region_config(&eu, &us) + keys)).await;
+    let config = two_region_config(&eu, &us)
+        .key(Key::new("eu-team").set("region", "eu"))
+        .key(
+            Key::new("roaming")
+                .set("region", "us")
+                .set("region_header", true),
+        )
+        .key(Key::new("plain"));
+    let gateway = start(&config).await;
     let send = |key: &'static str, region: Option<&'static str>| {
         let mut request = gateway
             .post("/v1/chat/completions")
@@ -159,10 +151,19 @@ async fn without_keys_the_region_header_is_honoured() {
 #[tokio::test]
 async fn a_request_no_deployment_may_serve_gets_451_naming_the_rule_and_a_remedy() {
     let upstream = MockUpstream::openai().start().await;
-    let llama_vision = "licence = \"llama\"\nmultimodal = true\nmodalities = [\"text\", \"image\"]";
-    let config = backend_toml("pool", "openai", &url(&upstream), "region = \"eu-west-1\"")
-        + &model_toml("llama-vision", "", &[("lv", "pool", llama_vision)])
-        + &model_toml("llama-text", "", &[("lt", "pool", "licence = \"llama\"")]);
+    let config = Config::new()
+        .backend(Backend::new("pool", "openai", &url(&upstream)).set("region", "eu-west-1"))
+        .model(
+            Model::new("llama-vision").deployment(
+                Deployment::named("lv", "pool")
+                    .set("licence", "llama")
+                    .multimodal(&["text", "image"]),
+            ),
+        )
+        .model(
+            Model::new("llama-text")
+                .deployment(Deployment::named("lt", "pool").set("licence", "llama")),
+        );
     let gateway = start(&config).await;
     let in_eu = |body: Value| {
         gateway
@@ -220,25 +221,21 @@ async fn cost_uses_an_idle_self_hosted_vllm_until_its_metrics_show_a_queue() {
     let gpu = MockUpstream::openai().start().await;
     let api = MockUpstream::openai().start().await;
     // vLLM is scraped at the root of its base URL, beside /v1.
-    let config = backend_toml(
-        "gpu",
-        "vllm",
-        &url(&gpu),
-        &format!("{POOL}max_concurrency = 8\n[backends.engine_metrics]\ninterval_ms = 100"),
-    ) + &backend_toml("api", "openai", &url(&api), "")
-        + &model_toml(
-            "chat",
-            "strategy = \"cost\"",
-            &[
-                (
-                    "per-token",
-                    "api",
-                    "input_usd_per_mtok = 0.5\noutput_usd_per_mtok = 0.5",
-                ),
-                ("self-hosted", "gpu", ""),
-            ],
+    let config = Config::new()
+        .backend(
+            Backend::new("gpu", "vllm", &url(&gpu))
+                .one_dollar_pool()
+                .set("max_concurrency", 8)
+                .engine_metrics("interval_ms", 100),
         )
-        + ADMIN;
+        .backend(Backend::new("api", "openai", &url(&api)))
+        .model(
+            Model::new("chat")
+                .strategy("cost")
+                .deployment(Deployment::named("per-token", "api").price(0.5, 0.5))
+                .deployment(Deployment::named("self-hosted", "gpu")),
+        )
+        .admin();
     let gateway = start(&config).await;
     scraped(&gpu, 1).await;
     assert_eq!(
@@ -272,14 +269,16 @@ async fn latency_measures_every_deployment_then_sends_each_kind_of_request_to_th
         .start()
         .await;
     let fast = MockUpstream::openai().start().await;
-    let config = backend_toml("slow", "openai", &url(&slow), "")
-        + &backend_toml("fast", "openai", &url(&fast), "")
-        + &model_toml(
-            "chat",
-            "strategy = \"latency\"",
-            &[("slow", "slow", ""), ("fast", "fast", "")],
+    let config = Config::new()
+        .backend(Backend::new("slow", "openai", &url(&slow)))
+        .backend(Backend::new("fast", "openai", &url(&fast)))
+        .model(
+            Model::new("chat")
+                .strategy("latency")
+                .deployment(Deployment::named("slow", "slow"))
+                .deployment(Deployment::named("fast", "fast")),
         )
-        + "\n[routing]\nexploration = 0.0\n";
+        .set("routing", "exploration", 0.0);
     let gateway = start(&config).await;
 
     let mut whole = Vec::new();
@@ -310,15 +309,14 @@ async fn latency_measures_every_deployment_then_sends_each_kind_of_request_to_th
 async fn weighted_spreads_traffic_in_proportion_to_the_weights() {
     let heavy = MockUpstream::openai().record(false).start().await;
     let light = MockUpstream::openai().record(false).start().await;
-    let config = backend_toml("heavy", "openai", &url(&heavy), "")
-        + &backend_toml("light", "openai", &url(&light), "")
-        + &model_toml(
-            "chat",
-            "strategy = \"weighted\"",
-            &[
-                ("heavy", "heavy", "weight = 3"),
-                ("light", "light", "weight = 1"),
-            ],
+    let config = Config::new()
+        .backend(Backend::new("heavy", "openai", &url(&heavy)))
+        .backend(Backend::new("light", "openai", &url(&light)))
+        .model(
+            Model::new("chat")
+                .strategy("weighted")
+                .deployment(Deployment::named("heavy", "heavy").set("weight", 3))
+                .deployment(Deployment::named("light", "light").set("weight", 1)),
         );
     let gateway = start(&config).await;
     for _ in 0..200 {
@@ -331,35 +329,32 @@ async fn weighted_spreads_traffic_in_proportion_to_the_weights() {
 
 // ---- spillover on engine load ----------------------------------------------------------
 
-fn spillover_config(engine: &str, overflow: &MockServer) -> String {
-    engine.to_owned()
-        + &backend_toml("api", "openai", &url(overflow), "")
-        + &model_toml(
-            "chat",
-            "strategy = \"spillover\"\n[models.spillover]\nhigh_load = 0.8\nlow_load = 0.5",
-            &[
-                (
-                    "overflow",
-                    "api",
-                    "input_usd_per_mtok = 0.2\noutput_usd_per_mtok = 0.2",
-                ),
-                ("self-hosted", "gpu", ""),
-            ],
+/// The self-hosted pool `gpu` at `base_url`, priced at $1/Mtok flat out.
+fn self_hosted(kind: &str, base_url: &str) -> Backend {
+    Backend::new("gpu", kind, base_url).one_dollar_pool()
+}
+
+fn spillover_config(engine: Backend, overflow: &MockServer) -> Config {
+    Config::new()
+        .backend(engine)
+        .backend(Backend::new("api", "openai", &url(overflow)))
+        .model(
+            Model::new("chat")
+                .spillover(0.8, 0.5)
+                .deployment(Deployment::named("overflow", "api").price(0.2, 0.2))
+                .deployment(Deployment::named("self-hosted", "gpu")),
         )
-        + ADMIN
+        .admin()
 }
 
 #[tokio::test]
 async fn spillover_overflows_when_vllm_reports_load_and_returns_only_below_low_load() {
     let gpu = MockUpstream::openai().start().await;
     let api = MockUpstream::openai().start().await;
-    let engine = backend_toml(
-        "gpu",
-        "vllm",
-        &url(&gpu),
-        &format!("{POOL}max_concurrency = 10\n[backends.engine_metrics]\ninterval_ms = 100"),
-    );
-    let gateway = start(&spillover_config(&engine, &api)).await;
+    let engine = self_hosted("vllm", &url(&gpu))
+        .set("max_concurrency", 10)
+        .engine_metrics("interval_ms", 100);
+    let gateway = start(&spillover_config(engine, &api)).await;
     scraped(&gpu, 1).await;
     assert_eq!(
         served(&gateway, hi("chat")).await,
@@ -410,13 +405,10 @@ async fn spillover_reads_a_tgi_queue_from_its_metrics() {
     tgi.set_metrics(tgi_page(0, 2));
     let api = MockUpstream::openai().start().await;
     // A TGI backend is scraped at its root's /metrics by default.
-    let engine = backend_toml(
-        "gpu",
-        "tgi",
-        &tgi.base_url(),
-        &format!("{POOL}max_concurrency = 8\n[backends.engine_metrics]\ninterval_ms = 100"),
-    );
-    let gateway = start(&spillover_config(&engine, &api)).await;
+    let engine = self_hosted("tgi", &tgi.base_url())
+        .set("max_concurrency", 8)
+        .engine_metrics("interval_ms", 100);
+    let gateway = start(&spillover_config(engine, &api)).await;
     let explained = gateway
         .explain_until(ask("chat"), |e| {
             reason(e, "self-hosted").starts_with("tier 0, load 0.25")
@@ -447,13 +439,8 @@ async fn spillover_counts_requests_in_flight_against_max_concurrency() {
     // Streams that stay open until released: two of them fill the pool.
     let gpu = MockUpstream::openai().hold_after(1).start().await;
     let api = MockUpstream::openai().start().await;
-    let engine = backend_toml(
-        "gpu",
-        "openai",
-        &url(&gpu),
-        &format!("{POOL}max_concurrency = 2"),
-    );
-    let gateway = start(&spillover_config(&engine, &api)).await;
+    let engine = self_hosted("openai", &url(&gpu)).set("max_concurrency", 2);
+    let gateway = start(&spillover_config(engine, &api)).await;
     let stream = json!({"model": "chat", "stream": true, "messages": user("hi")});
     let mut open = Vec::new();
     for _ in 0..2 {
@@ -489,13 +476,8 @@ async fn a_failed_scrape_makes_engine_signals_stale_and_leaves_the_backend_in_se
     gpu.set_metrics(vllm_page(4, 16, 1.0));
     let api = MockUpstream::openai().start().await;
     // No max_concurrency: without the engine's signals, load is unknown.
-    let engine = backend_toml(
-        "gpu",
-        "vllm",
-        &url(&gpu),
-        &format!("{POOL}[backends.engine_metrics]\ninterval_ms = 100"),
-    );
-    let gateway = start(&spillover_config(&engine, &api)).await;
+    let engine = self_hosted("vllm", &url(&gpu)).engine_metrics("interval_ms", 100);
+    let gateway = start(&spillover_config(engine, &api)).await;
     gateway
         .explain_until(ask("chat"), |e| e["chosen"] == "overflow")
         .await;
@@ -521,8 +503,9 @@ async fn a_failed_scrape_makes_engine_signals_stale_and_leaves_the_backend_in_se
 #[tokio::test]
 async fn admin_explain_exists_only_with_a_token_and_refuses_a_wrong_one() {
     let upstream = MockUpstream::openai().start().await;
-    let config = backend_toml("api", "openai", &url(&upstream), "")
-        + &model_toml("chat", "", &[("d", "api", "")]);
+    let config = Config::new()
+        .backend(Backend::new("api", "openai", &url(&upstream)))
+        .model(Model::new("chat").deployment(Deployment::named("d", "api")));
     let without = start(&config).await;
     let response = without
         .post("/admin/explain")
@@ -533,7 +516,7 @@ async fn admin_explain_exists_only_with_a_token_and_refuses_a_wrong_one() {
         .unwrap();
     assert_eq!(response.status(), 404, "no token configured: no admin API");
 
-    let gateway = start(&(config + ADMIN)).await;
+    let gateway = start(&config.admin()).await;
     for token in [None, Some("not-the-token")] {
         let mut request = gateway.post("/admin/explain").json(&ask("chat"));
         if let Some(token) = token {
@@ -567,37 +550,17 @@ async fn admin_explain_exists_only_with_a_token_and_refuses_a_wrong_one() {
 #[test]
 fn the_explain_command_prints_the_plan_for_a_config_and_a_request() {
     let dir = tempfile::tempdir().unwrap();
-    let config = r#"
-[[backends]]
-name = "eu-pool"
-kind = "simulated"
-region = "eu-west-1"
-
-[[backends]]
-name = "us-pool"
-kind = "simulated"
-region = "us-east-1"
-
-[[models]]
-alias = "chat"
-[[models.deployments]]
-name = "in-us"
-backend = "us-pool"
-model = "m"
-context_window = 8192
-[[models.deployments]]
-name = "in-eu"
-backend = "eu-pool"
-model = "m"
-context_window = 8192
-
-[policy]
-[[policy.residency]]
-request_region = "eu"
-backend_regions = ["eu-west-1"]
-"#;
+    let config = Config::new()
+        .backend(Backend::simulated("eu-pool").set("region", "eu-west-1"))
+        .backend(Backend::simulated("us-pool").set("region", "us-east-1"))
+        .model(
+            Model::new("chat")
+                .deployment(Deployment::named("in-us", "us-pool"))
+                .deployment(Deployment::named("in-eu", "eu-pool")),
+        )
+        .residency("eu", &["eu-west-1"]);
     let config_path = dir.path().join("tollgate.toml");
-    std::fs::write(&config_path, config).unwrap();
+    std::fs::write(&config_path, config.to_toml()).unwrap();
     let request_path = dir.path().join("request.json");
     std::fs::write(&request_path, hi("chat").to_string()).unwrap();
 

@@ -10,6 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::config::{Backend, Config, Deployment, Model};
 use support::gateway::*;
 use support::mock::{self, MockServer, MockUpstream};
 
@@ -43,6 +44,24 @@ fn pair(backend: &str, attempts: usize) -> (String, String) {
     (backend.to_owned(), attempts.to_string())
 }
 
+/// Alias `name` on backend `name`, then on `spare`: deployments `name` and
+/// `<name>-spare`.
+fn with_spare(name: &str) -> Model {
+    Model::new(name)
+        .deployment(Deployment::named(name, name))
+        .deployment(Deployment::named(&format!("{name}-spare"), "spare"))
+}
+
+/// Alias `chat` on these backends, in order, each deployment named as
+/// given: `(name, backend)`.
+fn chat(deployments: &[(&str, &str)]) -> Model {
+    deployments
+        .iter()
+        .fold(Model::new("chat"), |model, (name, backend)| {
+            model.deployment(Deployment::named(name, backend))
+        })
+}
+
 // ---- failover --------------------------------------------------------------------
 
 #[tokio::test]
@@ -61,43 +80,19 @@ async fn each_retriable_failure_before_the_first_byte_fails_over_to_the_next_dep
         failing.push((status, MockUpstream::openai().status(status).start().await));
     }
     let spare = MockUpstream::openai().start().await;
-    let mut config = backend_toml("refused", "openai", &format!("{refused}/v1"), "")
-        + &backend_toml(
-            "silent",
-            "openai",
-            &url(&silent),
-            "[backends.timeouts]\nfirst_byte_ms = 150",
-        )
-        + &backend_toml(
-            "stalled",
-            "openai",
-            &url(&stalled),
-            "[backends.timeouts]\nfirst_byte_ms = 150",
-        )
-        + &backend_toml("spare", "openai", &url(&spare), "")
-        + &model_toml(
-            "stalled",
-            "",
-            &[("stalled", "stalled", ""), ("stalled-spare", "spare", "")],
-        )
-        + &model_toml(
-            "refused",
-            "",
-            &[("refused", "refused", ""), ("refused-spare", "spare", "")],
-        )
-        + &model_toml(
-            "silent",
-            "",
-            &[("silent", "silent", ""), ("silent-spare", "spare", "")],
-        );
+    let mut config = Config::new()
+        .backend(Backend::new("refused", "openai", &format!("{refused}/v1")))
+        .backend(Backend::new("silent", "openai", &url(&silent)).first_byte_ms(150))
+        .backend(Backend::new("stalled", "openai", &url(&stalled)).first_byte_ms(150))
+        .backend(Backend::new("spare", "openai", &url(&spare)))
+        .model(with_spare("stalled"))
+        .model(with_spare("refused"))
+        .model(with_spare("silent"));
     for (status, mock) in &failing {
         let name = format!("status-{status}");
-        config += &backend_toml(&name, "openai", &url(mock), "");
-        config += &model_toml(
-            &name,
-            "",
-            &[(&name, &name, ""), (&format!("{name}-spare"), "spare", "")],
-        );
+        config = config
+            .backend(Backend::new(&name, "openai", &url(mock)))
+            .model(with_spare(&name));
     }
     let gateway = start(&config).await;
 
@@ -139,13 +134,10 @@ async fn a_client_error_from_the_upstream_is_not_retried() {
         .start()
         .await;
     let spare = MockUpstream::openai().start().await;
-    let config = backend_toml("rejecting", "openai", &url(&rejecting), "")
-        + &backend_toml("spare", "openai", &url(&spare), "")
-        + &model_toml(
-            "chat",
-            "",
-            &[("first", "rejecting", ""), ("second", "spare", "")],
-        );
+    let config = Config::new()
+        .backend(Backend::new("rejecting", "openai", &url(&rejecting)))
+        .backend(Backend::new("spare", "openai", &url(&spare)))
+        .model(chat(&[("first", "rejecting"), ("second", "spare")]));
     let gateway = start(&config).await;
     assert_eq!(
         outcome(&gateway, hi("chat"), 400).await,
@@ -157,22 +149,21 @@ async fn a_client_error_from_the_upstream_is_not_retried() {
 #[tokio::test]
 async fn max_attempts_bounds_how_many_deployments_one_request_tries() {
     let mut mocks = Vec::new();
-    let mut config = "\n[routing]\nmax_attempts = 2\n".to_owned();
-    let mut deployments = Vec::new();
+    let mut config = Config::new().set("routing", "max_attempts", 2);
     for name in ["one", "two", "three"] {
         let mock = MockUpstream::openai().status(503).start().await;
-        config += &backend_toml(name, "openai", &url(&mock), "");
-        deployments.push(name);
+        config = config.backend(Backend::new(name, "openai", &url(&mock)));
         mocks.push(mock);
     }
     let good = MockUpstream::openai().start().await;
-    config += &backend_toml("good", "openai", &url(&good), "");
-    let list: Vec<(&str, &str, &str)> = deployments
-        .iter()
-        .chain(&["good"])
-        .map(|name| (*name, *name, ""))
-        .collect();
-    config += &model_toml("chat", "", &list);
+    let config = config
+        .backend(Backend::new("good", "openai", &url(&good)))
+        .model(chat(&[
+            ("one", "one"),
+            ("two", "two"),
+            ("three", "three"),
+            ("good", "good"),
+        ]));
     let gateway = start(&config).await;
 
     let response = gateway.chat(hi("chat")).await;
@@ -196,13 +187,10 @@ async fn nothing_is_retried_once_the_client_has_had_a_byte() {
         .start()
         .await;
     let spare = MockUpstream::openai().start().await;
-    let config = backend_toml("breaking", "vllm", &url(&breaking), "")
-        + &backend_toml("spare", "openai", &url(&spare), "")
-        + &model_toml(
-            "chat",
-            "",
-            &[("first", "breaking", ""), ("second", "spare", "")],
-        );
+    let config = Config::new()
+        .backend(Backend::new("breaking", "vllm", &url(&breaking)))
+        .backend(Backend::new("spare", "openai", &url(&spare)))
+        .model(chat(&[("first", "breaking"), ("second", "spare")]));
     let gateway = start(&config).await;
 
     let (head, events) = gateway
@@ -242,16 +230,13 @@ async fn a_429_with_retry_after_cools_its_deployment_for_that_long() {
         .start()
         .await;
     let spare = MockUpstream::openai().start().await;
-    let config = backend_toml("limited", "openai", &url(&limited), "")
-        + &backend_toml("alone", "openai", &url(&alone), "")
-        + &backend_toml("spare", "openai", &url(&spare), "")
-        + &model_toml(
-            "chat",
-            "",
-            &[("limited", "limited", ""), ("spare", "spare", "")],
-        )
-        + &model_toml("alone", "", &[("alone", "alone", "")])
-        + ADMIN;
+    let config = Config::new()
+        .backend(Backend::new("limited", "openai", &url(&limited)))
+        .backend(Backend::new("alone", "openai", &url(&alone)))
+        .backend(Backend::new("spare", "openai", &url(&spare)))
+        .model(chat(&[("limited", "limited"), ("spare", "spare")]))
+        .model(Model::new("alone").deployment(Deployment::named("alone", "alone")))
+        .admin();
     let gateway = start(&config).await;
 
     let limited_at = Instant::now();
@@ -306,15 +291,13 @@ async fn a_429_with_retry_after_cools_its_deployment_for_that_long() {
 async fn a_circuit_opens_after_consecutive_failures_then_probes_once_and_closes_or_reopens() {
     let flaky = MockUpstream::openai().status(500).start().await;
     let spare = MockUpstream::openai().start().await;
-    let config = backend_toml("flaky", "openai", &url(&flaky), "")
-        + &backend_toml("spare", "openai", &url(&spare), "")
-        + &model_toml(
-            "chat",
-            "",
-            &[("flaky", "flaky", ""), ("spare", "spare", "")],
-        )
-        + "\n[routing]\ncircuit_failures = 2\ncircuit_cooldown_ms = 500\n"
-        + ADMIN;
+    let config = Config::new()
+        .backend(Backend::new("flaky", "openai", &url(&flaky)))
+        .backend(Backend::new("spare", "openai", &url(&spare)))
+        .model(chat(&[("flaky", "flaky"), ("spare", "spare")]))
+        .set("routing", "circuit_failures", 2)
+        .set("routing", "circuit_cooldown_ms", 500)
+        .admin();
     let gateway = start(&config).await;
     let is_open =
         |e: &Value| reason(e, "flaky").starts_with("circuit open after 2 consecutive failures");
@@ -358,9 +341,11 @@ async fn a_circuit_opens_after_consecutive_failures_then_probes_once_and_closes_
 #[tokio::test]
 async fn with_every_circuit_open_the_gateway_answers_503_with_retry_after() {
     let down = MockUpstream::openai().status(502).start().await;
-    let config = backend_toml("down", "openai", &url(&down), "")
-        + &model_toml("chat", "", &[("down", "down", "")])
-        + "\n[routing]\ncircuit_failures = 1\ncircuit_cooldown_ms = 1500\n";
+    let config = Config::new()
+        .backend(Backend::new("down", "openai", &url(&down)))
+        .model(chat(&[("down", "down")]))
+        .set("routing", "circuit_failures", 1)
+        .set("routing", "circuit_cooldown_ms", 1500);
     let gateway = start(&config).await;
     assert_eq!(outcome(&gateway, hi("chat"), 502).await, pair("down", 1));
     let response = gateway.chat(hi("chat")).await;
@@ -379,9 +364,10 @@ async fn answers_name_the_last_backend_tried_and_the_attempts_even_when_all_fail
         .error(502, json!({"error": {"message": "bad gateway upstream", "type": "server_error", "param": null, "code": null}}))
         .start()
         .await;
-    let config = backend_toml("first", "openai", &url(&first), "")
-        + &backend_toml("second", "openai", &url(&second), "")
-        + &model_toml("chat", "", &[("a", "first", ""), ("b", "second", "")]);
+    let config = Config::new()
+        .backend(Backend::new("first", "openai", &url(&first)))
+        .backend(Backend::new("second", "openai", &url(&second)))
+        .model(chat(&[("a", "first"), ("b", "second")]));
     let gateway = start(&config).await;
     let response = gateway.chat(hi("chat")).await;
     assert_eq!(response.status(), 502);

@@ -10,24 +10,30 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::config::{Config, Deployment, Key, Model};
 use support::gateway::{candidate, reason, user};
 use support::plan::*;
 use tollgate::pipeline::admit::explain;
 use tollgate::routing::{self, PlanStatus, RequestFacts};
 
+/// Alias `chat` on `in-us` (backend `us-pool`, in us-east-1), then `in-eu`
+/// (backend `eu-pool`, in eu-west-1).
+fn two_regions() -> Config {
+    Config::new()
+        .backend(sim("eu-pool", "eu-west-1"))
+        .backend(sim("us-pool", "us-east-1"))
+        .model(
+            Model::new("chat")
+                .deployment(Deployment::named("in-us", "us-pool"))
+                .deployment(Deployment::named("in-eu", "eu-pool")),
+        )
+}
+
 // ---- policy filters ---------------------------------------------------------
 
 #[test]
 fn residency_keeps_only_backends_in_the_regions_a_request_region_may_use() {
-    let config = sim("eu-pool", "eu-west-1", "")
-        + &sim("us-pool", "us-east-1", "")
-        + &model(
-            "chat",
-            "",
-            &[("in-us", "us-pool", ""), ("in-eu", "eu-pool", "")],
-        )
-        + "[policy]\n[[policy.residency]]\nrequest_region = \"eu\"\nbackend_regions = [\"eu-west-1\"]\n";
-    let s = snapshot(&config);
+    let s = snapshot(&two_regions().residency("eu", &["eu-west-1"]));
 
     let eu = explained(&s, "chat", user("hi"), Some("eu"));
     assert_eq!(eu["status"], 200);
@@ -51,21 +57,17 @@ fn residency_keeps_only_backends_in_the_regions_a_request_region_may_use() {
 
 #[test]
 fn multimodal_llama_never_serves_the_eu_even_text_only_while_text_llama_does() {
-    let deployments = [
-        (
-            "llama-vision",
-            "pool",
-            "licence = \"llama\"\nmultimodal = true\nmodalities = [\"text\", \"image\"]",
-        ),
-        ("llama-text", "pool", "licence = \"llama\""),
-        (
-            "other-vision",
-            "pool",
-            "multimodal = true\nmodalities = [\"text\", \"image\"]",
-        ),
-    ];
-    let base = sim("pool", "eu-west-1", "") + &model("chat", "", &deployments);
-    let s = snapshot(&(base.clone() + "[policy]\neu_regions = [\"eu\", \"de\"]\n"));
+    let base = Config::new().backend(sim("pool", "eu-west-1")).model(
+        Model::new("chat")
+            .deployment(
+                Deployment::named("llama-vision", "pool")
+                    .set("licence", "llama")
+                    .multimodal(&["text", "image"]),
+            )
+            .deployment(Deployment::named("llama-text", "pool").set("licence", "llama"))
+            .deployment(Deployment::named("other-vision", "pool").multimodal(&["text", "image"])),
+    );
+    let s = snapshot(&base.clone().set("policy", "eu_regions", vec!["eu", "de"]));
 
     for region in ["eu", "de"] {
         let text = explained(&s, "chat", user("hi"), Some(region));
@@ -93,39 +95,20 @@ fn multimodal_llama_never_serves_the_eu_even_text_only_while_text_llama_does() {
         false,
         "on by default, with \"eu\" the default EU region"
     );
-    let off = snapshot(&(base + "[policy]\nllama_eu_multimodal_block = false\n"));
+    let off = snapshot(&base.set("policy", "llama_eu_multimodal_block", false));
     let eu = explained(&off, "chat", image("what is this?"), Some("eu"));
     assert_eq!(kept(&eu), ["llama-vision", "other-vision"]);
 }
 
 #[test]
 fn media_context_window_and_tools_each_filter_the_deployments_that_cannot_serve() {
-    let deployments = [
-        ("small-text", "pool", "context_window = 1000"),
-        (
-            "vision",
-            "pool",
-            "multimodal = true\nmodalities = [\"text\", \"image\"]",
-        ),
-        (
-            "audio",
-            "pool",
-            "multimodal = true\nmodalities = [\"text\", \"audio\"]",
-        ),
-        ("tools", "pool", "tools = true"),
-    ];
-    // context_window is given twice for small-text: take it from `extra`.
-    let mut config = sim("pool", "us", "") + "\n[[models]]\nalias = \"chat\"\n";
-    for (name, backend, extra) in deployments {
-        let window = if extra.contains("context_window") {
-            ""
-        } else {
-            "context_window = 8192\n"
-        };
-        config += &format!(
-            "[[models.deployments]]\nname = \"{name}\"\nbackend = \"{backend}\"\nmodel = \"m\"\n{window}{extra}\n"
-        );
-    }
+    let config = Config::new().backend(sim("pool", "us")).model(
+        Model::new("chat")
+            .deployment(Deployment::named("small-text", "pool").set("context_window", 1000))
+            .deployment(Deployment::named("vision", "pool").multimodal(&["text", "image"]))
+            .deployment(Deployment::named("audio", "pool").multimodal(&["text", "audio"]))
+            .deployment(Deployment::named("tools", "pool").set("tools", true)),
+    );
     let s = snapshot(&config);
 
     let pic = explained(&s, "chat", image("what is this?"), None);
@@ -181,20 +164,22 @@ fn media_context_window_and_tools_each_filter_the_deployments_that_cannot_serve(
 
 #[test]
 fn when_policy_leaves_nothing_the_refusal_names_the_rule_and_a_remedy() {
-    let vision = "multimodal = true\nmodalities = [\"text\", \"image\"]";
-    let llama_vision = "licence = \"llama\"\nmultimodal = true\nmodalities = [\"text\", \"image\"]";
-    let key = |name: &str, digit: char, models: &str| {
-        format!(
-            "[[keys]]\nname = \"{name}\"\nsha256 = \"{}\"\nmodels = {models}\n",
-            digit.to_string().repeat(64)
-        )
-    };
-    let config = sim("pool", "eu-west-1", "")
-        + &model("llama-vision", "", &[("lv", "pool", llama_vision)])
-        + &model("text", "", &[("t", "pool", "")])
-        + &model("other-vision", "", &[("ov", "pool", vision)])
-        + &key("all", 'a', "[\"*\"]")
-        + &key("llama-only", 'b', "[\"llama-vision\", \"text\"]");
+    let only = |alias: &str, deployment: Deployment| Model::new(alias).deployment(deployment);
+    let config = Config::new()
+        .backend(sim("pool", "eu-west-1"))
+        .model(only(
+            "llama-vision",
+            Deployment::named("lv", "pool")
+                .set("licence", "llama")
+                .multimodal(&["text", "image"]),
+        ))
+        .model(only("text", Deployment::named("t", "pool")))
+        .model(only(
+            "other-vision",
+            Deployment::named("ov", "pool").multimodal(&["text", "image"]),
+        ))
+        .key(Key::hashed("all", &"a".repeat(64)))
+        .key(Key::hashed("llama-only", &"b".repeat(64)).models(&["llama-vision", "text"]));
     let s = snapshot(&config);
     let refuse = |alias: &str, facts: &RequestFacts, key: Option<&str>| {
         let model = s.model_index(alias).unwrap();
@@ -254,20 +239,19 @@ fn when_policy_leaves_nothing_the_refusal_names_the_rule_and_a_remedy() {
 
 #[test]
 fn open_circuits_and_rate_limit_cooldowns_drop_deployments_until_they_pass() {
-    let config = sim("a", "us", "")
-        + &sim("b", "us", "")
-        + &sim("c", "eu", "")
-        + &model(
-            "chat",
-            "",
-            &[
-                ("flaky", "a", ""),
-                ("limited", "b", ""),
-                ("elsewhere", "c", ""),
-            ],
+    let config = Config::new()
+        .backend(sim("a", "us"))
+        .backend(sim("b", "us"))
+        .backend(sim("c", "eu"))
+        .model(
+            Model::new("chat")
+                .deployment(Deployment::named("flaky", "a"))
+                .deployment(Deployment::named("limited", "b"))
+                .deployment(Deployment::named("elsewhere", "c")),
         )
-        + "[routing]\ncircuit_failures = 2\ncircuit_cooldown_ms = 2500\n\
-           [policy]\n[[policy.residency]]\nrequest_region = \"us\"\nbackend_regions = [\"us\"]\n";
+        .set("routing", "circuit_failures", 2)
+        .set("routing", "circuit_cooldown_ms", 2500)
+        .residency("us", &["us"]);
     let s = snapshot(&config);
     let (flaky, limited) = (&s.resolved(0, 0).health, &s.resolved(0, 1).health);
     let now = Instant::now();
@@ -338,20 +322,11 @@ fn open_circuits_and_rate_limit_cooldowns_drop_deployments_until_they_pass() {
 #[test]
 fn explain_takes_the_region_from_the_request_then_the_key_then_the_policy_default_as_the_gateway_does()
  {
-    let config = sim("eu-pool", "eu-west-1", "")
-        + &sim("us-pool", "us-east-1", "")
-        + &model(
-            "chat",
-            "",
-            &[("in-us", "us-pool", ""), ("in-eu", "eu-pool", "")],
-        )
-        + &format!(
-            "[[keys]]\nname = \"eu-team\"\nsha256 = \"{}\"\nmodels = [\"*\"]\nregion = \"eu\"\n",
-            "c".repeat(64)
-        )
-        + "[policy]\ndefault_region = \"us\"\n\
-           [[policy.residency]]\nrequest_region = \"eu\"\nbackend_regions = [\"eu-west-1\"]\n\
-           [[policy.residency]]\nrequest_region = \"us\"\nbackend_regions = [\"us-east-1\"]\n";
+    let config = two_regions()
+        .key(Key::hashed("eu-team", &"c".repeat(64)).set("region", "eu"))
+        .set("policy", "default_region", "us")
+        .residency("eu", &["eu-west-1"])
+        .residency("us", &["us-east-1"]);
     let s = snapshot(&config);
     let chosen = |region: Option<&str>, key: Option<&str>| {
         let plan = explain(

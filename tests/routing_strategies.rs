@@ -11,36 +11,52 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::config::{Config, Deployment, Model};
 use support::gateway::{candidate, reason};
 use support::plan::*;
 use tollgate::health::EngineSignals;
 use tollgate::routing::{self, Plan, RequestFacts};
 use tollgate::state::Snapshot;
 
+/// A self-hosted pool `gpu` (at $1/Mtok flat out, 10 requests at once)
+/// and two simulated APIs, `cheap-api` and `dear-api`.
+fn gpu_and_two_apis() -> Config {
+    Config::new()
+        .backend(
+            never_called("gpu", "vllm")
+                .one_dollar_pool()
+                .set("max_concurrency", 10),
+        )
+        .backend(sim("cheap-api", "us"))
+        .backend(sim("dear-api", "us"))
+}
+
+/// Alias `chat` on `slow` (backend `a`) then `fast` (backend `b`), by
+/// latency, exploring `exploration` of the time.
+fn slow_and_fast(exploration: f64) -> Config {
+    Config::new()
+        .backend(sim("a", "us"))
+        .backend(sim("b", "us"))
+        .model(
+            Model::new("chat")
+                .strategy("latency")
+                .deployment(Deployment::named("slow", "a"))
+                .deployment(Deployment::named("fast", "b")),
+        )
+        .set("routing", "exploration", exploration)
+}
+
 // ---- strategies ---------------------------------------------------------------
 
 #[test]
 fn cost_prices_an_idle_self_hosted_pool_as_free_and_a_busy_one_by_its_load() {
-    let config = vllm("gpu", ONE_DOLLAR_POOL)
-        + &sim("cheap-api", "us", "")
-        + &sim("dear-api", "us", "")
-        + &model(
-            "chat",
-            "strategy = \"cost\"",
-            &[
-                (
-                    "dear",
-                    "dear-api",
-                    "input_usd_per_mtok = 2.0\noutput_usd_per_mtok = 2.0",
-                ),
-                ("self", "gpu", ""),
-                (
-                    "cheap",
-                    "cheap-api",
-                    "input_usd_per_mtok = 0.5\noutput_usd_per_mtok = 0.5",
-                ),
-            ],
-        );
+    let config = gpu_and_two_apis().model(
+        Model::new("chat")
+            .strategy("cost")
+            .deployment(Deployment::named("dear", "dear-api").price(2.0, 2.0))
+            .deployment(Deployment::named("self", "gpu"))
+            .deployment(Deployment::named("cheap", "cheap-api").price(0.5, 0.5)),
+    );
     let s = snapshot(&config);
     let facts = text_facts(600, 400);
     let now = Instant::now();
@@ -84,17 +100,10 @@ fn cost_prices_an_idle_self_hosted_pool_as_free_and_a_busy_one_by_its_load() {
 
 #[test]
 fn cost_expects_the_configured_output_length_until_the_alias_has_observed_one() {
-    let config = sim("api", "us", "")
-        + &model(
-            "chat",
-            "",
-            &[(
-                "d",
-                "api",
-                "input_usd_per_mtok = 1.0\noutput_usd_per_mtok = 3.0",
-            )],
-        )
-        + "[routing]\ndefault_output_tokens = 100\n";
+    let config = Config::new()
+        .backend(sim("api", "us"))
+        .model(Model::new("chat").deployment(Deployment::named("d", "api").price(1.0, 3.0)))
+        .set("routing", "default_output_tokens", 100);
     let s = snapshot(&config);
     let facts = RequestFacts {
         input_tokens: 1000,
@@ -111,15 +120,7 @@ fn cost_expects_the_configured_output_length_until_the_alias_has_observed_one() 
 
 #[test]
 fn latency_tries_unmeasured_first_then_the_fastest_for_streams_and_whole_answers_apart() {
-    let config = sim("a", "us", "")
-        + &sim("b", "us", "")
-        + &model(
-            "chat",
-            "strategy = \"latency\"",
-            &[("slow", "a", ""), ("fast", "b", "")],
-        )
-        + "[routing]\nexploration = 0.0\n";
-    let s = snapshot(&config);
+    let s = snapshot(&slow_and_fast(0.0));
     let (slow, fast) = (&s.resolved(0, 0).health, &s.resolved(0, 1).health);
     let stream = RequestFacts {
         stream: true,
@@ -166,15 +167,7 @@ fn latency_tries_unmeasured_first_then_the_fastest_for_streams_and_whole_answers
 
 #[test]
 fn latency_exploration_puts_another_deployment_first_for_its_share_of_requests() {
-    let config = sim("a", "us", "")
-        + &sim("b", "us", "")
-        + &model(
-            "chat",
-            "strategy = \"latency\"",
-            &[("slow", "a", ""), ("fast", "b", "")],
-        )
-        + "[routing]\nexploration = 0.2\n";
-    let s = snapshot(&config);
+    let s = snapshot(&slow_and_fast(0.2));
     s.resolved(0, 0)
         .health
         .record_latency(false, Duration::from_millis(900));
@@ -203,17 +196,16 @@ fn latency_exploration_puts_another_deployment_first_for_its_share_of_requests()
 
 #[test]
 fn weighted_puts_each_deployment_first_in_proportion_to_its_weight() {
-    let config = sim("a", "us", "")
-        + &sim("b", "us", "")
-        + &sim("c", "us", "")
-        + &model(
-            "chat",
-            "strategy = \"weighted\"",
-            &[
-                ("three", "a", "weight = 3"),
-                ("one", "b", ""),
-                ("four", "c", "weight = 4"),
-            ],
+    let config = Config::new()
+        .backend(sim("a", "us"))
+        .backend(sim("b", "us"))
+        .backend(sim("c", "us"))
+        .model(
+            Model::new("chat")
+                .strategy("weighted")
+                .deployment(Deployment::named("three", "a").set("weight", 3))
+                .deployment(Deployment::named("one", "b"))
+                .deployment(Deployment::named("four", "c").set("weight", 4)),
         );
     let s = snapshot(&config);
     let facts = text_facts(5, 10);
@@ -241,35 +233,23 @@ fn weighted_puts_each_deployment_first_in_proportion_to_its_weight() {
 
 // ---- spillover ------------------------------------------------------------------
 
-fn spillover_snapshot(cap: &str) -> Snapshot {
-    let config = vllm("gpu", ONE_DOLLAR_POOL)
-        + &sim("cheap-api", "us", "")
-        + &sim("dear-api", "us", "")
-        + &model(
-            "chat",
-            &format!(
-                "strategy = \"spillover\"\n[models.spillover]\nhigh_load = 0.8\nlow_load = 0.5\n{cap}"
-            ),
-            &[
-                (
-                    "dear",
-                    "dear-api",
-                    "input_usd_per_mtok = 0.5\noutput_usd_per_mtok = 5.0",
-                ),
-                (
-                    "cheap",
-                    "cheap-api",
-                    "input_usd_per_mtok = 0.5\noutput_usd_per_mtok = 0.8",
-                ),
-                ("self", "gpu", ""),
-            ],
-        );
-    snapshot(&config)
+/// Spillover from `self` (tier 0) to `cheap` and `dear`, with or without
+/// a price cap.
+fn spillover_snapshot(price_cap: Option<f64>) -> Snapshot {
+    let mut chat = Model::new("chat")
+        .spillover(0.8, 0.5)
+        .deployment(Deployment::named("dear", "dear-api").price(0.5, 5.0))
+        .deployment(Deployment::named("cheap", "cheap-api").price(0.5, 0.8))
+        .deployment(Deployment::named("self", "gpu"));
+    if let Some(cap) = price_cap {
+        chat = chat.price_cap(cap);
+    }
+    snapshot(&gpu_and_two_apis().model(chat))
 }
 
 #[test]
 fn spillover_fills_self_hosted_first_and_overflows_cheapest_first_with_hysteresis() {
-    let s = spillover_snapshot("");
+    let s = spillover_snapshot(None);
     let gpu = &s.live().backends[0];
     let facts = text_facts(100, 100);
     let now = Instant::now();
@@ -322,7 +302,7 @@ fn spillover_fills_self_hosted_first_and_overflows_cheapest_first_with_hysteresi
 
 #[test]
 fn spillover_load_comes_from_the_engine_queue_and_kv_cache() {
-    let s = spillover_snapshot("");
+    let s = spillover_snapshot(None);
     let gpu = &s.live().backends[0];
     let facts = text_facts(100, 100);
     let now = Instant::now();
@@ -365,7 +345,7 @@ fn spillover_load_comes_from_the_engine_queue_and_kv_cache() {
 
 #[test]
 fn spillover_price_cap_drops_dear_overflow_deployments() {
-    let s = spillover_snapshot("price_cap_usd_per_mtok = 1.0");
+    let s = spillover_snapshot(Some(1.0));
     let facts = text_facts(100, 100);
     let plan = plan_at(&s, 0, &facts, Instant::now());
     assert_eq!(order(&s, &plan), ["self", "cheap"]);
@@ -401,13 +381,13 @@ fn spillover_price_cap_drops_dear_overflow_deployments() {
 
 #[test]
 fn vllm_is_scraped_at_its_root_every_two_seconds_unless_configured_otherwise() {
-    let config = vllm("default", "")
-        + &vllm("tuned", "[backends.engine_metrics]\ninterval_ms = 100")
-        + &vllm("off", "[backends.engine_metrics]\nenabled = false")
-        + "[[backends]]\nname = \"tgi\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
-           [backends.engine_metrics]\nurl = \"http://127.0.0.1:9/metrics\"\n"
-        + "[[backends]]\nname = \"plain\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n"
-        + &model("chat", "", &[("d", "default", "")]);
+    let config = Config::new()
+        .backend(never_called("default", "vllm"))
+        .backend(never_called("tuned", "vllm").engine_metrics("interval_ms", 100))
+        .backend(never_called("off", "vllm").engine_metrics("enabled", false))
+        .backend(never_called("tgi", "openai").engine_metrics("url", "http://127.0.0.1:9/metrics"))
+        .backend(never_called("plain", "openai"))
+        .model(Model::new("chat").deployment(Deployment::named("d", "default")));
     let s = snapshot(&config);
     let scraped: Vec<Option<(String, u128)>> = s
         .config
@@ -425,21 +405,18 @@ fn vllm_is_scraped_at_its_root_every_two_seconds_unless_configured_otherwise() {
 
 #[test]
 fn engine_signals_older_than_three_intervals_are_ignored_not_taken_for_down() {
-    let pool = "gpu_hour_usd = 3.6\ngpus = 1\nthroughput_tokens_per_second = 1000\n\
-                [backends.engine_metrics]\ninterval_ms = 100";
-    let config = vllm("gpu", pool)
-        + &sim("api", "us", "")
-        + &model(
-            "chat",
-            "strategy = \"spillover\"",
-            &[
-                ("self", "gpu", ""),
-                (
-                    "api",
-                    "api",
-                    "input_usd_per_mtok = 1.0\noutput_usd_per_mtok = 1.0",
-                ),
-            ],
+    let config = Config::new()
+        .backend(
+            never_called("gpu", "vllm")
+                .one_dollar_pool()
+                .engine_metrics("interval_ms", 100),
+        )
+        .backend(sim("api", "us"))
+        .model(
+            Model::new("chat")
+                .strategy("spillover")
+                .deployment(Deployment::named("self", "gpu"))
+                .deployment(Deployment::named("api", "api").price(1.0, 1.0)),
         );
     let s = snapshot(&config);
     let at = Instant::now();

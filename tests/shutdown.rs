@@ -7,35 +7,19 @@ use std::process::Command;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use support::process::{Process, serve_text, serve_text_on_one_cpu};
+use support::config::{Backend, Config, Deployment, Model};
+use support::process::{Process, serve_config, serve_config_on_one_cpu};
 
 /// A stream of 20 tokens at 20 per second: about a second long.
-fn config(grace_ms: u64) -> String {
-    format!(
-        r#"
-[server]
-shutdown_grace_ms = {grace_ms}
-
-[[backends]]
-name = "slow"
-kind = "simulated"
-[backends.simulated]
-ttft_ms = 50
-tokens_per_second = 20
-completion_tokens = 20
-
-[[models]]
-alias = "llama"
-[[models.deployments]]
-backend = "slow"
-model = "m"
-context_window = 8192
-"#
-    )
+fn config(grace_ms: u32) -> Config {
+    Config::new()
+        .set("server", "shutdown_grace_ms", grace_ms)
+        .backend(Backend::simulated("slow").answers(50, 20, 20))
+        .model(Model::new("llama").deployment(Deployment::new("slow", "m")))
 }
 
-fn start(grace_ms: u64) -> Process {
-    serve_text(&config(grace_ms), &[])
+fn start(grace_ms: u32) -> Process {
+    serve_config(&config(grace_ms))
 }
 
 fn signal(server: &Process, name: &str) {
@@ -79,7 +63,7 @@ async fn sigterm_lets_streams_in_flight_finish_then_exits_zero() {
 /// drains the same.
 #[tokio::test]
 async fn on_one_cpu_one_thread_serves_and_drains() {
-    let server = serve_text_on_one_cpu(&config(10_000));
+    let server = serve_config_on_one_cpu(&config(10_000));
     assert!(
         server.listening.contains("threads=1"),
         "{}",

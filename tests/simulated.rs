@@ -1,59 +1,27 @@
 //! The built-in `simulated` backend, through the gateway, as a client sees it.
 
+mod support;
+
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-
-const CONFIG: &str = r#"
-[[backends]]
-name = "sim"
-kind = "simulated"
-[backends.simulated]
-ttft_ms = 20
-tokens_per_second = 500
-completion_tokens = 12
-
-[[backends]]
-name = "broken"
-kind = "simulated"
-[backends.simulated]
-ttft_ms = 1
-failure_rate = 1.0
-
-[[models]]
-alias = "llama"
-[[models.deployments]]
-backend = "sim"
-model = "meta-llama/Llama-3.1-8B-Instruct"
-context_window = 8192
-
-[[models]]
-alias = "flaky"
-[[models.deployments]]
-backend = "broken"
-model = "x"
-context_window = 8192
-[[models.deployments]]
-backend = "sim"
-model = "y"
-context_window = 8192
-
-[[models]]
-alias = "down"
-[[models.deployments]]
-backend = "broken"
-model = "x"
-context_window = 8192
-"#;
+use support::config::{Backend, Config, Deployment, Model};
 
 async fn start() -> String {
-    let config = tollgate::config::parse(CONFIG, &|_| None).expect("valid config");
-    let gateway = tollgate::Gateway::new(config).expect("gateway builds");
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(gateway.serve(listener, std::future::pending()));
-    base
+    let config = Config::new()
+        .backend(Backend::simulated("sim").answers(20, 500, 12))
+        .backend(Backend::simulated("broken").always_fails())
+        .model(
+            Model::new("llama")
+                .deployment(Deployment::new("sim", "meta-llama/Llama-3.1-8B-Instruct")),
+        )
+        .model(
+            Model::new("flaky")
+                .deployment(Deployment::new("broken", "x"))
+                .deployment(Deployment::new("sim", "y")),
+        )
+        .model(Model::new("down").deployment(Deployment::new("broken", "x")));
+    support::gateway::start(&config).await.base
 }
 
 async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {

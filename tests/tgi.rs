@@ -7,6 +7,7 @@ mod support;
 
 use bytes::Bytes;
 use serde_json::{Value, json};
+use support::config::{Backend, Config, Deployment, Model};
 use support::gateway::*;
 use support::mock::{self, MockServer, MockUpstream};
 use support::openai_mock::CANNED_PROMPT_TOKENS;
@@ -14,8 +15,16 @@ use support::tgi_mock::{self, GENERATED};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 
+/// Backend `tgi` on the mock TGI at `upstream`.
+fn tgi(upstream: &MockServer) -> Backend {
+    Backend::upstream("tgi", "tgi", &upstream.base_url())
+}
+
 async fn one_backend(upstream: &MockServer) -> Gateway {
-    start(&(backend("tgi", "tgi", &upstream.base_url()) + &model("chat", &[("tgi", MODEL)]))).await
+    let config = Config::new()
+        .backend(tgi(upstream))
+        .model(Model::new("chat").deployment(Deployment::new("tgi", MODEL)));
+    start(&config).await
 }
 
 fn legacy(stream: bool, include_usage: bool) -> Value {
@@ -188,10 +197,15 @@ async fn tgi_error_statuses_map_to_client_statuses_and_failover() {
             .start()
             .await;
         let backup = MockUpstream::openai().start().await;
-        let config = backend("tgi", "tgi", &failing.base_url())
-            + &backend("vllm", "vllm", &url(&backup))
-            + &model("chat", &[("tgi", MODEL), ("vllm", "llama")])
-            + &model("alone", &[("tgi", MODEL)]);
+        let config = Config::new()
+            .backend(tgi(&failing))
+            .backend(Backend::upstream("vllm", "vllm", &url(&backup)))
+            .model(
+                Model::new("chat")
+                    .deployment(Deployment::new("tgi", MODEL))
+                    .deployment(Deployment::new("vllm", "llama")),
+            )
+            .model(Model::new("alone").deployment(Deployment::new("tgi", MODEL)));
         let gateway = start(&config).await;
         for path in ["/v1/chat/completions", "/v1/completions"] {
             let body = json!({"model": "alone", "messages": user("Hi"), "prompt": "Hi"});

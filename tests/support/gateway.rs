@@ -1,5 +1,5 @@
-//! The gateway under test and its client: config snippets, starting a
-//! gateway in-process on 127.0.0.1, reading SSE events and OpenAI errors
+//! The gateway under test and its client: the environment it sees,
+//! starting it in-process on 127.0.0.1, reading SSE events and OpenAI errors
 //! as a client does.
 
 use std::time::Duration;
@@ -11,52 +11,14 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use super::bedrock_mock::{Auth, Expect};
+use super::config::Config;
 use super::mock::{MockServer, MockUpstream};
 
 /// The longest any single step may take before a test gives up: a bound
 /// against hangs, never a measure of speed.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-// ---- configuration -------------------------------------------------------
-
-/// A `[[backends]]` table whose credential is `sk-test-<name>`.
-pub fn backend(name: &str, kind: &str, base_url: &str) -> String {
-    backend_with_timeouts(name, kind, base_url, 5_000, 5_000)
-}
-
-pub fn backend_with_timeouts(
-    name: &str,
-    kind: &str,
-    base_url: &str,
-    first_byte_ms: u64,
-    idle_ms: u64,
-) -> String {
-    format!(
-        r#"
-[[backends]]
-name = "{name}"
-kind = "{kind}"
-base_url = "{base_url}"
-api_key_env = "UPSTREAM_KEY_{env}"
-[backends.timeouts]
-connect_ms = 2000
-first_byte_ms = {first_byte_ms}
-idle_ms = {idle_ms}
-"#,
-        env = name.to_uppercase().replace('-', "_"),
-    )
-}
-
-/// A `[[models]]` table; each deployment is `(backend, upstream model id)`.
-pub fn model(alias: &str, deployments: &[(&str, &str)]) -> String {
-    let mut out = format!("\n[[models]]\nalias = \"{alias}\"\n");
-    for (backend, upstream) in deployments {
-        out += &format!(
-            "[[models.deployments]]\nbackend = \"{backend}\"\nmodel = \"{upstream}\"\ncontext_window = 8192\n"
-        );
-    }
-    out
-}
+// ---- the environment -----------------------------------------------------
 
 /// The environment the gateway under test sees; nothing comes from the
 /// process environment.
@@ -107,8 +69,8 @@ pub struct Gateway {
 }
 
 /// A gateway on `config`; reloads see the same injected environment.
-pub async fn start(config: &str) -> Gateway {
-    let config = tollgate::config::parse(config, &env).expect("valid test config");
+pub async fn start(config: &Config) -> Gateway {
+    let config = tollgate::config::parse(&config.to_toml(), &env).expect("valid test config");
     let options = tollgate::server::GatewayOptions {
         env: std::sync::Arc::new(env),
         config_file: None,
@@ -331,32 +293,8 @@ pub fn user(text: &str) -> Value {
     json!([{"role": "user", "content": text}])
 }
 
-/// A `[[backends]]` table of kind `bedrock` calling the mock at
-/// `base_url`, in us-east-1, with `credentials` (TOML lines naming the
-/// environment variables of `env`).
-pub fn bedrock_backend(name: &str, base_url: &str, credentials: &str) -> String {
-    format!(
-        r#"
-[[backends]]
-name = "{name}"
-kind = "bedrock"
-base_url = "{base_url}"
-aws_region = "us-east-1"
-{credentials}
-[backends.timeouts]
-connect_ms = 2000
-first_byte_ms = 5000
-idle_ms = 5000
-"#
-    )
-}
-
-/// SigV4 with a session token, as `env` holds them.
-pub const SIGV4_WITH_TOKEN: &str = r#"aws_access_key_id_env = "AWS_KEY_ID_TEST"
-aws_secret_access_key_env = "AWS_SECRET_TEST"
-aws_session_token_env = "AWS_TOKEN_TEST""#;
-
-/// The mock Bedrock that accepts what `SIGV4_WITH_TOKEN` signs with.
+/// The mock Bedrock that accepts what `Backend::sigv4_with_token` signs
+/// with.
 pub fn bedrock_mock_with_token() -> MockUpstream {
     MockUpstream::bedrock(Expect {
         region: "us-east-1".into(),
@@ -368,30 +306,7 @@ pub fn bedrock_mock_with_token() -> MockUpstream {
     })
 }
 
-// ---- routing configs and explain ------------------------------------------
-
-/// A `[[backends]]` table at `base_url` with `extra` TOML after its name,
-/// kind and URL (keys first, then any tables such as `[backends.timeouts]`).
-pub fn backend_toml(name: &str, kind: &str, base_url: &str, extra: &str) -> String {
-    format!(
-        "\n[[backends]]\nname = \"{name}\"\nkind = \"{kind}\"\nbase_url = \"{base_url}\"\n{extra}\n"
-    )
-}
-
-/// A `[[models]]` table with `head` (strategy, `[models.spillover]`) and
-/// named deployments, each `(name, backend, extra TOML)`.
-pub fn model_toml(alias: &str, head: &str, deployments: &[(&str, &str, &str)]) -> String {
-    let mut out = format!("\n[[models]]\nalias = \"{alias}\"\n{head}\n");
-    for (name, backend, extra) in deployments {
-        out += &format!(
-            "[[models.deployments]]\nname = \"{name}\"\nbackend = \"{backend}\"\nmodel = \"m\"\ncontext_window = 8192\n{extra}\n"
-        );
-    }
-    out
-}
-
-/// `[admin]` with the token `ADMIN_TOKEN` holds.
-pub const ADMIN: &str = "\n[admin]\ntoken_env = \"ADMIN_TOKEN\"\n";
+// ---- explain -------------------------------------------------------------
 
 impl Gateway {
     /// `POST /admin/explain` with the admin token; must succeed.

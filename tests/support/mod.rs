@@ -1,6 +1,7 @@
 //! Test support shared by the integration tests: mock upstreams, one
-//! module per protocol on a shared server (`mock`), the gateway under test
-//! with its client (`gateway`), and plan-level helpers (`plan`).
+//! module per protocol on a shared server (`mock`), the one config builder
+//! (`config`), the gateway under test with its client (`gateway`), and
+//! plan-level helpers (`plan`).
 
 #![allow(
     dead_code,
@@ -8,6 +9,7 @@
 )]
 
 pub mod bedrock_mock;
+pub mod config;
 pub mod gateway;
 pub mod mock;
 pub mod openai_mock;

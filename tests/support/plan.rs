@@ -1,11 +1,6 @@
-//! Plan-level test helpers: snapshots built from config text with no
+//! Plan-level test helpers: snapshots built from a config with no
 //! network and no environment, explain answers as JSON, plans made with a
 //! seeded random source.
-
-#![allow(
-    dead_code,
-    reason = "each test binary uses a different part of the helpers"
-)]
 
 use std::time::Instant;
 
@@ -15,39 +10,23 @@ use tollgate::pipeline::admit::{ExplainRequest, explain};
 use tollgate::routing::{self, Plan, RequestFacts};
 use tollgate::state::Snapshot;
 
-pub fn snapshot(config: &str) -> Snapshot {
-    let config = tollgate::config::parse(config, &|_| None)
+use super::config::{Backend, Config};
+
+pub fn snapshot(config: &Config) -> Snapshot {
+    let config = tollgate::config::parse(&config.to_toml(), &|_| None)
         .unwrap_or_else(|problems| panic!("invalid test config:\n{problems}"));
     Snapshot::build(config, &LiveState::default()).expect("snapshot builds")
 }
 
-/// A simulated backend (no network) in `region`, plus `extra` TOML lines.
-pub fn sim(name: &str, region: &str, extra: &str) -> String {
-    format!(
-        "[[backends]]\nname = \"{name}\"\nkind = \"simulated\"\nregion = \"{region}\"\n{extra}\n"
-    )
+/// A simulated backend (no network) in `region`.
+pub fn sim(name: &str, region: &str) -> Backend {
+    Backend::simulated(name).set("region", region)
 }
 
-/// A vLLM backend that is never called, for engine signals set by hand.
-pub fn vllm(name: &str, extra: &str) -> String {
-    format!(
-        "[[backends]]\nname = \"{name}\"\nkind = \"vllm\"\nbase_url = \"http://127.0.0.1:9/v1\"\n{extra}\n"
-    )
-}
-
-/// `gpu_hour_usd = 3.6` on one GPU at 1000 tokens/s: $1 per Mtok flat out.
-pub const ONE_DOLLAR_POOL: &str =
-    "gpu_hour_usd = 3.6\ngpus = 1\nthroughput_tokens_per_second = 1000\nmax_concurrency = 10";
-
-/// A `[[models]]` table; each deployment is `(name, backend, extra TOML)`.
-pub fn model(alias: &str, head: &str, deployments: &[(&str, &str, &str)]) -> String {
-    let mut out = format!("\n[[models]]\nalias = \"{alias}\"\n{head}\n");
-    for (name, backend, extra) in deployments {
-        out += &format!(
-            "[[models.deployments]]\nname = \"{name}\"\nbackend = \"{backend}\"\nmodel = \"m\"\ncontext_window = 8192\n{extra}\n"
-        );
-    }
-    out
+/// A backend that plans name but nothing calls, for engine signals set by
+/// hand.
+pub fn never_called(name: &str, kind: &str) -> Backend {
+    Backend::new(name, kind, "http://127.0.0.1:9/v1")
 }
 
 pub fn ask(request: Value, region: Option<&str>, key: Option<&str>) -> ExplainRequest {

@@ -5,6 +5,8 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use super::config::Config;
+
 pub struct Process {
     pub child: Child,
     /// `http://127.0.0.1:PORT`, from the address it logs.
@@ -57,11 +59,18 @@ fn spawn(mut program: Command, config: &Path, env: &[(&str, &str)]) -> Process {
     }
 }
 
-/// Like [`serve_text`], with the process allowed only one CPU (`taskset`),
-/// as when pinned or given one CPU by a container.
-pub fn serve_text_on_one_cpu(config: &str) -> Process {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), config).unwrap();
+/// Like [`serve_file`], on `config`.
+pub fn serve_config(config: &Config) -> Process {
+    let file = written(config);
+    let mut process = serve_file(file.path(), &[]);
+    process._config = Some(file);
+    process
+}
+
+/// Like [`serve_config`], with the process allowed only one CPU
+/// (`taskset`), as when pinned or given one CPU by a container.
+pub fn serve_config_on_one_cpu(config: &Config) -> Process {
+    let file = written(config);
     let mut taskset = Command::new("taskset");
     taskset.args(["-c", "0", env!("CARGO_BIN_EXE_tollgate")]);
     let mut process = spawn(taskset, file.path(), &[]);
@@ -69,11 +78,9 @@ pub fn serve_text_on_one_cpu(config: &str) -> Process {
     process
 }
 
-/// Like [`serve_file`], on a config given as text.
-pub fn serve_text(config: &str, env: &[(&str, &str)]) -> Process {
+/// `config` in a file that lives as long as the process serving it.
+fn written(config: &Config) -> tempfile::NamedTempFile {
     let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), config).unwrap();
-    let mut process = serve_file(file.path(), env);
-    process._config = Some(file);
-    process
+    std::fs::write(file.path(), config.to_toml()).unwrap();
+    file
 }
