@@ -7,9 +7,9 @@
 //! Grafana and Prometheus expect. "Declared" means `METRICS` in
 //! `src/metrics.rs`, the table the gateway registers its metrics from.
 //!
-//! Self-contained on purpose: the gateway is built in-process from a config
-//! of `simulated` backends plus one `vllm` backend whose `/metrics` page is
-//! a few lines of tokio below, on 127.0.0.1.
+//! The gateway is built in-process from a config of `simulated` backends
+//! plus one `vllm` backend, the shared mock, whose `/metrics` page is
+//! scraped.
 
 mod support;
 
@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Key, Model};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::gateway::url;
+use support::mock::{MockServer, MockUpstream};
 use tokio::net::TcpListener;
 use tollgate::metrics::{Kind, Label, METRICS, MetricDef};
 
@@ -209,37 +210,16 @@ fn referenced(histograms: &BTreeSet<String>) -> BTreeMap<String, BTreeSet<String
 
 // ---- a gateway with samples in every family it can have ------------------------------
 
-/// A vLLM engine's `/metrics` page, served to whoever asks.
-async fn engine_metrics_page() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let body = "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"m\"} 2.0\n\
-                    # TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 3.0\n\
-                    # TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.25\n";
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match socket.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(response.as_bytes()).await;
-                let _ = socket.shutdown().await;
-            });
-        }
-    });
-    format!("http://{addr}/v1")
+/// A vLLM engine whose `/metrics` page reports a queue, a batch and KV
+/// cache use; it is only scraped.
+async fn engine() -> MockServer {
+    let engine = MockUpstream::openai().start().await;
+    engine.set_metrics(
+        "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"m\"} 2.0\n\
+         # TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 3.0\n\
+         # TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.25\n",
+    );
+    engine
 }
 
 const KEY: &str = "obs-test-key";
@@ -298,8 +278,8 @@ fn config(engine_url: &str) -> Config {
 /// Starts the gateway, sends requests that touch every family a request can
 /// touch, and returns its `/metrics` page once the engine's signals are in.
 async fn scraped_metrics() -> String {
-    let engine_url = engine_metrics_page().await;
-    let config = tollgate::config::parse(&config(&engine_url).to_toml(), &|name| {
+    let engine = engine().await;
+    let config = tollgate::config::parse(&config(&url(&engine)).to_toml(), &|name| {
         (name == "OBS_TEST_KEY").then(|| KEY.to_owned())
     })
     .unwrap_or_else(|problems| panic!("test config is invalid: {problems:?}"));
