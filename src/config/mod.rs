@@ -97,7 +97,7 @@ pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, Problems> {
         .into_iter()
         .map(|path| Problem {
             path,
-            message: "unknown key; check its spelling against the README's config reference".into(),
+            message: "unknown key; check its spelling against docs/configuration.md".into(),
         })
         .collect();
     match validate::validate(raw, env) {

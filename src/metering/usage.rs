@@ -116,7 +116,8 @@ fn text_chars(chunk: &[u8]) -> usize {
 
 /// Whether a chunk starts and ends as a JSON object does. Chunks are passed
 /// on as the upstream wrote them, and parsing each one in full to check it
-/// was a fifth of the gateway's CPU for a stream. The framing catches what
+/// would cost a large share of the gateway's CPU for a stream. The framing
+/// catches what
 /// upstreams send in place of a chunk (plain text, an HTML page, an object
 /// cut short); any other fault is left to the client's JSON parser, as it
 /// would be without a gateway.

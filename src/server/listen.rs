@@ -105,8 +105,8 @@ enum Protocol {
 /// Finds which protocol a connection speaks, then serves it in a task of
 /// its own: a task is as large as the largest state its future can be in,
 /// so an HTTP/1 connection served by a future that could also hold an
-/// HTTP/2 one (hyper-util's `auto`) took 1.4 KB more for as long as it was
-/// open (31.5 against 30.1 KB a held stream).
+/// HTTP/2 one (hyper-util's `auto`) would carry the larger state for as
+/// long as it is open.
 async fn start_serving(
     tcp: TcpStream,
     protocols: Arc<Protocols>,
