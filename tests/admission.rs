@@ -129,13 +129,7 @@ async fn explained(gateway: &Gateway, case: &Case) -> (u16, Option<String>) {
     if let Some(region) = case.region {
         ask["region"] = json!(region);
     }
-    let response = gateway
-        .post("/admin/explain")
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&ask)
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.ask_explain(&ask).await;
     let status = response.status().as_u16();
     let body: Value = response.json().await.unwrap();
     if status != 200 {

@@ -309,15 +309,19 @@ pub fn bedrock_mock_with_token() -> MockUpstream {
 // ---- explain -------------------------------------------------------------
 
 impl Gateway {
-    /// `POST /admin/explain` with the admin token; must succeed.
-    pub async fn explain(&self, ask: Value) -> Value {
-        let response = self
-            .post("/admin/explain")
+    /// `POST /admin/explain` with the admin token.
+    pub async fn ask_explain(&self, ask: &Value) -> reqwest::Response {
+        self.post("/admin/explain")
             .bearer_auth(ADMIN_TOKEN)
-            .json(&ask)
+            .json(ask)
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// `POST /admin/explain`, which must succeed.
+    pub async fn explain(&self, ask: Value) -> Value {
+        let response = self.ask_explain(&ask).await;
         assert_eq!(response.status(), 200, "explain answers");
         response.json().await.unwrap()
     }
