@@ -533,3 +533,112 @@ fn check_diff_compares_two_files_offline() {
     assert!(!out.status.success(), "an invalid side fails the check");
     assert!(String::from_utf8_lossy(&out.stderr).contains("new.toml"));
 }
+
+// ---- a reload never weakens auth by accident ------------------------------------
+
+/// Simulated backends `names`, model `chat` on each, the admin API and the
+/// key `team`.
+fn keyed(names: &[&str]) -> Config {
+    simulated(names).key(Key::new("team"))
+}
+
+fn hi() -> Value {
+    json!({"model": "chat", "messages": user("hi")})
+}
+
+async fn reloads(gateway: &Gateway, result: &str, count: f64) {
+    gateway
+        .eventually_metric(
+            "tollgate_config_reloads_total",
+            &[("result", result)],
+            count,
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn a_truncated_or_half_written_file_never_switches_auth_off() {
+    let (_dir, path, gateway) = serving_file(&keyed(&["one"])).await;
+    let version = active_version(&gateway).await;
+    assert_eq!(gateway.chat(hi()).await.status(), 401);
+
+    // Truncated in place, as `> tollgate.toml` does before the write.
+    std::fs::write(&path, "").unwrap();
+    reloads(&gateway, "invalid", 1.0).await;
+    // Written in place in two steps: first all but the [[keys]].
+    std::fs::write(&path, simulated(&["one"]).to_toml()).unwrap();
+    reloads(&gateway, "invalid", 2.0).await;
+    assert_eq!(active_version(&gateway).await, version, "nothing applied");
+    assert_eq!(gateway.chat(hi()).await.status(), 401, "auth stays on");
+    assert_eq!(
+        gateway.chat_as("team-secret", hi()).await.status(),
+        200,
+        "and the key still serves"
+    );
+
+    // Then the whole file, with the keys.
+    let whole = keyed(&["one", "two"]);
+    std::fs::write(&path, whole.to_toml()).unwrap();
+    until_version(&gateway, &tollgate::config::version(&whole.to_toml())).await;
+    assert_eq!(gateway.chat(hi()).await.status(), 401);
+
+    // Serving without keys is a choice the config states.
+    let open = simulated(&["one"]).set("server", "allow_anonymous", true);
+    write(&path, &open);
+    until_version(&gateway, &tollgate::config::version(&open.to_toml())).await;
+    assert_eq!(gateway.chat(hi()).await.status(), 200);
+}
+
+#[tokio::test]
+async fn admin_reload_refuses_a_candidate_that_drops_every_key_or_the_admin_token() {
+    let gateway = start(&keyed(&["one"])).await;
+    let version = active_version(&gateway).await;
+    let refused = |candidate: Config| {
+        let gateway = &gateway;
+        async move {
+            let response = admin(gateway, reqwest::Method::POST, "/admin/reload")
+                .await
+                .body(candidate.to_toml())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 422);
+            let body: Value = response.json().await.unwrap();
+            let paths: Vec<String> = body["problems"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["path"].as_str().unwrap().to_owned())
+                .collect();
+            (paths, message(&body["error"]).to_owned())
+        }
+    };
+    let (paths, said) = refused(simulated(&["one"])).await;
+    assert_eq!(paths, ["keys"]);
+    assert!(said.contains("server.allow_anonymous = true"), "{said}");
+    let no_admin = simulated_on(&["one"], &["one"]).key(Key::new("team"));
+    assert_eq!(refused(no_admin).await.0, ["admin.token_env"]);
+    assert_eq!(
+        refused(simulated_on(&["one"], &["one"])).await.0,
+        ["keys", "admin.token_env"]
+    );
+    assert_eq!(active_version(&gateway).await, version);
+    assert_eq!(gateway.chat_as("team-secret", hi()).await.status(), 200);
+}
+
+#[test]
+fn a_reload_that_changes_who_may_call_what_is_logged_as_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    write(&path, &keyed(&["one"]));
+    let env = [
+        ("KEY_TEAM", "team-secret"),
+        ("KEY_OPS", "ops-secret"),
+        ("ADMIN_TOKEN", ADMIN_TOKEN),
+    ];
+    let gateway = support::process::serve_file(&path, &env);
+    write(&path, &keyed(&["one"]).key(Key::new("ops")));
+    let line = gateway.logged("changes who may call the gateway");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("keys added: ops"), "{line}");
+}

@@ -67,6 +67,8 @@ pub struct RawServer {
     pub listen: Option<String>,
     pub max_body_bytes: Option<u64>,
     pub shutdown_grace_ms: Option<u64>,
+    #[serde(default)]
+    pub allow_anonymous: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -90,6 +90,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    /// A reload may drop every key or the admin token: said on purpose.
+    pub allow_anonymous: bool,
 }
 
 /// The upstream protocols tollgate speaks. Matched once, when a backend's

@@ -216,6 +216,7 @@ impl Validator<'_> {
             listen: listen?,
             max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
             shutdown_grace: grace,
+            allow_anonymous: s.allow_anonymous,
         })
     }
 

@@ -1,6 +1,10 @@
 //! Swapping the config while serving. A candidate (the config file, or a
 //! text sent to `POST /admin/reload`) is parsed and validated whole; an
-//! invalid one changes nothing. A valid one becomes a new snapshot, swapped
+//! invalid one changes nothing, and neither does an empty one or one that
+//! drops every key or the admin token without saying so
+//! (`server.allow_anonymous`): a truncated or half-written file never
+//! switches auth off. A reload that changes who may call what is logged
+//! as a warning. A valid one becomes a new snapshot, swapped
 //! in atomically: requests in flight finish on the snapshot they loaded,
 //! new ones use the new one, and live state carries over by name.
 //!
@@ -72,6 +76,83 @@ impl Reloader {
     }
 }
 
+/// Reads the config file once it holds still: the same size and
+/// modification time before and after the read, so a file being written is
+/// not taken half-way. Gives up and returns the last read after a few
+/// tries; validation then judges it.
+fn read_settled(path: &Path) -> std::io::Result<String> {
+    let stamp = |path: &Path| std::fs::metadata(path).map(|m| (m.len(), m.modified().ok()));
+    let mut text = String::new();
+    for _ in 0..5 {
+        let before = stamp(path)?;
+        text = std::fs::read_to_string(path)?;
+        if stamp(path)? == before {
+            break;
+        }
+        std::thread::sleep(DEBOUNCE);
+    }
+    Ok(text)
+}
+
+/// What a candidate takes away from the gateway's protection: every key, or
+/// the admin token, where the running config has them. A reload never does
+/// that by accident: only a candidate with `server.allow_anonymous = true`.
+fn weakened_access(old: &Config, new: &Config) -> Vec<Problem> {
+    if new.server.allow_anonymous {
+        return Vec::new();
+    }
+    let mut problems = Vec::new();
+    if !old.keys.is_empty() && new.keys.is_empty() {
+        problems.push(Problem {
+            path: "keys".into(),
+            message: format!(
+                "the candidate has no [[keys]], so anyone who can reach the gateway could use it \
+                 (the running config has {}); if that is meant, set server.allow_anonymous = true",
+                old.keys.len()
+            ),
+        });
+    }
+    if old.admin.token_sha256.is_some() && new.admin.token_sha256.is_none() {
+        problems.push(Problem {
+            path: "admin.token_env".into(),
+            message: "the candidate drops the admin token, which turns the admin API off; \
+                      if that is meant, set server.allow_anonymous = true"
+                .into(),
+        });
+    }
+    problems
+}
+
+/// Who may call what, as a reload changes it: keys added, removed or
+/// changed (their models, region, limits or secret), and the admin token.
+fn access_changes(diff: &ConfigDiff, old: &Config, new: &Config) -> Vec<String> {
+    let mut changes = Vec::new();
+    let keys = &diff.keys;
+    for (what, names) in [
+        ("keys added", &keys.added),
+        ("keys removed", &keys.removed),
+        ("keys changed", &keys.changed),
+    ] {
+        if !names.is_empty() {
+            changes.push(format!("{what}: {}", names.join(", ")));
+        }
+    }
+    if old.keys.is_empty() != new.keys.is_empty() {
+        changes.push(if new.keys.is_empty() {
+            "no keys: every caller is let in".to_owned()
+        } else {
+            "keys required: callers without a key are refused".to_owned()
+        });
+    }
+    match (old.admin.token_sha256, new.admin.token_sha256) {
+        (Some(_), None) => changes.push("the admin API is off".into()),
+        (None, Some(_)) => changes.push("the admin API is on".into()),
+        (Some(a), Some(b)) if a != b => changes.push("the admin token changed".into()),
+        _ => {}
+    }
+    changes
+}
+
 /// The settings read once at start.
 fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     let mut fields = Vec::new();
@@ -106,7 +187,7 @@ impl AppState {
                         "the gateway was not started from a config file; send the candidate config as the body".into(),
                     )
                 })?;
-                std::fs::read_to_string(path).map_err(|e| {
+                read_settled(path).map_err(|e| {
                     ReloadError::NoFile(format!("cannot read {}: {e}", path.display()))
                 })?
             }
@@ -122,7 +203,19 @@ impl AppState {
             }
             ReloadError::Invalid(problems)
         };
+        if text.trim().is_empty() {
+            return Err(invalid(vec![Problem {
+                path: String::new(),
+                message: "the candidate config is empty, as a truncated or half-written file is; \
+                          send or save the whole config"
+                    .into(),
+            }]));
+        }
         let mut config = config::parse(&text, &*reloader.env).map_err(|p| invalid(p.0))?;
+        let weakened = weakened_access(&current.config, &config);
+        if !weakened.is_empty() {
+            return Err(invalid(weakened));
+        }
         let report = |applied: bool, config: &Config| ReloadReport {
             applied,
             dry_run,
@@ -146,6 +239,7 @@ impl AppState {
             }])
         })?;
         let done = report(true, &snapshot.config);
+        let access = access_changes(&done.diff, &current.config, &snapshot.config);
         let scrapers = engine::spawn(&snapshot.config.backends, &snapshot.live().backends);
         self.snapshot.store(Arc::new(snapshot));
         // The old scrapers stop as they drop.
@@ -164,6 +258,9 @@ impl AppState {
             changes = %serde_json::to_string(&done.diff).unwrap_or_default(),
             "config reloaded"
         );
+        if !access.is_empty() {
+            tracing::warn!(changes = %access.join("; "), "the reload changes who may call the gateway");
+        }
         if !done.restart_needed.is_empty() {
             tracing::warn!(fields = ?done.restart_needed, "these changes take effect after a restart");
         }
@@ -238,10 +335,16 @@ pub fn watch(app: &Arc<AppState>) -> Result<Option<RecommendedWatcher>, String> 
     let app: Weak<AppState> = Arc::downgrade(app);
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
-            // An editor's save or a ConfigMap swap is several events: let
-            // them settle, then reload once.
-            tokio::time::sleep(DEBOUNCE).await;
-            let _ = rx.try_recv();
+            // An editor's save or a ConfigMap swap is several events, and a
+            // file may be written in parts: reload once nothing has changed
+            // for the debounce interval.
+            loop {
+                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
             let Some(app) = app.upgrade() else { return };
             // Parsing and building touch the disk and spawn nothing slow,
             // but keep them off the async workers anyway.

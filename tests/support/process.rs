@@ -4,6 +4,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use super::config::Config;
 
@@ -13,7 +15,29 @@ pub struct Process {
     pub base: String,
     /// The line the server logs once it listens.
     pub listening: String,
+    /// Every line it logged after that.
+    log: Arc<Mutex<Vec<String>>>,
     _config: Option<tempfile::NamedTempFile>,
+}
+
+impl Process {
+    /// Waits, within `WAIT`, for a logged line that contains `text`.
+    pub fn logged(&self, text: &str) -> String {
+        let started = Instant::now();
+        loop {
+            let log = self.log.lock().unwrap();
+            if let Some(line) = log.iter().find(|l| l.contains(text)) {
+                return line.clone();
+            }
+            assert!(
+                started.elapsed() < super::gateway::WAIT,
+                "no log line contains {text:?}:\n{}",
+                log.join("\n")
+            );
+            drop(log);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Process {
@@ -50,11 +74,18 @@ fn spawn(mut program: Command, config: &Path, env: &[(&str, &str)]) -> Process {
         }
     };
     // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            kept.lock().unwrap().push(line);
+        }
+    });
     Process {
         child,
         base,
         listening,
+        log,
         _config: None,
     }
 }
