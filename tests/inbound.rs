@@ -1,5 +1,6 @@
 //! What the accept loop serves: HTTP/1.1, and HTTP/2 with prior knowledge,
-//! told apart by a connection's first bytes however they arrive.
+//! told apart by a connection's first bytes however they arrive; and what
+//! a client that sends its body slowly, or not at all, gets.
 
 mod support;
 
@@ -16,13 +17,74 @@ use tokio::net::TcpStream;
 const STREAM: &str =
     r#"{"model":"llama","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
 
+fn config() -> Config {
+    Config::new()
+        .backend(Backend::simulated("sim").answers(5, 1000, 5))
+        .model(Model::new("llama").deployment(Deployment::new("sim", "m")))
+}
+
 /// The gateway's address.
 async fn start() -> String {
-    let config = Config::new()
-        .backend(Backend::simulated("sim").answers(5, 1000, 5))
-        .model(Model::new("llama").deployment(Deployment::new("sim", "m")));
-    let gateway = support::gateway::start(&config).await;
+    address(&config()).await
+}
+
+async fn address(config: &Config) -> String {
+    let gateway = support::gateway::start(config).await;
     gateway.base.trim_start_matches("http://").to_owned()
+}
+
+/// Sends `head` and the first `sent` bytes of a body of `length`, then
+/// nothing more; returns the answer, read until the gateway closes.
+async fn body_withheld(addr: &str, head: &str, length: usize, sent: usize) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request =
+        format!("{head}content-length: {length}\r\ncontent-type: application/json\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    tcp.write_all(&vec![b' '; sent]).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(support::gateway::WAIT, tcp.read(&mut answer))
+        .await
+        .expect("answered without the rest of the body")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..read]).into_owned()
+}
+
+/// The JSON error at the end of an HTTP/1.1 answer.
+fn error_body(answer: &str) -> serde_json::Value {
+    let body = answer.split("\r\n\r\n").nth(1).expect("a body");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_is_a_408() {
+    let addr = address(&config().set("server", "body_timeout_ms", 200)).await;
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\n";
+    let answer = body_withheld(&addr, head, 1000, 10).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let error = error_body(&answer);
+    assert_eq!(error["error"]["code"], "request_timeout");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("200 ms"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn admin_checks_its_token_before_reading_a_byte_of_body() {
+    let addr = address(&config().admin()).await;
+    for (path, token) in [
+        ("/admin/reload", ""),
+        ("/admin/explain", "authorization: Bearer wrong\r\n"),
+    ] {
+        let head = format!("POST {path} HTTP/1.1\r\nhost: gateway\r\n{token}");
+        // 2 MB promised, none sent: answered at once all the same.
+        let answer = body_withheld(&addr, &head, 2 << 20, 0).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
+        assert_eq!(error_body(&answer)["error"]["code"], "invalid_api_key");
+    }
 }
 
 #[tokio::test]

@@ -67,6 +67,7 @@ pub struct RawServer {
     pub listen: Option<String>,
     pub max_body_bytes: Option<u64>,
     pub shutdown_grace_ms: Option<u64>,
+    pub body_timeout_ms: Option<u64>,
     #[serde(default)]
     pub allow_anonymous: bool,
 }

@@ -90,6 +90,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    /// The longest a client may take to send a request body (408 after).
+    pub body_timeout: Duration,
     /// A reload may drop every key or the admin token: said on purpose.
     pub allow_anonymous: bool,
 }

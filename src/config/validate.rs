@@ -20,6 +20,7 @@ mod routing;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
 const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 30_000;
+const DEFAULT_BODY_TIMEOUT_MS: u64 = 30_000;
 const DEFAULT_CONNECT_MS: u64 = 5_000;
 const DEFAULT_FIRST_BYTE_MS: u64 = 60_000;
 const DEFAULT_IDLE_MS: u64 = 30_000;
@@ -212,10 +213,18 @@ impl Validator<'_> {
             );
         }
         let grace = Duration::from_millis(grace_ms);
+        let body_timeout_ms = s.body_timeout_ms.unwrap_or(DEFAULT_BODY_TIMEOUT_MS);
+        if !(1..=MAX_WAIT_MS).contains(&body_timeout_ms) {
+            self.problem(
+                "server.body_timeout_ms",
+                "must be from 1 to 3600000 (one hour)",
+            );
+        }
         Some(ServerConfig {
             listen: listen?,
             max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
             shutdown_grace: grace,
+            body_timeout: Duration::from_millis(body_timeout_ms),
             allow_anonymous: s.allow_anonymous,
         })
     }

@@ -12,6 +12,8 @@ pub enum ErrorKind {
     /// The prompt alone is more than the key's whole `tpm`.
     PromptOverTpm,
     PayloadTooLarge,
+    /// The client did not send its whole body within the deadline.
+    BodyTimeout,
     Unauthorized,
     ModelNotAllowed,
     RegionNotAllowed,
@@ -56,6 +58,7 @@ impl ErrorKind {
         match self {
             BadRequest | PromptOverTpm | EndpointUnsupported => StatusCode::BAD_REQUEST,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Unauthorized => StatusCode::UNAUTHORIZED,
             ModelNotAllowed | RegionNotAllowed => StatusCode::FORBIDDEN,
             UnknownModel | UnknownRoute => StatusCode::NOT_FOUND,
@@ -95,6 +98,7 @@ impl ErrorKind {
     pub fn code(self) -> Option<&'static str> {
         Some(match self {
             PromptOverTpm | PayloadTooLarge => "request_too_large",
+            BodyTimeout => "request_timeout",
             Unauthorized => "invalid_api_key",
             ModelNotAllowed => "model_not_allowed",
             RegionNotAllowed => "region_not_allowed",
@@ -128,10 +132,10 @@ impl ErrorKind {
 
     /// The request itself is at fault, and sending it again cannot help:
     /// the answer says `x-should-retry: false`. The official SDKs retry
-    /// 408/409/429/5xx only; a key's rate limit refills, so its 429 is
-    /// retried.
+    /// 408/409/429/5xx only; a key's rate limit refills and a body sent
+    /// too slowly may arrive in time next time, so those are retried.
     pub fn client_should_not_retry(self) -> bool {
-        !self.retriable() && self.client_at_fault() && self != RateLimited
+        !self.retriable() && self.client_at_fault() && !matches!(self, RateLimited | BodyTimeout)
     }
 
     fn client_at_fault(self) -> bool {
@@ -168,7 +172,9 @@ impl ErrorKind {
                 451 => "policy_blocked",
                 _ => "bad_request",
             },
-            BadRequest | PromptOverTpm | MethodNotAllowed | EndpointUnsupported => "bad_request",
+            BadRequest | PromptOverTpm | MethodNotAllowed | EndpointUnsupported | BodyTimeout => {
+                "bad_request"
+            }
             UpstreamRateLimited => "upstream_rate_limited",
             UpstreamTimeout | UpstreamIdle => "upstream_timeout",
             UpstreamFailed(StatusCode::GATEWAY_TIMEOUT) => "upstream_timeout",
@@ -188,6 +194,7 @@ mod tests {
         BadRequest,
         PromptOverTpm,
         PayloadTooLarge,
+        BodyTimeout,
         Unauthorized,
         ModelNotAllowed,
         RegionNotAllowed,

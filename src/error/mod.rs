@@ -100,6 +100,16 @@ impl GatewayError {
         )
     }
 
+    pub fn body_timeout(waited: Duration) -> Self {
+        Self::new(
+            ErrorKind::BodyTimeout,
+            format!(
+                "the request body did not arrive within {} ms; send it at once",
+                waited.as_millis()
+            ),
+        )
+    }
+
     pub fn unauthorized(message: &str) -> Self {
         Self::new(ErrorKind::Unauthorized, message)
     }

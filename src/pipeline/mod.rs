@@ -34,6 +34,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
+use crate::config::ServerConfig;
 use crate::error::GatewayError;
 use crate::metering::{Charges, InFlight, Meter, MeterLabels};
 use crate::metrics::NONE;
@@ -89,7 +90,7 @@ async fn serve(
 ) -> Result<Response, Failure> {
     let snapshot = &*ctx.snapshot;
     let key = auth::authenticate(snapshot, headers)?;
-    let bytes = read_body(headers, body, snapshot.config.server.max_body_bytes).await?;
+    let bytes = read_body(headers, body, &snapshot.config.server).await?;
     let request = InboundRequest::parse(endpoint, bytes)?;
     let region = headers.get(REGION_HEADER).map(HeaderValue::as_bytes);
     let admission = admit::admit(snapshot, &request, key, region)
@@ -227,13 +228,15 @@ impl Failure {
     }
 }
 
-/// The request body, refused (413) over `limit` bytes, whether declared
-/// or sent.
+/// The request body, refused (413) over `server.max_body_bytes`, whether
+/// declared or sent, and (408) when it takes longer than
+/// `server.body_timeout_ms` to arrive.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
-    limit: usize,
+    server: &ServerConfig,
 ) -> Result<Bytes, GatewayError> {
+    let limit = server.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -241,7 +244,11 @@ pub async fn read_body(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(GatewayError::payload_too_large(limit));
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(server.body_timeout, axum::body::to_bytes(body, limit));
+    let read = read
+        .await
+        .map_err(|_| GatewayError::body_timeout(server.body_timeout))?;
+    read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -14,8 +15,8 @@ use time::macros::format_description;
 use super::json_response;
 use crate::error::GatewayError;
 use crate::pipeline::admit::{ExplainRequest, explain};
-use crate::pipeline::auth;
-use crate::state::{AppState, ReloadError, ReloadReport};
+use crate::pipeline::{auth, read_body};
+use crate::state::{AppState, ReloadError, ReloadReport, Snapshot};
 
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]-[day]");
@@ -35,22 +36,37 @@ pub async fn explain_plan(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     uri: Uri,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> Response {
     let snapshot = app.snapshot.load_full();
+    let body = match authorised_body(&snapshot, &headers, &uri, body).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
     answer(
-        auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
-            let ask: ExplainRequest = serde_json::from_slice(&body).map_err(|e| {
+        serde_json::from_slice::<ExplainRequest>(&body)
+            .map_err(|e| {
                 GatewayError::bad_request(
                     format!(
                         "the body must be {{\"request\": {{...}}, \"region\"?, \"key\"?}}: {e}"
                     ),
                     None,
                 )
-            })?;
-            explain(&snapshot, &ask)
-        }),
+            })
+            .and_then(|ask| explain(&snapshot, &ask)),
     )
+}
+
+/// The body of an admin call, read only once its token is checked: a
+/// caller without the token costs no more than its request head.
+async fn authorised_body(
+    snapshot: &Snapshot,
+    headers: &HeaderMap,
+    uri: &Uri,
+    body: Body,
+) -> Result<Bytes, GatewayError> {
+    auth::authenticate_admin(snapshot, headers, uri.path())?;
+    read_body(headers, body, &snapshot.config.server).await
 }
 
 #[derive(Debug, Serialize)]
@@ -162,12 +178,13 @@ pub async fn reload(
     headers: HeaderMap,
     uri: Uri,
     Query(params): Query<HashMap<String, String>>,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> Response {
     let snapshot = app.snapshot.load_full();
-    if let Err(e) = auth::authenticate_admin(&snapshot, &headers, uri.path()) {
-        return e.into_response();
-    }
+    let body = match authorised_body(&snapshot, &headers, &uri, body).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
     let dry_run = match params.get("dry_run").map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,
