@@ -27,6 +27,7 @@ pub mod respond;
 pub mod stream;
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -244,10 +245,15 @@ pub async fn read_body(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(GatewayError::payload_too_large(limit));
     }
-    let read = tokio::time::timeout(server.body_timeout, axum::body::to_bytes(body, limit));
-    let read = read
-        .await
-        .map_err(|_| GatewayError::body_timeout(server.body_timeout))?;
+    let mut read = std::pin::pin!(axum::body::to_bytes(body, limit));
+    // A body that came with its request head is read at once, without the
+    // cost of a timer.
+    let read = match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+        Poll::Ready(read) => read,
+        Poll::Pending => tokio::time::timeout(server.body_timeout, read)
+            .await
+            .map_err(|_| GatewayError::body_timeout(server.body_timeout))?,
+    };
     read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
