@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Key, Model};
-use support::gateway::url;
+use support::gateway::{METRICS_TOKEN, url};
 use support::mock::{MockServer, MockUpstream};
 use tokio::net::TcpListener;
 use tollgate::metrics::{Kind, Label, METRICS, MetricDef};
@@ -742,4 +742,28 @@ fn metric_names_are_found_where_they_are_names() {
     );
     let yaml = "      - alert: A\n        expr: |\n          tollgate_x\n            > 1\n        for: 1m\n      - alert: B\n        expr: tollgate_y > 2\n";
     assert_eq!(rule_exprs(yaml), ["tollgate_x\n> 1\n", "tollgate_y > 2"]);
+}
+
+#[tokio::test]
+async fn metrics_ask_for_their_token_when_one_is_configured() {
+    let config = Config::new()
+        .backend(Backend::simulated("sim"))
+        .model(Model::new("chat").deployment(Deployment::new("sim", "m")))
+        .set("metrics", "token_env", "METRICS_TOKEN");
+    let gateway = support::gateway::start(&config).await;
+    let without = gateway.get("/metrics", None).await;
+    assert_eq!(without.status(), 401);
+    let error: Value = without.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("metrics token"),
+        "{error}"
+    );
+    assert_eq!(gateway.get("/metrics", Some("wrong")).await.status(), 401);
+    let with = gateway.get("/metrics", Some(METRICS_TOKEN)).await;
+    assert_eq!(with.status(), 200);
+    let page = with.text().await.unwrap();
+    assert!(page.contains("tollgate_requests_in_flight"), "{page}");
 }

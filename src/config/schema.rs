@@ -24,6 +24,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub admin: RawAdmin,
     #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
     pub ledger: RawLedger,
 }
 
@@ -59,6 +61,11 @@ pub struct RawResidency {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawAdmin {
+    pub token_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawMetrics {
     pub token_env: Option<String>,
 }
 

@@ -23,6 +23,7 @@ pub struct Config {
     pub routing: RoutingSettings,
     pub policy: Policy,
     pub admin: Admin,
+    pub metrics: MetricsAccess,
     pub ledger: LedgerSettings,
 }
 
@@ -82,6 +83,13 @@ pub struct Residency {
 /// Admin endpoints are on only when a token is configured.
 #[derive(Debug, Clone, Default)]
 pub struct Admin {
+    pub token_sha256: Option<[u8; 32]>,
+}
+
+/// `/metrics` asks for this token when one is configured: per-key series
+/// name keys and their spend.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsAccess {
     pub token_sha256: Option<[u8; 32]>,
 }
 

@@ -40,6 +40,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
     let routing = v.routing(&raw);
     let policy = v.policy(&raw);
     let admin = v.admin(&raw);
+    let metrics = v.metrics(&raw);
     let ledger = v.ledger(&raw);
     let backends: Vec<Backend> = raw
         .backends
@@ -115,6 +116,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
             routing,
             policy,
             admin,
+            metrics,
             ledger,
         })
     } else {

@@ -38,17 +38,30 @@ pub fn authenticate_admin(
     let Some(expected) = snapshot.config.admin.token_sha256 else {
         return Err(GatewayError::not_found(path));
     };
+    token(expected, headers, "admin endpoints need the admin token")
+}
+
+/// `/metrics` needs the metrics token when one is configured.
+pub fn authenticate_metrics(snapshot: &Snapshot, headers: &HeaderMap) -> Result<(), GatewayError> {
+    match snapshot.config.metrics.token_sha256 {
+        Some(expected) => token(expected, headers, "/metrics needs the metrics token"),
+        None => Ok(()),
+    }
+}
+
+/// The bearer token must have digest `expected`; `needs` says which.
+fn token(expected: [u8; 32], headers: &HeaderMap, needs: &str) -> Result<(), GatewayError> {
     let presented = bearer(headers).ok_or_else(|| {
-        GatewayError::unauthorized(
-            "admin endpoints need the admin token: `Authorization: Bearer TOKEN`",
-        )
+        GatewayError::unauthorized(&format!("{needs}: `Authorization: Bearer TOKEN`"))
     })?;
     let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
     // Comparing digests, not secrets, leaks nothing useful through timing.
     if digest == expected {
         Ok(())
     } else {
-        Err(GatewayError::unauthorized("the admin token is not valid"))
+        Err(GatewayError::unauthorized(&format!(
+            "{needs}, and this one is not valid"
+        )))
     }
 }
 

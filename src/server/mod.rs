@@ -155,7 +155,10 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = auth::authenticate_metrics(&app.snapshot.load(), &headers) {
+        return e.into_response();
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -94,8 +94,8 @@ fn read_settled(path: &Path) -> std::io::Result<String> {
     Ok(text)
 }
 
-/// What a candidate takes away from the gateway's protection: every key, or
-/// the admin token, where the running config has them. A reload never does
+/// What a candidate takes away from the gateway's protection: every key,
+/// the admin token or the metrics token, where the running config has them. A reload never does
 /// that by accident: only a candidate with `server.allow_anonymous = true`.
 fn weakened_access(old: &Config, new: &Config) -> Vec<Problem> {
     if new.server.allow_anonymous {
@@ -117,6 +117,14 @@ fn weakened_access(old: &Config, new: &Config) -> Vec<Problem> {
             path: "admin.token_env".into(),
             message: "the candidate drops the admin token, which turns the admin API off; \
                       if that is meant, set server.allow_anonymous = true"
+                .into(),
+        });
+    }
+    if old.metrics.token_sha256.is_some() && new.metrics.token_sha256.is_none() {
+        problems.push(Problem {
+            path: "metrics.token_env".into(),
+            message: "the candidate drops the metrics token, which opens /metrics (key names \
+                      and spend) to anyone; if that is meant, set server.allow_anonymous = true"
                 .into(),
         });
     }
@@ -148,6 +156,12 @@ fn access_changes(diff: &ConfigDiff, old: &Config, new: &Config) -> Vec<String> 
         (Some(_), None) => changes.push("the admin API is off".into()),
         (None, Some(_)) => changes.push("the admin API is on".into()),
         (Some(a), Some(b)) if a != b => changes.push("the admin token changed".into()),
+        _ => {}
+    }
+    match (old.metrics.token_sha256, new.metrics.token_sha256) {
+        (Some(_), None) => changes.push("/metrics is open to anyone".into()),
+        (None, Some(_)) => changes.push("/metrics needs a token".into()),
+        (Some(a), Some(b)) if a != b => changes.push("the metrics token changed".into()),
         _ => {}
     }
     changes

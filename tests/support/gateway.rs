@@ -32,6 +32,9 @@ pub fn env(name: &str) -> Option<String> {
     if name == "ADMIN_TOKEN" {
         return Some(ADMIN_TOKEN.to_owned());
     }
+    if name == "METRICS_TOKEN" {
+        return Some(METRICS_TOKEN.to_owned());
+    }
     match name {
         "AWS_KEY_ID_TEST" => Some(AWS_KEY_ID.into()),
         "AWS_SECRET_TEST" => Some(AWS_SECRET.into()),
@@ -49,6 +52,10 @@ pub fn env(name: &str) -> Option<String> {
 /// The admin token the environment holds under `ADMIN_TOKEN`, for
 /// `[admin] token_env = "ADMIN_TOKEN"`.
 pub const ADMIN_TOKEN: &str = "admin-token";
+
+/// The token the environment holds under `METRICS_TOKEN`, for
+/// `[metrics] token_env = "METRICS_TOKEN"`.
+pub const METRICS_TOKEN: &str = "metrics-token";
 
 /// The AWS credentials `env` gives the gateway, for the mock Bedrock to
 /// expect.

@@ -121,11 +121,21 @@ impl Validator<'_> {
 
     pub(super) fn admin(&mut self, raw: &RawConfig) -> Admin {
         Admin {
-            token_sha256: raw.admin.token_env.as_ref().and_then(|var| {
-                self.secret("admin.token_env".into(), var)
-                    .map(|s| Sha256::digest(s.expose().as_bytes()).into())
-            }),
+            token_sha256: self.token("admin.token_env", raw.admin.token_env.as_ref()),
         }
+    }
+
+    pub(super) fn metrics(&mut self, raw: &RawConfig) -> MetricsAccess {
+        MetricsAccess {
+            token_sha256: self.token("metrics.token_env", raw.metrics.token_env.as_ref()),
+        }
+    }
+
+    /// The digest of the token held by environment variable `var`.
+    fn token(&mut self, path: &str, var: Option<&String>) -> Option<[u8; 32]> {
+        let var = var?;
+        self.secret(path.into(), var)
+            .map(|s| Sha256::digest(s.expose().as_bytes()).into())
     }
 
     pub(super) fn self_hosted(
