@@ -18,6 +18,39 @@ pub use kind::ErrorKind;
 pub use wire::UpstreamErrorParts;
 use wire::{ErrorBody, ErrorObject};
 
+/// The most of an error message a client sees and a log line holds:
+/// messages echo what clients and upstreams sent.
+const MAX_MESSAGE_CHARS: usize = 4096;
+/// The most of a client's own string (a model name, a field's path) that
+/// a message echoes.
+const MAX_ECHO_CHARS: usize = 256;
+
+/// `text` with control characters written as escapes, so that no message
+/// can forge a log line, and cut to `max` characters.
+fn bounded(text: String, max: usize) -> String {
+    if text.len() <= max && !text.chars().any(char::is_control) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len().min(max + 3));
+    for (count, c) in text.chars().enumerate() {
+        if count == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A client's string as a message echoes it: escaped and bounded.
+fn echo(text: &str) -> String {
+    bounded(text.to_owned(), MAX_ECHO_CHARS)
+}
+
 #[derive(Debug, Clone)]
 pub struct GatewayError {
     kind: ErrorKind,
@@ -32,7 +65,7 @@ impl GatewayError {
     fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
-            message: message.into(),
+            message: bounded(message.into(), MAX_MESSAGE_CHARS),
             param: None,
             upstream_code: None,
             retry_after: None,
@@ -87,7 +120,7 @@ impl GatewayError {
 
     pub fn bad_request(message: impl Into<String>, param: Option<String>) -> Self {
         let mut e = Self::new(ErrorKind::BadRequest, message);
-        e.param = param;
+        e.param = param.map(|p| bounded(p, MAX_ECHO_CHARS));
         e
     }
 
@@ -118,7 +151,8 @@ impl GatewayError {
         Self::new(
             ErrorKind::ModelNotAllowed,
             format!(
-                "key \"{key}\" may not use model \"{alias}\"; GET /v1/models lists the models it may use"
+                "key \"{key}\" may not use model \"{}\"; GET /v1/models lists the models it may use",
+                echo(alias)
             ),
         )
     }
@@ -127,7 +161,8 @@ impl GatewayError {
         Self::new(
             ErrorKind::UnknownModel,
             format!(
-                "the model \"{alias}\" does not exist; available models: {}",
+                "the model \"{}\" does not exist; available models: {}",
+                echo(alias),
                 if known.is_empty() {
                     "none".to_owned()
                 } else {
@@ -380,5 +415,37 @@ impl IntoResponse for GatewayError {
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_client_sent_is_echoed_escaped_and_bounded() {
+        let forged = GatewayError::unknown_model("m\n2026-12-04T00:00:00Z  INFO forged", &["a"]);
+        assert!(!forged.message().contains('\n'), "{}", forged.message());
+        assert!(
+            forged.message().contains("m\\n2026"),
+            "{}",
+            forged.message()
+        );
+        let huge = "x".repeat(3 << 20);
+        let error = GatewayError::unknown_model(&huge, &["a"]);
+        assert!(
+            error.message().chars().count() < 400,
+            "{}",
+            error.message().len()
+        );
+        let error =
+            GatewayError::bad_request(format!("invalid type: string \"{huge}\""), Some(huge));
+        assert!(error.message().chars().count() <= MAX_MESSAGE_CHARS + 1);
+        assert!(error.param_name().unwrap().chars().count() <= MAX_ECHO_CHARS + 1);
+        let plain = GatewayError::unknown_model("llama-3.3-70b", &["a", "b"]);
+        assert_eq!(
+            plain.message(),
+            "the model \"llama-3.3-70b\" does not exist; available models: a, b"
+        );
     }
 }

@@ -312,8 +312,9 @@ fn typed<'b, T: DeserializeOwned>(bytes: &'b [u8]) -> Result<Read<'b, T>, Gatewa
     if let Ok(read) = serde_json::from_slice(bytes) {
         return Ok(read);
     }
+    // Read again, to say where it went wrong.
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let read = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
@@ -323,7 +324,15 @@ fn typed<'b, T: DeserializeOwned>(bytes: &'b [u8]) -> Result<Read<'b, T>, Gatewa
         } else {
             invalid_at(&path, inner)
         }
-    })
+    })?;
+    // The object read, something follows it: the only fault left.
+    de.end().map_err(|e| {
+        GatewayError::bad_request(
+            format!("the request body has more after its JSON object ({e}); send one JSON object"),
+            None,
+        )
+    })?;
+    Ok(read)
 }
 
 fn invalid_at(path: &str, error: impl fmt::Display) -> GatewayError {
@@ -599,6 +608,29 @@ mod tests {
         assert_eq!(parts[1].extra["image_url"]["url"], "https://x/y.png");
         assert!(third.content.is_none());
         assert_eq!(third.extra["tool_calls"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn anything_after_the_json_object_is_refused() {
+        let one = r#"{"model":"a","messages":[{"role":"user","content":"hi"}]}"#;
+        assert!(chat(one.to_owned().leak()).is_ok());
+        for body in [
+            format!("{one}xyz"),
+            format!("{one}{one}"),
+            format!("{one} 1"),
+        ] {
+            let error = chat(body.clone().leak()).expect_err(&body);
+            assert_eq!(error.status(), 400, "{body}");
+            assert!(
+                error.message().contains("more after its JSON object"),
+                "{body}: {}",
+                error.message()
+            );
+        }
+        assert!(
+            chat(format!("{one} \n").leak()).is_ok(),
+            "white space may follow"
+        );
     }
 
     #[test]
