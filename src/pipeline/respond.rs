@@ -26,12 +26,7 @@ pub fn respond(request: &InboundRequest, served: Served<'_>) -> Response {
             meter.upstream_done();
             meter.observe(observed);
             meter.finish_after_response(200);
-            let mut response = (StatusCode::OK, body).into_response();
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            response
+            json_response(StatusCode::OK, body)
         }
         Ready::Stream(first, facts, upstream) => {
             let body = SseBody::new(SseParams {
@@ -55,6 +50,16 @@ pub fn respond(request: &InboundRequest, served: Served<'_>) -> Response {
         }
     };
     set_served_by(&mut response, Some(&backend.name), attempts);
+    response
+}
+
+/// A JSON body with its content type.
+pub fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut response = (status, body.into()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 

@@ -12,9 +12,9 @@ use serde::Serialize;
 use time::Date;
 use time::macros::format_description;
 
-use super::json_response;
 use crate::error::GatewayError;
 use crate::pipeline::admit::{ExplainRequest, explain};
+use crate::pipeline::respond::json_response;
 use crate::pipeline::{auth, read_body};
 use crate::state::{AppState, ReloadError, ReloadReport, Snapshot};
 

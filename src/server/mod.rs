@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::openai::{Endpoint, ModelEntry, ModelList};
+use crate::pipeline::respond::json_response;
 use crate::pipeline::{self, auth};
 use crate::state::{self, AppState};
 use request_id::RequestId;
@@ -175,13 +176,4 @@ async fn not_found(uri: Uri) -> Response {
 
 async fn method_not_allowed() -> Response {
     GatewayError::method_not_allowed().into_response()
-}
-
-fn json_response(status: StatusCode, body: impl Into<axum::body::Body>) -> Response {
-    let mut response = (status, body.into()).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
 }
