@@ -275,6 +275,18 @@ metrics! {
             ),
         ],
     }
+    usage_rejected: IntCounterVec {
+        name: "tollgate_usage_rejected_total",
+        help: "Upstream usage reports the gateway did not believe and estimated instead, by reason.",
+        labels: [
+            BACKEND,
+            label(
+                "reason",
+                "`not_a_count` (negative, fractional or not a number), `missing` (no prompt or \
+                 completion count) or `over_context_window` (more than the deployment holds)",
+            ),
+        ],
+    }
     cost: CounterVec {
         name: "tollgate_cost_usd_total",
         help: "Cost of the tokens served, in USD: list prices for APIs, the full-load amortised price for self-hosted backends.",

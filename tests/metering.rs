@@ -239,6 +239,181 @@ async fn budgets_hold_under_concurrency_and_refusals_say_which_budget_and_when_i
     assert!(close(remaining, (0.005 - spent).max(0.0)), "{remaining}");
 }
 
+// ---- usage reports the gateway does not believe ----------------------------
+
+/// A whole chat completion with this `usage`.
+fn answer_with_usage(usage: Value) -> Value {
+    json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+           "choices": [{"index": 0, "message": {"role": "assistant", "content": "twelve chars"},
+                        "finish_reason": "stop"}],
+           "usage": usage})
+}
+
+fn tokens(text: &str, backend: &str, direction: &str, estimated: &str) -> f64 {
+    metric(
+        text,
+        "tollgate_tokens_total",
+        &[
+            ("alias", "chat"),
+            ("backend", backend),
+            ("direction", direction),
+            ("estimated", estimated),
+        ],
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn usage_without_a_total_or_in_integral_floats_is_taken_as_reported() {
+    let usage = json!({"prompt_tokens": 11.0, "completion_tokens": 3});
+    let upstream = MockUpstream::openai()
+        .json(answer_with_usage(usage.clone()))
+        .stream_bytes(format!(
+            "data: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
+            json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                   "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": null}]}),
+            json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                   "choices": [], "usage": usage}),
+        ))
+        .start()
+        .await;
+    let spare = MockUpstream::openai().start().await;
+    let config = priced(&url(&upstream), &url(&spare), PRICES, Key::new("team"));
+    let gateway = start(&config).await;
+    let response = chat_as_team(&gateway, json!({"model": "chat", "messages": user("hi")})).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response).0, "api-a", "no failover");
+    let stream = json!({"model": "chat", "messages": user("hi"), "stream": true});
+    let events = Events::new(chat_as_team(&gateway, stream).await)
+        .rest()
+        .await;
+    assert!(events.iter().all(|e| !e.contains("error")), "{events:?}");
+    assert_eq!(spare.hits(), 0);
+    gateway
+        .eventually_metric(
+            "tollgate_requests_total",
+            &[("alias", "chat"), ("backend", "api-a"), ("status", "200")],
+            2.0,
+        )
+        .await;
+    let text = gateway.metrics().await;
+    assert_eq!(tokens(&text, "api-a", "output", "false"), 6.0, "{text}");
+    assert_eq!(tokens(&text, "api-a", "input", "false"), 22.0);
+    assert_eq!(tokens(&text, "api-a", "output", "true"), 0.0);
+}
+
+#[tokio::test]
+async fn output_is_estimated_from_the_text_however_the_json_is_spaced() {
+    // No usage, spaced and escaped as a pretty-printing server writes it:
+    // "héllo wörld\n" is 14 bytes of text, 4 tokens at 4 bytes a token.
+    let upstream = MockUpstream::openai()
+        .stream_bytes(
+            "data: {\"id\": \"c\", \"choices\": [{\"index\": 0, \"delta\": {\"content\" : \"h\\u00e9llo \"}}]}\n\n\
+             data: {\"id\": \"c\", \"choices\": [{\"index\": 0, \"delta\": {\"content\": \"w\u{f6}rld\\n\"}}]}\n\n\
+             data: [DONE]\n\n",
+        )
+        .start()
+        .await;
+    let spare = MockUpstream::openai().start().await;
+    let config = priced(&url(&upstream), &url(&spare), PRICES, Key::new("team"));
+    let gateway = start(&config).await;
+    let stream = json!({"model": "chat", "messages": user("hi"), "stream": true});
+    let events = Events::new(chat_as_team(&gateway, stream).await)
+        .rest()
+        .await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    gateway
+        .eventually_metric(
+            "tollgate_requests_total",
+            &[("alias", "chat"), ("backend", "api-a"), ("status", "200")],
+            1.0,
+        )
+        .await;
+    let text = gateway.metrics().await;
+    assert_eq!(tokens(&text, "api-a", "output", "true"), 4.0, "{text}");
+}
+
+#[tokio::test]
+async fn usage_that_cannot_be_true_is_estimated_counted_and_never_reaches_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.toml");
+    let upstream = MockUpstream::openai()
+        .json(answer_with_usage(json!({
+            "prompt_tokens": 11, "completion_tokens": 18_446_744_073_709_551_615_u64,
+            "total_tokens": 18_446_744_073_709_551_615_u64})))
+        .start()
+        .await;
+    let negative = MockUpstream::openai()
+        .json(answer_with_usage(
+            json!({"prompt_tokens": -1, "completion_tokens": 3}),
+        ))
+        .start()
+        .await;
+    let text = Config::new()
+        .backend(Backend::upstream("huge", "openai", &url(&upstream)))
+        .backend(Backend::upstream("negative", "openai", &url(&negative)))
+        .model(Model::new("chat").deployment(Deployment::new("huge", "m").price(1.0, 2.0)))
+        .model(Model::new("other").deployment(Deployment::new("negative", "m").price(1.0, 2.0)))
+        .key(Key::new("team").set("budget_daily_usd", 1.0))
+        .set(
+            "ledger",
+            "data_dir",
+            dir.path().join("data").to_str().unwrap(),
+        )
+        .set("ledger", "flush_interval_ms", 100)
+        .set("admin", "token_env", "TOLLGATE_TEST_ADMIN")
+        .to_toml();
+    std::fs::write(&config, text).unwrap();
+    let env = [
+        ("TOLLGATE_TEST_ADMIN", ADMIN_TOKEN),
+        ("KEY_TEAM", "team-secret"),
+        ("UPSTREAM_KEY_HUGE", "k"),
+        ("UPSTREAM_KEY_NEGATIVE", "k"),
+    ];
+    let first = serve_file(&config, &env);
+    let client = reqwest::Client::new();
+    let ask = |model: &'static str| {
+        client
+            .post(format!("{}/v1/chat/completions", first.base))
+            .bearer_auth("team-secret")
+            .json(&json!({"model": model, "messages": user("hi")}))
+            .send()
+    };
+    for _ in 0..2 {
+        assert_eq!(ask("chat").await.unwrap().status(), 200);
+    }
+    assert_eq!(ask("other").await.unwrap().status(), 200);
+    first.logged("the upstream's usage report is not believable");
+    let page = client
+        .get(format!("{}/metrics", first.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rejected = |backend, reason| {
+        metric(
+            &page,
+            "tollgate_usage_rejected_total",
+            &[("backend", backend), ("reason", reason)],
+        )
+    };
+    assert_eq!(rejected("huge", "over_context_window"), Some(2.0), "{page}");
+    assert_eq!(rejected("negative", "not_a_count"), Some(1.0));
+    // Estimated instead: "hi" is 5 prompt tokens, "twelve chars" 3 output.
+    let before = total_spend(&first.base).await;
+    assert_eq!(before["requests"], 3);
+    assert_eq!(before["output_tokens"], 9);
+    // Flushed, then killed.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    drop(first);
+
+    // The gateway starts again on its own ledger, with the same totals.
+    let second = serve_file(&config, &env);
+    assert_eq!(total_spend(&second.base).await, before);
+}
+
 // ---- a crash of the process ------------------------------------------------
 
 fn serve(config: &std::path::Path) -> Process {

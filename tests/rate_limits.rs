@@ -123,6 +123,81 @@ async fn a_key_over_its_tpm_gets_429_counting_what_requests_really_used() {
     );
 }
 
+/// `retry-after` of a 429 from `team`'s key.
+async fn refused_for(gateway: &Gateway) -> u64 {
+    let response = chat_as_team(gateway, hi("chat")).await;
+    assert_eq!(response.status(), 429);
+    retry_after(&response)
+}
+
+#[tokio::test]
+async fn a_long_answer_puts_the_key_in_debt_and_retry_after_covers_it() {
+    // A tpm of 60 is a token a second. The answer is 11 prompt and 600
+    // completion tokens: 611, ten minutes of quota, of which the bucket
+    // held one. The next request (5 tokens) fits 611 + 5 - 60 = 556 s on.
+    let upstream = MockUpstream::openai().answers_of(600).start().await;
+    let config = one_model(&upstream).key(Key::new("team").set("tpm", 60));
+    let gateway = start(&config).await;
+    assert_eq!(chat_as_team(&gateway, hi("chat")).await.status(), 200);
+    let wait = refused_for(&gateway).await;
+    assert!((550..=557).contains(&wait), "retry-after {wait}");
+}
+
+#[tokio::test]
+async fn output_counts_against_the_key_and_the_deployment_as_it_is_generated() {
+    // 2 tokens a second for the key and for the deployment `first`; the
+    // stream pauses after 300 of its 400 tokens.
+    let first = MockUpstream::openai()
+        .answers_of(400)
+        .hold_after(301)
+        .start()
+        .await;
+    let second = MockUpstream::openai().start().await;
+    let config = Config::new()
+        .backend(Backend::upstream("first", "openai", &url(&first)))
+        .backend(Backend::upstream("second", "openai", &url(&second)))
+        .model(
+            Model::new("chat")
+                .deployment(
+                    Deployment::named("first", "first")
+                        .price(0.1, 0.0)
+                        .set("tpm", 120),
+                )
+                .deployment(Deployment::named("second", "second").price(1.0, 0.0)),
+        )
+        .key(Key::new("team").set("tpm", 120))
+        .key(Key::new("other"))
+        .admin();
+    let gateway = start(&config).await;
+    let body = json!({"model": "chat", "messages": user("hi"), "stream": true});
+    let mut held = gateway
+        .post("/v1/chat/completions")
+        .bearer_auth("team-secret")
+        .json(&body)
+        .send()
+        .await
+        .map(Events::new)
+        .unwrap();
+    for _ in 0..301 {
+        held.next().await.expect("the first 300 tokens");
+    }
+    // While the answer is still coming, the key already owes about
+    // 5 + 300 - 120 tokens: 90 s or more.
+    let wait = refused_for(&gateway).await;
+    assert!(wait >= 85, "retry-after {wait}");
+    // And the deployment: plans leave it for the other one.
+    let response = gateway.chat_as("other-secret", hi("chat")).await;
+    assert_eq!(served_by(&response).0, "second");
+    let explained = gateway.explain(json!({"request": hi("chat")})).await;
+    let why = reason(&explained, "first");
+    assert!(
+        why.starts_with("at its tpm quota of 120; next slot in"),
+        "{why}"
+    );
+    first.release();
+    assert_eq!(held.rest().await.last().map(String::as_str), Some("[DONE]"));
+}
+
 #[tokio::test]
 async fn a_deployment_at_its_rpm_quota_is_skipped_not_failed() {
     let cheap = MockUpstream::openai().start().await;
@@ -152,18 +227,15 @@ async fn a_deployment_at_its_rpm_quota_is_skipped_not_failed() {
         assert_eq!(response.status(), 200);
         assert_eq!(served_by(&response), ("cheap".into(), "1".into()));
     }
-    // The third finds the quota spent at attempt time: skipped, and the
-    // next deployment serves it in what counts as its only attempt.
+    // The third is planned without it: the plan sees the quota spent (no
+    // refusal needed first), and the next deployment serves it in what
+    // counts as its only attempt.
     let response = gateway.chat(hi("chat")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(served_by(&response), ("dear".into(), "1".into()));
     assert_eq!((cheap.hits(), dear.hits()), (2, 1));
-    let labels = [("scope", "deployment"), ("name", "cheap"), ("limit", "rpm")];
-    gateway
-        .eventually_metric("tollgate_rate_limited_total", &labels, 1.0)
-        .await;
 
-    // From then on plans drop it, with the reason, until its next slot.
+    // Plans drop it, with the reason, until its next slot.
     let explained = gateway.explain(json!({"request": hi("chat")})).await;
     assert_eq!(explained["chosen"], "dear");
     assert_eq!(candidate(&explained, "cheap")["kept"], false);

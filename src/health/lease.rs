@@ -36,22 +36,26 @@ impl Lease {
 }
 
 impl Settle for Lease {
+    /// Charges the deployment's token quota as output is generated.
+    fn generated(&self, tokens: u64) {
+        self.deployment.quota.limits.charge(tokens, Instant::now());
+    }
+
     /// Counts the tokens served by the backend, teaches the alias how long
     /// its answers run (for cost estimates) when the count is the
-    /// upstream's own, and charges the deployment's token quota what the
-    /// request used beyond the prompt estimate it took.
-    fn settle(&self, admitted: u64, usage: &Usage, reported: bool) {
-        self.backend.tokens_served.fetch_add(
-            usage.prompt_tokens + usage.completion_tokens,
-            Ordering::Relaxed,
-        );
+    /// upstream's own, and settles the deployment's token quota to what
+    /// the request used.
+    fn settle(&self, charged: u64, usage: &Usage, reported: bool) {
+        self.backend
+            .tokens_served
+            .fetch_add(usage.total_tokens, Ordering::Relaxed);
         if reported {
             self.alias.record_output_tokens(usage.completion_tokens);
         }
         self.deployment
             .quota
             .limits
-            .settle(admitted, usage.prompt_tokens, usage.completion_tokens);
+            .settle(charged, usage.total_tokens, Instant::now());
     }
 }
 

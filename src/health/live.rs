@@ -91,6 +91,8 @@ fn reuse<T: Default>(map: &HashMap<String, Arc<T>>, name: &str) -> Arc<T> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     fn config(key_rpm: u32, deployment_rpm: u32) -> Config {
@@ -106,19 +108,40 @@ mod tests {
     fn rate_limiters_survive_a_reload_for_the_same_name_until_their_quota_changes() {
         let live = LiveState::default();
         let first = live.view(&config(1, 1));
-        first.keys[0].admit(0).unwrap();
-        first.deployments[0][0].quota.limits.admit(0).unwrap();
+        first.keys[0].admit(0, Instant::now()).unwrap();
+        first.deployments[0][0]
+            .quota
+            .limits
+            .admit(0, Instant::now())
+            .unwrap();
 
         let same = live.view(&config(1, 1));
         assert!(Arc::ptr_eq(&first.keys[0], &same.keys[0]));
-        assert!(same.keys[0].admit(0).is_err(), "the key's minute goes on");
         assert!(
-            same.deployments[0][0].quota.limits.admit(0).is_err(),
+            same.keys[0].admit(0, Instant::now()).is_err(),
+            "the key's minute goes on"
+        );
+        assert!(
+            same.deployments[0][0]
+                .quota
+                .limits
+                .admit(0, Instant::now())
+                .is_err(),
             "so does the deployment's"
         );
 
         let raised = live.view(&config(5, 1));
-        assert_eq!(raised.keys[0].admit(0), Ok(()), "a new quota starts afresh");
-        assert!(raised.deployments[0][0].quota.limits.admit(0).is_err());
+        assert_eq!(
+            raised.keys[0].admit(0, Instant::now()),
+            Ok(()),
+            "a new quota starts afresh"
+        );
+        assert!(
+            raised.deployments[0][0]
+                .quota
+                .limits
+                .admit(0, Instant::now())
+                .is_err()
+        );
     }
 }

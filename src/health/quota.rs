@@ -1,6 +1,6 @@
-//! A deployment's quota as the router sees it: its own limiters (`rpm`,
-//! `tpm`, the provider's quota), the last time they refused, and what the
-//! upstream's `x-ratelimit-*` headers last reported. A deployment at its
+//! A deployment's quota as the router sees it: its own limits (`rpm`,
+//! `tpm`, the provider's quota) and what the upstream's `x-ratelimit-*`
+//! headers last reported. A deployment at its
 //! quota is skipped until it has room again, never failed.
 
 use std::sync::{Mutex, PoisonError};
@@ -20,8 +20,6 @@ pub struct DeploymentQuota {
 
 #[derive(Default)]
 struct State {
-    /// Our own limiter refused until then.
-    limited: Option<(Instant, Refused)>,
     /// What the upstream reported, until it resets.
     requests: Option<Left>,
     tokens: Option<Left>,
@@ -53,37 +51,24 @@ impl DeploymentQuota {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Applies the configured quota (a reload); a changed one forgets the
-    /// last refusal, which the old quota made.
+    /// Applies the configured quota (a reload).
     pub fn configure(&self, quota: PerMinute) {
-        if self.limits.configure(quota) {
-            self.state().limited = None;
-        }
+        self.limits.configure(quota);
     }
 
     /// Takes a request and its estimated `tokens` from the deployment's
-    /// quota, at attempt time. A refusal is remembered so that plans drop
-    /// the deployment until it has room; an admission counts against what
-    /// the upstream last said was left.
+    /// quota, at attempt time; an admission counts against what the
+    /// upstream last said was left.
     pub fn admit(&self, tokens: u64, now: Instant) -> Result<(), Refused> {
-        let admitted = self.limits.admit(tokens);
+        self.limits.admit(tokens, now)?;
         let mut guard = self.state();
         let state = &mut *guard;
-        match admitted {
-            Ok(()) => {
-                for (left, used) in [(&mut state.requests, 1), (&mut state.tokens, tokens)] {
-                    if let Some(left) = left {
-                        left.left = left.left.saturating_sub(used);
-                    }
-                }
-            }
-            Err(refused) => {
-                if let Some(wait) = refused.wait {
-                    state.limited = Some((now + wait, refused));
-                }
+        for (left, used) in [(&mut state.requests, 1), (&mut state.tokens, tokens)] {
+            if let Some(left) = left {
+                left.left = left.left.saturating_sub(used);
             }
         }
-        admitted
+        Ok(())
     }
 
     /// Records what an upstream response's headers said is left.
@@ -109,20 +94,22 @@ impl DeploymentQuota {
                 None,
             ));
         }
-        let state = self.state();
-        if let Some((until, refused)) = state.limited
-            && let Some(left) = until.checked_duration_since(now).filter(|d| !d.is_zero())
+        if let Err(Refused {
+            limit,
+            per_minute,
+            wait: Some(left),
+        }) = self.limits.check(tokens, now)
         {
             return Some((
                 format!(
-                    "at its {} quota of {}; next slot in {} ms",
-                    refused.limit.name(),
-                    refused.per_minute,
+                    "at its {} quota of {per_minute}; next slot in {} ms",
+                    limit.name(),
                     left.as_millis()
                 ),
                 Some(left),
             ));
         }
+        let state = self.state();
         if let Some((0, reset_in)) = state.requests.and_then(|l| l.at(now)) {
             return Some((
                 format!(
@@ -154,7 +141,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_refusal_blocks_until_the_next_slot() {
+    fn a_deployment_at_its_quota_is_blocked_until_the_next_slot() {
         let quota = DeploymentQuota::default();
         quota.configure(PerMinute {
             requests: NonZeroU32::new(1),
@@ -163,8 +150,6 @@ mod tests {
         let now = Instant::now();
         assert!(quota.blocked(10, now).is_none());
         quota.admit(10, now).unwrap();
-        assert!(quota.blocked(10, now).is_none(), "not known until refused");
-        assert!(quota.admit(10, now).is_err());
         let (reason, retry) = quota.blocked(10, now).unwrap();
         assert!(
             reason.starts_with("at its rpm quota of 1; next slot in"),

@@ -27,7 +27,10 @@ pub struct Row {
 }
 
 /// Spend is held in nano-dollars: exact integer sums, and room for
-/// 9 billion USD in an i64 column.
+/// 9 billion USD in an i64 column, per row (one key, model and deployment
+/// for one day). Sums saturate rather than wrap; with every request's
+/// usage bounded by its deployment's context window, a row reaches the
+/// bound only after billions of dollars in one day.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Totals {
     pub requests: u64,
@@ -38,10 +41,10 @@ pub struct Totals {
 
 impl Totals {
     fn add(&mut self, other: &Totals) {
-        self.requests += other.requests;
-        self.input_tokens += other.input_tokens;
-        self.output_tokens += other.output_tokens;
-        self.cost_nano_usd += other.cost_nano_usd;
+        self.requests = self.requests.saturating_add(other.requests);
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.cost_nano_usd = self.cost_nano_usd.saturating_add(other.cost_nano_usd);
     }
 }
 
@@ -66,7 +69,10 @@ impl State {
     fn add(&mut self, row: Row, totals: Totals) {
         let cost = totals.cost_nano_usd;
         match self.by_key.get_mut(row.key.as_str()) {
-            Some(days) => *days.entry(row.day).or_default() += cost,
+            Some(days) => {
+                let day = days.entry(row.day).or_default();
+                *day = day.saturating_add(cost);
+            }
             None => {
                 self.by_key
                     .insert(row.key.clone(), BTreeMap::from([(row.day, cost)]));
@@ -121,10 +127,10 @@ impl Ledger {
 
     /// Nano-dollars a key spent from `from` to `to`, both included.
     pub fn spent(&self, key: &str, from: Date, to: Date) -> u64 {
-        self.state()
-            .by_key
-            .get(key)
-            .map_or(0, |days| days.range(from..=to).map(|(_, cost)| cost).sum())
+        self.state().by_key.get(key).map_or(0, |days| {
+            days.range(from..=to)
+                .fold(0, |sum: u64, (_, cost)| sum.saturating_add(*cost))
+        })
     }
 
     /// The rows, optionally for one key and a date range (both ends
@@ -270,5 +276,50 @@ mod tests {
             ledger.spent("b", date!(2026 - 11 - 28), date!(2026 - 11 - 28)),
             10
         );
+    }
+
+    #[test]
+    fn sums_saturate_in_memory_and_on_disk_and_the_ledger_always_opens_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = date!(2026 - 11 - 28);
+        let huge = Totals {
+            requests: 1,
+            input_tokens: u64::MAX,
+            output_tokens: u64::MAX,
+            cost_nano_usd: u64::MAX,
+        };
+        for _ in 0..2 {
+            let ledger = Ledger::open(Some(dir.path())).unwrap();
+            ledger.record(row(day, "a"), huge);
+            ledger.record(row(day, "a"), huge);
+            ledger.record(row(date!(2026 - 11 - 29), "a"), huge);
+            assert_eq!(ledger.spent("a", day, date!(2026 - 11 - 30)), u64::MAX);
+            ledger.flush().unwrap();
+        }
+        let ledger = Ledger::open(Some(dir.path())).unwrap();
+        let rows = ledger.rows(Some("a"), Some(day), Some(day));
+        assert_eq!(rows[0].1.requests, 4);
+        assert_eq!(rows[0].1.cost_nano_usd, i64::MAX as u64, "as stored");
+    }
+
+    #[test]
+    fn a_ledger_whose_counts_overflowed_into_floats_opens_with_them_made_integers() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Ledger::open(Some(dir.path())).unwrap());
+        // What an earlier gateway wrote when a sum overflowed: SQLite
+        // stored a float.
+        let db = rusqlite::Connection::open(dir.path().join("tollgate-ledger.sqlite3")).unwrap();
+        db.execute(
+            "INSERT INTO spend VALUES ('2026-11-28', 'a', 'm', 'm/b', 2, 10, 3.6893488147419103e19, 3.6893488147419103e19)",
+            [],
+        )
+        .unwrap();
+        drop(db);
+        let ledger = Ledger::open(Some(dir.path())).unwrap();
+        let rows = ledger.rows(None, None, None);
+        assert_eq!(rows[0].1.output_tokens, i64::MAX as u64);
+        assert_eq!(rows[0].1.requests, 2);
+        ledger.record(row(date!(2026 - 11 - 28), "a"), spend(5));
+        ledger.flush().unwrap();
     }
 }

@@ -2,6 +2,7 @@
 //! with upserts.
 
 use std::path::Path;
+use std::sync::LazyLock;
 
 use foldhash::HashMap;
 use rusqlite::{Connection, params};
@@ -13,6 +14,30 @@ use super::{Row, Totals};
 const FILE: &str = "tollgate-ledger.sqlite3";
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]-[day]");
+
+const COUNTS: [&str; 4] = ["requests", "input_tokens", "output_tokens", "cost_nano_usd"];
+
+/// Adds a row's counts to the stored ones, each sum saturating at
+/// `i64::MAX`: SQLite turns an integer sum that overflows into a float,
+/// which no later read takes as a count.
+static UPSERT: LazyLock<String> = LazyLock::new(|| {
+    let sums: Vec<String> = COUNTS
+        .iter()
+        .map(|c| {
+            format!(
+                "{c} = CASE WHEN {c} > {max} - excluded.{c} THEN {max} ELSE {c} + excluded.{c} END",
+                max = i64::MAX
+            )
+        })
+        .collect();
+    format!(
+        "INSERT INTO spend (day, key, model, deployment, {})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (day, key, model, deployment) DO UPDATE SET {}",
+        COUNTS.join(", "),
+        sums.join(", ")
+    )
+});
 
 pub struct Store {
     connection: Connection,
@@ -48,6 +73,16 @@ impl Store {
                  );",
             )
             .map_err(sql)?;
+        // Counts that an earlier gateway let overflow into floats are
+        // made integers again (a float past `i64::MAX` casts to it).
+        for c in COUNTS {
+            connection
+                .execute(
+                    &format!("UPDATE spend SET {c} = CAST(MAX({c}, 0) AS INTEGER) WHERE typeof({c}) = 'real'"),
+                    [],
+                )
+                .map_err(sql)?;
+        }
         Ok(Self { connection })
     }
 
@@ -90,17 +125,7 @@ impl Store {
     pub fn add(&mut self, pending: &HashMap<Row, Totals>) -> Result<(), String> {
         let tx = self.connection.transaction().map_err(sql)?;
         {
-            let mut upsert = tx
-                .prepare_cached(
-                    "INSERT INTO spend (day, key, model, deployment, requests, input_tokens, output_tokens, cost_nano_usd)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                     ON CONFLICT (day, key, model, deployment) DO UPDATE SET
-                         requests = requests + excluded.requests,
-                         input_tokens = input_tokens + excluded.input_tokens,
-                         output_tokens = output_tokens + excluded.output_tokens,
-                         cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd",
-                )
-                .map_err(sql)?;
+            let mut upsert = tx.prepare_cached(&UPSERT).map_err(sql)?;
             for (row, t) in pending {
                 let day = row.day.format(DAY).map_err(|e| e.to_string())?;
                 let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);

@@ -1,14 +1,16 @@
 //! Rate limits: requests and tokens per minute, per key (`[[keys]] rpm`,
-//! `tpm`) and per deployment (the provider's quota), counted with
-//! `governor`; and what upstreams say of their own quota in their
+//! `tpm`) and per deployment (the provider's quota), each a [`gcra`]
+//! limit; and what upstreams say of their own quota in their
 //! `x-ratelimit-*` headers (`upstream`).
 //!
-//! Tokens are taken at admission from the prompt estimate, and the rest
-//! (prompt beyond the estimate, and the completion) when the request ends
-//! ([`Limits::settle`]). `governor` cannot refund, nor go below empty: a
-//! prompt the estimate overrated is not given back, and a request that
-//! used more than is left empties the bucket but leaves no debt beyond.
+//! Tokens are taken at admission from the prompt estimate; output tokens
+//! are charged as they are generated ([`Limits::charge`]), and the
+//! request's actual usage settles the difference when it ends
+//! ([`Limits::settle`]). Charges may pass the quota: the limit is then in
+//! debt, and refuses requests until the debt is paid off, with a wait that
+//! covers it.
 
+mod gcra;
 mod upstream;
 
 use std::num::NonZeroU32;
@@ -16,9 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::config::PerMinute;
+use gcra::Gcra;
 
 pub use upstream::{Remaining, UpstreamQuota};
 
@@ -58,7 +60,7 @@ pub struct Refused {
 }
 
 /// The request and token limits of one key or deployment. Kept in live
-/// state by name, so they survive a reload; a limiter is rebuilt only when
+/// state by name, so they survive a reload; a limit is rebuilt only when
 /// its quota changes.
 #[derive(Default)]
 pub struct Limits {
@@ -74,20 +76,39 @@ impl Limits {
         self.tokens.configure(quota.tokens) || requests
     }
 
-    /// Takes one request and `tokens` (the prompt estimate). When the
-    /// token limit refuses, the request's cell stays spent: `governor`
-    /// cannot give it back.
-    pub fn admit(&self, tokens: u64) -> Result<(), Refused> {
-        self.requests.take(1).map_err(|wait| Refused {
-            limit: Limit::Requests,
-            per_minute: self.requests.per_minute().map_or(0, NonZeroU32::get),
-            wait,
-        })?;
-        self.tokens.take(tokens).map_err(|wait| Refused {
-            limit: Limit::Tokens,
-            per_minute: self.tokens.per_minute().map_or(0, NonZeroU32::get),
-            wait,
+    /// Takes one request and `tokens` (the prompt estimate), or neither.
+    pub fn admit(&self, tokens: u64, now: Instant) -> Result<(), Refused> {
+        self.requests
+            .take(1, now)
+            .map_err(|wait| self.refused(Limit::Requests, wait))?;
+        self.tokens.take(tokens, now).map_err(|wait| {
+            // Both or neither: the request's cell goes back.
+            self.requests.refund(1, now);
+            self.refused(Limit::Tokens, wait)
         })
+    }
+
+    /// Whether a request of `tokens` would be admitted now, without
+    /// taking anything.
+    pub fn check(&self, tokens: u64, now: Instant) -> Result<(), Refused> {
+        self.requests
+            .check(1, now)
+            .map_err(|wait| self.refused(Limit::Requests, wait))?;
+        self.tokens
+            .check(tokens, now)
+            .map_err(|wait| self.refused(Limit::Tokens, wait))
+    }
+
+    fn refused(&self, limit: Limit, wait: Option<Duration>) -> Refused {
+        let bucket = match limit {
+            Limit::Requests => &self.requests,
+            Limit::Tokens => &self.tokens,
+        };
+        Refused {
+            limit,
+            per_minute: bucket.per_minute().map_or(0, NonZeroU32::get),
+            wait,
+        }
     }
 
     /// Whether `tokens` can ever fit the token limit.
@@ -102,79 +123,58 @@ impl Limits {
         }
     }
 
-    /// Charges what the request used beyond the `admitted` estimate: the
-    /// prompt's excess and the completion. The request was served, so a
-    /// refusal is ignored: the bucket is emptied and later requests wait.
-    pub fn settle(&self, admitted: u64, prompt: u64, completion: u64) {
-        let rest = prompt.saturating_sub(admitted) + completion;
-        self.tokens.drain(rest);
+    /// Charges `tokens` being generated: served, so charged even past the
+    /// quota, as debt.
+    pub fn charge(&self, tokens: u64, now: Instant) {
+        self.tokens.charge(tokens, now);
+    }
+
+    /// Settles a request that was charged `charged` tokens (its prompt
+    /// estimate and the output charged as it came) and used `used`.
+    pub fn settle(&self, charged: u64, used: u64, now: Instant) {
+        if used > charged {
+            self.tokens.charge(used - charged, now);
+        } else {
+            self.tokens.refund(charged - used, now);
+        }
     }
 }
 
-/// One `governor` limiter and the quota it was built for.
-struct Gcra {
-    per_minute: NonZeroU32,
-    limiter: DefaultDirectRateLimiter,
-}
-
-/// A limiter that may be replaced by a reload; empty means no limit.
+/// A limit that may be replaced by a reload; empty means no limit.
 #[derive(Default)]
 struct Bucket(ArcSwapOption<Gcra>);
 
 impl Bucket {
     fn per_minute(&self) -> Option<NonZeroU32> {
-        self.0.load().as_ref().map(|g| g.per_minute)
+        self.0.load().as_ref().map(|g| g.per_minute())
     }
 
     fn configure(&self, per_minute: Option<NonZeroU32>) -> bool {
         if self.per_minute() == per_minute {
             return false;
         }
-        self.0.store(per_minute.map(|per_minute| {
-            Arc::new(Gcra {
-                per_minute,
-                limiter: RateLimiter::direct(Quota::per_minute(per_minute)),
-            })
-        }));
+        self.0
+            .store(per_minute.map(|per_minute| Arc::new(Gcra::new(per_minute, Instant::now()))));
         true
     }
 
-    /// Takes `n` cells, or says how long until they fit (`None`: never).
-    fn take(&self, n: u64) -> Result<(), Option<Duration>> {
-        let guard = self.0.load();
-        let (Some(gcra), Some(n)) = (
-            guard.as_ref(),
-            NonZeroU32::new(n.min(u64::from(u32::MAX)) as u32),
-        ) else {
-            return Ok(());
-        };
-        match gcra.limiter.check_n(n) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(Some(
-                not_until
-                    .earliest_possible()
-                    .saturating_duration_since(Instant::now()),
-            )),
-            Err(_) => Err(None),
+    fn check(&self, n: u64, now: Instant) -> Result<(), Option<Duration>> {
+        self.0.load().as_ref().map_or(Ok(()), |g| g.check(n, now))
+    }
+
+    fn take(&self, n: u64, now: Instant) -> Result<(), Option<Duration>> {
+        self.0.load().as_ref().map_or(Ok(()), |g| g.take(n, now))
+    }
+
+    fn charge(&self, n: u64, now: Instant) {
+        if let Some(g) = self.0.load().as_ref() {
+            g.charge(n, now);
         }
     }
 
-    /// Takes up to `n` cells, as many as are there.
-    fn drain(&self, n: u64) {
-        let guard = self.0.load();
-        let Some(gcra) = guard.as_ref() else {
-            return;
-        };
-        let mut rest = n;
-        let mut step = n.min(u64::from(gcra.per_minute.get()));
-        while rest > 0 && step > 0 {
-            let cells = NonZeroU32::new(step as u32).expect("step is positive");
-            if matches!(gcra.limiter.check_n(cells), Ok(Ok(()))) {
-                rest -= step;
-                step = step.min(rest);
-            } else {
-                step /= 2;
-            }
+    fn refund(&self, n: u64, now: Instant) {
+        if let Some(g) = self.0.load().as_ref() {
+            g.refund(n, now);
         }
     }
 }
@@ -194,56 +194,80 @@ mod tests {
     fn requests_past_the_quota_wait_for_the_next_slot() {
         let limits = Limits::default();
         limits.configure(quota(2, 0));
-        assert_eq!(limits.admit(10_000), Ok(()));
-        assert_eq!(limits.admit(10_000), Ok(()));
-        let refused = limits.admit(1).unwrap_err();
+        let now = Instant::now();
+        assert_eq!(limits.admit(10_000, now), Ok(()));
+        assert_eq!(limits.admit(10_000, now), Ok(()));
+        let refused = limits.admit(1, now).unwrap_err();
         assert_eq!((refused.limit, refused.per_minute), (Limit::Requests, 2));
-        let wait = refused.wait.expect("a slot frees");
-        assert!(
-            (Duration::from_secs(29)..=Duration::from_secs(30)).contains(&wait),
-            "{wait:?}"
-        );
+        assert_eq!(refused.wait, Some(Duration::from_secs(30)));
+        assert_eq!(limits.check(1, now), Err(refused), "seen without taking");
     }
 
     #[test]
-    fn tokens_are_taken_at_admission_and_settled_at_the_end() {
+    fn tokens_are_taken_at_admission_charged_as_generated_and_settled_at_the_end() {
         let limits = Limits::default();
         limits.configure(quota(0, 1000));
-        assert_eq!(limits.admit(100), Ok(()));
+        let now = Instant::now();
+        assert_eq!(limits.admit(100, now), Ok(()));
+        limits.charge(400, now);
         // 300 prompt tokens where 100 were estimated, and 500 generated.
-        limits.settle(100, 300, 500);
-        assert_eq!(limits.admit(200), Ok(()), "exactly what is left");
-        let refused = limits.admit(10).unwrap_err();
+        limits.settle(500, 800, now);
+        assert_eq!(limits.admit(200, now), Ok(()), "exactly what is left");
+        let refused = limits.admit(10, now).unwrap_err();
         assert_eq!((refused.limit, refused.per_minute), (Limit::Tokens, 1000));
-        assert!(refused.wait.is_some());
+        assert_eq!(refused.wait, Some(Duration::from_millis(600)));
         assert_eq!(
             limits.fits(1001).unwrap_err().wait,
             None,
             "more than a minute's quota never fits"
         );
-        assert_eq!(limits.admit(1001).unwrap_err().wait, None);
+        assert_eq!(limits.admit(1001, now).unwrap_err().wait, None);
     }
 
     #[test]
-    fn settling_more_than_is_left_empties_the_bucket() {
+    fn a_refused_token_limit_takes_no_request_either() {
         let limits = Limits::default();
-        limits.configure(quota(0, 1000));
-        limits.settle(0, 0, 5000);
-        assert!(limits.admit(1).is_err());
+        limits.configure(quota(1, 100));
+        let now = Instant::now();
+        assert_eq!(limits.admit(101, now).unwrap_err().limit, Limit::Tokens);
+        assert_eq!(
+            limits.admit(100, now),
+            Ok(()),
+            "the request slot is still free"
+        );
+    }
+
+    #[test]
+    fn usage_past_the_quota_is_debt_and_the_wait_covers_it() {
+        let limits = Limits::default();
+        limits.configure(quota(0, 300));
+        let now = Instant::now();
+        limits.admit(50, now).unwrap();
+        // A long answer: 3,000 tokens, ten minutes of the key's quota.
+        limits.settle(50, 3_050, now);
+        let wait = limits.admit(50, now).unwrap_err().wait.unwrap();
+        assert_eq!(wait, Duration::from_secs(560));
+        assert!(
+            limits
+                .admit(50, now + wait - Duration::from_secs(1))
+                .is_err()
+        );
+        assert_eq!(limits.admit(50, now + wait), Ok(()));
     }
 
     #[test]
     fn an_unchanged_quota_keeps_its_state_and_a_new_one_starts_afresh() {
         let limits = Limits::default();
         limits.configure(quota(1, 0));
-        limits.admit(0).unwrap();
+        let now = Instant::now();
+        limits.admit(0, now).unwrap();
         limits.configure(quota(1, 0));
-        assert!(limits.admit(0).is_err(), "same quota, same bucket");
+        assert!(limits.admit(0, now).is_err(), "same quota, same bucket");
         limits.configure(quota(5, 0));
-        assert_eq!(limits.admit(0), Ok(()), "a new quota, a new bucket");
+        assert_eq!(limits.admit(0, now), Ok(()), "a new quota, a new bucket");
         limits.configure(PerMinute::default());
         for _ in 0..100 {
-            assert_eq!(limits.admit(1 << 40), Ok(()), "no limit");
+            assert_eq!(limits.admit(1 << 40, now), Ok(()), "no limit");
         }
     }
 }

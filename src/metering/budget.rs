@@ -1,14 +1,19 @@
 //! Budgets per key, daily and monthly (UTC). A request is admitted only if
 //! what the key has spent, plus what requests in flight have reserved,
-//! plus this request's estimate fits every budget; the estimate stays
-//! reserved until the request's actual cost is in the ledger. So requests
-//! running at once cannot overrun a budget by more than one estimate.
+//! plus the most this request can cost fits every budget; that worst case
+//! stays reserved until the request's actual cost is in the ledger. A
+//! request without `max_tokens` is given one upstream, as many tokens as
+//! its reservation pays for ([`affordable_output`]), and a stream that
+//! reaches its reservation is ended. So requests running at once cannot
+//! overrun a budget, whatever their number, by more than what the usage
+//! reported exceeds the gateway's estimates.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
 use foldhash::HashMap;
 use time::Date;
 
+use super::cost::Rate;
 use crate::config::Key;
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
@@ -19,12 +24,29 @@ pub struct Budgets {
     reserved: Mutex<HashMap<String, u64>>,
 }
 
-/// A request's estimated cost, held against its key's budgets until it
+/// A request's worst-case cost, held against its key's budgets until it
 /// is dropped — after the actual cost has been recorded.
 pub struct Reservation {
     budgets: Arc<Budgets>,
     key: String,
     nano_usd: u64,
+}
+
+impl Reservation {
+    pub fn nano_usd(&self) -> u64 {
+        self.nano_usd
+    }
+}
+
+/// The most output tokens `nano_usd` pays for at `rate`, after a prompt of
+/// `prompt` tokens: `u64::MAX` when output is free.
+pub fn affordable_output(rate: &Rate, prompt: u64, nano_usd: u64) -> u64 {
+    let prompt_cost = u128::from(prompt) * u128::from(rate.input);
+    let left = (u128::from(nano_usd) * 1000).saturating_sub(prompt_cost);
+    match rate.output {
+        0 => u64::MAX,
+        price => u64::try_from(left / u128::from(price)).unwrap_or(u64::MAX),
+    }
 }
 
 impl Drop for Reservation {
@@ -95,24 +117,36 @@ impl Budgets {
         self.reserved.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Reserves `estimate` nano-dollars against `key`'s budgets, or refuses
-    /// with 429 `insufficient_quota` naming the budget and when it resets.
+    /// Reserves the worst case of a request against `key`'s budgets, or
+    /// refuses with 429 `insufficient_quota` naming the budget and when it
+    /// resets. `worst_case` is given what the budgets have left after
+    /// spend and reservations, and says what the request may cost: sized
+    /// under the same lock as the check, so requests admitted at once
+    /// cannot each count on the same dollars.
     pub fn admit(
         self: &Arc<Self>,
         ledger: &Ledger,
         key: &Key,
-        estimate: u64,
         today: Date,
+        worst_case: impl FnOnce(u64) -> u64,
     ) -> Result<Reservation, GatewayError> {
         let mut reserved = self.lock();
         let held = reserved.get(&key.name).copied().unwrap_or(0);
-        for period in [Period::Daily, Period::Monthly] {
-            let Some(limit) = period.limit(key) else {
-                continue;
-            };
-            let (from, to) = period.bounds(today);
-            let spent = ledger.spent(&key.name, from, to);
-            if spent + held + estimate > limit {
+        let periods = [Period::Daily, Period::Monthly].map(|period| {
+            period.limit(key).map(|limit| {
+                let (from, to) = period.bounds(today);
+                (period, limit, ledger.spent(&key.name, from, to))
+            })
+        });
+        let available = periods
+            .iter()
+            .flatten()
+            .map(|&(_, limit, spent)| limit.saturating_sub(spent).saturating_sub(held))
+            .min()
+            .unwrap_or(u64::MAX);
+        let estimate = worst_case(available);
+        for &(period, limit, spent) in periods.iter().flatten() {
+            if spent.saturating_add(held).saturating_add(estimate) > limit {
                 return Err(GatewayError::budget_exhausted(format!(
                     "key \"{}\" has used {} of its {} budget of {}{}, and this request may cost up to {}; \
                      the budget resets at {} 00:00 UTC",
@@ -130,7 +164,8 @@ impl Budgets {
                 )));
             }
         }
-        *reserved.entry(key.name.clone()).or_default() += estimate;
+        let held = reserved.entry(key.name.clone()).or_default();
+        *held = held.saturating_add(estimate);
         Ok(Reservation {
             budgets: self.clone(),
             key: key.name.clone(),
@@ -201,9 +236,9 @@ mod tests {
         let k = key(Some(1_000), None);
         spend(&ledger, today, 400);
         spend(&ledger, date!(2026 - 11 - 27), 10_000);
-        let first = budgets.admit(&ledger, &k, 300, today).unwrap();
-        let second = budgets.admit(&ledger, &k, 300, today).unwrap();
-        let refused = budgets.admit(&ledger, &k, 300, today).err().unwrap();
+        let first = budgets.admit(&ledger, &k, today, |_| 300).unwrap();
+        let second = budgets.admit(&ledger, &k, today, |_| 300).unwrap();
+        let refused = budgets.admit(&ledger, &k, today, |_| 300).err().unwrap();
         assert_eq!(refused.status(), 429);
         assert_eq!(refused.code(), Some("insufficient_quota"));
         assert!(
@@ -217,7 +252,7 @@ mod tests {
             refused.message()
         );
         drop(first);
-        let third = budgets.admit(&ledger, &k, 300, today).unwrap();
+        let third = budgets.admit(&ledger, &k, today, |_| 300).unwrap();
         drop((second, third));
         assert_eq!(
             budgets.remaining(&ledger, &k, Period::Daily, today),
@@ -232,7 +267,7 @@ mod tests {
         spend(&ledger, date!(2026 - 10 - 31), 900);
         spend(&ledger, date!(2026 - 11 - 1), 600);
         let today = date!(2026 - 11 - 30);
-        let refused = budgets.admit(&ledger, &k, 500, today).err().unwrap();
+        let refused = budgets.admit(&ledger, &k, today, |_| 500).err().unwrap();
         assert!(
             refused.message().contains("monthly budget"),
             "{}",
@@ -243,10 +278,51 @@ mod tests {
             "{}",
             refused.message()
         );
-        assert!(budgets.admit(&ledger, &k, 400, today).is_ok());
+        assert!(budgets.admit(&ledger, &k, today, |_| 400).is_ok());
         assert_eq!(
             Period::Monthly.bounds(date!(2028 - 02 - 10)).1,
             date!(2028 - 02 - 29)
         );
+    }
+
+    #[test]
+    fn the_worst_case_is_sized_from_what_is_left_after_spend_and_reservations() {
+        let (ledger, budgets) = (Ledger::open(None).unwrap(), Arc::new(Budgets::default()));
+        let today = date!(2026 - 11 - 28);
+        let k = key(Some(1_000), Some(5_000));
+        spend(&ledger, today, 100);
+        let mut seen = Vec::new();
+        let first = budgets
+            .admit(&ledger, &k, today, |left| {
+                seen.push(left);
+                left / 2
+            })
+            .unwrap();
+        assert_eq!(first.nano_usd(), 450);
+        let _second = budgets
+            .admit(&ledger, &k, today, |left| {
+                seen.push(left);
+                left
+            })
+            .unwrap();
+        assert_eq!(seen, [900, 450], "the daily budget is the smaller");
+        assert!(budgets.admit(&ledger, &k, today, |_| 1).is_err());
+    }
+
+    #[test]
+    fn a_reservation_pays_for_output_after_the_prompt() {
+        let rate = Rate {
+            input: 1_000_000,
+            cached_input: 0,
+            output: 2_000_000,
+            per_token: true,
+        };
+        // 10 prompt tokens cost 10,000 nano-dollars; each output token 2,000.
+        assert_eq!(affordable_output(&rate, 10, 30_000), 10);
+        assert_eq!(affordable_output(&rate, 10, 31_999), 10);
+        assert_eq!(affordable_output(&rate, 10, 5_000), 0);
+        let free = Rate { output: 0, ..rate };
+        assert_eq!(affordable_output(&free, 10, 0), u64::MAX);
+        assert_eq!(rate.estimate_nano_usd(10, 10), 30_000);
     }
 }

@@ -16,17 +16,22 @@ use prometheus::{Histogram, IntGauge};
 use crate::ledger::{Ledger, Row, Totals};
 use crate::limits::Limits;
 use crate::metrics::{Metrics, NONE};
-use crate::openai::{ResponseView, Usage};
+use crate::openai::{ResponseView, Usage, UsageFault};
 use budget::Reservation;
 use cost::Rate;
 
 /// HTTP status recorded for a response the client abandoned (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;
 
+/// Output tokens are charged to rate limits in steps of this many as a
+/// stream goes: a few atomic updates per answer, not one per chunk.
+const CHARGE_STEP: u64 = 16;
+
 /// What the meter reads from one response object or stream chunk.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Observed {
-    pub usage: Option<Usage>,
+    /// Usage as the upstream reported it, or why it is not believed.
+    pub usage: Option<Result<Usage, UsageFault>>,
     /// Generated text, for estimating usage the upstream did not report.
     pub text_chars: usize,
 }
@@ -53,6 +58,8 @@ pub struct Serving {
     pub deployment: String,
     pub backend: String,
     pub rate: Rate,
+    /// The most tokens either side of a believable usage report can hold.
+    pub context_window: u64,
     /// Counts the attempt against the deployment while it lives, and
     /// learns its usage.
     pub lease: Box<dyn Settle>,
@@ -61,16 +68,20 @@ pub struct Serving {
 /// What the deployment that served a request learns once its usage is
 /// known (health's lease on it, held by the meter until then).
 pub trait Settle: Send + Sync {
-    /// `input` and `output` tokens were served; `reported` when the count
-    /// is the upstream's own, not an estimate. `admitted` is the prompt
-    /// estimate the deployment's quota took at admission.
-    fn settle(&self, admitted: u64, usage: &Usage, reported: bool);
+    /// About `tokens` more output tokens were generated.
+    fn generated(&self, tokens: u64);
+
+    /// The request used `usage`; `reported` when the count is the
+    /// upstream's own, not an estimate. `charged` is what its quota took
+    /// so far: the prompt estimate at admission and output as generated.
+    fn settle(&self, charged: u64, usage: &Usage, reported: bool);
 }
 
 /// What a request is charged against: the ledger, the key's budget
 /// reservation (released once the cost is recorded), the alias's per-token
 /// deployments for counterfactual costs, and the key's rate limits (which
-/// took the prompt estimate at admission and take the rest at the end).
+/// took the prompt estimate at admission, take output as it is generated,
+/// and settle to the actual usage at the end).
 pub struct Charges {
     pub ledger: Arc<Ledger>,
     pub reservation: Option<Reservation>,
@@ -93,7 +104,12 @@ pub struct Meter {
     /// An upstream answered (its body or first chunk arrived).
     answered: bool,
     usage: Option<Usage>,
+    /// An upstream's usage report was not believed (counted and logged
+    /// once per request).
+    usage_rejected: bool,
     output_chars: usize,
+    /// Output tokens charged to the rate limits so far.
+    charged_output: u64,
     last_chunk_sent: Option<Instant>,
     between_tokens: Option<Histogram>,
     upstream_since: Option<Instant>,
@@ -121,7 +137,9 @@ impl Meter {
             last_backend: None,
             answered: false,
             usage: None,
+            usage_rejected: false,
             output_chars: 0,
+            charged_output: 0,
             last_chunk_sent: None,
             between_tokens: None,
             upstream_since: None,
@@ -158,14 +176,95 @@ impl Meter {
     }
 
     pub fn observe(&mut self, observed: Observed) {
-        if let Some(usage) = observed.usage {
-            self.usage = Some(usage);
+        match observed.usage {
+            Some(Ok(usage)) => {
+                let window = self.serving.as_ref().map_or(u64::MAX, |s| s.context_window);
+                if usage.fits_context(window) {
+                    self.usage = Some(usage);
+                } else {
+                    self.reject_usage(UsageFault::OverContextWindow);
+                }
+            }
+            Some(Err(fault)) => self.reject_usage(fault),
+            None => {}
         }
-        self.output_chars += observed.text_chars;
+        if observed.text_chars > 0 {
+            self.output_chars += observed.text_chars;
+            self.charge_generated();
+        }
+    }
+
+    /// An upstream's usage is not believed: the request's usage is then
+    /// estimated, as if none had been reported.
+    fn reject_usage(&mut self, fault: UsageFault) {
+        self.usage = None;
+        if std::mem::replace(&mut self.usage_rejected, true) {
+            return;
+        }
+        let backend = self.last_backend.as_deref().unwrap_or(NONE);
+        self.metrics
+            .usage_rejected
+            .with_label_values(&[backend, fault.label()])
+            .inc();
+        tracing::warn!(
+            request_id = self.labels.request_id,
+            backend,
+            reason = fault.describe(),
+            "the upstream's usage report is not believable; the request's usage is estimated"
+        );
+    }
+
+    /// Output generated so far, estimated from its text.
+    fn generated_tokens(&self) -> u64 {
+        estimate::tokens_for_chars(self.output_chars)
+    }
+
+    /// Charges output tokens to the key's and the deployment's token
+    /// limits as they are generated, so a long answer holds back the next
+    /// request before it ends.
+    fn charge_generated(&mut self) {
+        let generated = self.generated_tokens();
+        let due = generated.saturating_sub(self.charged_output);
+        if due < CHARGE_STEP {
+            return;
+        }
+        self.charged_output = generated;
+        if let Some(limits) = &self.charges.limits {
+            limits.charge(due, Instant::now());
+        }
+        if let Some(serving) = &self.serving {
+            serving.lease.generated(due);
+        }
+    }
+
+    /// Nano-dollars the request's budget reservation holds, if its key has
+    /// a budget.
+    pub fn reserved_nano_usd(&self) -> Option<u64> {
+        self.charges.reservation.as_ref().map(Reservation::nano_usd)
+    }
+
+    /// Whether what the request has cost so far (its prompt estimate and
+    /// the output passed through) has reached its budget reservation: a
+    /// stream is then ended, so a budget is never overrun by a request
+    /// that generates past what was reserved for it.
+    pub fn reservation_spent(&self) -> bool {
+        let (Some(reserved), Some(serving)) = (self.reserved_nano_usd(), &self.serving) else {
+            return false;
+        };
+        serving
+            .rate
+            .estimate_nano_usd(self.prompt_estimate, self.generated_tokens())
+            >= reserved
     }
 
     pub fn usage(&self) -> Option<Usage> {
         self.usage
+    }
+
+    /// The usage reported so far, else the estimate of what passed.
+    pub fn usage_so_far(&self) -> Usage {
+        self.usage
+            .unwrap_or_else(|| Usage::new(self.prompt_estimate, self.generated_tokens()))
     }
 
     /// A stream chunk was sent to the client at `now`: time to first
@@ -201,10 +300,7 @@ impl Meter {
         match self.usage {
             Some(usage) => (usage, false),
             None if self.answered => (
-                Usage::new(
-                    self.prompt_estimate,
-                    estimate::tokens_for_chars(self.output_chars),
-                ),
+                Usage::new(self.prompt_estimate, self.generated_tokens()),
                 true,
             ),
             None if status == CLIENT_CLOSED && self.serving.is_some() => {
@@ -239,7 +335,14 @@ impl Meter {
                     .inc_by(tokens);
             }
         }
+        let charged = self.prompt_estimate.saturating_add(self.charged_output);
+        if let Some(limits) = &self.charges.limits {
+            limits.settle(charged, usage.total_tokens, Instant::now());
+        }
         let mut cost_nano = 0;
+        if let Some(serving) = &self.serving {
+            serving.lease.settle(charged, &usage, !estimated);
+        }
         if let Some(serving) = &self.serving
             && usage.total_tokens > 0
         {
@@ -251,16 +354,6 @@ impl Meter {
                 m.counterfactual_cost
                     .with_label_values(&[alias, deployment])
                     .inc_by(rate.cost_nano_usd(&usage) as f64 / 1e9);
-            }
-            serving
-                .lease
-                .settle(self.prompt_estimate, &usage, !estimated);
-            if let Some(limits) = &self.charges.limits {
-                limits.settle(
-                    self.prompt_estimate,
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                );
             }
             self.charges.ledger.record(
                 Row {

@@ -85,33 +85,77 @@ struct Keys {
 static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
     usage: Finder::new(b"\"usage\""),
     error: Finder::new(b"\"error"),
-    content: Finder::new(b"\"content\":\""),
-    text: Finder::new(b"\"text\":\""),
+    content: Finder::new(b"\"content\""),
+    text: Finder::new(b"\"text\""),
 });
 
 /// Bytes of generated text in a chunk, for an estimate when the upstream
-/// reports no usage: the first `"content":"…"` (chat) or `"text":"…"`
-/// (legacy; Together sends both, so the first one found counts), escapes
-/// counted as written.
+/// reports no usage: the first string value of a `content` member (chat)
+/// or else of a `text` member (legacy; Together sends both, so only one
+/// counts), measured as decoded, without parsing the chunk. A quoted name
+/// followed by a colon is a member name wherever it is: inside a string
+/// its quotes would be escaped.
 fn text_chars(chunk: &[u8]) -> usize {
-    let start = [&KEYS.content, &KEYS.text]
+    [&KEYS.content, &KEYS.text]
         .into_iter()
-        .find_map(|key| key.find(chunk).map(|at| at + key.needle().len()));
-    let Some(start) = start else { return 0 };
-    let text = &chunk[start..];
-    let mut at = 0;
-    // Skips to each quote or backslash; a backslash escapes the next byte.
+        .find_map(|key| {
+            key.find_iter(chunk)
+                .find_map(|at| string_value(&chunk[at + key.needle().len()..]))
+        })
+        .unwrap_or(0)
+}
+
+/// The decoded length of the string that `rest` (what follows a member's
+/// name) holds as the member's value; `None` when the value is not a
+/// string or this was no member name.
+fn string_value(rest: &[u8]) -> Option<usize> {
+    let rest = skip_whitespace(rest).strip_prefix(b":")?;
+    let text = skip_whitespace(rest).strip_prefix(b"\"")?;
+    let (mut at, mut decoded) = (0, 0);
+    // Skips to each quote or backslash; a backslash starts an escape.
     while let Some(found) = memchr::memchr2(b'"', b'\\', &text[at..]) {
         let i = at + found;
+        decoded += found;
         if text[i] == b'"' {
-            return i;
+            return Some(decoded);
         }
-        at = i + 2;
+        let (written, bytes) = escape(&text[i..]);
+        at = i + written;
+        decoded += bytes;
         if at >= text.len() {
             break;
         }
     }
-    0
+    // Cut short: count what there is.
+    Some(decoded + text.len().saturating_sub(at))
+}
+
+fn skip_whitespace(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .unwrap_or(bytes.len());
+    &bytes[start..]
+}
+
+/// An escape at the start of `text`: how many bytes it is written with,
+/// and how many its character takes in UTF-8.
+fn escape(text: &[u8]) -> (usize, usize) {
+    let code = |at: usize| {
+        text.get(at..at + 4)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+    };
+    if text.get(1) != Some(&b'u') {
+        return (2, 1);
+    }
+    match code(2) {
+        // A high surrogate and its low half: one character of four bytes.
+        Some(0xD800..=0xDBFF) if text.get(6..8) == Some(b"\\u") => (12, 4),
+        Some(c) if c < 0x80 => (6, 1),
+        Some(c) if c < 0x800 => (6, 2),
+        _ => (6, 3),
+    }
 }
 
 /// Whether a chunk starts and ends as a JSON object does. Chunks are passed
@@ -129,6 +173,7 @@ fn framed_as_object(chunk: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::openai::ResponseView;
 
     const CONTENT: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}"#;
 
@@ -137,7 +182,7 @@ mod tests {
         assert_eq!(text_chars(CONTENT.as_bytes()), 5);
         assert_eq!(
             text_chars(br#"{"choices":[{"delta":{"content":"a\"b"}}]}"#),
-            4
+            3
         );
         assert_eq!(
             text_chars(br#"{"choices":[{"text":"xyz","delta":{"content":"xyz"}}]}"#),
@@ -146,6 +191,35 @@ mod tests {
         assert_eq!(
             text_chars(br#"{"choices":[{"delta":{"content":null}}]}"#),
             0
+        );
+    }
+
+    #[test]
+    fn text_is_measured_as_json_reads_it_whatever_the_spacing_and_escapes() {
+        let text = "caf\u{e9} \"q\"\n\u{1F600}\\";
+        let chunk = serde_json::json!({
+            "id": "c1",
+            "choices": [{"index": 0, "logprobs": {"content": [{"token": "x"}]},
+                         "delta": {"role": "assistant", "content": text}}]
+        });
+        for written in [
+            serde_json::to_string(&chunk).unwrap(),
+            serde_json::to_string_pretty(&chunk).unwrap(),
+            serde_json::to_string(&chunk)
+                .unwrap()
+                .replace("\"content\":\"", "\"content\" :\t \""),
+        ] {
+            assert_eq!(text_chars(written.as_bytes()), text.len(), "{written}");
+            let view: ResponseView<'_> = serde_json::from_str(&written).unwrap();
+            assert_eq!(view.text_chars(), text.len());
+        }
+        // Escaped as some servers write non-ASCII text.
+        let escaped = br#"{"choices":[{"delta":{"content":"caf\u00e9 \ud83d\ude00 \u20ac\/"}}]}"#;
+        assert_eq!(text_chars(escaped), "café 😀 €/".len());
+        assert_eq!(
+            text_chars(br#"{"choices":[{"delta":{"role":"content","content" : "ab"}}]}"#),
+            2,
+            "a value that looks like a name is not one"
         );
     }
 

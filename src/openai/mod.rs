@@ -3,6 +3,8 @@
 
 mod request;
 mod response;
+mod usage;
 
 pub use request::*;
 pub use response::*;
+pub use usage::*;

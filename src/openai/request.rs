@@ -247,35 +247,46 @@ impl InboundRequest {
     }
 
     /// The body to send to an OpenAI-compatible upstream: the client's
-    /// bytes, with `model` replaced by `upstream_model` and
-    /// `stream_options` set as the upstream call needs (`None` removes it).
+    /// bytes, with `model` replaced by `upstream_model`, `stream_options`
+    /// set as the upstream call needs (`None` removes it), and an output
+    /// limit the client did not set added (`max_tokens`: the field's name
+    /// and the limit).
     pub fn to_upstream_json(
         &self,
         upstream_model: &str,
         stream_options: Option<&StreamOptions>,
+        max_tokens: Option<(&str, u32)>,
     ) -> Vec<u8> {
         let body = &self.body[..];
         let model = serde_json::to_vec(upstream_model).expect("strings serialise");
         let options = stream_options.map(|o| serde_json::to_vec(o).expect("options serialise"));
-        let inserted;
+        // Members the client did not send, written first in the object.
+        let mut added = Vec::new();
+        if let Some((field, limit)) = max_tokens {
+            added.extend_from_slice(format!("\"{field}\":{limit},").as_bytes());
+        }
         // Each edit puts text in place of a range of the body.
-        let mut edits = Vec::with_capacity(2);
+        let mut edits = Vec::with_capacity(3);
         edits.push((self.spans.model.clone(), &model[..]));
         match (&self.spans.stream_options, &options) {
             (Some(span), Some(options)) => edits.push((span.clone(), options)),
             (None, Some(options)) => {
-                // First in the object, which is never empty: it has `model`.
-                let open = body.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
-                inserted = [&b"\"stream_options\":"[..], options, b","].concat();
-                edits.push((open..open, &inserted));
+                added.extend_from_slice(b"\"stream_options\":");
+                added.extend_from_slice(options);
+                added.push(b',');
             }
             // The client's own has to go: its member is left out of a copy
             // made member by member, which is rare enough to cost a scan.
-            (Some(_), None) => return self.upstream_json_without_stream_options(&model),
+            (Some(_), None) => return self.upstream_json_without_stream_options(&model, &added),
             (None, None) => {}
         }
+        if !added.is_empty() {
+            // After the brace that opens the object, never empty: it has `model`.
+            let open = body.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
+            edits.push((open..open, &added));
+        }
         edits.sort_by_key(|(range, _)| range.start);
-        let mut out = Vec::with_capacity(body.len() + model.len() + 64);
+        let mut out = Vec::with_capacity(body.len() + model.len() + added.len() + 64);
         let mut at = 0;
         for (range, text) in edits {
             out.extend_from_slice(&body[at..range.start]);
@@ -286,9 +297,11 @@ impl InboundRequest {
         out
     }
 
-    fn upstream_json_without_stream_options(&self, model: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.body.len() + model.len() + 16);
-        out.extend_from_slice(b"{\"model\":");
+    fn upstream_json_without_stream_options(&self, model: &[u8], added: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body.len() + model.len() + added.len() + 16);
+        out.push(b'{');
+        out.extend_from_slice(added);
+        out.extend_from_slice(b"\"model\":");
         out.extend_from_slice(model);
         serde_json::Deserializer::from_slice(&self.body)
             .deserialize_map(CopyMembers { out: &mut out })
@@ -494,9 +507,11 @@ mod tests {
             "top_k":5,"temperature":null,"tools":[{"type":"function","function":{"name":"f"}}]}"#;
         let req =
             InboundRequest::parse(Endpoint::Chat, Bytes::from_static(body.as_bytes())).unwrap();
-        let out: Value = serde_json::from_slice(
-            &req.to_upstream_json("meta/llama", Some(&req.upstream_stream_options())),
-        )
+        let out: Value = serde_json::from_slice(&req.to_upstream_json(
+            "meta/llama",
+            Some(&req.upstream_stream_options()),
+            None,
+        ))
         .unwrap();
         assert_eq!(out["model"], "meta/llama");
         assert_eq!(out["top_k"], 5);
@@ -513,7 +528,7 @@ mod tests {
     }
 
     fn upstream(request: &InboundRequest, options: Option<&StreamOptions>) -> String {
-        String::from_utf8(request.to_upstream_json("meta/llama", options)).unwrap()
+        String::from_utf8(request.to_upstream_json("meta/llama", options, None)).unwrap()
     }
 
     #[test]
@@ -557,6 +572,37 @@ mod tests {
         assert_eq!(
             upstream(&null, None),
             r#"{"model":"meta/llama","messages":[{"role":"user","content":"hi"}]}"#
+        );
+    }
+
+    #[test]
+    fn an_output_limit_the_gateway_sets_is_added_first() {
+        let limit = Some(("max_tokens", 512));
+        let plain = chat(r#"{"messages":[{"role":"user","content":"hi"}],"model":"a"}"#).unwrap();
+        assert_eq!(
+            String::from_utf8(plain.to_upstream_json("m", None, limit)).unwrap(),
+            r#"{"max_tokens":512,"messages":[{"role":"user","content":"hi"}],"model":"m"}"#
+        );
+        let options = StreamOptions {
+            include_usage: Some(true),
+            extra: Map::new(),
+        };
+        let with_options = String::from_utf8(plain.to_upstream_json("m", Some(&options), limit));
+        let parsed: Value = serde_json::from_str(&with_options.unwrap()).unwrap();
+        assert_eq!(parsed["max_tokens"], 512);
+        assert_eq!(parsed["stream_options"]["include_usage"], true);
+        let dropped = chat(
+            r#"{"model":"a","stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(dropped.to_upstream_json(
+                "m",
+                None,
+                Some(("max_completion_tokens", 7))
+            ))
+            .unwrap(),
+            r#"{"max_completion_tokens":7,"model":"m","messages":[{"role":"user","content":"hi"}]}"#
         );
     }
 

@@ -8,38 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Endpoint;
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub struct Usage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub total_tokens: u64,
-    /// How many prompt tokens the upstream served from its cache.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt_tokens_details: Option<PromptTokensDetails>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub struct PromptTokensDetails {
-    #[serde(default)]
-    pub cached_tokens: u64,
-}
-
-impl Usage {
-    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
-        Self {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-            prompt_tokens_details: None,
-        }
-    }
-
-    pub fn cached_tokens(&self) -> u64 {
-        self.prompt_tokens_details
-            .map_or(0, |d| d.cached_tokens.min(self.prompt_tokens))
-    }
-}
+use super::usage::{ReportedUsage, Usage, UsageFault};
 
 /// An assistant's whole message, as a simple provider writes it.
 #[derive(Debug, Serialize)]
@@ -140,7 +109,7 @@ pub struct ResponseView<'a> {
     #[serde(borrow, default)]
     pub choices: Option<Vec<ChoiceView<'a>>>,
     #[serde(default)]
-    pub usage: Option<Usage>,
+    pub usage: Option<ReportedUsage>,
     /// Groq reports stream usage here, on the final chunk.
     #[serde(default)]
     pub x_groq: Option<XGroq>,
@@ -272,7 +241,7 @@ pub fn unix_now() -> u64 {
 #[derive(Debug, Default, Deserialize)]
 pub struct XGroq {
     #[serde(default)]
-    pub usage: Option<Usage>,
+    pub usage: Option<ReportedUsage>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -299,10 +268,12 @@ impl ResponseView<'_> {
         ResponseIdentity::read(&self.id, self.created, &self.model)
     }
 
-    /// Usage from wherever this upstream put it.
-    pub fn usage(&self) -> Option<Usage> {
+    /// Usage from wherever this upstream put it, if it is usable.
+    pub fn usage(&self) -> Option<Result<Usage, UsageFault>> {
         self.usage
-            .or_else(|| self.x_groq.as_ref().and_then(|x| x.usage))
+            .as_ref()
+            .or_else(|| self.x_groq.as_ref().and_then(|x| x.usage.as_ref()))
+            .map(ReportedUsage::read)
     }
 
     /// An error sent in place of a response or chunk: OpenAI's nested

@@ -97,13 +97,14 @@ fn resolve(snapshot: &Snapshot, key: Option<&Key>, alias: &str) -> Result<usize,
 
 /// Takes an admitted request from its key's rate limits (a request and its
 /// prompt estimate; 429 with `retry-after`) and budget (429), reserving
-/// what the dearest deployment in the plan would charge. Returns the key's
-/// limits, to be settled with the tokens really used, and the budget
-/// reservation.
+/// the most the request can cost on any deployment of its plan. Returns
+/// the key's limits, to be settled with the tokens really used, and the
+/// budget reservation.
 pub fn reserve(
     app: &AppState,
     snapshot: &Snapshot,
     key: Option<&Key>,
+    request: &InboundRequest,
     admission: &Admission,
 ) -> Result<(Option<Arc<crate::limits::Limits>>, Option<Reservation>), GatewayError> {
     let Some(key) = key else {
@@ -111,7 +112,7 @@ pub fn reserve(
     };
     let tokens = admission.facts.input_tokens;
     let limits = snapshot.key_limits(key);
-    limits.admit(tokens).map_err(|refused| {
+    limits.admit(tokens, Instant::now()).map_err(|refused| {
         app.metrics
             .rate_limited
             .with_label_values(&["key", &key.name, refused.limit.name()])
@@ -121,23 +122,42 @@ pub fn reserve(
     let reservation = if key.budget == Budget::default() {
         None
     } else {
-        let plan = &admission.plan;
-        let estimate = plan
-            .order()
-            .map(|i| {
-                snapshot
-                    .resolved(admission.model, i)
-                    .rate
-                    .estimate_nano_usd(tokens, plan.expected_output)
-            })
-            .max()
-            .unwrap_or(0);
+        let worst_case = |available| worst_case(snapshot, request, admission, available);
         Some(
             app.budgets
-                .admit(&app.ledger, key, estimate, budget::today())?,
+                .admit(&app.ledger, key, budget::today(), worst_case)?,
         )
     };
     Ok((Some(limits.clone()), reservation))
+}
+
+/// The most a request can cost on the dearest deployment of its plan: its
+/// prompt estimate and as many output tokens as it may generate there —
+/// the client's `max_tokens`, else what the context window leaves and the
+/// budget's `available` nano-dollars pay for (the limit the attempt then
+/// sets upstream), at least one token.
+fn worst_case(
+    snapshot: &Snapshot,
+    request: &InboundRequest,
+    admission: &Admission,
+    available: u64,
+) -> u64 {
+    let prompt = admission.facts.input_tokens;
+    let deployments = &snapshot.config.models[admission.model].deployments;
+    admission
+        .plan
+        .order()
+        .map(|i| {
+            let rate = snapshot.resolved(admission.model, i).rate;
+            let window = u64::from(deployments[i].context_window).saturating_sub(prompt);
+            let output = match request.max_output_tokens() {
+                Some(max) => u64::from(max),
+                None => budget::affordable_output(&rate, prompt, available),
+            };
+            rate.estimate_nano_usd(prompt, output.min(window).max(1))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// The body of `POST /admin/explain`.

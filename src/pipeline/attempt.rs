@@ -11,9 +11,10 @@ use futures_util::StreamExt;
 
 use super::admit::Admission;
 use super::{Failure, RequestCtx};
-use crate::config::Backend;
+use crate::config::{Backend, Deployment};
 use crate::error::GatewayError;
 use crate::health::Attempt;
+use crate::metering::budget::affordable_output;
 use crate::metering::usage::{self, ChunkFacts};
 use crate::metering::{Meter, Observed, Serving};
 use crate::metrics::NONE;
@@ -64,6 +65,11 @@ pub async fn attempt<'s>(
         }
         let deployment = &config.deployments[index];
         let resolved = snapshot.resolved(model, index);
+        let Ok(max_tokens) =
+            output_limit(request, facts.input_tokens, deployment, resolved, &meter)
+        else {
+            continue;
+        };
         let Some(attempt) = Attempt::begin(&resolved.health) else {
             continue;
         };
@@ -87,6 +93,7 @@ pub async fn attempt<'s>(
             deployment: deployment.name.clone(),
             backend: backend.name.clone(),
             rate: resolved.rate,
+            context_window: u64::from(deployment.context_window),
             lease: Box::new(snapshot.lease(model, index)),
         });
         let call = UpstreamCall {
@@ -94,8 +101,12 @@ pub async fn attempt<'s>(
             upstream_model: &deployment.upstream_model,
             request_id: &ctx.request_id,
             quota: &OnceLock::new(),
+            max_tokens,
         };
-        match call_upstream(app, backend, resolved, call).await {
+        // A stream that may be cut at its reservation needs its identity
+        // to write the last chunk.
+        let identity = request.include_usage() || meter.reserved_nano_usd().is_some();
+        match call_upstream(app, backend, resolved, call, identity).await {
             Ok(reply) => {
                 attempt.succeeded(facts.stream);
                 meter.attempt_answered();
@@ -141,16 +152,41 @@ pub async fn attempt<'s>(
     ))
 }
 
+/// The output limit the gateway sets for an attempt at `deployment`: for a
+/// request without `max_tokens` whose key has a budget, as many tokens as
+/// the reservation pays for at the deployment's prices, within what its
+/// context window leaves. `Err` when the reservation cannot pay for one
+/// (a dearer deployment than the one it was sized on): not tried.
+fn output_limit(
+    request: &InboundRequest,
+    prompt: u64,
+    deployment: &Deployment,
+    resolved: &Resolved,
+    meter: &Meter,
+) -> Result<Option<u32>, ()> {
+    let (None, Some(reserved)) = (request.max_output_tokens(), meter.reserved_nano_usd()) else {
+        return Ok(None);
+    };
+    let window = u64::from(deployment.context_window).saturating_sub(prompt);
+    let limit = affordable_output(&resolved.rate, prompt, reserved).min(window);
+    match u32::try_from(limit) {
+        Ok(0) => Err(()),
+        Ok(limit) => Ok(Some(limit)),
+        Err(_) => Ok(Some(u32::MAX)),
+    }
+}
+
 /// One upstream call, bounded by the backend's first-byte timeout: the
 /// whole body, or the first stream chunk peeked so a failure can still
-/// become an HTTP error or a failover.
+/// become an HTTP error or a failover. `identity`: the first chunk's is
+/// read, for chunks the gateway may write.
 async fn call_upstream(
     app: &AppState,
     backend: &Backend,
     resolved: &Resolved,
     call: UpstreamCall<'_>,
+    identity: bool,
 ) -> Result<Ready, GatewayError> {
-    let include_usage = call.request.include_usage();
     let reported = call.quota;
     let first_byte = backend.timeouts.first_byte;
     let result = tokio::time::timeout(first_byte, async {
@@ -162,7 +198,7 @@ async fn call_upstream(
             UpstreamReply::Stream(mut stream) => match stream.next().await {
                 Some(Ok(first)) => {
                     // Its identity names a usage chunk the gateway may write.
-                    let facts = usage::read_chunk(&backend.name, &first, include_usage)?;
+                    let facts = usage::read_chunk(&backend.name, &first, identity)?;
                     Ok(Ready::Stream(first, facts, stream))
                 }
                 Some(Err(error)) => Err(error),

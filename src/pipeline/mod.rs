@@ -102,7 +102,7 @@ async fn serve(
         .routing_decisions
         .with_label_values(&[alias, admission.plan.strategy, first.label])
         .inc();
-    let (limits, reservation) = admit::reserve(app, snapshot, key, &admission)
+    let (limits, reservation) = admit::reserve(app, snapshot, key, &request, &admission)
         .map_err(|error| Failure::before_upstream(error, alias))?;
     let meter = Meter::new(
         app.metrics.clone(),

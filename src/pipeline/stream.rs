@@ -1,8 +1,10 @@
 //! The body of a streamed response. It forwards each upstream chunk the
 //! moment it arrives, meters it in passing, removes the usage-only chunk
 //! the client did not ask for (or adds one the upstream did not send in
-//! OpenAI's shape), turns a failure into an SSE error event, and always
-//! ends with `data: [DONE]`. Dropping it (the client went away) drops the
+//! OpenAI's shape), turns a failure into an SSE error event, ends a stream
+//! whose cost reaches its budget reservation as the upstream would at its
+//! `max_tokens` (`finish_reason: "length"`), and always ends with
+//! `data: [DONE]`. Dropping it (the client went away) drops the
 //! upstream stream, which closes the upstream connection.
 
 use std::convert::Infallible;
@@ -18,7 +20,7 @@ use tokio::time::{Instant, Sleep};
 use crate::error::GatewayError;
 use crate::metering::Meter;
 use crate::metering::usage::{ChunkFacts, read_chunk};
-use crate::openai::{Endpoint, ResponseIdentity};
+use crate::openai::{Delta, Endpoint, ResponseIdentity};
 use crate::providers::{Chunk, ChunkStream};
 
 const DONE: &[u8] = b"data: [DONE]\n\n";
@@ -81,6 +83,8 @@ impl SseBody {
         let (chunk, facts) = p.first;
         let mut ready = BytesMut::new();
         body.on_chunk(&mut ready, &chunk, facts, now);
+        // Before anything the first chunk ended the stream with.
+        ready.extend_from_slice(&body.ready);
         body.ready = ready;
         body
     }
@@ -100,6 +104,27 @@ impl SseBody {
         }
         self.meter().chunk_sent(now.into_std());
         put_event(out, chunk);
+        if self.meter().reservation_spent() {
+            self.cut();
+        }
+    }
+
+    /// Ends a stream that has cost what its key's budget reserved for it:
+    /// the client sees an answer cut at its length limit.
+    fn cut(&mut self) {
+        let identity = self.identity.take().unwrap_or_default();
+        let last = match self.endpoint {
+            Endpoint::Chat => identity.chat_chunk(&Delta::default(), Some("length")),
+            Endpoint::Completions => identity.text_completion("", Some("length"), None),
+        };
+        put_event(&mut self.ready, &last);
+        if self.include_usage {
+            let usage = self.meter().usage_so_far();
+            put_event(&mut self.ready, &identity.usage_chunk(self.endpoint, usage));
+        }
+        tracing::info!(backend = %self.backend, "stream ended: its cost reached the key's budget reservation");
+        self.meter().upstream_done();
+        self.end(200);
     }
 
     /// Whether the upstream has been silent for longer than `idle`; if not,
@@ -240,6 +265,7 @@ mod tests {
             deployment: "a/b".into(),
             backend: "b".into(),
             rate: Rate::default(),
+            context_window: 8192,
             lease: Box::new(Lease::new(Arc::default(), Arc::default(), Arc::default())),
         });
         meter.attempt_answered();

@@ -28,6 +28,9 @@ pub struct UpstreamCall<'a> {
     /// Where the upstream's `x-ratelimit-*` headers are put, from any
     /// response, success or error (`http::send`).
     pub quota: &'a OnceLock<UpstreamQuota>,
+    /// The output limit the gateway sets when the client set none: what a
+    /// key's budget reservation pays for. Sent as the upstream's own limit.
+    pub max_tokens: Option<u32>,
 }
 
 /// A successful upstream answer, already in the OpenAI shape of the

@@ -62,9 +62,17 @@ impl OpenAiCompat {
         // non-streaming calls must not carry it (vLLM rejects that).
         let options = (streaming && self.kind != BackendKind::Together)
             .then(|| call.request.upstream_stream_options());
-        let body = call
-            .request
-            .to_upstream_json(call.upstream_model, options.as_ref());
+        // OpenAI's chat API takes `max_completion_tokens` (its reasoning
+        // models refuse `max_tokens`); the others take `max_tokens`.
+        let limit_field = match (self.kind, call.request.endpoint()) {
+            (BackendKind::Openai, Endpoint::Chat) => "max_completion_tokens",
+            _ => "max_tokens",
+        };
+        let body = call.request.to_upstream_json(
+            call.upstream_model,
+            options.as_ref(),
+            call.max_tokens.map(|limit| (limit_field, limit)),
+        );
         let url = match call.request.endpoint() {
             Endpoint::Chat => &self.chat_url,
             Endpoint::Completions => &self.completions_url,

@@ -92,7 +92,12 @@ struct Answer {
 impl Answer {
     fn new(spec: &SimulatedSpec, call: UpstreamCall<'_>) -> Self {
         let prompt_tokens = estimate::prompt_tokens(call.request);
-        let limit = call.request.max_output_tokens().unwrap_or(u32::MAX).max(1);
+        let limit = call
+            .request
+            .max_output_tokens()
+            .or(call.max_tokens)
+            .unwrap_or(u32::MAX)
+            .max(1);
         let count = spec.completion_tokens.min(limit) as usize;
         // The same prompt always gets the same words.
         let seed = prompt_tokens as usize + call.upstream_model.len();

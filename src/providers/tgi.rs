@@ -53,9 +53,10 @@ impl Tgi {
             });
         };
         let streaming = call.request.stream();
-        let body = serde_json::to_vec(&generate_request(completion)?).map_err(|e| {
-            GatewayError::internal(format!("cannot encode a generate request: {e}"))
-        })?;
+        let body =
+            serde_json::to_vec(&generate_request(completion, call.max_tokens)?).map_err(|e| {
+                GatewayError::internal(format!("cannot encode a generate request: {e}"))
+            })?;
         let url = if streaming {
             &self.generate_stream
         } else {
@@ -174,7 +175,10 @@ fn bad(message: &str, param: &str) -> GatewayError {
     GatewayError::bad_request(message, Some(param.to_owned()))
 }
 
-fn generate_request(c: &CompletionRequest) -> Result<GenerateRequest<'_>, GatewayError> {
+fn generate_request(
+    c: &CompletionRequest,
+    max_tokens: Option<u32>,
+) -> Result<GenerateRequest<'_>, GatewayError> {
     let inputs = match &c.prompt {
         Prompt::Text(text) => text.as_str(),
         Prompt::Texts(texts) if texts.len() == 1 => texts[0].as_str(),
@@ -208,7 +212,7 @@ fn generate_request(c: &CompletionRequest) -> Result<GenerateRequest<'_>, Gatewa
         inputs,
         parameters: Parameters {
             details: true,
-            max_new_tokens: c.max_tokens,
+            max_new_tokens: c.max_tokens.or(max_tokens),
             // TGI refuses temperature 0 and top_p 1; both mean "no
             // change" in OpenAI's terms, which is TGI's default.
             temperature: number("temperature").filter(|t| *t > 0.0),
@@ -354,7 +358,7 @@ mod tests {
         let request: CompletionRequest = serde_json::from_value(json!({"model": "m",
             "prompt": ["only one"], "temperature": 0, "top_p": 1.0, "seed": 7, "stop": ["a", "b"]}))
         .unwrap();
-        let body = serde_json::to_value(generate_request(&request).unwrap()).unwrap();
+        let body = serde_json::to_value(generate_request(&request, None).unwrap()).unwrap();
         assert_eq!(
             body,
             json!({"inputs": "only one", "parameters": {"details": true, "seed": 7, "stop": ["a", "b"]}})

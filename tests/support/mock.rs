@@ -118,6 +118,8 @@ pub struct MockUpstream {
     /// The SSE stream, one item per event; `None` for the canned one.
     events: Option<Vec<Bytes>>,
     canned_chunks: usize,
+    /// Answers generated per request instead of canned ones.
+    generate: Option<Generate>,
     omit_done: bool,
     first_byte_after: Duration,
     body_after: Duration,
@@ -139,6 +141,7 @@ impl MockUpstream {
             body: None,
             events: None,
             canned_chunks: 3,
+            generate: None,
             omit_done: false,
             first_byte_after: Duration::ZERO,
             body_after: Duration::ZERO,
@@ -195,6 +198,26 @@ impl MockUpstream {
     /// event-stream frames), one item each.
     pub fn events(mut self, events: Vec<Bytes>) -> Self {
         self.events = Some(events);
+        self
+    }
+
+    /// Answer with `tokens` tokens (one a stream chunk, usage exact), or
+    /// as many as the request's `max_tokens` or `max_completion_tokens`
+    /// allows when that is fewer, as a real server does.
+    pub fn answers_of(mut self, tokens: usize) -> Self {
+        self.generate = Some(Generate {
+            tokens,
+            honours_max_tokens: true,
+        });
+        self
+    }
+
+    /// `answers_of`, from a server that ignores the request's limit.
+    pub fn answers_of_ignoring_max_tokens(mut self, tokens: usize) -> Self {
+        self.generate = Some(Generate {
+            tokens,
+            honours_max_tokens: false,
+        });
         self
     }
 
@@ -310,6 +333,21 @@ impl MockUpstream {
             addr,
             shared,
             accept,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Generate {
+    tokens: usize,
+    honours_max_tokens: bool,
+}
+
+impl Generate {
+    fn length(self, body: &[u8]) -> usize {
+        match openai_mock::Flags::parse(body).max_tokens() {
+            Some(limit) if self.honours_max_tokens => self.tokens.min(limit),
+            _ => self.tokens,
         }
     }
 }
@@ -507,8 +545,16 @@ async fn respond(
     if !reply.first_byte_after.is_zero() {
         tokio::time::sleep(reply.first_byte_after).await;
     }
+    let generated;
+    let canned = match reply.generate {
+        Some(generate) => {
+            generated = openai_mock::Canned::new(generate.length(&body));
+            &generated
+        }
+        None => &shared.canned,
+    };
     let route = match &reply.protocol {
-        Protocol::OpenAi => openai_mock::route(&shared.canned, &parts, &body),
+        Protocol::OpenAi => openai_mock::route(canned, &parts, &body),
         Protocol::Tgi => tgi_mock::route(&shared.canned, &parts, &body),
         Protocol::Bedrock(expect) => bedrock_mock::route(expect, &parts, &body),
     };

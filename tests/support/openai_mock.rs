@@ -53,6 +53,10 @@ pub struct Flags {
     tools: Option<Vec<Value>>,
     #[serde(default)]
     stream_options: Option<Value>,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    max_completion_tokens: Option<usize>,
 }
 
 impl Flags {
@@ -67,6 +71,11 @@ impl Flags {
     /// The request offers tools: the canned answer calls one.
     pub fn tools(&self) -> bool {
         self.tools.as_ref().is_some_and(|t| !t.is_empty())
+    }
+
+    /// The output limit the request sets, if any.
+    pub fn max_tokens(&self) -> Option<usize> {
+        self.max_completion_tokens.or(self.max_tokens)
     }
 
     pub fn include_usage(&self) -> bool {

@@ -73,7 +73,7 @@ impl Bedrock {
                 self.name
             )));
         };
-        let body = serde_json::to_vec(&request::converse(chat)?).map_err(|e| {
+        let body = serde_json::to_vec(&request::converse(chat, call.max_tokens)?).map_err(|e| {
             GatewayError::internal(format!("cannot encode a Converse request: {e}"))
         })?;
         let streaming = call.request.stream();

@@ -111,7 +111,11 @@ fn bad(message: impl Into<String>, param: impl Into<String>) -> GatewayError {
 }
 
 /// Translates a chat request; `Err` is a 400 for the client.
-pub fn converse(chat: &ChatRequest) -> Result<ConverseRequest, GatewayError> {
+/// `max_tokens` is the gateway's limit, used when the client set none.
+pub fn converse(
+    chat: &ChatRequest,
+    max_tokens: Option<u32>,
+) -> Result<ConverseRequest, GatewayError> {
     if let Some(n) = chat.extra.get("n").filter(|n| !n.is_null())
         && n.as_u64() != Some(1)
     {
@@ -155,7 +159,7 @@ pub fn converse(chat: &ChatRequest) -> Result<ConverseRequest, GatewayError> {
     Ok(ConverseRequest {
         messages,
         system,
-        inference_config: inference_config(chat)?,
+        inference_config: inference_config(chat, max_tokens)?,
         tool_config: tool_config(chat)?,
     })
 }
@@ -325,7 +329,10 @@ fn unit_number(chat: &ChatRequest, field: &str, max: f64) -> Result<Option<f64>,
     }
 }
 
-fn inference_config(chat: &ChatRequest) -> Result<InferenceConfig, GatewayError> {
+fn inference_config(
+    chat: &ChatRequest,
+    max_tokens: Option<u32>,
+) -> Result<InferenceConfig, GatewayError> {
     let stop_sequences = match chat.extra.get("stop") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(stop)) => vec![stop.clone()],
@@ -342,7 +349,10 @@ fn inference_config(chat: &ChatRequest) -> Result<InferenceConfig, GatewayError>
         }
     };
     Ok(InferenceConfig {
-        max_tokens: chat.max_completion_tokens.or(chat.max_tokens),
+        max_tokens: chat
+            .max_completion_tokens
+            .or(chat.max_tokens)
+            .or(max_tokens),
         temperature: unit_number(chat, "temperature", 1.0)?,
         top_p: unit_number(chat, "top_p", 1.0)?,
         stop_sequences,
@@ -419,7 +429,7 @@ mod tests {
 
     fn translate(request: Value) -> Result<Value, GatewayError> {
         let chat: ChatRequest = serde_json::from_value(request).unwrap();
-        converse(&chat).map(|c| serde_json::to_value(c).unwrap())
+        converse(&chat, None).map(|c| serde_json::to_value(c).unwrap())
     }
 
     #[test]

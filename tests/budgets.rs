@@ -1,0 +1,189 @@
+//! A budget is never overrun, however many requests run at once and
+//! however long their answers: admission reserves each request's worst
+//! case, the gateway sets `max_tokens` upstream to what the reservation
+//! pays for when the client set none, and a stream that reaches its
+//! reservation is ended as if at its length limit.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+use support::config::{Backend, Config, Deployment, Key, Model};
+use support::gateway::*;
+use support::mock::{MockServer, MockUpstream};
+
+/// $1 per Mtok in, $10 per Mtok out: an output token is 10,000
+/// nano-dollars, and "hi" (estimated at 5 prompt tokens) costs 5,000.
+const PRICE: (f64, f64) = (1.0, 10.0);
+const CONTEXT_WINDOW: u64 = 8192;
+
+fn config(upstream: &MockServer, daily_usd: f64) -> Config {
+    Config::new()
+        .backend(Backend::upstream("api", "openai", &url(upstream)))
+        .model(
+            Model::new("chat").deployment(
+                Deployment::new("api", "m")
+                    .price(PRICE.0, PRICE.1)
+                    .set("context_window", CONTEXT_WINDOW as i64),
+            ),
+        )
+        .key(Key::new("team").set("budget_daily_usd", daily_usd))
+        .admin()
+}
+
+async fn spent(gateway: &Gateway) -> f64 {
+    let response = gateway
+        .http
+        .get(format!("{}/admin/spend?key=team", gateway.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    body["total"]["cost_usd"].as_f64().unwrap()
+}
+
+/// Waves of `concurrency` requests at once, none with `max_tokens` and
+/// half of them streamed, against answers of 2,000 tokens ($0.02 each)
+/// and a $0.10 daily budget, until a wave has none served. Returns the
+/// requests served and how far spend passed the budget.
+async fn overrun_at(concurrency: usize) -> (usize, f64) {
+    let upstream = MockUpstream::openai()
+        .answers_of(2_000)
+        .first_byte_after(Duration::from_millis(20))
+        .record(false)
+        .start()
+        .await;
+    let budget = 0.10;
+    let gateway = start(&config(&upstream, budget)).await;
+    let request = |i: usize| {
+        let gateway = &gateway;
+        async move {
+            let body = json!({"model": "chat", "messages": user("hi"), "stream": i % 2 == 0});
+            let response = gateway.chat_as("team-secret", body).await;
+            let status = response.status().as_u16();
+            // Read to the end: a stream is metered when it ends.
+            let _ = response.bytes().await;
+            status
+        }
+    };
+    let mut served = 0;
+    for _ in 0..30 {
+        let statuses = join_all((0..concurrency).map(request)).await;
+        let wave = statuses.iter().filter(|&&s| s == 200).count();
+        assert_eq!(
+            wave + statuses.iter().filter(|&&s| s == 429).count(),
+            concurrency,
+            "every request is served or refused: {statuses:?}"
+        );
+        served += wave;
+        if wave == 0 {
+            break;
+        }
+        // Streams are recorded by a task of their own just after they end.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let spent = spent(&gateway).await;
+    eprintln!("waves of {concurrency} requests: {served} served, ${spent:.6} spent of ${budget}");
+    assert!(
+        spent > budget * 0.99,
+        "the load used the budget up: ${spent}"
+    );
+    (served, spent - budget)
+}
+
+/// The most one request can cost here: a context window of output.
+const ONE_REQUEST_MAX: f64 = CONTEXT_WINDOW as f64 * PRICE.1 / 1e6;
+
+#[tokio::test]
+async fn a_budget_holds_with_100_requests_at_once_and_long_answers() {
+    let (_, overrun) = overrun_at(100).await;
+    assert!(overrun <= ONE_REQUEST_MAX, "overrun ${overrun}");
+    // Only the prompt estimate can be off: the upstream counts 11 prompt
+    // tokens where the gateway estimated 5, $0.000006 a request.
+    assert!(overrun <= 0.0001, "overrun ${overrun}");
+}
+
+#[tokio::test]
+async fn a_budget_holds_with_1000_requests_at_once_and_long_answers() {
+    let (_, overrun) = overrun_at(1000).await;
+    assert!(overrun <= 0.0001, "overrun ${overrun}");
+}
+
+#[tokio::test]
+async fn without_max_tokens_the_gateway_sets_what_the_budget_pays_for() {
+    let upstream = MockUpstream::openai().answers_of(2_000).start().await;
+    // $0.005: 5,000,000 nano-dollars, 5,000 of them for the prompt, the
+    // rest 499 output tokens at 10,000 each.
+    let gateway = start(&config(&upstream, 0.005)).await;
+    let response = gateway
+        .chat_as(
+            "team-secret",
+            json!({"model": "chat", "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 499);
+    // OpenAI's chat API names it `max_completion_tokens`.
+    assert_eq!(upstream.single_request().json["max_completion_tokens"], 499);
+
+    // The client's own limit is sent as it is, and reserved in full.
+    let upstream = MockUpstream::openai().answers_of(2_000).start().await;
+    let gateway = start(&config(&upstream, 0.005)).await;
+    let asks_too_much = json!({"model": "chat", "messages": user("hi"), "max_tokens": 600});
+    let response = gateway.chat_as("team-secret", asks_too_much).await;
+    assert_eq!(
+        response.status(),
+        429,
+        "600 tokens may cost more than $0.005"
+    );
+    let error = error_of(response).await;
+    assert_eq!(error["code"], "insufficient_quota");
+    let fits = json!({"model": "chat", "messages": user("hi"), "max_tokens": 300});
+    assert_eq!(gateway.chat_as("team-secret", fits).await.status(), 200);
+    assert_eq!(upstream.single_request().json["max_tokens"], 300);
+}
+
+#[tokio::test]
+async fn a_stream_that_reaches_its_reservation_ends_at_its_length_limit() {
+    // An upstream that ignores max_tokens and would generate 2,000 tokens.
+    let upstream = MockUpstream::openai()
+        .answers_of_ignoring_max_tokens(2_000)
+        .start()
+        .await;
+    let gateway = start(&config(&upstream, 0.005)).await;
+    let response = gateway
+        .post("/v1/chat/completions")
+        .bearer_auth("team-secret")
+        .json(
+            &json!({"model": "chat", "messages": user("hi"), "stream": true,
+                      "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = Events::new(response).rest().await;
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| parse(e))
+        .collect();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let content = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["content"] == "tok ")
+        .count();
+    assert_eq!(content, 499, "what the reservation pays for");
+    let last = &chunks[chunks.len() - 2];
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["id"], "chatcmpl-mock", "the stream's own identity");
+    let usage = &chunks[chunks.len() - 1]["usage"];
+    assert_eq!(usage["completion_tokens"], 499);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let spent = spent(&gateway).await;
+    assert!(spent <= 0.005, "spent ${spent}");
+    assert!(spent > 0.0049, "spent ${spent}");
+}
