@@ -4,8 +4,8 @@
 //! byte do not; a 429's `retry-after` cools its deployment; a circuit
 //! opens, lets one probe through, and closes or reopens; every answer says
 //! which backend served it after how many attempts. An upstream that sends
-//! more than its backend's caps fails over before the client has a byte and
-//! ends the stream with an error event after.
+//! more than its backend's caps, or breaks mid-body, fails over before the
+//! client has a byte and ends the stream with an error event after.
 
 mod support;
 
@@ -357,6 +357,28 @@ async fn a_stream_over_a_cap_after_its_first_chunk_ends_with_an_error_event() {
         let metered = metric(&gateway.metrics().await, "tollgate_tokens_total", &output);
         assert!(metered.is_some_and(|tokens| tokens > 0.0), "{metered:?}");
     }
+}
+
+#[tokio::test]
+async fn a_whole_body_cut_by_a_reset_fails_over() {
+    let first = MockUpstream::openai().reset_mid_body().start().await;
+    let spare = MockUpstream::openai().start().await;
+    let config = Config::new()
+        .backend(Backend::new("breaking", "vllm", &url(&first)))
+        .backend(Backend::new("spare", "openai", &url(&spare)))
+        .model(chat(&[("first", "breaking"), ("second", "spare")]));
+    let gateway = start(&config).await;
+
+    let response = gateway.chat(hi("chat")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response), pair("spare", 2));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!((first.hits(), spare.hits()), (1, 1));
+    assert_eq!(
+        failovers(&gateway, "first", "upstream_error").await,
+        Some(1.0)
+    );
 }
 
 // ---- 429 cooldowns ---------------------------------------------------------------------

@@ -123,11 +123,14 @@ impl ErrorKind {
     }
 
     /// Another deployment may be tried (only before the client got a
-    /// byte): the upstream, not the request, was the trouble.
+    /// byte): the upstream, not the request, was the trouble. A connection
+    /// that broke mid-body is one: the client has seen nothing of it.
     pub fn retriable(self) -> bool {
         match self {
-            UpstreamConnect | UpstreamTimeout | UpstreamProtocol | UpstreamTooLarge
-            | UpstreamNotFound | UpstreamRateLimited | EndpointUnsupported => true,
+            UpstreamConnect | UpstreamTimeout | UpstreamProtocol | UpstreamBroken
+            | UpstreamTooLarge | UpstreamNotFound | UpstreamRateLimited | EndpointUnsupported => {
+                true
+            }
             UpstreamFailed(status) => matches!(status.as_u16(), 424 | 500 | 502 | 503 | 504),
             _ => false,
         }

@@ -641,6 +641,7 @@ mod tests {
         .await
         .unwrap_err();
         assert_eq!(error.code(), Some("upstream_disconnected"));
+        assert!(error.retriable(), "the client has seen nothing of it");
     }
 
     #[test]

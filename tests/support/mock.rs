@@ -17,8 +17,8 @@
 //! stream (canned, or a byte-exact `.sse` fixture from
 //! `tests/fixtures/openai/`) when the request has `"stream": true`, or any
 //! status with any body. Faults: a late response head, a late first body
-//! byte, a pause between events, a connection dropped after N events, a
-//! whole body sent chunked (its size
+//! byte, a pause between events, a connection dropped after N events or
+//! in the middle of a whole body, a whole body sent chunked (its size
 //! unknown until read), a stream held open until `MockServer::release`,
 //! events cut across TCP writes. Oversized answers are `body` and
 //! `stream_bytes` with big bytes. It reports connections the peer closed.
@@ -125,6 +125,7 @@ pub struct MockUpstream {
     body_after: Duration,
     event_delay: Duration,
     reset_after: Option<usize>,
+    reset_mid_body: bool,
     chunked: bool,
     hold_after: Option<usize>,
     split_every: Option<usize>,
@@ -147,6 +148,7 @@ impl MockUpstream {
             body_after: Duration::ZERO,
             event_delay: Duration::ZERO,
             reset_after: None,
+            reset_mid_body: false,
             chunked: false,
             hold_after: None,
             split_every: None,
@@ -264,6 +266,13 @@ impl MockUpstream {
     /// the chunked body, as a crashed server would.
     pub fn reset_after(mut self, events: usize) -> Self {
         self.reset_after = Some(events);
+        self
+    }
+
+    /// Answer non-streaming requests with the head and the first half of
+    /// the body, then close the connection, as a crashed server would.
+    pub fn reset_mid_body(mut self) -> Self {
+        self.reset_mid_body = true;
         self
     }
 
@@ -539,6 +548,16 @@ async fn respond(
     }
     if !route.streaming {
         let body = reply.body.clone().unwrap_or(route.json);
+        if reply.reset_mid_body {
+            let half = body.slice(..body.len() / 2);
+            return Ok(streamed(
+                &shared,
+                conn,
+                vec![half],
+                "application/json",
+                Some(1),
+            ));
+        }
         if reply.body_after.is_zero() && !reply.chunked {
             return Ok(plain(status, &route.headers, body).with(&reply.headers));
         }
