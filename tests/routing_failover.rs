@@ -3,7 +3,9 @@
 //! to `routing.max_attempts`; a client error and anything after the first
 //! byte do not; a 429's `retry-after` cools its deployment; a circuit
 //! opens, lets one probe through, and closes or reopens; every answer says
-//! which backend served it after how many attempts.
+//! which backend served it after how many attempts. An upstream that sends
+//! more than its backend's caps, or breaks mid-body, fails over before the
+//! client has a byte and ends the stream with an error event after.
 
 mod support;
 
@@ -212,6 +214,170 @@ async fn nothing_is_retried_once_the_client_has_had_a_byte() {
         (breaking.hits(), spare.hits()),
         (1, 0),
         "the second deployment is never tried"
+    );
+}
+
+// ---- bounded upstreams -----------------------------------------------------------------
+
+/// The failovers counted away from `deployment` of alias `chat` for `reason`.
+async fn failovers(gateway: &Gateway, deployment: &str, reason: &str) -> Option<f64> {
+    let labels = [
+        ("alias", "chat"),
+        ("deployment", deployment),
+        ("reason", reason),
+    ];
+    metric(
+        &gateway.metrics().await,
+        "tollgate_failovers_total",
+        &labels,
+    )
+}
+
+/// One SSE chat chunk whose content is `size` bytes.
+fn content_event(size: usize) -> String {
+    let chunk = json!({"id": "chatcmpl-big", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "x".repeat(size)}, "finish_reason": null}]});
+    format!("data: {chunk}\n\n")
+}
+
+/// `chat` on `first` (capped at 4096 bytes a response, 1024 an event),
+/// then on `spare`.
+fn capped_then_spare(first: &MockServer, spare: &MockServer) -> Config {
+    Config::new()
+        .backend(
+            Backend::new("capped", "vllm", &url(first))
+                .set("max_response_bytes", 4096)
+                .set("max_event_bytes", 1024),
+        )
+        .backend(Backend::new("spare", "openai", &url(spare)))
+        .model(chat(&[("first", "capped"), ("second", "spare")]))
+}
+
+#[tokio::test]
+async fn a_body_over_max_response_bytes_fails_over_whether_or_not_its_length_is_announced() {
+    let huge = format!("{{\"padding\":\"{}\"}}", "x".repeat(8192));
+    for chunked in [false, true] {
+        let mut upstream = MockUpstream::openai().body(huge.clone());
+        if chunked {
+            upstream = upstream.chunked();
+        }
+        let first = upstream.start().await;
+        let spare = MockUpstream::openai().start().await;
+        let gateway = start(&capped_then_spare(&first, &spare)).await;
+
+        let response = gateway.chat(hi("chat")).await;
+        assert_eq!(response.status(), 200, "chunked: {chunked}");
+        assert_eq!(served_by(&response), pair("spare", 2));
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["object"], "chat.completion");
+        assert_eq!((first.hits(), spare.hits()), (1, 1));
+        assert_eq!(
+            failovers(&gateway, "first", "upstream_too_large").await,
+            Some(1.0),
+            "chunked: {chunked}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_first_sse_event_over_max_event_bytes_fails_over() {
+    let first = MockUpstream::openai()
+        .stream_bytes(format!("{}data: [DONE]\n\n", content_event(2000)))
+        .start()
+        .await;
+    let spare = MockUpstream::openai().start().await;
+    let gateway = start(&capped_then_spare(&first, &spare)).await;
+
+    let (head, events) = gateway
+        .stream("/v1/chat/completions", hi_stream("chat"))
+        .await;
+    assert_eq!(head["x-tollgate-backend"], "spare");
+    assert_eq!(head["x-tollgate-attempts"], "2");
+    assert_eq!(
+        events.rest().await.last().map(String::as_str),
+        Some("[DONE]")
+    );
+    assert_eq!(
+        failovers(&gateway, "first", "upstream_too_large").await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_stream_over_a_cap_after_its_first_chunk_ends_with_an_error_event() {
+    // Over max_event_bytes in one event; over max_response_bytes in all.
+    let one_big = [content_event(10), content_event(2000)].concat();
+    let many = content_event(500).repeat(10);
+    for (sse, limit) in [
+        (one_big, "max_event_bytes (1024 bytes)"),
+        (many, "max_response_bytes (4096 bytes)"),
+    ] {
+        let first = MockUpstream::openai()
+            .stream_bytes(format!("{sse}data: [DONE]\n\n"))
+            .event_delay(Duration::from_millis(20))
+            .start()
+            .await;
+        let spare = MockUpstream::openai().start().await;
+        let gateway = start(&capped_then_spare(&first, &spare)).await;
+
+        let (head, mut events) = gateway
+            .stream("/v1/chat/completions", hi_stream("chat"))
+            .await;
+        assert_eq!(head["x-tollgate-backend"], "capped");
+        let first_chunk = parse(&events.next().await.expect("the first chunk"));
+        assert_eq!(first_chunk["id"], "chatcmpl-big");
+        let rest = events.rest().await;
+        let (error, done) = (&rest[rest.len() - 2], &rest[rest.len() - 1]);
+        let error = parse(error);
+        check_error_shape(&error);
+        assert_eq!(
+            error["error"]["code"], "upstream_response_too_large",
+            "{limit}"
+        );
+        assert_eq!(error["error"]["type"], "upstream_error");
+        let text = error["error"]["message"].as_str().unwrap();
+        assert!(
+            text.starts_with("backend \"capped\" sent ") && text.ends_with(limit),
+            "{text}"
+        );
+        assert_eq!(done, "[DONE]");
+        assert_eq!(spare.hits(), 0, "nothing is retried after the first byte");
+        // The request is recorded once, with the chunks that reached the
+        // client metered.
+        let labels = [("alias", "chat"), ("backend", "capped"), ("status", "502")];
+        gateway
+            .eventually_metric("tollgate_requests_total", &labels, 1.0)
+            .await;
+        let output = [
+            ("alias", "chat"),
+            ("backend", "capped"),
+            ("direction", "output"),
+            ("estimated", "true"),
+        ];
+        let metered = metric(&gateway.metrics().await, "tollgate_tokens_total", &output);
+        assert!(metered.is_some_and(|tokens| tokens > 0.0), "{metered:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_whole_body_cut_by_a_reset_fails_over() {
+    let first = MockUpstream::openai().reset_mid_body().start().await;
+    let spare = MockUpstream::openai().start().await;
+    let config = Config::new()
+        .backend(Backend::new("breaking", "vllm", &url(&first)))
+        .backend(Backend::new("spare", "openai", &url(&spare)))
+        .model(chat(&[("first", "breaking"), ("second", "spare")]));
+    let gateway = start(&config).await;
+
+    let response = gateway.chat(hi("chat")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response), pair("spare", 2));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!((first.hits(), spare.hits()), (1, 1));
+    assert_eq!(
+        failovers(&gateway, "first", "upstream_error").await,
+        Some(1.0)
     );
 }
 

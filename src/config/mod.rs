@@ -214,6 +214,41 @@ context_window = 8192
     }
 
     #[test]
+    fn response_caps_default_and_are_checked() {
+        let backend = |fields: &str| {
+            MINIMAL.replace(
+                "kind = \"simulated\"",
+                &format!("kind = \"simulated\"\n{fields}"),
+            )
+        };
+        let config = parse(MINIMAL, &no_env).expect("valid");
+        let sim = &config.backends[0];
+        assert_eq!(
+            (sim.max_response_bytes, sim.max_event_bytes),
+            (64 << 20, 4 << 20)
+        );
+        // A small body cap lowers the default event cap with it.
+        let config = parse(&backend("max_response_bytes = 4096"), &no_env).expect("valid");
+        let sim = &config.backends[0];
+        assert_eq!((sim.max_response_bytes, sim.max_event_bytes), (4096, 4096));
+        assert_eq!(
+            problems(&backend("max_response_bytes = 100\nmax_event_bytes = 8192")),
+            [
+                "backends[0].max_response_bytes: must be between 1024 and 4294967296 (4 GiB)",
+                "backends[0].max_event_bytes: must be between 1024 and the backend's max_response_bytes (100)",
+            ]
+        );
+        assert_eq!(
+            problems(&backend(
+                "max_response_bytes = 4096\nmax_event_bytes = 8192"
+            )),
+            [
+                "backends[0].max_event_bytes: must be between 1024 and the backend's max_response_bytes (4096)"
+            ]
+        );
+    }
+
+    #[test]
     fn reports_every_problem_with_its_path() {
         let text = r#"
 [server]

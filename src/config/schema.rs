@@ -93,6 +93,8 @@ pub struct RawBackend {
     pub aws_session_token_env: Option<String>,
     #[serde(default)]
     pub timeouts: RawTimeouts,
+    pub max_response_bytes: Option<u64>,
+    pub max_event_bytes: Option<u64>,
     pub simulated: Option<RawSimulated>,
     pub gpu_hour_usd: Option<f64>,
     pub gpus: Option<u32>,

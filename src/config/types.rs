@@ -165,6 +165,10 @@ pub struct Backend {
     /// Bedrock only: where and how requests are signed.
     pub aws: Option<AwsSettings>,
     pub timeouts: Timeouts,
+    /// The most one upstream response body may hold, streamed or not.
+    pub max_response_bytes: u64,
+    /// The most one SSE event or event-stream frame may hold.
+    pub max_event_bytes: u64,
     pub simulated: SimulatedSpec,
     /// GPUs the operator pays for by the hour; `None` for per-token APIs.
     pub self_hosted: Option<SelfHosted>,

@@ -24,6 +24,11 @@ const DEFAULT_BODY_TIMEOUT_MS: u64 = 30_000;
 const DEFAULT_CONNECT_MS: u64 = 5_000;
 const DEFAULT_FIRST_BYTE_MS: u64 = 60_000;
 const DEFAULT_IDLE_MS: u64 = 30_000;
+const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
+const DEFAULT_MAX_EVENT_BYTES: u64 = 4 * 1024 * 1024;
+/// No response cap the config sets may exceed 4 GiB: a bigger number is
+/// a typo, and the cap exists to bound memory.
+const MAX_RESPONSE_CAP: u64 = 4 * 1024 * 1024 * 1024;
 /// No wait the config sets may exceed an hour: a bigger number is a typo.
 pub(super) const MAX_WAIT_MS: u64 = 3_600_000;
 
@@ -300,6 +305,7 @@ impl Validator<'_> {
             (None, _) => None,
         };
         let timeouts = self.timeouts(i, b);
+        let (max_response_bytes, max_event_bytes) = self.response_caps(i, b);
         let simulated = match (&b.simulated, kind) {
             (Some(spec), BackendKind::Simulated) => self.simulated(i, spec),
             (Some(_), _) => {
@@ -327,6 +333,8 @@ impl Validator<'_> {
             credential,
             aws,
             timeouts,
+            max_response_bytes,
+            max_event_bytes,
             simulated,
             self_hosted,
             max_concurrency: b.max_concurrency,
@@ -377,6 +385,28 @@ impl Validator<'_> {
             ),
             idle: ms("idle_ms", b.timeouts.idle_ms, DEFAULT_IDLE_MS),
         }
+    }
+
+    /// `max_response_bytes` and `max_event_bytes`: an event never needs
+    /// more room than the whole body may have.
+    fn response_caps(&mut self, i: usize, b: &RawBackend) -> (u64, u64) {
+        let body = b.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+        if !(1024..=MAX_RESPONSE_CAP).contains(&body) {
+            self.problem(
+                format!("backends[{i}].max_response_bytes"),
+                "must be between 1024 and 4294967296 (4 GiB)",
+            );
+        }
+        let event = b
+            .max_event_bytes
+            .unwrap_or(DEFAULT_MAX_EVENT_BYTES.min(body));
+        if !(1024..=body).contains(&event) {
+            self.problem(
+                format!("backends[{i}].max_event_bytes"),
+                format!("must be between 1024 and the backend's max_response_bytes ({body})"),
+            );
+        }
+        (body, event)
     }
 
     fn simulated(&mut self, i: usize, s: &RawSimulated) -> SimulatedSpec {

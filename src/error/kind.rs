@@ -38,6 +38,9 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// The connection failed in the middle of a response.
     UpstreamBroken,
+    /// The upstream sent more than its backend's `max_response_bytes`, or
+    /// one event over its `max_event_bytes`.
+    UpstreamTooLarge,
     /// The upstream refused the gateway's own credentials.
     UpstreamAuth,
     /// The upstream does not know the deployment's model id or path.
@@ -69,8 +72,8 @@ impl ErrorKind {
             UpstreamTimeout | UpstreamIdle => StatusCode::GATEWAY_TIMEOUT,
             // The operator's problems, not the client's: the client is not
             // told its request was wrong.
-            UpstreamConnect | UpstreamProtocol | UpstreamBroken | UpstreamAuth
-            | UpstreamNotFound => StatusCode::BAD_GATEWAY,
+            UpstreamConnect | UpstreamProtocol | UpstreamBroken | UpstreamTooLarge
+            | UpstreamAuth | UpstreamNotFound => StatusCode::BAD_GATEWAY,
             UpstreamRejected(status) => status,
             UpstreamFailed(status) => match status {
                 StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => status,
@@ -87,9 +90,8 @@ impl ErrorKind {
             RateLimited | UpstreamRateLimited => "rate_limit_error",
             NoDeployment | Internal => "server_error",
             UpstreamConnect | UpstreamTimeout | UpstreamIdle | UpstreamProtocol
-            | UpstreamBroken | UpstreamAuth | UpstreamNotFound | UpstreamFailed(_) => {
-                "upstream_error"
-            }
+            | UpstreamBroken | UpstreamTooLarge | UpstreamAuth | UpstreamNotFound
+            | UpstreamFailed(_) => "upstream_error",
             _ => "invalid_request_error",
         }
     }
@@ -111,6 +113,7 @@ impl ErrorKind {
             UpstreamTimeout | UpstreamIdle => "upstream_timeout",
             UpstreamProtocol => "upstream_invalid_response",
             UpstreamBroken => "upstream_disconnected",
+            UpstreamTooLarge => "upstream_response_too_large",
             UpstreamAuth => "upstream_auth_failed",
             UpstreamNotFound => "upstream_not_found",
             UpstreamFailed(_) => "upstream_error",
@@ -120,11 +123,14 @@ impl ErrorKind {
     }
 
     /// Another deployment may be tried (only before the client got a
-    /// byte): the upstream, not the request, was the trouble.
+    /// byte): the upstream, not the request, was the trouble. A connection
+    /// that broke mid-body is one: the client has seen nothing of it.
     pub fn retriable(self) -> bool {
         match self {
-            UpstreamConnect | UpstreamTimeout | UpstreamProtocol | UpstreamNotFound
-            | UpstreamRateLimited | EndpointUnsupported => true,
+            UpstreamConnect | UpstreamTimeout | UpstreamProtocol | UpstreamBroken
+            | UpstreamTooLarge | UpstreamNotFound | UpstreamRateLimited | EndpointUnsupported => {
+                true
+            }
             UpstreamFailed(status) => matches!(status.as_u16(), 424 | 500 | 502 | 503 | 504),
             _ => false,
         }
@@ -151,6 +157,7 @@ impl ErrorKind {
                 | UpstreamIdle
                 | UpstreamProtocol
                 | UpstreamBroken
+                | UpstreamTooLarge
                 | UpstreamAuth
                 | UpstreamNotFound
                 | UpstreamFailed(_)
@@ -176,6 +183,7 @@ impl ErrorKind {
                 "bad_request"
             }
             UpstreamRateLimited => "upstream_rate_limited",
+            UpstreamTooLarge => "upstream_too_large",
             UpstreamTimeout | UpstreamIdle => "upstream_timeout",
             UpstreamFailed(StatusCode::GATEWAY_TIMEOUT) => "upstream_timeout",
             NoDeployment => "no_deployment",
@@ -211,6 +219,7 @@ mod tests {
         UpstreamIdle,
         UpstreamProtocol,
         UpstreamBroken,
+        UpstreamTooLarge,
         UpstreamAuth,
         UpstreamNotFound,
         UpstreamRateLimited,

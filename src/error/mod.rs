@@ -326,6 +326,21 @@ impl GatewayError {
         )
     }
 
+    /// The upstream sent, or announced, more than the backend's `setting`
+    /// allows (`limit` bytes); `what` says what, with its verb: "sent a
+    /// response body".
+    pub fn upstream_too_large(
+        backend: &str,
+        what: impl std::fmt::Display,
+        setting: &str,
+        limit: u64,
+    ) -> Self {
+        Self::new(
+            ErrorKind::UpstreamTooLarge,
+            format!("backend \"{backend}\" {what} larger than {setting} ({limit} bytes)"),
+        )
+    }
+
     /// The upstream refused the gateway's own credentials; `message` says
     /// what the operator must fix.
     pub fn upstream_auth(message: String) -> Self {

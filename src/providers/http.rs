@@ -2,9 +2,12 @@
 //! plain TCP or rustls), the bearer credential, building and sending a
 //! request (and reading the upstream's quota headers), naming transport
 //! failures, reading a body whole, as bytes as they come, or as SSE `data`
-//! payloads, and reading an error response.
+//! payloads — each bounded by the backend's caps — and reading an error
+//! response.
 
+use std::pin::Pin;
 use std::sync::OnceLock;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::http::header::{CONTENT_TYPE, HOST, RETRY_AFTER};
@@ -13,7 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use http_body_util::{BodyDataStream, BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
@@ -185,19 +188,201 @@ pub async fn send(
     Ok(response)
 }
 
-/// The whole body of a response.
-pub async fn read_body(backend: &str, response: UpstreamResponse) -> Result<Bytes, GatewayError> {
-    match response.into_body().collect().await {
-        Ok(body) => Ok(body.to_bytes()),
-        Err(_) => Err(GatewayError::upstream_broken(backend)),
+/// How much one response of a backend may hold: its whole body
+/// (`max_response_bytes`), streamed or not, and one event in a stream
+/// (`max_event_bytes`). Bytes are counted as they arrive, so no more than
+/// a cap is ever held.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub body: u64,
+    pub event: u64,
+}
+
+impl Caps {
+    pub fn of(backend: &Backend) -> Self {
+        Self {
+            body: backend.max_response_bytes,
+            event: backend.max_event_bytes,
+        }
+    }
+
+    /// `what` (with its verb, e.g. "sent an SSE event") is over the event cap.
+    pub fn event_too_large(self, backend: &str, what: impl std::fmt::Display) -> GatewayError {
+        GatewayError::upstream_too_large(backend, what, "max_event_bytes", self.event)
+    }
+
+    fn body_too_large(self, backend: &str, what: impl std::fmt::Display) -> GatewayError {
+        GatewayError::upstream_too_large(backend, what, "max_response_bytes", self.body)
     }
 }
 
-/// The body of a response as its bytes arrive.
-pub fn body_bytes(
+/// The whole body of a response, refused without a byte read when its
+/// `content-length` is over the cap, and as soon as more than the cap
+/// arrives when it has none.
+pub async fn read_body(
+    backend: &str,
+    caps: Caps,
     response: UpstreamResponse,
-) -> impl Stream<Item = Result<Bytes, hyper::Error>> + Send + 'static {
-    BodyDataStream::new(response.into_body())
+) -> Result<Bytes, GatewayError> {
+    let body = response.into_body();
+    let declared = hyper::body::Body::size_hint(&body).lower();
+    if declared > caps.body {
+        return Err(caps.body_too_large(
+            backend,
+            format_args!("announced a response body of {declared} bytes,"),
+        ));
+    }
+    match Capped::new(backend, caps, body, false).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(BodyError(error)) => Err(error),
+    }
+}
+
+/// The body of a response as its bytes arrive, at most `caps.body` of them.
+pub fn body_bytes(
+    backend: &str,
+    caps: Caps,
+    response: UpstreamResponse,
+) -> impl Stream<Item = Result<Bytes, GatewayError>> + Send + 'static {
+    BodyDataStream::new(Capped::new(backend, caps, response.into_body(), false))
+        .map_err(|BodyError(error)| error)
+}
+
+/// A body that fails once more than `caps.body` bytes have arrived, and,
+/// for SSE, once an event runs past `caps.event`; a transport failure is
+/// `upstream_broken`. Its error is the one to answer.
+struct Capped<B> {
+    body: B,
+    backend: String,
+    caps: Caps,
+    received: u64,
+    /// SSE only: where events end, so the one the parser holds is bounded.
+    events: Option<EventBounds>,
+}
+
+/// The error of a [`Capped`] body (a `std::error::Error`, as the SSE
+/// parser requires of a body's).
+#[derive(Debug)]
+struct BodyError(GatewayError);
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.message())
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+impl<B> Capped<B> {
+    fn new(backend: &str, caps: Caps, body: B, sse: bool) -> Self {
+        Self {
+            body,
+            backend: backend.to_owned(),
+            caps,
+            received: 0,
+            events: sse.then(EventBounds::default),
+        }
+    }
+
+    /// Counts `data` in; the error when a cap is passed.
+    fn count(&mut self, data: &[u8]) -> Result<(), GatewayError> {
+        self.received += data.len() as u64;
+        if self.received > self.caps.body {
+            return Err(self
+                .caps
+                .body_too_large(&self.backend, "sent a response body"));
+        }
+        let largest_event = self.events.as_mut().map_or(0, |events| events.scan(data));
+        if largest_event > self.caps.event {
+            return Err(self
+                .caps
+                .event_too_large(&self.backend, "sent an SSE event"));
+        }
+        Ok(())
+    }
+}
+
+impl<B> hyper::body::Body for Capped<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(_)) => {
+                let error = GatewayError::upstream_broken(&this.backend);
+                return Poll::Ready(Some(Err(BodyError(error))));
+            }
+            None => return Poll::Ready(None),
+        };
+        if let Some(data) = frame.data_ref() {
+            if let Err(error) = this.count(data) {
+                return Poll::Ready(Some(Err(BodyError(error))));
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Where SSE events end — at a blank line, that is two line ends in a
+/// row, a line end being CRLF, LF or CR — to size the events of a byte
+/// stream without keeping their bytes: one `memchr` pass over each read.
+#[derive(Debug, Default)]
+struct EventBounds {
+    /// Bytes of the event not ended yet.
+    open: u64,
+    /// The last byte scanned ended a line: `b'\r'` or `b'\n'`.
+    line_end: Option<u8>,
+}
+
+impl EventBounds {
+    /// Takes the next bytes of the stream; returns the size of the largest
+    /// event they end or leave open.
+    fn scan(&mut self, bytes: &[u8]) -> u64 {
+        let mut largest = 0;
+        // Where the open event's bytes in `bytes` begin.
+        let mut start = 0;
+        let mut last = self.line_end;
+        // Just past the last line-end byte; `last` is the byte before it.
+        let mut next = 0;
+        for at in memchr::memchr2_iter(b'\n', b'\r', bytes) {
+            let byte = bytes[at];
+            let blank_line = match (at == next).then_some(last).flatten() {
+                // The LF of a CRLF ends the same line as its CR.
+                Some(b'\r') => byte == b'\r',
+                Some(_) => true,
+                None => false,
+            };
+            if blank_line {
+                largest = largest.max(self.open + (at + 1 - start) as u64);
+                self.open = 0;
+                start = at + 1;
+            } else if at == start && self.open == 0 && byte == b'\n' {
+                // The LF of the CRLF that ended the last event.
+                start = at + 1;
+            }
+            last = Some(byte);
+            next = at + 1;
+        }
+        self.line_end = if next == bytes.len() { last } else { None };
+        self.open += (bytes.len() - start) as u64;
+        largest.max(self.open)
+    }
 }
 
 /// An error status as received: status, headers and (the start of) the body.
@@ -250,21 +435,23 @@ impl ErrorReply {
 
 /// The `data` of each SSE event of a response body, parsed incrementally
 /// (an event may be cut across reads; the parser's work is linear in the
-/// bytes, however many events a read holds). Events without data
-/// (comments, keep-alives) are skipped.
+/// bytes, however many events a read holds), within `caps`. Events
+/// without data (comments, keep-alives) are skipped.
 pub fn sse_data<B>(
     backend: &str,
+    caps: Caps,
     body: B,
 ) -> impl Stream<Item = Result<String, GatewayError>> + Send + 'static
 where
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
-    B::Error: std::error::Error + Send + Sync + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
 {
     let backend = backend.to_owned();
-    SseStream::new(body)
+    SseStream::new(Capped::new(&backend, caps, body, true))
         .map(move |event| match event {
             Ok(event) => Ok(event.data.unwrap_or_default()),
-            Err(sse_stream::Error::Body(_)) => Err(GatewayError::upstream_broken(&backend)),
+            Err(sse_stream::Error::Body(error)) => Err(error
+                .downcast::<BodyError>()
+                .map_or_else(|_| GatewayError::upstream_broken(&backend), |e| e.0)),
             Err(e) => Err(GatewayError::upstream_protocol(&backend, e)),
         })
         .try_filter(|data| std::future::ready(!data.is_empty()))
@@ -310,8 +497,151 @@ mod tests {
         ]
         .map(|piece| Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(piece.as_bytes()))));
         let body = StreamBody::new(futures_util::stream::iter(pieces));
-        let data: Vec<String> = sse_data("b", body).map(Result::unwrap).collect().await;
+        let data: Vec<String> = sse_data("b", ROOMY, body)
+            .map(Result::unwrap)
+            .collect()
+            .await;
         assert_eq!(data, [r#"{"a":1}"#, r#"{"b":2}"#, "line one\nline two"]);
+    }
+
+    const ROOMY: Caps = Caps {
+        body: 1 << 20,
+        event: 1 << 20,
+    };
+
+    /// The data of `pieces` read as SSE within `caps`, up to the error that
+    /// ended it.
+    async fn sse_within(caps: Caps, pieces: &[&[u8]]) -> (Vec<String>, Option<GatewayError>) {
+        let frames: Vec<_> = pieces
+            .iter()
+            .map(|p| Ok::<_, std::io::Error>(Frame::data(Bytes::copy_from_slice(p))))
+            .collect();
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let mut events = Box::pin(sse_data("b", caps, body));
+        let mut data = Vec::new();
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(event) => data.push(event),
+                Err(error) => return (data, Some(error)),
+            }
+        }
+        (data, None)
+    }
+
+    #[test]
+    fn event_bounds_size_events_whatever_their_line_ends_and_cuts() {
+        let sizes = |pieces: &[&[u8]]| {
+            let mut bounds = EventBounds::default();
+            pieces.iter().map(|p| bounds.scan(p)).collect::<Vec<_>>()
+        };
+        // Each ending closes an event: LF LF, CRLF CRLF, CR CR, mixed. An
+        // event is sized up to its blank line's CR; a CRLF's LF after it
+        // belongs to no event.
+        for (ending, first, second) in [
+            ("\n\n", 9, 10),
+            ("\r\n\r\n", 10, 11),
+            ("\r\r", 9, 10),
+            ("\n\r\n", 9, 10),
+            ("\r\n\n", 10, 11),
+            ("\n\r", 9, 10),
+        ] {
+            let text = format!("data: a{ending}data: bb{ending}");
+            let mut bounds = EventBounds::default();
+            assert_eq!(bounds.scan(text.as_bytes()), second, "{ending:?}");
+            assert_eq!(bounds.open, 0, "{ending:?}");
+            // Cut inside the ending: the second part closes the event.
+            let cut = 7 + ending.len() / 2;
+            let (a, b) = text.as_bytes().split_at(cut);
+            let mut bounds = EventBounds::default();
+            assert_eq!(bounds.scan(a), cut as u64, "{ending:?}");
+            assert_eq!(bounds.scan(b), first.max(second), "{ending:?}");
+            assert_eq!(bounds.open, 0, "{ending:?}");
+        }
+        // A CRLF is one line end, not a blank line; an open event grows.
+        assert_eq!(
+            sizes(&[b"data: a\r\ndata: b\r", b"\n", b"data: c"]),
+            [17, 18, 25]
+        );
+        assert_eq!(sizes(&[b"x\n\ny", b"yy", b"\n\nz"]), [3, 3, 5]);
+    }
+
+    #[tokio::test]
+    async fn an_sse_event_over_the_event_cap_fails_whatever_the_reads() {
+        let caps = Caps {
+            body: 1 << 20,
+            event: 64,
+        };
+        let big = format!("data: {}\n\n", "x".repeat(100));
+        let small = b"data: ok\n\n";
+        // In one read with a small event after it; or cut in pieces.
+        let (data, error) =
+            sse_within(caps, &[small, format!("{big}data: no\n\n").as_bytes()]).await;
+        assert_eq!(data, ["ok"]);
+        let error = error.expect("the big event is refused");
+        assert_eq!(error.code(), Some("upstream_response_too_large"));
+        assert_eq!(
+            error.message(),
+            "backend \"b\" sent an SSE event larger than max_event_bytes (64 bytes)"
+        );
+        let pieces: Vec<&[u8]> = big.as_bytes().chunks(10).collect();
+        let (data, error) = sse_within(caps, &pieces).await;
+        assert!(data.is_empty());
+        assert!(error.is_some());
+        // Many small events, together far over the event cap, pass.
+        let many = "data: ok\n\n".repeat(50);
+        let (data, error) = sse_within(caps, &[many.as_bytes()]).await;
+        assert_eq!(
+            (data.len(), error.map(|e| e.message().to_owned())),
+            (50, None)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_over_the_body_cap_fails_after_the_events_within_it() {
+        let caps = Caps {
+            body: 100,
+            event: 100,
+        };
+        let event: &[u8] = b"data: 0123456789\n\n";
+        let (data, error) = sse_within(caps, &[event; 8]).await;
+        // 18 bytes an event: five fit in 100.
+        assert_eq!(data.len(), 5);
+        assert_eq!(
+            error.expect("the sixth read passes the cap").message(),
+            "backend \"b\" sent a response body larger than max_response_bytes (100 bytes)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_capped_body_is_read_up_to_its_cap_and_a_broken_one_is_upstream_broken() {
+        let caps = Caps {
+            body: 10,
+            event: 10,
+        };
+        let read = |pieces: Vec<Result<&'static [u8], std::io::Error>>| async move {
+            let frames = pieces
+                .into_iter()
+                .map(|p| p.map(|p| Frame::data(Bytes::from_static(p))));
+            let body = StreamBody::new(futures_util::stream::iter(frames));
+            match Capped::new("b", caps, body, false).collect().await {
+                Ok(body) => Ok(body.to_bytes()),
+                Err(BodyError(error)) => Err(error),
+            }
+        };
+        assert_eq!(
+            read(vec![Ok(b"01234"), Ok(b"56789")]).await.unwrap(),
+            "0123456789"
+        );
+        let error = read(vec![Ok(b"01234"), Ok(b"567890")]).await.unwrap_err();
+        assert_eq!(error.code(), Some("upstream_response_too_large"));
+        let error = read(vec![
+            Ok(b"01234"),
+            Err(std::io::ErrorKind::ConnectionReset.into()),
+        ])
+        .await
+        .unwrap_err();
+        assert_eq!(error.code(), Some("upstream_disconnected"));
+        assert!(error.retriable(), "the client has seen nothing of it");
     }
 
     #[test]

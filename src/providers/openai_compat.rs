@@ -8,7 +8,7 @@ use axum::http::header::AUTHORIZATION;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
 
-use super::http::{self, ErrorReply, HttpClient, Target};
+use super::http::{self, Caps, ErrorReply, HttpClient, Target};
 use super::{Provider, UpstreamCall, UpstreamReply};
 use crate::config::{Backend, BackendKind};
 use crate::error::GatewayError;
@@ -22,6 +22,7 @@ pub struct OpenAiCompat {
     completions_url: Target,
     auth: Option<HeaderValue>,
     client: HttpClient,
+    caps: Caps,
 }
 
 impl OpenAiCompat {
@@ -52,6 +53,7 @@ impl OpenAiCompat {
             completions_url: endpoint(Endpoint::Completions)?,
             auth: http::bearer(backend)?,
             client,
+            caps: Caps::of(backend),
         })
     }
 
@@ -87,11 +89,11 @@ impl OpenAiCompat {
             return Err(ErrorReply::read(response).await.into_error(&self.name));
         }
         if !streaming {
-            let bytes = http::read_body(&self.name, response).await?;
+            let bytes = http::read_body(&self.name, self.caps, response).await?;
             return Ok(UpstreamReply::Complete(normalise(self.kind, bytes)));
         }
         let kind = self.kind;
-        let events = http::sse_data(&self.name, response.into_body())
+        let events = http::sse_data(&self.name, self.caps, response.into_body())
             .try_take_while(|data| std::future::ready(Ok(data != "[DONE]")))
             .map_ok(move |data| normalise(kind, data.into_bytes()));
         Ok(UpstreamReply::Stream(events.boxed()))

@@ -9,7 +9,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::http::{self, ErrorReply, HttpClient, Target};
+use super::http::{self, Caps, ErrorReply, HttpClient, Target};
 use super::openai_compat::OpenAiCompat;
 use super::translate::{ChunkMapper, Chunks, map_chunks};
 use super::{ChunkStream, Provider, UpstreamCall, UpstreamReply};
@@ -24,6 +24,7 @@ pub struct Tgi {
     generate_stream: Target,
     chat: OpenAiCompat,
     client: HttpClient,
+    caps: Caps,
 }
 
 impl Tgi {
@@ -42,6 +43,7 @@ impl Tgi {
             generate: http::target(&backend.name, &format!("{root}/generate"))?,
             generate_stream: http::target(&backend.name, &format!("{root}/generate_stream"))?,
             client,
+            caps: Caps::of(backend),
         })
     }
 
@@ -70,7 +72,7 @@ impl Tgi {
         }
         let identity = ResponseIdentity::new("cmpl", call.upstream_model);
         if streaming {
-            let events = http::sse_data(&self.name, response.into_body()).boxed();
+            let events = http::sse_data(&self.name, self.caps, response.into_body()).boxed();
             let mapper = GenerateMapper {
                 backend: self.name.clone(),
                 identity,
@@ -84,7 +86,7 @@ impl Tgi {
             .get("x-prompt-tokens")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let bytes = http::read_body(&self.name, response).await?;
+        let bytes = http::read_body(&self.name, self.caps, response).await?;
         let generated: Generated = serde_json::from_slice(&bytes).map_err(|e| {
             GatewayError::upstream_protocol(
                 &self.name,

@@ -17,9 +17,11 @@
 //! stream (canned, or a byte-exact `.sse` fixture from
 //! `tests/fixtures/openai/`) when the request has `"stream": true`, or any
 //! status with any body. Faults: a late response head, a late first body
-//! byte, a pause between events, a connection dropped after N events, a
-//! stream held open until `MockServer::release`, events cut across TCP
-//! writes. It reports connections the peer closed.
+//! byte, a pause between events, a connection dropped after N events or
+//! in the middle of a whole body, a whole body sent chunked (its size
+//! unknown until read), a stream held open until `MockServer::release`,
+//! events cut across TCP writes. Oversized answers are `body` and
+//! `stream_bytes` with big bytes. It reports connections the peer closed.
 //!
 //! The protocol (`openai_mock`, `tgi_mock`, `bedrock_mock`) decides the
 //! routes and the canned answers; the faults apply to every protocol.
@@ -125,6 +127,8 @@ pub struct MockUpstream {
     body_after: Duration,
     event_delay: Duration,
     reset_after: Option<usize>,
+    reset_mid_body: bool,
+    chunked: bool,
     hold_after: Option<usize>,
     split_every: Option<usize>,
     record: bool,
@@ -147,6 +151,8 @@ impl MockUpstream {
             body_after: Duration::ZERO,
             event_delay: Duration::ZERO,
             reset_after: None,
+            reset_mid_body: false,
+            chunked: false,
             hold_after: None,
             split_every: None,
             record: true,
@@ -283,6 +289,20 @@ impl MockUpstream {
     /// the chunked body, as a crashed server would.
     pub fn reset_after(mut self, events: usize) -> Self {
         self.reset_after = Some(events);
+        self
+    }
+
+    /// Answer non-streaming requests with the head and the first half of
+    /// the body, then close the connection, as a crashed server would.
+    pub fn reset_mid_body(mut self) -> Self {
+        self.reset_mid_body = true;
+        self
+    }
+
+    /// Send non-streaming bodies chunked, with no `content-length`, so
+    /// their size is known only once they are read.
+    pub fn chunked(mut self) -> Self {
+        self.chunked = true;
         self
     }
 
@@ -574,16 +594,34 @@ async fn respond(
     }
     if !route.streaming {
         let body = reply.body.clone().unwrap_or(route.json);
-        if reply.body_after.is_zero() {
+        if reply.reset_mid_body {
+            let half = body.slice(..body.len() / 2);
+            return Ok(streamed(
+                &shared,
+                conn,
+                vec![half],
+                "application/json",
+                Some(1),
+            ));
+        }
+        if reply.body_after.is_zero() && !reply.chunked {
             return Ok(plain(status, &route.headers, body).with(&reply.headers));
         }
-        return Ok(streamed(&shared, conn, vec![body], "application/json"));
+        let reset = reply.reset_after;
+        return Ok(streamed(
+            &shared,
+            conn,
+            vec![body],
+            "application/json",
+            reset,
+        ));
     }
     let mut events = reply.events.clone().unwrap_or(route.events);
     if reply.omit_done {
         events.retain(|e| !e.starts_with(b"data: [DONE]"));
     }
-    Ok(streamed(&shared, conn, events, route.content_type))
+    let reset = reply.reset_after;
+    Ok(streamed(&shared, conn, events, route.content_type, reset))
 }
 
 /// The upstream protocol a mock speaks.
@@ -662,12 +700,14 @@ fn plain(
     response
 }
 
-/// A chunked body fed, with the configured faults, by a task of its own.
+/// A chunked body fed, with the configured faults, by a task of its own;
+/// the connection is dropped after `reset_after` events.
 fn streamed(
     shared: &Shared,
     conn: Arc<ConnState>,
     events: Vec<Bytes>,
     content_type: &'static str,
+    reset_after: Option<usize>,
 ) -> Response<MockBody> {
     let reply = &shared.reply;
     let (tx, rx) = mpsc::channel(1);
@@ -678,7 +718,7 @@ fn streamed(
         events,
         body_after: reply.body_after,
         event_delay: reply.event_delay,
-        reset_after: reply.reset_after,
+        reset_after,
         hold_after: reply.hold_after,
         split_every: reply.split_every,
         release: shared.release.subscribe(),

@@ -13,7 +13,7 @@ use futures_util::future::BoxFuture;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use url::Url;
 
-use super::http::{self, ErrorReply, HttpClient};
+use super::http::{self, Caps, ErrorReply, HttpClient};
 use super::{Provider, UpstreamCall, UpstreamReply};
 use crate::config::Backend;
 use crate::error::GatewayError;
@@ -34,6 +34,7 @@ pub struct Bedrock {
     base_url: Url,
     auth: Auth,
     client: HttpClient,
+    caps: Caps,
 }
 
 impl Bedrock {
@@ -46,6 +47,7 @@ impl Bedrock {
                 .ok_or("a bedrock backend needs a base_url")?,
             auth: Auth::new(backend)?,
             client: http::client(backend)?,
+            caps: Caps::of(backend),
         })
     }
 
@@ -93,10 +95,11 @@ impl Bedrock {
             return Ok(UpstreamReply::Stream(stream::chunks(
                 &self.name,
                 call.upstream_model,
-                http::body_bytes(response),
+                self.caps,
+                http::body_bytes(&self.name, self.caps, response),
             )));
         }
-        let bytes = http::read_body(&self.name, response).await?;
+        let bytes = http::read_body(&self.name, self.caps, response).await?;
         response::chat_completion(&self.name, call.upstream_model, &bytes)
             .map(UpstreamReply::Complete)
     }

@@ -18,20 +18,20 @@ use super::errors;
 use super::response::{TokenUsage, finish_reason};
 use crate::error::GatewayError;
 use crate::openai::{Endpoint, ResponseIdentity};
+use crate::providers::http::Caps;
 use crate::providers::translate::{ChunkMapper, Chunks, map_chunks};
 use crate::providers::{Chunk, ChunkStream};
 
-/// The chunks of a ConverseStream response body.
-pub fn chunks<E>(
+/// The chunks of a ConverseStream response body, whose frames may each
+/// hold at most `caps.event` bytes (its total is `body`'s to bound).
+pub fn chunks(
     backend: &str,
     model: &str,
-    body: impl Stream<Item = Result<Bytes, E>> + Send + 'static,
-) -> ChunkStream
-where
-    E: Send + 'static,
-{
+    caps: Caps,
+    body: impl Stream<Item = Result<Bytes, GatewayError>> + Send + 'static,
+) -> ChunkStream {
     map_chunks(
-        frames(backend, body),
+        frames(backend, caps, body),
         Mapper {
             backend: backend.to_owned(),
             identity: ResponseIdentity::new("chatcmpl", model),
@@ -43,10 +43,12 @@ where
 
 /// The event-stream messages of a body; a frame may arrive in any number
 /// of pieces, and one piece may hold several frames. A bad CRC, a broken
-/// connection or a body that ends inside a frame is an error.
-fn frames<E: Send + 'static>(
+/// connection, a body that ends inside a frame or a frame longer than
+/// `caps.event` is an error.
+fn frames(
     backend: &str,
-    body: impl Stream<Item = Result<Bytes, E>> + Send + 'static,
+    caps: Caps,
+    body: impl Stream<Item = Result<Bytes, GatewayError>> + Send + 'static,
 ) -> BoxStream<'static, Result<Message, GatewayError>> {
     struct State<S> {
         body: S,
@@ -54,6 +56,9 @@ fn frames<E: Send + 'static>(
         buffer: BytesMut,
         /// Bytes of an unfinished frame have been read.
         partial: bool,
+        /// The length the buffered frame declares has been checked.
+        length_checked: bool,
+        caps: Caps,
         backend: String,
         done: bool,
     }
@@ -62,6 +67,8 @@ fn frames<E: Send + 'static>(
         decoder: MessageFrameDecoder::new(),
         buffer: BytesMut::new(),
         partial: false,
+        length_checked: false,
+        caps,
         backend: backend.to_owned(),
         done: false,
     };
@@ -70,9 +77,23 @@ fn frames<E: Send + 'static>(
             return None;
         }
         loop {
+            // A frame starts with its total length: one over the cap is
+            // refused before its bytes are buffered. Checked before the
+            // decoder consumes the 12-byte prelude that holds it.
+            if !s.length_checked && s.buffer.len() >= 4 {
+                s.length_checked = true;
+                let length =
+                    u32::from_be_bytes([s.buffer[0], s.buffer[1], s.buffer[2], s.buffer[3]]);
+                if u64::from(length) > s.caps.event {
+                    s.done = true;
+                    let what = format!("began an event-stream frame of {length} bytes,");
+                    return Some((Err(s.caps.event_too_large(&s.backend, what)), s));
+                }
+            }
             match s.decoder.decode_frame(&mut s.buffer) {
                 Ok(DecodedFrame::Complete(message)) => {
                     s.partial = !s.buffer.is_empty();
+                    s.length_checked = false;
                     return Some((Ok(message), s));
                 }
                 Ok(DecodedFrame::Incomplete) => {}
@@ -90,9 +111,9 @@ fn frames<E: Send + 'static>(
                     s.partial = true;
                     s.buffer.extend_from_slice(&bytes);
                 }
-                Some(Err(_)) => {
+                Some(Err(error)) => {
                     s.done = true;
-                    return Some((Err(GatewayError::upstream_broken(&s.backend)), s));
+                    return Some((Err(error), s));
                 }
                 None if s.partial => {
                     s.done = true;
@@ -277,11 +298,24 @@ mod tests {
     /// Feeds `body` in pieces of `size` bytes; returns the chunks as JSON
     /// and the error that ended the stream, if any.
     async fn run(body: Vec<u8>, size: usize) -> (Vec<Value>, Option<GatewayError>) {
-        let pieces: Vec<Result<Bytes, std::io::Error>> = body
+        run_with(body, size, 1 << 20).await
+    }
+
+    /// `run`, with frames of at most `max_frame` bytes.
+    async fn run_with(
+        body: Vec<u8>,
+        size: usize,
+        max_frame: u64,
+    ) -> (Vec<Value>, Option<GatewayError>) {
+        let pieces: Vec<Result<Bytes, GatewayError>> = body
             .chunks(size)
             .map(|p| Ok(Bytes::copy_from_slice(p)))
             .collect();
-        let mut out = chunks("b", "m", stream::iter(pieces));
+        let caps = Caps {
+            body: u64::MAX,
+            event: max_frame,
+        };
+        let mut out = chunks("b", "m", caps, stream::iter(pieces));
         let mut values = Vec::new();
         while let Some(item) = out.next().await {
             match item {
@@ -344,5 +378,24 @@ mod tests {
 
         let (_, error) = run(bytes(&[MESSAGE_START, DELTA_HI]), 1000).await;
         assert_eq!(error.unwrap().code(), Some("upstream_disconnected"));
+    }
+
+    #[tokio::test]
+    async fn a_frame_longer_than_the_event_cap_is_refused_by_its_declared_length() {
+        // DELTA_HI declares 0x94 = 148 bytes; MESSAGE_START 0x76 = 118.
+        let body = bytes(&[MESSAGE_START, DELTA_HI, MESSAGE_STOP]);
+        for size in [1, 3, 5, 200, body.len()] {
+            let (chunks, error) = run_with(body.clone(), size, 140).await;
+            assert_eq!(chunks.len(), 1, "pieces of {size}");
+            let error = error.expect("an error");
+            assert_eq!(error.code(), Some("upstream_response_too_large"));
+            assert_eq!(
+                error.message(),
+                "backend \"b\" began an event-stream frame of 148 bytes, larger than max_event_bytes (140 bytes)"
+            );
+        }
+        let (chunks, error) = run_with(body, 7, 148).await;
+        assert!(error.is_none(), "a frame at the cap passes: {error:?}");
+        assert_eq!(chunks.len(), 3);
     }
 }
