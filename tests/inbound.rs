@@ -161,3 +161,43 @@ async fn a_connection_closed_before_its_first_byte_leaves_the_gateway_serving() 
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     assert!(answer.ends_with("ok\n"), "{answer}");
 }
+
+#[tokio::test]
+async fn an_http2_preface_sent_in_two_parts_is_served_as_http2() {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let addr = start().await;
+    let mut tcp = TcpStream::connect(&addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.write_all(&PREFACE[..12]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tcp.write_all(&PREFACE[12..]).await.unwrap();
+    // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+    tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut frame = [0; 9];
+    tokio::time::timeout(support::gateway::WAIT, tcp.read_exact(&mut frame))
+        .await
+        .expect("answered in time")
+        .unwrap();
+    assert_eq!(
+        frame[3], 4,
+        "an HTTP/2 server opens with SETTINGS: {frame:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_closes_after_an_ambiguous_first_byte_is_let_go_at_once() {
+    let addr = start().await;
+    let mut tcp = TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(b"P").await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    // Not held until the head timeout (30 s), nor spun on meanwhile; the
+    // "P" left unread makes the close a reset.
+    let closed = tokio::time::timeout(support::gateway::WAIT, tcp.read_to_end(&mut rest))
+        .await
+        .expect("closed at once");
+    match closed {
+        Ok(_) => assert!(rest.is_empty(), "{rest:?}"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+}
