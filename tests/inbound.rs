@@ -201,3 +201,106 @@ async fn a_client_that_closes_after_an_ambiguous_first_byte_is_let_go_at_once() 
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
     }
 }
+
+/// Sends `raw` and reads the answer until the gateway closes (a reset
+/// included: closing with part of a head unread is one).
+async fn answer_to(addr: &str, raw: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(raw).await.unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0; 4096];
+    loop {
+        let read = tokio::time::timeout(support::gateway::WAIT, tcp.read(&mut chunk))
+            .await
+            .expect("answered and closed in time");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8(answer).unwrap()
+}
+
+#[tokio::test]
+async fn requests_hyper_cannot_read_get_an_openai_error_body() {
+    let addr = start().await;
+    let post = "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\n";
+    let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "a Content-Length that is not a number",
+            format!("{post}content-length: abc\r\n\r\n").into_bytes(),
+            "400",
+            "Content-Length",
+        ),
+        (
+            "two different Content-Lengths",
+            format!("{post}content-length: 2\r\ncontent-length: 3\r\n\r\n{{}}").into_bytes(),
+            "400",
+            "Content-Length",
+        ),
+        (
+            "a Transfer-Encoding that does not end in chunked",
+            format!("{post}transfer-encoding: gzip\r\n\r\n").into_bytes(),
+            "400",
+            "Transfer-Encoding",
+        ),
+        (
+            "a control byte in a header name",
+            format!("{post}x-bad\u{1}: v\r\n\r\n").into_bytes(),
+            "400",
+            "header names",
+        ),
+        (
+            "a head over 8 KiB",
+            format!("{post}x-big: {}\r\n\r\n", "a".repeat(9000)).into_bytes(),
+            "431",
+            "8 KiB",
+        ),
+        (
+            "101 headers",
+            format!("{post}{many}\r\n").into_bytes(),
+            "431",
+            "100 headers",
+        ),
+    ];
+    for (case, raw, status, names) in cases {
+        let answer = answer_to(&addr, &raw).await;
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{case}: {answer}"
+        );
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains("\r\ncontent-type: application/json\r\n"),
+            "{case}: {answer}"
+        );
+        assert!(
+            head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+            "{case}: {answer}"
+        );
+        let error: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{case}: {e}: {body}"));
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{case}");
+        assert!(error["error"]["param"].is_null(), "{case}");
+        assert!(error["error"]["code"].is_string(), "{case}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(names), "{case}: {message}");
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_after_a_served_request_on_the_same_connection_has_its_body() {
+    let addr = start().await;
+    let answer = answer_to(
+        &addr,
+        b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n\
+          GET /healthz HTTP/1.1\r\nhost: gateway\r\ncontent-length: 1x\r\n\r\n",
+    )
+    .await;
+    let (served, refused) = answer.split_once("ok\n").expect("the first is served");
+    assert!(served.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(refused.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(refused.contains("\"code\":\"malformed_http\""), "{answer}");
+}

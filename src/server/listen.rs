@@ -16,9 +16,7 @@ use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// The most a request head (request line and headers) may take: nginx's
-/// default, and hyper's smallest read buffer.
-const MAX_HEAD_BYTES: usize = 8 * 1024;
+use super::refusal::{MAX_HEAD_BYTES, Refusing};
 
 /// A client that sends no complete request head for this long is dropped.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -119,15 +117,19 @@ async fn start_serving(
         },
         _ = stop.changed() => return,
     };
-    let io = TokioIo::new(tcp);
     let service = TowerToHyperService::new(router);
     match protocol {
-        Protocol::Http1 => {
-            spawn_watched(watcher.watch(protocols.http1.serve_connection(io, service)))
-        }
-        Protocol::Http2 => {
-            spawn_watched(watcher.watch(protocols.http2.serve_connection(io, service)))
-        }
+        Protocol::Http1 => spawn_watched(
+            watcher.watch(
+                protocols
+                    .http1
+                    .serve_connection(TokioIo::new(Refusing::new(tcp)), service),
+            ),
+        ),
+        // HTTP/2 refuses with stream resets, which have no body.
+        Protocol::Http2 => spawn_watched(
+            watcher.watch(protocols.http2.serve_connection(TokioIo::new(tcp), service)),
+        ),
     }
 }
 
