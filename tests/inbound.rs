@@ -304,3 +304,56 @@ async fn a_refusal_after_a_served_request_on_the_same_connection_has_its_body() 
     assert!(refused.starts_with("HTTP/1.1 400 "), "{answer}");
     assert!(refused.contains("\"code\":\"malformed_http\""), "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_client_sends_reaches_the_log_escaped_and_cut() {
+    let gateway =
+        support::process::serve_config(&config().set("server", "max_body_bytes", 8 << 20));
+    let forged = "m\n2026-12-04T00:00:00.000000Z  INFO tollgate: forged line";
+    let huge = "x".repeat(3 << 20);
+    let bodies = [
+        serde_json::json!({"model": forged, "messages": [{"role": "user", "content": "hi"}]}),
+        serde_json::json!({"model": huge, "messages": [{"role": "user", "content": "hi"}]}),
+        serde_json::json!({"model": "llama", "stream": huge, "messages": []}),
+        serde_json::json!({"model": "llama", "max_tokens": huge, "messages": [{"role": "user", "content": "hi"}]}),
+    ];
+    let client = reqwest::Client::new();
+    for (i, body) in bodies.iter().enumerate() {
+        let answer = client
+            .post(format!("{}/v1/chat/completions", gateway.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            answer.status().is_client_error(),
+            "{i}: {}",
+            answer.status()
+        );
+        let error: serde_json::Value = answer.json().await.unwrap();
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.len() < 1024, "{}", message.len());
+    }
+    let lines = gateway.lines_once("request failed", bodies.len());
+    for line in &lines {
+        assert!(
+            !line.contains("forged line") || line.contains("m\\n2026"),
+            "{line}"
+        );
+        assert!(
+            line.starts_with("20"),
+            "a line that is not the log's: {line}"
+        );
+        let longest_run = line
+            .split(|c: char| c != 'x')
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        assert!(
+            longest_run <= 256,
+            "{longest_run} of the client's x's: {}",
+            &line[..200]
+        );
+        assert!(line.len() < 2048, "{}: {}", line.len(), &line[..200]);
+    }
+}
