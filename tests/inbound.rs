@@ -161,3 +161,199 @@ async fn a_connection_closed_before_its_first_byte_leaves_the_gateway_serving() 
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     assert!(answer.ends_with("ok\n"), "{answer}");
 }
+
+#[tokio::test]
+async fn an_http2_preface_sent_in_two_parts_is_served_as_http2() {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let addr = start().await;
+    let mut tcp = TcpStream::connect(&addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.write_all(&PREFACE[..12]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tcp.write_all(&PREFACE[12..]).await.unwrap();
+    // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+    tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut frame = [0; 9];
+    tokio::time::timeout(support::gateway::WAIT, tcp.read_exact(&mut frame))
+        .await
+        .expect("answered in time")
+        .unwrap();
+    assert_eq!(
+        frame[3], 4,
+        "an HTTP/2 server opens with SETTINGS: {frame:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_closes_after_an_ambiguous_first_byte_is_let_go_at_once() {
+    let addr = start().await;
+    let mut tcp = TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(b"P").await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    // Not held until the head timeout (30 s), nor spun on meanwhile; the
+    // "P" left unread makes the close a reset.
+    let closed = tokio::time::timeout(support::gateway::WAIT, tcp.read_to_end(&mut rest))
+        .await
+        .expect("closed at once");
+    match closed {
+        Ok(_) => assert!(rest.is_empty(), "{rest:?}"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+}
+
+/// Sends `raw` and reads the answer until the gateway closes (a reset
+/// included: closing with part of a head unread is one).
+async fn answer_to(addr: &str, raw: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(raw).await.unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0; 4096];
+    loop {
+        let read = tokio::time::timeout(support::gateway::WAIT, tcp.read(&mut chunk))
+            .await
+            .expect("answered and closed in time");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8(answer).unwrap()
+}
+
+#[tokio::test]
+async fn requests_hyper_cannot_read_get_an_openai_error_body() {
+    let addr = start().await;
+    let post = "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\n";
+    let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "a Content-Length that is not a number",
+            format!("{post}content-length: abc\r\n\r\n").into_bytes(),
+            "400",
+            "Content-Length",
+        ),
+        (
+            "two different Content-Lengths",
+            format!("{post}content-length: 2\r\ncontent-length: 3\r\n\r\n{{}}").into_bytes(),
+            "400",
+            "Content-Length",
+        ),
+        (
+            "a Transfer-Encoding that does not end in chunked",
+            format!("{post}transfer-encoding: gzip\r\n\r\n").into_bytes(),
+            "400",
+            "Transfer-Encoding",
+        ),
+        (
+            "a control byte in a header name",
+            format!("{post}x-bad\u{1}: v\r\n\r\n").into_bytes(),
+            "400",
+            "header names",
+        ),
+        (
+            "a head over 8 KiB",
+            format!("{post}x-big: {}\r\n\r\n", "a".repeat(9000)).into_bytes(),
+            "431",
+            "8 KiB",
+        ),
+        (
+            "101 headers",
+            format!("{post}{many}\r\n").into_bytes(),
+            "431",
+            "100 headers",
+        ),
+    ];
+    for (case, raw, status, names) in cases {
+        let answer = answer_to(&addr, &raw).await;
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{case}: {answer}"
+        );
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains("\r\ncontent-type: application/json\r\n"),
+            "{case}: {answer}"
+        );
+        assert!(
+            head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+            "{case}: {answer}"
+        );
+        let error: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{case}: {e}: {body}"));
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{case}");
+        assert!(error["error"]["param"].is_null(), "{case}");
+        assert!(error["error"]["code"].is_string(), "{case}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(names), "{case}: {message}");
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_after_a_served_request_on_the_same_connection_has_its_body() {
+    let addr = start().await;
+    let answer = answer_to(
+        &addr,
+        b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n\
+          GET /healthz HTTP/1.1\r\nhost: gateway\r\ncontent-length: 1x\r\n\r\n",
+    )
+    .await;
+    let (served, refused) = answer.split_once("ok\n").expect("the first is served");
+    assert!(served.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(refused.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(refused.contains("\"code\":\"malformed_http\""), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_client_sends_reaches_the_log_escaped_and_cut() {
+    let gateway =
+        support::process::serve_config(&config().set("server", "max_body_bytes", 8 << 20));
+    let forged = "m\n2026-12-04T00:00:00.000000Z  INFO tollgate: forged line";
+    let huge = "x".repeat(3 << 20);
+    let bodies = [
+        serde_json::json!({"model": forged, "messages": [{"role": "user", "content": "hi"}]}),
+        serde_json::json!({"model": huge, "messages": [{"role": "user", "content": "hi"}]}),
+        serde_json::json!({"model": "llama", "stream": huge, "messages": []}),
+        serde_json::json!({"model": "llama", "max_tokens": huge, "messages": [{"role": "user", "content": "hi"}]}),
+    ];
+    let client = reqwest::Client::new();
+    for (i, body) in bodies.iter().enumerate() {
+        let answer = client
+            .post(format!("{}/v1/chat/completions", gateway.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            answer.status().is_client_error(),
+            "{i}: {}",
+            answer.status()
+        );
+        let error: serde_json::Value = answer.json().await.unwrap();
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.len() < 1024, "{}", message.len());
+    }
+    let lines = gateway.lines_once("request failed", bodies.len());
+    for line in &lines {
+        assert!(
+            !line.contains("forged line") || line.contains("m\\n2026"),
+            "{line}"
+        );
+        assert!(
+            line.starts_with("20"),
+            "a line that is not the log's: {line}"
+        );
+        let longest_run = line
+            .split(|c: char| c != 'x')
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        assert!(
+            longest_run <= 256,
+            "{longest_run} of the client's x's: {}",
+            &line[..200]
+        );
+        assert!(line.len() < 2048, "{}: {}", line.len(), &line[..200]);
+    }
+}

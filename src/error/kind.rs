@@ -12,6 +12,11 @@ pub enum ErrorKind {
     /// The prompt alone is more than the key's whole `tpm`.
     PromptOverTpm,
     PayloadTooLarge,
+    /// The request is not valid HTTP/1.1 (framing, header bytes, request
+    /// line); hyper refuses it before any route runs.
+    MalformedHttp,
+    /// The request head is over its size or header-count limit.
+    HeadTooLarge,
     /// The client did not send its whole body within the deadline.
     BodyTimeout,
     Unauthorized,
@@ -59,7 +64,10 @@ use ErrorKind::*;
 impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
-            BadRequest | PromptOverTpm | EndpointUnsupported => StatusCode::BAD_REQUEST,
+            BadRequest | PromptOverTpm | EndpointUnsupported | MalformedHttp => {
+                StatusCode::BAD_REQUEST
+            }
+            HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Unauthorized => StatusCode::UNAUTHORIZED,
@@ -100,6 +108,8 @@ impl ErrorKind {
     pub fn code(self) -> Option<&'static str> {
         Some(match self {
             PromptOverTpm | PayloadTooLarge => "request_too_large",
+            MalformedHttp => "malformed_http",
+            HeadTooLarge => "headers_too_large",
             BodyTimeout => "request_timeout",
             Unauthorized => "invalid_api_key",
             ModelNotAllowed => "model_not_allowed",
@@ -170,7 +180,7 @@ impl ErrorKind {
             Unauthorized => "unauthorized",
             ModelNotAllowed | RegionNotAllowed => "forbidden",
             UnknownModel | UnknownRoute => "not_found",
-            PayloadTooLarge => "too_large",
+            PayloadTooLarge | HeadTooLarge => "too_large",
             PolicyBlocked => "policy_blocked",
             RateLimited => "rate_limited",
             BudgetExhausted => "budget_exhausted",
@@ -179,9 +189,8 @@ impl ErrorKind {
                 451 => "policy_blocked",
                 _ => "bad_request",
             },
-            BadRequest | PromptOverTpm | MethodNotAllowed | EndpointUnsupported | BodyTimeout => {
-                "bad_request"
-            }
+            BadRequest | PromptOverTpm | MethodNotAllowed | EndpointUnsupported | BodyTimeout
+            | MalformedHttp => "bad_request",
             UpstreamRateLimited => "upstream_rate_limited",
             UpstreamTooLarge => "upstream_too_large",
             UpstreamTimeout | UpstreamIdle => "upstream_timeout",
@@ -202,6 +211,8 @@ mod tests {
         BadRequest,
         PromptOverTpm,
         PayloadTooLarge,
+        MalformedHttp,
+        HeadTooLarge,
         BodyTimeout,
         Unauthorized,
         ModelNotAllowed,

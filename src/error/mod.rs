@@ -10,6 +10,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::limits::{Limit, Refused};
+use crate::logging::{MAX_CLIENT_CHARS, bounded};
 
 mod kind;
 mod wire;
@@ -21,34 +22,11 @@ use wire::{ErrorBody, ErrorObject};
 /// The most of an error message a client sees and a log line holds:
 /// messages echo what clients and upstreams sent.
 const MAX_MESSAGE_CHARS: usize = 4096;
-/// The most of a client's own string (a model name, a field's path) that
-/// a message echoes.
-const MAX_ECHO_CHARS: usize = 256;
 
-/// `text` with control characters written as escapes, so that no message
-/// can forge a log line, and cut to `max` characters.
-fn bounded(text: String, max: usize) -> String {
-    if text.len() <= max && !text.chars().any(char::is_control) {
-        return text;
-    }
-    let mut out = String::with_capacity(text.len().min(max + 3));
-    for (count, c) in text.chars().enumerate() {
-        if count == max {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// A client's string as a message echoes it: escaped and bounded.
-fn echo(text: &str) -> String {
-    bounded(text.to_owned(), MAX_ECHO_CHARS)
+/// A client's string as a message echoes it: control characters escaped,
+/// cut at [`MAX_CLIENT_CHARS`].
+pub fn echo(text: &str) -> String {
+    bounded(text.to_owned(), MAX_CLIENT_CHARS)
 }
 
 #[derive(Debug, Clone)]
@@ -120,7 +98,7 @@ impl GatewayError {
 
     pub fn bad_request(message: impl Into<String>, param: Option<String>) -> Self {
         let mut e = Self::new(ErrorKind::BadRequest, message);
-        e.param = param.map(|p| bounded(p, MAX_ECHO_CHARS));
+        e.param = param.map(|p| bounded(p, MAX_CLIENT_CHARS));
         e
     }
 
@@ -129,6 +107,30 @@ impl GatewayError {
             ErrorKind::PayloadTooLarge,
             format!(
                 "request body is larger than this gateway's limit of {limit} bytes; send a smaller request"
+            ),
+        )
+    }
+
+    /// A request hyper could not read as HTTP/1.1, refused before any
+    /// route ran: hyper's answer says only 400, whichever rule broke.
+    pub fn malformed_http() -> Self {
+        Self::new(
+            ErrorKind::MalformedHttp,
+            "the request is not valid HTTP/1.1: check that the request line is `METHOD /path HTTP/1.1`, \
+             that header names and values hold only the characters HTTP allows, that Content-Length \
+             is one number, and that Transfer-Encoding, if sent, ends in chunked",
+        )
+    }
+
+    /// A request head over `limit_bytes` or with more headers than
+    /// `max_headers`: hyper's answer (431) does not say which.
+    pub fn head_too_large(limit_bytes: usize, max_headers: usize) -> Self {
+        Self::new(
+            ErrorKind::HeadTooLarge,
+            format!(
+                "the request's head (request line and headers) is larger than {} KiB or has more \
+                 than {max_headers} headers; send fewer or shorter headers",
+                limit_bytes / 1024
             ),
         )
     }
@@ -248,7 +250,8 @@ impl GatewayError {
         Self::new(
             ErrorKind::UnknownRoute,
             format!(
-                "no route for {path}; this gateway serves /v1/chat/completions, /v1/completions and /v1/models"
+                "no route for {}; this gateway serves /v1/chat/completions, /v1/completions and /v1/models",
+                echo(path)
             ),
         )
     }
@@ -456,7 +459,7 @@ mod tests {
         let error =
             GatewayError::bad_request(format!("invalid type: string \"{huge}\""), Some(huge));
         assert!(error.message().chars().count() <= MAX_MESSAGE_CHARS + 1);
-        assert!(error.param_name().unwrap().chars().count() <= MAX_ECHO_CHARS + 1);
+        assert!(error.param_name().unwrap().chars().count() <= MAX_CLIENT_CHARS + 1);
         let plain = GatewayError::unknown_model("llama-3.3-70b", &["a", "b"]);
         assert_eq!(
             plain.message(),

@@ -62,12 +62,26 @@ impl FieldWriter<'_> {
     }
 }
 
+/// Passes text on with control characters escaped: what is written as it
+/// is (a message, a `%` or `?` field) cannot start a forged line.
+struct Escaping<'a, 'w>(&'a mut Writer<'w>);
+
+impl fmt::Write for Escaping<'_, '_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        if !text.chars().any(char::is_control) {
+            return self.0.write_str(text);
+        }
+        text.chars()
+            .try_for_each(|c| super::push_escaped(self.0, c))
+    }
+}
+
 impl Visit for FieldWriter<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         let message = field.name() == "message";
         self.field(field, |out| {
             if message {
-                return out.write_str(value);
+                return Escaping(out).write_str(value);
             }
             // What `Debug` leaves unescaped is written as it is.
             let plain = |b: u8| (b.is_ascii_graphic() && b != b'"' && b != b'\\') || b == b' ';
@@ -96,7 +110,7 @@ impl Visit for FieldWriter<'_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.field(field, |out| write!(out, "{value:?}"));
+        self.field(field, |out| write!(Escaping(out), "{value:?}"));
     }
 }
 
@@ -199,6 +213,31 @@ mod tests {
         );
         // tracing's own, which styles names apart only with ANSI on.
         assert_eq!(ours, line(DefaultFields::new()));
+    }
+
+    #[test]
+    fn no_field_can_start_a_line_of_its_own() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let out = Sink::default();
+        let writer = {
+            let out = out.clone();
+            move || out.clone()
+        };
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .fmt_fields(Fields)
+                .without_time()
+                .with_ansi(false)
+                .with_writer(writer),
+        );
+        let forged = "x\n2026-12-04T00:00:00.000000Z  INFO forged\u{1b}[2J";
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(shown = %forged, debugged = ?forged, plain = forged, "{forged}");
+        });
+        let text = out.text();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(text.contains("shown=x\\n2026"), "{text}");
     }
 
     #[test]

@@ -5,8 +5,41 @@
 mod buffer;
 mod format;
 
+use std::fmt::{self, Write};
+
 pub use buffer::{FlushOnDrop, LogBuffer, start};
 pub use format::{Fields, Timestamp};
+
+/// The most of a client's own string (a model name, a path, a value
+/// quoted back in an error) that a log line or an error message holds.
+pub const MAX_CLIENT_CHARS: usize = 256;
+
+/// `text` with control characters written as escapes, so that it cannot
+/// forge a log line, and cut to `max` characters, marked with `…`.
+pub fn bounded(text: String, max: usize) -> String {
+    if text.len() <= max && !text.chars().any(char::is_control) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len().min(max + 3));
+    for (count, c) in text.chars().enumerate() {
+        if count == max {
+            out.push('…');
+            break;
+        }
+        // Writing to a String does not fail.
+        let _ = push_escaped(&mut out, c);
+    }
+    out
+}
+
+/// Writes `c`, or its escape when it is a control character.
+fn push_escaped(out: &mut impl Write, c: char) -> fmt::Result {
+    if c.is_control() {
+        c.escape_default().try_for_each(|e| out.write_char(e))
+    } else {
+        out.write_char(c)
+    }
+}
 
 /// A writer keeping everything written, for tests to read back.
 #[cfg(test)]

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, echo};
 
 /// `POST /v1/chat/completions`; `model` and `stream_options` are read
 /// apart (see [`InboundRequest`]).
@@ -330,12 +330,16 @@ fn typed<'b, T: DeserializeOwned>(bytes: &'b [u8]) -> Result<Read<'b, T>, Gatewa
     let read = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
+        let said = inner.to_string();
         if inner.is_syntax() || inner.is_eof() {
-            GatewayError::bad_request(format!("the request body is not valid JSON: {inner}"), None)
+            GatewayError::bad_request(
+                format!("the request body is not valid JSON: {}", echo(&said)),
+                None,
+            )
         } else if path == "." {
-            GatewayError::bad_request(format!("invalid request body: {inner}"), None)
+            GatewayError::bad_request(format!("invalid request body: {}", echo(&said)), None)
         } else {
-            invalid_at(&path, inner)
+            invalid_at(&path, &said)
         }
     })?;
     // The object read, something follows it: the only fault left.
@@ -348,9 +352,11 @@ fn typed<'b, T: DeserializeOwned>(bytes: &'b [u8]) -> Result<Read<'b, T>, Gatewa
     Ok(read)
 }
 
-fn invalid_at(path: &str, error: impl fmt::Display) -> GatewayError {
+/// serde's `error` quotes the value it refused, and the path may hold a
+/// client's key: both are the client's, echoed as such.
+fn invalid_at(path: &str, error: &str) -> GatewayError {
     GatewayError::bad_request(
-        format!("invalid request body at `{path}`: {error}"),
+        format!("invalid request body at `{}`: {}", echo(path), echo(error)),
         Some(path.to_owned()),
     )
 }

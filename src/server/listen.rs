@@ -12,12 +12,11 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// The most a request head (request line and headers) may take: nginx's
-/// default, and hyper's smallest read buffer.
-const MAX_HEAD_BYTES: usize = 8 * 1024;
+use super::refusal::{MAX_HEAD_BYTES, Refusing};
 
 /// A client that sends no complete request head for this long is dropped.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,10 +26,6 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// second byte at the latest, unless they use the method `PRI`, which
 /// exists only to make this preface fail on HTTP/1 servers.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// How often a connection whose first bytes leave its protocol open ("P"
-/// of POST or PRI, sent alone) is looked at again.
-const SNIFF_RETRY: Duration = Duration::from_millis(5);
 
 /// Accepts and serves connections until `shutdown` resolves; then stops
 /// accepting and returns a future that resolves once every connection has
@@ -122,15 +117,19 @@ async fn start_serving(
         },
         _ = stop.changed() => return,
     };
-    let io = TokioIo::new(tcp);
     let service = TowerToHyperService::new(router);
     match protocol {
-        Protocol::Http1 => {
-            spawn_watched(watcher.watch(protocols.http1.serve_connection(io, service)))
-        }
-        Protocol::Http2 => {
-            spawn_watched(watcher.watch(protocols.http2.serve_connection(io, service)))
-        }
+        Protocol::Http1 => spawn_watched(
+            watcher.watch(
+                protocols
+                    .http1
+                    .serve_connection(TokioIo::new(Refusing::new(tcp)), service),
+            ),
+        ),
+        // HTTP/2 refuses with stream resets, which have no body.
+        Protocol::Http2 => spawn_watched(
+            watcher.watch(protocols.http2.serve_connection(TokioIo::new(tcp), service)),
+        ),
     }
 }
 
@@ -143,23 +142,39 @@ fn spawn_watched(connection: impl Future<Output = hyper::Result<()>> + Send + 's
 }
 
 /// Looks at a connection's first bytes without taking them, so hyper reads
-/// them as if nothing had. `None`: the client closed without sending any.
+/// them as if nothing had. `None`: the client closed without sending any,
+/// or closed while they could still open either protocol.
+///
+/// While they could ("P" sent alone, or part of the HTTP/2 preface), the
+/// peek reports `WouldBlock` to `try_io`, which clears the readiness it
+/// observed: the bytes already seen stay readable, so the next
+/// `ready().await` sleeps until more arrive (only that readiness is
+/// cleared, so bytes that come in between are not missed).
 async fn sniff(tcp: &TcpStream) -> io::Result<Option<Protocol>> {
     let mut start = [0; H2_PREFACE.len()];
     loop {
-        let seen = tcp.peek(&mut start).await?;
-        if seen == 0 {
-            return Ok(None);
+        let ready = tcp.ready(Interest::READABLE).await?;
+        match tcp.try_io(Interest::READABLE, || protocol(tcp, &mut start)) {
+            // A closed read side stays ready: waiting again would spin.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !ready.is_read_closed() => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            found => return found,
         }
-        if start[..seen] != H2_PREFACE[..seen] {
-            return Ok(Some(Protocol::Http1));
-        }
-        if seen == H2_PREFACE.len() {
-            return Ok(Some(Protocol::Http2));
-        }
-        // The bytes seen stay readable, so waiting for the socket to be
-        // readable would return at once: wait a moment instead.
-        tokio::time::sleep(SNIFF_RETRY).await;
+    }
+}
+
+/// The protocol the bytes waiting on `tcp` open; `WouldBlock` while they
+/// could open either.
+fn protocol(tcp: &TcpStream, start: &mut [u8; H2_PREFACE.len()]) -> io::Result<Option<Protocol>> {
+    let (seen, _) = rustix::net::recv(tcp, &mut start[..], rustix::net::RecvFlags::PEEK)?;
+    if seen == 0 {
+        Ok(None)
+    } else if start[..seen] != H2_PREFACE[..seen] {
+        Ok(Some(Protocol::Http1))
+    } else if seen == H2_PREFACE.len() {
+        Ok(Some(Protocol::Http2))
+    } else {
+        Err(io::ErrorKind::WouldBlock.into())
     }
 }
 

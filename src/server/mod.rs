@@ -4,6 +4,7 @@
 mod admin;
 mod listen;
 mod metrics_page;
+mod refusal;
 mod request_id;
 
 use std::future::Future;

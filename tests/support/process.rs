@@ -40,6 +40,26 @@ impl Process {
     }
 }
 
+impl Process {
+    /// Waits, within `WAIT`, until `count` logged lines contain `text`;
+    /// returns every line logged so far.
+    pub fn lines_once(&self, text: &str, count: usize) -> Vec<String> {
+        let started = Instant::now();
+        loop {
+            let log = self.log.lock().unwrap();
+            if log.iter().filter(|l| l.contains(text)).count() >= count {
+                return log.clone();
+            }
+            assert!(
+                started.elapsed() < super::gateway::WAIT,
+                "fewer than {count} log lines contain {text:?}"
+            );
+            drop(log);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
