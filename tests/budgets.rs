@@ -34,15 +34,9 @@ fn config(upstream: &MockServer, daily_usd: f64) -> Config {
 }
 
 async fn spent(gateway: &Gateway) -> f64 {
-    let response = gateway
-        .http
-        .get(format!("{}/admin/spend?key=team", gateway.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    let body: Value = response.json().await.unwrap();
-    body["total"]["cost_usd"].as_f64().unwrap()
+    gateway.spend("?key=team").await["total"]["cost_usd"]
+        .as_f64()
+        .unwrap()
 }
 
 /// Waves of `concurrency` requests at once, none with `max_tokens` and

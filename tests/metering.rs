@@ -32,18 +32,6 @@ fn priced(a: &str, b: &str, prices: [(f64, f64); 2], team: Key) -> Config {
 /// `priced`'s usual prices: `cost` picks the cheaper `a`.
 const PRICES: [(f64, f64); 2] = [(1.0, 2.0), (3.0, 4.0)];
 
-async fn spend(gateway: &Gateway, query: &str) -> Value {
-    let response = gateway
-        .http
-        .get(format!("{}/admin/spend{query}", gateway.base))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
-}
-
 async fn chat_as_team(gateway: &Gateway, body: Value) -> reqwest::Response {
     gateway.chat_as("team-secret", body).await
 }
@@ -108,7 +96,7 @@ async fn each_request_is_priced_with_its_counterfactuals_and_lands_in_the_ledger
         Some(output)
     );
 
-    let report = spend(&gateway, "?key=team").await;
+    let report = gateway.spend("?key=team").await;
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{report:#}");
     assert_eq!(rows[0]["deployment"], "chat/api-a");
@@ -116,7 +104,9 @@ async fn each_request_is_priced_with_its_counterfactuals_and_lands_in_the_ledger
     assert_eq!(rows[0]["input_tokens"].as_f64(), Some(input));
     assert!(close(rows[0]["cost_usd"].as_f64().unwrap(), on_a));
     assert!(close(report["total"]["cost_usd"].as_f64().unwrap(), on_a));
-    let none = spend(&gateway, "?key=team&from=2000-01-01&to=2000-12-31").await;
+    let none = gateway
+        .spend("?key=team&from=2000-01-01&to=2000-12-31")
+        .await;
     assert_eq!(none["rows"], json!([]));
     let bad = gateway
         .http
@@ -169,7 +159,7 @@ async fn a_stream_the_client_cuts_is_metered_once_with_estimated_usage() {
         estimated("output").unwrap() > 0.0,
         "the text that passed through"
     );
-    let report = spend(&gateway, "").await;
+    let report = gateway.spend("").await;
     assert_eq!(report["total"]["requests"], 1, "metered exactly once");
     assert!(report["total"]["cost_usd"].as_f64().unwrap() > 0.0);
 }
@@ -223,7 +213,7 @@ async fn budgets_hold_under_concurrency_and_refusals_say_which_budget_and_when_i
     assert!(text.contains("daily budget of $0.005,"), "{text}");
     assert!(text.contains("00:00 UTC"), "says when it resets: {text}");
 
-    let spent = spend(&gateway, "?key=team").await["total"]["cost_usd"]
+    let spent = gateway.spend("?key=team").await["total"]["cost_usd"]
         .as_f64()
         .unwrap();
     assert!(

@@ -168,8 +168,11 @@ mod tests {
     use super::super::Sink;
     use super::*;
 
-    /// Formats the same event's fields with `fields`.
-    fn line<F: for<'w> FormatFields<'w> + Send + Sync + 'static>(fields: F) -> String {
+    /// What `log` logs, its fields formatted with `fields`.
+    fn logged<F: for<'w> FormatFields<'w> + Send + Sync + 'static>(
+        fields: F,
+        log: impl FnOnce(),
+    ) -> String {
         use tracing_subscriber::layer::SubscriberExt;
         let out = Sink::default();
         let writer = {
@@ -183,7 +186,13 @@ mod tests {
                 .with_ansi(false)
                 .with_writer(writer),
         );
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(subscriber, log);
+        out.text()
+    }
+
+    /// Formats the same event's fields with `fields`.
+    fn line<F: for<'w> FormatFields<'w> + Send + Sync + 'static>(fields: F) -> String {
+        logged(fields, || {
             tracing::info!(
                 text = "plain text",
                 quoted = "say \"hi\"\\n",
@@ -197,8 +206,7 @@ mod tests {
                 "request done"
             );
             tracing::info!(message = "a plain message", kind = "x");
-        });
-        out.text()
+        })
     }
 
     #[test]
@@ -217,24 +225,10 @@ mod tests {
 
     #[test]
     fn no_field_can_start_a_line_of_its_own() {
-        use tracing_subscriber::layer::SubscriberExt;
-        let out = Sink::default();
-        let writer = {
-            let out = out.clone();
-            move || out.clone()
-        };
-        let subscriber = tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .fmt_fields(Fields)
-                .without_time()
-                .with_ansi(false)
-                .with_writer(writer),
-        );
         let forged = "x\n2026-12-04T00:00:00.000000Z  INFO forged\u{1b}[2J";
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logged(Fields, || {
             tracing::info!(shown = %forged, debugged = ?forged, plain = forged, "{forged}");
         });
-        let text = out.text();
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(!text.contains('\u{1b}'), "{text}");
         assert!(text.contains("shown=x\\n2026"), "{text}");

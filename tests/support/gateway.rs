@@ -170,6 +170,19 @@ impl Gateway {
         request.send().await.unwrap()
     }
 
+    /// `GET /admin/spend{query}`, which must answer 200.
+    pub async fn spend(&self, query: &str) -> Value {
+        let response = self
+            .http
+            .get(format!("{}/admin/spend{query}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
     pub async fn metrics(&self) -> String {
         self.get("/metrics", None).await.text().await.unwrap()
     }
