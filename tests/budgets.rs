@@ -142,6 +142,23 @@ async fn without_max_tokens_the_gateway_sets_what_the_budget_pays_for() {
 }
 
 #[tokio::test]
+async fn legacy_completions_keep_their_default_of_16_tokens() {
+    let upstream = MockUpstream::openai().answers_of(2_000).start().await;
+    let gateway = start(&config(&upstream, 1.0)).await;
+    let response = gateway
+        .post("/v1/completions")
+        .bearer_auth("team-secret")
+        .json(&json!({"model": "chat", "prompt": "Once upon"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 16);
+    assert_eq!(upstream.single_request().json["max_tokens"], 16);
+}
+
+#[tokio::test]
 async fn a_stream_that_reaches_its_reservation_ends_at_its_length_limit() {
     // An upstream that ignores max_tokens and would generate 2,000 tokens.
     let upstream = MockUpstream::openai()

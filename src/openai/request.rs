@@ -124,6 +124,15 @@ impl Endpoint {
             Self::Completions => "text_completion",
         }
     }
+
+    /// The output limit of a request that sets none: 16 tokens for legacy
+    /// completions, as OpenAI and vLLM define it; none for chat.
+    pub fn default_max_tokens(self) -> Option<u32> {
+        match self {
+            Self::Chat => None,
+            Self::Completions => Some(16),
+        }
+    }
 }
 
 /// A client request of either endpoint: the body as it came, and the

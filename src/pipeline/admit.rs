@@ -11,7 +11,7 @@ use std::time::Instant;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{Budget, Key};
+use crate::config::{Budget, Deployment, Key};
 use crate::error::GatewayError;
 use crate::metering::budget::{self, Reservation};
 use crate::openai::{Endpoint, InboundRequest};
@@ -133,9 +133,9 @@ pub fn reserve(
 
 /// The most a request can cost on the dearest deployment of its plan: its
 /// prompt estimate and as many output tokens as it may generate there —
-/// the client's `max_tokens`, else what the context window leaves and the
+/// its [`output_ceiling`], and without `max_tokens`, no more than the
 /// budget's `available` nano-dollars pay for (the limit the attempt then
-/// sets upstream), at least one token.
+/// sets upstream); at least one token.
 fn worst_case(
     snapshot: &Snapshot,
     request: &InboundRequest,
@@ -149,15 +149,25 @@ fn worst_case(
         .order()
         .map(|i| {
             let rate = snapshot.resolved(admission.model, i).rate;
-            let window = u64::from(deployments[i].context_window).saturating_sub(prompt);
-            let output = match request.max_output_tokens() {
-                Some(max) => u64::from(max),
-                None => budget::affordable_output(&rate, prompt, available),
-            };
-            rate.estimate_nano_usd(prompt, output.min(window).max(1))
+            let mut output = output_ceiling(request, &deployments[i], prompt);
+            if request.max_output_tokens().is_none() {
+                output = output.min(budget::affordable_output(&rate, prompt, available));
+            }
+            rate.estimate_nano_usd(prompt, output.max(1))
         })
         .max()
         .unwrap_or(0)
+}
+
+/// The most output tokens a request of `prompt` tokens may have at
+/// `deployment`: its `max_tokens`, else its endpoint's default limit
+/// (legacy completions stop at 16), within what the context window leaves.
+pub fn output_ceiling(request: &InboundRequest, deployment: &Deployment, prompt: u64) -> u64 {
+    let window = u64::from(deployment.context_window).saturating_sub(prompt);
+    request
+        .max_output_tokens()
+        .or(request.endpoint().default_max_tokens())
+        .map_or(window, |max| window.min(u64::from(max)))
 }
 
 /// The body of `POST /admin/explain`.

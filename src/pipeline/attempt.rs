@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::admit::Admission;
+use super::admit::{Admission, output_ceiling};
 use super::{Failure, RequestCtx};
 use crate::config::{Backend, Deployment};
 use crate::error::GatewayError;
@@ -154,9 +154,9 @@ pub async fn attempt<'s>(
 
 /// The output limit the gateway sets for an attempt at `deployment`: for a
 /// request without `max_tokens` whose key has a budget, as many tokens as
-/// the reservation pays for at the deployment's prices, within what its
-/// context window leaves. `Err` when the reservation cannot pay for one
-/// (a dearer deployment than the one it was sized on): not tried.
+/// the reservation pays for at the deployment's prices, within its
+/// [`output_ceiling`]. `Err` when the reservation cannot pay for one (a
+/// dearer deployment than the one it was sized on): not tried.
 fn output_limit(
     request: &InboundRequest,
     prompt: u64,
@@ -167,8 +167,8 @@ fn output_limit(
     let (None, Some(reserved)) = (request.max_output_tokens(), meter.reserved_nano_usd()) else {
         return Ok(None);
     };
-    let window = u64::from(deployment.context_window).saturating_sub(prompt);
-    let limit = affordable_output(&resolved.rate, prompt, reserved).min(window);
+    let limit = affordable_output(&resolved.rate, prompt, reserved)
+        .min(output_ceiling(request, deployment, prompt));
     match u32::try_from(limit) {
         Ok(0) => Err(()),
         Ok(limit) => Ok(Some(limit)),
