@@ -15,6 +15,7 @@ mod upstream;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -142,40 +143,50 @@ impl Limits {
 
 /// A limit that may be replaced by a reload; empty means no limit.
 #[derive(Default)]
-struct Bucket(ArcSwapOption<Gcra>);
+struct Bucket {
+    limit: ArcSwapOption<Gcra>,
+    /// Whether `limit` holds one: most keys and deployments have no limit
+    /// of a kind, and this is cheaper to read than the swap.
+    set: AtomicBool,
+}
 
 impl Bucket {
     fn per_minute(&self) -> Option<NonZeroU32> {
-        self.0.load().as_ref().map(|g| g.per_minute())
+        self.limit.load().as_ref().map(|g| g.per_minute())
     }
 
     fn configure(&self, per_minute: Option<NonZeroU32>) -> bool {
         if self.per_minute() == per_minute {
             return false;
         }
-        self.0
+        self.limit
             .store(per_minute.map(|per_minute| Arc::new(Gcra::new(per_minute, Instant::now()))));
+        self.set.store(per_minute.is_some(), Ordering::Release);
         true
     }
 
+    /// Runs `f` on the limit, if there is one.
+    fn with<T>(&self, none: T, f: impl FnOnce(&Gcra) -> T) -> T {
+        if !self.set.load(Ordering::Acquire) {
+            return none;
+        }
+        self.limit.load().as_deref().map_or(none, f)
+    }
+
     fn check(&self, n: u64, now: Instant) -> Result<(), Option<Duration>> {
-        self.0.load().as_ref().map_or(Ok(()), |g| g.check(n, now))
+        self.with(Ok(()), |g| g.check(n, now))
     }
 
     fn take(&self, n: u64, now: Instant) -> Result<(), Option<Duration>> {
-        self.0.load().as_ref().map_or(Ok(()), |g| g.take(n, now))
+        self.with(Ok(()), |g| g.take(n, now))
     }
 
     fn charge(&self, n: u64, now: Instant) {
-        if let Some(g) = self.0.load().as_ref() {
-            g.charge(n, now);
-        }
+        self.with((), |g| g.charge(n, now));
     }
 
     fn refund(&self, n: u64, now: Instant) {
-        if let Some(g) = self.0.load().as_ref() {
-            g.refund(n, now);
-        }
+        self.with((), |g| g.refund(n, now));
     }
 }
 

@@ -68,7 +68,10 @@ struct Escaping<'a, 'w>(&'a mut Writer<'w>);
 
 impl fmt::Write for Escaping<'_, '_> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
-        if !text.chars().any(char::is_control) {
+        // Control characters are C0, DEL and C1, whose UTF-8 starts 0xC2:
+        // text without those bytes has none, and is checked byte by byte.
+        let plain = |b: &u8| *b >= 0x20 && *b != 0x7F && *b != 0xC2;
+        if text.as_bytes().iter().all(plain) || !text.chars().any(char::is_control) {
             return self.0.write_str(text);
         }
         text.chars()

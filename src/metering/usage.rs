@@ -98,19 +98,29 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
 fn text_chars(chunk: &[u8]) -> usize {
     [&KEYS.content, &KEYS.text]
         .into_iter()
-        .find_map(|key| {
-            key.find_iter(chunk)
-                .find_map(|at| string_value(&chunk[at + key.needle().len()..]))
-        })
+        .find_map(|key| member_string(key, chunk))
         .unwrap_or(0)
+}
+
+/// The decoded length of the first string value of a member named as
+/// `key` searches for.
+fn member_string(key: &Finder<'_>, chunk: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(at) = key.find(&chunk[from..]) {
+        from += at + key.needle().len();
+        if let Some(length) = string_value(&chunk[from..]) {
+            return Some(length);
+        }
+    }
+    None
 }
 
 /// The decoded length of the string that `rest` (what follows a member's
 /// name) holds as the member's value; `None` when the value is not a
 /// string or this was no member name.
 fn string_value(rest: &[u8]) -> Option<usize> {
-    let rest = skip_whitespace(rest).strip_prefix(b":")?;
-    let text = skip_whitespace(rest).strip_prefix(b"\"")?;
+    let rest = rest.trim_ascii_start().strip_prefix(b":")?;
+    let text = rest.trim_ascii_start().strip_prefix(b"\"")?;
     let (mut at, mut decoded) = (0, 0);
     // Skips to each quote or backslash; a backslash starts an escape.
     while let Some(found) = memchr::memchr2(b'"', b'\\', &text[at..]) {
@@ -128,14 +138,6 @@ fn string_value(rest: &[u8]) -> Option<usize> {
     }
     // Cut short: count what there is.
     Some(decoded + text.len().saturating_sub(at))
-}
-
-fn skip_whitespace(bytes: &[u8]) -> &[u8] {
-    let start = bytes
-        .iter()
-        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-        .unwrap_or(bytes.len());
-    &bytes[start..]
 }
 
 /// An escape at the start of `text`: how many bytes it is written with,

@@ -292,8 +292,12 @@ impl<B> Capped<B> {
                 .caps
                 .body_too_large(&self.backend, "sent a response body"));
         }
-        let largest_event = self.events.as_mut().map_or(0, |events| events.scan(data));
-        if largest_event > self.caps.event {
+        let cap = self.caps.event;
+        let largest_event = self
+            .events
+            .as_mut()
+            .map_or(0, |events| events.take(data, cap));
+        if largest_event > cap {
             return Err(self
                 .caps
                 .event_too_large(&self.backend, "sent an SSE event"));
@@ -351,6 +355,23 @@ struct EventBounds {
 }
 
 impl EventBounds {
+    /// Takes the next bytes of the stream, as [`scan`](Self::scan) does;
+    /// what it returns passes `cap` exactly when the largest event does.
+    /// Upstreams mostly send whole events, so a read that ends one and
+    /// cannot hold more than `cap` is taken without looking inside.
+    fn take(&mut self, bytes: &[u8], cap: u64) -> u64 {
+        let most = self.open + bytes.len() as u64;
+        let ends_event = [&b"\n\n"[..], b"\r\r", b"\n\r\n"]
+            .iter()
+            .any(|end| bytes.ends_with(end));
+        if most <= cap && ends_event {
+            self.open = 0;
+            self.line_end = bytes.last().copied();
+            return most;
+        }
+        self.scan(bytes)
+    }
+
     /// Takes the next bytes of the stream; returns the size of the largest
     /// event they end or leave open.
     fn scan(&mut self, bytes: &[u8]) -> u64 {
@@ -563,6 +584,32 @@ mod tests {
             [17, 18, 25]
         );
         assert_eq!(sizes(&[b"x\n\ny", b"yy", b"\n\nz"]), [3, 3, 5]);
+    }
+
+    #[test]
+    fn reads_that_end_an_event_are_taken_as_a_full_scan_would() {
+        let reads: &[&[u8]] = &[
+            b"data: a\n\n",
+            b"data: bb\r\n\r\n",
+            b"data: cc",
+            b"c\r\r",
+            b"\n",
+            b"data: dddd\n\r\n",
+            b"data: e\n\ndata: ff",
+            b"f\n\n",
+        ];
+        for cap in [0, 4, 9, 12, 1000] {
+            let (mut fast, mut full) = (EventBounds::default(), EventBounds::default());
+            for read in reads {
+                let (taken, scanned) = (fast.take(read, cap), full.scan(read));
+                assert_eq!(taken > cap, scanned > cap, "cap {cap}, {read:?}");
+                assert_eq!(
+                    (fast.open, fast.line_end),
+                    (full.open, full.line_end),
+                    "cap {cap}, {read:?}"
+                );
+            }
+        }
     }
 
     #[tokio::test]
