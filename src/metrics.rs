@@ -231,8 +231,8 @@ metrics! {
             ALIAS,
             label(
                 "kind",
-                "an error kind from the fixed set in `GatewayError::label` (`src/error.rs`), \
-                 e.g. `bad_request`, `rate_limited`, `budget_exhausted`, `upstream_error`, \
+                "an error kind from the fixed set in `ErrorKind::label` (`src/error/kind.rs`), \
+                 e.g. `bad_request`, `rate_limited`, `budget_exhausted`, `budget_held`, `upstream_error`, \
                  `upstream_timeout`, `no_deployment`",
             ),
         ],

@@ -59,23 +59,41 @@ async fn overrun_at(concurrency: usize) -> (usize, f64) {
             let response = gateway.chat_as("team-secret", body).await;
             let status = response.status().as_u16();
             // Read to the end: a stream is metered when it ends.
-            let _ = response.bytes().await;
-            status
+            let body = response.bytes().await.unwrap_or_default();
+            let code = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .map(|b| b["error"]["code"].clone());
+            (status, code.and_then(|c| c.as_str().map(str::to_owned)))
         }
     };
     let mut served = 0;
-    for _ in 0..30 {
-        let statuses = join_all((0..concurrency).map(request)).await;
-        let wave = statuses.iter().filter(|&&s| s == 200).count();
+    for wave in 0.. {
+        let answers = join_all((0..concurrency).map(request)).await;
+        let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+        let refused: Vec<&str> = answers
+            .iter()
+            .filter(|(s, _)| *s == 429)
+            .filter_map(|(_, code)| code.as_deref())
+            .collect();
         assert_eq!(
-            wave + statuses.iter().filter(|&&s| s == 429).count(),
+            ok + refused.len(),
             concurrency,
-            "every request is served or refused: {statuses:?}"
+            "every request is served or refused: {answers:?}"
         );
-        served += wave;
-        if wave == 0 {
+        served += ok;
+        if ok == 0 {
+            // The budget is spent: final.
+            assert!(
+                refused.iter().all(|&c| c == "insufficient_quota"),
+                "{refused:?}"
+            );
             break;
         }
+        if wave == 0 {
+            // A fresh budget held by the requests in flight: retry.
+            assert!(refused.iter().all(|&c| c == "budget_held"), "{refused:?}");
+        }
+        assert!(wave < 30, "the budget is spent within 30 waves");
         // Streams are recorded by a task of their own just after they end.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -16,7 +16,15 @@ hold = float(sys.argv[4]) if len(sys.argv) > 4 else 30.0
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 env = dict(os.environ, RUST_LOG="warn", NO_COLOR="1")
-port = 18000 + os.getpid() % 1000
+def free_port():
+    """A port nothing listens on, below the ephemeral range."""
+    while True:
+        candidate = 20000 + int.from_bytes(os.urandom(2), "big") % 12000
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", candidate)) != 0:
+                return candidate
+
+port = free_port()
 gw = subprocess.Popen([binary, "serve", "--config", config, "--listen", f"127.0.0.1:{port}"],
                       env=env, stderr=subprocess.DEVNULL,
                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)))

@@ -28,6 +28,9 @@ pub enum ErrorKind {
     /// Policy leaves no deployment (region, licence, modality, context).
     PolicyBlocked,
     BudgetExhausted,
+    /// What is left of the key's budget is reserved by its requests in
+    /// flight; it frees as they end.
+    BudgetHeld,
     /// The key is over its `rpm` or `tpm`; it refills.
     RateLimited,
     /// This backend cannot serve the endpoint; another deployment may.
@@ -75,7 +78,9 @@ impl ErrorKind {
             UnknownModel | UnknownRoute => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             PolicyBlocked => StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS,
-            BudgetExhausted | RateLimited | UpstreamRateLimited => StatusCode::TOO_MANY_REQUESTS,
+            BudgetExhausted | BudgetHeld | RateLimited | UpstreamRateLimited => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             NoDeployment => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout | UpstreamIdle => StatusCode::GATEWAY_TIMEOUT,
             // The operator's problems, not the client's: the client is not
@@ -95,7 +100,7 @@ impl ErrorKind {
     pub fn openai_type(self) -> &'static str {
         match self {
             BudgetExhausted => "insufficient_quota",
-            RateLimited | UpstreamRateLimited => "rate_limit_error",
+            BudgetHeld | RateLimited | UpstreamRateLimited => "rate_limit_error",
             NoDeployment | Internal => "server_error",
             UpstreamConnect | UpstreamTimeout | UpstreamIdle | UpstreamProtocol
             | UpstreamBroken | UpstreamTooLarge | UpstreamAuth | UpstreamNotFound
@@ -117,6 +122,7 @@ impl ErrorKind {
             UnknownModel => "model_not_found",
             PolicyBlocked => "policy_blocked",
             BudgetExhausted => "insufficient_quota",
+            BudgetHeld => "budget_held",
             RateLimited | UpstreamRateLimited => "rate_limit_exceeded",
             NoDeployment => "no_deployment_available",
             UpstreamConnect => "upstream_unavailable",
@@ -151,7 +157,9 @@ impl ErrorKind {
     /// 408/409/429/5xx only; a key's rate limit refills and a body sent
     /// too slowly may arrive in time next time, so those are retried.
     pub fn client_should_not_retry(self) -> bool {
-        !self.retriable() && self.client_at_fault() && !matches!(self, RateLimited | BodyTimeout)
+        !self.retriable()
+            && self.client_at_fault()
+            && !matches!(self, RateLimited | BudgetHeld | BodyTimeout)
     }
 
     fn client_at_fault(self) -> bool {
@@ -184,6 +192,7 @@ impl ErrorKind {
             PolicyBlocked => "policy_blocked",
             RateLimited => "rate_limited",
             BudgetExhausted => "budget_exhausted",
+            BudgetHeld => "budget_held",
             UpstreamRejected(status) => match status.as_u16() {
                 413 => "too_large",
                 451 => "policy_blocked",
@@ -222,6 +231,7 @@ mod tests {
         MethodNotAllowed,
         PolicyBlocked,
         BudgetExhausted,
+        BudgetHeld,
         RateLimited,
         EndpointUnsupported,
         NoDeployment,

@@ -212,6 +212,12 @@ impl GatewayError {
         Self::new(ErrorKind::BudgetExhausted, message)
     }
 
+    /// A key's budget could cover the request but for what its requests
+    /// in flight reserve: 429 with `retry-after`, which the SDKs honour.
+    pub fn budget_held(message: String, retry_after: Duration) -> Self {
+        Self::new(ErrorKind::BudgetHeld, message).retry_after(Some(retry_after))
+    }
+
     /// A key is over its `rpm` or `tpm`: 429 with `retry-after` from the
     /// limiter, which the SDKs honour and retry, as they should — the
     /// limit refills. A prompt of about `tokens` that is more than the

@@ -9,6 +9,7 @@
 //! reported exceeds the gateway's estimates.
 
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use foldhash::HashMap;
 use time::Date;
@@ -17,6 +18,10 @@ use super::cost::Rate;
 use crate::config::Key;
 use crate::error::GatewayError;
 use crate::ledger::Ledger;
+
+/// How long a request refused for what requests in flight hold is told
+/// to wait: they end, and free it, in about that time.
+const HELD_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 pub struct Budgets {
@@ -146,23 +151,36 @@ impl Budgets {
             .unwrap_or(u64::MAX);
         let estimate = worst_case(available);
         for &(period, limit, spent) in periods.iter().flatten() {
-            if spent.saturating_add(held).saturating_add(estimate) > limit {
-                return Err(GatewayError::budget_exhausted(format!(
-                    "key \"{}\" has used {} of its {} budget of {}{}, and this request may cost up to {}; \
-                     the budget resets at {} 00:00 UTC",
-                    key.name,
-                    dollars(spent),
-                    period.name(),
-                    dollars(limit),
-                    if held > 0 {
-                        format!(" ({} more is held by requests in flight)", dollars(held))
-                    } else {
-                        String::new()
-                    },
-                    dollars(estimate),
-                    period.resets(today),
-                )));
+            if spent.saturating_add(held).saturating_add(estimate) <= limit {
+                continue;
             }
+            if spent.saturating_add(estimate) <= limit {
+                return Err(GatewayError::budget_held(
+                    format!(
+                        "what is left of key \"{}\"'s {} budget of {} is reserved by its requests in \
+                         flight ({} of it; {} spent), and this request may cost up to {}; retry \
+                         after {} s, as they end",
+                        key.name,
+                        period.name(),
+                        dollars(limit),
+                        dollars(held),
+                        dollars(spent),
+                        dollars(estimate),
+                        HELD_RETRY.as_secs(),
+                    ),
+                    HELD_RETRY,
+                ));
+            }
+            return Err(GatewayError::budget_exhausted(format!(
+                "key \"{}\" has used {} of its {} budget of {}, and this request may cost up to {}; \
+                 the budget resets at {} 00:00 UTC",
+                key.name,
+                dollars(spent),
+                period.name(),
+                dollars(limit),
+                dollars(estimate),
+                period.resets(today),
+            )));
         }
         let held = reserved.entry(key.name.clone()).or_default();
         *held = held.saturating_add(estimate);
@@ -230,7 +248,7 @@ mod tests {
     }
 
     #[test]
-    fn reservations_hold_budget_until_dropped_and_refusals_say_when_it_resets() {
+    fn reservations_hold_budget_until_dropped_and_refusals_say_when_it_frees_or_resets() {
         let (ledger, budgets) = (Ledger::open(None).unwrap(), Arc::new(Budgets::default()));
         let today = date!(2026 - 11 - 28);
         let k = key(Some(1_000), None);
@@ -238,9 +256,23 @@ mod tests {
         spend(&ledger, date!(2026 - 11 - 27), 10_000);
         let first = budgets.admit(&ledger, &k, today, |_| 300).unwrap();
         let second = budgets.admit(&ledger, &k, today, |_| 300).unwrap();
-        let refused = budgets.admit(&ledger, &k, today, |_| 300).err().unwrap();
+        // It would fit but for what the first two hold: retry shortly.
+        let held = budgets.admit(&ledger, &k, today, |_| 300).err().unwrap();
+        assert_eq!(held.status(), 429);
+        assert_eq!(held.code(), Some("budget_held"));
+        assert_eq!(held.wait(), Some(HELD_RETRY));
+        assert!(!held.kind().client_should_not_retry());
+        assert!(
+            held.message()
+                .contains("reserved by its requests in flight"),
+            "{}",
+            held.message()
+        );
+        // It would not fit even then: final until the budget resets.
+        let refused = budgets.admit(&ledger, &k, today, |_| 700).err().unwrap();
         assert_eq!(refused.status(), 429);
         assert_eq!(refused.code(), Some("insufficient_quota"));
+        assert!(refused.kind().client_should_not_retry());
         assert!(
             refused.message().contains("daily budget"),
             "{}",
