@@ -225,3 +225,42 @@ fn the_explain_command_refuses_a_region_the_key_may_not_choose() {
 fn request_body() -> String {
     request("chat", false).to_string()
 }
+
+#[tokio::test]
+async fn a_request_no_context_window_holds_is_a_400_naming_what_to_shorten() {
+    let gateway = start(&config()).await;
+    // Every deployment holds 8,192 tokens.
+    let long_prompt = json!({"model": "chat", "messages": user(&"word ".repeat(8_000))});
+    let long_output = json!({"model": "vision", "max_tokens": 200_000, "messages": user("hi")});
+    for body in [long_prompt, long_output] {
+        let response = gateway.chat_as("roamer-secret", body.clone()).await;
+        assert_eq!(response.status(), 400, "{body}");
+        let error = error_of(response).await;
+        assert_eq!(error["code"], "context_length_exceeded");
+        assert_eq!(error["type"], "invalid_request_error");
+        assert_eq!(error["param"], "messages");
+        assert!(
+            message(&error).starts_with("This model's maximum context length is 8192 tokens."),
+            "{error}"
+        );
+        // Explain says the same, before any policy: not a 451.
+        let explained = gateway
+            .ask_explain(&json!({"request": body, "key": "roamer", "region": "eu"}))
+            .await;
+        assert_eq!(explained.status(), 400);
+    }
+    let response = gateway
+        .post("/v1/completions")
+        .bearer_auth("roamer-secret")
+        .json(&json!({"model": "chat", "prompt": "hi", "max_tokens": 9_000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let error = error_of(response).await;
+    assert_eq!(error["param"], "prompt");
+    assert!(
+        message(&error).contains("(1 in the prompt, 9000 in the completion)"),
+        "{error}"
+    );
+}

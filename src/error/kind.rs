@@ -27,6 +27,9 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// Policy leaves no deployment (region, licence, modality, context).
     PolicyBlocked,
+    /// The prompt and the output asked for fit no deployment's context
+    /// window.
+    ContextLengthExceeded,
     BudgetExhausted,
     /// What is left of the key's budget is reserved by its requests in
     /// flight; it frees as they end.
@@ -67,9 +70,11 @@ use ErrorKind::*;
 impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
-            BadRequest | PromptOverTpm | EndpointUnsupported | MalformedHttp => {
-                StatusCode::BAD_REQUEST
-            }
+            BadRequest
+            | PromptOverTpm
+            | EndpointUnsupported
+            | MalformedHttp
+            | ContextLengthExceeded => StatusCode::BAD_REQUEST,
             HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -121,6 +126,7 @@ impl ErrorKind {
             RegionNotAllowed => "region_not_allowed",
             UnknownModel => "model_not_found",
             PolicyBlocked => "policy_blocked",
+            ContextLengthExceeded => "context_length_exceeded",
             BudgetExhausted => "insufficient_quota",
             BudgetHeld => "budget_held",
             RateLimited | UpstreamRateLimited => "rate_limit_exceeded",
@@ -190,6 +196,7 @@ impl ErrorKind {
             UnknownModel | UnknownRoute => "not_found",
             PayloadTooLarge | HeadTooLarge => "too_large",
             PolicyBlocked => "policy_blocked",
+            ContextLengthExceeded => "context_length_exceeded",
             RateLimited => "rate_limited",
             BudgetExhausted => "budget_exhausted",
             BudgetHeld => "budget_held",
@@ -230,6 +237,7 @@ mod tests {
         UnknownRoute,
         MethodNotAllowed,
         PolicyBlocked,
+        ContextLengthExceeded,
         BudgetExhausted,
         BudgetHeld,
         RateLimited,

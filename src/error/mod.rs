@@ -207,6 +207,37 @@ impl GatewayError {
         )
     }
 
+    /// The prompt (`prompt` tokens, estimated) and the output asked for
+    /// fit no deployment of the model: OpenAI's 400, which the SDKs raise
+    /// as `BadRequestError` with this code. `param` is what to shorten.
+    pub fn context_length_exceeded(
+        window: u32,
+        prompt: u64,
+        output: Option<u64>,
+        param: &str,
+    ) -> Self {
+        let asked = match output {
+            Some(output) => format!(
+                "you requested about {} tokens ({prompt} in the {param}, {output} in the completion)",
+                prompt + output
+            ),
+            None => format!("your {param} come to about {prompt} tokens"),
+        };
+        Self::new(
+            ErrorKind::ContextLengthExceeded,
+            format!(
+                "This model's maximum context length is {window} tokens. However, {asked}. \
+                 Please reduce the length of the {param}{}.",
+                if output.is_some() {
+                    " or completion"
+                } else {
+                    ""
+                }
+            ),
+        )
+        .param(param)
+    }
+
     /// A key's budget cannot cover the request.
     pub fn budget_exhausted(message: String) -> Self {
         Self::new(ErrorKind::BudgetExhausted, message)

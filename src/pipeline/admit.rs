@@ -64,6 +64,11 @@ pub fn admit(
             plan: None,
         })?;
     let facts = RequestFacts::of(request, region);
+    context_fits(snapshot, model, request, &facts).map_err(|error| Refusal {
+        error,
+        model: Some(model),
+        plan: None,
+    })?;
     let plan = routing::plan(
         snapshot,
         model,
@@ -79,6 +84,34 @@ pub fn admit(
         model: Some(model),
         plan: Some(Box::new(plan)),
     })
+}
+
+/// 400 `context_length_exceeded` when the prompt estimate and the output
+/// asked for fit no deployment of the model, whatever policy and health
+/// say: no deployment could serve it, and the client must shorten it.
+fn context_fits(
+    snapshot: &Snapshot,
+    model: usize,
+    request: &InboundRequest,
+    facts: &RequestFacts,
+) -> Result<(), GatewayError> {
+    let window = snapshot.config.models[model]
+        .deployments
+        .iter()
+        .map(|d| d.context_window)
+        .max()
+        .unwrap_or(0);
+    let (prompt, output) = (facts.input_tokens, facts.max_output_tokens);
+    if prompt.saturating_add(output.unwrap_or(0)) <= u64::from(window) {
+        return Ok(());
+    }
+    let param = match request.endpoint() {
+        Endpoint::Chat => "messages",
+        Endpoint::Completions => "prompt",
+    };
+    Err(GatewayError::context_length_exceeded(
+        window, prompt, output, param,
+    ))
 }
 
 /// The index of the requested model, which the key must be allowed.
