@@ -625,6 +625,11 @@ async fn upstream_failures_before_the_first_byte_become_http_errors() {
         502,
         "the gateway's own credential was refused"
     );
+    assert_eq!(
+        response.headers()["x-should-retry"],
+        "false",
+        "only the operator can fix it"
+    );
     let body = response.text().await.unwrap();
     assert!(!body.contains("sk-test-"), "no secret in the error: {body}");
     let error = parse(&body)["error"].clone();

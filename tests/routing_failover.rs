@@ -517,7 +517,14 @@ async fn with_every_circuit_open_the_gateway_answers_503_with_retry_after() {
     let response = gateway.chat(hi("chat")).await;
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "2", "1.5 s, rounded up");
-    assert_eq!(error_of(response).await["code"], "no_deployment_available");
+    let error = error_of(response).await;
+    assert_eq!(error["code"], "no_deployment_available");
+    // It names each deployment, and what last went wrong with it.
+    let text = message(&error);
+    assert!(
+        text.contains("down: circuit open after 1 consecutive failures (the last: backend \"down\" failed with 502"),
+        "{text}"
+    );
     assert_eq!(down.hits(), 1);
 }
 

@@ -158,14 +158,17 @@ impl ErrorKind {
         }
     }
 
-    /// The request itself is at fault, and sending it again cannot help:
-    /// the answer says `x-should-retry: false`. The official SDKs retry
-    /// 408/409/429/5xx only; a key's rate limit refills and a body sent
-    /// too slowly may arrive in time next time, so those are retried.
+    /// Sending the request again cannot help: the answer says
+    /// `x-should-retry: false`. Either the request itself is at fault (the
+    /// official SDKs retry 408/409/429/5xx only; a key's rate limit
+    /// refills and a body sent too slowly may arrive in time next time, so
+    /// those are retried), or an upstream refused the gateway's own
+    /// credential, which only the operator can fix.
     pub fn client_should_not_retry(self) -> bool {
-        !self.retriable()
+        let client_at_fault = !self.retriable()
             && self.client_at_fault()
-            && !matches!(self, RateLimited | BudgetHeld | BodyTimeout)
+            && !matches!(self, RateLimited | BudgetHeld | BodyTimeout);
+        client_at_fault || self == UpstreamAuth
     }
 
     fn client_at_fault(self) -> bool {
@@ -270,7 +273,10 @@ mod tests {
                 );
             }
             if kind.client_should_not_retry() {
-                assert!(status.is_client_error(), "{kind:?}: only a 4xx is final");
+                assert!(
+                    status.is_client_error() || kind == UpstreamAuth,
+                    "{kind:?}: only a 4xx, or a credential the operator must fix, is final"
+                );
                 assert!(!kind.retriable(), "{kind:?}");
             }
             if status == StatusCode::TOO_MANY_REQUESTS && kind != BudgetExhausted {

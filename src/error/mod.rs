@@ -181,12 +181,13 @@ impl GatewayError {
         Self::new(ErrorKind::PolicyBlocked, message)
     }
 
-    /// Every deployment the policy allows is unhealthy or cooling down.
-    pub fn no_deployment_available(alias: &str, retry_after: Duration) -> Self {
+    /// Every deployment the policy allows is unhealthy or cooling down;
+    /// `why` says so of each.
+    pub fn no_deployment_available(alias: &str, why: &str, retry_after: Duration) -> Self {
         Self::new(
             ErrorKind::NoDeployment,
             format!(
-                "no deployment of model \"{alias}\" is available right now (circuits open or rate limited); retry after {} s",
+                "no deployment of model \"{alias}\" is available right now ({why}); retry after {} s",
                 retry_after.as_secs_f64().ceil()
             ),
         )

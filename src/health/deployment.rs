@@ -25,6 +25,8 @@ pub struct DeploymentLive {
     /// Its rate limits and what the upstream says is left.
     pub quota: DeploymentQuota,
     estimates: Mutex<Estimates>,
+    /// The last upstream failure, for the reasons plans and 503s give.
+    last_failure: Mutex<Option<String>>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -62,6 +64,20 @@ impl DeploymentLive {
     pub fn cool_down(&self, until: Instant) {
         let mut e = self.estimates();
         e.cooled_until = Some(e.cooled_until.map_or(until, |old| old.max(until)));
+    }
+
+    pub fn record_failure(&self, message: &str) {
+        *self
+            .last_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(message.to_owned());
+    }
+
+    pub fn last_failure(&self) -> Option<String> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// How much longer a 429 cooldown lasts, if one does.

@@ -113,7 +113,10 @@ impl Attempt {
                 }
                 d.circuit.on_abandon(self.probe);
             }
-            kind if kind.upstream_at_fault() => d.circuit.on_failure(self.probe, now, settings),
+            kind if kind.upstream_at_fault() => {
+                d.record_failure(error.message());
+                d.circuit.on_failure(self.probe, now, settings);
+            }
             _ => d.circuit.on_success(),
         }
     }

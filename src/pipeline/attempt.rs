@@ -143,7 +143,11 @@ pub async fn attempt<'s>(
     }
     let (error, backend) = last_error.unwrap_or_else(|| {
         (
-            GatewayError::no_deployment_available(alias, plan.retry_after_with(skipped)),
+            GatewayError::no_deployment_available(
+                alias,
+                "each was at its quota, or its circuit's one probe was taken, when tried",
+                plan.retry_after_with(skipped),
+            ),
             NONE,
         )
     });

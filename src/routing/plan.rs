@@ -177,9 +177,13 @@ pub fn plan(
         }
         match live.circuit.view(now) {
             CircuitView::Open { failures, probe_in } => {
+                let last = live
+                    .last_failure()
+                    .map(|message| format!(" (the last: {message})"))
+                    .unwrap_or_default();
                 dropped.push(drop(
                     format!(
-                        "circuit open after {failures} consecutive failures; probe in {} ms",
+                        "circuit open after {failures} consecutive failures{last}; probe in {} ms",
                         probe_in.as_millis()
                     ),
                     None,
@@ -291,7 +295,13 @@ pub fn refusal(
 ) -> GatewayError {
     let alias = &snapshot.config.models[plan.model].alias;
     if plan.status == PlanStatus::Unavailable {
-        return GatewayError::no_deployment_available(alias, plan.retry_after());
+        let deployments = &snapshot.config.models[plan.model].deployments;
+        let why: Vec<String> = plan
+            .candidates
+            .iter()
+            .map(|c| format!("{}: {}", deployments[c.deployment].name, c.reason))
+            .collect();
+        return GatewayError::no_deployment_available(alias, &why.join("; "), plan.retry_after());
     }
     let policy = &snapshot.config.policy;
     let why: Vec<String> = plan
