@@ -1155,6 +1155,31 @@ async fn every_response_carries_a_request_id_and_successes_name_the_backend() {
         Some(&*generated[0])
     );
 
+    // A client's id is kept up to 256 visible ASCII characters; a longer
+    // one, or one with a space, is replaced by one the gateway makes.
+    let long = "t".repeat(256);
+    for (id, kept) in [
+        (long.as_str(), true),
+        (&*"t".repeat(257), false),
+        ("with space", false),
+    ] {
+        let response = gateway
+            .post("/v1/chat/completions")
+            .header("x-request-id", id)
+            .json(&json!({"model": "chat", "messages": user("hi")}))
+            .send()
+            .await
+            .unwrap();
+        let answered = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(answered == id, kept, "{id:?} -> {answered:?}");
+        if !kept {
+            assert_eq!(answered.len(), 32, "a generated id: {answered:?}");
+        }
+    }
+
     let response = gateway.get("/v1/no-such-route", None).await;
     assert_eq!(response.status(), 404);
     assert!(

@@ -9,6 +9,10 @@ use axum::response::Response;
 
 use crate::id::REQUEST_ID_HEADER as HEADER;
 
+/// The longest client id kept: room for the ids tracing systems and
+/// load balancers make (a W3C trace id is 55), bounded for the logs.
+const MAX_ID: usize = 256;
+
 /// The request's id, put in the request's extensions by [`tag`].
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
@@ -26,6 +30,8 @@ fn from_headers(headers: &HeaderMap) -> String {
     headers
         .get(HEADER)
         .and_then(|v| v.to_str().ok())
-        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|id| {
+            !id.is_empty() && id.len() <= MAX_ID && id.bytes().all(|b| b.is_ascii_graphic())
+        })
         .map_or_else(crate::id::random, str::to_owned)
 }
