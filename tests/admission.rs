@@ -264,3 +264,62 @@ async fn a_request_no_context_window_holds_is_a_400_naming_what_to_shorten() {
         "{error}"
     );
 }
+
+/// `GET /v1/models` as a key sees it, with a region header or none.
+async fn listed(gateway: &Gateway, key: &str, region: Option<&str>) -> Vec<String> {
+    let mut get = gateway
+        .http
+        .get(format!("{}/v1/models", gateway.base))
+        .bearer_auth(format!("{key}-secret"));
+    if let Some(region) = region {
+        get = get.header("x-tollgate-region", region);
+    }
+    let body: Value = get.send().await.unwrap().json().await.unwrap();
+    body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn models_lists_and_retrieves_only_what_the_caller_can_be_served_in_its_region() {
+    let gateway = start(&config()).await;
+    // In the EU: no multimodal Llama, and nothing "scarce" keeps there.
+    assert_eq!(listed(&gateway, "eu-team", None).await, ["chat", "text"]);
+    assert_eq!(
+        listed(&gateway, "roamer", Some("eu")).await,
+        ["chat", "text"]
+    );
+    assert_eq!(
+        listed(&gateway, "roamer", None).await,
+        ["chat", "vision", "text", "scarce"]
+    );
+    assert_eq!(listed(&gateway, "us-team", None).await, ["chat", "text"]);
+
+    let retrieve = |key: &'static str, id: &'static str| {
+        gateway
+            .http
+            .get(format!("{}/v1/models/{id}", gateway.base))
+            .bearer_auth(format!("{key}-secret"))
+            .send()
+    };
+    let response = retrieve("roamer", "vision").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let model: Value = response.json().await.unwrap();
+    assert_eq!(model["id"], "vision");
+    assert_eq!(model["object"], "model");
+    assert!(model["created"].is_u64() && model["owned_by"].is_string());
+    for (key, id) in [
+        ("eu-team", "vision"),
+        ("us-team", "vision"),
+        ("roamer", "nope"),
+    ] {
+        let response = retrieve(key, id).await.unwrap();
+        assert_eq!(response.status(), 404, "{key} {id}");
+        assert_eq!(error_of(response).await["code"], "model_not_found");
+    }
+    let response = gateway.get("/v1/models/chat", None).await;
+    assert_eq!(response.status(), 401, "a key is needed, as for the list");
+}

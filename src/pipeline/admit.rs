@@ -114,6 +114,30 @@ fn context_fits(
     ))
 }
 
+/// The aliases `key` may use that some deployment may serve in the
+/// caller's region (`region` as `x-tollgate-region` asks for it, settled as
+/// for a request): `/v1/models` lists them. An alias that policy leaves
+/// nothing in that region (a multimodal Llama, asked from the EU) could
+/// only answer 451, so it is left out.
+pub fn servable_models<'s>(
+    snapshot: &'s Snapshot,
+    key: Option<&'s Key>,
+    region: Option<&[u8]>,
+) -> Result<Vec<&'s str>, GatewayError> {
+    let facts = RequestFacts {
+        region: routing::region(region, key, &snapshot.config.policy)?,
+        ..RequestFacts::default()
+    };
+    Ok(snapshot
+        .aliases_for(key)
+        .filter(|alias| {
+            snapshot
+                .model_index(alias)
+                .is_some_and(|model| routing::policy_allows(snapshot, model, &facts))
+        })
+        .collect())
+}
+
 /// The index of the requested model, which the key must be allowed.
 fn resolve(snapshot: &Snapshot, key: Option<&Key>, alias: &str) -> Result<usize, GatewayError> {
     let model = snapshot.model_index(alias).ok_or_else(|| {

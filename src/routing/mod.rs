@@ -12,6 +12,6 @@ mod policy;
 mod strategy;
 
 pub use facts::{REGION_HEADER, RequestFacts, region};
-pub use plan::{Candidate, Explained, Plan, PlanStatus, plan, refusal};
+pub use plan::{Candidate, Explained, Plan, PlanStatus, plan, policy_allows, refusal};
 pub use policy::Rule;
 pub use strategy::Why;

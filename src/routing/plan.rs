@@ -273,7 +273,7 @@ pub fn plan(
 }
 
 /// Whether policy lets some deployment of `model` serve the request.
-fn policy_allows(snapshot: &Snapshot, model: usize, facts: &RequestFacts) -> bool {
+pub fn policy_allows(snapshot: &Snapshot, model: usize, facts: &RequestFacts) -> bool {
     let config = &snapshot.config;
     config.models[model]
         .deployments

@@ -11,8 +11,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Extension, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::extract::{Extension, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
@@ -21,8 +21,9 @@ use crate::config::Config;
 use crate::error::GatewayError;
 use crate::openai::{Endpoint, ModelEntry, ModelList};
 use crate::pipeline::respond::json_response;
-use crate::pipeline::{self, auth};
-use crate::state::{self, AppState};
+use crate::pipeline::{self, admit, auth};
+use crate::routing::REGION_HEADER;
+use crate::state::{self, AppState, Snapshot};
 use request_id::RequestId;
 
 pub use crate::state::GatewayOptions;
@@ -56,6 +57,7 @@ impl Gateway {
             .route("/v1/chat/completions", post(chat_completions))
             .route("/v1/completions", post(completions))
             .route("/v1/models", get(models))
+            .route("/v1/models/{*id}", get(model))
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
@@ -118,21 +120,17 @@ async fn completions(
     pipeline::handle(app, id, Endpoint::Completions, headers, body).await
 }
 
-/// The aliases the caller's key may use, in OpenAI's list shape.
+/// The models the caller's key may use in its region, in OpenAI's list
+/// shape.
 async fn models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let snapshot = app.snapshot.load_full();
-    match auth::authenticate(&snapshot, &headers) {
-        Ok(key) => {
+    match servable(&snapshot, &headers) {
+        Ok(aliases) => {
             let list = ModelList {
                 object: "list",
-                data: snapshot
-                    .aliases_for(key)
-                    .map(|id| ModelEntry {
-                        id,
-                        object: "model",
-                        created: snapshot.created,
-                        owned_by: "tollgate",
-                    })
+                data: aliases
+                    .into_iter()
+                    .map(|id| model_entry(&snapshot, id))
                     .collect(),
             };
             json_response(
@@ -141,6 +139,39 @@ async fn models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respons
             )
         }
         Err(e) => e.into_response(),
+    }
+}
+
+/// One model the caller may use (`client.models.retrieve`), or 404
+/// `model_not_found` as for a request to it.
+async fn model(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let snapshot = app.snapshot.load_full();
+    match servable(&snapshot, &headers) {
+        Ok(aliases) if aliases.contains(&id.as_str()) => json_response(
+            StatusCode::OK,
+            serde_json::to_vec(&model_entry(&snapshot, &id)).expect("models serialise"),
+        ),
+        Ok(aliases) => GatewayError::unknown_model(&id, &aliases).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn servable<'s>(snapshot: &'s Snapshot, headers: &HeaderMap) -> Result<Vec<&'s str>, GatewayError> {
+    let key = auth::authenticate(snapshot, headers)?;
+    let region = headers.get(REGION_HEADER).map(HeaderValue::as_bytes);
+    admit::servable_models(snapshot, key, region)
+}
+
+fn model_entry<'s>(snapshot: &Snapshot, id: &'s str) -> ModelEntry<'s> {
+    ModelEntry {
+        id,
+        object: "model",
+        created: snapshot.created,
+        owned_by: "tollgate",
     }
 }
 
