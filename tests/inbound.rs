@@ -357,3 +357,102 @@ async fn what_a_client_sends_reaches_the_log_escaped_and_cut() {
         assert!(line.len() < 2048, "{}: {}", line.len(), &line[..200]);
     }
 }
+
+#[tokio::test]
+async fn browsers_get_cors_for_the_origins_the_config_names_and_no_others() {
+    use support::gateway::start as start_gateway;
+    let allowed = "https://app.example.com";
+    let gateway = start_gateway(&config().set(
+        "server",
+        "cors_origins",
+        toml::Value::Array(vec![allowed.into()]),
+    ))
+    .await;
+    let preflight = |origin: &'static str| {
+        gateway
+            .http
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{}/v1/chat/completions", gateway.base),
+            )
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type, x-stainless-os",
+            )
+            .send()
+    };
+    let response = preflight(allowed).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers();
+    assert_eq!(headers["access-control-allow-origin"], allowed);
+    assert!(
+        headers["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+    assert_eq!(
+        headers["access-control-allow-headers"],
+        "authorization, content-type, x-stainless-os"
+    );
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+
+    let response = gateway
+        .post("/v1/chat/completions")
+        .header("origin", allowed)
+        .json(
+            &serde_json::json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["access-control-allow-origin"], allowed);
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap();
+    assert!(
+        exposed.contains("x-request-id") && exposed.contains("retry-after"),
+        "{exposed}"
+    );
+
+    // None by default.
+    let plain = start_gateway(&config()).await;
+    let response = plain
+        .http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/chat/completions", plain.base),
+        )
+        .header("origin", allowed)
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_trailing_slash_names_the_same_route() {
+    let gateway = support::gateway::start(&config()).await;
+    let response = gateway
+        .post("/v1/chat/completions/")
+        .json(
+            &serde_json::json!({"model": "llama", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    for path in ["/v1/models/", "/v1/models/llama/"] {
+        assert_eq!(gateway.get(path, None).await.status(), 200, "{path}");
+    }
+}

@@ -637,6 +637,9 @@ fn a_reload_that_changes_who_may_call_what_is_logged_as_a_warning() {
         ("ADMIN_TOKEN", ADMIN_TOKEN),
     ];
     let gateway = support::process::serve_file(&path, &env);
+    // It logs its address before its watch starts: a write in between
+    // would go unseen.
+    gateway.logged("watching the config file for changes");
     write(&path, &keyed(&["one"]).key(Key::new("ops")));
     let line = gateway.logged("changes who may call the gateway");
     assert!(line.contains("WARN"), "{line}");

@@ -205,6 +205,19 @@ context_window = 8192
 "#;
 
     #[test]
+    fn cors_origins_are_origins_or_a_star() {
+        let with =
+            |origins: &str| problems(&format!("[server]\ncors_origins = {origins}\n{MINIMAL}"));
+        assert!(with(r#"["https://app.example.com", "http://localhost:3000", "*"]"#).is_empty());
+        let bad = with(r#"["app.example.com", "https://app.example.com/chat", "ftp://x.org"]"#);
+        assert_eq!(bad.len(), 3, "{bad:?}");
+        assert!(
+            bad[0].starts_with("server.cors_origins[0]: \"app.example.com\" is not an origin"),
+            "{bad:?}"
+        );
+    }
+
+    #[test]
     fn minimal_config_is_valid_with_defaults() {
         let config = parse(MINIMAL, &no_env).expect("valid");
         assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);

@@ -77,6 +77,8 @@ pub struct RawServer {
     pub body_timeout_ms: Option<u64>,
     #[serde(default)]
     pub allow_anonymous: bool,
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

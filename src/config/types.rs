@@ -102,6 +102,17 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// A reload may drop every key or the admin token: said on purpose.
     pub allow_anonymous: bool,
+    /// Browser origins allowed to call the API (`*`: any).
+    pub cors_origins: Vec<String>,
+}
+
+impl ServerConfig {
+    /// Whether a browser page at `origin` may call the API.
+    pub fn allows_origin(&self, origin: &[u8]) -> bool {
+        self.cors_origins
+            .iter()
+            .any(|allowed| allowed == "*" || allowed.as_bytes() == origin)
+    }
 }
 
 /// The upstream protocols tollgate speaks. Matched once, when a backend's

@@ -227,12 +227,23 @@ impl Validator<'_> {
                 "must be from 1 to 3600000 (one hour)",
             );
         }
+        for (i, origin) in s.cors_origins.iter().enumerate() {
+            if origin != "*" && !is_origin(origin) {
+                self.problem(
+                    format!("server.cors_origins[{i}]"),
+                    format!(
+                        "\"{origin}\" is not an origin; write scheme://host[:port], such as \"https://app.example.com\", or \"*\""
+                    ),
+                );
+            }
+        }
         Some(ServerConfig {
             listen: listen?,
             max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
             shutdown_grace: grace,
             body_timeout: Duration::from_millis(body_timeout_ms),
             allow_anonymous: s.allow_anonymous,
+            cors_origins: s.cors_origins.clone(),
         })
     }
 
@@ -659,5 +670,18 @@ impl Validator<'_> {
             budget: self.budget(i, k),
             limits: self.per_minute(&format!("keys[{i}]"), k.rpm, k.tpm),
         })
+    }
+}
+
+/// Whether `text` is a web origin as browsers send it: `http` or `https`,
+/// a host, an optional port, and nothing after.
+fn is_origin(text: &str) -> bool {
+    match url::Url::parse(text) {
+        Ok(url) => {
+            matches!(url.scheme(), "http" | "https")
+                && url.host_str().is_some()
+                && url.origin().ascii_serialization() == text
+        }
+        Err(_) => false,
     }
 }

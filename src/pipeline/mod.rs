@@ -44,7 +44,7 @@ use crate::routing::{PlanStatus, REGION_HEADER};
 use crate::state::{AppState, Snapshot};
 use admit::Refusal;
 
-const CONFIG_VERSION_HEADER: HeaderName = HeaderName::from_static("x-tollgate-config-version");
+pub const CONFIG_VERSION_HEADER: HeaderName = HeaderName::from_static("x-tollgate-config-version");
 
 /// What one request carries down the pipeline.
 pub struct RequestCtx {

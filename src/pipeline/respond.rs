@@ -9,8 +9,8 @@ use super::attempt::{Ready, Served};
 use super::stream::{SseBody, SseParams};
 use crate::openai::InboundRequest;
 
-const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-tollgate-backend");
-const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-tollgate-attempts");
+pub const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-tollgate-backend");
+pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-tollgate-attempts");
 /// Tells nginx-style proxies in front not to buffer a stream.
 const ACCEL_BUFFERING_HEADER: HeaderName = HeaderName::from_static("x-accel-buffering");
 

@@ -2,6 +2,7 @@
 //! shutdown. A completion request is handed to `pipeline`.
 
 mod admin;
+mod cors;
 mod listen;
 mod metrics_page;
 mod refusal;
@@ -53,10 +54,21 @@ impl Gateway {
     }
 
     pub fn router(&self) -> Router {
-        Router::new()
-            .route("/v1/chat/completions", post(chat_completions))
-            .route("/v1/completions", post(completions))
-            .route("/v1/models", get(models))
+        // Clients that join a base URL ending in "/" to a path write a
+        // trailing slash; it names the same route.
+        let api = [
+            ("/v1/chat/completions", post(chat_completions)),
+            ("/v1/completions", post(completions)),
+            ("/v1/models", get(models)),
+        ];
+        let router = api
+            .into_iter()
+            .fold(Router::new(), |router, (path, handler)| {
+                router
+                    .route(path, handler.clone())
+                    .route(&format!("{path}/"), handler)
+            });
+        router
             .route("/v1/models/{*id}", get(model))
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
@@ -67,6 +79,7 @@ impl Gateway {
             .route("/admin/config", get(admin::active_config))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
+            .layer(cors::layer(self.state.clone()))
             .layer(axum::middleware::from_fn(request_id::tag))
             .with_state(self.state.clone())
     }
@@ -149,13 +162,14 @@ async fn model(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    let id = id.trim_end_matches('/');
     let snapshot = app.snapshot.load_full();
     match servable(&snapshot, &headers) {
-        Ok(aliases) if aliases.contains(&id.as_str()) => json_response(
+        Ok(aliases) if aliases.contains(&id) => json_response(
             StatusCode::OK,
-            serde_json::to_vec(&model_entry(&snapshot, &id)).expect("models serialise"),
+            serde_json::to_vec(&model_entry(&snapshot, id)).expect("models serialise"),
         ),
-        Ok(aliases) => GatewayError::unknown_model(&id, &aliases).into_response(),
+        Ok(aliases) => GatewayError::unknown_model(id, &aliases).into_response(),
         Err(e) => e.into_response(),
     }
 }
