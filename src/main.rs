@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tollgate::config::Secrets;
 use tollgate::health::LiveState;
 use tollgate::pipeline::admit::ExplainRequest;
 use tollgate::server::GatewayOptions;
@@ -44,18 +45,26 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
-    /// Validate a config file and print every problem in it; with
-    /// `--diff OLD NEW`, validate both and print what changes between them.
+    /// Validate a config file and print every problem in it, and warnings
+    /// for what is valid but probably wrong; with `--diff OLD NEW`,
+    /// validate both and print what changes between them.
     Check {
         #[arg(long, default_value = DEFAULT_CONFIG, conflicts_with = "diff")]
         config: PathBuf,
         #[arg(long, num_args = 2, value_names = ["OLD", "NEW"])]
         diff: Option<Vec<PathBuf>>,
+        /// Do not require the environment variables the config names
+        /// (for CI without production secrets); only their names are checked.
+        #[arg(long)]
+        offline: bool,
+        /// Fail (exit 1) on warnings too.
+        #[arg(long)]
+        strict: bool,
     },
     /// Print, as JSON, how a request would be routed: every deployment of
     /// its model, kept or dropped and why, and the one chosen. Live state
     /// (latency, load, circuits) is that of a gateway just started; `POST
-    /// /admin/explain` asks a running one.
+    /// /admin/explain` asks a running one. Secrets need not be set.
     Explain {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
@@ -95,9 +104,16 @@ fn main() -> ExitCode {
     let _flush_logs = flush_on_exit;
     match cli.command {
         Command::Check {
-            diff: Some(paths), ..
-        } => check_diff(&paths[0], &paths[1]),
-        Command::Check { config, diff: None } => check(&config),
+            diff: Some(paths),
+            offline,
+            ..
+        } => check_diff(&paths[0], &paths[1], secrets(offline)),
+        Command::Check {
+            config,
+            diff: None,
+            offline,
+            strict,
+        } => check(&config, secrets(offline), strict),
         Command::Serve { config, listen } => serve(&config, listen),
         Command::Explain {
             config,
@@ -112,8 +128,16 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-fn load(path: &std::path::Path) -> Option<tollgate::config::Config> {
-    match tollgate::config::load(path, &env) {
+fn secrets(offline: bool) -> Secrets<'static> {
+    if offline {
+        Secrets::Unread
+    } else {
+        Secrets::Read(&env)
+    }
+}
+
+fn load(path: &std::path::Path, secrets: Secrets<'_>) -> Option<tollgate::config::Config> {
+    match tollgate::config::load(path, secrets) {
         Ok(config) => Some(config),
         Err(problems) => {
             eprintln!("{}: {} problem(s):", path.display(), problems.0.len());
@@ -125,10 +149,16 @@ fn load(path: &std::path::Path) -> Option<tollgate::config::Config> {
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    let Some(config) = load(path) else {
+/// Problems go to stderr and fail; warnings go there too, and fail only
+/// with `strict`.
+fn check(path: &std::path::Path, secrets: Secrets<'_>, strict: bool) -> ExitCode {
+    let Some(config) = load(path, secrets) else {
         return ExitCode::FAILURE;
     };
+    let warnings = tollgate::config::warnings(&config);
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
+    }
     let deployments: usize = config.models.iter().map(|m| m.deployments.len()).sum();
     println!(
         "{}: ok ({} backends, {} models, {} deployments, {} keys)",
@@ -138,13 +168,21 @@ fn check(path: &std::path::Path) -> ExitCode {
         deployments,
         config.keys.len()
     );
+    if strict && !warnings.is_empty() {
+        eprintln!(
+            "{}: {} warning(s), and --strict fails on warnings",
+            path.display(),
+            warnings.len()
+        );
+        return ExitCode::FAILURE;
+    }
     ExitCode::SUCCESS
 }
 
 /// `check --diff OLD NEW`: both must be valid; the diff goes to stdout
 /// as JSON.
-fn check_diff(old: &std::path::Path, new: &std::path::Path) -> ExitCode {
-    let (Some(old), Some(new)) = (load(old), load(new)) else {
+fn check_diff(old: &std::path::Path, new: &std::path::Path, secrets: Secrets<'_>) -> ExitCode {
+    let (Some(old), Some(new)) = (load(old, secrets), load(new, secrets)) else {
         return ExitCode::FAILURE;
     };
     let diff = tollgate::config::diff(&old, &new);
@@ -161,7 +199,8 @@ fn explain(
     region: Option<String>,
     key: Option<String>,
 ) -> ExitCode {
-    let Some(config) = load(path) else {
+    // Explaining sends nothing upstream: the secrets are not needed.
+    let Some(config) = load(path, Secrets::Unread) else {
         return ExitCode::FAILURE;
     };
     let request = match std::fs::read(request)
@@ -217,7 +256,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
-    let Some(mut config) = load(path) else {
+    let Some(mut config) = load(path, Secrets::Read(&env)) else {
         eprintln!("refusing to start on an invalid config");
         return ExitCode::FAILURE;
     };

@@ -52,6 +52,7 @@ fn config() -> Config {
                 .set("region", "us"),
         )
         .key(Key::new("roamer").set("region_header", true))
+        .key(Key::new("eu-capitals").set("region", "EU"))
 }
 
 struct Case {
@@ -108,6 +109,20 @@ const CASES: &[Case] = &[
     // is at its quota after the warm-up requests.
     case("eu-team", None, "scarce", false, 451, None),
     case("roamer", Some("us"), "scarce", false, 503, None),
+    // Regions are compared without regard to case: in the header, and in
+    // the config.
+    case("roamer", Some("EU"), "vision", false, 451, None),
+    case("roamer", Some("Eu"), "chat", false, 200, Some("sim-eu")),
+    case("eu-team", Some("EU"), "chat", false, 200, Some("sim-eu")),
+    case("eu-capitals", None, "vision", false, 451, None),
+    case(
+        "eu-capitals",
+        Some("eu"),
+        "chat",
+        false,
+        200,
+        Some("sim-eu"),
+    ),
     // A region header that is no region name.
     case("roamer", Some("eu west"), "chat", false, 400, None),
 ];

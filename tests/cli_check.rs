@@ -214,12 +214,7 @@ const BROKEN_PROBLEMS: [&str; 3] = [
 ];
 
 fn broken_config() -> tempfile::NamedTempFile {
-    let file = tempfile::Builder::new()
-        .suffix(".toml")
-        .tempfile()
-        .expect("temp file");
-    std::fs::write(file.path(), BROKEN).expect("write temp config");
-    file
+    temp_config(BROKEN)
 }
 
 fn assert_lists_every_problem(out: &Output) {
@@ -271,4 +266,187 @@ fn serve_refuses_to_start_on_a_broken_config() {
         "stderr:\n{}",
         out.stderr
     );
+}
+
+/// Valid, but an EU user could reach a multimodal Llama: Llama 4 Scout
+/// under another licence and not marked multimodal, and a key with no
+/// region whose callers may choose one, with no `policy.default_region`.
+const RISKY: &str = r#"
+[[backends]]
+name = "sim"
+kind = "simulated"
+
+[[models]]
+alias = "vision"
+[[models.deployments]]
+backend = "sim"
+model = "meta-llama/Llama-3.2-11B-Vision-Instruct"
+context_window = 8192
+licence = "Llama"
+multimodal = true
+modalities = ["text", "image"]
+
+[[models]]
+alias = "scout"
+[[models.deployments]]
+backend = "sim"
+model = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
+context_window = 8192
+licence = "qwen"
+
+[[keys]]
+name = "anywhere"
+sha256 = "5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b"
+models = ["*"]
+region_header = true
+"#;
+
+const RISKY_WARNINGS: [&str; 4] = [
+    "warning: models[1].deployments[0].licence: upstream model \"meta-llama/Llama-4-Scout-17B-16E-Instruct\" is a Llama model",
+    "warning: models[1].deployments[0].multimodal: upstream model \"meta-llama/Llama-4-Scout-17B-16E-Instruct\" is a multimodal Llama",
+    "warning: keys[0].region_header: callers of key \"anywhere\" choose their region",
+    "warning: keys[0].region: key \"anywhere\" has no region and policy.default_region is unset",
+];
+
+fn temp_config(text: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp file");
+    std::fs::write(file.path(), text).expect("write temp config");
+    file
+}
+
+#[test]
+fn check_warns_where_an_eu_user_could_reach_a_multimodal_llama() {
+    let file = temp_config(RISKY);
+    let check = |strict: bool| {
+        let mut cmd = tollgate();
+        cmd.arg("check").arg("--config").arg(file.path());
+        if strict {
+            cmd.arg("--strict");
+        }
+        run(cmd)
+    };
+    let out = check(false);
+    assert_eq!(out.code, Some(0), "warnings do not fail:\n{}", out.stderr);
+    assert!(out.stdout.contains(": ok ("), "stdout:\n{}", out.stdout);
+    for warning in RISKY_WARNINGS {
+        assert!(
+            out.stderr.lines().any(|l| l.starts_with(warning)),
+            "missing {warning:?} in stderr:\n{}",
+            out.stderr
+        );
+    }
+    assert_eq!(
+        out.stderr.matches("warning: ").count(),
+        RISKY_WARNINGS.len(),
+        "{}",
+        out.stderr
+    );
+    let strict = check(true);
+    assert_eq!(strict.code, Some(1), "--strict fails on warnings");
+    assert!(strict.stderr.contains("4 warning(s)"), "{}", strict.stderr);
+
+    // A default region and a key that may not choose silence the key
+    // warnings; the shipped configs have none at all.
+    let fixed = temp_config(
+        &RISKY
+            .replace("region_header = true", "")
+            .replace("[[keys]]", "[policy]\ndefault_region = \"eu\"\n\n[[keys]]"),
+    );
+    let mut cmd = tollgate();
+    cmd.arg("check")
+        .arg("--strict")
+        .arg("--config")
+        .arg(fixed.path());
+    let out = run(cmd);
+    assert_eq!(out.stderr.matches("warning: ").count(), 2, "{}", out.stderr);
+    let mut cmd = tollgate();
+    cmd.args(["check", "--strict", "--offline", "--config", PRODUCTION]);
+    let out = run(cmd);
+    assert_eq!(out.code, Some(0), "stderr:\n{}", out.stderr);
+}
+
+/// CI has no production secrets: `check --offline` and `explain` check
+/// everything else; plain `check` still needs them.
+#[test]
+fn offline_check_and_explain_need_no_secrets() {
+    let vars = secret_vars(&manifest_dir().join(PRODUCTION));
+    let without_secrets = |args: &[&str]| {
+        let mut cmd = tollgate();
+        cmd.args(args);
+        for (var, _) in &vars {
+            cmd.env_remove(var);
+        }
+        run(cmd)
+    };
+    let out = without_secrets(&["check", "--offline", "--config", PRODUCTION]);
+    assert_eq!(out.code, Some(0), "stderr:\n{}", out.stderr);
+    assert!(out.stdout.contains(&format!("{PRODUCTION}: ok (")));
+    let out = without_secrets(&["check", "--config", PRODUCTION]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr.contains(&format!("{} problem(s)", vars.len())),
+        "{}",
+        out.stderr
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let request = dir.path().join("request.json");
+    std::fs::write(
+        &request,
+        r#"{"model": "llama-3.3-70b", "messages": [{"role": "user", "content": "hi"}]}"#,
+    )
+    .unwrap();
+    let request = request.to_str().unwrap();
+    let out = without_secrets(&[
+        "explain",
+        "--config",
+        PRODUCTION,
+        "--request",
+        request,
+        "--key",
+        "eu-support-bot",
+    ]);
+    assert_eq!(out.code, Some(0), "stderr:\n{}", out.stderr);
+    let plan: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(plan["status"], 200, "{plan}");
+
+    // An offline check still refuses everything but unset variables.
+    let broken = broken_config();
+    let mut cmd = tollgate();
+    cmd.arg("check")
+        .arg("--offline")
+        .arg("--config")
+        .arg(broken.path());
+    assert_lists_every_problem(&run(cmd));
+}
+
+/// `explain --region EU` on a deployment whose licence is written
+/// `"Llama"`: the EU rule applies.
+#[test]
+fn explain_applies_the_eu_rule_whatever_the_case() {
+    let file = temp_config(RISKY);
+    let dir = tempfile::tempdir().unwrap();
+    let request = dir.path().join("request.json");
+    std::fs::write(
+        &request,
+        r#"{"model": "vision", "messages": [{"role": "user", "content": "hi"}]}"#,
+    )
+    .unwrap();
+    for region in ["eu", "EU"] {
+        let mut cmd = tollgate();
+        cmd.arg("explain")
+            .arg("--config")
+            .arg(file.path())
+            .arg("--request")
+            .arg(&request)
+            .args(["--key", "anywhere", "--region", region]);
+        let out = run(cmd);
+        assert_eq!(out.code, Some(0), "stderr:\n{}", out.stderr);
+        let plan: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(plan["status"], 451, "{region}: {plan}");
+        assert_eq!(plan["chosen"], serde_json::Value::Null, "{region}: {plan}");
+    }
 }

@@ -5,13 +5,15 @@ mod diff;
 mod schema;
 mod types;
 mod validate;
+mod warnings;
 
 use std::fmt;
 use std::path::Path;
 
 pub use diff::{Changes, ConfigDiff, diff};
 pub use types::*;
-pub use validate::{DEFAULT_LISTEN, EnvLookup};
+pub use validate::{DEFAULT_LISTEN, EnvLookup, Secrets};
+pub use warnings::warnings;
 
 /// One thing wrong with a config file, at a path such as
 /// `models[1].deployments[0].backend`.
@@ -59,20 +61,25 @@ impl Problems {
 }
 
 /// Reads and validates a config file.
-pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Config, Problems> {
+pub fn load(path: &Path, secrets: Secrets<'_>) -> Result<Config, Problems> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         Problems::one(
             "",
             format!("cannot read config file {}: {e}", path.display()),
         )
     })?;
-    parse(&text, env)
+    parse_with(&text, secrets)
+}
+
+/// Parses and validates config text, reading its secrets with `env`.
+pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, Problems> {
+    parse_with(text, Secrets::Read(env))
 }
 
 /// Parses and validates config text. Unknown keys are all reported along
 /// with the semantic problems; a value of the wrong type stops parsing, so
 /// it is reported alone.
-pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, Problems> {
+pub fn parse_with(text: &str, secrets: Secrets<'_>) -> Result<Config, Problems> {
     let document =
         toml::Deserializer::parse(text).map_err(|e| Problems::one("", syntax_error(text, &e)))?;
     let mut unknown = Vec::new();
@@ -100,7 +107,7 @@ pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, Problems> {
             message: "unknown key; check its spelling against docs/configuration.md".into(),
         })
         .collect();
-    match validate::validate(raw, env) {
+    match validate::validate(raw, secrets) {
         Ok(mut config) if problems.is_empty() => {
             config.version = version(text);
             config.document = redacted(text);
@@ -623,5 +630,95 @@ models = ["*"]
         assert_eq!(d.keys.changed, ["team"], "a new digest shows as a change");
         assert_eq!(d.settings, ["routing"]);
         assert!(diff(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn licences_are_a_closed_set_matched_in_any_case() {
+        let with = |licence: &str| {
+            MINIMAL.replace(
+                "context_window = 8192",
+                &format!("context_window = 8192\nlicence = \"{licence}\""),
+            )
+        };
+        for text in ["Llama", "LLAMA", "llama"] {
+            let config = parse(&with(text), &no_env).expect("valid");
+            assert!(config.models[0].deployments[0].is_llama(), "{text}");
+        }
+        assert_eq!(
+            parse(&with("Apache-2.0"), &no_env).expect("valid").models[0].deployments[0].licence,
+            Some(Licence::Apache2)
+        );
+        for text in ["meta-llama", "llama3.2", ""] {
+            assert_eq!(
+                problems(&with(text)),
+                [format!(
+                    "models[0].deployments[0].licence: unknown licence \"{text}\"; expected one of: \
+                     llama, gemma, qwen, mistral, apache-2.0, mit, proprietary, other (any case), or leave it out"
+                )]
+            );
+        }
+    }
+
+    #[test]
+    fn regions_are_held_lowercase() {
+        let text = MINIMAL.replace(
+            "kind = \"simulated\"",
+            "kind = \"simulated\"\nregion = \"EU-West-1\"",
+        ) + "[[keys]]\nname = \"k\"\nsha256 = \"5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b\"\nmodels = [\"*\"]\nregion = \"EU\"\n\
+               [policy]\neu_regions = [\"EU\", \"Eu-Other\"]\ndefault_region = \"US\"\n\
+               [[policy.residency]]\nrequest_region = \"EU\"\nbackend_regions = [\"EU-West-1\"]\n\
+               [[policy.residency]]\nrequest_region = \"eu\"\nbackend_regions = [\"eu-west-1\"]\n";
+        assert_eq!(
+            problems(&text),
+            [
+                "policy.residency[1].request_region: \"eu\" already has a residency rule; merge their backend_regions"
+            ]
+        );
+        let text = text.replace("request_region = \"eu\"", "request_region = \"us\"");
+        let config = parse(&text, &no_env).expect("valid");
+        assert_eq!(config.backends[0].region.as_deref(), Some("eu-west-1"));
+        assert_eq!(config.keys[0].region.as_deref(), Some("eu"));
+        let policy = &config.policy;
+        assert_eq!(policy.eu_regions, ["eu", "eu-other"]);
+        assert_eq!(policy.default_region.as_deref(), Some("us"));
+        assert!(policy.is_eu("eu"));
+        assert_eq!(
+            policy
+                .residency_for("eu")
+                .map(|r| r.backend_regions.clone()),
+            Some(vec!["eu-west-1".to_owned()])
+        );
+    }
+
+    #[test]
+    fn offline_validation_checks_everything_but_whether_secrets_are_set() {
+        let text = include_str!("../../config/examples/production.toml");
+        let offline = parse_with(text, Secrets::Unread).expect("valid offline");
+        assert!(offline.offline);
+        assert!(
+            offline
+                .backends
+                .iter()
+                .all(|b| b.credential.is_none()
+                    && b.aws.as_ref().is_none_or(|aws| aws.keys.is_none()))
+        );
+        assert!(
+            offline.backends.iter().any(|b| b.aws.is_some()),
+            "Bedrock keeps its region"
+        );
+        let missing = parse(text, &no_env).expect_err("secrets are required online");
+        assert!(
+            missing.0.iter().all(|p| p.message.contains("is not set")),
+            "{missing}"
+        );
+        // A bad variable name and every other problem are still reported.
+        let broken = text.replacen("key_env = \"TOLLGATE_KEY_WEB_APP\"", "key_env = \"A=B\"", 1);
+        let Err(problems) = parse_with(&broken, Secrets::Unread) else {
+            panic!("a bad variable name is refused offline");
+        };
+        assert_eq!(
+            problems.to_string(),
+            "keys[0].key_env: \"A=B\" is not a valid environment variable name"
+        );
     }
 }

@@ -11,6 +11,9 @@ use url::Url;
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Validated without reading its secrets (`Secrets::Unread`): it has
+    /// no credentials, so it may be explained but never served.
+    pub offline: bool,
     /// A hash of the config text (`config::version`).
     pub version: String,
     /// The config as written, as JSON, digests redacted: what
@@ -72,6 +75,15 @@ impl Policy {
     pub fn residency_for(&self, region: &str) -> Option<&Residency> {
         self.residency.iter().find(|r| r.request_region == region)
     }
+}
+
+/// A region name: letters, digits, `-` and `_`. Regions are held
+/// lowercase, so they compare without regard to case.
+pub fn is_region(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
 }
 
 #[derive(Debug, Clone)]
@@ -308,7 +320,7 @@ pub struct Deployment {
     pub context_window: u32,
     pub modalities: Modalities,
     pub tools: bool,
-    pub licence: Option<String>,
+    pub licence: Option<Licence>,
     pub multimodal: bool,
     /// `weighted` strategy: relative share of traffic.
     pub weight: u32,
@@ -320,7 +332,49 @@ pub struct Deployment {
 
 impl Deployment {
     pub fn is_llama(&self) -> bool {
-        self.licence.as_deref() == Some("llama")
+        self.licence == Some(Licence::Llama)
+    }
+}
+
+/// A deployment's licence family. A closed set, so that a misspelt Llama
+/// licence is refused rather than silently escaping the Llama rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Licence {
+    Llama,
+    Gemma,
+    Qwen,
+    Mistral,
+    Apache2,
+    Mit,
+    Proprietary,
+    Other,
+}
+
+impl Licence {
+    pub const NAMES: &'static [&'static str] = &[
+        "llama",
+        "gemma",
+        "qwen",
+        "mistral",
+        "apache-2.0",
+        "mit",
+        "proprietary",
+        "other",
+    ];
+
+    /// Matched without regard to case: `"Llama"` is `llama`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "llama" => Self::Llama,
+            "gemma" => Self::Gemma,
+            "qwen" => Self::Qwen,
+            "mistral" => Self::Mistral,
+            "apache-2.0" => Self::Apache2,
+            "mit" => Self::Mit,
+            "proprietary" => Self::Proprietary,
+            "other" => Self::Other,
+            _ => return None,
+        })
     }
 }
 

@@ -36,10 +36,21 @@ pub(super) const MAX_WAIT_MS: u64 = 3_600_000;
 /// process environment.
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
-pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> {
+/// Whether validation reads the secrets a config names.
+#[derive(Clone, Copy)]
+pub enum Secrets<'a> {
+    /// From the environment; a variable that is not set is a problem.
+    Read(EnvLookup<'a>),
+    /// Not at all, where they are not at hand (`check --offline`,
+    /// `explain`): only the variables' names are checked. The config has
+    /// no credentials and cannot serve (`Config::offline`).
+    Unread,
+}
+
+pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems> {
     let mut v = Validator {
         problems: Vec::new(),
-        env,
+        secrets,
     };
     let server = v.server(&raw);
     let routing = v.routing(&raw);
@@ -98,7 +109,9 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
             .map(|(i, k)| (format!("keys[{i}].name"), k.name.as_str())),
     );
     let mut hashes: HashMap<[u8; 32], usize> = HashMap::new();
-    for (i, key) in &keys {
+    // Unread secrets have no digest to compare.
+    let known = |i: &usize| matches!(secrets, Secrets::Read(_)) || raw.keys[*i].key_env.is_none();
+    for (i, key) in keys.iter().filter(|(i, _)| known(i)) {
         if let Some(first) = hashes.insert(key.sha256, *i) {
             v.problem(
                 format!("keys[{i}]"),
@@ -112,6 +125,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
 
     if v.problems.is_empty() {
         Ok(Config {
+            offline: matches!(secrets, Secrets::Unread),
             version: String::new(),
             document: serde_json::Value::Null,
             server: server.expect("server is valid when there are no problems"),
@@ -131,7 +145,7 @@ pub fn validate(raw: RawConfig, env: EnvLookup<'_>) -> Result<Config, Problems> 
 
 struct Validator<'a> {
     problems: Vec<Problem>,
-    env: EnvLookup<'a>,
+    secrets: Secrets<'a>,
 }
 
 impl Validator<'_> {
@@ -167,6 +181,7 @@ impl Validator<'_> {
     }
 
     /// A secret named by an environment variable; reports a missing one.
+    /// `None`, and no problem, when secrets are not read.
     fn secret(&mut self, path: String, var: &str) -> Option<Secret> {
         if var.is_empty() || var.contains('=') || var.contains('\0') {
             self.problem(
@@ -175,8 +190,11 @@ impl Validator<'_> {
             );
             return None;
         }
+        let Secrets::Read(env) = self.secrets else {
+            return None;
+        };
         // Env files often leave a trailing newline; a secret never ends in one.
-        match (self.env)(var).as_deref().map(str::trim) {
+        match env(var).as_deref().map(str::trim) {
             Some(value) if value.bytes().any(|b| !b.is_ascii_graphic()) => {
                 self.problem(
                     path,
@@ -328,9 +346,7 @@ impl Validator<'_> {
             }
             (None, _) => SimulatedSpec::default(),
         };
-        if let Some(region) = &b.region {
-            self.region_name(at("region"), region);
-        }
+        let region = b.region.as_ref().map(|r| self.region(at("region"), r));
         let self_hosted = self.self_hosted(i, b, kind);
         if b.max_concurrency == Some(0) {
             self.problem(at("max_concurrency"), "must be greater than 0");
@@ -340,7 +356,7 @@ impl Validator<'_> {
             name: b.name.clone(),
             kind,
             base_url,
-            region: b.region.clone(),
+            region,
             credential,
             aws,
             timeouts,
@@ -532,14 +548,19 @@ impl Validator<'_> {
                 "this deployment accepts images or audio, so its model is multimodal; set multimodal = true",
             );
         }
-        if let Some(licence) = &d.licence
-            && licence.trim().is_empty()
-        {
-            self.problem(
-                format!("{at}.licence"),
-                "must not be empty; leave it out for no licence family",
-            );
-        }
+        let licence = d.licence.as_deref().and_then(|text| {
+            let licence = Licence::parse(text);
+            if licence.is_none() {
+                self.problem(
+                    format!("{at}.licence"),
+                    format!(
+                        "unknown licence \"{text}\"; expected one of: {} (any case), or leave it out",
+                        Licence::NAMES.join(", ")
+                    ),
+                );
+            }
+            licence
+        });
         Deployment {
             name: d
                 .name
@@ -551,7 +572,7 @@ impl Validator<'_> {
             context_window: d.context_window,
             modalities,
             tools: d.tools,
-            licence: d.licence.clone(),
+            licence,
             multimodal: d.multimodal,
             weight: d.weight.unwrap_or(1),
             // Spillover fills self-hosted capacity before paying per token.
@@ -619,9 +640,13 @@ impl Validator<'_> {
                     None
                 }
             },
-            (None, Some(var)) => self
-                .secret(at("key_env"), var)
-                .map(|s| Sha256::digest(s.expose().as_bytes()).into()),
+            (None, Some(var)) => match self.secret(at("key_env"), var) {
+                Some(key) => Some(Sha256::digest(key.expose().as_bytes()).into()),
+                // An offline config's key is found by name only (explain),
+                // never by digest: it does not serve.
+                None if matches!(self.secrets, Secrets::Unread) => Some([0; 32]),
+                None => None,
+            },
             (Some(_), Some(_)) => {
                 self.problem(
                     format!("keys[{i}]"),
@@ -658,14 +683,12 @@ impl Validator<'_> {
         } else {
             AllowedModels::Only(k.models.clone())
         };
-        if let Some(region) = &k.region {
-            self.region_name(at("region"), region);
-        }
+        let region = k.region.as_ref().map(|r| self.region(at("region"), r));
         Some(Key {
             name: k.name.clone(),
             sha256: sha256?,
             models,
-            region: k.region.clone(),
+            region,
             region_header: k.region_header,
             budget: self.budget(i, k),
             limits: self.per_minute(&format!("keys[{i}]"), k.rpm, k.tpm),

@@ -1,6 +1,6 @@
 //! The facts of a request that routing decides on, read once.
 
-use crate::config::{Key, Policy};
+use crate::config::{Key, Policy, is_region};
 use crate::error::GatewayError;
 use crate::metering::estimate;
 use crate::openai::{InboundRequest, MessageContent, TypedRequest};
@@ -68,11 +68,9 @@ pub fn region(
             std::str::from_utf8(value)
                 .ok()
                 .map(str::trim)
-                .filter(|r| {
-                    !r.is_empty()
-                        && r.len() <= 64
-                        && r.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-                })
+                .filter(|r| r.len() <= 64 && is_region(r))
+                // Regions are held lowercase (see `config::is_region`).
+                .map(str::to_ascii_lowercase)
                 .ok_or_else(|| {
                     GatewayError::bad_request(
                         format!("{REGION_HEADER} must be a region name such as \"eu\": letters, digits, - and _"),
@@ -84,11 +82,11 @@ pub fn region(
     let key_region = key.and_then(|k| k.region.as_deref());
     let may_choose = key.is_none_or(|k| k.region_header);
     Ok(match (header, key_region) {
-        (Some(chosen), _) if may_choose => Some(chosen.to_owned()),
-        (Some(chosen), Some(own)) if chosen == own => Some(own.to_owned()),
+        (Some(chosen), _) if may_choose => Some(chosen),
+        (Some(chosen), Some(own)) if chosen == own => Some(chosen),
         (Some(chosen), _) => {
             let key = key.map_or("", |k| k.name.as_str());
-            return Err(GatewayError::region_not_allowed(key, chosen, key_region));
+            return Err(GatewayError::region_not_allowed(key, &chosen, key_region));
         }
         (None, Some(own)) => Some(own.to_owned()),
         (None, None) => policy.default_region.clone(),

@@ -55,6 +55,12 @@ impl AppState {
     /// Opens the ledger, builds the first snapshot and starts scraping its
     /// engines' load metrics; call it inside the Tokio runtime.
     pub fn new(config: Config, options: GatewayOptions) -> Result<Self, String> {
+        if config.offline {
+            return Err(
+                "the config was validated without its secrets (offline); serving needs them read"
+                    .into(),
+            );
+        }
         let ledger = Arc::new(Ledger::open(config.ledger.data_dir.as_deref())?);
         if ledger.is_durable() {
             ledger::spawn_flusher(&ledger, config.ledger.flush_interval);

@@ -6,13 +6,15 @@
 use std::sync::Arc;
 
 use foldhash::HashMap;
+use futures_util::future::BoxFuture;
 
 use crate::config::{Backend, Config, Deployment, Key};
+use crate::error::GatewayError;
 use crate::health::{AliasLive, BackendLive, DeploymentLive, Lease, LiveState, LiveView};
 use crate::limits::Limits;
 use crate::metering::cost::Rate;
 use crate::openai::unix_now;
-use crate::providers::{self, Provider};
+use crate::providers::{self, Provider, UpstreamCall, UpstreamReply};
 
 pub struct Snapshot {
     pub config: Config,
@@ -39,6 +41,23 @@ pub struct Resolved {
     pub rate: Rate,
     pub health: Arc<DeploymentLive>,
     pub backend_health: Arc<BackendLive>,
+}
+
+/// The provider of every backend of an offline config (validated without
+/// its secrets), which `tollgate explain` plans with but never calls.
+struct Offline;
+
+impl Provider for Offline {
+    fn send<'a>(
+        &'a self,
+        _: UpstreamCall<'a>,
+    ) -> BoxFuture<'a, Result<UpstreamReply, GatewayError>> {
+        Box::pin(async {
+            Err(GatewayError::internal(
+                "this config was validated without its secrets; it cannot serve",
+            ))
+        })
+    }
 }
 
 impl Snapshot {
@@ -76,6 +95,8 @@ impl Snapshot {
             .iter()
             .map(|b| match unchanged(b) {
                 Some(provider) => Ok(provider),
+                // Without its credentials a backend cannot be called.
+                None if config.offline => Ok(Arc::new(Offline) as Arc<dyn Provider>),
                 None => providers::build(b),
             })
             .collect::<Result<Vec<_>, String>>()?;

@@ -57,15 +57,24 @@ impl Validator<'_> {
             (None, Some(id), Some(secret)) => {
                 let access_key_id = self.secret(at("aws_access_key_id_env"), id);
                 let secret_access_key = self.secret(at("aws_secret_access_key_env"), secret);
-                let session_token = match &b.aws_session_token_env {
-                    Some(var) => Some(self.secret(at("aws_session_token_env"), var)?),
-                    None => None,
-                };
-                Some(AwsKeys {
-                    access_key_id: access_key_id?,
-                    secret_access_key: secret_access_key?,
-                    session_token,
-                })
+                let session_token = b
+                    .aws_session_token_env
+                    .as_ref()
+                    .map(|var| self.secret(at("aws_session_token_env"), var));
+                // A secret not read (a problem, or an offline check) leaves
+                // the backend without keys; its region still stands.
+                match (access_key_id, secret_access_key, session_token) {
+                    (
+                        Some(access_key_id),
+                        Some(secret_access_key),
+                        session_token @ (None | Some(Some(_))),
+                    ) => Some(AwsKeys {
+                        access_key_id,
+                        secret_access_key,
+                        session_token: session_token.flatten(),
+                    }),
+                    _ => None,
+                }
             }
             (Some(_), None, None) => {
                 if b.aws_session_token_env.is_some() {

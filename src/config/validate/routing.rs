@@ -2,7 +2,6 @@
 //! each alias's strategy, and the self-hosted and load settings of
 //! backends.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -60,18 +59,19 @@ impl Validator<'_> {
 
     pub(super) fn policy(&mut self, raw: &RawConfig) -> Policy {
         let p = &raw.policy;
-        let eu_regions = p.eu_regions.clone().unwrap_or_else(|| vec!["eu".into()]);
-        for (i, region) in eu_regions.iter().enumerate() {
-            self.region_name(format!("policy.eu_regions[{i}]"), region);
-        }
-        if let Some(region) = &p.default_region {
-            self.region_name("policy.default_region".into(), region);
-        }
-        let mut seen = HashSet::new();
+        let eu_regions = match &p.eu_regions {
+            Some(regions) => self.regions("policy.eu_regions", regions),
+            None => vec!["eu".into()],
+        };
+        let default_region = p
+            .default_region
+            .as_ref()
+            .map(|r| self.region("policy.default_region".into(), r));
+        let mut residency: Vec<Residency> = Vec::new();
         for (i, rule) in p.residency.iter().enumerate() {
             let at = format!("policy.residency[{i}]");
-            self.region_name(format!("{at}.request_region"), &rule.request_region);
-            if !seen.insert(rule.request_region.as_str()) {
+            let request_region = self.region(format!("{at}.request_region"), &rule.request_region);
+            if residency.iter().any(|r| r.request_region == request_region) {
                 self.problem(
                     format!("{at}.request_region"),
                     format!(
@@ -86,37 +86,41 @@ impl Validator<'_> {
                     "lists no regions; name the backend regions that may serve these requests",
                 );
             }
-            for (j, region) in rule.backend_regions.iter().enumerate() {
-                self.region_name(format!("{at}.backend_regions[{j}]"), region);
-            }
+            let backend_regions =
+                self.regions(&format!("{at}.backend_regions"), &rule.backend_regions);
+            residency.push(Residency {
+                request_region,
+                backend_regions,
+            });
         }
         Policy {
             eu_regions,
             llama_eu_multimodal_block: p.llama_eu_multimodal_block.unwrap_or(true),
-            default_region: p.default_region.clone(),
-            residency: p
-                .residency
-                .iter()
-                .map(|r| Residency {
-                    request_region: r.request_region.clone(),
-                    backend_regions: r.backend_regions.clone(),
-                })
-                .collect(),
+            default_region,
+            residency,
         }
     }
 
-    pub(super) fn region_name(&mut self, path: String, region: &str) {
+    /// A region as every comparison sees it: lowercase, so `"EU"` in the
+    /// config, a header or explain is the region `"eu"`.
+    pub(super) fn region(&mut self, path: String, region: &str) -> String {
         if region.trim().is_empty() {
             self.problem(path, "must not be empty");
-        } else if !region
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-        {
+        } else if !is_region(region) {
             self.problem(
                 path,
                 format!("\"{region}\" may use only letters, digits, - and _"),
             );
         }
+        region.to_ascii_lowercase()
+    }
+
+    fn regions(&mut self, path: &str, regions: &[String]) -> Vec<String> {
+        regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| self.region(format!("{path}[{i}]"), r))
+            .collect()
     }
 
     pub(super) fn admin(&mut self, raw: &RawConfig) -> Admin {
