@@ -257,6 +257,85 @@ async fn what_bedrock_cannot_take_is_refused_before_any_upstream_call() {
 }
 
 #[tokio::test]
+async fn parameters_bedrock_cannot_honour_are_a_400_naming_them_unless_the_backend_drops_them() {
+    let upstream = bedrock_mock_with_token().start().await;
+    let gateway = one_backend(signed(&upstream), LLAMA_33).await;
+    let schema = json!({"type": "json_schema", "json_schema": {"name": "answer",
+        "schema": {"type": "object", "properties": {"city": {"type": "string"}}}}});
+    for (param, value) in [("response_format", schema), ("logprobs", json!(true))] {
+        let mut request = chat(false);
+        request[param] = value;
+        let response = gateway.chat(request).await;
+        assert_eq!(response.status(), 400, "{param}");
+        let error = error_of(response).await;
+        assert_eq!(error["type"], "invalid_request_error");
+        assert_eq!(error["param"], param);
+        assert!(
+            message(&error).starts_with(&format!("Bedrock cannot honour `{param}`; leave it out")),
+            "{error}"
+        );
+    }
+    assert_eq!(upstream.hits(), 0, "refused before any upstream call");
+
+    // What asks for nothing passes.
+    let mut request = chat(false);
+    request["logprobs"] = json!(false);
+    request["response_format"] = json!({"type": "text"});
+    request["presence_penalty"] = json!(0);
+    assert_eq!(gateway.chat(request).await.status(), 200);
+
+    let dropping = bedrock_mock_with_token().start().await;
+    let backend = signed(&dropping).set("drop_params", vec!["logprobs", "seed"]);
+    let gateway = one_backend(backend, LLAMA_33).await;
+    let mut request = chat(false);
+    request["logprobs"] = json!(true);
+    request["seed"] = json!(7);
+    assert_eq!(gateway.chat(request.clone()).await.status(), 200);
+    assert!(dropping.single_request().json.get("logprobs").is_none());
+    request["presence_penalty"] = json!(1);
+    let error = error_of(gateway.chat(request).await).await;
+    assert_eq!(error["param"], "presence_penalty");
+}
+
+#[test]
+fn the_mock_refuses_tool_blocks_without_a_tool_config_as_bedrock_does() {
+    let history = json!({"messages": [
+        {"role": "user", "content": [{"text": "Weather?"}]},
+        {"role": "assistant", "content": [{"toolUse": {"toolUseId": "c1", "name": "get_weather", "input": {}}}]},
+        {"role": "user", "content": [{"toolResult": {"toolUseId": "c1", "content": [{"text": "18C"}]}}]},
+    ]});
+    assert_eq!(
+        bedrock_mock::check_converse(&history),
+        Err("The toolConfig field must be defined when using toolUse and toolResult content blocks.".into())
+    );
+    let mut with_config = history;
+    with_config["toolConfig"] = json!({"tools": [{"toolSpec": {"name": "get_weather",
+        "inputSchema": {"json": {"type": "object"}}}}]});
+    assert_eq!(bedrock_mock::check_converse(&with_config), Ok(()));
+}
+
+#[tokio::test]
+async fn tool_history_without_tools_offers_bedrock_the_tools_it_called() {
+    let upstream = bedrock_mock_with_token().start().await;
+    let gateway = one_backend(signed(&upstream), LLAMA_33).await;
+    let response = gateway
+        .chat(json!({"model": "chat", "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+            {"role": "user", "content": "Say it in French."},
+        ]}))
+        .await;
+    let status = response.status();
+    assert_eq!(status, 200, "{}", response.text().await.unwrap());
+    assert_eq!(
+        upstream.single_request().json["toolConfig"],
+        json!({"tools": [{"toolSpec": {"name": "get_weather", "inputSchema": {"json": {"type": "object"}}}}]})
+    );
+}
+
+#[tokio::test]
 async fn frames_cut_across_tcp_writes_come_out_whole() {
     let upstream = bedrock_mock_with_token().split_every(5).start().await;
     let gateway = one_backend(signed(&upstream), LLAMA_33).await;

@@ -433,6 +433,7 @@ aws_region = "us-east-1"
 aws_access_key_id_env = "AWS_ID"
 aws_secret_access_key_env = "AWS_SECRET"
 aws_session_token_env = "AWS_TOKEN"
+drop_params = ["seed", "logprobs"]
 
 [[backends]]
 name = "bedrock-eu"
@@ -463,6 +464,7 @@ base_url = "http://10.0.0.5:8080"
         );
         let aws = us.aws.as_ref().unwrap();
         assert_eq!(aws.region, "us-east-1");
+        assert_eq!(aws.drop_params, ["seed", "logprobs"]);
         let keys = aws.keys.as_ref().unwrap();
         assert_eq!(keys.secret_access_key.expose(), "value-of-AWS_SECRET");
         assert_eq!(
@@ -524,6 +526,19 @@ base_url = "http://10.0.0.5:8080/v1"
 [[backends]]
 name = "tgi-no-url"
 kind = "tgi"
+
+[[backends]]
+name = "drop-misspelt"
+kind = "bedrock"
+aws_region = "us-east-1"
+api_key_env = "K"
+drop_params = ["seed", "sed"]
+
+[[backends]]
+name = "vllm-drops"
+kind = "vllm"
+base_url = "http://10.0.0.5:8000/v1"
+drop_params = ["seed"]
 "#;
         let got = match parse(text, &aws_env) {
             Ok(_) => Vec::new(),
@@ -539,6 +554,8 @@ kind = "tgi"
             "backends[4].aws_region: only a bedrock backend takes aws_region",
             "backends[5].base_url: a tgi backend's base_url is the server's root",
             "backends[6].base_url: a tgi backend needs base_url, such as \"http://10.0.0.5:8080\"",
+            "backends[7].drop_params[1]: \"sed\" is not a parameter Bedrock refuses; name one of: audio,",
+            "backends[8].drop_params: only a bedrock backend takes drop_params; remove it",
         ];
         for e in expected {
             assert!(

@@ -93,6 +93,9 @@ pub struct RawBackend {
     pub aws_access_key_id_env: Option<String>,
     pub aws_secret_access_key_env: Option<String>,
     pub aws_session_token_env: Option<String>,
+    /// Bedrock only: OpenAI parameters Converse cannot honour that are
+    /// ignored rather than refused.
+    pub drop_params: Option<Vec<String>>,
     #[serde(default)]
     pub timeouts: RawTimeouts,
     pub max_response_bytes: Option<u64>,

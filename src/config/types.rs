@@ -231,7 +231,33 @@ pub struct EngineMetrics {
 pub struct AwsSettings {
     pub region: String,
     pub keys: Option<AwsKeys>,
+    /// Names from `BEDROCK_UNHONOURED` to ignore rather than refuse.
+    pub drop_params: Vec<String>,
 }
+
+/// The OpenAI chat parameters that change the answer and that Converse
+/// cannot honour: a request asking for one is a 400 from a Bedrock backend
+/// unless the backend's `drop_params` names it. Config validation checks
+/// `drop_params` against this list; the provider refuses by it.
+pub const BEDROCK_UNHONOURED: &[&str] = &[
+    "audio",
+    "frequency_penalty",
+    "function_call",
+    "functions",
+    "logit_bias",
+    "logprobs",
+    "modalities",
+    "n",
+    "parallel_tool_calls",
+    "presence_penalty",
+    "reasoning_effort",
+    "response_format",
+    "seed",
+    "service_tier",
+    "top_logprobs",
+    "verbosity",
+    "web_search_options",
+];
 
 /// Static AWS credentials read from the environment.
 #[derive(Debug, Clone, PartialEq)]

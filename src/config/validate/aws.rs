@@ -1,13 +1,14 @@
-//! Validation of a Bedrock backend's AWS fields.
+//! Validation of a Bedrock backend's own fields: its AWS settings and the
+//! parameters it drops.
 
 use super::Validator;
 use crate::config::schema::RawBackend;
-use crate::config::types::{AwsKeys, AwsSettings, BackendKind};
+use crate::config::types::{AwsKeys, AwsSettings, BEDROCK_UNHONOURED, BackendKind};
 
 impl Validator<'_> {
     /// Bedrock's AWS settings: a region, and either SigV4 keys from the
-    /// environment or a Bedrock API key (`api_key_env`), exactly one.
-    /// Other kinds may not carry any `aws_*` field.
+    /// environment or a Bedrock API key (`api_key_env`), exactly one; and
+    /// `drop_params`. Other kinds may carry none of these fields.
     pub(super) fn aws(
         &mut self,
         i: usize,
@@ -22,8 +23,13 @@ impl Validator<'_> {
             ("aws_session_token_env", &b.aws_session_token_env),
         ];
         if kind != BackendKind::Bedrock {
-            for (field, value) in fields {
-                if value.is_some() {
+            let drop_params = ("drop_params", b.drop_params.is_some());
+            for (field, present) in fields
+                .map(|(field, value)| (field, value.is_some()))
+                .into_iter()
+                .chain([drop_params])
+            {
+                if present {
                     self.problem(
                         at(field),
                         format!("only a bedrock backend takes {field}; remove it"),
@@ -32,6 +38,7 @@ impl Validator<'_> {
             }
             return None;
         }
+        let drop_params = self.drop_params(i, b.drop_params.as_deref().unwrap_or_default());
         let region = match b.aws_region.as_deref() {
             Some(region) if is_aws_region(region) => Some(region.to_owned()),
             Some(region) => {
@@ -117,7 +124,25 @@ impl Validator<'_> {
         Some(AwsSettings {
             region: region?,
             keys,
+            drop_params,
         })
+    }
+
+    /// Only parameters Bedrock would refuse can be dropped: any other name
+    /// is misspelt or already honoured.
+    fn drop_params(&mut self, i: usize, names: &[String]) -> Vec<String> {
+        for (j, name) in names.iter().enumerate() {
+            if !BEDROCK_UNHONOURED.contains(&name.as_str()) {
+                self.problem(
+                    format!("backends[{i}].drop_params[{j}]"),
+                    format!(
+                        "\"{name}\" is not a parameter Bedrock refuses; name one of: {}",
+                        BEDROCK_UNHONOURED.join(", ")
+                    ),
+                );
+            }
+        }
+        names.to_vec()
     }
 }
 

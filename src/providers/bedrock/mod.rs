@@ -5,6 +5,7 @@
 
 mod auth;
 mod errors;
+mod params;
 mod request;
 mod response;
 mod stream;
@@ -35,6 +36,8 @@ pub struct Bedrock {
     auth: Auth,
     client: HttpClient,
     caps: Caps,
+    /// Parameters Converse cannot honour that are ignored, not refused.
+    drop_params: Vec<String>,
 }
 
 impl Bedrock {
@@ -48,6 +51,11 @@ impl Bedrock {
             auth: Auth::new(backend)?,
             client: http::client(backend)?,
             caps: Caps::of(backend),
+            drop_params: backend
+                .aws
+                .as_ref()
+                .map(|aws| aws.drop_params.clone())
+                .unwrap_or_default(),
         })
     }
 
@@ -75,7 +83,8 @@ impl Bedrock {
                 self.name
             )));
         };
-        let body = serde_json::to_vec(&request::converse(chat, call.max_tokens)?).map_err(|e| {
+        let converse = request::converse(chat, call.max_tokens, &self.drop_params)?;
+        let body = serde_json::to_vec(&converse).map_err(|e| {
             GatewayError::internal(format!("cannot encode a Converse request: {e}"))
         })?;
         let streaming = call.request.stream();

@@ -10,6 +10,8 @@ use serde_json::{Map, Value};
 use crate::error::GatewayError;
 use crate::openai::{ChatMessage, ChatRequest, ContentPart, MessageContent};
 
+use super::params;
+
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConverseRequest {
@@ -111,19 +113,15 @@ fn bad(message: impl Into<String>, param: impl Into<String>) -> GatewayError {
 }
 
 /// Translates a chat request; `Err` is a 400 for the client.
-/// `max_tokens` is the gateway's limit, used when the client set none.
+/// `max_tokens` is the gateway's limit, used when the client set none;
+/// `drop_params` the parameters Bedrock cannot honour that are ignored
+/// rather than refused.
 pub fn converse(
     chat: &ChatRequest,
     max_tokens: Option<u32>,
+    drop_params: &[String],
 ) -> Result<ConverseRequest, GatewayError> {
-    if let Some(n) = chat.extra.get("n").filter(|n| !n.is_null())
-        && n.as_u64() != Some(1)
-    {
-        return Err(bad(
-            "Bedrock returns one choice per request; leave `n` out or set it to 1",
-            "n",
-        ));
-    }
+    params::refuse_unhonoured(chat, drop_params)?;
     let mut system = Vec::new();
     let mut messages: Vec<Message> = Vec::new();
     for (i, message) in chat.messages.iter().enumerate() {
@@ -156,11 +154,12 @@ pub fn converse(
             }),
         }
     }
+    let tool_config = tool_config(chat)?.or_else(|| history_tools(&messages));
     Ok(ConverseRequest {
         messages,
         system,
         inference_config: inference_config(chat, max_tokens)?,
-        tool_config: tool_config(chat)?,
+        tool_config,
     })
 }
 
@@ -359,6 +358,38 @@ fn inference_config(
     })
 }
 
+/// Bedrock refuses `toolUse` and `toolResult` blocks without a
+/// `toolConfig`, so a history with tool calls and no `tools` (or
+/// `tool_choice: "none"`) offers the tools it called, with any input.
+/// No `toolChoice`: Bedrock's default, `auto`, leaves the model free not
+/// to call one.
+fn history_tools(messages: &[Message]) -> Option<ToolConfig> {
+    let mut names: Vec<&str> = Vec::new();
+    for block in messages.iter().flat_map(|m| &m.content) {
+        if let Block::ToolUse { name, .. } = block
+            && !names.contains(&name.as_str())
+        {
+            names.push(name);
+        }
+    }
+    let tools: Vec<Tool> = names
+        .into_iter()
+        .map(|name| Tool {
+            tool_spec: ToolSpec {
+                name: name.to_owned(),
+                description: None,
+                input_schema: InputSchema {
+                    json: serde_json::json!({"type": "object"}),
+                },
+            },
+        })
+        .collect();
+    (!tools.is_empty()).then_some(ToolConfig {
+        tools,
+        tool_choice: None,
+    })
+}
+
 fn tool_config(chat: &ChatRequest) -> Result<Option<ToolConfig>, GatewayError> {
     let Some(tools) = chat.tools.as_ref().filter(|t| !t.is_empty()) else {
         return Ok(None);
@@ -429,7 +460,7 @@ mod tests {
 
     fn translate(request: Value) -> Result<Value, GatewayError> {
         let chat: ChatRequest = serde_json::from_value(request).unwrap();
-        converse(&chat, None).map(|c| serde_json::to_value(c).unwrap())
+        converse(&chat, None, &[]).map(|c| serde_json::to_value(c).unwrap())
     }
 
     #[test]
@@ -483,6 +514,43 @@ mod tests {
     }
 
     #[test]
+    fn tool_history_without_tools_offers_the_tools_it_called() {
+        let history = json!([
+            {"role": "user", "content": "Weather in Paris and Rome?"},
+            {"role": "assistant", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+                {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+                {"id": "c3", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "18C"},
+            {"role": "tool", "tool_call_id": "c2", "content": "21C"},
+            {"role": "tool", "tool_call_id": "c3", "content": "noon"},
+        ]);
+        let offered = json!({"tools": [
+            {"toolSpec": {"name": "get_weather", "inputSchema": {"json": {"type": "object"}}}},
+            {"toolSpec": {"name": "get_time", "inputSchema": {"json": {"type": "object"}}}}]});
+        for extra in [
+            json!({}),
+            json!({"tools": []}),
+            json!({"tool_choice": "none",
+            "tools": [{"type": "function", "function": {"name": "other"}}]}),
+        ] {
+            let mut request = json!({"model": "m", "messages": history});
+            request
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            assert_eq!(
+                translate(request).unwrap()["toolConfig"],
+                offered,
+                "{extra}"
+            );
+        }
+        let plain =
+            translate(json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}));
+        assert!(plain.unwrap().get("toolConfig").is_none());
+    }
+
+    #[test]
     fn what_bedrock_cannot_take_is_a_400_naming_the_field() {
         let cases = [
             (
@@ -499,7 +567,7 @@ mod tests {
             (
                 json!({"n": 2, "messages": [{"role": "user", "content": "x"}]}),
                 "n",
-                "one choice",
+                "cannot honour `n`",
             ),
             (
                 json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{oops"}}]}]}),
