@@ -295,6 +295,17 @@ async fn parameters_bedrock_cannot_honour_are_a_400_naming_them_unless_the_backe
     request["presence_penalty"] = json!(1);
     let error = error_of(gateway.chat(request).await).await;
     assert_eq!(error["param"], "presence_penalty");
+
+    // An alias with a deployment that can honour it serves it there.
+    let bedrock = bedrock_mock_with_token().start().await;
+    let (gateway, backup) = with_backup(&bedrock).await;
+    let mut request = chat(false);
+    request["logprobs"] = json!(true);
+    let response = gateway.chat(request).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(served_by(&response).0, "vllm");
+    assert_eq!(backup.single_request().json["logprobs"], true);
+    assert_eq!(bedrock.hits(), 0);
 }
 
 #[test]

@@ -36,7 +36,8 @@ pub enum ErrorKind {
     BudgetHeld,
     /// The key is over its `rpm` or `tpm`; it refills.
     RateLimited,
-    /// This backend cannot serve the endpoint; another deployment may.
+    /// This backend cannot serve the request as asked (its endpoint, or a
+    /// parameter its protocol cannot honour); another deployment may.
     EndpointUnsupported,
     /// Every deployment policy allows is unhealthy, cooling or at quota.
     NoDeployment,

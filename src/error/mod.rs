@@ -304,6 +304,12 @@ impl GatewayError {
         Self::new(ErrorKind::EndpointUnsupported, message)
     }
 
+    /// A parameter this backend's protocol cannot honour: a 400 naming it
+    /// when no other deployment of the alias can serve the request.
+    pub fn parameter_unsupported(message: String, param: &str) -> Self {
+        Self::new(ErrorKind::EndpointUnsupported, message).param(param)
+    }
+
     pub fn upstream_connect(backend: &str) -> Self {
         Self::new(
             ErrorKind::UpstreamConnect,

@@ -1,6 +1,7 @@
 //! The OpenAI chat parameters Converse cannot honour
-//! (`config::BEDROCK_UNHONOURED`). Each one that asks for something is a
-//! 400 naming it, unless the backend drops it: answering without it would
+//! (`config::BEDROCK_UNHONOURED`). Each one that asks for something sends
+//! the request to the alias's next deployment, or is a 400 naming it when
+//! there is none, unless the backend drops it: answering without it would
 //! be a different answer from the one asked for, with a 200.
 //!
 //! Parameters that only concern the gateway or the transport (`stream`,
@@ -29,11 +30,11 @@ pub fn refuse_unhonoured(chat: &ChatRequest, drop_params: &[String]) -> Result<(
             Some(neutral) => format!("leave it out or set it to {neutral}"),
             None => "leave it out".to_owned(),
         };
-        return Err(GatewayError::bad_request(
+        return Err(GatewayError::parameter_unsupported(
             format!(
                 "Bedrock cannot honour `{param}`; {instead}, or use a model whose deployments support it"
             ),
-            Some(param.to_owned()),
+            param,
         ));
     }
     Ok(())
