@@ -14,12 +14,16 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
+use tower_http::cors::CorsLayer;
+
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::id::REQUEST_ID_HEADER;
 use crate::openai::{Endpoint, ModelEntry, ModelList};
 use crate::pipeline::respond::json_response;
 use crate::pipeline::{self, admit, auth};
@@ -79,8 +83,10 @@ impl Gateway {
             .route("/admin/config", get(admin::active_config))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
-            .layer(cors::layer(self.state.clone()))
-            .layer(axum::middleware::from_fn(request_id::tag))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(cors::layer(self.state.clone())),
+                edge,
+            ))
             .with_state(self.state.clone())
     }
 
@@ -113,6 +119,19 @@ impl Gateway {
         }
         Ok(())
     }
+}
+
+/// What every request passes through before its route, in one layer (each
+/// layer costs every request): its id, and CORS for a browser's.
+async fn edge(
+    State(cors): State<Arc<CorsLayer>>,
+    mut request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let id = request_id::assign(&mut request);
+    let mut response = cors::for_browsers(&cors, request, next).await;
+    response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    response
 }
 
 async fn chat_completions(

@@ -1,11 +1,9 @@
 //! Every response carries `x-request-id`: the client's own when it is a
-//! sane token, else a new one. One middleware sets it for every route, so
-//! handlers only read it (for logs and upstream calls).
+//! sane token, else a new one. The server's one middleware assigns it for
+//! every route, so handlers only read it (for logs and upstream calls).
 
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue};
-use axum::middleware::Next;
-use axum::response::Response;
 
 use crate::id::REQUEST_ID_HEADER as HEADER;
 
@@ -17,13 +15,13 @@ const MAX_ID: usize = 256;
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-pub async fn tag(mut request: Request, next: Next) -> Response {
+/// Gives `request` its id, in its extensions, and returns the header
+/// value its response carries.
+pub fn assign(request: &mut Request) -> HeaderValue {
     let id = from_headers(request.headers());
     let value = HeaderValue::from_str(&id).expect("request ids are visible ASCII");
     request.extensions_mut().insert(RequestId(id));
-    let mut response = next.run(request).await;
-    response.headers_mut().insert(HEADER, value);
-    response
+    value
 }
 
 fn from_headers(headers: &HeaderMap) -> String {
