@@ -645,3 +645,26 @@ fn a_reload_that_changes_who_may_call_what_is_logged_as_a_warning() {
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("keys added: ops"), "{line}");
 }
+
+#[test]
+fn what_check_warns_of_is_logged_when_the_gateway_takes_the_config_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    // No keys: every caller may choose its region, and a multimodal Llama
+    // is served.
+    let risky = Config::new()
+        .backend(Backend::simulated("sim"))
+        .model(
+            Model::new("vision").deployment(
+                Deployment::new("sim", "meta-llama/Llama-4-Scout-17B-16E-Instruct")
+                    .set("licence", "llama")
+                    .multimodal(&["text", "image"]),
+            ),
+        )
+        .set("policy", "eu_regions", vec!["eu"]);
+    write(&path, &risky);
+    let gateway = support::process::serve_file(&path, &[]);
+    let line = gateway.logged("config warning");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("multimodal Llama"), "{line}");
+}

@@ -61,6 +61,7 @@ impl AppState {
                     .into(),
             );
         }
+        log_warnings(&config);
         let ledger = Arc::new(Ledger::open(config.ledger.data_dir.as_deref())?);
         if ledger.is_durable() {
             ledger::spawn_flusher(&ledger, config.ledger.flush_interval);
@@ -90,5 +91,14 @@ impl AppState {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// What `tollgate check` warns of in a config the gateway serves (a way
+/// for an EU user to reach a multimodal Llama, a Llama model id without
+/// its licence), logged whenever such a config is taken up.
+fn log_warnings(config: &Config) {
+    for warning in crate::config::warnings(config) {
+        tracing::warn!(%warning, "config warning (`tollgate check` lists them all)");
     }
 }

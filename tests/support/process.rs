@@ -15,7 +15,7 @@ pub struct Process {
     pub base: String,
     /// The line the server logs once it listens.
     pub listening: String,
-    /// Every line it logged after that.
+    /// Every other line it logged.
     log: Arc<Mutex<Vec<String>>>,
     _config: Option<tempfile::NamedTempFile>,
 }
@@ -86,15 +86,17 @@ fn spawn(mut program: Command, config: &Path, env: &[(&str, &str)]) -> Process {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut before = Vec::new();
     let (base, listening) = loop {
         let line = lines.next().expect("the server logs its address").unwrap();
         if let Some(rest) = line.split("addr=").nth(1) {
             let base = format!("http://{}", rest.split_whitespace().next().unwrap());
             break (base, line);
         }
+        before.push(line);
     };
     // Keep draining stderr so the child never blocks on a full pipe.
-    let log = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::new(Mutex::new(before));
     let kept = log.clone();
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
