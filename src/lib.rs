@@ -17,5 +17,6 @@ pub mod providers;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod store;
 
 pub use server::Gateway;

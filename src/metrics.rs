@@ -398,6 +398,16 @@ metrics! {
             "the active config's version, a hash of its content; one series at a time",
         )],
     }
+    state_degraded: IntGauge {
+        name: "tollgate_state_degraded",
+        help: "1 while Redis, the fleet's shared state, does not answer and this replica serves on its own limits and budget share (or refuses, as configured); 0 otherwise or in memory mode.",
+        labels: [],
+    }
+    state_replicas: IntGauge {
+        name: "tollgate_state_replicas",
+        help: "Replicas seen in the last minute through the shared state (1 in memory mode).",
+        labels: [],
+    }
     in_flight: IntGauge {
         name: "tollgate_requests_in_flight",
         help: "Client requests being served right now.",

@@ -13,6 +13,7 @@ const ORDER: &[&[&str]] = &[
     &["pipeline"],
     &["routing"],
     &["state"],
+    &["store"],
     &["health"],
     &["providers"],
     &["metering"],

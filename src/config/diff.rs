@@ -103,7 +103,9 @@ fn deployments(config: &Config) -> BTreeMap<String, Value> {
 
 pub fn diff(old: &Config, new: &Config) -> ConfigDiff {
     let (a, b) = (&old.document, &new.document);
-    let mut settings: Vec<String> = ["server", "routing", "policy", "ledger", "admin", "metrics"]
+    let mut settings: Vec<String> = [
+        "server", "routing", "policy", "ledger", "state", "admin", "metrics",
+    ]
         .into_iter()
         .filter(|table| a.get(*table) != b.get(*table))
         .map(str::to_owned)

@@ -27,6 +27,19 @@ pub struct RawConfig {
     pub metrics: RawMetrics,
     #[serde(default)]
     pub ledger: RawLedger,
+    #[serde(default)]
+    pub state: RawState,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawState {
+    pub backend: Option<String>,
+    pub url: Option<String>,
+    pub url_env: Option<String>,
+    pub prefix: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub on_unavailable: Option<String>,
+    pub lease_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

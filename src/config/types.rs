@@ -28,6 +28,42 @@ pub struct Config {
     pub admin: Admin,
     pub metrics: MetricsAccess,
     pub ledger: LedgerSettings,
+    pub state: StateSettings,
+}
+
+/// Where budgets, rate limits and upstream pressure live: in this process
+/// (the default), or in Redis, shared by every replica.
+#[derive(Debug, Clone, Default)]
+pub enum StateSettings {
+    #[default]
+    Memory,
+    Redis(RedisState),
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisState {
+    /// `redis://[user[:password]@]host:port/db`; from the environment when
+    /// it carries a password.
+    pub url: Secret,
+    /// Put before every key the gateway writes, so replicas of one fleet
+    /// share them and other fleets on the same Redis do not.
+    pub prefix: String,
+    /// The longest a request waits on Redis before the replica counts it
+    /// unavailable.
+    pub timeout: Duration,
+    pub on_unavailable: OnUnavailable,
+    /// How long a budget reservation outlives a replica that stopped
+    /// renewing it.
+    pub lease: Duration,
+}
+
+/// What a replica does while Redis does not answer within the timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// Serve with this replica's own limits and its share of each budget.
+    Local,
+    /// Answer 503 with `retry-after`.
+    Refuse,
 }
 
 /// Where spend is kept. Without a directory it lives in memory only and a

@@ -16,6 +16,7 @@ mod aws;
 mod limits;
 mod metering;
 mod routing;
+mod state;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
@@ -58,6 +59,7 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
     let admin = v.admin(&raw);
     let metrics = v.metrics(&raw);
     let ledger = v.ledger(&raw);
+    let state = v.state(&raw);
     let backends: Vec<Backend> = raw
         .backends
         .iter()
@@ -137,6 +139,7 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
             admin,
             metrics,
             ledger,
+            state,
         })
     } else {
         Err(Problems(v.problems))

@@ -41,6 +41,9 @@ pub enum ErrorKind {
     EndpointUnsupported,
     /// Every deployment policy allows is unhealthy, cooling or at quota.
     NoDeployment,
+    /// The shared state (Redis) does not answer, and the config says to
+    /// refuse rather than serve on this replica's own state.
+    StateUnavailable,
     UpstreamConnect,
     /// No first byte within the backend's first-byte timeout.
     UpstreamTimeout,
@@ -87,7 +90,7 @@ impl ErrorKind {
             BudgetExhausted | BudgetHeld | RateLimited | UpstreamRateLimited => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            NoDeployment => StatusCode::SERVICE_UNAVAILABLE,
+            NoDeployment | StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout | UpstreamIdle => StatusCode::GATEWAY_TIMEOUT,
             // The operator's problems, not the client's: the client is not
             // told its request was wrong.
@@ -107,7 +110,7 @@ impl ErrorKind {
         match self {
             BudgetExhausted => "insufficient_quota",
             BudgetHeld | RateLimited | UpstreamRateLimited => "rate_limit_error",
-            NoDeployment | Internal => "server_error",
+            NoDeployment | StateUnavailable | Internal => "server_error",
             UpstreamConnect | UpstreamTimeout | UpstreamIdle | UpstreamProtocol
             | UpstreamBroken | UpstreamTooLarge | UpstreamAuth | UpstreamNotFound
             | UpstreamFailed(_) => "upstream_error",
@@ -132,6 +135,7 @@ impl ErrorKind {
             BudgetHeld => "budget_held",
             RateLimited | UpstreamRateLimited => "rate_limit_exceeded",
             NoDeployment => "no_deployment_available",
+            StateUnavailable => "state_unavailable",
             UpstreamConnect => "upstream_unavailable",
             UpstreamTimeout | UpstreamIdle => "upstream_timeout",
             UpstreamProtocol => "upstream_invalid_response",
@@ -173,7 +177,10 @@ impl ErrorKind {
     }
 
     fn client_at_fault(self) -> bool {
-        !self.upstream_at_fault() && !matches!(self, UpstreamRateLimited | NoDeployment | Internal)
+        !self.upstream_at_fault() && !matches!(
+            self,
+            UpstreamRateLimited | NoDeployment | StateUnavailable | Internal
+        )
     }
 
     /// The upstream failed: its deployment's circuit counts it.
@@ -216,6 +223,7 @@ impl ErrorKind {
             UpstreamTimeout | UpstreamIdle => "upstream_timeout",
             UpstreamFailed(StatusCode::GATEWAY_TIMEOUT) => "upstream_timeout",
             NoDeployment => "no_deployment",
+            StateUnavailable => "state_unavailable",
             UpstreamConnect | UpstreamProtocol | UpstreamBroken | UpstreamAuth
             | UpstreamNotFound | UpstreamFailed(_) => "upstream_error",
             Internal => "internal",

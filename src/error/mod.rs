@@ -194,6 +194,19 @@ impl GatewayError {
         .retry_after(Some(retry_after))
     }
 
+    /// Redis, which holds the fleet's budgets and limits, did not answer in
+    /// time and `[state] on_unavailable = "refuse"`.
+    pub fn state_unavailable(retry_after: Duration) -> Self {
+        Self::new(
+            ErrorKind::StateUnavailable,
+            format!(
+                "the gateway cannot reach the shared state that enforces budgets and rate limits across its replicas, and is set to refuse requests until it can; retry after {} s",
+                retry_after.as_secs_f64().ceil()
+            ),
+        )
+        .retry_after(Some(retry_after))
+    }
+
     pub fn region_not_allowed(key: &str, chosen: &str, own: Option<&str>) -> Self {
         Self::new(
             ErrorKind::RegionNotAllowed,

@@ -110,6 +110,15 @@ impl Circuit {
         };
     }
 
+    /// Another replica saw the deployment fail and opened its circuit: a
+    /// closed one here opens until the same time.
+    pub fn open_until(&self, until: Instant) {
+        let mut state = self.state();
+        if let State::Closed { failures } = *state {
+            *state = State::Open { until, failures };
+        }
+    }
+
     /// The attempt ended without saying anything about health (the client
     /// left, or the upstream only rate limited): a probe slot is freed.
     pub fn on_abandon(&self, probe: bool) {

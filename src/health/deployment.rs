@@ -1,12 +1,13 @@
 //! Live state of one deployment and of one alias: latency and
 //! output-length estimates, 429 cooldowns, spillover saturation.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::circuit::Circuit;
+use super::circuit::{Circuit, CircuitView};
 use super::quota::DeploymentQuota;
+use crate::limits::UpstreamQuota;
 
 /// Weight of the newest sample in the moving averages.
 const EWMA_ALPHA: f64 = 0.2;
@@ -27,6 +28,26 @@ pub struct DeploymentLive {
     estimates: Mutex<Estimates>,
     /// The last upstream failure, for the reasons plans and 503s give.
     last_failure: Mutex<Option<String>>,
+    /// What upstreams said of the deployment changed here since the fleet
+    /// was last told.
+    pressure_changed: AtomicBool,
+    /// When the newest pressure taken up from another replica was
+    /// published, on the store's clock.
+    pressure_seen_at: AtomicU64,
+}
+
+/// What upstreams said of a deployment's capacity, as one replica shares
+/// it with the others: each part for as long as it lasts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pressure {
+    /// A 429's `retry-after` cooldown.
+    pub cooling: Option<Duration>,
+    /// `x-ratelimit-remaining-requests`, until it resets.
+    pub requests: Option<(u64, Duration)>,
+    /// `x-ratelimit-remaining-tokens`, until it resets.
+    pub tokens: Option<(u64, Duration)>,
+    /// The circuit is open.
+    pub open: Option<Duration>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -64,6 +85,68 @@ impl DeploymentLive {
     pub fn cool_down(&self, until: Instant) {
         let mut e = self.estimates();
         e.cooled_until = Some(e.cooled_until.map_or(until, |old| old.max(until)));
+        self.pressure_changed.store(true, Ordering::Release);
+    }
+
+    /// Records what an upstream response's `x-ratelimit-*` headers said.
+    pub fn observe_quota(&self, reported: &UpstreamQuota, now: Instant) {
+        self.quota.observe(reported, now);
+        self.pressure_changed.store(true, Ordering::Release);
+    }
+
+    /// The circuit opened here.
+    pub fn circuit_opened(&self) {
+        self.pressure_changed.store(true, Ordering::Release);
+    }
+
+    /// What upstreams said of the deployment, if it changed since the
+    /// last call.
+    pub fn take_pressure(&self, now: Instant) -> Option<Pressure> {
+        if !self.pressure_changed.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        let (requests, tokens) = self.quota.upstream(now);
+        Some(Pressure {
+            cooling: self.cooling_for(now),
+            requests,
+            tokens,
+            open: match self.circuit.view(now) {
+                CircuitView::Open { probe_in, .. } => Some(probe_in),
+                _ => None,
+            },
+        })
+    }
+
+    /// Whether pressure published at `at` is newer than any taken up.
+    pub fn newer_pressure(&self, at: u64) -> bool {
+        self.pressure_seen_at.fetch_max(at, Ordering::AcqRel) < at
+    }
+
+    /// Takes up what another replica learned of the deployment.
+    pub fn apply_pressure(&self, p: &Pressure, now: Instant) {
+        if let Some(cooling) = p.cooling {
+            let mut e = self.estimates();
+            let until = now + cooling;
+            e.cooled_until = Some(e.cooled_until.map_or(until, |old| old.max(until)));
+        }
+        let remaining = |r: Option<(u64, Duration)>| {
+            r.map(|(left, reset_in)| crate::limits::Remaining {
+                left,
+                reset_in: Some(reset_in),
+            })
+        };
+        if p.requests.is_some() || p.tokens.is_some() {
+            self.quota.observe(
+                &UpstreamQuota {
+                    requests: remaining(p.requests),
+                    tokens: remaining(p.tokens),
+                },
+                now,
+            );
+        }
+        if let Some(open) = p.open {
+            self.circuit.open_until(now + open);
+        }
     }
 
     pub fn record_failure(&self, message: &str) {

@@ -116,6 +116,9 @@ impl Attempt {
             kind if kind.upstream_at_fault() => {
                 d.record_failure(error.message());
                 d.circuit.on_failure(self.probe, now, settings);
+                if matches!(d.circuit.view(now), super::CircuitView::Open { .. }) {
+                    d.circuit_opened();
+                }
             }
             _ => d.circuit.on_success(),
         }

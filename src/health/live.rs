@@ -2,16 +2,18 @@
 //! snapshot holds, in the config's order.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use super::{AliasLive, BackendLive, DeploymentLive};
 use crate::config::Config;
-use crate::limits::Limits;
+use crate::limits::{Limits, SharedTokens};
 
 /// The registry the snapshot takes its live entries from.
 #[derive(Default)]
 pub struct LiveState {
     inner: Mutex<Registry>,
+    /// The fleet's shared limits, when replicas share them.
+    shared: OnceLock<Arc<dyn SharedTokens>>,
 }
 
 #[derive(Default)]
@@ -33,6 +35,12 @@ pub struct LiveView {
 }
 
 impl LiveState {
+    /// Every key's and deployment's limits, now and after reloads, send
+    /// the tokens charged after admission to the fleet's shared cells.
+    pub fn share_limits(&self, sink: Arc<dyn SharedTokens>) {
+        let _ = self.shared.set(sink);
+    }
+
     /// The entries for `config`: existing ones for names that persist, new
     /// ones for new names. Names the config no longer has are forgotten.
     pub fn view(&self, config: &Config) -> LiveView {
@@ -65,14 +73,23 @@ impl LiveState {
                 .map(|k| reuse(&old.keys, &k.name))
                 .collect(),
         };
+        let shared = self.shared.get();
         for (model, live) in config.models.iter().zip(&view.deployments) {
             for (d, l) in model.deployments.iter().zip(live) {
                 l.quota.configure(d.limits);
+                if let Some(sink) = shared {
+                    l.quota
+                        .limits
+                        .share(sink.clone(), format!("deployment:{}", d.name));
+                }
                 guard.deployments.insert(d.name.clone(), l.clone());
             }
         }
         for (k, l) in config.keys.iter().zip(&view.keys) {
             l.configure(k.limits);
+            if let Some(sink) = shared {
+                l.share(sink.clone(), format!("key:{}", k.name));
+            }
             guard.keys.insert(k.name.clone(), l.clone());
         }
         for (b, l) in config.backends.iter().zip(&view.backends) {

@@ -17,7 +17,7 @@ mod quota;
 
 pub use backend::{BackendLive, EngineSignals};
 pub use circuit::CircuitView;
-pub use deployment::{AliasLive, DeploymentLive};
+pub use deployment::{AliasLive, DeploymentLive, Pressure};
 pub use lease::{Attempt, Lease};
 pub use live::{LiveState, LiveView};
 pub use quota::DeploymentQuota;

@@ -61,6 +61,13 @@ impl DeploymentQuota {
     /// upstream last said was left.
     pub fn admit(&self, tokens: u64, now: Instant) -> Result<(), Refused> {
         self.limits.admit(tokens, now)?;
+        self.count_upstream(tokens);
+        Ok(())
+    }
+
+    /// Counts a request admitted elsewhere (by the fleet's shared limits)
+    /// against what the upstream last said was left.
+    pub fn count_upstream(&self, tokens: u64) {
         let mut guard = self.state();
         let state = &mut *guard;
         for (left, used) in [(&mut state.requests, 1), (&mut state.tokens, tokens)] {
@@ -68,7 +75,6 @@ impl DeploymentQuota {
                 left.left = left.left.saturating_sub(used);
             }
         }
-        Ok(())
     }
 
     /// Records what an upstream response's headers said is left.
@@ -80,6 +86,16 @@ impl DeploymentQuota {
         if let Some(tokens) = upstream.tokens {
             state.tokens = Some(Left::of(tokens, now));
         }
+    }
+
+    /// What the upstream last reported left, while it holds: requests and
+    /// tokens, each with how long until it resets.
+    pub fn upstream(&self, now: Instant) -> (Option<(u64, Duration)>, Option<(u64, Duration)>) {
+        let state = self.state();
+        (
+            state.requests.and_then(|l| l.at(now)),
+            state.tokens.and_then(|l| l.at(now)),
+        )
     }
 
     /// Why a request of about `tokens` input tokens cannot go to the

@@ -60,6 +60,19 @@ pub struct Refused {
     pub wait: Option<Duration>,
 }
 
+/// A fleet's shared rate limits (Redis): admission there is the
+/// pipeline's; what this module sends it is the tokens charged after.
+pub trait SharedTokens: Send + Sync {
+    /// The shared cell of `owner`'s (`key:NAME`, `deployment:NAME`)
+    /// `limit` at `per_minute`: a changed quota is a new cell, as it is a
+    /// new bucket here.
+    fn cell(&self, owner: &str, limit: Limit, per_minute: u32) -> String;
+
+    /// Charges (`delta` > 0) or refunds tokens to a shared cell; `false`
+    /// while the shared store is away, when the local bucket takes them.
+    fn tokens(&self, cell: &str, per_minute: u32, delta: i64) -> bool;
+}
+
 /// The request and token limits of one key or deployment. Kept in live
 /// state by name, so they survive a reload; a limit is rebuilt only when
 /// its quota changes.
@@ -67,6 +80,28 @@ pub struct Refused {
 pub struct Limits {
     requests: Bucket,
     tokens: Bucket,
+    /// Where charged tokens go when the fleet shares its limits.
+    shared: ArcSwapOption<Shared>,
+}
+
+struct Shared {
+    sink: Arc<dyn SharedTokens>,
+    owner: String,
+    /// The shared token cell, when there is a `tpm`.
+    tokens: Option<(String, u32)>,
+}
+
+/// What admission in a shared store needs of a limit: its cells.
+pub struct SharedCells {
+    pub requests: Option<(String, u32)>,
+    pub tokens: Option<(String, u32)>,
+}
+
+impl SharedCells {
+    pub const NONE: Self = Self {
+        requests: None,
+        tokens: None,
+    };
 }
 
 impl Limits {
@@ -74,7 +109,57 @@ impl Limits {
     /// Whether anything changed.
     pub fn configure(&self, quota: PerMinute) -> bool {
         let requests = self.requests.configure(quota.requests);
-        self.tokens.configure(quota.tokens) || requests
+        let changed = self.tokens.configure(quota.tokens) || requests;
+        if changed && let Some(shared) = self.shared.load_full() {
+            self.share(shared.sink.clone(), shared.owner.clone());
+        }
+        changed
+    }
+
+    /// From now on, tokens charged after admission go to the fleet's
+    /// shared cells of `owner`, and locally only while the store is away.
+    pub fn share(&self, sink: Arc<dyn SharedTokens>, owner: String) {
+        let tokens = self
+            .tokens
+            .per_minute()
+            .map(|pm| (sink.cell(&owner, Limit::Tokens, pm.get()), pm.get()));
+        self.shared.store(Some(Arc::new(Shared {
+            sink,
+            owner,
+            tokens,
+        })));
+    }
+
+    /// The shared cells admission takes from; `None` when not shared.
+    pub fn shared_cells(&self) -> Option<SharedCells> {
+        let shared = self.shared.load();
+        let shared = shared.as_ref()?;
+        let requests = self.requests.per_minute().map(|pm| {
+            let cell = shared.sink.cell(&shared.owner, Limit::Requests, pm.get());
+            (cell, pm.get())
+        });
+        Some(SharedCells {
+            requests,
+            tokens: shared.tokens.clone(),
+        })
+    }
+
+    /// Whether there is a limit at all.
+    pub fn is_limited(&self) -> bool {
+        self.requests.set.load(Ordering::Acquire) || self.tokens.set.load(Ordering::Acquire)
+    }
+
+    /// Sends `delta` tokens to the shared token cell; `false` when they
+    /// are this process's to count.
+    fn to_shared(&self, delta: i64) -> bool {
+        if !self.tokens.set.load(Ordering::Acquire) {
+            return true;
+        }
+        let shared = self.shared.load();
+        match shared.as_ref().and_then(|s| Some((s, s.tokens.as_ref()?))) {
+            Some((s, (cell, per_minute))) => s.sink.tokens(cell, *per_minute, delta),
+            None => false,
+        }
     }
 
     /// Takes one request and `tokens` (the prompt estimate), or neither.
@@ -127,12 +212,20 @@ impl Limits {
     /// Charges `tokens` being generated: served, so charged even past the
     /// quota, as debt.
     pub fn charge(&self, tokens: u64, now: Instant) {
-        self.tokens.charge(tokens, now);
+        if !self.to_shared(i64::try_from(tokens).unwrap_or(i64::MAX)) {
+            self.tokens.charge(tokens, now);
+        }
     }
 
     /// Settles a request that was charged `charged` tokens (its prompt
     /// estimate and the output charged as it came) and used `used`.
     pub fn settle(&self, charged: u64, used: u64, now: Instant) {
+        let delta = i64::try_from(used)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(charged).unwrap_or(i64::MAX));
+        if delta == 0 || self.to_shared(delta) {
+            return;
+        }
         if used > charged {
             self.tokens.charge(used - charged, now);
         } else {

@@ -29,17 +29,86 @@ pub struct Budgets {
     reserved: Mutex<HashMap<String, u64>>,
 }
 
-/// A request's worst-case cost, held against its key's budgets until it
-/// is dropped — after the actual cost has been recorded.
+/// What a request asks of its key's budgets: the most it may cost, and
+/// the least it can run on — the same unless the gateway may cap its
+/// output (no `max_tokens`), when it is the prompt and one output token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    pub want: u64,
+    pub floor: u64,
+}
+
+/// Where the spend a reservation pays for goes when the fleet shares its
+/// budgets: to the shared store, which releases the reservation there.
+pub trait SharedSpend: Send + Sync {
+    /// `key` spent `nano_usd` on `day`; `reservation` is the shared
+    /// reservation it settles, if it was made in the shared store.
+    fn spent(&self, key: &str, reservation: Option<&str>, nano_usd: u64, day: Date);
+}
+
+/// A request's worst-case cost, held against its key's budgets until
+/// [`Reservation::settle`] is given the actual cost (recorded first).
 pub struct Reservation {
-    budgets: Arc<Budgets>,
     key: String,
     nano_usd: u64,
+    /// Held in this process.
+    local: Option<Arc<Budgets>>,
+    /// Shared by the fleet, with the reservation's id when it was made in
+    /// the shared store.
+    shared: Option<(Arc<dyn SharedSpend>, Option<String>)>,
+    settled: bool,
 }
 
 impl Reservation {
+    /// A reservation made in the fleet's shared store under `id`.
+    pub fn shared(key: &str, nano_usd: u64, sink: Arc<dyn SharedSpend>, id: String) -> Self {
+        Self {
+            key: key.to_owned(),
+            nano_usd,
+            local: None,
+            shared: Some((sink, Some(id))),
+            settled: false,
+        }
+    }
+
     pub fn nano_usd(&self) -> u64 {
         self.nano_usd
+    }
+
+    /// A reservation made here while the fleet's store was away: its
+    /// spend is still the fleet's, sent when the store answers again.
+    pub fn reported_to(mut self, sink: Arc<dyn SharedSpend>) -> Self {
+        self.shared = Some((sink, None));
+        self
+    }
+
+    /// The request cost `nano_usd` (already in the ledger): the budget is
+    /// freed, and a fleet's shared spend is told.
+    pub fn settle(mut self, nano_usd: u64) {
+        self.release(nano_usd);
+    }
+
+    fn release(&mut self, nano_usd: u64) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        if let Some(budgets) = &self.local {
+            let mut reserved = budgets.lock();
+            if let Some(held) = reserved.get_mut(&self.key) {
+                *held = held.saturating_sub(self.nano_usd);
+            }
+        }
+        if let Some((sink, id)) = &self.shared {
+            sink.spent(&self.key, id.as_deref(), nano_usd, today());
+        }
+    }
+}
+
+/// A reservation dropped unsettled (the request never reached the meter)
+/// spent nothing.
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.release(0);
     }
 }
 
@@ -51,15 +120,6 @@ pub fn affordable_output(rate: &Rate, prompt: u64, nano_usd: u64) -> u64 {
     match rate.output {
         0 => u64::MAX,
         price => u64::try_from(left / u128::from(price)).unwrap_or(u64::MAX),
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        let mut reserved = self.budgets.lock();
-        if let Some(held) = reserved.get_mut(&self.key) {
-            *held = held.saturating_sub(self.nano_usd);
-        }
     }
 }
 
@@ -122,72 +182,42 @@ impl Budgets {
         self.reserved.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Reserves the worst case of a request against `key`'s budgets, or
-    /// refuses with 429 `insufficient_quota` naming the budget and when it
-    /// resets. `worst_case` is given what the budgets have left after
-    /// spend and reservations, and says what the request may cost: sized
-    /// under the same lock as the check, so requests admitted at once
-    /// cannot each count on the same dollars.
+    /// Reserves what a request asks of `key`'s budgets — `ask.want`, or
+    /// as much of it as the budgets have left when that is at least
+    /// `ask.floor` — or refuses ([`refusal`]). `budget(period, limit)` says
+    /// what the period's limit and spend are taken to be: the key's own
+    /// and the ledger's, or a replica's share of the fleet's while the
+    /// shared store is away. Sized under the same lock as the check, so
+    /// requests admitted at once cannot each count on the same dollars.
     pub fn admit(
         self: &Arc<Self>,
-        ledger: &Ledger,
         key: &Key,
         today: Date,
-        worst_case: impl FnOnce(u64) -> u64,
+        ask: Ask,
+        budget: impl Fn(Period, u64) -> (u64, u64),
     ) -> Result<Reservation, GatewayError> {
         let mut reserved = self.lock();
         let held = reserved.get(&key.name).copied().unwrap_or(0);
-        let periods = [Period::Daily, Period::Monthly].map(|period| {
-            period.limit(key).map(|limit| {
-                let (from, to) = period.bounds(today);
-                (period, limit, ledger.spent(&key.name, from, to))
-            })
-        });
-        let available = periods
-            .iter()
-            .flatten()
-            .map(|&(_, limit, spent)| limit.saturating_sub(spent).saturating_sub(held))
-            .min()
-            .unwrap_or(u64::MAX);
-        let estimate = worst_case(available);
-        for &(period, limit, spent) in periods.iter().flatten() {
-            if spent.saturating_add(held).saturating_add(estimate) <= limit {
+        let mut available = u64::MAX;
+        for period in [Period::Daily, Period::Monthly] {
+            let Some(limit) = period.limit(key) else {
                 continue;
+            };
+            let (limit, spent) = budget(period, limit);
+            if spent.saturating_add(held).saturating_add(ask.floor) > limit {
+                return Err(refusal(&key.name, period, limit, spent, held, ask.floor, today));
             }
-            if spent.saturating_add(estimate) <= limit {
-                return Err(GatewayError::budget_held(
-                    format!(
-                        "what is left of key \"{}\"'s {} budget of {} is reserved by its requests in \
-                         flight ({} of it; {} spent), and this request may cost up to {}; retry \
-                         after {} s, as they end",
-                        key.name,
-                        period.name(),
-                        dollars(limit),
-                        dollars(held),
-                        dollars(spent),
-                        dollars(estimate),
-                        HELD_RETRY.as_secs(),
-                    ),
-                    HELD_RETRY,
-                ));
-            }
-            return Err(GatewayError::budget_exhausted(format!(
-                "key \"{}\" has used {} of its {} budget of {}, and this request may cost up to {}; \
-                 the budget resets at {} 00:00 UTC",
-                key.name,
-                dollars(spent),
-                period.name(),
-                dollars(limit),
-                dollars(estimate),
-                period.resets(today),
-            )));
+            available = available.min(limit - spent - held);
         }
-        let held = reserved.entry(key.name.clone()).or_default();
-        *held = held.saturating_add(estimate);
+        let nano_usd = ask.want.min(available);
+        let entry = reserved.entry(key.name.clone()).or_default();
+        *entry = entry.saturating_add(nano_usd);
         Ok(Reservation {
-            budgets: self.clone(),
             key: key.name.clone(),
-            nano_usd: estimate,
+            nano_usd,
+            local: Some(self.clone()),
+            shared: None,
+            settled: false,
         })
     }
 
@@ -203,6 +233,53 @@ impl Budgets {
         let (from, to) = period.bounds(today);
         Some(limit.saturating_sub(ledger.spent(&key.name, from, to)))
     }
+}
+
+/// 429 for a request that needs `needed` of a `period` budget of `limit`,
+/// of which `spent` is spent and `held` reserved by requests in flight:
+/// `budget_held` (retry shortly) when it would fit once they end,
+/// `insufficient_quota` (final until the budget resets) when not.
+pub fn refusal(
+    key: &str,
+    period: Period,
+    limit: u64,
+    spent: u64,
+    held: u64,
+    needed: u64,
+    today: Date,
+) -> GatewayError {
+    if spent.saturating_add(needed) <= limit {
+        return GatewayError::budget_held(
+            format!(
+                "what is left of key \"{key}\"'s {} budget of {} is reserved by its requests in \
+                 flight ({} of it; {} spent), and this request may cost up to {}; retry after {} s, \
+                 as they end",
+                period.name(),
+                dollars(limit),
+                dollars(held),
+                dollars(spent),
+                dollars(needed),
+                HELD_RETRY.as_secs(),
+            ),
+            HELD_RETRY,
+        );
+    }
+    GatewayError::budget_exhausted(format!(
+        "key \"{key}\" has used {} of its {} budget of {}, and this request may cost up to {}; \
+         the budget resets at {} 00:00 UTC",
+        dollars(spent),
+        period.name(),
+        dollars(limit),
+        dollars(needed),
+        period.resets(today),
+    ))
+}
+
+/// What `key` spent in the `period` containing `today`, as the ledger
+/// has it.
+pub fn spent_in(ledger: &Ledger, key: &str, period: Period, today: Date) -> u64 {
+    let (from, to) = period.bounds(today);
+    ledger.spent(key, from, to)
 }
 
 pub fn today() -> Date {
@@ -247,6 +324,22 @@ mod tests {
         );
     }
 
+    fn admit(
+        budgets: &Arc<Budgets>,
+        ledger: &Ledger,
+        k: &Key,
+        today: Date,
+        cost: u64,
+    ) -> Result<Reservation, GatewayError> {
+        let ask = Ask {
+            want: cost,
+            floor: cost,
+        };
+        budgets.admit(k, today, ask, |period, limit| {
+            (limit, spent_in(ledger, &k.name, period, today))
+        })
+    }
+
     #[test]
     fn reservations_hold_budget_until_dropped_and_refusals_say_when_it_frees_or_resets() {
         let (ledger, budgets) = (Ledger::open(None).unwrap(), Arc::new(Budgets::default()));
@@ -254,10 +347,10 @@ mod tests {
         let k = key(Some(1_000), None);
         spend(&ledger, today, 400);
         spend(&ledger, date!(2026 - 11 - 27), 10_000);
-        let first = budgets.admit(&ledger, &k, today, |_| 300).unwrap();
-        let second = budgets.admit(&ledger, &k, today, |_| 300).unwrap();
+        let first = admit(&budgets, &ledger, &k, today, 300).unwrap();
+        let second = admit(&budgets, &ledger, &k, today, 300).unwrap();
         // It would fit but for what the first two hold: retry shortly.
-        let held = budgets.admit(&ledger, &k, today, |_| 300).err().unwrap();
+        let held = admit(&budgets, &ledger, &k, today, 300).err().unwrap();
         assert_eq!(held.status(), 429);
         assert_eq!(held.code(), Some("budget_held"));
         assert_eq!(held.wait(), Some(HELD_RETRY));
@@ -269,7 +362,7 @@ mod tests {
             held.message()
         );
         // It would not fit even then: final until the budget resets.
-        let refused = budgets.admit(&ledger, &k, today, |_| 700).err().unwrap();
+        let refused = admit(&budgets, &ledger, &k, today, 700).err().unwrap();
         assert_eq!(refused.status(), 429);
         assert_eq!(refused.code(), Some("insufficient_quota"));
         assert!(refused.kind().client_should_not_retry());
@@ -284,7 +377,7 @@ mod tests {
             refused.message()
         );
         drop(first);
-        let third = budgets.admit(&ledger, &k, today, |_| 300).unwrap();
+        let third = admit(&budgets, &ledger, &k, today, 300).unwrap();
         drop((second, third));
         assert_eq!(
             budgets.remaining(&ledger, &k, Period::Daily, today),
@@ -299,7 +392,7 @@ mod tests {
         spend(&ledger, date!(2026 - 10 - 31), 900);
         spend(&ledger, date!(2026 - 11 - 1), 600);
         let today = date!(2026 - 11 - 30);
-        let refused = budgets.admit(&ledger, &k, today, |_| 500).err().unwrap();
+        let refused = admit(&budgets, &ledger, &k, today, 500).err().unwrap();
         assert!(
             refused.message().contains("monthly budget"),
             "{}",
@@ -310,7 +403,7 @@ mod tests {
             "{}",
             refused.message()
         );
-        assert!(budgets.admit(&ledger, &k, today, |_| 400).is_ok());
+        assert!(admit(&budgets, &ledger, &k, today, 400).is_ok());
         assert_eq!(
             Period::Monthly.bounds(date!(2028 - 02 - 10)).1,
             date!(2028 - 02 - 29)
@@ -318,27 +411,53 @@ mod tests {
     }
 
     #[test]
-    fn the_worst_case_is_sized_from_what_is_left_after_spend_and_reservations() {
+    fn a_request_that_may_be_capped_gets_what_is_left_down_to_its_floor() {
         let (ledger, budgets) = (Ledger::open(None).unwrap(), Arc::new(Budgets::default()));
         let today = date!(2026 - 11 - 28);
         let k = key(Some(1_000), Some(5_000));
         spend(&ledger, today, 100);
-        let mut seen = Vec::new();
+        let own = |period, limit| (limit, spent_in(&ledger, "k", period, today));
         let first = budgets
-            .admit(&ledger, &k, today, |left| {
-                seen.push(left);
-                left / 2
-            })
+            .admit(&k, today, Ask { want: 450, floor: 10 }, own)
             .unwrap();
         assert_eq!(first.nano_usd(), 450);
-        let _second = budgets
-            .admit(&ledger, &k, today, |left| {
-                seen.push(left);
-                left
-            })
+        let second = budgets
+            .admit(&k, today, Ask { want: 10_000, floor: 10 }, own)
             .unwrap();
-        assert_eq!(seen, [900, 450], "the daily budget is the smaller");
-        assert!(budgets.admit(&ledger, &k, today, |_| 1).is_err());
+        assert_eq!(second.nano_usd(), 450, "what the daily budget has left");
+        let refused = budgets.admit(&k, today, Ask { want: 10_000, floor: 1 }, own);
+        assert_eq!(refused.err().unwrap().code(), Some("budget_held"));
+        second.settle(200);
+        // The ledger has the 200 now (the meter records before settling).
+        spend(&ledger, today, 200);
+        let third = budgets
+            .admit(&k, today, Ask { want: 10_000, floor: 10 }, own)
+            .unwrap();
+        assert_eq!(third.nano_usd(), 250);
+    }
+
+    #[test]
+    fn a_shared_reservation_reports_its_spend_once_settled_or_dropped() {
+        #[derive(Default)]
+        struct Sink(Mutex<Vec<(String, Option<String>, u64)>>);
+        impl SharedSpend for Sink {
+            fn spent(&self, key: &str, reservation: Option<&str>, nano_usd: u64, _: Date) {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push((key.into(), reservation.map(Into::into), nano_usd));
+            }
+        }
+        let sink = Arc::new(Sink::default());
+        Reservation::shared("k", 500, sink.clone(), "r1".into()).settle(120);
+        drop(Reservation::shared("k", 500, sink.clone(), "r2".into()));
+        assert_eq!(
+            *sink.0.lock().unwrap(),
+            [
+                ("k".into(), Some("r1".into()), 120),
+                ("k".into(), Some("r2".into()), 0)
+            ]
+        );
     }
 
     #[test]

@@ -243,18 +243,17 @@ impl Meter {
         self.charges.reservation.as_ref().map(Reservation::nano_usd)
     }
 
-    /// Whether what the request has cost so far (its prompt estimate and
-    /// the output passed through) has reached its budget reservation: a
-    /// stream is then ended, so a budget is never overrun by a request
-    /// that generates past what was reserved for it.
+    /// Whether the request's budget reservation pays for no more output:
+    /// its prompt estimate and the output passed through, with one token
+    /// more, would cost more than it holds. A stream is then ended, so a
+    /// budget is never overrun by a request that generates past what was
+    /// reserved for it.
     pub fn reservation_spent(&self) -> bool {
         let (Some(reserved), Some(serving)) = (self.reserved_nano_usd(), &self.serving) else {
             return false;
         };
-        serving
-            .rate
-            .estimate_nano_usd(self.prompt_estimate, self.generated_tokens())
-            >= reserved
+        let next = self.generated_tokens().saturating_add(1);
+        serving.rate.estimate_nano_usd(self.prompt_estimate, next) > reserved
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -371,7 +370,9 @@ impl Meter {
             );
         }
         // Only now, with the cost in the ledger, may the budget be freed.
-        self.charges.reservation = None;
+        if let Some(reservation) = self.charges.reservation.take() {
+            reservation.settle(cost_nano);
+        }
         let elapsed = self.started.elapsed();
         m.record_request(alias, backend, status, elapsed);
         m.gateway_overhead

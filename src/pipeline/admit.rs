@@ -6,17 +6,23 @@
 //! request from the key's rate limits and budget (serving only).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{Budget, Deployment, Key};
+use crate::config::{Budget, Deployment, Key, OnUnavailable};
 use crate::error::GatewayError;
+use crate::limits::{Limits, Refused, SharedCells};
 use crate::metering::budget::{self, Reservation};
 use crate::openai::{Endpoint, InboundRequest};
 use crate::routing::{self, Explained, Plan, PlanStatus, RequestFacts};
 use crate::state::{AppState, Snapshot};
+use crate::store::Denied;
+
+/// How long a request refused because the shared state is away is told
+/// to wait: the replica retries Redis about this often.
+pub const STATE_RETRY: Duration = Duration::from_secs(1);
 
 /// A request admitted: the model it resolved to, its facts and its plan,
 /// with at least one deployment to try.
@@ -154,66 +160,104 @@ fn resolve(snapshot: &Snapshot, key: Option<&Key>, alias: &str) -> Result<usize,
 
 /// Takes an admitted request from its key's rate limits (a request and its
 /// prompt estimate; 429 with `retry-after`) and budget (429), reserving
-/// the most the request can cost on any deployment of its plan. Returns
-/// the key's limits, to be settled with the tokens really used, and the
+/// what the request asks of it ([`ask`]). With a shared store that is one
+/// call to it; while it is away, this replica's own limits and its share
+/// of the budget, or 503, as `[state] on_unavailable` says. Returns the
+/// key's limits, to be settled with the tokens really used, and the
 /// budget reservation.
-pub fn reserve(
+pub async fn reserve(
     app: &AppState,
     snapshot: &Snapshot,
     key: Option<&Key>,
     request: &InboundRequest,
     admission: &Admission,
-) -> Result<(Option<Arc<crate::limits::Limits>>, Option<Reservation>), GatewayError> {
+) -> Result<(Option<Arc<Limits>>, Option<Reservation>), GatewayError> {
     let Some(key) = key else {
         return Ok((None, None));
     };
     let tokens = admission.facts.input_tokens;
     let limits = snapshot.key_limits(key);
-    limits.admit(tokens, Instant::now()).map_err(|refused| {
+    let budgeted = key.budget != Budget::default();
+    let today = budget::today();
+    let rate_limited = |refused: &Refused| {
         app.metrics
             .rate_limited
             .with_label_values(&["key", &key.name, refused.limit.name()])
             .inc();
-        GatewayError::key_rate_limited(&key.name, &refused, tokens)
-    })?;
-    let reservation = if key.budget == Budget::default() {
-        None
+        GatewayError::key_rate_limited(&key.name, refused, tokens)
+    };
+    let fleet = app.fleet.as_ref();
+    if let Some(fleet) = fleet
+        && (budgeted || limits.is_limited())
+    {
+        let cells = limits.shared_cells().unwrap_or(SharedCells::NONE);
+        let budget = budgeted.then(|| (key, ask(snapshot, request, admission), today));
+        match fleet.admit(&cells, tokens, budget).await {
+            Ok(admitted) => {
+                let reservation = admitted.reservation.map(|(id, nano_usd)| {
+                    Reservation::shared(&key.name, nano_usd, fleet.clone(), id)
+                });
+                return Ok((Some(limits.clone()), reservation));
+            }
+            Err(Denied::Rate(refused)) => return Err(rate_limited(&refused)),
+            Err(Denied::Budget {
+                period,
+                limit,
+                spent,
+                held,
+                needed,
+            }) => {
+                return Err(budget::refusal(
+                    &key.name, period, limit, spent, held, needed, today,
+                ));
+            }
+            Err(Denied::Unavailable) if fleet.on_unavailable == OnUnavailable::Refuse => {
+                return Err(GatewayError::state_unavailable(STATE_RETRY));
+            }
+            Err(Denied::Unavailable) => {}
+        }
+    }
+    limits
+        .admit(tokens, Instant::now())
+        .map_err(|refused| rate_limited(&refused))?;
+    let reservation = if budgeted {
+        let ask = ask(snapshot, request, admission);
+        let reservation = app.budgets.admit(key, today, ask, |period, limit| {
+            let spent = budget::spent_in(&app.ledger, &key.name, period, today);
+            match fleet {
+                Some(fleet) => fleet.local_budget(&key.name, period, limit, spent, today),
+                None => (limit, spent),
+            }
+        })?;
+        Some(match fleet {
+            Some(fleet) => reservation.reported_to(fleet.clone()),
+            None => reservation,
+        })
     } else {
-        let worst_case = |available| worst_case(snapshot, request, admission, available);
-        Some(
-            app.budgets
-                .admit(&app.ledger, key, budget::today(), worst_case)?,
-        )
+        None
     };
     Ok((Some(limits.clone()), reservation))
 }
 
-/// The most a request can cost on the dearest deployment of its plan: its
-/// prompt estimate and as many output tokens as it may generate there —
-/// its [`output_ceiling`], and without `max_tokens`, no more than the
-/// budget's `available` nano-dollars pay for (the limit the attempt then
-/// sets upstream); at least one token.
-fn worst_case(
-    snapshot: &Snapshot,
-    request: &InboundRequest,
-    admission: &Admission,
-    available: u64,
-) -> u64 {
+/// What a request asks of its key's budget: the most it can cost on the
+/// dearest deployment of its plan — its prompt estimate and its
+/// [`output_ceiling`] there — and, without `max_tokens` (the gateway then
+/// sets the output limit a reservation pays for), the least: its prompt
+/// and one output token on any of them.
+pub fn ask(snapshot: &Snapshot, request: &InboundRequest, admission: &Admission) -> budget::Ask {
     let prompt = admission.facts.input_tokens;
     let deployments = &snapshot.config.models[admission.model].deployments;
-    admission
-        .plan
-        .order()
-        .map(|i| {
-            let rate = snapshot.resolved(admission.model, i).rate;
-            let mut output = output_ceiling(request, &deployments[i], prompt);
-            if request.max_output_tokens().is_none() {
-                output = output.min(budget::affordable_output(&rate, prompt, available));
-            }
-            rate.estimate_nano_usd(prompt, output.max(1))
-        })
-        .max()
-        .unwrap_or(0)
+    let (mut want, mut floor) = (0, 0);
+    for i in admission.plan.order() {
+        let rate = snapshot.resolved(admission.model, i).rate;
+        let output = output_ceiling(request, &deployments[i], prompt).max(1);
+        want = want.max(rate.estimate_nano_usd(prompt, output));
+        floor = floor.max(rate.estimate_nano_usd(prompt, 1));
+    }
+    if request.max_output_tokens().is_some() {
+        floor = want;
+    }
+    budget::Ask { want, floor }
 }
 
 /// The most output tokens a request of `prompt` tokens may have at

@@ -14,6 +14,7 @@ use super::{Failure, RequestCtx};
 use crate::config::{Backend, Deployment};
 use crate::error::GatewayError;
 use crate::health::Attempt;
+use crate::limits::Refused;
 use crate::metering::budget::affordable_output;
 use crate::metering::usage::{self, ChunkFacts};
 use crate::metering::{Meter, Observed, Serving};
@@ -21,6 +22,7 @@ use crate::metrics::NONE;
 use crate::openai::InboundRequest;
 use crate::providers::{Chunk, ChunkStream, UpstreamCall, UpstreamReply};
 use crate::state::{AppState, Resolved};
+use crate::store::Denied;
 
 /// What came back from an upstream before the client saw anything.
 pub enum Ready {
@@ -73,11 +75,7 @@ pub async fn attempt<'s>(
         let Some(attempt) = Attempt::begin(&resolved.health) else {
             continue;
         };
-        if let Err(refused) = resolved
-            .health
-            .quota
-            .admit(facts.input_tokens, Instant::now())
-        {
+        if let Err(refused) = admit_deployment(app, resolved, facts.input_tokens).await {
             metrics
                 .rate_limited
                 .with_label_values(&["deployment", &deployment.name, refused.limit.name()])
@@ -156,6 +154,30 @@ pub async fn attempt<'s>(
     ))
 }
 
+/// Takes an attempt from its deployment's rate limits: the fleet's shared
+/// ones when there is a store that answers, else this replica's own.
+async fn admit_deployment(
+    app: &AppState,
+    resolved: &Resolved,
+    tokens: u64,
+) -> Result<(), Refused> {
+    let quota = &resolved.health.quota;
+    if let Some(fleet) = &app.fleet
+        && let Some(cells) = quota.limits.shared_cells()
+        && quota.limits.is_limited()
+    {
+        match fleet.admit(&cells, tokens, None).await {
+            Ok(_) | Err(Denied::Budget { .. }) => {
+                quota.count_upstream(tokens);
+                return Ok(());
+            }
+            Err(Denied::Rate(refused)) => return Err(refused),
+            Err(Denied::Unavailable) => {}
+        }
+    }
+    quota.admit(tokens, Instant::now())
+}
+
 /// The output limit the gateway sets for an attempt at `deployment`: for a
 /// request without `max_tokens` whose key has a budget, as many tokens as
 /// the reservation pays for at the deployment's prices, within its
@@ -216,7 +238,7 @@ async fn call_upstream(
     .await
     .unwrap_or_else(|_| Err(GatewayError::upstream_timeout(&backend.name, first_byte)));
     if let Some(reported) = reported.get() {
-        resolved.health.quota.observe(reported, Instant::now());
+        resolved.health.observe_quota(reported, Instant::now());
     }
     let outcome = match &result {
         Ok(_) => "ok",

@@ -103,6 +103,7 @@ async fn serve(
         .with_label_values(&[alias, admission.plan.strategy, first.label])
         .inc();
     let (limits, reservation) = admit::reserve(app, snapshot, key, &request, &admission)
+        .await
         .map_err(|error| Failure::before_upstream(error, alias))?;
     let meter = Meter::new(
         app.metrics.clone(),

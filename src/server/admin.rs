@@ -170,6 +170,34 @@ pub async fn spend(
     )
 }
 
+/// `GET /admin/status`: what this replica runs on: its config version,
+/// whether it drains, and where its budgets and limits live — with
+/// `degraded: true` while a shared store does not answer.
+pub async fn status(State(app): State<Arc<AppState>>, headers: HeaderMap, uri: Uri) -> Response {
+    let snapshot = app.snapshot.load_full();
+    answer(
+        auth::authenticate_admin(&snapshot, &headers, uri.path()).map(|()| {
+            let state = match &app.fleet {
+                None => serde_json::json!({"backend": "memory", "degraded": false, "replicas": 1}),
+                Some(fleet) => serde_json::json!({
+                    "backend": "redis",
+                    "degraded": fleet.is_degraded(),
+                    "on_unavailable": match fleet.on_unavailable {
+                        crate::config::OnUnavailable::Local => "local",
+                        crate::config::OnUnavailable::Refuse => "refuse",
+                    },
+                    "replicas": fleet.replicas(),
+                }),
+            };
+            serde_json::json!({
+                "config_version": snapshot.config.version,
+                "draining": app.is_draining(),
+                "state": state,
+            })
+        }),
+    )
+}
+
 /// `POST /admin/reload[?dry_run=true]`: validates the candidate config
 /// (the body, as TOML; without a body, the config file) and applies it
 /// unless it is a dry run. 422 with every problem when it is invalid.

@@ -79,6 +79,7 @@ impl Gateway {
             .route("/metrics", get(metrics))
             .route("/admin/explain", post(admin::explain_plan))
             .route("/admin/spend", get(admin::spend))
+            .route("/admin/status", get(admin::status))
             .route("/admin/reload", post(admin::reload))
             .route("/admin/config", get(admin::active_config))
             .fallback(not_found)
@@ -101,6 +102,7 @@ impl Gateway {
         let grace = self.state.snapshot.load().config.server.shutdown_grace;
         // Held while serving: dropping it stops the watch.
         let _watch = state::watch(&self.state).map_err(std::io::Error::other)?;
+        let sharing = state::share(&self.state);
         let state = self.state.clone();
         let drained = listen::accept_until(listener, self.router(), async move {
             shutdown.await;
@@ -114,6 +116,9 @@ impl Gateway {
         if tokio::time::timeout(grace, drained).await.is_err() {
             tracing::warn!("grace period over: closing the connections still open");
         }
+        drop(sharing);
+        // The last spend and token charges reach the fleet.
+        state::exchange(&self.state).await;
         if let Err(e) = self.state.ledger.flush() {
             tracing::error!(error = %e, "could not write the last spend to the ledger");
         }

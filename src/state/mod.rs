@@ -3,6 +3,7 @@
 //! metrics, the spend ledger and budgets.
 
 mod reload;
+mod shared;
 mod snapshot;
 
 use std::path::PathBuf;
@@ -11,13 +12,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 
-use crate::config::Config;
+use crate::config::{Config, StateSettings};
 use crate::health::{LiveState, engine};
 use crate::ledger::{self, Ledger};
 use crate::metering::budget::Budgets;
 use crate::metrics::Metrics;
+use crate::store::Fleet;
 
 pub use reload::{Env, ReloadError, ReloadReport, watch};
+pub use shared::{Sharing, exchange, share};
 pub use snapshot::{Resolved, Snapshot};
 
 pub struct AppState {
@@ -28,6 +31,9 @@ pub struct AppState {
     /// Spend per day, key, model and deployment; durable with a data_dir.
     pub ledger: Arc<Ledger>,
     pub budgets: Arc<Budgets>,
+    /// Budgets, limits and upstream pressure shared with the other
+    /// replicas (`[state] backend = "redis"`).
+    pub fleet: Option<Arc<Fleet>>,
     /// Config reloads, and the engine scrapers of the current snapshot.
     reloader: reload::Reloader,
     draining: AtomicBool,
@@ -68,10 +74,22 @@ impl AppState {
         } else {
             tracing::warn!("no [ledger] data_dir: spend is kept in memory and lost on restart");
         }
+        let metrics = Arc::new(Metrics::new());
+        metrics.state_replicas.set(1);
+        let fleet = match &config.state {
+            StateSettings::Memory => None,
+            StateSettings::Redis(settings) => Some(Arc::new(Fleet::connect(
+                settings,
+                metrics.state_degraded.clone(),
+                metrics.state_replicas.clone(),
+            )?)),
+        };
         let live = LiveState::default();
+        if let Some(fleet) = &fleet {
+            live.share_limits(fleet.clone());
+        }
         let snapshot = Snapshot::build(config, &live)?;
         let scrapers = engine::spawn(&snapshot.config.backends, &snapshot.live().backends);
-        let metrics = Arc::new(Metrics::new());
         metrics.set_config_version(&snapshot.config.version);
         Ok(Self {
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -79,6 +97,7 @@ impl AppState {
             metrics,
             ledger,
             budgets: Arc::default(),
+            fleet,
             reloader: reload::Reloader::new(options.env, options.config_file, scrapers),
             draining: AtomicBool::new(false),
         })

@@ -183,6 +183,9 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     {
         fields.push("ledger".to_owned());
     }
+    if old.document.get("state") != new.document.get("state") {
+        fields.push("state".to_owned());
+    }
     fields
 }
 

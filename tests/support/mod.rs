@@ -15,5 +15,6 @@ pub mod mock;
 pub mod openai_mock;
 pub mod plan;
 pub mod process;
+pub mod redis;
 pub mod sigv4;
 pub mod tgi_mock;

@@ -1,0 +1,145 @@
+//! Validation of `[state]`: where budgets, rate limits and upstream
+//! pressure live.
+
+use std::time::Duration;
+
+use url::Url;
+
+use super::super::schema::RawConfig;
+use super::super::types::*;
+use super::{Secrets, Validator};
+
+const DEFAULT_PREFIX: &str = "tollgate:";
+const DEFAULT_TIMEOUT_MS: u64 = 50;
+const DEFAULT_LEASE_MS: u64 = 30_000;
+
+impl Validator<'_> {
+    pub(super) fn state(&mut self, raw: &RawConfig) -> StateSettings {
+        let s = &raw.state;
+        match s.backend.as_deref().unwrap_or("memory") {
+            "memory" => {
+                for (field, set) in [
+                    ("url", s.url.is_some()),
+                    ("url_env", s.url_env.is_some()),
+                    ("prefix", s.prefix.is_some()),
+                    ("timeout_ms", s.timeout_ms.is_some()),
+                    ("on_unavailable", s.on_unavailable.is_some()),
+                    ("lease_ms", s.lease_ms.is_some()),
+                ] {
+                    if set {
+                        self.problem(
+                            format!("state.{field}"),
+                            "applies only with backend = \"redis\"; set that, or remove this field",
+                        );
+                    }
+                }
+                StateSettings::Memory
+            }
+            "redis" => self.redis_state(raw).map_or(StateSettings::Memory, StateSettings::Redis),
+            other => {
+                self.problem(
+                    "state.backend",
+                    format!("\"{other}\" is not a state backend; use \"memory\" (one process) or \"redis\" (shared by replicas)"),
+                );
+                StateSettings::Memory
+            }
+        }
+    }
+
+    fn redis_state(&mut self, raw: &RawConfig) -> Option<RedisState> {
+        let s = &raw.state;
+        let url = match (&s.url, &s.url_env) {
+            (Some(_), Some(_)) => {
+                self.problem("state.url", "set url or url_env, not both");
+                None
+            }
+            (None, None) => {
+                self.problem(
+                    "state.url_env",
+                    "backend = \"redis\" needs the server's address: url_env names the environment variable holding it (or url, without a password)",
+                );
+                None
+            }
+            (Some(url), None) => {
+                let checked = self.redis_url("state.url", url, false);
+                checked.map(|_| Secret::new(url.clone()))
+            }
+            (None, Some(var)) => {
+                let secret = self.secret("state.url_env".into(), var);
+                match secret {
+                    Some(url) => self.redis_url("state.url_env", url.expose(), true).map(|_| url),
+                    // Offline: checked with the secrets, not now.
+                    None if matches!(self.secrets, Secrets::Unread) => Some(Secret::new(String::new())),
+                    None => None,
+                }
+            }
+        };
+        let prefix = s.prefix.clone().unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+        if prefix.is_empty() || prefix.len() > 64 || prefix.bytes().any(|b| !b.is_ascii_graphic()) {
+            self.problem(
+                "state.prefix",
+                "must be 1 to 64 printable characters without spaces, such as \"tollgate:\"",
+            );
+        }
+        let timeout_ms = s.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+        if !(1..=5_000).contains(&timeout_ms) {
+            self.problem(
+                "state.timeout_ms",
+                "must be between 1 and 5000: every admission waits on Redis up to this long",
+            );
+        }
+        let lease_ms = s.lease_ms.unwrap_or(DEFAULT_LEASE_MS);
+        if !(1_000..=600_000).contains(&lease_ms) {
+            self.problem(
+                "state.lease_ms",
+                "must be between 1000 and 600000: a dead replica's budget reservations are freed after this long",
+            );
+        }
+        let on_unavailable = match s.on_unavailable.as_deref().unwrap_or("local") {
+            "local" => Some(OnUnavailable::Local),
+            "refuse" => Some(OnUnavailable::Refuse),
+            other => {
+                self.problem(
+                    "state.on_unavailable",
+                    format!("\"{other}\" is not a choice; use \"local\" (serve with this replica's own state) or \"refuse\" (answer 503)"),
+                );
+                None
+            }
+        };
+        Some(RedisState {
+            url: url?,
+            prefix,
+            timeout: Duration::from_millis(timeout_ms),
+            on_unavailable: on_unavailable?,
+            lease: Duration::from_millis(lease_ms),
+        })
+    }
+
+    /// A `redis://` URL; one written in the config file holds no password.
+    fn redis_url(&mut self, path: &str, text: &str, from_env: bool) -> Option<()> {
+        let shown = if from_env { "the URL in the environment variable" } else { "the URL" };
+        let Ok(url) = Url::parse(text) else {
+            self.problem(path, format!("{shown} is not a URL; write redis://HOST:PORT/DB"));
+            return None;
+        };
+        if url.scheme() != "redis" {
+            self.problem(
+                path,
+                format!("{shown} must start with redis:// (TLS to Redis is not supported; reach it over a private network or a local TLS proxy)"),
+            );
+            return None;
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            self.problem(path, format!("{shown} names no host; write redis://HOST:PORT/DB"));
+            return None;
+        }
+        if !from_env && url.password().is_some() {
+            self.problem(
+                path,
+                "holds a password, and config files hold no secrets: put the URL in an environment variable and name it in url_env",
+            );
+            return None;
+        }
+        Some(())
+    }
+}

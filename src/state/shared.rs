@@ -1,0 +1,84 @@
+//! The replica's side of the fleet's shared state: every
+//! [`SYNC_EVERY`](crate::store::SYNC_EVERY) it tells the fleet what
+//! upstreams told it (429 cooldowns, `x-ratelimit-*` counts, circuits that
+//! opened) and takes up what the others learned, while the store carries
+//! its queued spend, token charges and lease renewals along.
+
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use tokio::task::JoinHandle;
+
+use super::AppState;
+use crate::metering::budget::{self, Period};
+use crate::store::{SYNC_EVERY, SyncAsk};
+
+/// Exchanges with the fleet until dropped.
+pub struct Sharing(Option<JoinHandle<()>>);
+
+impl Drop for Sharing {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Starts the exchange when the gateway shares its state (`[state]
+/// backend = "redis"`).
+pub fn share(app: &Arc<AppState>) -> Sharing {
+    if app.fleet.is_none() {
+        return Sharing(None);
+    }
+    let app: Weak<AppState> = Arc::downgrade(app);
+    Sharing(Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SYNC_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(app) = app.upgrade() else { return };
+            exchange(&app).await;
+        }
+    })))
+}
+
+/// One exchange: what changed here goes out, what the others learned
+/// comes in. Also run once more at shutdown, so the last spend is sent.
+pub async fn exchange(app: &AppState) {
+    let Some(fleet) = &app.fleet else { return };
+    let snapshot = app.snapshot.load_full();
+    let live = snapshot.live();
+    let config = &snapshot.config;
+    let now = Instant::now();
+    let mut ask = SyncAsk::default();
+    for (model, health) in config.models.iter().zip(&live.deployments) {
+        for (deployment, health) in model.deployments.iter().zip(health) {
+            if let Some(pressure) = health.take_pressure(now) {
+                ask.push.push((deployment.name.clone(), pressure));
+            }
+            ask.pull.push(deployment.name.clone());
+        }
+    }
+    let today = budget::today();
+    ask.budgets = config
+        .keys
+        .iter()
+        .filter(|k| k.budget != crate::config::Budget::default())
+        .map(|k| {
+            let spent = |p| budget::spent_in(&app.ledger, &k.name, p, today);
+            (k.name.clone(), (spent(Period::Daily), spent(Period::Monthly)))
+        })
+        .collect();
+    let deployments: Vec<_> = live.deployments.iter().flatten().collect();
+    let Some(reply) = fleet.exchange(ask, today).await else {
+        return;
+    };
+    let now = Instant::now();
+    for (health, seen) in deployments.into_iter().zip(reply.pressure) {
+        if let Some(seen) = seen
+            && health.newer_pressure(seen.at)
+        {
+            health.apply_pressure(&seen.pressure, now);
+        }
+    }
+}

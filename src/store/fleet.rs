@@ -1,0 +1,537 @@
+//! The fleet's shared state in Redis: admission by script on the server's
+//! clock, and the batched exchange that carries everything else. Every
+//! call is bounded by `[state] timeout_ms`; one that fails or runs late
+//! marks the replica degraded, and the request path stops asking Redis
+//! until an exchange succeeds again.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use prometheus::IntGauge;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisResult, Script};
+use serde_json::json;
+use time::Date;
+use time::macros::format_description;
+
+use super::sync::{SyncAsk, SyncReply, WirePush, WireReply};
+use crate::config::{OnUnavailable, RedisState};
+use crate::limits::{Limit, Refused, SharedCells, SharedTokens};
+use crate::metering::budget::{Ask, Period, SharedSpend};
+
+const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
+    format_description!("[year]-[month]-[day]");
+const MONTH: &[time::format_description::BorrowedFormatItem<'_>] =
+    format_description!("[year]-[month]");
+/// Spend counters outlive their period by enough for the month's report.
+const DAY_TTL_SECS: u64 = 3 * 86_400;
+const MONTH_TTL_SECS: u64 = 35 * 86_400;
+/// The exchange is not on a request's path: it may take longer than an
+/// admission before the replica counts Redis away.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A request admitted by the fleet, with its budget reservation (its id
+/// and nano-dollars) when its key has a budget.
+#[derive(Debug)]
+pub struct Admitted {
+    pub reservation: Option<(String, u64)>,
+}
+
+/// Why the fleet did not admit a request.
+#[derive(Debug)]
+pub enum Denied {
+    Rate(Refused),
+    Budget {
+        period: Period,
+        limit: u64,
+        spent: u64,
+        held: u64,
+        needed: u64,
+    },
+    /// Redis did not answer in time: the caller serves on this replica's
+    /// own state or refuses, as configured.
+    Unavailable,
+}
+
+pub struct Fleet {
+    connection: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    lease: Duration,
+    pub on_unavailable: OnUnavailable,
+    /// This process, among the replicas.
+    replica: String,
+    sequence: AtomicU64,
+    degraded: AtomicBool,
+    admit: Script,
+    sync: Script,
+    pending: Mutex<Pending>,
+    known: Mutex<Known>,
+    degraded_gauge: IntGauge,
+    replicas_gauge: IntGauge,
+}
+
+#[derive(Default)]
+struct Pending {
+    settle: Vec<Settlement>,
+    /// Tokens per shared cell: its per-minute quota and the net charge.
+    charge: HashMap<String, (u32, i64)>,
+    /// Reservations requests here hold in Redis, by key: renewed until
+    /// settled.
+    live: HashMap<String, HashSet<String>>,
+    renewed: Option<Instant>,
+}
+
+struct Settlement {
+    key: String,
+    reservation: Option<String>,
+    nano_usd: u64,
+    day: Date,
+}
+
+#[derive(Default)]
+struct Known {
+    replicas: u64,
+    /// Per key with a budget, as of the last exchange: the day's and the
+    /// month's spend, and what requests hold.
+    spent: HashMap<String, [u64; 3]>,
+    /// Whether the store's spend counters were seeded since it was last
+    /// away.
+    seeded: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Fleet {
+    /// Connects lazily: the gateway starts, degraded, when Redis is away.
+    pub fn connect(
+        settings: &RedisState,
+        degraded_gauge: IntGauge,
+        replicas_gauge: IntGauge,
+    ) -> Result<Self, String> {
+        let client = redis::Client::open(settings.url.expose())
+            .map_err(|e| format!("[state] url: {}", e.category()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(SYNC_TIMEOUT))
+            .set_response_timeout(Some(SYNC_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("[state] redis: {}", e.category()))?;
+        Ok(Self {
+            connection,
+            prefix: settings.prefix.clone(),
+            timeout: settings.timeout,
+            lease: settings.lease,
+            on_unavailable: settings.on_unavailable,
+            replica: format!("{:016x}", fastrand::u64(..)),
+            sequence: AtomicU64::new(0),
+            degraded: AtomicBool::new(false),
+            admit: Script::new(include_str!("lua/admit.lua")),
+            sync: Script::new(include_str!("lua/sync.lua")),
+            pending: Mutex::default(),
+            known: Mutex::new(Known {
+                replicas: 1,
+                ..Known::default()
+            }),
+            degraded_gauge,
+            replicas_gauge,
+        })
+    }
+
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
+    pub fn replicas(&self) -> u64 {
+        lock(&self.known).replicas.max(1)
+    }
+
+    fn budget_key(&self, key: &str, part: &str) -> String {
+        format!("{}budget:{key}:{part}", self.prefix)
+    }
+
+    fn period_key(&self, key: &str, period: Period, day: Date) -> String {
+        let (part, format) = match period {
+            Period::Daily => ("day", DAY),
+            Period::Monthly => ("month", MONTH),
+        };
+        let when = day.format(format).unwrap_or_default();
+        self.budget_key(key, &format!("{part}:{when}"))
+    }
+
+    fn pressure_key(&self, deployment: &str) -> String {
+        format!("{}pressure:{deployment}", self.prefix)
+    }
+
+    /// Redis is away: the request path stops asking it until an exchange
+    /// succeeds.
+    fn unavailable(&self, why: &str) {
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            self.degraded_gauge.set(1);
+            lock(&self.known).seeded = false;
+            tracing::warn!(
+                error = why,
+                on_unavailable = ?self.on_unavailable,
+                "the shared state (Redis) does not answer; serving on this replica's own state until it does"
+            );
+        }
+    }
+
+    async fn bounded<T>(
+        &self,
+        limit: Duration,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Option<T> {
+        match tokio::time::timeout(limit, call).await {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(e)) => {
+                self.unavailable(&e.to_string());
+                None
+            }
+            Err(_) => {
+                self.unavailable(&format!("no answer within {} ms", limit.as_millis()));
+                None
+            }
+        }
+    }
+
+    /// Takes a request from an owner's shared limits (`cells`: a request,
+    /// and `tokens` of its prompt) and, for a key with a budget, reserves
+    /// what it asks; all or nothing, in one round trip.
+    pub async fn admit(
+        &self,
+        cells: &SharedCells,
+        tokens: u64,
+        budget: Option<(&crate::config::Key, Ask, Date)>,
+    ) -> Result<Admitted, Denied> {
+        if self.is_degraded() {
+            return Err(Denied::Unavailable);
+        }
+        let cell = |c: &Option<(String, u32)>| c.clone().unwrap_or_default();
+        let (rpm_cell, rpm) = cell(&cells.requests);
+        let (tpm_cell, tpm) = cell(&cells.tokens);
+        let mut invocation = self.admit.key(rpm_cell);
+        invocation.key(tpm_cell);
+        let id = match budget {
+            Some((key, ask, today)) => {
+                let id = format!(
+                    "{}:{}",
+                    self.replica,
+                    self.sequence.fetch_add(1, Ordering::Relaxed)
+                );
+                let limit = |p: Period| p.limit(key).map_or(-1, |l| l.min(i64::MAX as u64) as i64);
+                invocation
+                    .key(self.budget_key(&key.name, "held"))
+                    .key(self.budget_key(&key.name, "leases"))
+                    .key(self.period_key(&key.name, Period::Daily, today))
+                    .key(self.period_key(&key.name, Period::Monthly, today))
+                    .arg(rpm)
+                    .arg(tpm)
+                    .arg(tokens)
+                    .arg(limit(Period::Daily))
+                    .arg(limit(Period::Monthly))
+                    .arg(ask.want)
+                    .arg(ask.floor)
+                    .arg(&id)
+                    .arg(self.lease.as_micros() as u64);
+                Some((key.name.as_str(), id))
+            }
+            None => {
+                for _ in 0..4 {
+                    invocation.key("");
+                }
+                invocation
+                    .arg(rpm)
+                    .arg(tpm)
+                    .arg(tokens)
+                    .arg(-1)
+                    .arg(-1)
+                    .arg(0)
+                    .arg(0)
+                    .arg("")
+                    .arg(0);
+                None
+            }
+        };
+        let mut connection = self.connection.clone();
+        let reply: Vec<i64> = self
+            .bounded(self.timeout, invocation.invoke_async(&mut connection))
+            .await
+            .ok_or(Denied::Unavailable)?;
+        let at = |i: usize| reply.get(i).copied().unwrap_or(0);
+        let wait = |us: i64| u64::try_from(us).ok().map(Duration::from_micros);
+        match at(0) {
+            0 => Ok(Admitted {
+                reservation: id.map(|(key, id)| {
+                    let mut pending = lock(&self.pending);
+                    pending
+                        .live
+                        .entry(key.to_owned())
+                        .or_default()
+                        .insert(id.clone());
+                    (id, at(1).max(0) as u64)
+                }),
+            }),
+            1 => Err(Denied::Rate(Refused {
+                limit: Limit::Requests,
+                per_minute: rpm,
+                wait: wait(at(1)),
+            })),
+            2 => Err(Denied::Rate(Refused {
+                limit: Limit::Tokens,
+                per_minute: tpm,
+                wait: wait(at(1)),
+            })),
+            _ => Err(Denied::Budget {
+                period: if at(1) == 2 {
+                    Period::Monthly
+                } else {
+                    Period::Daily
+                },
+                limit: at(2).max(0) as u64,
+                spent: at(3).max(0) as u64,
+                held: at(4).max(0) as u64,
+                needed: at(5).max(0) as u64,
+            }),
+        }
+    }
+
+    /// While Redis is away: a period's budget as this replica may use it,
+    /// and what it counts as spent. Its share is what the fleet had left
+    /// at the last exchange (spent and held), divided among the replicas
+    /// seen in the last minute; spent is that base and what this replica
+    /// spent since. Before any exchange the base is this replica's
+    /// ledger, `ledger_spent`.
+    pub fn local_budget(
+        &self,
+        key: &str,
+        period: Period,
+        limit: u64,
+        ledger_spent: u64,
+        today: Date,
+    ) -> (u64, u64) {
+        let (base, replicas) = {
+            let known = lock(&self.known);
+            let base = known.spent.get(key).map_or(ledger_spent, |s| {
+                let spent = match period {
+                    Period::Daily => s[0],
+                    Period::Monthly => s[1],
+                };
+                spent.saturating_add(s[2])
+            });
+            (base, known.replicas.max(1))
+        };
+        let (from, to) = period.bounds(today);
+        let unsent = lock(&self.pending)
+            .settle
+            .iter()
+            .filter(|s| s.key == key && s.day >= from && s.day <= to)
+            .fold(0u64, |sum, s| sum.saturating_add(s.nano_usd));
+        let share = limit.saturating_sub(base) / replicas;
+        (base.saturating_add(share), base.saturating_add(unsent))
+    }
+
+    /// One exchange with the fleet (see `lua/sync.lua`). What it carried
+    /// goes back into the queue when it fails, so no spend is lost.
+    pub async fn exchange(&self, ask: SyncAsk, today: Date) -> Option<SyncReply> {
+        let (settle, charge, renew) = {
+            let mut pending = lock(&self.pending);
+            let renew_due = pending
+                .renewed
+                .is_none_or(|at| at.elapsed() >= self.lease / 3);
+            let renew: Vec<Vec<String>> = if renew_due {
+                pending.renewed = Some(Instant::now());
+                pending
+                    .live
+                    .iter()
+                    .filter(|(_, ids)| !ids.is_empty())
+                    .map(|(key, ids)| {
+                        let mut row =
+                            vec![self.budget_key(key, "held"), self.budget_key(key, "leases")];
+                        row.extend(ids.iter().cloned());
+                        row
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (
+                std::mem::take(&mut pending.settle),
+                std::mem::take(&mut pending.charge),
+                renew,
+            )
+        };
+        let seeding = !lock(&self.known).seeded;
+        let seed: Vec<serde_json::Value> = if seeding {
+            ask.budgets
+                .iter()
+                .flat_map(|(key, (day, month))| {
+                    let unsent = |period: Period| {
+                        let (from, to) = period.bounds(today);
+                        settle
+                            .iter()
+                            .filter(|s| &s.key == key && s.day >= from && s.day <= to)
+                            .fold(0u64, |sum, s| sum.saturating_add(s.nano_usd))
+                    };
+                    [
+                        json!([
+                            self.period_key(key, Period::Daily, today),
+                            day.saturating_sub(unsent(Period::Daily)).to_string(),
+                            DAY_TTL_SECS
+                        ]),
+                        json!([
+                            self.period_key(key, Period::Monthly, today),
+                            month.saturating_sub(unsent(Period::Monthly)).to_string(),
+                            MONTH_TTL_SECS
+                        ]),
+                    ]
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let wire_settle: Vec<serde_json::Value> = settle
+            .iter()
+            .map(|s| {
+                json!([
+                    self.budget_key(&s.key, "held"),
+                    self.budget_key(&s.key, "leases"),
+                    s.reservation.as_deref().unwrap_or(""),
+                    self.period_key(&s.key, Period::Daily, s.day),
+                    self.period_key(&s.key, Period::Monthly, s.day),
+                    s.nano_usd.to_string(),
+                ])
+            })
+            .collect();
+        let wire_charge: Vec<serde_json::Value> = charge
+            .iter()
+            .filter(|(_, (_, cells))| *cells != 0)
+            .map(|(cell, (per_minute, cells))| json!([cell, per_minute, cells]))
+            .collect();
+        let push: Vec<WirePush> = ask
+            .push
+            .iter()
+            .map(|(deployment, p)| WirePush::of(self.pressure_key(deployment), p))
+            .collect();
+        let pull: Vec<String> = ask.pull.iter().map(|d| self.pressure_key(d)).collect();
+        let spent: Vec<[String; 3]> = ask
+            .budgets
+            .iter()
+            .map(|(key, _)| {
+                [
+                    self.period_key(key, Period::Daily, today),
+                    self.period_key(key, Period::Monthly, today),
+                    self.budget_key(key, "held"),
+                ]
+            })
+            .collect();
+        let payload = json!({
+            "replica": self.replica,
+            "lease": self.lease.as_micros() as u64,
+            "seed": seed,
+            "settle": wire_settle,
+            "charge": wire_charge,
+            "renew": renew,
+            "push": push,
+            "pull": pull,
+            "spent": spent,
+        })
+        .to_string();
+        let mut connection = self.connection.clone();
+        let mut invocation = self.sync.key(format!("{}replicas", self.prefix));
+        invocation.arg(payload);
+        let reply: Option<String> = self
+            .bounded(SYNC_TIMEOUT, invocation.invoke_async(&mut connection))
+            .await;
+        let Some(reply) = reply.and_then(|r| serde_json::from_str::<WireReply>(&r).ok()) else {
+            self.unavailable("the exchange failed");
+            let mut pending = lock(&self.pending);
+            let newer = std::mem::replace(&mut pending.settle, settle);
+            pending.settle.extend(newer);
+            for (cell, (per_minute, cells)) in charge {
+                let entry = pending.charge.entry(cell).or_insert((per_minute, 0));
+                entry.1 = entry.1.saturating_add(cells);
+            }
+            pending.renewed = None;
+            return None;
+        };
+        {
+            let mut known = lock(&self.known);
+            known.replicas = reply.replicas.max(1);
+            known.seeded = true;
+            known.spent = ask
+                .budgets
+                .iter()
+                .zip(&reply.spent)
+                .map(|((key, _), s)| {
+                    let n = |t: &String| t.parse::<u64>().unwrap_or(0);
+                    (key.clone(), [n(&s[0]), n(&s[1]), n(&s[2])])
+                })
+                .collect();
+        }
+        self.replicas_gauge.set(reply.replicas as i64);
+        if self.degraded.swap(false, Ordering::AcqRel) {
+            self.degraded_gauge.set(0);
+            tracing::info!(
+                settled = settle.len(),
+                "the shared state (Redis) answers again; spend recorded meanwhile is added to the fleet's"
+            );
+        }
+        let pressure = ask
+            .pull
+            .iter()
+            .zip(reply.pressure)
+            .map(|(_, seen)| seen.seen(&self.replica))
+            .collect();
+        Some(SyncReply {
+            replicas: reply.replicas,
+            pressure,
+        })
+    }
+}
+
+impl SharedSpend for Fleet {
+    fn spent(&self, key: &str, reservation: Option<&str>, nano_usd: u64, day: Date) {
+        let mut pending = lock(&self.pending);
+        if let Some(id) = reservation
+            && let Some(ids) = pending.live.get_mut(key)
+        {
+            ids.remove(id);
+        }
+        if reservation.is_none() && nano_usd == 0 {
+            return;
+        }
+        pending.settle.push(Settlement {
+            key: key.to_owned(),
+            reservation: reservation.map(str::to_owned),
+            nano_usd,
+            day,
+        });
+    }
+}
+
+impl SharedTokens for Fleet {
+    fn cell(&self, owner: &str, limit: Limit, per_minute: u32) -> String {
+        format!("{}gcra:{owner}:{}:{per_minute}", self.prefix, limit.name())
+    }
+
+    fn tokens(&self, cell: &str, per_minute: u32, delta: i64) -> bool {
+        if self.is_degraded() {
+            return false;
+        }
+        let mut pending = lock(&self.pending);
+        match pending.charge.get_mut(cell) {
+            Some(entry) => entry.1 = entry.1.saturating_add(delta),
+            None => {
+                pending.charge.insert(cell.to_owned(), (per_minute, delta));
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,397 @@
+//! Several replicas, one set of guarantees: with `[state] backend =
+//! "redis"`, replicas on one real Redis share budgets, rate limits and
+//! what upstreams say of their capacity; a replica that dies frees its
+//! reservations within the lease; and when Redis stops, is slow, or comes
+//! back, no request hangs and no spend is lost.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+use support::config::{Backend, Config, Deployment, Key, Model};
+use support::gateway::*;
+use support::mock::{MockServer, MockUpstream};
+use support::redis::Redis;
+
+/// $1 per Mtok in, $10 per Mtok out: an output token is 10,000
+/// nano-dollars, and "hi" (about 5 prompt tokens) 5,000.
+const PRICE: (f64, f64) = (1.0, 10.0);
+const PREFIX: &str = "t:";
+
+fn shared(config: Config, redis: &Redis) -> Config {
+    config
+        .set("state", "backend", "redis")
+        .set("state", "url", redis.url())
+        .set("state", "prefix", PREFIX)
+}
+
+fn one_model(upstream: &MockServer) -> Config {
+    Config::new()
+        .backend(Backend::upstream("api", "openai", &url(upstream)))
+        .model(
+            Model::new("chat").deployment(
+                Deployment::new("api", "m")
+                    .price(PRICE.0, PRICE.1)
+                    .set("context_window", 8192),
+            ),
+        )
+        .admin()
+}
+
+async fn replicas(config: &Config, n: usize) -> Vec<Gateway> {
+    let mut gateways = Vec::new();
+    for _ in 0..n {
+        gateways.push(start(config).await);
+    }
+    gateways
+}
+
+fn today() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = (now / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The fleet's count of what `key` spent today, in nano-dollars.
+fn fleet_spent(redis: &Redis, key: &str) -> i64 {
+    redis.int(&format!("{PREFIX}budget:{key}:day:{}", today()))
+}
+
+/// What the replicas' ledgers hold for `key`, in USD.
+async fn ledgers_spent(gateways: &[Gateway], key: &str) -> f64 {
+    let mut total = 0.0;
+    for gateway in gateways {
+        total += gateway.spend(&format!("?key={key}")).await["total"]["cost_usd"]
+            .as_f64()
+            .unwrap();
+    }
+    total
+}
+
+async fn status(gateway: &Gateway) -> Value {
+    let response = gateway
+        .http
+        .get(format!("{}/admin/status", gateway.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// Polls `check` every 50 ms until it holds; bounded by WAIT.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, check: impl Fn() -> F) {
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A request as a client sends it; its status, its error code, and the
+/// cost of its usage (what the client was told it used).
+async fn ask(gateway: &Gateway, key: &str, stream: bool) -> (u16, Option<String>) {
+    let body = json!({"model": "chat", "messages": user("hi"), "stream": stream});
+    let response = gateway.chat_as(&format!("{key}-secret"), body).await;
+    let status = response.status().as_u16();
+    (status, error_of_any(response).await)
+}
+
+/// The error code of a response, if it is an error.
+async fn error_of_any(response: reqwest::Response) -> Option<String> {
+    let body = response.bytes().await.unwrap_or_default();
+    serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|b| b["error"]["code"].as_str().map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_holds_for_the_whole_fleet_under_concurrent_long_answers() {
+    let Some(redis) = Redis::start() else { return };
+    // 2,000-token answers cost $0.02 each; no request sets max_tokens.
+    let upstream = MockUpstream::openai()
+        .answers_of(2_000)
+        .first_byte_after(Duration::from_millis(20))
+        .record(false)
+        .start()
+        .await;
+    let budget = 0.10;
+    // A debug build on two cores answers 300 requests at once slowly: the
+    // timeout is long enough that no replica counts Redis away (that
+    // case has tests of its own).
+    let config = shared(
+        one_model(&upstream).key(Key::new("team").set("budget_daily_usd", budget)),
+        &redis,
+    )
+    .set("state", "timeout_ms", 2_000);
+    let fleet = replicas(&config, 3).await;
+    let mut served = 0;
+    let mut settled = false;
+    for _ in 0..20 {
+        // 300 at once, spread over the three replicas.
+        let answers = join_all(
+            (0..300).map(|i| ask(&fleet[i % 3], "team", i % 2 == 0)),
+        )
+        .await;
+        served += answers.iter().filter(|(s, _)| *s == 200).count();
+        for (status, code) in &answers {
+            assert!(
+                *status == 200
+                    || (*status == 429
+                        && matches!(code.as_deref(), Some("budget_held" | "insufficient_quota"))),
+                "{status} {code:?}"
+            );
+        }
+        if answers
+            .iter()
+            .all(|(_, code)| code.as_deref() == Some("insufficient_quota"))
+        {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(settled, "the budget was never used up");
+    // Ledgers and the fleet's count agree once the last spend is sent.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let spent = ledgers_spent(&fleet, "team").await;
+    assert!(served >= 5, "the budget paid for answers: {served}");
+    assert!(
+        spent <= budget + 1e-9,
+        "$0.10 budget, $0.02 answers: the fleet spent ${spent} in {served} answers"
+    );
+    assert_eq!(fleet_spent(&redis, "team"), (spent * 1e9).round() as i64);
+    for gateway in &fleet {
+        assert_eq!(status(gateway).await["state"]["degraded"], false);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_rpm_holds_for_the_whole_fleet() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = MockUpstream::openai().record(false).start().await;
+    let config = shared(
+        one_model(&upstream).key(Key::new("team").set("rpm", 6)),
+        &redis,
+    );
+    let fleet = replicas(&config, 3).await;
+    let mut ok = 0;
+    let mut refused = Vec::new();
+    for i in 0..12 {
+        let gateway = &fleet[i % 3];
+        let response = gateway
+            .chat_as("team-secret", json!({"model": "chat", "messages": user("hi")}))
+            .await;
+        match response.status().as_u16() {
+            200 => ok += 1,
+            429 => refused.push(response.headers()["retry-after"].to_str().unwrap().to_owned()),
+            other => panic!("HTTP {other}"),
+        }
+    }
+    assert_eq!(ok, 6, "rpm = 6 across three replicas");
+    assert_eq!(refused.len(), 6);
+    // The next slot is 10 s after the first request, fleet-wide.
+    for wait in refused {
+        let wait: u64 = wait.parse().unwrap();
+        assert!((1..=10).contains(&wait), "retry-after {wait}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_seen_by_one_replica_keeps_the_others_from_the_deployment() {
+    let Some(redis) = Redis::start() else { return };
+    let cheap = MockUpstream::openai()
+        .error(429, json!({"error": {"message": "slow down", "type": "rate_limit_error"}}))
+        .header("retry-after", "30")
+        .start()
+        .await;
+    let dear = MockUpstream::openai().record(false).start().await;
+    let config = shared(
+        Config::new()
+            .backend(Backend::upstream("cheap", "openai", &url(&cheap)))
+            .backend(Backend::upstream("dear", "openai", &url(&dear)))
+            .model(
+                Model::new("chat")
+                    .strategy("cost")
+                    .deployment(Deployment::new("cheap", "m").price(0.1, 0.1))
+                    .deployment(Deployment::new("dear", "m").price(5.0, 5.0)),
+            )
+            .admin(),
+        &redis,
+    );
+    let fleet = replicas(&config, 3).await;
+    let response = fleet[0]
+        .chat(json!({"model": "chat", "messages": user("hi")}))
+        .await;
+    assert_eq!(response.status(), 200, "failed over to the dear deployment");
+    assert_eq!(cheap.hits(), 1);
+    // Published within one exchange, taken up within the next.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for gateway in &fleet[1..] {
+        for _ in 0..3 {
+            let response = gateway
+                .chat(json!({"model": "chat", "messages": user("hi")}))
+                .await;
+            assert_eq!(response.status(), 200);
+            assert_eq!(served_by(&response).0, "dear");
+        }
+    }
+    assert_eq!(cheap.hits(), 1, "no other replica sent to the cooling deployment");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_local_mode_serves_and_then_adds_what_it_spent() {
+    let Some(mut redis) = Redis::start() else { return };
+    let upstream = MockUpstream::openai()
+        .answers_of(100)
+        .record(false)
+        .start()
+        .await;
+    let config = shared(
+        one_model(&upstream).key(Key::new("team").set("budget_daily_usd", 10.0)),
+        &redis,
+    )
+    .set("state", "on_unavailable", "local");
+    let fleet = replicas(&config, 2).await;
+    let load = |n: usize| {
+        let fleet = &fleet;
+        async move {
+            let started = Instant::now();
+            let answers = join_all((0..n).map(|i| ask(&fleet[i % 2], "team", i % 2 == 0))).await;
+            for (status, code) in &answers {
+                assert_eq!(*status, 200, "{code:?}");
+            }
+            started.elapsed()
+        }
+    };
+    load(20).await;
+    redis.stop();
+    // The first request to find Redis away waits out the timeout at most.
+    let took = load(20).await;
+    assert!(took < WAIT, "{took:?}");
+    eventually("replicas report themselves degraded", || async {
+        status(&fleet[0]).await["state"]["degraded"] == true
+    })
+    .await;
+    assert_eq!(
+        metric(&fleet[0].metrics().await, "tollgate_state_degraded", &[]),
+        Some(1.0)
+    );
+    load(20).await;
+    redis.start_again();
+    eventually("replicas reconcile once Redis is back", || async {
+        status(&fleet[0]).await["state"]["degraded"] == false
+            && status(&fleet[1]).await["state"]["degraded"] == false
+    })
+    .await;
+    load(20).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let spent = ledgers_spent(&fleet, "team").await;
+    assert!(spent > 0.0);
+    assert_eq!(
+        fleet_spent(&redis, "team"),
+        (spent * 1e9).round() as i64,
+        "every request's spend is in the fleet's count, those served while Redis was away too"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_frozen_refuse_mode_answers_503_in_time_and_recovers() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = MockUpstream::openai().record(false).start().await;
+    let config = shared(
+        one_model(&upstream).key(Key::new("team").set("budget_daily_usd", 10.0)),
+        &redis,
+    )
+    .set("state", "on_unavailable", "refuse")
+    .set("state", "timeout_ms", 50);
+    let gateway = start(&config).await;
+    assert_eq!(ask(&gateway, "team", false).await.0, 200);
+    redis.freeze(true);
+    for _ in 0..5 {
+        let started = Instant::now();
+        let response = gateway
+            .chat_as("team-secret", json!({"model": "chat", "messages": user("hi")}))
+            .await;
+        assert!(started.elapsed() < Duration::from_secs(2), "never hangs on Redis");
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["retry-after"], "1");
+        let code = error_of_any(response).await;
+        assert_eq!(code.as_deref(), Some("state_unavailable"));
+    }
+    redis.freeze(false);
+    eventually("requests are served again", || async {
+        ask(&gateway, "team", false).await.0 == 200
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_reservations_are_freed_within_the_lease() {
+    let Some(redis) = Redis::start() else { return };
+    // Streams that start and then hang: their reservations stay held.
+    let upstream = MockUpstream::openai()
+        .answers_of(50)
+        .hold_after(2)
+        .start()
+        .await;
+    // Each request may cost up to 8,192 output tokens ($0.08): a $0.10
+    // budget holds one at a time.
+    let config = shared(
+        one_model(&upstream).key(Key::new("team").set("budget_daily_usd", 0.10)),
+        &redis,
+    )
+    .set("state", "lease_ms", 2_000);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), config.to_toml()).unwrap();
+    let mut doomed =
+        support::process::serve_file(file.path(), &[
+            ("KEY_TEAM", "team-secret"),
+            ("ADMIN_TOKEN", ADMIN_TOKEN),
+            ("UPSTREAM_KEY_API", "sk-test-api"),
+        ]);
+    let client = reqwest::Client::new();
+    let in_flight = client
+        .post(format!("{}/v1/chat/completions", doomed.base))
+        .bearer_auth("team-secret")
+        .json(&json!({"model": "chat", "messages": user("hi"), "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(in_flight.status(), 200, "its stream started");
+    let survivor = start(&config).await;
+    // Asks for as much as the held request may cost: it waits for it.
+    let big = || async {
+        let body = json!({"model": "chat", "messages": user("hi"), "max_tokens": 8000});
+        let response = survivor.chat_as("team-secret", body).await;
+        let status = response.status().as_u16();
+        (status, error_of_any(response).await)
+    };
+    let (status, code) = big().await;
+    assert_eq!((status, code.as_deref()), (429, Some("budget_held")));
+    doomed.child.kill().unwrap();
+    let killed = Instant::now();
+    drop(in_flight);
+    upstream.release();
+    eventually("the dead replica's reservation expires", || async {
+        big().await.0 == 200
+    })
+    .await;
+    let freed = killed.elapsed();
+    assert!(freed < Duration::from_secs(4), "freed after {freed:?}; the lease is 2 s");
+}

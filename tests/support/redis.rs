@@ -1,0 +1,150 @@
+//! A throwaway Redis server for the fleet's tests: its own process on a
+//! free loopback port, with its data under a temp dir, that a test can
+//! stop, start again and freeze. Redis comes from Debian's
+//! `redis-server` package; without it the tests that need it are skipped,
+//! loudly, unless `TOLLGATE_REQUIRE_SERVICES=1` (as `.ci/run` sets), when
+//! they fail.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BINARY: &str = "redis-server";
+
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// Whether a service binary is installed; `false` (after a loud message)
+/// only when the run does not require it.
+pub fn available(binary: &str, what: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {binary}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return true;
+    }
+    assert!(
+        std::env::var("TOLLGATE_REQUIRE_SERVICES").as_deref() != Ok("1"),
+        "{binary} is not installed, and TOLLGATE_REQUIRE_SERVICES=1: install Debian's {what} package (.ci/run does)"
+    );
+    eprintln!(
+        "\n=== SKIPPED: {binary} is not installed; this test needs a real {what} (apt-get install {what}) ===\n"
+    );
+    false
+}
+
+impl Redis {
+    /// A fresh server, or `None` when Redis is not installed.
+    pub fn start() -> Option<Self> {
+        if !available(BINARY, "redis-server") {
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        redis.start_again();
+        Some(redis)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts the server (again) on its port and data dir; its
+    /// append-only file keeps what it held when it stopped.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new(BINARY)
+            .args(["--bind", "127.0.0.1", "--port"])
+            .arg(self.port.to_string())
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--save", "", "--appendonly", "yes", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let started = Instant::now();
+        while self.command("PING").as_deref() != Some("+PONG") {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server as an operator or a crash would (SIGTERM; it
+    /// writes its append-only file first).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "TERM");
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: connections stay
+    /// open and nothing answers, as with an overloaded Redis.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(child) = &self.child {
+            signal(child, if frozen { "STOP" } else { "CONT" });
+        }
+    }
+
+    /// One inline command (`GET key`), its first reply line; `None` when
+    /// the server does not answer.
+    pub fn command(&self, command: &str) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream.write_all(format!("{command}\r\n").as_bytes()).ok()?;
+        let mut reply = [0u8; 512];
+        let n = stream.read(&mut reply).ok()?;
+        let text = String::from_utf8_lossy(&reply[..n]);
+        let mut lines = text.split("\r\n");
+        let first = lines.next()?.to_owned();
+        // A bulk string: its value is on the next line.
+        if first.starts_with('$') && first != "$-1" {
+            return lines.next().map(str::to_owned);
+        }
+        Some(first)
+    }
+
+    /// The integer in `key`, 0 when it is not set.
+    pub fn int(&self, key: &str) -> i64 {
+        match self.command(&format!("GET {key}")).as_deref() {
+            Some("$-1") | None => 0,
+            Some(value) => value.parse().unwrap_or(0),
+        }
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status();
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "CONT");
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
