@@ -144,10 +144,7 @@ async fn a_budget_holds_for_the_whole_fleet_under_concurrent_long_answers() {
     let mut settled = false;
     for _ in 0..20 {
         // 300 at once, spread over the three replicas.
-        let answers = join_all(
-            (0..300).map(|i| ask(&fleet[i % 3], "team", i % 2 == 0)),
-        )
-        .await;
+        let answers = join_all((0..300).map(|i| ask(&fleet[i % 3], "team", i % 2 == 0))).await;
         served += answers.iter().filter(|(s, _)| *s == 200).count();
         for (status, code) in &answers {
             assert!(
@@ -195,11 +192,19 @@ async fn a_keys_rpm_holds_for_the_whole_fleet() {
     for i in 0..12 {
         let gateway = &fleet[i % 3];
         let response = gateway
-            .chat_as("team-secret", json!({"model": "chat", "messages": user("hi")}))
+            .chat_as(
+                "team-secret",
+                json!({"model": "chat", "messages": user("hi")}),
+            )
             .await;
         match response.status().as_u16() {
             200 => ok += 1,
-            429 => refused.push(response.headers()["retry-after"].to_str().unwrap().to_owned()),
+            429 => refused.push(
+                response.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            ),
             other => panic!("HTTP {other}"),
         }
     }
@@ -216,24 +221,15 @@ async fn a_keys_rpm_holds_for_the_whole_fleet() {
 async fn a_429_seen_by_one_replica_keeps_the_others_from_the_deployment() {
     let Some(redis) = Redis::start() else { return };
     let cheap = MockUpstream::openai()
-        .error(429, json!({"error": {"message": "slow down", "type": "rate_limit_error"}}))
+        .error(
+            429,
+            json!({"error": {"message": "slow down", "type": "rate_limit_error"}}),
+        )
         .header("retry-after", "30")
         .start()
         .await;
     let dear = MockUpstream::openai().record(false).start().await;
-    let config = shared(
-        Config::new()
-            .backend(Backend::upstream("cheap", "openai", &url(&cheap)))
-            .backend(Backend::upstream("dear", "openai", &url(&dear)))
-            .model(
-                Model::new("chat")
-                    .strategy("cost")
-                    .deployment(Deployment::new("cheap", "m").price(0.1, 0.1))
-                    .deployment(Deployment::new("dear", "m").price(5.0, 5.0)),
-            )
-            .admin(),
-        &redis,
-    );
+    let config = two_deployments(&cheap, &dear, &redis);
     let fleet = replicas(&config, 3).await;
     let response = fleet[0]
         .chat(json!({"model": "chat", "messages": user("hi")}))
@@ -251,12 +247,18 @@ async fn a_429_seen_by_one_replica_keeps_the_others_from_the_deployment() {
             assert_eq!(served_by(&response).0, "dear");
         }
     }
-    assert_eq!(cheap.hits(), 1, "no other replica sent to the cooling deployment");
+    assert_eq!(
+        cheap.hits(),
+        1,
+        "no other replica sent to the cooling deployment"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_away_local_mode_serves_and_then_adds_what_it_spent() {
-    let Some(mut redis) = Redis::start() else { return };
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
     let upstream = MockUpstream::openai()
         .answers_of(100)
         .record(false)
@@ -326,9 +328,15 @@ async fn with_redis_frozen_refuse_mode_answers_503_in_time_and_recovers() {
     for _ in 0..5 {
         let started = Instant::now();
         let response = gateway
-            .chat_as("team-secret", json!({"model": "chat", "messages": user("hi")}))
+            .chat_as(
+                "team-secret",
+                json!({"model": "chat", "messages": user("hi")}),
+            )
             .await;
-        assert!(started.elapsed() < Duration::from_secs(2), "never hangs on Redis");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "never hangs on Redis"
+        );
         assert_eq!(response.status(), 503);
         assert_eq!(response.headers()["retry-after"], "1");
         let code = error_of_any(response).await;
@@ -359,12 +367,14 @@ async fn a_killed_replicas_reservations_are_freed_within_the_lease() {
     .set("state", "lease_ms", 2_000);
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), config.to_toml()).unwrap();
-    let mut doomed =
-        support::process::serve_file(file.path(), &[
+    let mut doomed = support::process::serve_file(
+        file.path(),
+        &[
             ("KEY_TEAM", "team-secret"),
             ("ADMIN_TOKEN", ADMIN_TOKEN),
             ("UPSTREAM_KEY_API", "sk-test-api"),
-        ]);
+        ],
+    );
     let client = reqwest::Client::new();
     let in_flight = client
         .post(format!("{}/v1/chat/completions", doomed.base))
@@ -393,5 +403,98 @@ async fn a_killed_replicas_reservations_are_freed_within_the_lease() {
     })
     .await;
     let freed = killed.elapsed();
-    assert!(freed < Duration::from_secs(4), "freed after {freed:?}; the lease is 2 s");
+    assert!(
+        freed < Duration::from_secs(4),
+        "freed after {freed:?}; the lease is 2 s"
+    );
+}
+
+/// Two deployments of `chat`, tried in this order: `cheap` on `first`,
+/// then one on `second`.
+fn two_deployments(first: &MockServer, second: &MockServer, redis: &Redis) -> Config {
+    two_deployments_with(first, second, redis, Deployment::new("cheap", "m"))
+}
+
+fn two_deployments_with(
+    first: &MockServer,
+    second: &MockServer,
+    redis: &Redis,
+    cheap: Deployment,
+) -> Config {
+    shared(
+        Config::new()
+            .backend(Backend::upstream("cheap", "openai", &url(first)))
+            .backend(Backend::upstream("dear", "openai", &url(second)))
+            .model(
+                Model::new("chat")
+                    .strategy("cost")
+                    .deployment(cheap.price(0.1, 0.1))
+                    .deployment(Deployment::new("dear", "m").price(5.0, 5.0)),
+            )
+            .admin(),
+        redis,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_says_it_has_nothing_left_is_left_alone_by_every_replica() {
+    let Some(redis) = Redis::start() else { return };
+    let cheap = MockUpstream::openai()
+        .header("x-ratelimit-remaining-requests", "0")
+        .header("x-ratelimit-reset-requests", "30s")
+        .start()
+        .await;
+    let dear = MockUpstream::openai().record(false).start().await;
+    let fleet = replicas(&two_deployments(&cheap, &dear, &redis), 3).await;
+    let hi = || json!({"model": "chat", "messages": user("hi")});
+    assert_eq!(served_by(&fleet[0].chat(hi()).await).0, "cheap");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for gateway in &fleet[1..] {
+        assert_eq!(served_by(&gateway.chat(hi()).await).0, "dear");
+    }
+    assert_eq!(cheap.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_circuit_opened_by_one_replica_is_open_on_the_others() {
+    let Some(redis) = Redis::start() else { return };
+    let cheap = MockUpstream::openai().status(500).start().await;
+    let dear = MockUpstream::openai().record(false).start().await;
+    let config = two_deployments(&cheap, &dear, &redis)
+        .set("routing", "circuit_failures", 1)
+        .set("routing", "circuit_cooldown_ms", 60_000);
+    let fleet = replicas(&config, 3).await;
+    let hi = || json!({"model": "chat", "messages": user("hi")});
+    assert_eq!(
+        served_by(&fleet[0].chat(hi()).await).0,
+        "dear",
+        "failed over"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for gateway in &fleet[1..] {
+        assert_eq!(served_by(&gateway.chat(hi()).await).0, "dear");
+    }
+    assert_eq!(cheap.hits(), 1, "one failure opened the circuit fleet-wide");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployments_rpm_holds_for_the_whole_fleet() {
+    let Some(redis) = Redis::start() else { return };
+    let cheap = MockUpstream::openai().record(false).start().await;
+    let dear = MockUpstream::openai().record(false).start().await;
+    // The provider's quota on the cheap deployment: 4 a minute.
+    let config = two_deployments_with(
+        &cheap,
+        &dear,
+        &redis,
+        Deployment::new("cheap", "m").set("rpm", 4),
+    );
+    let fleet = replicas(&config, 3).await;
+    let hi = || json!({"model": "chat", "messages": user("hi")});
+    let mut by = Vec::new();
+    for i in 0..9 {
+        by.push(served_by(&fleet[i % 3].chat(hi()).await).0);
+    }
+    assert_eq!(by.iter().filter(|b| *b == "cheap").count(), 4, "{by:?}");
+    assert_eq!(cheap.hits(), 4);
 }

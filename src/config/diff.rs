@@ -106,10 +106,10 @@ pub fn diff(old: &Config, new: &Config) -> ConfigDiff {
     let mut settings: Vec<String> = [
         "server", "routing", "policy", "ledger", "state", "admin", "metrics",
     ]
-        .into_iter()
-        .filter(|table| a.get(*table) != b.get(*table))
-        .map(str::to_owned)
-        .collect();
+    .into_iter()
+    .filter(|table| a.get(*table) != b.get(*table))
+    .map(str::to_owned)
+    .collect();
     settings.sort();
     ConfigDiff {
         from_version: old.version.clone(),

@@ -225,6 +225,74 @@ context_window = 8192
     }
 
     #[test]
+    fn shared_state_needs_a_redis_url_without_a_password_in_the_file() {
+        let with = |state: &str| problems(&format!("[state]\n{state}\n{MINIMAL}"));
+        assert!(
+            with(
+                r#"backend = "redis"
+url = "redis://10.0.0.5:6379/0""#
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            with(
+                r#"backend = "redis"
+url = "redis://:hunter2@10.0.0.5:6379/0""#
+            ),
+            [
+                "state.url: holds a password, and config files hold no secrets: put the URL in an environment variable and name it in url_env"
+            ]
+        );
+        assert!(
+            with(r#"backend = "redis""#)[0].starts_with("state.url_env: backend = \"redis\" needs"),
+        );
+        assert!(
+            with(
+                r#"backend = "redis"
+url = "rediss://h:6380/0""#
+            )[0]
+            .contains("TLS to Redis is not supported")
+        );
+        let bad = with(
+            r#"backend = "redis"
+url = "redis://h/0"
+timeout_ms = 0
+lease_ms = 10
+on_unavailable = "wait"
+prefix = "two words""#,
+        );
+        assert_eq!(bad.len(), 4, "{bad:?}");
+        assert_eq!(
+            with(r#"backend = "etcd""#),
+            [
+                "state.backend: \"etcd\" is not a state backend; use \"memory\" (one process) or \"redis\" (shared by replicas)"
+            ]
+        );
+        assert_eq!(
+            with(r#"timeout_ms = 20"#),
+            [
+                "state.timeout_ms: applies only with backend = \"redis\"; set that, or remove this field"
+            ]
+        );
+        // The URL may come from the environment, password and all; offline
+        // it is not read.
+        let text = format!("[state]\nbackend = \"redis\"\nurl_env = \"REDIS_URL\"\n{MINIMAL}");
+        let env = |name: &str| (name == "REDIS_URL").then(|| "redis://:pw@h:6379/0".to_owned());
+        let Ok(config) = parse(&text, &env) else {
+            panic!("a URL from the environment may hold a password")
+        };
+        let StateSettings::Redis(redis) = config.state else {
+            panic!("redis")
+        };
+        assert_eq!(redis.timeout, std::time::Duration::from_millis(50));
+        assert_eq!(redis.lease, std::time::Duration::from_secs(30));
+        assert_eq!(redis.on_unavailable, OnUnavailable::Local);
+        assert_eq!(redis.prefix, "tollgate:");
+        assert!(parse_with(&text, Secrets::Unread).is_ok());
+        assert!(parse(&text, &no_env).is_err());
+    }
+
+    #[test]
     fn minimal_config_is_valid_with_defaults() {
         let config = parse(MINIMAL, &no_env).expect("valid");
         assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);

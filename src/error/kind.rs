@@ -177,10 +177,11 @@ impl ErrorKind {
     }
 
     fn client_at_fault(self) -> bool {
-        !self.upstream_at_fault() && !matches!(
-            self,
-            UpstreamRateLimited | NoDeployment | StateUnavailable | Internal
-        )
+        !self.upstream_at_fault()
+            && !matches!(
+                self,
+                UpstreamRateLimited | NoDeployment | StateUnavailable | Internal
+            )
     }
 
     /// The upstream failed: its deployment's circuit counts it.

@@ -6,7 +6,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::circuit::{Circuit, CircuitView};
-use super::quota::DeploymentQuota;
+use super::quota::{DeploymentQuota, LeftFor};
 use crate::limits::UpstreamQuota;
 
 /// Weight of the newest sample in the moving averages.
@@ -43,9 +43,9 @@ pub struct Pressure {
     /// A 429's `retry-after` cooldown.
     pub cooling: Option<Duration>,
     /// `x-ratelimit-remaining-requests`, until it resets.
-    pub requests: Option<(u64, Duration)>,
+    pub requests: Option<LeftFor>,
     /// `x-ratelimit-remaining-tokens`, until it resets.
-    pub tokens: Option<(u64, Duration)>,
+    pub tokens: Option<LeftFor>,
     /// The circuit is open.
     pub open: Option<Duration>,
 }
@@ -129,7 +129,7 @@ impl DeploymentLive {
             let until = now + cooling;
             e.cooled_until = Some(e.cooled_until.map_or(until, |old| old.max(until)));
         }
-        let remaining = |r: Option<(u64, Duration)>| {
+        let remaining = |r: Option<LeftFor>| {
             r.map(|(left, reset_in)| crate::limits::Remaining {
                 left,
                 reset_in: Some(reset_in),

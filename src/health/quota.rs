@@ -25,6 +25,9 @@ struct State {
     tokens: Option<Left>,
 }
 
+/// What an upstream says is left, and for how long that holds.
+pub type LeftFor = (u64, Duration);
+
 #[derive(Clone, Copy)]
 struct Left {
     left: u64,
@@ -40,7 +43,7 @@ impl Left {
     }
 
     /// What is left, while it holds.
-    fn at(self, now: Instant) -> Option<(u64, Duration)> {
+    fn at(self, now: Instant) -> Option<LeftFor> {
         let reset_in = self.until.checked_duration_since(now)?;
         (!reset_in.is_zero()).then_some((self.left, reset_in))
     }
@@ -90,7 +93,7 @@ impl DeploymentQuota {
 
     /// What the upstream last reported left, while it holds: requests and
     /// tokens, each with how long until it resets.
-    pub fn upstream(&self, now: Instant) -> (Option<(u64, Duration)>, Option<(u64, Duration)>) {
+    pub fn upstream(&self, now: Instant) -> (Option<LeftFor>, Option<LeftFor>) {
         let state = self.state();
         (
             state.requests.and_then(|l| l.at(now)),

@@ -205,7 +205,9 @@ impl Budgets {
             };
             let (limit, spent) = budget(period, limit);
             if spent.saturating_add(held).saturating_add(ask.floor) > limit {
-                return Err(refusal(&key.name, period, limit, spent, held, ask.floor, today));
+                return Err(refusal(
+                    &key.name, period, limit, spent, held, ask.floor, today,
+                ));
             }
             available = available.min(limit - spent - held);
         }
@@ -418,20 +420,52 @@ mod tests {
         spend(&ledger, today, 100);
         let own = |period, limit| (limit, spent_in(&ledger, "k", period, today));
         let first = budgets
-            .admit(&k, today, Ask { want: 450, floor: 10 }, own)
+            .admit(
+                &k,
+                today,
+                Ask {
+                    want: 450,
+                    floor: 10,
+                },
+                own,
+            )
             .unwrap();
         assert_eq!(first.nano_usd(), 450);
         let second = budgets
-            .admit(&k, today, Ask { want: 10_000, floor: 10 }, own)
+            .admit(
+                &k,
+                today,
+                Ask {
+                    want: 10_000,
+                    floor: 10,
+                },
+                own,
+            )
             .unwrap();
         assert_eq!(second.nano_usd(), 450, "what the daily budget has left");
-        let refused = budgets.admit(&k, today, Ask { want: 10_000, floor: 1 }, own);
+        let refused = budgets.admit(
+            &k,
+            today,
+            Ask {
+                want: 10_000,
+                floor: 1,
+            },
+            own,
+        );
         assert_eq!(refused.err().unwrap().code(), Some("budget_held"));
         second.settle(200);
         // The ledger has the 200 now (the meter records before settling).
         spend(&ledger, today, 200);
         let third = budgets
-            .admit(&k, today, Ask { want: 10_000, floor: 10 }, own)
+            .admit(
+                &k,
+                today,
+                Ask {
+                    want: 10_000,
+                    floor: 10,
+                },
+                own,
+            )
             .unwrap();
         assert_eq!(third.nano_usd(), 250);
     }

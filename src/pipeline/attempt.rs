@@ -156,11 +156,7 @@ pub async fn attempt<'s>(
 
 /// Takes an attempt from its deployment's rate limits: the fleet's shared
 /// ones when there is a store that answers, else this replica's own.
-async fn admit_deployment(
-    app: &AppState,
-    resolved: &Resolved,
-    tokens: u64,
-) -> Result<(), Refused> {
+async fn admit_deployment(app: &AppState, resolved: &Resolved, tokens: u64) -> Result<(), Refused> {
     let quota = &resolved.health.quota;
     if let Some(fleet) = &app.fleet
         && let Some(cells) = quota.limits.shared_cells()

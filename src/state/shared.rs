@@ -66,7 +66,10 @@ pub async fn exchange(app: &AppState) {
         .filter(|k| k.budget != crate::config::Budget::default())
         .map(|k| {
             let spent = |p| budget::spent_in(&app.ledger, &k.name, p, today);
-            (k.name.clone(), (spent(Period::Daily), spent(Period::Monthly)))
+            (
+                k.name.clone(),
+                (spent(Period::Daily), spent(Period::Monthly)),
+            )
         })
         .collect();
     let deployments: Vec<_> = live.deployments.iter().flatten().collect();

@@ -152,10 +152,7 @@ mod tests {
         )
         .unwrap();
         let seen = reply.pressure.into_iter().next().unwrap().seen("a");
-        assert_eq!(
-            seen.unwrap().pressure.cooling,
-            Some(Duration::from_secs(2))
-        );
+        assert_eq!(seen.unwrap().pressure.cooling, Some(Duration::from_secs(2)));
     }
 
     #[test]

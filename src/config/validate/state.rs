@@ -35,7 +35,9 @@ impl Validator<'_> {
                 }
                 StateSettings::Memory
             }
-            "redis" => self.redis_state(raw).map_or(StateSettings::Memory, StateSettings::Redis),
+            "redis" => self
+                .redis_state(raw)
+                .map_or(StateSettings::Memory, StateSettings::Redis),
             other => {
                 self.problem(
                     "state.backend",
@@ -67,14 +69,21 @@ impl Validator<'_> {
             (None, Some(var)) => {
                 let secret = self.secret("state.url_env".into(), var);
                 match secret {
-                    Some(url) => self.redis_url("state.url_env", url.expose(), true).map(|_| url),
+                    Some(url) => self
+                        .redis_url("state.url_env", url.expose(), true)
+                        .map(|_| url),
                     // Offline: checked with the secrets, not now.
-                    None if matches!(self.secrets, Secrets::Unread) => Some(Secret::new(String::new())),
+                    None if matches!(self.secrets, Secrets::Unread) => {
+                        Some(Secret::new(String::new()))
+                    }
                     None => None,
                 }
             }
         };
-        let prefix = s.prefix.clone().unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+        let prefix = s
+            .prefix
+            .clone()
+            .unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
         if prefix.is_empty() || prefix.len() > 64 || prefix.bytes().any(|b| !b.is_ascii_graphic()) {
             self.problem(
                 "state.prefix",
@@ -117,9 +126,16 @@ impl Validator<'_> {
 
     /// A `redis://` URL; one written in the config file holds no password.
     fn redis_url(&mut self, path: &str, text: &str, from_env: bool) -> Option<()> {
-        let shown = if from_env { "the URL in the environment variable" } else { "the URL" };
+        let shown = if from_env {
+            "the URL in the environment variable"
+        } else {
+            "the URL"
+        };
         let Ok(url) = Url::parse(text) else {
-            self.problem(path, format!("{shown} is not a URL; write redis://HOST:PORT/DB"));
+            self.problem(
+                path,
+                format!("{shown} is not a URL; write redis://HOST:PORT/DB"),
+            );
             return None;
         };
         if url.scheme() != "redis" {
@@ -130,7 +146,10 @@ impl Validator<'_> {
             return None;
         }
         if url.host_str().is_none_or(str::is_empty) {
-            self.problem(path, format!("{shown} names no host; write redis://HOST:PORT/DB"));
+            self.problem(
+                path,
+                format!("{shown} names no host; write redis://HOST:PORT/DB"),
+            );
             return None;
         }
         if !from_env && url.password().is_some() {
