@@ -498,3 +498,84 @@ async fn a_deployments_rpm_holds_for_the_whole_fleet() {
     assert_eq!(by.iter().filter(|b| *b == "cheap").count(), 4, "{by:?}");
     assert_eq!(cheap.hits(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sent_again_after_a_lost_reply_is_counted_once() {
+    let Some(redis) = Redis::start() else { return };
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let script = redis::Script::new(include_str!("../src/store/lua/sync.lua"));
+    let day = format!("{PREFIX}budget:team:day:2026-12-04");
+    let batch = |number: u64, cost: &str| {
+        json!({
+            "replica": "r1", "lease": 30_000_000, "seed": [], "renew": [], "push": [],
+            "pull": [], "spent": [],
+            "batches": [{"number": number, "charge": [], "settle": [[
+                "t:budget:team:held", "t:budget:team:leases", "", day, "t:budget:team:month:2026-12", cost
+            ]]}],
+        })
+        .to_string()
+    };
+    for payload in [
+        batch(1, "500"),
+        batch(1, "500"),
+        batch(2, "70"),
+        batch(1, "500"),
+    ] {
+        let _: String = script
+            .key("t:replicas")
+            .key("t:applied:r1")
+            .arg(payload)
+            .invoke_async(&mut connection)
+            .await
+            .unwrap();
+    }
+    assert_eq!(redis.int(&day), 570, "batch 1 once, batch 2 once");
+}
+
+/// The statuses of 20 requests at once, half streamed; none may hang.
+async fn statuses(gateway: &Gateway) -> Vec<u16> {
+    let started = Instant::now();
+    let answers = join_all((0..20).map(|i| ask(gateway, "team", i % 2 == 0))).await;
+    assert!(started.elapsed() < WAIT);
+    answers.into_iter().map(|(s, _)| s).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_stopped_refuse_mode_refuses_then_reconciles_and_a_replica_starts_without_it() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let upstream = MockUpstream::openai()
+        .answers_of(100)
+        .record(false)
+        .start()
+        .await;
+    let config = shared(
+        one_model(&upstream).key(Key::new("team").set("budget_daily_usd", 10.0)),
+        &redis,
+    )
+    .set("state", "on_unavailable", "refuse");
+    let first = start(&config).await;
+    assert!(statuses(&first).await.iter().all(|s| *s == 200));
+    redis.stop();
+    let during = statuses(&first).await;
+    assert!(during.iter().all(|s| *s == 200 || *s == 503), "{during:?}");
+    assert!(during.contains(&503), "{during:?}");
+    // A replica starts while Redis is down, degraded, and refuses too.
+    let second = start(&config).await;
+    assert!(statuses(&second).await.iter().all(|s| *s == 503));
+    redis.start_again();
+    let fleet = [first, second];
+    eventually("both replicas serve again", || async {
+        status(&fleet[0]).await["state"]["degraded"] == false
+            && status(&fleet[1]).await["state"]["degraded"] == false
+    })
+    .await;
+    for gateway in &fleet {
+        assert!(statuses(gateway).await.iter().all(|s| *s == 200));
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let spent = ledgers_spent(&fleet, "team").await;
+    assert_eq!(fleet_spent(&redis, "team"), (spent * 1e9).round() as i64);
+}

@@ -5,13 +5,18 @@
 //! its queued spend, token charges and lease renewals along.
 
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
 use super::AppState;
 use crate::metering::budget::{self, Period};
 use crate::store::{SYNC_EVERY, SyncAsk};
+
+/// How long spend queued by one request waits for others' before it is
+/// sent: under load one call settles many requests, and a request's
+/// reservation is released within about this long of its end.
+const SETTLE_GATHER: Duration = Duration::from_millis(2);
 
 /// Exchanges with the fleet until dropped.
 pub struct Sharing(Option<JoinHandle<()>>);
@@ -35,9 +40,20 @@ pub fn share(app: &Arc<AppState>) -> Sharing {
         let mut tick = tokio::time::interval(SYNC_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            let Some(app) = app.upgrade() else { return };
-            exchange(&app).await;
+            let Some(fleet) = app.upgrade().and_then(|app| app.fleet.clone()) else {
+                return;
+            };
+            tokio::select! {
+                _ = tick.tick() => {
+                    let Some(app) = app.upgrade() else { return };
+                    exchange(&app).await;
+                }
+                () = fleet.spend_queued() => {
+                    // Requests that end together settle in one call.
+                    tokio::time::sleep(SETTLE_GATHER).await;
+                    fleet.settle_now().await;
+                }
+            }
         }
     })))
 }

@@ -20,7 +20,7 @@ use time::macros::format_description;
 use super::sync::{SyncAsk, SyncReply, WirePush, WireReply};
 use crate::config::{OnUnavailable, RedisState};
 use crate::limits::{Limit, Refused, SharedCells, SharedTokens};
-use crate::metering::budget::{Ask, Period, SharedSpend};
+use crate::metering::budget::{Ask, Period, SharedSpend, today as budget_today};
 
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]-[day]");
@@ -69,6 +69,10 @@ pub struct Fleet {
     admit: Script,
     sync: Script,
     pending: Mutex<Pending>,
+    /// One call of the exchange script at a time.
+    sending: tokio::sync::Mutex<()>,
+    /// Wakes the sender when a request's spend is queued.
+    settled: tokio::sync::Notify,
     known: Mutex<Known>,
     degraded_gauge: IntGauge,
     replicas_gauge: IntGauge,
@@ -79,10 +83,35 @@ struct Pending {
     settle: Vec<Settlement>,
     /// Tokens per shared cell: its per-minute quota and the net charge.
     charge: HashMap<String, (u32, i64)>,
+    /// Batches sent and not yet acknowledged, oldest first: sent again,
+    /// with the same numbers, until Redis acknowledges them.
+    unsent: Vec<Batch>,
+    next_batch: u64,
     /// Reservations requests here hold in Redis, by key: renewed until
     /// settled.
     live: HashMap<String, HashSet<String>>,
     renewed: Option<Instant>,
+}
+
+impl Pending {
+    /// What `key` spent in `[from, to]` that Redis has not acknowledged.
+    fn unsent(&self, key: &str, from: Date, to: Date) -> u64 {
+        self.unsent
+            .iter()
+            .flat_map(|b| &b.settle)
+            .chain(&self.settle)
+            .filter(|s| s.key == key && s.day >= from && s.day <= to)
+            .fold(0u64, |sum, s| sum.saturating_add(s.nano_usd))
+    }
+}
+
+/// Spend and token charges sent together under one number. Redis keeps
+/// the highest number it applied for each replica and skips a batch it
+/// has seen, so one sent again after a lost reply is not counted twice.
+struct Batch {
+    number: u64,
+    settle: Vec<Settlement>,
+    charge: HashMap<String, (u32, i64)>,
 }
 
 struct Settlement {
@@ -135,6 +164,8 @@ impl Fleet {
             admit: Script::new(include_str!("lua/admit.lua")),
             sync: Script::new(include_str!("lua/sync.lua")),
             pending: Mutex::default(),
+            sending: tokio::sync::Mutex::new(()),
+            settled: tokio::sync::Notify::new(),
             known: Mutex::new(Known {
                 replicas: 1,
                 ..Known::default()
@@ -142,6 +173,11 @@ impl Fleet {
             degraded_gauge,
             replicas_gauge,
         })
+    }
+
+    /// Resolves when a request's spend was queued since the last call.
+    pub async fn spend_queued(&self) {
+        self.settled.notified().await;
     }
 
     pub fn is_degraded(&self) -> bool {
@@ -328,139 +364,16 @@ impl Fleet {
             (base, known.replicas.max(1))
         };
         let (from, to) = period.bounds(today);
-        let unsent = lock(&self.pending)
-            .settle
-            .iter()
-            .filter(|s| s.key == key && s.day >= from && s.day <= to)
-            .fold(0u64, |sum, s| sum.saturating_add(s.nano_usd));
+        let unsent = lock(&self.pending).unsent(key, from, to);
         let share = limit.saturating_sub(base) / replicas;
         (base.saturating_add(share), base.saturating_add(unsent))
     }
 
-    /// One exchange with the fleet (see `lua/sync.lua`). What it carried
-    /// goes back into the queue when it fails, so no spend is lost.
+    /// One exchange with the fleet (see `lua/sync.lua`): what is queued
+    /// here goes out, what the fleet knows comes back.
     pub async fn exchange(&self, ask: SyncAsk, today: Date) -> Option<SyncReply> {
-        let (settle, charge, renew) = {
-            let mut pending = lock(&self.pending);
-            let renew_due = pending
-                .renewed
-                .is_none_or(|at| at.elapsed() >= self.lease / 3);
-            let renew: Vec<Vec<String>> = if renew_due {
-                pending.renewed = Some(Instant::now());
-                pending
-                    .live
-                    .iter()
-                    .filter(|(_, ids)| !ids.is_empty())
-                    .map(|(key, ids)| {
-                        let mut row =
-                            vec![self.budget_key(key, "held"), self.budget_key(key, "leases")];
-                        row.extend(ids.iter().cloned());
-                        row
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            (
-                std::mem::take(&mut pending.settle),
-                std::mem::take(&mut pending.charge),
-                renew,
-            )
-        };
         let seeding = !lock(&self.known).seeded;
-        let seed: Vec<serde_json::Value> = if seeding {
-            ask.budgets
-                .iter()
-                .flat_map(|(key, (day, month))| {
-                    let unsent = |period: Period| {
-                        let (from, to) = period.bounds(today);
-                        settle
-                            .iter()
-                            .filter(|s| &s.key == key && s.day >= from && s.day <= to)
-                            .fold(0u64, |sum, s| sum.saturating_add(s.nano_usd))
-                    };
-                    [
-                        json!([
-                            self.period_key(key, Period::Daily, today),
-                            day.saturating_sub(unsent(Period::Daily)).to_string(),
-                            DAY_TTL_SECS
-                        ]),
-                        json!([
-                            self.period_key(key, Period::Monthly, today),
-                            month.saturating_sub(unsent(Period::Monthly)).to_string(),
-                            MONTH_TTL_SECS
-                        ]),
-                    ]
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let wire_settle: Vec<serde_json::Value> = settle
-            .iter()
-            .map(|s| {
-                json!([
-                    self.budget_key(&s.key, "held"),
-                    self.budget_key(&s.key, "leases"),
-                    s.reservation.as_deref().unwrap_or(""),
-                    self.period_key(&s.key, Period::Daily, s.day),
-                    self.period_key(&s.key, Period::Monthly, s.day),
-                    s.nano_usd.to_string(),
-                ])
-            })
-            .collect();
-        let wire_charge: Vec<serde_json::Value> = charge
-            .iter()
-            .filter(|(_, (_, cells))| *cells != 0)
-            .map(|(cell, (per_minute, cells))| json!([cell, per_minute, cells]))
-            .collect();
-        let push: Vec<WirePush> = ask
-            .push
-            .iter()
-            .map(|(deployment, p)| WirePush::of(self.pressure_key(deployment), p))
-            .collect();
-        let pull: Vec<String> = ask.pull.iter().map(|d| self.pressure_key(d)).collect();
-        let spent: Vec<[String; 3]> = ask
-            .budgets
-            .iter()
-            .map(|(key, _)| {
-                [
-                    self.period_key(key, Period::Daily, today),
-                    self.period_key(key, Period::Monthly, today),
-                    self.budget_key(key, "held"),
-                ]
-            })
-            .collect();
-        let payload = json!({
-            "replica": self.replica,
-            "lease": self.lease.as_micros() as u64,
-            "seed": seed,
-            "settle": wire_settle,
-            "charge": wire_charge,
-            "renew": renew,
-            "push": push,
-            "pull": pull,
-            "spent": spent,
-        })
-        .to_string();
-        let mut connection = self.connection.clone();
-        let mut invocation = self.sync.key(format!("{}replicas", self.prefix));
-        invocation.arg(payload);
-        let reply: Option<String> = self
-            .bounded(SYNC_TIMEOUT, invocation.invoke_async(&mut connection))
-            .await;
-        let Some(reply) = reply.and_then(|r| serde_json::from_str::<WireReply>(&r).ok()) else {
-            self.unavailable("the exchange failed");
-            let mut pending = lock(&self.pending);
-            let newer = std::mem::replace(&mut pending.settle, settle);
-            pending.settle.extend(newer);
-            for (cell, (per_minute, cells)) in charge {
-                let entry = pending.charge.entry(cell).or_insert((per_minute, 0));
-                entry.1 = entry.1.saturating_add(cells);
-            }
-            pending.renewed = None;
-            return None;
-        };
+        let reply = self.send(&ask, today, seeding).await?;
         {
             let mut known = lock(&self.known);
             known.replicas = reply.replicas.max(1);
@@ -479,21 +392,179 @@ impl Fleet {
         if self.degraded.swap(false, Ordering::AcqRel) {
             self.degraded_gauge.set(0);
             tracing::info!(
-                settled = settle.len(),
                 "the shared state (Redis) answers again; spend recorded meanwhile is added to the fleet's"
             );
         }
-        let pressure = ask
-            .pull
-            .iter()
-            .zip(reply.pressure)
-            .map(|(_, seen)| seen.seen(&self.replica))
+        let pressure = reply
+            .pressure
+            .into_iter()
+            .map(|seen| seen.seen(&self.replica))
             .collect();
         Some(SyncReply {
             replicas: reply.replicas,
             pressure,
         })
     }
+
+    /// Sends the spend queued here now, rather than at the next exchange:
+    /// a request's reservation is released as soon as its cost is known.
+    /// Left to the exchange while Redis is away or not yet seeded.
+    pub async fn settle_now(&self) {
+        if self.is_degraded() || !lock(&self.known).seeded {
+            return;
+        }
+        let _ = self.send(&SyncAsk::default(), budget_today(), false).await;
+    }
+
+    /// One call of `lua/sync.lua`, one at a time, so batches reach Redis
+    /// in the order of their numbers.
+    async fn send(&self, ask: &SyncAsk, today: Date, seeding: bool) -> Option<WireReply> {
+        let _turn = self.sending.lock().await;
+        let payload = {
+            let mut pending = lock(&self.pending);
+            if !pending.settle.is_empty() || !pending.charge.is_empty() {
+                pending.next_batch += 1;
+                let batch = Batch {
+                    number: pending.next_batch,
+                    settle: std::mem::take(&mut pending.settle),
+                    charge: std::mem::take(&mut pending.charge),
+                };
+                pending.unsent.push(batch);
+            }
+            self.payload(&mut pending, ask, today, seeding)
+        };
+        let mut connection = self.connection.clone();
+        let mut invocation = self.sync.key(format!("{}replicas", self.prefix));
+        invocation
+            .key(format!("{}applied:{}", self.prefix, self.replica))
+            .arg(payload.text);
+        let reply: Option<String> = self
+            .bounded(SYNC_TIMEOUT, invocation.invoke_async(&mut connection))
+            .await;
+        let Some(reply) = reply.and_then(|r| serde_json::from_str::<WireReply>(&r).ok()) else {
+            self.unavailable("the exchange failed");
+            if payload.renewed {
+                lock(&self.pending).renewed = None;
+            }
+            return None;
+        };
+        lock(&self.pending)
+            .unsent
+            .retain(|b| b.number > payload.last_batch);
+        Some(reply)
+    }
+
+    /// The JSON `sync.lua` reads: every unacknowledged batch, and what
+    /// the exchange asks.
+    fn payload(&self, pending: &mut Pending, ask: &SyncAsk, today: Date, seeding: bool) -> Payload {
+        let renew_due = pending
+            .renewed
+            .is_none_or(|at| at.elapsed() >= self.lease / 3);
+        let renew: Vec<Vec<String>> = if renew_due && !ask.pull.is_empty() {
+            pending.renewed = Some(Instant::now());
+            pending
+                .live
+                .iter()
+                .filter(|(_, ids)| !ids.is_empty())
+                .map(|(key, ids)| {
+                    let mut row =
+                        vec![self.budget_key(key, "held"), self.budget_key(key, "leases")];
+                    row.extend(ids.iter().cloned());
+                    row
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // Spend counters Redis lost start again from the ledger, less
+        // what is about to be added to them.
+        let seed: Vec<serde_json::Value> = if seeding {
+            ask.budgets
+                .iter()
+                .flat_map(|(key, (day, month))| {
+                    [
+                        (Period::Daily, day, DAY_TTL_SECS),
+                        (Period::Monthly, month, MONTH_TTL_SECS),
+                    ]
+                    .map(|(period, spent, ttl)| {
+                        let (from, to) = period.bounds(today);
+                        let base = spent.saturating_sub(pending.unsent(key, from, to));
+                        json!([self.period_key(key, period, today), base.to_string(), ttl])
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let batches: Vec<serde_json::Value> = pending
+            .unsent
+            .iter()
+            .map(|b| {
+                let settle: Vec<serde_json::Value> = b
+                    .settle
+                    .iter()
+                    .map(|s| {
+                        json!([
+                            self.budget_key(&s.key, "held"),
+                            self.budget_key(&s.key, "leases"),
+                            s.reservation.as_deref().unwrap_or(""),
+                            self.period_key(&s.key, Period::Daily, s.day),
+                            self.period_key(&s.key, Period::Monthly, s.day),
+                            s.nano_usd.to_string(),
+                        ])
+                    })
+                    .collect();
+                let charge: Vec<serde_json::Value> = b
+                    .charge
+                    .iter()
+                    .filter(|(_, (_, cells))| *cells != 0)
+                    .map(|(cell, (per_minute, cells))| json!([cell, per_minute, cells]))
+                    .collect();
+                json!({"number": b.number, "settle": settle, "charge": charge})
+            })
+            .collect();
+        let push: Vec<WirePush> = ask
+            .push
+            .iter()
+            .map(|(deployment, p)| WirePush::of(self.pressure_key(deployment), p))
+            .collect();
+        let pull: Vec<String> = ask.pull.iter().map(|d| self.pressure_key(d)).collect();
+        let spent: Vec<[String; 3]> = ask
+            .budgets
+            .iter()
+            .map(|(key, _)| {
+                [
+                    self.period_key(key, Period::Daily, today),
+                    self.period_key(key, Period::Monthly, today),
+                    self.budget_key(key, "held"),
+                ]
+            })
+            .collect();
+        let text = json!({
+            "replica": self.replica,
+            "lease": self.lease.as_micros() as u64,
+            "seed": seed,
+            "batches": batches,
+            "renew": renew,
+            "push": push,
+            "pull": pull,
+            "spent": spent,
+        })
+        .to_string();
+        Payload {
+            text,
+            last_batch: pending.unsent.last().map_or(0, |b| b.number),
+            renewed: !renew.is_empty(),
+        }
+    }
+}
+
+/// One exchange's JSON, and what to do once Redis acknowledges it.
+struct Payload {
+    text: String,
+    /// Batches up to this number are applied once it answers.
+    last_batch: u64,
+    renewed: bool,
 }
 
 impl SharedSpend for Fleet {
@@ -513,6 +584,8 @@ impl SharedSpend for Fleet {
             nano_usd,
             day,
         });
+        drop(pending);
+        self.settled.notify_one();
     }
 }
 

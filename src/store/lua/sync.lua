@@ -5,8 +5,10 @@
 -- and reads back what the others published, what keys have spent, and
 -- how many replicas are alive.
 --
--- ARGV[1]: JSON {replica, lease, seed, settle, charge, renew, push, pull,
--- spent}; amounts travel as strings (JSON numbers lose digits past 2^53).
+-- KEYS: 1 the replicas seen (sorted set), 2 the last batch applied for
+--       this replica
+-- ARGV[1]: JSON {replica, lease, seed, batches, renew, push, pull, spent};
+-- amounts travel as strings (JSON numbers lose digits past 2^53).
 -- Times are microseconds; sent and returned relative to now.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
@@ -24,37 +26,45 @@ for _, s in ipairs(ask.seed) do
   redis.call('SET', s[1], s[2], 'NX', 'EX', s[3])
 end
 
-for _, s in ipairs(ask.settle) do
-  local held, leases, id, day, month, cost = s[1], s[2], s[3], s[4], s[5], s[6]
-  if id ~= '' then
-    local amount = redis.call('HGET', held, id)
-    if amount then
-      redis.call('HINCRBY', held, '=', '-' .. amount)
-      redis.call('HDEL', held, id)
+-- Batches of spend and token charges, each applied once: KEYS[2] holds
+-- the highest batch number applied for this replica.
+local applied = tonumber(redis.call('GET', KEYS[2]) or '0')
+for _, batch in ipairs(ask.batches) do
+  if batch.number > applied then
+    for _, s in ipairs(batch.settle) do
+      local held, leases, id, day, month, cost = s[1], s[2], s[3], s[4], s[5], s[6]
+      if id ~= '' then
+        local amount = redis.call('HGET', held, id)
+        if amount then
+          redis.call('HINCRBY', held, '=', '-' .. amount)
+          redis.call('HDEL', held, id)
+        end
+        redis.call('ZREM', leases, id)
+      end
+      if cost ~= '0' then
+        redis.call('INCRBY', day, cost)
+        redis.call('EXPIRE', day, DAY_TTL)
+        redis.call('INCRBY', month, cost)
+        redis.call('EXPIRE', month, MONTH_TTL)
+      end
     end
-    redis.call('ZREM', leases, id)
-  end
-  if cost ~= '0' then
-    redis.call('INCRBY', day, cost)
-    redis.call('EXPIRE', day, DAY_TTL)
-    redis.call('INCRBY', month, cost)
-    redis.call('EXPIRE', month, MONTH_TTL)
+    -- Tokens past (positive) or short of (negative) what admission took.
+    for _, c in ipairs(batch.charge) do
+      local key, per_minute, cells = c[1], c[2], c[3]
+      local full_at = tonumber(redis.call('GET', key) or '0')
+      local span = math.abs(cells) * MINUTE / per_minute
+      local after
+      if cells >= 0 then
+        after = math.max(full_at, now) + span
+      else
+        after = math.max(full_at - span, now)
+      end
+      redis.call('SET', key, int(after), 'PX', math.ceil((after - now) / 1000) + 1000)
+    end
+    applied = batch.number
   end
 end
-
--- Tokens past (positive) or short of (negative) what admission took.
-for _, c in ipairs(ask.charge) do
-  local key, per_minute, cells = c[1], c[2], c[3]
-  local full_at = tonumber(redis.call('GET', key) or '0')
-  local span = math.abs(cells) * MINUTE / per_minute
-  local after
-  if cells >= 0 then
-    after = math.max(full_at, now) + span
-  else
-    after = math.max(full_at - span, now)
-  end
-  redis.call('SET', key, int(after), 'PX', math.ceil((after - now) / 1000) + 1000)
-end
+redis.call('SET', KEYS[2], int(applied), 'EX', 86400)
 
 for _, r in ipairs(ask.renew) do
   local held, leases = r[1], r[2]
