@@ -89,16 +89,21 @@ fn refresh(app: &AppState) {
     let today = budget::today();
     for key in &config.keys {
         for period in [Period::Daily, Period::Monthly] {
-            if let Some(left) = app.budgets.remaining(&app.ledger, key, period, today) {
-                m.budget_remaining
-                    .with_label_values(&[&key.name, period.name()])
-                    .set(budget::usd(left));
-            }
-            if let Some(limit) = period.limit(key) {
-                m.budget_limit
-                    .with_label_values(&[&key.name, period.name()])
-                    .set(budget::usd(limit));
-            }
+            let Some(limit) = period.limit(key) else {
+                continue;
+            };
+            // The fleet's spend as of the last exchange, when shared.
+            let spent = app
+                .fleet
+                .as_ref()
+                .and_then(|fleet| fleet.spent(&key.name, period))
+                .unwrap_or_else(|| budget::spent_in(&app.ledger, &key.name, period, today));
+            m.budget_remaining
+                .with_label_values(&[&key.name, period.name()])
+                .set(budget::usd(limit.saturating_sub(spent)));
+            m.budget_limit
+                .with_label_values(&[&key.name, period.name()])
+                .set(budget::usd(limit));
         }
     }
 }

@@ -338,6 +338,16 @@ impl Fleet {
         }
     }
 
+    /// What `key` spent in `period`, fleet-wide, as of the last exchange.
+    pub fn spent(&self, key: &str, period: Period) -> Option<u64> {
+        let known = lock(&self.known);
+        let spent = known.spent.get(key)?;
+        Some(match period {
+            Period::Daily => spent[0],
+            Period::Monthly => spent[1],
+        })
+    }
+
     /// While Redis is away: a period's budget as this replica may use it,
     /// and what it counts as spent. Its share is what the fleet had left
     /// at the last exchange (spent and held), divided among the replicas
