@@ -406,56 +406,20 @@ mod tests {
         let today = date!(2026 - 11 - 28);
         let k = key(Some(1_000), Some(5_000));
         spend(&ledger, today, 100);
-        let own = |period, limit| (limit, spent_in(&ledger, "k", period, today));
-        let first = budgets
-            .admit(
-                &k,
-                today,
-                Ask {
-                    want: 450,
-                    floor: 10,
-                },
-                own,
-            )
-            .unwrap();
-        assert_eq!(first.nano_usd(), 450);
-        let second = budgets
-            .admit(
-                &k,
-                today,
-                Ask {
-                    want: 10_000,
-                    floor: 10,
-                },
-                own,
-            )
-            .unwrap();
+        let ask = |want, floor| {
+            let own = |period, limit| (limit, spent_in(&ledger, "k", period, today));
+            budgets.admit(&k, today, Ask { want, floor }, own)
+        };
+        assert_eq!(ask(450, 10).unwrap().nano_usd(), 450);
+        let first = ask(450, 10).unwrap();
+        let second = ask(10_000, 10).unwrap();
         assert_eq!(second.nano_usd(), 450, "what the daily budget has left");
-        let refused = budgets.admit(
-            &k,
-            today,
-            Ask {
-                want: 10_000,
-                floor: 1,
-            },
-            own,
-        );
-        assert_eq!(refused.err().unwrap().code(), Some("budget_held"));
+        assert_eq!(ask(10_000, 1).err().unwrap().code(), Some("budget_held"));
         second.settle(200);
         // The ledger has the 200 now (the meter records before settling).
         spend(&ledger, today, 200);
-        let third = budgets
-            .admit(
-                &k,
-                today,
-                Ask {
-                    want: 10_000,
-                    floor: 10,
-                },
-                own,
-            )
-            .unwrap();
-        assert_eq!(third.nano_usd(), 250);
+        assert_eq!(ask(10_000, 10).unwrap().nano_usd(), 250);
+        drop(first);
     }
 
     #[test]

@@ -172,14 +172,20 @@ impl Gateway {
 
     /// `GET /admin/spend{query}`, which must answer 200.
     pub async fn spend(&self, query: &str) -> Value {
+        self.admin(&format!("/admin/spend{query}")).await
+    }
+
+    /// `GET` of an admin endpoint with the admin token, which must answer
+    /// 200 with JSON.
+    pub async fn admin(&self, path: &str) -> Value {
         let response = self
             .http
-            .get(format!("{}/admin/spend{query}", self.base))
+            .get(format!("{}{path}", self.base))
             .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 200);
+        assert_eq!(response.status(), 200, "{path}");
         response.json().await.unwrap()
     }
 
