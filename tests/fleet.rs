@@ -495,7 +495,7 @@ async fn a_batch_sent_again_after_a_lost_reply_is_counted_once() {
             "replica": "r1", "lease": 30_000_000, "seed": [], "renew": [], "push": [],
             "pull": [], "spent": [],
             "batches": [{"number": number, "charge": [], "settle": [[
-                "t:budget:team:held", "t:budget:team:leases", "", day, "t:budget:team:month:2026-12", cost
+                "t:budget:team:held", "t:budget:team:leases", day, "t:budget:team:month:2026-12", cost
             ]]}],
         })
         .to_string()

@@ -87,22 +87,17 @@ pub struct Limits {
 struct Shared {
     sink: Arc<dyn SharedTokens>,
     owner: String,
-    /// The shared token cell, when there is a `tpm`.
-    tokens: Option<(String, u32)>,
+    /// Named once per quota, not per request.
+    cells: Arc<SharedCells>,
 }
 
 /// What admission in a shared store needs of a limit: its cells.
+#[derive(Default)]
 pub struct SharedCells {
     pub requests: Option<(String, u32)>,
     pub tokens: Option<(String, u32)>,
 }
 
-impl SharedCells {
-    pub const NONE: Self = Self {
-        requests: None,
-        tokens: None,
-    };
-}
 
 impl Limits {
     /// Applies the configured quota; an unchanged one keeps its state.
@@ -119,29 +114,21 @@ impl Limits {
     /// From now on, tokens charged after admission go to the fleet's
     /// shared cells of `owner`, and locally only while the store is away.
     pub fn share(&self, sink: Arc<dyn SharedTokens>, owner: String) {
-        let tokens = self
-            .tokens
-            .per_minute()
-            .map(|pm| (sink.cell(&owner, Limit::Tokens, pm.get()), pm.get()));
-        self.shared.store(Some(Arc::new(Shared {
-            sink,
-            owner,
-            tokens,
-        })));
+        let cell = |bucket: &Bucket, limit| {
+            bucket
+                .per_minute()
+                .map(|pm| (sink.cell(&owner, limit, pm.get()), pm.get()))
+        };
+        let cells = Arc::new(SharedCells {
+            requests: cell(&self.requests, Limit::Requests),
+            tokens: cell(&self.tokens, Limit::Tokens),
+        });
+        self.shared.store(Some(Arc::new(Shared { sink, owner, cells })));
     }
 
     /// The shared cells admission takes from; `None` when not shared.
-    pub fn shared_cells(&self) -> Option<SharedCells> {
-        let shared = self.shared.load();
-        let shared = shared.as_ref()?;
-        let requests = self.requests.per_minute().map(|pm| {
-            let cell = shared.sink.cell(&shared.owner, Limit::Requests, pm.get());
-            (cell, pm.get())
-        });
-        Some(SharedCells {
-            requests,
-            tokens: shared.tokens.clone(),
-        })
+    pub fn shared_cells(&self) -> Option<Arc<SharedCells>> {
+        self.shared.load().as_ref().map(|s| s.cells.clone())
     }
 
     /// Whether there is a limit at all.
@@ -156,7 +143,7 @@ impl Limits {
             return true;
         }
         let shared = self.shared.load();
-        match shared.as_ref().and_then(|s| Some((s, s.tokens.as_ref()?))) {
+        match shared.as_ref().and_then(|s| Some((s, s.cells.tokens.as_ref()?))) {
             Some((s, (cell, per_minute))) => s.sink.tokens(cell, *per_minute, delta),
             None => false,
         }

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::config::{Budget, Deployment, Key, OnUnavailable};
 use crate::error::GatewayError;
-use crate::limits::{Limits, Refused, SharedCells};
+use crate::limits::{Limits, Refused};
 use crate::metering::budget::{self, Reservation};
 use crate::openai::{Endpoint, InboundRequest};
 use crate::routing::{self, Explained, Plan, PlanStatus, RequestFacts};
@@ -190,7 +190,7 @@ pub async fn reserve(
     if let Some(fleet) = fleet
         && (budgeted || limits.is_limited())
     {
-        let cells = limits.shared_cells().unwrap_or(SharedCells::NONE);
+        let cells = limits.shared_cells().unwrap_or_default();
         let budget = budgeted.then(|| (key, ask(snapshot, request, admission), today));
         match fleet.admit(&cells, tokens, budget).await {
             Ok(admitted) => {

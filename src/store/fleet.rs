@@ -116,7 +116,8 @@ struct Batch {
 
 struct Settlement {
     key: String,
-    reservation: Option<String>,
+    /// The reservation it releases in Redis, and what that holds.
+    reservation: Option<(String, u64)>,
     nano_usd: u64,
     day: Date,
 }
@@ -510,18 +511,30 @@ impl Fleet {
             .unsent
             .iter()
             .map(|b| {
-                let settle: Vec<serde_json::Value> = b
-                    .settle
-                    .iter()
-                    .map(|s| {
-                        json!([
-                            self.budget_key(&s.key, "held"),
-                            self.budget_key(&s.key, "leases"),
-                            s.reservation.as_deref().unwrap_or(""),
-                            self.period_key(&s.key, Period::Daily, s.day),
-                            self.period_key(&s.key, Period::Monthly, s.day),
-                            s.nano_usd.to_string(),
-                        ])
+                // One entry per key and day: its spend in one sum, and the
+                // reservations it releases with what each holds.
+                let mut groups: HashMap<(&str, Date), (u64, Vec<serde_json::Value>)> =
+                    HashMap::new();
+                for s in &b.settle {
+                    let group = groups.entry((&s.key, s.day)).or_default();
+                    group.0 = group.0.saturating_add(s.nano_usd);
+                    if let Some((id, held)) = &s.reservation {
+                        group.1.push(json!(id));
+                        group.1.push(json!(held.to_string()));
+                    }
+                }
+                let settle: Vec<serde_json::Value> = groups
+                    .into_iter()
+                    .map(|((key, day), (cost, released))| {
+                        let mut entry = vec![
+                            json!(self.budget_key(key, "held")),
+                            json!(self.budget_key(key, "leases")),
+                            json!(self.period_key(key, Period::Daily, day)),
+                            json!(self.period_key(key, Period::Monthly, day)),
+                            json!(cost.to_string()),
+                        ];
+                        entry.extend(released);
+                        serde_json::Value::Array(entry)
                     })
                     .collect();
                 let charge: Vec<serde_json::Value> = b
@@ -539,7 +552,7 @@ impl Fleet {
             .map(|(deployment, p)| WirePush::of(self.pressure_key(deployment), p))
             .collect();
         let pull: Vec<String> = ask.pull.iter().map(|d| self.pressure_key(d)).collect();
-        let spent: Vec<[String; 3]> = ask
+        let spent: Vec<[String; 4]> = ask
             .budgets
             .iter()
             .map(|(key, _)| {
@@ -547,6 +560,7 @@ impl Fleet {
                     self.period_key(key, Period::Daily, today),
                     self.period_key(key, Period::Monthly, today),
                     self.budget_key(key, "held"),
+                    self.budget_key(key, "leases"),
                 ]
             })
             .collect();
@@ -578,9 +592,9 @@ struct Payload {
 }
 
 impl SharedSpend for Fleet {
-    fn spent(&self, key: &str, reservation: Option<&str>, nano_usd: u64, day: Date) {
+    fn spent(&self, key: &str, reservation: Option<(&str, u64)>, nano_usd: u64, day: Date) {
         let mut pending = lock(&self.pending);
-        if let Some(id) = reservation
+        if let Some((id, _)) = reservation
             && let Some(ids) = pending.live.get_mut(key)
         {
             ids.remove(id);
@@ -590,7 +604,7 @@ impl SharedSpend for Fleet {
         }
         pending.settle.push(Settlement {
             key: key.to_owned(),
-            reservation: reservation.map(str::to_owned),
+            reservation: reservation.map(|(id, held)| (id.to_owned(), held)),
             nano_usd,
             day,
         });

@@ -1,6 +1,8 @@
 -- Admits one request against a key's or a deployment's limits and, for a
 -- key with a budget, reserves its cost under a lease; all or nothing, on
--- the server's clock, so every replica sees one state.
+-- the server's clock, so every replica sees one state. Expired leases are
+-- released, and the keys' lifetimes kept, by the exchange (sync.lua), so
+-- an admission does only what it must.
 --
 -- KEYS: 1 rpm cell, 2 tpm cell, 3 held amounts (hash; field "=" is their
 --       sum), 4 lease expiries (sorted set), 5 day's spend, 6 month's spend
@@ -48,17 +50,6 @@ end
 local granted = 0
 local id = ARGV[8]
 if id ~= '' then
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
-  for _, gone in ipairs(expired) do
-    local amount = redis.call('HGET', KEYS[3], gone)
-    if amount then
-      redis.call('HINCRBY', KEYS[3], '=', '-' .. amount)
-      redis.call('HDEL', KEYS[3], gone)
-    end
-  end
-  if #expired > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-  end
   local held = tonumber(redis.call('HGET', KEYS[3], '=') or '0')
   local want, floor = tonumber(ARGV[6]), tonumber(ARGV[7])
   local available
@@ -94,8 +85,5 @@ if id ~= '' then
   redis.call('HSET', KEYS[3], id, int(granted))
   redis.call('HINCRBY', KEYS[3], '=', int(granted))
   redis.call('ZADD', KEYS[4], int(now + lease), id)
-  local ttl = math.ceil(lease / 1000) * 2
-  redis.call('PEXPIRE', KEYS[3], ttl)
-  redis.call('PEXPIRE', KEYS[4], ttl)
 end
 return {0, granted}

@@ -31,15 +31,20 @@ end
 local applied = tonumber(redis.call('GET', KEYS[2]) or '0')
 for _, batch in ipairs(ask.batches) do
   if batch.number > applied then
+    -- Per key and day: the held and leases keys, the day's and the
+    -- month's spend keys, the spend, then each reservation released and
+    -- what it holds.
     for _, s in ipairs(batch.settle) do
-      local held, leases, id, day, month, cost = s[1], s[2], s[3], s[4], s[5], s[6]
-      if id ~= '' then
-        local amount = redis.call('HGET', held, id)
-        if amount then
-          redis.call('HINCRBY', held, '=', '-' .. amount)
-          redis.call('HDEL', held, id)
+      local held, leases, day, month, cost = s[1], s[2], s[3], s[4], s[5]
+      local released = 0
+      for i = 6, #s, 2 do
+        if redis.call('HDEL', held, s[i]) == 1 then
+          released = released + tonumber(s[i + 1])
         end
-        redis.call('ZREM', leases, id)
+        redis.call('ZREM', leases, s[i])
+      end
+      if released > 0 then
+        redis.call('HINCRBY', held, '=', '-' .. int(released))
       end
       if cost ~= '0' then
         redis.call('INCRBY', day, cost)
@@ -113,12 +118,34 @@ for i, key in ipairs(ask.pull) do
   pressure[i] = seen
 end
 
+-- Per budgeted key: leases past their time are released (a replica that
+-- died stopped renewing them), then its day's and month's spend and what
+-- requests hold are read.
 local spent = {}
+local ttl = math.ceil(ask.lease / 1000) * 2
 for i, s in ipairs(ask.spent) do
+  local held, leases = s[3], s[4]
+  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
+  if #expired > 0 then
+    local released = 0
+    for _, gone in ipairs(expired) do
+      local amount = redis.call('HGET', held, gone)
+      if amount then
+        released = released + tonumber(amount)
+        redis.call('HDEL', held, gone)
+      end
+    end
+    if released > 0 then
+      redis.call('HINCRBY', held, '=', '-' .. int(released))
+    end
+    redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  end
+  redis.call('PEXPIRE', held, ttl)
+  redis.call('PEXPIRE', leases, ttl)
   spent[i] = {
     redis.call('GET', s[1]) or '0',
     redis.call('GET', s[2]) or '0',
-    redis.call('HGET', s[3], '=') or '0',
+    redis.call('HGET', held, '=') or '0',
   }
 end
 
