@@ -31,6 +31,9 @@ pub struct RawConfig {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawLedger {
+    pub backend: Option<String>,
+    pub url: Option<String>,
+    pub url_env: Option<String>,
     pub data_dir: Option<String>,
     pub flush_interval_ms: Option<u64>,
 }
