@@ -63,6 +63,8 @@ pub enum ErrorKind {
     /// The upstream failed with this status (5xx, or TGI's and Bedrock's
     /// 424 "the model failed").
     UpstreamFailed(StatusCode),
+    /// The fleet's ledger database cannot be reached (`/admin/spend`).
+    LedgerUnavailable,
     Internal,
 }
 
@@ -87,7 +89,7 @@ impl ErrorKind {
             BudgetExhausted | BudgetHeld | RateLimited | UpstreamRateLimited => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            NoDeployment => StatusCode::SERVICE_UNAVAILABLE,
+            NoDeployment | LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout | UpstreamIdle => StatusCode::GATEWAY_TIMEOUT,
             // The operator's problems, not the client's: the client is not
             // told its request was wrong.
@@ -107,7 +109,7 @@ impl ErrorKind {
         match self {
             BudgetExhausted => "insufficient_quota",
             BudgetHeld | RateLimited | UpstreamRateLimited => "rate_limit_error",
-            NoDeployment | Internal => "server_error",
+            NoDeployment | LedgerUnavailable | Internal => "server_error",
             UpstreamConnect | UpstreamTimeout | UpstreamIdle | UpstreamProtocol
             | UpstreamBroken | UpstreamTooLarge | UpstreamAuth | UpstreamNotFound
             | UpstreamFailed(_) => "upstream_error",
@@ -132,6 +134,7 @@ impl ErrorKind {
             BudgetHeld => "budget_held",
             RateLimited | UpstreamRateLimited => "rate_limit_exceeded",
             NoDeployment => "no_deployment_available",
+            LedgerUnavailable => "ledger_unavailable",
             UpstreamConnect => "upstream_unavailable",
             UpstreamTimeout | UpstreamIdle => "upstream_timeout",
             UpstreamProtocol => "upstream_invalid_response",
@@ -173,7 +176,11 @@ impl ErrorKind {
     }
 
     fn client_at_fault(self) -> bool {
-        !self.upstream_at_fault() && !matches!(self, UpstreamRateLimited | NoDeployment | Internal)
+        !self.upstream_at_fault()
+            && !matches!(
+                self,
+                UpstreamRateLimited | NoDeployment | LedgerUnavailable | Internal
+            )
     }
 
     /// The upstream failed: its deployment's circuit counts it.
@@ -216,6 +223,7 @@ impl ErrorKind {
             UpstreamTimeout | UpstreamIdle => "upstream_timeout",
             UpstreamFailed(StatusCode::GATEWAY_TIMEOUT) => "upstream_timeout",
             NoDeployment => "no_deployment",
+            LedgerUnavailable => "ledger_unavailable",
             UpstreamConnect | UpstreamProtocol | UpstreamBroken | UpstreamAuth
             | UpstreamNotFound | UpstreamFailed(_) => "upstream_error",
             Internal => "internal",
@@ -260,6 +268,7 @@ mod tests {
         UpstreamFailed(StatusCode::INTERNAL_SERVER_ERROR),
         UpstreamFailed(StatusCode::NOT_IMPLEMENTED),
         UpstreamFailed(StatusCode::GATEWAY_TIMEOUT),
+        LedgerUnavailable,
         Internal,
     ];
 

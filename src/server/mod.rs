@@ -114,9 +114,7 @@ impl Gateway {
         if tokio::time::timeout(grace, drained).await.is_err() {
             tracing::warn!("grace period over: closing the connections still open");
         }
-        if let Err(e) = self.state.ledger.flush() {
-            tracing::error!(error = %e, "could not write the last spend to the ledger");
-        }
+        self.state.ledger.close().await;
         Ok(())
     }
 }
