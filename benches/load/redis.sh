@@ -123,7 +123,11 @@ if grep -q 'does not answer' "$WORK/logs/redis.log"; then
     exit 1
 fi
 
-python3 - "$RESULTS" <<'PY'
+# What Redis did for the Redis-mode gateway: script calls, and their cost
+# on Redis's core.
+redis-cli -p "$REDIS_PORT" INFO commandstats | tr -d '\r' | grep -E '^cmdstat_(evalsha|eval):' >"$WORK/redis-stats.txt" || true
+
+python3 - "$RESULTS" "$WORK/redis-stats.txt" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 def med(mode, kind, field):
@@ -136,4 +140,11 @@ print(f"| mode | requests/s (32 conns) | p50, 1 conn |")
 print(f"| --- | --- | --- |")
 print(f"| memory | {m_rps:.0f} | {m_p50:.0f} µs |")
 print(f"| redis | {r_rps:.0f} ({r_rps / m_rps:.2f}×) | {r_p50:.0f} µs (+{r_p50 - m_p50:.0f} µs) |")
+requests = sum(r[kind]["requests"] for r in rows if r["mode"] == "redis" for kind in ("rps", "lat"))
+for line in open(sys.argv[2]):
+    name, fields = line.strip().split(":", 1)
+    stats = dict(f.split("=") for f in fields.split(","))
+    calls = int(stats["calls"])
+    print(f"\nRedis {name[8:]}: {calls} calls, {calls / requests:.2f} a request (warm-ups uncounted), "
+          f"{float(stats['usec_per_call']):.1f} µs each on Redis's core")
 PY

@@ -44,6 +44,9 @@ pub struct RawState {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawLedger {
+    pub backend: Option<String>,
+    pub url: Option<String>,
+    pub url_env: Option<String>,
     pub data_dir: Option<String>,
     pub flush_interval_ms: Option<u64>,
 }

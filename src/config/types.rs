@@ -66,12 +66,26 @@ pub enum OnUnavailable {
     Refuse,
 }
 
-/// Where spend is kept. Without a directory it lives in memory only and a
-/// restart loses it.
+/// Where spend is kept. With `Sqlite` and no directory it lives in memory
+/// only and a restart loses it.
 #[derive(Debug, Clone)]
 pub struct LedgerSettings {
+    pub backend: LedgerBackend,
+    /// The SQLite ledger; with `Postgres`, the local spool (always set).
     pub data_dir: Option<std::path::PathBuf>,
     pub flush_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerBackend {
+    /// Daily totals in this replica's SQLite file (or memory).
+    Sqlite,
+    /// One record per request in a database the fleet shares.
+    Postgres {
+        /// The database's URL, which may hold a password; `None` only in
+        /// a config validated offline (`url_env` unread).
+        url: Option<Secret>,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -13,6 +13,7 @@ use super::types::*;
 use super::{Problem, Problems};
 
 mod aws;
+mod ledger;
 mod limits;
 mod metering;
 mod routing;

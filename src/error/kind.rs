@@ -66,6 +66,8 @@ pub enum ErrorKind {
     /// The upstream failed with this status (5xx, or TGI's and Bedrock's
     /// 424 "the model failed").
     UpstreamFailed(StatusCode),
+    /// The fleet's ledger database cannot be reached (`/admin/spend`).
+    LedgerUnavailable,
     Internal,
 }
 
@@ -90,7 +92,7 @@ impl ErrorKind {
             BudgetExhausted | BudgetHeld | RateLimited | UpstreamRateLimited => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            NoDeployment | StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            NoDeployment | StateUnavailable | LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamTimeout | UpstreamIdle => StatusCode::GATEWAY_TIMEOUT,
             // The operator's problems, not the client's: the client is not
             // told its request was wrong.
@@ -110,7 +112,7 @@ impl ErrorKind {
         match self {
             BudgetExhausted => "insufficient_quota",
             BudgetHeld | RateLimited | UpstreamRateLimited => "rate_limit_error",
-            NoDeployment | StateUnavailable | Internal => "server_error",
+            NoDeployment | StateUnavailable | LedgerUnavailable | Internal => "server_error",
             UpstreamConnect | UpstreamTimeout | UpstreamIdle | UpstreamProtocol
             | UpstreamBroken | UpstreamTooLarge | UpstreamAuth | UpstreamNotFound
             | UpstreamFailed(_) => "upstream_error",
@@ -136,6 +138,7 @@ impl ErrorKind {
             RateLimited | UpstreamRateLimited => "rate_limit_exceeded",
             NoDeployment => "no_deployment_available",
             StateUnavailable => "state_unavailable",
+            LedgerUnavailable => "ledger_unavailable",
             UpstreamConnect => "upstream_unavailable",
             UpstreamTimeout | UpstreamIdle => "upstream_timeout",
             UpstreamProtocol => "upstream_invalid_response",
@@ -180,7 +183,11 @@ impl ErrorKind {
         !self.upstream_at_fault()
             && !matches!(
                 self,
-                UpstreamRateLimited | NoDeployment | StateUnavailable | Internal
+                UpstreamRateLimited
+                    | NoDeployment
+                    | StateUnavailable
+                    | LedgerUnavailable
+                    | Internal
             )
     }
 
@@ -225,6 +232,7 @@ impl ErrorKind {
             UpstreamFailed(StatusCode::GATEWAY_TIMEOUT) => "upstream_timeout",
             NoDeployment => "no_deployment",
             StateUnavailable => "state_unavailable",
+            LedgerUnavailable => "ledger_unavailable",
             UpstreamConnect | UpstreamProtocol | UpstreamBroken | UpstreamAuth
             | UpstreamNotFound | UpstreamFailed(_) => "upstream_error",
             Internal => "internal",
@@ -269,6 +277,7 @@ mod tests {
         UpstreamFailed(StatusCode::INTERNAL_SERVER_ERROR),
         UpstreamFailed(StatusCode::NOT_IMPLEMENTED),
         UpstreamFailed(StatusCode::GATEWAY_TIMEOUT),
+        LedgerUnavailable,
         Internal,
     ];
 

@@ -455,6 +455,21 @@ impl GatewayError {
         e.retry_after(retry_after)
     }
 
+    /// `/admin/spend` cannot ask the fleet's ledger database; the
+    /// replicas keep spend in their spools meanwhile.
+    pub fn ledger_unavailable(retry_after: Duration) -> Self {
+        Self::new(
+            ErrorKind::LedgerUnavailable,
+            format!(
+                "the spend ledger's PostgreSQL cannot be reached, so the fleet's spend cannot be \
+                 read; each replica keeps its spend in its spool and ships it when the database \
+                 answers; retry after {} s",
+                retry_after.as_secs()
+            ),
+        )
+        .retry_after(Some(retry_after))
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
     }

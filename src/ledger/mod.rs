@@ -1,9 +1,20 @@
 //! The spend ledger: requests, tokens and USD per day, key, model and
-//! deployment. Totals live in memory for budgets and `/admin/spend`; new
-//! spend is written to SQLite under `ledger.data_dir` about once a second
-//! (`ledger.flush_interval_ms`), so a crash loses at most that much and a
-//! restart restores every total.
+//! deployment. Per-key totals live in memory for budgets. Where spend is
+//! kept depends on `[ledger]`:
+//!
+//! - no `data_dir`: in memory only; a restart loses it;
+//! - `backend = "sqlite"` (the default): daily totals in SQLite under
+//!   `data_dir`, written about once a second (`ledger.flush_interval_ms`),
+//!   so a crash loses at most that much and a restart restores every total
+//!   (`store`);
+//! - `backend = "postgres"`: one record per request in a database every
+//!   replica shares, through a local spool that holds each record from the
+//!   moment it is recorded until the database has it (`spool`, `postgres`,
+//!   `migrations`); `/admin/spend` answers from the database, for the fleet.
 
+mod migrations;
+mod postgres;
+mod spool;
 mod store;
 
 use std::collections::BTreeMap;
@@ -14,8 +25,15 @@ use std::time::Duration;
 use foldhash::HashMap;
 use serde::Serialize;
 use time::Date;
+use time::macros::format_description;
 
+use crate::config::{LedgerBackend, LedgerSettings, Secret};
+use postgres::Postgres;
 use store::Store;
+
+/// How a day is written in SQLite: `2026-11-28`.
+const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
+    format_description!("[year]-[month]-[day]");
 
 /// One row of the ledger: a day (UTC) and who spent on what.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -48,63 +66,143 @@ impl Totals {
     }
 }
 
+/// Nano-dollars per key, by day: what budgets read.
+type ByKey = HashMap<String, BTreeMap<Date, u64>>;
+
+/// Adds `cost` to `key`'s `day`; the key is cloned only when first seen,
+/// not per request.
+fn add_cost(by_key: &mut ByKey, key: &str, day: Date, cost: u64) {
+    match by_key.get_mut(key) {
+        Some(days) => {
+            let sum = days.entry(day).or_default();
+            *sum = sum.saturating_add(cost);
+        }
+        None => {
+            by_key.insert(key.to_owned(), BTreeMap::from([(day, cost)]));
+        }
+    }
+}
+
 pub struct Ledger {
     state: Mutex<State>,
-    /// `None`: spend is kept in memory only (no `[ledger]` in the config).
-    store: Option<Mutex<Store>>,
+    storage: Storage,
+}
+
+/// Where spend is kept beyond this process's memory.
+enum Storage {
+    /// Nowhere: no `data_dir`.
+    Memory,
+    /// Daily totals in this replica's SQLite file.
+    Sqlite(Mutex<Store>),
+    /// Records in the fleet's PostgreSQL, through the local spool.
+    Postgres(Postgres),
 }
 
 #[derive(Default)]
 struct State {
-    totals: BTreeMap<Row, Totals>,
+    /// Every row's totals, which `/admin/spend` answers from; `None` with
+    /// PostgreSQL, which answers for the fleet instead.
+    totals: Option<BTreeMap<Row, Totals>>,
     /// Spend per key, by day, for budgets: looked up by the key's name and
     /// summed over a range of days, with nothing allocated per request.
-    by_key: HashMap<String, BTreeMap<Date, u64>>,
-    /// Recorded but not yet written.
+    by_key: ByKey,
+    /// SQLite: recorded but not yet written.
     pending: HashMap<Row, Totals>,
+    /// PostgreSQL, until the fleet's totals are loaded: what this process
+    /// recorded, to add to them (`Ledger::load_fleet_totals`).
+    since_start: Option<ByKey>,
 }
 
 impl State {
-    /// Rows and keys are cloned only when first seen, not per request.
-    fn add(&mut self, row: Row, totals: Totals) {
+    /// Rows are cloned only when first seen, not per request.
+    fn add(&mut self, row: &Row, totals: &Totals) {
         let cost = totals.cost_nano_usd;
-        match self.by_key.get_mut(row.key.as_str()) {
-            Some(days) => {
-                let day = days.entry(row.day).or_default();
-                *day = day.saturating_add(cost);
-            }
-            None => {
-                self.by_key
-                    .insert(row.key.clone(), BTreeMap::from([(row.day, cost)]));
-            }
+        add_cost(&mut self.by_key, &row.key, row.day, cost);
+        if let Some(since_start) = &mut self.since_start {
+            add_cost(since_start, &row.key, row.day, cost);
         }
-        match self.totals.get_mut(&row) {
-            Some(existing) => existing.add(&totals),
-            None => {
-                self.totals.insert(row, totals);
+        if let Some(all) = &mut self.totals {
+            match all.get_mut(row) {
+                Some(existing) => existing.add(totals),
+                None => {
+                    all.insert(row.clone(), *totals);
+                }
             }
         }
     }
 }
 
+/// Why `/admin/spend` has no answer: the fleet's database is unreachable.
+#[derive(Debug)]
+pub struct Unavailable(pub String);
+
 impl Ledger {
-    /// Opens (or creates) the ledger in `data_dir` and loads its totals;
-    /// without a directory, a ledger in memory.
+    /// Opens the ledger `settings` describe and starts writing it out
+    /// every flush interval. Never waits for PostgreSQL: it is reached
+    /// from a task of its own, and spend waits in the spool until then.
+    pub fn start(settings: &LedgerSettings) -> Result<Arc<Self>, String> {
+        let ledger = match (&settings.backend, settings.data_dir.as_deref()) {
+            (LedgerBackend::Sqlite, data_dir) => Self::open(data_dir)?,
+            (LedgerBackend::Postgres { url: Some(url) }, Some(data_dir)) => {
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err("the PostgreSQL ledger is started inside the Tokio runtime".into());
+                }
+                Self::open_postgres(url, data_dir)?
+            }
+            (LedgerBackend::Postgres { .. }, _) => {
+                return Err(
+                    "the ledger's PostgreSQL needs its URL read and a data_dir for its spool"
+                        .into(),
+                );
+            }
+        };
+        let ledger = Arc::new(ledger);
+        match &ledger.storage {
+            Storage::Memory => {
+                tracing::warn!("no [ledger] data_dir: spend is kept in memory and lost on restart");
+            }
+            Storage::Sqlite(_) => spawn_flusher(&ledger, settings.flush_interval),
+            Storage::Postgres(_) => postgres::spawn_shipper(&ledger, settings.flush_interval),
+        }
+        Ok(ledger)
+    }
+
+    /// Opens (or creates) the SQLite ledger in `data_dir` and loads its
+    /// totals; without a directory, a ledger in memory.
     pub fn open(data_dir: Option<&Path>) -> Result<Self, String> {
-        let mut state = State::default();
-        let store = match data_dir {
-            None => None,
+        let mut state = State {
+            totals: Some(BTreeMap::new()),
+            ..State::default()
+        };
+        let storage = match data_dir {
+            None => Storage::Memory,
             Some(dir) => {
                 let store = Store::open(dir)?;
                 for (row, totals) in store.load()? {
-                    state.add(row, totals);
+                    state.add(&row, &totals);
                 }
-                Some(Mutex::new(store))
+                Storage::Sqlite(Mutex::new(store))
             }
         };
         Ok(Self {
             state: Mutex::new(state),
-            store,
+            storage,
+        })
+    }
+
+    /// Opens the spool in `data_dir` for the PostgreSQL at `url`. Until
+    /// the fleet's totals are loaded, budgets count what the spool holds
+    /// (spend of an earlier run not yet shipped) and what is recorded.
+    fn open_postgres(url: &Secret, data_dir: &Path) -> Result<Self, String> {
+        let (postgres, unshipped) = Postgres::open(url, data_dir)?;
+        let state = State {
+            by_key: unshipped,
+            since_start: Some(ByKey::default()),
+            ..State::default()
+        };
+        Ok(Self {
+            state: Mutex::new(state),
+            storage: Storage::Postgres(postgres),
         })
     }
 
@@ -112,17 +210,31 @@ impl Ledger {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn record(&self, row: Row, totals: Totals) {
+    /// Records one request's spend. `request_id` goes with it into
+    /// PostgreSQL, as a column: clients may reuse it, so it is not the
+    /// record's key.
+    pub fn record_request(&self, request_id: &str, row: Row, totals: Totals) {
         let mut state = self.state();
-        if self.store.is_some() {
-            match state.pending.get_mut(&row) {
+        state.add(&row, &totals);
+        match &self.storage {
+            Storage::Memory => {}
+            Storage::Sqlite(_) => match state.pending.get_mut(&row) {
                 Some(pending) => pending.add(&totals),
                 None => {
-                    state.pending.insert(row.clone(), totals);
+                    state.pending.insert(row, totals);
                 }
+            },
+            Storage::Postgres(postgres) => {
+                drop(state);
+                postgres.spool().push(request_id, row, &totals);
             }
         }
-        state.add(row, totals);
+    }
+
+    /// Records spend with no request behind it, for tests.
+    #[cfg(test)]
+    pub fn record(&self, row: Row, totals: Totals) {
+        self.record_request("test", row, totals);
     }
 
     /// Nano-dollars a key spent from `from` to `to`, both included.
@@ -133,17 +245,41 @@ impl Ledger {
         })
     }
 
-    /// The rows, optionally for one key and a date range (both ends
-    /// included), in day order.
-    pub fn rows(
+    /// The fleet's spend per key and day is known: budgets count it, and
+    /// what this process recorded since it started (none of which the
+    /// database held when the fleet's totals were read).
+    fn load_fleet_totals(&self, mut fleet: ByKey) {
+        let mut state = self.state();
+        for (key, days) in state.since_start.take().unwrap_or_default() {
+            for (day, cost) in days {
+                add_cost(&mut fleet, &key, day, cost);
+            }
+        }
+        state.by_key = fleet;
+    }
+
+    /// The rows `/admin/spend` shows, optionally for one key and a date
+    /// range (both ends included), in day order: from memory, or with
+    /// PostgreSQL the whole fleet's, from the database.
+    pub async fn report(
         &self,
         key: Option<&str>,
         from: Option<Date>,
         to: Option<Date>,
-    ) -> Vec<(Row, Totals)> {
+    ) -> Result<Vec<(Row, Totals)>, Unavailable> {
+        match &self.storage {
+            Storage::Postgres(postgres) => {
+                postgres.report(key, from, to).await.map_err(Unavailable)
+            }
+            Storage::Memory | Storage::Sqlite(_) => Ok(self.rows(key, from, to)),
+        }
+    }
+
+    fn rows(&self, key: Option<&str>, from: Option<Date>, to: Option<Date>) -> Vec<(Row, Totals)> {
         self.state()
             .totals
             .iter()
+            .flatten()
             .filter(|(row, _)| {
                 key.is_none_or(|k| row.key == k)
                     && from.is_none_or(|f| row.day >= f)
@@ -153,11 +289,15 @@ impl Ledger {
             .collect()
     }
 
-    /// Writes what was recorded since the last flush, in one transaction.
-    /// On failure the spend stays pending and the next flush retries it.
+    /// Writes what was recorded and not yet written: SQLite's totals in
+    /// one transaction (on failure they stay pending and the next flush
+    /// retries them); with PostgreSQL, the records still queued for the
+    /// spool.
     pub fn flush(&self) -> Result<(), String> {
-        let Some(store) = &self.store else {
-            return Ok(());
+        let store = match &self.storage {
+            Storage::Memory => return Ok(()),
+            Storage::Postgres(postgres) => return postgres.spool().wait_written(),
+            Storage::Sqlite(store) => store,
         };
         let pending = std::mem::take(&mut self.state().pending);
         if pending.is_empty() {
@@ -176,8 +316,17 @@ impl Ledger {
         result
     }
 
-    pub fn is_durable(&self) -> bool {
-        self.store.is_some()
+    /// Writes out what is left when the gateway stops: a flush, and with
+    /// PostgreSQL one last shipment of the spool, bounded in time.
+    pub async fn close(&self) {
+        match &self.storage {
+            Storage::Postgres(postgres) => postgres.close(self).await,
+            Storage::Memory | Storage::Sqlite(_) => {
+                if let Err(e) = self.flush() {
+                    tracing::error!(error = %e, "could not write the last spend to the ledger");
+                }
+            }
+        }
     }
 }
 
@@ -189,12 +338,9 @@ impl Drop for Ledger {
     }
 }
 
-/// Flushes the ledger every `every` on a thread of its own (SQLite blocks),
-/// until the ledger is dropped.
-pub fn spawn_flusher(ledger: &Arc<Ledger>, every: Duration) {
-    if !ledger.is_durable() {
-        return;
-    }
+/// Flushes a SQLite ledger every `every` on a thread of its own (SQLite
+/// blocks), until the ledger is dropped.
+fn spawn_flusher(ledger: &Arc<Ledger>, every: Duration) {
     let ledger: Weak<Ledger> = Arc::downgrade(ledger);
     std::thread::Builder::new()
         .name("ledger-flush".into())

@@ -7,13 +7,10 @@ use std::sync::LazyLock;
 use foldhash::HashMap;
 use rusqlite::{Connection, params};
 use time::Date;
-use time::macros::format_description;
 
-use super::{Row, Totals};
+use super::{DAY, Row, Totals};
 
 const FILE: &str = "tollgate-ledger.sqlite3";
-const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
-    format_description!("[year]-[month]-[day]");
 
 const COUNTS: [&str; 4] = ["requests", "input_tokens", "output_tokens", "cost_nano_usd"];
 

@@ -98,7 +98,6 @@ pub struct SharedCells {
     pub tokens: Option<(String, u32)>,
 }
 
-
 impl Limits {
     /// Applies the configured quota; an unchanged one keeps its state.
     /// Whether anything changed.
@@ -123,7 +122,8 @@ impl Limits {
             requests: cell(&self.requests, Limit::Requests),
             tokens: cell(&self.tokens, Limit::Tokens),
         });
-        self.shared.store(Some(Arc::new(Shared { sink, owner, cells })));
+        self.shared
+            .store(Some(Arc::new(Shared { sink, owner, cells })));
     }
 
     /// The shared cells admission takes from; `None` when not shared.
@@ -143,7 +143,10 @@ impl Limits {
             return true;
         }
         let shared = self.shared.load();
-        match shared.as_ref().and_then(|s| Some((s, s.cells.tokens.as_ref()?))) {
+        match shared
+            .as_ref()
+            .and_then(|s| Some((s, s.cells.tokens.as_ref()?)))
+        {
             Some((s, (cell, per_minute))) => s.sink.tokens(cell, *per_minute, delta),
             None => false,
         }

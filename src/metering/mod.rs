@@ -354,7 +354,8 @@ impl Meter {
                     .with_label_values(&[alias, deployment])
                     .inc_by(rate.cost_nano_usd(&usage) as f64 / 1e9);
             }
-            self.charges.ledger.record(
+            self.charges.ledger.record_request(
+                request_id,
                 Row {
                     day: budget::today(),
                     key: key.clone(),

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
@@ -13,6 +14,7 @@ use time::Date;
 use time::macros::format_description;
 
 use crate::error::GatewayError;
+use crate::ledger::Unavailable;
 use crate::pipeline::admit::{ExplainRequest, explain};
 use crate::pipeline::respond::json_response;
 use crate::pipeline::{auth, read_body};
@@ -112,9 +114,14 @@ fn day(params: &HashMap<String, String>, name: &str) -> Result<Option<Date>, Gat
         .transpose()
 }
 
+/// How long `/admin/spend` tells a caller to wait when the fleet's ledger
+/// database cannot be reached.
+const LEDGER_RETRY: Duration = Duration::from_secs(5);
+
 /// `GET /admin/spend?key=NAME&from=YYYY-MM-DD&to=YYYY-MM-DD`: spend per
 /// day, key, model and deployment from the ledger (all filters optional,
-/// dates inclusive, UTC).
+/// dates inclusive, UTC); with PostgreSQL, the whole fleet's, or 503 while
+/// the database cannot be reached.
 pub async fn spend(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -122,52 +129,59 @@ pub async fn spend(
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let snapshot = app.snapshot.load_full();
-    answer(
-        auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
-            if let Some(unknown) = params
-                .keys()
-                .find(|k| !matches!(k.as_str(), "key" | "from" | "to"))
-            {
-                return Err(GatewayError::bad_request(
-                    format!("unknown parameter `{unknown}`; use key, from and to"),
-                    Some(unknown.clone()),
-                ));
+    let asked = auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
+        if let Some(unknown) = params
+            .keys()
+            .find(|k| !matches!(k.as_str(), "key" | "from" | "to"))
+        {
+            return Err(GatewayError::bad_request(
+                format!("unknown parameter `{unknown}`; use key, from and to"),
+                Some(unknown.clone()),
+            ));
+        }
+        Ok((day(&params, "from")?, day(&params, "to")?))
+    });
+    let (from, to) = match asked {
+        Ok(range) => range,
+        Err(e) => return e.into_response(),
+    };
+    let key = params.get("key").cloned();
+    let rows = match app.ledger.report(key.as_deref(), from, to).await {
+        Ok(rows) => rows,
+        Err(Unavailable(e)) => {
+            tracing::warn!(error = %e, "/admin/spend cannot read the ledger's PostgreSQL");
+            return GatewayError::ledger_unavailable(LEDGER_RETRY).into_response();
+        }
+    };
+    let mut total = SpendTotal::default();
+    let mut total_nano = 0u64;
+    let rows = rows
+        .into_iter()
+        .map(|(row, t)| {
+            total.requests += t.requests;
+            total.input_tokens += t.input_tokens;
+            total.output_tokens += t.output_tokens;
+            total_nano += t.cost_nano_usd;
+            SpendRow {
+                day: row.day.format(DAY).unwrap_or_default(),
+                key: row.key,
+                model: row.model,
+                deployment: row.deployment,
+                requests: t.requests,
+                input_tokens: t.input_tokens,
+                output_tokens: t.output_tokens,
+                cost_usd: t.cost_nano_usd as f64 / 1e9,
             }
-            let (from, to) = (day(&params, "from")?, day(&params, "to")?);
-            let key = params.get("key").cloned();
-            let mut total = SpendTotal::default();
-            let mut total_nano = 0u64;
-            let rows = app
-                .ledger
-                .rows(key.as_deref(), from, to)
-                .into_iter()
-                .map(|(row, t)| {
-                    total.requests += t.requests;
-                    total.input_tokens += t.input_tokens;
-                    total.output_tokens += t.output_tokens;
-                    total_nano += t.cost_nano_usd;
-                    SpendRow {
-                        day: row.day.format(DAY).unwrap_or_default(),
-                        key: row.key,
-                        model: row.model,
-                        deployment: row.deployment,
-                        requests: t.requests,
-                        input_tokens: t.input_tokens,
-                        output_tokens: t.output_tokens,
-                        cost_usd: t.cost_nano_usd as f64 / 1e9,
-                    }
-                })
-                .collect();
-            total.cost_usd = total_nano as f64 / 1e9;
-            Ok(Spend {
-                key,
-                from: params.get("from").cloned(),
-                to: params.get("to").cloned(),
-                rows,
-                total,
-            })
-        }),
-    )
+        })
+        .collect();
+    total.cost_usd = total_nano as f64 / 1e9;
+    answer(Ok(Spend {
+        key,
+        from: params.get("from").cloned(),
+        to: params.get("to").cloned(),
+        rows,
+        total,
+    }))
 }
 
 /// `GET /admin/status`: what this replica runs on: its config version,

@@ -119,9 +119,7 @@ impl Gateway {
         drop(sharing);
         // The last spend and token charges reach the fleet.
         state::exchange(&self.state).await;
-        if let Err(e) = self.state.ledger.flush() {
-            tracing::error!(error = %e, "could not write the last spend to the ledger");
-        }
+        self.state.ledger.close().await;
         Ok(())
     }
 }

@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{Config, StateSettings};
 use crate::health::{LiveState, engine};
-use crate::ledger::{self, Ledger};
+use crate::ledger::Ledger;
 use crate::metering::budget::Budgets;
 use crate::metrics::Metrics;
 use crate::store::Fleet;
@@ -28,7 +28,8 @@ pub struct AppState {
     /// What routing has learned, by name; outlives any one snapshot.
     pub live: LiveState,
     pub metrics: Arc<Metrics>,
-    /// Spend per day, key, model and deployment; durable with a data_dir.
+    /// Spend per day, key, model and deployment; durable with a data_dir,
+    /// shared by the fleet with PostgreSQL.
     pub ledger: Arc<Ledger>,
     pub budgets: Arc<Budgets>,
     /// Budgets, limits and upstream pressure shared with the other
@@ -68,12 +69,7 @@ impl AppState {
             );
         }
         log_warnings(&config);
-        let ledger = Arc::new(Ledger::open(config.ledger.data_dir.as_deref())?);
-        if ledger.is_durable() {
-            ledger::spawn_flusher(&ledger, config.ledger.flush_interval);
-        } else {
-            tracing::warn!("no [ledger] data_dir: spend is kept in memory and lost on restart");
-        }
+        let ledger = Ledger::start(&config.ledger)?;
         let metrics = Arc::new(Metrics::new());
         metrics.state_replicas.set(1);
         let fleet = match &config.state {

@@ -178,7 +178,8 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     if old.server.shutdown_grace != new.server.shutdown_grace {
         fields.push("server.shutdown_grace_ms".to_owned());
     }
-    if old.ledger.data_dir != new.ledger.data_dir
+    if old.ledger.backend != new.ledger.backend
+        || old.ledger.data_dir != new.ledger.data_dir
         || old.ledger.flush_interval != new.ledger.flush_interval
     {
         fields.push("ledger".to_owned());

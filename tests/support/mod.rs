@@ -1,7 +1,8 @@
 //! Test support shared by the integration tests: mock upstreams, one
 //! module per protocol on a shared server (`mock`), the one config builder
-//! (`config`), the gateway under test with its client (`gateway`), and
-//! plan-level helpers (`plan`).
+//! (`config`), the gateway under test with its client (`gateway`),
+//! plan-level helpers (`plan`), the gateway as a process (`process`) and a
+//! throwaway PostgreSQL server (`postgres`).
 
 #![allow(
     dead_code,
@@ -14,6 +15,7 @@ pub mod gateway;
 pub mod mock;
 pub mod openai_mock;
 pub mod plan;
+pub mod postgres;
 pub mod process;
 pub mod redis;
 pub mod sigv4;
