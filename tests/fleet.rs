@@ -72,7 +72,7 @@ fn today() -> String {
 
 /// The fleet's count of what `key` spent today, in nano-dollars.
 fn fleet_spent(redis: &Redis, key: &str) -> i64 {
-    redis.int(&format!("{PREFIX}budget:{key}:day:{}", today()))
+    redis.hash_int(&format!("{PREFIX}key:{key}"), &format!("d:{}", today()))
 }
 
 /// What the replicas' ledgers hold for `key`, in USD.
@@ -489,13 +489,12 @@ async fn a_batch_sent_again_after_a_lost_reply_is_counted_once() {
     let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let script = redis::Script::new(include_str!("../src/store/lua/sync.lua"));
-    let day = format!("{PREFIX}budget:team:day:2026-12-04");
     let batch = |number: u64, cost: &str| {
         json!({
             "replica": "r1", "lease": 30_000_000, "seed": [], "renew": [], "push": [],
             "pull": [], "spent": [],
             "batches": [{"number": number, "charge": [], "settle": [[
-                "t:budget:team:held", "t:budget:team:leases", day, "t:budget:team:month:2026-12", cost
+                "t:key:team", "t:key:team:leases", "d:2026-12-04", "m:2026-12", cost
             ]]}],
         })
         .to_string()
@@ -514,7 +513,11 @@ async fn a_batch_sent_again_after_a_lost_reply_is_counted_once() {
             .await
             .unwrap();
     }
-    assert_eq!(redis.int(&day), 570, "batch 1 once, batch 2 once");
+    assert_eq!(
+        redis.hash_int("t:key:team", "d:2026-12-04"),
+        570,
+        "batch 1 once, batch 2 once"
+    );
 }
 
 /// Answers of 100 tokens, and a key with a budget far from spent, on

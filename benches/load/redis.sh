@@ -109,12 +109,12 @@ for round in $(seq 1 "$ROUNDS"); do
         [ $mode = redis ] && port=$REDIS_MODE_PORT
         u="http://127.0.0.1:$port/v1/chat/completions"
         log "round $round/$ROUNDS: $mode"
-        run_wrk "$CONNECTIONS" "$WARMUP" "$u" >/dev/null
+        w=$(run_wrk "$CONNECTIONS" "$WARMUP" "$u")
         r=$(run_wrk "$CONNECTIONS" "$DURATION" "$u")
         l=$(run_wrk 1 "$LAT_DURATION" "$u")
         echo "  $CONNECTIONS conns: $r" >&2
         echo "  1 conn: $l" >&2
-        printf '{"mode":"%s","rps":%s,"lat":%s}\n' "$mode" "$r" "$l" >>"$RESULTS"
+        printf '{"mode":"%s","warmup":%s,"rps":%s,"lat":%s}\n' "$mode" "$w" "$r" "$l" >>"$RESULTS"
     done
 done
 if grep -q 'does not answer' "$WORK/logs/redis.log"; then
@@ -140,11 +140,11 @@ print(f"| mode | requests/s (32 conns) | p50, 1 conn |")
 print(f"| --- | --- | --- |")
 print(f"| memory | {m_rps:.0f} | {m_p50:.0f} µs |")
 print(f"| redis | {r_rps:.0f} ({r_rps / m_rps:.2f}×) | {r_p50:.0f} µs (+{r_p50 - m_p50:.0f} µs) |")
-requests = sum(r[kind]["requests"] for r in rows if r["mode"] == "redis" for kind in ("rps", "lat"))
+requests = sum(r[kind]["requests"] for r in rows if r["mode"] == "redis" for kind in ("warmup", "rps", "lat"))
 for line in open(sys.argv[2]):
     name, fields = line.strip().split(":", 1)
     stats = dict(f.split("=") for f in fields.split(","))
     calls = int(stats["calls"])
-    print(f"\nRedis {name[8:]}: {calls} calls, {calls / requests:.2f} a request (warm-ups uncounted), "
+    print(f"\nRedis {name[8:]}: {calls} calls, {calls / requests:.2f} a request, "
           f"{float(stats['usec_per_call']):.1f} µs each on Redis's core")
 PY

@@ -63,14 +63,14 @@ pub struct Refused {
 /// A fleet's shared rate limits (Redis): admission there is the
 /// pipeline's; what this module sends it is the tokens charged after.
 pub trait SharedTokens: Send + Sync {
-    /// The shared cell of `owner`'s (`key:NAME`, `deployment:NAME`)
-    /// `limit` at `per_minute`: a changed quota is a new cell, as it is a
-    /// new bucket here.
-    fn cell(&self, owner: &str, limit: Limit, per_minute: u32) -> String;
+    /// Where the shared state of `owner` (`key:NAME`, `deployment:NAME`)
+    /// lives.
+    fn home(&self, owner: &str) -> String;
 
-    /// Charges (`delta` > 0) or refunds tokens to a shared cell; `false`
-    /// while the shared store is away, when the local bucket takes them.
-    fn tokens(&self, cell: &str, per_minute: u32, delta: i64) -> bool;
+    /// Charges (`delta` > 0) or refunds tokens to the shared cell `field`
+    /// of `home`; `false` while the shared store is away, when the local
+    /// bucket takes them.
+    fn tokens(&self, home: &str, field: &str, per_minute: u32, delta: i64) -> bool;
 }
 
 /// The request and token limits of one key or deployment. Kept in live
@@ -91,9 +91,12 @@ struct Shared {
     cells: Arc<SharedCells>,
 }
 
-/// What admission in a shared store needs of a limit: its cells.
+/// What admission in a shared store needs of a limit: where its owner's
+/// state lives, and its cells there (a field and its per-minute quota).
+/// A changed quota is a new cell, as it is a new bucket here.
 #[derive(Default)]
 pub struct SharedCells {
+    pub home: String,
     pub requests: Option<(String, u32)>,
     pub tokens: Option<(String, u32)>,
 }
@@ -113,12 +116,13 @@ impl Limits {
     /// From now on, tokens charged after admission go to the fleet's
     /// shared cells of `owner`, and locally only while the store is away.
     pub fn share(&self, sink: Arc<dyn SharedTokens>, owner: String) {
-        let cell = |bucket: &Bucket, limit| {
+        let cell = |bucket: &Bucket, limit: Limit| {
             bucket
                 .per_minute()
-                .map(|pm| (sink.cell(&owner, limit, pm.get()), pm.get()))
+                .map(|pm| (format!("{}:{pm}", limit.name()), pm.get()))
         };
         let cells = Arc::new(SharedCells {
+            home: sink.home(&owner),
             requests: cell(&self.requests, Limit::Requests),
             tokens: cell(&self.tokens, Limit::Tokens),
         });
@@ -147,7 +151,9 @@ impl Limits {
             .as_ref()
             .and_then(|s| Some((s, s.cells.tokens.as_ref()?)))
         {
-            Some((s, (cell, per_minute))) => s.sink.tokens(cell, *per_minute, delta),
+            Some((s, (field, per_minute))) => {
+                s.sink.tokens(&s.cells.home, field, *per_minute, delta)
+            }
             None => false,
         }
     }

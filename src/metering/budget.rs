@@ -42,9 +42,8 @@ pub struct Ask {
 /// budgets: to the shared store, which releases the reservation there.
 pub trait SharedSpend: Send + Sync {
     /// `key` spent `nano_usd` on `day`; `reservation` is the shared
-    /// reservation it settles (its id and what it holds), if it was made
-    /// in the shared store.
-    fn spent(&self, key: &str, reservation: Option<(&str, u64)>, nano_usd: u64, day: Date);
+    /// reservation it settles, if it was made in the shared store.
+    fn spent(&self, key: &str, reservation: Option<&str>, nano_usd: u64, day: Date);
 }
 
 /// A request's worst-case cost, held against its key's budgets until
@@ -100,8 +99,7 @@ impl Reservation {
             }
         }
         if let Some((sink, id)) = &self.shared {
-            let held = id.as_deref().map(|id| (id, self.nano_usd));
-            sink.spent(&self.key, held, nano_usd, today());
+            sink.spent(&self.key, id.as_deref(), nano_usd, today());
         }
     }
 }
@@ -429,13 +427,11 @@ mod tests {
         #[derive(Default)]
         struct Sink(Mutex<Vec<(String, Option<String>, u64)>>);
         impl SharedSpend for Sink {
-            fn spent(&self, key: &str, reservation: Option<(&str, u64)>, nano_usd: u64, _: Date) {
-                assert!(reservation.is_none_or(|(_, held)| held == 500));
-                self.0.lock().unwrap().push((
-                    key.into(),
-                    reservation.map(|r| r.0.into()),
-                    nano_usd,
-                ));
+            fn spent(&self, key: &str, reservation: Option<&str>, nano_usd: u64, _: Date) {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push((key.into(), reservation.map(Into::into), nano_usd));
             }
         }
         let sink = Arc::new(Sink::default());

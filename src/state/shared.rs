@@ -14,9 +14,10 @@ use crate::metering::budget::{self, Period};
 use crate::store::{SYNC_EVERY, SyncAsk};
 
 /// How long spend queued by one request waits for others' before it is
-/// sent: under load one call settles many requests, and a request's
+/// sent: one call settles every request that ended meanwhile (Redis runs
+/// one settlement script per 20 ms, not one per request), and a request's
 /// reservation is released within about this long of its end.
-const SETTLE_GATHER: Duration = Duration::from_millis(2);
+const SETTLE_GATHER: Duration = Duration::from_millis(20);
 
 /// Exchanges with the fleet until dropped.
 pub struct Sharing(Option<JoinHandle<()>>);

@@ -26,9 +26,29 @@ const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]-[day]");
 const MONTH: &[time::format_description::BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]");
-/// Spend counters outlive their period by enough for the month's report.
-const DAY_TTL_SECS: u64 = 3 * 86_400;
-const MONTH_TTL_SECS: u64 = 35 * 86_400;
+
+/// The field of a key's home that holds its spend in `period`.
+fn period_field(period: Period, day: Date) -> String {
+    match period {
+        Period::Daily => format!("d:{}", day.format(DAY).unwrap_or_default()),
+        Period::Monthly => format!("m:{}", day.format(MONTH).unwrap_or_default()),
+    }
+}
+
+/// Spend fields of periods no settlement reaches any more (a request that
+/// ran over midnight settles into yesterday): dropped by the exchange.
+fn stale_fields(today: Date) -> Vec<String> {
+    let days = (2..=8).filter_map(|back| today.checked_sub(time::Duration::days(back)));
+    let month = today
+        .replace_day(1)
+        .ok()
+        .and_then(|first| first.previous_day())
+        .and_then(|last| last.replace_day(1).ok())
+        .and_then(|first| first.previous_day());
+    days.map(|day| period_field(Period::Daily, day))
+        .chain(month.map(|day| period_field(Period::Monthly, day)))
+        .collect()
+}
 /// The exchange is not on a request's path: it may take longer than an
 /// admission before the replica counts Redis away.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
@@ -81,8 +101,9 @@ pub struct Fleet {
 #[derive(Default)]
 struct Pending {
     settle: Vec<Settlement>,
-    /// Tokens per shared cell: its per-minute quota and the net charge.
-    charge: HashMap<String, (u32, i64)>,
+    /// Tokens per shared cell, by home and field: its per-minute quota
+    /// and the net charge.
+    charge: Charges,
     /// Batches sent and not yet acknowledged, oldest first: sent again,
     /// with the same numbers, until Redis acknowledges them.
     unsent: Vec<Batch>,
@@ -111,13 +132,15 @@ impl Pending {
 struct Batch {
     number: u64,
     settle: Vec<Settlement>,
-    charge: HashMap<String, (u32, i64)>,
+    charge: Charges,
 }
+
+type Charges = HashMap<String, HashMap<String, (u32, i64)>>;
 
 struct Settlement {
     key: String,
-    /// The reservation it releases in Redis, and what that holds.
-    reservation: Option<(String, u64)>,
+    /// The reservation it releases in Redis.
+    reservation: Option<String>,
     nano_usd: u64,
     day: Date,
 }
@@ -144,8 +167,13 @@ impl Fleet {
         degraded_gauge: IntGauge,
         replicas_gauge: IntGauge,
     ) -> Result<Self, String> {
-        let client = redis::Client::open(settings.url.expose())
-            .map_err(|e| format!("[state] url: {}", e.category()))?;
+        let info = redis::IntoConnectionInfo::into_connection_info(settings.url.expose())
+            .map_err(|e| format!("[state] url: {}", e.category()))?
+            // Admissions are small writes that wait on their answer:
+            // Nagle's algorithm would hold one back behind another's ACK.
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client =
+            redis::Client::open(info).map_err(|e| format!("[state] url: {}", e.category()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(SYNC_TIMEOUT))
             .set_response_timeout(Some(SYNC_TIMEOUT))
@@ -189,17 +217,15 @@ impl Fleet {
         lock(&self.known).replicas.max(1)
     }
 
-    fn budget_key(&self, key: &str, part: &str) -> String {
-        format!("{}budget:{key}:{part}", self.prefix)
+    /// Where everything of API key `key` lives: its limits' cells, what
+    /// its requests hold and what it spent (see `lua/admit.lua`).
+    fn key_home(&self, key: &str) -> String {
+        self.home(&format!("key:{key}"))
     }
 
-    fn period_key(&self, key: &str, period: Period, day: Date) -> String {
-        let (part, format) = match period {
-            Period::Daily => ("day", DAY),
-            Period::Monthly => ("month", MONTH),
-        };
-        let when = day.format(format).unwrap_or_default();
-        self.budget_key(key, &format!("{part}:{when}"))
+    /// The sorted set of the lease expiries of a key's reservations.
+    fn leases(home: &str) -> String {
+        format!("{home}:leases")
     }
 
     fn pressure_key(&self, deployment: &str) -> String {
@@ -251,10 +277,20 @@ impl Fleet {
             return Err(Denied::Unavailable);
         }
         let cell = |c: &Option<(String, u32)>| c.clone().unwrap_or_default();
-        let (rpm_cell, rpm) = cell(&cells.requests);
-        let (tpm_cell, tpm) = cell(&cells.tokens);
-        let mut invocation = self.admit.key(rpm_cell);
-        invocation.key(tpm_cell);
+        let (rpm_field, rpm) = cell(&cells.requests);
+        let (tpm_field, tpm) = cell(&cells.tokens);
+        let home = match budget {
+            Some((key, ..)) => self.key_home(&key.name),
+            None => cells.home.clone(),
+        };
+        let mut invocation = self.admit.key(&home);
+        invocation
+            .key(Self::leases(&home))
+            .arg(rpm_field)
+            .arg(rpm)
+            .arg(tpm_field)
+            .arg(tpm)
+            .arg(tokens);
         let id = match budget {
             Some((key, ask, today)) => {
                 let id = format!(
@@ -264,14 +300,9 @@ impl Fleet {
                 );
                 let limit = |p: Period| p.limit(key).map_or(-1, |l| l.min(i64::MAX as u64) as i64);
                 invocation
-                    .key(self.budget_key(&key.name, "held"))
-                    .key(self.budget_key(&key.name, "leases"))
-                    .key(self.period_key(&key.name, Period::Daily, today))
-                    .key(self.period_key(&key.name, Period::Monthly, today))
-                    .arg(rpm)
-                    .arg(tpm)
-                    .arg(tokens)
+                    .arg(period_field(Period::Daily, today))
                     .arg(limit(Period::Daily))
+                    .arg(period_field(Period::Monthly, today))
                     .arg(limit(Period::Monthly))
                     .arg(ask.want)
                     .arg(ask.floor)
@@ -280,14 +311,10 @@ impl Fleet {
                 Some((key.name.as_str(), id))
             }
             None => {
-                for _ in 0..4 {
-                    invocation.key("");
-                }
                 invocation
-                    .arg(rpm)
-                    .arg(tpm)
-                    .arg(tokens)
+                    .arg("")
                     .arg(-1)
+                    .arg("")
                     .arg(-1)
                     .arg(0)
                     .arg(0)
@@ -478,8 +505,7 @@ impl Fleet {
                 .iter()
                 .filter(|(_, ids)| !ids.is_empty())
                 .map(|(key, ids)| {
-                    let mut row =
-                        vec![self.budget_key(key, "held"), self.budget_key(key, "leases")];
+                    let mut row = vec![Self::leases(&self.key_home(key))];
                     row.extend(ids.iter().cloned());
                     row
                 })
@@ -493,14 +519,11 @@ impl Fleet {
             ask.budgets
                 .iter()
                 .flat_map(|(key, (day, month))| {
-                    [
-                        (Period::Daily, day, DAY_TTL_SECS),
-                        (Period::Monthly, month, MONTH_TTL_SECS),
-                    ]
-                    .map(|(period, spent, ttl)| {
+                    let home = self.key_home(key);
+                    [(Period::Daily, day), (Period::Monthly, month)].map(|(period, spent)| {
                         let (from, to) = period.bounds(today);
                         let base = spent.saturating_sub(pending.unsent(key, from, to));
-                        json!([self.period_key(key, period, today), base.to_string(), ttl])
+                        json!([home, period_field(period, today), base.to_string()])
                     })
                 })
                 .collect()
@@ -512,36 +535,39 @@ impl Fleet {
             .iter()
             .map(|b| {
                 // One entry per key and day: its spend in one sum, and the
-                // reservations it releases with what each holds.
-                let mut groups: HashMap<(&str, Date), (u64, Vec<serde_json::Value>)> =
-                    HashMap::new();
+                // reservations it releases.
+                let mut groups: HashMap<(&str, Date), (u64, Vec<&str>)> = HashMap::new();
                 for s in &b.settle {
                     let group = groups.entry((&s.key, s.day)).or_default();
                     group.0 = group.0.saturating_add(s.nano_usd);
-                    if let Some((id, held)) = &s.reservation {
-                        group.1.push(json!(id));
-                        group.1.push(json!(held.to_string()));
-                    }
+                    group.1.extend(s.reservation.as_deref());
                 }
                 let settle: Vec<serde_json::Value> = groups
                     .into_iter()
                     .map(|((key, day), (cost, released))| {
+                        let home = self.key_home(key);
+                        let leases = Self::leases(&home);
                         let mut entry = vec![
-                            json!(self.budget_key(key, "held")),
-                            json!(self.budget_key(key, "leases")),
-                            json!(self.period_key(key, Period::Daily, day)),
-                            json!(self.period_key(key, Period::Monthly, day)),
+                            json!(home),
+                            json!(leases),
+                            json!(period_field(Period::Daily, day)),
+                            json!(period_field(Period::Monthly, day)),
                             json!(cost.to_string()),
                         ];
-                        entry.extend(released);
+                        entry.extend(released.into_iter().map(|id| json!(id)));
                         serde_json::Value::Array(entry)
                     })
                     .collect();
                 let charge: Vec<serde_json::Value> = b
                     .charge
                     .iter()
-                    .filter(|(_, (_, cells))| *cells != 0)
-                    .map(|(cell, (per_minute, cells))| json!([cell, per_minute, cells]))
+                    .flat_map(|(home, cells)| {
+                        cells.iter().filter(|(_, (_, tokens))| *tokens != 0).map(
+                            move |(field, (per_minute, tokens))| {
+                                json!([home, field, per_minute, tokens])
+                            },
+                        )
+                    })
                     .collect();
                 json!({"number": b.number, "settle": settle, "charge": charge})
             })
@@ -552,16 +578,21 @@ impl Fleet {
             .map(|(deployment, p)| WirePush::of(self.pressure_key(deployment), p))
             .collect();
         let pull: Vec<String> = ask.pull.iter().map(|d| self.pressure_key(d)).collect();
-        let spent: Vec<[String; 4]> = ask
+        let stale = stale_fields(today);
+        let spent: Vec<Vec<String>> = ask
             .budgets
             .iter()
             .map(|(key, _)| {
-                [
-                    self.period_key(key, Period::Daily, today),
-                    self.period_key(key, Period::Monthly, today),
-                    self.budget_key(key, "held"),
-                    self.budget_key(key, "leases"),
-                ]
+                let home = self.key_home(key);
+                let leases = Self::leases(&home);
+                let mut row = vec![
+                    home,
+                    leases,
+                    period_field(Period::Daily, today),
+                    period_field(Period::Monthly, today),
+                ];
+                row.extend(stale.iter().cloned());
+                row
             })
             .collect();
         let text = json!({
@@ -592,9 +623,9 @@ struct Payload {
 }
 
 impl SharedSpend for Fleet {
-    fn spent(&self, key: &str, reservation: Option<(&str, u64)>, nano_usd: u64, day: Date) {
+    fn spent(&self, key: &str, reservation: Option<&str>, nano_usd: u64, day: Date) {
         let mut pending = lock(&self.pending);
-        if let Some((id, _)) = reservation
+        if let Some(id) = reservation
             && let Some(ids) = pending.live.get_mut(key)
         {
             ids.remove(id);
@@ -604,7 +635,7 @@ impl SharedSpend for Fleet {
         }
         pending.settle.push(Settlement {
             key: key.to_owned(),
-            reservation: reservation.map(|(id, held)| (id.to_owned(), held)),
+            reservation: reservation.map(str::to_owned),
             nano_usd,
             day,
         });
@@ -614,19 +645,24 @@ impl SharedSpend for Fleet {
 }
 
 impl SharedTokens for Fleet {
-    fn cell(&self, owner: &str, limit: Limit, per_minute: u32) -> String {
-        format!("{}gcra:{owner}:{}:{per_minute}", self.prefix, limit.name())
+    fn home(&self, owner: &str) -> String {
+        format!("{}{owner}", self.prefix)
     }
 
-    fn tokens(&self, cell: &str, per_minute: u32, delta: i64) -> bool {
+    fn tokens(&self, home: &str, field: &str, per_minute: u32, delta: i64) -> bool {
         if self.is_degraded() {
             return false;
         }
         let mut pending = lock(&self.pending);
-        match pending.charge.get_mut(cell) {
+        // Named once per cell, not per charge.
+        let cells = match pending.charge.get_mut(home) {
+            Some(cells) => cells,
+            None => pending.charge.entry(home.to_owned()).or_default(),
+        };
+        match cells.get_mut(field) {
             Some(entry) => entry.1 = entry.1.saturating_add(delta),
             None => {
-                pending.charge.insert(cell.to_owned(), (per_minute, delta));
+                cells.insert(field.to_owned(), (per_minute, delta));
             }
         }
         true

@@ -130,9 +130,9 @@ impl Redis {
         Some(first)
     }
 
-    /// The integer in `key`, 0 when it is not set.
-    pub fn int(&self, key: &str) -> i64 {
-        match self.command(&format!("GET {key}")).as_deref() {
+    /// The integer in `field` of hash `key`, 0 when it is not set.
+    pub fn hash_int(&self, key: &str, field: &str) -> i64 {
+        match self.command(&format!("HGET {key} {field}")).as_deref() {
             Some("$-1") | None => 0,
             Some(value) => value.parse().unwrap_or(0),
         }

@@ -3,7 +3,8 @@
 -- generated to the shared rate limits, renews its leases, publishes what
 -- upstreams told it (429 cooldowns, x-ratelimit counts, open circuits),
 -- and reads back what the others published, what keys have spent, and
--- how many replicas are alive.
+-- how many replicas are alive. A key's or deployment's state is one hash
+-- (see admit.lua).
 --
 -- KEYS: 1 the replicas seen (sorted set), 2 the last batch applied for
 --       this replica
@@ -13,17 +14,35 @@
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local MINUTE = 60000000
-local DAY_TTL, MONTH_TTL = 3 * 86400, 35 * 86400
 local ask = cjson.decode(ARGV[1])
 
 local function int(n)
   return string.format('%.0f', n)
 end
 
+-- Releases reservations `ids` (without their `r:` prefix) from a key's
+-- hash: what they held leaves its `=`.
+local function release(hash, ids)
+  if #ids == 0 then
+    return
+  end
+  local fields = {}
+  for i, id in ipairs(ids) do
+    fields[i] = 'r:' .. id
+  end
+  local amounts = redis.call('HMGET', hash, '=', unpack(fields))
+  local held = tonumber(amounts[1] or '0')
+  for i = 2, #amounts do
+    held = held - tonumber(amounts[i] or '0')
+  end
+  redis.call('HDEL', hash, unpack(fields))
+  redis.call('HSET', hash, '=', int(math.max(held, 0)))
+end
+
 -- Spend counters that Redis lost (a restart without persistence) start
--- again from the ledger.
+-- again from the ledger: [hash, field, value].
 for _, s in ipairs(ask.seed) do
-  redis.call('SET', s[1], s[2], 'NX', 'EX', s[3])
+  redis.call('HSETNX', s[1], s[2], s[3])
 end
 
 -- Batches of spend and token charges, each applied once: KEYS[2] holds
@@ -31,32 +50,28 @@ end
 local applied = tonumber(redis.call('GET', KEYS[2]) or '0')
 for _, batch in ipairs(ask.batches) do
   if batch.number > applied then
-    -- Per key and day: the held and leases keys, the day's and the
-    -- month's spend keys, the spend, then each reservation released and
-    -- what it holds.
+    -- Per key and day: its hash and leases, its day and month fields, the
+    -- spend, then the reservations released.
     for _, s in ipairs(batch.settle) do
-      local held, leases, day, month, cost = s[1], s[2], s[3], s[4], s[5]
-      local released = 0
-      for i = 6, #s, 2 do
-        if redis.call('HDEL', held, s[i]) == 1 then
-          released = released + tonumber(s[i + 1])
-        end
-        redis.call('ZREM', leases, s[i])
+      local hash, leases, day, month, cost = s[1], s[2], s[3], s[4], s[5]
+      local ids = {}
+      for i = 6, #s do
+        ids[#ids + 1] = s[i]
       end
-      if released > 0 then
-        redis.call('HINCRBY', held, '=', '-' .. int(released))
+      if #ids > 0 then
+        release(hash, ids)
+        redis.call('ZREM', leases, unpack(ids))
       end
       if cost ~= '0' then
-        redis.call('INCRBY', day, cost)
-        redis.call('EXPIRE', day, DAY_TTL)
-        redis.call('INCRBY', month, cost)
-        redis.call('EXPIRE', month, MONTH_TTL)
+        redis.call('HINCRBY', hash, day, cost)
+        redis.call('HINCRBY', hash, month, cost)
       end
     end
-    -- Tokens past (positive) or short of (negative) what admission took.
+    -- Tokens past (positive) or short of (negative) what admission took:
+    -- [hash, field, quota, tokens].
     for _, c in ipairs(batch.charge) do
-      local key, per_minute, cells = c[1], c[2], c[3]
-      local full_at = tonumber(redis.call('GET', key) or '0')
+      local hash, field, per_minute, cells = c[1], c[2], c[3], c[4]
+      local full_at = tonumber(redis.call('HGET', hash, field) or '0')
       local span = math.abs(cells) * MINUTE / per_minute
       local after
       if cells >= 0 then
@@ -64,7 +79,7 @@ for _, batch in ipairs(ask.batches) do
       else
         after = math.max(full_at - span, now)
       end
-      redis.call('SET', key, int(after), 'PX', math.ceil((after - now) / 1000) + 1000)
+      redis.call('HSET', hash, field, int(after))
     end
     applied = batch.number
   end
@@ -72,13 +87,10 @@ end
 redis.call('SET', KEYS[2], int(applied), 'EX', 86400)
 
 for _, r in ipairs(ask.renew) do
-  local held, leases = r[1], r[2]
-  for i = 3, #r do
+  local leases = r[1]
+  for i = 2, #r do
     redis.call('ZADD', leases, 'XX', int(now + ask.lease), r[i])
   end
-  local ttl = math.ceil(ask.lease / 1000) * 2
-  redis.call('PEXPIRE', held, ttl)
-  redis.call('PEXPIRE', leases, ttl)
 end
 
 -- Pressure: cool, requests left, tokens left, open; each until a time.
@@ -118,35 +130,23 @@ for i, key in ipairs(ask.pull) do
   pressure[i] = seen
 end
 
--- Per budgeted key: leases past their time are released (a replica that
--- died stopped renewing them), then its day's and month's spend and what
--- requests hold are read.
+-- Per budgeted key [hash, leases, day field, month field, stale
+-- fields...]: leases past their time are released (a replica that died
+-- stopped renewing them), spend fields of past periods dropped, then its
+-- day's and month's spend and what requests hold are read.
 local spent = {}
-local ttl = math.ceil(ask.lease / 1000) * 2
 for i, s in ipairs(ask.spent) do
-  local held, leases = s[3], s[4]
+  local hash, leases = s[1], s[2]
   local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
   if #expired > 0 then
-    local released = 0
-    for _, gone in ipairs(expired) do
-      local amount = redis.call('HGET', held, gone)
-      if amount then
-        released = released + tonumber(amount)
-        redis.call('HDEL', held, gone)
-      end
-    end
-    if released > 0 then
-      redis.call('HINCRBY', held, '=', '-' .. int(released))
-    end
+    release(hash, expired)
     redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
   end
-  redis.call('PEXPIRE', held, ttl)
-  redis.call('PEXPIRE', leases, ttl)
-  spent[i] = {
-    redis.call('GET', s[1]) or '0',
-    redis.call('GET', s[2]) or '0',
-    redis.call('HGET', held, '=') or '0',
-  }
+  if #s > 4 then
+    redis.call('HDEL', hash, unpack(s, 5))
+  end
+  local v = redis.call('HMGET', hash, s[3], s[4], '=')
+  spent[i] = {v[1] or '0', v[2] or '0', v[3] or '0'}
 end
 
 redis.call('ZADD', KEYS[1], now, ask.replica)
