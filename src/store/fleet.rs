@@ -668,3 +668,23 @@ impl SharedTokens for Fleet {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use time::macros::date;
+
+    use super::*;
+
+    #[test]
+    fn spend_fields_name_the_day_and_month_and_past_ones_go_stale() {
+        let today = date!(2026 - 03 - 02);
+        assert_eq!(period_field(Period::Daily, today), "d:2026-03-02");
+        assert_eq!(period_field(Period::Monthly, today), "m:2026-03");
+        let stale = stale_fields(today);
+        assert_eq!(stale.first().map(String::as_str), Some("d:2026-02-28"));
+        assert!(stale.contains(&"d:2026-02-22".to_owned()));
+        assert!(!stale.contains(&"d:2026-03-01".to_owned()), "yesterday stays");
+        assert_eq!(stale.last().map(String::as_str), Some("m:2026-01"));
+        assert!(!stale.contains(&"m:2026-02".to_owned()), "last month stays");
+    }
+}
