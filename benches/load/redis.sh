@@ -95,7 +95,12 @@ for mode in memory redis; do
     RUST_LOG=info taskset -c "$PROXY_CORE" "$TOLLGATE_BIN" serve --config "$WORK/$mode.toml" \
         --listen "127.0.0.1:$port" 2>"$WORK/logs/$mode.log" &
     PIDS+=($!)
+    eval "PID_$mode=$!"
 done
+REDIS_PID=${PIDS[1]}
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+seconds() { awk -v t="$1" -v hz="$HZ" 'BEGIN { printf "%.3f", t / hz }'; }
 for port in "$MOCK_PORT" "$REDIS_PORT" "$MEMORY_PORT" "$REDIS_MODE_PORT"; do wait_port "$port"; done
 
 run_wrk() { # connections duration url
@@ -110,11 +115,17 @@ for round in $(seq 1 "$ROUNDS"); do
         u="http://127.0.0.1:$port/v1/chat/completions"
         log "round $round/$ROUNDS: $mode"
         w=$(run_wrk "$CONNECTIONS" "$WARMUP" "$u")
+        pid_var="PID_$mode"
+        g0=$(ticks "${!pid_var}")
+        r0=$(ticks "$REDIS_PID")
         r=$(run_wrk "$CONNECTIONS" "$DURATION" "$u")
+        g1=$(ticks "${!pid_var}")
+        r1=$(ticks "$REDIS_PID")
         l=$(run_wrk 1 "$LAT_DURATION" "$u")
         echo "  $CONNECTIONS conns: $r" >&2
         echo "  1 conn: $l" >&2
-        printf '{"mode":"%s","warmup":%s,"rps":%s,"lat":%s}\n' "$mode" "$w" "$r" "$l" >>"$RESULTS"
+        printf '{"mode":"%s","warmup":%s,"rps":%s,"lat":%s,"gateway_cpu_s":%s,"redis_cpu_s":%s}\n' \
+            "$mode" "$w" "$r" "$l" "$(seconds $((g1 - g0)))" "$(seconds $((r1 - r0)))" >>"$RESULTS"
     done
 done
 if grep -q 'does not answer' "$WORK/logs/redis.log"; then
@@ -136,10 +147,17 @@ for r in rows:
     assert r["rps"]["errors"] == 0 and r["lat"]["errors"] == 0, r
 m_rps, r_rps = med("memory", "rps", "rps"), med("redis", "rps", "rps")
 m_p50, r_p50 = med("memory", "lat", "p50_us"), med("redis", "lat", "p50_us")
-print(f"| mode | requests/s (32 conns) | p50, 1 conn |")
-print(f"| --- | --- | --- |")
-print(f"| memory | {m_rps:.0f} | {m_p50:.0f} µs |")
-print(f"| redis | {r_rps:.0f} ({r_rps / m_rps:.2f}×) | {r_p50:.0f} µs (+{r_p50 - m_p50:.0f} µs) |")
+def cpu_us(mode, field):
+    # CPU seconds over requests served in the 32-connection runs.
+    return statistics.median(
+        r[field] / r["rps"]["requests"] * 1e6 for r in rows if r["mode"] == mode)
+ratios = [r["rps"]["rps"] / m["rps"]["rps"]
+          for m, r in zip([x for x in rows if x["mode"] == "memory"], [x for x in rows if x["mode"] == "redis"])]
+print(f"| mode | requests/s (32 conns) | p50, 1 conn | gateway CPU per request | Redis CPU per request |")
+print(f"| --- | --- | --- | --- | --- |")
+print(f"| memory | {m_rps:.0f} | {m_p50:.0f} µs | {cpu_us('memory', 'gateway_cpu_s'):.0f} µs | — |")
+print(f"| redis | {r_rps:.0f} ({r_rps / m_rps:.2f}×; per round {min(ratios):.2f}–{max(ratios):.2f}×) | {r_p50:.0f} µs (+{r_p50 - m_p50:.0f} µs) "
+      f"| {cpu_us('redis', 'gateway_cpu_s'):.0f} µs | {cpu_us('redis', 'redis_cpu_s'):.0f} µs |")
 requests = sum(r[kind]["requests"] for r in rows if r["mode"] == "redis" for kind in ("warmup", "rps", "lat"))
 for line in open(sys.argv[2]):
     name, fields = line.strip().split(":", 1)
