@@ -576,3 +576,84 @@ async fn with_redis_stopped_refuse_mode_refuses_then_reconciles_and_a_replica_st
     let spent = ledgers_spent(&fleet, "team").await;
     assert_eq!(fleet_spent(&redis, "team"), (spent * 1e9).round() as i64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_tpm_holds_for_the_whole_fleet_with_output_charged_after() {
+    let Some(redis) = Redis::start() else { return };
+    // One answer is 400 tokens: more than the key's whole minute.
+    let upstream = MockUpstream::openai()
+        .answers_of(400)
+        .record(false)
+        .start()
+        .await;
+    let config = shared(
+        one_model(&upstream).key(Key::new("team").set("tpm", 300)),
+        &redis,
+    );
+    let fleet = replicas(&config, 2).await;
+    assert_eq!(ask(&fleet[0], "team", true).await.0, 200);
+    // The output reaches the shared cell with the next settlement.
+    eventually("the other replica sees the key in debt", || async {
+        let response = fleet[1]
+            .chat_as(
+                "team-secret",
+                json!({"model": "chat", "messages": user("hi")}),
+            )
+            .await;
+        response.status() == 429
+            && response.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                > 10
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_a_replica_spends_only_its_share_of_what_was_left() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    // $0.02 answers against a $0.10 budget, shared by two replicas.
+    let upstream = MockUpstream::openai()
+        .answers_of(2_000)
+        .record(false)
+        .start()
+        .await;
+    let config = shared(
+        one_model(&upstream).key(Key::new("team").set("budget_daily_usd", 0.10)),
+        &redis,
+    )
+    .set("state", "on_unavailable", "local");
+    let fleet = replicas(&config, 2).await;
+    // The first spends $0.02 while Redis answers; both learn of it and of
+    // each other.
+    assert_eq!(ask(&fleet[0], "team", false).await.0, 200);
+    eventually("both replicas see two replicas", || async {
+        status(&fleet[0]).await["state"]["replicas"] == 2
+            && status(&fleet[1]).await["state"]["replicas"] == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    redis.stop();
+    // Alone, the first may spend half of the $0.08 left: $0.04.
+    let mut served = 0;
+    for _ in 0..10 {
+        let (status, code) = ask(&fleet[0], "team", false).await;
+        match status {
+            200 => served += 1,
+            429 => assert_eq!(code.as_deref(), Some("insufficient_quota")),
+            other => panic!("HTTP {other}"),
+        }
+    }
+    let spent = fleet[0].spend("?key=team").await["total"]["cost_usd"]
+        .as_f64()
+        .unwrap();
+    assert!(served >= 2, "{served} served");
+    assert!(
+        spent <= 0.02 + 0.04 + 0.0001,
+        "spent ${spent}: $0.02 before, at most its $0.04 share after"
+    );
+}

@@ -683,7 +683,10 @@ mod tests {
         let stale = stale_fields(today);
         assert_eq!(stale.first().map(String::as_str), Some("d:2026-02-28"));
         assert!(stale.contains(&"d:2026-02-22".to_owned()));
-        assert!(!stale.contains(&"d:2026-03-01".to_owned()), "yesterday stays");
+        assert!(
+            !stale.contains(&"d:2026-03-01".to_owned()),
+            "yesterday stays"
+        );
         assert_eq!(stale.last().map(String::as_str), Some("m:2026-01"));
         assert!(!stale.contains(&"m:2026-02".to_owned()), "last month stays");
     }
