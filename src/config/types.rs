@@ -43,8 +43,8 @@ pub enum StateSettings {
 #[derive(Debug, Clone)]
 pub struct RedisState {
     /// `redis://[user[:password]@]host:port/db`; from the environment when
-    /// it carries a password.
-    pub url: Secret,
+    /// it carries a password. `None` when validated offline.
+    pub url: Option<Secret>,
     /// Put before every key the gateway writes, so replicas of one fleet
     /// share them and other fleets on the same Redis do not.
     pub prefix: String,

@@ -217,6 +217,40 @@ impl Validator<'_> {
         }
     }
 
+    /// The URL of a service `[table]` connects to: written in the file
+    /// (`url`) or named by an environment variable (`url_env`), one and
+    /// not both; `missing` says what to set when neither is.
+    /// `check(self, path, url, var)` reports what is wrong with it (`var`:
+    /// the variable it came from). `None` when it is missing or wrong, or
+    /// not read (offline).
+    fn service_url(
+        &mut self,
+        table: &str,
+        url: Option<&String>,
+        url_env: Option<&String>,
+        missing: &str,
+        check: impl Fn(&mut Self, &str, &str, Option<&str>) -> bool,
+    ) -> Option<Secret> {
+        match (url, url_env) {
+            (Some(_), Some(_)) => {
+                self.problem(format!("{table}.url"), "set url or url_env, not both");
+                None
+            }
+            (None, None) => {
+                self.problem(format!("{table}.url_env"), missing);
+                None
+            }
+            (Some(url), None) => {
+                check(self, &format!("{table}.url"), url, None).then(|| Secret::new(url.clone()))
+            }
+            (None, Some(var)) => {
+                let path = format!("{table}.url_env");
+                let url = self.secret(path.clone(), var)?;
+                check(self, &path, url.expose(), Some(var)).then_some(url)
+            }
+        }
+    }
+
     fn server(&mut self, raw: &RawConfig) -> Option<ServerConfig> {
         let s = &raw.server;
         let listen_text = s.listen.as_deref().unwrap_or(DEFAULT_LISTEN);

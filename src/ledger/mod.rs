@@ -368,7 +368,7 @@ mod tests {
 
     use super::*;
 
-    fn row(day: Date, key: &str) -> Row {
+    pub(super) fn row(day: Date, key: &str) -> Row {
         Row {
             day,
             key: key.into(),
@@ -377,7 +377,7 @@ mod tests {
         }
     }
 
-    fn spend(nano: u64) -> Totals {
+    pub(super) fn spend(nano: u64) -> Totals {
         Totals {
             requests: 1,
             input_tokens: 10,

@@ -401,22 +401,10 @@ mod tests {
 
     use super::*;
 
-    fn row(key: &str) -> Row {
-        Row {
-            day: date!(2026 - 11 - 28),
-            key: key.into(),
-            model: "m".into(),
-            deployment: "m/b".into(),
-        }
-    }
+    use crate::ledger::tests::spend;
 
-    fn spend(nano: u64) -> Totals {
-        Totals {
-            requests: 1,
-            input_tokens: 10,
-            output_tokens: 5,
-            cost_nano_usd: nano,
-        }
+    fn row(key: &str) -> Row {
+        crate::ledger::tests::row(date!(2026 - 11 - 28), key)
     }
 
     #[test]

@@ -167,7 +167,11 @@ impl Fleet {
         degraded_gauge: IntGauge,
         replicas_gauge: IntGauge,
     ) -> Result<Self, String> {
-        let info = redis::IntoConnectionInfo::into_connection_info(settings.url.expose())
+        let url = settings
+            .url
+            .as_ref()
+            .ok_or("[state]: the config was validated without its secrets")?;
+        let info = redis::IntoConnectionInfo::into_connection_info(url.expose())
             .map_err(|e| format!("[state] url: {}", e.category()))?
             // Admissions are small writes that wait on their answer:
             // Nagle's algorithm would hold one back behind another's ACK.

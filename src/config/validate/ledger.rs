@@ -67,26 +67,14 @@ impl Validator<'_> {
                  while PostgreSQL cannot be reached; set data_dir",
             );
         }
-        let url = match (&l.url, &l.url_env) {
-            (Some(_), Some(_)) => {
-                self.problem("ledger.url", "give either url or url_env, not both");
-                None
-            }
-            (None, None) => {
-                self.problem(
-                    "ledger.url_env",
-                    "backend = \"postgres\" needs the name of the environment variable holding \
-                     the database's URL, such as url_env = \"TOLLGATE_POSTGRES_URL\"",
-                );
-                None
-            }
-            (Some(url), None) => self
-                .postgres_url("ledger.url", url, None)
-                .then(|| Secret::new(url.clone())),
-            (None, Some(var)) => self
-                .secret("ledger.url_env".into(), var)
-                .filter(|url| self.postgres_url("ledger.url_env", url.expose(), Some(var))),
-        };
+        let url = self.service_url(
+            "ledger",
+            l.url.as_ref(),
+            l.url_env.as_ref(),
+            "backend = \"postgres\" needs the name of the environment variable holding the \
+             database's URL, such as url_env = \"TOLLGATE_POSTGRES_URL\"",
+            Self::postgres_url,
+        );
         LedgerBackend::Postgres { url }
     }
 
@@ -216,7 +204,7 @@ mod tests {
             (
                 "backend = \"postgres\"\nurl_env = \"PG_URL\"\nurl = \"postgres://db/t\"",
                 None,
-                "ledger.url: give either url or url_env, not both",
+                "ledger.url: set url or url_env, not both",
             ),
             (
                 "backend = \"postgres\"\nurl_env = \"PG_URL\"",

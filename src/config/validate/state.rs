@@ -7,7 +7,7 @@ use url::Url;
 
 use super::super::schema::RawConfig;
 use super::super::types::*;
-use super::{Secrets, Validator};
+use super::Validator;
 
 const DEFAULT_PREFIX: &str = "tollgate:";
 const DEFAULT_TIMEOUT_MS: u64 = 50;
@@ -50,36 +50,13 @@ impl Validator<'_> {
 
     fn redis_state(&mut self, raw: &RawConfig) -> Option<RedisState> {
         let s = &raw.state;
-        let url = match (&s.url, &s.url_env) {
-            (Some(_), Some(_)) => {
-                self.problem("state.url", "set url or url_env, not both");
-                None
-            }
-            (None, None) => {
-                self.problem(
-                    "state.url_env",
-                    "backend = \"redis\" needs the server's address: url_env names the environment variable holding it (or url, without a password)",
-                );
-                None
-            }
-            (Some(url), None) => {
-                let checked = self.redis_url("state.url", url, false);
-                checked.map(|_| Secret::new(url.clone()))
-            }
-            (None, Some(var)) => {
-                let secret = self.secret("state.url_env".into(), var);
-                match secret {
-                    Some(url) => self
-                        .redis_url("state.url_env", url.expose(), true)
-                        .map(|_| url),
-                    // Offline: checked with the secrets, not now.
-                    None if matches!(self.secrets, Secrets::Unread) => {
-                        Some(Secret::new(String::new()))
-                    }
-                    None => None,
-                }
-            }
-        };
+        let url = self.service_url(
+            "state",
+            s.url.as_ref(),
+            s.url_env.as_ref(),
+            "backend = \"redis\" needs the server's address: url_env names the environment variable holding it (or url, without a password)",
+            Self::redis_url,
+        );
         let prefix = s
             .prefix
             .clone()
@@ -116,7 +93,7 @@ impl Validator<'_> {
             }
         };
         Some(RedisState {
-            url: url?,
+            url,
             prefix,
             timeout: Duration::from_millis(timeout_ms),
             on_unavailable: on_unavailable?,
@@ -125,40 +102,39 @@ impl Validator<'_> {
     }
 
     /// A `redis://` URL; one written in the config file holds no password.
-    fn redis_url(&mut self, path: &str, text: &str, from_env: bool) -> Option<()> {
-        let shown = if from_env {
-            "the URL in the environment variable"
-        } else {
-            "the URL"
+    fn redis_url(&mut self, path: &str, text: &str, var: Option<&str>) -> bool {
+        let shown = match var {
+            Some(var) => format!("the URL in environment variable {var}"),
+            None => "the URL".to_owned(),
         };
         let Ok(url) = Url::parse(text) else {
             self.problem(
                 path,
                 format!("{shown} is not a URL; write redis://HOST:PORT/DB"),
             );
-            return None;
+            return false;
         };
         if url.scheme() != "redis" {
             self.problem(
                 path,
                 format!("{shown} must start with redis:// (TLS to Redis is not supported; reach it over a private network or a local TLS proxy)"),
             );
-            return None;
+            return false;
         }
         if url.host_str().is_none_or(str::is_empty) {
             self.problem(
                 path,
                 format!("{shown} names no host; write redis://HOST:PORT/DB"),
             );
-            return None;
+            return false;
         }
-        if !from_env && url.password().is_some() {
+        if var.is_none() && url.password().is_some() {
             self.problem(
                 path,
                 "holds a password, and config files hold no secrets: put the URL in an environment variable and name it in url_env",
             );
-            return None;
+            return false;
         }
-        Some(())
+        true
     }
 }
