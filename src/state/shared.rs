@@ -19,12 +19,12 @@ use crate::store::{SYNC_EVERY, SyncAsk};
 /// reservation is released within about this long of its end.
 const SETTLE_GATHER: Duration = Duration::from_millis(20);
 
-/// Exchanges with the fleet until dropped.
-pub struct Sharing(Option<JoinHandle<()>>);
+/// Exchanges with the fleet, and sends admissions to it, until dropped.
+pub struct Sharing(Vec<JoinHandle<()>>);
 
 impl Drop for Sharing {
     fn drop(&mut self) {
-        if let Some(task) = self.0.take() {
+        for task in &self.0 {
             task.abort();
         }
     }
@@ -33,11 +33,12 @@ impl Drop for Sharing {
 /// Starts the exchange when the gateway shares its state (`[state]
 /// backend = "redis"`).
 pub fn share(app: &Arc<AppState>) -> Sharing {
-    if app.fleet.is_none() {
-        return Sharing(None);
-    }
+    let Some(fleet) = app.fleet.clone() else {
+        return Sharing(Vec::new());
+    };
+    let admissions = tokio::spawn(async move { fleet.admit_queued().await });
     let app: Weak<AppState> = Arc::downgrade(app);
-    Sharing(Some(tokio::spawn(async move {
+    let exchanges = tokio::spawn(async move {
         let mut tick = tokio::time::interval(SYNC_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -56,7 +57,8 @@ pub fn share(app: &Arc<AppState>) -> Sharing {
                 }
             }
         }
-    })))
+    });
+    Sharing(vec![admissions, exchanges])
 }
 
 /// One exchange: what changed here goes out, what the others learned

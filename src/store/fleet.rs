@@ -16,6 +16,7 @@ use redis::{RedisResult, Script};
 use serde_json::json;
 use time::Date;
 use time::macros::format_description;
+use tokio::sync::{mpsc, oneshot};
 
 use super::sync::{SyncAsk, SyncReply, WirePush, WireReply};
 use crate::config::{OnUnavailable, RedisState};
@@ -78,6 +79,10 @@ pub enum Denied {
 
 pub struct Fleet {
     connection: ConnectionManager,
+    /// Admissions waiting for the next call to Redis.
+    admissions: mpsc::UnboundedSender<Queued>,
+    /// Taken by the task that sends them.
+    admission_queue: Mutex<Option<mpsc::UnboundedReceiver<Queued>>>,
     prefix: String,
     timeout: Duration,
     lease: Duration,
@@ -96,6 +101,17 @@ pub struct Fleet {
     known: Mutex<Known>,
     degraded_gauge: IntGauge,
     replicas_gauge: IntGauge,
+}
+
+/// Admissions sent to Redis in one call, at most.
+const MAX_BATCH: usize = 128;
+
+/// One admission's keys and arguments, as `lua/admit.lua` reads them, and
+/// where its answer goes (`None`: Redis did not answer).
+struct Queued {
+    keys: [String; 2],
+    args: Vec<String>,
+    reply: oneshot::Sender<Option<Vec<i64>>>,
 }
 
 #[derive(Default)]
@@ -185,8 +201,11 @@ impl Fleet {
             .set_max_delay(Duration::from_millis(500));
         let connection = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| format!("[state] redis: {}", e.category()))?;
+        let (admissions, admission_queue) = mpsc::unbounded_channel();
         Ok(Self {
             connection,
+            admissions,
+            admission_queue: Mutex::new(Some(admission_queue)),
             prefix: settings.prefix.clone(),
             timeout: settings.timeout,
             lease: settings.lease,
@@ -287,14 +306,14 @@ impl Fleet {
             Some((key, ..)) => self.key_home(&key.name),
             None => cells.home.clone(),
         };
-        let mut invocation = self.admit.key(&home);
-        invocation
-            .key(Self::leases(&home))
-            .arg(rpm_field)
-            .arg(rpm)
-            .arg(tpm_field)
-            .arg(tpm)
-            .arg(tokens);
+        let leases = Self::leases(&home);
+        let mut args = vec![
+            rpm_field,
+            rpm.to_string(),
+            tpm_field,
+            tpm.to_string(),
+            tokens.to_string(),
+        ];
         let id = match budget {
             Some((key, ask, today)) => {
                 let id = format!(
@@ -303,35 +322,38 @@ impl Fleet {
                     self.sequence.fetch_add(1, Ordering::Relaxed)
                 );
                 let limit = |p: Period| p.limit(key).map_or(-1, |l| l.min(i64::MAX as u64) as i64);
-                invocation
-                    .arg(period_field(Period::Daily, today))
-                    .arg(limit(Period::Daily))
-                    .arg(period_field(Period::Monthly, today))
-                    .arg(limit(Period::Monthly))
-                    .arg(ask.want)
-                    .arg(ask.floor)
-                    .arg(&id)
-                    .arg(self.lease.as_micros() as u64);
+                args.extend([
+                    period_field(Period::Daily, today),
+                    limit(Period::Daily).to_string(),
+                    period_field(Period::Monthly, today),
+                    limit(Period::Monthly).to_string(),
+                    ask.want.to_string(),
+                    ask.floor.to_string(),
+                    id.clone(),
+                    self.lease.as_micros().to_string(),
+                ]);
                 Some((key.name.as_str(), id))
             }
             None => {
-                invocation
-                    .arg("")
-                    .arg(-1)
-                    .arg("")
-                    .arg(-1)
-                    .arg(0)
-                    .arg(0)
-                    .arg("")
-                    .arg(0);
+                args.extend(["", "-1", "", "-1", "0", "0", "", "0"].map(str::to_owned));
                 None
             }
         };
-        let mut connection = self.connection.clone();
-        let reply: Vec<i64> = self
-            .bounded(self.timeout, invocation.invoke_async(&mut connection))
-            .await
-            .ok_or(Denied::Unavailable)?;
+        let (reply, answer) = oneshot::channel();
+        let queued = Queued {
+            keys: [home, leases],
+            args,
+            reply,
+        };
+        if self.admissions.send(queued).is_err() {
+            return Err(Denied::Unavailable);
+        }
+        // Waiting includes a batch ahead of this one; the batch itself is
+        // bounded by the timeout, and marks Redis away when it runs over.
+        let reply = match tokio::time::timeout(self.timeout * 2, answer).await {
+            Ok(Ok(Some(reply))) => reply,
+            _ => return Err(Denied::Unavailable),
+        };
         let at = |i: usize| reply.get(i).copied().unwrap_or(0);
         let wait = |us: i64| u64::try_from(us).ok().map(Duration::from_micros);
         match at(0) {
@@ -378,6 +400,50 @@ impl Fleet {
             Period::Daily => spent[0],
             Period::Monthly => spent[1],
         })
+    }
+
+    /// Sends queued admissions to Redis until the fleet is dropped: all
+    /// that queued while the last call ran go in the next, as one script
+    /// call (`lua/admit.lua`), so under load Redis and the replica spend
+    /// one round trip on many requests. Started by the replica's
+    /// exchange task.
+    pub async fn admit_queued(&self) {
+        let Some(mut queue) = lock(&self.admission_queue).take() else {
+            return;
+        };
+        let mut batch = Vec::new();
+        while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            let replies = if self.is_degraded() {
+                None
+            } else {
+                let mut invocation = self.admit.prepare_invoke();
+                for queued in &batch {
+                    invocation.key(&queued.keys[0]).key(&queued.keys[1]);
+                    for arg in &queued.args {
+                        invocation.arg(arg);
+                    }
+                }
+                let mut connection = self.connection.clone();
+                self.bounded(
+                    self.timeout,
+                    invocation.invoke_async::<Vec<Vec<i64>>>(&mut connection),
+                )
+                .await
+                .filter(|replies| replies.len() == batch.len())
+            };
+            match replies {
+                Some(replies) => {
+                    for (queued, reply) in batch.drain(..).zip(replies) {
+                        let _ = queued.reply.send(Some(reply));
+                    }
+                }
+                None => {
+                    for queued in batch.drain(..) {
+                        let _ = queued.reply.send(None);
+                    }
+                }
+            }
+        }
     }
 
     /// While Redis is away: a period's budget as this replica may use it,

@@ -6,24 +6,27 @@
 -- reservation) and spend (`d:DAY`, `m:MONTH`). Expired leases are released
 -- by the exchange (sync.lua), so an admission does only what it must.
 --
--- KEYS: 1 the owner's hash, 2 its lease expiries (sorted set)
--- ARGV: 1 rpm field, 2 rpm, 3 tpm field, 4 tpm (fields "" and quotas 0:
---       none), 5 tokens, 6 day field, 7 daily limit, 8 month field,
---       9 monthly limit (nano-USD; -1: none), 10 the cost wanted, 11 the
---       least cost the request can run on, 12 reservation id ("": no
---       budget), 13 lease (microseconds)
--- Returns {0, granted} | {1, rpm wait µs} | {2, tpm wait µs, or -1: never}
---       | {3, period (1 day, 2 month), limit, spent, held, needed}
+-- Several admissions come in one call, in the order they were asked, each
+-- with 2 keys and 13 arguments; each is all or nothing on its own, and
+-- each sees the ones before it.
+--
+-- KEYS, per admission: 1 the owner's hash, 2 its lease expiries (sorted
+--       set)
+-- ARGV, per admission: 1 rpm field, 2 rpm, 3 tpm field, 4 tpm (fields ""
+--       and quotas 0: none), 5 tokens, 6 day field, 7 daily limit, 8 month
+--       field, 9 monthly limit (nano-USD; -1: none), 10 the cost wanted,
+--       11 the least cost the request can run on, 12 reservation id ("":
+--       no budget), 13 lease (microseconds)
+-- Returns, per admission: {0, granted} | {1, rpm wait µs} | {2, tpm wait
+--       µs, or -1: never} | {3, period (1 day, 2 month), limit, spent,
+--       held, needed}
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local MINUTE = 60000000
-local id = ARGV[12]
 
 local function int(n)
   return string.format('%.0f', n)
 end
-
-local v = redis.call('HMGET', KEYS[1], ARGV[1], ARGV[3], '=', ARGV[6], ARGV[8])
 
 -- A GCRA cell: when it is full again (the theoretical arrival time).
 local function gcra(full_at, per_minute, cells)
@@ -41,56 +44,66 @@ local function gcra(full_at, per_minute, cells)
   return false, fits_at - now
 end
 
-local ok, rpm_after = gcra(v[1], tonumber(ARGV[2]), 1)
-if not ok then
-  return {1, rpm_after}
-end
-local tpm_after
-ok, tpm_after = gcra(v[2], tonumber(ARGV[4]), tonumber(ARGV[5]))
-if not ok then
-  return {2, tpm_after}
-end
+local function admit(home, leases, arg)
+  local id = arg[12]
+  local v = redis.call('HMGET', home, arg[1], arg[3], '=', arg[6], arg[8])
+  local ok, rpm_after = gcra(v[1], tonumber(arg[2]), 1)
+  if not ok then
+    return {1, rpm_after}
+  end
+  local tpm_after
+  ok, tpm_after = gcra(v[2], tonumber(arg[4]), tonumber(arg[5]))
+  if not ok then
+    return {2, tpm_after}
+  end
 
-local set = {}
-if rpm_after then
-  table.insert(set, ARGV[1])
-  table.insert(set, int(rpm_after))
-end
-if tpm_after then
-  table.insert(set, ARGV[3])
-  table.insert(set, int(tpm_after))
-end
+  local set = {}
+  if rpm_after then
+    table.insert(set, arg[1])
+    table.insert(set, int(rpm_after))
+  end
+  if tpm_after then
+    table.insert(set, arg[3])
+    table.insert(set, int(tpm_after))
+  end
 
-local granted = 0
-if id ~= '' then
-  local held = tonumber(v[3] or '0')
-  local want, floor = tonumber(ARGV[10]), tonumber(ARGV[11])
-  local available
-  local periods = {{v[4], tonumber(ARGV[7])}, {v[5], tonumber(ARGV[9])}}
-  for period, budget in ipairs(periods) do
-    local limit = budget[2]
-    if limit >= 0 then
-      local spent = tonumber(budget[1] or '0')
-      if spent + held + floor > limit then
-        return {3, period, limit, spent, held, floor}
-      end
-      local left = limit - spent - held
-      if available == nil or left < available then
-        available = left
+  local granted = 0
+  if id ~= '' then
+    local held = tonumber(v[3] or '0')
+    local want, floor = tonumber(arg[10]), tonumber(arg[11])
+    local available
+    local periods = {{v[4], tonumber(arg[7])}, {v[5], tonumber(arg[9])}}
+    for period, budget in ipairs(periods) do
+      local limit = budget[2]
+      if limit >= 0 then
+        local spent = tonumber(budget[1] or '0')
+        if spent + held + floor > limit then
+          return {3, period, limit, spent, held, floor}
+        end
+        local left = limit - spent - held
+        if available == nil or left < available then
+          available = left
+        end
       end
     end
+    granted = want
+    if available ~= nil and available < granted then
+      granted = available
+    end
+    table.insert(set, '=')
+    table.insert(set, int(held + granted))
+    table.insert(set, 'r:' .. id)
+    table.insert(set, int(granted))
+    redis.call('ZADD', leases, int(now + tonumber(arg[13])), id)
   end
-  granted = want
-  if available ~= nil and available < granted then
-    granted = available
+  if #set > 0 then
+    redis.call('HSET', home, unpack(set))
   end
-  table.insert(set, '=')
-  table.insert(set, int(held + granted))
-  table.insert(set, 'r:' .. id)
-  table.insert(set, int(granted))
-  redis.call('ZADD', KEYS[2], int(now + tonumber(ARGV[13])), id)
+  return {0, granted}
 end
-if #set > 0 then
-  redis.call('HSET', KEYS[1], unpack(set))
+
+local results = {}
+for i = 1, #KEYS / 2 do
+  results[i] = admit(KEYS[2 * i - 1], KEYS[2 * i], {unpack(ARGV, 13 * (i - 1) + 1, 13 * i)})
 end
-return {0, granted}
+return results
