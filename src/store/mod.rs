@@ -2,9 +2,10 @@
 //! process keeps its own budgets, limits and cooldowns (`[state] backend =
 //! "memory"`). With `backend = "redis"`, [`Fleet`] keeps them in Redis:
 //! admission is one script call (key or deployment limits, and a budget
-//! reservation under a lease), and everything after it — spend, tokens
-//! generated, lease renewals, upstream pressure — travels in one batched
-//! exchange per replica every [`SYNC_EVERY`].
+//! reservation under a lease; admissions queued meanwhile share it), and
+//! everything after it — spend, tokens generated, lease renewals,
+//! upstream pressure — travels in one batched exchange per replica every
+//! [`SYNC_EVERY`], spend also 20 ms after a request ends.
 
 mod fleet;
 mod sync;
