@@ -636,7 +636,16 @@ async fn with_redis_away_a_replica_spends_only_its_share_of_what_was_left() {
             && status(&fleet[1]).await["state"]["replicas"] == 2
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let remaining = [("key", "team"), ("period", "daily")];
+    eventually("the first knows what the fleet spent", || async {
+        let left = metric(
+            &fleet[0].metrics().await,
+            "tollgate_budget_remaining_usd",
+            &remaining,
+        );
+        left.is_some_and(|left| left < 0.0801)
+    })
+    .await;
     redis.stop();
     // Alone, the first may spend half of the $0.08 left: $0.04.
     let mut served = 0;
@@ -654,6 +663,30 @@ async fn with_redis_away_a_replica_spends_only_its_share_of_what_was_left() {
     assert!(served >= 2, "{served} served");
     assert!(
         spent <= 0.02 + 0.04 + 0.0001,
-        "spent ${spent}: $0.02 before, at most its $0.04 share after"
+        "spent ${spent} in {served} answers while Redis was away: $0.02 before, at most its $0.04 share after"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_a_replicas_own_limits_go_on_from_what_it_used() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let upstream = MockUpstream::openai().record(false).start().await;
+    let config = shared(
+        one_model(&upstream).key(Key::new("team").set("rpm", 3)),
+        &redis,
+    );
+    let gateway = start(&config).await;
+    for _ in 0..3 {
+        assert_eq!(ask(&gateway, "team", false).await.0, 200);
+    }
+    redis.stop();
+    let (status, code) = ask(&gateway, "team", false).await;
+    assert_eq!(
+        (status, code.as_deref()),
+        (429, Some("rate_limit_exceeded")),
+        "the three requests admitted through Redis count here too"
+    );
+    assert_eq!(self::status(&gateway).await["state"]["degraded"], true);
 }

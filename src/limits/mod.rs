@@ -68,9 +68,9 @@ pub trait SharedTokens: Send + Sync {
     fn home(&self, owner: &str) -> String;
 
     /// Charges (`delta` > 0) or refunds tokens to the shared cell `field`
-    /// of `home`; `false` while the shared store is away, when the local
-    /// bucket takes them.
-    fn tokens(&self, home: &str, field: &str, per_minute: u32, delta: i64) -> bool;
+    /// of `home`; dropped while the shared store is away (the local
+    /// buckets, which count every charge, enforce then).
+    fn tokens(&self, home: &str, field: &str, per_minute: u32, delta: i64);
 }
 
 /// The request and token limits of one key or deployment. Kept in live
@@ -113,8 +113,8 @@ impl Limits {
         changed
     }
 
-    /// From now on, tokens charged after admission go to the fleet's
-    /// shared cells of `owner`, and locally only while the store is away.
+    /// From now on, tokens charged after admission also go to the fleet's
+    /// shared cells of `owner`.
     pub fn share(&self, sink: Arc<dyn SharedTokens>, owner: String) {
         let cell = |bucket: &Bucket, limit: Limit| {
             bucket
@@ -140,22 +140,28 @@ impl Limits {
         self.requests.set.load(Ordering::Acquire) || self.tokens.set.load(Ordering::Acquire)
     }
 
-    /// Sends `delta` tokens to the shared token cell; `false` when they
-    /// are this process's to count.
-    fn to_shared(&self, delta: i64) -> bool {
+    /// Sends `delta` tokens to the shared token cell, if there is one and
+    /// the store answers.
+    fn to_shared(&self, delta: i64) {
         if !self.tokens.set.load(Ordering::Acquire) {
-            return true;
+            return;
         }
         let shared = self.shared.load();
-        match shared
+        if let Some((s, (field, per_minute))) = shared
             .as_ref()
             .and_then(|s| Some((s, s.cells.tokens.as_ref()?)))
         {
-            Some((s, (field, per_minute))) => {
-                s.sink.tokens(&s.cells.home, field, *per_minute, delta)
-            }
-            None => false,
+            s.sink.tokens(&s.cells.home, field, *per_minute, delta);
         }
+    }
+
+    /// Counts a request the fleet's shared limits admitted (one request,
+    /// `tokens` of prompt) in this process's own buckets too, taken or
+    /// not: should the store go away, this replica's own limits go on
+    /// from what it used.
+    pub fn mirror(&self, tokens: u64, now: Instant) {
+        self.requests.charge(1, now);
+        self.tokens.charge(tokens, now);
     }
 
     /// Takes one request and `tokens` (the prompt estimate), or neither.
@@ -208,9 +214,8 @@ impl Limits {
     /// Charges `tokens` being generated: served, so charged even past the
     /// quota, as debt.
     pub fn charge(&self, tokens: u64, now: Instant) {
-        if !self.to_shared(i64::try_from(tokens).unwrap_or(i64::MAX)) {
-            self.tokens.charge(tokens, now);
-        }
+        self.to_shared(i64::try_from(tokens).unwrap_or(i64::MAX));
+        self.tokens.charge(tokens, now);
     }
 
     /// Settles a request that was charged `charged` tokens (its prompt
@@ -219,9 +224,10 @@ impl Limits {
         let delta = i64::try_from(used)
             .unwrap_or(i64::MAX)
             .saturating_sub(i64::try_from(charged).unwrap_or(i64::MAX));
-        if delta == 0 || self.to_shared(delta) {
+        if delta == 0 {
             return;
         }
+        self.to_shared(delta);
         if used > charged {
             self.tokens.charge(used - charged, now);
         } else {

@@ -194,6 +194,7 @@ pub async fn reserve(
         let budget = budgeted.then(|| (key, ask(snapshot, request, admission), today));
         match fleet.admit(&cells, tokens, budget).await {
             Ok(admitted) => {
+                limits.mirror(tokens, Instant::now());
                 let reservation = admitted.reservation.map(|(id, nano_usd)| {
                     Reservation::shared(&key.name, nano_usd, fleet.clone(), id)
                 });

@@ -164,6 +164,7 @@ async fn admit_deployment(app: &AppState, resolved: &Resolved, tokens: u64) -> R
     {
         match fleet.admit(&cells, tokens, None).await {
             Ok(_) | Err(Denied::Budget { .. }) => {
+                quota.limits.mirror(tokens, Instant::now());
                 quota.count_upstream(tokens);
                 return Ok(());
             }

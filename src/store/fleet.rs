@@ -719,9 +719,9 @@ impl SharedTokens for Fleet {
         format!("{}{owner}", self.prefix)
     }
 
-    fn tokens(&self, home: &str, field: &str, per_minute: u32, delta: i64) -> bool {
+    fn tokens(&self, home: &str, field: &str, per_minute: u32, delta: i64) {
         if self.is_degraded() {
-            return false;
+            return;
         }
         let mut pending = lock(&self.pending);
         // Named once per cell, not per charge.
@@ -735,7 +735,6 @@ impl SharedTokens for Fleet {
                 cells.insert(field.to_owned(), (per_minute, delta));
             }
         }
-        true
     }
 }
 
