@@ -92,14 +92,17 @@ impl Reservation {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
+        // The spend is queued for the fleet before the hold is released:
+        // an admission in between counts the request twice, never not at
+        // all.
+        if let Some((sink, id)) = &self.shared {
+            sink.spent(&self.key, id.as_deref(), nano_usd, today());
+        }
         if let Some(budgets) = &self.local {
             let mut reserved = budgets.lock();
             if let Some(held) = reserved.get_mut(&self.key) {
                 *held = held.saturating_sub(self.nano_usd);
             }
-        }
-        if let Some((sink, id)) = &self.shared {
-            sink.spent(&self.key, id.as_deref(), nano_usd, today());
         }
     }
 }
@@ -420,6 +423,30 @@ mod tests {
         spend(&ledger, today, 200);
         assert_eq!(ask(10_000, 10).unwrap().nano_usd(), 250);
         drop(first);
+    }
+
+    #[test]
+    fn a_reservation_is_held_until_its_spend_is_queued_for_the_fleet() {
+        /// Sees what the key holds when its spend arrives.
+        struct Watch(Arc<Budgets>, Mutex<Option<u64>>);
+        impl SharedSpend for Watch {
+            fn spent(&self, key: &str, _: Option<&str>, _: u64, _: Date) {
+                *self.1.lock().unwrap() = self.0.lock().get(key).copied();
+            }
+        }
+        let (ledger, budgets) = (Ledger::open(None).unwrap(), Arc::new(Budgets::default()));
+        let today = date!(2026 - 11 - 28);
+        let watch = Arc::new(Watch(budgets.clone(), Mutex::new(None)));
+        let reservation = admit(&budgets, &ledger, &key(Some(1_000), None), today, 300)
+            .unwrap()
+            .reported_to(watch.clone());
+        reservation.settle(100);
+        assert_eq!(
+            *watch.1.lock().unwrap(),
+            Some(300),
+            "an admission between the two counts the request twice, never not at all"
+        );
+        assert_eq!(budgets.lock().get("k"), Some(&0));
     }
 
     #[test]
