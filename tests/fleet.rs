@@ -690,3 +690,30 @@ async fn with_redis_away_a_replicas_own_limits_go_on_from_what_it_used() {
     );
     assert_eq!(self::status(&gateway).await["state"]["degraded"], true);
 }
+
+#[tokio::test]
+async fn status_is_behind_the_admin_token_and_says_where_state_lives() {
+    let upstream = MockUpstream::openai().start().await;
+    let gateway = start(&one_model(&upstream)).await;
+    for token in [None, Some("not-the-token")] {
+        let mut request = gateway.http.get(format!("{}/admin/status", gateway.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        assert_eq!(request.send().await.unwrap().status(), 401, "{token:?}");
+    }
+    let state = &status(&gateway).await["state"];
+    assert_eq!(
+        *state,
+        json!({"backend": "memory", "degraded": false, "replicas": 1})
+    );
+    let without_admin =
+        start(&Config::new().backend(Backend::upstream("api", "openai", &url(&upstream)))).await;
+    let response = without_admin
+        .http
+        .get(format!("{}/admin/status", without_admin.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404, "no admin token configured");
+}

@@ -833,6 +833,27 @@ def case_config_writes(ctx):
     return measured, broken
 
 
+def read_ready(sel, timeout):
+    """Reads whatever the gateway sent on the connections `sel` watches,
+    noting when each answer began (`t_resp`) and when the gateway closed
+    (`t_close`)."""
+    for k, _ in sel.select(timeout=timeout):
+        c = k.data
+        try:
+            data = c["sock"].recv(65536)
+        except BlockingIOError:
+            continue
+        except OSError:
+            data = b""
+        if data:
+            c["t_resp"] = c["t_resp"] or time.monotonic()
+            c["buf"] += data
+        else:
+            c["t_close"] = time.monotonic()
+            sel.unregister(c["sock"])
+            c["sock"].close()
+
+
 def case_admin_slow_bodies(ctx):
     gw = ctx.gateway("c02-admin-bodies", simple_config(ctx, "case 2: admin bodies"))
     time.sleep(1.0)
@@ -841,46 +862,28 @@ def case_admin_slow_bodies(ctx):
     sel = selectors.DefaultSelector()
     conns = []
 
-    def pump(timeout):
-        """Reads whatever the gateway sent, noting when each answer arrived."""
-        for k, _ in sel.select(timeout=timeout):
-            c = k.data
-            try:
-                data = c["sock"].recv(65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if data:
-                c["t_resp"] = c["t_resp"] or time.monotonic()
-                c["buf"] += data
-            else:
-                c["closed"] = True
-                sel.unregister(c["sock"])
-                c["sock"].close()
-
     for i in range(n):
         s = socket.create_connection(("127.0.0.1", gw.port))
         auth = "" if i % 2 == 0 else "Authorization: Bearer not-the-admin-token\r\n"
         s.sendall((f"POST /admin/reload HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/toml\r\n"
                    f"Content-Length: {body_len}\r\n\r\n").encode())
-        c = {"sock": s, "t0": time.monotonic(), "t_resp": None, "buf": b"", "sent": 0, "closed": False,
+        c = {"sock": s, "t0": time.monotonic(), "t_resp": None, "buf": b"", "sent": 0, "t_close": None,
              "send_failed": False}
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ, c)
         conns.append(c)
-        pump(0)
+        read_ready(sel, 0)
     piece = b"#" * 4096  # a TOML comment, sent 4 KiB per connection every 50 ms
     peak_rss = idle_rss
     deadline = time.monotonic() + 8
     next_send = 0.0
-    while time.monotonic() < deadline and not all(c["closed"] for c in conns):
-        pump(0.02)
+    while time.monotonic() < deadline and any(c["t_close"] is None for c in conns):
+        read_ready(sel, 0.02)
         now = time.monotonic()
         if now >= next_send:
             next_send = now + 0.05
             for c in conns:
-                if c["closed"] or c["send_failed"] or c["sent"] >= body_len:
+                if c["t_close"] is not None or c["send_failed"] or c["sent"] >= body_len:
                     continue
                 try:
                     c["sent"] += c["sock"].send(piece)
@@ -891,11 +894,11 @@ def case_admin_slow_bodies(ctx):
             peak_rss = max(peak_rss, proc_kb(gw.pid, "VmRSS"))
     hwm = proc_kb(gw.pid, "VmHWM")
     for c in conns:
-        if not c["closed"]:
+        if c["t_close"] is None:
             c["sock"].close()
     statuses = collections.Counter(parse_raw(c["buf"])[0] for c in conns)
     times = [1000 * (c["t_resp"] - c["t0"]) for c in conns if c["t_resp"]]
-    closed = sum(1 for c in conns if c["closed"] or c["send_failed"])
+    closed = sum(1 for c in conns if c["t_close"] is not None or c["send_failed"])
     accepted = [c["sent"] for c in conns]
     first = next((c for c in conns if c["buf"]), None)
     shape = ""
@@ -1186,21 +1189,7 @@ def case_slow_body(ctx, timeout_ms=5000, n=300):
     deadline = time.monotonic() + timeout_ms / 1000 + grace + 2
     next_byte = time.monotonic() + 2
     while time.monotonic() < deadline and any(c["t_close"] is None for c in conns):
-        for k, _ in sel.select(timeout=0.05):
-            c = k.data
-            try:
-                data = c["sock"].recv(65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if data:
-                c["t_resp"] = c["t_resp"] or time.monotonic()
-                c["buf"] += data
-            else:
-                c["t_close"] = time.monotonic()
-                sel.unregister(c["sock"])
-                c["sock"].close()
+        read_ready(sel, 0.05)
         if time.monotonic() >= next_byte:  # one body byte every 2 s
             next_byte += 2
             for c in conns:

@@ -86,7 +86,6 @@ pub struct Limits {
 
 struct Shared {
     sink: Arc<dyn SharedTokens>,
-    owner: String,
     /// Named once per quota, not per request.
     cells: Arc<SharedCells>,
 }
@@ -94,7 +93,6 @@ struct Shared {
 /// What admission in a shared store needs of a limit: where its owner's
 /// state lives, and its cells there (a field and its per-minute quota).
 /// A changed quota is a new cell, as it is a new bucket here.
-#[derive(Default)]
 pub struct SharedCells {
     pub home: String,
     pub requests: Option<(String, u32)>,
@@ -106,15 +104,12 @@ impl Limits {
     /// Whether anything changed.
     pub fn configure(&self, quota: PerMinute) -> bool {
         let requests = self.requests.configure(quota.requests);
-        let changed = self.tokens.configure(quota.tokens) || requests;
-        if changed && let Some(shared) = self.shared.load_full() {
-            self.share(shared.sink.clone(), shared.owner.clone());
-        }
-        changed
+        self.tokens.configure(quota.tokens) || requests
     }
 
     /// From now on, tokens charged after admission also go to the fleet's
-    /// shared cells of `owner`.
+    /// shared cells of `owner`, named for the quota as configured: call
+    /// it again after [`configure`](Self::configure).
     pub fn share(&self, sink: Arc<dyn SharedTokens>, owner: String) {
         let cell = |bucket: &Bucket, limit: Limit| {
             bucket
@@ -126,8 +121,7 @@ impl Limits {
             requests: cell(&self.requests, Limit::Requests),
             tokens: cell(&self.tokens, Limit::Tokens),
         });
-        self.shared
-            .store(Some(Arc::new(Shared { sink, owner, cells })));
+        self.shared.store(Some(Arc::new(Shared { sink, cells })));
     }
 
     /// The shared cells admission takes from; `None` when not shared.

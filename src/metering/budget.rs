@@ -174,9 +174,11 @@ pub fn usd(nano: u64) -> f64 {
 }
 
 /// `$200`, `$0.005`, `$0.004905`: to the micro-dollar, without trailing
-/// zeros.
+/// zeros; an amount under a micro-dollar to the nano-dollar
+/// (`$0.000000105`), so a request's least cost never reads as `$0`.
 fn dollars(nano: u64) -> String {
-    let text = format!("{:.6}", usd(nano));
+    let places = if nano < 1_000 { 9 } else { 6 };
+    let text = format!("{:.places$}", usd(nano));
     format!("${}", text.trim_end_matches('0').trim_end_matches('.'))
 }
 
@@ -244,7 +246,7 @@ pub fn refusal(
         return GatewayError::budget_held(
             format!(
                 "what is left of key \"{key}\"'s {} budget of {} is reserved by its requests in \
-                 flight ({} of it; {} spent), and this request may cost up to {}; retry after {} s, \
+                 flight ({} of it; {} spent), and this request needs at least {}; retry after {} s, \
                  as they end",
                 period.name(),
                 dollars(limit),
@@ -257,7 +259,7 @@ pub fn refusal(
         );
     }
     GatewayError::budget_exhausted(format!(
-        "key \"{key}\" has used {} of its {} budget of {}, and this request may cost up to {}; \
+        "key \"{key}\" has used {} of its {} budget of {}, and this request needs at least {}; \
          the budget resets at {} 00:00 UTC",
         dollars(spent),
         period.name(),

@@ -189,8 +189,8 @@ pub async fn reserve(
     let fleet = app.fleet.as_ref();
     if let Some(fleet) = fleet
         && (budgeted || limits.is_limited())
+        && let Some(cells) = limits.shared_cells()
     {
-        let cells = limits.shared_cells().unwrap_or_default();
         let budget = budgeted.then(|| (key, ask(snapshot, request, admission), today));
         match fleet.admit(&cells, tokens, budget).await {
             Ok(admitted) => {

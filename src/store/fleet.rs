@@ -302,10 +302,8 @@ impl Fleet {
         let cell = |c: &Option<(String, u32)>| c.clone().unwrap_or_default();
         let (rpm_field, rpm) = cell(&cells.requests);
         let (tpm_field, tpm) = cell(&cells.tokens);
-        let home = match budget {
-            Some((key, ..)) => self.key_home(&key.name),
-            None => cells.home.clone(),
-        };
+        // A key's budget lives in the same home as its cells.
+        let home = cells.home.clone();
         let leases = Self::leases(&home);
         let mut args = vec![
             rpm_field,
