@@ -18,5 +18,6 @@ pub mod routing;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod traces;
 
 pub use server::Gateway;

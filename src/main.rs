@@ -1,6 +1,5 @@
 //! The `tollgate` command: `serve`, `check` and `explain`.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tollgate::config::Secrets;
+use tollgate::config::{LogFormat, Secrets};
 use tollgate::health::LiveState;
 use tollgate::pipeline::admit::ExplainRequest;
 use tollgate::server::GatewayOptions;
@@ -82,45 +81,37 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Log lines are buffered and written by a thread of their own, so a
-    // request never waits on stderr.
-    let (log_writer, flush_on_exit) = tollgate::logging::start(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into())
-                // aws-sigv4 traces the canonical request, Bedrock's session
-                // token included: whatever RUST_LOG says, it never logs.
-                .add_directive("aws_sigv4=off".parse().expect("a valid directive")),
-        )
-        // The access-log line is written for every request: its fields and
-        // time are formatted without `fmt` machinery, to the same text.
-        .fmt_fields(tollgate::logging::Fields)
-        .with_timer(tollgate::logging::Timestamp)
-        .with_writer(log_writer)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    // Dropped last: flushes the log lines still queued.
-    let _flush_logs = flush_on_exit;
+    // `serve` logs as its config says; the other commands print, and log
+    // as text. Dropping the guard writes the lines still queued.
+    let text_logs = || tollgate::logging::install(LogFormat::Text);
     match cli.command {
+        Command::Serve { config, listen } => serve(&config, listen),
         Command::Check {
             diff: Some(paths),
             offline,
             ..
-        } => check_diff(&paths[0], &paths[1], secrets(offline)),
+        } => {
+            let _logs = text_logs();
+            check_diff(&paths[0], &paths[1], secrets(offline))
+        }
         Command::Check {
             config,
             diff: None,
             offline,
             strict,
-        } => check(&config, secrets(offline), strict),
-        Command::Serve { config, listen } => serve(&config, listen),
+        } => {
+            let _logs = text_logs();
+            check(&config, secrets(offline), strict)
+        }
         Command::Explain {
             config,
             request,
             region,
             key,
-        } => explain(&config, &request, region, key),
+        } => {
+            let _logs = text_logs();
+            explain(&config, &request, region, key)
+        }
     }
 }
 
@@ -263,6 +254,9 @@ fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
+    // Log lines are buffered and written by a thread of their own, so a
+    // request never waits on stderr; dropped last, this writes the rest.
+    let _flush_logs = tollgate::logging::install(config.logging);
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(e) => {

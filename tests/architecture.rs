@@ -22,7 +22,7 @@ const ORDER: &[&[&str]] = &[
     &["error"],
     &["limits"],
     &["config"],
-    &["id", "logging"],
+    &["id", "logging", "traces"],
 ];
 
 fn rank(module: &str) -> usize {

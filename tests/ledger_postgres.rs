@@ -407,11 +407,7 @@ async fn a_replica_stopped_gracefully_ships_its_spool_before_it_exits() {
     process.logged(READY);
     let mut received = Received::default();
     load(&[&process], 5, &mut received).await;
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &process.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    process.signal("-TERM");
     assert!(process.child.wait().unwrap().success());
     assert_eq!(records_in(&postgres).await, 5);
     assert_eq!(replica.spooled(), 0);

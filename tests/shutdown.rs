@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -20,28 +19,6 @@ fn config(grace_ms: u32) -> Config {
 
 fn start(grace_ms: u32) -> Process {
     serve_config(&config(grace_ms))
-}
-
-fn signal(server: &Process, name: &str) {
-    let status = Command::new("kill")
-        .args([name, &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(server: &mut Process, within: Duration) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the server did not exit in time"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 async fn open_stream(base: &str) -> reqwest::Response {
@@ -79,7 +56,7 @@ async fn sigterm_drains(mut server: Process) {
     let first = body.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "));
 
-    signal(&server, "-TERM");
+    server.signal("-TERM");
     // The listener closes: a new connection is refused once the signal lands.
     let mut refused = false;
     for _ in 0..100 {
@@ -108,10 +85,7 @@ async fn sigterm_drains(mut server: Process) {
         20,
         "every token arrived"
     );
-    assert_eq!(
-        wait_exit(&mut server, Duration::from_secs(10)).code(),
-        Some(0)
-    );
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
 
 #[tokio::test]
@@ -120,12 +94,9 @@ async fn sigint_exits_zero_when_the_grace_period_runs_out() {
     let response = open_stream(&server.base).await;
     let mut body = response.bytes_stream();
     body.next().await.unwrap().unwrap();
-    signal(&server, "-INT");
+    server.signal("-INT");
     // The stream takes a second; the grace period is 200 ms.
-    assert_eq!(
-        wait_exit(&mut server, Duration::from_secs(5)).code(),
-        Some(0)
-    );
+    assert_eq!(server.wait_exit(Duration::from_secs(5)).code(), Some(0));
     let mut text = String::new();
     while let Some(Ok(chunk)) = body.next().await {
         text.push_str(&String::from_utf8_lossy(&chunk));

@@ -104,7 +104,7 @@ fn deployments(config: &Config) -> BTreeMap<String, Value> {
 pub fn diff(old: &Config, new: &Config) -> ConfigDiff {
     let (a, b) = (&old.document, &new.document);
     let mut settings: Vec<String> = [
-        "server", "routing", "policy", "ledger", "state", "admin", "metrics",
+        "server", "routing", "policy", "ledger", "state", "admin", "metrics", "logging", "tracing",
     ]
     .into_iter()
     .filter(|table| a.get(*table) != b.get(*table))

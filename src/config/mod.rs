@@ -293,6 +293,73 @@ prefix = "two words""#,
     }
 
     #[test]
+    fn logs_are_text_or_json_and_traces_go_to_an_otlp_http_collector() {
+        let with = |tables: &str| parse(&format!("{tables}\n{MINIMAL}"), &no_env);
+        let config = with("").expect("valid");
+        assert_eq!((config.logging, config.tracing), (LogFormat::Text, None));
+        let config =
+            with("[logging]\nformat = \"json\"\n[tracing]\notlp_endpoint = \"http://otel:4318\"")
+                .expect("valid");
+        assert_eq!(config.logging, LogFormat::Json);
+        assert_eq!(
+            config.tracing,
+            Some(TracingSettings {
+                traces_url: "http://otel:4318/v1/traces".into(),
+                service_name: "tollgate".into(),
+                sample_ratio: 1.0,
+            })
+        );
+        let url = |endpoint: &str| {
+            with(&format!("[tracing]\notlp_endpoint = \"{endpoint}\""))
+                .expect("valid")
+                .tracing
+                .expect("on")
+                .traces_url
+        };
+        assert_eq!(
+            url("https://otel.example.com/otlp/"),
+            "https://otel.example.com/otlp/v1/traces"
+        );
+        assert_eq!(
+            url("http://otel:4318/v1/traces"),
+            "http://otel:4318/v1/traces"
+        );
+        let problems = |tables: &str| problems(&format!("{tables}\n{MINIMAL}"));
+        assert_eq!(
+            problems("[logging]\nformat = \"logfmt\""),
+            [
+                "logging.format: \"logfmt\" is not a log format; use \"text\" (the default) or \"json\" (one object per line)"
+            ]
+        );
+        assert_eq!(
+            problems("[tracing]\nsample_ratio = 0.5"),
+            [
+                "tracing.sample_ratio: applies only with otlp_endpoint, where spans are sent; set that, or remove this field"
+            ]
+        );
+        for (endpoint, says) in [
+            ("otel 4318", "is not a URL"),
+            ("otel:4318", "http:// or https://"),
+            ("grpc://otel:4317", "gRPC is not supported"),
+            (
+                "https://user:secret@otel.example.com",
+                "OTEL_EXPORTER_OTLP_HEADERS",
+            ),
+        ] {
+            let found = problems(&format!("[tracing]\notlp_endpoint = \"{endpoint}\""));
+            assert!(
+                found.len() == 1 && found[0].contains(says),
+                "{endpoint}: {found:?}"
+            );
+            assert!(!found[0].contains("secret"), "{found:?}");
+        }
+        let bad = problems(
+            "[tracing]\notlp_endpoint = \"http://otel:4318\"\nservice_name = \" \"\nsample_ratio = 1.5",
+        );
+        assert_eq!(bad.len(), 2, "{bad:?}");
+    }
+
+    #[test]
     fn minimal_config_is_valid_with_defaults() {
         let config = parse(MINIMAL, &no_env).expect("valid");
         assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);

@@ -29,6 +29,22 @@ pub struct RawConfig {
     pub ledger: RawLedger,
     #[serde(default)]
     pub state: RawState,
+    #[serde(default)]
+    pub logging: RawLogging,
+    #[serde(default)]
+    pub tracing: RawTracing,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawLogging {
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawTracing {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

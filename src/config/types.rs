@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use url::Url;
 
+pub use crate::logging::LogFormat;
+pub use crate::traces::TracingSettings;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Validated without reading its secrets (`Secrets::Unread`): it has
@@ -29,6 +32,9 @@ pub struct Config {
     pub metrics: MetricsAccess,
     pub ledger: LedgerSettings,
     pub state: StateSettings,
+    pub logging: LogFormat,
+    /// OpenTelemetry spans exported over OTLP/HTTP; `None`: off.
+    pub tracing: Option<TracingSettings>,
 }
 
 /// Where budgets, rate limits and upstream pressure live: in this process

@@ -18,6 +18,7 @@ mod limits;
 mod metering;
 mod routing;
 mod state;
+mod telemetry;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
@@ -61,6 +62,8 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
     let metrics = v.metrics(&raw);
     let ledger = v.ledger(&raw);
     let state = v.state(&raw);
+    let logging = v.logging(&raw);
+    let tracing = v.tracing(&raw);
     let backends: Vec<Backend> = raw
         .backends
         .iter()
@@ -141,6 +144,8 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
             metrics,
             ledger,
             state,
+            logging,
+            tracing,
         })
     } else {
         Err(Problems(v.problems))

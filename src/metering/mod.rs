@@ -11,12 +11,15 @@ pub mod usage;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::http::HeaderMap;
 use prometheus::{Histogram, IntGauge};
 
+use crate::error::GatewayError;
 use crate::ledger::{Ledger, Row, Totals};
 use crate::limits::Limits;
 use crate::metrics::{Metrics, NONE};
 use crate::openai::{ResponseView, Usage, UsageFault};
+use crate::traces::{AttemptFacts, Outcome, RequestTrace};
 use budget::Reservation;
 use cost::Rate;
 
@@ -101,6 +104,12 @@ pub struct Meter {
     serving: Option<Serving>,
     /// The backend of the last attempt, for the request's labels.
     last_backend: Option<String>,
+    /// Upstream attempts begun.
+    attempts: usize,
+    /// Why the request failed (the error's label), if it did.
+    error: Option<&'static str>,
+    /// The request's span and its attempts', when traces are exported.
+    trace: Option<RequestTrace>,
     /// An upstream answered (its body or first chunk arrived).
     answered: bool,
     usage: Option<Usage>,
@@ -110,6 +119,7 @@ pub struct Meter {
     output_chars: usize,
     /// Output tokens charged to the rate limits so far.
     charged_output: u64,
+    first_chunk_sent: Option<Instant>,
     last_chunk_sent: Option<Instant>,
     between_tokens: Option<Histogram>,
     upstream_since: Option<Instant>,
@@ -126,6 +136,7 @@ impl Meter {
         started: Instant,
         prompt_estimate: u64,
         in_flight: InFlight,
+        trace: Option<RequestTrace>,
     ) -> Self {
         Self {
             metrics,
@@ -135,11 +146,15 @@ impl Meter {
             prompt_estimate,
             serving: None,
             last_backend: None,
+            attempts: 0,
+            error: None,
+            trace,
             answered: false,
             usage: None,
             usage_rejected: false,
             output_chars: 0,
             charged_output: 0,
+            first_chunk_sent: None,
             last_chunk_sent: None,
             between_tokens: None,
             upstream_since: None,
@@ -149,23 +164,60 @@ impl Meter {
         }
     }
 
-    /// An upstream call starts.
-    pub fn begin_attempt(&mut self, serving: Serving) {
+    pub fn request_id(&self) -> &str {
+        &self.labels.request_id
+    }
+
+    /// An upstream call starts. Returns the headers that carry its trace
+    /// upstream: none unless traces are exported.
+    pub fn begin_attempt(
+        &mut self,
+        serving: Serving,
+        provider: &'static str,
+        upstream_model: &str,
+    ) -> HeaderMap {
+        self.attempts += 1;
+        let headers = match &mut self.trace {
+            Some(trace) => trace.begin_attempt(AttemptFacts {
+                provider,
+                upstream_model,
+                deployment: &serving.deployment,
+                number: self.attempts,
+            }),
+            None => HeaderMap::new(),
+        };
         self.last_backend = Some(serving.backend.clone());
         self.serving = Some(serving);
         self.upstream_since = Some(Instant::now());
+        headers
     }
 
-    /// The attempt failed before anything reached the client: nothing was
-    /// generated, so it costs nothing; the next attempt may start.
-    pub fn attempt_failed(&mut self) {
+    /// The attempt failed with `error` before anything reached the client:
+    /// nothing was generated, so it costs nothing; the next attempt may
+    /// start.
+    pub fn attempt_failed(&mut self, error: &GatewayError) {
         self.upstream_done();
         self.serving = None;
+        if let Some(trace) = &mut self.trace {
+            trace.attempt_failed(error.label(), error.message().to_owned());
+        }
     }
 
-    /// The upstream answered: its whole body, or its first chunk.
-    pub fn attempt_answered(&mut self) {
+    /// The upstream answered (its whole body, or its first chunk) as the
+    /// model `model` names, read only when the request is traced.
+    pub fn attempt_answered(&mut self, model: impl FnOnce() -> Option<String>) {
         self.answered = true;
+        if let Some(trace) = &mut self.trace
+            && let Some(model) = model()
+        {
+            trace.answered_by(model);
+        }
+    }
+
+    /// The request failed with `error` (its label), after its meter was
+    /// made: recorded with it when it finishes.
+    pub fn failed(&mut self, error: &'static str) {
+        self.error = Some(error);
     }
 
     /// The upstream is done sending (the whole body, or the stream's end).
@@ -271,6 +323,7 @@ impl Meter {
     pub fn chunk_sent(&mut self, now: Instant) {
         match self.last_chunk_sent.replace(now) {
             None => {
+                self.first_chunk_sent = Some(now);
                 let labels = [
                     self.labels.alias.as_str(),
                     self.last_backend.as_deref().unwrap_or(NONE),
@@ -379,23 +432,40 @@ impl Meter {
         m.gateway_overhead
             .with_label_values(&[alias])
             .observe(elapsed.saturating_sub(self.upstream_wait).as_secs_f64());
+        let deployment = self.serving.as_ref().map(|s| s.deployment.as_str());
         tracing::info!(
             request_id,
             alias,
             key,
             backend,
-            deployment = self
-                .serving
-                .as_ref()
-                .map_or(NONE, |s| s.deployment.as_str()),
+            deployment = deployment.unwrap_or(NONE),
             status,
+            attempts = self.attempts,
             duration_ms = elapsed.as_millis() as u64,
+            upstream_ms = self.upstream_wait.as_millis() as u64,
+            first_token_ms = self
+                .first_chunk_sent
+                .map(|t| (t - self.started).as_millis() as u64),
             input_tokens = usage.prompt_tokens,
             output_tokens = usage.completion_tokens,
             estimated,
             cost_usd = cost_nano as f64 / 1e9,
+            error = self.error,
             "request done"
         );
+        if let Some(trace) = self.trace.take() {
+            trace.finish(&Outcome {
+                status,
+                error: self.error,
+                input_tokens: usage.prompt_tokens,
+                output_tokens: usage.completion_tokens,
+                estimated,
+                cost_nano_usd: cost_nano,
+                deployment,
+                backend: self.last_backend.as_deref(),
+                attempts: self.attempts,
+            });
+        }
     }
 }
 

@@ -37,6 +37,13 @@ fn parse<'b, T: Deserialize<'b>>(backend: &str, body: &'b [u8]) -> Result<T, Gat
     })
 }
 
+/// The model an upstream response or stream chunk says answered, when it
+/// names one.
+pub fn answering_model(body: &[u8]) -> Option<String> {
+    let view: IdentityView<'_> = serde_json::from_slice(body).ok()?;
+    Some(view.identity().model).filter(|model| !model.is_empty())
+}
+
 /// Reads one chunk. Most chunks carry a few characters of text and nothing
 /// the meter needs: they are checked to be framed as a JSON object and
 /// their text measured, without being parsed. Usage and errors are read in

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 
 use super::admit::{Admission, output_ceiling};
 use super::{Failure, RequestCtx};
-use crate::config::{Backend, Deployment};
+use crate::config::{Backend, BackendKind, Deployment};
 use crate::error::GatewayError;
 use crate::health::Attempt;
 use crate::limits::Refused;
@@ -30,6 +30,30 @@ pub enum Ready {
     Complete(Bytes, Observed),
     /// The first chunk, read, and the rest of the stream.
     Stream(Chunk, ChunkFacts, ChunkStream),
+}
+
+impl Ready {
+    /// The response, or the stream's first chunk.
+    fn first_bytes(&self) -> &[u8] {
+        match self {
+            Ready::Complete(body, _) => body,
+            Ready::Stream(first, ..) => first,
+        }
+    }
+}
+
+/// `gen_ai.provider.name` for a backend: the OpenTelemetry GenAI
+/// conventions' name where they have one, else the backend's kind.
+fn provider_name(kind: BackendKind) -> &'static str {
+    match kind {
+        BackendKind::Bedrock => "aws.bedrock",
+        BackendKind::Openai => "openai",
+        BackendKind::Groq => "groq",
+        BackendKind::Together => "together_ai",
+        BackendKind::Vllm => "vllm",
+        BackendKind::Tgi => "tgi",
+        BackendKind::Simulated => "simulated",
+    }
 }
 
 /// The answer of the deployment that served a request.
@@ -87,19 +111,24 @@ pub async fn attempt<'s>(
         }
         attempts += 1;
         let backend = snapshot.backend(resolved.backend);
-        meter.begin_attempt(Serving {
-            deployment: deployment.name.clone(),
-            backend: backend.name.clone(),
-            rate: resolved.rate,
-            context_window: u64::from(deployment.context_window),
-            lease: Box::new(snapshot.lease(model, index)),
-        });
+        let trace = meter.begin_attempt(
+            Serving {
+                deployment: deployment.name.clone(),
+                backend: backend.name.clone(),
+                rate: resolved.rate,
+                context_window: u64::from(deployment.context_window),
+                lease: Box::new(snapshot.lease(model, index)),
+            },
+            provider_name(backend.kind),
+            &deployment.upstream_model,
+        );
         let call = UpstreamCall {
             request,
             upstream_model: &deployment.upstream_model,
             request_id: &ctx.request_id,
             quota: &OnceLock::new(),
             max_tokens,
+            trace: &trace,
         };
         // A stream that may be cut at its reservation needs its identity
         // to write the last chunk.
@@ -107,7 +136,7 @@ pub async fn attempt<'s>(
         match call_upstream(app, backend, resolved, call, identity).await {
             Ok(reply) => {
                 attempt.succeeded(facts.stream);
-                meter.attempt_answered();
+                meter.attempt_answered(|| usage::answering_model(reply.first_bytes()));
                 return Ok(Served {
                     backend,
                     attempts,
@@ -117,7 +146,7 @@ pub async fn attempt<'s>(
             }
             Err(error) => {
                 attempt.failed(&error, settings);
-                meter.attempt_failed();
+                meter.attempt_failed(&error);
                 if !error.retriable() {
                     return Err(Failure::after_attempts(
                         error,

@@ -42,6 +42,7 @@ use crate::metrics::NONE;
 use crate::openai::{Endpoint, InboundRequest};
 use crate::routing::{PlanStatus, REGION_HEADER};
 use crate::state::{AppState, Snapshot};
+use crate::traces::{Outcome, RequestTrace};
 use admit::Refusal;
 
 pub const CONFIG_VERSION_HEADER: HeaderName = HeaderName::from_static("x-tollgate-config-version");
@@ -69,10 +70,15 @@ pub async fn handle(
     };
     let in_flight = InFlight::new(&app.metrics.in_flight);
     let version = HeaderValue::from_str(&ctx.snapshot.config.version).ok();
-    let mut response = match serve(&app, &ctx, endpoint, &headers, body, in_flight).await {
-        Ok(response) => response,
-        Err(failure) => failure.respond(&app, &ctx),
-    };
+    let mut trace = app
+        .traces
+        .as_ref()
+        .map(|traces| traces.request(&headers, ctx.started, operation(endpoint)));
+    let mut response =
+        match serve(&app, &ctx, endpoint, &headers, body, in_flight, &mut trace).await {
+            Ok(response) => response,
+            Err(failure) => failure.respond(&app, &ctx, trace),
+        };
     if let Some(version) = version {
         response
             .headers_mut()
@@ -88,11 +94,15 @@ async fn serve(
     headers: &HeaderMap,
     body: Body,
     in_flight: InFlight,
+    trace: &mut Option<RequestTrace>,
 ) -> Result<Response, Failure> {
     let snapshot = &*ctx.snapshot;
     let key = auth::authenticate(snapshot, headers)?;
     let bytes = read_body(headers, body, &snapshot.config.server).await?;
     let request = InboundRequest::parse(endpoint, bytes)?;
+    if let Some(trace) = trace {
+        trace.requested(request.model());
+    }
     let region = headers.get(REGION_HEADER).map(HeaderValue::as_bytes);
     let admission = admit::admit(snapshot, &request, key, region)
         .map_err(|refusal| Failure::refused(app, snapshot, refusal))?;
@@ -121,6 +131,7 @@ async fn serve(
         ctx.started,
         admission.facts.input_tokens,
         in_flight,
+        trace.take(),
     );
     let served = attempt::attempt(app, ctx, &request, &admission, meter).await?;
     Ok(respond::respond(&request, served))
@@ -197,7 +208,9 @@ impl Failure {
         }
     }
 
-    fn respond(self, app: &AppState, ctx: &RequestCtx) -> Response {
+    /// Answers the error, and records the request: through its meter once
+    /// it has one, else here (with its trace, if traced).
+    fn respond(self, app: &AppState, ctx: &RequestCtx, trace: Option<RequestTrace>) -> Response {
         let Self {
             error,
             alias,
@@ -213,8 +226,16 @@ impl Failure {
             .inc();
         tracing::info!(request_id = ctx.request_id, alias, backend, status, kind = error.label(), error = %error.message(), "request failed");
         match meter {
-            Some(mut meter) => meter.finish(status),
-            None => metrics.record_request(&alias, &backend, status, ctx.started.elapsed()),
+            Some(mut meter) => {
+                meter.failed(error.label());
+                meter.finish(status);
+            }
+            None => {
+                metrics.record_request(&alias, &backend, status, ctx.started.elapsed());
+                if let Some(trace) = trace {
+                    trace.finish(&Outcome::refused(status, error.label()));
+                }
+            }
         }
         let mut response = error.into_response();
         // Once routing ran, every answer says how many attempts it took
@@ -227,6 +248,14 @@ impl Failure {
             );
         }
         response
+    }
+}
+
+/// `gen_ai.operation.name` of a request to `endpoint`.
+fn operation(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::Chat => "chat",
+        Endpoint::Completions => "text_completion",
     }
 }
 

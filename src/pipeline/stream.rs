@@ -30,6 +30,7 @@ const MAX_FRAME: usize = 64 * 1024;
 /// events read together are not copied again at every doubling. Frames
 /// live only until they are written.
 const FRAME_START: usize = 4 * 1024;
+const METER_KEPT: &str = "the meter is kept until the stream ends";
 
 pub struct SseBody {
     upstream: ChunkStream,
@@ -122,7 +123,12 @@ impl SseBody {
             let usage = self.meter().usage_so_far();
             put_event(&mut self.ready, &identity.usage_chunk(self.endpoint, usage));
         }
-        tracing::info!(backend = %self.backend, "stream ended: its cost reached the key's budget reservation");
+        let meter = self.meter.as_ref().expect(METER_KEPT);
+        tracing::info!(
+            request_id = meter.request_id(),
+            backend = %self.backend,
+            "stream ended: its cost reached the key's budget reservation"
+        );
         self.meter().upstream_done();
         self.end(200);
     }
@@ -141,9 +147,7 @@ impl SseBody {
     }
 
     fn meter(&mut self) -> &mut Meter {
-        self.meter
-            .as_mut()
-            .expect("the meter is kept until the stream ends")
+        self.meter.as_mut().expect(METER_KEPT)
     }
 
     /// The upstream ended normally.
@@ -159,8 +163,10 @@ impl SseBody {
     }
 
     fn fail(&mut self, error: GatewayError) {
-        self.meter().upstream_done();
-        tracing::warn!(backend = %self.backend, error = %error.message(), "stream failed after it started");
+        let meter = self.meter.as_mut().expect(METER_KEPT);
+        meter.upstream_done();
+        meter.failed(error.label());
+        tracing::warn!(request_id = meter.request_id(), backend = %self.backend, error = %error.message(), "stream failed after it started");
         put_event(&mut self.ready, &error.body_json());
         self.end(error.status().as_u16());
     }
@@ -260,15 +266,20 @@ mod tests {
             std::time::Instant::now(),
             10,
             InFlight::new(&metrics.in_flight),
+            None,
         );
-        meter.begin_attempt(Serving {
-            deployment: "a/b".into(),
-            backend: "b".into(),
-            rate: Rate::default(),
-            context_window: 8192,
-            lease: Box::new(Lease::new(Arc::default(), Arc::default(), Arc::default())),
-        });
-        meter.attempt_answered();
+        meter.begin_attempt(
+            Serving {
+                deployment: "a/b".into(),
+                backend: "b".into(),
+                rate: Rate::default(),
+                context_window: 8192,
+                lease: Box::new(Lease::new(Arc::default(), Arc::default(), Arc::default())),
+            },
+            "simulated",
+            "m",
+        );
+        meter.attempt_answered(|| None);
         (metrics, meter)
     }
 

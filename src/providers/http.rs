@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use sse_stream::SseStream;
 use url::Url;
 
+use super::UpstreamCall;
 use crate::config::Backend;
 use crate::error::GatewayError;
 use crate::limits::UpstreamQuota;
@@ -138,12 +139,15 @@ pub fn post_json(target: &Target, body: Vec<u8>) -> Request<Full<Bytes>> {
 }
 
 /// Tags an upstream request with the gateway's request id, so the two
-/// logs can be joined.
-pub fn tag(request: &mut Request<Full<Bytes>>, request_id: &str) {
-    if let Ok(id) = HeaderValue::from_str(request_id) {
-        request
-            .headers_mut()
-            .insert(crate::id::REQUEST_ID_HEADER, id);
+/// logs can be joined, and with the attempt's trace context when traces
+/// are exported.
+pub fn tag(request: &mut Request<Full<Bytes>>, call: &UpstreamCall<'_>) {
+    let headers = request.headers_mut();
+    if let Ok(id) = HeaderValue::from_str(call.request_id) {
+        headers.insert(crate::id::REQUEST_ID_HEADER, id);
+    }
+    for (name, value) in call.trace {
+        headers.insert(name, value.clone());
     }
 }
 

@@ -11,6 +11,7 @@ mod translate;
 
 use std::sync::{Arc, OnceLock};
 
+use axum::http::HeaderMap;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
@@ -31,6 +32,9 @@ pub struct UpstreamCall<'a> {
     /// The output limit the gateway sets when the client set none: what a
     /// key's budget reservation pays for. Sent as the upstream's own limit.
     pub max_tokens: Option<u32>,
+    /// The attempt's trace context (`traceparent`, `tracestate`): empty
+    /// unless traces are exported.
+    pub trace: &'a HeaderMap,
 }
 
 /// A successful upstream answer, already in the OpenAI shape of the

@@ -80,7 +80,7 @@ impl OpenAiCompat {
             Endpoint::Completions => &self.completions_url,
         };
         let mut request = http::post_json(url, body);
-        http::tag(&mut request, call.request_id);
+        http::tag(&mut request, &call);
         if let Some(auth) = &self.auth {
             request.headers_mut().insert(AUTHORIZATION, auth.clone());
         }

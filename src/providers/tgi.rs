@@ -65,7 +65,7 @@ impl Tgi {
             &self.generate
         };
         let mut request = http::post_json(url, body);
-        http::tag(&mut request, call.request_id);
+        http::tag(&mut request, &call);
         let response = http::send(&self.name, &self.client, request, call.quota).await?;
         if !response.status().is_success() {
             return Err(ErrorReply::read(response).await.into_error(&self.name));

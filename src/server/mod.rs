@@ -120,6 +120,9 @@ impl Gateway {
         // The last spend and token charges reach the fleet.
         state::exchange(&self.state).await;
         self.state.ledger.close().await;
+        if let Some(traces) = &self.state.traces {
+            traces.close().await;
+        }
         Ok(())
     }
 }

@@ -18,6 +18,7 @@ use crate::ledger::Ledger;
 use crate::metering::budget::Budgets;
 use crate::metrics::Metrics;
 use crate::store::Fleet;
+use crate::traces::Traces;
 
 pub use reload::{Env, ReloadError, ReloadReport, watch};
 pub use shared::{Sharing, exchange, share};
@@ -35,6 +36,8 @@ pub struct AppState {
     /// Budgets, limits and upstream pressure shared with the other
     /// replicas (`[state] backend = "redis"`).
     pub fleet: Option<Arc<Fleet>>,
+    /// The exporter of request spans (`[tracing]`); `None`: off.
+    pub traces: Option<Traces>,
     /// Config reloads, and the engine scrapers of the current snapshot.
     reloader: reload::Reloader,
     draining: AtomicBool,
@@ -80,6 +83,7 @@ impl AppState {
                 metrics.state_replicas.clone(),
             )?)),
         };
+        let traces = config.tracing.as_ref().map(Traces::start).transpose()?;
         let live = LiveState::default();
         if let Some(fleet) = &fleet {
             live.share_limits(fleet.clone());
@@ -94,6 +98,7 @@ impl AppState {
             ledger,
             budgets: Arc::default(),
             fleet,
+            traces,
             reloader: reload::Reloader::new(options.env, options.config_file, scrapers),
             draining: AtomicBool::new(false),
         })

@@ -184,8 +184,10 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     {
         fields.push("ledger".to_owned());
     }
-    if old.document.get("state") != new.document.get("state") {
-        fields.push("state".to_owned());
+    for section in ["state", "logging", "tracing"] {
+        if old.document.get(section) != new.document.get(section) {
+            fields.push(section.to_owned());
+        }
     }
     fields
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod gateway;
 pub mod mock;
 pub mod openai_mock;
+pub mod otlp;
 pub mod plan;
 pub mod postgres;
 pub mod process;

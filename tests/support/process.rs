@@ -60,6 +60,29 @@ impl Process {
     }
 }
 
+impl Process {
+    /// Sends the process a signal by `kill`'s name for it (`-TERM`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([name, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits until the process exits, failing after `within`.
+    pub fn wait_exit(&mut self, within: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the server did not exit in time");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -89,8 +112,13 @@ fn spawn(mut program: Command, config: &Path, env: &[(&str, &str)]) -> Process {
     let mut before = Vec::new();
     let (base, listening) = loop {
         let line = lines.next().expect("the server logs its address").unwrap();
+        // As text, `addr=IP:PORT`; as JSON, `"addr":"IP:PORT"`.
         if let Some(rest) = line.split("addr=").nth(1) {
             let base = format!("http://{}", rest.split_whitespace().next().unwrap());
+            break (base, line);
+        }
+        if let Some(rest) = line.split("\"addr\":\"").nth(1) {
+            let base = format!("http://{}", rest.split('"').next().unwrap());
             break (base, line);
         }
         before.push(line);

@@ -93,6 +93,8 @@ impl Bedrock {
         let headers = self.auth.headers(&self.name, &target, &body)?;
         let mut request = http::post_json(&target, body);
         request.headers_mut().extend(headers);
+        // Not signed: AWS checks only the headers a signature names.
+        http::tag(&mut request, &call);
         let response = http::send(&self.name, &self.client, request, call.quota).await?;
         if !response.status().is_success() {
             return Err(errors::from_reply(
