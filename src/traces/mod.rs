@@ -87,12 +87,12 @@ impl Traces {
             .with_start_time(system_time(started))
             .with_attributes([KeyValue::new("gen_ai.operation.name", operation)])
             .start_with_context(&self.tracer, &parent);
-        RequestTrace {
+        RequestTrace(Box::new(Spans {
             tracer: self.tracer.clone(),
             cx: parent.with_span(span),
             attempt: None,
             operation,
-        }
+        }))
     }
 
     /// Sends the spans still queued; waits for the collector up to the
@@ -149,8 +149,12 @@ impl Outcome<'_> {
     }
 }
 
-/// A request's span and its attempt in flight.
-pub struct RequestTrace {
+/// A request's span and its attempt in flight: boxed, so that a request
+/// that is not traced carries one null pointer where they would be (the
+/// meter holding them is moved along the request path).
+pub struct RequestTrace(Box<Spans>);
+
+struct Spans {
     tracer: SdkTracer,
     /// The request's span, the parent of its attempts'.
     cx: Context,
@@ -161,8 +165,8 @@ pub struct RequestTrace {
 impl RequestTrace {
     /// The client asked for `model` (an alias): the span is named after it.
     pub fn requested(&self, model: &str) {
-        let span = self.cx.span();
-        span.update_name(format!("{} {model}", self.operation));
+        let span = self.0.cx.span();
+        span.update_name(format!("{} {model}", self.0.operation));
         span.set_attribute(KeyValue::new("gen_ai.request.model", model.to_owned()));
     }
 
@@ -170,39 +174,40 @@ impl RequestTrace {
     /// `tracestate`) that carry it upstream.
     pub fn begin_attempt(&mut self, attempt: AttemptFacts<'_>) -> HeaderMap {
         let span = self
+            .0
             .tracer
-            .span_builder(format!("{} {}", self.operation, attempt.upstream_model))
+            .span_builder(format!("{} {}", self.0.operation, attempt.upstream_model))
             .with_kind(SpanKind::Client)
             .with_attributes([
-                KeyValue::new("gen_ai.operation.name", self.operation),
+                KeyValue::new("gen_ai.operation.name", self.0.operation),
                 KeyValue::new("gen_ai.provider.name", attempt.provider),
                 KeyValue::new("gen_ai.request.model", attempt.upstream_model.to_owned()),
                 KeyValue::new("tollgate.deployment", attempt.deployment.to_owned()),
                 KeyValue::new("tollgate.attempt", attempt.number as i64),
             ])
-            .start_with_context(&self.tracer, &self.cx);
+            .start_with_context(&self.0.tracer, &self.0.cx);
         let mut headers = HeaderMap::new();
         TraceContextPropagator::new().inject_context(
             &Context::new().with_remote_span_context(span.span_context().clone()),
             &mut HeaderInjector(&mut headers),
         );
-        self.attempt = Some(span);
+        self.0.attempt = Some(span);
         headers
     }
 
     /// The upstream answered as `model`.
     pub fn answered_by(&mut self, model: String) {
         let model = KeyValue::new("gen_ai.response.model", model);
-        if let Some(span) = &mut self.attempt {
+        if let Some(span) = &mut self.0.attempt {
             span.set_attribute(model.clone());
         }
-        self.cx.span().set_attribute(model);
+        self.0.cx.span().set_attribute(model);
     }
 
     /// The attempt in flight failed with `error` (the gateway's label) and
     /// `message`.
     pub fn attempt_failed(&mut self, error: &'static str, message: String) {
-        if let Some(mut span) = self.attempt.take() {
+        if let Some(mut span) = self.0.attempt.take() {
             span.set_attribute(KeyValue::new("error.type", error));
             span.set_status(Status::error(message));
             span.end();
@@ -217,7 +222,7 @@ impl RequestTrace {
             KeyValue::new("tollgate.usage.estimated", outcome.estimated),
             KeyValue::new("tollgate.cost_usd", outcome.cost_nano_usd as f64 / 1e9),
         ];
-        if let Some(mut span) = self.attempt.take() {
+        if let Some(mut span) = self.0.attempt.take() {
             span.set_attributes(usage.clone());
             if let Some(error) = outcome.error {
                 span.set_attribute(KeyValue::new("error.type", error));
@@ -225,7 +230,7 @@ impl RequestTrace {
             }
             span.end();
         }
-        let span = self.cx.span();
+        let span = self.0.cx.span();
         span.set_attributes(usage);
         span.set_attribute(KeyValue::new(
             "http.response.status_code",
