@@ -1,7 +1,9 @@
 //! The container image, checked without building it (CI cannot pull its
 //! base images): the `Dockerfile` runs the binary as the binary expects —
 //! its port, config path, user, stop signal and health check — builds
-//! with the cargo command `.ci/run` runs.
+//! with the cargo command `.ci/run` runs, and every config shipped under
+//! `deploy/` is valid. `.ci/deploy-check` checks the Kubernetes and
+//! compose files against this image.
 
 mod support;
 
@@ -248,4 +250,26 @@ async fn the_image_health_check_passes_on_a_live_gateway_and_fails_without_one()
         said.contains(&format!("127.0.0.1:{closed}/healthz: ")),
         "{said}"
     );
+}
+
+#[test]
+fn every_config_shipped_under_deploy_is_valid() {
+    fn tomls(dir: &Path, found: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                tomls(&path, found);
+            } else if path.extension().is_some_and(|e| e == "toml") {
+                found.push(path);
+            }
+        }
+    }
+    let mut configs = Vec::new();
+    tomls(&repo("deploy"), &mut configs);
+    assert!(configs.len() >= 3, "{configs:?}");
+    for path in configs {
+        if let Err(problems) = tollgate::config::load(&path, Secrets::Unread) {
+            panic!("{}:\n{problems}", path.display());
+        }
+    }
 }
