@@ -1,8 +1,10 @@
-//! The `tollgate` command: `serve`, `check` and `explain`.
+//! The `tollgate` command: `serve`, `check`, `explain` and `healthcheck`.
 
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
@@ -77,6 +79,16 @@ enum Command {
         #[arg(long)]
         key: Option<String>,
     },
+    /// Exit 0 if the gateway answers `GET /healthz` with 200 within two
+    /// seconds, else print why and exit 1: a container health check that
+    /// needs no curl or shell in the image.
+    Healthcheck {
+        /// The address the gateway listens on, as given to `serve
+        /// --listen`; an unspecified one (0.0.0.0, [::]) is checked on
+        /// loopback.
+        #[arg(long, default_value = tollgate::config::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -112,6 +124,7 @@ fn main() -> ExitCode {
             let _logs = text_logs();
             explain(&config, &request, region, key)
         }
+        Command::Healthcheck { listen } => healthcheck(listen),
     }
 }
 
@@ -227,6 +240,45 @@ fn explain(
             ExitCode::FAILURE
         }
     }
+}
+
+fn healthcheck(listen: SocketAddr) -> ExitCode {
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    match healthz_status(addr) {
+        Ok(status) if status == "200" => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("GET http://{addr}/healthz: HTTP {status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("GET http://{addr}/healthz: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The status code of `GET /healthz` at `addr`, from the first line of
+/// the answer; every step bounded, so a stuck gateway fails the check.
+fn healthz_status(addr: SocketAddr) -> std::io::Result<String> {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(stream.take(256)).read_line(&mut line)?;
+    // "HTTP/1.1 200 OK"
+    line.split(' ')
+        .nth(1)
+        .map(str::to_owned)
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {line:?}")))
 }
 
 /// The async runtime for `serve`. With one CPU to run on (a pinned process,

@@ -408,6 +408,11 @@ metrics! {
         help: "Replicas seen in the last minute through the shared state (1 in memory mode).",
         labels: [],
     }
+    ledger_write_failing: IntGauge {
+        name: "tollgate_ledger_write_failing",
+        help: "1 while spend cannot be written where it belongs (the SQLite ledger, the spool, or the fleet's PostgreSQL) and waits in memory or in the spool for the next try; 0 otherwise.",
+        labels: [],
+    }
     in_flight: IntGauge {
         name: "tollgate_requests_in_flight",
         help: "Client requests being served right now.",

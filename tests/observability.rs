@@ -603,6 +603,25 @@ fn docs_metrics_md_lists_what_the_table_declares() {
 }
 
 #[test]
+fn docs_operations_md_names_every_metric_and_alert() {
+    let doc = read("docs/operations.md");
+    let alerts = read(ALERTS);
+    let alert_names = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "));
+    let missing: Vec<&str> = METRICS
+        .iter()
+        .map(|def| def.name)
+        .chain(alert_names)
+        .filter(|name| !doc.contains(&format!("`{name}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/operations.md does not name {missing:?}"
+    );
+}
+
+#[test]
 fn the_dashboard_is_a_grafana_model_over_a_prometheus_datasource_variable() {
     let d = dashboard();
     assert!(

@@ -19,6 +19,7 @@ mod store;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -86,6 +87,9 @@ fn add_cost(by_key: &mut ByKey, key: &str, day: Date, cost: u64) {
 pub struct Ledger {
     state: Mutex<State>,
     storage: Storage,
+    /// The last write out (a SQLite flush or a PostgreSQL shipment)
+    /// failed, and spend waits in memory or in the spool for the next one.
+    failing: AtomicBool,
 }
 
 /// Where spend is kept beyond this process's memory.
@@ -187,6 +191,7 @@ impl Ledger {
         Ok(Self {
             state: Mutex::new(state),
             storage,
+            failing: AtomicBool::new(false),
         })
     }
 
@@ -203,6 +208,7 @@ impl Ledger {
         Ok(Self {
             state: Mutex::new(state),
             storage: Storage::Postgres(postgres),
+            failing: AtomicBool::new(false),
         })
     }
 
@@ -316,6 +322,14 @@ impl Ledger {
         result
     }
 
+    /// Spend cannot be written where it belongs: the SQLite file, the
+    /// spool, or the fleet's PostgreSQL keep failing, and it waits in
+    /// memory or in the spool (`tollgate_ledger_write_failing`).
+    pub fn write_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+            || matches!(&self.storage, Storage::Postgres(p) if p.spool().write_failing())
+    }
+
     /// Writes out what is left when the gateway stops: a flush, and with
     /// PostgreSQL one last shipment of the spool, bounded in time.
     pub async fn close(&self) {
@@ -345,17 +359,16 @@ fn spawn_flusher(ledger: &Arc<Ledger>, every: Duration) {
     std::thread::Builder::new()
         .name("ledger-flush".into())
         .spawn(move || {
-            let mut failing = false;
             loop {
                 std::thread::sleep(every);
                 let Some(ledger) = ledger.upgrade() else { return };
                 match ledger.flush() {
-                    Ok(()) => failing = false,
-                    Err(e) if !failing => {
-                        tracing::error!(error = %e, "cannot write spend to the ledger; keeping it in memory and retrying");
-                        failing = true;
+                    Ok(()) => ledger.failing.store(false, Ordering::Relaxed),
+                    Err(e) => {
+                        if !ledger.failing.swap(true, Ordering::Relaxed) {
+                            tracing::error!(error = %e, "cannot write spend to the ledger; keeping it in memory and retrying");
+                        }
                     }
-                    Err(_) => {}
                 }
             }
         })

@@ -13,6 +13,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
@@ -86,8 +87,6 @@ pub struct Postgres {
 struct Shipping {
     /// The schema is migrated and the fleet's totals are loaded.
     ready: bool,
-    /// The last attempt failed; its ERROR is logged, once per outage.
-    failing: bool,
 }
 
 impl Postgres {
@@ -160,9 +159,10 @@ impl Postgres {
             self.ship_spool(None).await
         }
         .await;
+        // The ledger's failing flag: its ERROR is logged once per outage.
+        let failing = &ledger.failing;
         match result {
-            Ok(shipped) if shipping.failing => {
-                shipping.failing = false;
+            Ok(shipped) if failing.swap(false, Ordering::Relaxed) => {
                 tracing::info!(
                     database = %self.target,
                     shipped,
@@ -170,8 +170,7 @@ impl Postgres {
                 );
             }
             Ok(_) => {}
-            Err(e) if !shipping.failing => {
-                shipping.failing = true;
+            Err(e) if !failing.swap(true, Ordering::Relaxed) => {
                 tracing::error!(
                     database = %self.target,
                     error = %e,

@@ -65,6 +65,8 @@ struct Queue {
     /// committed.
     writing: bool,
     closing: bool,
+    /// The last commit failed: its records wait here for the next one.
+    failing: bool,
     /// Record ids are this process's random prefix and a count: unique
     /// within the process by the count, across processes by the prefix.
     prefix: u64,
@@ -123,6 +125,7 @@ impl Spool {
                 records: Vec::new(),
                 writing: false,
                 closing: false,
+                failing: false,
                 prefix: random_prefix(),
                 count: 0,
             }),
@@ -146,6 +149,11 @@ impl Spool {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The writer's last commit failed: records wait in memory.
+    pub fn write_failing(&self) -> bool {
+        self.shared.queue().failing
     }
 
     /// Queues a request's record; the writer has it in the file within
@@ -301,7 +309,6 @@ impl Shared {
     /// closes with nothing left to write. A failed write keeps its
     /// records at the front of the queue and is tried again.
     fn write_until_closed(&self, path: &Path) {
-        let mut failing = false;
         loop {
             let batch = {
                 let queue = self.queue();
@@ -320,20 +327,20 @@ impl Shared {
             queue.writing = false;
             match result {
                 Ok(()) => {
-                    failing = false;
+                    queue.failing = false;
                     drop(queue);
                     self.written.notify_all();
                 }
                 Err(e) => {
                     let closing = queue.closing;
-                    if !failing || closing {
+                    if !queue.failing || closing {
                         tracing::error!(
                             error = %e,
                             spool = %path.display(),
                             records = batch.len() + queue.records.len(),
                             "cannot write spend to the ledger's spool; keeping it in memory and retrying"
                         );
-                        failing = true;
+                        queue.failing = true;
                     }
                     let newer = std::mem::replace(&mut queue.records, batch);
                     queue.records.extend(newer);

@@ -1,6 +1,6 @@
 //! `GET /metrics`: the gauges that describe live state (circuits, load,
-//! engine signals, self-hosted cost, budgets) are set from it at scrape
-//! time, then every metric is encoded.
+//! engine signals, self-hosted cost, budgets, the ledger's writes) are
+//! set from it at scrape time, then every metric is encoded.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -86,6 +86,8 @@ fn refresh(app: &AppState) {
             }
         }
     }
+    m.ledger_write_failing
+        .set(i64::from(app.ledger.write_failing()));
     let today = budget::today();
     for key in &config.keys {
         for period in [Period::Daily, Period::Monthly] {
