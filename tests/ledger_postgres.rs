@@ -193,17 +193,13 @@ async fn eventually_spend(base: &str, expected: &Received) -> Value {
     }
 }
 
-/// `tollgate_ledger_write_failing` on `base`'s `/metrics`.
-async fn write_failing(base: &str) -> Option<f64> {
-    let page = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metric(&page, "tollgate_ledger_write_failing", &[])
+/// `tollgate_ledger_write_failing` of `process`.
+async fn write_failing(process: &Process) -> Option<f64> {
+    metric(
+        &process.metrics().await,
+        "tollgate_ledger_write_failing",
+        &[],
+    )
 }
 
 async fn records_in(postgres: &Postgres) -> i64 {
@@ -387,7 +383,7 @@ async fn an_outage_of_postgres_fails_no_request_and_loses_or_doubles_no_spend() 
     postgres.stop();
     for process in &replicas {
         process.logged(UNREACHABLE);
-        assert_eq!(write_failing(&process.base).await, Some(1.0));
+        assert_eq!(write_failing(process).await, Some(1.0));
         let response = spend(&process.base).await;
         assert_eq!(response.status(), 503);
         assert!(response.headers().contains_key("retry-after"));
@@ -403,7 +399,7 @@ async fn an_outage_of_postgres_fails_no_request_and_loses_or_doubles_no_spend() 
     for process in &replicas {
         eventually_spend(&process.base, &received).await;
         process.logged("the ledger's PostgreSQL answers again");
-        assert_eq!(write_failing(&process.base).await, Some(0.0));
+        assert_eq!(write_failing(process).await, Some(0.0));
         let log = process.lines_once(UNREACHABLE, 1);
         let errors = log.iter().filter(|l| l.contains(UNREACHABLE)).count();
         assert_eq!(errors, 1, "one ERROR per outage:\n{}", log.join("\n"));

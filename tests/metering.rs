@@ -374,14 +374,7 @@ async fn usage_that_cannot_be_true_is_estimated_counted_and_never_reaches_the_le
     }
     assert_eq!(ask("other").await.unwrap().status(), 200);
     first.logged("the upstream's usage report is not believable");
-    let page = client
-        .get(format!("{}/metrics", first.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = first.metrics().await;
     let rejected = |backend, reason| {
         metric(
             &page,

@@ -45,15 +45,8 @@ printf '%b\n' "${EXTRA_TOML:-}" >>"$WORK/tollgate.toml"
 "$NGINX" -c "$WORK/mock-nginx.conf" -p "$WORK" &
 NGINX_PID=$!
 
-wait_port() {
-    for _ in $(seq 1 600); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "nothing listens on $1" >&2
-    exit 1
-}
-wait_port "$MOCK_PORT"
+. "$HERE/common.sh"
+wait_port "$MOCK_PORT" "$NGINX_PID" "mock nginx"
 
 # Instructions the gateway ran, all threads, serving n requests of `body`
 # (the load tool adds n/10 to warm up).
@@ -64,7 +57,7 @@ count() { # body n
         "$TOLLGATE_BIN" serve --config "$WORK/tollgate.toml" \
         --listen "127.0.0.1:$TOLLGATE_PORT" 2>"$WORK/valgrind.log" &
     local pid=$!
-    wait_port "$TOLLGATE_PORT"
+    WAIT_S=30 wait_port "$TOLLGATE_PORT" "$pid" "tollgate under valgrind"
     python3 "$HERE/loadtool.py" ttfb "http://127.0.0.1:$TOLLGATE_PORT/v1/chat/completions" \
         "$WORK/$1" "$2" | grep -q '"errors": 0' || { echo "requests failed" >&2; exit 1; }
     kill -TERM "$pid"

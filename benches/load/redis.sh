@@ -74,15 +74,7 @@ limited | sed "s|$WORK/ledger\"|$WORK/ledger-memory\"|" >"$WORK/memory.toml"
 "$TOLLGATE_BIN" check --config "$WORK/memory.toml" >/dev/null
 "$TOLLGATE_BIN" check --config "$WORK/redis.toml" >/dev/null
 
-wait_port() {
-    for _ in $(seq 1 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "nothing listens on $1" >&2
-    tail -n 20 "$WORK"/logs/* >&2 || true
-    exit 1
-}
+. "$HERE/common.sh"
 
 taskset -c "$LOAD_CORE" "$NGINX" -c "$WORK/mock-nginx.conf" -p "$WORK" &
 PIDS+=($!)
@@ -101,7 +93,10 @@ REDIS_PID=${PIDS[1]}
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 seconds() { awk -v t="$1" -v hz="$HZ" 'BEGIN { printf "%.3f", t / hz }'; }
-for port in "$MOCK_PORT" "$REDIS_PORT" "$MEMORY_PORT" "$REDIS_MODE_PORT"; do wait_port "$port"; done
+wait_port "$MOCK_PORT" "${PIDS[0]}" "mock nginx"
+wait_port "$REDIS_PORT" "$REDIS_PID" redis
+wait_port "$MEMORY_PORT" "$PID_memory" "tollgate (memory mode)"
+wait_port "$REDIS_MODE_PORT" "$PID_redis" "tollgate (Redis mode)"
 
 run_wrk() { # connections duration url
     BODY_FILE="$WORK/body-nonstream.json" taskset -c "$LOAD_CORE" wrk -t1 -c"$1" -d"$2" --timeout 10s \

@@ -124,20 +124,7 @@ python3 "$HERE/loadtool.py" gen "$WORK"
 "$TOLLGATE_BIN" check --config "$WORK/tollgate.toml"
 "$TOLLGATE_BIN" check --config "$WORK/tollgate-hold.toml"
 
-wait_port() { # port, pid, name
-    local _
-    for _ in $(seq 1 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        if ! kill -0 "$2" 2>/dev/null; then
-            echo "$3 exited before listening on $1; its log:" >&2
-            tail -n 20 "$WORK"/*.log "$LOGS"/*.log >&2 || true
-            exit 1
-        fi
-        sleep 0.05
-    done
-    echo "$3 is not listening on $1 after 10 s" >&2
-    exit 1
-}
+. "$HERE/common.sh"
 
 for port in "$MOCK_PORT" "$PROXY_PORT" "$TOLLGATE_PORT" "$HOLD_PORT" "$HOLD_TOLLGATE_PORT"; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then

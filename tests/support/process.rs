@@ -61,6 +61,16 @@ impl Process {
 }
 
 impl Process {
+    /// Its `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Sends the process a signal by `kill`'s name for it (`-TERM`).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
