@@ -330,7 +330,7 @@ metrics! {
             label(
                 "rule",
                 "a policy rule (`Rule::name` in `src/routing/policy.rs`): `residency`, \
-                 `llama_eu_multimodal`, `modality`, `context_window`, `tools`",
+                 `llama_eu_multimodal`, `endpoint`, `modality`, `context_window`, `tools`",
             ),
         ],
     }

@@ -360,6 +360,50 @@ prefix = "two words""#,
     }
 
     #[test]
+    fn deployments_list_the_endpoints_they_serve() {
+        let with = |kind: &str, endpoints: &str| {
+            problems(&format!(
+                "[[backends]]\nname = \"b\"\nkind = \"{kind}\"\nbase_url = \"http://10.0.0.5:8000/v1\"\n\
+                 [[models]]\nalias = \"e\"\n[[models.deployments]]\nbackend = \"b\"\nmodel = \"m\"\n\
+                 context_window = 8192\nendpoints = {endpoints}\n"
+            ))
+        };
+        for kind in ["vllm", "together", "openai"] {
+            // Together and OpenAI also want an API key, not read here.
+            let found = with(kind, r#"["embeddings"]"#);
+            assert!(
+                !found.iter().any(|p| p.contains("endpoints")),
+                "{kind}: {found:?}"
+            );
+        }
+        for kind in ["groq", "tgi"] {
+            let found = with(kind, r#"["chat", "embeddings"]"#);
+            let found: Vec<&String> = found.iter().filter(|p| p.contains("endpoints")).collect();
+            assert_eq!(found.len(), 1, "{kind}: {found:?}");
+            assert!(
+                found[0].starts_with(&format!(
+                    "models[0].deployments[0].endpoints: backend \"b\" is of kind {kind}, which serves no OpenAI-compatible embeddings"
+                )),
+                "{found:?}"
+            );
+        }
+        assert_eq!(
+            with("vllm", r#"["chat", "rerank", "chat"]"#),
+            [
+                "models[0].deployments[0].endpoints[1]: unknown endpoint \"rerank\"; expected one of: chat, completions, embeddings",
+                "models[0].deployments[0].endpoints[2]: \"chat\" is listed twice",
+            ]
+        );
+        assert_eq!(with("vllm", "[]").len(), 1);
+        let config = parse(MINIMAL, &no_env).expect("valid");
+        let served: Vec<&str> = config.models[0].deployments[0].endpoints.names().collect();
+        assert_eq!(served, ["chat", "completions"]);
+        for name in BackendKind::NAMES {
+            assert_eq!(BackendKind::parse(name).map(BackendKind::name), Some(*name));
+        }
+    }
+
+    #[test]
     fn minimal_config_is_valid_with_defaults() {
         let config = parse(MINIMAL, &no_env).expect("valid");
         assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);

@@ -199,6 +199,7 @@ pub struct RawDeployment {
     pub tier: Option<u32>,
     pub rpm: Option<u32>,
     pub tpm: Option<u32>,
+    pub endpoints: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

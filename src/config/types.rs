@@ -207,6 +207,11 @@ impl BackendKind {
         "simulated",
     ];
 
+    /// The name the config writes it by.
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "vllm" => Self::Vllm,
@@ -410,6 +415,47 @@ pub struct Deployment {
     pub tier: u32,
     /// The provider's quota for this model on this account.
     pub limits: PerMinute,
+    /// The APIs it serves; routing sends it nothing else.
+    pub endpoints: Endpoints,
+}
+
+/// The APIs a deployment serves (`endpoints`): chat completions and legacy
+/// completions unless it says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints {
+    pub chat: bool,
+    pub completions: bool,
+    pub embeddings: bool,
+}
+
+impl Endpoints {
+    pub const NAMES: &'static [&'static str] = &["chat", "completions", "embeddings"];
+    /// The backend kinds with an OpenAI-compatible `/embeddings`.
+    pub const EMBEDDING_KINDS: &'static [BackendKind] = &[
+        BackendKind::Vllm,
+        BackendKind::Together,
+        BackendKind::Openai,
+        BackendKind::Simulated,
+    ];
+
+    /// The names of those it serves, in `NAMES`' order.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        let served = [self.chat, self.completions, self.embeddings];
+        Self::NAMES
+            .iter()
+            .zip(served)
+            .filter_map(|(name, served)| served.then_some(*name))
+    }
+}
+
+impl Default for Endpoints {
+    fn default() -> Self {
+        Self {
+            chat: true,
+            completions: true,
+            embeddings: false,
+        }
+    }
 }
 
 impl Deployment {

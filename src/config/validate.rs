@@ -101,6 +101,7 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
             )
         })
     }));
+    v.embedding_backends(&models, &backends);
     let aliases: HashSet<&str> = raw.models.iter().map(|m| m.alias.as_str()).collect();
     let keys: Vec<(usize, Key)> = raw
         .keys
@@ -621,7 +622,76 @@ impl Validator<'_> {
             // Spillover fills self-hosted capacity before paying per token.
             tier: d.tier.unwrap_or(u32::from(self_hosted != Some(true))),
             limits: self.per_minute(&at, d.rpm, d.tpm),
+            endpoints: self.endpoints(&at, d),
         }
+    }
+
+    /// Embeddings only where the backend has an OpenAI-compatible
+    /// `/embeddings`.
+    fn embedding_backends(&mut self, models: &[Model], backends: &[Backend]) {
+        for (i, model) in models.iter().enumerate() {
+            for (j, d) in model.deployments.iter().enumerate() {
+                let Some(backend) = backends.iter().find(|b| b.name == d.backend) else {
+                    continue;
+                };
+                if d.endpoints.embeddings && !Endpoints::EMBEDDING_KINDS.contains(&backend.kind) {
+                    let kinds: Vec<&str> = Endpoints::EMBEDDING_KINDS
+                        .iter()
+                        .map(|k| k.name())
+                        .collect();
+                    self.problem(
+                        format!("models[{i}].deployments[{j}].endpoints"),
+                        format!(
+                            "backend \"{}\" is of kind {}, which serves no OpenAI-compatible embeddings; kinds that do: {} (a TEI server is kind \"vllm\")",
+                            backend.name,
+                            backend.kind.name(),
+                            kinds.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn endpoints(&mut self, at: &str, d: &RawDeployment) -> Endpoints {
+        let Some(list) = &d.endpoints else {
+            return Endpoints::default();
+        };
+        let mut e = Endpoints {
+            chat: false,
+            completions: false,
+            embeddings: false,
+        };
+        for (k, name) in list.iter().enumerate() {
+            let slot = match name.as_str() {
+                "chat" => &mut e.chat,
+                "completions" => &mut e.completions,
+                "embeddings" => &mut e.embeddings,
+                other => {
+                    self.problem(
+                        format!("{at}.endpoints[{k}]"),
+                        format!(
+                            "unknown endpoint \"{other}\"; expected one of: {}",
+                            Endpoints::NAMES.join(", ")
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if std::mem::replace(slot, true) {
+                self.problem(
+                    format!("{at}.endpoints[{k}]"),
+                    format!("\"{name}\" is listed twice"),
+                );
+            }
+        }
+        if list.is_empty() {
+            self.problem(
+                format!("{at}.endpoints"),
+                "lists nothing; name what the deployment serves, such as [\"chat\"], or remove the deployment",
+            );
+        }
+        e
     }
 
     /// USD per million tokens → integer micro-dollars per million tokens.

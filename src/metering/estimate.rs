@@ -2,9 +2,7 @@
 //! facts before routing, and usage when an upstream reports none. About
 //! four characters a token holds for English text with Llama tokenizers.
 
-use crate::openai::{
-    ChatRequest, CompletionRequest, InboundRequest, MessageContent, Prompt, TypedRequest,
-};
+use crate::openai::{ChatRequest, InboundRequest, MessageContent, Prompt, TypedRequest};
 
 const CHARS_PER_TOKEN: usize = 4;
 /// Chat templates add role markers and separators around every message.
@@ -20,7 +18,8 @@ pub fn tokens_for_chars(chars: usize) -> u64 {
 pub fn prompt_tokens(request: &InboundRequest) -> u64 {
     match &request.typed {
         TypedRequest::Chat(chat) => chat_prompt_tokens(chat),
-        TypedRequest::Completion(completion) => completion_prompt_tokens(completion),
+        TypedRequest::Completion(completion) => input_tokens(&completion.prompt),
+        TypedRequest::Embedding(embedding) => input_tokens(&embedding.input),
     }
 }
 
@@ -55,8 +54,9 @@ fn chat_prompt_tokens(chat: &ChatRequest) -> u64 {
     tokens
 }
 
-fn completion_prompt_tokens(completion: &CompletionRequest) -> u64 {
-    match &completion.prompt {
+/// A legacy completion's prompt, or an embedding's input.
+fn input_tokens(prompt: &Prompt) -> u64 {
+    match prompt {
         Prompt::Text(text) => tokens_for_chars(text.len()),
         Prompt::Texts(texts) => texts.iter().map(|t| tokens_for_chars(t.len())).sum(),
         Prompt::Tokens(ids) => ids.len() as u64,

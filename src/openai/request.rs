@@ -88,6 +88,58 @@ pub struct CompletionRequest {
     pub extra: Map<String, Value>,
 }
 
+/// `POST /v1/embeddings`; `model` is read apart, as for chat. Never
+/// streamed, and generates no tokens.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    pub input: Prompt,
+    #[serde(default)]
+    pub encoding_format: Option<EncodingFormat>,
+    #[serde(default)]
+    pub dimensions: Option<u32>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// How the vectors are written: arrays of floats, or base64 of their
+/// little-endian `f32` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodingFormat {
+    Float,
+    Base64,
+}
+
+/// The most inputs one embeddings request may hold, as OpenAI's API allows.
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+impl EmbeddingRequest {
+    /// What serde cannot say: the input is not empty, nor too many.
+    fn check(&self) -> Result<(), GatewayError> {
+        let (count, empty) = match &self.input {
+            Prompt::Text(text) => (1, text.is_empty()),
+            Prompt::Texts(texts) => (texts.len(), texts.iter().any(String::is_empty)),
+            Prompt::Tokens(ids) => (1, ids.is_empty()),
+            Prompt::TokenBatches(batches) => (batches.len(), batches.iter().any(Vec::is_empty)),
+        };
+        let problem = if count == 0 {
+            "`input` is an empty array; send at least one string or token array".to_owned()
+        } else if empty {
+            "`input` holds an empty string or token array; every input needs text".to_owned()
+        } else if count > MAX_EMBEDDING_INPUTS {
+            format!("`input` holds {count} inputs; send at most {MAX_EMBEDDING_INPUTS} per request")
+        } else if self.dimensions == Some(0) {
+            return Err(GatewayError::bad_request(
+                "`dimensions` must be at least 1",
+                Some("dimensions".into()),
+            ));
+        } else {
+            return Ok(());
+        };
+        Err(GatewayError::bad_request(problem, Some("input".into())))
+    }
+}
+
 /// A string, an array of strings, or token ids (one prompt or many).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(
@@ -102,10 +154,12 @@ pub enum Prompt {
 }
 
 /// Which endpoint a request came in on; decides the response object shapes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Endpoint {
+    #[default]
     Chat,
     Completions,
+    Embeddings,
 }
 
 impl Endpoint {
@@ -113,15 +167,25 @@ impl Endpoint {
         match self {
             Self::Chat => "chat/completions",
             Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+        }
+    }
+
+    /// The name a deployment's `endpoints` lists it by.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
         }
     }
 
     /// The `object` of a stream chunk: legacy completions stream
-    /// `text_completion` objects.
+    /// `text_completion` objects (embeddings never stream).
     pub fn chunk_object(self) -> &'static str {
         match self {
             Self::Chat => "chat.completion.chunk",
-            Self::Completions => "text_completion",
+            Self::Completions | Self::Embeddings => "text_completion",
         }
     }
 
@@ -131,6 +195,7 @@ impl Endpoint {
         match self {
             Self::Chat => None,
             Self::Completions => Some(16),
+            Self::Embeddings => Some(0),
         }
     }
 }
@@ -161,6 +226,7 @@ struct Spans {
 pub enum TypedRequest {
     Chat(ChatRequest),
     Completion(CompletionRequest),
+    Embedding(EmbeddingRequest),
 }
 
 impl InboundRequest {
@@ -180,6 +246,15 @@ impl InboundRequest {
                 let read = typed::<CompletionRequest>(&body)?;
                 (
                     TypedRequest::Completion(read.rest),
+                    read.model,
+                    read.stream_options,
+                )
+            }
+            Endpoint::Embeddings => {
+                let read = typed::<EmbeddingRequest>(&body)?;
+                read.rest.check()?;
+                (
+                    TypedRequest::Embedding(read.rest),
                     read.model,
                     read.stream_options,
                 )
@@ -219,6 +294,7 @@ impl InboundRequest {
         match self.typed {
             TypedRequest::Chat(_) => Endpoint::Chat,
             TypedRequest::Completion(_) => Endpoint::Completions,
+            TypedRequest::Embedding(_) => Endpoint::Embeddings,
         }
     }
 
@@ -230,6 +306,7 @@ impl InboundRequest {
         match &self.typed {
             TypedRequest::Chat(r) => r.stream,
             TypedRequest::Completion(r) => r.stream,
+            TypedRequest::Embedding(_) => None,
         }
         .unwrap_or(false)
     }
@@ -252,6 +329,8 @@ impl InboundRequest {
         match &self.typed {
             TypedRequest::Chat(r) => r.max_completion_tokens.or(r.max_tokens),
             TypedRequest::Completion(r) => r.max_tokens,
+            // Embeddings generate nothing.
+            TypedRequest::Embedding(_) => Some(0),
         }
     }
 
@@ -346,7 +425,12 @@ fn typed<'b, T: DeserializeOwned>(bytes: &'b [u8]) -> Result<Read<'b, T>, Gatewa
                 None,
             )
         } else if path == "." {
-            GatewayError::bad_request(format!("invalid request body: {}", echo(&said)), None)
+            // "missing field `input` at line 1 column 17": the field is the param.
+            let missing = said
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_owned);
+            GatewayError::bad_request(format!("invalid request body: {}", echo(&said)), missing)
         } else {
             invalid_at(&path, &said)
         }

@@ -7,8 +7,8 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::Endpoint;
 use super::usage::{ReportedUsage, Usage, UsageFault};
+use super::{EncodingFormat, Endpoint};
 
 /// An assistant's whole message, as a simple provider writes it.
 #[derive(Debug, Serialize)]
@@ -76,6 +76,9 @@ pub struct ModelEntry<'a> {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+    /// What the alias serves (`chat`, `completions`, `embeddings`): not in
+    /// OpenAI's schema, which SDKs keep as an extra field.
+    pub endpoints: Vec<&'static str>,
 }
 
 /// A string of a response, borrowed from its body unless it had escapes.
@@ -229,6 +232,72 @@ impl ResponseIdentity {
     pub fn usage_chunk(&self, endpoint: Endpoint, usage: Usage) -> Vec<u8> {
         self.write(endpoint.chunk_object(), [(); 0], Some(usage))
     }
+}
+
+/// An embeddings response, `{"object":"list","data":[…],"model",…}`, the
+/// vectors written as `format` asks: floats, or base64 of their
+/// little-endian `f32` bytes.
+pub fn embeddings(
+    model: &str,
+    vectors: &[Vec<f32>],
+    format: EncodingFormat,
+    usage: Usage,
+) -> Vec<u8> {
+    use base64::Engine as _;
+    let data = vectors
+        .iter()
+        .enumerate()
+        .map(|(index, vector)| EmbeddingItem {
+            object: "embedding",
+            index,
+            embedding: match format {
+                EncodingFormat::Float => Vector::Floats(vector),
+                EncodingFormat::Base64 => {
+                    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    Vector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+                }
+            },
+        })
+        .collect();
+    serde_json::to_vec(&EmbeddingList {
+        object: "list",
+        data,
+        model,
+        usage: EmbeddingUsage {
+            prompt_tokens: usage.prompt_tokens,
+            total_tokens: usage.total_tokens,
+        },
+    })
+    .expect("embeddings serialise")
+}
+
+#[derive(Serialize)]
+struct EmbeddingList<'a> {
+    object: &'static str,
+    data: Vec<EmbeddingItem<'a>>,
+    model: &'a str,
+    usage: EmbeddingUsage,
+}
+
+#[derive(Serialize)]
+struct EmbeddingItem<'a> {
+    object: &'static str,
+    index: usize,
+    embedding: Vector<'a>,
+}
+
+/// Floats written as `f32`s (`0.3917046`), not widened to `f64`.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Vector<'a> {
+    Floats(&'a [f32]),
+    Base64(String),
+}
+
+#[derive(Serialize)]
+struct EmbeddingUsage {
+    prompt_tokens: u64,
+    total_tokens: u64,
 }
 
 /// Seconds since the epoch, as OpenAI's `created`.

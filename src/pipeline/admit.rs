@@ -70,11 +70,13 @@ pub fn admit(
             plan: None,
         })?;
     let facts = RequestFacts::of(request, region);
-    context_fits(snapshot, model, request, &facts).map_err(|error| Refusal {
-        error,
-        model: Some(model),
-        plan: None,
-    })?;
+    endpoint_served(snapshot, model, facts.endpoint)
+        .and_then(|()| context_fits(snapshot, model, request, &facts))
+        .map_err(|error| Refusal {
+            error,
+            model: Some(model),
+            plan: None,
+        })?;
     let plan = routing::plan(
         snapshot,
         model,
@@ -90,6 +92,44 @@ pub fn admit(
         model: Some(model),
         plan: Some(Box::new(plan)),
     })
+}
+
+/// 400 when no deployment of the model serves the request's endpoint (an
+/// embeddings request to a chat model, or the reverse), whatever policy
+/// and health say.
+fn endpoint_served(
+    snapshot: &Snapshot,
+    model: usize,
+    endpoint: Endpoint,
+) -> Result<(), GatewayError> {
+    let config = &snapshot.config.models[model];
+    if config
+        .deployments
+        .iter()
+        .any(|d| routing::serves(d, endpoint))
+    {
+        return Ok(());
+    }
+    let serving: Vec<&str> = snapshot
+        .config
+        .models
+        .iter()
+        .filter(|m| m.deployments.iter().any(|d| routing::serves(d, endpoint)))
+        .map(|m| m.alias.as_str())
+        .collect();
+    Err(GatewayError::bad_request(
+        format!(
+            "model \"{}\" does not serve {}; {}",
+            config.alias,
+            endpoint.name(),
+            if serving.is_empty() {
+                "no model here does".to_owned()
+            } else {
+                format!("models that do: {}", serving.join(", "))
+            }
+        ),
+        Some("model".into()),
+    ))
 }
 
 /// 400 `context_length_exceeded` when the prompt estimate and the output
@@ -114,14 +154,15 @@ fn context_fits(
     let param = match request.endpoint() {
         Endpoint::Chat => "messages",
         Endpoint::Completions => "prompt",
+        Endpoint::Embeddings => "input",
     };
     Err(GatewayError::context_length_exceeded(
         window, prompt, output, param,
     ))
 }
 
-/// The aliases `key` may use that some deployment may serve in the
-/// caller's region (`region` as `x-tollgate-region` asks for it, settled as
+/// The aliases `key` may use that some deployment may serve, on some
+/// endpoint, in the caller's region (`region` as `x-tollgate-region` asks for it, settled as
 /// for a request): `/v1/models` lists them. An alias that policy leaves
 /// nothing in that region (a multimodal Llama, asked from the EU) could
 /// only answer 451, so it is left out.
@@ -130,16 +171,23 @@ pub fn servable_models<'s>(
     key: Option<&'s Key>,
     region: Option<&[u8]>,
 ) -> Result<Vec<&'s str>, GatewayError> {
-    let facts = RequestFacts {
-        region: routing::region(region, key, &snapshot.config.policy)?,
-        ..RequestFacts::default()
-    };
+    let region = routing::region(region, key, &snapshot.config.policy)?;
+    // A text request to any of the endpoints.
+    let asks: Vec<RequestFacts> = [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings]
+        .into_iter()
+        .map(|endpoint| RequestFacts {
+            endpoint,
+            region: region.clone(),
+            ..RequestFacts::default()
+        })
+        .collect();
     Ok(snapshot
         .aliases_for(key)
         .filter(|alias| {
-            snapshot
-                .model_index(alias)
-                .is_some_and(|model| routing::policy_allows(snapshot, model, &facts))
+            snapshot.model_index(alias).is_some_and(|model| {
+                asks.iter()
+                    .any(|facts| routing::policy_allows(snapshot, model, facts))
+            })
         })
         .collect())
 }
@@ -295,9 +343,11 @@ pub fn explain(snapshot: &Snapshot, ask: &ExplainRequest) -> Result<Explained, G
         Endpoint::Chat
     } else if ask.request.get("prompt").is_some() {
         Endpoint::Completions
+    } else if ask.request.get("input").is_some() {
+        Endpoint::Embeddings
     } else {
         return Err(GatewayError::bad_request(
-            "`request` must be a chat request (with `messages`) or a completions request (with `prompt`)",
+            "`request` must be a chat request (with `messages`), a completions request (with `prompt`) or an embeddings request (with `input`)",
             Some("request".into()),
         ));
     };

@@ -1,5 +1,5 @@
-//! One completion request's path (`/v1/chat/completions`,
-//! `/v1/completions`), as named steps:
+//! One inference request's path (`/v1/chat/completions`,
+//! `/v1/completions`, `/v1/embeddings`), as named steps:
 //!
 //! 1. [`auth::authenticate`]: the API key (when keys are configured).
 //! 2. [`read_body`]: the body, up to `server.max_body_bytes` (413), then
@@ -256,6 +256,7 @@ fn operation(endpoint: Endpoint) -> &'static str {
     match endpoint {
         Endpoint::Chat => "chat",
         Endpoint::Completions => "text_completion",
+        Endpoint::Embeddings => "embeddings",
     }
 }
 

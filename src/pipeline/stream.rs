@@ -114,9 +114,10 @@ impl SseBody {
     /// the client sees an answer cut at its length limit.
     fn cut(&mut self) {
         let identity = self.identity.take().unwrap_or_default();
-        let last = match self.endpoint {
-            Endpoint::Chat => identity.chat_chunk(&Delta::default(), Some("length")),
-            Endpoint::Completions => identity.text_completion("", Some("length"), None),
+        let last = if self.endpoint == Endpoint::Chat {
+            identity.chat_chunk(&Delta::default(), Some("length"))
+        } else {
+            identity.text_completion("", Some("length"), None)
         };
         put_event(&mut self.ready, &last);
         if self.include_usage {

@@ -17,9 +17,11 @@ use crate::openai::Endpoint;
 pub struct OpenAiCompat {
     name: String,
     kind: BackendKind,
-    /// Parsed once: `{base_url}/chat/completions` and `{base_url}/completions`.
+    /// Parsed once: `{base_url}/chat/completions`, `{base_url}/completions`
+    /// and `{base_url}/embeddings`.
     chat_url: Target,
     completions_url: Target,
+    embeddings_url: Target,
     auth: Option<HeaderValue>,
     client: HttpClient,
     caps: Caps,
@@ -51,6 +53,7 @@ impl OpenAiCompat {
             kind: backend.kind,
             chat_url: endpoint(Endpoint::Chat)?,
             completions_url: endpoint(Endpoint::Completions)?,
+            embeddings_url: endpoint(Endpoint::Embeddings)?,
             auth: http::bearer(backend)?,
             client,
             caps: Caps::of(backend),
@@ -78,6 +81,7 @@ impl OpenAiCompat {
         let url = match call.request.endpoint() {
             Endpoint::Chat => &self.chat_url,
             Endpoint::Completions => &self.completions_url,
+            Endpoint::Embeddings => &self.embeddings_url,
         };
         let mut request = http::post_json(url, body);
         http::tag(&mut request, &call);

@@ -45,6 +45,15 @@ impl Simulated {
                 None,
             ));
         }
+        if let TypedRequest::Embedding(embedding) = &call.request.typed {
+            tokio::time::sleep(self.spec.ttft).await;
+            let usage = Usage::new(estimate::prompt_tokens(call.request), 0);
+            let vectors = vectors(&embedding.input, embedding.dimensions);
+            let format = embedding.encoding_format.unwrap_or(EncodingFormat::Float);
+            return Ok(UpstreamReply::Complete(
+                embeddings(call.upstream_model, &vectors, format, usage).into(),
+            ));
+        }
         let answer = Answer::new(&self.spec, call);
         if !answer.streaming {
             tokio::time::sleep(self.spec.ttft + answer.per_token * (answer.words.len() as u32 - 1))
@@ -76,6 +85,40 @@ impl Provider for Simulated {
     ) -> BoxFuture<'a, Result<UpstreamReply, GatewayError>> {
         Box::pin(self.call(call))
     }
+}
+
+/// The length of a simulated embedding when the request sets no
+/// `dimensions`.
+const DIMENSIONS: u32 = 16;
+
+/// One unit vector per input, the same for the same input every time.
+fn vectors(input: &Prompt, dimensions: Option<u32>) -> Vec<Vec<f32>> {
+    let seeds: Vec<u64> = match input {
+        Prompt::Text(text) => vec![seed(text)],
+        Prompt::Texts(texts) => texts.iter().map(seed).collect(),
+        Prompt::Tokens(ids) => vec![seed(ids)],
+        Prompt::TokenBatches(batches) => batches.iter().map(seed).collect(),
+    };
+    let dimensions = dimensions.unwrap_or(DIMENSIONS) as usize;
+    seeds
+        .into_iter()
+        .map(|seed| {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let vector: Vec<f32> = (0..dimensions).map(|_| rng.f32() - 0.5).collect();
+            let norm = vector
+                .iter()
+                .map(|x| x * x)
+                .sum::<f32>()
+                .sqrt()
+                .max(f32::EPSILON);
+            vector.into_iter().map(|x| x / norm).collect()
+        })
+        .collect()
+}
+
+fn seed(input: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(input)
 }
 
 /// Everything about one simulated answer, decided up front.
@@ -148,7 +191,7 @@ impl Answer {
                 };
                 self.identity.chat_completion(&message, finish, self.usage)
             }
-            Endpoint::Completions => {
+            Endpoint::Completions | Endpoint::Embeddings => {
                 self.identity
                     .text_completion(&text, Some(finish), Some(self.usage))
             }
@@ -170,7 +213,7 @@ impl Answer {
                 };
                 self.identity.chat_chunk(&delta, finish)
             }
-            Endpoint::Completions => {
+            Endpoint::Completions | Endpoint::Embeddings => {
                 self.identity
                     .text_completion(piece.as_deref().unwrap_or(""), finish, None)
             }

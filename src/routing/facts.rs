@@ -3,12 +3,13 @@
 use crate::config::{Key, Policy, is_region};
 use crate::error::GatewayError;
 use crate::metering::estimate;
-use crate::openai::{InboundRequest, MessageContent, TypedRequest};
+use crate::openai::{Endpoint, InboundRequest, MessageContent, TypedRequest};
 
 pub const REGION_HEADER: &str = "x-tollgate-region";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestFacts {
+    pub endpoint: Endpoint,
     pub region: Option<String>,
     pub image: bool,
     pub audio: bool,
@@ -21,6 +22,7 @@ pub struct RequestFacts {
 impl RequestFacts {
     pub fn of(request: &InboundRequest, region: Option<String>) -> Self {
         let mut facts = Self {
+            endpoint: request.endpoint(),
             region,
             input_tokens: estimate::prompt_tokens(request),
             max_output_tokens: request.max_output_tokens().map(u64::from),

@@ -1,7 +1,8 @@
 //! The policy filters, run before any scoring: data residency, the Llama
-//! licence in the EU, modality, context window and tools.
+//! licence in the EU, the endpoint, modality, context window and tools.
 
 use crate::config::{Backend, Deployment, Policy};
+use crate::openai::Endpoint;
 
 use super::facts::RequestFacts;
 
@@ -10,6 +11,7 @@ use super::facts::RequestFacts;
 pub enum Rule {
     Residency,
     LlamaEuMultimodal,
+    Endpoint,
     Modality,
     ContextWindow,
     Tools,
@@ -20,6 +22,7 @@ impl Rule {
         match self {
             Self::Residency => "residency",
             Self::LlamaEuMultimodal => "llama_eu_multimodal",
+            Self::Endpoint => "endpoint",
             Self::Modality => "modality",
             Self::ContextWindow => "context_window",
             Self::Tools => "tools",
@@ -41,6 +44,7 @@ impl Rule {
             Self::LlamaEuMultimodal => "the Llama licence does not allow multimodal Llama models \
                  to serve users in the EU, even for text-only requests"
                 .into(),
+            Self::Endpoint => format!("no deployment serves {}", facts.endpoint.name()),
             Self::Modality => format!(
                 "no deployment accepts {} input",
                 media_kinds(facts).join(" or ")
@@ -110,6 +114,17 @@ pub fn check(
             ));
         }
     }
+    if !serves(deployment, facts.endpoint) {
+        let serves: Vec<&str> = deployment.endpoints.names().collect();
+        return Err((
+            Rule::Endpoint,
+            format!(
+                "serves {}, not {}",
+                serves.join(" and "),
+                facts.endpoint.name()
+            ),
+        ));
+    }
     let m = &deployment.modalities;
     if (facts.image && !m.image) || (facts.audio && !m.audio) {
         return Err((
@@ -131,4 +146,14 @@ pub fn check(
         return Err((Rule::Tools, "does not support tools".into()));
     }
     Ok(())
+}
+
+/// Whether `deployment` lists `endpoint` among those it serves.
+pub fn serves(deployment: &Deployment, endpoint: Endpoint) -> bool {
+    let e = deployment.endpoints;
+    match endpoint {
+        Endpoint::Chat => e.chat,
+        Endpoint::Completions => e.completions,
+        Endpoint::Embeddings => e.embeddings,
+    }
 }

@@ -16,12 +16,12 @@ use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use tokio::net::TcpListener;
 
 use tower_http::cors::CorsLayer;
 
-use crate::config::Config;
+use crate::config::{Config, Endpoints};
 use crate::error::GatewayError;
 use crate::id::REQUEST_ID_HEADER;
 use crate::openai::{Endpoint, ModelEntry, ModelList};
@@ -61,8 +61,9 @@ impl Gateway {
         // Clients that join a base URL ending in "/" to a path write a
         // trailing slash; it names the same route.
         let api = [
-            ("/v1/chat/completions", post(chat_completions)),
-            ("/v1/completions", post(completions)),
+            ("/v1/chat/completions", inference(Endpoint::Chat)),
+            ("/v1/completions", inference(Endpoint::Completions)),
+            ("/v1/embeddings", inference(Endpoint::Embeddings)),
             ("/v1/models", get(models)),
         ];
         let router = api
@@ -140,22 +141,16 @@ async fn edge(
     response
 }
 
-async fn chat_completions(
-    State(app): State<Arc<AppState>>,
-    Extension(RequestId(id)): Extension<RequestId>,
-    headers: HeaderMap,
-    body: axum::body::Body,
-) -> Response {
-    pipeline::handle(app, id, Endpoint::Chat, headers, body).await
-}
-
-async fn completions(
-    State(app): State<Arc<AppState>>,
-    Extension(RequestId(id)): Extension<RequestId>,
-    headers: HeaderMap,
-    body: axum::body::Body,
-) -> Response {
-    pipeline::handle(app, id, Endpoint::Completions, headers, body).await
+/// `POST` to an inference endpoint: the pipeline, for `endpoint`.
+fn inference(endpoint: Endpoint) -> MethodRouter<Arc<AppState>> {
+    post(
+        move |State(app): State<Arc<AppState>>,
+              Extension(RequestId(id)): Extension<RequestId>,
+              headers: HeaderMap,
+              body: axum::body::Body| {
+            pipeline::handle(app, id, endpoint, headers, body)
+        },
+    )
 }
 
 /// The models the caller's key may use in its region, in OpenAI's list
@@ -205,12 +200,26 @@ fn servable<'s>(snapshot: &'s Snapshot, headers: &HeaderMap) -> Result<Vec<&'s s
     admit::servable_models(snapshot, key, region)
 }
 
+/// An alias as a model object, with the endpoints its deployments serve.
 fn model_entry<'s>(snapshot: &Snapshot, id: &'s str) -> ModelEntry<'s> {
+    let deployments = snapshot
+        .model_index(id)
+        .map_or(&[][..], |m| &snapshot.config.models[m].deployments[..]);
+    let endpoints = Endpoints::NAMES
+        .iter()
+        .copied()
+        .filter(|name| {
+            deployments
+                .iter()
+                .any(|d| d.endpoints.names().any(|n| n == *name))
+        })
+        .collect();
     ModelEntry {
         id,
         object: "model",
         created: snapshot.created,
         owned_by: "tollgate",
+        endpoints,
     }
 }
 

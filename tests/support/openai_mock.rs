@@ -1,7 +1,7 @@
 //! The OpenAI-compatible protocol of the mock upstream (vLLM, OpenAI,
-//! Together, Groq): `POST …/chat/completions` and `POST …/completions`
-//! under any prefix, answered in vLLM's shapes. A request with tools gets
-//! one canned tool call.
+//! Together, Groq): `POST …/chat/completions`, `POST …/completions` and
+//! `POST …/embeddings` under any prefix, answered in vLLM's shapes. A
+//! request with tools gets one canned tool call.
 
 use bytes::Bytes;
 use hyper::Method;
@@ -18,6 +18,9 @@ pub enum Endpoint {
 
 pub fn route(canned: &Canned, parts: &Parts, body: &[u8]) -> Result<Route, Rejection> {
     let path = parts.uri.path();
+    if parts.method == Method::POST && path.ends_with("/embeddings") {
+        return embeddings(body);
+    }
     let endpoint = if parts.method != Method::POST {
         None
     } else if path.ends_with("/chat/completions") {
@@ -41,6 +44,71 @@ pub fn route(canned: &Canned, parts: &Parts, body: &[u8]) -> Result<Route, Rejec
         headers: Vec::new(),
         events: canned.stream(endpoint, &flags),
         content_type: "text/event-stream",
+    })
+}
+
+/// The `dimensions` of an embedding when the request sets none.
+pub const EMBEDDING_DIMENSIONS: usize = 4;
+
+/// `POST /v1/embeddings` as vLLM answers it: one vector per input, floats
+/// or base64 of little-endian `f32`s, and usage with no completion count.
+/// A body OpenAI's API refuses (no `input`, an empty one, `stream`, an
+/// unknown `encoding_format`) is a 400.
+fn embeddings(body: &[u8]) -> Result<Route, Rejection> {
+    let refuse = |message: &str| {
+        Rejection::new(
+            400,
+            &[],
+            json!({"error": {"message": message, "type": "invalid_request_error", "param": "input", "code": null}}),
+        )
+    };
+    let request: Value =
+        serde_json::from_slice(body).map_err(|_| refuse("the body is not JSON"))?;
+    if request.get("stream").is_some() {
+        return Err(refuse("embeddings do not stream"));
+    }
+    let inputs: Vec<usize> = match &request["input"] {
+        Value::String(text) => vec![text.len().div_ceil(4)],
+        Value::Array(items) if !items.is_empty() => match &items[0] {
+            Value::Array(_) => items
+                .iter()
+                .map(|i| i.as_array().map_or(0, Vec::len))
+                .collect(),
+            Value::Number(_) => vec![items.len()],
+            _ => items
+                .iter()
+                .map(|i| i.as_str().map_or(0, |t| t.len().div_ceil(4)))
+                .collect(),
+        },
+        _ => return Err(refuse("`input` must be a string, strings, or token arrays")),
+    };
+    let dimensions = request["dimensions"]
+        .as_u64()
+        .map_or(EMBEDDING_DIMENSIONS, |d| d as usize);
+    let vector: Vec<f32> = (0..dimensions).map(|i| i as f32 / 10.0).collect();
+    let embedding = match request["encoding_format"].as_str() {
+        None | Some("float") => json!(vector),
+        Some("base64") => {
+            use base64::Engine as _;
+            let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+            json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+        }
+        Some(_) => return Err(refuse("`encoding_format` must be \"float\" or \"base64\"")),
+    };
+    let prompt_tokens: usize = inputs.iter().sum();
+    let data: Vec<Value> = (0..inputs.len())
+        .map(|index| json!({"object": "embedding", "index": index, "embedding": embedding}))
+        .collect();
+    Ok(Route {
+        streaming: false,
+        json: Bytes::from(
+            json!({"id": "embd-mock", "object": "list", "created": 1_700_000_000, "model": CANNED_MODEL,
+                "data": data, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0}})
+            .to_string(),
+        ),
+        headers: Vec::new(),
+        events: Vec::new(),
+        content_type: "application/json",
     })
 }
 
