@@ -464,3 +464,60 @@ async fn a_stream_cut_inside_a_frame_is_an_error_not_a_silent_end() {
         "{payloads:#?}"
     );
 }
+
+/// A reasoning model's reasoning, streamed: `reasoningContent` deltas
+/// become chunks with `reasoning_content` (where vLLM streams it), never
+/// `content`; a signature delta has no chunk; the answer follows.
+#[tokio::test]
+async fn reasoning_deltas_stream_as_reasoning_content_not_text() {
+    let delta = |index: u32, delta: Value| {
+        bedrock_mock::event(
+            "contentBlockDelta",
+            json!({"contentBlockIndex": index, "delta": delta}),
+        )
+    };
+    let frames = vec![
+        bedrock_mock::event("messageStart", json!({"role": "assistant"})),
+        delta(
+            0,
+            json!({"reasoningContent": {"text": "The user greets; "}}),
+        ),
+        delta(0, json!({"reasoningContent": {"text": "answer briefly."}})),
+        delta(
+            0,
+            json!({"reasoningContent": {"signature": "c2lnbmF0dXJl"}}),
+        ),
+        bedrock_mock::event("contentBlockStop", json!({"contentBlockIndex": 0})),
+        delta(1, json!({"text": "Hello!"})),
+        bedrock_mock::event("contentBlockStop", json!({"contentBlockIndex": 1})),
+        bedrock_mock::event("messageStop", json!({"stopReason": "end_turn"})),
+        bedrock_mock::event(
+            "metadata",
+            json!({"usage": {"inputTokens": 9, "outputTokens": 12, "totalTokens": 21},
+                   "metrics": {"latencyMs": 80}}),
+        ),
+    ];
+    let upstream = bedrock_mock_with_token().events(frames).start().await;
+    let gateway = one_backend(signed(&upstream), LLAMA_33).await;
+    let (_, events) = gateway.stream("/v1/chat/completions", chat(true)).await;
+    let deltas: Vec<Value> = events
+        .rest()
+        .await
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .map(|p| parse(p)["choices"][0]["delta"].clone())
+        .collect();
+    let reasoning: Vec<&str> = deltas
+        .iter()
+        .filter_map(|d| d["reasoning_content"].as_str())
+        .collect();
+    assert_eq!(reasoning, ["The user greets; ", "answer briefly."]);
+    let text: Vec<&str> = deltas
+        .iter()
+        .filter_map(|d| d["content"].as_str())
+        .collect();
+    assert_eq!(text.concat(), "Hello!");
+    gateway
+        .eventually_exact_output_tokens("chat", "bedrock-us", 12)
+        .await;
+}

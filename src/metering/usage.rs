@@ -87,6 +87,8 @@ struct Keys {
     error: Finder<'static>,
     content: Finder<'static>,
     text: Finder<'static>,
+    reasoning_content: Finder<'static>,
+    reasoning: Finder<'static>,
 }
 
 static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
@@ -94,16 +96,23 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
     error: Finder::new(b"\"error"),
     content: Finder::new(b"\"content\""),
     text: Finder::new(b"\"text\""),
+    reasoning_content: Finder::new(b"\"reasoning_content\""),
+    reasoning: Finder::new(b"\"reasoning\""),
 });
 
 /// Bytes of generated text in a chunk, for an estimate when the upstream
 /// reports no usage: the first string value of a `content` member (chat)
 /// or else of a `text` member (legacy; Together sends both, so only one
-/// counts), measured as decoded, without parsing the chunk. A quoted name
-/// followed by a colon is a member name wherever it is: inside a string
-/// its quotes would be escaped.
+/// counts), or else of a reasoning member (`reasoning_content`, vLLM's
+/// and DeepSeek's; `reasoning`, Together's and newer vLLM's: reasoning
+/// is output too), measured as decoded, without parsing the chunk. A
+/// quoted name followed by a colon is a member name wherever it is:
+/// inside a string its quotes would be escaped. A chunk of text is
+/// searched no more than before: the reasoning names are looked for
+/// only when it has neither.
 fn text_chars(chunk: &[u8]) -> usize {
-    [&KEYS.content, &KEYS.text]
+    let k = &*KEYS;
+    [&k.content, &k.text, &k.reasoning_content, &k.reasoning]
         .into_iter()
         .find_map(|key| member_string(key, chunk))
         .unwrap_or(0)
@@ -201,6 +210,25 @@ mod tests {
             text_chars(br#"{"choices":[{"delta":{"content":null}}]}"#),
             0
         );
+    }
+
+    #[test]
+    fn reasoning_is_output_and_measured_too() {
+        for (chunk, chars) in [
+            (
+                r#"{"choices":[{"delta":{"reasoning_content":"think","content":null}}]}"#,
+                5,
+            ),
+            (r#"{"choices":[{"delta":{"reasoning":"hmm"}}]}"#, 3),
+            (r#"{"choices":[{"delta":{"content":"answer"}}]}"#, 6),
+        ] {
+            assert_eq!(text_chars(chunk.as_bytes()), chars, "{chunk}");
+        }
+        let whole: ResponseView<'_> = serde_json::from_str(
+            r#"{"choices":[{"message":{"reasoning_content":"think","content":"answer"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(whole.text_chars(), 11);
     }
 
     #[test]

@@ -330,6 +330,12 @@ pub struct ChoiceView<'a> {
 pub struct TextView<'a> {
     #[serde(borrow, default)]
     pub content: Option<Text<'a>>,
+    /// A reasoning model's reasoning, as vLLM and DeepSeek name it.
+    #[serde(borrow, default)]
+    pub reasoning_content: Option<Text<'a>>,
+    /// The same, as Together and newer vLLM name it.
+    #[serde(borrow, default)]
+    pub reasoning: Option<Text<'a>>,
 }
 
 impl ResponseView<'_> {
@@ -376,14 +382,18 @@ impl ResponseView<'_> {
 
 impl ChoiceView<'_> {
     /// Together sends the same text both as `text` and `delta.content`, so
-    /// the first one present counts, not their sum.
+    /// the first one present counts, not their sum; reasoning is output
+    /// too, and counts beside it.
     fn text_chars(&self) -> usize {
-        let content =
-            |t: &Option<TextView<'_>>| t.as_ref().and_then(|t| t.content.as_ref()).map(|c| c.len());
-        content(&self.delta)
-            .or_else(|| content(&self.message))
+        let view = self.delta.as_ref().or(self.message.as_ref());
+        let content = view.and_then(|t| t.content.as_ref()).map(|c| c.len());
+        let reasoning = view
+            .and_then(|t| t.reasoning_content.as_ref().or(t.reasoning.as_ref()))
+            .map_or(0, |r| r.len());
+        content
             .or_else(|| self.text.as_ref().map(|t| t.len()))
             .unwrap_or(0)
+            + reasoning
     }
 }
 

@@ -28,8 +28,8 @@ struct OutputMessage {
     content: Vec<OutputBlock>,
 }
 
-/// One `ContentBlock`; members other than text and toolUse (reasoning,
-/// citations…) are read as neither and skipped.
+/// One `ContentBlock`; members other than text, toolUse and
+/// reasoningContent (citations…) are read as none of them and skipped.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct OutputBlock {
@@ -37,6 +37,22 @@ struct OutputBlock {
     text: Option<String>,
     #[serde(default)]
     tool_use: Option<ToolUse>,
+    #[serde(default)]
+    reasoning_content: Option<ReasoningBlock>,
+}
+
+/// A `ReasoningContentBlock`: the model's reasoning as text (with the
+/// signature that lets it be sent back), or redacted, which has no text.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReasoningBlock {
+    #[serde(default)]
+    reasoning_text: Option<ReasoningText>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ReasoningText {
+    text: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,7 +105,16 @@ pub fn chat_completion(backend: &str, model: &str, body: &[u8]) -> Result<Bytes,
                    "function": {"name": t.name, "arguments": t.input.to_string()}})
         })
         .collect();
+    let reasoning: String = blocks
+        .iter()
+        .filter_map(|b| b.reasoning_content.as_ref()?.reasoning_text.as_ref())
+        .map(|r| r.text.as_str())
+        .collect();
     let mut message = json!({"role": "assistant", "content": text, "refusal": null});
+    // Where vLLM puts a reasoning model's reasoning: never in the answer.
+    if !reasoning.is_empty() {
+        message["reasoning_content"] = Value::String(reasoning);
+    }
     if !tool_calls.is_empty() {
         if text.is_empty() {
             message["content"] = Value::Null;
@@ -127,6 +152,23 @@ mod tests {
         assert_eq!(
             out["usage"],
             json!({"prompt_tokens": 1620, "completion_tokens": 6, "total_tokens": 1626})
+        );
+    }
+
+    #[test]
+    fn reasoning_becomes_reasoning_content_never_text() {
+        let body = br#"{"output":{"message":{"role":"assistant","content":[
+            {"reasoningContent":{"reasoningText":{"text":"The user greets; ","signature":"sig"}}},
+            {"reasoningContent":{"redactedContent":"b64"}},
+            {"reasoningContent":{"reasoningText":{"text":"answer briefly."}}},
+            {"text":"Hello!"}]}},
+            "stopReason":"end_turn","usage":{"inputTokens":9,"outputTokens":12,"totalTokens":21}}"#;
+        let out: Value = serde_json::from_slice(&chat_completion("b", "m", body).unwrap()).unwrap();
+        let message = &out["choices"][0]["message"];
+        assert_eq!(message["content"], "Hello!");
+        assert_eq!(
+            message["reasoning_content"],
+            "The user greets; answer briefly."
         );
     }
 

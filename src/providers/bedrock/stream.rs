@@ -207,8 +207,18 @@ impl Mapper {
                     Some(self.identity.chat_chunk(&json!({"tool_calls": [{"index": index, "function": {"arguments": input}}]}),
                         None,
                     ))
+                } else if let Some(text) = delta
+                    .pointer("/reasoningContent/text")
+                    .and_then(Value::as_str)
+                {
+                    // Where vLLM streams a reasoning model's reasoning.
+                    Some(
+                        self.identity
+                            .chat_chunk(&json!({"reasoning_content": text}), None),
+                    )
                 } else {
-                    // Reasoning and citation deltas have no OpenAI chunk.
+                    // A reasoning signature or redacted reasoning, and
+                    // citations, have no OpenAI chunk.
                     None
                 }
             }
