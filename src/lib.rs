@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod id;
+pub mod inbound;
 pub mod ledger;
 pub mod limits;
 pub mod logging;

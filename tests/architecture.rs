@@ -18,6 +18,7 @@ const ORDER: &[&[&str]] = &[
     &["providers"],
     &["metering"],
     &["ledger", "metrics"],
+    &["inbound"],
     &["openai"],
     &["error"],
     &["limits"],

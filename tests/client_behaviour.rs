@@ -11,87 +11,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::bedrock_mock;
-use support::config::{Backend, Config, Deployment, Model};
 use support::gateway::*;
-use support::mock::{MockServer, MockUpstream};
+use support::kinds::{COMPLETION_TOKENS, Kind, for_each_kind, start_for};
 use support::openai_mock::{CANNED_PROMPT_TOKENS, TOOL_CALL_ID, TOOL_NAME};
-
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    OpenAi,
-    Bedrock,
-    Tgi,
-}
-
-/// Tokens in every mock's canned answer (`tok tok tok `).
-const COMPLETION_TOKENS: u64 = 3;
-
-impl Kind {
-    /// A well-behaved mock of this kind.
-    fn mock(self) -> MockUpstream {
-        match self {
-            Self::OpenAi => MockUpstream::openai(),
-            Self::Bedrock => bedrock_mock_with_token(),
-            Self::Tgi => MockUpstream::tgi(),
-        }
-    }
-
-    fn backend(self, name: &str, mock: &MockServer) -> Backend {
-        match self {
-            Self::OpenAi => Backend::upstream(name, "vllm", &url(mock)),
-            Self::Bedrock => Backend::bedrock(name, &mock.base_url()).sigv4_with_token(),
-            Self::Tgi => Backend::upstream(name, "tgi", &mock.base_url()),
-        }
-    }
-
-    fn upstream_model(self) -> &'static str {
-        match self {
-            Self::OpenAi | Self::Tgi => "meta-llama/Llama-3.3-70B-Instruct",
-            Self::Bedrock => "us.meta.llama3-3-70b-instruct-v1:0",
-        }
-    }
-
-    /// This kind's own way of saying "slow down".
-    fn rate_limited(self, mock: MockUpstream) -> MockUpstream {
-        match self {
-            Self::OpenAi => mock.error(429, json!({"error": {"message": "Rate limit reached", "type": "rate_limit_error", "param": null, "code": null}})),
-            Self::Bedrock => mock
-                .error(429, json!({"message": "Too many requests, please wait before trying again."}))
-                .header("x-amzn-errortype", "ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/"),
-            Self::Tgi => mock.error(429, json!({"error": "Model is overloaded", "error_type": "overloaded"})),
-        }
-    }
-
-    /// This kind's own way of refusing a request as invalid, and the
-    /// status a client then sees.
-    fn rejecting(self, mock: MockUpstream) -> (MockUpstream, u16) {
-        match self {
-            Self::OpenAi => (
-                mock.error(400, json!({"error": {"message": "bad input words", "type": "invalid_request_error", "param": null, "code": null}})),
-                400,
-            ),
-            Self::Bedrock => (
-                mock.error(400, json!({"message": "bad input words"}))
-                    .header("x-amzn-errortype", "ValidationException:http://internal.amazon.com/coral/com.amazon.bedrock/"),
-                400,
-            ),
-            Self::Tgi => (
-                mock.error(422, json!({"error": "bad input words", "error_type": "validation"})),
-                422,
-            ),
-        }
-    }
-}
-
-/// A gateway with one alias, `chat`, served by `mock`.
-async fn start_for(kind: Kind, mock: &MockServer) -> Gateway {
-    // Tool calling is declared, as routing may require it for tools.
-    let config = Config::new().backend(kind.backend("up", mock)).model(
-        Model::new("chat")
-            .deployment(Deployment::new("up", kind.upstream_model()).set("tools", true)),
-    );
-    start(&config).await
-}
 
 fn chat(stream: bool, include_usage: Option<bool>) -> Value {
     let mut body =
@@ -296,31 +218,6 @@ async fn a_client_that_goes_away_closes_the_upstream_connection(kind: Kind) {
         upstream.wait_peer_closed(1, Duration::from_secs(5)).await,
         "the gateway closed the upstream connection"
     );
-}
-
-/// One test per kind for each behaviour: `behaviour::openai`,
-/// `behaviour::bedrock`, `behaviour::tgi`.
-macro_rules! for_each_kind {
-    ($($behaviour:ident),* $(,)?) => {$(
-        mod $behaviour {
-            use super::Kind;
-
-            #[tokio::test]
-            async fn openai() {
-                super::$behaviour(Kind::OpenAi).await;
-            }
-
-            #[tokio::test]
-            async fn bedrock() {
-                super::$behaviour(Kind::Bedrock).await;
-            }
-
-            #[tokio::test]
-            async fn tgi() {
-                super::$behaviour(Kind::Tgi).await;
-            }
-        }
-    )*};
 }
 
 for_each_kind!(

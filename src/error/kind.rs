@@ -120,6 +120,30 @@ impl ErrorKind {
         }
     }
 
+    /// Anthropic's error `type` and the status a Messages client sees:
+    /// the gateway's own status, but 529 `overloaded_error` when no
+    /// deployment is healthy, as Anthropic answers when it is overloaded.
+    pub fn anthropic(self) -> (&'static str, StatusCode) {
+        let status = self.status();
+        let kind = match (self, status.as_u16()) {
+            (NoDeployment, _) => {
+                return (
+                    "overloaded_error",
+                    StatusCode::from_u16(529).expect("529 is a status"),
+                );
+            }
+            (_, 401) => "authentication_error",
+            (_, 403 | 451) => "permission_error",
+            (_, 404) => "not_found_error",
+            (_, 413 | 431) => "request_too_large",
+            (_, 429) => "rate_limit_error",
+            (_, 504) => "timeout_error",
+            (_, 500..) => "api_error",
+            _ => "invalid_request_error",
+        };
+        (kind, status)
+    }
+
     /// OpenAI's `code`; an upstream's rejection carries the upstream's own.
     pub fn code(self) -> Option<&'static str> {
         Some(match self {

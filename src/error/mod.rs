@@ -17,7 +17,16 @@ mod wire;
 
 pub use kind::ErrorKind;
 pub use wire::UpstreamErrorParts;
-use wire::{ErrorBody, ErrorObject};
+use wire::{AnthropicErrorBody, AnthropicErrorObject, ErrorBody, ErrorObject};
+
+/// The error body a client reads: the inbound API it speaks decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorShape {
+    /// Chat, completions, models and Responses.
+    OpenAi,
+    /// Messages.
+    Anthropic,
+}
 
 /// The most of an error message a client sees and a log line holds:
 /// messages echo what clients and upstreams sent.
@@ -486,11 +495,38 @@ impl GatewayError {
         })
         .expect("error bodies serialise")
     }
-}
 
-impl IntoResponse for GatewayError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status(), self.body_json()).into_response();
+    /// The status a client of `shape` sees.
+    pub fn status_in(&self, shape: ErrorShape) -> StatusCode {
+        match shape {
+            ErrorShape::OpenAi => self.status(),
+            ErrorShape::Anthropic => self.kind.anthropic().1,
+        }
+    }
+
+    /// The error body in `shape`, also used as an SSE error event.
+    pub fn body_json_in(&self, shape: ErrorShape) -> Vec<u8> {
+        match shape {
+            ErrorShape::OpenAi => self.body_json(),
+            ErrorShape::Anthropic => serde_json::to_vec(&AnthropicErrorBody {
+                kind: "error",
+                error: AnthropicErrorObject {
+                    kind: self.kind.anthropic().0,
+                    message: &self.message,
+                },
+            })
+            .expect("error bodies serialise"),
+        }
+    }
+
+    /// The error answer in `shape`, with the same headers as OpenAI's.
+    pub fn into_response_in(self, shape: ErrorShape) -> Response {
+        let (status, body) = (self.status_in(shape), self.body_json_in(shape));
+        self.response_with(status, body)
+    }
+
+    fn response_with(self, status: StatusCode, body: Vec<u8>) -> Response {
+        let mut response = (status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -505,6 +541,13 @@ impl IntoResponse for GatewayError {
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let (status, body) = (self.status(), self.body_json());
+        self.response_with(status, body)
     }
 }
 
@@ -537,5 +580,61 @@ mod tests {
             plain.message(),
             "the model \"llama-3.3-70b\" does not exist; available models: a, b"
         );
+    }
+
+    #[test]
+    fn messages_clients_get_anthropics_error_types_and_529_when_overloaded() {
+        let cases = [
+            (
+                GatewayError::bad_request("x", None),
+                400,
+                "invalid_request_error",
+            ),
+            (GatewayError::unauthorized("x"), 401, "authentication_error"),
+            (
+                GatewayError::model_not_allowed("m", "k"),
+                403,
+                "permission_error",
+            ),
+            (
+                GatewayError::policy_blocked("x".into()),
+                451,
+                "permission_error",
+            ),
+            (
+                GatewayError::unknown_model("m", &[]),
+                404,
+                "not_found_error",
+            ),
+            (GatewayError::payload_too_large(1), 413, "request_too_large"),
+            (
+                GatewayError::budget_exhausted("x".into()),
+                429,
+                "rate_limit_error",
+            ),
+            (GatewayError::internal("x"), 500, "api_error"),
+            (GatewayError::upstream_broken("b"), 502, "api_error"),
+            (
+                GatewayError::upstream_timeout("b", Duration::from_secs(1)),
+                504,
+                "timeout_error",
+            ),
+            (
+                GatewayError::no_deployment_available("m", "x", Duration::from_secs(1)),
+                529,
+                "overloaded_error",
+            ),
+        ];
+        for (error, status, kind) in cases {
+            assert_eq!(error.status_in(ErrorShape::Anthropic), status, "{kind}");
+            let body: serde_json::Value =
+                serde_json::from_slice(&error.body_json_in(ErrorShape::Anthropic)).unwrap();
+            assert_eq!(
+                body,
+                serde_json::json!({"type": "error", "error": {"type": kind, "message": error.message()}})
+            );
+            let response = error.into_response_in(ErrorShape::Anthropic);
+            assert_eq!(response.status(), status);
+        }
     }
 }

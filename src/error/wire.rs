@@ -1,5 +1,7 @@
-//! The OpenAI error body on the wire, `{"error":{"message","type","param","code"}}`:
-//! written for clients, and read from upstreams that send one.
+//! The error bodies on the wire: OpenAI's,
+//! `{"error":{"message","type","param","code"}}`, written for clients and
+//! read from upstreams that send one; and Anthropic's,
+//! `{"type":"error","error":{"type","message"}}`, for Messages clients.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +17,20 @@ pub struct ErrorObject<'a> {
     pub kind: &'a str,
     pub param: Option<&'a str>,
     pub code: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AnthropicErrorBody<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub error: AnthropicErrorObject<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AnthropicErrorObject<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub message: &'a str,
 }
 
 /// An error body as upstreams send it: OpenAI's nested shape, vLLM's older

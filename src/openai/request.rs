@@ -407,9 +407,14 @@ impl InboundRequest {
     }
 }
 
-/// Parsed plainly first; only a body that fails is parsed again, with the
-/// path tracking that names where it went wrong.
 fn typed<'b, T: DeserializeOwned>(bytes: &'b [u8]) -> Result<Read<'b, T>, GatewayError> {
+    read_json(bytes)
+}
+
+/// A client's JSON body as `R`. Parsed plainly first; only a body that
+/// fails is parsed again, with the path tracking that names where it went
+/// wrong (a 400 whose message and `param` say where).
+pub fn read_json<'b, R: Deserialize<'b>>(bytes: &'b [u8]) -> Result<R, GatewayError> {
     if let Ok(read) = serde_json::from_slice(bytes) {
         return Ok(read);
     }

@@ -1,4 +1,5 @@
-//! Who is calling: the API key.
+//! Who is calling: the API key, as `Authorization: Bearer KEY` or, as
+//! Anthropic's SDKs send it, `x-api-key: KEY`.
 
 use axum::http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
@@ -15,9 +16,9 @@ pub fn authenticate<'s>(
     if !snapshot.auth_required() {
         return Ok(None);
     }
-    let presented = bearer(headers).ok_or_else(|| {
+    let presented = bearer(headers).or_else(|| api_key(headers)).ok_or_else(|| {
             GatewayError::unauthorized(
-                "no API key: send it as the header `Authorization: Bearer YOUR_KEY` (the OpenAI SDKs' api_key)",
+                "no API key: send it as the header `Authorization: Bearer YOUR_KEY` (the OpenAI SDKs' api_key) or `x-api-key: YOUR_KEY`",
             )
         })?;
     let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
@@ -63,6 +64,14 @@ fn token(expected: [u8; 32], headers: &HeaderMap, needs: &str) -> Result<(), Gat
             "{needs}, and this one is not valid"
         )))
     }
+}
+
+fn api_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

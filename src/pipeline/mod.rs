@@ -1,9 +1,12 @@
 //! One inference request's path (`/v1/chat/completions`,
-//! `/v1/completions`, `/v1/embeddings`), as named steps:
+//! `/v1/completions`, `/v1/embeddings`; `/v1/messages` translated), as
+//! named steps:
 //!
 //! 1. [`auth::authenticate`]: the API key (when keys are configured).
 //! 2. [`read_body`]: the body, up to `server.max_body_bytes` (413), then
-//!    parsed as the endpoint's request (400 naming the bad field).
+//!    parsed as the endpoint's request (400 naming the bad field); an
+//!    inbound API other than OpenAI's is translated into the canonical
+//!    chat request here ([`Api::parse`]).
 //! 3. [`admit::admit`]: the alias (404), the key's permission (403), the
 //!    region (403), the request's facts and the plan: 451 when policy
 //!    leaves no deployment, 503 when health leaves none. `tollgate
@@ -16,7 +19,8 @@
 //!    byte moves on to the next deployment.
 //! 6. [`respond::respond`]: the whole body, or a stream forwarded chunk
 //!    by chunk ([`stream::SseBody`]), metered exactly once when it ends or
-//!    the client goes away.
+//!    the client goes away; translated back into the client's API after
+//!    the meter has read it.
 //!
 //! The config snapshot is loaded once, before step 1, and used to the end.
 
@@ -32,14 +36,15 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 
 use crate::config::ServerConfig;
-use crate::error::GatewayError;
+use crate::error::{ErrorShape, GatewayError};
+use crate::inbound::Api;
 use crate::metering::{Charges, InFlight, Meter, MeterLabels};
 use crate::metrics::NONE;
-use crate::openai::{Endpoint, InboundRequest};
+use crate::openai::Endpoint;
 use crate::routing::{PlanStatus, REGION_HEADER};
 use crate::state::{AppState, Snapshot};
 use crate::traces::{Outcome, RequestTrace};
@@ -59,7 +64,7 @@ pub struct RequestCtx {
 pub async fn handle(
     app: Arc<AppState>,
     request_id: String,
-    endpoint: Endpoint,
+    api: Api,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -73,12 +78,11 @@ pub async fn handle(
     let mut trace = app
         .traces
         .as_ref()
-        .map(|traces| traces.request(&headers, ctx.started, operation(endpoint)));
-    let mut response =
-        match serve(&app, &ctx, endpoint, &headers, body, in_flight, &mut trace).await {
-            Ok(response) => response,
-            Err(failure) => failure.respond(&app, &ctx, trace),
-        };
+        .map(|traces| traces.request(&headers, ctx.started, operation(api.endpoint())));
+    let mut response = match serve(&app, &ctx, api, &headers, body, in_flight, &mut trace).await {
+        Ok(response) => response,
+        Err(failure) => failure.respond(&app, &ctx, trace, api.error_shape()),
+    };
     if let Some(version) = version {
         response
             .headers_mut()
@@ -90,7 +94,7 @@ pub async fn handle(
 async fn serve(
     app: &AppState,
     ctx: &RequestCtx,
-    endpoint: Endpoint,
+    api: Api,
     headers: &HeaderMap,
     body: Body,
     in_flight: InFlight,
@@ -99,7 +103,7 @@ async fn serve(
     let snapshot = &*ctx.snapshot;
     let key = auth::authenticate(snapshot, headers)?;
     let bytes = read_body(headers, body, &snapshot.config.server).await?;
-    let request = InboundRequest::parse(endpoint, bytes)?;
+    let (request, reply) = api.parse(bytes)?;
     if let Some(trace) = trace {
         trace.requested(request.model());
     }
@@ -134,7 +138,7 @@ async fn serve(
         trace.take(),
     );
     let served = attempt::attempt(app, ctx, &request, &admission, meter).await?;
-    Ok(respond::respond(&request, served))
+    Ok(respond::respond(&request, served, reply))
 }
 
 /// A request that ends in an error, and the labels it is recorded under.
@@ -210,7 +214,13 @@ impl Failure {
 
     /// Answers the error, and records the request: through its meter once
     /// it has one, else here (with its trace, if traced).
-    fn respond(self, app: &AppState, ctx: &RequestCtx, trace: Option<RequestTrace>) -> Response {
+    fn respond(
+        self,
+        app: &AppState,
+        ctx: &RequestCtx,
+        trace: Option<RequestTrace>,
+        shape: ErrorShape,
+    ) -> Response {
         let Self {
             error,
             alias,
@@ -218,7 +228,7 @@ impl Failure {
             attempts,
             meter,
         } = self;
-        let status = error.status().as_u16();
+        let status = error.status_in(shape).as_u16();
         let metrics = &app.metrics;
         metrics
             .errors
@@ -237,7 +247,7 @@ impl Failure {
                 }
             }
         }
-        let mut response = error.into_response();
+        let mut response = error.into_response_in(shape);
         // Once routing ran, every answer says how many attempts it took
         // (0 for a refusal) and, after one, which backend answered last.
         if let Some(attempts) = attempts {
@@ -248,6 +258,42 @@ impl Failure {
             );
         }
         response
+    }
+}
+
+/// `POST /v1/messages/count_tokens`: the gateway's estimate of the
+/// prompt's tokens (`{"input_tokens": N}`), the one routing and budgets
+/// use, for a key that may use the model. Nothing is sent upstream.
+pub async fn count_tokens(app: &AppState, headers: &HeaderMap, body: Body) -> Response {
+    let snapshot = app.snapshot.load_full();
+    let counted = async {
+        let key = auth::authenticate(&snapshot, headers)?;
+        let bytes = read_body(headers, body, &snapshot.config.server).await?;
+        let (request, _) = Api::Messages.parse(with_max_tokens(bytes))?;
+        let region = headers.get(REGION_HEADER).map(HeaderValue::as_bytes);
+        admit::admit(&snapshot, &request, key, region)
+            .map(|admission| admission.facts.input_tokens)
+            .map_err(|refusal| refusal.error)
+    };
+    match counted.await {
+        Ok(tokens) => respond::json_response(
+            axum::http::StatusCode::OK,
+            format!("{{\"input_tokens\":{tokens}}}"),
+        ),
+        Err(error) => error.into_response_in(ErrorShape::Anthropic),
+    }
+}
+
+/// A count_tokens body, which has no `max_tokens`, as a Messages request.
+fn with_max_tokens(bytes: Bytes) -> Bytes {
+    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&bytes) {
+        Ok(mut body) => {
+            body.entry("max_tokens").or_insert(1.into());
+            serde_json::to_vec(&body)
+                .expect("JSON values serialise")
+                .into()
+        }
+        Err(_) => bytes,
     }
 }
 

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::attempt::{Ready, Served};
 use super::stream::{SseBody, SseParams};
+use crate::inbound::Reply;
 use crate::openai::InboundRequest;
 
 pub const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-tollgate-backend");
@@ -14,7 +15,9 @@ pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-tollgate-atte
 /// Tells nginx-style proxies in front not to buffer a stream.
 const ACCEL_BUFFERING_HEADER: HeaderName = HeaderName::from_static("x-accel-buffering");
 
-pub fn respond(request: &InboundRequest, served: Served<'_>) -> Response {
+/// The answer, translated into the client's API (`answer_as`) after the meter
+/// has read it.
+pub fn respond(request: &InboundRequest, served: Served<'_>, answer_as: Reply) -> Response {
     let Served {
         backend,
         attempts,
@@ -25,8 +28,18 @@ pub fn respond(request: &InboundRequest, served: Served<'_>) -> Response {
         Ready::Complete(body, observed) => {
             meter.upstream_done();
             meter.observe(observed);
-            meter.finish_after_response(200);
-            json_response(StatusCode::OK, body)
+            match answer_as.complete(body, &backend.name) {
+                Ok(body) => {
+                    meter.finish_after_response(200);
+                    json_response(StatusCode::OK, body)
+                }
+                Err(error) => {
+                    let shape = answer_as.error_shape();
+                    meter.failed(error.label());
+                    meter.finish_after_response(error.status_in(shape).as_u16());
+                    error.into_response_in(shape)
+                }
+            }
         }
         Ready::Stream(first, facts, upstream) => {
             let body = SseBody::new(SseParams {
@@ -36,6 +49,7 @@ pub fn respond(request: &InboundRequest, served: Served<'_>) -> Response {
                 backend: backend.name.clone(),
                 endpoint: request.endpoint(),
                 include_usage: request.include_usage(),
+                encoder: answer_as.encoder(meter.usage_so_far().prompt_tokens),
                 meter,
             });
             let mut response = Response::new(Body::from_stream(body));

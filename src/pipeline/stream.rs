@@ -4,7 +4,8 @@
 //! OpenAI's shape), turns a failure into an SSE error event, ends a stream
 //! whose cost reaches its budget reservation as the upstream would at its
 //! `max_tokens` (`finish_reason: "length"`), and always ends with
-//! `data: [DONE]`. Dropping it (the client went away) drops the
+//! `data: [DONE]`. For a client of another inbound API, each event is
+//! re-encoded in its API once the meter has read it. Dropping it (the client went away) drops the
 //! upstream stream, which closes the upstream connection.
 
 use std::convert::Infallible;
@@ -18,6 +19,7 @@ use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::GatewayError;
+use crate::inbound::Encoder;
 use crate::metering::Meter;
 use crate::metering::usage::{ChunkFacts, read_chunk};
 use crate::openai::{Delta, Endpoint, ResponseIdentity};
@@ -48,6 +50,9 @@ pub struct SseBody {
     include_usage: bool,
     sent_usage_chunk: bool,
     identity: Option<ResponseIdentity>,
+    /// Re-encodes the events for a client of another inbound API; `None`
+    /// for OpenAI's, whose chunks go out as they came.
+    encoder: Option<Box<Encoder>>,
     /// Given up when the stream ends, to record the request.
     meter: Option<Meter>,
 }
@@ -61,6 +66,7 @@ pub struct SseParams {
     pub backend: String,
     pub endpoint: Endpoint,
     pub include_usage: bool,
+    pub encoder: Option<Box<Encoder>>,
     pub meter: Meter,
 }
 
@@ -79,6 +85,7 @@ impl SseBody {
             include_usage: p.include_usage,
             sent_usage_chunk: false,
             identity: None,
+            encoder: p.encoder,
             meter: Some(p.meter),
         };
         let (chunk, facts) = p.first;
@@ -104,7 +111,7 @@ impl SseBody {
             self.sent_usage_chunk = true;
         }
         self.meter().chunk_sent(now.into_std());
-        put_event(out, chunk);
+        emit(&mut self.encoder, out, chunk);
         if self.meter().reservation_spent() {
             self.cut();
         }
@@ -119,10 +126,11 @@ impl SseBody {
         } else {
             identity.text_completion("", Some("length"), None)
         };
-        put_event(&mut self.ready, &last);
+        emit(&mut self.encoder, &mut self.ready, &last);
         if self.include_usage {
             let usage = self.meter().usage_so_far();
-            put_event(&mut self.ready, &identity.usage_chunk(self.endpoint, usage));
+            let chunk = identity.usage_chunk(self.endpoint, usage);
+            emit(&mut self.encoder, &mut self.ready, &chunk);
         }
         let meter = self.meter.as_ref().expect(METER_KEPT);
         tracing::info!(
@@ -157,7 +165,8 @@ impl SseBody {
         if self.include_usage && !self.sent_usage_chunk {
             if let Some(usage) = self.meter().usage() {
                 let identity = self.identity.take().unwrap_or_default();
-                put_event(&mut self.ready, &identity.usage_chunk(self.endpoint, usage));
+                let chunk = identity.usage_chunk(self.endpoint, usage);
+                emit(&mut self.encoder, &mut self.ready, &chunk);
             }
         }
         self.end(200);
@@ -168,16 +177,34 @@ impl SseBody {
         meter.upstream_done();
         meter.failed(error.label());
         tracing::warn!(request_id = meter.request_id(), backend = %self.backend, error = %error.message(), "stream failed after it started");
-        put_event(&mut self.ready, &error.body_json());
+        match &mut self.encoder {
+            Some(encoder) => encoder.fail(&mut self.ready, &error),
+            None => put_event(&mut self.ready, &error.body_json()),
+        }
         self.end(error.status().as_u16());
     }
 
     fn end(&mut self, status: u16) {
-        self.ready.put_slice(DONE);
+        match &mut self.encoder {
+            Some(encoder) => {
+                let meter = self.meter.as_ref().expect(METER_KEPT);
+                let usage = meter.usage().unwrap_or_else(|| meter.usage_so_far());
+                encoder.end(&mut self.ready, usage);
+            }
+            None => self.ready.put_slice(DONE),
+        }
         self.finished = true;
         if let Some(meter) = self.meter.take() {
             meter.finish_after_response(status);
         }
+    }
+}
+
+/// One canonical chunk for the client: as it is, or re-encoded.
+fn emit(encoder: &mut Option<Box<Encoder>>, out: &mut BytesMut, chunk: &[u8]) {
+    match encoder {
+        None => put_event(out, chunk),
+        Some(encoder) => encoder.chunk(out, chunk),
     }
 }
 
@@ -299,6 +326,7 @@ mod tests {
             backend: "b".into(),
             endpoint: Endpoint::Chat,
             include_usage,
+            encoder: None,
             meter,
         });
         let frames = body
@@ -333,6 +361,7 @@ mod tests {
             backend: "b".into(),
             endpoint: Endpoint::Chat,
             include_usage: false,
+            encoder: None,
             meter,
         })
         .map(Result::unwrap)

@@ -24,6 +24,7 @@ use tower_http::cors::CorsLayer;
 use crate::config::{Config, Endpoints};
 use crate::error::GatewayError;
 use crate::id::REQUEST_ID_HEADER;
+use crate::inbound::Api;
 use crate::openai::{Endpoint, ModelEntry, ModelList};
 use crate::pipeline::respond::json_response;
 use crate::pipeline::{self, admit, auth};
@@ -61,9 +62,20 @@ impl Gateway {
         // Clients that join a base URL ending in "/" to a path write a
         // trailing slash; it names the same route.
         let api = [
-            ("/v1/chat/completions", inference(Endpoint::Chat)),
-            ("/v1/completions", inference(Endpoint::Completions)),
-            ("/v1/embeddings", inference(Endpoint::Embeddings)),
+            (
+                "/v1/chat/completions",
+                inference(Api::OpenAi(Endpoint::Chat)),
+            ),
+            (
+                "/v1/completions",
+                inference(Api::OpenAi(Endpoint::Completions)),
+            ),
+            (
+                "/v1/embeddings",
+                inference(Api::OpenAi(Endpoint::Embeddings)),
+            ),
+            ("/v1/messages", inference(Api::Messages)),
+            ("/v1/messages/count_tokens", post(count_tokens)),
             ("/v1/models", get(models)),
         ];
         let router = api
@@ -141,16 +153,22 @@ async fn edge(
     response
 }
 
-/// `POST` to an inference endpoint: the pipeline, for `endpoint`.
-fn inference(endpoint: Endpoint) -> MethodRouter<Arc<AppState>> {
+/// `POST` to an inference endpoint: the pipeline, for a client of `api`.
+fn inference(api: Api) -> MethodRouter<Arc<AppState>> {
     post(
         move |State(app): State<Arc<AppState>>,
               Extension(RequestId(id)): Extension<RequestId>,
               headers: HeaderMap,
-              body: axum::body::Body| {
-            pipeline::handle(app, id, endpoint, headers, body)
-        },
+              body: axum::body::Body| { pipeline::handle(app, id, api, headers, body) },
     )
+}
+
+async fn count_tokens(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    pipeline::count_tokens(&app, &headers, body).await
 }
 
 /// The models the caller's key may use in its region, in OpenAI's list

@@ -413,3 +413,57 @@ pub fn served_by(response: &reqwest::Response) -> (String, String) {
     };
     (header("x-tollgate-backend"), header("x-tollgate-attempts"))
 }
+
+/// The events of an SSE body written with `event:` lines (Messages,
+/// Responses), in order: each event's name and its data parsed as JSON.
+/// Every event must have both lines.
+pub fn named_events(body: &str) -> Vec<(String, Value)> {
+    body.split_terminator("\n\n")
+        .map(|event| {
+            let (name, data) = event
+                .split_once('\n')
+                .unwrap_or_else(|| panic!("not a named event: {event:?}"));
+            let name = name
+                .strip_prefix("event: ")
+                .unwrap_or_else(|| panic!("no event line: {event:?}"));
+            let data = data
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("no data line: {event:?}"));
+            (name.to_owned(), parse(data))
+        })
+        .collect()
+}
+
+/// That `ours` has the shape of `reference`, an object from a provider's
+/// own recording: every member it has, the reference has too, with a value
+/// of the same JSON type (objects compared the same way, arrays by their
+/// first elements); `optional` names members the reference may lack.
+pub fn check_shape(ours: &Value, reference: &Value, optional: &[&str], at: &str) {
+    match (ours, reference) {
+        (Value::Object(ours), Value::Object(reference)) => {
+            for (name, value) in ours {
+                let path = format!("{at}.{name}");
+                match reference.get(name) {
+                    Some(theirs) => check_shape(value, theirs, optional, &path),
+                    None => assert!(
+                        optional.contains(&name.as_str()),
+                        "{path} is not in the reference"
+                    ),
+                }
+            }
+        }
+        (Value::Array(ours), Value::Array(reference)) => {
+            if let (Some(ours), Some(theirs)) = (ours.first(), reference.first()) {
+                check_shape(ours, theirs, optional, &format!("{at}[0]"));
+            }
+        }
+        // `null` where the reference has a value (or the other way) is
+        // the optional field's other state.
+        (Value::Null, _) | (_, Value::Null) => {}
+        (ours, reference) => assert_eq!(
+            std::mem::discriminant(ours),
+            std::mem::discriminant(reference),
+            "{at}: {ours} where the reference has {reference}"
+        ),
+    }
+}

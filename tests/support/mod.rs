@@ -1,6 +1,7 @@
 //! Test support shared by the integration tests: mock upstreams, one
 //! module per protocol on a shared server (`mock`), the one config builder
-//! (`config`), the gateway under test with its client (`gateway`),
+//! (`config`), the gateway under test with its client (`gateway`), the
+//! backend kinds a behaviour suite runs against (`kinds`),
 //! plan-level helpers (`plan`), the gateway as a process (`process`) and a
 //! throwaway PostgreSQL server (`postgres`).
 
@@ -12,6 +13,7 @@
 pub mod bedrock_mock;
 pub mod config;
 pub mod gateway;
+pub mod kinds;
 pub mod mock;
 pub mod openai_mock;
 pub mod otlp;

@@ -1,0 +1,8 @@
+//! Anthropic Messages (`POST /v1/messages`): the request to the canonical
+//! chat request (`request.rs`), the canonical answer back (`response.rs`).
+
+mod request;
+mod response;
+
+pub use request::to_chat;
+pub use response::{MessagesSink, message};

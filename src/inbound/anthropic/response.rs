@@ -1,0 +1,315 @@
+//! The canonical chat answer as a Messages `message`, whole or as the
+//! Messages event stream: `message_start`, then per content block
+//! `content_block_start`, its deltas and `content_block_stop` (a `ping`
+//! after the first block starts), then `message_delta` with the stop
+//! reason and usage, and `message_stop`.
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::super::canonical::{Completion, Finish, Sink, put_named_event};
+use crate::error::{ErrorShape, GatewayError};
+use crate::openai::Usage;
+
+/// Anthropic's `stop_reason` and `stop_sequence` for how the canonical
+/// answer finished.
+fn stop(finish: &Finish, stops: &[String]) -> (&'static str, Option<String>) {
+    match finish.reason.as_deref() {
+        Some("length") => ("max_tokens", None),
+        Some("tool_calls") => ("tool_use", None),
+        Some("content_filter") => ("refusal", None),
+        _ => match finish.stop_string.as_ref().filter(|s| stops.contains(s)) {
+            Some(sequence) => ("stop_sequence", Some(sequence.clone())),
+            None => ("end_turn", None),
+        },
+    }
+}
+
+/// Anthropic's usage: input excludes what was read from the cache, which
+/// is reported apart when the upstream reported it.
+#[derive(Debug, Serialize)]
+struct MessageUsage {
+    input_tokens: u64,
+    output_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_read_input_tokens: Option<u64>,
+}
+
+impl From<Usage> for MessageUsage {
+    fn from(usage: Usage) -> Self {
+        let cached = usage.prompt_tokens_details.map(|_| usage.cached_tokens());
+        Self {
+            input_tokens: usage.prompt_tokens - cached.unwrap_or(0),
+            output_tokens: usage.completion_tokens,
+            cache_read_input_tokens: cached,
+        }
+    }
+}
+
+/// A Messages id from the canonical one.
+fn message_id(id: &str) -> String {
+    let id = id.strip_prefix("chatcmpl-").unwrap_or(id);
+    if id.is_empty() {
+        format!("msg_{}", crate::id::random())
+    } else {
+        format!("msg_{id}")
+    }
+}
+
+/// A whole `chat.completion` as a Messages `message`.
+pub fn message(body: &[u8], backend: &str, stops: &[String]) -> Result<Bytes, GatewayError> {
+    let completion = Completion::read(body, backend)?;
+    let choice = completion.choices.first();
+    let mut content = Vec::new();
+    if let Some(answer) = choice.and_then(|c| c.message.as_ref()) {
+        if let Some(text) = answer.content.as_deref().filter(|t| !t.is_empty()) {
+            content.push(json!({"type": "text", "text": text}));
+        }
+        for call in answer.tool_calls.iter().flatten() {
+            content.push(json!({"type": "tool_use", "id": call.id,
+                "name": call.function.name, "input": tool_input(&call.function.arguments)}));
+        }
+    }
+    let (stop_reason, stop_sequence) = stop(&Finish::of(choice), stops);
+    let message = json!({
+        "id": message_id(completion.id.as_deref().unwrap_or_default()),
+        "type": "message",
+        "role": "assistant",
+        "model": completion.model.as_deref().unwrap_or_default(),
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
+        "usage": MessageUsage::from(completion.usage()),
+    });
+    Ok(serde_json::to_vec(&message)
+        .expect("JSON values serialise")
+        .into())
+}
+
+/// A tool call's arguments as `input`: an object, or `{}` for none. Text
+/// that is not JSON is kept as a string rather than lost.
+fn tool_input(arguments: &str) -> Value {
+    if arguments.trim().is_empty() {
+        return json!({});
+    }
+    serde_json::from_str(arguments).unwrap_or_else(|_| Value::String(arguments.to_owned()))
+}
+
+/// Writes the Messages event stream.
+pub struct MessagesSink {
+    stops: Vec<String>,
+    /// The prompt's estimate, for `message_start` (the upstream's count
+    /// comes with `message_delta`).
+    input_estimate: u64,
+    pinged: bool,
+}
+
+impl MessagesSink {
+    pub fn new(stops: Vec<String>, input_estimate: u64) -> Self {
+        Self {
+            stops,
+            input_estimate,
+            pinged: false,
+        }
+    }
+}
+
+fn event(out: &mut BytesMut, name: &str, value: &Value) {
+    put_named_event(
+        out,
+        name,
+        &serde_json::to_vec(value).expect("JSON values serialise"),
+    );
+}
+
+impl Sink for MessagesSink {
+    fn start(&mut self, out: &mut BytesMut, id: &str, model: &str) {
+        event(
+            out,
+            "message_start",
+            &json!({"type": "message_start", "message": {
+                "id": message_id(id), "type": "message", "role": "assistant", "model": model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": self.input_estimate, "output_tokens": 0}}}),
+        );
+    }
+
+    fn open_text(&mut self, out: &mut BytesMut, index: usize) {
+        self.open(out, index, json!({"type": "text", "text": ""}));
+    }
+
+    fn text(&mut self, out: &mut BytesMut, index: usize, text: &str) {
+        event(
+            out,
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": index,
+                "delta": {"type": "text_delta", "text": text}}),
+        );
+    }
+
+    fn open_tool(&mut self, out: &mut BytesMut, index: usize, id: &str, name: &str) {
+        self.open(
+            out,
+            index,
+            json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
+        );
+    }
+
+    fn arguments(&mut self, out: &mut BytesMut, index: usize, arguments: &str) {
+        event(
+            out,
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": index,
+                "delta": {"type": "input_json_delta", "partial_json": arguments}}),
+        );
+    }
+
+    fn close(&mut self, out: &mut BytesMut, index: usize) {
+        event(
+            out,
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        );
+    }
+
+    fn finish(&mut self, out: &mut BytesMut, finish: &Finish, usage: Usage) {
+        let (stop_reason, stop_sequence) = stop(finish, &self.stops);
+        event(
+            out,
+            "message_delta",
+            &json!({"type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                "usage": MessageUsage::from(usage)}),
+        );
+        event(out, "message_stop", &json!({"type": "message_stop"}));
+    }
+
+    fn error(&mut self, out: &mut BytesMut, error: &GatewayError) {
+        put_named_event(out, "error", &error.body_json_in(ErrorShape::Anthropic));
+    }
+}
+
+impl MessagesSink {
+    fn open(&mut self, out: &mut BytesMut, index: usize, block: Value) {
+        event(
+            out,
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index, "content_block": block}),
+        );
+        if !self.pinged {
+            self.pinged = true;
+            event(out, "ping", &json!({"type": "ping"}));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::canonical::Translator;
+    use super::*;
+
+    /// Canonical chunks of `(content, tool call, finish_reason)`.
+    fn run(chunks: &[Value], stops: &[&str], usage: Usage) -> Vec<(String, Value)> {
+        let stops = stops.iter().map(|s| s.to_string()).collect();
+        let mut translator = Translator::new(MessagesSink::new(stops, 7));
+        let mut out = BytesMut::new();
+        for chunk in chunks {
+            translator.chunk(&mut out, chunk.to_string().as_bytes());
+        }
+        translator.end(&mut out, usage);
+        events(std::str::from_utf8(&out).unwrap())
+    }
+
+    fn events(sse: &str) -> Vec<(String, Value)> {
+        sse.split_terminator("\n\n")
+            .map(|e| {
+                let (name, data) = e.split_once('\n').unwrap();
+                let name = name.strip_prefix("event: ").unwrap().to_owned();
+                (
+                    name,
+                    serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn chunk(delta: Value, finish: Option<&str>) -> Value {
+        json!({"id": "chatcmpl-1", "model": "m", "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    }
+
+    #[test]
+    fn text_then_a_tool_call_is_two_blocks_in_anthropics_order() {
+        let chunks = [
+            chunk(json!({"role": "assistant", "content": ""}), None),
+            chunk(json!({"content": "I'll check."}), None),
+            chunk(
+                json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\":"}}]}),
+                None,
+            ),
+            chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}),
+                None,
+            ),
+            chunk(json!({}), Some("tool_calls")),
+        ];
+        let ours = run(&chunks, &[], Usage::new(20, 9));
+        let reference = events(include_str!(
+            "../../../tests/fixtures/anthropic/tool_use_response.sse"
+        ));
+        let collapse = |events: &[(String, Value)]| {
+            let mut names: Vec<String> = events.iter().map(|(n, _)| n.clone()).collect();
+            names.dedup();
+            names
+        };
+        assert_eq!(collapse(&ours), collapse(&reference));
+        assert_eq!(ours[0].1["message"]["id"], "msg_1");
+        assert_eq!(ours[0].1["message"]["usage"]["input_tokens"], 7);
+        assert_eq!(ours[4].1, json!({"type": "content_block_stop", "index": 0}));
+        assert_eq!(ours[5].1["content_block"]["id"], "call_1");
+        assert_eq!(ours[5].1["index"], 1);
+        let last = &ours[ours.len() - 2].1;
+        assert_eq!(last["delta"]["stop_reason"], "tool_use");
+        assert_eq!(
+            last["usage"],
+            json!({"input_tokens": 20, "output_tokens": 9})
+        );
+    }
+
+    #[test]
+    fn stop_reasons_follow_how_the_answer_ended() {
+        let text = chunk(json!({"content": "hi"}), None);
+        let stop_reason = |finish: Value, stops: &[&str]| {
+            let ours = run(&[text.clone(), finish], stops, Usage::default());
+            ours[ours.len() - 2].1["delta"].clone()
+        };
+        let vllm_stop = json!({"id": "c", "choices": [{"index": 0, "delta": {},
+            "finish_reason": "stop", "stop_reason": "END"}]});
+        assert_eq!(
+            stop_reason(vllm_stop, &["END"]),
+            json!({"stop_reason": "stop_sequence", "stop_sequence": "END"})
+        );
+        let length = chunk(json!({}), Some("length"));
+        assert_eq!(stop_reason(length, &[])["stop_reason"], "max_tokens");
+        let stop = chunk(json!({}), Some("stop"));
+        assert_eq!(stop_reason(stop, &["END"])["stop_reason"], "end_turn");
+    }
+
+    #[test]
+    fn cached_prompt_tokens_are_reported_apart() {
+        let body = json!({"id": "chatcmpl-9", "model": "m", "choices": [{"index": 0,
+            "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 2, "total_tokens": 102,
+                "prompt_tokens_details": {"cached_tokens": 60}}});
+        let message: Value =
+            serde_json::from_slice(&message(body.to_string().as_bytes(), "b", &[]).unwrap())
+                .unwrap();
+        assert_eq!(
+            message["usage"],
+            json!({"input_tokens": 40, "output_tokens": 2, "cache_read_input_tokens": 60})
+        );
+        assert_eq!(message["id"], "msg_9");
+    }
+}

@@ -1,0 +1,294 @@
+//! What both inbound APIs read of the canonical answer: a whole OpenAI
+//! chat completion, or its chunks, seen through borrowed views; and the
+//! one state machine that turns chunks into content blocks (Messages) or
+//! output items (Responses): which block is open, when it closes, and how
+//! the stream ended. Each API writes its own events through a [`Sink`].
+
+use std::borrow::Cow;
+
+use bytes::{BufMut, BytesMut};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::GatewayError;
+use crate::openai::{ReportedUsage, Usage};
+
+/// A whole `chat.completion`, the fields the translations read.
+#[derive(Debug, Deserialize)]
+pub struct Completion<'a> {
+    #[serde(borrow, default)]
+    pub id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub choices: Vec<Choice>,
+    #[serde(default)]
+    pub usage: Option<ReportedUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Choice {
+    #[serde(default)]
+    pub message: Option<Answer>,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    /// vLLM's matched stop string (or token id) when `finish_reason` is
+    /// `stop`.
+    #[serde(default)]
+    pub stop_reason: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Answer {
+    #[serde(default)]
+    pub content: Option<String>,
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub function: Function,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Function {
+    pub name: String,
+    #[serde(default)]
+    pub arguments: String,
+}
+
+impl Completion<'_> {
+    /// Reads a completion body; the provider checked it is JSON, so a
+    /// body that does not fit is the upstream's fault.
+    pub fn read<'a>(body: &'a [u8], backend: &str) -> Result<Completion<'a>, GatewayError> {
+        serde_json::from_slice(body).map_err(|e| GatewayError::upstream_protocol(backend, e))
+    }
+
+    pub fn usage(&self) -> Usage {
+        self.usage
+            .as_ref()
+            .and_then(|u| u.read().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// One `chat.completion.chunk`, the fields the translations read.
+#[derive(Debug, Deserialize)]
+struct ChunkView<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    choices: Vec<ChoiceDelta<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChoiceDelta<'a> {
+    #[serde(borrow, default)]
+    delta: Option<DeltaView<'a>>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+    #[serde(default)]
+    stop_reason: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeltaView<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<ToolCallDelta<'a>>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ToolCallDelta<'a> {
+    #[serde(default)]
+    index: Option<u32>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(borrow, default)]
+    function: Option<FunctionDelta<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FunctionDelta<'a> {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(borrow, default)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+/// How the answer ended, as the canonical chunks said it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Finish {
+    /// OpenAI's `finish_reason`: `stop`, `length`, `tool_calls`,
+    /// `content_filter`; `None` when the stream never said.
+    pub reason: Option<String>,
+    /// The stop string vLLM reports having matched.
+    pub stop_string: Option<String>,
+}
+
+impl Finish {
+    pub fn of(choice: Option<&Choice>) -> Self {
+        choice.map_or_else(Self::default, |c| {
+            Self::new(&c.finish_reason, &c.stop_reason)
+        })
+    }
+
+    fn new(reason: &Option<String>, stop_reason: &Option<Value>) -> Self {
+        Self {
+            reason: reason.clone(),
+            stop_string: match stop_reason {
+                Some(Value::String(s)) => Some(s.clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// What an API writes for each step of the canonical stream. `index` is
+/// the block's (item's) position in the answer, from 0.
+pub trait Sink {
+    /// Before the first block: the answer's id and model.
+    fn start(&mut self, out: &mut BytesMut, id: &str, model: &str);
+    fn open_text(&mut self, out: &mut BytesMut, index: usize);
+    fn text(&mut self, out: &mut BytesMut, index: usize, text: &str);
+    fn open_tool(&mut self, out: &mut BytesMut, index: usize, id: &str, name: &str);
+    fn arguments(&mut self, out: &mut BytesMut, index: usize, arguments: &str);
+    fn close(&mut self, out: &mut BytesMut, index: usize);
+    /// After the last block closed.
+    fn finish(&mut self, out: &mut BytesMut, finish: &Finish, usage: Usage);
+    /// The stream failed after it started; nothing follows.
+    fn error(&mut self, out: &mut BytesMut, error: &GatewayError);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Open {
+    Nothing,
+    Text,
+    /// The tool call with this canonical `index`.
+    Tool(u32),
+}
+
+/// The canonical stream, turned into one API's events by its sink.
+pub struct Translator<S> {
+    sink: S,
+    started: bool,
+    open: Open,
+    /// Blocks opened so far: the next block's index.
+    blocks: usize,
+    finish: Finish,
+    done: bool,
+}
+
+impl<S: Sink> Translator<S> {
+    pub fn new(sink: S) -> Self {
+        Self {
+            sink,
+            started: false,
+            open: Open::Nothing,
+            blocks: 0,
+            finish: Finish::default(),
+            done: false,
+        }
+    }
+
+    /// One canonical chunk, which the meter has already read. A chunk the
+    /// views cannot read carries nothing to translate (usage-only chunks
+    /// included): the meter judged it.
+    pub fn chunk(&mut self, out: &mut BytesMut, chunk: &[u8]) {
+        let Ok(view) = serde_json::from_slice::<ChunkView<'_>>(chunk) else {
+            return;
+        };
+        if !self.started {
+            self.started = true;
+            let id = view.id.as_deref().unwrap_or_default();
+            let model = view.model.as_deref().unwrap_or_default();
+            self.sink.start(out, id, model);
+        }
+        let Some(choice) = view.choices.into_iter().next() else {
+            return;
+        };
+        if let Some(delta) = choice.delta {
+            if let Some(text) = delta.content.as_deref().filter(|t| !t.is_empty()) {
+                if self.open != Open::Text {
+                    self.switch(out, Open::Text, None);
+                }
+                self.sink.text(out, self.blocks - 1, text);
+            }
+            for call in delta.tool_calls.into_iter().flatten() {
+                let index = call.index.unwrap_or(0);
+                let (name, arguments) = call
+                    .function
+                    .map_or((None, None), |f| (f.name, f.arguments));
+                if self.open != Open::Tool(index) {
+                    let id = call
+                        .id
+                        .unwrap_or_else(|| format!("call_{}", crate::id::random()));
+                    self.switch(out, Open::Tool(index), Some((&id, name.as_deref())));
+                }
+                if let Some(arguments) = arguments.as_deref().filter(|a| !a.is_empty()) {
+                    self.sink.arguments(out, self.blocks - 1, arguments);
+                }
+            }
+        }
+        if choice.finish_reason.is_some() {
+            self.finish = Finish::new(&choice.finish_reason, &choice.stop_reason);
+        }
+    }
+
+    /// Closes the open block and opens `next`.
+    fn switch(&mut self, out: &mut BytesMut, next: Open, tool: Option<(&str, Option<&str>)>) {
+        self.close(out);
+        let index = self.blocks;
+        self.blocks += 1;
+        self.open = next;
+        match tool {
+            Some((id, name)) => self
+                .sink
+                .open_tool(out, index, id, name.unwrap_or_default()),
+            None => self.sink.open_text(out, index),
+        }
+    }
+
+    fn close(&mut self, out: &mut BytesMut) {
+        if self.open != Open::Nothing {
+            self.sink.close(out, self.blocks - 1);
+            self.open = Open::Nothing;
+        }
+    }
+
+    /// The canonical stream ended normally, having used `usage`.
+    pub fn end(&mut self, out: &mut BytesMut, usage: Usage) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if !self.started {
+            self.started = true;
+            self.sink.start(out, "", "");
+        }
+        self.close(out);
+        self.sink.finish(out, &self.finish, usage);
+    }
+
+    pub fn fail(&mut self, out: &mut BytesMut, error: &GatewayError) {
+        if !self.done {
+            self.done = true;
+            self.sink.error(out, error);
+        }
+    }
+}
+
+/// An SSE event with its `event:` line, as both inbound APIs write them.
+pub fn put_named_event(out: &mut BytesMut, name: &str, json: &[u8]) {
+    out.reserve(name.len() + json.len() + 16);
+    out.put_slice(b"event: ");
+    out.put_slice(name.as_bytes());
+    out.put_slice(b"\ndata: ");
+    out.put_slice(json);
+    out.put_slice(b"\n\n");
+}

@@ -1,0 +1,122 @@
+//! The inbound APIs beside OpenAI chat and completions: Anthropic Messages
+//! (`anthropic`) and OpenAI Responses (`responses`). Each translates its
+//! request once into the canonical OpenAI chat request, and the canonical
+//! answer (a whole chat completion, or its chunks) once back into its own
+//! shape, whichever backend served it: N + M translations, never N × M.
+//! The meter reads the canonical answer before it is translated.
+
+mod anthropic;
+mod canonical;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::error::{ErrorShape, GatewayError};
+use crate::openai::{Endpoint, InboundRequest, Usage};
+use canonical::Translator;
+
+/// The API a client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// Chat or legacy completions, served as the upstream answered.
+    OpenAi(Endpoint),
+    /// `POST /v1/messages`.
+    Messages,
+}
+
+impl Api {
+    pub fn error_shape(self) -> ErrorShape {
+        match self {
+            Self::Messages => ErrorShape::Anthropic,
+            Self::OpenAi(_) => ErrorShape::OpenAi,
+        }
+    }
+
+    /// The canonical endpoint a request of this API is served as.
+    pub fn endpoint(self) -> Endpoint {
+        match self {
+            Self::OpenAi(endpoint) => endpoint,
+            Self::Messages => Endpoint::Chat,
+        }
+    }
+
+    /// Reads a client body as the canonical request, and how its answer
+    /// goes back. A body that does not fit is a 400 naming the place.
+    pub fn parse(self, body: Bytes) -> Result<(InboundRequest, Reply), GatewayError> {
+        match self {
+            Self::OpenAi(endpoint) => Ok((InboundRequest::parse(endpoint, body)?, Reply::OpenAi)),
+            Self::Messages => {
+                let (chat, stops) = anthropic::to_chat(&body)?;
+                let request = InboundRequest::parse(Endpoint::Chat, chat.into())?;
+                Ok((request, Reply::Messages { stops }))
+            }
+        }
+    }
+}
+
+/// How the canonical answer goes back to the client.
+#[derive(Debug)]
+pub enum Reply {
+    /// As the upstream's OpenAI bytes.
+    OpenAi,
+    /// As a Messages `message` or event stream; `stops` are the request's
+    /// stop sequences, to name the one that ended the answer.
+    Messages { stops: Vec<String> },
+}
+
+impl Reply {
+    pub fn error_shape(&self) -> ErrorShape {
+        match self {
+            Self::OpenAi => ErrorShape::OpenAi,
+            Self::Messages { .. } => ErrorShape::Anthropic,
+        }
+    }
+
+    /// A whole canonical answer in the client's API.
+    pub fn complete(&self, body: Bytes, backend: &str) -> Result<Bytes, GatewayError> {
+        match self {
+            Self::OpenAi => Ok(body),
+            Self::Messages { stops } => anthropic::message(&body, backend, stops),
+        }
+    }
+
+    /// What re-encodes a canonical stream for the client; `None` when the
+    /// chunks go out as they came. `input_estimate` is the prompt's
+    /// estimated tokens, for APIs that state usage before the upstream has.
+    pub fn encoder(self, input_estimate: u64) -> Option<Box<Encoder>> {
+        match self {
+            Self::OpenAi => None,
+            Self::Messages { stops } => Some(Box::new(Encoder::Messages(Translator::new(
+                anthropic::MessagesSink::new(stops, input_estimate),
+            )))),
+        }
+    }
+}
+
+/// A canonical stream being re-encoded in the client's API. An enum, so
+/// each chunk costs one match, not a virtual call per event.
+pub enum Encoder {
+    Messages(Translator<anthropic::MessagesSink>),
+}
+
+impl Encoder {
+    /// One canonical chunk, written to `out` as the API's events.
+    pub fn chunk(&mut self, out: &mut BytesMut, chunk: &[u8]) {
+        match self {
+            Self::Messages(t) => t.chunk(out, chunk),
+        }
+    }
+
+    /// The stream ended normally, having used `usage`.
+    pub fn end(&mut self, out: &mut BytesMut, usage: Usage) {
+        match self {
+            Self::Messages(t) => t.end(out, usage),
+        }
+    }
+
+    /// The stream failed after it started.
+    pub fn fail(&mut self, out: &mut BytesMut, error: &GatewayError) {
+        match self {
+            Self::Messages(t) => t.fail(out, error),
+        }
+    }
+}

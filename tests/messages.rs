@@ -1,0 +1,463 @@
+//! `POST /v1/messages`, Anthropic's Messages API, served by every backend
+//! kind through one translation each way: answers whole and streamed with
+//! the event order and field shapes of Anthropic's own recordings
+//! (`tests/fixtures/anthropic/`), a tool call out and its result back in,
+//! errors in Anthropic's shape before and after the first byte, metering
+//! exactly once; then what does not depend on the backend: auth by
+//! `x-api-key`, bad input, the EU licence rule for images, `count_tokens`.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::config::{Backend, Config, Deployment, Key, Model};
+use support::gateway::*;
+use support::kinds::{COMPLETION_TOKENS, Kind, for_each_kind, start_for};
+use support::mock::{MockServer, MockUpstream};
+use support::openai_mock::{CANNED_PROMPT_TOKENS, TOOL_CALL_ID, TOOL_NAME};
+
+/// An Anthropic recording's events.
+fn reference(name: &str) -> Vec<(String, Value)> {
+    let path = format!(
+        "{}/tests/fixtures/anthropic/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    named_events(&std::fs::read_to_string(path).unwrap())
+}
+
+/// Members the recordings lack that Messages may carry: usage's cache
+/// and cumulative fields.
+const OPTIONAL: &[&str] = &["input_tokens", "cache_read_input_tokens"];
+
+/// That each of our events has the shape of the recording's event of the
+/// same name and delta type.
+fn check_against(ours: &[(String, Value)], recording: &[(String, Value)]) {
+    let kind = |(name, data): &(String, Value)| {
+        let sub = data["delta"]["type"]
+            .as_str()
+            .or(data["content_block"]["type"].as_str());
+        format!("{name}/{}", sub.unwrap_or(""))
+    };
+    for event in ours {
+        let theirs = recording
+            .iter()
+            .find(|r| kind(r) == kind(event))
+            .unwrap_or_else(|| panic!("no {} in the recording", kind(event)));
+        check_shape(&event.1, &theirs.1, OPTIONAL, &kind(event));
+    }
+}
+
+/// Event names with repeats of one name in a row counted once.
+fn names(events: &[(String, Value)]) -> Vec<&str> {
+    let mut names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    names.dedup();
+    names
+}
+
+fn ask(stream: bool) -> Value {
+    json!({"model": "chat", "max_tokens": 16, "stream": stream,
+        "system": "Be brief.", "messages": [{"role": "user", "content": "Hello"}]})
+}
+
+fn with_tools(mut body: Value) -> Value {
+    body["tools"] = json!([{"name": TOOL_NAME, "description": "Weather by city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]);
+    body
+}
+
+async fn post(gateway: &Gateway, body: &Value) -> reqwest::Response {
+    gateway
+        .post("/v1/messages")
+        .header("anthropic-version", "2023-06-01")
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A streamed Messages answer that must start: its events.
+async fn stream(gateway: &Gateway, body: &Value) -> Vec<(String, Value)> {
+    let response = post(gateway, body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    named_events(&response.text().await.unwrap())
+}
+
+fn text_of(events: &[(String, Value)]) -> String {
+    events
+        .iter()
+        .filter_map(|(_, d)| d["delta"]["text"].as_str())
+        .collect()
+}
+
+async fn a_whole_answer_is_a_message_with_exact_usage(kind: Kind) {
+    let upstream = kind.mock().start().await;
+    let gateway = start_for(kind, &upstream).await;
+    let response = post(&gateway, &ask(false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-backend"], "up");
+    let body: Value = response.json().await.unwrap();
+    let recorded = &reference("basic_response.sse")[0].1["message"];
+    check_shape(&body, recorded, OPTIONAL, "message");
+    assert!(body["id"].as_str().unwrap().starts_with("msg_"), "{body}");
+    assert_eq!(body["type"], "message");
+    assert_eq!(body["role"], "assistant");
+    assert_eq!(
+        body["content"],
+        json!([{"type": "text", "text": "tok tok tok "}])
+    );
+    assert_eq!(body["stop_reason"], "end_turn");
+    assert_eq!(body["stop_sequence"], Value::Null);
+    assert_eq!(
+        body["usage"],
+        json!({"input_tokens": CANNED_PROMPT_TOKENS, "output_tokens": COMPLETION_TOKENS})
+    );
+    gateway
+        .eventually_exact_output_tokens("chat", "up", COMPLETION_TOKENS)
+        .await;
+    assert_eq!(upstream.hits(), 1);
+}
+
+async fn a_stream_is_anthropics_event_sequence(kind: Kind) {
+    let upstream = kind.mock().start().await;
+    let gateway = start_for(kind, &upstream).await;
+    let events = stream(&gateway, &ask(true)).await;
+    let recording = reference("basic_response.sse");
+    assert_eq!(names(&events), names(&recording));
+    check_against(&events, &recording);
+    assert_eq!(text_of(&events), "tok tok tok ");
+    assert!(events.iter().all(|(name, data)| data["type"] == *name));
+    let delta = &events[events.len() - 2].1;
+    assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+    assert_eq!(delta["usage"]["output_tokens"], COMPLETION_TOKENS);
+    assert_eq!(delta["usage"]["input_tokens"], CANNED_PROMPT_TOKENS);
+    gateway
+        .eventually_exact_output_tokens("chat", "up", COMPLETION_TOKENS)
+        .await;
+}
+
+async fn a_tool_call_goes_out_and_its_result_comes_back_in(kind: Kind) {
+    let upstream = kind.mock().start().await;
+    let gateway = start_for(kind, &upstream).await;
+    let body: Value = post(&gateway, &with_tools(ask(false)))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["stop_reason"], "tool_use", "{body}");
+    let call = json!({"type": "tool_use", "id": TOOL_CALL_ID, "name": TOOL_NAME, "input": {"city": "Paris"}});
+    assert_eq!(body["content"], json!([call]));
+
+    let events = stream(&gateway, &with_tools(ask(true))).await;
+    let recording = reference("tool_use_response.sse");
+    check_against(&events, &recording);
+    assert_eq!(
+        names(&events),
+        [
+            "message_start",
+            "content_block_start",
+            "ping",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    let start = &events[1].1;
+    assert_eq!(start["index"], 0);
+    assert_eq!(
+        start["content_block"],
+        json!({"type": "tool_use", "id": TOOL_CALL_ID, "name": TOOL_NAME, "input": {}})
+    );
+    let partial: String = events
+        .iter()
+        .filter_map(|(_, d)| d["delta"]["partial_json"].as_str())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&partial).unwrap(),
+        json!({"city": "Paris"})
+    );
+    assert_eq!(
+        events[events.len() - 2].1["delta"]["stop_reason"],
+        "tool_use"
+    );
+
+    // The result goes back in, with the call it answers.
+    let mut next = with_tools(ask(false));
+    next["messages"] = json!([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [call]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": TOOL_CALL_ID,
+            "content": [{"type": "text", "text": "18C and sunny"}]}]}
+    ]);
+    let response = post(&gateway, &next).await;
+    assert_eq!(response.status(), 200);
+    let sent = upstream.requests().pop().unwrap().json;
+    match kind {
+        Kind::Bedrock => {
+            let turns = &sent["messages"];
+            assert_eq!(turns[1]["content"][0]["toolUse"]["toolUseId"], TOOL_CALL_ID);
+            assert_eq!(
+                turns[1]["content"][0]["toolUse"]["input"],
+                json!({"city": "Paris"})
+            );
+            let result = &turns[2]["content"][0]["toolResult"];
+            assert_eq!(result["toolUseId"], TOOL_CALL_ID);
+            assert_eq!(result["content"][0]["text"], "18C and sunny");
+            assert_eq!(sent["system"][0]["text"], "Be brief.");
+        }
+        Kind::OpenAi | Kind::Tgi => {
+            let turns = &sent["messages"];
+            assert_eq!(turns[0], json!({"role": "system", "content": "Be brief."}));
+            assert_eq!(turns[2]["tool_calls"][0]["id"], TOOL_CALL_ID);
+            assert_eq!(
+                turns[3],
+                json!({"role": "tool", "tool_call_id": TOOL_CALL_ID, "content": "18C and sunny"})
+            );
+        }
+    }
+}
+
+async fn upstream_errors_are_anthropic_errors(kind: Kind) {
+    let limited = kind.rate_limited(kind.mock()).start().await;
+    let gateway = start_for(kind, &limited).await;
+    for streamed in [false, true] {
+        let response = post(&gateway, &ask(streamed)).await;
+        assert_eq!(response.status(), 429, "stream: {streamed}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["type"], "error", "{body}");
+        assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+        assert!(body["error"]["message"].is_string());
+    }
+    let (mock, status) = kind.rejecting(kind.mock());
+    let rejecting = mock.start().await;
+    let gateway = start_for(kind, &rejecting).await;
+    let response = post(&gateway, &ask(false)).await;
+    assert_eq!(response.status(), status);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("bad input words")
+    );
+}
+
+async fn a_stream_cut_mid_way_is_an_error_event_and_metered_once(kind: Kind) {
+    let upstream = kind.mock().reset_after(2).start().await;
+    let gateway = start_for(kind, &upstream).await;
+    let events = stream(&gateway, &ask(true)).await;
+    let (name, error) = events.last().unwrap();
+    assert_eq!(name, "error");
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["type"], "api_error", "{error}");
+    assert_eq!(events[0].0, "message_start");
+    assert!(!events.iter().any(|(n, _)| n == "message_stop"));
+    let labels = [("alias", "chat"), ("backend", "up"), ("status", "502")];
+    gateway
+        .eventually_metric("tollgate_requests_total", &labels, 1.0)
+        .await;
+    // Still once, a moment later.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let text = gateway.metrics().await;
+    assert_eq!(metric(&text, "tollgate_requests_total", &labels), Some(1.0));
+}
+
+for_each_kind!(
+    a_whole_answer_is_a_message_with_exact_usage,
+    a_stream_is_anthropics_event_sequence,
+    a_tool_call_goes_out_and_its_result_comes_back_in,
+    upstream_errors_are_anthropic_errors,
+    a_stream_cut_mid_way_is_an_error_event_and_metered_once,
+);
+
+/// A gateway with keys, in front of a vLLM mock.
+async fn keyed(upstream: &MockServer) -> Gateway {
+    let config = Config::new()
+        .backend(Backend::upstream("up", "vllm", &url(upstream)))
+        .model(Model::new("chat").deployment(Deployment::new("up", "m")))
+        .key(Key::new("team"));
+    start(&config).await
+}
+
+#[tokio::test]
+async fn a_key_comes_as_x_api_key_or_bearer_and_errors_are_anthropic_shaped() {
+    let upstream = MockUpstream::openai().start().await;
+    let gateway = keyed(&upstream).await;
+    let send = |auth: Option<(&'static str, &'static str)>| {
+        let mut request = gateway
+            .post("/v1/messages")
+            .header("anthropic-version", "2023-06-01")
+            .json(&ask(false));
+        if let Some((name, value)) = auth {
+            request = request.header(name, value);
+        }
+        request.send()
+    };
+    let ok = send(Some(("x-api-key", "team-secret"))).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let ok = send(Some(("authorization", "Bearer team-secret")))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    for auth in [None, Some(("x-api-key", "wrong"))] {
+        let refused = send(auth).await.unwrap();
+        assert_eq!(refused.status(), 401);
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "authentication_error");
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_a_clear_anthropic_error_never_a_panic() {
+    let upstream = MockUpstream::openai().start().await;
+    let config = Config::new()
+        .set("server", "max_body_bytes", 4096)
+        .backend(Backend::upstream("up", "vllm", &url(&upstream)))
+        .model(Model::new("chat").deployment(Deployment::new("up", "m")));
+    let gateway = start(&config).await;
+    let send = |body: String| gateway.post("/v1/messages").body(body).send();
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let cases = [
+        (
+            r#"{"model":"chat","messages":[{"role":"user","content":"hi"}]}"#.to_owned(),
+            400,
+            "invalid_request_error",
+            "max_tokens",
+        ),
+        (
+            "{not json".to_owned(),
+            400,
+            "invalid_request_error",
+            "not valid JSON",
+        ),
+        (
+            r#"{"model":"chat","max_tokens":"many","messages":[]}"#.to_owned(),
+            400,
+            "invalid_request_error",
+            "max_tokens",
+        ),
+        (
+            r#"{"model":"chat","max_tokens":8,"messages":[]}"#.to_owned(),
+            400,
+            "invalid_request_error",
+            "messages",
+        ),
+        (
+            r#"{"model":"chat","max_tokens":8,"messages":[{"role":"system","content":"hi"}]}"#
+                .to_owned(),
+            400,
+            "invalid_request_error",
+            "messages[0].role",
+        ),
+        (
+            format!(r#"{{"model":"chat","max_tokens":8,"messages":{deep}}}"#),
+            413,
+            "request_too_large",
+            "larger",
+        ),
+        (
+            format!(
+                r#"{{"model":"chat","max_tokens":8,"messages":[{{"role":"user","content":{}{}}}]}}"#,
+                "[".repeat(1000),
+                "]".repeat(1000)
+            ),
+            400,
+            "invalid_request_error",
+            "recursion limit",
+        ),
+        (
+            r#"{"model":"nope","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#
+                .to_owned(),
+            404,
+            "not_found_error",
+            "nope",
+        ),
+    ];
+    for (body, status, kind, says) in cases {
+        let response = send(body.clone()).await.unwrap();
+        assert_eq!(response.status(), status, "{body:.80}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["type"], "error", "{error}");
+        assert_eq!(error["error"]["type"], kind, "{error}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{says}: {message}");
+    }
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn an_image_from_the_eu_is_refused_a_multimodal_llama() {
+    let upstream = MockUpstream::openai().start().await;
+    let config = Config::new()
+        .backend(Backend::upstream("up", "vllm", &url(&upstream)))
+        .model(
+            Model::new("vision").deployment(
+                Deployment::new("up", "meta-llama/Llama-4-Maverick-17B-128E-Instruct")
+                    .set("licence", "llama")
+                    .multimodal(&["text", "image"]),
+            ),
+        );
+    let gateway = start(&config).await;
+    let body = json!({"model": "vision", "max_tokens": 16, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+        {"type": "text", "text": "What is this?"}]}]});
+    let refused = gateway
+        .post("/v1/messages")
+        .header("x-tollgate-region", "eu")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 451);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "permission_error", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Llama licence"),
+        "{error}"
+    );
+    let served = gateway
+        .post("/v1/messages")
+        .header("x-tollgate-region", "us")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    let sent = upstream.single_request().json;
+    assert_eq!(
+        sent["messages"][0]["content"][0]["image_url"]["url"],
+        "data:image/png;base64,iVBORw0KGgo="
+    );
+}
+
+#[tokio::test]
+async fn count_tokens_answers_the_gateways_estimate() {
+    let upstream = MockUpstream::openai().start().await;
+    let gateway = keyed(&upstream).await;
+    let response = gateway
+        .post("/v1/messages/count_tokens")
+        .header("x-api-key", "team-secret")
+        .json(&json!({"model": "chat", "system": "Be brief.",
+            "messages": [{"role": "user", "content": "Hello there, how are you today?"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let tokens = body["input_tokens"].as_u64().unwrap();
+    assert!((5..40).contains(&tokens), "{body}");
+    assert_eq!(body.as_object().unwrap().len(), 1);
+    let refused = gateway
+        .post("/v1/messages/count_tokens")
+        .json(&json!({"model": "chat", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(upstream.hits(), 0);
+}
