@@ -7,8 +7,10 @@
 
 mod anthropic;
 mod canonical;
+mod responses;
 
 use bytes::{Bytes, BytesMut};
+use serde_json::{Map, Value};
 
 use crate::error::{ErrorShape, GatewayError};
 use crate::openai::{Endpoint, InboundRequest, Usage};
@@ -21,13 +23,15 @@ pub enum Api {
     OpenAi(Endpoint),
     /// `POST /v1/messages`.
     Messages,
+    /// `POST /v1/responses`.
+    Responses,
 }
 
 impl Api {
     pub fn error_shape(self) -> ErrorShape {
         match self {
             Self::Messages => ErrorShape::Anthropic,
-            Self::OpenAi(_) => ErrorShape::OpenAi,
+            Self::OpenAi(_) | Self::Responses => ErrorShape::OpenAi,
         }
     }
 
@@ -35,7 +39,7 @@ impl Api {
     pub fn endpoint(self) -> Endpoint {
         match self {
             Self::OpenAi(endpoint) => endpoint,
-            Self::Messages => Endpoint::Chat,
+            Self::Messages | Self::Responses => Endpoint::Chat,
         }
     }
 
@@ -49,6 +53,11 @@ impl Api {
                 let request = InboundRequest::parse(Endpoint::Chat, chat.into())?;
                 Ok((request, Reply::Messages { stops }))
             }
+            Self::Responses => {
+                let (chat, echo) = responses::to_chat(&body)?;
+                let request = InboundRequest::parse(Endpoint::Chat, chat.into())?;
+                Ok((request, Reply::Responses { echo }))
+            }
         }
     }
 }
@@ -61,12 +70,15 @@ pub enum Reply {
     /// As a Messages `message` or event stream; `stops` are the request's
     /// stop sequences, to name the one that ended the answer.
     Messages { stops: Vec<String> },
+    /// As a Responses `response` or event stream; `echo` holds the
+    /// request's members the response object repeats.
+    Responses { echo: Map<String, Value> },
 }
 
 impl Reply {
     pub fn error_shape(&self) -> ErrorShape {
         match self {
-            Self::OpenAi => ErrorShape::OpenAi,
+            Self::OpenAi | Self::Responses { .. } => ErrorShape::OpenAi,
             Self::Messages { .. } => ErrorShape::Anthropic,
         }
     }
@@ -76,6 +88,7 @@ impl Reply {
         match self {
             Self::OpenAi => Ok(body),
             Self::Messages { stops } => anthropic::message(&body, backend, stops),
+            Self::Responses { echo } => responses::response(&body, backend, echo),
         }
     }
 
@@ -88,6 +101,9 @@ impl Reply {
             Self::Messages { stops } => Some(Box::new(Encoder::Messages(Translator::new(
                 anthropic::MessagesSink::new(stops, input_estimate),
             )))),
+            Self::Responses { echo } => Some(Box::new(Encoder::Responses(Translator::new(
+                responses::ResponsesSink::new(echo),
+            )))),
         }
     }
 }
@@ -96,6 +112,7 @@ impl Reply {
 /// each chunk costs one match, not a virtual call per event.
 pub enum Encoder {
     Messages(Translator<anthropic::MessagesSink>),
+    Responses(Translator<responses::ResponsesSink>),
 }
 
 impl Encoder {
@@ -103,6 +120,7 @@ impl Encoder {
     pub fn chunk(&mut self, out: &mut BytesMut, chunk: &[u8]) {
         match self {
             Self::Messages(t) => t.chunk(out, chunk),
+            Self::Responses(t) => t.chunk(out, chunk),
         }
     }
 
@@ -110,6 +128,7 @@ impl Encoder {
     pub fn end(&mut self, out: &mut BytesMut, usage: Usage) {
         match self {
             Self::Messages(t) => t.end(out, usage),
+            Self::Responses(t) => t.end(out, usage),
         }
     }
 
@@ -117,6 +136,7 @@ impl Encoder {
     pub fn fail(&mut self, out: &mut BytesMut, error: &GatewayError) {
         match self {
             Self::Messages(t) => t.fail(out, error),
+            Self::Responses(t) => t.fail(out, error),
         }
     }
 }

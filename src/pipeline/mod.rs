@@ -1,5 +1,6 @@
 //! One inference request's path (`/v1/chat/completions`,
-//! `/v1/completions`, `/v1/embeddings`; `/v1/messages` translated), as
+//! `/v1/completions`, `/v1/embeddings`; `/v1/messages` and `/v1/responses`
+//! translated), as
 //! named steps:
 //!
 //! 1. [`auth::authenticate`]: the API key (when keys are configured).

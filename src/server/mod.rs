@@ -76,6 +76,7 @@ impl Gateway {
             ),
             ("/v1/messages", inference(Api::Messages)),
             ("/v1/messages/count_tokens", post(count_tokens)),
+            ("/v1/responses", inference(Api::Responses)),
             ("/v1/models", get(models)),
         ];
         let router = api

@@ -1,0 +1,524 @@
+//! A Responses request (`POST /v1/responses`) as the canonical OpenAI chat
+//! request. The gateway keeps no state, so a request must carry its whole
+//! conversation: what needs a stored response or OpenAI's own servers
+//! (`previous_response_id`, `store: true`, `conversation`, `background`,
+//! item references, file ids, built-in tools) is a 400 that says so.
+
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::error::{GatewayError, echo};
+use crate::openai::read_json;
+
+#[derive(Debug, Deserialize)]
+pub struct ResponsesRequest {
+    pub model: String,
+    pub input: Input,
+    #[serde(default)]
+    pub instructions: Option<String>,
+    #[serde(default)]
+    pub tools: Option<Vec<Tool>>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub max_output_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub store: Option<bool>,
+    #[serde(default)]
+    pub previous_response_id: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub text: Option<TextConfig>,
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a string, or an array of input items")]
+pub enum Input {
+    Text(String),
+    Items(Vec<Item>),
+}
+
+/// One input item. A message may come without `type`; the other kinds
+/// are told apart by it.
+#[derive(Debug, Deserialize)]
+pub struct Item {
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub arguments: Option<String>,
+    #[serde(default)]
+    pub output: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a string, or an array of content parts such as {\"type\":\"input_text\",\"text\":\"...\"}"
+)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Part {
+    InputText {
+        text: String,
+    },
+    OutputText {
+        text: String,
+    },
+    Refusal {
+        refusal: String,
+    },
+    InputImage {
+        #[serde(default)]
+        image_url: Option<String>,
+        #[serde(default)]
+        detail: Option<String>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Tool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TextConfig {
+    #[serde(default)]
+    pub format: Option<Value>,
+}
+
+/// Members that ask for nothing the gateway would have to do.
+const IGNORED: &[&str] = &[
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "truncation",
+    "include",
+];
+
+/// Members that need state a stateless gateway does not keep.
+const STATEFUL: &[&str] = &["conversation", "background", "prompt"];
+
+/// The canonical chat body of a Responses request, and the members the
+/// response object repeats.
+pub fn to_chat(body: &[u8]) -> Result<(Vec<u8>, Map<String, Value>), GatewayError> {
+    let request: ResponsesRequest = read_json(body)?;
+    refuse_state(&request)?;
+    let mut messages = Vec::new();
+    if let Some(instructions) = &request.instructions {
+        messages.push(json!({"role": "system", "content": instructions}));
+    }
+    match &request.input {
+        Input::Items(items) if items.is_empty() => {
+            return Err(GatewayError::bad_request(
+                "`input` is empty; send at least one message",
+                Some("input".into()),
+            ));
+        }
+        Input::Text(text) => messages.push(json!({"role": "user", "content": text})),
+        Input::Items(items) => {
+            for (i, item) in items.iter().enumerate() {
+                push_item(&mut messages, item, i)?;
+            }
+        }
+    }
+    let mut chat = Map::new();
+    chat.insert("model".into(), request.model.clone().into());
+    chat.insert("messages".into(), messages.into());
+    if let Some(max) = request.max_output_tokens {
+        chat.insert("max_tokens".into(), max.into());
+    }
+    if let Some(tools) = &request.tools {
+        chat.insert("tools".into(), chat_tools(tools)?);
+    }
+    if let Some(choice) = &request.tool_choice {
+        chat.insert("tool_choice".into(), chat_tool_choice(choice)?);
+    }
+    for (name, value) in [
+        ("temperature", request.temperature),
+        ("top_p", request.top_p),
+    ] {
+        if let Some(value) = value {
+            chat.insert(name.into(), value.into());
+        }
+    }
+    if let Some(parallel) = request.parallel_tool_calls {
+        chat.insert("parallel_tool_calls".into(), parallel.into());
+    }
+    if let Some(user) = &request.user {
+        chat.insert("user".into(), user.clone().into());
+    }
+    if request.stream == Some(true) {
+        chat.insert("stream".into(), true.into());
+        // The answer's usage is part of `response.completed`.
+        chat.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    let bytes = serde_json::to_vec(&chat).expect("JSON values serialise");
+    Ok((bytes, echoed(request)))
+}
+
+fn refuse_state(request: &ResponsesRequest) -> Result<(), GatewayError> {
+    let stateless = |what: &str, param: &str| {
+        Err(GatewayError::bad_request(
+            format!(
+                "{what}: this gateway's Responses API keeps no state; send the whole conversation in `input` instead"
+            ),
+            Some(param.to_owned()),
+        ))
+    };
+    if request.previous_response_id.is_some() {
+        return stateless(
+            "`previous_response_id` continues a stored response",
+            "previous_response_id",
+        );
+    }
+    if request.store == Some(true) {
+        return stateless(
+            "`store: true` keeps the response to retrieve later; set `store: false`",
+            "store",
+        );
+    }
+    for (name, value) in &request.other {
+        if value.is_null() || IGNORED.contains(&name.as_str()) {
+            continue;
+        }
+        if STATEFUL.contains(&name.as_str()) {
+            return stateless(&format!("`{name}` needs server-side state"), name);
+        }
+        return Err(GatewayError::bad_request(
+            format!(
+                "`{}` is not a Responses parameter this gateway serves; leave it out",
+                echo(name)
+            ),
+            Some(name.clone()),
+        ));
+    }
+    let format = request.text.as_ref().and_then(|t| t.format.as_ref());
+    if format.is_some_and(|f| f["type"] != "text") {
+        return Err(GatewayError::bad_request(
+            "`text.format` other than {\"type\":\"text\"} is not served by this gateway's Responses API",
+            Some("text.format".into()),
+        ));
+    }
+    Ok(())
+}
+
+/// One input item onto the canonical messages.
+fn push_item(out: &mut Vec<Value>, item: &Item, i: usize) -> Result<(), GatewayError> {
+    let at = |field: &str| Some(format!("input[{i}]{field}"));
+    let missing = |field: &str| {
+        GatewayError::bad_request(
+            format!("input item {i} has no `{field}`"),
+            at(&format!(".{field}")),
+        )
+    };
+    match item.kind.as_deref().unwrap_or("message") {
+        "message" => {
+            let role = item.role.as_deref().ok_or_else(|| missing("role"))?;
+            let content = item.content.as_ref().ok_or_else(|| missing("content"))?;
+            let role = match role {
+                "user" | "assistant" | "system" => role,
+                // Not every upstream knows `developer`; it is a system turn.
+                "developer" => "system",
+                _ => {
+                    return Err(GatewayError::bad_request(
+                        format!("unknown role `{}`", echo(role)),
+                        at(".role"),
+                    ));
+                }
+            };
+            out.push(json!({"role": role, "content": chat_content(content, role, i)?}));
+        }
+        "function_call" => {
+            let call = json!({
+                "id": item.call_id.as_deref().ok_or_else(|| missing("call_id"))?,
+                "type": "function",
+                "function": {
+                    "name": item.name.as_deref().ok_or_else(|| missing("name"))?,
+                    "arguments": item.arguments.as_deref().unwrap_or("{}"),
+                },
+            });
+            // Calls made together are one assistant turn.
+            match out.last_mut() {
+                Some(last) if last["role"] == "assistant" => {
+                    if !last["tool_calls"].is_array() {
+                        last["tool_calls"] = json!([]);
+                    }
+                    last["tool_calls"]
+                        .as_array_mut()
+                        .expect("just made an array")
+                        .push(call);
+                }
+                _ => out.push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+            }
+        }
+        "function_call_output" => {
+            let call_id = item.call_id.as_deref().ok_or_else(|| missing("call_id"))?;
+            let output = match item.output.as_ref().ok_or_else(|| missing("output"))? {
+                Content::Text(text) => text.clone(),
+                Content::Parts(parts) => text_of(parts),
+            };
+            out.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
+        }
+        // A model's reasoning from an earlier answer; the canonical request
+        // has no place for it.
+        "reasoning" => {}
+        "item_reference" => {
+            return Err(GatewayError::bad_request(
+                "an `item_reference` names a stored item: this gateway's Responses API keeps no state; send the item itself",
+                at(""),
+            ));
+        }
+        other => {
+            return Err(GatewayError::bad_request(
+                format!(
+                    "input items of type `{}` are not served by this gateway; it serves `message`, `function_call` and `function_call_output`",
+                    echo(other)
+                ),
+                at(".type"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn text_of(parts: &[Part]) -> String {
+    parts
+        .iter()
+        .filter_map(|p| match p {
+            Part::InputText { text } | Part::OutputText { text } => Some(text.as_str()),
+            Part::Refusal { refusal } => Some(refusal.as_str()),
+            Part::InputImage { .. } => None,
+        })
+        .collect()
+}
+
+/// A message's content as chat content: text, or parts with images.
+fn chat_content(content: &Content, role: &str, i: usize) -> Result<Value, GatewayError> {
+    let parts = match content {
+        Content::Text(text) => return Ok(text.clone().into()),
+        Content::Parts(parts) => parts,
+    };
+    if role != "user" {
+        return Ok(text_of(parts).into());
+    }
+    let mut out = Vec::with_capacity(parts.len());
+    for (j, part) in parts.iter().enumerate() {
+        out.push(match part {
+            Part::InputText { text } | Part::OutputText { text } => {
+                json!({"type": "text", "text": text})
+            }
+            Part::Refusal { refusal } => json!({"type": "text", "text": refusal}),
+            Part::InputImage {
+                image_url: Some(url),
+                detail,
+                ..
+            } => {
+                let mut image = json!({"url": url});
+                if let Some(detail) = detail {
+                    image["detail"] = detail.clone().into();
+                }
+                json!({"type": "image_url", "image_url": image})
+            }
+            Part::InputImage { .. } => {
+                return Err(GatewayError::bad_request(
+                    "an `input_image` needs an `image_url` (a URL or a data URL): this gateway keeps no files to name by `file_id`",
+                    Some(format!("input[{i}].content[{j}]")),
+                ));
+            }
+        });
+    }
+    Ok(out.into())
+}
+
+fn chat_tools(tools: &[Tool]) -> Result<Value, GatewayError> {
+    let mut out = Vec::with_capacity(tools.len());
+    for (i, tool) in tools.iter().enumerate() {
+        let name = tool.name.as_deref().filter(|_| tool.kind == "function");
+        let Some(name) = name else {
+            return Err(GatewayError::bad_request(
+                format!(
+                    "tool type `{}` is built into OpenAI's servers; this gateway serves `function` tools only",
+                    echo(&tool.kind)
+                ),
+                Some(format!("tools[{i}]")),
+            ));
+        };
+        let mut function = json!({"name": name});
+        if let Some(description) = &tool.description {
+            function["description"] = description.clone().into();
+        }
+        if let Some(parameters) = &tool.parameters {
+            function["parameters"] = parameters.clone();
+        }
+        if let Some(strict) = tool.strict {
+            function["strict"] = strict.into();
+        }
+        out.push(json!({"type": "function", "function": function}));
+    }
+    Ok(out.into())
+}
+
+fn chat_tool_choice(choice: &Value) -> Result<Value, GatewayError> {
+    match choice {
+        Value::String(mode) if matches!(mode.as_str(), "auto" | "none" | "required") => {
+            Ok(choice.clone())
+        }
+        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
+            match o.get("name").and_then(Value::as_str) {
+                Some(name) => Ok(json!({"type": "function", "function": {"name": name}})),
+                None => Err(GatewayError::bad_request(
+                    "`tool_choice` of type `function` needs a `name`",
+                    Some("tool_choice".into()),
+                )),
+            }
+        }
+        _ => Err(GatewayError::bad_request(
+            "`tool_choice` must be \"auto\", \"none\", \"required\" or {\"type\":\"function\",\"name\":...}",
+            Some("tool_choice".into()),
+        )),
+    }
+}
+
+/// The request's members that the response object repeats.
+fn echoed(request: ResponsesRequest) -> Map<String, Value> {
+    let mut echo = Map::new();
+    echo.insert("instructions".into(), request.instructions.into());
+    echo.insert("max_output_tokens".into(), request.max_output_tokens.into());
+    echo.insert(
+        "metadata".into(),
+        request.metadata.unwrap_or_default().into(),
+    );
+    echo.insert(
+        "parallel_tool_calls".into(),
+        request.parallel_tool_calls.unwrap_or(true).into(),
+    );
+    echo.insert("temperature".into(), request.temperature.into());
+    echo.insert(
+        "tool_choice".into(),
+        request.tool_choice.unwrap_or_else(|| "auto".into()),
+    );
+    let tools: Vec<Value> = request
+        .tools
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| {
+            json!({"type": "function", "name": t.name, "description": t.description,
+                "parameters": t.parameters, "strict": t.strict})
+        })
+        .collect();
+    echo.insert("tools".into(), tools.into());
+    echo.insert("top_p".into(), request.top_p.into());
+    echo
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: Value) -> Result<Value, GatewayError> {
+        let (bytes, _) = to_chat(body.to_string().as_bytes())?;
+        Ok(serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[test]
+    fn a_function_call_round_trip_keeps_call_ids() {
+        let out = chat(json!({"model": "m", "instructions": "Be brief.", "max_output_tokens": 50,
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "Weather?"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "low"}]},
+                {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+                {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": "{\"city\":\"Rome\"}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": "18C"},
+                {"type": "function_call_output", "call_id": "call_2", "output": "25C"}],
+            "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+            "tool_choice": {"type": "function", "name": "get_weather"}}))
+        .unwrap();
+        let messages = out["messages"].as_array().unwrap();
+        assert_eq!(
+            messages[0],
+            json!({"role": "system", "content": "Be brief."})
+        );
+        assert_eq!(
+            messages[1]["content"][1]["image_url"],
+            json!({"url": "data:image/png;base64,AAAA", "detail": "low"})
+        );
+        let calls = &messages[2]["tool_calls"];
+        assert_eq!(calls[0]["id"], "call_1");
+        assert_eq!(calls[1]["function"]["arguments"], "{\"city\":\"Rome\"}");
+        assert_eq!(
+            messages[3],
+            json!({"role": "tool", "tool_call_id": "call_1", "content": "18C"})
+        );
+        assert_eq!(messages.len(), 5);
+        assert_eq!(out["max_tokens"], 50);
+        assert_eq!(
+            out["tool_choice"],
+            json!({"type": "function", "function": {"name": "get_weather"}})
+        );
+    }
+
+    #[test]
+    fn what_needs_state_is_a_400_that_says_so() {
+        let base = || json!({"model": "m", "input": "hi"});
+        for (field, value) in [
+            ("previous_response_id", json!("resp_1")),
+            ("store", json!(true)),
+            ("conversation", json!("conv_1")),
+            ("background", json!(true)),
+        ] {
+            let mut body = base();
+            body[field] = value;
+            let error = chat(body).unwrap_err();
+            assert_eq!(error.param_name(), Some(field));
+            assert!(
+                error.message().contains("keeps no state"),
+                "{}",
+                error.message()
+            );
+        }
+        let mut body = base();
+        body["tools"] = json!([{"type": "web_search"}]);
+        assert_eq!(chat(body).unwrap_err().param_name(), Some("tools[0]"));
+        let mut body = base();
+        body["input"] = json!([{"type": "item_reference", "id": "msg_1"}]);
+        assert!(chat(body).unwrap_err().message().contains("keeps no state"));
+        let mut body = base();
+        body["store"] = json!(false);
+        assert!(chat(body).is_ok());
+    }
+}

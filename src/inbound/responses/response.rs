@@ -1,0 +1,322 @@
+//! The canonical chat answer as a Responses `response`, whole or as the
+//! Responses event stream: `response.created`, `response.in_progress`,
+//! per output item `response.output_item.added`, its content part and
+//! deltas, their `.done` events and `response.output_item.done`, then
+//! `response.completed` (or `response.incomplete` at the output limit),
+//! every event numbered by `sequence_number`. The `.done` events and the
+//! last event repeat the whole output, as the protocol defines them: the
+//! text and arguments streamed are kept for them.
+
+use bytes::{Bytes, BytesMut};
+use serde_json::{Map, Value, json};
+
+use super::super::canonical::{Completion, Finish, Sink, put_named_event};
+use crate::error::GatewayError;
+use crate::openai::{Usage, unix_now};
+
+/// A Responses id from the canonical one.
+fn response_id(id: &str) -> String {
+    let id = id.strip_prefix("chatcmpl-").unwrap_or(id);
+    if id.is_empty() {
+        format!("resp_{}", crate::id::random())
+    } else {
+        format!("resp_{id}")
+    }
+}
+
+fn item_id(prefix: &str) -> String {
+    format!("{prefix}_{}", crate::id::random())
+}
+
+fn usage_object(usage: Usage) -> Value {
+    json!({
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens(), "cache_write_tokens": 0},
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.total_tokens,
+    })
+}
+
+/// `status` and `incomplete_details` for how the canonical answer ended.
+fn status(finish: &Finish) -> (&'static str, Value) {
+    match finish.reason.as_deref() {
+        Some("length") => ("incomplete", json!({"reason": "max_output_tokens"})),
+        Some("content_filter") => ("incomplete", json!({"reason": "content_filter"})),
+        _ => ("completed", Value::Null),
+    }
+}
+
+/// The `response` object, with the members the request repeats.
+struct Envelope<'a> {
+    id: &'a str,
+    created_at: u64,
+    model: &'a str,
+    echo: &'a Map<String, Value>,
+}
+
+impl Envelope<'_> {
+    fn object(
+        &self,
+        status: &str,
+        incomplete: Value,
+        output: &[Value],
+        usage: Option<Usage>,
+    ) -> Value {
+        let mut object = json!({
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": null,
+            "incomplete_details": incomplete,
+            "model": self.model,
+            "output": output,
+            "previous_response_id": null,
+            "text": {"format": {"type": "text"}},
+            "truncation": "disabled",
+            "usage": usage.map(usage_object),
+        });
+        let members = object.as_object_mut().expect("an object");
+        members.extend(self.echo.iter().map(|(k, v)| (k.clone(), v.clone())));
+        object
+    }
+}
+
+fn message_item(id: &str, status: &str, text: Option<&str>) -> Value {
+    let content: Vec<Value> = text
+        .map(|text| json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []}))
+        .into_iter()
+        .collect();
+    json!({"id": id, "type": "message", "status": status, "role": "assistant", "content": content})
+}
+
+fn call_item(id: &str, status: &str, call_id: &str, name: &str, arguments: &str) -> Value {
+    json!({"id": id, "type": "function_call", "status": status,
+        "call_id": call_id, "name": name, "arguments": arguments})
+}
+
+/// A whole `chat.completion` as a `response`.
+pub fn response(
+    body: &[u8],
+    backend: &str,
+    echo: &Map<String, Value>,
+) -> Result<Bytes, GatewayError> {
+    let completion = Completion::read(body, backend)?;
+    let choice = completion.choices.first();
+    let mut output = Vec::new();
+    if let Some(answer) = choice.and_then(|c| c.message.as_ref()) {
+        if let Some(text) = answer.content.as_deref().filter(|t| !t.is_empty()) {
+            output.push(message_item(&item_id("msg"), "completed", Some(text)));
+        }
+        for call in answer.tool_calls.iter().flatten() {
+            let f = &call.function;
+            output.push(call_item(
+                &item_id("fc"),
+                "completed",
+                &call.id,
+                &f.name,
+                &f.arguments,
+            ));
+        }
+    }
+    let (status, incomplete) = status(&Finish::of(choice));
+    let envelope = Envelope {
+        id: &response_id(completion.id.as_deref().unwrap_or_default()),
+        created_at: unix_now(),
+        model: completion.model.as_deref().unwrap_or_default(),
+        echo,
+    };
+    let object = envelope.object(status, incomplete, &output, Some(completion.usage()));
+    Ok(serde_json::to_vec(&object)
+        .expect("JSON values serialise")
+        .into())
+}
+
+/// The output item being streamed.
+enum Current {
+    Text {
+        id: String,
+        text: String,
+    },
+    Call {
+        id: String,
+        call_id: String,
+        name: String,
+        arguments: String,
+    },
+}
+
+/// Writes the Responses event stream.
+pub struct ResponsesSink {
+    echo: Map<String, Value>,
+    id: String,
+    model: String,
+    created_at: u64,
+    sequence: u64,
+    current: Option<Current>,
+    /// The items done so far, for `response.completed`.
+    output: Vec<Value>,
+}
+
+impl ResponsesSink {
+    pub fn new(echo: Map<String, Value>) -> Self {
+        Self {
+            echo,
+            id: String::new(),
+            model: String::new(),
+            created_at: unix_now(),
+            sequence: 0,
+            current: None,
+            output: Vec::new(),
+        }
+    }
+
+    fn envelope(&self) -> Envelope<'_> {
+        Envelope {
+            id: &self.id,
+            created_at: self.created_at,
+            model: &self.model,
+            echo: &self.echo,
+        }
+    }
+
+    /// Writes `event` (an object without its number) as the next event.
+    fn event(&mut self, out: &mut BytesMut, name: &str, mut event: Value) {
+        event["type"] = name.into();
+        event["sequence_number"] = self.sequence.into();
+        self.sequence += 1;
+        put_named_event(
+            out,
+            name,
+            &serde_json::to_vec(&event).expect("JSON values serialise"),
+        );
+    }
+}
+
+impl Sink for ResponsesSink {
+    fn start(&mut self, out: &mut BytesMut, id: &str, model: &str) {
+        self.id = response_id(id);
+        self.model = model.to_owned();
+        let response = self
+            .envelope()
+            .object("in_progress", Value::Null, &[], None);
+        self.event(out, "response.created", json!({"response": response}));
+        self.event(out, "response.in_progress", json!({"response": response}));
+    }
+
+    fn open_text(&mut self, out: &mut BytesMut, index: usize) {
+        let id = item_id("msg");
+        let item = message_item(&id, "in_progress", None);
+        self.event(
+            out,
+            "response.output_item.added",
+            json!({"output_index": index, "item": item}),
+        );
+        self.event(
+            out,
+            "response.content_part.added",
+            json!({"item_id": id, "output_index": index, "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
+        );
+        self.current = Some(Current::Text {
+            id,
+            text: String::new(),
+        });
+    }
+
+    fn text(&mut self, out: &mut BytesMut, index: usize, delta: &str) {
+        let Some(Current::Text { id, text }) = &mut self.current else {
+            return;
+        };
+        text.push_str(delta);
+        let event = json!({"item_id": id, "output_index": index, "content_index": 0,
+            "delta": delta, "logprobs": []});
+        self.event(out, "response.output_text.delta", event);
+    }
+
+    fn open_tool(&mut self, out: &mut BytesMut, index: usize, call_id: &str, name: &str) {
+        let id = item_id("fc");
+        let item = call_item(&id, "in_progress", call_id, name, "");
+        self.event(
+            out,
+            "response.output_item.added",
+            json!({"output_index": index, "item": item}),
+        );
+        self.current = Some(Current::Call {
+            id,
+            call_id: call_id.to_owned(),
+            name: name.to_owned(),
+            arguments: String::new(),
+        });
+    }
+
+    fn arguments(&mut self, out: &mut BytesMut, index: usize, delta: &str) {
+        let Some(Current::Call { id, arguments, .. }) = &mut self.current else {
+            return;
+        };
+        arguments.push_str(delta);
+        let event = json!({"item_id": id, "output_index": index, "delta": delta});
+        self.event(out, "response.function_call_arguments.delta", event);
+    }
+
+    fn close(&mut self, out: &mut BytesMut, index: usize) {
+        let item = match self.current.take() {
+            None => return,
+            Some(Current::Text { id, text }) => {
+                self.event(
+                    out,
+                    "response.output_text.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0,
+                        "text": text, "logprobs": []}),
+                );
+                let part =
+                    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
+                self.event(
+                    out,
+                    "response.content_part.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+                );
+                message_item(&id, "completed", Some(&text))
+            }
+            Some(Current::Call {
+                id,
+                call_id,
+                name,
+                arguments,
+            }) => {
+                self.event(
+                    out,
+                    "response.function_call_arguments.done",
+                    json!({"item_id": id, "output_index": index, "name": name, "arguments": arguments}),
+                );
+                call_item(&id, "completed", &call_id, &name, &arguments)
+            }
+        };
+        self.event(
+            out,
+            "response.output_item.done",
+            json!({"output_index": index, "item": item}),
+        );
+        self.output.push(item);
+    }
+
+    fn finish(&mut self, out: &mut BytesMut, finish: &Finish, usage: Usage) {
+        let (status, incomplete) = status(finish);
+        let response = self
+            .envelope()
+            .object(status, incomplete, &self.output, Some(usage));
+        let name = if status == "completed" {
+            "response.completed"
+        } else {
+            "response.incomplete"
+        };
+        self.event(out, name, json!({"response": response}));
+    }
+
+    fn error(&mut self, out: &mut BytesMut, error: &GatewayError) {
+        let event = json!({"code": error.code(), "message": error.message(),
+            "param": error.param_name()});
+        self.event(out, "error", event);
+    }
+}

@@ -1,0 +1,351 @@
+//! `POST /v1/responses`, OpenAI's Responses API without server-side
+//! state, served by every backend kind through one translation each way:
+//! answers whole and streamed, every object and event checked field by
+//! field against the types of OpenAI's own SDK
+//! (`tests/fixtures/responses/types.json`), event order and
+//! `sequence_number`; a function call out and its output back in; errors
+//! in OpenAI's shape before and after the first byte, metered once; and
+//! what needs state refused with a 400 that says so.
+
+mod support;
+
+use std::sync::LazyLock;
+
+use serde_json::{Value, json};
+use support::config::{Backend, Config, Deployment, Model};
+use support::gateway::*;
+use support::kinds::{COMPLETION_TOKENS, Kind, for_each_kind, start_for};
+use support::mock::MockUpstream;
+use support::openai_mock::{CANNED_PROMPT_TOKENS, TOOL_ARGUMENTS, TOOL_CALL_ID, TOOL_NAME};
+
+/// The fields of each Responses type in openai-python: `required` and
+/// `optional` names.
+static TYPES: LazyLock<Value> = LazyLock::new(|| {
+    let path = format!(
+        "{}/tests/fixtures/responses/types.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    parse(&std::fs::read_to_string(path).unwrap())["types"].clone()
+});
+
+/// That `value` has every required field of the SDK type `name` and no
+/// field the type lacks; nested objects are checked by their own types.
+fn check_type(value: &Value, name: &str) {
+    let spec = &TYPES[name];
+    let names = |list: &str| -> Vec<&str> {
+        spec[list]
+            .as_array()
+            .unwrap_or_else(|| panic!("no type {name}"))
+            .iter()
+            .map(|n| n.as_str().unwrap())
+            .collect()
+    };
+    let (required, optional) = (names("required"), names("optional"));
+    let object = value
+        .as_object()
+        .unwrap_or_else(|| panic!("{name}: {value}"));
+    for field in &required {
+        assert!(
+            object.contains_key(*field),
+            "{name} lacks `{field}`: {value}"
+        );
+    }
+    for (field, inner) in object {
+        assert!(
+            required.contains(&field.as_str()) || optional.contains(&field.as_str()),
+            "{name} has no field `{field}`"
+        );
+        match (field.as_str(), inner) {
+            ("response", _) => check_type(inner, "response"),
+            ("item", _) => check_type(inner, inner["type"].as_str().unwrap()),
+            ("output", Value::Array(items)) => {
+                for item in items {
+                    check_type(item, item["type"].as_str().unwrap());
+                }
+            }
+            ("content", Value::Array(parts)) | ("part", Value::Array(parts)) => {
+                parts.iter().for_each(|p| check_type(p, "output_text"));
+            }
+            ("part", part) => check_type(part, "output_text"),
+            ("usage", Value::Object(_)) => {
+                check_type(inner, "usage");
+                check_type(&inner["input_tokens_details"], "usage.input_tokens_details");
+                check_type(
+                    &inner["output_tokens_details"],
+                    "usage.output_tokens_details",
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Every event typed, named as its `type`, numbered 0, 1, 2… in order.
+fn check_events(events: &[(String, Value)]) {
+    for (n, (name, data)) in events.iter().enumerate() {
+        assert_eq!(data["type"], *name);
+        assert_eq!(data["sequence_number"], n, "{name}");
+        check_type(data, name);
+    }
+}
+
+fn ask(stream: bool) -> Value {
+    json!({"model": "chat", "max_output_tokens": 16, "stream": stream,
+        "instructions": "Be brief.", "input": "Hello"})
+}
+
+fn with_tools(mut body: Value) -> Value {
+    body["tools"] = json!([{"type": "function", "name": TOOL_NAME, "description": "Weather by city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]);
+    body
+}
+
+async fn post(gateway: &Gateway, body: &Value) -> reqwest::Response {
+    gateway
+        .post("/v1/responses")
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn stream(gateway: &Gateway, body: &Value) -> Vec<(String, Value)> {
+    let response = post(gateway, body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    named_events(&response.text().await.unwrap())
+}
+
+fn names(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+fn expected_usage() -> Value {
+    json!({"input_tokens": CANNED_PROMPT_TOKENS,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": COMPLETION_TOKENS, "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": CANNED_PROMPT_TOKENS + COMPLETION_TOKENS})
+}
+
+async fn a_whole_answer_is_a_response_with_exact_usage(kind: Kind) {
+    let upstream = kind.mock().start().await;
+    let gateway = start_for(kind, &upstream).await;
+    let response = post(&gateway, &ask(false)).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    check_type(&body, "response");
+    assert!(body["id"].as_str().unwrap().starts_with("resp_"), "{body}");
+    assert_eq!(body["object"], "response");
+    assert_eq!(body["status"], "completed");
+    assert_eq!(body["instructions"], "Be brief.");
+    assert_eq!(body["max_output_tokens"], 16);
+    let output = body["output"].as_array().unwrap();
+    assert_eq!(output.len(), 1);
+    assert_eq!(output[0]["type"], "message");
+    assert_eq!(output[0]["role"], "assistant");
+    assert_eq!(output[0]["content"][0]["type"], "output_text");
+    assert_eq!(output[0]["content"][0]["text"], "tok tok tok ");
+    assert_eq!(body["usage"], expected_usage());
+    gateway
+        .eventually_exact_output_tokens("chat", "up", COMPLETION_TOKENS)
+        .await;
+}
+
+async fn a_stream_is_the_responses_event_sequence(kind: Kind) {
+    let upstream = kind.mock().start().await;
+    let gateway = start_for(kind, &upstream).await;
+    let events = stream(&gateway, &ask(true)).await;
+    check_events(&events);
+    let deltas = vec!["response.output_text.delta"; COMPLETION_TOKENS as usize];
+    let expected = [
+        &[
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+        ][..],
+        &deltas,
+        &[
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ],
+    ]
+    .concat();
+    assert_eq!(names(&events), expected);
+    let item_id = &events[2].1["item"]["id"];
+    assert!(
+        events[2..events.len() - 1]
+            .iter()
+            .all(|(_, d)| d.get("item_id").is_none_or(|i| i == item_id))
+    );
+    let text: String = events
+        .iter()
+        .filter_map(|(_, d)| d["delta"].as_str())
+        .collect();
+    assert_eq!(text, "tok tok tok ");
+    assert_eq!(events[events.len() - 4].1["text"], "tok tok tok ");
+    let done = &events.last().unwrap().1["response"];
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["usage"], expected_usage());
+    assert_eq!(done["output"][0]["content"][0]["text"], "tok tok tok ");
+    assert_eq!(done["id"], events[0].1["response"]["id"]);
+    gateway
+        .eventually_exact_output_tokens("chat", "up", COMPLETION_TOKENS)
+        .await;
+}
+
+async fn a_function_call_goes_out_and_its_output_comes_back_in(kind: Kind) {
+    let upstream = kind.mock().start().await;
+    let gateway = start_for(kind, &upstream).await;
+    let body: Value = post(&gateway, &with_tools(ask(false)))
+        .await
+        .json()
+        .await
+        .unwrap();
+    check_type(&body, "response");
+    let call = &body["output"][0];
+    assert_eq!(call["type"], "function_call", "{body}");
+    assert_eq!(call["call_id"], TOOL_CALL_ID);
+    assert_eq!(call["name"], TOOL_NAME);
+    assert_eq!(call["arguments"], TOOL_ARGUMENTS.concat());
+    assert_eq!(body["tools"][0]["name"], TOOL_NAME);
+
+    let events = stream(&gateway, &with_tools(ask(true))).await;
+    check_events(&events);
+    assert_eq!(
+        names(&events),
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    assert_eq!(events[2].1["item"]["call_id"], TOOL_CALL_ID);
+    assert_eq!(events[5].1["arguments"], TOOL_ARGUMENTS.concat());
+    assert_eq!(events[5].1["name"], TOOL_NAME);
+
+    let mut next = with_tools(ask(false));
+    next["input"] = json!([
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]},
+        {"type": "function_call", "call_id": TOOL_CALL_ID, "name": TOOL_NAME, "arguments": TOOL_ARGUMENTS.concat()},
+        {"type": "function_call_output", "call_id": TOOL_CALL_ID, "output": "18C and sunny"}
+    ]);
+    let response = post(&gateway, &next).await;
+    assert_eq!(response.status(), 200);
+    let sent = upstream.requests().pop().unwrap().json;
+    let turns = &sent["messages"];
+    match kind {
+        Kind::Bedrock => {
+            assert_eq!(turns[1]["content"][0]["toolUse"]["toolUseId"], TOOL_CALL_ID);
+            let result = &turns[2]["content"][0]["toolResult"];
+            assert_eq!(result["toolUseId"], TOOL_CALL_ID);
+            assert_eq!(result["content"][0]["text"], "18C and sunny");
+        }
+        Kind::OpenAi | Kind::Tgi => {
+            assert_eq!(turns[2]["tool_calls"][0]["id"], TOOL_CALL_ID);
+            assert_eq!(
+                turns[3],
+                json!({"role": "tool", "tool_call_id": TOOL_CALL_ID, "content": "18C and sunny"})
+            );
+        }
+    }
+}
+
+async fn upstream_errors_are_openai_errors(kind: Kind) {
+    let limited = kind.rate_limited(kind.mock()).start().await;
+    let gateway = start_for(kind, &limited).await;
+    for streamed in [false, true] {
+        let response = post(&gateway, &ask(streamed)).await;
+        assert_eq!(response.status(), 429, "stream: {streamed}");
+        let error = error_of(response).await;
+        assert_eq!(error["type"], "rate_limit_error");
+        assert_eq!(error["code"], "rate_limit_exceeded");
+    }
+}
+
+async fn a_stream_cut_mid_way_is_an_error_event_and_metered_once(kind: Kind) {
+    let upstream = kind.mock().reset_after(2).start().await;
+    let gateway = start_for(kind, &upstream).await;
+    let events = stream(&gateway, &ask(true)).await;
+    check_events(&events);
+    let (name, error) = events.last().unwrap();
+    assert_eq!(name, "error");
+    assert_eq!(error["code"], "upstream_disconnected", "{error}");
+    assert!(!names(&events).contains(&"response.completed"));
+    let labels = [("alias", "chat"), ("backend", "up"), ("status", "502")];
+    gateway
+        .eventually_metric("tollgate_requests_total", &labels, 1.0)
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let text = gateway.metrics().await;
+    assert_eq!(metric(&text, "tollgate_requests_total", &labels), Some(1.0));
+}
+
+for_each_kind!(
+    a_whole_answer_is_a_response_with_exact_usage,
+    a_stream_is_the_responses_event_sequence,
+    a_function_call_goes_out_and_its_output_comes_back_in,
+    upstream_errors_are_openai_errors,
+    a_stream_cut_mid_way_is_an_error_event_and_metered_once,
+);
+
+#[tokio::test]
+async fn what_needs_server_side_state_is_a_400_that_says_so() {
+    let upstream = MockUpstream::openai().start().await;
+    let config = Config::new()
+        .backend(Backend::upstream("up", "vllm", &url(&upstream)))
+        .model(Model::new("chat").deployment(Deployment::new("up", "m")));
+    let gateway = start(&config).await;
+    let with = |field: &str, value: Value| {
+        let mut body = ask(false);
+        body[field] = value;
+        body
+    };
+    let cases = [
+        (
+            with("previous_response_id", json!("resp_123")),
+            "previous_response_id",
+            "keeps no state",
+        ),
+        (with("store", json!(true)), "store", "keeps no state"),
+        (
+            with("tools", json!([{"type": "web_search"}])),
+            "tools[0]",
+            "built into OpenAI",
+        ),
+        (
+            with("input", json!([{"type": "item_reference", "id": "msg_1"}])),
+            "input[0]",
+            "keeps no state",
+        ),
+        (
+            with(
+                "input",
+                json!([{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]),
+            ),
+            "input[0].content[0]",
+            "file_id",
+        ),
+        (with("input", json!(5)), "input", "a string, or an array"),
+        (with("input", json!([])), "input", "empty"),
+    ];
+    for (body, param, says) in cases {
+        let response = post(&gateway, &body).await;
+        assert_eq!(response.status(), 400, "{body}");
+        let error = error_of(response).await;
+        assert_eq!(error["type"], "invalid_request_error");
+        assert_eq!(error["param"], param, "{error}");
+        assert!(message(&error).contains(says), "{says}: {error}");
+    }
+    assert_eq!(upstream.hits(), 0);
+    let mut stateless = ask(false);
+    stateless["store"] = json!(false);
+    assert_eq!(post(&gateway, &stateless).await.status(), 200);
+}
