@@ -69,9 +69,14 @@ enum Command {
     Explain {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
-        /// A chat or completions request body, as a client would send it.
+        /// A request body, as a client would send it.
         #[arg(long)]
         request: PathBuf,
+        /// The API the body is written for (by default told by its
+        /// members: `messages` chat, `prompt` completions, `input`
+        /// embeddings).
+        #[arg(long, value_parser = ["chat", "completions", "embeddings", "messages", "responses"])]
+        api: Option<String>,
         /// The request's region (default: the key's, then the policy's).
         #[arg(long)]
         region: Option<String>,
@@ -118,11 +123,12 @@ fn main() -> ExitCode {
         Command::Explain {
             config,
             request,
+            api,
             region,
             key,
         } => {
             let _logs = text_logs();
-            explain(&config, &request, region, key)
+            explain(&config, &request, api, region, key)
         }
         Command::Healthcheck { listen } => healthcheck(listen),
     }
@@ -200,6 +206,7 @@ fn check_diff(old: &std::path::Path, new: &std::path::Path, secrets: Secrets<'_>
 fn explain(
     path: &std::path::Path,
     request: &std::path::Path,
+    api: Option<String>,
     region: Option<String>,
     key: Option<String>,
 ) -> ExitCode {
@@ -226,6 +233,8 @@ fn explain(
     };
     let ask = ExplainRequest {
         request,
+        // One of the values clap allows, each a variant's name.
+        api: api.map(|api| serde_json::from_value(api.into()).expect("a known API")),
         region,
         key,
     };

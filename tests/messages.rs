@@ -391,6 +391,7 @@ async fn bad_input_is_a_clear_anthropic_error_never_a_panic() {
 async fn an_image_from_the_eu_is_refused_a_multimodal_llama() {
     let upstream = MockUpstream::openai().start().await;
     let config = Config::new()
+        .admin()
         .backend(Backend::upstream("up", "vllm", &url(&upstream)))
         .model(
             Model::new("vision").deployment(
@@ -420,6 +421,13 @@ async fn an_image_from_the_eu_is_refused_a_multimodal_llama() {
             .contains("Llama licence"),
         "{error}"
     );
+    // Explain reads the Messages body the same way.
+    for (region, status) in [("eu", 451), ("us", 200)] {
+        let explained = gateway
+            .explain(json!({"request": body, "api": "messages", "region": region}))
+            .await;
+        assert_eq!(explained["status"], status, "{explained}");
+    }
     let served = gateway
         .post("/v1/messages")
         .header("x-tollgate-region", "us")

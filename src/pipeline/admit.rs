@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::config::{Budget, Deployment, Key, OnUnavailable};
 use crate::error::GatewayError;
+use crate::inbound::Api;
 use crate::limits::{Limits, Refused};
 use crate::metering::budget::{self, Reservation};
 use crate::openai::{Endpoint, InboundRequest};
@@ -320,12 +321,28 @@ pub fn output_ceiling(request: &InboundRequest, deployment: &Deployment, prompt:
         .map_or(window, |max| window.min(u64::from(max)))
 }
 
+/// The inbound APIs `explain` reads a request of.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestApi {
+    Chat,
+    Completions,
+    Embeddings,
+    Messages,
+    Responses,
+}
+
 /// The body of `POST /admin/explain`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExplainRequest {
-    /// A chat or legacy completions request, as a client would send it.
+    /// A request body, as a client would send it.
     pub request: Value,
+    /// The API `request` is written for; by default, told by its
+    /// members: `messages` chat, `prompt` legacy completions, `input`
+    /// embeddings. A Messages or Responses body needs `"api"`.
+    #[serde(default)]
+    pub api: Option<RequestApi>,
     /// The region the request asks for, as `x-tollgate-region` would.
     #[serde(default)]
     pub region: Option<String>,
@@ -339,17 +356,24 @@ pub struct ExplainRequest {
 /// answer before planning. Shared by `tollgate explain` (a fresh gateway's
 /// state) and `POST /admin/explain` (the live state).
 pub fn explain(snapshot: &Snapshot, ask: &ExplainRequest) -> Result<Explained, GatewayError> {
-    let endpoint = if ask.request.get("messages").is_some() {
-        Endpoint::Chat
-    } else if ask.request.get("prompt").is_some() {
-        Endpoint::Completions
-    } else if ask.request.get("input").is_some() {
-        Endpoint::Embeddings
-    } else {
-        return Err(GatewayError::bad_request(
-            "`request` must be a chat request (with `messages`), a completions request (with `prompt`) or an embeddings request (with `input`)",
-            Some("request".into()),
-        ));
+    let has = |member| ask.request.get(member).is_some();
+    let api = match ask.api {
+        Some(RequestApi::Chat) => Api::OpenAi(Endpoint::Chat),
+        Some(RequestApi::Completions) => Api::OpenAi(Endpoint::Completions),
+        Some(RequestApi::Embeddings) => Api::OpenAi(Endpoint::Embeddings),
+        Some(RequestApi::Messages) => Api::Messages,
+        Some(RequestApi::Responses) => Api::Responses,
+        None if has("messages") => Api::OpenAi(Endpoint::Chat),
+        None if has("prompt") => Api::OpenAi(Endpoint::Completions),
+        None if has("input") => Api::OpenAi(Endpoint::Embeddings),
+        None => {
+            return Err(GatewayError::bad_request(
+                "`request` must be a chat request (with `messages`), a completions request (with `prompt`) \
+                 or an embeddings request (with `input`); for a Messages or Responses request, say \
+                 `\"api\": \"messages\"` or `\"api\": \"responses\"`",
+                Some("request".into()),
+            ));
+        }
     };
     let key = match &ask.key {
         None => None,
@@ -358,7 +382,7 @@ pub fn explain(snapshot: &Snapshot, ask: &ExplainRequest) -> Result<Explained, G
         })?),
     };
     let bytes = serde_json::to_vec(&ask.request).expect("JSON values serialise");
-    let request = InboundRequest::parse(endpoint, bytes.into())?;
+    let (request, _) = api.parse(bytes.into())?;
     let region = ask.region.as_deref().map(str::as_bytes);
     match admit(snapshot, &request, key, region) {
         Ok(admission) => Ok(admission.plan.explain(snapshot)),

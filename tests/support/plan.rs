@@ -32,6 +32,7 @@ pub fn never_called(name: &str, kind: &str) -> Backend {
 pub fn ask(request: Value, region: Option<&str>, key: Option<&str>) -> ExplainRequest {
     ExplainRequest {
         request,
+        api: None,
         region: region.map(str::to_owned),
         key: key.map(str::to_owned),
     }
