@@ -310,7 +310,7 @@ impl GatewayError {
         Self::new(
             ErrorKind::UnknownRoute,
             format!(
-                "no route for {}; this gateway serves /v1/chat/completions, /v1/completions and /v1/models",
+                "no route for {}; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/messages, /v1/responses and /v1/models",
                 echo(path)
             ),
         )

@@ -93,13 +93,13 @@ impl Reply {
     }
 
     /// What re-encodes a canonical stream for the client; `None` when the
-    /// chunks go out as they came. `input_estimate` is the prompt's
+    /// chunks go out as they came. `input_estimate` gives the prompt's
     /// estimated tokens, for APIs that state usage before the upstream has.
-    pub fn encoder(self, input_estimate: u64) -> Option<Box<Encoder>> {
+    pub fn encoder(self, input_estimate: impl FnOnce() -> u64) -> Option<Box<Encoder>> {
         match self {
             Self::OpenAi => None,
             Self::Messages { stops } => Some(Box::new(Encoder::Messages(Translator::new(
-                anthropic::MessagesSink::new(stops, input_estimate),
+                anthropic::MessagesSink::new(stops, input_estimate()),
             )))),
             Self::Responses { echo } => Some(Box::new(Encoder::Responses(Translator::new(
                 responses::ResponsesSink::new(echo),

@@ -49,7 +49,7 @@ pub fn respond(request: &InboundRequest, served: Served<'_>, answer_as: Reply) -
                 backend: backend.name.clone(),
                 endpoint: request.endpoint(),
                 include_usage: request.include_usage(),
-                encoder: answer_as.encoder(meter.usage_so_far().prompt_tokens),
+                encoder: answer_as.encoder(|| meter.usage_so_far().prompt_tokens),
                 meter,
             });
             let mut response = Response::new(Body::from_stream(body));
