@@ -11,7 +11,7 @@ mod support;
 use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
-use support::kinds::{COMPLETION_TOKENS, Kind, for_each_kind, start_for};
+use support::kinds::{COMPLETION_TOKENS, Kind, REASONING, for_each_kind, start_for};
 use support::mock::{MockServer, MockUpstream};
 use support::openai_mock::{CANNED_PROMPT_TOKENS, TOOL_CALL_ID, TOOL_NAME};
 
@@ -468,4 +468,50 @@ async fn count_tokens_answers_the_gateways_estimate() {
         .unwrap();
     assert_eq!(refused.status(), 401);
     assert_eq!(upstream.hits(), 0);
+}
+
+/// Reasoning is a `thinking` block, never text, whole and streamed.
+async fn reasoning_stays_reasoning(kind: Kind) {
+    let upstream = kind.reasoning_mock().start().await;
+    let gateway = start_for(kind, &upstream).await;
+    let body: Value = post(&gateway, &ask(false)).await.json().await.unwrap();
+    assert_eq!(
+        body["content"],
+        json!([{"type": "thinking", "thinking": REASONING.concat(), "signature": ""},
+            {"type": "text", "text": "tok tok tok "}]),
+        "{body}"
+    );
+    let events = stream(&gateway, &ask(true)).await;
+    let starts: Vec<&Value> = events
+        .iter()
+        .filter(|(n, _)| n == "content_block_start")
+        .map(|(_, d)| &d["content_block"])
+        .collect();
+    assert_eq!(starts[0]["type"], "thinking");
+    assert_eq!(starts[1]["type"], "text");
+    let thinking: String = events
+        .iter()
+        .filter_map(|(_, d)| d["delta"]["thinking"].as_str())
+        .collect();
+    assert_eq!(thinking, REASONING.concat());
+    assert_eq!(text_of(&events), "tok tok tok ");
+    assert!(
+        events
+            .iter()
+            .all(|(_, d)| d["delta"]["type"] != "text_delta" || d["index"] == 1)
+    );
+}
+
+mod reasoning_stays_reasoning {
+    use super::Kind;
+
+    #[tokio::test]
+    async fn openai() {
+        super::reasoning_stays_reasoning(Kind::OpenAi).await;
+    }
+
+    #[tokio::test]
+    async fn bedrock() {
+        super::reasoning_stays_reasoning(Kind::Bedrock).await;
+    }
 }

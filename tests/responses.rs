@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Model};
 use support::gateway::*;
-use support::kinds::{COMPLETION_TOKENS, Kind, for_each_kind, start_for};
+use support::kinds::{COMPLETION_TOKENS, Kind, REASONING, for_each_kind, start_for};
 use support::mock::MockUpstream;
 use support::openai_mock::{CANNED_PROMPT_TOKENS, TOOL_ARGUMENTS, TOOL_CALL_ID, TOOL_NAME};
 
@@ -63,10 +63,12 @@ fn check_type(value: &Value, name: &str) {
                     check_type(item, item["type"].as_str().unwrap());
                 }
             }
-            ("content", Value::Array(parts)) | ("part", Value::Array(parts)) => {
-                parts.iter().for_each(|p| check_type(p, "output_text"));
+            ("content", Value::Array(parts)) => {
+                parts
+                    .iter()
+                    .for_each(|p| check_type(p, p["type"].as_str().unwrap()));
             }
-            ("part", part) => check_type(part, "output_text"),
+            ("part", part) => check_type(part, part["type"].as_str().unwrap()),
             ("usage", Value::Object(_)) => {
                 check_type(inner, "usage");
                 check_type(&inner["input_tokens_details"], "usage.input_tokens_details");
@@ -348,4 +350,55 @@ async fn what_needs_server_side_state_is_a_400_that_says_so() {
     let mut stateless = ask(false);
     stateless["store"] = json!(false);
     assert_eq!(post(&gateway, &stateless).await.status(), 200);
+}
+
+/// Reasoning is a `reasoning` item, never text, whole and streamed.
+async fn reasoning_stays_reasoning(kind: Kind) {
+    let upstream = kind.reasoning_mock().start().await;
+    let gateway = start_for(kind, &upstream).await;
+    let body: Value = post(&gateway, &ask(false)).await.json().await.unwrap();
+    check_type(&body, "response");
+    let output = body["output"].as_array().unwrap();
+    assert_eq!(output[0]["type"], "reasoning", "{body}");
+    assert_eq!(
+        output[0]["content"],
+        json!([{"type": "reasoning_text", "text": REASONING.concat()}])
+    );
+    assert_eq!(output[1]["content"][0]["text"], "tok tok tok ");
+    let events = stream(&gateway, &ask(true)).await;
+    check_events(&events);
+    let reasoning = [
+        &[
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+        ][..],
+        &["response.reasoning_text.delta"; 2],
+        &[
+            "response.reasoning_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+        ],
+    ]
+    .concat();
+    assert_eq!(names(&events)[..reasoning.len()], reasoning);
+    assert_eq!(events[reasoning.len() - 3].1["text"], REASONING.concat());
+    let done = &events.last().unwrap().1["response"];
+    assert_eq!(done["output"][0]["type"], "reasoning");
+    assert_eq!(done["output"][1]["content"][0]["text"], "tok tok tok ");
+}
+
+mod reasoning_stays_reasoning {
+    use super::Kind;
+
+    #[tokio::test]
+    async fn openai() {
+        super::reasoning_stays_reasoning(Kind::OpenAi).await;
+    }
+
+    #[tokio::test]
+    async fn bedrock() {
+        super::reasoning_stays_reasoning(Kind::Bedrock).await;
+    }
 }

@@ -3,6 +3,9 @@
 //! one state machine that turns chunks into content blocks (Messages) or
 //! output items (Responses): which block is open, when it closes, and how
 //! the stream ended. Each API writes its own events through a [`Sink`].
+//! Reasoning (vLLM's `reasoning_content` or `reasoning`, Bedrock's
+//! `reasoningContent` as its provider writes it) is a block of its own,
+//! never text.
 
 use std::borrow::Cow;
 
@@ -43,6 +46,10 @@ pub struct Answer {
     #[serde(default)]
     pub content: Option<String>,
     #[serde(default)]
+    reasoning_content: Option<String>,
+    #[serde(default)]
+    reasoning: Option<String>,
+    #[serde(default)]
     pub tool_calls: Option<Vec<ToolCall>>,
 }
 
@@ -57,6 +64,16 @@ pub struct Function {
     pub name: String,
     #[serde(default)]
     pub arguments: String,
+}
+
+impl Answer {
+    /// The model's reasoning, under either name vLLM has given it.
+    pub fn reasoning(&self) -> Option<&str> {
+        self.reasoning_content
+            .as_deref()
+            .or(self.reasoning.as_deref())
+            .filter(|r| !r.is_empty())
+    }
 }
 
 impl Completion<'_> {
@@ -99,6 +116,10 @@ struct ChoiceDelta<'a> {
 struct DeltaView<'a> {
     #[serde(borrow, default)]
     content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reasoning: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     tool_calls: Option<Vec<ToolCallDelta<'a>>>,
 }
@@ -154,6 +175,8 @@ impl Finish {
 pub trait Sink {
     /// Before the first block: the answer's id and model.
     fn start(&mut self, out: &mut BytesMut, id: &str, model: &str);
+    fn open_reasoning(&mut self, out: &mut BytesMut, index: usize);
+    fn reasoning(&mut self, out: &mut BytesMut, index: usize, text: &str);
     fn open_text(&mut self, out: &mut BytesMut, index: usize);
     fn text(&mut self, out: &mut BytesMut, index: usize, text: &str);
     fn open_tool(&mut self, out: &mut BytesMut, index: usize, id: &str, name: &str);
@@ -168,6 +191,7 @@ pub trait Sink {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Open {
     Nothing,
+    Reasoning,
     Text,
     /// The tool call with this canonical `index`.
     Tool(u32),
@@ -213,6 +237,13 @@ impl<S: Sink> Translator<S> {
             return;
         };
         if let Some(delta) = choice.delta {
+            let reasoning = delta.reasoning_content.or(delta.reasoning);
+            if let Some(text) = reasoning.as_deref().filter(|t| !t.is_empty()) {
+                if self.open != Open::Reasoning {
+                    self.switch(out, Open::Reasoning, None);
+                }
+                self.sink.reasoning(out, self.blocks - 1, text);
+            }
             if let Some(text) = delta.content.as_deref().filter(|t| !t.is_empty()) {
                 if self.open != Open::Text {
                     self.switch(out, Open::Text, None);
@@ -246,11 +277,12 @@ impl<S: Sink> Translator<S> {
         let index = self.blocks;
         self.blocks += 1;
         self.open = next;
-        match tool {
-            Some((id, name)) => self
+        match (next, tool) {
+            (_, Some((id, name))) => self
                 .sink
                 .open_tool(out, index, id, name.unwrap_or_default()),
-            None => self.sink.open_text(out, index),
+            (Open::Reasoning, None) => self.sink.open_reasoning(out, index),
+            _ => self.sink.open_text(out, index),
         }
     }
 

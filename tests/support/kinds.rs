@@ -2,8 +2,10 @@
 //! protocol's mock on 127.0.0.1: an OpenAI-compatible server (vLLM),
 //! Bedrock and TGI.
 
-use serde_json::json;
+use bytes::Bytes;
+use serde_json::{Value, json};
 
+use super::bedrock_mock;
 use super::config::{Backend, Config, Deployment, Model};
 use super::gateway::{Gateway, bedrock_mock_with_token, start, url};
 use super::mock::{MockServer, MockUpstream};
@@ -71,6 +73,89 @@ impl Kind {
                 mock.error(422, json!({"error": "bad input words", "error_type": "validation"})),
                 422,
             ),
+        }
+    }
+}
+
+/// The reasoning every reasoning mock answers with, before its text.
+pub const REASONING: [&str; 2] = ["Let me ", "think."];
+
+impl Kind {
+    /// A mock whose answers reason first (`REASONING`), then say
+    /// `tok tok tok `, in this kind's own shapes: vLLM's
+    /// `reasoning_content`, Bedrock's `reasoningContent` blocks. TGI has
+    /// none.
+    pub fn reasoning_mock(self) -> MockUpstream {
+        let thought = REASONING.concat();
+        match self {
+            Self::OpenAi => {
+                let chunk = |delta: Value, finish: Value| {
+                    Bytes::from(format!(
+                        "data: {}\n\n",
+                        json!({"id": "chatcmpl-r", "object": "chat.completion.chunk",
+                        "created": 1_700_000_000, "model": "mock-model",
+                        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+                    ))
+                };
+                let mut events = vec![chunk(
+                    json!({"role": "assistant", "content": ""}),
+                    Value::Null,
+                )];
+                events
+                    .extend(REASONING.map(|r| chunk(json!({"reasoning_content": r}), Value::Null)));
+                events.extend((0..3).map(|_| chunk(json!({"content": "tok "}), Value::Null)));
+                events.push(chunk(json!({}), json!("stop")));
+                events.push(Bytes::from(format!(
+                    "data: {}\n\n",
+                    json!({"id": "chatcmpl-r", "object": "chat.completion.chunk",
+                    "created": 1_700_000_000, "model": "mock-model", "choices": [],
+                    "usage": {"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20}})
+                )));
+                events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                MockUpstream::openai().events(events).json(json!({"id": "chatcmpl-r",
+                    "object": "chat.completion", "created": 1_700_000_000, "model": "mock-model",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "tok tok tok ",
+                        "reasoning_content": thought}, "logprobs": null, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20}}))
+            }
+            Self::Bedrock => {
+                let delta = |index: u32, delta: Value| {
+                    bedrock_mock::event(
+                        "contentBlockDelta",
+                        json!({"contentBlockIndex": index, "delta": delta}),
+                    )
+                };
+                let mut frames = vec![bedrock_mock::event(
+                    "messageStart",
+                    json!({"role": "assistant"}),
+                )];
+                frames
+                    .extend(REASONING.map(|r| delta(0, json!({"reasoningContent": {"text": r}}))));
+                frames.push(delta(0, json!({"reasoningContent": {"signature": "c2ln"}})));
+                frames.push(bedrock_mock::event(
+                    "contentBlockStop",
+                    json!({"contentBlockIndex": 0}),
+                ));
+                frames.extend((0..3).map(|_| delta(1, json!({"text": "tok "}))));
+                frames.push(bedrock_mock::event(
+                    "contentBlockStop",
+                    json!({"contentBlockIndex": 1}),
+                ));
+                frames.push(bedrock_mock::event(
+                    "messageStop",
+                    json!({"stopReason": "end_turn"}),
+                ));
+                let usage = json!({"inputTokens": 11, "outputTokens": 9, "totalTokens": 20});
+                frames.push(bedrock_mock::event(
+                    "metadata",
+                    json!({"usage": usage, "metrics": {"latencyMs": 42}}),
+                ));
+                bedrock_mock_with_token().events(frames).json(json!({"output": {"message": {"role": "assistant",
+                    "content": [{"reasoningContent": {"reasoningText": {"text": thought, "signature": "c2ln"}}},
+                        {"text": "tok tok tok "}]}},
+                    "stopReason": "end_turn", "usage": usage, "metrics": {"latencyMs": 42}}))
+            }
+            Self::Tgi => unimplemented!("TGI's chat API has no reasoning to mock"),
         }
     }
 }

@@ -94,6 +94,10 @@ pub enum Block {
         #[serde(default)]
         content: Option<ToolResultContent>,
     },
+    /// The model's reasoning in an earlier answer, sent back: the
+    /// canonical request has no place for it, so it is left out.
+    Thinking {},
+    RedactedThinking {},
 }
 
 #[derive(Debug, Deserialize)]
@@ -272,9 +276,9 @@ fn user_turn(out: &mut Vec<Value>, content: &Content, i: usize) -> Result<(), Ga
                 };
                 out.push(json!({"role": "tool", "tool_call_id": tool_use_id, "content": text}));
             }
-            Block::ToolUse { .. } => {
+            Block::ToolUse { .. } | Block::Thinking {} | Block::RedactedThinking {} => {
                 return Err(GatewayError::bad_request(
-                    "a `tool_use` block belongs in an assistant message",
+                    "`tool_use` and `thinking` blocks belong in an assistant message",
                     Some(format!("messages[{i}].content[{j}]")),
                 ));
             }
@@ -309,6 +313,7 @@ fn assistant_turn(content: &Content, i: usize) -> Result<Value, GatewayError> {
                 "id": id, "type": "function",
                 "function": {"name": name, "arguments": input.to_string()},
             })),
+            Block::Thinking {} | Block::RedactedThinking {} => {}
             Block::Image { .. } | Block::ToolResult { .. } => {
                 return Err(GatewayError::bad_request(
                     "an assistant message holds only `text` and `tool_use` blocks",

@@ -63,6 +63,10 @@ pub fn message(body: &[u8], backend: &str, stops: &[String]) -> Result<Bytes, Ga
     let choice = completion.choices.first();
     let mut content = Vec::new();
     if let Some(answer) = choice.and_then(|c| c.message.as_ref()) {
+        if let Some(thinking) = answer.reasoning() {
+            // No upstream signs its reasoning; the signature is empty.
+            content.push(json!({"type": "thinking", "thinking": thinking, "signature": ""}));
+        }
         if let Some(text) = answer.content.as_deref().filter(|t| !t.is_empty()) {
             content.push(json!({"type": "text", "text": text}));
         }
@@ -132,6 +136,20 @@ impl Sink for MessagesSink {
                 "id": message_id(id), "type": "message", "role": "assistant", "model": model,
                 "content": [], "stop_reason": null, "stop_sequence": null,
                 "usage": {"input_tokens": self.input_estimate, "output_tokens": 0}}}),
+        );
+    }
+
+    fn open_reasoning(&mut self, out: &mut BytesMut, index: usize) {
+        let block = json!({"type": "thinking", "thinking": "", "signature": ""});
+        self.open(out, index, block);
+    }
+
+    fn reasoning(&mut self, out: &mut BytesMut, index: usize, text: &str) {
+        event(
+            out,
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": index,
+                "delta": {"type": "thinking_delta", "thinking": text}}),
         );
     }
 

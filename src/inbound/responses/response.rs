@@ -91,6 +91,14 @@ fn message_item(id: &str, status: &str, text: Option<&str>) -> Value {
     json!({"id": id, "type": "message", "status": status, "role": "assistant", "content": content})
 }
 
+fn reasoning_item(id: &str, status: &str, text: Option<&str>) -> Value {
+    let content: Vec<Value> = text
+        .map(|text| json!({"type": "reasoning_text", "text": text}))
+        .into_iter()
+        .collect();
+    json!({"id": id, "type": "reasoning", "status": status, "summary": [], "content": content})
+}
+
 fn call_item(id: &str, status: &str, call_id: &str, name: &str, arguments: &str) -> Value {
     json!({"id": id, "type": "function_call", "status": status,
         "call_id": call_id, "name": name, "arguments": arguments})
@@ -106,6 +114,9 @@ pub fn response(
     let choice = completion.choices.first();
     let mut output = Vec::new();
     if let Some(answer) = choice.and_then(|c| c.message.as_ref()) {
+        if let Some(reasoning) = answer.reasoning() {
+            output.push(reasoning_item(&item_id("rs"), "completed", Some(reasoning)));
+        }
         if let Some(text) = answer.content.as_deref().filter(|t| !t.is_empty()) {
             output.push(message_item(&item_id("msg"), "completed", Some(text)));
         }
@@ -135,6 +146,10 @@ pub fn response(
 
 /// The output item being streamed.
 enum Current {
+    Reasoning {
+        id: String,
+        text: String,
+    },
     Text {
         id: String,
         text: String,
@@ -205,6 +220,36 @@ impl Sink for ResponsesSink {
         self.event(out, "response.in_progress", json!({"response": response}));
     }
 
+    fn open_reasoning(&mut self, out: &mut BytesMut, index: usize) {
+        let id = item_id("rs");
+        let item = reasoning_item(&id, "in_progress", None);
+        self.event(
+            out,
+            "response.output_item.added",
+            json!({"output_index": index, "item": item}),
+        );
+        self.event(
+            out,
+            "response.content_part.added",
+            json!({"item_id": id, "output_index": index, "content_index": 0,
+                "part": {"type": "reasoning_text", "text": ""}}),
+        );
+        self.current = Some(Current::Reasoning {
+            id,
+            text: String::new(),
+        });
+    }
+
+    fn reasoning(&mut self, out: &mut BytesMut, index: usize, delta: &str) {
+        let Some(Current::Reasoning { id, text }) = &mut self.current else {
+            return;
+        };
+        text.push_str(delta);
+        let event =
+            json!({"item_id": id, "output_index": index, "content_index": 0, "delta": delta});
+        self.event(out, "response.reasoning_text.delta", event);
+    }
+
     fn open_text(&mut self, out: &mut BytesMut, index: usize) {
         let id = item_id("msg");
         let item = message_item(&id, "in_progress", None);
@@ -263,6 +308,20 @@ impl Sink for ResponsesSink {
     fn close(&mut self, out: &mut BytesMut, index: usize) {
         let item = match self.current.take() {
             None => return,
+            Some(Current::Reasoning { id, text }) => {
+                self.event(
+                    out,
+                    "response.reasoning_text.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "text": text}),
+                );
+                let part = json!({"type": "reasoning_text", "text": text});
+                self.event(
+                    out,
+                    "response.content_part.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+                );
+                reasoning_item(&id, "completed", Some(&text))
+            }
             Some(Current::Text { id, text }) => {
                 self.event(
                     out,
