@@ -515,3 +515,57 @@ mod reasoning_stays_reasoning {
         super::reasoning_stays_reasoning(Kind::Bedrock).await;
     }
 }
+
+#[tokio::test]
+async fn images_reach_bedrock_as_bytes_and_a_url_is_a_clear_400() {
+    let upstream = Kind::Bedrock.mock().start().await;
+    let config = Config::new()
+        .backend(Kind::Bedrock.backend("up", &upstream))
+        .model(
+            Model::new("vision").deployment(
+                Deployment::new("up", "us.meta.llama3-2-11b-instruct-v1:0")
+                    .multimodal(&["text", "image"]),
+            ),
+        );
+    let gateway = start(&config).await;
+    let image = |source: Value| {
+        json!({"model": "vision", "max_tokens": 16, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": source}, {"type": "text", "text": "What is this?"}]}]})
+    };
+    let inline =
+        image(json!({"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}));
+    let response = post(&gateway, &inline).await;
+    assert_eq!(response.status(), 200);
+    let sent = upstream.single_request().json;
+    assert_eq!(
+        sent["messages"][0]["content"][0],
+        json!({"image": {"format": "png", "source": {"bytes": "iVBORw0KGgo="}}})
+    );
+    let linked = image(json!({"type": "url", "url": "https://example.com/a.png"}));
+    let response = post(&gateway, &linked).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "invalid_request_error");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("data URL"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn the_simulated_backend_serves_messages_too() {
+    let config = Config::new()
+        .backend(Backend::simulated("sim").answers(0, 100_000, 4))
+        .model(Model::new("chat").deployment(Deployment::new("sim", "m")));
+    let gateway = start(&config).await;
+    let body: Value = post(&gateway, &ask(false)).await.json().await.unwrap();
+    assert_eq!(body["type"], "message", "{body}");
+    assert_eq!(body["content"][0]["type"], "text");
+    assert_eq!(body["usage"]["output_tokens"], 4);
+    let events = stream(&gateway, &ask(true)).await;
+    assert_eq!(names(&events), names(&reference("basic_response.sse")));
+    assert_eq!(events[events.len() - 2].1["usage"]["output_tokens"], 4);
+}

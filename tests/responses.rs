@@ -402,3 +402,22 @@ mod reasoning_stays_reasoning {
         super::reasoning_stays_reasoning(Kind::Bedrock).await;
     }
 }
+
+#[tokio::test]
+async fn the_simulated_backend_serves_responses_too() {
+    let config = Config::new()
+        .backend(Backend::simulated("sim").answers(0, 100_000, 4))
+        .model(Model::new("chat").deployment(Deployment::new("sim", "m")));
+    let gateway = start(&config).await;
+    let body: Value = post(&gateway, &ask(false)).await.json().await.unwrap();
+    check_type(&body, "response");
+    assert_eq!(body["status"], "completed", "{body}");
+    assert_eq!(body["usage"]["output_tokens"], 4);
+    let events = stream(&gateway, &ask(true)).await;
+    check_events(&events);
+    assert_eq!(events.last().unwrap().0, "response.completed");
+    assert_eq!(
+        events.last().unwrap().1["response"]["usage"]["output_tokens"],
+        4
+    );
+}
