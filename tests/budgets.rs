@@ -216,3 +216,53 @@ async fn a_stream_that_reaches_its_reservation_ends_at_its_length_limit() {
     assert!(spent <= 0.005, "spent ${spent}");
     assert!(spent > 0.0049, "spent ${spent}");
 }
+
+#[tokio::test]
+async fn messages_and_responses_streams_that_reach_their_reservation_end_at_their_length_limit() {
+    let asks = [
+        (
+            "/v1/messages",
+            json!({"model": "chat", "max_tokens": 400, "stream": true, "messages": user("hi")}),
+            400,
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "chat", "stream": true, "input": "hi"}),
+            499,
+        ),
+    ];
+    for (path, body, tokens) in asks {
+        let upstream = MockUpstream::openai()
+            .answers_of_ignoring_max_tokens(2_000)
+            .start()
+            .await;
+        let gateway = start(&config(&upstream, 0.005)).await;
+        let response = gateway
+            .post(path)
+            .bearer_auth("team-secret")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let events = named_events(&response.text().await.unwrap());
+        let (name, last) = events.last().unwrap();
+        if path == "/v1/messages" {
+            assert_eq!(name, "message_stop");
+            let delta = &events[events.len() - 2].1;
+            assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
+            assert_eq!(delta["usage"]["output_tokens"], tokens);
+        } else {
+            assert_eq!(name, "response.incomplete");
+            let response = &last["response"];
+            assert_eq!(
+                response["incomplete_details"]["reason"],
+                "max_output_tokens"
+            );
+            assert_eq!(response["usage"]["output_tokens"], tokens);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let spent = spent(&gateway).await;
+        assert!(spent <= 0.005, "{path}: spent ${spent}");
+    }
+}
