@@ -1,7 +1,6 @@
 //! One inference request's path (`/v1/chat/completions`,
 //! `/v1/completions`, `/v1/embeddings`; `/v1/messages` and `/v1/responses`
-//! translated), as
-//! named steps:
+//! translated), as named steps:
 //!
 //! 1. [`auth::authenticate`]: the API key (when keys are configured).
 //! 2. [`read_body`]: the body, up to `server.max_body_bytes` (413), then
