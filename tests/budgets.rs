@@ -260,6 +260,7 @@ async fn messages_and_responses_streams_that_reach_their_reservation_end_at_thei
                 "max_output_tokens"
             );
             assert_eq!(response["usage"]["output_tokens"], tokens);
+            assert_eq!(response["output"][0]["status"], "incomplete");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         let spent = spent(&gateway).await;

@@ -181,7 +181,9 @@ pub trait Sink {
     fn text(&mut self, out: &mut BytesMut, index: usize, text: &str);
     fn open_tool(&mut self, out: &mut BytesMut, index: usize, id: &str, name: &str);
     fn arguments(&mut self, out: &mut BytesMut, index: usize, arguments: &str);
-    fn close(&mut self, out: &mut BytesMut, index: usize);
+    /// Closes a block: `last` when the answer ended with it (how it
+    /// ended is then known), else another block follows.
+    fn close(&mut self, out: &mut BytesMut, index: usize, last: Option<&Finish>);
     /// After the last block closed.
     fn finish(&mut self, out: &mut BytesMut, finish: &Finish, usage: Usage);
     /// The stream failed after it started; nothing follows.
@@ -273,7 +275,7 @@ impl<S: Sink> Translator<S> {
 
     /// Closes the open block and opens `next`.
     fn switch(&mut self, out: &mut BytesMut, next: Open, tool: Option<(&str, Option<&str>)>) {
-        self.close(out);
+        self.close(out, false);
         let index = self.blocks;
         self.blocks += 1;
         self.open = next;
@@ -286,9 +288,10 @@ impl<S: Sink> Translator<S> {
         }
     }
 
-    fn close(&mut self, out: &mut BytesMut) {
+    fn close(&mut self, out: &mut BytesMut, last: bool) {
         if self.open != Open::Nothing {
-            self.sink.close(out, self.blocks - 1);
+            let finish = last.then_some(&self.finish);
+            self.sink.close(out, self.blocks - 1, finish);
             self.open = Open::Nothing;
         }
     }
@@ -303,7 +306,7 @@ impl<S: Sink> Translator<S> {
             self.started = true;
             self.sink.start(out, "", "");
         }
-        self.close(out);
+        self.close(out, true);
         self.sink.finish(out, &self.finish, usage);
     }
 

@@ -183,7 +183,7 @@ impl Sink for MessagesSink {
         );
     }
 
-    fn close(&mut self, out: &mut BytesMut, index: usize) {
+    fn close(&mut self, out: &mut BytesMut, index: usize, _last: Option<&Finish>) {
         event(
             out,
             "content_block_stop",

@@ -132,6 +132,11 @@ pub fn response(
         }
     }
     let (status, incomplete) = status(&Finish::of(choice));
+    if status == "incomplete"
+        && let Some(last) = output.last_mut()
+    {
+        last["status"] = status.into();
+    }
     let envelope = Envelope {
         id: &response_id(completion.id.as_deref().unwrap_or_default()),
         created_at: unix_now(),
@@ -305,7 +310,12 @@ impl Sink for ResponsesSink {
         self.event(out, "response.function_call_arguments.delta", event);
     }
 
-    fn close(&mut self, out: &mut BytesMut, index: usize) {
+    fn close(&mut self, out: &mut BytesMut, index: usize, last: Option<&Finish>) {
+        // The item the answer was cut in is incomplete, as the answer is.
+        let done = match last.map(|finish| status(finish).0) {
+            Some("incomplete") => "incomplete",
+            _ => "completed",
+        };
         let item = match self.current.take() {
             None => return,
             Some(Current::Reasoning { id, text }) => {
@@ -320,7 +330,7 @@ impl Sink for ResponsesSink {
                     "response.content_part.done",
                     json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
                 );
-                reasoning_item(&id, "completed", Some(&text))
+                reasoning_item(&id, done, Some(&text))
             }
             Some(Current::Text { id, text }) => {
                 self.event(
@@ -336,7 +346,7 @@ impl Sink for ResponsesSink {
                     "response.content_part.done",
                     json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
                 );
-                message_item(&id, "completed", Some(&text))
+                message_item(&id, done, Some(&text))
             }
             Some(Current::Call {
                 id,
@@ -349,7 +359,7 @@ impl Sink for ResponsesSink {
                     "response.function_call_arguments.done",
                     json!({"item_id": id, "output_index": index, "name": name, "arguments": arguments}),
                 );
-                call_item(&id, "completed", &call_id, &name, &arguments)
+                call_item(&id, done, &call_id, &name, &arguments)
             }
         };
         self.event(
@@ -377,5 +387,29 @@ impl Sink for ResponsesSink {
         let event = json!({"code": error.code(), "message": error.message(),
             "param": error.param_name()});
         self.event(out, "error", event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_cut_at_its_limit_is_incomplete_and_so_is_its_last_item() {
+        let body = json!({"id": "chatcmpl-7", "model": "m", "choices": [{"index": 0,
+            "message": {"role": "assistant", "content": "partial"}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21}});
+        let echo = Map::new();
+        let out: Value =
+            serde_json::from_slice(&response(body.to_string().as_bytes(), "b", &echo).unwrap())
+                .unwrap();
+        assert_eq!(out["id"], "resp_7");
+        assert_eq!(out["status"], "incomplete");
+        assert_eq!(
+            out["incomplete_details"],
+            json!({"reason": "max_output_tokens"})
+        );
+        assert_eq!(out["output"][0]["status"], "incomplete");
+        assert_eq!(out["usage"]["total_tokens"], 21);
     }
 }
