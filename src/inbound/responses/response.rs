@@ -212,6 +212,20 @@ impl ResponsesSink {
             &serde_json::to_vec(&event).expect("JSON values serialise"),
         );
     }
+
+    /// An output item and its one content part, both announced empty.
+    fn open_item(&mut self, out: &mut BytesMut, index: usize, id: &str, item: Value, part: Value) {
+        self.event(
+            out,
+            "response.output_item.added",
+            json!({"output_index": index, "item": item}),
+        );
+        self.event(
+            out,
+            "response.content_part.added",
+            json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
+        );
+    }
 }
 
 impl Sink for ResponsesSink {
@@ -228,17 +242,8 @@ impl Sink for ResponsesSink {
     fn open_reasoning(&mut self, out: &mut BytesMut, index: usize) {
         let id = item_id("rs");
         let item = reasoning_item(&id, "in_progress", None);
-        self.event(
-            out,
-            "response.output_item.added",
-            json!({"output_index": index, "item": item}),
-        );
-        self.event(
-            out,
-            "response.content_part.added",
-            json!({"item_id": id, "output_index": index, "content_index": 0,
-                "part": {"type": "reasoning_text", "text": ""}}),
-        );
+        let part = json!({"type": "reasoning_text", "text": ""});
+        self.open_item(out, index, &id, item, part);
         self.current = Some(Current::Reasoning {
             id,
             text: String::new(),
@@ -258,17 +263,8 @@ impl Sink for ResponsesSink {
     fn open_text(&mut self, out: &mut BytesMut, index: usize) {
         let id = item_id("msg");
         let item = message_item(&id, "in_progress", None);
-        self.event(
-            out,
-            "response.output_item.added",
-            json!({"output_index": index, "item": item}),
-        );
-        self.event(
-            out,
-            "response.content_part.added",
-            json!({"item_id": id, "output_index": index, "content_index": 0,
-                "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
-        );
+        let part = json!({"type": "output_text", "text": "", "annotations": [], "logprobs": []});
+        self.open_item(out, index, &id, item, part);
         self.current = Some(Current::Text {
             id,
             text: String::new(),
