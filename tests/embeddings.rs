@@ -314,3 +314,57 @@ async fn the_simulated_backend_embeds_the_same_input_the_same_way() {
     assert_eq!(first, again);
     assert_ne!(json!(first), other);
 }
+
+/// 200 embeddings requests at once against a budget that pays for about
+/// 40: each reserves its input's estimated cost (no output), so the key
+/// never spends past its budget, and every request is served or refused
+/// with 429. The mock counts tokens as the gateway estimates them; an
+/// upstream whose tokenizer counts more passes the budget by the
+/// difference (docs/metering.md).
+#[tokio::test]
+async fn a_budget_holds_with_200_embeddings_at_once() {
+    let upstream = MockUpstream::openai().record(false).start().await;
+    // 2,000 characters: 500 tokens at $20 per Mtok, $0.01 a request.
+    let config = Config::new()
+        .backend(Backend::new("vllm", "vllm", &url(&upstream)))
+        .model(
+            Model::new("embed").deployment(
+                Deployment::new("vllm", "bge-m3")
+                    .set("endpoints", vec!["embeddings"])
+                    .price(20.0, 0.0),
+            ),
+        )
+        .key(Key::new("team").set("budget_daily_usd", 0.4))
+        .admin();
+    let gateway = start(&config).await;
+    let input = "x".repeat(2_000);
+    let statuses = futures_util::future::join_all((0..200).map(|_| {
+        let (gateway, input) = (&gateway, &input);
+        async move {
+            let response = gateway
+                .embed(json!({"model": "embed", "input": input}))
+                .await;
+            let status = response.status().as_u16();
+            response.bytes().await.unwrap();
+            status
+        }
+    }))
+    .await;
+    let served = statuses.iter().filter(|&&s| s == 200).count();
+    eprintln!("{served} of 200 served");
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+    let spent = gateway.spend("?key=team").await["total"]["cost_usd"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        spent <= 0.4 + 1e-9,
+        "${spent} spent of $0.40 by {served} requests"
+    );
+    assert!(
+        served >= 1 && (spent - served as f64 * 0.01).abs() < 1e-9,
+        "{served}: ${spent}"
+    );
+}
