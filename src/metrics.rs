@@ -60,6 +60,10 @@ const ALIAS: Label = label(
     "alias",
     "a model alias from config; `none` when the request was refused before its model was known",
 );
+const API: Label = label(
+    "api",
+    "the inbound API: `chat`, `completions`, `embeddings`, `messages` or `responses`",
+);
 const BACKEND: Label = label(
     "backend",
     "a backend name from config; `none` when no backend was called",
@@ -200,8 +204,9 @@ macro_rules! metrics {
 metrics! {
     requests: IntCounterVec {
         name: "tollgate_requests_total",
-        help: "Client requests answered, by model alias, backend and HTTP status.",
+        help: "Client requests answered, by inbound API, model alias, backend and HTTP status.",
         labels: [
+            API,
             ALIAS,
             BACKEND,
             label(
@@ -263,8 +268,9 @@ metrics! {
     }
     tokens: IntCounterVec {
         name: "tollgate_tokens_total",
-        help: "Tokens metered, by direction (input, output) and whether the gateway estimated them.",
+        help: "Tokens metered, by inbound API, direction (input, output) and whether the gateway estimated them.",
         labels: [
+            API,
             ALIAS,
             BACKEND,
             label("direction", "`input` or `output`"),
@@ -447,13 +453,14 @@ impl Metrics {
 
     pub fn record_request(
         &self,
+        api: &str,
         alias: &str,
         backend: &str,
         status: u16,
         elapsed: std::time::Duration,
     ) {
         self.requests
-            .with_label_values(&[alias, backend, &status.to_string()])
+            .with_label_values(&[api, alias, backend, &status.to_string()])
             .inc();
         self.request_duration
             .with_label_values(&[alias, backend])

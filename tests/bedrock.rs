@@ -518,6 +518,6 @@ async fn reasoning_deltas_stream_as_reasoning_content_not_text() {
         .collect();
     assert_eq!(text.concat(), "Hello!");
     gateway
-        .eventually_exact_output_tokens("chat", "bedrock-us", 12)
+        .eventually_exact_output_tokens("chat", "chat", "bedrock-us", 12)
         .await;
 }

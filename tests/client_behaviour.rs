@@ -77,7 +77,7 @@ async fn a_whole_answer_is_an_openai_chat_completion_with_exact_usage(kind: Kind
     assert_eq!(choice["finish_reason"], "stop");
     assert_eq!(body["usage"], expected_usage());
     gateway
-        .eventually_exact_output_tokens("chat", "up", COMPLETION_TOKENS)
+        .eventually_exact_output_tokens("chat", "chat", "up", COMPLETION_TOKENS)
         .await;
     assert_eq!(upstream.hits(), 1);
 }
@@ -101,7 +101,7 @@ async fn a_stream_has_no_usage_chunk_unless_asked(kind: Kind) {
     }
     // Usage is metered exactly all the same.
     gateway
-        .eventually_exact_output_tokens("chat", "up", 2 * COMPLETION_TOKENS)
+        .eventually_exact_output_tokens("chat", "chat", "up", 2 * COMPLETION_TOKENS)
         .await;
 }
 

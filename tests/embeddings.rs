@@ -72,6 +72,7 @@ async fn embeddings_are_forwarded_as_sent_and_priced_per_input_token() {
     }
     let labels = |direction| {
         [
+            ("api", "embeddings"),
             ("alias", "embed"),
             ("backend", "vllm"),
             ("direction", direction),

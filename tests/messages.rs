@@ -112,7 +112,7 @@ async fn a_whole_answer_is_a_message_with_exact_usage(kind: Kind) {
         json!({"input_tokens": CANNED_PROMPT_TOKENS, "output_tokens": COMPLETION_TOKENS})
     );
     gateway
-        .eventually_exact_output_tokens("chat", "up", COMPLETION_TOKENS)
+        .eventually_exact_output_tokens("messages", "chat", "up", COMPLETION_TOKENS)
         .await;
     assert_eq!(upstream.hits(), 1);
 }
@@ -131,7 +131,7 @@ async fn a_stream_is_anthropics_event_sequence(kind: Kind) {
     assert_eq!(delta["usage"]["output_tokens"], COMPLETION_TOKENS);
     assert_eq!(delta["usage"]["input_tokens"], CANNED_PROMPT_TOKENS);
     gateway
-        .eventually_exact_output_tokens("chat", "up", COMPLETION_TOKENS)
+        .eventually_exact_output_tokens("messages", "chat", "up", COMPLETION_TOKENS)
         .await;
 }
 
@@ -253,7 +253,12 @@ async fn a_stream_cut_mid_way_is_an_error_event_and_metered_once(kind: Kind) {
     assert_eq!(error["error"]["type"], "api_error", "{error}");
     assert_eq!(events[0].0, "message_start");
     assert!(!events.iter().any(|(n, _)| n == "message_stop"));
-    let labels = [("alias", "chat"), ("backend", "up"), ("status", "502")];
+    let labels = [
+        ("api", "messages"),
+        ("alias", "chat"),
+        ("backend", "up"),
+        ("status", "502"),
+    ];
     gateway
         .eventually_metric("tollgate_requests_total", &labels, 1.0)
         .await;

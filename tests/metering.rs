@@ -87,6 +87,7 @@ async fn each_request_is_priced_with_its_counterfactuals_and_lands_in_the_ledger
             &text,
             "tollgate_tokens_total",
             &[
+                ("api", "chat"),
                 ("alias", "chat"),
                 ("backend", "api-a"),
                 ("direction", "output"),
@@ -120,6 +121,108 @@ async fn each_request_is_priced_with_its_counterfactuals_and_lands_in_the_ledger
 }
 
 #[tokio::test]
+async fn each_inbound_api_is_a_ledger_row_and_a_series_of_its_own() {
+    let upstream = MockUpstream::openai().start().await;
+    let config = Config::new()
+        .backend(Backend::upstream("api", "openai", &url(&upstream)))
+        .model(
+            Model::new("chat").deployment(
+                Deployment::new("api", "m")
+                    .price(1.0, 2.0)
+                    .set("endpoints", vec!["chat", "completions", "embeddings"]),
+            ),
+        )
+        .key(Key::new("team"))
+        .admin();
+    let gateway = start(&config).await;
+    let asks = [
+        (
+            "chat/completions",
+            json!({"model": "chat", "messages": user("hi")}),
+        ),
+        ("completions", json!({"model": "chat", "prompt": "hi"})),
+        ("embeddings", json!({"model": "chat", "input": "hi"})),
+        (
+            "messages",
+            json!({"model": "chat", "max_tokens": 8, "messages": user("hi")}),
+        ),
+        ("responses", json!({"model": "chat", "input": "hi"})),
+    ];
+    for (path, body) in &asks {
+        for _ in 0..2 {
+            let response = gateway
+                .post(&format!("/v1/{path}"))
+                .bearer_auth("team-secret")
+                .json(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{path}");
+        }
+    }
+    let report = gateway.spend("?key=team").await;
+    let mut apis: Vec<(&str, u64)> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["api"].as_str().unwrap(), r["requests"].as_u64().unwrap()))
+        .collect();
+    apis.sort();
+    let every = [
+        ("chat", 2),
+        ("completions", 2),
+        ("embeddings", 2),
+        ("messages", 2),
+        ("responses", 2),
+    ];
+    assert_eq!(apis, every, "{report:#}");
+    let text = gateway.metrics().await;
+    for (api, _) in every {
+        let labels = [
+            ("api", api),
+            ("alias", "chat"),
+            ("backend", "api"),
+            ("status", "200"),
+        ];
+        assert_eq!(
+            metric(&text, "tollgate_requests_total", &labels),
+            Some(2.0),
+            "{api}"
+        );
+        let input = [
+            ("api", api),
+            ("alias", "chat"),
+            ("backend", "api"),
+            ("direction", "input"),
+            ("estimated", "false"),
+        ];
+        assert!(
+            metric(&text, "tollgate_tokens_total", &input).is_some_and(|n| n > 0.0),
+            "{api}"
+        );
+    }
+    // A refusal before routing is counted under the API it came through.
+    let refused = gateway
+        .post("/v1/messages")
+        .bearer_auth("team-secret")
+        .json(&json!({"model": "nope", "max_tokens": 8, "messages": user("hi")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 404);
+    let labels = [
+        ("api", "messages"),
+        ("alias", "none"),
+        ("backend", "none"),
+        ("status", "404"),
+    ];
+    assert_eq!(
+        metric(&gateway.metrics().await, "tollgate_requests_total", &labels),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
 async fn a_stream_the_client_cuts_is_metered_once_with_estimated_usage() {
     let held = MockUpstream::openai().hold_after(3).start().await;
     let failing = MockUpstream::openai().status(500).start().await;
@@ -137,7 +240,12 @@ async fn a_stream_the_client_cuts_is_metered_once_with_estimated_usage() {
     gateway
         .eventually_metric(
             "tollgate_requests_total",
-            &[("alias", "chat"), ("backend", "api-a"), ("status", "499")],
+            &[
+                ("api", "chat"),
+                ("alias", "chat"),
+                ("backend", "api-a"),
+                ("status", "499"),
+            ],
             1.0,
         )
         .await;
@@ -147,6 +255,7 @@ async fn a_stream_the_client_cuts_is_metered_once_with_estimated_usage() {
             &text,
             "tollgate_tokens_total",
             &[
+                ("api", "chat"),
                 ("alias", "chat"),
                 ("backend", "api-a"),
                 ("direction", direction),
@@ -244,6 +353,7 @@ fn tokens(text: &str, backend: &str, direction: &str, estimated: &str) -> f64 {
         text,
         "tollgate_tokens_total",
         &[
+            ("api", "chat"),
             ("alias", "chat"),
             ("backend", backend),
             ("direction", direction),
@@ -282,7 +392,12 @@ async fn usage_without_a_total_or_in_integral_floats_is_taken_as_reported() {
     gateway
         .eventually_metric(
             "tollgate_requests_total",
-            &[("alias", "chat"), ("backend", "api-a"), ("status", "200")],
+            &[
+                ("api", "chat"),
+                ("alias", "chat"),
+                ("backend", "api-a"),
+                ("status", "200"),
+            ],
             2.0,
         )
         .await;
@@ -315,7 +430,12 @@ async fn output_is_estimated_from_the_text_however_the_json_is_spaced() {
     gateway
         .eventually_metric(
             "tollgate_requests_total",
-            &[("alias", "chat"), ("backend", "api-a"), ("status", "200")],
+            &[
+                ("api", "chat"),
+                ("alias", "chat"),
+                ("backend", "api-a"),
+                ("status", "200"),
+            ],
             1.0,
         )
         .await;

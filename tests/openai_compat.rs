@@ -343,6 +343,7 @@ async fn groq_usage_in_x_groq_is_metered_as_counted_and_offered_as_a_usage_chunk
             &text,
             "tollgate_tokens_total",
             &[
+                ("api", "chat"),
                 ("alias", "fast"),
                 ("backend", "groq"),
                 ("direction", direction),
@@ -466,7 +467,12 @@ async fn a_client_that_goes_away_mid_stream_closes_the_upstream_connection() {
     gateway
         .eventually_metric(
             "tollgate_requests_total",
-            &[("alias", "chat"), ("backend", "vllm"), ("status", "499")],
+            &[
+                ("api", "chat"),
+                ("alias", "chat"),
+                ("backend", "vllm"),
+                ("status", "499"),
+            ],
             1.0,
         )
         .await;
@@ -752,7 +758,12 @@ async fn failures_after_the_first_byte_end_the_stream_with_an_error_event() {
         ("erroring", "502"),
         ("erroring-flat", "502"),
     ] {
-        let labels = [("alias", alias), ("backend", alias), ("status", status)];
+        let labels = [
+            ("api", "chat"),
+            ("alias", alias),
+            ("backend", alias),
+            ("status", status),
+        ];
         assert_eq!(
             metric(&text, "tollgate_requests_total", &labels),
             Some(1.0),
@@ -1248,7 +1259,12 @@ async fn metrics_count_requests_by_alias_backend_and_status() {
         metric(
             &text,
             "tollgate_requests_total",
-            &[("alias", alias), ("backend", backend), ("status", status)],
+            &[
+                ("api", "chat"),
+                ("alias", alias),
+                ("backend", backend),
+                ("status", status),
+            ],
         )
     };
     assert_eq!(requests("chat", "vllm", "200"), Some(3.0), "{text}");
@@ -1258,6 +1274,7 @@ async fn metrics_count_requests_by_alias_backend_and_status() {
         &text,
         "tollgate_tokens_total",
         &[
+            ("api", "chat"),
             ("alias", "chat"),
             ("backend", "vllm"),
             ("direction", "input"),

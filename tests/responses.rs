@@ -149,7 +149,7 @@ async fn a_whole_answer_is_a_response_with_exact_usage(kind: Kind) {
     assert_eq!(output[0]["content"][0]["text"], "tok tok tok ");
     assert_eq!(body["usage"], expected_usage());
     gateway
-        .eventually_exact_output_tokens("chat", "up", COMPLETION_TOKENS)
+        .eventually_exact_output_tokens("responses", "chat", "up", COMPLETION_TOKENS)
         .await;
 }
 
@@ -194,7 +194,7 @@ async fn a_stream_is_the_responses_event_sequence(kind: Kind) {
     assert_eq!(done["output"][0]["content"][0]["text"], "tok tok tok ");
     assert_eq!(done["id"], events[0].1["response"]["id"]);
     gateway
-        .eventually_exact_output_tokens("chat", "up", COMPLETION_TOKENS)
+        .eventually_exact_output_tokens("responses", "chat", "up", COMPLETION_TOKENS)
         .await;
 }
 
@@ -281,7 +281,12 @@ async fn a_stream_cut_mid_way_is_an_error_event_and_metered_once(kind: Kind) {
     assert_eq!(name, "error");
     assert_eq!(error["code"], "upstream_disconnected", "{error}");
     assert!(!names(&events).contains(&"response.completed"));
-    let labels = [("alias", "chat"), ("backend", "up"), ("status", "502")];
+    let labels = [
+        ("api", "responses"),
+        ("alias", "chat"),
+        ("backend", "up"),
+        ("status", "502"),
+    ];
     gateway
         .eventually_metric("tollgate_requests_total", &labels, 1.0)
         .await;

@@ -344,11 +344,17 @@ async fn a_stream_over_a_cap_after_its_first_chunk_ends_with_an_error_event() {
         assert_eq!(spare.hits(), 0, "nothing is retried after the first byte");
         // The request is recorded once, with the chunks that reached the
         // client metered.
-        let labels = [("alias", "chat"), ("backend", "capped"), ("status", "502")];
+        let labels = [
+            ("api", "chat"),
+            ("alias", "chat"),
+            ("backend", "capped"),
+            ("status", "502"),
+        ];
         gateway
             .eventually_metric("tollgate_requests_total", &labels, 1.0)
             .await;
         let output = [
+            ("api", "chat"),
             ("alias", "chat"),
             ("backend", "capped"),
             ("direction", "output"),

@@ -208,8 +208,7 @@ async fn a_failing_deployment_fails_over_and_an_all_failing_alias_is_503() {
     assert!(metrics.contains(
         r#"tollgate_upstream_attempts_total{backend="broken",outcome="upstream_error"} 2"#
     ));
-    assert!(
-        metrics
-            .contains(r#"tollgate_requests_total{alias="down",backend="broken",status="503"} 1"#)
-    );
+    assert!(metrics.contains(
+        r#"tollgate_requests_total{alias="down",api="chat",backend="broken",status="503"} 1"#
+    ));
 }

@@ -144,7 +144,7 @@ async fn legacy_streams_use_generate_stream_with_the_usage_chunk_on_request() {
             .all(|r| r.path == "/generate_stream")
     );
     gateway
-        .eventually_exact_output_tokens("chat", "tgi", 8)
+        .eventually_exact_output_tokens("completions", "chat", "tgi", 8)
         .await;
 }
 

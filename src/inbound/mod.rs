@@ -35,6 +35,16 @@ impl Api {
         }
     }
 
+    /// The API's name in the ledger, metrics and logs: the endpoint's name
+    /// for OpenAI's chat, completions and embeddings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OpenAi(endpoint) => endpoint.name(),
+            Self::Messages => "messages",
+            Self::Responses => "responses",
+        }
+    }
+
     /// The canonical endpoint a request of this API is served as.
     pub fn endpoint(self) -> Endpoint {
         match self {

@@ -15,8 +15,10 @@
 mod migrations;
 mod postgres;
 mod spool;
+mod sqlite_schema;
 mod store;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,14 +38,21 @@ use store::Store;
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]-[day]");
 
-/// One row of the ledger: a day (UTC) and who spent on what.
+/// One row of the ledger: a day (UTC) and who spent on what, through
+/// which inbound API.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Row {
     pub day: Date,
     pub key: String,
     pub model: String,
     pub deployment: String,
+    /// `chat`, `completions`, `embeddings`, `messages` or `responses`;
+    /// [`UNKNOWN_API`] for spend recorded before the ledger kept it.
+    pub api: Cow<'static, str>,
 }
+
+/// The API of spend recorded before the ledger kept it.
+pub const UNKNOWN_API: &str = "unknown";
 
 /// Spend is held in nano-dollars: exact integer sums, and room for
 /// 9 billion USD in an i64 column, per row (one key, model and deployment
@@ -387,6 +396,7 @@ mod tests {
             key: key.into(),
             model: "m".into(),
             deployment: "m/b".into(),
+            api: "chat".into(),
         }
     }
 
@@ -469,7 +479,7 @@ mod tests {
         // stored a float.
         let db = rusqlite::Connection::open(dir.path().join("tollgate-ledger.sqlite3")).unwrap();
         db.execute(
-            "INSERT INTO spend VALUES ('2026-11-28', 'a', 'm', 'm/b', 2, 10, 3.6893488147419103e19, 3.6893488147419103e19)",
+            "INSERT INTO spend VALUES ('2026-11-28', 'a', 'm', 'm/b', 'chat', 2, 10, 3.6893488147419103e19, 3.6893488147419103e19)",
             [],
         )
         .unwrap();
@@ -480,5 +490,41 @@ mod tests {
         assert_eq!(rows[0].1.requests, 2);
         ledger.record(row(date!(2026 - 11 - 28), "a"), spend(5));
         ledger.flush().unwrap();
+    }
+
+    #[test]
+    fn a_ledger_from_before_the_api_label_opens_with_its_spend_kept_under_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        // The file as gateways without the API label wrote it.
+        let db = rusqlite::Connection::open(dir.path().join("tollgate-ledger.sqlite3")).unwrap();
+        db.execute_batch(
+            "CREATE TABLE spend (
+                 day TEXT NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL,
+                 deployment TEXT NOT NULL, requests INTEGER NOT NULL,
+                 input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+                 cost_nano_usd INTEGER NOT NULL,
+                 PRIMARY KEY (day, key, model, deployment));
+             INSERT INTO spend VALUES ('2026-11-28', 'a', 'm', 'm/b', 3, 30, 15, 900);",
+        )
+        .unwrap();
+        drop(db);
+        let ledger = Ledger::open(Some(dir.path())).unwrap();
+        let day = date!(2026 - 11 - 28);
+        assert_eq!(ledger.spent("a", day, day), 900);
+        // The same day, key, model and deployment through Messages is a
+        // row of its own, beside the unknown one.
+        let mut messages = row(day, "a");
+        messages.api = "messages".into();
+        ledger.record(messages, spend(100));
+        ledger.flush().unwrap();
+        drop(ledger);
+        let ledger = Ledger::open(Some(dir.path())).unwrap();
+        let rows = ledger.rows(Some("a"), None, None);
+        let apis: Vec<(&str, u64)> = rows
+            .iter()
+            .map(|(row, t)| (&*row.api, t.cost_nano_usd))
+            .collect();
+        assert_eq!(apis, [("messages", 100), (UNKNOWN_API, 900)]);
+        assert_eq!(ledger.spent("a", day, day), 1000);
     }
 }

@@ -11,6 +11,7 @@
 //! outage) and are shipped, oldest first, when it answers. Every wait is
 //! bounded: connecting, each statement, each whole operation.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -36,25 +37,25 @@ const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections: one for the shipper, the rest for `/admin/spend`.
 const POOL_SIZE: usize = 4;
-/// Records per `INSERT`: one statement of ten array parameters.
+/// Records per `INSERT`: one statement of eleven array parameters.
 const BATCH: usize = 5_000;
 
 const INSERT: &str = "
     INSERT INTO ledger_records (id, request_id, day, key, model, deployment,
-                                input_tokens, output_tokens, cost_nano_usd, recorded_at)
+                                input_tokens, output_tokens, cost_nano_usd, recorded_at, api)
     SELECT id::uuid, request_id, day, key, model, deployment,
-           input_tokens, output_tokens, cost_nano_usd, recorded_at
+           input_tokens, output_tokens, cost_nano_usd, recorded_at, api
     FROM unnest($1::text[], $2::text[], $3::date[], $4::text[], $5::text[], $6::text[],
-                $7::int8[], $8::int8[], $9::int8[], $10::timestamptz[])
+                $7::int8[], $8::int8[], $9::int8[], $10::timestamptz[], $11::text[])
          AS r(id, request_id, day, key, model, deployment,
-              input_tokens, output_tokens, cost_nano_usd, recorded_at)
+              input_tokens, output_tokens, cost_nano_usd, recorded_at, api)
     ON CONFLICT (id) DO NOTHING";
 
 /// Sums of bigints are numerics in PostgreSQL; each stops at `i64::MAX`,
 /// as the SQLite ledger's do. Text is ordered as bytes (`COLLATE "C"`),
 /// as the SQLite ledger's rows are.
 const REPORT: &str = "
-    SELECT day, key, model, deployment, count(*),
+    SELECT day, key, model, deployment, api, count(*),
            least(sum(input_tokens), 9223372036854775807)::int8,
            least(sum(output_tokens), 9223372036854775807)::int8,
            least(sum(cost_nano_usd), 9223372036854775807)::int8
@@ -62,8 +63,9 @@ const REPORT: &str = "
     WHERE ($1::text IS NULL OR key = $1)
       AND ($2::date IS NULL OR day >= $2)
       AND ($3::date IS NULL OR day <= $3)
-    GROUP BY day, key, model, deployment
-    ORDER BY day, key COLLATE \"C\", model COLLATE \"C\", deployment COLLATE \"C\"";
+    GROUP BY day, key, model, deployment, api
+    ORDER BY day, key COLLATE \"C\", model COLLATE \"C\", deployment COLLATE \"C\",
+             api COLLATE \"C\"";
 
 const SPENT_BY_KEY: &str = "
     SELECT key, day, least(sum(cost_nano_usd), 9223372036854775807)::int8
@@ -274,12 +276,13 @@ impl Postgres {
                         key: r.get(1),
                         model: r.get(2),
                         deployment: r.get(3),
+                        api: Cow::Owned(r.get(4)),
                     },
                     Totals {
-                        requests: count(4, r),
-                        input_tokens: count(5, r),
-                        output_tokens: count(6, r),
-                        cost_nano_usd: count(7, r),
+                        requests: count(5, r),
+                        input_tokens: count(6, r),
+                        output_tokens: count(7, r),
+                        cost_nano_usd: count(8, r),
                     },
                 )
             })
@@ -369,7 +372,8 @@ async fn insert(
     let output = int(|r| r.output_tokens);
     let cost = int(|r| r.cost_nano_usd);
     let at: Vec<OffsetDateTime> = records.clone().map(|r| r.recorded_at).collect();
-    let params: [&(dyn ToSql + Sync); 10] = [
+    let apis = text(|r| &r.row.api);
+    let params: [&(dyn ToSql + Sync); 11] = [
         &ids,
         &request_ids,
         &days,
@@ -380,6 +384,7 @@ async fn insert(
         &output,
         &cost,
         &at,
+        &apis,
     ];
     let statement = client.prepare_cached(INSERT).await?;
     client.execute(&statement, &params).await

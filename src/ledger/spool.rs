@@ -10,6 +10,7 @@
 //! cut may). The shipper reads the oldest records, and removes them once
 //! PostgreSQL committed them.
 
+use std::borrow::Cow;
 use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -19,7 +20,26 @@ use std::time::Duration;
 use rusqlite::{Connection, params};
 use time::{Date, OffsetDateTime};
 
-use super::{ByKey, DAY, Row, Totals, add_cost};
+use super::{ByKey, DAY, Row, Totals, add_cost, sqlite_schema};
+
+/// The spool's schema (`sqlite_schema`): records, then their inbound API
+/// (records spooled before it are `unknown`).
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS spool (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT,
+         id TEXT NOT NULL,
+         request_id TEXT NOT NULL,
+         day TEXT NOT NULL,
+         key TEXT NOT NULL,
+         model TEXT NOT NULL,
+         deployment TEXT NOT NULL,
+         input_tokens INTEGER NOT NULL,
+         output_tokens INTEGER NOT NULL,
+         cost_nano_usd INTEGER NOT NULL,
+         recorded_at_us INTEGER NOT NULL
+     );",
+    "ALTER TABLE spool ADD COLUMN api TEXT NOT NULL DEFAULT 'unknown';",
+];
 
 const FILE: &str = "tollgate-spool.sqlite3";
 
@@ -94,7 +114,7 @@ impl Spool {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create ledger directory {}: {e}", dir.display()))?;
         let path = dir.join(FILE);
-        let db = Connection::open(&path)
+        let mut db = Connection::open(&path)
             .map_err(|e| format!("cannot open ledger spool {}: {e}", path.display()))?;
         // AUTOINCREMENT: sequence numbers never go back, even once every
         // record is removed, so the records of an earlier run stay below
@@ -103,22 +123,11 @@ impl Spool {
         db.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
-             PRAGMA busy_timeout = 5000;
-             CREATE TABLE IF NOT EXISTS spool (
-                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
-                 id TEXT NOT NULL,
-                 request_id TEXT NOT NULL,
-                 day TEXT NOT NULL,
-                 key TEXT NOT NULL,
-                 model TEXT NOT NULL,
-                 deployment TEXT NOT NULL,
-                 input_tokens INTEGER NOT NULL,
-                 output_tokens INTEGER NOT NULL,
-                 cost_nano_usd INTEGER NOT NULL,
-                 recorded_at_us INTEGER NOT NULL
-             );",
+             PRAGMA busy_timeout = 5000;",
         )
         .map_err(sql)?;
+        sqlite_schema::migrate(&mut db, SCHEMA)
+            .map_err(|e| format!("ledger spool {}: {e}", path.display()))?;
         let shared = Arc::new(Shared {
             db: Mutex::new(db),
             queue: Mutex::new(Queue {
@@ -241,7 +250,7 @@ impl Spool {
         let mut statement = db
             .prepare_cached(
                 "SELECT seq, id, request_id, day, key, model, deployment, input_tokens,
-                        output_tokens, cost_nano_usd, recorded_at_us
+                        output_tokens, cost_nano_usd, recorded_at_us, api
                  FROM spool WHERE seq <= ?1 ORDER BY seq LIMIT ?2",
             )
             .map_err(sql)?;
@@ -261,6 +270,7 @@ impl Spool {
                                 key: r.get(4)?,
                                 model: r.get(5)?,
                                 deployment: r.get(6)?,
+                                api: Cow::Owned(r.get(11)?),
                             },
                             input_tokens: r.get::<_, i64>(7)?.max(0) as u64,
                             output_tokens: r.get::<_, i64>(8)?.max(0) as u64,
@@ -364,8 +374,8 @@ impl Shared {
             let mut insert = tx
                 .prepare_cached(
                     "INSERT INTO spool (id, request_id, day, key, model, deployment, input_tokens,
-                                        output_tokens, cost_nano_usd, recorded_at_us)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                        output_tokens, cost_nano_usd, recorded_at_us, api)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 )
                 .map_err(sql)?;
             for r in records {
@@ -383,6 +393,7 @@ impl Shared {
                         int(r.output_tokens),
                         int(r.cost_nano_usd),
                         i64::try_from(micros).unwrap_or(i64::MAX),
+                        r.row.api,
                     ])
                     .map_err(sql)?;
             }
@@ -408,6 +419,7 @@ mod tests {
 
     use super::*;
 
+    use crate::ledger::UNKNOWN_API;
     use crate::ledger::tests::spend;
 
     fn row(key: &str) -> Row {
@@ -458,6 +470,38 @@ mod tests {
             record.id[..16],
             all[0].1.id[..16],
             "another process, another prefix"
+        );
+    }
+
+    #[test]
+    fn records_an_older_gateway_spooled_are_shipped_with_their_api_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Connection::open(dir.path().join(FILE)).unwrap();
+        db.execute_batch(SCHEMA[0]).unwrap();
+        db.execute(
+            "INSERT INTO spool (id, request_id, day, key, model, deployment, input_tokens,
+                                output_tokens, cost_nano_usd, recorded_at_us)
+             VALUES ('00000000000000010000000000000000', 'old', '2026-11-28', 'a', 'm', 'm/b',
+                     10, 5, 100, 0)",
+            [],
+        )
+        .unwrap();
+        drop(db);
+        let spool = Spool::open(dir.path()).unwrap();
+        spool.push("new", row("a"), &spend(7));
+        spool.wait_written().unwrap();
+        let apis: Vec<(String, String)> = spool
+            .oldest(10, None)
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| (r.request_id, r.row.api.into_owned()))
+            .collect();
+        assert_eq!(
+            apis,
+            [
+                ("old".to_owned(), UNKNOWN_API.to_owned()),
+                ("new".to_owned(), "chat".to_owned())
+            ]
         );
     }
 }

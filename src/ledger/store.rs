@@ -1,6 +1,7 @@
 //! The SQLite file behind the ledger: one table of daily totals, added to
 //! with upserts.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::LazyLock;
 
@@ -8,9 +9,44 @@ use foldhash::HashMap;
 use rusqlite::{Connection, params};
 use time::Date;
 
-use super::{DAY, Row, Totals};
+use super::{DAY, Row, Totals, sqlite_schema};
 
 const FILE: &str = "tollgate-ledger.sqlite3";
+
+/// The schema's steps (`sqlite_schema`): daily totals, then the inbound
+/// API in each row's key (a table rebuilt, since SQLite cannot change a
+/// primary key; earlier rows' API is unknown).
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS spend (
+         day TEXT NOT NULL,
+         key TEXT NOT NULL,
+         model TEXT NOT NULL,
+         deployment TEXT NOT NULL,
+         requests INTEGER NOT NULL,
+         input_tokens INTEGER NOT NULL,
+         output_tokens INTEGER NOT NULL,
+         cost_nano_usd INTEGER NOT NULL,
+         PRIMARY KEY (day, key, model, deployment)
+     );",
+    "CREATE TABLE spend_by_api (
+         day TEXT NOT NULL,
+         key TEXT NOT NULL,
+         model TEXT NOT NULL,
+         deployment TEXT NOT NULL,
+         api TEXT NOT NULL,
+         requests INTEGER NOT NULL,
+         input_tokens INTEGER NOT NULL,
+         output_tokens INTEGER NOT NULL,
+         cost_nano_usd INTEGER NOT NULL,
+         PRIMARY KEY (day, key, model, deployment, api)
+     );
+     INSERT INTO spend_by_api
+         SELECT day, key, model, deployment, 'unknown', requests, input_tokens,
+                output_tokens, cost_nano_usd
+         FROM spend;
+     DROP TABLE spend;
+     ALTER TABLE spend_by_api RENAME TO spend;",
+];
 
 const COUNTS: [&str; 4] = ["requests", "input_tokens", "output_tokens", "cost_nano_usd"];
 
@@ -28,9 +64,9 @@ static UPSERT: LazyLock<String> = LazyLock::new(|| {
         })
         .collect();
     format!(
-        "INSERT INTO spend (day, key, model, deployment, {})
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-         ON CONFLICT (day, key, model, deployment) DO UPDATE SET {}",
+        "INSERT INTO spend (day, key, model, deployment, api, {})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (day, key, model, deployment, api) DO UPDATE SET {}",
         COUNTS.join(", "),
         sums.join(", ")
     )
@@ -49,27 +85,15 @@ impl Store {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create ledger directory {}: {e}", dir.display()))?;
         let path = dir.join(FILE);
-        let connection = Connection::open(&path)
+        let mut connection = Connection::open(&path)
             .map_err(|e| format!("cannot open ledger {}: {e}", path.display()))?;
         // WAL: a flush never blocks readers, and a crash mid-write leaves
         // the last committed flush intact.
         connection
-            .execute_batch(
-                "PRAGMA journal_mode = WAL;
-                 PRAGMA synchronous = NORMAL;
-                 CREATE TABLE IF NOT EXISTS spend (
-                     day TEXT NOT NULL,
-                     key TEXT NOT NULL,
-                     model TEXT NOT NULL,
-                     deployment TEXT NOT NULL,
-                     requests INTEGER NOT NULL,
-                     input_tokens INTEGER NOT NULL,
-                     output_tokens INTEGER NOT NULL,
-                     cost_nano_usd INTEGER NOT NULL,
-                     PRIMARY KEY (day, key, model, deployment)
-                 );",
-            )
+            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
             .map_err(sql)?;
+        sqlite_schema::migrate(&mut connection, SCHEMA)
+            .map_err(|e| format!("ledger {}: {e}", path.display()))?;
         // Counts that an earlier gateway let overflow into floats are
         // made integers again (a float past `i64::MAX` casts to it).
         for c in COUNTS {
@@ -87,7 +111,7 @@ impl Store {
         let mut statement = self
             .connection
             .prepare(
-                "SELECT day, key, model, deployment, requests, input_tokens, output_tokens, cost_nano_usd FROM spend",
+                "SELECT day, key, model, deployment, api, requests, input_tokens, output_tokens, cost_nano_usd FROM spend",
             )
             .map_err(sql)?;
         let rows = statement
@@ -99,12 +123,13 @@ impl Store {
                         key: r.get(1)?,
                         model: r.get(2)?,
                         deployment: r.get(3)?,
+                        api: Cow::Owned(r.get(4)?),
                     },
                     Totals {
-                        requests: r.get::<_, i64>(4)?.max(0) as u64,
-                        input_tokens: r.get::<_, i64>(5)?.max(0) as u64,
-                        output_tokens: r.get::<_, i64>(6)?.max(0) as u64,
-                        cost_nano_usd: r.get::<_, i64>(7)?.max(0) as u64,
+                        requests: r.get::<_, i64>(5)?.max(0) as u64,
+                        input_tokens: r.get::<_, i64>(6)?.max(0) as u64,
+                        output_tokens: r.get::<_, i64>(7)?.max(0) as u64,
+                        cost_nano_usd: r.get::<_, i64>(8)?.max(0) as u64,
                     },
                 ))
             })
@@ -132,6 +157,7 @@ impl Store {
                         row.key,
                         row.model,
                         row.deployment,
+                        row.api,
                         int(t.requests),
                         int(t.input_tokens),
                         int(t.output_tokens),

@@ -310,6 +310,7 @@ mod tests {
                 key: "k".into(),
                 model: "m".into(),
                 deployment: "d".into(),
+                api: "chat".into(),
             },
             Totals {
                 cost_nano_usd: nano,

@@ -8,6 +8,7 @@ pub mod cost;
 pub mod estimate;
 pub mod usage;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,8 @@ impl Observed {
 /// Who a metered request belongs to.
 pub struct MeterLabels {
     pub request_id: String,
+    /// The inbound API's name (`Api::name`).
+    pub api: &'static str,
     pub alias: String,
     /// The key's name, or `none` without keys.
     pub key: String,
@@ -372,6 +375,7 @@ impl Meter {
         let backend = self.last_backend.as_deref().unwrap_or(NONE);
         let MeterLabels {
             request_id,
+            api,
             alias,
             key,
         } = &self.labels;
@@ -383,7 +387,7 @@ impl Meter {
         ] {
             if tokens > 0 {
                 m.tokens
-                    .with_label_values(&[alias, backend, direction, estimated_label])
+                    .with_label_values(&[api, alias.as_str(), backend, direction, estimated_label])
                     .inc_by(tokens);
             }
         }
@@ -414,6 +418,7 @@ impl Meter {
                     key: key.clone(),
                     model: alias.clone(),
                     deployment: serving.deployment.clone(),
+                    api: Cow::Borrowed(api),
                 },
                 Totals {
                     requests: 1,
@@ -428,13 +433,14 @@ impl Meter {
             reservation.settle(cost_nano);
         }
         let elapsed = self.started.elapsed();
-        m.record_request(alias, backend, status, elapsed);
+        m.record_request(api, alias, backend, status, elapsed);
         m.gateway_overhead
             .with_label_values(&[alias])
             .observe(elapsed.saturating_sub(self.upstream_wait).as_secs_f64());
         let deployment = self.serving.as_ref().map(|s| s.deployment.as_str());
         tracing::info!(
             request_id,
+            api,
             alias,
             key,
             backend,

@@ -81,7 +81,7 @@ pub async fn handle(
         .map(|traces| traces.request(&headers, ctx.started, operation(api.endpoint())));
     let mut response = match serve(&app, &ctx, api, &headers, body, in_flight, &mut trace).await {
         Ok(response) => response,
-        Err(failure) => failure.respond(&app, &ctx, trace, api.error_shape()),
+        Err(failure) => failure.respond(&app, &ctx, trace, api),
     };
     if let Some(version) = version {
         response
@@ -123,6 +123,7 @@ async fn serve(
         app.metrics.clone(),
         MeterLabels {
             request_id: ctx.request_id.clone(),
+            api: api.name(),
             alias: alias.to_owned(),
             key: key.map_or(NONE, |k| k.name.as_str()).to_owned(),
         },
@@ -219,8 +220,9 @@ impl Failure {
         app: &AppState,
         ctx: &RequestCtx,
         trace: Option<RequestTrace>,
-        shape: ErrorShape,
+        api: Api,
     ) -> Response {
+        let shape = api.error_shape();
         let Self {
             error,
             alias,
@@ -234,14 +236,14 @@ impl Failure {
             .errors
             .with_label_values(&[&alias, error.label()])
             .inc();
-        tracing::info!(request_id = ctx.request_id, alias, backend, status, kind = error.label(), error = %error.message(), "request failed");
+        tracing::info!(request_id = ctx.request_id, api = api.name(), alias, backend, status, kind = error.label(), error = %error.message(), "request failed");
         match meter {
             Some(mut meter) => {
                 meter.failed(error.label());
                 meter.finish(status);
             }
             None => {
-                metrics.record_request(&alias, &backend, status, ctx.started.elapsed());
+                metrics.record_request(api.name(), &alias, &backend, status, ctx.started.elapsed());
                 if let Some(trace) = trace {
                     trace.finish(&Outcome::refused(status, error.label()));
                 }

@@ -282,6 +282,7 @@ mod tests {
             metrics.clone(),
             MeterLabels {
                 request_id: "r".into(),
+                api: "chat",
                 alias: "a".into(),
                 key: "k".into(),
             },
@@ -381,7 +382,7 @@ mod tests {
     fn requests_metric(metrics: &Metrics, status: &str) -> u64 {
         metrics
             .requests
-            .with_label_values(&["a", "b", status])
+            .with_label_values(&["chat", "a", "b", status])
             .get()
     }
 
@@ -413,7 +414,7 @@ mod tests {
     fn usage_metric(metrics: &Metrics, estimated: &str) -> u64 {
         metrics
             .tokens
-            .with_label_values(&["a", "b", "output", estimated])
+            .with_label_values(&["chat", "a", "b", "output", estimated])
             .get()
     }
 

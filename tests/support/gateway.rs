@@ -150,9 +150,16 @@ impl Gateway {
     }
 
     /// Waits until `value` output tokens, as the upstream counted them,
-    /// are metered for `alias` on `backend`.
-    pub async fn eventually_exact_output_tokens(&self, alias: &str, backend: &str, value: u64) {
+    /// are metered for `alias` on `backend`, asked through `api`.
+    pub async fn eventually_exact_output_tokens(
+        &self,
+        api: &str,
+        alias: &str,
+        backend: &str,
+        value: u64,
+    ) {
         let labels = [
+            ("api", api),
             ("alias", alias),
             ("backend", backend),
             ("direction", "output"),

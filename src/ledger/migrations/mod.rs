@@ -14,11 +14,18 @@ pub struct Migration {
 }
 
 /// Oldest first; a version is never changed once released, only followed.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "records",
-    sql: include_str!("0001_records.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "records",
+        sql: include_str!("0001_records.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "api",
+        sql: include_str!("0002_api.sql"),
+    },
+];
 
 /// The advisory lock migrations hold: "tollgate" in ASCII.
 const LOCK: i64 = 0x746f_6c6c_6761_7465;
