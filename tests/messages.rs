@@ -560,6 +560,64 @@ async fn images_reach_bedrock_as_bytes_and_a_url_is_a_clear_400() {
     );
 }
 
+/// `thinking` goes upstream as the effort of its budget where the
+/// upstream takes one (OpenAI-compatible servers); Bedrock and TGI would
+/// answer without it, so it is a 400 that names `thinking`, as the client
+/// sent it, and nothing goes upstream.
+async fn thinking_goes_as_far_as_the_upstream_supports(kind: Kind) {
+    let mock = match kind {
+        Kind::OpenAi => kind.reasoning_mock(),
+        Kind::Bedrock | Kind::Tgi => kind.mock(),
+    };
+    let upstream = mock.start().await;
+    let gateway = start_for(kind, &upstream).await;
+    let mut thinking = ask(false);
+    thinking["max_tokens"] = json!(8000);
+    thinking["thinking"] = json!({"type": "enabled", "budget_tokens": 4096});
+    let response = post(&gateway, &thinking).await;
+    match kind {
+        Kind::OpenAi => {
+            assert_eq!(response.status(), 200);
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["content"][0]["type"], "thinking", "{body}");
+            let sent = upstream.single_request().json;
+            assert_eq!(sent["reasoning_effort"], "high", "{sent}");
+            assert!(sent.get("thinking").is_none(), "{sent}");
+        }
+        Kind::Bedrock | Kind::Tgi => {
+            assert_eq!(response.status(), 400);
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["type"], "error", "{body}");
+            assert_eq!(body["error"]["type"], "invalid_request_error");
+            let says = body["error"]["message"].as_str().unwrap();
+            assert!(says.contains("`thinking`"), "{says}");
+            assert!(!says.contains("reasoning_effort"), "{says}");
+            assert_eq!(upstream.hits(), 0);
+        }
+    }
+    thinking["thinking"] = json!({"type": "disabled"});
+    assert_eq!(post(&gateway, &thinking).await.status(), 200);
+}
+
+mod thinking_goes_as_far_as_the_upstream_supports {
+    use super::Kind;
+
+    #[tokio::test]
+    async fn openai() {
+        super::thinking_goes_as_far_as_the_upstream_supports(Kind::OpenAi).await;
+    }
+
+    #[tokio::test]
+    async fn bedrock() {
+        super::thinking_goes_as_far_as_the_upstream_supports(Kind::Bedrock).await;
+    }
+
+    #[tokio::test]
+    async fn tgi() {
+        super::thinking_goes_as_far_as_the_upstream_supports(Kind::Tgi).await;
+    }
+}
+
 #[tokio::test]
 async fn the_simulated_backend_serves_messages_too() {
     let config = Config::new()
@@ -573,4 +631,35 @@ async fn the_simulated_backend_serves_messages_too() {
     let events = stream(&gateway, &ask(true)).await;
     assert_eq!(names(&events), names(&reference("basic_response.sse")));
     assert_eq!(events[events.len() - 2].1["usage"]["output_tokens"], 4);
+    // Asked to think, it reasons first: half its words at medium effort.
+    let mut thinking = ask(false);
+    thinking["max_tokens"] = json!(3000);
+    thinking["thinking"] = json!({"type": "enabled", "budget_tokens": 2048});
+    let body: Value = post(&gateway, &thinking).await.json().await.unwrap();
+    let blocks: Vec<(&str, usize)> = body["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let kind = b["type"].as_str().unwrap();
+            (kind, b[kind].as_str().unwrap().split(' ').count())
+        })
+        .collect();
+    assert_eq!(blocks, [("thinking", 2), ("text", 2)], "{body}");
+    assert_eq!(body["usage"]["output_tokens"], 4);
+    thinking["stream"] = json!(true);
+    let events = stream(&gateway, &thinking).await;
+    let deltas: Vec<&str> = events
+        .iter()
+        .filter_map(|(_, d)| d["delta"]["type"].as_str())
+        .collect();
+    assert_eq!(
+        deltas,
+        [
+            "thinking_delta",
+            "thinking_delta",
+            "text_delta",
+            "text_delta"
+        ]
+    );
 }

@@ -408,6 +408,78 @@ mod reasoning_stays_reasoning {
     }
 }
 
+/// `reasoning.effort` and a JSON `text.format` go upstream as chat's
+/// `reasoning_effort` and `response_format` where the upstream takes them
+/// (OpenAI-compatible servers), and the response repeats them; Bedrock
+/// and TGI would answer without them, so each is a 400 that names it as
+/// the client sent it.
+async fn reasoning_and_json_formats_go_as_far_as_the_upstream_supports(kind: Kind) {
+    let mock = match kind {
+        Kind::OpenAi => kind.reasoning_mock(),
+        Kind::Bedrock | Kind::Tgi => kind.mock(),
+    };
+    let upstream = mock.start().await;
+    let gateway = start_for(kind, &upstream).await;
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}});
+    let format = json!({"type": "json_schema", "name": "place", "schema": schema, "strict": true});
+    let mut both = ask(false);
+    both["reasoning"] = json!({"effort": "low", "summary": "auto"});
+    both["text"] = json!({"format": format});
+    let response = post(&gateway, &both).await;
+    match kind {
+        Kind::OpenAi => {
+            assert_eq!(response.status(), 200);
+            let body: Value = response.json().await.unwrap();
+            check_type(&body, "response");
+            assert_eq!(body["output"][0]["type"], "reasoning", "{body}");
+            assert_eq!(body["text"]["format"], format);
+            assert_eq!(body["reasoning"]["effort"], "low");
+            let sent = upstream.single_request().json;
+            assert_eq!(sent["reasoning_effort"], "low", "{sent}");
+            assert_eq!(
+                sent["response_format"],
+                json!({"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": true}})
+            );
+        }
+        Kind::Bedrock | Kind::Tgi => {
+            let mut effort = ask(false);
+            effort["reasoning"] = json!({"effort": "low"});
+            let mut refusals = vec![(post(&gateway, &effort).await, "reasoning.effort")];
+            if let Kind::Bedrock = kind {
+                let mut json_format = ask(false);
+                json_format["text"] = json!({"format": format});
+                refusals.push((post(&gateway, &json_format).await, "text.format"));
+            }
+            for (response, param) in refusals {
+                assert_eq!(response.status(), 400);
+                let error = error_of(response).await;
+                assert_eq!(error["param"], param, "{error}");
+                assert!(message(&error).contains(&format!("`{param}`")), "{error}");
+            }
+            assert_eq!(upstream.hits(), 0);
+        }
+    }
+}
+
+mod reasoning_and_json_formats_go_as_far_as_the_upstream_supports {
+    use super::Kind;
+
+    #[tokio::test]
+    async fn openai() {
+        super::reasoning_and_json_formats_go_as_far_as_the_upstream_supports(Kind::OpenAi).await;
+    }
+
+    #[tokio::test]
+    async fn bedrock() {
+        super::reasoning_and_json_formats_go_as_far_as_the_upstream_supports(Kind::Bedrock).await;
+    }
+
+    #[tokio::test]
+    async fn tgi() {
+        super::reasoning_and_json_formats_go_as_far_as_the_upstream_supports(Kind::Tgi).await;
+    }
+}
+
 #[tokio::test]
 async fn the_simulated_backend_serves_responses_too() {
     let config = Config::new()
@@ -425,4 +497,14 @@ async fn the_simulated_backend_serves_responses_too() {
         events.last().unwrap().1["response"]["usage"]["output_tokens"],
         4
     );
+    // Asked for effort, it reasons first: three quarters of its words at
+    // high.
+    let mut effort = ask(false);
+    effort["reasoning"] = json!({"effort": "high"});
+    let body: Value = post(&gateway, &effort).await.json().await.unwrap();
+    let output = body["output"].as_array().unwrap();
+    assert_eq!(output[0]["type"], "reasoning", "{body}");
+    let words = |text: &Value| text.as_str().unwrap().split(' ').count();
+    assert_eq!(words(&output[0]["content"][0]["text"]), 3);
+    assert_eq!(words(&output[1]["content"][0]["text"]), 1);
 }

@@ -85,6 +85,18 @@ impl GatewayError {
         self.param.as_deref()
     }
 
+    /// The error as a client that calls the parameter `to` reads it: its
+    /// `param`, and the message where it names `from` in backticks.
+    pub fn rename_param(&mut self, from: &str, to: &str) {
+        if self.param.as_deref() != Some(from) {
+            return;
+        }
+        self.param = Some(to.to_owned());
+        self.message = self
+            .message
+            .replace(&format!("`{from}`"), &format!("`{to}`"));
+    }
+
     /// OpenAI's `code`.
     pub fn code(&self) -> Option<&str> {
         self.kind.code().or(self.upstream_code.as_deref())

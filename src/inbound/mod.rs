@@ -16,6 +16,26 @@ use crate::error::{ErrorShape, GatewayError};
 use crate::openai::{Endpoint, InboundRequest, Usage};
 use canonical::Translator;
 
+/// Canonical chat parameters a translated request may carry, as Messages
+/// names them.
+const MESSAGES_PARAMS: &[(&str, &str)] = &[
+    ("reasoning_effort", "thinking"),
+    ("stop", "stop_sequences"),
+    (
+        "parallel_tool_calls",
+        "tool_choice.disable_parallel_tool_use",
+    ),
+    ("user", "metadata.user_id"),
+];
+
+/// The same, as Responses names them.
+const RESPONSES_PARAMS: &[(&str, &str)] = &[
+    ("reasoning_effort", "reasoning.effort"),
+    ("response_format", "text.format"),
+    ("max_tokens", "max_output_tokens"),
+    ("messages", "input"),
+];
+
 /// The API a client speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -43,6 +63,20 @@ impl Api {
             Self::Messages => "messages",
             Self::Responses => "responses",
         }
+    }
+
+    /// `error`, raised once the request was canonical, naming parameters
+    /// as this API does.
+    pub fn name_params(self, mut error: GatewayError) -> GatewayError {
+        let names = match self {
+            Self::OpenAi(_) => return error,
+            Self::Messages => MESSAGES_PARAMS,
+            Self::Responses => RESPONSES_PARAMS,
+        };
+        if let Some((from, to)) = names.iter().find(|(c, _)| error.param_name() == Some(c)) {
+            error.rename_param(from, to);
+        }
+        error
     }
 
     /// The canonical endpoint a request of this API is served as.

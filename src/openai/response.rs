@@ -16,6 +16,9 @@ pub struct AssistantMessage<'a> {
     pub role: &'static str,
     pub content: &'a str,
     pub refusal: Option<()>,
+    /// The model's reasoning, as vLLM names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<&'a str>,
 }
 
 /// A stream chunk's delta, as a simple provider writes it.
@@ -25,6 +28,8 @@ pub struct Delta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<&'a str>,
 }
 
 /// Every response object and chunk the gateway writes itself has this

@@ -230,6 +230,7 @@ impl Failure {
             attempts,
             meter,
         } = self;
+        let error = api.name_params(error);
         let status = error.status_in(shape).as_u16();
         let metrics = &app.metrics;
         metrics

@@ -1,6 +1,8 @@
 //! A built-in backend for demos and load tests: it answers like an
 //! OpenAI-compatible server with deterministic text, a configured time to
-//! first token and speed, exact usage, and an optional failure rate.
+//! first token and speed, exact usage, and an optional failure rate. Asked
+//! for `reasoning_effort`, it reasons first, as vLLM's reasoning parsers
+//! answer: `reasoning_content` before the content, all of it output tokens.
 
 use std::time::Duration;
 
@@ -122,11 +124,26 @@ fn seed(input: impl std::hash::Hash) -> u64 {
 }
 
 /// Everything about one simulated answer, decided up front.
+/// How many of `count` output words a chat request's `reasoning_effort`
+/// spends reasoning: a quarter, half or three quarters for low, medium
+/// and high, leaving at least one word of answer.
+fn reasoning_share(extra: &serde_json::Map<String, serde_json::Value>, count: usize) -> usize {
+    let quarters = match extra.get("reasoning_effort").and_then(|e| e.as_str()) {
+        Some("low") => 1,
+        Some("medium") => 2,
+        Some("high") => 3,
+        _ => 0,
+    };
+    (count * quarters / 4).min(count.saturating_sub(1))
+}
+
 struct Answer {
     endpoint: Endpoint,
     streaming: bool,
     identity: ResponseIdentity,
     words: Vec<&'static str>,
+    /// The first `reasoning` words are reasoning, the rest the answer.
+    reasoning: usize,
     finish_reason: &'static str,
     usage: Usage,
     per_token: Duration,
@@ -148,8 +165,13 @@ impl Answer {
             .map(|i| WORDS[(seed + i * 7) % WORDS.len()])
             .collect();
         let endpoint = call.request.endpoint();
+        let reasoning = match &call.request.typed {
+            TypedRequest::Chat(chat) => reasoning_share(&chat.extra, count),
+            _ => 0,
+        };
         Self {
             endpoint,
+            reasoning,
             streaming: call.request.stream(),
             identity: ResponseIdentity::new(
                 if endpoint == Endpoint::Chat {
@@ -170,30 +192,35 @@ impl Answer {
         }
     }
 
-    /// Word i as it appears in the text: a space before all but the first.
+    /// Word i as it appears in its text (the reasoning or the answer): a
+    /// space before all but the first.
     fn piece(&self, i: usize) -> String {
-        if i == 0 {
-            self.words[0].to_owned()
+        if i == 0 || i == self.reasoning {
+            self.words[i].to_owned()
         } else {
             format!(" {}", self.words[i])
         }
     }
 
     fn complete(&self) -> Bytes {
-        let text: String = (0..self.words.len()).map(|i| self.piece(i)).collect();
+        let text =
+            |range: std::ops::Range<usize>| -> String { range.map(|i| self.piece(i)).collect() };
+        let reasoning = text(0..self.reasoning);
+        let answer = text(self.reasoning..self.words.len());
         let finish = self.finish_reason;
         Bytes::from(match self.endpoint {
             Endpoint::Chat => {
                 let message = AssistantMessage {
                     role: "assistant",
-                    content: &text,
+                    content: &answer,
                     refusal: None,
+                    reasoning_content: (self.reasoning > 0).then_some(reasoning.as_str()),
                 };
                 self.identity.chat_completion(&message, finish, self.usage)
             }
             Endpoint::Completions | Endpoint::Embeddings => {
                 self.identity
-                    .text_completion(&text, Some(finish), Some(self.usage))
+                    .text_completion(&answer, Some(finish), Some(self.usage))
             }
         })
     }
@@ -207,9 +234,11 @@ impl Answer {
         let finish = (i == n).then_some(self.finish_reason);
         match self.endpoint {
             Endpoint::Chat => {
+                let reasoning = i < self.reasoning;
                 let delta = Delta {
                     role: (i == 0).then_some("assistant"),
-                    content: piece.as_deref(),
+                    content: piece.as_deref().filter(|_| !reasoning),
+                    reasoning_content: piece.as_deref().filter(|_| reasoning),
                 };
                 self.identity.chat_chunk(&delta, finish)
             }

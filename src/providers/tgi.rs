@@ -2,7 +2,8 @@
 //! (`/v1/chat/completions`) through `OpenAiCompat`, with TGI's quirks
 //! mended; legacy completions go to its native `/generate` and
 //! `/generate_stream`, asked for `details` so usage is exact, and come
-//! back as OpenAI `text_completion` objects and chunks.
+//! back as OpenAI `text_completion` objects and chunks. `reasoning_effort`,
+//! which TGI would ignore, is refused.
 
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
@@ -16,6 +17,10 @@ use super::{ChunkStream, Provider, UpstreamCall, UpstreamReply};
 use crate::config::Backend;
 use crate::error::GatewayError;
 use crate::openai::{CompletionRequest, Endpoint, Prompt, ResponseIdentity, TypedRequest, Usage};
+
+/// What TGI's Messages API would ignore without a word: the answer would
+/// not be the one asked for.
+const REASONING_EFFORT: &str = "reasoning_effort";
 
 pub struct Tgi {
     name: String,
@@ -49,6 +54,19 @@ impl Tgi {
 
     async fn call(&self, call: UpstreamCall<'_>) -> Result<UpstreamReply, GatewayError> {
         let TypedRequest::Completion(completion) = &call.request.typed else {
+            if let TypedRequest::Chat(chat) = &call.request.typed
+                && chat
+                    .extra
+                    .get(REASONING_EFFORT)
+                    .is_some_and(|v| !v.is_null())
+            {
+                return Err(GatewayError::parameter_unsupported(
+                    format!(
+                        "TGI's Messages API takes no `{REASONING_EFFORT}`; leave it out, or use a model whose deployments support it"
+                    ),
+                    REASONING_EFFORT,
+                ));
+            }
             return Ok(match self.chat.send(call).await? {
                 UpstreamReply::Stream(chunks) => UpstreamReply::Stream(mend_chat_stream(chunks)),
                 complete => complete,

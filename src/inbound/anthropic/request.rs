@@ -34,6 +34,8 @@ pub struct MessagesRequest {
     pub metadata: Option<Metadata>,
     #[serde(default)]
     pub stream: Option<bool>,
+    #[serde(default)]
+    pub thinking: Option<Thinking>,
     /// Members this gateway does not serve; refused by name unless they
     /// ask for nothing.
     #[serde(flatten)]
@@ -152,6 +154,52 @@ pub enum ToolChoice {
     None,
 }
 
+/// Extended thinking: sized by a token budget in Messages, by an effort in
+/// chat (`reasoning_effort`), which is what OpenAI-compatible upstreams
+/// take.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Thinking {
+    Enabled { budget_tokens: u32 },
+    Disabled {},
+}
+
+/// Anthropic's least thinking budget.
+const MIN_THINKING_BUDGET: u32 = 1024;
+
+impl Thinking {
+    /// The effort a budget asks for: the bands of the budgets other
+    /// gateways send Anthropic for each effort (low 1024, medium 2048,
+    /// high 4096 tokens). `None` when thinking is off, which is no
+    /// upstream's default to change.
+    fn effort(&self, max_tokens: u32) -> Result<Option<&'static str>, GatewayError> {
+        let Self::Enabled { budget_tokens } = *self else {
+            return Ok(None);
+        };
+        let bad = |message: String| {
+            Err(GatewayError::bad_request(
+                message,
+                Some("thinking.budget_tokens".into()),
+            ))
+        };
+        if budget_tokens < MIN_THINKING_BUDGET {
+            return bad(format!(
+                "`thinking.budget_tokens` must be at least {MIN_THINKING_BUDGET}"
+            ));
+        }
+        if budget_tokens >= max_tokens {
+            return bad(format!(
+                "`max_tokens` ({max_tokens}) must be greater than `thinking.budget_tokens` ({budget_tokens})"
+            ));
+        }
+        Ok(Some(match budget_tokens {
+            ..2048 => "low",
+            2048..4096 => "medium",
+            _ => "high",
+        }))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub struct Metadata {
     #[serde(default)]
@@ -170,16 +218,11 @@ pub fn to_chat(body: &[u8]) -> Result<(Vec<u8>, Vec<String>), GatewayError> {
         .keys()
         .find(|k| !IGNORED.contains(&k.as_str()))
     {
-        let thinking = name == "thinking";
         return Err(GatewayError::bad_request(
-            if thinking {
-                "`thinking` is not served by this gateway's Messages API; leave it out".to_owned()
-            } else {
-                format!(
-                    "`{}` is not a Messages parameter this gateway serves; leave it out",
-                    crate::error::echo(name)
-                )
-            },
+            format!(
+                "`{}` is not a Messages parameter this gateway serves; leave it out",
+                crate::error::echo(name)
+            ),
             Some(name.clone()),
         ));
     }
@@ -235,6 +278,11 @@ pub fn to_chat(body: &[u8]) -> Result<(Vec<u8>, Vec<String>), GatewayError> {
     }
     if let Some(top_k) = request.top_k {
         chat.insert("top_k".into(), top_k.into());
+    }
+    if let Some(thinking) = &request.thinking
+        && let Some(effort) = thinking.effort(request.max_tokens)?
+    {
+        chat.insert("reasoning_effort".into(), effort.into());
     }
     if let Some(user) = request.metadata.and_then(|m| m.user_id) {
         chat.insert("user".into(), user.into());
@@ -458,12 +506,44 @@ mod tests {
             json!({"model": "m", "max_tokens": 1, "thinking": {"type": "enabled", "budget_tokens": 1024},
             "messages": [{"role": "user", "content": "hi"}]}),
         );
-        assert_eq!(e.param_name(), Some("thinking"));
+        assert_eq!(e.param_name(), Some("thinking.budget_tokens"));
+        assert!(
+            e.message().contains("must be greater than"),
+            "{}",
+            e.message()
+        );
         let e = error(
             json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}],
             "tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
         );
         assert_eq!(e.param_name(), Some("tools[0]"));
         assert_eq!(e.status(), 400);
+    }
+
+    #[test]
+    fn a_thinking_budget_is_sent_as_the_effort_of_its_band() {
+        let effort = |thinking: Value| {
+            let body = json!({"model": "m", "max_tokens": 32000, "thinking": thinking,
+                "messages": [{"role": "user", "content": "hi"}]});
+            let (chat, _) = to_chat(body.to_string().as_bytes()).unwrap();
+            serde_json::from_slice::<Value>(&chat).unwrap()["reasoning_effort"].clone()
+        };
+        let enabled = |budget: u32| effort(json!({"type": "enabled", "budget_tokens": budget}));
+        assert_eq!(enabled(1024), "low");
+        assert_eq!(enabled(2047), "low");
+        assert_eq!(enabled(2048), "medium");
+        assert_eq!(enabled(4095), "medium");
+        assert_eq!(enabled(4096), "high");
+        assert_eq!(enabled(31999), "high");
+        assert_eq!(effort(json!({"type": "disabled"})), Value::Null);
+        let e = to_chat(
+            json!({"model": "m", "max_tokens": 4000, "thinking": {"type": "enabled", "budget_tokens": 1000},
+                "messages": [{"role": "user", "content": "hi"}]})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap_err();
+        assert_eq!(e.param_name(), Some("thinking.budget_tokens"));
+        assert!(e.message().contains("at least 1024"), "{}", e.message());
     }
 }

@@ -40,6 +40,8 @@ pub struct ResponsesRequest {
     pub metadata: Option<Map<String, Value>>,
     #[serde(default)]
     pub text: Option<TextConfig>,
+    #[serde(default)]
+    pub reasoning: Option<Reasoning>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -121,6 +123,17 @@ pub struct TextConfig {
     pub format: Option<Value>,
 }
 
+/// `reasoning`: its effort goes upstream as chat's `reasoning_effort`.
+/// A summary cannot be asked of a chat upstream; the reasoning comes back
+/// whole, as the `reasoning` item's `reasoning_text` content.
+#[derive(Debug, Deserialize)]
+pub struct Reasoning {
+    #[serde(default)]
+    pub effort: Option<String>,
+    #[serde(default)]
+    pub summary: Option<String>,
+}
+
 /// Members that ask for nothing the gateway would have to do.
 const IGNORED: &[&str] = &[
     "service_tier",
@@ -182,6 +195,14 @@ pub fn to_chat(body: &[u8]) -> Result<(Vec<u8>, Map<String, Value>), GatewayErro
     if let Some(user) = &request.user {
         chat.insert("user".into(), user.clone().into());
     }
+    if let Some(format) = request.text.as_ref().and_then(|t| t.format.as_ref())
+        && let Some(format) = response_format(format)?
+    {
+        chat.insert("response_format".into(), format);
+    }
+    if let Some(effort) = request.reasoning.as_ref().and_then(|r| r.effort.as_ref()) {
+        chat.insert("reasoning_effort".into(), effort.clone().into());
+    }
     if request.stream == Some(true) {
         chat.insert("stream".into(), true.into());
         // The answer's usage is part of `response.completed`.
@@ -227,14 +248,41 @@ fn refuse_state(request: &ResponsesRequest) -> Result<(), GatewayError> {
             Some(name.clone()),
         ));
     }
-    let format = request.text.as_ref().and_then(|t| t.format.as_ref());
-    if format.is_some_and(|f| f["type"] != "text") {
-        return Err(GatewayError::bad_request(
-            "`text.format` other than {\"type\":\"text\"} is not served by this gateway's Responses API",
-            Some("text.format".into()),
-        ));
-    }
     Ok(())
+}
+
+/// `text.format` as chat's `response_format`: `None` for plain text.
+/// Responses puts a JSON schema's name, schema and strictness beside its
+/// type; chat nests them under `json_schema`.
+fn response_format(format: &Value) -> Result<Option<Value>, GatewayError> {
+    let bad = |message: &str| {
+        Err(GatewayError::bad_request(
+            message,
+            Some("text.format".into()),
+        ))
+    };
+    match format["type"].as_str() {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({"type": "json_object"}))),
+        Some("json_schema") => {
+            let Some(fields) = format.as_object() else {
+                return bad("`text.format` must be an object");
+            };
+            if !fields.get("schema").is_some_and(Value::is_object) {
+                return bad("`text.format.schema` must be a JSON Schema object");
+            }
+            if !fields.get("name").is_some_and(Value::is_string) {
+                return bad("`text.format.name` must be a string naming the format");
+            }
+            let schema: Map<String, Value> = fields
+                .iter()
+                .filter(|(k, _)| k.as_str() != "type")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            Ok(Some(json!({"type": "json_schema", "json_schema": schema})))
+        }
+        _ => bad("`text.format.type` must be \"text\", \"json_schema\" or \"json_object\""),
+    }
 }
 
 /// One input item onto the canonical messages.
@@ -443,6 +491,15 @@ fn echoed(request: ResponsesRequest) -> Map<String, Value> {
         .collect();
     echo.insert("tools".into(), tools.into());
     echo.insert("top_p".into(), request.top_p.into());
+    if let Some(format) = request.text.and_then(|t| t.format) {
+        echo.insert("text".into(), json!({"format": format}));
+    }
+    if let Some(reasoning) = request.reasoning {
+        echo.insert(
+            "reasoning".into(),
+            json!({"effort": reasoning.effort, "summary": reasoning.summary}),
+        );
+    }
     echo
 }
 
