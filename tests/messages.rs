@@ -618,6 +618,69 @@ mod thinking_goes_as_far_as_the_upstream_supports {
     }
 }
 
+/// Together, Groq and OpenAI share the OpenAI-compatible provider but not
+/// its details: Together's recorded stream ends with `eos` and its usage
+/// on the last chunk (it takes no `stream_options`), Groq's carries usage
+/// in `x_groq`, OpenAI takes `max_completion_tokens`. Each still makes
+/// Anthropic's event sequence with the upstream's own counts.
+#[tokio::test]
+async fn together_groq_and_openai_streams_become_messages_with_their_usage() {
+    let cases = [
+        (
+            "together",
+            "together_chat.sse",
+            "",
+            "Together says hi.",
+            (25, 5),
+        ),
+        (
+            "groq",
+            "groq_chat.sse",
+            "/openai/v1",
+            "Fast inference is fun.",
+            (40, 6),
+        ),
+        (
+            "openai",
+            "openai_chat_usage.sse",
+            "/v1",
+            "Hello! How can I help?",
+            (19, 7),
+        ),
+    ];
+    for (kind, fixture, path, text, (input, output)) in cases {
+        let upstream = MockUpstream::openai().stream(fixture).start().await;
+        let base_url = format!("{}{path}", upstream.base_url());
+        let config = Config::new()
+            .backend(Backend::upstream("up", kind, &base_url))
+            .model(Model::new("chat").deployment(Deployment::new("up", "m")));
+        let gateway = start(&config).await;
+        let events = stream(&gateway, &ask(true)).await;
+        assert_eq!(
+            names(&events),
+            names(&reference("basic_response.sse")),
+            "{kind}"
+        );
+        let sent = upstream.single_request().json;
+        match kind {
+            "together" => assert!(sent.get("stream_options").is_none(), "{sent}"),
+            "openai" => {
+                assert_eq!(sent["max_completion_tokens"], 16, "{sent}");
+                assert!(sent.get("max_tokens").is_none(), "{sent}");
+            }
+            _ => {}
+        }
+        if kind != "together" {
+            assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
+        }
+        assert_eq!(text_of(&events), text, "{kind}");
+        let (_, end) = &events[events.len() - 2];
+        assert_eq!(end["delta"]["stop_reason"], "end_turn", "{kind}: {end}");
+        assert_eq!(end["usage"]["output_tokens"], output, "{kind}");
+        assert_eq!(end["usage"]["input_tokens"], input, "{kind}");
+    }
+}
+
 #[tokio::test]
 async fn the_simulated_backend_serves_messages_too() {
     let config = Config::new()

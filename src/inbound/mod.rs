@@ -94,12 +94,14 @@ impl Api {
             Self::OpenAi(endpoint) => Ok((InboundRequest::parse(endpoint, body)?, Reply::OpenAi)),
             Self::Messages => {
                 let (chat, stops) = anthropic::to_chat(&body)?;
-                let request = InboundRequest::parse(Endpoint::Chat, chat.into())?;
+                let mut request = InboundRequest::parse(Endpoint::Chat, chat.into())?;
+                request.translated = true;
                 Ok((request, Reply::Messages { stops }))
             }
             Self::Responses => {
                 let (chat, echo) = responses::to_chat(&body)?;
-                let request = InboundRequest::parse(Endpoint::Chat, chat.into())?;
+                let mut request = InboundRequest::parse(Endpoint::Chat, chat.into())?;
+                request.translated = true;
                 Ok((request, Reply::Responses { echo }))
             }
         }

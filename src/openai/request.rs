@@ -214,6 +214,10 @@ pub struct InboundRequest {
     model: String,
     stream_options: Option<StreamOptions>,
     pub typed: TypedRequest,
+    /// The body is the gateway's translation of another API's request, not
+    /// a client's own chat body: a provider may name its members as its
+    /// upstream prefers, where a client's body goes as the client wrote it.
+    pub translated: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -287,6 +291,7 @@ impl InboundRequest {
             stream_options,
             typed,
             body,
+            translated: false,
         })
     }
 

@@ -12,7 +12,7 @@ use super::http::{self, Caps, ErrorReply, HttpClient, Target};
 use super::{Provider, UpstreamCall, UpstreamReply};
 use crate::config::{Backend, BackendKind};
 use crate::error::GatewayError;
-use crate::openai::Endpoint;
+use crate::openai::{Endpoint, TypedRequest};
 
 pub struct OpenAiCompat {
     name: String,
@@ -68,16 +68,25 @@ impl OpenAiCompat {
         let options = (streaming && self.kind != BackendKind::Together)
             .then(|| call.request.upstream_stream_options());
         // OpenAI's chat API takes `max_completion_tokens` (its reasoning
-        // models refuse `max_tokens`); the others take `max_tokens`.
+        // models refuse `max_tokens`, so a translation's is renamed); the
+        // others take `max_tokens`.
         let limit_field = match (self.kind, call.request.endpoint()) {
             (BackendKind::Openai, Endpoint::Chat) => "max_completion_tokens",
             _ => "max_tokens",
         };
-        let body = call.request.to_upstream_json(
+        let mut body = call.request.to_upstream_json(
             call.upstream_model,
             options.as_ref(),
             call.max_tokens.map(|limit| (limit_field, limit)),
         );
+        if limit_field == "max_completion_tokens"
+            && call.request.translated
+            && let TypedRequest::Chat(chat) = &call.request.typed
+            && chat.max_tokens.is_some()
+            && chat.max_completion_tokens.is_none()
+        {
+            body = renamed_limit(&body);
+        }
         let url = match call.request.endpoint() {
             Endpoint::Chat => &self.chat_url,
             Endpoint::Completions => &self.completions_url,
@@ -111,6 +120,20 @@ impl Provider for OpenAiCompat {
     ) -> BoxFuture<'a, Result<UpstreamReply, GatewayError>> {
         Box::pin(self.call(call))
     }
+}
+
+/// A translated chat body whose `max_tokens` is sent as
+/// `max_completion_tokens`, which OpenAI's reasoning models require and
+/// all its chat models take.
+fn renamed_limit(body: &[u8]) -> Vec<u8> {
+    let Ok(mut object) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
+    else {
+        return body.to_vec();
+    };
+    if let Some(limit) = object.remove("max_tokens") {
+        object.insert("max_completion_tokens".into(), limit);
+    }
+    serde_json::to_vec(&object).expect("JSON values serialise")
 }
 
 /// Together ends with `finish_reason: "eos"`, which OpenAI clients do not
