@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::error::GatewayError;
 use crate::openai::ResponseIdentity;
-use crate::openai::Usage;
+use crate::openai::{PromptTokensDetails, Usage};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -64,16 +64,32 @@ struct ToolUse {
     input: Value,
 }
 
+/// Converse's usage: `inputTokens` leaves out the prompt tokens read from
+/// or written to the prompt cache, which come apart when caching is used.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenUsage {
     input_tokens: u64,
     output_tokens: u64,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_write_input_tokens: Option<u64>,
 }
 
 impl From<TokenUsage> for Usage {
+    /// The whole prompt, with the cache's reads as OpenAI's cached tokens.
     fn from(u: TokenUsage) -> Self {
-        Usage::new(u.input_tokens, u.output_tokens)
+        let read = u.cache_read_input_tokens.unwrap_or(0);
+        let prompt = u
+            .input_tokens
+            .saturating_add(read)
+            .saturating_add(u.cache_write_input_tokens.unwrap_or(0));
+        let mut usage = Usage::new(prompt, u.output_tokens);
+        usage.prompt_tokens_details = u
+            .cache_read_input_tokens
+            .map(|cached_tokens| PromptTokensDetails { cached_tokens });
+        usage
     }
 }
 
@@ -189,5 +205,18 @@ mod tests {
     fn a_body_that_is_not_a_converse_response_is_a_protocol_error() {
         let error = chat_completion("b", "m", b"{}").unwrap_err();
         assert_eq!(error.code(), Some("upstream_invalid_response"));
+    }
+
+    #[test]
+    fn cache_reads_and_writes_count_in_the_prompt_and_reads_as_cached() {
+        let body = br#"{"output":{"message":{"role":"assistant","content":[{"text":"Hi"}]}},
+            "stopReason":"end_turn","usage":{"inputTokens":10,"outputTokens":2,"totalTokens":1112,
+            "cacheReadInputTokens":1000,"cacheWriteInputTokens":100}}"#;
+        let out: Value = serde_json::from_slice(&chat_completion("b", "m", body).unwrap()).unwrap();
+        assert_eq!(
+            out["usage"],
+            json!({"prompt_tokens": 1110, "completion_tokens": 2, "total_tokens": 1112,
+                "prompt_tokens_details": {"cached_tokens": 1000}})
+        );
     }
 }
