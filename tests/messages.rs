@@ -26,7 +26,11 @@ fn reference(name: &str) -> Vec<(String, Value)> {
 
 /// Members the recordings lack that Messages may carry: usage's cache
 /// and cumulative fields.
-const OPTIONAL: &[&str] = &["input_tokens", "cache_read_input_tokens"];
+const OPTIONAL: &[&str] = &[
+    "input_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+];
 
 /// That each of our events has the shape of the recording's event of the
 /// same name and delta type.

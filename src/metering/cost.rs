@@ -76,7 +76,10 @@ mod tests {
         };
         let mut usage = Usage::new(1_000, 100);
         assert_eq!(rate.cost_pico_usd(&usage), 880_000_000 + 100_000_000);
-        usage.prompt_tokens_details = Some(PromptTokensDetails { cached_tokens: 400 });
+        usage.prompt_tokens_details = Some(PromptTokensDetails {
+            cached_tokens: 400,
+            cache_write_tokens: 0,
+        });
         assert_eq!(
             rate.cost_pico_usd(&usage),
             600 * 880_000 + 400 * 440_000 + 100_000_000

@@ -21,6 +21,15 @@ pub struct Usage {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct PromptTokensDetails {
     pub cached_tokens: u64,
+    /// Prompt tokens written to the upstream's cache (Bedrock reports
+    /// them; OpenAI's chat usage has no such field, so it is written only
+    /// when there are some).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cache_write_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Usage {
@@ -36,6 +45,15 @@ impl Usage {
     pub fn cached_tokens(&self) -> u64 {
         self.prompt_tokens_details
             .map_or(0, |d| d.cached_tokens.min(self.prompt_tokens))
+    }
+
+    /// Prompt tokens written to the cache, never more than the prompt
+    /// holds besides those read from it.
+    pub fn cache_write_tokens(&self) -> u64 {
+        self.prompt_tokens_details.map_or(0, |d| {
+            d.cache_write_tokens
+                .min(self.prompt_tokens - self.cached_tokens())
+        })
     }
 
     /// Whether the counts are ones a deployment with this context window
@@ -96,6 +114,8 @@ pub struct ReportedUsage {
 struct ReportedDetails {
     #[serde(default)]
     cached_tokens: Option<Count>,
+    #[serde(default)]
+    cache_write_tokens: Option<Count>,
 }
 
 impl ReportedUsage {
@@ -111,13 +131,19 @@ impl ReportedUsage {
             (None, Some(c), Some(t)) if t >= c => (t - c, c),
             _ => return Err(UsageFault::Missing),
         };
-        let cached = match &self.prompt_tokens_details {
-            Some(details) => Count::read(details.cached_tokens)?,
+        let details = match &self.prompt_tokens_details {
+            Some(details) => {
+                let cached = Count::read(details.cached_tokens)?;
+                let written = Count::read(details.cache_write_tokens)?;
+                (cached.is_some() || written.is_some()).then(|| PromptTokensDetails {
+                    cached_tokens: cached.unwrap_or(0),
+                    cache_write_tokens: written.unwrap_or(0),
+                })
+            }
             None => None,
         };
         Ok(Usage {
-            prompt_tokens_details: cached
-                .map(|cached_tokens| PromptTokensDetails { cached_tokens }),
+            prompt_tokens_details: details,
             ..Usage::new(prompt, completion)
         })
     }

@@ -26,23 +26,27 @@ fn stop(finish: &Finish, stops: &[String]) -> (&'static str, Option<String>) {
     }
 }
 
-/// Anthropic's usage: input excludes what was read from the cache, which
-/// is reported apart when the upstream reported it.
+/// Anthropic's usage: input excludes what was read from or written to the
+/// cache, which are reported apart when the upstream reported them.
 #[derive(Debug, Serialize)]
 struct MessageUsage {
     input_tokens: u64,
     output_tokens: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     cache_read_input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_creation_input_tokens: Option<u64>,
 }
 
 impl From<Usage> for MessageUsage {
     fn from(usage: Usage) -> Self {
-        let cached = usage.prompt_tokens_details.map(|_| usage.cached_tokens());
+        let reported = usage.prompt_tokens_details.is_some();
+        let (read, written) = (usage.cached_tokens(), usage.cache_write_tokens());
         Self {
-            input_tokens: usage.prompt_tokens - cached.unwrap_or(0),
+            input_tokens: usage.prompt_tokens - read - written,
             output_tokens: usage.completion_tokens,
-            cache_read_input_tokens: cached,
+            cache_read_input_tokens: reported.then_some(read),
+            cache_creation_input_tokens: reported.then_some(written),
         }
     }
 }
@@ -317,17 +321,31 @@ mod tests {
 
     #[test]
     fn cached_prompt_tokens_are_reported_apart() {
-        let body = json!({"id": "chatcmpl-9", "model": "m", "choices": [{"index": 0,
-            "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": 2, "total_tokens": 102,
-                "prompt_tokens_details": {"cached_tokens": 60}}});
-        let message: Value =
-            serde_json::from_slice(&message(body.to_string().as_bytes(), "b", &[]).unwrap())
-                .unwrap();
+        let usage = |details: Value| {
+            let body = json!({"id": "chatcmpl-9", "model": "m", "choices": [{"index": 0,
+                "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 2, "total_tokens": 102,
+                    "prompt_tokens_details": details}});
+            let message: Value =
+                serde_json::from_slice(&message(body.to_string().as_bytes(), "b", &[]).unwrap())
+                    .unwrap();
+            assert_eq!(message["id"], "msg_9");
+            message["usage"].clone()
+        };
         assert_eq!(
-            message["usage"],
-            json!({"input_tokens": 40, "output_tokens": 2, "cache_read_input_tokens": 60})
+            usage(json!({"cached_tokens": 60})),
+            json!({"input_tokens": 40, "output_tokens": 2, "cache_read_input_tokens": 60,
+                "cache_creation_input_tokens": 0})
         );
-        assert_eq!(message["id"], "msg_9");
+        // Bedrock's cache writes, as its translation reports them.
+        assert_eq!(
+            usage(json!({"cached_tokens": 60, "cache_write_tokens": 30})),
+            json!({"input_tokens": 10, "output_tokens": 2, "cache_read_input_tokens": 60,
+                "cache_creation_input_tokens": 30})
+        );
+        assert_eq!(
+            usage(Value::Null),
+            json!({"input_tokens": 100, "output_tokens": 2})
+        );
     }
 }

@@ -78,17 +78,20 @@ pub struct TokenUsage {
 }
 
 impl From<TokenUsage> for Usage {
-    /// The whole prompt, with the cache's reads as OpenAI's cached tokens.
+    /// The whole prompt, with the cache's reads as OpenAI's cached tokens
+    /// and its writes beside them.
     fn from(u: TokenUsage) -> Self {
-        let read = u.cache_read_input_tokens.unwrap_or(0);
+        let (read, written) = (u.cache_read_input_tokens, u.cache_write_input_tokens);
         let prompt = u
             .input_tokens
-            .saturating_add(read)
-            .saturating_add(u.cache_write_input_tokens.unwrap_or(0));
+            .saturating_add(read.unwrap_or(0))
+            .saturating_add(written.unwrap_or(0));
         let mut usage = Usage::new(prompt, u.output_tokens);
-        usage.prompt_tokens_details = u
-            .cache_read_input_tokens
-            .map(|cached_tokens| PromptTokensDetails { cached_tokens });
+        usage.prompt_tokens_details =
+            (read.is_some() || written.is_some()).then(|| PromptTokensDetails {
+                cached_tokens: read.unwrap_or(0),
+                cache_write_tokens: written.unwrap_or(0),
+            });
         usage
     }
 }
@@ -216,7 +219,7 @@ mod tests {
         assert_eq!(
             out["usage"],
             json!({"prompt_tokens": 1110, "completion_tokens": 2, "total_tokens": 1112,
-                "prompt_tokens_details": {"cached_tokens": 1000}})
+                "prompt_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 100}})
         );
     }
 }
