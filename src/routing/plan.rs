@@ -333,10 +333,10 @@ pub fn plan(
     }
 }
 
-/// Puts the bound deployment first, unless the strategy dropped it or,
-/// under `cost`, a deployment of another kind is cheaper: a per-token one
-/// goes first only when its expected cost, the bound one's expected cache
-/// hit counted, is more than the cheapest's.
+/// Puts the bound deployment first, unless the strategy dropped it. Under
+/// `cost` it goes first when it and the cheapest are both self-hosted, or
+/// when its expected cost, its expected cache hit counted, is no more
+/// than the cheapest's.
 fn put_first(
     ranked: &mut Vec<Ranked>,
     bound: usize,
