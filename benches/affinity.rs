@@ -6,7 +6,8 @@
 //! AFFINITY_CONCURRENCY tune it). Each session has its own system prompt
 //! and sends its turns one after another, each resending the whole
 //! conversation with the answer it got; `AFFINITY_CONCURRENCY` sessions
-//! run at once. Prints, per setting: the share of prompt tokens read from
+//! (by default all of them) run at once, so their turns interleave as
+//! users' do. Prints, per setting: the share of prompt tokens read from
 //! the deployments' caches, time to first token (mean and p95, at the
 //! client), the cost the gateway metered, and the busiest deployment's
 //! requests over the mean.
@@ -34,7 +35,8 @@ fn env_number(name: &str, default: usize) -> usize {
 
 /// Four simulated self-hosted pools: a full prefill takes 400 ms to the
 /// first token, answers run 48 tokens at 400 tokens/s, and each cache
-/// holds 8192 blocks (about 131k tokens, half of what the replay sends).
+/// holds 8192 blocks (about 131k tokens): room for a quarter of the
+/// sessions' conversations, not for all of them.
 fn config(affinity: &str) -> Config {
     let mut model = Model::new("llama").affinity(affinity);
     let mut config = Config::new();
@@ -145,7 +147,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn main() {
     let sessions = env_number("AFFINITY_SESSIONS", 200);
     let turns = env_number("AFFINITY_TURNS", 8);
-    let concurrency = env_number("AFFINITY_CONCURRENCY", 32);
+    let concurrency = env_number("AFFINITY_CONCURRENCY", sessions);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     println!(
         "affinity replay: {sessions} sessions x {turns} turns over {DEPLOYMENTS} simulated self-hosted \

@@ -11,7 +11,7 @@ use std::time::Instant;
 use criterion::{Criterion, criterion_group, criterion_main};
 use tollgate::health::LiveState;
 use tollgate::openai::{Endpoint, InboundRequest};
-use tollgate::routing::{self, RequestFacts};
+use tollgate::routing::{self, RequestFacts, Session};
 use tollgate::state::Snapshot;
 
 fn config(strategy: &str, affinity: &str) -> String {
@@ -89,6 +89,15 @@ fn decisions(c: &mut Criterion) {
                     &mut rng,
                 ))
             })
+        });
+    }
+    group.finish();
+    // What affinity adds before planning: the session read from the
+    // request, from its header or by hashing its opening.
+    let mut group = c.benchmark_group("session of a 500-token request");
+    for (name, header) in [("x-session-id", Some(&b"session-1"[..])), ("opening", None)] {
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(Session::of(black_box(&request), header)))
         });
     }
     group.finish();

@@ -65,11 +65,14 @@ fn pool<'o, 'a>(
     now: std::time::Instant,
 ) -> impl Iterator<Item = &'o Contender<'a>> + Clone {
     let any_self_hosted = options.iter().any(|o| o.backend.self_hosted.is_some());
-    let lowest_tier = options
-        .iter()
-        .filter(|o| !saturated(o, strategy, now))
-        .map(|o| o.deployment.tier)
-        .min();
+    let lowest_tier = match strategy {
+        Strategy::Spillover(_) => options
+            .iter()
+            .filter(|o| !saturated(o, strategy, now))
+            .map(|o| o.deployment.tier)
+            .min(),
+        Strategy::Cost | Strategy::Latency | Strategy::Weighted => None,
+    };
     options.iter().filter(move |o| match strategy {
         Strategy::Cost => !any_self_hosted || o.backend.self_hosted.is_some(),
         Strategy::Spillover(_) => Some(o.deployment.tier) == lowest_tier,
