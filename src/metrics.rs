@@ -367,7 +367,7 @@ metrics! {
                 "reason",
                 "why the router put that deployment first, from the fixed set in \
                  `src/routing/strategy.rs`, e.g. `cheapest`, `fastest`, `exploring`, \
-                 `first_tier`, `overflow`",
+                 `first_tier`, `overflow`, `affinity` (the session's deployment)",
             ),
         ],
     }
