@@ -570,3 +570,60 @@ async fn vllm_prefix_cache_counters_become_a_hit_ratio_gauge() {
         )
         .await;
 }
+
+#[test]
+fn a_messages_requests_user_id_is_its_session_as_openais_user_is() {
+    let s = snapshot(&four_pools("cost", "session", 100));
+    let messages: ExplainRequest = serde_json::from_value(json!({
+        "api": "messages",
+        "request": {"model": "chat", "max_tokens": 10, "metadata": {"user_id": "u-9"},
+                    "messages": [{"role": "user", "content": "hi"}]}}))
+    .unwrap();
+    let messages = serde_json::to_value(explain(&s, &messages).unwrap()).unwrap();
+    let chat = json!({"model": "chat", "user": "u-9",
+                      "messages": [{"role": "user", "content": "something else"}]});
+    let chat = serde_json::to_value(explain(&s, &ask(chat, None)).unwrap()).unwrap();
+    assert!(
+        messages["affinity"]["session"]
+            .as_str()
+            .unwrap()
+            .starts_with("user "),
+        "{messages:#}"
+    );
+    assert_eq!(messages["affinity"], chat["affinity"]);
+}
+
+#[test]
+fn under_spillover_sessions_bind_within_the_first_tier_with_room() {
+    let config = Config::new()
+        .backend(
+            never_called("gpu-a", "vllm")
+                .one_dollar_pool()
+                .set("max_concurrency", 10),
+        )
+        .backend(
+            never_called("gpu-b", "vllm")
+                .one_dollar_pool()
+                .set("max_concurrency", 10),
+        )
+        .backend(sim("api", "us"))
+        .model(
+            Model::new("chat")
+                .spillover(0.8, 0.5)
+                .affinity("session")
+                .deployment(Deployment::named("a", "gpu-a"))
+                .deployment(Deployment::named("b", "gpu-b"))
+                .deployment(Deployment::named("api", "api").price(1.0, 1.0)),
+        );
+    let s = snapshot(&config);
+    let firsts: std::collections::HashSet<String> =
+        (0..100).map(|n| first(&s, &facts_of(session(n)))).collect();
+    assert_eq!(firsts, ["a", "b"].map(String::from).into(), "tier 0 only");
+    // Both pools past their high load: the overflow tier takes sessions.
+    for backend in 0..2 {
+        s.live().backends[backend]
+            .in_flight
+            .store(9, Ordering::Relaxed);
+    }
+    assert_eq!(first(&s, &facts_of(session(1))), "api");
+}

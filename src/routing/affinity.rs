@@ -16,7 +16,7 @@
 use std::sync::atomic::Ordering;
 
 use super::session::Session;
-use super::strategy::Contender;
+use super::strategy::{self, Contender};
 use crate::config::{Affinity, Strategy};
 use crate::metering::prefix::{Block, Matched};
 
@@ -47,12 +47,11 @@ fn weight(session: u64, deployment: u64) -> u64 {
 /// Whether `option` has no room: its backend at or over capacity, or,
 /// for spillover, past its high load and not yet back under the low.
 fn saturated(option: &Contender<'_>, strategy: Strategy, now: std::time::Instant) -> bool {
-    let full = option
-        .backend_live
-        .load(option.backend, now)
-        .is_some_and(|l| l >= 1.0);
-    full || matches!(strategy, Strategy::Spillover(_))
-        && option.live.saturated.load(Ordering::Relaxed)
+    let load = option.backend_live.load(option.backend, now);
+    match strategy {
+        Strategy::Spillover(spill) => strategy::saturated(option.live, load, spill),
+        Strategy::Cost | Strategy::Latency | Strategy::Weighted => load.is_some_and(|l| l >= 1.0),
+    }
 }
 
 /// The deployments the strategy holds equal, among which a session binds:

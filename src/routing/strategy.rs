@@ -338,13 +338,19 @@ fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover
 
 /// Hysteresis: a deployment stops taking traffic at `high_load` and takes
 /// it again only below `low_load`. Unknown load never saturates.
-fn update_saturation(live: &DeploymentLive, load: Option<f64>, spill: Spillover) -> bool {
+pub fn saturated(live: &DeploymentLive, load: Option<f64>, spill: Spillover) -> bool {
     let was = live.saturated.load(AtomicOrdering::Relaxed);
-    let now = match load {
+    match load {
         None => false,
         Some(l) if was => l >= spill.low_load,
         Some(l) => l >= spill.high_load,
-    };
+    }
+}
+
+/// [`saturated`], remembered for the next decision.
+fn update_saturation(live: &DeploymentLive, load: Option<f64>, spill: Spillover) -> bool {
+    let was = live.saturated.load(AtomicOrdering::Relaxed);
+    let now = saturated(live, load, spill);
     if now != was {
         live.saturated.store(now, AtomicOrdering::Relaxed);
     }
