@@ -829,6 +829,18 @@ models = ["*"]
     }
 
     #[test]
+    fn top_keys_defaults_to_100_and_is_bounded() {
+        let config = parse(MINIMAL, &no_env).expect("valid");
+        assert_eq!(config.metrics.top_keys, DEFAULT_TOP_KEYS);
+        let with = |n: u32| format!("[metrics]\ntop_keys = {n}\n{MINIMAL}");
+        assert_eq!(parse(&with(0), &no_env).expect("valid").metrics.top_keys, 0);
+        assert_eq!(
+            problems(&with(10_001)),
+            ["metrics.top_keys: must be at most 10000; opt single keys in with keys[].metrics = true"]
+        );
+    }
+
+    #[test]
     fn licences_are_a_closed_set_matched_in_any_case() {
         let with = |licence: &str| {
             MINIMAL.replace(

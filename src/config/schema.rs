@@ -99,6 +99,7 @@ pub struct RawAdmin {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawMetrics {
     pub token_env: Option<String>,
+    pub top_keys: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -216,4 +217,6 @@ pub struct RawKey {
     pub budget_monthly_usd: Option<f64>,
     pub rpm: Option<u32>,
     pub tpm: Option<u32>,
+    #[serde(default)]
+    pub metrics: bool,
 }

@@ -159,7 +159,16 @@ pub struct Admin {
 #[derive(Debug, Clone, Default)]
 pub struct MetricsAccess {
     pub token_sha256: Option<[u8; 32]>,
+    /// Keys with series of their own besides those that opt in: the ones
+    /// that spent most this month, so that a config of 100,000 keys never
+    /// means 100,000 series per family.
+    pub top_keys: usize,
 }
+
+/// `[metrics] top_keys` when unset.
+pub const DEFAULT_TOP_KEYS: usize = 100;
+/// The most `top_keys` may be.
+pub const MAX_TOP_KEYS: u32 = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -533,6 +542,8 @@ pub struct Key {
     pub region_header: bool,
     pub budget: Budget,
     pub limits: PerMinute,
+    /// The key has series of its own in `/metrics` whatever it spends.
+    pub metrics: bool,
 }
 
 /// Rate limits: requests and tokens per minute; `None` is no limit.

@@ -805,6 +805,7 @@ impl Validator<'_> {
             region_header: k.region_header,
             budget: self.budget(i, k),
             limits: self.per_minute(&format!("keys[{i}]"), k.rpm, k.tpm),
+            metrics: k.metrics,
         })
     }
 }

@@ -6,6 +6,7 @@
 pub mod budget;
 pub mod cost;
 pub mod estimate;
+pub mod key_series;
 pub mod usage;
 
 use std::borrow::Cow;
@@ -23,6 +24,7 @@ use crate::openai::{ResponseView, Usage, UsageFault};
 use crate::traces::{AttemptFacts, Outcome, RequestTrace};
 use budget::Reservation;
 use cost::Rate;
+use key_series::OTHER_KEYS;
 
 /// HTTP status recorded for a response the client abandoned (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -57,6 +59,9 @@ pub struct MeterLabels {
     pub alias: String,
     /// The key's name, or `none` without keys.
     pub key: String,
+    /// The key has series of its own (`key_series`); else its cost is
+    /// counted under `(other)`.
+    pub key_in_metrics: bool,
 }
 
 /// The deployment an attempt went to, and what its tokens cost.
@@ -378,6 +383,7 @@ impl Meter {
             api,
             alias,
             key,
+            key_in_metrics,
         } = &self.labels;
         let m = &self.metrics;
         let estimated_label = if estimated { "true" } else { "false" };
@@ -403,8 +409,9 @@ impl Meter {
             && usage.total_tokens > 0
         {
             cost_nano = serving.rate.cost_nano_usd(&usage);
+            let key_label = if *key_in_metrics { key } else { OTHER_KEYS };
             m.cost
-                .with_label_values(&[alias, &serving.deployment, key])
+                .with_label_values(&[alias.as_str(), &serving.deployment, key_label])
                 .inc_by(cost_nano as f64 / 1e9);
             for (deployment, rate) in self.charges.counterfactuals.iter() {
                 m.counterfactual_cost

@@ -42,6 +42,7 @@ use bytes::Bytes;
 use crate::config::ServerConfig;
 use crate::error::{ErrorShape, GatewayError};
 use crate::inbound::Api;
+use crate::metering::key_series::OTHER_KEYS;
 use crate::metering::{Charges, InFlight, Meter, MeterLabels};
 use crate::metrics::NONE;
 use crate::openai::Endpoint;
@@ -126,6 +127,7 @@ async fn serve(
             api: api.name(),
             alias: alias.to_owned(),
             key: key.map_or(NONE, |k| k.name.as_str()).to_owned(),
+            key_in_metrics: key.is_none_or(|k| app.key_series.load().label(&k.name) != OTHER_KEYS),
         },
         Charges {
             ledger: app.ledger.clone(),

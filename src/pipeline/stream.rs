@@ -285,6 +285,7 @@ mod tests {
                 api: "chat",
                 alias: "a".into(),
                 key: "k".into(),
+                key_in_metrics: true,
             },
             Charges {
                 ledger: Arc::new(Ledger::open(None).unwrap()),
