@@ -207,6 +207,7 @@ async fn a_tool_call_goes_out_and_its_result_comes_back_in(kind: Kind) {
             let result = &turns[2]["content"][0]["toolResult"];
             assert_eq!(result["toolUseId"], TOOL_CALL_ID);
             assert_eq!(result["content"][0]["text"], "18C and sunny");
+            assert!(result.get("status").is_none(), "{result}");
             assert_eq!(sent["system"][0]["text"], "Be brief.");
         }
         Kind::OpenAi | Kind::Tgi => {
@@ -218,6 +219,25 @@ async fn a_tool_call_goes_out_and_its_result_comes_back_in(kind: Kind) {
                 json!({"role": "tool", "tool_call_id": TOOL_CALL_ID, "content": "18C and sunny"})
             );
         }
+    }
+
+    // A failed tool: Bedrock is told the result is an error; chat has no
+    // such field, so the others get the content alone.
+    next["messages"][2]["content"][0]["is_error"] = json!(true);
+    next["messages"][2]["content"][0]["content"] = json!("city not found");
+    let response = post(&gateway, &next).await;
+    assert_eq!(response.status(), 200);
+    let sent = upstream.requests().pop().unwrap().json;
+    match kind {
+        Kind::Bedrock => {
+            let result = &sent["messages"][2]["content"][0]["toolResult"];
+            assert_eq!(result["status"], "error", "{result}");
+            assert_eq!(result["content"][0]["text"], "city not found");
+        }
+        Kind::OpenAi | Kind::Tgi => assert_eq!(
+            sent["messages"][3],
+            json!({"role": "tool", "tool_call_id": TOOL_CALL_ID, "content": "city not found"})
+        ),
     }
 }
 

@@ -233,7 +233,11 @@ async fn per_key_series_are_the_opted_in_and_the_top_spenders_and_the_rest_are_o
         MockUpstream::openai().start().await,
     );
     let config = priced(&url(&a), &url(&b), PRICES, Key::new("alpha"))
-        .key(Key::new("beta").set("metrics", true).set("budget_daily_usd", 5.0))
+        .key(
+            Key::new("beta")
+                .set("metrics", true)
+                .set("budget_daily_usd", 5.0),
+        )
         .key(Key::new("gamma").set("budget_daily_usd", 5.0))
         .key(Key::new("delta").set("budget_daily_usd", 5.0))
         .set("metrics", "top_keys", 1);

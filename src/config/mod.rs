@@ -836,7 +836,9 @@ models = ["*"]
         assert_eq!(parse(&with(0), &no_env).expect("valid").metrics.top_keys, 0);
         assert_eq!(
             problems(&with(10_001)),
-            ["metrics.top_keys: must be at most 10000; opt single keys in with keys[].metrics = true"]
+            [
+                "metrics.top_keys: must be at most 10000; opt single keys in with keys[].metrics = true"
+            ]
         );
     }
 

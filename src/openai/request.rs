@@ -56,6 +56,12 @@ pub enum MessageContent {
     Parts(Vec<ContentPart>),
 }
 
+/// The member of a translated request's `tool` message that marks its
+/// result as an error (a Messages `tool_result` with `is_error`). Chat has
+/// no such member: Bedrock takes it as the result's status, and it is
+/// removed before a request goes to an OpenAI-compatible upstream.
+pub const TOOL_ERROR: &str = "is_error";
+
 /// One part of an array content: `text`, `image_url`, `input_audio`, `file`…
 #[derive(Debug, Clone, Deserialize)]
 pub struct ContentPart {
