@@ -11,7 +11,7 @@ mod support;
 use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
-use support::kinds::{COMPLETION_TOKENS, Kind, REASONING, for_each_kind, start_for};
+use support::kinds::{COMPLETION_TOKENS, Kind, REASONING, RECORDED, for_each_kind, start_for};
 use support::mock::{MockServer, MockUpstream};
 use support::openai_mock::{CANNED_PROMPT_TOKENS, TOOL_CALL_ID, TOOL_NAME};
 
@@ -623,24 +623,7 @@ async fn thinking_goes_as_far_as_the_upstream_supports(kind: Kind) {
     assert_eq!(post(&gateway, &thinking).await.status(), 200);
 }
 
-mod thinking_goes_as_far_as_the_upstream_supports {
-    use super::Kind;
-
-    #[tokio::test]
-    async fn openai() {
-        super::thinking_goes_as_far_as_the_upstream_supports(Kind::OpenAi).await;
-    }
-
-    #[tokio::test]
-    async fn bedrock() {
-        super::thinking_goes_as_far_as_the_upstream_supports(Kind::Bedrock).await;
-    }
-
-    #[tokio::test]
-    async fn tgi() {
-        super::thinking_goes_as_far_as_the_upstream_supports(Kind::Tgi).await;
-    }
-}
+for_each_kind!(thinking_goes_as_far_as_the_upstream_supports);
 
 /// Together, Groq and OpenAI share the OpenAI-compatible provider but not
 /// its details: Together's recorded stream ends with `eos` and its usage
@@ -649,36 +632,9 @@ mod thinking_goes_as_far_as_the_upstream_supports {
 /// Anthropic's event sequence with the upstream's own counts.
 #[tokio::test]
 async fn together_groq_and_openai_streams_become_messages_with_their_usage() {
-    let cases = [
-        (
-            "together",
-            "together_chat.sse",
-            "",
-            "Together says hi.",
-            (25, 5),
-        ),
-        (
-            "groq",
-            "groq_chat.sse",
-            "/openai/v1",
-            "Fast inference is fun.",
-            (40, 6),
-        ),
-        (
-            "openai",
-            "openai_chat_usage.sse",
-            "/v1",
-            "Hello! How can I help?",
-            (19, 7),
-        ),
-    ];
-    for (kind, fixture, path, text, (input, output)) in cases {
-        let upstream = MockUpstream::openai().stream(fixture).start().await;
-        let base_url = format!("{}{path}", upstream.base_url());
-        let config = Config::new()
-            .backend(Backend::upstream("up", kind, &base_url))
-            .model(Model::new("chat").deployment(Deployment::new("up", "m")));
-        let gateway = start(&config).await;
+    for recorded in RECORDED {
+        let (upstream, gateway) = recorded.start().await;
+        let kind = recorded.kind;
         let events = stream(&gateway, &ask(true)).await;
         assert_eq!(
             names(&events),
@@ -686,22 +642,24 @@ async fn together_groq_and_openai_streams_become_messages_with_their_usage() {
             "{kind}"
         );
         let sent = upstream.single_request().json;
-        match kind {
-            "together" => assert!(sent.get("stream_options").is_none(), "{sent}"),
-            "openai" => {
-                assert_eq!(sent["max_completion_tokens"], 16, "{sent}");
-                assert!(sent.get("max_tokens").is_none(), "{sent}");
-            }
-            _ => {}
-        }
-        if kind != "together" {
-            assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
-        }
-        assert_eq!(text_of(&events), text, "{kind}");
+        assert_eq!(sent[recorded.limit_field()], 16, "{kind}: {sent}");
+        // Together takes no stream_options; the others are asked for usage.
+        assert_eq!(
+            sent.get("stream_options").is_some(),
+            kind != "together",
+            "{kind}: {sent}"
+        );
+        assert_eq!(text_of(&events), recorded.text, "{kind}");
         let (_, end) = &events[events.len() - 2];
         assert_eq!(end["delta"]["stop_reason"], "end_turn", "{kind}: {end}");
-        assert_eq!(end["usage"]["output_tokens"], output, "{kind}");
-        assert_eq!(end["usage"]["input_tokens"], input, "{kind}");
+        assert_eq!(
+            end["usage"]["output_tokens"], recorded.output_tokens,
+            "{kind}"
+        );
+        assert_eq!(
+            end["usage"]["input_tokens"], recorded.input_tokens,
+            "{kind}"
+        );
     }
 }
 

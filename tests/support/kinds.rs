@@ -205,3 +205,67 @@ macro_rules! for_each_kind {
     reason = "each test binary uses a different part of the support code"
 )]
 pub(crate) use for_each_kind;
+
+/// An OpenAI-compatible kind whose details differ from vLLM's, with its
+/// recorded stream and what that stream says.
+pub struct Recorded {
+    pub kind: &'static str,
+    pub fixture: &'static str,
+    /// Where the kind's API lives below the mock's root.
+    pub path: &'static str,
+    pub text: &'static str,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// Together ends with `eos` and usage on its last chunk (and takes no
+/// `stream_options`), Groq carries usage in `x_groq`, OpenAI sends a
+/// usage chunk and takes `max_completion_tokens`.
+pub const RECORDED: [Recorded; 3] = [
+    Recorded {
+        kind: "together",
+        fixture: "together_chat.sse",
+        path: "",
+        text: "Together says hi.",
+        input_tokens: 25,
+        output_tokens: 5,
+    },
+    Recorded {
+        kind: "groq",
+        fixture: "groq_chat.sse",
+        path: "/openai/v1",
+        text: "Fast inference is fun.",
+        input_tokens: 40,
+        output_tokens: 6,
+    },
+    Recorded {
+        kind: "openai",
+        fixture: "openai_chat_usage.sse",
+        path: "/v1",
+        text: "Hello! How can I help?",
+        input_tokens: 19,
+        output_tokens: 7,
+    },
+];
+
+impl Recorded {
+    /// A mock replaying the recording, and a gateway whose alias `chat`
+    /// is served by it as this kind.
+    pub async fn start(&self) -> (MockServer, Gateway) {
+        let upstream = MockUpstream::openai().stream(self.fixture).start().await;
+        let base_url = format!("{}{}", upstream.base_url(), self.path);
+        let config = Config::new()
+            .backend(Backend::upstream("up", self.kind, &base_url))
+            .model(Model::new("chat").deployment(Deployment::new("up", "m")));
+        (upstream, start(&config).await)
+    }
+
+    /// The field the kind takes the output limit in.
+    pub fn limit_field(&self) -> &'static str {
+        if self.kind == "openai" {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        }
+    }
+}
