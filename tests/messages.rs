@@ -626,12 +626,13 @@ async fn thinking_goes_as_far_as_the_upstream_supports(kind: Kind) {
 for_each_kind!(thinking_goes_as_far_as_the_upstream_supports);
 
 /// Together, Groq and OpenAI share the OpenAI-compatible provider but not
-/// its details: Together's recorded stream ends with `eos` and its usage
-/// on the last chunk (it takes no `stream_options`), Groq's carries usage
-/// in `x_groq`, OpenAI takes `max_completion_tokens`. Each still makes
-/// Anthropic's event sequence with the upstream's own counts.
+/// its details: Together's recorded answers end with `eos` and its stream
+/// has usage on the last chunk (it takes no `stream_options`), Groq's
+/// carries usage in `x_groq`, OpenAI takes `max_completion_tokens`. Each
+/// still makes Anthropic's event sequence and message, with the
+/// upstream's own counts.
 #[tokio::test]
-async fn together_groq_and_openai_streams_become_messages_with_their_usage() {
+async fn together_groq_and_openai_answers_become_messages_with_their_usage() {
     for recorded in RECORDED {
         let (upstream, gateway) = recorded.start().await;
         let kind = recorded.kind;
@@ -658,6 +659,20 @@ async fn together_groq_and_openai_streams_become_messages_with_their_usage() {
         );
         assert_eq!(
             end["usage"]["input_tokens"], recorded.input_tokens,
+            "{kind}"
+        );
+
+        let body: Value = post(&gateway, &ask(false)).await.json().await.unwrap();
+        let (text, input, output) = recorded.whole_answer();
+        assert_eq!(
+            body["content"],
+            json!([{"type": "text", "text": text}]),
+            "{kind}"
+        );
+        assert_eq!(body["stop_reason"], "end_turn", "{kind}: {body}");
+        assert_eq!(
+            body["usage"],
+            json!({"input_tokens": input, "output_tokens": output}),
             "{kind}"
         );
     }

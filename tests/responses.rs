@@ -463,11 +463,11 @@ async fn reasoning_and_json_formats_go_as_far_as_the_upstream_supports(kind: Kin
 
 for_each_kind!(reasoning_and_json_formats_go_as_far_as_the_upstream_supports);
 
-/// Together's, Groq's and OpenAI's recorded streams, each with its own
-/// way of reporting usage, make the Responses event sequence with the
-/// upstream's counts; OpenAI is sent `max_completion_tokens`.
+/// Together's, Groq's and OpenAI's answers, each with its own way of
+/// reporting usage, make the Responses event sequence and response object
+/// with the upstream's counts; OpenAI is sent `max_completion_tokens`.
 #[tokio::test]
-async fn together_groq_and_openai_streams_become_responses_with_their_usage() {
+async fn together_groq_and_openai_answers_become_responses_with_their_usage() {
     for recorded in RECORDED {
         let (upstream, gateway) = recorded.start().await;
         let kind = recorded.kind;
@@ -485,6 +485,14 @@ async fn together_groq_and_openai_streams_become_responses_with_their_usage() {
         assert_eq!(usage["output_tokens"], recorded.output_tokens, "{kind}");
         let sent = upstream.single_request().json;
         assert_eq!(sent[recorded.limit_field()], 16, "{kind}: {sent}");
+
+        let body: Value = post(&gateway, &ask(false)).await.json().await.unwrap();
+        check_type(&body, "response");
+        let (text, input, output) = recorded.whole_answer();
+        assert_eq!(body["status"], "completed", "{kind}: {body}");
+        assert_eq!(body["output"][0]["content"][0]["text"], text, "{kind}");
+        assert_eq!(body["usage"]["input_tokens"], input, "{kind}");
+        assert_eq!(body["usage"]["output_tokens"], output, "{kind}");
     }
 }
 
