@@ -678,6 +678,55 @@ async fn together_groq_and_openai_answers_become_messages_with_their_usage() {
     }
 }
 
+/// Converse says an answer stopped on a stop sequence but not which: with
+/// one stop sequence sent, Messages names it, whole and streamed; with
+/// several it cannot, and says `end_turn`.
+#[tokio::test]
+async fn bedrock_names_the_stop_sequence_when_the_request_sent_one() {
+    let usage = json!({"inputTokens": 11, "outputTokens": 2, "totalTokens": 13});
+    let delta = |text: &str| {
+        support::bedrock_mock::event(
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 0, "delta": {"text": text}}),
+        )
+    };
+    let frames = vec![
+        support::bedrock_mock::event("messageStart", json!({"role": "assistant"})),
+        delta("tok "),
+        delta("tok"),
+        support::bedrock_mock::event("contentBlockStop", json!({"contentBlockIndex": 0})),
+        support::bedrock_mock::event("messageStop", json!({"stopReason": "stop_sequence"})),
+        support::bedrock_mock::event(
+            "metadata",
+            json!({"usage": usage, "metrics": {"latencyMs": 9}}),
+        ),
+    ];
+    let upstream = bedrock_mock_with_token()
+        .events(frames)
+        .json(
+            json!({"output": {"message": {"role": "assistant", "content": [{"text": "tok tok"}]}},
+            "stopReason": "stop_sequence", "usage": usage, "metrics": {"latencyMs": 9}}),
+        )
+        .start()
+        .await;
+    let gateway = start_for(Kind::Bedrock, &upstream).await;
+    for (stops, reason, sequence) in [
+        (json!(["END"]), "stop_sequence", json!("END")),
+        (json!(["END", "STOP"]), "end_turn", Value::Null),
+    ] {
+        let mut whole = ask(false);
+        whole["stop_sequences"] = stops.clone();
+        let body: Value = post(&gateway, &whole).await.json().await.unwrap();
+        assert_eq!(body["stop_reason"], reason, "{stops}: {body}");
+        assert_eq!(body["stop_sequence"], sequence, "{stops}");
+        whole["stream"] = json!(true);
+        let events = stream(&gateway, &whole).await;
+        let (_, end) = &events[events.len() - 2];
+        assert_eq!(end["delta"]["stop_reason"], reason, "{stops}: {end}");
+        assert_eq!(end["delta"]["stop_sequence"], sequence, "{stops}");
+    }
+}
+
 #[tokio::test]
 async fn the_simulated_backend_serves_messages_too() {
     let config = Config::new()

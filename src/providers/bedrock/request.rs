@@ -24,6 +24,17 @@ pub struct ConverseRequest {
     tool_config: Option<ToolConfig>,
 }
 
+impl ConverseRequest {
+    /// The request's stop sequence when it sent exactly one: the one a
+    /// `stop_sequence` stop matched.
+    pub fn only_stop(&self) -> Option<String> {
+        match self.inference_config.stop_sequences.as_slice() {
+            [stop] => Some(stop.clone()),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Message {
     role: &'static str,
