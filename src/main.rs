@@ -298,14 +298,13 @@ fn simulate(
     from_ledger: Option<u32>,
     json: bool,
 ) -> ExitCode {
-    // Nothing is sent anywhere: the secrets are not needed, except the
-    // ledger's database URL with `--from-ledger` and a PostgreSQL ledger.
-    let secrets = if from_ledger.is_some() {
-        Secrets::Read(&env)
+    let config = if from_ledger.is_some() {
+        load_for_ledger(path)
     } else {
-        Secrets::Unread
+        // Nothing is sent anywhere: the secrets are not needed.
+        load(path, Secrets::Unread)
     };
-    let Some(config) = load(path, secrets) else {
+    let Some(config) = config else {
         return ExitCode::FAILURE;
     };
     let text = match profile.map(std::fs::read_to_string).transpose() {
@@ -361,9 +360,19 @@ fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// A config for a command that reads its ledger and sends nothing else
+/// anywhere: its secrets are read only when the ledger is in PostgreSQL,
+/// whose URL may be one.
+fn load_for_ledger(path: &std::path::Path) -> Option<tollgate::config::Config> {
+    let config = load(path, Secrets::Unread)?;
+    match config.ledger.backend {
+        tollgate::config::LedgerBackend::Postgres { .. } => load(path, Secrets::Read(&env)),
+        tollgate::config::LedgerBackend::Sqlite => Some(config),
+    }
+}
+
 fn licence_report(path: &std::path::Path, month: Option<&str>) -> ExitCode {
-    // The ledger's PostgreSQL URL may come from the environment.
-    let Some(config) = load(path, Secrets::Read(&env)) else {
+    let Some(config) = load_for_ledger(path) else {
         return ExitCode::FAILURE;
     };
     let months = current_thread()

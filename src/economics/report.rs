@@ -151,7 +151,7 @@ pub struct AliasCost {
 #[derive(Debug, Serialize)]
 pub struct StrategyCost {
     /// `null` where the strategy cannot be priced from a profile.
-    #[serde(flatten)]
+    #[serde(serialize_with = "period_or_nulls", flatten)]
     pub cost: Option<Period>,
     /// Tokens a day the peak puts above self-hosted capacity, sent to
     /// `spilled_to`.
@@ -197,6 +197,20 @@ pub struct Refused {
     pub deployment: String,
     pub rule: &'static str,
     pub reason: String,
+}
+
+/// A period's two fields, both `null` without one.
+fn period_or_nulls<S: Serializer>(cost: &Option<Period>, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Fields {
+        daily_usd: Option<Usd>,
+        monthly_usd: Option<Usd>,
+    }
+    Fields {
+        daily_usd: cost.map(|p| p.daily_usd),
+        monthly_usd: cost.map(|p| p.monthly_usd),
+    }
+    .serialize(s)
 }
 
 fn micro_usd<S: Serializer>(value: &Option<u128>, s: S) -> Result<S::Ok, S::Error> {
