@@ -361,14 +361,27 @@ fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// A config for a command that reads its ledger and sends nothing else
-/// anywhere: its secrets are read only when the ledger is in PostgreSQL,
-/// whose URL may be one.
+/// anywhere: of its secrets, only the ledger's PostgreSQL URL is read,
+/// from the variable `[ledger] url_env` names.
 fn load_for_ledger(path: &std::path::Path) -> Option<tollgate::config::Config> {
-    let config = load(path, Secrets::Unread)?;
-    match config.ledger.backend {
-        tollgate::config::LedgerBackend::Postgres { .. } => load(path, Secrets::Read(&env)),
-        tollgate::config::LedgerBackend::Sqlite => Some(config),
+    use tollgate::config::{LedgerBackend, Secret};
+    let mut config = load(path, Secrets::Unread)?;
+    if let LedgerBackend::Postgres { url: url @ None } = &mut config.ledger.backend {
+        let var = config.document["ledger"]["url_env"]
+            .as_str()
+            .unwrap_or_default();
+        match env(var).filter(|value| !value.trim().is_empty()) {
+            Some(value) => *url = Some(Secret::new(value.trim().to_owned())),
+            None => {
+                eprintln!(
+                    "{}: ledger.url_env: environment variable {var} is not set (or is empty)",
+                    path.display()
+                );
+                return None;
+            }
+        }
     }
+    Some(config)
 }
 
 fn licence_report(path: &std::path::Path, month: Option<&str>) -> ExitCode {

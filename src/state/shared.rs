@@ -21,7 +21,7 @@ const SETTLE_GATHER: Duration = Duration::from_millis(20);
 
 /// How often the sketch of this month's Llama end users (12 KiB) goes
 /// to the fleet and back: an estimate needs no more.
-const USERS_EVERY: Duration = Duration::from_secs(5);
+const USERS_EVERY: Duration = Duration::from_secs(2);
 
 /// Exchanges with the fleet, and sends admissions to it, until dropped.
 pub struct Sharing(Vec<JoinHandle<()>>);
