@@ -87,15 +87,18 @@ impl Pool {
         (per_gpu * f64::from(gpus) * utilisation * SECONDS_PER_DAY).floor() as u128
     }
 
+    /// Thousandths of a token a day one GPU processes at `utilisation`
+    /// of flat out.
+    fn per_gpu_milli(&self, utilisation: f64) -> u128 {
+        (self.throughput / f64::from(self.gpus) * utilisation * SECONDS_PER_DAY * MILLI as f64)
+            .floor() as u128
+    }
+
     /// The GPUs that serve a busiest hour of `peak` tokens a day (in
     /// thousandths, as `spilled` has it) within `max_utilisation`.
     pub fn gpus_needed(&self, peak_milli: u128, max_utilisation: f64) -> u64 {
-        let per_gpu_milli = (self.throughput / f64::from(self.gpus)
-            * max_utilisation
-            * SECONDS_PER_DAY
-            * MILLI as f64)
-            .floor() as u128;
-        u64::try_from(peak_milli.div_ceil(per_gpu_milli.max(1))).unwrap_or(u64::MAX)
+        let per_gpu = self.per_gpu_milli(max_utilisation).max(1);
+        u64::try_from(peak_milli.div_ceil(per_gpu)).unwrap_or(u64::MAX)
     }
 }
 
@@ -140,11 +143,7 @@ impl Sizing {
     /// The most requests a day `gpus` GPUs serve within
     /// `max_utilisation` at the busiest hour.
     fn requests_served(&self, gpus: u64) -> u128 {
-        let per_gpu_milli = (self.pool.throughput / f64::from(self.pool.gpus)
-            * self.max_utilisation
-            * SECONDS_PER_DAY
-            * MILLI as f64)
-            .floor() as u128;
+        let per_gpu_milli = self.pool.per_gpu_milli(self.max_utilisation);
         let per_request_peak =
             u128::from(self.tokens_per_request) * u128::from(self.peak_to_mean_milli);
         if per_request_peak == 0 {

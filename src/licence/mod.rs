@@ -175,6 +175,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl LicenceBook {
+    /// Runs `count` on the month now: the current one, with no lock and
+    /// no reference count taken, unless it has ended.
+    fn counting(&self, now: OffsetDateTime, count: impl FnOnce(&Month)) {
+        let current = self.current.load();
+        if now.unix_timestamp() < current.ends {
+            count(&current);
+        } else {
+            count(&self.month(now));
+        }
+    }
+
     /// The month now, started the first time it is asked for.
     fn month(&self, now: OffsetDateTime) -> Arc<Month> {
         let current = self.current.load_full();
@@ -192,26 +203,38 @@ impl LicenceBook {
         next
     }
 
-    /// A request a deployment of `licence` served ended: `user` is the
-    /// [`hll::hash`] of its end user, counted when the licence is Llama's.
-    pub fn served(&self, licence: Licence, user: Option<u64>, usage: &Usage, cost_nano_usd: u64) {
-        let month = self.month(OffsetDateTime::now_utc());
-        month.served[licence as usize].add(usage, cost_nano_usd);
-        if let (Licence::Llama, Some(user)) = (licence, user) {
-            month.users.add(user);
-        }
+    /// A request to `model` was served, with `usage` costing
+    /// `cost_nano_usd`: counted in its hour (for the hourly peak) and,
+    /// when its deployment names a licence, in what that licence served;
+    /// `user`, the [`hll::hash`] of its end user, among the month's users
+    /// when the licence is Llama's. One clock read for all of it.
+    pub fn served(
+        &self,
+        model: &str,
+        licence: Option<Licence>,
+        user: Option<u64>,
+        usage: &Usage,
+        cost_nano_usd: u64,
+    ) {
+        let now = OffsetDateTime::now_utc();
+        self.count_hour(model, hour_of(now));
+        let Some(licence) = licence else { return };
+        self.counting(now, |month| {
+            month.served[licence as usize].add(usage, cost_nano_usd);
+            if let (Licence::Llama, Some(user)) = (licence, user) {
+                month.users.add(user);
+            }
+        });
     }
 
     /// A request was refused by the EU multimodal Llama rule.
     pub fn eu_refused(&self) {
-        self.month(OffsetDateTime::now_utc())
-            .eu_refusals
-            .fetch_add(1, Ordering::Relaxed);
+        self.counting(OffsetDateTime::now_utc(), |month| {
+            month.eu_refusals.fetch_add(1, Ordering::Relaxed);
+        });
     }
 
-    /// A request to `model` ended, for the hourly peak.
-    pub fn request_hour(&self, model: &str) {
-        let hour = hour_of(OffsetDateTime::now_utc());
+    fn count_hour(&self, model: &str, hour: i64) {
         let mut hours = lock(&self.hours);
         match hours.get_mut(model) {
             Some(by_hour) => *by_hour.entry(hour).or_default() += 1,
@@ -351,7 +374,9 @@ pub fn spawn_writer(book: &Arc<LicenceBook>, ledger: &Arc<Ledger>, every: Durati
     // Weak: the ledger's last flush happens when the gateway drops it.
     let ledger: Weak<Ledger> = Arc::downgrade(ledger);
     drop(tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(every);
+        // The first write waits an interval: a PostgreSQL ledger migrates
+        // its schema at its first contact meanwhile.
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut failing = false;
         loop {

@@ -443,11 +443,9 @@ impl Meter {
                     cost_nano_usd: cost_nano,
                 },
             );
-            let book = &self.charges.licence;
-            book.request_hour(alias);
-            if let Some(licence) = serving.licence {
-                book.served(licence, *user, &usage, cost_nano);
-            }
+            self.charges
+                .licence
+                .served(alias, serving.licence, *user, &usage, cost_nano);
         }
         // Only now, with the cost in the ledger, may the budget be freed.
         if let Some(reservation) = self.charges.reservation.take() {
