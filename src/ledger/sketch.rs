@@ -71,31 +71,6 @@ pub struct ModelTraffic {
     pub peak_hour_requests: u64,
 }
 
-const SQLITE_TABLES: &str = "
-    CREATE TABLE IF NOT EXISTS licence_users (
-        month TEXT PRIMARY KEY,
-        registers BLOB NOT NULL
-    );
-    CREATE TABLE IF NOT EXISTS licence_served (
-        month TEXT NOT NULL,
-        licence TEXT NOT NULL,
-        requests INTEGER NOT NULL,
-        input_tokens INTEGER NOT NULL,
-        output_tokens INTEGER NOT NULL,
-        cost_nano_usd INTEGER NOT NULL,
-        PRIMARY KEY (month, licence)
-    );
-    CREATE TABLE IF NOT EXISTS licence_refusals (
-        month TEXT PRIMARY KEY,
-        eu_multimodal INTEGER NOT NULL
-    );
-    CREATE TABLE IF NOT EXISTS traffic_hours (
-        hour INTEGER NOT NULL,
-        model TEXT NOT NULL,
-        requests INTEGER NOT NULL,
-        PRIMARY KEY (hour, model)
-    );";
-
 fn sql(e: rusqlite::Error) -> String {
     format!("ledger database: {e}")
 }
@@ -190,7 +165,6 @@ fn sqlite_write(
     months: &[LicenceMonth],
     hours: &[HourCount],
 ) -> Result<Vec<LicenceMonth>, String> {
-    db.execute_batch(SQLITE_TABLES).map_err(sql)?;
     let tx = db.transaction().map_err(sql)?;
     for m in months {
         if !m.registers.is_empty() {
@@ -274,7 +248,6 @@ fn entry(months: &mut Vec<LicenceMonth>, name: String) -> &mut LicenceMonth {
 
 /// Every month (or `month`) the tables name, oldest first.
 fn sqlite_months(db: &Connection, month: Option<&str>) -> Result<Vec<LicenceMonth>, String> {
-    db.execute_batch(SQLITE_TABLES).map_err(sql)?;
     let mut months: Vec<LicenceMonth> = Vec::new();
     let filter = "WHERE ?1 IS NULL OR month = ?1";
     let mut users = db
@@ -512,7 +485,6 @@ fn open_existing(dir: &Path) -> Result<Store, String> {
 }
 
 fn sqlite_traffic(db: &Connection, from: Date) -> Result<Vec<ModelTraffic>, String> {
-    db.execute_batch(SQLITE_TABLES).map_err(sql)?;
     let day = from.format(DAY).map_err(|e| e.to_string())?;
     let first_hour = from.midnight().assume_utc().unix_timestamp() / 3600;
     let mut statement = db

@@ -15,7 +15,8 @@ pub(super) const FILE: &str = "tollgate-ledger.sqlite3";
 
 /// The schema's steps (`sqlite_schema`): daily totals, then the inbound
 /// API in each row's key (a table rebuilt, since SQLite cannot change a
-/// primary key; earlier rows' API is unknown).
+/// primary key; earlier rows' API is unknown), then the licence tables
+/// and requests per hour (`sketch`).
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS spend (
          day TEXT NOT NULL,
@@ -46,6 +47,7 @@ const SCHEMA: &[&str] = &[
          FROM spend;
      DROP TABLE spend;
      ALTER TABLE spend_by_api RENAME TO spend;",
+    include_str!("sqlite_licence.sql"),
 ];
 
 pub(super) const COUNTS: [&str; 4] = ["requests", "input_tokens", "output_tokens", "cost_nano_usd"];
