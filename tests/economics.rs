@@ -4,9 +4,10 @@
 //! the profile's region, and the worked example of docs/economics.md as
 //! the binary prints it.
 
-use std::process::Command;
+mod support;
 
 use serde_json::{Value, json};
+use support::process::run_ok;
 use tollgate::config::{Config, Secrets, parse_with};
 use tollgate::economics::{Profile, simulate};
 
@@ -340,24 +341,14 @@ fn a_profile_with_mistakes_is_refused_with_every_problem_named() {
 /// exactly as the binary prints it.
 #[test]
 fn the_worked_example_in_the_docs_is_what_simulate_prints() {
+    let printed = run_ok(&[
+        "simulate",
+        "--config",
+        "examples/economics/tollgate.toml",
+        "--profile",
+        "examples/economics/profile.toml",
+    ]);
     let root = env!("CARGO_MANIFEST_DIR");
-    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .current_dir(root)
-        .args([
-            "simulate",
-            "--config",
-            "examples/economics/tollgate.toml",
-            "--profile",
-            "examples/economics/profile.toml",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let printed = String::from_utf8(output.stdout).unwrap();
     let docs = std::fs::read_to_string(format!("{root}/docs/economics.md")).unwrap();
     assert!(
         docs.contains(&format!("```text\n{printed}```")),

@@ -8,12 +8,12 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Model};
 use support::gateway::*;
+use support::process::run_ok;
 
 /// `llama` on a Llama deployment, `qwen` on a Qwen one, `vision` a
 /// multimodal Llama; requests come from the EU unless they say otherwise.
@@ -231,14 +231,7 @@ async fn the_licence_report_shows_the_month_from_the_endpoint_and_from_the_ledge
 
     // And the traffic of today, for simulate: 3 + 1 requests in one hour
     // of one day is a busiest hour 24 times the mean.
-    let simulated = tollgate(&[
-        "simulate",
-        "--config",
-        file.to_str().unwrap(),
-        "--from-ledger",
-        "1",
-        "--json",
-    ]);
+    let simulated = traffic_today(&file);
     let aliases: Vec<Value> = simulated["aliases"]
         .as_array()
         .unwrap()
@@ -267,121 +260,12 @@ const INPUT: u64 = 5;
 
 /// Runs the binary with `args`; it must succeed and print JSON.
 fn tollgate(args: &[&str]) -> Value {
-    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    serde_json::from_str(&run_ok(args)).unwrap()
 }
 
-/// `month`'s name now, `YYYY-MM`.
-fn this_month() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    format!("{:04}-{:02}", now.year(), u8::from(now.month()))
-}
-
-/// Asks `gateway` for `llama` as each of `users`.
-async fn serve_users(gateway: &Gateway, users: &[&str]) {
-    for user in users {
-        let mut body = chat("llama");
-        body["user"] = (*user).into();
-        built_with(gateway, "/v1/chat/completions", body, None).await;
-    }
-}
-
-#[tokio::test]
-async fn replicas_sharing_redis_count_each_others_users() {
-    let Some(redis) = support::redis::Redis::start() else {
-        return;
-    };
-    let config = config(false)
-        .set("state", "backend", "redis")
-        .set("state", "url", redis.url())
-        .set("state", "prefix", "t:");
-    let (one, two) = (start(&config).await, start(&config).await);
-    serve_users(&one, &["a1", "a2", "a3"]).await;
-    serve_users(&two, &["b1", "b2", "a1"]).await;
-    // Five distinct users between them, on each replica within a merge
-    // or two (every 2 s).
-    eventually_users(&one, 5.0).await;
-    eventually_users(&two, 5.0).await;
-    // The fleet's sketch is a Redis HyperLogLog Redis itself counts.
-    let key = format!("t:users:{}", this_month());
-    assert_eq!(
-        redis.command(&format!("PFCOUNT {key}")).as_deref(),
-        Some(":5")
-    );
-}
-
-#[tokio::test]
-async fn replicas_on_one_postgresql_ledger_report_the_fleets_month() {
-    let Some(postgres) = support::postgres::Postgres::start() else {
-        return;
-    };
-    let spools = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let replica = |spool: &tempfile::TempDir| {
-        config(false)
-            .set("ledger", "backend", "postgres")
-            .set("ledger", "url", postgres.url())
-            .set("ledger", "data_dir", spool.path().to_str().unwrap())
-            .set("ledger", "flush_interval_ms", 50)
-    };
-    let (one, two) = (
-        start(&replica(&spools.0)).await,
-        start(&replica(&spools.1)).await,
-    );
-    serve_users(&one, &["a1", "a2", "a3"]).await;
-    serve_users(&two, &["b1", "a1"]).await;
-    assert_eq!(two.chat(chat("vision")).await.status(), 451);
-    let month = this_month();
-    let expected = json!([{
-        "month": month, "monthly_active_users": 4,
-        "served": [{"licence": "llama", "requests": 5, "input_tokens": 5 * INPUT, "output_tokens": 20, "cost_usd": 0.0}],
-        "eu_multimodal_refusals": 1
-    }]);
-    // Each replica reports the fleet's month once both wrote to the
-    // database (and itself, what it has not written yet); 503 until its
-    // schema is migrated.
-    for gateway in [&one, &two] {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let answer = gateway.get("/admin/licence", Some(ADMIN_TOKEN)).await;
-            let status = answer.status();
-            let months = answer.json::<Value>().await.unwrap()["months"].clone();
-            if status == 200 && months == expected {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{months:#}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    // The command reads the same from the database.
-    let file = spools.0.path().join("tollgate.toml");
-    std::fs::write(&file, replica(&spools.0).to_toml()).unwrap();
-    let printed = tollgate(&[
-        "licence-report",
-        "--config",
-        file.to_str().unwrap(),
-        "--month",
-        &month,
-    ]);
-    assert_eq!(printed["months"], expected);
-    // And the traffic for simulate, from the records.
-    let simulated = tollgate(&[
-        "simulate",
-        "--config",
-        file.to_str().unwrap(),
-        "--from-ledger",
-        "1",
-        "--json",
-    ]);
-    assert_eq!(simulated["aliases"][0]["alias"], "llama");
-    assert_eq!(simulated["aliases"][0]["requests_per_day"], 5);
-    assert_eq!(simulated["aliases"][0]["peak_to_mean"], json!(24.0));
+/// What `simulate --from-ledger 1` makes of today's traffic in the
+/// ledger of the config in `file`.
+fn traffic_today(file: &std::path::Path) -> Value {
+    let file = file.to_str().unwrap();
+    tollgate(&["simulate", "--config", file, "--from-ledger", "1", "--json"])
 }

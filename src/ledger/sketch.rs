@@ -113,24 +113,33 @@ impl Ledger {
     ) -> Result<Option<Vec<LicenceMonth>>, String> {
         match &self.storage {
             Storage::Memory => Ok(None),
-            Storage::Sqlite(_) => {
-                let ledger = self.clone();
-                tokio::task::spawn_blocking(move || {
-                    let Storage::Sqlite(store) = &ledger.storage else {
-                        unreachable!("matched above")
-                    };
-                    let mut store = store.lock().unwrap_or_else(PoisonError::into_inner);
-                    sqlite_write(store.connection(), &months, &hours)
-                })
+            Storage::Sqlite(_) => self
+                .with_sqlite(move |db| sqlite_write(db, &months, &hours))
                 .await
-                .map_err(|e| format!("ledger task: {e}"))?
-                .map(Some)
-            }
+                .map(Some),
             Storage::Postgres(postgres) => {
                 let client = postgres.client().await?;
                 postgres_write(&client, &months).await.map(Some)
             }
         }
+    }
+
+    /// Runs `work` on the SQLite ledger's connection, off the async
+    /// runtime (SQLite blocks).
+    async fn with_sqlite<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&mut Connection) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, String> {
+        let ledger = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let Storage::Sqlite(store) = &ledger.storage else {
+                return Err("the ledger is not in SQLite".to_owned());
+            };
+            let mut store = store.lock().unwrap_or_else(PoisonError::into_inner);
+            work(store.connection())
+        })
+        .await
+        .map_err(|e| format!("ledger task: {e}"))?
     }
 
     /// What the ledger holds of `month` (every month without one).
@@ -141,16 +150,8 @@ impl Ledger {
         match &self.storage {
             Storage::Memory => Ok(Vec::new()),
             Storage::Sqlite(_) => {
-                let ledger = self.clone();
-                tokio::task::spawn_blocking(move || {
-                    let Storage::Sqlite(store) = &ledger.storage else {
-                        unreachable!("matched above")
-                    };
-                    let mut store = store.lock().unwrap_or_else(PoisonError::into_inner);
-                    sqlite_months(store.connection(), month.as_deref())
-                })
-                .await
-                .map_err(|e| format!("ledger task: {e}"))?
+                self.with_sqlite(move |db| sqlite_months(db, month.as_deref()))
+                    .await
             }
             Storage::Postgres(postgres) => {
                 let client = postgres.client().await?;

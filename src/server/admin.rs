@@ -126,12 +126,7 @@ pub async fn licence(
 ) -> Response {
     let snapshot = app.snapshot.load_full();
     let asked = auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
-        if let Some(unknown) = params.keys().find(|k| k.as_str() != "month") {
-            return Err(GatewayError::bad_request(
-                format!("unknown parameter `{unknown}`; use month"),
-                Some(unknown.clone()),
-            ));
-        }
+        only(&params, &["month"])?;
         params
             .get("month")
             .map(|m| {
@@ -156,6 +151,24 @@ pub async fn licence(
     }
 }
 
+/// A 400 naming the first query parameter not among `known`.
+fn only(params: &HashMap<String, String>, known: &[&str]) -> Result<(), GatewayError> {
+    match params.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => Err(GatewayError::bad_request(
+            format!(
+                "unknown parameter `{unknown}`; use {}",
+                match known {
+                    [one] => (*one).to_owned(),
+                    [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+                    [] => "none".to_owned(),
+                }
+            ),
+            Some(unknown.clone()),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// How long `/admin/spend` tells a caller to wait when the fleet's ledger
 /// database cannot be reached.
 const LEDGER_RETRY: Duration = Duration::from_secs(5);
@@ -172,15 +185,7 @@ pub async fn spend(
 ) -> Response {
     let snapshot = app.snapshot.load_full();
     let asked = auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
-        if let Some(unknown) = params
-            .keys()
-            .find(|k| !matches!(k.as_str(), "key" | "from" | "to"))
-        {
-            return Err(GatewayError::bad_request(
-                format!("unknown parameter `{unknown}`; use key, from and to"),
-                Some(unknown.clone()),
-            ));
-        }
+        only(&params, &["key", "from", "to"])?;
         Ok((day(&params, "from")?, day(&params, "to")?))
     });
     let (from, to) = match asked {
