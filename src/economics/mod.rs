@@ -12,15 +12,15 @@ mod model;
 mod profile;
 mod report;
 
-pub use profile::{Fixed, Profile, Traffic, from_ledger};
-pub use report::{AliasCost, BreakEven, Choice, DeploymentCost, Kind, Simulation, Usd};
+pub use profile::{Profile, Traffic, from_ledger};
+pub use report::Simulation;
 
 use crate::config::{Backend, Config, Deployment, Strategy};
 use crate::metering::cost::Rate;
 use crate::openai::Endpoint;
 use crate::routing::{RequestFacts, check_policy};
 use model::{PICO_PER_MICRO, Pool, Sizing, peak_milli, spilled};
-use report::{Refused, StrategyCost};
+use report::{AliasCost, BreakEven, Choice, DeploymentCost, Refused, StrategyCost, Usd};
 
 /// Prices `profile` under `config`.
 pub fn simulate(config: &Config, profile: &Profile) -> Simulation {
