@@ -445,6 +445,16 @@ metrics! {
         help: "1 while spend cannot be written where it belongs (the SQLite ledger, the spool, or the fleet's PostgreSQL) and waits in memory or in the spool for the next try; 0 otherwise.",
         labels: [],
     }
+    licence_mau: IntGauge {
+        name: "tollgate_licence_monthly_active_users",
+        help: "Distinct end users (OpenAI `user`, Anthropic `metadata.user_id`, or `licence.user_header`) served by `licence = \"llama\"` deployments this calendar month (UTC): a HyperLogLog estimate, standard error 0.81%, merged across the fleet through the ledger and Redis.",
+        labels: [],
+    }
+    licence_mau_alert: IntGauge {
+        name: "tollgate_licence_mau_alert_users",
+        help: "The monthly active users at which the licence alert fires: `licence.mau_threshold` (the Llama licence's 700 million by default) times `licence.mau_alert_fraction`.",
+        labels: [],
+    }
     in_flight: IntGauge {
         name: "tollgate_requests_in_flight",
         help: "Client requests being served right now.",

@@ -33,6 +33,16 @@ pub struct RawConfig {
     pub logging: RawLogging,
     #[serde(default)]
     pub tracing: RawTracing,
+    #[serde(default)]
+    pub licence: RawLicence,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawLicence {
+    pub user_header: Option<String>,
+    pub attribution_header: Option<bool>,
+    pub mau_threshold: Option<u64>,
+    pub mau_alert_fraction: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

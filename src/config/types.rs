@@ -35,6 +35,44 @@ pub struct Config {
     pub logging: LogFormat,
     /// OpenTelemetry spans exported over OTLP/HTTP; `None`: off.
     pub tracing: Option<TracingSettings>,
+    pub licence: LicenceSettings,
+}
+
+/// The Llama licence's bookkeeping: who counts as a monthly active user,
+/// when to warn, and whether answers say they were built with Llama.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LicenceSettings {
+    /// A request header naming the end user, read when the body names
+    /// none (lowercase).
+    pub user_header: Option<axum::http::HeaderName>,
+    /// `x-built-with: Llama` on answers from `llama` deployments.
+    pub attribution_header: bool,
+    /// Monthly active users at which the licence asks for a licence of
+    /// its own from Meta.
+    pub mau_threshold: u64,
+    /// The share of `mau_threshold` at which the alert fires.
+    pub mau_alert_fraction: f64,
+}
+
+impl LicenceSettings {
+    /// The Llama Community Licence's threshold.
+    pub const DEFAULT_MAU_THRESHOLD: u64 = 700_000_000;
+
+    /// Users at which the alert fires.
+    pub fn alert_users(&self) -> u64 {
+        (self.mau_threshold as f64 * self.mau_alert_fraction).round() as u64
+    }
+}
+
+impl Default for LicenceSettings {
+    fn default() -> Self {
+        Self {
+            user_header: None,
+            attribution_header: false,
+            mau_threshold: Self::DEFAULT_MAU_THRESHOLD,
+            mau_alert_fraction: 0.8,
+        }
+    }
 }
 
 /// Where budgets, rate limits and upstream pressure live: in this process

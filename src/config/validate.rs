@@ -14,6 +14,7 @@ use super::{Problem, Problems};
 
 mod aws;
 mod ledger;
+mod licence;
 mod limits;
 mod metering;
 mod routing;
@@ -64,6 +65,7 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
     let state = v.state(&raw);
     let logging = v.logging(&raw);
     let tracing = v.tracing(&raw);
+    let licence = v.licence(&raw);
     let backends: Vec<Backend> = raw
         .backends
         .iter()
@@ -147,6 +149,7 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
             state,
             logging,
             tracing,
+            licence,
         })
     } else {
         Err(Problems(v.problems))

@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 use axum::http::HeaderMap;
 use prometheus::{Histogram, IntGauge};
 
+use crate::config::Licence;
 use crate::error::GatewayError;
 use crate::ledger::{Ledger, Row, Totals};
+use crate::licence::LicenceBook;
 use crate::limits::Limits;
 use crate::metrics::{Metrics, NONE};
 use crate::openai::{ResponseView, Usage, UsageFault};
@@ -62,6 +64,9 @@ pub struct MeterLabels {
     /// The key has series of its own (`key_series`); else its cost is
     /// counted under `(other)`.
     pub key_in_metrics: bool,
+    /// The end user's hash (`licence::hll::hash`), when the request names
+    /// one.
+    pub user: Option<u64>,
 }
 
 /// The deployment an attempt went to, and what its tokens cost.
@@ -71,6 +76,7 @@ pub struct Serving {
     pub rate: Rate,
     /// The most tokens either side of a believable usage report can hold.
     pub context_window: u64,
+    pub licence: Option<Licence>,
     /// Counts the attempt against the deployment while it lives, and
     /// learns its usage.
     pub lease: Box<dyn Settle>,
@@ -98,6 +104,8 @@ pub struct Charges {
     pub reservation: Option<Reservation>,
     pub counterfactuals: Arc<[(String, Rate)]>,
     pub limits: Option<Arc<Limits>>,
+    /// What each licence served, and the users of Llama's.
+    pub licence: Arc<LicenceBook>,
 }
 
 /// Meters one client request across its upstream attempts, and records it
@@ -384,6 +392,7 @@ impl Meter {
             alias,
             key,
             key_in_metrics,
+            user,
         } = &self.labels;
         let m = &self.metrics;
         let estimated_label = if estimated { "true" } else { "false" };
@@ -434,6 +443,9 @@ impl Meter {
                     cost_nano_usd: cost_nano,
                 },
             );
+            self.charges
+                .licence
+                .served(alias, serving.licence, *user, &usage, cost_nano);
         }
         // Only now, with the cost in the ledger, may the budget be freed.
         if let Some(reservation) = self.charges.reservation.take() {

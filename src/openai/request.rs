@@ -313,6 +313,21 @@ impl InboundRequest {
         &self.model
     }
 
+    /// The end user the client names in `user` (where the Anthropic
+    /// Messages API's `metadata.user_id` and the Responses API's `user`
+    /// land too); `None` when absent, empty or not a string.
+    pub fn user(&self) -> Option<&str> {
+        let extra = match &self.typed {
+            TypedRequest::Chat(r) => &r.extra,
+            TypedRequest::Completion(r) => &r.extra,
+            TypedRequest::Embedding(r) => &r.extra,
+        };
+        extra
+            .get("user")
+            .and_then(Value::as_str)
+            .filter(|user| !user.is_empty())
+    }
+
     pub fn stream(&self) -> bool {
         match &self.typed {
             TypedRequest::Chat(r) => r.stream,

@@ -13,5 +13,5 @@ mod strategy;
 
 pub use facts::{REGION_HEADER, RequestFacts, region};
 pub use plan::{Candidate, Explained, Plan, PlanStatus, plan, policy_allows, refusal};
-pub use policy::{Rule, serves};
+pub use policy::{Rule, check as check_policy, serves};
 pub use strategy::Why;

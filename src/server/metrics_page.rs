@@ -91,6 +91,11 @@ fn refresh(app: &AppState) {
     }
     m.ledger_write_failing
         .set(i64::from(app.ledger.write_failing()));
+    let users = app.licence.monthly_active_users();
+    m.licence_mau.set(i64::try_from(users).unwrap_or(i64::MAX));
+    let alert = config.licence.alert_users();
+    m.licence_mau_alert
+        .set(i64::try_from(alert).unwrap_or(i64::MAX));
     let today = budget::today();
     for key in &config.keys {
         if key_series.label(&key.name) != key.name {

@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use crate::config::{Config, StateSettings};
 use crate::health::{LiveState, engine};
 use crate::ledger::Ledger;
+use crate::licence::{self, LicenceBook};
 use crate::metering::budget::{self, Budgets, Period};
 use crate::metering::key_series::{KeySeries, OTHER_KEYS};
 use crate::metrics::Metrics;
@@ -41,6 +42,9 @@ pub struct AppState {
     pub traces: Option<Traces>,
     /// Which keys have series of their own in `/metrics`.
     pub key_series: ArcSwap<KeySeries>,
+    /// What each licence served this month and the users of Llama's,
+    /// written to the ledger every flush interval.
+    pub licence: Arc<LicenceBook>,
     /// Config reloads, and the engine scrapers of the current snapshot.
     reloader: reload::Reloader,
     draining: AtomicBool,
@@ -87,6 +91,8 @@ impl AppState {
             )?)),
         };
         let traces = config.tracing.as_ref().map(Traces::start).transpose()?;
+        let book = Arc::new(LicenceBook::default());
+        licence::spawn_writer(&book, &ledger, config.ledger.flush_interval);
         let live = LiveState::default();
         if let Some(fleet) = &fleet {
             live.share_limits(fleet.clone());
@@ -106,6 +112,7 @@ impl AppState {
             budgets: Arc::default(),
             fleet,
             traces,
+            licence: book,
             reloader: reload::Reloader::new(options.env, options.config_file, scrapers),
             draining: AtomicBool::new(false),
         })
