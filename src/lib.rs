@@ -3,11 +3,13 @@
 //! tests start the gateway in-process.
 
 pub mod config;
+pub mod economics;
 pub mod error;
 pub mod health;
 pub mod id;
 pub mod inbound;
 pub mod ledger;
+pub mod licence;
 pub mod limits;
 pub mod logging;
 pub mod metering;

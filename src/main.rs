@@ -87,6 +87,34 @@ enum Command {
         #[arg(long)]
         session: Option<String>,
     },
+    /// Print what a traffic profile would cost under the config: each
+    /// deployment policy allows, the alias's strategy, all on the API, all
+    /// self-hosted, and where self-hosting breaks even (docs/economics.md).
+    Simulate {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The traffic per alias and the fixed costs (TOML); with
+        /// `--from-ledger`, only its `days`, `max_utilisation` and fixed
+        /// costs are read.
+        #[arg(long, required_unless_present = "from_ledger")]
+        profile: Option<PathBuf>,
+        /// Take the traffic from the ledger's last DAYS days instead.
+        #[arg(long, value_name = "DAYS")]
+        from_ledger: Option<u32>,
+        /// Print JSON rather than a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print, as JSON, the Llama licence's evidence per calendar month
+    /// (UTC) from the ledger: the monthly active users of Llama
+    /// deployments, what each licence served, the EU multimodal refusals.
+    LicenceReport {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// One month, as YYYY-MM (default: every month the ledger holds).
+        #[arg(long, value_parser = tollgate::licence::parse_month)]
+        month: Option<String>,
+    },
     /// Exit 0 if the gateway answers `GET /healthz` with 200 within two
     /// seconds, else print why and exit 1: a container health check that
     /// needs no curl or shell in the image.
@@ -133,6 +161,19 @@ fn main() -> ExitCode {
         } => {
             let _logs = text_logs();
             explain(&config, &request, api, region, key, session)
+        }
+        Command::Simulate {
+            config,
+            profile,
+            from_ledger,
+            json,
+        } => {
+            let _logs = text_logs();
+            simulate(&config, profile.as_deref(), from_ledger, json)
+        }
+        Command::LicenceReport { config, month } => {
+            let _logs = text_logs();
+            licence_report(&config, month.as_deref())
         }
         Command::Healthcheck { listen } => healthcheck(listen),
     }
@@ -252,6 +293,130 @@ fn explain(
         }
         Err(e) => {
             eprintln!("{}", e.message());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn simulate(
+    path: &std::path::Path,
+    profile: Option<&std::path::Path>,
+    from_ledger: Option<u32>,
+    json: bool,
+) -> ExitCode {
+    let config = if from_ledger.is_some() {
+        load_for_ledger(path)
+    } else {
+        // Nothing is sent anywhere: the secrets are not needed.
+        load(path, Secrets::Unread)
+    };
+    let Some(config) = config else {
+        return ExitCode::FAILURE;
+    };
+    let text = match profile.map(std::fs::read_to_string).transpose() {
+        Ok(text) => text.unwrap_or_default(),
+        Err(e) => {
+            eprintln!("cannot read the profile: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let profile_name = profile.map_or_else(|| "the profile".into(), |p| p.display().to_string());
+    let mut profile = match tollgate::economics::Profile::parse(&text, &config) {
+        Ok(profile) => profile,
+        Err(problems) => {
+            eprintln!("{profile_name}: {} problem(s):", problems.len());
+            for problem in problems {
+                eprintln!("  {problem}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(days) = from_ledger {
+        if !profile.traffic.is_empty() {
+            eprintln!(
+                "{profile_name}: --from-ledger takes the traffic from the ledger; remove the profile's [[traffic]] tables"
+            );
+            return ExitCode::FAILURE;
+        }
+        let traffic = current_thread()
+            .map_err(|e| e.to_string())
+            .and_then(|runtime| runtime.block_on(tollgate::economics::from_ledger(&config, days)));
+        match traffic {
+            Ok(traffic) => profile.traffic = traffic,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let simulation = tollgate::economics::simulate(&config, &profile);
+    if json {
+        let json = serde_json::to_string_pretty(&simulation).expect("simulations serialise");
+        println!("{json}");
+    } else {
+        print!("{simulation}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// A runtime for a command that reads the ledger once.
+fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// A config for a command that reads its ledger and sends nothing else
+/// anywhere: of its secrets, only the ledger's PostgreSQL URL is read,
+/// from the variable `[ledger] url_env` names.
+fn load_for_ledger(path: &std::path::Path) -> Option<tollgate::config::Config> {
+    use tollgate::config::{LedgerBackend, Secret};
+    let mut config = load(path, Secrets::Unread)?;
+    if let LedgerBackend::Postgres { url: url @ None } = &mut config.ledger.backend {
+        let var = config.document["ledger"]["url_env"]
+            .as_str()
+            .unwrap_or_default();
+        match env(var).filter(|value| !value.trim().is_empty()) {
+            Some(value) => *url = Some(Secret::new(value.trim().to_owned())),
+            None => {
+                eprintln!(
+                    "{}: ledger.url_env: environment variable {var} is not set (or is empty)",
+                    path.display()
+                );
+                return None;
+            }
+        }
+    }
+    Some(config)
+}
+
+fn licence_report(path: &std::path::Path, month: Option<&str>) -> ExitCode {
+    let Some(config) = load_for_ledger(path) else {
+        return ExitCode::FAILURE;
+    };
+    let months = current_thread()
+        .map_err(|e| e.to_string())
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let mut reader = tollgate::ledger::Reader::open(&config.ledger).await?;
+                reader.licence_months(month).await
+            })
+        });
+    match months {
+        Ok(mut months) => {
+            if let Some(month) = month.filter(|_| months.is_empty()) {
+                months.push(tollgate::ledger::LicenceMonth {
+                    month: month.to_owned(),
+                    ..Default::default()
+                });
+            }
+            let report = tollgate::licence::Report::new(months, &config.licence);
+            let json = serde_json::to_string_pretty(&report).expect("reports serialise");
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
             ExitCode::FAILURE
         }
     }

@@ -4,11 +4,35 @@
 //! values come from config names and closed sets only — never raw client
 //! input.
 
+use std::collections::HashMap;
+
 use prometheus::core::Collector;
 use prometheus::{
     CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
+
+/// The label sets of a family's series, by label name.
+fn series(family: &impl Collector) -> Vec<HashMap<String, String>> {
+    family
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .map(|m| {
+            m.get_label()
+                .iter()
+                .map(|l| (l.name().to_owned(), l.value().to_owned()))
+                .collect()
+        })
+        .collect()
+}
+
+fn by_ref(labels: &HashMap<String, String>) -> HashMap<&str, &str> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
 
 /// Label value for "no alias", "no backend" or "no key" (the request never
 /// got that far, or the gateway has no keys).
@@ -74,7 +98,9 @@ const DEPLOYMENT: Label = label(
 );
 const KEY: Label = label(
     "key",
-    "a key name from config; `none` when the gateway has no keys",
+    "a key name from config, for keys with series of their own (`keys[].metrics = true`, or \
+     among the `[metrics] top_keys` by spend this month); `(other)` for the rest; `none` when \
+     the gateway has no keys",
 );
 const PERIOD: Label = label("period", "`daily` or `monthly`");
 
@@ -284,7 +310,14 @@ metrics! {
     prompt_cache_tokens: IntCounterVec {
         name: "tollgate_prompt_cache_tokens_total",
         help: "Prompt tokens the upstream reported read from its prompt cache or written to it (both also counted as input in tollgate_tokens_total).",
-        labels: [ALIAS, BACKEND, label("kind", "`read` or `write`")],
+        labels: [
+            ALIAS,
+            BACKEND,
+            label(
+                "access",
+                "`read` (served from the cache) or `write` (written to it)",
+            ),
+        ],
     }
     usage_rejected: IntCounterVec {
         name: "tollgate_usage_rejected_total",
@@ -429,6 +462,16 @@ metrics! {
         help: "1 while spend cannot be written where it belongs (the SQLite ledger, the spool, or the fleet's PostgreSQL) and waits in memory or in the spool for the next try; 0 otherwise.",
         labels: [],
     }
+    licence_mau: IntGauge {
+        name: "tollgate_licence_monthly_active_users",
+        help: "Distinct end users (OpenAI `user`, Anthropic `metadata.user_id`, or `licence.user_header`) served by `licence = \"llama\"` deployments this calendar month (UTC): a HyperLogLog estimate, standard error 0.81%, merged across the fleet through the ledger and Redis.",
+        labels: [],
+    }
+    licence_mau_alert: IntGauge {
+        name: "tollgate_licence_mau_alert_users",
+        help: "The monthly active users at which the licence alert fires: `licence.mau_threshold` (the Llama licence's 700 million by default) times `licence.mau_alert_fraction`.",
+        labels: [],
+    }
     in_flight: IntGauge {
         name: "tollgate_requests_in_flight",
         help: "Client requests being served right now.",
@@ -475,6 +518,24 @@ impl Metrics {
         self.request_duration
             .with_label_values(&[alias, backend])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Removes the series that name a key `gone` says has no series of
+    /// its own any more: its cost and its rate-limit refusals.
+    pub fn remove_key_series(&self, gone: impl Fn(&str) -> bool) {
+        for labels in series(&self.cost) {
+            if labels.get("key").is_some_and(|key| gone(key)) {
+                let _ = self.cost.remove(&by_ref(&labels));
+            }
+        }
+        for labels in series(&self.rate_limited) {
+            let key = (labels.get("scope").map(String::as_str) == Some("key"))
+                .then(|| labels.get("name"))
+                .flatten();
+            if key.is_some_and(|key| gone(key)) {
+                let _ = self.rate_limited.remove(&by_ref(&labels));
+            }
+        }
     }
 
     /// Marks `version` as the active config.

@@ -458,7 +458,7 @@ async fn a_conversation_replayed_reads_its_prefix_from_the_simulated_cache_at_it
     gateway
         .eventually_metric(
             "tollgate_prompt_cache_tokens_total",
-            &[("alias", "chat"), ("backend", "sim"), ("kind", "read")],
+            &[("alias", "chat"), ("backend", "sim"), ("access", "read")],
             cached as f64,
         )
         .await;
@@ -508,7 +508,7 @@ async fn cache_reads_and_writes_an_upstream_reports_are_metered_at_their_prices(
         .chat(json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}))
         .await;
     assert_eq!(response.status(), 200);
-    let labels = |kind| [("alias", "chat"), ("backend", "api"), ("kind", kind)];
+    let labels = |access| [("alias", "chat"), ("backend", "api"), ("access", access)];
     gateway
         .eventually_metric(
             "tollgate_prompt_cache_tokens_total",

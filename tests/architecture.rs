@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// Top to bottom, as docs/architecture.md gives it; a module may use the
 /// ones after it. Modules of one rank do not use each other.
 const ORDER: &[&[&str]] = &[
-    &["server"],
+    &["server", "economics"],
     &["pipeline"],
     &["routing"],
     &["state"],
@@ -17,6 +17,7 @@ const ORDER: &[&[&str]] = &[
     &["health"],
     &["providers"],
     &["metering"],
+    &["licence"],
     &["ledger", "metrics"],
     &["inbound"],
     &["openai"],

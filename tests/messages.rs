@@ -11,7 +11,7 @@ mod support;
 use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
-use support::kinds::{COMPLETION_TOKENS, Kind, REASONING, for_each_kind, start_for};
+use support::kinds::{COMPLETION_TOKENS, Kind, REASONING, RECORDED, for_each_kind, start_for};
 use support::mock::{MockServer, MockUpstream};
 use support::openai_mock::{CANNED_PROMPT_TOKENS, TOOL_CALL_ID, TOOL_NAME};
 
@@ -207,6 +207,7 @@ async fn a_tool_call_goes_out_and_its_result_comes_back_in(kind: Kind) {
             let result = &turns[2]["content"][0]["toolResult"];
             assert_eq!(result["toolUseId"], TOOL_CALL_ID);
             assert_eq!(result["content"][0]["text"], "18C and sunny");
+            assert!(result.get("status").is_none(), "{result}");
             assert_eq!(sent["system"][0]["text"], "Be brief.");
         }
         Kind::OpenAi | Kind::Tgi => {
@@ -218,6 +219,25 @@ async fn a_tool_call_goes_out_and_its_result_comes_back_in(kind: Kind) {
                 json!({"role": "tool", "tool_call_id": TOOL_CALL_ID, "content": "18C and sunny"})
             );
         }
+    }
+
+    // A failed tool: Bedrock is told the result is an error; chat has no
+    // such field, so the others get the content alone.
+    next["messages"][2]["content"][0]["is_error"] = json!(true);
+    next["messages"][2]["content"][0]["content"] = json!("city not found");
+    let response = post(&gateway, &next).await;
+    assert_eq!(response.status(), 200);
+    let sent = upstream.requests().pop().unwrap().json;
+    match kind {
+        Kind::Bedrock => {
+            let result = &sent["messages"][2]["content"][0]["toolResult"];
+            assert_eq!(result["status"], "error", "{result}");
+            assert_eq!(result["content"][0]["text"], "city not found");
+        }
+        Kind::OpenAi | Kind::Tgi => assert_eq!(
+            sent["messages"][3],
+            json!({"role": "tool", "tool_call_id": TOOL_CALL_ID, "content": "city not found"})
+        ),
     }
 }
 
@@ -603,62 +623,19 @@ async fn thinking_goes_as_far_as_the_upstream_supports(kind: Kind) {
     assert_eq!(post(&gateway, &thinking).await.status(), 200);
 }
 
-mod thinking_goes_as_far_as_the_upstream_supports {
-    use super::Kind;
-
-    #[tokio::test]
-    async fn openai() {
-        super::thinking_goes_as_far_as_the_upstream_supports(Kind::OpenAi).await;
-    }
-
-    #[tokio::test]
-    async fn bedrock() {
-        super::thinking_goes_as_far_as_the_upstream_supports(Kind::Bedrock).await;
-    }
-
-    #[tokio::test]
-    async fn tgi() {
-        super::thinking_goes_as_far_as_the_upstream_supports(Kind::Tgi).await;
-    }
-}
+for_each_kind!(thinking_goes_as_far_as_the_upstream_supports);
 
 /// Together, Groq and OpenAI share the OpenAI-compatible provider but not
-/// its details: Together's recorded stream ends with `eos` and its usage
-/// on the last chunk (it takes no `stream_options`), Groq's carries usage
-/// in `x_groq`, OpenAI takes `max_completion_tokens`. Each still makes
-/// Anthropic's event sequence with the upstream's own counts.
+/// its details: Together's recorded answers end with `eos` and its stream
+/// has usage on the last chunk (it takes no `stream_options`), Groq's
+/// carries usage in `x_groq`, OpenAI takes `max_completion_tokens`. Each
+/// still makes Anthropic's event sequence and message, with the
+/// upstream's own counts.
 #[tokio::test]
-async fn together_groq_and_openai_streams_become_messages_with_their_usage() {
-    let cases = [
-        (
-            "together",
-            "together_chat.sse",
-            "",
-            "Together says hi.",
-            (25, 5),
-        ),
-        (
-            "groq",
-            "groq_chat.sse",
-            "/openai/v1",
-            "Fast inference is fun.",
-            (40, 6),
-        ),
-        (
-            "openai",
-            "openai_chat_usage.sse",
-            "/v1",
-            "Hello! How can I help?",
-            (19, 7),
-        ),
-    ];
-    for (kind, fixture, path, text, (input, output)) in cases {
-        let upstream = MockUpstream::openai().stream(fixture).start().await;
-        let base_url = format!("{}{path}", upstream.base_url());
-        let config = Config::new()
-            .backend(Backend::upstream("up", kind, &base_url))
-            .model(Model::new("chat").deployment(Deployment::new("up", "m")));
-        let gateway = start(&config).await;
+async fn together_groq_and_openai_answers_become_messages_with_their_usage() {
+    for recorded in RECORDED {
+        let (upstream, gateway) = recorded.start().await;
+        let kind = recorded.kind;
         let events = stream(&gateway, &ask(true)).await;
         assert_eq!(
             names(&events),
@@ -666,22 +643,87 @@ async fn together_groq_and_openai_streams_become_messages_with_their_usage() {
             "{kind}"
         );
         let sent = upstream.single_request().json;
-        match kind {
-            "together" => assert!(sent.get("stream_options").is_none(), "{sent}"),
-            "openai" => {
-                assert_eq!(sent["max_completion_tokens"], 16, "{sent}");
-                assert!(sent.get("max_tokens").is_none(), "{sent}");
-            }
-            _ => {}
-        }
-        if kind != "together" {
-            assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
-        }
-        assert_eq!(text_of(&events), text, "{kind}");
+        assert_eq!(sent[recorded.limit_field()], 16, "{kind}: {sent}");
+        // Together takes no stream_options; the others are asked for usage.
+        assert_eq!(
+            sent.get("stream_options").is_some(),
+            kind != "together",
+            "{kind}: {sent}"
+        );
+        assert_eq!(text_of(&events), recorded.text, "{kind}");
         let (_, end) = &events[events.len() - 2];
         assert_eq!(end["delta"]["stop_reason"], "end_turn", "{kind}: {end}");
-        assert_eq!(end["usage"]["output_tokens"], output, "{kind}");
-        assert_eq!(end["usage"]["input_tokens"], input, "{kind}");
+        assert_eq!(
+            end["usage"]["output_tokens"], recorded.output_tokens,
+            "{kind}"
+        );
+        assert_eq!(
+            end["usage"]["input_tokens"], recorded.input_tokens,
+            "{kind}"
+        );
+
+        let body: Value = post(&gateway, &ask(false)).await.json().await.unwrap();
+        let (text, input, output) = recorded.whole_answer();
+        assert_eq!(
+            body["content"],
+            json!([{"type": "text", "text": text}]),
+            "{kind}"
+        );
+        assert_eq!(body["stop_reason"], "end_turn", "{kind}: {body}");
+        assert_eq!(
+            body["usage"],
+            json!({"input_tokens": input, "output_tokens": output}),
+            "{kind}"
+        );
+    }
+}
+
+/// Converse says an answer stopped on a stop sequence but not which: with
+/// one stop sequence sent, Messages names it, whole and streamed; with
+/// several it cannot, and says `end_turn`.
+#[tokio::test]
+async fn bedrock_names_the_stop_sequence_when_the_request_sent_one() {
+    let usage = json!({"inputTokens": 11, "outputTokens": 2, "totalTokens": 13});
+    let delta = |text: &str| {
+        support::bedrock_mock::event(
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 0, "delta": {"text": text}}),
+        )
+    };
+    let frames = vec![
+        support::bedrock_mock::event("messageStart", json!({"role": "assistant"})),
+        delta("tok "),
+        delta("tok"),
+        support::bedrock_mock::event("contentBlockStop", json!({"contentBlockIndex": 0})),
+        support::bedrock_mock::event("messageStop", json!({"stopReason": "stop_sequence"})),
+        support::bedrock_mock::event(
+            "metadata",
+            json!({"usage": usage, "metrics": {"latencyMs": 9}}),
+        ),
+    ];
+    let upstream = bedrock_mock_with_token()
+        .events(frames)
+        .json(
+            json!({"output": {"message": {"role": "assistant", "content": [{"text": "tok tok"}]}},
+            "stopReason": "stop_sequence", "usage": usage, "metrics": {"latencyMs": 9}}),
+        )
+        .start()
+        .await;
+    let gateway = start_for(Kind::Bedrock, &upstream).await;
+    for (stops, reason, sequence) in [
+        (json!(["END"]), "stop_sequence", json!("END")),
+        (json!(["END", "STOP"]), "end_turn", Value::Null),
+    ] {
+        let mut whole = ask(false);
+        whole["stop_sequences"] = stops.clone();
+        let body: Value = post(&gateway, &whole).await.json().await.unwrap();
+        assert_eq!(body["stop_reason"], reason, "{stops}: {body}");
+        assert_eq!(body["stop_sequence"], sequence, "{stops}");
+        whole["stream"] = json!(true);
+        let events = stream(&gateway, &whole).await;
+        let (_, end) = &events[events.len() - 2];
+        assert_eq!(end["delta"]["stop_reason"], reason, "{stops}: {end}");
+        assert_eq!(end["delta"]["stop_sequence"], sequence, "{stops}");
     }
 }
 

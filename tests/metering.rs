@@ -222,6 +222,91 @@ async fn each_inbound_api_is_a_ledger_row_and_a_series_of_its_own() {
     );
 }
 
+/// With more keys than `[metrics] top_keys`, only the opted-in keys and
+/// the biggest spenders this month have series of their own; the rest are
+/// counted under `(other)`, and a key that falls out of the top loses its
+/// series at the next scrape, so `/metrics` stays bounded.
+#[tokio::test]
+async fn per_key_series_are_the_opted_in_and_the_top_spenders_and_the_rest_are_other() {
+    let (a, b) = (
+        MockUpstream::openai().start().await,
+        MockUpstream::openai().start().await,
+    );
+    let config = priced(&url(&a), &url(&b), PRICES, Key::new("alpha"))
+        .key(
+            Key::new("beta")
+                .set("metrics", true)
+                .set("budget_daily_usd", 5.0),
+        )
+        .key(Key::new("gamma").set("budget_daily_usd", 5.0))
+        .key(Key::new("delta").set("budget_daily_usd", 5.0))
+        .set("metrics", "top_keys", 1);
+    let gateway = start(&config).await;
+    let spend = |key: &'static str, times: usize| {
+        let gateway = &gateway;
+        async move {
+            for _ in 0..times {
+                let response = gateway
+                    .chat_as(
+                        &format!("{key}-secret"),
+                        json!({"model": "chat", "messages": user("hi")}),
+                    )
+                    .await;
+                assert_eq!(response.status(), 200);
+            }
+        }
+    };
+    let cost = |text: &str, key: &str| {
+        metric(
+            text,
+            "tollgate_cost_usd_total",
+            &[
+                ("alias", "chat"),
+                ("deployment", "chat/api-a"),
+                ("key", key),
+            ],
+        )
+    };
+    // Nobody has spent: the top one is the first name, alpha.
+    spend("gamma", 1).await;
+    spend("beta", 1).await;
+    let text = gateway.metrics().await;
+    assert!(cost(&text, "(other)").is_some_and(|c| c > 0.0), "{text}");
+    assert!(cost(&text, "gamma").is_none(), "{text}");
+    assert!(cost(&text, "beta").is_some(), "opted in");
+    // That scrape ranked gamma first: its spend now has its own series.
+    spend("gamma", 1).await;
+    let text = gateway.metrics().await;
+    assert!(cost(&text, "gamma").is_some(), "{text}");
+    let remaining = |text: &str, key: &str| {
+        metric(
+            text,
+            "tollgate_budget_remaining_usd",
+            &[("key", key), ("period", "daily")],
+        )
+    };
+    assert!(remaining(&text, "gamma").is_some());
+    assert!(remaining(&text, "beta").is_some());
+    assert!(remaining(&text, "delta").is_none(), "no series of its own");
+    // Delta outspends gamma: at the next scrape gamma's series goes.
+    spend("delta", 3).await;
+    let _ = gateway.metrics().await;
+    let text = gateway.metrics().await;
+    assert!(cost(&text, "gamma").is_none(), "{text}");
+    assert!(
+        cost(&text, "delta").is_none(),
+        "its spend so far is (other)'s"
+    );
+    spend("delta", 1).await;
+    let text = gateway.metrics().await;
+    assert!(cost(&text, "delta").is_some(), "{text}");
+    assert!(remaining(&text, "delta").is_some());
+    assert!(remaining(&text, "gamma").is_none());
+    // The ledger names every key, whatever its series.
+    let report = gateway.spend("?key=gamma").await;
+    assert_eq!(report["total"]["requests"], 2, "{report:#}");
+}
+
 #[tokio::test]
 async fn a_stream_the_client_cuts_is_metered_once_with_estimated_usage() {
     let held = MockUpstream::openai().hold_after(3).start().await;

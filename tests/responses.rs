@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Model};
 use support::gateway::*;
-use support::kinds::{COMPLETION_TOKENS, Kind, REASONING, for_each_kind, start_for};
+use support::kinds::{COMPLETION_TOKENS, Kind, REASONING, RECORDED, for_each_kind, start_for};
 use support::mock::MockUpstream;
 use support::openai_mock::{CANNED_PROMPT_TOKENS, TOOL_ARGUMENTS, TOOL_CALL_ID, TOOL_NAME};
 
@@ -461,75 +461,38 @@ async fn reasoning_and_json_formats_go_as_far_as_the_upstream_supports(kind: Kin
     }
 }
 
-mod reasoning_and_json_formats_go_as_far_as_the_upstream_supports {
-    use super::Kind;
+for_each_kind!(reasoning_and_json_formats_go_as_far_as_the_upstream_supports);
 
-    #[tokio::test]
-    async fn openai() {
-        super::reasoning_and_json_formats_go_as_far_as_the_upstream_supports(Kind::OpenAi).await;
-    }
-
-    #[tokio::test]
-    async fn bedrock() {
-        super::reasoning_and_json_formats_go_as_far_as_the_upstream_supports(Kind::Bedrock).await;
-    }
-
-    #[tokio::test]
-    async fn tgi() {
-        super::reasoning_and_json_formats_go_as_far_as_the_upstream_supports(Kind::Tgi).await;
-    }
-}
-
-/// Together's, Groq's and OpenAI's recorded streams, each with its own
-/// way of reporting usage, make the Responses event sequence with the
-/// upstream's counts; OpenAI is sent `max_completion_tokens`.
+/// Together's, Groq's and OpenAI's answers, each with its own way of
+/// reporting usage, make the Responses event sequence and response object
+/// with the upstream's counts; OpenAI is sent `max_completion_tokens`.
 #[tokio::test]
-async fn together_groq_and_openai_streams_become_responses_with_their_usage() {
-    let cases = [
-        (
-            "together",
-            "together_chat.sse",
-            "",
-            "Together says hi.",
-            (25, 5),
-        ),
-        (
-            "groq",
-            "groq_chat.sse",
-            "/openai/v1",
-            "Fast inference is fun.",
-            (40, 6),
-        ),
-        (
-            "openai",
-            "openai_chat_usage.sse",
-            "/v1",
-            "Hello! How can I help?",
-            (19, 7),
-        ),
-    ];
-    for (kind, fixture, path, text, (input, output)) in cases {
-        let upstream = MockUpstream::openai().stream(fixture).start().await;
-        let base_url = format!("{}{path}", upstream.base_url());
-        let config = Config::new()
-            .backend(Backend::upstream("up", kind, &base_url))
-            .model(Model::new("chat").deployment(Deployment::new("up", "m")));
-        let gateway = start(&config).await;
+async fn together_groq_and_openai_answers_become_responses_with_their_usage() {
+    for recorded in RECORDED {
+        let (upstream, gateway) = recorded.start().await;
+        let kind = recorded.kind;
         let events = stream(&gateway, &ask(true)).await;
         check_events(&events);
         let (last, done) = events.last().unwrap();
         assert_eq!(last, "response.completed", "{kind}");
         let response = &done["response"];
-        assert_eq!(response["output"][0]["content"][0]["text"], text, "{kind}");
-        assert_eq!(response["usage"]["input_tokens"], input, "{kind}");
-        assert_eq!(response["usage"]["output_tokens"], output, "{kind}");
+        assert_eq!(
+            response["output"][0]["content"][0]["text"], recorded.text,
+            "{kind}"
+        );
+        let usage = &response["usage"];
+        assert_eq!(usage["input_tokens"], recorded.input_tokens, "{kind}");
+        assert_eq!(usage["output_tokens"], recorded.output_tokens, "{kind}");
         let sent = upstream.single_request().json;
-        let limit = if kind == "openai" {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
-        };
-        assert_eq!(sent[limit], 16, "{kind}: {sent}");
+        assert_eq!(sent[recorded.limit_field()], 16, "{kind}: {sent}");
+
+        let body: Value = post(&gateway, &ask(false)).await.json().await.unwrap();
+        check_type(&body, "response");
+        let (text, input, output) = recorded.whole_answer();
+        assert_eq!(body["status"], "completed", "{kind}: {body}");
+        assert_eq!(body["output"][0]["content"][0]["text"], text, "{kind}");
+        assert_eq!(body["usage"]["input_tokens"], input, "{kind}");
+        assert_eq!(body["usage"]["output_tokens"], output, "{kind}");
     }
 }
 

@@ -80,26 +80,29 @@ pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, Problems> {
 /// with the semantic problems; a value of the wrong type stops parsing, so
 /// it is reported alone.
 pub fn parse_with(text: &str, secrets: Secrets<'_>) -> Result<Config, Problems> {
-    let document =
-        toml::Deserializer::parse(text).map_err(|e| Problems::one("", syntax_error(text, &e)))?;
+    let parsed =
+        toml::de::DeTable::parse(text).map_err(|e| Problems::one("", syntax_error(text, &e)))?;
+    // The parsed document serves twice, read into the schema and kept as
+    // JSON: a config of 100,000 keys is not parsed a second time.
+    let copy = parsed.clone();
     let mut unknown = Vec::new();
-    let raw: schema::RawConfig = serde_path_to_error::deserialize(
-        serde_ignored::Deserializer::new(document, &mut |path: serde_ignored::Path<'_>| {
-            unknown.push(dotted(&path))
-        }),
-    )
-    .map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let at = inner
-            .span()
-            .map(|s| location(text, s.start))
-            .unwrap_or_default();
-        Problems::one(
-            if path == "." { String::new() } else { path },
-            format!("{}{at}", inner.message()),
-        )
-    })?;
+    let raw: schema::RawConfig =
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
+            toml::Deserializer::from(parsed),
+            &mut |path: serde_ignored::Path<'_>| unknown.push(dotted(&path)),
+        ))
+        .map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let at = inner
+                .span()
+                .map(|s| location(text, s.start))
+                .unwrap_or_default();
+            Problems::one(
+                if path == "." { String::new() } else { path },
+                format!("{}{at}", inner.message()),
+            )
+        })?;
     let mut problems: Vec<Problem> = unknown
         .into_iter()
         .map(|path| Problem {
@@ -110,7 +113,7 @@ pub fn parse_with(text: &str, secrets: Secrets<'_>) -> Result<Config, Problems> 
     match validate::validate(raw, secrets) {
         Ok(mut config) if problems.is_empty() => {
             config.version = version(text);
-            config.document = redacted(text);
+            config.document = redacted(copy);
             Ok(config)
         }
         Ok(_) => Err(Problems(problems)),
@@ -130,10 +133,11 @@ pub fn version(text: &str) -> String {
 /// The config file as JSON, with key digests replaced by a fingerprint
 /// (enough to see that one changed). Secrets themselves never sit in the
 /// file, only the names of the variables holding them.
-fn redacted(text: &str) -> serde_json::Value {
+fn redacted(parsed: toml::Spanned<toml::de::DeTable<'_>>) -> serde_json::Value {
+    use serde::Deserialize;
     use sha2::Digest;
-    let table: toml::Table = text.parse().unwrap_or_default();
-    let mut document = serde_json::to_value(table).unwrap_or_default();
+    let mut document =
+        serde_json::Value::deserialize(toml::Deserializer::from(parsed)).unwrap_or_default();
     if let Some(keys) = document.get_mut("keys").and_then(|k| k.as_array_mut()) {
         for key in keys {
             if let Some(digest) = key.get_mut("sha256") {
@@ -826,6 +830,20 @@ models = ["*"]
         assert_eq!(d.keys.changed, ["team"], "a new digest shows as a change");
         assert_eq!(d.settings, ["routing"]);
         assert!(diff(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn top_keys_defaults_to_100_and_is_bounded() {
+        let config = parse(MINIMAL, &no_env).expect("valid");
+        assert_eq!(config.metrics.top_keys, DEFAULT_TOP_KEYS);
+        let with = |n: u32| format!("[metrics]\ntop_keys = {n}\n{MINIMAL}");
+        assert_eq!(parse(&with(0), &no_env).expect("valid").metrics.top_keys, 0);
+        assert_eq!(
+            problems(&with(10_001)),
+            [
+                "metrics.top_keys: must be at most 10000; opt single keys in with keys[].metrics = true"
+            ]
+        );
     }
 
     #[test]

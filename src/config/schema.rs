@@ -33,6 +33,16 @@ pub struct RawConfig {
     pub logging: RawLogging,
     #[serde(default)]
     pub tracing: RawTracing,
+    #[serde(default)]
+    pub licence: RawLicence,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawLicence {
+    pub user_header: Option<String>,
+    pub attribution_header: Option<bool>,
+    pub mau_threshold: Option<u64>,
+    pub mau_alert_fraction: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -101,6 +111,7 @@ pub struct RawAdmin {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawMetrics {
     pub token_env: Option<String>,
+    pub top_keys: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -221,4 +232,6 @@ pub struct RawKey {
     pub budget_monthly_usd: Option<f64>,
     pub rpm: Option<u32>,
     pub tpm: Option<u32>,
+    #[serde(default)]
+    pub metrics: bool,
 }

@@ -35,6 +35,44 @@ pub struct Config {
     pub logging: LogFormat,
     /// OpenTelemetry spans exported over OTLP/HTTP; `None`: off.
     pub tracing: Option<TracingSettings>,
+    pub licence: LicenceSettings,
+}
+
+/// The Llama licence's bookkeeping: who counts as a monthly active user,
+/// when to warn, and whether answers say they were built with Llama.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LicenceSettings {
+    /// A request header naming the end user, read when the body names
+    /// none (lowercase).
+    pub user_header: Option<axum::http::HeaderName>,
+    /// `x-built-with: Llama` on answers from `llama` deployments.
+    pub attribution_header: bool,
+    /// Monthly active users at which the licence asks for a licence of
+    /// its own from Meta.
+    pub mau_threshold: u64,
+    /// The share of `mau_threshold` at which the alert fires.
+    pub mau_alert_fraction: f64,
+}
+
+impl LicenceSettings {
+    /// The Llama Community Licence's threshold.
+    pub const DEFAULT_MAU_THRESHOLD: u64 = 700_000_000;
+
+    /// Users at which the alert fires.
+    pub fn alert_users(&self) -> u64 {
+        (self.mau_threshold as f64 * self.mau_alert_fraction).round() as u64
+    }
+}
+
+impl Default for LicenceSettings {
+    fn default() -> Self {
+        Self {
+            user_header: None,
+            attribution_header: false,
+            mau_threshold: Self::DEFAULT_MAU_THRESHOLD,
+            mau_alert_fraction: 0.8,
+        }
+    }
 }
 
 /// Where budgets, rate limits and upstream pressure live: in this process
@@ -164,7 +202,16 @@ pub struct Admin {
 #[derive(Debug, Clone, Default)]
 pub struct MetricsAccess {
     pub token_sha256: Option<[u8; 32]>,
+    /// Keys with series of their own besides those that opt in: the ones
+    /// that spent most this month, so that a config of 100,000 keys never
+    /// means 100,000 series per family.
+    pub top_keys: usize,
 }
+
+/// `[metrics] top_keys` when unset.
+pub const DEFAULT_TOP_KEYS: usize = 100;
+/// The most `top_keys` may be.
+pub const MAX_TOP_KEYS: u32 = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -570,6 +617,8 @@ pub struct Key {
     pub region_header: bool,
     pub budget: Budget,
     pub limits: PerMinute,
+    /// The key has series of its own in `/metrics` whatever it spends.
+    pub metrics: bool,
 }
 
 /// Rate limits: requests and tokens per minute; `None` is no limit.

@@ -14,6 +14,7 @@ use super::{Problem, Problems};
 
 mod aws;
 mod ledger;
+mod licence;
 mod limits;
 mod metering;
 mod routing;
@@ -67,6 +68,7 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
     let state = v.state(&raw);
     let logging = v.logging(&raw);
     let tracing = v.tracing(&raw);
+    let licence = v.licence(&raw);
     let backends: Vec<Backend> = raw
         .backends
         .iter()
@@ -150,6 +152,7 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
             state,
             logging,
             tracing,
+            licence,
         })
     } else {
         Err(Problems(v.problems))
@@ -819,6 +822,7 @@ impl Validator<'_> {
             region_header: k.region_header,
             budget: self.budget(i, k),
             limits: self.per_minute(&format!("keys[{i}]"), k.rpm, k.tpm),
+            metrics: k.metrics,
         })
     }
 }

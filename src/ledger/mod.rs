@@ -14,6 +14,7 @@
 
 mod migrations;
 mod postgres;
+mod sketch;
 mod spool;
 mod sqlite_schema;
 mod store;
@@ -33,6 +34,8 @@ use time::macros::format_description;
 use crate::config::{LedgerBackend, LedgerSettings, Secret};
 use postgres::Postgres;
 use store::Store;
+
+pub use sketch::{HourCount, LicenceMonth, ModelTraffic, Reader, hour_of};
 
 /// How a day is written in SQLite: `2026-11-28`.
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
@@ -68,7 +71,7 @@ pub struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, other: &Totals) {
+    pub fn add(&mut self, other: &Totals) {
         self.requests = self.requests.saturating_add(other.requests);
         self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
         self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);

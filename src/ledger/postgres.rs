@@ -248,7 +248,7 @@ impl Postgres {
         }
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Client, String> {
+    pub(super) async fn client(&self) -> Result<deadpool_postgres::Client, String> {
         bounded(self.pool.get()).await?.map_err(pool_error)
     }
 
@@ -408,7 +408,7 @@ async fn blocking<T: Send + 'static>(
 
 /// An error and its causes (`error connecting to server: Connection
 /// refused`): tokio-postgres shows only the first. None holds the URL.
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

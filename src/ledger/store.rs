@@ -11,11 +11,12 @@ use time::Date;
 
 use super::{DAY, Row, Totals, sqlite_schema};
 
-const FILE: &str = "tollgate-ledger.sqlite3";
+pub(super) const FILE: &str = "tollgate-ledger.sqlite3";
 
 /// The schema's steps (`sqlite_schema`): daily totals, then the inbound
 /// API in each row's key (a table rebuilt, since SQLite cannot change a
-/// primary key; earlier rows' API is unknown).
+/// primary key; earlier rows' API is unknown), then the licence tables
+/// and requests per hour (`sketch`).
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS spend (
          day TEXT NOT NULL,
@@ -46,15 +47,16 @@ const SCHEMA: &[&str] = &[
          FROM spend;
      DROP TABLE spend;
      ALTER TABLE spend_by_api RENAME TO spend;",
+    include_str!("sqlite_licence.sql"),
 ];
 
-const COUNTS: [&str; 4] = ["requests", "input_tokens", "output_tokens", "cost_nano_usd"];
+pub(super) const COUNTS: [&str; 4] = ["requests", "input_tokens", "output_tokens", "cost_nano_usd"];
 
-/// Adds a row's counts to the stored ones, each sum saturating at
-/// `i64::MAX`: SQLite turns an integer sum that overflows into a float,
-/// which no later read takes as a count.
-static UPSERT: LazyLock<String> = LazyLock::new(|| {
-    let sums: Vec<String> = COUNTS
+/// The `SET` of an upsert that adds `columns` to the stored ones, each
+/// sum saturating at `i64::MAX`: SQLite turns an integer sum that
+/// overflows into a float, which no later read takes as a count.
+pub(super) fn saturating_sums(columns: &[&str]) -> String {
+    let sums: Vec<String> = columns
         .iter()
         .map(|c| {
             format!(
@@ -63,12 +65,17 @@ static UPSERT: LazyLock<String> = LazyLock::new(|| {
             )
         })
         .collect();
+    sums.join(", ")
+}
+
+/// Adds a row's counts to the stored ones.
+static UPSERT: LazyLock<String> = LazyLock::new(|| {
     format!(
         "INSERT INTO spend (day, key, model, deployment, api, {})
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (day, key, model, deployment, api) DO UPDATE SET {}",
         COUNTS.join(", "),
-        sums.join(", ")
+        saturating_sums(&COUNTS)
     )
 });
 
@@ -105,6 +112,10 @@ impl Store {
                 .map_err(sql)?;
         }
         Ok(Self { connection })
+    }
+
+    pub(super) fn connection(&mut self) -> &mut Connection {
+        &mut self.connection
     }
 
     pub fn load(&self) -> Result<Vec<(Row, Totals)>, String> {

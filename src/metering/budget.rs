@@ -300,6 +300,7 @@ mod tests {
                 monthly_nano_usd: monthly,
             },
             limits: Default::default(),
+            metrics: false,
         }
     }
 

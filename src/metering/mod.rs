@@ -6,6 +6,7 @@
 pub mod budget;
 pub mod cost;
 pub mod estimate;
+pub mod key_series;
 pub mod prefix;
 pub mod usage;
 
@@ -16,14 +17,17 @@ use std::time::{Duration, Instant};
 use axum::http::HeaderMap;
 use prometheus::{Histogram, IntGauge};
 
+use crate::config::Licence;
 use crate::error::GatewayError;
 use crate::ledger::{Ledger, Row, Totals};
+use crate::licence::LicenceBook;
 use crate::limits::Limits;
 use crate::metrics::{Metrics, NONE};
 use crate::openai::{ResponseView, Usage, UsageFault};
 use crate::traces::{AttemptFacts, Outcome, RequestTrace};
 use budget::Reservation;
 use cost::Rate;
+use key_series::OTHER_KEYS;
 
 /// HTTP status recorded for a response the client abandoned (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;
@@ -58,6 +62,12 @@ pub struct MeterLabels {
     pub alias: String,
     /// The key's name, or `none` without keys.
     pub key: String,
+    /// The key has series of its own (`key_series`); else its cost is
+    /// counted under `(other)`.
+    pub key_in_metrics: bool,
+    /// The end user's hash (`licence::hll::hash`), when the request names
+    /// one.
+    pub user: Option<u64>,
 }
 
 /// The deployment an attempt went to, and what its tokens cost.
@@ -67,6 +77,7 @@ pub struct Serving {
     pub rate: Rate,
     /// The most tokens either side of a believable usage report can hold.
     pub context_window: u64,
+    pub licence: Option<Licence>,
     /// Counts the attempt against the deployment while it lives, and
     /// learns its usage.
     pub lease: Box<dyn Settle>,
@@ -94,6 +105,8 @@ pub struct Charges {
     pub reservation: Option<Reservation>,
     pub counterfactuals: Arc<[(String, Rate)]>,
     pub limits: Option<Arc<Limits>>,
+    /// What each licence served, and the users of Llama's.
+    pub licence: Arc<LicenceBook>,
 }
 
 /// Meters one client request across its upstream attempts, and records it
@@ -379,6 +392,8 @@ impl Meter {
             api,
             alias,
             key,
+            key_in_metrics,
+            user,
         } = &self.labels;
         let m = &self.metrics;
         let estimated_label = if estimated { "true" } else { "false" };
@@ -414,8 +429,9 @@ impl Meter {
             && usage.total_tokens > 0
         {
             cost_nano = serving.rate.cost_nano_usd(&usage);
+            let key_label = if *key_in_metrics { key } else { OTHER_KEYS };
             m.cost
-                .with_label_values(&[alias, &serving.deployment, key])
+                .with_label_values(&[alias.as_str(), &serving.deployment, key_label])
                 .inc_by(cost_nano as f64 / 1e9);
             for (deployment, rate) in self.charges.counterfactuals.iter() {
                 m.counterfactual_cost
@@ -438,6 +454,9 @@ impl Meter {
                     cost_nano_usd: cost_nano,
                 },
             );
+            self.charges
+                .licence
+                .served(alias, serving.licence, *user, &usage, cost_nano);
         }
         // Only now, with the cost in the ledger, may the budget be freed.
         if let Some(reservation) = self.charges.reservation.take() {

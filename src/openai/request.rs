@@ -56,6 +56,12 @@ pub enum MessageContent {
     Parts(Vec<ContentPart>),
 }
 
+/// The member of a translated request's `tool` message that marks its
+/// result as an error (a Messages `tool_result` with `is_error`). Chat has
+/// no such member: Bedrock takes it as the result's status, and it is
+/// removed before a request goes to an OpenAI-compatible upstream.
+pub const TOOL_ERROR: &str = "is_error";
+
 /// One part of an array content: `text`, `image_url`, `input_audio`, `file`…
 #[derive(Debug, Clone, Deserialize)]
 pub struct ContentPart {
@@ -305,6 +311,21 @@ impl InboundRequest {
 
     pub fn model(&self) -> &str {
         &self.model
+    }
+
+    /// The end user the client names in `user` (where the Anthropic
+    /// Messages API's `metadata.user_id` and the Responses API's `user`
+    /// land too); `None` when absent, empty or not a string.
+    pub fn user(&self) -> Option<&str> {
+        let extra = match &self.typed {
+            TypedRequest::Chat(r) => &r.extra,
+            TypedRequest::Completion(r) => &r.extra,
+            TypedRequest::Embedding(r) => &r.extra,
+        };
+        extra
+            .get("user")
+            .and_then(Value::as_str)
+            .filter(|user| !user.is_empty())
     }
 
     pub fn stream(&self) -> bool {

@@ -51,6 +51,9 @@ struct MessageChoice<'a, M> {
     message: &'a M,
     logprobs: Option<()>,
     finish_reason: &'a str,
+    /// The stop sequence that ended the answer, where vLLM puts it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_reason: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -59,6 +62,8 @@ struct DeltaChoice<'a, D> {
     delta: &'a D,
     logprobs: Option<()>,
     finish_reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_reason: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -189,11 +194,13 @@ impl ResponseIdentity {
         .expect("response objects serialise")
     }
 
-    /// A whole `chat.completion` with one choice.
+    /// A whole `chat.completion` with one choice; `stop_sequence`: the
+    /// one that ended it, when known.
     pub fn chat_completion(
         &self,
         message: &impl Serialize,
         finish_reason: &str,
+        stop_sequence: Option<&str>,
         usage: Usage,
     ) -> Vec<u8> {
         let choice = MessageChoice {
@@ -201,17 +208,30 @@ impl ResponseIdentity {
             message,
             logprobs: None,
             finish_reason,
+            stop_reason: stop_sequence,
         };
         self.write("chat.completion", [choice], Some(usage))
     }
 
     /// A `chat.completion.chunk` with one choice.
     pub fn chat_chunk(&self, delta: &impl Serialize, finish_reason: Option<&str>) -> Vec<u8> {
+        self.chat_chunk_stopped(delta, finish_reason, None)
+    }
+
+    /// A `chat.completion.chunk` that ends the answer, naming the stop
+    /// sequence that ended it when known.
+    pub fn chat_chunk_stopped(
+        &self,
+        delta: &impl Serialize,
+        finish_reason: Option<&str>,
+        stop_sequence: Option<&str>,
+    ) -> Vec<u8> {
         let choice = DeltaChoice {
             index: 0,
             delta,
             logprobs: None,
             finish_reason,
+            stop_reason: stop_sequence,
         };
         self.write(Endpoint::Chat.chunk_object(), [choice], None)
     }

@@ -245,7 +245,11 @@ pub async fn reserve(
     let rate_limited = |refused: &Refused| {
         app.metrics
             .rate_limited
-            .with_label_values(&["key", &key.name, refused.limit.name()])
+            .with_label_values(&[
+                "key",
+                app.key_series.load().label(&key.name),
+                refused.limit.name(),
+            ])
             .inc();
         GatewayError::key_rate_limited(&key.name, refused, tokens)
     };

@@ -59,6 +59,7 @@ fn provider_name(kind: BackendKind) -> &'static str {
 /// The answer of the deployment that served a request.
 pub struct Served<'s> {
     pub backend: &'s Backend,
+    pub deployment: &'s Deployment,
     pub attempts: usize,
     pub meter: Meter,
     pub reply: Ready,
@@ -117,6 +118,7 @@ pub async fn attempt<'s>(
                 backend: backend.name.clone(),
                 rate: resolved.rate,
                 context_window: u64::from(deployment.context_window),
+                licence: deployment.licence,
                 lease: Box::new(snapshot.lease(model, index)),
             },
             provider_name(backend.kind),
@@ -139,6 +141,7 @@ pub async fn attempt<'s>(
                 meter.attempt_answered(|| usage::answering_model(reply.first_bytes()));
                 return Ok(Served {
                     backend,
+                    deployment,
                     attempts,
                     meter,
                     reply,

@@ -42,10 +42,12 @@ use bytes::Bytes;
 use crate::config::ServerConfig;
 use crate::error::{ErrorShape, GatewayError};
 use crate::inbound::Api;
+use crate::licence;
+use crate::metering::key_series::OTHER_KEYS;
 use crate::metering::{Charges, InFlight, Meter, MeterLabels};
 use crate::metrics::NONE;
 use crate::openai::Endpoint;
-use crate::routing::{PlanStatus, REGION_HEADER, SESSION_HEADER};
+use crate::routing::{PlanStatus, REGION_HEADER, Rule, SESSION_HEADER};
 use crate::state::{AppState, Snapshot};
 use crate::traces::{Outcome, RequestTrace};
 use admit::Refusal;
@@ -128,12 +130,15 @@ async fn serve(
             api: api.name(),
             alias: alias.to_owned(),
             key: key.map_or(NONE, |k| k.name.as_str()).to_owned(),
+            key_in_metrics: key.is_none_or(|k| app.key_series.load().label(&k.name) != OTHER_KEYS),
+            user: licence::end_user(&request, headers, &snapshot.config.licence),
         },
         Charges {
             ledger: app.ledger.clone(),
             reservation,
             counterfactuals: snapshot.counterfactuals(admission.model).clone(),
             limits,
+            licence: app.licence.clone(),
         },
         ctx.started,
         admission.facts.input_tokens,
@@ -141,7 +146,8 @@ async fn serve(
         trace.take(),
     );
     let served = attempt::attempt(app, ctx, &request, &admission, meter).await?;
-    Ok(respond::respond(&request, served, reply))
+    let attribution = snapshot.config.licence.attribution_header;
+    Ok(respond::respond(&request, served, reply, attribution))
 }
 
 /// A request that ends in an error, and the labels it is recorded under.
@@ -189,6 +195,9 @@ impl Failure {
         let alias = snapshot.config.models[model].alias.as_str();
         if let Some(plan) = plan.filter(|p| p.status == PlanStatus::Blocked) {
             for rule in plan.rules() {
+                if rule == Rule::LlamaEuMultimodal {
+                    app.licence.eu_refused();
+                }
                 app.metrics
                     .policy_blocks
                     .with_label_values(&[alias, rule.name()])

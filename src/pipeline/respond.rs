@@ -12,14 +12,22 @@ use crate::openai::InboundRequest;
 
 pub const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-tollgate-backend");
 pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-tollgate-attempts");
+/// Says an answer came from a Llama model, with `licence.attribution_header`.
+pub const BUILT_WITH_HEADER: HeaderName = HeaderName::from_static("x-built-with");
 /// Tells nginx-style proxies in front not to buffer a stream.
 const ACCEL_BUFFERING_HEADER: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 /// The answer, translated into the client's API (`answer_as`) after the meter
 /// has read it.
-pub fn respond(request: &InboundRequest, served: Served<'_>, answer_as: Reply) -> Response {
+pub fn respond(
+    request: &InboundRequest,
+    served: Served<'_>,
+    answer_as: Reply,
+    attribution: bool,
+) -> Response {
     let Served {
         backend,
+        deployment,
         attempts,
         mut meter,
         reply,
@@ -64,6 +72,11 @@ pub fn respond(request: &InboundRequest, served: Served<'_>, answer_as: Reply) -
         }
     };
     set_served_by(&mut response, Some(&backend.name), attempts);
+    if attribution && deployment.is_llama() {
+        response
+            .headers_mut()
+            .insert(BUILT_WITH_HEADER, HeaderValue::from_static("Llama"));
+    }
     response
 }
 

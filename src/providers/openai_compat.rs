@@ -12,7 +12,9 @@ use super::http::{self, Caps, ErrorReply, HttpClient, Target};
 use super::{Provider, UpstreamCall, UpstreamReply};
 use crate::config::{Backend, BackendKind};
 use crate::error::GatewayError;
-use crate::openai::{Endpoint, TypedRequest};
+use serde_json::{Map, Value};
+
+use crate::openai::{ChatRequest, Endpoint, TOOL_ERROR, TypedRequest};
 
 pub struct OpenAiCompat {
     name: String,
@@ -68,8 +70,7 @@ impl OpenAiCompat {
         let options = (streaming && self.kind != BackendKind::Together)
             .then(|| call.request.upstream_stream_options());
         // OpenAI's chat API takes `max_completion_tokens` (its reasoning
-        // models refuse `max_tokens`, so a translation's is renamed); the
-        // others take `max_tokens`.
+        // models refuse `max_tokens`); the others take `max_tokens`.
         let limit_field = match (self.kind, call.request.endpoint()) {
             (BackendKind::Openai, Endpoint::Chat) => "max_completion_tokens",
             _ => "max_tokens",
@@ -79,13 +80,10 @@ impl OpenAiCompat {
             options.as_ref(),
             call.max_tokens.map(|limit| (limit_field, limit)),
         );
-        if limit_field == "max_completion_tokens"
-            && call.request.translated
+        if call.request.translated
             && let TypedRequest::Chat(chat) = &call.request.typed
-            && chat.max_tokens.is_some()
-            && chat.max_completion_tokens.is_none()
         {
-            body = renamed_limit(&body);
+            body = translated_body(body, chat, limit_field);
         }
         let url = match call.request.endpoint() {
             Endpoint::Chat => &self.chat_url,
@@ -122,16 +120,31 @@ impl Provider for OpenAiCompat {
     }
 }
 
-/// A translated chat body whose `max_tokens` is sent as
-/// `max_completion_tokens`, which OpenAI's reasoning models require and
-/// all its chat models take.
-fn renamed_limit(body: &[u8]) -> Vec<u8> {
-    let Ok(mut object) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
-    else {
-        return body.to_vec();
+/// A translated chat body as this upstream takes it: its limit under
+/// `limit_field` (OpenAI's reasoning models refuse `max_tokens`), and its
+/// tool messages without the gateway's error marker, which is no chat
+/// member. Re-encoded only when either applies.
+fn translated_body(body: Vec<u8>, chat: &ChatRequest, limit_field: &str) -> Vec<u8> {
+    let rename = limit_field != "max_tokens"
+        && chat.max_tokens.is_some()
+        && chat.max_completion_tokens.is_none();
+    let marked = chat
+        .messages
+        .iter()
+        .any(|m| m.extra.contains_key(TOOL_ERROR));
+    if !rename && !marked {
+        return body;
+    }
+    let Ok(mut object) = serde_json::from_slice::<Map<String, Value>>(&body) else {
+        return body;
     };
-    if let Some(limit) = object.remove("max_tokens") {
-        object.insert("max_completion_tokens".into(), limit);
+    if rename && let Some(limit) = object.remove("max_tokens") {
+        object.insert(limit_field.into(), limit);
+    }
+    if let Some(Value::Array(messages)) = object.get_mut("messages") {
+        for message in messages.iter_mut().filter_map(Value::as_object_mut) {
+            message.remove(TOOL_ERROR);
+        }
     }
     serde_json::to_vec(&object).expect("JSON values serialise")
 }

@@ -249,7 +249,8 @@ impl Answer {
                     refusal: None,
                     reasoning_content: (self.reasoning > 0).then_some(reasoning.as_str()),
                 };
-                self.identity.chat_completion(&message, finish, self.usage)
+                self.identity
+                    .chat_completion(&message, finish, None, self.usage)
             }
             Endpoint::Completions | Endpoint::Embeddings => {
                 self.identity

@@ -115,6 +115,60 @@ fn day(params: &HashMap<String, String>, name: &str) -> Result<Option<Date>, Gat
         .transpose()
 }
 
+/// `GET /admin/licence?month=YYYY-MM`: per calendar month (every month
+/// the ledger holds, or the one asked for), the Llama end users, what
+/// each licence served and the EU multimodal refusals.
+pub async fn licence(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let snapshot = app.snapshot.load_full();
+    let asked = auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
+        only(&params, &["month"])?;
+        params
+            .get("month")
+            .map(|m| {
+                crate::licence::parse_month(m)
+                    .map_err(|e| GatewayError::bad_request(e, Some("month".into())))
+            })
+            .transpose()
+    });
+    let month = match asked {
+        Ok(month) => month,
+        Err(e) => return e.into_response(),
+    };
+    match app.licence.report(&app.ledger, month.as_deref()).await {
+        Ok(months) => answer(Ok(crate::licence::Report::new(
+            months,
+            &snapshot.config.licence,
+        ))),
+        Err(e) => {
+            tracing::warn!(error = %e, "/admin/licence cannot read the ledger");
+            GatewayError::ledger_unavailable(LEDGER_RETRY).into_response()
+        }
+    }
+}
+
+/// A 400 naming the first query parameter not among `known`.
+fn only(params: &HashMap<String, String>, known: &[&str]) -> Result<(), GatewayError> {
+    match params.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => Err(GatewayError::bad_request(
+            format!(
+                "unknown parameter `{unknown}`; use {}",
+                match known {
+                    [one] => (*one).to_owned(),
+                    [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+                    [] => "none".to_owned(),
+                }
+            ),
+            Some(unknown.clone()),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// How long `/admin/spend` tells a caller to wait when the fleet's ledger
 /// database cannot be reached.
 const LEDGER_RETRY: Duration = Duration::from_secs(5);
@@ -131,15 +185,7 @@ pub async fn spend(
 ) -> Response {
     let snapshot = app.snapshot.load_full();
     let asked = auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
-        if let Some(unknown) = params
-            .keys()
-            .find(|k| !matches!(k.as_str(), "key" | "from" | "to"))
-        {
-            return Err(GatewayError::bad_request(
-                format!("unknown parameter `{unknown}`; use key, from and to"),
-                Some(unknown.clone()),
-            ));
-        }
+        only(&params, &["key", "from", "to"])?;
         Ok((day(&params, "from")?, day(&params, "to")?))
     });
     let (from, to) = match asked {

@@ -1,6 +1,7 @@
 //! `GET /metrics`: the gauges that describe live state (circuits, load,
 //! engine signals, self-hosted cost, budgets, the ledger's writes) are
-//! set from it at scrape time, then every metric is encoded.
+//! set from it at scrape time, then every metric is encoded. Which keys
+//! have series of their own is chosen again first (`key_series`).
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -15,6 +16,8 @@ pub fn render(app: &AppState) -> String {
 }
 
 fn refresh(app: &AppState) {
+    app.refresh_key_series();
+    let key_series = app.key_series.load();
     let snapshot = app.snapshot.load();
     let m = &app.metrics;
     let now = Instant::now();
@@ -94,8 +97,16 @@ fn refresh(app: &AppState) {
     }
     m.ledger_write_failing
         .set(i64::from(app.ledger.write_failing()));
+    let users = app.licence.monthly_active_users();
+    m.licence_mau.set(i64::try_from(users).unwrap_or(i64::MAX));
+    let alert = config.licence.alert_users();
+    m.licence_mau_alert
+        .set(i64::try_from(alert).unwrap_or(i64::MAX));
     let today = budget::today();
     for key in &config.keys {
+        if key_series.label(&key.name) != key.name {
+            continue;
+        }
         for period in [Period::Daily, Period::Monthly] {
             let Some(limit) = period.limit(key) else {
                 continue;

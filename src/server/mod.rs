@@ -93,6 +93,7 @@ impl Gateway {
             .route("/metrics", get(metrics))
             .route("/admin/explain", post(admin::explain_plan))
             .route("/admin/spend", get(admin::spend))
+            .route("/admin/licence", get(admin::licence))
             .route("/admin/status", get(admin::status))
             .route("/admin/reload", post(admin::reload))
             .route("/admin/config", get(admin::active_config))
@@ -133,6 +134,9 @@ impl Gateway {
         drop(sharing);
         // The last spend and token charges reach the fleet.
         state::exchange(&self.state).await;
+        if let Err(e) = self.state.licence.write(&self.state.ledger).await {
+            tracing::error!(error = %e, "could not write the last licence counts to the ledger");
+        }
         self.state.ledger.close().await;
         if let Some(traces) = &self.state.traces {
             traces.close().await;

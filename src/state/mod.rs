@@ -15,7 +15,9 @@ use arc_swap::ArcSwap;
 use crate::config::{Config, StateSettings};
 use crate::health::{LiveState, engine};
 use crate::ledger::Ledger;
-use crate::metering::budget::Budgets;
+use crate::licence::{self, LicenceBook};
+use crate::metering::budget::{self, Budgets, Period};
+use crate::metering::key_series::{KeySeries, OTHER_KEYS};
 use crate::metrics::Metrics;
 use crate::store::Fleet;
 use crate::traces::Traces;
@@ -38,6 +40,11 @@ pub struct AppState {
     pub fleet: Option<Arc<Fleet>>,
     /// The exporter of request spans (`[tracing]`); `None`: off.
     pub traces: Option<Traces>,
+    /// Which keys have series of their own in `/metrics`.
+    pub key_series: ArcSwap<KeySeries>,
+    /// What each licence served this month and the users of Llama's,
+    /// written to the ledger every flush interval.
+    pub licence: Arc<LicenceBook>,
     /// Config reloads, and the engine scrapers of the current snapshot.
     reloader: reload::Reloader,
     draining: AtomicBool,
@@ -84,6 +91,8 @@ impl AppState {
             )?)),
         };
         let traces = config.tracing.as_ref().map(Traces::start).transpose()?;
+        let book = Arc::new(LicenceBook::default());
+        licence::spawn_writer(&book, &ledger, config.ledger.flush_interval);
         let live = LiveState::default();
         if let Some(fleet) = &fleet {
             live.share_limits(fleet.clone());
@@ -91,7 +100,11 @@ impl AppState {
         let snapshot = Snapshot::build(config, &live)?;
         let scrapers = engine::spawn(&snapshot.config.backends, &snapshot.live().backends);
         metrics.set_config_version(&snapshot.config.version);
+        let key_series = KeySeries::of(&snapshot.config, |key| {
+            budget::spent_in(&ledger, key, Period::Monthly, budget::today())
+        });
         Ok(Self {
+            key_series: ArcSwap::from_pointee(key_series),
             snapshot: ArcSwap::from_pointee(snapshot),
             live,
             metrics,
@@ -99,9 +112,30 @@ impl AppState {
             budgets: Arc::default(),
             fleet,
             traces,
+            licence: book,
             reloader: reload::Reloader::new(options.env, options.config_file, scrapers),
             draining: AtomicBool::new(false),
         })
+    }
+
+    /// Chooses again which keys have series of their own, from this
+    /// month's spend (the fleet's, when shared), and removes the cost
+    /// series of keys that no longer have theirs: `/metrics` stays within
+    /// `top_keys` + the opted-in keys however spend moves.
+    pub fn refresh_key_series(&self) {
+        let snapshot = self.snapshot.load();
+        let today = budget::today();
+        let series = KeySeries::of(&snapshot.config, |key| {
+            self.fleet
+                .as_ref()
+                .and_then(|fleet| fleet.spent(key, Period::Monthly))
+                .unwrap_or_else(|| budget::spent_in(&self.ledger, key, Period::Monthly, today))
+        });
+        if let KeySeries::Only(keys) = &series {
+            self.metrics
+                .remove_key_series(|key| key != OTHER_KEYS && !keys.contains(key));
+        }
+        self.key_series.store(Arc::new(series));
     }
 
     /// From now on `/readyz` answers 503, so load balancers stop sending.

@@ -262,6 +262,7 @@ impl AppState {
         let access = access_changes(&done.diff, &current.config, &snapshot.config);
         let scrapers = engine::spawn(&snapshot.config.backends, &snapshot.live().backends);
         self.snapshot.store(Arc::new(snapshot));
+        self.refresh_key_series();
         // The old scrapers stop as they drop.
         *reloader
             .scrapers

@@ -19,6 +19,10 @@ use crate::store::{SYNC_EVERY, SyncAsk};
 /// reservation is released within about this long of its end.
 const SETTLE_GATHER: Duration = Duration::from_millis(20);
 
+/// How often the sketch of this month's Llama end users (12 KiB) goes
+/// to the fleet and back: an estimate needs no more.
+const USERS_EVERY: Duration = Duration::from_secs(2);
+
 /// Exchanges with the fleet, and sends admissions to it, until dropped.
 pub struct Sharing(Vec<JoinHandle<()>>);
 
@@ -38,6 +42,7 @@ pub fn share(app: &Arc<AppState>) -> Sharing {
     };
     let admissions = tokio::spawn(async move { fleet.admit_queued().await });
     let app: Weak<AppState> = Arc::downgrade(app);
+    let users = tokio::spawn(merge_users(app.clone()));
     let exchanges = tokio::spawn(async move {
         let mut tick = tokio::time::interval(SYNC_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -58,7 +63,23 @@ pub fn share(app: &Arc<AppState>) -> Sharing {
             }
         }
     });
-    Sharing(vec![admissions, exchanges])
+    Sharing(vec![admissions, exchanges, users])
+}
+
+/// Every `USERS_EVERY`, this month's Llama end users are merged with the
+/// fleet's: each replica's gauge then counts the fleet's.
+async fn merge_users(app: Weak<AppState>) {
+    let mut tick = tokio::time::interval(USERS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(app) = app.upgrade() else { return };
+        let Some(fleet) = &app.fleet else { return };
+        let (month, registers) = app.licence.registers();
+        if let Some(merged) = fleet.merge_users(&month, &registers).await {
+            app.licence.merge(&month, &merged);
+        }
+    }
 }
 
 /// One exchange: what changed here goes out, what the others learned

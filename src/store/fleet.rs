@@ -19,6 +19,7 @@ use time::macros::format_description;
 use tokio::sync::{mpsc, oneshot};
 
 use super::sync::{SyncAsk, SyncReply, WirePush, WireReply};
+use super::users;
 use crate::config::{OnUnavailable, RedisState};
 use crate::limits::{Limit, Refused, SharedCells, SharedTokens};
 use crate::metering::budget::{Ask, Period, SharedSpend, today as budget_today};
@@ -510,6 +511,33 @@ impl Fleet {
             replicas: reply.replicas,
             pressure,
         })
+    }
+
+    /// Merges this replica's sketch of `month`'s Llama end users into the
+    /// fleet's (`users`), and returns the fleet's registers; `None` when
+    /// Redis did not answer.
+    pub async fn merge_users(&self, month: &str, registers: &[u8]) -> Option<Vec<u8>> {
+        let fleet = format!("{}users:{month}", self.prefix);
+        let mine = format!("{}users:{month}:{}", self.prefix, self.replica);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .set(&mine, users::encode(registers))
+            .ignore()
+            .cmd("PFMERGE")
+            .arg(&fleet)
+            .arg(&mine)
+            .ignore()
+            .del(&mine)
+            .ignore()
+            // A month's sketch outlives the month by a few days.
+            .expire(&fleet, users::KEEP.as_secs() as i64)
+            .ignore()
+            .get(&fleet);
+        let mut connection = self.connection.clone();
+        let (merged,): (Vec<u8>,) = self
+            .bounded(SYNC_TIMEOUT, pipe.query_async(&mut connection))
+            .await?;
+        users::decode(&merged)
     }
 
     /// Sends the spend queued here now, rather than at the next exchange:

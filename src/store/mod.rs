@@ -9,6 +9,7 @@
 
 mod fleet;
 mod sync;
+mod users;
 
 use std::time::Duration;
 

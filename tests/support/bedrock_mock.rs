@@ -223,7 +223,12 @@ fn check_block(block: &Value) -> Result<(), String> {
                 && value["name"].is_string()
                 && value["input"].is_object()
         }
-        "toolResult" => value["toolUseId"].is_string() && value["content"].is_array(),
+        "toolResult" => {
+            value["toolUseId"].is_string()
+                && value["content"].is_array()
+                && (value.get("status").is_none()
+                    || matches!(value["status"].as_str(), Some("success" | "error")))
+        }
         _ => false,
     };
     if ok {

@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use super::bedrock_mock;
 use super::config::{Backend, Config, Deployment, Model};
 use super::gateway::{Gateway, bedrock_mock_with_token, start, url};
-use super::mock::{MockServer, MockUpstream};
+use super::mock::{MockServer, MockUpstream, fixture};
+use super::openai_mock::CANNED_PROMPT_TOKENS;
 
 /// Tokens in every mock's canned answer (`tok tok tok `).
 pub const COMPLETION_TOKENS: u64 = 3;
@@ -205,3 +206,84 @@ macro_rules! for_each_kind {
     reason = "each test binary uses a different part of the support code"
 )]
 pub(crate) use for_each_kind;
+
+/// An OpenAI-compatible kind whose details differ from vLLM's, with its
+/// recorded stream and what that stream says, and its recorded whole
+/// answer where there is one (else the mock's canned answer).
+pub struct Recorded {
+    pub kind: &'static str,
+    pub fixture: &'static str,
+    pub whole: Option<&'static str>,
+    /// Where the kind's API lives below the mock's root.
+    pub path: &'static str,
+    pub text: &'static str,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// Together ends with `eos` and usage on its last chunk (and takes no
+/// `stream_options`), Groq carries usage in `x_groq`, OpenAI sends a
+/// usage chunk and takes `max_completion_tokens`.
+pub const RECORDED: [Recorded; 3] = [
+    Recorded {
+        kind: "together",
+        fixture: "together_chat.sse",
+        whole: Some("together_chat.json"),
+        path: "",
+        text: "Together says hi.",
+        input_tokens: 25,
+        output_tokens: 5,
+    },
+    Recorded {
+        kind: "groq",
+        fixture: "groq_chat.sse",
+        whole: None,
+        path: "/openai/v1",
+        text: "Fast inference is fun.",
+        input_tokens: 40,
+        output_tokens: 6,
+    },
+    Recorded {
+        kind: "openai",
+        fixture: "openai_chat_usage.sse",
+        whole: None,
+        path: "/v1",
+        text: "Hello! How can I help?",
+        input_tokens: 19,
+        output_tokens: 7,
+    },
+];
+
+impl Recorded {
+    /// A mock replaying the recording, and a gateway whose alias `chat`
+    /// is served by it as this kind.
+    pub async fn start(&self) -> (MockServer, Gateway) {
+        let mut mock = MockUpstream::openai().stream(self.fixture);
+        if let Some(whole) = self.whole {
+            mock = mock.body(fixture(whole));
+        }
+        let upstream = mock.start().await;
+        let base_url = format!("{}{}", upstream.base_url(), self.path);
+        let config = Config::new()
+            .backend(Backend::upstream("up", self.kind, &base_url))
+            .model(Model::new("chat").deployment(Deployment::new("up", "m")));
+        (upstream, start(&config).await)
+    }
+
+    /// A whole answer's text and its input and output tokens.
+    pub fn whole_answer(&self) -> (&'static str, u64, u64) {
+        match self.whole {
+            Some(_) => (self.text, self.input_tokens, self.output_tokens),
+            None => ("tok tok tok ", CANNED_PROMPT_TOKENS, COMPLETION_TOKENS),
+        }
+    }
+
+    /// The field the kind takes the output limit in.
+    pub fn limit_field(&self) -> &'static str {
+        if self.kind == "openai" {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        }
+    }
+}

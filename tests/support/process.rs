@@ -175,3 +175,21 @@ fn written(config: &Config) -> tempfile::NamedTempFile {
     std::fs::write(file.path(), config.to_toml()).unwrap();
     file
 }
+
+/// Runs a command of the binary (`simulate …`, `licence-report …`) from
+/// the crate's root to its end; it must succeed. What it printed.
+pub fn run_ok(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "tollgate {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}

@@ -150,8 +150,18 @@ impl Validator<'_> {
     }
 
     pub(super) fn metrics(&mut self, raw: &RawConfig) -> MetricsAccess {
+        let top_keys = raw.metrics.top_keys.unwrap_or(DEFAULT_TOP_KEYS as u32);
+        if top_keys > MAX_TOP_KEYS {
+            self.problem(
+                "metrics.top_keys",
+                format!(
+                    "must be at most {MAX_TOP_KEYS}; opt single keys in with keys[].metrics = true"
+                ),
+            );
+        }
         MetricsAccess {
             token_sha256: self.token("metrics.token_env", raw.metrics.token_env.as_ref()),
+            top_keys: top_keys.min(MAX_TOP_KEYS) as usize,
         }
     }
 

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::error::GatewayError;
-use crate::openai::read_json;
+use crate::openai::{TOOL_ERROR, read_json};
 
 #[derive(Debug, Deserialize)]
 pub struct MessagesRequest {
@@ -95,6 +95,8 @@ pub enum Block {
         tool_use_id: String,
         #[serde(default)]
         content: Option<ToolResultContent>,
+        #[serde(default)]
+        is_error: bool,
     },
     /// The model's reasoning in an earlier answer, sent back: the
     /// canonical request has no place for it, so it is left out.
@@ -313,6 +315,7 @@ fn user_turn(out: &mut Vec<Value>, content: &Content, i: usize) -> Result<(), Ga
             Block::ToolResult {
                 tool_use_id,
                 content,
+                is_error,
             } => {
                 let text = match content {
                     None => String::new(),
@@ -322,7 +325,12 @@ fn user_turn(out: &mut Vec<Value>, content: &Content, i: usize) -> Result<(), Ga
                         .map(|ToolResultBlock::Text { text }| text.as_str())
                         .collect(),
                 };
-                out.push(json!({"role": "tool", "tool_call_id": tool_use_id, "content": text}));
+                let mut message =
+                    json!({"role": "tool", "tool_call_id": tool_use_id, "content": text});
+                if *is_error {
+                    message[TOOL_ERROR] = true.into();
+                }
+                out.push(message);
             }
             Block::ToolUse { .. } | Block::Thinking {} | Block::RedactedThinking {} => {
                 return Err(GatewayError::bad_request(

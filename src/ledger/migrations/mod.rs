@@ -25,6 +25,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "api",
         sql: include_str!("0002_api.sql"),
     },
+    Migration {
+        version: 3,
+        name: "licence",
+        sql: include_str!("0003_licence.sql"),
+    },
 ];
 
 /// The advisory lock migrations hold: "tollgate" in ASCII.

@@ -84,6 +84,7 @@ impl Bedrock {
             )));
         };
         let converse = request::converse(chat, call.max_tokens, &self.drop_params)?;
+        let stop = converse.only_stop();
         let body = serde_json::to_vec(&converse).map_err(|e| {
             GatewayError::internal(format!("cannot encode a Converse request: {e}"))
         })?;
@@ -106,12 +107,13 @@ impl Bedrock {
             return Ok(UpstreamReply::Stream(stream::chunks(
                 &self.name,
                 call.upstream_model,
+                stop,
                 self.caps,
                 http::body_bytes(&self.name, self.caps, response),
             )));
         }
         let bytes = http::read_body(&self.name, self.caps, response).await?;
-        response::chat_completion(&self.name, call.upstream_model, &bytes)
+        response::chat_completion(&self.name, call.upstream_model, &bytes, stop.as_deref())
             .map(UpstreamReply::Complete)
     }
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::error::GatewayError;
-use crate::openai::{ChatMessage, ChatRequest, ContentPart, MessageContent};
+use crate::openai::{ChatMessage, ChatRequest, ContentPart, MessageContent, TOOL_ERROR};
 
 use super::params;
 
@@ -22,6 +22,17 @@ pub struct ConverseRequest {
     inference_config: InferenceConfig,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_config: Option<ToolConfig>,
+}
+
+impl ConverseRequest {
+    /// The request's stop sequence when it sent exactly one: the one a
+    /// `stop_sequence` stop matched.
+    pub fn only_stop(&self) -> Option<String> {
+        match self.inference_config.stop_sequences.as_slice() {
+            [stop] => Some(stop.clone()),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -49,6 +60,10 @@ enum Block {
     ToolResult {
         tool_use_id: String,
         content: Vec<Block>,
+        /// `error` for a result the client marked as an error (a Messages
+        /// `tool_result` with `is_error`); Converse's default is success.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<&'static str>,
     },
 }
 
@@ -311,6 +326,7 @@ fn tool_result(message: &ChatMessage, at: &str) -> Result<Block, GatewayError> {
     Ok(Block::ToolResult {
         tool_use_id: id.to_owned(),
         content,
+        status: (message.extra.get(TOOL_ERROR) == Some(&Value::Bool(true))).then_some("error"),
     })
 }
 

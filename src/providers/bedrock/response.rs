@@ -108,8 +108,21 @@ pub fn finish_reason(stop_reason: &str) -> &'static str {
     }
 }
 
-/// The `chat.completion` for a Converse response body.
-pub fn chat_completion(backend: &str, model: &str, body: &[u8]) -> Result<Bytes, GatewayError> {
+/// The stop sequence that ended an answer Converse stopped with
+/// `stop_sequence`: Converse does not say which of the request's it
+/// matched, so it is known when the request sent one.
+pub fn matched_stop<'r>(stop_reason: &str, stops: Option<&'r str>) -> Option<&'r str> {
+    stops.filter(|_| stop_reason == "stop_sequence")
+}
+
+/// The `chat.completion` for a Converse response body; `stop`: the
+/// request's one stop sequence, if it sent one.
+pub fn chat_completion(
+    backend: &str,
+    model: &str,
+    body: &[u8],
+    stop: Option<&str>,
+) -> Result<Bytes, GatewayError> {
     let response: ConverseResponse = serde_json::from_slice(body).map_err(|e| {
         GatewayError::upstream_protocol(backend, format_args!("not a Converse response: {e}"))
     })?;
@@ -143,6 +156,7 @@ pub fn chat_completion(backend: &str, model: &str, body: &[u8]) -> Result<Bytes,
     Ok(Bytes::from(identity.chat_completion(
         &message,
         finish_reason(&response.stop_reason),
+        matched_stop(&response.stop_reason, stop),
         response.usage.into(),
     )))
 }
@@ -158,7 +172,8 @@ mod tests {
             "stopReason":"tool_use","usage":{"inputTokens":1620,"outputTokens":6,"totalTokens":1626},
             "metrics":{"latencyMs":812}}"#;
         let out: Value =
-            serde_json::from_slice(&chat_completion("b", "meta.llama", body).unwrap()).unwrap();
+            serde_json::from_slice(&chat_completion("b", "meta.llama", body, None).unwrap())
+                .unwrap();
         assert_eq!(out["object"], "chat.completion");
         assert_eq!(out["model"], "meta.llama");
         let choice = &out["choices"][0];
@@ -182,7 +197,8 @@ mod tests {
             {"reasoningContent":{"reasoningText":{"text":"answer briefly."}}},
             {"text":"Hello!"}]}},
             "stopReason":"end_turn","usage":{"inputTokens":9,"outputTokens":12,"totalTokens":21}}"#;
-        let out: Value = serde_json::from_slice(&chat_completion("b", "m", body).unwrap()).unwrap();
+        let out: Value =
+            serde_json::from_slice(&chat_completion("b", "m", body, None).unwrap()).unwrap();
         let message = &out["choices"][0]["message"];
         assert_eq!(message["content"], "Hello!");
         assert_eq!(
@@ -206,7 +222,7 @@ mod tests {
 
     #[test]
     fn a_body_that_is_not_a_converse_response_is_a_protocol_error() {
-        let error = chat_completion("b", "m", b"{}").unwrap_err();
+        let error = chat_completion("b", "m", b"{}", None).unwrap_err();
         assert_eq!(error.code(), Some("upstream_invalid_response"));
     }
 
@@ -215,11 +231,26 @@ mod tests {
         let body = br#"{"output":{"message":{"role":"assistant","content":[{"text":"Hi"}]}},
             "stopReason":"end_turn","usage":{"inputTokens":10,"outputTokens":2,"totalTokens":1112,
             "cacheReadInputTokens":1000,"cacheWriteInputTokens":100}}"#;
-        let out: Value = serde_json::from_slice(&chat_completion("b", "m", body).unwrap()).unwrap();
+        let out: Value =
+            serde_json::from_slice(&chat_completion("b", "m", body, None).unwrap()).unwrap();
         assert_eq!(
             out["usage"],
             json!({"prompt_tokens": 1110, "completion_tokens": 2, "total_tokens": 1112,
                 "prompt_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 100}})
         );
+    }
+
+    #[test]
+    fn a_stop_on_the_requests_one_stop_sequence_names_it() {
+        let body = br#"{"output":{"message":{"role":"assistant","content":[{"text":"Hi"}]}},
+            "stopReason":"stop_sequence","usage":{"inputTokens":3,"outputTokens":1,"totalTokens":4}}"#;
+        let choice = |stop| {
+            let out: Value =
+                serde_json::from_slice(&chat_completion("b", "m", body, stop).unwrap()).unwrap();
+            out["choices"][0].clone()
+        };
+        assert_eq!(choice(Some("END"))["stop_reason"], "END");
+        assert_eq!(choice(Some("END"))["finish_reason"], "stop");
+        assert!(choice(None).get("stop_reason").is_none());
     }
 }

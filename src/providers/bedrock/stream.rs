@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::errors;
-use super::response::{TokenUsage, finish_reason};
+use super::response::{TokenUsage, finish_reason, matched_stop};
 use crate::error::GatewayError;
 use crate::openai::{Endpoint, ResponseIdentity};
 use crate::providers::http::Caps;
@@ -27,6 +27,7 @@ use crate::providers::{Chunk, ChunkStream};
 pub fn chunks(
     backend: &str,
     model: &str,
+    stop: Option<String>,
     caps: Caps,
     body: impl Stream<Item = Result<Bytes, GatewayError>> + Send + 'static,
 ) -> ChunkStream {
@@ -37,6 +38,7 @@ pub fn chunks(
             identity: ResponseIdentity::new("chatcmpl", model),
             tools: HashMap::new(),
             stopped: false,
+            stop,
         },
     )
 }
@@ -137,6 +139,8 @@ struct Mapper {
     /// `tool_calls` index.
     tools: HashMap<u64, usize>,
     stopped: bool,
+    /// The request's one stop sequence, named when Converse stops on it.
+    stop: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -225,10 +229,11 @@ impl Mapper {
             "messageStop" => {
                 let event: StopEvent = serde_json::from_slice(payload).map_err(parse_error)?;
                 self.stopped = true;
-                Some(
-                    self.identity
-                        .chat_chunk(&json!({}), Some(finish_reason(&event.stop_reason))),
-                )
+                Some(self.identity.chat_chunk_stopped(
+                    &json!({}),
+                    Some(finish_reason(&event.stop_reason)),
+                    matched_stop(&event.stop_reason, self.stop.as_deref()),
+                ))
             }
             "metadata" => {
                 let event: MetadataEvent = serde_json::from_slice(payload).map_err(parse_error)?;
@@ -325,7 +330,7 @@ mod tests {
             body: u64::MAX,
             event: max_frame,
         };
-        let mut out = chunks("b", "m", caps, stream::iter(pieces));
+        let mut out = chunks("b", "m", None, caps, stream::iter(pieces));
         let mut values = Vec::new();
         while let Some(item) = out.next().await {
             match item {
@@ -407,5 +412,29 @@ mod tests {
         let (chunks, error) = run_with(body, 7, 148).await;
         assert!(error.is_none(), "a frame at the cap passes: {error:?}");
         assert_eq!(chunks.len(), 3);
+    }
+
+    #[test]
+    fn a_stop_on_the_requests_one_stop_sequence_names_it() {
+        let mapper = |stop: Option<&str>, reason: &str| {
+            let mut mapper = Mapper {
+                backend: "b".into(),
+                identity: ResponseIdentity::new("chatcmpl", "m"),
+                tools: HashMap::new(),
+                stopped: false,
+                stop: stop.map(str::to_owned),
+            };
+            let payload = format!(r#"{{"stopReason":"{reason}"}}"#);
+            let chunk = mapper
+                .event("messageStop", payload.as_bytes())
+                .unwrap()
+                .unwrap();
+            serde_json::from_slice::<Value>(&chunk).unwrap()["choices"][0].clone()
+        };
+        let choice = mapper(Some("END"), "stop_sequence");
+        assert_eq!(choice["finish_reason"], "stop");
+        assert_eq!(choice["stop_reason"], "END");
+        assert!(mapper(None, "stop_sequence").get("stop_reason").is_none());
+        assert!(mapper(Some("END"), "end_turn").get("stop_reason").is_none());
     }
 }
