@@ -1,5 +1,7 @@
 //! Time per routing decision for an alias with 8 deployments, for each
-//! strategy: policy filters, health checks, scoring and ordering.
+//! strategy: policy filters, health checks, scoring and ordering; without
+//! affinity, then binding the request's session (`+session`), then
+//! matching its prompt's blocks (`+prefix`).
 //!
 //! `cargo bench --bench routing`
 
@@ -8,10 +10,11 @@ use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tollgate::health::LiveState;
-use tollgate::routing::{self, RequestFacts};
+use tollgate::openai::{Endpoint, InboundRequest};
+use tollgate::routing::{self, RequestFacts, Session};
 use tollgate::state::Snapshot;
 
-fn config(strategy: &str) -> String {
+fn config(strategy: &str, affinity: &str) -> String {
     let mut text = String::new();
     for i in 0..8 {
         let (region, pricing) = if i % 2 == 0 {
@@ -26,7 +29,9 @@ fn config(strategy: &str) -> String {
             "[[backends]]\nname = \"b{i}\"\nkind = \"simulated\"\nregion = \"{region}\"\n{pricing}\n"
         );
     }
-    text += &format!("[[models]]\nalias = \"llama\"\nstrategy = \"{strategy}\"\n");
+    text += &format!(
+        "[[models]]\nalias = \"llama\"\nstrategy = \"{strategy}\"\naffinity = \"{affinity}\"\n"
+    );
     for i in 0..8 {
         let price = if i % 2 == 0 {
             ""
@@ -43,19 +48,38 @@ fn config(strategy: &str) -> String {
 }
 
 fn decisions(c: &mut Criterion) {
-    let facts = RequestFacts {
-        region: Some("us".into()),
-        input_tokens: 500,
-        max_output_tokens: Some(256),
-        stream: true,
-        ..RequestFacts::default()
-    };
+    // A 500-token prompt: a system prompt and a question.
+    let body = serde_json::json!({"model": "llama", "messages": [
+        {"role": "system", "content": "You are a careful assistant. ".repeat(60)},
+        {"role": "user", "content": "Which of these replicas needs attention first?"}]});
+    let request = InboundRequest::parse(Endpoint::Chat, body.to_string().into()).expect("parses");
     let mut group = c.benchmark_group("routing decision, 8 deployments");
-    for strategy in ["cost", "latency", "spillover", "weighted"] {
-        let config = tollgate::config::parse(&config(strategy), &|_| None).expect("valid config");
+    let runs = ["cost", "latency", "spillover", "weighted"]
+        .map(|s| (s, "none"))
+        .into_iter()
+        .chain([
+            ("cost", "session"),
+            ("weighted", "session"),
+            ("cost", "prefix"),
+        ]);
+    for (strategy, affinity) in runs {
+        let text = config(strategy, affinity);
+        let config = tollgate::config::parse(&text, &|_| None).expect("valid config");
+        let facts = RequestFacts {
+            region: Some("us".into()),
+            input_tokens: 500,
+            max_output_tokens: Some(256),
+            stream: true,
+            ..RequestFacts::default()
+        }
+        .with_affinity(&request, config.models[0].affinity, Some(b"session-1"));
         let snapshot = Snapshot::build(config, &LiveState::default()).expect("snapshot builds");
         let mut rng = fastrand::Rng::with_seed(7);
-        group.bench_function(strategy, |b| {
+        let name = match affinity {
+            "none" => strategy.to_owned(),
+            _ => format!("{strategy}+{affinity}"),
+        };
+        group.bench_function(name, |b| {
             b.iter(|| {
                 black_box(routing::plan(
                     &snapshot,
@@ -65,6 +89,15 @@ fn decisions(c: &mut Criterion) {
                     &mut rng,
                 ))
             })
+        });
+    }
+    group.finish();
+    // What affinity adds before planning: the session read from the
+    // request, from its header or by hashing its opening.
+    let mut group = c.benchmark_group("session of a 500-token request");
+    for (name, header) in [("x-session-id", Some(&b"session-1"[..])), ("opening", None)] {
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(Session::of(black_box(&request), header)))
         });
     }
     group.finish();

@@ -83,6 +83,9 @@ enum Command {
         /// The name of the key the request would come with.
         #[arg(long)]
         key: Option<String>,
+        /// The request's session, as its `x-session-id` header would give.
+        #[arg(long)]
+        session: Option<String>,
     },
     /// Print what a traffic profile would cost under the config: each
     /// deployment policy allows, the alias's strategy, all on the API, all
@@ -154,9 +157,10 @@ fn main() -> ExitCode {
             api,
             region,
             key,
+            session,
         } => {
             let _logs = text_logs();
-            explain(&config, &request, api, region, key)
+            explain(&config, &request, api, region, key, session)
         }
         Command::Simulate {
             config,
@@ -250,6 +254,7 @@ fn explain(
     api: Option<String>,
     region: Option<String>,
     key: Option<String>,
+    session: Option<String>,
 ) -> ExitCode {
     // Explaining sends nothing upstream: the secrets are not needed.
     let Some(config) = load(path, Secrets::Unread) else {
@@ -278,6 +283,7 @@ fn explain(
         api: api.map(|api| serde_json::from_value(api.into()).expect("a known API")),
         region,
         key,
+        session,
     };
     match tollgate::pipeline::admit::explain(&snapshot, &ask) {
         Ok(explained) => {

@@ -307,6 +307,18 @@ metrics! {
             ),
         ],
     }
+    prompt_cache_tokens: IntCounterVec {
+        name: "tollgate_prompt_cache_tokens_total",
+        help: "Prompt tokens the upstream reported read from its prompt cache or written to it (both also counted as input in tollgate_tokens_total).",
+        labels: [
+            ALIAS,
+            BACKEND,
+            label(
+                "access",
+                "`read` (served from the cache) or `write` (written to it)",
+            ),
+        ],
+    }
     usage_rejected: IntCounterVec {
         name: "tollgate_usage_rejected_total",
         help: "Upstream usage reports the gateway did not believe and estimated instead, by reason.",
@@ -388,7 +400,7 @@ metrics! {
                 "reason",
                 "why the router put that deployment first, from the fixed set in \
                  `src/routing/strategy.rs`, e.g. `cheapest`, `fastest`, `exploring`, \
-                 `first_tier`, `overflow`",
+                 `first_tier`, `overflow`, `affinity` (the session's deployment)",
             ),
         ],
     }
@@ -415,6 +427,11 @@ metrics! {
     engine_kv_cache_usage: GaugeVec {
         name: "tollgate_engine_kv_cache_usage_ratio",
         help: "Share of the inference engine's KV cache in use, from its metrics.",
+        labels: [BACKEND],
+    }
+    engine_prefix_cache_hit_ratio: GaugeVec {
+        name: "tollgate_engine_prefix_cache_hit_ratio",
+        help: "Share of the prompt tokens the inference engine looked up in its prefix cache that it found there, over its last scrape interval (vLLM's prefix_cache_hits_total / prefix_cache_queries_total).",
         labels: [BACKEND],
     }
     config_reloads: IntCounterVec {

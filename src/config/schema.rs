@@ -84,6 +84,8 @@ pub struct RawRouting {
     pub circuit_cooldown_ms: Option<u64>,
     pub exploration: Option<f64>,
     pub default_output_tokens: Option<u32>,
+    pub affinity_epsilon: Option<f64>,
+    pub prefix_blocks: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -171,12 +173,14 @@ pub struct RawSimulated {
     pub tokens_per_second: Option<f64>,
     pub completion_tokens: Option<u32>,
     pub failure_rate: Option<f64>,
+    pub prefix_cache_blocks: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RawModel {
     pub alias: String,
     pub strategy: Option<String>,
+    pub affinity: Option<String>,
     pub spillover: Option<RawSpillover>,
     #[serde(default)]
     pub deployments: Vec<RawDeployment>,
@@ -199,6 +203,7 @@ pub struct RawDeployment {
     #[serde(default)]
     pub output_usd_per_mtok: f64,
     pub cached_input_usd_per_mtok: Option<f64>,
+    pub cache_write_usd_per_mtok: Option<f64>,
     pub context_window: u32,
     pub modalities: Option<Vec<String>>,
     #[serde(default)]

@@ -144,6 +144,11 @@ pub struct RoutingSettings {
     pub exploration: f64,
     /// Expected completion length before an alias has observed any.
     pub default_output_tokens: u32,
+    /// Bounded load for session affinity: no deployment takes a session
+    /// past (1 + ε) × the mean of the requests in flight.
+    pub affinity_epsilon: f64,
+    /// Prompt blocks remembered per deployment for prefix affinity.
+    pub prefix_blocks: u32,
 }
 
 /// Who may be served where: data residency and the Llama licence.
@@ -391,6 +396,8 @@ pub struct SimulatedSpec {
     pub tokens_per_second: f64,
     pub completion_tokens: u32,
     pub failure_rate: f64,
+    /// Prompt blocks its prefix cache holds; 0: no cache.
+    pub prefix_cache_blocks: u32,
 }
 
 impl Default for SimulatedSpec {
@@ -400,6 +407,7 @@ impl Default for SimulatedSpec {
             tokens_per_second: 50.0,
             completion_tokens: 48,
             failure_rate: 0.0,
+            prefix_cache_blocks: 0,
         }
     }
 }
@@ -408,7 +416,34 @@ impl Default for SimulatedSpec {
 pub struct Model {
     pub alias: String,
     pub strategy: Strategy,
+    pub affinity: Affinity,
     pub deployments: Vec<Deployment>,
+}
+
+/// Whether an alias keeps the requests of one session, or one prompt
+/// prefix, on one deployment, where an engine's prompt cache holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Affinity {
+    None,
+    Session,
+    Prefix,
+}
+
+impl Affinity {
+    pub const NAMES: &'static [&'static str] = &["none", "session", "prefix"];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "none" => Self::None,
+            "session" => Self::Session,
+            "prefix" => Self::Prefix,
+            _ => return None,
+        })
+    }
 }
 
 /// How an alias orders its deployments, after policy has filtered them.
@@ -560,6 +595,8 @@ pub struct Price {
     pub input_micro_usd_per_mtok: u64,
     /// Input tokens the upstream served from its prompt cache.
     pub cached_input_micro_usd_per_mtok: u64,
+    /// Input tokens the upstream wrote to its prompt cache.
+    pub cache_write_micro_usd_per_mtok: u64,
     pub output_micro_usd_per_mtok: u64,
 }
 

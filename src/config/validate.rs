@@ -35,6 +35,9 @@ const DEFAULT_MAX_EVENT_BYTES: u64 = 4 * 1024 * 1024;
 const MAX_RESPONSE_CAP: u64 = 4 * 1024 * 1024 * 1024;
 /// No wait the config sets may exceed an hour: a bigger number is a typo.
 pub(super) const MAX_WAIT_MS: u64 = 3_600_000;
+/// The most prompt blocks (about 16 tokens each) a prefix cache or a
+/// deployment's prefix memory may hold: 16 million tokens.
+pub(super) const MAX_PREFIX_BLOCKS: u32 = 1_000_000;
 
 /// Reads an environment variable; injected so tests need not touch the
 /// process environment.
@@ -493,7 +496,14 @@ impl Validator<'_> {
             tokens_per_second: s.tokens_per_second.unwrap_or(default.tokens_per_second),
             completion_tokens: s.completion_tokens.unwrap_or(default.completion_tokens),
             failure_rate: s.failure_rate.unwrap_or(default.failure_rate),
+            prefix_cache_blocks: s.prefix_cache_blocks.unwrap_or(default.prefix_cache_blocks),
         };
+        if spec.prefix_cache_blocks > MAX_PREFIX_BLOCKS {
+            self.problem(
+                at("prefix_cache_blocks"),
+                format!("must be at most {MAX_PREFIX_BLOCKS}; 0 turns the cache off"),
+            );
+        }
         if s.ttft_ms.is_some_and(|ms| ms > MAX_WAIT_MS) {
             self.problem(at("ttft_ms"), "must be at most 3600000 (one hour)");
         }
@@ -536,6 +546,7 @@ impl Validator<'_> {
         Model {
             alias: m.alias.clone(),
             strategy: self.strategy(i, m),
+            affinity: self.affinity(i, m, backends),
             deployments,
         }
     }
@@ -568,6 +579,9 @@ impl Validator<'_> {
             input_micro_usd_per_mtok: input,
             cached_input_micro_usd_per_mtok: d.cached_input_usd_per_mtok.map_or(input, |usd| {
                 self.price(format!("{at}.cached_input_usd_per_mtok"), usd)
+            }),
+            cache_write_micro_usd_per_mtok: d.cache_write_usd_per_mtok.map_or(input, |usd| {
+                self.price(format!("{at}.cache_write_usd_per_mtok"), usd)
             }),
             output_micro_usd_per_mtok: self
                 .price(format!("{at}.output_usd_per_mtok"), d.output_usd_per_mtok),

@@ -30,8 +30,28 @@ impl Default for BackendLive {
 }
 
 impl BackendLive {
-    pub fn set_engine(&self, signals: EngineSignals) {
-        *self.engine.lock().unwrap_or_else(PoisonError::into_inner) = Some(signals);
+    /// Takes a scrape's signals. The prefix cache's hit rate is that of
+    /// the prompt tokens looked up since the last scrape that saw any.
+    pub fn set_engine(&self, mut signals: EngineSignals) {
+        let mut engine = self.engine.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(now) = signals.prefix_cache {
+            let before = engine
+                .as_ref()
+                .and_then(|e| e.prefix_cache.map(|c| (c, e.prefix_hit_rate)));
+            let (queried, found) = match before {
+                Some((c, _)) => (now.queries - c.queries, now.hits - c.hits),
+                None => (now.queries, now.hits),
+            };
+            signals.prefix_hit_rate = if queried > 0.0 && found >= 0.0 {
+                Some((found / queried).min(1.0))
+            } else if queried == 0.0 {
+                before.and_then(|(_, rate)| rate)
+            } else {
+                // The counters went back: the engine restarted.
+                None
+            };
+        }
+        *engine = Some(signals);
     }
 
     /// The engine's last signals, unless they are older than `max_age`: a
@@ -76,5 +96,57 @@ pub struct EngineSignals {
     pub running: f64,
     /// Share of the KV cache in use, 0.0 to 1.0 (vLLM only).
     pub kv_cache: Option<f64>,
+    /// vLLM's prefix-cache counters, as scraped (cumulative).
+    pub prefix_cache: Option<PrefixCounters>,
+    /// Share of the prompt tokens looked up in the prefix cache that were
+    /// found there, over the last scrape interval (vLLM only).
+    pub prefix_hit_rate: Option<f64>,
     pub at: Instant,
+}
+
+/// vLLM's prefix-cache counters: prompt tokens looked up, and found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefixCounters {
+    pub hits: f64,
+    pub queries: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefix_hit_rate_is_over_the_last_interval() {
+        let live = BackendLive::default();
+        let at = Instant::now();
+        let signals = |hits, queries| EngineSignals {
+            waiting: 0.0,
+            running: 1.0,
+            kv_cache: None,
+            prefix_cache: Some(PrefixCounters { hits, queries }),
+            prefix_hit_rate: None,
+            at,
+        };
+        let rate = |live: &BackendLive| {
+            live.engine(at, Duration::from_secs(1))
+                .unwrap()
+                .prefix_hit_rate
+        };
+        live.set_engine(signals(100.0, 1000.0));
+        assert_eq!(rate(&live), Some(0.1), "since the engine started");
+        live.set_engine(signals(1000.0, 2000.0));
+        assert_eq!(rate(&live), Some(0.9));
+        live.set_engine(signals(1000.0, 2000.0));
+        assert_eq!(
+            rate(&live),
+            Some(0.9),
+            "nothing looked up: the last rate stands"
+        );
+        live.set_engine(signals(10.0, 20.0));
+        assert_eq!(
+            rate(&live),
+            None,
+            "a restarted engine's counters start again"
+        );
+    }
 }

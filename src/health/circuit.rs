@@ -140,6 +140,8 @@ mod tests {
             circuit_cooldown: Duration::from_secs(10),
             exploration: 0.0,
             default_output_tokens: 100,
+            affinity_epsilon: 0.25,
+            prefix_blocks: 16,
         }
     }
 

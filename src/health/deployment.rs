@@ -1,5 +1,6 @@
-//! Live state of one deployment and of one alias: latency and
-//! output-length estimates, 429 cooldowns, spillover saturation.
+//! Live state of one deployment and of one alias: latency, output-length
+//! and prompt-cache estimates, 429 cooldowns, spillover saturation, the
+//! prompt prefixes it served.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -8,6 +9,8 @@ use std::time::{Duration, Instant};
 use super::circuit::{Circuit, CircuitView};
 use super::quota::{DeploymentQuota, LeftFor};
 use crate::limits::UpstreamQuota;
+use crate::metering::prefix::PrefixCache;
+use crate::openai::Usage;
 
 /// Weight of the newest sample in the moving averages.
 const EWMA_ALPHA: f64 = 0.2;
@@ -25,6 +28,8 @@ pub struct DeploymentLive {
     pub saturated: AtomicBool,
     /// Its rate limits and what the upstream says is left.
     pub quota: DeploymentQuota,
+    /// Prefix affinity: the prompt blocks it was last sent.
+    pub prefix: PrefixCache,
     estimates: Mutex<Estimates>,
     /// The last upstream failure, for the reasons plans and 503s give.
     last_failure: Mutex<Option<String>>,
@@ -54,6 +59,8 @@ pub struct Pressure {
 struct Estimates {
     ttft_ms: Option<f64>,
     total_ms: Option<f64>,
+    /// Share of prompt tokens the upstream reported read from its cache.
+    cache_hit: Option<f64>,
     /// After a 429 with `retry-after`, not used until then.
     cooled_until: Option<Instant>,
 }
@@ -79,6 +86,20 @@ impl DeploymentLive {
             e.ttft_ms = ewma(e.ttft_ms, ms);
         } else {
             e.total_ms = ewma(e.total_ms, ms);
+        }
+    }
+
+    /// The share of a prompt it is expected to read from its cache, from
+    /// the usage it reported; `None` until it reported some.
+    pub fn expected_cache_hit(&self) -> Option<f64> {
+        self.estimates().cache_hit
+    }
+
+    pub fn record_cache_hit(&self, usage: &Usage) {
+        if usage.prompt_tokens > 0 {
+            let share = usage.cached_tokens() as f64 / usage.prompt_tokens as f64;
+            let mut e = self.estimates();
+            e.cache_hit = ewma(e.cache_hit, share);
         }
     }
 

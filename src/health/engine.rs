@@ -2,7 +2,10 @@
 //! `engine_metrics` has its Prometheus endpoint scraped on an interval.
 //! vLLM reports `vllm:num_requests_waiting`, `vllm:num_requests_running`
 //! and `vllm:kv_cache_usage_perc` (`vllm:gpu_cache_usage_perc` before
-//! v0.10); TGI reports `tgi_queue_size` and `tgi_batch_current_size`.
+//! v0.10), and its prefix cache's `vllm:prefix_cache_queries_total` and
+//! `vllm:prefix_cache_hits_total` (prompt tokens looked up and found; the
+//! V0 engine's `vllm:gpu_prefix_cache_hit_rate` gauge before them); TGI
+//! reports `tgi_queue_size` and `tgi_batch_current_size`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,7 +14,7 @@ use axum::http::{Request, Uri};
 use http_body_util::{BodyExt, Full};
 use tokio::task::JoinHandle;
 
-use super::backend::{BackendLive, EngineSignals};
+use super::backend::{BackendLive, EngineSignals, PrefixCounters};
 use crate::config::{Backend, EngineMetrics};
 use crate::providers::http::{self, HttpClient};
 
@@ -30,6 +33,13 @@ pub fn parse(text: &str, at: Instant) -> Option<EngineSignals> {
     let waiting = sum("vllm:num_requests_waiting").or_else(|| sum("tgi_queue_size"));
     let running = sum("vllm:num_requests_running").or_else(|| sum("tgi_batch_current_size"));
     let kv_cache = mean("vllm:kv_cache_usage_perc").or_else(|| mean("vllm:gpu_cache_usage_perc"));
+    let prefix_cache = match (
+        sum("vllm:prefix_cache_hits_total"),
+        sum("vllm:prefix_cache_queries_total"),
+    ) {
+        (Some(hits), Some(queries)) => Some(PrefixCounters { hits, queries }),
+        _ => None,
+    };
     if waiting.is_none() && running.is_none() && kv_cache.is_none() {
         return None;
     }
@@ -37,6 +47,8 @@ pub fn parse(text: &str, at: Instant) -> Option<EngineSignals> {
         waiting: waiting.unwrap_or(0.0),
         running: running.unwrap_or(0.0),
         kv_cache,
+        prefix_cache,
+        prefix_hit_rate: mean("vllm:gpu_prefix_cache_hit_rate"),
         at,
     })
 }
@@ -177,6 +189,19 @@ mod tests {
         let s = parse(tgi, now).unwrap();
         assert_eq!((s.waiting, s.running, s.kv_cache), (4.0, 7.0, None));
         assert_eq!(parse("process_cpu_seconds_total 1\n", now), None);
+        let cached = "vllm:num_requests_running{model_name=\"m\"} 1\n\
+            # TYPE vllm:prefix_cache_queries counter\nvllm:prefix_cache_queries_total{model_name=\"m\"} 4000.0\n\
+            # TYPE vllm:prefix_cache_hits counter\nvllm:prefix_cache_hits_total{model_name=\"m\"} 3000.0\n";
+        let s = parse(cached, now).unwrap();
+        assert_eq!(
+            s.prefix_cache,
+            Some(PrefixCounters {
+                hits: 3000.0,
+                queries: 4000.0
+            })
+        );
+        let v0 = "vllm:num_requests_running{model_name=\"m\"} 1\nvllm:gpu_prefix_cache_hit_rate{model_name=\"m\"} 0.4\n";
+        assert_eq!(parse(v0, now).unwrap().prefix_hit_rate, Some(0.4));
         let tricky = "vllm:num_requests_running{model_name=\"a}\\\"b\"} 2 1700000000\nvllm:num_requests_running{model_name=\"c\"} 1\n";
         assert_eq!(
             parse(tricky, now).unwrap().running,

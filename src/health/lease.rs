@@ -42,8 +42,9 @@ impl Settle for Lease {
     }
 
     /// Counts the tokens served by the backend, teaches the alias how long
-    /// its answers run (for cost estimates) when the count is the
-    /// upstream's own, and settles the deployment's token quota to what
+    /// its answers run and the deployment how much of a prompt its cache
+    /// holds (for cost estimates) when the count is the upstream's own,
+    /// and settles the deployment's token quota to what
     /// the request used.
     fn settle(&self, charged: u64, usage: &Usage, reported: bool) {
         self.backend
@@ -51,6 +52,7 @@ impl Settle for Lease {
             .fetch_add(usage.total_tokens, Ordering::Relaxed);
         if reported {
             self.alias.record_output_tokens(usage.completion_tokens);
+            self.deployment.record_cache_hit(usage);
         }
         self.deployment
             .quota

@@ -77,6 +77,7 @@ impl LiveState {
         for (model, live) in config.models.iter().zip(&view.deployments) {
             for (d, l) in model.deployments.iter().zip(live) {
                 l.quota.configure(d.limits);
+                l.prefix.set_capacity(config.routing.prefix_blocks);
                 if let Some(sink) = shared {
                     l.quota
                         .limits

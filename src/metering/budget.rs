@@ -482,6 +482,7 @@ mod tests {
         let rate = Rate {
             input: 1_000_000,
             cached_input: 0,
+            cache_write: 0,
             output: 2_000_000,
             per_token: true,
         };

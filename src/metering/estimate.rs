@@ -4,7 +4,7 @@
 
 use crate::openai::{ChatRequest, InboundRequest, MessageContent, Prompt, TypedRequest};
 
-const CHARS_PER_TOKEN: usize = 4;
+pub const CHARS_PER_TOKEN: usize = 4;
 /// Chat templates add role markers and separators around every message.
 const TOKENS_PER_MESSAGE: u64 = 4;
 /// A flat charge per image or audio part; the real count depends on the

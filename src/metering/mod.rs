@@ -7,6 +7,7 @@ pub mod budget;
 pub mod cost;
 pub mod estimate;
 pub mod key_series;
+pub mod prefix;
 pub mod usage;
 
 use std::borrow::Cow;
@@ -403,6 +404,16 @@ impl Meter {
             if tokens > 0 {
                 m.tokens
                     .with_label_values(&[api, alias.as_str(), backend, direction, estimated_label])
+                    .inc_by(tokens);
+            }
+        }
+        for (kind, tokens) in [
+            ("read", usage.cached_tokens()),
+            ("write", usage.cache_write_tokens()),
+        ] {
+            if tokens > 0 {
+                m.prompt_cache_tokens
+                    .with_label_values(&[alias.as_str(), backend, kind])
                     .inc_by(tokens);
             }
         }

@@ -56,12 +56,13 @@ impl From<GatewayError> for Refusal {
 /// the key may not use or a region it may not choose, 451 when policy
 /// leaves no deployment, 503 when health leaves none. `region` is what
 /// the request asks for (the `x-tollgate-region` header, or explain's
-/// `region`).
+/// `region`); `session`, its `x-session-id` (or explain's `session`).
 pub fn admit(
     snapshot: &Snapshot,
     request: &InboundRequest,
     key: Option<&Key>,
     region: Option<&[u8]>,
+    session: Option<&[u8]>,
 ) -> Result<Admission, Refusal> {
     let model = resolve(snapshot, key, request.model())?;
     let region =
@@ -70,7 +71,8 @@ pub fn admit(
             model: Some(model),
             plan: None,
         })?;
-    let facts = RequestFacts::of(request, region);
+    let affinity = snapshot.config.models[model].affinity;
+    let facts = RequestFacts::of(request, region).with_affinity(request, affinity, session);
     endpoint_served(snapshot, model, facts.endpoint)
         .and_then(|()| context_fits(snapshot, model, request, &facts))
         .map_err(|error| Refusal {
@@ -93,6 +95,18 @@ pub fn admit(
         model: Some(model),
         plan: Some(Box::new(plan)),
     })
+}
+
+/// With prefix affinity, the deployment tried first is taken to hold the
+/// prompt's blocks from now on, so the next turn of the conversation
+/// finds them there.
+pub fn remember_prefix(snapshot: &Snapshot, admission: &Admission) {
+    if let Some(first) = admission.plan.order().next()
+        && !admission.facts.blocks.is_empty()
+    {
+        let live = &snapshot.resolved(admission.model, first).health;
+        live.prefix.serve(&admission.facts.blocks);
+    }
 }
 
 /// 400 when no deployment of the model serves the request's endpoint (an
@@ -350,6 +364,9 @@ pub struct ExplainRequest {
     /// The region the request asks for, as `x-tollgate-region` would.
     #[serde(default)]
     pub region: Option<String>,
+    /// The request's session, as `x-session-id` would give it.
+    #[serde(default)]
+    pub session: Option<String>,
     /// The name of the key the request would come with.
     #[serde(default)]
     pub key: Option<String>,
@@ -388,7 +405,8 @@ pub fn explain(snapshot: &Snapshot, ask: &ExplainRequest) -> Result<Explained, G
     let bytes = serde_json::to_vec(&ask.request).expect("JSON values serialise");
     let (request, _) = api.parse(bytes.into())?;
     let region = ask.region.as_deref().map(str::as_bytes);
-    match admit(snapshot, &request, key, region) {
+    let session = ask.session.as_deref().map(str::as_bytes);
+    match admit(snapshot, &request, key, region, session) {
         Ok(admission) => Ok(admission.plan.explain(snapshot)),
         Err(Refusal {
             plan: Some(plan), ..

@@ -47,7 +47,7 @@ use crate::metering::key_series::OTHER_KEYS;
 use crate::metering::{Charges, InFlight, Meter, MeterLabels};
 use crate::metrics::NONE;
 use crate::openai::Endpoint;
-use crate::routing::{PlanStatus, REGION_HEADER, Rule};
+use crate::routing::{PlanStatus, REGION_HEADER, Rule, SESSION_HEADER};
 use crate::state::{AppState, Snapshot};
 use crate::traces::{Outcome, RequestTrace};
 use admit::Refusal;
@@ -110,8 +110,10 @@ async fn serve(
         trace.requested(request.model());
     }
     let region = headers.get(REGION_HEADER).map(HeaderValue::as_bytes);
-    let admission = admit::admit(snapshot, &request, key, region)
+    let session = headers.get(SESSION_HEADER).map(HeaderValue::as_bytes);
+    let admission = admit::admit(snapshot, &request, key, region, session)
         .map_err(|refusal| Failure::refused(app, snapshot, refusal))?;
+    admit::remember_prefix(snapshot, &admission);
     let alias = snapshot.config.models[admission.model].alias.as_str();
     let first = &admission.plan.candidates[0];
     app.metrics
@@ -283,7 +285,7 @@ pub async fn count_tokens(app: &AppState, headers: &HeaderMap, body: Body) -> Re
         let bytes = read_body(headers, body, &snapshot.config.server).await?;
         let (request, _) = Api::Messages.parse(with_max_tokens(bytes))?;
         let region = headers.get(REGION_HEADER).map(HeaderValue::as_bytes);
-        admit::admit(&snapshot, &request, key, region)
+        admit::admit(&snapshot, &request, key, region, None)
             .map(|admission| admission.facts.input_tokens)
             .map_err(|refusal| refusal.error)
     };

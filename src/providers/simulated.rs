@@ -3,6 +3,11 @@
 //! first token and speed, exact usage, and an optional failure rate. Asked
 //! for `reasoning_effort`, it reasons first, as vLLM's reasoning parsers
 //! answer: `reasoning_content` before the content, all of it output tokens.
+//! With `prefix_cache_blocks`, it keeps a prefix cache as vLLM does: the
+//! prompt's leading blocks it served before (prompts and the answers it
+//! generated to them) are read from the cache, which shortens the time to
+//! first token by their share of the prompt and is reported as
+//! `prompt_tokens_details.cached_tokens`.
 
 use std::time::Duration;
 
@@ -16,6 +21,7 @@ use super::{Chunk, Provider, UpstreamCall, UpstreamReply};
 use crate::config::{Backend, SimulatedSpec};
 use crate::error::GatewayError;
 use crate::metering::estimate;
+use crate::metering::prefix::{self, PrefixCache};
 use crate::openai::*;
 
 const WORDS: &[&str] = &[
@@ -27,14 +33,28 @@ const WORDS: &[&str] = &[
 pub struct Simulated {
     name: String,
     spec: SimulatedSpec,
+    cache: Option<PrefixCache>,
 }
 
 impl Simulated {
     pub fn new(backend: &Backend) -> Self {
+        let blocks = backend.simulated.prefix_cache_blocks;
         Self {
             name: backend.name.clone(),
             spec: backend.simulated,
+            cache: (blocks > 0).then(|| PrefixCache::new(blocks)),
         }
+    }
+
+    /// Prompt tokens read from the prefix cache, when it has one; the
+    /// prompt and its answer are in the cache from then on.
+    fn cached_tokens(&self, request: &InboundRequest, answer: &Answer) -> Option<u64> {
+        let cache = self.cache.as_ref()?;
+        let reply = answer.text(answer.reasoning..answer.words.len());
+        let (blocks, prompt) = prefix::conversation(request, &reply);
+        let cached = cache.matched(&blocks[..prompt]).tokens;
+        cache.serve(&blocks);
+        Some(cached.min(answer.usage.prompt_tokens))
     }
 
     async fn call(&self, call: UpstreamCall<'_>) -> Result<UpstreamReply, GatewayError> {
@@ -56,13 +76,23 @@ impl Simulated {
                 embeddings(call.upstream_model, &vectors, format, usage).into(),
             ));
         }
-        let answer = Answer::new(&self.spec, call);
+        let request = call.request;
+        let mut answer = Answer::new(&self.spec, call);
+        let mut ttft = self.spec.ttft;
+        let prompt = answer.usage.prompt_tokens;
+        if let Some(cached) = self.cached_tokens(request, &answer) {
+            answer.usage.prompt_tokens_details = Some(PromptTokensDetails {
+                cached_tokens: cached,
+                cache_write_tokens: 0,
+            });
+            // Prefill is the time to first token; cached tokens skip it.
+            ttft = ttft.mul_f64((prompt - cached) as f64 / prompt.max(1) as f64);
+        }
         if !answer.streaming {
-            tokio::time::sleep(self.spec.ttft + answer.per_token * (answer.words.len() as u32 - 1))
-                .await;
+            tokio::time::sleep(ttft + answer.per_token * (answer.words.len() as u32 - 1)).await;
             return Ok(UpstreamReply::Complete(answer.complete()));
         }
-        tokio::time::sleep(self.spec.ttft).await;
+        tokio::time::sleep(ttft).await;
         // Chunk i is the i-th word; after the words, the finish chunk and
         // the usage chunk, as an OpenAI server sends them.
         let total = answer.words.len() + 2;
@@ -202,11 +232,14 @@ impl Answer {
         }
     }
 
+    /// The words in `range`, as their text reads.
+    fn text(&self, range: std::ops::Range<usize>) -> String {
+        range.map(|i| self.piece(i)).collect()
+    }
+
     fn complete(&self) -> Bytes {
-        let text =
-            |range: std::ops::Range<usize>| -> String { range.map(|i| self.piece(i)).collect() };
-        let reasoning = text(0..self.reasoning);
-        let answer = text(self.reasoning..self.words.len());
+        let reasoning = self.text(0..self.reasoning);
+        let answer = self.text(self.reasoning..self.words.len());
         let finish = self.finish_reason;
         Bytes::from(match self.endpoint {
             Endpoint::Chat => {

@@ -1,8 +1,10 @@
 //! The facts of a request that routing decides on, read once.
 
-use crate::config::{Key, Policy, is_region};
+use super::session::Session;
+use crate::config::{Affinity, Key, Policy, is_region};
 use crate::error::GatewayError;
 use crate::metering::estimate;
+use crate::metering::prefix::{self, Block};
 use crate::openai::{Endpoint, InboundRequest, MessageContent, TypedRequest};
 
 pub const REGION_HEADER: &str = "x-tollgate-region";
@@ -17,6 +19,10 @@ pub struct RequestFacts {
     pub input_tokens: u64,
     pub max_output_tokens: Option<u64>,
     pub stream: bool,
+    /// The request's session, read only for an alias with affinity.
+    pub session: Option<Session>,
+    /// The prompt's blocks, read only for an alias with prefix affinity.
+    pub blocks: Vec<Block>,
 }
 
 impl RequestFacts {
@@ -44,6 +50,23 @@ impl RequestFacts {
             }
         }
         facts
+    }
+
+    /// Reads what `affinity` binds by: the session (`header` is the
+    /// request's `x-session-id`) and, for prefix affinity, the blocks.
+    pub fn with_affinity(
+        mut self,
+        request: &InboundRequest,
+        affinity: Affinity,
+        header: Option<&[u8]>,
+    ) -> Self {
+        if affinity != Affinity::None {
+            self.session = Session::of(request, header);
+        }
+        if affinity == Affinity::Prefix {
+            self.blocks = prefix::blocks(request);
+        }
+        self
     }
 
     /// The same request with its images and audio left out.

@@ -4,14 +4,20 @@
 //! Policy filters run first (`policy`: residency, the Llama licence in the
 //! EU, modality, context window, tools), then health (circuits, 429
 //! cooldowns and quotas, read from `health`), then the alias's strategy
-//! orders what is left (`strategy`: cost, latency, spillover, weighted).
+//! orders what is left (`strategy`: cost, latency, spillover, weighted),
+//! and `affinity` puts the deployment the request's session is bound to
+//! first (`session`: which session a request is).
 
+mod affinity;
 mod facts;
 mod plan;
 mod policy;
+mod session;
 mod strategy;
 
+pub use affinity::Binding;
 pub use facts::{REGION_HEADER, RequestFacts, region};
 pub use plan::{Candidate, Explained, Plan, PlanStatus, plan, policy_allows, refusal};
 pub use policy::{Rule, check as check_policy, serves};
+pub use session::{SESSION_HEADER, Session, SessionSource};
 pub use strategy::Why;

@@ -5,10 +5,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::affinity::{self, Binding};
 use super::facts::RequestFacts;
 use super::policy::{self, Rule};
-use super::strategy::{self, Contender, Inputs, Why};
-use crate::config::Key;
+use super::strategy::{self, Contender, Inputs, Ranked, Why};
+use crate::config::{Affinity, Key, Strategy};
 use crate::error::GatewayError;
 use crate::health::CircuitView;
 use crate::state::Snapshot;
@@ -49,6 +50,8 @@ pub struct Plan {
     /// The kept deployments in the order they will be tried, then the
     /// dropped ones in config order.
     pub candidates: Vec<Candidate>,
+    /// What affinity bound the request to, for an alias with affinity.
+    pub affinity: Option<Binding>,
 }
 
 impl Plan {
@@ -118,6 +121,14 @@ impl Plan {
                     }
                 })
                 .collect(),
+            affinity: self.affinity.map(|b| ExplainedAffinity {
+                mode: b.mode.name(),
+                session: b.session.to_string(),
+                bound: b.bound.map(|i| model.deployments[i].name.clone()),
+                first: b.bound.is_some() && b.bound == self.order().next(),
+                moved: b.moved,
+                prefix_tokens: (b.mode == Affinity::Prefix).then_some(b.matched.tokens),
+            }),
         }
     }
 }
@@ -129,6 +140,26 @@ pub struct Explained {
     pub status: u16,
     pub chosen: Option<String>,
     pub candidates: Vec<ExplainedCandidate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<ExplainedAffinity>,
+}
+
+/// The session a request is and the deployment it is bound to.
+#[derive(Debug, Serialize)]
+pub struct ExplainedAffinity {
+    pub mode: &'static str,
+    /// Where the session came from and its hash.
+    pub session: String,
+    pub bound: Option<String>,
+    /// Whether the bound deployment is tried first (under `cost`, a
+    /// per-token deployment cheaper even after the bound one's expected
+    /// cache hit goes first).
+    pub first: bool,
+    /// The session's own deployment was saturated or at its load bound.
+    pub moved: bool,
+    /// Prefix affinity: prompt tokens the bound deployment served last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix_tokens: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -223,8 +254,24 @@ pub fn plan(
             live,
             backend_live: &resolved.backend_health,
             rate: resolved.rate,
+            name_hash: resolved.name_hash,
         });
     }
+    let binding = facts
+        .session
+        .filter(|_| m.affinity != Affinity::None)
+        .map(|session| {
+            affinity::bind(
+                &contenders,
+                m.affinity,
+                session,
+                &facts.blocks,
+                m.strategy,
+                config.routing.affinity_epsilon,
+                now,
+            )
+        });
+    let bound = binding.and_then(|b| b.bound);
 
     let inputs = Inputs {
         strategy: m.strategy,
@@ -240,8 +287,21 @@ pub fn plan(
         }),
         now,
         first_tier: m.deployments.iter().map(|d| d.tier).min().unwrap_or(0),
+        bound: bound.and_then(|index| {
+            let hit = match binding.map(|b| b.matched) {
+                Some(matched) if m.affinity == Affinity::Prefix => {
+                    Some((matched.tokens as f64 / facts.input_tokens.max(1) as f64).min(1.0))
+                }
+                _ => snapshot.resolved(model, index).health.expected_cache_hit(),
+            };
+            hit.map(|hit| (index, hit))
+        }),
     };
-    let mut candidates: Vec<Candidate> = strategy::rank(&contenders, &inputs, rng)
+    let mut ranked = strategy::rank(&contenders, &inputs, rng);
+    if let Some(bound) = bound {
+        put_first(&mut ranked, bound, m.strategy, &contenders);
+    }
+    let mut candidates: Vec<Candidate> = ranked
         .into_iter()
         .map(|r| Candidate {
             deployment: r.index,
@@ -269,6 +329,39 @@ pub fn plan(
         status,
         expected_output: inputs.expected_output,
         candidates,
+        affinity: binding,
+    }
+}
+
+/// Puts the bound deployment first, unless the strategy dropped it. Under
+/// `cost` it goes first when it and the cheapest are both self-hosted, or
+/// when its expected cost, its expected cache hit counted, is no more
+/// than the cheapest's.
+fn put_first(
+    ranked: &mut Vec<Ranked>,
+    bound: usize,
+    strategy: Strategy,
+    contenders: &[Contender<'_>],
+) {
+    let Some(at) = ranked.iter().position(|r| r.index == bound && !r.dropped) else {
+        return;
+    };
+    let self_hosted = |index: usize| {
+        contenders
+            .iter()
+            .any(|c| c.index == index && c.backend.self_hosted.is_some())
+    };
+    let first = &ranked[0];
+    let takes_first = match strategy {
+        Strategy::Cost => {
+            (self_hosted(first.index) && self_hosted(bound)) || ranked[at].score <= first.score
+        }
+        Strategy::Latency | Strategy::Spillover(_) | Strategy::Weighted => true,
+    };
+    if takes_first {
+        let mut chosen = ranked.remove(at);
+        chosen.label = "affinity";
+        ranked.insert(0, chosen);
     }
 }
 

@@ -10,7 +10,7 @@ use super::facts::RequestFacts;
 use crate::config::{Backend, Deployment, RoutingSettings, Spillover, Strategy};
 use crate::health::{BackendLive, DeploymentLive};
 use crate::metering::cost::Rate;
-use crate::openai::Usage;
+use crate::openai::{PromptTokensDetails, Usage};
 
 /// A deployment still in the running, with what the strategies read.
 pub struct Contender<'a> {
@@ -20,6 +20,8 @@ pub struct Contender<'a> {
     pub live: &'a DeploymentLive,
     pub backend_live: &'a BackendLive,
     pub rate: Rate,
+    /// A hash of the deployment's name, for affinity.
+    pub name_hash: u64,
 }
 
 /// A strategy's verdict on one option: its place, score and reason, or
@@ -42,6 +44,9 @@ pub struct Inputs<'a> {
     pub expected_output: u64,
     /// The lowest `tier` among all of the alias's deployments.
     pub first_tier: u32,
+    /// The deployment the request's session is bound to, and the share
+    /// of its prompt that deployment is expected to read from its cache.
+    pub bound: Option<(usize, f64)>,
     pub now: Instant,
 }
 
@@ -67,6 +72,9 @@ pub enum Why {
     Cost {
         usd: f64,
         priced: Priced,
+        /// The expected share of the prompt read from the bound
+        /// deployment's cache.
+        hit: Option<f64>,
     },
     Latency {
         ms: f64,
@@ -117,7 +125,17 @@ impl fmt::Display for Priced {
 impl fmt::Display for Why {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Cost { usd, priced } => write!(f, "expected ${usd:.6} ({priced})"),
+            Self::Cost { usd, priced, hit } => {
+                write!(f, "expected ${usd:.6} ({priced}")?;
+                if let Some(hit) = hit {
+                    write!(
+                        f,
+                        "; the session's deployment, {:.0}% of the prompt expected from its cache",
+                        hit * 100.0
+                    )?;
+                }
+                f.write_str(")")
+            }
             Self::Latency { ms, stream } => write!(
                 f,
                 "expected {ms:.0} ms {}",
@@ -156,13 +174,26 @@ impl fmt::Display for Why {
 }
 
 /// Expected USD for this request on this option, and how it was priced:
-/// the metered cost of the expected usage at the deployment's rate. Self-
+/// the metered cost of the expected usage at the deployment's rate, with
+/// the expected cache hit read at the cached price on the deployment the
+/// session is bound to (another has not seen the session's prefix). Self-
 /// hosted GPUs are paid for by the hour whether used or not, so their
 /// marginal token is that rate (the pool's full-load amortised price)
 /// scaled by load: free when idle, the full price when saturated.
-pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Priced) {
+pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Priced, Option<f64>) {
     let (input, output) = (inputs.facts.input_tokens, inputs.expected_output);
-    let usd = option.rate.cost_pico_usd(&Usage::new(input, output)) as f64 / 1e12;
+    let hit = inputs
+        .bound
+        .filter(|(bound, _)| *bound == option.index)
+        .map(|(_, hit)| hit);
+    let mut usage = Usage::new(input, output);
+    if let Some(hit) = hit {
+        usage.prompt_tokens_details = Some(PromptTokensDetails {
+            cached_tokens: (input as f64 * hit).round() as u64,
+            cache_write_tokens: 0,
+        });
+    }
+    let usd = option.rate.cost_pico_usd(&usage) as f64 / 1e12;
     match option.backend.self_hosted {
         Some(_) => {
             let load = option
@@ -171,7 +202,7 @@ pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Price
                 .unwrap_or(0.0)
                 .clamp(0.0, 1.0);
             let per_mtok = option.rate.output as f64 / 1e6 * load;
-            (usd * load, Priced::SelfHosted { load, per_mtok })
+            (usd * load, Priced::SelfHosted { load, per_mtok }, hit)
         }
         None => (
             usd,
@@ -179,6 +210,7 @@ pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Price
                 input: input as f64,
                 output: output as f64,
             },
+            hit,
         ),
     }
 }
@@ -187,11 +219,11 @@ fn by_cost(options: &[Contender<'_>], inputs: &Inputs<'_>) -> Vec<Ranked> {
     let mut ranked: Vec<Ranked> = options
         .iter()
         .map(|o| {
-            let (usd, priced) = expected_cost(o, inputs);
+            let (usd, priced, hit) = expected_cost(o, inputs);
             Ranked {
                 index: o.index,
                 score: usd,
-                reason: Why::Cost { usd, priced },
+                reason: Why::Cost { usd, priced, hit },
                 label: "cheapest",
                 dropped: false,
             }
@@ -258,7 +290,7 @@ fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover
         .map(|o| {
             let load = o.backend_live.load(o.backend, inputs.now);
             let saturated = update_saturation(o.live, load, spill);
-            let (usd, _) = expected_cost(o, inputs);
+            let (usd, _, _) = expected_cost(o, inputs);
             let tier = o.deployment.tier;
             let output_price = o.deployment.price.output_micro_usd_per_mtok as f64 / 1e6;
             let over_cap = tier > first_tier
@@ -306,13 +338,19 @@ fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover
 
 /// Hysteresis: a deployment stops taking traffic at `high_load` and takes
 /// it again only below `low_load`. Unknown load never saturates.
-fn update_saturation(live: &DeploymentLive, load: Option<f64>, spill: Spillover) -> bool {
+pub fn saturated(live: &DeploymentLive, load: Option<f64>, spill: Spillover) -> bool {
     let was = live.saturated.load(AtomicOrdering::Relaxed);
-    let now = match load {
+    match load {
         None => false,
         Some(l) if was => l >= spill.low_load,
         Some(l) => l >= spill.high_load,
-    };
+    }
+}
+
+/// [`saturated`], remembered for the next decision.
+fn update_saturation(live: &DeploymentLive, load: Option<f64>, spill: Spillover) -> bool {
+    let was = live.saturated.load(AtomicOrdering::Relaxed);
+    let now = saturated(live, load, spill);
     if now != was {
         live.saturated.store(now, AtomicOrdering::Relaxed);
     }

@@ -28,6 +28,7 @@ fn refresh(app: &AppState) {
         &m.engine_requests_waiting,
         &m.engine_requests_running,
         &m.engine_kv_cache_usage,
+        &m.engine_prefix_cache_hit_ratio,
         &m.selfhosted_effective_price,
         &m.selfhosted_utilization,
         &m.budget_remaining,
@@ -64,6 +65,11 @@ fn refresh(app: &AppState) {
                 .set(signals.running);
             if let Some(kv) = signals.kv_cache {
                 m.engine_kv_cache_usage.with_label_values(&[name]).set(kv);
+            }
+            if let Some(rate) = signals.prefix_hit_rate {
+                m.engine_prefix_cache_hit_ratio
+                    .with_label_values(&[name])
+                    .set(rate);
             }
         }
         if let Some(pool) = backend.self_hosted {

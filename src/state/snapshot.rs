@@ -3,9 +3,11 @@
 //! backend, prices and health). Requests load it once, from the `ArcSwap`
 //! in the app state, and use it to the end.
 
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use foldhash::HashMap;
+use foldhash::fast::FixedState;
 use futures_util::future::BoxFuture;
 
 use crate::config::{Backend, Config, Deployment, Key};
@@ -41,6 +43,8 @@ pub struct Resolved {
     pub rate: Rate,
     pub health: Arc<DeploymentLive>,
     pub backend_health: Arc<BackendLive>,
+    /// A hash of its name, which affinity weighs sessions by.
+    pub name_hash: u64,
 }
 
 /// The provider of every backend of an offline config (validated without
@@ -116,6 +120,7 @@ impl Snapshot {
                 rate: Rate::of(deployment, &config.backends[backend]),
                 health: live.deployments[m][d].clone(),
                 backend_health: live.backends[backend].clone(),
+                name_hash: FixedState::with_seed(0).hash_one(deployment.name.as_bytes()),
             }
         };
         let resolved: Vec<Vec<Resolved>> = config

@@ -159,6 +159,11 @@ impl Backend {
             .set_in("simulated", "completion_tokens", completion_tokens)
     }
 
+    /// A simulated backend whose prefix cache holds `blocks` prompt blocks.
+    pub fn prefix_cache(self, blocks: u32) -> Self {
+        self.set_in("simulated", "prefix_cache_blocks", blocks)
+    }
+
     /// A simulated backend that fails every request, at once.
     pub fn always_fails(self) -> Self {
         self.set_in("simulated", "ttft_ms", 1)
@@ -224,6 +229,12 @@ impl Model {
     /// Spillover never overflows to a deployment dearer than this.
     pub fn price_cap(self, usd_per_mtok: f64) -> Self {
         self.set_spillover("price_cap_usd_per_mtok", usd_per_mtok)
+    }
+
+    /// `affinity = "none" | "session" | "prefix"`.
+    pub fn affinity(mut self, affinity: &str) -> Self {
+        put(&mut self.0, "affinity", affinity);
+        self
     }
 
     /// Deployments keep the order they are added in.

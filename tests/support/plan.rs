@@ -35,6 +35,7 @@ pub fn ask(request: Value, region: Option<&str>, key: Option<&str>) -> ExplainRe
         api: None,
         region: region.map(str::to_owned),
         key: key.map(str::to_owned),
+        session: None,
     }
 }
 

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use super::super::schema::{RawBackend, RawConfig, RawModel, RawSpillover};
 use super::super::types::*;
-use super::{MAX_WAIT_MS, Validator};
+use super::{MAX_PREFIX_BLOCKS, MAX_WAIT_MS, Validator};
 
 const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
@@ -18,6 +18,9 @@ const DEFAULT_OUTPUT_TOKENS: u32 = 256;
 const DEFAULT_SCRAPE_INTERVAL_MS: u64 = 2_000;
 const DEFAULT_HIGH_LOAD: f64 = 0.85;
 const DEFAULT_LOW_LOAD: f64 = 0.7;
+const DEFAULT_AFFINITY_EPSILON: f64 = 0.25;
+/// About 260k prompt tokens per deployment: a large vLLM replica's cache.
+const DEFAULT_PREFIX_BLOCKS: u32 = 16_384;
 
 impl Validator<'_> {
     pub(super) fn routing(&mut self, raw: &RawConfig) -> RoutingSettings {
@@ -48,12 +51,29 @@ impl Validator<'_> {
         if default_output_tokens == 0 {
             self.problem("routing.default_output_tokens", "must be greater than 0");
         }
+        let affinity_epsilon = r.affinity_epsilon.unwrap_or(DEFAULT_AFFINITY_EPSILON);
+        if !(0.01..=10.0).contains(&affinity_epsilon) {
+            self.problem(
+                "routing.affinity_epsilon",
+                "must be between 0.01 and 10: a bound deployment takes sessions up to \
+                 (1 + affinity_epsilon) × the mean load (0.25 is 25% over the mean)",
+            );
+        }
+        let prefix_blocks = r.prefix_blocks.unwrap_or(DEFAULT_PREFIX_BLOCKS);
+        if !(1..=MAX_PREFIX_BLOCKS).contains(&prefix_blocks) {
+            self.problem(
+                "routing.prefix_blocks",
+                format!("must be between 1 and {MAX_PREFIX_BLOCKS}"),
+            );
+        }
         RoutingSettings {
             max_attempts: max_attempts as usize,
             circuit_failures,
             circuit_cooldown: Duration::from_millis(cooldown),
             exploration,
             default_output_tokens,
+            affinity_epsilon,
+            prefix_blocks,
         }
     }
 
@@ -278,6 +298,41 @@ impl Validator<'_> {
             );
         }
         strategy
+    }
+
+    /// An alias with a self-hosted deployment keeps sessions together by
+    /// default: its engines' prefix caches are per replica. Per-token APIs
+    /// cache per account across their own fleet, and an alias's per-token
+    /// deployments are usually different providers chosen by price or
+    /// latency, so those aliases leave affinity off unless asked.
+    /// `backends` maps each backend name to whether it is self-hosted.
+    pub(super) fn affinity(
+        &mut self,
+        i: usize,
+        m: &RawModel,
+        backends: &std::collections::HashMap<&str, bool>,
+    ) -> Affinity {
+        let Some(name) = m.affinity.as_deref() else {
+            let self_hosted = m
+                .deployments
+                .iter()
+                .any(|d| backends.get(d.backend.as_str()) == Some(&true));
+            return if self_hosted {
+                Affinity::Session
+            } else {
+                Affinity::None
+            };
+        };
+        Affinity::parse(name).unwrap_or_else(|| {
+            self.problem(
+                format!("models[{i}].affinity"),
+                format!(
+                    "unknown affinity \"{name}\"; expected one of: {}",
+                    Affinity::NAMES.join(", ")
+                ),
+            );
+            Affinity::None
+        })
     }
 
     fn spillover(&mut self, i: usize, s: &RawSpillover) -> Spillover {
