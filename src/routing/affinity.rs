@@ -47,7 +47,7 @@ fn weight(session: u64, deployment: u64) -> u64 {
 /// Whether `option` has no room: its backend at or over capacity, or,
 /// for spillover, past its high load and not yet back under the low.
 fn saturated(option: &Contender<'_>, strategy: Strategy, now: std::time::Instant) -> bool {
-    let load = option.backend_live.load(option.backend, now);
+    let load = option.load(now);
     match strategy {
         Strategy::Spillover(spill) => strategy::saturated(option.live, load, spill),
         Strategy::Cost | Strategy::Latency | Strategy::Weighted => load.is_some_and(|l| l >= 1.0),

@@ -1,6 +1,7 @@
 //! A plan: every deployment of the alias, kept or dropped with a reason a
 //! person can read, and the kept ones in the order they will be tried.
 
+use std::cell::OnceCell;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -255,6 +256,7 @@ pub fn plan(
             backend_live: &resolved.backend_health,
             rate: resolved.rate,
             name_hash: resolved.name_hash,
+            load: OnceCell::new(),
         });
     }
     let binding = facts

@@ -2,6 +2,7 @@
 //! gives every deployment a score (shown by explain) and a reason, kept as
 //! numbers and turned into text only when explain shows it.
 
+use std::cell::OnceCell;
 use std::fmt;
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::Instant;
@@ -22,6 +23,18 @@ pub struct Contender<'a> {
     pub rate: Rate,
     /// A hash of the deployment's name, for affinity.
     pub name_hash: u64,
+    /// The backend's load, read at most once per plan: the strategies and
+    /// affinity each ask for it.
+    pub load: OnceCell<Option<f64>>,
+}
+
+impl Contender<'_> {
+    /// The backend's load now (`BackendLive::load`), read once.
+    pub fn load(&self, now: Instant) -> Option<f64> {
+        *self
+            .load
+            .get_or_init(|| self.backend_live.load(self.backend, now))
+    }
 }
 
 /// A strategy's verdict on one option: its place, score and reason, or
@@ -196,11 +209,7 @@ pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Price
     let usd = option.rate.cost_pico_usd(&usage) as f64 / 1e12;
     match option.backend.self_hosted {
         Some(_) => {
-            let load = option
-                .backend_live
-                .load(option.backend, inputs.now)
-                .unwrap_or(0.0)
-                .clamp(0.0, 1.0);
+            let load = option.load(inputs.now).unwrap_or(0.0).clamp(0.0, 1.0);
             let per_mtok = option.rate.output as f64 / 1e6 * load;
             (usd * load, Priced::SelfHosted { load, per_mtok }, hit)
         }
@@ -288,7 +297,7 @@ fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover
     let mut ranked: Vec<(bool, u32, f64, Ranked)> = options
         .iter()
         .map(|o| {
-            let load = o.backend_live.load(o.backend, inputs.now);
+            let load = o.load(inputs.now);
             let saturated = update_saturation(o.live, load, spill);
             let (usd, _, _) = expected_cost(o, inputs);
             let tier = o.deployment.tier;
