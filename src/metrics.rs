@@ -400,7 +400,8 @@ metrics! {
                 "reason",
                 "why the router put that deployment first, from the fixed set in \
                  `src/routing/strategy.rs`, e.g. `cheapest`, `fastest`, `exploring`, \
-                 `first_tier`, `overflow`, `affinity` (the session's deployment)",
+                 `first_tier`, `overflow`, `affinity` (the session's deployment, put first over the \
+                 cost, latency or weighted choice; spillover keeps its tier's reason)",
             ),
         ],
     }

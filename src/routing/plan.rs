@@ -338,7 +338,8 @@ pub fn plan(
 /// Puts the bound deployment first, unless the strategy dropped it. Under
 /// `cost` it goes first when it and the cheapest are both self-hosted, or
 /// when its expected cost, its expected cache hit counted, is no more
-/// than the cheapest's.
+/// than the cheapest's. Its metric reason is `affinity`, except under
+/// spillover, which keeps its tier's.
 fn put_first(
     ranked: &mut Vec<Ranked>,
     bound: usize,
@@ -361,8 +362,15 @@ fn put_first(
         Strategy::Latency | Strategy::Spillover(_) | Strategy::Weighted => true,
     };
     if takes_first {
+        // Spillover binds within the tier it chose, so the tier's reason
+        // (`first_tier`, `overflow`) still says why; elsewhere the session
+        // overrode the strategy's first choice.
+        let label = match strategy {
+            Strategy::Spillover(_) => first.label,
+            Strategy::Cost | Strategy::Latency | Strategy::Weighted => "affinity",
+        };
         let mut chosen = ranked.remove(at);
-        chosen.label = "affinity";
+        chosen.label = label;
         ranked.insert(0, chosen);
     }
 }
