@@ -317,15 +317,22 @@ impl InboundRequest {
     /// Messages API's `metadata.user_id` and the Responses API's `user`
     /// land too); `None` when absent, empty or not a string.
     pub fn user(&self) -> Option<&str> {
+        self.text_member("user")
+    }
+
+    /// A string member of the body the gateway does not read otherwise
+    /// (`user`, `prompt_cache_key`); `None` when absent, empty or not a
+    /// string.
+    pub fn text_member(&self, name: &str) -> Option<&str> {
         let extra = match &self.typed {
             TypedRequest::Chat(r) => &r.extra,
             TypedRequest::Completion(r) => &r.extra,
             TypedRequest::Embedding(r) => &r.extra,
         };
         extra
-            .get("user")
+            .get(name)
             .and_then(Value::as_str)
-            .filter(|user| !user.is_empty())
+            .filter(|text| !text.is_empty())
     }
 
     pub fn stream(&self) -> bool {

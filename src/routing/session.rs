@@ -65,22 +65,11 @@ impl Session {
         if let Some(key) = header.filter(|k| !k.is_empty()) {
             return Some(keyed(SessionSource::Header, key));
         }
-        let extra = match &request.typed {
-            TypedRequest::Chat(chat) => &chat.extra,
-            TypedRequest::Completion(completion) => &completion.extra,
-            TypedRequest::Embedding(embedding) => &embedding.extra,
-        };
-        for (member, source) in [
-            ("prompt_cache_key", SessionSource::PromptCacheKey),
-            ("user", SessionSource::User),
-        ] {
-            if let Some(key) = extra
-                .get(member)
-                .and_then(|v| v.as_str())
-                .filter(|k| !k.is_empty())
-            {
-                return Some(keyed(source, key.as_bytes()));
-            }
+        if let Some(key) = request.text_member("prompt_cache_key") {
+            return Some(keyed(SessionSource::PromptCacheKey, key.as_bytes()));
+        }
+        if let Some(user) = request.user() {
+            return Some(keyed(SessionSource::User, user.as_bytes()));
         }
         let mut opened = false;
         let hash = hash_of(|h| match &request.typed {

@@ -215,6 +215,20 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    /// Waits until one request is recorded under `labels`, and checks a
+    /// moment later that it still is one: recorded once, never twice.
+    pub async fn recorded_once(&self, labels: &[(&str, &str)]) {
+        self.eventually_metric("tollgate_requests_total", labels, 1.0)
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let text = self.metrics().await;
+        assert_eq!(
+            metric(&text, "tollgate_requests_total", labels),
+            Some(1.0),
+            "{text}"
+        );
+    }
 }
 
 /// The value of one sample in a Prometheus text exposition.
