@@ -255,6 +255,14 @@ metrics! {
             label("reason", "the error kind that moved the request on, as for `kind`"),
         ],
     }
+    hedges: IntCounterVec {
+        name: "tollgate_hedges_total",
+        help: "Requests whose first deployment had sent no first byte when the alias's hedge wait ran out, by outcome.",
+        labels: [
+            ALIAS,
+            label("outcome", "`hedge_won`, `first_won`, `both_failed`, or `over_allowance` (no deployment left in the plan fit `max_extra_usd_per_request`, so none was sent)"),
+        ],
+    }
     errors: IntCounterVec {
         name: "tollgate_errors_total",
         help: "Error answers to clients, by kind.",

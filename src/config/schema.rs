@@ -174,6 +174,8 @@ pub struct RawSimulated {
     pub completion_tokens: Option<u32>,
     pub failure_rate: Option<f64>,
     pub prefix_cache_blocks: Option<u32>,
+    pub slow_fraction: Option<f64>,
+    pub slow_ttft_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -182,8 +184,16 @@ pub struct RawModel {
     pub strategy: Option<String>,
     pub affinity: Option<String>,
     pub spillover: Option<RawSpillover>,
+    pub hedge: Option<RawHedge>,
     #[serde(default)]
     pub deployments: Vec<RawDeployment>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawHedge {
+    pub after_ms: Option<u64>,
+    pub after_quantile: Option<f64>,
+    pub max_extra_usd_per_request: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

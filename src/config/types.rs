@@ -398,6 +398,10 @@ pub struct SimulatedSpec {
     pub failure_rate: f64,
     /// Prompt blocks its prefix cache holds; 0: no cache.
     pub prefix_cache_blocks: u32,
+    /// Share of requests whose first token takes `slow_ttft` instead: a
+    /// slow tail, as a busy or unlucky replica has.
+    pub slow_fraction: f64,
+    pub slow_ttft: Duration,
 }
 
 impl Default for SimulatedSpec {
@@ -408,6 +412,8 @@ impl Default for SimulatedSpec {
             completion_tokens: 48,
             failure_rate: 0.0,
             prefix_cache_blocks: 0,
+            slow_fraction: 0.0,
+            slow_ttft: Duration::from_millis(2_000),
         }
     }
 }
@@ -417,7 +423,27 @@ pub struct Model {
     pub alias: String,
     pub strategy: Strategy,
     pub affinity: Affinity,
+    pub hedge: Option<Hedge>,
     pub deployments: Vec<Deployment>,
+}
+
+/// When a request that has had no first byte from its deployment also
+/// goes to the next one in its plan, and what that may add to its cost.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hedge {
+    pub after: HedgeAfter,
+    /// The most the second deployment may cost a request, in nano-dollars:
+    /// its worst case, the prompt and the output limit at its prices.
+    pub max_extra_nano_usd: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HedgeAfter {
+    /// A fixed wait.
+    Fixed(Duration),
+    /// This quantile of the first deployment's recent times to a first
+    /// byte (to the whole answer, for a request that does not stream).
+    Quantile(f64),
 }
 
 /// Whether an alias keeps the requests of one session, or one prompt

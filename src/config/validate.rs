@@ -497,7 +497,17 @@ impl Validator<'_> {
             completion_tokens: s.completion_tokens.unwrap_or(default.completion_tokens),
             failure_rate: s.failure_rate.unwrap_or(default.failure_rate),
             prefix_cache_blocks: s.prefix_cache_blocks.unwrap_or(default.prefix_cache_blocks),
+            slow_fraction: s.slow_fraction.unwrap_or(default.slow_fraction),
+            slow_ttft: s.slow_ttft_ms.map_or(default.slow_ttft, |ms| {
+                Duration::from_millis(ms.min(MAX_WAIT_MS))
+            }),
         };
+        if s.slow_ttft_ms.is_some_and(|ms| ms > MAX_WAIT_MS) {
+            self.problem(at("slow_ttft_ms"), "must be at most 3600000 (one hour)");
+        }
+        if !(0.0..=1.0).contains(&spec.slow_fraction) {
+            self.problem(at("slow_fraction"), "must be between 0.0 and 1.0");
+        }
         if spec.prefix_cache_blocks > MAX_PREFIX_BLOCKS {
             self.problem(
                 at("prefix_cache_blocks"),
@@ -547,6 +557,7 @@ impl Validator<'_> {
             alias: m.alias.clone(),
             strategy: self.strategy(i, m),
             affinity: self.affinity(i, m, backends),
+            hedge: m.hedge.as_ref().and_then(|h| self.hedge(i, m, h)),
             deployments,
         }
     }

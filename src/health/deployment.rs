@@ -7,6 +7,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::circuit::{Circuit, CircuitView};
+use super::first_byte::FirstBytes;
 use super::quota::{DeploymentQuota, LeftFor};
 use crate::limits::UpstreamQuota;
 use crate::metering::prefix::PrefixCache;
@@ -30,6 +31,8 @@ pub struct DeploymentLive {
     pub quota: DeploymentQuota,
     /// Prefix affinity: the prompt blocks it was last sent.
     pub prefix: PrefixCache,
+    /// Recent times to a first byte, for hedging at a quantile of them.
+    pub first_bytes: FirstBytes,
     estimates: Mutex<Estimates>,
     /// The last upstream failure, for the reasons plans and 503s give.
     last_failure: Mutex<Option<String>>,
@@ -80,6 +83,7 @@ impl DeploymentLive {
     }
 
     pub fn record_latency(&self, stream: bool, elapsed: Duration) {
+        self.first_bytes.record(stream, elapsed);
         let ms = elapsed.as_secs_f64() * 1000.0;
         let mut e = self.estimates();
         if stream {

@@ -69,7 +69,8 @@ impl Drop for Lease {
 }
 
 /// One try at one deployment, admitted by its circuit. It ends in
-/// [`Attempt::succeeded`] or [`Attempt::failed`]; dropped otherwise (the
+/// [`Attempt::succeeded`], [`Attempt::failed`] or, for the loser of a
+/// hedge, [`Attempt::cancelled`]; dropped otherwise (the
 /// client left first), it frees a half-open circuit's probe slot.
 pub struct Attempt {
     deployment: Option<Arc<DeploymentLive>>,
@@ -124,6 +125,15 @@ impl Attempt {
             }
             _ => d.circuit.on_success(),
         }
+    }
+
+    /// Another deployment answered first and this attempt is dropped
+    /// before its first byte: its wait so far counts towards the
+    /// deployment's first-byte times, as the least it would have taken.
+    pub fn cancelled(mut self, stream: bool) {
+        let d = self.take();
+        d.first_bytes.record(stream, self.started.elapsed());
+        d.circuit.on_abandon(self.probe);
     }
 }
 

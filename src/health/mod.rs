@@ -2,7 +2,8 @@
 //! config snapshot, keyed by name, so it survives a reload for every
 //! deployment, backend and alias whose name persists (`live`): requests in
 //! flight (`lease`), latency and output-length estimates and 429
-//! cooldowns (`deployment`), circuit breakers (`circuit`), upstream quotas
+//! cooldowns (`deployment`), the recent times to a first byte that
+//! hedging reads a quantile of (`first_byte`), circuit breakers (`circuit`), upstream quotas
 //! and deployment rate limits (`quota`), and engine load scraped from vLLM
 //! and TGI (`engine`, into `backend`). Routing reads it; attempts and the
 //! meter write it.
@@ -11,6 +12,7 @@ mod backend;
 mod circuit;
 mod deployment;
 pub mod engine;
+mod first_byte;
 mod lease;
 mod live;
 mod quota;
@@ -18,6 +20,7 @@ mod quota;
 pub use backend::{BackendLive, EngineSignals};
 pub use circuit::CircuitView;
 pub use deployment::{AliasLive, DeploymentLive, Pressure};
+pub use first_byte::FirstBytes;
 pub use lease::{Attempt, Lease};
 pub use live::{LiveState, LiveView};
 pub use quota::DeploymentQuota;

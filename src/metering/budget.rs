@@ -56,6 +56,9 @@ pub struct Reservation {
     /// Shared by the fleet, with the reservation's id when it was made in
     /// the shared store.
     shared: Option<(Arc<dyn SharedSpend>, Option<String>)>,
+    /// The part of `nano_usd` held for a hedge, beside the first
+    /// attempt's worst case.
+    hedge: u64,
     settled: bool,
 }
 
@@ -67,12 +70,33 @@ impl Reservation {
             nano_usd,
             local: None,
             shared: Some((sink, Some(id))),
+            hedge: 0,
             settled: false,
         }
     }
 
+    /// All the reservation holds.
     pub fn nano_usd(&self) -> u64 {
         self.nano_usd
+    }
+
+    /// What the first attempt may spend: the rest is the hedge's.
+    pub fn first_nano_usd(&self) -> u64 {
+        self.nano_usd - self.hedge
+    }
+
+    /// What a hedge may spend.
+    pub fn hedge_nano_usd(&self) -> u64 {
+        self.hedge
+    }
+
+    /// Of a reservation asked for `first` and a hedge's allowance beside
+    /// it, what is beyond `first` is the hedge's: a budget that could not
+    /// hold both holds the first attempt's whole, and a hedge only in what
+    /// is left.
+    pub fn with_hedge(mut self, first: u64) -> Self {
+        self.hedge = self.nano_usd.saturating_sub(first);
+        self
     }
 
     /// A reservation made here while the fleet's store was away: its
@@ -224,6 +248,7 @@ impl Budgets {
             nano_usd,
             local: Some(self.clone()),
             shared: None,
+            hedge: 0,
             settled: false,
         })
     }

@@ -119,6 +119,11 @@ pub struct Meter {
     prompt_estimate: u64,
     /// The attempt in flight or answering; `None` between attempts.
     serving: Option<Serving>,
+    /// A hedge: a second attempt in flight beside `serving`.
+    hedge: Option<Serving>,
+    /// The attempt that lost a hedge, cancelled before its first byte: the
+    /// upstream had the prompt, so it is charged the prompt, estimated.
+    cancelled: Option<Serving>,
     /// The backend of the last attempt, for the request's labels.
     last_backend: Option<String>,
     /// Upstream attempts begun.
@@ -162,6 +167,8 @@ impl Meter {
             started,
             prompt_estimate,
             serving: None,
+            hedge: None,
+            cancelled: None,
             last_backend: None,
             attempts: 0,
             error: None,
@@ -193,28 +200,78 @@ impl Meter {
         provider: &'static str,
         upstream_model: &str,
     ) -> HeaderMap {
-        self.attempts += 1;
-        let headers = match &mut self.trace {
-            Some(trace) => trace.begin_attempt(AttemptFacts {
-                provider,
-                upstream_model,
-                deployment: &serving.deployment,
-                number: self.attempts,
-            }),
-            None => HeaderMap::new(),
-        };
+        let headers = self.trace_attempt(&serving, provider, upstream_model, false);
         self.last_backend = Some(serving.backend.clone());
         self.serving = Some(serving);
         self.upstream_since = Some(Instant::now());
         headers
     }
 
+    /// A hedge starts: a second upstream call beside the one in flight.
+    pub fn begin_hedge(
+        &mut self,
+        serving: Serving,
+        provider: &'static str,
+        upstream_model: &str,
+    ) -> HeaderMap {
+        let headers = self.trace_attempt(&serving, provider, upstream_model, true);
+        self.hedge = Some(serving);
+        headers
+    }
+
+    fn trace_attempt(
+        &mut self,
+        serving: &Serving,
+        provider: &'static str,
+        upstream_model: &str,
+        hedge: bool,
+    ) -> HeaderMap {
+        self.attempts += 1;
+        match &mut self.trace {
+            Some(trace) => trace.begin_attempt(
+                AttemptFacts {
+                    provider,
+                    upstream_model,
+                    deployment: &serving.deployment,
+                    number: self.attempts,
+                },
+                hedge,
+            ),
+            None => HeaderMap::new(),
+        }
+    }
+
+    /// The hedge answered first: it serves the request, and the first
+    /// attempt is cancelled when [`attempt_answered`](Self::attempt_answered)
+    /// is called.
+    pub fn hedge_won(&mut self) {
+        std::mem::swap(&mut self.serving, &mut self.hedge);
+        self.last_backend = self.serving.as_ref().map(|s| s.backend.clone());
+        if let Some(trace) = &mut self.trace {
+            trace.hedge_won();
+        }
+    }
+
+    /// The hedge failed with `error` before its first byte; the first
+    /// attempt goes on.
+    pub fn hedge_failed(&mut self, error: &GatewayError) {
+        self.hedge = None;
+        if let Some(trace) = &mut self.trace {
+            trace.hedge_failed(error.label(), error.message().to_owned());
+        }
+    }
+
     /// The attempt failed with `error` before anything reached the client:
     /// nothing was generated, so it costs nothing; the next attempt may
     /// start.
+    /// A hedge still in flight becomes the attempt.
     pub fn attempt_failed(&mut self, error: &GatewayError) {
         self.upstream_done();
-        self.serving = None;
+        self.serving = self.hedge.take();
+        if let Some(serving) = &self.serving {
+            self.last_backend = Some(serving.backend.clone());
+            self.upstream_since = Some(Instant::now());
+        }
         if let Some(trace) = &mut self.trace {
             trace.attempt_failed(error.label(), error.message().to_owned());
         }
@@ -222,8 +279,15 @@ impl Meter {
 
     /// The upstream answered (its whole body, or its first chunk) as the
     /// model `model` names, read only when the request is traced.
+    /// A hedge still in flight is cancelled.
     pub fn attempt_answered(&mut self, model: impl FnOnce() -> Option<String>) {
         self.answered = true;
+        if let Some(loser) = self.hedge.take() {
+            self.cancelled = Some(loser);
+            if let Some(trace) = &mut self.trace {
+                trace.hedge_cancelled();
+            }
+        }
         if let Some(trace) = &mut self.trace
             && let Some(model) = model()
         {
@@ -306,23 +370,43 @@ impl Meter {
         }
     }
 
-    /// Nano-dollars the request's budget reservation holds, if its key has
-    /// a budget.
+    /// Nano-dollars the request's budget reservation holds for its first
+    /// attempt (the rest is a hedge's), if its key has a budget.
     pub fn reserved_nano_usd(&self) -> Option<u64> {
-        self.charges.reservation.as_ref().map(Reservation::nano_usd)
+        self.charges
+            .reservation
+            .as_ref()
+            .map(Reservation::first_nano_usd)
+    }
+
+    /// Nano-dollars the reservation holds for a hedge, if its key has a
+    /// budget.
+    pub fn reserved_for_hedge(&self) -> Option<u64> {
+        self.charges
+            .reservation
+            .as_ref()
+            .map(Reservation::hedge_nano_usd)
     }
 
     /// Whether the request's budget reservation pays for no more output:
-    /// its prompt estimate and the output passed through, with one token
-    /// more, would cost more than it holds. A stream is then ended, so a
-    /// budget is never overrun by a request that generates past what was
-    /// reserved for it.
+    /// the prompt of a hedge's cancelled attempt, its prompt estimate and
+    /// the output passed through, with one token more, would cost more
+    /// than it holds. A stream is then ended, so a budget is never overrun
+    /// by a request that generates past what was reserved for it.
     pub fn reservation_spent(&self) -> bool {
-        let (Some(reserved), Some(serving)) = (self.reserved_nano_usd(), &self.serving) else {
+        let (Some(reservation), Some(serving)) = (&self.charges.reservation, &self.serving) else {
             return false;
         };
         let next = self.generated_tokens().saturating_add(1);
-        serving.rate.estimate_nano_usd(self.prompt_estimate, next) > reserved
+        let cost = serving.rate.estimate_nano_usd(self.prompt_estimate, next);
+        cost.saturating_add(self.cancelled_cost()) > reservation.nano_usd()
+    }
+
+    /// What a hedge's cancelled attempt costs: its prompt, estimated.
+    fn cancelled_cost(&self) -> u64 {
+        self.cancelled
+            .as_ref()
+            .map_or(0, |c| c.rate.estimate_nano_usd(self.prompt_estimate, 0))
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -421,15 +505,31 @@ impl Meter {
         if let Some(limits) = &self.charges.limits {
             limits.settle(charged, usage.total_tokens, Instant::now());
         }
+        let key_label = if *key_in_metrics { key } else { OTHER_KEYS };
+        // A hedge's loser, and a hedge the client left in flight, had the
+        // prompt: each is charged it, estimated, to its own deployment in
+        // the metrics and to the request's one record in the ledger.
+        let mut hedge_nano = 0;
+        for loser in self.cancelled.iter().chain(&self.hedge) {
+            let prompt = Usage::new(self.prompt_estimate, 0);
+            loser.lease.settle(self.prompt_estimate, &prompt, false);
+            let cost = loser.rate.cost_nano_usd(&prompt);
+            hedge_nano += cost;
+            m.tokens
+                .with_label_values(&[api, alias.as_str(), &loser.backend, "input", "true"])
+                .inc_by(prompt.prompt_tokens);
+            m.cost
+                .with_label_values(&[alias.as_str(), &loser.deployment, key_label])
+                .inc_by(cost as f64 / 1e9);
+        }
         let mut cost_nano = 0;
         if let Some(serving) = &self.serving {
             serving.lease.settle(charged, &usage, !estimated);
         }
         if let Some(serving) = &self.serving
-            && usage.total_tokens > 0
+            && (usage.total_tokens > 0 || hedge_nano > 0)
         {
             cost_nano = serving.rate.cost_nano_usd(&usage);
-            let key_label = if *key_in_metrics { key } else { OTHER_KEYS };
             m.cost
                 .with_label_values(&[alias.as_str(), &serving.deployment, key_label])
                 .inc_by(cost_nano as f64 / 1e9);
@@ -451,13 +551,14 @@ impl Meter {
                     requests: 1,
                     input_tokens: usage.prompt_tokens,
                     output_tokens: usage.completion_tokens,
-                    cost_nano_usd: cost_nano,
+                    cost_nano_usd: cost_nano + hedge_nano,
                 },
             );
             self.charges
                 .licence
                 .served(alias, serving.licence, *user, &usage, cost_nano);
         }
+        let cost_nano = cost_nano + hedge_nano;
         // Only now, with the cost in the ledger, may the budget be freed.
         if let Some(reservation) = self.charges.reservation.take() {
             reservation.settle(cost_nano);
@@ -486,6 +587,7 @@ impl Meter {
             output_tokens = usage.completion_tokens,
             estimated,
             cost_usd = cost_nano as f64 / 1e9,
+            hedge_cancelled = self.cancelled.as_ref().map(|c| c.deployment.as_str()),
             error = self.error,
             "request done"
         );

@@ -367,6 +367,17 @@ impl InboundRequest {
         }
     }
 
+    /// The most output tokens the request may have of a deployment with a
+    /// context window of `context_window`, after a prompt of `prompt`
+    /// tokens: its `max_tokens`, else its endpoint's default limit (legacy
+    /// completions stop at 16), within what the window leaves.
+    pub fn output_ceiling(&self, context_window: u32, prompt: u64) -> u64 {
+        let window = u64::from(context_window).saturating_sub(prompt);
+        self.max_output_tokens()
+            .or(self.endpoint().default_max_tokens())
+            .map_or(window, |max| window.min(u64::from(max)))
+    }
+
     /// The body to send to an OpenAI-compatible upstream: the client's
     /// bytes, with `model` replaced by `upstream_model`, `stream_options`
     /// set as the upstream call needs (`None` removes it), and an output

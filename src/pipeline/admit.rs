@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{Budget, Deployment, Key, OnUnavailable};
+use crate::config::{Budget, Key, OnUnavailable};
 use crate::error::GatewayError;
 use crate::inbound::Api;
 use crate::limits::{Limits, Refused};
@@ -254,16 +254,23 @@ pub async fn reserve(
         GatewayError::key_rate_limited(&key.name, refused, tokens)
     };
     let fleet = app.fleet.as_ref();
+    let ask = budgeted.then(|| ask(snapshot, request, admission));
+    // A hedge's allowance is asked for beside the first attempt's worst
+    // case, and held for the hedge out of what the budget grants beyond it.
+    let hedged = |reservation: Reservation| match ask {
+        Some(ask) => reservation.with_hedge(ask.want - hedge_allowance(snapshot, admission)),
+        None => reservation,
+    };
     if let Some(fleet) = fleet
         && (budgeted || limits.is_limited())
         && let Some(cells) = limits.shared_cells()
     {
-        let budget = budgeted.then(|| (key, ask(snapshot, request, admission), today));
+        let budget = ask.map(|ask| (key, ask, today));
         match fleet.admit(&cells, tokens, budget).await {
             Ok(admitted) => {
                 limits.mirror(tokens, Instant::now());
                 let reservation = admitted.reservation.map(|(id, nano_usd)| {
-                    Reservation::shared(&key.name, nano_usd, fleet.clone(), id)
+                    hedged(Reservation::shared(&key.name, nano_usd, fleet.clone(), id))
                 });
                 return Ok((Some(limits.clone()), reservation));
             }
@@ -288,8 +295,7 @@ pub async fn reserve(
     limits
         .admit(tokens, Instant::now())
         .map_err(|refused| rate_limited(&refused))?;
-    let reservation = if budgeted {
-        let ask = ask(snapshot, request, admission);
+    let reservation = if let Some(ask) = ask {
         let reservation = app.budgets.admit(key, today, ask, |period, limit| {
             let spent = budget::spent_in(&app.ledger, &key.name, period, today);
             match fleet {
@@ -297,10 +303,10 @@ pub async fn reserve(
                 None => (limit, spent),
             }
         })?;
-        Some(match fleet {
+        Some(hedged(match fleet {
             Some(fleet) => reservation.reported_to(fleet.clone()),
             None => reservation,
-        })
+        }))
     } else {
         None
     };
@@ -309,34 +315,38 @@ pub async fn reserve(
 
 /// What a request asks of its key's budget: the most it can cost on the
 /// dearest deployment of its plan — its prompt estimate and its
-/// [`output_ceiling`] there — and, without `max_tokens` (the gateway then
-/// sets the output limit a reservation pays for), the least: its prompt
-/// and one output token on any of them.
+/// [`output_ceiling`](InboundRequest::output_ceiling) there — with a hedge's allowance beside it, and,
+/// without `max_tokens` (the gateway then sets the output limit a
+/// reservation pays for), the least: its prompt and one output token on
+/// any of them.
 pub fn ask(snapshot: &Snapshot, request: &InboundRequest, admission: &Admission) -> budget::Ask {
     let prompt = admission.facts.input_tokens;
     let deployments = &snapshot.config.models[admission.model].deployments;
     let (mut want, mut floor) = (0, 0);
     for i in admission.plan.order() {
         let rate = snapshot.resolved(admission.model, i).rate;
-        let output = output_ceiling(request, &deployments[i], prompt).max(1);
+        let output = request
+            .output_ceiling(deployments[i].context_window, prompt)
+            .max(1);
         want = want.max(rate.estimate_nano_usd(prompt, output));
         floor = floor.max(rate.estimate_nano_usd(prompt, 1));
     }
     if request.max_output_tokens().is_some() {
         floor = want;
     }
-    budget::Ask { want, floor }
+    budget::Ask {
+        want: want.saturating_add(hedge_allowance(snapshot, admission)),
+        floor,
+    }
 }
 
-/// The most output tokens a request of `prompt` tokens may have at
-/// `deployment`: its `max_tokens`, else its endpoint's default limit
-/// (legacy completions stop at 16), within what the context window leaves.
-pub fn output_ceiling(request: &InboundRequest, deployment: &Deployment, prompt: u64) -> u64 {
-    let window = u64::from(deployment.context_window).saturating_sub(prompt);
-    request
-        .max_output_tokens()
-        .or(request.endpoint().default_max_tokens())
-        .map_or(window, |max| window.min(u64::from(max)))
+/// What a hedge may add to a request's cost: its alias's allowance, when
+/// the plan has a second deployment to hedge to.
+fn hedge_allowance(snapshot: &Snapshot, admission: &Admission) -> u64 {
+    match &snapshot.config.models[admission.model].hedge {
+        Some(hedge) if admission.plan.order().nth(1).is_some() => hedge.max_extra_nano_usd,
+        _ => 0,
+    }
 }
 
 /// The inbound APIs `explain` reads a request of.
@@ -407,7 +417,17 @@ pub fn explain(snapshot: &Snapshot, ask: &ExplainRequest) -> Result<Explained, G
     let region = ask.region.as_deref().map(str::as_bytes);
     let session = ask.session.as_deref().map(str::as_bytes);
     match admit(snapshot, &request, key, region, session) {
-        Ok(admission) => Ok(admission.plan.explain(snapshot)),
+        Ok(admission) => {
+            let mut explained = admission.plan.explain(snapshot);
+            explained.hedge = super::hedge::explain(
+                snapshot,
+                &request,
+                admission.model,
+                &admission.facts,
+                &admission.plan,
+            );
+            Ok(explained)
+        }
         Err(Refusal {
             plan: Some(plan), ..
         }) => Ok(plan.explain(snapshot)),

@@ -1,17 +1,20 @@
 //! The failover loop: the plan's deployments in order, each call bounded
 //! by its backend's first-byte timeout, until one answers or a failure may
 //! not be retried. Nothing is retried once the client has a byte: a
-//! stream's first chunk is read here, before the response starts.
+//! stream's first chunk is read here, before the response starts; so a
+//! hedge, too, goes out only before it.
 
+use std::pin::{Pin, pin};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use axum::http::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::admit::{Admission, output_ceiling};
-use super::{Failure, RequestCtx};
-use crate::config::{Backend, BackendKind, Deployment};
+use super::admit::Admission;
+use super::{Failure, RequestCtx, hedge};
+use crate::config::{Backend, BackendKind, Deployment, RoutingSettings};
 use crate::error::GatewayError;
 use crate::health::Attempt;
 use crate::limits::Refused;
@@ -21,7 +24,7 @@ use crate::metering::{Meter, Observed, Serving};
 use crate::metrics::NONE;
 use crate::openai::InboundRequest;
 use crate::providers::{Chunk, ChunkStream, UpstreamCall, UpstreamReply};
-use crate::state::{AppState, Resolved};
+use crate::state::{AppState, Resolved, Snapshot};
 use crate::store::Denied;
 
 /// What came back from an upstream before the client saw anything.
@@ -65,12 +68,87 @@ pub struct Served<'s> {
     pub reply: Ready,
 }
 
+/// One deployment being tried: admitted by its circuit and its rate
+/// limits, with the output limit it is sent with.
+struct Leg<'s> {
+    index: usize,
+    deployment: &'s Deployment,
+    backend: &'s Backend,
+    resolved: &'s Resolved,
+    attempt: Attempt,
+    max_tokens: Option<u32>,
+}
+
+impl<'s> Leg<'s> {
+    fn serving(&self, snapshot: &Snapshot, model: usize) -> Serving {
+        Serving {
+            deployment: self.deployment.name.clone(),
+            backend: self.backend.name.clone(),
+            rate: self.resolved.rate,
+            context_window: u64::from(self.deployment.context_window),
+            licence: self.deployment.licence,
+            lease: Box::new(snapshot.lease(model, self.index)),
+        }
+    }
+
+    fn provider(&self) -> &'static str {
+        provider_name(self.backend.kind)
+    }
+
+    /// Where its call goes, apart from the leg, which lives on to learn
+    /// how the call ended.
+    fn to(&self) -> Target<'s> {
+        Target {
+            backend: self.backend,
+            resolved: self.resolved,
+            upstream_model: &self.deployment.upstream_model,
+            max_tokens: self.max_tokens,
+        }
+    }
+}
+
+/// The upstream one call goes to.
+#[derive(Clone, Copy)]
+struct Target<'s> {
+    backend: &'s Backend,
+    resolved: &'s Resolved,
+    upstream_model: &'s str,
+    max_tokens: Option<u32>,
+}
+
+/// The leg that answered, and its answer.
+struct Answer<'s> {
+    backend: &'s Backend,
+    deployment: &'s Deployment,
+    reply: Ready,
+}
+
+/// What one request's attempts have come to so far.
+struct Tried<'s> {
+    app: &'s AppState,
+    ctx: &'s RequestCtx,
+    model: usize,
+    alias: &'s str,
+    settings: &'s RoutingSettings,
+    stream: bool,
+    attempts: usize,
+    /// The last failure that may be retried, and its backend.
+    last_error: Option<(GatewayError, &'s str)>,
+    /// A failure that may not be: the request ends with it, unless a hedge
+    /// in flight beside it answers.
+    fatal: Option<(GatewayError, &'s str)>,
+    /// The soonest a deployment skipped at its quota has room again.
+    skipped: Option<Duration>,
+}
+
 /// Tries the plan's deployments in order. A half-open circuit whose probe
 /// another request took is skipped, not failed; so is a deployment at its
 /// quota. Every outcome teaches the deployment's circuit and latency
-/// estimate, and every response's `x-ratelimit-*` headers its quota.
+/// estimate, and every response's `x-ratelimit-*` headers its quota. An
+/// alias with a hedge sends the request, once, to a second deployment
+/// beside a first that is slow to its first byte ([`hedge`]).
 pub async fn attempt<'s>(
-    app: &AppState,
+    app: &'s AppState,
     ctx: &'s RequestCtx,
     request: &InboundRequest,
     admission: &Admission,
@@ -79,99 +157,133 @@ pub async fn attempt<'s>(
     let snapshot = &*ctx.snapshot;
     let (model, facts, plan) = (admission.model, &admission.facts, &admission.plan);
     let config = &snapshot.config.models[model];
-    let alias = config.alias.as_str();
-    let settings = &snapshot.config.routing;
-    let metrics = &app.metrics;
-    let mut attempts = 0;
-    let mut last_error = None;
-    // The soonest a deployment skipped at its quota has room again.
-    let mut skipped: Option<Duration> = None;
-    for index in plan.order() {
-        if attempts == settings.max_attempts {
+    let prompt = facts.input_tokens;
+    let mut tried = Tried {
+        app,
+        ctx,
+        model,
+        alias: &config.alias,
+        settings: &snapshot.config.routing,
+        stream: facts.stream,
+        attempts: 0,
+        last_error: None,
+        fatal: None,
+        skipped: None,
+    };
+    let max_attempts = tried.settings.max_attempts;
+    // A stream that may be cut at its reservation needs its identity to
+    // write the last chunk.
+    let identity = request.include_usage() || meter.reserved_nano_usd().is_some();
+    let mut hedged = None;
+    for (position, index) in plan.order().enumerate() {
+        if tried.attempts == max_attempts || tried.fatal.is_some() {
             break;
+        }
+        if hedged == Some(index) {
+            continue;
         }
         let deployment = &config.deployments[index];
         let resolved = snapshot.resolved(model, index);
-        let Ok(max_tokens) =
-            output_limit(request, facts.input_tokens, deployment, resolved, &meter)
-        else {
+        let Ok(max_tokens) = output_limit(request, prompt, deployment, resolved, &meter) else {
             continue;
         };
-        let Some(attempt) = Attempt::begin(&resolved.health) else {
+        let Some(first) = tried.leg(index, max_tokens, prompt).await else {
             continue;
         };
-        if let Err(refused) = admit_deployment(app, resolved, facts.input_tokens).await {
-            metrics
-                .rate_limited
-                .with_label_values(&["deployment", &deployment.name, refused.limit.name()])
-                .inc();
-            if let Some(wait) = refused.wait {
-                skipped = Some(skipped.map_or(wait, |s| s.min(wait)));
-            }
-            continue;
-        }
-        attempts += 1;
-        let backend = snapshot.backend(resolved.backend);
-        let trace = meter.begin_attempt(
-            Serving {
-                deployment: deployment.name.clone(),
-                backend: backend.name.clone(),
-                rate: resolved.rate,
-                context_window: u64::from(deployment.context_window),
-                licence: deployment.licence,
-                lease: Box::new(snapshot.lease(model, index)),
-            },
-            provider_name(backend.kind),
-            &deployment.upstream_model,
+        tried.attempts += 1;
+        let headers = meter.begin_attempt(
+            first.serving(snapshot, model),
+            first.provider(),
+            &first.deployment.upstream_model,
         );
-        let call = UpstreamCall {
+        let mut call = pin!(call_upstream(
+            app,
+            first.to(),
             request,
-            upstream_model: &deployment.upstream_model,
-            request_id: &ctx.request_id,
-            quota: &OnceLock::new(),
-            max_tokens,
-            trace: &trace,
+            &ctx.request_id,
+            headers,
+            identity
+        ));
+        let wait = match &config.hedge {
+            Some(h) if hedged.is_none() && tried.attempts < max_attempts => {
+                hedge::wait(h, &first.resolved.health, facts.stream).map(|wait| (h, wait))
+            }
+            _ => None,
         };
-        // A stream that may be cut at its reservation needs its identity
-        // to write the last chunk.
-        let identity = request.include_usage() || meter.reserved_nano_usd().is_some();
-        match call_upstream(app, backend, resolved, call, identity).await {
+        let answered = match wait {
+            None => call.await,
+            Some((h, wait)) => match tokio::time::timeout(wait, call.as_mut()).await {
+                Ok(answered) => answered,
+                Err(_) => {
+                    // No first byte yet: a hedge, if a deployment after this
+                    // one fits the allowance.
+                    let allowance = hedge::allowance(h, meter.reserved_for_hedge());
+                    let mut second = None;
+                    for index in plan.order().skip(position + 1) {
+                        let rate = &snapshot.resolved(model, index).rate;
+                        let deployment = &config.deployments[index];
+                        let Some(fit) = hedge::fit(request, prompt, deployment, rate, allowance)
+                        else {
+                            continue;
+                        };
+                        second = tried.leg(index, fit.max_tokens, prompt).await;
+                        if second.is_some() {
+                            break;
+                        }
+                    }
+                    match second {
+                        None => {
+                            tried.hedged("over_allowance");
+                            call.await
+                        }
+                        Some(second) => {
+                            hedged = Some(second.index);
+                            tried.attempts += 1;
+                            let headers = meter.begin_hedge(
+                                second.serving(snapshot, model),
+                                second.provider(),
+                                &second.deployment.upstream_model,
+                            );
+                            let hedge_call = pin!(call_upstream(
+                                app,
+                                second.to(),
+                                request,
+                                &ctx.request_id,
+                                headers,
+                                identity
+                            ));
+                            let won = tried
+                                .race((first, call), (second, hedge_call), &mut meter)
+                                .await;
+                            match won {
+                                Some(answer) => return Ok(tried.served(answer, meter)),
+                                None => continue,
+                            }
+                        }
+                    }
+                }
+            },
+        };
+        match answered {
             Ok(reply) => {
-                attempt.succeeded(facts.stream);
-                meter.attempt_answered(|| usage::answering_model(reply.first_bytes()));
-                return Ok(Served {
-                    backend,
-                    deployment,
-                    attempts,
-                    meter,
-                    reply,
-                });
+                let answer = tried.answered(first, reply, &mut meter);
+                return Ok(tried.served(answer, meter));
             }
             Err(error) => {
-                attempt.failed(&error, settings);
                 meter.attempt_failed(&error);
-                if !error.retriable() {
-                    return Err(Failure::after_attempts(
-                        error,
-                        alias,
-                        &backend.name,
-                        attempts,
-                        meter,
-                    ));
-                }
-                metrics
-                    .failovers
-                    .with_label_values(&[alias, &deployment.name, error.label()])
-                    .inc();
-                tracing::warn!(
-                    request_id = ctx.request_id, alias, deployment = deployment.name, error = %error.message(),
-                    "upstream failed before the first byte; trying the next deployment"
-                );
-                last_error = Some((error, backend.name.as_str()));
+                tried.failed(first, error);
             }
         }
     }
-    let (error, backend) = last_error.unwrap_or_else(|| {
+    let Tried {
+        alias,
+        attempts,
+        last_error,
+        fatal,
+        skipped,
+        ..
+    } = tried;
+    let (error, backend) = fatal.or(last_error).unwrap_or_else(|| {
         (
             GatewayError::no_deployment_available(
                 alias,
@@ -184,6 +296,147 @@ pub async fn attempt<'s>(
     Err(Failure::after_attempts(
         error, alias, backend, attempts, meter,
     ))
+}
+
+type Call<'c> = Pin<&'c mut (dyn Future<Output = Result<Ready, GatewayError>> + Send + 'c)>;
+
+impl<'s> Tried<'s> {
+    /// The deployment at `index` as a leg, if its circuit and its rate
+    /// limits admit an attempt now; one at its quota is skipped, and the
+    /// soonest it has room again noted.
+    async fn leg(&mut self, index: usize, max_tokens: Option<u32>, prompt: u64) -> Option<Leg<'s>> {
+        let snapshot = &*self.ctx.snapshot;
+        let resolved = snapshot.resolved(self.model, index);
+        let deployment = &snapshot.config.models[self.model].deployments[index];
+        let attempt = Attempt::begin(&resolved.health)?;
+        if let Err(refused) = admit_deployment(self.app, resolved, prompt).await {
+            self.app
+                .metrics
+                .rate_limited
+                .with_label_values(&["deployment", &deployment.name, refused.limit.name()])
+                .inc();
+            if let Some(wait) = refused.wait {
+                self.skipped = Some(self.skipped.map_or(wait, |s| s.min(wait)));
+            }
+            return None;
+        }
+        Some(Leg {
+            index,
+            deployment,
+            backend: snapshot.backend(resolved.backend),
+            resolved,
+            attempt,
+            max_tokens,
+        })
+    }
+
+    /// A leg failed before the client saw a byte: its deployment learns of
+    /// it, and a failure that may be retried moves the request on.
+    fn failed(&mut self, leg: Leg<'s>, error: GatewayError) {
+        leg.attempt.failed(&error, self.settings);
+        let backend = leg.backend.name.as_str();
+        if !error.retriable() {
+            self.fatal = Some((error, backend));
+            return;
+        }
+        self.app
+            .metrics
+            .failovers
+            .with_label_values(&[self.alias, &leg.deployment.name, error.label()])
+            .inc();
+        tracing::warn!(
+            request_id = self.ctx.request_id, alias = self.alias, deployment = leg.deployment.name, error = %error.message(),
+            "upstream failed before the first byte; trying the next deployment"
+        );
+        self.last_error = Some((error, backend));
+    }
+
+    fn hedged(&self, outcome: &'static str) {
+        self.app
+            .metrics
+            .hedges
+            .with_label_values(&[self.alias, outcome])
+            .inc();
+    }
+
+    /// The first attempt and its hedge, both in flight: the first to
+    /// answer serves the request and the other is cancelled; a failure
+    /// leaves the other to go on alone.
+    async fn race(
+        &mut self,
+        (first, mut first_call): (Leg<'s>, Call<'_>),
+        (second, mut second_call): (Leg<'s>, Call<'_>),
+        meter: &mut Meter,
+    ) -> Option<Answer<'s>> {
+        let (mut first, mut second) = (Some(first), Some(second));
+        loop {
+            tokio::select! {
+                answered = &mut first_call, if first.is_some() => {
+                    let leg = first.take().expect("polled only while in flight");
+                    match answered {
+                        Ok(reply) => {
+                            if let Some(loser) = second.take() {
+                                loser.attempt.cancelled(self.stream);
+                            }
+                            self.hedged("first_won");
+                            return Some(self.answered(leg, reply, meter));
+                        }
+                        Err(error) => {
+                            meter.attempt_failed(&error);
+                            self.failed(leg, error);
+                        }
+                    }
+                }
+                answered = &mut second_call, if second.is_some() => {
+                    let leg = second.take().expect("polled only while in flight");
+                    match answered {
+                        Ok(reply) => {
+                            if let Some(loser) = first.take() {
+                                loser.attempt.cancelled(self.stream);
+                                meter.hedge_won();
+                            }
+                            self.hedged("hedge_won");
+                            return Some(self.answered(leg, reply, meter));
+                        }
+                        // Once the first failed, the hedge is the attempt.
+                        Err(error) if first.is_none() => {
+                            meter.attempt_failed(&error);
+                            self.failed(leg, error);
+                        }
+                        Err(error) => {
+                            meter.hedge_failed(&error);
+                            self.failed(leg, error);
+                        }
+                    }
+                }
+            }
+            if first.is_none() && second.is_none() {
+                self.hedged("both_failed");
+                return None;
+            }
+        }
+    }
+
+    /// A leg answered: its deployment and the meter learn of it.
+    fn answered(&self, leg: Leg<'s>, reply: Ready, meter: &mut Meter) -> Answer<'s> {
+        leg.attempt.succeeded(self.stream);
+        meter.attempt_answered(|| usage::answering_model(reply.first_bytes()));
+        Answer {
+            backend: leg.backend,
+            deployment: leg.deployment,
+            reply,
+        }
+    }
+
+    fn served(self, answer: Answer<'s>, meter: Meter) -> Served<'s> {
+        Served {
+            backend: answer.backend,
+            deployment: answer.deployment,
+            attempts: self.attempts,
+            meter,
+            reply: answer.reply,
+        }
+    }
 }
 
 /// Takes an attempt from its deployment's rate limits: the fleet's shared
@@ -210,7 +463,7 @@ async fn admit_deployment(app: &AppState, resolved: &Resolved, tokens: u64) -> R
 /// The output limit the gateway sets for an attempt at `deployment`: for a
 /// request without `max_tokens` whose key has a budget, as many tokens as
 /// the reservation pays for at the deployment's prices, within its
-/// [`output_ceiling`]. `Err` when the reservation cannot pay for one (a
+/// [`output_ceiling`](InboundRequest::output_ceiling). `Err` when the reservation cannot pay for one (a
 /// dearer deployment than the one it was sized on): not tried.
 fn output_limit(
     request: &InboundRequest,
@@ -223,7 +476,7 @@ fn output_limit(
         return Ok(None);
     };
     let limit = affordable_output(&resolved.rate, prompt, reserved)
-        .min(output_ceiling(request, deployment, prompt));
+        .min(request.output_ceiling(deployment.context_window, prompt));
     match u32::try_from(limit) {
         Ok(0) => Err(()),
         Ok(limit) => Ok(Some(limit)),
@@ -233,16 +486,31 @@ fn output_limit(
 
 /// One upstream call, bounded by the backend's first-byte timeout: the
 /// whole body, or the first stream chunk peeked so a failure can still
-/// become an HTTP error or a failover. `identity`: the first chunk's is
-/// read, for chunks the gateway may write.
+/// become an HTTP error or a failover. `trace` carries its span upstream;
+/// `identity`: the first chunk's is read, for chunks the gateway may write.
 async fn call_upstream(
     app: &AppState,
-    backend: &Backend,
-    resolved: &Resolved,
-    call: UpstreamCall<'_>,
+    to: Target<'_>,
+    request: &InboundRequest,
+    request_id: &str,
+    trace: HeaderMap,
     identity: bool,
 ) -> Result<Ready, GatewayError> {
-    let reported = call.quota;
+    let Target {
+        backend,
+        resolved,
+        upstream_model,
+        max_tokens,
+    } = to;
+    let reported = OnceLock::new();
+    let call = UpstreamCall {
+        request,
+        upstream_model,
+        request_id,
+        quota: &reported,
+        max_tokens,
+        trace: &trace,
+    };
     let first_byte = backend.timeouts.first_byte;
     let result = tokio::time::timeout(first_byte, async {
         match resolved.provider.send(call).await? {

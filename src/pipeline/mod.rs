@@ -16,7 +16,9 @@
 //! 5. [`attempt::attempt`]: the plan's deployments in order, up to
 //!    `routing.max_attempts`, each call bounded by the backend's
 //!    first-byte timeout; a retriable failure before the client saw a
-//!    byte moves on to the next deployment.
+//!    byte moves on to the next deployment. An alias with a hedge also
+//!    sends a request that is slow to its first byte to the next
+//!    deployment that fits its allowance ([`hedge`]).
 //! 6. [`respond::respond`]: the whole body, or a stream forwarded chunk
 //!    by chunk ([`stream::SseBody`]), metered exactly once when it ends or
 //!    the client goes away; translated back into the client's API after
@@ -27,6 +29,7 @@
 pub mod admit;
 pub mod attempt;
 pub mod auth;
+pub mod hedge;
 pub mod respond;
 pub mod stream;
 

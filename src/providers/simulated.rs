@@ -7,7 +7,9 @@
 //! prompt's leading blocks it served before (prompts and the answers it
 //! generated to them) are read from the cache, which shortens the time to
 //! first token by their share of the prompt and is reported as
-//! `prompt_tokens_details.cached_tokens`.
+//! `prompt_tokens_details.cached_tokens`. With `slow_fraction`, that share
+//! of its answers wait `slow_ttft_ms` for their first token: the slow tail
+//! that hedging is measured against.
 
 use std::time::Duration;
 
@@ -78,7 +80,12 @@ impl Simulated {
         }
         let request = call.request;
         let mut answer = Answer::new(&self.spec, call);
-        let mut ttft = self.spec.ttft;
+        let slow = self.spec.slow_fraction > 0.0 && fastrand::f64() < self.spec.slow_fraction;
+        let mut ttft = if slow {
+            self.spec.slow_ttft
+        } else {
+            self.spec.ttft
+        };
         let prompt = answer.usage.prompt_tokens;
         if let Some(cached) = self.cached_tokens(request, &answer) {
             answer.usage.prompt_tokens_details = Some(PromptTokensDetails {

@@ -17,7 +17,9 @@ mod strategy;
 
 pub use affinity::Binding;
 pub use facts::{REGION_HEADER, RequestFacts, region};
-pub use plan::{Candidate, Explained, Plan, PlanStatus, plan, policy_allows, refusal};
+pub use plan::{
+    Candidate, Explained, ExplainedHedge, Plan, PlanStatus, plan, policy_allows, refusal,
+};
 pub use policy::{Rule, check as check_policy, serves};
 pub use session::{SESSION_HEADER, Session, SessionSource};
 pub use strategy::Why;

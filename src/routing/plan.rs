@@ -130,6 +130,7 @@ impl Plan {
                 moved: b.moved,
                 prefix_tokens: (b.mode == Affinity::Prefix).then_some(b.matched.tokens),
             }),
+            hedge: None,
         }
     }
 }
@@ -143,6 +144,26 @@ pub struct Explained {
     pub candidates: Vec<ExplainedCandidate>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity: Option<ExplainedAffinity>,
+    /// The alias's hedge, as it stands for this request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<ExplainedHedge>,
+}
+
+/// When a request would be hedged, and where to.
+#[derive(Debug, Serialize)]
+pub struct ExplainedHedge {
+    /// The wait for the first deployment's first byte, in milliseconds:
+    /// fixed, or its `after_quantile` of the recent first bytes; `None`
+    /// while too few are measured (no hedge is sent then).
+    pub after_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after_quantile: Option<f64>,
+    pub max_extra_usd: f64,
+    /// The deployment a hedge would go to: the first after the chosen one
+    /// whose worst case fits the allowance.
+    pub to: Option<String>,
+    /// That worst case: the prompt and the output limit there.
+    pub worst_usd: Option<f64>,
 }
 
 /// The session a request is and the deployment it is bound to.

@@ -91,6 +91,7 @@ impl Traces {
             tracer: self.tracer.clone(),
             cx: parent.with_span(span),
             attempt: None,
+            hedge: None,
             operation,
         }))
     }
@@ -159,6 +160,8 @@ struct Spans {
     /// The request's span, the parent of its attempts'.
     cx: Context,
     attempt: Option<Span>,
+    /// A hedge's attempt, in flight beside `attempt`.
+    hedge: Option<Span>,
     operation: &'static str,
 }
 
@@ -170,9 +173,9 @@ impl RequestTrace {
         span.set_attribute(KeyValue::new("gen_ai.request.model", model.to_owned()));
     }
 
-    /// Starts an attempt's span; returns the headers (`traceparent`,
-    /// `tracestate`) that carry it upstream.
-    pub fn begin_attempt(&mut self, attempt: AttemptFacts<'_>) -> HeaderMap {
+    /// Starts an attempt's span, or a hedge's beside it; returns the
+    /// headers (`traceparent`, `tracestate`) that carry it upstream.
+    pub fn begin_attempt(&mut self, attempt: AttemptFacts<'_>, hedge: bool) -> HeaderMap {
         let span = self
             .0
             .tracer
@@ -184,6 +187,7 @@ impl RequestTrace {
                 KeyValue::new("gen_ai.request.model", attempt.upstream_model.to_owned()),
                 KeyValue::new("tollgate.deployment", attempt.deployment.to_owned()),
                 KeyValue::new("tollgate.attempt", attempt.number as i64),
+                KeyValue::new("tollgate.hedge", hedge),
             ])
             .start_with_context(&self.0.tracer, &self.0.cx);
         let mut headers = HeaderMap::new();
@@ -191,8 +195,34 @@ impl RequestTrace {
             &Context::new().with_remote_span_context(span.span_context().clone()),
             &mut HeaderInjector(&mut headers),
         );
-        self.0.attempt = Some(span);
+        if hedge {
+            self.0.hedge = Some(span);
+        } else {
+            self.0.attempt = Some(span);
+        }
         headers
+    }
+
+    /// The hedge answered first: its span is the attempt's from now on.
+    pub fn hedge_won(&mut self) {
+        let spans = &mut *self.0;
+        std::mem::swap(&mut spans.attempt, &mut spans.hedge);
+    }
+
+    /// The hedge's attempt failed, as [`attempt_failed`](Self::attempt_failed)
+    /// says.
+    pub fn hedge_failed(&mut self, error: &'static str, message: String) {
+        if let Some(span) = self.0.hedge.take() {
+            fail(span, error, message);
+        }
+    }
+
+    /// The attempt beside the one that answered is cancelled.
+    pub fn hedge_cancelled(&mut self) {
+        if let Some(mut span) = self.0.hedge.take() {
+            span.set_attribute(KeyValue::new("tollgate.cancelled", true));
+            span.end();
+        }
     }
 
     /// The upstream answered as `model`.
@@ -206,12 +236,12 @@ impl RequestTrace {
 
     /// The attempt in flight failed with `error` (the gateway's label) and
     /// `message`.
+    /// A hedge in flight becomes the attempt.
     pub fn attempt_failed(&mut self, error: &'static str, message: String) {
-        if let Some(mut span) = self.0.attempt.take() {
-            span.set_attribute(KeyValue::new("error.type", error));
-            span.set_status(Status::error(message));
-            span.end();
+        if let Some(span) = self.0.attempt.take() {
+            fail(span, error, message);
         }
+        self.0.attempt = self.0.hedge.take();
     }
 
     /// Ends the attempt still open, then the request's span.
@@ -222,6 +252,7 @@ impl RequestTrace {
             KeyValue::new("tollgate.usage.estimated", outcome.estimated),
             KeyValue::new("tollgate.cost_usd", outcome.cost_nano_usd as f64 / 1e9),
         ];
+        self.hedge_cancelled();
         if let Some(mut span) = self.0.attempt.take() {
             span.set_attributes(usage.clone());
             if let Some(error) = outcome.error {
@@ -254,6 +285,13 @@ impl RequestTrace {
         }
         span.end();
     }
+}
+
+/// Ends an attempt's span as failed with `error` (the gateway's label).
+fn fail(mut span: Span, error: &'static str, message: String) {
+    span.set_attribute(KeyValue::new("error.type", error));
+    span.set_status(Status::error(message));
+    span.end();
 }
 
 /// The wall-clock time of `instant`.

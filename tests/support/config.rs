@@ -159,6 +159,11 @@ impl Backend {
             .set_in("simulated", "completion_tokens", completion_tokens)
     }
 
+    /// `key = value` in `[backends.simulated]`.
+    pub fn set_simulated(self, key: &str, value: impl Into<Value>) -> Self {
+        self.set_in("simulated", key, value)
+    }
+
     /// A simulated backend whose prefix cache holds `blocks` prompt blocks.
     pub fn prefix_cache(self, blocks: u32) -> Self {
         self.set_in("simulated", "prefix_cache_blocks", blocks)
@@ -234,6 +239,18 @@ impl Model {
     /// `affinity = "none" | "session" | "prefix"`.
     pub fn affinity(mut self, affinity: &str) -> Self {
         put(&mut self.0, "affinity", affinity);
+        self
+    }
+
+    /// `hedge = { after_ms, max_extra_usd_per_request }`.
+    pub fn hedge_after(self, after_ms: u32, max_extra_usd: f64) -> Self {
+        self.hedge("after_ms", after_ms)
+            .hedge("max_extra_usd_per_request", max_extra_usd)
+    }
+
+    /// `key = value` in the alias's `hedge` table.
+    pub fn hedge(mut self, key: &str, value: impl Into<Value>) -> Self {
+        put(table(&mut self.0, "hedge"), key, value);
         self
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::super::schema::{RawBackend, RawConfig, RawModel, RawSpillover};
+use super::super::schema::{RawBackend, RawConfig, RawHedge, RawModel, RawSpillover};
 use super::super::types::*;
 use super::{MAX_PREFIX_BLOCKS, MAX_WAIT_MS, Validator};
 
@@ -332,6 +332,60 @@ impl Validator<'_> {
                 ),
             );
             Affinity::None
+        })
+    }
+
+    /// An alias's hedge: a wait, fixed or a quantile of measured first
+    /// bytes, and the allowance that bounds what it may add to a request.
+    pub(super) fn hedge(&mut self, i: usize, m: &RawModel, h: &RawHedge) -> Option<Hedge> {
+        let at = |field: &str| format!("models[{i}].hedge.{field}");
+        if m.deployments.len() < 2 {
+            self.problem(
+                format!("models[{i}].hedge"),
+                "a hedge goes to a second deployment; add one, or remove the hedge",
+            );
+        }
+        let after = match (h.after_ms, h.after_quantile) {
+            (Some(ms), None) if (1..=MAX_WAIT_MS).contains(&ms) => {
+                HedgeAfter::Fixed(Duration::from_millis(ms))
+            }
+            (Some(_), None) => {
+                self.problem(at("after_ms"), "must be between 1 and 3600000");
+                return None;
+            }
+            (None, Some(q)) if (0.5..=0.999).contains(&q) => HedgeAfter::Quantile(q),
+            (None, Some(_)) => {
+                self.problem(
+                    at("after_quantile"),
+                    "must be between 0.5 and 0.999, e.g. 0.95 to hedge the slowest 5% of first bytes",
+                );
+                return None;
+            }
+            _ => {
+                self.problem(
+                    format!("models[{i}].hedge"),
+                    "give exactly one of after_ms (a fixed wait) or after_quantile (of the deployment's measured first bytes)",
+                );
+                return None;
+            }
+        };
+        let Some(usd) = h.max_extra_usd_per_request else {
+            self.problem(
+                at("max_extra_usd_per_request"),
+                "required: the most a hedge may add to a request's cost, e.g. 0.01",
+            );
+            return None;
+        };
+        if !usd.is_finite() || !(0.0..=1_000.0).contains(&usd) {
+            self.problem(
+                at("max_extra_usd_per_request"),
+                "must be an amount in USD between 0 and 1000",
+            );
+            return None;
+        }
+        Some(Hedge {
+            after,
+            max_extra_nano_usd: (usd * 1e9).round() as u64,
         })
     }
 
