@@ -236,6 +236,7 @@ fn config(engine_url: &str) -> Config {
         )
         .backend(Backend::simulated("sim-api").answers(5, 2000, 6))
         .backend(Backend::simulated("sim-broken").always_fails())
+        .backend(Backend::simulated("sim-slow").answers(5_000, 2000, 6))
         .backend(
             Backend::new("engine", "vllm", engine_url)
                 .pool(2.0, 1, 1000)
@@ -253,6 +254,14 @@ fn config(engine_url: &str) -> Config {
             Model::new("flaky")
                 .strategy("cost")
                 .deployment(on("sim-broken", "broken-model").price(0.01, 0.01))
+                .deployment(on("sim-api", "api-model").price(0.5, 1.5)),
+        )
+        // The cheapest deployment is slow to its first token: every
+        // request is hedged, and the hedge wins.
+        .model(
+            Model::new("hedged")
+                .hedge_after(50, 0.01)
+                .deployment(on("sim-slow", "slow-model").price(0.01, 0.01))
                 .deployment(on("sim-api", "api-model").price(0.5, 1.5)),
         )
         // Multimodal Llama: refused to EU requests by policy.
@@ -325,6 +334,7 @@ async fn scraped_metrics() -> String {
             200,
         ),
         (json!({"model": "flaky", "messages": hi}), None, 200),
+        (json!({"model": "hedged", "messages": hi}), None, 200),
         (
             json!({"model": "vision", "messages": image}),
             Some("eu"),
