@@ -12,12 +12,15 @@
 //! client), the cost the gateway metered, and the busiest deployment's
 //! requests over the mean.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{env_number, percentile};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Model};
@@ -25,13 +28,6 @@ use support::gateway::metric;
 use tokio::sync::Semaphore;
 
 const DEPLOYMENTS: usize = 4;
-
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Four simulated self-hosted pools: a full prefill takes 400 ms to the
 /// first token, answers run 48 tokens at 400 tokens/s, and each cache
@@ -138,10 +134,6 @@ async fn session(client: reqwest::Client, url: String, n: usize, turns: usize) -
         results.push(result);
     }
     results
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn main() {

@@ -8,12 +8,15 @@
 //! at the client (p50, p95, p99), the cost the gateway metered (the
 //! cancelled attempts' prompts included), and the hedges by outcome.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{env_number, percentile};
 use futures_util::StreamExt;
 use serde_json::json;
 use support::config::{Backend, Config, Deployment, Model};
@@ -21,13 +24,6 @@ use support::gateway::metric;
 use tokio::sync::Semaphore;
 
 const DEPLOYMENTS: usize = 4;
-
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Four per-token deployments at $0.88 per Mtok each way, spread by
 /// weight; answers of 32 tokens at 1,000 tokens/s after 150 ms, or after
@@ -82,10 +78,6 @@ async fn ttft(client: &reqwest::Client, url: &str, n: usize) -> Duration {
 
 /// How a setting changes the alias.
 type Setting = fn(Model) -> Model;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn main() {
     let requests = env_number("HEDGING_REQUESTS", 2_000);

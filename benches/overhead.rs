@@ -7,9 +7,12 @@
 //! figures are the gateway's cost on a loaded box, not a proxy shoot-out;
 //! `benches/load/` is the pinned, multi-process harness against nginx.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use common::{env_number, percentile};
 use support::config::{Backend, Config, Deployment, Model};
 use support::gateway::url;
 use support::mock;
@@ -34,13 +37,6 @@ fn request_body(stream: bool) -> Vec<u8> {
         "max_tokens": 64,
     }))
     .expect("serialises")
-}
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 struct Target {
@@ -70,10 +66,6 @@ async fn one(client: &reqwest::Client, url: &str, body: &[u8]) -> (Duration, Dur
         first.get_or_insert_with(|| start.elapsed());
     }
     (first.unwrap_or_else(|| start.elapsed()), start.elapsed())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 struct Latency {

@@ -337,8 +337,15 @@ async fn explain_shows_the_wait_and_where_a_hedge_would_go() {
 
 #[test]
 fn a_hedge_needs_one_wait_an_allowance_and_a_second_deployment() {
-    let deployment = |name: &str| Deployment::named(name, "sim");
-    let check = |model: Model| {
+    use toml::Value::{Float, Integer};
+    let problems = |deployments: usize, hedge: &[(&str, toml::Value)]| {
+        let mut model = Model::new("chat");
+        for (key, value) in hedge {
+            model = model.hedge(key, value.clone());
+        }
+        for name in ["a", "b"].into_iter().take(deployments) {
+            model = model.deployment(Deployment::named(name, "sim"));
+        }
         let toml = Config::new()
             .backend(Backend::simulated("sim"))
             .model(model)
@@ -347,48 +354,44 @@ fn a_hedge_needs_one_wait_an_allowance_and_a_second_deployment() {
             .err()
             .map(|problems| problems.to_string())
     };
-    let one = Model::new("chat")
-        .hedge_after(100, 0.01)
-        .deployment(deployment("a"));
-    assert!(
-        check(one)
-            .unwrap()
-            .contains("models[0].hedge: a hedge goes to a second deployment")
-    );
-    let both = Model::new("chat")
-        .hedge_after(100, 0.01)
-        .hedge("after_quantile", 0.95)
-        .deployment(deployment("a"))
-        .deployment(deployment("b"));
-    assert!(
-        check(both)
-            .unwrap()
-            .contains("give exactly one of after_ms")
-    );
-    let no_allowance = Model::new("chat")
-        .hedge("after_ms", 100)
-        .deployment(deployment("a"))
-        .deployment(deployment("b"));
-    assert!(
-        check(no_allowance)
-            .unwrap()
-            .contains("models[0].hedge.max_extra_usd_per_request: required")
-    );
-    let low = Model::new("chat")
-        .hedge("after_quantile", 0.2)
-        .hedge("max_extra_usd_per_request", 0.01)
-        .deployment(deployment("a"))
-        .deployment(deployment("b"));
-    assert!(
-        check(low)
-            .unwrap()
-            .contains("models[0].hedge.after_quantile: must be between 0.5 and 0.999")
-    );
-    let good = Model::new("chat")
-        .hedge_after(800, 0.01)
-        .deployment(deployment("a"))
-        .deployment(deployment("b"));
-    assert_eq!(check(good), None);
+    let allowance = ("max_extra_usd_per_request", Float(0.01));
+    let cases = [
+        (
+            1,
+            vec![("after_ms", Integer(100)), allowance.clone()],
+            Some("models[0].hedge: a hedge goes to a second deployment"),
+        ),
+        (
+            2,
+            vec![
+                ("after_ms", Integer(100)),
+                ("after_quantile", Float(0.95)),
+                allowance.clone(),
+            ],
+            Some("models[0].hedge: give exactly one of after_ms"),
+        ),
+        (
+            2,
+            vec![("after_ms", Integer(100))],
+            Some("models[0].hedge.max_extra_usd_per_request: required"),
+        ),
+        (
+            2,
+            vec![("after_quantile", Float(0.2)), allowance.clone()],
+            Some("models[0].hedge.after_quantile: must be between 0.5 and 0.999"),
+        ),
+        (2, vec![("after_ms", Integer(800)), allowance], None),
+    ];
+    for (deployments, hedge, expected) in cases {
+        let found = problems(deployments, &hedge);
+        match expected {
+            Some(expected) => assert!(
+                found.as_deref().is_some_and(|f| f.contains(expected)),
+                "{hedge:?}: {found:?}"
+            ),
+            None => assert_eq!(found, None, "{hedge:?}"),
+        }
+    }
 }
 
 #[tokio::test]
