@@ -440,8 +440,8 @@ metrics! {
     }
     engine_prefix_cache_hit_ratio: GaugeVec {
         name: "tollgate_engine_prefix_cache_hit_ratio",
-        help: "Share of the prompt tokens the inference engine looked up in its prefix cache that it found there, over its last scrape interval (vLLM's prefix_cache_hits_total / prefix_cache_queries_total).",
-        labels: [BACKEND],
+        help: "Share of the prompt tokens the inference engine looked up in its prefix cache that it found there for a deployment's upstream model (vLLM's model_name), over its last scrape interval (vLLM's prefix_cache_hits_total / prefix_cache_queries_total).",
+        labels: [BACKEND, DEPLOYMENT],
     }
     config_reloads: IntCounterVec {
         name: "tollgate_config_reloads_total",

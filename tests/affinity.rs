@@ -534,41 +534,58 @@ async fn cache_reads_and_writes_an_upstream_reports_are_metered_at_their_prices(
 }
 
 #[tokio::test]
-async fn vllm_prefix_cache_counters_become_a_hit_ratio_gauge() {
+async fn vllm_prefix_cache_counters_become_a_hit_ratio_gauge_per_deployment() {
+    // One vLLM server with two models, each behind its own alias, and a
+    // third deployment whose model the server does not report.
     let engine = MockUpstream::openai().start().await;
-    engine.set_metrics(
-        "vllm:num_requests_running{model_name=\"m\"} 1\n\
-         vllm:prefix_cache_queries_total{model_name=\"m\"} 2000\n\
-         vllm:prefix_cache_hits_total{model_name=\"m\"} 1500\n",
-    );
+    let page = |m: (u32, u32), n: (u32, u32)| {
+        format!(
+            "vllm:num_requests_running{{model_name=\"llama\"}} 1\n\
+             vllm:prefix_cache_queries_total{{engine=\"0\",model_name=\"llama\"}} {}\n\
+             vllm:prefix_cache_hits_total{{engine=\"0\",model_name=\"llama\"}} {}\n\
+             vllm:prefix_cache_queries_total{{engine=\"0\",model_name=\"qwen\"}} {}\n\
+             vllm:prefix_cache_hits_total{{engine=\"0\",model_name=\"qwen\"}} {}\n",
+            m.0, m.1, n.0, n.1
+        )
+    };
+    engine.set_metrics(page((2000, 1500), (1000, 100)));
     let config = Config::new()
         .backend(
             Backend::upstream("gpu", "vllm", &support::gateway::url(&engine))
                 .one_dollar_pool()
                 .engine_metrics("interval_ms", 100),
         )
-        .model(Model::new("chat").deployment(Deployment::named("d", "gpu")));
+        .model(
+            Model::new("chat").deployment(Deployment::new("gpu", "llama").set("name", "chat-gpu")),
+        )
+        .model(
+            Model::new("code").deployment(Deployment::new("gpu", "qwen").set("name", "code-gpu")),
+        )
+        .model(
+            Model::new("other").deployment(Deployment::new("gpu", "phi").set("name", "other-gpu")),
+        );
     let gateway = support::gateway::start(&config).await;
+    let ratio = |deployment| [("backend", "gpu"), ("deployment", deployment)];
+    let name = "tollgate_engine_prefix_cache_hit_ratio";
     gateway
-        .eventually_metric(
-            "tollgate_engine_prefix_cache_hit_ratio",
-            &[("backend", "gpu")],
-            0.75,
-        )
+        .eventually_metric(name, &ratio("chat-gpu"), 0.75)
         .await;
-    engine.set_metrics(
-        "vllm:num_requests_running{model_name=\"m\"} 1\n\
-         vllm:prefix_cache_queries_total{model_name=\"m\"} 3000\n\
-         vllm:prefix_cache_hits_total{model_name=\"m\"} 2400\n",
+    gateway
+        .eventually_metric(name, &ratio("code-gpu"), 0.1)
+        .await;
+    engine.set_metrics(page((3000, 2400), (1000, 100)));
+    // 900 of the last 1000 tokens llama looked up; qwen looked up none
+    // since, so its last rate stands.
+    gateway
+        .eventually_metric(name, &ratio("chat-gpu"), 0.9)
+        .await;
+    let text = gateway.metrics().await;
+    assert_eq!(metric(&text, name, &ratio("code-gpu")), Some(0.1));
+    assert_eq!(
+        metric(&text, name, &ratio("other-gpu")),
+        None,
+        "phi is not on the page"
     );
-    // 900 of the last 1000 tokens looked up.
-    gateway
-        .eventually_metric(
-            "tollgate_engine_prefix_cache_hit_ratio",
-            &[("backend", "gpu")],
-            0.9,
-        )
-        .await;
 }
 
 #[test]

@@ -717,3 +717,187 @@ async fn status_is_behind_the_admin_token_and_says_where_state_lives() {
         .unwrap();
     assert_eq!(response.status(), 404, "no admin token configured");
 }
+
+// ---- prefix memory, fleet-wide -------------------------------------------
+
+/// Alias `chat` with prefix affinity over four simulated deployments,
+/// `sim0`..`sim3` (each on a backend of its name), answering at once.
+fn four_simulated(redis: &Redis) -> Config {
+    let mut config = Config::new();
+    let mut model = Model::new("chat").affinity("prefix");
+    for i in 0..4 {
+        let name = format!("sim{i}");
+        config = config.backend(Backend::simulated(&name).answers(1, 10_000, 8));
+        model = model.deployment(Deployment::named(&name, &name));
+    }
+    shared(config.model(model).admin(), redis)
+}
+
+const SYSTEM: &str = "You are a careful assistant for a GPU fleet. Answer in one sentence, \
+    naming the machines you mean, and say when you are unsure.";
+
+fn said(role: &str, text: &str) -> Value {
+    json!({"role": role, "content": text})
+}
+
+fn conversation(messages: &[Value]) -> Value {
+    json!({"model": "chat", "messages": messages})
+}
+
+/// Sends one turn in session `session`: the deployment that served it
+/// (each is alone on its backend) and its answer, as the next turn
+/// sends it back.
+async fn turn(gateway: &Gateway, session: &str, messages: &[Value]) -> (String, Value) {
+    let response = gateway
+        .post("/v1/chat/completions")
+        .header("x-session-id", session)
+        .json(&conversation(messages))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (backend, _) = served_by(&response);
+    let body: Value = response.json().await.unwrap();
+    (backend, body["choices"][0]["message"].clone())
+}
+
+fn explain_ask(session: &str, messages: &[Value]) -> Value {
+    json!({"request": conversation(messages), "session": session})
+}
+
+/// The deployment `gateway` would choose for `messages` in `session`.
+async fn chosen(gateway: &Gateway, session: &str, messages: &[Value]) -> String {
+    let explained = gateway.explain(explain_ask(session, messages)).await;
+    explained["chosen"].as_str().unwrap().to_owned()
+}
+
+/// A session in which `gateway` binds `messages` to another deployment
+/// than `not`: sessions bind by hash, so the test does not depend on
+/// which deployment a name hashes to.
+async fn session_away_from(gateway: &Gateway, not: &str, messages: &[Value]) -> String {
+    for k in 0..64 {
+        let session = format!("first-{k}");
+        if chosen(gateway, &session, messages).await != not {
+            return session;
+        }
+    }
+    panic!("every session binds to {not}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversations_next_turn_on_another_replica_goes_where_its_prefix_is() {
+    let Some(redis) = Redis::start() else { return };
+    let config = four_simulated(&redis);
+    let (a, b) = (start(&config).await, start(&config).await);
+    // Turn 4 goes to B in a session of its own, which binds, by itself,
+    // elsewhere than turns 1 to 3 went on A: only the shared prefix
+    // memory can take it to their deployment.
+    let elsewhere = chosen(&b, "turn-4", &[said("user", "probe")]).await;
+    let mut messages = vec![said("system", SYSTEM), said("user", "Which GPUs are idle?")];
+    let first = session_away_from(&a, &elsewhere, &messages).await;
+    let (home, mut answer) = turn(&a, &first, &messages).await;
+    for (n, question) in [(2, "And which are busy?"), (3, "Which one is the coolest?")] {
+        messages.extend([answer, said("user", question)]);
+        let (served, next) = turn(&a, &format!("turn-{n}"), &messages).await;
+        assert_eq!(served, home, "turn {n} follows its prefix on A");
+        answer = next;
+    }
+    let routed = Instant::now();
+    messages.extend([answer, said("user", "Book it for tomorrow.")]);
+    let explained = b
+        .explain_until(explain_ask("turn-4", &messages), |e| {
+            e["chosen"] == home.as_str()
+        })
+        .await;
+    eprintln!(
+        "replica B took up the prefix replica A routed {} ms after A routed it",
+        routed.elapsed().as_millis()
+    );
+    assert!(
+        explained["affinity"]["prefix_tokens"].as_u64().unwrap() > 0,
+        "{explained:#}"
+    );
+    let (served, _) = turn(&b, "turn-4", &messages).await;
+    assert_eq!(served, home);
+    assert_ne!(served, elsewhere);
+
+    // In Redis: one sorted set per deployment, under the state prefix,
+    // that ends an hour after its last addition.
+    let key = format!("{PREFIX}prefix:{home}");
+    let held = redis.command(&format!("ZCARD {key}")).unwrap();
+    assert!(
+        held.trim_start_matches(':').parse::<u64>().unwrap() > 0,
+        "{held}"
+    );
+    let ttl = redis.command(&format!("PTTL {key}")).unwrap();
+    let ttl: i64 = ttl.trim_start_matches(':').parse().unwrap();
+    assert!((1..=3_600_000).contains(&ttl), "{ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleets_prefix_memory_keeps_the_newest_blocks_up_to_prefix_blocks() {
+    let Some(redis) = Redis::start() else { return };
+    let config = four_simulated(&redis).set("routing", "prefix_blocks", 8);
+    let a = start(&config).await;
+    // Each prompt is a few blocks of its own; 20 of them are many more
+    // than the 8 a deployment keeps.
+    for n in 0..20 {
+        let question = format!("Question {n}: {SYSTEM}");
+        turn(&a, "s", &[said("user", &question)]).await;
+    }
+    eventually("the blocks reach Redis", || async {
+        (0..4).any(|i| {
+            redis
+                .command(&format!("EXISTS {PREFIX}prefix:sim{i}"))
+                .as_deref()
+                == Some(":1")
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for i in 0..4 {
+        let held = redis
+            .command(&format!("ZCARD {PREFIX}prefix:sim{i}"))
+            .unwrap();
+        let held: u64 = held.trim_start_matches(':').parse().unwrap();
+        assert!(held <= 8, "sim{i} holds {held} blocks");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_prefixes_route_locally_and_reach_the_fleet_when_it_is_back() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let config = four_simulated(&redis);
+    let (a, b) = (start(&config).await, start(&config).await);
+    let elsewhere = chosen(&b, "turn-3", &[said("user", "probe")]).await;
+    redis.stop();
+    eventually("A reports itself degraded", || async {
+        status(&a).await["state"]["degraded"] == true
+    })
+    .await;
+    // A routes by its own memory, and no request waits on Redis.
+    let mut messages = vec![said("system", SYSTEM), said("user", "Which GPUs are idle?")];
+    let first = session_away_from(&a, &elsewhere, &messages).await;
+    let (home, answer) = turn(&a, &first, &messages).await;
+    messages.extend([answer, said("user", "And which are busy?")]);
+    let (served, answer) = turn(&a, "turn-2", &messages).await;
+    assert_eq!(served, home, "A's own memory holds the prefix");
+    messages.extend([answer, said("user", "Book it for tomorrow.")]);
+    assert_eq!(
+        chosen(&b, "turn-3", &messages).await,
+        elsewhere,
+        "B cannot know yet"
+    );
+    // What A routed waits in its queue through A's exchanges that fail
+    // (every 250 ms, each within 1 s), and goes out once Redis is back.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    redis.start_again();
+    b.explain_until(explain_ask("turn-3", &messages), |e| {
+        e["chosen"] == home.as_str()
+    })
+    .await;
+    let (served, _) = turn(&b, "turn-3", &messages).await;
+    assert_eq!(served, home);
+}

@@ -89,8 +89,6 @@ fn cost_prices_an_idle_self_hosted_pool_as_free_and_a_busy_one_by_its_load() {
         waiting: 2.0,
         running: 1.0,
         kv_cache: Some(0.1),
-        prefix_cache: None,
-        prefix_hit_rate: None,
         at: now,
     });
     let queued = plan_at(&s, 0, &facts, now);
@@ -313,8 +311,6 @@ fn spillover_load_comes_from_the_engine_queue_and_kv_cache() {
             waiting,
             running,
             kv_cache,
-            prefix_cache: None,
-            prefix_hit_rate: None,
             at: now,
         });
         // Each plan from an unsaturated state: idle signals in between.
@@ -323,8 +319,6 @@ fn spillover_load_comes_from_the_engine_queue_and_kv_cache() {
             waiting: 0.0,
             running: 0.0,
             kv_cache: Some(0.0),
-            prefix_cache: None,
-            prefix_hit_rate: None,
             at: now,
         });
         assert_eq!(order(&s, &plan_at(&s, 0, &facts, now))[0], "self");
@@ -430,8 +424,6 @@ fn engine_signals_older_than_three_intervals_are_ignored_not_taken_for_down() {
         waiting: 3.0,
         running: 10.0,
         kv_cache: Some(1.0),
-        prefix_cache: None,
-        prefix_hit_rate: None,
         at,
     });
     let facts = text_facts(100, 100);

@@ -11,6 +11,9 @@ use crate::config::Backend;
 pub struct BackendLive {
     pub in_flight: AtomicU64,
     engine: Mutex<Option<EngineSignals>>,
+    /// The engine's prefix cache per served model, as last scraped, and
+    /// when.
+    prefix_caches: Mutex<(Vec<ModelCache>, Option<Instant>)>,
     /// When the gateway first had this backend: a self-hosted backend's
     /// fixed cost accrues from then.
     pub since: Instant,
@@ -23,6 +26,7 @@ impl Default for BackendLive {
         Self {
             in_flight: AtomicU64::new(0),
             engine: Mutex::new(None),
+            prefix_caches: Mutex::default(),
             since: Instant::now(),
             tokens_served: AtomicU64::new(0),
         }
@@ -30,19 +34,31 @@ impl Default for BackendLive {
 }
 
 impl BackendLive {
-    /// Takes a scrape's signals. The prefix cache's hit rate is that of
-    /// the prompt tokens looked up since the last scrape that saw any.
-    pub fn set_engine(&self, mut signals: EngineSignals) {
-        let mut engine = self.engine.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(now) = signals.prefix_cache {
-            let before = engine
-                .as_ref()
-                .and_then(|e| e.prefix_cache.map(|c| (c, e.prefix_hit_rate)));
+    /// Takes a scrape's load signals.
+    pub fn set_engine(&self, signals: EngineSignals) {
+        *self.engine.lock().unwrap_or_else(PoisonError::into_inner) = Some(signals);
+    }
+
+    /// Takes a scrape's prefix caches, read `at`. A model's hit rate is
+    /// that of the prompt tokens looked up since the last scrape that
+    /// saw any.
+    pub fn set_prefix_caches(&self, mut caches: Vec<ModelCache>, at: Instant) {
+        let mut last = self
+            .prefix_caches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for cache in &mut caches {
+            let Some(now) = cache.counters else { continue };
+            let before = last
+                .0
+                .iter()
+                .find(|c| c.model == cache.model)
+                .and_then(|c| c.counters.map(|counters| (counters, c.rate)));
             let (queried, found) = match before {
                 Some((c, _)) => (now.queries - c.queries, now.hits - c.hits),
                 None => (now.queries, now.hits),
             };
-            signals.prefix_hit_rate = if queried > 0.0 && found >= 0.0 {
+            cache.rate = if queried > 0.0 && found >= 0.0 {
                 Some((found / queried).min(1.0))
             } else if queried == 0.0 {
                 before.and_then(|(_, rate)| rate)
@@ -51,7 +67,21 @@ impl BackendLive {
                 None
             };
         }
-        *engine = Some(signals);
+        *last = (caches, Some(at));
+    }
+
+    /// The prefix-cache hit rate of the engine's `model`, unless the last
+    /// scrape is older than `max_age`.
+    pub fn prefix_hit_rate(&self, model: &str, now: Instant, max_age: Duration) -> Option<f64> {
+        let last = self
+            .prefix_caches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let at = last.1?;
+        if now.saturating_duration_since(at) > max_age {
+            return None;
+        }
+        last.0.iter().find(|c| c.model == model)?.rate
     }
 
     /// The engine's last signals, unless they are older than `max_age`: a
@@ -96,12 +126,18 @@ pub struct EngineSignals {
     pub running: f64,
     /// Share of the KV cache in use, 0.0 to 1.0 (vLLM only).
     pub kv_cache: Option<f64>,
-    /// vLLM's prefix-cache counters, as scraped (cumulative).
-    pub prefix_cache: Option<PrefixCounters>,
-    /// Share of the prompt tokens looked up in the prefix cache that were
-    /// found there, over the last scrape interval (vLLM only).
-    pub prefix_hit_rate: Option<f64>,
     pub at: Instant,
+}
+
+/// vLLM's prefix cache for one model it serves (its `model_name`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelCache {
+    pub model: String,
+    /// Its counters, as scraped (cumulative).
+    pub counters: Option<PrefixCounters>,
+    /// Share of the prompt tokens looked up in the prefix cache that were
+    /// found there, over the last scrape interval.
+    pub rate: Option<f64>,
 }
 
 /// vLLM's prefix-cache counters: prompt tokens looked up, and found.
@@ -116,37 +152,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_prefix_hit_rate_is_over_the_last_interval() {
+    fn the_prefix_hit_rate_is_per_model_over_the_last_interval() {
         let live = BackendLive::default();
         let at = Instant::now();
-        let signals = |hits, queries| EngineSignals {
-            waiting: 0.0,
-            running: 1.0,
-            kv_cache: None,
-            prefix_cache: Some(PrefixCounters { hits, queries }),
-            prefix_hit_rate: None,
-            at,
+        let cache = |model: &str, hits, queries| ModelCache {
+            model: model.into(),
+            counters: Some(PrefixCounters { hits, queries }),
+            rate: None,
         };
-        let rate = |live: &BackendLive| {
-            live.engine(at, Duration::from_secs(1))
-                .unwrap()
-                .prefix_hit_rate
-        };
-        live.set_engine(signals(100.0, 1000.0));
-        assert_eq!(rate(&live), Some(0.1), "since the engine started");
-        live.set_engine(signals(1000.0, 2000.0));
-        assert_eq!(rate(&live), Some(0.9));
-        live.set_engine(signals(1000.0, 2000.0));
+        let rate =
+            |live: &BackendLive, model| live.prefix_hit_rate(model, at, Duration::from_secs(1));
+        live.set_prefix_caches(vec![cache("m", 100.0, 1000.0), cache("n", 0.0, 0.0)], at);
+        assert_eq!(rate(&live, "m"), Some(0.1), "since the engine started");
+        assert_eq!(rate(&live, "n"), None, "nothing looked up yet");
+        live.set_prefix_caches(vec![cache("m", 1000.0, 2000.0), cache("n", 5.0, 10.0)], at);
+        assert_eq!((rate(&live, "m"), rate(&live, "n")), (Some(0.9), Some(0.5)));
+        live.set_prefix_caches(vec![cache("m", 1000.0, 2000.0)], at);
         assert_eq!(
-            rate(&live),
+            rate(&live, "m"),
             Some(0.9),
             "nothing looked up: the last rate stands"
         );
-        live.set_engine(signals(10.0, 20.0));
+        assert_eq!(rate(&live, "n"), None, "no longer served");
+        live.set_prefix_caches(vec![cache("m", 10.0, 20.0)], at);
         assert_eq!(
-            rate(&live),
+            rate(&live, "m"),
             None,
             "a restarted engine's counters start again"
+        );
+        live.set_prefix_caches(vec![cache("m", 20.0, 30.0)], at);
+        assert_eq!(
+            live.prefix_hit_rate("m", at + Duration::from_secs(2), Duration::from_secs(1)),
+            None,
+            "stale"
         );
     }
 }

@@ -219,13 +219,25 @@ impl PrefixCache {
     /// them as the most recently served.
     pub fn serve(&self, blocks: &[Block]) -> Matched {
         let matched = self.matched(blocks);
+        self.hold(blocks.iter().map(|b| b.hash));
+        matched
+    }
+
+    /// Takes up blocks another replica routed here since the last
+    /// exchange with the fleet, the oldest first, as served now.
+    pub fn learn(&self, hashes: &[u64]) {
+        if !hashes.is_empty() {
+            self.hold(hashes.iter().copied());
+        }
+    }
+
+    fn hold(&self, hashes: impl Iterator<Item = u64>) {
         let mut served = self.served();
         served.clock += 1;
         let now = served.clock;
-        for block in blocks {
-            served.blocks.insert(block.hash, now);
+        for hash in hashes {
+            served.blocks.insert(hash, now);
         }
-        matched
     }
 }
 

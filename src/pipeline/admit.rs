@@ -19,7 +19,7 @@ use crate::metering::budget::{self, Reservation};
 use crate::openai::{Endpoint, InboundRequest};
 use crate::routing::{self, Explained, Plan, PlanStatus, RequestFacts};
 use crate::state::{AppState, Snapshot};
-use crate::store::Denied;
+use crate::store::{Denied, Fleet};
 
 /// How long a request refused because the shared state is away is told
 /// to wait: the replica retries Redis about this often.
@@ -99,13 +99,18 @@ pub fn admit(
 
 /// With prefix affinity, the deployment tried first is taken to hold the
 /// prompt's blocks from now on, so the next turn of the conversation
-/// finds them there.
-pub fn remember_prefix(snapshot: &Snapshot, admission: &Admission) {
+/// finds them there; with a fleet, the blocks are queued for the other
+/// replicas too.
+pub fn remember_prefix(snapshot: &Snapshot, fleet: Option<&Fleet>, admission: &Admission) {
     if let Some(first) = admission.plan.order().next()
         && !admission.facts.blocks.is_empty()
     {
         let live = &snapshot.resolved(admission.model, first).health;
         live.prefix.serve(&admission.facts.blocks);
+        if let Some(fleet) = fleet {
+            let deployment = &snapshot.config.models[admission.model].deployments[first];
+            fleet.routed_prefix(&deployment.name, &admission.facts.blocks);
+        }
     }
 }
 

@@ -116,7 +116,7 @@ async fn serve(
     let session = headers.get(SESSION_HEADER).map(HeaderValue::as_bytes);
     let admission = admit::admit(snapshot, &request, key, region, session)
         .map_err(|refusal| Failure::refused(app, snapshot, refusal))?;
-    admit::remember_prefix(snapshot, &admission);
+    admit::remember_prefix(snapshot, app.fleet.as_deref(), &admission);
     let alias = snapshot.config.models[admission.model].alias.as_str();
     let first = &admission.plan.candidates[0];
     app.metrics

@@ -37,13 +37,33 @@ fn refresh(app: &AppState) {
         gauges.reset();
     }
     let config = &snapshot.config;
-    for (model, deployments) in config.models.iter().zip(&snapshot.live().deployments) {
-        for (deployment, live) in model.deployments.iter().zip(deployments) {
+    for (i, (model, deployments)) in config
+        .models
+        .iter()
+        .zip(&snapshot.live().deployments)
+        .enumerate()
+    {
+        for (j, (deployment, live)) in model.deployments.iter().zip(deployments).enumerate() {
             let current = live.circuit.view(now).name();
             for state in CircuitView::NAMES {
                 m.circuit_state
                     .with_label_values(&[&deployment.name, state])
                     .set(f64::from(u8::from(state == current)));
+            }
+            // A deployment is its backend's engine serving its upstream
+            // model: vLLM counts each served model's prefix cache apart.
+            let resolved = snapshot.resolved(i, j);
+            let backend = &config.backends[resolved.backend];
+            if let Some(rate) = backend.engine_metrics.as_ref().and_then(|e| {
+                resolved.backend_health.prefix_hit_rate(
+                    &deployment.upstream_model,
+                    now,
+                    e.interval * 3,
+                )
+            }) {
+                m.engine_prefix_cache_hit_ratio
+                    .with_label_values(&[&backend.name, &deployment.name])
+                    .set(rate);
             }
         }
     }
@@ -65,11 +85,6 @@ fn refresh(app: &AppState) {
                 .set(signals.running);
             if let Some(kv) = signals.kv_cache {
                 m.engine_kv_cache_usage.with_label_values(&[name]).set(kv);
-            }
-            if let Some(rate) = signals.prefix_hit_rate {
-                m.engine_prefix_cache_hit_ratio
-                    .with_label_values(&[name])
-                    .set(rate);
             }
         }
         if let Some(pool) = backend.self_hosted {

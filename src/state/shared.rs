@@ -1,8 +1,9 @@
 //! The replica's side of the fleet's shared state: every
 //! [`SYNC_EVERY`](crate::store::SYNC_EVERY) it tells the fleet what
 //! upstreams told it (429 cooldowns, `x-ratelimit-*` counts, circuits that
-//! opened) and takes up what the others learned, while the store carries
-//! its queued spend, token charges and lease renewals along.
+//! opened, prompt blocks routed with prefix affinity) and takes up what
+//! the others learned, while the store carries its queued spend, token
+//! charges and lease renewals along.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use super::AppState;
+use crate::config::Affinity;
 use crate::metering::budget::{self, Period};
 use crate::store::{SYNC_EVERY, SyncAsk};
 
@@ -90,13 +92,22 @@ pub async fn exchange(app: &AppState) {
     let live = snapshot.live();
     let config = &snapshot.config;
     let now = Instant::now();
-    let mut ask = SyncAsk::default();
+    let mut ask = SyncAsk {
+        prefix_blocks: config.routing.prefix_blocks,
+        ..SyncAsk::default()
+    };
+    // The prefix memories that take up what the other replicas routed.
+    let mut learning = Vec::new();
     for (model, health) in config.models.iter().zip(&live.deployments) {
         for (deployment, health) in model.deployments.iter().zip(health) {
             if let Some(pressure) = health.take_pressure(now) {
                 ask.push.push((deployment.name.clone(), pressure));
             }
             ask.pull.push(deployment.name.clone());
+            if model.affinity == Affinity::Prefix {
+                ask.prefixes.push(deployment.name.clone());
+                learning.push(health);
+            }
         }
     }
     let today = budget::today();
@@ -123,5 +134,8 @@ pub async fn exchange(app: &AppState) {
         {
             health.apply_pressure(&seen.pressure, now);
         }
+    }
+    for (health, hashes) in learning.into_iter().zip(reply.blocks) {
+        health.prefix.learn(&hashes);
     }
 }

@@ -18,11 +18,13 @@ use time::Date;
 use time::macros::format_description;
 use tokio::sync::{mpsc, oneshot};
 
+use super::prefixes::{self, Prefixes, WirePrefixes};
 use super::sync::{SyncAsk, SyncReply, WirePush, WireReply};
 use super::users;
 use crate::config::{OnUnavailable, RedisState};
 use crate::limits::{Limit, Refused, SharedCells, SharedTokens};
 use crate::metering::budget::{Ask, Period, SharedSpend, today as budget_today};
+use crate::metering::prefix::Block;
 
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]-[day]");
@@ -100,6 +102,7 @@ pub struct Fleet {
     /// Wakes the sender when a request's spend is queued.
     settled: tokio::sync::Notify,
     known: Mutex<Known>,
+    prefixes: Mutex<Prefixes>,
     degraded_gauge: IntGauge,
     replicas_gauge: IntGauge,
 }
@@ -223,6 +226,7 @@ impl Fleet {
                 replicas: 1,
                 ..Known::default()
             }),
+            prefixes: Mutex::default(),
             degraded_gauge,
             replicas_gauge,
         })
@@ -254,6 +258,19 @@ impl Fleet {
 
     fn pressure_key(&self, deployment: &str) -> String {
         format!("{}pressure:{deployment}", self.prefix)
+    }
+
+    /// The sorted set of the prompt blocks replicas routed to a
+    /// deployment with prefix affinity.
+    fn prefix_key(&self, deployment: &str) -> String {
+        format!("{}prefix:{deployment}", self.prefix)
+    }
+
+    /// Queues the prompt blocks of a request routed to `deployment` with
+    /// prefix affinity, for the next exchange to share; whether Redis
+    /// answers or not, nothing waits on it.
+    pub fn routed_prefix(&self, deployment: &str, blocks: &[Block]) {
+        lock(&self.prefixes).queue(deployment, blocks);
     }
 
     /// Redis is away: the request path stops asking it until an exchange
@@ -480,7 +497,21 @@ impl Fleet {
     /// here goes out, what the fleet knows comes back.
     pub async fn exchange(&self, ask: SyncAsk, today: Date) -> Option<SyncReply> {
         let seeding = !lock(&self.known).seeded;
-        let reply = self.send(&ask, today, seeding).await?;
+        let (unsent, prefixes) = {
+            let mut queued = lock(&self.prefixes);
+            let unsent = queued.take();
+            let wire = queued.wire(&unsent, &ask.prefixes, ask.prefix_blocks, |d| {
+                self.prefix_key(d)
+            });
+            (unsent, wire)
+        };
+        let Some(reply) = self.send(&ask, Some(&prefixes), today, seeding).await else {
+            lock(&self.prefixes).restore(unsent);
+            return None;
+        };
+        if let Ok(at) = reply.prefix_at.parse() {
+            lock(&self.prefixes).read(&ask.prefixes, at);
+        }
         {
             let mut known = lock(&self.known);
             known.replicas = reply.replicas.max(1);
@@ -507,9 +538,15 @@ impl Fleet {
             .into_iter()
             .map(|seen| seen.seen(&self.replica))
             .collect();
+        let blocks = reply
+            .blocks
+            .iter()
+            .map(|hex| prefixes::hashes(hex).unwrap_or_default())
+            .collect();
         Some(SyncReply {
             replicas: reply.replicas,
             pressure,
+            blocks,
         })
     }
 
@@ -547,12 +584,21 @@ impl Fleet {
         if self.is_degraded() || !lock(&self.known).seeded {
             return;
         }
-        let _ = self.send(&SyncAsk::default(), budget_today(), false).await;
+        let _ = self
+            .send(&SyncAsk::default(), None, budget_today(), false)
+            .await;
     }
 
     /// One call of `lua/sync.lua`, one at a time, so batches reach Redis
-    /// in the order of their numbers.
-    async fn send(&self, ask: &SyncAsk, today: Date, seeding: bool) -> Option<WireReply> {
+    /// in the order of their numbers. Prefix memory travels in the
+    /// periodic exchange only.
+    async fn send(
+        &self,
+        ask: &SyncAsk,
+        prefixes: Option<&WirePrefixes>,
+        today: Date,
+        seeding: bool,
+    ) -> Option<WireReply> {
         let _turn = self.sending.lock().await;
         let payload = {
             let mut pending = lock(&self.pending);
@@ -565,7 +611,7 @@ impl Fleet {
                 };
                 pending.unsent.push(batch);
             }
-            self.payload(&mut pending, ask, today, seeding)
+            self.payload(&mut pending, ask, prefixes, today, seeding)
         };
         let mut connection = self.connection.clone();
         let mut invocation = self.sync.key(format!("{}replicas", self.prefix));
@@ -590,7 +636,14 @@ impl Fleet {
 
     /// The JSON `sync.lua` reads: every unacknowledged batch, and what
     /// the exchange asks.
-    fn payload(&self, pending: &mut Pending, ask: &SyncAsk, today: Date, seeding: bool) -> Payload {
+    fn payload(
+        &self,
+        pending: &mut Pending,
+        ask: &SyncAsk,
+        prefixes: Option<&WirePrefixes>,
+        today: Date,
+        seeding: bool,
+    ) -> Payload {
         let renew_due = pending
             .renewed
             .is_none_or(|at| at.elapsed() >= self.lease / 3);
@@ -691,7 +744,7 @@ impl Fleet {
                 row
             })
             .collect();
-        let text = json!({
+        let mut text = json!({
             "replica": self.replica,
             "lease": self.lease.as_micros() as u64,
             "seed": seed,
@@ -700,8 +753,12 @@ impl Fleet {
             "push": push,
             "pull": pull,
             "spent": spent,
-        })
-        .to_string();
+        });
+        // Absent, not null: Lua reads JSON's null as true.
+        if let Some(prefixes) = prefixes {
+            text["prefix"] = json!(prefixes);
+        }
+        let text = text.to_string();
         Payload {
             text,
             last_batch: pending.unsent.last().map_or(0, |b| b.number),

@@ -4,10 +4,12 @@
 //! admission is one script call (key or deployment limits, and a budget
 //! reservation under a lease; admissions queued meanwhile share it), and
 //! everything after it — spend, tokens generated, lease renewals,
-//! upstream pressure — travels in one batched exchange per replica every
-//! [`SYNC_EVERY`], spend also 20 ms after a request ends.
+//! upstream pressure, the prompt blocks routed with prefix affinity —
+//! travels in one batched exchange per replica every [`SYNC_EVERY`],
+//! spend also 20 ms after a request ends.
 
 mod fleet;
+mod prefixes;
 mod sync;
 mod users;
 

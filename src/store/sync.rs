@@ -27,6 +27,11 @@ pub struct SyncAsk {
     /// Keys with budgets: their spend is read back, and seeded with the
     /// ledger's `(day, month)` when the store lost it.
     pub budgets: Vec<(String, (u64, u64))>,
+    /// Deployments of aliases with prefix affinity: the prompt blocks the
+    /// other replicas routed to them are read back.
+    pub prefixes: Vec<String>,
+    /// Blocks the fleet keeps per deployment (`routing.prefix_blocks`).
+    pub prefix_blocks: u32,
 }
 
 /// What came back, in the order asked.
@@ -36,6 +41,9 @@ pub struct SyncReply {
     pub replicas: u64,
     /// Per `pull`: what another replica published, if anything.
     pub pressure: Vec<Option<PressureSeen>>,
+    /// Per `prefixes`: the block hashes other replicas routed to it since
+    /// the last exchange, the oldest first.
+    pub blocks: Vec<Vec<u64>>,
 }
 
 fn micros(d: Duration) -> u64 {
@@ -118,6 +126,12 @@ pub(super) struct WireReply {
     /// Per budget key: day's spend, month's spend, held; as strings.
     #[serde(deserialize_with = "list")]
     pub spent: Vec<[String; 3]>,
+    /// Per prefix set read: its new block hashes, 16 hex digits each.
+    #[serde(default, deserialize_with = "list")]
+    pub blocks: Vec<String>,
+    /// The store's time of the read (microseconds), as a string.
+    #[serde(default)]
+    pub prefix_at: String,
 }
 
 /// A Lua table encodes an empty list as `{}`.

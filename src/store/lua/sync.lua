@@ -8,7 +8,8 @@
 --
 -- KEYS: 1 the replicas seen (sorted set), 2 the last batch applied for
 --       this replica
--- ARGV[1]: JSON {replica, lease, seed, batches, renew, push, pull, spent};
+-- ARGV[1]: JSON {replica, lease, seed, batches, renew, push, pull, spent,
+--          prefix (the periodic exchange only)};
 -- amounts travel as strings (JSON numbers lose digits past 2^53).
 -- Times are microseconds; sent and returned relative to now.
 local time = redis.call('TIME')
@@ -130,6 +131,41 @@ for i, key in ipairs(ask.pull) do
   pressure[i] = seen
 end
 
+-- Prompt blocks replicas routed with prefix affinity: per deployment, a
+-- sorted set of block hashes (16 hex digits) scored by when a replica
+-- last routed them. This replica reads what the others added since its
+-- last read (the newest `most`) before it adds its own, so its own do
+-- not come back to it; a set keeps the newest `cap` and ends `keep` ms
+-- after its last addition.
+local blocks = {}
+if ask.prefix then
+  local p = ask.prefix
+  for i, set in ipairs(p.pull) do
+    local found = redis.call('ZREVRANGEBYSCORE', set[1], '+inf', '(' .. set[2],
+      'LIMIT', 0, p.most)
+    blocks[i] = table.concat(found)
+  end
+  local at = int(now)
+  for _, set in ipairs(p.push) do
+    local key, hashes = set[1], set[2]
+    -- ZADD in slices: Lua's unpack takes at most a few thousand values.
+    local args = {}
+    for from = 1, #hashes, 16 do
+      args[#args + 1] = at
+      args[#args + 1] = string.sub(hashes, from, from + 15)
+      if #args == 2000 then
+        redis.call('ZADD', key, unpack(args))
+        args = {}
+      end
+    end
+    if #args > 0 then
+      redis.call('ZADD', key, unpack(args))
+    end
+    redis.call('ZREMRANGEBYRANK', key, 0, -(p.cap + 1))
+    redis.call('PEXPIRE', key, p.keep)
+  end
+end
+
 -- Per budgeted key [hash, leases, day field, month field, stale
 -- fields...]: leases past their time are released (a replica that died
 -- stopped renewing them), spend fields of past periods dropped, then its
@@ -154,4 +190,5 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - MINUTE)
 redis.call('PEXPIRE', KEYS[1], 120000)
 local replicas = redis.call('ZCARD', KEYS[1])
 
-return cjson.encode({replicas = replicas, pressure = pressure, spent = spent})
+return cjson.encode({replicas = replicas, pressure = pressure, spent = spent,
+  blocks = blocks, prefix_at = int(now)})
