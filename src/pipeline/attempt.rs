@@ -218,20 +218,8 @@ pub async fn attempt<'s>(
                     // No first byte yet: a hedge, if a deployment after this
                     // one fits the allowance.
                     let allowance = hedge::allowance(h, meter.reserved_for_hedge());
-                    let mut second = None;
-                    for index in plan.order().skip(position + 1) {
-                        let rate = &snapshot.resolved(model, index).rate;
-                        let deployment = &config.deployments[index];
-                        let Some(fit) = hedge::fit(request, prompt, deployment, rate, allowance)
-                        else {
-                            continue;
-                        };
-                        second = tried.leg(index, fit.max_tokens, prompt).await;
-                        if second.is_some() {
-                            break;
-                        }
-                    }
-                    match second {
+                    let rest = plan.order().skip(position + 1);
+                    match tried.hedge_leg(rest, request, prompt, allowance).await {
                         None => {
                             tried.hedged("over_allowance");
                             call.await
@@ -328,6 +316,28 @@ impl<'s> Tried<'s> {
             attempt,
             max_tokens,
         })
+    }
+
+    /// The first of `rest` whose worst case fits `allowance` and that
+    /// admits an attempt now, as a hedge's leg.
+    async fn hedge_leg(
+        &mut self,
+        rest: impl Iterator<Item = usize>,
+        request: &InboundRequest,
+        prompt: u64,
+        allowance: u64,
+    ) -> Option<Leg<'s>> {
+        let snapshot = &*self.ctx.snapshot;
+        for index in rest {
+            let rate = &snapshot.resolved(self.model, index).rate;
+            let deployment = &snapshot.config.models[self.model].deployments[index];
+            if let Some(fit) = hedge::fit(request, prompt, deployment, rate, allowance)
+                && let Some(leg) = self.leg(index, fit.max_tokens, prompt).await
+            {
+                return Some(leg);
+            }
+        }
+        None
     }
 
     /// A leg failed before the client saw a byte: its deployment learns of
