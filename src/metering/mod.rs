@@ -119,11 +119,12 @@ pub struct Meter {
     prompt_estimate: u64,
     /// The attempt in flight or answering; `None` between attempts.
     serving: Option<Serving>,
-    /// A hedge: a second attempt in flight beside `serving`.
-    hedge: Option<Serving>,
+    /// A hedge: a second attempt in flight beside `serving`. Boxed, as is
+    /// `cancelled`: rare, and the meter is moved along the request path.
+    hedge: Option<Box<Serving>>,
     /// The attempt that lost a hedge, cancelled before its first byte: the
     /// upstream had the prompt, so it is charged the prompt, estimated.
-    cancelled: Option<Serving>,
+    cancelled: Option<Box<Serving>>,
     /// The backend of the last attempt, for the request's labels.
     last_backend: Option<String>,
     /// Upstream attempts begun.
@@ -215,7 +216,7 @@ impl Meter {
         upstream_model: &str,
     ) -> HeaderMap {
         let headers = self.trace_attempt(&serving, provider, upstream_model, true);
-        self.hedge = Some(serving);
+        self.hedge = Some(Box::new(serving));
         headers
     }
 
@@ -245,7 +246,8 @@ impl Meter {
     /// attempt is cancelled when [`attempt_answered`](Self::attempt_answered)
     /// is called.
     pub fn hedge_won(&mut self) {
-        std::mem::swap(&mut self.serving, &mut self.hedge);
+        let hedge = self.hedge.take().map(|hedge| *hedge);
+        self.hedge = std::mem::replace(&mut self.serving, hedge).map(Box::new);
         self.last_backend = self.serving.as_ref().map(|s| s.backend.clone());
         if let Some(trace) = &mut self.trace {
             trace.hedge_won();
@@ -267,7 +269,7 @@ impl Meter {
     /// A hedge still in flight becomes the attempt.
     pub fn attempt_failed(&mut self, error: &GatewayError) {
         self.upstream_done();
-        self.serving = self.hedge.take();
+        self.serving = self.hedge.take().map(|hedge| *hedge);
         if let Some(serving) = &self.serving {
             self.last_backend = Some(serving.backend.clone());
             self.upstream_since = Some(Instant::now());

@@ -232,17 +232,22 @@ pub async fn attempt<'s>(
                                 second.provider(),
                                 &second.deployment.upstream_model,
                             );
-                            let hedge_call = pin!(call_upstream(
+                            // Boxed, as is the race: a hedge is rare, and the
+                            // request's future, moved before it runs, stays small.
+                            let mut hedge_call = Box::pin(call_upstream(
                                 app,
                                 second.to(),
                                 request,
                                 &ctx.request_id,
                                 headers,
-                                identity
+                                identity,
                             ));
-                            let won = tried
-                                .race((first, call), (second, hedge_call), &mut meter)
-                                .await;
+                            let won = Box::pin(tried.race(
+                                (first, call),
+                                (second, hedge_call.as_mut()),
+                                &mut meter,
+                            ))
+                            .await;
                             match won {
                                 Some(answer) => return Ok(tried.served(answer, meter)),
                                 None => continue,
