@@ -1,9 +1,8 @@
 //! What changes between two configs: backends, models, deployments and
 //! keys added, removed or changed, and the other tables that changed.
-//! Compared as written (the redacted documents), by name.
+//! Compared as written, by name: the JSON document, and the keys as parsed.
 
-use std::collections::BTreeMap;
-
+use foldhash::HashMap;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -17,20 +16,33 @@ pub struct Changes {
 }
 
 impl Changes {
-    fn between(old: &BTreeMap<String, Value>, new: &BTreeMap<String, Value>) -> Self {
+    /// Items by name, before and after; each list comes out sorted.
+    fn between<'a, V: PartialEq>(
+        old: impl IntoIterator<Item = (&'a str, V)>,
+        new: impl IntoIterator<Item = (&'a str, V)>,
+    ) -> Self {
+        let old: HashMap<&str, V> = old.into_iter().collect();
+        let new: HashMap<&str, V> = new.into_iter().collect();
         let mut changes = Self::default();
-        for (name, value) in new {
+        for (name, value) in &new {
             match old.get(name) {
-                None => changes.added.push(name.clone()),
-                Some(before) if before != value => changes.changed.push(name.clone()),
+                None => changes.added.push((*name).to_owned()),
+                Some(before) if before != value => changes.changed.push((*name).to_owned()),
                 Some(_) => {}
             }
         }
         changes.removed = old
             .keys()
             .filter(|name| !new.contains_key(*name))
-            .cloned()
+            .map(|name| (*name).to_owned())
             .collect();
+        for names in [
+            &mut changes.added,
+            &mut changes.removed,
+            &mut changes.changed,
+        ] {
+            names.sort_unstable();
+        }
         changes
     }
 
@@ -62,43 +74,51 @@ impl ConfigDiff {
 }
 
 /// The items of a list table by name; `field` names them.
-fn by_name(document: &Value, list: &str, field: &str) -> BTreeMap<String, Value> {
+fn by_name<'a>(
+    document: &'a Value,
+    list: &str,
+    field: &str,
+) -> impl Iterator<Item = (&'a str, &'a Value)> {
     document[list]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|item| Some((item[field].as_str()?.to_owned(), item.clone())))
-        .collect()
+        .filter_map(move |item| Some((item[field].as_str()?, item)))
 }
 
 /// Models without their deployments, which are compared on their own.
-fn models(document: &Value) -> BTreeMap<String, Value> {
-    by_name(document, "models", "alias")
-        .into_iter()
-        .map(|(alias, mut model)| {
-            if let Some(m) = model.as_object_mut() {
-                m.remove("deployments");
-            }
-            (alias, model)
-        })
-        .collect()
+fn models(document: &Value) -> impl Iterator<Item = (&str, Value)> {
+    by_name(document, "models", "alias").map(|(alias, model)| {
+        let settings = model.as_object().map(|m| {
+            m.iter()
+                .filter(|(field, _)| *field != "deployments")
+                .map(|(field, value)| (field.clone(), value.clone()))
+                .collect()
+        });
+        (alias, settings.map_or(Value::Null, Value::Object))
+    })
 }
 
 /// Deployments by the name the gateway gives them.
-fn deployments(config: &Config) -> BTreeMap<String, Value> {
-    let mut out = BTreeMap::new();
+fn deployments(config: &Config) -> impl Iterator<Item = (&str, &Value)> {
     let written = config.document["models"].as_array();
-    for (i, model) in config.models.iter().enumerate() {
-        for (j, deployment) in model.deployments.iter().enumerate() {
-            let raw = written
-                .and_then(|m| m.get(i))
-                .and_then(|m| m["deployments"].get(j))
-                .cloned()
-                .unwrap_or_default();
-            out.insert(deployment.name.clone(), raw);
-        }
-    }
-    out
+    config
+        .models
+        .iter()
+        .enumerate()
+        .flat_map(move |(i, model)| {
+            model
+                .deployments
+                .iter()
+                .enumerate()
+                .map(move |(j, deployment)| {
+                    let raw = written
+                        .and_then(|m| m.get(i))
+                        .and_then(|m| m["deployments"].get(j))
+                        .unwrap_or(&Value::Null);
+                    (deployment.name.as_str(), raw)
+                })
+        })
 }
 
 pub fn diff(old: &Config, new: &Config) -> ConfigDiff {
@@ -115,12 +135,12 @@ pub fn diff(old: &Config, new: &Config) -> ConfigDiff {
         from_version: old.version.clone(),
         to_version: new.version.clone(),
         backends: Changes::between(
-            &by_name(a, "backends", "name"),
-            &by_name(b, "backends", "name"),
+            by_name(a, "backends", "name"),
+            by_name(b, "backends", "name"),
         ),
-        models: Changes::between(&models(a), &models(b)),
-        deployments: Changes::between(&deployments(old), &deployments(new)),
-        keys: Changes::between(&by_name(a, "keys", "name"), &by_name(b, "keys", "name")),
+        models: Changes::between(models(a), models(b)),
+        deployments: Changes::between(deployments(old), deployments(new)),
+        keys: Changes::between(old.written_keys.by_name(), new.written_keys.by_name()),
         settings,
     }
 }

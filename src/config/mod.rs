@@ -6,6 +6,7 @@ mod schema;
 mod types;
 mod validate;
 mod warnings;
+mod written;
 
 use std::fmt;
 use std::path::Path;
@@ -14,6 +15,7 @@ pub use diff::{Changes, ConfigDiff, diff};
 pub use types::*;
 pub use validate::{DEFAULT_LISTEN, EnvLookup, Secrets};
 pub use warnings::warnings;
+pub use written::WrittenKeys;
 
 /// One thing wrong with a config file, at a path such as
 /// `models[1].deployments[0].backend`.
@@ -83,8 +85,9 @@ pub fn parse_with(text: &str, secrets: Secrets<'_>) -> Result<Config, Problems> 
     let parsed =
         toml::de::DeTable::parse(text).map_err(|e| Problems::one("", syntax_error(text, &e)))?;
     // The parsed document serves twice, read into the schema and kept as
-    // JSON: a config of 100,000 keys is not parsed a second time.
-    let copy = parsed.clone();
+    // JSON: a config of 100,000 keys is not parsed a second time. The keys
+    // stay out of the copy ([`WrittenKeys`] keeps them as parsed).
+    let copy = without_keys(&parsed);
     let mut unknown = Vec::new();
     let raw: schema::RawConfig =
         serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
@@ -113,7 +116,7 @@ pub fn parse_with(text: &str, secrets: Secrets<'_>) -> Result<Config, Problems> 
     match validate::validate(raw, secrets) {
         Ok(mut config) if problems.is_empty() => {
             config.version = version(text);
-            config.document = redacted(copy);
+            config.document = document(copy);
             Ok(config)
         }
         Ok(_) => Err(Problems(problems)),
@@ -130,23 +133,24 @@ pub fn version(text: &str) -> String {
     hex::encode(&sha2::Sha256::digest(text.as_bytes())[..8])
 }
 
-/// The config file as JSON, with key digests replaced by a fingerprint
-/// (enough to see that one changed). Secrets themselves never sit in the
-/// file, only the names of the variables holding them.
-fn redacted(parsed: toml::Spanned<toml::de::DeTable<'_>>) -> serde_json::Value {
+/// The parsed document without its `[[keys]]`.
+fn without_keys<'i>(
+    parsed: &toml::Spanned<toml::de::DeTable<'i>>,
+) -> toml::Spanned<toml::de::DeTable<'i>> {
+    let tables = parsed
+        .get_ref()
+        .iter()
+        .filter(|(name, _)| name.get_ref() != "keys")
+        .map(|(name, table)| (name.clone(), table.clone()))
+        .collect();
+    toml::Spanned::new(parsed.span(), tables)
+}
+
+/// The config file as JSON. Secrets never sit in the file, only the names
+/// of the variables holding them.
+fn document(parsed: toml::Spanned<toml::de::DeTable<'_>>) -> serde_json::Value {
     use serde::Deserialize;
-    use sha2::Digest;
-    let mut document =
-        serde_json::Value::deserialize(toml::Deserializer::from(parsed)).unwrap_or_default();
-    if let Some(keys) = document.get_mut("keys").and_then(|k| k.as_array_mut()) {
-        for key in keys {
-            if let Some(digest) = key.get_mut("sha256") {
-                let print = sha2::Sha256::digest(digest.to_string().as_bytes());
-                *digest = format!("[redacted {}]", hex::encode(&print[..4])).into();
-            }
-        }
-    }
-    document
+    serde_json::Value::deserialize(toml::Deserializer::from(parsed)).unwrap_or_default()
 }
 
 fn syntax_error(text: &str, e: &toml::de::Error) -> String {
@@ -816,9 +820,11 @@ models = ["*"]
             old.version,
             "a hash of the text"
         );
+        let written = serde_json::to_value(old.written()).unwrap();
+        assert_eq!(written["keys"][0]["name"], "team");
         assert!(
-            !old.document.to_string().contains("5b5b5b5b"),
-            "digests are redacted"
+            !written.to_string().contains("5b5b5b5b"),
+            "digests are redacted: {written}"
         );
         let d = diff(&old, &new);
         assert_eq!(d.backends.added, ["c"]);

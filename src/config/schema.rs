@@ -228,7 +228,7 @@ pub struct RawDeployment {
     pub endpoints: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct RawKey {
     pub name: String,
     pub sha256: Option<String>,

@@ -19,9 +19,11 @@ pub struct Config {
     pub offline: bool,
     /// A hash of the config text (`config::version`).
     pub version: String,
-    /// The config as written, as JSON, digests redacted: what
-    /// `GET /admin/config` shows and what diffs compare.
+    /// The config as written, as JSON, but for its keys: with
+    /// `written_keys`, what `GET /admin/config` shows
+    /// ([`Config::written`]) and what diffs compare.
     pub document: serde_json::Value,
+    pub written_keys: super::WrittenKeys,
     pub server: ServerConfig,
     pub backends: Vec<Backend>,
     pub models: Vec<Model>,

@@ -10,7 +10,7 @@ use url::Url;
 
 use super::schema::{RawBackend, RawConfig, RawDeployment, RawKey, RawModel, RawSimulated};
 use super::types::*;
-use super::{Problem, Problems};
+use super::{Problem, Problems, WrittenKeys};
 
 mod aws;
 mod ledger;
@@ -144,6 +144,7 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
             backends,
             models,
             keys: keys.into_iter().map(|(_, key)| key).collect(),
+            written_keys: WrittenKeys::new(raw.keys),
             routing,
             policy,
             admin,

@@ -327,10 +327,10 @@ pub async fn reload(
     }
 }
 
-#[derive(Debug, Serialize)]
-struct ActiveConfig {
-    version: String,
-    config: serde_json::Value,
+#[derive(Serialize)]
+struct ActiveConfig<'a, C> {
+    version: &'a str,
+    config: C,
 }
 
 /// `GET /admin/config`: the running config's version and content, key
@@ -343,8 +343,8 @@ pub async fn active_config(
     let snapshot = app.snapshot.load_full();
     answer(
         auth::authenticate_admin(&snapshot, &headers, uri.path()).map(|()| ActiveConfig {
-            version: snapshot.config.version.clone(),
-            config: snapshot.config.document.clone(),
+            version: &snapshot.config.version,
+            config: snapshot.config.written(),
         }),
     )
 }
