@@ -1,10 +1,10 @@
 //! Semantic validation: turns a `RawConfig` into a `Config`, or reports
 //! every problem it finds, each with the path of the value at fault.
 
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use foldhash::{HashMap, HashSet};
 use sha2::{Digest, Sha256};
 use url::Url;
 
@@ -79,7 +79,7 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
         raw.backends
             .iter()
             .enumerate()
-            .map(|(i, b)| (format!("backends[{i}].name"), b.name.as_str())),
+            .map(|(i, b)| (b.name.as_str(), move || format!("backends[{i}].name"))),
     );
     let self_hosted: HashMap<&str, bool> = raw
         .backends
@@ -96,14 +96,13 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
         raw.models
             .iter()
             .enumerate()
-            .map(|(i, m)| (format!("models[{i}].alias"), m.alias.as_str())),
+            .map(|(i, m)| (m.alias.as_str(), move || format!("models[{i}].alias"))),
     );
     v.unique(models.iter().enumerate().flat_map(|(i, m)| {
         m.deployments.iter().enumerate().map(move |(j, d)| {
-            (
-                format!("models[{i}].deployments[{j}].name"),
-                d.name.as_str(),
-            )
+            (d.name.as_str(), move || {
+                format!("models[{i}].deployments[{j}].name")
+            })
         })
     }));
     v.embedding_backends(&models, &backends);
@@ -118,9 +117,9 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
         raw.keys
             .iter()
             .enumerate()
-            .map(|(i, k)| (format!("keys[{i}].name"), k.name.as_str())),
+            .map(|(i, k)| (k.name.as_str(), move || format!("keys[{i}].name"))),
     );
-    let mut hashes: HashMap<[u8; 32], usize> = HashMap::new();
+    let mut hashes: HashMap<[u8; 32], usize> = HashMap::default();
     // Unread secrets have no digest to compare.
     let known = |i: &usize| matches!(secrets, Secrets::Read(_)) || raw.keys[*i].key_env.is_none();
     for (i, key) in keys.iter().filter(|(i, _)| known(i)) {
@@ -174,23 +173,25 @@ impl Validator<'_> {
     }
 
     /// Names are unique, and made of characters that are safe in metric
-    /// labels, logs and the `x-tollgate-backend` header.
-    fn unique<'n>(&mut self, names: impl Iterator<Item = (String, &'n str)>) {
-        let mut seen = HashSet::new();
-        for (path, name) in names {
+    /// labels, logs and the `x-tollgate-backend` header. Each name comes
+    /// with its path, made only for a name at fault: a config of 100,000
+    /// keys would make 100,000 of them otherwise.
+    fn unique<'n, P: Fn() -> String>(&mut self, names: impl Iterator<Item = (&'n str, P)>) {
+        let mut seen = HashSet::default();
+        for (name, path) in names {
             if name.is_empty() || name.len() > 128 {
-                self.problem(path, "must be 1 to 128 characters long");
+                self.problem(path(), "must be 1 to 128 characters long");
             } else if !name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
             {
                 self.problem(
-                    path,
+                    path(),
                     format!("\"{name}\" may use only letters, digits and - _ . : /"),
                 );
             } else if !seen.insert(name) {
                 self.problem(
-                    path,
+                    path(),
                     format!("\"{name}\" is defined twice; names must be unique"),
                 );
             }

@@ -310,7 +310,7 @@ impl Validator<'_> {
         &mut self,
         i: usize,
         m: &RawModel,
-        backends: &std::collections::HashMap<&str, bool>,
+        backends: &foldhash::HashMap<&str, bool>,
     ) -> Affinity {
         let Some(name) = m.affinity.as_deref() else {
             let self_hosted = m
