@@ -19,6 +19,8 @@
 //! CPU); this process (the mock, the streams' client and the load) on the
 //! other CPUs. Needs `taskset` and at least 2 CPUs.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -27,6 +29,7 @@ use support::gateway::url;
 use support::mock;
 use support::process::{Process, serve_config_on_one_cpu};
 
+use common::{env_number, percentile};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -47,13 +50,6 @@ static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 fn now_ns() -> u64 {
     EPOCH.elapsed().as_nanos() as u64
-}
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn runtime(workers: usize) -> Runtime {
@@ -181,12 +177,12 @@ async fn stream(socket: &mut TcpStream) -> std::io::Result<()> {
 
 // ---------------------------------------------------------------- the client
 
-/// Per-chunk delays, in nanoseconds, of the chunks that arrived while
+/// Per-chunk delays of the chunks that arrived while
 /// recording.
 #[derive(Default)]
 struct Delays {
     recording: AtomicBool,
-    samples: Mutex<Vec<u64>>,
+    samples: Mutex<Vec<Duration>>,
     failures: AtomicU64,
 }
 
@@ -239,7 +235,7 @@ async fn streamer(
             let arrived = now_ns();
             if delays.recording.load(Ordering::Relaxed) {
                 stamps(&mut pending, &bytes, |sent| {
-                    local.push(arrived.saturating_sub(sent));
+                    local.push(Duration::from_nanos(arrived.saturating_sub(sent)));
                 });
             }
         }
@@ -292,7 +288,7 @@ fn load(
 }
 
 struct Phase {
-    delays: Vec<u64>,
+    delays: Vec<Duration>,
     failures: u64,
     load_per_second: f64,
     /// The gateway's CPU time over the time recorded.
@@ -420,13 +416,6 @@ fn phase(
     }
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64 / 1e3
-}
-
 const PERCENTILES: [(&str, f64); 5] = [
     ("p50", 0.5),
     ("p90", 0.9),
@@ -519,7 +508,7 @@ fn main() {
                 connections,
                 seconds,
             );
-            let figures = PERCENTILES.map(|(_, q)| percentile(&p.delays, q));
+            let figures = PERCENTILES.map(|(_, q)| percentile(&p.delays, q).as_secs_f64() * 1e6);
             println!(
                 "{round:<6} {name:<9} {:>8} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>8.0} {:>11.0} {:>11.0}% {:>13.2}",
                 p.delays.len(),
