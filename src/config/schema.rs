@@ -5,7 +5,7 @@
 //! at the first one); `load` collects every ignored key with `serde_ignored`
 //! so `tollgate check` can report all of them at once.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawConfig {
@@ -228,20 +228,32 @@ pub struct RawDeployment {
     pub endpoints: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// Serialised as written (skipping what was left out) for `GET
+/// /admin/config`, with the digest replaced by a fingerprint.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct RawKey {
     pub name: String,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "super::written::fingerprint"
+    )]
     pub sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_env: Option<String>,
     #[serde(default)]
     pub models: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub region_header: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_daily_usd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_monthly_usd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rpm: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tpm: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub metrics: bool,
 }

@@ -49,64 +49,16 @@ impl Serialize for Written<'_> {
             map.serialize_entry(name, table)?;
         }
         if !keys.is_empty() {
-            map.serialize_entry("keys", &Keys(keys))?;
+            map.serialize_entry("keys", keys)?;
         }
         map.end()
     }
 }
 
-struct Keys<'a>(&'a [RawKey]);
-
-impl Serialize for Keys<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(Key))
-    }
-}
-
-/// One key with the fields it was written with.
-struct Key<'a>(&'a RawKey);
-
-impl Serialize for Key<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let k = self.0;
-        let mut map = serializer.serialize_map(None)?;
-        map.serialize_entry("name", &k.name)?;
-        if let Some(digest) = &k.sha256 {
-            map.serialize_entry("sha256", &redacted(digest))?;
-        }
-        if let Some(var) = &k.key_env {
-            map.serialize_entry("key_env", var)?;
-        }
-        map.serialize_entry("models", &k.models)?;
-        if let Some(region) = &k.region {
-            map.serialize_entry("region", region)?;
-        }
-        if k.region_header {
-            map.serialize_entry("region_header", &true)?;
-        }
-        if let Some(usd) = k.budget_daily_usd {
-            map.serialize_entry("budget_daily_usd", &usd)?;
-        }
-        if let Some(usd) = k.budget_monthly_usd {
-            map.serialize_entry("budget_monthly_usd", &usd)?;
-        }
-        if let Some(rpm) = k.rpm {
-            map.serialize_entry("rpm", &rpm)?;
-        }
-        if let Some(tpm) = k.tpm {
-            map.serialize_entry("tpm", &tpm)?;
-        }
-        if k.metrics {
-            map.serialize_entry("metrics", &true)?;
-        }
-        map.end()
-    }
-}
-
-/// A digest's fingerprint: the first 4 bytes of the sha256 of the digest
-/// as a JSON string.
-fn redacted(digest: &str) -> String {
+/// A key's digest as `/admin/config` shows it: its fingerprint, the first
+/// 4 bytes of the sha256 of the digest as a JSON string.
+pub(super) fn fingerprint<S: Serializer>(digest: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     let quoted = serde_json::to_string(digest).unwrap_or_default();
     let print = sha2::Sha256::digest(quoted.as_bytes());
-    format!("[redacted {}]", hex::encode(&print[..4]))
+    s.serialize_str(&format!("[redacted {}]", hex::encode(&print[..4])))
 }
