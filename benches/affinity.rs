@@ -20,11 +20,10 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{env_number, percentile};
+use common::{env_number, metered_cost, percentile};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Model};
-use support::gateway::metric;
 use tokio::sync::Semaphore;
 
 const DEPLOYMENTS: usize = 4;
@@ -181,20 +180,11 @@ fn main() {
             let max_over_mean = *load.iter().max().expect("deployments") as f64
                 / (all.len() as f64 / DEPLOYMENTS as f64);
             let metrics = gateway.metrics().await;
-            let cost: f64 = (0..DEPLOYMENTS)
-                .filter_map(|i| {
-                    let deployment = format!("gpu{i}");
-                    metric(
-                        &metrics,
-                        "tollgate_cost_usd_total",
-                        &[
-                            ("alias", "llama"),
-                            ("deployment", &deployment),
-                            ("key", "none"),
-                        ],
-                    )
-                })
-                .sum();
+            let cost = metered_cost(
+                &metrics,
+                "llama",
+                (0..DEPLOYMENTS).map(|i| format!("gpu{i}")),
+            );
             println!(
                 "{affinity:<9} {:>10.3} {:>14.0} {:>13.0} {:>11.6} {:>14.2}",
                 cached as f64 / prompt as f64,

@@ -16,7 +16,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{env_number, percentile};
+use common::{env_number, metered_cost, percentile};
 use futures_util::StreamExt;
 use serde_json::json;
 use support::config::{Backend, Config, Deployment, Model};
@@ -121,20 +121,11 @@ fn main() {
             }
             ttfts.sort_unstable();
             let metrics = gateway.metrics().await;
-            let cost: f64 = (0..DEPLOYMENTS)
-                .filter_map(|i| {
-                    let deployment = format!("api{i}");
-                    metric(
-                        &metrics,
-                        "tollgate_cost_usd_total",
-                        &[
-                            ("alias", "llama"),
-                            ("deployment", &deployment),
-                            ("key", "none"),
-                        ],
-                    )
-                })
-                .sum();
+            let cost = metered_cost(
+                &metrics,
+                "llama",
+                (0..DEPLOYMENTS).map(|i| format!("api{i}")),
+            );
             let hedges = |outcome| {
                 metric(
                     &metrics,

@@ -1,5 +1,8 @@
-//! What the benches that drive a gateway share: their knobs from the environment, and
-//! percentiles of what they measured.
+//! What the benches that drive a gateway share: their knobs from the
+//! environment, percentiles of what they measured, and the cost the
+//! gateway metered.
+
+#![allow(dead_code, reason = "each bench uses a different part of it")]
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -15,4 +18,22 @@ pub fn env_number<T: FromStr>(name: &str, default: T) -> T {
 /// The `p` quantile (nearest rank) of `sorted`.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// What the gateway metered for `alias` on `deployments`, summed over
+/// them, from its `/metrics` page.
+pub fn metered_cost(metrics: &str, alias: &str, deployments: impl Iterator<Item = String>) -> f64 {
+    deployments
+        .filter_map(|deployment| {
+            crate::support::gateway::metric(
+                metrics,
+                "tollgate_cost_usd_total",
+                &[
+                    ("alias", alias),
+                    ("deployment", &deployment),
+                    ("key", "none"),
+                ],
+            )
+        })
+        .sum()
 }

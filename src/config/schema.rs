@@ -5,7 +5,8 @@
 //! at the first one); `load` collects every ignored key with `serde_ignored`
 //! so `tollgate check` can report all of them at once.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
+use sha2::Digest;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawConfig {
@@ -228,6 +229,14 @@ pub struct RawDeployment {
     pub endpoints: Option<Vec<String>>,
 }
 
+/// A key's digest as `/admin/config` shows it: its fingerprint, the first
+/// 4 bytes of the sha256 of the digest as a JSON string.
+fn fingerprint<S: Serializer>(digest: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    let quoted = serde_json::to_string(digest).unwrap_or_default();
+    let print = sha2::Sha256::digest(quoted.as_bytes());
+    s.serialize_str(&format!("[redacted {}]", hex::encode(&print[..4])))
+}
+
 /// Serialised as written (skipping what was left out) for `GET
 /// /admin/config`, with the digest replaced by a fingerprint.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -235,7 +244,7 @@ pub struct RawKey {
     pub name: String,
     #[serde(
         skip_serializing_if = "Option::is_none",
-        serialize_with = "super::written::fingerprint"
+        serialize_with = "fingerprint"
     )]
     pub sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -6,7 +6,6 @@
 
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
-use sha2::Digest;
 
 use super::Config;
 use super::schema::RawKey;
@@ -53,12 +52,4 @@ impl Serialize for Written<'_> {
         }
         map.end()
     }
-}
-
-/// A key's digest as `/admin/config` shows it: its fingerprint, the first
-/// 4 bytes of the sha256 of the digest as a JSON string.
-pub(super) fn fingerprint<S: Serializer>(digest: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
-    let quoted = serde_json::to_string(digest).unwrap_or_default();
-    let print = sha2::Sha256::digest(quoted.as_bytes());
-    s.serialize_str(&format!("[redacted {}]", hex::encode(&print[..4])))
 }
