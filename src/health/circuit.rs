@@ -2,7 +2,8 @@
 //! consecutive failures, then open for `circuit_cooldown`, then half-open:
 //! one probe request goes through, and its outcome closes or reopens it.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::config::RoutingSettings;
@@ -10,6 +11,38 @@ use crate::config::RoutingSettings;
 #[derive(Default)]
 pub struct Circuit {
     state: Mutex<State>,
+    /// Whether the state is other than closed, kept beside it so that the
+    /// router, which views every candidate's circuit on every request,
+    /// takes no lock while it is closed, as it nearly always is.
+    tripped: AtomicBool,
+}
+
+/// The circuit's state, locked; what is written to it is mirrored in
+/// `tripped` when the lock is let go.
+struct Locked<'a> {
+    state: MutexGuard<'a, State>,
+    tripped: &'a AtomicBool,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let tripped = !matches!(*self.state, State::Closed { .. });
+        self.tripped.store(tripped, Ordering::Release);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -53,11 +86,17 @@ impl CircuitView {
 }
 
 impl Circuit {
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> Locked<'_> {
+        Locked {
+            state: self.state.lock().unwrap_or_else(PoisonError::into_inner),
+            tripped: &self.tripped,
+        }
     }
 
     pub fn view(&self, now: Instant) -> CircuitView {
+        if !self.tripped.load(Ordering::Acquire) {
+            return CircuitView::Closed;
+        }
         match *self.state() {
             State::Closed { .. } => CircuitView::Closed,
             State::Open { until, .. } if now >= until => CircuitView::HalfOpen { probing: false },
@@ -72,6 +111,9 @@ impl Circuit {
     /// Lets a request through: `Some(false)` normally, `Some(true)` as the
     /// one probe of a half-open circuit, `None` when it must not be tried.
     pub fn admit(&self, now: Instant) -> Option<bool> {
+        if !self.tripped.load(Ordering::Acquire) {
+            return Some(false);
+        }
         let mut state = self.state();
         match *state {
             State::Closed { .. } => Some(false),

@@ -34,6 +34,9 @@ pub struct DeploymentLive {
     /// Recent times to a first byte, for hedging at a quantile of them.
     pub first_bytes: FirstBytes,
     estimates: Mutex<Estimates>,
+    /// Whether a 429 cooldown may be running: the router asks every
+    /// candidate on every request, and takes the lock only then.
+    cooling: AtomicBool,
     /// The last upstream failure, for the reasons plans and 503s give.
     last_failure: Mutex<Option<String>>,
     /// What upstreams said of the deployment changed here since the fleet
@@ -110,6 +113,7 @@ impl DeploymentLive {
     pub fn cool_down(&self, until: Instant) {
         let mut e = self.estimates();
         e.cooled_until = Some(e.cooled_until.map_or(until, |old| old.max(until)));
+        self.cooling.store(true, Ordering::Release);
         self.pressure_changed.store(true, Ordering::Release);
     }
 
@@ -153,6 +157,7 @@ impl DeploymentLive {
             let mut e = self.estimates();
             let until = now + cooling;
             e.cooled_until = Some(e.cooled_until.map_or(until, |old| old.max(until)));
+            self.cooling.store(true, Ordering::Release);
         }
         let remaining = |r: Option<LeftFor>| {
             r.map(|(left, reset_in)| crate::limits::Remaining {
@@ -190,10 +195,20 @@ impl DeploymentLive {
 
     /// How much longer a 429 cooldown lasts, if one does.
     pub fn cooling_for(&self, now: Instant) -> Option<Duration> {
-        self.estimates()
+        if !self.cooling.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut e = self.estimates();
+        let left = e
             .cooled_until
             .and_then(|until| until.checked_duration_since(now))
-            .filter(|left| !left.is_zero())
+            .filter(|left| !left.is_zero());
+        if left.is_none() {
+            // Over: cleared under the lock a new cooldown is set under.
+            e.cooled_until = None;
+            self.cooling.store(false, Ordering::Release);
+        }
+        left
     }
 }
 

@@ -3,6 +3,7 @@
 //! headers last reported. A deployment at its
 //! quota is skipped until it has room again, never failed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,9 @@ const DEFAULT_UPSTREAM_RESET: Duration = Duration::from_secs(1);
 pub struct DeploymentQuota {
     pub limits: Limits,
     state: Mutex<State>,
+    /// Whether an upstream ever reported what is left: most never do, and
+    /// the router asks every candidate on every request.
+    reported: AtomicBool,
 }
 
 #[derive(Default)]
@@ -71,6 +75,9 @@ impl DeploymentQuota {
     /// Counts a request admitted elsewhere (by the fleet's shared limits)
     /// against what the upstream last said was left.
     pub fn count_upstream(&self, tokens: u64) {
+        if !self.reported.load(Ordering::Acquire) {
+            return;
+        }
         let mut guard = self.state();
         let state = &mut *guard;
         for (left, used) in [(&mut state.requests, 1), (&mut state.tokens, tokens)] {
@@ -82,7 +89,11 @@ impl DeploymentQuota {
 
     /// Records what an upstream response's headers said is left.
     pub fn observe(&self, upstream: &UpstreamQuota, now: Instant) {
+        if upstream.requests.is_none() && upstream.tokens.is_none() {
+            return;
+        }
         let mut state = self.state();
+        self.reported.store(true, Ordering::Release);
         if let Some(requests) = upstream.requests {
             state.requests = Some(Left::of(requests, now));
         }
@@ -127,6 +138,9 @@ impl DeploymentQuota {
                 ),
                 Some(left),
             ));
+        }
+        if !self.reported.load(Ordering::Acquire) {
+            return None;
         }
         let state = self.state();
         if let Some((0, reset_in)) = state.requests.and_then(|l| l.at(now)) {
