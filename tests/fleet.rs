@@ -901,3 +901,80 @@ async fn with_redis_away_prefixes_route_locally_and_reach_the_fleet_when_it_is_b
     let (served, _) = turn(&b, "turn-3", &messages).await;
     assert_eq!(served, home);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedged_requests_hold_the_fleets_budget_and_their_cancelled_prompts_reach_it() {
+    let Some(redis) = Redis::start() else { return };
+    // The cheap deployment is slow to its first byte: every request is
+    // hedged to the dear one, which answers 500 tokens ($0.0025) at once.
+    let slow = MockUpstream::openai()
+        .answers_of(500)
+        .first_byte_after(Duration::from_secs(1))
+        .record(false)
+        .start()
+        .await;
+    let fast = MockUpstream::openai()
+        .answers_of(500)
+        .record(false)
+        .start()
+        .await;
+    let budget = 0.05;
+    let config = shared(
+        Config::new()
+            .backend(Backend::upstream("cheap", "openai", &url(&slow)))
+            .backend(Backend::upstream("dear", "openai", &url(&fast)))
+            .model(
+                Model::new("chat")
+                    .hedge_after(50, 0.01)
+                    .deployment(Deployment::new("cheap", "m").price(0.1, 0.1))
+                    .deployment(Deployment::new("dear", "m").price(5.0, 5.0)),
+            )
+            .key(Key::new("team").set("budget_daily_usd", budget))
+            .admin(),
+        &redis,
+    )
+    .set("state", "timeout_ms", 2_000);
+    let fleet = replicas(&config, 3).await;
+    for _ in 0..8 {
+        let fleet = &fleet;
+        let answers = join_all((0..60).map(|i| async move {
+            let body = json!({"model": "chat", "messages": user("hi"),
+                              "stream": i % 2 == 0, "max_tokens": 500});
+            let response = fleet[i % 3].chat_as("team-secret", body).await;
+            (response.status().as_u16(), error_of_any(response).await)
+        }))
+        .await;
+        for (status, code) in &answers {
+            assert!(
+                *status == 200
+                    || (*status == 429
+                        && matches!(code.as_deref(), Some("budget_held" | "insufficient_quota"))),
+                "{status} {code:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let spent = ledgers_spent(&fleet, "team").await;
+    // Each request reserves its worst case at the dear deployment
+    // ($0.0025) and the hedge's allowance beside it ($0.01); the last
+    // of the budget holds first attempts without a hedge.
+    assert!(
+        spent > 0.5 * budget && spent - budget <= 0.0001,
+        "${budget} budget: the fleet spent ${spent}"
+    );
+    // The cancelled attempts' prompts are in the fleet's count as in the
+    // ledgers.
+    assert_eq!(fleet_spent(&redis, "team"), (spent * 1e9).round() as i64);
+    let mut won = 0.0;
+    for gateway in &fleet {
+        let text = gateway.metrics().await;
+        won += metric(
+            &text,
+            "tollgate_hedges_total",
+            &[("alias", "chat"), ("outcome", "hedge_won")],
+        )
+        .unwrap_or(0.0);
+    }
+    assert!(won >= 5.0, "hedges won: {won}");
+}
