@@ -466,6 +466,11 @@ metrics! {
         help: "Replicas seen in the last minute through the shared state (1 in memory mode).",
         labels: [],
     }
+    state_admissions: IntCounterVec {
+        name: "tollgate_state_admissions_total",
+        help: "Admissions against a key's or deployment's shared limits and budget in Redis mode, by where they were decided: `credit` (from what this replica took ahead from the fleet's limits and budget, without a round trip) or `redis` (in a call of the admission script).",
+        labels: [label("from", "`credit` or `redis`")],
+    }
     ledger_write_failing: IntGauge {
         name: "tollgate_ledger_write_failing",
         help: "1 while spend cannot be written where it belongs (the SQLite ledger, the spool, or the fleet's PostgreSQL) and waits in memory or in the spool for the next try; 0 otherwise.",

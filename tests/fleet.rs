@@ -494,7 +494,7 @@ async fn a_batch_sent_again_after_a_lost_reply_is_counted_once() {
             "replica": "r1", "lease": 30_000_000, "seed": [], "renew": [], "push": [],
             "pull": [], "spent": [],
             "batches": [{"number": number, "charge": [], "settle": [[
-                "t:key:team", "t:key:team:leases", "d:2026-12-04", "m:2026-12", cost
+                "t:key:team", "t:key:team:leases", "d:2026-12-04", "m:2026-12", cost, 0
             ]]}],
         })
         .to_string()
@@ -977,4 +977,158 @@ async fn hedged_requests_hold_the_fleets_budget_and_their_cancelled_prompts_reac
         .unwrap_or(0.0);
     }
     assert!(won >= 5.0, "hedges won: {won}");
+}
+
+/// A busy key of the fleet: limits and a budget far from reached, so that
+/// credit is granted. `rpm` 6,000 is 10 ms of the shared cell a request.
+fn busy(upstream: &MockServer, redis: &Redis, budget: f64) -> Config {
+    shared(
+        one_model(upstream).key(
+            Key::new("team")
+                .set("rpm", 6_000)
+                .set("tpm", 6_000_000)
+                .set("budget_daily_usd", budget),
+        ),
+        redis,
+    )
+}
+
+/// A request of at most 20 output tokens: its reservation is its worst
+/// case, $0.000205 for "hi".
+async fn ask_short(gateway: &Gateway) -> (u16, Option<String>) {
+    let body = json!({"model": "chat", "messages": user("hi"), "max_tokens": 20});
+    let response = gateway.chat_as("team-secret", body).await;
+    let status = response.status().as_u16();
+    (status, error_of_any(response).await)
+}
+
+/// Admissions the fleet decided from credit and in Redis, summed over the
+/// replicas.
+async fn admissions(fleet: &[Gateway]) -> (f64, f64) {
+    let mut sums = (0.0, 0.0);
+    for gateway in fleet {
+        let text = gateway.metrics().await;
+        let from = |from| metric(&text, "tollgate_state_admissions_total", &[("from", from)]);
+        sums.0 += from("credit").unwrap_or(0.0);
+        sums.1 += from("redis").unwrap_or(0.0);
+    }
+    sums
+}
+
+/// Redis's clock, in microseconds.
+async fn redis_now(connection: &mut redis::aio::MultiplexedConnection) -> i64 {
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(connection).await.unwrap();
+    secs * 1_000_000 + micros
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_key_is_admitted_from_credit_and_the_fleet_takes_one_cell_a_request() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = MockUpstream::openai()
+        .answers_of(20)
+        .record(false)
+        .start()
+        .await;
+    let fleet = replicas(&busy(&upstream, &redis, 100.0), 3).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let start = redis_now(&mut connection).await;
+    let mut served = 0;
+    for _ in 0..40 {
+        let answers = join_all((0..30).map(|i| ask_short(&fleet[i % 3]))).await;
+        for (status, code) in &answers {
+            assert_eq!(*status, 200, "{code:?}");
+        }
+        served += answers.len() as i64;
+    }
+    let (credit, in_redis) = admissions(&fleet).await;
+    assert_eq!(
+        credit + in_redis,
+        served as f64,
+        "every admission counted once"
+    );
+    assert!(
+        credit > in_redis,
+        "{credit} admissions from credit, {in_redis} in Redis"
+    );
+    // Once idle, every credit is given back: its unused cells refunded and
+    // its budget released, so the fleet holds nothing, has spent what the
+    // ledgers hold, and its rpm cell is one request's 10 ms ahead of where
+    // it began for each request served (from the first admission, a few
+    // ms after `start`; credit unrefunded would be hundreds of cells).
+    let home = format!("{PREFIX}key:team");
+    eventually("the credits are given back", || async {
+        redis.hash_int(&home, "=") == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let full_at = redis.hash_int(&home, "rpm:6000");
+    let now = redis_now(&mut connection).await;
+    assert!(full_at > now, "the cell is still ahead of the clock");
+    let taken = full_at - start;
+    assert!(
+        (served * 10_000..served * 10_000 + 50_000).contains(&taken),
+        "{served} requests, {taken} µs of the cell taken; {credit} admissions from credit, {in_redis} in Redis"
+    );
+    let spent = ledgers_spent(&fleet, "team").await;
+    assert_eq!(fleet_spent(&redis, "team"), (spent * 1e9).round() as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_never_takes_the_fleet_past_its_budget_and_comes_back_when_idle() {
+    let Some(redis) = Redis::start() else { return };
+    // 20-token answers: $0.000211 each (the upstream counts 11 prompt
+    // tokens where the gateway estimates 5); $0.05 pays for about 237.
+    let upstream = MockUpstream::openai()
+        .answers_of(20)
+        .record(false)
+        .start()
+        .await;
+    let budget = 0.05;
+    let config = busy(&upstream, &redis, budget).set("state", "timeout_ms", 2_000);
+    let fleet = replicas(&config, 3).await;
+    let mut served = 0;
+    let mut used_up = false;
+    for _ in 0..100 {
+        let answers = join_all((0..30).map(|i| ask_short(&fleet[i % 3]))).await;
+        served += answers.iter().filter(|(s, _)| *s == 200).count();
+        for (status, code) in &answers {
+            assert!(
+                *status == 200
+                    || (*status == 429
+                        && matches!(code.as_deref(), Some("budget_held" | "insufficient_quota"))),
+                "{status} {code:?}"
+            );
+        }
+        // Used up: what credit held unused was given back, and nothing is
+        // left for even one request.
+        if answers
+            .iter()
+            .all(|(_, code)| code.as_deref() == Some("insufficient_quota"))
+        {
+            used_up = true;
+            break;
+        }
+        if served > 180 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+    assert!(used_up, "the budget was never used up");
+    let (credit, _) = admissions(&fleet).await;
+    assert!(credit > 0.0, "no admission was made from credit");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let spent = ledgers_spent(&fleet, "team").await;
+    // Within one request's most ($0.000205), which the 30 in flight at the
+    // end can pass only by the prompt tokens the gateway did not estimate
+    // (6 each: $0.00018 in all).
+    assert!(
+        spent <= budget + 0.000205,
+        "$0.05 budget: the fleet spent ${spent} in {served} answers"
+    );
+    assert!(
+        spent >= budget - 0.000211,
+        "$0.05 budget: the fleet spent only ${spent} in {served} answers"
+    );
+    assert_eq!(fleet_spent(&redis, "team"), (spent * 1e9).round() as i64);
+    assert_eq!(redis.hash_int(&format!("{PREFIX}key:team"), "="), 0);
 }

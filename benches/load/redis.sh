@@ -132,8 +132,11 @@ fi
 # What Redis did for the Redis-mode gateway: script calls, and their cost
 # on Redis's core.
 redis-cli -p "$REDIS_PORT" INFO commandstats | tr -d '\r' | grep -E '^cmdstat_(evalsha|eval):' >"$WORK/redis-stats.txt" || true
+# Where the Redis-mode gateway decided its admissions: from credit, or in
+# a script call.
+curl -sf "http://127.0.0.1:$REDIS_MODE_PORT/metrics" | grep '^tollgate_state_admissions_total' >"$WORK/admissions.txt" || true
 
-python3 - "$RESULTS" "$WORK/redis-stats.txt" <<'PY'
+python3 - "$RESULTS" "$WORK/redis-stats.txt" "$WORK/admissions.txt" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 def med(mode, kind, field):
@@ -158,6 +161,14 @@ for line in open(sys.argv[2]):
     name, fields = line.strip().split(":", 1)
     stats = dict(f.split("=") for f in fields.split(","))
     calls = int(stats["calls"])
-    print(f"\nRedis {name[8:]}: {calls} calls, {calls / requests:.2f} a request, "
+    print(f"\nRedis {name[8:]}: {calls} calls, {calls / requests:.4f} a request, "
           f"{float(stats['usec_per_call']):.1f} µs each on Redis's core")
+admitted = {}
+for line in open(sys.argv[3]):
+    series, value = line.rsplit(" ", 1)
+    admitted[series.split('"')[1]] = float(value)
+if admitted:
+    total = sum(admitted.values())
+    print("\nAdmissions: " + ", ".join(
+        f"{n:.0f} from {source} ({n / total:.2%})" for source, n in sorted(admitted.items())))
 PY

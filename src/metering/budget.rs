@@ -42,8 +42,9 @@ pub struct Ask {
 /// budgets: to the shared store, which releases the reservation there.
 pub trait SharedSpend: Send + Sync {
     /// `key` spent `nano_usd` on `day`; `reservation` is the shared
-    /// reservation it settles, if it was made in the shared store.
-    fn spent(&self, key: &str, reservation: Option<&str>, nano_usd: u64, day: Date);
+    /// reservation it settles, if it was made in the shared store, and
+    /// `held` what the request held.
+    fn spent(&self, key: &str, reservation: Option<&str>, held: u64, nano_usd: u64, day: Date);
 }
 
 /// A request's worst-case cost, held against its key's budgets until
@@ -120,7 +121,7 @@ impl Reservation {
         // an admission in between counts the request twice, never not at
         // all.
         if let Some((sink, id)) = &self.shared {
-            sink.spent(&self.key, id.as_deref(), nano_usd, today());
+            sink.spent(&self.key, id.as_deref(), self.nano_usd, nano_usd, today());
         }
         if let Some(budgets) = &self.local {
             let mut reserved = budgets.lock();
@@ -459,7 +460,7 @@ mod tests {
         /// Sees what the key holds when its spend arrives.
         struct Watch(Arc<Budgets>, Mutex<Option<u64>>);
         impl SharedSpend for Watch {
-            fn spent(&self, key: &str, _: Option<&str>, _: u64, _: Date) {
+            fn spent(&self, key: &str, _: Option<&str>, _: u64, _: u64, _: Date) {
                 *self.1.lock().unwrap() = self.0.lock().get(key).copied();
             }
         }
@@ -483,7 +484,7 @@ mod tests {
         #[derive(Default)]
         struct Sink(Mutex<Vec<(String, Option<String>, u64)>>);
         impl SharedSpend for Sink {
-            fn spent(&self, key: &str, reservation: Option<&str>, nano_usd: u64, _: Date) {
+            fn spent(&self, key: &str, reservation: Option<&str>, _: u64, nano_usd: u64, _: Date) {
                 self.0
                     .lock()
                     .unwrap()

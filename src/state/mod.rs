@@ -88,6 +88,7 @@ impl AppState {
                 settings,
                 metrics.state_degraded.clone(),
                 metrics.state_replicas.clone(),
+                &metrics.state_admissions,
             )?)),
         };
         let traces = config.tracing.as_ref().map(Traces::start).transpose()?;

@@ -1,5 +1,6 @@
 //! The fleet's shared state in Redis: admission by script on the server's
-//! clock, and the batched exchange that carries everything else. Every
+//! clock or from the credit it granted, and the batched exchange that
+//! carries everything else. Every
 //! call is bounded by `[state] timeout_ms`; one that fails or runs late
 //! marks the replica degraded, and the request path stops asking Redis
 //! until an exchange succeeds again.
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 use serde_json::json;
@@ -18,6 +19,7 @@ use time::Date;
 use time::macros::format_description;
 use tokio::sync::{mpsc, oneshot};
 
+use super::credit::{Budgeted, Credits, Draw, Terms};
 use super::prefixes::{self, Prefixes, WirePrefixes};
 use super::sync::{SyncAsk, SyncReply, WirePush, WireReply};
 use super::users;
@@ -96,6 +98,8 @@ pub struct Fleet {
     degraded: AtomicBool,
     admit: Script,
     sync: Script,
+    /// Taken before `pending` when both are.
+    credits: Mutex<Credits>,
     pending: Mutex<Pending>,
     /// One call of the exchange script at a time.
     sending: tokio::sync::Mutex<()>,
@@ -105,6 +109,8 @@ pub struct Fleet {
     prefixes: Mutex<Prefixes>,
     degraded_gauge: IntGauge,
     replicas_gauge: IntGauge,
+    from_credit: IntCounter,
+    from_redis: IntCounter,
 }
 
 /// Admissions sent to Redis in one call, at most.
@@ -161,6 +167,9 @@ struct Settlement {
     key: String,
     /// The reservation it releases in Redis.
     reservation: Option<String>,
+    /// The credit it was admitted from, whose reservation in Redis gives
+    /// up what it cost.
+    drawn: Option<String>,
     nano_usd: u64,
     day: Date,
 }
@@ -186,6 +195,7 @@ impl Fleet {
         settings: &RedisState,
         degraded_gauge: IntGauge,
         replicas_gauge: IntGauge,
+        admitted: &IntCounterVec,
     ) -> Result<Self, String> {
         let url = settings
             .url
@@ -219,6 +229,7 @@ impl Fleet {
             degraded: AtomicBool::new(false),
             admit: Script::new(include_str!("lua/admit.lua")),
             sync: Script::new(include_str!("lua/sync.lua")),
+            credits: Mutex::default(),
             pending: Mutex::default(),
             sending: tokio::sync::Mutex::new(()),
             settled: tokio::sync::Notify::new(),
@@ -229,6 +240,8 @@ impl Fleet {
             prefixes: Mutex::default(),
             degraded_gauge,
             replicas_gauge,
+            from_credit: admitted.with_label_values(&["credit"]),
+            from_redis: admitted.with_label_values(&["redis"]),
         })
     }
 
@@ -307,7 +320,8 @@ impl Fleet {
 
     /// Takes a request from an owner's shared limits (`cells`: a request,
     /// and `tokens` of its prompt) and, for a key with a budget, reserves
-    /// what it asks; all or nothing, in one round trip.
+    /// what it asks; all or nothing, from the owner's credit here or in
+    /// one round trip, which a busy owner's also asks credit in.
     pub async fn admit(
         &self,
         cells: &SharedCells,
@@ -317,81 +331,74 @@ impl Fleet {
         if self.is_degraded() {
             return Err(Denied::Unavailable);
         }
-        let cell = |c: &Option<(String, u32)>| c.clone().unwrap_or_default();
-        let (rpm_field, rpm) = cell(&cells.requests);
-        let (tpm_field, tpm) = cell(&cells.tokens);
-        // A key's budget lives in the same home as its cells.
-        let home = cells.home.clone();
-        let leases = Self::leases(&home);
-        let mut args = vec![
-            rpm_field,
-            rpm.to_string(),
-            tpm_field,
-            tpm.to_string(),
-            tokens.to_string(),
-        ];
-        let id = match budget {
-            Some((key, ask, today)) => {
-                let id = format!(
-                    "{}:{}",
-                    self.replica,
-                    self.sequence.fetch_add(1, Ordering::Relaxed)
-                );
+        let terms = Terms {
+            cells,
+            tokens,
+            budget: budget.as_ref().map(|(key, ask, today)| {
                 let limit = |p: Period| p.limit(key).map_or(-1, |l| l.min(i64::MAX as u64) as i64);
-                args.extend([
-                    period_field(Period::Daily, today),
-                    limit(Period::Daily).to_string(),
-                    period_field(Period::Monthly, today),
-                    limit(Period::Monthly).to_string(),
-                    ask.want.to_string(),
-                    ask.floor.to_string(),
-                    id.clone(),
-                    self.lease.as_micros().to_string(),
-                ]);
-                Some((key.name.as_str(), id))
-            }
-            None => {
-                args.extend(["", "-1", "", "-1", "0", "0", "", "0"].map(str::to_owned));
-                None
-            }
+                (
+                    key.name.as_str(),
+                    Budgeted {
+                        limits: [limit(Period::Daily), limit(Period::Monthly)],
+                        want: ask.want,
+                        day: *today,
+                    },
+                )
+            }),
         };
-        let (reply, answer) = oneshot::channel();
-        let queued = Queued {
-            keys: [home, leases],
-            args,
-            reply,
-        };
-        if self.admissions.send(queued).is_err() {
+        let (units, credit) =
+            match lock(&self.credits).draw(&terms, Instant::now(), || self.fresh_id()) {
+                Draw::Taken(reservation) => {
+                    self.from_credit.inc();
+                    return Ok(Admitted { reservation });
+                }
+                Draw::Ask { units, id } => (units, id),
+            };
+        let id = terms.budget.map(|_| self.fresh_id());
+        let reply = self
+            .ask_redis(&terms, budget.map(|b| b.1), id.as_deref(), units, &credit)
+            .await;
+        let at = |i: usize| reply.as_ref().and_then(|r| r.get(i).copied()).unwrap_or(0);
+        if units > 0 {
+            let granted = if at(0) == 0 { at(2).max(0) as u64 } else { 0 };
+            let mut credits = lock(&self.credits);
+            if let Some(credit) = credits.granted(&terms, granted, credit, Instant::now())
+                && let Some((key, _)) = terms.budget
+            {
+                lock(&self.pending)
+                    .live
+                    .entry(key.to_owned())
+                    .or_default()
+                    .insert(credit);
+            }
+        }
+        if reply.is_none() {
             return Err(Denied::Unavailable);
         }
-        // Waiting includes a batch ahead of this one; the batch itself is
-        // bounded by the timeout, and marks Redis away when it runs over.
-        let reply = match tokio::time::timeout(self.timeout * 2, answer).await {
-            Ok(Ok(Some(reply))) => reply,
-            _ => return Err(Denied::Unavailable),
-        };
-        let at = |i: usize| reply.get(i).copied().unwrap_or(0);
+        self.from_redis.inc();
         let wait = |us: i64| u64::try_from(us).ok().map(Duration::from_micros);
+        let per_minute = |cell: &Option<(String, u32)>| cell.as_ref().map_or(0, |c| c.1);
         match at(0) {
             0 => Ok(Admitted {
-                reservation: id.map(|(key, id)| {
-                    let mut pending = lock(&self.pending);
-                    pending
-                        .live
-                        .entry(key.to_owned())
-                        .or_default()
-                        .insert(id.clone());
+                reservation: id.map(|id| {
+                    if let Some((key, _)) = terms.budget {
+                        lock(&self.pending)
+                            .live
+                            .entry(key.to_owned())
+                            .or_default()
+                            .insert(id.clone());
+                    }
                     (id, at(1).max(0) as u64)
                 }),
             }),
             1 => Err(Denied::Rate(Refused {
                 limit: Limit::Requests,
-                per_minute: rpm,
+                per_minute: per_minute(&cells.requests),
                 wait: wait(at(1)),
             })),
             2 => Err(Denied::Rate(Refused {
                 limit: Limit::Tokens,
-                per_minute: tpm,
+                per_minute: per_minute(&cells.tokens),
                 wait: wait(at(1)),
             })),
             _ => Err(Denied::Budget {
@@ -405,6 +412,72 @@ impl Fleet {
                 held: at(4).max(0) as u64,
                 needed: at(5).max(0) as u64,
             }),
+        }
+    }
+
+    /// A reservation id no other replica's or request's shares.
+    fn fresh_id(&self) -> String {
+        format!(
+            "{}:{}",
+            self.replica,
+            self.sequence.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// One admission in the next call of `lua/admit.lua`, reserving under
+    /// `id` with a budget, and asking for `units` of credit whose budget
+    /// is held under `credit`; `None` when Redis did not answer in time.
+    async fn ask_redis(
+        &self,
+        terms: &Terms<'_>,
+        ask: Option<Ask>,
+        id: Option<&str>,
+        units: u64,
+        credit: &str,
+    ) -> Option<Vec<i64>> {
+        let cells = terms.cells;
+        let cell = |c: &Option<(String, u32)>| c.clone().unwrap_or_default();
+        let (rpm_field, rpm) = cell(&cells.requests);
+        let (tpm_field, tpm) = cell(&cells.tokens);
+        // A key's budget lives in the same home as its cells.
+        let home = cells.home.clone();
+        let leases = Self::leases(&home);
+        let mut args = vec![
+            rpm_field,
+            rpm.to_string(),
+            tpm_field,
+            tpm.to_string(),
+            terms.tokens.to_string(),
+        ];
+        match (terms.budget, ask, id) {
+            (Some((_, budget)), Some(ask), Some(id)) => {
+                let day = budget.day;
+                args.extend([
+                    period_field(Period::Daily, day),
+                    budget.limits[0].to_string(),
+                    period_field(Period::Monthly, day),
+                    budget.limits[1].to_string(),
+                    ask.want.to_string(),
+                    ask.floor.to_string(),
+                    id.to_owned(),
+                    self.lease.as_micros().to_string(),
+                ]);
+            }
+            _ => args.extend(["", "-1", "", "-1", "0", "0", "", "0"].map(str::to_owned)),
+        }
+        args.extend([credit.to_owned(), units.to_string()]);
+        let (reply, answer) = oneshot::channel();
+        let queued = Queued {
+            keys: [home, leases],
+            args,
+            reply,
+        };
+        self.admissions.send(queued).ok()?;
+        // Waiting includes a batch ahead of this one; the batch itself is
+        // bounded by the timeout, and marks Redis away when it runs over.
+        match tokio::time::timeout(self.timeout * 2, answer).await {
+            Ok(Ok(reply)) => reply,
+            _ => None,
         }
     }
 
@@ -601,7 +674,28 @@ impl Fleet {
     ) -> Option<WireReply> {
         let _turn = self.sending.lock().await;
         let payload = {
+            let mut credits = lock(&self.credits);
+            let released = credits.release(Instant::now(), today, self.is_degraded());
             let mut pending = lock(&self.pending);
+            drop(credits);
+            for credit in released {
+                for (field, per_minute, cells) in credit.refunds {
+                    let cells = i64::try_from(cells).unwrap_or(i64::MAX);
+                    charge(&mut pending, &credit.home, &field, per_minute, -cells);
+                }
+                if let Some((key, id)) = credit.reservation {
+                    if let Some(ids) = pending.live.get_mut(&key) {
+                        ids.remove(&id);
+                    }
+                    pending.settle.push(Settlement {
+                        key,
+                        reservation: Some(id),
+                        drawn: None,
+                        nano_usd: 0,
+                        day: today,
+                    });
+                }
+            }
             if !pending.settle.is_empty() || !pending.charge.is_empty() {
                 pending.next_batch += 1;
                 let batch = Batch {
@@ -683,17 +777,22 @@ impl Fleet {
             .unsent
             .iter()
             .map(|b| {
-                // One entry per key and day: its spend in one sum, and the
-                // reservations it releases.
-                let mut groups: HashMap<(&str, Date), (u64, Vec<&str>)> = HashMap::new();
+                // One entry per key and day: its spend in one sum, what
+                // it drew on each credit, and the reservations it
+                // releases.
+                let mut groups: HashMap<(&str, Date), Group<'_>> = HashMap::new();
                 for s in &b.settle {
                     let group = groups.entry((&s.key, s.day)).or_default();
-                    group.0 = group.0.saturating_add(s.nano_usd);
-                    group.1.extend(s.reservation.as_deref());
+                    group.cost = group.cost.saturating_add(s.nano_usd);
+                    group.released.extend(s.reservation.as_deref());
+                    if let Some(credit) = &s.drawn {
+                        let drawn = group.drawn.entry(credit).or_default();
+                        *drawn = drawn.saturating_add(s.nano_usd);
+                    }
                 }
                 let settle: Vec<serde_json::Value> = groups
                     .into_iter()
-                    .map(|((key, day), (cost, released))| {
+                    .map(|((key, day), group)| {
                         let home = self.key_home(key);
                         let leases = Self::leases(&home);
                         let mut entry = vec![
@@ -701,9 +800,13 @@ impl Fleet {
                             json!(leases),
                             json!(period_field(Period::Daily, day)),
                             json!(period_field(Period::Monthly, day)),
-                            json!(cost.to_string()),
+                            json!(group.cost.to_string()),
+                            json!(group.drawn.len()),
                         ];
-                        entry.extend(released.into_iter().map(|id| json!(id)));
+                        for (credit, drawn) in group.drawn {
+                            entry.extend([json!(credit), json!(drawn.to_string())]);
+                        }
+                        entry.extend(group.released.into_iter().map(|id| json!(id)));
                         serde_json::Value::Array(entry)
                     })
                     .collect();
@@ -767,6 +870,15 @@ impl Fleet {
     }
 }
 
+/// A key's settlements of one day in one batch.
+#[derive(Default)]
+struct Group<'a> {
+    cost: u64,
+    /// Per credit drawn on, what its requests cost.
+    drawn: HashMap<&'a str, u64>,
+    released: Vec<&'a str>,
+}
+
 /// One exchange's JSON, and what to do once Redis acknowledges it.
 struct Payload {
     text: String,
@@ -776,8 +888,15 @@ struct Payload {
 }
 
 impl SharedSpend for Fleet {
-    fn spent(&self, key: &str, reservation: Option<&str>, nano_usd: u64, day: Date) {
+    fn spent(&self, key: &str, reservation: Option<&str>, held: u64, nano_usd: u64, day: Date) {
+        // The credit's lock is held while the spend is queued: a credit
+        // released once its last request settled is released after it.
+        let mut credits = lock(&self.credits);
+        let drawn = reservation
+            .filter(|id| credits.settled(&self.key_home(key), id, held, nano_usd))
+            .map(str::to_owned);
         let mut pending = lock(&self.pending);
+        let reservation = reservation.filter(|_| drawn.is_none());
         if let Some(id) = reservation
             && let Some(ids) = pending.live.get_mut(key)
         {
@@ -789,11 +908,29 @@ impl SharedSpend for Fleet {
         pending.settle.push(Settlement {
             key: key.to_owned(),
             reservation: reservation.map(str::to_owned),
+            drawn,
             nano_usd,
             day,
         });
         drop(pending);
+        drop(credits);
         self.settled.notify_one();
+    }
+}
+
+/// Adds `delta` cells to what a replica charges a shared limit's cell
+/// (`field` of `home`, `per_minute` its quota) in its next batch.
+fn charge(pending: &mut Pending, home: &str, field: &str, per_minute: u32, delta: i64) {
+    // Named once per cell, not per charge.
+    let cells = match pending.charge.get_mut(home) {
+        Some(cells) => cells,
+        None => pending.charge.entry(home.to_owned()).or_default(),
+    };
+    match cells.get_mut(field) {
+        Some(entry) => entry.1 = entry.1.saturating_add(delta),
+        None => {
+            cells.insert(field.to_owned(), (per_minute, delta));
+        }
     }
 }
 
@@ -806,18 +943,7 @@ impl SharedTokens for Fleet {
         if self.is_degraded() {
             return;
         }
-        let mut pending = lock(&self.pending);
-        // Named once per cell, not per charge.
-        let cells = match pending.charge.get_mut(home) {
-            Some(cells) => cells,
-            None => pending.charge.entry(home.to_owned()).or_default(),
-        };
-        match cells.get_mut(field) {
-            Some(entry) => entry.1 = entry.1.saturating_add(delta),
-            None => {
-                cells.insert(field.to_owned(), (per_minute, delta));
-            }
-        }
+        charge(&mut lock(&self.pending), home, field, per_minute, delta);
     }
 }
 

@@ -52,11 +52,26 @@ local applied = tonumber(redis.call('GET', KEYS[2]) or '0')
 for _, batch in ipairs(ask.batches) do
   if batch.number > applied then
     -- Per key and day: its hash and leases, its day and month fields, the
-    -- spend, then the reservations released.
+    -- spend, how many credits it was drawn from, those credits' ids and
+    -- amounts, then the reservations released. Every credit's draws are
+    -- applied before any release, so a credit released in the batch that
+    -- settles its last draws releases only what was left of it.
+    for _, s in ipairs(batch.settle) do
+      local hash = s[1]
+      for i = 7, 6 + 2 * s[6], 2 do
+        local field = 'r:' .. s[i]
+        local v = redis.call('HMGET', hash, field, '=')
+        if v[1] then
+          local taken = math.min(tonumber(v[1]), tonumber(s[i + 1]))
+          redis.call('HSET', hash, field, int(tonumber(v[1]) - taken),
+            '=', int(math.max(tonumber(v[2] or '0') - taken, 0)))
+        end
+      end
+    end
     for _, s in ipairs(batch.settle) do
       local hash, leases, day, month, cost = s[1], s[2], s[3], s[4], s[5]
       local ids = {}
-      for i = 6, #s do
+      for i = 7 + 2 * s[6], #s do
         ids[#ids + 1] = s[i]
       end
       if #ids > 0 then
@@ -68,8 +83,9 @@ for _, batch in ipairs(ask.batches) do
         redis.call('HINCRBY', hash, month, cost)
       end
     end
-    -- Tokens past (positive) or short of (negative) what admission took:
-    -- [hash, field, quota, tokens].
+    -- Tokens past (positive) or short of (negative) what admission took,
+    -- and the cells of a credit released unused (negative): [hash, field,
+    -- quota, cells].
     for _, c in ipairs(batch.charge) do
       local hash, field, per_minute, cells = c[1], c[2], c[3], c[4]
       local full_at = tonumber(redis.call('HGET', hash, field) or '0')
