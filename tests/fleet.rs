@@ -1132,3 +1132,81 @@ async fn credit_never_takes_the_fleet_past_its_budget_and_comes_back_when_idle()
     assert_eq!(fleet_spent(&redis, "team"), (spent * 1e9).round() as i64);
     assert_eq!(redis.hash_int(&format!("{PREFIX}key:team"), "="), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_credit_is_freed_within_the_lease() {
+    let Some(redis) = Redis::start() else { return };
+    // Streams that start and then hang: what they drew stays drawn.
+    let upstream = MockUpstream::openai()
+        .answers_of(50)
+        .hold_after(2)
+        .start()
+        .await;
+    let config = busy(&upstream, &redis, 1.0).set("state", "lease_ms", 2_000);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), config.to_toml()).unwrap();
+    let mut doomed = support::process::serve_file(
+        file.path(),
+        &[
+            ("KEY_TEAM", "team-secret"),
+            ("ADMIN_TOKEN", ADMIN_TOKEN),
+            ("UPSTREAM_KEY_API", "sk-test-api"),
+        ],
+    );
+    let survivor = start(&config).await;
+    let client = reqwest::Client::new();
+    // One after another, so that the key is busy on the doomed replica
+    // and its later requests draw on the credit an earlier one took.
+    let mut in_flight = Vec::new();
+    for _ in 0..12 {
+        let response = client
+            .post(format!("{}/v1/chat/completions", doomed.base))
+            .bearer_auth("team-secret")
+            .json(
+                &json!({"model": "chat", "messages": user("hi"), "stream": true, "max_tokens": 20}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        in_flight.push(response);
+    }
+    let text = client
+        .get(format!("{}/metrics", doomed.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let from_credit = metric(
+        &text,
+        "tollgate_state_admissions_total",
+        &[("from", "credit")],
+    );
+    assert!(
+        from_credit.is_some_and(|n| n >= 1.0),
+        "no request drew on credit: {from_credit:?}"
+    );
+    // The credit holds more than its requests: the budget's held part is
+    // beyond the twelve requests' $0.000205 each.
+    let home = format!("{PREFIX}key:team");
+    let held = redis.hash_int(&home, "=");
+    assert!(held > 12 * 205_000, "held {held}");
+    doomed.child.kill().unwrap();
+    let killed = Instant::now();
+    drop(in_flight);
+    upstream.release();
+    // The survivor's exchanges release what the dead replica's leases
+    // held once they expire.
+    eventually("the dead replica's credit expires", || async {
+        redis.hash_int(&home, "=") == 0
+    })
+    .await;
+    let freed = killed.elapsed();
+    assert!(
+        freed < Duration::from_secs(4),
+        "freed after {freed:?}; the lease is 2 s"
+    );
+    assert_eq!(ask_short(&survivor).await.0, 200);
+}
