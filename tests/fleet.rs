@@ -116,6 +116,42 @@ async fn error_of_any(response: reqwest::Response) -> Option<String> {
         .and_then(|b| b["error"]["code"].as_str().map(str::to_owned))
 }
 
+/// How many of a wave of requests against a budget were served; every
+/// other must have been refused for the budget.
+fn served_of_wave(answers: &[(u16, Option<String>)]) -> usize {
+    for (status, code) in answers {
+        assert!(
+            *status == 200
+                || (*status == 429
+                    && matches!(code.as_deref(), Some("budget_held" | "insufficient_quota"))),
+            "{status} {code:?}"
+        );
+    }
+    answers.iter().filter(|(s, _)| *s == 200).count()
+}
+
+/// Whether every request of a wave was refused for a budget used up.
+fn used_up(answers: &[(u16, Option<String>)]) -> bool {
+    answers
+        .iter()
+        .all(|(_, code)| code.as_deref() == Some("insufficient_quota"))
+}
+
+/// A replica of `config` in a process of its own, to be killed.
+fn doomed_replica(config: &Config) -> (support::process::Process, tempfile::NamedTempFile) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), config.to_toml()).unwrap();
+    let process = support::process::serve_file(
+        file.path(),
+        &[
+            ("KEY_TEAM", "team-secret"),
+            ("ADMIN_TOKEN", ADMIN_TOKEN),
+            ("UPSTREAM_KEY_API", "sk-test-api"),
+        ],
+    );
+    (process, file)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_holds_for_the_whole_fleet_under_concurrent_long_answers() {
     let Some(redis) = Redis::start() else { return };
@@ -141,19 +177,8 @@ async fn a_budget_holds_for_the_whole_fleet_under_concurrent_long_answers() {
     for _ in 0..20 {
         // 300 at once, spread over the three replicas.
         let answers = join_all((0..300).map(|i| ask(&fleet[i % 3], "team", i % 2 == 0))).await;
-        served += answers.iter().filter(|(s, _)| *s == 200).count();
-        for (status, code) in &answers {
-            assert!(
-                *status == 200
-                    || (*status == 429
-                        && matches!(code.as_deref(), Some("budget_held" | "insufficient_quota"))),
-                "{status} {code:?}"
-            );
-        }
-        if answers
-            .iter()
-            .all(|(_, code)| code.as_deref() == Some("insufficient_quota"))
-        {
+        served += served_of_wave(&answers);
+        if used_up(&answers) {
             settled = true;
             break;
         }
@@ -349,16 +374,7 @@ async fn a_killed_replicas_reservations_are_freed_within_the_lease() {
         &redis,
     )
     .set("state", "lease_ms", 2_000);
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), config.to_toml()).unwrap();
-    let mut doomed = support::process::serve_file(
-        file.path(),
-        &[
-            ("KEY_TEAM", "team-secret"),
-            ("ADMIN_TOKEN", ADMIN_TOKEN),
-            ("UPSTREAM_KEY_API", "sk-test-api"),
-        ],
-    );
+    let (mut doomed, _file) = doomed_replica(&config);
     let client = reqwest::Client::new();
     let in_flight = client
         .post(format!("{}/v1/chat/completions", doomed.base))
@@ -1088,32 +1104,21 @@ async fn credit_never_takes_the_fleet_past_its_budget_and_comes_back_when_idle()
     let config = busy(&upstream, &redis, budget).set("state", "timeout_ms", 2_000);
     let fleet = replicas(&config, 3).await;
     let mut served = 0;
-    let mut used_up = false;
+    let mut spent_all = false;
     for _ in 0..100 {
         let answers = join_all((0..30).map(|i| ask_short(&fleet[i % 3]))).await;
-        served += answers.iter().filter(|(s, _)| *s == 200).count();
-        for (status, code) in &answers {
-            assert!(
-                *status == 200
-                    || (*status == 429
-                        && matches!(code.as_deref(), Some("budget_held" | "insufficient_quota"))),
-                "{status} {code:?}"
-            );
-        }
+        served += served_of_wave(&answers);
         // Used up: what credit held unused was given back, and nothing is
         // left for even one request.
-        if answers
-            .iter()
-            .all(|(_, code)| code.as_deref() == Some("insufficient_quota"))
-        {
-            used_up = true;
+        if used_up(&answers) {
+            spent_all = true;
             break;
         }
         if served > 180 {
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
     }
-    assert!(used_up, "the budget was never used up");
+    assert!(spent_all, "the budget was never used up");
     let (credit, _) = admissions(&fleet).await;
     assert!(credit > 0.0, "no admission was made from credit");
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -1143,16 +1148,7 @@ async fn a_killed_replicas_credit_is_freed_within_the_lease() {
         .start()
         .await;
     let config = busy(&upstream, &redis, 1.0).set("state", "lease_ms", 2_000);
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), config.to_toml()).unwrap();
-    let mut doomed = support::process::serve_file(
-        file.path(),
-        &[
-            ("KEY_TEAM", "team-secret"),
-            ("ADMIN_TOKEN", ADMIN_TOKEN),
-            ("UPSTREAM_KEY_API", "sk-test-api"),
-        ],
-    );
+    let (mut doomed, _file) = doomed_replica(&config);
     let survivor = start(&config).await;
     let client = reqwest::Client::new();
     // One after another, so that the key is busy on the doomed replica
