@@ -18,7 +18,7 @@ pub use report::Simulation;
 use crate::config::{Backend, Config, Deployment, Strategy};
 use crate::metering::cost::Rate;
 use crate::openai::Endpoint;
-use crate::routing::{RequestFacts, check_policy};
+use crate::routing::{PolicyScope, RequestFacts};
 use model::{PICO_PER_MICRO, Pool, Sizing, peak_milli, spilled};
 use report::{AliasCost, BreakEven, Choice, DeploymentCost, Refused, StrategyCost, Usd};
 
@@ -89,6 +89,7 @@ impl<'a> Alias<'a> {
             max_output_tokens: Some(traffic.output_tokens),
             ..RequestFacts::default()
         };
+        let scope = PolicyScope::of(&config.policy, &facts);
         let mut options = Vec::new();
         let mut refused = Vec::new();
         for deployment in deployments {
@@ -97,7 +98,7 @@ impl<'a> Alias<'a> {
                 .iter()
                 .find(|b| b.name == deployment.backend)
                 .expect("a valid config's deployments name its backends");
-            if let Err((rule, reason)) = check_policy(deployment, backend, &config.policy, &facts) {
+            if let Err((rule, reason)) = scope.check(deployment, backend) {
                 refused.push(Refused {
                     deployment: deployment.name.clone(),
                     rule: rule.name(),

@@ -241,7 +241,7 @@ struct Bucket {
 
 impl Bucket {
     fn per_minute(&self) -> Option<NonZeroU32> {
-        self.limit.load().as_ref().map(|g| g.per_minute())
+        self.with(None, |g| Some(g.per_minute()))
     }
 
     fn configure(&self, per_minute: Option<NonZeroU32>) -> bool {

@@ -20,6 +20,6 @@ pub use facts::{REGION_HEADER, RequestFacts, region};
 pub use plan::{
     Candidate, Explained, ExplainedHedge, Plan, PlanStatus, plan, policy_allows, refusal,
 };
-pub use policy::{Rule, check as check_policy, serves};
+pub use policy::{Rule, Scope as PolicyScope, serves};
 pub use session::{SESSION_HEADER, Session, SessionSource};
 pub use strategy::Why;

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::affinity::{self, Binding};
 use super::facts::RequestFacts;
 use super::policy::{self, Rule};
-use super::strategy::{self, Contender, Inputs, Ranked, Why};
+use super::strategy::{self, Contender, Inputs, Ranking, Why};
 use crate::config::{Affinity, Key, Strategy};
 use crate::error::GatewayError;
 use crate::health::CircuitView;
@@ -206,6 +206,7 @@ pub fn plan(
     let mut dropped = Vec::new();
     let mut contenders = Vec::new();
     let mut blocked_by_policy = 0;
+    let scope = policy::Scope::of(&config.policy, facts);
     for (index, deployment) in m.deployments.iter().enumerate() {
         let resolved = snapshot.resolved(model, index);
         let backend = snapshot.backend(resolved.backend);
@@ -219,7 +220,7 @@ pub fn plan(
             retry_in,
             label: "dropped",
         };
-        if let Err((rule, reason)) = policy::check(deployment, backend, &config.policy, facts) {
+        if let Err((rule, reason)) = scope.check(deployment, backend) {
             blocked_by_policy += 1;
             dropped.push(drop(
                 format!("policy {}: {reason}", rule.name()),
@@ -320,25 +321,29 @@ pub fn plan(
             hit.map(|hit| (index, hit))
         }),
     };
-    let mut ranked = strategy::rank(&contenders, &inputs, rng);
+    let mut ranking = strategy::rank(&contenders, &inputs, rng);
     if let Some(bound) = bound {
-        put_first(&mut ranked, bound, m.strategy, &contenders);
+        put_first(&mut ranking, bound, m.strategy, &contenders);
     }
-    let mut candidates: Vec<Candidate> = ranked
-        .into_iter()
-        .map(|r| Candidate {
+    let Ranking { mut ranked, order } = ranking;
+    let mut candidates = Vec::with_capacity(m.deployments.len());
+    candidates.extend(order.into_iter().map(|p| {
+        let r = &mut ranked[p];
+        Candidate {
             deployment: r.index,
             kept: !r.dropped,
-            reason: r.reason,
+            reason: std::mem::replace(&mut r.reason, Why::Unmeasured),
             score: Some(r.score),
             rule: None,
             retry_in: None,
             label: r.label,
-        })
-        .collect();
+        }
+    }));
     let kept = candidates.iter().filter(|c| c.kept).count();
     candidates.extend(dropped);
-    candidates[kept..].sort_by_key(|c| c.deployment);
+    if candidates.len() > kept + 1 {
+        candidates[kept..].sort_by_key(|c| c.deployment);
+    }
     let status = if kept > 0 {
         PlanStatus::Ready
     } else if blocked_by_policy == m.deployments.len() {
@@ -362,12 +367,16 @@ pub fn plan(
 /// than the cheapest's. Its metric reason is `affinity`, except under
 /// spillover, which keeps its tier's.
 fn put_first(
-    ranked: &mut Vec<Ranked>,
+    ranking: &mut Ranking,
     bound: usize,
     strategy: Strategy,
     contenders: &[Contender<'_>],
 ) {
-    let Some(at) = ranked.iter().position(|r| r.index == bound && !r.dropped) else {
+    let Ranking { ranked, order } = ranking;
+    let Some(at) = order
+        .iter()
+        .position(|&p| ranked[p].index == bound && !ranked[p].dropped)
+    else {
         return;
     };
     let self_hosted = |index: usize| {
@@ -375,10 +384,10 @@ fn put_first(
             .iter()
             .any(|c| c.index == index && c.backend.self_hosted.is_some())
     };
-    let first = &ranked[0];
+    let (first, chosen) = (&ranked[order[0]], &ranked[order[at]]);
     let takes_first = match strategy {
         Strategy::Cost => {
-            (self_hosted(first.index) && self_hosted(bound)) || ranked[at].score <= first.score
+            (self_hosted(first.index) && self_hosted(bound)) || chosen.score <= first.score
         }
         Strategy::Latency | Strategy::Spillover(_) | Strategy::Weighted => true,
     };
@@ -390,22 +399,23 @@ fn put_first(
             Strategy::Spillover(_) => first.label,
             Strategy::Cost | Strategy::Latency | Strategy::Weighted => "affinity",
         };
-        let mut chosen = ranked.remove(at);
-        chosen.label = label;
-        ranked.insert(0, chosen);
+        let chosen = order.remove(at);
+        ranked[chosen].label = label;
+        order.insert(0, chosen);
     }
 }
 
 /// Whether policy lets some deployment of `model` serve the request.
 pub fn policy_allows(snapshot: &Snapshot, model: usize, facts: &RequestFacts) -> bool {
     let config = &snapshot.config;
+    let scope = policy::Scope::of(&config.policy, facts);
     config.models[model]
         .deployments
         .iter()
         .enumerate()
         .any(|(i, d)| {
             let backend = snapshot.backend(snapshot.resolved(model, i).backend);
-            policy::check(d, backend, &config.policy, facts).is_ok()
+            scope.check(d, backend).is_ok()
         })
 }
 

@@ -1,7 +1,7 @@
 //! The policy filters, run before any scoring: data residency, the Llama
 //! licence in the EU, the endpoint, modality, context window and tools.
 
-use crate::config::{Backend, Deployment, Policy};
+use crate::config::{Backend, Deployment, Policy, Residency};
 use crate::openai::Endpoint;
 
 use super::facts::RequestFacts;
@@ -73,16 +73,33 @@ fn media_kinds(facts: &RequestFacts) -> Vec<&'static str> {
     kinds
 }
 
-/// The first rule that keeps `deployment` from serving the request, with
-/// the reason for this deployment.
-pub fn check(
-    deployment: &Deployment,
-    backend: &Backend,
-    policy: &Policy,
-    facts: &RequestFacts,
-) -> Result<(), (Rule, String)> {
-    if let Some(region) = facts.region.as_deref() {
-        if let Some(rule) = policy.residency_for(region) {
+/// What policy makes of a request's region, read once per plan rather
+/// than once per deployment: the residency rule that limits it, and
+/// whether it is in the EU.
+pub struct Scope<'a> {
+    facts: &'a RequestFacts,
+    region: Option<&'a str>,
+    residency: Option<&'a Residency>,
+    eu: bool,
+}
+
+impl<'a> Scope<'a> {
+    pub fn of(policy: &'a Policy, facts: &'a RequestFacts) -> Self {
+        let region = facts.region.as_deref();
+        Self {
+            facts,
+            region,
+            residency: region.and_then(|r| policy.residency_for(r)),
+            eu: policy.llama_eu_multimodal_block && region.is_some_and(|r| policy.is_eu(r)),
+        }
+    }
+
+    /// The first rule that keeps `deployment` on `backend` from serving
+    /// the request, with the reason for this deployment.
+    pub fn check(&self, deployment: &Deployment, backend: &Backend) -> Result<(), (Rule, String)> {
+        let facts = self.facts;
+        let region = self.region.unwrap_or_default();
+        if let Some(rule) = self.residency {
             let allowed = backend
                 .region
                 .as_ref()
@@ -91,9 +108,11 @@ pub fn check(
                 return Err((
                     Rule::Residency,
                     match &backend.region {
-                        Some(r) => format!(
-                            "backend region \"{r}\" may not serve requests from \"{region}\""
-                        ),
+                        Some(r) => {
+                            format!(
+                                "backend region \"{r}\" may not serve requests from \"{region}\""
+                            )
+                        }
                         None => format!(
                             "backend has no region, and requests from \"{region}\" must stay in named regions"
                         ),
@@ -101,11 +120,7 @@ pub fn check(
                 ));
             }
         }
-        if policy.llama_eu_multimodal_block
-            && policy.is_eu(region)
-            && deployment.is_llama()
-            && deployment.multimodal
-        {
+        if self.eu && deployment.multimodal && deployment.is_llama() {
             return Err((
                 Rule::LlamaEuMultimodal,
                 format!(
@@ -113,39 +128,39 @@ pub fn check(
                 ),
             ));
         }
+        if !serves(deployment, facts.endpoint) {
+            let serves: Vec<&str> = deployment.endpoints.names().collect();
+            return Err((
+                Rule::Endpoint,
+                format!(
+                    "serves {}, not {}",
+                    serves.join(" and "),
+                    facts.endpoint.name()
+                ),
+            ));
+        }
+        let m = &deployment.modalities;
+        if (facts.image && !m.image) || (facts.audio && !m.audio) {
+            return Err((
+                Rule::Modality,
+                format!("does not accept {} input", media_kinds(facts).join(" or ")),
+            ));
+        }
+        let needed = facts.input_tokens + facts.max_output_tokens.unwrap_or(0);
+        if needed > u64::from(deployment.context_window) {
+            return Err((
+                Rule::ContextWindow,
+                format!(
+                    "about {needed} tokens exceed its context window of {}",
+                    deployment.context_window
+                ),
+            ));
+        }
+        if facts.tools && !deployment.tools {
+            return Err((Rule::Tools, "does not support tools".into()));
+        }
+        Ok(())
     }
-    if !serves(deployment, facts.endpoint) {
-        let serves: Vec<&str> = deployment.endpoints.names().collect();
-        return Err((
-            Rule::Endpoint,
-            format!(
-                "serves {}, not {}",
-                serves.join(" and "),
-                facts.endpoint.name()
-            ),
-        ));
-    }
-    let m = &deployment.modalities;
-    if (facts.image && !m.image) || (facts.audio && !m.audio) {
-        return Err((
-            Rule::Modality,
-            format!("does not accept {} input", media_kinds(facts).join(" or ")),
-        ));
-    }
-    let needed = facts.input_tokens + facts.max_output_tokens.unwrap_or(0);
-    if needed > u64::from(deployment.context_window) {
-        return Err((
-            Rule::ContextWindow,
-            format!(
-                "about {needed} tokens exceed its context window of {}",
-                deployment.context_window
-            ),
-        ));
-    }
-    if facts.tools && !deployment.tools {
-        return Err((Rule::Tools, "does not support tools".into()));
-    }
-    Ok(())
 }
 
 /// Whether `deployment` lists `endpoint` among those it serves.

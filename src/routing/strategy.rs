@@ -11,7 +11,6 @@ use super::facts::RequestFacts;
 use crate::config::{Backend, Deployment, RoutingSettings, Spillover, Strategy};
 use crate::health::{BackendLive, DeploymentLive};
 use crate::metering::cost::Rate;
-use crate::openai::{PromptTokensDetails, Usage};
 
 /// A deployment still in the running, with what the strategies read.
 pub struct Contender<'a> {
@@ -63,20 +62,74 @@ pub struct Inputs<'a> {
     pub now: Instant,
 }
 
+/// The strategy's verdicts, one per option in the options' order, and
+/// the order they go in. The order is sorted, not the verdicts: a
+/// position is a few bytes, a verdict with its reason about a hundred.
+pub struct Ranking {
+    pub ranked: Vec<Ranked>,
+    /// Positions in `ranked`, best first; dropped ones come last.
+    pub order: Vec<usize>,
+}
+
 /// Orders the options, best first; dropped ones come last.
-pub fn rank(
-    options: &[Contender<'_>],
-    inputs: &Inputs<'_>,
-    rng: &mut fastrand::Rng,
-) -> Vec<Ranked> {
-    let mut ranked = match inputs.strategy {
+pub fn rank(options: &[Contender<'_>], inputs: &Inputs<'_>, rng: &mut fastrand::Rng) -> Ranking {
+    let mut ranking = match inputs.strategy {
         Strategy::Cost => by_cost(options, inputs),
         Strategy::Latency => by_latency(options, inputs, rng),
         Strategy::Spillover(spill) => by_spillover(options, inputs, spill),
         Strategy::Weighted => by_weight(options, rng),
     };
-    ranked.sort_by_key(|r| r.dropped);
-    ranked
+    let Ranking { ranked, order } = &mut ranking;
+    if ranked.iter().any(|r| r.dropped) {
+        order.sort_by_key(|&p| ranked[p].dropped);
+    }
+    ranking
+}
+
+/// `ranked` in the order of their sort keys ([`Key`]), ties in the
+/// options' (config) order.
+fn ordered(ranked: Vec<Ranked>, mut keys: Vec<u128>) -> Ranking {
+    keys.sort_unstable();
+    let order = keys.into_iter().map(|k| (k as u32) as usize).collect();
+    Ranking { ranked, order }
+}
+
+/// Sort keys as integers, which sort faster than any comparison of the
+/// fields: the fields from the high bits down, the option's position in
+/// the lowest 32 (so equal fields keep config order).
+struct Key(u128);
+
+impl Key {
+    fn new(position: usize) -> Self {
+        Self(position as u128)
+    }
+
+    /// Then `x` ascending, at `shift` (64 bits wide), in the order of
+    /// [`f64::total_cmp`].
+    fn f64(self, x: f64, shift: u32) -> Self {
+        let bits = x.to_bits();
+        let bits = if bits >> 63 == 1 {
+            !bits
+        } else {
+            bits | 1 << 63
+        };
+        Self(self.0 | u128::from(bits) << shift)
+    }
+
+    /// Then `n`, at `shift`.
+    fn int(self, n: u32, shift: u32) -> Self {
+        Self(self.0 | u128::from(n) << shift)
+    }
+}
+
+/// In the order of their scores, lowest first.
+fn by_score(ranked: Vec<Ranked>) -> Ranking {
+    let keys = ranked
+        .iter()
+        .enumerate()
+        .map(|(p, r)| Key::new(p).f64(r.score, 32).0)
+        .collect();
+    ordered(ranked, keys)
 }
 
 /// Why a deployment is where it is in a plan.
@@ -199,14 +252,14 @@ pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Price
         .bound
         .filter(|(bound, _)| *bound == option.index)
         .map(|(_, hit)| hit);
-    let mut usage = Usage::new(input, output);
-    if let Some(hit) = hit {
-        usage.prompt_tokens_details = Some(PromptTokensDetails {
-            cached_tokens: (input as f64 * hit).round() as u64,
-            cache_write_tokens: 0,
-        });
-    }
-    let usd = option.rate.cost_pico_usd(&usage) as f64 / 1e12;
+    // In floating point: a ranking needs no exact pico-dollars, and u128
+    // to f64 (the metered cost's type) is a library call.
+    let cached = hit.map_or(0.0, |hit| (input as f64 * hit).round());
+    let rate = &option.rate;
+    let pico = (input as f64 - cached) * rate.input as f64
+        + cached * rate.cached_input as f64
+        + output as f64 * rate.output as f64;
+    let usd = pico / 1e12;
     match option.backend.self_hosted {
         Some(_) => {
             let load = option.load(inputs.now).unwrap_or(0.0).clamp(0.0, 1.0);
@@ -224,8 +277,8 @@ pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Price
     }
 }
 
-fn by_cost(options: &[Contender<'_>], inputs: &Inputs<'_>) -> Vec<Ranked> {
-    let mut ranked: Vec<Ranked> = options
+fn by_cost(options: &[Contender<'_>], inputs: &Inputs<'_>) -> Ranking {
+    let ranked: Vec<Ranked> = options
         .iter()
         .map(|o| {
             let (usd, priced, hit) = expected_cost(o, inputs);
@@ -238,17 +291,11 @@ fn by_cost(options: &[Contender<'_>], inputs: &Inputs<'_>) -> Vec<Ranked> {
             }
         })
         .collect();
-    // Stable: equal costs keep config order.
-    ranked.sort_by(|a, b| a.score.total_cmp(&b.score));
-    ranked
+    by_score(ranked)
 }
 
-fn by_latency(
-    options: &[Contender<'_>],
-    inputs: &Inputs<'_>,
-    rng: &mut fastrand::Rng,
-) -> Vec<Ranked> {
-    let mut ranked: Vec<Ranked> = options
+fn by_latency(options: &[Contender<'_>], inputs: &Inputs<'_>, rng: &mut fastrand::Rng) -> Ranking {
+    let ranked: Vec<Ranked> = options
         .iter()
         .map(|o| match o.live.expected_latency_ms(inputs.facts.stream) {
             Some(ms) => Ranked {
@@ -271,32 +318,30 @@ fn by_latency(
             },
         })
         .collect();
-    ranked.sort_by(|a, b| a.score.total_cmp(&b.score));
-    if ranked.len() > 1 && rng.f64() < inputs.settings.exploration {
+    let mut ranking = by_score(ranked);
+    let Ranking { ranked, order } = &mut ranking;
+    if order.len() > 1 && rng.f64() < inputs.settings.exploration {
         // A share of requests tries another deployment first, so one that
         // was slow, or has recovered, is measured again.
-        let pick = rng.usize(1..ranked.len());
-        let explored = ranked.remove(pick);
-        ranked.insert(
-            0,
-            Ranked {
-                reason: Why::Exploring(Box::new(explored.reason)),
-                label: "exploring",
-                ..explored
-            },
-        );
+        let explored = order.remove(rng.usize(1..order.len()));
+        order.insert(0, explored);
+        let explored = &mut ranked[explored];
+        let reason = std::mem::replace(&mut explored.reason, Why::Unmeasured);
+        explored.reason = Why::Exploring(Box::new(reason));
+        explored.label = "exploring";
     }
-    ranked
+    ranking
 }
 
-fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover) -> Vec<Ranked> {
+fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover) -> Ranking {
     // The cap spares the alias's first tier as configured, not the first
     // tier still standing: an outage of the self-hosted tier must not lift
     // the cost ceiling.
     let first_tier = inputs.first_tier;
-    let mut ranked: Vec<(bool, u32, f64, Ranked)> = options
+    let (keys, ranked): (Vec<u128>, Vec<Ranked>) = options
         .iter()
-        .map(|o| {
+        .enumerate()
+        .map(|(p, o)| {
             let load = o.load(inputs.now);
             let saturated = update_saturation(o.live, load, spill);
             let (usd, _, _) = expected_cost(o, inputs);
@@ -332,17 +377,18 @@ fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover
                 label,
                 dropped: over_cap,
             };
-            (saturated, tier, usd, ranked)
+            // Deployments taking traffic first, by tier, cheapest first
+            // within a tier; saturated ones stay in the plan as a last
+            // resort.
+            let key = Key::new(p)
+                .f64(usd, 32)
+                // Tiers past 2^31 share the bit of saturation.
+                .int(tier.min(u32::MAX >> 1), 96)
+                .int(u32::from(saturated), 127);
+            (key.0, ranked)
         })
-        .collect();
-    // Deployments taking traffic first, by tier, cheapest first within a
-    // tier; saturated ones stay in the plan as a last resort.
-    ranked.sort_by(|a, b| {
-        (a.0, a.1)
-            .cmp(&(b.0, b.1))
-            .then_with(|| a.2.total_cmp(&b.2))
-    });
-    ranked.into_iter().map(|(_, _, _, r)| r).collect()
+        .unzip();
+    ordered(ranked, keys)
 }
 
 /// Hysteresis: a deployment stops taking traffic at `high_load` and takes
@@ -368,15 +414,18 @@ fn update_saturation(live: &DeploymentLive, load: Option<f64>, spill: Spillover)
 
 /// A weighted random order (Efraimidis–Spirakis): each deployment comes
 /// first with probability weight / total weight.
-fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Vec<Ranked> {
+fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Ranking {
     let total: u32 = options.iter().map(|o| o.deployment.weight).sum();
-    let mut keyed: Vec<(f64, Ranked)> = options
+    let (keys, ranked): (Vec<u128>, Vec<Ranked>) = options
         .iter()
-        .map(|o| {
+        .enumerate()
+        .map(|(p, o)| {
             let weight = o.deployment.weight;
-            let key = rng.f64().powf(1.0 / f64::from(weight));
+            // The highest u^(1/weight) first: in the order of its log,
+            // ln(u) / weight, which spares an exponential per option.
+            let key = -(rng.f64().ln() / f64::from(weight));
             (
-                key,
+                Key::new(p).f64(key, 32).0,
                 Ranked {
                     index: o.index,
                     score: f64::from(weight),
@@ -386,7 +435,39 @@ fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Vec<Ranked> 
                 },
             )
         })
-        .collect();
-    keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
-    keyed.into_iter().map(|(_, r)| r).collect()
+        .unzip();
+    ordered(ranked, keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Key;
+
+    #[test]
+    fn keys_sort_as_total_cmp_then_position() {
+        let values = [
+            3.5,
+            -0.0,
+            0.0,
+            f64::INFINITY,
+            -2.25,
+            1e-300,
+            f64::NEG_INFINITY,
+            3.5,
+            -1e300,
+            0.001,
+        ];
+        let mut expected: Vec<usize> = (0..values.len()).collect();
+        expected.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+        let mut keys: Vec<u128> = values
+            .iter()
+            .enumerate()
+            .map(|(p, x)| Key::new(p).f64(*x, 32).0)
+            .collect();
+        keys.sort_unstable();
+        let order: Vec<usize> = keys.iter().map(|k| (*k as u32) as usize).collect();
+        assert_eq!(order, expected);
+        // A field above outranks the float below it.
+        assert!(Key::new(9).f64(f64::MAX, 32).0 < Key::new(0).f64(0.0, 32).int(1, 96).0);
+    }
 }
