@@ -86,6 +86,18 @@ async fn ledgers_spent(gateways: &[Gateway], key: &str) -> f64 {
     total
 }
 
+/// What the replicas' ledgers hold for the key `team`, in USD, once
+/// checked against the fleet's count in Redis: no spend lost or doubled.
+async fn ledgers_match_the_fleet(redis: &Redis, gateways: &[Gateway]) -> f64 {
+    let spent = ledgers_spent(gateways, "team").await;
+    assert_eq!(
+        fleet_spent(redis, "team"),
+        (spent * 1e9).round() as i64,
+        "the fleet's count is the ledgers' sum"
+    );
+    spent
+}
+
 async fn status(gateway: &Gateway) -> Value {
     gateway.admin("/admin/status").await
 }
@@ -187,7 +199,7 @@ async fn a_budget_holds_for_the_whole_fleet_under_concurrent_long_answers() {
     assert!(settled, "the budget was never used up");
     // Ledgers and the fleet's count agree once the last spend is sent.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let spent = ledgers_spent(&fleet, "team").await;
+    let spent = ledgers_match_the_fleet(&redis, &fleet).await;
     assert!(served >= 5, "the budget paid for answers: {served}");
     // The bound of one process holds for the fleet: under one request's
     // most (8,192 output tokens, $0.08); and in fact only the prompt
@@ -198,7 +210,6 @@ async fn a_budget_holds_for_the_whole_fleet_under_concurrent_long_answers() {
         overrun <= 0.0001,
         "$0.10 budget, $0.02 answers: the fleet spent ${spent} in {served} answers"
     );
-    assert_eq!(fleet_spent(&redis, "team"), (spent * 1e9).round() as i64);
     for gateway in &fleet {
         assert_eq!(status(gateway).await["state"]["degraded"], false);
     }
@@ -285,7 +296,7 @@ async fn with_redis_away_local_mode_serves_and_then_adds_what_it_spent() {
     let Some(mut redis) = Redis::start() else {
         return;
     };
-    let upstream = answering_100_tokens().await;
+    let upstream = answering(100).await;
     let fleet = replicas(&outage(&upstream, &redis, "local"), 2).await;
     let load = || async {
         for gateway in &fleet {
@@ -312,13 +323,10 @@ async fn with_redis_away_local_mode_serves_and_then_adds_what_it_spent() {
     .await;
     load().await;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let spent = ledgers_spent(&fleet, "team").await;
+    // Every request's spend is in the fleet's count, those served while
+    // Redis was away too.
+    let spent = ledgers_match_the_fleet(&redis, &fleet).await;
     assert!(spent > 0.0);
-    assert_eq!(
-        fleet_spent(&redis, "team"),
-        (spent * 1e9).round() as i64,
-        "every request's spend is in the fleet's count, those served while Redis was away too"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -546,9 +554,10 @@ fn outage(upstream: &MockServer, redis: &Redis, on_unavailable: &str) -> Config 
     .set("state", "on_unavailable", on_unavailable)
 }
 
-async fn answering_100_tokens() -> MockServer {
+/// An upstream whose answers are `tokens` long.
+async fn answering(tokens: usize) -> MockServer {
     MockUpstream::openai()
-        .answers_of(100)
+        .answers_of(tokens)
         .record(false)
         .start()
         .await
@@ -567,7 +576,7 @@ async fn with_redis_stopped_refuse_mode_refuses_then_reconciles_and_a_replica_st
     let Some(mut redis) = Redis::start() else {
         return;
     };
-    let upstream = answering_100_tokens().await;
+    let upstream = answering(100).await;
     let config = outage(&upstream, &redis, "refuse");
     let first = start(&config).await;
     assert!(statuses(&first).await.iter().all(|s| *s == 200));
@@ -589,19 +598,14 @@ async fn with_redis_stopped_refuse_mode_refuses_then_reconciles_and_a_replica_st
         assert!(statuses(gateway).await.iter().all(|s| *s == 200));
     }
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let spent = ledgers_spent(&fleet, "team").await;
-    assert_eq!(fleet_spent(&redis, "team"), (spent * 1e9).round() as i64);
+    ledgers_match_the_fleet(&redis, &fleet).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keys_tpm_holds_for_the_whole_fleet_with_output_charged_after() {
     let Some(redis) = Redis::start() else { return };
     // One answer is 400 tokens: more than the key's whole minute.
-    let upstream = MockUpstream::openai()
-        .answers_of(400)
-        .record(false)
-        .start()
-        .await;
+    let upstream = answering(400).await;
     let config = shared(
         one_model(&upstream).key(Key::new("team").set("tpm", 300)),
         &redis,
@@ -633,11 +637,7 @@ async fn with_redis_away_a_replica_spends_only_its_share_of_what_was_left() {
         return;
     };
     // $0.02 answers against a $0.10 budget, shared by two replicas.
-    let upstream = MockUpstream::openai()
-        .answers_of(2_000)
-        .record(false)
-        .start()
-        .await;
+    let upstream = answering(2_000).await;
     let config = shared(
         one_model(&upstream).key(Key::new("team").set("budget_daily_usd", 0.10)),
         &redis,
@@ -929,11 +929,7 @@ async fn hedged_requests_hold_the_fleets_budget_and_their_cancelled_prompts_reac
         .record(false)
         .start()
         .await;
-    let fast = MockUpstream::openai()
-        .answers_of(500)
-        .record(false)
-        .start()
-        .await;
+    let fast = answering(500).await;
     let budget = 0.05;
     let config = shared(
         Config::new()
@@ -971,7 +967,9 @@ async fn hedged_requests_hold_the_fleets_budget_and_their_cancelled_prompts_reac
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let spent = ledgers_spent(&fleet, "team").await;
+    // The cancelled attempts' prompts are in the fleet's count as in the
+    // ledgers.
+    let spent = ledgers_match_the_fleet(&redis, &fleet).await;
     // Each request reserves its worst case at the dear deployment
     // ($0.0025) and the hedge's allowance beside it ($0.01); the last
     // of the budget holds first attempts without a hedge.
@@ -979,9 +977,6 @@ async fn hedged_requests_hold_the_fleets_budget_and_their_cancelled_prompts_reac
         spent > 0.5 * budget && spent - budget <= 0.0001,
         "${budget} budget: the fleet spent ${spent}"
     );
-    // The cancelled attempts' prompts are in the fleet's count as in the
-    // ledgers.
-    assert_eq!(fleet_spent(&redis, "team"), (spent * 1e9).round() as i64);
     let mut won = 0.0;
     for gateway in &fleet {
         let text = gateway.metrics().await;
@@ -1040,11 +1035,7 @@ async fn redis_now(connection: &mut redis::aio::MultiplexedConnection) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_key_is_admitted_from_credit_and_the_fleet_takes_one_cell_a_request() {
     let Some(redis) = Redis::start() else { return };
-    let upstream = MockUpstream::openai()
-        .answers_of(20)
-        .record(false)
-        .start()
-        .await;
+    let upstream = answering(20).await;
     let fleet = replicas(&busy(&upstream, &redis, 100.0), 3).await;
     let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
@@ -1086,8 +1077,7 @@ async fn a_busy_key_is_admitted_from_credit_and_the_fleet_takes_one_cell_a_reque
         (served * 10_000..served * 10_000 + 50_000).contains(&taken),
         "{served} requests, {taken} µs of the cell taken; {credit} admissions from credit, {in_redis} in Redis"
     );
-    let spent = ledgers_spent(&fleet, "team").await;
-    assert_eq!(fleet_spent(&redis, "team"), (spent * 1e9).round() as i64);
+    ledgers_match_the_fleet(&redis, &fleet).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1095,11 +1085,7 @@ async fn credit_never_takes_the_fleet_past_its_budget_and_comes_back_when_idle()
     let Some(redis) = Redis::start() else { return };
     // 20-token answers: $0.000211 each (the upstream counts 11 prompt
     // tokens where the gateway estimates 5); $0.05 pays for about 237.
-    let upstream = MockUpstream::openai()
-        .answers_of(20)
-        .record(false)
-        .start()
-        .await;
+    let upstream = answering(20).await;
     let budget = 0.05;
     let config = busy(&upstream, &redis, budget).set("state", "timeout_ms", 2_000);
     let fleet = replicas(&config, 3).await;
@@ -1122,7 +1108,7 @@ async fn credit_never_takes_the_fleet_past_its_budget_and_comes_back_when_idle()
     let (credit, _) = admissions(&fleet).await;
     assert!(credit > 0.0, "no admission was made from credit");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let spent = ledgers_spent(&fleet, "team").await;
+    let spent = ledgers_match_the_fleet(&redis, &fleet).await;
     // Within one request's most ($0.000205), which the 30 in flight at the
     // end can pass only by the prompt tokens the gateway did not estimate
     // (6 each: $0.00018 in all).
@@ -1134,7 +1120,6 @@ async fn credit_never_takes_the_fleet_past_its_budget_and_comes_back_when_idle()
         spent >= budget - 0.000211,
         "$0.05 budget: the fleet spent only ${spent} in {served} answers"
     );
-    assert_eq!(fleet_spent(&redis, "team"), (spent * 1e9).round() as i64);
     assert_eq!(redis.hash_int(&format!("{PREFIX}key:team"), "="), 0);
 }
 
