@@ -204,7 +204,7 @@ pub fn plan(
     let config = &snapshot.config;
     let m = &config.models[model];
     let mut dropped = Vec::new();
-    let mut contenders = Vec::new();
+    let mut contenders = Vec::with_capacity(m.deployments.len());
     let mut blocked_by_policy = 0;
     let scope = policy::Scope::of(&config.policy, facts);
     for (index, deployment) in m.deployments.iter().enumerate() {

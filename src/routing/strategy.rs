@@ -99,6 +99,16 @@ fn ordered(ranked: Vec<Ranked>, mut keys: Vec<u128>) -> Ranking {
 /// the lowest 32 (so equal fields keep config order).
 struct Key(u128);
 
+/// `x` as an integer in the order of [`f64::total_cmp`].
+fn sortable(x: f64) -> u64 {
+    let bits = x.to_bits();
+    if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | 1 << 63
+    }
+}
+
 impl Key {
     fn new(position: usize) -> Self {
         Self(position as u128)
@@ -107,13 +117,7 @@ impl Key {
     /// Then `x` ascending, at `shift` (64 bits wide), in the order of
     /// [`f64::total_cmp`].
     fn f64(self, x: f64, shift: u32) -> Self {
-        let bits = x.to_bits();
-        let bits = if bits >> 63 == 1 {
-            !bits
-        } else {
-            bits | 1 << 63
-        };
-        Self(self.0 | u128::from(bits) << shift)
+        Self(self.0 | u128::from(sortable(x)) << shift)
     }
 
     /// Then `n`, at `shift`.
@@ -122,14 +126,26 @@ impl Key {
     }
 }
 
+/// `ranked` in the order of `keys` (one per verdict), lowest first. Each
+/// sorts as one 64-bit word, the option's position in its lowest bits, so
+/// keys that differ only there (a relative 2^-42 for 1,024 options) are
+/// equal and keep config order; one word sorts faster than two.
+fn lowest_first(ranked: Vec<Ranked>, keys: impl Iterator<Item = f64>) -> Ranking {
+    let bits = usize::BITS - ranked.len().saturating_sub(1).leading_zeros();
+    let mut keys: Vec<u64> = keys
+        .enumerate()
+        .map(|(p, key)| sortable(key) >> bits << bits | p as u64)
+        .collect();
+    keys.sort_unstable();
+    let mask = (1u64 << bits) - 1;
+    let order = keys.into_iter().map(|k| (k & mask) as usize).collect();
+    Ranking { ranked, order }
+}
+
 /// In the order of their scores, lowest first.
 fn by_score(ranked: Vec<Ranked>) -> Ranking {
-    let keys = ranked
-        .iter()
-        .enumerate()
-        .map(|(p, r)| Key::new(p).f64(r.score, 32).0)
-        .collect();
-    ordered(ranked, keys)
+    let scores: Vec<f64> = ranked.iter().map(|r| r.score).collect();
+    lowest_first(ranked, scores.into_iter())
 }
 
 /// Why a deployment is where it is in a plan.
@@ -246,6 +262,7 @@ impl fmt::Display for Why {
 /// hosted GPUs are paid for by the hour whether used or not, so their
 /// marginal token is that rate (the pool's full-load amortised price)
 /// scaled by load: free when idle, the full price when saturated.
+#[inline]
 pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Priced, Option<f64>) {
     let (input, output) = (inputs.facts.input_tokens, inputs.expected_output);
     let hit = inputs
@@ -259,11 +276,12 @@ pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Price
     let pico = (input as f64 - cached) * rate.input as f64
         + cached * rate.cached_input as f64
         + output as f64 * rate.output as f64;
-    let usd = pico / 1e12;
+    // A multiplication: a division's latency would hold up every option.
+    let usd = pico * 1e-12;
     match option.backend.self_hosted {
         Some(_) => {
             let load = option.load(inputs.now).unwrap_or(0.0).clamp(0.0, 1.0);
-            let per_mtok = option.rate.output as f64 / 1e6 * load;
+            let per_mtok = option.rate.output as f64 * 1e-6 * load;
             (usd * load, Priced::SelfHosted { load, per_mtok }, hit)
         }
         None => (
@@ -416,16 +434,14 @@ fn update_saturation(live: &DeploymentLive, load: Option<f64>, spill: Spillover)
 /// first with probability weight / total weight.
 fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Ranking {
     let total: u32 = options.iter().map(|o| o.deployment.weight).sum();
-    let (keys, ranked): (Vec<u128>, Vec<Ranked>) = options
+    let (keys, ranked): (Vec<f64>, Vec<Ranked>) = options
         .iter()
-        .enumerate()
-        .map(|(p, o)| {
+        .map(|o| {
             let weight = o.deployment.weight;
             // The highest u^(1/weight) first: in the order of its log,
             // ln(u) / weight, which spares an exponential per option.
-            let key = -(rng.f64().ln() / f64::from(weight));
             (
-                Key::new(p).f64(key, 32).0,
+                -(rng.f64().ln() / f64::from(weight)),
                 Ranked {
                     index: o.index,
                     score: f64::from(weight),
@@ -436,12 +452,28 @@ fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Ranking {
             )
         })
         .unzip();
-    ordered(ranked, keys)
+    lowest_first(ranked, keys.into_iter())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Key;
+    use super::{Key, Ranked, Why, lowest_first};
+
+    #[test]
+    fn lowest_first_keeps_config_order_among_equal_keys() {
+        let keys = [0.5, 0.25, 0.5, f64::INFINITY, 0.0, 0.25];
+        let ranked = (0..keys.len())
+            .map(|index| Ranked {
+                index,
+                score: 0.0,
+                reason: Why::Unmeasured,
+                label: "",
+                dropped: false,
+            })
+            .collect();
+        let ranking = lowest_first(ranked, keys.into_iter());
+        assert_eq!(ranking.order, [4, 1, 5, 0, 2, 3]);
+    }
 
     #[test]
     fn keys_sort_as_total_cmp_then_position() {
