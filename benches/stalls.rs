@@ -217,13 +217,7 @@ async fn streamer(
     tokio::time::sleep(start_after).await;
     let mut local = Vec::new();
     while Instant::now() < until {
-        let response = client
-            .post(&url)
-            .bearer_auth(KEY)
-            .header("content-type", "application/json")
-            .body(body.clone())
-            .send()
-            .await;
+        let response = post(&client, &url, &body).send().await;
         let Ok(response) = response.and_then(reqwest::Response::error_for_status) else {
             delays.failures.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(INTERVAL).await;
@@ -241,6 +235,15 @@ async fn streamer(
         }
     }
     delays.samples.lock().expect("not poisoned").extend(local);
+}
+
+/// A chat request with the bench's key.
+fn post(client: &reqwest::Client, url: &str, body: &[u8]) -> reqwest::RequestBuilder {
+    client
+        .post(url)
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(body.to_vec())
 }
 
 /// Requests sent one after another on each of `connections` until `stop`.
@@ -270,13 +273,7 @@ fn load(
             );
             runtime.spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    let sent = client
-                        .post(&url)
-                        .bearer_auth(KEY)
-                        .header("content-type", "application/json")
-                        .body(body.clone())
-                        .send()
-                        .await;
+                    let sent = post(&client, &url, &body).send().await;
                     if let Ok(response) = sent {
                         let _ = response.bytes().await;
                     }

@@ -126,15 +126,17 @@ impl Key {
     }
 }
 
-/// `ranked` in the order of `keys` (one per verdict), lowest first. Each
-/// sorts as one 64-bit word, the option's position in its lowest bits, so
-/// keys that differ only there (a relative 2^-42 for 1,024 options) are
-/// equal and keep config order; one word sorts faster than two.
-fn lowest_first(ranked: Vec<Ranked>, keys: impl Iterator<Item = f64>) -> Ranking {
+/// `ranked` in the order of `key` (of a verdict and its position), lowest
+/// first. Each key sorts as one 64-bit word, the option's position in its
+/// lowest bits, so keys that differ only there (a relative 2^-42 for
+/// 1,024 options) are equal and keep config order; one word sorts faster
+/// than two.
+fn lowest_first(ranked: Vec<Ranked>, key: impl Fn(usize, &Ranked) -> f64) -> Ranking {
     let bits = usize::BITS - ranked.len().saturating_sub(1).leading_zeros();
-    let mut keys: Vec<u64> = keys
+    let mut keys: Vec<u64> = ranked
+        .iter()
         .enumerate()
-        .map(|(p, key)| sortable(key) >> bits << bits | p as u64)
+        .map(|(p, r)| sortable(key(p, r)) >> bits << bits | p as u64)
         .collect();
     keys.sort_unstable();
     let mask = (1u64 << bits) - 1;
@@ -144,8 +146,7 @@ fn lowest_first(ranked: Vec<Ranked>, keys: impl Iterator<Item = f64>) -> Ranking
 
 /// In the order of their scores, lowest first.
 fn by_score(ranked: Vec<Ranked>) -> Ranking {
-    let scores: Vec<f64> = ranked.iter().map(|r| r.score).collect();
-    lowest_first(ranked, scores.into_iter())
+    lowest_first(ranked, |_, r| r.score)
 }
 
 /// Why a deployment is where it is in a plan.
@@ -452,7 +453,7 @@ fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Ranking {
             )
         })
         .unzip();
-    lowest_first(ranked, keys.into_iter())
+    lowest_first(ranked, |p, _| keys[p])
 }
 
 #[cfg(test)]
@@ -471,7 +472,7 @@ mod tests {
                 dropped: false,
             })
             .collect();
-        let ranking = lowest_first(ranked, keys.into_iter());
+        let ranking = lowest_first(ranked, |p, _| keys[p]);
         assert_eq!(ranking.order, [4, 1, 5, 0, 2, 3]);
     }
 

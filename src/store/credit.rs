@@ -194,6 +194,10 @@ pub struct Credits {
     homes: HashMap<String, Home>,
     /// Credits no longer drawn on whose requests have not all settled.
     retired: Vec<(String, Credit)>,
+    /// The owner of each credit that holds budget, by its reservation's
+    /// id: a settlement tells a credit's draw from a request's own
+    /// reservation without building the owner's name.
+    owners: HashMap<String, String>,
 }
 
 impl Credits {
@@ -303,15 +307,19 @@ impl Credits {
                     day: budget.day,
                     left: extra,
                 });
+                self.owners.insert(id.clone(), terms.cells.home.clone());
                 Some(id)
             }
         }
     }
 
-    /// A request drawn on credit `id` of `home` settled: it held `held`
-    /// and cost `cost`, and what it did not use goes back to the credit.
-    /// Whether `id` is a credit's.
-    pub fn settled(&mut self, home: &str, id: &str, held: u64, cost: u64) -> bool {
+    /// A request drawn on credit `id` settled: it held `held` and cost
+    /// `cost`, and what it did not use goes back to the credit. Whether
+    /// `id` is a credit's.
+    pub fn settled(&mut self, id: &str, held: u64, cost: u64) -> bool {
+        let Some(home) = self.owners.get(id) else {
+            return false;
+        };
         let credit = self
             .homes
             .get_mut(home)
@@ -328,7 +336,7 @@ impl Credits {
         };
         credit.in_flight = credit.in_flight.saturating_sub(1);
         if let Some(budget) = &mut credit.budget {
-            budget.left = (budget.left + held).saturating_sub(cost);
+            budget.left = budget.left.saturating_add(held).saturating_sub(cost);
         }
         true
     }
@@ -355,6 +363,11 @@ impl Credits {
             .into_iter()
             .partition(|(_, c)| c.in_flight == 0);
         self.retired = waiting;
+        for (_, credit) in &done {
+            if let Some(held) = &credit.budget {
+                self.owners.remove(&held.id);
+            }
+        }
         done.into_iter()
             .map(|(home, credit)| Released {
                 home,
@@ -454,8 +467,8 @@ mod tests {
         // Held while its requests run, whatever its age.
         let later = now + IDLE;
         assert!(credits.release(later, DAY, false).is_empty());
-        assert!(credits.settled("t:key:a", "c1", 100, 40));
-        assert!(credits.settled("t:key:a", "c1", 100, 100));
+        assert!(credits.settled("c1", 100, 40));
+        assert!(credits.settled("c1", 100, 100));
         let released = credits.release(later, DAY, false);
         assert_eq!(released.len(), 1);
         assert_eq!(
@@ -463,6 +476,14 @@ mod tests {
             Some(("a".to_owned(), "c1".to_owned()))
         );
         assert!(released[0].refunds.is_empty(), "every cell was used");
+        assert!(
+            !credits.settled("c1", 100, 0),
+            "a released credit's id is a request's own reservation again"
+        );
+        assert!(
+            !credits.settled("r7", 100, 0),
+            "nor is a request's id a credit's"
+        );
     }
 
     #[test]
@@ -540,6 +561,24 @@ mod tests {
         };
         assert!(matches!(
             credits.draw(&tomorrow, now, String::new),
+            Draw::Ask { .. }
+        ));
+        // Nor is a credit granted under limits a reload has since lowered.
+        credits.granted(&tomorrow, 0, String::new(), now);
+        let (_, id) = ask(&mut credits, &terms, now);
+        credits.granted(&terms, 100, id, now);
+        let lowered = Terms {
+            budget: Some((
+                "a",
+                Budgeted {
+                    limits: [500_000, -1],
+                    ..budgeted(10)
+                },
+            )),
+            ..terms
+        };
+        assert!(matches!(
+            credits.draw(&lowered, now, String::new),
             Draw::Ask { .. }
         ));
         let old = now + MAX_AGE;

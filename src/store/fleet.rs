@@ -893,7 +893,7 @@ impl SharedSpend for Fleet {
         // released once its last request settled is released after it.
         let mut credits = lock(&self.credits);
         let drawn = reservation
-            .filter(|id| credits.settled(&self.key_home(key), id, held, nano_usd))
+            .filter(|id| credits.settled(id, held, nano_usd))
             .map(str::to_owned);
         let mut pending = lock(&self.pending);
         let reservation = reservation.filter(|_| drawn.is_none());
