@@ -818,7 +818,7 @@ impl Validator<'_> {
         if k.models.is_empty() {
             self.problem(
                 at("models"),
-                "lists no models; name the aliases this key may use, or \"*\"",
+                "lists no models; name the aliases this key may use (`models = [\"chat\"]`), or every alias (`models = [\"*\"]`)",
             );
         }
         let models = if k.models.iter().any(|m| m == "*") {
