@@ -1191,3 +1191,34 @@ async fn a_killed_replicas_credit_is_freed_within_the_lease() {
     );
     assert_eq!(ask_short(&survivor).await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_a_keys_rpm_admits_no_more_than_the_quota_with_credit_in_play() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = answering(5).await;
+    // 300 a minute: a request frees a slot every 200 ms.
+    let config = shared(
+        one_model(&upstream).key(Key::new("team").set("rpm", 300)),
+        &redis,
+    );
+    let fleet = replicas(&config, 3).await;
+    let started = Instant::now();
+    let mut served = 0;
+    for _ in 0..40 {
+        let answers = join_all((0..30).map(|i| ask(&fleet[i % 3], "team", false))).await;
+        for (status, code) in &answers {
+            assert!(*status == 200 || *status == 429, "{status} {code:?}");
+        }
+        served += answers.iter().filter(|(s, _)| *s == 200).count();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (credit, _) = admissions(&fleet).await;
+    assert!(credit > 0.0, "no admission was made from credit");
+    // The minute's 300, and one more for each 200 ms the burst lasted.
+    let most = 300 + (elapsed / 0.2).ceil() as usize;
+    assert!(
+        served <= most,
+        "{served} of 1,200 served in {elapsed:.1} s; rpm 300 allows {most}"
+    );
+    assert!(served >= 250, "only {served} served: credit left stranded");
+}
