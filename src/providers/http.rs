@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use sse_stream::SseStream;
 use url::Url;
 
-use super::UpstreamCall;
+use super::{Chunk, UpstreamCall};
 use crate::config::Backend;
 use crate::error::GatewayError;
 use crate::limits::UpstreamQuota;
@@ -461,25 +461,58 @@ impl ErrorReply {
 /// The `data` of each SSE event of a response body, parsed incrementally
 /// (an event may be cut across reads; the parser's work is linear in the
 /// bytes, however many events a read holds), within `caps`. Events
-/// without data (comments, keep-alives) are skipped.
-pub fn sse_data<B>(
-    backend: &str,
-    caps: Caps,
-    body: B,
-) -> impl Stream<Item = Result<String, GatewayError>> + Send + 'static
+/// without data (comments, keep-alives) are skipped, and OpenAI's end
+/// marker, `data: [DONE]`, ends the stream.
+pub fn sse_data<B>(backend: &str, caps: Caps, body: B) -> SseData<B>
 where
-    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B: hyper::body::Body<Data = Bytes> + Unpin,
 {
-    let backend = backend.to_owned();
-    SseStream::new(Capped::new(&backend, caps, body, true))
-        .map(move |event| match event {
-            Ok(event) => Ok(event.data.unwrap_or_default()),
-            Err(sse_stream::Error::Body(error)) => Err(error
-                .downcast::<BodyError>()
-                .map_or_else(|_| GatewayError::upstream_broken(&backend), |e| e.0)),
-            Err(e) => Err(GatewayError::upstream_protocol(&backend, e)),
-        })
-        .try_filter(|data| std::future::ready(!data.is_empty()))
+    SseData {
+        events: SseStream::new(Capped::new(backend, caps, body, true)),
+        backend: backend.to_owned(),
+        done: false,
+    }
+}
+
+/// See [`sse_data`]: one adapter, rather than a chain of stream
+/// combinators, each polled for every event.
+pub struct SseData<B: hyper::body::Body<Data = Bytes> + Unpin> {
+    events: SseStream<Capped<B>>,
+    backend: String,
+    done: bool,
+}
+
+impl<B> Stream for SseData<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    type Item = Result<Chunk, GatewayError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        while !this.done {
+            let event = match ready!(this.events.poll_next_unpin(cx)) {
+                Some(Ok(event)) => event,
+                Some(Err(sse_stream::Error::Body(error))) => {
+                    let error = error
+                        .downcast::<BodyError>()
+                        .map_or_else(|_| GatewayError::upstream_broken(&this.backend), |e| e.0);
+                    return Poll::Ready(Some(Err(error)));
+                }
+                Some(Err(e)) => {
+                    let error = GatewayError::upstream_protocol(&this.backend, e);
+                    return Poll::Ready(Some(Err(error)));
+                }
+                None => break,
+            };
+            match event.data {
+                Some(data) if data == "[DONE]" => this.done = true,
+                Some(data) if !data.is_empty() => return Poll::Ready(Some(Ok(data.into_bytes()))),
+                _ => {}
+            }
+        }
+        Poll::Ready(None)
+    }
 }
 
 #[cfg(test)]
@@ -515,18 +548,29 @@ mod tests {
 
     #[tokio::test]
     async fn sse_data_skips_comments_and_empty_events_and_joins_cut_ones() {
-        let pieces = [
+        let data = sse_text(&[
             ": keep-alive\n\ndata: {\"a\":1}\n\nda",
             "ta: {\"b\":2}\r\n\r\nevent: ping\n\n",
             "data: line one\ndata: line two\n\ndata: cut at the end",
-        ]
-        .map(|piece| Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(piece.as_bytes()))));
-        let body = StreamBody::new(futures_util::stream::iter(pieces));
-        let data: Vec<String> = sse_data("b", ROOMY, body)
-            .map(Result::unwrap)
-            .collect()
-            .await;
+        ])
+        .await;
         assert_eq!(data, [r#"{"a":1}"#, r#"{"b":2}"#, "line one\nline two"]);
+    }
+
+    #[tokio::test]
+    async fn sse_data_ends_at_done_whatever_follows() {
+        let data = sse_text(&["data: {\"a\":1}\n\ndata: [DONE]\n\n", "data: {\"b\":2}\n\n"]).await;
+        assert_eq!(data, [r#"{"a":1}"#]);
+    }
+
+    async fn sse_text(pieces: &[&'static str]) -> Vec<String> {
+        let (data, error) = sse_within(
+            ROOMY,
+            &pieces.iter().map(|p| p.as_bytes()).collect::<Vec<_>>(),
+        )
+        .await;
+        assert!(error.is_none(), "{error:?}");
+        data
     }
 
     const ROOMY: Caps = Caps {
@@ -546,7 +590,7 @@ mod tests {
         let mut data = Vec::new();
         while let Some(event) = events.next().await {
             match event {
-                Ok(event) => data.push(event),
+                Ok(event) => data.push(String::from_utf8(event).unwrap()),
                 Err(error) => return (data, Some(error)),
             }
         }

@@ -103,11 +103,17 @@ impl OpenAiCompat {
             let bytes = http::read_body(&self.name, self.caps, response).await?;
             return Ok(UpstreamReply::Complete(normalise(self.kind, bytes)));
         }
-        let kind = self.kind;
-        let events = http::sse_data(&self.name, self.caps, response.into_body())
-            .try_take_while(|data| std::future::ready(Ok(data != "[DONE]")))
-            .map_ok(move |data| normalise(kind, data.into_bytes()));
-        Ok(UpstreamReply::Stream(events.boxed()))
+        let events = http::sse_data(&self.name, self.caps, response.into_body());
+        // Only Together's chunks are rewritten; the others pass with no
+        // adapter to poll for each.
+        let events = if self.kind == BackendKind::Together {
+            events
+                .map_ok(|data| normalise(BackendKind::Together, data))
+                .boxed()
+        } else {
+            events.boxed()
+        };
+        Ok(UpstreamReply::Stream(events))
     }
 }
 

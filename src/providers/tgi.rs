@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::http::{self, Caps, ErrorReply, HttpClient, Target};
 use super::openai_compat::OpenAiCompat;
 use super::translate::{ChunkMapper, Chunks, map_chunks};
-use super::{ChunkStream, Provider, UpstreamCall, UpstreamReply};
+use super::{Chunk, ChunkStream, Provider, UpstreamCall, UpstreamReply};
 use crate::config::Backend;
 use crate::error::GatewayError;
 use crate::openai::{CompletionRequest, Endpoint, Prompt, ResponseIdentity, TypedRequest, Usage};
@@ -306,10 +306,10 @@ struct TgiError {
 }
 
 impl ChunkMapper for GenerateMapper {
-    type Event = String;
+    type Event = Chunk;
 
-    fn map(&mut self, data: String, out: &mut Chunks) {
-        if let Ok(error) = serde_json::from_str::<TgiError>(&data) {
+    fn map(&mut self, data: Chunk, out: &mut Chunks) {
+        if let Ok(error) = serde_json::from_slice::<TgiError>(&data) {
             // The statuses TGI's router gives each error type.
             let status = match error.error_type.as_str() {
                 "overloaded" => 429,
@@ -321,12 +321,12 @@ impl ChunkMapper for GenerateMapper {
             out.push(Err(GatewayError::upstream_status(
                 &self.backend,
                 status,
-                data.as_bytes(),
+                &data,
                 None,
             )));
             return;
         }
-        let event: StreamEvent = match serde_json::from_str(&data) {
+        let event: StreamEvent = match serde_json::from_slice(&data) {
             Ok(event) => event,
             Err(e) => {
                 out.push(Err(GatewayError::upstream_protocol(
