@@ -4,13 +4,17 @@
 //! values come from config names and closed sets only — never raw client
 //! input.
 
+pub mod series;
+
 use std::collections::HashMap;
 
 use prometheus::core::Collector;
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
+
+pub use series::DeploymentSeries;
 
 /// The label sets of a family's series, by label name.
 fn series(family: &impl Collector) -> Vec<HashMap<String, String>> {
@@ -518,20 +522,32 @@ impl Metrics {
         metrics
     }
 
+    /// Records a request answered with `status`, through the series of
+    /// the deployment that served it, if one did.
     pub fn record_request(
         &self,
+        series: Option<&DeploymentSeries>,
         api: &str,
         alias: &str,
         backend: &str,
         status: u16,
         elapsed: std::time::Duration,
     ) {
-        self.requests
-            .with_label_values(&[api, alias, backend, &status.to_string()])
-            .inc();
-        self.request_duration
-            .with_label_values(&[alias, backend])
-            .observe(elapsed.as_secs_f64());
+        series::record(
+            series.and_then(|s| s.requests(api, status)),
+            || {
+                let mut status_text = itoa::Buffer::new();
+                let status = status_text.format(status);
+                self.requests
+                    .with_label_values(&[api, alias, backend, status])
+            },
+            IntCounter::inc,
+        );
+        series::record(
+            series.map(|s| &s.request_duration),
+            || self.request_duration.with_label_values(&[alias, backend]),
+            |h| h.observe(elapsed.as_secs_f64()),
+        );
     }
 
     /// Removes the series that name a key `gone` says has no series of

@@ -22,6 +22,7 @@ use crate::error::GatewayError;
 use crate::ledger::{Ledger, Row, Totals};
 use crate::licence::LicenceBook;
 use crate::limits::Limits;
+use crate::metrics::series::{self, DeploymentSeries};
 use crate::metrics::{Metrics, NONE};
 use crate::openai::{ResponseView, Usage, UsageFault};
 use crate::traces::{AttemptFacts, Outcome, RequestTrace};
@@ -81,6 +82,8 @@ pub struct Serving {
     /// Counts the attempt against the deployment while it lives, and
     /// learns its usage.
     pub lease: Box<dyn Settle>,
+    /// The deployment's series, kept with the snapshot.
+    pub series: Arc<DeploymentSeries>,
 }
 
 /// What the deployment that served a request learns once its usage is
@@ -431,13 +434,19 @@ impl Meter {
                     self.labels.alias.as_str(),
                     self.last_backend.as_deref().unwrap_or(NONE),
                 ];
-                self.metrics
-                    .time_to_first_token
-                    .with_label_values(&labels)
-                    .observe((now - self.started).as_secs_f64());
-                // Looked up once per stream, not once per chunk.
-                self.between_tokens =
-                    Some(self.metrics.time_between_tokens.with_label_values(&labels));
+                let series = self.serving.as_ref().map(|s| &*s.series);
+                let m = &self.metrics;
+                series::record(
+                    series.map(|s| &s.time_to_first_token),
+                    || m.time_to_first_token.with_label_values(&labels),
+                    |h| h.observe((now - self.started).as_secs_f64()),
+                );
+                // Taken once per stream, not once per chunk.
+                series::record(
+                    series.map(|s| &s.time_between_tokens),
+                    || m.time_between_tokens.with_label_values(&labels),
+                    |h| self.between_tokens = Some(h.clone()),
+                );
             }
             Some(previous) => {
                 if let Some(histogram) = &self.between_tokens {
@@ -482,15 +491,21 @@ impl Meter {
             user,
         } = &self.labels;
         let m = &self.metrics;
+        let series = self.serving.as_ref().map(|s| &*s.series);
         let estimated_label = if estimated { "true" } else { "false" };
-        for (direction, tokens) in [
-            ("input", usage.prompt_tokens),
-            ("output", usage.completion_tokens),
+        for (output, direction, tokens) in [
+            (false, "input", usage.prompt_tokens),
+            (true, "output", usage.completion_tokens),
         ] {
             if tokens > 0 {
-                m.tokens
-                    .with_label_values(&[api, alias.as_str(), backend, direction, estimated_label])
-                    .inc_by(tokens);
+                series::record(
+                    series.and_then(|s| s.tokens(api, output, estimated)),
+                    || {
+                        let labels = [api, alias.as_str(), backend, direction, estimated_label];
+                        m.tokens.with_label_values(&labels)
+                    },
+                    |c| c.inc_by(tokens),
+                );
             }
         }
         for (kind, tokens) in [
@@ -517,9 +532,19 @@ impl Meter {
             loser.lease.settle(self.prompt_estimate, &prompt, false);
             let cost = loser.rate.cost_nano_usd(&prompt);
             hedge_nano += cost;
-            m.tokens
-                .with_label_values(&[api, alias.as_str(), &loser.backend, "input", "true"])
-                .inc_by(prompt.prompt_tokens);
+            series::record(
+                loser.series.tokens(api, false, true),
+                || {
+                    m.tokens.with_label_values(&[
+                        api,
+                        alias.as_str(),
+                        &loser.backend,
+                        "input",
+                        "true",
+                    ])
+                },
+                |c| c.inc_by(prompt.prompt_tokens),
+            );
             m.cost
                 .with_label_values(&[alias.as_str(), &loser.deployment, key_label])
                 .inc_by(cost as f64 / 1e9);
@@ -532,9 +557,14 @@ impl Meter {
             && (usage.total_tokens > 0 || hedge_nano > 0)
         {
             cost_nano = serving.rate.cost_nano_usd(&usage);
-            m.cost
-                .with_label_values(&[alias.as_str(), &serving.deployment, key_label])
-                .inc_by(cost_nano as f64 / 1e9);
+            series::record(
+                (!*key_in_metrics).then_some(&serving.series.cost_other_keys),
+                || {
+                    m.cost
+                        .with_label_values(&[alias, &serving.deployment, key_label])
+                },
+                |c| c.inc_by(cost_nano as f64 / 1e9),
+            );
             for (deployment, rate) in self.charges.counterfactuals.iter() {
                 m.counterfactual_cost
                     .with_label_values(&[alias, deployment])
@@ -566,10 +596,12 @@ impl Meter {
             reservation.settle(cost_nano);
         }
         let elapsed = self.started.elapsed();
-        m.record_request(api, alias, backend, status, elapsed);
-        m.gateway_overhead
-            .with_label_values(&[alias])
-            .observe(elapsed.saturating_sub(self.upstream_wait).as_secs_f64());
+        m.record_request(series, api, alias, backend, status, elapsed);
+        series::record(
+            series.map(|s| &s.gateway_overhead),
+            || m.gateway_overhead.with_label_values(&[alias]),
+            |h| h.observe(elapsed.saturating_sub(self.upstream_wait).as_secs_f64()),
+        );
         let deployment = self.serving.as_ref().map(|s| s.deployment.as_str());
         tracing::info!(
             request_id,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use prometheus::IntCounter;
 
 use super::admit::Admission;
 use super::{Failure, RequestCtx, hedge};
@@ -21,7 +22,7 @@ use crate::limits::Refused;
 use crate::metering::budget::affordable_output;
 use crate::metering::usage::{self, ChunkFacts};
 use crate::metering::{Meter, Observed, Serving};
-use crate::metrics::NONE;
+use crate::metrics::{NONE, series};
 use crate::openai::InboundRequest;
 use crate::providers::{Chunk, ChunkStream, UpstreamCall, UpstreamReply};
 use crate::state::{AppState, Resolved, Snapshot};
@@ -88,6 +89,7 @@ impl<'s> Leg<'s> {
             context_window: u64::from(self.deployment.context_window),
             licence: self.deployment.licence,
             lease: Box::new(snapshot.lease(model, self.index)),
+            series: self.resolved.series.clone(),
         }
     }
 
@@ -552,13 +554,17 @@ async fn call_upstream(
     if let Some(reported) = reported.get() {
         resolved.health.observe_quota(reported, Instant::now());
     }
-    let outcome = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.label(),
+    let (slot, outcome) = match &result {
+        Ok(_) => (Some(&resolved.series.upstream_ok), "ok"),
+        Err(e) => (None, e.label()),
     };
-    app.metrics
-        .upstream_attempts
-        .with_label_values(&[&backend.name, outcome])
-        .inc();
+    series::record(
+        slot,
+        || {
+            let labels = [backend.name.as_str(), outcome];
+            app.metrics.upstream_attempts.with_label_values(&labels)
+        },
+        IntCounter::inc,
+    );
     result
 }

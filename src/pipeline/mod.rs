@@ -258,7 +258,14 @@ impl Failure {
                 meter.finish(status);
             }
             None => {
-                metrics.record_request(api.name(), &alias, &backend, status, ctx.started.elapsed());
+                metrics.record_request(
+                    None,
+                    api.name(),
+                    &alias,
+                    &backend,
+                    status,
+                    ctx.started.elapsed(),
+                );
                 if let Some(trace) = trace {
                     trace.finish(&Outcome::refused(status, error.label()));
                 }

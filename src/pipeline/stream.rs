@@ -308,6 +308,7 @@ mod tests {
                 context_window: 8192,
                 licence: None,
                 lease: Box::new(Lease::new(Arc::default(), Arc::default(), Arc::default())),
+                series: Arc::default(),
             },
             "simulated",
             "m",

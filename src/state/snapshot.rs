@@ -15,6 +15,7 @@ use crate::error::GatewayError;
 use crate::health::{AliasLive, BackendLive, DeploymentLive, Lease, LiveState, LiveView};
 use crate::limits::Limits;
 use crate::metering::cost::Rate;
+use crate::metrics::DeploymentSeries;
 use crate::openai::unix_now;
 use crate::providers::{self, Provider, UpstreamCall, UpstreamReply};
 
@@ -45,6 +46,8 @@ pub struct Resolved {
     pub backend_health: Arc<BackendLive>,
     /// A hash of its name, which affinity weighs sessions by.
     pub name_hash: u64,
+    /// Its metric series, resolved as requests first record to them.
+    pub series: Arc<DeploymentSeries>,
 }
 
 /// The provider of every backend of an offline config (validated without
@@ -121,6 +124,7 @@ impl Snapshot {
                 health: live.deployments[m][d].clone(),
                 backend_health: live.backends[backend].clone(),
                 name_hash: FixedState::with_seed(0).hash_one(deployment.name.as_bytes()),
+                series: Arc::default(),
             }
         };
         let resolved: Vec<Vec<Resolved>> = config
