@@ -20,7 +20,10 @@ const DEFAULT_CONFIG: &str = "config/tollgate.toml";
 // jemalloc rather than glibc's malloc. Each open stream holds hyper's fixed
 // per-connection buffers, mostly untouched; jemalloc keeps their untouched
 // pages out of memory and hands memory back after a spike of open streams,
-// where glibc's malloc keeps it, and it costs less CPU per request.
+// where glibc's malloc keeps it, and it costs less CPU per request. Its
+// background thread (the `background_threads` feature) returns freed pages
+// on schedule even to a gateway gone quiet, which allocates nothing that
+// would make jemalloc purge them, and does it off the request path.
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
