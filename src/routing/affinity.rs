@@ -49,7 +49,7 @@ fn weight(session: u64, deployment: u64) -> u64 {
 fn saturated(option: &Contender<'_>, strategy: Strategy, now: std::time::Instant) -> bool {
     let load = option.load(now);
     match strategy {
-        Strategy::Spillover(spill) => strategy::saturated(option.live, load, spill),
+        Strategy::Spillover(spill) => strategy::saturated(option.live(), load, spill),
         Strategy::Cost | Strategy::Latency | Strategy::Weighted => load.is_some_and(|l| l >= 1.0),
     }
 }
@@ -63,18 +63,18 @@ fn pool<'o, 'a>(
     strategy: Strategy,
     now: std::time::Instant,
 ) -> impl Iterator<Item = &'o Contender<'a>> + Clone {
-    let any_self_hosted = options.iter().any(|o| o.backend.self_hosted.is_some());
+    let any_self_hosted = options.iter().any(|o| o.row.self_hosted);
     let lowest_tier = match strategy {
         Strategy::Spillover(_) => options
             .iter()
             .filter(|o| !saturated(o, strategy, now))
-            .map(|o| o.deployment.tier)
+            .map(|o| o.row.tier)
             .min(),
         Strategy::Cost | Strategy::Latency | Strategy::Weighted => None,
     };
     options.iter().filter(move |o| match strategy {
-        Strategy::Cost => !any_self_hosted || o.backend.self_hosted.is_some(),
-        Strategy::Spillover(_) => Some(o.deployment.tier) == lowest_tier,
+        Strategy::Cost => !any_self_hosted || o.row.self_hosted,
+        Strategy::Spillover(_) => Some(o.row.tier) == lowest_tier,
         Strategy::Latency | Strategy::Weighted => true,
     })
 }
@@ -90,7 +90,7 @@ pub fn bind(
     now: std::time::Instant,
 ) -> Binding {
     let pool = pool(options, strategy, now);
-    let in_flight = |o: &Contender<'_>| o.live.in_flight.load(Ordering::Relaxed);
+    let in_flight = |o: &Contender<'_>| o.live().in_flight.load(Ordering::Relaxed);
     let (count, total) = pool
         .clone()
         .fold((0u64, 0u64), |(n, sum), o| (n + 1, sum + in_flight(o)));
@@ -113,7 +113,7 @@ pub fn bind(
     if mode == Affinity::Prefix && !blocks.is_empty() {
         let best = open
             .clone()
-            .map(|o| (o.live.prefix.matched(blocks), o.index))
+            .map(|o| (o.live().prefix.matched(blocks), o.index))
             .filter(|(m, _)| m.blocks > 0)
             .max_by_key(|(m, _)| (m.blocks, m.served));
         if let Some((matched, index)) = best {
@@ -123,7 +123,7 @@ pub fn bind(
         }
     }
     let heaviest = |it: &mut dyn Iterator<Item = &Contender<'_>>| {
-        it.max_by_key(|o| weight(session.hash, o.name_hash))
+        it.max_by_key(|o| weight(session.hash, o.row.name_hash))
             .map(|o| o.index)
     };
     let own = heaviest(&mut pool.clone());

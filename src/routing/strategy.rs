@@ -8,31 +8,37 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::Instant;
 
 use super::facts::RequestFacts;
-use crate::config::{Backend, Deployment, RoutingSettings, Spillover, Strategy};
-use crate::health::{BackendLive, DeploymentLive};
-use crate::metering::cost::Rate;
+use crate::config::{RoutingSettings, Spillover, Strategy};
+use crate::health::DeploymentLive;
+use crate::state::PlanRow;
 
 /// A deployment still in the running, with what the strategies read.
 pub struct Contender<'a> {
     pub index: usize,
-    pub deployment: &'a Deployment,
-    pub backend: &'a Backend,
-    pub live: &'a DeploymentLive,
-    pub backend_live: &'a BackendLive,
-    pub rate: Rate,
-    /// A hash of the deployment's name, for affinity.
-    pub name_hash: u64,
+    pub row: &'a PlanRow,
     /// The backend's load, read at most once per plan: the strategies and
     /// affinity each ask for it.
     pub load: OnceCell<Option<f64>>,
 }
 
-impl Contender<'_> {
+impl<'a> Contender<'a> {
+    pub fn new(index: usize, row: &'a PlanRow) -> Self {
+        Self {
+            index,
+            row,
+            load: OnceCell::new(),
+        }
+    }
+
+    pub fn live(&self) -> &'a DeploymentLive {
+        &self.row.live
+    }
+
     /// The backend's load now (`BackendLive::load`), read once.
     pub fn load(&self, now: Instant) -> Option<f64> {
         *self
             .load
-            .get_or_init(|| self.backend_live.load(self.backend, now))
+            .get_or_init(|| self.row.backend_live.load_of(self.row.load, now))
     }
 }
 
@@ -159,12 +165,9 @@ pub enum Why {
         /// deployment's cache.
         hit: Option<f64>,
     },
-    Latency {
-        ms: f64,
-        stream: bool,
-    },
-    Unmeasured,
-    Exploring(Box<Why>),
+    Latency(Timing),
+    /// Tried first, out of the latency order, to measure it again.
+    Exploring(Timing),
     Spill {
         tier: u32,
         load: Option<f64>,
@@ -181,6 +184,30 @@ pub enum Why {
     },
     /// Dropped by policy or health, already in words.
     Text(String),
+}
+
+/// What the latency strategy knows of a deployment.
+#[derive(Debug, Clone, Copy)]
+pub enum Timing {
+    Expected { ms: f64, stream: bool },
+    Unmeasured,
+}
+
+impl fmt::Display for Timing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Expected { ms, stream } => write!(
+                f,
+                "expected {ms:.0} ms {}",
+                if *stream {
+                    "to first token"
+                } else {
+                    "to the whole answer"
+                }
+            ),
+            Self::Unmeasured => f.write_str("not measured yet: tried first to measure it"),
+        }
+    }
 }
 
 /// How an expected cost was priced.
@@ -219,17 +246,8 @@ impl fmt::Display for Why {
                 }
                 f.write_str(")")
             }
-            Self::Latency { ms, stream } => write!(
-                f,
-                "expected {ms:.0} ms {}",
-                if *stream {
-                    "to first token"
-                } else {
-                    "to the whole answer"
-                }
-            ),
-            Self::Unmeasured => f.write_str("not measured yet: tried first to measure it"),
-            Self::Exploring(why) => write!(f, "exploring ({why})"),
+            Self::Latency(timing) => timing.fmt(f),
+            Self::Exploring(timing) => write!(f, "exploring ({timing})"),
             Self::Spill {
                 tier,
                 load,
@@ -273,26 +291,22 @@ pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Price
     // In floating point: a ranking needs no exact pico-dollars, and u128
     // to f64 (the metered cost's type) is a library call.
     let cached = hit.map_or(0.0, |hit| (input as f64 * hit).round());
-    let rate = &option.rate;
-    let pico = (input as f64 - cached) * rate.input as f64
-        + cached * rate.cached_input as f64
-        + output as f64 * rate.output as f64;
+    let row = option.row;
+    let pico = (input as f64 - cached) * row.input_price
+        + cached * row.cached_input_price
+        + output as f64 * row.output_price;
     // A multiplication: a division's latency would hold up every option.
     let usd = pico * 1e-12;
-    match option.backend.self_hosted {
-        Some(_) => {
-            let load = option.load(inputs.now).unwrap_or(0.0).clamp(0.0, 1.0);
-            let per_mtok = option.rate.output as f64 * 1e-6 * load;
-            (usd * load, Priced::SelfHosted { load, per_mtok }, hit)
-        }
-        None => (
-            usd,
-            Priced::List {
-                input: input as f64,
-                output: output as f64,
-            },
-            hit,
-        ),
+    if row.self_hosted {
+        let load = option.load(inputs.now).unwrap_or(0.0).clamp(0.0, 1.0);
+        let per_mtok = row.output_price * 1e-6 * load;
+        (usd * load, Priced::SelfHosted { load, per_mtok }, hit)
+    } else {
+        let priced = Priced::List {
+            input: input as f64,
+            output: output as f64,
+        };
+        (usd, priced, hit)
     }
 }
 
@@ -316,26 +330,28 @@ fn by_cost(options: &[Contender<'_>], inputs: &Inputs<'_>) -> Ranking {
 fn by_latency(options: &[Contender<'_>], inputs: &Inputs<'_>, rng: &mut fastrand::Rng) -> Ranking {
     let ranked: Vec<Ranked> = options
         .iter()
-        .map(|o| match o.live.expected_latency_ms(inputs.facts.stream) {
-            Some(ms) => Ranked {
-                index: o.index,
-                score: ms,
-                reason: Why::Latency {
-                    ms,
-                    stream: inputs.facts.stream,
+        .map(
+            |o| match o.live().expected_latency_ms(inputs.facts.stream) {
+                Some(ms) => Ranked {
+                    index: o.index,
+                    score: ms,
+                    reason: Why::Latency(Timing::Expected {
+                        ms,
+                        stream: inputs.facts.stream,
+                    }),
+                    label: "fastest",
+                    dropped: false,
                 },
-                label: "fastest",
-                dropped: false,
+                // Unmeasured goes first, so it gets measured.
+                None => Ranked {
+                    index: o.index,
+                    score: 0.0,
+                    reason: Why::Latency(Timing::Unmeasured),
+                    label: "unmeasured",
+                    dropped: false,
+                },
             },
-            // Unmeasured goes first, so it gets measured.
-            None => Ranked {
-                index: o.index,
-                score: 0.0,
-                reason: Why::Unmeasured,
-                label: "unmeasured",
-                dropped: false,
-            },
-        })
+        )
         .collect();
     let mut ranking = by_score(ranked);
     let Ranking { ranked, order } = &mut ranking;
@@ -345,8 +361,9 @@ fn by_latency(options: &[Contender<'_>], inputs: &Inputs<'_>, rng: &mut fastrand
         let explored = order.remove(rng.usize(1..order.len()));
         order.insert(0, explored);
         let explored = &mut ranked[explored];
-        let reason = std::mem::replace(&mut explored.reason, Why::Unmeasured);
-        explored.reason = Why::Exploring(Box::new(reason));
+        if let Why::Latency(timing) = explored.reason {
+            explored.reason = Why::Exploring(timing);
+        }
         explored.label = "exploring";
     }
     ranking
@@ -362,10 +379,10 @@ fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover
         .enumerate()
         .map(|(p, o)| {
             let load = o.load(inputs.now);
-            let saturated = update_saturation(o.live, load, spill);
+            let saturated = update_saturation(o.live(), load, spill);
             let (usd, _, _) = expected_cost(o, inputs);
-            let tier = o.deployment.tier;
-            let output_price = o.deployment.price.output_micro_usd_per_mtok as f64 / 1e6;
+            let tier = o.row.tier;
+            let output_price = o.row.output_usd_per_mtok;
             let over_cap = tier > first_tier
                 && spill
                     .price_cap_usd_per_mtok
@@ -434,11 +451,11 @@ fn update_saturation(live: &DeploymentLive, load: Option<f64>, spill: Spillover)
 /// A weighted random order (Efraimidis–Spirakis): each deployment comes
 /// first with probability weight / total weight.
 fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Ranking {
-    let total: u32 = options.iter().map(|o| o.deployment.weight).sum();
+    let total: u32 = options.iter().map(|o| o.row.weight).sum();
     let (keys, ranked): (Vec<f64>, Vec<Ranked>) = options
         .iter()
         .map(|o| {
-            let weight = o.deployment.weight;
+            let weight = o.row.weight;
             // The highest u^(1/weight) first: in the order of its log,
             // ln(u) / weight, which spares an exponential per option.
             (
@@ -458,7 +475,7 @@ fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Ranking {
 
 #[cfg(test)]
 mod tests {
-    use super::{Key, Ranked, Why, lowest_first};
+    use super::{Key, Ranked, Timing, Why, lowest_first};
 
     #[test]
     fn lowest_first_keeps_config_order_among_equal_keys() {
@@ -467,7 +484,7 @@ mod tests {
             .map(|index| Ranked {
                 index,
                 score: 0.0,
-                reason: Why::Unmeasured,
+                reason: Why::Latency(Timing::Unmeasured),
                 label: "",
                 dropped: false,
             })

@@ -18,6 +18,8 @@ use crate::metering::cost::Rate;
 use crate::openai::unix_now;
 use crate::providers::{self, Provider, UpstreamCall, UpstreamReply};
 
+use super::plan_table::PlanRow;
+
 pub struct Snapshot {
     pub config: Config,
     /// When this snapshot was built, in unix seconds (`created` of models).
@@ -29,6 +31,8 @@ pub struct Snapshot {
     live: LiveView,
     /// Per model, per deployment: what an attempt needs, resolved once.
     resolved: Vec<Vec<Resolved>>,
+    /// Per model, per deployment: what a plan reads, packed.
+    plan_tables: Vec<Box<[PlanRow]>>,
     /// Per model: its per-token deployments, for counterfactual costs.
     counterfactuals: Vec<Arc<[(String, Rate)]>>,
 }
@@ -43,8 +47,6 @@ pub struct Resolved {
     pub rate: Rate,
     pub health: Arc<DeploymentLive>,
     pub backend_health: Arc<BackendLive>,
-    /// A hash of its name, which affinity weighs sessions by.
-    pub name_hash: u64,
 }
 
 /// The provider of every backend of an offline config (validated without
@@ -120,7 +122,6 @@ impl Snapshot {
                 rate: Rate::of(deployment, &config.backends[backend]),
                 health: live.deployments[m][d].clone(),
                 backend_health: live.backends[backend].clone(),
-                name_hash: FixedState::with_seed(0).hash_one(deployment.name.as_bytes()),
             }
         };
         let resolved: Vec<Vec<Resolved>> = config
@@ -133,6 +134,28 @@ impl Snapshot {
                     .iter()
                     .enumerate()
                     .map(|(d, deployment)| resolve(m, d, deployment))
+                    .collect()
+            })
+            .collect();
+        let plan_tables = config
+            .models
+            .iter()
+            .zip(&resolved)
+            .map(|(m, resolved)| {
+                m.deployments
+                    .iter()
+                    .zip(resolved)
+                    .map(|(d, r)| {
+                        PlanRow::new(
+                            d,
+                            &config.backends[r.backend],
+                            &config.policy,
+                            r.rate,
+                            FixedState::with_seed(0).hash_one(d.name.as_bytes()),
+                            &r.health,
+                            &r.backend_health,
+                        )
+                    })
                     .collect()
             })
             .collect();
@@ -166,6 +189,7 @@ impl Snapshot {
             providers,
             live,
             resolved,
+            plan_tables,
             counterfactuals,
             config,
         })
@@ -174,6 +198,11 @@ impl Snapshot {
     /// A deployment of a model, resolved.
     pub fn resolved(&self, model: usize, deployment: usize) -> &Resolved {
         &self.resolved[model][deployment]
+    }
+
+    /// What a plan reads of each of a model's deployments, in config order.
+    pub fn plan_table(&self, model: usize) -> &[PlanRow] {
+        &self.plan_tables[model]
     }
 
     /// The backend at an index of `config.backends`.
