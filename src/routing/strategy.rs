@@ -92,19 +92,6 @@ pub fn rank(options: &[Contender<'_>], inputs: &Inputs<'_>, rng: &mut fastrand::
     ranking
 }
 
-/// `ranked` in the order of their sort keys ([`Key`]), ties in the
-/// options' (config) order.
-fn ordered(ranked: Vec<Ranked>, mut keys: Vec<u128>) -> Ranking {
-    keys.sort_unstable();
-    let order = keys.into_iter().map(|k| (k as u32) as usize).collect();
-    Ranking { ranked, order }
-}
-
-/// Sort keys as integers, which sort faster than any comparison of the
-/// fields: the fields from the high bits down, the option's position in
-/// the lowest 32 (so equal fields keep config order).
-struct Key(u128);
-
 /// `x` as an integer in the order of [`f64::total_cmp`].
 fn sortable(x: f64) -> u64 {
     let bits = x.to_bits();
@@ -112,23 +99,6 @@ fn sortable(x: f64) -> u64 {
         !bits
     } else {
         bits | 1 << 63
-    }
-}
-
-impl Key {
-    fn new(position: usize) -> Self {
-        Self(position as u128)
-    }
-
-    /// Then `x` ascending, at `shift` (64 bits wide), in the order of
-    /// [`f64::total_cmp`].
-    fn f64(self, x: f64, shift: u32) -> Self {
-        Self(self.0 | u128::from(sortable(x)) << shift)
-    }
-
-    /// Then `n`, at `shift`.
-    fn int(self, n: u32, shift: u32) -> Self {
-        Self(self.0 | u128::from(n) << shift)
     }
 }
 
@@ -374,10 +344,9 @@ fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover
     // tier still standing: an outage of the self-hosted tier must not lift
     // the cost ceiling.
     let first_tier = inputs.first_tier;
-    let (keys, ranked): (Vec<u128>, Vec<Ranked>) = options
+    let (keys, ranked): (Vec<(f64, u64)>, Vec<Ranked>) = options
         .iter()
-        .enumerate()
-        .map(|(p, o)| {
+        .map(|o| {
             let load = o.load(inputs.now);
             let saturated = update_saturation(o.live(), load, spill);
             let (usd, _, _) = expected_cost(o, inputs);
@@ -413,18 +382,17 @@ fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover
                 label,
                 dropped: over_cap,
             };
-            // Deployments taking traffic first, by tier, cheapest first
-            // within a tier; saturated ones stay in the plan as a last
-            // resort.
-            let key = Key::new(p)
-                .f64(usd, 32)
-                // Tiers past 2^31 share the bit of saturation.
-                .int(tier.min(u32::MAX >> 1), 96)
-                .int(u32::from(saturated), 127);
-            (key.0, ranked)
+            let group = u64::from(saturated) << 32 | u64::from(tier);
+            ((usd, group), ranked)
         })
         .unzip();
-    ordered(ranked, keys)
+    // Deployments taking traffic first, by tier, cheapest first within a
+    // tier; saturated ones stay in the plan as a last resort. Sorted by
+    // cost, then stably by the group (saturation, tier): one group, as
+    // usual, is one run the stable sort only reads.
+    let mut ranking = lowest_first(ranked, |p, _| keys[p].0);
+    ranking.order.sort_by_key(|&p| keys[p].1);
+    ranking
 }
 
 /// Hysteresis: a deployment stops taking traffic at `high_load` and takes
@@ -475,7 +443,7 @@ fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Ranking {
 
 #[cfg(test)]
 mod tests {
-    use super::{Key, Ranked, Timing, Why, lowest_first};
+    use super::{Ranked, Timing, Why, lowest_first, sortable};
 
     #[test]
     fn lowest_first_keeps_config_order_among_equal_keys() {
@@ -494,7 +462,7 @@ mod tests {
     }
 
     #[test]
-    fn keys_sort_as_total_cmp_then_position() {
+    fn sortable_keeps_the_order_of_total_cmp() {
         let values = [
             3.5,
             -0.0,
@@ -507,17 +475,10 @@ mod tests {
             -1e300,
             0.001,
         ];
-        let mut expected: Vec<usize> = (0..values.len()).collect();
-        expected.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
-        let mut keys: Vec<u128> = values
-            .iter()
-            .enumerate()
-            .map(|(p, x)| Key::new(p).f64(*x, 32).0)
-            .collect();
-        keys.sort_unstable();
-        let order: Vec<usize> = keys.iter().map(|k| (*k as u32) as usize).collect();
-        assert_eq!(order, expected);
-        // A field above outranks the float below it.
-        assert!(Key::new(9).f64(f64::MAX, 32).0 < Key::new(0).f64(0.0, 32).int(1, 96).0);
+        for a in values {
+            for b in values {
+                assert_eq!(sortable(a).cmp(&sortable(b)), a.total_cmp(&b), "{a} {b}");
+            }
+        }
     }
 }
