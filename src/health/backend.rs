@@ -101,8 +101,9 @@ impl BackendLive {
     /// [`BackendLive::load`], of what it reads of the backend's config.
     pub fn load_of(&self, basis: LoadBasis, now: Instant) -> Option<f64> {
         let capacity = basis.max_concurrency.map(f64::from);
-        let in_flight = self.in_flight.load(Ordering::Relaxed) as f64;
-        let mut load = capacity.map(|c| in_flight / c);
+        // Read only against a capacity: the router asks every candidate,
+        // and most per-token backends have none.
+        let mut load = capacity.map(|c| self.in_flight.load(Ordering::Relaxed) as f64 / c);
         let engine = basis
             .engine_max_age
             .and_then(|max_age| self.engine(now, max_age));
