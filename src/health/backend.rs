@@ -95,13 +95,18 @@ impl BackendLive {
     /// against `max_concurrency` and the engine's own queue and KV cache;
     /// `None` when neither is known.
     pub fn load(&self, backend: &Backend, now: Instant) -> Option<f64> {
-        let capacity = backend.max_concurrency.map(f64::from);
-        let in_flight = self.in_flight.load(Ordering::Relaxed) as f64;
-        let mut load = capacity.map(|c| in_flight / c);
-        let engine = backend
-            .engine_metrics
-            .as_ref()
-            .and_then(|m| self.engine(now, m.interval * 3));
+        self.load_of(LoadBasis::of(backend), now)
+    }
+
+    /// [`BackendLive::load`], of what it reads of the backend's config.
+    pub fn load_of(&self, basis: LoadBasis, now: Instant) -> Option<f64> {
+        let capacity = basis.max_concurrency.map(f64::from);
+        // Read only against a capacity: the router asks every candidate,
+        // and most per-token backends have none.
+        let mut load = capacity.map(|c| self.in_flight.load(Ordering::Relaxed) as f64 / c);
+        let engine = basis
+            .engine_max_age
+            .and_then(|max_age| self.engine(now, max_age));
         if let Some(e) = engine {
             let mut engine_load = e.kv_cache.unwrap_or(0.0);
             if let Some(c) = capacity {
@@ -114,6 +119,23 @@ impl BackendLive {
             load = Some(load.map_or(engine_load, |l| l.max(engine_load)));
         }
         load
+    }
+}
+
+/// What a backend's load is measured against, of its config.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadBasis {
+    pub max_concurrency: Option<u32>,
+    /// How old the engine's signals may be: three scrape intervals.
+    pub engine_max_age: Option<Duration>,
+}
+
+impl LoadBasis {
+    pub fn of(backend: &Backend) -> Self {
+        Self {
+            max_concurrency: backend.max_concurrency,
+            engine_max_age: backend.engine_metrics.as_ref().map(|m| m.interval * 3),
+        }
     }
 }
 

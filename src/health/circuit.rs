@@ -2,26 +2,27 @@
 //! consecutive failures, then open for `circuit_cooldown`, then half-open:
 //! one probe request goes through, and its outcome closes or reopens it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::flags::LiveFlags;
 use crate::config::RoutingSettings;
 
 #[derive(Default)]
 pub struct Circuit {
     state: Mutex<State>,
-    /// Whether the state is other than closed, kept beside it so that the
-    /// router, which views every candidate's circuit on every request,
-    /// takes no lock while it is closed, as it nearly always is.
-    tripped: AtomicBool,
+    /// Whether the state is other than closed (`LiveFlags::CIRCUIT`),
+    /// kept outside the lock so that the router, which views every
+    /// candidate's circuit on every request, takes none while it is
+    /// closed, as it nearly always is.
+    flags: LiveFlags,
 }
 
-/// The circuit's state, locked; what is written to it is mirrored in
-/// `tripped` when the lock is let go.
+/// The circuit's state, locked; whether it is closed is mirrored in the
+/// flags when the lock is let go.
 struct Locked<'a> {
     state: MutexGuard<'a, State>,
-    tripped: &'a AtomicBool,
+    flags: &'a LiveFlags,
 }
 
 impl std::ops::Deref for Locked<'_> {
@@ -41,7 +42,7 @@ impl std::ops::DerefMut for Locked<'_> {
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
         let tripped = !matches!(*self.state, State::Closed { .. });
-        self.tripped.store(tripped, Ordering::Release);
+        self.flags.put(LiveFlags::CIRCUIT, tripped);
     }
 }
 
@@ -86,15 +87,23 @@ impl CircuitView {
 }
 
 impl Circuit {
+    /// A closed circuit that keeps its flag in `flags`.
+    pub fn new(flags: LiveFlags) -> Self {
+        Self {
+            state: Mutex::default(),
+            flags,
+        }
+    }
+
     fn state(&self) -> Locked<'_> {
         Locked {
             state: self.state.lock().unwrap_or_else(PoisonError::into_inner),
-            tripped: &self.tripped,
+            flags: &self.flags,
         }
     }
 
     pub fn view(&self, now: Instant) -> CircuitView {
-        if !self.tripped.load(Ordering::Acquire) {
+        if !self.flags.is_set(LiveFlags::CIRCUIT) {
             return CircuitView::Closed;
         }
         match *self.state() {
@@ -111,7 +120,7 @@ impl Circuit {
     /// Lets a request through: `Some(false)` normally, `Some(true)` as the
     /// one probe of a half-open circuit, `None` when it must not be tried.
     pub fn admit(&self, now: Instant) -> Option<bool> {
-        if !self.tripped.load(Ordering::Acquire) {
+        if !self.flags.is_set(LiveFlags::CIRCUIT) {
             return Some(false);
         }
         let mut state = self.state();

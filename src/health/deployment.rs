@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::circuit::{Circuit, CircuitView};
 use super::first_byte::FirstBytes;
+use super::flags::LiveFlags;
 use super::quota::{DeploymentQuota, LeftFor};
 use crate::limits::UpstreamQuota;
 use crate::metering::prefix::PrefixCache;
@@ -21,7 +22,6 @@ fn ewma(old: Option<f64>, sample: f64) -> Option<f64> {
 }
 
 /// Live state of one deployment.
-#[derive(Default)]
 pub struct DeploymentLive {
     pub in_flight: AtomicU64,
     pub circuit: Circuit,
@@ -34,9 +34,10 @@ pub struct DeploymentLive {
     /// Recent times to a first byte, for hedging at a quantile of them.
     pub first_bytes: FirstBytes,
     estimates: Mutex<Estimates>,
-    /// Whether a 429 cooldown may be running: the router asks every
-    /// candidate on every request, and takes the lock only then.
-    cooling: AtomicBool,
+    /// What the router checks of every candidate on every request: the
+    /// circuit's and the quota's flags, and whether a 429 cooldown may be
+    /// running (`LiveFlags::COOLING`: the estimates are locked only then).
+    pub flags: LiveFlags,
     /// The last upstream failure, for the reasons plans and 503s give.
     last_failure: Mutex<Option<String>>,
     /// What upstreams said of the deployment changed here since the fleet
@@ -71,7 +72,30 @@ struct Estimates {
     cooled_until: Option<Instant>,
 }
 
+impl Default for DeploymentLive {
+    fn default() -> Self {
+        Self::new(LiveFlags::default())
+    }
+}
+
 impl DeploymentLive {
+    /// Live state that keeps its flags in `flags`.
+    pub fn new(flags: LiveFlags) -> Self {
+        Self {
+            in_flight: AtomicU64::default(),
+            circuit: Circuit::new(flags.clone()),
+            saturated: AtomicBool::default(),
+            quota: DeploymentQuota::new(flags.clone()),
+            prefix: PrefixCache::default(),
+            first_bytes: FirstBytes::default(),
+            estimates: Mutex::default(),
+            flags,
+            last_failure: Mutex::default(),
+            pressure_changed: AtomicBool::default(),
+            pressure_seen_at: AtomicU64::default(),
+        }
+    }
+
     fn estimates(&self) -> std::sync::MutexGuard<'_, Estimates> {
         self.estimates
             .lock()
@@ -113,7 +137,7 @@ impl DeploymentLive {
     pub fn cool_down(&self, until: Instant) {
         let mut e = self.estimates();
         e.cooled_until = Some(e.cooled_until.map_or(until, |old| old.max(until)));
-        self.cooling.store(true, Ordering::Release);
+        self.flags.put(LiveFlags::COOLING, true);
         self.pressure_changed.store(true, Ordering::Release);
     }
 
@@ -157,7 +181,7 @@ impl DeploymentLive {
             let mut e = self.estimates();
             let until = now + cooling;
             e.cooled_until = Some(e.cooled_until.map_or(until, |old| old.max(until)));
-            self.cooling.store(true, Ordering::Release);
+            self.flags.put(LiveFlags::COOLING, true);
         }
         let remaining = |r: Option<LeftFor>| {
             r.map(|(left, reset_in)| crate::limits::Remaining {
@@ -195,7 +219,7 @@ impl DeploymentLive {
 
     /// How much longer a 429 cooldown lasts, if one does.
     pub fn cooling_for(&self, now: Instant) -> Option<Duration> {
-        if !self.cooling.load(Ordering::Acquire) {
+        if !self.flags.is_set(LiveFlags::COOLING) {
             return None;
         }
         let mut e = self.estimates();
@@ -206,7 +230,7 @@ impl DeploymentLive {
         if left.is_none() {
             // Over: cleared under the lock a new cooldown is set under.
             e.cooled_until = None;
-            self.cooling.store(false, Ordering::Release);
+            self.flags.put(LiveFlags::COOLING, false);
         }
         left
     }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use super::flags::Blocks;
 use super::{AliasLive, BackendLive, DeploymentLive};
 use crate::config::Config;
 use crate::limits::{Limits, SharedTokens};
@@ -46,6 +47,9 @@ impl LiveState {
     pub fn view(&self, config: &Config) -> LiveView {
         let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let old = std::mem::take(&mut *guard);
+        // New deployments' flags side by side, in config order, so a
+        // plan over an alias reads them together.
+        let mut blocks = Blocks::default();
         let view = LiveView {
             deployments: config
                 .models
@@ -53,7 +57,10 @@ impl LiveState {
                 .map(|m| {
                     m.deployments
                         .iter()
-                        .map(|d| reuse(&old.deployments, &d.name))
+                        .map(|d| match old.deployments.get(&d.name) {
+                            Some(live) => live.clone(),
+                            None => Arc::new(DeploymentLive::new(blocks.next())),
+                        })
                         .collect()
                 })
                 .collect(),

@@ -3,10 +3,10 @@
 //! headers last reported. A deployment at its
 //! quota is skipped until it has room again, never failed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::flags::LiveFlags;
 use crate::config::PerMinute;
 use crate::limits::{Limits, Refused, Remaining, UpstreamQuota};
 
@@ -17,9 +17,10 @@ const DEFAULT_UPSTREAM_RESET: Duration = Duration::from_secs(1);
 pub struct DeploymentQuota {
     pub limits: Limits,
     state: Mutex<State>,
-    /// Whether an upstream ever reported what is left: most never do, and
-    /// the router asks every candidate on every request.
-    reported: AtomicBool,
+    /// Whether limits are configured (`LiveFlags::LIMITED`) and whether an
+    /// upstream ever reported what is left (`REPORTED`): most deployments
+    /// have neither, and the router asks every candidate on every request.
+    flags: LiveFlags,
 }
 
 #[derive(Default)]
@@ -58,9 +59,20 @@ impl DeploymentQuota {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// A quota that keeps its flags in `flags`.
+    pub fn new(flags: LiveFlags) -> Self {
+        Self {
+            limits: Limits::default(),
+            state: Mutex::default(),
+            flags,
+        }
+    }
+
     /// Applies the configured quota (a reload).
     pub fn configure(&self, quota: PerMinute) {
         self.limits.configure(quota);
+        let limited = quota.requests.is_some() || quota.tokens.is_some();
+        self.flags.put(LiveFlags::LIMITED, limited);
     }
 
     /// Takes a request and its estimated `tokens` from the deployment's
@@ -75,7 +87,7 @@ impl DeploymentQuota {
     /// Counts a request admitted elsewhere (by the fleet's shared limits)
     /// against what the upstream last said was left.
     pub fn count_upstream(&self, tokens: u64) {
-        if !self.reported.load(Ordering::Acquire) {
+        if !self.flags.is_set(LiveFlags::REPORTED) {
             return;
         }
         let mut guard = self.state();
@@ -93,7 +105,7 @@ impl DeploymentQuota {
             return;
         }
         let mut state = self.state();
-        self.reported.store(true, Ordering::Release);
+        self.flags.put(LiveFlags::REPORTED, true);
         if let Some(requests) = upstream.requests {
             state.requests = Some(Left::of(requests, now));
         }
@@ -139,7 +151,7 @@ impl DeploymentQuota {
                 Some(left),
             ));
         }
-        if !self.reported.load(Ordering::Acquire) {
+        if !self.flags.is_set(LiveFlags::REPORTED) {
             return None;
         }
         let state = self.state();

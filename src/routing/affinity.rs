@@ -49,7 +49,7 @@ fn weight(session: u64, deployment: u64) -> u64 {
 fn saturated(option: &Contender<'_>, strategy: Strategy, now: std::time::Instant) -> bool {
     let load = option.load(now);
     match strategy {
-        Strategy::Spillover(spill) => strategy::saturated(option.live, load, spill),
+        Strategy::Spillover(spill) => strategy::saturated(option.live(), load, spill),
         Strategy::Cost | Strategy::Latency | Strategy::Weighted => load.is_some_and(|l| l >= 1.0),
     }
 }
@@ -63,18 +63,18 @@ fn pool<'o, 'a>(
     strategy: Strategy,
     now: std::time::Instant,
 ) -> impl Iterator<Item = &'o Contender<'a>> + Clone {
-    let any_self_hosted = options.iter().any(|o| o.backend.self_hosted.is_some());
+    let any_self_hosted = options.iter().any(|o| o.row.self_hosted);
     let lowest_tier = match strategy {
         Strategy::Spillover(_) => options
             .iter()
             .filter(|o| !saturated(o, strategy, now))
-            .map(|o| o.deployment.tier)
+            .map(|o| o.row.tier)
             .min(),
         Strategy::Cost | Strategy::Latency | Strategy::Weighted => None,
     };
     options.iter().filter(move |o| match strategy {
-        Strategy::Cost => !any_self_hosted || o.backend.self_hosted.is_some(),
-        Strategy::Spillover(_) => Some(o.deployment.tier) == lowest_tier,
+        Strategy::Cost => !any_self_hosted || o.row.self_hosted,
+        Strategy::Spillover(_) => Some(o.row.tier) == lowest_tier,
         Strategy::Latency | Strategy::Weighted => true,
     })
 }
@@ -90,7 +90,7 @@ pub fn bind(
     now: std::time::Instant,
 ) -> Binding {
     let pool = pool(options, strategy, now);
-    let in_flight = |o: &Contender<'_>| o.live.in_flight.load(Ordering::Relaxed);
+    let in_flight = |o: &Contender<'_>| o.live().in_flight.load(Ordering::Relaxed);
     let (count, total) = pool
         .clone()
         .fold((0u64, 0u64), |(n, sum), o| (n + 1, sum + in_flight(o)));
@@ -107,28 +107,41 @@ pub fn bind(
     // Some deployment is always under the bound: were all at it, they
     // would hold more than the total in flight.
     let cap = ((1.0 + epsilon) * (total + 1) as f64 / count as f64).ceil() as u64;
-    let open = pool
-        .clone()
-        .filter(|o| in_flight(o) < cap && !saturated(o, strategy, now));
-    if mode == Affinity::Prefix && !blocks.is_empty() {
-        let best = open
-            .clone()
-            .map(|o| (o.live.prefix.matched(blocks), o.index))
-            .filter(|(m, _)| m.blocks > 0)
-            .max_by_key(|(m, _)| (m.blocks, m.served));
-        if let Some((matched, index)) = best {
-            binding.bound = Some(index);
-            binding.matched = matched;
-            return binding;
+    let by_prefix = mode == Affinity::Prefix && !blocks.is_empty();
+    // One pass: the session's own deployment (the heaviest), the heaviest
+    // of those open (under the bound and not saturated) and, for prefix
+    // affinity, the open one that served the most of the prompt the most
+    // recently. Ties go to the last, as `max_by_key`'s do.
+    let mut own: Option<(u64, usize)> = None;
+    let mut open: Option<(u64, usize)> = None;
+    let mut served: Option<(Matched, usize)> = None;
+    for o in pool {
+        let heavier = |best: Option<(u64, usize)>, weight| best.is_none_or(|(b, _)| weight >= b);
+        let w = weight(session.hash, o.row.name_hash);
+        if heavier(own, w) {
+            own = Some((w, o.index));
+        }
+        if in_flight(o) >= cap || saturated(o, strategy, now) {
+            continue;
+        }
+        if heavier(open, w) {
+            open = Some((w, o.index));
+        }
+        if by_prefix {
+            let m = o.live().prefix.matched(blocks);
+            let more = |(b, _): (Matched, usize)| (m.blocks, m.served) >= (b.blocks, b.served);
+            if m.blocks > 0 && served.is_none_or(more) {
+                served = Some((m, o.index));
+            }
         }
     }
-    let heaviest = |it: &mut dyn Iterator<Item = &Contender<'_>>| {
-        it.max_by_key(|o| weight(session.hash, o.name_hash))
-            .map(|o| o.index)
-    };
-    let own = heaviest(&mut pool.clone());
-    binding.bound = heaviest(&mut open.clone());
-    binding.moved = own != binding.bound;
+    if let Some((matched, index)) = served {
+        binding.bound = Some(index);
+        binding.matched = matched;
+        return binding;
+    }
+    binding.bound = open.map(|(_, index)| index);
+    binding.moved = own.map(|(_, index)| index) != binding.bound;
     binding
 }
 

@@ -1,7 +1,6 @@
 //! A plan: every deployment of the alias, kept or dropped with a reason a
 //! person can read, and the kept ones in the order they will be tried.
 
-use std::cell::OnceCell;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -9,10 +8,10 @@ use serde::Serialize;
 use super::affinity::{self, Binding};
 use super::facts::RequestFacts;
 use super::policy::{self, Rule};
-use super::strategy::{self, Contender, Inputs, Ranking, Why};
+use super::strategy::{self, Contender, Inputs, Ranking, Timing, Why};
 use crate::config::{Affinity, Key, Strategy};
 use crate::error::GatewayError;
-use crate::health::CircuitView;
+use crate::health::{CircuitView, DeploymentLive};
 use crate::state::Snapshot;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +38,26 @@ pub struct Candidate {
     pub retry_in: Option<Duration>,
     /// The strategy's reason as a closed set, for metrics.
     pub label: &'static str,
+}
+
+impl Candidate {
+    /// A deployment policy or health dropped, and why.
+    fn dropped(
+        deployment: usize,
+        reason: String,
+        rule: Option<Rule>,
+        retry_in: Option<Duration>,
+    ) -> Self {
+        Self {
+            deployment,
+            kept: false,
+            reason: Why::Text(reason),
+            score: None,
+            rule,
+            retry_in,
+            label: "dropped",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -203,83 +222,31 @@ pub fn plan(
 ) -> Plan {
     let config = &snapshot.config;
     let m = &config.models[model];
+    let rows = snapshot.plan_table(model);
     let mut dropped = Vec::new();
-    let mut contenders = Vec::with_capacity(m.deployments.len());
+    let mut contenders = Vec::with_capacity(rows.len());
     let mut blocked_by_policy = 0;
     let scope = policy::Scope::of(&config.policy, facts);
-    for (index, deployment) in m.deployments.iter().enumerate() {
-        let resolved = snapshot.resolved(model, index);
-        let backend = snapshot.backend(resolved.backend);
-        let live = &*resolved.health;
-        let drop = |reason: String, rule: Option<Rule>, retry_in: Option<Duration>| Candidate {
-            deployment: index,
-            kept: false,
-            reason: Why::Text(reason),
-            score: None,
-            rule,
-            retry_in,
-            label: "dropped",
-        };
-        if let Err((rule, reason)) = scope.check(deployment, backend) {
-            blocked_by_policy += 1;
-            dropped.push(drop(
-                format!("policy {}: {reason}", rule.name()),
-                Some(rule),
-                None,
-            ));
-            continue;
-        }
-        match live.circuit.view(now) {
-            CircuitView::Open { failures, probe_in } => {
-                let last = live
-                    .last_failure()
-                    .map(|message| format!(" (the last: {message})"))
-                    .unwrap_or_default();
-                dropped.push(drop(
-                    format!(
-                        "circuit open after {failures} consecutive failures{last}; probe in {} ms",
-                        probe_in.as_millis()
-                    ),
-                    None,
-                    Some(probe_in),
-                ));
+    for (index, row) in rows.iter().enumerate() {
+        // The common case from the row alone: policy admits it and its
+        // live state has nothing set.
+        if !scope.admits(row) {
+            let deployment = &m.deployments[index];
+            let backend = snapshot.backend(snapshot.resolved(model, index).backend);
+            if let Err((rule, reason)) = scope.check(deployment, backend) {
+                blocked_by_policy += 1;
+                let reason = format!("policy {}: {reason}", rule.name());
+                dropped.push(Candidate::dropped(index, reason, Some(rule), None));
                 continue;
             }
-            CircuitView::HalfOpen { probing: true } => {
-                dropped.push(drop(
-                    "circuit half-open: its probe request is in flight".into(),
-                    None,
-                    None,
-                ));
-                continue;
-            }
-            CircuitView::Closed | CircuitView::HalfOpen { probing: false } => {}
         }
-        if let Some(left) = live.cooling_for(now) {
-            dropped.push(drop(
-                format!(
-                    "rate limited upstream: cooling down for {} ms more (retry-after)",
-                    left.as_millis()
-                ),
-                None,
-                Some(left),
-            ));
+        if row.flags.get() != 0
+            && let Some(candidate) = unhealthy(index, &row.live, facts, now)
+        {
+            dropped.push(candidate);
             continue;
         }
-        if let Some((reason, retry_in)) = live.quota.blocked(facts.input_tokens, now) {
-            dropped.push(drop(reason, None, retry_in));
-            continue;
-        }
-        contenders.push(Contender {
-            index,
-            deployment,
-            backend,
-            live,
-            backend_live: &resolved.backend_health,
-            rate: resolved.rate,
-            name_hash: resolved.name_hash,
-            load: OnceCell::new(),
-        });
+        contenders.push(Contender::new(index, row));
     }
     let binding = facts
         .session
@@ -310,13 +277,13 @@ pub fn plan(
                 })
         }),
         now,
-        first_tier: m.deployments.iter().map(|d| d.tier).min().unwrap_or(0),
+        first_tier: rows.iter().map(|r| r.tier).min().unwrap_or(0),
         bound: bound.and_then(|index| {
             let hit = match binding.map(|b| b.matched) {
                 Some(matched) if m.affinity == Affinity::Prefix => {
                     Some((matched.tokens as f64 / facts.input_tokens.max(1) as f64).min(1.0))
                 }
-                _ => snapshot.resolved(model, index).health.expected_cache_hit(),
+                _ => rows[index].live.expected_cache_hit(),
             };
             hit.map(|hit| (index, hit))
         }),
@@ -332,7 +299,7 @@ pub fn plan(
         Candidate {
             deployment: r.index,
             kept: !r.dropped,
-            reason: std::mem::replace(&mut r.reason, Why::Unmeasured),
+            reason: std::mem::replace(&mut r.reason, Why::Latency(Timing::Unmeasured)),
             score: Some(r.score),
             rule: None,
             retry_in: None,
@@ -361,6 +328,50 @@ pub fn plan(
     }
 }
 
+/// The deployment at `index` dropped for its health (an open or probing
+/// circuit, a 429 cooldown, its quota), if it is.
+fn unhealthy(
+    index: usize,
+    live: &DeploymentLive,
+    facts: &RequestFacts,
+    now: Instant,
+) -> Option<Candidate> {
+    let drop = |reason, retry_in| Some(Candidate::dropped(index, reason, None, retry_in));
+    match live.circuit.view(now) {
+        CircuitView::Open { failures, probe_in } => {
+            let last = live
+                .last_failure()
+                .map(|message| format!(" (the last: {message})"))
+                .unwrap_or_default();
+            return drop(
+                format!(
+                    "circuit open after {failures} consecutive failures{last}; probe in {} ms",
+                    probe_in.as_millis()
+                ),
+                Some(probe_in),
+            );
+        }
+        CircuitView::HalfOpen { probing: true } => {
+            return drop(
+                "circuit half-open: its probe request is in flight".into(),
+                None,
+            );
+        }
+        CircuitView::Closed | CircuitView::HalfOpen { probing: false } => {}
+    }
+    if let Some(left) = live.cooling_for(now) {
+        return drop(
+            format!(
+                "rate limited upstream: cooling down for {} ms more (retry-after)",
+                left.as_millis()
+            ),
+            Some(left),
+        );
+    }
+    let (reason, retry_in) = live.quota.blocked(facts.input_tokens, now)?;
+    drop(reason, retry_in)
+}
+
 /// Puts the bound deployment first, unless the strategy dropped it. Under
 /// `cost` it goes first when it and the cheapest are both self-hosted, or
 /// when its expected cost, its expected cache hit counted, is no more
@@ -382,7 +393,7 @@ fn put_first(
     let self_hosted = |index: usize| {
         contenders
             .iter()
-            .any(|c| c.index == index && c.backend.self_hosted.is_some())
+            .any(|c| c.index == index && c.row.self_hosted)
     };
     let (first, chosen) = (&ranked[order[0]], &ranked[order[at]]);
     let takes_first = match strategy {

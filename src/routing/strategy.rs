@@ -8,31 +8,37 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::Instant;
 
 use super::facts::RequestFacts;
-use crate::config::{Backend, Deployment, RoutingSettings, Spillover, Strategy};
-use crate::health::{BackendLive, DeploymentLive};
-use crate::metering::cost::Rate;
+use crate::config::{RoutingSettings, Spillover, Strategy};
+use crate::health::DeploymentLive;
+use crate::state::PlanRow;
 
 /// A deployment still in the running, with what the strategies read.
 pub struct Contender<'a> {
     pub index: usize,
-    pub deployment: &'a Deployment,
-    pub backend: &'a Backend,
-    pub live: &'a DeploymentLive,
-    pub backend_live: &'a BackendLive,
-    pub rate: Rate,
-    /// A hash of the deployment's name, for affinity.
-    pub name_hash: u64,
+    pub row: &'a PlanRow,
     /// The backend's load, read at most once per plan: the strategies and
     /// affinity each ask for it.
     pub load: OnceCell<Option<f64>>,
 }
 
-impl Contender<'_> {
+impl<'a> Contender<'a> {
+    pub fn new(index: usize, row: &'a PlanRow) -> Self {
+        Self {
+            index,
+            row,
+            load: OnceCell::new(),
+        }
+    }
+
+    pub fn live(&self) -> &'a DeploymentLive {
+        &self.row.live
+    }
+
     /// The backend's load now (`BackendLive::load`), read once.
     pub fn load(&self, now: Instant) -> Option<f64> {
         *self
             .load
-            .get_or_init(|| self.backend_live.load(self.backend, now))
+            .get_or_init(|| self.row.backend_live.load_of(self.row.load, now))
     }
 }
 
@@ -86,19 +92,6 @@ pub fn rank(options: &[Contender<'_>], inputs: &Inputs<'_>, rng: &mut fastrand::
     ranking
 }
 
-/// `ranked` in the order of their sort keys ([`Key`]), ties in the
-/// options' (config) order.
-fn ordered(ranked: Vec<Ranked>, mut keys: Vec<u128>) -> Ranking {
-    keys.sort_unstable();
-    let order = keys.into_iter().map(|k| (k as u32) as usize).collect();
-    Ranking { ranked, order }
-}
-
-/// Sort keys as integers, which sort faster than any comparison of the
-/// fields: the fields from the high bits down, the option's position in
-/// the lowest 32 (so equal fields keep config order).
-struct Key(u128);
-
 /// `x` as an integer in the order of [`f64::total_cmp`].
 fn sortable(x: f64) -> u64 {
     let bits = x.to_bits();
@@ -106,23 +99,6 @@ fn sortable(x: f64) -> u64 {
         !bits
     } else {
         bits | 1 << 63
-    }
-}
-
-impl Key {
-    fn new(position: usize) -> Self {
-        Self(position as u128)
-    }
-
-    /// Then `x` ascending, at `shift` (64 bits wide), in the order of
-    /// [`f64::total_cmp`].
-    fn f64(self, x: f64, shift: u32) -> Self {
-        Self(self.0 | u128::from(sortable(x)) << shift)
-    }
-
-    /// Then `n`, at `shift`.
-    fn int(self, n: u32, shift: u32) -> Self {
-        Self(self.0 | u128::from(n) << shift)
     }
 }
 
@@ -159,12 +135,9 @@ pub enum Why {
         /// deployment's cache.
         hit: Option<f64>,
     },
-    Latency {
-        ms: f64,
-        stream: bool,
-    },
-    Unmeasured,
-    Exploring(Box<Why>),
+    Latency(Timing),
+    /// Tried first, out of the latency order, to measure it again.
+    Exploring(Timing),
     Spill {
         tier: u32,
         load: Option<f64>,
@@ -181,6 +154,30 @@ pub enum Why {
     },
     /// Dropped by policy or health, already in words.
     Text(String),
+}
+
+/// What the latency strategy knows of a deployment.
+#[derive(Debug, Clone, Copy)]
+pub enum Timing {
+    Expected { ms: f64, stream: bool },
+    Unmeasured,
+}
+
+impl fmt::Display for Timing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Expected { ms, stream } => write!(
+                f,
+                "expected {ms:.0} ms {}",
+                if *stream {
+                    "to first token"
+                } else {
+                    "to the whole answer"
+                }
+            ),
+            Self::Unmeasured => f.write_str("not measured yet: tried first to measure it"),
+        }
+    }
 }
 
 /// How an expected cost was priced.
@@ -219,17 +216,8 @@ impl fmt::Display for Why {
                 }
                 f.write_str(")")
             }
-            Self::Latency { ms, stream } => write!(
-                f,
-                "expected {ms:.0} ms {}",
-                if *stream {
-                    "to first token"
-                } else {
-                    "to the whole answer"
-                }
-            ),
-            Self::Unmeasured => f.write_str("not measured yet: tried first to measure it"),
-            Self::Exploring(why) => write!(f, "exploring ({why})"),
+            Self::Latency(timing) => timing.fmt(f),
+            Self::Exploring(timing) => write!(f, "exploring ({timing})"),
             Self::Spill {
                 tier,
                 load,
@@ -273,26 +261,22 @@ pub fn expected_cost(option: &Contender<'_>, inputs: &Inputs<'_>) -> (f64, Price
     // In floating point: a ranking needs no exact pico-dollars, and u128
     // to f64 (the metered cost's type) is a library call.
     let cached = hit.map_or(0.0, |hit| (input as f64 * hit).round());
-    let rate = &option.rate;
-    let pico = (input as f64 - cached) * rate.input as f64
-        + cached * rate.cached_input as f64
-        + output as f64 * rate.output as f64;
+    let row = option.row;
+    let pico = (input as f64 - cached) * row.input_price
+        + cached * row.cached_input_price
+        + output as f64 * row.output_price;
     // A multiplication: a division's latency would hold up every option.
     let usd = pico * 1e-12;
-    match option.backend.self_hosted {
-        Some(_) => {
-            let load = option.load(inputs.now).unwrap_or(0.0).clamp(0.0, 1.0);
-            let per_mtok = option.rate.output as f64 * 1e-6 * load;
-            (usd * load, Priced::SelfHosted { load, per_mtok }, hit)
-        }
-        None => (
-            usd,
-            Priced::List {
-                input: input as f64,
-                output: output as f64,
-            },
-            hit,
-        ),
+    if row.self_hosted {
+        let load = option.load(inputs.now).unwrap_or(0.0).clamp(0.0, 1.0);
+        let per_mtok = row.output_price * 1e-6 * load;
+        (usd * load, Priced::SelfHosted { load, per_mtok }, hit)
+    } else {
+        let priced = Priced::List {
+            input: input as f64,
+            output: output as f64,
+        };
+        (usd, priced, hit)
     }
 }
 
@@ -316,26 +300,28 @@ fn by_cost(options: &[Contender<'_>], inputs: &Inputs<'_>) -> Ranking {
 fn by_latency(options: &[Contender<'_>], inputs: &Inputs<'_>, rng: &mut fastrand::Rng) -> Ranking {
     let ranked: Vec<Ranked> = options
         .iter()
-        .map(|o| match o.live.expected_latency_ms(inputs.facts.stream) {
-            Some(ms) => Ranked {
-                index: o.index,
-                score: ms,
-                reason: Why::Latency {
-                    ms,
-                    stream: inputs.facts.stream,
+        .map(
+            |o| match o.live().expected_latency_ms(inputs.facts.stream) {
+                Some(ms) => Ranked {
+                    index: o.index,
+                    score: ms,
+                    reason: Why::Latency(Timing::Expected {
+                        ms,
+                        stream: inputs.facts.stream,
+                    }),
+                    label: "fastest",
+                    dropped: false,
                 },
-                label: "fastest",
-                dropped: false,
+                // Unmeasured goes first, so it gets measured.
+                None => Ranked {
+                    index: o.index,
+                    score: 0.0,
+                    reason: Why::Latency(Timing::Unmeasured),
+                    label: "unmeasured",
+                    dropped: false,
+                },
             },
-            // Unmeasured goes first, so it gets measured.
-            None => Ranked {
-                index: o.index,
-                score: 0.0,
-                reason: Why::Unmeasured,
-                label: "unmeasured",
-                dropped: false,
-            },
-        })
+        )
         .collect();
     let mut ranking = by_score(ranked);
     let Ranking { ranked, order } = &mut ranking;
@@ -345,8 +331,9 @@ fn by_latency(options: &[Contender<'_>], inputs: &Inputs<'_>, rng: &mut fastrand
         let explored = order.remove(rng.usize(1..order.len()));
         order.insert(0, explored);
         let explored = &mut ranked[explored];
-        let reason = std::mem::replace(&mut explored.reason, Why::Unmeasured);
-        explored.reason = Why::Exploring(Box::new(reason));
+        if let Why::Latency(timing) = explored.reason {
+            explored.reason = Why::Exploring(timing);
+        }
         explored.label = "exploring";
     }
     ranking
@@ -357,15 +344,14 @@ fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover
     // tier still standing: an outage of the self-hosted tier must not lift
     // the cost ceiling.
     let first_tier = inputs.first_tier;
-    let (keys, ranked): (Vec<u128>, Vec<Ranked>) = options
+    let (keys, ranked): (Vec<(f64, u64)>, Vec<Ranked>) = options
         .iter()
-        .enumerate()
-        .map(|(p, o)| {
+        .map(|o| {
             let load = o.load(inputs.now);
-            let saturated = update_saturation(o.live, load, spill);
+            let saturated = update_saturation(o.live(), load, spill);
             let (usd, _, _) = expected_cost(o, inputs);
-            let tier = o.deployment.tier;
-            let output_price = o.deployment.price.output_micro_usd_per_mtok as f64 / 1e6;
+            let tier = o.row.tier;
+            let output_price = o.row.output_usd_per_mtok;
             let over_cap = tier > first_tier
                 && spill
                     .price_cap_usd_per_mtok
@@ -396,18 +382,17 @@ fn by_spillover(options: &[Contender<'_>], inputs: &Inputs<'_>, spill: Spillover
                 label,
                 dropped: over_cap,
             };
-            // Deployments taking traffic first, by tier, cheapest first
-            // within a tier; saturated ones stay in the plan as a last
-            // resort.
-            let key = Key::new(p)
-                .f64(usd, 32)
-                // Tiers past 2^31 share the bit of saturation.
-                .int(tier.min(u32::MAX >> 1), 96)
-                .int(u32::from(saturated), 127);
-            (key.0, ranked)
+            let group = u64::from(saturated) << 32 | u64::from(tier);
+            ((usd, group), ranked)
         })
         .unzip();
-    ordered(ranked, keys)
+    // Deployments taking traffic first, by tier, cheapest first within a
+    // tier; saturated ones stay in the plan as a last resort. Sorted by
+    // cost, then stably by the group (saturation, tier): one group, as
+    // usual, is one run the stable sort only reads.
+    let mut ranking = lowest_first(ranked, |p, _| keys[p].0);
+    ranking.order.sort_by_key(|&p| keys[p].1);
+    ranking
 }
 
 /// Hysteresis: a deployment stops taking traffic at `high_load` and takes
@@ -434,11 +419,11 @@ fn update_saturation(live: &DeploymentLive, load: Option<f64>, spill: Spillover)
 /// A weighted random order (Efraimidis–Spirakis): each deployment comes
 /// first with probability weight / total weight.
 fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Ranking {
-    let total: u32 = options.iter().map(|o| o.deployment.weight).sum();
+    let total: u32 = options.iter().map(|o| o.row.weight).sum();
     let (keys, ranked): (Vec<f64>, Vec<Ranked>) = options
         .iter()
         .map(|o| {
-            let weight = o.deployment.weight;
+            let weight = o.row.weight;
             // The highest u^(1/weight) first: in the order of its log,
             // ln(u) / weight, which spares an exponential per option.
             (
@@ -458,7 +443,7 @@ fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Ranking {
 
 #[cfg(test)]
 mod tests {
-    use super::{Key, Ranked, Why, lowest_first};
+    use super::{Ranked, Timing, Why, lowest_first, sortable};
 
     #[test]
     fn lowest_first_keeps_config_order_among_equal_keys() {
@@ -467,7 +452,7 @@ mod tests {
             .map(|index| Ranked {
                 index,
                 score: 0.0,
-                reason: Why::Unmeasured,
+                reason: Why::Latency(Timing::Unmeasured),
                 label: "",
                 dropped: false,
             })
@@ -477,7 +462,7 @@ mod tests {
     }
 
     #[test]
-    fn keys_sort_as_total_cmp_then_position() {
+    fn sortable_keeps_the_order_of_total_cmp() {
         let values = [
             3.5,
             -0.0,
@@ -490,17 +475,10 @@ mod tests {
             -1e300,
             0.001,
         ];
-        let mut expected: Vec<usize> = (0..values.len()).collect();
-        expected.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
-        let mut keys: Vec<u128> = values
-            .iter()
-            .enumerate()
-            .map(|(p, x)| Key::new(p).f64(*x, 32).0)
-            .collect();
-        keys.sort_unstable();
-        let order: Vec<usize> = keys.iter().map(|k| (*k as u32) as usize).collect();
-        assert_eq!(order, expected);
-        // A field above outranks the float below it.
-        assert!(Key::new(9).f64(f64::MAX, 32).0 < Key::new(0).f64(0.0, 32).int(1, 96).0);
+        for a in values {
+            for b in values {
+                assert_eq!(sortable(a).cmp(&sortable(b)), a.total_cmp(&b), "{a} {b}");
+            }
+        }
     }
 }

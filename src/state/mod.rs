@@ -2,6 +2,7 @@
 //! (swapped whole on reload), the live state that outlives snapshots, the
 //! metrics, the spend ledger and budgets.
 
+mod plan_table;
 mod reload;
 mod shared;
 mod snapshot;
@@ -22,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::store::Fleet;
 use crate::traces::Traces;
 
+pub use plan_table::{Offers, PlanRow};
 pub use reload::{Env, ReloadError, ReloadReport, watch};
 pub use shared::{Sharing, exchange, share};
 pub use snapshot::{Resolved, Snapshot};

@@ -19,6 +19,8 @@ use crate::metrics::DeploymentSeries;
 use crate::openai::unix_now;
 use crate::providers::{self, Provider, UpstreamCall, UpstreamReply};
 
+use super::plan_table::PlanRow;
+
 pub struct Snapshot {
     pub config: Config,
     /// When this snapshot was built, in unix seconds (`created` of models).
@@ -30,6 +32,8 @@ pub struct Snapshot {
     live: LiveView,
     /// Per model, per deployment: what an attempt needs, resolved once.
     resolved: Vec<Vec<Resolved>>,
+    /// Per model, per deployment: what a plan reads, packed.
+    plan_tables: Vec<Box<[PlanRow]>>,
     /// Per model: its per-token deployments, for counterfactual costs.
     counterfactuals: Vec<Arc<[(String, Rate)]>>,
 }
@@ -44,8 +48,6 @@ pub struct Resolved {
     pub rate: Rate,
     pub health: Arc<DeploymentLive>,
     pub backend_health: Arc<BackendLive>,
-    /// A hash of its name, which affinity weighs sessions by.
-    pub name_hash: u64,
     /// Its metric series, resolved as requests first record to them.
     pub series: Arc<DeploymentSeries>,
 }
@@ -123,7 +125,6 @@ impl Snapshot {
                 rate: Rate::of(deployment, &config.backends[backend]),
                 health: live.deployments[m][d].clone(),
                 backend_health: live.backends[backend].clone(),
-                name_hash: FixedState::with_seed(0).hash_one(deployment.name.as_bytes()),
                 series: Arc::default(),
             }
         };
@@ -137,6 +138,28 @@ impl Snapshot {
                     .iter()
                     .enumerate()
                     .map(|(d, deployment)| resolve(m, d, deployment))
+                    .collect()
+            })
+            .collect();
+        let plan_tables = config
+            .models
+            .iter()
+            .zip(&resolved)
+            .map(|(m, resolved)| {
+                m.deployments
+                    .iter()
+                    .zip(resolved)
+                    .map(|(d, r)| {
+                        PlanRow::new(
+                            d,
+                            &config.backends[r.backend],
+                            &config.policy,
+                            r.rate,
+                            FixedState::with_seed(0).hash_one(d.name.as_bytes()),
+                            &r.health,
+                            &r.backend_health,
+                        )
+                    })
                     .collect()
             })
             .collect();
@@ -170,6 +193,7 @@ impl Snapshot {
             providers,
             live,
             resolved,
+            plan_tables,
             counterfactuals,
             config,
         })
@@ -178,6 +202,11 @@ impl Snapshot {
     /// A deployment of a model, resolved.
     pub fn resolved(&self, model: usize, deployment: usize) -> &Resolved {
         &self.resolved[model][deployment]
+    }
+
+    /// What a plan reads of each of a model's deployments, in config order.
+    pub fn plan_table(&self, model: usize) -> &[PlanRow] {
+        &self.plan_tables[model]
     }
 
     /// The backend at an index of `config.backends`.
