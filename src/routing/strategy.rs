@@ -107,7 +107,7 @@ fn sortable(x: f64) -> u64 {
 /// lowest bits, so keys that differ only there (a relative 2^-42 for
 /// 1,024 options) are equal and keep config order; one word sorts faster
 /// than two.
-fn lowest_first(ranked: Vec<Ranked>, key: impl Fn(usize, &Ranked) -> f64) -> Ranking {
+fn lowest_first(ranked: Vec<Ranked>, mut key: impl FnMut(usize, &Ranked) -> f64) -> Ranking {
     let bits = usize::BITS - ranked.len().saturating_sub(1).leading_zeros();
     let mut keys: Vec<u64> = ranked
         .iter()
@@ -420,25 +420,22 @@ fn update_saturation(live: &DeploymentLive, load: Option<f64>, spill: Spillover)
 /// first with probability weight / total weight.
 fn by_weight(options: &[Contender<'_>], rng: &mut fastrand::Rng) -> Ranking {
     let total: u32 = options.iter().map(|o| o.row.weight).sum();
-    let (keys, ranked): (Vec<f64>, Vec<Ranked>) = options
+    let ranked = options
         .iter()
-        .map(|o| {
-            let weight = o.row.weight;
-            // The highest u^(1/weight) first: in the order of its log,
-            // ln(u) / weight, which spares an exponential per option.
-            (
-                -(rng.f64().ln() / f64::from(weight)),
-                Ranked {
-                    index: o.index,
-                    score: f64::from(weight),
-                    reason: Why::Weight { weight, total },
-                    label: "weighted",
-                    dropped: false,
-                },
-            )
+        .map(|o| Ranked {
+            index: o.index,
+            score: f64::from(o.row.weight),
+            reason: Why::Weight {
+                weight: o.row.weight,
+                total,
+            },
+            label: "weighted",
+            dropped: false,
         })
-        .unzip();
-    lowest_first(ranked, |p, _| keys[p])
+        .collect();
+    // The highest u^(1/weight) first: in the order of its log,
+    // ln(u) / weight, which spares an exponential per option.
+    lowest_first(ranked, |_, r| -(rng.f64().ln() / r.score))
 }
 
 #[cfg(test)]
