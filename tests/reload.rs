@@ -499,6 +499,32 @@ async fn two_hundred_requests_in_flight_across_fifty_swaps_all_succeed_on_their_
         ),
         Some(40.0)
     );
+    // Each snapshot resolves its deployments' series anew, while requests
+    // of the one it replaced still record through theirs: every request
+    // counted once, whichever snapshot it ended on.
+    let started = Instant::now();
+    loop {
+        let text = gateway.metrics().await;
+        let answered = sum(&text, "tollgate_requests_total{", "status=\"200\"");
+        let streams = sum(&text, "tollgate_time_to_first_token_seconds_count{", "");
+        if (answered, streams) == (200.0, 100.0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "{answered} answered and {streams} streams recorded, not 200 and 100:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The sum of the samples of a family whose series start with `prefix`
+/// and name `label`.
+fn sum(text: &str, prefix: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(prefix) && line.contains(label))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 #[test]
