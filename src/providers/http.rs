@@ -11,19 +11,19 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::http::header::{CONTENT_TYPE, HOST, RETRY_AFTER};
-use axum::http::uri::Scheme;
 use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use http_body_util::{BodyDataStream, BodyExt, Full};
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Frame, SizeHint};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use sse_stream::SseStream;
 use url::Url;
 
+use super::pool::{self, Pool, RequestError, UpstreamBody};
 use super::{Chunk, UpstreamCall};
 use crate::config::Backend;
 use crate::error::GatewayError;
@@ -33,33 +33,39 @@ use crate::limits::UpstreamQuota;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 /// The longest `retry-after` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-/// How long an idle pooled connection is kept.
-const POOL_IDLE: Duration = Duration::from_secs(60);
 
-/// hyper's pooled client, over plain TCP for a backend at an `http://`
-/// URL (a self-hosted engine on a private network) and over rustls for one
-/// at `https://`, with HTTP/2 where TLS negotiates it. Two clients, not one
-/// that does both: a connection that might be TLS carries a TLS session's
-/// state (1.1 KB) for as long as it is open, used or not, and every open
-/// stream holds an upstream connection. It follows no redirects: upstream
-/// APIs do not redirect, and following one would resend the request (and
-/// its credential) somewhere unconfigured.
+/// The client for a backend's URLs: kept-alive HTTP/1.1 connections of
+/// its own over plain TCP for a backend at an `http://` URL (a self-hosted
+/// engine on a private network, where the gateway's own CPU is most of
+/// the time a request takes), and hyper-util's pooled client over rustls
+/// for one at `https://`, with HTTP/2 where TLS negotiates it. Plain
+/// connections carry no TLS session state (1.1 KB for as long as one is
+/// open, and every open stream holds one). It follows no redirects:
+/// upstream APIs do not redirect, and following one would resend the
+/// request (and its credential) somewhere unconfigured.
 #[derive(Clone)]
 pub enum HttpClient {
-    Plain(Client<HttpConnector, Full<Bytes>>),
-    Tls(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+    Plain(Pool),
+    Tls(Box<Client<HttpsConnector<HttpConnector>, Full<Bytes>>>),
 }
 
 impl HttpClient {
-    pub fn request(&self, request: Request<Full<Bytes>>) -> ResponseFuture {
+    pub async fn request(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<UpstreamResponse, RequestError> {
         match self {
-            Self::Plain(client) => client.request(request),
-            Self::Tls(client) => client.request(request),
+            Self::Plain(pool) => pool.request(request).await,
+            Self::Tls(client) => match client.request(request).await {
+                Ok(response) => Ok(response.map(UpstreamBody::from)),
+                Err(e) if e.is_connect() => Err(RequestError::Connect(e.to_string())),
+                Err(e) => Err(RequestError::Exchange(e.to_string())),
+            },
         }
     }
 }
 
-pub type UpstreamResponse = Response<Incoming>;
+pub type UpstreamResponse = Response<UpstreamBody>;
 
 /// The client for a backend's URLs, which all share its `base_url`'s scheme.
 pub fn client(backend: &Backend) -> Result<HttpClient, String> {
@@ -81,12 +87,8 @@ pub fn new_client(url: &Url, connect_timeout: Duration) -> Result<HttpClient, St
     let mut tcp = HttpConnector::new();
     tcp.set_connect_timeout(Some(connect_timeout));
     tcp.set_nodelay(true);
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE);
     if url.scheme() == "http" {
-        return Ok(HttpClient::Plain(builder.build(tcp)));
+        return Ok(HttpClient::Plain(Pool::new(tcp)));
     }
     tcp.enforce_http(false);
     let connector = HttpsConnectorBuilder::new()
@@ -96,7 +98,11 @@ pub fn new_client(url: &Url, connect_timeout: Duration) -> Result<HttpClient, St
         .enable_http1()
         .enable_http2()
         .wrap_connector(tcp);
-    Ok(HttpClient::Tls(builder.build(connector)))
+    let client = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(pool::IDLE_TIMEOUT)
+        .build(connector);
+    Ok(HttpClient::Tls(Box::new(client)))
 }
 
 /// A URL the gateway posts to, parsed once, with the `Host` header sent
@@ -108,22 +114,11 @@ pub struct Target {
     pub host: HeaderValue,
 }
 
-/// Backend `backend`'s URL `url` as a [`Target`]. The port is in `Host`
-/// only when it is not the scheme's default, as HTTP clients write it.
+/// Backend `backend`'s URL `url` as a [`Target`].
 pub fn target(backend: &str, url: &str) -> Result<Target, String> {
     let bad = |e: &dyn std::fmt::Display| format!("backend \"{backend}\": bad URL {url}: {e}");
     let uri: Uri = url.parse().map_err(|e| bad(&e))?;
-    let name = uri.host().ok_or_else(|| bad(&"it has no host"))?;
-    let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
-        443
-    } else {
-        80
-    };
-    let host = match uri.port_u16() {
-        Some(port) if port != default_port => HeaderValue::try_from(format!("{name}:{port}")),
-        _ => HeaderValue::try_from(name),
-    }
-    .map_err(|e| bad(&e))?;
+    let host = pool::host_header(&uri).map_err(|e| bad(&e))?;
     Ok(Target { uri, host })
 }
 
@@ -179,12 +174,9 @@ pub async fn send(
     request: Request<Full<Bytes>>,
     quota: &OnceLock<UpstreamQuota>,
 ) -> Result<UpstreamResponse, GatewayError> {
-    let response = client.request(request).await.map_err(|e| {
-        if e.is_connect() {
-            GatewayError::upstream_connect(backend)
-        } else {
-            GatewayError::upstream_request_failed(backend)
-        }
+    let response = client.request(request).await.map_err(|e| match e {
+        RequestError::Connect(_) => GatewayError::upstream_connect(backend),
+        RequestError::Exchange(_) => GatewayError::upstream_request_failed(backend),
     })?;
     if let Some(reported) = UpstreamQuota::from_headers(response.headers()) {
         let _ = quota.set(reported);

@@ -5,6 +5,7 @@
 mod bedrock;
 pub(crate) mod http;
 mod openai_compat;
+mod pool;
 mod simulated;
 mod tgi;
 mod translate;
