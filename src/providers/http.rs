@@ -1,9 +1,9 @@
-//! What the HTTP providers share: the client (hyper's pooled client, over
-//! plain TCP or rustls), the bearer credential, building and sending a
-//! request (and reading the upstream's quota headers), naming transport
-//! failures, reading a body whole, as bytes as they come, or as SSE `data`
-//! payloads — each bounded by the backend's caps — and reading an error
-//! response.
+//! What the HTTP providers share: the client (kept-alive connections of
+//! its own over plain TCP, hyper-util's pooled client over rustls), the
+//! bearer credential, building and sending a request (and reading the
+//! upstream's quota headers), naming transport failures, reading a body
+//! whole, as bytes as they come, or as SSE `data` payloads — each bounded
+//! by the backend's caps — and reading an error response.
 
 use std::pin::Pin;
 use std::sync::OnceLock;

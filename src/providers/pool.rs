@@ -5,11 +5,14 @@
 //! before its end closes it. Where hyper-util's general pool hashes the
 //! origin, spawns a task to return each connection and moves the request
 //! through several futures (about 7% of the instructions of a whole
-//! request at the gateway), this one holds a short list per backend.
+//! request at the gateway), this one holds a short list per backend. A
+//! task of the pool's closes the connections idle for longer than
+//! [`IDLE_TIMEOUT`].
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -41,6 +44,11 @@ struct Inner {
     connector: HttpConnector,
     /// Oldest first.
     idle: Mutex<VecDeque<Idle>>,
+    idle_timeout: Duration,
+    /// Whether the task that closes expired connections runs: started by
+    /// the first connection given back, so a pool built outside a runtime
+    /// (`tollgate check`) or never used starts none.
+    reaping: AtomicBool,
 }
 
 struct Idle {
@@ -69,10 +77,16 @@ impl std::fmt::Display for RequestError {
 
 impl Pool {
     pub fn new(connector: HttpConnector) -> Self {
+        Self::with_idle_timeout(connector, IDLE_TIMEOUT)
+    }
+
+    fn with_idle_timeout(connector: HttpConnector, idle_timeout: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
                 connector,
                 idle: Mutex::default(),
+                idle_timeout,
+                reaping: AtomicBool::new(false),
             }),
         }
     }
@@ -132,19 +146,10 @@ impl Pool {
     async fn checkout(&self, origin: &Authority) -> Option<Sender> {
         loop {
             let mut sender = {
-                let mut idle = self
-                    .inner
-                    .idle
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                let now = Instant::now();
-                while idle
-                    .front()
-                    .is_some_and(|i| now.duration_since(i.since) >= IDLE_TIMEOUT)
-                {
-                    idle.pop_front();
-                }
-                let at = idle.iter().rposition(|i| i.origin == *origin)?;
+                let mut idle = self.inner.idle();
+                let at = idle.iter().rposition(|i| {
+                    i.origin == *origin && i.since.elapsed() < self.inner.idle_timeout
+                })?;
                 idle.remove(at)?.sender
             };
             // Ready at once, or as soon as its connection has finished the
@@ -176,19 +181,41 @@ impl Pool {
 }
 
 impl Inner {
-    fn put(&self, origin: Authority, sender: Sender) {
+    fn idle(&self) -> MutexGuard<'_, VecDeque<Idle>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn put(self: Arc<Self>, origin: Authority, sender: Sender) {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() >= MAX_IDLE {
-            idle.pop_front();
+        {
+            let mut idle = self.idle();
+            if idle.len() >= MAX_IDLE {
+                idle.pop_front();
+            }
+            idle.push_back(Idle {
+                origin,
+                sender,
+                since: Instant::now(),
+            });
         }
-        idle.push_back(Idle {
-            origin,
-            sender,
-            since: Instant::now(),
-        });
+        if !self.reaping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(reap(Arc::downgrade(&self), self.idle_timeout));
+        }
+    }
+}
+
+/// Closes the pool's connections idle for `timeout`, and those their
+/// server closed, until the pool is dropped.
+async fn reap(pool: Weak<Inner>, timeout: Duration) {
+    let mut ticks = tokio::time::interval(timeout / 4);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.idle()
+            .retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
     }
 }
 
@@ -291,8 +318,8 @@ mod tests {
         Half,
     }
 
-    /// A server on 127.0.0.1 that counts connections and sends each
-    /// request's head to `heads`.
+    /// A server on 127.0.0.1 that counts connections, and reports each
+    /// request's head and each connection the client closed.
     async fn server(answer: Answer) -> (Uri, Arc<AtomicUsize>, mpsc::UnboundedReceiver<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let uri: Uri = format!("http://{}/v1/chat", listener.local_addr().unwrap())
@@ -317,7 +344,10 @@ mod tests {
             let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") else {
                 let mut buf = [0; 4096];
                 match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) | Err(_) => {
+                        let _ = heads.send("closed".into());
+                        return;
+                    }
                     Ok(n) => read.extend_from_slice(&buf[..n]),
                 }
                 continue;
@@ -337,7 +367,7 @@ mod tests {
                 read.extend_from_slice(&buf[..n]);
             }
             read.drain(..end + 4 + length);
-            heads.send(head).unwrap();
+            let _ = heads.send(head);
             let reply: &[u8] = match answer {
                 Answer::Whole | Answer::ThenClose => {
                     b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
@@ -352,7 +382,7 @@ mod tests {
                 Answer::Half => {
                     let mut buf = [0; 16];
                     while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {}
-                    heads.send("closed".into()).unwrap();
+                    let _ = heads.send("closed".into());
                     return;
                 }
             }
@@ -410,6 +440,18 @@ mod tests {
         assert_eq!(heads.recv().await.unwrap(), "closed");
         // The next request cannot have it: it opens another.
         let _response = pool.request(post(&uri)).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_past_the_timeout_is_closed() {
+        let (uri, accepted, mut heads) = server(Answer::Whole).await;
+        let pool = Pool::with_idle_timeout(HttpConnector::new(), Duration::from_millis(100));
+        assert_eq!(send(&pool, &uri).await, "ok");
+        assert!(heads.recv().await.unwrap().starts_with("POST"));
+        let closed = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await;
+        assert_eq!(closed.expect("closed in time").unwrap(), "closed");
+        assert_eq!(send(&pool, &uri).await, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
