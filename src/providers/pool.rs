@@ -171,11 +171,10 @@ impl Pool {
         let (sender, connection) = http1::handshake(io)
             .await
             .map_err(|e| RequestError::Exchange(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection ended");
-            }
-        });
+        // Spawned as it is: its error reaches the exchange in flight, if
+        // any, and a wrapper to log it would make every open stream's
+        // task larger.
+        tokio::spawn(connection);
         Ok(sender)
     }
 }
