@@ -440,6 +440,41 @@ async fn the_first_chunk_reaches_the_client_before_the_upstream_has_finished() {
 }
 
 #[tokio::test]
+async fn upstream_connections_are_kept_alive_and_one_the_upstream_closed_costs_no_failover() {
+    let upstream = MockUpstream::openai()
+        .chunked()
+        .idle_timeout(Duration::from_millis(200))
+        .start()
+        .await;
+    // No engine scraping: every connection the mock counts is a request's.
+    let config = Config::new()
+        .backend(
+            Backend::upstream("vllm", "vllm", &url(&upstream)).engine_metrics("enabled", false),
+        )
+        .model(on("chat", "vllm"));
+    let gateway = start(&config).await;
+    let ask = |stream: bool| json!({"model": "chat", "stream": stream, "messages": user("hi")});
+    // Streams end at `[DONE]` before their chunked body does: the rest is
+    // read so their connection is kept too.
+    for stream in [false, true, true, false, true] {
+        let response = gateway.chat(ask(stream)).await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    assert_eq!(upstream.connections(), 1, "one connection, kept alive");
+    // The upstream closes the idle connection; the next request goes on a
+    // new one, with no error and no second attempt.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for stream in [true, false] {
+        let response = gateway.chat(ask(stream)).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-tollgate-attempts"], "1");
+        response.bytes().await.unwrap();
+    }
+    assert_eq!(upstream.connections(), 2);
+}
+
+#[tokio::test]
 async fn a_client_that_goes_away_mid_stream_closes_the_upstream_connection() {
     let upstream = MockUpstream::openai()
         .stream("vllm_chat_usage.sse")

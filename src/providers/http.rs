@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::http::header::{CONTENT_TYPE, HOST, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use bytes::Bytes;
+use futures_util::stream::FusedStream;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use http_body_util::{BodyDataStream, BodyExt, Full};
 use hyper::body::{Frame, SizeHint};
@@ -457,33 +458,46 @@ impl ErrorReply {
 /// marker, `data: [DONE]`, ends the stream.
 pub fn sse_data<B>(backend: &str, caps: Caps, body: B) -> SseData<B>
 where
-    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
 {
     SseData {
-        events: SseStream::new(Capped::new(backend, caps, body, true)),
+        events: Some(SseStream::new(Capped::new(backend, caps, body, true))),
         backend: backend.to_owned(),
         done: false,
     }
 }
 
+/// How long the rest of a stream's body is read for after its
+/// `data: [DONE]`.
+const DRAIN: Duration = Duration::from_secs(1);
+
 /// See [`sse_data`]: one adapter, rather than a chain of stream
-/// combinators, each polled for every event.
-pub struct SseData<B: hyper::body::Body<Data = Bytes> + Unpin> {
-    events: SseStream<Capped<B>>,
+/// combinators, each polled for every event. A stream that ended at
+/// `data: [DONE]` before its body did (a chunked body's last chunk comes
+/// after it) reads the rest in the background once dropped, for up to
+/// [`DRAIN`], so that its connection is kept for the next request rather
+/// than closed. One dropped before `[DONE]` closes it: the client left,
+/// and the upstream should stop generating.
+pub struct SseData<B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static> {
+    /// Taken by the drain.
+    events: Option<SseStream<Capped<B>>>,
     backend: String,
     done: bool,
 }
 
 impl<B> Stream for SseData<B>
 where
-    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
 {
     type Item = Result<Chunk, GatewayError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        let Some(events) = this.events.as_mut() else {
+            return Poll::Ready(None);
+        };
         while !this.done {
-            let event = match ready!(this.events.poll_next_unpin(cx)) {
+            let event = match ready!(events.poll_next_unpin(cx)) {
                 Some(Ok(event)) => event,
                 Some(Err(sse_stream::Error::Body(error))) => {
                     let error = error
@@ -498,12 +512,38 @@ where
                 None => break,
             };
             match event.data {
-                Some(data) if data == "[DONE]" => this.done = true,
+                Some(data) if data == "[DONE]" => {
+                    this.done = true;
+                    // The body's end has often arrived with it: then there
+                    // is nothing to drain.
+                    let _ = events.poll_next_unpin(cx);
+                }
                 Some(data) if !data.is_empty() => return Poll::Ready(Some(Ok(data.into_bytes()))),
                 _ => {}
             }
         }
         Poll::Ready(None)
+    }
+}
+
+impl<B> Drop for SseData<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
+{
+    fn drop(&mut self) {
+        let Some(mut events) = self
+            .events
+            .take()
+            .filter(|e| self.done && !e.is_terminated())
+        else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let rest = async { while events.next().await.is_some() {} };
+                let _ = tokio::time::timeout(DRAIN, rest).await;
+            });
+        }
     }
 }
 

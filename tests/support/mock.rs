@@ -45,7 +45,7 @@ use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -133,6 +133,7 @@ pub struct MockUpstream {
     split_every: Option<usize>,
     record: bool,
     protocol: Protocol,
+    idle_timeout: Option<Duration>,
 }
 
 impl MockUpstream {
@@ -157,6 +158,7 @@ impl MockUpstream {
             split_every: None,
             record: true,
             protocol: Protocol::OpenAi,
+            idle_timeout: None,
         }
     }
 
@@ -319,6 +321,14 @@ impl MockUpstream {
     pub fn split_every(mut self, bytes: usize) -> Self {
         assert!(bytes > 0, "pieces need at least one byte");
         self.split_every = Some(bytes);
+        self
+    }
+
+    /// Close a kept-alive connection that sends no request for `idle`,
+    /// without a word, as a server's keep-alive timeout does (uvicorn's,
+    /// vLLM's server, is 5 s).
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = Some(idle);
         self
     }
 
@@ -525,7 +535,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             // Ok: the peer closed an idle connection. Err: it closed (or
             // broke) the connection in the middle of an exchange, or the
             // mock reset it on purpose, which is not the peer's doing.
-            let _ = http1::Builder::new().serve_connection(io, service).await;
+            let mut builder = http1::Builder::new();
+            if let Some(idle) = shared.reply.idle_timeout {
+                builder.timer(TokioTimer::new()).header_read_timeout(idle);
+            }
+            let _ = builder.serve_connection(io, service).await;
             if !conn.reset.load(Ordering::SeqCst) {
                 shared.peer_closed.send_modify(|closed| *closed += 1);
             }
