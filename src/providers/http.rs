@@ -464,6 +464,7 @@ where
         events: Some(SseStream::new(Capped::new(backend, caps, body, true))),
         backend: backend.to_owned(),
         done: false,
+        draining: false,
     }
 }
 
@@ -483,6 +484,9 @@ pub struct SseData<B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static> 
     events: Option<SseStream<Capped<B>>>,
     backend: String,
     done: bool,
+    /// Reads to the body's end, yielding nothing: the drain, which polls
+    /// through this same adapter so the parser is polled from one place.
+    draining: bool,
 }
 
 impl<B> Stream for SseData<B>
@@ -496,8 +500,14 @@ where
         let Some(events) = this.events.as_mut() else {
             return Poll::Ready(None);
         };
-        while !this.done {
-            let event = match ready!(events.poll_next_unpin(cx)) {
+        loop {
+            let polled = events.poll_next_unpin(cx);
+            // Past `[DONE]`, one poll only looks for the body's end, which
+            // has often arrived with it: then there is nothing to drain.
+            if this.done && !this.draining {
+                return Poll::Ready(None);
+            }
+            let event = match ready!(polled) {
                 Some(Ok(event)) => event,
                 Some(Err(sse_stream::Error::Body(error))) => {
                     let error = error
@@ -509,20 +519,15 @@ where
                     let error = GatewayError::upstream_protocol(&this.backend, e);
                     return Poll::Ready(Some(Err(error)));
                 }
-                None => break,
+                None => return Poll::Ready(None),
             };
             match event.data {
-                Some(data) if data == "[DONE]" => {
-                    this.done = true;
-                    // The body's end has often arrived with it: then there
-                    // is nothing to drain.
-                    let _ = events.poll_next_unpin(cx);
-                }
+                _ if this.draining => {}
+                Some(data) if data == "[DONE]" => this.done = true,
                 Some(data) if !data.is_empty() => return Poll::Ready(Some(Ok(data.into_bytes()))),
                 _ => {}
             }
         }
-        Poll::Ready(None)
     }
 }
 
@@ -531,17 +536,22 @@ where
     B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
 {
     fn drop(&mut self) {
-        let Some(mut events) = self
-            .events
-            .take()
-            .filter(|e| self.done && !e.is_terminated())
-        else {
+        if self.draining || !self.done {
+            return;
+        }
+        let Some(events) = self.events.take().filter(|e| !e.is_terminated()) else {
             return;
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let mut rest = SseData {
+                events: Some(events),
+                backend: std::mem::take(&mut self.backend),
+                done: true,
+                draining: true,
+            };
             runtime.spawn(async move {
-                let rest = async { while events.next().await.is_some() {} };
-                let _ = tokio::time::timeout(DRAIN, rest).await;
+                let read = async { while rest.next().await.is_some() {} };
+                let _ = tokio::time::timeout(DRAIN, read).await;
             });
         }
     }
