@@ -12,7 +12,8 @@
 #
 # Environment (defaults in brackets): TOLLGATE_BIN (else `cargo build
 # --release`), LOW [100], HIGH [500], EXTRA_TOML (appended to the config,
-# `\n` for newlines), MOCK_PORT [18081], TOLLGATE_PORT [18089].
+# `\n` for newlines), MOCK_PORT [18081], TOLLGATE_PORT [18089],
+# TOLLGATE_LOG [warn] (the gateway's RUST_LOG: `info` adds the access log).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -53,7 +54,7 @@ wait_port "$MOCK_PORT" "$NGINX_PID" "mock nginx"
 count() { # body n
     local out="$WORK/callgrind.out"
     rm -f "$out" "$WORK/ledger"/* 2>/dev/null || true
-    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
+    RUST_LOG=${TOLLGATE_LOG:-warn} valgrind --tool=callgrind --callgrind-out-file="$out" \
         "$TOLLGATE_BIN" serve --config "$WORK/tollgate.toml" \
         --listen "127.0.0.1:$TOLLGATE_PORT" 2>"$WORK/valgrind.log" &
     local pid=$!
