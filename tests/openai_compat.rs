@@ -475,6 +475,32 @@ async fn upstream_connections_are_kept_alive_and_one_the_upstream_closed_costs_n
 }
 
 #[tokio::test]
+async fn an_upstream_that_holds_its_body_open_after_done_is_closed_within_the_drain() {
+    // Every event, `[DONE]` included, then the body's end held back.
+    let upstream = MockUpstream::openai()
+        .stream("vllm_chat_usage.sse")
+        .hold_after(usize::MAX)
+        .start()
+        .await;
+    let gateway = start(&vllm(&upstream, "chat")).await;
+    let started = std::time::Instant::now();
+    let response = gateway
+        .chat(json!({"model": "chat", "stream": true, "messages": user("hi")}))
+        .await;
+    let body = response.text().await.unwrap();
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the client is answered at [DONE], not after the drain"
+    );
+    assert!(
+        upstream.wait_peer_closed(1, Duration::from_secs(3)).await,
+        "the gateway gave up on the body's end after its drain"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[tokio::test]
 async fn a_client_that_goes_away_mid_stream_closes_the_upstream_connection() {
     let upstream = MockUpstream::openai()
         .stream("vllm_chat_usage.sse")

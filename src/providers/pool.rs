@@ -199,7 +199,8 @@ impl Inner {
                 since: Instant::now(),
             });
         }
-        if !self.reaping.swap(true, Ordering::Relaxed) {
+        // Read before the swap: a plain load on every return, the write once.
+        if !self.reaping.load(Ordering::Relaxed) && !self.reaping.swap(true, Ordering::Relaxed) {
             tokio::spawn(reap(Arc::downgrade(&self), self.idle_timeout));
         }
     }
