@@ -121,6 +121,11 @@ pub fn bind(
         if heavier(own, w) {
             own = Some((w, o.index));
         }
+        // Without prefixes to match, only an option that would be the
+        // heaviest open one needs its room read: about ln(n) of n.
+        if !by_prefix && !heavier(open, w) {
+            continue;
+        }
         if in_flight(o) >= cap || saturated(o, strategy, now) {
             continue;
         }
