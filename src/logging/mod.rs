@@ -13,7 +13,7 @@ use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
 
 pub use buffer::{FlushOnDrop, LogBuffer, start};
-pub use format::{Fields, Timestamp};
+pub use format::{Fields, Line, Timestamp};
 
 /// How log lines are written (`[logging] format`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -52,9 +52,15 @@ where
         .with_timer(Timestamp)
         .with_writer(writer);
     match format {
-        // The access-log line is written for every request: its fields and
-        // time are formatted without `fmt` machinery, to the same text.
-        LogFormat::Text => Box::new(lines.fmt_fields(Fields).with_ansi(ansi).finish()),
+        // The access-log line is written for every request: it is
+        // formatted without `fmt` machinery, to the same layout.
+        LogFormat::Text => Box::new(
+            lines
+                .with_ansi(ansi)
+                .fmt_fields(Fields)
+                .event_format(Line::default())
+                .finish(),
+        ),
         LogFormat::Json => Box::new(
             lines
                 .json()
