@@ -1,7 +1,7 @@
 //! What the Llama licence's bookkeeping adds to a request: finding and
 //! hashing its end user, then counting it and its usage in the month (the
 //! sketch's register, the licence's counters) and the request in its
-//! hour.
+//! hour, the clock read for it included.
 //!
 //! `cargo bench --bench licence`
 
@@ -10,6 +10,7 @@ use std::hint::black_box;
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
+use time::OffsetDateTime;
 use tollgate::config::{Licence, LicenceSettings};
 use tollgate::licence::{LicenceBook, end_user, hll};
 use tollgate::openai::{Endpoint, InboundRequest, Usage};
@@ -30,7 +31,8 @@ fn per_request(c: &mut Criterion) {
         .map(|i| hll::hash(format!("user-{i}").as_bytes()))
         .collect();
     for &user in &users {
-        book.served(ALIAS, Some(Licence::Llama), Some(user), &usage, 1_000);
+        let now = OffsetDateTime::now_utc();
+        book.served(ALIAS, Some(Licence::Llama), Some(user), &usage, 1_000, now);
     }
     let mut group = c.benchmark_group("licence, per request");
     group.bench_function("end user: find and hash", |b| {
@@ -46,6 +48,7 @@ fn per_request(c: &mut Criterion) {
                 Some(black_box(users[next])),
                 &usage,
                 1_000,
+                OffsetDateTime::now_utc(),
             );
         })
     });
@@ -59,11 +62,15 @@ fn per_request(c: &mut Criterion) {
                 Some(hll::hash(&fresh.to_le_bytes())),
                 &usage,
                 1_000,
+                OffsetDateTime::now_utc(),
             );
         })
     });
     group.bench_function("count: a request of no licence", |b| {
-        b.iter(|| book.served(black_box(ALIAS), None, None, &usage, 1_000))
+        b.iter(|| {
+            let now = OffsetDateTime::now_utc();
+            book.served(black_box(ALIAS), None, None, &usage, 1_000, now)
+        })
     });
     group.finish();
 }

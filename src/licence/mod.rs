@@ -207,7 +207,7 @@ impl LicenceBook {
     /// `cost_nano_usd`: counted in its hour (for the hourly peak) and,
     /// when its deployment names a licence, in what that licence served;
     /// `user`, the [`hll::hash`] of its end user, among the month's users
-    /// when the licence is Llama's. One clock read for all of it.
+    /// when the licence is Llama's, at `now`.
     pub fn served(
         &self,
         model: &str,
@@ -215,8 +215,8 @@ impl LicenceBook {
         user: Option<u64>,
         usage: &Usage,
         cost_nano_usd: u64,
+        now: OffsetDateTime,
     ) {
-        let now = OffsetDateTime::now_utc();
         self.count_hour(model, hour_of(now));
         let Some(licence) = licence else { return };
         self.counting(now, |month| {

@@ -556,6 +556,8 @@ impl Meter {
         if let Some(serving) = &self.serving
             && (usage.total_tokens > 0 || hedge_nano > 0)
         {
+            // One clock read for the ledger's day and the licence's hour.
+            let now = time::OffsetDateTime::now_utc();
             cost_nano = serving.rate.cost_nano_usd(&usage);
             series::record(
                 (!*key_in_metrics).then_some(&serving.series.cost_other_keys),
@@ -573,7 +575,7 @@ impl Meter {
             self.charges.ledger.record_request(
                 request_id,
                 Row {
-                    day: budget::today(),
+                    day: now.date(),
                     key: key.clone(),
                     model: alias.clone(),
                     deployment: serving.deployment.clone(),
@@ -588,7 +590,7 @@ impl Meter {
             );
             self.charges
                 .licence
-                .served(alias, serving.licence, *user, &usage, cost_nano);
+                .served(alias, serving.licence, *user, &usage, cost_nano, now);
         }
         let cost_nano = cost_nano + hedge_nano;
         // Only now, with the cost in the ledger, may the budget be freed.
