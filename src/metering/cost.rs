@@ -1,8 +1,22 @@
 //! What tokens cost. Prices are integer micro-dollars per million tokens,
 //! which is pico-dollars per token, so costs are exact integers.
 
+use std::sync::OnceLock;
+
+use prometheus::Counter;
+
 use crate::config::{Backend, Deployment};
 use crate::openai::Usage;
+
+/// A per-token deployment of an alias, where every request to the alias
+/// is priced for what it would have cost there.
+pub struct Counterfactual {
+    pub deployment: String,
+    pub rate: Rate,
+    /// Its `counterfactual_cost` series, resolved as the first request
+    /// records to it.
+    pub series: OnceLock<Counter>,
+}
 
 /// Pico-dollars per token.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

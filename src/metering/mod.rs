@@ -27,7 +27,7 @@ use crate::metrics::{Metrics, NONE};
 use crate::openai::{ResponseView, Usage, UsageFault};
 use crate::traces::{AttemptFacts, Outcome, RequestTrace};
 use budget::Reservation;
-use cost::Rate;
+use cost::{Counterfactual, Rate};
 use key_series::OTHER_KEYS;
 
 /// HTTP status recorded for a response the client abandoned (nginx's 499).
@@ -106,7 +106,7 @@ pub trait Settle: Send + Sync {
 pub struct Charges {
     pub ledger: Arc<Ledger>,
     pub reservation: Option<Reservation>,
-    pub counterfactuals: Arc<[(String, Rate)]>,
+    pub counterfactuals: Arc<[Counterfactual]>,
     pub limits: Option<Arc<Limits>>,
     /// What each licence served, and the users of Llama's.
     pub licence: Arc<LicenceBook>,
@@ -567,10 +567,15 @@ impl Meter {
                 },
                 |c| c.inc_by(cost_nano as f64 / 1e9),
             );
-            for (deployment, rate) in self.charges.counterfactuals.iter() {
-                m.counterfactual_cost
-                    .with_label_values(&[alias, deployment])
-                    .inc_by(rate.cost_nano_usd(&usage) as f64 / 1e9);
+            for c in self.charges.counterfactuals.iter() {
+                series::record(
+                    Some(&c.series),
+                    || {
+                        m.counterfactual_cost
+                            .with_label_values(&[alias, &c.deployment])
+                    },
+                    |s| s.inc_by(c.rate.cost_nano_usd(&usage) as f64 / 1e9),
+                );
             }
             self.charges.ledger.record_request(
                 request_id,

@@ -4,7 +4,7 @@
 //! in the app state, and use it to the end.
 
 use std::hash::BuildHasher;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use foldhash::HashMap;
 use foldhash::fast::FixedState;
@@ -14,7 +14,7 @@ use crate::config::{Backend, Config, Deployment, Key};
 use crate::error::GatewayError;
 use crate::health::{AliasLive, BackendLive, DeploymentLive, Lease, LiveState, LiveView};
 use crate::limits::Limits;
-use crate::metering::cost::Rate;
+use crate::metering::cost::{Counterfactual, Rate};
 use crate::metrics::DeploymentSeries;
 use crate::openai::unix_now;
 use crate::providers::{self, Provider, UpstreamCall, UpstreamReply};
@@ -35,7 +35,7 @@ pub struct Snapshot {
     /// Per model, per deployment: what a plan reads, packed.
     plan_tables: Vec<Box<[PlanRow]>>,
     /// Per model: its per-token deployments, for counterfactual costs.
-    counterfactuals: Vec<Arc<[(String, Rate)]>>,
+    counterfactuals: Vec<Arc<[Counterfactual]>>,
 }
 
 /// One deployment with everything serving it looks up, resolved when the
@@ -172,7 +172,11 @@ impl Snapshot {
                     .iter()
                     .zip(resolved)
                     .filter(|(_, r)| r.rate.per_token)
-                    .map(|(d, r)| (d.name.clone(), r.rate))
+                    .map(|(d, r)| Counterfactual {
+                        deployment: d.name.clone(),
+                        rate: r.rate,
+                        series: OnceLock::new(),
+                    })
                     .collect()
             })
             .collect();
@@ -214,7 +218,7 @@ impl Snapshot {
         &self.config.backends[index]
     }
 
-    pub fn counterfactuals(&self, model: usize) -> &Arc<[(String, Rate)]> {
+    pub fn counterfactuals(&self, model: usize) -> &Arc<[Counterfactual]> {
         &self.counterfactuals[model]
     }
 
