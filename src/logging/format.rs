@@ -264,16 +264,12 @@ mod tests {
     ) -> String {
         use tracing_subscriber::layer::SubscriberExt;
         let out = Sink::default();
-        let writer = {
-            let out = out.clone();
-            move || out.clone()
-        };
         let subscriber = tracing_subscriber::registry().with(
             tracing_subscriber::fmt::layer()
                 .fmt_fields(fields)
                 .without_time()
                 .with_ansi(false)
-                .with_writer(writer),
+                .with_writer(out.clone()),
         );
         tracing::subscriber::with_default(subscriber, log);
         out.text()
@@ -332,16 +328,12 @@ mod tests {
     {
         use tracing_subscriber::layer::SubscriberExt;
         let out = Sink::default();
-        let writer = {
-            let out = out.clone();
-            move || out.clone()
-        };
         let subscriber = tracing_subscriber::registry().with(
             tracing_subscriber::fmt::layer()
                 .with_ansi(ansi)
                 .fmt_fields(Fields)
                 .event_format(format)
-                .with_writer(writer),
+                .with_writer(out.clone()),
         );
         tracing::subscriber::with_default(subscriber, log);
         out.text()

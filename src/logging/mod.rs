@@ -116,6 +116,15 @@ impl Sink {
 }
 
 #[cfg(test)]
+impl tracing_subscriber::fmt::MakeWriter<'_> for Sink {
+    type Writer = Sink;
+
+    fn make_writer(&self) -> Sink {
+        self.clone()
+    }
+}
+
+#[cfg(test)]
 impl std::io::Write for Sink {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(bytes);
@@ -133,11 +142,7 @@ mod tests {
 
     fn logged_json(log: impl FnOnce()) -> Vec<serde_json::Value> {
         let out = Sink::default();
-        let writer = {
-            let out = out.clone();
-            move || out.clone()
-        };
-        tracing::subscriber::with_default(subscriber(LogFormat::Json, writer, false), log);
+        tracing::subscriber::with_default(subscriber(LogFormat::Json, out.clone(), false), log);
         out.text()
             .lines()
             .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
