@@ -183,7 +183,7 @@ impl Visit for FieldWriter {
     }
 
     /// As the JSON lines write it (`0.00005`, where `Debug` writes `5e-5`),
-    /// in a tenth of `Debug`'s instructions.
+    /// in about 600 instructions where `Debug` takes 940.
     fn record_f64(&mut self, field: &Field, value: f64) {
         self.field(field, |out| out.write_str(ryu::Buffer::new().format(value)));
     }
@@ -341,7 +341,12 @@ mod tests {
             .map(|line| {
                 // The first `Z` ends the timestamp, colour codes or not.
                 let end = line.find('Z').expect("a timestamp") + 1;
-                assert!(line[..end].ends_with(&format!("{}Z", &line[end - 8..end - 1])));
+                let stamp = &line.as_bytes()[end - 27..end];
+                assert_eq!(
+                    (stamp[4], stamp[10], stamp[19]),
+                    (b'-', b'T', b'.'),
+                    "{line}"
+                );
                 format!("{}{}\n", &line[..end - 27], &line[end..])
             })
             .collect()
