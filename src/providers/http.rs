@@ -549,9 +549,10 @@ where
                 done: true,
                 draining: true,
             };
+            // Draining yields nothing: one `next` reads to the body's end,
+            // or to its first error, which ends the drain too.
             runtime.spawn(async move {
-                let read = async { while rest.next().await.is_some() {} };
-                let _ = tokio::time::timeout(DRAIN, read).await;
+                let _ = tokio::time::timeout(DRAIN, rest.next()).await;
             });
         }
     }
@@ -559,6 +560,9 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use http_body_util::StreamBody;
     use hyper::body::Frame;
 
@@ -603,6 +607,30 @@ mod tests {
     async fn sse_data_ends_at_done_whatever_follows() {
         let data = sse_text(&["data: {\"a\":1}\n\ndata: [DONE]\n\n", "data: {\"b\":2}\n\n"]).await;
         assert_eq!(data, [r#"{"a":1}"#]);
+    }
+
+    #[tokio::test]
+    async fn a_drain_after_done_stops_at_the_bodys_first_error() {
+        let polled = Arc::new(AtomicUsize::new(0));
+        let done = futures_util::stream::iter([Ok(Frame::data(Bytes::from_static(
+            b"data: {\"a\":1}\n\ndata: [DONE]\n\n",
+        )))]);
+        // Then a body that fails on every read, at once.
+        let errors = futures_util::stream::repeat_with({
+            let polled = polled.clone();
+            move || {
+                polled.fetch_add(1, Ordering::SeqCst);
+                Err(std::io::Error::other("reset"))
+            }
+        });
+        let body = StreamBody::new(done.chain(errors));
+        let mut events = Box::pin(sse_data("b", ROOMY, body));
+        assert_eq!(events.next().await.unwrap().unwrap(), &b"{\"a\":1}"[..]);
+        assert!(events.next().await.is_none());
+        drop(events);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // At [DONE], one look for the body's end; in the drain, one error.
+        assert!(polled.load(Ordering::SeqCst) <= 2, "{polled:?}");
     }
 
     async fn sse_text(pieces: &[&'static str]) -> Vec<String> {
