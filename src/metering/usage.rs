@@ -49,9 +49,12 @@ pub fn answering_model(body: &[u8]) -> Option<String> {
 /// their text measured, without being parsed. Usage and errors are read in
 /// full; of a chunk whose stream identity is wanted (`identity`: the
 /// first, when the gateway may have to write a usage chunk), only that.
+/// `"usage": null`, which OpenAI and Together put in every chunk before
+/// the last, is no usage.
 pub fn read_chunk(backend: &str, chunk: &[u8], identity: bool) -> Result<ChunkFacts, GatewayError> {
     let keys = &*KEYS;
-    if keys.usage.find(chunk).is_some() || keys.error.find(chunk).is_some() {
+    let usage = members(&keys.usage, chunk).any(|value| !is_null(value));
+    if usage || keys.error.find(chunk).is_some() {
         let view = read_view(backend, chunk)?;
         return Ok(ChunkFacts {
             observed: Observed::of(&view),
@@ -121,22 +124,37 @@ fn text_chars(chunk: &[u8]) -> usize {
 /// The decoded length of the first string value of a member named as
 /// `key` searches for.
 fn member_string(key: &Finder<'_>, chunk: &[u8]) -> Option<usize> {
+    members(key, chunk).find_map(string_value)
+}
+
+/// What follows each place `key` is found in `chunk`, up to the chunk's
+/// end, in order.
+fn members<'c>(key: &'c Finder<'_>, chunk: &'c [u8]) -> impl Iterator<Item = &'c [u8]> {
     let mut from = 0;
-    while let Some(at) = key.find(&chunk[from..]) {
+    std::iter::from_fn(move || {
+        let at = key.find(&chunk[from..])?;
         from += at + key.needle().len();
-        if let Some(length) = string_value(&chunk[from..]) {
-            return Some(length);
-        }
-    }
-    None
+        Some(&chunk[from..])
+    })
+}
+
+/// The value that `rest` (what follows a member's name) holds, when this
+/// is a member name.
+fn value(rest: &[u8]) -> Option<&[u8]> {
+    let rest = rest.trim_ascii_start().strip_prefix(b":")?;
+    Some(rest.trim_ascii_start())
+}
+
+/// Whether `rest` (what follows a member's name) holds `null`.
+fn is_null(rest: &[u8]) -> bool {
+    value(rest).is_some_and(|value| value.starts_with(b"null"))
 }
 
 /// The decoded length of the string that `rest` (what follows a member's
 /// name) holds as the member's value; `None` when the value is not a
 /// string or this was no member name.
 fn string_value(rest: &[u8]) -> Option<usize> {
-    let rest = rest.trim_ascii_start().strip_prefix(b":")?;
-    let text = rest.trim_ascii_start().strip_prefix(b"\"")?;
+    let text = value(rest)?.strip_prefix(b"\"")?;
     let (mut at, mut decoded) = (0, 0);
     // Skips to each quote or backslash; a backslash starts an escape.
     while let Some(found) = memchr::memchr2(b'"', b'\\', &text[at..]) {
@@ -280,5 +298,27 @@ mod tests {
         assert!(read_chunk("b", garbled, false).is_ok());
         let error = read_chunk("b", garbled, true).err().unwrap();
         assert!(error.message().contains("not JSON"), "{}", error.message());
+    }
+
+    #[test]
+    fn usage_null_is_no_usage_and_costs_no_parse() {
+        // Not JSON past its framing: read in full, it would be refused.
+        for null in [
+            r#"{"choices":[{"delta":{"content":"Hi"}}],"usage":null,oops}"#,
+            r#"{"choices":[{"delta":{"content":"Hi"}}],"usage" :	null,oops}"#,
+        ] {
+            let facts = read_chunk("b", null.as_bytes(), false).expect(null);
+            assert!(facts.observed.usage.is_none(), "{null}");
+            assert_eq!(facts.observed.text_chars, 2, "{null}");
+        }
+        // Usage after a null one, as Groq nests it, is read.
+        let nested = r#"{"choices":[{"delta":{}}],"usage":null,"x_groq":{"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}}"#;
+        let facts = read_chunk("b", nested.as_bytes(), false).unwrap();
+        let usage = facts.observed.usage.unwrap().unwrap();
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 1));
+        // A string "usage" is taken for the name: the chunk is read in full.
+        let named = r#"{"choices":[{"delta":{"content":"usage"}}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+        let facts = read_chunk("b", named.as_bytes(), false).unwrap();
+        assert_eq!(facts.observed.usage.unwrap().unwrap().total_tokens, 4);
     }
 }
