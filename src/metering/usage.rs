@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use super::Observed;
 use crate::error::GatewayError;
+use crate::openai::scan::member_values;
 use crate::openai::{IdentityView, ResponseIdentity, ResponseView};
 
 /// What the gateway reads of one stream chunk.
@@ -53,7 +54,7 @@ pub fn answering_model(body: &[u8]) -> Option<String> {
 /// the last, is no usage.
 pub fn read_chunk(backend: &str, chunk: &[u8], identity: bool) -> Result<ChunkFacts, GatewayError> {
     let keys = &*KEYS;
-    let usage = members(&keys.usage, chunk).any(|value| !is_null(value));
+    let usage = member_values(&keys.usage, chunk).any(|value| !value.starts_with(b"null"));
     if usage || keys.error.find(chunk).is_some() {
         let view = read_view(backend, chunk)?;
         return Ok(ChunkFacts {
@@ -108,11 +109,9 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
 /// or else of a `text` member (legacy; Together sends both, so only one
 /// counts), or else of a reasoning member (`reasoning_content`, vLLM's
 /// and DeepSeek's; `reasoning`, Together's and newer vLLM's: reasoning
-/// is output too), measured as decoded, without parsing the chunk. A
-/// quoted name followed by a colon is a member name wherever it is:
-/// inside a string its quotes would be escaped. A chunk of text is
-/// searched no more than before: the reasoning names are looked for
-/// only when it has neither.
+/// is output too), measured as decoded, without parsing the chunk. The
+/// reasoning names are looked for only in a chunk with neither of the
+/// others.
 fn text_chars(chunk: &[u8]) -> usize {
     let k = &*KEYS;
     [&k.content, &k.text, &k.reasoning_content, &k.reasoning]
@@ -124,37 +123,13 @@ fn text_chars(chunk: &[u8]) -> usize {
 /// The decoded length of the first string value of a member named as
 /// `key` searches for.
 fn member_string(key: &Finder<'_>, chunk: &[u8]) -> Option<usize> {
-    members(key, chunk).find_map(string_value)
+    member_values(key, chunk).find_map(string_value)
 }
 
-/// What follows each place `key` is found in `chunk`, up to the chunk's
-/// end, in order.
-fn members<'c>(key: &'c Finder<'_>, chunk: &'c [u8]) -> impl Iterator<Item = &'c [u8]> {
-    let mut from = 0;
-    std::iter::from_fn(move || {
-        let at = key.find(&chunk[from..])?;
-        from += at + key.needle().len();
-        Some(&chunk[from..])
-    })
-}
-
-/// The value that `rest` (what follows a member's name) holds, when this
-/// is a member name.
-fn value(rest: &[u8]) -> Option<&[u8]> {
-    let rest = rest.trim_ascii_start().strip_prefix(b":")?;
-    Some(rest.trim_ascii_start())
-}
-
-/// Whether `rest` (what follows a member's name) holds `null`.
-fn is_null(rest: &[u8]) -> bool {
-    value(rest).is_some_and(|value| value.starts_with(b"null"))
-}
-
-/// The decoded length of the string that `rest` (what follows a member's
-/// name) holds as the member's value; `None` when the value is not a
-/// string or this was no member name.
-fn string_value(rest: &[u8]) -> Option<usize> {
-    let text = value(rest)?.strip_prefix(b"\"")?;
+/// The decoded length of the string that `value` (a member's value, to the
+/// end of the chunk) starts with; `None` when it is no string.
+fn string_value(value: &[u8]) -> Option<usize> {
+    let text = value.strip_prefix(b"\"")?;
     let (mut at, mut decoded) = (0, 0);
     // Skips to each quote or backslash; a backslash starts an escape.
     while let Some(found) = memchr::memchr2(b'"', b'\\', &text[at..]) {
@@ -316,7 +291,7 @@ mod tests {
         let facts = read_chunk("b", nested.as_bytes(), false).unwrap();
         let usage = facts.observed.usage.unwrap().unwrap();
         assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 1));
-        // A string "usage" is taken for the name: the chunk is read in full.
+        // A string "usage" is no member: the member after it is read.
         let named = r#"{"choices":[{"delta":{"content":"usage"}}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
         let facts = read_chunk("b", named.as_bytes(), false).unwrap();
         assert_eq!(facts.observed.usage.unwrap().unwrap().total_tokens, 4);

@@ -3,6 +3,7 @@
 
 mod request;
 mod response;
+pub mod scan;
 mod usage;
 
 pub use request::*;

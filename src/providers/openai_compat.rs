@@ -3,10 +3,13 @@
 //! `stream_options` and the credential changed; responses come back as the
 //! bytes received, one SSE event at a time.
 
+use std::sync::LazyLock;
+
 use axum::http::HeaderValue;
 use axum::http::header::AUTHORIZATION;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
+use memchr::memmem::Finder;
 
 use super::http::{self, Caps, ErrorReply, HttpClient, Target};
 use super::{Provider, UpstreamCall, UpstreamReply};
@@ -158,8 +161,8 @@ fn translated_body(body: Vec<u8>, chat: &ChatRequest, limit_field: &str) -> Vec<
 /// Together ends with `finish_reason: "eos"`, which OpenAI clients do not
 /// know; it becomes `"stop"`. Only objects that contain it are re-encoded.
 fn normalise<B: AsRef<[u8]> + From<Vec<u8>>>(kind: BackendKind, body: B) -> B {
-    const EOS: &[u8] = br#""eos""#;
-    if kind != BackendKind::Together || !body.as_ref().windows(EOS.len()).any(|w| w == EOS) {
+    static EOS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(br#""eos""#));
+    if kind != BackendKind::Together || EOS.find(body.as_ref()).is_none() {
         return body;
     }
     let Ok(mut object) = serde_json::from_slice::<serde_json::Value>(body.as_ref()) else {

@@ -5,8 +5,11 @@
 //! back as OpenAI `text_completion` objects and chunks. `reasoning_effort`,
 //! which TGI would ignore, is refused.
 
+use std::sync::LazyLock;
+
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
+use memchr::memmem::Finder;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -16,6 +19,7 @@ use super::translate::{ChunkMapper, Chunks, map_chunks};
 use super::{Chunk, ChunkStream, Provider, UpstreamCall, UpstreamReply};
 use crate::config::Backend;
 use crate::error::GatewayError;
+use crate::openai::scan::member_values;
 use crate::openai::{CompletionRequest, Endpoint, Prompt, ResponseIdentity, TypedRequest, Usage};
 
 /// What TGI's Messages API would ignore without a word: the answer would
@@ -138,10 +142,20 @@ impl Provider for Tgi {
 /// TGI's Messages API stream, mended: its usage-only chunk has an empty
 /// `id` (it gets the stream's), and its mid-stream error puts the status
 /// in `http_status_code` (copied to `code`, where the gateway reads it).
+/// Chunks are parsed until one gives the stream's id; after that, only
+/// those with an error or an empty id.
 fn mend_chat_stream(chunks: ChunkStream) -> ChunkStream {
+    static ERROR: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
+    static ID: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"id\""));
     let mut stream_id: Option<String> = None;
     chunks
         .map_ok(move |chunk| {
+            let may_need_mending = stream_id.is_none()
+                || ERROR.find(&chunk).is_some()
+                || member_values(&ID, &chunk).any(|id| id.starts_with(b"\"\""));
+            if !may_need_mending {
+                return chunk;
+            }
             let Ok(mut value) = serde_json::from_slice::<Value>(&chunk) else {
                 return chunk;
             };
@@ -389,15 +403,22 @@ mod tests {
     async fn the_chat_stream_is_mended() {
         let chunks = [
             r#"{"id":"c1","choices":[{"delta":{"content":"x"}}]}"#,
-            r#"{"id":"","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
+            r#"{"id": "c1", "choices":[{"delta":{"tool_calls":[{"id":"","index":0}]}}]}"#,
+            r#"{"id":"c1","choices":[{"delta":{"content":"\"id\":\"\""}}]}"#,
+            r#"{"id" : "","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
             r#"{"error":{"message":"bad","http_status_code":422}}"#,
         ];
         let upstream = stream::iter(chunks.map(|c| Ok(c.as_bytes().to_vec()))).boxed();
-        let out: Vec<Value> = mend_chat_stream(upstream)
-            .map(|c| serde_json::from_slice(&c.unwrap()).unwrap())
+        let out: Vec<Vec<u8>> = mend_chat_stream(upstream)
+            .map(|c| c.unwrap())
             .collect()
             .await;
-        assert_eq!(out[1]["id"], "c1");
-        assert_eq!(out[2]["error"]["code"], 422);
+        // Chunks with nothing to mend go on as they came.
+        for i in 0..3 {
+            assert_eq!(out[i], chunks[i].as_bytes(), "{}", chunks[i]);
+        }
+        let json = |i: usize| serde_json::from_slice::<Value>(&out[i]).unwrap();
+        assert_eq!(json(3)["id"], "c1");
+        assert_eq!(json(4)["error"]["code"], 422);
     }
 }
