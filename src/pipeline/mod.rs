@@ -79,7 +79,6 @@ pub async fn handle(
         snapshot: app.snapshot.load_full(),
     };
     let in_flight = InFlight::new(&app.metrics.in_flight);
-    let version = HeaderValue::from_str(&ctx.snapshot.config.version).ok();
     let mut trace = app
         .traces
         .as_ref()
@@ -88,10 +87,10 @@ pub async fn handle(
         Ok(response) => response,
         Err(failure) => failure.respond(&app, &ctx, trace, api),
     };
-    if let Some(version) = version {
+    if let Some(version) = &ctx.snapshot.version_header {
         response
             .headers_mut()
-            .insert(CONFIG_VERSION_HEADER, version);
+            .insert(CONFIG_VERSION_HEADER, version.clone());
     }
     response
 }

@@ -102,5 +102,35 @@ pub fn set_served_by(response: &mut Response, backend: Option<&str>, attempts: u
     if let Some(value) = backend.and_then(|b| HeaderValue::from_str(b).ok()) {
         headers.insert(BACKEND_HEADER, value);
     }
-    headers.insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));
+    let attempts = ATTEMPTS
+        .get(attempts)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(attempts));
+    headers.insert(ATTEMPTS_HEADER, attempts);
+}
+
+/// The usual counts of attempts as header values, which need no
+/// allocation: a count written as a number takes one.
+const ATTEMPTS: [HeaderValue; 5] = [
+    HeaderValue::from_static("0"),
+    HeaderValue::from_static("1"),
+    HeaderValue::from_static("2"),
+    HeaderValue::from_static("3"),
+    HeaderValue::from_static("4"),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_are_written_as_numbers_within_the_table_and_past_it() {
+        for attempts in [0, 1, 4, 5, 12] {
+            let mut response = Response::new(Body::empty());
+            set_served_by(&mut response, Some("b"), attempts);
+            let headers = response.headers();
+            assert_eq!(headers[ATTEMPTS_HEADER], attempts.to_string().as_str());
+            assert_eq!(headers[BACKEND_HEADER], "b");
+        }
+    }
 }

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -159,12 +159,18 @@ async fn edge(
 }
 
 /// `POST` to an inference endpoint: the pipeline, for a client of `api`.
+/// The request is taken apart, not extracted from: its headers and id
+/// move to the pipeline where extractors would copy them.
 fn inference(api: Api) -> MethodRouter<Arc<AppState>> {
     post(
-        move |State(app): State<Arc<AppState>>,
-              Extension(RequestId(id)): Extension<RequestId>,
-              headers: HeaderMap,
-              body: axum::body::Body| { pipeline::handle(app, id, api, headers, body) },
+        move |State(app): State<Arc<AppState>>, request: axum::extract::Request| {
+            let (mut parts, body) = request.into_parts();
+            let id = parts
+                .extensions
+                .remove::<RequestId>()
+                .map_or_else(crate::id::random, |RequestId(id)| id);
+            pipeline::handle(app, id, api, parts.headers, body)
+        },
     )
 }
 

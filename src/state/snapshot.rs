@@ -6,6 +6,7 @@
 use std::hash::BuildHasher;
 use std::sync::{Arc, OnceLock};
 
+use axum::http::HeaderValue;
 use foldhash::HashMap;
 use foldhash::fast::FixedState;
 use futures_util::future::BoxFuture;
@@ -25,6 +26,8 @@ pub struct Snapshot {
     pub config: Config,
     /// When this snapshot was built, in unix seconds (`created` of models).
     pub created: u64,
+    /// `config.version` as the header every inference answer carries.
+    pub version_header: Option<HeaderValue>,
     models: HashMap<String, usize>,
     keys: HashMap<[u8; 32], usize>,
     /// Per backend, in config order.
@@ -182,6 +185,7 @@ impl Snapshot {
             .collect();
         Ok(Self {
             created: unix_now(),
+            version_header: HeaderValue::from_str(&config.version).ok(),
             models: config
                 .models
                 .iter()
