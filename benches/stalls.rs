@@ -1,23 +1,28 @@
 //! No stalls (issue 23): how long the gateway holds a streamed chunk when
 //! 512 streams each get a chunk every 50 ms from their upstream and 32
-//! other connections keep the gateway at full load.
+//! other connections keep the gateway at full load, and what a chunk of
+//! such a stream costs it, beside nginx.
 //!
 //! `cargo bench --bench stalls` (`STALL_STREAMS`, `STALL_LOAD`,
-//! `STALL_SECONDS` and `STALL_ROUNDS` tune it).
+//! `STALL_SECONDS` and `STALL_ROUNDS` tune it; `STALL_LOAD=0` gives each
+//! proxy's CPU per chunk alone).
 //!
 //! The mock upstream writes the time into each chunk just before it writes
 //! the chunk to its socket; the client reads the time again when the chunk
 //! arrives. The same streams run straight to the mock (the baseline: what
-//! the mock, the client and the loaded machine add) and through the
-//! gateway, each with the same load on the gateway: non-streaming
-//! requests from `STALL_LOAD` connections, each sent as soon as the last
-//! is answered. A chunk's time through the gateway minus the baseline, at
-//! each percentile, is what the gateway holds it.
+//! the mock, the client and the loaded machine add), through nginx as a
+//! plain reverse proxy (when nginx is installed) and through the gateway,
+//! each with its load: non-streaming requests from `STALL_LOAD`
+//! connections, each sent as soon as the last is answered, through the
+//! proxy measured (through the gateway in the baseline). A chunk's time
+//! through a proxy minus the baseline, at each percentile, is what the
+//! proxy holds it.
 //!
 //! Placed as `benches/load/run.sh` places its proxies: the gateway is the
 //! release binary on CPU 0 alone (so one thread, as the binary runs on one
-//! CPU); this process (the mock, the streams' client and the load) on the
-//! other CPUs. Needs `taskset` and at least 2 CPUs.
+//! CPU), and so is nginx (one process); this process (the mock, the
+//! streams' client and the load) on the other CPUs. Needs `taskset` and at
+//! least 2 CPUs.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -27,7 +32,7 @@ mod support;
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::url;
 use support::mock;
-use support::process::{Process, serve_config_on_one_cpu};
+use support::process::serve_config_on_one_cpu;
 
 use common::{env_number, percentile};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -175,6 +180,81 @@ async fn stream(socket: &mut TcpStream) -> std::io::Result<()> {
     socket.write_all(&end).await
 }
 
+// ---------------------------------------------------------------- nginx
+
+/// nginx as a plain reverse proxy on CPU 0, set as `benches/load` sets
+/// it: streams (`/stream/…`) to the stamping mock unbuffered, the load to
+/// the canned mock, kept-alive upstream connections, its access log on.
+/// One process (no master), so its CPU is that process's.
+struct Nginx {
+    child: std::process::Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// `None` when there is no nginx to run.
+    fn start(stamping: &str, canned: &str) -> Option<Self> {
+        let binary = ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
+            .into_iter()
+            .find(|path| std::path::Path::new(path).exists())?;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let work = dir.path().display();
+        let host = |url: &str| {
+            let rest = url.trim_start_matches("http://");
+            rest.split('/').next().unwrap_or(rest).to_owned()
+        };
+        let (stamping, canned) = (host(stamping), host(canned));
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\nmaster_process off;\npid {work}/nginx.pid;\n\
+             error_log {work}/error.log warn;\nevents {{ worker_connections 4096; }}\n\
+             http {{\n access_log {work}/access.log;\n client_body_temp_path {work}/body;\n\
+             proxy_temp_path {work}/proxy;\n fastcgi_temp_path {work}/fastcgi;\n\
+             uwsgi_temp_path {work}/uwsgi;\n scgi_temp_path {work}/scgi;\n\
+             keepalive_requests 10000000;\n keepalive_timeout 300s;\n\
+             client_body_buffer_size 16k;\n tcp_nodelay on;\n\
+             upstream stamping {{ server {stamping}; keepalive 1024; }}\n\
+             upstream canned {{ server {canned}; keepalive 64; }}\n\
+             server {{\n  listen 127.0.0.1:{port} backlog=4096;\n  proxy_http_version 1.1;\n\
+             proxy_set_header Connection \"\";\n\
+             location /stream/ {{ proxy_pass http://stamping/; proxy_buffering off; }}\n\
+             location / {{ proxy_pass http://canned; }}\n }}\n}}\n"
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).expect("nginx.conf written");
+        let child = std::process::Command::new("taskset")
+            .args(["-c", "0", binary, "-c"])
+            .arg(&path)
+            .arg("-p")
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx starts");
+        let address = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(&address).is_err() {
+            assert!(Instant::now() < deadline, "nginx listens on {address}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Self {
+            child,
+            base: format!("http://{address}"),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // ---------------------------------------------------------------- the client
 
 /// Per-chunk delays of the chunks that arrived while
@@ -284,12 +364,34 @@ fn load(
         .collect()
 }
 
+/// What a proxy added to each percentile in a round, and its CPU per
+/// chunk.
+struct Added {
+    round: u64,
+    proxy: &'static str,
+    figures: [f64; 5],
+    per_chunk: f64,
+}
+
+/// Where one phase's streams and load go, and whose CPU it reads.
+struct Route<'a> {
+    name: &'static str,
+    streams: &'a str,
+    load: &'a str,
+    /// The proxy the phase measures; in the direct phase, the gateway
+    /// under load.
+    proxy: u32,
+}
+
 struct Phase {
     delays: Vec<Duration>,
     failures: u64,
     load_per_second: f64,
-    /// The gateway's CPU time over the time recorded.
-    gateway_busy: f64,
+    /// The proxy's CPU time over the time recorded.
+    proxy_busy: f64,
+    /// The proxy's CPU time per chunk recorded: what a chunk costs it when
+    /// there is no load.
+    proxy_per_chunk: Duration,
     /// The CPU time of everything else on the machine (other builds, say)
     /// over the time recorded, in CPUs: what makes one round differ from
     /// the next.
@@ -328,22 +430,19 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// `streams` streams to `url` for `seconds` (after a second's warm-up),
-/// with the load on the gateway.
+/// `streams` streams along `route` for `seconds` (after a second's
+/// warm-up), with its load.
 fn phase(
     client_rt: &Runtime,
     load_rt: &Runtime,
-    url: &str,
-    gateway: &Process,
+    route: &Route<'_>,
     streams: u64,
     connections: u64,
     seconds: u64,
 ) -> Phase {
-    let load_url = format!("{}/v1/chat/completions", gateway.base);
-    let load_url = load_url.as_str();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
-    let load_tasks = load(load_rt, load_url, connections, &stop, &done);
+    let load_tasks = load(load_rt, route.load, connections, &stop, &done);
     let delays = Arc::new(Delays::default());
     let warm_up = Duration::from_secs(1);
     let until = Instant::now() + warm_up + Duration::from_secs(seconds);
@@ -364,7 +463,7 @@ fn phase(
             let offset = INTERVAL.mul_f64(i as f64 / streams as f64);
             client_rt.spawn(streamer(
                 client.clone(),
-                url.to_owned(),
+                route.streams.to_owned(),
                 body.clone(),
                 offset,
                 until,
@@ -377,7 +476,7 @@ fn phase(
     delays.recording.store(true, Ordering::Relaxed);
     let ours = || {
         (
-            cpu_seconds(gateway.child.id()),
+            cpu_seconds(route.proxy),
             cpu_seconds(std::process::id()),
             machine_seconds(),
         )
@@ -388,7 +487,7 @@ fn phase(
     let after = ours();
     let elapsed = recorded.elapsed().as_secs_f64();
     let load_per_second = (done.load(Ordering::Relaxed) - load_before) as f64 / elapsed;
-    let gateway_busy = (after.0 - before.0) / elapsed;
+    let proxy_seconds = after.0 - before.0;
     let others_busy =
         ((after.2 - before.2) - (after.0 - before.0) - (after.1 - before.1)) / elapsed;
     client_rt.block_on(async {
@@ -405,10 +504,11 @@ fn phase(
     let mut samples = std::mem::take(&mut *delays.samples.lock().expect("not poisoned"));
     samples.sort_unstable();
     Phase {
+        proxy_busy: proxy_seconds / elapsed,
+        proxy_per_chunk: Duration::from_secs_f64(proxy_seconds / samples.len().max(1) as f64),
         delays: samples,
         failures: delays.failures.load(Ordering::Relaxed),
         load_per_second,
-        gateway_busy,
         others_busy,
     }
 }
@@ -467,18 +567,51 @@ fn main() {
             &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(KEY)),
         ));
     let gateway = serve_config_on_one_cpu(&config);
-    let through = format!("{}/v1/chat/completions", gateway.base);
+    let nginx = Nginx::start(&stamping, &url(&canned));
+    let gateway_load = format!("{}/v1/chat/completions", gateway.base);
     let direct = format!("{stamping}/v1/chat/completions");
+    let through = gateway_load.clone();
+    let nginx_urls = nginx.as_ref().map(|n| {
+        (
+            format!("{}/stream/v1/chat/completions", n.base),
+            format!("{}/v1/chat/completions", n.base),
+        )
+    });
+    let mut routes = vec![Route {
+        name: "direct",
+        streams: &direct,
+        load: &gateway_load,
+        proxy: gateway.child.id(),
+    }];
+    if let (Some(nginx), Some((streams, load))) = (&nginx, &nginx_urls) {
+        routes.push(Route {
+            name: "nginx",
+            streams,
+            load,
+            proxy: nginx.child.id(),
+        });
+    }
+    routes.push(Route {
+        name: "tollgate",
+        streams: &through,
+        load: &gateway_load,
+        proxy: gateway.child.id(),
+    });
 
     println!(
         "stalls: {streams} streams of a chunk every {} ms, {connections} connections of \
-         non-streaming load on the gateway, {seconds} s a phase, {rounds} rounds; the gateway \
-         on CPU 0, this process on CPUs 1-{}\n",
+         non-streaming load on the proxy, {seconds} s a phase, {rounds} rounds; the proxy \
+         on CPU 0, this process on CPUs 1-{}{}\n",
         INTERVAL.as_millis(),
-        cores - 1
+        cores - 1,
+        if nginx.is_some() {
+            ""
+        } else {
+            "; no nginx found, so no nginx phase"
+        }
     );
     println!(
-        "{:<6} {:<9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8} {:>11} {:>12} {:>13}",
+        "{:<6} {:<9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8} {:>11} {:>10} {:>13} {:>13}",
         "round",
         "target",
         "chunks",
@@ -489,25 +622,26 @@ fn main() {
         "p99.9 µs",
         "max µs",
         "load req/s",
-        "gateway CPU",
+        "proxy CPU",
+        "CPU µs/chunk",
         "others' CPUs"
     );
-    let mut added: Vec<[f64; 5]> = Vec::new();
+    let mut added = Vec::new();
     for round in 1..=rounds {
-        let mut row = Vec::new();
-        for (name, target) in [("direct", &direct), ("tollgate", &through)] {
-            let p = phase(
-                &client_rt,
-                &load_rt,
-                target,
-                &gateway,
-                streams,
-                connections,
-                seconds,
-            );
+        let mut direct_figures = [0.0; 5];
+        for route in &routes {
+            let p = phase(&client_rt, &load_rt, route, streams, connections, seconds);
             let figures = PERCENTILES.map(|(_, q)| percentile(&p.delays, q).as_secs_f64() * 1e6);
+            let per_chunk = p.proxy_per_chunk.as_secs_f64() * 1e6;
+            // With load, the proxy's CPU is mostly the load's.
+            let per_chunk_shown = if connections == 0 {
+                format!("{per_chunk:.1}")
+            } else {
+                "-".to_owned()
+            };
             println!(
-                "{round:<6} {name:<9} {:>8} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>8.0} {:>11.0} {:>11.0}% {:>13.2}",
+                "{round:<6} {:<9} {:>8} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>8.0} {:>11.0} {:>9.0}% {:>13} {:>13.2}",
+                route.name,
                 p.delays.len(),
                 p.failures,
                 figures[0],
@@ -516,34 +650,57 @@ fn main() {
                 figures[3],
                 figures[4],
                 p.load_per_second,
-                p.gateway_busy * 100.0,
+                p.proxy_busy * 100.0,
+                per_chunk_shown,
                 p.others_busy
             );
-            row.push(figures);
+            if route.name == "direct" {
+                direct_figures = figures;
+            } else {
+                added.push(Added {
+                    round,
+                    proxy: route.name,
+                    figures: std::array::from_fn(|i| figures[i] - direct_figures[i]),
+                    per_chunk,
+                });
+            }
         }
-        added.push(std::array::from_fn(|i| row[1][i] - row[0][i]));
     }
     println!();
-    for (round, figures) in added.iter().enumerate() {
+    for a in &added {
         let parts: Vec<String> = PERCENTILES
             .iter()
-            .zip(figures)
-            .map(|((name, _), us)| format!("{name} {us:+.0} µs"))
+            .zip(a.figures)
+            .map(|((label, _), us)| format!("{label} {us:+.0} µs"))
             .collect();
         println!(
-            "round {}: added by tollgate: {}",
-            round + 1,
+            "round {}: added by {}: {}",
+            a.round,
+            a.proxy,
             parts.join(", ")
         );
     }
-    let median = |i: usize| {
-        let mut values: Vec<f64> = added.iter().map(|figures| figures[i]).collect();
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
-    println!(
-        "median over the rounds: p50 {:+.0} µs, p99 {:+.0} µs; target (issue 23): p99 added ≤ 5000 µs",
-        median(0),
-        median(2)
-    );
+    for route in routes.iter().skip(1) {
+        let of = |figure: fn(&Added) -> f64| {
+            let mut values: Vec<f64> = added
+                .iter()
+                .filter(|a| a.proxy == route.name)
+                .map(figure)
+                .collect();
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        let cpu = if connections == 0 {
+            format!("; CPU {:.1} µs a chunk", of(|a| a.per_chunk))
+        } else {
+            String::new()
+        };
+        println!(
+            "median over the rounds, {}: added p50 {:+.0} µs, p99 {:+.0} µs{cpu}",
+            route.name,
+            of(|a| a.figures[0]),
+            of(|a| a.figures[2]),
+        );
+    }
+    println!("target (issue 23): tollgate's p99 added ≤ 5000 µs");
 }
