@@ -148,6 +148,9 @@ pub struct Meter {
     first_chunk_sent: Option<Instant>,
     last_chunk_sent: Option<Instant>,
     between_tokens: Option<Histogram>,
+    /// Chunks sent at the same instant as the one before them (read from
+    /// the upstream together), whose zero gaps are not recorded yet.
+    same_instant: u64,
     upstream_since: Option<Instant>,
     upstream_wait: Duration,
     recorded: bool,
@@ -185,6 +188,7 @@ impl Meter {
             first_chunk_sent: None,
             last_chunk_sent: None,
             between_tokens: None,
+            same_instant: 0,
             upstream_since: None,
             upstream_wait: Duration::ZERO,
             recorded: false,
@@ -448,11 +452,26 @@ impl Meter {
                     |h| self.between_tokens = Some(h.clone()),
                 );
             }
+            Some(previous) if previous == now => self.same_instant += 1,
             Some(previous) => {
                 if let Some(histogram) = &self.between_tokens {
                     histogram.observe((now - previous).as_secs_f64());
                 }
             }
+        }
+    }
+
+    /// Records the zero gaps of the chunks sent together since the last
+    /// call, in one update of the histogram rather than one each (an
+    /// update is four atomic operations).
+    pub fn record_gaps(&mut self) {
+        let gaps = std::mem::take(&mut self.same_instant);
+        if let (Some(histogram), 1..) = (&self.between_tokens, gaps) {
+            let local = histogram.local();
+            for _ in 0..gaps {
+                local.observe(0.0);
+            }
+            local.flush();
         }
     }
 
@@ -479,6 +498,7 @@ impl Meter {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
+        self.record_gaps();
         self.upstream_done();
         let (usage, estimated) = self.final_usage(status);
         let backend = self.last_backend.as_deref().unwrap_or(NONE);

@@ -252,6 +252,9 @@ impl Stream for SseBody {
                 }
             }
         }
+        if let Some(meter) = this.meter.as_mut() {
+            meter.record_gaps();
+        }
         if out.is_empty() {
             return Poll::Ready(None);
         }
@@ -382,6 +385,48 @@ mod tests {
             [2, 2],
             "two chunks, a pause, then a chunk and [DONE]"
         );
+    }
+
+    #[tokio::test]
+    async fn chunks_read_together_count_a_zero_gap_each_as_their_frame_goes_out() {
+        let content = || Ok(CONTENT.as_bytes().to_vec());
+        let first = CONTENT.as_bytes().to_vec();
+        let facts = read_chunk("b", &first, true).unwrap();
+        // Two chunks read together, a pause, then two more and the usage,
+        // with which the stream ends.
+        let upstream = stream::iter([content(), content()])
+            .chain(stream::once(tokio::task::yield_now()).filter_map(|()| async { None }))
+            .chain(stream::iter([
+                content(),
+                content(),
+                Ok(USAGE_ONLY.as_bytes().to_vec()),
+            ]))
+            .boxed();
+        let (metrics, meter) = test_meter();
+        let gaps = || {
+            metrics
+                .time_between_tokens
+                .with_label_values(&["a", "b"])
+                .get_sample_count()
+        };
+        let mut body = SseBody::new(SseParams {
+            first: (first, facts),
+            upstream,
+            idle: Duration::from_secs(5),
+            backend: "b".into(),
+            endpoint: Endpoint::Chat,
+            include_usage: false,
+            encoder: None,
+            meter,
+        });
+        body.next().await.unwrap().unwrap();
+        // The first chunk to the second, and the second to the third: zero.
+        assert_eq!(gaps(), 2);
+        while body.next().await.is_some() {}
+        tokio::task::yield_now().await;
+        // Two more, one of them zero, recorded as the meter finishes; the
+        // usage-only chunk was not sent, so it has no gap.
+        assert_eq!(gaps(), 4);
     }
 
     fn requests_metric(metrics: &Metrics, status: &str) -> u64 {
