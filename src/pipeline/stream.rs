@@ -320,6 +320,21 @@ mod tests {
         (metrics, meter)
     }
 
+    /// A chat stream's body, as the handler makes it once `first` arrived.
+    fn sse_body(first: Chunk, upstream: ChunkStream, include_usage: bool, meter: Meter) -> SseBody {
+        let facts = read_chunk("b", &first, true).unwrap();
+        SseBody::new(SseParams {
+            first: (first, facts),
+            upstream,
+            idle: Duration::from_secs(5),
+            backend: "b".into(),
+            endpoint: Endpoint::Chat,
+            include_usage,
+            encoder: None,
+            meter,
+        })
+    }
+
     async fn run(
         chunks: Vec<Result<&'static str, GatewayError>>,
         include_usage: bool,
@@ -327,17 +342,8 @@ mod tests {
         let (metrics, meter) = test_meter();
         let mut chunks = chunks.into_iter().map(|c| c.map(|s| s.as_bytes().to_vec()));
         let first = chunks.next().unwrap().unwrap();
-        let facts = read_chunk("b", &first, true).unwrap();
-        let body = SseBody::new(SseParams {
-            first: (first, facts),
-            upstream: stream::iter(chunks.collect::<Vec<_>>()).boxed(),
-            idle: Duration::from_secs(5),
-            backend: "b".into(),
-            endpoint: Endpoint::Chat,
-            include_usage,
-            encoder: None,
-            meter,
-        });
+        let upstream = stream::iter(chunks.collect::<Vec<_>>()).boxed();
+        let body = sse_body(first, upstream, include_usage, meter);
         let frames = body
             .map(|e| String::from_utf8(e.unwrap().to_vec()).unwrap())
             .collect::<Vec<_>>()
@@ -354,8 +360,6 @@ mod tests {
 
     #[tokio::test]
     async fn events_that_are_ready_together_go_out_in_one_frame() {
-        let first = CONTENT.as_bytes().to_vec();
-        let facts = read_chunk("b", &first, true).unwrap();
         let later = stream::iter([Ok(CONTENT.as_bytes().to_vec())]);
         // The upstream has nothing for a moment after its second chunk.
         let upstream = stream::iter([Ok(CONTENT.as_bytes().to_vec())])
@@ -363,19 +367,10 @@ mod tests {
             .chain(later)
             .boxed();
         let (_, meter) = test_meter();
-        let frames: Vec<Bytes> = SseBody::new(SseParams {
-            first: (first, facts),
-            upstream,
-            idle: Duration::from_secs(5),
-            backend: "b".into(),
-            endpoint: Endpoint::Chat,
-            include_usage: false,
-            encoder: None,
-            meter,
-        })
-        .map(Result::unwrap)
-        .collect()
-        .await;
+        let frames: Vec<Bytes> = sse_body(CONTENT.as_bytes().to_vec(), upstream, false, meter)
+            .map(Result::unwrap)
+            .collect()
+            .await;
         let events: Vec<usize> = frames
             .iter()
             .map(|f| split_events(std::str::from_utf8(f).unwrap()).len())
@@ -390,8 +385,6 @@ mod tests {
     #[tokio::test]
     async fn chunks_read_together_count_a_zero_gap_each_as_their_frame_goes_out() {
         let content = || Ok(CONTENT.as_bytes().to_vec());
-        let first = CONTENT.as_bytes().to_vec();
-        let facts = read_chunk("b", &first, true).unwrap();
         // Two chunks read together, a pause, then two more and the usage,
         // with which the stream ends.
         let upstream = stream::iter([content(), content()])
@@ -409,16 +402,7 @@ mod tests {
                 .with_label_values(&["a", "b"])
                 .get_sample_count()
         };
-        let mut body = SseBody::new(SseParams {
-            first: (first, facts),
-            upstream,
-            idle: Duration::from_secs(5),
-            backend: "b".into(),
-            endpoint: Endpoint::Chat,
-            include_usage: false,
-            encoder: None,
-            meter,
-        });
+        let mut body = sse_body(CONTENT.as_bytes().to_vec(), upstream, false, meter);
         body.next().await.unwrap().unwrap();
         // The first chunk to the second, and the second to the third: zero.
         assert_eq!(gaps(), 2);
