@@ -1267,6 +1267,25 @@ async fn every_response_carries_a_request_id_and_successes_name_the_backend() {
         .unwrap();
     assert_eq!(response.status(), 405);
     assert_eq!(response.headers()["x-request-id"], "req-method-4");
+    let response = gateway.get("/v1/chat/completions", None).await;
+    assert_eq!(response.status(), 405);
+    assert!(response.headers().contains_key("x-request-id"));
+    // A browser's request goes through the router (for CORS) rather than
+    // straight to the pipeline, and keeps its id all the same.
+    let response = gateway
+        .post("/v1/chat/completions")
+        .header("x-request-id", "req-browser-5")
+        .header("origin", "https://app.example")
+        .json(&json!({"model": "chat", "messages": user("hi")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "req-browser-5");
+    assert_eq!(
+        upstream.requests().last().unwrap().header("x-request-id"),
+        Some("req-browser-5")
+    );
     for path in ["/healthz", "/readyz", "/metrics"] {
         let response = gateway.get(path, None).await;
         assert_eq!(response.status(), 200, "{path}");

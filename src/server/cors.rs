@@ -1,18 +1,15 @@
 //! CORS for browser clients, for the origins `server.cors_origins` names
 //! (none by default). The origins are read from the running config at
 //! each request, so a reload changes them. Only requests that carry an
-//! `Origin` (browsers) go through the CORS service: for every other client
-//! it would only add `vary` headers and work to each response.
+//! `Origin` (browsers) go through the CORS service (see `front.rs`): for
+//! every other client it would only add `vary` headers and work to each
+//! response.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::Request;
-use axum::http::header::{ORIGIN, RETRY_AFTER};
+use axum::http::header::RETRY_AFTER;
 use axum::http::{HeaderName, HeaderValue, Method, request::Parts};
-use axum::middleware::Next;
-use axum::response::Response;
-use tower::{Layer, ServiceExt};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::id::REQUEST_ID_HEADER;
@@ -50,15 +47,4 @@ pub fn layer(app: Arc<AppState>) -> CorsLayer {
         .allow_headers(AllowHeaders::mirror_request())
         .expose_headers(EXPOSED)
         .max_age(MAX_AGE)
-}
-
-/// A browser's request through `cors`, any other straight on.
-pub async fn for_browsers(cors: &CorsLayer, request: Request, next: Next) -> Response {
-    if !request.headers().contains_key(ORIGIN) {
-        return next.run(request).await;
-    }
-    match cors.layer(next).oneshot(request).await {
-        Ok(response) => response,
-        Err(never) => match never {},
-    }
 }

@@ -7,15 +7,14 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::front::Front;
 use super::refusal::{MAX_HEAD_BYTES, Refusing};
 
 /// A client that sends no complete request head for this long is dropped.
@@ -33,7 +32,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// at once).
 pub async fn accept_until(
     listener: TcpListener,
-    router: Router,
+    front: Front,
     shutdown: impl Future<Output = ()>,
 ) -> impl Future<Output = ()> {
     let protocols = Arc::new(Protocols::new());
@@ -61,7 +60,7 @@ pub async fn accept_until(
         tokio::spawn(start_serving(
             tcp,
             protocols.clone(),
-            router.clone(),
+            front.clone(),
             graceful.watcher(),
             stop.clone(),
         ));
@@ -105,7 +104,7 @@ enum Protocol {
 async fn start_serving(
     tcp: TcpStream,
     protocols: Arc<Protocols>,
-    router: Router,
+    service: Front,
     watcher: Watcher,
     mut stop: watch::Receiver<()>,
 ) {
@@ -117,7 +116,6 @@ async fn start_serving(
         },
         _ = stop.changed() => return,
     };
-    let service = TowerToHyperService::new(router);
     match protocol {
         Protocol::Http1 => spawn_watched(
             watcher.watch(

@@ -3,6 +3,7 @@
 
 mod admin;
 mod cors;
+mod front;
 mod listen;
 mod metrics_page;
 mod refusal;
@@ -14,16 +15,12 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use tokio::net::TcpListener;
 
-use tower_http::cors::CorsLayer;
-
 use crate::config::{Config, Endpoints};
 use crate::error::GatewayError;
-use crate::id::REQUEST_ID_HEADER;
 use crate::inbound::Api;
 use crate::openai::{Endpoint, ModelEntry, ModelList};
 use crate::pipeline::respond::json_response;
@@ -58,34 +55,21 @@ impl Gateway {
         self.state.clone()
     }
 
-    pub fn router(&self) -> Router {
+    fn router(&self) -> Router {
         // Clients that join a base URL ending in "/" to a path write a
         // trailing slash; it names the same route.
-        let api = [
-            (
-                "/v1/chat/completions",
-                inference(Api::OpenAi(Endpoint::Chat)),
-            ),
-            (
-                "/v1/completions",
-                inference(Api::OpenAi(Endpoint::Completions)),
-            ),
-            (
-                "/v1/embeddings",
-                inference(Api::OpenAi(Endpoint::Embeddings)),
-            ),
-            ("/v1/messages", inference(Api::Messages)),
-            ("/v1/messages/count_tokens", post(count_tokens)),
-            ("/v1/responses", inference(Api::Responses)),
-            ("/v1/models", get(models)),
-        ];
-        let router = api
-            .into_iter()
-            .fold(Router::new(), |router, (path, handler)| {
-                router
-                    .route(path, handler.clone())
-                    .route(&format!("{path}/"), handler)
-            });
+        let api = INFERENCE
+            .iter()
+            .map(|&(path, api)| (path, inference(api)))
+            .chain([
+                ("/v1/messages/count_tokens", post(count_tokens)),
+                ("/v1/models", get(models)),
+            ]);
+        let router = api.fold(Router::new(), |router, (path, handler)| {
+            router
+                .route(path, handler.clone())
+                .route(&format!("{path}/"), handler)
+        });
         router
             .route("/v1/models/{*id}", get(model))
             .route("/healthz", get(healthz))
@@ -99,10 +83,6 @@ impl Gateway {
             .route("/admin/config", get(admin::active_config))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
-            .layer(axum::middleware::from_fn_with_state(
-                Arc::new(cors::layer(self.state.clone())),
-                edge,
-            ))
             .with_state(self.state.clone())
     }
 
@@ -119,7 +99,8 @@ impl Gateway {
         let _watch = state::watch(&self.state).map_err(std::io::Error::other)?;
         let sharing = state::share(&self.state);
         let state = self.state.clone();
-        let drained = listen::accept_until(listener, self.router(), async move {
+        let front = front::Front::new(self.state.clone(), self.router());
+        let drained = listen::accept_until(listener, front, async move {
             shutdown.await;
             state.start_draining();
             tracing::info!(
@@ -145,18 +126,14 @@ impl Gateway {
     }
 }
 
-/// What every request passes through before its route, in one layer (each
-/// layer costs every request): its id, and CORS for a browser's.
-async fn edge(
-    State(cors): State<Arc<CorsLayer>>,
-    mut request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    let id = request_id::assign(&mut request);
-    let mut response = cors::for_browsers(&cors, request, next).await;
-    response.headers_mut().insert(REQUEST_ID_HEADER, id);
-    response
-}
+/// The paths of the inference endpoints and the API each serves.
+const INFERENCE: [(&str, Api); 5] = [
+    ("/v1/chat/completions", Api::OpenAi(Endpoint::Chat)),
+    ("/v1/completions", Api::OpenAi(Endpoint::Completions)),
+    ("/v1/embeddings", Api::OpenAi(Endpoint::Embeddings)),
+    ("/v1/messages", Api::Messages),
+    ("/v1/responses", Api::Responses),
+];
 
 /// `POST` to an inference endpoint: the pipeline, for a client of `api`.
 /// The request is taken apart, not extracted from: its headers and id

@@ -1,8 +1,7 @@
 //! Every response carries `x-request-id`: the client's own when it is a
-//! sane token, else a new one. The server's one middleware assigns it for
-//! every route, so handlers only read it (for logs and upstream calls).
+//! sane token, else a new one. The front service assigns it for every
+//! route, so handlers only read it (for logs and upstream calls).
 
-use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue};
 
 use crate::id::REQUEST_ID_HEADER as HEADER;
@@ -11,17 +10,16 @@ use crate::id::REQUEST_ID_HEADER as HEADER;
 /// load balancers make (a W3C trace id is 55), bounded for the logs.
 const MAX_ID: usize = 256;
 
-/// The request's id, put in the request's extensions by [`tag`].
+/// The request's id, in the extensions of a request served by the router.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-/// Gives `request` its id, in its extensions, and returns the header
-/// value its response carries.
-pub fn assign(request: &mut Request) -> HeaderValue {
-    let id = from_headers(request.headers());
+/// The id of the request with `headers`, and the header value its
+/// response carries.
+pub fn for_request(headers: &HeaderMap) -> (String, HeaderValue) {
+    let id = from_headers(headers);
     let value = HeaderValue::from_str(&id).expect("request ids are visible ASCII");
-    request.extensions_mut().insert(RequestId(id));
-    value
+    (id, value)
 }
 
 fn from_headers(headers: &HeaderMap) -> String {
