@@ -135,9 +135,10 @@ const INFERENCE: [(&str, Api); 5] = [
     ("/v1/responses", Api::Responses),
 ];
 
-/// `POST` to an inference endpoint: the pipeline, for a client of `api`.
-/// The request is taken apart, not extracted from: its headers and id
-/// move to the pipeline where extractors would copy them.
+/// `POST` to an inference endpoint from a browser (every other client's
+/// goes straight to the pipeline, in `front.rs`): the pipeline, for a
+/// client of `api`. The request is taken apart, not extracted from: its
+/// headers and id move to the pipeline where extractors would copy them.
 fn inference(api: Api) -> MethodRouter<Arc<AppState>> {
     post(
         move |State(app): State<Arc<AppState>>, request: axum::extract::Request| {
