@@ -560,6 +560,9 @@ def report(results_file, out_file):
                     singles[key] = r
     meta = singles.get(("meta", "meta", "meta"), {})
     n_rounds = len(rounds)
+    targets = ["direct", "nginx", "tollgate"]
+    if any(key[1] == "tollgate-b" for rows in rounds.values() for key in rows):
+        targets.append("tollgate-b")
 
     def get(mode, target, kind, field):
         return median(
@@ -582,7 +585,7 @@ def report(results_file, out_file):
     out = lines.append
     out("# tollgate load test (benches/load)")
     out("")
-    for key in ("date", "machine", "command", "durations", "pinning", "logging", "versions"):
+    for key in ("date", "machine", "command", "durations", "pinning", "logging", "versions", "builds"):
         if key in meta:
             out(f"- {key}: {meta[key]}")
     out("")
@@ -600,7 +603,7 @@ def report(results_file, out_file):
         base_p99 = get(mode, "nginx", "lat", "p99_us")
         base_t50 = get(mode, "nginx", "ttfb", "ttfb_p50_us")
         base_t99 = get(mode, "nginx", "ttfb", "ttfb_p99_us")
-        for target in ("direct", "nginx", "tollgate"):
+        for target in targets:
             rps = get(mode, target, "rps", "rps")
             p50 = get(mode, target, "lat", "p50_us")
             p99 = get(mode, target, "lat", "p99_us")
@@ -635,6 +638,12 @@ def report(results_file, out_file):
 
     def field(rows, mode, target, kind, name):
         return (rows.get((mode, target, kind)) or {}).get(name)
+
+    def added(rows, mode, target):
+        """p50 at one connection over the direct path's, in the same round."""
+        d = field(rows, mode, "direct", "lat", "p50_us")
+        v = field(rows, mode, target, "lat", "p50_us")
+        return None if None in (d, v) else v - d
 
     def times(v):
         return f"{v:.2f}×"
@@ -672,13 +681,8 @@ def report(results_file, out_file):
                 )
             )
 
-        def added(rows, target, mode=mode):
-            d = field(rows, mode, "direct", "lat", "p50_us")
-            v = field(rows, mode, target, "lat", "p50_us")
-            return None if None in (d, v) else v - d
-
-        def added_ratio(rows):
-            t, n = added(rows, "tollgate"), added(rows, "nginx")
+        def added_ratio(rows, mode=mode):
+            t, n = added(rows, mode, "tollgate"), added(rows, mode, "nginx")
             return None if None in (t, n) or n <= 0 else t / n
 
         ls = per_round(added_ratio)
@@ -686,8 +690,8 @@ def report(results_file, out_file):
             check(
                 f"added p50 latency ≤ 2× nginx's ({label})",
                 median(ls) <= 2,
-                f"{median(ls):.2f}× (tollgate +{median(per_round(lambda r: added(r, 'tollgate'))):.0f} µs, "
-                f"nginx +{median(per_round(lambda r: added(r, 'nginx'))):.0f} µs{spread(ls, times)})",
+                f"{median(ls):.2f}× (tollgate +{median(per_round(lambda r: added(r, mode, 'tollgate'))):.0f} µs, "
+                f"nginx +{median(per_round(lambda r: added(r, mode, 'nginx'))):.0f} µs{spread(ls, times)})",
             )
         else:
             check(f"added p50 latency ≤ 2× nginx's ({label})", None, "—")
@@ -777,6 +781,38 @@ def report(results_file, out_file):
     for name, verdict, figure in checks:
         out(f"| {name} | {verdict} | {figure} |")
     out("")
+    if "tollgate-b" in targets:
+        out(
+            "tollgate-b (the second build) over tollgate (the first), each ratio taken within "
+            "a round, as median (range over the rounds); the two took turns, in alternating "
+            "order. Above 1.00× is more req/s, or more latency and CPU, for tollgate-b."
+        )
+        out("")
+        out("| mode | req/s @32 conns | added p50 @1 conn | first chunk added p50 | CPU per request @32 |")
+        out("| --- | --- | --- | --- | --- |")
+
+        def b_over_a(a, b):
+            return None if None in (a, b) or a <= 0 else b / a
+
+        def ratios(fn):
+            vs = per_round(fn)
+            return "—" if not vs else f"{median(vs):.2f}× ({min(vs):.2f}–{max(vs):.2f}×)"
+
+        for mode, label in (("nonstream", "non-streaming"), ("stream", "streaming")):
+            cells = [
+                ratios(lambda r, m=mode: b_over_a(field(r, m, "tollgate", "rps", "rps"), field(r, m, "tollgate-b", "rps", "rps"))),
+                ratios(lambda r, m=mode: b_over_a(added(r, m, "tollgate"), added(r, m, "tollgate-b"))),
+                ratios(lambda r: b_over_a(first_added(r, "tollgate"), first_added(r, "tollgate-b")))
+                if mode == "stream"
+                else "—",
+                ratios(
+                    lambda r, m=mode: b_over_a(
+                        cpu_per_request(r.get((m, "tollgate", "rps"))), cpu_per_request(r.get((m, "tollgate-b", "rps")))
+                    )
+                ),
+            ]
+            out(f"| {label} | " + " | ".join(cells) + " |")
+        out("")
     text = "\n".join(lines)
     with open(out_file, "w") as f:
         f.write(text + "\n")

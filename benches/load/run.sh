@@ -20,6 +20,12 @@
 #   MOCK_PORT [18081] PROXY_PORT [18082] TOLLGATE_PORT [18083]
 #   HOLD_PORT [18084] HOLD_TOLLGATE_PORT [18085]
 #   TOLLGATE_BIN          use this binary instead of `cargo build --release`
+#   TOLLGATE_BIN_B        a second build to compare with the first: measured
+#                         as the target `tollgate-b` in every round, the two
+#                         taking turns in alternating order, and the report
+#                         gives its figures as ratios to the first's (the
+#                         open-streams test runs the first only)
+#   TOLLGATE_B_PORT [18086]
 #   ACCESS_LOG [1]        1: both proxies log every request, as they do by
 #                         default (nginx's access log; tollgate's `request
 #                         done` line at info, both to a file); 0: neither
@@ -50,6 +56,7 @@ export PROXY_PORT=${PROXY_PORT:-18082}
 TOLLGATE_PORT=${TOLLGATE_PORT:-18083}
 export HOLD_PORT=${HOLD_PORT:-18084}
 HOLD_TOLLGATE_PORT=${HOLD_TOLLGATE_PORT:-18085}
+TOLLGATE_B_PORT=${TOLLGATE_B_PORT:-18086}
 OUT=${OUT:-$HERE/results.md}
 export ACCESS_LOG=${ACCESS_LOG:-1}
 if [ "$ACCESS_LOG" = 0 ]; then
@@ -123,10 +130,17 @@ export TOLLGATE_BENCH_KEY="tg-bench-$RANDOM$RANDOM"
 python3 "$HERE/loadtool.py" gen "$WORK"
 "$TOLLGATE_BIN" check --config "$WORK/tollgate.toml"
 "$TOLLGATE_BIN" check --config "$WORK/tollgate-hold.toml"
+TARGETS=(direct nginx tollgate)
+if [ -n "${TOLLGATE_BIN_B:-}" ]; then
+    # The same config with a ledger of its own.
+    sed "s#$WORK/ledger#$WORK/ledger-b#" "$WORK/tollgate.toml" >"$WORK/tollgate-b.toml"
+    "$TOLLGATE_BIN_B" check --config "$WORK/tollgate-b.toml"
+    TARGETS+=(tollgate-b)
+fi
 
 . "$HERE/common.sh"
 
-for port in "$MOCK_PORT" "$PROXY_PORT" "$TOLLGATE_PORT" "$HOLD_PORT" "$HOLD_TOLLGATE_PORT"; do
+for port in "$MOCK_PORT" "$PROXY_PORT" "$TOLLGATE_PORT" "$HOLD_PORT" "$HOLD_TOLLGATE_PORT" "$TOLLGATE_B_PORT"; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
         echo "port $port is already in use; stop what listens there or set the *_PORT variables" >&2
         exit 1
@@ -144,24 +158,35 @@ RUST_LOG=$TOLLGATE_LOG taskset -c "$PROXY_CORE" "$TOLLGATE_BIN" serve \
     --config "$WORK/tollgate.toml" --listen "127.0.0.1:$TOLLGATE_PORT" 2>"$LOGS/tollgate.log" &
 TOLLGATE_PID=$!
 PIDS+=("$TOLLGATE_PID")
+TOLLGATE_B_PID=""
+if [ -n "${TOLLGATE_BIN_B:-}" ]; then
+    RUST_LOG=$TOLLGATE_LOG taskset -c "$PROXY_CORE" "$TOLLGATE_BIN_B" serve \
+        --config "$WORK/tollgate-b.toml" --listen "127.0.0.1:$TOLLGATE_B_PORT" 2>"$LOGS/tollgate-b.log" &
+    TOLLGATE_B_PID=$!
+    PIDS+=("$TOLLGATE_B_PID")
+fi
 wait_port "$MOCK_PORT" "$MOCK_PID" "mock nginx"
 wait_port "$PROXY_PORT" "$PROXY_PID" "proxy nginx"
 wait_port "$TOLLGATE_PORT" "$TOLLGATE_PID" tollgate
+[ -z "$TOLLGATE_B_PID" ] || wait_port "$TOLLGATE_B_PORT" "$TOLLGATE_B_PID" tollgate-b
 
 url() { # target mode
     local path=/v1/chat/completions
-    [ "$2" = stream ] && [ "$1" != tollgate ] && path=/stream/v1/chat/completions
+    case $1 in
+        direct | nginx) [ "$2" != stream ] || path=/stream/v1/chat/completions ;;
+    esac
     case $1 in
         direct) echo "http://127.0.0.1:$MOCK_PORT$path" ;;
         nginx) echo "http://127.0.0.1:$PROXY_PORT$path" ;;
         tollgate) echo "http://127.0.0.1:$TOLLGATE_PORT$path" ;;
+        tollgate-b) echo "http://127.0.0.1:$TOLLGATE_B_PORT$path" ;;
     esac
 }
 body() { echo "$WORK/body-$1.json"; }
 
 log "checking every target answers as it should"
 for mode in nonstream stream; do
-    for target in direct nginx tollgate; do
+    for target in "${TARGETS[@]}"; do
         python3 "$HERE/loadtool.py" check-target "$(url $target $mode)" "$(body $mode)" "$mode"
     done
 done
@@ -208,6 +233,7 @@ measure() { # mode target: one round's figures for one target
         direct) watched=() ;;
         nginx) watched=("$PROXY_PID") ;;
         tollgate) watched=("$TOLLGATE_PID") ;;
+        tollgate-b) watched=("$TOLLGATE_B_PID") ;;
     esac
     p0=$(proc_ticks "${watched[@]}")
     read -r b0 t0 <<<"$(cpu_ticks "$PROXY_CORE")"
@@ -249,10 +275,15 @@ measure() { # mode target: one round's figures for one target
 }
 
 # Targets take turns within each round, so that drift of the machine over
-# minutes shows as spread between rounds rather than as a ratio.
+# minutes shows as spread between rounds rather than as a ratio. Two builds
+# swap places every round, so that neither always goes first.
 for ROUND in $(seq 1 "$ROUNDS"); do
+    order=("${TARGETS[@]}")
+    if [ ${#order[@]} -eq 4 ] && [ $((ROUND % 2)) -eq 0 ]; then
+        order=(direct nginx tollgate-b tollgate)
+    fi
     for mode in nonstream stream; do
-        for target in direct nginx tollgate; do
+        for target in "${order[@]}"; do
             measure "$mode" "$target"
         done
     done
@@ -263,8 +294,8 @@ ROUND=
 
 if [ "$STREAMS" -gt 0 ]; then
     # Free the cores: the throughput processes are done.
-    kill "$TOLLGATE_PID" "$PROXY_PID" "$MOCK_PID"
-    wait "$TOLLGATE_PID" "$PROXY_PID" "$MOCK_PID" 2>/dev/null || true
+    kill "$TOLLGATE_PID" "$PROXY_PID" "$MOCK_PID" $TOLLGATE_B_PID
+    wait "$TOLLGATE_PID" "$PROXY_PID" "$MOCK_PID" $TOLLGATE_B_PID 2>/dev/null || true
     PIDS=()
 
     max_streams=$(( (FD_LIMIT - 256) / 2 ))
@@ -314,6 +345,7 @@ fi
 
 machine="$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc --all) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), Linux $(uname -r)"
 versions="tollgate $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet 2>/dev/null || echo '+dirty'), $( ("$NGINX" -v 2>&1 || true) | sed 's/.*: //'), $( (wrk -v 2>&1 || true) | head -1 | cut -d' ' -f1-2)"
+builds="tollgate: $TOLLGATE_BIN${TOLLGATE_BIN_B:+; tollgate-b: $TOLLGATE_BIN_B}"
 python3 - "$RESULTS" <<EOF
 import json, sys
 meta = {
@@ -321,6 +353,7 @@ meta = {
     "date": "$(date -u +'%Y-%m-%d %H:%M UTC')",
     "machine": "$machine",
     "versions": "$versions",
+    "builds": "$builds",
     "command": "ACCESS_LOG=$ACCESS_LOG ROUNDS=$ROUNDS DURATION=$DURATION LAT_DURATION=$LAT_DURATION CONNECTIONS=$CONNECTIONS TTFB_REQUESTS=$TTFB_REQUESTS STREAMS=$STREAMS benches/load/run.sh",
     "durations": "$ROUNDS rounds of: wrk ${DURATION} at $CONNECTIONS connections, ${LAT_DURATION} at 1 connection (after ${WARMUP} warm-up), $TTFB_REQUESTS streamed requests for first-chunk times",
     "logging": "ACCESS_LOG=$ACCESS_LOG (tollgate RUST_LOG=$TOLLGATE_LOG)",
