@@ -1109,6 +1109,52 @@ async fn api_keys_decide_who_may_call_and_which_models_they_see() {
         assert!(!response.headers()["x-request-id"].is_empty());
         assert_eq!(error_of(response).await["code"], "invalid_api_key");
     }
+    // Non-browsers reach the pipeline straight, browsers through the
+    // router and CORS: every inference path refuses a missing or wrong key
+    // either way, before anything goes upstream.
+    for (path, body) in [
+        ("/v1/chat/completions", json!({"messages": user("hi")})),
+        ("/v1/chat/completions/", json!({"messages": user("hi")})),
+        ("/v1/completions", json!({"prompt": "hi"})),
+        ("/v1/embeddings/", json!({"input": "hi"})),
+        (
+            "/v1/messages",
+            json!({"max_tokens": 16, "messages": user("hi")}),
+        ),
+        ("/v1/responses", json!({"input": "hi"})),
+    ] {
+        let with_model = |model: &str| {
+            let mut body = body.clone();
+            body["model"] = json!(model);
+            body
+        };
+        for origin in [None, Some("https://app.example")] {
+            for key in [None, Some("wrong-secret")] {
+                let mut request = gateway.post(path).json(&with_model("chat"));
+                if let Some(origin) = origin {
+                    request = request.header("origin", origin);
+                }
+                if let Some(key) = key {
+                    request = request.bearer_auth(key);
+                }
+                let response = request.send().await.unwrap();
+                assert_eq!(response.status(), 401, "{path} {origin:?} {key:?}");
+            }
+        }
+        let response = gateway
+            .post(path)
+            .header("origin", "https://app.example")
+            .bearer_auth("team-secret")
+            .json(&with_model("code"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            403,
+            "{path}: a model the key may not use"
+        );
+    }
     let response = chat(Some("team-secret"), "code").await;
     assert_eq!(response.status(), 403);
     let error = error_of(response).await;
