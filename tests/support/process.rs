@@ -103,7 +103,13 @@ impl Drop for Process {
 /// `tollgate serve --config PATH` on a port the OS picks, with `env` added
 /// to its environment.
 pub fn serve_file(config: &Path, env: &[(&str, &str)]) -> Process {
-    spawn(Command::new(env!("CARGO_BIN_EXE_tollgate")), config, env)
+    serve_file_with(Path::new(env!("CARGO_BIN_EXE_tollgate")), config, env)
+}
+
+/// Like [`serve_file`], running the tollgate binary at `binary` (a build
+/// other than the one under test).
+pub fn serve_file_with(binary: &Path, config: &Path, env: &[(&str, &str)]) -> Process {
+    spawn(Command::new(binary), config, env)
 }
 
 /// `program` (the tollgate binary, or a command that runs it) with the
