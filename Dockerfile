@@ -3,17 +3,22 @@
 # tests/deploy_files.rs checks this file against the binary's defaults and
 # against .ci/run, since CI cannot pull the base images to build it.
 
-# The build: the cargo command .ci/run runs, in release (fat LTO, as
-# Cargo.toml's release profile says). The full Rust image, since
+# The build: deploy/release/build.sh, the cargo command .ci/run runs, in
+# release (fat LTO, as Cargo.toml's release profile says), with the
+# machine code then laid out by BOLT for the traffic of
+# benches/workload.rs (Debian's bolt-19). The full Rust image, since
 # jemalloc's build needs make. Registry and target are cache mounts, so a
 # rebuild recompiles only what changed.
 FROM rust:1.95-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends bolt-19 libbolt-19-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --locked --release \
- && install -D target/release/tollgate /out/usr/local/bin/tollgate \
+    deploy/release/build.sh \
+ && install -D target/release-bolt/tollgate /out/usr/local/bin/tollgate \
  && install -d /out/var/lib/tollgate
 
 # The runtime: glibc, libgcc and CA certificates (the TLS client reads the

@@ -19,7 +19,10 @@
 #   LOAD_CORE [1]         the core the load generators and mocks run on
 #   MOCK_PORT [18081] PROXY_PORT [18082] TOLLGATE_PORT [18083]
 #   HOLD_PORT [18084] HOLD_TOLLGATE_PORT [18085]
-#   TOLLGATE_BIN          use this binary instead of `cargo build --release`
+#   TOLLGATE_BIN          use this binary instead of the one the image ships
+#                         (deploy/release/build.sh; TOLLGATE_BIN=
+#                         target/release/tollgate for plain `cargo build
+#                         --release`)
 #   TOLLGATE_BIN_B        a second build to compare with the first: measured
 #                         as the target `tollgate-b` in every round, the two
 #                         taking turns in alternating order, and the report
@@ -74,6 +77,7 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v wrk >/dev/null || need+=(wrk)
 command -v taskset >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
+if [ -z "${TOLLGATE_BIN:-}" ]; then command -v llvm-bolt-19 >/dev/null || need+=(bolt-19 libbolt-19-dev); fi
 if [ "$STREAMS" -gt 0 ]; then command -v h2load >/dev/null || need+=(nghttp2-client); fi
 if [ -n "${PERF:-}" ]; then command -v perf >/dev/null || need+=(linux-perf); fi
 if [ ${#need[@]} -gt 0 ]; then
@@ -94,9 +98,9 @@ if [ "$(nproc --all)" -lt 2 ]; then
 fi
 
 if [ -z "${TOLLGATE_BIN:-}" ]; then
-    log "building tollgate (cargo build --release)"
-    (cd "$ROOT" && cargo build --release --bin tollgate)
-    TOLLGATE_BIN="$ROOT/target/release/tollgate"
+    log "building tollgate as the image does (deploy/release/build.sh)"
+    "$ROOT/deploy/release/build.sh"
+    TOLLGATE_BIN="$ROOT/target/release-bolt/tollgate"
 fi
 
 # Every stream held through the gateway costs it two descriptors.
