@@ -16,11 +16,15 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 OUT_DIR=${OUT_DIR:-$ROOT/target/release-bolt}
-BOLT=${LLVM_BOLT:-$(command -v llvm-bolt-19 || command -v llvm-bolt || true)}
+if [ -n "${LLVM_BOLT:-}" ]; then
+    BOLT=$(command -v "$LLVM_BOLT" || true)
+else
+    BOLT=$(command -v llvm-bolt-19 || command -v llvm-bolt || true)
+fi
 [ -n "$BOLT" ] || { echo "needs llvm-bolt: apt-get install bolt-19 libbolt-19-dev" >&2; exit 1; }
 # By its real path: llvm-bolt finds its instrumentation runtime in ../lib
 # from where it is, and Debian's /usr/bin/llvm-bolt-19 is a link.
-BOLT=$(readlink -f "$(command -v "$BOLT")")
+BOLT=$(readlink -f "$BOLT")
 [ -f "$(dirname "$BOLT")/../lib/libbolt_rt_instr.a" ] ||
     { echo "needs BOLT's instrumentation runtime beside $BOLT: apt-get install libbolt-19-dev" >&2; exit 1; }
 
