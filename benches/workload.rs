@@ -1,10 +1,10 @@
 //! A gateway's traffic in miniature, through the real binary: chat,
 //! legacy completions, embeddings, Anthropic Messages and OpenAI Responses,
 //! whole and streamed, to an OpenAI-compatible server (vLLM), TGI and
-//! Bedrock, with key auth, routing, metering into the ledger and the odd
-//! refused request. `deploy/release/build.sh` lays out the shipped binary's
-//! code by what this traffic runs (BOLT); on its own it checks every
-//! answer and prints what it sent.
+//! Bedrock, over HTTP/1.1 and HTTP/2, with key auth, routing, metering
+//! into the ledger and the odd refused request. `deploy/release/build.sh`
+//! lays out the shipped binary's code by what this traffic runs (BOLT);
+//! on its own it checks every answer and prints what it sent.
 //!
 //! `cargo bench --profile dev --bench workload` (`TOLLGATE_BIN` picks the
 //! binary, else the one cargo built; `WORKLOAD_ROUNDS` [60] and
@@ -269,15 +269,25 @@ async fn main() {
     let mut gateway = serve_file_with(&binary, &config_file, &secrets);
 
     let asks = Arc::new(asks());
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("a client");
+    let client = |http2: bool| {
+        let builder = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30));
+        let builder = if http2 {
+            builder.http2_prior_knowledge()
+        } else {
+            builder
+        };
+        builder.build().expect("a client")
+    };
+    // One worker in eight speaks HTTP/2, as a client behind a proxy that
+    // keeps one connection per origin might.
+    let (http1, http2) = (client(false), client(true));
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|worker| {
-            let (asks, client, base) = (asks.clone(), client.clone(), gateway.base.clone());
+            let client = if worker % 8 == 7 { &http2 } else { &http1 }.clone();
+            let (asks, base) = (asks.clone(), gateway.base.clone());
             tokio::spawn(async move {
                 let mut failures = Vec::new();
                 for i in 0..rounds * asks.len() {
