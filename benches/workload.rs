@@ -207,17 +207,41 @@ async fn send(client: &reqwest::Client, base: &str, ask: &Ask) -> Option<String>
     };
     let status = response.status();
     // The whole body: a stream is read to its end, as a client reads it.
-    let body = response.bytes().await;
-    match body {
-        Ok(body) if status == ask.expect && !body.is_empty() => None,
-        Ok(body) => Some(format!(
+    let body = match response.bytes().await {
+        Ok(body) => body,
+        Err(e) => return Some(format!("{}: {e}", ask.name)),
+    };
+    let body_text = || String::from_utf8_lossy(&body);
+    if status != ask.expect {
+        return Some(format!(
             "{}: {status}, expected {}: {}",
             ask.name,
             ask.expect,
-            String::from_utf8_lossy(&body)
-        )),
-        Err(e) => Some(format!("{}: {e}", ask.name)),
+            body_text()
+        ));
     }
+    match stream_end(ask) {
+        Some(end) if memchr::memmem::find(&body, end.as_bytes()).is_none() => Some(format!(
+            "{}: the stream never reached `{end}`: {}",
+            ask.name,
+            body_text()
+        )),
+        None if body.is_empty() => Some(format!("{}: an empty body", ask.name)),
+        _ => None,
+    }
+}
+
+/// What a successful stream of `ask`'s API ends with: a stream that
+/// stopped short, or with an error event, is a wrong answer.
+fn stream_end(ask: &Ask) -> Option<&'static str> {
+    if ask.expect != StatusCode::OK || ask.body["stream"] != true {
+        return None;
+    }
+    Some(match ask.path {
+        "/v1/messages" => "event: message_stop",
+        "/v1/responses" => "event: response.completed",
+        _ => "data: [DONE]",
+    })
 }
 
 #[tokio::main]
