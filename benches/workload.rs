@@ -6,8 +6,8 @@
 //! lays out the shipped binary's code by what this traffic runs (BOLT);
 //! on its own it checks every answer and prints what it sent.
 //!
-//! `cargo bench --profile dev --bench workload` (`TOLLGATE_BIN` picks the
-//! binary, else the one cargo built; `WORKLOAD_ROUNDS` [60] and
+//! `cargo bench --profile dev --bench workload` (`TOLLGATE_TEST_BIN` picks
+//! the binary, else the one cargo built; `WORKLOAD_ROUNDS` [60] and
 //! `WORKLOAD_CONCURRENCY` [8] size it). The mix is not the load test's
 //! (`benches/load`): that one request is a small part of it.
 
@@ -16,7 +16,6 @@ mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,7 @@ use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::{bedrock_mock_with_token, env, url};
 use support::kinds::Kind;
 use support::mock::MockUpstream;
-use support::process::serve_file_with;
+use support::process::{binary, serve_file};
 
 use common::env_number;
 
@@ -248,10 +247,6 @@ fn stream_end(ask: &Ask) -> Option<&'static str> {
 async fn main() {
     let rounds: usize = env_number("WORKLOAD_ROUNDS", 60);
     let concurrency: usize = env_number("WORKLOAD_CONCURRENCY", 8);
-    let binary = std::env::var_os("TOLLGATE_BIN").map_or_else(
-        || PathBuf::from(env!("CARGO_BIN_EXE_tollgate")),
-        PathBuf::from,
-    );
 
     let vllm_a = MockUpstream::canned(20).start().await;
     let vllm_b = MockUpstream::canned(20).start().await;
@@ -290,19 +285,20 @@ async fn main() {
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let mut gateway = serve_file_with(&binary, &config_file, &secrets);
+    let mut gateway = serve_file(&config_file, &secrets);
 
     let asks = Arc::new(asks());
     let client = |http2: bool| {
         let builder = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(30));
-        let builder = if http2 {
+        if http2 {
             builder.http2_prior_knowledge()
         } else {
             builder
-        };
-        builder.build().expect("a client")
+        }
+        .build()
+        .expect("a client")
     };
     // One worker in eight speaks HTTP/2, as a client behind a proxy that
     // keeps one connection per origin might.
@@ -336,7 +332,7 @@ async fn main() {
         "{sent} requests ({} kinds × {rounds} rounds × {concurrency} workers) in {:.1} s through {}; {} failed; gateway exited {status}",
         asks.len(),
         elapsed.as_secs_f64(),
-        binary.display(),
+        binary().display(),
         failures.len(),
     );
     for failure in failures.iter().take(10) {

@@ -211,7 +211,7 @@ fn the_explain_command_refuses_a_region_the_key_may_not_choose() {
     let request = dir.path().join("request.json");
     std::fs::write(&request, request_body()).unwrap();
     let explain = |region: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        std::process::Command::new(support::process::binary())
             .args(["explain", "--config"])
             .arg(&config)
             .arg("--request")

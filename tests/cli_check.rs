@@ -2,6 +2,8 @@
 //! configs pass, a missing secret or a broken config is refused with every
 //! problem named by its location.
 
+mod support;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -24,7 +26,7 @@ fn manifest_dir() -> PathBuf {
 }
 
 fn tollgate() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    let mut cmd = Command::new(support::process::binary());
     cmd.current_dir(manifest_dir())
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")

@@ -229,7 +229,7 @@ async fn the_image_health_check_passes_on_a_live_gateway_and_fails_without_one()
         let mut args = check[1..].to_vec();
         let at = args.iter().position(|a| a == "--listen").unwrap() + 1;
         args[at] = SocketAddr::new(serves.ip(), port).to_string();
-        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        Command::new(support::process::binary())
             .args(args)
             .output()
             .unwrap()

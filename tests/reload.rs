@@ -535,7 +535,7 @@ fn check_diff_compares_two_files_offline() {
     let three = simulated_on(&["one", "three"], &["one", "three"]);
     std::fs::write(&old, two.to_toml()).unwrap();
     std::fs::write(&new, three.to_toml()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let out = std::process::Command::new(support::process::binary())
         .args(["check", "--diff"])
         .args([&old, &new])
         .output()
@@ -551,7 +551,7 @@ fn check_diff_compares_two_files_offline() {
     assert_eq!(diff["deployments"]["removed"], json!(["chat/two"]));
 
     std::fs::write(&new, "[[backends]]\nname = 5\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let out = std::process::Command::new(support::process::binary())
         .args(["check", "--diff"])
         .args([&old, &new])
         .output()

@@ -564,7 +564,7 @@ fn the_explain_command_prints_the_plan_for_a_config_and_a_request() {
     let request_path = dir.path().join("request.json");
     std::fs::write(&request_path, hi("chat").to_string()).unwrap();
 
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let output = std::process::Command::new(support::process::binary())
         .arg("explain")
         .arg("--config")
         .arg(&config_path)

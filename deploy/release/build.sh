@@ -43,7 +43,7 @@ echo "== counting what the workload runs" >&2
 "$BOLT" "$INPUT" -o "$WORK/tollgate-counting" -instrument \
     -instrumentation-file="$WORK/profile.fdata" >"$WORK/instrument.log" 2>&1 ||
     { cat "$WORK/instrument.log" >&2; exit 1; }
-(cd "$ROOT" && TOLLGATE_BIN="$WORK/tollgate-counting" cargo bench --locked --profile dev --bench workload)
+(cd "$ROOT" && TOLLGATE_TEST_BIN="$WORK/tollgate-counting" cargo bench --locked --profile dev --bench workload)
 [ -s "$WORK/profile.fdata" ] || { echo "the workload left no profile" >&2; exit 1; }
 
 # Blocks in the order the workload runs them, so the common path falls
@@ -59,8 +59,11 @@ echo "== laying out the code" >&2
 grep -E 'splitting separates|taken branches' "$WORK/optimise.log" >&2 || true
 
 # The laid-out binary answers every kind of request before it is kept.
+# `TOLLGATE_TEST_BIN=target/release-bolt/tollgate cargo test` runs the
+# suite's tests that start the binary (kills, restarts, drains, reloads)
+# against it too.
 echo "== checking the laid-out binary" >&2
-(cd "$ROOT" && TOLLGATE_BIN="$WORK/tollgate" WORKLOAD_ROUNDS=3 cargo bench --locked --profile dev --bench workload)
+(cd "$ROOT" && TOLLGATE_TEST_BIN="$WORK/tollgate" WORKLOAD_ROUNDS=3 cargo bench --locked --profile dev --bench workload)
 mkdir -p "$OUT_DIR"
 mv "$WORK/tollgate" "$OUT_DIR/tollgate"
 echo "$OUT_DIR/tollgate" >&2

@@ -2,7 +2,7 @@
 //! shows: signals, crashes, restarts.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -103,13 +103,17 @@ impl Drop for Process {
 /// `tollgate serve --config PATH` on a port the OS picks, with `env` added
 /// to its environment.
 pub fn serve_file(config: &Path, env: &[(&str, &str)]) -> Process {
-    serve_file_with(Path::new(env!("CARGO_BIN_EXE_tollgate")), config, env)
+    spawn(Command::new(binary()), config, env)
 }
 
-/// Like [`serve_file`], running the tollgate binary at `binary` (a build
-/// other than the one under test).
-pub fn serve_file_with(binary: &Path, config: &Path, env: &[(&str, &str)]) -> Process {
-    spawn(Command::new(binary), config, env)
+/// The binary these processes run: the one cargo built for the tests, or
+/// another build of it that `TOLLGATE_TEST_BIN` names (the shipped one,
+/// which `deploy/release/build.sh` checks this way).
+pub fn binary() -> PathBuf {
+    std::env::var_os("TOLLGATE_TEST_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_tollgate")),
+        PathBuf::from,
+    )
 }
 
 /// `program` (the tollgate binary, or a command that runs it) with the
@@ -169,7 +173,7 @@ pub fn serve_config(config: &Config) -> Process {
 pub fn serve_config_on_one_cpu(config: &Config) -> Process {
     let file = written(config);
     let mut taskset = Command::new("taskset");
-    taskset.args(["-c", "0", env!("CARGO_BIN_EXE_tollgate")]);
+    taskset.args(["-c", "0"]).arg(binary());
     let mut process = spawn(taskset, file.path(), &[]);
     process._config = Some(file);
     process
@@ -185,7 +189,7 @@ fn written(config: &Config) -> tempfile::NamedTempFile {
 /// Runs a command of the binary (`simulate …`, `licence-report …`) from
 /// the crate's root to its end; it must succeed. What it printed.
 pub fn run_ok(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let output = Command::new(binary())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(args)
         .env_remove("RUST_LOG")
