@@ -604,6 +604,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sse_data_reads_every_line_end_and_field_form_the_spec_allows() {
+        // A byte order mark; CR, CRLF (cut between its CR and LF) and LF
+        // line ends; `data:` with no space, and with two, of which one is
+        // the value's; fields other than data.
+        let data = sse_text(&[
+            "\u{feff}data:a\r\rdata: b\r",
+            "\n\r\n",
+            "data:  c\n",
+            "\n",
+            "id: 7\nretry: 10\nevent: x\ndata: d\n\n",
+        ])
+        .await;
+        assert_eq!(data, ["a", "b", " c", "d"]);
+    }
+
+    #[tokio::test]
+    async fn sse_data_that_is_not_utf8_is_an_invalid_response() {
+        let (data, error) = sse_within(ROOMY, &[b"data: ok\n\ndata: \xff\n\n"]).await;
+        assert_eq!(data, ["ok"]);
+        let error = error.expect("invalid UTF-8 is refused");
+        assert_eq!(error.code(), Some("upstream_invalid_response"));
+        let message = error.message();
+        assert!(
+            message.starts_with("backend \"b\" sent an invalid response: ")
+                && message.contains("invalid utf-8"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
     async fn sse_data_ends_at_done_whatever_follows() {
         let data = sse_text(&["data: {\"a\":1}\n\ndata: [DONE]\n\n", "data: {\"b\":2}\n\n"]).await;
         assert_eq!(data, [r#"{"a":1}"#]);
