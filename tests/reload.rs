@@ -1,6 +1,7 @@
 //! Hot-swapping the config: the file watched (Kubernetes ConfigMap symlink
 //! swaps included), `POST /admin/reload` with dry runs and diffs, invalid
-//! candidates refused whole, live state carried over by name, and 200
+//! candidates refused whole, live state carried over by name, the browser
+//! origins CORS allows changed by a reload, and 200
 //! requests in flight across 50 swaps without one failing.
 
 mod support;
@@ -693,4 +694,36 @@ fn what_check_warns_of_is_logged_when_the_gateway_takes_the_config_up() {
     let line = gateway.logged("config warning");
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("multimodal Llama"), "{line}");
+}
+
+#[tokio::test]
+async fn a_reload_changes_which_browser_origins_may_call() {
+    let origins = |list: &[&str]| {
+        let list = list.iter().map(|&o| toml::Value::from(o)).collect();
+        simulated(&["one"]).set("server", "cors_origins", toml::Value::Array(list))
+    };
+    let (first, second) = ("https://a.example", "https://b.example");
+    let (_dir, path, gateway) = serving_file(&origins(&[first])).await;
+    let allowed = async |origin: &str| {
+        let response = gateway
+            .post("/v1/chat/completions")
+            .header("origin", origin)
+            .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .map(|value| value.to_str().unwrap().to_owned())
+    };
+    assert_eq!(allowed(first).await.as_deref(), Some(first));
+    assert_eq!(allowed(second).await, None);
+
+    let next = origins(&[second]);
+    write(&path, &next);
+    until_version(&gateway, &tollgate::config::version(&next.to_toml())).await;
+    assert_eq!(allowed(first).await, None);
+    assert_eq!(allowed(second).await.as_deref(), Some(second));
 }
