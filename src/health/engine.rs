@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::http::{Request, Uri};
-use http_body_util::{BodyExt, Full};
+use bytes::Bytes;
+use http_body_util::BodyExt;
 use tokio::task::JoinHandle;
 
 use super::backend::{BackendLive, EngineSignals, ModelCache, PrefixCounters};
@@ -231,7 +232,7 @@ async fn scrape_loop(backend: String, metrics: EngineMetrics, live: Arc<BackendL
 
 /// One `GET` of the metrics page, within one scrape interval.
 async fn scrape(client: &HttpClient, uri: &Uri, metrics: &EngineMetrics) -> Result<Scrape, String> {
-    let mut request = Request::new(Full::default());
+    let mut request = Request::new(Bytes::new());
     *request.uri_mut() = uri.clone();
     let page = tokio::time::timeout(metrics.interval, async {
         let response = client.request(request).await.map_err(|e| e.to_string())?;

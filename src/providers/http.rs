@@ -36,9 +36,10 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// The client for a backend's URLs: kept-alive HTTP/1.1 connections of
-/// its own over plain TCP for a backend at an `http://` URL (a self-hosted
-/// engine on a private network, where the gateway's own CPU is most of
-/// the time a request takes), and hyper-util's pooled client over rustls
+/// its own over plain TCP, read on the request's task, for a backend at an
+/// `http://` URL (a self-hosted engine on a private network, where the
+/// gateway's own CPU is most of the time a request takes, and every open
+/// stream holds a connection), and hyper-util's pooled client over rustls
 /// for one at `https://`, with HTTP/2 where TLS negotiates it. Plain
 /// connections carry no TLS session state (1.1 KB for as long as one is
 /// open, and every open stream holds one). It follows no redirects:
@@ -51,13 +52,10 @@ pub enum HttpClient {
 }
 
 impl HttpClient {
-    pub async fn request(
-        &self,
-        request: Request<Full<Bytes>>,
-    ) -> Result<UpstreamResponse, RequestError> {
+    pub async fn request(&self, request: Request<Bytes>) -> Result<UpstreamResponse, RequestError> {
         match self {
             Self::Plain(pool) => pool.request(request).await,
-            Self::Tls(client) => match client.request(request).await {
+            Self::Tls(client) => match client.request(request.map(Full::new)).await {
                 Ok(response) => Ok(response.map(UpstreamBody::from)),
                 Err(e) if e.is_connect() => Err(RequestError::Connect(e.to_string())),
                 Err(e) => Err(RequestError::Exchange(e.to_string())),
@@ -124,8 +122,8 @@ pub fn target(backend: &str, url: &str) -> Result<Target, String> {
 }
 
 /// A `POST` of a JSON body to `target`.
-pub fn post_json(target: &Target, body: Vec<u8>) -> Request<Full<Bytes>> {
-    let mut request = Request::new(Full::new(Bytes::from(body)));
+pub fn post_json(target: &Target, body: Vec<u8>) -> Request<Bytes> {
+    let mut request = Request::new(Bytes::from(body));
     *request.method_mut() = Method::POST;
     *request.uri_mut() = target.uri.clone();
     let headers = request.headers_mut();
@@ -137,7 +135,7 @@ pub fn post_json(target: &Target, body: Vec<u8>) -> Request<Full<Bytes>> {
 /// Tags an upstream request with the gateway's request id, so the two
 /// logs can be joined, and with the attempt's trace context when traces
 /// are exported.
-pub fn tag(request: &mut Request<Full<Bytes>>, call: &UpstreamCall<'_>) {
+pub fn tag(request: &mut Request<Bytes>, call: &UpstreamCall<'_>) {
     let headers = request.headers_mut();
     if let Ok(id) = HeaderValue::from_str(call.request_id) {
         headers.insert(crate::id::REQUEST_ID_HEADER, id);
@@ -172,7 +170,7 @@ pub fn bearer(backend: &Backend) -> Result<Option<HeaderValue>, String> {
 pub async fn send(
     backend: &str,
     client: &HttpClient,
-    request: Request<Full<Bytes>>,
+    request: Request<Bytes>,
     quota: &OnceLock<UpstreamQuota>,
 ) -> Result<UpstreamResponse, GatewayError> {
     let response = client.request(request).await.map_err(|e| match e {

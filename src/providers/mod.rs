@@ -4,6 +4,7 @@
 
 mod bedrock;
 pub(crate) mod http;
+mod http1;
 mod openai_compat;
 mod pool;
 mod simulated;

@@ -1,15 +1,12 @@
-//! Kept-alive HTTP/1.1 connections to a backend at a plain `http://` URL,
-//! built on hyper's own connections. A request takes the most recently
-//! used idle connection to its origin, or opens one; a response's body
-//! gives its connection back once read to its end, and a body dropped
-//! before its end closes it. Where hyper-util's general pool hashes the
-//! origin, spawns a task to return each connection and moves the request
-//! through several futures (about 7% of the instructions of a whole
-//! request at the gateway), this one holds a short list per backend. A
-//! task of the pool's closes the connections idle for longer than
-//! [`IDLE_TIMEOUT`].
+//! Kept-alive HTTP/1.1 connections to a backend at a plain `http://` URL
+//! ([`http1`]). A request takes the most recently used idle connection to
+//! its origin that is still open, or opens one; a response's body gives
+//! its connection back once read to its end, and a body dropped before
+//! its end closes it. A task of the pool's closes the connections idle
+//! for longer than [`IDLE_TIMEOUT`] and those the upstream closed.
 
 use std::collections::VecDeque;
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -20,19 +17,17 @@ use axum::http::header::HOST;
 use axum::http::uri::{Authority, PathAndQuery, Scheme};
 use axum::http::{HeaderValue, Request, Response, Uri};
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::ServiceExt;
+
+use super::http1::{self, Connection, Failure};
 
 /// How long an idle connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The most idle connections kept per backend: past a spike of streams,
 /// the oldest are closed.
 const MAX_IDLE: usize = 1024;
-
-type Sender = SendRequest<Full<Bytes>>;
 
 /// The idle connections of one backend's client.
 #[derive(Clone)]
@@ -53,7 +48,7 @@ struct Inner {
 
 struct Idle {
     origin: Authority,
-    sender: Sender,
+    connection: Connection,
     since: Instant,
 }
 
@@ -92,11 +87,11 @@ impl Pool {
     }
 
     /// Sends `request` (its URI absolute, `http://`) on an idle connection
-    /// to its origin, or on a new one. A request an idle connection closed
-    /// before it was sent goes on another.
+    /// to its origin, or on a new one. A request an idle connection refused
+    /// before its first byte goes on another.
     pub async fn request(
         &self,
-        mut request: Request<Full<Bytes>>,
+        mut request: Request<Bytes>,
     ) -> Result<Response<UpstreamBody>, RequestError> {
         let uri = request.uri().clone();
         let origin = uri
@@ -114,53 +109,50 @@ impl Pool {
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         );
         loop {
-            let (mut sender, reused) = match self.checkout(&origin).await {
-                Some(sender) => (sender, true),
+            let (connection, reused) = match self.checkout(&origin) {
+                Some(connection) => (connection, true),
                 None => (self.connect(&uri).await?, false),
             };
-            match sender.try_send_request(request).await {
+            match connection.send(request).await {
                 Ok(response) => {
-                    let mut lease = Some(Lease {
-                        sender,
+                    let lease = Lease {
                         origin,
                         pool: Arc::downgrade(&self.inner),
+                    };
+                    let mut response = response.map(|body| {
+                        UpstreamBody(Kind::Pooled {
+                            body,
+                            lease: Some(lease),
+                        })
                     });
-                    // Nothing to read: the connection is free now.
-                    if response.body().is_end_stream()
-                        && let Some(lease) = lease.take()
-                    {
-                        lease.give_back();
-                    }
-                    return Ok(response.map(|body| UpstreamBody { body, lease }));
+                    // A body with nothing to read frees its connection now.
+                    response.body_mut().give_back_when_ended();
+                    return Ok(response);
                 }
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(RequestError::Exchange(error.into_error().to_string())),
-                },
+                Err(Failure::Unsent(unsent, _)) if reused => request = *unsent,
+                Err(Failure::Unsent(_, error) | Failure::Broken(error)) => {
+                    return Err(RequestError::Exchange(error));
+                }
             }
         }
     }
 
     /// The most recently used idle connection to `origin` that is still
-    /// open, once it is ready for a request.
-    async fn checkout(&self, origin: &Authority) -> Option<Sender> {
+    /// open.
+    fn checkout(&self, origin: &Authority) -> Option<Connection> {
+        let mut idle = self.inner.idle();
         loop {
-            let mut sender = {
-                let mut idle = self.inner.idle();
-                let at = idle.iter().rposition(|i| {
-                    i.origin == *origin && i.since.elapsed() < self.inner.idle_timeout
-                })?;
-                idle.remove(at)?.sender
-            };
-            // Ready at once, or as soon as its connection has finished the
-            // last exchange; an error means it closed meanwhile.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+            let at = idle.iter().rposition(|i| {
+                i.origin == *origin && i.since.elapsed() < self.inner.idle_timeout
+            })?;
+            let connection = idle.remove(at)?.connection;
+            if connection.is_open() {
+                return Some(connection);
             }
         }
     }
 
-    async fn connect(&self, uri: &Uri) -> Result<Sender, RequestError> {
+    async fn connect(&self, uri: &Uri) -> Result<Connection, RequestError> {
         let io = self
             .inner
             .connector
@@ -168,14 +160,7 @@ impl Pool {
             .oneshot(uri.clone())
             .await
             .map_err(|e| RequestError::Connect(e.to_string()))?;
-        let (sender, connection) = http1::handshake(io)
-            .await
-            .map_err(|e| RequestError::Exchange(e.to_string()))?;
-        // Spawned as it is: its error reaches the exchange in flight, if
-        // any, and a wrapper to log it would make every open stream's
-        // task larger.
-        tokio::spawn(connection);
-        Ok(sender)
+        Ok(Connection::new(io.into_inner()))
     }
 }
 
@@ -184,10 +169,7 @@ impl Inner {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn put(self: Arc<Self>, origin: Authority, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put(self: Arc<Self>, origin: Authority, connection: Connection) {
         {
             let mut idle = self.idle();
             if idle.len() >= MAX_IDLE {
@@ -195,7 +177,7 @@ impl Inner {
             }
             idle.push_back(Idle {
                 origin,
-                sender,
+                connection,
                 since: Instant::now(),
             });
         }
@@ -207,7 +189,7 @@ impl Inner {
 }
 
 /// Closes the pool's connections idle for `timeout`, and those their
-/// server closed, until the pool is dropped.
+/// upstream closed, until the pool is dropped.
 async fn reap(pool: Weak<Inner>, timeout: Duration) {
     let mut ticks = tokio::time::interval(timeout / 4);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -215,67 +197,85 @@ async fn reap(pool: Weak<Inner>, timeout: Duration) {
         ticks.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         pool.idle()
-            .retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
+            .retain(|i| i.since.elapsed() < timeout && i.connection.is_open());
     }
 }
 
-/// A connection lent to one exchange.
+/// Where a pooled connection goes back when its exchange ends.
 struct Lease {
-    sender: Sender,
     origin: Authority,
     pool: Weak<Inner>,
 }
 
 impl Lease {
-    fn give_back(self) {
+    fn give_back(self, connection: Connection) {
         if let Some(pool) = self.pool.upgrade() {
-            pool.put(self.origin, self.sender);
+            pool.put(self.origin, connection);
         }
     }
 }
 
-/// The body of an upstream response. Read to its end, it gives its pooled
-/// connection back; dropped before, it closes it (hyper cannot reuse a
-/// connection with a response half read).
-pub struct UpstreamBody {
-    body: Incoming,
-    lease: Option<Lease>,
+/// The body of an upstream response: on a connection of this pool, which
+/// it gives back once read to its end (dropped before, it closes it), or
+/// on one of hyper's (over TLS).
+pub struct UpstreamBody(Kind);
+
+enum Kind {
+    Pooled {
+        body: http1::Body,
+        lease: Option<Lease>,
+    },
+    Hyper(Incoming),
+}
+
+impl UpstreamBody {
+    /// Gives the connection back once the body has ended.
+    fn give_back_when_ended(&mut self) {
+        if let Kind::Pooled { body, lease } = &mut self.0
+            && let Some(connection) = body.take_connection()
+            && let Some(lease) = lease.take()
+        {
+            lease.give_back(connection);
+        }
+    }
 }
 
 impl From<Incoming> for UpstreamBody {
-    /// A body whose connection is not this pool's.
     fn from(body: Incoming) -> Self {
-        Self { body, lease: None }
+        Self(Kind::Hyper(body))
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
-        let ended = match &frame {
-            None => true,
-            Some(Ok(_)) => this.body.is_end_stream(),
-            Some(Err(_)) => false,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let frame = match &mut self.0 {
+            Kind::Pooled { body, .. } => ready!(Pin::new(body).poll_frame(cx)),
+            Kind::Hyper(body) => {
+                ready!(Pin::new(body).poll_frame(cx)).map(|frame| frame.map_err(io::Error::other))
+            }
         };
-        if ended && let Some(lease) = this.lease.take() {
-            lease.give_back();
-        }
+        self.give_back_when_ended();
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.0 {
+            Kind::Pooled { body, .. } => body.is_end_stream(),
+            Kind::Hyper(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.0 {
+            Kind::Pooled { body, .. } => body.size_hint(),
+            Kind::Hyper(body) => body.size_hint(),
+        }
     }
 }
 
@@ -389,8 +389,8 @@ mod tests {
         }
     }
 
-    fn post(uri: &Uri) -> Request<Full<Bytes>> {
-        let mut request = Request::new(Full::new(Bytes::from_static(b"{}")));
+    fn post(uri: &Uri) -> Request<Bytes> {
+        let mut request = Request::new(Bytes::from_static(b"{}"));
         *request.method_mut() = axum::http::Method::POST;
         *request.uri_mut() = uri.clone();
         request

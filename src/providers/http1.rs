@@ -1,0 +1,765 @@
+//! One kept-alive HTTP/1.1 connection to an upstream at a plain `http://`
+//! URL, driven by the task of the request it carries: the request is
+//! written and the response read where the handler awaits them, with no
+//! task, channel or buffer of the connection's own. An open stream whose
+//! upstream is quiet holds the socket and nothing else: bytes are read on
+//! the stack and kept only until they are handed out. httparse reads the
+//! response head and chunk sizes; the framing is RFC 9112's (§6.3).
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker, ready};
+
+use axum::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The most headers a response head may have (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// The longest response head, and the longest chunk-size line or trailer
+/// section, read before the response is refused.
+const MAX_HEAD: usize = 64 * 1024;
+/// The most bytes one read takes from the socket.
+const READ_SIZE: usize = 16 * 1024;
+
+/// A connection between exchanges.
+pub struct Connection {
+    io: TcpStream,
+    /// Bytes read and not handed out yet: empty, and without an
+    /// allocation, between exchanges and while a stream waits.
+    read: BytesMut,
+}
+
+/// Why an exchange got no response.
+pub enum Failure {
+    /// The connection refused the request's first byte: the upstream saw
+    /// nothing of it, so it may go on another connection.
+    Unsent(Box<Request<Bytes>>, String),
+    /// The connection failed or the upstream broke the protocol.
+    Broken(String),
+}
+
+impl Connection {
+    pub fn new(io: TcpStream) -> Self {
+        Self {
+            io,
+            read: BytesMut::new(),
+        }
+    }
+
+    /// Whether the upstream has neither closed the connection nor sent
+    /// anything since its last response ended. Without a system call
+    /// unless the socket has become readable since.
+    pub fn is_open(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Readable: at its end, or with bytes no request asked for,
+            // unless the readiness is stale.
+            Poll::Ready(Ok(())) => {
+                matches!(self.io.try_read(&mut [0]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Sends `request` (its URI in origin form, its `Host` header set)
+    /// and reads the response's head; the body reads the rest.
+    pub async fn send(mut self, request: Request<Bytes>) -> Result<Response<Body>, Failure> {
+        let wire = encode(&request);
+        let written = match self.io.write(&wire).await {
+            Ok(0) => {
+                let closed = "the connection is closed".into();
+                return Err(Failure::Unsent(Box::new(request), closed));
+            }
+            Err(e) => return Err(Failure::Unsent(Box::new(request), e.to_string())),
+            Ok(n) => n,
+        };
+        let broken = |e: io::Error| Failure::Broken(e.to_string());
+        self.io.write_all(&wire[written..]).await.map_err(broken)?;
+        drop(wire);
+        let head = loop {
+            if let Some(head) = self.parse_head().map_err(Failure::Broken)? {
+                break head;
+            }
+            if self.fill().await.map_err(broken)? == 0 {
+                return Err(Failure::Broken(
+                    "the upstream closed the connection before it answered".into(),
+                ));
+            }
+        };
+        let framing = Framing::of(&request, &head).map_err(Failure::Broken)?;
+        // A response framed both ways may be a smuggling attempt: what
+        // follows it is not trusted to be the next response.
+        let framed_twice = head.headers.contains_key(TRANSFER_ENCODING)
+            && head.headers.contains_key(CONTENT_LENGTH);
+        let keep_alive = head.keep_alive && framing != Framing::Close && !framed_twice;
+        let mut body = Body {
+            connection: Some(self),
+            framing,
+            keep_alive,
+            reusable: None,
+        };
+        if framing == Framing::Length(0) {
+            body.finish();
+        }
+        let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.headers_mut() = head.headers;
+        Ok(response)
+    }
+
+    /// The next final response head in the bytes read, past any interim
+    /// (1xx) one; `None` until it is all there.
+    fn parse_head(&mut self) -> Result<Option<Head>, String> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut headers);
+            let length = match parsed.parse(&self.read) {
+                Ok(httparse::Status::Complete(length)) => length,
+                Ok(httparse::Status::Partial) if self.read.len() > MAX_HEAD => {
+                    return Err(format!("a response head longer than {MAX_HEAD} bytes"));
+                }
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(e) => return Err(format!("an invalid response head: {e}")),
+            };
+            let code = parsed.code.unwrap_or_default();
+            let status = StatusCode::from_u16(code)
+                .map_err(|_| format!("an invalid response status {code}"))?;
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err("a protocol switch no request asked for".into());
+            }
+            if status.is_informational() {
+                self.read.advance(length);
+                continue;
+            }
+            let mut map = HeaderMap::with_capacity(parsed.headers.len());
+            for header in parsed.headers.iter() {
+                let name = HeaderName::from_bytes(header.name.as_bytes());
+                let value = HeaderValue::from_bytes(header.value);
+                let (Ok(name), Ok(value)) = (name, value) else {
+                    return Err(format!("an invalid response header {:?}", header.name));
+                };
+                map.append(name, value);
+            }
+            let keep_alive = parsed.version == Some(1) && !has_token(&map, &CONNECTION, "close");
+            self.read.advance(length);
+            return Ok(Some(Head {
+                status,
+                headers: map,
+                keep_alive,
+            }));
+        }
+    }
+
+    /// Reads what the socket holds into `read`: how many bytes, 0 at its end.
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        // On the stack, so that a quiet stream holds no buffer; a read
+        // shorter than this tells the runtime the socket is drained.
+        let mut stack = [MaybeUninit::<u8>::uninit(); READ_SIZE];
+        let mut buf = ReadBuf::uninit(&mut stack);
+        let Poll::Ready(read) = Pin::new(&mut self.io).poll_read(cx, &mut buf) else {
+            // While it waits, the connection holds only the bytes not
+            // handed out, not the rest of the allocation they came in.
+            if self.read.capacity() > self.read.len() {
+                self.read = BytesMut::from(&self.read[..]);
+            }
+            return Poll::Pending;
+        };
+        read?;
+        self.read.extend_from_slice(buf.filled());
+        Poll::Ready(Ok(buf.filled().len()))
+    }
+}
+
+/// A request as it goes on the wire: head and body in one write.
+fn encode(request: &Request<Bytes>) -> Vec<u8> {
+    let body = request.body();
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut wire = Vec::with_capacity(256 + body.len());
+    for part in [request.method().as_str(), " ", path, " HTTP/1.1\r\n"] {
+        wire.extend_from_slice(part.as_bytes());
+    }
+    for (name, value) in request.headers() {
+        wire.extend_from_slice(name.as_str().as_bytes());
+        wire.extend_from_slice(b": ");
+        wire.extend_from_slice(value.as_bytes());
+        wire.extend_from_slice(b"\r\n");
+    }
+    let bodiless = matches!(*request.method(), Method::GET | Method::HEAD) && body.is_empty();
+    if !bodiless && !request.headers().contains_key(CONTENT_LENGTH) {
+        wire.extend_from_slice(b"content-length: ");
+        wire.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"\r\n");
+    wire.extend_from_slice(body);
+    wire
+}
+
+/// A final response head.
+struct Head {
+    status: StatusCode,
+    headers: HeaderMap,
+    /// HTTP/1.1 without `connection: close`.
+    keep_alive: bool,
+}
+
+/// Where a response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// After this many more bytes.
+    Length(u64),
+    Chunked(Chunked),
+    /// When the upstream closes the connection.
+    Close,
+}
+
+/// Where a chunked body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    Size,
+    /// In a chunk's data, with this many bytes to come.
+    Data(u64),
+    /// At the CRLF after a chunk's data.
+    DataEnd,
+    /// Past the last chunk, at the trailer section.
+    Trailers,
+}
+
+impl Framing {
+    fn of(request: &Request<Bytes>, head: &Head) -> Result<Self, String> {
+        let bodiless = *request.method() == Method::HEAD
+            || matches!(
+                head.status,
+                StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+            );
+        if bodiless {
+            return Ok(Self::Length(0));
+        }
+        if head.headers.contains_key(TRANSFER_ENCODING) {
+            // The last coding is what frames the body.
+            let chunked = head
+                .headers
+                .get_all(TRANSFER_ENCODING)
+                .iter()
+                .next_back()
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit(',').next())
+                .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+            return Ok(if chunked {
+                Self::Chunked(Chunked::Size)
+            } else {
+                Self::Close
+            });
+        }
+        match content_length(&head.headers) {
+            Ok(length) => Ok(length.map_or(Self::Close, Self::Length)),
+            Err(value) => Err(format!("an invalid content-length {value:?}")),
+        }
+    }
+}
+
+/// The body of a response, read from its connection as it is polled.
+pub struct Body {
+    /// `None` once the body has ended or failed.
+    connection: Option<Connection>,
+    framing: Framing,
+    keep_alive: bool,
+    /// The connection, once the body has ended and it can carry another
+    /// exchange.
+    reusable: Option<Connection>,
+}
+
+/// What the bytes read so far give.
+enum Decoded {
+    Data(Bytes),
+    End,
+    More,
+}
+
+impl Body {
+    /// The connection, free for the next exchange, once the body has
+    /// been read to its end.
+    pub fn take_connection(&mut self) -> Option<Connection> {
+        self.reusable.take()
+    }
+
+    /// What the bytes read so far give, as far as they go.
+    fn decode(framing: &mut Framing, read: &mut BytesMut) -> Result<Decoded, String> {
+        loop {
+            match framing {
+                Framing::Length(0) => return Ok(Decoded::End),
+                Framing::Length(left) | Framing::Chunked(Chunked::Data(left)) => {
+                    if read.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take = read.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= take as u64;
+                    let data = read.split_to(take).freeze();
+                    if let Framing::Chunked(state @ Chunked::Data(0)) = framing {
+                        // Its CRLF is taken with it when it is there, so
+                        // that a whole chunk leaves nothing behind.
+                        *state = if read.starts_with(b"\r\n") {
+                            read.advance(2);
+                            Chunked::Size
+                        } else {
+                            Chunked::DataEnd
+                        };
+                    }
+                    return Ok(Decoded::Data(data));
+                }
+                Framing::Close => {
+                    if read.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    return Ok(Decoded::Data(read.split().freeze()));
+                }
+                Framing::Chunked(state @ Chunked::Size) => match httparse::parse_chunk_size(read) {
+                    Ok(httparse::Status::Complete((length, 0))) => {
+                        read.advance(length);
+                        *state = Chunked::Trailers;
+                    }
+                    Ok(httparse::Status::Complete((length, size))) => {
+                        read.advance(length);
+                        *state = Chunked::Data(size);
+                    }
+                    Ok(httparse::Status::Partial) if read.len() > MAX_HEAD => {
+                        return Err("a chunk-size line too long".into());
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(Decoded::More),
+                    Err(_) => return Err("an invalid chunk size".into()),
+                },
+                Framing::Chunked(state @ Chunked::DataEnd) => {
+                    if read.len() < 2 {
+                        return Ok(Decoded::More);
+                    }
+                    if &read[..2] != b"\r\n" {
+                        return Err("a chunk longer than its size".into());
+                    }
+                    read.advance(2);
+                    *state = Chunked::Size;
+                }
+                Framing::Chunked(Chunked::Trailers) => {
+                    let end = if read.starts_with(b"\r\n") {
+                        Some(2)
+                    } else {
+                        memchr::memmem::find(read, b"\r\n\r\n").map(|at| at + 4)
+                    };
+                    return match end {
+                        Some(end) => {
+                            read.advance(end);
+                            *framing = Framing::Length(0);
+                            Ok(Decoded::End)
+                        }
+                        None if read.len() > MAX_HEAD => Err("a trailer section too long".into()),
+                        None => Ok(Decoded::More),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Ends the body; its connection is kept for another exchange when
+    /// the response allows it and nothing was sent past its end.
+    fn finish(&mut self) {
+        if let Some(mut connection) = self.connection.take()
+            && self.keep_alive
+            && connection.read.is_empty()
+        {
+            connection.read = BytesMut::new();
+            self.reusable = Some(connection);
+        }
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(connection) = this.connection.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let read = &mut connection.read;
+            let error = match Self::decode(&mut this.framing, read) {
+                Ok(Decoded::Data(data)) => {
+                    if this.framing == Framing::Length(0) {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Decoded::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::More) => match ready!(connection.poll_fill(cx)) {
+                    Ok(0) if this.framing == Framing::Close => {
+                        this.connection = None;
+                        return Poll::Ready(None);
+                    }
+                    Ok(0) => io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection before the body's end",
+                    ),
+                    Ok(_) => continue,
+                    Err(error) => error,
+                },
+                Err(error) => io::Error::new(io::ErrorKind::InvalidData, error),
+            };
+            this.connection = None;
+            return Poll::Ready(Some(Err(error)));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.connection.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(left) => SizeHint::with_exact(left),
+            _ if self.connection.is_none() => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// The length the `content-length` headers give, which must all agree;
+/// the offending value when they do not or one is not a number.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &HeaderValue> {
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        let items = value.to_str().map_err(|_| value)?.split(',').map(str::trim);
+        for item in items {
+            // Digits only: `parse` would take a sign.
+            let digits = !item.is_empty() && item.bytes().all(|b| b.is_ascii_digit());
+            match (digits.then(|| item.parse::<u64>().ok()).flatten(), length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(seen)) if n == seen => {}
+                _ => return Err(value),
+            }
+        }
+    }
+    Ok(length)
+}
+
+/// Whether a header of `name` lists `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value.to_str().is_ok_and(|value| {
+            value
+                .split(',')
+                .any(|item| item.trim().eq_ignore_ascii_case(token))
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use hyper::body::Body as _;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A server on 127.0.0.1 that answers the requests on its first
+    /// connection with `replies`, in order, each written as it is (split
+    /// where the reply has a `|`, with a pause between the parts), and
+    /// then keeps the connection open until the client closes it.
+    async fn upstream(replies: &'static [&'static str]) -> Connection {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut read = Vec::new();
+            for reply in replies {
+                // The request: its head, then its content-length's bytes.
+                let end = loop {
+                    if let Some(at) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
+                    let mut buf = [0; 4096];
+                    let n = stream.read(&mut buf).await.unwrap();
+                    read.extend_from_slice(&buf[..n]);
+                };
+                let head = String::from_utf8_lossy(&read[..end]).to_lowercase();
+                let length: usize = head
+                    .split("content-length: ")
+                    .nth(1)
+                    .map_or(0, |v| v.split("\r\n").next().unwrap().parse().unwrap());
+                while read.len() < end + length {
+                    let mut buf = [0; 4096];
+                    let n = stream.read(&mut buf).await.unwrap();
+                    read.extend_from_slice(&buf[..n]);
+                }
+                read.drain(..end + length);
+                for part in reply.split('|') {
+                    stream.write_all(part.as_bytes()).await.unwrap();
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+            let mut buf = [0; 16];
+            while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        Connection::new(TcpStream::connect(address).await.unwrap())
+    }
+
+    /// A server on 127.0.0.1 that answers its first request with `reply`
+    /// and closes the connection.
+    async fn answered_then_closed(reply: &'static [u8]) -> Connection {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0; 4096];
+            let _ = stream.read(&mut buf).await.unwrap();
+            stream.write_all(reply).await.unwrap();
+        });
+        Connection::new(TcpStream::connect(address).await.unwrap())
+    }
+
+    fn post(body: &'static str) -> Request<Bytes> {
+        let mut request = Request::new(Bytes::from_static(body.as_bytes()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = "/v1/chat/completions".parse().unwrap();
+        request
+    }
+
+    /// The response's status, its body whole (or the body's error), and
+    /// its connection if it can carry another exchange.
+    async fn exchange(
+        connection: Connection,
+        request: Request<Bytes>,
+    ) -> (StatusCode, Result<Bytes, String>, Option<Connection>) {
+        let response = match connection.send(request).await {
+            Ok(response) => response,
+            Err(Failure::Broken(error)) => panic!("no response: {error}"),
+            Err(Failure::Unsent(..)) => panic!("not sent"),
+        };
+        let status = response.status();
+        let mut body = response.into_body();
+        let mut data = Vec::new();
+        let result = loop {
+            match body.frame().await {
+                None => break Ok(Bytes::from(data)),
+                Some(Ok(frame)) => data.extend_from_slice(&frame.into_data().unwrap()),
+                Some(Err(error)) => break Err(error.to_string()),
+            }
+        };
+        (status, result, body.take_connection())
+    }
+
+    async fn refused(connection: Connection) -> String {
+        match connection.send(post("{}")).await {
+            Err(Failure::Broken(error)) => error,
+            Err(Failure::Unsent(..)) => panic!("not sent"),
+            Ok(response) => panic!("answered {}", response.status()),
+        }
+    }
+
+    #[test]
+    fn a_request_is_written_in_origin_form_with_its_length() {
+        let mut request = post("{\"a\":1}");
+        request
+            .headers_mut()
+            .insert("host", HeaderValue::from_static("engine:8000"));
+        assert_eq!(
+            encode(&request),
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: engine:8000\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
+        );
+        let mut get = Request::new(Bytes::new());
+        *get.uri_mut() = "/metrics".parse().unwrap();
+        assert_eq!(encode(&get), b"GET /metrics HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_with_extensions_and_trailers_then_a_sized_one_share_the_connection() {
+        let connection = upstream(&[
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n|7\r\n, worl|d\r\n0\r\nx-trailer: t\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n|ok",
+        ])
+        .await;
+        let (status, body, connection) = exchange(connection, post("{}")).await;
+        assert_eq!(
+            (status, body.unwrap()),
+            (StatusCode::OK, "hello, world".into())
+        );
+        let (_, body, connection) = exchange(connection.expect("kept"), post("{}")).await;
+        assert_eq!(body.unwrap(), "ok");
+        assert!(connection.is_some());
+    }
+
+    #[test]
+    fn a_chunked_body_reads_the_same_however_its_bytes_are_cut() {
+        let wire = b"4\r\ndata\r\n1A;name=\"v\"\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx: y\r\n\r\n";
+        for cut in 0..=wire.len() {
+            for second in cut..=wire.len() {
+                let mut framing = Framing::Chunked(Chunked::Size);
+                let mut read = BytesMut::new();
+                let mut data = Vec::new();
+                let mut ended = false;
+                for part in [&wire[..cut], &wire[cut..second], &wire[second..]] {
+                    read.extend_from_slice(part);
+                    loop {
+                        match Body::decode(&mut framing, &mut read).unwrap() {
+                            Decoded::Data(bytes) => data.extend_from_slice(&bytes),
+                            Decoded::End => {
+                                ended = true;
+                                break;
+                            }
+                            Decoded::More => break,
+                        }
+                    }
+                }
+                assert!(ended, "cut at {cut} and {second}");
+                assert_eq!(data, b"dataabcdefghijklmnopqrstuvwxyz");
+                assert!(read.is_empty());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn interim_responses_are_skipped() {
+        let connection = upstream(&[
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n|HTTP/1.1 201 Created\r\ncontent-length: 3\r\n\r\nnew",
+        ])
+        .await;
+        let (status, body, connection) = exchange(connection, post("{}")).await;
+        assert_eq!((status, body.unwrap()), (StatusCode::CREATED, "new".into()));
+        assert!(connection.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_body_without_a_length_ends_with_the_connection_which_is_not_reused() {
+        let connection = answered_then_closed(b"HTTP/1.1 200 OK\r\n\r\nuntil the end").await;
+        let (_, body, connection) = exchange(connection, post("{}")).await;
+        assert_eq!(body.unwrap(), "until the end");
+        assert!(connection.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_response_that_forbids_reuse_is_not_reused() {
+        for reply in [
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            // Framed twice: chunked wins, and what follows is not trusted.
+            "HTTP/1.1 200 OK\r\ncontent-length: 9\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            // More than the length promised.
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
+        ] {
+            let replies: &'static [&'static str] = Box::leak(Box::new([reply]));
+            let (_, body, connection) = exchange(upstream(replies).await, post("{}")).await;
+            assert_eq!(body.unwrap(), "ok", "{reply:?}");
+            assert!(connection.is_none(), "{reply:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_frees_its_connection_at_once() {
+        let connection = upstream(&[
+            "HTTP/1.1 204 No Content\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        ])
+        .await;
+        let mut response = connection.send(post("{}")).await.ok().unwrap();
+        assert!(response.body().is_end_stream());
+        let connection = response.body_mut().take_connection().expect("free");
+        let mut response = connection.send(post("{}")).await.ok().unwrap();
+        assert!(response.body_mut().take_connection().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_broken_response_head_or_length_is_refused_saying_what_is_wrong() {
+        for (reply, says) in [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+                "invalid content-length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
+                "invalid content-length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+                "invalid response head",
+            ),
+            (
+                "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                "protocol switch",
+            ),
+            ("SMTP ready\r\n\r\n", "invalid response head"),
+        ] {
+            let replies: &'static [&'static str] = Box::leak(Box::new([reply]));
+            let error = refused(upstream(replies).await).await;
+            assert!(error.contains(says), "{reply:?}: {error}");
+        }
+        let huge: &'static str = Box::leak(
+            format!("HTTP/1.1 200 OK\r\nx: {}\r\n", "a".repeat(MAX_HEAD)).into_boxed_str(),
+        );
+        let replies: &'static [&'static str] = Box::leak(Box::new([huge]));
+        let error = refused(upstream(replies).await).await;
+        assert!(error.contains("longer than"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_or_a_chunk_overrunning_its_size_is_an_error() {
+        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf.";
+        let (_, body, connection) = exchange(answered_then_closed(reply).await, post("{}")).await;
+        assert!(body.unwrap_err().contains("before the body's end"));
+        assert!(connection.is_none());
+
+        let overrun = upstream(&[
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokay\r\n0\r\n\r\n",
+        ]);
+        let (_, body, connection) = exchange(overrun.await, post("{}")).await;
+        assert!(body.unwrap_err().contains("longer than its size"));
+        assert!(connection.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stream_waiting_for_its_next_bytes_holds_no_buffer() {
+        let connection = upstream(&[
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n|6\r\nfirst\n\r\n|7\r\nsecond\n\r\n|0\r\n\r\n",
+        ])
+        .await;
+        let mut body = connection.send(post("{}")).await.ok().unwrap().into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "first\n");
+        // The next bytes come 50 ms later: the body waits for them.
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
+        let held = body.connection.as_ref().unwrap().read.capacity();
+        assert_eq!(held, 0, "a buffer of {held} bytes held between reads");
+        let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(second, "second\n");
+        assert!(body.frame().await.is_none());
+        assert!(body.take_connection().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_connection_its_upstream_closed_is_not_open() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let connection = Connection::new(TcpStream::connect(address).await.unwrap());
+        assert!(connection.is_open());
+        let (stream, _) = listener.accept().await.unwrap();
+        drop(stream);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!connection.is_open());
+    }
+}
