@@ -83,13 +83,13 @@ impl Connection {
         self.io.write_all(&wire[written..]).await.map_err(broken)?;
         drop(wire);
         let head = loop {
-            if let Some(head) = self.parse_head().map_err(Failure::Broken)? {
-                break head;
-            }
             if self.fill().await.map_err(broken)? == 0 {
                 return Err(Failure::Broken(
                     "the upstream closed the connection before it answered".into(),
                 ));
+            }
+            if let Some(head) = self.parse_head().map_err(Failure::Broken)? {
+                break head;
             }
         };
         let framing = Framing::of(&request, &head).map_err(Failure::Broken)?;
