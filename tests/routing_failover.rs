@@ -4,8 +4,10 @@
 //! byte do not; a 429's `retry-after` cools its deployment; a circuit
 //! opens, lets one probe through, and closes or reopens; every answer says
 //! which backend served it after how many attempts. An upstream that sends
-//! more than its backend's caps, or breaks mid-body, fails over before the
-//! client has a byte and ends the stream with an error event after.
+//! more than its backend's caps, breaks mid-body, or answers with what is
+//! not HTTP/1.1, fails over before the client has a byte (alone, it is a
+//! 502 that says what it broke) and ends the stream with an error event
+//! after.
 
 mod support;
 
@@ -44,6 +46,25 @@ async fn outcome(gateway: &Gateway, request: Value, status: u16) -> (String, Str
 
 fn pair(backend: &str, attempts: usize) -> (String, String) {
     (backend.to_owned(), attempts.to_string())
+}
+
+/// Alias `alias`, asked whole and streamed, answered by backend `spare`
+/// after one failed attempt.
+async fn served_by_the_spare_on_the_second_attempt(gateway: &Gateway, alias: &str) {
+    assert_eq!(
+        outcome(gateway, hi(alias), 200).await,
+        pair("spare", 2),
+        "{alias}"
+    );
+    let (head, events) = gateway
+        .stream("/v1/chat/completions", hi_stream(alias))
+        .await;
+    assert_eq!(head["x-tollgate-backend"], "spare", "{alias} streamed");
+    assert_eq!(head["x-tollgate-attempts"], "2", "{alias} streamed");
+    assert_eq!(
+        events.rest().await.last().map(String::as_str),
+        Some("[DONE]")
+    );
 }
 
 /// Alias `name` on backend `name`, then on `spare`: deployments `name` and
@@ -107,26 +128,88 @@ async fn each_retriable_failure_before_the_first_byte_fails_over_to_the_next_dep
     ];
     aliases.extend(failing.iter().map(|(status, _)| format!("status-{status}")));
     for alias in &aliases {
-        assert_eq!(
-            outcome(&gateway, hi(alias), 200).await,
-            pair("spare", 2),
-            "{alias}"
-        );
-        let (head, events) = gateway
-            .stream("/v1/chat/completions", hi_stream(alias))
-            .await;
-        assert_eq!(head["x-tollgate-backend"], "spare", "{alias} streamed");
-        assert_eq!(head["x-tollgate-attempts"], "2", "{alias} streamed");
-        assert_eq!(
-            events.rest().await.last().map(String::as_str),
-            Some("[DONE]")
-        );
+        served_by_the_spare_on_the_second_attempt(&gateway, alias).await;
     }
     assert_eq!((silent.hits(), stalled.hits()), (2, 2));
     for (status, mock) in &failing {
         assert_eq!(mock.hits(), 2, "{status}");
     }
     assert_eq!(spare.hits(), 2 * aliases.len());
+}
+
+/// A base URL whose server answers every request with `reply` as it is,
+/// then closes the connection: an upstream that does not speak HTTP/1.1.
+async fn answering_with(reply: &'static [u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0; 64 * 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(reply).await;
+            });
+        }
+    });
+    format!("http://{address}/v1")
+}
+
+#[tokio::test]
+async fn an_upstream_that_breaks_http_fails_over_and_alone_is_a_502_that_says_what_it_broke() {
+    let spare = MockUpstream::openai().start().await;
+    let broken: [(&str, &[u8], &str); 5] = [
+        (
+            "not-http",
+            b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+            "invalid response head",
+        ),
+        (
+            "two-lengths",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}",
+            "invalid content-length",
+        ),
+        (
+            "switch",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "protocol switch",
+        ),
+        (
+            "bad-chunk",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            "in the middle of a response",
+        ),
+        ("silent-close", b"", "failed before a response"),
+    ];
+    let mut config = Config::new().backend(Backend::new("spare", "openai", &url(&spare)));
+    for (name, reply, _) in broken {
+        config = config
+            .backend(Backend::new(name, "openai", &answering_with(reply).await))
+            .model(with_spare(name))
+            .model(
+                Model::new(&format!("{name}-alone"))
+                    .deployment(Deployment::named(&format!("{name}-only"), name)),
+            );
+    }
+    let gateway = start(&config).await;
+    for (name, _, says) in broken {
+        served_by_the_spare_on_the_second_attempt(&gateway, name).await;
+
+        let response = gateway.chat(hi(&format!("{name}-alone"))).await;
+        assert_eq!(response.status(), 502, "{name}");
+        let error = error_of(response).await;
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(says), "{name}: {message}");
+        assert!(
+            message.contains(&format!("backend \"{name}\"")),
+            "{name}: {message}"
+        );
+    }
+    // The gateway is whole after all of it.
+    assert_eq!(
+        outcome(&gateway, hi("not-http"), 200).await,
+        pair("spare", 2)
+    );
 }
 
 #[tokio::test]

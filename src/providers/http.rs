@@ -58,7 +58,14 @@ impl HttpClient {
             Self::Tls(client) => match client.request(request.map(Full::new)).await {
                 Ok(response) => Ok(response.map(UpstreamBody::from)),
                 Err(e) if e.is_connect() => Err(RequestError::Connect(e.to_string())),
-                Err(e) => Err(RequestError::Exchange(e.to_string())),
+                Err(e) => Err(
+                    match std::error::Error::source(&e)
+                        .and_then(|e| e.downcast_ref::<hyper::Error>())
+                    {
+                        Some(parse) if parse.is_parse() => RequestError::Invalid(parse.to_string()),
+                        _ => RequestError::Exchange(e.to_string()),
+                    },
+                ),
             },
         }
     }
@@ -176,6 +183,7 @@ pub async fn send(
     let response = client.request(request).await.map_err(|e| match e {
         RequestError::Connect(_) => GatewayError::upstream_connect(backend),
         RequestError::Exchange(_) => GatewayError::upstream_request_failed(backend),
+        RequestError::Invalid(what) => GatewayError::upstream_protocol(backend, what),
     })?;
     if let Some(reported) = UpstreamQuota::from_headers(response.headers()) {
         let _ = quota.set(reported);

@@ -39,8 +39,10 @@ pub enum Failure {
     /// The connection refused the request's first byte: the upstream saw
     /// nothing of it, so it may go on another connection.
     Unsent(Box<Request<Bytes>>, String),
-    /// The connection failed or the upstream broke the protocol.
+    /// The connection failed.
     Broken(String),
+    /// The upstream's answer is not HTTP/1.1 as RFC 9112 frames it.
+    Invalid(String),
 }
 
 impl Connection {
@@ -88,11 +90,11 @@ impl Connection {
                     "the upstream closed the connection before it answered".into(),
                 ));
             }
-            if let Some(head) = self.parse_head().map_err(Failure::Broken)? {
+            if let Some(head) = self.parse_head().map_err(Failure::Invalid)? {
                 break head;
             }
         };
-        let framing = Framing::of(&request, &head).map_err(Failure::Broken)?;
+        let framing = Framing::of(&request, &head).map_err(Failure::Invalid)?;
         // A response framed both ways may be a smuggling attempt: what
         // follows it is not trusted to be the next response.
         let framed_twice = head.headers.contains_key(TRANSFER_ENCODING)
@@ -142,7 +144,7 @@ impl Connection {
                 let name = HeaderName::from_bytes(header.name.as_bytes());
                 let value = HeaderValue::from_bytes(header.value);
                 let (Ok(name), Ok(value)) = (name, value) else {
-                    return Err(format!("an invalid response header {:?}", header.name));
+                    return Err("an invalid response header".into());
                 };
                 map.append(name, value);
             }
@@ -263,7 +265,7 @@ impl Framing {
         }
         match content_length(&head.headers) {
             Ok(length) => Ok(length.map_or(Self::Close, Self::Length)),
-            Err(value) => Err(format!("an invalid content-length {value:?}")),
+            Err(()) => Err("an invalid content-length".into()),
         }
     }
 }
@@ -438,19 +440,19 @@ impl hyper::body::Body for Body {
     }
 }
 
-/// The length the `content-length` headers give, which must all agree;
-/// the offending value when they do not or one is not a number.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &HeaderValue> {
+/// The length the `content-length` headers give, which must all agree
+/// and all be numbers.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
     let mut length = None;
     for value in headers.get_all(CONTENT_LENGTH) {
-        let items = value.to_str().map_err(|_| value)?.split(',').map(str::trim);
+        let items = value.to_str().map_err(|_| ())?.split(',').map(str::trim);
         for item in items {
             // Digits only: `parse` would take a sign.
             let digits = !item.is_empty() && item.bytes().all(|b| b.is_ascii_digit());
             match (digits.then(|| item.parse::<u64>().ok()).flatten(), length) {
                 (Some(n), None) => length = Some(n),
                 (Some(n), Some(seen)) if n == seen => {}
-                _ => return Err(value),
+                _ => return Err(()),
             }
         }
     }
@@ -548,7 +550,7 @@ mod tests {
     ) -> (StatusCode, Result<Bytes, String>, Option<Connection>) {
         let response = match connection.send(request).await {
             Ok(response) => response,
-            Err(Failure::Broken(error)) => panic!("no response: {error}"),
+            Err(Failure::Broken(error) | Failure::Invalid(error)) => panic!("no response: {error}"),
             Err(Failure::Unsent(..)) => panic!("not sent"),
         };
         let status = response.status();
@@ -566,7 +568,8 @@ mod tests {
 
     async fn refused(connection: Connection) -> String {
         match connection.send(post("{}")).await {
-            Err(Failure::Broken(error)) => error,
+            Err(Failure::Invalid(error)) => error,
+            Err(Failure::Broken(error)) => panic!("failed, not refused: {error}"),
             Err(Failure::Unsent(..)) => panic!("not sent"),
             Ok(response) => panic!("answered {}", response.status()),
         }

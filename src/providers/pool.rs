@@ -59,6 +59,8 @@ pub enum RequestError {
     Connect(String),
     /// The connection failed during the exchange.
     Exchange(String),
+    /// The upstream's answer broke HTTP/1.1: what it got wrong.
+    Invalid(String),
 }
 
 impl std::fmt::Display for RequestError {
@@ -66,6 +68,7 @@ impl std::fmt::Display for RequestError {
         match self {
             Self::Connect(error) => write!(f, "cannot connect: {error}"),
             Self::Exchange(error) => f.write_str(error),
+            Self::Invalid(what) => write!(f, "invalid response: {what}"),
         }
     }
 }
@@ -133,6 +136,7 @@ impl Pool {
                 Err(Failure::Unsent(_, error) | Failure::Broken(error)) => {
                     return Err(RequestError::Exchange(error));
                 }
+                Err(Failure::Invalid(what)) => return Err(RequestError::Invalid(what)),
             }
         }
     }
