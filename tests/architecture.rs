@@ -24,7 +24,7 @@ const ORDER: &[&[&str]] = &[
     &["error"],
     &["limits"],
     &["config"],
-    &["id", "logging", "traces"],
+    &["id", "logging", "traces", "framing"],
 ];
 
 fn rank(module: &str) -> usize {

@@ -222,7 +222,7 @@ async fn answer_to(addr: &str, raw: &[u8]) -> String {
 }
 
 #[tokio::test]
-async fn requests_hyper_cannot_read_get_an_openai_error_body() {
+async fn requests_that_break_http_get_an_openai_error_body_that_says_what_to_change() {
     let addr = start().await;
     let post = "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\n";
     let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
@@ -244,6 +244,26 @@ async fn requests_hyper_cannot_read_get_an_openai_error_body() {
             format!("{post}transfer-encoding: gzip\r\n\r\n").into_bytes(),
             "400",
             "Transfer-Encoding",
+        ),
+        (
+            "both Content-Length and Transfer-Encoding",
+            format!("{post}content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+                .into_bytes(),
+            "400",
+            "not both",
+        ),
+        (
+            "Transfer-Encoding in HTTP/1.0",
+            b"POST /v1/chat/completions HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+                .to_vec(),
+            "400",
+            "HTTP/1.0",
+        ),
+        (
+            "no version on the request line",
+            b"POST /v1/chat/completions\r\nhost: gateway\r\n\r\n".to_vec(),
+            "400",
+            "METHOD /path HTTP/1.1",
         ),
         (
             "a control byte in a header name",

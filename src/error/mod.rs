@@ -132,27 +132,33 @@ impl GatewayError {
         )
     }
 
-    /// A request hyper could not read as HTTP/1.1, refused before any
-    /// route ran: hyper's answer says only 400, whichever rule broke.
-    pub fn malformed_http() -> Self {
+    /// A request that is not HTTP/1.1 as RFC 9112 frames it, refused
+    /// before any route ran; `problem` says which rule it broke and what
+    /// to send instead.
+    pub fn malformed_http(problem: &str) -> Self {
         Self::new(
             ErrorKind::MalformedHttp,
-            "the request is not valid HTTP/1.1: check that the request line is `METHOD /path HTTP/1.1`, \
-             that header names and values hold only the characters HTTP allows, that Content-Length \
-             is one number, and that Transfer-Encoding, if sent, ends in chunked",
+            format!("the request is not valid HTTP/1.1: {problem}"),
         )
     }
 
-    /// A request head over `limit_bytes` or with more headers than
-    /// `max_headers`: hyper's answer (431) does not say which.
-    pub fn head_too_large(limit_bytes: usize, max_headers: usize) -> Self {
+    /// A request head (request line and headers) over `limit_bytes`.
+    pub fn head_too_large(limit_bytes: usize) -> Self {
         Self::new(
             ErrorKind::HeadTooLarge,
             format!(
-                "the request's head (request line and headers) is larger than {} KiB or has more \
-                 than {max_headers} headers; send fewer or shorter headers",
+                "the request's head (request line and headers) is larger than {} KiB; send fewer \
+                 or shorter headers",
                 limit_bytes / 1024
             ),
+        )
+    }
+
+    /// A request with more than `max_headers` headers.
+    pub fn too_many_headers(max_headers: usize) -> Self {
+        Self::new(
+            ErrorKind::HeadTooLarge,
+            format!("the request has more than {max_headers} headers; send fewer"),
         )
     }
 

@@ -17,7 +17,7 @@ use axum::body::Body;
 use axum::http::header::ORIGIN;
 use axum::http::{Method, Request};
 use axum::response::Response;
-use hyper::body::Incoming;
+use bytes::Bytes;
 use tower::{Layer, ServiceExt};
 use tower_http::cors::CorsLayer;
 
@@ -45,12 +45,16 @@ impl Front {
     }
 }
 
-impl hyper::service::Service<Request<Incoming>> for Front {
+impl<B> hyper::service::Service<Request<B>> for Front
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     type Response = Response;
     type Error = Infallible;
     type Future = Answer;
 
-    fn call(&self, request: Request<Incoming>) -> Answer {
+    fn call(&self, request: Request<B>) -> Answer {
         let (mut parts, body) = request.into_parts();
         let body = Body::new(body);
         let (id, header) = request_id::for_request(&parts.headers);

@@ -1,24 +1,20 @@
-//! The accept loop: each connection served by hyper, HTTP/1.1 or HTTP/2
-//! with prior knowledge, with buffers sized for many long-lived streams,
-//! and a graceful drain.
+//! The accept loop: each connection served over HTTP/1.1 (`http1`) or,
+//! by hyper, HTTP/2 with prior knowledge, and a graceful drain.
 
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::front::Front;
-use super::refusal::{MAX_HEAD_BYTES, Refusing};
-
-/// A client that sends no complete request head for this long is dropped.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+use super::http1::{self, HEAD_TIMEOUT, MAX_HEAD_BYTES};
 
 /// How an HTTP/2 client with prior knowledge opens (RFC 9113 §3.4). No
 /// HTTP/1 request starts with it: HTTP/1 requests differ from it by their
@@ -35,10 +31,10 @@ pub async fn accept_until(
     front: Front,
     shutdown: impl Future<Output = ()>,
 ) -> impl Future<Output = ()> {
-    let protocols = Arc::new(Protocols::new());
-    let graceful = GracefulShutdown::new();
-    // Tells connections still sniffing their protocol to give up.
-    let (stopping, stop) = watch::channel(());
+    let http2 = Arc::new(http2_builder());
+    // Turns true when the gateway stops; every connection holds a
+    // receiver until it has finished.
+    let (stopping, stop) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let tcp = tokio::select! {
@@ -59,36 +55,23 @@ pub async fn accept_until(
         }
         tokio::spawn(start_serving(
             tcp,
-            protocols.clone(),
+            http2.clone(),
             front.clone(),
-            graceful.watcher(),
             stop.clone(),
         ));
     }
     drop(listener);
-    stopping.send_replace(());
-    graceful.shutdown()
+    drop(stop);
+    stopping.send_replace(true);
+    async move { stopping.closed().await }
 }
 
-/// One configured server per protocol, shared by every connection.
-struct Protocols {
-    http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
-}
-
-impl Protocols {
-    fn new() -> Self {
-        let mut http1 = http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEAD_TIMEOUT)
-            .max_buf_size(MAX_HEAD_BYTES);
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            .max_header_list_size(MAX_HEAD_BYTES as u32);
-        Self { http1, http2 }
-    }
+fn http2_builder() -> http2::Builder<TokioExecutor> {
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32);
+    http2
 }
 
 enum Protocol {
@@ -99,44 +82,44 @@ enum Protocol {
 /// Finds which protocol a connection speaks, then serves it in a task of
 /// its own: a task is as large as the largest state its future can be in,
 /// so an HTTP/1 connection served by a future that could also hold an
-/// HTTP/2 one (hyper-util's `auto`) would carry the larger state for as
-/// long as it is open.
+/// HTTP/2 one would carry the larger state for as long as it is open.
 async fn start_serving(
     tcp: TcpStream,
-    protocols: Arc<Protocols>,
+    http2: Arc<http2::Builder<TokioExecutor>>,
     service: Front,
-    watcher: Watcher,
-    mut stop: watch::Receiver<()>,
+    mut stop: watch::Receiver<bool>,
 ) {
+    let first_head_by = Instant::now() + HEAD_TIMEOUT;
     let protocol = tokio::select! {
-        sniffed = tokio::time::timeout(HEAD_TIMEOUT, sniff(&tcp)) => match sniffed {
+        sniffed = tokio::time::timeout_at(first_head_by, sniff(&tcp)) => match sniffed {
             Ok(Ok(Some(protocol))) => protocol,
             // Closed, failed or silent before its first request.
             _ => return,
         },
-        _ = stop.changed() => return,
+        () = http1::stopped(&mut stop) => return,
     };
     match protocol {
-        Protocol::Http1 => spawn_watched(
-            watcher.watch(
-                protocols
-                    .http1
-                    .serve_connection(TokioIo::new(Refusing::new(tcp)), service),
-            ),
-        ),
-        // HTTP/2 refuses with stream resets, which have no body.
-        Protocol::Http2 => spawn_watched(
-            watcher.watch(protocols.http2.serve_connection(TokioIo::new(tcp), service)),
-        ),
-    }
-}
-
-fn spawn_watched(connection: impl Future<Output = hyper::Result<()>> + Send + 'static) {
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "connection ended with an error");
+        Protocol::Http1 => {
+            tokio::spawn(http1::serve(tcp, service, first_head_by, stop));
         }
-    });
+        // HTTP/2 refuses with stream resets, which have no body.
+        Protocol::Http2 => {
+            tokio::spawn(async move {
+                let connection = http2.serve_connection(TokioIo::new(tcp), service);
+                let mut connection = std::pin::pin!(connection);
+                let served = tokio::select! {
+                    served = connection.as_mut() => served,
+                    () = http1::stopped(&mut stop) => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                if let Err(e) = served {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+    }
 }
 
 /// Looks at a connection's first bytes without taking them, so hyper reads

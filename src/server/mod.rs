@@ -4,9 +4,9 @@
 mod admin;
 mod cors;
 mod front;
+mod http1;
 mod listen;
 mod metrics_page;
-mod refusal;
 mod request_id;
 
 use std::future::Future;
