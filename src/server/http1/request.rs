@@ -136,17 +136,29 @@ impl Socket {
         // drained.
         let mut stack = [MaybeUninit::<u8>::uninit(); READ_SIZE];
         let buf = &mut stack[..most.min(READ_SIZE)];
+        let room = buf.len();
         loop {
             ready!(self.tcp.poll_read_ready(cx))?;
+            let mut drained = None;
             let received = self.tcp.try_io(Interest::READABLE, || {
                 let ((filled, _), _) = rustix::net::recv(&self.tcp, &mut *buf, RecvFlags::empty())?;
                 self.reading().read.extend_from_slice(filled);
-                Ok(filled.len())
+                let n = filled.len();
+                if n > 0 && n < room {
+                    // A short read took all there was: reported as
+                    // `WouldBlock`, the runtime forgets the readiness
+                    // (unless bytes came since), so that the next wait
+                    // for bytes, or for the client leaving, starts without
+                    // a read that would find none.
+                    drained = Some(n);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
             });
-            match received {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+            match (received, drained) {
+                (Ok(n), _) | (Err(_), Some(n)) => return Poll::Ready(Ok(n)),
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
+                (Err(e), None) => return Poll::Ready(Err(e)),
             }
         }
     }
