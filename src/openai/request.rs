@@ -9,10 +9,10 @@ use std::marker::PhantomData;
 use std::ops::Range;
 
 use bytes::Bytes;
-use serde::de::value::{BorrowedStrDeserializer, MapAccessDeserializer};
+use serde::de::value::{BorrowedStrDeserializer, MapAccessDeserializer, SeqAccessDeserializer};
 use serde::de::{
     self, DeserializeOwned, DeserializeSeed, Deserializer as _, IntoDeserializer, MapAccess,
-    Visitor,
+    SeqAccess, Visitor,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -46,14 +46,57 @@ pub struct ChatMessage {
     pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(
-    untagged,
-    expecting = "a string, or an array of content parts such as {\"type\":\"text\",\"text\":\"...\"}"
-)]
-pub enum MessageContent {
+/// A chat message's `content`.
+pub type MessageContent = TextOrParts<ContentPart>;
+
+/// A message's content as OpenAI's APIs send it: a string, or an array of
+/// parts. Read by the type of the value rather than as an untagged enum,
+/// which buffers the value and tries each variant in turn (a copy of every
+/// message's text) and, when no variant fits, cannot say which part is wrong.
+#[derive(Debug, Clone)]
+pub enum TextOrParts<P> {
     Text(String),
-    Parts(Vec<ContentPart>),
+    Parts(Vec<P>),
+}
+
+/// A content part type, with an example of one for the error that names
+/// what `content` may be.
+pub trait PartExample {
+    const EXAMPLE: &'static str;
+}
+
+impl PartExample for ContentPart {
+    const EXAMPLE: &'static str = r#"{"type":"text","text":"..."}"#;
+}
+
+impl<'de, P: Deserialize<'de> + PartExample> Deserialize<'de> for TextOrParts<P> {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Content<P>(PhantomData<P>);
+        impl<'de, P: Deserialize<'de> + PartExample> Visitor<'de> for Content<P> {
+            type Value = TextOrParts<P>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(
+                    f,
+                    "a string, or an array of content parts such as {}",
+                    P::EXAMPLE
+                )
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(TextOrParts::Text(text.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, text: String) -> Result<Self::Value, E> {
+                Ok(TextOrParts::Text(text))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, parts: A) -> Result<Self::Value, A::Error> {
+                Vec::deserialize(SeqAccessDeserializer::new(parts)).map(TextOrParts::Parts)
+            }
+        }
+        deserializer.deserialize_any(Content(PhantomData))
+    }
 }
 
 /// The member of a translated request's `tool` message that marks its
@@ -851,8 +894,14 @@ mod tests {
         assert_eq!(param, "messages[0]");
         assert!(message.contains("missing field `role`"), "{message}");
         let (message, param) = wrong(r#"[{"role":"user","content":[{"text":"x"}]}]"#);
+        assert_eq!(param, "messages[0].content[0]");
+        assert!(message.contains("missing field `type`"), "{message}");
+        let (message, param) = wrong(r#"[{"role":"user","content":{"type":"text"}}]"#);
         assert_eq!(param, "messages[0].content");
-        assert!(message.contains("content parts"), "{message}");
+        assert!(
+            message.contains(r#"content parts such as {"type":"text","text":"..."}"#),
+            "{message}"
+        );
         let error = chat(r#"{"model":"a"}"#).unwrap_err();
         assert!(error.message().contains("missing field `messages`"));
     }

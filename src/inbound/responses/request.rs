@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::error::{GatewayError, echo};
-use crate::openai::read_json;
+use crate::openai::{PartExample, TextOrParts, read_json};
 
 #[derive(Debug, Deserialize)]
 pub struct ResponsesRequest {
@@ -73,14 +73,11 @@ pub struct Item {
     pub output: Option<Content>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(
-    untagged,
-    expecting = "a string, or an array of content parts such as {\"type\":\"input_text\",\"text\":\"...\"}"
-)]
-pub enum Content {
-    Text(String),
-    Parts(Vec<Part>),
+/// An input item's content.
+pub type Content = TextOrParts<Part>;
+
+impl PartExample for Part {
+    const EXAMPLE: &'static str = r#"{"type":"input_text","text":"..."}"#;
 }
 
 #[derive(Debug, Deserialize)]
