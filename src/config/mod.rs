@@ -192,6 +192,7 @@ fn dotted(path: &serde_ignored::Path<'_>) -> String {
 pub(crate) mod tests {
     use super::*;
     use sha2::Digest;
+    use std::time::Duration;
 
     fn no_env(_: &str) -> Option<String> {
         None
@@ -230,6 +231,28 @@ context_window = 8192
             bad[0].starts_with("server.cors_origins[0]: \"app.example.com\" is not an origin"),
             "{bad:?}"
         );
+    }
+
+    #[test]
+    fn the_keepalive_timeout_outlasts_load_balancers_unless_set_and_is_bounded() {
+        let keepalive = |server: &str| {
+            parse(&format!("[server]\n{server}\n{MINIMAL}"), &no_env)
+                .map(|config| config.server.keepalive_timeout)
+                .map_err(|p| p.0.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        assert_eq!(keepalive(""), Ok(Duration::from_secs(620)));
+        assert_eq!(
+            keepalive("keepalive_timeout_ms = 75000"),
+            Ok(Duration::from_secs(75))
+        );
+        for wrong in ["0", "86400001"] {
+            let problems = keepalive(&format!("keepalive_timeout_ms = {wrong}")).unwrap_err();
+            assert_eq!(
+                problems,
+                ["server.keepalive_timeout_ms: must be from 1 to 86400000 (one day)"],
+                "{wrong}"
+            );
+        }
     }
 
     #[test]

@@ -121,6 +121,7 @@ pub struct RawServer {
     pub max_body_bytes: Option<u64>,
     pub shutdown_grace_ms: Option<u64>,
     pub body_timeout_ms: Option<u64>,
+    pub keepalive_timeout_ms: Option<u64>,
     #[serde(default)]
     pub allow_anonymous: bool,
     #[serde(default)]

@@ -222,6 +222,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// The longest a client may take to send a request body (408 after).
     pub body_timeout: Duration,
+    /// How long a kept-alive HTTP/1.1 connection may wait for its next
+    /// request.
+    pub keepalive_timeout: Duration,
     /// A reload may drop every key or the admin token: said on purpose.
     pub allow_anonymous: bool,
     /// Browser origins allowed to call the API (`*`: any).

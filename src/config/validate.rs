@@ -25,6 +25,13 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
 const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 30_000;
 const DEFAULT_BODY_TIMEOUT_MS: u64 = 30_000;
+/// Longer than the idle timeout of any load balancer commonly put in front
+/// (AWS's ALB 60 s by default, Google Cloud's fixed 600 s), so that the
+/// balancer closes an idle connection first: one it reuses just as the
+/// gateway closes it fails the request it carries.
+const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 620_000;
+/// No keep-alive wait may exceed a day: a bigger number is a typo.
+const MAX_KEEPALIVE_TIMEOUT_MS: u64 = 86_400_000;
 const DEFAULT_CONNECT_MS: u64 = 5_000;
 const DEFAULT_FIRST_BYTE_MS: u64 = 60_000;
 const DEFAULT_IDLE_MS: u64 = 30_000;
@@ -297,6 +304,15 @@ impl Validator<'_> {
                 "must be from 1 to 3600000 (one hour)",
             );
         }
+        let keepalive_ms = s
+            .keepalive_timeout_ms
+            .unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT_MS);
+        if !(1..=MAX_KEEPALIVE_TIMEOUT_MS).contains(&keepalive_ms) {
+            self.problem(
+                "server.keepalive_timeout_ms",
+                "must be from 1 to 86400000 (one day)",
+            );
+        }
         for (i, origin) in s.cors_origins.iter().enumerate() {
             if origin != "*" && !is_origin(origin) {
                 self.problem(
@@ -312,6 +328,7 @@ impl Validator<'_> {
             max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
             shutdown_grace: grace,
             body_timeout: Duration::from_millis(body_timeout_ms),
+            keepalive_timeout: Duration::from_millis(keepalive_ms),
             allow_anonymous: s.allow_anonymous,
             cors_origins: s.cors_origins.clone(),
         })

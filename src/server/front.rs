@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -42,6 +43,13 @@ impl Front {
     pub fn new(app: Arc<AppState>, router: Router) -> Self {
         let cors = Arc::new(cors::layer(app.clone()));
         Self { app, router, cors }
+    }
+
+    /// How long a kept-alive HTTP/1.1 connection opening now may wait for
+    /// its next request: read as it opens, so a reload changes it for the
+    /// connections opened after.
+    pub fn keepalive(&self) -> Duration {
+        self.app.snapshot.load().config.server.keepalive_timeout
     }
 }
 

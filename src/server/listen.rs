@@ -100,7 +100,8 @@ async fn start_serving(
     };
     match protocol {
         Protocol::Http1 => {
-            tokio::spawn(http1::serve(tcp, service, first_head_by, stop));
+            let keepalive = service.keepalive();
+            tokio::spawn(http1::serve(tcp, service, first_head_by, keepalive, stop));
         }
         // HTTP/2 refuses with stream resets, which have no body.
         Protocol::Http2 => {

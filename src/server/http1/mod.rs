@@ -37,8 +37,9 @@ pub use request::{Body, MAX_HEAD_BYTES};
 use request::{Facts, HeadError, Socket};
 use response::{Outgoing, Overrun};
 
-/// A client that sends no complete request head for this long, whether
-/// it is slow or its keep-alive connection idles, is dropped.
+/// A client that sends no complete request head for this long (from its
+/// connection's start for the first, from its first byte for the next
+/// ones) is dropped.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a closing connection reads and drops what the client still
 /// sends (a body the handler did not read), so that the close does not
@@ -46,28 +47,25 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 const LINGER: Duration = Duration::from_secs(1);
 
 /// Serves `tcp` until the client closes it, a head does not arrive in
-/// time (the first by `first_head_by`), or `stop` turns true and the
-/// connection has no request in flight.
+/// time (the first by `first_head_by`, each next one within `keepalive` of
+/// the last answer), or `stop` turns true and the connection has no
+/// request in flight.
 pub async fn serve<S>(
     tcp: TcpStream,
     service: S,
     first_head_by: Instant,
+    keepalive: Duration,
     mut stop: watch::Receiver<bool>,
 ) where
     S: Service<Request<Body>, Response = Response, Error = Infallible>,
 {
     let socket = Arc::new(Socket::new(tcp));
-    let mut head_by = first_head_by;
+    let mut wait = Wait::Head(first_head_by);
     // The client may have sent bytes no one will read.
     let mut unread = false;
     loop {
-        let next = tokio::select! {
-            biased;
-            next = socket.next_request() => next,
-            () = tokio::time::sleep_until(head_by) => break,
-            // An idle connection closes at once; one with a request
-            // arriving answers it first.
-            () = stopped(&mut stop), if !socket.has_read_ahead() => break,
+        let Some(next) = next_request(&socket, wait, &mut stop).await else {
+            break;
         };
         let (request, facts) = match next {
             Ok(Some(next)) => next,
@@ -92,13 +90,55 @@ pub async fn serve<S>(
         // next: the connection closes after the answer.
         let keep_alive = facts.keep_alive && !unread && !*stop.borrow();
         match respond(&socket, response, &facts, keep_alive).await {
-            Ok(true) => head_by = Instant::now() + HEAD_TIMEOUT,
+            Ok(true) => wait = Wait::Idle(Instant::now() + keepalive),
             _ => break,
         }
     }
     if unread {
         linger(&socket).await;
     }
+}
+
+/// What a connection's next request is due by.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// Its whole head.
+    Head(Instant),
+    /// Its first byte (a kept-alive connection's wait); its head is then
+    /// due [`HEAD_TIMEOUT`] later.
+    Idle(Instant),
+}
+
+/// The connection's next request, or `None` when the connection is to
+/// close first: its wait ran out, or the gateway stops while no request
+/// has begun to arrive (one that has is answered first).
+async fn next_request(
+    socket: &Arc<Socket>,
+    mut wait: Wait,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Result<Option<(Request<Body>, Facts)>, HeadError>> {
+    let (Wait::Head(by) | Wait::Idle(by)) = wait;
+    let mut next = pin!(socket.next_request());
+    let mut deadline = pin!(tokio::time::sleep_until(by));
+    let mut stopping = pin!(stopped(stop));
+    poll_fn(|cx| {
+        if let Poll::Ready(next) = next.as_mut().poll(cx) {
+            return Poll::Ready(Some(next));
+        }
+        let begun = socket.has_read_ahead();
+        if begun && let Wait::Idle(_) = wait {
+            let by = Instant::now() + HEAD_TIMEOUT;
+            wait = Wait::Head(by);
+            deadline.as_mut().reset(by);
+        }
+        if deadline.as_mut().poll(cx).is_ready()
+            || (!begun && stopping.as_mut().poll(cx).is_ready())
+        {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Resolves once `stop` is true (or its sender gone).
@@ -275,13 +315,27 @@ mod tests {
         S: Service<Request<Body>, Response = Response, Error = Infallible> + Send + 'static,
         S::Future: Send,
     {
+        connect_kept_alive(service, Duration::from_secs(600)).await
+    }
+
+    /// As [`connect`], the connection kept alive for `keepalive` between
+    /// requests.
+    async fn connect_kept_alive<S>(
+        service: S,
+        keepalive: Duration,
+    ) -> (TcpStream, watch::Sender<bool>, tokio::task::JoinHandle<()>)
+    where
+        S: Service<Request<Body>, Response = Response, Error = Infallible> + Send + 'static,
+        S::Future: Send,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (tcp, _) = listener.accept().await.unwrap();
         let (stopping, stop) = watch::channel(false);
-        let served = tokio::spawn(serve(tcp, service, Instant::now() + HEAD_TIMEOUT, stop));
+        let first_head_by = Instant::now() + HEAD_TIMEOUT;
+        let served = tokio::spawn(serve(tcp, service, first_head_by, keepalive, stop));
         (client, stopping, served)
     }
 
@@ -561,6 +615,29 @@ mod tests {
         assert!(!dropped.load(Ordering::SeqCst));
         drop(client);
         until(&dropped).await;
+        served.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_waits_its_keepalive_for_a_next_request_and_its_head_timeout_once_one_begins()
+     {
+        const REQUEST: &[u8] = b"GET /k HTTP/1.1\r\nhost: g\r\n\r\n";
+        let keepalive = Duration::from_millis(300);
+        let (mut client, _stop, served) = connect_kept_alive(service_fn(echo), keepalive).await;
+        let mut read = BytesMut::new();
+        client.write_all(REQUEST).await.unwrap();
+        assert_eq!(answer(&mut client, &mut read).await.1, "GET /k ");
+        // A head begun within the keep-alive is answered however long
+        // past it the rest comes, within the head's own timeout.
+        tokio::time::sleep(keepalive / 3).await;
+        client.write_all(&REQUEST[..10]).await.unwrap();
+        tokio::time::sleep(keepalive * 2).await;
+        client.write_all(&REQUEST[10..]).await.unwrap();
+        assert_eq!(answer(&mut client, &mut read).await.1, "GET /k ");
+        // Silent for longer than the keep-alive: closed.
+        let silent = Instant::now();
+        assert!(closed(&mut client).await);
+        assert!(silent.elapsed() >= keepalive, "{:?}", silent.elapsed());
         served.await.unwrap();
     }
 
