@@ -1,8 +1,8 @@
 //! Hot-swapping the config: the file watched (Kubernetes ConfigMap symlink
 //! swaps included), `POST /admin/reload` with dry runs and diffs, invalid
 //! candidates refused whole, live state carried over by name, the browser
-//! origins CORS allows changed by a reload, and 200
-//! requests in flight across 50 swaps without one failing.
+//! origins CORS allows and the keep-alive timeout changed by a reload,
+//! and 200 requests in flight across 50 swaps without one failing.
 
 mod support;
 
@@ -726,4 +726,40 @@ async fn a_reload_changes_which_browser_origins_may_call() {
     until_version(&gateway, &tollgate::config::version(&next.to_toml())).await;
     assert_eq!(allowed(first).await, None);
     assert_eq!(allowed(second).await.as_deref(), Some(second));
+}
+
+#[tokio::test]
+async fn a_reload_changes_the_keepalive_of_connections_opened_after_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let keepalive = |ms: i64| simulated(&["one"]).set("server", "keepalive_timeout_ms", ms);
+    let (_dir, path, gateway) = serving_file(&keepalive(600_000)).await;
+    let address = gateway.base.trim_start_matches("http://").to_owned();
+    let body = r#"{"model":"chat","messages":[{"role":"user","content":"hi"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Answered on `connection`, or `None` if it was closed.
+    let ask = async |connection: &mut tokio::net::TcpStream| {
+        connection.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = vec![0; 64 * 1024];
+        let read = connection.read(&mut answer).await.ok()?;
+        Some(String::from_utf8_lossy(&answer[..read]).into_owned())
+    };
+    let mut before = tokio::net::TcpStream::connect(&address).await.unwrap();
+    assert!(ask(&mut before).await.unwrap().starts_with("HTTP/1.1 200"));
+
+    let next = keepalive(300);
+    write(&path, &next);
+    until_version(&gateway, &tollgate::config::version(&next.to_toml())).await;
+    let mut after = tokio::net::TcpStream::connect(&address).await.unwrap();
+    assert!(ask(&mut after).await.unwrap().starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, after.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "idle past 300 ms: closed");
+    let kept = ask(&mut before)
+        .await
+        .expect("opened before the reload: kept");
+    assert!(kept.starts_with("HTTP/1.1 200"), "{kept}");
 }
