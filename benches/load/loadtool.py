@@ -18,6 +18,11 @@
                                        the same over HTTP/2 (h2load, 100
                                        streams a connection): N streams
                                        with a hundredth of the descriptors
+    loadtool.py hold-idle URL BODY N PID
+                                       opens N keep-alive connections, each
+                                       answered one whole request, and
+                                       reads PID's memory while they idle
+                                       (its `streams_*` figures count them)
     loadtool.py report RESULTS.jsonl OUT.md
                                        the table, the ratios, the targets
 
@@ -406,7 +411,21 @@ def memory_after_close(url, pid):
     return memory(pid)
 
 
-async def hold_open(url, body_file, n, pid):
+def first_event(buf):
+    """Whether a streamed answer has reached its first event."""
+    return b"data:" in buf
+
+
+def whole_answer(buf):
+    """Whether buf holds a whole answer, framed by its Content-Length."""
+    head, sep, body = buf.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return bool(sep) and length is not None and len(body) >= int(length.group(1))
+
+
+async def hold_open(url, body_file, n, pid, held=first_event):
+    """Opens n connections through url and keeps each once `held` says
+    its answer has gone far enough."""
     with open(body_file) as f:
         body = f.read()
     conn = Conn(url)
@@ -423,7 +442,7 @@ async def hold_open(url, body_file, n, pid):
                 )
                 writer.write(request)
                 buf = b""
-                while b"data:" not in buf:
+                while not held(buf):
                     data = await asyncio.wait_for(reader.read(4096), 30)
                     if not data:
                         raise ConnectionError("closed: " + buf[:200].decode("latin-1"))
@@ -831,6 +850,8 @@ def main(argv):
         asyncio.run(hold_serve(int(argv[2])))
     elif cmd == "hold-open":
         asyncio.run(hold_open(argv[2], argv[3], int(argv[4]), int(argv[5])))
+    elif cmd == "hold-idle":
+        asyncio.run(hold_open(argv[2], argv[3], int(argv[4]), int(argv[5]), held=whole_answer))
     elif cmd == "hold-h2":
         hold_h2(argv[2], argv[3], int(argv[4]), int(argv[5]))
     elif cmd == "report":
