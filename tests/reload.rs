@@ -1,5 +1,5 @@
 //! Hot-swapping the config: the file watched (Kubernetes ConfigMap symlink
-//! swaps included), `POST /admin/reload` with dry runs and diffs, invalid
+//! swaps included, writes to other files beside it not taken for changes), `POST /admin/reload` with dry runs and diffs, invalid
 //! candidates refused whole, live state carried over by name, the browser
 //! origins CORS allows and the keep-alive timeout changed by a reload,
 //! and 200 requests in flight across 50 swaps without one failing.
@@ -128,25 +128,17 @@ async fn an_edited_file_is_applied_within_a_second_and_an_invalid_edit_never() {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn an_idle_gateway_stops_reading_its_config_file() {
-    use notify::{EventKind, RecursiveMode, Watcher};
-    let (dir, path, gateway) = serving_file(&simulated(&["one"])).await;
+    use notify::EventKind;
+    let (_dir, path, gateway) = serving_file(&simulated(&["one"])).await;
     let version = active_version(&gateway).await; // it is serving: the watch is on
-    // Something else in the directory changes (a ledger, a log, an editor's
-    // swap file): the gateway reads its config once to see whether it
-    // changed too.
-    std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+    // The file is written again as it was: the gateway reads it once to
+    // see whether it changed.
+    write(&path, &simulated(&["one"]));
     tokio::time::sleep(Duration::from_millis(600)).await;
 
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
-            let _ = tx.send(event.kind);
-        }
-    })
-    .unwrap();
-    watcher.watch(&path, RecursiveMode::NonRecursive).unwrap();
+    let (_watch, events) = events_of(&path);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let opened = rx
+    let opened = events
         .try_iter()
         .filter(|kind| matches!(kind, EventKind::Access(_)))
         .count();
@@ -154,6 +146,60 @@ async fn an_idle_gateway_stops_reading_its_config_file() {
     // would read the file again every debounce interval, forever.
     assert_eq!(opened, 0, "the gateway kept reading its config file");
     assert_eq!(active_version(&gateway).await, version);
+}
+
+/// The events a watch on `path` itself sees, as they come.
+fn events_of(
+    path: &Path,
+) -> (
+    notify::RecommendedWatcher,
+    std::sync::mpsc::Receiver<notify::EventKind>,
+) {
+    use notify::{RecursiveMode, Watcher};
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            let _ = tx.send(event.kind);
+        }
+    })
+    .unwrap();
+    watcher.watch(path, RecursiveMode::NonRecursive).unwrap();
+    (watcher, rx)
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn writes_to_other_files_beside_the_config_are_not_changes_to_it() {
+    use notify::EventKind;
+    let (dir, path, gateway) = serving_file(&simulated(&["one"])).await;
+    let first = active_version(&gateway).await;
+    // The file's content changes through a hard link in another directory,
+    // which the gateway's watch does not see: were the config read now, it
+    // would be taken up.
+    let elsewhere = tempfile::tempdir_in(dir.path().parent().unwrap()).unwrap();
+    let link = elsewhere.path().join("tollgate.toml");
+    std::fs::hard_link(&path, &link).unwrap();
+    let second = simulated(&["one", "two"]);
+    std::fs::write(&link, second.to_toml()).unwrap();
+    let (_watch, events) = events_of(&path);
+
+    // A log beside the config, written through a second.
+    let log = dir.path().join("access.log");
+    for line in 0..20 {
+        std::fs::write(&log, format!("line {line}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let read = events
+        .try_iter()
+        .filter(|kind| matches!(kind, EventKind::Access(_)))
+        .count();
+    assert_eq!(read, 0, "the log's writes made the gateway read its config");
+    assert_eq!(active_version(&gateway).await, first);
+
+    // The config's own write is seen.
+    write(&path, &second);
+    until_version(&gateway, &tollgate::config::version(&second.to_toml())).await;
 }
 
 #[cfg(unix)]

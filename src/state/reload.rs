@@ -9,8 +9,9 @@
 //! new ones use the new one, and live state carries over by name.
 //!
 //! Triggers: the file changing (its directory is watched, so Kubernetes
-//! ConfigMap updates, which swap a symlink, are seen), SIGHUP (the binary
-//! calls [`Reloader::reload_file`]), and the admin endpoint.
+//! ConfigMap updates, which swap a symlink, are seen; the directory's
+//! other files are not), SIGHUP (the binary calls
+//! [`Reloader::reload_file`]), and the admin endpoint.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -325,8 +326,32 @@ impl AppState {
     }
 }
 
-/// Watches the config file's directory and reloads when anything in it
-/// changes; stops when the returned watcher is dropped or the gateway is.
+/// Whether a change to the directory entries `paths` can change the config
+/// file: they name the file, or the link it goes through when it is a
+/// symlink into its directory (a Kubernetes ConfigMap's
+/// `tollgate.toml -> ..data/tollgate.toml`, where an update swaps `..data`).
+/// The link is read at each event, as an update may retarget it. Other
+/// files beside the config (a log, a database) change nothing, and
+/// waking the runtime for each of their writes would take CPU from
+/// requests. An event that names no path (the kernel's queue overflowed)
+/// may hide any change.
+fn concerns(paths: &[PathBuf], file: &Path) -> bool {
+    let link = std::fs::read_link(file).ok();
+    let through = link
+        .as_deref()
+        .filter(|target| target.is_relative())
+        .and_then(|target| target.components().next())
+        .map(|first| first.as_os_str());
+    paths.is_empty()
+        || paths
+            .iter()
+            .filter_map(|path| path.file_name())
+            .any(|name| Some(name) == file.file_name() || Some(name) == through)
+}
+
+/// Watches the config file's directory and reloads when the file, or the
+/// link it goes through, changes; stops when the returned watcher is
+/// dropped or the gateway is.
 pub fn watch(app: &Arc<AppState>) -> Result<Option<RecommendedWatcher>, String> {
     let Some(file) = app.reloader.file.clone() else {
         return Ok(None);
@@ -337,6 +362,7 @@ pub fn watch(app: &Arc<AppState>) -> Result<Option<RecommendedWatcher>, String> 
         .unwrap_or(Path::new("."))
         .to_owned();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let watched = file.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Opening and reading are events too, and the reload itself reads
         // the file: reacting to them would reload forever. Closing a file
@@ -345,7 +371,7 @@ pub fn watch(app: &Arc<AppState>) -> Result<Option<RecommendedWatcher>, String> 
             EventKind::Access(access) => *access == AccessKind::Close(AccessMode::Write),
             _ => true,
         };
-        if event.is_ok_and(|e| change(&e.kind)) {
+        if event.is_ok_and(|e| change(&e.kind) && concerns(&e.paths, &watched)) {
             // A reload is pending already when the channel is full.
             let _ = tx.try_send(());
         }
