@@ -162,7 +162,7 @@ def gen(work):
         "CANNED_SSE": nginx_string(canned_sse()),
         "ENGINE_METRICS": nginx_string(ENGINE_METRICS),
         "PROXY_ACCESS_LOG": (
-            f"access_log {work}/proxy-access.log"
+            f"access_log {work}/logs/proxy-access.log"
             if env.get("ACCESS_LOG", "1") != "0"
             else "access_log off"
         ),
@@ -179,6 +179,9 @@ def gen(work):
     for name, text in files.items():
         with open(os.path.join(work, name), "w") as f:
             f.write(text)
+    # tollgate watches its config's directory: what writes while the test
+    # runs (nginx's access log) writes elsewhere.
+    os.makedirs(os.path.join(work, "logs"), exist_ok=True)
     print(
         f"request bodies: {len(files['body-nonstream.json'])} B non-streaming, "
         f"{len(files['body-stream.json'])} B streaming; canned answers: "

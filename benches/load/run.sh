@@ -112,8 +112,9 @@ FD_LIMIT=$(ulimit -n)
 # ------------------------------------------------------------------ processes
 
 WORK=$(mktemp -d /tmp/tollgate-load.XXXXXX)
-# tollgate watches its config's directory for changes: its logs go elsewhere,
-# or every log line would wake its file watcher.
+# tollgate watches its config's directory for changes: the logs, its own and
+# nginx's, go elsewhere, or every line would wake its file watcher on the
+# proxies' core.
 LOGS=$WORK/logs
 mkdir "$LOGS"
 PIDS=()
