@@ -128,7 +128,6 @@ async fn an_edited_file_is_applied_within_a_second_and_an_invalid_edit_never() {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn an_idle_gateway_stops_reading_its_config_file() {
-    use notify::EventKind;
     let (_dir, path, gateway) = serving_file(&simulated(&["one"])).await;
     let version = active_version(&gateway).await; // it is serving: the watch is on
     // The file is written again as it was: the gateway reads it once to
@@ -136,26 +135,17 @@ async fn an_idle_gateway_stops_reading_its_config_file() {
     write(&path, &simulated(&["one"]));
     tokio::time::sleep(Duration::from_millis(600)).await;
 
-    let (_watch, events) = events_of(&path);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let opened = events
-        .try_iter()
-        .filter(|kind| matches!(kind, EventKind::Access(_)))
-        .count();
+    let opened = opened_within(&path, tokio::time::sleep(Duration::from_millis(1500))).await;
     // Reading the file is itself a file event: a watch that reacted to it
     // would read the file again every debounce interval, forever.
     assert_eq!(opened, 0, "the gateway kept reading its config file");
     assert_eq!(active_version(&gateway).await, version);
 }
 
-/// The events a watch on `path` itself sees, as they come.
-fn events_of(
-    path: &Path,
-) -> (
-    notify::RecommendedWatcher,
-    std::sync::mpsc::Receiver<notify::EventKind>,
-) {
-    use notify::{RecursiveMode, Watcher};
+/// Counts the times `path` is opened from when this is called until
+/// `quiet` is over.
+async fn opened_within(path: &Path, quiet: impl std::future::Future<Output = ()>) -> usize {
+    use notify::{EventKind, RecursiveMode, Watcher};
     let (tx, rx) = std::sync::mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
@@ -164,13 +154,15 @@ fn events_of(
     })
     .unwrap();
     watcher.watch(path, RecursiveMode::NonRecursive).unwrap();
-    (watcher, rx)
+    quiet.await;
+    rx.try_iter()
+        .filter(|kind| matches!(kind, EventKind::Access(_)))
+        .count()
 }
 
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn writes_to_other_files_beside_the_config_are_not_changes_to_it() {
-    use notify::EventKind;
     let (dir, path, gateway) = serving_file(&simulated(&["one"])).await;
     let first = active_version(&gateway).await;
     // The file's content changes through a hard link in another directory,
@@ -181,20 +173,21 @@ async fn writes_to_other_files_beside_the_config_are_not_changes_to_it() {
     std::fs::hard_link(&path, &link).unwrap();
     let second = simulated(&["one", "two"]);
     std::fs::write(&link, second.to_toml()).unwrap();
-    let (_watch, events) = events_of(&path);
 
     // A log beside the config, written through a second.
     let log = dir.path().join("access.log");
-    for line in 0..20 {
-        std::fs::write(&log, format!("line {line}\n")).unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let read = events
-        .try_iter()
-        .filter(|kind| matches!(kind, EventKind::Access(_)))
-        .count();
-    assert_eq!(read, 0, "the log's writes made the gateway read its config");
+    let logging = async {
+        for line in 0..20 {
+            std::fs::write(&log, format!("line {line}\n")).unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    };
+    let opened = opened_within(&path, logging).await;
+    assert_eq!(
+        opened, 0,
+        "the log's writes made the gateway read its config"
+    );
     assert_eq!(active_version(&gateway).await, first);
 
     // The config's own write is seen.
