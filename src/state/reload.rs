@@ -13,7 +13,7 @@
 //! other files are not), SIGHUP (the binary calls
 //! [`Reloader::reload_file`]), and the admin endpoint.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -326,27 +326,33 @@ impl AppState {
     }
 }
 
-/// Whether a change to the directory entries `paths` can change the config
-/// file: they name the file, or the link it goes through when it is a
-/// symlink into its directory (a Kubernetes ConfigMap's
-/// `tollgate.toml -> ..data/tollgate.toml`, where an update swaps `..data`).
-/// The link is read at each event, as an update may retarget it. Other
-/// files beside the config (a log, a database) change nothing, and
-/// waking the runtime for each of their writes would take CPU from
-/// requests. An event that names no path (the kernel's queue overflowed)
-/// may hide any change.
-fn concerns(paths: &[PathBuf], file: &Path) -> bool {
-    let link = std::fs::read_link(file).ok();
-    let through = link
-        .as_deref()
-        .filter(|target| target.is_relative())
-        .and_then(|target| target.components().next())
-        .map(|first| first.as_os_str());
-    paths.is_empty()
-        || paths
-            .iter()
-            .filter_map(|path| path.file_name())
-            .any(|name| Some(name) == file.file_name() || Some(name) == through)
+/// Whether a change to the entries `paths` of the config file's directory
+/// `dir` can change the file: they name it, or the entry of `dir` its
+/// symlink goes through (a Kubernetes ConfigMap's
+/// `tollgate.toml -> ..data/tollgate.toml`, where an update swaps
+/// `..data`), read at each such event as an update may retarget it. Other
+/// files beside the config (a log, a database) change nothing, and waking
+/// the runtime for each of their writes would take CPU from requests. An
+/// event that names no path (the kernel's queue overflowed) may hide any
+/// change.
+fn concerns(paths: &[PathBuf], file: &Path, dir: &Path) -> bool {
+    let names = || paths.iter().filter_map(|path| path.file_name());
+    if paths.is_empty() || names().any(|name| Some(name) == file.file_name()) {
+        return true;
+    }
+    let Ok(target) = std::fs::read_link(file) else {
+        return false;
+    };
+    // Relative or absolute, the first entry of `dir` on the link's way.
+    let through = dir.join(target);
+    let Some(Component::Normal(through)) = through.strip_prefix(dir).ok().and_then(|inside| {
+        inside
+            .components()
+            .find(|c| !matches!(c, Component::CurDir))
+    }) else {
+        return false;
+    };
+    names().any(|name| name == through)
 }
 
 /// Watches the config file's directory and reloads when the file, or the
@@ -362,7 +368,7 @@ pub fn watch(app: &Arc<AppState>) -> Result<Option<RecommendedWatcher>, String> 
         .unwrap_or(Path::new("."))
         .to_owned();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let watched = file.clone();
+    let (watched, watched_dir) = (file.clone(), dir.clone());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Opening and reading are events too, and the reload itself reads
         // the file: reacting to them would reload forever. Closing a file
@@ -371,7 +377,7 @@ pub fn watch(app: &Arc<AppState>) -> Result<Option<RecommendedWatcher>, String> 
             EventKind::Access(access) => *access == AccessKind::Close(AccessMode::Write),
             _ => true,
         };
-        if event.is_ok_and(|e| change(&e.kind) && concerns(&e.paths, &watched)) {
+        if event.is_ok_and(|e| change(&e.kind) && concerns(&e.paths, &watched, &watched_dir)) {
             // A reload is pending already when the channel is full.
             let _ = tx.try_send(());
         }
@@ -401,4 +407,46 @@ pub fn watch(app: &Arc<AppState>) -> Result<Option<RecommendedWatcher>, String> 
     });
     tracing::info!(file = %file.display(), "watching the config file for changes");
     Ok(Some(watcher))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    #[test]
+    fn a_change_concerns_the_config_when_it_names_the_file_or_the_entry_its_link_goes_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let file = dir.join("tollgate.toml");
+        let changed = |names: &[&str]| {
+            let paths: Vec<PathBuf> = names.iter().map(|name| dir.join(name)).collect();
+            concerns(&paths, &file, dir)
+        };
+        std::fs::write(&file, "").unwrap();
+        assert!(changed(&["tollgate.toml"]));
+        assert!(changed(&[]), "an overflow may hide any change");
+        assert!(!changed(&["access.log"]));
+        assert!(!changed(&["..data"]), "no link, so nothing goes through it");
+
+        let absolute = dir.join("..data").join("tollgate.toml");
+        let links = [
+            PathBuf::from("..data/tollgate.toml"),
+            PathBuf::from("./..data/tollgate.toml"),
+            absolute,
+        ];
+        for target in links {
+            std::fs::remove_file(&file).unwrap();
+            symlink(&target, &file).unwrap();
+            assert!(changed(&["..data_tmp", "..data"]), "{target:?}");
+            assert!(!changed(&["..2026_12_06_v2", "access.log"]), "{target:?}");
+        }
+        std::fs::remove_file(&file).unwrap();
+        symlink("../elsewhere/tollgate.toml", &file).unwrap();
+        assert!(
+            !changed(&["elsewhere"]),
+            "out of the directory: not watched"
+        );
+    }
 }
