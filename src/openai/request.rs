@@ -499,12 +499,12 @@ fn typed<'b, T: DeserializeOwned>(bytes: &'b [u8]) -> Result<Read<'b, T>, Gatewa
 }
 
 /// A client's JSON body as `R`. Parsed plainly first, as text checked to
-/// be UTF-8 in one pass (read as bytes, each string is checked on its
+/// be UTF-8 in one SIMD pass (read as bytes, each string is checked on its
 /// own, which costs more than twice as much); only a body that fails is parsed
 /// again, with the path tracking that names where it went wrong (a 400
 /// whose message and `param` say where).
 pub fn read_json<'b, R: Deserialize<'b>>(bytes: &'b [u8]) -> Result<R, GatewayError> {
-    if let Ok(text) = std::str::from_utf8(bytes)
+    if let Ok(text) = simdutf8::basic::from_utf8(bytes)
         && let Ok(read) = serde_json::from_str(text)
     {
         return Ok(read);

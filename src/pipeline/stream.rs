@@ -340,7 +340,9 @@ mod tests {
         include_usage: bool,
     ) -> (Vec<String>, Arc<Metrics>) {
         let (metrics, meter) = test_meter();
-        let mut chunks = chunks.into_iter().map(|c| c.map(|s| s.as_bytes().to_vec()));
+        let mut chunks = chunks
+            .into_iter()
+            .map(|c| c.map(|s| Chunk::from_static(s.as_bytes())));
         let first = chunks.next().unwrap().unwrap();
         let upstream = stream::iter(chunks.collect::<Vec<_>>()).boxed();
         let body = sse_body(first, upstream, include_usage, meter);
@@ -360,17 +362,22 @@ mod tests {
 
     #[tokio::test]
     async fn events_that_are_ready_together_go_out_in_one_frame() {
-        let later = stream::iter([Ok(CONTENT.as_bytes().to_vec())]);
+        let later = stream::iter([Ok(Chunk::from_static(CONTENT.as_bytes()))]);
         // The upstream has nothing for a moment after its second chunk.
-        let upstream = stream::iter([Ok(CONTENT.as_bytes().to_vec())])
+        let upstream = stream::iter([Ok(Chunk::from_static(CONTENT.as_bytes()))])
             .chain(stream::once(tokio::task::yield_now()).filter_map(|()| async { None }))
             .chain(later)
             .boxed();
         let (_, meter) = test_meter();
-        let frames: Vec<Bytes> = sse_body(CONTENT.as_bytes().to_vec(), upstream, false, meter)
-            .map(Result::unwrap)
-            .collect()
-            .await;
+        let frames: Vec<Bytes> = sse_body(
+            Chunk::from_static(CONTENT.as_bytes()),
+            upstream,
+            false,
+            meter,
+        )
+        .map(Result::unwrap)
+        .collect()
+        .await;
         let events: Vec<usize> = frames
             .iter()
             .map(|f| split_events(std::str::from_utf8(f).unwrap()).len())
@@ -384,7 +391,7 @@ mod tests {
 
     #[tokio::test]
     async fn chunks_read_together_count_a_zero_gap_each_as_their_frame_goes_out() {
-        let content = || Ok(CONTENT.as_bytes().to_vec());
+        let content = || Ok(Chunk::from_static(CONTENT.as_bytes()));
         // Two chunks read together, a pause, then two more and the usage,
         // with which the stream ends.
         let upstream = stream::iter([content(), content()])
@@ -392,7 +399,7 @@ mod tests {
             .chain(stream::iter([
                 content(),
                 content(),
-                Ok(USAGE_ONLY.as_bytes().to_vec()),
+                Ok(Chunk::from_static(USAGE_ONLY.as_bytes())),
             ]))
             .boxed();
         let (metrics, meter) = test_meter();
@@ -402,7 +409,12 @@ mod tests {
                 .with_label_values(&["a", "b"])
                 .get_sample_count()
         };
-        let mut body = sse_body(CONTENT.as_bytes().to_vec(), upstream, false, meter);
+        let mut body = sse_body(
+            Chunk::from_static(CONTENT.as_bytes()),
+            upstream,
+            false,
+            meter,
+        );
         body.next().await.unwrap().unwrap();
         // The first chunk to the second, and the second to the third: zero.
         assert_eq!(gaps(), 2);

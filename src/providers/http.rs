@@ -13,7 +13,6 @@ use std::time::Duration;
 use axum::http::header::{CONTENT_TYPE, HOST, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use bytes::Bytes;
-use futures_util::stream::FusedStream;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use http_body_util::{BodyDataStream, BodyExt, Full};
 use hyper::body::{Frame, SizeHint};
@@ -21,11 +20,10 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use sse_stream::SseStream;
 use url::Url;
 
+use super::UpstreamCall;
 use super::pool::{self, Pool, RequestError, UpstreamBody};
-use super::{Chunk, UpstreamCall};
 use crate::config::Backend;
 use crate::error::GatewayError;
 use crate::limits::UpstreamQuota;
@@ -254,7 +252,7 @@ pub fn body_bytes(
 /// A body that fails once more than `caps.body` bytes have arrived, and,
 /// for SSE, once an event runs past `caps.event`; a transport failure is
 /// `upstream_broken`. Its error is the one to answer.
-struct Capped<B> {
+pub(super) struct Capped<B> {
     body: B,
     backend: String,
     caps: Caps,
@@ -266,7 +264,7 @@ struct Capped<B> {
 /// The error of a [`Capped`] body (a `std::error::Error`, as the SSE
 /// parser requires of a body's).
 #[derive(Debug)]
-struct BodyError(GatewayError);
+pub(super) struct BodyError(pub(super) GatewayError);
 
 impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -277,7 +275,7 @@ impl std::fmt::Display for BodyError {
 impl std::error::Error for BodyError {}
 
 impl<B> Capped<B> {
-    fn new(backend: &str, caps: Caps, body: B, sse: bool) -> Self {
+    pub(super) fn new(backend: &str, caps: Caps, body: B, sse: bool) -> Self {
         Self {
             body,
             backend: backend.to_owned(),
@@ -457,118 +455,8 @@ impl ErrorReply {
     }
 }
 
-/// The `data` of each SSE event of a response body, parsed incrementally
-/// (an event may be cut across reads; the parser's work is linear in the
-/// bytes, however many events a read holds), within `caps`. Events
-/// without data (comments, keep-alives) are skipped, and OpenAI's end
-/// marker, `data: [DONE]`, ends the stream.
-pub fn sse_data<B>(backend: &str, caps: Caps, body: B) -> SseData<B>
-where
-    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
-{
-    SseData {
-        events: Some(SseStream::new(Capped::new(backend, caps, body, true))),
-        backend: backend.to_owned(),
-        done: false,
-        draining: false,
-    }
-}
-
-/// How long the rest of a stream's body is read for after its
-/// `data: [DONE]`.
-const DRAIN: Duration = Duration::from_secs(1);
-
-/// See [`sse_data`]: one adapter, rather than a chain of stream
-/// combinators, each polled for every event. A stream that ended at
-/// `data: [DONE]` before its body did (a chunked body's last chunk comes
-/// after it) reads the rest in the background once dropped, for up to
-/// [`DRAIN`], so that its connection is kept for the next request rather
-/// than closed. One dropped before `[DONE]` closes it: the client left,
-/// and the upstream should stop generating.
-pub struct SseData<B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static> {
-    /// Taken by the drain.
-    events: Option<SseStream<Capped<B>>>,
-    backend: String,
-    done: bool,
-    /// Reads to the body's end, yielding nothing: the drain, which polls
-    /// through this same adapter so the parser is polled from one place.
-    draining: bool,
-}
-
-impl<B> Stream for SseData<B>
-where
-    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
-{
-    type Item = Result<Chunk, GatewayError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        let Some(events) = this.events.as_mut() else {
-            return Poll::Ready(None);
-        };
-        loop {
-            let polled = events.poll_next_unpin(cx);
-            // Past `[DONE]`, one poll only looks for the body's end, which
-            // has often arrived with it: then there is nothing to drain.
-            if this.done && !this.draining {
-                return Poll::Ready(None);
-            }
-            let event = match ready!(polled) {
-                Some(Ok(event)) => event,
-                Some(Err(sse_stream::Error::Body(error))) => {
-                    let error = error
-                        .downcast::<BodyError>()
-                        .map_or_else(|_| GatewayError::upstream_broken(&this.backend), |e| e.0);
-                    return Poll::Ready(Some(Err(error)));
-                }
-                Some(Err(e)) => {
-                    let error = GatewayError::upstream_protocol(&this.backend, e);
-                    return Poll::Ready(Some(Err(error)));
-                }
-                None => return Poll::Ready(None),
-            };
-            match event.data {
-                _ if this.draining => {}
-                Some(data) if data == "[DONE]" => this.done = true,
-                Some(data) if !data.is_empty() => return Poll::Ready(Some(Ok(data.into_bytes()))),
-                _ => {}
-            }
-        }
-    }
-}
-
-impl<B> Drop for SseData<B>
-where
-    B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
-{
-    fn drop(&mut self) {
-        if self.draining || !self.done {
-            return;
-        }
-        let Some(events) = self.events.take().filter(|e| !e.is_terminated()) else {
-            return;
-        };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let mut rest = SseData {
-                events: Some(events),
-                backend: std::mem::take(&mut self.backend),
-                done: true,
-                draining: true,
-            };
-            // Draining yields nothing: one `next` reads to the body's end,
-            // or to its first error, which ends the drain too.
-            runtime.spawn(async move {
-                let _ = tokio::time::timeout(DRAIN, rest.next()).await;
-            });
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use http_body_util::StreamBody;
     use hyper::body::Frame;
 
@@ -596,111 +484,6 @@ mod tests {
             client("https://api.together.xyz/v1"),
             Ok(HttpClient::Tls(_))
         ));
-    }
-
-    #[tokio::test]
-    async fn sse_data_skips_comments_and_empty_events_and_joins_cut_ones() {
-        let data = sse_text(&[
-            ": keep-alive\n\ndata: {\"a\":1}\n\nda",
-            "ta: {\"b\":2}\r\n\r\nevent: ping\n\n",
-            "data: line one\ndata: line two\n\ndata: cut at the end",
-        ])
-        .await;
-        assert_eq!(data, [r#"{"a":1}"#, r#"{"b":2}"#, "line one\nline two"]);
-    }
-
-    #[tokio::test]
-    async fn sse_data_reads_every_line_end_and_field_form_the_spec_allows() {
-        // A byte order mark; CR, CRLF (cut between its CR and LF) and LF
-        // line ends; `data:` with no space, and with two, of which one is
-        // the value's; fields other than data.
-        let data = sse_text(&[
-            "\u{feff}data:a\r\rdata: b\r",
-            "\n\r\n",
-            "data:  c\n",
-            "\n",
-            "id: 7\nretry: 10\nevent: x\ndata: d\n\n",
-        ])
-        .await;
-        assert_eq!(data, ["a", "b", " c", "d"]);
-    }
-
-    #[tokio::test]
-    async fn sse_data_that_is_not_utf8_is_an_invalid_response() {
-        let (data, error) = sse_within(ROOMY, &[b"data: ok\n\ndata: \xff\n\n"]).await;
-        assert_eq!(data, ["ok"]);
-        let error = error.expect("invalid UTF-8 is refused");
-        assert_eq!(error.code(), Some("upstream_invalid_response"));
-        let message = error.message();
-        assert!(
-            message.starts_with("backend \"b\" sent an invalid response: ")
-                && message.contains("invalid utf-8"),
-            "{message}"
-        );
-    }
-
-    #[tokio::test]
-    async fn sse_data_ends_at_done_whatever_follows() {
-        let data = sse_text(&["data: {\"a\":1}\n\ndata: [DONE]\n\n", "data: {\"b\":2}\n\n"]).await;
-        assert_eq!(data, [r#"{"a":1}"#]);
-    }
-
-    #[tokio::test]
-    async fn a_drain_after_done_stops_at_the_bodys_first_error() {
-        let polled = Arc::new(AtomicUsize::new(0));
-        let done = futures_util::stream::iter([Ok(Frame::data(Bytes::from_static(
-            b"data: {\"a\":1}\n\ndata: [DONE]\n\n",
-        )))]);
-        // Then a body that fails on every read, at once.
-        let errors = futures_util::stream::repeat_with({
-            let polled = polled.clone();
-            move || {
-                polled.fetch_add(1, Ordering::SeqCst);
-                Err(std::io::Error::other("reset"))
-            }
-        });
-        let body = StreamBody::new(done.chain(errors));
-        let mut events = Box::pin(sse_data("b", ROOMY, body));
-        assert_eq!(events.next().await.unwrap().unwrap(), &b"{\"a\":1}"[..]);
-        assert!(events.next().await.is_none());
-        drop(events);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        // At [DONE], one look for the body's end; in the drain, one error.
-        assert!(polled.load(Ordering::SeqCst) <= 2, "{polled:?}");
-    }
-
-    async fn sse_text(pieces: &[&'static str]) -> Vec<String> {
-        let (data, error) = sse_within(
-            ROOMY,
-            &pieces.iter().map(|p| p.as_bytes()).collect::<Vec<_>>(),
-        )
-        .await;
-        assert!(error.is_none(), "{error:?}");
-        data
-    }
-
-    const ROOMY: Caps = Caps {
-        body: 1 << 20,
-        event: 1 << 20,
-    };
-
-    /// The data of `pieces` read as SSE within `caps`, up to the error that
-    /// ended it.
-    async fn sse_within(caps: Caps, pieces: &[&[u8]]) -> (Vec<String>, Option<GatewayError>) {
-        let frames: Vec<_> = pieces
-            .iter()
-            .map(|p| Ok::<_, std::io::Error>(Frame::data(Bytes::copy_from_slice(p))))
-            .collect();
-        let body = StreamBody::new(futures_util::stream::iter(frames));
-        let mut events = Box::pin(sse_data("b", caps, body));
-        let mut data = Vec::new();
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(event) => data.push(String::from_utf8(event).unwrap()),
-                Err(error) => return (data, Some(error)),
-            }
-        }
-        (data, None)
     }
 
     #[test]
@@ -764,53 +547,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[tokio::test]
-    async fn an_sse_event_over_the_event_cap_fails_whatever_the_reads() {
-        let caps = Caps {
-            body: 1 << 20,
-            event: 64,
-        };
-        let big = format!("data: {}\n\n", "x".repeat(100));
-        let small = b"data: ok\n\n";
-        // In one read with a small event after it; or cut in pieces.
-        let (data, error) =
-            sse_within(caps, &[small, format!("{big}data: no\n\n").as_bytes()]).await;
-        assert_eq!(data, ["ok"]);
-        let error = error.expect("the big event is refused");
-        assert_eq!(error.code(), Some("upstream_response_too_large"));
-        assert_eq!(
-            error.message(),
-            "backend \"b\" sent an SSE event larger than max_event_bytes (64 bytes)"
-        );
-        let pieces: Vec<&[u8]> = big.as_bytes().chunks(10).collect();
-        let (data, error) = sse_within(caps, &pieces).await;
-        assert!(data.is_empty());
-        assert!(error.is_some());
-        // Many small events, together far over the event cap, pass.
-        let many = "data: ok\n\n".repeat(50);
-        let (data, error) = sse_within(caps, &[many.as_bytes()]).await;
-        assert_eq!(
-            (data.len(), error.map(|e| e.message().to_owned())),
-            (50, None)
-        );
-    }
-
-    #[tokio::test]
-    async fn a_stream_over_the_body_cap_fails_after_the_events_within_it() {
-        let caps = Caps {
-            body: 100,
-            event: 100,
-        };
-        let event: &[u8] = b"data: 0123456789\n\n";
-        let (data, error) = sse_within(caps, &[event; 8]).await;
-        // 18 bytes an event: five fit in 100.
-        assert_eq!(data.len(), 5);
-        assert_eq!(
-            error.expect("the sixth read passes the cap").message(),
-            "backend \"b\" sent a response body larger than max_response_bytes (100 bytes)"
-        );
     }
 
     #[tokio::test]

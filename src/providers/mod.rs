@@ -8,6 +8,7 @@ mod http1;
 mod openai_compat;
 mod pool;
 mod simulated;
+mod sse;
 mod tgi;
 mod translate;
 
@@ -49,10 +50,9 @@ pub enum UpstreamReply {
     Stream(ChunkStream),
 }
 
-/// One stream chunk's JSON. Owned and never shared, so a `Vec`: a
-/// `Bytes` made from a `String` or `Vec` with spare capacity (what parsers
-/// and serialisers hand out) costs one more allocation per chunk.
-pub type Chunk = Vec<u8>;
+/// One stream chunk's JSON: for an OpenAI-compatible upstream, most often a
+/// slice of the bytes read from it.
+pub type Chunk = Bytes;
 pub type ChunkStream = BoxStream<'static, Result<Chunk, GatewayError>>;
 
 pub trait Provider: Send + Sync {

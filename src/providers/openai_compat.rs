@@ -12,6 +12,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use memchr::memmem::Finder;
 
 use super::http::{self, Caps, ErrorReply, HttpClient, Target};
+use super::sse;
 use super::{Provider, UpstreamCall, UpstreamReply};
 use crate::config::{Backend, BackendKind};
 use crate::error::GatewayError;
@@ -106,7 +107,7 @@ impl OpenAiCompat {
             let bytes = http::read_body(&self.name, self.caps, response).await?;
             return Ok(UpstreamReply::Complete(normalise(self.kind, bytes)));
         }
-        let events = http::sse_data(&self.name, self.caps, response.into_body());
+        let events = sse::sse_data(&self.name, self.caps, response.into_body());
         // Only Together's chunks are rewritten; the others pass with no
         // adapter to poll for each.
         let events = if self.kind == BackendKind::Together {

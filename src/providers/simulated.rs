@@ -269,7 +269,7 @@ impl Answer {
     fn chunk(&self, i: usize) -> Chunk {
         let n = self.words.len();
         if i == n + 1 {
-            return self.identity.usage_chunk(self.endpoint, self.usage);
+            return self.identity.usage_chunk(self.endpoint, self.usage).into();
         }
         let piece = (i < n).then(|| self.piece(i));
         let finish = (i == n).then_some(self.finish_reason);
@@ -281,12 +281,12 @@ impl Answer {
                     content: piece.as_deref().filter(|_| !reasoning),
                     reasoning_content: piece.as_deref().filter(|_| reasoning),
                 };
-                self.identity.chat_chunk(&delta, finish)
+                self.identity.chat_chunk(&delta, finish).into()
             }
-            Endpoint::Completions | Endpoint::Embeddings => {
-                self.identity
-                    .text_completion(piece.as_deref().unwrap_or(""), finish, None)
-            }
+            Endpoint::Completions | Endpoint::Embeddings => self
+                .identity
+                .text_completion(piece.as_deref().unwrap_or(""), finish, None)
+                .into(),
         }
     }
 }

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::http::{self, Caps, ErrorReply, HttpClient, Target};
 use super::openai_compat::OpenAiCompat;
+use super::sse;
 use super::translate::{ChunkMapper, Chunks, map_chunks};
 use super::{Chunk, ChunkStream, Provider, UpstreamCall, UpstreamReply};
 use crate::config::Backend;
@@ -94,7 +95,7 @@ impl Tgi {
         }
         let identity = ResponseIdentity::new("cmpl", call.upstream_model);
         if streaming {
-            let events = http::sse_data(&self.name, self.caps, response.into_body()).boxed();
+            let events = sse::sse_data(&self.name, self.caps, response.into_body()).boxed();
             let mapper = GenerateMapper {
                 backend: self.name.clone(),
                 identity,
@@ -162,14 +163,14 @@ fn mend_chat_stream(chunks: ChunkStream) -> ChunkStream {
             if let Some(error) = value.get_mut("error").and_then(Value::as_object_mut) {
                 if let Some(status) = error.get("http_status_code").cloned() {
                     error.insert("code".into(), status);
-                    return value.to_string().into_bytes();
+                    return Chunk::from(value.to_string());
                 }
                 return chunk;
             }
             match (value.get("id").and_then(Value::as_str), &stream_id) {
                 (Some(""), Some(id)) => {
                     value["id"] = Value::String(id.clone());
-                    value.to_string().into_bytes()
+                    Chunk::from(value.to_string())
                 }
                 (Some(id), None) => {
                     stream_id = Some(id.to_owned());
@@ -356,18 +357,20 @@ impl ChunkMapper for GenerateMapper {
             &event.token.text
         };
         let Some(details) = event.details else {
-            out.push(Ok(self.identity.text_completion(text, None, None)));
+            out.push(Ok(self.identity.text_completion(text, None, None).into()));
             return;
         };
         self.finished = true;
-        out.push(Ok(self.identity.text_completion(
-            text,
-            Some(finish_reason(&details.finish_reason)),
-            None,
-        )));
+        let last =
+            self.identity
+                .text_completion(text, Some(finish_reason(&details.finish_reason)), None);
+        out.push(Ok(last.into()));
         if let Some(prompt) = details.input_length {
             let usage = Usage::new(prompt, details.generated_tokens);
-            out.push(Ok(self.identity.usage_chunk(Endpoint::Completions, usage)));
+            out.push(Ok(self
+                .identity
+                .usage_chunk(Endpoint::Completions, usage)
+                .into()));
         }
     }
 
@@ -408,8 +411,8 @@ mod tests {
             r#"{"id" : "","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
             r#"{"error":{"message":"bad","http_status_code":422}}"#,
         ];
-        let upstream = stream::iter(chunks.map(|c| Ok(c.as_bytes().to_vec()))).boxed();
-        let out: Vec<Vec<u8>> = mend_chat_stream(upstream)
+        let upstream = stream::iter(chunks.map(|c| Ok(Chunk::from_static(c.as_bytes())))).boxed();
+        let out: Vec<Chunk> = mend_chat_stream(upstream)
             .map(|c| c.unwrap())
             .collect()
             .await;

@@ -89,8 +89,8 @@ mod tests {
             if n % 2 == 1 {
                 out.push(Err(GatewayError::internal("odd")));
             } else {
-                out.push(Ok(n.to_string().into_bytes()));
-                out.push(Ok(n.to_string().into_bytes()));
+                out.push(Ok(n.to_string().into()));
+                out.push(Ok(n.to_string().into()));
             }
         }
 

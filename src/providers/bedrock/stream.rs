@@ -175,7 +175,7 @@ fn header<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
 }
 
 impl Mapper {
-    fn event(&mut self, kind: &str, payload: &[u8]) -> Result<Option<Chunk>, GatewayError> {
+    fn event(&mut self, kind: &str, payload: &[u8]) -> Result<Option<Vec<u8>>, GatewayError> {
         let parse_error = |e: serde_json::Error| {
             GatewayError::upstream_protocol(&self.backend, format_args!("a bad {kind} event: {e}"))
         };
@@ -256,6 +256,7 @@ impl ChunkMapper for Mapper {
             Some("event") => {
                 let kind = header(&message, ":event-type").unwrap_or_default();
                 self.event(kind, message.payload())
+                    .map(|chunk| chunk.map(Chunk::from))
             }
             Some("exception") => Err(errors::exception(
                 &self.backend,

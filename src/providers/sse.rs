@@ -1,0 +1,491 @@
+//! The `data` of each SSE event of an upstream body, within the backend's
+//! caps. sse-stream parses the body; a read that the parser holds no part
+//! of an event before, and that starts with whole events of the form every
+//! OpenAI-compatible server writes (`data: <payload>\n\n`, one line), has
+//! those events cut out of it where they are, without the parser: each
+//! payload is a slice of the read, where the parser would copy it into a
+//! `String`. That is most of a stream's reads, and the parser's work was
+//! most of what the gateway did for a chunk.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use hyper::body::Body;
+use sse_stream::SseByteStream;
+
+use super::Chunk;
+use super::http::{BodyError, Capped, Caps};
+use crate::error::GatewayError;
+
+/// How long the rest of a stream's body is read for after its
+/// `data: [DONE]`.
+const DRAIN: Duration = Duration::from_secs(1);
+
+const DONE: &[u8] = b"[DONE]";
+
+/// The `data` of each SSE event of `body`, parsed incrementally (an event
+/// may be cut across reads; the work is linear in the bytes, however many
+/// events a read holds), within `caps`. Events without data (comments,
+/// keep-alives) are skipped, and OpenAI's end marker, `data: [DONE]`,
+/// ends the stream.
+pub fn sse_data<B>(backend: &str, caps: Caps, body: B) -> SseData<B>
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+{
+    let fed = Fed::default();
+    SseData {
+        body: Some(Capped::new(backend, caps, body, true)),
+        plain: Bytes::new(),
+        parser: SseByteStream::new(fed.clone()),
+        fed,
+        parsing: false,
+        parser_between_events: true,
+        backend: backend.to_owned(),
+        done: false,
+    }
+}
+
+/// See [`sse_data`]. A stream that ended at `data: [DONE]` before its body
+/// did (a chunked body's last chunk comes after it) reads the rest in the
+/// background once dropped, for up to [`DRAIN`], so that its connection is
+/// kept for the next request rather than closed. One dropped before
+/// `[DONE]` closes it: the client left, and the upstream should stop
+/// generating.
+pub struct SseData<B: Body<Data = Bytes> + Unpin + Send + 'static> {
+    /// `None` once it has ended, or been taken by the drain.
+    body: Option<Capped<B>>,
+    /// What is left of a read whose leading events are taken as they are.
+    plain: Bytes,
+    /// Parses what is not taken as it is.
+    parser: SseByteStream<Fed>,
+    fed: Fed,
+    /// The parser has been given something it may not have used all of.
+    parsing: bool,
+    /// The parser holds no part of an event: the next read may be taken
+    /// without it.
+    parser_between_events: bool,
+    backend: String,
+    done: bool,
+}
+
+impl<B> SseData<B>
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+{
+    /// Gives `bytes` to the parser.
+    fn feed(&mut self, bytes: Bytes) {
+        // Ended by a blank line, whatever came before: the parser has
+        // dispatched or dropped every event it was given.
+        self.parser_between_events = bytes.ends_with(b"\n\n");
+        self.give(Some(bytes));
+    }
+
+    fn give(&mut self, read: Option<Bytes>) {
+        self.parsing = true;
+        self.fed.give(read);
+    }
+
+    /// A data payload: the stream's next item, or `None` for one that is
+    /// skipped or ends it.
+    fn payload(&mut self, data: Bytes) -> Option<Chunk> {
+        if data.as_ref() == DONE {
+            self.done = true;
+        }
+        (!self.done && !data.is_empty()).then_some(data)
+    }
+}
+
+impl<B> Stream for SseData<B>
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+{
+    type Item = Result<Chunk, GatewayError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                // Past `[DONE]`, one poll only looks for the body's end,
+                // which has often arrived with it: then there is nothing
+                // to drain.
+                if let Some(body) = this.body.as_mut() {
+                    if let Poll::Ready(None | Some(Err(_))) = Pin::new(body).poll_frame(cx) {
+                        this.body = None;
+                    }
+                }
+                return Poll::Ready(None);
+            }
+            if !this.plain.is_empty() {
+                match plain_event(&mut this.plain) {
+                    Some(data) => match this.payload(data) {
+                        Some(chunk) => return Poll::Ready(Some(Ok(chunk))),
+                        None => continue,
+                    },
+                    None => {
+                        let rest = std::mem::take(&mut this.plain);
+                        this.feed(rest);
+                    }
+                }
+            }
+            if this.parsing {
+                match this.parser.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(event))) => {
+                        if let Some(chunk) = event.data.and_then(|d| this.payload(d.into())) {
+                            return Poll::Ready(Some(Ok(chunk)));
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        let error = GatewayError::upstream_protocol(&this.backend, e);
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    // It has used all it was given.
+                    Poll::Pending => this.parsing = false,
+                }
+            }
+            let Some(body) = this.body.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if this.parser_between_events => this.plain = data,
+                    Ok(data) => this.feed(data),
+                    Err(_) => {}
+                },
+                Some(Err(BodyError(error))) => {
+                    this.body = None;
+                    return Poll::Ready(Some(Err(error)));
+                }
+                None => {
+                    this.body = None;
+                    this.give(None);
+                }
+            }
+        }
+    }
+}
+
+/// Cuts the first event off `read` and returns its data, when it is one
+/// `data` line ended by a blank line (`data: <payload>\n\n`, or `data:`
+/// with no space), its payload not empty, and valid UTF-8; otherwise
+/// leaves `read` as it is, for the parser.
+fn plain_event(read: &mut Bytes) -> Option<Bytes> {
+    let value = read.strip_prefix(b"data:")?;
+    let start = 5 + usize::from(value.first() == Some(&b' '));
+    let line = &read[start..];
+    let end = memchr::memchr2(b'\n', b'\r', line)?;
+    if end == 0 || line.get(end..end + 2) != Some(b"\n\n") {
+        return None;
+    }
+    // The parser refuses a payload that is not UTF-8; so must this.
+    simdutf8::basic::from_utf8(&line[..end]).ok()?;
+    let data = read.slice(start..start + end);
+    bytes::Buf::advance(read, start + end + 2);
+    Some(data)
+}
+
+/// What [`SseData`] gives its parser: each read not taken as it is, then
+/// the body's end. The parser is polled only after it is given something,
+/// until it has used it all: it then finds nothing here, and yields
+/// `Pending` without a waker, and `SseData` polls the body, whose waker
+/// is the task's. Shared with the parser, which owns its stream.
+#[derive(Clone, Default)]
+struct Fed(Arc<Mutex<Given>>);
+
+#[derive(Default)]
+struct Given {
+    read: Option<Bytes>,
+    ended: bool,
+}
+
+impl Fed {
+    /// A read for the parser, or (`None`) the body's end.
+    fn give(&self, read: Option<Bytes>) {
+        let mut given = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        given.ended = read.is_none();
+        given.read = read;
+    }
+}
+
+impl Stream for Fed {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut given = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match given.read.take() {
+            Some(read) => Poll::Ready(Some(Ok(read))),
+            None if given.ended => Poll::Ready(None),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl<B> Drop for SseData<B>
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+{
+    fn drop(&mut self) {
+        if !self.done {
+            return;
+        }
+        let Some(mut body) = self.body.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // To the body's end, or to its first error, which ends the
+            // drain too.
+            let drain = std::future::poll_fn(move |cx| {
+                while let Some(Ok(_)) = ready!(Pin::new(&mut body).poll_frame(cx)) {}
+                Poll::Ready(())
+            });
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(DRAIN, drain).await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn sse_data_skips_comments_and_empty_events_and_joins_cut_ones() {
+        let data = sse_text(&[
+            ": keep-alive\n\ndata: {\"a\":1}\n\nda",
+            "ta: {\"b\":2}\r\n\r\nevent: ping\n\n",
+            "data: line one\ndata: line two\n\ndata: cut at the end",
+        ])
+        .await;
+        assert_eq!(data, [r#"{"a":1}"#, r#"{"b":2}"#, "line one\nline two"]);
+    }
+
+    #[tokio::test]
+    async fn sse_data_reads_every_line_end_and_field_form_the_spec_allows() {
+        // A byte order mark; CR, CRLF (cut between its CR and LF) and LF
+        // line ends; `data:` with no space, and with two, of which one is
+        // the value's; fields other than data.
+        let data = sse_text(&[
+            "\u{feff}data:a\r\rdata: b\r",
+            "\n\r\n",
+            "data:  c\n",
+            "\n",
+            "id: 7\nretry: 10\nevent: x\ndata: d\n\n",
+        ])
+        .await;
+        assert_eq!(data, ["a", "b", " c", "d"]);
+    }
+
+    #[tokio::test]
+    async fn sse_data_that_is_not_utf8_is_an_invalid_response() {
+        let (data, error) = sse_within(ROOMY, &[b"data: ok\n\ndata: \xff\n\n"]).await;
+        assert_eq!(data, ["ok"]);
+        let error = error.expect("invalid UTF-8 is refused");
+        assert_eq!(error.code(), Some("upstream_invalid_response"));
+        let message = error.message();
+        assert!(
+            message.starts_with("backend \"b\" sent an invalid response: ")
+                && message.contains("invalid utf-8"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sse_data_ends_at_done_whatever_follows() {
+        let data = sse_text(&["data: {\"a\":1}\n\ndata: [DONE]\n\n", "data: {\"b\":2}\n\n"]).await;
+        assert_eq!(data, [r#"{"a":1}"#]);
+    }
+
+    #[tokio::test]
+    async fn a_drain_after_done_stops_at_the_bodys_first_error() {
+        let polled = Arc::new(AtomicUsize::new(0));
+        let done = futures_util::stream::iter([Ok(Frame::data(Bytes::from_static(
+            b"data: {\"a\":1}\n\ndata: [DONE]\n\n",
+        )))]);
+        // Then a body that fails on every read, at once.
+        let errors = futures_util::stream::repeat_with({
+            let polled = polled.clone();
+            move || {
+                polled.fetch_add(1, Ordering::SeqCst);
+                Err(std::io::Error::other("reset"))
+            }
+        });
+        let body = StreamBody::new(done.chain(errors));
+        let mut events = Box::pin(sse_data("b", ROOMY, body));
+        assert_eq!(events.next().await.unwrap().unwrap(), &b"{\"a\":1}"[..]);
+        assert!(events.next().await.is_none());
+        drop(events);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // At [DONE], one look for the body's end; in the drain, one error.
+        assert!(polled.load(Ordering::SeqCst) <= 2, "{polled:?}");
+    }
+
+    async fn sse_text(pieces: &[&'static str]) -> Vec<String> {
+        let (data, error) = sse_within(
+            ROOMY,
+            &pieces.iter().map(|p| p.as_bytes()).collect::<Vec<_>>(),
+        )
+        .await;
+        assert!(error.is_none(), "{error:?}");
+        data
+    }
+
+    const ROOMY: Caps = Caps {
+        body: 1 << 20,
+        event: 1 << 20,
+    };
+
+    /// The data of `pieces` read as SSE within `caps`, up to the error that
+    /// ended it.
+    async fn sse_within(caps: Caps, pieces: &[&[u8]]) -> (Vec<String>, Option<GatewayError>) {
+        let frames: Vec<_> = pieces
+            .iter()
+            .map(|p| Ok::<_, std::io::Error>(Frame::data(Bytes::copy_from_slice(p))))
+            .collect();
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let mut events = Box::pin(sse_data("b", caps, body));
+        let mut data = Vec::new();
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(event) => data.push(String::from_utf8(event.to_vec()).unwrap()),
+                Err(error) => return (data, Some(error)),
+            }
+        }
+        (data, None)
+    }
+
+    /// What the parser alone makes of `text`, by the same rules: data
+    /// only, none empty, up to `[DONE]`; an error as its message.
+    async fn parser_alone(text: &[u8]) -> (Vec<String>, Option<String>) {
+        let read = futures_util::stream::iter([Ok::<_, Infallible>(Bytes::copy_from_slice(text))]);
+        let mut events = SseByteStream::new(read);
+        let mut data = Vec::new();
+        while let Some(event) = events.next().await {
+            match event.map(|e| e.data) {
+                Ok(Some(d)) if d == "[DONE]" => break,
+                Ok(Some(d)) if !d.is_empty() => data.push(d),
+                Ok(_) => {}
+                Err(e) => return (data, Some(e.to_string())),
+            }
+        }
+        (data, None)
+    }
+
+    #[tokio::test]
+    async fn events_taken_as_they_are_read_as_the_parser_reads_them_however_the_reads_cut_them() {
+        // Plain events beside every form the parser alone reads: comments,
+        // other fields, lines of one event, CR and CRLF line ends, `data:`
+        // with no space and with two, an empty event, a byte order mark,
+        // multi-byte text, and bytes that are not UTF-8.
+        let texts: &[&[u8]] = &[
+            b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\ndata: [DONE]\n\ndata: {\"c\":3}\n\n",
+            b"data: a\n\n: keep-alive\n\ndata: b\n\nevent: x\ndata: c\n\ndata: d\n\n",
+            b"data: a\n\ndata: one\ndata: two\n\ndata:b\n\ndata:  c\n\ndata: \n\ndata: d\n\n",
+            b"data: a\r\n\r\ndata: b\n\ndata: c\r\rdata: d\n\ndata: e\n\r\ndata: f\n\n",
+            "\u{feff}data: a\n\ndata: \u{e9}t\u{e9} \u{1f600}\n\ndata: b\n".as_bytes(),
+            b"data: a\n\ndata: b\xff\n\ndata: c\n\n",
+            b"data: a\n\nid: 7\nretry: 10\n\ndata\n\ndata: b\n\ndata: [DONE]",
+        ];
+        for text in texts {
+            let (expected, error) = parser_alone(text).await;
+            let error = error.map(|e| format!("backend \"b\" sent an invalid response: {e}"));
+            // Every cut into one, two and three reads.
+            let mut cuts = vec![vec![]];
+            for i in 1..text.len() {
+                cuts.push(vec![i]);
+                cuts.extend((i + 1..text.len()).map(|j| vec![i, j]));
+            }
+            for cut in cuts {
+                let mut reads = Vec::new();
+                let mut at = 0;
+                for &end in cut.iter().chain([&text.len()]) {
+                    reads.push(&text[at..end]);
+                    at = end;
+                }
+                let (data, got) = sse_within(ROOMY, &reads).await;
+                let shown = String::from_utf8_lossy(text);
+                assert_eq!(data, expected, "{shown:?} read as {cut:?}");
+                assert_eq!(
+                    got.map(|e| e.message().to_owned()),
+                    error,
+                    "{shown:?} read as {cut:?}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn plain_events_are_slices_of_the_read_they_came_in() {
+        let read = Bytes::from_static(b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\n: ping\n\n");
+        let body = StreamBody::new(futures_util::stream::iter([Ok::<_, Infallible>(
+            Frame::data(read.clone()),
+        )]));
+        let events: Vec<Chunk> = sse_data("b", ROOMY, body)
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(events, [&b"{\"a\":1}"[..], b"{\"b\":2}"]);
+        for event in events {
+            let within = read.as_ptr_range();
+            assert!(within.contains(&event.as_ptr()), "copied, not sliced");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_sse_event_over_the_event_cap_fails_whatever_the_reads() {
+        let caps = Caps {
+            body: 1 << 20,
+            event: 64,
+        };
+        let big = format!("data: {}\n\n", "x".repeat(100));
+        let small = b"data: ok\n\n";
+        // In one read with a small event after it; or cut in pieces.
+        let (data, error) =
+            sse_within(caps, &[small, format!("{big}data: no\n\n").as_bytes()]).await;
+        assert_eq!(data, ["ok"]);
+        let error = error.expect("the big event is refused");
+        assert_eq!(error.code(), Some("upstream_response_too_large"));
+        assert_eq!(
+            error.message(),
+            "backend \"b\" sent an SSE event larger than max_event_bytes (64 bytes)"
+        );
+        let pieces: Vec<&[u8]> = big.as_bytes().chunks(10).collect();
+        let (data, error) = sse_within(caps, &pieces).await;
+        assert!(data.is_empty());
+        assert!(error.is_some());
+        // Many small events, together far over the event cap, pass.
+        let many = "data: ok\n\n".repeat(50);
+        let (data, error) = sse_within(caps, &[many.as_bytes()]).await;
+        assert_eq!(
+            (data.len(), error.map(|e| e.message().to_owned())),
+            (50, None)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_over_the_body_cap_fails_after_the_events_within_it() {
+        let caps = Caps {
+            body: 100,
+            event: 100,
+        };
+        let event: &[u8] = b"data: 0123456789\n\n";
+        let (data, error) = sse_within(caps, &[event; 8]).await;
+        // 18 bytes an event: five fit in 100.
+        assert_eq!(data.len(), 5);
+        assert_eq!(
+            error.expect("the sixth read passes the cap").message(),
+            "backend \"b\" sent a response body larger than max_response_bytes (100 bytes)"
+        );
+    }
+}
