@@ -669,23 +669,18 @@ impl Meter {
 }
 
 impl Meter {
-    /// Records the request as [`finish`](Self::finish) does, from a task of
-    /// its own that runs once the current one yields: the response's last
-    /// bytes are written first, and the access-log line, metrics and ledger
-    /// row (a tenth of a streamed request's CPU) do not hold them up. Should
-    /// that task never run (the runtime is stopping), dropping it records
-    /// the request all the same.
-    pub fn finish_after_response(self, status: u16) {
-        let ended = Ended(self, status);
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn(async move { drop(ended) })),
-            Err(_) => drop(ended),
-        }
+    /// The meter of a request answered with `status`, to be recorded as
+    /// [`finish`](Self::finish) does when the response's body lets it go:
+    /// once the server has written the body's last bytes, so the
+    /// access-log line, metrics and ledger row (a tenth of a streamed
+    /// request's CPU) do not hold them up.
+    pub fn ended(self, status: u16) -> Ended {
+        Ended(self, status)
     }
 }
 
 /// A meter whose request ended with a status, recorded when dropped.
-struct Ended(Meter, u16);
+pub struct Ended(Meter, u16);
 
 impl Drop for Ended {
     fn drop(&mut self) {

@@ -1,13 +1,19 @@
 //! The answer to the client: the upstream's whole body, or a stream
 //! forwarded chunk by chunk, with the headers that say who served it.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use http_body_util::Full;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use super::attempt::{Ready, Served};
 use super::stream::{SseBody, SseParams};
 use crate::inbound::Reply;
+use crate::metering::Ended;
 use crate::openai::InboundRequest;
 
 pub const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-tollgate-backend");
@@ -41,14 +47,16 @@ pub fn respond(
             meter.observe(observed);
             match answer_as.complete(body, &backend.name) {
                 Ok(body) => {
-                    meter.finish_after_response(200);
-                    json_response(StatusCode::OK, body)
+                    let body = Recording::new(Full::new(body), meter.ended(200));
+                    json_response(StatusCode::OK, Body::new(body))
                 }
                 Err(error) => {
                     let shape = answer_as.error_shape();
                     meter.failed(error.label());
-                    meter.finish_after_response(error.status_in(shape).as_u16());
-                    error.into_response_in(shape)
+                    let ended = meter.ended(error.status_in(shape).as_u16());
+                    error
+                        .into_response_in(shape)
+                        .map(|body| Body::new(Recording::new(body, ended)))
                 }
             }
         }
@@ -84,6 +92,42 @@ pub fn respond(
             .insert(BUILT_WITH_HEADER, HeaderValue::from_static("Llama"));
     }
     response
+}
+
+/// A whole answer's body, which records its request as the server lets it
+/// go, its last bytes written.
+struct Recording<B> {
+    body: B,
+    _ended: Ended,
+}
+
+impl<B> Recording<B> {
+    fn new(body: B, ended: Ended) -> Self {
+        Self {
+            body,
+            _ended: ended,
+        }
+    }
+}
+
+impl<B: HttpBody + Unpin> HttpBody for Recording<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A JSON body with its content type.

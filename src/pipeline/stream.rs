@@ -20,8 +20,8 @@ use tokio::time::{Instant, Sleep};
 
 use crate::error::GatewayError;
 use crate::inbound::Encoder;
-use crate::metering::Meter;
 use crate::metering::usage::{ChunkFacts, read_chunk};
+use crate::metering::{Ended, Meter};
 use crate::openai::{Delta, Endpoint, ResponseIdentity};
 use crate::providers::{Chunk, ChunkStream};
 
@@ -55,6 +55,9 @@ pub struct SseBody {
     encoder: Option<Box<Encoder>>,
     /// Given up when the stream ends, to record the request.
     meter: Option<Meter>,
+    /// The request's record, made as this body is dropped: after the
+    /// server has written its last bytes.
+    ended: Option<Ended>,
 }
 
 pub struct SseParams {
@@ -87,6 +90,7 @@ impl SseBody {
             identity: None,
             encoder: p.encoder,
             meter: Some(p.meter),
+            ended: None,
         };
         let (chunk, facts) = p.first;
         let mut ready = BytesMut::new();
@@ -194,9 +198,7 @@ impl SseBody {
             None => self.ready.put_slice(DONE),
         }
         self.finished = true;
-        if let Some(meter) = self.meter.take() {
-            meter.finish_after_response(status);
-        }
+        self.ended = self.meter.take().map(|meter| meter.ended(status));
     }
 }
 
@@ -350,8 +352,6 @@ mod tests {
             .map(|e| String::from_utf8(e.unwrap().to_vec()).unwrap())
             .collect::<Vec<_>>()
             .await;
-        // The request is recorded by a task of its own, once this one yields.
-        tokio::task::yield_now().await;
         (split_events(&frames.concat()), metrics)
     }
 
@@ -419,7 +419,7 @@ mod tests {
         // The first chunk to the second, and the second to the third: zero.
         assert_eq!(gaps(), 2);
         while body.next().await.is_some() {}
-        tokio::task::yield_now().await;
+        drop(body);
         // Two more, one of them zero, recorded as the meter finishes; the
         // usage-only chunk was not sent, so it has no gap.
         assert_eq!(gaps(), 4);
@@ -432,29 +432,33 @@ mod tests {
             .get()
     }
 
-    #[test]
-    fn a_request_is_recorded_after_its_response_with_its_status_whatever_happens() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        // Recorded by a task of its own, once the current one yields.
+    #[tokio::test]
+    async fn a_request_is_recorded_as_its_body_is_dropped_with_its_status_whatever_happens() {
+        let upstream = || stream::iter([Ok(Chunk::from_static(CONTENT.as_bytes()))]).boxed();
+        let first = || Chunk::from_static(CONTENT.as_bytes());
+        // Ended: recorded once the server lets the body go, not before.
         let (metrics, meter) = test_meter();
-        runtime.block_on(async {
-            meter.finish_after_response(200);
-            assert_eq!(requests_metric(&metrics, "200"), 0);
-            tokio::task::yield_now().await;
-            assert_eq!(requests_metric(&metrics, "200"), 1);
-        });
-        // The runtime stops before that task runs: recorded as it is dropped.
+        let mut body = sse_body(first(), upstream(), false, meter);
+        while body.next().await.is_some() {}
+        assert_eq!(requests_metric(&metrics, "200"), 0);
+        drop(body);
+        assert_eq!(requests_metric(&metrics, "200"), 1);
+        // Failed: with the failure's status.
         let (metrics, meter) = test_meter();
-        runtime.block_on(async { meter.finish_after_response(502) });
-        drop(runtime);
+        let failing = stream::iter([Err(GatewayError::upstream_broken("b"))]).boxed();
+        let mut body = sse_body(first(), failing, false, meter);
+        while body.next().await.is_some() {}
+        drop(body);
         assert_eq!(requests_metric(&metrics, "502"), 1);
         assert_eq!(requests_metric(&metrics, "499"), 0, "not as a client gone");
-        // No runtime: recorded at once.
+        // Dropped before its end: the client went away.
         let (metrics, meter) = test_meter();
-        meter.finish_after_response(200);
-        assert_eq!(requests_metric(&metrics, "200"), 1);
+        let open = upstream().chain(stream::pending()).boxed();
+        let mut body = sse_body(first(), open, false, meter);
+        body.next().await.unwrap().unwrap();
+        drop(body);
+        assert_eq!(requests_metric(&metrics, "499"), 1);
+        assert_eq!(requests_metric(&metrics, "200"), 0);
     }
 
     fn usage_metric(metrics: &Metrics, estimated: &str) -> u64 {
