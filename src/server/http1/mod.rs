@@ -201,7 +201,7 @@ async fn respond(
             let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
                 Poll::Ready(frame) => frame,
                 Poll::Pending => {
-                    out.write(&socket.tcp, &[]).await?;
+                    out.write(&socket.tcp).await?;
                     let next = poll_fn(|cx| {
                         if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
                             return Poll::Ready(Some(frame));
@@ -223,27 +223,20 @@ async fn respond(
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
-                    match out.data(data) {
-                        Ok(None) => {}
-                        Ok(Some(long)) => {
-                            out.write(&socket.tcp, &long).await?;
-                            out.end_of_data();
-                        }
-                        // The client has all the head promised; what
-                        // follows could be taken for the next answer.
-                        Err(Overrun) => {
-                            out.write(&socket.tcp, &[]).await?;
-                            return Ok(false);
-                        }
+                    // The client has all the head promised; what follows
+                    // could be taken for the next answer.
+                    if let Err(Overrun) = out.data(data) {
+                        out.write(&socket.tcp).await?;
+                        return Ok(false);
                     }
                     if out.full() {
-                        out.write(&socket.tcp, &[]).await?;
+                        out.write(&socket.tcp).await?;
                     }
                 }
                 // The client sees the body cut short, as its framing
                 // tells it.
                 Some(Err(_)) => {
-                    out.write(&socket.tcp, &[]).await?;
+                    out.write(&socket.tcp).await?;
                     return Ok(false);
                 }
                 None => {
@@ -253,7 +246,7 @@ async fn respond(
             }
         }
     }
-    out.write(&socket.tcp, &[]).await?;
+    out.write(&socket.tcp).await?;
     Ok(out.keep_alive)
 }
 

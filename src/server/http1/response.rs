@@ -1,6 +1,8 @@
 //! A response as it goes out: its head, framed by what its body says of
 //! its length, and then its body, with what the body has ready gathered
-//! into one write.
+//! into one write. The body's data is written from where it is, between
+//! the head and framing written here: never copied, and no buffer grows
+//! to hold it.
 
 use std::cell::Cell;
 use std::io::{self, IoSlice};
@@ -16,11 +18,15 @@ use tokio::net::TcpStream;
 use super::request::Facts;
 use crate::framing::has_token;
 
-/// Data at least this long is written from where it is, not copied.
-const COPY_BELOW: usize = 16 * 1024;
 /// What is gathered before it is written even though the body has more
 /// ready.
 const WRITE_AT: usize = 64 * 1024;
+/// The most pieces of data gathered into one write: with the framing
+/// around each, within what one `writev` takes.
+const MAX_PIECES: usize = 31;
+/// Room for a head with the gateway's own headers, and the framing of a
+/// few pieces of data.
+const HEAD_ROOM: usize = 512;
 
 /// How a body is framed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +42,12 @@ enum Sending {
 
 /// The bytes of a response not written yet.
 pub struct Outgoing {
+    /// The head and the body's framing.
     buf: Vec<u8>,
+    /// The body's data, each piece written after `buf[..at]`.
+    pieces: Vec<(usize, Bytes)>,
+    /// Bytes in `pieces`.
+    gathered: usize,
     sending: Sending,
     /// Bytes the `content-length` promised and the body has not given.
     left: u64,
@@ -65,7 +76,7 @@ impl Outgoing {
         let keep_alive = keep_alive
             && sending != Sending::UntilClose
             && !has_token(&parts.headers, &CONNECTION, "close");
-        let mut buf = Vec::with_capacity(256);
+        let mut buf = Vec::with_capacity(HEAD_ROOM);
         buf.extend_from_slice(b"HTTP/1.1 ");
         buf.extend_from_slice(status.as_str().as_bytes());
         buf.push(b' ');
@@ -106,6 +117,8 @@ impl Outgoing {
         buf.extend_from_slice(b"\r\n");
         Self {
             buf,
+            pieces: Vec::new(),
+            gathered: 0,
             sending,
             left: size.exact().unwrap_or(0),
             keep_alive,
@@ -117,44 +130,29 @@ impl Outgoing {
         self.sending != Sending::Nothing
     }
 
-    /// Adds `data` to what goes out. Data too long to copy is given back,
-    /// to be written right after what is gathered. `Err`: more than the
-    /// length the head gave.
-    pub fn data(&mut self, data: Bytes) -> Result<Option<Bytes>, Overrun> {
+    /// Adds `data` to what goes out. `Err`: more than the length the head
+    /// gave.
+    pub fn data(&mut self, data: Bytes) -> Result<(), Overrun> {
         // An empty chunk would end a chunked body.
         if data.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
         if self.sending == Sending::Length {
             self.left = self.left.checked_sub(data.len() as u64).ok_or(Overrun)?;
         }
-        // One allocation for the chunk's framing and, unless it is long,
-        // its data.
-        let copied = if data.len() < COPY_BELOW {
-            data.len()
-        } else {
-            0
-        };
-        self.buf.reserve(copied + 32);
-        if self.sending == Sending::Chunked {
+        let chunked = self.sending == Sending::Chunked;
+        if chunked {
             let mut size = [0u8; 18];
             let hex = hex(data.len(), &mut size);
             self.buf.extend_from_slice(hex);
             self.buf.extend_from_slice(b"\r\n");
         }
-        if data.len() >= COPY_BELOW {
-            return Ok(Some(data));
-        }
-        self.buf.extend_from_slice(&data);
-        self.end_of_data();
-        Ok(None)
-    }
-
-    /// Ends a chunk's data when the chunked coding frames the body.
-    pub fn end_of_data(&mut self) {
-        if self.sending == Sending::Chunked {
+        self.gathered += data.len();
+        self.pieces.push((self.buf.len(), data));
+        if chunked {
             self.buf.extend_from_slice(b"\r\n");
         }
+        Ok(())
     }
 
     /// Ends the body. A body shorter than its `content-length` leaves the
@@ -170,15 +168,61 @@ impl Outgoing {
 
     /// Whether enough is gathered to write it now.
     pub fn full(&self) -> bool {
-        self.buf.len() >= WRITE_AT
+        self.gathered >= WRITE_AT || self.pieces.len() >= MAX_PIECES
     }
 
-    /// Writes what is gathered, then `after`; the buffer is let go, so a
-    /// stream waiting for its next event holds none.
-    pub async fn write(&mut self, tcp: &TcpStream, after: &[u8]) -> io::Result<()> {
+    /// Writes what is gathered; the buffers are let go, so a stream
+    /// waiting for its next event holds none.
+    pub async fn write(&mut self, tcp: &TcpStream) -> io::Result<()> {
         let buf = std::mem::take(&mut self.buf);
-        write_all(tcp, &buf, after).await
+        let pieces = std::mem::take(&mut self.pieces);
+        let total = buf.len() + std::mem::take(&mut self.gathered);
+        let mut written = 0;
+        while written < total {
+            tcp.writable().await?;
+            // Made anew after each wait, so the future holds no slices.
+            let mut slices = [IoSlice::new(&[]); 2 * MAX_PIECES + 1];
+            let count = unwritten(&buf, &pieces, written, &mut slices);
+            match tcp.try_write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
+}
+
+/// Puts in `slices` what is gathered past its first `written` bytes, in
+/// order: the head and framing in `buf`, with `pieces` put in where they
+/// go. Returns how many slices it used.
+fn unwritten<'a>(
+    buf: &'a [u8],
+    pieces: &'a [(usize, Bytes)],
+    mut written: usize,
+    slices: &mut [IoSlice<'a>],
+) -> usize {
+    let last = pieces.last().map_or(0, |(at, _)| *at);
+    let mut from = 0;
+    let parts = pieces
+        .iter()
+        .flat_map(|(at, data)| {
+            let framing = &buf[from..*at];
+            from = *at;
+            [framing, &data[..]]
+        })
+        .chain(std::iter::once(&buf[last..]));
+    let mut count = 0;
+    for part in parts {
+        let skipped = written.min(part.len());
+        written -= skipped;
+        if part.len() > skipped {
+            slices[count] = IoSlice::new(&part[skipped..]);
+            count += 1;
+        }
+    }
+    count
 }
 
 /// A body gave more bytes than its length.
@@ -197,27 +241,6 @@ fn hex(n: usize, out: &mut [u8; 18]) -> &[u8] {
             return &out[at..];
         }
     }
-}
-
-/// Writes `first` and then `second`, in as few system calls as the
-/// socket takes them.
-async fn write_all(tcp: &TcpStream, mut first: &[u8], mut second: &[u8]) -> io::Result<()> {
-    while !first.is_empty() || !second.is_empty() {
-        tcp.writable().await?;
-        let written = match tcp.try_write_vectored(&[IoSlice::new(first), IoSlice::new(second)]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        if written < first.len() {
-            first = &first[written..];
-        } else {
-            second = &second[written - first.len()..];
-            first = &[];
-        }
-    }
-    Ok(())
 }
 
 /// The time as a `date` header gives it, formatted once a second on each
@@ -251,6 +274,27 @@ mod tests {
         assert_eq!(hex(255, &mut out), b"ff");
         assert_eq!(hex(16 * 1024, &mut out), b"4000");
         assert_eq!(hex(usize::MAX, &mut out), b"ffffffffffffffff");
+    }
+
+    #[test]
+    fn what_is_left_to_write_is_the_rest_of_the_bytes_in_order_wherever_a_write_stopped() {
+        let buf = b"HEAD\r\n\r\n3\r\n\r\n2\r\n\r\n0\r\n\r\n";
+        let pieces = [
+            (11, Bytes::from_static(b"abc")),
+            (16, Bytes::from_static(b"de")),
+        ];
+        let whole = b"HEAD\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        for written in 0..=whole.len() {
+            let mut slices = [IoSlice::new(&[]); 2 * MAX_PIECES + 1];
+            let count = unwritten(buf, &pieces, written, &mut slices);
+            let rest: Vec<u8> = slices[..count].iter().flat_map(|s| s.to_vec()).collect();
+            assert_eq!(rest, whole[written..], "after {written} bytes");
+            assert!(slices[..count].iter().all(|s| !s.is_empty()));
+        }
+        // Nothing gathered but the head.
+        let mut slices = [IoSlice::new(&[]); 2 * MAX_PIECES + 1];
+        assert_eq!(unwritten(b"HEAD", &[], 1, &mut slices), 1);
+        assert_eq!(&*slices[0], b"EAD");
     }
 
     #[test]
