@@ -187,6 +187,11 @@ fn plain_event(read: &mut Bytes) -> Option<Bytes> {
     simdutf8::basic::from_utf8(&line[..end]).ok()?;
     let data = read.slice(start..start + end);
     bytes::Buf::advance(read, start + end + 2);
+    if read.is_empty() {
+        // An empty slice would still hold the read's memory while the
+        // stream waits for its next one.
+        *read = Bytes::new();
+    }
     Some(data)
 }
 
@@ -254,6 +259,8 @@ where
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures_util::FutureExt;
 
     use http_body_util::StreamBody;
     use hyper::body::Frame;
@@ -423,6 +430,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_stream_waiting_for_its_next_read_holds_none_of_the_last() {
+        struct Read(Arc<AtomicUsize>);
+        impl AsRef<[u8]> for Read {
+            fn as_ref(&self) -> &[u8] {
+                b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\n"
+            }
+        }
+        impl Drop for Read {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let read = Bytes::from_owner(Read(dropped.clone()));
+        let frames = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(read))])
+            .chain(futures_util::stream::pending());
+        let mut events = sse_data("b", ROOMY, StreamBody::new(frames));
+        assert_eq!(events.next().await.unwrap().unwrap(), &b"{\"a\":1}"[..]);
+        assert_eq!(events.next().await.unwrap().unwrap(), &b"{\"b\":2}"[..]);
+        assert!(
+            events.next().now_or_never().is_none(),
+            "waits for the next read"
+        );
+        assert_eq!(dropped.load(Ordering::SeqCst), 1, "the last read is let go");
     }
 
     #[tokio::test]
