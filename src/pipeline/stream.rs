@@ -20,8 +20,8 @@ use tokio::time::{Instant, Sleep};
 
 use crate::error::GatewayError;
 use crate::inbound::Encoder;
+use crate::metering::Meter;
 use crate::metering::usage::{ChunkFacts, read_chunk};
-use crate::metering::{Ended, Meter};
 use crate::openai::{Delta, Endpoint, ResponseIdentity};
 use crate::providers::{Chunk, ChunkStream};
 
@@ -32,7 +32,6 @@ const MAX_FRAME: usize = 64 * 1024;
 /// events read together are not copied again at every doubling. Frames
 /// live only until they are written.
 const FRAME_START: usize = 4 * 1024;
-const METER_KEPT: &str = "the meter is kept until the stream ends";
 
 pub struct SseBody {
     upstream: ChunkStream,
@@ -53,11 +52,11 @@ pub struct SseBody {
     /// Re-encodes the events for a client of another inbound API; `None`
     /// for OpenAI's, whose chunks go out as they came.
     encoder: Option<Box<Encoder>>,
-    /// Given up when the stream ends, to record the request.
-    meter: Option<Meter>,
-    /// The request's record, made as this body is dropped: after the
-    /// server has written its last bytes.
-    ended: Option<Ended>,
+    meter: Meter,
+    /// The status the stream ended with: the request is recorded with it
+    /// as this body is dropped, after the server has written its last
+    /// bytes. A body dropped before its end was left by its client.
+    ended: Option<u16>,
 }
 
 pub struct SseParams {
@@ -89,7 +88,7 @@ impl SseBody {
             sent_usage_chunk: false,
             identity: None,
             encoder: p.encoder,
-            meter: Some(p.meter),
+            meter: p.meter,
             ended: None,
         };
         let (chunk, facts) = p.first;
@@ -104,7 +103,7 @@ impl SseBody {
     /// Decides what the client sees of one upstream chunk, and adds it to
     /// `out`.
     fn on_chunk(&mut self, out: &mut BytesMut, chunk: &[u8], facts: ChunkFacts, now: Instant) {
-        self.meter().observe(facts.observed);
+        self.meter.observe(facts.observed);
         if facts.identity.is_some() {
             self.identity = facts.identity;
         }
@@ -114,9 +113,9 @@ impl SseBody {
             }
             self.sent_usage_chunk = true;
         }
-        self.meter().chunk_sent(now.into_std());
+        self.meter.chunk_sent(now.into_std());
         emit(&mut self.encoder, out, chunk);
-        if self.meter().reservation_spent() {
+        if self.meter.reservation_spent() {
             self.cut();
         }
     }
@@ -132,17 +131,17 @@ impl SseBody {
         };
         emit(&mut self.encoder, &mut self.ready, &last);
         if self.include_usage {
-            let usage = self.meter().usage_so_far();
+            let usage = self.meter.usage_so_far();
             let chunk = identity.usage_chunk(self.endpoint, usage);
             emit(&mut self.encoder, &mut self.ready, &chunk);
         }
-        let meter = self.meter.as_ref().expect(METER_KEPT);
+        let meter = &self.meter;
         tracing::info!(
             request_id = meter.request_id(),
             backend = %self.backend,
             "stream ended: its cost reached the key's budget reservation"
         );
-        self.meter().upstream_done();
+        self.meter.upstream_done();
         self.end(200);
     }
 
@@ -159,15 +158,11 @@ impl SseBody {
         false
     }
 
-    fn meter(&mut self) -> &mut Meter {
-        self.meter.as_mut().expect(METER_KEPT)
-    }
-
     /// The upstream ended normally.
     fn on_end(&mut self) {
-        self.meter().upstream_done();
+        self.meter.upstream_done();
         if self.include_usage && !self.sent_usage_chunk {
-            if let Some(usage) = self.meter().usage() {
+            if let Some(usage) = self.meter.usage() {
                 let identity = self.identity.take().unwrap_or_default();
                 let chunk = identity.usage_chunk(self.endpoint, usage);
                 emit(&mut self.encoder, &mut self.ready, &chunk);
@@ -177,7 +172,7 @@ impl SseBody {
     }
 
     fn fail(&mut self, error: GatewayError) {
-        let meter = self.meter.as_mut().expect(METER_KEPT);
+        let meter = &mut self.meter;
         meter.upstream_done();
         meter.failed(error.label());
         tracing::warn!(request_id = meter.request_id(), backend = %self.backend, error = %error.message(), "stream failed after it started");
@@ -191,14 +186,14 @@ impl SseBody {
     fn end(&mut self, status: u16) {
         match &mut self.encoder {
             Some(encoder) => {
-                let meter = self.meter.as_ref().expect(METER_KEPT);
+                let meter = &self.meter;
                 let usage = meter.usage().unwrap_or_else(|| meter.usage_so_far());
                 encoder.end(&mut self.ready, usage);
             }
             None => self.ready.put_slice(DONE),
         }
         self.finished = true;
-        self.ended = self.meter.take().map(|meter| meter.ended(status));
+        self.ended = Some(status);
     }
 }
 
@@ -254,13 +249,19 @@ impl Stream for SseBody {
                 }
             }
         }
-        if let Some(meter) = this.meter.as_mut() {
-            meter.record_gaps();
-        }
+        this.meter.record_gaps();
         if out.is_empty() {
             return Poll::Ready(None);
         }
         Poll::Ready(Some(Ok(out.freeze())))
+    }
+}
+
+impl Drop for SseBody {
+    fn drop(&mut self) {
+        if let Some(status) = self.ended {
+            self.meter.finish(status);
+        }
     }
 }
 
