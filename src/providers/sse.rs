@@ -3,9 +3,9 @@
 //! of an event before, and that starts with whole events of the form every
 //! OpenAI-compatible server writes (`data: <payload>\n\n`, one line), has
 //! those events cut out of it where they are, without the parser: each
-//! payload is a slice of the read, where the parser would copy it into a
-//! `String`. That is most of a stream's reads, and the parser's work was
-//! most of what the gateway did for a chunk.
+//! payload is a slice of the read, where the parser would scan it line by
+//! line and copy it into a `String`. Most reads of a stream are of that
+//! form.
 
 use std::convert::Infallible;
 use std::pin::Pin;
