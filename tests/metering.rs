@@ -660,3 +660,114 @@ async fn spend_survives_a_crash_losing_at_most_one_flush_interval() {
     let after = total_spend(&second.base).await;
     assert_eq!(after, before, "every total is restored after a crash");
 }
+
+/// Many requests at once, streamed and whole, through the gateway's two
+/// ways of reading a stream (events whole in each read, and events cut
+/// across reads), with a quarter of the clients leaving after the first
+/// event: every request is recorded exactly once, with exact usage unless
+/// its client left.
+#[tokio::test]
+async fn concurrent_requests_some_cut_by_their_clients_are_each_metered_once() {
+    const REQUESTS: usize = 80;
+    const TOKENS: usize = 100;
+    let whole_reads = MockUpstream::openai()
+        .answers_of(TOKENS)
+        .event_delay(Duration::from_millis(1))
+        .start()
+        .await;
+    let cut_reads = MockUpstream::openai()
+        .answers_of(TOKENS)
+        .event_delay(Duration::from_millis(1))
+        .split_every(7)
+        .start()
+        .await;
+    let config = Config::new()
+        .backend(Backend::upstream("whole", "openai", &url(&whole_reads)))
+        .backend(Backend::upstream("cut", "openai", &url(&cut_reads)))
+        .model(Model::new("a").deployment(Deployment::new("whole", "m").price(1.0, 2.0)))
+        .model(Model::new("b").deployment(Deployment::new("cut", "m").price(1.0, 2.0)))
+        .key(Key::new("team"))
+        .admin();
+    let gateway = start(&config).await;
+    let requests = (0..REQUESTS).map(|i| {
+        let gateway = &gateway;
+        async move {
+            // Each alias gets every kind: streamed, left, whole.
+            let alias = if (i / 4) % 2 == 0 { "a" } else { "b" };
+            let stream = i % 4 != 3;
+            let body = json!({"model": alias, "stream": stream, "messages": user("hello there")});
+            let response = chat_as_team(gateway, body).await;
+            assert_eq!(response.status(), 200);
+            if !stream {
+                response.bytes().await.unwrap();
+                return;
+            }
+            let mut events = Events::new(response);
+            if i % 4 == 2 {
+                // Leaves after the first event.
+                assert!(events.next().await.is_some());
+                return;
+            }
+            while events.next().await.is_some() {}
+        }
+    });
+    futures_util::future::join_all(requests).await;
+    let (left, answered) = (REQUESTS / 4, REQUESTS - REQUESTS / 4);
+    let series = |alias, backend, status| {
+        [
+            ("api", "chat"),
+            ("alias", alias),
+            ("backend", backend),
+            ("status", status),
+        ]
+    };
+    for (alias, backend) in [("a", "whole"), ("b", "cut")] {
+        gateway
+            .eventually_metric(
+                "tollgate_requests_total",
+                &series(alias, backend, "499"),
+                (left / 2) as f64,
+            )
+            .await;
+        gateway
+            .eventually_metric(
+                "tollgate_requests_total",
+                &series(alias, backend, "200"),
+                (answered / 2) as f64,
+            )
+            .await;
+    }
+    // A moment later, still once each.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = gateway.metrics().await;
+    let exact_output: f64 = [("a", "whole"), ("b", "cut")]
+        .iter()
+        .map(|(alias, backend)| {
+            metric(
+                &text,
+                "tollgate_tokens_total",
+                &[
+                    ("api", "chat"),
+                    ("alias", alias),
+                    ("backend", backend),
+                    ("direction", "output"),
+                    ("estimated", "false"),
+                ],
+            )
+            .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(exact_output, (answered * TOKENS) as f64, "{text}");
+    for (alias, backend) in [("a", "whole"), ("b", "cut")] {
+        for (status, count) in [("200", answered / 2), ("499", left / 2)] {
+            let recorded = metric(
+                &text,
+                "tollgate_requests_total",
+                &series(alias, backend, status),
+            );
+            assert_eq!(recorded, Some(count as f64), "{alias} {status}: {text}");
+        }
+    }
+    let report = gateway.spend("").await;
+    assert_eq!(report["total"]["requests"], REQUESTS, "{report:#}");
+}

@@ -37,12 +37,10 @@ pub fn sse_data<B>(backend: &str, caps: Caps, body: B) -> SseData<B>
 where
     B: Body<Data = Bytes> + Unpin + Send + 'static,
 {
-    let fed = Fed::default();
     SseData {
         body: Some(Capped::new(backend, caps, body, true)),
         plain: Bytes::new(),
-        parser: SseByteStream::new(fed.clone()),
-        fed,
+        parser: None,
         parsing: false,
         parser_between_events: true,
         backend: backend.to_owned(),
@@ -61,9 +59,9 @@ pub struct SseData<B: Body<Data = Bytes> + Unpin + Send + 'static> {
     body: Option<Capped<B>>,
     /// What is left of a read whose leading events are taken as they are.
     plain: Bytes,
-    /// Parses what is not taken as it is.
-    parser: SseByteStream<Fed>,
-    fed: Fed,
+    /// Parses what is not taken as it is; made when a read first needs
+    /// it, which most streams' reads never do.
+    parser: Option<(SseByteStream<Fed>, Fed)>,
     /// The parser has been given something it may not have used all of.
     parsing: bool,
     /// The parser holds no part of an event: the next read may be taken
@@ -87,7 +85,11 @@ where
 
     fn give(&mut self, read: Option<Bytes>) {
         self.parsing = true;
-        self.fed.give(read);
+        let (_, fed) = self.parser.get_or_insert_with(|| {
+            let fed = Fed::default();
+            (SseByteStream::new(fed.clone()), fed)
+        });
+        fed.give(read);
     }
 
     /// A data payload: the stream's next item, or `None` for one that is
@@ -132,8 +134,8 @@ where
                     }
                 }
             }
-            if this.parsing {
-                match this.parser.poll_next_unpin(cx) {
+            if let Some((parser, _)) = this.parser.as_mut().filter(|_| this.parsing) {
+                match parser.poll_next_unpin(cx) {
                     Poll::Ready(Some(Ok(event))) => {
                         if let Some(chunk) = event.data.and_then(|d| this.payload(d.into())) {
                             return Poll::Ready(Some(Ok(chunk)));
@@ -164,6 +166,9 @@ where
                 }
                 None => {
                     this.body = None;
+                    if this.parser.is_none() {
+                        return Poll::Ready(None);
+                    }
                     this.give(None);
                 }
             }
