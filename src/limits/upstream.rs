@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::{HeaderMap, HeaderName};
+use axum::http::{HeaderMap, HeaderValue};
 
 /// No reset is believed further away than this: a bad header must not
 /// bench a deployment for longer.
@@ -16,14 +16,26 @@ const MAX_RESET: Duration = Duration::from_secs(3600);
 /// Plain numbers above this are unix times, not seconds to wait.
 const UNIX_TIME_FLOOR: f64 = 1_000_000_000.0;
 
-// Named once: looking a header up by a string parses the name first.
-const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
-const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
-const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
-const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
-const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
-const TOKENLIMIT_REMAINING: HeaderName = HeaderName::from_static("x-tokenlimit-remaining");
-const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+/// The headers read, each with its place in [`Found`].
+const NAMES: [&str; 7] = [
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset",
+    "x-ratelimit-remaining-tokens",
+    "x-tokenlimit-remaining",
+    "x-ratelimit-reset-tokens",
+];
+const REMAINING_REQUESTS: usize = 0;
+const REMAINING: usize = 1;
+const RESET_REQUESTS: usize = 2;
+const RESET: usize = 3;
+const REMAINING_TOKENS: usize = 4;
+const TOKENLIMIT_REMAINING: usize = 5;
+const RESET_TOKENS: usize = 6;
+
+/// The first value of each of [`NAMES`] a response carries.
+type Found<'h> = [Option<&'h HeaderValue>; NAMES.len()];
 
 /// What is left of one upstream limit, and when it resets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,16 +53,27 @@ pub struct UpstreamQuota {
 
 impl UpstreamQuota {
     /// The quota a response's headers report; `None` when they report
-    /// none.
+    /// none. The headers are walked once: looking each name up hashes it
+    /// byte by byte, seven times for a response that most often carries
+    /// none of them.
     pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
+        let mut found: Found<'_> = [None; NAMES.len()];
+        for (name, value) in headers {
+            if let Some(at) = NAMES.iter().position(|n| *n == name.as_str()) {
+                found[at].get_or_insert(value);
+            }
+        }
+        if found.iter().all(Option::is_none) {
+            return None;
+        }
         let quota = Self {
             requests: remaining(
-                headers,
+                &found,
                 &[REMAINING_REQUESTS, REMAINING],
                 &[RESET_REQUESTS, RESET],
             ),
             tokens: remaining(
-                headers,
+                &found,
                 &[REMAINING_TOKENS, TOKENLIMIT_REMAINING],
                 &[RESET_TOKENS],
             ),
@@ -60,23 +83,18 @@ impl UpstreamQuota {
 }
 
 /// The first of `names` that holds a usable value.
-fn first<T>(
-    headers: &HeaderMap,
-    names: &[HeaderName],
-    parse: impl Fn(&str) -> Option<T>,
-) -> Option<T> {
-    names.iter().find_map(|name| {
-        headers
-            .get(name)
+fn first<T>(found: &Found<'_>, names: &[usize], parse: impl Fn(&str) -> Option<T>) -> Option<T> {
+    names.iter().find_map(|&at| {
+        found[at]
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse(v.trim()))
     })
 }
 
-fn remaining(headers: &HeaderMap, left: &[HeaderName], reset: &[HeaderName]) -> Option<Remaining> {
+fn remaining(found: &Found<'_>, left: &[usize], reset: &[usize]) -> Option<Remaining> {
     Some(Remaining {
-        left: first(headers, left, parse_count)?,
-        reset_in: first(headers, reset, parse_reset),
+        left: first(found, left, parse_count)?,
+        reset_in: first(found, reset, parse_reset),
     })
 }
 
@@ -133,7 +151,6 @@ fn parse_go_duration(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -232,5 +249,25 @@ mod tests {
             ])),
             None
         );
+    }
+
+    #[test]
+    fn a_header_sent_twice_counts_as_first_sent() {
+        let mut map = headers(&[("content-type", "application/json")]);
+        for left in ["7", "9"] {
+            map.append("x-ratelimit-remaining", HeaderValue::from_static(left));
+        }
+        map.append("x-ratelimit-reset", HeaderValue::from_static("soon"));
+        map.append("x-ratelimit-reset", HeaderValue::from_static("2"));
+        let quota = UpstreamQuota::from_headers(&map).unwrap();
+        assert_eq!(
+            quota.requests,
+            Some(Remaining {
+                left: 7,
+                reset_in: None
+            }),
+            "the first value is read, as a lookup by name reads it"
+        );
+        assert_eq!(quota.tokens, None);
     }
 }
