@@ -32,10 +32,14 @@ pub fn read_view<'b>(backend: &str, body: &'b [u8]) -> Result<ResponseView<'b>, 
     Ok(view)
 }
 
+/// Checked to be UTF-8 in one SIMD pass, then read as text: read as bytes,
+/// each string would be checked on its own, which costs more.
 fn parse<'b, T: Deserialize<'b>>(backend: &str, body: &'b [u8]) -> Result<T, GatewayError> {
-    serde_json::from_slice(body).map_err(|e| {
+    let not_json = |e: &dyn std::fmt::Display| {
         GatewayError::upstream_protocol(backend, format_args!("the body is not JSON: {e}"))
-    })
+    };
+    let text = simdutf8::compat::from_utf8(body).map_err(|e| not_json(&e))?;
+    serde_json::from_str(text).map_err(|e| not_json(&e))
 }
 
 /// The model an upstream response or stream chunk says answered, when it
@@ -273,6 +277,20 @@ mod tests {
         assert!(read_chunk("b", garbled, false).is_ok());
         let error = read_chunk("b", garbled, true).err().unwrap();
         assert!(error.message().contains("not JSON"), "{}", error.message());
+        // So must one read in full for its usage, and its text be UTF-8.
+        let usage =
+            br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+        assert!(read_chunk("b", usage, false).is_ok());
+        for bad in [&b"\xff"[..], b"caf\xc3"] {
+            let mut chunk = br#"{"choices":[{"delta":{"content":""#.to_vec();
+            chunk.extend_from_slice(bad);
+            chunk.extend_from_slice(
+                br#""}}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#,
+            );
+            let error = read_chunk("b", &chunk, true).err().unwrap();
+            assert!(error.message().contains("not JSON"), "{}", error.message());
+            assert!(read_view("b", &chunk).is_err());
+        }
     }
 
     #[test]
