@@ -37,8 +37,8 @@ impl Lease {
 
 impl Settle for Lease {
     /// Charges the deployment's token quota as output is generated.
-    fn generated(&self, tokens: u64) {
-        self.deployment.quota.limits.charge(tokens, Instant::now());
+    fn generated(&self, tokens: u64, now: Instant) {
+        self.deployment.quota.limits.charge(tokens, now);
     }
 
     /// Counts the tokens served by the backend, teaches the alias how long
@@ -46,7 +46,7 @@ impl Settle for Lease {
     /// holds (for cost estimates) when the count is the upstream's own,
     /// and settles the deployment's token quota to what
     /// the request used.
-    fn settle(&self, charged: u64, usage: &Usage, reported: bool) {
+    fn settle(&self, charged: u64, usage: &Usage, reported: bool, now: Instant) {
         self.backend
             .tokens_served
             .fetch_add(usage.total_tokens, Ordering::Relaxed);
@@ -57,7 +57,7 @@ impl Settle for Lease {
         self.deployment
             .quota
             .limits
-            .settle(charged, usage.total_tokens, Instant::now());
+            .settle(charged, usage.total_tokens, now);
     }
 }
 
@@ -88,6 +88,11 @@ impl Attempt {
             probe,
             started,
         })
+    }
+
+    /// When the attempt began, as its circuit admitted it.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     fn take(&mut self) -> Arc<DeploymentLive> {

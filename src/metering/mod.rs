@@ -89,13 +89,13 @@ pub struct Serving {
 /// What the deployment that served a request learns once its usage is
 /// known (health's lease on it, held by the meter until then).
 pub trait Settle: Send + Sync {
-    /// About `tokens` more output tokens were generated.
-    fn generated(&self, tokens: u64);
+    /// About `tokens` more output tokens were generated, by `now`.
+    fn generated(&self, tokens: u64, now: Instant);
 
     /// The request used `usage`; `reported` when the count is the
     /// upstream's own, not an estimate. `charged` is what its quota took
     /// so far: the prompt estimate at admission and output as generated.
-    fn settle(&self, charged: u64, usage: &Usage, reported: bool);
+    fn settle(&self, charged: u64, usage: &Usage, reported: bool, now: Instant);
 }
 
 /// What a request is charged against: the ledger, the key's budget
@@ -207,11 +207,12 @@ impl Meter {
         serving: Serving,
         provider: &'static str,
         upstream_model: &str,
+        began: Instant,
     ) -> HeaderMap {
         let headers = self.trace_attempt(&serving, provider, upstream_model, false);
         self.last_backend = Some(serving.backend.clone());
         self.serving = Some(serving);
-        self.upstream_since = Some(Instant::now());
+        self.upstream_since = Some(began);
         headers
     }
 
@@ -275,11 +276,12 @@ impl Meter {
     /// start.
     /// A hedge still in flight becomes the attempt.
     pub fn attempt_failed(&mut self, error: &GatewayError) {
-        self.upstream_done();
+        let now = Instant::now();
+        self.upstream_done(now);
         self.serving = self.hedge.take().map(|hedge| *hedge);
         if let Some(serving) = &self.serving {
             self.last_backend = Some(serving.backend.clone());
-            self.upstream_since = Some(Instant::now());
+            self.upstream_since = Some(now);
         }
         if let Some(trace) = &mut self.trace {
             trace.attempt_failed(error.label(), error.message().to_owned());
@@ -311,13 +313,14 @@ impl Meter {
     }
 
     /// The upstream is done sending (the whole body, or the stream's end).
-    pub fn upstream_done(&mut self) {
+    pub fn upstream_done(&mut self, now: Instant) {
         if let Some(since) = self.upstream_since.take() {
-            self.upstream_wait += since.elapsed();
+            self.upstream_wait += now.saturating_duration_since(since);
         }
     }
 
-    pub fn observe(&mut self, observed: Observed) {
+    /// What an upstream answer or chunk, read at `now`, says of usage.
+    pub fn observe(&mut self, observed: Observed, now: Instant) {
         match observed.usage {
             Some(Ok(usage)) => {
                 let window = self.serving.as_ref().map_or(u64::MAX, |s| s.context_window);
@@ -332,7 +335,7 @@ impl Meter {
         }
         if observed.text_chars > 0 {
             self.output_chars += observed.text_chars;
-            self.charge_generated();
+            self.charge_generated(now);
         }
     }
 
@@ -364,7 +367,7 @@ impl Meter {
     /// Charges output tokens to the key's and the deployment's token
     /// limits as they are generated, so a long answer holds back the next
     /// request before it ends.
-    fn charge_generated(&mut self) {
+    fn charge_generated(&mut self, now: Instant) {
         let generated = self.generated_tokens();
         let due = generated.saturating_sub(self.charged_output);
         if due < CHARGE_STEP {
@@ -372,10 +375,10 @@ impl Meter {
         }
         self.charged_output = generated;
         if let Some(limits) = &self.charges.limits {
-            limits.charge(due, Instant::now());
+            limits.charge(due, now);
         }
         if let Some(serving) = &self.serving {
-            serving.lease.generated(due);
+            serving.lease.generated(due, now);
         }
     }
 
@@ -498,8 +501,11 @@ impl Meter {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
+        // One clock read for the request's end: its duration, and the
+        // limits and quotas it settles.
+        let now = Instant::now();
         self.record_gaps();
-        self.upstream_done();
+        self.upstream_done(now);
         let (usage, estimated) = self.final_usage(status);
         let backend = self.last_backend.as_deref().unwrap_or(NONE);
         let MeterLabels {
@@ -540,7 +546,7 @@ impl Meter {
         }
         let charged = self.prompt_estimate.saturating_add(self.charged_output);
         if let Some(limits) = &self.charges.limits {
-            limits.settle(charged, usage.total_tokens, Instant::now());
+            limits.settle(charged, usage.total_tokens, now);
         }
         let key_label = if *key_in_metrics { key } else { OTHER_KEYS };
         // A hedge's loser, and a hedge the client left in flight, had the
@@ -549,7 +555,9 @@ impl Meter {
         let mut hedge_nano = 0;
         for loser in self.cancelled.iter().chain(&self.hedge) {
             let prompt = Usage::new(self.prompt_estimate, 0);
-            loser.lease.settle(self.prompt_estimate, &prompt, false);
+            loser
+                .lease
+                .settle(self.prompt_estimate, &prompt, false, now);
             let cost = loser.rate.cost_nano_usd(&prompt);
             hedge_nano += cost;
             series::record(
@@ -571,7 +579,7 @@ impl Meter {
         }
         let mut cost_nano = 0;
         if let Some(serving) = &self.serving {
-            serving.lease.settle(charged, &usage, !estimated);
+            serving.lease.settle(charged, &usage, !estimated, now);
         }
         if let Some(serving) = &self.serving
             && (usage.total_tokens > 0 || hedge_nano > 0)
@@ -622,7 +630,7 @@ impl Meter {
         if let Some(reservation) = self.charges.reservation.take() {
             reservation.settle(cost_nano);
         }
-        let elapsed = self.started.elapsed();
+        let elapsed = now.saturating_duration_since(self.started);
         m.record_request(series, api, alias, backend, status, elapsed);
         series::record(
             series.map(|s| &s.gateway_overhead),

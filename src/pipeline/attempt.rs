@@ -77,6 +77,8 @@ struct Leg<'s> {
     backend: &'s Backend,
     resolved: &'s Resolved,
     attempt: Attempt,
+    /// When its rate limits admitted it: the upstream's time starts then.
+    admitted: Instant,
     max_tokens: Option<u32>,
 }
 
@@ -197,6 +199,7 @@ pub async fn attempt<'s>(
             first.serving(snapshot, model),
             first.provider(),
             &first.deployment.upstream_model,
+            first.admitted,
         );
         let mut call = pin!(call_upstream(
             app,
@@ -304,23 +307,27 @@ impl<'s> Tried<'s> {
         let resolved = snapshot.resolved(self.model, index);
         let deployment = &snapshot.config.models[self.model].deployments[index];
         let attempt = Attempt::begin(&resolved.health)?;
-        if let Err(refused) = admit_deployment(self.app, resolved, prompt).await {
-            self.app
-                .metrics
-                .rate_limited
-                .with_label_values(&["deployment", &deployment.name, refused.limit.name()])
-                .inc();
-            if let Some(wait) = refused.wait {
-                self.skipped = Some(self.skipped.map_or(wait, |s| s.min(wait)));
+        let admitted = match admit_deployment(self.app, resolved, prompt, attempt.started()).await {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                self.app
+                    .metrics
+                    .rate_limited
+                    .with_label_values(&["deployment", &deployment.name, refused.limit.name()])
+                    .inc();
+                if let Some(wait) = refused.wait {
+                    self.skipped = Some(self.skipped.map_or(wait, |s| s.min(wait)));
+                }
+                return None;
             }
-            return None;
-        }
+        };
         Some(Leg {
             index,
             deployment,
             backend: snapshot.backend(resolved.backend),
             resolved,
             attempt,
+            admitted,
             max_tokens,
         })
     }
@@ -456,9 +463,15 @@ impl<'s> Tried<'s> {
     }
 }
 
-/// Takes an attempt from its deployment's rate limits: the fleet's shared
-/// ones when there is a store that answers, else this replica's own.
-async fn admit_deployment(app: &AppState, resolved: &Resolved, tokens: u64) -> Result<(), Refused> {
+/// Takes an attempt begun at `began` from its deployment's rate limits:
+/// the fleet's shared ones when there is a store that answers, else this
+/// replica's own. Admitted, it says when: the upstream's time starts then.
+async fn admit_deployment(
+    app: &AppState,
+    resolved: &Resolved,
+    tokens: u64,
+    began: Instant,
+) -> Result<Instant, Refused> {
     let quota = &resolved.health.quota;
     if let Some(fleet) = &app.fleet
         && let Some(cells) = quota.limits.shared_cells()
@@ -466,15 +479,19 @@ async fn admit_deployment(app: &AppState, resolved: &Resolved, tokens: u64) -> R
     {
         match fleet.admit(&cells, tokens, None).await {
             Ok(_) | Err(Denied::Budget { .. }) => {
-                quota.limits.mirror(tokens, Instant::now());
+                let now = Instant::now();
+                quota.limits.mirror(tokens, now);
                 quota.count_upstream(tokens);
-                return Ok(());
+                return Ok(now);
             }
             Err(Denied::Rate(refused)) => return Err(refused),
-            Err(Denied::Unavailable) => {}
+            Err(Denied::Unavailable) => {
+                let now = Instant::now();
+                return quota.admit(tokens, now).map(|()| now);
+            }
         }
     }
-    quota.admit(tokens, Instant::now())
+    quota.admit(tokens, began).map(|()| began)
 }
 
 /// The output limit the gateway sets for an attempt at `deployment`: for a

@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
@@ -43,8 +44,9 @@ pub fn respond(
     } = served;
     let mut response = match reply {
         Ready::Complete(body, observed) => {
-            meter.upstream_done();
-            meter.observe(observed);
+            let now = Instant::now();
+            meter.upstream_done(now);
+            meter.observe(observed, now);
             match answer_as.complete(body, &backend.name) {
                 Ok(body) => {
                     let body = Recording::new(Full::new(body), meter.ended(200));

@@ -81,7 +81,7 @@ impl SseBody {
             finished: false,
             idle: p.idle,
             last_chunk: now,
-            idle_timer: Box::pin(tokio::time::sleep(p.idle)),
+            idle_timer: Box::pin(tokio::time::sleep_until(now + p.idle)),
             backend: p.backend,
             endpoint: p.endpoint,
             include_usage: p.include_usage,
@@ -103,7 +103,8 @@ impl SseBody {
     /// Decides what the client sees of one upstream chunk, and adds it to
     /// `out`.
     fn on_chunk(&mut self, out: &mut BytesMut, chunk: &[u8], facts: ChunkFacts, now: Instant) {
-        self.meter.observe(facts.observed);
+        let now = now.into_std();
+        self.meter.observe(facts.observed, now);
         if facts.identity.is_some() {
             self.identity = facts.identity;
         }
@@ -113,16 +114,16 @@ impl SseBody {
             }
             self.sent_usage_chunk = true;
         }
-        self.meter.chunk_sent(now.into_std());
+        self.meter.chunk_sent(now);
         emit(&mut self.encoder, out, chunk);
         if self.meter.reservation_spent() {
-            self.cut();
+            self.cut(now);
         }
     }
 
     /// Ends a stream that has cost what its key's budget reserved for it:
     /// the client sees an answer cut at its length limit.
-    fn cut(&mut self) {
+    fn cut(&mut self, now: std::time::Instant) {
         let identity = self.identity.take().unwrap_or_default();
         let last = if self.endpoint == Endpoint::Chat {
             identity.chat_chunk(&Delta::default(), Some("length"))
@@ -141,7 +142,7 @@ impl SseBody {
             backend = %self.backend,
             "stream ended: its cost reached the key's budget reservation"
         );
-        self.meter.upstream_done();
+        self.meter.upstream_done(now);
         self.end(200);
     }
 
@@ -158,9 +159,9 @@ impl SseBody {
         false
     }
 
-    /// The upstream ended normally.
-    fn on_end(&mut self) {
-        self.meter.upstream_done();
+    /// The upstream ended normally, as seen at `now`.
+    fn on_end(&mut self, now: Instant) {
+        self.meter.upstream_done(now.into_std());
         if self.include_usage && !self.sent_usage_chunk {
             if let Some(usage) = self.meter.usage() {
                 let identity = self.identity.take().unwrap_or_default();
@@ -173,7 +174,7 @@ impl SseBody {
 
     fn fail(&mut self, error: GatewayError) {
         let meter = &mut self.meter;
-        meter.upstream_done();
+        meter.upstream_done(Instant::now().into_std());
         meter.failed(error.label());
         tracing::warn!(request_id = meter.request_id(), backend = %self.backend, error = %error.message(), "stream failed after it started");
         match &mut self.encoder {
@@ -238,7 +239,7 @@ impl Stream for SseBody {
                     }
                 }
                 Poll::Ready(Some(Err(error))) => this.fail(error),
-                Poll::Ready(None) => this.on_end(),
+                Poll::Ready(None) => this.on_end(*arrived.get_or_insert_with(Instant::now)),
                 Poll::Pending if !out.is_empty() => break,
                 Poll::Pending => {
                     if this.idle_expired(cx) {
@@ -318,6 +319,7 @@ mod tests {
             },
             "simulated",
             "m",
+            std::time::Instant::now(),
         );
         meter.attempt_answered(|| None);
         (metrics, meter)
