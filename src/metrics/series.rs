@@ -26,6 +26,10 @@ pub struct DeploymentSeries {
     pub upstream_ok: OnceLock<IntCounter>,
     /// Cost of keys without series of their own (`key="(other)"`).
     pub cost_other_keys: OnceLock<Counter>,
+    /// `routing_decisions` of the plans this deployment heads, for the
+    /// reason it first headed one for (its strategy's, most often the
+    /// same every time).
+    routing_decision: OnceLock<(&'static str, IntCounter)>,
     tokens: [OnceLock<IntCounter>; APIS.len() * TOKEN_KINDS],
     /// Requests answered 200.
     answered: [OnceLock<IntCounter>; APIS.len()],
@@ -49,6 +53,17 @@ impl DeploymentSeries {
             return None;
         }
         self.answered.get(api_slot(api)?)
+    }
+
+    /// Counts a plan this deployment heads for `reason`: through its slot
+    /// when the reason is the one it holds, else looked up now.
+    pub fn routing_decision(&self, reason: &'static str, lookup: impl Fn() -> IntCounter) {
+        let (held, counter) = self.routing_decision.get_or_init(|| (reason, lookup()));
+        if *held == reason {
+            counter.inc();
+        } else {
+            lookup().inc();
+        }
     }
 }
 
@@ -87,5 +102,21 @@ mod tests {
         assert!(series.tokens("batch", false, false).is_none());
         assert!(series.requests("chat", 200).is_some());
         assert!(series.requests("chat", 429).is_none());
+    }
+
+    #[test]
+    fn routing_decisions_count_under_their_own_reason_whichever_the_slot_holds() {
+        let vec =
+            prometheus::IntCounterVec::new(prometheus::Opts::new("decisions", "help"), &["reason"])
+                .unwrap();
+        let series = DeploymentSeries::default();
+        for reason in ["cheapest", "cheapest", "affinity", "cheapest", "exploring"] {
+            series.routing_decision(reason, || vec.with_label_values(&[reason]));
+        }
+        let count = |reason: &str| vec.with_label_values(&[reason]).get();
+        assert_eq!(
+            (count("cheapest"), count("affinity"), count("exploring")),
+            (3, 1, 1)
+        );
     }
 }

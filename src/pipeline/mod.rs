@@ -118,10 +118,13 @@ async fn serve(
     admit::remember_prefix(snapshot, app.fleet.as_deref(), &admission);
     let alias = snapshot.config.models[admission.model].alias.as_str();
     let first = &admission.plan.candidates[0];
-    app.metrics
-        .routing_decisions
-        .with_label_values(&[alias, admission.plan.strategy, first.label])
-        .inc();
+    let labels = [alias, admission.plan.strategy, first.label];
+    snapshot
+        .resolved(admission.model, first.deployment)
+        .series
+        .routing_decision(first.label, || {
+            app.metrics.routing_decisions.with_label_values(&labels)
+        });
     let (limits, reservation) = admit::reserve(app, snapshot, key, &request, &admission)
         .await
         .map_err(|error| Failure::before_upstream(error, alias))?;
