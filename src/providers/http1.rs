@@ -149,17 +149,29 @@ impl Connection {
                 self.read.advance(length);
                 continue;
             }
-            let mut map = HeaderMap::with_capacity(parsed.headers.len());
+            // Each value is a slice of the head as read, where a copy of
+            // its own was an allocation a header.
+            let invalid = || "an invalid response header".to_owned();
+            let start = self.read.as_ptr() as usize;
+            let mut spans = Vec::with_capacity(parsed.headers.len());
             for header in parsed.headers.iter() {
-                let name = HeaderName::from_bytes(header.name.as_bytes());
-                let value = HeaderValue::from_bytes(header.value);
-                let (Ok(name), Ok(value)) = (name, value) else {
-                    return Err("an invalid response header".into());
+                let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| invalid())?;
+                // An empty value need not point into the head.
+                let at = match header.value {
+                    [] => 0,
+                    value => value.as_ptr() as usize - start,
                 };
+                spans.push((name, at..at + header.value.len()));
+            }
+            let http11 = parsed.version == Some(1);
+            let head = self.read.split_to(length).freeze();
+            let mut map = HeaderMap::with_capacity(spans.len());
+            for (name, span) in spans {
+                let value =
+                    HeaderValue::from_maybe_shared(head.slice(span)).map_err(|_| invalid())?;
                 map.append(name, value);
             }
-            let keep_alive = parsed.version == Some(1) && !has_token(&map, &CONNECTION, "close");
-            self.read.advance(length);
+            let keep_alive = http11 && !has_token(&map, &CONNECTION, "close");
             return Ok(Some(Head {
                 status,
                 headers: map,
@@ -482,6 +494,22 @@ mod tests {
         let (status, body, connection) = exchange(connection, post("{}")).await;
         assert_eq!((status, body.unwrap()), (StatusCode::CREATED, "new".into()));
         assert!(connection.is_some());
+    }
+
+    #[tokio::test]
+    async fn response_headers_are_read_as_sent_however_their_values_are_written() {
+        let connection = upstream(&[
+            "HTTP/1.1 200 OK\r\nX-Empty:\r\nset-cookie: a=1\r\nX-Spaced:  \tpadded value\t \r\nSet-Cookie: b=2\r\nx-obs: café\r\ncontent-length: 2\r\n\r\nok",
+        ])
+        .await;
+        let response = connection.send(post("{}")).await.ok().unwrap();
+        let headers = response.headers();
+        assert_eq!(headers["x-empty"], "");
+        assert_eq!(headers["x-spaced"], "padded value");
+        assert_eq!(headers["x-obs"].as_bytes(), "café".as_bytes());
+        let cookies: Vec<_> = headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert_eq!(headers.len(), 6);
     }
 
     #[tokio::test]
