@@ -210,6 +210,21 @@ mod tests {
     }
 
     #[test]
+    fn text_is_measured_whatever_its_length_and_where_its_escapes_fall() {
+        for len in 0..72 {
+            for escape_at in [None, Some(0), Some(31), Some(32), Some(33), Some(len)] {
+                let mut text = "x".repeat(len);
+                if let Some(at) = escape_at.filter(|at| *at <= len) {
+                    text.insert_str(at, "\"\u{e9}\n");
+                }
+                let chunk = serde_json::json!({"choices": [{"delta": {"content": text}}]});
+                let written = serde_json::to_string(&chunk).unwrap();
+                assert_eq!(text_chars(written.as_bytes()), text.len(), "{written}");
+            }
+        }
+    }
+
+    #[test]
     fn reasoning_is_output_and_measured_too() {
         for (chunk, chars) in [
             (

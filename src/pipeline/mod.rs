@@ -50,7 +50,7 @@ use crate::metering::key_series::OTHER_KEYS;
 use crate::metering::{Charges, InFlight, Meter, MeterLabels};
 use crate::metrics::NONE;
 use crate::openai::Endpoint;
-use crate::routing::{PlanStatus, REGION_HEADER, Rule, SESSION_HEADER};
+use crate::routing::{PlanStatus, REGION, Rule, SESSION};
 use crate::state::{AppState, Snapshot};
 use crate::traces::{Outcome, RequestTrace};
 use admit::Refusal;
@@ -111,8 +111,8 @@ async fn serve(
     if let Some(trace) = trace {
         trace.requested(request.model());
     }
-    let region = headers.get(REGION_HEADER).map(HeaderValue::as_bytes);
-    let session = headers.get(SESSION_HEADER).map(HeaderValue::as_bytes);
+    let region = headers.get(&REGION).map(HeaderValue::as_bytes);
+    let session = headers.get(&SESSION).map(HeaderValue::as_bytes);
     let admission = admit::admit(snapshot, &request, key, region, session)
         .map_err(|refusal| Failure::refused(app, snapshot, refusal))?;
     admit::remember_prefix(snapshot, app.fleet.as_deref(), &admission);
@@ -296,7 +296,7 @@ pub async fn count_tokens(app: &AppState, headers: &HeaderMap, body: Body) -> Re
         let key = auth::authenticate(&snapshot, headers)?;
         let bytes = read_body(headers, body, &snapshot.config.server).await?;
         let (request, _) = Api::Messages.parse(with_max_tokens(bytes))?;
-        let region = headers.get(REGION_HEADER).map(HeaderValue::as_bytes);
+        let region = headers.get(&REGION).map(HeaderValue::as_bytes);
         admit::admit(&snapshot, &request, key, region, None)
             .map(|admission| admission.facts.input_tokens)
             .map_err(|refusal| refusal.error)

@@ -1,5 +1,7 @@
 //! The facts of a request that routing decides on, read once.
 
+use axum::http::HeaderName;
+
 use super::session::Session;
 use crate::config::{Affinity, Key, Policy, is_region};
 use crate::error::GatewayError;
@@ -8,6 +10,9 @@ use crate::metering::prefix::{self, Block};
 use crate::openai::{Endpoint, InboundRequest, MessageContent, TypedRequest};
 
 pub const REGION_HEADER: &str = "x-tollgate-region";
+/// The header as a request's headers are searched for it: by a name not
+/// parsed again at each search.
+pub const REGION: HeaderName = HeaderName::from_static(REGION_HEADER);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestFacts {

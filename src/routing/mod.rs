@@ -16,10 +16,10 @@ mod session;
 mod strategy;
 
 pub use affinity::Binding;
-pub use facts::{REGION_HEADER, RequestFacts, region};
+pub use facts::{REGION, RequestFacts, region};
 pub use plan::{
     Candidate, Explained, ExplainedHedge, Plan, PlanStatus, plan, policy_allows, refusal,
 };
 pub use policy::{Rule, Scope as PolicyScope, serves};
-pub use session::{SESSION_HEADER, Session, SessionSource};
+pub use session::{SESSION, Session, SessionSource};
 pub use strategy::Why;

@@ -6,11 +6,15 @@
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 
+use axum::http::HeaderName;
 use foldhash::fast::FixedState;
 
 use crate::openai::{InboundRequest, MessageContent, TypedRequest};
 
 pub const SESSION_HEADER: &str = "x-session-id";
+/// The header as a request's headers are searched for it: by a name not
+/// parsed again at each search.
+pub const SESSION: HeaderName = HeaderName::from_static(SESSION_HEADER);
 
 /// The seed every replica hashes with, so they bind sessions alike.
 const SEED: u64 = 0x7365_7373_696f_6e00;

@@ -25,7 +25,7 @@ use crate::inbound::Api;
 use crate::openai::{Endpoint, ModelEntry, ModelList};
 use crate::pipeline::respond::json_response;
 use crate::pipeline::{self, admit, auth};
-use crate::routing::REGION_HEADER;
+use crate::routing::REGION;
 use crate::state::{self, AppState, Snapshot};
 use request_id::RequestId;
 
@@ -203,7 +203,7 @@ async fn model(
 
 fn servable<'s>(snapshot: &'s Snapshot, headers: &HeaderMap) -> Result<Vec<&'s str>, GatewayError> {
     let key = auth::authenticate(snapshot, headers)?;
-    let region = headers.get(REGION_HEADER).map(HeaderValue::as_bytes);
+    let region = headers.get(&REGION).map(HeaderValue::as_bytes);
     admit::servable_models(snapshot, key, region)
 }
 
