@@ -1,8 +1,7 @@
 //! Reading usage out of upstream answers: whole bodies and stream chunks,
 //! before and while they are forwarded. A chunk is read for what the meter
-//! needs (usage, the length of its text) and, for the first one, the
-//! stream's identity; an upstream error sent with a 200 is found here, so
-//! it can still fail over.
+//! needs (usage, the length of its text); an upstream error sent with a
+//! 200 is found here, so it can still fail over.
 
 use std::sync::LazyLock;
 
@@ -12,13 +11,11 @@ use serde::Deserialize;
 use super::Observed;
 use crate::error::GatewayError;
 use crate::openai::scan::member_values;
-use crate::openai::{IdentityView, ResponseIdentity, ResponseView};
+use crate::openai::{IdentityView, ResponseView};
 
 /// What the gateway reads of one stream chunk.
 pub struct ChunkFacts {
     pub observed: Observed,
-    /// Read from the first chunk only.
-    pub identity: Option<ResponseIdentity>,
     pub usage_only: bool,
 }
 
@@ -52,18 +49,15 @@ pub fn answering_model(body: &[u8]) -> Option<String> {
 /// Reads one chunk. Most chunks carry a few characters of text and nothing
 /// the meter needs: they are checked to be framed as a JSON object and
 /// their text measured, without being parsed. Usage and errors are read in
-/// full; of a chunk whose stream identity is wanted (`identity`: the
-/// first, when the gateway may have to write a usage chunk), only that.
-/// `"usage": null`, which OpenAI and Together put in every chunk before
-/// the last, is no usage.
-pub fn read_chunk(backend: &str, chunk: &[u8], identity: bool) -> Result<ChunkFacts, GatewayError> {
+/// full. `"usage": null`, which OpenAI and Together put in every chunk
+/// before the last, is no usage.
+pub fn read_chunk(backend: &str, chunk: &[u8]) -> Result<ChunkFacts, GatewayError> {
     let keys = &*KEYS;
     let usage = member_values(&keys.usage, chunk).any(|value| !value.starts_with(b"null"));
     if usage || keys.error.find(chunk).is_some() {
         let view = read_view(backend, chunk)?;
         return Ok(ChunkFacts {
             observed: Observed::of(&view),
-            identity: identity.then(|| view.identity()),
             usage_only: view.is_usage_only(),
         });
     }
@@ -73,17 +67,11 @@ pub fn read_chunk(backend: &str, chunk: &[u8], identity: bool) -> Result<ChunkFa
             "a stream chunk is not a JSON object",
         ));
     }
-    let identity = if identity {
-        Some(parse::<IdentityView<'_>>(backend, chunk)?.identity())
-    } else {
-        None
-    };
     Ok(ChunkFacts {
         observed: Observed {
             usage: None,
             text_chars: text_chars(chunk),
         },
-        identity,
         usage_only: false,
     })
 }
@@ -275,7 +263,7 @@ mod tests {
     #[test]
     fn chunks_not_framed_as_an_object_are_refused_without_parsing() {
         for good in [CONTENT, " {\"choices\":[]}\r\n"] {
-            assert!(read_chunk("b", good.as_bytes(), false).is_ok(), "{good}");
+            assert!(read_chunk("b", good.as_bytes()).is_ok(), "{good}");
         }
         for bad in [
             "Internal Server Error",
@@ -284,25 +272,22 @@ mod tests {
             "[1,2]",
             "",
         ] {
-            let error = read_chunk("b", bad.as_bytes(), false).err().expect(bad);
+            let error = read_chunk("b", bad.as_bytes()).err().expect(bad);
             assert_eq!(error.status(), axum::http::StatusCode::BAD_GATEWAY, "{bad}");
         }
-        // A chunk whose identity is read must be JSON, not only framed.
-        let garbled = br#"{"id":"c1",choices}"#;
-        assert!(read_chunk("b", garbled, false).is_ok());
-        let error = read_chunk("b", garbled, true).err().unwrap();
-        assert!(error.message().contains("not JSON"), "{}", error.message());
-        // So must one read in full for its usage, and its text be UTF-8.
+        // Framed is enough for a chunk with nothing the meter reads.
+        assert!(read_chunk("b", br#"{"id":"c1",choices}"#).is_ok());
+        // One read in full for its usage must be JSON, its text UTF-8.
         let usage =
             br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
-        assert!(read_chunk("b", usage, false).is_ok());
+        assert!(read_chunk("b", usage).is_ok());
         for bad in [&b"\xff"[..], b"caf\xc3"] {
             let mut chunk = br#"{"choices":[{"delta":{"content":""#.to_vec();
             chunk.extend_from_slice(bad);
             chunk.extend_from_slice(
                 br#""}}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#,
             );
-            let error = read_chunk("b", &chunk, true).err().unwrap();
+            let error = read_chunk("b", &chunk).err().unwrap();
             assert!(error.message().contains("not JSON"), "{}", error.message());
             assert!(read_view("b", &chunk).is_err());
         }
@@ -315,18 +300,18 @@ mod tests {
             r#"{"choices":[{"delta":{"content":"Hi"}}],"usage":null,oops}"#,
             r#"{"choices":[{"delta":{"content":"Hi"}}],"usage" :	null,oops}"#,
         ] {
-            let facts = read_chunk("b", null.as_bytes(), false).expect(null);
+            let facts = read_chunk("b", null.as_bytes()).expect(null);
             assert!(facts.observed.usage.is_none(), "{null}");
             assert_eq!(facts.observed.text_chars, 2, "{null}");
         }
         // Usage after a null one, as Groq nests it, is read.
         let nested = r#"{"choices":[{"delta":{}}],"usage":null,"x_groq":{"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}}"#;
-        let facts = read_chunk("b", nested.as_bytes(), false).unwrap();
+        let facts = read_chunk("b", nested.as_bytes()).unwrap();
         let usage = facts.observed.usage.unwrap().unwrap();
         assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 1));
         // A string "usage" is no member: the member after it is read.
         let named = r#"{"choices":[{"delta":{"content":"usage"}}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
-        let facts = read_chunk("b", named.as_bytes(), false).unwrap();
+        let facts = read_chunk("b", named.as_bytes()).unwrap();
         assert_eq!(facts.observed.usage.unwrap().unwrap().total_tokens, 4);
     }
 }

@@ -160,6 +160,14 @@ pub struct ResponseIdentity {
 }
 
 impl ResponseIdentity {
+    /// The identity an upstream's stream chunk names: empty where it names
+    /// none, or is not JSON.
+    pub fn of_chunk(chunk: &[u8]) -> Self {
+        serde_json::from_slice::<IdentityView<'_>>(chunk)
+            .map(|view| view.identity())
+            .unwrap_or_default()
+    }
+
     /// A fresh identity, `id` such as `chatcmpl-…` or `cmpl-…`.
     pub fn new(prefix: &str, model: &str) -> Self {
         Self {
@@ -425,6 +433,21 @@ impl ChoiceView<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_names_its_stream_whatever_comes_first_and_nothing_when_not_json() {
+        let chunk = br#"{"choices":[{"delta":{"tool_calls":[{"id":"call_1"}]}}],
+            "model":"m\/1","created":7,"id":"c1"}"#;
+        let identity = ResponseIdentity::of_chunk(chunk);
+        assert_eq!((identity.id.as_str(), identity.created), ("c1", 7));
+        assert_eq!(identity.model, "m/1");
+        for not_json in [&br#"{"id":"c1",choices}"#[..], b"{}", b"\xff"] {
+            assert_eq!(
+                ResponseIdentity::of_chunk(not_json),
+                ResponseIdentity::default()
+            );
+        }
+    }
 
     #[test]
     fn a_chunk_is_read_without_copying_its_strings_unless_escaped() {

@@ -175,9 +175,6 @@ pub async fn attempt<'s>(
         skipped: None,
     };
     let max_attempts = tried.settings.max_attempts;
-    // A stream that may be cut at its reservation needs its identity to
-    // write the last chunk.
-    let identity = request.include_usage() || meter.reserved_nano_usd().is_some();
     let mut hedged = None;
     for (position, index) in plan.order().enumerate() {
         if tried.attempts == max_attempts || tried.fatal.is_some() {
@@ -207,7 +204,6 @@ pub async fn attempt<'s>(
             request,
             &ctx.request_id,
             headers,
-            identity
         ));
         let wait = match &config.hedge {
             Some(h) if hedged.is_none() && tried.attempts < max_attempts => {
@@ -245,7 +241,6 @@ pub async fn attempt<'s>(
                                 request,
                                 &ctx.request_id,
                                 headers,
-                                identity,
                             ));
                             let won = Box::pin(tried.race(
                                 (first, call),
@@ -520,15 +515,13 @@ fn output_limit(
 
 /// One upstream call, bounded by the backend's first-byte timeout: the
 /// whole body, or the first stream chunk peeked so a failure can still
-/// become an HTTP error or a failover. `trace` carries its span upstream;
-/// `identity`: the first chunk's is read, for chunks the gateway may write.
+/// become an HTTP error or a failover. `trace` carries its span upstream.
 async fn call_upstream(
     app: &AppState,
     to: Target<'_>,
     request: &InboundRequest,
     request_id: &str,
     trace: HeaderMap,
-    identity: bool,
 ) -> Result<Ready, GatewayError> {
     let Target {
         backend,
@@ -554,8 +547,7 @@ async fn call_upstream(
             }
             UpstreamReply::Stream(mut stream) => match stream.next().await {
                 Some(Ok(first)) => {
-                    // Its identity names a usage chunk the gateway may write.
-                    let facts = usage::read_chunk(&backend.name, &first, identity)?;
+                    let facts = usage::read_chunk(&backend.name, &first)?;
                     Ok(Ready::Stream(first, facts, stream))
                 }
                 Some(Err(error)) => Err(error),

@@ -48,7 +48,11 @@ pub struct SseBody {
     endpoint: Endpoint,
     include_usage: bool,
     sent_usage_chunk: bool,
-    identity: Option<ResponseIdentity>,
+    /// The first chunk, kept when the gateway may write a chunk of its own
+    /// (a usage chunk, or the last of a stream cut at its reservation) in
+    /// the stream's identity, which is read from it then: most streams
+    /// never need it, and reading it costs more than keeping it.
+    first: Option<Box<[u8]>>,
     /// Re-encodes the events for a client of another inbound API; `None`
     /// for OpenAI's, whose chunks go out as they came.
     encoder: Option<Box<Encoder>>,
@@ -60,8 +64,7 @@ pub struct SseBody {
 }
 
 pub struct SseParams {
-    /// The first chunk, already read with [`read_chunk`] (its identity
-    /// kept when `include_usage`).
+    /// The first chunk, already read with [`read_chunk`].
     pub first: (Chunk, ChunkFacts),
     pub upstream: ChunkStream,
     pub idle: Duration,
@@ -86,12 +89,15 @@ impl SseBody {
             endpoint: p.endpoint,
             include_usage: p.include_usage,
             sent_usage_chunk: false,
-            identity: None,
+            first: None,
             encoder: p.encoder,
             meter: p.meter,
             ended: None,
         };
         let (chunk, facts) = p.first;
+        if body.include_usage || body.meter.reserved_nano_usd().is_some() {
+            body.first = Some(chunk[..].into());
+        }
         let mut ready = BytesMut::new();
         body.on_chunk(&mut ready, &chunk, facts, now);
         // Before anything the first chunk ended the stream with.
@@ -105,9 +111,6 @@ impl SseBody {
     fn on_chunk(&mut self, out: &mut BytesMut, chunk: &[u8], facts: ChunkFacts, now: Instant) {
         let now = now.into_std();
         self.meter.observe(facts.observed, now);
-        if facts.identity.is_some() {
-            self.identity = facts.identity;
-        }
         if facts.usage_only {
             if !self.include_usage {
                 return;
@@ -121,10 +124,18 @@ impl SseBody {
         }
     }
 
+    /// The stream's identity, for a chunk the gateway writes.
+    fn identity(&mut self) -> ResponseIdentity {
+        self.first
+            .take()
+            .map(|first| ResponseIdentity::of_chunk(&first))
+            .unwrap_or_default()
+    }
+
     /// Ends a stream that has cost what its key's budget reserved for it:
     /// the client sees an answer cut at its length limit.
     fn cut(&mut self, now: std::time::Instant) {
-        let identity = self.identity.take().unwrap_or_default();
+        let identity = self.identity();
         let last = if self.endpoint == Endpoint::Chat {
             identity.chat_chunk(&Delta::default(), Some("length"))
         } else {
@@ -164,7 +175,7 @@ impl SseBody {
         self.meter.upstream_done(now.into_std());
         if self.include_usage && !self.sent_usage_chunk {
             if let Some(usage) = self.meter.usage() {
-                let identity = self.identity.take().unwrap_or_default();
+                let identity = self.identity();
                 let chunk = identity.usage_chunk(self.endpoint, usage);
                 emit(&mut self.encoder, &mut self.ready, &chunk);
             }
@@ -233,7 +244,7 @@ impl Stream for SseBody {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let now = *arrived.get_or_insert_with(Instant::now);
                     this.last_chunk = now;
-                    match read_chunk(&this.backend, &chunk, false) {
+                    match read_chunk(&this.backend, &chunk) {
                         Ok(facts) => this.on_chunk(&mut out, &chunk, facts, now),
                         Err(error) => this.fail(error),
                     }
@@ -327,7 +338,7 @@ mod tests {
 
     /// A chat stream's body, as the handler makes it once `first` arrived.
     fn sse_body(first: Chunk, upstream: ChunkStream, include_usage: bool, meter: Meter) -> SseBody {
-        let facts = read_chunk("b", &first, true).unwrap();
+        let facts = read_chunk("b", &first).unwrap();
         SseBody::new(SseParams {
             first: (first, facts),
             upstream,
@@ -494,6 +505,31 @@ mod tests {
         assert_eq!(usage["model"], "m");
         assert_eq!(usage["object"], "chat.completion.chunk");
         assert_eq!(events[3], "data: [DONE]\n\n");
+    }
+
+    #[tokio::test]
+    async fn a_first_chunk_that_is_framed_but_not_json_is_passed_on_and_names_no_stream() {
+        const GARBLED: &str = r#"{"id":"c1",choices}"#;
+        let (events, _) = run(vec![Ok(GARBLED), Ok(LAST_WITH_USAGE)], true).await;
+        assert_eq!(events[0], format!("data: {GARBLED}\n\n"));
+        let usage: serde_json::Value =
+            serde_json::from_str(events[2].strip_prefix("data: ").unwrap().trim()).unwrap();
+        assert_eq!(usage["usage"]["total_tokens"], 4);
+        assert_eq!((&usage["id"], &usage["model"]), (&"".into(), &"".into()));
+    }
+
+    #[tokio::test]
+    async fn the_first_chunk_is_kept_only_for_a_chunk_the_gateway_may_write() {
+        let first = || Chunk::from_static(CONTENT.as_bytes());
+        let body = |include_usage| {
+            let upstream = stream::iter(Vec::new()).boxed();
+            sse_body(first(), upstream, include_usage, test_meter().1)
+        };
+        assert_eq!(body(true).first.as_deref(), Some(CONTENT.as_bytes()));
+        assert!(
+            body(false).first.is_none(),
+            "no usage asked for, no reservation"
+        );
     }
 
     #[tokio::test]
