@@ -682,13 +682,13 @@ impl Meter {
     /// once the server has written the body's last bytes, so the
     /// access-log line, metrics and ledger row (a tenth of a streamed
     /// request's CPU) do not hold them up.
-    pub fn ended(self, status: u16) -> Ended {
+    pub fn ended(self: Box<Self>, status: u16) -> Ended {
         Ended(self, status)
     }
 }
 
 /// A meter whose request ended with a status, recorded when dropped.
-pub struct Ended(Meter, u16);
+pub struct Ended(Box<Meter>, u16);
 
 impl Drop for Ended {
     fn drop(&mut self) {

@@ -65,7 +65,7 @@ pub struct Served<'s> {
     pub backend: &'s Backend,
     pub deployment: &'s Deployment,
     pub attempts: usize,
-    pub meter: Meter,
+    pub meter: Box<Meter>,
     pub reply: Ready,
 }
 
@@ -156,7 +156,7 @@ pub async fn attempt<'s>(
     ctx: &'s RequestCtx,
     request: &InboundRequest,
     admission: &Admission,
-    mut meter: Meter,
+    mut meter: Box<Meter>,
 ) -> Result<Served<'s>, Failure> {
     let snapshot = &*ctx.snapshot;
     let (model, facts, plan) = (admission.model, &admission.facts, &admission.plan);
@@ -447,7 +447,7 @@ impl<'s> Tried<'s> {
         }
     }
 
-    fn served(self, answer: Answer<'s>, meter: Meter) -> Served<'s> {
+    fn served(self, answer: Answer<'s>, meter: Box<Meter>) -> Served<'s> {
         Served {
             backend: answer.backend,
             deployment: answer.deployment,

@@ -56,7 +56,7 @@ pub struct SseBody {
     /// Re-encodes the events for a client of another inbound API; `None`
     /// for OpenAI's, whose chunks go out as they came.
     encoder: Option<Box<Encoder>>,
-    meter: Meter,
+    meter: Box<Meter>,
     /// The status the stream ended with: the request is recorded with it
     /// as this body is dropped, after the server has written its last
     /// bytes. A body dropped before its end was left by its client.
@@ -72,7 +72,7 @@ pub struct SseParams {
     pub endpoint: Endpoint,
     pub include_usage: bool,
     pub encoder: Option<Box<Encoder>>,
-    pub meter: Meter,
+    pub meter: Box<Meter>,
 }
 
 impl SseBody {
@@ -294,9 +294,9 @@ mod tests {
     const LAST_WITH_USAGE: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
     const USAGE_ONLY: &str = r#"{"id":"c1","created":7,"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
 
-    fn test_meter() -> (Arc<Metrics>, Meter) {
+    fn test_meter() -> (Arc<Metrics>, Box<Meter>) {
         let metrics = Arc::new(Metrics::new());
-        let mut meter = Meter::new(
+        let mut meter = Box::new(Meter::new(
             metrics.clone(),
             MeterLabels {
                 request_id: "r".into(),
@@ -317,7 +317,7 @@ mod tests {
             10,
             InFlight::new(&metrics.in_flight),
             None,
-        );
+        ));
         meter.begin_attempt(
             Serving {
                 deployment: "a/b".into(),
@@ -337,7 +337,12 @@ mod tests {
     }
 
     /// A chat stream's body, as the handler makes it once `first` arrived.
-    fn sse_body(first: Chunk, upstream: ChunkStream, include_usage: bool, meter: Meter) -> SseBody {
+    fn sse_body(
+        first: Chunk,
+        upstream: ChunkStream,
+        include_usage: bool,
+        meter: Box<Meter>,
+    ) -> SseBody {
         let facts = read_chunk("b", &first).unwrap();
         SseBody::new(SseParams {
             first: (first, facts),
