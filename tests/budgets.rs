@@ -218,6 +218,43 @@ async fn a_stream_that_reaches_its_reservation_ends_at_its_length_limit() {
 }
 
 #[tokio::test]
+async fn a_stream_cut_at_its_reservation_without_usage_asked_for_still_names_its_stream() {
+    // No usage chunk is asked for: only the reservation makes the gateway
+    // keep the first chunk, whose identity the last chunk it writes takes.
+    let upstream = MockUpstream::openai()
+        .answers_of_ignoring_max_tokens(2_000)
+        .start()
+        .await;
+    let gateway = start(&config(&upstream, 0.005)).await;
+    let response = gateway
+        .post("/v1/chat/completions")
+        .bearer_auth("team-secret")
+        .json(&json!({"model": "chat", "messages": user("hi"), "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = Events::new(response).rest().await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| parse(e))
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c.get("usage").is_none_or(Value::is_null))
+    );
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["id"], "chatcmpl-mock", "the stream's own identity");
+    assert_eq!(last["model"], chunks[0]["model"]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let spent = spent(&gateway).await;
+    assert!(spent <= 0.005, "spent ${spent}");
+}
+
+#[tokio::test]
 async fn messages_and_responses_streams_that_reach_their_reservation_end_at_their_length_limit() {
     let asks = [
         (
