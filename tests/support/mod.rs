@@ -2,8 +2,9 @@
 //! module per protocol on a shared server (`mock`), the one config builder
 //! (`config`), the gateway under test with its client (`gateway`), the
 //! backend kinds a behaviour suite runs against (`kinds`),
-//! plan-level helpers (`plan`), the gateway as a process (`process`) and a
-//! throwaway PostgreSQL server (`postgres`).
+//! plan-level helpers (`plan`), the gateway as a process (`process`),
+//! throwaway Redis and PostgreSQL servers (`redis`, `postgres`) and the
+//! ports they listen on (`ports`).
 
 #![allow(
     dead_code,
@@ -18,6 +19,7 @@ pub mod mock;
 pub mod openai_mock;
 pub mod otlp;
 pub mod plan;
+pub mod ports;
 pub mod postgres;
 pub mod process;
 pub mod redis;

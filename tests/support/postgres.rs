@@ -1,7 +1,8 @@
 //! A throwaway PostgreSQL server for the ledger's tests: a process of its
-//! own on 127.0.0.1, on a free port, its data in a temporary directory,
-//! trust authentication for the user `tollgate`, no fsync. It can be
-//! stopped and started again on the same port and data, for outages.
+//! own on 127.0.0.1, on a port of its own (`ports`), its data in a
+//! temporary directory, trust authentication for the user `tollgate`, no
+//! fsync. It can be stopped and started again on the same port and data,
+//! for outages.
 //!
 //! The binaries are Debian's (`/usr/lib/postgresql/*/bin`, the newest) or
 //! on PATH. initdb and postgres refuse to run as root, so as root they run
@@ -18,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::gateway::WAIT;
+use super::ports::service_port;
 
 pub struct Postgres {
     /// Holds `data` and the server's Unix socket.
@@ -77,7 +79,7 @@ impl Postgres {
         let mut postgres = Self {
             dir,
             bin,
-            port: free_port(),
+            port: service_port(),
             run_as,
             server: None,
             log: Arc::default(),
@@ -254,12 +256,4 @@ fn user(name: &str) -> Option<(u32, u32)> {
             .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
             .flatten()
     })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

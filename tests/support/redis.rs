@@ -1,14 +1,16 @@
 //! A throwaway Redis server for the fleet's tests: its own process on a
-//! free loopback port, with its data under a temp dir, that a test can
-//! stop, start again and freeze. Redis comes from Debian's
+//! loopback port of its own (`ports`), with its data under a temp dir,
+//! that a test can stop, start again and freeze. Redis comes from Debian's
 //! `redis-server` package; without it the tests that need it are skipped,
 //! loudly, unless `TOLLGATE_REQUIRE_SERVICES=1` (as `.ci/run` sets), when
 //! they fail.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::ports::service_port;
 
 const BINARY: &str = "redis-server";
 
@@ -45,14 +47,9 @@ impl Redis {
         if !available(BINARY, "redis-server") {
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut redis = Self {
             child: None,
-            port,
+            port: service_port(),
             dir: tempfile::tempdir().unwrap(),
         };
         redis.start_again();
