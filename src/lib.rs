@@ -6,6 +6,7 @@ pub mod config;
 pub mod economics;
 pub mod error;
 pub mod framing;
+pub mod gather;
 pub mod health;
 pub mod id;
 pub mod inbound;

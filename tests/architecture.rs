@@ -24,7 +24,7 @@ const ORDER: &[&[&str]] = &[
     &["error"],
     &["limits"],
     &["config"],
-    &["id", "logging", "traces", "framing"],
+    &["id", "logging", "traces", "framing", "gather"],
 ];
 
 fn rank(module: &str) -> usize {

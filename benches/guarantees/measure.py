@@ -278,10 +278,10 @@ class MockHandler(BaseHTTPRequestHandler):
             self.send_json(200, obj, separators)
 
 
-def huge_body(h, req, scenario, *, declare_length=False, stream=False, good_events=0):
-    """Streams a 300 MB body (or one 300 MB SSE event) generated on the
-    fly, 1 MiB at a time; notes how much went out before the gateway hung up."""
-    total = 300 * 1000 * 1000
+def huge_body(h, req, scenario, *, declare_length=False, stream=False, good_events=0, total=300 * 1000 * 1000):
+    """Streams a 300 MB body (or one 300 MB SSE event, or an answer of
+    `total` bytes of text) generated on the fly, 1 MiB at a time; notes how
+    much went out before the gateway hung up."""
     filler = b"a" * MIB
     sent = 0
     mock = h.server.mock
@@ -359,6 +359,8 @@ SCENARIOS = {
     "usage_float": lambda h, r: h.answer(r, 12, usage="float"),
     "big_body": lambda h, r: huge_body(h, r, "big_body"),
     "big_body_cl": lambda h, r: huge_body(h, r, "big_body_cl", declare_length=True),
+    "large_answer": lambda h, r: huge_body(h, r, "large_answer", total=40 * MIB),
+    "large_answer_cl": lambda h, r: huge_body(h, r, "large_answer_cl", declare_length=True, total=40 * MIB),
     "big_event": lambda h, r: huge_body(h, r, "big_event", stream=True),
     "big_event_late": lambda h, r: huge_body(h, r, "big_event_late", stream=True, good_events=2),
     "half_reset": half_then_reset,
@@ -1291,6 +1293,23 @@ def case_huge_upstream(ctx):
                  + f"; after 4 at once {mib(peak4)}")
     if peak1 - idle > 3 * 64 * 1024:
         broken.append(f"peak RSS {mib(peak1)} for one capped response (idle {mib(idle)})")
+    # A 40 MiB answer under the cap, each on a gateway of its own so that
+    # its peak is its own: held about once when it declares its length.
+    for scenario, what in (("large_answer_cl", "with content-length"), ("large_answer", "chunked")):
+        text = make_config(comment=f"case 9: a 40 MiB answer, {what}",
+                           backends=[backend(m, "large", scenario)],
+                           models={"large": [deployment("large", 0.1, 0.1)]}, keys=[key("k1")])
+        gw = ctx.gateway(f"c09-{scenario.replace('_', '-')}", text)
+        time.sleep(0.5)
+        idle = proc_kb(gw.pid, "VmRSS")
+        r = chat(gw.port, "k1", "large")
+        held = (proc_kb(gw.pid, "VmHWM") - idle) / 1024
+        parts.append(f"a 40 MiB answer {what}: {r.status}, {len(r.text) / MIB:.0f} MiB of text, "
+                     f"peak {held:.0f} MiB over idle")
+        if r.status != 200:
+            broken.append(f"a 40 MiB answer {what}: {r.status} {r.code}")
+        if scenario == "large_answer_cl" and held > 1.5 * 40:
+            broken.append(f"a 40 MiB answer with content-length held {held:.0f} MiB at its peak")
     return "; ".join(parts), broken
 
 

@@ -44,6 +44,7 @@ use bytes::Bytes;
 
 use crate::config::ServerConfig;
 use crate::error::{ErrorShape, GatewayError};
+use crate::gather::gather;
 use crate::inbound::Api;
 use crate::licence;
 use crate::metering::key_series::OTHER_KEYS;
@@ -350,7 +351,8 @@ pub async fn read_body(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(GatewayError::payload_too_large(limit));
     }
-    let mut read = std::pin::pin!(axum::body::to_bytes(body, limit));
+    let body = http_body_util::Limited::new(body, limit);
+    let mut read = std::pin::pin!(gather(body, declared.unwrap_or(0)));
     // A body that came with its request head is read at once, without the
     // cost of a timer.
     let read = match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
@@ -360,9 +362,7 @@ pub async fn read_body(
             .map_err(|_| GatewayError::body_timeout(server.body_timeout))?,
     };
     read.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
+        if e.is::<http_body_util::LengthLimitError>() {
             GatewayError::payload_too_large(limit)
         } else {
             GatewayError::bad_request("the request body could not be read", None)

@@ -14,7 +14,7 @@ use axum::http::header::{CONTENT_TYPE, HOST, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
-use http_body_util::{BodyDataStream, BodyExt, Full};
+use http_body_util::{BodyDataStream, Full};
 use hyper::body::{Frame, SizeHint};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
@@ -26,6 +26,7 @@ use super::UpstreamCall;
 use super::pool::{self, Pool, RequestError, UpstreamBody};
 use crate::config::Backend;
 use crate::error::GatewayError;
+use crate::gather::gather;
 use crate::limits::UpstreamQuota;
 
 /// Error bodies larger than this are cut: they only feed a message.
@@ -233,10 +234,9 @@ pub async fn read_body(
             format_args!("announced a response body of {declared} bytes,"),
         ));
     }
-    match Capped::new(backend, caps, body, false).collect().await {
-        Ok(body) => Ok(body.to_bytes()),
-        Err(BodyError(error)) => Err(error),
-    }
+    gather(Capped::new(backend, caps, body, false), declared)
+        .await
+        .map_err(|BodyError(error)| error)
 }
 
 /// The body of a response as its bytes arrive, at most `caps.body` of them.
@@ -560,10 +560,9 @@ mod tests {
                 .into_iter()
                 .map(|p| p.map(|p| Frame::data(Bytes::from_static(p))));
             let body = StreamBody::new(futures_util::stream::iter(frames));
-            match Capped::new("b", caps, body, false).collect().await {
-                Ok(body) => Ok(body.to_bytes()),
-                Err(BodyError(error)) => Err(error),
-            }
+            gather(Capped::new("b", caps, body, false), 0)
+                .await
+                .map_err(|BodyError(error)| error)
         };
         assert_eq!(
             read(vec![Ok(b"01234"), Ok(b"56789")]).await.unwrap(),
