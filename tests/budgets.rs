@@ -176,9 +176,10 @@ async fn legacy_completions_keep_their_default_of_16_tokens() {
     assert_eq!(upstream.single_request().json["max_tokens"], 16);
 }
 
-#[tokio::test]
-async fn a_stream_that_reaches_its_reservation_ends_at_its_length_limit() {
-    // An upstream that ignores max_tokens and would generate 2,000 tokens.
+/// The chunks before `[DONE]` of a chat stream of `body` whose upstream
+/// ignores `max_tokens` and would generate 2,000 tokens, on a key with a
+/// $0.005 daily budget; and the gateway, for what it spent.
+async fn stream_past_its_reservation(body: Value) -> (Vec<Value>, Gateway) {
     let upstream = MockUpstream::openai()
         .answers_of_ignoring_max_tokens(2_000)
         .start()
@@ -187,20 +188,27 @@ async fn a_stream_that_reaches_its_reservation_ends_at_its_length_limit() {
     let response = gateway
         .post("/v1/chat/completions")
         .bearer_auth("team-secret")
-        .json(
-            &json!({"model": "chat", "messages": user("hi"), "stream": true,
-                      "stream_options": {"include_usage": true}}),
-        )
+        .json(&body)
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
     let events = Events::new(response).rest().await;
-    let chunks: Vec<Value> = events[..events.len() - 1]
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks = events[..events.len() - 1]
         .iter()
         .map(|e| parse(e))
         .collect();
-    assert_eq!(events.last().unwrap(), "[DONE]");
+    (chunks, gateway)
+}
+
+#[tokio::test]
+async fn a_stream_that_reaches_its_reservation_ends_at_its_length_limit() {
+    let (chunks, gateway) = stream_past_its_reservation(
+        json!({"model": "chat", "messages": user("hi"), "stream": true,
+               "stream_options": {"include_usage": true}}),
+    )
+    .await;
     let content = chunks
         .iter()
         .filter(|c| c["choices"][0]["delta"]["content"] == "tok ")
@@ -221,25 +229,10 @@ async fn a_stream_that_reaches_its_reservation_ends_at_its_length_limit() {
 async fn a_stream_cut_at_its_reservation_without_usage_asked_for_still_names_its_stream() {
     // No usage chunk is asked for: only the reservation makes the gateway
     // keep the first chunk, whose identity the last chunk it writes takes.
-    let upstream = MockUpstream::openai()
-        .answers_of_ignoring_max_tokens(2_000)
-        .start()
-        .await;
-    let gateway = start(&config(&upstream, 0.005)).await;
-    let response = gateway
-        .post("/v1/chat/completions")
-        .bearer_auth("team-secret")
-        .json(&json!({"model": "chat", "messages": user("hi"), "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let events = Events::new(response).rest().await;
-    assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| parse(e))
-        .collect();
+    let (chunks, gateway) = stream_past_its_reservation(
+        json!({"model": "chat", "messages": user("hi"), "stream": true}),
+    )
+    .await;
     assert!(
         chunks
             .iter()

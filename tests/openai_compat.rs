@@ -1007,6 +1007,39 @@ async fn errors_sent_with_a_200_and_a_wrong_model_id_fail_over_before_the_first_
     );
 }
 
+#[tokio::test]
+async fn large_bodies_that_come_in_many_reads_arrive_whole_both_ways() {
+    // About 1 MiB in, 200 KB out: read in many pieces, gathered into one buffer
+    // by their declared length, or joined at their end when chunked.
+    let prompt: String = (0..150_000).map(|i| format!("{i} ")).collect();
+    for chunked in [false, true] {
+        let upstream = MockUpstream::openai().answers_of(50_000);
+        let upstream = if chunked {
+            upstream.chunked()
+        } else {
+            upstream
+        };
+        let upstream = upstream.start().await;
+        let config = Config::new()
+            .backend(Backend::upstream("vllm", "vllm", &url(&upstream)))
+            .model(
+                Model::new("chat")
+                    .deployment(Deployment::new("vllm", "m").set("context_window", 1_000_000)),
+            )
+            .set("server", "max_body_bytes", 8 << 20);
+        let gateway = start(&config).await;
+        let response = gateway
+            .chat(json!({"model": "chat", "messages": user(&prompt), "max_tokens": 50_000}))
+            .await;
+        assert_eq!(response.status(), 200, "chunked: {chunked}");
+        let body: Value = response.json().await.unwrap();
+        let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(content, "tok ".repeat(50_000), "chunked: {chunked}");
+        let sent = &upstream.single_request().json["messages"][0]["content"];
+        assert_eq!(sent.as_str(), Some(prompt.as_str()), "chunked: {chunked}");
+    }
+}
+
 // ---- client errors ----------------------------------------------------------------
 
 #[tokio::test]
