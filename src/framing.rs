@@ -2,7 +2,7 @@
 //! upstream client: where a body ends, and the chunked coding decoded as
 //! its bytes arrive, however they are cut.
 
-use axum::http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use axum::http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
 use axum::http::{HeaderMap, HeaderName};
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -119,55 +119,201 @@ pub fn decode(framing: &mut Framing, read: &mut BytesMut) -> Result<Decoded, Str
 #[derive(Debug)]
 pub struct InvalidLength;
 
-/// The length the `content-length` headers give, which must all agree
-/// and all be numbers.
-pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, InvalidLength> {
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        let items = value
-            .to_str()
-            .map_err(|_| InvalidLength)?
-            .split(',')
-            .map(str::trim);
-        for item in items {
-            // Digits only: `parse` would take a sign.
-            let digits = !item.is_empty() && item.bytes().all(|b| b.is_ascii_digit());
-            match (digits.then(|| item.parse::<u64>().ok()).flatten(), length) {
-                (Some(n), None) => length = Some(n),
-                (Some(n), Some(seen)) if n == seen => {}
-                _ => return Err(InvalidLength),
+/// What a message head's headers say of its framing and its connection,
+/// gathered as the head is read: one comparison of each header's name,
+/// where looking each fact up in the header map afterwards hashed the
+/// names again.
+#[derive(Debug, Default)]
+pub struct HeadFacts {
+    /// What the `content-length` headers give, which must all agree and
+    /// all be numbers.
+    length: Option<u64>,
+    invalid_length: bool,
+    /// A `transfer-encoding` header is there.
+    pub transfer_encoding: bool,
+    /// The last transfer coding is `chunked`: what frames a body that has
+    /// codings.
+    pub chunked_last: bool,
+    /// `connection` lists `close`.
+    pub close: bool,
+    /// `connection` lists `keep-alive`.
+    pub keep_alive: bool,
+    /// `expect` lists `100-continue`.
+    pub expect_continue: bool,
+}
+
+impl HeadFacts {
+    /// Takes in the head's next header. Most values are written one way
+    /// (`chunked`, `keep-alive`, one number), taken as they are before
+    /// being read as lists.
+    pub fn read(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == CONTENT_LENGTH {
+            self.read_length(value);
+        } else if *name == TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+            self.chunked_last = value == b"chunked"
+                || items(value)
+                    .and_then(|mut codings| codings.next_back())
+                    .is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"));
+        } else if *name == CONNECTION {
+            match value {
+                b"keep-alive" => self.keep_alive = true,
+                b"close" => self.close = true,
+                _ => {
+                    for option in items(value).into_iter().flatten() {
+                        self.close |= option.eq_ignore_ascii_case(b"close");
+                        self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+                    }
+                }
+            }
+        } else if *name == EXPECT {
+            self.expect_continue |= lists(value, b"100-continue");
+        }
+    }
+
+    /// Any byte that is not a digit, or a space, makes an item no number,
+    /// so the value needs no check of its own.
+    fn read_length(&mut self, value: &[u8]) {
+        if let Some(n) = number(value) {
+            return self.take_length(n);
+        }
+        for item in value.split(|&b| b == b',') {
+            match number(item.trim_ascii()) {
+                Some(n) => self.take_length(n),
+                None => self.invalid_length = true,
             }
         }
     }
-    Ok(length)
+
+    /// Every copy of the length must be the same.
+    fn take_length(&mut self, n: u64) {
+        match self.length {
+            None => self.length = Some(n),
+            Some(seen) if seen == n => {}
+            Some(_) => self.invalid_length = true,
+        }
+    }
+
+    /// Framed both by a length and by codings: a smuggling attempt, it may
+    /// be, so what follows the message is not trusted.
+    pub fn framed_twice(&self) -> bool {
+        self.transfer_encoding && (self.length.is_some() || self.invalid_length)
+    }
+
+    /// The length the `content-length` headers give, if any.
+    pub fn content_length(&self) -> Result<Option<u64>, InvalidLength> {
+        if self.invalid_length {
+            return Err(InvalidLength);
+        }
+        Ok(self.length)
+    }
 }
 
-/// Whether the last transfer coding is `chunked`: what frames a body
-/// that has codings.
-pub fn chunked_last(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(TRANSFER_ENCODING)
+/// The comma-separated items of a header value, trimmed; `None` when the
+/// value is not visible ASCII (what `HeaderValue::to_str` takes).
+fn items(value: &[u8]) -> Option<impl DoubleEndedIterator<Item = &[u8]>> {
+    value
         .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+        .then(|| value.split(|&b| b == b',').map(<[u8]>::trim_ascii))
+}
+
+/// Whether a header value lists `token` (case-insensitive).
+fn lists(value: &[u8], token: &[u8]) -> bool {
+    items(value).is_some_and(|mut items| items.any(|item| item.eq_ignore_ascii_case(token)))
+}
+
+/// Digits only, as a number that fits: `parse` would take a sign.
+fn number(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &digit| {
+        digit
+            .is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(digit - b'0')))?
+    })
 }
 
 /// Whether a header of `name` lists `token` (case-insensitive).
 pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|value| {
-        value.to_str().is_ok_and(|value| {
-            value
-                .split(',')
-                .any(|item| item.trim().eq_ignore_ascii_case(token))
-        })
-    })
+    headers
+        .get_all(name)
+        .iter()
+        .any(|value| lists(value.as_bytes(), token.as_bytes()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn said(headers: &[(&str, &[u8])]) -> HeadFacts {
+        let mut said = HeadFacts::default();
+        for (name, value) in headers {
+            said.read(&HeaderName::from_bytes(name.as_bytes()).unwrap(), value);
+        }
+        said
+    }
+
+    #[test]
+    fn a_length_is_one_number_in_digits_however_many_times_it_is_given() {
+        let length = |values: &[&[u8]]| {
+            let headers: Vec<_> = values.iter().map(|v| ("content-length", *v)).collect();
+            said(&headers).content_length().ok()
+        };
+        assert_eq!(length(&[]), Some(None));
+        assert_eq!(length(&[b"42"]), Some(Some(42)));
+        assert_eq!(length(&[b"0042"]), Some(Some(42)));
+        assert_eq!(length(&[b"42, 42", b" 42 "]), Some(Some(42)));
+        assert_eq!(length(&[b"18446744073709551615"]), Some(Some(u64::MAX)));
+        for refused in [
+            &[&b"42"[..], b"43"][..],
+            &[b"42, 43"],
+            &[b"+42"],
+            &[b"-1"],
+            &[b"4 2"],
+            &[b""],
+            &[b"42,"],
+            &[b"0x2a"],
+            &[b"18446744073709551616"],
+            &[b"4\x802"],
+        ] {
+            assert_eq!(length(refused), None, "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn the_last_coding_of_the_last_transfer_encoding_decides_chunked() {
+        let chunked = |values: &[&[u8]]| {
+            let headers: Vec<_> = values.iter().map(|v| ("transfer-encoding", *v)).collect();
+            let said = said(&headers);
+            assert!(said.transfer_encoding);
+            said.chunked_last
+        };
+        assert!(chunked(&[b"chunked"]));
+        assert!(chunked(&[b"gzip, Chunked "]));
+        assert!(chunked(&[b"chunked, gzip", b"chunked"]));
+        assert!(!chunked(&[b"chunked", b"gzip"]));
+        assert!(!chunked(&[b"chunked, gzip"]));
+        assert!(!chunked(&[b""]));
+        // Not visible ASCII: not read at all.
+        assert!(!chunked(&[b"g\xffzip, chunked"]));
+    }
+
+    #[test]
+    fn connection_and_expect_are_read_as_lists_of_tokens() {
+        let closing = said(&[
+            ("Connection", b"Upgrade, CLOSE"),
+            ("expect", b"100-continue"),
+            ("content-length", b"5"),
+        ]);
+        assert!(closing.close && !closing.keep_alive && closing.expect_continue);
+        assert!(!closing.framed_twice());
+        let kept = said(&[("connection", b"keep-alive"), ("expect", b"100-continued")]);
+        assert!(!kept.close && kept.keep_alive && !kept.expect_continue);
+        let twice = said(&[("content-length", b"x"), ("transfer-encoding", b"chunked")]);
+        assert!(twice.framed_twice());
+    }
 
     #[test]
     fn a_chunked_body_reads_the_same_however_its_bytes_are_cut() {

@@ -6,21 +6,19 @@
 //! the stack and kept only until they are handed out. httparse reads the
 //! response head and chunk sizes; the framing is RFC 9112's (§6.3).
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 
-use axum::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use axum::http::header::CONTENT_LENGTH;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::framing::{
-    self, Chunked, Decoded, Framing, InvalidLength, chunked_last, content_length, has_token,
-};
+use crate::framing::{self, Chunked, Decoded, Framing, HeadFacts, InvalidLength};
 
 /// The most headers a response head may have (hyper's default).
 const MAX_HEADERS: usize = 100;
@@ -75,8 +73,13 @@ impl Connection {
     /// Sends `request` (its URI in origin form, its `Host` header set)
     /// and reads the response's head; the body reads the rest.
     pub async fn send(mut self, request: Request<Bytes>) -> Result<Response<Body>, Failure> {
-        let wire = encode(&request);
-        let written = match self.io.write(&wire).await {
+        // The body goes out from where it is, beside the head: copied after
+        // it, it was a second copy of the request a request.
+        let head = encode_head(&request);
+        let first = (self.io)
+            .write_vectored(&[IoSlice::new(&head), IoSlice::new(request.body())])
+            .await;
+        let written = match first {
             Ok(0) => {
                 let closed = "the connection is closed".into();
                 return Err(Failure::Unsent(Box::new(request), closed));
@@ -85,8 +88,15 @@ impl Connection {
             Ok(n) => n,
         };
         let broken = |e: io::Error| Failure::Broken(e.to_string());
-        self.io.write_all(&wire[written..]).await.map_err(broken)?;
-        drop(wire);
+        let body = request.body();
+        if let Some(rest) = head.get(written..).filter(|rest| !rest.is_empty()) {
+            self.io.write_all(rest).await.map_err(broken)?;
+            self.io.write_all(body).await.map_err(broken)?;
+        } else {
+            let sent = written - head.len();
+            self.io.write_all(&body[sent..]).await.map_err(broken)?;
+        }
+        drop(head);
         let head = loop {
             if self.fill().await.map_err(broken)? == 0 {
                 return Err(Failure::Broken(
@@ -100,9 +110,10 @@ impl Connection {
         let framing = framing_of(&request, &head).map_err(Failure::Invalid)?;
         // A response framed both ways may be a smuggling attempt: what
         // follows it is not trusted to be the next response.
-        let framed_twice = head.headers.contains_key(TRANSFER_ENCODING)
-            && head.headers.contains_key(CONTENT_LENGTH);
-        let keep_alive = head.keep_alive && framing != Framing::Close && !framed_twice;
+        let keep_alive = head.http11
+            && !head.said.close
+            && framing != Framing::Close
+            && !head.said.framed_twice();
         let mut body = Body {
             connection: Some(self),
             framing,
@@ -154,8 +165,10 @@ impl Connection {
             let invalid = || "an invalid response header".to_owned();
             let start = self.read.as_ptr() as usize;
             let mut spans = Vec::with_capacity(parsed.headers.len());
+            let mut said = HeadFacts::default();
             for header in parsed.headers.iter() {
                 let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| invalid())?;
+                said.read(&name, header.value);
                 // An empty value need not point into the head.
                 let at = match header.value {
                     [] => 0,
@@ -171,11 +184,11 @@ impl Connection {
                     HeaderValue::from_maybe_shared(head.slice(span)).map_err(|_| invalid())?;
                 map.append(name, value);
             }
-            let keep_alive = http11 && !has_token(&map, &CONNECTION, "close");
             return Ok(Some(Head {
                 status,
                 headers: map,
-                keep_alive,
+                said,
+                http11,
             }));
         }
     }
@@ -204,11 +217,11 @@ impl Connection {
     }
 }
 
-/// A request as it goes on the wire: head and body in one write.
-fn encode(request: &Request<Bytes>) -> Vec<u8> {
+/// A request's head as it goes on the wire, its body to follow.
+fn encode_head(request: &Request<Bytes>) -> Vec<u8> {
     let body = request.body();
     let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    let mut wire = Vec::with_capacity(256 + body.len());
+    let mut wire = Vec::with_capacity(256);
     for part in [request.method().as_str(), " ", path, " HTTP/1.1\r\n"] {
         wire.extend_from_slice(part.as_bytes());
     }
@@ -225,7 +238,6 @@ fn encode(request: &Request<Bytes>) -> Vec<u8> {
         wire.extend_from_slice(b"\r\n");
     }
     wire.extend_from_slice(b"\r\n");
-    wire.extend_from_slice(body);
     wire
 }
 
@@ -233,8 +245,9 @@ fn encode(request: &Request<Bytes>) -> Vec<u8> {
 struct Head {
     status: StatusCode,
     headers: HeaderMap,
-    /// HTTP/1.1 without `connection: close`.
-    keep_alive: bool,
+    /// What its headers say of its framing and connection.
+    said: HeadFacts,
+    http11: bool,
 }
 
 /// Where a response body ends.
@@ -247,14 +260,14 @@ fn framing_of(request: &Request<Bytes>, head: &Head) -> Result<Framing, String> 
     if bodiless {
         return Ok(Framing::Length(0));
     }
-    if head.headers.contains_key(TRANSFER_ENCODING) {
-        return Ok(if chunked_last(&head.headers) {
+    if head.said.transfer_encoding {
+        return Ok(if head.said.chunked_last {
             Framing::Chunked(Chunked::Size)
         } else {
             Framing::Close
         });
     }
-    match content_length(&head.headers) {
+    match head.said.content_length() {
         Ok(length) => Ok(length.map_or(Framing::Close, Framing::Length)),
         Err(InvalidLength) => Err("an invalid content-length".into()),
     }
@@ -460,12 +473,12 @@ mod tests {
             .headers_mut()
             .insert("host", HeaderValue::from_static("engine:8000"));
         assert_eq!(
-            encode(&request),
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: engine:8000\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
+            encode_head(&request),
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: engine:8000\r\ncontent-length: 7\r\n\r\n"
         );
         let mut get = Request::new(Bytes::new());
         *get.uri_mut() = "/metrics".parse().unwrap();
-        assert_eq!(encode(&get), b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(encode_head(&get), b"GET /metrics HTTP/1.1\r\n\r\n");
     }
 
     #[tokio::test]

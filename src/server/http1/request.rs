@@ -8,7 +8,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
-use axum::http::header::{CONNECTION, EXPECT, TRANSFER_ENCODING};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Frame, SizeHint};
@@ -17,7 +16,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::error::GatewayError;
-use crate::framing::{self, Chunked, Decoded, Framing, chunked_last, content_length, has_token};
+use crate::framing::{self, Chunked, Decoded, Framing, HeadFacts};
 
 /// The most a request head (request line and headers) may take: nginx's
 /// default.
@@ -260,23 +259,24 @@ fn parse(
     let slice = |(start, len): (usize, usize)| head.slice(start..start + len);
     let uri = Uri::from_maybe_shared(slice(path)).map_err(|_| malformed(BAD_TARGET))?;
     let mut map = HeaderMap::with_capacity(spans.len());
+    let mut said = HeadFacts::default();
     for &(name, value) in &spans {
         let (start, len) = name;
         let name =
             HeaderName::from_bytes(&head[start..start + len]).map_err(|_| malformed(BAD_NAME))?;
         let value =
             HeaderValue::from_maybe_shared(slice(value)).map_err(|_| malformed(BAD_VALUE))?;
+        said.read(&name, value.as_bytes());
         map.append(name, value);
     }
-    let framing = request_framing(&map, version)?;
+    let framing = request_framing(&said, version)?;
     let keep_alive = match version {
-        Version::HTTP_11 => !has_token(&map, &CONNECTION, "close"),
-        _ => has_token(&map, &CONNECTION, "keep-alive"),
+        Version::HTTP_11 => !said.close,
+        _ => said.keep_alive,
     };
     reading.release_if_empty();
-    reading.owes_continue = version == Version::HTTP_11
-        && framing != Framing::Length(0)
-        && has_token(&map, &EXPECT, "100-continue");
+    reading.owes_continue =
+        version == Version::HTTP_11 && framing != Framing::Length(0) && said.expect_continue;
     reading.framing = framing;
     let body = Body {
         socket: socket.clone(),
@@ -302,14 +302,14 @@ fn parse(
 /// its length, or at once. A request framed both ways is refused, as a
 /// smuggling attempt would be: what follows it could not be trusted to be
 /// the next request.
-fn request_framing(headers: &HeaderMap, version: Version) -> Result<Framing, HeadError> {
-    let length = content_length(headers).map_err(|_| malformed(BAD_LENGTH))?;
-    if headers.contains_key(TRANSFER_ENCODING) {
+fn request_framing(said: &HeadFacts, version: Version) -> Result<Framing, HeadError> {
+    let length = said.content_length().map_err(|_| malformed(BAD_LENGTH))?;
+    if said.transfer_encoding {
         return Err(malformed(if length.is_some() {
             FRAMED_TWICE
         } else if version != Version::HTTP_11 {
             CHUNKED_10
-        } else if !chunked_last(headers) {
+        } else if !said.chunked_last {
             NOT_CHUNKED
         } else {
             return Ok(Framing::Chunked(Chunked::Size));
