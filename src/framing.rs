@@ -1,6 +1,7 @@
 //! HTTP/1.1 message framing (RFC 9112 §6–7), shared by the server and the
-//! upstream client: where a body ends, and the chunked coding decoded as
-//! its bytes arrive, however they are cut.
+//! upstream client: what a head's headers say of where its body ends and
+//! of its connection, read as they are parsed; and the chunked coding
+//! decoded as its bytes arrive, however they are cut.
 
 use axum::http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
 use axum::http::{HeaderMap, HeaderName};
