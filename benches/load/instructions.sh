@@ -9,11 +9,19 @@
 #
 #   TOLLGATE_BIN=target/release/tollgate benches/load/instructions.sh
 #   EXTRA_TOML='[tracing]\notlp_endpoint = "http://127.0.0.1:18081"' …
+#   TOLLGATE_BIN=new TOLLGATE_BIN_B=old benches/load/instructions.sh
+#
+# With TOLLGATE_BIN_B, both builds are counted, and each kind's functions
+# whose own instructions per request differ most between them are listed:
+# what runs on a timer (the ledger's writes, engine scrapes, the
+# allocator's upkeep) moves the totals by up to ±1.5k from one pass to the
+# next, and shows there as such.
 #
 # Environment (defaults in brackets): TOLLGATE_BIN (else `cargo build
-# --release`), LOW [100], HIGH [500], EXTRA_TOML (appended to the config,
-# `\n` for newlines), MOCK_PORT [18081], TOLLGATE_PORT [18089],
-# TOLLGATE_LOG [warn] (the gateway's RUST_LOG: `info` adds the access log).
+# --release`), TOLLGATE_BIN_B (none), LOW [100], HIGH [500], EXTRA_TOML
+# (appended to the config, `\n` for newlines), MOCK_PORT [18081],
+# TOLLGATE_PORT [18089], TOLLGATE_LOG [warn] (the gateway's RUST_LOG:
+# `info` adds the access log), TOP [20] (functions listed).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -49,30 +57,42 @@ NGINX_PID=$!
 . "$HERE/common.sh"
 wait_port "$MOCK_PORT" "$NGINX_PID" "mock nginx"
 
-# Instructions the gateway ran, all threads, serving n requests of `body`
-# (the load tool adds n/10 to warm up).
-count() { # body n
-    local out="$WORK/callgrind.out"
-    rm -f "$out" "$WORK/ledger"/* 2>/dev/null || true
-    RUST_LOG=${TOLLGATE_LOG:-warn} valgrind --tool=callgrind --callgrind-out-file="$out" \
-        "$TOLLGATE_BIN" serve --config "$WORK/tollgate.toml" \
+# Instructions the gateway `bin` ran, all threads, serving n requests of
+# `body` (the load tool adds n/10 to warm up); the profile stays in `out`.
+count() { # bin body n out
+    rm -f "$4" "$WORK/ledger"/* 2>/dev/null || true
+    RUST_LOG=${TOLLGATE_LOG:-warn} valgrind --tool=callgrind --callgrind-out-file="$4" \
+        "$1" serve --config "$WORK/tollgate.toml" \
         --listen "127.0.0.1:$TOLLGATE_PORT" 2>"$WORK/valgrind.log" &
     local pid=$!
     WAIT_S=30 wait_port "$TOLLGATE_PORT" "$pid" "tollgate under valgrind"
     python3 "$HERE/loadtool.py" ttfb "http://127.0.0.1:$TOLLGATE_PORT/v1/chat/completions" \
-        "$WORK/$1" "$2" | grep -q '"errors": 0' || { echo "requests failed" >&2; exit 1; }
+        "$WORK/$2" "$3" | grep -q '"errors": 0' || { echo "requests failed" >&2; exit 1; }
     kill -TERM "$pid"
     wait "$pid" || true
-    awk '/^(summary|totals):/ { print $2; exit }' "$out"
+    awk '/^(summary|totals):/ { print $2; exit }' "$4"
 }
 
+BUILDS=(a)
+[ -z "${TOLLGATE_BIN_B:-}" ] || BUILDS+=(b)
 for kind in nonstream stream; do
-    low=$(count "body-$kind.json" "$LOW")
-    high=$(count "body-$kind.json" "$HIGH")
-    python3 - "$kind" "$low" "$high" "$LOW" "$HIGH" <<'PY'
+    for build in "${BUILDS[@]}"; do
+        bin=$TOLLGATE_BIN
+        [ "$build" = a ] || bin=$TOLLGATE_BIN_B
+        low=$(count "$bin" "body-$kind.json" "$LOW" "$WORK/$build-$kind-low.out")
+        high=$(count "$bin" "body-$kind.json" "$HIGH" "$WORK/$build-$kind-high.out")
+        python3 - "$kind" "$bin" "$low" "$high" "$LOW" "$HIGH" <<'PY'
 import json, sys
-kind, low, high, n_low, n_high = sys.argv[1], *map(int, sys.argv[2:])
+kind, build = sys.argv[1:3]
+low, high, n_low, n_high = map(int, sys.argv[3:])
 requests = (n_high + n_high // 10) - (n_low + n_low // 10)
-print("RESULT " + json.dumps({"kind": kind, "instructions_per_request": round((high - low) / requests)}))
+print("RESULT " + json.dumps({"kind": kind, "build": build, "instructions_per_request": round((high - low) / requests)}))
 PY
+    done
+    if [ -n "${TOLLGATE_BIN_B:-}" ]; then
+        echo "$kind: own instructions per request, by function (b is $TOLLGATE_BIN_B)"
+        python3 "$HERE/loadtool.py" callgrind-diff "$LOW" "$HIGH" "${TOP:-20}" \
+            "$WORK/a-$kind-low.out" "$WORK/a-$kind-high.out" \
+            "$WORK/b-$kind-low.out" "$WORK/b-$kind-high.out"
+    fi
 done

@@ -25,6 +25,11 @@
                                        (its `streams_*` figures count them)
     loadtool.py report RESULTS.jsonl OUT.md
                                        the table, the ratios, the targets
+    loadtool.py callgrind-diff LOW HIGH TOP A_LOW A_HIGH B_LOW B_HIGH
+                                       two builds' callgrind profiles of LOW
+                                       and HIGH requests (instructions.sh):
+                                       the TOP functions whose own
+                                       instructions per request differ most
 
 Every measuring command prints one line `RESULT {json}` on stdout.
 """
@@ -841,6 +846,41 @@ def report(results_file, out_file):
     print(text)
 
 
+def callgrind_functions(profile):
+    """Each function's own instructions in a callgrind profile, by name
+    (without the binary's path, so that two builds' names match)."""
+    out = subprocess.run(
+        ["callgrind_annotate", "--inclusive=no", "--threshold=100", profile],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    functions = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d,]+)\s+\([^)]*\)\s+(\S.*?)(?: \[[^\]]*\])?$", line)
+        if m:
+            name = m.group(2)
+            functions[name] = functions.get(name, 0) + int(m.group(1).replace(",", ""))
+    return functions
+
+
+def callgrind_diff(low, high, top, a_low, a_high, b_low, b_high):
+    requests = (high + high // 10) - (low + low // 10)
+
+    def per_request(low_profile, high_profile):
+        lows, highs = callgrind_functions(low_profile), callgrind_functions(high_profile)
+        return {f: (n - lows.get(f, 0)) / requests for f, n in highs.items()}
+
+    a, b = per_request(a_low, a_high), per_request(b_low, b_high)
+    rows = sorted(
+        ((f, a.get(f, 0.0), b.get(f, 0.0)) for f in set(a) | set(b) if f != "PROGRAM TOTALS"),
+        key=lambda row: -abs(row[1] - row[2]),
+    )
+    print(f"{'a':>9} {'b':>9} {'b - a':>9}  function")
+    total_a, total_b = a.get("PROGRAM TOTALS", 0.0), b.get("PROGRAM TOTALS", 0.0)
+    print(f"{total_a:9.0f} {total_b:9.0f} {total_b - total_a:+9.0f}  (all)")
+    for name, x, y in rows[:top]:
+        print(f"{x:9.0f} {y:9.0f} {y - x:+9.0f}  {name[:110]}")
+
+
 def main(argv):
     cmd = argv[1] if len(argv) > 1 else ""
     if cmd == "gen":
@@ -859,6 +899,8 @@ def main(argv):
         hold_h2(argv[2], argv[3], int(argv[4]), int(argv[5]))
     elif cmd == "report":
         report(argv[2], argv[3])
+    elif cmd == "callgrind-diff":
+        callgrind_diff(int(argv[2]), int(argv[3]), int(argv[4]), *argv[5:9])
     else:
         sys.exit(__doc__)
 
