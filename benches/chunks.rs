@@ -10,7 +10,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tollgate::metering::usage::read_chunk;
+use tollgate::metering::usage::StreamReader;
 
 const STREAMS: [(&str, &str); 4] = [
     (
@@ -47,8 +47,9 @@ fn read_chunks(c: &mut Criterion) {
         group.throughput(Throughput::Elements(chunks.len() as u64));
         group.bench_function(upstream, |b| {
             b.iter(|| {
+                let mut reader = StreamReader::default();
                 for chunk in &chunks {
-                    let facts = read_chunk("b", black_box(chunk)).unwrap();
+                    let facts = reader.read("b", black_box(chunk)).unwrap();
                     black_box(facts);
                 }
             })

@@ -52,14 +52,20 @@ pub fn answering_model(body: &[u8]) -> Option<String> {
 /// full. `"usage": null`, which OpenAI and Together put in every chunk
 /// before the last, is no usage.
 pub fn read_chunk(backend: &str, chunk: &[u8]) -> Result<ChunkFacts, GatewayError> {
-    let keys = &*KEYS;
-    let usage = member_values(&keys.usage, chunk).any(|value| !value.starts_with(b"null"));
-    if usage || keys.error.find(chunk).is_some() {
+    read(backend, chunk).map(|(facts, _)| facts)
+}
+
+/// Reads one chunk as [`read_chunk`] says, and gives where its text's
+/// value starts when that text is its first `content` member's and it
+/// has neither usage nor an error.
+fn read(backend: &str, chunk: &[u8]) -> Result<(ChunkFacts, Option<usize>), GatewayError> {
+    if has_usage(chunk) || KEYS.error.find(chunk).is_some() {
         let view = read_view(backend, chunk)?;
-        return Ok(ChunkFacts {
+        let facts = ChunkFacts {
             observed: Observed::of(&view),
             usage_only: view.is_usage_only(),
-        });
+        };
+        return Ok((facts, None));
     }
     if !framed_as_object(chunk) {
         return Err(GatewayError::upstream_protocol(
@@ -67,13 +73,88 @@ pub fn read_chunk(backend: &str, chunk: &[u8]) -> Result<ChunkFacts, GatewayErro
             "a stream chunk is not a JSON object",
         ));
     }
-    Ok(ChunkFacts {
+    let (text_chars, text_at) = text(chunk);
+    let facts = ChunkFacts {
         observed: Observed {
             usage: None,
-            text_chars: text_chars(chunk),
+            text_chars,
         },
         usage_only: false,
-    })
+    };
+    Ok((facts, text_at))
+}
+
+/// Reads the chunks of one stream, each as [`read_chunk`] does, with less
+/// searching: a stream's chunks repeat the same opening (its id, model
+/// and creation time, the choice's index) up to their text, so once a
+/// chunk has had its text found at `content` with no usage or error
+/// before it, the next chunk that opens with the same bytes has its text
+/// there too, and only what follows is searched for usage and errors.
+#[derive(Default)]
+pub struct StreamReader {
+    /// The last chunk read in full, up to where the value of its first
+    /// `content` member starts, when that value is a string and the chunk
+    /// has neither usage nor an error; else empty.
+    opening: Vec<u8>,
+    /// Chunks that did not open as the one before: a stream that puts
+    /// what changes (Together's text and token id) before its `content`
+    /// stops being compared.
+    misses: u8,
+}
+
+/// The longest opening kept: an id, a model's name and an index take a
+/// few hundred bytes, and an open stream holds its opening.
+const MAX_OPENING: usize = 1024;
+/// Misses after which a stream's openings are no longer kept.
+const MAX_MISSES: u8 = 3;
+
+impl StreamReader {
+    pub fn read(&mut self, backend: &str, chunk: &[u8]) -> Result<ChunkFacts, GatewayError> {
+        if !self.opening.is_empty() {
+            match self.text_after_opening(chunk) {
+                Some(text) => {
+                    // The opening held no usage or error, and its bytes
+                    // are the same: any is past it.
+                    let rest = &chunk[self.opening.len()..];
+                    if !has_usage(rest)
+                        && KEYS.error.find(rest).is_none()
+                        && framed_as_object(chunk)
+                    {
+                        return Ok(ChunkFacts {
+                            observed: Observed {
+                                usage: None,
+                                text_chars: text,
+                            },
+                            usage_only: false,
+                        });
+                    }
+                }
+                None => self.misses += 1,
+            }
+            self.opening.clear();
+        }
+        let (facts, text_at) = read(backend, chunk)?;
+        if self.misses < MAX_MISSES
+            && let Some(at) = text_at.filter(|&at| at <= MAX_OPENING)
+        {
+            self.opening.extend_from_slice(&chunk[..at]);
+        }
+        Ok(facts)
+    }
+
+    /// The decoded length of the text of a chunk that opens as the
+    /// opening kept, when it is a string.
+    fn text_after_opening(&self, chunk: &[u8]) -> Option<usize> {
+        if self.opening.is_empty() || !chunk.starts_with(&self.opening) {
+            return None;
+        }
+        string_value(&chunk[self.opening.len()..])
+    }
+}
+
+/// Whether `chunk` has a `"usage"` member whose value is not `null`.
+fn has_usage(chunk: &[u8]) -> bool {
+    member_values(&KEYS.usage, chunk).any(|value| !value.starts_with(b"null"))
 }
 
 /// The keys a chunk is searched for, each searcher built once: building
@@ -103,13 +184,20 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
 /// and DeepSeek's; `reasoning`, Together's and newer vLLM's: reasoning
 /// is output too), measured as decoded, without parsing the chunk. The
 /// reasoning names are looked for only in a chunk with neither of the
-/// others.
-fn text_chars(chunk: &[u8]) -> usize {
+/// others. With it, where the value starts when it is the first `content`
+/// member's.
+fn text(chunk: &[u8]) -> (usize, Option<usize>) {
     let k = &*KEYS;
-    [&k.content, &k.text, &k.reasoning_content, &k.reasoning]
+    for (n, value) in member_values(&k.content, chunk).enumerate() {
+        if let Some(chars) = string_value(value) {
+            return (chars, (n == 0).then(|| chunk.len() - value.len()));
+        }
+    }
+    let chars = [&k.text, &k.reasoning_content, &k.reasoning]
         .into_iter()
         .find_map(|key| member_string(key, chunk))
-        .unwrap_or(0)
+        .unwrap_or(0);
+    (chars, None)
 }
 
 /// The decoded length of the first string value of a member named as
@@ -179,6 +267,149 @@ mod tests {
     use crate::openai::ResponseView;
 
     const CONTENT: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}"#;
+
+    fn text_chars(chunk: &[u8]) -> usize {
+        text(chunk).0
+    }
+
+    /// What a read gives, as text that compares whole.
+    fn facts(read: Result<ChunkFacts, GatewayError>) -> String {
+        match read {
+            Ok(f) => format!(
+                "{:?} {} {}",
+                f.observed.usage, f.observed.text_chars, f.usage_only
+            ),
+            Err(e) => format!("error {}", e.message()),
+        }
+    }
+
+    /// The recorded streams' chunks.
+    fn recorded() -> Vec<Vec<String>> {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openai");
+        let mut streams = Vec::new();
+        for entry in std::fs::read_dir(fixtures).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "sse") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let chunks = text
+                    .lines()
+                    .filter_map(|line| line.strip_prefix("data: "))
+                    .filter(|data| *data != "[DONE]")
+                    .map(str::to_owned)
+                    .collect();
+                streams.push(chunks);
+            }
+        }
+        assert!(streams.len() >= 4);
+        streams
+    }
+
+    #[test]
+    fn a_stream_read_in_turn_gives_what_each_chunk_read_alone_gives() {
+        // Each chunk as recorded, then changed where a stream could change
+        // it after chunks that opened the same way: usage, an error or
+        // another text member added before or after the text, the text
+        // not a string, escaped, cut short, or the chunk cut anywhere.
+        let changes: Vec<fn(&str) -> String> = vec![
+            |c| c.to_owned(),
+            |c| {
+                c.replacen(
+                    "{",
+                    r#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7},"#,
+                    1,
+                )
+            },
+            |c| c.replacen("{", r#"{"usage":null,"#, 1),
+            |c| {
+                format!(
+                    "{},\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":4}}}}",
+                    &c[..c.len() - 1]
+                )
+            },
+            |c| {
+                format!(
+                    "{},\"error\":{{\"message\":\"overloaded\"}}}}",
+                    &c[..c.len() - 1]
+                )
+            },
+            |c| format!("{},\"object\":\"error\"}}", &c[..c.len() - 1]),
+            |c| c.replacen(r#""content":""#, r#""content":"\"\u00e9\ud83d\ude00"#, 1),
+            |c| c.replacen(r#""content":""#, r#""content":null,"text":""#, 1),
+            |c| c.replacen(r#""content":""#, r#""content": 7,"reasoning":""#, 1),
+            |c| c.replacen(r#""content":""#, r#""content" : ""#, 1),
+            |c| c.replace(r#""content""#, r#""contents""#),
+        ];
+        for stream in recorded() {
+            for (n, change) in changes.iter().enumerate() {
+                // The change on every chunk, and on every other one.
+                for every in [1, 2] {
+                    let mut reader = StreamReader::default();
+                    for (i, chunk) in stream.iter().enumerate() {
+                        let chunk = if i % every == 0 {
+                            change(chunk)
+                        } else {
+                            chunk.clone()
+                        };
+                        let alone = facts(read_chunk("b", chunk.as_bytes()));
+                        let in_turn = facts(reader.read("b", chunk.as_bytes()));
+                        assert_eq!(in_turn, alone, "change {n}, chunk {i}: {chunk}");
+                    }
+                }
+            }
+            // Each chunk cut at every length, after the stream's chunks
+            // before it.
+            for (i, chunk) in stream.iter().enumerate() {
+                for cut in 0..chunk.len() {
+                    let mut reader = StreamReader::default();
+                    for before in &stream[..i] {
+                        let _ = reader.read("b", before.as_bytes());
+                    }
+                    let cut = &chunk.as_bytes()[..cut];
+                    assert_eq!(facts(reader.read("b", cut)), facts(read_chunk("b", cut)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_stream_whose_chunks_open_alike_is_searched_only_past_the_opening() {
+        let mut reader = StreamReader::default();
+        let first = CONTENT.as_bytes();
+        let _ = reader.read("b", first);
+        let opening = CONTENT.find(r#""hello""#).unwrap();
+        assert_eq!(reader.opening, &first[..opening]);
+        let next = CONTENT.replace("hello", "world!");
+        assert_eq!(reader.text_after_opening(next.as_bytes()), Some(6));
+        // An error member in the opening, even null: every chunk is read
+        // in full. A null usage is kept in the opening: it stays null
+        // while the opening's bytes stay the same.
+        let mut reader = StreamReader::default();
+        let _ = reader.read(
+            "b",
+            br#"{"error":null,"choices":[{"delta":{"content":"a"}}]}"#,
+        );
+        assert!(reader.opening.is_empty());
+        let _ = reader.read(
+            "b",
+            br#"{"usage":null,"choices":[{"delta":{"content":"a"}}]}"#,
+        );
+        assert!(!reader.opening.is_empty());
+        // Chunks that open otherwise each time: after three, none is kept.
+        let mut reader = StreamReader::default();
+        for n in 0..5 {
+            let chunk = format!(r#"{{"text":"{n}","delta":{{"content":"{n}"}}}}"#);
+            let _ = reader.read("b", chunk.as_bytes());
+            assert_eq!(reader.opening.is_empty(), n >= 3, "{n}");
+        }
+        // A long opening is not kept.
+        let mut reader = StreamReader::default();
+        let long = format!(
+            r#"{{"id":"{}","choices":[{{"delta":{{"content":"a"}}}}]}}"#,
+            "x".repeat(MAX_OPENING)
+        );
+        let _ = reader.read("b", long.as_bytes());
+        assert!(reader.opening.is_empty());
+    }
 
     #[test]
     fn text_is_measured_without_parsing() {

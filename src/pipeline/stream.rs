@@ -21,7 +21,7 @@ use tokio::time::{Instant, Sleep};
 use crate::error::GatewayError;
 use crate::inbound::Encoder;
 use crate::metering::Meter;
-use crate::metering::usage::{ChunkFacts, read_chunk};
+use crate::metering::usage::{ChunkFacts, StreamReader};
 use crate::openai::{Delta, Endpoint, ResponseIdentity};
 use crate::providers::{Chunk, ChunkStream};
 
@@ -35,6 +35,7 @@ const FRAME_START: usize = 4 * 1024;
 
 pub struct SseBody {
     upstream: ChunkStream,
+    reader: StreamReader,
     /// Events written but not sent yet: the first chunk's (read before the
     /// response started) and the last ones.
     ready: BytesMut,
@@ -64,7 +65,8 @@ pub struct SseBody {
 }
 
 pub struct SseParams {
-    /// The first chunk, already read with [`read_chunk`].
+    /// The first chunk, already read with
+    /// [`read_chunk`](crate::metering::usage::read_chunk).
     pub first: (Chunk, ChunkFacts),
     pub upstream: ChunkStream,
     pub idle: Duration,
@@ -80,6 +82,7 @@ impl SseBody {
         let now = Instant::now();
         let mut body = Self {
             upstream: p.upstream,
+            reader: StreamReader::default(),
             ready: BytesMut::new(),
             finished: false,
             idle: p.idle,
@@ -244,7 +247,7 @@ impl Stream for SseBody {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let now = *arrived.get_or_insert_with(Instant::now);
                     this.last_chunk = now;
-                    match read_chunk(&this.backend, &chunk) {
+                    match this.reader.read(&this.backend, &chunk) {
                         Ok(facts) => this.on_chunk(&mut out, &chunk, facts, now),
                         Err(error) => this.fail(error),
                     }
@@ -287,6 +290,7 @@ mod tests {
     use crate::health::Lease;
     use crate::ledger::Ledger;
     use crate::metering::cost::Rate;
+    use crate::metering::usage::read_chunk;
     use crate::metering::{Charges, InFlight, MeterLabels, Serving};
     use crate::metrics::Metrics;
 
