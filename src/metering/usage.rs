@@ -87,9 +87,10 @@ fn read(backend: &str, chunk: &[u8]) -> Result<(ChunkFacts, Option<usize>), Gate
 /// Reads the chunks of one stream, each as [`read_chunk`] does, with less
 /// searching: a stream's chunks repeat the same opening (its id, model
 /// and creation time, the choice's index) up to their text, so once a
-/// chunk has had its text found at `content` with no usage or error
-/// before it, the next chunk that opens with the same bytes has its text
-/// there too, and only what follows is searched for usage and errors.
+/// chunk with neither usage nor an error has had its text found at its
+/// first `content` member, the next chunk that opens with the same bytes
+/// has its text there too, and only what follows is searched for usage
+/// and errors.
 #[derive(Default)]
 pub struct StreamReader {
     /// The last chunk read in full, up to where the value of its first
@@ -145,10 +146,8 @@ impl StreamReader {
     /// The decoded length of the text of a chunk that opens as the
     /// opening kept, when it is a string.
     fn text_after_opening(&self, chunk: &[u8]) -> Option<usize> {
-        if self.opening.is_empty() || !chunk.starts_with(&self.opening) {
-            return None;
-        }
-        string_value(&chunk[self.opening.len()..])
+        let rest = chunk.strip_prefix(self.opening.as_slice())?;
+        string_value(rest)
     }
 }
 

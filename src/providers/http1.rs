@@ -73,11 +73,11 @@ impl Connection {
     /// Sends `request` (its URI in origin form, its `Host` header set)
     /// and reads the response's head; the body reads the rest.
     pub async fn send(mut self, request: Request<Bytes>) -> Result<Response<Body>, Failure> {
-        // The body goes out from where it is, beside the head: copied after
-        // it, it was a second copy of the request a request.
-        let head = encode_head(&request);
+        // Head and body in one write, the body from where it is: not
+        // copied after the head.
+        let wire_head = encode_head(&request);
         let first = (self.io)
-            .write_vectored(&[IoSlice::new(&head), IoSlice::new(request.body())])
+            .write_vectored(&[IoSlice::new(&wire_head), IoSlice::new(request.body())])
             .await;
         let written = match first {
             Ok(0) => {
@@ -89,14 +89,14 @@ impl Connection {
         };
         let broken = |e: io::Error| Failure::Broken(e.to_string());
         let body = request.body();
-        if let Some(rest) = head.get(written..).filter(|rest| !rest.is_empty()) {
+        if let Some(rest) = wire_head.get(written..).filter(|rest| !rest.is_empty()) {
             self.io.write_all(rest).await.map_err(broken)?;
             self.io.write_all(body).await.map_err(broken)?;
         } else {
-            let sent = written - head.len();
+            let sent = written - wire_head.len();
             self.io.write_all(&body[sent..]).await.map_err(broken)?;
         }
-        drop(head);
+        drop(wire_head);
         let head = loop {
             if self.fill().await.map_err(broken)? == 0 {
                 return Err(Failure::Broken(
