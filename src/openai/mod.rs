@@ -4,6 +4,7 @@
 mod request;
 mod response;
 pub mod scan;
+mod text;
 mod usage;
 
 pub use request::*;

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::text;
 use crate::error::{GatewayError, echo};
 
 /// `POST /v1/chat/completions`; `model` and `stream_options` are read
@@ -91,11 +92,17 @@ impl<'de, P: Deserialize<'de> + PartExample> Deserialize<'de> for TextOrParts<P>
                 Ok(TextOrParts::Text(text))
             }
 
+            fn visit_bytes<E: de::Error>(self, text: &[u8]) -> Result<Self::Value, E> {
+                text::from_bytes(text).map(TextOrParts::Text)
+            }
+
             fn visit_seq<A: SeqAccess<'de>>(self, parts: A) -> Result<Self::Value, A::Error> {
                 Vec::deserialize(SeqAccessDeserializer::new(parts)).map(TextOrParts::Parts)
             }
         }
-        deserializer.deserialize_any(Content(PhantomData))
+        // Read as [`MessageText`](text::MessageText) is: serde_json gives a string asked
+        // for as bytes, and an array as a sequence.
+        deserializer.deserialize_bytes(Content(PhantomData))
     }
 }
 
@@ -110,7 +117,7 @@ pub const TOOL_ERROR: &str = "is_error";
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text::optional")]
     pub text: Option<String>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -500,27 +507,36 @@ fn typed<'b, T: DeserializeOwned>(bytes: &'b [u8]) -> Result<Read<'b, T>, Gatewa
 
 /// A client's JSON body as `R`. Parsed plainly first, as text checked to
 /// be UTF-8 in one SIMD pass (read as bytes, each string is checked on its
-/// own, which costs more than twice as much); only a body that fails is parsed
-/// again, with the path tracking that names where it went wrong (a 400
-/// whose message and `param` say where).
+/// own, which costs more than twice as much), and checked for raw control
+/// characters in its strings in another, which its long text is not
+/// ([`text`]); only a body that fails is parsed again, with the path
+/// tracking that names where it went wrong (a 400 whose message and
+/// `param` say where).
 pub fn read_json<'b, R: Deserialize<'b>>(bytes: &'b [u8]) -> Result<R, GatewayError> {
-    if let Ok(text) = simdutf8::basic::from_utf8(bytes)
+    let controls_escaped = text::controls_escaped(bytes);
+    if controls_escaped
+        && let Ok(text) = simdutf8::basic::from_utf8(bytes)
         && let Ok(read) = serde_json::from_str(text)
     {
         return Ok(read);
     }
-    // Read again, to say where it went wrong.
+    // Read again, to say where it went wrong: a raw control character as
+    // serde_json says it, which the text read as bytes would not.
+    if !controls_escaped
+        && let Err(e) = serde_json::from_slice::<de::IgnoredAny>(bytes)
+        && (e.is_syntax() || e.is_eof())
+    {
+        return Err(not_json(&e));
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let read = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let said = inner.to_string();
         if inner.is_syntax() || inner.is_eof() {
-            GatewayError::bad_request(
-                format!("the request body is not valid JSON: {}", echo(&said)),
-                None,
-            )
-        } else if path == "." {
+            return not_json(&inner);
+        }
+        let said = inner.to_string();
+        if path == "." {
             // "missing field `input` at line 1 column 17": the field is the param.
             let missing = said
                 .strip_prefix("missing field `")
@@ -539,6 +555,16 @@ pub fn read_json<'b, R: Deserialize<'b>>(bytes: &'b [u8]) -> Result<R, GatewayEr
         )
     })?;
     Ok(read)
+}
+
+fn not_json(error: &serde_json::Error) -> GatewayError {
+    GatewayError::bad_request(
+        format!(
+            "the request body is not valid JSON: {}",
+            echo(&error.to_string())
+        ),
+        None,
+    )
 }
 
 /// serde's `error` quotes the value it refused, and the path may hold a
@@ -904,6 +930,53 @@ mod tests {
         );
         let error = chat(r#"{"model":"a"}"#).unwrap_err();
         assert!(error.message().contains("missing field `messages`"));
+    }
+
+    #[test]
+    fn message_text_is_read_as_json_says_whatever_its_escapes_and_control_characters() {
+        let text = |content: &str| {
+            let body =
+                format!(r#"{{"model":"a","messages":[{{"role":"user","content":{content}}}]}}"#);
+            let TypedRequest::Chat(chat) = chat(body.leak())?.typed else {
+                panic!("a chat request")
+            };
+            Ok::<_, GatewayError>(match &chat.messages[0].content {
+                Some(MessageContent::Text(text)) => text.clone(),
+                Some(MessageContent::Parts(parts)) => parts[0].text.clone().unwrap_or_default(),
+                None => panic!("content"),
+            })
+        };
+        assert_eq!(text(r#""a\nb \u00e9\t\"q\"""#).unwrap(), "a\nb é\t\"q\"");
+        assert_eq!(
+            text(r#"[{"type":"text","text":"x\\y\ud83d\ude00"}]"#).unwrap(),
+            "x\\y😀"
+        );
+        // Pretty-printed, with newlines and tabs between members.
+        let pretty = "{\n\t\"model\": \"a\",\n\t\"messages\": [{\"role\": \"user\", \"content\": \"hi\\n\"}]\n}";
+        assert!(chat(pretty).is_ok());
+        // A raw control character in any string is not JSON, whatever reads it.
+        for content in [
+            "\"a\nb\"",
+            "[{\"type\":\"text\",\"text\":\"\t\"}]",
+            "\"\\\\\u{1}\"",
+        ] {
+            let error = text(content).expect_err(content);
+            assert_eq!(error.status(), 400);
+            assert!(
+                error
+                    .message()
+                    .starts_with("the request body is not valid JSON: control character"),
+                "{content:?}: {}",
+                error.message()
+            );
+        }
+        let error = text(r#""half \udc00 of a pair""#).unwrap_err();
+        assert_eq!(error.param_name(), Some("messages[0].content"));
+        assert!(
+            error.message().contains("without its pair"),
+            "{}",
+            error.message()
+        );
     }
 
     #[test]
