@@ -50,15 +50,10 @@ pub fn answering_model(body: &[u8]) -> Option<String> {
 /// the meter needs: they are checked to be framed as a JSON object and
 /// their text measured, without being parsed. Usage and errors are read in
 /// full. `"usage": null`, which OpenAI and Together put in every chunk
-/// before the last, is no usage.
-pub fn read_chunk(backend: &str, chunk: &[u8]) -> Result<ChunkFacts, GatewayError> {
-    read(backend, chunk).map(|(facts, _)| facts)
-}
-
-/// Reads one chunk as [`read_chunk`] says, and gives where its text's
-/// value starts when that text is its first `content` member's and it
-/// has neither usage nor an error.
-fn read(backend: &str, chunk: &[u8]) -> Result<(ChunkFacts, Option<usize>), GatewayError> {
+/// before the last, is no usage. With the facts, where the chunk's text
+/// is when that text is its first `content` member's, a string, and the
+/// chunk has neither usage nor an error.
+fn read(backend: &str, chunk: &[u8]) -> Result<(ChunkFacts, Option<TextAt>), GatewayError> {
     if has_usage(chunk) || KEYS.error.find(chunk).is_some() {
         let view = read_view(backend, chunk)?;
         let facts = ChunkFacts {
@@ -74,80 +69,113 @@ fn read(backend: &str, chunk: &[u8]) -> Result<(ChunkFacts, Option<usize>), Gate
         ));
     }
     let (text_chars, text_at) = text(chunk);
-    let facts = ChunkFacts {
+    Ok((text_only(text_chars), text_at))
+}
+
+/// The facts of a chunk with text and neither usage nor an error.
+fn text_only(text_chars: usize) -> ChunkFacts {
+    ChunkFacts {
         observed: Observed {
             usage: None,
             text_chars,
         },
         usage_only: false,
-    };
-    Ok((facts, text_at))
+    }
 }
 
-/// Reads the chunks of one stream, each as [`read_chunk`] does, with less
-/// searching: a stream's chunks repeat the same opening (its id, model
-/// and creation time, the choice's index) up to their text, so once a
-/// chunk with neither usage nor an error has had its text found at its
-/// first `content` member, the next chunk that opens with the same bytes
-/// has its text there too, and only what follows is searched for usage
-/// and errors.
+/// Where a chunk's text is: its string value from its opening quote
+/// (`start`) to past its closing one (`end`, `None` when it is cut short).
+#[derive(Clone, Copy)]
+struct TextAt {
+    start: usize,
+    end: Option<usize>,
+}
+
+/// Reads the chunks of one stream, each as [`read`] does, with less
+/// searching. A stream's chunks repeat the same opening (its id, model
+/// and creation time, the choice's index) up to their text, and most
+/// repeat what follows it too (`finish_reason: null` and the closing
+/// brackets). Once a chunk with neither usage nor an error has had its
+/// text found at its first `content` member, the next chunk that opens
+/// with the same bytes has its text there too, and only what follows it
+/// is searched for usage and errors; when that is the same as the kept
+/// chunk's, it holds neither, and is not searched at all. A member name
+/// is quoted, and a string's quotes are escaped, so the text holds none.
 #[derive(Default)]
 pub struct StreamReader {
-    /// The last chunk read in full, up to where the value of its first
-    /// `content` member starts, when that value is a string and the chunk
-    /// has neither usage nor an error; else empty.
-    opening: Vec<u8>,
+    /// The last chunk read in full without its text (its opening, then
+    /// what follows the text), when its text is the value of its first
+    /// `content` member, a string, and it has neither usage nor an error;
+    /// else empty.
+    kept: Vec<u8>,
+    /// Where the opening ends in `kept`.
+    opening: usize,
     /// Chunks that did not open as the one before: a stream that puts
     /// what changes (Together's text and token id) before its `content`
     /// stops being compared.
     misses: u8,
 }
 
-/// The longest opening kept: an id, a model's name and an index take a
-/// few hundred bytes, and an open stream holds its opening.
-const MAX_OPENING: usize = 1024;
+/// The most kept of a chunk: an id, a model's name and an index take a
+/// few hundred bytes, and an open stream holds what it keeps.
+const MAX_KEPT: usize = 1024;
 /// Misses after which a stream's openings are no longer kept.
 const MAX_MISSES: u8 = 3;
 
 impl StreamReader {
     pub fn read(&mut self, backend: &str, chunk: &[u8]) -> Result<ChunkFacts, GatewayError> {
-        if !self.opening.is_empty() {
-            match self.text_after_opening(chunk) {
-                Some(text) => {
+        if !self.kept.is_empty() {
+            let (opening, closing) = self.kept.split_at(self.opening);
+            match chunk
+                .strip_prefix(opening)
+                .and_then(|rest| Some((rest, string(rest)?)))
+            {
+                Some((rest, (text, end))) => {
+                    let after = end.map(|end| &rest[end..]);
+                    if !closing.is_empty() && after == Some(closing) {
+                        return Ok(text_only(text));
+                    }
                     // The opening held no usage or error, and its bytes
                     // are the same: any is past it.
-                    let rest = &chunk[self.opening.len()..];
                     if !has_usage(rest)
                         && KEYS.error.find(rest).is_none()
                         && framed_as_object(chunk)
                     {
-                        return Ok(ChunkFacts {
-                            observed: Observed {
-                                usage: None,
-                                text_chars: text,
-                            },
-                            usage_only: false,
-                        });
+                        self.keep_closing(after);
+                        return Ok(text_only(text));
                     }
                 }
                 None => self.misses += 1,
             }
-            self.opening.clear();
+            self.kept.clear();
         }
         let (facts, text_at) = read(backend, chunk)?;
         if self.misses < MAX_MISSES
-            && let Some(at) = text_at.filter(|&at| at <= MAX_OPENING)
+            && let Some(at) = text_at
         {
-            self.opening.extend_from_slice(&chunk[..at]);
+            self.keep(chunk, at);
         }
         Ok(facts)
     }
 
-    /// The decoded length of the text of a chunk that opens as the
-    /// opening kept, when it is a string.
-    fn text_after_opening(&self, chunk: &[u8]) -> Option<usize> {
-        let rest = chunk.strip_prefix(self.opening.as_slice())?;
-        string_value(rest)
+    /// Keeps `chunk` without its text, at `at`.
+    fn keep(&mut self, chunk: &[u8], at: TextAt) {
+        self.kept.clear();
+        if at.start <= MAX_KEPT {
+            let closing = at.end.map_or(0, |end| chunk.len() - end);
+            self.kept.reserve(at.start + closing);
+            self.kept.extend_from_slice(&chunk[..at.start]);
+            self.opening = at.start;
+            self.keep_closing(at.end.map(|end| &chunk[end..]));
+        }
+    }
+
+    /// Keeps `closing` as what follows the text, when it is known and fits.
+    fn keep_closing(&mut self, closing: Option<&[u8]>) {
+        self.kept.truncate(self.opening);
+        if let Some(closing) = closing.filter(|c| self.opening + c.len() <= MAX_KEPT) {
+            self.kept.extend_from_slice(closing);
+        }
     }
 }
 
@@ -183,13 +211,18 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
 /// and DeepSeek's; `reasoning`, Together's and newer vLLM's: reasoning
 /// is output too), measured as decoded, without parsing the chunk. The
 /// reasoning names are looked for only in a chunk with neither of the
-/// others. With it, where the value starts when it is the first `content`
+/// others. With it, where the value is when it is the first `content`
 /// member's.
-fn text(chunk: &[u8]) -> (usize, Option<usize>) {
+fn text(chunk: &[u8]) -> (usize, Option<TextAt>) {
     let k = &*KEYS;
     for (n, value) in member_values(&k.content, chunk).enumerate() {
-        if let Some(chars) = string_value(value) {
-            return (chars, (n == 0).then(|| chunk.len() - value.len()));
+        if let Some((chars, end)) = string(value) {
+            let start = chunk.len() - value.len();
+            let at = TextAt {
+                start,
+                end: end.map(|end| start + end),
+            };
+            return (chars, (n == 0).then_some(at));
         }
     }
     let chars = [&k.text, &k.reasoning_content, &k.reasoning]
@@ -202,12 +235,14 @@ fn text(chunk: &[u8]) -> (usize, Option<usize>) {
 /// The decoded length of the first string value of a member named as
 /// `key` searches for.
 fn member_string(key: &Finder<'_>, chunk: &[u8]) -> Option<usize> {
-    member_values(key, chunk).find_map(string_value)
+    member_values(key, chunk).find_map(|value| Some(string(value)?.0))
 }
 
 /// The decoded length of the string that `value` (a member's value, to the
-/// end of the chunk) starts with; `None` when it is no string.
-fn string_value(value: &[u8]) -> Option<usize> {
+/// end of the chunk) starts with, and where in `value` it ends (past its
+/// closing quote; `None` when it is cut short); `None` when it is no
+/// string.
+fn string(value: &[u8]) -> Option<(usize, Option<usize>)> {
     let text = value.strip_prefix(b"\"")?;
     let (mut at, mut decoded) = (0, 0);
     // Skips to each quote or backslash; a backslash starts an escape.
@@ -215,7 +250,7 @@ fn string_value(value: &[u8]) -> Option<usize> {
         let i = at + found;
         decoded += found;
         if text[i] == b'"' {
-            return Some(decoded);
+            return Some((decoded, Some(i + 2)));
         }
         let (written, bytes) = escape(&text[i..]);
         at = i + written;
@@ -225,7 +260,7 @@ fn string_value(value: &[u8]) -> Option<usize> {
         }
     }
     // Cut short: count what there is.
-    Some(decoded + text.len().saturating_sub(at))
+    Some((decoded + text.len().saturating_sub(at), None))
 }
 
 /// An escape at the start of `text`: how many bytes it is written with,
@@ -266,6 +301,11 @@ mod tests {
     use crate::openai::ResponseView;
 
     const CONTENT: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}"#;
+
+    /// A chunk read on its own.
+    fn read_chunk(backend: &str, chunk: &[u8]) -> Result<ChunkFacts, GatewayError> {
+        read(backend, chunk).map(|(facts, _)| facts)
+    }
 
     fn text_chars(chunk: &[u8]) -> usize {
         text(chunk).0
@@ -373,12 +413,32 @@ mod tests {
     #[test]
     fn a_stream_whose_chunks_open_alike_is_searched_only_past_the_opening() {
         let mut reader = StreamReader::default();
-        let first = CONTENT.as_bytes();
-        let _ = reader.read("b", first);
-        let opening = CONTENT.find(r#""hello""#).unwrap();
-        assert_eq!(reader.opening, &first[..opening]);
-        let next = CONTENT.replace("hello", "world!");
-        assert_eq!(reader.text_after_opening(next.as_bytes()), Some(6));
+        let _ = reader.read("b", CONTENT.as_bytes());
+        let (opening, closing) = CONTENT.split_once(r#""hello""#).unwrap();
+        let kept = |reader: &StreamReader| {
+            let (opening, closing) = reader.kept.split_at(reader.opening);
+            (
+                String::from_utf8(opening.to_vec()).unwrap(),
+                String::from_utf8(closing.to_vec()).unwrap(),
+            )
+        };
+        assert_eq!(kept(&reader), (opening.into(), closing.into()));
+        // The same around other text: nothing searched, nothing changed.
+        let next = CONTENT.replace("hello", "wor\\\\ld!");
+        assert_eq!(
+            reader
+                .read("b", next.as_bytes())
+                .unwrap()
+                .observed
+                .text_chars,
+            7
+        );
+        assert_eq!(kept(&reader), (opening.into(), closing.into()));
+        // What follows the text changed: searched, and kept in its place.
+        let stop = CONTENT.replace("null}", "\"stop\"}");
+        let _ = reader.read("b", stop.as_bytes());
+        let (_, stop_closing) = stop.split_once(r#""hello""#).unwrap();
+        assert_eq!(kept(&reader), (opening.into(), stop_closing.into()));
         // An error member in the opening, even null: every chunk is read
         // in full. A null usage is kept in the opening: it stays null
         // while the opening's bytes stay the same.
@@ -387,27 +447,39 @@ mod tests {
             "b",
             br#"{"error":null,"choices":[{"delta":{"content":"a"}}]}"#,
         );
-        assert!(reader.opening.is_empty());
+        assert!(reader.kept.is_empty());
         let _ = reader.read(
             "b",
             br#"{"usage":null,"choices":[{"delta":{"content":"a"}}]}"#,
         );
-        assert!(!reader.opening.is_empty());
+        assert!(!reader.kept.is_empty());
         // Chunks that open otherwise each time: after three, none is kept.
         let mut reader = StreamReader::default();
         for n in 0..5 {
             let chunk = format!(r#"{{"text":"{n}","delta":{{"content":"{n}"}}}}"#);
             let _ = reader.read("b", chunk.as_bytes());
-            assert_eq!(reader.opening.is_empty(), n >= 3, "{n}");
+            assert_eq!(reader.kept.is_empty(), n >= 3, "{n}");
         }
-        // A long opening is not kept.
+        // A long opening is not kept; with a long closing, the opening is.
         let mut reader = StreamReader::default();
-        let long = format!(
-            r#"{{"id":"{}","choices":[{{"delta":{{"content":"a"}}}}]}}"#,
-            "x".repeat(MAX_OPENING)
+        let long = "x".repeat(MAX_KEPT);
+        let _ = reader.read(
+            "b",
+            format!(r#"{{"id":"{long}","choices":[{{"delta":{{"content":"a"}}}}]}}"#).as_bytes(),
         );
-        let _ = reader.read("b", long.as_bytes());
-        assert!(reader.opening.is_empty());
+        assert!(reader.kept.is_empty());
+        let chunk = format!(r#"{{"choices":[{{"delta":{{"content":"a"}}}}],"x":"{long}"}}"#);
+        let _ = reader.read("b", chunk.as_bytes());
+        assert_eq!(kept(&reader).0, r#"{"choices":[{"delta":{"content":"#);
+        assert_eq!(kept(&reader).1, "");
+        assert_eq!(
+            reader
+                .read("b", chunk.as_bytes())
+                .unwrap()
+                .observed
+                .text_chars,
+            1
+        );
     }
 
     #[test]

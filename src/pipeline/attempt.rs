@@ -20,7 +20,7 @@ use crate::error::GatewayError;
 use crate::health::Attempt;
 use crate::limits::Refused;
 use crate::metering::budget::affordable_output;
-use crate::metering::usage::{self, ChunkFacts};
+use crate::metering::usage::{self, ChunkFacts, StreamReader};
 use crate::metering::{Meter, Observed, Serving};
 use crate::metrics::{NONE, series};
 use crate::openai::InboundRequest;
@@ -32,8 +32,9 @@ use crate::store::Denied;
 pub enum Ready {
     /// A whole response, checked to be JSON, with what the meter needs.
     Complete(Bytes, Observed),
-    /// The first chunk, read, and the rest of the stream.
-    Stream(Chunk, ChunkFacts, ChunkStream),
+    /// The first chunk, read, and the rest of the stream, with the reader
+    /// that read the first and reads the rest.
+    Stream(Chunk, ChunkFacts, ChunkStream, StreamReader),
 }
 
 impl Ready {
@@ -547,8 +548,9 @@ async fn call_upstream(
             }
             UpstreamReply::Stream(mut stream) => match stream.next().await {
                 Some(Ok(first)) => {
-                    let facts = usage::read_chunk(&backend.name, &first)?;
-                    Ok(Ready::Stream(first, facts, stream))
+                    let mut reader = StreamReader::default();
+                    let facts = reader.read(&backend.name, &first)?;
+                    Ok(Ready::Stream(first, facts, stream, reader))
                 }
                 Some(Err(error)) => Err(error),
                 None => Err(GatewayError::upstream_protocol(

@@ -62,9 +62,10 @@ pub fn respond(
                 }
             }
         }
-        Ready::Stream(first, facts, upstream) => {
+        Ready::Stream(first, facts, upstream, reader) => {
             let body = SseBody::new(SseParams {
                 first: (first, facts),
+                reader,
                 upstream,
                 idle: backend.timeouts.idle,
                 backend: backend.name.clone(),

@@ -65,9 +65,9 @@ pub struct SseBody {
 }
 
 pub struct SseParams {
-    /// The first chunk, already read with
-    /// [`read_chunk`](crate::metering::usage::read_chunk).
+    /// The first chunk, already read by `reader`, which reads the rest.
     pub first: (Chunk, ChunkFacts),
+    pub reader: StreamReader,
     pub upstream: ChunkStream,
     pub idle: Duration,
     pub backend: String,
@@ -82,7 +82,7 @@ impl SseBody {
         let now = Instant::now();
         let mut body = Self {
             upstream: p.upstream,
-            reader: StreamReader::default(),
+            reader: p.reader,
             ready: BytesMut::new(),
             finished: false,
             idle: p.idle,
@@ -290,7 +290,6 @@ mod tests {
     use crate::health::Lease;
     use crate::ledger::Ledger;
     use crate::metering::cost::Rate;
-    use crate::metering::usage::read_chunk;
     use crate::metering::{Charges, InFlight, MeterLabels, Serving};
     use crate::metrics::Metrics;
 
@@ -347,9 +346,11 @@ mod tests {
         include_usage: bool,
         meter: Box<Meter>,
     ) -> SseBody {
-        let facts = read_chunk("b", &first).unwrap();
+        let mut reader = StreamReader::default();
+        let facts = reader.read("b", &first).unwrap();
         SseBody::new(SseParams {
             first: (first, facts),
+            reader,
             upstream,
             idle: Duration::from_secs(5),
             backend: "b".into(),
