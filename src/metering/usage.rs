@@ -114,12 +114,17 @@ pub struct StreamReader {
     /// what changes (Together's text and token id) before its `content`
     /// stops being compared.
     misses: u8,
+    /// Chunks that opened as the one before but did not end as it did: a
+    /// stream that puts what changes after its text (OpenAI's
+    /// `obfuscation` padding) stops keeping its endings.
+    ending_misses: u8,
 }
 
 /// The most kept of a chunk: an id, a model's name and an index take a
 /// few hundred bytes, and an open stream holds what it keeps.
 const MAX_KEPT: usize = 1024;
-/// Misses after which a stream's openings are no longer kept.
+/// Misses after which a stream's openings, or its endings, are no longer
+/// kept.
 const MAX_MISSES: u8 = 3;
 
 impl StreamReader {
@@ -132,8 +137,11 @@ impl StreamReader {
             {
                 Some((rest, (text, end))) => {
                     let after = end.map(|end| &rest[end..]);
-                    if !closing.is_empty() && after == Some(closing) {
-                        return Ok(text_only(text));
+                    if !closing.is_empty() {
+                        if after == Some(closing) {
+                            return Ok(text_only(text));
+                        }
+                        self.ending_misses += 1;
                     }
                     // The opening held no usage or error, and its bytes
                     // are the same: any is past it.
@@ -170,9 +178,13 @@ impl StreamReader {
         }
     }
 
-    /// Keeps `closing` as what follows the text, when it is known and fits.
+    /// Keeps `closing` as what follows the text, when it is known and fits
+    /// and the stream's endings have not changed too often.
     fn keep_closing(&mut self, closing: Option<&[u8]>) {
         self.kept.truncate(self.opening);
+        if self.ending_misses >= MAX_MISSES {
+            return;
+        }
         if let Some(closing) = closing.filter(|c| self.opening + c.len() <= MAX_KEPT) {
             self.kept.extend_from_slice(closing);
         }
@@ -459,6 +471,22 @@ mod tests {
             let chunk = format!(r#"{{"text":"{n}","delta":{{"content":"{n}"}}}}"#);
             let _ = reader.read("b", chunk.as_bytes());
             assert_eq!(reader.kept.is_empty(), n >= 3, "{n}");
+        }
+        // Chunks that end otherwise each time: after three, the opening
+        // alone is kept.
+        let mut reader = StreamReader::default();
+        for n in 0..6 {
+            let chunk = CONTENT.replace("null}", &format!("null,\"pad\":\"{}\"}}", "x".repeat(n)));
+            assert_eq!(
+                reader
+                    .read("b", chunk.as_bytes())
+                    .unwrap()
+                    .observed
+                    .text_chars,
+                5
+            );
+            assert_eq!(kept(&reader).0, opening);
+            assert_eq!(kept(&reader).1.is_empty(), n >= 3, "{n}");
         }
         // A long opening is not kept; with a long closing, the opening is.
         let mut reader = StreamReader::default();
