@@ -41,20 +41,35 @@ fn chat_prompt_tokens(chat: &ChatRequest) -> u64 {
         }
         // Tool calls and other fields still cost tokens; count their JSON.
         if !message.extra.is_empty() {
-            tokens += tokens_for_chars(
-                serde_json::Value::Object(message.extra.clone())
-                    .to_string()
-                    .len(),
-            );
+            tokens += tokens_for_chars(json_len(&message.extra));
         }
     }
     if let Some(tools) = &chat.tools {
-        tokens += tokens_for_chars(serde_json::to_string(tools).map_or(0, |s| s.len()));
+        tokens += tokens_for_chars(json_len(tools));
     }
     tokens
 }
 
 /// A legacy completion's prompt, or an embedding's input.
+/// The length of `value` written as compact JSON, counted as it is
+/// written rather than kept: an agent's tool schemas and tool calls run to
+/// kilobytes a request.
+fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
+    struct Counted(usize);
+    impl std::io::Write for Counted {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counted = Counted(0);
+    serde_json::to_writer(&mut counted, value).map_or(0, |()| counted.0)
+}
+
 fn input_tokens(prompt: &Prompt) -> u64 {
     match prompt {
         Prompt::Text(text) => tokens_for_chars(text.len()),
@@ -88,5 +103,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(prompt_tokens(&tokens), 3);
+    }
+
+    #[test]
+    fn tools_and_other_message_members_count_as_their_compact_json() {
+        let chat = InboundRequest::parse(
+            Endpoint::Chat,
+            Bytes::from_static(
+                r#"{"model":"m", "messages": [{"role":"assistant", "content":null,
+                "tool_calls": [{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"q\":\"é\\n\"}"}}]}],
+                "tools": [{"type":"function", "function":{"name":"f","parameters":{"type":"object"}}}]}"#
+                    .as_bytes(),
+            ),
+        )
+        .unwrap();
+        // 102 bytes of `tool_calls` (é is two), 76 of `tools`, as written
+        // without spaces.
+        assert_eq!(
+            prompt_tokens(&chat),
+            4 + 102_u64.div_ceil(4) + 76_u64.div_ceil(4)
+        );
     }
 }
