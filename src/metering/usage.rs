@@ -427,6 +427,13 @@ mod tests {
         let mut reader = StreamReader::default();
         let _ = reader.read("b", CONTENT.as_bytes());
         let (opening, closing) = CONTENT.split_once(r#""hello""#).unwrap();
+        let read_text = |reader: &mut StreamReader, chunk: &str| {
+            reader
+                .read("b", chunk.as_bytes())
+                .unwrap()
+                .observed
+                .text_chars
+        };
         let kept = |reader: &StreamReader| {
             let (opening, closing) = reader.kept.split_at(reader.opening);
             (
@@ -437,14 +444,7 @@ mod tests {
         assert_eq!(kept(&reader), (opening.into(), closing.into()));
         // The same around other text: nothing searched, nothing changed.
         let next = CONTENT.replace("hello", "wor\\\\ld!");
-        assert_eq!(
-            reader
-                .read("b", next.as_bytes())
-                .unwrap()
-                .observed
-                .text_chars,
-            7
-        );
+        assert_eq!(read_text(&mut reader, &next), 7);
         assert_eq!(kept(&reader), (opening.into(), closing.into()));
         // What follows the text changed: searched, and kept in its place.
         let stop = CONTENT.replace("null}", "\"stop\"}");
@@ -477,14 +477,7 @@ mod tests {
         let mut reader = StreamReader::default();
         for n in 0..6 {
             let chunk = CONTENT.replace("null}", &format!("null,\"pad\":\"{}\"}}", "x".repeat(n)));
-            assert_eq!(
-                reader
-                    .read("b", chunk.as_bytes())
-                    .unwrap()
-                    .observed
-                    .text_chars,
-                5
-            );
+            assert_eq!(read_text(&mut reader, &chunk), 5);
             assert_eq!(kept(&reader).0, opening);
             assert_eq!(kept(&reader).1.is_empty(), n >= 3, "{n}");
         }
@@ -500,14 +493,7 @@ mod tests {
         let _ = reader.read("b", chunk.as_bytes());
         assert_eq!(kept(&reader).0, r#"{"choices":[{"delta":{"content":"#);
         assert_eq!(kept(&reader).1, "");
-        assert_eq!(
-            reader
-                .read("b", chunk.as_bytes())
-                .unwrap()
-                .observed
-                .text_chars,
-            1
-        );
+        assert_eq!(read_text(&mut reader, &chunk), 1);
     }
 
     #[test]
