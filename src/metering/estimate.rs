@@ -45,15 +45,15 @@ fn chat_prompt_tokens(chat: &ChatRequest) -> u64 {
         }
     }
     if let Some(tools) = &chat.tools {
-        tokens += tokens_for_chars(json_len(tools));
+        tokens += tokens_for_chars(tools.get().len());
     }
     tokens
 }
 
 /// A legacy completion's prompt, or an embedding's input.
 /// The length of `value` written as compact JSON, counted as it is
-/// written rather than kept: an agent's tool schemas and tool calls run to
-/// kilobytes a request.
+/// written rather than kept: an agent's tool calls run to kilobytes a
+/// request.
 fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
     struct Counted(usize);
     impl std::io::Write for Counted {
@@ -106,7 +106,7 @@ mod tests {
     }
 
     #[test]
-    fn tools_and_other_message_members_count_as_their_compact_json() {
+    fn tools_count_as_written_and_other_message_members_as_compact_json() {
         let chat = InboundRequest::parse(
             Endpoint::Chat,
             Bytes::from_static(
@@ -117,11 +117,11 @@ mod tests {
             ),
         )
         .unwrap();
-        // 102 bytes of `tool_calls` (é is two), 76 of `tools`, as written
-        // without spaces.
+        // 102 bytes of `tool_calls` written without spaces (é is two), and
+        // the 77 of `tools` as the client wrote them.
         assert_eq!(
             prompt_tokens(&chat),
-            4 + 102_u64.div_ceil(4) + 76_u64.div_ceil(4)
+            4 + 102_u64.div_ceil(4) + 77_u64.div_ceil(4)
         );
     }
 }

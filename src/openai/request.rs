@@ -32,10 +32,37 @@ pub struct ChatRequest {
     pub max_tokens: Option<u32>,
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
-    #[serde(default)]
-    pub tools: Option<Vec<Value>>,
+    /// As the client wrote it: only a provider that translates the request
+    /// reads its tools, and an agent's run to kilobytes.
+    #[serde(default, deserialize_with = "tools")]
+    pub tools: Option<Box<RawValue>>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+impl ChatRequest {
+    /// Whether the request offers any tool.
+    pub fn has_tools(&self) -> bool {
+        let tools = self.tools.as_deref().map_or("", RawValue::get);
+        tools
+            .strip_prefix('[')
+            .is_some_and(|rest| !rest.trim_start().starts_with(']'))
+    }
+}
+
+/// `tools`, kept as written once it is known to be an array.
+fn tools<'de, D: de::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Box<RawValue>>, D::Error> {
+    let tools = Option::<Box<RawValue>>::deserialize(deserializer)?;
+    if let Some(tools) = &tools
+        && !tools.get().starts_with('[')
+    {
+        return Err(de::Error::custom(
+            "must be an array of tools such as {\"type\":\"function\",\"function\":{\"name\":...}}",
+        ));
+    }
+    Ok(tools)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -977,6 +1004,38 @@ mod tests {
             "{}",
             error.message()
         );
+    }
+
+    #[test]
+    fn tools_are_kept_as_written_and_must_be_an_array() {
+        let with_tools = |tools: &str| {
+            let body = format!(
+                r#"{{"model":"a","messages":[{{"role":"user","content":"hi"}}],"tools":{tools}}}"#
+            );
+            chat(body.leak()).map(|request| match request.typed {
+                TypedRequest::Chat(chat) => {
+                    (chat.has_tools(), chat.tools.map(|t| t.get().to_owned()))
+                }
+                _ => panic!("a chat request"),
+            })
+        };
+        let tool = r#"{"type":"function","function":{"name":"f"}}"#;
+        assert_eq!(
+            with_tools(&format!("[ {tool} ]")).unwrap(),
+            (true, Some(format!("[ {tool} ]")))
+        );
+        for none in ["[]", "[ \n ]", "null"] {
+            assert!(!with_tools(none).unwrap().0, "{none}");
+        }
+        for wrong in [tool, "\"f\"", "5"] {
+            let error = with_tools(wrong).unwrap_err();
+            assert_eq!(error.param_name(), Some("tools"), "{wrong}");
+            assert!(
+                error.message().contains("must be an array of tools"),
+                "{}",
+                error.message()
+            );
+        }
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl RequestFacts {
             ..Self::default()
         };
         if let TypedRequest::Chat(chat) = &request.typed {
-            facts.tools = chat.tools.as_ref().is_some_and(|t| !t.is_empty());
+            facts.tools = chat.has_tools();
             let parts = chat.messages.iter().filter_map(|m| match &m.content {
                 Some(MessageContent::Parts(parts)) => Some(parts),
                 _ => None,

@@ -407,9 +407,11 @@ fn history_tools(messages: &[Message]) -> Option<ToolConfig> {
 }
 
 fn tool_config(chat: &ChatRequest) -> Result<Option<ToolConfig>, GatewayError> {
-    let Some(tools) = chat.tools.as_ref().filter(|t| !t.is_empty()) else {
+    let Some(tools) = chat.tools.as_ref().filter(|_| chat.has_tools()) else {
         return Ok(None);
     };
+    let tools: Vec<Value> = serde_json::from_str(tools.get())
+        .map_err(|e| bad(format!("`tools` is not an array: {e}"), "tools"))?;
     let tool_choice = match chat.extra.get("tool_choice") {
         None | Some(Value::Null) => None,
         Some(Value::String(choice)) => match choice.as_str() {
