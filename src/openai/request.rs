@@ -65,13 +65,53 @@ fn tools<'de, D: de::Deserializer<'de>>(
     Ok(tools)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct ChatMessage {
     pub role: String,
-    #[serde(default)]
     pub content: Option<MessageContent>,
-    #[serde(flatten)]
+    /// Every other member: tool calls, a tool call's id, a name.
     pub extra: Map<String, Value>,
+}
+
+/// Read member by member, each other member straight into `extra`: with
+/// `#[serde(flatten)]`, serde would buffer each into a tree of its own
+/// first, and read that tree into a value again, which doubles the cost
+/// of an agent's tool calls.
+impl<'de> Deserialize<'de> for ChatMessage {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> Visitor<'de> for Members {
+            type Value = ChatMessage;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a message such as {"role":"user","content":"..."}"#)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<ChatMessage, A::Error> {
+                let (mut role, mut content, mut extra) = (None, None, Map::new());
+                while let Some(name) = members.next_key::<MemberName<'de>>()? {
+                    let (twice, field) = match &*name.0 {
+                        "role" => (role.replace(members.next_value()?).is_some(), "role"),
+                        "content" => (content.replace(members.next_value()?).is_some(), "content"),
+                        _ => {
+                            let value = members.next_value()?;
+                            extra.insert(name.0.into_owned(), value);
+                            continue;
+                        }
+                    };
+                    if twice {
+                        return Err(de::Error::duplicate_field(field));
+                    }
+                }
+                Ok(ChatMessage {
+                    role: role.ok_or_else(|| de::Error::missing_field("role"))?,
+                    content: content.flatten(),
+                    extra,
+                })
+            }
+        }
+        deserializer.deserialize_map(Members)
+    }
 }
 
 /// A chat message's `content`.
@@ -946,6 +986,15 @@ mod tests {
         let (message, param) = wrong(r#"[{"content":"hi"}]"#);
         assert_eq!(param, "messages[0]");
         assert!(message.contains("missing field `role`"), "{message}");
+        let (message, param) = wrong(r#"[{"role":"user","content":"a","x":1,"content":"b"}]"#);
+        assert_eq!(param, "messages[0]");
+        assert!(message.contains("duplicate field `content`"), "{message}");
+        let (message, param) = wrong(r#"["hi"]"#);
+        assert_eq!(param, "messages[0]");
+        assert!(
+            message.contains(r#"expected a message such as {"role":"user""#),
+            "{message}"
+        );
         let (message, param) = wrong(r#"[{"role":"user","content":[{"text":"x"}]}]"#);
         assert_eq!(param, "messages[0].content[0]");
         assert!(message.contains("missing field `type`"), "{message}");
