@@ -50,7 +50,6 @@ fn chat_prompt_tokens(chat: &ChatRequest) -> u64 {
     tokens
 }
 
-/// A legacy completion's prompt, or an embedding's input.
 /// The length of `value` written as compact JSON, counted as it is
 /// written rather than kept: an agent's tool calls run to kilobytes a
 /// request.
@@ -70,6 +69,7 @@ fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
     serde_json::to_writer(&mut counted, value).map_or(0, |()| counted.0)
 }
 
+/// A legacy completion's prompt, or an embedding's input.
 fn input_tokens(prompt: &Prompt) -> u64 {
     match prompt {
         Prompt::Text(text) => tokens_for_chars(text.len()),

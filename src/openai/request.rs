@@ -167,7 +167,7 @@ impl<'de, P: Deserialize<'de> + PartExample> Deserialize<'de> for TextOrParts<P>
                 Vec::deserialize(SeqAccessDeserializer::new(parts)).map(TextOrParts::Parts)
             }
         }
-        // Read as [`MessageText`](text::MessageText) is: serde_json gives a string asked
+        // Read as `text::MessageText` is: serde_json gives a string asked
         // for as bytes, and an array as a sequence.
         deserializer.deserialize_bytes(Content(PhantomData))
     }

@@ -410,8 +410,9 @@ fn tool_config(chat: &ChatRequest) -> Result<Option<ToolConfig>, GatewayError> {
     let Some(tools) = chat.tools.as_ref().filter(|_| chat.has_tools()) else {
         return Ok(None);
     };
+    // Checked to be a JSON array as the request was read.
     let tools: Vec<Value> = serde_json::from_str(tools.get())
-        .map_err(|e| bad(format!("`tools` is not an array: {e}"), "tools"))?;
+        .map_err(|e| bad(format!("`tools` could not be read: {e}"), "tools"))?;
     let tool_choice = match chat.extra.get("tool_choice") {
         None | Some(Value::Null) => None,
         Some(Value::String(choice)) => match choice.as_str() {
