@@ -3,7 +3,6 @@
 //! of its connection, read as they are parsed; and the chunked coding
 //! decoded as its bytes arrive, however they are cut.
 
-use axum::http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
 use axum::http::{HeaderMap, HeaderName};
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -144,20 +143,23 @@ pub struct HeadFacts {
 }
 
 impl HeadFacts {
-    /// Takes in the head's next header. Most values are written one way
-    /// (`chunked`, `keep-alive`, one number), taken as they are before
-    /// being read as lists.
-    pub fn read(&mut self, name: &HeaderName, value: &[u8]) {
-        if *name == CONTENT_LENGTH {
-            self.read_length(value);
-        } else if *name == TRANSFER_ENCODING {
-            self.transfer_encoding = true;
-            self.chunked_last = value == b"chunked"
-                || items(value)
-                    .and_then(|mut codings| codings.next_back())
-                    .is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"));
-        } else if *name == CONNECTION {
-            match value {
+    /// Takes in the head's next header, its name a token in any case (as
+    /// httparse and `HeaderName` check them). Most values
+    /// are written one way (`chunked`, `keep-alive`, one number), taken as
+    /// they are before being read as lists.
+    pub fn read(&mut self, name: &[u8], value: &[u8]) {
+        // The length tells the four names apart, and most others from them.
+        let is = |known: &[u8]| token_is(name, known);
+        match name.len() {
+            14 if is(b"content-length") => self.read_length(value),
+            17 if is(b"transfer-encoding") => {
+                self.transfer_encoding = true;
+                self.chunked_last = value == b"chunked"
+                    || items(value)
+                        .and_then(|mut codings| codings.next_back())
+                        .is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"));
+            }
+            10 if is(b"connection") => match value {
                 b"keep-alive" => self.keep_alive = true,
                 b"close" => self.close = true,
                 _ => {
@@ -166,9 +168,9 @@ impl HeadFacts {
                         self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
                     }
                 }
-            }
-        } else if *name == EXPECT {
-            self.expect_continue |= lists(value, b"100-continue");
+            },
+            6 if is(b"expect") => self.expect_continue |= lists(value, b"100-continue"),
+            _ => {}
         }
     }
 
@@ -212,6 +214,24 @@ impl HeadFacts {
 
 /// The comma-separated items of a header value, trimmed; `None` when the
 /// value is not visible ASCII (what `HeaderValue::to_str` takes).
+/// Whether the token `name` is `lower` (lowercase letters and `-`) in any
+/// case, compared 8 bytes a step: setting bit 5 lowercases a letter and
+/// leaves `-` as it is, and no other byte a token may hold becomes a
+/// letter or `-` with it set.
+fn token_is(name: &[u8], lower: &[u8]) -> bool {
+    const CASE: u64 = 0x2020_2020_2020_2020;
+    let word = |part: &[u8]| {
+        let mut word = [0; 8];
+        word[..part.len()].copy_from_slice(part);
+        u64::from_ne_bytes(word) | CASE
+    };
+    name.len() == lower.len()
+        && name
+            .chunks(8)
+            .zip(lower.chunks(8))
+            .all(|(a, b)| word(a) == word(b))
+}
+
 fn items(value: &[u8]) -> Option<impl DoubleEndedIterator<Item = &[u8]>> {
     value
         .iter()
@@ -251,9 +271,46 @@ mod tests {
     fn said(headers: &[(&str, &[u8])]) -> HeadFacts {
         let mut said = HeadFacts::default();
         for (name, value) in headers {
-            said.read(&HeaderName::from_bytes(name.as_bytes()).unwrap(), value);
+            said.read(name.as_bytes(), value);
         }
         said
+    }
+
+    #[test]
+    fn names_are_read_in_any_case_and_only_names_that_are_them() {
+        let said = said(&[
+            ("Content-Length", b"5"),
+            ("TRANSFER-encoding", b"chunked"),
+            ("CONNECTION", b"close"),
+            ("Expect", b"100-continue"),
+        ]);
+        assert_eq!(said.content_length().ok(), Some(Some(5)));
+        assert!(said.transfer_encoding && said.chunked_last && said.close);
+        assert!(said.expect_continue);
+        // Every byte a token may hold, in every place of each name: only
+        // the name's own letters, in either case, are it.
+        let tokens = (0..=255u8).filter(|&b| {
+            httparse::parse_headers(
+                &[b, b':', b'\r', b'\n', b'\r', b'\n'],
+                &mut [httparse::EMPTY_HEADER],
+            )
+            .is_ok()
+        });
+        for known in [
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "expect",
+        ] {
+            for at in 0..known.len() {
+                for byte in tokens.clone() {
+                    let mut name = known.as_bytes().to_vec();
+                    name[at] = byte;
+                    let same = byte.to_ascii_lowercase() == known.as_bytes()[at];
+                    assert_eq!(token_is(&name, known.as_bytes()), same, "{name:?}");
+                }
+            }
+        }
     }
 
     #[test]

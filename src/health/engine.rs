@@ -236,10 +236,10 @@ async fn scrape(client: &HttpClient, uri: &Uri, metrics: &EngineMetrics) -> Resu
     *request.uri_mut() = uri.clone();
     let page = tokio::time::timeout(metrics.interval, async {
         let response = client.request(request).await.map_err(|e| e.to_string())?;
-        if !response.status().is_success() {
-            return Err(format!("the page answered {}", response.status()));
+        if !response.status.is_success() {
+            return Err(format!("the page answered {}", response.status));
         }
-        let body = response.into_body().collect().await;
+        let body = response.body.collect().await;
         Ok(body.map_err(|e| e.to_string())?.to_bytes())
     })
     .await

@@ -8,8 +8,6 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::{HeaderMap, HeaderValue};
-
 /// No reset is believed further away than this: a bad header must not
 /// bench a deployment for longer.
 const MAX_RESET: Duration = Duration::from_secs(3600);
@@ -35,7 +33,10 @@ const TOKENLIMIT_REMAINING: usize = 5;
 const RESET_TOKENS: usize = 6;
 
 /// The first value of each of [`NAMES`] a response carries.
-type Found<'h> = [Option<&'h HeaderValue>; NAMES.len()];
+type Found<'h> = [Option<&'h [u8]>; NAMES.len()];
+/// The lengths of the shortest and the longest of [`NAMES`].
+const SHORTEST: usize = 17;
+const LONGEST: usize = 30;
 
 /// What is left of one upstream limit, and when it resets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,14 +53,21 @@ pub struct UpstreamQuota {
 }
 
 impl UpstreamQuota {
-    /// The quota a response's headers report; `None` when they report
-    /// none. The headers are walked once: looking each name up hashes it
-    /// byte by byte, seven times for a response that most often carries
-    /// none of them.
-    pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
+    /// The quota a response's header fields (name, value) report; `None`
+    /// when they report none. The fields are walked once, their names
+    /// compared in any case, and only those as long as a name read and
+    /// starting `x-`: most responses carry none of them.
+    pub fn from_fields<'h>(fields: impl IntoIterator<Item = (&'h [u8], &'h [u8])>) -> Option<Self> {
         let mut found: Found<'_> = [None; NAMES.len()];
-        for (name, value) in headers {
-            if let Some(at) = NAMES.iter().position(|n| *n == name.as_str()) {
+        for (name, value) in fields {
+            if !(SHORTEST..=LONGEST).contains(&name.len()) || !name[..2].eq_ignore_ascii_case(b"x-")
+            {
+                continue;
+            }
+            if let Some(at) = NAMES
+                .iter()
+                .position(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+            {
                 found[at].get_or_insert(value);
             }
         }
@@ -86,7 +94,7 @@ impl UpstreamQuota {
 fn first<T>(found: &Found<'_>, names: &[usize], parse: impl Fn(&str) -> Option<T>) -> Option<T> {
     names.iter().find_map(|&at| {
         found[at]
-            .and_then(|v| v.to_str().ok())
+            .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| parse(v.trim()))
     })
 }
@@ -152,12 +160,15 @@ fn parse_go_duration(value: &str) -> Option<Duration> {
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.insert(*name, HeaderValue::from_str(value).unwrap());
-        }
-        map
+    fn quota(fields: &[(&str, &str)]) -> Option<UpstreamQuota> {
+        UpstreamQuota::from_fields(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+    }
+
+    #[test]
+    fn the_names_span_the_lengths_compared() {
+        let lengths = NAMES.map(str::len);
+        assert_eq!(lengths.iter().min(), Some(&SHORTEST));
+        assert_eq!(lengths.iter().max(), Some(&LONGEST));
     }
 
     fn ms(ms: u64) -> Option<Duration> {
@@ -191,13 +202,13 @@ mod tests {
 
     #[test]
     fn openai_and_groq_headers() {
-        let quota = UpstreamQuota::from_headers(&headers(&[
+        let quota = quota(&[
             ("x-ratelimit-limit-requests", "14400"),
             ("x-ratelimit-remaining-requests", "0"),
             ("x-ratelimit-reset-requests", "2m59.56s"),
             ("x-ratelimit-remaining-tokens", "5800"),
             ("x-ratelimit-reset-tokens", "7.66s"),
-        ]))
+        ])
         .unwrap();
         assert_eq!(
             quota.requests,
@@ -217,11 +228,11 @@ mod tests {
 
     #[test]
     fn together_headers() {
-        let quota = UpstreamQuota::from_headers(&headers(&[
+        let quota = quota(&[
             ("x-ratelimit-remaining", "9"),
             ("x-ratelimit-reset", "1"),
             ("x-tokenlimit-remaining", "1200.0"),
-        ]))
+        ])
         .unwrap();
         assert_eq!(
             quota.requests,
@@ -241,25 +252,43 @@ mod tests {
 
     #[test]
     fn no_or_unreadable_headers_report_nothing() {
-        assert_eq!(UpstreamQuota::from_headers(&HeaderMap::new()), None);
+        assert_eq!(quota(&[]), None);
+        assert_eq!(quota(&[("content-type", "application/json")]), None);
         assert_eq!(
-            UpstreamQuota::from_headers(&headers(&[
+            quota(&[
                 ("x-ratelimit-remaining-requests", "lots"),
                 ("x-ratelimit-reset-requests", "1s"),
-            ])),
+            ]),
             None
         );
     }
 
     #[test]
+    fn names_are_read_in_any_case() {
+        let quota = quota(&[
+            ("X-RateLimit-Remaining-Requests", "3"),
+            ("X-RATELIMIT-RESET-REQUESTS", "1s"),
+        ])
+        .unwrap();
+        assert_eq!(
+            quota.requests,
+            Some(Remaining {
+                left: 3,
+                reset_in: ms(1000)
+            })
+        );
+    }
+
+    #[test]
     fn a_header_sent_twice_counts_as_first_sent() {
-        let mut map = headers(&[("content-type", "application/json")]);
-        for left in ["7", "9"] {
-            map.append("x-ratelimit-remaining", HeaderValue::from_static(left));
-        }
-        map.append("x-ratelimit-reset", HeaderValue::from_static("soon"));
-        map.append("x-ratelimit-reset", HeaderValue::from_static("2"));
-        let quota = UpstreamQuota::from_headers(&map).unwrap();
+        let quota = quota(&[
+            ("content-type", "application/json"),
+            ("x-ratelimit-remaining", "7"),
+            ("x-ratelimit-remaining", "9"),
+            ("x-ratelimit-reset", "soon"),
+            ("x-ratelimit-reset", "2"),
+        ])
+        .unwrap();
         assert_eq!(
             quota.requests,
             Some(Remaining {

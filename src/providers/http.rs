@@ -11,7 +11,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::http::header::{CONTENT_TYPE, HOST, RETRY_AFTER};
-use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use axum::http::{HeaderValue, Method, Request, StatusCode, Uri};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use http_body_util::{BodyDataStream, Full};
@@ -23,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use url::Url;
 
 use super::UpstreamCall;
+use super::answer::{Answer, Fields};
 use super::pool::{self, Pool, RequestError, UpstreamBody};
 use crate::config::Backend;
 use crate::error::GatewayError;
@@ -55,7 +56,14 @@ impl HttpClient {
         match self {
             Self::Plain(pool) => pool.request(request).await,
             Self::Tls(client) => match client.request(request.map(Full::new)).await {
-                Ok(response) => Ok(response.map(UpstreamBody::from)),
+                Ok(response) => {
+                    let (head, body) = response.into_parts();
+                    Ok(Answer {
+                        status: head.status,
+                        fields: head.headers.into(),
+                        body: body.into(),
+                    })
+                }
                 Err(e) if e.is_connect() => Err(RequestError::Connect(e.to_string())),
                 Err(e) => Err(
                     match std::error::Error::source(&e)
@@ -70,7 +78,7 @@ impl HttpClient {
     }
 }
 
-pub type UpstreamResponse = Response<UpstreamBody>;
+pub type UpstreamResponse = Answer<UpstreamBody>;
 
 /// The client for a backend's URLs, which all share its `base_url`'s scheme.
 pub fn client(backend: &Backend) -> Result<HttpClient, String> {
@@ -184,7 +192,7 @@ pub async fn send(
         RequestError::Exchange(_) => GatewayError::upstream_request_failed(backend),
         RequestError::Invalid(what) => GatewayError::upstream_protocol(backend, what),
     })?;
-    if let Some(reported) = UpstreamQuota::from_headers(response.headers()) {
+    if let Some(reported) = UpstreamQuota::from_fields(response.fields.iter()) {
         let _ = quota.set(reported);
     }
     Ok(response)
@@ -226,7 +234,7 @@ pub async fn read_body(
     caps: Caps,
     response: UpstreamResponse,
 ) -> Result<Bytes, GatewayError> {
-    let body = response.into_body();
+    let body = response.body;
     let declared = hyper::body::Body::size_hint(&body).lower();
     if declared > caps.body {
         return Err(caps.body_too_large(
@@ -245,7 +253,7 @@ pub fn body_bytes(
     caps: Caps,
     response: UpstreamResponse,
 ) -> impl Stream<Item = Result<Bytes, GatewayError>> + Send + 'static {
-    BodyDataStream::new(Capped::new(backend, caps, response.into_body(), false))
+    BodyDataStream::new(Capped::new(backend, caps, response.body, false))
         .map_err(|BodyError(error)| error)
 }
 
@@ -407,18 +415,18 @@ impl EventBounds {
     }
 }
 
-/// An error status as received: status, headers and (the start of) the body.
+/// An error status as received: status, header fields and (the start of)
+/// the body.
 pub struct ErrorReply {
     pub status: StatusCode,
-    pub headers: HeaderMap,
+    pub fields: Fields,
     pub body: Vec<u8>,
 }
 
 impl ErrorReply {
     pub async fn read(response: UpstreamResponse) -> Self {
-        let (parts, body) = response.into_parts();
         let mut read = Vec::new();
-        let mut chunks = BodyDataStream::new(body);
+        let mut chunks = BodyDataStream::new(response.body);
         while let Some(Ok(chunk)) = chunks.next().await {
             read.extend_from_slice(&chunk[..chunk.len().min(MAX_ERROR_BODY - read.len())]);
             if read.len() >= MAX_ERROR_BODY {
@@ -426,8 +434,8 @@ impl ErrorReply {
             }
         }
         Self {
-            status: parts.status,
-            headers: parts.headers,
+            status: response.status,
+            fields: response.fields,
             body: read,
         }
     }
@@ -436,7 +444,7 @@ impl ErrorReply {
     /// usable one; at most an hour, so a bad header cannot bench a
     /// deployment for longer.
     pub fn retry_after(&self) -> Option<Duration> {
-        let value = self.headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+        let value = self.fields.get_str(RETRY_AFTER.as_str())?.trim();
         let wait = match value.parse::<f64>() {
             Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
             Ok(_) => return None,
@@ -457,6 +465,7 @@ impl ErrorReply {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::HeaderMap;
     use http_body_util::StreamBody;
     use hyper::body::Frame;
 
@@ -467,7 +476,7 @@ mod tests {
         headers.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
         ErrorReply {
             status: StatusCode::TOO_MANY_REQUESTS,
-            headers,
+            fields: headers.into(),
             body: Vec::new(),
         }
         .retry_after()

@@ -12,12 +12,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 
 use axum::http::header::CONTENT_LENGTH;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use axum::http::{Method, Request, StatusCode};
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::answer::{Answer, FieldAt, Fields};
 use crate::framing::{self, Chunked, Decoded, Framing, HeadFacts, InvalidLength};
 
 /// The most headers a response head may have (hyper's default).
@@ -72,7 +73,7 @@ impl Connection {
 
     /// Sends `request` (its URI in origin form, its `Host` header set)
     /// and reads the response's head; the body reads the rest.
-    pub async fn send(mut self, request: Request<Bytes>) -> Result<Response<Body>, Failure> {
+    pub async fn send(mut self, request: Request<Bytes>) -> Result<Answer<Body>, Failure> {
         // Head and body in one write, the body from where it is: not
         // copied after the head.
         let wire_head = encode_head(&request);
@@ -123,10 +124,11 @@ impl Connection {
         if framing == Framing::Length(0) {
             body.finish();
         }
-        let mut response = Response::new(body);
-        *response.status_mut() = head.status;
-        *response.headers_mut() = head.headers;
-        Ok(response)
+        Ok(Answer {
+            status: head.status,
+            fields: head.fields,
+            body,
+        })
     }
 
     /// The next final response head in the bytes read, past any interim
@@ -160,33 +162,31 @@ impl Connection {
                 self.read.advance(length);
                 continue;
             }
-            // Each value is a slice of the head as read, where a copy of
-            // its own was an allocation a header.
-            let invalid = || "an invalid response header".to_owned();
+            // The fields stay slices of the head as read: they are looked
+            // up by name when needed (`Fields`).
             let start = self.read.as_ptr() as usize;
-            let mut spans = Vec::with_capacity(parsed.headers.len());
+            let at_of = |part: &[u8]| match part {
+                // An empty value need not point into the head.
+                [] => 0..0,
+                part => {
+                    let at = part.as_ptr() as usize - start;
+                    at..at + part.len()
+                }
+            };
+            let mut at = Vec::with_capacity(parsed.headers.len());
             let mut said = HeadFacts::default();
             for header in parsed.headers.iter() {
-                let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| invalid())?;
-                said.read(&name, header.value);
-                // An empty value need not point into the head.
-                let at = match header.value {
-                    [] => 0,
-                    value => value.as_ptr() as usize - start,
-                };
-                spans.push((name, at..at + header.value.len()));
+                said.read(header.name.as_bytes(), header.value);
+                at.push(FieldAt {
+                    name: at_of(header.name.as_bytes()),
+                    value: at_of(header.value),
+                });
             }
             let http11 = parsed.version == Some(1);
             let head = self.read.split_to(length).freeze();
-            let mut map = HeaderMap::with_capacity(spans.len());
-            for (name, span) in spans {
-                let value =
-                    HeaderValue::from_maybe_shared(head.slice(span)).map_err(|_| invalid())?;
-                map.append(name, value);
-            }
             return Ok(Some(Head {
                 status,
-                headers: map,
+                fields: Fields::read(head, at),
                 said,
                 http11,
             }));
@@ -244,7 +244,7 @@ fn encode_head(request: &Request<Bytes>) -> Vec<u8> {
 /// A final response head.
 struct Head {
     status: StatusCode,
-    headers: HeaderMap,
+    fields: Fields,
     /// What its headers say of its framing and connection.
     said: HeadFacts,
     http11: bool,
@@ -363,6 +363,7 @@ impl hyper::body::Body for Body {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::HeaderValue;
     use http_body_util::BodyExt;
     use hyper::body::Body as _;
     use tokio::io::AsyncReadExt;
@@ -444,8 +445,8 @@ mod tests {
             Err(Failure::Broken(error) | Failure::Invalid(error)) => panic!("no response: {error}"),
             Err(Failure::Unsent(..)) => panic!("not sent"),
         };
-        let status = response.status();
-        let mut body = response.into_body();
+        let status = response.status;
+        let mut body = response.body;
         let mut data = Vec::new();
         let result = loop {
             match body.frame().await {
@@ -462,7 +463,7 @@ mod tests {
             Err(Failure::Invalid(error)) => error,
             Err(Failure::Broken(error)) => panic!("failed, not refused: {error}"),
             Err(Failure::Unsent(..)) => panic!("not sent"),
-            Ok(response) => panic!("answered {}", response.status()),
+            Ok(response) => panic!("answered {}", response.status),
         }
     }
 
@@ -516,13 +517,16 @@ mod tests {
         ])
         .await;
         let response = connection.send(post("{}")).await.ok().unwrap();
-        let headers = response.headers();
-        assert_eq!(headers["x-empty"], "");
-        assert_eq!(headers["x-spaced"], "padded value");
-        assert_eq!(headers["x-obs"].as_bytes(), "café".as_bytes());
-        let cookies: Vec<_> = headers.get_all("set-cookie").iter().collect();
-        assert_eq!(cookies, ["a=1", "b=2"]);
-        assert_eq!(headers.len(), 6);
+        let fields = response.fields;
+        assert_eq!(fields.get_str("x-empty"), Some(""));
+        assert_eq!(fields.get_str("X-SPACED"), Some("padded value"));
+        assert_eq!(fields.get("x-obs"), Some("café".as_bytes()));
+        let cookies: Vec<_> = (fields.iter())
+            .filter(|(name, _)| name.eq_ignore_ascii_case(b"set-cookie"))
+            .map(|(_, value)| value)
+            .collect();
+        assert_eq!(cookies, [b"a=1", b"b=2"]);
+        assert_eq!(fields.iter().count(), 6);
     }
 
     #[tokio::test]
@@ -558,10 +562,10 @@ mod tests {
         ])
         .await;
         let mut response = connection.send(post("{}")).await.ok().unwrap();
-        assert!(response.body().is_end_stream());
-        let connection = response.body_mut().take_connection().expect("free");
+        assert!(response.body.is_end_stream());
+        let connection = response.body.take_connection().expect("free");
         let mut response = connection.send(post("{}")).await.ok().unwrap();
-        assert!(response.body_mut().take_connection().is_some());
+        assert!(response.body.take_connection().is_some());
     }
 
     #[tokio::test]
@@ -618,7 +622,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n|6\r\nfirst\n\r\n|7\r\nsecond\n\r\n|0\r\n\r\n",
         ])
         .await;
-        let mut body = connection.send(post("{}")).await.ok().unwrap().into_body();
+        let mut body = connection.send(post("{}")).await.ok().unwrap().body;
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first, "first\n");
         // The next bytes come 50 ms later: the body waits for them.

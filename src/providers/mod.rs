@@ -2,6 +2,7 @@
 //! request and returns OpenAI response bytes or chunks: translation lives
 //! in the provider, never elsewhere.
 
+mod answer;
 mod bedrock;
 pub(crate) mod http;
 mod http1;

@@ -100,14 +100,14 @@ impl OpenAiCompat {
             request.headers_mut().insert(AUTHORIZATION, auth.clone());
         }
         let response = http::send(&self.name, &self.client, request, call.quota).await?;
-        if !response.status().is_success() {
+        if !response.status.is_success() {
             return Err(ErrorReply::read(response).await.into_error(&self.name));
         }
         if !streaming {
             let bytes = http::read_body(&self.name, self.caps, response).await?;
             return Ok(UpstreamReply::Complete(normalise(self.kind, bytes)));
         }
-        let events = sse::sse_data(&self.name, self.caps, response.into_body());
+        let events = sse::sse_data(&self.name, self.caps, response.body);
         // Only Together's chunks are rewritten; the others pass with no
         // adapter to poll for each.
         let events = if self.kind == BackendKind::Together {

@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use axum::http::header::HOST;
 use axum::http::uri::{Authority, PathAndQuery, Scheme};
-use axum::http::{HeaderValue, Request, Response, Uri};
+use axum::http::{HeaderValue, Request, Uri};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::ServiceExt;
 
+use super::answer::Answer;
 use super::http1::{self, Connection, Failure};
 
 /// How long an idle connection is kept.
@@ -95,7 +96,7 @@ impl Pool {
     pub async fn request(
         &self,
         mut request: Request<Bytes>,
-    ) -> Result<Response<UpstreamBody>, RequestError> {
+    ) -> Result<Answer<UpstreamBody>, RequestError> {
         let uri = request.uri().clone();
         let origin = uri
             .authority()
@@ -129,7 +130,7 @@ impl Pool {
                         })
                     });
                     // A body with nothing to read frees its connection now.
-                    response.body_mut().give_back_when_ended();
+                    response.body.give_back_when_ended();
                     return Ok(response);
                 }
                 Err(Failure::Unsent(unsent, _)) if reused => request = *unsent,
@@ -402,7 +403,7 @@ mod tests {
 
     async fn send(pool: &Pool, uri: &Uri) -> Bytes {
         let response = pool.request(post(uri)).await.expect("answered");
-        response.into_body().collect().await.unwrap().to_bytes()
+        response.body.collect().await.unwrap().to_bytes()
     }
 
     #[tokio::test]
@@ -436,7 +437,7 @@ mod tests {
     async fn a_body_dropped_before_its_end_closes_its_connection() {
         let (uri, accepted, mut heads) = server(Answer::Half).await;
         let pool = Pool::new(HttpConnector::new());
-        let mut body = pool.request(post(&uri)).await.unwrap().into_body();
+        let mut body = pool.request(post(&uri)).await.unwrap().body;
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first, "half.");
         drop(body);

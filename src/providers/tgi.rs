@@ -90,12 +90,12 @@ impl Tgi {
         let mut request = http::post_json(url, body);
         http::tag(&mut request, &call);
         let response = http::send(&self.name, &self.client, request, call.quota).await?;
-        if !response.status().is_success() {
+        if !response.status.is_success() {
             return Err(ErrorReply::read(response).await.into_error(&self.name));
         }
         let identity = ResponseIdentity::new("cmpl", call.upstream_model);
         if streaming {
-            let events = sse::sse_data(&self.name, self.caps, response.into_body()).boxed();
+            let events = sse::sse_data(&self.name, self.caps, response.body).boxed();
             let mapper = GenerateMapper {
                 backend: self.name.clone(),
                 identity,
@@ -105,9 +105,8 @@ impl Tgi {
         }
         // TGI counts the prompt in this header on the generate route.
         let prompt_tokens = response
-            .headers()
-            .get("x-prompt-tokens")
-            .and_then(|v| v.to_str().ok())
+            .fields
+            .get_str("x-prompt-tokens")
             .and_then(|v| v.parse::<u64>().ok());
         let bytes = http::read_body(&self.name, self.caps, response).await?;
         let generated: Generated = serde_json::from_slice(&bytes).map_err(|e| {

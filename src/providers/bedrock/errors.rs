@@ -22,9 +22,8 @@ pub fn from_reply(backend: &str, reply: ErrorReply) -> GatewayError {
     // `x-amzn-ErrorType` may carry a suffix (`Name:http://…`) or a
     // namespace (`ns#Name`); botocore keeps what is between.
     let name = reply
-        .headers
-        .get("x-amzn-errortype")
-        .and_then(|v| v.to_str().ok())
+        .fields
+        .get_str("x-amzn-errortype")
         .map(|v| v.split(':').next().unwrap_or(v))
         .map(|v| v.rsplit('#').next().unwrap_or(v))
         .unwrap_or("")
@@ -94,7 +93,7 @@ mod tests {
             "bedrock-us",
             ErrorReply {
                 status: StatusCode::from_u16(status).unwrap(),
-                headers,
+                fields: headers.into(),
                 body: body.as_bytes().to_vec(),
             },
         )

@@ -97,7 +97,7 @@ impl Bedrock {
         // Not signed: AWS checks only the headers a signature names.
         http::tag(&mut request, &call);
         let response = http::send(&self.name, &self.client, request, call.quota).await?;
-        if !response.status().is_success() {
+        if !response.status.is_success() {
             return Err(errors::from_reply(
                 &self.name,
                 ErrorReply::read(response).await,

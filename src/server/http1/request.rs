@@ -266,7 +266,7 @@ fn parse(
             HeaderName::from_bytes(&head[start..start + len]).map_err(|_| malformed(BAD_NAME))?;
         let value =
             HeaderValue::from_maybe_shared(slice(value)).map_err(|_| malformed(BAD_VALUE))?;
-        said.read(&name, value.as_bytes());
+        said.read(name.as_str().as_bytes(), value.as_bytes());
         map.append(name, value);
     }
     let framing = request_framing(&said, version)?;
