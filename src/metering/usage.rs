@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::Observed;
 use crate::error::GatewayError;
 use crate::openai::scan::member_values;
-use crate::openai::{IdentityView, ResponseView};
+use crate::openai::{IdentityView, ReportedUsage, ResponseView};
 
 /// What the gateway reads of one stream chunk.
 pub struct ChunkFacts {
@@ -47,14 +47,19 @@ pub fn answering_model(body: &[u8]) -> Option<String> {
 }
 
 /// Reads one chunk. Most chunks carry a few characters of text and nothing
-/// the meter needs: they are checked to be framed as a JSON object and
-/// their text measured, without being parsed. Usage and errors are read in
-/// full. `"usage": null`, which OpenAI and Together put in every chunk
-/// before the last, is no usage. With the facts, where the chunk's text
-/// is when that text is its first `content` member's, a string, and the
-/// chunk has neither usage nor an error.
+/// else the meter needs: they are checked to be framed as a JSON object
+/// and their text measured, without being parsed. A chunk's usage is
+/// parsed on its own, strictly; the rest of that chunk, as of any other,
+/// is only measured. `"usage": null`, which OpenAI and Together put in
+/// every chunk before the last, is no usage. A chunk that may be an error,
+/// or whose usage may be Groq's (under `x_groq`, where it does not make
+/// the chunk usage-only), is read in full. With the facts, where the
+/// chunk's text is when that text is its first `content` member's, a
+/// string, and the chunk has neither usage nor an error.
 fn read(backend: &str, chunk: &[u8]) -> Result<(ChunkFacts, Option<TextAt>), GatewayError> {
-    if has_usage(chunk) || KEYS.error.find(chunk).is_some() {
+    let usage = usage_value(chunk);
+    let k = &*KEYS;
+    if k.error.find(chunk).is_some() || (usage.is_some() && k.x_groq.find(chunk).is_some()) {
         let view = read_view(backend, chunk)?;
         let facts = ChunkFacts {
             observed: Observed::of(&view),
@@ -68,8 +73,41 @@ fn read(backend: &str, chunk: &[u8]) -> Result<(ChunkFacts, Option<TextAt>), Gat
             "a stream chunk is not a JSON object",
         ));
     }
-    let (text_chars, text_at) = text(chunk);
-    Ok((text_only(text_chars), text_at))
+    let Some(usage) = usage else {
+        let (text_chars, text_at) = text(chunk);
+        return Ok((text_only(text_chars), text_at));
+    };
+    let cannot_read = |e: &dyn std::fmt::Display| {
+        GatewayError::upstream_protocol(
+            backend,
+            format_args!("a stream chunk's usage cannot be read: {e}"),
+        )
+    };
+    // Checked as UTF-8 in one pass: read as bytes, each name would be
+    // checked on its own, which costs more.
+    let usage = simdutf8::compat::from_utf8(usage).map_err(|e| cannot_read(&e))?;
+    let reported = ReportedUsage::deserialize(&mut serde_json::Deserializer::from_str(usage))
+        .map_err(|e| cannot_read(&e))?;
+    // The usage-only chunk has no choices, so no text.
+    let usage_only = member_values(&k.choices, chunk)
+        .next()
+        .is_some_and(empty_array);
+    let text_chars = if usage_only { 0 } else { text(chunk).0 };
+    let facts = ChunkFacts {
+        observed: Observed {
+            usage: Some(reported.read()),
+            text_chars,
+        },
+        usage_only,
+    };
+    Ok((facts, None))
+}
+
+/// Whether `value` (to the end of its chunk) starts with `[]`.
+fn empty_array(value: &[u8]) -> bool {
+    value
+        .strip_prefix(b"[")
+        .is_some_and(|rest| rest.trim_ascii_start().starts_with(b"]"))
 }
 
 /// The facts of a chunk with text and neither usage nor an error.
@@ -145,7 +183,7 @@ impl StreamReader {
                     }
                     // The opening held no usage or error, and its bytes
                     // are the same: any is past it.
-                    if !has_usage(rest)
+                    if usage_value(rest).is_none()
                         && KEYS.error.find(rest).is_none()
                         && framed_as_object(chunk)
                     {
@@ -191,9 +229,10 @@ impl StreamReader {
     }
 }
 
-/// Whether `chunk` has a `"usage"` member whose value is not `null`.
-fn has_usage(chunk: &[u8]) -> bool {
-    member_values(&KEYS.usage, chunk).any(|value| !value.starts_with(b"null"))
+/// The value (to the end of `chunk`) of its first `"usage"` member that is
+/// not `null`.
+fn usage_value(chunk: &[u8]) -> Option<&[u8]> {
+    member_values(&KEYS.usage, chunk).find(|value| !value.starts_with(b"null"))
 }
 
 /// The keys a chunk is searched for, each searcher built once: building
@@ -201,6 +240,8 @@ fn has_usage(chunk: &[u8]) -> bool {
 struct Keys {
     usage: Finder<'static>,
     error: Finder<'static>,
+    x_groq: Finder<'static>,
+    choices: Finder<'static>,
     content: Finder<'static>,
     text: Finder<'static>,
     reasoning_content: Finder<'static>,
@@ -210,6 +251,8 @@ struct Keys {
 static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
     usage: Finder::new(b"\"usage\""),
     error: Finder::new(b"\"error"),
+    x_groq: Finder::new(b"\"x_groq\""),
+    choices: Finder::new(b"\"choices\""),
     content: Finder::new(b"\"content\""),
     text: Finder::new(b"\"text\""),
     reasoning_content: Finder::new(b"\"reasoning_content\""),
@@ -310,7 +353,7 @@ fn framed_as_object(chunk: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::openai::ResponseView;
+    use crate::openai::{ResponseView, Usage};
 
     const CONTENT: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}"#;
 
@@ -593,19 +636,63 @@ mod tests {
         }
         // Framed is enough for a chunk with nothing the meter reads.
         assert!(read_chunk("b", br#"{"id":"c1",choices}"#).is_ok());
-        // One read in full for its usage must be JSON, its text UTF-8.
-        let usage =
-            br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
-        assert!(read_chunk("b", usage).is_ok());
-        for bad in [&b"\xff"[..], b"caf\xc3"] {
-            let mut chunk = br#"{"choices":[{"delta":{"content":""#.to_vec();
-            chunk.extend_from_slice(bad);
-            chunk.extend_from_slice(
-                br#""}}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#,
+        // Usage is read strictly; the rest of its chunk is only measured.
+        let usage = r#"{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}"#;
+        let chunk = format!(r#"{{"choices":[],"usage":{usage},oops}}"#);
+        let facts = read_chunk("b", chunk.as_bytes()).unwrap();
+        assert_eq!(facts.observed.usage, Some(Ok(Usage::new(3, 1))));
+        assert!(facts.usage_only);
+        for bad in [
+            r#"{"prompt_tokens":3,}"#,
+            r#""lots""#,
+            r#"{"prompt_tokens":3 "completion_tokens":1}"#,
+            "7",
+        ] {
+            let chunk = format!(r#"{{"choices":[],"usage":{bad}}}"#);
+            let error = read_chunk("b", chunk.as_bytes()).err().expect(bad);
+            assert!(
+                error.message().contains("usage cannot be read"),
+                "{}",
+                error.message()
             );
-            let error = read_chunk("b", &chunk).err().unwrap();
-            assert!(error.message().contains("not JSON"), "{}", error.message());
-            assert!(read_view("b", &chunk).is_err());
+        }
+    }
+
+    /// What reading `chunk` in full gives.
+    fn parsed(chunk: &[u8]) -> String {
+        facts(read_view("b", chunk).map(|view| ChunkFacts {
+            observed: Observed::of(&view),
+            usage_only: view.is_usage_only(),
+        }))
+    }
+
+    #[test]
+    fn a_chunk_with_usage_gives_what_reading_it_in_full_gives() {
+        let usage = r#"{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":2}}"#;
+        let mut chunks: Vec<String> = recorded()
+            .into_iter()
+            .flatten()
+            .filter(|chunk| usage_value(chunk.as_bytes()).is_some())
+            .collect();
+        assert!(chunks.len() >= 4, "every recorded stream's usage");
+        let shapes = [
+            format!(r#"{{"id":"c1","choices":[],"usage":{usage}}}"#),
+            format!(r#"{{"choices" : [ ],"usage" : {usage}}}"#),
+            format!(r#"{{"usage":{usage},"choices":[]}}"#),
+            format!(
+                r#"{{"choices":[{{"index":0,"delta":{{"content":"bye"}},"finish_reason":"stop"}}],"usage":{usage}}}"#
+            ),
+            format!(r#"{{"choices":[{{"index":0,"text":"bye"}}],"usage":{usage}}}"#),
+            format!(r#"{{"usage":{usage}}}"#),
+            r#"{"choices":[],"usage":{"prompt_tokens":-1,"completion_tokens":4}}"#.to_owned(),
+            r#"{"choices":[],"usage":{}}"#.to_owned(),
+            format!(r#"{{"choices":[],"usage":null,"x_groq":{{"usage":{usage}}}}}"#),
+            format!(r#"{{"choices":[],"x_groq":{{"id":"q"}},"usage":{usage}}}"#),
+        ];
+        chunks.extend(shapes);
+        for chunk in chunks {
+            let read = facts(read_chunk("b", chunk.as_bytes()));
+            assert_eq!(read, parsed(chunk.as_bytes()), "{chunk}");
         }
     }
 
