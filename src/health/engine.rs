@@ -11,14 +11,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::http::{Request, Uri};
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use tokio::task::JoinHandle;
 
 use super::backend::{BackendLive, EngineSignals, ModelCache, PrefixCounters};
 use crate::config::{Backend, EngineMetrics};
-use crate::providers::http::{self, HttpClient};
+use crate::providers::http::{self, HttpClient, Target};
 
 /// What one scrape read: the engine's load, and its prefix cache per
 /// served model.
@@ -195,10 +193,10 @@ pub fn spawn(backends: &[Backend], live: &[Arc<BackendLive>]) -> Scrapers {
 
 async fn scrape_loop(backend: String, metrics: EngineMetrics, live: Arc<BackendLive>) {
     let client = http::new_client(&metrics.url, metrics.interval).and_then(|client| {
-        let uri = http::target(&backend, metrics.url.as_str())?.uri;
-        Ok((client, uri))
+        let target = http::target(&backend, metrics.url.as_str())?;
+        Ok((client, target))
     });
-    let (client, uri) = match client {
+    let (client, target) = match client {
         Ok(built) => built,
         Err(error) => {
             tracing::error!(backend, error, "engine metrics are not scraped");
@@ -210,7 +208,7 @@ async fn scrape_loop(backend: String, metrics: EngineMetrics, live: Arc<BackendL
     let mut failing = false;
     loop {
         tick.tick().await;
-        match scrape(&client, &uri, &metrics).await {
+        match scrape(&client, &target, &metrics).await {
             Ok(scrape) => {
                 if failing {
                     tracing::info!(backend, "engine metrics scrape recovered");
@@ -231,9 +229,12 @@ async fn scrape_loop(backend: String, metrics: EngineMetrics, live: Arc<BackendL
 }
 
 /// One `GET` of the metrics page, within one scrape interval.
-async fn scrape(client: &HttpClient, uri: &Uri, metrics: &EngineMetrics) -> Result<Scrape, String> {
-    let mut request = Request::new(Bytes::new());
-    *request.uri_mut() = uri.clone();
+async fn scrape(
+    client: &HttpClient,
+    target: &Target,
+    metrics: &EngineMetrics,
+) -> Result<Scrape, String> {
+    let request = http::get(target);
     let page = tokio::time::timeout(metrics.interval, async {
         let response = client.request(request).await.map_err(|e| e.to_string())?;
         if !response.status.is_success() {

@@ -10,8 +10,9 @@ use std::sync::OnceLock;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use axum::http::header::{CONTENT_TYPE, HOST, RETRY_AFTER};
-use axum::http::{HeaderValue, Method, Request, StatusCode, Uri};
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::uri::Scheme;
+use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use http_body_util::{BodyDataStream, Full};
@@ -23,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use url::Url;
 
 use super::UpstreamCall;
-use super::answer::{Answer, Fields};
+use super::exchange::{Answer, Fields, Outgoing};
 use super::pool::{self, Pool, RequestError, UpstreamBody};
 use crate::config::Backend;
 use crate::error::GatewayError;
@@ -52,10 +53,10 @@ pub enum HttpClient {
 }
 
 impl HttpClient {
-    pub async fn request(&self, request: Request<Bytes>) -> Result<UpstreamResponse, RequestError> {
+    pub async fn request(&self, request: Outgoing) -> Result<UpstreamResponse, RequestError> {
         match self {
             Self::Plain(pool) => pool.request(request).await,
-            Self::Tls(client) => match client.request(request.map(Full::new)).await {
+            Self::Tls(client) => match client.request(request.into_request(Full::new)).await {
                 Ok(response) => {
                     let (head, body) = response.into_parts();
                     Ok(Answer {
@@ -127,35 +128,62 @@ pub struct Target {
     pub host: HeaderValue,
 }
 
+/// The `Host` header for `uri`: its port only when it is not the
+/// scheme's default, as HTTP clients write it.
+pub fn host_header(uri: &Uri) -> Result<HeaderValue, String> {
+    let name = uri.host().ok_or("it has no host")?;
+    let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    match uri.port_u16() {
+        Some(port) if port != default_port => HeaderValue::try_from(format!("{name}:{port}")),
+        _ => HeaderValue::try_from(name),
+    }
+    .map_err(|e| e.to_string())
+}
+
 /// Backend `backend`'s URL `url` as a [`Target`].
 pub fn target(backend: &str, url: &str) -> Result<Target, String> {
     let bad = |e: &dyn std::fmt::Display| format!("backend \"{backend}\": bad URL {url}: {e}");
     let uri: Uri = url.parse().map_err(|e| bad(&e))?;
-    let host = pool::host_header(&uri).map_err(|e| bad(&e))?;
+    let host = host_header(&uri).map_err(|e| bad(&e))?;
     Ok(Target { uri, host })
 }
 
 /// A `POST` of a JSON body to `target`.
-pub fn post_json(target: &Target, body: Vec<u8>) -> Request<Bytes> {
-    let mut request = Request::new(Bytes::from(body));
-    *request.method_mut() = Method::POST;
-    *request.uri_mut() = target.uri.clone();
-    let headers = request.headers_mut();
-    headers.insert(HOST, target.host.clone());
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+pub fn post_json(target: &Target, body: Vec<u8>) -> Outgoing {
+    let mut request = Outgoing::new(
+        Method::POST,
+        target.uri.clone(),
+        target.host.clone(),
+        Bytes::from(body),
+    );
+    let json = HeaderValue::from_static("application/json");
+    request.fields.push((CONTENT_TYPE, json));
     request
+}
+
+/// A `GET` of `target`.
+pub fn get(target: &Target) -> Outgoing {
+    Outgoing::new(
+        Method::GET,
+        target.uri.clone(),
+        target.host.clone(),
+        Bytes::new(),
+    )
 }
 
 /// Tags an upstream request with the gateway's request id, so the two
 /// logs can be joined, and with the attempt's trace context when traces
 /// are exported.
-pub fn tag(request: &mut Request<Bytes>, call: &UpstreamCall<'_>) {
-    let headers = request.headers_mut();
+pub fn tag(request: &mut Outgoing, call: &UpstreamCall<'_>) {
     if let Ok(id) = HeaderValue::from_str(call.request_id) {
-        headers.insert(crate::id::REQUEST_ID_HEADER, id);
+        (request.fields).push((crate::id::REQUEST_ID_HEADER, id));
     }
     for (name, value) in call.trace {
-        headers.insert(name, value.clone());
+        request.fields.push((name.clone(), value.clone()));
     }
 }
 
@@ -184,7 +212,7 @@ pub fn bearer(backend: &Backend) -> Result<Option<HeaderValue>, String> {
 pub async fn send(
     backend: &str,
     client: &HttpClient,
-    request: Request<Bytes>,
+    request: Outgoing,
     quota: &OnceLock<UpstreamQuota>,
 ) -> Result<UpstreamResponse, GatewayError> {
     let response = client.request(request).await.map_err(|e| match e {
@@ -608,8 +636,20 @@ mod tests {
             &target("b", "http://10.0.0.5:8000/v1/chat/completions").unwrap(),
             Vec::new(),
         );
-        assert_eq!(request.headers()[HOST], "10.0.0.5:8000");
-        assert_eq!(request.uri(), "http://10.0.0.5:8000/v1/chat/completions");
+        let fields: Vec<_> = (request.fields.iter())
+            .map(|(name, value)| (name.as_str(), value.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("host", "10.0.0.5:8000"),
+                ("content-type", "application/json")
+            ]
+        );
+        assert_eq!(request.uri, "http://10.0.0.5:8000/v1/chat/completions");
+        let hyper = request.into_request(Full::new);
+        assert_eq!(hyper.headers()["host"], "10.0.0.5:8000");
+        assert_eq!(hyper.method(), Method::POST);
         let error = target("b", "/v1/chat/completions").unwrap_err();
         assert!(
             error.contains("backend \"b\": bad URL /v1/chat/completions"),

@@ -12,13 +12,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 
 use axum::http::header::CONTENT_LENGTH;
-use axum::http::{Method, Request, StatusCode};
+use axum::http::{Method, StatusCode};
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::answer::{Answer, FieldAt, Fields};
+use super::exchange::{Answer, FieldAt, Fields, Outgoing};
 use crate::framing::{self, Chunked, Decoded, Framing, HeadFacts, InvalidLength};
 
 /// The most headers a response head may have (hyper's default).
@@ -40,7 +40,7 @@ pub struct Connection {
 pub enum Failure {
     /// The connection refused the request's first byte: the upstream saw
     /// nothing of it, so it may go on another connection.
-    Unsent(Box<Request<Bytes>>, String),
+    Unsent(String),
     /// The connection failed.
     Broken(String),
     /// The upstream's answer is not HTTP/1.1 as RFC 9112 frames it.
@@ -71,25 +71,22 @@ impl Connection {
         }
     }
 
-    /// Sends `request` (its URI in origin form, its `Host` header set)
-    /// and reads the response's head; the body reads the rest.
-    pub async fn send(mut self, request: Request<Bytes>) -> Result<Answer<Body>, Failure> {
+    /// Sends `request` and reads the response's head; the body reads the
+    /// rest.
+    pub async fn send(mut self, request: &Outgoing) -> Result<Answer<Body>, Failure> {
         // Head and body in one write, the body from where it is: not
         // copied after the head.
-        let wire_head = encode_head(&request);
+        let wire_head = encode_head(request);
         let first = (self.io)
-            .write_vectored(&[IoSlice::new(&wire_head), IoSlice::new(request.body())])
+            .write_vectored(&[IoSlice::new(&wire_head), IoSlice::new(&request.body)])
             .await;
         let written = match first {
-            Ok(0) => {
-                let closed = "the connection is closed".into();
-                return Err(Failure::Unsent(Box::new(request), closed));
-            }
-            Err(e) => return Err(Failure::Unsent(Box::new(request), e.to_string())),
+            Ok(0) => return Err(Failure::Unsent("the connection is closed".into())),
+            Err(e) => return Err(Failure::Unsent(e.to_string())),
             Ok(n) => n,
         };
         let broken = |e: io::Error| Failure::Broken(e.to_string());
-        let body = request.body();
+        let body = &request.body;
         if let Some(rest) = wire_head.get(written..).filter(|rest| !rest.is_empty()) {
             self.io.write_all(rest).await.map_err(broken)?;
             self.io.write_all(body).await.map_err(broken)?;
@@ -108,7 +105,7 @@ impl Connection {
                 break head;
             }
         };
-        let framing = framing_of(&request, &head).map_err(Failure::Invalid)?;
+        let framing = framing_of(request, &head).map_err(Failure::Invalid)?;
         // A response framed both ways may be a smuggling attempt: what
         // follows it is not trusted to be the next response.
         let keep_alive = head.http11
@@ -217,22 +214,25 @@ impl Connection {
     }
 }
 
-/// A request's head as it goes on the wire, its body to follow.
-fn encode_head(request: &Request<Bytes>) -> Vec<u8> {
-    let body = request.body();
-    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+/// A request's head as it goes on the wire, in origin form, its body to
+/// follow.
+fn encode_head(request: &Outgoing) -> Vec<u8> {
+    let body = &request.body;
+    let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut wire = Vec::with_capacity(256);
-    for part in [request.method().as_str(), " ", path, " HTTP/1.1\r\n"] {
+    for part in [request.method.as_str(), " ", path, " HTTP/1.1\r\n"] {
         wire.extend_from_slice(part.as_bytes());
     }
-    for (name, value) in request.headers() {
+    let mut length_given = false;
+    for (name, value) in &request.fields {
+        length_given |= name == CONTENT_LENGTH;
         wire.extend_from_slice(name.as_str().as_bytes());
         wire.extend_from_slice(b": ");
         wire.extend_from_slice(value.as_bytes());
         wire.extend_from_slice(b"\r\n");
     }
-    let bodiless = matches!(*request.method(), Method::GET | Method::HEAD) && body.is_empty();
-    if !bodiless && !request.headers().contains_key(CONTENT_LENGTH) {
+    let bodiless = matches!(request.method, Method::GET | Method::HEAD) && body.is_empty();
+    if !bodiless && !length_given {
         wire.extend_from_slice(b"content-length: ");
         wire.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
         wire.extend_from_slice(b"\r\n");
@@ -251,8 +251,8 @@ struct Head {
 }
 
 /// Where a response body ends.
-fn framing_of(request: &Request<Bytes>, head: &Head) -> Result<Framing, String> {
-    let bodiless = *request.method() == Method::HEAD
+fn framing_of(request: &Outgoing, head: &Head) -> Result<Framing, String> {
+    let bodiless = request.method == Method::HEAD
         || matches!(
             head.status,
             StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
@@ -363,7 +363,7 @@ impl hyper::body::Body for Body {
 
 #[cfg(test)]
 mod tests {
-    use axum::http::HeaderValue;
+    use axum::http::{HeaderName, HeaderValue};
     use http_body_util::BodyExt;
     use hyper::body::Body as _;
     use tokio::io::AsyncReadExt;
@@ -427,20 +427,22 @@ mod tests {
         Connection::new(TcpStream::connect(address).await.unwrap())
     }
 
-    fn post(body: &'static str) -> Request<Bytes> {
-        let mut request = Request::new(Bytes::from_static(body.as_bytes()));
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = "/v1/chat/completions".parse().unwrap();
-        request
+    fn post(body: &'static str) -> Outgoing {
+        Outgoing::new(
+            Method::POST,
+            "http://engine:8000/v1/chat/completions".parse().unwrap(),
+            HeaderValue::from_static("engine:8000"),
+            Bytes::from_static(body.as_bytes()),
+        )
     }
 
     /// The response's status, its body whole (or the body's error), and
     /// its connection if it can carry another exchange.
     async fn exchange(
         connection: Connection,
-        request: Request<Bytes>,
+        request: Outgoing,
     ) -> (StatusCode, Result<Bytes, String>, Option<Connection>) {
-        let response = match connection.send(request).await {
+        let response = match connection.send(&request).await {
             Ok(response) => response,
             Err(Failure::Broken(error) | Failure::Invalid(error)) => panic!("no response: {error}"),
             Err(Failure::Unsent(..)) => panic!("not sent"),
@@ -459,7 +461,7 @@ mod tests {
     }
 
     async fn refused(connection: Connection) -> String {
-        match connection.send(post("{}")).await {
+        match connection.send(&post("{}")).await {
             Err(Failure::Invalid(error)) => error,
             Err(Failure::Broken(error)) => panic!("failed, not refused: {error}"),
             Err(Failure::Unsent(..)) => panic!("not sent"),
@@ -470,16 +472,30 @@ mod tests {
     #[test]
     fn a_request_is_written_in_origin_form_with_its_length() {
         let mut request = post("{\"a\":1}");
-        request
-            .headers_mut()
-            .insert("host", HeaderValue::from_static("engine:8000"));
+        request.fields.push((
+            HeaderName::from_static("x-request-id"),
+            HeaderValue::from_static("r1"),
+        ));
         assert_eq!(
             encode_head(&request),
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: engine:8000\r\ncontent-length: 7\r\n\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: engine:8000\r\nx-request-id: r1\r\ncontent-length: 7\r\n\r\n"
         );
-        let mut get = Request::new(Bytes::new());
-        *get.uri_mut() = "/metrics".parse().unwrap();
-        assert_eq!(encode_head(&get), b"GET /metrics HTTP/1.1\r\n\r\n");
+        let get = Outgoing::new(
+            Method::GET,
+            "http://engine:8000/metrics?name=a".parse().unwrap(),
+            HeaderValue::from_static("engine:8000"),
+            Bytes::new(),
+        );
+        assert_eq!(
+            encode_head(&get),
+            b"GET /metrics?name=a HTTP/1.1\r\nhost: engine:8000\r\n\r\n"
+        );
+        let mut sized = post("{}");
+        sized
+            .fields
+            .push((CONTENT_LENGTH, HeaderValue::from_static("2")));
+        let head = String::from_utf8(encode_head(&sized)).unwrap();
+        assert_eq!(head.matches("content-length").count(), 1, "{head}");
     }
 
     #[tokio::test]
@@ -516,7 +532,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nX-Empty:\r\nset-cookie: a=1\r\nX-Spaced:  \tpadded value\t \r\nSet-Cookie: b=2\r\nx-obs: café\r\ncontent-length: 2\r\n\r\nok",
         ])
         .await;
-        let response = connection.send(post("{}")).await.ok().unwrap();
+        let response = connection.send(&post("{}")).await.ok().unwrap();
         let fields = response.fields;
         assert_eq!(fields.get_str("x-empty"), Some(""));
         assert_eq!(fields.get_str("X-SPACED"), Some("padded value"));
@@ -561,10 +577,10 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
         ])
         .await;
-        let mut response = connection.send(post("{}")).await.ok().unwrap();
+        let mut response = connection.send(&post("{}")).await.ok().unwrap();
         assert!(response.body.is_end_stream());
         let connection = response.body.take_connection().expect("free");
-        let mut response = connection.send(post("{}")).await.ok().unwrap();
+        let mut response = connection.send(&post("{}")).await.ok().unwrap();
         assert!(response.body.take_connection().is_some());
     }
 
@@ -622,7 +638,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n|6\r\nfirst\n\r\n|7\r\nsecond\n\r\n|0\r\n\r\n",
         ])
         .await;
-        let mut body = connection.send(post("{}")).await.ok().unwrap().body;
+        let mut body = connection.send(&post("{}")).await.ok().unwrap().body;
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first, "first\n");
         // The next bytes come 50 ms later: the body waits for them.

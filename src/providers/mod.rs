@@ -2,8 +2,8 @@
 //! request and returns OpenAI response bytes or chunks: translation lives
 //! in the provider, never elsewhere.
 
-mod answer;
 mod bedrock;
+mod exchange;
 pub(crate) mod http;
 mod http1;
 mod openai_compat;

@@ -97,7 +97,7 @@ impl OpenAiCompat {
         let mut request = http::post_json(url, body);
         http::tag(&mut request, &call);
         if let Some(auth) = &self.auth {
-            request.headers_mut().insert(AUTHORIZATION, auth.clone());
+            request.fields.push((AUTHORIZATION, auth.clone()));
         }
         let response = http::send(&self.name, &self.client, request, call.quota).await?;
         if !response.status.is_success() {

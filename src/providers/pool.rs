@@ -13,15 +13,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use axum::http::header::HOST;
-use axum::http::uri::{Authority, PathAndQuery, Scheme};
-use axum::http::{HeaderValue, Request, Uri};
+use axum::http::Uri;
+use axum::http::uri::Authority;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::ServiceExt;
 
-use super::answer::Answer;
+use super::exchange::{Answer, Outgoing};
 use super::http1::{self, Connection, Failure};
 
 /// How long an idle connection is kept.
@@ -93,31 +92,15 @@ impl Pool {
     /// Sends `request` (its URI absolute, `http://`) on an idle connection
     /// to its origin, or on a new one. A request an idle connection refused
     /// before its first byte goes on another.
-    pub async fn request(
-        &self,
-        mut request: Request<Bytes>,
-    ) -> Result<Answer<UpstreamBody>, RequestError> {
-        let uri = request.uri().clone();
-        let origin = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| RequestError::Connect(format!("{uri} has no host")))?;
-        if !request.headers().contains_key(HOST) {
-            let host = host_header(&uri).map_err(RequestError::Connect)?;
-            request.headers_mut().insert(HOST, host);
-        }
-        // Sent in origin form, as a client writes it to a server.
-        *request.uri_mut() = Uri::from(
-            uri.path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
+    pub async fn request(&self, request: Outgoing) -> Result<Answer<UpstreamBody>, RequestError> {
+        let origin = (request.uri.authority().cloned())
+            .ok_or_else(|| RequestError::Connect(format!("{} has no host", request.uri)))?;
         loop {
             let (connection, reused) = match self.checkout(&origin) {
                 Some(connection) => (connection, true),
-                None => (self.connect(&uri).await?, false),
+                None => (self.connect(&request.uri).await?, false),
             };
-            match connection.send(request).await {
+            match connection.send(&request).await {
                 Ok(response) => {
                     let lease = Lease {
                         origin,
@@ -133,8 +116,8 @@ impl Pool {
                     response.body.give_back_when_ended();
                     return Ok(response);
                 }
-                Err(Failure::Unsent(unsent, _)) if reused => request = *unsent,
-                Err(Failure::Unsent(_, error) | Failure::Broken(error)) => {
+                Err(Failure::Unsent(_)) if reused => {}
+                Err(Failure::Unsent(error) | Failure::Broken(error)) => {
                     return Err(RequestError::Exchange(error));
                 }
                 Err(Failure::Invalid(what)) => return Err(RequestError::Invalid(what)),
@@ -284,26 +267,11 @@ impl Body for UpstreamBody {
     }
 }
 
-/// The `Host` header for `uri`: its port only when it is not the
-/// scheme's default, as HTTP clients write it.
-pub fn host_header(uri: &Uri) -> Result<HeaderValue, String> {
-    let name = uri.host().ok_or("it has no host")?;
-    let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
-        443
-    } else {
-        80
-    };
-    match uri.port_u16() {
-        Some(port) if port != default_port => HeaderValue::try_from(format!("{name}:{port}")),
-        _ => HeaderValue::try_from(name),
-    }
-    .map_err(|e| e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use axum::http::{HeaderValue, Method};
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
@@ -394,11 +362,9 @@ mod tests {
         }
     }
 
-    fn post(uri: &Uri) -> Request<Bytes> {
-        let mut request = Request::new(Bytes::from_static(b"{}"));
-        *request.method_mut() = axum::http::Method::POST;
-        *request.uri_mut() = uri.clone();
-        request
+    fn post(uri: &Uri) -> Outgoing {
+        let host = HeaderValue::try_from(uri.authority().unwrap().as_str()).unwrap();
+        Outgoing::new(Method::POST, uri.clone(), host, Bytes::from_static(b"{}"))
     }
 
     async fn send(pool: &Pool, uri: &Uri) -> Bytes {

@@ -93,7 +93,7 @@ impl Bedrock {
         let target = http::target(&self.name, url.as_str()).map_err(GatewayError::internal)?;
         let headers = self.auth.headers(&self.name, &target, &body)?;
         let mut request = http::post_json(&target, body);
-        request.headers_mut().extend(headers);
+        request.fields.extend(headers);
         // Not signed: AWS checks only the headers a signature names.
         http::tag(&mut request, &call);
         let response = http::send(&self.name, &self.client, request, call.quota).await?;

@@ -1,13 +1,49 @@
-//! An upstream's response as a provider receives it: its status, its
-//! header fields and its body. The gateway reads a few of the fields (the
-//! upstream's quota, `retry-after`, an error's type), so they are kept as
-//! they arrived and looked up by name when asked for: a header map of all
-//! of them, built for every response, cost more than the lookups.
+//! One exchange with an upstream as a provider sees it: the request it
+//! sends and the answer it gets. Neither keeps its header fields in a
+//! header map. A request's are only ever written out, in order. Of an
+//! answer's, the gateway reads a few (the upstream's quota,
+//! `retry-after`, an error's type), so they are kept as they arrived and
+//! looked up by name when asked for. A map hashes every name as it is
+//! built, which cost more than all the lookups.
 
 use std::ops::Range;
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use bytes::Bytes;
+
+/// A request to an upstream.
+pub struct Outgoing {
+    pub method: Method,
+    /// Absolute: the connection's origin is read from it, and its path
+    /// and query are written in the request line.
+    pub uri: Uri,
+    /// The header fields, `host` first, each name once.
+    pub fields: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}
+
+impl Outgoing {
+    /// A request to `uri`, whose `Host` header is `host`.
+    pub fn new(method: Method, uri: Uri, host: HeaderValue, body: Bytes) -> Self {
+        let mut fields = Vec::with_capacity(6);
+        fields.push((axum::http::header::HOST, host));
+        Self {
+            method,
+            uri,
+            fields,
+            body,
+        }
+    }
+
+    /// The same request for hyper's client.
+    pub fn into_request<B>(self, body: impl FnOnce(Bytes) -> B) -> Request<B> {
+        let mut request = Request::new(body(self.body));
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        request.headers_mut().extend(self.fields);
+        request
+    }
+}
 
 pub struct Answer<B> {
     pub status: StatusCode,
