@@ -106,21 +106,15 @@ impl std::ops::Deref for Text<'_> {
     }
 }
 
-/// What the gateway reads from any response object or stream chunk, chat
-/// or legacy, whichever upstream sent it. Borrowed, so reading a chunk
-/// copies nothing but the usage numbers.
+/// What the meter reads from any response object or stream chunk, chat
+/// or legacy, whichever upstream sent it. Borrowed, so reading one copies
+/// nothing but the usage numbers; its other members are skipped.
 #[derive(Debug, Default, Deserialize)]
 pub struct ResponseView<'a> {
     #[serde(borrow, default)]
-    pub id: Option<Text<'a>>,
-    #[serde(borrow, default)]
     pub object: Option<Text<'a>>,
     #[serde(default)]
-    pub created: Option<u64>,
-    #[serde(borrow, default)]
-    pub model: Option<Text<'a>>,
-    #[serde(borrow, default)]
-    pub choices: Option<Vec<ChoiceView<'a>>>,
+    pub choices: Option<Choices>,
     #[serde(default)]
     pub usage: Option<ReportedUsage>,
     /// Groq reports stream usage here, on the final chunk.
@@ -346,6 +340,42 @@ pub struct XGroq {
     pub usage: Option<ReportedUsage>,
 }
 
+/// What the meter reads of `choices`: how many there are, and their text,
+/// measured as each is read rather than kept.
+#[derive(Debug, Default)]
+pub struct Choices {
+    pub count: usize,
+    pub text_chars: usize,
+}
+
+impl<'de> Deserialize<'de> for Choices {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Measure;
+
+        impl<'de> serde::de::Visitor<'de> for Measure {
+            type Value = Choices;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of choices")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Choices, A::Error> {
+                let mut choices = Choices::default();
+                while let Some(choice) = seq.next_element::<ChoiceView<'de>>()? {
+                    choices.count += 1;
+                    choices.text_chars += choice.text_chars();
+                }
+                Ok(choices)
+            }
+        }
+
+        deserializer.deserialize_seq(Measure)
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 pub struct ChoiceView<'a> {
     #[serde(borrow, default)]
@@ -355,8 +385,6 @@ pub struct ChoiceView<'a> {
     /// Legacy completions carry their text here.
     #[serde(borrow, default)]
     pub text: Option<Text<'a>>,
-    #[serde(borrow, default)]
-    pub finish_reason: Option<Text<'a>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -372,10 +400,6 @@ pub struct TextView<'a> {
 }
 
 impl ResponseView<'_> {
-    pub fn identity(&self) -> ResponseIdentity {
-        ResponseIdentity::read(&self.id, self.created, &self.model)
-    }
-
     /// Usage from wherever this upstream put it, if it is usable.
     pub fn usage(&self) -> Option<Result<Usage, UsageFault>> {
         self.usage
@@ -392,24 +416,13 @@ impl ResponseView<'_> {
 
     /// The usage-only chunk OpenAI sends last when `include_usage` is on.
     pub fn is_usage_only(&self) -> bool {
-        self.usage.is_some() && self.choices.as_ref().is_some_and(Vec::is_empty)
+        self.usage.is_some() && self.choices.as_ref().is_some_and(|c| c.count == 0)
     }
 
     /// Characters of generated text in this object, for estimating usage
     /// when the upstream reports none.
     pub fn text_chars(&self) -> usize {
-        self.choices
-            .iter()
-            .flatten()
-            .map(ChoiceView::text_chars)
-            .sum()
-    }
-
-    pub fn finish_reason(&self) -> Option<&str> {
-        self.choices
-            .iter()
-            .flatten()
-            .find_map(|c| c.finish_reason.as_deref())
+        self.choices.as_ref().map_or(0, |c| c.text_chars)
     }
 }
 
@@ -451,17 +464,18 @@ mod tests {
 
     #[test]
     fn a_chunk_is_read_without_copying_its_strings_unless_escaped() {
-        let chunk = r#"{"id":"c1","object":"chat.completion.chunk","model":"m\u00e9",
-            "choices":[{"delta":{"content":"hi"},"finish_reason":"stop"}]}"#;
+        let chunk = r#"{"id":"c1","object":"chat.completion.chunk","model":"m",
+            "choices":[{"delta":{"content":"hi"},"finish_reason":"stop"},
+                       {"delta":{"content":"\u00e9"}}]}"#;
         let view: ResponseView<'_> = serde_json::from_str(chunk).unwrap();
         let borrowed = |t: &Option<Text<'_>>| matches!(t, Some(Text(Cow::Borrowed(_))));
-        assert!(borrowed(&view.id) && borrowed(&view.object));
-        assert_eq!(view.model.as_deref(), Some("mé"));
-        assert!(!borrowed(&view.model));
-        let choice = &view.choices.as_ref().unwrap()[0];
-        assert!(borrowed(&choice.delta.as_ref().unwrap().content));
-        assert!(borrowed(&choice.finish_reason));
-        assert_eq!(view.finish_reason(), Some("stop"));
-        assert_eq!(view.text_chars(), 2);
+        assert!(borrowed(&view.object));
+        let choices = view.choices.as_ref().unwrap();
+        assert_eq!((choices.count, view.text_chars()), (2, 2 + "é".len()));
+        let plain: TextView<'_> = serde_json::from_str(r#"{"content":"hi"}"#).unwrap();
+        assert!(borrowed(&plain.content));
+        let escaped: TextView<'_> = serde_json::from_str(r#"{"content":"\u00e9"}"#).unwrap();
+        assert!(!borrowed(&escaped.content));
+        assert!(serde_json::from_str::<ResponseView<'_>>(r#"{"choices":{}}"#).is_err());
     }
 }
