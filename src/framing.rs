@@ -144,9 +144,9 @@ pub struct HeadFacts {
 
 impl HeadFacts {
     /// Takes in the head's next header, its name a token in any case (as
-    /// httparse and `HeaderName` check them). Most values
-    /// are written one way (`chunked`, `keep-alive`, one number), taken as
-    /// they are before being read as lists.
+    /// httparse and `HeaderName` check them). Most values are written one
+    /// way (`chunked`, `keep-alive`, one number), taken as they are before
+    /// being read as lists.
     pub fn read(&mut self, name: &[u8], value: &[u8]) {
         // The length tells the four names apart, and most others from them.
         let is = |known: &[u8]| token_is(name, known);

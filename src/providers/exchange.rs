@@ -4,10 +4,11 @@
 //! answer's, the gateway reads a few (the upstream's quota,
 //! `retry-after`, an error's type), so they are kept as they arrived and
 //! looked up by name when asked for. A map hashes every name as it is
-//! built, which cost more than all the lookups.
+//! built, which costs more than all the lookups.
 
 use std::ops::Range;
 
+use axum::http::header::HOST;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use bytes::Bytes;
 
@@ -26,7 +27,7 @@ impl Outgoing {
     /// A request to `uri`, whose `Host` header is `host`.
     pub fn new(method: Method, uri: Uri, host: HeaderValue, body: Bytes) -> Self {
         let mut fields = Vec::with_capacity(6);
-        fields.push((axum::http::header::HOST, host));
+        fields.push((HOST, host));
         Self {
             method,
             uri,

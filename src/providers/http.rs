@@ -130,7 +130,7 @@ pub struct Target {
 
 /// The `Host` header for `uri`: its port only when it is not the
 /// scheme's default, as HTTP clients write it.
-pub fn host_header(uri: &Uri) -> Result<HeaderValue, String> {
+fn host_header(uri: &Uri) -> Result<HeaderValue, String> {
     let name = uri.host().ok_or("it has no host")?;
     let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
         443
