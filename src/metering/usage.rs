@@ -666,6 +666,10 @@ mod tests {
         }))
     }
 
+    /// A legacy completion chunk with log-probabilities whose tokens are
+    /// `"usage` and `"content`, and no usage.
+    const LOGPROBS: &str = r#"{"choices":[{"index":0,"text":"\"usage","logprobs":{"tokens":["\"usage"],"top_logprobs":[{"\"usage":-0.1,"\"content":-2.3}]}}]}"#;
+
     #[test]
     fn a_chunk_with_usage_gives_what_reading_it_in_full_gives() {
         let usage = r#"{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":2}}"#;
@@ -688,6 +692,14 @@ mod tests {
             r#"{"choices":[],"usage":{}}"#.to_owned(),
             format!(r#"{{"choices":[],"usage":null,"x_groq":{{"usage":{usage}}}}}"#),
             format!(r#"{{"choices":[],"x_groq":{{"id":"q"}},"usage":{usage}}}"#),
+            // Legacy completions' top log-probabilities are keyed by token:
+            // a token that ends `"usage` or `"choices` is a key whose last
+            // bytes are a name in quotes, its first quote escaped.
+            LOGPROBS.to_owned(),
+            format!(r#"{},"usage":{usage}}}"#, &LOGPROBS[..LOGPROBS.len() - 1]),
+            format!(
+                r#"{{"choices":[{{"index":0,"text":"","logprobs":{{"top_logprobs":[{{"\\\"choices":[]}}]}}}}],"usage":{usage}}}"#
+            ),
         ];
         chunks.extend(shapes);
         for chunk in chunks {
