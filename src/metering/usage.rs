@@ -729,4 +729,170 @@ mod tests {
         let facts = read_chunk("b", named.as_bytes()).unwrap();
         assert_eq!(facts.observed.usage.unwrap().unwrap().total_tokens, 4);
     }
+
+    /// Random stream chunks in shapes upstreams send, and in shapes a
+    /// model's output can put into them: strings holding quotes, member
+    /// names, backslashes and control characters; log-probabilities keyed
+    /// by tokens such as `"usage` or `x\`; members in any order.
+    struct Chunks(fastrand::Rng);
+
+    impl Chunks {
+        fn text(&mut self) -> String {
+            const PIECES: &[&str] = &[
+                "hi",
+                " ",
+                "\"usage\":",
+                "\\",
+                "\\\"",
+                "\"choices\":[]",
+                "é",
+                "\n",
+                "\"error\":1",
+                "\"content\":\"x\"",
+                "usage",
+                "\"",
+                "{",
+                "}",
+                "\u{1}",
+                "null",
+                "😀",
+            ];
+            let n = self.0.usize(0..4);
+            let text: String = (0..n)
+                .map(|_| PIECES[self.0.usize(..PIECES.len())])
+                .collect();
+            serde_json::to_string(&text).unwrap()
+        }
+
+        fn name(&mut self) -> String {
+            const NAMES: &[&str] = &[
+                "\"usage",
+                "\"choices",
+                "x\\",
+                "\"content",
+                "\"error",
+                "tok",
+                "\"text",
+                "usage\"",
+                "\\\"usage",
+            ];
+            serde_json::to_string(NAMES[self.0.usize(..NAMES.len())]).unwrap()
+        }
+
+        fn value(&mut self, depth: u32) -> String {
+            match self.0.usize(0..6) {
+                0 => self.text(),
+                1 => "-0.5".into(),
+                2 => "null".into(),
+                3 if depth < 2 => format!("{{{}:{}}}", self.name(), self.value(depth + 1)),
+                4 if depth < 2 => format!("[{}]", self.value(depth + 1)),
+                _ => "[]".into(),
+            }
+        }
+
+        fn members(&mut self, mut members: Vec<String>) -> String {
+            self.0.shuffle(&mut members);
+            format!("{{{}}}", members.join(","))
+        }
+
+        /// A choice of a chat chunk (`delta`) or of a legacy completion's
+        /// (`text`), with log-probabilities or without.
+        fn choice(&mut self) -> String {
+            let mut members = vec![
+                r#""index":0"#.to_owned(),
+                r#""finish_reason":null"#.to_owned(),
+            ];
+            if self.0.bool() {
+                let content = if self.0.u8(..4) == 0 {
+                    "null".into()
+                } else {
+                    self.text()
+                };
+                members.push(format!(
+                    r#""delta":{{"role":"assistant","content":{content}}}"#
+                ));
+            } else {
+                members.push(format!(r#""text":{}"#, self.text()));
+            }
+            if self.0.bool() {
+                let (token, first, second, value) =
+                    (self.text(), self.name(), self.name(), self.value(0));
+                members.push(format!(
+                    r#""logprobs":{{"tokens":[{token}],"top_logprobs":[{{{first}:-0.1,{second}:{value}}}]}}"#
+                ));
+            }
+            self.members(members)
+        }
+
+        /// A chunk of no choice or one (a stream with `n` over 1 sends each
+        /// choice in chunks of its own), with usage, `"usage": null` or
+        /// neither, and maybe one more member of any name.
+        fn chunk(&mut self) -> String {
+            let choices = if self.0.bool() {
+                self.choice()
+            } else {
+                String::new()
+            };
+            let mut members = vec![
+                r#""id":"c1""#.to_owned(),
+                r#""model":"m""#.to_owned(),
+                format!(r#""choices":[{choices}]"#),
+            ];
+            match self.0.u8(..3) {
+                0 => members.push(r#""usage":null"#.into()),
+                1 => members.push(
+                    r#""usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}"#.into(),
+                ),
+                _ => {}
+            }
+            if self.0.bool() {
+                members.push(format!("{}:{}", self.name(), self.value(0)));
+            }
+            self.members(members)
+        }
+
+        /// A chat chunk that opens as every chunk of its stream does, up to
+        /// its text, and ends in any of the ways one can.
+        fn next_in_stream(&mut self) -> String {
+            const OPENING: &str =
+                r#"{"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"#;
+            let text = if self.0.u8(..8) == 0 {
+                "null".into()
+            } else {
+                self.text()
+            };
+            let ending = match self.0.u8(..6) {
+                0 => r#"}}],"usage":null}"#.into(),
+                1 => r#"}}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#
+                    .into(),
+                2 => format!(
+                    r#"}},"logprobs":{{"top_logprobs":[{{{}:-0.1}}]}}}}]}}"#,
+                    self.name()
+                ),
+                3 => format!(r#"}}}}],{}:{}}}"#, self.name(), self.value(0)),
+                _ => "}}]}".into(),
+            };
+            format!("{OPENING}{text}{ending}")
+        }
+    }
+
+    #[test]
+    fn chunks_of_any_shape_read_fast_give_what_reading_them_in_full_gives() {
+        let mut chunks = Chunks(fastrand::Rng::with_seed(23));
+        let mut reader = StreamReader::default();
+        for _ in 0..10_000 {
+            let chunk = chunks.chunk();
+            let full = parsed(chunk.as_bytes());
+            assert_eq!(facts(read_chunk("b", chunk.as_bytes())), full, "{chunk}");
+            // And as the next chunk of a stream, after one that opened as
+            // it does.
+            assert_eq!(facts(reader.read("b", chunk.as_bytes())), full, "{chunk}");
+        }
+        let mut reader = StreamReader::default();
+        for _ in 0..20_000 {
+            let chunk = chunks.next_in_stream();
+            let full = parsed(chunk.as_bytes());
+            assert_eq!(facts(reader.read("b", chunk.as_bytes())), full, "{chunk}");
+        }
+    }
 }
