@@ -326,6 +326,8 @@ mod tests {
             .await
             .unwrap();
         let (tcp, _) = listener.accept().await.unwrap();
+        // As the listener sets up every connection it accepts.
+        tcp.set_nodelay(true).unwrap();
         let (stopping, stop) = watch::channel(false);
         let first_head_by = Instant::now() + HEAD_TIMEOUT;
         let served = tokio::spawn(serve(tcp, service, first_head_by, keepalive, stop));
@@ -654,5 +656,107 @@ mod tests {
         assert_eq!(body, "POST /f stop");
         assert!(closed(&mut client).await);
         served.await.unwrap();
+    }
+
+    /// A request for [`echo`] on the wire, with what it must answer: a
+    /// body (text that looks like requests, chunk sizes and line ends)
+    /// framed by `content-length` or chunked in random pieces, with
+    /// extensions and trailers, header names in any case.
+    fn random_request(rng: &mut fastrand::Rng, n: usize) -> (Vec<u8>, String) {
+        const PIECES: &[&str] = &[
+            "a",
+            "0\r\n\r\n",
+            "\r\n",
+            "GET /smuggled HTTP/1.1\r\n\r\n",
+            "5\r\n",
+            " ",
+            "\n",
+            "content-length: 9",
+            ":",
+            ";",
+        ];
+        let path = format!("/r{n}");
+        if rng.u8(..5) == 0 {
+            let wire = format!("GET {path} HTTP/1.1\r\nHost: g\r\n\r\n");
+            return (wire.into_bytes(), format!("GET {path} "));
+        }
+        let body: String = (0..rng.usize(0..8))
+            .map(|_| PIECES[rng.usize(..PIECES.len())])
+            .collect();
+        let mut wire = format!("POST {path} HTTP/1.1\r\nhost: g\r\n").into_bytes();
+        if rng.bool() {
+            let name = if rng.bool() {
+                "Content-Length"
+            } else {
+                "content-length"
+            };
+            wire.extend(format!("{name}: {}\r\n\r\n{body}", body.len()).bytes());
+        } else {
+            let name = if rng.bool() {
+                "Transfer-Encoding"
+            } else {
+                "transfer-encoding"
+            };
+            wire.extend(format!("{name}: chunked\r\n\r\n").bytes());
+            let mut rest = body.as_bytes();
+            while !rest.is_empty() {
+                let size = rng.usize(1..=rest.len());
+                let extension = if rng.u8(..4) == 0 { ";x=\"y\"" } else { "" };
+                wire.extend(format!("{size:X}{extension}\r\n").bytes());
+                wire.extend_from_slice(&rest[..size]);
+                wire.extend_from_slice(b"\r\n");
+                rest = &rest[size..];
+            }
+            let trailers = ["", "t: v\r\n", "t: v\r\nu: w\r\n"][rng.usize(..3)];
+            wire.extend(format!("0\r\n{trailers}\r\n").bytes());
+        }
+        (wire, format!("POST {path} {body}"))
+    }
+
+    #[tokio::test]
+    async fn random_requests_sent_in_random_pieces_are_each_answered_with_their_own_body() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..200 {
+            let (mut client, _stop, _) = connect(service_fn(echo)).await;
+            client.set_nodelay(true).unwrap();
+            let requests: Vec<(Vec<u8>, String)> =
+                (0..8).map(|n| random_request(&mut rng, n)).collect();
+            let wire: Vec<u8> = requests.iter().flat_map(|(w, _)| w.clone()).collect();
+            let mut read = BytesMut::new();
+            let mut answered = 0;
+            let mut rest = &wire[..];
+            while !rest.is_empty() {
+                let piece = rng.usize(1..=rest.len().min(64));
+                client.write_all(&rest[..piece]).await.unwrap();
+                rest = &rest[piece..];
+                if rng.u8(..4) == 0 {
+                    tokio::task::yield_now().await;
+                }
+                // Half the time, each answer is read as soon as its request
+                // is whole; else all of them at the end.
+                if rng.bool() {
+                    let sent = wire.len() - rest.len();
+                    let whole = requests
+                        .iter()
+                        .scan(0, |end, (w, _)| {
+                            *end += w.len();
+                            Some(*end)
+                        })
+                        .take_while(|&end| end <= sent)
+                        .count();
+                    while answered < whole {
+                        let (head, body) = answer(&mut client, &mut read).await;
+                        assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+                        assert_eq!(body, requests[answered].1);
+                        answered += 1;
+                    }
+                }
+            }
+            for (_, expected) in &requests[answered..] {
+                let (head, body) = answer(&mut client, &mut read).await;
+                assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+                assert_eq!(&body, expected);
+            }
+        }
     }
 }
