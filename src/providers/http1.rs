@@ -363,6 +363,8 @@ impl hyper::body::Body for Body {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use axum::http::{HeaderName, HeaderValue};
     use http_body_util::BodyExt;
     use hyper::body::Body as _;
@@ -376,20 +378,39 @@ mod tests {
     /// where the reply has a `|`, with a pause between the parts), and
     /// then keeps the connection open until the client closes it.
     async fn upstream(replies: &'static [&'static str]) -> Connection {
+        let replies = replies
+            .iter()
+            .map(|reply| {
+                reply
+                    .split('|')
+                    .map(|part| part.as_bytes().to_vec())
+                    .collect()
+            })
+            .collect();
+        upstream_in_parts(replies, Duration::from_millis(50)).await
+    }
+
+    /// As [`upstream`], each reply given as the parts it is written in,
+    /// with `pause` after each (none: the server's task only yields).
+    async fn upstream_in_parts(replies: Vec<Vec<Vec<u8>>>, pause: Duration) -> Connection {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
+            stream.set_nodelay(true).unwrap();
             let mut read = Vec::new();
             for reply in replies {
-                // The request: its head, then its content-length's bytes.
+                // The request: its head, then its content-length's bytes;
+                // none once the client has closed.
+                let mut buf = [0; 4096];
                 let end = loop {
                     if let Some(at) = read.windows(4).position(|w| w == b"\r\n\r\n") {
                         break at + 4;
                     }
-                    let mut buf = [0; 4096];
-                    let n = stream.read(&mut buf).await.unwrap();
-                    read.extend_from_slice(&buf[..n]);
+                    match stream.read(&mut buf).await.unwrap() {
+                        0 => return,
+                        n => read.extend_from_slice(&buf[..n]),
+                    }
                 };
                 let head = String::from_utf8_lossy(&read[..end]).to_lowercase();
                 let length: usize = head
@@ -397,14 +418,19 @@ mod tests {
                     .nth(1)
                     .map_or(0, |v| v.split("\r\n").next().unwrap().parse().unwrap());
                 while read.len() < end + length {
-                    let mut buf = [0; 4096];
-                    let n = stream.read(&mut buf).await.unwrap();
-                    read.extend_from_slice(&buf[..n]);
+                    match stream.read(&mut buf).await.unwrap() {
+                        0 => return,
+                        n => read.extend_from_slice(&buf[..n]),
+                    }
                 }
                 read.drain(..end + length);
-                for part in reply.split('|') {
-                    stream.write_all(part.as_bytes()).await.unwrap();
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                for part in reply {
+                    stream.write_all(&part).await.unwrap();
+                    if pause.is_zero() {
+                        tokio::task::yield_now().await;
+                    } else {
+                        tokio::time::sleep(pause).await;
+                    }
                 }
             }
             let mut buf = [0; 16];
@@ -513,6 +539,82 @@ mod tests {
         let (_, body, connection) = exchange(connection.expect("kept"), post("{}")).await;
         assert_eq!(body.unwrap(), "ok");
         assert!(connection.is_some());
+    }
+
+    /// A response on the wire, cut into random parts; its body: text that
+    /// looks like heads, chunk sizes and line ends, framed by
+    /// `content-length` or chunked in random pieces with extensions and
+    /// trailers, maybe after an interim response, names in any case; and
+    /// whether a second response follows it unasked, in its last part.
+    fn random_response(rng: &mut fastrand::Rng) -> (Vec<Vec<u8>>, String, bool) {
+        const PIECES: &[&str] = &[
+            "a",
+            "0\r\n\r\n",
+            "\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n",
+            "5\r\n",
+            " ",
+            "data: {}\n\n",
+        ];
+        let body: String = (0..rng.usize(0..8))
+            .map(|_| PIECES[rng.usize(..PIECES.len())])
+            .collect();
+        let mut wire = Vec::new();
+        if rng.u8(..5) == 0 {
+            wire.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        wire.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        if rng.bool() {
+            let name = ["Content-Length", "content-length"][rng.usize(..2)];
+            wire.extend(format!("{name}: {}\r\n\r\n{body}", body.len()).bytes());
+        } else {
+            let name = ["Transfer-Encoding", "transfer-encoding"][rng.usize(..2)];
+            wire.extend(format!("{name}: chunked\r\n\r\n").bytes());
+            let mut rest = body.as_bytes();
+            while !rest.is_empty() {
+                let size = rng.usize(1..=rest.len());
+                let extension = ["", ";x=\"y\""][rng.usize(..2)];
+                wire.extend(format!("{size:x}{extension}\r\n").bytes());
+                wire.extend_from_slice(&rest[..size]);
+                wire.extend_from_slice(b"\r\n");
+                rest = &rest[size..];
+            }
+            let trailers = ["", "t: v\r\n", "t: v\r\nu: w\r\n"][rng.usize(..3)];
+            wire.extend(format!("0\r\n{trailers}\r\n").bytes());
+        }
+        let mut parts = Vec::new();
+        let mut rest = &wire[..];
+        while !rest.is_empty() {
+            let part = rng.usize(1..=rest.len().min(48));
+            parts.push(rest[..part].to_vec());
+            rest = &rest[part..];
+        }
+        let unasked = rng.u8(..8) == 0;
+        if unasked && let Some(last) = parts.last_mut() {
+            last.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx");
+        }
+        (parts, body, unasked)
+    }
+
+    #[tokio::test]
+    async fn random_responses_in_random_parts_each_give_their_own_body_on_one_connection() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        for _ in 0..60 {
+            let responses: Vec<_> = (0..6).map(|_| random_response(&mut rng)).collect();
+            let replies = responses.iter().map(|(parts, ..)| parts.clone()).collect();
+            let mut connection = upstream_in_parts(replies, Duration::ZERO).await;
+            for (_, expected, unasked) in responses {
+                let (status, body, kept) = exchange(connection, post("{}")).await;
+                assert_eq!((status, body.unwrap()), (StatusCode::OK, expected.into()));
+                if unasked {
+                    // What follows the body is no answer to any request:
+                    // the connection carries no other.
+                    assert!(kept.is_none());
+                    break;
+                }
+                connection = kept.expect("kept for the next exchange");
+            }
+        }
     }
 
     #[tokio::test]
@@ -660,7 +762,7 @@ mod tests {
         assert!(connection.is_open());
         let (stream, _) = listener.accept().await.unwrap();
         drop(stream);
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!connection.is_open());
     }
 }
