@@ -264,6 +264,34 @@ pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
         .any(|value| lists(value.as_bytes(), token.as_bytes()))
 }
 
+/// A body framed at random, as a message's last header and the rest of
+/// the message: by `content-length`, or chunked in random pieces with
+/// chunk extensions and trailers; the header's name in either case.
+#[cfg(test)]
+pub fn random_framing(rng: &mut fastrand::Rng, body: &[u8]) -> Vec<u8> {
+    let mut wire = Vec::new();
+    if rng.bool() {
+        let name = ["Content-Length", "content-length"][rng.usize(..2)];
+        wire.extend(format!("{name}: {}\r\n\r\n", body.len()).bytes());
+        wire.extend_from_slice(body);
+        return wire;
+    }
+    let name = ["Transfer-Encoding", "transfer-encoding"][rng.usize(..2)];
+    wire.extend(format!("{name}: chunked\r\n\r\n").bytes());
+    let mut rest = body;
+    while !rest.is_empty() {
+        let size = rng.usize(1..=rest.len());
+        let extension = ["", ";x=\"y\""][rng.usize(..2)];
+        wire.extend(format!("{size:x}{extension}\r\n").bytes());
+        wire.extend_from_slice(&rest[..size]);
+        wire.extend_from_slice(b"\r\n");
+        rest = &rest[size..];
+    }
+    let trailers = ["", "t: v\r\n", "t: v\r\nu: w\r\n"][rng.usize(..3)];
+    wire.extend(format!("0\r\n{trailers}\r\n").bytes());
+    wire
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -542,10 +542,10 @@ mod tests {
     }
 
     /// A response on the wire, cut into random parts; its body: text that
-    /// looks like heads, chunk sizes and line ends, framed by
-    /// `content-length` or chunked in random pieces with extensions and
-    /// trailers, maybe after an interim response, names in any case; and
-    /// whether a second response follows it unasked, in its last part.
+    /// looks like heads, chunk sizes and line ends, framed at random
+    /// ([`framing::random_framing`]), maybe after an interim response;
+    /// and whether a second response follows it unasked, in its last
+    /// part.
     fn random_response(rng: &mut fastrand::Rng) -> (Vec<Vec<u8>>, String, bool) {
         const PIECES: &[&str] = &[
             "a",
@@ -564,24 +564,7 @@ mod tests {
             wire.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
         wire.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-        if rng.bool() {
-            let name = ["Content-Length", "content-length"][rng.usize(..2)];
-            wire.extend(format!("{name}: {}\r\n\r\n{body}", body.len()).bytes());
-        } else {
-            let name = ["Transfer-Encoding", "transfer-encoding"][rng.usize(..2)];
-            wire.extend(format!("{name}: chunked\r\n\r\n").bytes());
-            let mut rest = body.as_bytes();
-            while !rest.is_empty() {
-                let size = rng.usize(1..=rest.len());
-                let extension = ["", ";x=\"y\""][rng.usize(..2)];
-                wire.extend(format!("{size:x}{extension}\r\n").bytes());
-                wire.extend_from_slice(&rest[..size]);
-                wire.extend_from_slice(b"\r\n");
-                rest = &rest[size..];
-            }
-            let trailers = ["", "t: v\r\n", "t: v\r\nu: w\r\n"][rng.usize(..3)];
-            wire.extend(format!("0\r\n{trailers}\r\n").bytes());
-        }
+        wire.extend(framing::random_framing(rng, body.as_bytes()));
         let mut parts = Vec::new();
         let mut rest = &wire[..];
         while !rest.is_empty() {

@@ -660,8 +660,7 @@ mod tests {
 
     /// A request for [`echo`] on the wire, with what it must answer: a
     /// body (text that looks like requests, chunk sizes and line ends)
-    /// framed by `content-length` or chunked in random pieces, with
-    /// extensions and trailers, header names in any case.
+    /// framed at random ([`framing::random_framing`]).
     fn random_request(rng: &mut fastrand::Rng, n: usize) -> (Vec<u8>, String) {
         const PIECES: &[&str] = &[
             "a",
@@ -684,32 +683,7 @@ mod tests {
             .map(|_| PIECES[rng.usize(..PIECES.len())])
             .collect();
         let mut wire = format!("POST {path} HTTP/1.1\r\nhost: g\r\n").into_bytes();
-        if rng.bool() {
-            let name = if rng.bool() {
-                "Content-Length"
-            } else {
-                "content-length"
-            };
-            wire.extend(format!("{name}: {}\r\n\r\n{body}", body.len()).bytes());
-        } else {
-            let name = if rng.bool() {
-                "Transfer-Encoding"
-            } else {
-                "transfer-encoding"
-            };
-            wire.extend(format!("{name}: chunked\r\n\r\n").bytes());
-            let mut rest = body.as_bytes();
-            while !rest.is_empty() {
-                let size = rng.usize(1..=rest.len());
-                let extension = if rng.u8(..4) == 0 { ";x=\"y\"" } else { "" };
-                wire.extend(format!("{size:X}{extension}\r\n").bytes());
-                wire.extend_from_slice(&rest[..size]);
-                wire.extend_from_slice(b"\r\n");
-                rest = &rest[size..];
-            }
-            let trailers = ["", "t: v\r\n", "t: v\r\nu: w\r\n"][rng.usize(..3)];
-            wire.extend(format!("0\r\n{trailers}\r\n").bytes());
-        }
+        wire.extend(framing::random_framing(rng, body.as_bytes()));
         (wire, format!("POST {path} {body}"))
     }
 
