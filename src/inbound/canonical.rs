@@ -327,3 +327,110 @@ pub fn put_named_event(out: &mut BytesMut, name: &str, json: &[u8]) {
     out.put_slice(json);
     out.put_slice(b"\n\n");
 }
+
+/// Random canonical streams, for the inbound APIs' tests.
+#[cfg(test)]
+pub mod random {
+    use serde_json::{Value, json};
+
+    /// A canonical chunk with one choice.
+    pub fn chunk(delta: Value, finish: Option<&str>) -> Value {
+        json!({"id": "chatcmpl-1", "model": "m", "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    }
+
+    /// Random text of `count` words that need escaping in JSON, or not.
+    fn words(rng: &mut fastrand::Rng, count: std::ops::Range<usize>) -> String {
+        const WORDS: &[&str] = &[
+            "I",
+            " think",
+            " \"quoted\"",
+            "\n",
+            " é",
+            " {\"a\":",
+            "1}",
+            " 😀",
+        ];
+        (0..rng.usize(count))
+            .map(|_| WORDS[rng.usize(..WORDS.len())])
+            .collect()
+    }
+
+    /// `text` cut into one to four pieces at character boundaries.
+    fn pieces(rng: &mut fastrand::Rng, text: &str) -> Vec<String> {
+        let chars: Vec<char> = text.chars().collect();
+        let mut cuts: Vec<usize> = (0..rng.usize(0..4))
+            .map(|_| rng.usize(0..=chars.len()))
+            .collect();
+        cuts.extend([0, chars.len()]);
+        cuts.sort_unstable();
+        cuts.windows(2)
+            .map(|w| chars[w[0]..w[1]].iter().collect())
+            .collect()
+    }
+
+    /// What a canonical answer holds, as a client reassembles it.
+    #[derive(Debug, Default, PartialEq)]
+    pub struct Answer {
+        pub thinking: String,
+        pub text: String,
+        /// Each tool call's id, name and arguments.
+        pub tools: Vec<(String, String, String)>,
+    }
+
+    /// A random canonical stream: reasoning, then text, then tool calls
+    /// one after another, each cut into random deltas (a tool call's id
+    /// and name in its first), with empty and role-only deltas between;
+    /// and the answer it holds.
+    pub fn stream(rng: &mut fastrand::Rng) -> (Vec<Value>, Answer) {
+        let mut answer = Answer {
+            thinking: if rng.bool() {
+                words(rng, 1..6)
+            } else {
+                String::new()
+            },
+            text: if rng.u8(..4) > 0 {
+                words(rng, 1..8)
+            } else {
+                String::new()
+            },
+            tools: Vec::new(),
+        };
+        for n in 0..rng.usize(0..3) {
+            let arguments = words(rng, 0..5);
+            answer
+                .tools
+                .push((format!("call_{n}"), format!("tool_{n}"), arguments));
+        }
+        let mut chunks = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
+        for piece in pieces(rng, &answer.thinking) {
+            chunks.push(chunk(json!({"reasoning_content": piece}), None));
+        }
+        for piece in pieces(rng, &answer.text) {
+            chunks.push(chunk(json!({"content": piece}), None));
+            if rng.u8(..5) == 0 {
+                chunks.push(chunk(json!({}), None));
+            }
+        }
+        for (index, (id, name, arguments)) in answer.tools.iter().enumerate() {
+            for (n, piece) in pieces(rng, arguments).into_iter().enumerate() {
+                let mut call = json!({"index": index, "function": {"arguments": piece}});
+                if n == 0 {
+                    call["id"] = json!(id);
+                    call["type"] = json!("function");
+                    call["function"]["name"] = json!(name);
+                }
+                chunks.push(chunk(json!({"tool_calls": [call]}), None));
+            }
+        }
+        let finish = if answer.tools.is_empty() {
+            "stop"
+        } else {
+            "tool_calls"
+        };
+        chunks.push(chunk(json!({}), Some(finish)));
+        chunks.push(json!({"id": "chatcmpl-1", "model": "m", "choices": [],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}));
+        (chunks, answer)
+    }
+}

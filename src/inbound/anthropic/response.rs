@@ -229,6 +229,7 @@ impl MessagesSink {
 #[cfg(test)]
 mod tests {
     use super::super::super::canonical::Translator;
+    use super::super::super::canonical::random::{self, Answer, chunk};
     use super::*;
 
     /// Canonical chunks of `(content, tool call, finish_reason)`.
@@ -254,11 +255,6 @@ mod tests {
                 )
             })
             .collect()
-    }
-
-    fn chunk(delta: Value, finish: Option<&str>) -> Value {
-        json!({"id": "chatcmpl-1", "model": "m", "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     }
 
     #[test]
@@ -347,5 +343,77 @@ mod tests {
             usage(Value::Null),
             json!({"input_tokens": 100, "output_tokens": 2})
         );
+    }
+
+    /// The answer a Messages client reads from `events`, checking that
+    /// they follow the Messages stream's order.
+    fn reassemble(events: &[(String, Value)]) -> Answer {
+        let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names.first(), Some(&"message_start"), "{names:?}");
+        assert_eq!(
+            names[names.len() - 2..],
+            ["message_delta", "message_stop"],
+            "{names:?}"
+        );
+        let mut answer = Answer::default();
+        let mut open: Option<(u64, String)> = None;
+        let mut blocks = 0;
+        for (name, event) in &events[1..events.len() - 2] {
+            match name.as_str() {
+                "ping" => {}
+                "content_block_start" => {
+                    assert!(open.is_none(), "a block opened inside another: {events:?}");
+                    assert_eq!(event["index"], blocks, "{events:?}");
+                    let block = &event["content_block"];
+                    let kind = block["type"].as_str().unwrap().to_owned();
+                    if kind == "tool_use" {
+                        let (id, name) = (&block["id"], &block["name"]);
+                        answer.tools.push((
+                            id.as_str().unwrap().into(),
+                            name.as_str().unwrap().into(),
+                            String::new(),
+                        ));
+                    }
+                    open = Some((blocks, kind));
+                    blocks += 1;
+                }
+                "content_block_delta" => {
+                    let (index, kind) = open.as_ref().expect("a delta in an open block");
+                    assert_eq!(event["index"], *index);
+                    let delta = &event["delta"];
+                    match (kind.as_str(), delta["type"].as_str().unwrap()) {
+                        ("thinking", "thinking_delta") => {
+                            answer.thinking += delta["thinking"].as_str().unwrap();
+                        }
+                        ("text", "text_delta") => answer.text += delta["text"].as_str().unwrap(),
+                        ("tool_use", "input_json_delta") => {
+                            answer.tools.last_mut().unwrap().2 +=
+                                delta["partial_json"].as_str().unwrap();
+                        }
+                        other => panic!("a {other:?} delta: {events:?}"),
+                    }
+                }
+                "content_block_stop" => {
+                    let (index, _) = open.take().expect("a stop of an open block");
+                    assert_eq!(event["index"], index);
+                }
+                other => panic!("{other} inside the message: {events:?}"),
+            }
+        }
+        assert!(open.is_none(), "a block left open: {events:?}");
+        answer
+    }
+
+    #[test]
+    fn random_streams_reassemble_to_the_answer_they_carry() {
+        let mut rng = fastrand::Rng::with_seed(17);
+        for _ in 0..500 {
+            let (chunks, expected) = random::stream(&mut rng);
+            let events = run(&chunks, &[], Usage::new(5, 3));
+            assert_eq!(reassemble(&events), expected, "{chunks:?}");
+            let stop = &events[events.len() - 2].1["delta"]["stop_reason"];
+            let tools = !expected.tools.is_empty();
+            assert_eq!(stop, if tools { "tool_use" } else { "end_turn" });
+        }
     }
 }

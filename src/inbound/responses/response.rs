@@ -391,6 +391,8 @@ impl Sink for ResponsesSink {
 
 #[cfg(test)]
 mod tests {
+    use super::super::super::canonical::Translator;
+    use super::super::super::canonical::random::{self, Answer};
     use super::*;
 
     #[test]
@@ -410,5 +412,113 @@ mod tests {
         );
         assert_eq!(out["output"][0]["status"], "incomplete");
         assert_eq!(out["usage"]["total_tokens"], 21);
+    }
+
+    /// The answer a Responses client reads from the stream's deltas,
+    /// checking that the events are numbered in order, that each item
+    /// opens, streams and closes in turn, and that each `.done` event and
+    /// the last event repeat what was streamed.
+    fn reassemble(sse: &str) -> Answer {
+        let events: Vec<(&str, Value)> = sse
+            .split_terminator("\n\n")
+            .map(|e| {
+                let (name, data) = e.split_once('\n').unwrap();
+                let name = name.strip_prefix("event: ").unwrap();
+                (
+                    name,
+                    serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        for (n, (name, event)) in events.iter().enumerate() {
+            assert_eq!(event["sequence_number"], n, "{events:?}");
+            assert_eq!(event["type"], *name);
+        }
+        let names: Vec<&str> = events.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names[..2],
+            ["response.created", "response.in_progress"],
+            "{names:?}"
+        );
+        assert_eq!(names.last(), Some(&"response.completed"), "{names:?}");
+        let mut answer = Answer::default();
+        let mut items = Vec::new();
+        // The open item's index, id and what its deltas have said.
+        let mut open: Option<(usize, String, String)> = None;
+        for (name, event) in &events[2..events.len() - 1] {
+            let delta = || event["delta"].as_str().unwrap();
+            match *name {
+                "response.output_item.added" => {
+                    assert!(open.is_none(), "an item opened inside another: {names:?}");
+                    assert_eq!(event["output_index"], items.len());
+                    let item = &event["item"];
+                    if item["type"] == "function_call" {
+                        let (call, name) = (&item["call_id"], &item["name"]);
+                        answer.tools.push((
+                            call.as_str().unwrap().into(),
+                            name.as_str().unwrap().into(),
+                            String::new(),
+                        ));
+                    }
+                    open = Some((
+                        items.len(),
+                        item["id"].as_str().unwrap().into(),
+                        String::new(),
+                    ));
+                }
+                "response.content_part.added" | "response.content_part.done" => {}
+                "response.reasoning_text.delta"
+                | "response.output_text.delta"
+                | "response.function_call_arguments.delta" => {
+                    let (index, id, said) = open.as_mut().expect("a delta in an open item");
+                    assert_eq!(
+                        (&event["output_index"], &event["item_id"]),
+                        (&json!(index), &json!(id))
+                    );
+                    said.push_str(delta());
+                    match *name {
+                        "response.reasoning_text.delta" => answer.thinking += delta(),
+                        "response.output_text.delta" => answer.text += delta(),
+                        _ => answer.tools.last_mut().unwrap().2 += delta(),
+                    }
+                }
+                "response.reasoning_text.done" | "response.output_text.done" => {
+                    assert_eq!(event["text"], open.as_ref().unwrap().2.as_str());
+                }
+                "response.function_call_arguments.done" => {
+                    assert_eq!(event["arguments"], open.as_ref().unwrap().2.as_str());
+                }
+                "response.output_item.done" => {
+                    let (index, id, _) = open.take().expect("an open item done");
+                    assert_eq!(
+                        (&event["output_index"], &event["item"]["id"]),
+                        (&json!(index), &json!(id))
+                    );
+                    assert_eq!(event["item"]["status"], "completed");
+                    items.push(event["item"].clone());
+                }
+                other => panic!("{other} inside the response: {names:?}"),
+            }
+        }
+        assert!(open.is_none(), "an item left open: {names:?}");
+        let last = &events[events.len() - 1].1["response"];
+        assert_eq!(last["output"], Value::Array(items), "{names:?}");
+        answer
+    }
+
+    #[test]
+    fn random_streams_reassemble_to_the_answer_they_carry() {
+        let mut rng = fastrand::Rng::with_seed(19);
+        for _ in 0..500 {
+            let (chunks, expected) = random::stream(&mut rng);
+            let mut translator = Translator::new(ResponsesSink::new(Map::new()));
+            let mut out = BytesMut::new();
+            for chunk in &chunks {
+                translator.chunk(&mut out, chunk.to_string().as_bytes());
+            }
+            translator.end(&mut out, Usage::new(5, 3));
+            let sse = std::str::from_utf8(&out).unwrap();
+            assert_eq!(reassemble(sse), expected, "{chunks:?}");
+        }
     }
 }
