@@ -328,10 +328,39 @@ pub fn put_named_event(out: &mut BytesMut, name: &str, json: &[u8]) {
     out.put_slice(b"\n\n");
 }
 
-/// Random canonical streams, for the inbound APIs' tests.
+/// Canonical streams for the inbound APIs' tests, random ones among
+/// them, and the named events a sink writes for them.
 #[cfg(test)]
-pub mod random {
+pub mod testing {
+    use bytes::BytesMut;
     use serde_json::{Value, json};
+
+    use super::{Sink, Translator};
+    use crate::openai::Usage;
+
+    /// The events `sink` writes for `chunks` and a stream that ended having
+    /// used `usage`, each as its name and its data.
+    pub fn translate(sink: impl Sink, chunks: &[Value], usage: Usage) -> Vec<(String, Value)> {
+        let mut translator = Translator::new(sink);
+        let mut out = BytesMut::new();
+        for chunk in chunks {
+            translator.chunk(&mut out, chunk.to_string().as_bytes());
+        }
+        translator.end(&mut out, usage);
+        named_events(std::str::from_utf8(&out).unwrap())
+    }
+
+    /// Each `event: <name>` / `data: <json>` event of `sse`.
+    pub fn named_events(sse: &str) -> Vec<(String, Value)> {
+        sse.split_terminator("\n\n")
+            .map(|e| {
+                let (name, data) = e.split_once('\n').unwrap();
+                let name = name.strip_prefix("event: ").unwrap().to_owned();
+                let data = data.strip_prefix("data: ").unwrap();
+                (name, serde_json::from_str(data).unwrap())
+            })
+            .collect()
+    }
 
     /// A canonical chunk with one choice.
     pub fn chunk(delta: Value, finish: Option<&str>) -> Value {

@@ -228,33 +228,13 @@ impl MessagesSink {
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::canonical::Translator;
-    use super::super::super::canonical::random::{self, Answer, chunk};
+    use super::super::super::canonical::testing::{self, Answer, chunk, named_events};
     use super::*;
 
-    /// Canonical chunks of `(content, tool call, finish_reason)`.
+    /// The events for canonical `chunks`, asked with `stops`.
     fn run(chunks: &[Value], stops: &[&str], usage: Usage) -> Vec<(String, Value)> {
         let stops = stops.iter().map(|s| s.to_string()).collect();
-        let mut translator = Translator::new(MessagesSink::new(stops, 7));
-        let mut out = BytesMut::new();
-        for chunk in chunks {
-            translator.chunk(&mut out, chunk.to_string().as_bytes());
-        }
-        translator.end(&mut out, usage);
-        events(std::str::from_utf8(&out).unwrap())
-    }
-
-    fn events(sse: &str) -> Vec<(String, Value)> {
-        sse.split_terminator("\n\n")
-            .map(|e| {
-                let (name, data) = e.split_once('\n').unwrap();
-                let name = name.strip_prefix("event: ").unwrap().to_owned();
-                (
-                    name,
-                    serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap(),
-                )
-            })
-            .collect()
+        testing::translate(MessagesSink::new(stops, 7), chunks, usage)
     }
 
     #[test]
@@ -274,7 +254,7 @@ mod tests {
             chunk(json!({}), Some("tool_calls")),
         ];
         let ours = run(&chunks, &[], Usage::new(20, 9));
-        let reference = events(include_str!(
+        let reference = named_events(include_str!(
             "../../../tests/fixtures/anthropic/tool_use_response.sse"
         ));
         let collapse = |events: &[(String, Value)]| {
@@ -408,7 +388,7 @@ mod tests {
     fn random_streams_reassemble_to_the_answer_they_carry() {
         let mut rng = fastrand::Rng::with_seed(17);
         for _ in 0..500 {
-            let (chunks, expected) = random::stream(&mut rng);
+            let (chunks, expected) = testing::stream(&mut rng);
             let events = run(&chunks, &[], Usage::new(5, 3));
             assert_eq!(reassemble(&events), expected, "{chunks:?}");
             let stop = &events[events.len() - 2].1["delta"]["stop_reason"];

@@ -391,8 +391,7 @@ impl Sink for ResponsesSink {
 
 #[cfg(test)]
 mod tests {
-    use super::super::super::canonical::Translator;
-    use super::super::super::canonical::random::{self, Answer};
+    use super::super::super::canonical::testing::{self, Answer};
     use super::*;
 
     #[test]
@@ -418,23 +417,12 @@ mod tests {
     /// checking that the events are numbered in order, that each item
     /// opens, streams and closes in turn, and that each `.done` event and
     /// the last event repeat what was streamed.
-    fn reassemble(sse: &str) -> Answer {
-        let events: Vec<(&str, Value)> = sse
-            .split_terminator("\n\n")
-            .map(|e| {
-                let (name, data) = e.split_once('\n').unwrap();
-                let name = name.strip_prefix("event: ").unwrap();
-                (
-                    name,
-                    serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap(),
-                )
-            })
-            .collect();
+    fn reassemble(events: &[(String, Value)]) -> Answer {
         for (n, (name, event)) in events.iter().enumerate() {
             assert_eq!(event["sequence_number"], n, "{events:?}");
-            assert_eq!(event["type"], *name);
+            assert_eq!(event["type"], name.as_str());
         }
-        let names: Vec<&str> = events.iter().map(|(n, _)| *n).collect();
+        let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names[..2],
             ["response.created", "response.in_progress"],
@@ -447,7 +435,7 @@ mod tests {
         let mut open: Option<(usize, String, String)> = None;
         for (name, event) in &events[2..events.len() - 1] {
             let delta = || event["delta"].as_str().unwrap();
-            match *name {
+            match name.as_str() {
                 "response.output_item.added" => {
                     assert!(open.is_none(), "an item opened inside another: {names:?}");
                     assert_eq!(event["output_index"], items.len());
@@ -476,7 +464,7 @@ mod tests {
                         (&json!(index), &json!(id))
                     );
                     said.push_str(delta());
-                    match *name {
+                    match name.as_str() {
                         "response.reasoning_text.delta" => answer.thinking += delta(),
                         "response.output_text.delta" => answer.text += delta(),
                         _ => answer.tools.last_mut().unwrap().2 += delta(),
@@ -510,15 +498,10 @@ mod tests {
     fn random_streams_reassemble_to_the_answer_they_carry() {
         let mut rng = fastrand::Rng::with_seed(19);
         for _ in 0..500 {
-            let (chunks, expected) = random::stream(&mut rng);
-            let mut translator = Translator::new(ResponsesSink::new(Map::new()));
-            let mut out = BytesMut::new();
-            for chunk in &chunks {
-                translator.chunk(&mut out, chunk.to_string().as_bytes());
-            }
-            translator.end(&mut out, Usage::new(5, 3));
-            let sse = std::str::from_utf8(&out).unwrap();
-            assert_eq!(reassemble(sse), expected, "{chunks:?}");
+            let (chunks, expected) = testing::stream(&mut rng);
+            let sink = ResponsesSink::new(Map::new());
+            let events = testing::translate(sink, &chunks, Usage::new(5, 3));
+            assert_eq!(reassemble(&events), expected, "{chunks:?}");
         }
     }
 }
