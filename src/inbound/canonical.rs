@@ -407,10 +407,11 @@ pub mod testing {
         pub tools: Vec<(String, String, String)>,
     }
 
-    /// A random canonical stream: reasoning, then text, then tool calls
-    /// one after another, each cut into random deltas (a tool call's id
-    /// and name in its first), with empty and role-only deltas between;
-    /// and the answer it holds.
+    /// A random canonical stream: reasoning (under either of vLLM's
+    /// names), then text, then tool calls one after another, each cut
+    /// into random deltas (a tool call's id and name in its first), after
+    /// a role-only delta and with empty ones between; and the answer it
+    /// holds.
     pub fn stream(rng: &mut fastrand::Rng) -> (Vec<Value>, Answer) {
         let mut answer = Answer {
             thinking: if rng.bool() {
@@ -432,8 +433,9 @@ pub mod testing {
                 .push((format!("call_{n}"), format!("tool_{n}"), arguments));
         }
         let mut chunks = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
+        let reasoning = ["reasoning_content", "reasoning"][rng.usize(..2)];
         for piece in pieces(rng, &answer.thinking) {
-            chunks.push(chunk(json!({"reasoning_content": piece}), None));
+            chunks.push(chunk(json!({ reasoning: piece }), None));
         }
         for piece in pieces(rng, &answer.text) {
             chunks.push(chunk(json!({"content": piece}), None));
