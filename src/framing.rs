@@ -212,8 +212,6 @@ impl HeadFacts {
     }
 }
 
-/// The comma-separated items of a header value, trimmed; `None` when the
-/// value is not visible ASCII (what `HeaderValue::to_str` takes).
 /// Whether the token `name` is `lower` (lowercase letters and `-`) in any
 /// case, compared 8 bytes a step: setting bit 5 lowercases a letter and
 /// leaves `-` as it is, and no other byte a token may hold becomes a
@@ -232,11 +230,18 @@ fn token_is(name: &[u8], lower: &[u8]) -> bool {
             .all(|(a, b)| word(a) == word(b))
 }
 
-fn items(value: &[u8]) -> Option<impl DoubleEndedIterator<Item = &[u8]>> {
+/// Whether a header value is visible ASCII (and tabs): what
+/// `HeaderValue::to_str` reads as text.
+pub fn visible_ascii(value: &[u8]) -> bool {
     value
         .iter()
         .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
-        .then(|| value.split(|&b| b == b',').map(<[u8]>::trim_ascii))
+}
+
+/// The comma-separated items of a header value, trimmed; `None` when the
+/// value is not [`visible_ascii`].
+fn items(value: &[u8]) -> Option<impl DoubleEndedIterator<Item = &[u8]>> {
+    visible_ascii(value).then(|| value.split(|&b| b == b',').map(<[u8]>::trim_ascii))
 }
 
 /// Whether a header value lists `token` (case-insensitive).

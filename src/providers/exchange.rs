@@ -12,6 +12,8 @@ use axum::http::header::HOST;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use bytes::Bytes;
 
+use crate::framing;
+
 /// A request to an upstream.
 pub struct Outgoing {
     pub method: Method,
@@ -117,15 +119,10 @@ impl Fields {
     /// The first value of the field named `name`, when it is visible
     /// ASCII, as `HeaderValue::to_str` reads it.
     pub fn get_str(&self, name: &str) -> Option<&str> {
-        let value = self.get(name)?;
-        if value
-            .iter()
-            .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
-        {
-            std::str::from_utf8(value).ok()
-        } else {
-            None
-        }
+        let value = self
+            .get(name)
+            .filter(|value| framing::visible_ascii(value))?;
+        std::str::from_utf8(value).ok()
     }
 }
 

@@ -180,7 +180,7 @@ pub fn get(target: &Target) -> Outgoing {
 /// are exported.
 pub fn tag(request: &mut Outgoing, call: &UpstreamCall<'_>) {
     if let Ok(id) = HeaderValue::from_str(call.request_id) {
-        (request.fields).push((crate::id::REQUEST_ID_HEADER, id));
+        request.fields.push((crate::id::REQUEST_ID_HEADER, id));
     }
     for (name, value) in call.trace {
         request.fields.push((name.clone(), value.clone()));

@@ -93,8 +93,12 @@ impl Pool {
     /// to its origin, or on a new one. A request an idle connection refused
     /// before its first byte goes on another.
     pub async fn request(&self, request: Outgoing) -> Result<Answer<UpstreamBody>, RequestError> {
-        let origin = (request.uri.authority().cloned())
-            .ok_or_else(|| RequestError::Connect(format!("{} has no host", request.uri)))?;
+        let Some(origin) = request.uri.authority().cloned() else {
+            return Err(RequestError::Connect(format!(
+                "{} has no host",
+                request.uri
+            )));
+        };
         loop {
             let (connection, reused) = match self.checkout(&origin) {
                 Some(connection) => (connection, true),
