@@ -185,15 +185,15 @@ where
 
 /// Cuts the first event off `read` and returns its data, when it is one
 /// `data` line ended by a blank line (`data: <payload>\n\n`, or `data:`
-/// with no space), its payload not empty, and valid UTF-8 (known to be
-/// when the whole read is, `utf8`); otherwise leaves `read` as it is, for
-/// the parser.
+/// with no space) and valid UTF-8 (known to be when the whole read is,
+/// `utf8`); otherwise leaves `read` as it is, for the parser. An empty
+/// payload is cut out too, and skipped as the parser's would be.
 fn plain_event(read: &mut Bytes, utf8: bool) -> Option<Bytes> {
     let value = read.strip_prefix(b"data:")?;
     let start = 5 + usize::from(value.first() == Some(&b' '));
     let line = &read[start..];
     let end = memchr::memchr2(b'\n', b'\r', line)?;
-    if end == 0 || line.get(end..end + 2) != Some(b"\n\n") {
+    if line.get(end..end + 2) != Some(b"\n\n") {
         return None;
     }
     // The parser refuses a payload that is not UTF-8; so must this.
@@ -444,6 +444,92 @@ mod tests {
                     "{shown:?} read as {cut:?}"
                 );
             }
+        }
+    }
+
+    /// A random SSE body: mostly plain events, as every OpenAI-compatible
+    /// server writes them, among every other form the spec allows.
+    fn random_sse(rng: &mut fastrand::Rng) -> Vec<u8> {
+        const TEXT: &[&str] = &[
+            "{\"a\":1}",
+            "data: ",
+            "data:",
+            " ",
+            "x",
+            ":",
+            "\\",
+            "\"",
+            "\u{e9}",
+            "\u{1f600}",
+            "\r",
+            "\n",
+            "[DONE]",
+            "\u{feff}",
+        ];
+        const END: &[&str] = &["\n", "\r", "\r\n"];
+        let mut body = Vec::new();
+        if rng.u8(..16) == 0 {
+            body.extend("\u{feff}".as_bytes());
+        }
+        for _ in 0..rng.usize(1..12) {
+            let line = |rng: &mut fastrand::Rng, body: &mut Vec<u8>| {
+                for _ in 0..rng.usize(..5) {
+                    body.extend(TEXT[rng.usize(..TEXT.len())].as_bytes());
+                }
+                if rng.u8(..64) == 0 {
+                    body.push(0xff);
+                }
+            };
+            match rng.u8(..8) {
+                // A plain event; its payload may still hold a CR or LF.
+                0..=4 => {
+                    body.extend(b"data: ");
+                    line(rng, &mut body);
+                    body.extend(b"\n\n");
+                }
+                5 => {
+                    body.extend(
+                        [&b": ping"[..], b"event: x", b"id: 7", b"data", b"retry: 5"]
+                            [rng.usize(..5)],
+                    );
+                    body.extend(END[rng.usize(..3)].as_bytes());
+                }
+                6 => {
+                    body.extend([&b"data:"[..], b"data: ", b"data:  "][rng.usize(..3)]);
+                    line(rng, &mut body);
+                    body.extend(END[rng.usize(..3)].as_bytes());
+                }
+                _ => body.extend(END[rng.usize(..3)].as_bytes()),
+            }
+        }
+        body
+    }
+
+    #[tokio::test]
+    async fn random_bodies_in_random_reads_give_what_the_parser_alone_gives() {
+        let mut rng = fastrand::Rng::with_seed(23);
+        for _ in 0..10_000 {
+            let text = random_sse(&mut rng);
+            let (expected, error) = parser_alone(&text).await;
+            let error = error.map(|e| format!("backend \"b\" sent an invalid response: {e}"));
+            let mut cuts: Vec<usize> = (0..rng.usize(..5))
+                .map(|_| rng.usize(..=text.len()))
+                .collect();
+            cuts.sort_unstable();
+            let mut reads = Vec::new();
+            let mut at = 0;
+            for end in cuts.into_iter().chain([text.len()]) {
+                reads.push(&text[at..end]);
+                at = end;
+            }
+            let (data, got) = sse_within(ROOMY, &reads).await;
+            let shown = String::from_utf8_lossy(&text);
+            assert_eq!(data, expected, "{shown:?} read as {reads:?}");
+            assert_eq!(
+                got.map(|e| e.message().to_owned()),
+                error,
+                "{shown:?} read as {reads:?}"
+            );
         }
     }
 
