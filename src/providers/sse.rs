@@ -185,15 +185,17 @@ where
 
 /// Cuts the first event off `read` and returns its data, when it is one
 /// `data` line ended by a blank line (`data: <payload>\n\n`, or `data:`
-/// with no space) and valid UTF-8 (known to be when the whole read is,
-/// `utf8`); otherwise leaves `read` as it is, for the parser. An empty
-/// payload is cut out too, and skipped as the parser's would be.
+/// with no space), its payload not empty, and valid UTF-8 (known to be
+/// when the whole read is, `utf8`); otherwise leaves `read` as it is, for
+/// the parser.
 fn plain_event(read: &mut Bytes, utf8: bool) -> Option<Bytes> {
     let value = read.strip_prefix(b"data:")?;
     let start = 5 + usize::from(value.first() == Some(&b' '));
     let line = &read[start..];
     let end = memchr::memchr2(b'\n', b'\r', line)?;
-    if line.get(end..end + 2) != Some(b"\n\n") {
+    // An empty payload would be skipped either way; without `end == 0`
+    // the compiler makes this cut 11 instructions an event longer.
+    if end == 0 || line.get(end..end + 2) != Some(b"\n\n") {
         return None;
     }
     // The parser refuses a payload that is not UTF-8; so must this.
