@@ -49,7 +49,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHUNKS = 20
 UPSTREAM_MODEL = "llama-3.1-8b"  # short: nginx caps a config string at 4 KB
 PROMPT_TOKENS = 452
-ISSUE_STREAMS = 10000  # streams the memory target holds open (RSS ≤ 300 MB)
+# Issue 23's targets the report checks.
+ISSUE_STREAMS = 10000  # streams the memory target holds open
+STREAMS_RSS_MB = 100  # the RSS they may take
+IDLE_SLACK_MB = 10  # how far above idle "back to idle" may be, 12 s after closing
+FIRST_CHUNK_ADDED_US = 100
 
 
 # ---------------------------------------------------------------- gen
@@ -675,20 +679,39 @@ def report(results_file, out_file):
     def times(v):
         return f"{v:.2f}×"
 
-    for mode, label in (("nonstream", "non-streaming"), ("stream", "streaming")):
+    def against(name, values, holds, fmt, detail):
+        """A target judged on the median of its per-round values, with
+        their range and the rounds it held in: on a noisy machine the
+        median can hold while some rounds do not."""
+        if not values:
+            check(name, None, "—")
+            return
+        m = median(values)
+        rounds_held = ""
+        if len(values) > 1:
+            rounds_held = (
+                f"; {fmt(min(values))} to {fmt(max(values))}, held in "
+                f"{sum(map(holds, values))} of {len(values)} rounds"
+            )
+        check(name, holds(m), f"{fmt(m)} ({detail}{rounds_held})")
+
+    def at_least_nginx(v):
+        return v >= 1.0
+
+    for mode, label in (("nonstream", "non-streaming"), ("stream", f"streaming, {CHUNKS} chunks")):
 
         def rps_ratio(rows, mode=mode):
             t = field(rows, mode, "tollgate", "rps", "rps")
             n = field(rows, mode, "nginx", "rps", "rps")
             return t / n if t and n else None
 
-        rs = per_round(rps_ratio)
-        r = median(rs)
         t, n = get(mode, "tollgate", "rps", "rps"), get(mode, "nginx", "rps", "rps")
-        check(
-            f"throughput ≥ 0.5× nginx ({label})",
-            None if r is None else r >= 0.5,
-            "—" if r is None else f"{r:.2f}× ({fmt_rps(t)} vs {fmt_rps(n)} req/s{spread(rs, times)})",
+        against(
+            f"throughput ≥ 1.0× nginx's ({label})",
+            per_round(rps_ratio),
+            at_least_nginx,
+            times,
+            f"{fmt_rps(t)} against {fmt_rps(n)} req/s",
         )
 
         def cpu_ratio(rows, mode=mode):
@@ -698,14 +721,13 @@ def report(results_file, out_file):
 
         cs = per_round(cpu_ratio)
         if cs:
-            checks.append(
-                (
-                    f"… the same by CPU per request ({label})",
-                    "PASS" if median(cs) >= 0.5 else "FAIL",
-                    f"{median(cs):.2f}× (nginx {cpu(mode, 'nginx'):.0f} µs, tollgate "
-                    f"{cpu(mode, 'tollgate'):.0f} µs of CPU per request{spread(cs, times)}): "
-                    "the throughput ratio if each had a whole core, robust to a busy load core",
-                )
+            against(
+                f"… the same by CPU per request ({label})",
+                cs,
+                at_least_nginx,
+                times,
+                f"nginx {cpu(mode, 'nginx'):.0f} µs, tollgate {cpu(mode, 'tollgate'):.0f} µs of CPU "
+                "per request: the throughput ratio if each had a whole core, robust to a busy load core",
             )
 
         def added_ratio(rows, mode=mode):
@@ -713,70 +735,72 @@ def report(results_file, out_file):
             return None if None in (t, n) or n <= 0 else t / n
 
         ls = per_round(added_ratio)
-        if ls:
-            check(
-                f"added p50 latency ≤ 2× nginx's ({label})",
-                median(ls) <= 2,
-                f"{median(ls):.2f}× (tollgate +{median(per_round(lambda r: added(r, mode, 'tollgate'))):.0f} µs, "
-                f"nginx +{median(per_round(lambda r: added(r, mode, 'nginx'))):.0f} µs{spread(ls, times)})",
-            )
-        else:
-            check(f"added p50 latency ≤ 2× nginx's ({label})", None, "—")
+        against(
+            f"added p50 latency at 1 connection ≤ 1.0× nginx's ({label})",
+            ls,
+            lambda v: v <= 1.0,
+            times,
+            f"tollgate +{median(per_round(lambda r: added(r, mode, 'tollgate'))) or 0:.0f} µs, "
+            f"nginx +{median(per_round(lambda r: added(r, mode, 'nginx'))) or 0:.0f} µs",
+        )
 
     def first_added(rows, target):
         d = field(rows, "stream", "direct", "ttfb", "ttfb_p50_us")
         v = field(rows, "stream", target, "ttfb", "ttfb_p50_us")
         return None if None in (d, v) else v - d
 
-    fs = per_round(lambda rows: first_added(rows, "tollgate"))
-    if fs:
-        ns = per_round(lambda rows: first_added(rows, "nginx"))
-        check(
-            "streaming first chunk added ≤ 200 µs at p50",
-            median(fs) <= 200,
-            f"+{median(fs):.0f} µs (nginx +{median(ns):.0f} µs{spread(fs, lambda v: f'+{v:.0f} µs')})",
-        )
-    else:
-        check("streaming first chunk added ≤ 200 µs at p50", None, "—")
-    hold = singles.get(("hold", "tollgate", "hold"))
-    hold_h2 = singles.get(("hold", "tollgate", "hold-h2"))
-    name = f"{ISSUE_STREAMS:,}".replace(",", " ") + " open streams, RSS ≤ 300 MB"
+    against(
+        f"first streamed chunk added ≤ {FIRST_CHUNK_ADDED_US} µs at p50",
+        per_round(lambda rows: first_added(rows, "tollgate")),
+        lambda v: v <= FIRST_CHUNK_ADDED_US,
+        lambda v: f"+{v:.0f} µs",
+        f"nginx +{median(per_round(lambda rows: first_added(rows, 'nginx'))) or 0:.0f} µs",
+    )
+    streams = f"{ISSUE_STREAMS:,}".replace(",", " ")
 
-    def held_figure(h, how):
+    def held_figure(h):
         return (
-            f"{how}: {h['rss_mb']:.0f} MB RSS with {h['streams_open']} streams open "
+            f"{h['rss_mb']:.0f} MB RSS with {h['streams_open']} streams open "
             f"(idle {h['rss_before_mb']:.0f} MB, peak {h['hwm_mb']:.0f} MB, "
             f"{(h['rss_mb'] - h['rss_before_mb']) * 1024 / max(1, h['streams_open']):.1f} KB a stream; "
-            f"after closing them {h['rss_after_close_mb']:.0f} MB; {h['fds']} fds)"
+            f"{h['fds']} fds)"
         )
 
-    figures, status = [], None
-    if hold and hold["streams_open"] > 0:
-        held = hold["streams_open"]
-        figures.append(held_figure(hold, "HTTP/1.1, a connection a stream"))
+    for kind, how in (("hold", "HTTP/1.1, a connection a stream"), ("hold-h2", "HTTP/2")):
+        h = singles.get(("hold", "tollgate", kind))
+        if not h:
+            continue
+        if "connections" in h:
+            how += f", {h['connections']} connections"
+        name = f"{streams} open streams, RSS ≤ {STREAMS_RSS_MB} MB ({how})"
+        held = h["streams_open"]
         if held >= ISSUE_STREAMS:
-            status = "PASS" if hold["rss_mb"] <= 300 else "FAIL"
+            check(name, h["rss_mb"] <= STREAMS_RSS_MB, held_figure(h))
+        elif held > 0 and h.get("clamped"):
+            # A container's open-files limit stopped HTTP/1.1 (two
+            # descriptors a stream) short of the target: the figure is
+            # extrapolated from nearly as many.
+            per_kb = (h["rss_mb"] - h["rss_before_mb"]) * 1024 / held
+            est = h["rss_before_mb"] + per_kb * ISSUE_STREAMS / 1024
+            checks.append(
+                (
+                    name,
+                    "est. PASS" if est <= STREAMS_RSS_MB else "est. FAIL",
+                    f"{held_figure(h)}; only {held} fit (fd limit {h['fd_limit']}): "
+                    f"about {est:.0f} MB at {ISSUE_STREAMS}",
+                )
+            )
+        elif held == h["streams_asked"]:
+            check(name, None, f"{held_figure(h)}; the target needs STREAMS={ISSUE_STREAMS}")
         else:
-            per_kb = (hold["rss_mb"] - hold["rss_before_mb"]) * 1024 / held
-            est = hold["rss_before_mb"] + per_kb * ISSUE_STREAMS / 1024
-            why = f"fd limit {hold['fd_limit']}" if hold.get("clamped") else f"STREAMS={hold['streams_target']}"
-            figures[-1] += f"; only {held} fit ({why}): about {est:.0f} MB at {ISSUE_STREAMS}"
-            status = "est. PASS" if est <= 300 else "est. FAIL"
-    elif hold:
-        figures.append(f"HTTP/1.1: no stream held: {hold['first_failures']}")
-        status = "FAIL"
-    if hold_h2 and hold_h2["streams_open"] >= ISSUE_STREAMS:
-        figures.append(held_figure(hold_h2, f"HTTP/2, {hold_h2['connections']} connections"))
-        # Measured at the full count; it decides unless HTTP/1.1 was too.
-        if status in (None, "est. PASS", "est. FAIL"):
-            status = "PASS" if hold_h2["rss_mb"] <= 300 else "FAIL"
-    elif hold_h2:
-        figures.append(
-            f"HTTP/2: {hold_h2['streams_open']} of {hold_h2['streams_asked']} streams held "
-            f"{hold_h2['first_failures']}"
-        )
-    if figures:
-        checks.append((name, status or "FAIL", "; ".join(figures)))
+            check(name, False, f"{held} of {h['streams_asked']} streams held {h['first_failures']}")
+        if held > 0:
+            after, idle = h["rss_after_close_mb"], h["rss_before_mb"]
+            check(
+                f"back to idle memory (within {IDLE_SLACK_MB} MB) ≤ 15 s after closing them ({how})",
+                after <= idle + IDLE_SLACK_MB,
+                f"{after:.0f} MB 12 s after, against {idle:.0f} MB idle before",
+            )
     n_load = get("nonstream", "nginx", "rps", "core1_busy")
     s_load = get("stream", "nginx", "rps", "core1_busy")
     if max(n_load or 0, s_load or 0) >= 90:
@@ -803,7 +827,7 @@ def report(results_file, out_file):
             "measure the machine; compare CPU per request instead, and rerun on a quiet machine."
         )
         out("")
-    out("| target (issue 7) | result | figure |")
+    out("| target (issue 23) | result | figure |")
     out("| --- | --- | --- |")
     for name, verdict, figure in checks:
         out(f"| {name} | {verdict} | {figure} |")

@@ -39,7 +39,8 @@
 #   PERF=1                record `perf record --call-graph dwarf` of tollgate
 #                         during its two throughput runs, into PERF_DIR
 #                         [target/load-perf]
-#   OUT [benches/load/results.md]  where the table is written
+#   OUT [benches/load/results.md]  where the table is written; the figures
+#                         it is made from go beside it, as .jsonl
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -368,6 +369,7 @@ with open(sys.argv[1], "a") as f:
     f.write(json.dumps(meta) + "\n")
 EOF
 log "results"
+cp "$RESULTS" "${OUT%.md}.jsonl"
 python3 "$HERE/loadtool.py" report "$RESULTS" "$OUT"
 echo
-echo "written to $OUT"
+echo "written to $OUT, its figures to ${OUT%.md}.jsonl"
