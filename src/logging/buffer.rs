@@ -3,7 +3,8 @@
 //! thread writes a batch every few milliseconds, so no request pays for a
 //! write to stderr or for waking a thread (handing each line to a writer
 //! thread costs about 10 µs of CPU per request on one core); when idle it
-//! sleeps until the next line.
+//! sleeps until the next line, and only that line wakes it: a line that
+//! comes while a batch gathers leaves it asleep.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -23,6 +24,8 @@ struct Pending {
     text: Vec<u8>,
     dropped: u64,
     closing: bool,
+    /// The writer waits for a first line, which is to wake it.
+    idle: bool,
 }
 
 struct Shared {
@@ -76,10 +79,13 @@ fn write_until_closed(shared: &Shared, mut out: impl Write) {
     let mut batch = Vec::new();
     loop {
         let closing = {
+            let mut pending = shared.lock();
+            pending.idle = true;
             let mut pending = shared
                 .wake
-                .wait_while(shared.lock(), |p| p.text.is_empty() && !p.closing)
+                .wait_while(pending, |p| p.text.is_empty() && !p.closing)
                 .unwrap_or_else(PoisonError::into_inner);
+            pending.idle = false;
             std::mem::swap(&mut batch, &mut pending.text);
             if pending.dropped > 0 {
                 let note = format!(
@@ -99,8 +105,7 @@ fn write_until_closed(shared: &Shared, mut out: impl Write) {
         if closing {
             return;
         }
-        // Lets the next lines gather (the first one's notification does not
-        // end the wait); closing cuts it short.
+        // Lets the next lines gather; closing cuts it short.
         drop(
             shared
                 .wake
@@ -116,11 +121,10 @@ impl Write for LogBuffer {
             pending.dropped += 1;
             return Ok(line.len());
         }
-        let was_empty = pending.text.is_empty();
         pending.text.extend_from_slice(line);
+        let wake = std::mem::take(&mut pending.idle);
         drop(pending);
-        // Only the first line of a batch can find the writer asleep.
-        if was_empty {
+        if wake {
             self.shared.wake.notify_one();
         }
         Ok(line.len())
@@ -158,13 +162,22 @@ mod tests {
     fn lines_are_written_in_order_soon_and_all_of_them_on_drop() {
         let sink = Sink::default();
         let (buffer, flush) = start(sink.clone());
-        buffer.make_writer().write_all(b"one\n").unwrap();
-        // Written by the thread's next round, without any flush asked for.
-        let waited = std::time::Instant::now();
-        while sink.0.lock().unwrap().is_empty() && waited.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(FLUSH_EVERY);
+        // Each written by the thread's next round, without any flush asked
+        // for: the first wakes it from waiting for a line, the second comes
+        // as it lets a batch gather.
+        let steps = [
+            ("one\n", "one\n", FLUSH_EVERY * 3),
+            ("two\n", "one\ntwo\n", Duration::ZERO),
+        ];
+        for (line, so_far, pause) in steps {
+            std::thread::sleep(pause);
+            buffer.make_writer().write_all(line.as_bytes()).unwrap();
+            let waited = std::time::Instant::now();
+            while sink.text() != so_far && waited.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(FLUSH_EVERY / 4);
+            }
+            assert_eq!(sink.text(), so_far);
         }
-        assert_eq!(sink.text(), "one\n");
         for i in 0..1000 {
             buffer
                 .make_writer()
@@ -173,7 +186,8 @@ mod tests {
         }
         drop(flush);
         let written = sink.text();
-        let expected: String = std::iter::once("one\n".to_owned())
+        let expected: String = ["one\n".to_owned(), "two\n".to_owned()]
+            .into_iter()
             .chain((0..1000).map(|i| format!("{i}\n")))
             .collect();
         assert_eq!(written, expected);
