@@ -607,11 +607,6 @@ def report(results_file, out_file):
         """fn(rows of one round) for every round where it is not None."""
         return [v for v in (fn(rows) for _, rows in sorted(rounds.items())) if v is not None]
 
-    def spread(values, fmt):
-        if len(values) < 2:
-            return ""
-        return f"; {fmt(min(values))} to {fmt(max(values))} over {len(values)} rounds"
-
     lines = []
     out = lines.append
     out("# tollgate load test (benches/load)")
