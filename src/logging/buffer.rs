@@ -192,4 +192,73 @@ mod tests {
             .collect();
         assert_eq!(written, expected);
     }
+
+    /// A stderr whose writes block until it is opened.
+    #[derive(Clone, Default)]
+    struct Blocked {
+        open: Arc<(Mutex<bool>, Condvar)>,
+        sink: Sink,
+    }
+
+    impl Blocked {
+        fn open(&self) {
+            *self.open.0.lock().unwrap() = true;
+            self.open.1.notify_all();
+        }
+    }
+
+    impl Write for Blocked {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let (open, opened) = &*self.open;
+            drop(
+                opened
+                    .wait_while(open.lock().unwrap(), |open| !*open)
+                    .unwrap(),
+            );
+            self.sink.write(bytes)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_blocked_stderr_never_blocks_a_line_holds_at_most_max_pending_and_counts_what_it_drops() {
+        let stderr = Blocked::default();
+        let (buffer, flush) = start(stderr.clone());
+        buffer.make_writer().write_all(b"first\n").unwrap();
+        // The writer takes it, and blocks writing it.
+        let waited = std::time::Instant::now();
+        while !buffer.shared.lock().text.is_empty() && waited.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(FLUSH_EVERY / 4);
+        }
+        let line = [[b'x'; 1023].as_slice(), b"\n"].concat();
+        let fit = MAX_PENDING / line.len();
+        let over = 100;
+        // Each returns at once, stderr blocked or not.
+        for _ in 0..fit + over {
+            buffer.make_writer().write_all(&line).unwrap();
+        }
+        let (held, dropped) = {
+            let pending = buffer.shared.lock();
+            (pending.text.len(), pending.dropped)
+        };
+        // Opened before anything is checked: a failed check would
+        // otherwise wait for the blocked writer as the buffer drops.
+        stderr.open();
+        assert_eq!(held, fit * line.len());
+        assert_eq!(dropped, over as u64);
+        drop(flush);
+        let written = stderr.sink.text();
+        let kept = written.strip_prefix("first\n").unwrap();
+        let note = format!("WARN log lines dropped while stderr was blocked: {over}\n");
+        let lines = kept.strip_suffix(&note).unwrap();
+        assert_eq!(lines.len(), fit * line.len());
+        assert!(
+            lines
+                .lines()
+                .all(|l| l.len() == 1023 && l.bytes().all(|b| b == b'x'))
+        );
+    }
 }
