@@ -39,11 +39,12 @@ async fn spent(gateway: &Gateway) -> f64 {
         .unwrap()
 }
 
-/// Waves of `concurrency` requests at once, none with `max_tokens` and
-/// half of them streamed, against answers of 2,000 tokens ($0.02 each)
-/// and a $0.10 daily budget, until a wave has none served. Returns the
-/// requests served and how far spend passed the budget.
-async fn overrun_at(concurrency: usize) -> (usize, f64) {
+/// Waves of `concurrency` requests at once, none with `max_tokens`, each
+/// asking for `answers` answers (`n`), and half of them streamed, against
+/// answers of 2,000 tokens ($0.02 each) and a $0.10 daily budget, until a
+/// wave has none served. Returns the requests served and how far spend
+/// passed the budget.
+async fn overrun_at(concurrency: usize, answers: usize) -> (usize, f64) {
     let upstream = MockUpstream::openai()
         .answers_of(2_000)
         .first_byte_after(Duration::from_millis(20))
@@ -55,7 +56,7 @@ async fn overrun_at(concurrency: usize) -> (usize, f64) {
     let request = |i: usize| {
         let gateway = &gateway;
         async move {
-            let body = json!({"model": "chat", "messages": user("hi"), "stream": i % 2 == 0});
+            let body = json!({"model": "chat", "messages": user("hi"), "stream": i % 2 == 0, "n": answers});
             let response = gateway.chat_as("team-secret", body).await;
             let status = response.status().as_u16();
             // Read to the end: a stream is metered when it ends.
@@ -111,7 +112,7 @@ const ONE_REQUEST_MAX: f64 = CONTEXT_WINDOW as f64 * PRICE.1 / 1e6;
 
 #[tokio::test]
 async fn a_budget_holds_with_100_requests_at_once_and_long_answers() {
-    let (_, overrun) = overrun_at(100).await;
+    let (_, overrun) = overrun_at(100, 1).await;
     assert!(overrun <= ONE_REQUEST_MAX, "overrun ${overrun}");
     // Only the prompt estimate can be off: the upstream counts 11 prompt
     // tokens where the gateway estimated 5, $0.000006 a request.
@@ -120,8 +121,84 @@ async fn a_budget_holds_with_100_requests_at_once_and_long_answers() {
 
 #[tokio::test]
 async fn a_budget_holds_with_1000_requests_at_once_and_long_answers() {
-    let (_, overrun) = overrun_at(1000).await;
+    let (_, overrun) = overrun_at(1000, 1).await;
     assert!(overrun <= 0.0001, "overrun ${overrun}");
+}
+
+/// An upstream generates, and bills, each of a request's `n` answers up to
+/// its output limit.
+#[tokio::test]
+async fn a_budget_holds_when_each_request_asks_for_several_answers() {
+    let (_, overrun) = overrun_at(100, 4).await;
+    assert!(overrun <= 0.0001, "overrun ${overrun}");
+}
+
+#[tokio::test]
+async fn several_answers_are_reserved_and_limited_each() {
+    let upstream = MockUpstream::openai().answers_of(2_000).start().await;
+    // $0.005 pays for the prompt and 499 output tokens: 124 for each of 4.
+    let gateway = start(&config(&upstream, 0.005)).await;
+    let four = json!({"model": "chat", "messages": user("hi"), "n": 4});
+    let response = gateway.chat_as("team-secret", four).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"].as_array().unwrap().len(), 4);
+    assert_eq!(body["usage"]["completion_tokens"], 4 * 124);
+    assert_eq!(upstream.single_request().json["max_completion_tokens"], 124);
+    assert!(spent(&gateway).await <= 0.005);
+
+    // The client's own limit is reserved for each answer: 300 fits the
+    // budget once (the test above) but not four times.
+    let upstream = MockUpstream::openai().answers_of(2_000).start().await;
+    let gateway = start(&config(&upstream, 0.005)).await;
+    let too_much = json!({"model": "chat", "messages": user("hi"), "n": 4, "max_tokens": 300});
+    let response = gateway.chat_as("team-secret", too_much).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(error_of(response).await["code"], "insufficient_quota");
+    assert_eq!(upstream.hits(), 0);
+    let fits =
+        json!({"model": "chat", "messages": user("hi"), "n": 4, "max_tokens": 100, "stream": true});
+    let response = gateway.chat_as("team-secret", fits).await;
+    assert_eq!(response.status(), 200);
+    let events = Events::new(response).rest().await;
+    let indices: std::collections::BTreeSet<u64> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| parse(e)["choices"][0]["index"].as_u64())
+        .collect();
+    assert_eq!(indices.len(), 4, "every answer streamed: {indices:?}");
+
+    // Legacy completions generate `best_of` answers, billed, to return `n`.
+    let response = gateway
+        .post("/v1/completions")
+        .bearer_auth("team-secret")
+        .json(&json!({"model": "chat", "prompt": "Once", "n": 1, "best_of": 5, "max_tokens": 100}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        429,
+        "5 × 100 tokens do not fit what is left"
+    );
+}
+
+#[tokio::test]
+async fn a_count_of_answers_out_of_range_is_refused_before_any_upstream() {
+    let upstream = MockUpstream::openai().start().await;
+    let gateway = start(&config(&upstream, 1.0)).await;
+    for n in [json!(0), json!(129), json!(-1), json!("2"), json!(1.5)] {
+        let body = json!({"model": "chat", "messages": user("hi"), "n": n});
+        let response = gateway.chat_as("team-secret", body).await;
+        assert_eq!(response.status(), 400, "n = {n}");
+        let error = error_of(response).await;
+        assert_eq!(error["param"], "n");
+        assert_eq!(
+            error["message"],
+            "`n` must be a whole number from 1 to 128, or left out for 1"
+        );
+    }
+    assert_eq!(upstream.hits(), 0);
 }
 
 #[tokio::test]

@@ -207,6 +207,35 @@ async fn no_hedge_goes_beyond_the_allowance() {
     assert!(
         first_sent.get("max_tokens").is_none() && first_sent.get("max_completion_tokens").is_none()
     );
+
+    // With four answers, the allowance pays for a quarter of that each,
+    // and a limit of 500 each is 2,000 tokens: over it.
+    let slow = MockUpstream::openai()
+        .first_byte_after(SLOW)
+        .record(true)
+        .start()
+        .await;
+    let second = MockUpstream::openai().record(true).start().await;
+    let gateway = support::gateway::start(&two(&slow, &second, 0.01)).await;
+    let four =
+        json!({"model": "chat", "n": 4, "messages": [{"role": "user", "content": "hello there"}]});
+    let response = gateway.chat(four).await;
+    assert_eq!(response.headers()["x-tollgate-backend"], "second");
+    let sent: Value = serde_json::from_slice(&second.single_request().body).unwrap();
+    let limit = sent["max_completion_tokens"].as_u64().unwrap();
+    assert!((415..=416).contains(&limit), "{limit}: {sent}");
+    let first = MockUpstream::openai()
+        .first_byte_after(Duration::from_millis(400))
+        .start()
+        .await;
+    let second = MockUpstream::openai().start().await;
+    let gateway = support::gateway::start(&two(&first, &second, 0.01)).await;
+    let mut four_of_500 = hi(500);
+    four_of_500["n"] = json!(4);
+    let response = gateway.chat(four_of_500).await;
+    assert_eq!(response.headers()["x-tollgate-backend"], "first");
+    assert_eq!(second.hits(), 0);
+    assert_eq!(hedges(&gateway, "over_allowance").await, Some(1.0));
 }
 
 #[tokio::test]

@@ -140,14 +140,16 @@ impl Drop for Reservation {
     }
 }
 
-/// The most output tokens `nano_usd` pays for at `rate`, after a prompt of
-/// `prompt` tokens: `u64::MAX` when output is free.
-pub fn affordable_output(rate: &Rate, prompt: u64, nano_usd: u64) -> u64 {
+/// The most output tokens `nano_usd` pays for at `rate` in each of
+/// `generations` answers to one prompt of `prompt` tokens (billed once):
+/// `u64::MAX` when output is free.
+pub fn affordable_output(rate: &Rate, prompt: u64, nano_usd: u64, generations: u32) -> u64 {
     let prompt_cost = u128::from(prompt) * u128::from(rate.input);
     let left = (u128::from(nano_usd) * 1000).saturating_sub(prompt_cost);
     match rate.output {
         0 => u64::MAX,
-        price => u64::try_from(left / u128::from(price)).unwrap_or(u64::MAX),
+        price => u64::try_from(left / u128::from(price) / u128::from(generations.max(1)))
+            .unwrap_or(u64::MAX),
     }
 }
 
@@ -513,11 +515,15 @@ mod tests {
             per_token: true,
         };
         // 10 prompt tokens cost 10,000 nano-dollars; each output token 2,000.
-        assert_eq!(affordable_output(&rate, 10, 30_000), 10);
-        assert_eq!(affordable_output(&rate, 10, 31_999), 10);
-        assert_eq!(affordable_output(&rate, 10, 5_000), 0);
+        assert_eq!(affordable_output(&rate, 10, 30_000, 1), 10);
+        assert_eq!(affordable_output(&rate, 10, 31_999, 1), 10);
+        assert_eq!(affordable_output(&rate, 10, 5_000, 1), 0);
+        // Three answers share what is left after the one prompt.
+        assert_eq!(affordable_output(&rate, 10, 30_000, 3), 3);
+        assert_eq!(affordable_output(&rate, 10, 31_999, 3), 3);
         let free = Rate { output: 0, ..rate };
-        assert_eq!(affordable_output(&free, 10, 0), u64::MAX);
+        assert_eq!(affordable_output(&free, 10, 0, 1), u64::MAX);
+        assert_eq!(affordable_output(&free, 10, 0, 3), u64::MAX);
         assert_eq!(rate.estimate_nano_usd(10, 10), 30_000);
     }
 }

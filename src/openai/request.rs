@@ -263,6 +263,38 @@ impl EmbeddingRequest {
     }
 }
 
+/// The most answers one request may ask for, as OpenAI's API allows `n`.
+pub const MAX_GENERATIONS: u32 = 128;
+
+/// [`InboundRequest::generations`], checked: a count an upstream would
+/// refuse, or read otherwise than the gateway reserved for, is a 400.
+fn generations(typed: &TypedRequest) -> Result<u32, GatewayError> {
+    let (extra, fields): (_, &[&str]) = match typed {
+        TypedRequest::Chat(r) => (&r.extra, &["n"]),
+        TypedRequest::Completion(r) => (&r.extra, &["n", "best_of"]),
+        TypedRequest::Embedding(_) => return Ok(1),
+    };
+    let mut most = 1;
+    for &field in fields {
+        let count = match extra.get(field) {
+            None | Some(Value::Null) => continue,
+            Some(value) => value.as_u64(),
+        };
+        match count.and_then(|count| u32::try_from(count).ok()) {
+            Some(count @ 1..=MAX_GENERATIONS) => most = most.max(count),
+            _ => {
+                return Err(GatewayError::bad_request(
+                    format!(
+                        "`{field}` must be a whole number from 1 to {MAX_GENERATIONS}, or left out for 1"
+                    ),
+                    Some(field.into()),
+                ));
+            }
+        }
+    }
+    Ok(most)
+}
+
 /// A string, an array of strings, or token ids (one prompt or many).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(
@@ -341,6 +373,8 @@ pub struct InboundRequest {
     /// a client's own chat body: a provider may name its members as its
     /// upstream prefers, where a client's body goes as the client wrote it.
     pub translated: bool,
+    /// How many answers the upstream generates (see [`Self::generations`]).
+    generations: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -399,6 +433,7 @@ impl InboundRequest {
             let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
             start..start + raw.get().len()
         };
+        let generations = generations(&typed)?;
         let spans = Spans {
             model: span(model),
             stream_options: stream_options.map(span),
@@ -415,6 +450,7 @@ impl InboundRequest {
             typed,
             body,
             translated: false,
+            generations,
         })
     }
 
@@ -482,6 +518,14 @@ impl InboundRequest {
             // Embeddings generate nothing.
             TypedRequest::Embedding(_) => Some(0),
         }
+    }
+
+    /// How many answers the upstream generates for the request, each up to
+    /// its output limit, and bills: chat's `n`; for legacy completions,
+    /// `best_of` (generated server-side, though only `n` come back) or `n`;
+    /// 1 when unset. A budget reserves output for each.
+    pub fn generations(&self) -> u32 {
+        self.generations
     }
 
     /// The most output tokens the request may have of a deployment with a
@@ -1006,6 +1050,50 @@ mod tests {
         );
         let error = chat(r#"{"model":"a"}"#).unwrap_err();
         assert!(error.message().contains("missing field `messages`"));
+    }
+
+    #[test]
+    fn generations_are_n_or_best_of_and_out_of_range_counts_are_refused() {
+        let parse = |endpoint, members: &str| {
+            let body = match endpoint {
+                Endpoint::Chat => format!(
+                    r#"{{"model":"a","messages":[{{"role":"user","content":"x"}}]{members}}}"#
+                ),
+                _ => format!(r#"{{"model":"a","prompt":"x"{members}}}"#),
+            };
+            InboundRequest::parse(endpoint, Bytes::from(body))
+        };
+        let generations = |endpoint, members| parse(endpoint, members).unwrap().generations();
+        assert_eq!(generations(Endpoint::Chat, ""), 1);
+        assert_eq!(generations(Endpoint::Chat, r#","n":null"#), 1);
+        assert_eq!(generations(Endpoint::Chat, r#","n":4"#), 4);
+        assert_eq!(generations(Endpoint::Chat, r#","n":128"#), 128);
+        // Chat has no `best_of`: it is the upstream's to refuse.
+        assert_eq!(generations(Endpoint::Chat, r#","best_of":9"#), 1);
+        assert_eq!(generations(Endpoint::Completions, r#","n":2"#), 2);
+        // Generated and billed server-side, though only `n` come back.
+        assert_eq!(
+            generations(Endpoint::Completions, r#","n":2,"best_of":5"#),
+            5
+        );
+        for (endpoint, members, param) in [
+            (Endpoint::Chat, r#","n":0"#, "n"),
+            (Endpoint::Chat, r#","n":129"#, "n"),
+            (Endpoint::Chat, r#","n":-1"#, "n"),
+            (Endpoint::Chat, r#","n":2.5"#, "n"),
+            (Endpoint::Chat, r#","n":"2""#, "n"),
+            (Endpoint::Chat, r#","n":4294967297"#, "n"),
+            (Endpoint::Completions, r#","best_of":1e9"#, "best_of"),
+        ] {
+            let error = parse(endpoint, members).unwrap_err();
+            assert_eq!(error.status(), 400, "{members}");
+            assert_eq!(error.param_name(), Some(param), "{members}");
+            assert!(
+                error.message().contains("from 1 to 128"),
+                "{members}: {}",
+                error.message()
+            );
+        }
     }
 
     #[test]

@@ -320,21 +320,23 @@ pub async fn reserve(
 
 /// What a request asks of its key's budget: the most it can cost on the
 /// dearest deployment of its plan — its prompt estimate and its
-/// [`output_ceiling`](InboundRequest::output_ceiling) there — with a hedge's allowance beside it, and,
-/// without `max_tokens` (the gateway then sets the output limit a
-/// reservation pays for), the least: its prompt and one output token on
-/// any of them.
+/// [`output_ceiling`](InboundRequest::output_ceiling) there in each of its
+/// [`generations`](InboundRequest::generations) — with a hedge's allowance
+/// beside it, and, without `max_tokens` (the gateway then sets the output
+/// limit a reservation pays for), the least: its prompt and one output
+/// token an answer on any of them.
 pub fn ask(snapshot: &Snapshot, request: &InboundRequest, admission: &Admission) -> budget::Ask {
     let prompt = admission.facts.input_tokens;
     let deployments = &snapshot.config.models[admission.model].deployments;
+    let generations = u64::from(request.generations());
     let (mut want, mut floor) = (0, 0);
     for i in admission.plan.order() {
         let rate = snapshot.resolved(admission.model, i).rate;
         let output = request
             .output_ceiling(deployments[i].context_window, prompt)
             .max(1);
-        want = want.max(rate.estimate_nano_usd(prompt, output));
-        floor = floor.max(rate.estimate_nano_usd(prompt, 1));
+        want = want.max(rate.estimate_nano_usd(prompt, output.saturating_mul(generations)));
+        floor = floor.max(rate.estimate_nano_usd(prompt, generations));
     }
     if request.max_output_tokens().is_some() {
         floor = want;

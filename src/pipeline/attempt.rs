@@ -492,9 +492,10 @@ async fn admit_deployment(
 
 /// The output limit the gateway sets for an attempt at `deployment`: for a
 /// request without `max_tokens` whose key has a budget, as many tokens as
-/// the reservation pays for at the deployment's prices, within its
-/// [`output_ceiling`](InboundRequest::output_ceiling). `Err` when the reservation cannot pay for one (a
-/// dearer deployment than the one it was sized on): not tried.
+/// the reservation pays for in each of its answers at the deployment's
+/// prices, within its [`output_ceiling`](InboundRequest::output_ceiling).
+/// `Err` when the reservation cannot pay for one (a dearer deployment than
+/// the one it was sized on): not tried.
 fn output_limit(
     request: &InboundRequest,
     prompt: u64,
@@ -505,7 +506,7 @@ fn output_limit(
     let (None, Some(reserved)) = (request.max_output_tokens(), meter.reserved_nano_usd()) else {
         return Ok(None);
     };
-    let limit = affordable_output(&resolved.rate, prompt, reserved)
+    let limit = affordable_output(&resolved.rate, prompt, reserved, request.generations())
         .min(request.output_ceiling(deployment.context_window, prompt));
     match u32::try_from(limit) {
         Ok(0) => Err(()),

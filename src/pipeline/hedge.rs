@@ -46,9 +46,9 @@ pub struct Fit {
 
 /// Whether a hedge at `deployment` fits `allowance`. A request with
 /// `max_tokens` fits when its worst case there does; one without is given
-/// the output limit the allowance pays for, within what the context window
-/// leaves (a hedge that wins may then end at `length` where the first
-/// deployment would have gone on).
+/// the output limit the allowance pays for in each of its answers, within
+/// what the context window leaves (a hedge that wins may then end at
+/// `length` where the first deployment would have gone on).
 pub fn fit(
     request: &InboundRequest,
     prompt: u64,
@@ -57,11 +57,13 @@ pub fn fit(
     allowance: u64,
 ) -> Option<Fit> {
     let ceiling = request.output_ceiling(deployment.context_window, prompt);
+    let generations = request.generations();
     let limit = match request.max_output_tokens() {
         Some(_) => ceiling,
-        None => affordable_output(rate, prompt, allowance).min(ceiling),
+        None => affordable_output(rate, prompt, allowance, generations).min(ceiling),
     };
-    let worst_nano_usd = rate.estimate_nano_usd(prompt, limit);
+    let worst_nano_usd =
+        rate.estimate_nano_usd(prompt, limit.saturating_mul(u64::from(generations)));
     if limit == 0 || worst_nano_usd > allowance {
         return None;
     }

@@ -348,7 +348,7 @@ impl MockUpstream {
         let (peer_closed, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             status: Mutex::new(self.status),
-            canned: openai_mock::Canned::new(self.canned_chunks),
+            canned: openai_mock::Canned::new(self.canned_chunks, 1),
             reply: self,
             requests: Mutex::new(Vec::new()),
             hits: AtomicUsize::new(0),
@@ -374,8 +374,8 @@ struct Generate {
 }
 
 impl Generate {
-    fn length(self, body: &[u8]) -> usize {
-        match openai_mock::Flags::parse(body).max_tokens() {
+    fn length(self, flags: &openai_mock::Flags) -> usize {
+        match flags.max_tokens() {
             Some(limit) if self.honours_max_tokens => self.tokens.min(limit),
             _ => self.tokens,
         }
@@ -582,7 +582,8 @@ async fn respond(
     let generated;
     let canned = match reply.generate {
         Some(generate) => {
-            generated = openai_mock::Canned::new(generate.length(&body));
+            let flags = openai_mock::Flags::parse(&body);
+            generated = openai_mock::Canned::new(generate.length(&flags), flags.generations());
             &generated
         }
         None => &shared.canned,

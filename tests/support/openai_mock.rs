@@ -38,6 +38,13 @@ pub fn route(canned: &Canned, parts: &Parts, body: &[u8]) -> Result<Route, Rejec
         ));
     };
     let flags = Flags::parse(body);
+    if let Some(field) = flags.out_of_range() {
+        return Err(Rejection::new(
+            400,
+            &[],
+            json!({"error": {"message": format!("Invalid '{field}': expected an integer from 1 to 128."), "type": "invalid_request_error", "param": field, "code": "invalid_value"}}),
+        ));
+    }
     Ok(Route {
         streaming: flags.streaming(),
         json: canned.json(endpoint, &flags).clone(),
@@ -125,6 +132,10 @@ pub struct Flags {
     max_tokens: Option<usize>,
     #[serde(default)]
     max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    n: Option<Value>,
+    #[serde(default)]
+    best_of: Option<Value>,
 }
 
 impl Flags {
@@ -144,6 +155,29 @@ impl Flags {
     /// The output limit the request sets, if any.
     pub fn max_tokens(&self) -> Option<usize> {
         self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// How many answers the request asks to be generated: `n`, or legacy
+    /// completions' `best_of`, billed in full.
+    pub fn generations(&self) -> usize {
+        [&self.n, &self.best_of]
+            .into_iter()
+            .filter_map(|v| v.as_ref()?.as_u64())
+            .max()
+            .map_or(1, |n| n as usize)
+    }
+
+    /// The count OpenAI's API refuses, if any: `n` and `best_of` are
+    /// integers from 1 to 128.
+    fn out_of_range(&self) -> Option<&'static str> {
+        [("n", &self.n), ("best_of", &self.best_of)]
+            .into_iter()
+            .find(|(_, v)| {
+                v.as_ref().is_some_and(|v| {
+                    !v.is_null() && !v.as_u64().is_some_and(|n| (1..=128).contains(&n))
+                })
+            })
+            .map(|(field, _)| field)
     }
 
     pub fn include_usage(&self) -> bool {
@@ -177,74 +211,95 @@ pub const TOOL_NAME: &str = "get_weather";
 pub const TOOL_ARGUMENTS: [&str; 2] = ["{\"city\":", "\"Paris\"}"];
 
 impl Canned {
-    pub fn new(chunks: usize) -> Self {
-        let usage = json!({"prompt_tokens": CANNED_PROMPT_TOKENS, "completion_tokens": chunks, "total_tokens": CANNED_PROMPT_TOKENS + chunks as u64});
+    /// `chunks` tokens in each of `choices` answers, as vLLM streams them:
+    /// a step's chunks one per answer, each naming its `index`; usage
+    /// counts every answer's tokens. A request with tools gets one answer.
+    pub fn new(chunks: usize, choices: usize) -> Self {
+        let usage_of = |choices: usize| {
+            let completion = (chunks * choices) as u64;
+            json!({"prompt_tokens": CANNED_PROMPT_TOKENS, "completion_tokens": completion, "total_tokens": CANNED_PROMPT_TOKENS + completion})
+        };
+        let usage = usage_of(choices);
         let text = "tok ".repeat(chunks);
         let event = |v: Value| Bytes::from(format!("data: {v}\n\n"));
         let done = Bytes::from_static(b"data: [DONE]\n\n");
-        let chat_chunk = |delta: Value, finish: Value| {
+        let chat_chunk = |index: usize, delta: Value, finish: Value| {
             event(
                 json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": CANNED_MODEL,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]}),
+                "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}]}),
             )
         };
-        let mut chat_stream = vec![chat_chunk(
-            json!({"role": "assistant", "content": ""}),
-            Value::Null,
-        )];
-        chat_stream
-            .extend((0..chunks).map(|_| chat_chunk(json!({"content": "tok "}), Value::Null)));
-        chat_stream.push(chat_chunk(json!({}), json!("stop")));
-        chat_stream.push(event(json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": CANNED_MODEL, "choices": [], "usage": usage})));
+        let each = |chunk: &dyn Fn(usize) -> Bytes| (0..choices).map(chunk).collect::<Vec<_>>();
+        let mut chat_stream =
+            each(&|i| chat_chunk(i, json!({"role": "assistant", "content": ""}), Value::Null));
+        for _ in 0..chunks {
+            chat_stream.extend(each(&|i| {
+                chat_chunk(i, json!({"content": "tok "}), Value::Null)
+            }));
+        }
+        chat_stream.extend(each(&|i| chat_chunk(i, json!({}), json!("stop"))));
+        let usage_chunk = |usage: &Value| {
+            event(
+                json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": CANNED_MODEL, "choices": [], "usage": usage}),
+            )
+        };
+        chat_stream.push(usage_chunk(&usage));
         chat_stream.push(done.clone());
-        let text_chunk = |text: &str, finish: Value| {
+        let text_chunk = |index: usize, text: &str, finish: Value| {
             event(
                 json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": CANNED_MODEL,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]}),
+                "choices": [{"index": index, "text": text, "logprobs": null, "finish_reason": finish}]}),
             )
         };
-        let mut completion_stream: Vec<Bytes> = (0..chunks)
-            .map(|_| text_chunk("tok ", Value::Null))
-            .collect();
-        completion_stream.push(text_chunk("", json!("length")));
+        let mut completion_stream = Vec::new();
+        for _ in 0..chunks {
+            completion_stream.extend(each(&|i| text_chunk(i, "tok ", Value::Null)));
+        }
+        completion_stream.extend(each(&|i| text_chunk(i, "", json!("length"))));
         completion_stream.push(event(json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": CANNED_MODEL, "choices": [], "usage": usage})));
         completion_stream.push(done.clone());
+        let one_answer = usage_of(1);
         let mut tool_stream = vec![chat_chunk(
+            0,
             json!({"role": "assistant", "content": ""}),
             Value::Null,
         )];
         tool_stream.push(chat_chunk(
+            0,
             json!({"tool_calls": [{"index": 0, "id": TOOL_CALL_ID, "type": "function", "function": {"name": TOOL_NAME, "arguments": ""}}]}),
             Value::Null,
         ));
         for piece in TOOL_ARGUMENTS {
             tool_stream.push(chat_chunk(
+                0,
                 json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
                 Value::Null,
             ));
         }
-        tool_stream.push(chat_chunk(json!({}), json!("tool_calls")));
-        tool_stream.push(chat_stream[chat_stream.len() - 2].clone());
+        tool_stream.push(chat_chunk(0, json!({}), json!("tool_calls")));
+        tool_stream.push(usage_chunk(&one_answer));
         tool_stream.push(done);
+        let answers =
+            |answer: &dyn Fn(usize) -> Value| (0..choices).map(answer).collect::<Vec<_>>();
         Self {
             tool_json: Bytes::from(
                 json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": CANNED_MODEL,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
                         {"id": TOOL_CALL_ID, "type": "function", "function": {"name": TOOL_NAME, "arguments": TOOL_ARGUMENTS.concat()}}]},
                         "logprobs": null, "finish_reason": "tool_calls"}],
-                    "usage": usage})
+                    "usage": one_answer})
                 .to_string(),
             ),
             tool_stream,
             chat_json: Bytes::from(
                 json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": CANNED_MODEL,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"}],
+                    "choices": answers(&|i| json!({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"})),
                     "usage": usage})
                 .to_string(),
             ),
             completion_json: Bytes::from(
                 json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": CANNED_MODEL,
-                    "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length"}],
+                    "choices": answers(&|i| json!({"index": i, "text": text, "logprobs": null, "finish_reason": "length"})),
                     "usage": usage})
                 .to_string(),
             ),
