@@ -311,6 +311,49 @@ async fn requests_that_break_http_get_an_openai_error_body_that_says_what_to_cha
 }
 
 #[tokio::test]
+async fn a_body_cut_short_or_badly_chunked_is_a_400_that_says_what_to_send() {
+    let addr = start().await;
+    let head =
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n";
+    for (framing, body, says) in [
+        (
+            "transfer-encoding: chunked\r\n",
+            "zz\r\n{}\r\n0\r\n\r\n",
+            "an invalid chunk size; send the body in valid chunks, or whole with a Content-Length",
+        ),
+        (
+            "transfer-encoding: chunked\r\n",
+            "2\r\n{}}\r\n0\r\n\r\n",
+            "a chunk longer than its size",
+        ),
+        (
+            "content-length: 100\r\n",
+            "{\"model\":",
+            "before the body's end; send as many bytes as the Content-Length says",
+        ),
+    ] {
+        let mut tcp = TcpStream::connect(&addr).await.unwrap();
+        let request = format!("{head}{framing}\r\n{body}");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        // The client sends no more, and says so.
+        tcp.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(support::gateway::WAIT, tcp.read_to_end(&mut answer))
+            .await
+            .expect("answered in time")
+            .unwrap();
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{body:?}: {answer}");
+        let message = error_body(&answer)["error"]["message"].clone();
+        let message = message.as_str().unwrap();
+        assert!(
+            message.starts_with("the request body could not be read: ") && message.contains(says),
+            "{body:?}: {message}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_refusal_after_a_served_request_on_the_same_connection_has_its_body() {
     let addr = start().await;
     let answer = answer_to(

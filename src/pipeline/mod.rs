@@ -363,9 +363,25 @@ pub async fn read_body(
     };
     read.map_err(|e| {
         if e.is::<http_body_util::LengthLimitError>() {
-            GatewayError::payload_too_large(limit)
-        } else {
-            GatewayError::bad_request("the request body could not be read", None)
+            return GatewayError::payload_too_large(limit);
         }
+        // The server's own reasons, which name no client bytes, under
+        // axum's wrapping.
+        let said = std::iter::successors(Some(&*e as &dyn std::error::Error), |e| e.source())
+            .find_map(|e| e.downcast_ref::<std::io::Error>());
+        let (why, fix) = match said {
+            Some(why) if why.kind() == std::io::ErrorKind::InvalidData => (
+                why,
+                "send the body in valid chunks, or whole with a Content-Length",
+            ),
+            Some(why) if why.kind() == std::io::ErrorKind::UnexpectedEof => {
+                (why, "send as many bytes as the Content-Length says")
+            }
+            _ => return GatewayError::bad_request("the request body could not be read", None),
+        };
+        GatewayError::bad_request(
+            format!("the request body could not be read: {why}; {fix}"),
+            None,
+        )
     })
 }
