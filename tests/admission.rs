@@ -337,4 +337,12 @@ async fn models_lists_and_retrieves_only_what_the_caller_can_be_served_in_its_re
     }
     let response = gateway.get("/v1/models/chat", None).await;
     assert_eq!(response.status(), 401, "a key is needed, as for the list");
+    // An id that decodes to bytes that are not UTF-8: an OpenAI error too.
+    let response = retrieve("roamer", "%ff%00").await.unwrap();
+    assert_eq!(response.status(), 400);
+    let error = error_of(response).await;
+    assert_eq!(error["param"], "model");
+    assert!(message(&error).contains("not UTF-8"), "{error}");
+    let response = gateway.get("/v1/models/%ff", None).await;
+    assert_eq!(response.status(), 401, "the key is checked first");
 }

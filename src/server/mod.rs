@@ -13,6 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -186,18 +187,31 @@ async fn models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respons
 /// `model_not_found` as for a request to it.
 async fn model(
     State(app): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let id = id.trim_end_matches('/');
     let snapshot = app.snapshot.load_full();
-    match servable(&snapshot, &headers) {
-        Ok(aliases) if aliases.contains(&id) => json_response(
+    let aliases = match servable(&snapshot, &headers) {
+        Ok(aliases) => aliases,
+        Err(e) => return e.into_response(),
+    };
+    // The one way the path can be refused: its percent-escapes decode to
+    // bytes that are not UTF-8, which no alias is.
+    let Ok(Path(id)) = id else {
+        return GatewayError::bad_request(
+            "the model id in the path is not UTF-8 once its %-escapes are decoded; send an id that GET /v1/models lists",
+            Some("model".into()),
+        )
+        .into_response();
+    };
+    let id = id.trim_end_matches('/');
+    if aliases.contains(&id) {
+        json_response(
             StatusCode::OK,
             serde_json::to_vec(&model_entry(&snapshot, id)).expect("models serialise"),
-        ),
-        Ok(aliases) => GatewayError::unknown_model(id, &aliases).into_response(),
-        Err(e) => e.into_response(),
+        )
+    } else {
+        GatewayError::unknown_model(id, &aliases).into_response()
     }
 }
 
