@@ -186,7 +186,16 @@ pub async fn spend(
     let snapshot = app.snapshot.load_full();
     let asked = auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
         only(&params, &["key", "from", "to"])?;
-        Ok((day(&params, "from")?, day(&params, "to")?))
+        let (from, to) = (day(&params, "from")?, day(&params, "to")?);
+        if let (Some(from), Some(to)) = (from, to)
+            && to < from
+        {
+            return Err(GatewayError::bad_request(
+                "`to` is before `from`: the range is inclusive, from its first day to its last",
+                Some("to".into()),
+            ));
+        }
+        Ok((from, to))
     });
     let (from, to) = match asked {
         Ok(range) => range,
