@@ -199,11 +199,28 @@ enum Open {
     Tool(u32),
 }
 
+/// A tool call whose deltas came while another call's block was open.
+/// Both APIs write a block's deltas between its start and its stop, and
+/// one block at a time, so a call that an upstream interleaves with the
+/// open one is kept whole and written once that block closes.
+struct Held {
+    index: u32,
+    /// As the upstream gave it, if it has yet.
+    id: Option<String>,
+    name: Option<String>,
+    arguments: String,
+}
+
 /// The canonical stream, turned into one API's events by its sink.
 pub struct Translator<S> {
     sink: S,
     started: bool,
     open: Open,
+    /// The open tool call's id as the upstream gave it, which tells a
+    /// next call it gives the same `index` (Ollama numbers every parallel
+    /// call 0) from more of this one.
+    open_id: Option<String>,
+    held: Vec<Held>,
     /// Blocks opened so far: the next block's index.
     blocks: usize,
     finish: Finish,
@@ -216,6 +233,8 @@ impl<S: Sink> Translator<S> {
             sink,
             started: false,
             open: Open::Nothing,
+            open_id: None,
+            held: Vec::new(),
             blocks: 0,
             finish: Finish::default(),
             done: false,
@@ -257,13 +276,21 @@ impl<S: Sink> Translator<S> {
                 let (name, arguments) = call
                     .function
                     .map_or((None, None), |f| (f.name, f.arguments));
-                if self.open != Open::Tool(index) {
-                    let id = call
-                        .id
-                        .unwrap_or_else(|| format!("call_{}", crate::id::random()));
-                    self.switch(out, Open::Tool(index), Some((&id, name.as_deref())));
+                let arguments = arguments.as_deref().filter(|a| !a.is_empty());
+                let another = named_apart(call.id.as_deref(), self.open_id.as_deref());
+                match self.open {
+                    Open::Tool(open) if open == index && !another => {}
+                    Open::Tool(open) if open != index => {
+                        self.hold(index, call.id, name, arguments);
+                        continue;
+                    }
+                    _ => {
+                        let id = call.id.clone().unwrap_or_else(new_call_id);
+                        self.switch(out, Open::Tool(index), Some((&id, name.as_deref())));
+                        self.open_id = call.id;
+                    }
                 }
-                if let Some(arguments) = arguments.as_deref().filter(|a| !a.is_empty()) {
+                if let Some(arguments) = arguments {
                     self.sink.arguments(out, self.blocks - 1, arguments);
                 }
             }
@@ -271,6 +298,33 @@ impl<S: Sink> Translator<S> {
         if choice.finish_reason.is_some() {
             self.finish = Finish::new(&choice.finish_reason, &choice.stop_reason);
         }
+    }
+
+    /// Keeps a delta of a call that is not the open one: more of the last
+    /// call held with its `index`, unless the two name different ids.
+    fn hold(
+        &mut self,
+        index: u32,
+        id: Option<String>,
+        name: Option<String>,
+        arguments: Option<&str>,
+    ) {
+        let same = self.held.iter_mut().rev().find(|held| held.index == index);
+        let held = match same {
+            Some(held) if !named_apart(id.as_deref(), held.id.as_deref()) => held,
+            _ => {
+                self.held.push(Held {
+                    index,
+                    id: None,
+                    name: None,
+                    arguments: String::new(),
+                });
+                self.held.last_mut().expect("just pushed")
+            }
+        };
+        held.id = held.id.take().or(id);
+        held.name = held.name.take().or(name);
+        held.arguments.push_str(arguments.unwrap_or_default());
     }
 
     /// Closes the open block and opens `next`.
@@ -288,11 +342,27 @@ impl<S: Sink> Translator<S> {
         }
     }
 
+    /// Closes the open block, then writes each held call as a block of
+    /// its own; the last block closed is the answer's last when `last`.
     fn close(&mut self, out: &mut BytesMut, last: bool) {
         if self.open != Open::Nothing {
-            let finish = last.then_some(&self.finish);
+            let finish = (last && self.held.is_empty()).then_some(&self.finish);
             self.sink.close(out, self.blocks - 1, finish);
             self.open = Open::Nothing;
+        }
+        let held = std::mem::take(&mut self.held);
+        let count = held.len();
+        for (n, call) in held.into_iter().enumerate() {
+            let index = self.blocks;
+            self.blocks += 1;
+            let id = call.id.unwrap_or_else(new_call_id);
+            let name = call.name.as_deref().unwrap_or_default();
+            self.sink.open_tool(out, index, &id, name);
+            if !call.arguments.is_empty() {
+                self.sink.arguments(out, index, &call.arguments);
+            }
+            let finish = (last && n + 1 == count).then_some(&self.finish);
+            self.sink.close(out, index, finish);
         }
     }
 
@@ -316,6 +386,17 @@ impl<S: Sink> Translator<S> {
             self.sink.error(out, error);
         }
     }
+}
+
+/// Whether two tool-call deltas name different calls: both give an id,
+/// and the ids differ.
+fn named_apart(a: Option<&str>, b: Option<&str>) -> bool {
+    matches!((a, b), (Some(a), Some(b)) if a != b)
+}
+
+/// An id for a tool call whose upstream gave it none.
+fn new_call_id() -> String {
+    format!("call_{}", crate::id::random())
 }
 
 /// An SSE event with its `event:` line, as both inbound APIs write them.
@@ -408,10 +489,10 @@ pub mod testing {
     }
 
     /// A random canonical stream: reasoning (under either of vLLM's
-    /// names), then text, then tool calls one after another, each cut
-    /// into random deltas (a tool call's id and name in its first), after
-    /// a role-only delta and with empty ones between; and the answer it
-    /// holds.
+    /// names), then text, then tool calls, each cut into random deltas (a
+    /// tool call's id and name in its first), one call after another or
+    /// interleaved, after a role-only delta and with empty ones between;
+    /// and the answer it holds.
     pub fn stream(rng: &mut fastrand::Rng) -> (Vec<Value>, Answer) {
         let mut answer = Answer {
             thinking: if rng.bool() {
@@ -443,16 +524,48 @@ pub mod testing {
                 chunks.push(chunk(json!({}), None));
             }
         }
+        // Each call's deltas, in order; its id and name in its first.
+        let mut calls: Vec<std::collections::VecDeque<Value>> = Vec::new();
         for (index, (id, name, arguments)) in answer.tools.iter().enumerate() {
-            for (n, piece) in pieces(rng, arguments).into_iter().enumerate() {
-                let mut call = json!({"index": index, "function": {"arguments": piece}});
-                if n == 0 {
-                    call["id"] = json!(id);
-                    call["type"] = json!("function");
-                    call["function"]["name"] = json!(name);
-                }
-                chunks.push(chunk(json!({"tool_calls": [call]}), None));
+            let deltas = pieces(rng, arguments)
+                .into_iter()
+                .enumerate()
+                .map(|(n, piece)| {
+                    let mut call = json!({"index": index, "function": {"arguments": piece}});
+                    if n == 0 {
+                        call["id"] = json!(id);
+                        call["type"] = json!("function");
+                        call["function"]["name"] = json!(name);
+                    }
+                    call
+                });
+            calls.push(deltas.collect());
+        }
+        // One call after another, or, as some servers send parallel calls,
+        // interleaved: each call begins after the one before it has, and
+        // a chunk may carry deltas of several.
+        let interleaved = rng.bool();
+        let mut begun = 0;
+        loop {
+            let live: Vec<usize> = (0..calls.len())
+                .filter(|&i| !calls[i].is_empty() && i <= begun)
+                .collect();
+            if live.is_empty() {
+                break;
             }
+            let mut deltas = Vec::new();
+            for _ in 0..if interleaved { rng.usize(1..3) } else { 1 } {
+                let i = if interleaved {
+                    live[rng.usize(..live.len())]
+                } else {
+                    live[0]
+                };
+                if let Some(delta) = calls[i].pop_front() {
+                    begun = begun.max(i + 1);
+                    deltas.push(delta);
+                }
+            }
+            chunks.push(chunk(json!({"tool_calls": deltas}), None));
         }
         let finish = if answer.tools.is_empty() {
             "stop"

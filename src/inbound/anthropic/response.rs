@@ -277,6 +277,91 @@ mod tests {
     }
 
     #[test]
+    fn parallel_calls_are_whole_blocks_however_an_upstream_numbers_or_interleaves_them() {
+        let call = |index: u32, id: Option<&str>, name: Option<&str>, arguments: &str| {
+            let mut call = json!({"index": index, "function": {"arguments": arguments}});
+            if let Some(id) = id {
+                call["id"] = json!(id);
+            }
+            if let Some(name) = name {
+                call["function"]["name"] = json!(name);
+            }
+            call
+        };
+        let tools = |chunks: &[Value]| {
+            let mut chunks = chunks.to_vec();
+            chunks.push(chunk(json!({}), Some("tool_calls")));
+            reassemble(&run(&chunks, &[], Usage::new(5, 3))).tools
+        };
+        let owned = |calls: &[(&str, &str, &str)]| -> Vec<(String, String, String)> {
+            calls
+                .iter()
+                .map(|(id, name, arguments)| {
+                    (id.to_string(), name.to_string(), arguments.to_string())
+                })
+                .collect()
+        };
+        // Both calls begun in one chunk, their arguments in later ones.
+        let interleaved = [
+            chunk(
+                json!({"tool_calls": [call(0, Some("a"), Some("f"), ""), call(1, Some("b"), Some("g"), "")]}),
+                None,
+            ),
+            chunk(
+                json!({"tool_calls": [call(0, None, None, "{\"x\":")]}),
+                None,
+            ),
+            chunk(
+                json!({"tool_calls": [call(1, None, None, "{\"y\":2}")]}),
+                None,
+            ),
+            chunk(json!({"tool_calls": [call(0, None, None, "1}")]}), None),
+        ];
+        assert_eq!(
+            tools(&interleaved),
+            owned(&[("a", "f", "{\"x\":1}"), ("b", "g", "{\"y\":2}")])
+        );
+        // Ollama numbers every call of a parallel batch 0; the id tells
+        // them apart, there and among the calls held.
+        let same_index = [
+            chunk(
+                json!({"tool_calls": [call(0, Some("a"), Some("f"), "{}")]}),
+                None,
+            ),
+            chunk(
+                json!({"tool_calls": [call(0, Some("b"), Some("g"), "{\"y\":2}")]}),
+                None,
+            ),
+        ];
+        assert_eq!(
+            tools(&same_index),
+            owned(&[("a", "f", "{}"), ("b", "g", "{\"y\":2}")])
+        );
+        let held_twice = [
+            chunk(
+                json!({"tool_calls": [call(0, Some("a"), Some("f"), "")]}),
+                None,
+            ),
+            chunk(
+                json!({"tool_calls": [call(1, Some("b"), Some("g"), "[1]")]}),
+                None,
+            ),
+            chunk(
+                json!({"tool_calls": [call(1, Some("c"), Some("h"), "[2]")]}),
+                None,
+            ),
+            chunk(
+                json!({"tool_calls": [call(0, Some("a"), None, "{}")]}),
+                None,
+            ),
+        ];
+        assert_eq!(
+            tools(&held_twice),
+            owned(&[("a", "f", "{}"), ("b", "g", "[1]"), ("c", "h", "[2]")])
+        );
+    }
+
+    #[test]
     fn stop_reasons_follow_how_the_answer_ended() {
         let text = chunk(json!({"content": "hi"}), None);
         let stop_reason = |finish: Value, stops: &[&str]| {
