@@ -168,24 +168,26 @@ async fn a_stream_is_hedged_before_its_first_chunk_only() {
     assert_eq!(hedges(&gateway, "hedge_won").await, Some(1.0));
 }
 
-#[tokio::test]
-async fn no_hedge_goes_beyond_the_allowance() {
+/// Asserts that `body`, whose first deployment is slow to answer, is not
+/// hedged: its worst case on the second is over a $0.01 allowance.
+async fn not_hedged_over_the_allowance(body: Value) {
     let first = MockUpstream::openai()
         .first_byte_after(Duration::from_millis(400))
         .start()
         .await;
     let second = MockUpstream::openai().start().await;
-    // At $6 per Mtok of output, 2,000 output tokens alone cost $0.012.
     let gateway = support::gateway::start(&two(&first, &second, 0.01)).await;
-    let response = gateway.chat(hi(2_000)).await;
+    let response = gateway.chat(body).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-tollgate-backend"], "first");
     assert_eq!(response.headers()["x-tollgate-attempts"], "1");
     assert_eq!(second.hits(), 0);
     assert_eq!(hedges(&gateway, "over_allowance").await, Some(1.0));
+}
 
-    // Without max_tokens, the hedge is sent with the output limit the
-    // allowance pays for: ($0.01 − the prompt at $3) / $6 per Mtok.
+/// The output limit the hedge of `body`, which sets none, is sent with
+/// at a $0.01 allowance; the first attempt is sent without one.
+async fn hedge_limit(body: Value) -> u64 {
     let slow = MockUpstream::openai()
         .first_byte_after(SLOW)
         .record(true)
@@ -193,49 +195,37 @@ async fn no_hedge_goes_beyond_the_allowance() {
         .await;
     let second = MockUpstream::openai().record(true).start().await;
     let gateway = support::gateway::start(&two(&slow, &second, 0.01)).await;
-    let response = gateway
-        .chat(json!({"model": "chat", "messages": [{"role": "user", "content": "hello there"}]}))
-        .await;
+    let response = gateway.chat(body).await;
     assert_eq!(response.headers()["x-tollgate-backend"], "second");
-    let sent: Value = serde_json::from_slice(&second.single_request().body).unwrap();
-    let limit = sent["max_completion_tokens"]
-        .as_u64()
-        .or(sent["max_tokens"].as_u64())
-        .expect("the hedge carries an output limit");
-    assert!((1_660..=1_667).contains(&limit), "{limit}: {sent}");
     let first_sent: Value = serde_json::from_slice(&slow.single_request().body).unwrap();
     assert!(
         first_sent.get("max_tokens").is_none() && first_sent.get("max_completion_tokens").is_none()
     );
-
-    // With four answers, the allowance pays for a quarter of that each,
-    // and a limit of 500 each is 2,000 tokens: over it.
-    let slow = MockUpstream::openai()
-        .first_byte_after(SLOW)
-        .record(true)
-        .start()
-        .await;
-    let second = MockUpstream::openai().record(true).start().await;
-    let gateway = support::gateway::start(&two(&slow, &second, 0.01)).await;
-    let four =
-        json!({"model": "chat", "n": 4, "messages": [{"role": "user", "content": "hello there"}]});
-    let response = gateway.chat(four).await;
-    assert_eq!(response.headers()["x-tollgate-backend"], "second");
     let sent: Value = serde_json::from_slice(&second.single_request().body).unwrap();
-    let limit = sent["max_completion_tokens"].as_u64().unwrap();
-    assert!((415..=416).contains(&limit), "{limit}: {sent}");
-    let first = MockUpstream::openai()
-        .first_byte_after(Duration::from_millis(400))
-        .start()
-        .await;
-    let second = MockUpstream::openai().start().await;
-    let gateway = support::gateway::start(&two(&first, &second, 0.01)).await;
+    sent["max_completion_tokens"]
+        .as_u64()
+        .or(sent["max_tokens"].as_u64())
+        .unwrap_or_else(|| panic!("the hedge carries an output limit: {sent}"))
+}
+
+#[tokio::test]
+async fn no_hedge_goes_beyond_the_allowance() {
+    // At $6 per Mtok of output, 2,000 output tokens alone cost $0.012.
+    not_hedged_over_the_allowance(hi(2_000)).await;
+    // Without max_tokens, the hedge is sent with the output limit the
+    // allowance pays for: ($0.01 − the prompt at $3) / $6 per Mtok.
+    let hello = json!({"model": "chat", "messages": [{"role": "user", "content": "hello there"}]});
+    let limit = hedge_limit(hello.clone()).await;
+    assert!((1_660..=1_667).contains(&limit), "{limit}");
+    // With four answers, a quarter of that each; and a limit of 500 each
+    // is 2,000 tokens, over the allowance.
+    let mut four = hello;
+    four["n"] = json!(4);
+    let limit = hedge_limit(four).await;
+    assert!((415..=416).contains(&limit), "{limit}");
     let mut four_of_500 = hi(500);
     four_of_500["n"] = json!(4);
-    let response = gateway.chat(four_of_500).await;
-    assert_eq!(response.headers()["x-tollgate-backend"], "first");
-    assert_eq!(second.hits(), 0);
-    assert_eq!(hedges(&gateway, "over_allowance").await, Some(1.0));
+    not_hedged_over_the_allowance(four_of_500).await;
 }
 
 #[tokio::test]

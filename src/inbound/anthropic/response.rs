@@ -278,87 +278,55 @@ mod tests {
 
     #[test]
     fn parallel_calls_are_whole_blocks_however_an_upstream_numbers_or_interleaves_them() {
-        let call = |index: u32, id: Option<&str>, name: Option<&str>, arguments: &str| {
-            let mut call = json!({"index": index, "function": {"arguments": arguments}});
-            if let Some(id) = id {
-                call["id"] = json!(id);
-            }
-            if let Some(name) = name {
-                call["function"]["name"] = json!(name);
-            }
-            call
-        };
-        let tools = |chunks: &[Value]| {
-            let mut chunks = chunks.to_vec();
-            chunks.push(chunk(json!({}), Some("tool_calls")));
-            reassemble(&run(&chunks, &[], Usage::new(5, 3))).tools
-        };
-        let owned = |calls: &[(&str, &str, &str)]| -> Vec<(String, String, String)> {
-            calls
+        // A chunk of tool-call deltas, each (index, id, name, arguments).
+        let deltas = |calls: &[(u32, Option<&str>, Option<&str>, &str)]| {
+            let calls: Vec<Value> = calls
                 .iter()
-                .map(|(id, name, arguments)| {
-                    (id.to_string(), name.to_string(), arguments.to_string())
+                .map(|&(index, id, name, arguments)| {
+                    let mut call = json!({"index": index, "function": {"arguments": arguments}});
+                    if let Some(id) = id {
+                        call["id"] = json!(id);
+                    }
+                    if let Some(name) = name {
+                        call["function"]["name"] = json!(name);
+                    }
+                    call
                 })
-                .collect()
+                .collect();
+            chunk(json!({ "tool_calls": calls }), None)
+        };
+        let tools = |mut chunks: Vec<Value>| {
+            chunks.push(chunk(json!({}), Some("tool_calls")));
+            let answer = reassemble(&run(&chunks, &[], Usage::new(5, 3)));
+            let tools: Vec<String> = answer
+                .tools
+                .iter()
+                .map(|(id, name, arguments)| format!("{id} {name} {arguments}"))
+                .collect();
+            tools
         };
         // Both calls begun in one chunk, their arguments in later ones.
-        let interleaved = [
-            chunk(
-                json!({"tool_calls": [call(0, Some("a"), Some("f"), ""), call(1, Some("b"), Some("g"), "")]}),
-                None,
-            ),
-            chunk(
-                json!({"tool_calls": [call(0, None, None, "{\"x\":")]}),
-                None,
-            ),
-            chunk(
-                json!({"tool_calls": [call(1, None, None, "{\"y\":2}")]}),
-                None,
-            ),
-            chunk(json!({"tool_calls": [call(0, None, None, "1}")]}), None),
+        let interleaved = vec![
+            deltas(&[(0, Some("a"), Some("f"), ""), (1, Some("b"), Some("g"), "")]),
+            deltas(&[(0, None, None, "{\"x\":")]),
+            deltas(&[(1, None, None, "{\"y\":2}")]),
+            deltas(&[(0, None, None, "1}")]),
         ];
-        assert_eq!(
-            tools(&interleaved),
-            owned(&[("a", "f", "{\"x\":1}"), ("b", "g", "{\"y\":2}")])
-        );
+        assert_eq!(tools(interleaved), ["a f {\"x\":1}", "b g {\"y\":2}"]);
         // Ollama numbers every call of a parallel batch 0; the id tells
         // them apart, there and among the calls held.
-        let same_index = [
-            chunk(
-                json!({"tool_calls": [call(0, Some("a"), Some("f"), "{}")]}),
-                None,
-            ),
-            chunk(
-                json!({"tool_calls": [call(0, Some("b"), Some("g"), "{\"y\":2}")]}),
-                None,
-            ),
+        let same_index = vec![
+            deltas(&[(0, Some("a"), Some("f"), "{}")]),
+            deltas(&[(0, Some("b"), Some("g"), "[2]")]),
         ];
-        assert_eq!(
-            tools(&same_index),
-            owned(&[("a", "f", "{}"), ("b", "g", "{\"y\":2}")])
-        );
-        let held_twice = [
-            chunk(
-                json!({"tool_calls": [call(0, Some("a"), Some("f"), "")]}),
-                None,
-            ),
-            chunk(
-                json!({"tool_calls": [call(1, Some("b"), Some("g"), "[1]")]}),
-                None,
-            ),
-            chunk(
-                json!({"tool_calls": [call(1, Some("c"), Some("h"), "[2]")]}),
-                None,
-            ),
-            chunk(
-                json!({"tool_calls": [call(0, Some("a"), None, "{}")]}),
-                None,
-            ),
+        assert_eq!(tools(same_index), ["a f {}", "b g [2]"]);
+        let held_twice = vec![
+            deltas(&[(0, Some("a"), Some("f"), "")]),
+            deltas(&[(1, Some("b"), Some("g"), "[1]")]),
+            deltas(&[(1, Some("c"), Some("h"), "[2]")]),
+            deltas(&[(0, Some("a"), None, "{}")]),
         ];
-        assert_eq!(
-            tools(&held_twice),
-            owned(&[("a", "f", "{}"), ("b", "g", "[1]"), ("c", "h", "[2]")])
-        );
+        assert_eq!(tools(held_twice), ["a f {}", "b g [1]", "c h [2]"]);
     }
 
     #[test]
