@@ -354,6 +354,32 @@ async fn a_body_cut_short_or_badly_chunked_is_a_400_that_says_what_to_send() {
 }
 
 #[tokio::test]
+async fn a_compressed_body_is_a_415_that_says_to_send_it_uncompressed() {
+    let gateway = support::gateway::start(&config()).await;
+    let send = |coding: &'static str| {
+        gateway
+            .post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header("content-encoding", coding)
+            .body(STREAM)
+            .send()
+    };
+    for coding in ["gzip", "br, gzip", "zstd"] {
+        let response = send(coding).await.unwrap();
+        assert_eq!(response.status(), 415, "{coding}");
+        let error: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "unsupported_content_encoding");
+        assert_eq!(
+            error["error"]["message"],
+            format!(
+                "the request body is compressed (Content-Encoding: {coding}), which this gateway does not decode; send it uncompressed"
+            )
+        );
+    }
+    assert_eq!(send("identity").await.unwrap().status(), 200);
+}
+
+#[tokio::test]
 async fn a_refusal_after_a_served_request_on_the_same_connection_has_its_body() {
     let addr = start().await;
     let answer = answer_to(

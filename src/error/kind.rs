@@ -12,6 +12,9 @@ pub enum ErrorKind {
     /// The prompt alone is more than the key's whole `tpm`.
     PromptOverTpm,
     PayloadTooLarge,
+    /// The body is compressed (`Content-Encoding`), which the gateway
+    /// does not decode.
+    UnsupportedEncoding,
     /// The request is not valid HTTP/1.1 (framing, header bytes, request
     /// line); hyper refuses it before any route runs.
     MalformedHttp,
@@ -83,6 +86,7 @@ impl ErrorKind {
             | ContextLengthExceeded => StatusCode::BAD_REQUEST,
             HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Unauthorized => StatusCode::UNAUTHORIZED,
             ModelNotAllowed | RegionNotAllowed => StatusCode::FORBIDDEN,
@@ -149,6 +153,7 @@ impl ErrorKind {
         Some(match self {
             PromptOverTpm | PayloadTooLarge => "request_too_large",
             MalformedHttp => "malformed_http",
+            UnsupportedEncoding => "unsupported_content_encoding",
             HeadTooLarge => "headers_too_large",
             BodyTimeout => "request_timeout",
             Unauthorized => "invalid_api_key",
@@ -249,7 +254,7 @@ impl ErrorKind {
                 _ => "bad_request",
             },
             BadRequest | PromptOverTpm | MethodNotAllowed | EndpointUnsupported | BodyTimeout
-            | MalformedHttp => "bad_request",
+            | MalformedHttp | UnsupportedEncoding => "bad_request",
             UpstreamRateLimited => "upstream_rate_limited",
             UpstreamTooLarge => "upstream_too_large",
             UpstreamTimeout | UpstreamIdle => "upstream_timeout",
@@ -272,6 +277,7 @@ mod tests {
         BadRequest,
         PromptOverTpm,
         PayloadTooLarge,
+        UnsupportedEncoding,
         MalformedHttp,
         HeadTooLarge,
         BodyTimeout,

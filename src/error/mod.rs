@@ -132,6 +132,18 @@ impl GatewayError {
         )
     }
 
+    /// A body sent compressed: `coding` is its `Content-Encoding`, as the
+    /// client wrote it.
+    pub fn unsupported_encoding(coding: &str) -> Self {
+        Self::new(
+            ErrorKind::UnsupportedEncoding,
+            format!(
+                "the request body is compressed (Content-Encoding: {}), which this gateway does not decode; send it uncompressed",
+                echo(coding)
+            ),
+        )
+    }
+
     /// A request that is not HTTP/1.1 as RFC 9112 frames it, refused
     /// before any route ran; `problem` says which rule it broke and what
     /// to send instead.

@@ -335,14 +335,24 @@ fn operation(endpoint: Endpoint) -> &'static str {
     }
 }
 
-/// The request body, refused (413) over `server.max_body_bytes`, whether
-/// declared or sent, and (408) when it takes longer than
-/// `server.body_timeout_ms` to arrive.
+/// The request body, refused (415) when compressed, (413) over
+/// `server.max_body_bytes`, whether declared or sent, and (408) when it
+/// takes longer than `server.body_timeout_ms` to arrive.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
     server: &ServerConfig,
 ) -> Result<Bytes, GatewayError> {
+    if let Some(coding) = headers.get(header::CONTENT_ENCODING).filter(|coding| {
+        !coding
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"identity")
+    }) {
+        return Err(GatewayError::unsupported_encoding(
+            &String::from_utf8_lossy(coding.as_bytes()),
+        ));
+    }
     let limit = server.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
