@@ -108,7 +108,9 @@ async fn serve(
     let snapshot = &*ctx.snapshot;
     let key = auth::authenticate(snapshot, headers)?;
     let bytes = read_body(headers, body, &snapshot.config.server).await?;
-    let (request, reply) = api.parse(bytes)?;
+    let (request, reply) = api
+        .parse(bytes)
+        .map_err(|e| compressed(headers).unwrap_or(e))?;
     if let Some(trace) = trace {
         trace.requested(request.model());
     }
@@ -298,7 +300,9 @@ pub async fn count_tokens(app: &AppState, headers: &HeaderMap, body: Body) -> Re
     let counted = async {
         let key = auth::authenticate(&snapshot, headers)?;
         let bytes = read_body(headers, body, &snapshot.config.server).await?;
-        let (request, _) = Api::Messages.parse(with_max_tokens(bytes))?;
+        let (request, _) = Api::Messages
+            .parse(with_max_tokens(bytes))
+            .map_err(|e| compressed(headers).unwrap_or(e))?;
         let region = headers.get(&REGION).map(HeaderValue::as_bytes);
         admit::admit(&snapshot, &request, key, region, None)
             .map(|admission| admission.facts.input_tokens)
@@ -335,24 +339,32 @@ fn operation(endpoint: Endpoint) -> &'static str {
     }
 }
 
-/// The request body, refused (415) when compressed, (413) over
-/// `server.max_body_bytes`, whether declared or sent, and (408) when it
-/// takes longer than `server.body_timeout_ms` to arrive.
+/// The refusal of a body sent compressed (a `Content-Encoding` but
+/// `identity`), which the gateway does not decode. Asked only of a body
+/// that did not parse, which a compressed one never does: a request that
+/// parses pays no header lookup for it.
+pub fn compressed(headers: &HeaderMap) -> Option<GatewayError> {
+    headers
+        .get(header::CONTENT_ENCODING)
+        .filter(|coding| {
+            !coding
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"identity")
+        })
+        .map(|coding| {
+            GatewayError::unsupported_encoding(&String::from_utf8_lossy(coding.as_bytes()))
+        })
+}
+
+/// The request body, refused (413) over `server.max_body_bytes`, whether
+/// declared or sent, and (408) when it takes longer than
+/// `server.body_timeout_ms` to arrive.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
     server: &ServerConfig,
 ) -> Result<Bytes, GatewayError> {
-    if let Some(coding) = headers.get(header::CONTENT_ENCODING).filter(|coding| {
-        !coding
-            .as_bytes()
-            .trim_ascii()
-            .eq_ignore_ascii_case(b"identity")
-    }) {
-        return Err(GatewayError::unsupported_encoding(
-            &String::from_utf8_lossy(coding.as_bytes()),
-        ));
-    }
     let limit = server.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)

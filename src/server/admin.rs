@@ -17,7 +17,7 @@ use crate::error::GatewayError;
 use crate::ledger::Unavailable;
 use crate::pipeline::admit::{ExplainRequest, explain};
 use crate::pipeline::respond::json_response;
-use crate::pipeline::{auth, read_body};
+use crate::pipeline::{auth, compressed, read_body};
 use crate::state::{AppState, ReloadError, ReloadReport, Snapshot};
 
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
@@ -68,6 +68,9 @@ async fn authorised_body(
     body: Body,
 ) -> Result<Bytes, GatewayError> {
     auth::authenticate_admin(snapshot, headers, uri.path())?;
+    if let Some(refusal) = compressed(headers) {
+        return Err(refusal);
+    }
     read_body(headers, body, &snapshot.config.server).await
 }
 
