@@ -15,7 +15,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use tokio::net::TcpListener;
@@ -271,8 +271,14 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
         .into_response()
 }
 
-async fn not_found(uri: Uri) -> Response {
-    GatewayError::not_found(uri.path()).into_response()
+/// Names the request as its line did, without the query, which may hold
+/// a secret; a CONNECT's target is an authority, not a path.
+async fn not_found(method: Method, uri: Uri) -> Response {
+    let target = match uri.path() {
+        "" => uri.authority().map_or("", |authority| authority.as_str()),
+        path => path,
+    };
+    GatewayError::not_found(&format!("{method} {target}")).into_response()
 }
 
 async fn method_not_allowed() -> Response {

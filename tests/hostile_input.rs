@@ -1,0 +1,253 @@
+//! Bad input, as a client or an attacker sends it, gets an error in the
+//! shape of the API it was sent to — JSON with a status, a type and a
+//! message that says what to change — never plain text, a hang, a secret
+//! or a dead process. Each request goes on a connection of its own, as
+//! raw bytes, so that nothing a client library would fix up is fixed.
+
+mod support;
+
+use serde_json::Value;
+use support::config::{Backend, Config, Deployment, Key, Model};
+use support::gateway::{ADMIN_TOKEN, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const KEY: &str = "team-secret";
+
+/// The answer to `request`, read until the gateway closes the connection
+/// (every request here says `connection: close`, or is refused, which
+/// closes it).
+async fn answer(addr: &str, request: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    // A request refused from its head may be answered before the rest is
+    // written, and the connection closed under the writer.
+    let _ = tcp.write_all(request).await;
+    let mut read = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        let mut chunk = [0; 8192];
+        while let Ok(n @ 1..) = tcp.read(&mut chunk).await {
+            read.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no answer in time to {:?}", head_of(request)));
+    let end = read
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head in {:?}", String::from_utf8_lossy(&read)));
+    let head = String::from_utf8(read[..end].to_vec())
+        .unwrap()
+        .to_lowercase();
+    let status = head[9..12].parse().unwrap();
+    (status, head, read[end + 4..].to_vec())
+}
+
+fn head_of(request: &[u8]) -> String {
+    String::from_utf8_lossy(&request[..request.len().min(120)]).into_owned()
+}
+
+/// A POST of `body` to `path` with the key, closing after the answer.
+fn post(path: &str, body: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nhost: g\r\nauthorization: Bearer {KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+/// A request with the key and any head lines, closing after the answer.
+fn raw(line: &str, headers: &str, body: &str) -> Vec<u8> {
+    format!(
+        "{line}\r\nhost: g\r\nauthorization: Bearer {KEY}\r\n{headers}connection: close\r\n\r\n{body}"
+    )
+    .into_bytes()
+}
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn chat(members: &str) -> Vec<u8> {
+    post(
+        CHAT,
+        format!(r#"{{"model":"chat","messages":[{{"role":"user","content":"hi"}}]{members}}}"#)
+            .as_bytes(),
+    )
+}
+
+#[tokio::test]
+async fn every_bad_request_gets_an_error_in_its_apis_shape_and_the_gateway_stays_up() {
+    let config = Config::new()
+        .backend(Backend::simulated("sim").answers(5, 1000, 5))
+        .model(Model::new("chat").deployment(Deployment::new("sim", "m")))
+        .key(Key::new("team"))
+        .admin();
+    let gateway = support::gateway::start(&config).await;
+    let addr = gateway.base.trim_start_matches("http://").to_owned();
+    let deep = format!("[{}{}", "[".repeat(100_000), "]".repeat(100_001));
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        // HTTP/1.1 framing and head.
+        ("not a request line", b"GARBAGE\r\n\r\n".to_vec(), 400),
+        ("HTTP/2.0 as text", b"GET /v1/models HTTP/2.0\r\n\r\n".to_vec(), 400),
+        (
+            "a 100 KB target",
+            format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(100_000)).into_bytes(),
+            431,
+        ),
+        (
+            "10,000 headers",
+            format!(
+                "GET /v1/models HTTP/1.1\r\n{}\r\n",
+                "x-a: b\r\n".repeat(10_000)
+            )
+            .into_bytes(),
+            431,
+        ),
+        (
+            "a header of 1 MB",
+            format!("GET /v1/models HTTP/1.1\r\nx-a: {}\r\n\r\n", "a".repeat(1 << 20)).into_bytes(),
+            431,
+        ),
+        ("a NUL in a header", b"GET /v1/models HTTP/1.1\r\nx-a: a\0b\r\n\r\n".to_vec(), 400),
+        ("a folded header", b"GET /v1/models HTTP/1.1\r\nx-a: a\r\n b\r\n\r\n".to_vec(), 400),
+        ("a space before a colon", b"GET /v1/models HTTP/1.1\r\nhost : g\r\n\r\n".to_vec(), 400),
+        ("a negative length", raw(&format!("POST {CHAT} HTTP/1.1"), "content-length: -1\r\n", ""), 400),
+        (
+            "a length of 20 digits",
+            raw(&format!("POST {CHAT} HTTP/1.1"), "content-length: 99999999999999999999\r\n", ""),
+            400,
+        ),
+        ("two lengths", raw(&format!("POST {CHAT} HTTP/1.1"), "content-length: 2\r\ncontent-length: 3\r\n", "{}"), 400),
+        (
+            "a length and chunks",
+            raw(&format!("POST {CHAT} HTTP/1.1"), "content-length: 5\r\ntransfer-encoding: chunked\r\n", "0\r\n\r\n"),
+            400,
+        ),
+        ("gzip framing", raw(&format!("POST {CHAT} HTTP/1.1"), "transfer-encoding: gzip\r\n", "abc"), 400),
+        (
+            "a chunk size past 64 bits",
+            raw(&format!("POST {CHAT} HTTP/1.1"), "transfer-encoding: chunked\r\n", "ffffffffffffffffffff\r\n"),
+            400,
+        ),
+        (
+            "a declared body over the limit",
+            raw(&format!("POST {CHAT} HTTP/1.1"), "content-length: 5000000\r\n", ""),
+            413,
+        ),
+        ("GET of chat", raw(&format!("GET {CHAT} HTTP/1.1"), "", ""), 405),
+        ("an unknown path", raw("GET /v1/nope HTTP/1.1", "", ""), 404),
+        ("CONNECT", raw("CONNECT evil:443 HTTP/1.1", "", ""), 404),
+        ("a model id not UTF-8", raw("GET /v1/models/%ff%00 HTTP/1.1", "", ""), 400),
+        // The key.
+        (
+            "no key",
+            format!("POST {CHAT} HTTP/1.1\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}")
+                .into_bytes(),
+            401,
+        ),
+        (
+            "a wrong key",
+            format!(
+                "POST {CHAT} HTTP/1.1\r\nauthorization: Bearer nope\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+            )
+            .into_bytes(),
+            401,
+        ),
+        (
+            "a key of 64 KB",
+            format!(
+                "POST {CHAT} HTTP/1.1\r\nauthorization: Bearer {}\r\ncontent-length: 2\r\n\r\n{{}}",
+                "k".repeat(1 << 16)
+            )
+            .into_bytes(),
+            431,
+        ),
+        // The body.
+        ("an empty body", post(CHAT, b""), 400),
+        ("null", post(CHAT, b"null"), 400),
+        ("an array", post(CHAT, b"[]"), 400),
+        ("a byte-order mark", post(CHAT, "\u{feff}{}".as_bytes()), 400),
+        ("nesting 100,000 deep", chat(&format!(r#","x":{deep}"#)), 400),
+        ("bytes that are not UTF-8", post(CHAT, b"{\"model\":\"\xff\",\"messages\":[]}"), 400),
+        ("a raw NUL in a string", post(CHAT, b"{\"model\":\"chat\",\"messages\":[{\"role\":\"user\",\"content\":\"a\0b\"}]}"), 400),
+        ("a lone surrogate", post(CHAT, br#"{"model":"chat","messages":[{"role":"user","content":"\ud800"}]}"#), 400),
+        ("more after the object", post(CHAT, br#"{"model":"chat","messages":[]}{}"#), 400),
+        ("the model twice", chat(r#","model":"chat""#), 400),
+        ("a model that is an object", post(CHAT, br#"{"model":{},"messages":[]}"#), 400),
+        ("a model of 1 MB", post(CHAT, format!(r#"{{"model":"{}","messages":[{{"role":"user","content":"hi"}}]}}"#, "m".repeat(1 << 20)).as_bytes()), 404),
+        ("no messages", post(CHAT, br#"{"model":"chat","messages":[]}"#), 400),
+        ("max_tokens past f64", chat(r#","max_tokens":1e999"#), 400),
+        ("max_tokens negative", chat(r#","max_tokens":-1"#), 400),
+        ("NaN", chat(r#","temperature":NaN"#), 400),
+        ("n of 0", chat(r#","n":0"#), 400),
+        ("stream as a string", chat(r#","stream":"true""#), 400),
+        ("a gzip body", {
+            let mut request = raw(&format!("POST {CHAT} HTTP/1.1"), "content-encoding: gzip\r\ncontent-length: 4\r\n", "");
+            request.extend_from_slice(b"\x1f\x8b\x08\x00");
+            request
+        }, 415),
+        ("an embeddings input of 100,000", post("/v1/embeddings", format!(r#"{{"model":"chat","input":{:?}}}"#, vec!["x"; 100_000]).as_bytes()), 400),
+        ("Messages: nothing", post("/v1/messages", b"{}"), 400),
+        ("Messages: nesting", post("/v1/messages", format!(r#"{{"model":"chat","max_tokens":5,"messages":{deep}}}"#).as_bytes()), 400),
+        ("Responses: nothing", post("/v1/responses", b"{}"), 400),
+        ("Responses: stored state", post("/v1/responses", br#"{"model":"chat","input":"x","previous_response_id":"r"}"#), 400),
+        // The admin API.
+        (
+            "spend with a bad date",
+            format!("GET /admin/spend?from=yesterday HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\nconnection: close\r\n\r\n").into_bytes(),
+            400,
+        ),
+        (
+            "explain of garbage",
+            format!("POST /admin/explain HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\ncontent-length: 3\r\nconnection: close\r\n\r\nabc").into_bytes(),
+            400,
+        ),
+    ];
+    for (case, request, status) in &cases {
+        let (got, head, body) = answer(&addr, request).await;
+        assert_eq!(got, *status, "{case}: {}", String::from_utf8_lossy(&body));
+        assert!(
+            head.contains("\r\ncontent-type: application/json"),
+            "{case}: {head}"
+        );
+        let text = String::from_utf8(body).unwrap_or_else(|_| panic!("{case}: not UTF-8"));
+        assert!(
+            !text.contains(KEY) && !text.contains(ADMIN_TOKEN),
+            "{case} leaks a key: {text}"
+        );
+        let error: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{case}: {e}: {text}"));
+        // The Messages API's errors are Anthropic's shape; the rest OpenAI's.
+        let anthropic = head_of(request).contains("/v1/messages");
+        if anthropic {
+            assert_eq!(error["type"], "error", "{case}: {error}");
+        } else {
+            assert!(
+                error["error"]["code"].is_string() || error["error"]["code"].is_null(),
+                "{case}: {error}"
+            );
+        }
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.len() > 10 && message.len() <= 4096,
+            "{case}: {error}"
+        );
+        assert!(error["error"]["type"].is_string(), "{case}: {error}");
+    }
+    // A request no route serves is named as its line named it.
+    let (_, _, body) = answer(&addr, &raw("CONNECT evil:443 HTTP/1.1", "", "")).await;
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("no route for CONNECT evil:443; "),
+        "{message}"
+    );
+    let health = gateway.get("/healthz", None).await;
+    assert_eq!(
+        health.status(),
+        200,
+        "the gateway is up after {} bad requests",
+        cases.len()
+    );
+}
