@@ -184,6 +184,31 @@ async fn several_answers_are_reserved_and_limited_each() {
 }
 
 #[tokio::test]
+async fn a_batch_of_prompts_is_reserved_for_each() {
+    let upstream = MockUpstream::openai().answers_of(2_000).start().await;
+    let gateway = start(&config(&upstream, 0.005)).await;
+    let complete = |max_tokens: u32| {
+        gateway
+            .post("/v1/completions")
+            .bearer_auth("team-secret")
+            .json(
+                &json!({"model": "chat", "prompt": ["a", "b", "c", "d"], "max_tokens": max_tokens}),
+            )
+            .send()
+    };
+    // 300 tokens fit the budget once, not for four prompts.
+    let response = complete(300).await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(error_of(response).await["code"], "insufficient_quota");
+    let response = complete(100).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"].as_array().unwrap().len(), 4);
+    assert_eq!(body["usage"]["completion_tokens"], 400);
+    assert!(spent(&gateway).await <= 0.005);
+}
+
+#[tokio::test]
 async fn a_count_of_answers_out_of_range_is_refused_before_any_upstream() {
     let upstream = MockUpstream::openai().start().await;
     let gateway = start(&config(&upstream, 1.0)).await;

@@ -239,11 +239,12 @@ pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 impl EmbeddingRequest {
     /// What serde cannot say: the input is not empty, nor too many.
     fn check(&self) -> Result<(), GatewayError> {
-        let (count, empty) = match &self.input {
-            Prompt::Text(text) => (1, text.is_empty()),
-            Prompt::Texts(texts) => (texts.len(), texts.iter().any(String::is_empty)),
-            Prompt::Tokens(ids) => (1, ids.is_empty()),
-            Prompt::TokenBatches(batches) => (batches.len(), batches.iter().any(Vec::is_empty)),
+        let count = self.input.count();
+        let empty = match &self.input {
+            Prompt::Text(text) => text.is_empty(),
+            Prompt::Texts(texts) => texts.iter().any(String::is_empty),
+            Prompt::Tokens(ids) => ids.is_empty(),
+            Prompt::TokenBatches(batches) => batches.iter().any(Vec::is_empty),
         };
         let problem = if count == 0 {
             "`input` is an empty array; send at least one string or token array".to_owned()
@@ -269,9 +270,9 @@ pub const MAX_GENERATIONS: u32 = 128;
 /// [`InboundRequest::generations`], checked: a count an upstream would
 /// refuse, or read otherwise than the gateway reserved for, is a 400.
 fn generations(typed: &TypedRequest) -> Result<u32, GatewayError> {
-    let (extra, fields): (_, &[&str]) = match typed {
-        TypedRequest::Chat(r) => (&r.extra, &["n"]),
-        TypedRequest::Completion(r) => (&r.extra, &["n", "best_of"]),
+    let (extra, fields, prompts): (_, &[&str], _) = match typed {
+        TypedRequest::Chat(r) => (&r.extra, &["n"], 1),
+        TypedRequest::Completion(r) => (&r.extra, &["n", "best_of"], r.prompt.count()),
         TypedRequest::Embedding(_) => return Ok(1),
     };
     let mut most = 1;
@@ -292,7 +293,8 @@ fn generations(typed: &TypedRequest) -> Result<u32, GatewayError> {
             }
         }
     }
-    Ok(most)
+    // Each prompt of a batch is answered as a request of its own.
+    Ok(most.saturating_mul(u32::try_from(prompts.max(1)).unwrap_or(u32::MAX)))
 }
 
 /// A string, an array of strings, or token ids (one prompt or many).
@@ -306,6 +308,18 @@ pub enum Prompt {
     Texts(Vec<String>),
     Tokens(Vec<u32>),
     TokenBatches(Vec<Vec<u32>>),
+}
+
+impl Prompt {
+    /// How many prompts (inputs) it holds: each of a batch is answered
+    /// (embedded) on its own.
+    pub fn count(&self) -> usize {
+        match self {
+            Prompt::Text(_) | Prompt::Tokens(_) => 1,
+            Prompt::Texts(texts) => texts.len(),
+            Prompt::TokenBatches(batches) => batches.len(),
+        }
+    }
 }
 
 /// Which endpoint a request came in on; decides the response object shapes.
@@ -522,8 +536,9 @@ impl InboundRequest {
 
     /// How many answers the upstream generates for the request, each up to
     /// its output limit, and bills: chat's `n`; for legacy completions,
-    /// `best_of` (generated server-side, though only `n` come back) or `n`;
-    /// 1 when unset. A budget reserves output for each.
+    /// `best_of` (generated server-side, though only `n` come back) or `n`
+    /// for each prompt of the batch; 1 when unset. A budget reserves
+    /// output for each.
     pub fn generations(&self) -> u32 {
         self.generations
     }
@@ -1076,6 +1091,17 @@ mod tests {
             generations(Endpoint::Completions, r#","n":2,"best_of":5"#),
             5
         );
+        // Each prompt of a batch, and each batch of token ids, is answered
+        // on its own.
+        let batch = |prompt: &str, members: &str| {
+            let body = format!(r#"{{"model":"a","prompt":{prompt}{members}}}"#);
+            let request = InboundRequest::parse(Endpoint::Completions, Bytes::from(body));
+            request.unwrap().generations()
+        };
+        assert_eq!(batch(r#"["a","b","c"]"#, ""), 3);
+        assert_eq!(batch(r#"["a","b","c"]"#, r#","n":2"#), 6);
+        assert_eq!(batch("[[1,2],[3]]", r#","best_of":4"#), 8);
+        assert_eq!(batch("[1,2,3]", ""), 1);
         for (endpoint, members, param) in [
             (Endpoint::Chat, r#","n":0"#, "n"),
             (Endpoint::Chat, r#","n":129"#, "n"),

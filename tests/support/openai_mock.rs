@@ -136,6 +136,8 @@ pub struct Flags {
     n: Option<Value>,
     #[serde(default)]
     best_of: Option<Value>,
+    #[serde(default)]
+    prompt: Option<Value>,
 }
 
 impl Flags {
@@ -158,13 +160,22 @@ impl Flags {
     }
 
     /// How many answers the request asks to be generated: `n`, or legacy
-    /// completions' `best_of`, billed in full.
+    /// completions' `best_of`, billed in full, for each prompt of a batch.
     pub fn generations(&self) -> usize {
-        [&self.n, &self.best_of]
+        let each = [&self.n, &self.best_of]
             .into_iter()
             .filter_map(|v| v.as_ref()?.as_u64())
             .max()
-            .map_or(1, |n| n as usize)
+            .map_or(1, |n| n as usize);
+        let prompts = match &self.prompt {
+            // Strings, or arrays of token ids: a batch. Token ids alone
+            // are one prompt.
+            Some(Value::Array(items)) if !items.first().is_some_and(Value::is_number) => {
+                items.len().max(1)
+            }
+            _ => 1,
+        };
+        each * prompts
     }
 
     /// The count OpenAI's API refuses, if any: `n` and `best_of` are
