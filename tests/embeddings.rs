@@ -108,6 +108,56 @@ async fn embeddings_are_forwarded_as_sent_and_priced_per_input_token() {
     assert_eq!(model["endpoints"], json!(["embeddings"]));
 }
 
+/// A RAG ingest's batch: each input within the model's context window,
+/// all of them together far past it.
+#[tokio::test]
+async fn a_batch_is_judged_by_its_longest_input_and_metered_whole() {
+    let upstream = MockUpstream::openai().start().await;
+    let config = Config::new()
+        .backend(Backend::new("vllm", "vllm", &url(&upstream)))
+        .model(
+            Model::new("embed").deployment(
+                Deployment::new("vllm", "bge-m3")
+                    .set("endpoints", vec!["embeddings"])
+                    .set("context_window", 8192)
+                    .price(0.02, 0.0),
+            ),
+        )
+        .key(Key::new("team"));
+    let gateway = start(&config).await;
+    // 2,000 inputs of 100 tokens each, as the mock counts: 200,000.
+    let inputs = vec!["word ".repeat(80); 2_000];
+    let response = gateway
+        .embed(json!({"model": "embed", "input": inputs}))
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 2_000);
+    assert_eq!(body["usage"]["prompt_tokens"], 200_000);
+    // The upstream's count is believed, not replaced by an estimate.
+    let input = [
+        ("api", "embeddings"),
+        ("alias", "embed"),
+        ("backend", "vllm"),
+        ("direction", "input"),
+        ("estimated", "false"),
+    ];
+    gateway
+        .eventually_metric("tollgate_tokens_total", &input, 200_000.0)
+        .await;
+    let text = gateway.metrics().await;
+    assert_eq!(metric(&text, "tollgate_usage_rejected_total", &[]), None);
+    // One input past the window is still refused, before any upstream.
+    let mut inputs = vec!["word ".to_owned(); 3];
+    inputs.push("word ".repeat(8_000));
+    let response = gateway
+        .embed(json!({"model": "embed", "input": inputs}))
+        .await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(error_of(response).await["code"], "context_length_exceeded");
+    assert_eq!(upstream.hits(), 1);
+}
+
 #[tokio::test]
 async fn token_arrays_base64_and_dimensions_reach_the_upstream() {
     let upstream = MockUpstream::openai().start().await;

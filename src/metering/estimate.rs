@@ -69,6 +69,22 @@ fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
     serde_json::to_writer(&mut counted, value).map_or(0, |()| counted.0)
 }
 
+/// The largest prompt of a legacy completions batch, or input of an
+/// embeddings batch: `None` for a request of one prompt, where it is the
+/// whole prompt.
+pub fn longest_of_batch(request: &InboundRequest) -> Option<u64> {
+    let prompt = match &request.typed {
+        TypedRequest::Completion(completion) => &completion.prompt,
+        TypedRequest::Embedding(embedding) => &embedding.input,
+        TypedRequest::Chat(_) => return None,
+    };
+    match prompt {
+        Prompt::Texts(texts) => texts.iter().map(|t| tokens_for_chars(t.len())).max(),
+        Prompt::TokenBatches(batches) => batches.iter().map(|b| b.len() as u64).max(),
+        Prompt::Text(_) | Prompt::Tokens(_) => None,
+    }
+}
+
 /// A legacy completion's prompt, or an embedding's input.
 fn input_tokens(prompt: &Prompt) -> u64 {
     match prompt {
@@ -103,6 +119,27 @@ mod tests {
         )
         .unwrap();
         assert_eq!(prompt_tokens(&tokens), 3);
+        assert_eq!(longest_of_batch(&tokens), None, "token ids are one prompt");
+        assert_eq!(longest_of_batch(&chat), None);
+        let parse = |endpoint, body: &'static str| {
+            InboundRequest::parse(endpoint, Bytes::from_static(body.as_bytes())).unwrap()
+        };
+        let batch = parse(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":["1234","12345678","1"]}"#,
+        );
+        assert_eq!(
+            (prompt_tokens(&batch), longest_of_batch(&batch)),
+            (4, Some(2))
+        );
+        let batches = parse(
+            Endpoint::Embeddings,
+            r#"{"model":"m","input":[[1,2],[3,4,5]]}"#,
+        );
+        assert_eq!(
+            (prompt_tokens(&batches), longest_of_batch(&batches)),
+            (5, Some(3))
+        );
     }
 
     #[test]

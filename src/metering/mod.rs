@@ -24,7 +24,7 @@ use crate::licence::LicenceBook;
 use crate::limits::Limits;
 use crate::metrics::series::{self, DeploymentSeries};
 use crate::metrics::{Metrics, NONE};
-use crate::openai::{ResponseView, Usage, UsageFault};
+use crate::openai::{ResponseView, Usage, UsageBound, UsageFault};
 use crate::traces::{AttemptFacts, Outcome, RequestTrace};
 use budget::Reservation;
 use cost::{Counterfactual, Rate};
@@ -76,8 +76,8 @@ pub struct Serving {
     pub deployment: String,
     pub backend: String,
     pub rate: Rate,
-    /// The most tokens either side of a believable usage report can hold.
-    pub context_window: u64,
+    /// What a believable usage report holds at most.
+    pub believable: UsageBound,
     pub licence: Option<Licence>,
     /// Counts the attempt against the deployment while it lives, and
     /// learns its usage.
@@ -323,8 +323,11 @@ impl Meter {
     pub fn observe(&mut self, observed: Observed, now: Instant) {
         match observed.usage {
             Some(Ok(usage)) => {
-                let window = self.serving.as_ref().map_or(u64::MAX, |s| s.context_window);
-                if usage.fits_context(window) {
+                let bound = self
+                    .serving
+                    .as_ref()
+                    .map_or(UsageBound::NONE, |s| s.believable);
+                if usage.fits(bound) {
                     self.usage = Some(usage);
                 } else {
                     self.reject_usage(UsageFault::OverContextWindow);

@@ -534,6 +534,16 @@ impl InboundRequest {
         }
     }
 
+    /// How many prompts the request holds: a legacy completions batch's or
+    /// an embeddings batch's, each answered (embedded) on its own; else 1.
+    pub fn prompts(&self) -> usize {
+        match &self.typed {
+            TypedRequest::Chat(_) => 1,
+            TypedRequest::Completion(r) => r.prompt.count(),
+            TypedRequest::Embedding(r) => r.input.count(),
+        }
+    }
+
     /// How many answers the upstream generates for the request, each up to
     /// its output limit, and bills: chat's `n`; for legacy completions,
     /// `best_of` (generated server-side, though only `n` come back) or `n`

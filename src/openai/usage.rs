@@ -56,10 +56,32 @@ impl Usage {
         })
     }
 
-    /// Whether the counts are ones a deployment with this context window
-    /// can have served: neither side larger than the window.
-    pub fn fits_context(&self, context_window: u64) -> bool {
-        self.prompt_tokens <= context_window && self.completion_tokens <= context_window
+    /// Whether the counts are ones a deployment can have served: neither
+    /// side larger than `bound` allows.
+    pub fn fits(&self, bound: UsageBound) -> bool {
+        self.prompt_tokens <= bound.prompt && self.completion_tokens <= bound.completion
+    }
+}
+
+/// The most tokens each side of a believable usage report holds: a
+/// context window for each prompt of the request, and for each answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageBound {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl UsageBound {
+    pub const NONE: Self = Self {
+        prompt: u64::MAX,
+        completion: u64::MAX,
+    };
+
+    pub fn new(context_window: u64, prompts: u64, answers: u64) -> Self {
+        Self {
+            prompt: context_window.saturating_mul(prompts),
+            completion: context_window.saturating_mul(answers),
+        }
     }
 }
 
@@ -261,6 +283,11 @@ mod tests {
         }
         let huge = read(r#"{"prompt_tokens":1,"completion_tokens":18446744073709551615}"#).unwrap();
         assert_eq!(huge.total_tokens, u64::MAX, "saturates");
-        assert!(!huge.fits_context(128_000));
+        assert!(!huge.fits(UsageBound::new(128_000, 1, 1)));
+        // A batch of prompts, each answered twice, may count up to a
+        // window for each.
+        let batch = read(r#"{"prompt_tokens":300000,"completion_tokens":500000}"#).unwrap();
+        assert!(!batch.fits(UsageBound::new(128_000, 2, 4)));
+        assert!(batch.fits(UsageBound::new(128_000, 3, 4)));
     }
 }

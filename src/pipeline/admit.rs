@@ -167,7 +167,7 @@ fn context_fits(
         .map(|d| d.context_window)
         .max()
         .unwrap_or(0);
-    let (prompt, output) = (facts.input_tokens, facts.max_output_tokens);
+    let (prompt, output) = (facts.window_tokens(), facts.max_output_tokens);
     if prompt.saturating_add(output.unwrap_or(0)) <= u64::from(window) {
         return Ok(());
     }
@@ -326,14 +326,15 @@ pub async fn reserve(
 /// limit a reservation pays for), the least: its prompt and one output
 /// token an answer on any of them.
 pub fn ask(snapshot: &Snapshot, request: &InboundRequest, admission: &Admission) -> budget::Ask {
-    let prompt = admission.facts.input_tokens;
+    let facts = &admission.facts;
+    let (prompt, in_window) = (facts.input_tokens, facts.window_tokens());
     let deployments = &snapshot.config.models[admission.model].deployments;
     let generations = u64::from(request.generations());
     let (mut want, mut floor) = (0, 0);
     for i in admission.plan.order() {
         let rate = snapshot.resolved(admission.model, i).rate;
         let output = request
-            .output_ceiling(deployments[i].context_window, prompt)
+            .output_ceiling(deployments[i].context_window, in_window)
             .max(1);
         want = want.max(rate.estimate_nano_usd(prompt, output.saturating_mul(generations)));
         floor = floor.max(rate.estimate_nano_usd(prompt, generations));

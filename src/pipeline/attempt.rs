@@ -23,8 +23,9 @@ use crate::metering::budget::affordable_output;
 use crate::metering::usage::{self, ChunkFacts, StreamReader};
 use crate::metering::{Meter, Observed, Serving};
 use crate::metrics::{NONE, series};
-use crate::openai::InboundRequest;
+use crate::openai::{InboundRequest, UsageBound};
 use crate::providers::{Chunk, ChunkStream, UpstreamCall, UpstreamReply};
+use crate::routing::RequestFacts;
 use crate::state::{AppState, Resolved, Snapshot};
 use crate::store::Denied;
 
@@ -84,12 +85,17 @@ struct Leg<'s> {
 }
 
 impl<'s> Leg<'s> {
-    fn serving(&self, snapshot: &Snapshot, model: usize) -> Serving {
+    fn serving(&self, snapshot: &Snapshot, model: usize, request: &InboundRequest) -> Serving {
+        let window = u64::from(self.deployment.context_window);
         Serving {
             deployment: self.deployment.name.clone(),
             backend: self.backend.name.clone(),
             rate: self.resolved.rate,
-            context_window: u64::from(self.deployment.context_window),
+            believable: UsageBound::new(
+                window,
+                request.prompts() as u64,
+                u64::from(request.generations()),
+            ),
             licence: self.deployment.licence,
             lease: Box::new(snapshot.lease(model, self.index)),
             series: self.resolved.series.clone(),
@@ -186,7 +192,7 @@ pub async fn attempt<'s>(
         }
         let deployment = &config.deployments[index];
         let resolved = snapshot.resolved(model, index);
-        let Ok(max_tokens) = output_limit(request, prompt, deployment, resolved, &meter) else {
+        let Ok(max_tokens) = output_limit(request, facts, deployment, resolved, &meter) else {
             continue;
         };
         let Some(first) = tried.leg(index, max_tokens, prompt).await else {
@@ -194,7 +200,7 @@ pub async fn attempt<'s>(
         };
         tried.attempts += 1;
         let headers = meter.begin_attempt(
-            first.serving(snapshot, model),
+            first.serving(snapshot, model, request),
             first.provider(),
             &first.deployment.upstream_model,
             first.admitted,
@@ -221,7 +227,7 @@ pub async fn attempt<'s>(
                     // one fits the allowance.
                     let allowance = hedge::allowance(h, meter.reserved_for_hedge());
                     let rest = plan.order().skip(position + 1);
-                    match tried.hedge_leg(rest, request, prompt, allowance).await {
+                    match tried.hedge_leg(rest, request, facts, allowance).await {
                         None => {
                             tried.hedged("over_allowance");
                             call.await
@@ -230,7 +236,7 @@ pub async fn attempt<'s>(
                             hedged = Some(second.index);
                             tried.attempts += 1;
                             let headers = meter.begin_hedge(
-                                second.serving(snapshot, model),
+                                second.serving(snapshot, model, request),
                                 second.provider(),
                                 &second.deployment.upstream_model,
                             );
@@ -334,15 +340,15 @@ impl<'s> Tried<'s> {
         &mut self,
         rest: impl Iterator<Item = usize>,
         request: &InboundRequest,
-        prompt: u64,
+        facts: &RequestFacts,
         allowance: u64,
     ) -> Option<Leg<'s>> {
         let snapshot = &*self.ctx.snapshot;
         for index in rest {
             let rate = &snapshot.resolved(self.model, index).rate;
             let deployment = &snapshot.config.models[self.model].deployments[index];
-            if let Some(fit) = hedge::fit(request, prompt, deployment, rate, allowance)
-                && let Some(leg) = self.leg(index, fit.max_tokens, prompt).await
+            if let Some(fit) = hedge::fit(request, facts, deployment, rate, allowance)
+                && let Some(leg) = self.leg(index, fit.max_tokens, facts.input_tokens).await
             {
                 return Some(leg);
             }
@@ -498,7 +504,7 @@ async fn admit_deployment(
 /// the one it was sized on): not tried.
 fn output_limit(
     request: &InboundRequest,
-    prompt: u64,
+    facts: &RequestFacts,
     deployment: &Deployment,
     resolved: &Resolved,
     meter: &Meter,
@@ -506,8 +512,9 @@ fn output_limit(
     let (None, Some(reserved)) = (request.max_output_tokens(), meter.reserved_nano_usd()) else {
         return Ok(None);
     };
+    let prompt = facts.input_tokens;
     let limit = affordable_output(&resolved.rate, prompt, reserved, request.generations())
-        .min(request.output_ceiling(deployment.context_window, prompt));
+        .min(request.output_ceiling(deployment.context_window, facts.window_tokens()));
     match u32::try_from(limit) {
         Ok(0) => Err(()),
         Ok(limit) => Ok(Some(limit)),

@@ -51,12 +51,13 @@ pub struct Fit {
 /// `length` where the first deployment would have gone on).
 pub fn fit(
     request: &InboundRequest,
-    prompt: u64,
+    facts: &RequestFacts,
     deployment: &Deployment,
     rate: &Rate,
     allowance: u64,
 ) -> Option<Fit> {
-    let ceiling = request.output_ceiling(deployment.context_window, prompt);
+    let prompt = facts.input_tokens;
+    let ceiling = request.output_ceiling(deployment.context_window, facts.window_tokens());
     let generations = request.generations();
     let limit = match request.max_output_tokens() {
         Some(_) => ceiling,
@@ -87,7 +88,6 @@ pub fn explain(
 ) -> Option<ExplainedHedge> {
     let config = &snapshot.config.models[model];
     let hedge = config.hedge.as_ref()?;
-    let prompt = facts.input_tokens;
     let mut order = plan.order();
     let first = order.next()?;
     let after = wait(hedge, &snapshot.resolved(model, first).health, facts.stream);
@@ -95,7 +95,7 @@ pub fn explain(
         let rate = &snapshot.resolved(model, i).rate;
         fit(
             request,
-            prompt,
+            facts,
             &config.deployments[i],
             rate,
             hedge.max_extra_nano_usd,

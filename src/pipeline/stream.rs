@@ -292,6 +292,7 @@ mod tests {
     use crate::metering::cost::Rate;
     use crate::metering::{Charges, InFlight, MeterLabels, Serving};
     use crate::metrics::Metrics;
+    use crate::openai::UsageBound;
 
     const CONTENT: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}"#;
     const LAST_WITH_USAGE: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
@@ -326,7 +327,7 @@ mod tests {
                 deployment: "a/b".into(),
                 backend: "b".into(),
                 rate: Rate::default(),
-                context_window: 8192,
+                believable: UsageBound::new(8192, 1, 1),
                 licence: None,
                 lease: Box::new(Lease::new(Arc::default(), Arc::default(), Arc::default())),
                 series: Arc::default(),

@@ -21,7 +21,12 @@ pub struct RequestFacts {
     pub image: bool,
     pub audio: bool,
     pub tools: bool,
+    /// The prompt's estimated tokens: all of a batch's prompts (legacy
+    /// completions, embeddings), which are billed together.
     pub input_tokens: u64,
+    /// The largest prompt of a batch, when the request is one (legacy
+    /// completions, embeddings): each is answered on its own.
+    pub longest_of_batch: Option<u64>,
     pub max_output_tokens: Option<u64>,
     pub stream: bool,
     /// The request's session, read only for an alias with affinity.
@@ -31,11 +36,18 @@ pub struct RequestFacts {
 }
 
 impl RequestFacts {
+    /// What a deployment's context window must hold of the prompt: all of
+    /// it, or a batch's longest.
+    pub fn window_tokens(&self) -> u64 {
+        self.longest_of_batch.unwrap_or(self.input_tokens)
+    }
+
     pub fn of(request: &InboundRequest, region: Option<String>) -> Self {
         let mut facts = Self {
             endpoint: request.endpoint(),
             region,
             input_tokens: estimate::prompt_tokens(request),
+            longest_of_batch: estimate::longest_of_batch(request),
             max_output_tokens: request.max_output_tokens().map(u64::from),
             stream: request.stream(),
             ..Self::default()

@@ -52,7 +52,7 @@ impl Rule {
             ),
             Self::ContextWindow => format!(
                 "about {} input tokens{} do not fit any deployment's context window",
-                facts.input_tokens,
+                facts.window_tokens(),
                 facts
                     .max_output_tokens
                     .map(|m| format!(" plus {m} requested output tokens"))
@@ -119,7 +119,7 @@ impl<'a> Scope<'a> {
                 .with_if(Offers::EU_LLAMA_LICENCE, eu)
                 .with_if(Offers::NEVER, beyond_rows),
             residency_bit,
-            tokens: facts.input_tokens + facts.max_output_tokens.unwrap_or(0),
+            tokens: facts.window_tokens() + facts.max_output_tokens.unwrap_or(0),
         }
     }
 
