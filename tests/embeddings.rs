@@ -15,17 +15,23 @@ use support::openai_mock::{CANNED_MODEL, EMBEDDING_DIMENSIONS};
 /// Alias `embed` on `upstream` (embeddings only, $0.02 per million input
 /// tokens) and alias `chat` on the same backend (the default endpoints).
 fn config(upstream: &MockServer) -> Config {
+    embed_alone(upstream, embedder(0.02).set("name", "embed/vllm"))
+        .model(Model::new("chat").deployment(Deployment::new("vllm", "llama-3.1-8b")))
+}
+
+/// bge-m3 on backend `vllm`, serving embeddings only, at `usd_per_mtok`
+/// of input.
+fn embedder(usd_per_mtok: f64) -> Deployment {
+    Deployment::new("vllm", "bge-m3")
+        .set("endpoints", vec!["embeddings"])
+        .price(usd_per_mtok, 0.0)
+}
+
+/// Alias `embed` on `upstream`, its one deployment `embedder`.
+fn embed_alone(upstream: &MockServer, embedder: Deployment) -> Config {
     Config::new()
         .backend(Backend::new("vllm", "vllm", &url(upstream)))
-        .model(
-            Model::new("embed").deployment(
-                Deployment::new("vllm", "bge-m3")
-                    .set("name", "embed/vllm")
-                    .set("endpoints", vec!["embeddings"])
-                    .price(0.02, 0.0),
-            ),
-        )
-        .model(Model::new("chat").deployment(Deployment::new("vllm", "llama-3.1-8b")))
+        .model(Model::new("embed").deployment(embedder))
 }
 
 impl Gateway {
@@ -113,17 +119,8 @@ async fn embeddings_are_forwarded_as_sent_and_priced_per_input_token() {
 #[tokio::test]
 async fn a_batch_is_judged_by_its_longest_input_and_metered_whole() {
     let upstream = MockUpstream::openai().start().await;
-    let config = Config::new()
-        .backend(Backend::new("vllm", "vllm", &url(&upstream)))
-        .model(
-            Model::new("embed").deployment(
-                Deployment::new("vllm", "bge-m3")
-                    .set("endpoints", vec!["embeddings"])
-                    .set("context_window", 8192)
-                    .price(0.02, 0.0),
-            ),
-        )
-        .key(Key::new("team"));
+    let config =
+        embed_alone(&upstream, embedder(0.02).set("context_window", 8192)).key(Key::new("team"));
     let gateway = start(&config).await;
     // 2,000 inputs of 100 tokens each, as the mock counts: 200,000.
     let inputs = vec!["word ".repeat(80); 2_000];
@@ -376,15 +373,7 @@ async fn the_simulated_backend_embeds_the_same_input_the_same_way() {
 async fn a_budget_holds_with_200_embeddings_at_once() {
     let upstream = MockUpstream::openai().record(false).start().await;
     // 2,000 characters: 500 tokens at $20 per Mtok, $0.01 a request.
-    let config = Config::new()
-        .backend(Backend::new("vllm", "vllm", &url(&upstream)))
-        .model(
-            Model::new("embed").deployment(
-                Deployment::new("vllm", "bge-m3")
-                    .set("endpoints", vec!["embeddings"])
-                    .price(20.0, 0.0),
-            ),
-        )
+    let config = embed_alone(&upstream, embedder(20.0))
         .key(Key::new("team").set("budget_daily_usd", 0.4))
         .admin();
     let gateway = start(&config).await;
