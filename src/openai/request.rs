@@ -271,7 +271,7 @@ pub const MAX_GENERATIONS: u32 = 128;
 /// refuse, or read otherwise than the gateway reserved for, is a 400.
 fn generations(typed: &TypedRequest) -> Result<u32, GatewayError> {
     let (extra, fields, prompts): (_, &[&str], _) = match typed {
-        TypedRequest::Chat(r) => (&r.extra, &["n"], 1),
+        TypedRequest::Chat(r) => (&r.extra, &["n", "best_of"], 1),
         TypedRequest::Completion(r) => (&r.extra, &["n", "best_of"], r.prompt.count()),
         TypedRequest::Embedding(_) => return Ok(1),
     };
@@ -545,10 +545,10 @@ impl InboundRequest {
     }
 
     /// How many answers the upstream generates for the request, each up to
-    /// its output limit, and bills: chat's `n`; for legacy completions,
-    /// `best_of` (generated server-side, though only `n` come back) or `n`
-    /// for each prompt of the batch; 1 when unset. A budget reserves
-    /// output for each.
+    /// its output limit, and bills: `n`, or `best_of` (generated
+    /// server-side, though only `n` come back; legacy completions', and
+    /// vLLM's chat), for each prompt of a legacy completions batch; 1 when
+    /// unset. A budget reserves output for each.
     pub fn generations(&self) -> u32 {
         self.generations
     }
@@ -1093,8 +1093,9 @@ mod tests {
         assert_eq!(generations(Endpoint::Chat, r#","n":null"#), 1);
         assert_eq!(generations(Endpoint::Chat, r#","n":4"#), 4);
         assert_eq!(generations(Endpoint::Chat, r#","n":128"#), 128);
-        // Chat has no `best_of`: it is the upstream's to refuse.
-        assert_eq!(generations(Endpoint::Chat, r#","best_of":9"#), 1);
+        // OpenAI's chat has no `best_of`, but vLLM's takes it: reserved
+        // for, whoever may refuse it.
+        assert_eq!(generations(Endpoint::Chat, r#","best_of":9"#), 9);
         assert_eq!(generations(Endpoint::Completions, r#","n":2"#), 2);
         // Generated and billed server-side, though only `n` come back.
         assert_eq!(
