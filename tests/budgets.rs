@@ -350,6 +350,31 @@ async fn a_stream_cut_at_its_reservation_without_usage_asked_for_still_names_its
 }
 
 #[tokio::test]
+async fn a_stream_of_several_answers_cut_at_its_reservation_ends_each_of_them() {
+    let (chunks, gateway) = stream_past_its_reservation(
+        json!({"model": "chat", "messages": user("hi"), "stream": true, "n": 2}),
+    )
+    .await;
+    let content = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["content"] == "tok ")
+        .count();
+    assert_eq!(
+        content, 499,
+        "what the reservation pays for, both answers together"
+    );
+    let ended: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["finish_reason"] == "length")
+        .map(|c| &c["choices"][0]["index"])
+        .collect();
+    assert_eq!(ended, [0, 1], "the last chunks end each answer");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let spent = spent(&gateway).await;
+    assert!(spent <= 0.005, "spent ${spent}");
+}
+
+#[tokio::test]
 async fn messages_and_responses_streams_that_reach_their_reservation_end_at_their_length_limit() {
     let asks = [
         (

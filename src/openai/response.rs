@@ -255,6 +255,31 @@ impl ResponseIdentity {
         self.write(Endpoint::Completions.chunk_object(), [choice], usage)
     }
 
+    /// The chunk that ends answer `index` of a stream cut at its length
+    /// limit: nothing more of it, and `finish_reason: "length"`.
+    pub fn length_chunk(&self, endpoint: Endpoint, index: u32) -> Vec<u8> {
+        let finish_reason = Some("length");
+        let object = endpoint.chunk_object();
+        if endpoint == Endpoint::Chat {
+            let delta = Delta::default();
+            let choice = DeltaChoice {
+                index,
+                delta: &delta,
+                logprobs: None,
+                finish_reason,
+                stop_reason: None,
+            };
+            return self.write(object, [choice], None);
+        }
+        let choice = TextChoice {
+            index,
+            text: "",
+            logprobs: None,
+            finish_reason,
+        };
+        self.write(object, [choice], None)
+    }
+
     /// The usage-only chunk OpenAI sends last when `include_usage` is on.
     pub fn usage_chunk(&self, endpoint: Endpoint, usage: Usage) -> Vec<u8> {
         self.write(endpoint.chunk_object(), [(); 0], Some(usage))

@@ -22,7 +22,7 @@ use crate::error::GatewayError;
 use crate::inbound::Encoder;
 use crate::metering::Meter;
 use crate::metering::usage::{ChunkFacts, StreamReader};
-use crate::openai::{Delta, Endpoint, ResponseIdentity};
+use crate::openai::{Endpoint, ResponseIdentity};
 use crate::providers::{Chunk, ChunkStream};
 
 const DONE: &[u8] = b"data: [DONE]\n\n";
@@ -47,6 +47,8 @@ pub struct SseBody {
     idle_timer: Pin<Box<Sleep>>,
     backend: String,
     endpoint: Endpoint,
+    /// The answers the stream carries (`n`): a stream cut short ends each.
+    answers: u32,
     include_usage: bool,
     sent_usage_chunk: bool,
     /// The first chunk, kept when the gateway may write a chunk of its own
@@ -72,6 +74,7 @@ pub struct SseParams {
     pub idle: Duration,
     pub backend: String,
     pub endpoint: Endpoint,
+    pub answers: u32,
     pub include_usage: bool,
     pub encoder: Option<Box<Encoder>>,
     pub meter: Box<Meter>,
@@ -90,6 +93,7 @@ impl SseBody {
             idle_timer: Box::pin(tokio::time::sleep_until(now + p.idle)),
             backend: p.backend,
             endpoint: p.endpoint,
+            answers: p.answers,
             include_usage: p.include_usage,
             sent_usage_chunk: false,
             first: None,
@@ -139,12 +143,10 @@ impl SseBody {
     /// the client sees an answer cut at its length limit.
     fn cut(&mut self, now: std::time::Instant) {
         let identity = self.identity();
-        let last = if self.endpoint == Endpoint::Chat {
-            identity.chat_chunk(&Delta::default(), Some("length"))
-        } else {
-            identity.text_completion("", Some("length"), None)
-        };
-        emit(&mut self.encoder, &mut self.ready, &last);
+        for index in 0..self.answers {
+            let last = identity.length_chunk(self.endpoint, index);
+            emit(&mut self.encoder, &mut self.ready, &last);
+        }
         if self.include_usage {
             let usage = self.meter.usage_so_far();
             let chunk = identity.usage_chunk(self.endpoint, usage);
@@ -356,6 +358,7 @@ mod tests {
             idle: Duration::from_secs(5),
             backend: "b".into(),
             endpoint: Endpoint::Chat,
+            answers: 1,
             include_usage,
             encoder: None,
             meter,
