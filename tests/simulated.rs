@@ -132,6 +132,69 @@ async fn streaming_chat_sends_one_chunk_per_token_and_usage_on_request() {
 }
 
 #[tokio::test]
+async fn several_answers_come_as_a_real_server_sends_them() {
+    let base = start().await;
+    let ask = json!({"model": "llama", "n": 3, "messages": [{"role": "user", "content": "Say something"}]});
+    let whole: Value = post(&base, "/v1/chat/completions", ask.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let choices = whole["choices"].as_array().unwrap();
+    let indices: Vec<&Value> = choices.iter().map(|c| &c["index"]).collect();
+    assert_eq!(indices, [0, 1, 2]);
+    assert!(
+        choices
+            .iter()
+            .all(|c| c["message"] == choices[0]["message"])
+    );
+    assert_eq!(whole["usage"]["completion_tokens"], 3 * 12);
+
+    let mut streamed = ask;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let body = post(&base, "/v1/chat/completions", streamed)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let chunks: Vec<Value> = events(&body)
+        .iter()
+        .filter(|e| **e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    for index in 0..3 {
+        let of_answer: Vec<&Value> = chunks
+            .iter()
+            .filter(|c| c["choices"][0]["index"] == index)
+            .collect();
+        let words = of_answer
+            .iter()
+            .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+            .count();
+        assert_eq!(words, 12, "answer {index}");
+        assert_eq!(
+            of_answer.last().unwrap()["choices"][0]["finish_reason"],
+            "stop"
+        );
+    }
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 3 * 12);
+
+    // A legacy batch: each prompt answered.
+    let batch: Value = post(
+        &base,
+        "/v1/completions",
+        json!({"model": "llama", "prompt": ["Once", "Twice"], "max_tokens": 5}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(batch["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(batch["usage"]["completion_tokens"], 2 * 5);
+}
+
+#[tokio::test]
 async fn legacy_completions_stream_and_not() {
     let base = start().await;
     let whole: Value = post(

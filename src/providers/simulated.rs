@@ -100,18 +100,25 @@ impl Simulated {
             return Ok(UpstreamReply::Complete(answer.complete()));
         }
         tokio::time::sleep(ttft).await;
-        // Chunk i is the i-th word; after the words, the finish chunk and
-        // the usage chunk, as an OpenAI server sends them.
-        let total = answer.words.len() + 2;
-        let chunks = stream::unfold((answer, 0), move |(answer, i)| async move {
-            if i >= total {
+        // Step i is the i-th word, a chunk for each answer, as vLLM sends
+        // them; after the words, each answer's finish chunk, then the
+        // usage chunk, as an OpenAI server sends them.
+        let answers = answer.answers as usize;
+        let total = (answer.words.len() + 1) * answers + 1;
+        let chunks = stream::unfold((answer, 0), move |(answer, k)| async move {
+            if k >= total {
                 return None;
             }
-            if i > 0 && i < answer.words.len() {
+            let (step, index) = (k / answers, k % answers);
+            if index == 0 && step > 0 && step < answer.words.len() {
                 tokio::time::sleep(answer.per_token).await;
             }
-            let chunk = answer.chunk(i);
-            Some((Ok(chunk), (answer, i + 1)))
+            let chunk = if k + 1 == total {
+                answer.usage_chunk()
+            } else {
+                answer.for_answer(answer.chunk(step), index)
+            };
+            Some((Ok(chunk), (answer, k + 1)))
         });
         Ok(UpstreamReply::Stream(chunks.boxed()))
     }
@@ -160,7 +167,25 @@ fn seed(input: impl std::hash::Hash) -> u64 {
     BuildHasherDefault::<DefaultHasher>::default().hash_one(input)
 }
 
-/// Everything about one simulated answer, decided up front.
+/// `json`, an object of one choice, with that choice once for each index
+/// in `indices`: the simulator's own output, for a request of several
+/// answers.
+fn renumbered(json: &[u8], indices: std::ops::Range<usize>) -> Bytes {
+    let mut object: serde_json::Value =
+        serde_json::from_slice(json).expect("the simulator writes JSON");
+    let choice = object["choices"][0].take();
+    object["choices"] = indices
+        .map(|index| {
+            let mut choice = choice.clone();
+            choice["index"] = index.into();
+            choice
+        })
+        .collect();
+    serde_json::to_vec(&object)
+        .expect("values serialise")
+        .into()
+}
+
 /// How many of `count` output words a chat request's `reasoning_effort`
 /// spends reasoning: a quarter, half or three quarters for low, medium
 /// and high, leaving at least one word of answer.
@@ -174,6 +199,7 @@ fn reasoning_share(extra: &serde_json::Map<String, serde_json::Value>, count: us
     (count * quarters / 4).min(count.saturating_sub(1))
 }
 
+/// Everything about one simulated answer, decided up front.
 struct Answer {
     endpoint: Endpoint,
     streaming: bool,
@@ -182,6 +208,9 @@ struct Answer {
     /// The first `reasoning` words are reasoning, the rest the answer.
     reasoning: usize,
     finish_reason: &'static str,
+    /// How many answers were asked for (`n`, a batch's prompts): each the
+    /// same words, the usage theirs together.
+    answers: u32,
     usage: Usage,
     per_token: Duration,
 }
@@ -196,6 +225,7 @@ impl Answer {
             .unwrap_or(u32::MAX)
             .max(1);
         let count = spec.completion_tokens.min(limit) as usize;
+        let answers = call.request.generations();
         // The same prompt always gets the same words.
         let seed = prompt_tokens as usize + call.upstream_model.len();
         let words = (0..count)
@@ -224,7 +254,8 @@ impl Answer {
             } else {
                 "stop"
             },
-            usage: Usage::new(prompt_tokens, count as u64),
+            answers,
+            usage: Usage::new(prompt_tokens, count as u64 * u64::from(answers)),
             per_token: Duration::from_secs_f64(1.0 / spec.tokens_per_second),
         }
     }
@@ -248,7 +279,7 @@ impl Answer {
         let reasoning = self.text(0..self.reasoning);
         let answer = self.text(self.reasoning..self.words.len());
         let finish = self.finish_reason;
-        Bytes::from(match self.endpoint {
+        let one = match self.endpoint {
             Endpoint::Chat => {
                 let message = AssistantMessage {
                     role: "assistant",
@@ -263,14 +294,29 @@ impl Answer {
                 self.identity
                     .text_completion(&answer, Some(finish), Some(self.usage))
             }
-        })
+        };
+        match self.answers {
+            1 => Bytes::from(one),
+            answers => renumbered(&one, 0..answers as usize),
+        }
     }
 
+    /// `chunk`, of answer 0, as answer `index`'s.
+    fn for_answer(&self, chunk: Chunk, index: usize) -> Chunk {
+        match self.answers {
+            1 => chunk,
+            _ => renumbered(&chunk, index..index + 1),
+        }
+    }
+
+    fn usage_chunk(&self) -> Chunk {
+        self.identity.usage_chunk(self.endpoint, self.usage).into()
+    }
+
+    /// Word i's chunk, or after the words (`i` is their count) the finish
+    /// chunk.
     fn chunk(&self, i: usize) -> Chunk {
         let n = self.words.len();
-        if i == n + 1 {
-            return self.identity.usage_chunk(self.endpoint, self.usage).into();
-        }
         let piece = (i < n).then(|| self.piece(i));
         let finish = (i == n).then_some(self.finish_reason);
         match self.endpoint {
