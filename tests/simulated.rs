@@ -192,6 +192,18 @@ async fn several_answers_come_as_a_real_server_sends_them() {
     .unwrap();
     assert_eq!(batch["choices"].as_array().unwrap().len(), 2);
     assert_eq!(batch["usage"]["completion_tokens"], 2 * 5);
+    // `best_of` candidates are generated and billed; `n` come back.
+    let best: Value = post(
+        &base,
+        "/v1/completions",
+        json!({"model": "llama", "prompt": "Once", "best_of": 3, "max_tokens": 5}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(best["choices"].as_array().unwrap().len(), 1);
+    assert_eq!(best["usage"]["completion_tokens"], 3 * 5);
 }
 
 #[tokio::test]

@@ -267,34 +267,39 @@ impl EmbeddingRequest {
 /// The most answers one request may ask for, as OpenAI's API allows `n`.
 pub const MAX_GENERATIONS: u32 = 128;
 
-/// [`InboundRequest::generations`], checked: a count an upstream would
-/// refuse, or read otherwise than the gateway reserved for, is a 400.
-fn generations(typed: &TypedRequest) -> Result<u32, GatewayError> {
-    let (extra, fields, prompts): (_, &[&str], _) = match typed {
-        TypedRequest::Chat(r) => (&r.extra, &["n", "best_of"], 1),
-        TypedRequest::Completion(r) => (&r.extra, &["n", "best_of"], r.prompt.count()),
-        TypedRequest::Embedding(_) => return Ok(1),
+/// [`InboundRequest::answers`] and [`InboundRequest::generations`],
+/// checked: a count an upstream would refuse, or read otherwise than the
+/// gateway reserved for, is a 400.
+fn answers(typed: &TypedRequest) -> Result<(u32, u32), GatewayError> {
+    let (extra, prompts) = match typed {
+        TypedRequest::Chat(r) => (&r.extra, 1),
+        TypedRequest::Completion(r) => (&r.extra, r.prompt.count()),
+        TypedRequest::Embedding(_) => return Ok((1, 1)),
     };
-    let mut most = 1;
-    for &field in fields {
-        let count = match extra.get(field) {
-            None | Some(Value::Null) => continue,
-            Some(value) => value.as_u64(),
-        };
-        match count.and_then(|count| u32::try_from(count).ok()) {
-            Some(count @ 1..=MAX_GENERATIONS) => most = most.max(count),
-            _ => {
-                return Err(GatewayError::bad_request(
+    let count = |field: &str| {
+        match extra.get(field) {
+        None | Some(Value::Null) => Ok(1),
+        Some(value) => value
+            .as_u64()
+            .and_then(|count| u32::try_from(count).ok())
+            .filter(|count| (1..=MAX_GENERATIONS).contains(count))
+            .ok_or_else(|| {
+                GatewayError::bad_request(
                     format!(
                         "`{field}` must be a whole number from 1 to {MAX_GENERATIONS}, or left out for 1"
                     ),
                     Some(field.into()),
-                ));
-            }
-        }
+                )
+            }),
     }
+    };
+    let (n, best_of) = (count("n")?, count("best_of")?);
     // Each prompt of a batch is answered as a request of its own.
-    Ok(most.saturating_mul(u32::try_from(prompts.max(1)).unwrap_or(u32::MAX)))
+    let prompts = u32::try_from(prompts.max(1)).unwrap_or(u32::MAX);
+    Ok((
+        n.saturating_mul(prompts),
+        n.max(best_of).saturating_mul(prompts),
+    ))
 }
 
 /// A string, an array of strings, or token ids (one prompt or many).
@@ -387,6 +392,8 @@ pub struct InboundRequest {
     /// a client's own chat body: a provider may name its members as its
     /// upstream prefers, where a client's body goes as the client wrote it.
     pub translated: bool,
+    /// How many answers come back (see [`Self::answers`]).
+    answers: u32,
     /// How many answers the upstream generates (see [`Self::generations`]).
     generations: u32,
 }
@@ -447,7 +454,7 @@ impl InboundRequest {
             let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
             start..start + raw.get().len()
         };
-        let generations = generations(&typed)?;
+        let (answers, generations) = answers(&typed)?;
         let spans = Spans {
             model: span(model),
             stream_options: stream_options.map(span),
@@ -464,6 +471,7 @@ impl InboundRequest {
             typed,
             body,
             translated: false,
+            answers,
             generations,
         })
     }
@@ -542,6 +550,12 @@ impl InboundRequest {
             TypedRequest::Completion(r) => r.prompt.count(),
             TypedRequest::Embedding(r) => r.input.count(),
         }
+    }
+
+    /// How many answers come back: `n` for each prompt of a legacy
+    /// completions batch, each with its `index`.
+    pub fn answers(&self) -> u32 {
+        self.answers
     }
 
     /// How many answers the upstream generates for the request, each up to
@@ -1098,21 +1112,20 @@ mod tests {
         assert_eq!(generations(Endpoint::Chat, r#","best_of":9"#), 9);
         assert_eq!(generations(Endpoint::Completions, r#","n":2"#), 2);
         // Generated and billed server-side, though only `n` come back.
-        assert_eq!(
-            generations(Endpoint::Completions, r#","n":2,"best_of":5"#),
-            5
-        );
+        let best_of = parse(Endpoint::Completions, r#","n":2,"best_of":5"#).unwrap();
+        assert_eq!((best_of.answers(), best_of.generations()), (2, 5));
         // Each prompt of a batch, and each batch of token ids, is answered
         // on its own.
+        // (answers, generations).
         let batch = |prompt: &str, members: &str| {
             let body = format!(r#"{{"model":"a","prompt":{prompt}{members}}}"#);
-            let request = InboundRequest::parse(Endpoint::Completions, Bytes::from(body));
-            request.unwrap().generations()
+            let request = InboundRequest::parse(Endpoint::Completions, Bytes::from(body)).unwrap();
+            (request.answers(), request.generations())
         };
-        assert_eq!(batch(r#"["a","b","c"]"#, ""), 3);
-        assert_eq!(batch(r#"["a","b","c"]"#, r#","n":2"#), 6);
-        assert_eq!(batch("[[1,2],[3]]", r#","best_of":4"#), 8);
-        assert_eq!(batch("[1,2,3]", ""), 1);
+        assert_eq!(batch(r#"["a","b","c"]"#, ""), (3, 3));
+        assert_eq!(batch(r#"["a","b","c"]"#, r#","n":2"#), (6, 6));
+        assert_eq!(batch("[[1,2],[3]]", r#","best_of":4"#), (2, 8));
+        assert_eq!(batch("[1,2,3]", ""), (1, 1));
         for (endpoint, members, param) in [
             (Endpoint::Chat, r#","n":0"#, "n"),
             (Endpoint::Chat, r#","n":129"#, "n"),

@@ -70,7 +70,7 @@ pub fn respond(
                 idle: backend.timeouts.idle,
                 backend: backend.name.clone(),
                 endpoint: request.endpoint(),
-                answers: request.generations(),
+                answers: request.answers(),
                 include_usage: request.include_usage(),
                 encoder: answer_as.encoder(|| meter.usage_so_far().prompt_tokens),
                 meter,

@@ -208,8 +208,8 @@ struct Answer {
     /// The first `reasoning` words are reasoning, the rest the answer.
     reasoning: usize,
     finish_reason: &'static str,
-    /// How many answers were asked for (`n`, a batch's prompts): each the
-    /// same words, the usage theirs together.
+    /// How many answers come back (`n`, for each of a batch's prompts):
+    /// each the same words.
     answers: u32,
     usage: Usage,
     per_token: Duration,
@@ -225,7 +225,7 @@ impl Answer {
             .unwrap_or(u32::MAX)
             .max(1);
         let count = spec.completion_tokens.min(limit) as usize;
-        let answers = call.request.generations();
+        let (answers, generations) = (call.request.answers(), call.request.generations());
         // The same prompt always gets the same words.
         let seed = prompt_tokens as usize + call.upstream_model.len();
         let words = (0..count)
@@ -255,7 +255,8 @@ impl Answer {
                 "stop"
             },
             answers,
-            usage: Usage::new(prompt_tokens, count as u64 * u64::from(answers)),
+            // `best_of` beyond `n` is generated and billed, not returned.
+            usage: Usage::new(prompt_tokens, count as u64 * u64::from(generations)),
             per_token: Duration::from_secs_f64(1.0 / spec.tokens_per_second),
         }
     }
