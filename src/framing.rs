@@ -134,6 +134,9 @@ pub struct HeadFacts {
     /// The last transfer coding is `chunked`: what frames a body that has
     /// codings.
     pub chunked_last: bool,
+    /// A transfer coding other than `chunked` is listed (`gzip, chunked`):
+    /// the body's bytes are not the message, and no one here decodes them.
+    pub other_coding: bool,
     /// `connection` lists `close`.
     pub close: bool,
     /// `connection` lists `keep-alive`.
@@ -154,10 +157,19 @@ impl HeadFacts {
             14 if is(b"content-length") => self.read_length(value),
             17 if is(b"transfer-encoding") => {
                 self.transfer_encoding = true;
-                self.chunked_last = value == b"chunked"
-                    || items(value)
-                        .and_then(|mut codings| codings.next_back())
-                        .is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"));
+                if value == b"chunked" {
+                    self.chunked_last = true;
+                    return;
+                }
+                self.chunked_last = false;
+                let Some(codings) = items(value) else {
+                    self.other_coding = true;
+                    return;
+                };
+                for coding in codings {
+                    self.chunked_last = coding.eq_ignore_ascii_case(b"chunked");
+                    self.other_coding |= !self.chunked_last;
+                }
             }
             10 if is(b"connection") => match value {
                 b"keep-alive" => self.keep_alive = true,
@@ -389,6 +401,22 @@ mod tests {
         assert!(!chunked(&[b""]));
         // Not visible ASCII: not read at all.
         assert!(!chunked(&[b"g\xffzip, chunked"]));
+    }
+
+    #[test]
+    fn any_coding_but_chunked_is_told_apart() {
+        let other = |values: &[&[u8]]| {
+            let headers: Vec<_> = values.iter().map(|v| ("transfer-encoding", *v)).collect();
+            said(&headers).other_coding
+        };
+        assert!(!other(&[b"chunked"]));
+        assert!(!other(&[b"Chunked "]));
+        assert!(!other(&[b"chunked", b"CHUNKED"]));
+        assert!(other(&[b"gzip, chunked"]));
+        assert!(other(&[b"gzip", b"chunked"]));
+        assert!(other(&[b"chunked, identity"]));
+        assert!(other(&[b""]));
+        assert!(other(&[b"g\xffzip, chunked"]));
     }
 
     #[test]

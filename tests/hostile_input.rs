@@ -126,6 +126,11 @@ async fn every_bad_request_gets_an_error_in_its_apis_shape_and_the_gateway_stays
         ),
         ("gzip framing", raw(&format!("POST {CHAT} HTTP/1.1"), "transfer-encoding: gzip\r\n", "abc"), 400),
         (
+            "a gzip body in chunks",
+            raw(&format!("POST {CHAT} HTTP/1.1"), "transfer-encoding: gzip, chunked\r\n", "4\r\nabcd\r\n0\r\n\r\n"),
+            415,
+        ),
+        (
             "a chunk size past 64 bits",
             raw(&format!("POST {CHAT} HTTP/1.1"), "transfer-encoding: chunked\r\n", "ffffffffffffffffffff\r\n"),
             400,

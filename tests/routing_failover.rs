@@ -158,7 +158,7 @@ async fn answering_with(reply: &'static [u8]) -> String {
 #[tokio::test]
 async fn an_upstream_that_breaks_http_fails_over_and_alone_is_a_502_that_says_what_it_broke() {
     let spare = MockUpstream::openai().start().await;
-    let broken: [(&str, &[u8], &str); 5] = [
+    let broken: [(&str, &[u8], &str); 6] = [
         (
             "not-http",
             b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
@@ -178,6 +178,11 @@ async fn an_upstream_that_breaks_http_fails_over_and_alone_is_a_502_that_says_wh
             "bad-chunk",
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
             "in the middle of a response",
+        ),
+        (
+            "gzip-chunks",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n",
+            "a transfer coding other than chunked",
         ),
         ("silent-close", b"", "failed before a response"),
     ];

@@ -12,8 +12,9 @@ pub enum ErrorKind {
     /// The prompt alone is more than the key's whole `tpm`.
     PromptOverTpm,
     PayloadTooLarge,
-    /// The body is compressed (`Content-Encoding`), which the gateway
-    /// does not decode.
+    /// The body is compressed (`Content-Encoding`), or sent with a
+    /// transfer coding other than `chunked`, which the gateway does not
+    /// decode.
     UnsupportedEncoding,
     /// The request is not valid HTTP/1.1 (framing, header bytes, request
     /// line); hyper refuses it before any route runs.

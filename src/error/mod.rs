@@ -144,6 +144,19 @@ impl GatewayError {
         )
     }
 
+    /// A body sent with a transfer coding other than `chunked`
+    /// (`codings`, the `Transfer-Encoding` header as sent), which the
+    /// gateway does not decode either.
+    pub fn unsupported_transfer_coding(codings: &str) -> Self {
+        Self::new(
+            ErrorKind::UnsupportedEncoding,
+            format!(
+                "the request body is sent with Transfer-Encoding: {}, and this gateway decodes no transfer coding but chunked; send it uncompressed, with Content-Length or only `Transfer-Encoding: chunked`",
+                echo(codings)
+            ),
+        )
+    }
+
     /// A request that is not HTTP/1.1 as RFC 9112 frames it, refused
     /// before any route ran; `problem` says which rule it broke and what
     /// to send instead.

@@ -260,6 +260,12 @@ fn framing_of(request: &Outgoing, head: &Head) -> Result<Framing, String> {
     if bodiless {
         return Ok(Framing::Length(0));
     }
+    if head.said.other_coding {
+        // The gateway asks for none (it sends no `TE`), and decodes none.
+        return Err(
+            "a transfer coding other than chunked, which the gateway did not ask for".into(),
+        );
+    }
     if head.said.transfer_encoding {
         return Ok(if head.said.chunked_last {
             Framing::Chunked(Chunked::Size)

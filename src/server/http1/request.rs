@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
+use axum::http::header::TRANSFER_ENCODING;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Frame, SizeHint};
@@ -269,7 +270,7 @@ fn parse(
         said.read(name.as_str().as_bytes(), value.as_bytes());
         map.append(name, value);
     }
-    let framing = request_framing(&said, version)?;
+    let framing = request_framing(&said, version, &map)?;
     let keep_alive = match version {
         Version::HTTP_11 => !said.close,
         _ => said.keep_alive,
@@ -301,8 +302,14 @@ fn parse(
 /// Where a request body ends (RFC 9112 §6.3): by the chunked coding, by
 /// its length, or at once. A request framed both ways is refused, as a
 /// smuggling attempt would be: what follows it could not be trusted to be
-/// the next request.
-fn request_framing(said: &HeadFacts, version: Version) -> Result<Framing, HeadError> {
+/// the next request. A body in another coding as well (`gzip, chunked`)
+/// is framed, but its bytes are not the request: refused as a compressed
+/// body is.
+fn request_framing(
+    said: &HeadFacts,
+    version: Version,
+    headers: &HeaderMap,
+) -> Result<Framing, HeadError> {
     let length = said.content_length().map_err(|_| malformed(BAD_LENGTH))?;
     if said.transfer_encoding {
         return Err(malformed(if length.is_some() {
@@ -311,6 +318,15 @@ fn request_framing(said: &HeadFacts, version: Version) -> Result<Framing, HeadEr
             CHUNKED_10
         } else if !said.chunked_last {
             NOT_CHUNKED
+        } else if said.other_coding {
+            let codings: Vec<_> = headers
+                .get_all(TRANSFER_ENCODING)
+                .iter()
+                .map(|value| String::from_utf8_lossy(value.as_bytes()))
+                .collect();
+            return Err(HeadError::Refused(
+                GatewayError::unsupported_transfer_coding(&codings.join(", ")),
+            ));
         } else {
             return Ok(Framing::Chunked(Chunked::Size));
         }));
