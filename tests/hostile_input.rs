@@ -204,6 +204,16 @@ async fn every_bad_request_gets_an_error_in_its_apis_shape_and_the_gateway_stays
             400,
         ),
         (
+            "spend for two keys",
+            format!("GET /admin/spend?key=a&key=b HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\nconnection: close\r\n\r\n").into_bytes(),
+            400,
+        ),
+        (
+            "spend for an empty key",
+            format!("GET /admin/spend?key= HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\nconnection: close\r\n\r\n").into_bytes(),
+            400,
+        ),
+        (
             "explain of garbage",
             format!("POST /admin/explain HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\ncontent-length: 3\r\nconnection: close\r\n\r\nabc").into_bytes(),
             400,

@@ -262,6 +262,30 @@ async fn admin_reload_validates_whole_candidates_and_dry_runs_return_the_diff() 
     assert_eq!(report["diff"]["keys"]["added"], json!(["team"]));
     assert_eq!(active_version(&gateway).await, version);
 
+    // A misspelt dry run is refused, not applied for real.
+    for query in ["dry-run=true", "dry_run=true&dry_run=false", "dry_run="] {
+        let response = admin(
+            &gateway,
+            reqwest::Method::POST,
+            &format!("/admin/reload?{query}"),
+        )
+        .await
+        .body(candidate.to_toml())
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+        let refused: Value = response.json().await.unwrap();
+        assert!(
+            refused["error"]["param"]
+                .as_str()
+                .unwrap()
+                .starts_with("dry"),
+            "{query}: {refused}"
+        );
+        assert_eq!(active_version(&gateway).await, version, "{query}");
+    }
+
     let invalid = simulated_on(&["one", "three"], &["one", "nowhere"])
         .key(Key::new("team"))
         .set("routing", "max_attempts", 99)

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use time::Date;
 use time::macros::format_description;
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, echo};
 use crate::ledger::Unavailable;
 use crate::pipeline::admit::{ExplainRequest, explain};
 use crate::pipeline::respond::json_response;
@@ -121,16 +121,10 @@ fn day(params: &HashMap<String, String>, name: &str) -> Result<Option<Date>, Gat
 /// `GET /admin/licence?month=YYYY-MM`: per calendar month (every month
 /// the ledger holds, or the one asked for), the Llama end users, what
 /// each licence served and the EU multimodal refusals.
-pub async fn licence(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    Query(params): Query<HashMap<String, String>>,
-) -> Response {
+pub async fn licence(State(app): State<Arc<AppState>>, headers: HeaderMap, uri: Uri) -> Response {
     let snapshot = app.snapshot.load_full();
     let asked = auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
-        only(&params, &["month"])?;
-        params
+        params(&uri, &["month"])?
             .get("month")
             .map(|m| {
                 crate::licence::parse_month(m)
@@ -154,22 +148,44 @@ pub async fn licence(
     }
 }
 
-/// A 400 naming the first query parameter not among `known`.
-fn only(params: &HashMap<String, String>, known: &[&str]) -> Result<(), GatewayError> {
-    match params.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(unknown) => Err(GatewayError::bad_request(
-            format!(
-                "unknown parameter `{unknown}`; use {}",
-                match known {
-                    [one] => (*one).to_owned(),
-                    [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
-                    [] => "none".to_owned(),
-                }
-            ),
-            Some(unknown.clone()),
-        )),
-        None => Ok(()),
+/// The query's parameters, each one of `known`, given once and not
+/// empty: a 400 names the first that is not, so that a misspelt `dry_run`
+/// or a filter given twice is never read as something else.
+fn params(uri: &Uri, known: &[&str]) -> Result<HashMap<String, String>, GatewayError> {
+    let query = uri.query().unwrap_or_default();
+    let mut params = HashMap::new();
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if !known.contains(&&*name) {
+            return Err(GatewayError::bad_request(
+                format!(
+                    "unknown parameter `{}`; use {}",
+                    echo(&name),
+                    match known {
+                        [one] => (*one).to_owned(),
+                        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+                        [] => "none".to_owned(),
+                    }
+                ),
+                Some(echo(&name)),
+            ));
+        }
+        if value.is_empty() {
+            return Err(GatewayError::bad_request(
+                format!("`{name}` is empty; give it a value, or leave it out"),
+                Some(name.into_owned()),
+            ));
+        }
+        if params
+            .insert(name.to_string(), value.into_owned())
+            .is_some()
+        {
+            return Err(GatewayError::bad_request(
+                format!("`{name}` is given twice; give it once"),
+                Some(name.into_owned()),
+            ));
+        }
     }
+    Ok(params)
 }
 
 /// How long `/admin/spend` tells a caller to wait when the fleet's ledger
@@ -180,15 +196,10 @@ const LEDGER_RETRY: Duration = Duration::from_secs(5);
 /// day, key, model and deployment from the ledger (all filters optional,
 /// dates inclusive, UTC); with PostgreSQL, the whole fleet's, or 503 while
 /// the database cannot be reached.
-pub async fn spend(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    Query(params): Query<HashMap<String, String>>,
-) -> Response {
+pub async fn spend(State(app): State<Arc<AppState>>, headers: HeaderMap, uri: Uri) -> Response {
     let snapshot = app.snapshot.load_full();
     let asked = auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
-        only(&params, &["key", "from", "to"])?;
+        let params = params(&uri, &["key", "from", "to"])?;
         let (from, to) = (day(&params, "from")?, day(&params, "to")?);
         if let (Some(from), Some(to)) = (from, to)
             && to < from
@@ -198,10 +209,10 @@ pub async fn spend(
                 Some("to".into()),
             ));
         }
-        Ok((from, to))
+        Ok((params, from, to))
     });
-    let (from, to) = match asked {
-        Ok(range) => range,
+    let (params, from, to) = match asked {
+        Ok(asked) => asked,
         Err(e) => return e.into_response(),
     };
     let key = params.get("key").cloned();
@@ -279,12 +290,15 @@ pub async fn reload(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     uri: Uri,
-    Query(params): Query<HashMap<String, String>>,
     body: Body,
 ) -> Response {
     let snapshot = app.snapshot.load_full();
-    let body = match authorised_body(&snapshot, &headers, &uri, body).await {
-        Ok(body) => body,
+    let asked = match authorised_body(&snapshot, &headers, &uri, body).await {
+        Ok(body) => params(&uri, &["dry_run"]).map(|params| (body, params)),
+        Err(e) => Err(e),
+    };
+    let (body, params) = match asked {
+        Ok(asked) => asked,
         Err(e) => return e.into_response(),
     };
     let dry_run = match params.get("dry_run").map(String::as_str) {
