@@ -26,7 +26,8 @@ fn config(upstream: &MockServer, daily_usd: f64) -> Config {
             Model::new("chat").deployment(
                 Deployment::new("api", "m")
                     .price(PRICE.0, PRICE.1)
-                    .set("context_window", CONTEXT_WINDOW as i64),
+                    .set("context_window", CONTEXT_WINDOW as i64)
+                    .set("tools", true),
             ),
         )
         .key(Key::new("team").set("budget_daily_usd", daily_usd))
@@ -350,6 +351,32 @@ async fn a_stream_cut_at_its_reservation_without_usage_asked_for_still_names_its
 }
 
 #[tokio::test]
+async fn a_streamed_tool_call_is_output_and_ends_at_its_reservation() {
+    // The model calls a tool whose arguments run to 2,000 tokens: they are
+    // generated and billed as text is, and cut where text would be.
+    let tools = json!([{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]);
+    let (chunks, gateway) = stream_past_its_reservation(json!({
+        "model": "chat", "messages": user("hi"), "tools": tools, "stream": true,
+        "stream_options": {"include_usage": true},
+    }))
+    .await;
+    let pieces = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] == "tok ")
+        .count();
+    assert!(
+        (490..=499).contains(&pieces),
+        "about what the reservation pays for: {pieces}"
+    );
+    let last = &chunks[chunks.len() - 2];
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let spent = spent(&gateway).await;
+    assert!(spent <= 0.005, "spent ${spent}");
+    assert!(spent > 0.0049, "spent ${spent}");
+}
+
+#[tokio::test]
 async fn a_stream_of_several_answers_cut_at_its_reservation_ends_each_of_them() {
     let (chunks, gateway) = stream_past_its_reservation(
         json!({"model": "chat", "messages": user("hi"), "stream": true, "n": 2}),
@@ -380,12 +407,26 @@ async fn messages_and_responses_streams_that_reach_their_reservation_end_at_thei
         (
             "/v1/messages",
             json!({"model": "chat", "max_tokens": 400, "stream": true, "messages": user("hi")}),
-            400,
+            400..=400,
         ),
         (
             "/v1/responses",
             json!({"model": "chat", "stream": true, "input": "hi"}),
-            499,
+            499..=499,
+        ),
+        // The model calls a tool, and the call runs past the reservation:
+        // its arguments, measured as text, come to about as many tokens.
+        (
+            "/v1/messages",
+            json!({"model": "chat", "max_tokens": 400, "stream": true, "messages": user("hi"),
+                   "tools": [{"name": "search", "input_schema": {"type": "object"}}]}),
+            395..=400,
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "chat", "stream": true, "input": "hi",
+                   "tools": [{"type": "function", "name": "search", "parameters": {"type": "object"}}]}),
+            490..=499,
         ),
     ];
     for (path, body, tokens) in asks {
@@ -408,7 +449,8 @@ async fn messages_and_responses_streams_that_reach_their_reservation_end_at_thei
             assert_eq!(name, "message_stop");
             let delta = &events[events.len() - 2].1;
             assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
-            assert_eq!(delta["usage"]["output_tokens"], tokens);
+            let output = delta["usage"]["output_tokens"].as_u64().unwrap();
+            assert!(tokens.contains(&output), "{body}: {output}");
         } else {
             assert_eq!(name, "response.incomplete");
             let response = &last["response"];
@@ -416,7 +458,8 @@ async fn messages_and_responses_streams_that_reach_their_reservation_end_at_thei
                 response["incomplete_details"]["reason"],
                 "max_output_tokens"
             );
-            assert_eq!(response["usage"]["output_tokens"], tokens);
+            let output = response["usage"]["output_tokens"].as_u64().unwrap();
+            assert!(tokens.contains(&output), "{body}: {output}");
             assert_eq!(response["output"][0]["status"], "incomplete");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

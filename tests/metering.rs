@@ -543,6 +543,61 @@ async fn output_is_estimated_from_the_text_however_the_json_is_spaced() {
 }
 
 #[tokio::test]
+async fn a_tool_calls_arguments_are_output_estimated_as_text_is() {
+    // No usage: two calls' arguments, 33 bytes streamed in four pieces
+    // (two in one chunk, as vLLM sends parallel calls) and 33 whole, are
+    // 9 tokens each at 4 bytes a token, rounded up.
+    let piece = |calls: &str| {
+        format!(
+            "data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"tool_calls\":[{calls}]}}}}]}}\n\n"
+        )
+    };
+    let call = |index: u8, arguments: &str| {
+        format!("{{\"index\":{index},\"function\":{{\"arguments\":{arguments:?}}}}}")
+    };
+    let stream = [
+        piece(&call(0, "{\"city\": \"Paris\"")),
+        piece(&format!("{},{}", call(0, "}"), call(1, "{\"city\": "))),
+        piece(&call(1, "\"Rome\"}")),
+        "data: [DONE]\n\n".to_owned(),
+    ]
+    .concat();
+    let whole = json!({"id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": {
+        "role": "assistant", "content": null, "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}},
+            {"id": "b", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Rome\"}"}}]},
+        "finish_reason": "tool_calls"}]});
+    let upstream = MockUpstream::openai()
+        .stream_bytes(stream)
+        .json(whole)
+        .start()
+        .await;
+    let spare = MockUpstream::openai().start().await;
+    let config = priced(&url(&upstream), &url(&spare), PRICES, Key::new("team"));
+    let gateway = start(&config).await;
+    for streamed in [true, false] {
+        let body = json!({"model": "chat", "messages": user("hi"), "stream": streamed});
+        let response = chat_as_team(&gateway, body).await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    gateway
+        .eventually_metric(
+            "tollgate_requests_total",
+            &[
+                ("api", "chat"),
+                ("alias", "chat"),
+                ("backend", "api-a"),
+                ("status", "200"),
+            ],
+            2.0,
+        )
+        .await;
+    let text = gateway.metrics().await;
+    assert_eq!(tokens(&text, "api-a", "output", "true"), 18.0, "{text}");
+}
+
+#[tokio::test]
 async fn usage_that_cannot_be_true_is_estimated_counted_and_never_reaches_the_ledger() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tollgate.toml");

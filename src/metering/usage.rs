@@ -181,14 +181,17 @@ impl StreamReader {
                         }
                         self.ending_misses += 1;
                     }
-                    // The opening held no usage or error, and its bytes
-                    // are the same: any is past it.
+                    // The opening held no usage, error or tool call, and
+                    // its bytes are the same: any is past it. An ending
+                    // that calls a tool is not kept, as `text` keeps no
+                    // chunk that does.
                     if usage_value(rest).is_none()
                         && KEYS.error.find(rest).is_none()
                         && framed_as_object(chunk)
                     {
-                        self.keep_closing(after);
-                        return Ok(text_only(text));
+                        let called = after.and_then(arguments);
+                        self.keep_closing(after.filter(|_| called.is_none()));
+                        return Ok(text_only(text + called.unwrap_or(0)));
                     }
                 }
                 None => self.misses += 1,
@@ -246,6 +249,7 @@ struct Keys {
     text: Finder<'static>,
     reasoning_content: Finder<'static>,
     reasoning: Finder<'static>,
+    arguments: Finder<'static>,
 }
 
 static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
@@ -257,14 +261,16 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
     text: Finder::new(b"\"text\""),
     reasoning_content: Finder::new(b"\"reasoning_content\""),
     reasoning: Finder::new(b"\"reasoning\""),
+    arguments: Finder::new(b"\"arguments\""),
 });
 
 /// Bytes of generated text in a chunk, for an estimate when the upstream
-/// reports no usage: the first string value of a `content` member (chat)
-/// or else of a `text` member (legacy; Together sends both, so only one
-/// counts), or else of a reasoning member (`reasoning_content`, vLLM's
-/// and DeepSeek's; `reasoning`, Together's and newer vLLM's: reasoning
-/// is output too), measured as decoded, without parsing the chunk. The
+/// reports no usage, and for a stream's running cost: the first string
+/// value of a `content` member (chat) or else of a `text` member (legacy;
+/// Together sends both, so only one counts), or else of a reasoning
+/// member (`reasoning_content`, vLLM's and DeepSeek's; `reasoning`,
+/// Together's and newer vLLM's: reasoning is output too), and every tool
+/// call's `arguments`, measured as decoded, without parsing the chunk. The
 /// reasoning names are looked for only in a chunk with neither of the
 /// others. With it, where the value is when it is the first `content`
 /// member's.
@@ -277,14 +283,28 @@ fn text(chunk: &[u8]) -> (usize, Option<TextAt>) {
                 start,
                 end: end.map(|end| start + end),
             };
-            return (chars, (n == 0).then_some(at));
+            // A chunk that calls a tool is not kept: a next chunk with its
+            // bytes carries the call's arguments again, which count again.
+            let called = arguments(chunk);
+            let at = (n == 0 && called.is_none()).then_some(at);
+            return (chars + called.unwrap_or(0), at);
         }
     }
     let chars = [&k.text, &k.reasoning_content, &k.reasoning]
         .into_iter()
         .find_map(|key| member_string(key, chunk))
         .unwrap_or(0);
-    (chars, None)
+    (chars + arguments(chunk).unwrap_or(0), None)
+}
+
+/// The decoded length of every tool call's `arguments` in `json`, or
+/// `None` when it has no such member: a model's call is output it is
+/// billed for, as its text is, and an upstream that ignores its limit may
+/// stream a call of any length.
+fn arguments(json: &[u8]) -> Option<usize> {
+    let mut values = member_values(&KEYS.arguments, json).peekable();
+    values.peek()?;
+    Some(values.filter_map(|value| Some(string(value)?.0)).sum())
 }
 
 /// The decoded length of the first string value of a member named as
@@ -591,6 +611,39 @@ mod tests {
     }
 
     #[test]
+    fn a_tool_calls_arguments_are_output_in_every_chunk_that_carries_them() {
+        // Ollama-style chunks: an empty `content` beside each piece of the
+        // call, the same bytes from chunk to chunk.
+        let piece = r#"{"id":"c","choices":[{"index":0,"delta":{"content":"","tool_calls":[{"index":0,"function":{"arguments":"tok "}}]}}]}"#;
+        let opening = r#"{"id":"c","choices":[{"index":0,"delta":{"content":"tok "}}]}"#;
+        let mut reader = StreamReader::default();
+        let mut read = |chunk: &str| {
+            reader
+                .read("b", chunk.as_bytes())
+                .unwrap()
+                .observed
+                .text_chars
+        };
+        assert_eq!(read(opening), 4);
+        for _ in 0..5 {
+            assert_eq!(read(piece), 4);
+        }
+        // The call before the text: in the bytes a next chunk opens with.
+        let before = r#"{"id":"c","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"tok "}}],"content":""}}]}"#;
+        for _ in 0..5 {
+            assert_eq!(read(before), 4);
+        }
+        // OpenAI's and vLLM's: no content, and two calls in one chunk.
+        let two = r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"a","function":{"name":"f","arguments":"{\"q\":"}},{"index":1,"function":{"arguments":"1}"}}]}}]}"#;
+        assert_eq!(text_chars(two.as_bytes()), 5 + 2);
+        let whole: ResponseView<'_> = serde_json::from_str(
+            r#"{"choices":[{"message":{"content":null,"tool_calls":[{"id":"a","type":"function","function":{"name":"f","arguments":"{\"q\":1}"}}]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(whole.text_chars(), 7);
+    }
+
+    #[test]
     fn text_is_measured_as_json_reads_it_whatever_the_spacing_and_escapes() {
         let text = "caf\u{e9} \"q\"\n\u{1F600}\\";
         let chunk = serde_json::json!({
@@ -749,6 +802,7 @@ mod tests {
                 "\n",
                 "\"error\":1",
                 "\"content\":\"x\"",
+                "\"arguments\":\"x\"",
                 "usage",
                 "\"",
                 "{",
@@ -775,6 +829,7 @@ mod tests {
                 "\"text",
                 "usage\"",
                 "\\\"usage",
+                "\"arguments",
             ];
             serde_json::to_string(NAMES[self.0.usize(..NAMES.len())]).unwrap()
         }
@@ -808,8 +863,17 @@ mod tests {
                 } else {
                     self.text()
                 };
+                let calls = match self.0.u8(..3) {
+                    0 => format!(
+                        r#","tool_calls":[{{"index":0,"function":{{"name":{},"arguments":{}}}}},{{"index":1,"function":{{"arguments":{}}}}}]"#,
+                        self.text(),
+                        self.text(),
+                        self.text()
+                    ),
+                    _ => String::new(),
+                };
                 members.push(format!(
-                    r#""delta":{{"role":"assistant","content":{content}}}"#
+                    r#""delta":{{"role":"assistant","content":{content}{calls}}}"#
                 ));
             } else {
                 members.push(format!(r#""text":{}"#, self.text()));
@@ -861,7 +925,7 @@ mod tests {
             } else {
                 self.text()
             };
-            let ending = match self.0.u8(..6) {
+            let ending = match self.0.u8(..7) {
                 0 => r#"}}],"usage":null}"#.into(),
                 1 => r#"}}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#
                     .into(),
@@ -870,6 +934,10 @@ mod tests {
                     self.name()
                 ),
                 3 => format!(r#"}}}}],{}:{}}}"#, self.name(), self.value(0)),
+                4 => format!(
+                    r#","tool_calls":[{{"index":0,"function":{{"arguments":{}}}}}]}}}}]}}"#,
+                    self.text()
+                ),
                 _ => "}}]}".into(),
             };
             format!("{OPENING}{text}{ending}")

@@ -422,6 +422,21 @@ pub struct TextView<'a> {
     /// The same, as Together and newer vLLM name it.
     #[serde(borrow, default)]
     pub reasoning: Option<Text<'a>>,
+    /// The model's tool calls, whose arguments are output too.
+    #[serde(borrow, default)]
+    pub tool_calls: Option<Vec<ToolCallView<'a>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ToolCallView<'a> {
+    #[serde(borrow, default)]
+    pub function: Option<FunctionView<'a>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct FunctionView<'a> {
+    #[serde(borrow, default)]
+    pub arguments: Option<Text<'a>>,
 }
 
 impl ResponseView<'_> {
@@ -453,18 +468,25 @@ impl ResponseView<'_> {
 
 impl ChoiceView<'_> {
     /// Together sends the same text both as `text` and `delta.content`, so
-    /// the first one present counts, not their sum; reasoning is output
-    /// too, and counts beside it.
+    /// the first one present counts, not their sum; reasoning and tool
+    /// calls' arguments are output too, and count beside it.
     fn text_chars(&self) -> usize {
         let view = self.delta.as_ref().or(self.message.as_ref());
         let content = view.and_then(|t| t.content.as_ref()).map(|c| c.len());
         let reasoning = view
             .and_then(|t| t.reasoning_content.as_ref().or(t.reasoning.as_ref()))
             .map_or(0, |r| r.len());
+        let arguments = view
+            .and_then(|t| t.tool_calls.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|call| Some(call.function.as_ref()?.arguments.as_ref()?.len()))
+            .sum::<usize>();
         content
             .or_else(|| self.text.as_ref().map(|t| t.len()))
             .unwrap_or(0)
             + reasoning
+            + arguments
     }
 }
 

@@ -211,7 +211,8 @@ impl MockUpstream {
 
     /// Answer with `tokens` tokens (one a stream chunk, usage exact), or
     /// as many as the request's `max_tokens` or `max_completion_tokens`
-    /// allows when that is fewer, as a real server does.
+    /// allows when that is fewer, as a real server does; a request with
+    /// tools, with a call whose arguments are as long.
     pub fn answers_of(mut self, tokens: usize) -> Self {
         self.generate = Some(Generate {
             tokens,
@@ -583,7 +584,8 @@ async fn respond(
     let canned = match reply.generate {
         Some(generate) => {
             let flags = openai_mock::Flags::parse(&body);
-            generated = openai_mock::Canned::new(generate.length(&flags), flags.generations());
+            generated =
+                openai_mock::Canned::generated(generate.length(&flags), flags.generations());
             &generated
         }
         None => &shared.canned,

@@ -224,8 +224,22 @@ pub const TOOL_ARGUMENTS: [&str; 2] = ["{\"city\":", "\"Paris\"}"];
 impl Canned {
     /// `chunks` tokens in each of `choices` answers, as vLLM streams them:
     /// a step's chunks one per answer, each naming its `index`; usage
-    /// counts every answer's tokens. A request with tools gets one answer.
+    /// counts every answer's tokens. A request with tools gets one answer,
+    /// a call of `get_weather` with `TOOL_ARGUMENTS`.
     pub fn new(chunks: usize, choices: usize) -> Self {
+        Self::calling(chunks, choices, TOOL_ARGUMENTS.map(str::to_owned).to_vec())
+    }
+
+    /// `new`, with a request with tools answered by a call as long as the
+    /// answer: its arguments `{"q":"tok tok …"}`, streamed a token a chunk.
+    pub fn generated(chunks: usize, choices: usize) -> Self {
+        let mut arguments = vec![r#"{"q":""#.to_owned()];
+        arguments.extend(std::iter::repeat_n("tok ".to_owned(), chunks));
+        arguments.push(r#""}"#.to_owned());
+        Self::calling(chunks, choices, arguments)
+    }
+
+    fn calling(chunks: usize, choices: usize, arguments: Vec<String>) -> Self {
         let usage_of = |choices: usize| {
             let completion = (chunks * choices) as u64;
             json!({"prompt_tokens": CANNED_PROMPT_TOKENS, "completion_tokens": completion, "total_tokens": CANNED_PROMPT_TOKENS + completion})
@@ -280,7 +294,7 @@ impl Canned {
             json!({"tool_calls": [{"index": 0, "id": TOOL_CALL_ID, "type": "function", "function": {"name": TOOL_NAME, "arguments": ""}}]}),
             Value::Null,
         ));
-        for piece in TOOL_ARGUMENTS {
+        for piece in &arguments {
             tool_stream.push(chat_chunk(
                 0,
                 json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
@@ -296,7 +310,7 @@ impl Canned {
             tool_json: Bytes::from(
                 json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": CANNED_MODEL,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
-                        {"id": TOOL_CALL_ID, "type": "function", "function": {"name": TOOL_NAME, "arguments": TOOL_ARGUMENTS.concat()}}]},
+                        {"id": TOOL_CALL_ID, "type": "function", "function": {"name": TOOL_NAME, "arguments": arguments.concat()}}]},
                         "logprobs": null, "finish_reason": "tool_calls"}],
                     "usage": one_answer})
                 .to_string(),
