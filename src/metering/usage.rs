@@ -641,6 +641,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(whole.text_chars(), 7);
+        // The older `functions` API's one call.
+        let old = r#"{"choices":[{"message":{"content":null,"function_call":{"name":"f","arguments":"{}"}}}]}"#;
+        let whole: ResponseView<'_> = serde_json::from_str(old).unwrap();
+        assert_eq!((whole.text_chars(), text_chars(old.as_bytes())), (2, 2));
     }
 
     #[test]

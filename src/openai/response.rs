@@ -425,6 +425,9 @@ pub struct TextView<'a> {
     /// The model's tool calls, whose arguments are output too.
     #[serde(borrow, default)]
     pub tool_calls: Option<Vec<ToolCallView<'a>>>,
+    /// The one call of OpenAI's older `functions` API.
+    #[serde(borrow, default)]
+    pub function_call: Option<FunctionView<'a>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -476,11 +479,15 @@ impl ChoiceView<'_> {
         let reasoning = view
             .and_then(|t| t.reasoning_content.as_ref().or(t.reasoning.as_ref()))
             .map_or(0, |r| r.len());
-        let arguments = view
+        let calls = view
             .and_then(|t| t.tool_calls.as_ref())
             .into_iter()
-            .flatten()
-            .filter_map(|call| Some(call.function.as_ref()?.arguments.as_ref()?.len()))
+            .flatten();
+        let functions = calls
+            .filter_map(|call| call.function.as_ref())
+            .chain(view.and_then(|t| t.function_call.as_ref()));
+        let arguments = functions
+            .filter_map(|function| Some(function.arguments.as_ref()?.len()))
             .sum::<usize>();
         content
             .or_else(|| self.text.as_ref().map(|t| t.len()))
