@@ -447,6 +447,24 @@ fn answer_with_usage(usage: Value) -> Value {
            "usage": usage})
 }
 
+/// The metrics page once `requests` chat requests answered by `api-a`
+/// with 200 are counted: each is metered as its body ends.
+async fn answered_by_a(gateway: &Gateway, requests: f64) -> String {
+    gateway
+        .eventually_metric(
+            "tollgate_requests_total",
+            &[
+                ("api", "chat"),
+                ("alias", "chat"),
+                ("backend", "api-a"),
+                ("status", "200"),
+            ],
+            requests,
+        )
+        .await;
+    gateway.metrics().await
+}
+
 fn tokens(text: &str, backend: &str, direction: &str, estimated: &str) -> f64 {
     metric(
         text,
@@ -488,19 +506,7 @@ async fn usage_without_a_total_or_in_integral_floats_is_taken_as_reported() {
         .await;
     assert!(events.iter().all(|e| !e.contains("error")), "{events:?}");
     assert_eq!(spare.hits(), 0);
-    gateway
-        .eventually_metric(
-            "tollgate_requests_total",
-            &[
-                ("api", "chat"),
-                ("alias", "chat"),
-                ("backend", "api-a"),
-                ("status", "200"),
-            ],
-            2.0,
-        )
-        .await;
-    let text = gateway.metrics().await;
+    let text = answered_by_a(&gateway, 2.0).await;
     assert_eq!(tokens(&text, "api-a", "output", "false"), 6.0, "{text}");
     assert_eq!(tokens(&text, "api-a", "input", "false"), 22.0);
     assert_eq!(tokens(&text, "api-a", "output", "true"), 0.0);
@@ -526,19 +532,7 @@ async fn output_is_estimated_from_the_text_however_the_json_is_spaced() {
         .rest()
         .await;
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    gateway
-        .eventually_metric(
-            "tollgate_requests_total",
-            &[
-                ("api", "chat"),
-                ("alias", "chat"),
-                ("backend", "api-a"),
-                ("status", "200"),
-            ],
-            1.0,
-        )
-        .await;
-    let text = gateway.metrics().await;
+    let text = answered_by_a(&gateway, 1.0).await;
     assert_eq!(tokens(&text, "api-a", "output", "true"), 4.0, "{text}");
 }
 
@@ -581,19 +575,7 @@ async fn a_tool_calls_arguments_are_output_estimated_as_text_is() {
         assert_eq!(response.status(), 200);
         response.bytes().await.unwrap();
     }
-    gateway
-        .eventually_metric(
-            "tollgate_requests_total",
-            &[
-                ("api", "chat"),
-                ("alias", "chat"),
-                ("backend", "api-a"),
-                ("status", "200"),
-            ],
-            2.0,
-        )
-        .await;
-    let text = gateway.metrics().await;
+    let text = answered_by_a(&gateway, 2.0).await;
     assert_eq!(tokens(&text, "api-a", "output", "true"), 18.0, "{text}");
 }
 
