@@ -336,19 +336,7 @@ async fn a_stream_the_client_cuts_is_metered_once_with_estimated_usage() {
     assert!(events.next().await.is_some());
     assert!(events.next().await.is_some());
     drop(events);
-    gateway
-        .eventually_metric(
-            "tollgate_requests_total",
-            &[
-                ("api", "chat"),
-                ("alias", "chat"),
-                ("backend", "api-a"),
-                ("status", "499"),
-            ],
-            1.0,
-        )
-        .await;
-    let text = gateway.metrics().await;
+    let text = answered_by_a(&gateway, "499", 1.0).await;
     let estimated = |direction| {
         metric(
             &text,
@@ -448,8 +436,8 @@ fn answer_with_usage(usage: Value) -> Value {
 }
 
 /// The metrics page once `requests` chat requests answered by `api-a`
-/// with 200 are counted: each is metered as its body ends.
-async fn answered_by_a(gateway: &Gateway, requests: f64) -> String {
+/// with `status` are counted: each is metered as its body ends.
+async fn answered_by_a(gateway: &Gateway, status: &str, requests: f64) -> String {
     gateway
         .eventually_metric(
             "tollgate_requests_total",
@@ -457,7 +445,7 @@ async fn answered_by_a(gateway: &Gateway, requests: f64) -> String {
                 ("api", "chat"),
                 ("alias", "chat"),
                 ("backend", "api-a"),
-                ("status", "200"),
+                ("status", status),
             ],
             requests,
         )
@@ -506,7 +494,7 @@ async fn usage_without_a_total_or_in_integral_floats_is_taken_as_reported() {
         .await;
     assert!(events.iter().all(|e| !e.contains("error")), "{events:?}");
     assert_eq!(spare.hits(), 0);
-    let text = answered_by_a(&gateway, 2.0).await;
+    let text = answered_by_a(&gateway, "200", 2.0).await;
     assert_eq!(tokens(&text, "api-a", "output", "false"), 6.0, "{text}");
     assert_eq!(tokens(&text, "api-a", "input", "false"), 22.0);
     assert_eq!(tokens(&text, "api-a", "output", "true"), 0.0);
@@ -532,7 +520,7 @@ async fn output_is_estimated_from_the_text_however_the_json_is_spaced() {
         .rest()
         .await;
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let text = answered_by_a(&gateway, 1.0).await;
+    let text = answered_by_a(&gateway, "200", 1.0).await;
     assert_eq!(tokens(&text, "api-a", "output", "true"), 4.0, "{text}");
 }
 
@@ -575,7 +563,7 @@ async fn a_tool_calls_arguments_are_output_estimated_as_text_is() {
         assert_eq!(response.status(), 200);
         response.bytes().await.unwrap();
     }
-    let text = answered_by_a(&gateway, 2.0).await;
+    let text = answered_by_a(&gateway, "200", 2.0).await;
     assert_eq!(tokens(&text, "api-a", "output", "true"), 18.0, "{text}");
 }
 
