@@ -11,10 +11,9 @@ async fn start() -> String {
     let config = Config::new()
         .backend(Backend::simulated("sim").answers(20, 500, 12))
         .backend(Backend::simulated("broken").always_fails())
-        .model(
-            Model::new("llama")
-                .deployment(Deployment::new("sim", "meta-llama/Llama-3.1-8B-Instruct")),
-        )
+        .model(Model::new("llama").deployment(
+            Deployment::new("sim", "meta-llama/Llama-3.1-8B-Instruct").set("tools", true),
+        ))
         .model(
             Model::new("flaky")
                 .deployment(Deployment::new("broken", "x"))
@@ -286,4 +285,147 @@ async fn a_failing_deployment_fails_over_and_an_all_failing_alias_is_503() {
     assert!(metrics.contains(
         r#"tollgate_requests_total{alias="down",api="chat",backend="broken",status="503"} 1"#
     ));
+}
+
+/// Two tools, as an agent offers them.
+fn tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                           "days": {"type": "integer"}}, "required": ["city"]}}},
+        {"type": "function", "function": {"name": "search", "parameters": {"type": "object",
+            "properties": {"query": {"type": "string"}}}}},
+    ])
+}
+
+fn asking(messages: Value, more: Value) -> Value {
+    let mut body = json!({"model": "llama", "messages": messages, "tools": tools()});
+    body.as_object_mut()
+        .unwrap()
+        .extend(more.as_object().unwrap().clone());
+    body
+}
+
+#[tokio::test]
+async fn offered_tools_it_calls_one_with_arguments_that_fit_and_answers_its_result_in_words() {
+    let base = start().await;
+    let user = json!([{"role": "user", "content": "Weather in Paris?"}]);
+    let body: Value = post(
+        &base,
+        "/v1/chat/completions",
+        asking(user.clone(), json!({})),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{body}");
+    assert!(choice["message"]["content"].is_null());
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let arguments: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(arguments["city"].is_string(), "{arguments}");
+    assert_eq!(arguments["unit"], "celsius");
+    assert_eq!(arguments["days"], 1);
+    // A token for each 4 bytes of arguments, as the gateway estimates.
+    let written = call["function"]["arguments"].as_str().unwrap().len();
+    assert_eq!(body["usage"]["completion_tokens"], written.div_ceil(4));
+
+    // The function `tool_choice` names; none with `none`.
+    let named = json!({"tool_choice": {"type": "function", "function": {"name": "search"}}});
+    let body: Value = post(&base, "/v1/chat/completions", asking(user.clone(), named))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+        "search"
+    );
+    let none = json!({"tool_choice": "none"});
+    let body: Value = post(&base, "/v1/chat/completions", asking(user.clone(), none))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+
+    // The tool's result is answered in words, so an agent's loop ends.
+    let id = call["id"].as_str().unwrap();
+    let turn = json!([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": id, "content": "18 C, sunny"},
+    ]);
+    let body: Value = post(&base, "/v1/chat/completions", asking(turn, json!({})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert!(body["choices"][0]["message"]["content"].is_string());
+}
+
+#[tokio::test]
+async fn a_streamed_call_comes_a_token_a_chunk_and_adds_up_to_the_whole_one() {
+    let base = start().await;
+    let user = json!([{"role": "user", "content": "Weather in Paris?"}]);
+    let whole: Value = post(
+        &base,
+        "/v1/chat/completions",
+        asking(user.clone(), json!({})),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let whole_call = &whole["choices"][0]["message"]["tool_calls"][0];
+    let stream = json!({"stream": true, "stream_options": {"include_usage": true}});
+    let body = post(&base, "/v1/chat/completions", asking(user.clone(), stream))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let events = events(&body);
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let first = &chunks[0]["choices"][0]["delta"];
+    assert_eq!(first["role"], "assistant");
+    assert_eq!(first["tool_calls"][0]["id"], whole_call["id"]);
+    assert_eq!(first["tool_calls"][0]["function"]["name"], "get_weather");
+    let pieces: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(pieces.concat(), whole_call["function"]["arguments"]);
+    let finish = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(finish["finish_reason"], "tool_calls");
+    let usage = &chunks[chunks.len() - 1]["usage"];
+    assert_eq!(usage["completion_tokens"], pieces.len());
+    assert_eq!(usage, &whole["usage"]);
+
+    // A limit cuts the call's arguments, as it cuts text.
+    let limited = json!({"max_tokens": 3});
+    let body: Value = post(&base, "/v1/chat/completions", asking(user, limited))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["completion_tokens"], 3);
+    let cut = body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+        .as_str()
+        .unwrap();
+    assert!(
+        whole_call["function"]["arguments"]
+            .as_str()
+            .unwrap()
+            .starts_with(cut)
+    );
 }

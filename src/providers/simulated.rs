@@ -9,7 +9,8 @@
 //! first token by their share of the prompt and is reported as
 //! `prompt_tokens_details.cached_tokens`. With `slow_fraction`, that share
 //! of its answers wait `slow_ttft_ms` for their first token: the slow tail
-//! that hedging is measured against.
+//! that hedging is measured against. Offered tools, it calls one as a
+//! tool-calling model does, with arguments that fit the tool's schema.
 
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream;
+use serde_json::{Value, json};
 
 use super::{Chunk, Provider, UpstreamCall, UpstreamReply};
 use crate::config::{Backend, SimulatedSpec};
@@ -52,7 +54,7 @@ impl Simulated {
     /// prompt and its answer are in the cache from then on.
     fn cached_tokens(&self, request: &InboundRequest, answer: &Answer) -> Option<u64> {
         let cache = self.cache.as_ref()?;
-        let reply = answer.text(answer.reasoning..answer.words.len());
+        let reply = answer.text(answer.reasoning..answer.tokens());
         let (blocks, prompt) = prefix::conversation(request, &reply);
         let cached = cache.matched(&blocks[..prompt]).tokens;
         cache.serve(&blocks);
@@ -96,7 +98,7 @@ impl Simulated {
             ttft = ttft.mul_f64((prompt - cached) as f64 / prompt.max(1) as f64);
         }
         if !answer.streaming {
-            tokio::time::sleep(ttft + answer.per_token * (answer.words.len() as u32 - 1)).await;
+            tokio::time::sleep(ttft + answer.per_token * (answer.tokens() as u32 - 1)).await;
             return Ok(UpstreamReply::Complete(answer.complete()));
         }
         tokio::time::sleep(ttft).await;
@@ -104,13 +106,13 @@ impl Simulated {
         // them; after the words, each answer's finish chunk, then the
         // usage chunk, as an OpenAI server sends them.
         let answers = answer.answers as usize;
-        let total = (answer.words.len() + 1) * answers + 1;
+        let total = (answer.tokens() + 1) * answers + 1;
         let chunks = stream::unfold((answer, 0), move |(answer, k)| async move {
             if k >= total {
                 return None;
             }
             let (step, index) = (k / answers, k % answers);
-            if index == 0 && step > 0 && step < answer.words.len() {
+            if index == 0 && step > 0 && step < answer.tokens() {
                 tokio::time::sleep(answer.per_token).await;
             }
             let chunk = if k + 1 == total {
@@ -207,6 +209,8 @@ struct Answer {
     words: Vec<&'static str>,
     /// The first `reasoning` words are reasoning, the rest the answer.
     reasoning: usize,
+    /// The tool the answer calls, in place of words.
+    call: Option<ToolCall>,
     finish_reason: &'static str,
     /// How many answers come back (`n`, for each of a batch's prompts):
     /// each the same words.
@@ -224,16 +228,35 @@ impl Answer {
             .or(call.max_tokens)
             .unwrap_or(u32::MAX)
             .max(1);
-        let count = spec.completion_tokens.min(limit) as usize;
         let (answers, generations) = (call.request.answers(), call.request.generations());
         // The same prompt always gets the same words.
         let seed = prompt_tokens as usize + call.upstream_model.len();
-        let words = (0..count)
-            .map(|i| WORDS[(seed + i * 7) % WORDS.len()])
-            .collect();
+        let word = |i: usize| WORDS[(seed + i * 7) % WORDS.len()];
+        let tool_call = match &call.request.typed {
+            TypedRequest::Chat(chat) => ToolCall::asked_by(chat, seed, word),
+            _ => None,
+        };
+        let (count, cut) = match &tool_call {
+            Some(tool_call) => (
+                tool_call.pieces.len().min(limit as usize),
+                tool_call.pieces.len() > limit as usize,
+            ),
+            None => (
+                spec.completion_tokens.min(limit) as usize,
+                spec.completion_tokens > limit,
+            ),
+        };
+        let tool_call = tool_call.map(|mut tool_call| {
+            tool_call.pieces.truncate(count);
+            tool_call
+        });
+        let words = match tool_call {
+            Some(_) => Vec::new(),
+            None => (0..count).map(word).collect(),
+        };
         let endpoint = call.request.endpoint();
         let reasoning = match &call.request.typed {
-            TypedRequest::Chat(chat) => reasoning_share(&chat.extra, count),
+            TypedRequest::Chat(chat) if tool_call.is_none() => reasoning_share(&chat.extra, count),
             _ => 0,
         };
         Self {
@@ -249,11 +272,12 @@ impl Answer {
                 call.upstream_model,
             ),
             words,
-            finish_reason: if spec.completion_tokens > limit {
-                "length"
-            } else {
-                "stop"
+            finish_reason: match (cut, &tool_call) {
+                (true, _) => "length",
+                (false, Some(_)) => "tool_calls",
+                (false, None) => "stop",
             },
+            call: tool_call,
             answers,
             // `best_of` beyond `n` is generated and billed, not returned.
             usage: Usage::new(prompt_tokens, count as u64 * u64::from(generations)),
@@ -261,9 +285,19 @@ impl Answer {
         }
     }
 
+    /// The output tokens of one answer: its words, or its call's pieces.
+    fn tokens(&self) -> usize {
+        self.call
+            .as_ref()
+            .map_or(self.words.len(), |call| call.pieces.len())
+    }
+
     /// Word i as it appears in its text (the reasoning or the answer): a
-    /// space before all but the first.
+    /// space before all but the first; or piece i of a call's arguments.
     fn piece(&self, i: usize) -> String {
+        if let Some(call) = &self.call {
+            return call.pieces[i].clone();
+        }
         if i == 0 || i == self.reasoning {
             self.words[i].to_owned()
         } else {
@@ -278,9 +312,17 @@ impl Answer {
 
     fn complete(&self) -> Bytes {
         let reasoning = self.text(0..self.reasoning);
-        let answer = self.text(self.reasoning..self.words.len());
+        let answer = self.text(self.reasoning..self.tokens());
         let finish = self.finish_reason;
         let one = match self.endpoint {
+            Endpoint::Chat if let Some(call) = &self.call => {
+                let message = json!({"role": "assistant", "content": null, "tool_calls": [{
+                    "id": call.id, "type": "function",
+                    "function": {"name": call.name, "arguments": answer},
+                }]});
+                self.identity
+                    .chat_completion(&message, finish, None, self.usage)
+            }
             Endpoint::Chat => {
                 let message = AssistantMessage {
                     role: "assistant",
@@ -317,10 +359,25 @@ impl Answer {
     /// Word i's chunk, or after the words (`i` is their count) the finish
     /// chunk.
     fn chunk(&self, i: usize) -> Chunk {
-        let n = self.words.len();
+        let n = self.tokens();
         let piece = (i < n).then(|| self.piece(i));
         let finish = (i == n).then_some(self.finish_reason);
         match self.endpoint {
+            // A call's first chunk names it; each chunk after carries a
+            // piece of its arguments, as vLLM's tool parsers stream them.
+            Endpoint::Chat if let Some(call) = &self.call => {
+                let delta = match (i, piece) {
+                    (0, Some(piece)) => json!({"role": "assistant", "tool_calls": [{
+                        "index": 0, "id": call.id, "type": "function",
+                        "function": {"name": call.name, "arguments": piece},
+                    }]}),
+                    (_, Some(piece)) => {
+                        json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                    }
+                    (_, None) => json!({}),
+                };
+                self.identity.chat_chunk(&delta, finish).into()
+            }
             Endpoint::Chat => {
                 let reasoning = i < self.reasoning;
                 let delta = Delta {
@@ -336,4 +393,97 @@ impl Answer {
                 .into(),
         }
     }
+}
+
+/// The tool a simulated answer calls, and its arguments in the pieces a
+/// stream sends them in, a token each.
+struct ToolCall {
+    id: String,
+    name: String,
+    pieces: Vec<String>,
+}
+
+/// Bytes of a call's arguments a token stands for, as for text.
+const BYTES_PER_PIECE: usize = estimate::CHARS_PER_TOKEN;
+
+impl ToolCall {
+    /// The call a tool-calling model makes of the tools `chat` offers: the
+    /// function `tool_choice` names; with `required`, the first tool; with
+    /// `auto` (the default), the first tool unless the conversation ends
+    /// with a tool's result, which it answers in words, so that an agent's
+    /// loop ends; none with `none`. Its arguments fill in the tool's
+    /// `parameters`: a word for a string, the first value of an enum.
+    fn asked_by(
+        chat: &ChatRequest,
+        seed: usize,
+        word: impl Fn(usize) -> &'static str,
+    ) -> Option<Self> {
+        if !chat.has_tools() {
+            return None;
+        }
+        let tools: Vec<Value> = serde_json::from_str(chat.tools.as_deref()?.get()).ok()?;
+        let function = |tool: &Value| tool.get("function").cloned();
+        let chosen = match chat.extra.get("tool_choice") {
+            Some(Value::String(choice)) if choice == "none" => return None,
+            Some(Value::String(choice)) if choice == "required" => tools.first().and_then(function),
+            Some(Value::Object(choice)) => {
+                let name = choice.get("function")?.get("name")?;
+                tools
+                    .iter()
+                    .filter_map(function)
+                    .find(|function| function.get("name") == Some(name))
+            }
+            _ if chat.messages.last().is_some_and(|m| m.role == "tool") => return None,
+            _ => tools.first().and_then(function),
+        }?;
+        let name = chosen.get("name")?.as_str()?.to_owned();
+        let properties = chosen
+            .get("parameters")
+            .and_then(|p| p.get("properties"))
+            .and_then(Value::as_object);
+        let arguments: serde_json::Map<String, Value> = properties
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, (property, schema))| {
+                let first = schema
+                    .get("enum")
+                    .and_then(|e| e.as_array()?.first().cloned());
+                let value =
+                    first.unwrap_or_else(|| match schema.get("type").and_then(Value::as_str) {
+                        Some("string") => json!(word(i)),
+                        Some("integer") => json!(1),
+                        Some("number") => json!(1.5),
+                        Some("boolean") => json!(true),
+                        Some("array") => json!([]),
+                        Some("object") => json!({}),
+                        _ => Value::Null,
+                    });
+                (property.clone(), value)
+            })
+            .collect();
+        let arguments = Value::Object(arguments).to_string();
+        Some(Self {
+            id: format!("call_sim{seed:x}"),
+            name,
+            pieces: pieces(&arguments),
+        })
+    }
+}
+
+/// `text` in pieces of at most `BYTES_PER_PIECE` bytes, cut between
+/// characters.
+fn pieces(text: &str) -> Vec<String> {
+    let mut pieces = Vec::new();
+    let mut piece = String::new();
+    for c in text.chars() {
+        if piece.len() + c.len_utf8() > BYTES_PER_PIECE && !piece.is_empty() {
+            pieces.push(std::mem::take(&mut piece));
+        }
+        piece.push(c);
+    }
+    if !piece.is_empty() {
+        pieces.push(piece);
+    }
+    pieces
 }
