@@ -33,14 +33,20 @@ async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {
         .expect("gateway answers")
 }
 
-/// The `data:` payloads of an SSE body, `[DONE]` included.
-fn events(body: &str) -> Vec<&str> {
-    body.split("\n\n")
+/// The chunks of an SSE body, which ends with `[DONE]`.
+fn chunks(body: &str) -> Vec<Value> {
+    let events: Vec<&str> = body
+        .split("\n\n")
         .filter(|e| !e.is_empty())
         .map(|e| {
             e.strip_prefix("data: ")
                 .expect("every event is a data line")
         })
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
         .collect()
 }
 
@@ -105,12 +111,7 @@ async fn streaming_chat_sends_one_chunk_per_token_and_usage_on_request() {
         assert_eq!(response.headers()["content-type"], "text/event-stream");
         assert_eq!(response.headers()["x-tollgate-backend"], "sim");
         let body = response.text().await.unwrap();
-        let events = events(&body);
-        assert_eq!(events.last(), Some(&"[DONE]"));
-        let chunks: Vec<Value> = events[..events.len() - 1]
-            .iter()
-            .map(|e| serde_json::from_str(e).unwrap())
-            .collect();
+        let chunks = chunks(&body);
         let words = chunks
             .iter()
             .filter(|c| c["choices"][0]["delta"]["content"].is_string())
@@ -157,11 +158,7 @@ async fn several_answers_come_as_a_real_server_sends_them() {
         .text()
         .await
         .unwrap();
-    let chunks: Vec<Value> = events(&body)
-        .iter()
-        .filter(|e| **e != "[DONE]")
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = chunks(&body);
     for index in 0..3 {
         let of_answer: Vec<&Value> = chunks
             .iter()
@@ -230,11 +227,8 @@ async fn legacy_completions_stream_and_not() {
     .text()
     .await
     .unwrap();
-    let events = events(&body);
-    assert_eq!(events.last(), Some(&"[DONE]"));
-    let streamed: String = events[..events.len() - 1]
+    let streamed: String = chunks(&body)
         .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
         .map(|c| {
             c["choices"][0]["text"]
                 .as_str()
@@ -287,6 +281,15 @@ async fn a_failing_deployment_fails_over_and_an_all_failing_alias_is_503() {
     ));
 }
 
+/// A whole chat answer to `body`.
+async fn chat(base: &str, body: Value) -> Value {
+    post(base, "/v1/chat/completions", body)
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Two tools, as an agent offers them.
 fn tools() -> Value {
     json!([
@@ -310,15 +313,7 @@ fn asking(messages: Value, more: Value) -> Value {
 async fn offered_tools_it_calls_one_with_arguments_that_fit_and_answers_its_result_in_words() {
     let base = start().await;
     let user = json!([{"role": "user", "content": "Weather in Paris?"}]);
-    let body: Value = post(
-        &base,
-        "/v1/chat/completions",
-        asking(user.clone(), json!({})),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let body: Value = chat(&base, asking(user.clone(), json!({}))).await;
     let choice = &body["choices"][0];
     assert_eq!(choice["finish_reason"], "tool_calls", "{body}");
     assert!(choice["message"]["content"].is_null());
@@ -336,21 +331,13 @@ async fn offered_tools_it_calls_one_with_arguments_that_fit_and_answers_its_resu
 
     // The function `tool_choice` names; none with `none`.
     let named = json!({"tool_choice": {"type": "function", "function": {"name": "search"}}});
-    let body: Value = post(&base, "/v1/chat/completions", asking(user.clone(), named))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let body: Value = chat(&base, asking(user.clone(), named)).await;
     assert_eq!(
         body["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
         "search"
     );
     let none = json!({"tool_choice": "none"});
-    let body: Value = post(&base, "/v1/chat/completions", asking(user.clone(), none))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let body: Value = chat(&base, asking(user.clone(), none)).await;
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
 
     // The tool's result is answered in words, so an agent's loop ends.
@@ -360,11 +347,7 @@ async fn offered_tools_it_calls_one_with_arguments_that_fit_and_answers_its_resu
         {"role": "assistant", "content": null, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": id, "content": "18 C, sunny"},
     ]);
-    let body: Value = post(&base, "/v1/chat/completions", asking(turn, json!({})))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let body: Value = chat(&base, asking(turn, json!({}))).await;
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
     assert!(body["choices"][0]["message"]["content"].is_string());
 }
@@ -373,15 +356,7 @@ async fn offered_tools_it_calls_one_with_arguments_that_fit_and_answers_its_resu
 async fn a_streamed_call_comes_a_token_a_chunk_and_adds_up_to_the_whole_one() {
     let base = start().await;
     let user = json!([{"role": "user", "content": "Weather in Paris?"}]);
-    let whole: Value = post(
-        &base,
-        "/v1/chat/completions",
-        asking(user.clone(), json!({})),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let whole: Value = chat(&base, asking(user.clone(), json!({}))).await;
     let whole_call = &whole["choices"][0]["message"]["tool_calls"][0];
     let stream = json!({"stream": true, "stream_options": {"include_usage": true}});
     let body = post(&base, "/v1/chat/completions", asking(user.clone(), stream))
@@ -389,12 +364,7 @@ async fn a_streamed_call_comes_a_token_a_chunk_and_adds_up_to_the_whole_one() {
         .text()
         .await
         .unwrap();
-    let events = events(&body);
-    assert_eq!(events.last(), Some(&"[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = chunks(&body);
     let first = &chunks[0]["choices"][0]["delta"];
     assert_eq!(first["role"], "assistant");
     assert_eq!(first["tool_calls"][0]["id"], whole_call["id"]);
@@ -412,11 +382,7 @@ async fn a_streamed_call_comes_a_token_a_chunk_and_adds_up_to_the_whole_one() {
 
     // A limit cuts the call's arguments, as it cuts text.
     let limited = json!({"max_tokens": 3});
-    let body: Value = post(&base, "/v1/chat/completions", asking(user, limited))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let body: Value = chat(&base, asking(user, limited)).await;
     assert_eq!(body["choices"][0]["finish_reason"], "length");
     assert_eq!(body["usage"]["completion_tokens"], 3);
     let cut = body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
