@@ -266,3 +266,50 @@ async fn every_bad_request_gets_an_error_in_its_apis_shape_and_the_gateway_stays
         cases.len()
     );
 }
+
+#[tokio::test]
+async fn an_output_limit_of_zero_is_refused_as_each_api_names_it() {
+    let config = Config::new()
+        .backend(Backend::simulated("sim").answers(5, 1000, 5))
+        .model(Model::new("chat").deployment(Deployment::new("sim", "m")))
+        .key(Key::new("team"));
+    let gateway = support::gateway::start(&config).await;
+    let addr = gateway.base.trim_start_matches("http://").to_owned();
+    let cases: [(Vec<u8>, &str); 4] = [
+        (chat(r#","max_tokens":0"#), "max_tokens"),
+        (
+            chat(r#","max_completion_tokens":0"#),
+            "max_completion_tokens",
+        ),
+        (
+            post(
+                "/v1/responses",
+                br#"{"model":"chat","input":"x","max_output_tokens":0}"#,
+            ),
+            "max_output_tokens",
+        ),
+        (
+            post(
+                "/v1/messages",
+                br#"{"model":"chat","max_tokens":0,"messages":[{"role":"user","content":"x"}]}"#,
+            ),
+            "max_tokens",
+        ),
+    ];
+    for (request, field) in cases {
+        let (status, _, body) = answer(&addr, &request).await;
+        let error: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, 400, "{error}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("`{field}` must be at least 1")),
+            "{message}"
+        );
+    }
+    // Legacy completions take 0 with `echo`, to score a prompt.
+    let scoring = post(
+        "/v1/completions",
+        br#"{"model":"chat","prompt":"x","max_tokens":0,"echo":true}"#,
+    );
+    assert_eq!(answer(&addr, &scoring).await.0, 200);
+}

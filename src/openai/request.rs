@@ -442,13 +442,27 @@ impl InboundRequest {
                 )
             }
         };
-        if let TypedRequest::Chat(chat) = &typed
-            && chat.messages.is_empty()
-        {
-            return Err(GatewayError::bad_request(
-                "`messages` is empty; send at least one message",
-                Some("messages".into()),
-            ));
+        if let TypedRequest::Chat(chat) = &typed {
+            if chat.messages.is_empty() {
+                return Err(GatewayError::bad_request(
+                    "`messages` is empty; send at least one message",
+                    Some("messages".into()),
+                ));
+            }
+            // An answer of no tokens is refused upstream (vLLM, Bedrock,
+            // Anthropic's and OpenAI's APIs), and would be reserved as
+            // none. Legacy completions take 0 with `echo`, to score a
+            // prompt.
+            let limits = [
+                ("max_tokens", chat.max_tokens),
+                ("max_completion_tokens", chat.max_completion_tokens),
+            ];
+            if let Some((field, _)) = limits.iter().find(|(_, limit)| *limit == Some(0)) {
+                return Err(GatewayError::bad_request(
+                    format!("`{field}` must be at least 1, or left out"),
+                    Some((*field).into()),
+                ));
+            }
         }
         let span = |raw: &RawValue| {
             let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
