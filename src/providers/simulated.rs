@@ -233,7 +233,7 @@ impl Answer {
         let seed = prompt_tokens as usize + call.upstream_model.len();
         let word = |i: usize| WORDS[(seed + i * 7) % WORDS.len()];
         let tool_call = match &call.request.typed {
-            TypedRequest::Chat(chat) => ToolCall::asked_by(chat, seed, word),
+            TypedRequest::Chat(chat) => ToolCall::asked_by(chat, word),
             _ => None,
         };
         let (count, cut) = match &tool_call {
@@ -413,11 +413,7 @@ impl ToolCall {
     /// with a tool's result, which it answers in words, so that an agent's
     /// loop ends; none with `none`. Its arguments fill in the tool's
     /// `parameters`: a word for a string, the first value of an enum.
-    fn asked_by(
-        chat: &ChatRequest,
-        seed: usize,
-        word: impl Fn(usize) -> &'static str,
-    ) -> Option<Self> {
+    fn asked_by(chat: &ChatRequest, word: impl Fn(usize) -> &'static str) -> Option<Self> {
         if !chat.has_tools() {
             return None;
         }
@@ -464,7 +460,7 @@ impl ToolCall {
             .collect();
         let arguments = Value::Object(arguments).to_string();
         Some(Self {
-            id: format!("call_sim{seed:x}"),
+            id: format!("call_sim-{}", crate::id::random()),
             name,
             pieces: pieces(&arguments),
         })
