@@ -399,3 +399,58 @@ async fn a_streamed_call_comes_a_token_a_chunk_and_adds_up_to_the_whole_one() {
             .starts_with(cut)
     );
 }
+
+#[tokio::test]
+async fn asked_for_json_it_answers_json_that_fits_the_schema_whole_and_streamed() {
+    let base = start().await;
+    let schema = json!({"type": "object", "properties": {
+        "city": {"type": "string"},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "array", "items": {"type": "object", "properties": {
+            "day": {"type": "integer"}, "rain": {"type": ["boolean", "null"]}}}},
+        "note": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+    }});
+    let format =
+        json!({"type": "json_schema", "json_schema": {"name": "forecast", "schema": schema}});
+    let ask = json!({"model": "llama", "messages": [{"role": "user", "content": "Forecast?"}],
+                     "response_format": format});
+    let whole = chat(&base, ask.clone()).await;
+    assert_eq!(whole["choices"][0]["finish_reason"], "stop");
+    let content = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    let answer: Value = serde_json::from_str(content).unwrap();
+    assert!(answer["city"].is_string(), "{answer}");
+    assert_eq!(answer["unit"], "celsius");
+    assert_eq!(answer["days"][0]["day"], 1);
+    assert_eq!(answer["days"][0]["rain"], true);
+    assert_eq!(answer["note"], 1.5);
+    assert_eq!(
+        whole["usage"]["completion_tokens"],
+        content.len().div_ceil(4)
+    );
+
+    let mut streamed = ask;
+    streamed["stream"] = json!(true);
+    let body = post(&base, "/v1/chat/completions", streamed)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let text: String = chunks(&body)
+        .iter()
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, content);
+
+    let object = json!({"model": "llama", "messages": [{"role": "user", "content": "JSON please"}],
+                        "response_format": {"type": "json_object"}});
+    let whole = chat(&base, object).await;
+    let content = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        serde_json::from_str::<Value>(content).unwrap().is_object(),
+        "{content}"
+    );
+}

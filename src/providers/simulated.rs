@@ -10,7 +10,9 @@
 //! `prompt_tokens_details.cached_tokens`. With `slow_fraction`, that share
 //! of its answers wait `slow_ttft_ms` for their first token: the slow tail
 //! that hedging is measured against. Offered tools, it calls one as a
-//! tool-calling model does, with arguments that fit the tool's schema.
+//! tool-calling model does, with arguments that fit the tool's schema;
+//! asked for JSON (`response_format`), it answers JSON that fits, as
+//! guided decoding does.
 
 use std::time::Duration;
 
@@ -206,17 +208,31 @@ struct Answer {
     endpoint: Endpoint,
     streaming: bool,
     identity: ResponseIdentity,
-    words: Vec<&'static str>,
-    /// The first `reasoning` words are reasoning, the rest the answer.
+    /// What the answer says, a token a piece: words (each after the first
+    /// of the reasoning and of the answer with its space), a call's
+    /// arguments, or JSON.
+    pieces: Vec<String>,
+    said: Said,
+    /// The first `reasoning` pieces are reasoning, the rest the answer.
     reasoning: usize,
-    /// The tool the answer calls, in place of words.
-    call: Option<ToolCall>,
     finish_reason: &'static str,
     /// How many answers come back (`n`, for each of a batch's prompts):
     /// each the same words.
     answers: u32,
     usage: Usage,
     per_token: Duration,
+}
+
+/// What a simulated answer is.
+enum Said {
+    Words,
+    /// A call of the tool `name`: the pieces are its arguments.
+    Call {
+        id: String,
+        name: String,
+    },
+    /// JSON that fits the format the request asked for.
+    Json,
 }
 
 impl Answer {
@@ -227,41 +243,45 @@ impl Answer {
             .max_output_tokens()
             .or(call.max_tokens)
             .unwrap_or(u32::MAX)
-            .max(1);
+            .max(1) as usize;
         let (answers, generations) = (call.request.answers(), call.request.generations());
         // The same prompt always gets the same words.
         let seed = prompt_tokens as usize + call.upstream_model.len();
         let word = |i: usize| WORDS[(seed + i * 7) % WORDS.len()];
-        let tool_call = match &call.request.typed {
-            TypedRequest::Chat(chat) => ToolCall::asked_by(chat, word),
+        let structured = match &call.request.typed {
+            TypedRequest::Chat(chat) => structured(chat, &word),
             _ => None,
         };
-        let (count, cut) = match &tool_call {
-            Some(tool_call) => (
-                tool_call.pieces.len().min(limit as usize),
-                tool_call.pieces.len() > limit as usize,
-            ),
-            None => (
-                spec.completion_tokens.min(limit) as usize,
-                spec.completion_tokens > limit,
-            ),
+        let (said, mut pieces, reasoning, cut) = match structured {
+            Some((said, text)) => {
+                let pieces = pieces(&text);
+                let cut = pieces.len() > limit;
+                (said, pieces, 0, cut)
+            }
+            None => {
+                let count = (spec.completion_tokens as usize).min(limit);
+                let reasoning = match &call.request.typed {
+                    TypedRequest::Chat(chat) => reasoning_share(&chat.extra, count),
+                    _ => 0,
+                };
+                let pieces = (0..count)
+                    .map(|i| match i == 0 || i == reasoning {
+                        true => word(i).to_owned(),
+                        false => format!(" {}", word(i)),
+                    })
+                    .collect();
+                (
+                    Said::Words,
+                    pieces,
+                    reasoning,
+                    count < spec.completion_tokens as usize,
+                )
+            }
         };
-        let tool_call = tool_call.map(|mut tool_call| {
-            tool_call.pieces.truncate(count);
-            tool_call
-        });
-        let words = match tool_call {
-            Some(_) => Vec::new(),
-            None => (0..count).map(word).collect(),
-        };
+        pieces.truncate(limit);
         let endpoint = call.request.endpoint();
-        let reasoning = match &call.request.typed {
-            TypedRequest::Chat(chat) if tool_call.is_none() => reasoning_share(&chat.extra, count),
-            _ => 0,
-        };
         Self {
             endpoint,
-            reasoning,
             streaming: call.request.stream(),
             identity: ResponseIdentity::new(
                 if endpoint == Endpoint::Chat {
@@ -271,59 +291,45 @@ impl Answer {
                 },
                 call.upstream_model,
             ),
-            words,
-            finish_reason: match (cut, &tool_call) {
+            finish_reason: match (cut, &said) {
                 (true, _) => "length",
-                (false, Some(_)) => "tool_calls",
-                (false, None) => "stop",
+                (false, Said::Call { .. }) => "tool_calls",
+                (false, _) => "stop",
             },
-            call: tool_call,
             answers,
             // `best_of` beyond `n` is generated and billed, not returned.
-            usage: Usage::new(prompt_tokens, count as u64 * u64::from(generations)),
+            usage: Usage::new(prompt_tokens, pieces.len() as u64 * u64::from(generations)),
             per_token: Duration::from_secs_f64(1.0 / spec.tokens_per_second),
+            pieces,
+            said,
+            reasoning,
         }
     }
 
-    /// The output tokens of one answer: its words, or its call's pieces.
+    /// The output tokens of one answer.
     fn tokens(&self) -> usize {
-        self.call
-            .as_ref()
-            .map_or(self.words.len(), |call| call.pieces.len())
+        self.pieces.len()
     }
 
-    /// Word i as it appears in its text (the reasoning or the answer): a
-    /// space before all but the first; or piece i of a call's arguments.
-    fn piece(&self, i: usize) -> String {
-        if let Some(call) = &self.call {
-            return call.pieces[i].clone();
-        }
-        if i == 0 || i == self.reasoning {
-            self.words[i].to_owned()
-        } else {
-            format!(" {}", self.words[i])
-        }
-    }
-
-    /// The words in `range`, as their text reads.
+    /// The pieces in `range`, as their text reads.
     fn text(&self, range: std::ops::Range<usize>) -> String {
-        range.map(|i| self.piece(i)).collect()
+        self.pieces[range].concat()
     }
 
     fn complete(&self) -> Bytes {
         let reasoning = self.text(0..self.reasoning);
         let answer = self.text(self.reasoning..self.tokens());
         let finish = self.finish_reason;
-        let one = match self.endpoint {
-            Endpoint::Chat if let Some(call) = &self.call => {
+        let one = match (self.endpoint, &self.said) {
+            (Endpoint::Chat, Said::Call { id, name }) => {
                 let message = json!({"role": "assistant", "content": null, "tool_calls": [{
-                    "id": call.id, "type": "function",
-                    "function": {"name": call.name, "arguments": answer},
+                    "id": id, "type": "function",
+                    "function": {"name": name, "arguments": answer},
                 }]});
                 self.identity
                     .chat_completion(&message, finish, None, self.usage)
             }
-            Endpoint::Chat => {
+            (Endpoint::Chat, _) => {
                 let message = AssistantMessage {
                     role: "assistant",
                     content: &answer,
@@ -333,7 +339,7 @@ impl Answer {
                 self.identity
                     .chat_completion(&message, finish, None, self.usage)
             }
-            Endpoint::Completions | Endpoint::Embeddings => {
+            (Endpoint::Completions | Endpoint::Embeddings, _) => {
                 self.identity
                     .text_completion(&answer, Some(finish), Some(self.usage))
             }
@@ -356,20 +362,20 @@ impl Answer {
         self.identity.usage_chunk(self.endpoint, self.usage).into()
     }
 
-    /// Word i's chunk, or after the words (`i` is their count) the finish
+    /// Piece i's chunk, or after the pieces (`i` is their count) the finish
     /// chunk.
     fn chunk(&self, i: usize) -> Chunk {
         let n = self.tokens();
-        let piece = (i < n).then(|| self.piece(i));
+        let piece = self.pieces.get(i).map(String::as_str);
         let finish = (i == n).then_some(self.finish_reason);
-        match self.endpoint {
+        match (self.endpoint, &self.said) {
             // A call's first chunk names it; each chunk after carries a
             // piece of its arguments, as vLLM's tool parsers stream them.
-            Endpoint::Chat if let Some(call) = &self.call => {
+            (Endpoint::Chat, Said::Call { id, name }) => {
                 let delta = match (i, piece) {
                     (0, Some(piece)) => json!({"role": "assistant", "tool_calls": [{
-                        "index": 0, "id": call.id, "type": "function",
-                        "function": {"name": call.name, "arguments": piece},
+                        "index": 0, "id": id, "type": "function",
+                        "function": {"name": name, "arguments": piece},
                     }]}),
                     (_, Some(piece)) => {
                         json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
@@ -378,92 +384,130 @@ impl Answer {
                 };
                 self.identity.chat_chunk(&delta, finish).into()
             }
-            Endpoint::Chat => {
+            (Endpoint::Chat, _) => {
                 let reasoning = i < self.reasoning;
                 let delta = Delta {
                     role: (i == 0).then_some("assistant"),
-                    content: piece.as_deref().filter(|_| !reasoning),
-                    reasoning_content: piece.as_deref().filter(|_| reasoning),
+                    content: piece.filter(|_| !reasoning),
+                    reasoning_content: piece.filter(|_| reasoning),
                 };
                 self.identity.chat_chunk(&delta, finish).into()
             }
-            Endpoint::Completions | Endpoint::Embeddings => self
+            (Endpoint::Completions | Endpoint::Embeddings, _) => self
                 .identity
-                .text_completion(piece.as_deref().unwrap_or(""), finish, None)
+                .text_completion(piece.unwrap_or(""), finish, None)
                 .into(),
         }
     }
 }
 
-/// The tool a simulated answer calls, and its arguments in the pieces a
-/// stream sends them in, a token each.
-struct ToolCall {
-    id: String,
-    name: String,
-    pieces: Vec<String>,
-}
-
-/// Bytes of a call's arguments a token stands for, as for text.
+/// Bytes of a call's arguments, or of JSON, a token stands for, as for
+/// text.
 const BYTES_PER_PIECE: usize = estimate::CHARS_PER_TOKEN;
 
-impl ToolCall {
-    /// The call a tool-calling model makes of the tools `chat` offers: the
-    /// function `tool_choice` names; with `required`, the first tool; with
-    /// `auto` (the default), the first tool unless the conversation ends
-    /// with a tool's result, which it answers in words, so that an agent's
-    /// loop ends; none with `none`. Its arguments fill in the tool's
-    /// `parameters`: a word for a string, the first value of an enum.
-    fn asked_by(chat: &ChatRequest, word: impl Fn(usize) -> &'static str) -> Option<Self> {
-        if !chat.has_tools() {
-            return None;
+/// What a model asked for more than words answers, and its text: a call
+/// of the tools `chat` offers, as a tool-calling model makes one (the
+/// function `tool_choice` names; with `required`, the first tool; with
+/// `auto`, the default, the first tool unless the conversation ends with
+/// a tool's result, which it answers in words, so that an agent's loop
+/// ends; none with `none`), with arguments that fill in the tool's
+/// `parameters`; else JSON in the `response_format` asked for, as guided
+/// decoding writes it.
+fn structured(chat: &ChatRequest, word: &dyn Fn(usize) -> &'static str) -> Option<(Said, String)> {
+    if let Some(call) = tool_call(chat, word) {
+        return Some(call);
+    }
+    let format = chat.extra.get("response_format")?;
+    let schema = match format.get("type")?.as_str()? {
+        "json_schema" => format.get("json_schema")?.get("schema")?.clone(),
+        "json_object" => json!({"type": "object", "properties": {"answer": {"type": "string"}}}),
+        _ => return None,
+    };
+    Some((Said::Json, fill(&schema, word, 0).to_string()))
+}
+
+fn tool_call(chat: &ChatRequest, word: &dyn Fn(usize) -> &'static str) -> Option<(Said, String)> {
+    if !chat.has_tools() {
+        return None;
+    }
+    let tools: Vec<Value> = serde_json::from_str(chat.tools.as_deref()?.get()).ok()?;
+    let function = |tool: &Value| tool.get("function").cloned();
+    let chosen = match chat.extra.get("tool_choice") {
+        Some(Value::String(choice)) if choice == "none" => return None,
+        Some(Value::String(choice)) if choice == "required" => tools.first().and_then(function),
+        Some(Value::Object(choice)) => {
+            let name = choice.get("function")?.get("name")?;
+            tools
+                .iter()
+                .filter_map(function)
+                .find(|function| function.get("name") == Some(name))
         }
-        let tools: Vec<Value> = serde_json::from_str(chat.tools.as_deref()?.get()).ok()?;
-        let function = |tool: &Value| tool.get("function").cloned();
-        let chosen = match chat.extra.get("tool_choice") {
-            Some(Value::String(choice)) if choice == "none" => return None,
-            Some(Value::String(choice)) if choice == "required" => tools.first().and_then(function),
-            Some(Value::Object(choice)) => {
-                let name = choice.get("function")?.get("name")?;
-                tools
-                    .iter()
-                    .filter_map(function)
-                    .find(|function| function.get("name") == Some(name))
-            }
-            _ if chat.messages.last().is_some_and(|m| m.role == "tool") => return None,
-            _ => tools.first().and_then(function),
-        }?;
-        let name = chosen.get("name")?.as_str()?.to_owned();
-        let properties = chosen
-            .get("parameters")
-            .and_then(|p| p.get("properties"))
-            .and_then(Value::as_object);
-        let arguments: serde_json::Map<String, Value> = properties
-            .into_iter()
-            .flatten()
-            .enumerate()
-            .map(|(i, (property, schema))| {
-                let first = schema
-                    .get("enum")
-                    .and_then(|e| e.as_array()?.first().cloned());
-                let value =
-                    first.unwrap_or_else(|| match schema.get("type").and_then(Value::as_str) {
-                        Some("string") => json!(word(i)),
-                        Some("integer") => json!(1),
-                        Some("number") => json!(1.5),
-                        Some("boolean") => json!(true),
-                        Some("array") => json!([]),
-                        Some("object") => json!({}),
-                        _ => Value::Null,
-                    });
-                (property.clone(), value)
-            })
-            .collect();
-        let arguments = Value::Object(arguments).to_string();
-        Some(Self {
-            id: format!("call_sim-{}", crate::id::random()),
-            name,
-            pieces: pieces(&arguments),
-        })
+        _ if chat.messages.last().is_some_and(|m| m.role == "tool") => return None,
+        _ => tools.first().and_then(function),
+    }?;
+    let name = chosen.get("name")?.as_str()?.to_owned();
+    let parameters = chosen.get("parameters").unwrap_or(&Value::Null);
+    let arguments = match fill(parameters, word, 0) {
+        arguments @ Value::Object(_) => arguments,
+        _ => json!({}),
+    };
+    let id = format!("call_sim-{}", crate::id::random());
+    Some((Said::Call { id, name }, arguments.to_string()))
+}
+
+/// How deep `fill` follows a schema's objects and arrays.
+const MAX_DEPTH: usize = 8;
+
+/// A value that fits `schema`, as guided decoding writes one: an enum's
+/// first value, a word for a string, `1`, `1.5` or `true`, an array of
+/// one item, an object with every property; the first of `anyOf` or
+/// `oneOf`, the first type of several.
+fn fill(schema: &Value, word: &dyn Fn(usize) -> &'static str, depth: usize) -> Value {
+    if let Some(first) = schema.get("enum").and_then(|e| e.as_array()?.first()) {
+        return first.clone();
+    }
+    if let Some(value) = schema.get("const") {
+        return value.clone();
+    }
+    let alternatives = ["anyOf", "oneOf"]
+        .iter()
+        .find_map(|key| schema.get(*key)?.as_array()?.first());
+    if let Some(first) = alternatives {
+        return fill(first, word, depth);
+    }
+    let kind = match schema.get("type") {
+        Some(Value::Array(kinds)) => kinds
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|k| *k != "null"),
+        Some(kind) => kind.as_str(),
+        None if schema.get("properties").is_some() => Some("object"),
+        None => None,
+    };
+    match kind {
+        Some("string") => json!(word(depth)),
+        Some("integer") => json!(1),
+        Some("number") => json!(1.5),
+        Some("boolean") => json!(true),
+        Some("array") if depth < MAX_DEPTH => match schema.get("items") {
+            Some(items) => json!([fill(items, word, depth + 1)]),
+            None => json!([]),
+        },
+        Some("object") if depth < MAX_DEPTH => {
+            let properties = schema.get("properties").and_then(Value::as_object);
+            let object: serde_json::Map<String, Value> = properties
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, (name, property))| {
+                    (name.clone(), fill(property, &|j| word(i + j), depth + 1))
+                })
+                .collect();
+            Value::Object(object)
+        }
+        Some("array") => json!([]),
+        Some("object") => json!({}),
+        _ => Value::Null,
     }
 }
 
