@@ -5,6 +5,7 @@
 //! reason and usage, and `message_stop`.
 
 use bytes::{Bytes, BytesMut};
+use jiter::PartialMode;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -95,13 +96,38 @@ pub fn message(body: &[u8], backend: &str, stops: &[String]) -> Result<Bytes, Ga
         .into())
 }
 
-/// A tool call's arguments as `input`: an object, or `{}` for none. Text
-/// that is not JSON is kept as a string rather than lost.
+/// A tool call's arguments as `input`: an object, or `{}` for none. A
+/// call cut short (at `max_tokens`) is read as far as it goes, as the
+/// Anthropic SDKs read a streamed one (`{"city": "Par` is `{}`); text
+/// that is no JSON object at all is kept as a string rather than lost.
 fn tool_input(arguments: &str) -> Value {
     if arguments.trim().is_empty() {
         return json!({});
     }
-    serde_json::from_str(arguments).unwrap_or_else(|_| Value::String(arguments.to_owned()))
+    if let Ok(input) = serde_json::from_str(arguments) {
+        return input;
+    }
+    match jiter::JsonValue::parse_with_config(arguments.as_bytes(), false, PartialMode::On) {
+        Ok(partial @ jiter::JsonValue::Object(_)) => value_of(&partial),
+        _ => Value::String(arguments.to_owned()),
+    }
+}
+
+/// A value jiter read, as serde_json's.
+fn value_of(value: &jiter::JsonValue<'_>) -> Value {
+    use jiter::JsonValue as J;
+    match value {
+        J::Null => Value::Null,
+        J::Bool(b) => Value::Bool(*b),
+        J::Int(i) => Value::from(*i),
+        J::Float(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        J::Str(s) => Value::String(s.to_string()),
+        J::Array(items) => items.iter().map(value_of).collect(),
+        J::Object(members) => members
+            .iter()
+            .map(|(name, value)| (name.to_string(), value_of(value)))
+            .collect(),
+    }
 }
 
 /// Writes the Messages event stream.
@@ -230,6 +256,34 @@ impl MessagesSink {
 mod tests {
     use super::super::super::canonical::testing::{self, Answer, chunk, named_events};
     use super::*;
+
+    #[test]
+    fn a_tool_calls_input_is_an_object_whole_cut_short_or_empty() {
+        let cases = [
+            (
+                r#"{"city": "Paris", "days": [1, 2]}"#,
+                json!({"city": "Paris", "days": [1, 2]}),
+            ),
+            ("", json!({})),
+            // Cut at max_tokens: as far as it goes, as the SDKs read a
+            // streamed call.
+            (r#"{"city":"#, json!({})),
+            (
+                r#"{"city": "Paris", "days": [1, 2"#,
+                json!({"city": "Paris", "days": [1, 2]}),
+            ),
+            (
+                r#"{"at": {"lat": 1.5, "lon": "#,
+                json!({"at": {"lat": 1.5}}),
+            ),
+            // No JSON object at all: kept, not lost.
+            ("Paris", json!("Paris")),
+            (r#"["Paris"]"#, json!(["Paris"])),
+        ];
+        for (arguments, input) in cases {
+            assert_eq!(tool_input(arguments), input, "{arguments}");
+        }
+    }
 
     /// The events for canonical `chunks`, asked with `stops`.
     fn run(chunks: &[Value], stops: &[&str], usage: Usage) -> Vec<(String, Value)> {
