@@ -66,6 +66,14 @@ fn raw(line: &str, headers: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// `GET /admin/spend?{query}` with the admin token, closing after.
+fn spend(query: &str) -> Vec<u8> {
+    format!(
+        "GET /admin/spend?{query} HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\nconnection: close\r\n\r\n"
+    )
+    .into_bytes()
+}
+
 const CHAT: &str = "/v1/chat/completions";
 
 fn chat(members: &str) -> Vec<u8> {
@@ -198,21 +206,9 @@ async fn every_bad_request_gets_an_error_in_its_apis_shape_and_the_gateway_stays
         ("Responses: nothing", post("/v1/responses", b"{}"), 400),
         ("Responses: stored state", post("/v1/responses", br#"{"model":"chat","input":"x","previous_response_id":"r"}"#), 400),
         // The admin API.
-        (
-            "spend with a bad date",
-            format!("GET /admin/spend?from=yesterday HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\nconnection: close\r\n\r\n").into_bytes(),
-            400,
-        ),
-        (
-            "spend for two keys",
-            format!("GET /admin/spend?key=a&key=b HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\nconnection: close\r\n\r\n").into_bytes(),
-            400,
-        ),
-        (
-            "spend for an empty key",
-            format!("GET /admin/spend?key= HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\nconnection: close\r\n\r\n").into_bytes(),
-            400,
-        ),
+        ("spend with a bad date", spend("from=yesterday"), 400),
+        ("spend for two keys", spend("key=a&key=b"), 400),
+        ("spend for an empty key", spend("key="), 400),
         (
             "explain of garbage",
             format!("POST /admin/explain HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\ncontent-length: 3\r\nconnection: close\r\n\r\nabc").into_bytes(),

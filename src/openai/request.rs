@@ -276,22 +276,13 @@ fn answers(typed: &TypedRequest) -> Result<(u32, u32), GatewayError> {
         TypedRequest::Completion(r) => (&r.extra, r.prompt.count()),
         TypedRequest::Embedding(_) => return Ok((1, 1)),
     };
-    let count = |field: &str| {
-        match extra.get(field) {
+    let count = |field: &str| match extra.get(field) {
         None | Some(Value::Null) => Ok(1),
         Some(value) => value
             .as_u64()
             .and_then(|count| u32::try_from(count).ok())
             .filter(|count| (1..=MAX_GENERATIONS).contains(count))
-            .ok_or_else(|| {
-                GatewayError::bad_request(
-                    format!(
-                        "`{field}` must be a whole number from 1 to {MAX_GENERATIONS}, or left out for 1"
-                    ),
-                    Some(field.into()),
-                )
-            }),
-    }
+            .ok_or_else(|| out_of_range(field)),
     };
     let (n, best_of) = (count("n")?, count("best_of")?);
     // Each prompt of a batch is answered as a request of its own.
@@ -300,6 +291,14 @@ fn answers(typed: &TypedRequest) -> Result<(u32, u32), GatewayError> {
         n.saturating_mul(prompts),
         n.max(best_of).saturating_mul(prompts),
     ))
+}
+
+/// A count of answers outside what OpenAI's API takes.
+fn out_of_range(field: &str) -> GatewayError {
+    GatewayError::bad_request(
+        format!("`{field}` must be a whole number from 1 to {MAX_GENERATIONS}, or left out for 1"),
+        Some(field.into()),
+    )
 }
 
 /// A string, an array of strings, or token ids (one prompt or many).

@@ -265,9 +265,14 @@ impl Answer {
                     _ => 0,
                 };
                 let pieces = (0..count)
-                    .map(|i| match i == 0 || i == reasoning {
-                        true => word(i).to_owned(),
-                        false => format!(" {}", word(i)),
+                    .map(|i| {
+                        // A space before each word but the first of the
+                        // reasoning and of the answer.
+                        if i == 0 || i == reasoning {
+                            word(i).to_owned()
+                        } else {
+                            format!(" {}", word(i))
+                        }
                     })
                     .collect();
                 (
