@@ -46,8 +46,22 @@ async fn spent(gateway: &Gateway) -> f64 {
 /// wave has none served. Returns the requests served and how far spend
 /// passed the budget.
 async fn overrun_at(concurrency: usize, answers: usize) -> (usize, f64) {
-    let upstream = MockUpstream::openai()
-        .answers_of(2_000)
+    let upstream = MockUpstream::openai().answers_of(2_000);
+    overrun_of(
+        upstream,
+        concurrency,
+        |i| json!({"model": "chat", "messages": user("hi"), "stream": i % 2 == 0, "n": answers}),
+    )
+    .await
+}
+
+/// `overrun_at`, with `upstream` answering the requests `body` makes.
+async fn overrun_of(
+    upstream: MockUpstream,
+    concurrency: usize,
+    body: impl Fn(usize) -> Value,
+) -> (usize, f64) {
+    let upstream = upstream
         .first_byte_after(Duration::from_millis(20))
         .record(false)
         .start()
@@ -56,8 +70,8 @@ async fn overrun_at(concurrency: usize, answers: usize) -> (usize, f64) {
     let gateway = start(&config(&upstream, budget)).await;
     let request = |i: usize| {
         let gateway = &gateway;
+        let body = body(i);
         async move {
-            let body = json!({"model": "chat", "messages": user("hi"), "stream": i % 2 == 0, "n": answers});
             let response = gateway.chat_as("team-secret", body).await;
             let status = response.status().as_u16();
             // Read to the end: a stream is metered when it ends.
@@ -131,6 +145,22 @@ async fn a_budget_holds_with_1000_requests_at_once_and_long_answers() {
 #[tokio::test]
 async fn a_budget_holds_when_each_request_asks_for_several_answers() {
     let (_, overrun) = overrun_at(100, 4).await;
+    assert!(overrun <= 0.0001, "overrun ${overrun}");
+}
+
+/// 100 streams at once, each a tool call of 3,000 tokens ($0.03) from an
+/// upstream that ignores the limit it is sent: the requests admitted last
+/// hold what is left of the $0.10, a third of a call, and are cut there.
+#[tokio::test]
+async fn a_budget_holds_with_100_streamed_tool_calls_past_their_limits() {
+    let tools = json!([{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]);
+    let upstream = MockUpstream::openai().answers_of_ignoring_max_tokens(3_000);
+    let (_, overrun) = overrun_of(
+        upstream,
+        100,
+        |_| json!({"model": "chat", "messages": user("hi"), "tools": tools, "stream": true}),
+    )
+    .await;
     assert!(overrun <= 0.0001, "overrun ${overrun}");
 }
 
