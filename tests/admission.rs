@@ -130,7 +130,7 @@ const CASES: &[Case] = &[
 fn request(model: &str, image: bool) -> Value {
     let content = if image {
         json!([{"type": "text", "text": "what is this?"},
-               {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}])
+               {"type": "image_url", "image_url": {"url": png(640, 480)}}])
     } else {
         json!("hello")
     };

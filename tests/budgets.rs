@@ -27,7 +27,9 @@ fn config(upstream: &MockServer, daily_usd: f64) -> Config {
                 Deployment::new("api", "m")
                     .price(PRICE.0, PRICE.1)
                     .set("context_window", CONTEXT_WINDOW as i64)
-                    .set("tools", true),
+                    .set("tools", true)
+                    .set("modalities", vec!["text", "image"])
+                    .set("multimodal", true),
             ),
         )
         .key(Key::new("team").set("budget_daily_usd", daily_usd))
@@ -160,6 +162,34 @@ async fn a_budget_holds_with_100_streamed_tool_calls_past_their_limits() {
         100,
         |_| json!({"model": "chat", "messages": user("hi"), "tools": tools, "stream": true}),
     )
+    .await;
+    assert!(overrun <= 0.0001, "overrun ${overrun}");
+}
+
+/// 100 requests at once, each with three images of sizes from one tile
+/// to the 16 a Llama 4 image takes at most (147 to 2,467 prompt tokens,
+/// as the upstream counts them): each image is reserved as its tiles, so
+/// the requests admitted last are limited to what the budget has left.
+#[tokio::test]
+async fn a_budget_holds_with_100_requests_of_images_at_once() {
+    const SIZES: [(u32, u32); 6] = [
+        (1344, 1344),
+        (4000, 3000),
+        (700, 300),
+        (336, 336),
+        (100, 5000),
+        (1000, 700),
+    ];
+    let upstream = MockUpstream::openai().answers_of(2_000);
+    let (_, overrun) = overrun_of(upstream, 100, |i| {
+        let image = |j: usize| {
+            let (width, height) = SIZES[(i + j) % SIZES.len()];
+            json!({"type": "image_url", "image_url": {"url": png(width, height)}})
+        };
+        let content =
+            json!([{"type": "text", "text": "What differs?"}, image(0), image(1), image(2)]);
+        json!({"model": "chat", "messages": [{"role": "user", "content": content}]})
+    })
     .await;
     assert!(overrun <= 0.0001, "overrun ${overrun}");
 }

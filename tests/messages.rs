@@ -425,7 +425,7 @@ async fn an_image_from_the_eu_is_refused_a_multimodal_llama() {
         );
     let gateway = start(&config).await;
     let body = json!({"model": "vision", "max_tokens": 16, "messages": [{"role": "user", "content": [
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png_base64(640, 480)}},
         {"type": "text", "text": "What is this?"}]}]});
     let refused = gateway
         .post("/v1/messages")
@@ -462,7 +462,7 @@ async fn an_image_from_the_eu_is_refused_a_multimodal_llama() {
     let sent = upstream.single_request().json;
     assert_eq!(
         sent["messages"][0]["content"][0]["image_url"]["url"],
-        "data:image/png;base64,iVBORw0KGgo="
+        png(640, 480)
     );
 }
 

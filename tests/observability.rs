@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Key, Model};
-use support::gateway::{METRICS_TOKEN, url};
+use support::gateway::{METRICS_TOKEN, png, url};
 use support::mock::{MockServer, MockUpstream};
 use tokio::net::TcpListener;
 use tollgate::metrics::{Kind, Label, METRICS, MetricDef};
@@ -321,7 +321,7 @@ async fn scraped_metrics() -> String {
     let hi = json!([{"role": "user", "content": "hi"}]);
     let image = json!([{"role": "user", "content": [
         {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "image_url", "image_url": {"url": png(640, 480)}},
     ]}]);
     let cases = [
         (json!({"model": "chat", "messages": hi}), None, 200),

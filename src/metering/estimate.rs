@@ -2,12 +2,13 @@
 //! facts before routing, and usage when an upstream reports none. About
 //! four characters a token holds for English text with Llama tokenizers.
 
+use super::image;
 use crate::openai::{ChatRequest, InboundRequest, MessageContent, Prompt, TypedRequest};
 
 pub const CHARS_PER_TOKEN: usize = 4;
 /// Chat templates add role markers and separators around every message.
 const TOKENS_PER_MESSAGE: u64 = 4;
-/// A flat charge per image or audio part; the real count depends on the
+/// A flat charge per audio or file part; the real count depends on the
 /// model's encoder and the media's size.
 const TOKENS_PER_MEDIA_PART: u64 = 765;
 
@@ -31,9 +32,10 @@ fn chat_prompt_tokens(chat: &ChatRequest) -> u64 {
             Some(MessageContent::Text(text)) => tokens += tokens_for_chars(text.len()),
             Some(MessageContent::Parts(parts)) => {
                 for part in parts {
-                    tokens += match &part.text {
-                        Some(text) => tokens_for_chars(text.len()),
-                        None => TOKENS_PER_MEDIA_PART,
+                    tokens += match (&part.text, part.image_url()) {
+                        (Some(text), _) => tokens_for_chars(text.len()),
+                        (None, Some(url)) => image::tokens(url),
+                        (None, None) => TOKENS_PER_MEDIA_PART,
                     };
                 }
             }
@@ -108,11 +110,14 @@ mod tests {
             Endpoint::Chat,
             Bytes::from_static(
                 br#"{"model":"m","messages":[{"role":"user","content":"12345678"},
-            {"role":"user","content":[{"type":"text","text":"abcd"},{"type":"image_url","image_url":{"url":"x"}}]}]}"#,
+            {"role":"user","content":[{"type":"text","text":"abcd"},{"type":"image_url","image_url":{"url":"x"}},{"type":"input_audio","input_audio":{"data":"","format":"wav"}}]}]}"#,
             ),
         )
         .unwrap();
-        assert_eq!(prompt_tokens(&chat), 4 + 2 + 4 + 1 + 765);
+        assert_eq!(
+            prompt_tokens(&chat),
+            4 + 2 + 4 + 1 + image::MOST_TOKENS + 765
+        );
         let tokens = InboundRequest::parse(
             Endpoint::Completions,
             Bytes::from_static(br#"{"model":"m","prompt":[1,2,3]}"#),

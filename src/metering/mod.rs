@@ -6,6 +6,7 @@
 pub mod budget;
 pub mod cost;
 pub mod estimate;
+mod image;
 pub mod key_series;
 pub mod prefix;
 pub mod usage;

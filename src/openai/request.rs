@@ -190,6 +190,21 @@ pub struct ContentPart {
     pub extra: Map<String, Value>,
 }
 
+impl ContentPart {
+    /// An `image_url` part's URL, given as the object OpenAI's API takes
+    /// (`{"url": …}`) or as a plain string; `""` when it names none.
+    pub fn image_url(&self) -> Option<&str> {
+        if self.kind != "image_url" {
+            return None;
+        }
+        Some(match self.extra.get("image_url") {
+            Some(Value::String(url)) => url,
+            Some(Value::Object(image)) => image.get("url").and_then(Value::as_str).unwrap_or(""),
+            _ => "",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct StreamOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]

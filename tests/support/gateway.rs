@@ -340,6 +340,22 @@ pub fn user(text: &str) -> Value {
     json!([{"role": "user", "content": text}])
 }
 
+/// The base64 of a PNG `width` by `height` pixels, as far as its header:
+/// all an image's size is read from, and all a mock loads.
+pub fn png_base64(width: u32, height: u32) -> String {
+    use base64::Engine as _;
+    let mut bytes = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+    bytes.extend(width.to_be_bytes());
+    bytes.extend(height.to_be_bytes());
+    bytes.extend(b"\x08\x06\0\0\0\0\0\0\0");
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// `png_base64` as a data URL.
+pub fn png(width: u32, height: u32) -> String {
+    format!("data:image/png;base64,{}", png_base64(width, height))
+}
+
 /// The mock Bedrock that accepts what `Backend::sigv4_with_token` signs
 /// with.
 pub fn bedrock_mock_with_token() -> MockUpstream {

@@ -349,7 +349,11 @@ impl MockUpstream {
         let (peer_closed, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             status: Mutex::new(self.status),
-            canned: openai_mock::Canned::new(self.canned_chunks, 1),
+            canned: openai_mock::Canned::new(
+                self.canned_chunks,
+                1,
+                openai_mock::CANNED_PROMPT_TOKENS,
+            ),
             reply: self,
             requests: Mutex::new(Vec::new()),
             hits: AtomicUsize::new(0),
@@ -580,12 +584,21 @@ async fn respond(
     if !reply.first_byte_after.is_zero() {
         tokio::time::sleep(reply.first_byte_after).await;
     }
+    let flags = openai_mock::Flags::parse(&body);
+    // Images count in the prompt: a request with one is answered afresh.
+    let prompt = openai_mock::CANNED_PROMPT_TOKENS + flags.image_tokens().unwrap_or(0);
     let generated;
     let canned = match reply.generate {
         Some(generate) => {
-            let flags = openai_mock::Flags::parse(&body);
-            generated =
-                openai_mock::Canned::generated(generate.length(&flags), flags.generations());
+            generated = openai_mock::Canned::generated(
+                generate.length(&flags),
+                flags.generations(),
+                prompt,
+            );
+            &generated
+        }
+        None if prompt != openai_mock::CANNED_PROMPT_TOKENS => {
+            generated = openai_mock::Canned::new(reply.canned_chunks, 1, prompt);
             &generated
         }
         None => &shared.canned,

@@ -45,6 +45,13 @@ pub fn route(canned: &Canned, parts: &Parts, body: &[u8]) -> Result<Route, Rejec
             json!({"error": {"message": format!("Invalid '{field}': expected an integer from 1 to 128."), "type": "invalid_request_error", "param": field, "code": "invalid_value"}}),
         ));
     }
+    if let Err(message) = flags.image_tokens() {
+        return Err(Rejection::new(
+            400,
+            &[],
+            json!({"error": {"message": message, "type": "BadRequestError", "param": null, "code": 400}}),
+        ));
+    }
     Ok(Route {
         streaming: flags.streaming(),
         json: canned.json(endpoint, &flags).clone(),
@@ -138,6 +145,9 @@ pub struct Flags {
     best_of: Option<Value>,
     #[serde(default)]
     prompt: Option<Value>,
+    /// Read for images only when the request has one.
+    #[serde(default)]
+    messages: Option<Box<serde_json::value::RawValue>>,
 }
 
 impl Flags {
@@ -191,6 +201,39 @@ impl Flags {
             .map(|(field, _)| field)
     }
 
+    /// The prompt tokens of the request's images, as vLLM serving Llama 4
+    /// counts them; `Err` says which image it could not load.
+    pub fn image_tokens(&self) -> Result<u64, String> {
+        let Some(messages) = self.messages.as_deref().map(|m| m.get()) else {
+            return Ok(0);
+        };
+        if !messages.contains("\"image_url\"") {
+            return Ok(0);
+        }
+        let messages: Vec<Value> = serde_json::from_str(messages).unwrap_or_default();
+        let parts = messages
+            .iter()
+            .filter_map(|m| m["content"].as_array())
+            .flatten()
+            .filter(|p| p["type"] == "image_url");
+        let mut tokens = 0;
+        for part in parts {
+            let url = part["image_url"]["url"]
+                .as_str()
+                .or(part["image_url"].as_str())
+                .unwrap_or("");
+            // The mock reaches no network: a URL's image is taken to be a
+            // 12-megapixel photo.
+            let fetched =
+                (url.starts_with("http://") || url.starts_with("https://")).then_some((4032, 3024));
+            let (width, height) = fetched
+                .or_else(|| image_size(url))
+                .ok_or_else(|| format!("Failed to load image {url:.40}"))?;
+            tokens += llama4_image_tokens(width, height);
+        }
+        Ok(tokens)
+    }
+
     pub fn include_usage(&self) -> bool {
         self.stream_options
             .as_ref()
@@ -198,6 +241,49 @@ impl Flags {
             .and_then(Value::as_bool)
             .unwrap_or(false)
     }
+}
+
+fn image_size(url: &str) -> Option<(usize, usize)> {
+    use base64::Engine as _;
+    let (_, data) = url.strip_prefix("data:")?.split_once(";base64,")?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .ok()?;
+    let size = imagesize::blob_size(&bytes).ok()?;
+    Some((size.width, size.height))
+}
+
+/// Llama 4's image processor (Hugging Face's `Llama4ImageProcessor` and
+/// `Llama4Processor`): of the canvases of 336-pixel tiles, at most 16,
+/// the one the image fits with the least upscaling, else the least
+/// downscaling, the smaller on a tie; 144 tokens a tile, a separator
+/// after each, and a global view of 144 between three markers.
+fn llama4_image_tokens(width: usize, height: usize) -> u64 {
+    let canvases: Vec<(usize, usize)> = (1..=16)
+        .flat_map(|rows| (1..=16 / rows).map(move |columns| (rows, columns)))
+        .collect();
+    // In float32, as the processor's tensors compute it.
+    let scale = |&(rows, columns): &(usize, usize)| {
+        f32::min(
+            (rows * 336) as f32 / height as f32,
+            (columns * 336) as f32 / width as f32,
+        )
+    };
+    let scales = canvases.iter().map(scale);
+    let chosen = scales
+        .clone()
+        .filter(|&s| s >= 1.0)
+        .reduce(f32::min)
+        .or_else(|| scales.reduce(f32::max))
+        .expect("canvases");
+    let (rows, columns) = canvases
+        .iter()
+        .filter(|c| scale(c) == chosen)
+        .min_by_key(|(rows, columns)| rows * columns)
+        .expect("the chosen scale's canvas");
+    let tiles = (rows * columns) as u64;
+    let tiled = if tiles > 1 { tiles * 145 } else { 0 };
+    tiled + 147
 }
 
 /// Canned answers, built once per mock, in vLLM's shapes.
@@ -225,24 +311,26 @@ impl Canned {
     /// `chunks` tokens in each of `choices` answers, as vLLM streams them:
     /// a step's chunks one per answer, each naming its `index`; usage
     /// counts every answer's tokens. A request with tools gets one answer,
-    /// a call of `get_weather` with `TOOL_ARGUMENTS`.
-    pub fn new(chunks: usize, choices: usize) -> Self {
-        Self::calling(chunks, choices, TOOL_ARGUMENTS.map(str::to_owned).to_vec())
+    /// a call of `get_weather` with `TOOL_ARGUMENTS`. Usage counts
+    /// `prompt` tokens of prompt.
+    pub fn new(chunks: usize, choices: usize, prompt: u64) -> Self {
+        let arguments = TOOL_ARGUMENTS.map(str::to_owned).to_vec();
+        Self::calling(chunks, choices, prompt, arguments)
     }
 
     /// `new`, with a request with tools answered by a call as long as the
     /// answer: its arguments `{"q":"tok tok …"}`, streamed a token a chunk.
-    pub fn generated(chunks: usize, choices: usize) -> Self {
+    pub fn generated(chunks: usize, choices: usize, prompt: u64) -> Self {
         let mut arguments = vec![r#"{"q":""#.to_owned()];
         arguments.extend(std::iter::repeat_n("tok ".to_owned(), chunks));
         arguments.push(r#""}"#.to_owned());
-        Self::calling(chunks, choices, arguments)
+        Self::calling(chunks, choices, prompt, arguments)
     }
 
-    fn calling(chunks: usize, choices: usize, arguments: Vec<String>) -> Self {
+    fn calling(chunks: usize, choices: usize, prompt: u64, arguments: Vec<String>) -> Self {
         let usage_of = |choices: usize| {
             let completion = (chunks * choices) as u64;
-            json!({"prompt_tokens": CANNED_PROMPT_TOKENS, "completion_tokens": completion, "total_tokens": CANNED_PROMPT_TOKENS + completion})
+            json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
         };
         let usage = usage_of(choices);
         let text = "tok ".repeat(chunks);

@@ -216,18 +216,11 @@ fn user_blocks(message: &ChatMessage, at: &str) -> Result<Vec<Block>, GatewayErr
 }
 
 fn part_block(part: &ContentPart, at: &str) -> Result<Option<Block>, GatewayError> {
+    if let Some(url) = part.image_url() {
+        return image_block(url, &format!("{at}.image_url.url")).map(Some);
+    }
     match part.kind.as_str() {
         "text" => Ok(part.text.as_deref().and_then(non_empty)),
-        "image_url" => {
-            let url = match part.extra.get("image_url") {
-                Some(Value::String(url)) => url.as_str(),
-                Some(Value::Object(image)) => {
-                    image.get("url").and_then(Value::as_str).unwrap_or("")
-                }
-                _ => "",
-            };
-            image_block(url, &format!("{at}.image_url.url")).map(Some)
-        }
         other => Err(bad(
             format!(
                 "content parts of type \"{other}\" are not supported by Bedrock; send text or image_url parts"
