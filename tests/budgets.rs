@@ -166,6 +166,33 @@ async fn a_budget_holds_with_100_streamed_tool_calls_past_their_limits() {
     assert!(overrun <= 0.0001, "overrun ${overrun}");
 }
 
+/// An upstream that stops at the limit the gateway sent ends its stream
+/// itself: the client gets its last chunk and usage, and the ledger its
+/// count — 11 prompt tokens where the gateway estimated 5.
+#[tokio::test]
+async fn a_stream_that_stops_at_the_limit_it_was_sent_ends_with_the_upstreams_usage() {
+    let upstream = MockUpstream::openai().answers_of(2_000).start().await;
+    // $0.005 pays for the prompt's estimate and 499 output tokens.
+    let gateway = start(&config(&upstream, 0.005)).await;
+    let body = json!({"model": "chat", "messages": user("hi"), "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let response = gateway.chat_as("team-secret", body).await;
+    assert_eq!(response.status(), 200);
+    let events = Events::new(response).rest().await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let usage = parse(&events[events.len() - 2])["usage"].clone();
+    assert_eq!(
+        (&usage["prompt_tokens"], &usage["completion_tokens"]),
+        (&json!(11), &json!(499)),
+        "{usage}"
+    );
+    let finish = parse(&events[events.len() - 3]);
+    assert_eq!(finish["choices"][0]["finish_reason"], "length", "{finish}");
+    assert_eq!(upstream.single_request().json["max_completion_tokens"], 499);
+    let spent = spent(&gateway).await;
+    assert!((spent - 0.005001).abs() < 1e-9, "${spent}");
+}
+
 /// 100 requests at once, each with three images of sizes from one tile
 /// to the 16 a Llama 4 image takes at most (147 to 2,467 prompt tokens,
 /// as the upstream counts them): each image is reserved as its tiles, so

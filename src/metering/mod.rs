@@ -404,17 +404,23 @@ impl Meter {
             .map(Reservation::hedge_nano_usd)
     }
 
-    /// Whether the request's budget reservation pays for no more output:
-    /// the prompt of a hedge's cancelled attempt, its prompt estimate and
-    /// the output passed through, with one token more, would cost more
-    /// than it holds. A stream is then ended, so a budget is never overrun
-    /// by a request that generates past what was reserved for it.
-    pub fn reservation_spent(&self) -> bool {
-        let (Some(reservation), Some(serving)) = (&self.charges.reservation, &self.serving) else {
+    /// Whether a chunk of `observed` output takes the request past its
+    /// budget reservation: the prompt of a hedge's cancelled attempt, its
+    /// prompt estimate, the output passed through and this chunk's would
+    /// cost more than it holds. The stream then ends before the chunk, so
+    /// a budget is never overrun by a request that generates past what
+    /// was reserved for it, while an upstream that stops at the limit it
+    /// was sent ends its stream itself, with its own usage.
+    pub fn passes_reservation(&self, observed: &Observed) -> bool {
+        let (Some(reservation), Some(serving), 1..) = (
+            &self.charges.reservation,
+            &self.serving,
+            observed.text_chars,
+        ) else {
             return false;
         };
-        let next = self.generated_tokens().saturating_add(1);
-        let cost = serving.rate.estimate_nano_usd(self.prompt_estimate, next);
+        let output = estimate::tokens_for_chars(self.output_chars + observed.text_chars);
+        let cost = serving.rate.estimate_nano_usd(self.prompt_estimate, output);
         cost.saturating_add(self.cancelled_cost()) > reservation.nano_usd()
     }
 

@@ -2,8 +2,8 @@
 //! moment it arrives, meters it in passing, removes the usage-only chunk
 //! the client did not ask for (or adds one the upstream did not send in
 //! OpenAI's shape), turns a failure into an SSE error event, ends a stream
-//! whose cost reaches its budget reservation as the upstream would at its
-//! `max_tokens` (`finish_reason: "length"`), and always ends with
+//! before a chunk that would take its cost past its budget reservation, as
+//! the upstream would at its `max_tokens` (`finish_reason: "length"`), and always ends with
 //! `data: [DONE]`. For a client of another inbound API, each event is
 //! re-encoded in its API once the meter has read it. Dropping it (the client went away) drops the
 //! upstream stream, which closes the upstream connection.
@@ -117,6 +117,10 @@ impl SseBody {
     /// `out`.
     fn on_chunk(&mut self, out: &mut BytesMut, chunk: &[u8], facts: ChunkFacts, now: Instant) {
         let now = now.into_std();
+        if self.meter.passes_reservation(&facts.observed) {
+            self.cut(now);
+            return;
+        }
         self.meter.observe(facts.observed, now);
         if facts.usage_only {
             if !self.include_usage {
@@ -126,9 +130,6 @@ impl SseBody {
         }
         self.meter.chunk_sent(now);
         emit(&mut self.encoder, out, chunk);
-        if self.meter.reservation_spent() {
-            self.cut(now);
-        }
     }
 
     /// The stream's identity, for a chunk the gateway writes.

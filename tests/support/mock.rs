@@ -590,10 +590,12 @@ async fn respond(
     let generated;
     let canned = match reply.generate {
         Some(generate) => {
+            let length = generate.length(&flags);
             generated = openai_mock::Canned::generated(
-                generate.length(&flags),
+                length,
                 flags.generations(),
                 prompt,
+                length < generate.tokens,
             );
             &generated
         }

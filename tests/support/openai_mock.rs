@@ -315,19 +315,32 @@ impl Canned {
     /// `prompt` tokens of prompt.
     pub fn new(chunks: usize, choices: usize, prompt: u64) -> Self {
         let arguments = TOOL_ARGUMENTS.map(str::to_owned).to_vec();
-        Self::calling(chunks, choices, prompt, arguments)
+        Self::calling(chunks, choices, prompt, false, arguments)
     }
 
     /// `new`, with a request with tools answered by a call as long as the
     /// answer: its arguments `{"q":"tok tok …"}`, streamed a token a chunk.
-    pub fn generated(chunks: usize, choices: usize, prompt: u64) -> Self {
+    /// `limited`: the answers end at the request's output limit, and
+    /// their `finish_reason` is `length`.
+    pub fn generated(chunks: usize, choices: usize, prompt: u64, limited: bool) -> Self {
         let mut arguments = vec![r#"{"q":""#.to_owned()];
         arguments.extend(std::iter::repeat_n("tok ".to_owned(), chunks));
         arguments.push(r#""}"#.to_owned());
-        Self::calling(chunks, choices, prompt, arguments)
+        Self::calling(chunks, choices, prompt, limited, arguments)
     }
 
-    fn calling(chunks: usize, choices: usize, prompt: u64, arguments: Vec<String>) -> Self {
+    fn calling(
+        chunks: usize,
+        choices: usize,
+        prompt: u64,
+        limited: bool,
+        arguments: Vec<String>,
+    ) -> Self {
+        let (stop, tool_calls) = if limited {
+            ("length", "length")
+        } else {
+            ("stop", "tool_calls")
+        };
         let usage_of = |choices: usize| {
             let completion = (chunks * choices) as u64;
             json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
@@ -350,7 +363,7 @@ impl Canned {
                 chat_chunk(i, json!({"content": "tok "}), Value::Null)
             }));
         }
-        chat_stream.extend(each(&|i| chat_chunk(i, json!({}), json!("stop"))));
+        chat_stream.extend(each(&|i| chat_chunk(i, json!({}), json!(stop))));
         let usage_chunk = |usage: &Value| {
             event(
                 json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": CANNED_MODEL, "choices": [], "usage": usage}),
@@ -389,7 +402,7 @@ impl Canned {
                 Value::Null,
             ));
         }
-        tool_stream.push(chat_chunk(0, json!({}), json!("tool_calls")));
+        tool_stream.push(chat_chunk(0, json!({}), json!(tool_calls)));
         tool_stream.push(usage_chunk(&one_answer));
         tool_stream.push(done);
         let answers =
@@ -399,14 +412,14 @@ impl Canned {
                 json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": CANNED_MODEL,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
                         {"id": TOOL_CALL_ID, "type": "function", "function": {"name": TOOL_NAME, "arguments": arguments.concat()}}]},
-                        "logprobs": null, "finish_reason": "tool_calls"}],
+                        "logprobs": null, "finish_reason": tool_calls}],
                     "usage": one_answer})
                 .to_string(),
             ),
             tool_stream,
             chat_json: Bytes::from(
                 json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": CANNED_MODEL,
-                    "choices": answers(&|i| json!({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "stop"})),
+                    "choices": answers(&|i| json!({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": stop})),
                     "usage": usage})
                 .to_string(),
             ),
