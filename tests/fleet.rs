@@ -38,7 +38,8 @@ fn one_model(upstream: &MockServer) -> Config {
             Model::new("chat").deployment(
                 Deployment::new("api", "m")
                     .price(PRICE.0, PRICE.1)
-                    .set("context_window", 8192),
+                    .set("context_window", 8192)
+                    .set("tools", true),
             ),
         )
         .admin()
@@ -113,17 +114,12 @@ async fn eventually<F: std::future::Future<Output = bool>>(what: &str, check: im
 
 /// A request as a client sends it; its status and its error code.
 async fn ask(gateway: &Gateway, key: &str, stream: bool) -> (u16, Option<String>) {
-    ask_for(gateway, key, stream, 1).await
+    let body = json!({"model": "chat", "messages": user("hi"), "stream": stream});
+    ask_with(gateway, key, body).await
 }
 
-/// A request for `answers` answers (`n`).
-async fn ask_for(
-    gateway: &Gateway,
-    key: &str,
-    stream: bool,
-    answers: u64,
-) -> (u16, Option<String>) {
-    let body = json!({"model": "chat", "messages": user("hi"), "stream": stream, "n": answers});
+/// `body` sent with `key`; the status and the error code.
+async fn ask_with(gateway: &Gateway, key: &str, body: Value) -> (u16, Option<String>) {
     let response = gateway.chat_as(&format!("{key}-secret"), body).await;
     let status = response.status().as_u16();
     (status, error_of_any(response).await)
@@ -175,23 +171,52 @@ fn doomed_replica(config: &Config) -> (support::process::Process, tempfile::Name
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_holds_for_the_whole_fleet_under_concurrent_long_answers() {
-    budget_holds_for_the_fleet(1).await;
+    // 2,000-token answers cost $0.02 each, half of them streamed.
+    budget_holds_for_the_fleet(
+        "one answer a request",
+        MockUpstream::openai().answers_of(2_000),
+        |i| json!({"model": "chat", "messages": user("hi"), "stream": i % 2 == 0}),
+    )
+    .await;
 }
 
 /// Each request generates and bills four answers, and reserves for each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_holds_for_the_whole_fleet_with_four_answers_a_request() {
-    budget_holds_for_the_fleet(4).await;
+    budget_holds_for_the_fleet(
+        "four answers a request",
+        MockUpstream::openai().answers_of(2_000),
+        |i| json!({"model": "chat", "messages": user("hi"), "stream": i % 2 == 0, "n": 4}),
+    )
+    .await;
 }
 
-/// Waves of 300 requests at once over three replicas, each for `answers`
-/// answers of 2,000 tokens, until the budget is used up; then the spend
-/// is checked against the budget and the ledgers against Redis.
-async fn budget_holds_for_the_fleet(answers: u64) {
+/// Streamed tool calls of 3,000 tokens ($0.03) from an upstream that
+/// ignores the limit it is sent: each replica cuts its calls at their
+/// reservations, which Redis sized for the whole fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_holds_for_the_whole_fleet_with_streamed_tool_calls_past_their_limits() {
+    let tools = json!([{"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]);
+    let upstream = MockUpstream::openai().answers_of_ignoring_max_tokens(3_000);
+    budget_holds_for_the_fleet(
+        "streamed tool calls",
+        upstream,
+        |_| json!({"model": "chat", "messages": user("hi"), "tools": tools, "stream": true}),
+    )
+    .await;
+}
+
+/// Waves of 300 requests at once over three replicas, with no
+/// `max_tokens`, answered by `upstream`, until the budget is used up;
+/// then the spend is checked against the budget and the ledgers against
+/// Redis.
+async fn budget_holds_for_the_fleet(
+    case: &str,
+    upstream: MockUpstream,
+    body: impl Fn(usize) -> Value,
+) {
     let Some(redis) = Redis::start() else { return };
-    // 2,000-token answers cost $0.02 each; no request sets max_tokens.
-    let upstream = MockUpstream::openai()
-        .answers_of(2_000)
+    let upstream = upstream
         .first_byte_after(Duration::from_millis(20))
         .record(false)
         .start()
@@ -210,7 +235,7 @@ async fn budget_holds_for_the_fleet(answers: u64) {
     let mut settled = false;
     for _ in 0..20 {
         // 300 at once, spread over the three replicas.
-        let wave = (0..300).map(|i| ask_for(&fleet[i % 3], "team", i % 2 == 0, answers));
+        let wave = (0..300).map(|i| ask_with(&fleet[i % 3], "team", body(i)));
         let wave = join_all(wave).await;
         served += served_of_wave(&wave);
         if used_up(&wave) {
@@ -223,7 +248,7 @@ async fn budget_holds_for_the_fleet(answers: u64) {
     // Ledgers and the fleet's count agree once the last spend is sent.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let spent = ledgers_match_the_fleet(&redis, &fleet).await;
-    eprintln!("{answers} answers a request: {served} served, ${spent:.6} spent of ${budget}");
+    eprintln!("{case}: {served} served, ${spent:.6} spent of ${budget}");
     // The budget paid for answers, most of it spent rather than refused.
     assert!(
         served >= 2 && spent >= 0.9 * budget,
@@ -236,7 +261,7 @@ async fn budget_holds_for_the_fleet(answers: u64) {
     let overrun = spent - budget;
     assert!(
         overrun <= 0.0001,
-        "$0.10 budget, $0.02 answers, {answers} a request: the fleet spent ${spent} in {served} requests"
+        "$0.10 budget, {case}: the fleet spent ${spent} in {served} requests"
     );
     for gateway in &fleet {
         assert_eq!(status(gateway).await["state"]["degraded"], false);
