@@ -452,3 +452,79 @@ fn explain_applies_the_eu_rule_whatever_the_case() {
         assert_eq!(plan["chosen"], serde_json::Value::Null, "{region}: {plan}");
     }
 }
+
+/// A key or token short enough to guess is warned of by path, never
+/// printed; `--strict` fails on it, and one of 16 characters passes.
+#[test]
+fn check_warns_of_a_key_or_token_short_enough_to_guess() {
+    let file = temp_config(
+        r#"
+[admin]
+token_env = "ADMIN_TOKEN"
+
+[metrics]
+token_env = "METRICS_TOKEN"
+
+[[backends]]
+name = "sim"
+kind = "simulated"
+
+[[models]]
+alias = "chat"
+[[models.deployments]]
+backend = "sim"
+model = "m"
+context_window = 8192
+
+[[keys]]
+name = "short"
+key_env = "KEY_SHORT"
+models = ["*"]
+
+[[keys]]
+name = "long"
+key_env = "KEY_LONG"
+models = ["*"]
+"#,
+    );
+    let check = |strict: bool| {
+        let mut cmd = tollgate();
+        cmd.arg("check").arg("--config").arg(file.path());
+        if strict {
+            cmd.arg("--strict");
+        }
+        cmd.env("ADMIN_TOKEN", "adm")
+            .env("METRICS_TOKEN", "0123456789abcdef")
+            .env("KEY_SHORT", "team-secret")
+            .env("KEY_LONG", "7f3a9c1e5b2d8f4a6c0e9b1d3f5a7c2e");
+        run(cmd)
+    };
+    let out = check(false);
+    assert_eq!(out.code, Some(0), "warnings do not fail:\n{}", out.stderr);
+    let warnings: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{}", out.stderr);
+    for path in ["admin.token_env", "keys[0].key_env"] {
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.starts_with(&format!("warning: {path}: "))
+                    && w.contains("shorter than 16 characters")),
+            "{path}: {}",
+            out.stderr
+        );
+    }
+    for secret in ["adm", "team-secret"] {
+        assert!(
+            !out.stderr.contains(&format!("\"{secret}\""))
+                && !out.stderr.contains(&format!(" {secret} ")),
+            "the secret is never printed: {}",
+            out.stderr
+        );
+    }
+    let strict = check(true);
+    assert_eq!(strict.code, Some(1), "--strict fails on warnings");
+}

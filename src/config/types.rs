@@ -38,6 +38,9 @@ pub struct Config {
     /// OpenTelemetry spans exported over OTLP/HTTP; `None`: off.
     pub tracing: Option<TracingSettings>,
     pub licence: LicenceSettings,
+    /// Paths of the keys' and tokens' environment variables whose secret
+    /// is shorter than `MIN_CREDENTIAL_CHARS`: warned of, not refused.
+    pub short_secrets: Vec<String>,
 }
 
 /// The Llama licence's bookkeeping: who counts as a monthly active user,

@@ -42,6 +42,9 @@ const DEFAULT_MAX_EVENT_BYTES: u64 = 4 * 1024 * 1024;
 const MAX_RESPONSE_CAP: u64 = 4 * 1024 * 1024 * 1024;
 /// No wait the config sets may exceed an hour: a bigger number is a typo.
 pub(super) const MAX_WAIT_MS: u64 = 3_600_000;
+/// A key or token clients present shorter than this can be guessed: 16
+/// random letters and digits are about 95 bits.
+pub(super) const MIN_CREDENTIAL_CHARS: usize = 16;
 /// The most prompt blocks (about 16 tokens each) a prefix cache or a
 /// deployment's prefix memory may hold: 16 million tokens.
 pub(super) const MAX_PREFIX_BLOCKS: u32 = 1_000_000;
@@ -64,6 +67,7 @@ pub enum Secrets<'a> {
 pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems> {
     let mut v = Validator {
         problems: Vec::new(),
+        short_secrets: Vec::new(),
         secrets,
     };
     let server = v.server(&raw);
@@ -160,6 +164,7 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
             logging,
             tracing,
             licence,
+            short_secrets: v.short_secrets,
         })
     } else {
         Err(Problems(v.problems))
@@ -168,6 +173,8 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
 
 struct Validator<'a> {
     problems: Vec<Problem>,
+    /// Paths of the client credentials too short to be safe from guessing.
+    short_secrets: Vec<String>,
     secrets: Secrets<'a>,
 }
 
@@ -236,6 +243,17 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// The digest of a credential clients present, held by environment
+    /// variable `var`; one shorter than `MIN_CREDENTIAL_CHARS` is noted
+    /// for `check` to warn of.
+    fn credential(&mut self, path: String, var: &str) -> Option<[u8; 32]> {
+        let secret = self.secret(path.clone(), var)?;
+        if secret.expose().chars().count() < MIN_CREDENTIAL_CHARS {
+            self.short_secrets.push(path);
+        }
+        Some(Sha256::digest(secret.expose().as_bytes()).into())
     }
 
     /// The URL of a service `[table]` connects to: written in the file
@@ -800,8 +818,8 @@ impl Validator<'_> {
                     None
                 }
             },
-            (None, Some(var)) => match self.secret(at("key_env"), var) {
-                Some(key) => Some(Sha256::digest(key.expose().as_bytes()).into()),
+            (None, Some(var)) => match self.credential(at("key_env"), var) {
+                Some(digest) => Some(digest),
                 // An offline config's key is found by name only (explain),
                 // never by digest: it does not serve.
                 None if matches!(self.secrets, Secrets::Unread) => Some([0; 32]),

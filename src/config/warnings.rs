@@ -1,9 +1,11 @@
 //! What `tollgate check` warns about: a valid config that probably does
 //! not mean what it says, chiefly where the Llama licence rule (no
-//! multimodal Llama for users in the EU) could be escaped.
+//! multimodal Llama for users in the EU) could be escaped, and a key or
+//! token short enough to guess.
 
 use super::Problem;
 use super::types::Config;
+use super::validate::MIN_CREDENTIAL_CHARS;
 
 /// Every warning for `config`, each with the path of the value to change.
 pub fn warnings(config: &Config) -> Vec<Problem> {
@@ -31,6 +33,12 @@ pub fn warnings(config: &Config) -> Vec<Problem> {
         }
     }
     warnings.extend(eu_escapes(config));
+    warnings.extend(config.short_secrets.iter().map(|path| Problem {
+        path: path.clone(),
+        message: format!(
+            "the secret in this environment variable is shorter than {MIN_CREDENTIAL_CHARS} characters, short enough to guess; use at least {MIN_CREDENTIAL_CHARS} random ones (`openssl rand -hex 16` prints 32)"
+        ),
+    }));
     warnings
 }
 

@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-
 use super::super::schema::{RawBackend, RawConfig, RawHedge, RawModel, RawSpillover};
 use super::super::types::*;
 use super::{MAX_PREFIX_BLOCKS, MAX_WAIT_MS, Validator};
@@ -167,9 +165,7 @@ impl Validator<'_> {
 
     /// The digest of the token held by environment variable `var`.
     fn token(&mut self, path: &str, var: Option<&String>) -> Option<[u8; 32]> {
-        let var = var?;
-        self.secret(path.into(), var)
-            .map(|s| Sha256::digest(s.expose().as_bytes()).into())
+        self.credential(path.into(), var?)
     }
 
     pub(super) fn self_hosted(
