@@ -221,6 +221,50 @@ async fn a_budget_holds_with_100_requests_of_images_at_once() {
     assert!(overrun <= 0.0001, "overrun ${overrun}");
 }
 
+/// An image is reserved as its tiles whichever API it comes by: a
+/// 1344 × 1344 PNG is 2,467 prompt tokens, and with the message's 4,
+/// $0.002471 of a $0.005 budget.
+#[tokio::test]
+async fn an_image_is_reserved_as_its_tiles_on_every_api() {
+    let upstream = MockUpstream::openai().answers_of(2_000).start().await;
+    let url = png(1344, 1344);
+    let chat = json!({"model": "chat", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}]}]});
+    let responses = json!({"model": "chat", "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": url}]}]});
+    for (path, body) in [("/v1/chat/completions", chat), ("/v1/responses", responses)] {
+        let gateway = start(&config(&upstream, 0.005)).await;
+        let response = gateway
+            .post(path)
+            .bearer_auth("team-secret")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        // What is left pays for (5,000,000 − 2,471,000) / 10,000 tokens.
+        let sent = upstream.requests().last().unwrap().json.clone();
+        assert_eq!(sent["max_completion_tokens"], 252, "{path}: {sent:.200}");
+    }
+    // Messages take `max_tokens`: with the image, 300 do not fit.
+    let gateway = start(&config(&upstream, 0.005)).await;
+    let image =
+        json!({"type": "base64", "media_type": "image/png", "data": png_base64(1344, 1344)});
+    let messages = |max_tokens: u32| {
+        json!({"model": "chat", "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": image}]}]})
+    };
+    let send = |body: Value| {
+        gateway
+            .post("/v1/messages")
+            .bearer_auth("team-secret")
+            .json(&body)
+            .send()
+    };
+    assert_eq!(send(messages(300)).await.unwrap().status(), 429);
+    assert_eq!(send(messages(250)).await.unwrap().status(), 200);
+}
+
 #[tokio::test]
 async fn several_answers_are_reserved_and_limited_each() {
     let upstream = MockUpstream::openai().answers_of(2_000).start().await;
