@@ -460,6 +460,11 @@ metrics! {
             "the active config's version, a hash of its content; one series at a time",
         )],
     }
+    config_warnings: IntGauge {
+        name: "tollgate_config_warnings",
+        help: "What `tollgate check` warns of in the active config (a key or token short enough to guess, a way for a user in the EU to reach a multimodal Llama, a Llama model without its licence): how many warnings. The log's `config warning` lines name each.",
+        labels: [],
+    }
     state_degraded: IntGauge {
         name: "tollgate_state_degraded",
         help: "1 while Redis, the fleet's shared state, does not answer and this replica serves on its own limits and budget share (or refuses, as configured); 0 otherwise or in memory mode.",

@@ -759,6 +759,22 @@ fn what_check_warns_of_is_logged_when_the_gateway_takes_the_config_up() {
     assert!(line.contains("multimodal Llama"), "{line}");
 }
 
+/// The active config's warnings are counted, for an alert: the admin
+/// token and the key `team-secret` are too short to be safe, and a
+/// reload that gives the key by its digest takes its warning away.
+#[tokio::test]
+async fn the_active_configs_warnings_are_counted_for_an_alert() {
+    let (_dir, path, gateway) = serving_file(&keyed(&["one"])).await;
+    let text = gateway.metrics().await;
+    assert_eq!(metric(&text, "tollgate_config_warnings", &[]), Some(2.0));
+    let digest = "5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b";
+    write(&path, &simulated(&["one"]).key(Key::hashed("team", digest)));
+    reloads(&gateway, "applied", 1.0).await;
+    gateway
+        .eventually_metric("tollgate_config_warnings", &[], 1.0)
+        .await;
+}
+
 #[tokio::test]
 async fn a_reload_changes_which_browser_origins_may_call() {
     let origins = |list: &[&str]| {

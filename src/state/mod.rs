@@ -80,9 +80,9 @@ impl AppState {
                     .into(),
             );
         }
-        log_warnings(&config);
         let ledger = Ledger::start(&config.ledger)?;
         let metrics = Arc::new(Metrics::new());
+        take_up_warnings(&config, &metrics);
         metrics.state_replicas.set(1);
         let fleet = match &config.state {
             StateSettings::Memory => None,
@@ -151,11 +151,16 @@ impl AppState {
     }
 }
 
-/// What `tollgate check` warns of in a config the gateway serves (a way
-/// for an EU user to reach a multimodal Llama, a Llama model id without
-/// its licence), logged whenever such a config is taken up.
-fn log_warnings(config: &Config) {
-    for warning in crate::config::warnings(config) {
+/// What `tollgate check` warns of in a config the gateway serves (a key
+/// or token short enough to guess, a way for an EU user to reach a
+/// multimodal Llama, a Llama model id without its licence), logged and
+/// counted whenever a config is taken up, so that an alert can see it.
+fn take_up_warnings(config: &Config, metrics: &Metrics) {
+    let warnings = crate::config::warnings(config);
+    for warning in &warnings {
         tracing::warn!(%warning, "config warning (`tollgate check` lists them all)");
     }
+    metrics
+        .config_warnings
+        .set(i64::try_from(warnings.len()).unwrap_or(i64::MAX));
 }

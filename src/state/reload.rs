@@ -283,7 +283,7 @@ impl AppState {
         if !access.is_empty() {
             tracing::warn!(changes = %access.join("; "), "the reload changes who may call the gateway");
         }
-        super::log_warnings(&self.snapshot.load().config);
+        super::take_up_warnings(&self.snapshot.load().config, &self.metrics);
         if !done.restart_needed.is_empty() {
             tracing::warn!(fields = ?done.restart_needed, "these changes take effect after a restart");
         }
