@@ -234,13 +234,7 @@ async fn an_image_is_reserved_as_its_tiles_on_every_api() {
         {"type": "input_image", "image_url": url}]}]});
     for (path, body) in [("/v1/chat/completions", chat), ("/v1/responses", responses)] {
         let gateway = start(&config(&upstream, 0.005)).await;
-        let response = gateway
-            .post(path)
-            .bearer_auth("team-secret")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = gateway.post_as("team-secret", path, body).await;
         assert_eq!(response.status(), 200, "{path}");
         // What is left pays for (5,000,000 − 2,471,000) / 10,000 tokens.
         let sent = upstream.requests().last().unwrap().json.clone();
@@ -254,15 +248,9 @@ async fn an_image_is_reserved_as_its_tiles_on_every_api() {
         json!({"model": "chat", "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
             {"type": "image", "source": image}]}]})
     };
-    let send = |body: Value| {
-        gateway
-            .post("/v1/messages")
-            .bearer_auth("team-secret")
-            .json(&body)
-            .send()
-    };
-    assert_eq!(send(messages(300)).await.unwrap().status(), 429);
-    assert_eq!(send(messages(250)).await.unwrap().status(), 200);
+    let send = |body: Value| gateway.post_as("team-secret", "/v1/messages", body);
+    assert_eq!(send(messages(300)).await.status(), 429);
+    assert_eq!(send(messages(250)).await.status(), 200);
 }
 
 #[tokio::test]
@@ -302,12 +290,12 @@ async fn several_answers_are_reserved_and_limited_each() {
 
     // Legacy completions generate `best_of` answers, billed, to return `n`.
     let response = gateway
-        .post("/v1/completions")
-        .bearer_auth("team-secret")
-        .json(&json!({"model": "chat", "prompt": "Once", "n": 1, "best_of": 5, "max_tokens": 100}))
-        .send()
-        .await
-        .unwrap();
+        .post_as(
+            "team-secret",
+            "/v1/completions",
+            json!({"model": "chat", "prompt": "Once", "n": 1, "best_of": 5, "max_tokens": 100}),
+        )
+        .await;
     assert_eq!(
         response.status(),
         429,
@@ -320,19 +308,15 @@ async fn a_batch_of_prompts_is_reserved_for_each() {
     let upstream = MockUpstream::openai().answers_of(2_000).start().await;
     let gateway = start(&config(&upstream, 0.005)).await;
     let complete = |max_tokens: u32| {
-        gateway
-            .post("/v1/completions")
-            .bearer_auth("team-secret")
-            .json(
-                &json!({"model": "chat", "prompt": ["a", "b", "c", "d"], "max_tokens": max_tokens}),
-            )
-            .send()
+        let body =
+            json!({"model": "chat", "prompt": ["a", "b", "c", "d"], "max_tokens": max_tokens});
+        gateway.post_as("team-secret", "/v1/completions", body)
     };
     // 300 tokens fit the budget once, not for four prompts.
-    let response = complete(300).await.unwrap();
+    let response = complete(300).await;
     assert_eq!(response.status(), 429);
     assert_eq!(error_of(response).await["code"], "insufficient_quota");
-    let response = complete(100).await.unwrap();
+    let response = complete(100).await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["choices"].as_array().unwrap().len(), 4);
@@ -398,12 +382,12 @@ async fn legacy_completions_keep_their_default_of_16_tokens() {
     let upstream = MockUpstream::openai().answers_of(2_000).start().await;
     let gateway = start(&config(&upstream, 1.0)).await;
     let response = gateway
-        .post("/v1/completions")
-        .bearer_auth("team-secret")
-        .json(&json!({"model": "chat", "prompt": "Once upon"}))
-        .send()
-        .await
-        .unwrap();
+        .post_as(
+            "team-secret",
+            "/v1/completions",
+            json!({"model": "chat", "prompt": "Once upon"}),
+        )
+        .await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["usage"]["completion_tokens"], 16);
@@ -420,12 +404,8 @@ async fn stream_past_its_reservation(body: Value) -> (Vec<Value>, Gateway) {
         .await;
     let gateway = start(&config(&upstream, 0.005)).await;
     let response = gateway
-        .post("/v1/chat/completions")
-        .bearer_auth("team-secret")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+        .post_as("team-secret", "/v1/chat/completions", body)
+        .await;
     assert_eq!(response.status(), 200);
     let events = Events::new(response).rest().await;
     assert_eq!(events.last().unwrap(), "[DONE]");
@@ -566,13 +546,7 @@ async fn messages_and_responses_streams_that_reach_their_reservation_end_at_thei
             .start()
             .await;
         let gateway = start(&config(&upstream, 0.005)).await;
-        let response = gateway
-            .post(path)
-            .bearer_auth("team-secret")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = gateway.post_as("team-secret", path, body.clone()).await;
         assert_eq!(response.status(), 200, "{path}");
         let events = named_events(&response.text().await.unwrap());
         let (name, last) = events.last().unwrap();

@@ -133,7 +133,12 @@ impl Gateway {
 
     /// A chat request with the API key `key`.
     pub async fn chat_as(&self, key: &str, body: Value) -> reqwest::Response {
-        self.post("/v1/chat/completions")
+        self.post_as(key, "/v1/chat/completions", body).await
+    }
+
+    /// `body` to `path` with the API key `key`.
+    pub async fn post_as(&self, key: &str, path: &str, body: Value) -> reqwest::Response {
+        self.post(path)
             .bearer_auth(key)
             .json(&body)
             .send()
