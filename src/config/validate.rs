@@ -818,13 +818,12 @@ impl Validator<'_> {
                     None
                 }
             },
-            (None, Some(var)) => match self.credential(at("key_env"), var) {
-                Some(digest) => Some(digest),
-                // An offline config's key is found by name only (explain),
-                // never by digest: it does not serve.
-                None if matches!(self.secrets, Secrets::Unread) => Some([0; 32]),
-                None => None,
-            },
+            // An offline config's key is found by name only (explain),
+            // never by digest: it does not serve.
+            (None, Some(var)) => {
+                self.credential(at("key_env"), var)
+                    .or(matches!(self.secrets, Secrets::Unread).then_some([0; 32]))
+            }
             (Some(_), Some(_)) => {
                 self.problem(
                     format!("keys[{i}]"),

@@ -1,7 +1,7 @@
 //! An image's prompt tokens, as Llama 4's image processor counts them: the
 //! image is fitted to a canvas of 336-pixel tiles (at most 16), and each
 //! tile, plus a global view of the whole image when there is more than
-//! one, takes 144 tokens, with a separator after each tile and four
+//! one, takes 144 tokens, with a separator after each tile and three
 //! markers around them. The count is an upper bound: the processor picks
 //! the smallest canvas the image fits without downscaling, and that is
 //! never more tiles than the image's sides need in 336-pixel steps.

@@ -16,7 +16,13 @@ pub enum Endpoint {
     Completions,
 }
 
-pub fn route(canned: &Canned, parts: &Parts, body: &[u8]) -> Result<Route, Rejection> {
+/// `flags`: what the mock reads of `body`, read once for the request.
+pub fn route(
+    canned: &Canned,
+    parts: &Parts,
+    body: &[u8],
+    flags: &Flags,
+) -> Result<Route, Rejection> {
     let path = parts.uri.path();
     if parts.method == Method::POST && path.ends_with("/embeddings") {
         return embeddings(body);
@@ -37,7 +43,6 @@ pub fn route(canned: &Canned, parts: &Parts, body: &[u8]) -> Result<Route, Rejec
             json!({"error": {"message": format!("no route for {path}"), "type": "invalid_request_error", "param": null, "code": null}}),
         ));
     };
-    let flags = Flags::parse(body);
     if let Some(field) = flags.out_of_range() {
         return Err(Rejection::new(
             400,
@@ -54,9 +59,9 @@ pub fn route(canned: &Canned, parts: &Parts, body: &[u8]) -> Result<Route, Rejec
     }
     Ok(Route {
         streaming: flags.streaming(),
-        json: canned.json(endpoint, &flags).clone(),
+        json: canned.json(endpoint, flags).clone(),
         headers: Vec::new(),
-        events: canned.stream(endpoint, &flags),
+        events: canned.stream(endpoint, flags),
         content_type: "text/event-stream",
     })
 }
