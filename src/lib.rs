@@ -23,6 +23,7 @@ pub mod routing;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod traces;
 
 pub use server::Gateway;

@@ -24,7 +24,7 @@ const ORDER: &[&[&str]] = &[
     &["error"],
     &["limits"],
     &["config"],
-    &["id", "logging", "traces", "framing", "gather"],
+    &["id", "logging", "traces", "framing", "gather", "tls"],
 ];
 
 fn rank(module: &str) -> usize {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
+use support::certs::TestCa;
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::{MockServer, MockUpstream};
@@ -1290,4 +1291,45 @@ async fn a_burst_past_a_keys_rpm_admits_no_more_than_the_quota_with_credit_in_pl
         "{served} of 1,200 served in {elapsed:.1} s; rpm 300 allows {most}"
     );
     assert!(served >= 250, "only {served} served: credit left stranded");
+}
+
+/// Replicas reach Redis over TLS (`rediss://`, its CA in `ca_file`) and
+/// share a key's rpm through it. A replica that trusts another CA never
+/// talks to that server: it serves on its own state, degraded, as with
+/// Redis away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_state_over_tls_only_with_a_server_whose_certificate_verifies() {
+    let ca = TestCa::new("redis");
+    let Some(redis) = Redis::start_tls(&ca) else {
+        return;
+    };
+    let upstream = MockUpstream::openai().record(false).start().await;
+    let over_tls = |ca: &TestCa| {
+        one_model(&upstream)
+            .key(Key::new("team").set("rpm", 4))
+            .set("state", "backend", "redis")
+            .set("state", "url", redis.tls_url())
+            .set("state", "ca_file", ca.ca_file().to_str().unwrap())
+            .set("state", "prefix", PREFIX)
+            .set("state", "timeout_ms", 1_000)
+    };
+    let fleet = replicas(&over_tls(&ca), 2).await;
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        statuses.push(ask(&fleet[i % 2], "team", false).await.0);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429, 429, 429]);
+    for gateway in &fleet {
+        assert_eq!(status(gateway).await["state"]["degraded"], false);
+    }
+
+    let other = TestCa::new("other");
+    let doubting = start(&over_tls(&other)).await;
+    eventually("the replica that trusts another CA is degraded", || async {
+        status(&doubting).await["state"]["degraded"] == true
+    })
+    .await;
+    // It serves from its own state: the fleet's rpm is used up.
+    assert_eq!(ask(&doubting, "team", false).await.0, 200);
+    assert_eq!(ask(&fleet[0], "team", false).await.0, 429);
 }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::certs::TestCa;
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::{ADMIN_TOKEN, WAIT, check_error_shape, metric, user};
 use support::postgres::Postgres;
@@ -521,4 +522,84 @@ async fn replicas_starting_at_once_on_an_empty_database_migrate_it_once() {
     let mut received = Received::default();
     load(&[&processes[0], &processes[1]], 2, &mut received).await;
     eventually_spend(&processes[1].base, &received).await;
+}
+
+/// The ledger over TLS. A server whose certificate the CA in
+/// `sslrootcert` signed gets every record, over encrypted connections
+/// only. A server whose certificate another CA signed, and one that offers
+/// no TLS, get none: the records wait in the spool, no request fails, and
+/// the log says why.
+#[tokio::test]
+async fn spend_is_shipped_over_tls_only_to_a_server_whose_certificate_verifies() {
+    let ca = TestCa::new("ledger");
+    let Some(postgres) = Postgres::start_tls(&ca) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let verified = |name: &str, server: &Postgres, ca: &TestCa, mode: &str| {
+        let mut replica = Replica::new(dir.path(), name, server, 50);
+        replica.url = format!(
+            "{}?sslmode={mode}&sslrootcert={}",
+            server.url(),
+            ca.ca_file().display()
+        );
+        replica
+    };
+
+    let replica = verified("good", &postgres, &ca, "verify-full");
+    let process = replica.serve();
+    process.logged(READY);
+    let mut received = Received::default();
+    load(&[&process], 3, &mut received).await;
+    eventually_spend(&process.base, &received).await;
+    assert_eq!(records_in(&postgres).await, 3);
+    let row = postgres
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*), coalesce(bool_and(s.ssl), false) FROM pg_stat_ssl s
+             JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'tollgate'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (connections, all_tls): (i64, bool) = (row.get(0), row.get(1));
+    assert!(
+        connections > 0 && all_tls,
+        "{connections} connections, all TLS: {all_tls}"
+    );
+
+    // Another CA's server, and a server without TLS under `require`.
+    let other = TestCa::new("other");
+    let Some(plain) = Postgres::start() else {
+        return;
+    };
+    for (name, server, ca, mode, why) in [
+        ("forged", &postgres, &other, "verify-full", "UnknownIssuer"),
+        (
+            "plain",
+            &plain,
+            &ca,
+            "require",
+            "server does not support TLS",
+        ),
+    ] {
+        let replica = verified(name, server, ca, mode);
+        let process = replica.serve();
+        let line = process.logged(UNREACHABLE);
+        assert!(line.contains(why), "{name}: {line}");
+        let mut received = Received::default();
+        load(&[&process], 2, &mut received).await;
+        replica.eventually_spooled(2);
+        assert_eq!(write_failing(&process).await, Some(1.0), "{name}");
+    }
+    assert_eq!(records_in(&postgres).await, 3);
+    // The plaintext server was never even migrated.
+    let row = plain
+        .client()
+        .await
+        .query_one("SELECT to_regclass('ledger_records') IS NULL", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
 }

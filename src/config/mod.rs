@@ -2,6 +2,7 @@
 //! every problem with the path of the value at fault.
 
 mod diff;
+pub mod postgres_url;
 mod schema;
 mod types;
 mod validate;
@@ -277,12 +278,54 @@ url = "redis://:hunter2@10.0.0.5:6379/0""#
         assert!(
             with(r#"backend = "redis""#)[0].starts_with("state.url_env: backend = \"redis\" needs"),
         );
+        // TLS: the system's roots, or the CA a file holds; never unverified.
         assert!(
             with(
                 r#"backend = "redis"
 url = "rediss://h:6380/0""#
+            )
+            .is_empty()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        crate::tls::write_test_ca(&ca);
+        let with_ca = |url: &str, file: &std::path::Path| {
+            with(&format!(
+                "backend = \"redis\"\nurl = \"{url}\"\nca_file = \"{}\"",
+                file.display()
+            ))
+        };
+        assert!(with_ca("rediss://h:6380/0", &ca).is_empty());
+        assert_eq!(
+            with_ca("redis://h:6379/0", &ca),
+            [
+                "state.ca_file: applies only to a rediss:// URL (TLS); use rediss://, or remove ca_file"
+            ]
+        );
+        let missing = with_ca("rediss://h:6380/0", &dir.path().join("missing.pem"));
+        assert!(
+            missing.len() == 1 && missing[0].starts_with("state.ca_file: cannot read CA file"),
+            "{missing:?}"
+        );
+        assert_eq!(
+            with(
+                r#"backend = "redis"
+url = "rediss://h:6380/0#insecure""#
+            ),
+            [
+                "state.url: the URL has a #fragment, such as #insecure: the server's certificate is always verified; name its CA with ca_file instead"
+            ]
+        );
+        assert_eq!(
+            with(r#"url = "memcached://h:11211""#)[0],
+            "state.url: applies only with backend = \"redis\"; set that, or remove this field"
+        );
+        assert!(
+            with(
+                r#"backend = "redis"
+url = "memcached://h:11211""#
             )[0]
-            .contains("TLS to Redis is not supported")
+            .ends_with("must start with redis://, or rediss:// for TLS")
         );
         let bad = with(
             r#"backend = "redis"

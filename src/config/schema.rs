@@ -67,6 +67,7 @@ pub struct RawState {
     pub timeout_ms: Option<u64>,
     pub on_unavailable: Option<String>,
     pub lease_ms: Option<u64>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

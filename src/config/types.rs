@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use url::Url;
 
+pub use crate::tls::Roots;
+
 pub use crate::logging::LogFormat;
 pub use crate::traces::TracingSettings;
 
@@ -91,7 +93,7 @@ pub enum StateSettings {
 
 #[derive(Debug, Clone)]
 pub struct RedisState {
-    /// `redis://[user[:password]@]host:port/db`; from the environment when
+    /// `redis://[user[:password]@]host:port/db` (`rediss://` for TLS); from the environment when
     /// it carries a password. `None` when validated offline.
     pub url: Option<Secret>,
     /// Put before every key the gateway writes, so replicas of one fleet
@@ -104,6 +106,8 @@ pub struct RedisState {
     /// How long a budget reservation outlives a replica that stopped
     /// renewing it.
     pub lease: Duration,
+    /// What a `rediss://` server's certificate must chain to.
+    pub roots: Roots,
 }
 
 /// What a replica does while Redis does not answer within the timeout.

@@ -20,13 +20,15 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use time::{Date, OffsetDateTime};
 use tokio::time::MissedTickBehavior;
-use tokio_postgres::NoTls;
 use tokio_postgres::config::Host;
 use tokio_postgres::types::ToSql;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::spool::{Record, Spool};
 use super::{ByKey, Ledger, Row, Storage, Totals, add_cost, migrations};
 use crate::config::Secret;
+use crate::config::postgres_url::{self, PostgresTarget};
+use crate::tls::Roots;
 
 /// Connecting, and waiting for a pooled connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -96,10 +98,8 @@ impl Postgres {
     /// the spool in `data_dir`, with the spend per key and day the spool
     /// holds.
     pub fn open(url: &Secret, data_dir: &Path) -> Result<(Self, ByKey), String> {
-        let mut config: tokio_postgres::Config = url
-            .expose()
-            .parse()
-            .map_err(|e| format!("the ledger's PostgreSQL URL: {}", describe(&e)))?;
+        let PostgresTarget { mut config, roots } = postgres_url::read(url.expose())
+            .map_err(|e| format!("the ledger's PostgreSQL URL {e}"))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -116,7 +116,7 @@ impl Postgres {
         let target = target(&config);
         let manager = Manager::from_config(
             config,
-            NoTls,
+            connector(&roots)?,
             ManagerConfig {
                 // A query on each checkout: a connection the server closed
                 // while it was down is found out before it is used.
@@ -408,6 +408,15 @@ async fn blocking<T: Send + 'static>(
 
 /// An error and its causes (`error connecting to server: Connection
 /// refused`): tokio-postgres shows only the first. None holds the URL.
+/// TLS for connections whose `sslmode` requires it, verified against
+/// `roots`; the others never use it.
+pub(super) fn connector(roots: &Roots) -> Result<MakeRustlsConnect, String> {
+    let config = roots
+        .client_config()
+        .map_err(|e| format!("the ledger's TLS: {e}"))?;
+    Ok(MakeRustlsConnect::new(config))
+}
+
 pub(super) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();

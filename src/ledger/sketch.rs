@@ -15,10 +15,10 @@ use std::sync::{Arc, PoisonError};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use time::{Date, OffsetDateTime};
-use tokio_postgres::NoTls;
 
 use super::store::{self, Store};
 use super::{DAY, Ledger, Storage, Totals};
+use crate::config::postgres_url;
 use crate::config::{LedgerBackend, LedgerSettings};
 
 /// One month as the ledger holds it.
@@ -443,7 +443,11 @@ impl Reader {
                 "the config's ledger has no data_dir: it is kept in memory by a running gateway and cannot be read; set [ledger] data_dir".into(),
             ),
             (LedgerBackend::Postgres { url: Some(url) }, _) => {
-                let (client, connection) = tokio_postgres::connect(url.expose(), NoTls)
+                let target = postgres_url::read(url.expose())
+                    .map_err(|e| format!("the ledger's PostgreSQL URL {e}"))?;
+                let (client, connection) = target
+                    .config
+                    .connect(super::postgres::connector(&target.roots)?)
                     .await
                     .map_err(|e| pg(&e))?;
                 tokio::spawn(connection);

@@ -23,7 +23,7 @@ use super::credit::{Budgeted, Credits, Draw, Terms};
 use super::prefixes::{self, Prefixes, WirePrefixes};
 use super::sync::{SyncAsk, SyncReply, WirePush, WireReply};
 use super::users;
-use crate::config::{OnUnavailable, RedisState};
+use crate::config::{OnUnavailable, RedisState, Roots};
 use crate::limits::{Limit, Refused, SharedCells, SharedTokens};
 use crate::metering::budget::{Ask, Period, SharedSpend, today as budget_today};
 use crate::metering::prefix::Block;
@@ -206,8 +206,17 @@ impl Fleet {
             // Admissions are small writes that wait on their answer:
             // Nagle's algorithm would hold one back behind another's ACK.
             .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let client =
-            redis::Client::open(info).map_err(|e| format!("[state] url: {}", e.category()))?;
+        let client = match &settings.roots {
+            Roots::System => redis::Client::open(info),
+            Roots::File(ca) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.pem.to_vec()),
+                },
+            ),
+        }
+        .map_err(|e| format!("[state] url: {}", e.category()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(SYNC_TIMEOUT))
             .set_response_timeout(Some(SYNC_TIMEOUT))

@@ -3,8 +3,8 @@
 //! (`config`), the gateway under test with its client (`gateway`), the
 //! backend kinds a behaviour suite runs against (`kinds`),
 //! plan-level helpers (`plan`), the gateway as a process (`process`),
-//! throwaway Redis and PostgreSQL servers (`redis`, `postgres`) and the
-//! ports they listen on (`ports`).
+//! throwaway Redis and PostgreSQL servers (`redis`, `postgres`), the
+//! ports they listen on (`ports`) and certificates for their TLS (`certs`).
 
 #![allow(
     dead_code,
@@ -12,6 +12,7 @@
 )]
 
 pub mod bedrock_mock;
+pub mod certs;
 pub mod config;
 pub mod gateway;
 pub mod kinds;

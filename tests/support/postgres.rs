@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::certs::TestCa;
 use super::gateway::WAIT;
 use super::ports::service_port;
 
@@ -31,12 +32,24 @@ pub struct Postgres {
     server: Option<Child>,
     /// What the server logged, across starts.
     log: Arc<Mutex<Vec<String>>>,
+    /// Its certificate and key, when it offers TLS.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Postgres {
     /// A new server with an empty database, running; `None` (after a
     /// loud SKIPPED) without the binaries.
     pub fn start() -> Option<Self> {
+        Self::start_with(None)
+    }
+
+    /// As `start`, offering TLS (and plaintext) with a certificate `ca`
+    /// signed.
+    pub fn start_tls(ca: &TestCa) -> Option<Self> {
+        Self::start_with(Some(ca))
+    }
+
+    fn start_with(ca: Option<&TestCa>) -> Option<Self> {
         let Some(bin) = binaries() else {
             assert!(
                 std::env::var("TOLLGATE_REQUIRE_SERVICES").as_deref() != Ok("1"),
@@ -76,6 +89,15 @@ impl Postgres {
             "initdb failed:\n{}",
             String::from_utf8_lossy(&output.stderr)
         );
+        let tls = ca.map(|ca| {
+            let (cert, key) = ca.write_server_files(dir.path());
+            if let Some((uid, gid)) = run_as {
+                for file in [&cert, &key] {
+                    std::os::unix::fs::chown(file, Some(uid), Some(gid)).unwrap();
+                }
+            }
+            (cert, key)
+        });
         let mut postgres = Self {
             dir,
             bin,
@@ -83,6 +105,7 @@ impl Postgres {
             run_as,
             server: None,
             log: Arc::default(),
+            tls,
         };
         postgres.start_again();
         Some(postgres)
@@ -106,7 +129,18 @@ impl Postgres {
     pub fn start_again(&mut self) {
         assert!(self.server.is_none(), "the server is already running");
         let logged_before = self.log.lock().unwrap().len();
-        let mut server = command(&self.bin.join("postgres"), self.dir.path(), self.run_as)
+        let mut postgres = command(&self.bin.join("postgres"), self.dir.path(), self.run_as);
+        if let Some((cert, key)) = &self.tls {
+            postgres.args([
+                "-c".to_owned(),
+                "ssl=on".to_owned(),
+                "-c".to_owned(),
+                format!("ssl_cert_file={}", cert.display()),
+                "-c".to_owned(),
+                format!("ssl_key_file={}", key.display()),
+            ]);
+        }
+        let mut server = postgres
             .arg("-D")
             .arg(self.dir.path().join("data"))
             .arg("-p")

@@ -7,9 +7,11 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::certs::TestCa;
 use super::ports::service_port;
 
 const BINARY: &str = "redis-server";
@@ -18,6 +20,8 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// The port it also serves TLS on, and its certificate and key.
+    tls: Option<(u16, PathBuf, PathBuf)>,
 }
 
 /// Whether a service binary is installed; `false` (after a loud message)
@@ -44,13 +48,29 @@ pub fn available(binary: &str, what: &str) -> bool {
 impl Redis {
     /// A fresh server, or `None` when Redis is not installed.
     pub fn start() -> Option<Self> {
+        Self::start_with(None)
+    }
+
+    /// As `start`, serving TLS too, on a port of its own, with a
+    /// certificate `ca` signed (`tls_url`).
+    pub fn start_tls(ca: &TestCa) -> Option<Self> {
+        Self::start_with(Some(ca))
+    }
+
+    fn start_with(ca: Option<&TestCa>) -> Option<Self> {
         if !available(BINARY, "redis-server") {
             return None;
         }
+        let dir = tempfile::tempdir().unwrap();
+        let tls = ca.map(|ca| {
+            let (cert, key) = ca.write_server_files(dir.path());
+            (service_port(), cert, key)
+        });
         let mut redis = Self {
             child: None,
             port: service_port(),
-            dir: tempfile::tempdir().unwrap(),
+            dir,
+            tls,
         };
         redis.start_again();
         Some(redis)
@@ -60,11 +80,29 @@ impl Redis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// The `rediss://` URL of its TLS port.
+    pub fn tls_url(&self) -> String {
+        let (port, ..) = self.tls.as_ref().expect("started with start_tls");
+        format!("rediss://127.0.0.1:{port}/0")
+    }
+
     /// Starts the server (again) on its port and data dir; its
     /// append-only file keeps what it held when it stopped.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new(BINARY)
+        let mut command = Command::new(BINARY);
+        if let Some((port, cert, key)) = &self.tls {
+            // Clients are not asked for certificates, so no CA for them.
+            command
+                .arg("--tls-port")
+                .arg(port.to_string())
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .args(["--tls-auth-clients", "no"]);
+        }
+        let child = command
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
             .arg("--dir")

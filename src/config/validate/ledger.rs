@@ -4,8 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio_postgres::config::SslMode;
-
+use super::super::postgres_url;
 use super::super::schema::{RawConfig, RawLedger};
 use super::super::types::*;
 use super::Validator;
@@ -95,31 +94,20 @@ impl Validator<'_> {
             self.problem(path, format!("{what} a URL such as \"{EXAMPLE_URL}\""));
             return false;
         }
-        let parsed = match text.parse::<tokio_postgres::Config>() {
-            Ok(parsed) => parsed,
+        let target = match postgres_url::read(text) {
+            Ok(target) => target,
             Err(e) => {
-                // The cause names the part at fault (`invalid value for
-                // option `port``), never its value.
-                let cause =
-                    std::error::Error::source(&e).map_or(e.to_string(), ToString::to_string);
-                self.problem(
-                    path,
-                    format!("{subject} is not a valid PostgreSQL URL: {cause}"),
-                );
+                self.problem(path, format!("{subject} {e}"));
                 return false;
             }
         };
+        let parsed = &target.config;
         let fault = if var.is_none() && parsed.get_password().is_some() {
             "holds a password, and config files hold no secrets: put the URL in an environment \
              variable and name it with url_env instead"
                 .to_owned()
         } else if parsed.get_hosts().is_empty() {
             format!("{subject} names no host; write one such as \"{EXAMPLE_URL}\"")
-        } else if parsed.get_ssl_mode() == SslMode::Require {
-            format!(
-                "{subject} asks for TLS (sslmode=require), which the ledger does not speak yet; \
-                 reach the database over a trusted network with sslmode=disable or prefer"
-            )
         } else {
             return true;
         };
@@ -176,6 +164,11 @@ mod tests {
             offline.ledger.backend,
             LedgerBackend::Postgres { url: None }
         );
+        // TLS, verified against the system's roots.
+        let env = |_: &str| {
+            Some("postgres://tollgate:s3cret@db.internal/t?sslmode=verify-full".to_owned())
+        };
+        parse(&with_ledger(&fields), &env).expect("valid with TLS");
         // A URL without a password may be written in the config.
         let fields =
             format!("backend = \"postgres\"\nurl = \"postgres://tollgate@127.0.0.1/t\"\n{SPOOL}");
@@ -225,8 +218,9 @@ mod tests {
             ),
             (
                 "backend = \"postgres\"\nurl_env = \"PG_URL\"",
-                Some("postgres://u:hunter2@db/t?sslmode=require"),
-                "ledger.url_env: environment variable PG_URL holds a URL that asks for TLS",
+                Some("postgres://u:hunter2@db/t?sslmode=verify-everything"),
+                "ledger.url_env: environment variable PG_URL holds a URL that has \
+                 sslmode=verify-everything; use verify-full",
             ),
             (
                 "backend = \"postgres\"\nurl_env = \"PG_URL\"",

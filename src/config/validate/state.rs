@@ -1,6 +1,7 @@
 //! Validation of `[state]`: where budgets, rate limits and upstream
 //! pressure live.
 
+use std::path::Path;
 use std::time::Duration;
 
 use url::Url;
@@ -8,6 +9,7 @@ use url::Url;
 use super::super::schema::RawConfig;
 use super::super::types::*;
 use super::Validator;
+use crate::tls::CaFile;
 
 const DEFAULT_PREFIX: &str = "tollgate:";
 const DEFAULT_TIMEOUT_MS: u64 = 50;
@@ -25,6 +27,7 @@ impl Validator<'_> {
                     ("timeout_ms", s.timeout_ms.is_some()),
                     ("on_unavailable", s.on_unavailable.is_some()),
                     ("lease_ms", s.lease_ms.is_some()),
+                    ("ca_file", s.ca_file.is_some()),
                 ] {
                     if set {
                         self.problem(
@@ -92,7 +95,9 @@ impl Validator<'_> {
                 None
             }
         };
+        let roots = self.redis_roots(s.ca_file.as_deref(), url.as_ref());
         Some(RedisState {
+            roots,
             url,
             prefix,
             timeout: Duration::from_millis(timeout_ms),
@@ -101,7 +106,31 @@ impl Validator<'_> {
         })
     }
 
-    /// A `redis://` URL; one written in the config file holds no password.
+    /// The CA `ca_file` names for a `rediss://` URL, else the system's
+    /// roots. Offline (`url` unread) the scheme is not known, and the
+    /// file is checked alone.
+    fn redis_roots(&mut self, ca_file: Option<&str>, url: Option<&Secret>) -> Roots {
+        let Some(path) = ca_file else {
+            return Roots::System;
+        };
+        if url.is_some_and(|url| !url.expose().starts_with("rediss://")) {
+            self.problem(
+                "state.ca_file",
+                "applies only to a rediss:// URL (TLS); use rediss://, or remove ca_file",
+            );
+            return Roots::System;
+        }
+        match CaFile::read(Path::new(path)) {
+            Ok(file) => Roots::File(file),
+            Err(e) => {
+                self.problem("state.ca_file", e);
+                Roots::System
+            }
+        }
+    }
+
+    /// A `redis://` or `rediss://` URL; one written in the config file
+    /// holds no password.
     fn redis_url(&mut self, path: &str, text: &str, var: Option<&str>) -> bool {
         let shown = match var {
             Some(var) => format!("the URL in environment variable {var}"),
@@ -114,10 +143,17 @@ impl Validator<'_> {
             );
             return false;
         };
-        if url.scheme() != "redis" {
+        if !matches!(url.scheme(), "redis" | "rediss") {
             self.problem(
                 path,
-                format!("{shown} must start with redis:// (TLS to Redis is not supported; reach it over a private network or a local TLS proxy)"),
+                format!("{shown} must start with redis://, or rediss:// for TLS"),
+            );
+            return false;
+        }
+        if url.fragment().is_some() {
+            self.problem(
+                path,
+                format!("{shown} has a #fragment, such as #insecure: the server's certificate is always verified; name its CA with ca_file instead"),
             );
             return false;
         }
