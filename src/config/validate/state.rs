@@ -113,7 +113,8 @@ impl Validator<'_> {
         let Some(path) = ca_file else {
             return Roots::System;
         };
-        if url.is_some_and(|url| !url.expose().starts_with("rediss://")) {
+        let tls = |url: &Secret| Url::parse(url.expose()).is_ok_and(|u| u.scheme() == "rediss");
+        if url.is_some_and(|url| !tls(url)) {
             self.problem(
                 "state.ca_file",
                 "applies only to a rediss:// URL (TLS); use rediss://, or remove ca_file",
