@@ -32,6 +32,20 @@ pub enum ErrorShape {
 /// messages echo what clients and upstreams sent.
 const MAX_MESSAGE_CHARS: usize = 4096;
 
+/// An error and its causes, `outer: inner: …`, for an operator's log: a
+/// library's error often says only what failed (`client error
+/// (Connect)`), and its source why (`invalid peer certificate`).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// A client's string as a message echoes it: control characters escaped,
 /// cut at [`MAX_CLIENT_CHARS`].
 pub fn echo(text: &str) -> String {

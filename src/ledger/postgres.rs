@@ -28,6 +28,7 @@ use super::spool::{Record, Spool};
 use super::{ByKey, Ledger, Row, Storage, Totals, add_cost, migrations};
 use crate::config::Secret;
 use crate::config::postgres_url::{self, PostgresTarget};
+use crate::error;
 use crate::tls::Roots;
 
 /// Connecting, and waiting for a pooled connection.
@@ -193,7 +194,7 @@ impl Postgres {
         let mut client = self.client().await?;
         let migrated = bounded(migrations::apply(&mut client))
             .await?
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| error::chain(&e))?;
         drop(client);
         for migration in &migrated.applied {
             tracing::info!(
@@ -237,7 +238,7 @@ impl Postgres {
             let client = self.client().await?;
             bounded(insert(&client, &batch))
                 .await?
-                .map_err(|e| describe(&e))?;
+                .map_err(|e| error::chain(&e))?;
             drop(client);
             let spool = self.spool.clone();
             blocking(move || spool.remove_through(last)).await?;
@@ -265,7 +266,7 @@ impl Postgres {
             client.query(&statement, &[&key, &from, &to]).await
         })
         .await?
-        .map_err(|e| describe(&e))?;
+        .map_err(|e| error::chain(&e))?;
         let count = |i: usize, r: &tokio_postgres::Row| r.get::<_, i64>(i).max(0) as u64;
         Ok(rows
             .iter()
@@ -293,7 +294,7 @@ impl Postgres {
         let client = self.client().await?;
         let rows = bounded(client.query(SPENT_BY_KEY, &[&from]))
             .await?
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| error::chain(&e))?;
         let mut by_key = ByKey::default();
         for r in &rows {
             let key: &str = r.get(0);
@@ -406,8 +407,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| format!("ledger spool task: {e}"))?
 }
 
-/// An error and its causes (`error connecting to server: Connection
-/// refused`): tokio-postgres shows only the first. None holds the URL.
 /// TLS for connections whose `sslmode` requires it, verified against
 /// `roots`; the others never use it.
 pub(super) fn connector(roots: &Roots) -> Result<MakeRustlsConnect, String> {
@@ -417,20 +416,9 @@ pub(super) fn connector(roots: &Roots) -> Result<MakeRustlsConnect, String> {
     Ok(MakeRustlsConnect::new(config))
 }
 
-pub(super) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
-
 fn pool_error(e: PoolError) -> String {
     match e {
-        PoolError::Backend(e) => describe(&e),
+        PoolError::Backend(e) => error::chain(&e),
         PoolError::Timeout(_) => format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()),
         other => other.to_string(),
     }

@@ -76,7 +76,7 @@ fn sql(e: rusqlite::Error) -> String {
 }
 
 fn pg(e: &tokio_postgres::Error) -> String {
-    format!("the ledger's PostgreSQL: {}", super::postgres::describe(e))
+    format!("the ledger's PostgreSQL: {}", crate::error::chain(e))
 }
 
 fn int(v: u64) -> i64 {

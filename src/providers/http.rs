@@ -27,7 +27,7 @@ use super::UpstreamCall;
 use super::exchange::{Answer, Fields, Outgoing};
 use super::pool::{self, Pool, RequestError, UpstreamBody};
 use crate::config::Backend;
-use crate::error::GatewayError;
+use crate::error::{self, GatewayError};
 use crate::gather::gather;
 use crate::limits::UpstreamQuota;
 
@@ -65,7 +65,7 @@ impl HttpClient {
                         body: body.into(),
                     })
                 }
-                Err(e) if e.is_connect() => Err(RequestError::Connect(e.to_string())),
+                Err(e) if e.is_connect() => Err(RequestError::Connect(error::chain(&e))),
                 Err(e) => Err(
                     match std::error::Error::source(&e)
                         .and_then(|e| e.downcast_ref::<hyper::Error>())
@@ -216,7 +216,12 @@ pub async fn send(
     quota: &OnceLock<UpstreamQuota>,
 ) -> Result<UpstreamResponse, GatewayError> {
     let response = client.request(request).await.map_err(|e| match e {
-        RequestError::Connect(_) => GatewayError::upstream_connect(backend),
+        RequestError::Connect(why) => {
+            // The client is told only that it failed; the operator why
+            // (refused, timed out, a certificate that does not verify).
+            tracing::warn!(backend, error = why, "cannot connect to the backend");
+            GatewayError::upstream_connect(backend)
+        }
         RequestError::Exchange(_) => GatewayError::upstream_request_failed(backend),
         RequestError::Invalid(what) => GatewayError::upstream_protocol(backend, what),
     })?;

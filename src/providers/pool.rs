@@ -151,7 +151,7 @@ impl Pool {
             .clone()
             .oneshot(uri.clone())
             .await
-            .map_err(|e| RequestError::Connect(e.to_string()))?;
+            .map_err(|e| RequestError::Connect(crate::error::chain(&e)))?;
         Ok(Connection::new(io.into_inner()))
     }
 }
