@@ -1,8 +1,9 @@
-//! TLS to the services replicas share (PostgreSQL, Redis): whose
-//! certificates the gateway trusts. A server's certificate is always
+//! TLS as the gateway speaks it as a client, to backends, PostgreSQL and
+//! Redis: whose certificates it trusts. A server's certificate is always
 //! verified, and its name checked, against the system's roots or against
 //! the CA bundle the operator names; no setting accepts one unverified,
-//! since spend and budgets travel over these connections.
+//! since credentials, prompts, spend and budgets travel over these
+//! connections.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use rustls_platform_verifier::BuilderVerifierExt;
 /// The certificates a server's chain must end in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Roots {
-    /// The system's trusted roots, as for upstream APIs.
+    /// The system's trusted roots.
     System,
     /// Only the CA certificates in this PEM file (a private CA, or a
     /// cloud's database CA bundle).

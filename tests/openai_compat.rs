@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::certs::TestCa;
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::{self, MockServer, MockUpstream};
@@ -1514,4 +1515,50 @@ async fn the_mock_cuts_events_into_separate_chunks_and_resets_without_a_chunked_
         0,
         "the mock's own reset is not the peer's close"
     );
+}
+
+// ---- TLS ------------------------------------------------------------------
+
+/// A self-hosted backend behind HTTPS with a private CA: reached, whole
+/// and streamed, and its engine scraped, with `ca_file` naming that CA;
+/// without it the system's roots do not know the CA, so nothing is sent
+/// and the client gets a 502 that names the backend.
+#[tokio::test]
+async fn a_backend_whose_certificate_a_private_ca_signed_is_reached_with_its_ca_file() {
+    let ca = TestCa::new("upstream");
+    let upstream = MockUpstream::openai().tls(&ca).start().await;
+    assert!(url(&upstream).starts_with("https://127.0.0.1:"));
+    let config = |ca_file: Option<&std::path::Path>| {
+        let mut backend =
+            Backend::upstream("vllm", "vllm", &url(&upstream)).engine_metrics("interval_ms", 100);
+        if let Some(file) = ca_file {
+            backend = backend.set("ca_file", file.to_str().unwrap());
+        }
+        Config::new().backend(backend).model(on("chat", "vllm"))
+    };
+    let ask = |stream: bool| json!({"model": "chat", "stream": stream, "messages": user("hi")});
+
+    let gateway = start(&config(Some(&ca.ca_file()))).await;
+    let response = gateway.chat(ask(false)).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion", "{body}");
+    let (_, events) = gateway.stream("/v1/chat/completions", ask(true)).await;
+    let events = events.rest().await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let deadline = std::time::Instant::now() + WAIT;
+    while upstream.scrapes() == 0 {
+        assert!(std::time::Instant::now() < deadline, "never scraped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(upstream.hits(), 2);
+
+    let unverified = start(&config(None)).await;
+    let response = unverified.chat(ask(false)).await;
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    check_error_shape(&body);
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("backend \"vllm\""), "{message}");
+    assert_eq!(upstream.hits(), 2, "nothing reached the upstream");
 }

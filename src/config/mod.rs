@@ -257,6 +257,36 @@ context_window = 8192
     }
 
     #[test]
+    fn a_backends_ca_file_is_for_https_and_must_hold_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        crate::tls::write_test_ca(&ca);
+        let with = |base_url: &str, file: &std::path::Path| {
+            let text = format!(
+                "[[backends]]\nname = \"gpu\"\nkind = \"vllm\"\nbase_url = \"{base_url}\"\nca_file = \"{}\"\n{MINIMAL}",
+                file.display()
+            );
+            let config = parse(&text, &no_env);
+            let roots = config.as_ref().map(|c| c.backends[0].roots.clone());
+            roots.map_err(|p| p.0.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        let roots = with("https://gpu.internal/v1", &ca).unwrap();
+        assert!(matches!(roots, Roots::File(file) if file.path == ca));
+        assert_eq!(
+            with("http://gpu.internal/v1", &ca).unwrap_err(),
+            [
+                "backends[0].ca_file: applies only to a backend reached over https://; use an https base_url, or remove ca_file"
+            ]
+        );
+        let missing = with("https://gpu.internal/v1", &dir.path().join("gone.pem")).unwrap_err();
+        assert!(
+            missing.len() == 1
+                && missing[0].starts_with("backends[0].ca_file: cannot read CA file"),
+            "{missing:?}"
+        );
+    }
+
+    #[test]
     fn shared_state_needs_a_redis_url_without_a_password_in_the_file() {
         let with = |state: &str| problems(&format!("[state]\n{state}\n{MINIMAL}"));
         assert!(

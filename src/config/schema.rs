@@ -154,6 +154,7 @@ pub struct RawBackend {
     pub throughput_tokens_per_second: Option<f64>,
     pub max_concurrency: Option<u32>,
     pub engine_metrics: Option<RawEngineMetrics>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -325,6 +325,8 @@ pub struct Backend {
     pub max_concurrency: Option<u32>,
     /// Where the inference engine's Prometheus metrics are scraped.
     pub engine_metrics: Option<EngineMetrics>,
+    /// What the certificates of its `https://` URLs must chain to.
+    pub roots: Roots,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

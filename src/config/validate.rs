@@ -11,6 +11,7 @@ use url::Url;
 use super::schema::{RawBackend, RawConfig, RawDeployment, RawKey, RawModel, RawSimulated};
 use super::types::*;
 use super::{Problem, Problems, WrittenKeys};
+use crate::tls::CaFile;
 
 mod aws;
 mod ledger;
@@ -439,6 +440,7 @@ impl Validator<'_> {
             self.problem(at("max_concurrency"), "must be greater than 0");
         }
         let engine_metrics = self.engine_metrics(i, b, kind, base_url.as_ref());
+        let roots = self.backend_roots(i, b, base_url.as_ref(), engine_metrics.as_ref());
         Some(Backend {
             name: b.name.clone(),
             kind,
@@ -453,7 +455,38 @@ impl Validator<'_> {
             self_hosted,
             max_concurrency: b.max_concurrency,
             engine_metrics,
+            roots,
         })
+    }
+
+    /// The CA `ca_file` names, for a backend reached over HTTPS (its
+    /// base URL or its engine metrics), else the system's roots.
+    fn backend_roots(
+        &mut self,
+        i: usize,
+        b: &RawBackend,
+        base_url: Option<&Url>,
+        engine_metrics: Option<&EngineMetrics>,
+    ) -> Roots {
+        let Some(path) = &b.ca_file else {
+            return Roots::System;
+        };
+        let at = format!("backends[{i}].ca_file");
+        let https = |url: &Url| url.scheme() == "https";
+        if !base_url.is_some_and(https) && !engine_metrics.is_some_and(|m| https(&m.url)) {
+            self.problem(
+                at,
+                "applies only to a backend reached over https://; use an https base_url, or remove ca_file",
+            );
+            return Roots::System;
+        }
+        match CaFile::read(std::path::Path::new(path)) {
+            Ok(file) => Roots::File(file),
+            Err(e) => {
+                self.problem(at, e);
+                Roots::System
+            }
+        }
     }
 
     fn url(&mut self, path: String, text: &str) -> Option<Url> {

@@ -26,7 +26,7 @@ use url::Url;
 use super::UpstreamCall;
 use super::exchange::{Answer, Fields, Outgoing};
 use super::pool::{self, Pool, RequestError, UpstreamBody};
-use crate::config::Backend;
+use crate::config::{Backend, Roots};
 use crate::error::{self, GatewayError};
 use crate::gather::gather;
 use crate::limits::UpstreamQuota;
@@ -87,7 +87,7 @@ pub fn client(backend: &Backend) -> Result<HttpClient, String> {
         .base_url
         .as_ref()
         .ok_or_else(|| format!("backend \"{}\" has no base_url", backend.name))?;
-    new_client(url, backend.timeouts.connect).map_err(|e| {
+    new_client(url, backend.timeouts.connect, &backend.roots).map_err(|e| {
         format!(
             "cannot build the HTTP client for backend \"{}\": {e}",
             backend.name
@@ -96,8 +96,12 @@ pub fn client(backend: &Backend) -> Result<HttpClient, String> {
 }
 
 /// A client for URLs with `url`'s scheme, that gives up connecting after
-/// `connect_timeout`.
-pub fn new_client(url: &Url, connect_timeout: Duration) -> Result<HttpClient, String> {
+/// `connect_timeout` and, over TLS, verifies certificates against `roots`.
+pub fn new_client(
+    url: &Url,
+    connect_timeout: Duration,
+    roots: &Roots,
+) -> Result<HttpClient, String> {
     let mut tcp = HttpConnector::new();
     tcp.set_connect_timeout(Some(connect_timeout));
     tcp.set_nodelay(true);
@@ -106,8 +110,7 @@ pub fn new_client(url: &Url, connect_timeout: Duration) -> Result<HttpClient, St
     }
     tcp.enforce_http(false);
     let connector = HttpsConnectorBuilder::new()
-        .try_with_platform_verifier()
-        .map_err(|e| e.to_string())?
+        .with_tls_config(roots.client_config()?)
         .https_only()
         .enable_http1()
         .enable_http2()
@@ -517,7 +520,13 @@ mod tests {
 
     #[tokio::test]
     async fn plain_http_urls_get_a_client_without_tls() {
-        let client = |url: &str| new_client(&Url::parse(url).unwrap(), Duration::from_secs(1));
+        let client = |url: &str| {
+            new_client(
+                &Url::parse(url).unwrap(),
+                Duration::from_secs(1),
+                &Roots::System,
+            )
+        };
         assert!(matches!(
             client("http://10.0.0.5:8000/v1"),
             Ok(HttpClient::Plain(_))

@@ -46,12 +46,16 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
+use super::certs::TestCa;
 use super::{bedrock_mock, openai_mock, tgi_mock};
 
 /// The directory of the byte-exact upstream recordings.
@@ -134,6 +138,8 @@ pub struct MockUpstream {
     record: bool,
     protocol: Protocol,
     idle_timeout: Option<Duration>,
+    /// Serves HTTPS (HTTP/1.1) with this, instead of HTTP.
+    tls: Option<TlsAcceptor>,
 }
 
 impl MockUpstream {
@@ -159,6 +165,7 @@ impl MockUpstream {
             record: true,
             protocol: Protocol::OpenAi,
             idle_timeout: None,
+            tls: None,
         }
     }
 
@@ -333,6 +340,21 @@ impl MockUpstream {
         self
     }
 
+    /// Serve HTTPS with the server certificate `ca` signed (`base_url`
+    /// says `https://`).
+    pub fn tls(mut self, ca: &TestCa) -> Self {
+        let certificates = CertificateDer::pem_slice_iter(ca.server_cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("the test CA's PEM");
+        let key = PrivateKeyDer::from_pem_slice(ca.server_key.as_bytes()).expect("a PEM key");
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certificates, key)
+            .expect("a server certificate and its key");
+        self.tls = Some(TlsAcceptor::from(Arc::new(config)));
+        self
+    }
+
     /// Keep (or not) each request's headers and body for `requests()`.
     pub fn record(mut self, record: bool) -> Self {
         self.record = record;
@@ -414,7 +436,12 @@ pub struct MockServer {
 impl MockServer {
     /// `http://127.0.0.1:PORT`, with no path: add `/v1` (or `/openai/v1`).
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.shared.reply.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -527,10 +554,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let _ = stream.set_nodelay(true);
         shared.connections.fetch_add(1, Ordering::SeqCst);
         let conn = Arc::new(ConnState::default());
-        let io = TokioIo::new(MockIo {
+        let io = MockIo {
             inner: stream,
             conn: conn.clone(),
-        });
+        };
         let shared = shared.clone();
         connections.spawn(async move {
             let service = {
@@ -544,7 +571,18 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             if let Some(idle) = shared.reply.idle_timeout {
                 builder.timer(TokioTimer::new()).header_read_timeout(idle);
             }
-            let _ = builder.serve_connection(io, service).await;
+            match &shared.reply.tls {
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(io), service).await;
+                }
+                // A client that refuses the certificate ends the handshake.
+                Some(tls) => match tls.accept(io).await {
+                    Ok(io) => {
+                        let _ = builder.serve_connection(TokioIo::new(io), service).await;
+                    }
+                    Err(_) => return,
+                },
+            }
             if !conn.reset.load(Ordering::SeqCst) {
                 shared.peer_closed.send_modify(|closed| *closed += 1);
             }
