@@ -20,8 +20,13 @@ const PRICE: (f64, f64) = (1.0, 10.0);
 const CONTEXT_WINDOW: u64 = 8192;
 
 fn config(upstream: &MockServer, daily_usd: f64) -> Config {
+    config_of("openai", upstream, daily_usd)
+}
+
+/// `config`, on a backend of `kind`.
+fn config_of(kind: &str, upstream: &MockServer, daily_usd: f64) -> Config {
     Config::new()
-        .backend(Backend::upstream("api", "openai", &url(upstream)))
+        .backend(Backend::upstream("api", kind, &url(upstream)))
         .model(
             Model::new("chat").deployment(
                 Deployment::new("api", "m")
@@ -191,6 +196,115 @@ async fn a_stream_that_stops_at_the_limit_it_was_sent_ends_with_the_upstreams_us
     assert_eq!(upstream.single_request().json["max_completion_tokens"], 499);
     let spent = spent(&gateway).await;
     assert!((spent - 0.005001).abs() < 1e-9, "${spent}");
+}
+
+/// A budgeted stream from vLLM is metered by vLLM's own count, chunk by
+/// chunk (`continuous_usage_stats`, which the gateway asks for and takes
+/// out of the chunks of a client that did not): English words of 6 bytes
+/// a token, past the 4 the gateway would estimate, reach the limit the
+/// budget set, 499 tokens, and no sooner; an upstream that ignores it is
+/// cut at exactly 499 by its own count. A key without a budget, and a
+/// backend of another kind, are not asked for it.
+#[tokio::test]
+async fn a_budgeted_stream_from_vllm_is_metered_by_its_own_count_of_each_chunk() {
+    let ask = |running: bool| {
+        let mut options = json!({"include_usage": true});
+        if running {
+            options["continuous_usage_stats"] = json!(true);
+        }
+        json!({"model": "chat", "messages": user("hi"), "stream": true, "stream_options": options})
+    };
+    for (ignores_limit, client_asks) in [(false, false), (false, true), (true, false)] {
+        let upstream = if ignores_limit {
+            MockUpstream::openai().answers_of_ignoring_max_tokens(2_000)
+        } else {
+            MockUpstream::openai().answers_of(2_000)
+        };
+        let upstream = upstream.token_text("token ").start().await;
+        let case = format!("ignores its limit: {ignores_limit}, client asks: {client_asks}");
+        let gateway = start(&config_of("vllm", &upstream, 0.005)).await;
+        let response = gateway.chat_as("team-secret", ask(client_asks)).await;
+        assert_eq!(response.status(), 200, "{case}");
+        let events = Events::new(response).rest().await;
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| parse(e))
+            .collect();
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        let words = text.len() / 6;
+        assert!(text == "token ".repeat(499), "{case}: {words} words");
+        let with_usage = chunks.iter().filter(|c| c["usage"].is_object()).count();
+        let usage = &chunks.last().unwrap()["usage"];
+        assert_eq!(usage["completion_tokens"], 499, "{case}: {usage}");
+        // The role chunk, 499 of text and the last with its finish.
+        let expected = if client_asks { chunks.len() } else { 1 };
+        assert_eq!(with_usage, expected, "{case}");
+        let finish = &chunks[chunks.len() - 2]["choices"][0];
+        assert_eq!(finish["finish_reason"], "length", "{case}: {finish}");
+        let sent = upstream.single_request().json;
+        assert_eq!(
+            sent["stream_options"]["continuous_usage_stats"], true,
+            "{case}"
+        );
+        let spent = spent(&gateway).await;
+        assert!((spent - 0.005001).abs() < 1e-9, "{case}: ${spent}");
+    }
+
+    let upstream = MockUpstream::openai().answers_of(20).start().await;
+    for (kind, key) in [("vllm", "free-secret"), ("openai", "team-secret")] {
+        let config = config_of(kind, &upstream, 0.005).key(Key::new("free"));
+        let gateway = start(&config).await;
+        let response = gateway.chat_as(key, ask(false)).await;
+        assert_eq!(response.status(), 200, "{kind}");
+        Events::new(response).rest().await;
+        let sent = upstream.requests().last().unwrap().json.clone();
+        assert_eq!(
+            sent["stream_options"],
+            json!({"include_usage": true}),
+            "{kind}, {key}"
+        );
+    }
+}
+
+/// A client that leaves a budgeted vLLM stream halfway is charged vLLM's
+/// count of what was generated until then (11 prompt tokens, 50 of
+/// output), not the gateway's estimate of it (75 for 50 words of 6 bytes).
+#[tokio::test]
+async fn a_client_that_leaves_a_budgeted_vllm_stream_is_charged_its_count() {
+    let upstream = MockUpstream::openai()
+        .answers_of(2_000)
+        .token_text("token ")
+        .hold_after(51)
+        .start()
+        .await;
+    let gateway = start(&config_of("vllm", &upstream, 1.0)).await;
+    let body = json!({"model": "chat", "messages": user("hi"), "stream": true});
+    let response = gateway.chat_as("team-secret", body).await;
+    assert_eq!(response.status(), 200);
+    let mut events = Events::new(response);
+    let mut words = 0;
+    while words < 50 {
+        let chunk = parse(&events.next().await.expect("the held stream goes on"));
+        words += usize::from(chunk["choices"][0]["delta"]["content"] == "token ");
+    }
+    drop(events);
+    let deadline = std::time::Instant::now() + WAIT;
+    let total = loop {
+        let total = gateway.spend("?key=team").await["total"].clone();
+        if total["requests"] == 1 {
+            break total;
+        }
+        assert!(std::time::Instant::now() < deadline, "never recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        (&total["input_tokens"], &total["output_tokens"]),
+        (&json!(11), &json!(50)),
+        "{total}"
+    );
 }
 
 /// 100 requests at once, each with three images of sizes from one tile

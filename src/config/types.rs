@@ -289,6 +289,13 @@ impl BackendKind {
         })
     }
 
+    /// Whether its streams can carry the usage so far in every chunk:
+    /// vLLM's `stream_options.continuous_usage_stats` (OpenAI's API, and
+    /// so the others, refuse the option).
+    pub fn reports_running_usage(self) -> bool {
+        self == Self::Vllm
+    }
+
     /// The base URL used when the config gives none; `None` where the
     /// server's address cannot be guessed. Bedrock's depends on the AWS
     /// region, so it is `None` here too (see `validate`).

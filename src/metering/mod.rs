@@ -410,8 +410,10 @@ impl Meter {
     /// cost more than it holds. The stream then ends before the chunk, so
     /// a budget is never overrun by a request that generates past what
     /// was reserved for it, while an upstream that stops at the limit it
-    /// was sent ends its stream itself, with its own usage.
-    pub fn passes_reservation(&self, observed: &Observed) -> bool {
+    /// was sent ends its stream itself, with its own usage. `running`: the
+    /// upstream was asked for its usage so far in every chunk, so the
+    /// output is its count, not an estimate of the text.
+    pub fn passes_reservation(&self, observed: &Observed, running: bool) -> bool {
         let (Some(reservation), Some(serving), 1..) = (
             &self.charges.reservation,
             &self.serving,
@@ -419,7 +421,10 @@ impl Meter {
         ) else {
             return false;
         };
-        let output = estimate::tokens_for_chars(self.output_chars + observed.text_chars);
+        let output = match &observed.usage {
+            Some(Ok(usage)) if running => usage.completion_tokens,
+            _ => estimate::tokens_for_chars(self.output_chars + observed.text_chars),
+        };
         let cost = serving.rate.estimate_nano_usd(self.prompt_estimate, output);
         cost.saturating_add(self.cancelled_cost()) > reservation.nano_usd()
     }

@@ -232,6 +232,62 @@ impl StreamReader {
     }
 }
 
+/// `chunk` without its `"usage"` member, as the bytes before it and after
+/// it: for the usage so far the gateway asked an upstream for and the
+/// client did not. `None` when it has none, or not as an object that ends
+/// in the chunk.
+pub fn without_usage(chunk: &[u8]) -> Option<(&[u8], &[u8])> {
+    let value = usage_value(chunk)?;
+    let start = chunk.len() - value.len();
+    let end = start + object_len(value)?;
+    let before = chunk[..start]
+        .trim_ascii_end()
+        .strip_suffix(b":")?
+        .trim_ascii_end()
+        .strip_suffix(b"\"usage\"")?
+        .trim_ascii_end();
+    Some(match before.strip_suffix(b",") {
+        Some(before) => (before, &chunk[end..]),
+        // The first member: the comma after it goes instead.
+        None => {
+            let after = &chunk[end..];
+            let trimmed = after.trim_ascii_start();
+            (before, trimmed.strip_prefix(b",").unwrap_or(after))
+        }
+    })
+}
+
+/// The length of the JSON object `value` starts with.
+fn object_len(value: &[u8]) -> Option<usize> {
+    if !value.starts_with(b"{") {
+        return None;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &b) in value.iter().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' => depth += 1,
+            b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// The value (to the end of `chunk`) of its first `"usage"` member that is
 /// not `null`.
 fn usage_value(chunk: &[u8]) -> Option<&[u8]> {
@@ -763,6 +819,47 @@ mod tests {
             let read = facts(read_chunk("b", chunk.as_bytes()));
             assert_eq!(read, parsed(chunk.as_bytes()), "{chunk}");
         }
+    }
+
+    #[test]
+    fn a_chunks_usage_is_taken_out_wherever_it_is_and_the_rest_kept() {
+        let cut = |chunk: &str| {
+            without_usage(chunk.as_bytes()).map(|(before, after)| {
+                let json = [before, after].concat();
+                let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
+                value.to_string()
+            })
+        };
+        let usage = r#"{"prompt_tokens":9,"total_tokens":12,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":0}}"#;
+        let content =
+            r#""choices":[{"index":0,"delta":{"content":"a \"}\" b"},"finish_reason":null}]"#;
+        let kept = format!(r#"{{"id":"c",{content}}}"#);
+        let expected = serde_json::from_str::<serde_json::Value>(&kept)
+            .unwrap()
+            .to_string();
+        for chunk in [
+            format!(r#"{{"id":"c",{content},"usage":{usage}}}"#),
+            format!(r#"{{"id":"c",{content} , "usage" : {usage} }}"#),
+            format!(r#"{{"usage":{usage},"id":"c",{content}}}"#),
+            format!(r#"{{"id":"c","usage":{usage},{content}}}"#),
+        ] {
+            assert_eq!(cut(&chunk).as_deref(), Some(expected.as_str()), "{chunk}");
+        }
+        assert_eq!(
+            cut(&format!(r#"{{"usage":{usage}}}"#)).as_deref(),
+            Some("{}")
+        );
+        for none in [
+            kept.clone(),
+            format!(r#"{{"id":"c","usage":null,{content}}}"#),
+        ] {
+            assert_eq!(cut(&none), None, "{none}");
+        }
+        assert_eq!(
+            cut(r#"{"id":"c","usage":{"prompt_tokens":1"#),
+            None,
+            "cut short"
+        );
     }
 
     #[test]

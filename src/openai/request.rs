@@ -213,6 +213,21 @@ pub struct StreamOptions {
     pub extra: Map<String, Value>,
 }
 
+/// vLLM's option for the usage so far in every chunk.
+const CONTINUOUS_USAGE: &str = "continuous_usage_stats";
+
+impl StreamOptions {
+    /// Whether the client asked for the usage so far in every chunk.
+    pub fn continuous_usage(&self) -> bool {
+        self.extra.get(CONTINUOUS_USAGE) == Some(&Value::Bool(true))
+    }
+
+    pub fn set_continuous_usage(&mut self) {
+        self.extra
+            .insert(CONTINUOUS_USAGE.into(), Value::Bool(true));
+    }
+}
+
 /// `POST /v1/completions` (legacy); `model` and `stream_options` are read
 /// apart, as for chat.
 #[derive(Debug, Clone, Deserialize)]
@@ -558,6 +573,12 @@ impl InboundRequest {
                 .stream_options()
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false)
+    }
+
+    /// Whether the client asked for the usage so far in every chunk.
+    pub fn asks_running_usage(&self) -> bool {
+        self.stream_options()
+            .is_some_and(StreamOptions::continuous_usage)
     }
 
     /// The output limit the client set, if any.

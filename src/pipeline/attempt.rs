@@ -69,6 +69,8 @@ pub struct Served<'s> {
     pub attempts: usize,
     pub meter: Box<Meter>,
     pub reply: Ready,
+    /// The upstream was asked for its usage so far in every chunk.
+    pub running_usage: bool,
 }
 
 /// One deployment being tried: admitted by its circuit and its rate
@@ -82,6 +84,7 @@ struct Leg<'s> {
     /// When its rate limits admitted it: the upstream's time starts then.
     admitted: Instant,
     max_tokens: Option<u32>,
+    running_usage: bool,
 }
 
 impl<'s> Leg<'s> {
@@ -114,6 +117,7 @@ impl<'s> Leg<'s> {
             resolved: self.resolved,
             upstream_model: &self.deployment.upstream_model,
             max_tokens: self.max_tokens,
+            running_usage: self.running_usage,
         }
     }
 }
@@ -125,6 +129,7 @@ struct Target<'s> {
     resolved: &'s Resolved,
     upstream_model: &'s str,
     max_tokens: Option<u32>,
+    running_usage: bool,
 }
 
 /// The leg that answered, and its answer.
@@ -132,6 +137,7 @@ struct Answer<'s> {
     backend: &'s Backend,
     deployment: &'s Deployment,
     reply: Ready,
+    running_usage: bool,
 }
 
 /// What one request's attempts have come to so far.
@@ -142,6 +148,11 @@ struct Tried<'s> {
     alias: &'s str,
     settings: &'s RoutingSettings,
     stream: bool,
+    /// The budget's reservation bounds this stream, so the meter counts
+    /// its output as the upstream does, chunk by chunk, where the upstream
+    /// can say (vLLM's running usage); with one answer, whose count is the
+    /// stream's.
+    running_usage: bool,
     attempts: usize,
     /// The last failure that may be retried, and its backend.
     last_error: Option<(GatewayError, &'s str)>,
@@ -176,6 +187,9 @@ pub async fn attempt<'s>(
         alias: &config.alias,
         settings: &snapshot.config.routing,
         stream: facts.stream,
+        running_usage: facts.stream
+            && request.generations() == 1
+            && meter.reserved_nano_usd().is_some(),
         attempts: 0,
         last_error: None,
         fatal: None,
@@ -323,14 +337,16 @@ impl<'s> Tried<'s> {
                 return None;
             }
         };
+        let backend = snapshot.backend(resolved.backend);
         Some(Leg {
             index,
             deployment,
-            backend: snapshot.backend(resolved.backend),
+            backend,
             resolved,
             attempt,
             admitted,
             max_tokens,
+            running_usage: self.running_usage && backend.kind.reports_running_usage(),
         })
     }
 
@@ -451,6 +467,7 @@ impl<'s> Tried<'s> {
             backend: leg.backend,
             deployment: leg.deployment,
             reply,
+            running_usage: leg.running_usage,
         }
     }
 
@@ -461,6 +478,7 @@ impl<'s> Tried<'s> {
             attempts: self.attempts,
             meter,
             reply: answer.reply,
+            running_usage: answer.running_usage,
         }
     }
 }
@@ -537,6 +555,7 @@ async fn call_upstream(
         resolved,
         upstream_model,
         max_tokens,
+        running_usage,
     } = to;
     let reported = OnceLock::new();
     let call = UpstreamCall {
@@ -545,6 +564,7 @@ async fn call_upstream(
         request_id,
         quota: &reported,
         max_tokens,
+        running_usage,
         trace: &trace,
     };
     let first_byte = backend.timeouts.first_byte;

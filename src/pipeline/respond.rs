@@ -41,6 +41,7 @@ pub fn respond(
         attempts,
         mut meter,
         reply,
+        running_usage,
     } = served;
     let mut response = match reply {
         Ready::Complete(body, observed) => {
@@ -72,6 +73,8 @@ pub fn respond(
                 endpoint: request.endpoint(),
                 answers: request.answers(),
                 include_usage: request.include_usage(),
+                running_usage,
+                asks_running_usage: request.asks_running_usage(),
                 encoder: answer_as.encoder(|| meter.usage_so_far().prompt_tokens),
                 meter,
             });

@@ -21,7 +21,7 @@ use tokio::time::{Instant, Sleep};
 use crate::error::GatewayError;
 use crate::inbound::Encoder;
 use crate::metering::Meter;
-use crate::metering::usage::{ChunkFacts, StreamReader};
+use crate::metering::usage::{self, ChunkFacts, StreamReader};
 use crate::openai::{Endpoint, ResponseIdentity};
 use crate::providers::{Chunk, ChunkStream};
 
@@ -50,6 +50,11 @@ pub struct SseBody {
     /// The answers the stream carries (`n`): a stream cut short ends each.
     answers: u32,
     include_usage: bool,
+    /// The upstream sends its usage so far in every chunk, asked by the
+    /// gateway: the meter's count.
+    running_usage: bool,
+    /// ... which the client did not ask for, so it is taken out.
+    strip_usage: bool,
     sent_usage_chunk: bool,
     /// The first chunk, kept when the gateway may write a chunk of its own
     /// (a usage chunk, or the last of a stream cut at its reservation) in
@@ -76,6 +81,9 @@ pub struct SseParams {
     pub endpoint: Endpoint,
     pub answers: u32,
     pub include_usage: bool,
+    pub running_usage: bool,
+    /// The client asked for the usage so far in every chunk.
+    pub asks_running_usage: bool,
     pub encoder: Option<Box<Encoder>>,
     pub meter: Box<Meter>,
 }
@@ -95,6 +103,9 @@ impl SseBody {
             endpoint: p.endpoint,
             answers: p.answers,
             include_usage: p.include_usage,
+            running_usage: p.running_usage,
+            // Another API's encoder reads no chunk's usage.
+            strip_usage: p.running_usage && !p.asks_running_usage && p.encoder.is_none(),
             sent_usage_chunk: false,
             first: None,
             encoder: p.encoder,
@@ -117,16 +128,27 @@ impl SseBody {
     /// `out`.
     fn on_chunk(&mut self, out: &mut BytesMut, chunk: &[u8], facts: ChunkFacts, now: Instant) {
         let now = now.into_std();
-        if self.meter.passes_reservation(&facts.observed) {
+        if self
+            .meter
+            .passes_reservation(&facts.observed, self.running_usage)
+        {
             self.cut(now);
             return;
         }
+        let has_usage = facts.observed.usage.is_some();
         self.meter.observe(facts.observed, now);
         if facts.usage_only {
             if !self.include_usage {
                 return;
             }
             self.sent_usage_chunk = true;
+        } else if self.strip_usage
+            && has_usage
+            && let Some((before, after)) = usage::without_usage(chunk)
+        {
+            self.meter.chunk_sent(now);
+            put_event_parts(out, before, after);
+            return;
         }
         self.meter.chunk_sent(now);
         emit(&mut self.encoder, out, chunk);
@@ -224,9 +246,16 @@ fn emit(encoder: &mut Option<Box<Encoder>>, out: &mut BytesMut, chunk: &[u8]) {
 }
 
 fn put_event(out: &mut BytesMut, json: &[u8]) {
-    out.reserve((json.len() + 8).max(FRAME_START.saturating_sub(out.len())));
+    put_event_parts(out, json, b"");
+}
+
+/// One event whose JSON is `first` then `second`.
+fn put_event_parts(out: &mut BytesMut, first: &[u8], second: &[u8]) {
+    let len = first.len() + second.len();
+    out.reserve((len + 8).max(FRAME_START.saturating_sub(out.len())));
     out.put_slice(b"data: ");
-    out.put_slice(json);
+    out.put_slice(first);
+    out.put_slice(second);
     out.put_slice(b"\n\n");
 }
 
@@ -361,6 +390,8 @@ mod tests {
             endpoint: Endpoint::Chat,
             answers: 1,
             include_usage,
+            running_usage: false,
+            asks_running_usage: false,
             encoder: None,
             meter,
         })

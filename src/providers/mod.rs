@@ -36,6 +36,9 @@ pub struct UpstreamCall<'a> {
     /// The output limit the gateway sets when the client set none: what a
     /// key's budget reservation pays for. Sent as the upstream's own limit.
     pub max_tokens: Option<u32>,
+    /// Ask the upstream for its usage so far in every stream chunk (its
+    /// kind [reports running usage](BackendKind::reports_running_usage)).
+    pub running_usage: bool,
     /// The attempt's trace context (`traceparent`, `tracestate`): empty
     /// unless traces are exported.
     pub trace: &'a HeaderMap,

@@ -71,8 +71,13 @@ impl OpenAiCompat {
         // Ask for usage on every stream so it can be metered. Together's API
         // has no stream_options and reports usage on the last chunk anyway;
         // non-streaming calls must not carry it (vLLM rejects that).
-        let options = (streaming && self.kind != BackendKind::Together)
-            .then(|| call.request.upstream_stream_options());
+        let options = (streaming && self.kind != BackendKind::Together).then(|| {
+            let mut options = call.request.upstream_stream_options();
+            if call.running_usage {
+                options.set_continuous_usage();
+            }
+            options
+        });
         // OpenAI's chat API takes `max_completion_tokens` (its reasoning
         // models refuse `max_tokens`); the others take `max_tokens`.
         let limit_field = match (self.kind, call.request.endpoint()) {

@@ -224,6 +224,7 @@ impl MockUpstream {
         self.generate = Some(Generate {
             tokens,
             honours_max_tokens: true,
+            word: openai_mock::WORD,
         });
         self
     }
@@ -233,7 +234,17 @@ impl MockUpstream {
         self.generate = Some(Generate {
             tokens,
             honours_max_tokens: false,
+            word: openai_mock::WORD,
         });
+        self
+    }
+
+    /// Generated answers (`answers_of`) whose every token is `word`, as
+    /// English words of more than the 4 bytes a token the gateway
+    /// estimates are.
+    pub fn token_text(mut self, word: &'static str) -> Self {
+        let generate = self.generate.as_mut().expect("answers_of first");
+        generate.word = word;
         self
     }
 
@@ -398,6 +409,7 @@ impl MockUpstream {
 struct Generate {
     tokens: usize,
     honours_max_tokens: bool,
+    word: &'static str,
 }
 
 impl Generate {
@@ -634,6 +646,7 @@ async fn respond(
                 flags.generations(),
                 prompt,
                 length < generate.tokens,
+                generate.word,
             );
             &generated
         }
