@@ -74,7 +74,7 @@ pub fn respond(
                 answers: request.answers(),
                 include_usage: request.include_usage(),
                 running_usage,
-                asks_running_usage: request.asks_running_usage(),
+                asks_running_usage: running_usage && request.asks_running_usage(),
                 encoder: answer_as.encoder(|| meter.usage_so_far().prompt_tokens),
                 meter,
             });
