@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::config::{Backend, Config, Deployment, Model};
+use support::config::{Backend, Config, Deployment, Key, Model};
 
 async fn start() -> String {
     let config = Config::new()
@@ -452,5 +452,61 @@ async fn asked_for_json_it_answers_json_that_fits_the_schema_whole_and_streamed(
     assert!(
         serde_json::from_str::<Value>(content).unwrap().is_object(),
         "{content}"
+    );
+}
+
+/// As vLLM: a client that asks for the usage so far in every chunk gets
+/// it, each chunk counting its answer's tokens; and a stream a key's budget
+/// bounds is counted by it, so words of more than 4 bytes a token reach
+/// the limit the budget set rather than the gateway's estimate of it.
+#[tokio::test]
+async fn it_reports_the_usage_so_far_as_vllm_does() {
+    let base = start().await;
+    let response = post(
+        &base,
+        "/v1/chat/completions",
+        json!({"model": "llama", "stream": true, "n": 2,
+               "stream_options": {"include_usage": true, "continuous_usage_stats": true},
+               "messages": [{"role": "user", "content": "Say something"}]}),
+    )
+    .await;
+    let streamed = chunks(&response.text().await.unwrap());
+    let (usage_only, with_choices) = streamed.split_last().unwrap();
+    assert_eq!(usage_only["usage"]["completion_tokens"], 24);
+    for answer in [0, 1] {
+        let counts: Vec<u64> = with_choices
+            .iter()
+            .filter(|c| c["choices"][0]["index"] == answer)
+            .map(|c| c["usage"]["completion_tokens"].as_u64().unwrap())
+            .collect();
+        let expected: Vec<u64> = (1..=12).chain([12]).collect();
+        assert_eq!(counts, expected, "answer {answer}");
+    }
+
+    // $0.001 at $1 and $10 a million tokens: the prompt's estimate and 99
+    // output tokens, of the simulated backend's words of about 5.6 bytes.
+    let config = Config::new()
+        .backend(Backend::simulated("sim").answers(1, 100_000, 1_000))
+        .model(Model::new("llama").deployment(Deployment::new("sim", "m").price(1.0, 10.0)))
+        .key(Key::new("team").set("budget_daily_usd", 0.001));
+    let gateway = support::gateway::start(&config).await;
+    let body = json!({"model": "llama", "stream": true, "stream_options": {"include_usage": true},
+                      "messages": [{"role": "user", "content": "Tell me a long story"}]});
+    let response = gateway.chat_as("team-secret", body).await;
+    let streamed = chunks(&response.text().await.unwrap());
+    let (usage_only, with_choices) = streamed.split_last().unwrap();
+    let limit = usage_only["usage"]["completion_tokens"].as_u64().unwrap();
+    let words = with_choices
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+        .count() as u64;
+    assert_eq!((words, limit), (99, 99));
+    assert_eq!(
+        with_choices[with_choices.len() - 1]["choices"][0]["finish_reason"],
+        "length"
+    );
+    assert!(
+        with_choices.iter().all(|c| c.get("usage").is_none()),
+        "the client did not ask for the usage so far"
     );
 }

@@ -290,10 +290,11 @@ impl BackendKind {
     }
 
     /// Whether its streams can carry the usage so far in every chunk:
-    /// vLLM's `stream_options.continuous_usage_stats` (OpenAI's API, and
-    /// so the others, refuse the option).
+    /// vLLM's `stream_options.continuous_usage_stats`, which the
+    /// simulated backend honours as vLLM does (OpenAI's API, and so the
+    /// others, refuse the option).
     pub fn reports_running_usage(self) -> bool {
-        self == Self::Vllm
+        matches!(self, Self::Vllm | Self::Simulated)
     }
 
     /// The base URL used when the config gives none; `None` where the

@@ -83,6 +83,9 @@ impl Simulated {
             ));
         }
         let request = call.request;
+        // As vLLM: when the gateway asks, or the client did.
+        let running_usage =
+            call.running_usage || (request.include_usage() && request.asks_running_usage());
         let mut answer = Answer::new(&self.spec, call);
         let slow = self.spec.slow_fraction > 0.0 && fastrand::f64() < self.spec.slow_fraction;
         let mut ttft = if slow {
@@ -120,12 +123,30 @@ impl Simulated {
             let chunk = if k + 1 == total {
                 answer.usage_chunk()
             } else {
-                answer.for_answer(answer.chunk(step), index)
+                let chunk = answer.for_answer(answer.chunk(step), index);
+                if running_usage {
+                    // Its answer's count, as vLLM gives each choice's.
+                    let generated = (step + 1).min(answer.tokens()) as u64;
+                    with_usage_so_far(&chunk, answer.usage.prompt_tokens, generated)
+                } else {
+                    chunk
+                }
             };
             Some((Ok(chunk), (answer, k + 1)))
         });
         Ok(UpstreamReply::Stream(chunks.boxed()))
     }
+}
+
+/// `chunk` with the usage so far, `generated` output tokens, as vLLM's
+/// `continuous_usage_stats` adds it to every chunk.
+fn with_usage_so_far(chunk: &Chunk, prompt: u64, generated: u64) -> Chunk {
+    let object = chunk.strip_suffix(b"}").expect("a chunk is a JSON object");
+    let usage = format!(
+        r#","usage":{{"prompt_tokens":{prompt},"total_tokens":{},"completion_tokens":{generated}}}}}"#,
+        prompt + generated
+    );
+    [object, usage.as_bytes()].concat().into()
 }
 
 impl Provider for Simulated {
