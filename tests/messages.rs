@@ -766,3 +766,57 @@ async fn the_simulated_backend_serves_messages_too() {
         ]
     );
 }
+
+/// A budgeted stream from vLLM carries vLLM's usage so far in every
+/// chunk; a Messages client gets Anthropic's events as ever, with the
+/// usage counted once, at the end, and a Responses client likewise.
+#[tokio::test]
+async fn a_budgeted_stream_with_vllms_running_usage_reads_the_same_on_every_api() {
+    let upstream = MockUpstream::openai()
+        .answers_of(12)
+        .token_text("token ")
+        .start()
+        .await;
+    let config = Config::new()
+        .backend(Backend::upstream("up", "vllm", &url(&upstream)))
+        .model(Model::new("chat").deployment(Deployment::new("up", "m").price(1.0, 10.0)))
+        .key(Key::new("team").set("budget_daily_usd", 10.0));
+    let gateway = start(&config).await;
+    let messages = gateway
+        .post("/v1/messages")
+        .header("anthropic-version", "2023-06-01")
+        .header("x-api-key", "team-secret")
+        .json(&ask(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(messages.status(), 200);
+    let events = named_events(&messages.text().await.unwrap());
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"message_start"));
+    assert_eq!(&names[names.len() - 2..], ["message_delta", "message_stop"]);
+    assert_eq!(text_of(&events), "token ".repeat(12));
+    let delta = &events[events.len() - 2].1;
+    assert_eq!(delta["usage"]["output_tokens"], 12, "{delta}");
+    assert_eq!(delta["delta"]["stop_reason"], "end_turn", "{delta}");
+
+    let responses = gateway
+        .post_as(
+            "team-secret",
+            "/v1/responses",
+            json!({"model": "chat", "stream": true, "input": "Hello"}),
+        )
+        .await;
+    assert_eq!(responses.status(), 200);
+    let events = named_events(&responses.text().await.unwrap());
+    let (last, done) = events.last().unwrap();
+    assert_eq!(last, "response.completed");
+    assert_eq!(done["response"]["usage"]["output_tokens"], 12, "{done}");
+    let sent: Vec<Value> = upstream.requests().iter().map(|r| r.json.clone()).collect();
+    for request in &sent {
+        assert_eq!(
+            request["stream_options"]["continuous_usage_stats"], true,
+            "{request}"
+        );
+    }
+}
