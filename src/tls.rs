@@ -9,14 +9,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::ClientConfig;
-use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls_platform_verifier::BuilderVerifierExt;
 
+/// TLS as one client speaks it: whose certificates it trusts, and the
+/// certificate it shows a server that asks for one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    pub roots: Roots,
+    pub identity: Option<Identity>,
+}
+
 /// The certificates a server's chain must end in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Roots {
     /// The system's trusted roots.
+    #[default]
     System,
     /// Only the CA certificates in this PEM file (a private CA, or a
     /// cloud's database CA bundle).
@@ -51,29 +60,87 @@ impl CaFile {
     }
 
     fn certificates(&self) -> Result<Vec<CertificateDer<'static>>, String> {
-        let certificates = CertificateDer::pem_slice_iter(&self.pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("CA file {} is not PEM: {e}", self.path.display()))?;
-        if certificates.is_empty() {
-            return Err(format!(
-                "CA file {} holds no certificate (-----BEGIN CERTIFICATE-----)",
-                self.path.display()
-            ));
-        }
-        Ok(certificates)
+        certificates("CA file", &self.path, &self.pem)
     }
 }
 
-impl Roots {
-    /// A client config that verifies a server's certificate against these
-    /// roots.
-    pub fn client_config(&self) -> Result<ClientConfig, String> {
+/// The certificates a PEM file holds: at least one.
+fn certificates(
+    what: &str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} {} is not PEM: {e}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "{what} {} holds no certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(certificates)
+}
+
+/// A client certificate (its chain) and its private key, for a server
+/// that asks for one: mutual TLS. The key is never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub cert_path: PathBuf,
+    pub cert_pem: Arc<[u8]>,
+    pub key_pem: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Identity").field(&self.cert_path).finish()
+    }
+}
+
+impl Identity {
+    /// Reads a certificate file and its key file, checked to hold a
+    /// certificate and a private key.
+    pub fn read(cert: &Path, key: &Path) -> Result<Self, String> {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+        };
+        let identity = Self {
+            cert_path: cert.to_owned(),
+            cert_pem: read("certificate file", cert)?.into(),
+            key_pem: read("key file", key)?.into(),
+        };
+        identity.parts().map_err(|e| match e {
+            Part::Certificate(e) => e,
+            Part::Key(e) => format!("key file {}: {e}", key.display()),
+        })?;
+        Ok(identity)
+    }
+
+    fn parts(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Part> {
+        let chain = certificates("certificate file", &self.cert_path, &self.cert_pem)
+            .map_err(Part::Certificate)?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| Part::Key(format!("no private key in PEM: {e}")))?;
+        Ok((chain, key))
+    }
+}
+
+/// Which half of an identity is wrong, and how.
+enum Part {
+    Certificate(String),
+    Key(String),
+}
+
+impl ClientTls {
+    /// A client config that verifies a server's certificate against its
+    /// roots, and shows its identity to a server that asks.
+    pub fn config(&self) -> Result<ClientConfig, String> {
         let builder = ClientConfig::builder();
-        let builder = match self {
-            Self::System => builder
+        let builder = match &self.roots {
+            Roots::System => builder
                 .with_platform_verifier()
                 .map_err(|e| format!("the system's trusted roots: {e}"))?,
-            Self::File(file) => {
+            Roots::File(file) => {
                 let mut store = rustls::RootCertStore::empty();
                 for certificate in file.certificates()? {
                     store.add(certificate).map_err(|e| {
@@ -83,7 +150,17 @@ impl Roots {
                 builder.with_root_certificates(store)
             }
         };
-        Ok(builder.with_no_client_auth())
+        match &self.identity {
+            None => Ok(builder.with_no_client_auth()),
+            Some(identity) => {
+                let (chain, key) = identity.parts().map_err(|e| match e {
+                    Part::Certificate(e) | Part::Key(e) => e,
+                })?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("certificate {}: {e}", identity.cert_path.display()))
+            }
+        }
     }
 }
 
@@ -125,13 +202,33 @@ mod tests {
     }
 
     #[test]
-    fn the_systems_roots_and_a_ca_files_make_a_config() {
-        Roots::System.client_config().unwrap();
+    fn the_systems_roots_and_a_ca_files_make_a_config_with_an_identity_or_none() {
+        ClientTls::default().config().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ca.pem");
         write_test_ca(&path);
-        Roots::File(CaFile::read(&path).unwrap())
-            .client_config()
-            .unwrap();
+        let roots = Roots::File(CaFile::read(&path).unwrap());
+        let tls = ClientTls {
+            roots,
+            identity: None,
+        };
+        tls.config().unwrap();
+
+        let made = rcgen::generate_simple_self_signed(["client".to_owned()]).unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+        let identity = Identity::read(&cert, &key).unwrap();
+        assert!(!format!("{identity:?}").contains("PRIVATE"), "{identity:?}");
+        ClientTls {
+            identity: Some(identity),
+            ..tls
+        }
+        .config()
+        .unwrap();
+        let error = Identity::read(&cert, &cert).unwrap_err();
+        assert!(error.starts_with("key file"), "{error}");
+        let error = Identity::read(&key, &key).unwrap_err();
+        assert!(error.contains("holds no certificate"), "{error}");
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use support::certs::TestCa;
+use support::certs::{ClientFiles, TestCa};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::{MockServer, MockUpstream};
@@ -1293,6 +1293,30 @@ async fn a_burst_past_a_keys_rpm_admits_no_more_than_the_quota_with_credit_in_pl
     assert!(served >= 250, "only {served} served: credit left stranded");
 }
 
+/// `one_model` with a key `team` of `rpm`, on `redis` over TLS, trusting
+/// `ca` and showing `client`'s certificate if given.
+fn over_tls(
+    upstream: &MockServer,
+    redis: &Redis,
+    rpm: u32,
+    ca: &TestCa,
+    client: Option<&ClientFiles>,
+) -> Config {
+    let mut config = one_model(upstream)
+        .key(Key::new("team").set("rpm", rpm))
+        .set("state", "backend", "redis")
+        .set("state", "url", redis.tls_url())
+        .set("state", "ca_file", ca.ca_file().to_str().unwrap())
+        .set("state", "prefix", PREFIX)
+        .set("state", "timeout_ms", 1_000);
+    if let Some(client) = client {
+        config = config
+            .set("state", "cert_file", client.cert.to_str().unwrap())
+            .set("state", "key_file", client.key.to_str().unwrap());
+    }
+    config
+}
+
 /// Replicas reach Redis over TLS (`rediss://`, its CA in `ca_file`) and
 /// share a key's rpm through it. A replica that trusts another CA never
 /// talks to that server: it serves on its own state, degraded, as with
@@ -1304,15 +1328,7 @@ async fn replicas_share_state_over_tls_only_with_a_server_whose_certificate_veri
         return;
     };
     let upstream = MockUpstream::openai().record(false).start().await;
-    let over_tls = |ca: &TestCa| {
-        one_model(&upstream)
-            .key(Key::new("team").set("rpm", 4))
-            .set("state", "backend", "redis")
-            .set("state", "url", redis.tls_url())
-            .set("state", "ca_file", ca.ca_file().to_str().unwrap())
-            .set("state", "prefix", PREFIX)
-            .set("state", "timeout_ms", 1_000)
-    };
+    let over_tls = |ca: &TestCa| over_tls(&upstream, &redis, 4, ca, None);
     let fleet = replicas(&over_tls(&ca), 2).await;
     let mut statuses = Vec::new();
     for i in 0..8 {
@@ -1332,4 +1348,39 @@ async fn replicas_share_state_over_tls_only_with_a_server_whose_certificate_veri
     // It serves from its own state: the fleet's rpm is used up.
     assert_eq!(ask(&doubting, "team", false).await.0, 200);
     assert_eq!(ask(&fleet[0], "team", false).await.0, 429);
+}
+
+/// A Redis that lets TLS clients in only with a certificate its CA signed
+/// shares state with a replica that has one (`cert_file`, `key_file`) and
+/// not with one that has none, which serves degraded on its own state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_asks_for_a_client_certificate_gets_the_configured_one() {
+    let ca = TestCa::new("mutual");
+    let Some(redis) = Redis::start_tls_with_client_certificates(&ca) else {
+        return;
+    };
+    let upstream = MockUpstream::openai().record(false).start().await;
+    let client = ca.client();
+    let over_tls = |with_certificate: bool| {
+        over_tls(
+            &upstream,
+            &redis,
+            2,
+            &ca,
+            with_certificate.then_some(&client),
+        )
+    };
+    let certified = replicas(&over_tls(true), 2).await;
+    let statuses = [
+        ask(&certified[0], "team", false).await.0,
+        ask(&certified[1], "team", false).await.0,
+        ask(&certified[0], "team", false).await.0,
+    ];
+    assert_eq!(statuses, [200, 200, 429], "rpm = 2 across the two");
+    let anonymous = start(&over_tls(false)).await;
+    eventually("the replica without a certificate is degraded", || async {
+        status(&anonymous).await["state"]["degraded"] == true
+    })
+    .await;
+    assert_eq!(ask(&anonymous, "team", false).await.0, 200);
 }

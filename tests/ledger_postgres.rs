@@ -603,3 +603,48 @@ async fn spend_is_shipped_over_tls_only_to_a_server_whose_certificate_verifies()
         .unwrap();
     assert!(row.get::<_, bool>(0));
 }
+
+/// A PostgreSQL that lets TLS connections in only with a client
+/// certificate (`cert` authentication) gets the ledger's records from a
+/// gateway whose URL names one (`sslcert`, `sslkey`), and none from one
+/// whose URL does not: those wait in its spool.
+#[tokio::test]
+async fn a_database_that_asks_for_a_client_certificate_gets_the_configured_one() {
+    let ca = TestCa::new("mutual");
+    let Some(postgres) = Postgres::start_tls_with_client_certificates(&ca) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let client = ca.client();
+    for (name, identity) in [
+        (
+            "certified",
+            format!(
+                "&sslcert={}&sslkey={}",
+                client.cert.display(),
+                client.key.display()
+            ),
+        ),
+        ("anonymous", String::new()),
+    ] {
+        let mut replica = Replica::new(dir.path(), name, &postgres, 50);
+        replica.url = format!(
+            "{}?sslmode=verify-full&sslrootcert={}{identity}",
+            postgres.url(),
+            ca.ca_file().display()
+        );
+        let process = replica.serve();
+        let mut received = Received::default();
+        if identity.is_empty() {
+            let line = process.logged(UNREACHABLE);
+            assert!(line.contains("certificate"), "{line}");
+            load(&[&process], 2, &mut received).await;
+            replica.eventually_spooled(2);
+        } else {
+            process.logged(READY);
+            load(&[&process], 3, &mut received).await;
+            eventually_spend(&process.base, &received).await;
+        }
+    }
+    assert_eq!(records_in(&postgres).await, 3);
+}

@@ -1562,3 +1562,33 @@ async fn a_backend_whose_certificate_a_private_ca_signed_is_reached_with_its_ca_
     assert!(message.contains("backend \"vllm\""), "{message}");
     assert_eq!(upstream.hits(), 2, "nothing reached the upstream");
 }
+
+/// A backend that asks for a client certificate (mutual TLS) is reached
+/// with the `cert_file` and `key_file` its CA signed, and refused without
+/// them: nothing is served, and the client gets a 502.
+#[tokio::test]
+async fn a_backend_that_asks_for_a_client_certificate_gets_the_configured_one() {
+    let ca = TestCa::new("mutual");
+    let upstream = MockUpstream::openai()
+        .tls_with_client_certificates(&ca)
+        .start()
+        .await;
+    let config = |with_certificate: bool| {
+        let mut backend = Backend::upstream("vllm", "vllm", &url(&upstream))
+            .engine_metrics("enabled", false)
+            .set("ca_file", ca.ca_file().to_str().unwrap());
+        if with_certificate {
+            let client = ca.client();
+            backend = backend
+                .set("cert_file", client.cert.to_str().unwrap())
+                .set("key_file", client.key.to_str().unwrap());
+        }
+        Config::new().backend(backend).model(on("chat", "vllm"))
+    };
+    let ask = json!({"model": "chat", "messages": user("hi")});
+    let gateway = start(&config(true)).await;
+    assert_eq!(gateway.chat(ask.clone()).await.status(), 200);
+    let anonymous = start(&config(false)).await;
+    assert_eq!(anonymous.chat(ask).await.status(), 502);
+    assert_eq!(upstream.hits(), 1);
+}

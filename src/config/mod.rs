@@ -267,7 +267,7 @@ context_window = 8192
                 file.display()
             );
             let config = parse(&text, &no_env);
-            let roots = config.as_ref().map(|c| c.backends[0].roots.clone());
+            let roots = config.as_ref().map(|c| c.backends[0].tls.roots.clone());
             roots.map_err(|p| p.0.iter().map(ToString::to_string).collect::<Vec<_>>())
         };
         let roots = with("https://gpu.internal/v1", &ca).unwrap();
@@ -275,7 +275,18 @@ context_window = 8192
         assert_eq!(
             with("http://gpu.internal/v1", &ca).unwrap_err(),
             [
-                "backends[0].ca_file: applies only to a backend reached over https://; use an https base_url, or remove ca_file"
+                "backends[0].ca_file: applies only to a backend reached over https://; use an https base_url, or remove it"
+            ]
+        );
+        // A client certificate comes with its key.
+        let text = format!(
+            "[[backends]]\nname = \"gpu\"\nkind = \"vllm\"\nbase_url = \"https://gpu.internal/v1\"\ncert_file = \"{}\"\n{MINIMAL}",
+            ca.display()
+        );
+        assert_eq!(
+            problems(&text),
+            [
+                "backends[0].key_file: cert_file needs key_file, the certificate's private key in PEM"
             ]
         );
         let missing = with("https://gpu.internal/v1", &dir.path().join("gone.pem")).unwrap_err();
@@ -328,9 +339,7 @@ url = "rediss://h:6380/0""#
         assert!(with_ca("rediss://h:6380/0", &ca).is_empty());
         assert_eq!(
             with_ca("redis://h:6379/0", &ca),
-            [
-                "state.ca_file: applies only to a rediss:// URL (TLS); use rediss://, or remove ca_file"
-            ]
+            ["state.ca_file: applies only to a rediss:// URL (TLS); use rediss://, or remove it"]
         );
         let missing = with_ca("rediss://h:6380/0", &dir.path().join("missing.pem"));
         assert!(

@@ -1,34 +1,36 @@
 //! A PostgreSQL URL as libpq reads it, for tokio-postgres: the TLS
 //! settings libpq takes and tokio-postgres does not (`sslmode=verify-ca`,
-//! `verify-full`, `sslrootcert`) are taken out and settled here, so the URL
-//! an operator uses with `psql` works unchanged. Errors never echo the
-//! URL: it may hold a password.
+//! `verify-full`, `sslrootcert`, `sslcert`, `sslkey`) are taken out and
+//! settled here, so the URL an operator uses with `psql` works unchanged.
+//! Errors never echo the URL: it may hold a password.
 
 use std::path::Path;
 
 use percent_encoding::percent_decode_str;
 use tokio_postgres::config::SslMode;
 
-use crate::tls::{CaFile, Roots};
+use crate::tls::{CaFile, ClientTls, Identity, Roots};
 
 /// How the ledger reaches its database.
 pub struct PostgresTarget {
     /// `sslmode` is `disable` or `require` here, nothing in between.
     pub config: tokio_postgres::Config,
-    /// What the server's certificate must chain to, under `require`.
-    pub roots: Roots,
+    /// Under `require`: what the server's certificate must chain to, and
+    /// the certificate shown to a server that asks for one.
+    pub tls: ClientTls,
 }
 
 /// Reads a `postgres://` URL. Under `sslmode=require`, `verify-ca` or
 /// `verify-full` the connection is TLS, and the server's certificate is
 /// verified and its host name checked against `sslrootcert` (a PEM file,
 /// or `system`), else the system's roots: libpq's `require` alone does not
-/// verify, but the ledger's records are spend, so it always does.
-/// `prefer` (the default), `allow` and `disable` connect without TLS.
+/// verify, but the ledger's records are spend, so it always does. A server
+/// that asks for a client certificate gets `sslcert`'s, signed with
+/// `sslkey`'s key. `prefer` (the default), `allow` and `disable` connect
+/// without TLS.
 pub fn read(text: &str) -> Result<PostgresTarget, String> {
     let (base, query) = text.split_once('?').unwrap_or((text, ""));
-    let mut mode = None;
-    let mut root_cert = None;
+    let (mut mode, mut root_cert, mut cert, mut key) = (None, None, None, None);
     let mut kept = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -41,6 +43,8 @@ pub fn read(text: &str) -> Result<PostgresTarget, String> {
         match name {
             "sslmode" => mode = Some(value()?),
             "sslrootcert" => root_cert = Some(value()?),
+            "sslcert" => cert = Some(value()?),
+            "sslkey" => key = Some(value()?),
             _ => kept.push(pair),
         }
     }
@@ -71,12 +75,17 @@ pub fn read(text: &str) -> Result<PostgresTarget, String> {
             CaFile::read(Path::new(path))
                 .map_err(|e| format!("has an sslrootcert the gateway cannot use: {e}"))?,
         ),
-        (false, Some(_)) => {
-            return Err(
-                "has sslrootcert, which only sslmode=verify-full (or require, verify-ca) reads; \
-                 without one of those the ledger connects without TLS"
-                    .into(),
-            );
+        (false, Some(_)) => return Err(without_tls("sslrootcert")),
+    };
+    let identity = match (tls, cert.as_deref(), key.as_deref()) {
+        (_, None, None) => None,
+        (false, _, _) => return Err(without_tls("sslcert and sslkey")),
+        (true, Some(cert), Some(key)) => Some(
+            Identity::read(Path::new(cert), Path::new(key))
+                .map_err(|e| format!("has an sslcert or sslkey the gateway cannot use: {e}"))?,
+        ),
+        (true, _, _) => {
+            return Err("has one of sslcert and sslkey: give both, or neither".into());
         }
     };
     config.ssl_mode(if tls {
@@ -84,7 +93,17 @@ pub fn read(text: &str) -> Result<PostgresTarget, String> {
     } else {
         SslMode::Disable
     });
-    Ok(PostgresTarget { config, roots })
+    Ok(PostgresTarget {
+        config,
+        tls: ClientTls { roots, identity },
+    })
+}
+
+fn without_tls(what: &str) -> String {
+    format!(
+        "has {what}, which only sslmode=verify-full (or require, verify-ca) reads; \
+         without one of those the ledger connects without TLS"
+    )
 }
 
 #[cfg(test)]
@@ -105,7 +124,7 @@ mod tests {
         assert_eq!(target.config.get_ssl_mode(), SslMode::Require);
         assert_eq!(target.config.get_application_name(), Some("x"));
         assert_eq!(target.config.get_ports(), [6432]);
-        assert!(matches!(&target.roots, Roots::File(file) if file.path == ca));
+        assert!(matches!(&target.tls.roots, Roots::File(file) if file.path == ca));
 
         for (url, tls) in [
             ("postgres://db/t", false),
@@ -122,7 +141,7 @@ mod tests {
                 SslMode::Disable
             };
             assert_eq!(target.config.get_ssl_mode(), expected, "{url}");
-            assert_eq!(target.roots, Roots::System, "{url}");
+            assert_eq!(target.tls, ClientTls::default(), "{url}");
         }
     }
 
@@ -136,6 +155,18 @@ mod tests {
             (
                 "postgres://u:hunter2@db/t?sslrootcert=/etc/ca.pem",
                 "has sslrootcert, which only sslmode=verify-full",
+            ),
+            (
+                "postgres://u:hunter2@db/t?sslcert=/c.pem&sslkey=/k.pem",
+                "has sslcert and sslkey, which only sslmode=verify-full",
+            ),
+            (
+                "postgres://u:hunter2@db/t?sslmode=require&sslcert=/c.pem",
+                "has one of sslcert and sslkey: give both, or neither",
+            ),
+            (
+                "postgres://u:hunter2@db/t?sslmode=require&sslcert=/none/c.pem&sslkey=/none/k.pem",
+                "has an sslcert or sslkey the gateway cannot use: cannot read certificate file /none/c.pem",
             ),
             (
                 "postgres://u:hunter2@db/t?sslmode=require&sslrootcert=/nonexistent/ca.pem",

@@ -68,6 +68,8 @@ pub struct RawState {
     pub on_unavailable: Option<String>,
     pub lease_ms: Option<u64>,
     pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -155,6 +157,8 @@ pub struct RawBackend {
     pub max_concurrency: Option<u32>,
     pub engine_metrics: Option<RawEngineMetrics>,
     pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

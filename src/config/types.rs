@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use url::Url;
 
-pub use crate::tls::Roots;
+pub use crate::tls::{ClientTls, Identity, Roots};
 
 pub use crate::logging::LogFormat;
 pub use crate::traces::TracingSettings;
@@ -106,8 +106,9 @@ pub struct RedisState {
     /// How long a budget reservation outlives a replica that stopped
     /// renewing it.
     pub lease: Duration,
-    /// What a `rediss://` server's certificate must chain to.
-    pub roots: Roots,
+    /// What a `rediss://` server's certificate must chain to, and the
+    /// certificate the gateway shows it.
+    pub tls: ClientTls,
 }
 
 /// What a replica does while Redis does not answer within the timeout.
@@ -333,8 +334,9 @@ pub struct Backend {
     pub max_concurrency: Option<u32>,
     /// Where the inference engine's Prometheus metrics are scraped.
     pub engine_metrics: Option<EngineMetrics>,
-    /// What the certificates of its `https://` URLs must chain to.
-    pub roots: Roots,
+    /// What the certificates of its `https://` URLs must chain to, and the
+    /// certificate the gateway shows them.
+    pub tls: ClientTls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

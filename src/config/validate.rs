@@ -2,6 +2,7 @@
 //! every problem it finds, each with the path of the value at fault.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use foldhash::{HashMap, HashSet};
@@ -12,6 +13,13 @@ use super::schema::{RawBackend, RawConfig, RawDeployment, RawKey, RawModel, RawS
 use super::types::*;
 use super::{Problem, Problems, WrittenKeys};
 use crate::tls::CaFile;
+
+/// The files of a client's TLS, as its table names them.
+pub(super) struct TlsFiles<'a> {
+    pub ca_file: Option<&'a str>,
+    pub cert_file: Option<&'a str>,
+    pub key_file: Option<&'a str>,
+}
 
 mod aws;
 mod ledger;
@@ -440,7 +448,7 @@ impl Validator<'_> {
             self.problem(at("max_concurrency"), "must be greater than 0");
         }
         let engine_metrics = self.engine_metrics(i, b, kind, base_url.as_ref());
-        let roots = self.backend_roots(i, b, base_url.as_ref(), engine_metrics.as_ref());
+        let tls = self.backend_tls(i, b, base_url.as_ref(), engine_metrics.as_ref());
         Some(Backend {
             name: b.name.clone(),
             kind,
@@ -455,38 +463,93 @@ impl Validator<'_> {
             self_hosted,
             max_concurrency: b.max_concurrency,
             engine_metrics,
-            roots,
+            tls,
         })
     }
 
-    /// The CA `ca_file` names, for a backend reached over HTTPS (its
-    /// base URL or its engine metrics), else the system's roots.
-    fn backend_roots(
+    /// A backend's TLS, for one reached over HTTPS (its base URL or its
+    /// engine metrics).
+    fn backend_tls(
         &mut self,
         i: usize,
         b: &RawBackend,
         base_url: Option<&Url>,
         engine_metrics: Option<&EngineMetrics>,
-    ) -> Roots {
-        let Some(path) = &b.ca_file else {
-            return Roots::System;
-        };
-        let at = format!("backends[{i}].ca_file");
+    ) -> ClientTls {
         let https = |url: &Url| url.scheme() == "https";
-        if !base_url.is_some_and(https) && !engine_metrics.is_some_and(|m| https(&m.url)) {
-            self.problem(
-                at,
-                "applies only to a backend reached over https://; use an https base_url, or remove ca_file",
-            );
-            return Roots::System;
+        let tls = base_url.is_some_and(https) || engine_metrics.is_some_and(|m| https(&m.url));
+        let files = TlsFiles {
+            ca_file: b.ca_file.as_deref(),
+            cert_file: b.cert_file.as_deref(),
+            key_file: b.key_file.as_deref(),
+        };
+        self.client_tls(
+            &format!("backends[{i}]"),
+            files,
+            Some(tls),
+            "applies only to a backend reached over https://; use an https base_url, or remove it",
+        )
+    }
+
+    /// A client's TLS from the files its table names under `table`: the
+    /// CA its server's certificate must chain to (else the system's
+    /// roots), and a certificate and key to show a server that asks, both
+    /// or neither. `tls`: whether the connection is TLS, `None` where its
+    /// URL is not read (offline), when the files are checked alone; set
+    /// for a connection without TLS, each is a problem saying `needs`.
+    pub(super) fn client_tls(
+        &mut self,
+        table: &str,
+        files: TlsFiles<'_>,
+        tls: Option<bool>,
+        needs: &str,
+    ) -> ClientTls {
+        let at = |field: &str| format!("{table}.{field}");
+        if tls == Some(false) {
+            for (field, set) in [
+                ("ca_file", files.ca_file),
+                ("cert_file", files.cert_file),
+                ("key_file", files.key_file),
+            ] {
+                if set.is_some() {
+                    self.problem(at(field), needs);
+                }
+            }
+            return ClientTls::default();
         }
-        match CaFile::read(std::path::Path::new(path)) {
-            Ok(file) => Roots::File(file),
-            Err(e) => {
-                self.problem(at, e);
+        let roots = match files.ca_file.map(|path| CaFile::read(Path::new(path))) {
+            None => Roots::System,
+            Some(Ok(file)) => Roots::File(file),
+            Some(Err(e)) => {
+                self.problem(at("ca_file"), e);
                 Roots::System
             }
-        }
+        };
+        let identity = match (files.cert_file, files.key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => match Identity::read(Path::new(cert), Path::new(key)) {
+                Ok(identity) => Some(identity),
+                Err(e) => {
+                    self.problem(at("cert_file"), e);
+                    None
+                }
+            },
+            (Some(_), None) => {
+                self.problem(
+                    at("key_file"),
+                    "cert_file needs key_file, the certificate's private key in PEM",
+                );
+                None
+            }
+            (None, Some(_)) => {
+                self.problem(
+                    at("cert_file"),
+                    "key_file needs cert_file, the client certificate in PEM",
+                );
+                None
+            }
+        };
+        ClientTls { roots, identity }
     }
 
     fn url(&mut self, path: String, text: &str) -> Option<Url> {

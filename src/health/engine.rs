@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use tokio::task::JoinHandle;
 
 use super::backend::{BackendLive, EngineSignals, ModelCache, PrefixCounters};
-use crate::config::{Backend, EngineMetrics, Roots};
+use crate::config::{Backend, ClientTls, EngineMetrics};
 use crate::providers::http::{self, HttpClient, Target};
 
 /// What one scrape read: the engine's load, and its prefix cache per
@@ -184,7 +184,7 @@ pub fn spawn(backends: &[Backend], live: &[Arc<BackendLive>]) -> Scrapers {
                 Some(tokio::spawn(scrape_loop(
                     backend.name.clone(),
                     metrics,
-                    backend.roots.clone(),
+                    backend.tls.clone(),
                     live.clone(),
                 )))
             })
@@ -195,10 +195,10 @@ pub fn spawn(backends: &[Backend], live: &[Arc<BackendLive>]) -> Scrapers {
 async fn scrape_loop(
     backend: String,
     metrics: EngineMetrics,
-    roots: Roots,
+    tls: ClientTls,
     live: Arc<BackendLive>,
 ) {
-    let client = http::new_client(&metrics.url, metrics.interval, &roots).and_then(|client| {
+    let client = http::new_client(&metrics.url, metrics.interval, &tls).and_then(|client| {
         let target = http::target(&backend, metrics.url.as_str())?;
         Ok((client, target))
     });

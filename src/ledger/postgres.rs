@@ -29,7 +29,7 @@ use super::{ByKey, Ledger, Row, Storage, Totals, add_cost, migrations};
 use crate::config::Secret;
 use crate::config::postgres_url::{self, PostgresTarget};
 use crate::error;
-use crate::tls::Roots;
+use crate::tls::ClientTls;
 
 /// Connecting, and waiting for a pooled connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -99,7 +99,7 @@ impl Postgres {
     /// the spool in `data_dir`, with the spend per key and day the spool
     /// holds.
     pub fn open(url: &Secret, data_dir: &Path) -> Result<(Self, ByKey), String> {
-        let PostgresTarget { mut config, roots } = postgres_url::read(url.expose())
+        let PostgresTarget { mut config, tls } = postgres_url::read(url.expose())
             .map_err(|e| format!("the ledger's PostgreSQL URL {e}"))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -117,7 +117,7 @@ impl Postgres {
         let target = target(&config);
         let manager = Manager::from_config(
             config,
-            connector(&roots)?,
+            connector(&tls)?,
             ManagerConfig {
                 // A query on each checkout: a connection the server closed
                 // while it was down is found out before it is used.
@@ -408,11 +408,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// TLS for connections whose `sslmode` requires it, verified against
-/// `roots`; the others never use it.
-pub(super) fn connector(roots: &Roots) -> Result<MakeRustlsConnect, String> {
-    let config = roots
-        .client_config()
-        .map_err(|e| format!("the ledger's TLS: {e}"))?;
+/// its roots, with its identity; the others never use it.
+pub(super) fn connector(tls: &ClientTls) -> Result<MakeRustlsConnect, String> {
+    let config = tls.config().map_err(|e| format!("the ledger's TLS: {e}"))?;
     Ok(MakeRustlsConnect::new(config))
 }
 

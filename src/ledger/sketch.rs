@@ -447,7 +447,7 @@ impl Reader {
                     .map_err(|e| format!("the ledger's PostgreSQL URL {e}"))?;
                 let (client, connection) = target
                     .config
-                    .connect(super::postgres::connector(&target.roots)?)
+                    .connect(super::postgres::connector(&target.tls)?)
                     .await
                     .map_err(|e| pg(&e))?;
                 tokio::spawn(connection);

@@ -26,7 +26,7 @@ use url::Url;
 use super::UpstreamCall;
 use super::exchange::{Answer, Fields, Outgoing};
 use super::pool::{self, Pool, RequestError, UpstreamBody};
-use crate::config::{Backend, Roots};
+use crate::config::{Backend, ClientTls};
 use crate::error::{self, GatewayError};
 use crate::gather::gather;
 use crate::limits::UpstreamQuota;
@@ -87,7 +87,7 @@ pub fn client(backend: &Backend) -> Result<HttpClient, String> {
         .base_url
         .as_ref()
         .ok_or_else(|| format!("backend \"{}\" has no base_url", backend.name))?;
-    new_client(url, backend.timeouts.connect, &backend.roots).map_err(|e| {
+    new_client(url, backend.timeouts.connect, &backend.tls).map_err(|e| {
         format!(
             "cannot build the HTTP client for backend \"{}\": {e}",
             backend.name
@@ -96,11 +96,11 @@ pub fn client(backend: &Backend) -> Result<HttpClient, String> {
 }
 
 /// A client for URLs with `url`'s scheme, that gives up connecting after
-/// `connect_timeout` and, over TLS, verifies certificates against `roots`.
+/// `connect_timeout` and speaks TLS as `tls` says.
 pub fn new_client(
     url: &Url,
     connect_timeout: Duration,
-    roots: &Roots,
+    tls: &ClientTls,
 ) -> Result<HttpClient, String> {
     let mut tcp = HttpConnector::new();
     tcp.set_connect_timeout(Some(connect_timeout));
@@ -110,7 +110,7 @@ pub fn new_client(
     }
     tcp.enforce_http(false);
     let connector = HttpsConnectorBuilder::new()
-        .with_tls_config(roots.client_config()?)
+        .with_tls_config(tls.config()?)
         .https_only()
         .enable_http1()
         .enable_http2()
@@ -524,7 +524,7 @@ mod tests {
             new_client(
                 &Url::parse(url).unwrap(),
                 Duration::from_secs(1),
-                &Roots::System,
+                &ClientTls::default(),
             )
         };
         assert!(matches!(

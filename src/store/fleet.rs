@@ -23,7 +23,7 @@ use super::credit::{Budgeted, Credits, Draw, Terms};
 use super::prefixes::{self, Prefixes, WirePrefixes};
 use super::sync::{SyncAsk, SyncReply, WirePush, WireReply};
 use super::users;
-use crate::config::{OnUnavailable, RedisState, Roots};
+use crate::config::{ClientTls, OnUnavailable, RedisState, Roots};
 use crate::limits::{Limit, Refused, SharedCells, SharedTokens};
 use crate::metering::budget::{Ask, Period, SharedSpend, today as budget_today};
 use crate::metering::prefix::Block;
@@ -206,13 +206,22 @@ impl Fleet {
             // Admissions are small writes that wait on their answer:
             // Nagle's algorithm would hold one back behind another's ACK.
             .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let client = match &settings.roots {
-            Roots::System => redis::Client::open(info),
-            Roots::File(ca) => redis::Client::build_with_tls(
+        let client = match &settings.tls {
+            ClientTls {
+                roots: Roots::System,
+                identity: None,
+            } => redis::Client::open(info),
+            ClientTls { roots, identity } => redis::Client::build_with_tls(
                 info,
                 redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(ca.pem.to_vec()),
+                    client_tls: identity.as_ref().map(|identity| redis::ClientTlsConfig {
+                        client_cert: identity.cert_pem.to_vec(),
+                        client_key: identity.key_pem.to_vec(),
+                    }),
+                    root_cert: match roots {
+                        Roots::System => None,
+                        Roots::File(ca) => Some(ca.pem.to_vec()),
+                    },
                 },
             ),
         }

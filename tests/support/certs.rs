@@ -1,6 +1,7 @@
-//! Certificates for the TLS tests against real PostgreSQL and Redis: a CA
-//! of the test's own, and a server certificate it signs for `127.0.0.1`
-//! and `localhost`, as PEM files in a temporary directory.
+//! Certificates for the TLS tests against real PostgreSQL and Redis and
+//! the mock upstreams: a CA of the test's own, a server certificate it
+//! signs for `127.0.0.1` and `localhost`, and a client certificate for the
+//! user `tollgate`, as PEM files in a temporary directory.
 
 use std::path::PathBuf;
 
@@ -11,6 +12,12 @@ pub struct TestCa {
     /// The server certificate and its key, PEM.
     pub server_cert: String,
     pub server_key: String,
+}
+
+/// What a client signed by a `TestCa` shows: its certificate and key files.
+pub struct ClientFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl TestCa {
@@ -30,6 +37,16 @@ impl TestCa {
         let server_cert = server.signed_by(&key, &ca).unwrap().pem();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        // The client: PostgreSQL's `cert` authentication takes its user
+        // from the common name.
+        let client_key = KeyPair::generate().unwrap();
+        let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+        client
+            .distinguished_name
+            .push(DnType::CommonName, "tollgate");
+        let client_cert = client.signed_by(&client_key, &ca).unwrap().pem();
+        std::fs::write(dir.path().join("client.pem"), client_cert).unwrap();
+        std::fs::write(dir.path().join("client.key"), client_key.serialize_pem()).unwrap();
         Self {
             dir,
             server_cert,
@@ -40,6 +57,14 @@ impl TestCa {
     /// The CA's certificate, the file a client trusts.
     pub fn ca_file(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
+    }
+
+    /// The client certificate (common name `tollgate`) and its key.
+    pub fn client(&self) -> ClientFiles {
+        ClientFiles {
+            cert: self.dir.path().join("client.pem"),
+            key: self.dir.path().join("client.key"),
+        }
     }
 
     /// The server's certificate and key written under `dir` as

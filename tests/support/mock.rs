@@ -353,13 +353,36 @@ impl MockUpstream {
 
     /// Serve HTTPS with the server certificate `ca` signed (`base_url`
     /// says `https://`).
-    pub fn tls(mut self, ca: &TestCa) -> Self {
+    pub fn tls(self, ca: &TestCa) -> Self {
+        self.serve_tls(ca, false)
+    }
+
+    /// `tls`, refusing a client without a certificate `ca` signed (mutual
+    /// TLS).
+    pub fn tls_with_client_certificates(self, ca: &TestCa) -> Self {
+        self.serve_tls(ca, true)
+    }
+
+    fn serve_tls(mut self, ca: &TestCa, clients_certified: bool) -> Self {
         let certificates = CertificateDer::pem_slice_iter(ca.server_cert.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .expect("the test CA's PEM");
         let key = PrivateKeyDer::from_pem_slice(ca.server_key.as_bytes()).expect("a PEM key");
-        let config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
+        let builder = rustls::ServerConfig::builder();
+        let builder = if clients_certified {
+            let mut roots = rustls::RootCertStore::empty();
+            let ca_pem = std::fs::read(ca.ca_file()).unwrap();
+            for certificate in CertificateDer::pem_slice_iter(&ca_pem) {
+                roots.add(certificate.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .expect("a client verifier");
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let config = builder
             .with_single_cert(certificates, key)
             .expect("a server certificate and its key");
         self.tls = Some(TlsAcceptor::from(Arc::new(config)));

@@ -32,24 +32,32 @@ pub struct Postgres {
     server: Option<Child>,
     /// What the server logged, across starts.
     log: Arc<Mutex<Vec<String>>>,
-    /// Its certificate and key, when it offers TLS.
-    tls: Option<(PathBuf, PathBuf)>,
+    /// Its certificate and key, when it offers TLS, and the CA it checks
+    /// client certificates against, when TLS connections need one.
+    tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
 }
 
 impl Postgres {
     /// A new server with an empty database, running; `None` (after a
     /// loud SKIPPED) without the binaries.
     pub fn start() -> Option<Self> {
-        Self::start_with(None)
+        Self::start_with(None, false)
     }
 
     /// As `start`, offering TLS (and plaintext) with a certificate `ca`
     /// signed.
     pub fn start_tls(ca: &TestCa) -> Option<Self> {
-        Self::start_with(Some(ca))
+        Self::start_with(Some(ca), false)
     }
 
-    fn start_with(ca: Option<&TestCa>) -> Option<Self> {
+    /// `start_tls`, where a TLS connection is let in by a client
+    /// certificate `ca` signed for its user (`cert` authentication) and
+    /// by nothing else; plaintext ones as before.
+    pub fn start_tls_with_client_certificates(ca: &TestCa) -> Option<Self> {
+        Self::start_with(Some(ca), true)
+    }
+
+    fn start_with(ca: Option<&TestCa>, clients_certified: bool) -> Option<Self> {
         let Some(bin) = binaries() else {
             assert!(
                 std::env::var("TOLLGATE_REQUIRE_SERVICES").as_deref() != Ok("1"),
@@ -91,12 +99,21 @@ impl Postgres {
         );
         let tls = ca.map(|ca| {
             let (cert, key) = ca.write_server_files(dir.path());
+            let clients_ca = clients_certified.then(|| {
+                let copy = dir.path().join("clients-ca.pem");
+                std::fs::copy(ca.ca_file(), &copy).unwrap();
+                let hba = data.join("pg_hba.conf");
+                let rules = std::fs::read_to_string(&hba).unwrap();
+                let certified = "hostssl all all 127.0.0.1/32 cert\n";
+                std::fs::write(&hba, format!("{certified}{rules}")).unwrap();
+                copy
+            });
             if let Some((uid, gid)) = run_as {
-                for file in [&cert, &key] {
+                for file in [&cert, &key].into_iter().chain(&clients_ca) {
                     std::os::unix::fs::chown(file, Some(uid), Some(gid)).unwrap();
                 }
             }
-            (cert, key)
+            (cert, key, clients_ca)
         });
         let mut postgres = Self {
             dir,
@@ -130,7 +147,7 @@ impl Postgres {
         assert!(self.server.is_none(), "the server is already running");
         let logged_before = self.log.lock().unwrap().len();
         let mut postgres = command(&self.bin.join("postgres"), self.dir.path(), self.run_as);
-        if let Some((cert, key)) = &self.tls {
+        if let Some((cert, key, clients_ca)) = &self.tls {
             postgres.args([
                 "-c".to_owned(),
                 "ssl=on".to_owned(),
@@ -139,6 +156,9 @@ impl Postgres {
                 "-c".to_owned(),
                 format!("ssl_key_file={}", key.display()),
             ]);
+            if let Some(ca) = clients_ca {
+                postgres.args(["-c".to_owned(), format!("ssl_ca_file={}", ca.display())]);
+            }
         }
         let mut server = postgres
             .arg("-D")

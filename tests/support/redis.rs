@@ -20,8 +20,9 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
-    /// The port it also serves TLS on, and its certificate and key.
-    tls: Option<(u16, PathBuf, PathBuf)>,
+    /// The port it also serves TLS on, its certificate and key, and the
+    /// CA a TLS client's certificate must be signed by, when it needs one.
+    tls: Option<(u16, PathBuf, PathBuf, Option<PathBuf>)>,
 }
 
 /// Whether a service binary is installed; `false` (after a loud message)
@@ -48,23 +49,34 @@ pub fn available(binary: &str, what: &str) -> bool {
 impl Redis {
     /// A fresh server, or `None` when Redis is not installed.
     pub fn start() -> Option<Self> {
-        Self::start_with(None)
+        Self::start_with(None, false)
     }
 
     /// As `start`, serving TLS too, on a port of its own, with a
     /// certificate `ca` signed (`tls_url`).
     pub fn start_tls(ca: &TestCa) -> Option<Self> {
-        Self::start_with(Some(ca))
+        Self::start_with(Some(ca), false)
     }
 
-    fn start_with(ca: Option<&TestCa>) -> Option<Self> {
+    /// `start_tls`, letting in a TLS client only with a certificate `ca`
+    /// signed (mutual TLS).
+    pub fn start_tls_with_client_certificates(ca: &TestCa) -> Option<Self> {
+        Self::start_with(Some(ca), true)
+    }
+
+    fn start_with(ca: Option<&TestCa>, clients_certified: bool) -> Option<Self> {
         if !available(BINARY, "redis-server") {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
         let tls = ca.map(|ca| {
             let (cert, key) = ca.write_server_files(dir.path());
-            (service_port(), cert, key)
+            (
+                service_port(),
+                cert,
+                key,
+                clients_certified.then(|| ca.ca_file()),
+            )
         });
         let mut redis = Self {
             child: None,
@@ -82,7 +94,7 @@ impl Redis {
 
     /// The `rediss://` URL of its TLS port.
     pub fn tls_url(&self) -> String {
-        let (port, ..) = self.tls.as_ref().expect("started with start_tls");
+        let (port, ..) = self.tls.as_ref().expect("started with TLS");
         format!("rediss://127.0.0.1:{port}/0")
     }
 
@@ -91,16 +103,21 @@ impl Redis {
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "already running");
         let mut command = Command::new(BINARY);
-        if let Some((port, cert, key)) = &self.tls {
-            // Clients are not asked for certificates, so no CA for them.
+        if let Some((port, cert, key, clients_ca)) = &self.tls {
             command
                 .arg("--tls-port")
                 .arg(port.to_string())
                 .arg("--tls-cert-file")
                 .arg(cert)
                 .arg("--tls-key-file")
-                .arg(key)
-                .args(["--tls-auth-clients", "no"]);
+                .arg(key);
+            match clients_ca {
+                Some(ca) => command
+                    .arg("--tls-ca-cert-file")
+                    .arg(ca)
+                    .args(["--tls-auth-clients", "yes"]),
+                None => command.args(["--tls-auth-clients", "no"]),
+            };
         }
         let child = command
             .args(["--bind", "127.0.0.1", "--port"])

@@ -1,15 +1,13 @@
 //! Validation of `[state]`: where budgets, rate limits and upstream
 //! pressure live.
 
-use std::path::Path;
 use std::time::Duration;
 
 use url::Url;
 
 use super::super::schema::RawConfig;
 use super::super::types::*;
-use super::Validator;
-use crate::tls::CaFile;
+use super::{TlsFiles, Validator};
 
 const DEFAULT_PREFIX: &str = "tollgate:";
 const DEFAULT_TIMEOUT_MS: u64 = 50;
@@ -28,6 +26,8 @@ impl Validator<'_> {
                     ("on_unavailable", s.on_unavailable.is_some()),
                     ("lease_ms", s.lease_ms.is_some()),
                     ("ca_file", s.ca_file.is_some()),
+                    ("cert_file", s.cert_file.is_some()),
+                    ("key_file", s.key_file.is_some()),
                 ] {
                     if set {
                         self.problem(
@@ -95,39 +95,28 @@ impl Validator<'_> {
                 None
             }
         };
-        let roots = self.redis_roots(s.ca_file.as_deref(), url.as_ref());
+        let files = TlsFiles {
+            ca_file: s.ca_file.as_deref(),
+            cert_file: s.cert_file.as_deref(),
+            key_file: s.key_file.as_deref(),
+        };
+        let tls = url
+            .as_ref()
+            .map(|url| Url::parse(url.expose()).is_ok_and(|u| u.scheme() == "rediss"));
+        let tls = self.client_tls(
+            "state",
+            files,
+            tls,
+            "applies only to a rediss:// URL (TLS); use rediss://, or remove it",
+        );
         Some(RedisState {
-            roots,
+            tls,
             url,
             prefix,
             timeout: Duration::from_millis(timeout_ms),
             on_unavailable: on_unavailable?,
             lease: Duration::from_millis(lease_ms),
         })
-    }
-
-    /// The CA `ca_file` names for a `rediss://` URL, else the system's
-    /// roots. Offline (`url` unread) the scheme is not known, and the
-    /// file is checked alone.
-    fn redis_roots(&mut self, ca_file: Option<&str>, url: Option<&Secret>) -> Roots {
-        let Some(path) = ca_file else {
-            return Roots::System;
-        };
-        let tls = |url: &Secret| Url::parse(url.expose()).is_ok_and(|u| u.scheme() == "rediss");
-        if url.is_some_and(|url| !tls(url)) {
-            self.problem(
-                "state.ca_file",
-                "applies only to a rediss:// URL (TLS); use rediss://, or remove ca_file",
-            );
-            return Roots::System;
-        }
-        match CaFile::read(Path::new(path)) {
-            Ok(file) => Roots::File(file),
-            Err(e) => {
-                self.problem("state.ca_file", e);
-                Roots::System
-            }
-        }
     }
 
     /// A `redis://` or `rediss://` URL; one written in the config file
