@@ -8,9 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::ClientConfig;
+use rustls::client::WantsClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, ConfigBuilder};
 use rustls_platform_verifier::BuilderVerifierExt;
 
 /// TLS as one client speaks it: whose certificates it trusts, and the
@@ -18,7 +19,8 @@ use rustls_platform_verifier::BuilderVerifierExt;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientTls {
     pub roots: Roots,
-    pub identity: Option<Identity>,
+    /// Boxed: rare, and a config's tables hold a client's TLS each.
+    pub identity: Option<Box<Identity>>,
 }
 
 /// The certificates a server's chain must end in.
@@ -87,48 +89,59 @@ fn certificates(
 #[derive(Clone, PartialEq, Eq)]
 pub struct Identity {
     pub cert_path: PathBuf,
+    pub key_path: PathBuf,
     pub cert_pem: Arc<[u8]>,
     pub key_pem: Arc<[u8]>,
 }
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Identity").field(&self.cert_path).finish()
+        f.debug_tuple("Identity")
+            .field(&self.cert_path)
+            .field(&self.key_path)
+            .finish()
     }
 }
 
 impl Identity {
     /// Reads a certificate file and its key file, checked to hold a
-    /// certificate and a private key.
+    /// certificate and the private key that goes with it.
     pub fn read(cert: &Path, key: &Path) -> Result<Self, String> {
         let read = |what: &str, path: &Path| {
             std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
         };
         let identity = Self {
             cert_path: cert.to_owned(),
+            key_path: key.to_owned(),
             cert_pem: read("certificate file", cert)?.into(),
             key_pem: read("key file", key)?.into(),
         };
-        identity.parts().map_err(|e| match e {
-            Part::Certificate(e) => e,
-            Part::Key(e) => format!("key file {}: {e}", key.display()),
-        })?;
+        let trial = ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty());
+        identity.shown_by(trial)?;
         Ok(identity)
     }
 
-    fn parts(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Part> {
-        let chain = certificates("certificate file", &self.cert_path, &self.cert_pem)
-            .map_err(Part::Certificate)?;
-        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
-            .map_err(|e| Part::Key(format!("no private key in PEM: {e}")))?;
-        Ok((chain, key))
+    /// The config `builder` makes, showing this certificate to a server
+    /// that asks.
+    fn shown_by(
+        &self,
+        builder: ConfigBuilder<ClientConfig, WantsClientCert>,
+    ) -> Result<ClientConfig, String> {
+        let chain = certificates("certificate file", &self.cert_path, &self.cert_pem)?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| {
+            format!(
+                "key file {} holds no private key in PEM: {e}",
+                self.key_path.display()
+            )
+        })?;
+        builder.with_client_auth_cert(chain, key).map_err(|e| {
+            format!(
+                "key file {} does not go with certificate file {}: {e}",
+                self.key_path.display(),
+                self.cert_path.display()
+            )
+        })
     }
-}
-
-/// Which half of an identity is wrong, and how.
-enum Part {
-    Certificate(String),
-    Key(String),
 }
 
 impl ClientTls {
@@ -152,14 +165,7 @@ impl ClientTls {
         };
         match &self.identity {
             None => Ok(builder.with_no_client_auth()),
-            Some(identity) => {
-                let (chain, key) = identity.parts().map_err(|e| match e {
-                    Part::Certificate(e) | Part::Key(e) => e,
-                })?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| format!("certificate {}: {e}", identity.cert_path.display()))
-            }
+            Some(identity) => identity.shown_by(builder),
         }
     }
 }
@@ -221,14 +227,22 @@ mod tests {
         let identity = Identity::read(&cert, &key).unwrap();
         assert!(!format!("{identity:?}").contains("PRIVATE"), "{identity:?}");
         ClientTls {
-            identity: Some(identity),
+            identity: Some(Box::new(identity)),
             ..tls
         }
         .config()
         .unwrap();
         let error = Identity::read(&cert, &cert).unwrap_err();
-        assert!(error.starts_with("key file"), "{error}");
+        assert!(error.contains("holds no private key"), "{error}");
         let error = Identity::read(&key, &key).unwrap_err();
         assert!(error.contains("holds no certificate"), "{error}");
+        let other = rcgen::generate_simple_self_signed(["other".to_owned()]).unwrap();
+        let other_key = dir.path().join("other.pem");
+        std::fs::write(&other_key, other.signing_key.serialize_pem()).unwrap();
+        let error = Identity::read(&cert, &other_key).unwrap_err();
+        assert!(
+            error.contains("does not go with certificate file"),
+            "{error}"
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use support::certs::{ClientFiles, TestCa};
+use support::certs::{ClientFiles, ServerTls, TestCa};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::{MockServer, MockUpstream};
@@ -1324,7 +1324,7 @@ fn over_tls(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_state_over_tls_only_with_a_server_whose_certificate_verifies() {
     let ca = TestCa::new("redis");
-    let Some(redis) = Redis::start_tls(&ca) else {
+    let Some(redis) = Redis::start_tls(ServerTls::Server(&ca)) else {
         return;
     };
     let upstream = MockUpstream::openai().record(false).start().await;
@@ -1356,7 +1356,7 @@ async fn replicas_share_state_over_tls_only_with_a_server_whose_certificate_veri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_asks_for_a_client_certificate_gets_the_configured_one() {
     let ca = TestCa::new("mutual");
-    let Some(redis) = Redis::start_tls_with_client_certificates(&ca) else {
+    let Some(redis) = Redis::start_tls(ServerTls::ClientsCertified(&ca)) else {
         return;
     };
     let upstream = MockUpstream::openai().record(false).start().await;

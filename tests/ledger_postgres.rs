@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::certs::TestCa;
+use support::certs::{ServerTls, TestCa};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::{ADMIN_TOKEN, WAIT, check_error_shape, metric, user};
 use support::postgres::Postgres;
@@ -532,7 +532,7 @@ async fn replicas_starting_at_once_on_an_empty_database_migrate_it_once() {
 #[tokio::test]
 async fn spend_is_shipped_over_tls_only_to_a_server_whose_certificate_verifies() {
     let ca = TestCa::new("ledger");
-    let Some(postgres) = Postgres::start_tls(&ca) else {
+    let Some(postgres) = Postgres::start_tls(ServerTls::Server(&ca)) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -611,7 +611,7 @@ async fn spend_is_shipped_over_tls_only_to_a_server_whose_certificate_verifies()
 #[tokio::test]
 async fn a_database_that_asks_for_a_client_certificate_gets_the_configured_one() {
     let ca = TestCa::new("mutual");
-    let Some(postgres) = Postgres::start_tls_with_client_certificates(&ca) else {
+    let Some(postgres) = Postgres::start_tls(ServerTls::ClientsCertified(&ca)) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::certs::TestCa;
+use support::certs::{ServerTls, TestCa};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::{self, MockServer, MockUpstream};
@@ -1526,7 +1526,10 @@ async fn the_mock_cuts_events_into_separate_chunks_and_resets_without_a_chunked_
 #[tokio::test]
 async fn a_backend_whose_certificate_a_private_ca_signed_is_reached_with_its_ca_file() {
     let ca = TestCa::new("upstream");
-    let upstream = MockUpstream::openai().tls(&ca).start().await;
+    let upstream = MockUpstream::openai()
+        .tls(ServerTls::Server(&ca))
+        .start()
+        .await;
     assert!(url(&upstream).starts_with("https://127.0.0.1:"));
     let config = |ca_file: Option<&std::path::Path>| {
         let mut backend =
@@ -1570,7 +1573,7 @@ async fn a_backend_whose_certificate_a_private_ca_signed_is_reached_with_its_ca_
 async fn a_backend_that_asks_for_a_client_certificate_gets_the_configured_one() {
     let ca = TestCa::new("mutual");
     let upstream = MockUpstream::openai()
-        .tls_with_client_certificates(&ca)
+        .tls(ServerTls::ClientsCertified(&ca))
         .start()
         .await;
     let config = |with_certificate: bool| {

@@ -80,10 +80,10 @@ pub fn read(text: &str) -> Result<PostgresTarget, String> {
     let identity = match (tls, cert.as_deref(), key.as_deref()) {
         (_, None, None) => None,
         (false, _, _) => return Err(without_tls("sslcert and sslkey")),
-        (true, Some(cert), Some(key)) => Some(
+        (true, Some(cert), Some(key)) => Some(Box::new(
             Identity::read(Path::new(cert), Path::new(key))
                 .map_err(|e| format!("has an sslcert or sslkey the gateway cannot use: {e}"))?,
-        ),
+        )),
         (true, _, _) => {
             return Err("has one of sslcert and sslkey: give both, or neither".into());
         }

@@ -528,7 +528,7 @@ impl Validator<'_> {
         let identity = match (files.cert_file, files.key_file) {
             (None, None) => None,
             (Some(cert), Some(key)) => match Identity::read(Path::new(cert), Path::new(key)) {
-                Ok(identity) => Some(identity),
+                Ok(identity) => Some(Box::new(identity)),
                 Err(e) => {
                     self.problem(at("cert_file"), e);
                     None

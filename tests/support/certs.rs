@@ -14,6 +14,29 @@ pub struct TestCa {
     pub server_key: String,
 }
 
+/// How a test's server speaks TLS, with the server certificate a
+/// `TestCa` signed.
+#[derive(Clone, Copy)]
+pub enum ServerTls<'a> {
+    /// Beside plaintext; a client shows no certificate.
+    Server(&'a TestCa),
+    /// Beside plaintext; a TLS client must show a certificate the CA
+    /// signed (mutual TLS).
+    ClientsCertified(&'a TestCa),
+}
+
+impl<'a> ServerTls<'a> {
+    pub fn ca(self) -> &'a TestCa {
+        match self {
+            Self::Server(ca) | Self::ClientsCertified(ca) => ca,
+        }
+    }
+
+    pub fn clients_certified(self) -> bool {
+        matches!(self, Self::ClientsCertified(_))
+    }
+}
+
 /// What a client signed by a `TestCa` shows: its certificate and key files.
 pub struct ClientFiles {
     pub cert: PathBuf,

@@ -55,7 +55,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use super::certs::TestCa;
+use super::certs::ServerTls;
 use super::{bedrock_mock, openai_mock, tgi_mock};
 
 /// The directory of the byte-exact upstream recordings.
@@ -351,25 +351,15 @@ impl MockUpstream {
         self
     }
 
-    /// Serve HTTPS with the server certificate `ca` signed (`base_url`
-    /// says `https://`).
-    pub fn tls(self, ca: &TestCa) -> Self {
-        self.serve_tls(ca, false)
-    }
-
-    /// `tls`, refusing a client without a certificate `ca` signed (mutual
-    /// TLS).
-    pub fn tls_with_client_certificates(self, ca: &TestCa) -> Self {
-        self.serve_tls(ca, true)
-    }
-
-    fn serve_tls(mut self, ca: &TestCa, clients_certified: bool) -> Self {
+    /// Serve HTTPS (`base_url` says `https://`) as `tls` says.
+    pub fn tls(mut self, tls: ServerTls<'_>) -> Self {
+        let ca = tls.ca();
         let certificates = CertificateDer::pem_slice_iter(ca.server_cert.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .expect("the test CA's PEM");
         let key = PrivateKeyDer::from_pem_slice(ca.server_key.as_bytes()).expect("a PEM key");
         let builder = rustls::ServerConfig::builder();
-        let builder = if clients_certified {
+        let builder = if tls.clients_certified() {
             let mut roots = rustls::RootCertStore::empty();
             let ca_pem = std::fs::read(ca.ca_file()).unwrap();
             for certificate in CertificateDer::pem_slice_iter(&ca_pem) {

@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::certs::TestCa;
+use super::certs::ServerTls;
 use super::gateway::WAIT;
 use super::ports::service_port;
 
@@ -41,23 +41,18 @@ impl Postgres {
     /// A new server with an empty database, running; `None` (after a
     /// loud SKIPPED) without the binaries.
     pub fn start() -> Option<Self> {
-        Self::start_with(None, false)
+        Self::start_with(None)
     }
 
-    /// As `start`, offering TLS (and plaintext) with a certificate `ca`
-    /// signed.
-    pub fn start_tls(ca: &TestCa) -> Option<Self> {
-        Self::start_with(Some(ca), false)
+    /// As `start`, offering TLS beside plaintext. With
+    /// `ServerTls::ClientsCertified`, a TLS connection is let in by a
+    /// client certificate for its user (`cert` authentication) and by
+    /// nothing else.
+    pub fn start_tls(tls: ServerTls<'_>) -> Option<Self> {
+        Self::start_with(Some(tls))
     }
 
-    /// `start_tls`, where a TLS connection is let in by a client
-    /// certificate `ca` signed for its user (`cert` authentication) and
-    /// by nothing else; plaintext ones as before.
-    pub fn start_tls_with_client_certificates(ca: &TestCa) -> Option<Self> {
-        Self::start_with(Some(ca), true)
-    }
-
-    fn start_with(ca: Option<&TestCa>, clients_certified: bool) -> Option<Self> {
+    fn start_with(server_tls: Option<ServerTls<'_>>) -> Option<Self> {
         let Some(bin) = binaries() else {
             assert!(
                 std::env::var("TOLLGATE_REQUIRE_SERVICES").as_deref() != Ok("1"),
@@ -97,11 +92,11 @@ impl Postgres {
             "initdb failed:\n{}",
             String::from_utf8_lossy(&output.stderr)
         );
-        let tls = ca.map(|ca| {
-            let (cert, key) = ca.write_server_files(dir.path());
-            let clients_ca = clients_certified.then(|| {
+        let tls = server_tls.map(|tls| {
+            let (cert, key) = tls.ca().write_server_files(dir.path());
+            let clients_ca = tls.clients_certified().then(|| {
                 let copy = dir.path().join("clients-ca.pem");
-                std::fs::copy(ca.ca_file(), &copy).unwrap();
+                std::fs::copy(tls.ca().ca_file(), &copy).unwrap();
                 let hba = data.join("pg_hba.conf");
                 let rules = std::fs::read_to_string(&hba).unwrap();
                 let certified = "hostssl all all 127.0.0.1/32 cert\n";

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::certs::TestCa;
+use super::certs::ServerTls;
 use super::ports::service_port;
 
 const BINARY: &str = "redis-server";
@@ -49,34 +49,23 @@ pub fn available(binary: &str, what: &str) -> bool {
 impl Redis {
     /// A fresh server, or `None` when Redis is not installed.
     pub fn start() -> Option<Self> {
-        Self::start_with(None, false)
+        Self::start_with(None)
     }
 
-    /// As `start`, serving TLS too, on a port of its own, with a
-    /// certificate `ca` signed (`tls_url`).
-    pub fn start_tls(ca: &TestCa) -> Option<Self> {
-        Self::start_with(Some(ca), false)
+    /// As `start`, serving TLS too, on a port of its own (`tls_url`).
+    pub fn start_tls(tls: ServerTls<'_>) -> Option<Self> {
+        Self::start_with(Some(tls))
     }
 
-    /// `start_tls`, letting in a TLS client only with a certificate `ca`
-    /// signed (mutual TLS).
-    pub fn start_tls_with_client_certificates(ca: &TestCa) -> Option<Self> {
-        Self::start_with(Some(ca), true)
-    }
-
-    fn start_with(ca: Option<&TestCa>, clients_certified: bool) -> Option<Self> {
+    fn start_with(server_tls: Option<ServerTls<'_>>) -> Option<Self> {
         if !available(BINARY, "redis-server") {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
-        let tls = ca.map(|ca| {
-            let (cert, key) = ca.write_server_files(dir.path());
-            (
-                service_port(),
-                cert,
-                key,
-                clients_certified.then(|| ca.ca_file()),
-            )
+        let tls = server_tls.map(|tls| {
+            let (cert, key) = tls.ca().write_server_files(dir.path());
+            let clients_ca = tls.clients_certified().then(|| tls.ca().ca_file());
+            (service_port(), cert, key, clients_ca)
         });
         let mut redis = Self {
             child: None,
