@@ -213,6 +213,11 @@ fn check(path: &std::path::Path, secrets: Secrets<'_>, strict: bool) -> ExitCode
     let Some(config) = load(path, secrets) else {
         return ExitCode::FAILURE;
     };
+    // What `serve` refuses on the file's own address.
+    if let Some(problem) = tollgate::config::open_to_network(&config, config.server.listen) {
+        eprintln!("{}: 1 problem(s):\n  {problem}", path.display());
+        return ExitCode::FAILURE;
+    }
     let warnings = tollgate::config::warnings(&config);
     for warning in &warnings {
         eprintln!("warning: {warning}");
@@ -488,6 +493,10 @@ fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
     };
     if let Some(listen) = listen {
         config.server.listen = listen;
+    }
+    if let Some(problem) = tollgate::config::open_to_network(&config, config.server.listen) {
+        eprintln!("refusing to start: {problem}");
+        return ExitCode::FAILURE;
     }
     // Log lines are buffered and written by a thread of their own, so a
     // request never waits on stderr; dropped last, this writes the rest.

@@ -270,6 +270,66 @@ fn serve_refuses_to_start_on_a_broken_config() {
     );
 }
 
+/// Valid, but with no keys on an address other hosts reach, in front of a
+/// vLLM server: anyone on the network could use its GPUs.
+const OPEN: &str = r#"
+[server]
+listen = "0.0.0.0:8080"
+
+[[backends]]
+name = "vllm-us"
+kind = "vllm"
+base_url = "http://127.0.0.1:9/v1"
+
+[[models]]
+alias = "llama-3.3-70b"
+[[models.deployments]]
+backend = "vllm-us"
+model = "meta-llama/Llama-3.3-70B-Instruct"
+context_window = 131072
+"#;
+
+#[test]
+fn a_gateway_without_keys_is_never_opened_to_the_network_by_accident() {
+    let open = temp_config(OPEN);
+    let problem = "keys: there are no [[keys]] and the gateway listens on";
+    let mut check = tollgate();
+    check.arg("check").arg("--config").arg(open.path());
+    let out = run(check);
+    assert_eq!(out.code, Some(1), "stdout:\n{}", out.stdout);
+    assert!(
+        out.stderr.contains(&format!("{problem} 0.0.0.0:8080")),
+        "{}",
+        out.stderr
+    );
+    for address in ["0.0.0.0:0", "[::]:0"] {
+        let mut serve = tollgate();
+        serve
+            .args(["serve", "--listen", address, "--config"])
+            .arg(open.path());
+        let out = run(serve);
+        assert_eq!(out.code, Some(1), "{address}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("refusing to start") && out.stderr.contains(problem),
+            "{address}: {}",
+            out.stderr
+        );
+        assert!(!out.stderr.contains("tollgate listening"), "{}", out.stderr);
+    }
+    // On loopback it serves, as it does when the config says it is meant.
+    let gateway = support::process::serve_file(open.path(), &[]);
+    assert!(
+        gateway.listening.contains("127.0.0.1:"),
+        "{}",
+        gateway.listening
+    );
+    let said = temp_config(&OPEN.replacen("[server]\n", "[server]\nallow_anonymous = true\n", 1));
+    let mut check = tollgate();
+    check.arg("check").arg("--config").arg(said.path());
+    let out = run(check);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}
+
 /// Valid, but an EU user could reach a multimodal Llama: Llama 4 Scout
 /// under another licence and not marked multimodal, and a key with no
 /// region whose callers may choose one, with no `policy.default_region`.

@@ -679,41 +679,77 @@ async fn a_truncated_or_half_written_file_never_switches_auth_off() {
     assert_eq!(gateway.chat(hi()).await.status(), 200);
 }
 
+/// `POST /admin/reload` of `candidate`, which must be refused: the paths
+/// of its problems, and the error's message.
+async fn reload_refused(gateway: &Gateway, candidate: Config) -> (Vec<String>, String) {
+    let response = admin(gateway, reqwest::Method::POST, "/admin/reload")
+        .await
+        .body(candidate.to_toml())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    let paths: Vec<String> = body["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap().to_owned())
+        .collect();
+    (paths, message(&body["error"]).to_owned())
+}
+
 #[tokio::test]
 async fn admin_reload_refuses_a_candidate_that_drops_every_key_or_the_admin_token() {
     let gateway = start(&keyed(&["one"])).await;
     let version = active_version(&gateway).await;
-    let refused = |candidate: Config| {
-        let gateway = &gateway;
-        async move {
-            let response = admin(gateway, reqwest::Method::POST, "/admin/reload")
-                .await
-                .body(candidate.to_toml())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 422);
-            let body: Value = response.json().await.unwrap();
-            let paths: Vec<String> = body["problems"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p["path"].as_str().unwrap().to_owned())
-                .collect();
-            (paths, message(&body["error"]).to_owned())
-        }
-    };
-    let (paths, said) = refused(simulated(&["one"])).await;
+    let (paths, said) = reload_refused(&gateway, simulated(&["one"])).await;
     assert_eq!(paths, ["keys"]);
     assert!(said.contains("server.allow_anonymous = true"), "{said}");
     let no_admin = simulated_on(&["one"], &["one"]).key(Key::new("team"));
-    assert_eq!(refused(no_admin).await.0, ["admin.token_env"]);
     assert_eq!(
-        refused(simulated_on(&["one"], &["one"])).await.0,
+        reload_refused(&gateway, no_admin).await.0,
+        ["admin.token_env"]
+    );
+    assert_eq!(
+        reload_refused(&gateway, simulated_on(&["one"], &["one"]))
+            .await
+            .0,
         ["keys", "admin.token_env"]
     );
     assert_eq!(active_version(&gateway).await, version);
     assert_eq!(gateway.chat_as("team-secret", hi()).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_keyless_gateway_on_the_network_takes_no_paid_backend_unless_its_config_says_so() {
+    // Running without keys on simulated backends, on an address other
+    // hosts reach (the running config's: `serve --listen` sets it).
+    let on_network = |config: Config| config.set("server", "listen", "0.0.0.0:8080");
+    let gateway = start(&on_network(simulated(&["one"]))).await;
+    let version = active_version(&gateway).await;
+    let vllm = || Backend::upstream("gpu", "vllm", "http://127.0.0.1:9/v1");
+    let paid = || on_network(simulated(&["one"]).backend(vllm()));
+    let (paths, said) = reload_refused(&gateway, paid()).await;
+    assert_eq!(paths, ["keys"]);
+    assert!(
+        said.contains("listens on 0.0.0.0:8080") && said.contains("backend \"gpu\""),
+        "{said}"
+    );
+    // The file's own address does not decide: the running one does.
+    let loopback = paid().set("server", "listen", "127.0.0.1:8080");
+    assert_eq!(reload_refused(&gateway, loopback).await.0, ["keys"]);
+    assert_eq!(active_version(&gateway).await, version, "nothing applied");
+
+    let said_so = paid().set("server", "allow_anonymous", true);
+    let report = admin(&gateway, reqwest::Method::POST, "/admin/reload")
+        .await
+        .body(said_so.to_toml())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(report.status(), 200, "{}", report.text().await.unwrap());
+    assert_ne!(active_version(&gateway).await, version);
 }
 
 #[test]

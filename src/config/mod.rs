@@ -2,6 +2,7 @@
 //! every problem with the path of the value at fault.
 
 mod diff;
+mod exposure;
 pub mod postgres_url;
 mod schema;
 mod types;
@@ -13,6 +14,7 @@ use std::fmt;
 use std::path::Path;
 
 pub use diff::{Changes, ConfigDiff, diff};
+pub use exposure::open_to_network;
 pub use types::*;
 pub use validate::{DEFAULT_LISTEN, EnvLookup, Secrets};
 pub use warnings::warnings;

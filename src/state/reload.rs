@@ -96,8 +96,10 @@ fn read_settled(path: &Path) -> std::io::Result<String> {
 }
 
 /// What a candidate takes away from the gateway's protection: every key,
-/// the admin token or the metrics token, where the running config has them. A reload never does
-/// that by accident: only a candidate with `server.allow_anonymous = true`.
+/// the admin token or the metrics token, where the running config has them,
+/// or the keys a paid backend needs on the address the gateway listens on
+/// ([`config::open_to_network`]). A reload never does that by accident:
+/// only a candidate with `server.allow_anonymous = true`.
 fn weakened_access(old: &Config, new: &Config) -> Vec<Problem> {
     if new.server.allow_anonymous {
         return Vec::new();
@@ -112,6 +114,9 @@ fn weakened_access(old: &Config, new: &Config) -> Vec<Problem> {
                 old.keys.len()
             ),
         });
+    } else if let Some(open) = config::open_to_network(new, old.server.listen) {
+        // The running address: `serve --listen` may override the file's.
+        problems.push(open);
     }
     if old.admin.token_sha256.is_some() && new.admin.token_sha256.is_none() {
         problems.push(Problem {
