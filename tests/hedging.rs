@@ -213,16 +213,17 @@ async fn no_hedge_goes_beyond_the_allowance() {
     // At $6 per Mtok of output, 2,000 output tokens alone cost $0.012.
     not_hedged_over_the_allowance(hi(2_000)).await;
     // Without max_tokens, the hedge is sent with the output limit the
-    // allowance pays for: ($0.01 − the prompt at $3) / $6 per Mtok.
+    // allowance pays for: ($0.01 − the most the prompt can be, 91 tokens
+    // at $3) / $6 per Mtok.
     let hello = json!({"model": "chat", "messages": [{"role": "user", "content": "hello there"}]});
     let limit = hedge_limit(hello.clone()).await;
-    assert!((1_660..=1_667).contains(&limit), "{limit}");
+    assert_eq!(limit, 1_621);
     // With four answers, a quarter of that each; and a limit of 500 each
     // is 2,000 tokens, over the allowance.
     let mut four = hello;
     four["n"] = json!(4);
     let limit = hedge_limit(four).await;
-    assert!((415..=416).contains(&limit), "{limit}");
+    assert_eq!(limit, 405);
     let mut four_of_500 = hi(500);
     four_of_500["n"] = json!(4);
     not_hedged_over_the_allowance(four_of_500).await;
@@ -274,10 +275,12 @@ async fn a_failed_hedge_leaves_the_first_to_answer_and_a_failed_first_the_hedge(
 async fn a_budget_holds_the_hedge_allowance_and_is_never_overrun() {
     let first = MockUpstream::openai().first_byte_after(SLOW).start().await;
     let second = MockUpstream::openai().start().await;
-    // Enough for the first attempt's worst case and a hedge's allowance.
-    let config = two(&first, &second, 0.000_5).key(
+    // Enough for the first attempt's worst case (the most the prompt can
+    // be, 91 tokens at $3 per Mtok, and 50 output tokens at $6: $0.000573)
+    // and a hedge's allowance.
+    let config = two(&first, &second, 0.000_6).key(
         Key::new("team")
-            .set("budget_daily_usd", 0.001)
+            .set("budget_daily_usd", 0.001_2)
             .models(&["chat"]),
     );
     let gateway = support::gateway::start(&config).await;
@@ -294,7 +297,7 @@ async fn a_budget_holds_the_hedge_allowance_and_is_never_overrun() {
         .await;
     let spend = gateway.spend("").await;
     let spent = spend["total"]["cost_usd"].as_f64().unwrap();
-    assert!(spent > 0.0 && spent <= 0.001, "{spend}");
+    assert!(spent > 0.0 && spent <= 0.001_2, "{spend}");
 
     // A budget with room for the first attempt's worst case but not the
     // allowance beside it: the first attempt runs whole, and no hedge.
@@ -305,7 +308,7 @@ async fn a_budget_holds_the_hedge_allowance_and_is_never_overrun() {
     let second = MockUpstream::openai().start().await;
     let config = two(&first, &second, 0.01).key(
         Key::new("team")
-            .set("budget_daily_usd", 0.000_5)
+            .set("budget_daily_usd", 0.000_6)
             .models(&["chat"]),
     );
     let gateway = support::gateway::start(&config).await;
@@ -422,7 +425,8 @@ async fn concurrent_hedged_requests_never_overrun_a_budget() {
         .start()
         .await;
     let budget = 0.005;
-    let config = two(&first, &second, 0.000_5).key(
+    // An allowance that pays for a hedge's worst case, $0.000573.
+    let config = two(&first, &second, 0.000_6).key(
         Key::new("team")
             .set("budget_daily_usd", budget)
             .models(&["chat"]),

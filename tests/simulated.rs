@@ -483,8 +483,10 @@ async fn it_reports_the_usage_so_far_as_vllm_does() {
         assert_eq!(counts, expected, "answer {answer}");
     }
 
-    // $0.001 at $1 and $10 a million tokens: the prompt's estimate and 99
-    // output tokens, of the simulated backend's words of about 5.6 bytes.
+    // $0.001 at $1 and $10 a million tokens: the most the prompt can be
+    // (100 tokens: a chat template's 64, a message's 16 and its 20 bytes)
+    // and 90 output tokens, of the simulated backend's words of about 5.6
+    // bytes.
     let config = Config::new()
         .backend(Backend::simulated("sim").answers(1, 100_000, 1_000))
         .model(Model::new("llama").deployment(Deployment::new("sim", "m").price(1.0, 10.0)))
@@ -500,7 +502,7 @@ async fn it_reports_the_usage_so_far_as_vllm_does() {
         .iter()
         .filter(|c| c["choices"][0]["delta"]["content"].is_string())
         .count() as u64;
-    assert_eq!((words, limit), (99, 99));
+    assert_eq!((words, limit), (90, 90));
     assert_eq!(
         with_choices[with_choices.len() - 1]["choices"][0]["finish_reason"],
         "length"

@@ -1,6 +1,15 @@
 //! Token estimates, used where no tokenizer answer exists yet: request
 //! facts before routing, and usage when an upstream reports none. About
 //! four characters a token holds for English text with Llama tokenizers.
+//!
+//! Beside the estimate, a prompt's most: the most tokens a tokenizer and
+//! chat template can make of it, which a budget reserves. Byte-level BPE
+//! (Llama 3 and 4, Qwen, GPT) makes at most a token of each byte of text,
+//! and text can be written to reach that: digits between spaces are a
+//! token a byte to Llama 3's tokenizer, where English prose is about four
+//! bytes a token (`docs/metering.md` has the measured figures). JSON a
+//! template writes again, indented (tools, tool calls), takes up to two
+//! tokens a byte of its compact form.
 
 use super::image;
 use crate::openai::{ChatRequest, InboundRequest, MessageContent, Prompt, TypedRequest};
@@ -11,12 +20,86 @@ const TOKENS_PER_MESSAGE: u64 = 4;
 /// A flat charge per audio or file part; the real count depends on the
 /// model's encoder and the media's size.
 const TOKENS_PER_MEDIA_PART: u64 = 765;
+/// The most a chat template adds around a message: Llama 3's and Qwen's
+/// add 5 (its role between markers, a line end, an end marker).
+const MOST_PER_MESSAGE: u64 = 16;
+/// The most a chat template adds to a conversation: Llama 3.1's system
+/// block with its dates and the answer's header make 35 tokens of a
+/// one-word prompt's 36, Qwen 2.5's default system prompt about 30.
+const MOST_PER_CHAT: u64 = 64;
+/// The most a template adds to offer tools, beside the tools themselves:
+/// Llama 3.1's instructions take 56 tokens, Qwen 2.5's about 100.
+const MOST_FOR_TOOLS: u64 = 192;
+/// The most a tokenizer adds to a legacy prompt or an embedding's input:
+/// its begin and end markers.
+const MOST_PER_INPUT: u64 = 2;
 
 pub fn tokens_for_chars(chars: usize) -> u64 {
     chars.div_ceil(CHARS_PER_TOKEN) as u64
 }
 
-pub fn prompt_tokens(request: &InboundRequest) -> u64 {
+/// A prompt's estimated tokens, and the most it can be.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PromptTokens {
+    pub estimate: u64,
+    pub most: u64,
+}
+
+impl PromptTokens {
+    /// `bytes` of text.
+    fn text(bytes: usize) -> Self {
+        Self {
+            estimate: tokens_for_chars(bytes),
+            most: bytes as u64,
+        }
+    }
+
+    /// `bytes` of compact JSON, which a template may write indented.
+    fn json(bytes: usize) -> Self {
+        Self {
+            estimate: tokens_for_chars(bytes),
+            most: 2 * bytes as u64,
+        }
+    }
+
+    /// Tokens known, or counted the same either way.
+    fn exactly(tokens: u64) -> Self {
+        Self {
+            estimate: tokens,
+            most: tokens,
+        }
+    }
+
+    /// What a template adds: `estimated`, at most `most`.
+    fn template(estimate: u64, most: u64) -> Self {
+        Self { estimate, most }
+    }
+}
+
+impl std::ops::Add for PromptTokens {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            estimate: self.estimate.saturating_add(other.estimate),
+            most: self.most.saturating_add(other.most),
+        }
+    }
+}
+
+impl std::ops::AddAssign for PromptTokens {
+    fn add_assign(&mut self, other: Self) {
+        *self = *self + other;
+    }
+}
+
+impl std::iter::Sum for PromptTokens {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |sum, t| sum + t)
+    }
+}
+
+pub fn prompt_tokens(request: &InboundRequest) -> PromptTokens {
     match &request.typed {
         TypedRequest::Chat(chat) => chat_prompt_tokens(chat),
         TypedRequest::Completion(completion) => input_tokens(&completion.prompt),
@@ -24,18 +107,18 @@ pub fn prompt_tokens(request: &InboundRequest) -> u64 {
     }
 }
 
-fn chat_prompt_tokens(chat: &ChatRequest) -> u64 {
-    let mut tokens = 0;
+fn chat_prompt_tokens(chat: &ChatRequest) -> PromptTokens {
+    let mut tokens = PromptTokens::template(0, MOST_PER_CHAT);
     for message in &chat.messages {
-        tokens += TOKENS_PER_MESSAGE;
+        tokens += PromptTokens::template(TOKENS_PER_MESSAGE, MOST_PER_MESSAGE);
         match &message.content {
-            Some(MessageContent::Text(text)) => tokens += tokens_for_chars(text.len()),
+            Some(MessageContent::Text(text)) => tokens += PromptTokens::text(text.len()),
             Some(MessageContent::Parts(parts)) => {
                 for part in parts {
                     tokens += match (&part.text, part.image_url()) {
-                        (Some(text), _) => tokens_for_chars(text.len()),
-                        (None, Some(url)) => image::tokens(url),
-                        (None, None) => TOKENS_PER_MEDIA_PART,
+                        (Some(text), _) => PromptTokens::text(text.len()),
+                        (None, Some(url)) => PromptTokens::exactly(image::tokens(url)),
+                        (None, None) => PromptTokens::exactly(TOKENS_PER_MEDIA_PART),
                     };
                 }
             }
@@ -43,11 +126,12 @@ fn chat_prompt_tokens(chat: &ChatRequest) -> u64 {
         }
         // Tool calls and other fields still cost tokens; count their JSON.
         if !message.extra.is_empty() {
-            tokens += tokens_for_chars(json_len(&message.extra));
+            tokens += PromptTokens::json(json_len(&message.extra));
         }
     }
     if let Some(tools) = &chat.tools {
-        tokens += tokens_for_chars(tools.get().len());
+        tokens += PromptTokens::json(tools.get().len());
+        tokens += PromptTokens::template(0, MOST_FOR_TOOLS);
     }
     tokens
 }
@@ -88,12 +172,17 @@ pub fn longest_of_batch(request: &InboundRequest) -> Option<u64> {
 }
 
 /// A legacy completion's prompt, or an embedding's input.
-fn input_tokens(prompt: &Prompt) -> u64 {
+fn input_tokens(prompt: &Prompt) -> PromptTokens {
+    let text =
+        |text: &String| PromptTokens::text(text.len()) + PromptTokens::template(0, MOST_PER_INPUT);
     match prompt {
-        Prompt::Text(text) => tokens_for_chars(text.len()),
-        Prompt::Texts(texts) => texts.iter().map(|t| tokens_for_chars(t.len())).sum(),
-        Prompt::Tokens(ids) => ids.len() as u64,
-        Prompt::TokenBatches(batches) => batches.iter().map(|b| b.len() as u64).sum(),
+        Prompt::Text(one) => text(one),
+        Prompt::Texts(texts) => texts.iter().map(text).sum(),
+        Prompt::Tokens(ids) => PromptTokens::exactly(ids.len() as u64),
+        Prompt::TokenBatches(batches) => batches
+            .iter()
+            .map(|b| PromptTokens::exactly(b.len() as u64))
+            .sum(),
     }
 }
 
@@ -115,7 +204,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            prompt_tokens(&chat),
+            prompt_tokens(&chat).estimate,
             4 + 2 + 4 + 1 + image::MOST_TOKENS + 765
         );
         let tokens = InboundRequest::parse(
@@ -123,7 +212,7 @@ mod tests {
             Bytes::from_static(br#"{"model":"m","prompt":[1,2,3]}"#),
         )
         .unwrap();
-        assert_eq!(prompt_tokens(&tokens), 3);
+        assert_eq!(prompt_tokens(&tokens), PromptTokens::exactly(3));
         assert_eq!(longest_of_batch(&tokens), None, "token ids are one prompt");
         assert_eq!(longest_of_batch(&chat), None);
         let parse = |endpoint, body: &'static str| {
@@ -134,7 +223,7 @@ mod tests {
             r#"{"model":"m","prompt":["1234","12345678","1"]}"#,
         );
         assert_eq!(
-            (prompt_tokens(&batch), longest_of_batch(&batch)),
+            (prompt_tokens(&batch).estimate, longest_of_batch(&batch)),
             (4, Some(2))
         );
         let batches = parse(
@@ -142,7 +231,7 @@ mod tests {
             r#"{"model":"m","input":[[1,2],[3,4,5]]}"#,
         );
         assert_eq!(
-            (prompt_tokens(&batches), longest_of_batch(&batches)),
+            (prompt_tokens(&batches).estimate, longest_of_batch(&batches)),
             (5, Some(3))
         );
     }
@@ -163,7 +252,55 @@ mod tests {
         // the 77 of `tools` as the client wrote them.
         assert_eq!(
             prompt_tokens(&chat),
-            4 + 102_u64.div_ceil(4) + 77_u64.div_ceil(4)
+            PromptTokens {
+                estimate: 4 + 102_u64.div_ceil(4) + 77_u64.div_ceil(4),
+                // Twice the JSON, as a template writes it indented.
+                most: MOST_PER_CHAT + MOST_PER_MESSAGE + 2 * 102 + 2 * 77 + MOST_FOR_TOOLS,
+            }
+        );
+    }
+
+    #[test]
+    fn a_prompts_most_is_a_token_a_byte_of_its_text_with_its_templates_markers() {
+        let parse = |endpoint, body: &str| {
+            InboundRequest::parse(endpoint, Bytes::copy_from_slice(body.as_bytes())).unwrap()
+        };
+        // Digits between spaces: 3,999 bytes that Llama 3 makes 3,999
+        // tokens of, estimated at 1,000.
+        let digits = (0..2000)
+            .map(|i| (i % 10).to_string())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let chat = parse(
+            Endpoint::Chat,
+            &format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{digits}"}}]}}"#),
+        );
+        assert_eq!(
+            prompt_tokens(&chat),
+            PromptTokens {
+                estimate: 4 + 1000,
+                most: MOST_PER_CHAT + MOST_PER_MESSAGE + 3999,
+            }
+        );
+        // Multi-byte text counts its bytes: "é" is two.
+        let accented = parse(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":["été","a"]}"#,
+        );
+        assert_eq!(
+            prompt_tokens(&accented),
+            PromptTokens {
+                estimate: 2 + 1,
+                most: 5 + 1 + 2 * MOST_PER_INPUT,
+            }
+        );
+        let embeddings = parse(Endpoint::Embeddings, r#"{"model":"m","input":"abcdefgh"}"#);
+        assert_eq!(
+            prompt_tokens(&embeddings),
+            PromptTokens {
+                estimate: 2,
+                most: 8 + MOST_PER_INPUT,
+            }
         );
     }
 }

@@ -29,6 +29,7 @@ use crate::openai::{ResponseView, Usage, UsageBound, UsageFault};
 use crate::traces::{AttemptFacts, Outcome, RequestTrace};
 use budget::Reservation;
 use cost::{Counterfactual, Rate};
+use estimate::PromptTokens;
 use key_series::OTHER_KEYS;
 
 /// HTTP status recorded for a response the client abandoned (nginx's 499).
@@ -120,7 +121,7 @@ pub struct Meter {
     labels: MeterLabels,
     charges: Charges,
     started: Instant,
-    prompt_estimate: u64,
+    prompt: PromptTokens,
     /// The attempt in flight or answering; `None` between attempts.
     serving: Option<Serving>,
     /// A hedge: a second attempt in flight beside `serving`. Boxed, as is
@@ -164,7 +165,7 @@ impl Meter {
         labels: MeterLabels,
         charges: Charges,
         started: Instant,
-        prompt_estimate: u64,
+        prompt: PromptTokens,
         in_flight: InFlight,
         trace: Option<RequestTrace>,
     ) -> Self {
@@ -173,7 +174,7 @@ impl Meter {
             labels,
             charges,
             started,
-            prompt_estimate,
+            prompt,
             serving: None,
             hedge: None,
             cancelled: None,
@@ -405,14 +406,15 @@ impl Meter {
     }
 
     /// Whether a chunk of `observed` output takes the request past its
-    /// budget reservation: the prompt of a hedge's cancelled attempt, its
-    /// prompt estimate, the output passed through and this chunk's would
-    /// cost more than it holds. The stream then ends before the chunk, so
-    /// a budget is never overrun by a request that generates past what
-    /// was reserved for it, while an upstream that stops at the limit it
-    /// was sent ends its stream itself, with its own usage. `running`: the
-    /// upstream was asked for its usage so far in every chunk, so the
-    /// output is its count, not an estimate of the text.
+    /// budget reservation: the prompt of a hedge's cancelled attempt, the
+    /// most its prompt can be (as reserved), the output passed through
+    /// and this chunk's would cost more than it holds. The stream then
+    /// ends before the chunk, so a budget is never overrun by a request
+    /// that generates past what was reserved for it, while an upstream
+    /// that stops at the limit it was sent ends its stream itself, with
+    /// its own usage. `running`: the upstream was asked for its usage so
+    /// far in every chunk, so the prompt and output are its counts, not
+    /// the gateway's.
     pub fn passes_reservation(&self, observed: &Observed, running: bool) -> bool {
         let (Some(reservation), Some(serving), 1..) = (
             &self.charges.reservation,
@@ -421,11 +423,14 @@ impl Meter {
         ) else {
             return false;
         };
-        let output = match &observed.usage {
-            Some(Ok(usage)) if running => usage.completion_tokens,
-            _ => estimate::tokens_for_chars(self.output_chars + observed.text_chars),
+        let (prompt, output) = match &observed.usage {
+            Some(Ok(usage)) if running => (usage.prompt_tokens, usage.completion_tokens),
+            _ => (
+                self.prompt.most,
+                estimate::tokens_for_chars(self.output_chars + observed.text_chars),
+            ),
         };
-        let cost = serving.rate.estimate_nano_usd(self.prompt_estimate, output);
+        let cost = serving.rate.estimate_nano_usd(prompt, output);
         cost.saturating_add(self.cancelled_cost()) > reservation.nano_usd()
     }
 
@@ -433,7 +438,7 @@ impl Meter {
     fn cancelled_cost(&self) -> u64 {
         self.cancelled
             .as_ref()
-            .map_or(0, |c| c.rate.estimate_nano_usd(self.prompt_estimate, 0))
+            .map_or(0, |c| c.rate.estimate_nano_usd(self.prompt.estimate, 0))
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -443,7 +448,7 @@ impl Meter {
     /// The usage reported so far, else the estimate of what passed.
     pub fn usage_so_far(&self) -> Usage {
         self.usage
-            .unwrap_or_else(|| Usage::new(self.prompt_estimate, self.generated_tokens()))
+            .unwrap_or_else(|| Usage::new(self.prompt.estimate, self.generated_tokens()))
     }
 
     /// A stream chunk was sent to the client at `now`: time to first
@@ -503,11 +508,11 @@ impl Meter {
         match self.usage {
             Some(usage) => (usage, false),
             None if self.answered => (
-                Usage::new(self.prompt_estimate, self.generated_tokens()),
+                Usage::new(self.prompt.estimate, self.generated_tokens()),
                 true,
             ),
             None if status == CLIENT_CLOSED && self.serving.is_some() => {
-                (Usage::new(self.prompt_estimate, 0), true)
+                (Usage::new(self.prompt.estimate, 0), true)
             }
             None => (Usage::default(), false),
         }
@@ -561,7 +566,7 @@ impl Meter {
                     .inc_by(tokens);
             }
         }
-        let charged = self.prompt_estimate.saturating_add(self.charged_output);
+        let charged = self.prompt.estimate.saturating_add(self.charged_output);
         if let Some(limits) = &self.charges.limits {
             limits.settle(charged, usage.total_tokens, now);
         }
@@ -571,10 +576,10 @@ impl Meter {
         // the metrics and to the request's one record in the ledger.
         let mut hedge_nano = 0;
         for loser in self.cancelled.iter().chain(&self.hedge) {
-            let prompt = Usage::new(self.prompt_estimate, 0);
+            let prompt = Usage::new(self.prompt.estimate, 0);
             loser
                 .lease
-                .settle(self.prompt_estimate, &prompt, false, now);
+                .settle(self.prompt.estimate, &prompt, false, now);
             let cost = loser.rate.cost_nano_usd(&prompt);
             hedge_nano += cost;
             series::record(

@@ -319,7 +319,7 @@ pub async fn reserve(
 }
 
 /// What a request asks of its key's budget: the most it can cost on the
-/// dearest deployment of its plan — its prompt estimate and its
+/// dearest deployment of its plan — the most its prompt can be and its
 /// [`output_ceiling`](InboundRequest::output_ceiling) there in each of its
 /// [`generations`](InboundRequest::generations) — with a hedge's allowance
 /// beside it, and, without `max_tokens` (the gateway then sets the output
@@ -327,7 +327,7 @@ pub async fn reserve(
 /// token an answer on any of them.
 pub fn ask(snapshot: &Snapshot, request: &InboundRequest, admission: &Admission) -> budget::Ask {
     let facts = &admission.facts;
-    let (prompt, in_window) = (facts.input_tokens, facts.window_tokens());
+    let (prompt, in_window) = (facts.input_tokens_most, facts.window_tokens());
     let deployments = &snapshot.config.models[admission.model].deployments;
     let generations = u64::from(request.generations());
     let (mut want, mut floor) = (0, 0);

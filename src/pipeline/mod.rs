@@ -151,7 +151,7 @@ async fn serve(
             licence: app.licence.clone(),
         },
         ctx.started,
-        admission.facts.input_tokens,
+        admission.facts.prompt(),
         in_flight,
         trace.take(),
     ));

@@ -325,6 +325,7 @@ mod tests {
     use crate::health::Lease;
     use crate::ledger::Ledger;
     use crate::metering::cost::Rate;
+    use crate::metering::estimate::PromptTokens;
     use crate::metering::{Charges, InFlight, MeterLabels, Serving};
     use crate::metrics::Metrics;
     use crate::openai::UsageBound;
@@ -353,7 +354,10 @@ mod tests {
                 licence: Arc::default(),
             },
             std::time::Instant::now(),
-            10,
+            PromptTokens {
+                estimate: 10,
+                most: 10,
+            },
             InFlight::new(&metrics.in_flight),
             None,
         ));

@@ -75,7 +75,7 @@ impl Simulated {
         }
         if let TypedRequest::Embedding(embedding) = &call.request.typed {
             tokio::time::sleep(self.spec.ttft).await;
-            let usage = Usage::new(estimate::prompt_tokens(call.request), 0);
+            let usage = Usage::new(estimate::prompt_tokens(call.request).estimate, 0);
             let vectors = vectors(&embedding.input, embedding.dimensions);
             let format = embedding.encoding_format.unwrap_or(EncodingFormat::Float);
             return Ok(UpstreamReply::Complete(
@@ -258,7 +258,7 @@ enum Said {
 
 impl Answer {
     fn new(spec: &SimulatedSpec, call: UpstreamCall<'_>) -> Self {
-        let prompt_tokens = estimate::prompt_tokens(call.request);
+        let prompt_tokens = estimate::prompt_tokens(call.request).estimate;
         let limit = call
             .request
             .max_output_tokens()

@@ -24,6 +24,9 @@ pub struct RequestFacts {
     /// The prompt's estimated tokens: all of a batch's prompts (legacy
     /// completions, embeddings), which are billed together.
     pub input_tokens: u64,
+    /// The most tokens the prompt can be ([`estimate::PromptTokens`]):
+    /// what a budget reserves for it.
+    pub input_tokens_most: u64,
     /// The largest prompt of a batch, when the request is one (legacy
     /// completions, embeddings): each is answered on its own.
     pub longest_of_batch: Option<u64>,
@@ -43,10 +46,12 @@ impl RequestFacts {
     }
 
     pub fn of(request: &InboundRequest, region: Option<String>) -> Self {
+        let prompt = estimate::prompt_tokens(request);
         let mut facts = Self {
             endpoint: request.endpoint(),
             region,
-            input_tokens: estimate::prompt_tokens(request),
+            input_tokens: prompt.estimate,
+            input_tokens_most: prompt.most,
             longest_of_batch: estimate::longest_of_batch(request),
             max_output_tokens: request.max_output_tokens().map(u64::from),
             stream: request.stream(),
@@ -84,6 +89,14 @@ impl RequestFacts {
             self.blocks = prefix::blocks(request);
         }
         self
+    }
+
+    /// The prompt's tokens, estimated and at most.
+    pub fn prompt(&self) -> estimate::PromptTokens {
+        estimate::PromptTokens {
+            estimate: self.input_tokens,
+            most: self.input_tokens_most,
+        }
     }
 
     /// The same request with its images and audio left out.

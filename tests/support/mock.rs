@@ -126,6 +126,8 @@ pub struct MockUpstream {
     canned_chunks: usize,
     /// Answers generated per request instead of canned ones.
     generate: Option<Generate>,
+    /// The prompt is counted a token a byte of its text.
+    token_a_byte: bool,
     omit_done: bool,
     first_byte_after: Duration,
     body_after: Duration,
@@ -153,6 +155,7 @@ impl MockUpstream {
             events: None,
             canned_chunks: 3,
             generate: None,
+            token_a_byte: false,
             omit_done: false,
             first_byte_after: Duration::ZERO,
             body_after: Duration::ZERO,
@@ -245,6 +248,14 @@ impl MockUpstream {
     pub fn token_text(mut self, word: &'static str) -> Self {
         let generate = self.generate.as_mut().expect("answers_of first");
         generate.word = word;
+        self
+    }
+
+    /// Counts the prompt as Llama 3.1 counts text written to take a token
+    /// a byte (digits between spaces): its messages' text a token a byte,
+    /// and the chat template's 35 around a message.
+    pub fn counts_a_token_a_byte(mut self) -> Self {
+        self.token_a_byte = true;
         self
     }
 
@@ -649,7 +660,11 @@ async fn respond(
     }
     let flags = openai_mock::Flags::parse(&body);
     // Images count in the prompt: a request with one is answered afresh.
-    let prompt = openai_mock::CANNED_PROMPT_TOKENS + flags.image_tokens().unwrap_or(0);
+    let prompt = if reply.token_a_byte {
+        openai_mock::LLAMA3_TEMPLATE_TOKENS + flags.text_bytes()
+    } else {
+        openai_mock::CANNED_PROMPT_TOKENS + flags.image_tokens().unwrap_or(0)
+    };
     let generated;
     let canned = match reply.generate {
         Some(generate) => {

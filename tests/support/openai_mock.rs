@@ -206,6 +206,21 @@ impl Flags {
             .map(|(field, _)| field)
     }
 
+    /// The bytes of the text of the request's messages.
+    pub fn text_bytes(&self) -> u64 {
+        let messages: Vec<Value> = self
+            .messages
+            .as_deref()
+            .and_then(|m| serde_json::from_str(m.get()).ok())
+            .unwrap_or_default();
+        let content = messages.iter().map(|m| &m["content"]);
+        let texts = content.flat_map(|c| match c {
+            Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+            text => text.as_str().into_iter().collect::<Vec<_>>(),
+        });
+        texts.map(|t| t.len() as u64).sum()
+    }
+
     /// The prompt tokens of the request's images, as vLLM serving Llama 4
     /// counts them; `Err` says which image it could not load.
     pub fn image_tokens(&self) -> Result<u64, String> {
@@ -363,6 +378,10 @@ pub struct Canned {
 
 pub const CANNED_MODEL: &str = "mock-model";
 pub const CANNED_PROMPT_TOKENS: u64 = 11;
+/// What Llama 3.1's chat template adds around one user message: its
+/// system block with the dates, the message's markers, the answer's
+/// header (36 tokens for "Hello", counted with Meta's tokenizer).
+pub const LLAMA3_TEMPLATE_TOKENS: u64 = 35;
 /// The text of each token of a canned or generated answer: 4 bytes, as
 /// the gateway estimates a token.
 pub const WORD: &str = "tok ";
