@@ -415,7 +415,15 @@ impl Meter {
     /// its own usage. `running`: the upstream was asked for its usage so
     /// far in every chunk, so the prompt and output are its counts, not
     /// the gateway's.
+    #[inline(always)]
     pub fn passes_reservation(&self, observed: &Observed, running: bool) -> bool {
+        self.charges.reservation.is_some() && self.passes_reserved(observed, running)
+    }
+
+    /// [`passes_reservation`](Self::passes_reservation), for a request
+    /// that holds one: out of line, as most requests hold none.
+    #[inline(never)]
+    fn passes_reserved(&self, observed: &Observed, running: bool) -> bool {
         let (Some(reservation), Some(serving), 1..) = (
             &self.charges.reservation,
             &self.serving,
