@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::{MockServer, MockUpstream};
+use support::vision::Vision;
 
 /// $1 per Mtok in, $10 per Mtok out: an output token is 10,000
 /// nano-dollars, and "hi" (estimated at 5 prompt tokens) costs 5,000.
@@ -34,13 +35,18 @@ fn config(upstream: &MockServer, daily_usd: f64) -> Config {
 
 /// `config`, on a backend of `kind`.
 fn config_of(kind: &str, upstream: &MockServer, daily_usd: f64) -> Config {
+    config_in(kind, CONTEXT_WINDOW, upstream, daily_usd)
+}
+
+/// `config_of`, with a context window of `window` tokens.
+fn config_in(kind: &str, window: u64, upstream: &MockServer, daily_usd: f64) -> Config {
     Config::new()
         .backend(Backend::upstream("api", kind, &url(upstream)))
         .model(
             Model::new("chat").deployment(
                 Deployment::new("api", "m")
                     .price(PRICE.0, PRICE.1)
-                    .set("context_window", CONTEXT_WINDOW as i64)
+                    .set("context_window", window as i64)
                     .set("tools", true)
                     .set("modalities", vec!["text", "image"])
                     .set("multimodal", true),
@@ -77,12 +83,13 @@ async fn overrun_of(
     concurrency: usize,
     body: impl Fn(usize) -> Value,
 ) -> (usize, f64) {
-    overrun_on("openai", upstream, concurrency, body).await
+    overrun_on("openai", CONTEXT_WINDOW, upstream, concurrency, body).await
 }
 
-/// `overrun_of`, on a backend of `kind`.
+/// `overrun_of`, on a backend of `kind` whose model holds `window` tokens.
 async fn overrun_on(
     kind: &str,
+    window: u64,
     upstream: MockUpstream,
     concurrency: usize,
     body: impl Fn(usize) -> Value,
@@ -93,7 +100,7 @@ async fn overrun_on(
         .start()
         .await;
     let budget = 0.10;
-    let gateway = start(&config_of(kind, &upstream, budget)).await;
+    let gateway = start(&config_in(kind, window, &upstream, budget)).await;
     let request = |i: usize| {
         let gateway = &gateway;
         let body = body(i);
@@ -235,6 +242,7 @@ async fn a_budget_holds_with_100_streams_at_once_counted_by_vllm() {
         let upstream = upstream.token_text("token ");
         let (served, overrun) = overrun_on(
             "vllm",
+            CONTEXT_WINDOW,
             upstream,
             100,
             |_| json!({"model": "chat", "messages": user("hi"), "stream": true}),
@@ -395,9 +403,12 @@ async fn a_client_that_leaves_a_budgeted_vllm_stream_is_charged_its_count() {
 }
 
 /// 100 requests at once, each with three images of sizes from one tile
-/// to the 16 a Llama 4 image takes at most (147 to 2,467 prompt tokens,
-/// as the upstream counts them): each image is reserved as its tiles, so
-/// the requests admitted last are limited to what the budget has left.
+/// to the 16 a Llama 4 image takes at most (147 to 2,467 prompt tokens, as
+/// a Llama 4 upstream counts them) and from 2 to 15,303 (as Qwen 2.5 VL
+/// counts them: a 12-megapixel photo is six times what Llama 4 makes of
+/// it). Each image is reserved as the most either can be, so the requests
+/// admitted last are limited to what the budget has left, whichever model
+/// serves them.
 #[tokio::test]
 async fn a_budget_holds_with_100_requests_of_images_at_once() {
     const SIZES: [(u32, u32); 6] = [
@@ -408,18 +419,37 @@ async fn a_budget_holds_with_100_requests_of_images_at_once() {
         (100, 5000),
         (1000, 700),
     ];
-    let upstream = MockUpstream::openai().answers_of(2_000);
-    let (_, overrun) = overrun_of(upstream, 100, |i| {
-        let image = |j: usize| {
-            let (width, height) = SIZES[(i + j) % SIZES.len()];
-            json!({"type": "image_url", "image_url": {"url": png(width, height)}})
-        };
-        let content =
-            json!([{"type": "text", "text": "What differs?"}, image(0), image(1), image(2)]);
-        json!({"model": "chat", "messages": [{"role": "user", "content": content}]})
-    })
-    .await;
-    assert!(overrun <= 0.0, "overrun ${overrun}");
+    // Answered at length, or asking for one token, where the images are
+    // most of the cost.
+    let cases = [Vision::Llama4, Vision::Qwen25Vl]
+        .into_iter()
+        .flat_map(|vision| [(vision, None), (vision, Some(1))]);
+    for (vision, max_tokens) in cases {
+        let upstream = MockUpstream::openai()
+            .answers_of(2_000)
+            .counts_images_as(vision);
+        // Qwen 2.5 VL holds 32,768 tokens as vLLM serves it by default;
+        // Llama 4, more.
+        let (_, overrun) = overrun_on("openai", 32_768, upstream, 100, |i| {
+            let image = |j: usize| {
+                let (width, height) = SIZES[(i + j) % SIZES.len()];
+                json!({"type": "image_url", "image_url": {"url": png(width, height)}})
+            };
+            let content =
+                json!([{"type": "text", "text": "What differs?"}, image(0), image(1), image(2)]);
+            let mut body =
+                json!({"model": "chat", "messages": [{"role": "user", "content": content}]});
+            if let Some(max_tokens) = max_tokens {
+                body["max_tokens"] = json!(max_tokens);
+            }
+            body
+        })
+        .await;
+        assert!(
+            overrun <= 0.0,
+            "{vision:?}, {max_tokens:?}: overrun ${overrun}"
+        );
+    }
 }
 
 /// An image is reserved as its tiles whichever API it comes by: a

@@ -12,6 +12,7 @@
 //! tokens a byte of its compact form.
 
 use super::image;
+use super::prompt::PromptTokens;
 use crate::openai::{ChatRequest, InboundRequest, MessageContent, Prompt, TypedRequest};
 
 pub const CHARS_PER_TOKEN: usize = 4;
@@ -38,65 +39,33 @@ pub fn tokens_for_chars(chars: usize) -> u64 {
     chars.div_ceil(CHARS_PER_TOKEN) as u64
 }
 
-/// A prompt's estimated tokens, and the most it can be.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PromptTokens {
-    pub estimate: u64,
-    pub most: u64,
-}
-
-impl PromptTokens {
-    /// `bytes` of text.
-    fn text(bytes: usize) -> Self {
-        Self {
-            estimate: tokens_for_chars(bytes),
-            most: bytes as u64,
-        }
-    }
-
-    /// `bytes` of compact JSON, which a template may write indented.
-    fn json(bytes: usize) -> Self {
-        Self {
-            estimate: tokens_for_chars(bytes),
-            most: 2 * bytes as u64,
-        }
-    }
-
-    /// Tokens known, or counted the same either way.
-    fn exactly(tokens: u64) -> Self {
-        Self {
-            estimate: tokens,
-            most: tokens,
-        }
-    }
-
-    /// What a template adds: `estimated`, at most `most`.
-    fn template(estimate: u64, most: u64) -> Self {
-        Self { estimate, most }
+/// `bytes` of text: a token a byte at most.
+fn of_text(bytes: usize) -> PromptTokens {
+    PromptTokens {
+        estimate: tokens_for_chars(bytes),
+        most: bytes as u64,
     }
 }
 
-impl std::ops::Add for PromptTokens {
-    type Output = Self;
-
-    fn add(self, other: Self) -> Self {
-        Self {
-            estimate: self.estimate.saturating_add(other.estimate),
-            most: self.most.saturating_add(other.most),
-        }
+/// `bytes` of compact JSON, which a template may write indented.
+fn of_json(bytes: usize) -> PromptTokens {
+    PromptTokens {
+        estimate: tokens_for_chars(bytes),
+        most: 2 * bytes as u64,
     }
 }
 
-impl std::ops::AddAssign for PromptTokens {
-    fn add_assign(&mut self, other: Self) {
-        *self = *self + other;
+/// Tokens known, or counted the same either way.
+fn exactly(tokens: u64) -> PromptTokens {
+    PromptTokens {
+        estimate: tokens,
+        most: tokens,
     }
 }
 
-impl std::iter::Sum for PromptTokens {
-    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
-        iter.fold(Self::default(), |sum, t| sum + t)
-    }
+/// What a template adds: `estimate`, at most `most`.
+fn of_template(estimate: u64, most: u64) -> PromptTokens {
+    PromptTokens { estimate, most }
 }
 
 pub fn prompt_tokens(request: &InboundRequest) -> PromptTokens {
@@ -108,17 +77,17 @@ pub fn prompt_tokens(request: &InboundRequest) -> PromptTokens {
 }
 
 fn chat_prompt_tokens(chat: &ChatRequest) -> PromptTokens {
-    let mut tokens = PromptTokens::template(0, MOST_PER_CHAT);
+    let mut tokens = of_template(0, MOST_PER_CHAT);
     for message in &chat.messages {
-        tokens += PromptTokens::template(TOKENS_PER_MESSAGE, MOST_PER_MESSAGE);
+        tokens += of_template(TOKENS_PER_MESSAGE, MOST_PER_MESSAGE);
         match &message.content {
-            Some(MessageContent::Text(text)) => tokens += PromptTokens::text(text.len()),
+            Some(MessageContent::Text(text)) => tokens += of_text(text.len()),
             Some(MessageContent::Parts(parts)) => {
                 for part in parts {
                     tokens += match (&part.text, part.image_url()) {
-                        (Some(text), _) => PromptTokens::text(text.len()),
-                        (None, Some(url)) => PromptTokens::exactly(image::tokens(url)),
-                        (None, None) => PromptTokens::exactly(TOKENS_PER_MEDIA_PART),
+                        (Some(text), _) => of_text(text.len()),
+                        (None, Some(url)) => image::tokens(url),
+                        (None, None) => exactly(TOKENS_PER_MEDIA_PART),
                     };
                 }
             }
@@ -126,12 +95,12 @@ fn chat_prompt_tokens(chat: &ChatRequest) -> PromptTokens {
         }
         // Tool calls and other fields still cost tokens; count their JSON.
         if !message.extra.is_empty() {
-            tokens += PromptTokens::json(json_len(&message.extra));
+            tokens += of_json(json_len(&message.extra));
         }
     }
     if let Some(tools) = &chat.tools {
-        tokens += PromptTokens::json(tools.get().len());
-        tokens += PromptTokens::template(0, MOST_FOR_TOOLS);
+        tokens += of_json(tools.get().len());
+        tokens += of_template(0, MOST_FOR_TOOLS);
     }
     tokens
 }
@@ -173,16 +142,12 @@ pub fn longest_of_batch(request: &InboundRequest) -> Option<u64> {
 
 /// A legacy completion's prompt, or an embedding's input.
 fn input_tokens(prompt: &Prompt) -> PromptTokens {
-    let text =
-        |text: &String| PromptTokens::text(text.len()) + PromptTokens::template(0, MOST_PER_INPUT);
+    let text = |text: &String| of_text(text.len()) + of_template(0, MOST_PER_INPUT);
     match prompt {
         Prompt::Text(one) => text(one),
         Prompt::Texts(texts) => texts.iter().map(text).sum(),
-        Prompt::Tokens(ids) => PromptTokens::exactly(ids.len() as u64),
-        Prompt::TokenBatches(batches) => batches
-            .iter()
-            .map(|b| PromptTokens::exactly(b.len() as u64))
-            .sum(),
+        Prompt::Tokens(ids) => exactly(ids.len() as u64),
+        Prompt::TokenBatches(batches) => batches.iter().map(|b| exactly(b.len() as u64)).sum(),
     }
 }
 
@@ -205,14 +170,14 @@ mod tests {
         .unwrap();
         assert_eq!(
             prompt_tokens(&chat).estimate,
-            4 + 2 + 4 + 1 + image::MOST_TOKENS + 765
+            4 + 2 + 4 + 1 + image::LLAMA4_MOST + 765
         );
         let tokens = InboundRequest::parse(
             Endpoint::Completions,
             Bytes::from_static(br#"{"model":"m","prompt":[1,2,3]}"#),
         )
         .unwrap();
-        assert_eq!(prompt_tokens(&tokens), PromptTokens::exactly(3));
+        assert_eq!(prompt_tokens(&tokens), exactly(3));
         assert_eq!(longest_of_batch(&tokens), None, "token ids are one prompt");
         assert_eq!(longest_of_batch(&chat), None);
         let parse = |endpoint, body: &'static str| {

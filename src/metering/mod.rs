@@ -9,6 +9,7 @@ pub mod estimate;
 mod image;
 pub mod key_series;
 pub mod prefix;
+pub mod prompt;
 pub mod usage;
 
 use std::borrow::Cow;
@@ -29,8 +30,8 @@ use crate::openai::{ResponseView, Usage, UsageBound, UsageFault};
 use crate::traces::{AttemptFacts, Outcome, RequestTrace};
 use budget::Reservation;
 use cost::{Counterfactual, Rate};
-use estimate::PromptTokens;
 use key_series::OTHER_KEYS;
+use prompt::PromptTokens;
 
 /// HTTP status recorded for a response the client abandoned (nginx's 499).
 pub const CLIENT_CLOSED: u16 = 499;

@@ -325,7 +325,7 @@ mod tests {
     use crate::health::Lease;
     use crate::ledger::Ledger;
     use crate::metering::cost::Rate;
-    use crate::metering::estimate::PromptTokens;
+    use crate::metering::prompt::PromptTokens;
     use crate::metering::{Charges, InFlight, MeterLabels, Serving};
     use crate::metrics::Metrics;
     use crate::openai::UsageBound;

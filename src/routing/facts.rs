@@ -7,6 +7,7 @@ use crate::config::{Affinity, Key, Policy, is_region};
 use crate::error::GatewayError;
 use crate::metering::estimate;
 use crate::metering::prefix::{self, Block};
+use crate::metering::prompt::PromptTokens;
 use crate::openai::{Endpoint, InboundRequest, MessageContent, TypedRequest};
 
 pub const REGION_HEADER: &str = "x-tollgate-region";
@@ -24,7 +25,7 @@ pub struct RequestFacts {
     /// The prompt's estimated tokens: all of a batch's prompts (legacy
     /// completions, embeddings), which are billed together.
     pub input_tokens: u64,
-    /// The most tokens the prompt can be ([`estimate::PromptTokens`]):
+    /// The most tokens the prompt can be ([`PromptTokens`]):
     /// what a budget reserves for it.
     pub input_tokens_most: u64,
     /// The largest prompt of a batch, when the request is one (legacy
@@ -92,8 +93,8 @@ impl RequestFacts {
     }
 
     /// The prompt's tokens, estimated and at most.
-    pub fn prompt(&self) -> estimate::PromptTokens {
-        estimate::PromptTokens {
+    pub fn prompt(&self) -> PromptTokens {
+        PromptTokens {
             estimate: self.input_tokens,
             most: self.input_tokens_most,
         }

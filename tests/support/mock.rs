@@ -56,6 +56,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use super::certs::ServerTls;
+use super::vision::Vision;
 use super::{bedrock_mock, openai_mock, tgi_mock};
 
 /// The directory of the byte-exact upstream recordings.
@@ -128,6 +129,8 @@ pub struct MockUpstream {
     generate: Option<Generate>,
     /// The prompt is counted a token a byte of its text.
     token_a_byte: bool,
+    /// How the served model counts an image.
+    vision: Vision,
     omit_done: bool,
     first_byte_after: Duration,
     body_after: Duration,
@@ -156,6 +159,7 @@ impl MockUpstream {
             canned_chunks: 3,
             generate: None,
             token_a_byte: false,
+            vision: Vision::Llama4,
             omit_done: false,
             first_byte_after: Duration::ZERO,
             body_after: Duration::ZERO,
@@ -256,6 +260,12 @@ impl MockUpstream {
     /// and the chat template's 35 around a message.
     pub fn counts_a_token_a_byte(mut self) -> Self {
         self.token_a_byte = true;
+        self
+    }
+
+    /// Counts images as `vision`'s processor does (Llama 4's by default).
+    pub fn counts_images_as(mut self, vision: Vision) -> Self {
+        self.vision = vision;
         self
     }
 
@@ -663,7 +673,7 @@ async fn respond(
     let prompt = if reply.token_a_byte {
         openai_mock::LLAMA3_TEMPLATE_TOKENS + flags.text_bytes()
     } else {
-        openai_mock::CANNED_PROMPT_TOKENS + flags.image_tokens().unwrap_or(0)
+        openai_mock::CANNED_PROMPT_TOKENS + flags.image_tokens(reply.vision).unwrap_or(0)
     };
     let generated;
     let canned = match reply.generate {

@@ -4,7 +4,8 @@
 //! backend kinds a behaviour suite runs against (`kinds`),
 //! plan-level helpers (`plan`), the gateway as a process (`process`),
 //! throwaway Redis and PostgreSQL servers (`redis`, `postgres`), the
-//! ports they listen on (`ports`) and certificates for their TLS (`certs`).
+//! ports they listen on (`ports`), certificates for their TLS (`certs`),
+//! and how vision models count an image (`vision`).
 
 #![allow(
     dead_code,
@@ -26,3 +27,4 @@ pub mod process;
 pub mod redis;
 pub mod sigv4;
 pub mod tgi_mock;
+pub mod vision;

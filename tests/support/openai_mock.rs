@@ -9,6 +9,7 @@ use hyper::http::request::Parts;
 use serde_json::{Value, json};
 
 use super::mock::{Rejection, Route};
+use super::vision::Vision;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -50,7 +51,7 @@ pub fn route(
             json!({"error": {"message": format!("Invalid '{field}': expected an integer from 1 to 128."), "type": "invalid_request_error", "param": field, "code": "invalid_value"}}),
         ));
     }
-    if let Err(message) = flags.image_tokens() {
+    if let Err(message) = flags.image_tokens(Vision::Llama4) {
         return Err(Rejection::new(
             400,
             &[],
@@ -221,9 +222,9 @@ impl Flags {
         texts.map(|t| t.len() as u64).sum()
     }
 
-    /// The prompt tokens of the request's images, as vLLM serving Llama 4
-    /// counts them; `Err` says which image it could not load.
-    pub fn image_tokens(&self) -> Result<u64, String> {
+    /// The prompt tokens of the request's images, as vLLM serving a model
+    /// with `vision` counts them; `Err` says which image it could not load.
+    pub fn image_tokens(&self, vision: Vision) -> Result<u64, String> {
         let Some(messages) = self.messages.as_deref().map(|m| m.get()) else {
             return Ok(0);
         };
@@ -249,7 +250,7 @@ impl Flags {
             let (width, height) = fetched
                 .or_else(|| image_size(url))
                 .ok_or_else(|| format!("Failed to load image {url:.40}"))?;
-            tokens += llama4_image_tokens(width, height);
+            tokens += vision.image_tokens(width, height);
         }
         Ok(tokens)
     }
@@ -328,39 +329,6 @@ fn image_size(url: &str) -> Option<(usize, usize)> {
         .ok()?;
     let size = imagesize::blob_size(&bytes).ok()?;
     Some((size.width, size.height))
-}
-
-/// Llama 4's image processor (Hugging Face's `Llama4ImageProcessor` and
-/// `Llama4Processor`): of the canvases of 336-pixel tiles, at most 16,
-/// the one the image fits with the least upscaling, else the least
-/// downscaling, the smaller on a tie; 144 tokens a tile, a separator
-/// after each, and a global view of 144 between three markers.
-fn llama4_image_tokens(width: usize, height: usize) -> u64 {
-    let canvases: Vec<(usize, usize)> = (1..=16)
-        .flat_map(|rows| (1..=16 / rows).map(move |columns| (rows, columns)))
-        .collect();
-    // In float32, as the processor's tensors compute it.
-    let scale = |&(rows, columns): &(usize, usize)| {
-        f32::min(
-            (rows * 336) as f32 / height as f32,
-            (columns * 336) as f32 / width as f32,
-        )
-    };
-    let scales = canvases.iter().map(scale);
-    let chosen = scales
-        .clone()
-        .filter(|&s| s >= 1.0)
-        .reduce(f32::min)
-        .or_else(|| scales.reduce(f32::max))
-        .expect("canvases");
-    let (rows, columns) = canvases
-        .iter()
-        .filter(|c| scale(c) == chosen)
-        .min_by_key(|(rows, columns)| rows * columns)
-        .expect("the chosen scale's canvas");
-    let tiles = (rows * columns) as u64;
-    let tiled = if tiles > 1 { tiles * 145 } else { 0 };
-    tiled + 147
 }
 
 /// Canned answers, built once per mock, in vLLM's shapes.
