@@ -257,6 +257,11 @@ impl Budgets {
     }
 }
 
+/// What a request's least reservation is made of, for a refusal's reader:
+/// a prompt can cost more than its length suggests.
+const NEEDED: &str = " (its prompt at a token a byte of its text, the most it can be, and its \
+                       output, at the dearest deployment it may be sent to)";
+
 /// 429 for a request that needs `needed` of a `period` budget of `limit`,
 /// of which `spent` is spent and `held` reserved by requests in flight:
 /// `budget_held` (retry shortly) when it would fit once they end,
@@ -274,8 +279,8 @@ pub fn refusal(
         return GatewayError::budget_held(
             format!(
                 "what is left of key \"{key}\"'s {} budget of {} is reserved by its requests in \
-                 flight ({} of it; {} spent), and this request needs at least {}; retry after {} s, \
-                 as they end",
+                 flight ({} of it; {} spent), and this request needs at least {} reserved{NEEDED}; \
+                 retry after {} s, as they end",
                 period.name(),
                 dollars(limit),
                 dollars(held),
@@ -287,8 +292,8 @@ pub fn refusal(
         );
     }
     GatewayError::budget_exhausted(format!(
-        "key \"{key}\" has used {} of its {} budget of {}, and this request needs at least {}; \
-         the budget resets at {} 00:00 UTC",
+        "key \"{key}\" has used {} of its {} budget of {}, and this request needs at least {} \
+         reserved{NEEDED}; the budget resets at {} 00:00 UTC",
         dollars(spent),
         period.name(),
         dollars(limit),
