@@ -13,7 +13,10 @@ use super::{BackendKind, Config, Problem};
 /// The problem with serving `config` on `listen`, if anyone who reaches
 /// that address could spend through it.
 pub fn open_to_network(config: &Config, listen: SocketAddr) -> Option<Problem> {
-    if config.server.allow_anonymous || !config.keys.is_empty() || listen.ip().is_loopback() {
+    if config.server.allow_anonymous
+        || !config.keys.is_empty()
+        || listen.ip().to_canonical().is_loopback()
+    {
         return None;
     }
     let backend = config
@@ -87,7 +90,13 @@ models = ["*"]
     #[test]
     fn loopback_keys_simulated_backends_or_the_configs_word_let_it_serve() {
         let open = config(&[MINIMAL, GROQ]);
-        for loopback in ["127.0.0.1:8080", "127.3.2.1:1", "[::1]:8080"] {
+        let loopbacks = [
+            "127.0.0.1:8080",
+            "127.3.2.1:1",
+            "[::1]:8080",
+            "[::ffff:127.0.0.1]:80",
+        ];
+        for loopback in loopbacks {
             assert!(open_to_network(&open, at(loopback)).is_none(), "{loopback}");
         }
         let anywhere = at("0.0.0.0:8080");
