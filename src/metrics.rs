@@ -343,6 +343,20 @@ metrics! {
             ),
         ],
     }
+    streams_cut: IntCounterVec {
+        name: "tollgate_streams_cut_at_reservation_total",
+        help: "Streams the gateway ended before their upstream did, at the key's budget reservation, by how their output was counted.",
+        labels: [
+            ALIAS,
+            BACKEND,
+            label(
+                "counted",
+                "`upstream` (vLLM's own count of each chunk) or `estimate` (4 bytes of text a \
+                 token): an upstream that honours the limit it was sent and is cut by the \
+                 estimate sent text past 4 bytes a token, and was cut before that limit",
+            ),
+        ],
+    }
     cost: CounterVec {
         name: "tollgate_cost_usd_total",
         help: "Cost of the tokens served, in USD: list prices for APIs, the full-load amortised price for self-hosted backends.",

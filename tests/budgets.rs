@@ -346,6 +346,10 @@ async fn a_budgeted_stream_from_vllm_is_metered_by_its_own_count_of_each_chunk()
         let nano_usd = 11 * 1_000 + output * 10_000;
         let cost = nano_usd as f64 / 1e9;
         assert!((spent - cost).abs() < 1e-9, "{case}: ${spent}");
+        // Only the upstream that ignores its limit is cut, by its count.
+        let cuts = ignores_limit.then_some(1.0);
+        assert_eq!(cut(&gateway, "upstream").await, cuts, "{case}");
+        assert_eq!(cut(&gateway, "estimate").await, None, "{case}");
     }
 
     let upstream = MockUpstream::openai().answers_of(20).start().await;
@@ -672,6 +676,15 @@ async fn a_stream_that_reaches_its_reservation_ends_at_its_length_limit() {
     let spent = spent(&gateway).await;
     assert!(spent <= 0.005, "spent ${spent}");
     assert!(spent > 0.0049, "spent ${spent}");
+    assert_eq!(cut(&gateway, "estimate").await, Some(1.0));
+}
+
+/// Streams the gateway ended at their reservation, their output `counted`
+/// by the upstream or estimated.
+async fn cut(gateway: &Gateway, counted: &str) -> Option<f64> {
+    let labels = [("alias", "chat"), ("backend", "api"), ("counted", counted)];
+    let text = gateway.metrics().await;
+    metric(&text, "tollgate_streams_cut_at_reservation_total", &labels)
 }
 
 #[tokio::test]

@@ -365,6 +365,24 @@ impl Meter {
         );
     }
 
+    /// The gateway ends the stream at the request's budget reservation,
+    /// its output counted by the upstream (`running`) or estimated.
+    #[cold]
+    pub fn cut_at_reservation(&self, running: bool) {
+        let backend = self.last_backend.as_deref().unwrap_or(NONE);
+        let counted = if running { "upstream" } else { "estimate" };
+        self.metrics
+            .streams_cut
+            .with_label_values(&[&self.labels.alias, backend, counted])
+            .inc();
+        tracing::info!(
+            request_id = self.labels.request_id,
+            backend,
+            counted,
+            "stream ended: its cost reached the key's budget reservation"
+        );
+    }
+
     /// Output generated so far, estimated from its text.
     fn generated_tokens(&self) -> u64 {
         estimate::tokens_for_chars(self.output_chars)

@@ -173,12 +173,7 @@ impl SseBody {
             let chunk = identity.usage_chunk(self.endpoint, usage);
             emit(&mut self.encoder, &mut self.ready, &chunk);
         }
-        let meter = &self.meter;
-        tracing::info!(
-            request_id = meter.request_id(),
-            backend = %self.backend,
-            "stream ended: its cost reached the key's budget reservation"
-        );
+        self.meter.cut_at_reservation(self.running_usage);
         self.meter.upstream_done(now);
         self.end(200);
     }
