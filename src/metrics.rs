@@ -351,9 +351,10 @@ metrics! {
             BACKEND,
             label(
                 "counted",
-                "`upstream` (vLLM's own count of each chunk) or `estimate` (4 bytes of text a \
-                 token): an upstream that honours the limit it was sent and is cut by the \
-                 estimate sent text past 4 bytes a token, and was cut before that limit",
+                "`upstream` (vLLM's own count of each chunk) or `estimate` (the fewest tokens \
+                 the text can be: a token a chunk, a token each 16 bytes): an upstream that \
+                 ignores the limit it was sent, or one that honours it and sent text in runs \
+                 of one character, denser than 16 bytes a token, cut before that limit",
             ),
         ],
     }

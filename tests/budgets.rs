@@ -687,6 +687,82 @@ async fn cut(gateway: &Gateway, counted: &str) -> Option<f64> {
     metric(&text, "tollgate_streams_cut_at_reservation_total", &labels)
 }
 
+/// Tokens of generated text denser than the 4 bytes the gateway
+/// estimates: a Markdown table's rules (12.8 bytes a token to Llama 3 and
+/// 4), Thai (9.6 to Llama 4), indented code (8.4), each a token a chunk.
+const DENSE_TOKENS: [&str; 3] = ["|------------", "ปัญญา", "        return"];
+
+/// A budgeted stream of dense text from an upstream that honours its
+/// limit runs to that limit and ends with the upstream's own last chunk
+/// and usage: the gateway cuts a stream at its reservation by the fewest
+/// tokens its output can be (a token a chunk, a token each 16 bytes), not
+/// by the estimate, which takes these at 2 to 3.3 times their count.
+#[tokio::test]
+async fn a_budgeted_stream_of_dense_text_runs_to_its_limit() {
+    for word in DENSE_TOKENS {
+        let upstream = MockUpstream::openai()
+            .answers_of(2_000)
+            .token_text(word)
+            .start()
+            .await;
+        let gateway = start(&config(&upstream, 0.005)).await;
+        let body = json!({"model": "chat", "messages": user("hi"), "stream": true, "max_tokens": 200,
+                          "stream_options": {"include_usage": true}});
+        let response = gateway.chat_as("team-secret", body).await;
+        assert_eq!(response.status(), 200);
+        let events = Events::new(response).rest().await;
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{word}");
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| parse(e))
+            .collect();
+        let content = chunks
+            .iter()
+            .filter(|c| c["choices"][0]["delta"]["content"] == word)
+            .count();
+        assert_eq!(content, 200, "{word}");
+        let usage = &chunks[chunks.len() - 1]["usage"];
+        assert_eq!(usage["completion_tokens"], 200, "{word}: {usage}");
+        let finish = &chunks[chunks.len() - 2];
+        assert_eq!(finish["choices"][0]["finish_reason"], "length", "{word}");
+        assert_eq!(cut(&gateway, "estimate").await, None, "{word}");
+        // 11 prompt tokens, as the mock counts them, and 200 output.
+        let spent = spent(&gateway).await;
+        assert!((spent - 0.002011).abs() < 1e-9, "{word}: ${spent}");
+    }
+}
+
+/// An upstream that reports no usage is charged the estimate of what it
+/// streamed, at least a token a chunk and at most the limit it was sent:
+/// waves of 100 streams of dense text at once, each to its limit of 200
+/// tokens, which the estimate alone takes at up to 650, spend no more
+/// than the budget.
+#[tokio::test]
+async fn a_budget_holds_with_100_dense_streams_whose_upstream_reports_no_usage() {
+    for word in DENSE_TOKENS {
+        let chunk = |delta: Value, finish: Value| {
+            let chunk = json!({"id": "chatcmpl-dense", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            format!("data: {chunk}\n\n")
+        };
+        let mut sse = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
+        for _ in 0..200 {
+            sse += &chunk(json!({"content": word}), Value::Null);
+        }
+        sse += &chunk(json!({}), json!("length"));
+        sse += "data: [DONE]\n\n";
+        let upstream = MockUpstream::openai().stream_bytes(sse);
+        let (served, overrun) = overrun_of(
+            upstream,
+            100,
+            |_| json!({"model": "chat", "messages": user("hi"), "stream": true, "max_tokens": 200}),
+        )
+        .await;
+        assert!(served >= 40, "{word}: {served} served");
+        assert!(overrun <= 0.0, "{word}: overrun ${overrun}");
+    }
+}
+
 #[tokio::test]
 async fn a_stream_cut_at_its_reservation_without_usage_asked_for_still_names_its_stream() {
     // No usage chunk is asked for: only the reservation makes the gateway

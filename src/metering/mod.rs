@@ -81,6 +81,10 @@ pub struct Serving {
     pub rate: Rate,
     /// What a believable usage report holds at most.
     pub believable: UsageBound,
+    /// The most output tokens, over all its answers, an upstream that
+    /// honours the limit it was sent generates; `None` when it was sent
+    /// none.
+    pub output_limit: Option<u64>,
     pub licence: Option<Licence>,
     /// Counts the attempt against the deployment while it lives, and
     /// learns its usage.
@@ -146,6 +150,8 @@ pub struct Meter {
     /// once per request).
     usage_rejected: bool,
     output_chars: usize,
+    /// Upstream chunks that carried output: each is at least a token.
+    text_chunks: u64,
     /// Output tokens charged to the rate limits so far.
     charged_output: u64,
     first_chunk_sent: Option<Instant>,
@@ -187,6 +193,7 @@ impl Meter {
             usage: None,
             usage_rejected: false,
             output_chars: 0,
+            text_chunks: 0,
             charged_output: 0,
             first_chunk_sent: None,
             last_chunk_sent: None,
@@ -341,6 +348,7 @@ impl Meter {
         }
         if observed.text_chars > 0 {
             self.output_chars += observed.text_chars;
+            self.text_chunks += 1;
             self.charge_generated(now);
         }
     }
@@ -383,9 +391,14 @@ impl Meter {
         );
     }
 
-    /// Output generated so far, estimated from its text.
+    /// Output generated so far, estimated from its text: at least a token
+    /// a chunk, and no more than the limit the upstream was sent.
     fn generated_tokens(&self) -> u64 {
-        estimate::tokens_for_chars(self.output_chars)
+        let estimate = estimate::tokens_for_chars(self.output_chars).max(self.text_chunks);
+        match self.serving.as_ref().and_then(|s| s.output_limit) {
+            Some(limit) => estimate.min(limit),
+            None => estimate,
+        }
     }
 
     /// Charges output tokens to the key's and the deployment's token
@@ -431,9 +444,12 @@ impl Meter {
     /// ends before the chunk, so a budget is never overrun by a request
     /// that generates past what was reserved for it, while an upstream
     /// that stops at the limit it was sent ends its stream itself, with
-    /// its own usage. `running`: the upstream was asked for its usage so
-    /// far in every chunk, so the prompt and output are its counts, not
-    /// the gateway's.
+    /// its own usage. The output is counted as the fewest tokens it can
+    /// be (a token a chunk, and a token each 16 bytes), so that text
+    /// denser than the estimate's 4 bytes a token is not cut before its
+    /// limit. `running`: the upstream was asked for its usage so far in
+    /// every chunk, so the prompt and output are its counts, not the
+    /// gateway's.
     #[inline(always)]
     pub fn passes_reservation(&self, observed: &Observed, running: bool) -> bool {
         self.charges.reservation.is_some() && self.passes_reserved(observed, running)
@@ -454,7 +470,9 @@ impl Meter {
             Some(Ok(usage)) if running => (usage.prompt_tokens, usage.completion_tokens),
             _ => (
                 self.prompt.most,
-                estimate::tokens_for_chars(self.output_chars + observed.text_chars),
+                (self.text_chunks + 1).max(estimate::fewest_tokens_for_chars(
+                    self.output_chars + observed.text_chars,
+                )),
             ),
         };
         let cost = serving.rate.estimate_nano_usd(prompt, output);

@@ -99,6 +99,10 @@ impl<'s> Leg<'s> {
                 request.prompts() as u64,
                 u64::from(request.generations()),
             ),
+            output_limit: self
+                .max_tokens
+                .or(request.max_output_tokens())
+                .map(|limit| u64::from(limit) * u64::from(request.generations())),
             licence: self.deployment.licence,
             lease: Box::new(snapshot.lease(model, self.index)),
             series: self.resolved.series.clone(),

@@ -362,6 +362,7 @@ mod tests {
                 backend: "b".into(),
                 rate: Rate::default(),
                 believable: UsageBound::new(8192, 1, 1),
+                output_limit: None,
                 licence: None,
                 lease: Box::new(Lease::new(Arc::default(), Arc::default(), Arc::default())),
                 series: Arc::default(),
