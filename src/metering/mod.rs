@@ -392,9 +392,15 @@ impl Meter {
     }
 
     /// Output generated so far, estimated from its text: at least a token
-    /// a chunk, and no more than the limit the upstream was sent.
+    /// a chunk.
+    fn generated_estimate(&self) -> u64 {
+        estimate::tokens_for_chars(self.output_chars).max(self.text_chunks)
+    }
+
+    /// [`generated_estimate`](Self::generated_estimate), and no more than
+    /// the limit the upstream was sent: what the request is charged.
     fn generated_tokens(&self) -> u64 {
-        let estimate = estimate::tokens_for_chars(self.output_chars).max(self.text_chunks);
+        let estimate = self.generated_estimate();
         match self.serving.as_ref().and_then(|s| s.output_limit) {
             Some(limit) => estimate.min(limit),
             None => estimate,
@@ -405,7 +411,7 @@ impl Meter {
     /// limits as they are generated, so a long answer holds back the next
     /// request before it ends.
     fn charge_generated(&mut self, now: Instant) {
-        let generated = self.generated_tokens();
+        let generated = self.generated_estimate();
         let due = generated.saturating_sub(self.charged_output);
         if due < CHARGE_STEP {
             return;
