@@ -732,6 +732,35 @@ async fn a_budgeted_stream_of_dense_text_runs_to_its_limit() {
     }
 }
 
+/// An upstream that ignores its limit and packs four tokens of English
+/// into a chunk is cut once its text passes 16 bytes a token: the 491
+/// chunks the reservation pays for at a token a chunk (1,964 tokens to
+/// the upstream), charged as the 491 tokens of the limit it was sent.
+#[tokio::test]
+async fn an_upstream_that_ignores_its_limit_in_chunks_of_several_tokens_is_cut_at_16_bytes_a_token()
+{
+    let word = "tok tok tok tok ";
+    let upstream = MockUpstream::openai()
+        .answers_of_ignoring_max_tokens(2_000)
+        .token_text(word)
+        .start()
+        .await;
+    let gateway = start(&config(&upstream, 0.005)).await;
+    let body = json!({"model": "chat", "messages": user("hi"), "stream": true});
+    let response = gateway.chat_as("team-secret", body).await;
+    let events = Events::new(response).rest().await;
+    let content = events
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]" && parse(e)["choices"][0]["delta"]["content"] == word)
+        .count();
+    assert_eq!(content, AFFORDED as usize);
+    assert_eq!(cut(&gateway, "estimate").await, Some(1.0));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // "hi" estimated at 5 prompt tokens, and the limit's 491.
+    let spent = spent(&gateway).await;
+    assert!((spent - 0.004915).abs() < 1e-9, "${spent}");
+}
+
 /// An upstream that reports no usage is charged the estimate of what it
 /// streamed, at least a token a chunk and at most the limit it was sent:
 /// waves of 100 streams of dense text at once, each to its limit of 200
