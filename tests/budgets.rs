@@ -637,10 +637,17 @@ async fn legacy_completions_keep_their_default_of_16_tokens() {
 /// ignores `max_tokens` and would generate 2,000 tokens, on a key with a
 /// $0.005 daily budget; and the gateway, for what it spent.
 async fn stream_past_its_reservation(body: Value) -> (Vec<Value>, Gateway) {
-    let upstream = MockUpstream::openai()
-        .answers_of_ignoring_max_tokens(2_000)
-        .start()
-        .await;
+    stream_from(
+        MockUpstream::openai().answers_of_ignoring_max_tokens(2_000),
+        body,
+    )
+    .await
+}
+
+/// The chunks before `[DONE]` of a chat stream of `body` from `upstream`,
+/// on a key with a $0.005 daily budget; and the gateway.
+async fn stream_from(upstream: MockUpstream, body: Value) -> (Vec<Value>, Gateway) {
+    let upstream = upstream.start().await;
     let gateway = start(&config(&upstream, 0.005)).await;
     let response = gateway
         .post_as("team-secret", "/v1/chat/completions", body)
@@ -700,22 +707,13 @@ const DENSE_TOKENS: [&str; 3] = ["|------------", "ปัญญา", "        re
 #[tokio::test]
 async fn a_budgeted_stream_of_dense_text_runs_to_its_limit() {
     for word in DENSE_TOKENS {
-        let upstream = MockUpstream::openai()
-            .answers_of(2_000)
-            .token_text(word)
-            .start()
-            .await;
-        let gateway = start(&config(&upstream, 0.005)).await;
-        let body = json!({"model": "chat", "messages": user("hi"), "stream": true, "max_tokens": 200,
-                          "stream_options": {"include_usage": true}});
-        let response = gateway.chat_as("team-secret", body).await;
-        assert_eq!(response.status(), 200);
-        let events = Events::new(response).rest().await;
-        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{word}");
-        let chunks: Vec<Value> = events[..events.len() - 1]
-            .iter()
-            .map(|e| parse(e))
-            .collect();
+        let upstream = MockUpstream::openai().answers_of(2_000).token_text(word);
+        let (chunks, gateway) = stream_from(
+            upstream,
+            json!({"model": "chat", "messages": user("hi"), "stream": true, "max_tokens": 200,
+                   "stream_options": {"include_usage": true}}),
+        )
+        .await;
         let content = chunks
             .iter()
             .filter(|c| c["choices"][0]["delta"]["content"] == word)
@@ -742,16 +740,15 @@ async fn an_upstream_that_ignores_its_limit_in_chunks_of_several_tokens_is_cut_a
     let word = "tok tok tok tok ";
     let upstream = MockUpstream::openai()
         .answers_of_ignoring_max_tokens(2_000)
-        .token_text(word)
-        .start()
-        .await;
-    let gateway = start(&config(&upstream, 0.005)).await;
-    let body = json!({"model": "chat", "messages": user("hi"), "stream": true});
-    let response = gateway.chat_as("team-secret", body).await;
-    let events = Events::new(response).rest().await;
-    let content = events
+        .token_text(word);
+    let (chunks, gateway) = stream_from(
+        upstream,
+        json!({"model": "chat", "messages": user("hi"), "stream": true}),
+    )
+    .await;
+    let content = chunks
         .iter()
-        .filter(|e| e.as_str() != "[DONE]" && parse(e)["choices"][0]["delta"]["content"] == word)
+        .filter(|c| c["choices"][0]["delta"]["content"] == word)
         .count();
     assert_eq!(content, AFFORDED as usize);
     assert_eq!(cut(&gateway, "estimate").await, Some(1.0));
