@@ -226,7 +226,29 @@ async fn engine() -> MockServer {
 
 const KEY: &str = "obs-test-key";
 
-fn config(engine_url: &str) -> Config {
+/// Upstreams that misbehave: one streams past the limit it is sent, one
+/// reports usage that cannot be true.
+struct Misbehaving {
+    runaway: MockServer,
+    liar: MockServer,
+}
+
+impl Misbehaving {
+    async fn start() -> Self {
+        let liar = json!({"id": "chatcmpl-liar", "object": "chat.completion", "created": 1, "model": "m",
+                          "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                          "usage": {"prompt_tokens": -1, "completion_tokens": 1, "total_tokens": 0}});
+        Self {
+            runaway: MockUpstream::openai()
+                .answers_of_ignoring_max_tokens(50)
+                .start()
+                .await,
+            liar: MockUpstream::openai().json(liar).start().await,
+        }
+    }
+}
+
+fn config(engine_url: &str, misbehaving: &Misbehaving) -> Config {
     let on =
         |backend: &str, model: &str| Deployment::new(backend, model).set("context_window", 131_072);
     Config::new()
@@ -277,6 +299,14 @@ fn config(engine_url: &str) -> Config {
         )
         // Never called: only here so the vLLM engine is scraped.
         .model(Model::new("engine-pool").deployment(on("engine", "m")))
+        .backend(Backend::new(
+            "runaway",
+            "openai",
+            &url(&misbehaving.runaway),
+        ))
+        .model(Model::new("runaway").deployment(on("runaway", "m").price(0.5, 1.5)))
+        .backend(Backend::new("liar", "openai", &url(&misbehaving.liar)))
+        .model(Model::new("liar").deployment(on("liar", "m").price(0.5, 1.5)))
         .key(
             Key::new("team")
                 .set("key_env", "OBS_TEST_KEY")
@@ -290,7 +320,8 @@ fn config(engine_url: &str) -> Config {
 /// touch, and returns its `/metrics` page once the engine's signals are in.
 async fn scraped_metrics() -> String {
     let engine = engine().await;
-    let config = tollgate::config::parse(&config(&url(&engine)).to_toml(), &|name| {
+    let misbehaving = Misbehaving::start().await;
+    let config = tollgate::config::parse(&config(&url(&engine), &misbehaving).to_toml(), &|name| {
         (name == "OBS_TEST_KEY").then(|| KEY.to_owned())
     })
     .unwrap_or_else(|problems| panic!("test config is invalid: {problems:?}"));
@@ -343,6 +374,12 @@ async fn scraped_metrics() -> String {
             451,
         ),
         (json!({"model": "no-such-model", "messages": hi}), None, 404),
+        (
+            json!({"model": "runaway", "messages": hi, "stream": true, "max_tokens": 5}),
+            None,
+            200,
+        ),
+        (json!({"model": "liar", "messages": hi}), None, 200),
     ];
     for (body, region, want) in cases {
         let status = chat(body.clone(), region).await;
