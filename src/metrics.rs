@@ -351,7 +351,7 @@ metrics! {
             BACKEND,
             label(
                 "counted",
-                "`upstream` (vLLM's own count of each chunk) or `estimate` (the fewest tokens \
+                "`upstream` (vLLM's own count of each chunk) or `gateway` (the fewest tokens \
                  the text can be: a token a chunk, a token each 16 bytes): an upstream that \
                  ignores the limit it was sent, or one that honours it and sent text in runs \
                  of one character, denser than 16 bytes a token, cut before that limit",

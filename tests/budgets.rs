@@ -349,7 +349,7 @@ async fn a_budgeted_stream_from_vllm_is_metered_by_its_own_count_of_each_chunk()
         // Only the upstream that ignores its limit is cut, by its count.
         let cuts = ignores_limit.then_some(1.0);
         assert_eq!(cut(&gateway, "upstream").await, cuts, "{case}");
-        assert_eq!(cut(&gateway, "estimate").await, None, "{case}");
+        assert_eq!(cut(&gateway, "gateway").await, None, "{case}");
     }
 
     let upstream = MockUpstream::openai().answers_of(20).start().await;
@@ -683,7 +683,7 @@ async fn a_stream_that_reaches_its_reservation_ends_at_its_length_limit() {
     let spent = spent(&gateway).await;
     assert!(spent <= 0.005, "spent ${spent}");
     assert!(spent > 0.0049, "spent ${spent}");
-    assert_eq!(cut(&gateway, "estimate").await, Some(1.0));
+    assert_eq!(cut(&gateway, "gateway").await, Some(1.0));
 }
 
 /// Streams the gateway ended at their reservation, their output `counted`
@@ -723,7 +723,7 @@ async fn a_budgeted_stream_of_dense_text_runs_to_its_limit() {
         assert_eq!(usage["completion_tokens"], 200, "{word}: {usage}");
         let finish = &chunks[chunks.len() - 2];
         assert_eq!(finish["choices"][0]["finish_reason"], "length", "{word}");
-        assert_eq!(cut(&gateway, "estimate").await, None, "{word}");
+        assert_eq!(cut(&gateway, "gateway").await, None, "{word}");
         // 11 prompt tokens, as the mock counts them, and 200 output.
         let spent = spent(&gateway).await;
         assert!((spent - 0.002011).abs() < 1e-9, "{word}: ${spent}");
@@ -751,7 +751,7 @@ async fn an_upstream_that_ignores_its_limit_in_chunks_of_several_tokens_is_cut_a
         .filter(|c| c["choices"][0]["delta"]["content"] == word)
         .count();
     assert_eq!(content, AFFORDED as usize);
-    assert_eq!(cut(&gateway, "estimate").await, Some(1.0));
+    assert_eq!(cut(&gateway, "gateway").await, Some(1.0));
     tokio::time::sleep(Duration::from_millis(200)).await;
     // "hi" estimated at 5 prompt tokens, and the limit's 491.
     let spent = spent(&gateway).await;

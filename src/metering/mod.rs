@@ -378,7 +378,7 @@ impl Meter {
     #[cold]
     pub fn cut_at_reservation(&self, running: bool) {
         let backend = self.last_backend.as_deref().unwrap_or(NONE);
-        let counted = if running { "upstream" } else { "estimate" };
+        let counted = if running { "upstream" } else { "gateway" };
         self.metrics
             .streams_cut
             .with_label_values(&[&self.labels.alias, backend, counted])
