@@ -40,8 +40,13 @@ fn config_of(kind: &str, upstream: &MockServer, daily_usd: f64) -> Config {
 
 /// `config_of`, with a context window of `window` tokens.
 fn config_in(kind: &str, window: u64, upstream: &MockServer, daily_usd: f64) -> Config {
+    // TGI's base URL is its root; the others' ends at /v1.
+    let base = match kind {
+        "tgi" => upstream.base_url(),
+        _ => url(upstream),
+    };
     Config::new()
-        .backend(Backend::upstream("api", kind, &url(upstream)))
+        .backend(Backend::upstream("api", kind, &base))
         .model(
             Model::new("chat").deployment(
                 Deployment::new("api", "m")
@@ -637,18 +642,16 @@ async fn legacy_completions_keep_their_default_of_16_tokens() {
 /// ignores `max_tokens` and would generate 2,000 tokens, on a key with a
 /// $0.005 daily budget; and the gateway, for what it spent.
 async fn stream_past_its_reservation(body: Value) -> (Vec<Value>, Gateway) {
-    stream_from(
-        MockUpstream::openai().answers_of_ignoring_max_tokens(2_000),
-        body,
-    )
-    .await
+    let upstream = MockUpstream::openai().answers_of_ignoring_max_tokens(2_000);
+    stream_from("openai", upstream, body).await
 }
 
 /// The chunks before `[DONE]` of a chat stream of `body` from `upstream`,
-/// on a key with a $0.005 daily budget; and the gateway.
-async fn stream_from(upstream: MockUpstream, body: Value) -> (Vec<Value>, Gateway) {
+/// a backend of `kind`, on a key with a $0.005 daily budget; and the
+/// gateway.
+async fn stream_from(kind: &str, upstream: MockUpstream, body: Value) -> (Vec<Value>, Gateway) {
     let upstream = upstream.start().await;
-    let gateway = start(&config(&upstream, 0.005)).await;
+    let gateway = start(&config_of(kind, &upstream, 0.005)).await;
     let response = gateway
         .post_as("team-secret", "/v1/chat/completions", body)
         .await;
@@ -701,14 +704,21 @@ const DENSE_TOKENS: [&str; 3] = ["|------------", "ปัญญา", "        re
 
 /// A budgeted stream of dense text from an upstream that honours its
 /// limit runs to that limit and ends with the upstream's own last chunk
-/// and usage: the gateway cuts a stream at its reservation by the fewest
-/// tokens its output can be (a token a chunk, a token each 16 bytes), not
-/// by the estimate, which takes these at 2 to 3.3 times their count.
+/// and usage, from an OpenAI-compatible server, TGI or vLLM: the gateway
+/// cuts a stream at its reservation by the fewest tokens its output can
+/// be (a token a chunk, a token each 16 bytes), or by vLLM's own count,
+/// not by the estimate, which takes these at 2 to 3.3 times their count.
 #[tokio::test]
 async fn a_budgeted_stream_of_dense_text_runs_to_its_limit() {
-    for word in DENSE_TOKENS {
-        let upstream = MockUpstream::openai().answers_of(2_000).token_text(word);
+    let kinds = [
+        ("openai", MockUpstream::openai as fn() -> MockUpstream),
+        ("tgi", MockUpstream::tgi),
+        ("vllm", MockUpstream::openai),
+    ];
+    for ((kind, upstream), word) in kinds.into_iter().flat_map(|k| DENSE_TOKENS.map(|w| (k, w))) {
+        let upstream = upstream().answers_of(2_000).token_text(word);
         let (chunks, gateway) = stream_from(
+            kind,
             upstream,
             json!({"model": "chat", "messages": user("hi"), "stream": true, "max_tokens": 200,
                    "stream_options": {"include_usage": true}}),
@@ -718,15 +728,16 @@ async fn a_budgeted_stream_of_dense_text_runs_to_its_limit() {
             .iter()
             .filter(|c| c["choices"][0]["delta"]["content"] == word)
             .count();
-        assert_eq!(content, 200, "{word}");
+        assert_eq!(content, 200, "{kind} {word}");
         let usage = &chunks[chunks.len() - 1]["usage"];
-        assert_eq!(usage["completion_tokens"], 200, "{word}: {usage}");
+        assert_eq!(usage["completion_tokens"], 200, "{kind} {word}: {usage}");
         let finish = &chunks[chunks.len() - 2];
-        assert_eq!(finish["choices"][0]["finish_reason"], "length", "{word}");
-        assert_eq!(cut(&gateway, "gateway").await, None, "{word}");
+        let finish = &finish["choices"][0]["finish_reason"];
+        assert_eq!(finish, "length", "{kind} {word}");
+        assert_eq!(cut(&gateway, "gateway").await, None, "{kind} {word}");
         // 11 prompt tokens, as the mock counts them, and 200 output.
         let spent = spent(&gateway).await;
-        assert!((spent - 0.002011).abs() < 1e-9, "{word}: ${spent}");
+        assert!((spent - 0.002011).abs() < 1e-9, "{kind} {word}: ${spent}");
     }
 }
 
@@ -742,6 +753,7 @@ async fn an_upstream_that_ignores_its_limit_in_chunks_of_several_tokens_is_cut_a
         .answers_of_ignoring_max_tokens(2_000)
         .token_text(word);
     let (chunks, gateway) = stream_from(
+        "openai",
         upstream,
         json!({"model": "chat", "messages": user("hi"), "stream": true}),
     )

@@ -696,7 +696,7 @@ async fn respond(
     };
     let route = match &reply.protocol {
         Protocol::OpenAi => openai_mock::route(canned, &parts, &body, &flags),
-        Protocol::Tgi => tgi_mock::route(&shared.canned, &parts, &body),
+        Protocol::Tgi => tgi_mock::route(canned, &parts, &body),
         Protocol::Bedrock(expect) => bedrock_mock::route(expect, &parts, &body),
     };
     let route = match route {
