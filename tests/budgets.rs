@@ -698,8 +698,9 @@ async fn cut(gateway: &Gateway, counted: &str) -> Option<f64> {
 }
 
 /// Tokens of generated text denser than the 4 bytes the gateway
-/// estimates: a Markdown table's rules (12.8 bytes a token to Llama 3 and
-/// 4), Thai (9.6 to Llama 4), indented code (8.4), each a token a chunk.
+/// estimates: a Markdown table's rule rows (12.8 bytes a token to Llama 3
+/// and 4), Thai (9.6 to Llama 4), deeply indented code (8.4), each a token
+/// a chunk.
 const DENSE_TOKENS: [&str; 3] = ["|------------", "ปัญญา", "        return"];
 
 /// A budgeted stream of dense text from an upstream that honours its

@@ -67,6 +67,17 @@ def samples():
         "random printable ASCII": "".join(rng.choice(string.printable[:94]) for _ in range(4000)),
         "base64": base64.b64encode(bytes(rng.randrange(256) for _ in range(3000))).decode(),
         "digits between spaces": " ".join(str(i % 10) for i in range(2000)),
+        # Dense text a model writes, which a stream's check must not take
+        # for more tokens than it is (the gateway counts 16 bytes a token
+        # at most, bar runs of one character).
+        "Markdown table": "| name | region | price |\n|------------|--------|-------|\n"
+        + "| llama-3.3-70b | eu-west-1 | 0.88 |\n" * 100,
+        "a table's rule rows": ("|" + "-" * 30 + "|" + "-" * 30 + "|\n") * 50,
+        "indented code": "class Cache:\n    def get(self, key):\n        if key in self.entries:\n"
+        "            return self.entries[key]\n        return None\n" * 60,
+        "code indented 24 spaces": "                        return self.value\n" * 100,
+        "a row of dashes": "-" * 4000,
+        "a row of box drawing": "─" * 2000,
     }
 
 

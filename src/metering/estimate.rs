@@ -39,13 +39,14 @@ pub fn tokens_for_chars(chars: usize) -> u64 {
     chars.div_ceil(CHARS_PER_TOKEN) as u64
 }
 
-/// The most bytes of generated text a token holds, but in runs of one
-/// character, which Llama 3 and 4 make tokens of up to 64 bytes of:
-/// Markdown tables take 12.8 bytes a token, indented code 8.4, Thai 9.6
+/// The most bytes of generated text a token holds, bar runs of one
+/// character (Llama 3 and 4 have tokens of 64 dashes): the densest text
+/// measured is a Markdown table's rule rows, 12.8 bytes a token, then
+/// Thai, 9.6 to Llama 4, and code indented 24 spaces, 8.4
 /// (`benches/tokens/bytes_per_token.py`).
 const MOST_BYTES_PER_TOKEN: usize = 16;
 
-/// The fewest tokens `bytes` of generated text are, but in runs of one
+/// The fewest tokens `bytes` of generated text are, bar runs of one
 /// character: what a stream is known to have generated where its upstream
 /// does not count it.
 pub fn fewest_tokens_for_chars(bytes: usize) -> u64 {
