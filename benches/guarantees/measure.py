@@ -234,7 +234,10 @@ class MockHandler(BaseHTTPRequestHandler):
 
     # -- a faithful answer, with the faults the scenarios ask for
     def answer(self, req, tokens, usage="exact", per_event=16, pace_tps=None,
-               separators=COMPACT, pieces=None):
+               separators=COMPACT, pieces=None, word=None):
+        """`tokens` tokens of WORD, `per_event` an event; or of `word`, a
+        token an event; or `pieces` as given, counted 4 characters a
+        token. Either of the first two stops at the request's limit."""
         rid = "chatcmpl-" + secrets.token_hex(6)
         created = int(time.time())
         model = req.get("model", "mock")
@@ -244,7 +247,10 @@ class MockHandler(BaseHTTPRequestHandler):
             n = tokens
             if limit is not None and limit < n:
                 n, finish = limit, "length"
-            pieces = [WORD * min(per_event, n - i) for i in range(0, n, per_event)]
+            if word is None:
+                pieces = [WORD * min(per_event, n - i) for i in range(0, n, per_event)]
+            else:
+                pieces = [word] * n
         else:
             n = math.ceil(len("".join(pieces)) / 4)
         u = usage_of(usage, prompt_tokens(req), n)
@@ -349,6 +355,17 @@ def spaced_no_usage(h, req):
 SPACED_PIECES = (['She said "hi".\n', "back\\slash\t", "caf\u00e9 ", WORD * 6, '"quoted" ']) * 60
 SPACED_TEXT = "".join(SPACED_PIECES)
 
+# Tokens denser than the gateway's estimate of 4 bytes: a Thai syllable,
+# a Markdown table's rule, a line's deep indentation (Thai is 9.6 bytes a
+# token to Llama 4, a table's rule rows 12.8, code indented 24 spaces
+# 8.4: benches/tokens/bytes_per_token.py). The prompt names which.
+DENSE = {"Thai": "ดิษ", "a table's rule": "|------------", "deep indentation": "        return"}
+
+
+def dense(h, req):
+    h.answer(req, 2000, word=DENSE[req["messages"][-1]["content"]])
+
+
 SCENARIOS = {
     "short": lambda h, r: h.answer(r, 14),
     "long": lambda h, r: h.answer(r, 20000, per_event=64),  # 20,000 tokens unless max_tokens says fewer
@@ -364,6 +381,7 @@ SCENARIOS = {
     "big_event": lambda h, r: huge_body(h, r, "big_event", stream=True),
     "big_event_late": lambda h, r: huge_body(h, r, "big_event_late", stream=True, good_events=2),
     "half_reset": half_then_reset,
+    "dense": dense,
 }
 
 
@@ -1485,6 +1503,32 @@ def case_reset_midbody(ctx):
     return measured, broken
 
 
+def case_dense_streams(ctx, limit=300):
+    text = make_config(
+        comment="case 15: budgeted streams of dense text",
+        backends=[backend(ctx.mock, "dense", "dense")],
+        models={"m": [deployment("dense", 0.6, 5.0)]},
+        keys=[key("dense", budget_daily_usd=1.0)])
+    gw = ctx.gateway("c15-dense", text)
+    broken, seen = [], []
+    for name, word in DENSE.items():
+        r = chat(gw.port, "dense", "m", stream=True, max_tokens=limit, content=name)
+        got = r.text.count(word)
+        finish = [c.get("finish_reason") for e in r.events for c in e.get("choices") or []
+                  if c.get("finish_reason")]
+        counted = (r.usage or {}).get("completion_tokens")
+        seen.append(f"{name} ({len(word.encode())} bytes a token): {got} of {limit} tokens, "
+                    f"finish {finish}, usage {counted}")
+        if not r.served or got != limit or counted != limit:
+            broken.append(f"{name}: {got} of {limit} tokens reached the client, usage {counted}")
+    cut = metric(metrics(gw.port), "tollgate_streams_cut_at_reservation_total")
+    if cut:
+        broken.append(f"the gateway cut {cut:.0f} stream(s) the upstream ended at its limit")
+    measured = (f"$1 daily budget, max_tokens {limit}, an upstream that honours it and streams a token "
+                f"a chunk: " + "; ".join(seen) + f"; streams the gateway cut: {cut:.0f}")
+    return measured, broken
+
+
 CASES = [
     (1, "Config file truncated to 0 bytes, or written in place in two steps ([[keys]] 0.6 s later)",
      "refused, old config keeps serving", case_config_writes),
@@ -1514,6 +1558,8 @@ CASES = [
      "OpenAI-shaped JSON error", case_malformed_http),
     (14, "Non-stream upstream sends headers and half the body, then resets; second deployment available",
      "failover", case_reset_midbody),
+    (15, "Budgeted streams of text denser than 4 bytes a token, from an upstream that honours max_tokens",
+     "run to their limit", case_dense_streams),
 ]
 
 
