@@ -387,6 +387,23 @@ async fn reasoning_stays_reasoning(kind: Kind) {
     let done = &events.last().unwrap().1["response"];
     assert_eq!(done["output"][0]["type"], "reasoning");
     assert_eq!(done["output"][1]["content"][0]["text"], "tok tok tok ");
+
+    // The next turn sends the answer's output back, as the SDK's docs
+    // manage a conversation: its reasoning is left out upstream.
+    let mut next = ask(false);
+    next["input"] = json!([{"role": "user", "content": "Hello"}]);
+    let input = next["input"].as_array_mut().unwrap();
+    input.extend(output.iter().cloned());
+    input.push(json!({"role": "user", "content": "And then?"}));
+    let response = post(&gateway, &next).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let sent = upstream.requests().pop().unwrap().json;
+    let sent = sent.to_string();
+    assert!(!sent.contains(&REASONING.concat()), "{sent}");
+    assert!(
+        sent.contains("tok tok tok ") && sent.contains("And then?"),
+        "{sent}"
+    );
 }
 
 mod reasoning_stays_reasoning {

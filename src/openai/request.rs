@@ -127,9 +127,10 @@ pub enum TextOrParts<P> {
     Parts(Vec<P>),
 }
 
-/// A content part type, with an example of one for the error that names
-/// what `content` may be.
+/// A part type, with what its array is called and an example of one, for
+/// the error that names what the value may be.
 pub trait PartExample {
+    const PARTS: &'static str = "content parts";
     const EXAMPLE: &'static str;
 }
 
@@ -146,7 +147,8 @@ impl<'de, P: Deserialize<'de> + PartExample> Deserialize<'de> for TextOrParts<P>
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 write!(
                     f,
-                    "a string, or an array of content parts such as {}",
+                    "a string, or an array of {} such as {}",
+                    P::PARTS,
                     P::EXAMPLE
                 )
             }

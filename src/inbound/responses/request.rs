@@ -46,11 +46,13 @@ pub struct ResponsesRequest {
     pub other: Map<String, Value>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged, expecting = "a string, or an array of input items")]
-pub enum Input {
-    Text(String),
-    Items(Vec<Item>),
+/// `input`: a user message's text, or the conversation's items. Read by the
+/// value's type, so that a wrong item is named by its path.
+pub type Input = TextOrParts<Item>;
+
+impl PartExample for Item {
+    const PARTS: &'static str = "input items";
+    const EXAMPLE: &'static str = r#"{"role":"user","content":"..."}"#;
 }
 
 /// One input item. A message may come without `type`; the other kinds
@@ -98,6 +100,9 @@ pub enum Part {
         #[serde(default)]
         detail: Option<String>,
     },
+    /// A `reasoning` item's content, as the gateway's own answers give it:
+    /// a client that sends its output back sends this too.
+    ReasoningText {},
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,14 +158,14 @@ pub fn to_chat(body: &[u8]) -> Result<(Vec<u8>, Map<String, Value>), GatewayErro
         messages.push(json!({"role": "system", "content": instructions}));
     }
     match &request.input {
-        Input::Items(items) if items.is_empty() => {
+        Input::Parts(items) if items.is_empty() => {
             return Err(GatewayError::bad_request(
                 "`input` is empty; send at least one message",
                 Some("input".into()),
             ));
         }
         Input::Text(text) => messages.push(json!({"role": "user", "content": text})),
-        Input::Items(items) => {
+        Input::Parts(items) => {
             for (i, item) in items.iter().enumerate() {
                 push_item(&mut messages, item, i)?;
             }
@@ -367,7 +372,8 @@ fn text_of(parts: &[Part]) -> String {
         .filter_map(|p| match p {
             Part::InputText { text } | Part::OutputText { text } => Some(text.as_str()),
             Part::Refusal { refusal } => Some(refusal.as_str()),
-            Part::InputImage { .. } => None,
+            // Reasoning is left out, as a `reasoning` item is.
+            Part::InputImage { .. } | Part::ReasoningText {} => None,
         })
         .collect()
 }
@@ -402,6 +408,12 @@ fn chat_content(content: &Content, role: &str, i: usize) -> Result<Value, Gatewa
             Part::InputImage { .. } => {
                 return Err(GatewayError::bad_request(
                     "an `input_image` needs an `image_url` (a URL or a data URL): this gateway keeps no files to name by `file_id`",
+                    Some(format!("input[{i}].content[{j}]")),
+                ));
+            }
+            Part::ReasoningText {} => {
+                return Err(GatewayError::bad_request(
+                    "a `reasoning_text` part is a model's reasoning: send it in a `reasoning` item, not a user message",
                     Some(format!("input[{i}].content[{j}]")),
                 ));
             }
@@ -507,6 +519,50 @@ mod tests {
     fn chat(body: Value) -> Result<Value, GatewayError> {
         let (bytes, _) = to_chat(body.to_string().as_bytes())?;
         Ok(serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[test]
+    fn reasoning_sent_back_is_left_out_and_a_wrong_part_is_named() {
+        let reasoning = json!({"type": "reasoning", "id": "rs_1", "summary": [],
+            "content": [{"type": "reasoning_text", "text": "Thinking"}], "status": "completed"});
+        let out = chat(json!({"model": "m", "input": [
+            {"role": "user", "content": "Hi"},
+            reasoning,
+            {"role": "assistant", "content": [{"type": "output_text", "text": "Hello"},
+                {"type": "reasoning_text", "text": "Thinking"}]},
+            {"role": "user", "content": "More"}]}))
+        .unwrap();
+        assert_eq!(
+            out["messages"],
+            json!([{"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "More"}])
+        );
+
+        let wrong = |input: Value| {
+            let error = chat(json!({"model": "m", "input": input})).unwrap_err();
+            (
+                error.param_name().unwrap().to_owned(),
+                error.message().to_owned(),
+            )
+        };
+        let (param, message) = wrong(json!([{"role": "user", "content": "Hi"},
+            {"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]));
+        assert_eq!(param, "input[1].content[0].type");
+        assert!(
+            message.contains("unknown variant `input_file`") && message.contains("input_image"),
+            "{message}"
+        );
+        let (param, message) = wrong(json!(5));
+        assert_eq!(param, "input");
+        assert!(
+            message.contains("a string, or an array of input items such as"),
+            "{message}"
+        );
+        let (param, message) =
+            wrong(json!([{"role": "user", "content": [{"type": "reasoning_text", "text": "x"}]}]));
+        assert_eq!(param, "input[0].content[0]");
+        assert!(message.contains("`reasoning` item"), "{message}");
     }
 
     #[test]
