@@ -407,6 +407,32 @@ async fn bad_input_is_a_clear_anthropic_error_never_a_panic() {
         let message = error["error"]["message"].as_str().unwrap();
         assert!(message.contains(says), "{says}: {message}");
     }
+    // Outside the one method and path the gateway serves, still Anthropic's
+    // shape: the batches API is not served, and a GET is not a request.
+    for (method, path, status, kind) in [
+        ("GET", "/v1/messages", 405, "invalid_request_error"),
+        ("PUT", "/v1/messages/", 405, "invalid_request_error"),
+        ("POST", "/v1/messages/batches", 404, "not_found_error"),
+    ] {
+        let response = gateway
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", gateway.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{method} {path}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["type"], "error", "{method} {path}: {error}");
+        assert_eq!(error["error"]["type"], kind, "{error}");
+    }
+    let openai: Value = gateway
+        .get("/v1/messagesx", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(openai["error"]["type"], "invalid_request_error", "{openai}");
+    assert_eq!(openai.get("type"), None, "{openai}");
     assert_eq!(upstream.hits(), 0);
 }
 

@@ -21,7 +21,7 @@ use axum::routing::{MethodRouter, get, post};
 use tokio::net::TcpListener;
 
 use crate::config::{Config, Endpoints};
-use crate::error::GatewayError;
+use crate::error::{ErrorShape, GatewayError};
 use crate::inbound::Api;
 use crate::openai::{Endpoint, ModelEntry, ModelList};
 use crate::pipeline::respond::json_response;
@@ -127,12 +127,15 @@ impl Gateway {
     }
 }
 
+/// Anthropic's Messages API.
+const MESSAGES: &str = "/v1/messages";
+
 /// The paths of the inference endpoints and the API each serves.
 const INFERENCE: [(&str, Api); 5] = [
     ("/v1/chat/completions", Api::OpenAi(Endpoint::Chat)),
     ("/v1/completions", Api::OpenAi(Endpoint::Completions)),
     ("/v1/embeddings", Api::OpenAi(Endpoint::Embeddings)),
-    ("/v1/messages", Api::Messages),
+    (MESSAGES, Api::Messages),
     ("/v1/responses", Api::Responses),
 ];
 
@@ -278,9 +281,24 @@ async fn not_found(method: Method, uri: Uri) -> Response {
         "" => uri.authority().map_or("", |authority| authority.as_str()),
         path => path,
     };
-    GatewayError::not_found(&format!("{method} {target}")).into_response()
+    GatewayError::not_found(&format!("{method} {target}")).into_response_in(error_shape(&uri))
 }
 
-async fn method_not_allowed() -> Response {
-    GatewayError::method_not_allowed().into_response()
+async fn method_not_allowed(uri: Uri) -> Response {
+    GatewayError::method_not_allowed().into_response_in(error_shape(&uri))
+}
+
+/// The error shape of the API a path belongs to: Anthropic's SDKs read
+/// Anthropic's under `/v1/messages` (and its batches, which the gateway
+/// does not serve), OpenAI's everywhere else.
+fn error_shape(uri: &Uri) -> ErrorShape {
+    let under_messages = uri
+        .path()
+        .strip_prefix(MESSAGES)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    if under_messages {
+        ErrorShape::Anthropic
+    } else {
+        ErrorShape::OpenAi
+    }
 }
