@@ -320,10 +320,13 @@ fn user_turn(out: &mut Vec<Value>, content: &Content, i: usize) -> Result<(), Ga
                 let text = match content {
                     None => String::new(),
                     Some(ToolResultContent::Text(text)) => text.clone(),
+                    // On lines of their own, as vLLM joins a message's
+                    // text parts.
                     Some(ToolResultContent::Blocks(blocks)) => blocks
                         .iter()
                         .map(|ToolResultBlock::Text { text }| text.as_str())
-                        .collect(),
+                        .collect::<Vec<_>>()
+                        .join("\n"),
                 };
                 let mut message =
                     json!({"role": "tool", "tool_call_id": tool_use_id, "content": text});
@@ -450,7 +453,7 @@ mod tests {
                     {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}}]},
                 {"role": "user", "content": [
                     {"type": "text", "text": "and be quick"},
-                    {"type": "tool_result", "tool_use_id": "toolu_01", "content": [{"type": "text", "text": "18C"}]}]}
+                    {"type": "tool_result", "tool_use_id": "toolu_01", "content": [{"type": "text", "text": "18C"}, {"type": "text", "text": "sunny"}]}]}
             ],
             "tools": [{"name": "get_weather", "description": "Weather", "input_schema": {"type": "object"}}],
             "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
@@ -465,7 +468,7 @@ mod tests {
         assert_eq!(call["function"]["arguments"], r#"{"city":"Paris"}"#);
         assert_eq!(
             out["messages"][3],
-            json!({"role": "tool", "tool_call_id": "toolu_01", "content": "18C"})
+            json!({"role": "tool", "tool_call_id": "toolu_01", "content": "18C\nsunny"})
         );
         assert_eq!(out["messages"][4]["content"][0]["text"], "and be quick");
         assert_eq!(
