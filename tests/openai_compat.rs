@@ -188,6 +188,49 @@ async fn legacy_completions_pass_through_streaming_and_not() {
     );
 }
 
+/// Legacy completions key their top log-probabilities by token, and a
+/// model can write any word: `usage`, `error`, `x_groq`. Only a chunk's own
+/// `usage` is its usage, so such a stream passes through as sent, is
+/// metered by the upstream's count, and counts against no circuit.
+#[tokio::test]
+async fn log_probabilities_keyed_by_member_names_pass_through_and_only_a_chunks_own_usage_counts()
+{
+    let chunk = |text: &str, tokens: &str| {
+        format!(
+            r#"{{"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{{"index":0,"text":"{text}","logprobs":{{"tokens":["{text}"],"token_logprobs":[-0.5],"top_logprobs":[{tokens}]}},"finish_reason":null}}],"usage":null}}"#
+        )
+    };
+    let payloads = [
+        chunk("usage", r#"{"usage":-0.5}"#),
+        chunk(":", r#"{":":-0.1,"error":-1.5,"x_groq":-4.0}"#),
+        chunk(" text", r#"{" text":-0.2,"content":-2.0,"usage":{"a":-1.0}}"#),
+        r#"{"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":4,"completion_tokens":3,"total_tokens":7}}"#.to_owned(),
+    ];
+    let sse: String = payloads
+        .iter()
+        .map(|p| format!("data: {p}\n\n"))
+        .chain(["data: [DONE]\n\n".to_owned()])
+        .collect();
+    let upstream = MockUpstream::openai().stream_bytes(sse).start().await;
+    let gateway = start(&vllm(&upstream, "chat")).await;
+    // More requests than failures open a circuit: none is a failure.
+    for _ in 0..6 {
+        let (_, events) = gateway
+            .stream(
+                "/v1/completions",
+                json!({"model": "chat", "prompt": "Run it with --help for", "logprobs": 2,
+                       "stream": true, "stream_options": {"include_usage": true}}),
+            )
+            .await;
+        let mut sent = payloads.to_vec();
+        sent.push("[DONE]".to_owned());
+        assert_eq!(events.rest().await, sent);
+    }
+    gateway
+        .eventually_exact_output_tokens("completions", "chat", "vllm", 18)
+        .await;
+}
+
 #[tokio::test]
 async fn streams_ask_for_usage_and_drop_the_usage_chunk_unless_the_client_asked() {
     for (kind, fixture) in [

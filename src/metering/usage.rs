@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::Observed;
 use crate::error::GatewayError;
-use crate::openai::scan::member_values;
+use crate::openai::scan::{in_top_level, member_values};
 use crate::openai::{IdentityView, ReportedUsage, ResponseView};
 
 /// What the gateway reads of one stream chunk.
@@ -57,9 +57,10 @@ pub fn answering_model(body: &[u8]) -> Option<String> {
 /// chunk's text is when that text is its first `content` member's, a
 /// string, and the chunk has neither usage nor an error.
 fn read(backend: &str, chunk: &[u8]) -> Result<(ChunkFacts, Option<TextAt>), GatewayError> {
-    let usage = usage_value(chunk);
+    let mut usages = usage_values(chunk, 0).peekable();
     let k = &*KEYS;
-    if k.error.find(chunk).is_some() || (usage.is_some() && k.x_groq.find(chunk).is_some()) {
+    if k.error.find(chunk).is_some() || (usages.peek().is_some() && k.x_groq.find(chunk).is_some())
+    {
         let view = read_view(backend, chunk)?;
         let facts = ChunkFacts {
             observed: Observed::of(&view),
@@ -73,7 +74,7 @@ fn read(backend: &str, chunk: &[u8]) -> Result<(ChunkFacts, Option<TextAt>), Gat
             "a stream chunk is not a JSON object",
         ));
     }
-    let Some(usage) = usage else {
+    let Some(usage) = usages.find(|value| in_top_level(chunk, chunk.len() - value.len())) else {
         let (text_chars, text_at) = text(chunk);
         return Ok((text_only(text_chars), text_at));
     };
@@ -184,8 +185,11 @@ impl StreamReader {
                     // The opening held no usage, error or tool call, and
                     // its bytes are the same: any is past it. An ending
                     // that calls a tool is not kept, as `text` keeps no
-                    // chunk that does.
-                    if usage_value(rest).is_none()
+                    // chunk that does; nor is one with usage in a nested
+                    // object, which `read` tells from the chunk's own.
+                    if usage_values(chunk, chunk.len() - rest.len())
+                        .next()
+                        .is_none()
                         && KEYS.error.find(rest).is_none()
                         && framed_as_object(chunk)
                     {
@@ -290,10 +294,17 @@ fn object_len(value: &[u8]) -> Option<usize> {
     None
 }
 
-/// The value (to the end of `chunk`) of its first `"usage"` member that is
-/// not `null`.
+/// The values (each to the end of `chunk`) of its `"usage"` members that
+/// are not `null`, from byte `from` on, nested ones too.
+fn usage_values(chunk: &[u8], from: usize) -> impl Iterator<Item = &[u8]> {
+    member_values(&KEYS.usage, &chunk[from..]).filter(|value| !value.starts_with(b"null"))
+}
+
+/// The value of `chunk`'s own `"usage"` member, when it is not `null`.
+/// Legacy completions' top log-probabilities are keyed by token, and
+/// `"usage"` there is no usage.
 fn usage_value(chunk: &[u8]) -> Option<&[u8]> {
-    member_values(&KEYS.usage, chunk).find(|value| !value.starts_with(b"null"))
+    usage_values(chunk, 0).find(|value| in_top_level(chunk, chunk.len() - value.len()))
 }
 
 /// The keys a chunk is searched for, each searcher built once: building
@@ -937,6 +948,23 @@ mod tests {
             serde_json::to_string(NAMES[self.0.usize(..NAMES.len())]).unwrap()
         }
 
+        /// A token as legacy completions' top log-probabilities key it,
+        /// with a number for its value: any word, a member's name too.
+        fn token(&mut self) -> String {
+            const TOKENS: &[&str] = &[
+                "usage",
+                "content",
+                "text",
+                "error",
+                "choices",
+                "x_groq",
+                "reasoning",
+                "arguments",
+                "tok",
+            ];
+            serde_json::to_string(TOKENS[self.0.usize(..TOKENS.len())]).unwrap()
+        }
+
         fn value(&mut self, depth: u32) -> String {
             match self.0.usize(0..6) {
                 0 => self.text(),
@@ -983,7 +1011,7 @@ mod tests {
             }
             if self.0.bool() {
                 let (token, first, second, value) =
-                    (self.text(), self.name(), self.name(), self.value(0));
+                    (self.text(), self.token(), self.name(), self.value(0));
                 members.push(format!(
                     r#""logprobs":{{"tokens":[{token}],"top_logprobs":[{{{first}:-0.1,{second}:{value}}}]}}"#
                 ));
@@ -1033,8 +1061,9 @@ mod tests {
                 1 => r#"}}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#
                     .into(),
                 2 => format!(
-                    r#"}},"logprobs":{{"top_logprobs":[{{{}:-0.1}}]}}}}]}}"#,
-                    self.name()
+                    r#"}},"logprobs":{{"top_logprobs":[{{{}:-0.1,{}:-0.2}}]}}}}]}}"#,
+                    self.name(),
+                    self.token()
                 ),
                 3 => format!(r#"}}}}],{}:{}}}"#, self.name(), self.value(0)),
                 4 => format!(

@@ -24,6 +24,41 @@ pub fn member_values<'j>(name: &'j Finder<'_>, json: &'j [u8]) -> impl Iterator<
     })
 }
 
+/// Whether a member whose value starts at byte `at` of `json`, an object,
+/// is one of its own rather than of an object nested in it (a
+/// log-probability keyed by a token, which can be any word). Scans what
+/// comes before `at`: called only once a name is found.
+pub fn in_top_level(json: &[u8], at: usize) -> bool {
+    let before = &json[..at];
+    let (mut depth, mut i) = (0usize, 0);
+    while i < before.len() {
+        match before[i] {
+            b'"' => {
+                // To the string's closing quote: past each escape.
+                i += 1;
+                loop {
+                    let Some(found) = before
+                        .get(i..)
+                        .and_then(|s| memchr::memchr2(b'"', b'\\', s))
+                    else {
+                        return false;
+                    };
+                    i += found;
+                    if before[i] == b'"' {
+                        break;
+                    }
+                    i += 2;
+                }
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    depth == 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,5 +71,15 @@ mod tests {
         assert_eq!(values.len(), 2, "{values:?}");
         assert!(values[0].starts_with(br#""a","#));
         assert!(values[1].starts_with(br#""""#));
+    }
+
+    #[test]
+    fn a_member_of_a_nested_object_is_not_in_the_top_level() {
+        let name = Finder::new(b"\"usage\"");
+        let json = br#"{"a":"{[\"\\","b":[{"usage":-0.5}],"usage":{"n":1}}"#;
+        let tops: Vec<bool> = member_values(&name, json)
+            .map(|value| in_top_level(json, json.len() - value.len()))
+            .collect();
+        assert_eq!(tops, [false, true]);
     }
 }
