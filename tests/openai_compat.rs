@@ -193,8 +193,7 @@ async fn legacy_completions_pass_through_streaming_and_not() {
 /// `usage` is its usage, so such a stream passes through as sent, is
 /// metered by the upstream's count, and counts against no circuit.
 #[tokio::test]
-async fn log_probabilities_keyed_by_member_names_pass_through_and_only_a_chunks_own_usage_counts()
-{
+async fn log_probabilities_keyed_by_member_names_pass_through_and_only_a_chunks_own_usage_counts() {
     let chunk = |text: &str, tokens: &str| {
         format!(
             r#"{{"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[{{"index":0,"text":"{text}","logprobs":{{"tokens":["{text}"],"token_logprobs":[-0.5],"top_logprobs":[{tokens}]}},"finish_reason":null}}],"usage":null}}"#
@@ -456,6 +455,35 @@ async fn events_cut_across_tcp_writes_come_out_whole() {
         events.rest().await,
         fixture_payloads("vllm_completions_usage.sse")
     );
+}
+
+/// SSE lets an event's data span several `data` lines; each reaches the
+/// client as one event of one line, the same JSON.
+#[tokio::test]
+async fn an_event_whose_data_spans_several_lines_comes_out_as_one() {
+    let first = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","#;
+    let rest = r#" "choices":[{"index":0,"delta":{"content":"Hi\nthere"},"finish_reason":null}]}"#;
+    let upstream = MockUpstream::openai()
+        .stream_bytes(format!(
+            "data: {first}\ndata: {rest}\n\ndata: {first}\r\ndata:{rest}\r\n\r\ndata: [DONE]\n\n"
+        ))
+        .start()
+        .await;
+    let gateway = start(&vllm(&upstream, "chat")).await;
+    let body = gateway
+        .chat(json!({"model": "chat", "stream": true, "messages": user("hi")}))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<&str> = body.lines().filter(|line| !line.is_empty()).collect();
+    let whole = parse(&format!("{first}{rest}"));
+    assert_eq!(lines.len(), 3, "{body}");
+    for line in &lines[..2] {
+        let data = line.strip_prefix("data: ").expect("a data line");
+        assert_eq!(parse(data), whole, "{line}");
+    }
+    assert_eq!(lines[2], "data: [DONE]");
 }
 
 // ---- streaming behaviour ----------------------------------------------------

@@ -141,7 +141,8 @@ where
             if let Some((parser, _)) = this.parser.as_mut().filter(|_| this.parsing) {
                 match parser.poll_next_unpin(cx) {
                     Poll::Ready(Some(Ok(event))) => {
-                        if let Some(chunk) = event.data.and_then(|d| this.payload(d.into())) {
+                        let data = event.data.map(on_one_line);
+                        if let Some(chunk) = data.and_then(|d| this.payload(d.into())) {
                             return Poll::Ready(Some(Ok(chunk)));
                         }
                         continue;
@@ -180,6 +181,17 @@ where
                 }
             }
         }
+    }
+}
+
+/// Data sent over several `data` lines, which the parser joins with line
+/// feeds, on one line: written again as one `data` line, a line feed would
+/// end it. The data is JSON, where a space is the same white space.
+fn on_one_line(data: String) -> String {
+    if data.contains('\n') {
+        data.replace('\n', " ")
+    } else {
+        data
     }
 }
 
@@ -292,7 +304,7 @@ mod tests {
             "data: line one\ndata: line two\n\ndata: cut at the end",
         ])
         .await;
-        assert_eq!(data, [r#"{"a":1}"#, r#"{"b":2}"#, "line one\nline two"]);
+        assert_eq!(data, [r#"{"a":1}"#, r#"{"b":2}"#, "line one line two"]);
     }
 
     #[tokio::test]
@@ -390,7 +402,8 @@ mod tests {
     }
 
     /// What the parser alone makes of `text`, by the same rules: data
-    /// only, none empty, up to `[DONE]`; an error as its message.
+    /// only, none empty, each on one line, up to `[DONE]`; an error as its
+    /// message.
     async fn parser_alone(text: &[u8]) -> (Vec<String>, Option<String>) {
         let read = futures_util::stream::iter([Ok::<_, Infallible>(Bytes::copy_from_slice(text))]);
         let mut events = SseByteStream::new(read);
@@ -398,7 +411,7 @@ mod tests {
         while let Some(event) = events.next().await {
             match event.map(|e| e.data) {
                 Ok(Some(d)) if d == "[DONE]" => break,
-                Ok(Some(d)) if !d.is_empty() => data.push(d),
+                Ok(Some(d)) if !d.is_empty() => data.push(on_one_line(d)),
                 Ok(_) => {}
                 Err(e) => return (data, Some(e.to_string())),
             }
