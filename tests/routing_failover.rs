@@ -484,9 +484,10 @@ async fn a_429_with_retry_after_cools_its_deployment_for_that_long() {
         .header("retry-after", "0.8")
         .start()
         .await;
+    // OpenAI's own hint, in milliseconds.
     let alone = MockUpstream::openai()
         .status(429)
-        .header("retry-after", "0.8")
+        .header("retry-after-ms", "800")
         .start()
         .await;
     let spare = MockUpstream::openai().start().await;

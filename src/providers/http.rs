@@ -476,18 +476,28 @@ impl ErrorReply {
         }
     }
 
-    /// `retry-after`, as seconds or an HTTP date, when the upstream sent a
-    /// usable one; at most an hour, so a bad header cannot bench a
-    /// deployment for longer.
+    /// How long the upstream asks to be left alone, when it sent a usable
+    /// hint: OpenAI's `retry-after-ms` (milliseconds, which its SDKs read
+    /// first), else `retry-after` (seconds or an HTTP date). At most an
+    /// hour, so a bad header cannot bench a deployment for longer.
     pub fn retry_after(&self) -> Option<Duration> {
-        let value = self.fields.get_str(RETRY_AFTER.as_str())?.trim();
-        let wait = match value.parse::<f64>() {
-            Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
-            Ok(_) => return None,
-            Err(_) => httpdate::parse_http_date(value)
-                .ok()?
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or(Duration::ZERO),
+        let seconds = |value: &str, per_second: f64| {
+            let n = value.trim().parse::<f64>().ok()?;
+            (n.is_finite() && n >= 0.0).then(|| Duration::from_secs_f64(n / per_second))
+        };
+        let ms = self.fields.get_str("retry-after-ms");
+        let wait = if let Some(wait) = ms.and_then(|ms| seconds(ms, 1000.0)) {
+            wait
+        } else {
+            let value = self.fields.get_str(RETRY_AFTER.as_str())?.trim();
+            match seconds(value, 1.0) {
+                Some(wait) => wait,
+                None if value.parse::<f64>().is_ok() => return None,
+                None => httpdate::parse_http_date(value)
+                    .ok()?
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or(Duration::ZERO),
+            }
         };
         Some(wait.min(MAX_RETRY_AFTER))
     }
@@ -508,8 +518,14 @@ mod tests {
     use super::*;
 
     fn retry_after(value: &str) -> Option<Duration> {
+        hinted(&[("retry-after", value)])
+    }
+
+    fn hinted(fields: &[(&'static str, &str)]) -> Option<Duration> {
         let mut headers = HeaderMap::new();
-        headers.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+        for &(name, value) in fields {
+            headers.insert(name, HeaderValue::from_str(value).unwrap());
+        }
         ErrorReply {
             status: StatusCode::TOO_MANY_REQUESTS,
             fields: headers.into(),
@@ -688,5 +704,20 @@ mod tests {
         );
         assert_eq!(retry_after("soon"), None);
         assert_eq!(retry_after("-3"), None);
+    }
+
+    #[test]
+    fn retry_after_ms_is_read_first() {
+        let ms = Some(Duration::from_millis(1500));
+        assert_eq!(hinted(&[("retry-after-ms", "1500")]), ms);
+        assert_eq!(
+            hinted(&[("retry-after-ms", "1500"), ("retry-after", "2")]),
+            ms
+        );
+        assert_eq!(hinted(&[("retry-after-ms", "1e12")]), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            hinted(&[("retry-after-ms", "-1"), ("retry-after", "2")]),
+            Some(Duration::from_secs(2))
+        );
     }
 }
