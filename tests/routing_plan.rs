@@ -126,6 +126,20 @@ fn media_context_window_and_tools_each_filter_the_deployments_that_cannot_serve(
         {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
     ]}]);
     assert_eq!(kept(&explained(&s, "chat", sound, None)), ["audio"]);
+    // vLLM's own forms of the same media.
+    for (part, only) in [
+        (
+            json!({"type": "audio_url", "audio_url": {"url": "https://x/a.wav"}}),
+            "audio",
+        ),
+        (
+            json!({"type": "image_embeds", "image_embeds": "AAAA"}),
+            "vision",
+        ),
+    ] {
+        let media = json!([{"role": "user", "content": [part]}]);
+        assert_eq!(kept(&explained(&s, "chat", media, None)), [only]);
+    }
 
     // One message of 2000 characters is 4 + 500 tokens; with 600 to write,
     // 1104 do not fit in 1000.

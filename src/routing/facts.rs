@@ -65,9 +65,10 @@ impl RequestFacts {
                 _ => None,
             });
             for part in parts.flatten() {
+                // vLLM takes images and audio in forms of its own too.
                 match part.kind.as_str() {
-                    "image_url" | "image" => facts.image = true,
-                    "input_audio" | "audio" => facts.audio = true,
+                    "image_url" | "image" | "image_embeds" => facts.image = true,
+                    "input_audio" | "audio" | "audio_url" => facts.audio = true,
                     _ => {}
                 }
             }
