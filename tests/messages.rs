@@ -362,6 +362,13 @@ async fn bad_input_is_a_clear_anthropic_error_never_a_panic() {
             "max_tokens",
         ),
         (
+            r#"{"model":"chat","max_tokens":0,"messages":[{"role":"user","content":"hi"}]}"#
+                .to_owned(),
+            400,
+            "invalid_request_error",
+            "`max_tokens` must be at least 1",
+        ),
+        (
             r#"{"model":"chat","max_tokens":8,"messages":[]}"#.to_owned(),
             400,
             "invalid_request_error",

@@ -234,6 +234,13 @@ pub fn to_chat(body: &[u8]) -> Result<(Vec<u8>, Vec<String>), GatewayError> {
             Some("messages".into()),
         ));
     }
+    // Required here, unlike chat's, whose check would say it may be left out.
+    if request.max_tokens == 0 {
+        return Err(GatewayError::bad_request(
+            "`max_tokens` must be at least 1",
+            Some("max_tokens".into()),
+        ));
+    }
     let mut messages = Vec::with_capacity(request.messages.len() + 1);
     if let Some(system) = &request.system {
         let text = match system {
@@ -510,6 +517,9 @@ mod tests {
             "{}",
             e.message()
         );
+        let e = error(json!({"model": "m", "max_tokens": 0, "messages": [
+            {"role": "user", "content": "hi"}]}));
+        assert_eq!(e.message(), "`max_tokens` must be at least 1");
         let e = error(json!({"model": "m", "max_tokens": 1, "messages": [
             {"role": "user", "content": [{"type": "video", "url": "x"}]}]}));
         assert_eq!(e.param_name(), Some("messages[0].content"));
