@@ -74,21 +74,30 @@ fn read(backend: &str, chunk: &[u8]) -> Result<(ChunkFacts, Option<TextAt>), Gat
             "a stream chunk is not a JSON object",
         ));
     }
-    let Some(usage) = usages.find(|value| in_top_level(chunk, chunk.len() - value.len())) else {
+    // The chunk's own usage, not a nested object's: the one that ends the
+    // chunk, as every upstream puts it, or else the first found in its top
+    // level by a scan of what comes before it.
+    let mut own = None;
+    for value in usages {
+        match usage_at(value) {
+            Ok((usage, rest)) if rest.trim_ascii() == b"}" => own = Some(Ok(usage)),
+            read if in_top_level(chunk, chunk.len() - value.len()) => {
+                own = Some(read.map(|(usage, _)| usage));
+            }
+            _ => continue,
+        }
+        break;
+    }
+    let Some(reported) = own else {
         let (text_chars, text_at) = text(chunk);
         return Ok((text_only(text_chars), text_at));
     };
-    let cannot_read = |e: &dyn std::fmt::Display| {
+    let reported = reported.map_err(|e| {
         GatewayError::upstream_protocol(
             backend,
             format_args!("a stream chunk's usage cannot be read: {e}"),
         )
-    };
-    // Checked as UTF-8 in one pass: read as bytes, each name would be
-    // checked on its own, which costs more.
-    let usage = simdutf8::compat::from_utf8(usage).map_err(|e| cannot_read(&e))?;
-    let reported = ReportedUsage::deserialize(&mut serde_json::Deserializer::from_str(usage))
-        .map_err(|e| cannot_read(&e))?;
+    })?;
     // The usage-only chunk has no choices, so no text.
     let usage_only = member_values(&k.choices, chunk)
         .next()
@@ -102,6 +111,20 @@ fn read(backend: &str, chunk: &[u8]) -> Result<(ChunkFacts, Option<TextAt>), Gat
         usage_only,
     };
     Ok((facts, None))
+}
+
+/// The usage `value` (to the end of its chunk) starts with, and what
+/// follows it.
+fn usage_at(value: &[u8]) -> Result<(ReportedUsage, &[u8]), String> {
+    // Checked as UTF-8 in one pass: read as bytes, each name would be
+    // checked on its own, which costs more.
+    let text = simdutf8::compat::from_utf8(value).map_err(|e| e.to_string())?;
+    let mut values = serde_json::Deserializer::from_str(text).into_iter::<ReportedUsage>();
+    match values.next() {
+        Some(Ok(usage)) => Ok((usage, &value[values.byte_offset()..])),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("no value".to_owned()),
+    }
 }
 
 /// Whether `value` (to the end of its chunk) starts with `[]`.
