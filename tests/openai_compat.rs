@@ -1152,6 +1152,14 @@ async fn bad_requests_are_refused_before_any_upstream_call() {
     let response = raw(r#"{"model": "chat", "max_tokens": "ten", "messages": [{"role": "user", "content": "hi"}]}"#).await;
     assert_eq!(error_of(response).await["param"], "max_tokens");
 
+    // Two limits, of which upstreams read one or the other: OpenAI refuses
+    // it, and a budget would reserve the smaller while TGI writes the larger.
+    let response = raw(r#"{"model": "chat", "max_completion_tokens": 1, "max_tokens": 2000, "messages": [{"role": "user", "content": "hi"}]}"#).await;
+    assert_eq!(response.status(), 400);
+    let error = error_of(response).await;
+    assert_eq!(error["param"], "max_tokens");
+    assert!(message(&error).contains("at the same time"), "{error}");
+
     let big = json!({"model": "chat", "messages": user(&"x".repeat(8_000))});
     let response = gateway.chat(big.clone()).await;
     assert_eq!(response.status(), 413);

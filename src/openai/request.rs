@@ -494,6 +494,15 @@ impl InboundRequest {
                     Some((*field).into()),
                 ));
             }
+            // Refused as OpenAI refuses it: upstreams read one or the
+            // other (vLLM the newer, TGI and Together the older), so the
+            // limit reserved could be the one an upstream ignores.
+            if limits.iter().all(|(_, limit)| limit.is_some()) {
+                return Err(GatewayError::bad_request(
+                    "setting `max_tokens` and `max_completion_tokens` at the same time is not supported; send one of them",
+                    Some("max_tokens".into()),
+                ));
+            }
         }
         let span = |raw: &RawValue| {
             let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
