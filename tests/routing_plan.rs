@@ -150,11 +150,11 @@ fn media_context_window_and_tools_each_filter_the_deployments_that_cannot_serve(
         reason(&plan, "small-text"),
         "policy context_window: about 1104 tokens exceed its context window of 1000"
     );
-    let newer = json!({"model": "chat", "messages": user(&"x".repeat(2000)), "max_tokens": 10, "max_completion_tokens": 600});
+    let newer = json!({"model": "chat", "messages": user(&"x".repeat(2000)), "max_completion_tokens": 600});
     assert_eq!(
         kept(&explained_request(&s, newer, None)),
         ["vision", "audio", "tools"],
-        "max_completion_tokens counts before max_tokens"
+        "max_completion_tokens counts as max_tokens does"
     );
     let fits = json!({"model": "chat", "messages": user(&"x".repeat(2000)), "max_tokens": 496});
     assert_eq!(
