@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod openai;
 pub mod pipeline;
 pub mod providers;
+pub mod redact;
 pub mod routing;
 pub mod server;
 pub mod state;

@@ -24,7 +24,9 @@ const ORDER: &[&[&str]] = &[
     &["error"],
     &["limits"],
     &["config"],
-    &["id", "logging", "traces", "framing", "gather", "tls"],
+    &[
+        "id", "logging", "traces", "framing", "gather", "tls", "redact",
+    ],
 ];
 
 fn rank(module: &str) -> usize {

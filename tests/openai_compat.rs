@@ -643,6 +643,50 @@ async fn a_slow_but_steady_stream_is_not_cut_by_the_idle_timeout() {
 
 // ---- upstream failures --------------------------------------------------------
 
+/// Some upstreams and proxies quote the credential they were sent in their
+/// errors. The gateway holds it: no error it passes on, whole or streamed,
+/// carries it.
+#[tokio::test]
+async fn an_upstream_that_quotes_the_gateways_credential_has_it_redacted() {
+    // `Backend::upstream` sends `sk-test-<name>`.
+    const KEY: &str = "sk-test-quoting";
+    let quoted = json!({"error": {"message": format!("Incorrect API key provided: Bearer {KEY}"),
+        "type": "invalid_request_error", "param": format!("Bearer {KEY}"), "code": KEY}});
+    let chunk = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#;
+    // Each upstream, and whether it fails whole requests too or streams
+    // only.
+    let upstreams = [
+        (MockUpstream::openai().error(400, quoted.clone()), true),
+        (MockUpstream::openai().error(500, quoted.clone()), true),
+        (
+            MockUpstream::openai().stream_bytes(format!("data: {quoted}\n\n")),
+            false,
+        ),
+        (
+            MockUpstream::openai().stream_bytes(format!("data: {chunk}\n\ndata: {quoted}\n\n")),
+            false,
+        ),
+    ];
+    for (i, (upstream, whole)) in upstreams.into_iter().enumerate() {
+        let upstream = upstream.start().await;
+        let config = Config::new()
+            .backend(Backend::upstream("quoting", "openai", &url(&upstream)))
+            .model(on("chat", "quoting"));
+        let gateway = start(&config).await;
+        for stream in [true, false].into_iter().filter(|&stream| stream || whole) {
+            let response = gateway
+                .chat(json!({"model": "chat", "stream": stream, "messages": user("hi")}))
+                .await;
+            let text = response.text().await.unwrap();
+            assert!(!text.contains(KEY), "case {i}, stream {stream}: {text}");
+            assert!(
+                text.contains("[redacted]"),
+                "case {i}, stream {stream}: {text}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn upstream_failures_before_the_first_byte_become_http_errors() {
     let refused = mock::refused_base_url().await;

@@ -426,9 +426,12 @@ impl GatewayError {
 
     /// The upstream broke its protocol: a body that is not what it promised.
     pub fn upstream_protocol(backend: &str, what: impl std::fmt::Display) -> Self {
+        // A parser's message can quote what it read.
         Self::new(
             ErrorKind::UpstreamProtocol,
-            format!("backend \"{backend}\" sent an invalid response: {what}"),
+            crate::redact::redacted(format!(
+                "backend \"{backend}\" sent an invalid response: {what}"
+            )),
         )
     }
 

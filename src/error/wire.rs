@@ -88,7 +88,21 @@ fn code_parts(code: Option<serde_json::Value>) -> (Option<String>, Option<u16>) 
 }
 
 impl UpstreamErrorParts {
+    /// The parts of an upstream's error body, each without the config's
+    /// secrets: some upstreams quote the credential they were sent.
     pub fn parse(body: &[u8]) -> Self {
+        let parts = Self::parse_as_sent(body);
+        let clean = |text: Option<String>| text.map(crate::redact::redacted);
+        Self {
+            message: clean(parts.message),
+            kind: clean(parts.kind),
+            param: clean(parts.param),
+            code: clean(parts.code),
+            status: parts.status,
+        }
+    }
+
+    fn parse_as_sent(body: &[u8]) -> Self {
         let Ok(parsed) = serde_json::from_slice::<UpstreamError>(body) else {
             let text = String::from_utf8_lossy(body)
                 .trim()
