@@ -150,7 +150,8 @@ fn media_context_window_and_tools_each_filter_the_deployments_that_cannot_serve(
         reason(&plan, "small-text"),
         "policy context_window: about 1104 tokens exceed its context window of 1000"
     );
-    let newer = json!({"model": "chat", "messages": user(&"x".repeat(2000)), "max_completion_tokens": 600});
+    let newer =
+        json!({"model": "chat", "messages": user(&"x".repeat(2000)), "max_completion_tokens": 600});
     assert_eq!(
         kept(&explained_request(&s, newer, None)),
         ["vision", "audio", "tools"],

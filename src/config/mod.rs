@@ -630,6 +630,24 @@ models = ["zzz"]
     }
 
     #[test]
+    fn a_base_url_with_credentials_is_refused_without_echoing_them() {
+        let got = problems(
+            r#"
+[[backends]]
+name = "v"
+kind = "vllm"
+base_url = "http://user:hunter2-secret@vllm:8000/v1"
+"#,
+        );
+        assert_eq!(
+            got,
+            [
+                "backends[0].base_url: must not hold credentials (user:password@); a backend's API key goes in api_key_env"
+            ]
+        );
+    }
+
+    #[test]
     fn missing_secrets_are_reported_by_variable_name() {
         let text = r#"
 [[backends]]

@@ -559,6 +559,15 @@ impl Validator<'_> {
                     self.problem(path, "must not have a query or fragment");
                     return None;
                 }
+                // The gateway sends no credentials from a URL, and the
+                // admin API shows the URL.
+                if !url.username().is_empty() || url.password().is_some() {
+                    self.problem(
+                        path,
+                        "must not hold credentials (user:password@); a backend's API key goes in api_key_env",
+                    );
+                    return None;
+                }
                 Some(url)
             }
             Ok(_) => {
