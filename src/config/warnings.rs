@@ -107,7 +107,8 @@ fn names_llama(id: &str) -> bool {
 
 /// The upstream model id names a multimodal Llama family: Llama 3.2
 /// Vision (11B and 90B; Bedrock's `meta.llama3-2-11b-…` and `…-90b-…` are
-/// the vision models) or Llama 4.
+/// the vision models), Llama 4, or the Llama Guard models built on them
+/// (Llama Guard 3 Vision, Llama Guard 4, which reads images too).
 fn names_multimodal_llama(id: &str) -> bool {
     // One spelling for `Llama-3.2`, `llama3.2`, `llama3-2` and `llama-4`,
     // `llama4`: separators become `-`, and none follows `llama`.
@@ -119,6 +120,8 @@ fn names_multimodal_llama(id: &str) -> bool {
         || id.contains("llama3-2-11b")
         || id.contains("llama3-2-90b")
         || (id.contains("llama3-2") && id.contains("vision"))
+        || id.contains("llamaguard-4")
+        || (id.contains("llamaguard") && id.contains("vision"))
 }
 
 #[cfg(test)]
@@ -140,6 +143,8 @@ mod tests {
             "us.meta.llama4-scout-17b-instruct-v1:0",
             "meta.llama3-2-11b-instruct-v1:0",
             "meta.llama3-2-90b-instruct-v1:0",
+            "meta-llama/Llama-Guard-4-12B",
+            "meta-llama/Llama-Guard-3-11B-Vision",
         ] {
             assert!(names_multimodal_llama(id), "{id}");
             assert!(names_llama(id), "{id}");
@@ -152,6 +157,8 @@ mod tests {
             "llama-3.1-8b-instant",
             "meta-llama/Llama-3.1-405B-Instruct",
             "Qwen/Qwen2.5-VL-72B-Instruct",
+            "meta-llama/Llama-Guard-3-8B",
+            "meta-llama/Llama-Guard-3-1B",
         ] {
             assert!(!names_multimodal_llama(id), "{id}");
         }
