@@ -968,7 +968,7 @@ mod tests {
                 "\\\"usage",
                 "\"arguments",
             ];
-            serde_json::to_string(NAMES[self.0.usize(..NAMES.len())]).unwrap()
+            self.one_of(NAMES)
         }
 
         /// A token as legacy completions' top log-probabilities key it,
@@ -985,7 +985,12 @@ mod tests {
                 "arguments",
                 "tok",
             ];
-            serde_json::to_string(TOKENS[self.0.usize(..TOKENS.len())]).unwrap()
+            self.one_of(TOKENS)
+        }
+
+        /// One of `strings`, as a JSON string.
+        fn one_of(&mut self, strings: &[&str]) -> String {
+            serde_json::to_string(strings[self.0.usize(..strings.len())]).unwrap()
         }
 
         fn value(&mut self, depth: u32) -> String {
