@@ -16,7 +16,8 @@ use support::mock::{MockServer, MockUpstream};
 const SLOW: Duration = Duration::from_millis(1_500);
 
 /// Alias `chat` on `first` (cheaper, so the cost strategy tries it
-/// first) and `second`, hedged after 100 ms with `allowance` dollars.
+/// first) and `second`, both Llama, hedged after 100 ms with `allowance`
+/// dollars.
 fn two(first: &MockServer, second: &MockServer, allowance: f64) -> Config {
     Config::new()
         .admin()
@@ -25,8 +26,16 @@ fn two(first: &MockServer, second: &MockServer, allowance: f64) -> Config {
         .model(
             Model::new("chat")
                 .hedge_after(100, allowance)
-                .deployment(Deployment::named("chat/first", "first").price(1.0, 2.0))
-                .deployment(Deployment::named("chat/second", "second").price(3.0, 6.0)),
+                .deployment(
+                    Deployment::named("chat/first", "first")
+                        .price(1.0, 2.0)
+                        .set("licence", "llama"),
+                )
+                .deployment(
+                    Deployment::named("chat/second", "second")
+                        .price(3.0, 6.0)
+                        .set("licence", "llama"),
+                ),
         )
 }
 
@@ -118,6 +127,19 @@ async fn a_slow_first_byte_is_hedged_the_hedge_serves_and_the_first_is_cancelled
         "{total} vs {served} + {charged}: {spend}"
     );
     assert_eq!(spend["total"]["requests"], 1, "{spend}");
+    // And so does the licence report's spend.
+    let licence = gateway.admin("/admin/licence").await;
+    let served = &licence["months"][0]["served"];
+    let licensed: f64 = served
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["cost_usd"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (licensed - total).abs() < 1e-9,
+        "{licensed} vs {total}: {licence}"
+    );
 }
 
 #[tokio::test]

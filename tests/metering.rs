@@ -810,3 +810,41 @@ async fn concurrent_requests_some_cut_by_their_clients_are_each_metered_once() {
     let report = gateway.spend("").await;
     assert_eq!(report["total"]["requests"], REQUESTS, "{report:#}");
 }
+
+/// A self-hosted pool's utilisation and effective price count the tokens
+/// it computed: a prompt token its engine read from its prefix cache took
+/// no GPU time, and is charged nothing.
+#[tokio::test]
+async fn a_self_hosted_pool_counts_the_tokens_it_computed_not_those_its_cache_served() {
+    let upstream = MockUpstream::openai()
+        .json(json!({"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 10, "total_tokens": 1010,
+                      "prompt_tokens_details": {"cached_tokens": 900}}}))
+        .start()
+        .await;
+    let config = Config::new()
+        .backend(Backend::upstream("gpu", "vllm", &url(&upstream)).pool(3.6, 2, 1000))
+        .model(Model::new("chat").deployment(Deployment::new("gpu", "m")));
+    let gateway = start(&config).await;
+    assert_eq!(
+        gateway
+            .chat(json!({"model": "chat", "messages": user("hi")}))
+            .await
+            .status(),
+        200
+    );
+    // In one scrape, the cost so far over the effective price per token
+    // is the tokens computed.
+    let labels = [("backend", "gpu")];
+    let computed = loop {
+        let text = gateway.metrics().await;
+        let cost = metric(&text, "tollgate_selfhosted_cost_usd_total", &labels);
+        let price = metric(&text, "tollgate_selfhosted_effective_usd_per_mtok", &labels);
+        if let (Some(cost), Some(price)) = (cost, price) {
+            break cost / price * 1e6;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!((computed - 110.0).abs() < 1e-6, "{computed}");
+}

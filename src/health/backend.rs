@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::config::Backend;
+use crate::config::{Backend, SelfHosted};
 
 /// Live state of one backend (one inference server or API account).
 pub struct BackendLive {
@@ -14,10 +14,11 @@ pub struct BackendLive {
     /// The engine's prefix cache per served model, as last scraped, and
     /// when.
     prefix_caches: Mutex<(Vec<ModelCache>, Option<Instant>)>,
-    /// When the gateway first had this backend: a self-hosted backend's
-    /// fixed cost accrues from then.
-    pub since: Instant,
-    /// Tokens (input and output) the backend has served.
+    /// A self-hosted backend's GPU-hours, accrued since the gateway first
+    /// had it as self-hosted.
+    gpu_hours: Mutex<GpuHours>,
+    /// Tokens the backend has computed: input and output, less the prompt
+    /// tokens its engine read from its prefix cache.
     pub tokens_served: AtomicU64,
 }
 
@@ -27,13 +28,69 @@ impl Default for BackendLive {
             in_flight: AtomicU64::new(0),
             engine: Mutex::new(None),
             prefix_caches: Mutex::default(),
-            since: Instant::now(),
+            gpu_hours: Mutex::new(GpuHours {
+                accrued: Accrued::default(),
+                pool: None,
+                at: Instant::now(),
+            }),
             tokens_served: AtomicU64::new(0),
         }
     }
 }
 
+/// What a self-hosted pool has cost and could have served so far, each
+/// moment at the price and throughput in force then: a reload that
+/// changes them changes what accrues from then on, not what accrued.
+struct GpuHours {
+    accrued: Accrued,
+    /// The pool as the config has it now; `None` while the backend is not
+    /// self-hosted.
+    pool: Option<SelfHosted>,
+    /// Accrued up to here.
+    at: Instant,
+}
+
+/// A self-hosted pool's fixed cost so far, and the tokens it could have
+/// computed in that time flat out.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Accrued {
+    pub usd: f64,
+    pub capacity_tokens: f64,
+}
+
+impl GpuHours {
+    fn accrue(&mut self, now: Instant) {
+        let seconds = now.saturating_duration_since(self.at).as_secs_f64();
+        if let Some(pool) = self.pool {
+            self.accrued.usd += pool.gpu_hour_usd * f64::from(pool.gpus) * seconds / 3600.0;
+            self.accrued.capacity_tokens += pool.throughput_tokens_per_second * seconds;
+        }
+        self.at = self.at.max(now);
+    }
+}
+
 impl BackendLive {
+    /// Takes the pool a config gives the backend, `now`: what accrued
+    /// until now is at the pool it had.
+    pub fn configure(&self, pool: Option<SelfHosted>, now: Instant) {
+        let mut hours = self
+            .gpu_hours
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        hours.accrue(now);
+        hours.pool = pool;
+    }
+
+    /// What the pool has cost, and could have computed, up to `now`.
+    pub fn accrued(&self, now: Instant) -> Accrued {
+        let mut hours = self
+            .gpu_hours
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        hours.accrue(now);
+        hours.accrued
+    }
+
     /// Takes a scrape's load signals.
     pub fn set_engine(&self, signals: EngineSignals) {
         *self.engine.lock().unwrap_or_else(PoisonError::into_inner) = Some(signals);
@@ -172,6 +229,33 @@ pub struct PrefixCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_hours_accrue_at_the_pool_in_force_and_a_reload_does_not_reprice_them() {
+        let live = BackendLive::default();
+        let start = Instant::now();
+        let pool = |gpu_hour_usd| SelfHosted {
+            gpu_hour_usd,
+            gpus: 2,
+            throughput_tokens_per_second: 1000.0,
+        };
+        let after = |seconds| start + Duration::from_secs(seconds);
+        live.configure(Some(pool(3.6)), start);
+        let first = live.accrued(after(3600));
+        assert_eq!(first.usd, 7.2);
+        assert_eq!(first.capacity_tokens, 3_600_000.0);
+        // Ten times the price from the second hour: the first stays.
+        live.configure(Some(pool(36.0)), after(3600));
+        assert_eq!(live.accrued(after(7200)).usd, 7.2 + 72.0);
+        // Per-token for an hour: nothing accrues.
+        live.configure(None, after(7200));
+        live.configure(Some(pool(3.6)), after(10_800));
+        let last = live.accrued(after(14_400));
+        assert_eq!(last.usd, 7.2 + 72.0 + 7.2);
+        assert_eq!(last.capacity_tokens, 3.0 * 3_600_000.0);
+        // An instant read out of order takes nothing back.
+        assert_eq!(live.accrued(after(10)), last);
+    }
 
     #[test]
     fn the_prefix_hit_rate_is_per_model_over_the_last_interval() {

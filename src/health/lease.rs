@@ -47,9 +47,12 @@ impl Settle for Lease {
     /// and settles the deployment's token quota to what
     /// the request used.
     fn settle(&self, charged: u64, usage: &Usage, reported: bool, now: Instant) {
-        self.backend
-            .tokens_served
-            .fetch_add(usage.total_tokens, Ordering::Relaxed);
+        // A prompt token read from the engine's prefix cache took no GPU
+        // time, and is charged nothing.
+        self.backend.tokens_served.fetch_add(
+            usage.total_tokens.saturating_sub(usage.cached_tokens()),
+            Ordering::Relaxed,
+        );
         if reported {
             self.alias.record_output_tokens(usage.completion_tokens);
             self.deployment.record_cache_hit(usage);

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Instant;
 
 use super::flags::Blocks;
 use super::{AliasLive, BackendLive, DeploymentLive};
@@ -100,7 +101,9 @@ impl LiveState {
             }
             guard.keys.insert(k.name.clone(), l.clone());
         }
+        let now = Instant::now();
         for (b, l) in config.backends.iter().zip(&view.backends) {
+            l.configure(b.self_hosted, now);
             guard.backends.insert(b.name.clone(), l.clone());
         }
         for (m, l) in config.models.iter().zip(&view.aliases) {

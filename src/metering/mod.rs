@@ -694,9 +694,14 @@ impl Meter {
                     cost_nano_usd: cost_nano + hedge_nano,
                 },
             );
-            self.charges
-                .licence
-                .served(alias, serving.licence, *user, &usage, cost_nano, now);
+            self.charges.licence.served(
+                alias,
+                serving.licence,
+                *user,
+                &usage,
+                cost_nano + hedge_nano,
+                now,
+            );
         }
         let cost_nano = cost_nano + hedge_nano;
         // Only now, with the cost in the ledger, may the budget be freed.

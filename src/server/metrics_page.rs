@@ -87,26 +87,24 @@ fn refresh(app: &AppState) {
                 m.engine_kv_cache_usage.with_label_values(&[name]).set(kv);
             }
         }
-        if let Some(pool) = backend.self_hosted {
+        if backend.self_hosted.is_some() {
             // GPU-hours are paid whether used or not: the cost accrues with
             // time, from when the gateway first had this backend.
-            let hours = now.saturating_duration_since(live.since).as_secs_f64() / 3600.0;
-            let accrued = pool.gpu_hour_usd * f64::from(pool.gpus) * hours;
+            let accrued = live.accrued(now);
             let counter = m.selfhosted_cost.with_label_values(&[name]);
-            if accrued > counter.get() {
-                counter.inc_by(accrued - counter.get());
+            if accrued.usd > counter.get() {
+                counter.inc_by(accrued.usd - counter.get());
             }
             let tokens = live.tokens_served.load(Ordering::Relaxed) as f64;
             if tokens > 0.0 {
                 m.selfhosted_effective_price
                     .with_label_values(&[name])
-                    .set(accrued / tokens * 1e6);
+                    .set(accrued.usd / tokens * 1e6);
             }
-            let capacity = pool.throughput_tokens_per_second * hours * 3600.0;
-            if capacity > 0.0 {
+            if accrued.capacity_tokens > 0.0 {
                 m.selfhosted_utilization
                     .with_label_values(&[name])
-                    .set(tokens / capacity);
+                    .set(tokens / accrued.capacity_tokens);
             }
         }
     }
