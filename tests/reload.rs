@@ -225,6 +225,48 @@ async fn a_kubernetes_configmap_update_swapping_its_symlink_is_seen() {
     assert!(took < Duration::from_secs(1), "took {took:?}");
 }
 
+/// Release deploys swap the config's whole directory: a link to it
+/// pointed at a new release, or the directory moved away and made anew.
+/// Either way the new directory is watched, and its edits seen.
+#[tokio::test]
+async fn a_config_directory_swapped_through_a_link_or_made_anew_is_watched_anew() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let version = |attempts: u32| {
+        simulated(&["one"])
+            .set("routing", "max_attempts", attempts)
+            .to_toml()
+    };
+    for (release, attempts) in [("v1", 1), ("v2", 2)] {
+        std::fs::create_dir(root.join(release)).unwrap();
+        std::fs::write(root.join(release).join("tollgate.toml"), version(attempts)).unwrap();
+    }
+    symlink("v1", root.join("current")).unwrap();
+    let file = root.join("current").join("tollgate.toml");
+    let gateway = start_from_file(&file).await;
+    assert_eq!(
+        active_version(&gateway).await,
+        tollgate::config::version(&version(1))
+    );
+
+    // The link to the release swapped in one rename.
+    symlink("v2", root.join("current.new")).unwrap();
+    std::fs::rename(root.join("current.new"), root.join("current")).unwrap();
+    until_version(&gateway, &tollgate::config::version(&version(2))).await;
+    // And an edit in the new release.
+    std::fs::write(&file, version(3)).unwrap();
+    until_version(&gateway, &tollgate::config::version(&version(3))).await;
+
+    // The release's directory moved away and made anew.
+    std::fs::rename(root.join("v2"), root.join("v2.old")).unwrap();
+    std::fs::create_dir(root.join("v2")).unwrap();
+    std::fs::write(&file, version(4)).unwrap();
+    until_version(&gateway, &tollgate::config::version(&version(4))).await;
+    std::fs::write(&file, version(5)).unwrap();
+    until_version(&gateway, &tollgate::config::version(&version(5))).await;
+}
+
 #[tokio::test]
 async fn admin_reload_validates_whole_candidates_and_dry_runs_return_the_diff() {
     let gateway = start(&simulated(&["one", "two"])).await;

@@ -10,8 +10,10 @@
 //!
 //! Triggers: the file changing (its directory is watched, so Kubernetes
 //! ConfigMap updates, which swap a symlink, are seen; the directory's
-//! other files are not), SIGHUP (the binary calls
-//! [`Reloader::reload_file`]), and the admin endpoint.
+//! other files are not; a directory swapped through a link or replaced,
+//! as release deploys do, is found within a second and watched anew),
+//! SIGHUP (the binary calls [`Reloader::reload_file`]), and the admin
+//! endpoint.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -31,6 +33,10 @@ pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// File events closer together than this make one reload.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// How often the watched directory is checked to still be the one the
+/// config's path leads to.
+const DIRECTORY_CHECK: Duration = Duration::from_secs(1);
 
 /// What a reload did.
 #[derive(Debug, Serialize)]
@@ -360,10 +366,20 @@ fn concerns(paths: &[PathBuf], file: &Path, dir: &Path) -> bool {
     names().any(|name| name == through)
 }
 
+/// The directory `dir` leads to, through any link, as the disk knows it:
+/// a directory swapped through a link, or moved away and made anew, is
+/// another, and a watch, which holds the one it was given, must move.
+fn identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
 /// Watches the config file's directory and reloads when the file, or the
-/// link it goes through, changes; stops when the returned watcher is
-/// dropped or the gateway is.
-pub fn watch(app: &Arc<AppState>) -> Result<Option<RecommendedWatcher>, String> {
+/// link it goes through, changes, or the directory's path comes to lead
+/// to another directory; stops when the returned watcher is dropped or
+/// the gateway is.
+pub fn watch(app: &Arc<AppState>) -> Result<Option<Arc<Mutex<RecommendedWatcher>>>, String> {
     let Some(file) = app.reloader.file.clone() else {
         return Ok(None);
     };
@@ -373,6 +389,7 @@ pub fn watch(app: &Arc<AppState>) -> Result<Option<RecommendedWatcher>, String> 
         .unwrap_or(Path::new("."))
         .to_owned();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let tx_for_checks = tx.clone();
     let (watched, watched_dir) = (file.clone(), dir.clone());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Opening and reading are events too, and the reload itself reads
@@ -391,6 +408,35 @@ pub fn watch(app: &Arc<AppState>) -> Result<Option<RecommendedWatcher>, String> 
     watcher
         .watch(&dir, RecursiveMode::NonRecursive)
         .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+    let watcher = Arc::new(Mutex::new(watcher));
+    let (held, swapped) = (Arc::downgrade(&watcher), tx_for_checks);
+    tokio::spawn(async move {
+        let mut watching = identity(&dir);
+        let mut every = tokio::time::interval(DIRECTORY_CHECK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let Some(watcher) = held.upgrade() else {
+                return;
+            };
+            let now = identity(&dir);
+            if now.is_none() || now == watching {
+                continue;
+            }
+            let mut watcher = watcher.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = watcher.unwatch(&dir);
+            match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), "the config's directory was replaced: watching the new one");
+                    watching = now;
+                    let _ = swapped.try_send(());
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config's new directory; retrying");
+                }
+            }
+        }
+    });
     let app: Weak<AppState> = Arc::downgrade(app);
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
