@@ -572,6 +572,52 @@ async fn an_upstream_that_holds_its_body_open_after_done_is_closed_within_the_dr
     assert!(started.elapsed() >= Duration::from_millis(900));
 }
 
+/// A client that stays connected but stops reading holds its stream, its
+/// upstream connection and its share of the backend's load until
+/// `send_timeout_ms` passes with none of the answer taken.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
+    use tokio::io::AsyncWriteExt;
+    // Far more than the two sockets' buffers hold, in few events.
+    let word: &'static str = Box::leak(" lorem".repeat(400).into_boxed_str());
+    let upstream = MockUpstream::openai()
+        .answers_of(20_000)
+        .token_text(word)
+        .start()
+        .await;
+    let config = vllm(&upstream, "chat").set("server", "send_timeout_ms", 300);
+    let gateway = start(&config).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr = gateway.base.trim_start_matches("http://").parse().unwrap();
+    let mut client = socket.connect(addr).await.unwrap();
+    let body = json!({"model": "chat", "stream": true, "messages": user("hi")}).to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    client.write_all(body.as_bytes()).await.unwrap();
+    // Never read: the gateway gives up on the client, and the upstream.
+    assert!(
+        upstream.wait_peer_closed(1, WAIT).await,
+        "the gateway closed the upstream connection of a client that stopped reading"
+    );
+    gateway
+        .eventually_metric(
+            "tollgate_requests_total",
+            &[
+                ("api", "chat"),
+                ("alias", "chat"),
+                ("backend", "vllm"),
+                ("status", "499"),
+            ],
+            1.0,
+        )
+        .await;
+    drop(client);
+}
+
 #[tokio::test]
 async fn a_client_that_goes_away_mid_stream_closes_the_upstream_connection() {
     let upstream = MockUpstream::openai()

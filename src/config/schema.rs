@@ -125,6 +125,7 @@ pub struct RawServer {
     pub shutdown_grace_ms: Option<u64>,
     pub body_timeout_ms: Option<u64>,
     pub keepalive_timeout_ms: Option<u64>,
+    pub send_timeout_ms: Option<u64>,
     #[serde(default)]
     pub allow_anonymous: bool,
     #[serde(default)]

@@ -233,6 +233,10 @@ pub struct ServerConfig {
     /// How long a kept-alive HTTP/1.1 connection may wait for its next
     /// request.
     pub keepalive_timeout: Duration,
+    /// How long a response may wait for its client to take any of it
+    /// before the connection is closed: a client that stops reading holds
+    /// its upstream and its share of the backend's load no longer.
+    pub send_timeout: Duration,
     /// A reload may drop every key or the admin token: said on purpose.
     pub allow_anonymous: bool,
     /// Browser origins allowed to call the API (`*`: any).

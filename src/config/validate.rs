@@ -34,6 +34,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
 const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 30_000;
 const DEFAULT_BODY_TIMEOUT_MS: u64 = 30_000;
+/// nginx's `send_timeout`.
+const DEFAULT_SEND_TIMEOUT_MS: u64 = 60_000;
 /// Longer than the idle timeout of any load balancer commonly put in front
 /// (AWS's ALB 60 s by default, Google Cloud's fixed 600 s), so that the
 /// balancer closes an idle connection first: one it reuses just as the
@@ -331,6 +333,13 @@ impl Validator<'_> {
                 "must be from 1 to 3600000 (one hour)",
             );
         }
+        let send_timeout_ms = s.send_timeout_ms.unwrap_or(DEFAULT_SEND_TIMEOUT_MS);
+        if !(1..=MAX_WAIT_MS).contains(&send_timeout_ms) {
+            self.problem(
+                "server.send_timeout_ms",
+                "must be from 1 to 3600000 (one hour)",
+            );
+        }
         let keepalive_ms = s
             .keepalive_timeout_ms
             .unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT_MS);
@@ -356,6 +365,7 @@ impl Validator<'_> {
             shutdown_grace: grace,
             body_timeout: Duration::from_millis(body_timeout_ms),
             keepalive_timeout: Duration::from_millis(keepalive_ms),
+            send_timeout: Duration::from_millis(send_timeout_ms),
             allow_anonymous: s.allow_anonymous,
             cors_origins: s.cors_origins.clone(),
         })

@@ -48,8 +48,12 @@ impl Front {
     /// How long a kept-alive HTTP/1.1 connection opening now may wait for
     /// its next request: read as it opens, so a reload changes it for the
     /// connections opened after.
-    pub fn keepalive(&self) -> Duration {
-        self.app.snapshot.load().config.server.keepalive_timeout
+    /// How long a kept-alive connection waits for its next request, and
+    /// how long an answer waits for its client to take any of it: read as
+    /// a connection opens.
+    pub fn waits(&self) -> (Duration, Duration) {
+        let server = &self.app.snapshot.load().config.server;
+        (server.keepalive_timeout, server.send_timeout)
     }
 }
 

@@ -31,7 +31,7 @@ pub async fn accept_until(
     front: Front,
     shutdown: impl Future<Output = ()>,
 ) -> impl Future<Output = ()> {
-    let http2 = Arc::new(http2_builder());
+    let http2 = Arc::new(http2_builder(front.waits().1));
     // Turns true when the gateway stops; every connection holds a
     // receiver until it has finished.
     let (stopping, stop) = watch::channel(false);
@@ -66,11 +66,23 @@ pub async fn accept_until(
     async move { stopping.closed().await }
 }
 
-fn http2_builder() -> http2::Builder<TokioExecutor> {
+/// What an HTTP/2 stream may hold written and not yet sent: a client that
+/// advertises large windows and stops reading would otherwise have each
+/// of its streams hold hyper's default, about 400 KB, beside the frame in
+/// flight.
+const H2_SEND_BUFFER: usize = 16 * 1024;
+
+/// HTTP/2 as every connection is served: a client that takes nothing (it
+/// leaves a ping unanswered) for `send_timeout` is dropped, as an
+/// HTTP/1.1 one is.
+fn http2_builder(send_timeout: Duration) -> http2::Builder<TokioExecutor> {
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD_BYTES as u32);
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_send_buf_size(H2_SEND_BUFFER)
+        .keep_alive_interval(send_timeout)
+        .keep_alive_timeout(send_timeout);
     http2
 }
 
@@ -100,8 +112,8 @@ async fn start_serving(
     };
     match protocol {
         Protocol::Http1 => {
-            let keepalive = service.keepalive();
-            tokio::spawn(http1::serve(tcp, service, first_head_by, keepalive, stop));
+            let waits = service.waits();
+            tokio::spawn(http1::serve(tcp, service, first_head_by, waits, stop));
         }
         // HTTP/2 refuses with stream resets, which have no body.
         Protocol::Http2 => {

@@ -48,13 +48,13 @@ const LINGER: Duration = Duration::from_secs(1);
 
 /// Serves `tcp` until the client closes it, a head does not arrive in
 /// time (the first by `first_head_by`, each next one within `keepalive` of
-/// the last answer), or `stop` turns true and the connection has no
-/// request in flight.
+/// the last answer), it takes none of an answer for `send_timeout`, or
+/// `stop` turns true and the connection has no request in flight.
 pub async fn serve<S>(
     tcp: TcpStream,
     service: S,
     first_head_by: Instant,
-    keepalive: Duration,
+    (keepalive, send_timeout): (Duration, Duration),
     mut stop: watch::Receiver<bool>,
 ) where
     S: Service<Request<Body>, Response = Response, Error = Infallible>,
@@ -77,7 +77,7 @@ pub async fn serve<S>(
                     version: Version::HTTP_11,
                     keep_alive: false,
                 };
-                let _ = respond(&socket, error.into_response(), &facts, false).await;
+                let _ = respond(&socket, error.into_response(), &facts, false, send_timeout).await;
                 unread = true;
                 break;
             }
@@ -89,7 +89,7 @@ pub async fn serve<S>(
         // A body the handler left unread is between this request and the
         // next: the connection closes after the answer.
         let keep_alive = facts.keep_alive && !unread && !*stop.borrow();
-        match respond(&socket, response, &facts, keep_alive).await {
+        match respond(&socket, response, &facts, keep_alive, send_timeout).await {
             Ok(true) => wait = Wait::Idle(Instant::now() + keepalive),
             _ => break,
         }
@@ -189,6 +189,7 @@ async fn respond(
     response: Response,
     facts: &Facts,
     keep_alive: bool,
+    send_timeout: Duration,
 ) -> io::Result<bool> {
     let (parts, mut body) = response.into_parts();
     let mut out = Outgoing::head(&parts, &body.size_hint(), facts, keep_alive);
@@ -201,7 +202,7 @@ async fn respond(
             let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
                 Poll::Ready(frame) => frame,
                 Poll::Pending => {
-                    out.write(&socket.tcp).await?;
+                    out.write(&socket.tcp, send_timeout).await?;
                     let next = poll_fn(|cx| {
                         if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
                             return Poll::Ready(Some(frame));
@@ -226,17 +227,17 @@ async fn respond(
                     // The client has all the head promised; what follows
                     // could be taken for the next answer.
                     if let Err(Overrun) = out.data(data) {
-                        out.write(&socket.tcp).await?;
+                        out.write(&socket.tcp, send_timeout).await?;
                         return Ok(false);
                     }
                     if out.full() {
-                        out.write(&socket.tcp).await?;
+                        out.write(&socket.tcp, send_timeout).await?;
                     }
                 }
                 // The client sees the body cut short, as its framing
                 // tells it.
                 Some(Err(_)) => {
-                    out.write(&socket.tcp).await?;
+                    out.write(&socket.tcp, send_timeout).await?;
                     return Ok(false);
                 }
                 None => {
@@ -246,7 +247,7 @@ async fn respond(
             }
         }
     }
-    out.write(&socket.tcp).await?;
+    out.write(&socket.tcp, send_timeout).await?;
     Ok(out.keep_alive)
 }
 
@@ -330,7 +331,8 @@ mod tests {
         tcp.set_nodelay(true).unwrap();
         let (stopping, stop) = watch::channel(false);
         let first_head_by = Instant::now() + HEAD_TIMEOUT;
-        let served = tokio::spawn(serve(tcp, service, first_head_by, keepalive, stop));
+        let waits = (keepalive, Duration::from_secs(60));
+        let served = tokio::spawn(serve(tcp, service, first_head_by, waits, stop));
         (client, stopping, served)
     }
 

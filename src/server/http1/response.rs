@@ -6,7 +6,7 @@
 
 use std::cell::Cell;
 use std::io::{self, IoSlice};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use axum::http::response::Parts;
@@ -172,22 +172,32 @@ impl Outgoing {
     }
 
     /// Writes what is gathered; the buffers are let go, so a stream
-    /// waiting for its next event holds none.
-    pub async fn write(&mut self, tcp: &TcpStream) -> io::Result<()> {
+    /// waiting for its next event holds none. A client that takes none of
+    /// it for `send_timeout` has stopped reading: the write fails.
+    pub async fn write(&mut self, tcp: &TcpStream, send_timeout: Duration) -> io::Result<()> {
         let buf = std::mem::take(&mut self.buf);
         let pieces = std::mem::take(&mut self.pieces);
         let total = buf.len() + std::mem::take(&mut self.gathered);
         let mut written = 0;
         while written < total {
-            tcp.writable().await?;
             // Made anew after each wait, so the future holds no slices.
-            let mut slices = [IoSlice::new(&[]); 2 * MAX_PIECES + 1];
-            let count = unwritten(&buf, &pieces, written, &mut slices);
-            match tcp.try_write_vectored(&slices[..count]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+            let blocked = {
+                let mut slices = [IoSlice::new(&[]); 2 * MAX_PIECES + 1];
+                let count = unwritten(&buf, &pieces, written, &mut slices);
+                match tcp.try_write_vectored(&slices[..count]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        written += n;
+                        false
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                    Err(e) => return Err(e),
+                }
+            };
+            if blocked {
+                tokio::time::timeout(send_timeout, tcp.writable())
+                    .await
+                    .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
             }
         }
         Ok(())
