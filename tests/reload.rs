@@ -267,6 +267,40 @@ async fn a_config_directory_swapped_through_a_link_or_made_anew_is_watched_anew(
     until_version(&gateway, &tollgate::config::version(&version(5))).await;
 }
 
+/// What a reload says needs a restart is what differs from what the
+/// gateway runs, which is what it started with: a change still waiting is
+/// named at every reload after it, and one undone is not.
+#[tokio::test]
+async fn a_reload_names_what_needs_a_restart_against_what_runs() {
+    let started = simulated(&["one"]);
+    let gateway = start(&started).await;
+    let restart_needed = |candidate: Config| {
+        let gateway = &gateway;
+        async move {
+            let response = admin(gateway, reqwest::Method::POST, "/admin/reload")
+                .await
+                .body(candidate.to_toml())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let report: Value = response.json().await.unwrap();
+            assert_eq!(report["applied"], true, "{report}");
+            report["restart_needed"].clone()
+        }
+    };
+    let moved = || started.clone().set("server", "listen", "127.0.0.1:1");
+    assert_eq!(restart_needed(moved()).await, json!(["server.listen"]));
+    let moved_and_more = moved().set("routing", "max_attempts", 2);
+    assert_eq!(
+        restart_needed(moved_and_more).await,
+        json!(["server.listen"]),
+        "still waiting"
+    );
+    let back = started.clone().set("routing", "max_attempts", 2);
+    assert_eq!(restart_needed(back).await, json!([]), "undone");
+}
+
 #[tokio::test]
 async fn admin_reload_validates_whole_candidates_and_dry_runs_return_the_diff() {
     let gateway = start(&simulated(&["one", "two"])).await;

@@ -102,6 +102,7 @@ impl AppState {
         }
         let snapshot = Snapshot::build(config, &live)?;
         let scrapers = engine::spawn(&snapshot.config.backends, &snapshot.live().backends);
+        let started = reload::ReadAtStart::of(&snapshot.config);
         metrics.set_config_version(&snapshot.config.version);
         let key_series = KeySeries::of(&snapshot.config, |key| {
             budget::spent_in(&ledger, key, Period::Monthly, budget::today())
@@ -116,7 +117,7 @@ impl AppState {
             fleet,
             traces,
             licence: book,
-            reloader: reload::Reloader::new(options.env, options.config_file, scrapers),
+            reloader: reload::Reloader::new(options.env, options.config_file, scrapers, started),
             draining: AtomicBool::new(false),
         })
     }

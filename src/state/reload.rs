@@ -69,13 +69,20 @@ pub struct Reloader {
     /// retries only when the file really changed.
     last_tried: Mutex<Option<String>>,
     scrapers: Mutex<engine::Scrapers>,
+    started: ReadAtStart,
 }
 
 impl Reloader {
-    pub fn new(env: Env, file: Option<PathBuf>, scrapers: engine::Scrapers) -> Self {
+    pub fn new(
+        env: Env,
+        file: Option<PathBuf>,
+        scrapers: engine::Scrapers,
+        started: ReadAtStart,
+    ) -> Self {
         Self {
             env,
             file,
+            started,
             lock: Mutex::new(()),
             last_tried: Mutex::new(None),
             scrapers: Mutex::new(scrapers),
@@ -179,29 +186,58 @@ fn access_changes(diff: &ConfigDiff, old: &Config, new: &Config) -> Vec<String> 
     changes
 }
 
-/// The settings read once at start.
-fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
-    let mut fields = Vec::new();
-    // As written: `serve --listen` may have overridden the running value.
-    let listen = |c: &Config| c.document["server"]["listen"].clone();
-    if listen(old) != listen(new) {
-        fields.push("server.listen".to_owned());
-    }
-    if old.server.shutdown_grace != new.server.shutdown_grace {
-        fields.push("server.shutdown_grace_ms".to_owned());
-    }
-    if old.ledger.backend != new.ledger.backend
-        || old.ledger.data_dir != new.ledger.data_dir
-        || old.ledger.flush_interval != new.ledger.flush_interval
-    {
-        fields.push("ledger".to_owned());
-    }
-    for section in ["state", "logging", "tracing"] {
-        if old.document.get(section) != new.document.get(section) {
-            fields.push(section.to_owned());
+/// The settings read once at start, as the gateway started with them:
+/// a candidate is compared with these, not with the config before it, so
+/// a change still waiting for a restart is still named, and one undone is
+/// not.
+pub struct ReadAtStart {
+    /// As written: `serve --listen` may have overridden the running value.
+    listen: serde_json::Value,
+    shutdown_grace: Duration,
+    ledger: config::LedgerSettings,
+    sections: [Option<serde_json::Value>; 3],
+}
+
+const SECTIONS_READ_AT_START: [&str; 3] = ["state", "logging", "tracing"];
+
+impl ReadAtStart {
+    pub fn of(config: &Config) -> Self {
+        Self {
+            listen: config.document["server"]["listen"].clone(),
+            shutdown_grace: config.server.shutdown_grace,
+            ledger: config.ledger.clone(),
+            sections: SECTIONS_READ_AT_START.map(|s| config.document.get(s).cloned()),
         }
     }
-    fields
+
+    /// What `new` sets otherwise than the gateway runs, by field.
+    fn restart_needed(&self, new: &Config) -> Vec<String> {
+        let new = Self::of(new);
+        let mut fields = Vec::new();
+        if self.listen != new.listen {
+            fields.push("server.listen".to_owned());
+        }
+        if self.shutdown_grace != new.shutdown_grace {
+            fields.push("server.shutdown_grace_ms".to_owned());
+        }
+        let (a, b) = (&self.ledger, &new.ledger);
+        if a.backend != b.backend
+            || a.data_dir != b.data_dir
+            || a.flush_interval != b.flush_interval
+        {
+            fields.push("ledger".to_owned());
+        }
+        for ((section, a), b) in SECTIONS_READ_AT_START
+            .iter()
+            .zip(&self.sections)
+            .zip(&new.sections)
+        {
+            if a != b {
+                fields.push((*section).to_owned());
+            }
+        }
+        fields
+    }
 }
 
 impl AppState {
@@ -257,7 +293,7 @@ impl AppState {
                 current.config.version.clone()
             },
             diff: config::diff(&current.config, config),
-            restart_needed: restart_needed(&current.config, config),
+            restart_needed: reloader.started.restart_needed(config),
         };
         if dry_run || (from_file && config.version == current.config.version) {
             return Ok(report(false, &config));
