@@ -366,6 +366,20 @@ def dense(h, req):
     h.answer(req, 2000, word=DENSE[req["messages"][-1]["content"]])
 
 
+def endless(h, req):
+    """An answer that does not end: 1 KB events, as fast as the gateway
+    takes them, until it hangs up, which is noted."""
+    h.start_chunked("text/event-stream")
+    event = json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "mock",
+                        "choices": [{"index": 0, "delta": {"content": WORD * 250}, "finish_reason": None}]})
+    try:
+        while True:
+            h.event(event)
+    except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+        h.server.mock.note("endless", "hung up")
+        raise
+
+
 SCENARIOS = {
     "short": lambda h, r: h.answer(r, 14),
     "long": lambda h, r: h.answer(r, 20000, per_event=64),  # 20,000 tokens unless max_tokens says fewer
@@ -382,6 +396,7 @@ SCENARIOS = {
     "big_event_late": lambda h, r: huge_body(h, r, "big_event_late", stream=True, good_events=2),
     "half_reset": half_then_reset,
     "dense": dense,
+    "endless": endless,
 }
 
 
@@ -1529,6 +1544,102 @@ def case_dense_streams(ctx, limit=300):
     return measured, broken
 
 
+def h2_frame(kind, flags, stream, payload=b""):
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def hpack(headers):
+    """Literal header fields, not indexed, with new names and no Huffman
+    coding: the simplest HPACK a server must read."""
+    out = b""
+    for name, value in headers:
+        out += b"\x00"
+        for text in (name.encode(), value.encode()):
+            assert len(text) < 127
+            out += bytes([len(text)]) + text
+    return out
+
+
+def h2_streams_not_read(port, key_secret_value, n, body):
+    """One HTTP/2 connection that advertises the largest windows, opens `n`
+    streamed requests and never reads a byte (it acknowledges the server's
+    settings blindly)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    window = 2 ** 31 - 1
+    out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    out += h2_frame(0x4, 0, 0, struct.pack(">HI", 0x4, window))  # SETTINGS_INITIAL_WINDOW_SIZE
+    out += h2_frame(0x8, 0, 0, struct.pack(">I", window - 65535))  # the connection's window
+    out += h2_frame(0x4, 0x1, 0, b"")  # SETTINGS ACK, unread but due
+    for i in range(n):
+        stream = 2 * i + 1
+        head = hpack([(":method", "POST"), (":scheme", "http"), (":path", "/v1/chat/completions"),
+                      (":authority", "x"), ("content-type", "application/json"),
+                      ("authorization", "Bearer " + key_secret_value), ("content-length", str(len(body)))])
+        out += h2_frame(0x1, 0x4, stream, head) + h2_frame(0x0, 0x1, stream, body)
+    s.sendall(out)
+    return s
+
+
+def case_stopped_readers(ctx, n1=50, n2=200, send_timeout_ms=2000):
+    text = make_config(
+        comment="case 16: clients that stop reading",
+        server={"send_timeout_ms": send_timeout_ms},
+        backends=[backend(ctx.mock, "endless", "endless")],
+        models={"m": [deployment("endless", 0.1, 0.1)]},
+        keys=[key("k1")])
+    gw = ctx.gateway("c16-stopped-readers", text)
+    body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    in_flight = lambda: metric(metrics(gw.port), "tollgate_requests_in_flight")
+
+    def hold(open_clients, count):
+        """Opens the clients, then: peak RSS over idle while held, and the
+        seconds from all held to none in flight."""
+        idle = proc_kb(gw.pid, "VmRSS")
+        hung_up = len(ctx.mock.notes["endless"])
+        clients = open_clients()
+        deadline = time.monotonic() + 20
+        while in_flight() < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held_at, peak, held = time.monotonic(), idle, in_flight()
+        while in_flight() > 0 and time.monotonic() - held_at < send_timeout_ms / 1000 * 3 + 20:
+            peak = max(peak, proc_kb(gw.pid, "VmRSS"))
+            time.sleep(0.1)
+        gone = time.monotonic() - held_at
+        time.sleep(0.5)
+        left = in_flight()
+        for c in clients:
+            c.close()
+        return held, peak - idle, gone, left, len(ctx.mock.notes["endless"]) - hung_up
+
+    def http1():
+        socks = []
+        for _ in range(n1):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", gw.port))
+            s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       f"Authorization: Bearer {key_secret('k1')}\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+            socks.append(s)
+        return socks
+
+    broken, seen = [], []
+    for name, count, clients in [("HTTP/1.1", n1, http1),
+                                 ("HTTP/2", n2, lambda: [h2_streams_not_read(gw.port, key_secret("k1"), n2, body.encode())])]:
+        held, grew, gone, left, hung_up = hold(clients, count)
+        seen.append(f"{name}: {held:.0f} streams held, RSS +{grew / 1024:.1f} MiB "
+                    f"({grew / max(held, 1):.0f} KB a stream), none in flight {gone:.1f} s after, "
+                    f"{hung_up} upstream answers hung up on")
+        if held < count or left or hung_up < count:
+            broken.append(f"{name}: {held:.0f} of {count} held, {left:.0f} still in flight, "
+                          f"{hung_up} upstreams closed")
+    health = request(gw.port, "GET", "/healthz")
+    measured = (f"send_timeout_ms {send_timeout_ms}, an upstream that streams 1 KB events without end; "
+                + "; ".join(seen) + f"; /healthz after: {health.status}")
+    return measured, broken
+
+
 CASES = [
     (1, "Config file truncated to 0 bytes, or written in place in two steps ([[keys]] 0.6 s later)",
      "refused, old config keeps serving", case_config_writes),
@@ -1560,6 +1671,8 @@ CASES = [
      "failover", case_reset_midbody),
     (15, "Budgeted streams of text denser than 4 bytes a token, from an upstream that honours max_tokens",
      "run to their limit", case_dense_streams),
+    (16, "Clients that stop reading long streams: 50 over HTTP/1.1, 200 on one HTTP/2 connection with the largest windows",
+     "dropped after send_timeout_ms, upstreams closed, bounded memory", case_stopped_readers),
 ]
 
 
