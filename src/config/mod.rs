@@ -701,6 +701,34 @@ api_key_env = "TOGETHER_KEY_FOR_TEST"
     }
 
     #[test]
+    fn a_client_key_that_is_the_admin_or_metrics_token_is_refused() {
+        let text = format!(
+            "[admin]\ntoken_env = \"ADMIN\"\n[metrics]\ntoken_env = \"SCRAPER\"\n{MINIMAL}\n\
+             [[keys]]\nname = \"app\"\nkey_env = \"APP\"\nmodels = [\"*\"]\n\
+             [[keys]]\nname = \"other\"\nkey_env = \"OTHER\"\nmodels = [\"*\"]\n"
+        );
+        let env = |name: &str| {
+            Some(match name {
+                "ADMIN" | "APP" => "the-same-secret-0123456789",
+                "SCRAPER" | "OTHER" => "another-secret-0123456789",
+                _ => return None,
+            })
+            .map(str::to_owned)
+        };
+        let got: Vec<String> = match parse(&text, &env) {
+            Ok(_) => Vec::new(),
+            Err(p) => p.0.iter().map(ToString::to_string).collect(),
+        };
+        assert_eq!(
+            got,
+            [
+                "keys[0]: key \"app\" has the same secret as [admin] token_env; a client key must not be a token",
+                "keys[1]: key \"other\" has the same secret as [metrics] token_env; a client key must not be a token",
+            ]
+        );
+    }
+
+    #[test]
     fn duplicate_key_secrets_name_the_right_entries() {
         let digest = "a".repeat(64);
         let text = format!(

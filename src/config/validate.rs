@@ -144,12 +144,27 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
     let mut hashes: HashMap<[u8; 32], usize> = HashMap::default();
     // Unread secrets have no digest to compare.
     let known = |i: &usize| matches!(secrets, Secrets::Read(_)) || raw.keys[*i].key_env.is_none();
+    // A client key that is also a token would open the admin API, or
+    // every key's series, to whoever holds it.
+    let tokens = [
+        (admin.token_sha256, "[admin] token_env"),
+        (metrics.token_sha256, "[metrics] token_env"),
+    ];
     for (i, key) in keys.iter().filter(|(i, _)| known(i)) {
         if let Some(first) = hashes.insert(key.sha256, *i) {
             v.problem(
                 format!("keys[{i}]"),
                 format!(
                     "key \"{}\" has the same secret as keys[{first}]; each key needs its own",
+                    key.name
+                ),
+            );
+        }
+        for (_, token) in tokens.iter().filter(|(t, _)| *t == Some(key.sha256)) {
+            v.problem(
+                format!("keys[{i}]"),
+                format!(
+                    "key \"{}\" has the same secret as {token}; a client key must not be a token",
                     key.name
                 ),
             );
