@@ -708,12 +708,12 @@ api_key_env = "TOGETHER_KEY_FOR_TEST"
              [[keys]]\nname = \"other\"\nkey_env = \"OTHER\"\nmodels = [\"*\"]\n"
         );
         let env = |name: &str| {
-            Some(match name {
+            let secret = match name {
                 "ADMIN" | "APP" => "the-same-secret-0123456789",
                 "SCRAPER" | "OTHER" => "another-secret-0123456789",
                 _ => return None,
-            })
-            .map(str::to_owned)
+            };
+            Some(secret.to_owned())
         };
         let got: Vec<String> = match parse(&text, &env) {
             Ok(_) => Vec::new(),
