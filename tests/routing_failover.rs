@@ -137,6 +137,39 @@ async fn each_retriable_failure_before_the_first_byte_fails_over_to_the_next_dep
     assert_eq!(spare.hits(), 2 * aliases.len());
 }
 
+/// A failover is the request going on to another deployment: a failure
+/// with nothing left to try is none, whatever its reason.
+#[tokio::test]
+async fn only_a_failure_the_request_goes_on_from_counts_as_a_failover() {
+    let down = MockUpstream::openai().status(500).start().await;
+    let spare = MockUpstream::openai().start().await;
+    let config = Config::new()
+        .backend(Backend::new("down", "openai", &url(&down)))
+        .backend(Backend::new("spare", "openai", &url(&spare)))
+        .model(chat(&[("first", "down"), ("second", "spare")]))
+        .model(Model::new("alone").deployment(Deployment::named("alone", "down")));
+    let gateway = start(&config).await;
+    for _ in 0..3 {
+        assert_eq!(gateway.chat(hi("alone")).await.status(), 502);
+    }
+    assert_eq!(gateway.chat(hi("chat")).await.status(), 200);
+    let text = gateway.metrics().await;
+    let alone = [
+        ("alias", "alone"),
+        ("deployment", "alone"),
+        ("reason", "upstream_error"),
+    ];
+    assert_eq!(
+        metric(&text, "tollgate_failovers_total", &alone),
+        None,
+        "{text}"
+    );
+    assert_eq!(
+        failovers(&gateway, "first", "upstream_error").await,
+        Some(1.0)
+    );
+}
+
 /// A base URL whose server answers every request with `reply` as it is,
 /// then closes the connection: an upstream that does not speak HTTP/1.1.
 async fn answering_with(reply: &'static [u8]) -> String {

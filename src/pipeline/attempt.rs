@@ -165,6 +165,9 @@ struct Tried<'s> {
     fatal: Option<(GatewayError, &'s str)>,
     /// The soonest a deployment skipped at its quota has room again.
     skipped: Option<Duration>,
+    /// The deployment the last retriable failure was on, and its reason:
+    /// a failover once the request goes on to another deployment.
+    failing_over: Option<(&'s str, &'static str)>,
 }
 
 /// Tries the plan's deployments in order. A half-open circuit whose probe
@@ -198,6 +201,7 @@ pub async fn attempt<'s>(
         last_error: None,
         fatal: None,
         skipped: None,
+        failing_over: None,
     };
     let max_attempts = tried.settings.max_attempts;
     let mut hedged = None;
@@ -216,6 +220,7 @@ pub async fn attempt<'s>(
         let Some(first) = tried.leg(index, max_tokens, prompt).await else {
             continue;
         };
+        tried.moved_on();
         tried.attempts += 1;
         let headers = meter.begin_attempt(
             first.serving(snapshot, model, request),
@@ -385,16 +390,24 @@ impl<'s> Tried<'s> {
             self.fatal = Some((error, backend));
             return;
         }
-        self.app
-            .metrics
-            .failovers
-            .with_label_values(&[self.alias, &leg.deployment.name, error.label()])
-            .inc();
         tracing::warn!(
             request_id = self.ctx.request_id, alias = self.alias, deployment = leg.deployment.name, error = %error.message(),
-            "upstream failed before the first byte; trying the next deployment"
+            "upstream failed before the first byte"
         );
+        self.failing_over = Some((&leg.deployment.name, error.label()));
         self.last_error = Some((error, backend));
+    }
+
+    /// The request goes on to another deployment: the failure before, if
+    /// any, was a failover. A last failure, with nothing after it, is none.
+    fn moved_on(&mut self) {
+        if let Some((deployment, reason)) = self.failing_over.take() {
+            self.app
+                .metrics
+                .failovers
+                .with_label_values(&[self.alias, deployment, reason])
+                .inc();
+        }
     }
 
     fn hedged(&self, outcome: &'static str) {
@@ -430,6 +443,10 @@ impl<'s> Tried<'s> {
                         Err(error) => {
                             meter.attempt_failed(&error);
                             self.failed(leg, error);
+                            // The hedge in flight goes on with the request.
+                            if second.is_some() && self.fatal.is_none() {
+                                self.moved_on();
+                            }
                         }
                     }
                 }
@@ -449,9 +466,11 @@ impl<'s> Tried<'s> {
                             meter.attempt_failed(&error);
                             self.failed(leg, error);
                         }
+                        // The first, in flight, goes on as it was: no failover.
                         Err(error) => {
                             meter.hedge_failed(&error);
                             self.failed(leg, error);
+                            self.failing_over = None;
                         }
                     }
                 }
