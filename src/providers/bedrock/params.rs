@@ -56,7 +56,10 @@ fn neutral(param: &str, value: &Value) -> (bool, Option<&'static str>) {
         ),
         "n" => (value.as_u64() == Some(1), Some("1")),
         // Converse has no way to keep a model to one tool call per turn.
-        "parallel_tool_calls" => (value == &Value::Bool(true), Some("true")),
+        // No value is named: Messages asks the same with the opposite
+        // value (`disable_parallel_tool_use: true`), and its client reads
+        // this message under that name.
+        "parallel_tool_calls" => (value == &Value::Bool(true), None),
         "response_format" => (
             value.get("type").and_then(Value::as_str) == Some("text"),
             Some("{\"type\":\"text\"}"),

@@ -159,6 +159,11 @@ pub fn converse(
                 ));
             }
         };
+        // Bedrock refuses a turn without content (an empty assistant
+        // turn, or one that only refused); it carries nothing.
+        if blocks.is_empty() {
+            continue;
+        }
         // Bedrock requires turns to alternate: consecutive turns of one
         // role become one message.
         match messages.last_mut() {
@@ -168,6 +173,22 @@ pub fn converse(
                 content: blocks,
             }),
         }
+    }
+    // Bedrock refuses a conversation that does not open with the user.
+    match messages.first() {
+        None => {
+            return Err(bad(
+                "Bedrock needs a user message with content besides the system prompt; send one",
+                "messages",
+            ));
+        }
+        Some(first) if first.role == "assistant" => {
+            return Err(bad(
+                "Bedrock needs the conversation to open with a user message, not the assistant's; put the user's message first",
+                "messages",
+            ));
+        }
+        Some(_) => {}
     }
     let tool_config = tool_config(chat)?.or_else(|| history_tools(&messages));
     Ok(ConverseRequest {
@@ -473,6 +494,34 @@ mod tests {
     fn translate(request: Value) -> Result<Value, GatewayError> {
         let chat: ChatRequest = serde_json::from_value(request).unwrap();
         converse(&chat, None, &[]).map(|c| serde_json::to_value(c).unwrap())
+    }
+
+    #[test]
+    fn turns_without_content_are_left_out_and_the_user_must_open() {
+        let out = translate(json!({"model": "m", "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": ""},
+            {"role": "assistant", "content": null, "refusal": "I can't."},
+            {"role": "user", "content": "Again"},
+        ]}))
+        .unwrap();
+        assert_eq!(
+            out["messages"],
+            json!([{"role": "user", "content": [{"text": "Hi"}, {"text": "Again"}]}])
+        );
+        for messages in [
+            json!([{"role": "system", "content": "Be brief."}]),
+            json!([{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Hi"}]),
+        ] {
+            let error = translate(json!({"model": "m", "messages": messages})).unwrap_err();
+            assert_eq!(error.param_name(), Some("messages"));
+            assert!(
+                error.message().contains("user message"),
+                "{}",
+                error.message()
+            );
+        }
     }
 
     #[test]

@@ -136,8 +136,8 @@ struct Mapper {
     backend: String,
     identity: ResponseIdentity,
     /// Bedrock's `contentBlockIndex` of each tool use → its OpenAI
-    /// `tool_calls` index.
-    tools: HashMap<u64, usize>,
+    /// `tool_calls` index, and whether any of its input has come.
+    tools: HashMap<u64, (usize, bool)>,
     stopped: bool,
     /// The request's one stop sequence, named when Converse stops on it.
     stop: Option<String>,
@@ -190,7 +190,7 @@ impl Mapper {
                     return Ok(None);
                 };
                 let index = self.tools.len();
-                self.tools.insert(event.content_block_index, index);
+                self.tools.insert(event.content_block_index, (index, false));
                 Some(self.identity.chat_chunk(&json!({"tool_calls": [{"index": index, "id": tool.get("toolUseId"), "type": "function",
                         "function": {"name": tool.get("name"), "arguments": ""}}]}),
                     None,
@@ -203,11 +203,13 @@ impl Mapper {
                     Some(self.identity.chat_chunk(&json!({"content": text}), None))
                 } else if let Some(input) = delta.pointer("/toolUse/input").and_then(Value::as_str)
                 {
-                    let index = self
-                        .tools
-                        .get(&event.content_block_index)
-                        .copied()
-                        .unwrap_or(0);
+                    let index = match self.tools.get_mut(&event.content_block_index) {
+                        Some((index, had_input)) => {
+                            *had_input |= !input.is_empty();
+                            *index
+                        }
+                        None => 0,
+                    };
                     Some(self.identity.chat_chunk(&json!({"tool_calls": [{"index": index, "function": {"arguments": input}}]}),
                         None,
                     ))
@@ -242,7 +244,19 @@ impl Mapper {
                         .usage_chunk(Endpoint::Chat, event.usage.into()),
                 )
             }
-            // contentBlockStop, and events added to the API later.
+            // A tool call without arguments has input `{}` whole, and none
+            // streamed: its arguments are that object, as OpenAI's are.
+            "contentBlockStop" => {
+                let event: BlockEvent = serde_json::from_slice(payload).map_err(parse_error)?;
+                match self.tools.get(&event.content_block_index) {
+                    Some(&(index, false)) => Some(self.identity.chat_chunk(
+                        &json!({"tool_calls": [{"index": index, "function": {"arguments": "{}"}}]}),
+                        None,
+                    )),
+                    _ => None,
+                }
+            }
+            // Events added to the API later.
             _ => None,
         })
     }
@@ -415,16 +429,68 @@ mod tests {
         assert_eq!(chunks.len(), 3);
     }
 
+    fn mapper(stop: Option<&str>) -> Mapper {
+        Mapper {
+            backend: "b".into(),
+            identity: ResponseIdentity::new("chatcmpl", "m"),
+            tools: HashMap::new(),
+            stopped: false,
+            stop: stop.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_streamed_tool_call_without_input_has_arguments_of_an_empty_object() {
+        let mut mapper = mapper(None);
+        let mut arguments = |events: &[(&str, &str)]| {
+            let mut text = String::new();
+            for (kind, payload) in events {
+                if let Some(chunk) = mapper.event(kind, payload.as_bytes()).unwrap() {
+                    let chunk: Value = serde_json::from_slice(&chunk).unwrap();
+                    let call = &chunk["choices"][0]["delta"]["tool_calls"][0];
+                    text += call["function"]["arguments"].as_str().unwrap_or_default();
+                }
+            }
+            text
+        };
+        let start = |block: u64| {
+            format!(
+                r#"{{"contentBlockIndex":{block},"start":{{"toolUse":{{"toolUseId":"t{block}","name":"now"}}}}}}"#
+            )
+        };
+        let stop = |block: u64| format!(r#"{{"contentBlockIndex":{block}}}"#);
+        let (start0, stop0) = (start(0), stop(0));
+        let empty = r#"{"contentBlockIndex":0,"delta":{"toolUse":{"input":""}}}"#;
+        assert_eq!(
+            arguments(&[("contentBlockStart", &start0), ("contentBlockStop", &stop0)]),
+            "{}"
+        );
+        let (start1, stop1) = (start(1), stop(1));
+        let input = r#"{"contentBlockIndex":1,"delta":{"toolUse":{"input":"{\"a\":1}"}}}"#;
+        assert_eq!(
+            arguments(&[
+                ("contentBlockStart", &start1),
+                ("contentBlockDelta", input),
+                ("contentBlockStop", &stop1)
+            ]),
+            r#"{"a":1}"#
+        );
+        let (start2, stop2) = (start(2), stop(2));
+        let empty2 = empty.replace("Index\":0", "Index\":2");
+        assert_eq!(
+            arguments(&[
+                ("contentBlockStart", &start2),
+                ("contentBlockDelta", &empty2),
+                ("contentBlockStop", &stop2)
+            ]),
+            "{}"
+        );
+    }
+
     #[test]
     fn a_stop_on_the_requests_one_stop_sequence_names_it() {
         let mapper = |stop: Option<&str>, reason: &str| {
-            let mut mapper = Mapper {
-                backend: "b".into(),
-                identity: ResponseIdentity::new("chatcmpl", "m"),
-                tools: HashMap::new(),
-                stopped: false,
-                stop: stop.map(str::to_owned),
-            };
+            let mut mapper = mapper(stop);
             let payload = format!(r#"{{"stopReason":"{reason}"}}"#);
             let chunk = mapper
                 .event("messageStop", payload.as_bytes())
