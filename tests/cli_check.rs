@@ -248,6 +248,27 @@ fn check_lists_every_problem_of_a_broken_config() {
     assert!(!out.stdout.contains(": ok ("), "stdout:\n{}", out.stdout);
 }
 
+/// As a reload refuses a truncated file, `check` and `serve` refuse an
+/// empty one: `check` before a restart must not pass it.
+#[test]
+fn an_empty_config_file_is_refused_by_check_and_serve() {
+    let file = temp_config(" \n\n");
+    for command in ["check", "serve"] {
+        let mut cmd = tollgate();
+        cmd.arg(command).arg("--config").arg(file.path());
+        if command == "serve" {
+            cmd.arg("--listen").arg("127.0.0.1:0");
+        }
+        let out = run(cmd);
+        assert_eq!(out.code, Some(1), "{command}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("is empty, as a truncated file is"),
+            "{command}: {}",
+            out.stderr
+        );
+    }
+}
+
 #[test]
 fn serve_refuses_to_start_on_a_broken_config() {
     let file = broken_config();

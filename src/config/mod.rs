@@ -73,6 +73,17 @@ pub fn load(path: &Path, secrets: Secrets<'_>) -> Result<Config, Problems> {
             format!("cannot read config file {}: {e}", path.display()),
         )
     })?;
+    // As a reload refuses it: a truncated file would serve nothing, and
+    // `check` before a restart must not pass it.
+    if text.trim().is_empty() {
+        return Err(Problems::one(
+            "",
+            format!(
+                "config file {} is empty, as a truncated file is; write the config (config/tollgate.toml is a start)",
+                path.display()
+            ),
+        ));
+    }
     parse_with(&text, secrets)
 }
 
