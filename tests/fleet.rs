@@ -382,6 +382,38 @@ async fn with_redis_away_local_mode_serves_and_then_adds_what_it_spent() {
     assert!(spent > 0.0);
 }
 
+/// Redis that answers but lost its data (FLUSHALL, or a restart without
+/// persistence quicker than an exchange) has its spend counters seeded
+/// again before anything is added to them, from the most the fleet is
+/// known to have spent: a loss while the fleet was idle for an exchange
+/// forgets none of the spend before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_that_lost_its_data_is_seeded_again_with_the_fleets_spend() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = answering(100).await;
+    let fleet = replicas(&outage(&upstream, &redis, "local"), 2).await;
+    let load = || async {
+        for gateway in &fleet {
+            assert!(statuses(gateway).await.iter().all(|s| *s == 200));
+        }
+    };
+    let in_step = || async {
+        let spent = ledgers_spent(&fleet, "team").await;
+        fleet_spent(&redis, "team") == (spent * 1e9).round() as i64
+    };
+    load().await;
+    eventually("the fleet counts what was spent", in_step).await;
+    let before = fleet_spent(&redis, "team");
+    assert!(before > 0);
+    // An exchange or two with nothing new: each replica knows the fleet's
+    // count, which it seeds with.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(redis.command("FLUSHALL").as_deref(), Some("+OK"));
+    load().await;
+    eventually("the fleet's count is seeded again and counts on", in_step).await;
+    assert!(fleet_spent(&redis, "team") > before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_frozen_refuse_mode_answers_503_in_time_and_recovers() {
     let Some(redis) = Redis::start() else { return };
@@ -568,7 +600,8 @@ async fn a_batch_sent_again_after_a_lost_reply_is_counted_once() {
     let script = redis::Script::new(include_str!("../src/store/lua/sync.lua"));
     let batch = |number: u64, cost: &str| {
         json!({
-            "replica": "r1", "lease": 30_000_000, "seed": [], "renew": [], "push": [],
+            // Seeding, as a replica's first exchange with a store is.
+            "replica": "r1", "lease": 30_000_000, "seed": [], "seeding": true, "renew": [], "push": [],
             "pull": [], "spent": [],
             "batches": [{"number": number, "charge": [], "settle": [[
                 "t:key:team", "t:key:team:leases", "d:2026-12-04", "m:2026-12", cost, 0

@@ -177,9 +177,10 @@ struct Settlement {
 #[derive(Default)]
 struct Known {
     replicas: u64,
-    /// Per key with a budget, as of the last exchange: the day's and the
-    /// month's spend, and what requests hold.
+    /// Per key with a budget, as of the last exchange (on `day`): the
+    /// day's and the month's spend, and what requests hold.
     spent: HashMap<String, [u64; 3]>,
+    day: Option<Date>,
     /// Whether the store's spend counters were seeded since it was last
     /// away.
     seeded: bool,
@@ -587,7 +588,20 @@ impl Fleet {
     /// One exchange with the fleet (see `lua/sync.lua`): what is queued
     /// here goes out, what the fleet knows comes back.
     pub async fn exchange(&self, ask: SyncAsk, today: Date) -> Option<SyncReply> {
-        let seeding = !lock(&self.known).seeded;
+        // To seed: what the store said each key had spent today before it
+        // went away or lost its data.
+        let seeding = {
+            let known = lock(&self.known);
+            (!known.seeded).then(|| {
+                ask.budgets
+                    .iter()
+                    .map(|(key, _)| {
+                        let last = known.spent.get(key).filter(|_| known.day == Some(today));
+                        last.map_or([0, 0], |s| [s[0], s[1]])
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
         let (unsent, prefixes) = {
             let mut queued = lock(&self.prefixes);
             let unsent = queued.take();
@@ -596,17 +610,31 @@ impl Fleet {
             });
             (unsent, wire)
         };
-        let Some(reply) = self.send(&ask, Some(&prefixes), today, seeding).await else {
+        let Some(reply) = self
+            .send(&ask, Some(&prefixes), today, seeding.as_deref())
+            .await
+        else {
             lock(&self.prefixes).restore(unsent);
             return None;
         };
         if let Ok(at) = reply.prefix_at.parse() {
             lock(&self.prefixes).read(&ask.prefixes, at);
         }
+        if reply.lost {
+            // Redis answers but lost its data: the next exchange seeds the
+            // spend counters before anything is added to them.
+            lock(&self.known).seeded = false;
+            lock(&self.prefixes).restore(unsent);
+            tracing::warn!(
+                "the shared state (Redis) lost its data; the next exchange seeds its spend counters from what the fleet last knew"
+            );
+            return None;
+        }
         {
             let mut known = lock(&self.known);
             known.replicas = reply.replicas.max(1);
             known.seeded = true;
+            known.day = Some(today);
             known.spent = ask
                 .budgets
                 .iter()
@@ -676,7 +704,7 @@ impl Fleet {
             return;
         }
         let _ = self
-            .send(&SyncAsk::default(), None, budget_today(), false)
+            .send(&SyncAsk::default(), None, budget_today(), None)
             .await;
     }
 
@@ -688,7 +716,7 @@ impl Fleet {
         ask: &SyncAsk,
         prefixes: Option<&WirePrefixes>,
         today: Date,
-        seeding: bool,
+        seeding: Option<&[[u64; 2]]>,
     ) -> Option<WireReply> {
         let _turn = self.sending.lock().await;
         let payload = {
@@ -740,9 +768,12 @@ impl Fleet {
             }
             return None;
         };
-        lock(&self.pending)
-            .unsent
-            .retain(|b| b.number > payload.last_batch);
+        // A store that lost its data applied nothing.
+        if !reply.lost {
+            lock(&self.pending)
+                .unsent
+                .retain(|b| b.number > payload.last_batch);
+        }
         Some(reply)
     }
 
@@ -754,7 +785,7 @@ impl Fleet {
         ask: &SyncAsk,
         prefixes: Option<&WirePrefixes>,
         today: Date,
-        seeding: bool,
+        seeding: Option<&[[u64; 2]]>,
     ) -> Payload {
         let renew_due = pending
             .renewed
@@ -774,22 +805,29 @@ impl Fleet {
         } else {
             Vec::new()
         };
-        // Spend counters Redis lost start again from the ledger, less
-        // what is about to be added to them.
-        let seed: Vec<serde_json::Value> = if seeding {
-            ask.budgets
+        // Spend counters Redis lost start again from the most the fleet
+        // is known to have spent: the ledger less what is about to be
+        // added to them, or what the store last said, which has none of it.
+        let seed: Vec<serde_json::Value> = match seeding {
+            Some(last) => ask
+                .budgets
                 .iter()
-                .flat_map(|(key, (day, month))| {
+                .zip(last)
+                .flat_map(|((key, (day, month)), [last_day, last_month])| {
                     let home = self.key_home(key);
-                    [(Period::Daily, day), (Period::Monthly, month)].map(|(period, spent)| {
+                    [
+                        (Period::Daily, day, last_day),
+                        (Period::Monthly, month, last_month),
+                    ]
+                    .map(|(period, spent, last)| {
                         let (from, to) = period.bounds(today);
-                        let base = spent.saturating_sub(pending.unsent(key, from, to));
+                        let ledger = spent.saturating_sub(pending.unsent(key, from, to));
+                        let base = ledger.max(*last);
                         json!([home, period_field(period, today), base.to_string()])
                     })
                 })
-                .collect()
-        } else {
-            Vec::new()
+                .collect(),
+            None => Vec::new(),
         };
         let batches: Vec<serde_json::Value> = pending
             .unsent
@@ -869,6 +907,7 @@ impl Fleet {
             "replica": self.replica,
             "lease": self.lease.as_micros() as u64,
             "seed": seed,
+            "seeding": seeding.is_some(),
             "batches": batches,
             "renew": renew,
             "push": push,

@@ -132,6 +132,9 @@ pub(super) struct WireReply {
     /// The store's time of the read (microseconds), as a string.
     #[serde(default)]
     pub prefix_at: String,
+    /// The store had lost its data before this exchange.
+    #[serde(default)]
+    pub lost: bool,
 }
 
 /// A Lua table encodes an empty list as `{}`.

@@ -8,14 +8,21 @@
 --
 -- KEYS: 1 the replicas seen (sorted set), 2 the last batch applied for
 --       this replica
--- ARGV[1]: JSON {replica, lease, seed, batches, renew, push, pull, spent,
---          prefix (the periodic exchange only)};
+-- ARGV[1]: JSON {replica, lease, seed, seeding, batches, renew, push,
+--          pull, spent, prefix (the periodic exchange only)};
 -- amounts travel as strings (JSON numbers lose digits past 2^53).
 -- Times are microseconds; sent and returned relative to now.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local MINUTE = 60000000
 local ask = cjson.decode(ARGV[1])
+-- Every replica's exchange keeps the set of replicas: without it, Redis
+-- lost its data (a restart without persistence, a FLUSHALL). Nothing is
+-- applied then but by an exchange that seeds the spend counters first:
+-- spend added to an empty counter would keep the seed out.
+if redis.call('EXISTS', KEYS[1]) == 0 and not ask.seeding then
+  return cjson.encode({replicas = 0, pressure = {}, spent = {}, lost = true})
+end
 
 local function int(n)
   return string.format('%.0f', n)
