@@ -572,6 +572,19 @@ async fn an_upstream_that_holds_its_body_open_after_done_is_closed_within_the_dr
     assert!(started.elapsed() >= Duration::from_millis(900));
 }
 
+/// One chat request on `vllm` is metered as its client's leaving (499).
+async fn metered_as_the_client_leaving(gateway: &Gateway) {
+    let labels = [
+        ("api", "chat"),
+        ("alias", "chat"),
+        ("backend", "vllm"),
+        ("status", "499"),
+    ];
+    gateway
+        .eventually_metric("tollgate_requests_total", &labels, 1.0)
+        .await;
+}
+
 /// A client that stays connected but stops reading holds its stream, its
 /// upstream connection and its share of the backend's load until
 /// `send_timeout_ms` passes with none of the answer taken.
@@ -603,18 +616,7 @@ async fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
         upstream.wait_peer_closed(1, WAIT).await,
         "the gateway closed the upstream connection of a client that stopped reading"
     );
-    gateway
-        .eventually_metric(
-            "tollgate_requests_total",
-            &[
-                ("api", "chat"),
-                ("alias", "chat"),
-                ("backend", "vllm"),
-                ("status", "499"),
-            ],
-            1.0,
-        )
-        .await;
+    metered_as_the_client_leaving(&gateway).await;
     drop(client);
 }
 
@@ -643,18 +645,7 @@ async fn a_client_that_goes_away_mid_stream_closes_the_upstream_connection() {
         upstream.wait_peer_closed(1, WAIT).await,
         "the gateway closed the upstream connection after the client left"
     );
-    gateway
-        .eventually_metric(
-            "tollgate_requests_total",
-            &[
-                ("api", "chat"),
-                ("alias", "chat"),
-                ("backend", "vllm"),
-                ("status", "499"),
-            ],
-            1.0,
-        )
-        .await;
+    metered_as_the_client_leaving(&gateway).await;
 }
 
 #[tokio::test]

@@ -277,14 +277,8 @@ async fn a_reload_names_what_needs_a_restart_against_what_runs() {
     let restart_needed = |candidate: Config| {
         let gateway = &gateway;
         async move {
-            let response = admin(gateway, reqwest::Method::POST, "/admin/reload")
-                .await
-                .body(candidate.to_toml())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-            let report: Value = response.json().await.unwrap();
+            let (status, report) = reload_with(gateway, &candidate).await;
+            assert_eq!(status, 200, "{report}");
             assert_eq!(report["applied"], true, "{report}");
             report["restart_needed"].clone()
         }
@@ -755,17 +749,22 @@ async fn a_truncated_or_half_written_file_never_switches_auth_off() {
     assert_eq!(gateway.chat(hi()).await.status(), 200);
 }
 
-/// `POST /admin/reload` of `candidate`, which must be refused: the paths
-/// of its problems, and the error's message.
-async fn reload_refused(gateway: &Gateway, candidate: Config) -> (Vec<String>, String) {
+/// `POST /admin/reload` of `candidate`: the status, and the body.
+async fn reload_with(gateway: &Gateway, candidate: &Config) -> (u16, Value) {
     let response = admin(gateway, reqwest::Method::POST, "/admin/reload")
         .await
         .body(candidate.to_toml())
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 422);
-    let body: Value = response.json().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// `POST /admin/reload` of `candidate`, which must be refused: the paths
+/// of its problems, and the error's message.
+async fn reload_refused(gateway: &Gateway, candidate: Config) -> (Vec<String>, String) {
+    let (status, body) = reload_with(gateway, &candidate).await;
+    assert_eq!(status, 422, "{body}");
     let paths: Vec<String> = body["problems"]
         .as_array()
         .unwrap()
