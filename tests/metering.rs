@@ -848,3 +848,44 @@ async fn a_self_hosted_pool_counts_the_tokens_it_computed_not_those_its_cache_se
     };
     assert!((computed - 110.0).abs() < 1e-6, "{computed}");
 }
+
+/// An upstream that reports no usage is charged the estimate of its text,
+/// at most the limit it was sent, but never fewer tokens than the chunks
+/// of text it sent: one that ignores its limit is charged what it is
+/// known to have written past it.
+#[tokio::test]
+async fn an_upstream_past_its_limit_without_usage_is_charged_a_token_a_chunk_at_least() {
+    let chunk = |delta: Value, finish: Value| {
+        let chunk = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {chunk}\n\n")
+    };
+    let mut sse = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
+    for _ in 0..300 {
+        sse += &chunk(json!({"content": "a"}), Value::Null);
+    }
+    sse += &chunk(json!({}), json!("stop"));
+    sse += "data: [DONE]\n\n";
+    let upstream = MockUpstream::openai().stream_bytes(sse).start().await;
+    let config = Config::new()
+        .backend(Backend::upstream("api", "openai", &url(&upstream)))
+        .model(Model::new("chat").deployment(Deployment::new("api", "m").price(1.0, 1.0)));
+    let gateway = start(&config).await;
+    let (_, events) = gateway
+        .stream(
+            "/v1/chat/completions",
+            json!({"model": "chat", "stream": true, "max_tokens": 100, "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(events.rest().await.len(), 303, "the role, 300 chunks of text, the end and [DONE]");
+    let labels = [
+        ("api", "chat"),
+        ("alias", "chat"),
+        ("backend", "api"),
+        ("direction", "output"),
+        ("estimated", "true"),
+    ];
+    gateway
+        .eventually_metric("tollgate_tokens_total", &labels, 300.0)
+        .await;
+}

@@ -398,11 +398,12 @@ impl Meter {
     }
 
     /// [`generated_estimate`](Self::generated_estimate), and no more than
-    /// the limit the upstream was sent: what the request is charged.
+    /// the limit the upstream was sent, unless it sent more chunks of text
+    /// than that, each a token at least: what the request is charged.
     fn generated_tokens(&self) -> u64 {
         let estimate = self.generated_estimate();
         match self.serving.as_ref().and_then(|s| s.output_limit) {
-            Some(limit) => estimate.min(limit),
+            Some(limit) => estimate.min(limit).max(self.text_chunks),
             None => estimate,
         }
     }
