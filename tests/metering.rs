@@ -877,7 +877,11 @@ async fn an_upstream_past_its_limit_without_usage_is_charged_a_token_a_chunk_at_
             json!({"model": "chat", "stream": true, "max_tokens": 100, "messages": user("hi")}),
         )
         .await;
-    assert_eq!(events.rest().await.len(), 303, "the role, 300 chunks of text, the end and [DONE]");
+    assert_eq!(
+        events.rest().await.len(),
+        303,
+        "the role, 300 chunks of text, the end and [DONE]"
+    );
     let labels = [
         ("api", "chat"),
         ("alias", "chat"),

@@ -94,7 +94,7 @@ pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, Problems> {
 
 /// Parses and validates config text. Unknown keys are all reported along
 /// with the semantic problems; a value of the wrong type stops parsing, so
-/// it is reported alone.
+/// it is reported with the unknown keys read before it only.
 pub fn parse_with(text: &str, secrets: Secrets<'_>) -> Result<Config, Problems> {
     let parsed =
         toml::de::DeTable::parse(text).map_err(|e| Problems::one("", syntax_error(text, &e)))?;
@@ -103,23 +103,11 @@ pub fn parse_with(text: &str, secrets: Secrets<'_>) -> Result<Config, Problems> 
     // stay out of the copy ([`WrittenKeys`] keeps them as parsed).
     let copy = without_keys(&parsed);
     let mut unknown = Vec::new();
-    let raw: schema::RawConfig =
+    let read: Result<schema::RawConfig, _> =
         serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
             toml::Deserializer::from(parsed),
             &mut |path: serde_ignored::Path<'_>| unknown.push(dotted(&path)),
-        ))
-        .map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let at = inner
-                .span()
-                .map(|s| location(text, s.start))
-                .unwrap_or_default();
-            Problems::one(
-                if path == "." { String::new() } else { path },
-                format!("{}{at}", inner.message()),
-            )
-        })?;
+        ));
     let mut problems: Vec<Problem> = unknown
         .into_iter()
         .map(|path| Problem {
@@ -127,6 +115,24 @@ pub fn parse_with(text: &str, secrets: Secrets<'_>) -> Result<Config, Problems> 
             message: "unknown key; check its spelling against docs/configuration.md".into(),
         })
         .collect();
+    // The unknown keys read before it are named too: a misspelt required
+    // field is read as unknown, then missed.
+    let raw = match read {
+        Ok(raw) => raw,
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let at = inner
+                .span()
+                .map(|s| location(text, s.start))
+                .unwrap_or_default();
+            problems.push(Problem {
+                path: if path == "." { String::new() } else { path },
+                message: format!("{}{at}", inner.message()),
+            });
+            return Err(Problems(problems));
+        }
+    };
     match validate::validate(raw, secrets) {
         Ok(mut config) if problems.is_empty() => {
             config.version = version(text);
@@ -656,6 +662,17 @@ base_url = "http://user:hunter2-secret@vllm:8000/v1"
                 "backends[0].base_url: must not hold credentials (user:password@); a backend's API key goes in api_key_env"
             ]
         );
+    }
+
+    #[test]
+    fn a_misspelt_required_field_is_named_beside_the_one_missing() {
+        let got = problems("[[backends]]\nname = \"sim\"\nkinde = \"simulated\"\n");
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got[0].starts_with("backends[0].kinde: unknown key"),
+            "{got:?}"
+        );
+        assert!(got[1].contains("missing field `kind`"), "{got:?}");
     }
 
     #[test]
