@@ -324,7 +324,8 @@ fn simulate(
     let text = match profile.map(std::fs::read_to_string).transpose() {
         Ok(text) => text.unwrap_or_default(),
         Err(e) => {
-            eprintln!("cannot read the profile: {e}");
+            let path = profile.map(|p| p.display().to_string()).unwrap_or_default();
+            eprintln!("cannot read the profile {path}: {e}");
             return ExitCode::FAILURE;
         }
     };

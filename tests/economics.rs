@@ -335,6 +335,13 @@ fn a_profile_with_mistakes_is_refused_with_every_problem_named() {
     }
     let unknown = Profile::parse("dayz = 3", &config).unwrap_err();
     assert!(unknown[0].contains("unknown field `dayz`"), "{unknown:?}");
+    // Named by its path, as a config's problems are.
+    let unknown =
+        Profile::parse("[[traffic]]\nalias = \"chat\"\ncolour = 1\n", &config).unwrap_err();
+    assert!(
+        unknown[0].starts_with("traffic[0].colour: unknown field"),
+        "{unknown:?}"
+    );
 }
 
 /// docs/economics.md shows `simulate` on the example config and profile

@@ -100,7 +100,13 @@ impl Profile {
     /// Reads and checks a profile against `config`; every problem is
     /// reported, each with the path of the value at fault.
     pub fn parse(text: &str, config: &Config) -> Result<Self, Vec<String>> {
-        let raw: RawProfile = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+        let parsed = toml::de::DeTable::parse(text).map_err(|e| vec![e.to_string()])?;
+        // Named by its path, as a config's problems are.
+        let raw: RawProfile = serde_path_to_error::deserialize(toml::Deserializer::from(parsed))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                vec![format!("{path}: {}", e.into_inner().message())]
+            })?;
         let mut problems = Vec::new();
         let days = raw.days.unwrap_or(DEFAULT_DAYS);
         if !(1..=366).contains(&days) {
