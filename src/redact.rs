@@ -1,9 +1,11 @@
-//! The config's secrets (upstream API keys, AWS credentials, client keys,
-//! service URLs read from the environment), remembered so that no text an
-//! upstream sends back reaches a client or a log with one of them in it:
-//! some upstreams and proxies quote the credential they were sent in their
-//! error messages. Remembered for the life of the process, so a key
-//! replaced by a reload stays redacted too.
+//! The credentials the gateway sends upstreams (API keys, AWS keys),
+//! remembered as a config is validated so that no text an upstream sends
+//! back reaches a client or a log with one of them in it: some upstreams
+//! and proxies quote the credential they were sent in their error
+//! messages. Remembered for the life of the process, so a key replaced by
+//! a reload stays redacted too. Client keys never go upstream, and are
+//! not looked for: a config of 100,000 of them would make every upstream
+//! error a scan of each.
 
 use std::sync::{PoisonError, RwLock};
 

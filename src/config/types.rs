@@ -709,9 +709,7 @@ impl AllowedModels {
 pub struct Secret(String);
 
 impl Secret {
-    /// A secret, remembered to be redacted from what upstreams send back.
     pub fn new(value: String) -> Self {
-        crate::redact::remember(&value);
         Self(value)
     }
 

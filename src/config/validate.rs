@@ -97,6 +97,22 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
         .enumerate()
         .filter_map(|(i, b)| v.backend(i, b))
         .collect();
+    // What the gateway sends upstreams, an upstream can quote back: each
+    // is redacted from what they send (client keys never go upstream).
+    for backend in &backends {
+        let keys = backend.aws.as_ref().and_then(|aws| aws.keys.as_ref());
+        let sent = backend
+            .credential
+            .iter()
+            .chain(keys.into_iter().flat_map(|k| {
+                [&k.access_key_id, &k.secret_access_key]
+                    .into_iter()
+                    .chain(k.session_token.as_ref())
+            }));
+        for secret in sent {
+            crate::redact::remember(secret.expose());
+        }
+    }
     v.unique(
         raw.backends
             .iter()

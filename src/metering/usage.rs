@@ -74,21 +74,7 @@ fn read(backend: &str, chunk: &[u8]) -> Result<(ChunkFacts, Option<TextAt>), Gat
             "a stream chunk is not a JSON object",
         ));
     }
-    // The chunk's own usage, not a nested object's: the one that ends the
-    // chunk, as every upstream puts it, or else the first found in its top
-    // level by a scan of what comes before it.
-    let mut own = None;
-    for value in usages {
-        match usage_at(value) {
-            Ok((usage, rest)) if rest.trim_ascii() == b"}" => own = Some(Ok(usage)),
-            read if in_top_level(chunk, chunk.len() - value.len()) => {
-                own = Some(read.map(|(usage, _)| usage));
-            }
-            _ => continue,
-        }
-        break;
-    }
-    let Some(reported) = own else {
+    let Some((_, reported)) = own_usage(chunk, usages) else {
         let (text_chars, text_at) = text(chunk);
         return Ok((text_only(text_chars), text_at));
     };
@@ -111,6 +97,26 @@ fn read(backend: &str, chunk: &[u8]) -> Result<(ChunkFacts, Option<TextAt>), Gat
         usage_only,
     };
     Ok((facts, None))
+}
+
+/// The chunk's own usage member among `usages` (its `"usage"` members),
+/// not a nested object's: legacy completions key their top
+/// log-probabilities by token, `"usage"` among them. It is the one that
+/// ends the chunk, as every upstream puts it, or else the first a scan of
+/// what comes before it finds in the chunk's top level. With its value,
+/// as read.
+fn own_usage<'c>(
+    chunk: &'c [u8],
+    usages: impl Iterator<Item = &'c [u8]>,
+) -> Option<(&'c [u8], Result<ReportedUsage, String>)> {
+    for value in usages {
+        let read = usage_at(value);
+        let ends_the_chunk = matches!(&read, Ok((_, rest)) if rest.trim_ascii() == b"}");
+        if ends_the_chunk || in_top_level(chunk, chunk.len() - value.len()) {
+            return Some((value, read.map(|(usage, _)| usage)));
+        }
+    }
+    None
 }
 
 /// The usage `value` (to the end of its chunk) starts with, and what
@@ -266,7 +272,7 @@ impl StreamReader {
 /// and every other chunk's path stays as short as it was.
 #[cold]
 pub fn without_usage(chunk: &[u8]) -> Option<(&[u8], &[u8])> {
-    let value = usage_value(chunk)?;
+    let (value, _) = own_usage(chunk, usage_values(chunk, 0))?;
     let start = chunk.len() - value.len();
     let end = start + object_len(value)?;
     let before = chunk[..start]
@@ -321,13 +327,6 @@ fn object_len(value: &[u8]) -> Option<usize> {
 /// are not `null`, from byte `from` on, nested ones too.
 fn usage_values(chunk: &[u8], from: usize) -> impl Iterator<Item = &[u8]> {
     member_values(&KEYS.usage, &chunk[from..]).filter(|value| !value.starts_with(b"null"))
-}
-
-/// The value of `chunk`'s own `"usage"` member, when it is not `null`.
-/// Legacy completions' top log-probabilities are keyed by token, and
-/// `"usage"` there is no usage.
-fn usage_value(chunk: &[u8]) -> Option<&[u8]> {
-    usage_values(chunk, 0).find(|value| in_top_level(chunk, chunk.len() - value.len()))
 }
 
 /// The keys a chunk is searched for, each searcher built once: building
@@ -825,7 +824,10 @@ mod tests {
         let mut chunks: Vec<String> = recorded()
             .into_iter()
             .flatten()
-            .filter(|chunk| usage_value(chunk.as_bytes()).is_some())
+            .filter(|chunk| {
+                let chunk = chunk.as_bytes();
+                own_usage(chunk, usage_values(chunk, 0)).is_some()
+            })
             .collect();
         assert!(chunks.len() >= 4, "every recorded stream's usage");
         let shapes = [
