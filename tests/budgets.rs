@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
-use support::mock::{MockServer, MockUpstream};
+use support::mock::{self, MockServer, MockUpstream};
 use support::vision::Vision;
 
 /// $1 per Mtok in, $10 per Mtok out: an output token is 10,000
@@ -779,17 +779,7 @@ async fn an_upstream_that_ignores_its_limit_in_chunks_of_several_tokens_is_cut_a
 #[tokio::test]
 async fn a_budget_holds_with_100_dense_streams_whose_upstream_reports_no_usage() {
     for word in DENSE_TOKENS {
-        let chunk = |delta: Value, finish: Value| {
-            let chunk = json!({"id": "chatcmpl-dense", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-            format!("data: {chunk}\n\n")
-        };
-        let mut sse = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
-        for _ in 0..200 {
-            sse += &chunk(json!({"content": word}), Value::Null);
-        }
-        sse += &chunk(json!({}), json!("length"));
-        sse += "data: [DONE]\n\n";
+        let sse = mock::stream_without_usage([word; 200], "length");
         let upstream = MockUpstream::openai().stream_bytes(sse);
         let (served, overrun) = overrun_of(
             upstream,

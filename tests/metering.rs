@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
-use support::mock::MockUpstream;
+use support::mock::{self, MockUpstream};
 use support::process::{Process, serve_file};
 
 /// Two per-token deployments of one alias, `a` at these prices and `b` at
@@ -855,17 +855,7 @@ async fn a_self_hosted_pool_counts_the_tokens_it_computed_not_those_its_cache_se
 /// known to have written past it.
 #[tokio::test]
 async fn an_upstream_past_its_limit_without_usage_is_charged_a_token_a_chunk_at_least() {
-    let chunk = |delta: Value, finish: Value| {
-        let chunk = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-        format!("data: {chunk}\n\n")
-    };
-    let mut sse = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
-    for _ in 0..300 {
-        sse += &chunk(json!({"content": "a"}), Value::Null);
-    }
-    sse += &chunk(json!({}), json!("stop"));
-    sse += "data: [DONE]\n\n";
+    let sse = mock::stream_without_usage(["a"; 300], "stop");
     let upstream = MockUpstream::openai().stream_bytes(sse).start().await;
     let config = Config::new()
         .backend(Backend::upstream("api", "openai", &url(&upstream)))

@@ -70,6 +70,23 @@ pub fn fixture(name: &str) -> Bytes {
         .into()
 }
 
+/// A chat stream, as an upstream that reports no usage sends it: the
+/// role's chunk, a chunk of each of `texts`, one that ends it with
+/// `finish`, and `[DONE]`.
+pub fn stream_without_usage<'t>(texts: impl IntoIterator<Item = &'t str>, finish: &str) -> String {
+    let chunk = |delta: Value, finish: Value| {
+        let chunk = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {chunk}\n\n")
+    };
+    let mut sse = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
+    for text in texts {
+        sse += &chunk(json!({"content": text}), Value::Null);
+    }
+    sse += &chunk(json!({}), json!(finish));
+    sse + "data: [DONE]\n\n"
+}
+
 /// Cuts an SSE byte stream after each blank line, so that the pieces,
 /// concatenated, are the input again, byte for byte. A trailing partial
 /// event is kept as a last piece.
