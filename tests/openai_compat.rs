@@ -591,10 +591,11 @@ async fn metered_as_the_client_leaving(gateway: &Gateway) {
 #[tokio::test]
 async fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
     use tokio::io::AsyncWriteExt;
-    // Far more than the two sockets' buffers hold, in few events.
+    // Twice what the gateway's send buffer can grow to (4 MB at Linux's
+    // defaults) and the client's receive buffer hold, in few events.
     let word: &'static str = Box::leak(" lorem".repeat(400).into_boxed_str());
     let upstream = MockUpstream::openai()
-        .answers_of(20_000)
+        .answers_of(4_000)
         .token_text(word)
         .start()
         .await;
@@ -618,6 +619,72 @@ async fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
     );
     metered_as_the_client_leaving(&gateway).await;
     drop(client);
+}
+
+/// The same over HTTP/2, from a client that answers the gateway's pings
+/// while it takes nothing more: hyper never polls the stream's body again.
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_is_let_go_after_the_send_timeout() {
+    // Far more than the client's window (HTTP/2's default, 64 KB) and
+    // the stream's buffer.
+    let word: &'static str = Box::leak(" lorem".repeat(400).into_boxed_str());
+    let upstream = MockUpstream::openai()
+        .answers_of(400)
+        .token_text(word)
+        .start()
+        .await;
+    let config = vllm(&upstream, "chat").set("server", "send_timeout_ms", 300);
+    let gateway = start(&config).await;
+    let answer = http2_stream(&gateway).await;
+    assert_eq!(answer.status(), 200);
+    // Never read: the connection lives on, its pings answered.
+    assert!(
+        upstream.wait_peer_closed(1, WAIT).await,
+        "the gateway closed the upstream connection of a client that stopped reading"
+    );
+    metered_as_the_client_leaving(&gateway).await;
+    drop(answer);
+}
+
+/// The send timeout runs only while the client has no room for more: an
+/// HTTP/2 answer whose upstream is slower than it is not cut.
+#[tokio::test]
+async fn an_http2_answer_waiting_on_its_upstream_outlasts_the_send_timeout() {
+    use http_body_util::BodyExt;
+    let upstream = MockUpstream::openai()
+        .stream_bytes(mock::stream_without_usage(["a", "b", "c"], "stop"))
+        .event_delay(Duration::from_millis(400))
+        .start()
+        .await;
+    let config = vllm(&upstream, "chat").set("server", "send_timeout_ms", 250);
+    let gateway = start(&config).await;
+    let answer = http2_stream(&gateway).await;
+    let body = answer.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(text.contains(r#"{"content":"c"}"#), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+}
+
+/// A streamed chat request to alias `chat` over HTTP/2 with prior
+/// knowledge, from a client whose streams' window is HTTP/2's default.
+async fn http2_stream(gateway: &Gateway) -> hyper::Response<hyper::body::Incoming> {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let addr = gateway.base.trim_start_matches("http://");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let body = json!({"model": "chat", "stream": true, "messages": user("hi")}).to_string();
+    let request = hyper::Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    sender.send_request(request).await.unwrap()
 }
 
 #[tokio::test]

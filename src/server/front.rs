@@ -45,12 +45,10 @@ impl Front {
         Self { app, router, cors }
     }
 
-    /// How long a kept-alive HTTP/1.1 connection opening now may wait for
-    /// its next request: read as it opens, so a reload changes it for the
-    /// connections opened after.
     /// How long a kept-alive connection waits for its next request, and
     /// how long an answer waits for its client to take any of it: read as
-    /// a connection opens.
+    /// a connection opens, so a reload changes them for the connections
+    /// opened after.
     pub fn waits(&self) -> (Duration, Duration) {
         let server = &self.app.snapshot.load().config.server;
         (server.keepalive_timeout, server.send_timeout)

@@ -1,20 +1,18 @@
-//! The accept loop: each connection served over HTTP/1.1 (`http1`) or,
-//! by hyper, HTTP/2 with prior knowledge, and a graceful drain.
+//! The accept loop: each connection served over HTTP/1.1 (`http1`) or
+//! HTTP/2 with prior knowledge (`http2`), and a graceful drain.
 
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::front::Front;
-use super::http1::{self, HEAD_TIMEOUT, MAX_HEAD_BYTES};
+use super::http1::{self, HEAD_TIMEOUT};
+use super::http2;
 
 /// How an HTTP/2 client with prior knowledge opens (RFC 9113 §3.4). No
 /// HTTP/1 request starts with it: HTTP/1 requests differ from it by their
@@ -31,7 +29,6 @@ pub async fn accept_until(
     front: Front,
     shutdown: impl Future<Output = ()>,
 ) -> impl Future<Output = ()> {
-    let http2 = Arc::new(http2_builder(front.waits().1));
     // Turns true when the gateway stops; every connection holds a
     // receiver until it has finished.
     let (stopping, stop) = watch::channel(false);
@@ -53,37 +50,12 @@ pub async fn accept_until(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "could not set TCP_NODELAY");
         }
-        tokio::spawn(start_serving(
-            tcp,
-            http2.clone(),
-            front.clone(),
-            stop.clone(),
-        ));
+        tokio::spawn(start_serving(tcp, front.clone(), stop.clone()));
     }
     drop(listener);
     drop(stop);
     stopping.send_replace(true);
     async move { stopping.closed().await }
-}
-
-/// What an HTTP/2 stream may hold written and not yet sent: a client that
-/// advertises large windows and stops reading would otherwise have each
-/// of its streams hold hyper's default, about 400 KB, beside the frame in
-/// flight.
-const H2_SEND_BUFFER: usize = 16 * 1024;
-
-/// HTTP/2 as every connection is served: a client that takes nothing (it
-/// leaves a ping unanswered) for `send_timeout` is dropped, as an
-/// HTTP/1.1 one is.
-fn http2_builder(send_timeout: Duration) -> http2::Builder<TokioExecutor> {
-    let mut http2 = http2::Builder::new(TokioExecutor::new());
-    http2
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD_BYTES as u32)
-        .max_send_buf_size(H2_SEND_BUFFER)
-        .keep_alive_interval(send_timeout)
-        .keep_alive_timeout(send_timeout);
-    http2
 }
 
 enum Protocol {
@@ -95,12 +67,7 @@ enum Protocol {
 /// its own: a task is as large as the largest state its future can be in,
 /// so an HTTP/1 connection served by a future that could also hold an
 /// HTTP/2 one would carry the larger state for as long as it is open.
-async fn start_serving(
-    tcp: TcpStream,
-    http2: Arc<http2::Builder<TokioExecutor>>,
-    service: Front,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn start_serving(tcp: TcpStream, service: Front, mut stop: watch::Receiver<bool>) {
     let first_head_by = Instant::now() + HEAD_TIMEOUT;
     let protocol = tokio::select! {
         sniffed = tokio::time::timeout_at(first_head_by, sniff(&tcp)) => match sniffed {
@@ -117,20 +84,7 @@ async fn start_serving(
         }
         // HTTP/2 refuses with stream resets, which have no body.
         Protocol::Http2 => {
-            tokio::spawn(async move {
-                let connection = http2.serve_connection(TokioIo::new(tcp), service);
-                let mut connection = std::pin::pin!(connection);
-                let served = tokio::select! {
-                    served = connection.as_mut() => served,
-                    () = http1::stopped(&mut stop) => {
-                        connection.as_mut().graceful_shutdown();
-                        connection.await
-                    }
-                };
-                if let Err(e) = served {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-            });
+            tokio::spawn(http2::serve(tcp, service, stop));
         }
     }
 }

@@ -5,6 +5,7 @@ mod admin;
 mod cors;
 mod front;
 mod http1;
+mod http2;
 mod listen;
 mod metrics_page;
 mod request_id;
