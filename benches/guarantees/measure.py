@@ -1560,6 +1560,18 @@ def hpack(headers):
     return out
 
 
+def h2_requests(n, key_secret_value, body):
+    """`n` streamed chat requests as HTTP/2 frames, on streams 1, 3, 5…"""
+    out = b""
+    for i in range(n):
+        stream = 2 * i + 1
+        head = hpack([(":method", "POST"), (":scheme", "http"), (":path", "/v1/chat/completions"),
+                      (":authority", "x"), ("content-type", "application/json"),
+                      ("authorization", "Bearer " + key_secret_value), ("content-length", str(len(body)))])
+        out += h2_frame(0x1, 0x4, stream, head) + h2_frame(0x0, 0x1, stream, body)
+    return out
+
+
 def h2_streams_not_read(port, key_secret_value, n, body):
     """One HTTP/2 connection that advertises the largest windows, opens `n`
     streamed requests and never reads a byte (it acknowledges the server's
@@ -1572,14 +1584,49 @@ def h2_streams_not_read(port, key_secret_value, n, body):
     out += h2_frame(0x4, 0, 0, struct.pack(">HI", 0x4, window))  # SETTINGS_INITIAL_WINDOW_SIZE
     out += h2_frame(0x8, 0, 0, struct.pack(">I", window - 65535))  # the connection's window
     out += h2_frame(0x4, 0x1, 0, b"")  # SETTINGS ACK, unread but due
-    for i in range(n):
-        stream = 2 * i + 1
-        head = hpack([(":method", "POST"), (":scheme", "http"), (":path", "/v1/chat/completions"),
-                      (":authority", "x"), ("content-type", "application/json"),
-                      ("authorization", "Bearer " + key_secret_value), ("content-length", str(len(body)))])
-        out += h2_frame(0x1, 0x4, stream, head) + h2_frame(0x0, 0x1, stream, body)
-    s.sendall(out)
+    s.sendall(out + h2_requests(n, key_secret_value, body))
     return s
+
+
+class H2WindowsWithheld:
+    """One HTTP/2 connection with HTTP/2's default windows that opens `n`
+    streamed requests, reads every frame, answers the server's pings and
+    settings, and never opens a window: the server's sends stop, its
+    pings are answered."""
+
+    def __init__(self, port, key_secret_value, n, body):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(0x4, 0, 0, b"")
+                          + h2_requests(n, key_secret_value, body))
+        self.pings = 0
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+
+    def read(self):
+        buf = b""
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return
+                buf += data
+                while len(buf) >= 9:
+                    length = int.from_bytes(buf[:3], "big")
+                    if len(buf) < 9 + length:
+                        break
+                    kind, flags, payload = buf[3], buf[4], buf[9:9 + length]
+                    buf = buf[9 + length:]
+                    if kind == 0x6 and not flags & 0x1:  # PING
+                        self.sock.sendall(h2_frame(0x6, 0x1, 0, payload))
+                        self.pings += 1
+                    elif kind == 0x4 and not flags & 0x1:  # SETTINGS
+                        self.sock.sendall(h2_frame(0x4, 0x1, 0, b""))
+        except OSError:
+            return
+
+    def close(self):
+        self.lived = self.reader.is_alive()
+        self.sock.close()
 
 
 def case_stopped_readers(ctx, n1=50, n2=200, send_timeout_ms=2000):
@@ -1625,8 +1672,15 @@ def case_stopped_readers(ctx, n1=50, n2=200, send_timeout_ms=2000):
         return socks
 
     broken, seen = [], []
+    windows_withheld = []
+
+    def h2_withheld():
+        windows_withheld.append(H2WindowsWithheld(gw.port, key_secret("k1"), n2, body.encode()))
+        return windows_withheld
+
     for name, count, clients in [("HTTP/1.1", n1, http1),
-                                 ("HTTP/2", n2, lambda: [h2_streams_not_read(gw.port, key_secret("k1"), n2, body.encode())])]:
+                                 ("HTTP/2", n2, lambda: [h2_streams_not_read(gw.port, key_secret("k1"), n2, body.encode())]),
+                                 ("HTTP/2, windows withheld, pings answered", n2, h2_withheld)]:
         held, grew, gone, left, hung_up = hold(clients, count)
         seen.append(f"{name}: {held:.0f} streams held, RSS +{grew / 1024:.1f} MiB "
                     f"({grew / max(held, 1):.0f} KB a stream), none in flight {gone:.1f} s after, "
@@ -1634,9 +1688,15 @@ def case_stopped_readers(ctx, n1=50, n2=200, send_timeout_ms=2000):
         if held < count or left or hung_up < count:
             broken.append(f"{name}: {held:.0f} of {count} held, {left:.0f} still in flight, "
                           f"{hung_up} upstreams closed")
+    withheld = windows_withheld[0]
+    pings, connection_lived = withheld.pings, withheld.lived
+    if not connection_lived:
+        broken.append("the connection withholding windows was dropped: its streams were not let go on their own")
     health = request(gw.port, "GET", "/healthz")
     measured = (f"send_timeout_ms {send_timeout_ms}, an upstream that streams 1 KB events without end; "
-                + "; ".join(seen) + f"; /healthz after: {health.status}")
+                + "; ".join(seen) + f"; the connection withholding windows answered {pings} pings"
+                + (" and was still open" if connection_lived else " and was closed")
+                + f"; /healthz after: {health.status}")
     return measured, broken
 
 
@@ -1671,7 +1731,8 @@ CASES = [
      "failover", case_reset_midbody),
     (15, "Budgeted streams of text denser than 4 bytes a token, from an upstream that honours max_tokens",
      "run to their limit", case_dense_streams),
-    (16, "Clients that stop reading long streams: 50 over HTTP/1.1, 200 on one HTTP/2 connection with the largest windows",
+    (16, "Clients that stop reading long streams: 50 over HTTP/1.1, 200 on one HTTP/2 connection with the largest windows, "
+         "200 on one that reads and answers pings but opens no window",
      "dropped after send_timeout_ms, upstreams closed, bounded memory", case_stopped_readers),
 ]
 
