@@ -53,7 +53,7 @@ fn config_in(kind: &str, window: u64, upstream: &MockServer, daily_usd: f64) -> 
                     .price(PRICE.0, PRICE.1)
                     .set("context_window", window as i64)
                     .set("tools", true)
-                    .set("modalities", vec!["text", "image"])
+                    .set("modalities", vec!["text", "image", "audio"])
                     .set("multimodal", true),
             ),
         )
@@ -459,6 +459,60 @@ async fn a_budget_holds_with_100_requests_of_images_at_once() {
             "{vision:?}, {max_tokens:?}: overrun ${overrun}"
         );
     }
+}
+
+/// 100 requests at once, each with two minutes of audio: 3,000 prompt
+/// tokens as Qwen2-Audio counts them, where the estimate is 765 a clip.
+/// The gateway cannot measure audio, so each reserves the deployment's
+/// whole context window for its prompt, and the budget holds, answered at
+/// length or asking for one token, where the audio is all the cost.
+#[tokio::test]
+async fn a_budget_holds_with_100_requests_of_audio_at_once() {
+    use base64::Engine as _;
+    let clip =
+        base64::engine::general_purpose::STANDARD.encode(support::openai_mock::wav(120, 1000));
+    for max_tokens in [None, Some(1)] {
+        let upstream = MockUpstream::openai().answers_of(2_000);
+        let (_, overrun) = overrun_on("openai", 4096, upstream, 100, |i| {
+            let content = json!([
+                {"type": "text", "text": "Transcribe this."},
+                {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}}]);
+            let mut body = json!({"model": "chat", "stream": i % 2 == 0,
+                "messages": [{"role": "user", "content": content}]});
+            if let Some(max_tokens) = max_tokens {
+                body["max_tokens"] = json!(max_tokens);
+            }
+            body
+        })
+        .await;
+        assert!(overrun <= 0.0, "{max_tokens:?}: overrun ${overrun}");
+    }
+}
+
+/// A budget that cannot pay for a context window of prompt refuses a
+/// request with audio, however short, and says why.
+#[tokio::test]
+async fn audio_needs_a_context_window_of_budget() {
+    use base64::Engine as _;
+    let upstream = MockUpstream::openai().answers_of(10).start().await;
+    // 8,192 tokens at $1 per Mtok: $0.008192.
+    let gateway = start(&config(&upstream, 0.008)).await;
+    let clip = base64::engine::general_purpose::STANDARD.encode(support::openai_mock::wav(1, 1000));
+    let content = json!([{"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}}]);
+    let body = json!({"model": "chat", "max_tokens": 1, "messages": [{"role": "user", "content": content}]});
+    let response = gateway.chat_as("team-secret", body.clone()).await;
+    assert_eq!(response.status(), 429);
+    let error = error_of(response).await;
+    assert_eq!(error["code"], "insufficient_quota");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("a whole context window with audio, video or files"),
+        "{message}"
+    );
+    assert_eq!(upstream.hits(), 0);
+
+    let gateway = start(&config(&upstream, 0.009)).await;
+    assert_eq!(gateway.chat_as("team-secret", body).await.status(), 200);
 }
 
 /// An image is reserved as its tiles whichever API it comes by: a

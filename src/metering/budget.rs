@@ -259,8 +259,9 @@ impl Budgets {
 
 /// What a request's least reservation is made of, for a refusal's reader:
 /// a prompt can cost more than its length suggests.
-const NEEDED: &str = " (its prompt at a token a byte of its text, the most it can be, and its \
-                       output, at the dearest deployment it may be sent to)";
+const NEEDED: &str = " (its prompt at the most it can be, a token a byte of its text or a whole \
+                       context window with audio, video or files, and its output, at the dearest \
+                       deployment it may be sent to)";
 
 /// 429 for a request that needs `needed` of a `period` budget of `limit`,
 /// of which `spent` is spent and `held` reserved by requests in flight:

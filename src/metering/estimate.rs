@@ -18,8 +18,10 @@ use crate::openai::{ChatRequest, InboundRequest, MessageContent, Prompt, TypedRe
 pub const CHARS_PER_TOKEN: usize = 4;
 /// Chat templates add role markers and separators around every message.
 const TOKENS_PER_MESSAGE: u64 = 4;
-/// A flat charge per audio or file part; the real count depends on the
-/// model's encoder and the media's size.
+/// The estimate of a part the gateway cannot measure (audio, a file, a
+/// video, precomputed embeddings): the real count depends on the model's
+/// encoder and the media's length. The most such a part can be is not
+/// bounded short of the context window.
 const TOKENS_PER_MEDIA_PART: u64 = 765;
 /// The most a chat template adds around a message: Llama 3's and Qwen's
 /// add 5 (its role between markers, a line end, an end marker).
@@ -77,6 +79,15 @@ fn exactly(tokens: u64) -> PromptTokens {
     }
 }
 
+/// A part the gateway cannot measure: at most what the context window
+/// holds, which admission applies at each deployment.
+fn unmeasured() -> PromptTokens {
+    PromptTokens {
+        estimate: TOKENS_PER_MEDIA_PART,
+        most: u64::MAX,
+    }
+}
+
 /// What a template adds: `estimate`, at most `most`.
 fn of_template(estimate: u64, most: u64) -> PromptTokens {
     PromptTokens { estimate, most }
@@ -101,7 +112,7 @@ fn chat_prompt_tokens(chat: &ChatRequest) -> PromptTokens {
                     tokens += match (&part.text, part.image_url()) {
                         (Some(text), _) => of_text(text.len()),
                         (None, Some(url)) => image::tokens(url),
-                        (None, None) => exactly(TOKENS_PER_MEDIA_PART),
+                        (None, None) => unmeasured(),
                     };
                 }
             }
@@ -186,6 +197,9 @@ mod tests {
             prompt_tokens(&chat).estimate,
             4 + 2 + 4 + 1 + image::LLAMA4_MOST + 765
         );
+        // The audio part's length cannot be read: no bound short of the
+        // context window.
+        assert_eq!(prompt_tokens(&chat).most, u64::MAX);
         let tokens = InboundRequest::parse(
             Endpoint::Completions,
             Bytes::from_static(br#"{"model":"m","prompt":[1,2,3]}"#),

@@ -476,7 +476,7 @@ impl Meter {
         let (prompt, output) = match &observed.usage {
             Some(Ok(usage)) if running => (usage.prompt_tokens, usage.completion_tokens),
             _ => (
-                self.prompt.most,
+                self.prompt.most.min(serving.believable.prompt),
                 (self.text_chunks + 1).max(estimate::fewest_tokens_for_chars(
                     self.output_chars + observed.text_chars,
                 )),

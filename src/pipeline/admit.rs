@@ -327,15 +327,15 @@ pub async fn reserve(
 /// token an answer on any of them.
 pub fn ask(snapshot: &Snapshot, request: &InboundRequest, admission: &Admission) -> budget::Ask {
     let facts = &admission.facts;
-    let (prompt, in_window) = (facts.input_tokens_most, facts.window_tokens());
+    let in_window = facts.window_tokens();
     let deployments = &snapshot.config.models[admission.model].deployments;
     let generations = u64::from(request.generations());
     let (mut want, mut floor) = (0, 0);
     for i in admission.plan.order() {
         let rate = snapshot.resolved(admission.model, i).rate;
-        let output = request
-            .output_ceiling(deployments[i].context_window, in_window)
-            .max(1);
+        let window = deployments[i].context_window;
+        let prompt = facts.prompt_most_at(window);
+        let output = request.output_ceiling(window, in_window).max(1);
         want = want.max(rate.estimate_nano_usd(prompt, output.saturating_mul(generations)));
         floor = floor.max(rate.estimate_nano_usd(prompt, generations));
     }

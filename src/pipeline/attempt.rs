@@ -553,7 +553,7 @@ fn output_limit(
     let (None, Some(reserved)) = (request.max_output_tokens(), meter.reserved_nano_usd()) else {
         return Ok(None);
     };
-    let prompt = facts.input_tokens_most;
+    let prompt = facts.prompt_most_at(deployment.context_window);
     let limit = affordable_output(&resolved.rate, prompt, reserved, request.generations())
         .min(request.output_ceiling(deployment.context_window, facts.window_tokens()));
     match u32::try_from(limit) {

@@ -686,11 +686,14 @@ async fn respond(
         tokio::time::sleep(reply.first_byte_after).await;
     }
     let flags = openai_mock::Flags::parse(&body);
-    // Images count in the prompt: a request with one is answered afresh.
+    // Images and audio count in the prompt: a request with either is
+    // answered afresh.
     let prompt = if reply.token_a_byte {
         openai_mock::LLAMA3_TEMPLATE_TOKENS + flags.text_bytes()
     } else {
-        openai_mock::CANNED_PROMPT_TOKENS + flags.image_tokens(reply.vision).unwrap_or(0)
+        openai_mock::CANNED_PROMPT_TOKENS
+            + flags.image_tokens(reply.vision).unwrap_or(0)
+            + flags.audio_tokens()
     };
     let generated;
     let canned = match reply.generate {

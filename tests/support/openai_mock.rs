@@ -255,6 +255,36 @@ impl Flags {
         Ok(tokens)
     }
 
+    /// The prompt tokens of the request's WAV audio, as an audio model
+    /// served by vLLM counts them: Qwen2-Audio's encoder makes a token of
+    /// each 40 ms.
+    pub fn audio_tokens(&self) -> u64 {
+        use base64::Engine as _;
+        const TOKENS_PER_SECOND: f64 = 25.0;
+        let Some(messages) = self.messages.as_deref().map(|m| m.get()) else {
+            return 0;
+        };
+        if !messages.contains("\"input_audio\"") {
+            return 0;
+        }
+        let messages: Vec<Value> = serde_json::from_str(messages).unwrap_or_default();
+        let clips = messages
+            .iter()
+            .filter_map(|m| m["content"].as_array())
+            .flatten()
+            .filter(|p| p["type"] == "input_audio")
+            .filter_map(|p| p["input_audio"]["data"].as_str());
+        clips
+            .filter_map(|data| base64::engine::general_purpose::STANDARD.decode(data).ok())
+            .filter(|wav| wav.len() > WAV_HEADER)
+            .map(|wav| {
+                let byte_rate = u32::from_le_bytes(wav[28..32].try_into().unwrap()).max(1);
+                let seconds = (wav.len() - WAV_HEADER) as f64 / f64::from(byte_rate);
+                (seconds * TOKENS_PER_SECOND).ceil() as u64
+            })
+            .sum()
+    }
+
     pub fn include_usage(&self) -> bool {
         self.stream_option("include_usage")
     }
@@ -319,6 +349,31 @@ fn with_running_usage(events: Vec<Bytes>) -> Vec<Bytes> {
             Bytes::from(format!("data: {chunk}\n\n"))
         })
         .collect()
+}
+
+/// A canonical WAV file's header: RIFF, its `fmt ` chunk, the `data`
+/// chunk's head.
+const WAV_HEADER: usize = 44;
+
+/// A WAV file of `seconds` of silence, 8-bit mono at `rate` samples a
+/// second.
+pub fn wav(seconds: u32, rate: u32) -> Vec<u8> {
+    let data = seconds * rate;
+    let mut wav = Vec::with_capacity(WAV_HEADER + data as usize);
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + data).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    wav.extend_from_slice(&1u16.to_le_bytes()); // mono
+    wav.extend_from_slice(&rate.to_le_bytes());
+    wav.extend_from_slice(&rate.to_le_bytes()); // bytes a second
+    wav.extend_from_slice(&1u16.to_le_bytes()); // bytes a frame
+    wav.extend_from_slice(&8u16.to_le_bytes()); // bits a sample
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&data.to_le_bytes());
+    wav.resize(WAV_HEADER + data as usize, 128);
+    wav
 }
 
 fn image_size(url: &str) -> Option<(usize, usize)> {
