@@ -214,6 +214,76 @@ async fn a_request_no_deployment_may_serve_gets_451_naming_the_rule_and_a_remedy
     assert_eq!(upstream.hits(), 1, "nothing refused reached the upstream");
 }
 
+/// Video is a modality of its own: a model that reads images need not
+/// read video (Llama 4 does not), so a video goes only to a deployment
+/// whose `modalities` name it, whichever form vLLM takes it in.
+#[tokio::test]
+async fn a_video_goes_only_to_a_deployment_that_accepts_video() {
+    let images = MockUpstream::openai().start().await;
+    let videos = MockUpstream::openai().start().await;
+    let config = Config::new()
+        .backend(Backend::new("images", "vllm", &url(&images)))
+        .backend(Backend::new("videos", "vllm", &url(&videos)))
+        .model(
+            Model::new("vision")
+                .deployment(Deployment::new("images", "llama-4").multimodal(&["text", "image"]))
+                .deployment(
+                    Deployment::new("videos", "qwen-vl").multimodal(&["text", "image", "video"]),
+                ),
+        )
+        .model(
+            Model::new("still")
+                .deployment(Deployment::new("images", "llama-4").multimodal(&["text", "image"])),
+        )
+        .model(Model::new("text").deployment(Deployment::new("images", "llama-3.3")));
+    let gateway = start(&config).await;
+    let clip = json!({"url": "https://example.invalid/clip.mp4"});
+    let asking = |model: &str, part: Value| {
+        json!({"model": model, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what happens?"}, part]}]})
+    };
+    // vLLM reads a part with a `uuid` by its media member, whatever its type.
+    let forms = [
+        json!({"type": "video_url", "video_url": clip}),
+        json!({"type": "text", "text": "", "uuid": "clip-1", "video_url": clip}),
+    ];
+    for part in &forms {
+        assert_eq!(
+            served(&gateway, asking("vision", part.clone())).await,
+            "videos"
+        );
+
+        let response = gateway.chat(asking("still", part.clone())).await;
+        assert_eq!(response.status(), 451, "{part}");
+        let error = error_of(response).await;
+        assert!(
+            message(&error).contains("no deployment accepts video input"),
+            "{error}"
+        );
+        assert!(message(&error).ends_with("send text only."), "{error}");
+    }
+    assert_eq!((images.hits(), videos.hits()), (0, forms.len()));
+
+    // An image or audio in a form of vLLM's own is classed as one too.
+    for (part, kind) in [
+        (
+            json!({"type": "input_image", "image_url": "https://example.invalid/a.png"}),
+            "image",
+        ),
+        (
+            json!({"type": "audio_embeds", "audio_embeds": "AAAA"}),
+            "audio",
+        ),
+    ] {
+        let response = gateway.chat(asking("text", part)).await;
+        assert_eq!(response.status(), 451, "{kind}");
+        let error = error_of(response).await;
+        let refusal = format!("no deployment accepts {kind} input");
+        assert!(message(&error).contains(&refusal), "{error}");
+    }
+    assert_eq!(images.hits(), 0);
+}
+
 // ---- strategies with real traffic ----------------------------------------------------
 
 #[tokio::test]

@@ -715,17 +715,32 @@ api_key_env = "TOGETHER_KEY_FOR_TEST"
     }
 
     #[test]
-    fn image_modality_requires_multimodal_flag() {
-        let text = MINIMAL.replace(
-            "context_window",
-            "modalities = [\"text\", \"image\"]\ncontext_window",
-        );
-        assert_eq!(
-            problems(&text),
-            [
-                "models[0].deployments[0].multimodal: this deployment accepts images or audio, so its model is multimodal; set multimodal = true"
-            ]
-        );
+    fn any_modality_beside_text_requires_multimodal_flag() {
+        for medium in ["image", "audio", "video"] {
+            let text = MINIMAL.replace(
+                "context_window",
+                &format!("modalities = [\"text\", \"{medium}\"]\ncontext_window"),
+            );
+            assert_eq!(
+                problems(&text),
+                [
+                    "models[0].deployments[0].multimodal: this deployment accepts images, audio or video, so its model is multimodal; set multimodal = true"
+                ],
+                "{medium}"
+            );
+            let flagged = text.replace("context_window", "multimodal = true\ncontext_window");
+            let config = parse(&flagged, &no_env).expect("valid");
+            let m = config.models[0].deployments[0].modalities;
+            assert_eq!(
+                [m.text, m.image, m.audio, m.video],
+                [
+                    true,
+                    medium == "image",
+                    medium == "audio",
+                    medium == "video"
+                ]
+            );
+        }
     }
 
     #[test]

@@ -659,6 +659,15 @@ pub struct Modalities {
     pub text: bool,
     pub image: bool,
     pub audio: bool,
+    pub video: bool,
+}
+
+impl Modalities {
+    /// Whether any input other than text is accepted: the Llama licence
+    /// calls such a model multimodal.
+    pub fn any_media(&self) -> bool {
+        self.image || self.audio || self.video
+    }
 }
 
 #[derive(Debug, Clone)]

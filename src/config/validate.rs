@@ -797,10 +797,10 @@ impl Validator<'_> {
             self.problem(format!("{at}.context_window"), "must be greater than 0");
         }
         let modalities = self.modalities(&at, d);
-        if (modalities.image || modalities.audio) && !d.multimodal {
+        if modalities.any_media() && !d.multimodal {
             self.problem(
                 format!("{at}.multimodal"),
-                "this deployment accepts images or audio, so its model is multimodal; set multimodal = true",
+                "this deployment accepts images, audio or video, so its model is multimodal; set multimodal = true",
             );
         }
         let licence = d.licence.as_deref().and_then(|text| {
@@ -929,6 +929,7 @@ impl Validator<'_> {
             text: false,
             image: false,
             audio: false,
+            video: false,
         };
         let Some(list) = &d.modalities else {
             m.text = true;
@@ -939,9 +940,10 @@ impl Validator<'_> {
                 "text" => m.text = true,
                 "image" => m.image = true,
                 "audio" => m.audio = true,
+                "video" => m.video = true,
                 other => self.problem(
                     format!("{at}.modalities[{k}]"),
-                    format!("unknown modality \"{other}\"; expected text, image or audio"),
+                    format!("unknown modality \"{other}\"; expected text, image, audio or video"),
                 ),
             }
         }

@@ -205,6 +205,42 @@ impl ContentPart {
             _ => "",
         })
     }
+
+    /// The media the part gives the model: by its `type`, and, for a part
+    /// with a `uuid`, by its members too, as vLLM reads such a part by its
+    /// `image_url`, `audio_url` or `video_url` member whatever its type.
+    pub fn media(&self) -> impl Iterator<Item = Medium> + '_ {
+        let by_member = self.extra.get("uuid").is_some_and(|uuid| !uuid.is_null());
+        let members = self.extra.keys().filter(move |_| by_member);
+        std::iter::once(&self.kind)
+            .chain(members)
+            .filter_map(|name| Medium::named(name))
+    }
+}
+
+/// A kind of input other than text, as a deployment's `modalities` name
+/// it. Declared from the cheapest to bound to the costliest, so a part a
+/// model may read as two counts as the costlier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Medium {
+    Audio,
+    Image,
+    Video,
+}
+
+impl Medium {
+    /// The medium of a part type or member: OpenAI's, and those vLLM's
+    /// chat API takes besides.
+    fn named(name: &str) -> Option<Self> {
+        match name {
+            "image_url" | "input_image" | "image_embeds" | "image_pil" | "image" => {
+                Some(Self::Image)
+            }
+            "input_audio" | "audio_url" | "audio_embeds" | "audio" => Some(Self::Audio),
+            "video_url" | "video_embeds" | "video" => Some(Self::Video),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -1085,6 +1121,52 @@ mod tests {
         assert_eq!(parts[1].extra["image_url"]["url"], "https://x/y.png");
         assert!(third.content.is_none());
         assert_eq!(third.extra["tool_calls"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn a_part_brings_the_media_its_type_names_or_with_a_uuid_its_members() {
+        let media = |part: &str| {
+            let part: ContentPart = serde_json::from_str(part).unwrap();
+            part.media().collect::<Vec<_>>()
+        };
+        let none: [Medium; 0] = [];
+        assert_eq!(media(r#"{"type":"text","text":"hi"}"#), none);
+        assert_eq!(media(r#"{"type":"file","file":{}}"#), none);
+        for (part, medium) in [
+            (
+                r#"{"type":"image_url","image_url":{"url":"x"}}"#,
+                Medium::Image,
+            ),
+            (r#"{"type":"input_image","image_url":"x"}"#, Medium::Image),
+            (
+                r#"{"type":"image_embeds","image_embeds":"x"}"#,
+                Medium::Image,
+            ),
+            (r#"{"type":"input_audio","input_audio":{}}"#, Medium::Audio),
+            (
+                r#"{"type":"audio_url","audio_url":{"url":"x"}}"#,
+                Medium::Audio,
+            ),
+            (
+                r#"{"type":"audio_embeds","audio_embeds":"x"}"#,
+                Medium::Audio,
+            ),
+            (
+                r#"{"type":"video_url","video_url":{"url":"x"}}"#,
+                Medium::Video,
+            ),
+            (
+                r#"{"type":"video_embeds","video_embeds":"x"}"#,
+                Medium::Video,
+            ),
+        ] {
+            assert_eq!(media(part), [medium], "{part}");
+        }
+        // vLLM reads a part with a `uuid` by its members, not its type.
+        let keyed = r#"{"type":"text","text":"","uuid":"u","video_url":"x"}"#;
+        assert_eq!(media(keyed), [Medium::Video]);
+        let unkeyed = r#"{"type":"text","text":"","uuid":null,"video_url":"x"}"#;
+        assert_eq!(media(unkeyed), none);
     }
 
     #[test]

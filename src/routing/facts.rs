@@ -8,7 +8,7 @@ use crate::error::GatewayError;
 use crate::metering::estimate;
 use crate::metering::prefix::{self, Block};
 use crate::metering::prompt::PromptTokens;
-use crate::openai::{Endpoint, InboundRequest, MessageContent, TypedRequest};
+use crate::openai::{ContentPart, Endpoint, InboundRequest, Medium, MessageContent, TypedRequest};
 
 pub const REGION_HEADER: &str = "x-tollgate-region";
 /// The header as a request's headers are searched for it: by a name not
@@ -21,6 +21,7 @@ pub struct RequestFacts {
     pub region: Option<String>,
     pub image: bool,
     pub audio: bool,
+    pub video: bool,
     pub tools: bool,
     /// The prompt's estimated tokens: all of a batch's prompts (legacy
     /// completions, embeddings), which are billed together.
@@ -69,12 +70,11 @@ impl RequestFacts {
                 Some(MessageContent::Parts(parts)) => Some(parts),
                 _ => None,
             });
-            for part in parts.flatten() {
-                // vLLM takes images and audio in forms of its own too.
-                match part.kind.as_str() {
-                    "image_url" | "image" | "image_embeds" => facts.image = true,
-                    "input_audio" | "audio" | "audio_url" => facts.audio = true,
-                    _ => {}
+            for medium in parts.flatten().flat_map(ContentPart::media) {
+                match medium {
+                    Medium::Image => facts.image = true,
+                    Medium::Audio => facts.audio = true,
+                    Medium::Video => facts.video = true,
                 }
             }
         }
@@ -114,11 +114,17 @@ impl RequestFacts {
         }
     }
 
-    /// The same request with its images and audio left out.
+    /// Whether the request has input other than text.
+    pub fn has_media(&self) -> bool {
+        self.image || self.audio || self.video
+    }
+
+    /// The same request with its images, audio and video left out.
     pub fn text_only(&self) -> Self {
         Self {
             image: false,
             audio: false,
+            video: false,
             ..self.clone()
         }
     }

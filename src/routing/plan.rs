@@ -470,7 +470,7 @@ pub fn refusal(
             others.join(", ")
         ));
     }
-    if (facts.image || facts.audio) && policy_allows(snapshot, plan.model, &facts.text_only()) {
+    if facts.has_media() && policy_allows(snapshot, plan.model, &facts.text_only()) {
         remedies.push("send text only".into());
     }
     let remedy = if remedies.is_empty() {

@@ -64,14 +64,14 @@ impl Rule {
 }
 
 fn media_kinds(facts: &RequestFacts) -> Vec<&'static str> {
-    let mut kinds = Vec::new();
-    if facts.image {
-        kinds.push("image");
-    }
-    if facts.audio {
-        kinds.push("audio");
-    }
-    kinds
+    [
+        (facts.image, "image"),
+        (facts.audio, "audio"),
+        (facts.video, "video"),
+    ]
+    .into_iter()
+    .filter_map(|(carried, kind)| carried.then_some(kind))
+    .collect()
 }
 
 /// What policy makes of a request's region, read once per plan rather
@@ -115,6 +115,7 @@ impl<'a> Scope<'a> {
             needs: Offers::endpoint(facts.endpoint)
                 .with_if(Offers::IMAGE, facts.image)
                 .with_if(Offers::AUDIO, facts.audio)
+                .with_if(Offers::VIDEO, facts.video)
                 .with_if(Offers::TOOLS, facts.tools)
                 .with_if(Offers::EU_LLAMA_LICENCE, eu)
                 .with_if(Offers::NEVER, beyond_rows),
@@ -178,7 +179,7 @@ impl<'a> Scope<'a> {
             ));
         }
         let m = &deployment.modalities;
-        if (facts.image && !m.image) || (facts.audio && !m.audio) {
+        if (facts.image && !m.image) || (facts.audio && !m.audio) || (facts.video && !m.video) {
             return Err((
                 Rule::Modality,
                 format!("does not accept {} input", media_kinds(facts).join(" or ")),
@@ -233,6 +234,7 @@ mod tests {
         let kinds = [
             "licence = \"llama\"\nmultimodal = true\nmodalities = [\"text\", \"image\"]\n",
             "multimodal = true\nmodalities = [\"text\", \"image\", \"audio\"]\ntools = true\n",
+            "multimodal = true\nmodalities = [\"text\", \"video\"]\n",
             "endpoints = [\"embeddings\"]\n",
             "endpoints = [\"completions\"]\ntools = true\n",
             "",
@@ -262,17 +264,20 @@ mod tests {
         let model = &snapshot.config.models[0];
         for region in regions.iter().map(|r| Some(r.to_string())).chain([None]) {
             for endpoint in [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings] {
-                for (image, audio, tools, input_tokens) in [
-                    (false, false, false, 10),
-                    (true, false, false, 10),
-                    (false, true, true, 10),
-                    (false, false, false, 2500),
+                for (image, audio, video, tools, input_tokens) in [
+                    (false, false, false, false, 10),
+                    (true, false, false, false, 10),
+                    (false, true, false, true, 10),
+                    (false, false, true, false, 10),
+                    (true, false, true, false, 10),
+                    (false, false, false, false, 2500),
                 ] {
                     let facts = RequestFacts {
                         endpoint,
                         region: region.clone(),
                         image,
                         audio,
+                        video,
                         tools,
                         input_tokens,
                         ..RequestFacts::default()
@@ -295,6 +300,35 @@ mod tests {
     #[test]
     fn a_row_admits_what_the_full_check_admits_and_no_more() {
         assert_rows_agree(&snapshot(2), &["eu", "r1", "us"]);
+    }
+
+    #[test]
+    fn a_video_is_served_only_where_video_is_accepted() {
+        let s = snapshot(1);
+        let facts = RequestFacts {
+            region: Some("us".into()),
+            video: true,
+            ..RequestFacts::default()
+        };
+        let scope = Scope::of(&s.config.policy, &facts);
+        let deployments = &s.config.models[0].deployments;
+        let admitted: Vec<&str> = s
+            .plan_table(0)
+            .iter()
+            .zip(deployments)
+            .filter(|(row, _)| scope.admits(row))
+            .map(|(_, d)| d.name.as_str())
+            .collect();
+        assert_eq!(admitted, ["eu2", "us2", "none2"]);
+        let images = s.resolved(0, 0).backend;
+        assert_eq!(
+            scope.check(&deployments[0], s.backend(images)),
+            Err((Rule::Modality, "does not accept video input".into()))
+        );
+        assert_eq!(
+            Rule::Modality.explain(&s.config.policy, &facts),
+            "no deployment accepts video input"
+        );
     }
 
     #[test]

@@ -82,7 +82,7 @@ impl PlanRow {
 /// What a deployment offers of what a request may need, one bit each, so
 /// the policy filters' common case is one mask test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Offers(u8);
+pub struct Offers(u16);
 
 impl Offers {
     pub const NONE: Self = Self(0);
@@ -91,11 +91,12 @@ impl Offers {
     pub const EMBEDDINGS: Self = Self(1 << 2);
     pub const IMAGE: Self = Self(1 << 3);
     pub const AUDIO: Self = Self(1 << 4);
-    pub const TOOLS: Self = Self(1 << 5);
+    pub const VIDEO: Self = Self(1 << 5);
+    pub const TOOLS: Self = Self(1 << 6);
     /// Not a multimodal Llama model: may serve users in the EU.
-    pub const EU_LLAMA_LICENCE: Self = Self(1 << 6);
+    pub const EU_LLAMA_LICENCE: Self = Self(1 << 7);
     /// Offered by none: a request that needs it is checked in full.
-    pub const NEVER: Self = Self(1 << 7);
+    pub const NEVER: Self = Self(1 << 8);
 
     pub fn of(deployment: &Deployment) -> Self {
         let d = deployment;
@@ -105,6 +106,7 @@ impl Offers {
             (Self::EMBEDDINGS, d.endpoints.embeddings),
             (Self::IMAGE, d.modalities.image),
             (Self::AUDIO, d.modalities.audio),
+            (Self::VIDEO, d.modalities.video),
             (Self::TOOLS, d.tools),
             (Self::EU_LLAMA_LICENCE, !(d.multimodal && d.is_llama())),
         ]
