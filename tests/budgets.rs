@@ -53,7 +53,7 @@ fn config_in(kind: &str, window: u64, upstream: &MockServer, daily_usd: f64) -> 
                     .price(PRICE.0, PRICE.1)
                     .set("context_window", window as i64)
                     .set("tools", true)
-                    .set("modalities", vec!["text", "image", "audio"])
+                    .set("modalities", vec!["text", "image", "audio", "video"])
                     .set("multimodal", true),
             ),
         )
@@ -546,6 +546,55 @@ async fn an_image_is_reserved_as_its_tiles_on_every_api() {
     let send = |body: Value| gateway.post_as("team-secret", "/v1/messages", body);
     assert_eq!(send(messages(246)).await.status(), 429);
     assert_eq!(send(messages(245)).await.status(), 200);
+}
+
+/// A video's tokens are as many as the frames the upstream samples, which
+/// the request does not tell: it is reserved as the whole context window,
+/// 8,192 tokens ($0.008192), the most any prompt there can be.
+#[tokio::test]
+async fn a_video_is_reserved_as_the_whole_context_window() {
+    let video = |extra: Value| {
+        let mut body = json!({"model": "chat", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what happens?"},
+            {"type": "video_url", "video_url": {"url": "https://example.invalid/clip.mp4"}}]}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    // What is left of $0.01 pays for (10,000,000 − 8,192,000) / 10,000
+    // output tokens, whole or streamed from an upstream that ignores it.
+    let upstream = MockUpstream::openai().answers_of(2_000).start().await;
+    let gateway = start(&config(&upstream, 0.01)).await;
+    let response = gateway.chat_as("team-secret", video(json!({}))).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.single_request().json["max_completion_tokens"], 180);
+
+    let upstream = MockUpstream::openai()
+        .answers_of_ignoring_max_tokens(2_000)
+        .start()
+        .await;
+    let gateway = start(&config(&upstream, 0.01)).await;
+    let streamed = video(json!({"stream": true}));
+    let response = gateway.chat_as("team-secret", streamed).await;
+    assert_eq!(response.status(), 200);
+    let events = Events::new(response).rest().await;
+    let content = events
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]")
+        .filter(|e| parse(e)["choices"][0]["delta"]["content"] == "tok ")
+        .count();
+    assert_eq!(content, 180, "what the reservation pays for");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(spent(&gateway).await <= 0.01);
+
+    // 200 output tokens and the window do not fit $0.01.
+    let gateway = start(&config(&upstream, 0.01)).await;
+    let response = gateway
+        .chat_as("team-secret", video(json!({"max_tokens": 200})))
+        .await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(error_of(response).await["code"], "insufficient_quota");
 }
 
 #[tokio::test]

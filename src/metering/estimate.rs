@@ -13,7 +13,7 @@
 
 use super::image;
 use super::prompt::PromptTokens;
-use crate::openai::{ChatRequest, InboundRequest, MessageContent, Prompt, TypedRequest};
+use crate::openai::{ChatRequest, InboundRequest, Medium, MessageContent, Prompt, TypedRequest};
 
 pub const CHARS_PER_TOKEN: usize = 4;
 /// Chat templates add role markers and separators around every message.
@@ -79,8 +79,8 @@ fn exactly(tokens: u64) -> PromptTokens {
     }
 }
 
-/// A part the gateway cannot measure: at most what the context window
-/// holds, which admission applies at each deployment.
+/// A part the gateway cannot measure: at most what a deployment's
+/// context window holds ([`InboundRequest::prompt_ceiling`]).
 fn unmeasured() -> PromptTokens {
     PromptTokens {
         estimate: TOKENS_PER_MEDIA_PART,
@@ -109,10 +109,12 @@ fn chat_prompt_tokens(chat: &ChatRequest) -> PromptTokens {
             Some(MessageContent::Text(text)) => tokens += of_text(text.len()),
             Some(MessageContent::Parts(parts)) => {
                 for part in parts {
-                    tokens += match (&part.text, part.image_url()) {
-                        (Some(text), _) => of_text(text.len()),
-                        (None, Some(url)) => image::tokens(url),
-                        (None, None) => unmeasured(),
+                    tokens += match (part.media().max(), &part.text) {
+                        // An image given other than by `image_url` is of
+                        // unknown size.
+                        (Some(Medium::Image), _) => image::tokens(part.image_url().unwrap_or("")),
+                        (None, Some(text)) => of_text(text.len()),
+                        (Some(Medium::Audio | Medium::Video), _) | (None, None) => unmeasured(),
                     };
                 }
             }
@@ -227,6 +229,49 @@ mod tests {
             (prompt_tokens(&batches).estimate, longest_of_batch(&batches)),
             (5, Some(3))
         );
+    }
+
+    #[test]
+    fn a_video_has_no_most_but_a_deployments_context_window() {
+        let parse = |endpoint, body: &str| {
+            InboundRequest::parse(endpoint, Bytes::copy_from_slice(body.as_bytes())).unwrap()
+        };
+        let chat = |part: &str| {
+            parse(
+                Endpoint::Chat,
+                &format!(r#"{{"model":"m","messages":[{{"role":"user","content":[{part}]}}]}}"#),
+            )
+        };
+        for video in [
+            r#"{"type":"video_url","video_url":{"url":"https://x/clip.mp4"}}"#,
+            r#"{"type":"text","text":"","uuid":"u","video_url":"https://x/clip.mp4"}"#,
+        ] {
+            let request = chat(video);
+            let tokens = prompt_tokens(&request);
+            let estimate = TOKENS_PER_MESSAGE + TOKENS_PER_MEDIA_PART;
+            assert_eq!(
+                tokens,
+                PromptTokens {
+                    estimate,
+                    most: u64::MAX
+                },
+                "{video}"
+            );
+            assert_eq!(request.prompt_ceiling(tokens.most, 8192), 8192);
+        }
+        // An image given other than by `image_url` is one of unknown size.
+        let image = chat(r#"{"type":"input_image","image_url":"https://x/a.png"}"#);
+        assert_eq!(
+            prompt_tokens(&image),
+            of_template(TOKENS_PER_MESSAGE, MOST_PER_CHAT + MOST_PER_MESSAGE) + image::tokens("")
+        );
+        // A window for each prompt of a batch.
+        let batch = parse(
+            Endpoint::Completions,
+            r#"{"model":"m","prompt":["a","b","c"]}"#,
+        );
+        assert_eq!(batch.prompt_ceiling(u64::MAX, 10), 30);
+        assert_eq!(batch.prompt_ceiling(9, 10), 9);
     }
 
     #[test]

@@ -446,7 +446,8 @@ impl Meter {
 
     /// Whether a chunk of `observed` output takes the request past its
     /// budget reservation: the prompt of a hedge's cancelled attempt, the
-    /// most its prompt can be (as reserved), the output passed through
+    /// most its prompt can be (as reserved: within the context window of
+    /// the deployment serving it), the output passed through
     /// and this chunk's would cost more than it holds. The stream then
     /// ends before the chunk, so a budget is never overrun by a request
     /// that generates past what was reserved for it, while an upstream

@@ -1,7 +1,9 @@
 //! A prompt's tokens: the estimate, and the most a tokenizer and chat
 //! template can make of it (`estimate` and `image` count them).
 
-/// A prompt's estimated tokens, and the most it can be.
+/// A prompt's estimated tokens, and the most it can be: `u64::MAX` where
+/// the request does not bound it (a video), as a deployment's context
+/// window then does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PromptTokens {
     pub estimate: u64,

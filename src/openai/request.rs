@@ -19,6 +19,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::text;
+use super::usage::UsageBound;
 use crate::error::{GatewayError, echo};
 
 /// `POST /v1/chat/completions`; `model` and `stream_options` are read
@@ -661,6 +662,24 @@ impl InboundRequest {
     /// unset. A budget reserves output for each.
     pub fn generations(&self) -> u32 {
         self.generations
+    }
+
+    /// The most tokens each side of a usage report for the request can
+    /// hold from a deployment with a context window of `context_window`.
+    pub fn usage_bound(&self, context_window: u32) -> UsageBound {
+        UsageBound::new(
+            u64::from(context_window),
+            self.prompts() as u64,
+            u64::from(self.generations()),
+        )
+    }
+
+    /// The most tokens the request's prompt, at most `most` tokens as the
+    /// request tells, can be at a deployment with a context window of
+    /// `context_window`: never more than a window for each prompt, as an
+    /// upstream refuses a longer one. A video's prompt has no other bound.
+    pub fn prompt_ceiling(&self, most: u64, context_window: u32) -> u64 {
+        most.min(self.usage_bound(context_window).prompt)
     }
 
     /// The most output tokens the request may have of a deployment with a

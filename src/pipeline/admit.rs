@@ -319,23 +319,23 @@ pub async fn reserve(
 }
 
 /// What a request asks of its key's budget: the most it can cost on the
-/// dearest deployment of its plan — the most its prompt can be and its
-/// [`output_ceiling`](InboundRequest::output_ceiling) there in each of its
+/// dearest deployment of its plan — the most its prompt can be there
+/// ([`prompt_ceiling`](InboundRequest::prompt_ceiling)) and its
+/// [`output_ceiling`](InboundRequest::output_ceiling) in each of its
 /// [`generations`](InboundRequest::generations) — with a hedge's allowance
 /// beside it, and, without `max_tokens` (the gateway then sets the output
 /// limit a reservation pays for), the least: its prompt and one output
 /// token an answer on any of them.
 pub fn ask(snapshot: &Snapshot, request: &InboundRequest, admission: &Admission) -> budget::Ask {
     let facts = &admission.facts;
-    let in_window = facts.window_tokens();
     let deployments = &snapshot.config.models[admission.model].deployments;
     let generations = u64::from(request.generations());
     let (mut want, mut floor) = (0, 0);
     for i in admission.plan.order() {
         let rate = snapshot.resolved(admission.model, i).rate;
         let window = deployments[i].context_window;
-        let prompt = facts.prompt_most_at(window);
-        let output = request.output_ceiling(window, in_window).max(1);
+        let prompt = request.prompt_ceiling(facts.input_tokens_most, window);
+        let output = request.output_ceiling(window, facts.window_tokens()).max(1);
         want = want.max(rate.estimate_nano_usd(prompt, output.saturating_mul(generations)));
         floor = floor.max(rate.estimate_nano_usd(prompt, generations));
     }

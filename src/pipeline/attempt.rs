@@ -23,7 +23,7 @@ use crate::metering::budget::affordable_output;
 use crate::metering::usage::{self, ChunkFacts, StreamReader};
 use crate::metering::{Meter, Observed, Serving};
 use crate::metrics::{NONE, series};
-use crate::openai::{InboundRequest, UsageBound};
+use crate::openai::InboundRequest;
 use crate::providers::{Chunk, ChunkStream, UpstreamCall, UpstreamReply};
 use crate::routing::RequestFacts;
 use crate::state::{AppState, Resolved, Snapshot};
@@ -89,16 +89,11 @@ struct Leg<'s> {
 
 impl<'s> Leg<'s> {
     fn serving(&self, snapshot: &Snapshot, model: usize, request: &InboundRequest) -> Serving {
-        let window = u64::from(self.deployment.context_window);
         Serving {
             deployment: self.deployment.name.clone(),
             backend: self.backend.name.clone(),
             rate: self.resolved.rate,
-            believable: UsageBound::new(
-                window,
-                request.prompts() as u64,
-                u64::from(request.generations()),
-            ),
+            believable: request.usage_bound(self.deployment.context_window),
             output_limit: self
                 .max_tokens
                 .or(request.max_output_tokens())
@@ -553,7 +548,7 @@ fn output_limit(
     let (None, Some(reserved)) = (request.max_output_tokens(), meter.reserved_nano_usd()) else {
         return Ok(None);
     };
-    let prompt = facts.prompt_most_at(deployment.context_window);
+    let prompt = request.prompt_ceiling(facts.input_tokens_most, deployment.context_window);
     let limit = affordable_output(&resolved.rate, prompt, reserved, request.generations())
         .min(request.output_ceiling(deployment.context_window, facts.window_tokens()));
     match u32::try_from(limit) {

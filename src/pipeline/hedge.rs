@@ -56,7 +56,7 @@ pub fn fit(
     rate: &Rate,
     allowance: u64,
 ) -> Option<Fit> {
-    let prompt = facts.prompt_most_at(deployment.context_window);
+    let prompt = request.prompt_ceiling(facts.input_tokens_most, deployment.context_window);
     let ceiling = request.output_ceiling(deployment.context_window, facts.window_tokens());
     let generations = request.generations();
     let limit = match request.max_output_tokens() {

@@ -28,11 +28,8 @@ pub struct RequestFacts {
     pub input_tokens: u64,
     /// The most tokens the prompt can be ([`PromptTokens`]), whatever the
     /// deployment: what a budget reserves for it, within a deployment's
-    /// window ([`prompt_most_at`](Self::prompt_most_at)).
+    /// window ([`InboundRequest::prompt_ceiling`]).
     pub input_tokens_most: u64,
-    /// How many prompts the request holds: a legacy completions or
-    /// embeddings batch's, each within the window on its own.
-    pub prompts: u64,
     /// The largest prompt of a batch, when the request is one (legacy
     /// completions, embeddings): each is answered on its own.
     pub longest_of_batch: Option<u64>,
@@ -58,7 +55,6 @@ impl RequestFacts {
             region,
             input_tokens: prompt.estimate,
             input_tokens_most: prompt.most,
-            prompts: request.prompts() as u64,
             longest_of_batch: estimate::longest_of_batch(request),
             max_output_tokens: request.max_output_tokens().map(u64::from),
             stream: request.stream(),
@@ -96,14 +92,6 @@ impl RequestFacts {
             self.blocks = prefix::blocks(request);
         }
         self
-    }
-
-    /// The most the prompt can be at a deployment whose context window is
-    /// `context_window`: no prompt it serves is longer, so a prompt with
-    /// parts the gateway cannot measure reserves the whole window.
-    pub fn prompt_most_at(&self, context_window: u32) -> u64 {
-        self.input_tokens_most
-            .min(u64::from(context_window).saturating_mul(self.prompts))
     }
 
     /// The prompt's tokens, estimated and at most.
