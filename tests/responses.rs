@@ -258,6 +258,60 @@ async fn a_function_call_goes_out_and_its_output_comes_back_in(kind: Kind) {
             );
         }
     }
+
+    // An output of text parts is their text.
+    next["input"][2]["output"] = json!([{"type": "input_text", "text": "18C"},
+        {"type": "input_text", "text": " and sunny"}]);
+    assert_eq!(post(&gateway, &next).await.status(), 200);
+    assert_eq!(upstream.requests().pop().unwrap().json, sent);
+}
+
+/// A function's output reaches the model as a chat `tool` message, which
+/// holds only text: an image in it is refused by name, never dropped.
+#[tokio::test]
+async fn an_image_in_a_function_calls_output_is_a_400_naming_it() {
+    let upstream = MockUpstream::openai().start().await;
+    let config = Config::new()
+        .backend(Backend::upstream("up", "vllm", &url(&upstream)))
+        .model(
+            Model::new("chat").deployment(
+                Deployment::new("up", "m")
+                    .multimodal(&["text", "image"])
+                    .set("tools", true),
+            ),
+        );
+    let gateway = start(&config).await;
+    let mut body = with_tools(ask(false));
+    body["input"] = json!([
+        {"role": "user", "content": "Chart the weather in Paris and Rome"},
+        {"type": "function_call", "call_id": "call_1", "name": TOOL_NAME, "arguments": "{\"city\":\"Paris\"}"},
+        {"type": "function_call", "call_id": "call_2", "name": TOOL_NAME, "arguments": "{\"city\":\"Rome\"}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": [
+            {"type": "input_text", "text": "The chart:"},
+            {"type": "input_image", "image_url": png(64, 64)}]},
+        {"type": "function_call_output", "call_id": "call_2", "output": "25C"}
+    ]);
+    let response = post(&gateway, &body).await;
+    assert_eq!(response.status(), 400);
+    let error = error_of(response).await;
+    assert_eq!(error["type"], "invalid_request_error");
+    assert_eq!(error["param"], "input[3].output[1]");
+    assert!(
+        message(&error).contains("send the image in a `message` item with role `user`"),
+        "{error}"
+    );
+    assert_eq!(upstream.hits(), 0);
+
+    // Sent as the error says, it reaches the model as an image.
+    body["input"][3]["output"] = json!("The chart is below.");
+    let image =
+        json!({"role": "user", "content": [{"type": "input_image", "image_url": png(64, 64)}]});
+    body["input"].as_array_mut().unwrap().push(image);
+    assert_eq!(post(&gateway, &body).await.status(), 200);
+    let sent = upstream.single_request().json;
+    let last = sent["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["role"], "user");
+    assert_eq!(last["content"][0]["type"], "image_url");
 }
 
 async fn upstream_errors_are_openai_errors(kind: Kind) {

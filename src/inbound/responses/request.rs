@@ -2,7 +2,9 @@
 //! request. The gateway keeps no state, so a request must carry its whole
 //! conversation: what needs a stored response or OpenAI's own servers
 //! (`previous_response_id`, `store: true`, `conversation`, `background`,
-//! item references, file ids, built-in tools) is a 400 that says so.
+//! item references, file ids, built-in tools) is a 400 that says so, and
+//! so is an image or file where chat holds only text (a function call's
+//! output, a system turn): never dropped unseen.
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -100,6 +102,8 @@ pub enum Part {
         #[serde(default)]
         detail: Option<String>,
     },
+    /// Read only to be refused by name: the translation carries no files.
+    InputFile {},
     /// A `reasoning` item's content, as the gateway's own answers give it:
     /// a client that sends its output back sends this too.
     ReasoningText {},
@@ -340,7 +344,9 @@ fn push_item(out: &mut Vec<Value>, item: &Item, i: usize) -> Result<(), GatewayE
             let call_id = item.call_id.as_deref().ok_or_else(|| missing("call_id"))?;
             let output = match item.output.as_ref().ok_or_else(|| missing("output"))? {
                 Content::Text(text) => text.clone(),
-                Content::Parts(parts) => text_of(parts),
+                Content::Parts(parts) => {
+                    text_of(parts, "tool", |j| format!("input[{i}].output[{j}]"))?
+                }
             };
             out.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
         }
@@ -366,26 +372,61 @@ fn push_item(out: &mut Vec<Value>, item: &Item, i: usize) -> Result<(), GatewayE
     Ok(())
 }
 
-fn text_of(parts: &[Part]) -> String {
-    parts
-        .iter()
-        .filter_map(|p| match p {
-            Part::InputText { text } | Part::OutputText { text } => Some(text.as_str()),
-            Part::Refusal { refusal } => Some(refusal.as_str()),
+/// The text of `parts`, for a chat message of `role`, which holds only
+/// text. An image or file in them would never reach the model, so it is a
+/// 400 at `at(j)` saying where to send it instead.
+fn text_of(
+    parts: &[Part],
+    role: &str,
+    at: impl Fn(usize) -> String,
+) -> Result<String, GatewayError> {
+    let mut text = String::new();
+    for (j, part) in parts.iter().enumerate() {
+        match part {
+            Part::InputText { text: t } | Part::OutputText { text: t } => text.push_str(t),
+            Part::Refusal { refusal } => text.push_str(refusal),
             // Reasoning is left out, as a `reasoning` item is.
-            Part::InputImage { .. } | Part::ReasoningText {} => None,
-        })
-        .collect()
+            Part::ReasoningText {} => {}
+            Part::InputImage { .. } => {
+                let (place, after) = match role {
+                    "tool" => (
+                        "a `function_call_output`",
+                        " after the function call outputs",
+                    ),
+                    _ => ("this message", ""),
+                };
+                return Err(GatewayError::bad_request(
+                    format!(
+                        "an `input_image` in {place} cannot reach the model: it becomes a chat \
+                         `{role}` message, which holds only text; send the image in a `message` \
+                         item with role `user`{after}"
+                    ),
+                    Some(at(j)),
+                ));
+            }
+            Part::InputFile {} => return Err(file_refused(at(j))),
+        }
+    }
+    Ok(text)
+}
+
+fn file_refused(at: String) -> GatewayError {
+    GatewayError::bad_request(
+        "an `input_file` cannot reach the model: this gateway's Responses API carries no \
+         files; send the file's content as `input_text`",
+        Some(at),
+    )
 }
 
 /// A message's content as chat content: text, or parts with images.
 fn chat_content(content: &Content, role: &str, i: usize) -> Result<Value, GatewayError> {
+    let at = |j| format!("input[{i}].content[{j}]");
     let parts = match content {
         Content::Text(text) => return Ok(text.clone().into()),
         Content::Parts(parts) => parts,
     };
     if role != "user" {
-        return Ok(text_of(parts).into());
+        return text_of(parts, role, at).map(Value::from);
     }
     let mut out = Vec::with_capacity(parts.len());
     for (j, part) in parts.iter().enumerate() {
@@ -408,13 +449,14 @@ fn chat_content(content: &Content, role: &str, i: usize) -> Result<Value, Gatewa
             Part::InputImage { .. } => {
                 return Err(GatewayError::bad_request(
                     "an `input_image` needs an `image_url` (a URL or a data URL): this gateway keeps no files to name by `file_id`",
-                    Some(format!("input[{i}].content[{j}]")),
+                    Some(at(j)),
                 ));
             }
+            Part::InputFile {} => return Err(file_refused(at(j))),
             Part::ReasoningText {} => {
                 return Err(GatewayError::bad_request(
                     "a `reasoning_text` part is a model's reasoning: send it in a `reasoning` item, not a user message",
-                    Some(format!("input[{i}].content[{j}]")),
+                    Some(at(j)),
                 ));
             }
         });
@@ -548,9 +590,17 @@ mod tests {
         };
         let (param, message) = wrong(json!([{"role": "user", "content": "Hi"},
             {"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]));
-        assert_eq!(param, "input[1].content[0].type");
+        assert_eq!(param, "input[1].content[0]");
         assert!(
-            message.contains("unknown variant `input_file`") && message.contains("input_image"),
+            message.contains("`input_file` cannot reach the model")
+                && message.contains("input_text"),
+            "{message}"
+        );
+        let (param, message) =
+            wrong(json!([{"role": "user", "content": [{"type": "input_video"}]}]));
+        assert_eq!(param, "input[0].content[0].type");
+        assert!(
+            message.contains("unknown variant `input_video`"),
             "{message}"
         );
         let (param, message) = wrong(json!(5));
@@ -599,6 +649,53 @@ mod tests {
         assert_eq!(
             out["tool_choice"],
             json!({"type": "function", "function": {"name": "get_weather"}})
+        );
+    }
+
+    #[test]
+    fn a_function_calls_output_is_its_text_and_an_image_or_file_in_it_is_a_400_naming_it() {
+        let with_output = |output: Value| {
+            json!({"model": "m", "input": [
+                {"role": "user", "content": "Look at the chart"},
+                {"type": "function_call", "call_id": "call_1", "name": "chart", "arguments": "{}"},
+                {"type": "function_call", "call_id": "call_2", "name": "chart", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": output}]})
+        };
+        let text = json!([{"type": "input_text", "text": "Sales "},
+            {"type": "input_text", "text": "rose."}]);
+        let out = chat(with_output(text)).unwrap();
+        assert_eq!(
+            out["messages"][2],
+            json!({"role": "tool", "tool_call_id": "call_1", "content": "Sales rose."})
+        );
+        for part in [
+            json!({"type": "input_image", "image_url": "data:image/png;base64,AAAA"}),
+            json!({"type": "input_file", "file_data": "JVBERi0=", "filename": "chart.pdf"}),
+        ] {
+            let output = json!([{"type": "input_text", "text": "The chart:"}, part]);
+            let error = chat(with_output(output)).unwrap_err();
+            assert_eq!(error.status(), 400);
+            assert_eq!(error.param_name(), Some("input[3].output[1]"), "{part}");
+            assert!(error.message().contains("cannot reach the model"), "{part}");
+        }
+        let image = json!([{"type": "input_image", "image_url": "https://x/chart.png"}]);
+        let message = chat(with_output(image)).unwrap_err().message().to_owned();
+        assert!(
+            message.contains("chat `tool` message, which holds only text")
+                && message.contains("role `user` after the function call outputs"),
+            "{message}"
+        );
+
+        // Nor is an image in a system message left out unseen.
+        let system = json!({"model": "m", "input": [{"role": "developer", "content": [
+            {"type": "input_text", "text": "Match this style:"},
+            {"type": "input_image", "image_url": "https://x/style.png"}]}]});
+        let error = chat(system).unwrap_err();
+        assert_eq!(error.param_name(), Some("input[0].content[1]"));
+        assert!(
+            error.message().contains("chat `system` message"),
+            "{}",
+            error.message()
         );
     }
 
