@@ -127,11 +127,10 @@ impl DeploymentQuota {
     /// Why a request of about `tokens` input tokens cannot go to the
     /// deployment now, and when it may (`None`: not by waiting).
     pub fn blocked(&self, tokens: u64, now: Instant) -> Option<(String, Option<Duration>)> {
-        if let Err(refused) = self.limits.fits(tokens) {
+        if let Err(tpm) = self.limits.fits(tokens) {
             return Some((
                 format!(
-                    "the request's estimated {tokens} input tokens exceed its tpm quota of {}",
-                    refused.per_minute
+                    "the request's estimated {tokens} input tokens exceed its tpm quota of {tpm}"
                 ),
                 None,
             ));
@@ -140,6 +139,7 @@ impl DeploymentQuota {
             limit,
             per_minute,
             wait: Some(left),
+            ..
         }) = self.limits.check(tokens, now)
         {
             return Some((

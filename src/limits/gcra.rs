@@ -63,6 +63,13 @@ impl Gcra {
         }
     }
 
+    /// How long until the bucket is full again at `now`: nothing taken
+    /// from it, debt paid off.
+    pub fn full_in(&self, now: Instant) -> Duration {
+        let now = self.nanos(now);
+        Duration::from_nanos(self.full_at.load(Ordering::Acquire).saturating_sub(now))
+    }
+
     /// Whether `cells` would be admitted at `now`, without taking them.
     pub fn check(&self, cells: u64, now: Instant) -> Result<(), Option<Duration>> {
         let now = self.nanos(now);
@@ -112,6 +119,13 @@ impl Gcra {
     }
 }
 
+/// The cells a limit of `per_minute` admits at once when it is full again
+/// in `full_in`: what it has left.
+pub fn room(per_minute: u32, full_in: Duration) -> u64 {
+    let free = MINUTE_NANOS.saturating_sub(full_in.as_nanos());
+    u64::try_from(free * u128::from(per_minute) / MINUTE_NANOS).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +145,23 @@ mod tests {
         assert_eq!(limit.check(1, t0 + SECOND), Ok(()));
         assert_eq!(limit.take(2, t0 + SECOND), Err(Some(SECOND)));
         assert_eq!(limit.take(61, t0 + 100 * SECOND), Err(None), "never fits");
+    }
+
+    #[test]
+    fn what_is_left_is_what_fits_at_once() {
+        let (limit, t0) = gcra(60);
+        assert_eq!(room(60, limit.full_in(t0)), 60);
+        limit.take(45, t0).unwrap();
+        let full_in = limit.full_in(t0);
+        assert_eq!(full_in, 45 * SECOND);
+        assert_eq!(room(60, full_in), 15);
+        assert_eq!(limit.take(16, t0), Err(Some(SECOND)));
+        assert_eq!(limit.take(15, t0), Ok(()));
+        assert_eq!(room(60, limit.full_in(t0)), 0);
+        assert_eq!(room(60, limit.full_in(t0 + SECOND + SECOND / 2)), 1);
+        limit.charge(600, t0);
+        assert_eq!(limit.full_in(t0), 660 * SECOND, "debt");
+        assert_eq!(room(60, limit.full_in(t0)), 0);
     }
 
     #[test]

@@ -58,6 +58,15 @@ pub struct Refused {
     /// When the request would fit; `None` when it never can (it asks for
     /// more tokens than the whole minute's quota).
     pub wait: Option<Duration>,
+    /// When the limit is full again: its whole quota free, debt paid off.
+    pub full_in: Duration,
+}
+
+impl Refused {
+    /// What is left of the limit now: less than the request needed.
+    pub fn remaining(&self) -> u64 {
+        gcra::room(self.per_minute, self.full_in)
+    }
 }
 
 /// A fleet's shared rate limits (Redis): admission there is the
@@ -162,11 +171,11 @@ impl Limits {
     pub fn admit(&self, tokens: u64, now: Instant) -> Result<(), Refused> {
         self.requests
             .take(1, now)
-            .map_err(|wait| self.refused(Limit::Requests, wait))?;
+            .map_err(|wait| self.refused(Limit::Requests, wait, now))?;
         self.tokens.take(tokens, now).map_err(|wait| {
             // Both or neither: the request's cell goes back.
             self.requests.refund(1, now);
-            self.refused(Limit::Tokens, wait)
+            self.refused(Limit::Tokens, wait, now)
         })
     }
 
@@ -175,13 +184,15 @@ impl Limits {
     pub fn check(&self, tokens: u64, now: Instant) -> Result<(), Refused> {
         self.requests
             .check(1, now)
-            .map_err(|wait| self.refused(Limit::Requests, wait))?;
+            .map_err(|wait| self.refused(Limit::Requests, wait, now))?;
         self.tokens
             .check(tokens, now)
-            .map_err(|wait| self.refused(Limit::Tokens, wait))
+            .map_err(|wait| self.refused(Limit::Tokens, wait, now))
     }
 
-    fn refused(&self, limit: Limit, wait: Option<Duration>) -> Refused {
+    /// The refusal of `limit` at `now`. Only a refusal reads the bucket's
+    /// state a second time, to say what is left of it.
+    fn refused(&self, limit: Limit, wait: Option<Duration>, now: Instant) -> Refused {
         let bucket = match limit {
             Limit::Requests => &self.requests,
             Limit::Tokens => &self.tokens,
@@ -190,17 +201,14 @@ impl Limits {
             limit,
             per_minute: bucket.per_minute().map_or(0, NonZeroU32::get),
             wait,
+            full_in: bucket.full_in(now),
         }
     }
 
-    /// Whether `tokens` can ever fit the token limit.
-    pub fn fits(&self, tokens: u64) -> Result<(), Refused> {
+    /// Whether `tokens` can ever fit the token limit; if not, its `tpm`.
+    pub fn fits(&self, tokens: u64) -> Result<(), u32> {
         match self.tokens.per_minute() {
-            Some(tpm) if u64::from(tpm.get()) < tokens => Err(Refused {
-                limit: Limit::Tokens,
-                per_minute: tpm.get(),
-                wait: None,
-            }),
+            Some(tpm) if u64::from(tpm.get()) < tokens => Err(tpm.get()),
             _ => Ok(()),
         }
     }
@@ -262,6 +270,10 @@ impl Bucket {
         self.limit.load().as_deref().map_or(none, f)
     }
 
+    fn full_in(&self, now: Instant) -> Duration {
+        self.with(Duration::ZERO, |g| g.full_in(now))
+    }
+
     fn check(&self, n: u64, now: Instant) -> Result<(), Option<Duration>> {
         self.with(Ok(()), |g| g.check(n, now))
     }
@@ -300,6 +312,8 @@ mod tests {
         let refused = limits.admit(1, now).unwrap_err();
         assert_eq!((refused.limit, refused.per_minute), (Limit::Requests, 2));
         assert_eq!(refused.wait, Some(Duration::from_secs(30)));
+        assert_eq!(refused.full_in, Duration::from_secs(60));
+        assert_eq!(refused.remaining(), 0);
         assert_eq!(limits.check(1, now), Err(refused), "seen without taking");
     }
 
@@ -316,9 +330,12 @@ mod tests {
         let refused = limits.admit(10, now).unwrap_err();
         assert_eq!((refused.limit, refused.per_minute), (Limit::Tokens, 1000));
         assert_eq!(refused.wait, Some(Duration::from_millis(600)));
+        // 800 + 200 of 1000 taken: full in a minute, and nothing left.
+        assert_eq!(refused.full_in, Duration::from_secs(60));
+        assert_eq!(refused.remaining(), 0);
         assert_eq!(
-            limits.fits(1001).unwrap_err().wait,
-            None,
+            limits.fits(1001),
+            Err(1000),
             "more than a minute's quota never fits"
         );
         assert_eq!(limits.admit(1001, now).unwrap_err().wait, None);
@@ -338,6 +355,18 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_says_what_is_left_and_when_the_limit_is_full_again() {
+        let limits = Limits::default();
+        limits.configure(quota(0, 1000));
+        let now = Instant::now();
+        limits.admit(700, now).unwrap();
+        let refused = limits.admit(400, now).unwrap_err();
+        assert_eq!(refused.remaining(), 300, "less than the request needs");
+        assert_eq!(refused.wait, Some(Duration::from_secs(6)));
+        assert_eq!(refused.full_in, Duration::from_secs(42));
+    }
+
+    #[test]
     fn usage_past_the_quota_is_debt_and_the_wait_covers_it() {
         let limits = Limits::default();
         limits.configure(quota(0, 300));
@@ -345,8 +374,10 @@ mod tests {
         limits.admit(50, now).unwrap();
         // A long answer: 3,000 tokens, ten minutes of the key's quota.
         limits.settle(50, 3_050, now);
-        let wait = limits.admit(50, now).unwrap_err().wait.unwrap();
+        let refused = limits.admit(50, now).unwrap_err();
+        let wait = refused.wait.unwrap();
         assert_eq!(wait, Duration::from_secs(560));
+        assert_eq!(refused.full_in, Duration::from_secs(610), "the debt too");
         assert!(
             limits
                 .admit(50, now + wait - Duration::from_secs(1))

@@ -395,7 +395,7 @@ impl Fleet {
             return Err(Denied::Unavailable);
         }
         self.from_redis.inc();
-        let wait = |us: i64| u64::try_from(us).ok().map(Duration::from_micros);
+        let micros = |us: i64| u64::try_from(us).ok().map(Duration::from_micros);
         let per_minute = |cell: &Option<(String, u32)>| cell.as_ref().map_or(0, |c| c.1);
         match at(0) {
             0 => Ok(Admitted {
@@ -413,12 +413,14 @@ impl Fleet {
             1 => Err(Denied::Rate(Refused {
                 limit: Limit::Requests,
                 per_minute: per_minute(&cells.requests),
-                wait: wait(at(1)),
+                wait: micros(at(1)),
+                full_in: micros(at(2)).unwrap_or_default(),
             })),
             2 => Err(Denied::Rate(Refused {
                 limit: Limit::Tokens,
                 per_minute: per_minute(&cells.tokens),
-                wait: wait(at(1)),
+                wait: micros(at(1)),
+                full_in: micros(at(2)).unwrap_or_default(),
             })),
             _ => Err(Denied::Budget {
                 period: if at(1) == 2 {

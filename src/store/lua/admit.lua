@@ -27,7 +27,8 @@
 --       no budget), 13 lease (microseconds), 14 credit id (its budget's
 --       reservation; "" without a budget), 15 credit units asked (0: none)
 -- Returns, per admission: {0, granted, credit units granted} | {1, rpm
---       wait µs} | {2, tpm wait µs, or -1: never} | {3, period (1 day, 2
+--       wait µs, µs until the rpm cell is full} | {2, tpm wait µs, or -1:
+--       never, µs until the tpm cell is full} | {3, period (1 day, 2
 --       month), limit, spent, held, needed}
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
@@ -38,19 +39,21 @@ local function int(n)
 end
 
 -- A GCRA cell: when it is full again (the theoretical arrival time).
+-- Taken, its new value; refused, the wait and how long until it is full.
 local function gcra(full_at, per_minute, cells)
   if per_minute <= 0 then
     return true, nil
   end
+  local full = math.max(tonumber(full_at or '0'), now)
   if cells > per_minute then
-    return false, -1
+    return false, -1, full - now
   end
-  local after = math.max(tonumber(full_at or '0'), now) + cells * MINUTE / per_minute
+  local after = full + cells * MINUTE / per_minute
   local fits_at = after - MINUTE
   if fits_at <= now then
     return true, after
   end
-  return false, fits_at - now
+  return false, fits_at - now, full - now
 end
 
 -- Cells of a GCRA limit left to take now, once it is full again at
@@ -72,14 +75,14 @@ local function admit(home, leases, arg)
   local id, credit = arg[12], arg[14]
   local v = redis.call('HMGET', home, arg[1], arg[3], '=', arg[6], arg[8], 'r:' .. credit)
   local rpm, tpm, tokens = tonumber(arg[2]), tonumber(arg[4]), tonumber(arg[5])
-  local ok, rpm_after = gcra(v[1], rpm, 1)
+  local ok, rpm_after, full_in = gcra(v[1], rpm, 1)
   if not ok then
-    return {1, rpm_after}
+    return {1, rpm_after, full_in}
   end
   local tpm_after
-  ok, tpm_after = gcra(v[2], tpm, tokens)
+  ok, tpm_after, full_in = gcra(v[2], tpm, tokens)
   if not ok then
-    return {2, tpm_after}
+    return {2, tpm_after, full_in}
   end
 
   local granted, available = 0, nil
