@@ -1,7 +1,8 @@
 //! Rate limits: requests and tokens per minute, per key (`[[keys]] rpm`,
 //! `tpm`) and per deployment (the provider's quota), each a [`gcra`]
 //! limit; and what upstreams say of their own quota in their
-//! `x-ratelimit-*` headers (`upstream`).
+//! `x-ratelimit-*` headers (`upstream`), whose durations are Go's
+//! ([`go_duration`], also how the gateway writes its own).
 //!
 //! Tokens are taken at admission from the prompt estimate; output tokens
 //! are charged as they are generated ([`Limits::charge`]), and the
@@ -11,6 +12,7 @@
 //! covers it.
 
 mod gcra;
+pub mod go_duration;
 mod upstream;
 
 use std::num::NonZeroU32;

@@ -8,6 +8,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::go_duration;
+
 /// No reset is believed further away than this: a bad header must not
 /// bench a deployment for longer.
 const MAX_RESET: Duration = Duration::from_secs(3600);
@@ -123,37 +125,9 @@ pub(super) fn parse_reset(value: &str) -> Option<Duration> {
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO),
         Ok(secs) => Duration::from_secs_f64(secs),
-        Err(_) => parse_go_duration(value)?,
+        Err(_) => go_duration::parse(value)?,
     };
     Some(wait.min(MAX_RESET))
-}
-
-/// `6m0s`, `2m59.56s`, `7.66s`, `120ms`, `1h30m`, `500us`.
-fn parse_go_duration(value: &str) -> Option<Duration> {
-    let mut total = 0.0;
-    let mut rest = value;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let number: f64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let seconds = match &rest[..unit] {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" => 1e-6,
-            "ns" => 1e-9,
-            _ => return None,
-        };
-        rest = &rest[unit..];
-        total += number * seconds;
-    }
-    (!value.is_empty() && total.is_finite()).then(|| Duration::from_secs_f64(total))
 }
 
 #[cfg(test)]
