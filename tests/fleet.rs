@@ -15,6 +15,7 @@ use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::{MockServer, MockUpstream};
 use support::redis::Redis;
+use tollgate::limits::go_duration;
 
 /// $1 per Mtok in, $10 per Mtok out: an output token is 10,000
 /// nano-dollars, and "hi" (about 5 prompt tokens) 5,000.
@@ -290,20 +291,30 @@ async fn a_keys_rpm_holds_for_the_whole_fleet() {
         match response.status().as_u16() {
             200 => ok += 1,
             429 => refused.push(
-                response.headers()["retry-after"]
-                    .to_str()
-                    .unwrap()
-                    .to_owned(),
+                [
+                    "retry-after",
+                    "retry-after-ms",
+                    "x-ratelimit-limit-requests",
+                    "x-ratelimit-remaining-requests",
+                    "x-ratelimit-reset-requests",
+                ]
+                .map(|name| header(&response, name).to_owned()),
             ),
             other => panic!("HTTP {other}"),
         }
     }
     assert_eq!(ok, 6, "rpm = 6 across three replicas");
     assert_eq!(refused.len(), 6);
-    // The next slot is 10 s after the first request, fleet-wide.
-    for wait in refused {
+    // The next slot is 10 s after the first request, fleet-wide, and the
+    // whole quota is free a minute after it: the shared cell says so.
+    for [wait, wait_ms, limit, remaining, reset] in refused {
         let wait: u64 = wait.parse().unwrap();
         assert!((1..=10).contains(&wait), "retry-after {wait}");
+        let wait_ms: u64 = wait_ms.parse().unwrap();
+        assert_eq!(wait_ms.div_ceil(1000), wait, "{wait_ms} ms");
+        assert_eq!((limit.as_str(), remaining.as_str()), ("6", "0"));
+        let reset = go_duration::parse(&reset).unwrap().as_secs_f64();
+        assert!((50.0..=60.0).contains(&reset), "reset {reset} s");
     }
 }
 
@@ -698,14 +709,17 @@ async fn a_keys_tpm_holds_for_the_whole_fleet_with_output_charged_after() {
     );
     let fleet = replicas(&config, 2).await;
     assert_eq!(ask(&fleet[0], "team", true).await.0, 200);
-    // The output reaches the shared cell with the next settlement.
-    eventually("the other replica sees the key in debt", || async {
-        let response = fleet[1]
+    let refused = || async {
+        fleet[1]
             .chat_as(
                 "team-secret",
                 json!({"model": "chat", "messages": user("hi")}),
             )
-            .await;
+            .await
+    };
+    // The output reaches the shared cell with the next settlement.
+    eventually("the other replica sees the key in debt", || async {
+        let response = refused().await;
         response.status() == 429
             && response.headers()["retry-after"]
                 .to_str()
@@ -715,6 +729,19 @@ async fn a_keys_tpm_holds_for_the_whole_fleet_with_output_charged_after() {
                 > 10
     })
     .await;
+    // In debt, nothing is left, and the shared cell is full again only
+    // when the debt is paid: 59 s after the request's 5 tokens fit (a
+    // minute's 300 less those 5, at 5 a second).
+    let response = refused().await;
+    assert_eq!(header(&response, "x-ratelimit-limit-tokens"), "300");
+    assert_eq!(header(&response, "x-ratelimit-remaining-tokens"), "0");
+    let wait: f64 = header(&response, "retry-after-ms").parse().unwrap();
+    let reset = go_duration::parse(header(&response, "x-ratelimit-reset-tokens")).unwrap();
+    let past_wait = reset.as_secs_f64() - wait / 1000.0;
+    assert!(
+        (58.9..=59.1).contains(&past_wait),
+        "{reset:?} after {wait} ms"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -791,6 +818,15 @@ async fn with_redis_away_a_replicas_own_limits_go_on_from_what_it_used() {
         "the three requests admitted through Redis count here too"
     );
     assert_eq!(self::status(&gateway).await["state"]["degraded"], true);
+    // What the replica's own limit knows is what it says.
+    let response = gateway
+        .chat_as(
+            "team-secret",
+            json!({"model": "chat", "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(header(&response, "x-ratelimit-limit-requests"), "3");
+    assert_eq!(header(&response, "x-ratelimit-remaining-requests"), "0");
 }
 
 #[tokio::test]

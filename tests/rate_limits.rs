@@ -1,5 +1,6 @@
 //! Rate limits through the gateway over HTTP, against mock upstreams on
-//! 127.0.0.1: a key over its rpm or tpm gets a 429 with `retry-after`; a
+//! 127.0.0.1: a key over its rpm or tpm gets a 429 with `retry-after` and
+//! the limit in the headers its API's clients read; a
 //! deployment at its own quota, or whose upstream reports no requests
 //! left, is skipped (not failed) until it has room again; a key's limiter
 //! outlives a reload. Quotas are tiny so limits are reached at once; no
@@ -11,6 +12,9 @@ use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::{MockServer, MockUpstream};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tollgate::limits::go_duration;
 
 fn hi(alias: &str) -> Value {
     json!({"model": alias, "messages": user("hi")})
@@ -28,6 +32,31 @@ fn retry_after(response: &reqwest::Response) -> u64 {
         .unwrap()
         .parse()
         .expect("whole seconds")
+}
+
+/// `retry-after-ms`, which must say the wait `retry-after` says, to the
+/// millisecond.
+fn retry_after_ms(response: &reqwest::Response) -> u64 {
+    let ms: u64 = header(response, "retry-after-ms").parse().unwrap();
+    assert_eq!(ms.div_ceil(1000), retry_after(response), "{ms} ms");
+    ms
+}
+
+/// An OpenAI reset header (`59.98s`, `1m0s`) in seconds.
+fn reset_seconds(response: &reqwest::Response, name: &str) -> f64 {
+    let text = header(response, name);
+    go_duration::parse(text)
+        .unwrap_or_else(|| panic!("{name}: {text}"))
+        .as_secs_f64()
+}
+
+/// An Anthropic reset header (RFC 3339, to the second) as seconds from now.
+fn reset_from_now(response: &reqwest::Response, name: &str) -> f64 {
+    let text = header(response, name);
+    let at =
+        OffsetDateTime::parse(text, &Rfc3339).unwrap_or_else(|e| panic!("{name}: {text}: {e}"));
+    assert_eq!(at.nanosecond(), 0, "whole seconds: {text}");
+    (at - OffsetDateTime::now_utc()).as_seconds_f64()
 }
 
 /// Model `chat` on the mock at `upstream`, as backend `up`.
@@ -61,6 +90,13 @@ async fn a_key_over_its_rpm_gets_429_with_retry_after_and_other_keys_do_not() {
     assert_eq!(response.status(), 429);
     let wait = retry_after(&response);
     assert!((1..=30).contains(&wait), "a slot frees every 30 s: {wait}");
+    assert!(retry_after_ms(&response) <= 30_000);
+    // The limit as OpenAI's clients read it: none left, and all of it
+    // free again a minute after the first request.
+    assert_eq!(header(&response, "x-ratelimit-limit-requests"), "2");
+    assert_eq!(header(&response, "x-ratelimit-remaining-requests"), "0");
+    let reset = reset_seconds(&response, "x-ratelimit-reset-requests");
+    assert!((50.0..=60.0).contains(&reset), "{reset} s");
     assert!(
         response.headers().get("x-should-retry").is_none(),
         "the SDKs retry a 429 after retry-after, as they should"
@@ -101,6 +137,17 @@ async fn a_key_over_its_tpm_gets_429_counting_what_requests_really_used() {
     let response = chat_as_team(&gateway, hi("chat")).await;
     assert_eq!(response.status(), 429);
     assert!(retry_after(&response) >= 1);
+    // 28 of the 30 tokens were used a moment ago: 2 are left, fewer than
+    // the 5 this request needs, which 3 more refill in 6 s; all 30 in 56 s.
+    assert_eq!(header(&response, "x-ratelimit-limit-tokens"), "30");
+    let left: u64 = header(&response, "x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert!((2..5).contains(&left), "{left} left");
+    let ms = retry_after_ms(&response);
+    assert!((1..=6_000).contains(&ms), "{ms} ms");
+    let reset = reset_seconds(&response, "x-ratelimit-reset-tokens");
+    assert!((46.0..=56.0).contains(&reset), "{reset} s");
     let error = error_of(response).await;
     let text = message(&error);
     assert!(
@@ -123,6 +170,65 @@ async fn a_key_over_its_tpm_gets_429_counting_what_requests_really_used() {
     );
 }
 
+#[tokio::test]
+async fn responses_and_messages_clients_get_the_limit_in_their_apis_headers() {
+    let upstream = MockUpstream::openai().start().await;
+    let config = one_model(&upstream)
+        .key(Key::new("team").set("rpm", 1))
+        .key(Key::new("other").set("tpm", 16));
+    let gateway = start(&config).await;
+    let responses = json!({"model": "chat", "input": "hi"});
+    let messages = json!({"model": "chat", "max_tokens": 16, "messages": user("hi")});
+
+    let ok = gateway
+        .post_as("team-secret", "/v1/responses", responses.clone())
+        .await;
+    assert_eq!(ok.status(), 200);
+    let response = gateway
+        .post_as("team-secret", "/v1/responses", responses)
+        .await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(header(&response, "x-ratelimit-limit-requests"), "1");
+    assert_eq!(header(&response, "x-ratelimit-remaining-requests"), "0");
+    let reset = reset_seconds(&response, "x-ratelimit-reset-requests");
+    assert!((50.0..=60.0).contains(&reset), "{reset} s");
+    assert!(retry_after_ms(&response) <= 60_000);
+
+    // Anthropic's headers: the same limit, its reset a time (RFC 3339).
+    let response = gateway
+        .post_as("team-secret", "/v1/messages", messages.clone())
+        .await;
+    assert_eq!(response.status(), 429);
+    assert!((1..=60).contains(&retry_after(&response)));
+    assert_eq!(header(&response, "anthropic-ratelimit-requests-limit"), "1");
+    assert_eq!(
+        header(&response, "anthropic-ratelimit-requests-remaining"),
+        "0"
+    );
+    let reset = reset_from_now(&response, "anthropic-ratelimit-requests-reset");
+    assert!((49.0..=61.0).contains(&reset), "{reset} s");
+
+    // A Messages request uses 14 tokens of `other`'s 16, leaving 2, fewer
+    // than the 5 the next needs: 3 more refill in 11.25 s, all 16 in 52.5 s.
+    let ok = gateway
+        .post_as("other-secret", "/v1/messages", messages.clone())
+        .await;
+    assert_eq!(ok.status(), 200);
+    let response = gateway
+        .post_as("other-secret", "/v1/messages", messages)
+        .await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(header(&response, "anthropic-ratelimit-tokens-limit"), "16");
+    assert_eq!(
+        header(&response, "anthropic-ratelimit-tokens-remaining"),
+        "2"
+    );
+    let reset = reset_from_now(&response, "anthropic-ratelimit-tokens-reset");
+    assert!((42.0..=54.0).contains(&reset), "{reset} s");
+    let ms = retry_after_ms(&response);
+    assert!((9_000..=11_250).contains(&ms), "{ms} ms");
+}
+
 /// `retry-after` of a 429 from `team`'s key.
 async fn refused_for(gateway: &Gateway) -> u64 {
     let response = chat_as_team(gateway, hi("chat")).await;
@@ -141,6 +247,11 @@ async fn a_long_answer_puts_the_key_in_debt_and_retry_after_covers_it() {
     assert_eq!(chat_as_team(&gateway, hi("chat")).await.status(), 200);
     let wait = refused_for(&gateway).await;
     assert!((550..=557).contains(&wait), "retry-after {wait}");
+    // The limit is full again once the whole 611 tokens are paid off.
+    let response = chat_as_team(&gateway, hi("chat")).await;
+    assert_eq!(header(&response, "x-ratelimit-remaining-tokens"), "0");
+    let reset = reset_seconds(&response, "x-ratelimit-reset-tokens");
+    assert!((605.0..=611.0).contains(&reset), "{reset} s");
 }
 
 #[tokio::test]
@@ -259,6 +370,7 @@ async fn a_deployment_at_its_rpm_quota_is_skipped_not_failed() {
     assert_eq!(response.headers()["x-tollgate-attempts"], "0");
     let wait = retry_after(&response);
     assert!((1..=60).contains(&wait), "{wait}");
+    assert!(retry_after_ms(&response) <= 60_000);
     let error = error_of(response).await;
     assert_eq!(error["code"], "no_deployment_available");
     assert_eq!(single.hits(), 1);

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use crate::limits::{Limit, Refused};
 use crate::logging::{MAX_CLIENT_CHARS, bounded};
 
+mod headers;
 mod kind;
 mod wire;
 
@@ -59,7 +60,17 @@ pub struct GatewayError {
     param: Option<String>,
     /// The code an upstream's own rejection carried, passed on.
     upstream_code: Option<String>,
-    retry_after: Option<Duration>,
+    retry: Option<Retry>,
+}
+
+/// When a refused client may come back.
+#[derive(Debug, Clone)]
+enum Retry {
+    After(Duration),
+    /// When the key's rate limit that refused it admits it; the limit
+    /// goes in the answer's headers too. Boxed, so that the error every
+    /// `Result` on the request path may carry stays small.
+    Limit(Box<Refused>),
 }
 
 impl GatewayError {
@@ -69,7 +80,7 @@ impl GatewayError {
             message: bounded(message.into(), MAX_MESSAGE_CHARS),
             param: None,
             upstream_code: None,
-            retry_after: None,
+            retry: None,
         }
     }
 
@@ -79,7 +90,7 @@ impl GatewayError {
     }
 
     fn retry_after(mut self, after: Option<Duration>) -> Self {
-        self.retry_after = after;
+        self.retry = after.map(Retry::After);
         self
     }
 
@@ -123,7 +134,11 @@ impl GatewayError {
 
     /// How long the client should wait before trying again, when known.
     pub fn wait(&self) -> Option<Duration> {
-        self.retry_after
+        match &self.retry {
+            Some(Retry::After(after)) => Some(*after),
+            Some(Retry::Limit(refused)) => refused.wait,
+            None => None,
+        }
     }
 
     /// A bounded label for metrics and logs.
@@ -331,8 +346,8 @@ impl GatewayError {
 
     /// A key is over its `rpm` or `tpm`: 429 with `retry-after` from the
     /// limiter, which the SDKs honour and retry, as they should — the
-    /// limit refills. A prompt of about `tokens` that is more than the
-    /// whole `tpm` never fits: 400.
+    /// limit refills — and the limit's own headers. A prompt of about
+    /// `tokens` that is more than the whole `tpm` never fits: 400.
     pub fn key_rate_limited(key: &str, refused: &Refused, tokens: u64) -> Self {
         let Refused {
             limit, per_minute, ..
@@ -346,12 +361,11 @@ impl GatewayError {
                 ),
             );
         };
-        let wait = wait.max(Duration::from_secs(1));
         let need = match limit {
             Limit::Requests => String::new(),
             Limit::Tokens => format!(" (this request needs about {tokens})"),
         };
-        Self::new(
+        let mut e = Self::new(
             ErrorKind::RateLimited,
             format!(
                 "key \"{key}\" is over its rate limit of {per_minute} {} per minute ({}){need}; retry after {} s",
@@ -359,8 +373,9 @@ impl GatewayError {
                 limit.name(),
                 wait.as_secs_f64().ceil()
             ),
-        )
-        .retry_after(Some(wait))
+        );
+        e.retry = Some(Retry::Limit(Box::new(*refused)));
+        e
     }
 
     pub fn not_found(path: &str) -> Self {
@@ -579,23 +594,22 @@ impl GatewayError {
         }
     }
 
-    /// The error answer in `shape`, with the same headers as OpenAI's.
+    /// The error answer in `shape`: `retry-after` and `x-should-retry` as
+    /// for OpenAI clients (the Anthropic SDKs read them too), and a key's
+    /// rate limit in the headers of `shape`'s API.
     pub fn into_response_in(self, shape: ErrorShape) -> Response {
         let (status, body) = (self.status_in(shape), self.body_json_in(shape));
-        self.response_with(status, body)
-    }
-
-    fn response_with(self, status: StatusCode, body: Vec<u8>) -> Response {
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Some(after) = self.retry_after {
-            // Whole seconds, rounded up: the SDKs read integer seconds.
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        if let Some(after) = self.wait() {
+            headers::retry(headers, after);
+        }
+        if let Some(Retry::Limit(refused)) = &self.retry {
+            headers::limit(headers, refused, shape);
         }
         if self.kind.client_should_not_retry() {
             headers.insert("x-should-retry", HeaderValue::from_static("false"));
@@ -606,8 +620,7 @@ impl GatewayError {
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        let (status, body) = (self.status(), self.body_json());
-        self.response_with(status, body)
+        self.into_response_in(ErrorShape::OpenAi)
     }
 }
 
@@ -640,6 +653,64 @@ mod tests {
             plain.message(),
             "the model \"llama-3.3-70b\" does not exist; available models: a, b"
         );
+    }
+
+    #[test]
+    fn a_keys_refusal_carries_its_limit_in_the_headers_its_api_defines() {
+        let refused = Refused {
+            limit: Limit::Tokens,
+            per_minute: 1000,
+            wait: Some(Duration::from_millis(5_500)),
+            full_in: Duration::from_millis(42_250),
+        };
+        let error = GatewayError::key_rate_limited("k", &refused, 400);
+        let header = |response: &Response, name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        let openai = error.clone().into_response();
+        for (name, value) in [
+            ("retry-after", "6"),
+            ("retry-after-ms", "5500"),
+            ("x-ratelimit-limit-tokens", "1000"),
+            // (60 - 42.25) s of a minute's 1000.
+            ("x-ratelimit-remaining-tokens", "295"),
+            ("x-ratelimit-reset-tokens", "42.25s"),
+        ] {
+            assert_eq!(header(&openai, name).as_deref(), Some(value), "{name}");
+        }
+        let named = |response: &Response, prefix: &str| {
+            response
+                .headers()
+                .keys()
+                .filter(|name| name.as_str().starts_with(prefix))
+                .count()
+        };
+        assert_eq!(named(&openai, "x-ratelimit-"), 3, "the tokens' only");
+        assert_eq!(named(&openai, "anthropic-"), 0);
+
+        let before = time::OffsetDateTime::now_utc();
+        let anthropic = error.into_response_in(ErrorShape::Anthropic);
+        assert_eq!(header(&anthropic, "retry-after").as_deref(), Some("6"));
+        assert_eq!(
+            header(&anthropic, "anthropic-ratelimit-tokens-limit").as_deref(),
+            Some("1000")
+        );
+        assert_eq!(
+            header(&anthropic, "anthropic-ratelimit-tokens-remaining").as_deref(),
+            Some("295")
+        );
+        let reset = header(&anthropic, "anthropic-ratelimit-tokens-reset").unwrap();
+        let at =
+            time::OffsetDateTime::parse(&reset, &time::format_description::well_known::Rfc3339)
+                .unwrap();
+        let full_in = (at - before).as_seconds_f64();
+        assert!((42.25..=43.5).contains(&full_in), "{reset}: {full_in}");
+        assert!(reset.ends_with('Z') && !reset.contains('.'), "{reset}");
+        assert_eq!(named(&anthropic, "anthropic-ratelimit-"), 3);
+        assert_eq!(named(&anthropic, "x-ratelimit-"), 0);
     }
 
     #[test]

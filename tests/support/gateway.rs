@@ -319,6 +319,16 @@ pub fn parse(payload: &str) -> Value {
     serde_json::from_str(payload).unwrap_or_else(|e| panic!("{payload}: {e}"))
 }
 
+/// The value of the header `name` of `response`, which must have it.
+pub fn header<'r>(response: &'r reqwest::Response, name: &str) -> &'r str {
+    response
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name}"))
+        .to_str()
+        .unwrap()
+}
+
 /// The OpenAI error object of an error response, checked for shape.
 pub async fn error_of(response: reqwest::Response) -> Value {
     assert_eq!(response.headers()["content-type"], "application/json");
