@@ -13,12 +13,39 @@ use time::format_description::well_known::Rfc3339;
 use super::ErrorShape;
 use crate::limits::{Limit, Refused, go_duration};
 
+pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+
+/// The names a limit is told in: its quota, what is left and when it is
+/// full again, for each API's clients and each kind of limit.
+pub const LIMIT_HEADERS: [[HeaderName; 3]; 4] = [
+    [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ],
+    [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ],
+    [
+        HeaderName::from_static("anthropic-ratelimit-requests-limit"),
+        HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-requests-reset"),
+    ],
+    [
+        HeaderName::from_static("anthropic-ratelimit-tokens-limit"),
+        HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-tokens-reset"),
+    ],
+];
+
 /// `retry-after` and `retry-after-ms`, each rounded up: a client that
 /// waits as told is never early.
 pub fn retry(headers: &mut HeaderMap, after: Duration) {
     headers.insert(header::RETRY_AFTER, HeaderValue::from(whole_seconds(after)));
     let ms = u64::try_from(after.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
-    headers.insert("retry-after-ms", HeaderValue::from(ms));
+    headers.insert(RETRY_AFTER_MS, HeaderValue::from(ms));
 }
 
 /// The limit that refused: its quota, what is left of it, and when it is
@@ -39,29 +66,15 @@ pub fn limit(headers: &mut HeaderMap, refused: &Refused, shape: ErrorShape) {
 
 /// The limit's, remaining's and reset's header names.
 fn names(shape: ErrorShape, limit: Limit) -> [HeaderName; 3] {
-    let names = match (shape, limit) {
-        (ErrorShape::OpenAi, Limit::Requests) => [
-            "x-ratelimit-limit-requests",
-            "x-ratelimit-remaining-requests",
-            "x-ratelimit-reset-requests",
-        ],
-        (ErrorShape::OpenAi, Limit::Tokens) => [
-            "x-ratelimit-limit-tokens",
-            "x-ratelimit-remaining-tokens",
-            "x-ratelimit-reset-tokens",
-        ],
-        (ErrorShape::Anthropic, Limit::Requests) => [
-            "anthropic-ratelimit-requests-limit",
-            "anthropic-ratelimit-requests-remaining",
-            "anthropic-ratelimit-requests-reset",
-        ],
-        (ErrorShape::Anthropic, Limit::Tokens) => [
-            "anthropic-ratelimit-tokens-limit",
-            "anthropic-ratelimit-tokens-remaining",
-            "anthropic-ratelimit-tokens-reset",
-        ],
+    let api = match shape {
+        ErrorShape::OpenAi => 0,
+        ErrorShape::Anthropic => 2,
     };
-    names.map(HeaderName::from_static)
+    let kind = match limit {
+        Limit::Requests => 0,
+        Limit::Tokens => 1,
+    };
+    LIMIT_HEADERS[api + kind].clone()
 }
 
 fn whole_seconds(wait: Duration) -> u64 {

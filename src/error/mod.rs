@@ -16,6 +16,7 @@ mod headers;
 mod kind;
 mod wire;
 
+pub use headers::{LIMIT_HEADERS, RETRY_AFTER_MS};
 pub use kind::ErrorKind;
 pub use wire::UpstreamErrorParts;
 use wire::{AnthropicErrorBody, AnthropicErrorObject, ErrorBody, ErrorObject};
