@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tollgate::config::{LogFormat, Secrets};
+use tollgate::config::{LogFormat, Problem, Secrets};
 use tollgate::health::LiveState;
 use tollgate::pipeline::admit::ExplainRequest;
 use tollgate::server::GatewayOptions;
@@ -195,31 +195,43 @@ fn secrets(offline: bool) -> Secrets<'static> {
 }
 
 fn load(path: &std::path::Path, secrets: Secrets<'_>) -> Option<tollgate::config::Config> {
-    match tollgate::config::load(path, secrets) {
-        Ok(config) => Some(config),
-        Err(problems) => {
-            eprintln!("{}: {} problem(s):", path.display(), problems.0.len());
-            for problem in &problems.0 {
-                eprintln!("  {problem}");
-            }
-            None
-        }
+    tollgate::config::load(path, secrets)
+        .map_err(|problems| report(path, &problems.0))
+        .ok()
+}
+
+fn report(path: &std::path::Path, problems: &[Problem]) {
+    eprintln!("{}: {} problem(s):", path.display(), problems.len());
+    for problem in problems {
+        eprintln!("  {problem}");
     }
 }
 
 /// Problems go to stderr and fail; warnings go there too, and fail only
 /// with `strict`.
 fn check(path: &std::path::Path, secrets: Secrets<'_>, strict: bool) -> ExitCode {
-    let Some(config) = load(path, secrets) else {
-        return ExitCode::FAILURE;
+    let loaded = tollgate::config::read(path).and_then(|text| {
+        let config = tollgate::config::parse_with(&text, secrets)?;
+        Ok((text, config))
+    });
+    let (text, config) = match loaded {
+        Ok(loaded) => loaded,
+        Err(problems) => {
+            report(path, &problems.0);
+            return ExitCode::FAILURE;
+        }
     };
     // What `serve` refuses on the file's own address.
-    if let Some(problem) = tollgate::config::open_to_network(&config, config.server.listen) {
-        eprintln!("{}: 1 problem(s):\n  {problem}", path.display());
+    let mut problems: Vec<Problem> =
+        tollgate::config::open_to_network(&config, config.server.listen)
+            .into_iter()
+            .collect();
+    if !problems.is_empty() {
+        tollgate::config::locate(&text, &mut problems);
+        report(path, &problems);
         return ExitCode::FAILURE;
     }
-    let warnings = tollgate::config::warnings(&config);
-    for warning in &warnings {
+    for warning in &config.warnings {
         eprintln!("warning: {warning}");
     }
     let deployments: usize = config.models.iter().map(|m| m.deployments.len()).sum();
@@ -231,11 +243,11 @@ fn check(path: &std::path::Path, secrets: Secrets<'_>, strict: bool) -> ExitCode
         deployments,
         config.keys.len()
     );
-    if strict && !warnings.is_empty() {
+    if strict && !config.warnings.is_empty() {
         eprintln!(
             "{}: {} warning(s), and --strict fails on warnings",
             path.display(),
-            warnings.len()
+            config.warnings.len()
         );
         return ExitCode::FAILURE;
     }

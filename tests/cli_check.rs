@@ -1,6 +1,6 @@
 //! `tollgate check` and `tollgate serve` on the real binary: the shipped
 //! configs pass, a missing secret or a broken config is refused with every
-//! problem named by its location.
+//! problem named by its path and line.
 
 mod support;
 
@@ -8,6 +8,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use support::config::line_of;
 
 /// No run of the binary here should take more than a moment; past this it
 /// is killed and the test fails instead of hanging.
@@ -190,7 +192,7 @@ base_url = "http://127.0.0.1:9/v1"
 regoin = "us-east-1"
 
 [[backends]]
-name = "vllm-us"
+name = "vllm-us" # again
 kind = "vllm"
 base_url = "http://127.0.0.1:9/v1"
 
@@ -209,26 +211,38 @@ model = "meta-llama/Llama-3.1-8B-Instruct"
 context_window = 131072
 "#;
 
-const BROKEN_PROBLEMS: [&str; 3] = [
-    "backends[0].regoin: unknown key",
-    "backends[1].name: \"vllm-us\" is defined twice",
-    "models[1].deployments[0].backend: no backend named \"vllm-eu\"",
+/// Each problem, and the start of the line of `BROKEN` it is on.
+const BROKEN_PROBLEMS: [(&str, &str); 3] = [
+    ("backends[0].regoin: unknown key", "regoin ="),
+    (
+        "backends[1].name: \"vllm-us\" is defined twice",
+        "name = \"vllm-us\" # again",
+    ),
+    (
+        "models[1].deployments[0].backend: no backend named \"vllm-eu\"",
+        "backend = \"vllm-eu\"",
+    ),
 ];
 
 fn broken_config() -> tempfile::NamedTempFile {
     temp_config(BROKEN)
 }
 
+/// The line of stderr that starts with `problem` (once indented under
+/// its file, as problems are).
+fn line_starting<'o>(out: &'o Output, problem: &str) -> &'o str {
+    out.stderr
+        .lines()
+        .find(|l| l.trim_start().starts_with(problem))
+        .unwrap_or_else(|| panic!("missing {problem:?} in stderr:\n{}", out.stderr))
+}
+
 fn assert_lists_every_problem(out: &Output) {
     assert_eq!(out.code, Some(1), "stdout:\n{}", out.stdout);
-    for problem in BROKEN_PROBLEMS {
-        assert!(
-            out.stderr
-                .lines()
-                .any(|l| l.trim_start().starts_with(problem)),
-            "missing {problem:?} in stderr:\n{}",
-            out.stderr
-        );
+    for (problem, written) in BROKEN_PROBLEMS {
+        let line = line_starting(out, problem);
+        let at = format!(" (line {}, column 1)", line_of(BROKEN, written));
+        assert!(line.ends_with(&at), "{problem:?} is not at{at}: {line}");
     }
     assert!(
         out.stderr
@@ -449,6 +463,33 @@ fn check_warns_where_an_eu_user_could_reach_a_multimodal_llama() {
     cmd.args(["check", "--strict", "--offline", "--config", PRODUCTION]);
     let out = run(cmd);
     assert_eq!(out.code, Some(0), "stderr:\n{}", out.stderr);
+}
+
+/// A warning is placed at the line its path is written on; one about a
+/// value the file leaves to its default has no line to give.
+#[test]
+fn check_places_each_warning_at_its_line_and_a_default_nowhere() {
+    let file = temp_config(RISKY);
+    let mut cmd = tollgate();
+    cmd.arg("check").arg("--config").arg(file.path());
+    let out = run(cmd);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let placed = [
+        (RISKY_WARNINGS[0], Some("licence = \"qwen\"")),
+        (RISKY_WARNINGS[1], None),
+        (RISKY_WARNINGS[2], Some("region_header = true")),
+        (RISKY_WARNINGS[3], None),
+    ];
+    for (warning, written) in placed {
+        let line = line_starting(&out, warning);
+        match written {
+            Some(written) => {
+                let at = format!(" (line {}, column 1)", line_of(RISKY, written));
+                assert!(line.ends_with(&at), "not at{at}: {line}");
+            }
+            None => assert!(!line.contains("(line "), "{line}"),
+        }
+    }
 }
 
 /// CI has no production secrets: `check --offline` and `explain` check

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::config::{Backend, Config, Deployment, Key, Model};
+use support::config::{Backend, Config, Deployment, Key, Model, line_of};
 use support::gateway::*;
 use support::mock::MockUpstream;
 
@@ -845,6 +845,86 @@ fn a_reload_that_changes_who_may_call_what_is_logged_as_a_warning() {
     let line = gateway.logged("changes who may call the gateway");
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("keys added: ops"), "{line}");
+}
+
+/// The 422 of a refused candidate places each problem at its line, in its
+/// message and as `line` and `column`; a problem with a value the
+/// candidate does not write (a token it drops) has no line.
+#[tokio::test]
+async fn a_refused_reload_places_each_problem_at_its_line() {
+    let gateway = start(&simulated(&["one"])).await;
+    let invalid = simulated_on(&["one"], &["one", "nowhere"])
+        .set("routing", "max_attempts", 99)
+        .admin();
+    let text = invalid.to_toml();
+    let (status, body) = reload_with(&gateway, &invalid).await;
+    assert_eq!(status, 422, "{body}");
+    let placed = |body: &Value| -> Vec<(String, Option<u64>, Option<u64>)> {
+        body["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let path = p["path"].as_str().unwrap().to_owned();
+                (path, p["line"].as_u64(), p["column"].as_u64())
+            })
+            .collect()
+    };
+    let attempts = line_of(&text, "max_attempts = ");
+    let nowhere = line_of(&text, "backend = \"nowhere\"");
+    assert_eq!(
+        placed(&body),
+        [
+            (
+                "routing.max_attempts".into(),
+                Some(attempts as u64),
+                Some(1)
+            ),
+            (
+                "models[0].deployments[1].backend".into(),
+                Some(nowhere as u64),
+                Some(1)
+            ),
+        ]
+    );
+    let said = message(&body["error"]);
+    assert!(
+        said.contains(&format!("(line {attempts}, column 1); models[0]")),
+        "{said}"
+    );
+    let (status, body) = reload_with(&gateway, &simulated_on(&["one"], &["one"])).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(placed(&body), [("admin.token_env".into(), None, None)]);
+}
+
+/// The log places a warning at its line when the gateway starts, and
+/// each problem of a file it refuses to reload at its line.
+#[test]
+fn the_log_places_warnings_and_a_refused_reloads_problems_at_their_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    let config = keyed(&["one"]);
+    write(&path, &config);
+    let env = [("KEY_TEAM", "team-secret"), ("ADMIN_TOKEN", ADMIN_TOKEN)];
+    let gateway = support::process::serve_file(&path, &env);
+    let short = gateway.logged("warning=keys[0].key_env: ");
+    let at = format!(
+        "(line {}, column 1)",
+        line_of(&config.to_toml(), "key_env = ")
+    );
+    assert!(short.ends_with(&at), "not at {at}: {short}");
+    gateway.logged("watching the config file for changes");
+    let invalid = config.set("routing", "max_attempts", 0);
+    write(&path, &invalid);
+    let refused = gateway.logged("config reload refused");
+    let at = format!(
+        "(line {}, column 1)",
+        line_of(&invalid.to_toml(), "max_attempts = ")
+    );
+    assert!(
+        refused.contains("routing.max_attempts: ") && refused.ends_with(&at),
+        "not at {at}: {refused}"
+    );
 }
 
 #[test]

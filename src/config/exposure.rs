@@ -23,16 +23,16 @@ pub fn open_to_network(config: &Config, listen: SocketAddr) -> Option<Problem> {
         .backends
         .iter()
         .find(|b| b.kind != BackendKind::Simulated)?;
-    Some(Problem {
-        path: "keys".into(),
-        message: format!(
+    Some(Problem::new(
+        "keys",
+        format!(
             "there are no [[keys]] and the gateway listens on {listen}, which other hosts \
              reach: anyone who can reach it could use backend \"{}\" at your cost; add \
              [[keys]], listen on a loopback address (127.0.0.1), or, if a proxy in front \
              authenticates every caller, set server.allow_anonymous = true",
             backend.name
         ),
-    })
+    ))
 }
 
 #[cfg(test)]

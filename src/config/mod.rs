@@ -3,6 +3,7 @@
 
 mod diff;
 mod exposure;
+mod location;
 pub mod postgres_url;
 mod schema;
 mod types;
@@ -13,27 +14,50 @@ mod written;
 use std::fmt;
 use std::path::Path;
 
+use serde::Serialize;
+
 pub use diff::{Changes, ConfigDiff, diff};
 pub use exposure::open_to_network;
+pub use location::{Location, locate};
 pub use types::*;
 pub use validate::{DEFAULT_LISTEN, EnvLookup, Secrets};
-pub use warnings::warnings;
 pub use written::WrittenKeys;
 
 /// One thing wrong with a config file, at a path such as
-/// `models[1].deployments[0].backend`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `models[1].deployments[0].backend`, and where the file writes it. As
+/// JSON: `{path, message}`, with `line` and `column` when placed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
     pub path: String,
     pub message: String,
+    /// `None` until [`locate`]d, and after when the file does not write
+    /// the path (its value is a default).
+    #[serde(flatten)]
+    pub at: Option<Location>,
 }
 
+impl Problem {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+            at: None,
+        }
+    }
+}
+
+/// `path: message (line L, column C)`: the location last, where a value
+/// of the wrong type always had it, so `path: message` still starts the
+/// line.
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)?;
+        match self.at {
+            Some(at) => write!(f, " ({at})"),
+            None => Ok(()),
         }
     }
 }
@@ -58,15 +82,17 @@ impl std::error::Error for Problems {}
 
 impl Problems {
     fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self(vec![Problem {
-            path: path.into(),
-            message: message.into(),
-        }])
+        Self(vec![Problem::new(path, message)])
     }
 }
 
 /// Reads and validates a config file.
 pub fn load(path: &Path, secrets: Secrets<'_>) -> Result<Config, Problems> {
+    parse_with(&read(path)?, secrets)
+}
+
+/// Reads a config file's text, refusing an empty one.
+pub fn read(path: &Path) -> Result<String, Problems> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         Problems::one(
             "",
@@ -84,7 +110,7 @@ pub fn load(path: &Path, secrets: Secrets<'_>) -> Result<Config, Problems> {
             ),
         ));
     }
-    parse_with(&text, secrets)
+    Ok(text)
 }
 
 /// Parses and validates config text, reading its secrets with `env`.
@@ -94,10 +120,15 @@ pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, Problems> {
 
 /// Parses and validates config text. Unknown keys are all reported along
 /// with the semantic problems; a value of the wrong type stops parsing, so
-/// it is reported with the unknown keys read before it only.
+/// it is reported with the unknown keys read before it only. Problems and
+/// warnings come located in `text`.
 pub fn parse_with(text: &str, secrets: Secrets<'_>) -> Result<Config, Problems> {
-    let parsed =
-        toml::de::DeTable::parse(text).map_err(|e| Problems::one("", syntax_error(text, &e)))?;
+    let parsed = toml::de::DeTable::parse(text).map_err(|e| {
+        Problems(vec![Problem {
+            at: error_at(text, &e),
+            ..Problem::new("", format!("TOML syntax error: {}", e.message()))
+        }])
+    })?;
     // The parsed document serves twice, read into the schema and kept as
     // JSON: a config of 100,000 keys is not parsed a second time. The keys
     // stay out of the copy ([`WrittenKeys`] keeps them as parsed).
@@ -110,9 +141,11 @@ pub fn parse_with(text: &str, secrets: Secrets<'_>) -> Result<Config, Problems> 
         ));
     let mut problems: Vec<Problem> = unknown
         .into_iter()
-        .map(|path| Problem {
-            path,
-            message: "unknown key; check its spelling against docs/configuration.md".into(),
+        .map(|path| {
+            Problem::new(
+                path,
+                "unknown key; check its spelling against docs/configuration.md",
+            )
         })
         .collect();
     // The unknown keys read before it are named too: a misspelt required
@@ -122,28 +155,43 @@ pub fn parse_with(text: &str, secrets: Secrets<'_>) -> Result<Config, Problems> 
         Err(e) => {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            let at = inner
-                .span()
-                .map(|s| location(text, s.start))
-                .unwrap_or_default();
+            // Where the value of the wrong type is: the toml crate knows.
             problems.push(Problem {
-                path: if path == "." { String::new() } else { path },
-                message: format!("{}{at}", inner.message()),
+                at: error_at(text, &inner),
+                ..Problem::new(
+                    if path == "." { String::new() } else { path },
+                    inner.message(),
+                )
             });
+            place(text, &copy, &mut problems);
             return Err(Problems(problems));
         }
     };
     match validate::validate(raw, secrets) {
         Ok(mut config) if problems.is_empty() => {
             config.version = version(text);
+            place(text, &copy, &mut config.warnings);
             config.document = document(copy);
             Ok(config)
         }
-        Ok(_) => Err(Problems(problems)),
-        Err(Problems(more)) => {
-            problems.extend(more);
+        result => {
+            if let Err(Problems(more)) = result {
+                problems.extend(more);
+            }
+            place(text, &copy, &mut problems);
             Err(Problems(problems))
         }
+    }
+}
+
+/// Places `problems` in `text`, whose parse, but for its keys, is `copy`:
+/// only a problem in `[[keys]]` has the text parsed again, so a warning
+/// about a table of a config of 100,000 keys costs no second parse.
+fn place(text: &str, copy: &toml::Spanned<toml::de::DeTable<'_>>, problems: &mut [Problem]) {
+    location::place(text, copy.get_ref(), problems);
+    let in_keys = |p: &Problem| p.at.is_none() && (p.path == "keys" || p.path.starts_with("keys["));
+    if problems.iter().any(in_keys) {
+        locate(text, problems);
     }
 }
 
@@ -173,19 +221,9 @@ fn document(parsed: toml::Spanned<toml::de::DeTable<'_>>) -> serde_json::Value {
     serde_json::Value::deserialize(toml::Deserializer::from(parsed)).unwrap_or_default()
 }
 
-fn syntax_error(text: &str, e: &toml::de::Error) -> String {
-    let at = e
-        .span()
-        .map(|s| location(text, s.start))
-        .unwrap_or_default();
-    format!("TOML syntax error{at}: {}", e.message())
-}
-
-fn location(text: &str, offset: usize) -> String {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    format!(" (line {line}, column {column})")
+/// Where the toml crate found an error.
+fn error_at(text: &str, e: &toml::de::Error) -> Option<Location> {
+    e.span().map(|s| location::Lines::new(text).at(s.start))
 }
 
 /// `models[1].deployments[0].foo`, the same notation validation uses.
@@ -221,8 +259,21 @@ pub(crate) mod tests {
     fn problems(text: &str) -> Vec<String> {
         match parse(text, &no_env) {
             Ok(_) => Vec::new(),
-            Err(p) => p.0.iter().map(ToString::to_string).collect(),
+            Err(p) => said(&p),
         }
+    }
+
+    /// What each problem says, without where: these tests are of the
+    /// messages (`location` is of the places).
+    fn said(problems: &Problems) -> Vec<String> {
+        let unplaced = |p: &Problem| {
+            Problem {
+                at: None,
+                ..p.clone()
+            }
+            .to_string()
+        };
+        problems.0.iter().map(unplaced).collect()
     }
 
     /// One simulated backend and one model `m` on it, ending inside the
@@ -258,7 +309,7 @@ context_window = 8192
         let keepalive = |server: &str| {
             parse(&format!("[server]\n{server}\n{MINIMAL}"), &no_env)
                 .map(|config| config.server.keepalive_timeout)
-                .map_err(|p| p.0.iter().map(ToString::to_string).collect::<Vec<_>>())
+                .map_err(|p| said(&p))
         };
         assert_eq!(keepalive(""), Ok(Duration::from_secs(620)));
         assert_eq!(
@@ -287,7 +338,7 @@ context_window = 8192
             );
             let config = parse(&text, &no_env);
             let roots = config.as_ref().map(|c| c.backends[0].tls.roots.clone());
-            roots.map_err(|p| p.0.iter().map(ToString::to_string).collect::<Vec<_>>())
+            roots.map_err(said)
         };
         let roots = with("https://gpu.internal/v1", &ca).unwrap();
         assert!(matches!(roots, Roots::File(file) if file.path == ca));
@@ -637,13 +688,58 @@ models = ["zzz"]
 
     #[test]
     fn a_wrong_type_names_its_path_and_line() {
-        let got = problems("[[backends]]\nname = \"a\"\nkind = 5\n");
+        let Err(got) = parse("[[backends]]\nname = \"a\"\nkind = 5\n", &no_env) else {
+            panic!("a wrong type is refused");
+        };
+        let got: Vec<String> = got.0.iter().map(ToString::to_string).collect();
         assert_eq!(got.len(), 1);
         assert!(
             got[0].starts_with("backends[0].kind: invalid type"),
             "{got:?}"
         );
         assert!(got[0].contains("line 3"), "{got:?}");
+    }
+
+    #[test]
+    fn problems_and_warnings_are_placed_where_the_text_writes_their_path() {
+        let text = format!(
+            "[server]\nmax_body_bytes = 10\n{MINIMAL}\n[[backends]]\nname = \"b\"\nkind = \"bedrock\"\n"
+        );
+        let Err(refused) = parse(&text, &no_env) else {
+            panic!("invalid");
+        };
+        let placed: Vec<(&str, Option<usize>)> = refused
+            .0
+            .iter()
+            .map(|p| (p.path.as_str(), p.at.map(|at| at.line)))
+            .collect();
+        let header = text
+            .lines()
+            .position(|l| l == "kind = \"bedrock\"")
+            .unwrap()
+            - 1;
+        assert_eq!(
+            placed,
+            [
+                ("server.max_body_bytes", Some(2)),
+                // Not written: the default, or missing, has no place.
+                ("backends[1].aws_region", None),
+                ("backends[1]", Some(header)),
+            ]
+        );
+        assert!(
+            refused.0[0].to_string().ends_with(" (line 2, column 1)"),
+            "{refused}"
+        );
+        let text = MINIMAL.replace("model = \"llama\"", "model = \"meta-llama/Llama-3.3-70B\"");
+        let warnings = parse(&text, &no_env).expect("valid").warnings;
+        let line = text.lines().position(|l| l.contains("Llama-3.3")).unwrap() + 1;
+        assert_eq!(warnings.len(), 1);
+        assert_eq!(warnings[0].path, "models[0].deployments[0].licence");
+        assert_eq!(warnings[0].at, None, "licence is not written");
+        let text = text.replace("context_window", "licence = \"qwen\"\ncontext_window");
+        let warnings = parse(&text, &no_env).expect("valid").warnings;
+        assert_eq!(warnings[0].at.map(|at| at.line), Some(line + 1));
     }
 
     #[test]
@@ -760,7 +856,7 @@ api_key_env = "TOGETHER_KEY_FOR_TEST"
         };
         let got: Vec<String> = match parse(&text, &env) {
             Ok(_) => Vec::new(),
-            Err(p) => p.0.iter().map(ToString::to_string).collect(),
+            Err(p) => said(&p),
         };
         assert_eq!(
             got,
@@ -925,7 +1021,7 @@ drop_params = ["seed"]
 "#;
         let got = match parse(text, &aws_env) {
             Ok(_) => Vec::new(),
-            Err(p) => p.0.iter().map(ToString::to_string).collect(),
+            Err(p) => said(&p),
         };
         let expected = [
             "backends[0].aws_region: a bedrock backend needs aws_region",
@@ -1133,8 +1229,8 @@ models = ["*"]
             panic!("a bad variable name is refused offline");
         };
         assert_eq!(
-            problems.to_string(),
-            "keys[0].key_env: \"A=B\" is not a valid environment variable name"
+            said(&problems),
+            ["keys[0].key_env: \"A=B\" is not a valid environment variable name"]
         );
     }
 }

@@ -40,9 +40,9 @@ pub struct Config {
     /// OpenTelemetry spans exported over OTLP/HTTP; `None`: off.
     pub tracing: Option<TracingSettings>,
     pub licence: LicenceSettings,
-    /// Paths of the keys' and tokens' environment variables whose secret
-    /// is shorter than `MIN_CREDENTIAL_CHARS`: warned of, not refused.
-    pub short_secrets: Vec<String>,
+    /// What `tollgate check` warns of: valid, but probably not meant;
+    /// placed in the text as problems are.
+    pub warnings: Vec<super::Problem>,
 }
 
 /// The Llama licence's bookkeeping: who counts as a monthly active user,

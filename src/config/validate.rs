@@ -11,6 +11,7 @@ use url::Url;
 
 use super::schema::{RawBackend, RawConfig, RawDeployment, RawKey, RawModel, RawSimulated};
 use super::types::*;
+use super::warnings::{MIN_CREDENTIAL_CHARS, warnings};
 use super::{Problem, Problems, WrittenKeys};
 use crate::tls::CaFile;
 
@@ -53,9 +54,6 @@ const DEFAULT_MAX_EVENT_BYTES: u64 = 4 * 1024 * 1024;
 const MAX_RESPONSE_CAP: u64 = 4 * 1024 * 1024 * 1024;
 /// No wait the config sets may exceed an hour: a bigger number is a typo.
 pub(super) const MAX_WAIT_MS: u64 = 3_600_000;
-/// A key or token clients present shorter than this can be guessed: 16
-/// random letters and digits are about 95 bits.
-pub(super) const MIN_CREDENTIAL_CHARS: usize = 16;
 /// The most prompt blocks (about 16 tokens each) a prefix cache or a
 /// deployment's prefix memory may hold: 16 million tokens.
 pub(super) const MAX_PREFIX_BLOCKS: u32 = 1_000_000;
@@ -188,7 +186,7 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
     }
 
     if v.problems.is_empty() {
-        Ok(Config {
+        let mut config = Config {
             offline: matches!(secrets, Secrets::Unread),
             version: String::new(),
             document: serde_json::Value::Null,
@@ -206,8 +204,10 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
             logging,
             tracing,
             licence,
-            short_secrets: v.short_secrets,
-        })
+            warnings: Vec::new(),
+        };
+        config.warnings = warnings(&config, &v.short_secrets);
+        Ok(config)
     } else {
         Err(Problems(v.problems))
     }
@@ -222,10 +222,7 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem {
-            path: path.into(),
-            message: message.into(),
-        });
+        self.problems.push(Problem::new(path, message));
     }
 
     /// Names are unique, and made of characters that are safe in metric

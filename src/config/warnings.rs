@@ -5,39 +5,46 @@
 
 use super::Problem;
 use super::types::Config;
-use super::validate::MIN_CREDENTIAL_CHARS;
 
-/// Every warning for `config`, each with the path of the value to change.
-pub fn warnings(config: &Config) -> Vec<Problem> {
+/// A key or token clients present shorter than this can be guessed: 16
+/// random letters and digits are about 95 bits.
+pub(super) const MIN_CREDENTIAL_CHARS: usize = 16;
+
+/// Every warning for `config`, each with the path of the value to change;
+/// `short_secrets`: the paths of the keys' and tokens' environment
+/// variables whose secret is shorter than `MIN_CREDENTIAL_CHARS`.
+pub(super) fn warnings(config: &Config, short_secrets: &[String]) -> Vec<Problem> {
     let mut warnings = Vec::new();
     for (i, model) in config.models.iter().enumerate() {
         for (j, d) in model.deployments.iter().enumerate() {
             let at = |field: &str| format!("models[{i}].deployments[{j}].{field}");
             let id = &d.upstream_model;
             if names_llama(id) && !d.is_llama() {
-                warnings.push(Problem {
-                    path: at("licence"),
-                    message: format!(
+                warnings.push(Problem::new(
+                    at("licence"),
+                    format!(
                         "upstream model \"{id}\" is a Llama model, but its licence is not \"llama\"; set licence = \"llama\" so the Llama licence rules apply to it"
                     ),
-                });
+                ));
             }
             if names_multimodal_llama(id) && !d.multimodal {
-                warnings.push(Problem {
-                    path: at("multimodal"),
-                    message: format!(
+                warnings.push(Problem::new(
+                    at("multimodal"),
+                    format!(
                         "upstream model \"{id}\" is a multimodal Llama (Llama 3.2 Vision or Llama 4); set multimodal = true so it never serves users in the EU"
                     ),
-                });
+                ));
             }
         }
     }
     warnings.extend(eu_escapes(config));
-    warnings.extend(config.short_secrets.iter().map(|path| Problem {
-        path: path.clone(),
-        message: format!(
-            "the secret in this environment variable is shorter than {MIN_CREDENTIAL_CHARS} characters, short enough to guess; use at least {MIN_CREDENTIAL_CHARS} random ones (`openssl rand -hex 16` prints 32)"
-        ),
+    warnings.extend(short_secrets.iter().map(|path| {
+        Problem::new(
+            path.as_str(),
+            format!(
+                "the secret in this environment variable is shorter than {MIN_CREDENTIAL_CHARS} characters, short enough to guess; use at least {MIN_CREDENTIAL_CHARS} random ones (`openssl rand -hex 16` prints 32)"
+            ),
+        )
     }));
     warnings
 }
@@ -60,31 +67,31 @@ fn eu_escapes(config: &Config) -> Vec<Problem> {
     let unset = policy.default_region.is_none();
     let mut warnings = Vec::new();
     if config.keys.is_empty() {
-        warnings.push(Problem {
-            path: "keys".into(),
-            message: format!(
+        warnings.push(Problem::new(
+            "keys",
+            format!(
                 "with no [[keys]], every caller chooses its region with x-tollgate-region{}, so a user in the EU can reach the multimodal Llama deployments of \"{aliases}\"; add keys with a region",
                 if unset { " or sends none" } else { "" }
             ),
-        });
+        ));
     }
     for (i, key) in config.keys.iter().enumerate() {
         if !restricted.iter().any(|alias| key.models.allows(alias)) {
             continue;
         }
         if key.region_header {
-            warnings.push(Problem {
-                path: format!("keys[{i}].region_header"),
-                message: format!(
+            warnings.push(Problem::new(
+                format!("keys[{i}].region_header"),
+                format!(
                     "callers of key \"{}\" choose their region with x-tollgate-region, so a user in the EU can reach the multimodal Llama deployments of \"{aliases}\" by sending another region; set region_header = false unless every caller sends its true region",
                     key.name
                 ),
-            });
+            ));
         }
         if key.region.is_none() && unset {
-            warnings.push(Problem {
-                path: format!("keys[{i}].region"),
-                message: format!(
+            warnings.push(Problem::new(
+                format!("keys[{i}].region"),
+                format!(
                     "key \"{}\" has no region and policy.default_region is unset, so its requests{} have no region and may reach the multimodal Llama deployments of \"{aliases}\" from the EU; set the key's region or policy.default_region",
                     key.name,
                     if key.region_header {
@@ -93,7 +100,7 @@ fn eu_escapes(config: &Config) -> Vec<Problem> {
                         ""
                     }
                 ),
-            });
+            ));
         }
     }
     warnings

@@ -337,10 +337,7 @@ pub async fn reload(
             );
             let mut body: serde_json::Value =
                 serde_json::from_slice(&error.body_json()).expect("error bodies are JSON");
-            body["problems"] = problems
-                .iter()
-                .map(|p| serde_json::json!({"path": p.path, "message": p.message}))
-                .collect();
+            body["problems"] = serde_json::to_value(&problems).expect("problems serialise");
             json_response(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 serde_json::to_vec(&body).expect("JSON serialises"),

@@ -157,11 +157,10 @@ impl AppState {
 /// multimodal Llama, a Llama model id without its licence), logged and
 /// counted whenever a config is taken up, so that an alert can see it.
 fn take_up_warnings(config: &Config, metrics: &Metrics) {
-    let warnings = crate::config::warnings(config);
-    for warning in &warnings {
+    for warning in &config.warnings {
         tracing::warn!(%warning, "config warning (`tollgate check` lists them all)");
     }
     metrics
         .config_warnings
-        .set(i64::try_from(warnings.len()).unwrap_or(i64::MAX));
+        .set(i64::try_from(config.warnings.len()).unwrap_or(i64::MAX));
 }

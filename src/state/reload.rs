@@ -119,33 +119,31 @@ fn weakened_access(old: &Config, new: &Config) -> Vec<Problem> {
     }
     let mut problems = Vec::new();
     if !old.keys.is_empty() && new.keys.is_empty() {
-        problems.push(Problem {
-            path: "keys".into(),
-            message: format!(
+        problems.push(Problem::new(
+            "keys",
+            format!(
                 "the candidate has no [[keys]], so anyone who can reach the gateway could use it \
                  (the running config has {}); if that is meant, set server.allow_anonymous = true",
                 old.keys.len()
             ),
-        });
+        ));
     } else if let Some(open) = config::open_to_network(new, old.server.listen) {
         // The running address: `serve --listen` may override the file's.
         problems.push(open);
     }
     if old.admin.token_sha256.is_some() && new.admin.token_sha256.is_none() {
-        problems.push(Problem {
-            path: "admin.token_env".into(),
-            message: "the candidate drops the admin token, which turns the admin API off; \
-                      if that is meant, set server.allow_anonymous = true"
-                .into(),
-        });
+        problems.push(Problem::new(
+            "admin.token_env",
+            "the candidate drops the admin token, which turns the admin API off; \
+                      if that is meant, set server.allow_anonymous = true",
+        ));
     }
     if old.metrics.token_sha256.is_some() && new.metrics.token_sha256.is_none() {
-        problems.push(Problem {
-            path: "metrics.token_env".into(),
-            message: "the candidate drops the metrics token, which opens /metrics (key names \
-                      and spend) to anyone; if that is meant, set server.allow_anonymous = true"
-                .into(),
-        });
+        problems.push(Problem::new(
+            "metrics.token_env",
+            "the candidate drops the metrics token, which opens /metrics (key names \
+                      and spend) to anyone; if that is meant, set server.allow_anonymous = true",
+        ));
     }
     problems
 }
@@ -272,16 +270,16 @@ impl AppState {
             ReloadError::Invalid(problems)
         };
         if text.trim().is_empty() {
-            return Err(invalid(vec![Problem {
-                path: String::new(),
-                message: "the candidate config is empty, as a truncated or half-written file is; \
-                          send or save the whole config"
-                    .into(),
-            }]));
+            return Err(invalid(vec![Problem::new(
+                "",
+                "the candidate config is empty, as a truncated or half-written file is; \
+                          send or save the whole config",
+            )]));
         }
         let mut config = config::parse(&text, &*reloader.env).map_err(|p| invalid(p.0))?;
-        let weakened = weakened_access(&current.config, &config);
+        let mut weakened = weakened_access(&current.config, &config);
         if !weakened.is_empty() {
+            config::locate(&text, &mut weakened);
             return Err(invalid(weakened));
         }
         let report = |applied: bool, config: &Config| ReloadReport {
@@ -300,12 +298,8 @@ impl AppState {
         }
         // The listener stays where it is until a restart.
         config.server.listen = current.config.server.listen;
-        let snapshot = Snapshot::rebuild(config, &self.live, Some(&current)).map_err(|e| {
-            invalid(vec![Problem {
-                path: String::new(),
-                message: e,
-            }])
-        })?;
+        let snapshot = Snapshot::rebuild(config, &self.live, Some(&current))
+            .map_err(|e| invalid(vec![Problem::new("", e)]))?;
         let done = report(true, &snapshot.config);
         let access = access_changes(&done.diff, &current.config, &snapshot.config);
         let scrapers = engine::spawn(&snapshot.config.backends, &snapshot.live().backends);

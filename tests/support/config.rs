@@ -367,3 +367,15 @@ fn push(parent: &mut Table, key: &str, item: Table) {
         .expect("an array of tables")
         .push(Value::Table(item));
 }
+
+/// The line, counted from 1, of `text` that starts with `start`; there
+/// must be exactly one.
+pub fn line_of(text: &str, start: &str) -> usize {
+    let lines: Vec<usize> = (1..)
+        .zip(text.lines())
+        .filter(|(_, line)| line.starts_with(start))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(lines.len(), 1, "{start:?} starts one line of:\n{text}");
+    lines[0]
+}
