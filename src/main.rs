@@ -221,11 +221,15 @@ fn check(path: &std::path::Path, secrets: Secrets<'_>, strict: bool) -> ExitCode
             return ExitCode::FAILURE;
         }
     };
-    // What `serve` refuses on the file's own address.
+    // What `serve` refuses on the file's own address, and, on the machine
+    // that serves (so not offline), the ledger it could not write.
     let mut problems: Vec<Problem> =
         tollgate::config::open_to_network(&config, config.server.listen)
             .into_iter()
             .collect();
+    if !config.offline {
+        problems.extend(tollgate::ledger::unwritable(&config.ledger));
+    }
     if !problems.is_empty() {
         tollgate::config::locate(&text, &mut problems);
         report(path, &problems);

@@ -1,6 +1,7 @@
 //! `tollgate check` and `tollgate serve` on the real binary: the shipped
 //! configs pass, a missing secret or a broken config is refused with every
-//! problem named by its path and line.
+//! problem named by its path and line, and `check` refuses a ledger
+//! directory `serve` could not write.
 
 mod support;
 
@@ -112,11 +113,12 @@ fn secret_vars(config: &Path) -> Vec<(String, String)> {
     vars
 }
 
-/// `check --config <production>` with every named variable set to its own
-/// dummy value (keys must differ, or they collide), except `missing`.
-fn check_production(vars: &[(String, String)], missing: Option<&str>) -> Output {
+/// `check --config <config>` (the production example) with every named
+/// variable set to its own dummy value (keys must differ, or they
+/// collide), except `missing`.
+fn check_production(config: &Path, vars: &[(String, String)], missing: Option<&str>) -> Output {
     let mut cmd = tollgate();
-    cmd.args(["check", "--config", PRODUCTION]);
+    cmd.arg("check").arg("--config").arg(config);
     for (var, _) in vars {
         if Some(var.as_str()) == missing {
             cmd.env_remove(var);
@@ -135,10 +137,24 @@ fn production_example_passes_with_its_secrets_set() {
             && vars.iter().any(|(_, path)| path.starts_with("keys")),
         "the example names backend and key secrets: {vars:?}"
     );
-    let out = check_production(&vars, None);
+    // Its ledger is in /var/lib/tollgate, the machine's and not a test's
+    // to write: `check` would refuse it where the test may not.
+    let ledger = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(manifest_dir().join(PRODUCTION)).unwrap();
+    let here = text.replace(
+        "data_dir = \"/var/lib/tollgate\"",
+        &format!("data_dir = \"{}\"", ledger.path().display()),
+    );
+    assert_ne!(
+        here, text,
+        "the example keeps its ledger in /var/lib/tollgate"
+    );
+    let file = temp_config(&here);
+    let out = check_production(file.path(), &vars, None);
     assert_eq!(out.code, Some(0), "stderr:\n{}", out.stderr);
     assert!(
-        out.stdout.contains(&format!("{PRODUCTION}: ok (")),
+        out.stdout
+            .contains(&format!("{}: ok (", file.path().display())),
         "stdout:\n{}",
         out.stdout
     );
@@ -149,7 +165,7 @@ fn production_example_names_each_missing_secret_and_its_path() {
     let vars = secret_vars(&manifest_dir().join(PRODUCTION));
     assert!(!vars.is_empty());
     for (var, path) in &vars {
-        let out = check_production(&vars, Some(var));
+        let out = check_production(Path::new(PRODUCTION), &vars, Some(var));
         assert_eq!(out.code, Some(1), "missing {var}: stdout:\n{}", out.stdout);
         let expected = format!("{path}: environment variable {var} is not set");
         assert!(
@@ -490,6 +506,110 @@ fn check_places_each_warning_at_its_line_and_a_default_nowhere() {
             None => assert!(!line.contains("(line "), "{line}"),
         }
     }
+}
+
+/// Valid, and without warnings.
+const SIMULATED: &str = r#"
+[[backends]]
+name = "sim"
+kind = "simulated"
+
+[[models]]
+alias = "chat"
+[[models.deployments]]
+backend = "sim"
+model = "m"
+context_window = 8192
+"#;
+
+/// `SIMULATED` with its ledger in `data_dir`.
+fn ledger_in(data_dir: &Path) -> tempfile::NamedTempFile {
+    temp_config(&format!(
+        "[ledger]\ndata_dir = \"{}\"\n{SIMULATED}",
+        data_dir.display()
+    ))
+}
+
+fn check_file(file: &Path, offline: bool) -> Output {
+    let mut cmd = tollgate();
+    cmd.arg("check").arg("--config").arg(file);
+    if offline {
+        cmd.arg("--offline");
+    }
+    run(cmd)
+}
+
+/// The entries of `dir`, sorted.
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    entries
+}
+
+/// `serve` keeps its ledger in `[ledger] data_dir`, making the directory
+/// and any missing above it: `check` refuses a data_dir it could not
+/// write, naming the key, the path and its line, where `serve` would fail
+/// to start; and makes nothing, there or above.
+#[test]
+fn check_refuses_a_data_dir_serve_could_not_write_and_leaves_nothing_behind() {
+    let root = tempfile::tempdir().unwrap();
+    let file = root.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    let under_a_file = file.join("ledger");
+    let cases = [
+        (
+            file.clone(),
+            format!("ledger.data_dir: {} is not a directory; ", file.display()),
+        ),
+        (
+            under_a_file.clone(),
+            format!(
+                "ledger.data_dir: {} does not exist and cannot be created: {} is not a directory; ",
+                under_a_file.display(),
+                file.display()
+            ),
+        ),
+    ];
+    for (data_dir, refused) in cases {
+        let config = ledger_in(&data_dir);
+        let out = check_file(config.path(), false);
+        assert_eq!(out.code, Some(1), "{}", out.stdout);
+        assert!(out.stderr.contains("1 problem(s)"), "{}", out.stderr);
+        let line = line_starting(&out, &refused);
+        assert!(line.ends_with(" (line 2, column 1)"), "{line}");
+        assert!(!out.stdout.contains(": ok ("), "{}", out.stdout);
+        // As `serve` finds it.
+        let mut serve = tollgate();
+        serve
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(config.path());
+        let served = run(serve);
+        assert_eq!(served.code, Some(1), "{}", served.stderr);
+        assert!(
+            served.stderr.contains("cannot create ledger directory"),
+            "{}",
+            served.stderr
+        );
+        // Offline, it is the file that is checked, not the machine.
+        assert_eq!(check_file(config.path(), true).code, Some(0));
+    }
+
+    let existing = root.path().join("ledger");
+    std::fs::create_dir(&existing).unwrap();
+    std::fs::write(existing.join("tollgate-ledger.sqlite3"), "").unwrap();
+    let before = (entries(root.path()), entries(&existing));
+    for data_dir in [existing.clone(), root.path().join("a/b/ledger")] {
+        let out = check_file(ledger_in(&data_dir).path(), false);
+        assert_eq!(out.code, Some(0), "{}: {}", data_dir.display(), out.stderr);
+    }
+    assert_eq!(
+        (entries(root.path()), entries(&existing)),
+        before,
+        "nothing made, nothing left"
+    );
 }
 
 /// CI has no production secrets: `check --offline` and `explain` check

@@ -18,6 +18,7 @@ mod sketch;
 mod spool;
 mod sqlite_schema;
 mod store;
+mod writable;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -36,6 +37,7 @@ use postgres::Postgres;
 use store::Store;
 
 pub use sketch::{HourCount, LicenceMonth, ModelTraffic, Reader, hour_of};
+pub use writable::unwritable;
 
 /// How a day is written in SQLite: `2026-11-28`.
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =

@@ -41,7 +41,7 @@ const SCHEMA: &[&str] = &[
     "ALTER TABLE spool ADD COLUMN api TEXT NOT NULL DEFAULT 'unknown';",
 ];
 
-const FILE: &str = "tollgate-spool.sqlite3";
+pub(super) const FILE: &str = "tollgate-spool.sqlite3";
 
 /// How long the writer waits before trying a failed write again.
 const RETRY: Duration = Duration::from_millis(200);
