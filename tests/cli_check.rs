@@ -699,25 +699,14 @@ fn explain_applies_the_eu_rule_whatever_the_case() {
 /// printed; `--strict` fails on it, and one of 16 characters passes.
 #[test]
 fn check_warns_of_a_key_or_token_short_enough_to_guess() {
-    let file = temp_config(
+    let file = temp_config(&format!(
         r#"
 [admin]
 token_env = "ADMIN_TOKEN"
 
 [metrics]
 token_env = "METRICS_TOKEN"
-
-[[backends]]
-name = "sim"
-kind = "simulated"
-
-[[models]]
-alias = "chat"
-[[models.deployments]]
-backend = "sim"
-model = "m"
-context_window = 8192
-
+{SIMULATED}
 [[keys]]
 name = "short"
 key_env = "KEY_SHORT"
@@ -727,8 +716,8 @@ models = ["*"]
 name = "long"
 key_env = "KEY_LONG"
 models = ["*"]
-"#,
-    );
+"#
+    ));
     let check = |strict: bool| {
         let mut cmd = tollgate();
         cmd.arg("check").arg("--config").arg(file.path());
