@@ -1,8 +1,9 @@
 //! Where in a config's text a problem's path is written: the line and
-//! column of its key (or, for an element of a list, of the element). Found
-//! only for problems and warnings about to be reported, in the text's
-//! parse or by parsing it again: a valid config of 100,000 keys pays
-//! nothing for it.
+//! column of its key (or, for an element of a list, of the element), or,
+//! for a path the text does not write (a missing field, a default), of
+//! the nearest table or list above it that the text writes. Found only for
+//! problems and warnings about to be reported, in the text's parse or by
+//! parsing it again: a valid config of 100,000 keys pays nothing for it.
 
 use std::fmt;
 
@@ -18,10 +19,20 @@ use super::Problem;
 pub struct Location {
     pub line: usize,
     pub column: usize,
+    /// False for the place of what holds a path the text does not write.
+    #[serde(skip_serializing_if = "is_true")]
+    pub written: bool,
+}
+
+fn is_true(written: &bool) -> bool {
+    *written
 }
 
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.written {
+            f.write_str("not written: it goes under ")?;
+        }
         write!(f, "line {}, column {}", self.line, self.column)
     }
 }
@@ -49,7 +60,19 @@ impl<'t> Lines<'t> {
             .text
             .get(start..offset)
             .map_or(1, |before| before.chars().count() + 1);
-        Location { line, column }
+        Location {
+            line,
+            column,
+            written: true,
+        }
+    }
+
+    /// The place of `offset`, as [`offset_of`] gives it.
+    fn of(&self, (offset, written): (usize, bool)) -> Location {
+        Location {
+            written,
+            ..self.at(offset)
+        }
     }
 }
 
@@ -73,7 +96,7 @@ pub(super) fn place(text: &str, document: &DeTable<'_>, problems: &mut [Problem]
     }
     let lines = Lines::new(text);
     for problem in problems.iter_mut().filter(|p| unplaced(p)) {
-        problem.at = offset_of(document, &problem.path).map(|at| lines.at(at));
+        problem.at = offset_of(document, &problem.path).map(|at| lines.of(at));
     }
 }
 
@@ -110,7 +133,7 @@ pub(super) fn place_in_keys(text: &str, problems: &mut [Problem]) -> bool {
             continue;
         };
         problem.at = offset_of(table.get_ref(), &format!("keys[0]{rest}"))
-            .map(|at| lines.at(start + at));
+            .map(|(at, written)| lines.of((start + at, written)));
     }
     left
 }
@@ -131,7 +154,9 @@ fn key_tables(text: &str) -> Vec<(usize, usize)> {
         .chain(std::iter::once(text.len()))
     {
         let line = text[start..end].trim();
-        let line = line.split_once('#').map_or(line, |(before, _)| before.trim_end());
+        let line = line
+            .split_once('#')
+            .map_or(line, |(before, _)| before.trim_end());
         if line.starts_with('[') {
             let own = line.starts_with("[keys.") || line.starts_with("[[keys.");
             if !own {
@@ -177,36 +202,44 @@ fn steps(path: &str) -> Option<Vec<Step<'_>>> {
 }
 
 /// The offset in the text of the key `path` ends in, or of the list
-/// element it ends in.
-fn offset_of(document: &DeTable<'_>, path: &str) -> Option<usize> {
+/// element it ends in, and `true`; for a path the text does not write,
+/// of the nearest key or element above it that it writes, and `false`.
+fn offset_of(document: &DeTable<'_>, path: &str) -> Option<(usize, bool)> {
     let (mut table, mut array): (_, Option<&DeArray<'_>>) = (Some(document), None);
     let mut offset = None;
     for step in steps(path)? {
-        let value = match step {
-            Step::Key(key) => {
-                let (key, value) = table?.get_key_value(key)?;
-                offset = Some(key.span().start);
-                value
-            }
-            Step::Index(index) => {
-                let value = array?.get(index)?;
-                offset = Some(value.span().start);
-                value
-            }
+        let found = match step {
+            Step::Key(key) => table
+                .and_then(|table| table.get_key_value(key))
+                .map(|(key, value)| (key.span().start, value)),
+            Step::Index(index) => array
+                .and_then(|array| array.get(index))
+                .map(|value| (value.span().start, value)),
         };
+        let Some((at, value)) = found else {
+            return offset.map(|at| (at, false));
+        };
+        offset = Some(at);
         (table, array) = (value.get_ref().as_table(), value.get_ref().as_array());
     }
-    offset
+    offset.map(|at| (at, true))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Where `path` is written in `text`: its line and column.
     fn located(text: &str, path: &str) -> Option<(usize, usize)> {
+        placed(text, path)
+            .filter(|at| at.written)
+            .map(|at| (at.line, at.column))
+    }
+
+    fn placed(text: &str, path: &str) -> Option<Location> {
         let mut problems = [Problem::new(path, "")];
         locate(text, &mut problems);
-        problems[0].at.map(|at| (at.line, at.column))
+        problems[0].at
     }
 
     #[test]
@@ -235,20 +268,28 @@ state.url = \"u\"
     }
 
     #[test]
-    fn a_path_not_written_in_the_text_has_no_place() {
+    fn a_path_not_written_is_placed_under_what_holds_it_if_anything_does() {
         let text = "[server]\nlisten = \"x\"\n[[keys]]\nname = \"a\"\n";
-        for path in [
-            "server.max_body_bytes",
-            "keys[1]",
-            "keys[0].region",
-            "keys[0].name[0]",
-            "ledger.data_dir",
-            "server.listen.port",
-            "keys[x]",
-            "keys.name",
+        for (path, under) in [
+            ("server.max_body_bytes", Some((1, 2))),
+            ("keys[1]", Some((3, 3))),
+            ("keys[0].region", Some((3, 1))),
+            ("keys[0].name[0]", Some((4, 1))),
+            ("server.listen.port", Some((2, 1))),
+            ("ledger.data_dir", None),
+            ("keys[x]", None),
+            ("keys.name", Some((3, 3))),
         ] {
-            assert_eq!(located(text, path), None, "{path}");
+            let at = placed(text, path);
+            assert!(at.is_none_or(|at| !at.written), "{path}");
+            assert_eq!(at.map(|at| (at.line, at.column)), under, "{path}");
         }
+        let mut problem = Problem::new("keys[0].region", "is required here");
+        locate(text, std::slice::from_mut(&mut problem));
+        assert_eq!(
+            problem.to_string(),
+            "keys[0].region: is required here (not written: it goes under line 3, column 1)"
+        );
     }
 
     #[test]
@@ -290,10 +331,11 @@ budget = { daily_usd = -1 }
         ] {
             let mut problems = [Problem::new(path, "")];
             let left = place_in_keys(text, &mut problems);
-            let whole = located(text, path).map(|(line, column)| Location { line, column });
-            assert_eq!(problems[0].at, whole, "{path}");
             // Only a key with no table of its own is left for the whole text.
             assert_eq!(left, path == "keys[3].name", "{path}");
+            if !left {
+                assert_eq!(problems[0].at, placed(text, path), "{path}");
+            }
         }
         let inline = "keys = [{ name = \"a\" }]\n";
         let mut problems = [Problem::new("keys[0].name", "")];
@@ -304,8 +346,12 @@ budget = { daily_usd = -1 }
     #[test]
     fn columns_count_characters() {
         let lines = Lines::new("a = \"é\"\nb\n");
-        assert_eq!(lines.at(0), Location { line: 1, column: 1 });
-        assert_eq!(lines.at(7), Location { line: 1, column: 7 });
-        assert_eq!(lines.at(9), Location { line: 2, column: 1 });
+        let at = |offset| {
+            let at = lines.at(offset);
+            (at.line, at.column)
+        };
+        assert_eq!(at(0), (1, 1));
+        assert_eq!(at(7), (1, 7));
+        assert_eq!(at(9), (2, 1));
     }
 }

@@ -708,10 +708,10 @@ models = ["zzz"]
         let Err(refused) = parse(&text, &no_env) else {
             panic!("invalid");
         };
-        let placed: Vec<(&str, Option<usize>)> = refused
+        let placed: Vec<(&str, Option<(usize, bool)>)> = refused
             .0
             .iter()
-            .map(|p| (p.path.as_str(), p.at.map(|at| at.line)))
+            .map(|p| (p.path.as_str(), p.at.map(|at| (at.line, at.written))))
             .collect();
         let header = text
             .lines()
@@ -721,10 +721,10 @@ models = ["zzz"]
         assert_eq!(
             placed,
             [
-                ("server.max_body_bytes", Some(2)),
-                // Not written: the default, or missing, has no place.
-                ("backends[1].aws_region", None),
-                ("backends[1]", Some(header)),
+                ("server.max_body_bytes", Some((2, true))),
+                // Not written: placed under the table it is missing from.
+                ("backends[1].aws_region", Some((header, false))),
+                ("backends[1]", Some((header, true))),
             ]
         );
         assert!(
@@ -736,7 +736,13 @@ models = ["zzz"]
         let line = text.lines().position(|l| l.contains("Llama-3.3")).unwrap() + 1;
         assert_eq!(warnings.len(), 1);
         assert_eq!(warnings[0].path, "models[0].deployments[0].licence");
-        assert_eq!(warnings[0].at, None, "licence is not written");
+        let deployment = text
+            .lines()
+            .position(|l| l == "[[models.deployments]]")
+            .unwrap()
+            + 1;
+        let under = warnings[0].at.map(|at| (at.line, at.written));
+        assert_eq!(under, Some((deployment, false)), "licence is not written");
         let text = text.replace("context_window", "licence = \"qwen\"\ncontext_window");
         let warnings = parse(&text, &no_env).expect("valid").warnings;
         assert_eq!(warnings[0].at.map(|at| at.line), Some(line + 1));

@@ -251,7 +251,8 @@ mod tests {
             got,
             [
                 "ledger.data_dir: backend = \"postgres\" needs a directory for its local spool, where \
-              spend waits while PostgreSQL cannot be reached; set data_dir"
+              spend waits while PostgreSQL cannot be reached; set data_dir (not written: it goes \
+              under line 1, column 2)"
             ]
         );
     }
