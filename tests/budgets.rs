@@ -489,6 +489,38 @@ async fn a_budget_holds_with_100_requests_of_audio_at_once() {
     }
 }
 
+/// vLLM takes a request's own settings for the model's processor: with
+/// Qwen 2.5 VL's `max_pixels` raised by `mm_processor_kwargs`, an
+/// 8000 × 6000 photo is 61,226 prompt tokens, where the processor's own
+/// limit makes at most 16,386 of any image. Such an image is reserved as
+/// the deployment's context window: a budget with less than that left
+/// refuses it, and one with more is not overrun.
+#[tokio::test]
+async fn an_image_the_request_resizes_itself_is_reserved_as_the_context_window() {
+    let upstream = MockUpstream::openai()
+        .answers_of(10)
+        .counts_images_as(Vision::Qwen25Vl)
+        .start()
+        .await;
+    let image = json!({"type": "image_url", "image_url": {"url": png(8000, 6000)}});
+    let body = json!({"model": "chat", "max_tokens": 1,
+        "mm_processor_kwargs": {"max_pixels": 50_000_000},
+        "messages": [{"role": "user", "content": [image]}]});
+    // 65,536 tokens at $1 per Mtok: $0.065536.
+    let gateway = start(&config_in("openai", 65_536, &upstream, 0.05)).await;
+    let response = gateway.chat_as("team-secret", body.clone()).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(error_of(response).await["code"], "insufficient_quota");
+    assert_eq!(upstream.hits(), 0);
+
+    let gateway = start(&config_in("openai", 65_536, &upstream, 0.07)).await;
+    assert_eq!(gateway.chat_as("team-secret", body).await.status(), 200);
+    let prompt = upstream.single_request();
+    assert_eq!(prompt.json["mm_processor_kwargs"]["max_pixels"], 50_000_000);
+    let spent = spent(&gateway).await;
+    assert!((0.0612..=0.07).contains(&spent), "${spent}");
+}
+
 /// A budget that cannot pay for a context window of prompt refuses a
 /// request with audio, however short, and says why.
 #[tokio::test]

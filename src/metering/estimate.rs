@@ -102,6 +102,10 @@ pub fn prompt_tokens(request: &InboundRequest) -> PromptTokens {
 }
 
 fn chat_prompt_tokens(chat: &ChatRequest) -> PromptTokens {
+    // vLLM takes a request's own settings for the model's processor (Qwen
+    // 2.5 VL's `max_pixels`): its images are then bounded by no
+    // processor's defaults, only by the context window.
+    let processor_set = chat.extra.contains_key("mm_processor_kwargs");
     let mut tokens = of_template(0, MOST_PER_CHAT);
     for message in &chat.messages {
         tokens += of_template(TOKENS_PER_MESSAGE, MOST_PER_MESSAGE);
@@ -112,7 +116,17 @@ fn chat_prompt_tokens(chat: &ChatRequest) -> PromptTokens {
                     tokens += match (part.media().max(), &part.text) {
                         // An image given other than by `image_url` is of
                         // unknown size.
-                        (Some(Medium::Image), _) => image::tokens(part.image_url().unwrap_or("")),
+                        (Some(Medium::Image), _) => {
+                            let image = image::tokens(part.image_url().unwrap_or(""));
+                            if processor_set {
+                                PromptTokens {
+                                    most: u64::MAX,
+                                    ..image
+                                }
+                            } else {
+                                image
+                            }
+                        }
                         (None, Some(text)) => of_text(text.len()),
                         (Some(Medium::Audio | Medium::Video), _) | (None, None) => unmeasured(),
                     };

@@ -154,6 +154,9 @@ pub struct Flags {
     /// Read for images only when the request has one.
     #[serde(default)]
     messages: Option<Box<serde_json::value::RawValue>>,
+    /// vLLM's per-request settings of the model's processor.
+    #[serde(default)]
+    mm_processor_kwargs: Option<Value>,
 }
 
 impl Flags {
@@ -250,7 +253,11 @@ impl Flags {
             let (width, height) = fetched
                 .or_else(|| image_size(url))
                 .ok_or_else(|| format!("Failed to load image {url:.40}"))?;
-            tokens += vision.image_tokens(width, height);
+            let max_pixels = self
+                .mm_processor_kwargs
+                .as_ref()
+                .and_then(|kwargs| kwargs["max_pixels"].as_f64());
+            tokens += vision.image_tokens_within(width, height, max_pixels);
         }
         Ok(tokens)
     }

@@ -13,9 +13,15 @@ pub enum Vision {
 impl Vision {
     /// The prompt tokens of a `width` × `height` image.
     pub fn image_tokens(self, width: usize, height: usize) -> u64 {
+        self.image_tokens_within(width, height, None)
+    }
+
+    /// `image_tokens`, with the processor's most pixels as a request's
+    /// `mm_processor_kwargs` may set them (Qwen 2.5 VL's `max_pixels`).
+    pub fn image_tokens_within(self, width: usize, height: usize, max_pixels: Option<f64>) -> u64 {
         match self {
             Self::Llama4 => llama4_image_tokens(width, height),
-            Self::Qwen25Vl => qwen25_vl_image_tokens(width, height),
+            Self::Qwen25Vl => qwen25_vl_image_tokens(width, height, max_pixels),
         }
     }
 }
@@ -55,18 +61,19 @@ fn llama4_image_tokens(width: usize, height: usize) -> u64 {
 
 /// Qwen 2.5 VL's image processor (`smart_resize` in Hugging Face's
 /// `Qwen2VLImageProcessor`, with the model's `min_pixels` 3,136 and
-/// `max_pixels` 12,845,056): the image's sides rounded to the nearest 28
+/// `max_pixels` 12,845,056, or the request's): the image's sides rounded
+/// to the nearest 28
 /// pixels (to even, as Python rounds), an image over the most pixels
 /// scaled down to fit, one under the least scaled up; a token for each 28
 /// × 28 square (patches of 14 merged two by two), and two markers.
-fn qwen25_vl_image_tokens(width: usize, height: usize) -> u64 {
-    const MOST: f64 = 12_845_056.0;
+fn qwen25_vl_image_tokens(width: usize, height: usize, max_pixels: Option<f64>) -> u64 {
     const LEAST: f64 = 3_136.0;
+    let most = max_pixels.unwrap_or(12_845_056.0);
     let (w, h) = (width as f64, height as f64);
     let steps = |side: f64| (side / 28.0).round_ties_even();
     let (mut across, mut down) = (steps(w), steps(h));
-    if across * down * 784.0 > MOST {
-        let beta = (w * h / MOST).sqrt();
+    if across * down * 784.0 > most {
+        let beta = (w * h / most).sqrt();
         across = (w / beta / 28.0).floor().max(1.0);
         down = (h / beta / 28.0).floor().max(1.0);
     } else if across * down * 784.0 < LEAST {
