@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tollgate::config::{LogFormat, Problem, Secrets};
 use tollgate::health::LiveState;
@@ -541,7 +540,7 @@ fn serve(path: &std::path::Path, listen: Option<SocketAddr>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let listener = match TcpListener::bind(addr).await {
+        let listener = match tollgate::server::bind(addr) {
             Ok(listener) => listener,
             Err(e) => {
                 eprintln!("cannot listen on {addr}: {e}");

@@ -3,10 +3,11 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::Interest;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -19,6 +20,25 @@ use super::http2;
 /// second byte at the latest, unless they use the method `PRI`, which
 /// exists only to make this preface fail on HTTP/1 servers.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Connections the kernel holds completed for the accept loop. A burst of
+/// new connections larger than this (the standard library and tokio
+/// listen with 128) has its handshakes dropped, and each such client
+/// waits a second for its retransmit. Linux caps it at
+/// `net.core.somaxconn` (4,096 by default).
+const BACKLOG: u32 = 4096;
+
+/// Listens on `addr`, as `serve` does.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // A restarted gateway binds at once, past its old connections' TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
 
 /// Accepts and serves connections until `shutdown` resolves; then stops
 /// accepting and returns a future that resolves once every connection has
@@ -139,4 +159,23 @@ async fn pause_after(error: &io::Error) {
     }
     tracing::error!(error = %error, "could not accept a connection; retrying in 1 s");
     tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 500 clients connect at once to a gateway that accepts none of them
+    /// yet: every handshake completes, none waits for a retransmit.
+    #[tokio::test]
+    async fn a_burst_of_connections_waits_in_the_backlog_not_for_a_retransmit() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects = (0..500)
+            .map(|_| tokio::time::timeout(Duration::from_millis(900), TcpStream::connect(addr)));
+        let connected = futures_util::future::join_all(connects).await;
+        let done = connected.iter().filter(|c| matches!(c, Ok(Ok(_)))).count();
+        assert_eq!(done, 500);
+        drop(listener);
+    }
 }

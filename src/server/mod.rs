@@ -10,6 +10,8 @@ mod listen;
 mod metrics_page;
 mod request_id;
 
+pub use listen::bind;
+
 use std::future::Future;
 use std::sync::Arc;
 
