@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::kinds::{COMPLETION_TOKENS, Kind, REASONING, RECORDED, for_each_kind, start_for};
-use support::mock::{MockServer, MockUpstream};
+use support::mock::{MockServer, MockUpstream, unfinished_stream};
 use support::openai_mock::{CANNED_PROMPT_TOKENS, TOOL_CALL_ID, TOOL_NAME};
 
 /// An Anthropic recording's events.
@@ -277,6 +277,30 @@ async fn a_stream_cut_mid_way_is_an_error_event_and_metered_once(kind: Kind) {
     assert_eq!(error["error"]["type"], "api_error", "{error}");
     assert_eq!(events[0].0, "message_start");
     assert!(!events.iter().any(|(n, _)| n == "message_stop"));
+    let labels = [
+        ("api", "messages"),
+        ("alias", "chat"),
+        ("backend", "up"),
+        ("status", "502"),
+    ];
+    gateway.recorded_once(&labels).await;
+}
+
+#[tokio::test]
+async fn a_stream_the_upstream_ends_unfinished_is_an_error_event_not_an_answer() {
+    let upstream = unfinished_stream().start().await;
+    let gateway = start_for(Kind::OpenAi, &upstream).await;
+    let events = stream(&gateway, &ask(true)).await;
+    assert_eq!(text_of(&events), "Hello");
+    let (name, error) = events.last().unwrap();
+    assert_eq!(name, "error", "{events:?}");
+    assert_eq!(error["error"]["type"], "api_error", "{error}");
+    assert!(
+        !events
+            .iter()
+            .any(|(n, _)| n == "message_delta" || n == "message_stop"),
+        "no stop_reason is made up: {events:?}"
+    );
     let labels = [
         ("api", "messages"),
         ("alias", "chat"),

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use support::config::{Backend, Config, Deployment, Model};
 use support::gateway::*;
 use support::kinds::{COMPLETION_TOKENS, Kind, REASONING, RECORDED, for_each_kind, start_for};
-use support::mock::MockUpstream;
+use support::mock::{MockUpstream, unfinished_stream};
 use support::openai_mock::{CANNED_PROMPT_TOKENS, TOOL_ARGUMENTS, TOOL_CALL_ID, TOOL_NAME};
 
 /// The fields of each Responses type in openai-python: `required` and
@@ -335,6 +335,28 @@ async fn a_stream_cut_mid_way_is_an_error_event_and_metered_once(kind: Kind) {
     assert_eq!(name, "error");
     assert_eq!(error["code"], "upstream_disconnected", "{error}");
     assert!(!names(&events).contains(&"response.completed"));
+    let labels = [
+        ("api", "responses"),
+        ("alias", "chat"),
+        ("backend", "up"),
+        ("status", "502"),
+    ];
+    gateway.recorded_once(&labels).await;
+}
+
+#[tokio::test]
+async fn a_stream_the_upstream_ends_unfinished_is_an_error_event_not_an_answer() {
+    let upstream = unfinished_stream().start().await;
+    let gateway = start_for(Kind::OpenAi, &upstream).await;
+    let events = stream(&gateway, &ask(true)).await;
+    check_events(&events);
+    let (name, error) = events.last().unwrap();
+    assert_eq!(name, "error", "{events:?}");
+    assert_eq!(error["code"], "upstream_invalid_response", "{error}");
+    assert!(
+        !names(&events).contains(&"response.completed"),
+        "the answer is not made out whole: {events:?}"
+    );
     let labels = [
         ("api", "responses"),
         ("alias", "chat"),

@@ -193,6 +193,14 @@ impl SseBody {
 
     /// The upstream ended normally, as seen at `now`.
     fn on_end(&mut self, now: Instant) {
+        // A translated stream ends by saying how its answer ended
+        // (`stop_reason`, `status`); one the upstream closed before saying
+        // was cut short, and must not read as a whole answer.
+        if self.encoder.as_ref().is_some_and(|e| !e.finished()) {
+            let what = "its stream ended before it said how the answer finished";
+            self.fail(GatewayError::upstream_protocol(&self.backend, what));
+            return;
+        }
         self.meter.upstream_done(now.into_std());
         if self.include_usage && !self.sent_usage_chunk {
             if let Some(usage) = self.meter.usage() {

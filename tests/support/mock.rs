@@ -87,6 +87,13 @@ pub fn stream_without_usage<'t>(texts: impl IntoIterator<Item = &'t str>, finish
     sse + "data: [DONE]\n\n"
 }
 
+/// A vLLM mock whose stream of "Hello" ends, its body closed cleanly,
+/// before any `finish_reason` or `[DONE]`: the answer was cut short.
+pub fn unfinished_stream() -> MockUpstream {
+    let sse = stream_without_usage(["Hel", "lo"], "stop");
+    MockUpstream::openai().stream_bytes(sse.split_inclusive("\n\n").take(3).collect::<String>())
+}
+
 /// Cuts an SSE byte stream after each blank line, so that the pieces,
 /// concatenated, are the input again, byte for byte. A trailing partial
 /// event is kept as a last piece.
