@@ -1,5 +1,6 @@
 //! SIGTERM and SIGINT on the real binary: stop accepting, let streams in
-//! flight finish within the grace period, exit 0.
+//! flight finish within the grace period, end those still open with their
+//! API's error event, exit 0.
 
 mod support;
 
@@ -88,23 +89,50 @@ async fn sigterm_drains(mut server: Process) {
     assert_eq!(server.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
 
-#[tokio::test]
-async fn sigint_exits_zero_when_the_grace_period_runs_out() {
+/// What a client read of a stream opened on `path` with `body`, when
+/// the gateway is stopped by SIGINT a chunk in, with a grace period of
+/// 200 ms for a stream that takes a second; and the line the gateway
+/// logged as it metered the request.
+async fn cut_by_the_grace_period(path: &str, body: serde_json::Value) -> (String, String) {
     let mut server = start(200);
-    let response = open_stream(&server.base).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}{path}", server.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let mut body = response.bytes_stream();
-    body.next().await.unwrap().unwrap();
+    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
     server.signal("-INT");
-    // The stream takes a second; the grace period is 200 ms.
     assert_eq!(server.wait_exit(Duration::from_secs(5)).code(), Some(0));
-    let mut text = String::new();
     while let Some(Ok(chunk)) = body.next().await {
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
+    (text, server.logged("request done"))
+}
+
+#[tokio::test]
+async fn sigint_exits_zero_when_the_grace_period_runs_out_and_ends_each_stream_in_its_api() {
+    let ask = serde_json::json!({"model": "llama", "stream": true, "max_tokens": 100,
+                                 "messages": [{"role": "user", "content": "hi"}]});
+    let (chat, logged) = cut_by_the_grace_period("/v1/chat/completions", ask.clone()).await;
+    let events: Vec<&str> = chat.split_terminator("\n\n").collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"), "{chat}");
+    let error = &events[events.len() - 2];
     assert!(
-        !text.ends_with("data: [DONE]\n\n"),
-        "the stream was cut at the deadline"
+        error.starts_with(r#"data: {"error":"#) && error.contains(r#""code":"shutting_down""#),
+        "the stream was cut at the deadline, saying so: {chat}"
     );
+    assert!(
+        logged.contains("status=503"),
+        "metered as cut by the gateway, not left by its client: {logged}"
+    );
+    let (messages, logged) = cut_by_the_grace_period("/v1/messages", ask).await;
+    let last = messages.split_terminator("\n\n").last().unwrap();
+    assert!(last.starts_with("event: error\n"), "{messages}");
+    assert!(last.contains(r#""type":"api_error""#), "{messages}");
+    assert!(!messages.contains("message_stop"), "{messages}");
+    assert!(logged.contains("status=503"), "{logged}");
 }
 
 #[tokio::test]

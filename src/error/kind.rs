@@ -72,6 +72,9 @@ pub enum ErrorKind {
     UpstreamFailed(StatusCode),
     /// The fleet's ledger database cannot be reached (`/admin/spend`).
     LedgerUnavailable,
+    /// The gateway's shutdown grace period ran out while the response was
+    /// still streaming.
+    ShuttingDown,
     Internal,
 }
 
@@ -97,7 +100,9 @@ impl ErrorKind {
             BudgetExhausted | BudgetHeld | RateLimited | UpstreamRateLimited => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            NoDeployment | StateUnavailable | LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            NoDeployment | StateUnavailable | LedgerUnavailable | ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             UpstreamTimeout | UpstreamIdle => StatusCode::GATEWAY_TIMEOUT,
             // The operator's problems, not the client's: the client is not
             // told its request was wrong.
@@ -117,7 +122,9 @@ impl ErrorKind {
         match self {
             BudgetExhausted => "insufficient_quota",
             BudgetHeld | RateLimited | UpstreamRateLimited => "rate_limit_error",
-            NoDeployment | StateUnavailable | LedgerUnavailable | Internal => "server_error",
+            NoDeployment | StateUnavailable | LedgerUnavailable | ShuttingDown | Internal => {
+                "server_error"
+            }
             UpstreamConnect | UpstreamTimeout | UpstreamIdle | UpstreamProtocol
             | UpstreamBroken | UpstreamTooLarge | UpstreamAuth | UpstreamNotFound
             | UpstreamFailed(_) => "upstream_error",
@@ -169,6 +176,7 @@ impl ErrorKind {
             NoDeployment => "no_deployment_available",
             StateUnavailable => "state_unavailable",
             LedgerUnavailable => "ledger_unavailable",
+            ShuttingDown => "shutting_down",
             UpstreamConnect => "upstream_unavailable",
             UpstreamTimeout | UpstreamIdle => "upstream_timeout",
             UpstreamProtocol => "upstream_invalid_response",
@@ -217,6 +225,7 @@ impl ErrorKind {
                     | NoDeployment
                     | StateUnavailable
                     | LedgerUnavailable
+                    | ShuttingDown
                     | Internal
             )
     }
@@ -263,6 +272,7 @@ impl ErrorKind {
             NoDeployment => "no_deployment",
             StateUnavailable => "state_unavailable",
             LedgerUnavailable => "ledger_unavailable",
+            ShuttingDown => "shutting_down",
             UpstreamConnect | UpstreamProtocol | UpstreamBroken | UpstreamAuth
             | UpstreamNotFound | UpstreamFailed(_) => "upstream_error",
             Internal => "internal",
@@ -309,6 +319,7 @@ mod tests {
         UpstreamFailed(StatusCode::NOT_IMPLEMENTED),
         UpstreamFailed(StatusCode::GATEWAY_TIMEOUT),
         LedgerUnavailable,
+        ShuttingDown,
         Internal,
     ];
 

@@ -289,6 +289,15 @@ impl GatewayError {
         .retry_after(Some(retry_after))
     }
 
+    /// The gateway's shutdown grace period ran out before the stream
+    /// ended.
+    pub fn shutting_down() -> Self {
+        Self::new(
+            ErrorKind::ShuttingDown,
+            "the gateway is shutting down and its grace period for streams in flight ran out; send the request again",
+        )
+    }
+
     pub fn region_not_allowed(key: &str, chosen: &str, own: Option<&str>) -> Self {
         Self::new(
             ErrorKind::RegionNotAllowed,

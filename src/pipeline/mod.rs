@@ -157,7 +157,7 @@ async fn serve(
     ));
     let served = attempt::attempt(app, ctx, &request, &admission, meter).await?;
     let attribution = snapshot.config.licence.attribution_header;
-    Ok(respond::respond(&request, served, reply, attribution))
+    Ok(respond::respond(app, &request, served, reply, attribution))
 }
 
 /// A request that ends in an error, and the labels it is recorded under.

@@ -16,6 +16,7 @@ use super::stream::{SseBody, SseParams};
 use crate::inbound::Reply;
 use crate::metering::Ended;
 use crate::openai::InboundRequest;
+use crate::state::AppState;
 
 pub const BACKEND_HEADER: HeaderName = HeaderName::from_static("x-tollgate-backend");
 pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-tollgate-attempts");
@@ -30,6 +31,7 @@ const STREAM_HEADERS: usize = 12;
 /// The answer, translated into the client's API (`answer_as`) after the meter
 /// has read it.
 pub fn respond(
+    app: &AppState,
     request: &InboundRequest,
     served: Served<'_>,
     answer_as: Reply,
@@ -69,6 +71,7 @@ pub fn respond(
                 reader,
                 upstream,
                 idle: backend.timeouts.idle,
+                grace_over: app.grace_over(),
                 backend: backend.name.clone(),
                 endpoint: request.endpoint(),
                 answers: request.answers(),

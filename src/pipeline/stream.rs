@@ -3,7 +3,9 @@
 //! the client did not ask for (or adds one the upstream did not send in
 //! OpenAI's shape), turns a failure into an SSE error event, ends a stream
 //! before a chunk that would take its cost past its budget reservation, as
-//! the upstream would at its `max_tokens` (`finish_reason: "length"`), and always ends with
+//! the upstream would at its `max_tokens` (`finish_reason: "length"`), ends
+//! with an error event a stream still open when the shutdown grace period
+//! runs out, and always ends with
 //! `data: [DONE]`. For a client of another inbound API, each event is
 //! re-encoded in its API once the meter has read it. Dropping it (the client went away) drops the
 //! upstream stream, which closes the upstream connection.
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::Stream;
+use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::GatewayError;
@@ -45,6 +48,8 @@ pub struct SseBody {
     /// only when it fires, not re-armed for every chunk.
     last_chunk: Instant,
     idle_timer: Pin<Box<Sleep>>,
+    /// Resolves when the gateway's shutdown grace period runs out.
+    grace_over: Pin<Box<OwnedNotified>>,
     backend: String,
     endpoint: Endpoint,
     /// The answers the stream carries (`n`): a stream cut short ends each.
@@ -77,6 +82,7 @@ pub struct SseParams {
     pub reader: StreamReader,
     pub upstream: ChunkStream,
     pub idle: Duration,
+    pub grace_over: OwnedNotified,
     pub backend: String,
     pub endpoint: Endpoint,
     pub answers: u32,
@@ -99,6 +105,7 @@ impl SseBody {
             idle: p.idle,
             last_chunk: now,
             idle_timer: Box::pin(tokio::time::sleep_until(now + p.idle)),
+            grace_over: Box::pin(p.grace_over),
             backend: p.backend,
             endpoint: p.endpoint,
             answers: p.answers,
@@ -294,6 +301,10 @@ impl Stream for SseBody {
                 Poll::Ready(None) => this.on_end(*arrived.get_or_insert_with(Instant::now)),
                 Poll::Pending if !out.is_empty() => break,
                 Poll::Pending => {
+                    if this.grace_over.as_mut().poll(cx).is_ready() {
+                        this.fail(GatewayError::shutting_down());
+                        continue;
+                    }
                     if this.idle_expired(cx) {
                         this.fail(GatewayError::upstream_idle(&this.backend, this.idle));
                         continue;
@@ -397,6 +408,7 @@ mod tests {
             reader,
             upstream,
             idle: Duration::from_secs(5),
+            grace_over: Arc::new(tokio::sync::Notify::new()).notified_owned(),
             backend: "b".into(),
             endpoint: Endpoint::Chat,
             answers: 1,

@@ -113,8 +113,16 @@ impl Gateway {
             );
         })
         .await;
-        if tokio::time::timeout(grace, drained).await.is_err() {
-            tracing::warn!("grace period over: closing the connections still open");
+        let mut drained = std::pin::pin!(drained);
+        if tokio::time::timeout(grace, &mut drained).await.is_err() {
+            tracing::warn!("grace period over: ending the streams still open");
+            // Each stream writes its API's error event and is metered
+            // before the ledger closes; what is still open after that is
+            // closed.
+            self.state.end_streams();
+            if tokio::time::timeout(LAST_EVENTS, drained).await.is_err() {
+                tracing::warn!("closing the connections still open");
+            }
         }
         drop(sharing);
         // The last spend and token charges reach the fleet.
@@ -129,6 +137,10 @@ impl Gateway {
         Ok(())
     }
 }
+
+/// How long streams ended at the end of the shutdown grace period have
+/// to send their last events.
+const LAST_EVENTS: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Anthropic's Messages API.
 const MESSAGES: &str = "/v1/messages";

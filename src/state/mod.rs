@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
 
 use crate::config::{Config, StateSettings};
 use crate::health::{LiveState, engine};
@@ -50,6 +52,9 @@ pub struct AppState {
     /// Config reloads, and the engine scrapers of the current snapshot.
     reloader: reload::Reloader,
     draining: AtomicBool,
+    /// Wakes the streams still open when the shutdown grace period runs
+    /// out, so that each ends in its API's shape and is metered.
+    closing: Arc<Notify>,
 }
 
 /// How a gateway finds its config again when it reloads.
@@ -119,6 +124,7 @@ impl AppState {
             licence: book,
             reloader: reload::Reloader::new(options.env, options.config_file, scrapers, started),
             draining: AtomicBool::new(false),
+            closing: Arc::default(),
         })
     }
 
@@ -149,6 +155,17 @@ impl AppState {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the shutdown grace period has run out; made when a
+    /// stream starts, so that it hears of it whenever it next waits.
+    pub fn grace_over(&self) -> OwnedNotified {
+        self.closing.clone().notified_owned()
+    }
+
+    /// The shutdown grace period ran out: every open stream ends now.
+    pub fn end_streams(&self) {
+        self.closing.notify_waiters();
     }
 }
 
