@@ -123,6 +123,31 @@ async fn end_users_of_llama_deployments_are_counted_once_each_from_every_api_and
 }
 
 #[tokio::test]
+async fn a_safety_identifier_names_the_end_user_on_chat_and_responses() {
+    // OpenAI asks clients to send `safety_identifier` in place of `user`:
+    // a client that does is counted, once, and `user` wins when both come.
+    let gateway = start(&config(false)).await;
+    let mut body = chat("llama");
+    body["safety_identifier"] = "alice".into();
+    built_with(&gateway, "/v1/chat/completions", body, None).await;
+    built_with(
+        &gateway,
+        "/v1/responses",
+        json!({"model": "llama", "input": "hi", "safety_identifier": "alice"}),
+        None,
+    )
+    .await;
+    built_with(
+        &gateway,
+        "/v1/responses",
+        json!({"model": "llama", "input": "hi", "safety_identifier": "carol", "user": "dave"}),
+        None,
+    )
+    .await;
+    eventually_users(&gateway, 2.0).await;
+}
+
+#[tokio::test]
 async fn answers_from_llama_say_so_whole_and_streamed_on_every_api_when_asked() {
     let gateway = start(&config(true)).await;
     let stream = |mut body: Value| {

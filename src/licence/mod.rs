@@ -350,14 +350,19 @@ impl LicenceBook {
     }
 }
 
-/// The [`hll::hash`] of a request's end user: the body's `user`, else
-/// the `licence.user_header` header; `None` when neither names one.
+/// The [`hll::hash`] of a request's end user: the body's `user`, else its
+/// `safety_identifier` (which OpenAI asks clients to send in place of
+/// `user`), else the `licence.user_header` header; `None` when none names
+/// one.
 pub fn end_user(
     request: &InboundRequest,
     headers: &HeaderMap,
     settings: &LicenceSettings,
 ) -> Option<u64> {
-    let named = request.user().map(str::as_bytes).or_else(|| {
+    let body = request
+        .user()
+        .or_else(|| request.text_member("safety_identifier"));
+    let named = body.map(str::as_bytes).or_else(|| {
         let header = settings.user_header.as_ref()?;
         headers
             .get(header)

@@ -39,6 +39,8 @@ pub struct ResponsesRequest {
     #[serde(default)]
     pub user: Option<String>,
     #[serde(default)]
+    pub safety_identifier: Option<String>,
+    #[serde(default)]
     pub metadata: Option<Map<String, Value>>,
     #[serde(default)]
     pub text: Option<TextConfig>,
@@ -141,13 +143,7 @@ pub struct Reasoning {
 }
 
 /// Members that ask for nothing the gateway would have to do.
-const IGNORED: &[&str] = &[
-    "service_tier",
-    "safety_identifier",
-    "prompt_cache_key",
-    "truncation",
-    "include",
-];
+const IGNORED: &[&str] = &["service_tier", "prompt_cache_key", "truncation", "include"];
 
 /// Members that need state a stateless gateway does not keep.
 const STATEFUL: &[&str] = &["conversation", "background", "prompt"];
@@ -198,8 +194,13 @@ pub fn to_chat(body: &[u8]) -> Result<(Vec<u8>, Map<String, Value>), GatewayErro
     if let Some(parallel) = request.parallel_tool_calls {
         chat.insert("parallel_tool_calls".into(), parallel.into());
     }
-    if let Some(user) = &request.user {
-        chat.insert("user".into(), user.clone().into());
+    for (name, value) in [
+        ("user", &request.user),
+        ("safety_identifier", &request.safety_identifier),
+    ] {
+        if let Some(value) = value {
+            chat.insert(name.into(), value.clone().into());
+        }
     }
     if let Some(format) = request.text.as_ref().and_then(|t| t.format.as_ref())
         && let Some(format) = response_format(format)?
