@@ -796,6 +796,58 @@ async fn admin_reload_refuses_a_candidate_that_drops_every_key_or_the_admin_toke
     assert_eq!(gateway.chat_as("team-secret", hi()).await.status(), 200);
 }
 
+/// A file cut short before its `[policy]` loses the EU regions and the
+/// default region of requests that name none, and users in the EU would
+/// reach the multimodal Llama: such a reload is refused, whether from the
+/// file or the admin API. Widening the rule is taken.
+#[tokio::test]
+async fn a_reload_never_narrows_the_llama_eu_rule() {
+    let vision = || {
+        simulated(&["one"]).model(
+            Model::new("vision").deployment(
+                Deployment::new("one", "llama-4")
+                    .set("licence", "llama")
+                    .multimodal(&["text", "image"]),
+            ),
+        )
+    };
+    let policy = |regions: &[&str], default: &str| {
+        vision().set("policy", "eu_regions", regions.to_vec()).set(
+            "policy",
+            "default_region",
+            default,
+        )
+    };
+    let (_dir, path, gateway) = serving_file(&policy(&["eu", "de"], "eu")).await;
+    let version = active_version(&gateway).await;
+    let ask = json!({"model": "vision", "messages": user("hi")});
+    assert_eq!(gateway.chat(ask.clone()).await.status(), 451);
+
+    write(&path, &vision());
+    reloads(&gateway, "invalid", 1.0).await;
+    assert_eq!(active_version(&gateway).await, version, "nothing applied");
+    assert_eq!(gateway.chat(ask.clone()).await.status(), 451);
+    let (status, body) = reload_with(&gateway, &policy(&["eu"], "us")).await;
+    assert_eq!(status, 422, "{body}");
+    let problems = body["problems"].as_array().unwrap();
+    let paths: Vec<&str> = problems
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["policy.eu_regions", "policy.default_region"]);
+    for problem in problems {
+        assert!(
+            problem["message"].as_str().unwrap().contains("restart"),
+            "{problem}"
+        );
+    }
+
+    let wider = policy(&["eu", "de", "fr"], "de");
+    write(&path, &wider);
+    until_version(&gateway, &tollgate::config::version(&wider.to_toml())).await;
+    assert_eq!(gateway.chat(ask).await.status(), 451);
+}
+
 #[tokio::test]
 async fn a_keyless_gateway_on_the_network_takes_no_paid_backend_unless_its_config_says_so() {
     // Running without keys on simulated backends, on an address other

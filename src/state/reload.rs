@@ -148,6 +148,61 @@ fn weakened_access(old: &Config, new: &Config) -> Vec<Problem> {
     problems
 }
 
+/// Where a candidate narrows whom the Llama licence's EU rule covers, while
+/// it still guards a multimodal Llama deployment: a region of
+/// `policy.eu_regions` left out, or an EU `policy.default_region` dropped
+/// or moved out of the EU. A file cut short before its `[policy]` does
+/// both, and users in the EU would then reach those deployments: such a
+/// change is applied by a restart, never by a reload.
+fn narrowed_eu_rule(old: &Config, new: &Config) -> Vec<Problem> {
+    let (was, now) = (&old.policy, &new.policy);
+    let guarded = |c: &Config| {
+        c.policy.llama_eu_multimodal_block
+            && c.models
+                .iter()
+                .flat_map(|m| &m.deployments)
+                .any(|d| d.is_llama() && d.multimodal)
+    };
+    if !guarded(old) || !guarded(new) {
+        return Vec::new();
+    }
+    let takes = "; users in the EU could then reach multimodal Llama deployments, so a \
+                 reload does not do it: if that is meant, restart the gateway with this config";
+    let mut problems = Vec::new();
+    let dropped: Vec<&str> = was
+        .eu_regions
+        .iter()
+        .filter(|r| !now.is_eu(r))
+        .map(String::as_str)
+        .collect();
+    if !dropped.is_empty() {
+        problems.push(Problem::new(
+            "policy.eu_regions",
+            format!(
+                "the candidate no longer treats \"{}\" as the EU{takes}",
+                dropped.join("\", \"")
+            ),
+        ));
+    }
+    if let Some(region) = was.default_region.as_deref().filter(|r| was.is_eu(r))
+        && !now.default_region.as_deref().is_some_and(|r| now.is_eu(r))
+    {
+        problems.push(Problem::new(
+            "policy.default_region",
+            format!(
+                "the candidate {} the default region \"{region}\", an EU one, so requests that \
+                 name no region are no longer from the EU{takes}",
+                if now.default_region.is_some() {
+                    "changes"
+                } else {
+                    "drops"
+                }
+            ),
+        ));
+    }
+    problems
+}
+
 /// Who may call what, as a reload changes it: keys added, removed or
 /// changed (their models, region, limits or secret), and the admin token.
 fn access_changes(diff: &ConfigDiff, old: &Config, new: &Config) -> Vec<String> {
@@ -278,6 +333,7 @@ impl AppState {
         }
         let mut config = config::parse(&text, &*reloader.env).map_err(|p| invalid(p.0))?;
         let mut weakened = weakened_access(&current.config, &config);
+        weakened.extend(narrowed_eu_rule(&current.config, &config));
         if !weakened.is_empty() {
             config::locate(&text, &mut weakened);
             return Err(invalid(weakened));
