@@ -481,6 +481,68 @@ fn check_warns_where_an_eu_user_could_reach_a_multimodal_llama() {
     assert_eq!(out.code, Some(0), "stderr:\n{}", out.stderr);
 }
 
+/// The EU rule matches region names exactly, so a key or default region
+/// named for a place in Europe but left out of `policy.eu_regions` is
+/// served by the multimodal Llama: warned, until `eu_regions` names it.
+#[test]
+fn check_warns_of_a_region_in_europe_the_eu_rule_does_not_name() {
+    let vision = r#"
+[[backends]]
+name = "sim"
+kind = "simulated"
+
+[[models]]
+alias = "vision"
+[[models.deployments]]
+backend = "sim"
+model = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
+context_window = 8192
+licence = "llama"
+multimodal = true
+
+[[keys]]
+name = "paris"
+sha256 = "5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b"
+models = ["*"]
+region = "eu-west-3"
+
+[[keys]]
+name = "ohio"
+sha256 = "6b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b"
+models = ["*"]
+region = "us-east-2"
+
+[policy]
+default_region = "europe-west4"
+"#;
+    let check = |text: &str| {
+        let file = temp_config(text);
+        let mut cmd = tollgate();
+        cmd.arg("check")
+            .arg("--strict")
+            .arg("--config")
+            .arg(file.path());
+        run(cmd)
+    };
+    let out = check(vision);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    for (path, region) in [
+        ("policy.default_region", "europe-west4"),
+        ("keys[0].region", "eu-west-3"),
+    ] {
+        let line = line_starting(&out, &format!("warning: {path}: "));
+        assert!(line.contains(&format!("\"{region}\"")), "{line}");
+        assert!(line.contains("not in policy.eu_regions"), "{line}");
+    }
+    assert_eq!(out.stderr.matches("warning: ").count(), 2, "{}", out.stderr);
+    let named = vision.replace(
+        "[policy]",
+        "[policy]\neu_regions = [\"eu\", \"eu-west-3\", \"europe-west4\"]",
+    );
+    let out = check(&named);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}
+
 /// A warning is placed at the line its path is written on; one about a
 /// value the file leaves to its default has no line to give.
 #[test]

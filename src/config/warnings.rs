@@ -66,6 +66,25 @@ fn eu_escapes(config: &Config) -> Vec<Problem> {
     let aliases = restricted.join("\", \"");
     let unset = policy.default_region.is_none();
     let mut warnings = Vec::new();
+    // The rule matches region names exactly: an `eu-west-1` key is not
+    // `eu` unless `eu_regions` says so.
+    let european = |path: String, whose: String, region: &str| {
+        (names_europe(region) && !policy.is_eu(region)).then(|| {
+            Problem::new(
+                path,
+                format!(
+                    "{whose} names a place in Europe but is not in policy.eu_regions, so the multimodal Llama deployments of \"{aliases}\" serve it; add it to policy.eu_regions if its users are in the EU"
+                ),
+            )
+        })
+    };
+    warnings.extend(policy.default_region.as_deref().and_then(|region| {
+        european(
+            "policy.default_region".into(),
+            format!("the default region \"{region}\""),
+            region,
+        )
+    }));
     if config.keys.is_empty() {
         warnings.push(Problem::new(
             "keys",
@@ -79,6 +98,13 @@ fn eu_escapes(config: &Config) -> Vec<Problem> {
         if !restricted.iter().any(|alias| key.models.allows(alias)) {
             continue;
         }
+        warnings.extend(key.region.as_deref().and_then(|region| {
+            european(
+                format!("keys[{i}].region"),
+                format!("the region \"{region}\" of key \"{}\"", key.name),
+                region,
+            )
+        }));
         if key.region_header {
             warnings.push(Problem::new(
                 format!("keys[{i}].region_header"),
@@ -104,6 +130,12 @@ fn eu_escapes(config: &Config) -> Vec<Problem> {
         }
     }
     warnings
+}
+
+/// The region's name places it in Europe: an `eu` word (`eu-west-1`,
+/// `eu_central`) or `europe` (`europe-west4`, `westeurope`).
+fn names_europe(region: &str) -> bool {
+    region.contains("europe") || region.split(['-', '_']).any(|word| word == "eu")
 }
 
 /// The upstream model id names a Llama model (`meta-llama/Llama-3.3-70B`,
@@ -134,6 +166,22 @@ fn names_multimodal_llama(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn regions_in_europe_are_recognised_by_name() {
+        for region in [
+            "eu",
+            "eu-west-1",
+            "eu_central",
+            "europe-west4",
+            "westeurope",
+        ] {
+            assert!(names_europe(region), "{region}");
+        }
+        for region in ["us-east-1", "neutral", "ap-south-1", "useu"] {
+            assert!(!names_europe(region), "{region}");
+        }
+    }
 
     #[test]
     fn multimodal_llama_ids_are_recognised() {
