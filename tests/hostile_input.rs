@@ -309,3 +309,44 @@ async fn an_output_limit_of_zero_is_refused_as_each_api_names_it() {
     );
     assert_eq!(answer(&addr, &scoring).await.0, 200);
 }
+
+/// `METHOD PATH` with the admin token and `body`, closing after.
+fn admin(line: &str, body: &str) -> Vec<u8> {
+    format!(
+        "{line} HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn admin_gateway() -> Config {
+    Config::new()
+        .backend(Backend::simulated("sim").answers(5, 1000, 5))
+        .model(Model::new("chat").deployment(Deployment::new("sim", "m")))
+        .key(Key::new("team"))
+        .admin()
+}
+
+const EXPLAIN: &str = r#"{"request":{"model":"chat","messages":[{"role":"user","content":"hi"}]}}"#;
+
+#[tokio::test]
+async fn every_admin_call_refuses_a_query_parameter_it_does_not_take() {
+    let gateway = support::gateway::start(&admin_gateway()).await;
+    let addr = gateway.base.trim_start_matches("http://").to_owned();
+    // Each call, with a parameter it does not take: a misspelt or
+    // misplaced one is never read as something else, nor ignored.
+    for (line, body) in [
+        ("GET /admin/status?verbose=true", ""),
+        ("GET /admin/config?version=1", ""),
+        ("POST /admin/explain?dry_run=true", EXPLAIN),
+        ("GET /admin/spend?month=2026-12", ""),
+        ("GET /admin/licence?key=team", ""),
+        ("POST /admin/reload?dry-run=true", ""),
+    ] {
+        let (status, _, body) = answer(&addr, &admin(line, body)).await;
+        let error: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, 400, "{line}: {error}");
+        let param = error["error"]["param"].as_str().unwrap_or_default();
+        assert!(line.contains(&format!("?{param}=")), "{line}: {error}");
+    }
+}

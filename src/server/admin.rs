@@ -41,8 +41,8 @@ pub async fn explain_plan(
     body: Body,
 ) -> Response {
     let snapshot = app.snapshot.load_full();
-    let body = match authorised_body(&snapshot, &headers, &uri, body).await {
-        Ok(body) => body,
+    let body = match authorised_body(&snapshot, &headers, &uri, &[], body).await {
+        Ok((_, body)) => body,
         Err(e) => return e.into_response(),
     };
     answer(
@@ -59,19 +59,36 @@ pub async fn explain_plan(
     )
 }
 
-/// The body of an admin call, read only once its token is checked: a
-/// caller without the token costs no more than its request head.
+/// The query parameters of an admin call, each one of `known` (see
+/// [`params`]), read once its token is checked.
+fn authorised(
+    snapshot: &Snapshot,
+    headers: &HeaderMap,
+    uri: &Uri,
+    known: &[&str],
+) -> Result<HashMap<String, String>, GatewayError> {
+    auth::authenticate_admin(snapshot, headers, uri.path())?;
+    params(uri, known)
+}
+
+/// The query parameters and body of an admin call, the body read only
+/// once its token and query are checked: a caller without the token costs
+/// no more than its request head.
 async fn authorised_body(
     snapshot: &Snapshot,
     headers: &HeaderMap,
     uri: &Uri,
+    known: &[&str],
     body: Body,
-) -> Result<Bytes, GatewayError> {
-    auth::authenticate_admin(snapshot, headers, uri.path())?;
+) -> Result<(HashMap<String, String>, Bytes), GatewayError> {
+    let params = authorised(snapshot, headers, uri, known)?;
     if let Some(refusal) = compressed(headers) {
         return Err(refusal);
     }
-    read_body(headers, body, &snapshot.config.server).await
+    Ok((
+        params,
+        read_body(headers, body, &snapshot.config.server).await?,
+    ))
 }
 
 #[derive(Debug, Serialize)]
@@ -123,8 +140,8 @@ fn day(params: &HashMap<String, String>, name: &str) -> Result<Option<Date>, Gat
 /// each licence served and the EU multimodal refusals.
 pub async fn licence(State(app): State<Arc<AppState>>, headers: HeaderMap, uri: Uri) -> Response {
     let snapshot = app.snapshot.load_full();
-    let asked = auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
-        params(&uri, &["month"])?
+    let asked = authorised(&snapshot, &headers, &uri, &["month"]).and_then(|params| {
+        params
             .get("month")
             .map(|m| {
                 crate::licence::parse_month(m)
@@ -158,12 +175,12 @@ fn params(uri: &Uri, known: &[&str]) -> Result<HashMap<String, String>, GatewayE
         if !known.contains(&&*name) {
             return Err(GatewayError::bad_request(
                 format!(
-                    "unknown parameter `{}`; use {}",
+                    "unknown parameter `{}`; {}",
                     echo(&name),
                     match known {
-                        [one] => (*one).to_owned(),
-                        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
-                        [] => "none".to_owned(),
+                        [one] => format!("use {one}"),
+                        [rest @ .., last] => format!("use {} and {last}", rest.join(", ")),
+                        [] => "this call takes none".to_owned(),
                     }
                 ),
                 Some(echo(&name)),
@@ -198,8 +215,7 @@ const LEDGER_RETRY: Duration = Duration::from_secs(5);
 /// the database cannot be reached.
 pub async fn spend(State(app): State<Arc<AppState>>, headers: HeaderMap, uri: Uri) -> Response {
     let snapshot = app.snapshot.load_full();
-    let asked = auth::authenticate_admin(&snapshot, &headers, uri.path()).and_then(|()| {
-        let params = params(&uri, &["key", "from", "to"])?;
+    let asked = authorised(&snapshot, &headers, &uri, &["key", "from", "to"]).and_then(|params| {
         let (from, to) = (day(&params, "from")?, day(&params, "to")?);
         if let (Some(from), Some(to)) = (from, to)
             && to < from
@@ -260,27 +276,25 @@ pub async fn spend(State(app): State<Arc<AppState>>, headers: HeaderMap, uri: Ur
 /// `degraded: true` while a shared store does not answer.
 pub async fn status(State(app): State<Arc<AppState>>, headers: HeaderMap, uri: Uri) -> Response {
     let snapshot = app.snapshot.load_full();
-    answer(
-        auth::authenticate_admin(&snapshot, &headers, uri.path()).map(|()| {
-            let state = match &app.fleet {
-                None => serde_json::json!({"backend": "memory", "degraded": false, "replicas": 1}),
-                Some(fleet) => serde_json::json!({
-                    "backend": "redis",
-                    "degraded": fleet.is_degraded(),
-                    "on_unavailable": match fleet.on_unavailable {
-                        crate::config::OnUnavailable::Local => "local",
-                        crate::config::OnUnavailable::Refuse => "refuse",
-                    },
-                    "replicas": fleet.replicas(),
-                }),
-            };
-            serde_json::json!({
-                "config_version": snapshot.config.version,
-                "draining": app.is_draining(),
-                "state": state,
-            })
-        }),
-    )
+    answer(authorised(&snapshot, &headers, &uri, &[]).map(|_| {
+        let state = match &app.fleet {
+            None => serde_json::json!({"backend": "memory", "degraded": false, "replicas": 1}),
+            Some(fleet) => serde_json::json!({
+                "backend": "redis",
+                "degraded": fleet.is_degraded(),
+                "on_unavailable": match fleet.on_unavailable {
+                    crate::config::OnUnavailable::Local => "local",
+                    crate::config::OnUnavailable::Refuse => "refuse",
+                },
+                "replicas": fleet.replicas(),
+            }),
+        };
+        serde_json::json!({
+            "config_version": snapshot.config.version,
+            "draining": app.is_draining(),
+            "state": state,
+        })
+    }))
 }
 
 /// `POST /admin/reload[?dry_run=true]`: validates the candidate config
@@ -293,11 +307,8 @@ pub async fn reload(
     body: Body,
 ) -> Response {
     let snapshot = app.snapshot.load_full();
-    let asked = match authorised_body(&snapshot, &headers, &uri, body).await {
-        Ok(body) => params(&uri, &["dry_run"]).map(|params| (body, params)),
-        Err(e) => Err(e),
-    };
-    let (body, params) = match asked {
+    let (params, body) = match authorised_body(&snapshot, &headers, &uri, &["dry_run"], body).await
+    {
         Ok(asked) => asked,
         Err(e) => return e.into_response(),
     };
@@ -365,7 +376,7 @@ pub async fn active_config(
 ) -> Response {
     let snapshot = app.snapshot.load_full();
     answer(
-        auth::authenticate_admin(&snapshot, &headers, uri.path()).map(|()| ActiveConfig {
+        authorised(&snapshot, &headers, &uri, &[]).map(|_| ActiveConfig {
             version: &snapshot.config.version,
             config: snapshot.config.written(),
         }),
