@@ -350,3 +350,40 @@ async fn every_admin_call_refuses_a_query_parameter_it_does_not_take() {
         assert!(line.contains(&format!("?{param}=")), "{line}: {error}");
     }
 }
+
+#[tokio::test]
+async fn an_admin_error_echoes_what_the_caller_sent_up_to_256_characters() {
+    let gateway = support::gateway::start(&admin_gateway()).await;
+    let addr = gateway.base.trim_start_matches("http://").to_owned();
+    let long = "x".repeat(3000);
+    for (line, body) in [
+        (format!("POST /admin/reload?dry_run={long}"), String::new()),
+        (format!("GET /admin/licence?month={long}"), String::new()),
+        (
+            "POST /admin/explain".to_owned(),
+            EXPLAIN.replace(r#""request""#, &format!(r#""key":"{long}","request""#)),
+        ),
+        (
+            "POST /admin/explain".to_owned(),
+            EXPLAIN.replace(r#""request""#, &format!(r#""api":"{long}","request""#)),
+        ),
+        (
+            "POST /admin/explain".to_owned(),
+            EXPLAIN.replace(r#""request""#, &format!(r#""{long}":1,"request""#)),
+        ),
+    ] {
+        let (status, _, body) = answer(&addr, &admin(&line, &body)).await;
+        let error: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, 400, "{line}: {error}");
+        let message = error["error"]["message"].as_str().unwrap();
+        let longest_run = message
+            .split(|c| c != 'x')
+            .map(str::len)
+            .max()
+            .unwrap_or_default();
+        assert!(
+            (1..=256).contains(&longest_run) && message.contains('…'),
+            "{line}: {longest_run} characters echoed: {message}"
+        );
+    }
+}

@@ -9,6 +9,7 @@ use time::macros::format_description;
 
 use super::hll;
 use crate::config::LicenceSettings;
+use crate::error::echo;
 use crate::ledger::LicenceMonth;
 
 #[derive(Debug, Serialize)]
@@ -76,7 +77,12 @@ pub fn parse_month(text: &str) -> Result<String, String> {
         .ok()
         .filter(|_| text.len() == 7)
         .map(super::month_name)
-        .ok_or_else(|| format!("\"{text}\" is not a month; write YYYY-MM, such as 2026-12"))
+        .ok_or_else(|| {
+            format!(
+                "\"{}\" is not a month; write YYYY-MM, such as 2026-12",
+                echo(text)
+            )
+        })
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::{Budget, Key, OnUnavailable};
-use crate::error::GatewayError;
+use crate::error::{GatewayError, echo};
 use crate::inbound::Api;
 use crate::limits::{Limits, Refused};
 use crate::metering::budget::{self, Reservation};
@@ -417,7 +417,10 @@ pub fn explain(snapshot: &Snapshot, ask: &ExplainRequest) -> Result<Explained, G
     let key = match &ask.key {
         None => None,
         Some(name) => Some(snapshot.key_named(name).ok_or_else(|| {
-            GatewayError::bad_request(format!("no key named \"{name}\""), Some("key".into()))
+            GatewayError::bad_request(
+                format!("no key named \"{}\"", echo(name)),
+                Some("key".into()),
+            )
         })?),
     };
     let bytes = serde_json::to_vec(&ask.request).expect("JSON values serialise");

@@ -48,9 +48,11 @@ pub async fn explain_plan(
     answer(
         serde_json::from_slice::<ExplainRequest>(&body)
             .map_err(|e| {
+                // serde quotes the field or value it refused: the caller's.
                 GatewayError::bad_request(
                     format!(
-                        "the body must be {{\"request\": {{...}}, \"region\"?, \"key\"?}}: {e}"
+                        "the body must be {{\"request\": {{...}}, \"region\"?, \"key\"?}}: {}",
+                        echo(&e.to_string())
                     ),
                     None,
                 )
@@ -317,7 +319,7 @@ pub async fn reload(
         Some("true") => true,
         Some(other) => {
             return GatewayError::bad_request(
-                format!("dry_run must be true or false, not \"{other}\""),
+                format!("dry_run must be true or false, not \"{}\"", echo(other)),
                 Some("dry_run".into()),
             )
             .into_response();
