@@ -39,8 +39,8 @@ fn by_ref(labels: &HashMap<String, String>) -> HashMap<&str, &str> {
 }
 
 /// Label value for "no alias", "no backend" or "no key" (the request never
-/// got that far, or the gateway has no keys).
-pub const NONE: &str = "none";
+/// got that far, or the gateway has no keys); config refuses it as a name.
+pub use crate::config::NONE;
 
 /// One metric family: what `/metrics` exports and the docs describe.
 #[derive(Debug)]

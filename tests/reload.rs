@@ -295,6 +295,43 @@ async fn a_reload_names_what_needs_a_restart_against_what_runs() {
     assert_eq!(restart_needed(back).await, json!([]), "undone");
 }
 
+/// Metrics and logs write `none` for a request that reached no alias,
+/// backend or key, so no name in the config may be `none`: its series
+/// would be those of the refused requests.
+#[tokio::test]
+async fn a_candidate_naming_anything_none_is_refused() {
+    let gateway = start(&simulated(&["one"])).await;
+    let version = active_version(&gateway).await;
+    let candidate = simulated(&["one", "none"])
+        .model(Model::new("none").deployment(Deployment::named("none", "one")))
+        .key(Key::new("none"));
+    let response = admin(&gateway, reqwest::Method::POST, "/admin/reload")
+        .await
+        .body(candidate.to_toml())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let refused: Value = response.json().await.unwrap();
+    let paths: Vec<&str> = refused["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "backends[1].name",
+            "models[1].alias",
+            "models[1].deployments[0].name",
+            "keys[0].name"
+        ],
+        "{refused:#}"
+    );
+    assert_eq!(active_version(&gateway).await, version);
+}
+
 #[tokio::test]
 async fn admin_reload_validates_whole_candidates_and_dry_runs_return_the_diff() {
     let gateway = start(&simulated(&["one", "two"])).await;

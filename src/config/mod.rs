@@ -20,7 +20,7 @@ pub use diff::{Changes, ConfigDiff, diff};
 pub use exposure::open_to_network;
 pub use location::{Location, locate};
 pub use types::*;
-pub use validate::{DEFAULT_LISTEN, EnvLookup, Secrets};
+pub use validate::{DEFAULT_LISTEN, EnvLookup, NONE, Secrets};
 pub use written::WrittenKeys;
 
 /// One thing wrong with a config file, at a path such as

@@ -213,6 +213,12 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
     }
 }
 
+/// What metrics and logs write for "no alias", "no backend" or "no key"
+/// (the request never got that far, or the gateway has no keys): no name
+/// in the config may be it, or a refused request would read as that
+/// name's.
+pub const NONE: &str = "none";
+
 struct Validator<'a> {
     problems: Vec<Problem>,
     /// Paths of the client credentials too short to be safe from guessing.
@@ -241,6 +247,11 @@ impl Validator<'_> {
                 self.problem(
                     path(),
                     format!("\"{name}\" may use only letters, digits and - _ . : /"),
+                );
+            } else if name == NONE {
+                self.problem(
+                    path(),
+                    format!("\"{NONE}\" is what metrics and logs say when a request reached no alias, backend or key; choose another name"),
                 );
             } else if !seen.insert(name) {
                 self.problem(

@@ -226,7 +226,7 @@ mod tests {
         for (name, region) in [
             ("eu", "region = \"eu-west-1\"\n"),
             ("us", "region = \"us-east-1\"\n"),
-            ("none", ""),
+            ("unplaced", ""),
         ] {
             text += &format!("[[backends]]\nname = \"{name}\"\nkind = \"simulated\"\n{region}");
         }
@@ -239,7 +239,7 @@ mod tests {
             "endpoints = [\"completions\"]\ntools = true\n",
             "",
         ];
-        for backend in ["eu", "us", "none"] {
+        for backend in ["eu", "us", "unplaced"] {
             for (k, kind) in kinds.iter().enumerate() {
                 text += &format!(
                     "[[models.deployments]]\nname = \"{backend}{k}\"\nbackend = \"{backend}\"\nmodel = \"x\"\ncontext_window = {}\n{kind}",
@@ -319,7 +319,7 @@ mod tests {
             .filter(|(row, _)| scope.admits(row))
             .map(|(_, d)| d.name.as_str())
             .collect();
-        assert_eq!(admitted, ["eu2", "us2", "none2"]);
+        assert_eq!(admitted, ["eu2", "us2", "unplaced2"]);
         let images = s.resolved(0, 0).backend;
         assert_eq!(
             scope.check(&deployments[0], s.backend(images)),
