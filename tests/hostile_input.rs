@@ -387,3 +387,40 @@ async fn an_admin_error_echoes_what_the_caller_sent_up_to_256_characters() {
         );
     }
 }
+
+#[tokio::test]
+async fn without_an_admin_token_every_admin_path_is_404_whatever_the_method() {
+    let config = Config::new()
+        .backend(Backend::simulated("sim").answers(5, 1000, 5))
+        .model(Model::new("chat").deployment(Deployment::new("sim", "m")))
+        .key(Key::new("team"));
+    let gateway = support::gateway::start(&config).await;
+    let addr = gateway.base.trim_start_matches("http://").to_owned();
+    // A 405 would tell a scanner which admin paths exist, and with which
+    // method; a path that never existed is the 404 to compare with.
+    let paths = [
+        "/admin/explain",
+        "/admin/spend",
+        "/admin/licence",
+        "/admin/status",
+        "/admin/reload",
+        "/admin/config",
+        "/admin/nothing",
+    ];
+    for path in paths {
+        for method in ["GET", "POST", "PUT", "DELETE"] {
+            let line = format!("{method} {path}");
+            let (status, _, body) = answer(&addr, &admin(&line, "")).await;
+            let error: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(status, 404, "{line}: {error}");
+            assert_eq!(
+                error["error"]["message"].as_str().unwrap(),
+                format!(
+                    "no route for {line}; this gateway serves /v1/chat/completions, /v1/completions, \
+                     /v1/embeddings, /v1/messages, /v1/responses and /v1/models"
+                ),
+                "{line}"
+            );
+        }
+    }
+}

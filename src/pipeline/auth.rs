@@ -30,14 +30,15 @@ pub fn authenticate<'s>(
 }
 
 /// Admin endpoints need the admin token; without one configured they do
-/// not exist (404), so a gateway never has an open admin API.
+/// not exist (404, naming `target`, `METHOD PATH`, as for a path that
+/// never existed), so a gateway never has an open admin API.
 pub fn authenticate_admin(
     snapshot: &Snapshot,
     headers: &HeaderMap,
-    path: &str,
+    target: &str,
 ) -> Result<(), GatewayError> {
     let Some(expected) = snapshot.config.admin.token_sha256 else {
-        return Err(GatewayError::not_found(path));
+        return Err(GatewayError::not_found(target));
     };
     token(expected, headers, "admin endpoints need the admin token")
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use time::Date;
@@ -37,11 +37,12 @@ fn answer<T: Serialize>(result: Result<T, GatewayError>) -> Response {
 pub async fn explain_plan(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
+    method: Method,
     uri: Uri,
     body: Body,
 ) -> Response {
     let snapshot = app.snapshot.load_full();
-    let body = match authorised_body(&snapshot, &headers, &uri, &[], body).await {
+    let body = match authorised_body(&snapshot, &headers, &method, &uri, &[], body).await {
         Ok((_, body)) => body,
         Err(e) => return e.into_response(),
     };
@@ -66,10 +67,11 @@ pub async fn explain_plan(
 fn authorised(
     snapshot: &Snapshot,
     headers: &HeaderMap,
+    method: &Method,
     uri: &Uri,
     known: &[&str],
 ) -> Result<HashMap<String, String>, GatewayError> {
-    auth::authenticate_admin(snapshot, headers, uri.path())?;
+    auth::authenticate_admin(snapshot, headers, &format!("{method} {}", uri.path()))?;
     params(uri, known)
 }
 
@@ -79,11 +81,12 @@ fn authorised(
 async fn authorised_body(
     snapshot: &Snapshot,
     headers: &HeaderMap,
+    method: &Method,
     uri: &Uri,
     known: &[&str],
     body: Body,
 ) -> Result<(HashMap<String, String>, Bytes), GatewayError> {
-    let params = authorised(snapshot, headers, uri, known)?;
+    let params = authorised(snapshot, headers, method, uri, known)?;
     if let Some(refusal) = compressed(headers) {
         return Err(refusal);
     }
@@ -140,9 +143,14 @@ fn day(params: &HashMap<String, String>, name: &str) -> Result<Option<Date>, Gat
 /// `GET /admin/licence?month=YYYY-MM`: per calendar month (every month
 /// the ledger holds, or the one asked for), the Llama end users, what
 /// each licence served and the EU multimodal refusals.
-pub async fn licence(State(app): State<Arc<AppState>>, headers: HeaderMap, uri: Uri) -> Response {
+pub async fn licence(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> Response {
     let snapshot = app.snapshot.load_full();
-    let asked = authorised(&snapshot, &headers, &uri, &["month"]).and_then(|params| {
+    let asked = authorised(&snapshot, &headers, &method, &uri, &["month"]).and_then(|params| {
         params
             .get("month")
             .map(|m| {
@@ -215,20 +223,26 @@ const LEDGER_RETRY: Duration = Duration::from_secs(5);
 /// day, key, model and deployment from the ledger (all filters optional,
 /// dates inclusive, UTC); with PostgreSQL, the whole fleet's, or 503 while
 /// the database cannot be reached.
-pub async fn spend(State(app): State<Arc<AppState>>, headers: HeaderMap, uri: Uri) -> Response {
+pub async fn spend(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> Response {
     let snapshot = app.snapshot.load_full();
-    let asked = authorised(&snapshot, &headers, &uri, &["key", "from", "to"]).and_then(|params| {
-        let (from, to) = (day(&params, "from")?, day(&params, "to")?);
-        if let (Some(from), Some(to)) = (from, to)
-            && to < from
-        {
-            return Err(GatewayError::bad_request(
-                "`to` is before `from`: the range is inclusive, from its first day to its last",
-                Some("to".into()),
-            ));
-        }
-        Ok((params, from, to))
-    });
+    let asked =
+        authorised(&snapshot, &headers, &method, &uri, &["key", "from", "to"]).and_then(|params| {
+            let (from, to) = (day(&params, "from")?, day(&params, "to")?);
+            if let (Some(from), Some(to)) = (from, to)
+                && to < from
+            {
+                return Err(GatewayError::bad_request(
+                    "`to` is before `from`: the range is inclusive, from its first day to its last",
+                    Some("to".into()),
+                ));
+            }
+            Ok((params, from, to))
+        });
     let (params, from, to) = match asked {
         Ok(asked) => asked,
         Err(e) => return e.into_response(),
@@ -276,27 +290,34 @@ pub async fn spend(State(app): State<Arc<AppState>>, headers: HeaderMap, uri: Ur
 /// `GET /admin/status`: what this replica runs on: its config version,
 /// whether it drains, and where its budgets and limits live — with
 /// `degraded: true` while a shared store does not answer.
-pub async fn status(State(app): State<Arc<AppState>>, headers: HeaderMap, uri: Uri) -> Response {
+pub async fn status(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> Response {
     let snapshot = app.snapshot.load_full();
-    answer(authorised(&snapshot, &headers, &uri, &[]).map(|_| {
-        let state = match &app.fleet {
-            None => serde_json::json!({"backend": "memory", "degraded": false, "replicas": 1}),
-            Some(fleet) => serde_json::json!({
-                "backend": "redis",
-                "degraded": fleet.is_degraded(),
-                "on_unavailable": match fleet.on_unavailable {
-                    crate::config::OnUnavailable::Local => "local",
-                    crate::config::OnUnavailable::Refuse => "refuse",
-                },
-                "replicas": fleet.replicas(),
-            }),
-        };
-        serde_json::json!({
-            "config_version": snapshot.config.version,
-            "draining": app.is_draining(),
-            "state": state,
-        })
-    }))
+    answer(
+        authorised(&snapshot, &headers, &method, &uri, &[]).map(|_| {
+            let state = match &app.fleet {
+                None => serde_json::json!({"backend": "memory", "degraded": false, "replicas": 1}),
+                Some(fleet) => serde_json::json!({
+                    "backend": "redis",
+                    "degraded": fleet.is_degraded(),
+                    "on_unavailable": match fleet.on_unavailable {
+                        crate::config::OnUnavailable::Local => "local",
+                        crate::config::OnUnavailable::Refuse => "refuse",
+                    },
+                    "replicas": fleet.replicas(),
+                }),
+            };
+            serde_json::json!({
+                "config_version": snapshot.config.version,
+                "draining": app.is_draining(),
+                "state": state,
+            })
+        }),
+    )
 }
 
 /// `POST /admin/reload[?dry_run=true]`: validates the candidate config
@@ -305,15 +326,16 @@ pub async fn status(State(app): State<Arc<AppState>>, headers: HeaderMap, uri: U
 pub async fn reload(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
+    method: Method,
     uri: Uri,
     body: Body,
 ) -> Response {
     let snapshot = app.snapshot.load_full();
-    let (params, body) = match authorised_body(&snapshot, &headers, &uri, &["dry_run"], body).await
-    {
-        Ok(asked) => asked,
-        Err(e) => return e.into_response(),
-    };
+    let (params, body) =
+        match authorised_body(&snapshot, &headers, &method, &uri, &["dry_run"], body).await {
+            Ok(asked) => asked,
+            Err(e) => return e.into_response(),
+        };
     let dry_run = match params.get("dry_run").map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,
@@ -374,11 +396,12 @@ struct ActiveConfig<'a, C> {
 pub async fn active_config(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
+    method: Method,
     uri: Uri,
 ) -> Response {
     let snapshot = app.snapshot.load_full();
     answer(
-        authorised(&snapshot, &headers, &uri, &[]).map(|_| ActiveConfig {
+        authorised(&snapshot, &headers, &method, &uri, &[]).map(|_| ActiveConfig {
             version: &snapshot.config.version,
             config: snapshot.config.written(),
         }),

@@ -299,7 +299,17 @@ async fn not_found(method: Method, uri: Uri) -> Response {
     GatewayError::not_found(&format!("{method} {target}")).into_response_in(error_shape(&uri))
 }
 
-async fn method_not_allowed(uri: Uri) -> Response {
+async fn method_not_allowed(
+    State(app): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+) -> Response {
+    // Without an admin token the admin paths do not exist, whatever the
+    // method: a 405 would tell a scanner they do.
+    if uri.path().starts_with("/admin/") && app.snapshot.load().config.admin.token_sha256.is_none()
+    {
+        return not_found(method, uri).await;
+    }
     GatewayError::method_not_allowed().into_response_in(error_shape(&uri))
 }
 
