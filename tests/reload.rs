@@ -332,6 +332,26 @@ async fn a_candidate_naming_anything_none_is_refused() {
     assert_eq!(active_version(&gateway).await, version);
 }
 
+/// Prometheus holds the metrics token: were it the admin token, whoever
+/// reads Prometheus's scrape config could reload the gateway's.
+#[tokio::test]
+async fn a_candidate_whose_metrics_token_is_the_admin_token_is_refused() {
+    let gateway = start(&simulated(&["one"])).await;
+    let version = active_version(&gateway).await;
+    let candidate = simulated(&["one"]).set("metrics", "token_env", "ADMIN_TOKEN");
+    let response = admin(&gateway, reqwest::Method::POST, "/admin/reload")
+        .await
+        .body(candidate.to_toml())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let refused: Value = response.json().await.unwrap();
+    assert_eq!(status, 422, "{refused:#}");
+    assert_eq!(refused["problems"][0]["path"], "metrics.token_env");
+    assert_eq!(active_version(&gateway).await, version);
+}
+
 #[tokio::test]
 async fn admin_reload_validates_whole_candidates_and_dry_runs_return_the_diff() {
     let gateway = start(&simulated(&["one", "two"])).await;

@@ -184,6 +184,15 @@ pub fn validate(raw: RawConfig, secrets: Secrets<'_>) -> Result<Config, Problems
             );
         }
     }
+    // Prometheus holds the metrics token, in its scrape config; the same
+    // secret as the admin token would let it, or whoever reads that
+    // config, reload this one.
+    if admin.token_sha256.is_some() && admin.token_sha256 == metrics.token_sha256 {
+        v.problem(
+            "metrics.token_env",
+            "the metrics token is the admin token; give /metrics a token of its own",
+        );
+    }
 
     if v.problems.is_empty() {
         let mut config = Config {
