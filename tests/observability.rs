@@ -835,3 +835,42 @@ async fn metrics_ask_for_their_token_when_one_is_configured() {
     let page = with.text().await.unwrap();
     assert!(page.contains("tollgate_requests_in_flight"), "{page}");
 }
+
+/// Each scrape sets the live-state gauges afresh (circuits, budgets…),
+/// clearing them first so that names a reload removed disappear: two
+/// scrapes at once, as a pair of Prometheus servers makes, must each see
+/// every series all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scrapes_at_once_each_see_every_live_state_series() {
+    const DEPLOYMENTS: usize = 50;
+    let mut config = Config::new().backend(Backend::simulated("sim"));
+    for i in 0..DEPLOYMENTS {
+        config = config.model(Model::new(&format!("m{i}")).deployment(Deployment::new("sim", "m")));
+    }
+    let gateway = support::gateway::start(&config).await;
+    let scrapers = (0..8).map(|_| {
+        let (base, http) = (gateway.base.clone(), gateway.http.clone());
+        tokio::spawn(async move {
+            let mut short = Vec::new();
+            for _ in 0..25 {
+                let page = http.get(format!("{base}/metrics")).send().await.unwrap();
+                let page = page.text().await.unwrap();
+                let circuits = page
+                    .lines()
+                    .filter(|l| l.starts_with("tollgate_circuit_state{"))
+                    .count();
+                if circuits != 3 * DEPLOYMENTS {
+                    short.push(circuits);
+                }
+            }
+            short
+        })
+    });
+    for scraper in scrapers.collect::<Vec<_>>() {
+        let short = scraper.await.unwrap();
+        assert!(
+            short.is_empty(),
+            "scrapes that lacked circuit series (their counts): {short:?}"
+        );
+    }
+}

@@ -279,12 +279,16 @@ async fn metrics(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respon
     if let Err(e) = auth::authenticate_metrics(&app.snapshot.load(), &headers) {
         return e.into_response();
     }
+    let page = {
+        let _scrape = app.scrape.lock().await;
+        metrics_page::render(&app)
+    };
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        metrics_page::render(&app),
+        page,
     )
         .into_response()
 }

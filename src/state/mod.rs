@@ -49,6 +49,9 @@ pub struct AppState {
     /// What each licence served this month and the users of Llama's,
     /// written to the ledger every flush interval.
     pub licence: Arc<LicenceBook>,
+    /// Held by a `/metrics` scrape: each clears the live-state gauges
+    /// before setting them, so another encoding meanwhile would miss them.
+    pub scrape: tokio::sync::Mutex<()>,
     /// Config reloads, and the engine scrapers of the current snapshot.
     reloader: reload::Reloader,
     draining: AtomicBool,
@@ -122,6 +125,7 @@ impl AppState {
             fleet,
             traces,
             licence: book,
+            scrape: tokio::sync::Mutex::new(()),
             reloader: reload::Reloader::new(options.env, options.config_file, scrapers, started),
             draining: AtomicBool::new(false),
             closing: Arc::default(),
