@@ -352,6 +352,34 @@ async fn a_candidate_whose_metrics_token_is_the_admin_token_is_refused() {
     assert_eq!(active_version(&gateway).await, version);
 }
 
+/// A dry run checks a candidate, as CI does with each proposed change: an
+/// invalid one is not a refused reload, for the alert on those to fire.
+#[tokio::test]
+async fn an_invalid_dry_run_is_not_counted_as_a_refused_reload() {
+    let gateway = start(&simulated(&["one"])).await;
+    let candidate = simulated(&["one"]).set("routing", "max_attempts", 99);
+    let response = admin(
+        &gateway,
+        reqwest::Method::POST,
+        "/admin/reload?dry_run=true",
+    )
+    .await
+    .body(candidate.to_toml())
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 422);
+    let text = gateway.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_config_reloads_total",
+            &[("result", "invalid")]
+        ),
+        Some(0.0)
+    );
+}
+
 #[tokio::test]
 async fn admin_reload_validates_whole_candidates_and_dry_runs_return_the_diff() {
     let gateway = start(&simulated(&["one", "two"])).await;

@@ -315,10 +315,14 @@ impl AppState {
         };
         let current = self.snapshot.load_full();
         let invalid = |problems: Vec<Problem>| {
-            self.metrics
-                .config_reloads
-                .with_label_values(&["invalid"])
-                .inc();
+            // A dry run only checks a candidate; the alert on refused
+            // reloads is for changes that were meant to apply.
+            if !dry_run {
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["invalid"])
+                    .inc();
+            }
             for problem in &problems {
                 tracing::error!(problem = %problem, "config reload refused; the running config stays");
             }
