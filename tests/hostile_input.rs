@@ -168,6 +168,16 @@ async fn every_bad_request_gets_an_error_in_its_apis_shape_and_the_gateway_stays
             401,
         ),
         (
+            // RFC 9110: the scheme's name is case-insensitive. The key is
+            // taken; the empty object is not a chat request.
+            "the scheme in capitals",
+            format!(
+                "POST {CHAT} HTTP/1.1\r\nauthorization: BEARER {KEY}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+            )
+            .into_bytes(),
+            400,
+        ),
+        (
             "a key of 64 KB",
             format!(
                 "POST {CHAT} HTTP/1.1\r\nauthorization: Bearer {}\r\ncontent-length: 2\r\n\r\n{{}}",

@@ -75,13 +75,18 @@ fn api_key(headers: &HeaderMap) -> Option<&str> {
         .filter(|k| !k.is_empty())
 }
 
+/// The token of `Authorization: Bearer TOKEN`; the scheme's name is
+/// case-insensitive (RFC 9110 §11.1), so `BEARER` is one too.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
+    const SCHEME: &str = "bearer ";
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
+            let scheme = v.get(..SCHEME.len())?;
+            scheme
+                .eq_ignore_ascii_case(SCHEME)
+                .then(|| &v[SCHEME.len()..])
         })
         .map(str::trim)
         .filter(|k| !k.is_empty())
