@@ -386,6 +386,15 @@ url = "redis://:hunter2@10.0.0.5:6379/0""#
                 "state.url: holds a password, and config files hold no secrets: put the URL in an environment variable and name it in url_env"
             ]
         );
+        assert_eq!(
+            with(
+                r#"backend = "redis"
+url = "redis://10.0.0.5:6379/0?password=hunter2""#
+            ),
+            [
+                "state.url: the URL has a password in its query, which the Redis client does not send: write redis://:PASSWORD@HOST:PORT/DB, in an environment variable named by url_env"
+            ]
+        );
         assert!(
             with(r#"backend = "redis""#)[0].starts_with("state.url_env: backend = \"redis\" needs"),
         );

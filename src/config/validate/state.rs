@@ -154,6 +154,18 @@ impl Validator<'_> {
             );
             return false;
         }
+        // The client reads a password only from the URL's user info: one
+        // in the query would be a secret in the file, and never sent.
+        if url
+            .query_pairs()
+            .any(|(name, _)| matches!(&*name, "password" | "pass"))
+        {
+            self.problem(
+                path,
+                format!("{shown} has a password in its query, which the Redis client does not send: write redis://:PASSWORD@HOST:PORT/DB, in an environment variable named by url_env"),
+            );
+            return false;
+        }
         if var.is_none() && url.password().is_some() {
             self.problem(
                 path,
