@@ -86,12 +86,7 @@ fn chat(members: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn every_bad_request_gets_an_error_in_its_apis_shape_and_the_gateway_stays_up() {
-    let config = Config::new()
-        .backend(Backend::simulated("sim").answers(5, 1000, 5))
-        .model(Model::new("chat").deployment(Deployment::new("sim", "m")))
-        .key(Key::new("team"))
-        .admin();
-    let gateway = support::gateway::start(&config).await;
+    let gateway = support::gateway::start(&admin_gateway()).await;
     let addr = gateway.base.trim_start_matches("http://").to_owned();
     let deep = format!("[{}{}", "[".repeat(100_000), "]".repeat(100_001));
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
@@ -275,11 +270,7 @@ async fn every_bad_request_gets_an_error_in_its_apis_shape_and_the_gateway_stays
 
 #[tokio::test]
 async fn an_output_limit_of_zero_is_refused_as_each_api_names_it() {
-    let config = Config::new()
-        .backend(Backend::simulated("sim").answers(5, 1000, 5))
-        .model(Model::new("chat").deployment(Deployment::new("sim", "m")))
-        .key(Key::new("team"));
-    let gateway = support::gateway::start(&config).await;
+    let gateway = support::gateway::start(&keyed()).await;
     let addr = gateway.base.trim_start_matches("http://").to_owned();
     let cases: [(Vec<u8>, &str); 4] = [
         (chat(r#","max_tokens":0"#), "max_tokens"),
@@ -329,12 +320,17 @@ fn admin(line: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn admin_gateway() -> Config {
+/// A simulated chat model `chat` and the key `team`.
+fn keyed() -> Config {
     Config::new()
         .backend(Backend::simulated("sim").answers(5, 1000, 5))
         .model(Model::new("chat").deployment(Deployment::new("sim", "m")))
         .key(Key::new("team"))
-        .admin()
+}
+
+/// `keyed`, with the admin API.
+fn admin_gateway() -> Config {
+    keyed().admin()
 }
 
 const EXPLAIN: &str = r#"{"request":{"model":"chat","messages":[{"role":"user","content":"hi"}]}}"#;
@@ -400,11 +396,7 @@ async fn an_admin_error_echoes_what_the_caller_sent_up_to_256_characters() {
 
 #[tokio::test]
 async fn without_an_admin_token_every_admin_path_is_404_whatever_the_method() {
-    let config = Config::new()
-        .backend(Backend::simulated("sim").answers(5, 1000, 5))
-        .model(Model::new("chat").deployment(Deployment::new("sim", "m")))
-        .key(Key::new("team"));
-    let gateway = support::gateway::start(&config).await;
+    let gateway = support::gateway::start(&keyed()).await;
     let addr = gateway.base.trim_start_matches("http://").to_owned();
     // A 405 would tell a scanner which admin paths exist, and with which
     // method; a path that never existed is the 404 to compare with.

@@ -305,20 +305,7 @@ async fn a_candidate_naming_anything_none_is_refused() {
     let candidate = simulated(&["one", "none"])
         .model(Model::new("none").deployment(Deployment::named("none", "one")))
         .key(Key::new("none"));
-    let response = admin(&gateway, reqwest::Method::POST, "/admin/reload")
-        .await
-        .body(candidate.to_toml())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 422);
-    let refused: Value = response.json().await.unwrap();
-    let paths: Vec<&str> = refused["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["path"].as_str().unwrap())
-        .collect();
+    let (paths, _) = reload_refused(&gateway, candidate).await;
     assert_eq!(
         paths,
         [
@@ -326,8 +313,7 @@ async fn a_candidate_naming_anything_none_is_refused() {
             "models[1].alias",
             "models[1].deployments[0].name",
             "keys[0].name"
-        ],
-        "{refused:#}"
+        ]
     );
     assert_eq!(active_version(&gateway).await, version);
 }
@@ -339,16 +325,8 @@ async fn a_candidate_whose_metrics_token_is_the_admin_token_is_refused() {
     let gateway = start(&simulated(&["one"])).await;
     let version = active_version(&gateway).await;
     let candidate = simulated(&["one"]).set("metrics", "token_env", "ADMIN_TOKEN");
-    let response = admin(&gateway, reqwest::Method::POST, "/admin/reload")
-        .await
-        .body(candidate.to_toml())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    let refused: Value = response.json().await.unwrap();
-    assert_eq!(status, 422, "{refused:#}");
-    assert_eq!(refused["problems"][0]["path"], "metrics.token_env");
+    let (paths, _) = reload_refused(&gateway, candidate).await;
+    assert_eq!(paths, ["metrics.token_env"]);
     assert_eq!(active_version(&gateway).await, version);
 }
 
