@@ -234,8 +234,8 @@ fn spillover_sends_what_is_above_the_pools_capacity_to_the_cheapest_api() {
     assert_eq!(
         alias["break_even"],
         json!([
-            {"deployment": "peaked/api-b", "requests_per_day": null},
-            {"deployment": "peaked/api-c", "requests_per_day": 11_667}
+            {"deployment": "peaked/api-b", "requests_per_day": null, "cheaper_between": null},
+            {"deployment": "peaked/api-c", "requests_per_day": 11_667, "cheaper_between": null}
         ])
     );
 }

@@ -253,9 +253,13 @@ impl<'a> Alias<'a> {
         }) {
             Some((_, sizing)) => self
                 .per_token()
-                .map(|(o, request)| BreakEven {
-                    deployment: o.deployment.name.clone(),
-                    requests_per_day: sizing.break_even(request),
+                .map(|(o, request)| {
+                    let found = sizing.break_even(request);
+                    BreakEven {
+                        deployment: o.deployment.name.clone(),
+                        requests_per_day: found.from,
+                        cheaper_between: found.earlier,
+                    }
                 })
                 .collect(),
             None => Vec::new(),

@@ -110,6 +110,7 @@ pub fn peak_milli(mean: u128, peak_to_mean_milli: u64) -> u128 {
 
 /// Sizing a self-hosted pool for a load: GPUs never below those
 /// configured (they are paid for), more when the peak needs them.
+#[derive(Debug)]
 pub struct Sizing {
     pub pool: Pool,
     /// Fixed costs of the backend over the month, pico-dollars.
@@ -152,26 +153,69 @@ impl Sizing {
         per_gpu_milli * u128::from(gpus) / per_request_peak
     }
 
-    /// The fewest requests a day at which this pool, sized to serve them
-    /// (never below its configured GPUs), costs less over the month than
-    /// `request_pico` a request: `None` when it never does.
-    pub fn break_even(&self, request_pico: u128) -> Option<u64> {
+    /// Where this pool, sized to serve each load (never below its
+    /// configured GPUs), costs less over the month than `request_pico` a
+    /// request. The pool's cost rises a GPU at a time while the tokens'
+    /// rises with every request, so the pool can be cheaper for a range of
+    /// loads and dearer again once it needs its next GPU.
+    pub fn break_even(&self, request_pico: u128) -> BreakEven {
+        let mut found = BreakEven::default();
         if request_pico == 0 {
-            return None;
+            return found;
         }
         let period_request = request_pico * u128::from(self.days);
-        let mut gpus = u64::from(self.pool.gpus);
-        while gpus <= MAX_GPUS {
-            // At this size the pool costs the same for every load it
-            // serves: cheaper from the first load whose tokens cost more.
-            let first = self.month_pico(gpus) / period_request + 1;
-            if first <= self.requests_served(gpus) {
-                return u64::try_from(first).ok();
+        // Each GPU more serves at least `step` requests more, so once a
+        // size is cheaper for all it serves and `step` requests pay for a
+        // GPU's month, every larger size is too.
+        let step = self.requests_served(1);
+        let pays_for_a_gpu =
+            step.saturating_mul(period_request) >= self.pool.day_pico(1) * u128::from(self.days);
+        // The cheaper run that reaches the end of the sizes seen so far.
+        let mut from: Option<u128> = None;
+        let mut lo = 1u128;
+        for gpus in u64::from(self.pool.gpus)..=MAX_GPUS {
+            // The loads this size serves: from `lo` to `hi`.
+            let hi = self.requests_served(gpus);
+            if hi < lo {
+                continue;
             }
-            gpus += 1;
+            let first = (self.month_pico(gpus) / period_request + 1).max(lo);
+            if first > lo {
+                // Dearer at `lo`: a cheaper run before it ended at `lo - 1`.
+                if let Some(start) = from.take() {
+                    found.earlier.get_or_insert((clamp(start), clamp(lo - 1)));
+                }
+                from = (first <= hi).then_some(first);
+            } else {
+                from.get_or_insert(lo);
+                if pays_for_a_gpu {
+                    break;
+                }
+            }
+            if hi == u128::MAX {
+                break;
+            }
+            lo = hi + 1;
         }
-        None
+        found.from = from.map(clamp);
+        found
     }
+}
+
+/// Where a self-hosted pool costs less than a per-token deployment, in
+/// requests a day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BreakEven {
+    /// The fewest requests a day from which the pool costs less at every
+    /// larger load (up to [`MAX_GPUS`]); `None` when no such load.
+    pub from: Option<u64>,
+    /// The first range of loads below `from` (or with none) where it costs
+    /// less, and more again once it needs another GPU.
+    pub earlier: Option<(u64, u64)>,
+}
+
+fn clamp(requests: u128) -> u64 {
+    u64::try_from(requests).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -217,8 +261,136 @@ mod tests {
             peak_to_mean_milli: 1_000,
         };
         // $24 a day is 2,400 requests; the 2,401st makes the pool cheaper.
-        assert_eq!(sizing.break_even(10_000_000_000), Some(2_401));
+        assert_eq!(
+            sizing.break_even(10_000_000_000),
+            BreakEven {
+                from: Some(2_401),
+                earlier: None
+            }
+        );
         // Tokens far cheaper than GPU time: never.
-        assert_eq!(sizing.break_even(1), None);
+        assert_eq!(sizing.break_even(1), BreakEven::default());
+    }
+
+    /// One GPU at $1 an hour serving 86.4 requests a day (1 token a
+    /// second, requests of 1,000 tokens, a flat day), with `fixed` dollars
+    /// a month.
+    fn small_pool(gpus: u32, fixed: u128) -> Sizing {
+        Sizing {
+            pool: Pool {
+                gpus,
+                gpu_hour_micro_usd: 1_000_000,
+                throughput: f64::from(gpus),
+            },
+            fixed_pico: fixed * 1_000_000 * PICO_PER_MICRO,
+            days: 30,
+            max_utilisation: 1.0,
+            tokens_per_request: 1_000,
+            peak_to_mean_milli: 1_000,
+        }
+    }
+
+    #[test]
+    fn a_pool_cheaper_only_until_its_next_gpu_says_so() {
+        // $720 a month a GPU, $200 fixed, 86 requests a day a GPU; 35
+        // cents a request, $10.50 a month a request-a-day. One GPU ($920)
+        // would be cheaper from 88 requests a day but serves 86. Two
+        // ($1,640) are cheaper from 157 to the 172 they serve; three
+        // ($2,360) dearer again at 173. Each GPU more serves $903 of
+        // requests for $720, so the gap closes: cheaper from 362 (of five
+        // GPUs' 346–430) on.
+        let sizing = small_pool(1, 200);
+        assert_eq!(
+            sizing.break_even(350_000_000_000),
+            BreakEven {
+                from: Some(362),
+                earlier: Some((157, 172))
+            }
+        );
+        // At 20 cents a request ($6 a month), GPUs never pay for
+        // themselves: four ($2,880) would be cheaper from 481 requests a
+        // day, and serve 345.
+        assert_eq!(
+            small_pool(4, 0).break_even(200_000_000_000),
+            BreakEven::default()
+        );
+    }
+
+    /// Where each load is cheaper, load by load: the pool sized for it
+    /// against its requests' tokens.
+    fn cheaper_by_load(sizing: &Sizing, request_pico: u128, loads: u64) -> Vec<bool> {
+        let period_request = request_pico * u128::from(sizing.days);
+        (0..=loads)
+            .map(|load| {
+                let gpus = sizing.gpus_for(load).max(u64::from(sizing.pool.gpus));
+                load > 0 && u128::from(load) * period_request > sizing.month_pico(gpus)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn break_even_is_what_pricing_every_load_finds() {
+        let mut rng = fastrand::Rng::with_seed(23);
+        // How many of each shape: never, a run of loads, a run after an
+        // earlier one.
+        let mut shapes = [0; 3];
+        for _ in 0..300 {
+            let gpus = rng.u32(1..5);
+            let sizing = Sizing {
+                pool: Pool {
+                    gpus,
+                    gpu_hour_micro_usd: u128::from(rng.u32(100_000..3_000_000)),
+                    // 20 to 300 requests a day a GPU.
+                    throughput: f64::from(gpus) * f64::from(rng.u32(230..3_500)) / 1_000.0,
+                },
+                fixed_pico: u128::from(rng.u32(0..2_000)) * 1_000_000 * PICO_PER_MICRO,
+                days: 30,
+                max_utilisation: f64::from(rng.u32(50..=100)) / 100.0,
+                tokens_per_request: 1_000,
+                peak_to_mean_milli: u64::from(rng.u32(1_000..3_000)),
+            };
+            // About what a GPU's requests cost it, from half to twice.
+            let gpu_day = sizing.pool.day_pico(1);
+            let per_gpu = sizing.requests_served(1).max(1);
+            let request_pico = gpu_day / per_gpu * u128::from(rng.u32(50..200)) / 100;
+            let found = sizing.break_even(request_pico);
+            // Past what it found by a few GPUs' loads, or 200 GPUs'.
+            let found_up_to = found.from.max(found.earlier.map(|(_, hi)| hi)).unwrap_or(0);
+            let loads = (found_up_to + 5 * per_gpu as u64).max(200 * per_gpu as u64);
+            let cheaper = cheaper_by_load(&sizing, request_pico, loads);
+            let runs = runs(&cheaper);
+            let last = runs.last().copied();
+            // A run that reaches the end of the loads priced is `from`;
+            // any before it, the first is `earlier`.
+            let (expect_from, before) = match last {
+                Some((start, end)) if end == loads => (Some(start), &runs[..runs.len() - 1]),
+                _ => (None, &runs[..]),
+            };
+            let context = format!("{sizing:?} at {request_pico}: {found:?}, runs {runs:?}");
+            assert_eq!(found.from, expect_from, "{context}");
+            assert_eq!(found.earlier, before.first().copied(), "{context}");
+            shapes[usize::from(found.from.is_some()) + usize::from(found.earlier.is_some())] += 1;
+        }
+        assert!(shapes.iter().all(|&n| n > 20), "{shapes:?}");
+    }
+
+    /// The runs of `true`, as first and last index.
+    fn runs(cheaper: &[bool]) -> Vec<(u64, u64)> {
+        let mut runs = Vec::new();
+        let mut start = None;
+        for (load, &c) in cheaper.iter().enumerate() {
+            match (c, start) {
+                (true, None) => start = Some(load as u64),
+                (false, Some(s)) => {
+                    runs.push((s, load as u64 - 1));
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = start {
+            runs.push((s, cheaper.len() as u64 - 1));
+        }
+        runs
     }
 }

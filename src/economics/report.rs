@@ -184,12 +184,17 @@ pub struct Choice {
     pub cost: Period,
 }
 
-/// The fewest requests a day (of the profile's size and peak) at which
-/// the self-hosted pool costs less than `deployment`; `null`: never.
+/// Where the self-hosted pool costs less than `deployment`, in requests a
+/// day of the profile's size and peak.
 #[derive(Debug, Serialize)]
 pub struct BreakEven {
     pub deployment: String,
+    /// The fewest from which it costs less at every larger load; `null`:
+    /// no such load.
     pub requests_per_day: Option<u64>,
+    /// The first range of loads below that where it costs less, and more
+    /// again at the next: the pool grows a GPU at a time.
+    pub cheaper_between: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -349,13 +354,21 @@ impl fmt::Display for Simulation {
                 writeln!(f)?;
             }
             for b in &a.break_even {
-                match b.requests_per_day {
-                    Some(n) => writeln!(
+                let d = &b.deployment;
+                match (b.requests_per_day, b.cheaper_between) {
+                    (Some(n), None) => writeln!(
                         f,
-                        "  self-hosting breaks even with {} at {n} requests a day",
-                        b.deployment
+                        "  self-hosting breaks even with {d} at {n} requests a day"
                     )?,
-                    None => writeln!(f, "  self-hosting never breaks even with {}", b.deployment)?,
+                    (Some(n), Some((lo, hi))) => writeln!(
+                        f,
+                        "  self-hosting breaks even with {d} at {n} requests a day (and costs less from {lo} to {hi}, until its next GPU)"
+                    )?,
+                    (None, Some((lo, hi))) => writeln!(
+                        f,
+                        "  self-hosting costs less than {d} only from {lo} to {hi} requests a day"
+                    )?,
+                    (None, None) => writeln!(f, "  self-hosting never breaks even with {d}")?,
                 }
             }
             for r in &a.refused {
