@@ -7,6 +7,7 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -810,6 +811,46 @@ async fn a_truncated_or_half_written_file_never_switches_auth_off() {
     write(&path, &open);
     until_version(&gateway, &tollgate::config::version(&open.to_toml())).await;
     assert_eq!(gateway.chat(hi()).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_file_written_in_place_is_read_once_its_writer_closes_it_however_long_it_pauses() {
+    let (_dir, path, gateway) = serving_file(&keyed(&["one"]).key(Key::new("ops"))).await;
+    let version = active_version(&gateway).await;
+    // Through one open file, with a pause in the middle: what is written
+    // before it, every table but the last key's, is a valid config.
+    let whole = keyed(&["one", "two"]).key(Key::new("ops")).to_toml();
+    let cut = whole.rfind("[[keys]]").unwrap();
+    let mut file = std::fs::File::create(&path).unwrap();
+    file.write_all(&whole.as_bytes()[..cut]).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(active_version(&gateway).await, version, "nothing read yet");
+    assert_eq!(gateway.chat_as("ops-secret", hi()).await.status(), 200);
+    assert_eq!(gateway.chat_as("team-secret", hi()).await.status(), 200);
+
+    file.write_all(&whole.as_bytes()[cut..]).unwrap();
+    drop(file);
+    until_version(&gateway, &tollgate::config::version(&whole)).await;
+    assert_eq!(gateway.chat_as("ops-secret", hi()).await.status(), 200);
+    let invalid = [("result", "invalid")];
+    let refused = metric(
+        &gateway.metrics().await,
+        "tollgate_config_reloads_total",
+        &invalid,
+    );
+    assert_eq!(
+        refused.unwrap_or(0.0),
+        0.0,
+        "the file emptied as it was opened was never read"
+    );
+
+    // A link made to a whole file is read as it appears.
+    let linked = keyed(&["one"]).to_toml();
+    let target = path.with_file_name("release.toml");
+    std::fs::write(&target, &linked).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&target, &path).unwrap();
+    until_version(&gateway, &tollgate::config::version(&linked)).await;
 }
 
 /// `POST /admin/reload` of `candidate`: the status, and the body.

@@ -19,7 +19,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use serde::Serialize;
 
@@ -456,6 +456,30 @@ fn concerns(paths: &[PathBuf], file: &Path, dir: &Path) -> bool {
     names().any(|name| name == through)
 }
 
+/// Whether `event` may have changed what the config file holds, whole.
+/// Opening and reading are events too, and the reload itself reads the
+/// file: reacting to them would reload forever. A write, or a file made
+/// by opening it, is a writer at work: what it has written so far may
+/// parse and still be half the file, however long the writer pauses, so
+/// the change is when it closes the file. A rename, a link made, a file
+/// removed or its metadata changed, is whole as it happens.
+fn change(event: &notify::Event) -> bool {
+    match event.kind {
+        EventKind::Access(access) => access == AccessKind::Close(AccessMode::Write),
+        EventKind::Modify(ModifyKind::Data(_)) => false,
+        EventKind::Create(_) => !event.paths.iter().all(|path| opened_anew(path)),
+        _ => true,
+    }
+}
+
+/// A regular file with one name: made by opening it, where a symlink or
+/// a hard link made to a file is whole as it appears.
+fn opened_anew(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|meta| meta.file_type().is_file() && meta.nlink() == 1)
+}
+
 /// The directory `dir` leads to, through any link, as the disk knows it:
 /// a directory swapped through a link, or moved away and made anew, is
 /// another, and a watch, which holds the one it was given, must move.
@@ -482,14 +506,7 @@ pub fn watch(app: &Arc<AppState>) -> Result<Option<Arc<Mutex<RecommendedWatcher>
     let tx_for_checks = tx.clone();
     let (watched, watched_dir) = (file.clone(), dir.clone());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Opening and reading are events too, and the reload itself reads
-        // the file: reacting to them would reload forever. Closing a file
-        // that was written is a change.
-        let change = |kind: &EventKind| match kind {
-            EventKind::Access(access) => *access == AccessKind::Close(AccessMode::Write),
-            _ => true,
-        };
-        if event.is_ok_and(|e| change(&e.kind) && concerns(&e.paths, &watched, &watched_dir)) {
+        if event.is_ok_and(|e| change(&e) && concerns(&e.paths, &watched, &watched_dir)) {
             // A reload is pending already when the channel is full.
             let _ = tx.try_send(());
         }
