@@ -635,7 +635,7 @@ async fn an_http2_client_that_stops_reading_is_let_go_after_the_send_timeout() {
         .await;
     let config = vllm(&upstream, "chat").set("server", "send_timeout_ms", 300);
     let gateway = start(&config).await;
-    let answer = http2_stream(&gateway).await;
+    let answer = http2_stream(&gateway.base).await;
     assert_eq!(answer.status(), 200);
     // Never read: the connection lives on, its pings answered.
     assert!(
@@ -658,33 +658,11 @@ async fn an_http2_answer_waiting_on_its_upstream_outlasts_the_send_timeout() {
         .await;
     let config = vllm(&upstream, "chat").set("server", "send_timeout_ms", 250);
     let gateway = start(&config).await;
-    let answer = http2_stream(&gateway).await;
+    let answer = http2_stream(&gateway.base).await;
     let body = answer.into_body().collect().await.unwrap().to_bytes();
     let text = String::from_utf8(body.to_vec()).unwrap();
     assert!(text.contains(r#"{"content":"c"}"#), "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-}
-
-/// A streamed chat request to alias `chat` over HTTP/2 with prior
-/// knowledge, from a client whose streams' window is HTTP/2's default.
-async fn http2_stream(gateway: &Gateway) -> hyper::Response<hyper::body::Incoming> {
-    use bytes::Bytes;
-    use http_body_util::Full;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let addr = gateway.base.trim_start_matches("http://");
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(65_535)
-        .handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let body = json!({"model": "chat", "stream": true, "messages": user("hi")}).to_string();
-    let request = hyper::Request::post(format!("http://{addr}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    sender.send_request(request).await.unwrap()
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use support::config::{Backend, Config, Deployment, Model};
+use support::mock::MockUpstream;
 use support::process::{Process, serve_config, serve_config_on_one_cpu};
 
 /// A stream of 20 tokens at 20 per second: about a second long.
@@ -146,4 +147,72 @@ async fn readyz_and_healthz_answer_while_serving() {
         .await
         .unwrap();
     assert_eq!(healthy.status(), 200);
+}
+
+/// A stream whose client has stopped reading when the grace period runs
+/// out cannot be sent its error event: it is still metered as cut by the
+/// gateway, and written to the ledger before the process exits. Over
+/// HTTP/1.1 the client's socket buffers are full; over HTTP/2 its stream
+/// has no window left, and hyper stops polling the answer.
+#[tokio::test]
+async fn a_stream_whose_client_stopped_reading_is_metered_and_kept_when_the_grace_period_runs_out()
+{
+    for http2 in [false, true] {
+        stopped_reader_at_the_grace_periods_end(http2).await;
+    }
+}
+
+async fn stopped_reader_at_the_grace_periods_end(http2: bool) {
+    use tokio::io::AsyncWriteExt;
+    // Far more than the buffers and windows between the two hold.
+    let word: &'static str = Box::leak(" lorem".repeat(400).into_boxed_str());
+    let upstream = MockUpstream::openai()
+        .answers_of(4_000)
+        .token_text(word)
+        .start()
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let config = Config::new()
+        .set("server", "shutdown_grace_ms", 200)
+        .set("ledger", "data_dir", data.path().to_str().unwrap())
+        .backend(Backend::new("vllm", "vllm", &upstream.base_url()))
+        .model(Model::new("chat").deployment(Deployment::new("vllm", "m")));
+    let mut server = serve_config(&config);
+    let mut held = None;
+    let mut answer = None;
+    if http2 {
+        answer = Some(support::gateway::http2_stream(&server.base).await);
+    } else {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let addr = server.base.trim_start_matches("http://").parse().unwrap();
+        let mut client = socket.connect(addr).await.unwrap();
+        let body = serde_json::json!({"model": "chat", "stream": true,
+                                      "messages": [{"role": "user", "content": "hi"}]})
+        .to_string();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        client.write_all(head.as_bytes()).await.unwrap();
+        client.write_all(body.as_bytes()).await.unwrap();
+        held = Some(client);
+    }
+    // Never read: the gateway's writes fill what is between and wait.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.signal("-TERM");
+    assert_eq!(server.wait_exit(Duration::from_secs(5)).code(), Some(0));
+    let logged = server.logged("request done");
+    assert!(logged.contains("status=503"), "HTTP/2 {http2}: {logged}");
+    drop((held, answer));
+    // The ledger kept it: a gateway started again on it reports it.
+    let again = support::gateway::start(&config.admin()).await;
+    let report = again.spend("").await;
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "HTTP/2 {http2}: {report:#}");
+    assert_eq!(rows[0]["requests"], 1, "{report:#}");
+    assert!(
+        rows[0]["output_tokens"].as_f64().unwrap() > 0.0,
+        "{report:#}"
+    );
 }

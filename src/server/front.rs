@@ -45,6 +45,10 @@ impl Front {
         Self { app, router, cors }
     }
 
+    pub fn app(&self) -> &Arc<AppState> {
+        &self.app
+    }
+
     /// How long a kept-alive connection waits for its next request, and
     /// how long an answer waits for its client to take any of it: read as
     /// a connection opens, so a reload changes them for the connections

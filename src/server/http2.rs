@@ -8,14 +8,17 @@
 //! body is therefore [`Watched`]: once the client has taken nothing of it
 //! for `send_timeout`, a watch lets it go, as a blocked HTTP/1.1 write
 //! gives up on its connection. The stream itself is reset the next time
-//! hyper polls it.
+//! hyper polls it. When the shutdown grace period runs out, the watch
+//! ends such a body at once, as an HTTP/1.1 connection whose writes wait
+//! does: its stream ends as cut by the gateway, and is metered so, before
+//! the ledger closes.
 
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -33,6 +36,7 @@ use tokio::time::Instant;
 
 use super::front::Front;
 use super::http1::{self, MAX_HEAD_BYTES};
+use crate::state::AppState;
 
 /// What an HTTP/2 stream may hold written and not yet sent: a client that
 /// advertises large windows and stops reading would otherwise have each
@@ -52,6 +56,7 @@ pub async fn serve(tcp: TcpStream, front: Front, mut stop: watch::Receiver<bool>
         .keep_alive_interval(send_timeout)
         .keep_alive_timeout(send_timeout);
     let service = Guarded {
+        app: front.app().clone(),
         front,
         send_timeout,
     };
@@ -72,6 +77,7 @@ pub async fn serve(tcp: TcpStream, front: Front, mut stop: watch::Receiver<bool>
 #[derive(Clone)]
 struct Guarded {
     front: Front,
+    app: Arc<AppState>,
     send_timeout: Duration,
 }
 
@@ -88,10 +94,10 @@ where
 
     fn call(&self, request: Request<B>) -> Answer {
         let answer = self.front.call(request);
-        let send_timeout = self.send_timeout;
+        let (app, send_timeout) = (self.app.clone(), self.send_timeout);
         Box::pin(async move {
             let response = answer.await?;
-            Ok(response.map(|body| Watched::new(body, send_timeout)))
+            Ok(response.map(|body| Watched::new(body, app, send_timeout)))
         })
     }
 }
@@ -100,6 +106,8 @@ where
 /// for `send_timeout`.
 pub struct Watched {
     held: Arc<Mutex<Held>>,
+    /// Says when the shutdown grace period runs out.
+    app: Arc<AppState>,
     send_timeout: Duration,
     /// The watch, once a frame has been handed over with more to come.
     watch: Option<AbortHandle>,
@@ -126,12 +134,13 @@ impl fmt::Display for Stalled {
 impl std::error::Error for Stalled {}
 
 impl Watched {
-    fn new(body: Body, send_timeout: Duration) -> Self {
+    fn new(body: Body, app: Arc<AppState>, send_timeout: Duration) -> Self {
         Self {
             held: Arc::new(Mutex::new(Held {
                 body: Some(body),
                 handed: None,
             })),
+            app,
             send_timeout,
             watch: None,
         }
@@ -164,7 +173,11 @@ impl hyper::body::Body for Watched {
         held.handed = more.then(Instant::now);
         drop(held);
         if more && this.watch.is_none() {
-            let watch = tokio::spawn(watch(Arc::downgrade(&this.held), this.send_timeout));
+            let watch = tokio::spawn(watch(
+                Arc::downgrade(&this.held),
+                this.send_timeout,
+                this.app.clone(),
+            ));
             this.watch = Some(watch.abort_handle());
         }
         polled
@@ -193,26 +206,62 @@ impl Drop for Watched {
 }
 
 /// Lets go of the body once a frame handed over has waited
-/// `send_timeout` for hyper to poll again.
-async fn watch(held: Weak<Mutex<Held>>, send_timeout: Duration) {
+/// `send_timeout` for hyper to poll again, or at once when the shutdown
+/// grace period has run out.
+async fn watch(held: Weak<Mutex<Held>>, send_timeout: Duration, app: Arc<AppState>) {
+    let grace_over = app.grace_over();
+    let mut ended = app.streams_ended();
+    drop(app);
+    let mut grace_over = pin!(grace_over);
     let mut wake = Instant::now() + send_timeout;
     loop {
-        tokio::time::sleep_until(wake).await;
-        let Some(held) = held.upgrade() else { return };
-        let mut held = lock(&held);
-        match held.handed {
-            Some(at) if at.elapsed() >= send_timeout => {
-                // Dropped outside the lock: dropping the body ends its
-                // request (metered as the client's leaving) and closes
-                // its upstream connection.
-                let body = held.body.take();
-                drop(held);
-                drop(body);
-                tracing::debug!("let go of an HTTP/2 answer its client took none of");
-                return;
+        if ended {
+            tokio::time::sleep(AFTER_GRACE).await;
+        } else {
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => {}
+                () = grace_over.as_mut() => ended = true,
             }
-            Some(at) => wake = at + send_timeout,
-            None => wake = Instant::now() + send_timeout,
         }
+        let Some(held) = held.upgrade() else { return };
+        let body = {
+            let mut held = lock(&held);
+            match held.handed {
+                Some(at) if ended || at.elapsed() >= send_timeout => held.body.take(),
+                Some(at) => {
+                    wake = at + send_timeout;
+                    continue;
+                }
+                None => {
+                    wake = Instant::now() + send_timeout;
+                    continue;
+                }
+            }
+        };
+        // Outside the lock: dropping the body ends its request (metered as
+        // the client's leaving) and closes its upstream connection.
+        if ended && let Some(body) = body {
+            finish(body).await;
+        }
+        tracing::debug!("let go of an HTTP/2 answer its client took none of");
+        return;
     }
 }
+
+/// How often, once the grace period has run out, a watch looks for its
+/// body waiting on a client with no room for more.
+const AFTER_GRACE: Duration = Duration::from_millis(50);
+
+/// Polls a body to its end, dropping what it gives: its client has no
+/// room for it. A stream past the grace period ends with its error event,
+/// metered as cut by the gateway.
+async fn finish(mut body: Body) {
+    let ended = std::future::poll_fn(|cx| {
+        while let Some(Ok(_)) = ready!(hyper::body::Body::poll_frame(Pin::new(&mut body), cx)) {}
+        Poll::Ready(())
+    });
+    let _ = tokio::time::timeout(FINISH, ended).await;
+}
+
+/// The most a body let go of at the grace period's end is polled for.
+const FINISH: Duration = Duration::from_secs(1);

@@ -58,6 +58,9 @@ pub struct AppState {
     /// Wakes the streams still open when the shutdown grace period runs
     /// out, so that each ends in its API's shape and is metered.
     closing: Arc<Notify>,
+    /// The grace period has run out: what waits for `closing` from now on
+    /// would never hear it.
+    closed: AtomicBool,
 }
 
 /// How a gateway finds its config again when it reloads.
@@ -129,6 +132,7 @@ impl AppState {
             reloader: reload::Reloader::new(options.env, options.config_file, scrapers, started),
             draining: AtomicBool::new(false),
             closing: Arc::default(),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -169,7 +173,13 @@ impl AppState {
 
     /// The shutdown grace period ran out: every open stream ends now.
     pub fn end_streams(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         self.closing.notify_waiters();
+    }
+
+    /// Whether the shutdown grace period has run out.
+    pub fn streams_ended(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 }
 

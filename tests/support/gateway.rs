@@ -519,3 +519,26 @@ pub fn check_shape(ours: &Value, reference: &Value, optional: &[&str], at: &str)
         ),
     }
 }
+
+/// A streamed chat request to alias `chat` of the gateway at `base` over
+/// HTTP/2 with prior knowledge, from a client whose streams' window is
+/// HTTP/2's default.
+pub async fn http2_stream(base: &str) -> hyper::Response<hyper::body::Incoming> {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let addr = base.trim_start_matches("http://");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let body = json!({"model": "chat", "stream": true, "messages": user("hi")}).to_string();
+    let request = hyper::Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    sender.send_request(request).await.unwrap()
+}
