@@ -395,6 +395,42 @@ async fn an_admin_error_echoes_what_the_caller_sent_up_to_256_characters() {
 }
 
 #[tokio::test]
+async fn spend_and_licence_refuse_a_year_the_ledger_cannot_hold() {
+    let gateway = support::gateway::start(&admin_gateway()).await;
+    let addr = gateway.base.trim_start_matches("http://").to_owned();
+    // Year 0, a negative year, the day before the clock starts, a signed
+    // year (`+` is `%2B` in a query) and one of five digits: each a 400
+    // naming the parameter, the range told when the date is one.
+    for (query, param, range) in [
+        ("from=0000-01-01", "from", true),
+        ("to=-0001-12-31", "to", false),
+        ("from=1969-12-31", "from", true),
+        ("from=%2B2026-11-28", "from", false),
+        ("to=99999-01-01", "to", false),
+    ] {
+        let (status, _, body) = answer(&addr, &spend(query)).await;
+        let error: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, 400, "{query}: {error}");
+        assert_eq!(error["error"]["param"], param, "{query}: {error}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert_eq!(
+            message.contains("from 1970-01-01 to 9999-12-31"),
+            range,
+            "{query}: {message}"
+        );
+    }
+    for query in ["from=1970-01-01&to=9999-12-31", "from=2026-11-28"] {
+        assert_eq!(answer(&addr, &spend(query)).await.0, 200, "{query}");
+    }
+    let licence = |month: &str| admin(&format!("GET /admin/licence?month={month}"), "");
+    let (status, _, body) = answer(&addr, &licence("0000-12")).await;
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(error["error"]["param"], "month", "{error}");
+    assert_eq!(answer(&addr, &licence("1970-01")).await.0, 200);
+}
+
+#[tokio::test]
 async fn without_an_admin_token_every_admin_path_is_404_whatever_the_method() {
     let gateway = support::gateway::start(&keyed()).await;
     let addr = gateway.base.trim_start_matches("http://").to_owned();

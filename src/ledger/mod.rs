@@ -39,6 +39,12 @@ use store::Store;
 pub use sketch::{HourCount, LicenceMonth, ModelTraffic, Reader, hour_of};
 pub use writable::unwritable;
 
+/// The years a report may ask about: from 1970, where the system clock
+/// that dates every row starts (`from=1970-01-01` is "from the start"),
+/// to 9999, the last a day written `YYYY-MM-DD` holds. A year outside is
+/// a typo (`0206` for `2026`), never a day the ledger has.
+pub const YEARS: std::ops::RangeInclusive<i32> = 1970..=9999;
+
 /// How a day is written in SQLite: `2026-11-28`.
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]-[day]");

@@ -10,7 +10,7 @@ use time::macros::format_description;
 use super::hll;
 use crate::config::LicenceSettings;
 use crate::error::echo;
-use crate::ledger::LicenceMonth;
+use crate::ledger::{LicenceMonth, YEARS};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -76,12 +76,23 @@ pub fn parse_month(text: &str) -> Result<String, String> {
     Date::parse(&format!("{text}-01"), FIRST)
         .ok()
         .filter(|_| text.len() == 7)
-        .map(super::month_name)
         .ok_or_else(|| {
             format!(
                 "\"{}\" is not a month; write YYYY-MM, such as 2026-12",
                 echo(text)
             )
+        })
+        .and_then(|first| {
+            if YEARS.contains(&first.year()) {
+                Ok(super::month_name(first))
+            } else {
+                Err(format!(
+                    "\"{text}\" is in the year {}; ask for a month from {}-01 to {}-12",
+                    first.year(),
+                    YEARS.start(),
+                    YEARS.end()
+                ))
+            }
         })
 }
 
@@ -99,5 +110,11 @@ mod tests {
         );
         assert!(parse_month("2026-1").is_err());
         assert!(parse_month("2026-12-01").is_err());
+        assert_eq!(
+            parse_month("0000-12").unwrap_err(),
+            "\"0000-12\" is in the year 0; ask for a month from 1970-01 to 9999-12"
+        );
+        assert!(parse_month("1969-12").is_err());
+        assert!(parse_month("1970-01").is_ok());
     }
 }

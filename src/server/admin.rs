@@ -14,7 +14,7 @@ use time::Date;
 use time::macros::format_description;
 
 use crate::error::{GatewayError, echo};
-use crate::ledger::Unavailable;
+use crate::ledger::{Unavailable, YEARS};
 use crate::pipeline::admit::{ExplainRequest, explain};
 use crate::pipeline::respond::json_response;
 use crate::pipeline::{auth, compressed, read_body};
@@ -130,12 +130,25 @@ fn day(params: &HashMap<String, String>, name: &str) -> Result<Option<Date>, Gat
     params
         .get(name)
         .map(|text| {
-            Date::parse(text, DAY).map_err(|_| {
-                GatewayError::bad_request(
-                    format!("`{name}` must be a date as YYYY-MM-DD, such as 2026-11-28"),
-                    Some(name.into()),
-                )
-            })
+            let refused = |message: String| GatewayError::bad_request(message, Some(name.into()));
+            // `time` also reads a signed year (`-0001`, `+2026`).
+            let date = Date::parse(text, DAY)
+                .ok()
+                .filter(|_| text.len() == 10)
+                .ok_or_else(|| {
+                    refused(format!(
+                        "`{name}` must be a date as YYYY-MM-DD, such as 2026-11-28"
+                    ))
+                })?;
+            if !YEARS.contains(&date.year()) {
+                return Err(refused(format!(
+                    "`{name}` is in the year {}; ask for a day from {}-01-01 to {}-12-31",
+                    date.year(),
+                    YEARS.start(),
+                    YEARS.end()
+                )));
+            }
+            Ok(date)
         })
         .transpose()
 }
