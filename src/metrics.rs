@@ -502,7 +502,7 @@ metrics! {
     }
     licence_mau: IntGauge {
         name: "tollgate_licence_monthly_active_users",
-        help: "Distinct end users (OpenAI `user` or `safety_identifier`, Anthropic `metadata.user_id`, or `licence.user_header`) served by `licence = \"llama\"` deployments this calendar month (UTC): a HyperLogLog estimate, standard error 0.81%, merged across the fleet through the ledger and Redis.",
+        help: "Distinct end users (`licence.user_header`, else OpenAI `user` or `safety_identifier`, or Anthropic `metadata.user_id`) served by `licence = \"llama\"` deployments this calendar month (UTC): a HyperLogLog estimate, standard error 0.81%, merged across the fleet through the ledger and Redis.",
         labels: [],
     }
     licence_mau_alert: IntGauge {

@@ -105,7 +105,7 @@ async fn end_users_of_llama_deployments_are_counted_once_each_from_every_api_and
         Some("dave"),
     )
     .await;
-    // The body's user wins over the header.
+    // The operator's header wins over the body's user.
     let mut named = chat("llama");
     named["user"] = "alice".into();
     built_with(&gateway, "/v1/chat/completions", named, Some("erin")).await;
@@ -114,11 +114,56 @@ async fn end_users_of_llama_deployments_are_counted_once_each_from_every_api_and
     let mut qwen = chat("qwen");
     qwen["user"] = "frank".into();
     built_with(&gateway, "/v1/chat/completions", qwen, Some("grace")).await;
-    eventually_users(&gateway, 4.0).await;
+    eventually_users(&gateway, 5.0).await;
     let metrics = gateway.metrics().await;
     assert_eq!(
         metric(&metrics, "tollgate_licence_mau_alert_users", &[]),
         Some(560_000_000.0)
+    );
+}
+
+#[tokio::test]
+async fn with_the_header_a_client_cannot_name_itself_in_the_body() {
+    // A client behind the operator's proxy names a user in its body on
+    // every request, each time another, with the proxy's header beside it:
+    // only the header's user counts. The body counts only without the
+    // header, or with one left empty.
+    let gateway = start(&config(false)).await;
+    let send = |body: Value, headers: &'static [&'static str]| {
+        let mut post = gateway.post("/v1/chat/completions").json(&body);
+        for user in headers {
+            post = post.header("x-end-user", *user);
+        }
+        async move {
+            let response = post.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.bytes().await.unwrap();
+        }
+    };
+    let with = |member: &str, user: &str| {
+        let mut body = chat("llama");
+        body[member] = user.into();
+        body
+    };
+    send(with("user", "alice"), &["erin"]).await;
+    send(with("safety_identifier", "bob"), &["erin"]).await;
+    // Given twice, as by a proxy that appends to a client's own: the last.
+    send(with("user", "carol"), &["mallory", "erin"]).await;
+    // The header alone, then the body alone, then an empty header.
+    send(chat("llama"), &["erin"]).await;
+    send(with("user", "dave"), &[]).await;
+    send(with("user", "frank"), &[""]).await;
+    // erin, dave and frank; the body first would have made alice, bob,
+    // carol, erin, dave and frank, and the first header mallory too.
+    eventually_users(&gateway, 3.0).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        metric(
+            &gateway.metrics().await,
+            "tollgate_licence_monthly_active_users",
+            &[]
+        ),
+        Some(3.0)
     );
 }
 

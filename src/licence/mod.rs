@@ -350,24 +350,31 @@ impl LicenceBook {
     }
 }
 
-/// The [`hll::hash`] of a request's end user: the body's `user`, else its
+/// The [`hll::hash`] of a request's end user: the `licence.user_header`
+/// header, set by the operator's proxy, else the body's `user`, else its
 /// `safety_identifier` (which OpenAI asks clients to send in place of
-/// `user`), else the `licence.user_header` header; `None` when none names
-/// one.
+/// `user`); `None` when none names one. The body is the client's own
+/// word, so it counts only without the header. Of a header given more
+/// than once, the last counts, as a proxy that appends adds its own last;
+/// an empty one names no one.
 pub fn end_user(
     request: &InboundRequest,
     headers: &HeaderMap,
     settings: &LicenceSettings,
 ) -> Option<u64> {
-    let body = request
-        .user()
-        .or_else(|| request.text_member("safety_identifier"));
-    let named = body.map(str::as_bytes).or_else(|| {
-        let header = settings.user_header.as_ref()?;
+    let header = settings.user_header.as_ref().and_then(|name| {
         headers
-            .get(header)
+            .get_all(name)
+            .iter()
+            .next_back()
             .map(HeaderValue::as_bytes)
             .filter(|v| !v.is_empty())
+    });
+    let named = header.or_else(|| {
+        request
+            .user()
+            .or_else(|| request.text_member("safety_identifier"))
+            .map(str::as_bytes)
     })?;
     Some(hll::hash(named))
 }
