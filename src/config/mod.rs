@@ -6,6 +6,7 @@ mod exposure;
 mod location;
 pub mod postgres_url;
 mod schema;
+mod secret_query;
 mod types;
 mod validate;
 mod warnings;
@@ -392,7 +393,16 @@ url = "redis://:hunter2@10.0.0.5:6379/0""#
 url = "redis://10.0.0.5:6379/0?password=hunter2""#
             ),
             [
-                "state.url: the URL has a password in its query, which the Redis client does not send: write redis://:PASSWORD@HOST:PORT/DB, in an environment variable named by url_env"
+                "state.url: the URL has a secret in its query (password=), which the Redis client does not send: write redis://:PASSWORD@HOST:PORT/DB, in an environment variable named by url_env"
+            ]
+        );
+        assert_eq!(
+            with(
+                r#"backend = "redis"
+url = "redis://10.0.0.5:6379/0?Token=hunter2""#
+            ),
+            [
+                "state.url: the URL has a secret in its query (Token=), which the Redis client does not send: write redis://:PASSWORD@HOST:PORT/DB, in an environment variable named by url_env"
             ]
         );
         assert!(
@@ -536,6 +546,18 @@ prefix = "two words""#,
             (
                 "https://user:secret@otel.example.com",
                 "OTEL_EXPORTER_OTLP_HEADERS",
+            ),
+            (
+                "https://otel.example.com:4318?api_key=secret",
+                "must not hold credentials (api_key= in its query); set them as headers in OTEL_EXPORTER_OTLP_HEADERS",
+            ),
+            (
+                "https://otel.example.com/v1/traces?x=1&ACCESS-TOKEN=secret",
+                "(ACCESS-TOKEN= in its query)",
+            ),
+            (
+                "https://otel.example.com?Signature=secret",
+                "(Signature= in its query)",
             ),
         ] {
             let found = problems(&format!("[tracing]\notlp_endpoint = \"{endpoint}\""));
@@ -771,6 +793,23 @@ base_url = "http://user:hunter2-secret@vllm:8000/v1"
             got,
             [
                 "backends[0].base_url: must not hold credentials (user:password@); a backend's API key goes in api_key_env"
+            ]
+        );
+        // Azure's style, and a key in an engine's metrics URL.
+        let got = problems(
+            r#"
+[[backends]]
+name = "v"
+kind = "vllm"
+base_url = "https://a.openai.azure.com/openai/v1?api-version=1&api-key=hunter2-secret"
+engine_metrics = { url = "http://vllm:8000/metrics?token=hunter2-secret" }
+"#,
+        );
+        assert_eq!(
+            got,
+            [
+                "backends[0].base_url: must not hold credentials (api-key= in its query); a backend's API key goes in api_key_env",
+                "backends[0].engine_metrics.url: must not hold credentials (token= in its query); a backend's API key goes in api_key_env"
             ]
         );
     }

@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use super::schema::{RawBackend, RawConfig, RawDeployment, RawKey, RawModel, RawSimulated};
+use super::secret_query::secret_in_query;
 use super::types::*;
 use super::warnings::{MIN_CREDENTIAL_CHARS, warnings};
 use super::{Problem, Problems, WrittenKeys};
@@ -613,6 +614,13 @@ impl Validator<'_> {
     fn url(&mut self, path: String, text: &str) -> Option<Url> {
         match Url::parse(text) {
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                if let Some(name) = secret_in_query(&url) {
+                    self.problem(
+                        path,
+                        format!("must not hold credentials ({name}= in its query); a backend's API key goes in api_key_env"),
+                    );
+                    return None;
+                }
                 if url.query().is_some() || url.fragment().is_some() {
                     self.problem(path, "must not have a query or fragment");
                     return None;

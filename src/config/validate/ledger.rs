@@ -185,6 +185,12 @@ mod tests {
                  environment variable and name it with url_env instead",
             ),
             (
+                "backend = \"postgres\"\nurl = \"postgres://tollgate@db/t?password=hunter2\"",
+                None,
+                "ledger.url: holds a password, and config files hold no secrets: put the URL in an \
+                 environment variable and name it with url_env instead",
+            ),
+            (
                 "backend = \"postgres\"",
                 None,
                 "ledger.url_env: backend = \"postgres\" needs the name of the environment variable",

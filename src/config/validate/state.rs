@@ -6,6 +6,7 @@ use std::time::Duration;
 use url::Url;
 
 use super::super::schema::RawConfig;
+use super::super::secret_query::secret_in_query;
 use super::super::types::*;
 use super::{TlsFiles, Validator};
 
@@ -156,13 +157,10 @@ impl Validator<'_> {
         }
         // The client reads a password only from the URL's user info: one
         // in the query would be a secret in the file, and never sent.
-        if url
-            .query_pairs()
-            .any(|(name, _)| matches!(&*name, "password" | "pass"))
-        {
+        if let Some(name) = secret_in_query(&url) {
             self.problem(
                 path,
-                format!("{shown} has a password in its query, which the Redis client does not send: write redis://:PASSWORD@HOST:PORT/DB, in an environment variable named by url_env"),
+                format!("{shown} has a secret in its query ({name}=), which the Redis client does not send: write redis://:PASSWORD@HOST:PORT/DB, in an environment variable named by url_env"),
             );
             return false;
         }

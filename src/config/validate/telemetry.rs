@@ -4,6 +4,7 @@
 use url::Url;
 
 use super::super::schema::RawConfig;
+use super::super::secret_query::secret_in_query;
 use super::super::types::*;
 use super::Validator;
 
@@ -86,10 +87,13 @@ impl Validator<'_> {
             );
             return None;
         }
-        if !url.username().is_empty() || url.password().is_some() {
+        // The exporter sends the headers of OTEL_EXPORTER_OTLP_HEADERS
+        // (or OTEL_EXPORTER_OTLP_TRACES_HEADERS) with every export.
+        let in_query = secret_in_query(&url).map(|name| format!(" ({name}= in its query)"));
+        if !url.username().is_empty() || url.password().is_some() || in_query.is_some() {
             self.problem(
                 FIELD,
-                "must not hold credentials; set them as headers in OTEL_EXPORTER_OTLP_HEADERS, such as \"authorization=Bearer …\"",
+                format!("must not hold credentials{}; set them as headers in OTEL_EXPORTER_OTLP_HEADERS, such as \"authorization=Bearer …\"", in_query.unwrap_or_default()),
             );
             return None;
         }
