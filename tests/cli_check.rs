@@ -821,3 +821,115 @@ models = ["*"]
     let strict = check(true);
     assert_eq!(strict.code, Some(1), "--strict fails on warnings");
 }
+
+/// A gateway with the admin API, a simulated model and a key.
+const ADMINISTERED: &str = r#"
+[admin]
+token_env = "TOLLGATE_TEST_ADMIN_TOKEN"
+
+[[backends]]
+name = "sim"
+kind = "simulated"
+
+[[models]]
+alias = "chat"
+[[models.deployments]]
+backend = "sim"
+model = "m"
+context_window = 8192
+
+[[keys]]
+name = "team"
+sha256 = "5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b"
+models = ["*"]
+"#;
+
+const ADMIN_TOKEN: &str = "admin-token-for-the-hostile-name-test";
+
+/// The longest run of `x` in `text`: what it quotes of the huge name.
+fn longest_x_run(text: &str) -> usize {
+    text.split(|c| c != 'x')
+        .map(str::len)
+        .max()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_huge_name_is_quoted_at_most_256_characters_by_check_a_reload_and_its_log() {
+    // A 100 KB name as an unknown key, a key's name, the backend a
+    // deployment names and the alias a key names: each problem quoting it
+    // quotes 256 characters of it, in `check`, the 422 of a reload (its
+    // message and its problems) and the log of a refused file reload.
+    let huge = "x".repeat(100_000);
+    let hostile = format!(
+        "[server]\n\"{huge}\" = 1\n{ADMINISTERED}\n\
+         [[models]]\nalias = \"other\"\n[[models.deployments]]\nbackend = \"{huge}\"\n\
+         model = \"m\"\ncontext_window = 8192\n\n\
+         [[keys]]\nname = \"{huge}\"\n\
+         sha256 = \"5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b\"\n\
+         models = [\"{huge}\"]\n"
+    );
+    let quoted = |what: &str, text: &str| {
+        assert!(
+            (1..=256).contains(&longest_x_run(text)) && text.contains('…'),
+            "{what} quotes {} characters of the name ({} bytes in all)",
+            longest_x_run(text),
+            text.len()
+        );
+    };
+
+    let file = temp_config(&hostile);
+    let mut check = tollgate();
+    check.arg("check").arg("--config").arg(file.path());
+    let out = run(check);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "{}",
+        &out.stderr[..out.stderr.len().min(2000)]
+    );
+    for said in [
+        "models[1].deployments[0].backend: no backend named \"xxx",
+        "keys[1].name: must be 1 to 128 characters long",
+        "keys[1].models[0]: no model with alias \"xxx",
+        "server.xxx",
+    ] {
+        assert!(
+            out.stderr.contains(said),
+            "{said}: {}",
+            &out.stderr[..out.stderr.len().min(4000)]
+        );
+    }
+    quoted("check", &out.stderr);
+
+    let file = temp_config(ADMINISTERED);
+    let gateway =
+        support::process::serve_file(file.path(), &[("TOLLGATE_TEST_ADMIN_TOKEN", ADMIN_TOKEN)]);
+    let response = reqwest::Client::new()
+        .post(format!("{}/admin/reload", gateway.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(hostile.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let problems = body["problems"].as_array().unwrap();
+    assert!(problems.len() >= 4, "{}", problems.len());
+    quoted("a reload's problems", &body["problems"].to_string());
+    quoted(
+        "a reload's message",
+        body["error"]["message"].as_str().unwrap(),
+    );
+
+    std::fs::write(file.path(), &hostile).unwrap();
+    let log = gateway.lines_once("config reload refused", problems.len());
+    quoted(
+        "the log",
+        &log.iter()
+            .filter(|l| l.contains("config reload refused"))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+}

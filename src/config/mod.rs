@@ -17,6 +17,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::logging::echo_words;
+
 pub use diff::{Changes, ConfigDiff, diff};
 pub use exposure::open_to_network;
 pub use location::{Location, locate};
@@ -26,10 +28,15 @@ pub use written::WrittenKeys;
 
 /// One thing wrong with a config file, at a path such as
 /// `models[1].deployments[0].backend`, and where the file writes it. As
-/// JSON: `{path, message}`, with `line` and `column` when placed.
+/// JSON: `{path, message}`, with `line` and `column` when placed. Both
+/// quote names from the file, so both are shown, as text and as JSON,
+/// with each word cut at 256 characters ([`echo_words`]): a huge name is
+/// never echoed whole into a reload's 422, a log line or `check`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
+    #[serde(serialize_with = "echoed")]
     pub path: String,
+    #[serde(serialize_with = "echoed")]
     pub message: String,
     /// `None` until [`locate`]d, and after when the file does not write
     /// the path (its value is a default).
@@ -53,14 +60,18 @@ impl Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if !self.path.is_empty() {
-            write!(f, "{}: ", self.path)?;
+            write!(f, "{}: ", echo_words(&self.path))?;
         }
-        f.write_str(&self.message)?;
+        f.write_str(&echo_words(&self.message))?;
         match self.at {
             Some(at) => write!(f, " ({at})"),
             None => Ok(()),
         }
     }
+}
+
+fn echoed<S: serde::Serializer>(text: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&echo_words(text))
 }
 
 /// Every problem found in one config; never empty.

@@ -10,7 +10,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::limits::{Limit, Refused};
-use crate::logging::{MAX_CLIENT_CHARS, bounded};
+use crate::logging::{MAX_CLIENT_CHARS, MAX_MESSAGE_CHARS, bounded};
 
 mod headers;
 mod kind;
@@ -29,10 +29,6 @@ pub enum ErrorShape {
     /// Messages.
     Anthropic,
 }
-
-/// The most of an error message a client sees and a log line holds:
-/// messages echo what clients and upstreams sent.
-const MAX_MESSAGE_CHARS: usize = 4096;
 
 /// An error and its causes, `outer: inner: …`, for an operator's log: a
 /// library's error often says only what failed (`client error

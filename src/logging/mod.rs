@@ -5,12 +5,15 @@
 
 mod buffer;
 mod format;
+mod words;
 
 use std::fmt::{self, Write};
 use std::io::IsTerminal;
 
 use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
+
+pub use words::echo_words;
 
 pub use buffer::{FlushOnDrop, LogBuffer, start};
 pub use format::{Fields, Line, Timestamp};
@@ -75,6 +78,10 @@ where
 /// The most of a client's own string (a model name, a path, a value
 /// quoted back in an error) that a log line or an error message holds.
 pub const MAX_CLIENT_CHARS: usize = 256;
+
+/// The most of an error message a client sees and a log line holds:
+/// messages echo what clients and upstreams sent.
+pub const MAX_MESSAGE_CHARS: usize = 4096;
 
 /// `text` with control characters written as escapes, so that it cannot
 /// forge a log line, and cut to `max` characters, marked with `…`.
