@@ -830,8 +830,8 @@ def case_config_writes(ctx):
     with open(gw.config, "w") as f:
         f.write(gw.text)
     time.sleep(1.0)
-    # 2. Written in place in two steps: everything before [[keys]], then,
-    # 0.6 s later, the [[keys]] part.
+    # 2. Written in place through one open file: everything before
+    # [[keys]], then, 0.6 s later, the [[keys]] part.
     cut = gw.text.index("[[keys]]")
     with open(gw.config, "w") as f:
         f.write(gw.text[:cut])
@@ -1701,8 +1701,8 @@ def case_stopped_readers(ctx, n1=50, n2=200, send_timeout_ms=2000):
 
 
 CASES = [
-    (1, "Config file truncated to 0 bytes, or written in place in two steps ([[keys]] 0.6 s later)",
-     "refused, old config keeps serving", case_config_writes),
+    (1, "Config file truncated to 0 bytes, or written in place through one open file ([[keys]] 0.6 s later)",
+     "refused, or not read half-way; old config keeps serving", case_config_writes),
     (2, "500 connections sending unauthenticated 2 MB bodies slowly to /admin/reload",
      "401 at once", case_admin_slow_bodies),
     (3, "$1 daily budget, 100 concurrent requests without max_tokens, long answers",
