@@ -14,6 +14,7 @@ use support::certs::{ClientFiles, ServerTls, TestCa};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::{MockServer, MockUpstream};
+use support::process::Process;
 use support::redis::Redis;
 use tollgate::limits::go_duration;
 
@@ -157,18 +158,34 @@ fn used_up(answers: &[(u16, Option<String>)]) -> bool {
 }
 
 /// A replica of `config` in a process of its own, to be killed.
-fn doomed_replica(config: &Config) -> (support::process::Process, tempfile::NamedTempFile) {
+fn doomed_replica(config: &Config) -> (Process, tempfile::NamedTempFile) {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), config.to_toml()).unwrap();
-    let process = support::process::serve_file(
-        file.path(),
+    (replica_process(file.path()), file)
+}
+
+/// A replica serving the config file at `path`, in a process of its own.
+fn replica_process(path: &std::path::Path) -> Process {
+    support::process::serve_file(
+        path,
         &[
             ("KEY_TEAM", "team-secret"),
             ("ADMIN_TOKEN", ADMIN_TOKEN),
             ("UPSTREAM_KEY_API", "sk-test-api"),
         ],
-    );
-    (process, file)
+    )
+}
+
+/// A client of a replica in a process of its own.
+fn client_of(process: &Process) -> Gateway {
+    Gateway {
+        base: process.base.clone(),
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .timeout(WAIT)
+            .build()
+            .unwrap(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -794,6 +811,186 @@ async fn with_redis_away_a_replica_spends_only_its_share_of_what_was_left() {
         spent <= 0.02 + 0.04 + 0.0001,
         "spent ${spent} in {served} answers while Redis was away: $0.02 before, at most its $0.04 share after"
     );
+}
+
+/// Requests of `team` one after another until the replica refuses one
+/// for its budget (at most `most`): how many were served.
+async fn served_until_refused(gateway: &Gateway, most: usize) -> usize {
+    for served in 0..most {
+        match ask(gateway, "team", false).await {
+            (200, _) => {}
+            (429, Some(code)) if code == "insufficient_quota" => return served,
+            other => panic!("{other:?}"),
+        }
+    }
+    most
+}
+
+/// What a replica's ledger holds for `team`, in USD.
+async fn ledger_of(gateway: &Gateway) -> f64 {
+    ledgers_spent(std::slice::from_ref(gateway), "team").await
+}
+
+/// A replica restarted while Redis is away (a rolling deploy, an OOM
+/// kill) takes up the share its last exchange gave it, kept in its
+/// data_dir, and counts what it spent since from its ledger: killed and
+/// started again, it spends no more than the rest of its share, and the
+/// fleet stays within the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_while_redis_is_away_spends_only_the_rest_of_its_share() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    // $0.02 answers against a $0.10 budget, shared by two replicas.
+    let upstream = answering(2_000).await;
+    let config = shared(
+        one_model(&upstream).key(Key::new("team").set("budget_daily_usd", 0.10)),
+        &redis,
+    )
+    .set("state", "on_unavailable", "local");
+    let data = tempfile::tempdir().unwrap();
+    let restartable = config
+        .clone()
+        .set("ledger", "data_dir", data.path().to_str().unwrap())
+        .set("ledger", "flush_interval_ms", 50);
+    let (mut first, file) = doomed_replica(&restartable);
+    let second = start(&config).await;
+    let first_client = client_of(&first);
+    assert_eq!(ask(&first_client, "team", false).await.0, 200);
+    let fleet = [&first_client, &second];
+    eventually(
+        "both replicas know what the fleet spent, and of each other",
+        || async {
+            let mut all = true;
+            for gateway in fleet {
+                let left = metric(
+                    &gateway.metrics().await,
+                    "tollgate_budget_remaining_usd",
+                    &[("key", "team"), ("period", "daily")],
+                );
+                all &= status(gateway).await["state"]["replicas"] == 2
+                    && left.is_some_and(|left| left < 0.0801);
+            }
+            all
+        },
+    )
+    .await;
+    redis.stop();
+    // Half of its $0.04 share, then it is killed; its ledger is written
+    // every 50 ms.
+    assert_eq!(ask(&first_client, "team", false).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let again = replica_process(file.path());
+    let first_again = client_of(&again);
+    assert_eq!(
+        status(&first_again).await["state"]["budget_share"],
+        "remembered"
+    );
+    let served_again = served_until_refused(&first_again, 10).await;
+    let served_second = served_until_refused(&second, 10).await;
+    let (first_spent, second_spent) = (ledger_of(&first_again).await, ledger_of(&second).await);
+    eprintln!(
+        "restarted replica: {served_again} served after its restart, ${first_spent} in both lives; \
+         the other: {served_second} served, ${second_spent}; the fleet: ${} of $0.10",
+        first_spent + second_spent
+    );
+    assert!(served_again >= 1, "it still has half of its share");
+    assert!(
+        first_spent <= 0.02 + 0.04,
+        "${first_spent}: $0.02 through Redis and at most its $0.04 share over both lives"
+    );
+    assert!(second_spent <= 0.04, "${second_spent}: at most its share");
+    assert!(
+        first_spent + second_spent <= 0.10,
+        "the fleet spent ${}",
+        first_spent + second_spent
+    );
+}
+
+/// A replica that starts while Redis is away has no share of a budget to
+/// go by: it refuses budgeted requests as `on_unavailable = "refuse"`
+/// would, serves the others, and serves budgeted ones once Redis answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_while_redis_is_away_refuses_budgeted_requests_until_it_answers() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    redis.stop();
+    let upstream = answering(100).await;
+    let config = outage(&upstream, &redis, "local")
+        .key(Key::new("free"))
+        .key(Key::new("limited").set("rpm", 100));
+    let gateway = start(&config).await;
+    let response = gateway
+        .chat_as(
+            "team-secret",
+            json!({"model": "chat", "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(header(&response, "retry-after"), "1");
+    let error = error_of(response).await;
+    assert_eq!(error["code"], "state_unavailable");
+    assert!(
+        message(&error).contains("has not learned what the fleet spent"),
+        "{}",
+        message(&error)
+    );
+    assert_eq!(ask(&gateway, "team", true).await.0, 503, "streamed too");
+    assert_eq!(ask(&gateway, "free", false).await.0, 200, "no budget");
+    assert_eq!(ask(&gateway, "limited", false).await.0, 200, "limits only");
+    let state = &status(&gateway).await["state"];
+    assert_eq!(
+        (&state["degraded"], &state["budget_share"]),
+        (&json!(true), &json!("none"))
+    );
+    redis.start_again();
+    eventually(
+        "budgeted requests are served once Redis answers",
+        || async { ask(&gateway, "team", false).await.0 == 200 },
+    )
+    .await;
+    assert_eq!(status(&gateway).await["state"]["budget_share"], "exchanged");
+}
+
+/// A remembered share cut short (a disk that filled, a file written by
+/// hand) is no share: a warning says so, budgeted requests wait for
+/// Redis, and the next exchange writes it whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_share_cut_short_is_ignored_with_a_warning() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    redis.stop();
+    let upstream = answering(100).await;
+    let data = tempfile::tempdir().unwrap();
+    let remembered = data.path().join("tollgate-fleet-share.json");
+    std::fs::write(&remembered, r#"{"version":1,"day":"2026-12-0"#).unwrap();
+    let config =
+        outage(&upstream, &redis, "local").set("ledger", "data_dir", data.path().to_str().unwrap());
+    let (replica, _file) = doomed_replica(&config);
+    let warning = replica.logged("cannot be read");
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains("tollgate-fleet-share.json"), "{warning}");
+    let gateway = client_of(&replica);
+    assert_eq!(
+        ask(&gateway, "team", false).await,
+        (503, Some("state_unavailable".to_owned()))
+    );
+    assert_eq!(status(&gateway).await["state"]["budget_share"], "none");
+    redis.start_again();
+    eventually(
+        "budgeted requests are served once Redis answers",
+        || async { ask(&gateway, "team", false).await.0 == 200 },
+    )
+    .await;
+    eventually("what the exchange learned is written whole", || async {
+        let text = std::fs::read(&remembered).unwrap_or_default();
+        serde_json::from_slice::<Value>(&text).is_ok_and(|v| v["keys"]["team"].is_object())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -285,6 +285,20 @@ impl GatewayError {
         .retry_after(Some(retry_after))
     }
 
+    /// Redis did not answer, and this replica has not learned since it
+    /// started (nor kept from before) what the fleet spent of `key`'s
+    /// budget: it has no share to spend on its own.
+    pub fn fleet_spend_unknown(key: &str, retry_after: Duration) -> Self {
+        Self::new(
+            ErrorKind::StateUnavailable,
+            format!(
+                "key \"{key}\" has a budget that the gateway's replicas share, and this replica cannot reach the shared state (Redis) and has not learned what the fleet spent of it, so it cannot tell what is left; requests with a budget are refused until the shared state answers; retry after {} s",
+                retry_after.as_secs_f64().ceil()
+            ),
+        )
+        .retry_after(Some(retry_after))
+    }
+
     /// The gateway's shutdown grace period ran out before the stream
     /// ended.
     pub fn shutting_down() -> Self {

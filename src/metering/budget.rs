@@ -219,14 +219,15 @@ impl Budgets {
     /// `ask.floor` — or refuses ([`refusal`]). `budget(period, limit)` says
     /// what the period's limit and spend are taken to be: the key's own
     /// and the ledger's, or a replica's share of the fleet's while the
-    /// shared store is away. Sized under the same lock as the check, so
-    /// requests admitted at once cannot each count on the same dollars.
+    /// shared store is away (or why there is none). Sized under the same
+    /// lock as the check, so requests admitted at once cannot each count
+    /// on the same dollars.
     pub fn admit(
         self: &Arc<Self>,
         key: &Key,
         today: Date,
         ask: Ask,
-        budget: impl Fn(Period, u64) -> (u64, u64),
+        budget: impl Fn(Period, u64) -> Result<(u64, u64), GatewayError>,
     ) -> Result<Reservation, GatewayError> {
         let mut reserved = self.lock();
         let held = reserved.get(&key.name).copied().unwrap_or(0);
@@ -235,7 +236,7 @@ impl Budgets {
             let Some(limit) = period.limit(key) else {
                 continue;
             };
-            let (limit, spent) = budget(period, limit);
+            let (limit, spent) = budget(period, limit)?;
             if spent.saturating_add(held).saturating_add(ask.floor) > limit {
                 return Err(refusal(
                     &key.name, period, limit, spent, held, ask.floor, today,
@@ -366,7 +367,7 @@ mod tests {
             floor: cost,
         };
         budgets.admit(k, today, ask, |period, limit| {
-            (limit, spent_in(ledger, &k.name, period, today))
+            Ok((limit, spent_in(ledger, &k.name, period, today)))
         })
     }
 
@@ -448,7 +449,7 @@ mod tests {
         let k = key(Some(1_000), Some(5_000));
         spend(&ledger, today, 100);
         let ask = |want, floor| {
-            let own = |period, limit| (limit, spent_in(&ledger, "k", period, today));
+            let own = |period, limit| Ok((limit, spent_in(&ledger, "k", period, today)));
             budgets.admit(&k, today, Ask { want, floor }, own)
         };
         assert_eq!(ask(450, 10).unwrap().nano_usd(), 450);

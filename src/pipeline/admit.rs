@@ -304,8 +304,10 @@ pub async fn reserve(
         let reservation = app.budgets.admit(key, today, ask, |period, limit| {
             let spent = budget::spent_in(&app.ledger, &key.name, period, today);
             match fleet {
-                Some(fleet) => fleet.local_budget(&key.name, period, limit, spent, today),
-                None => (limit, spent),
+                Some(fleet) => fleet
+                    .local_budget(&key.name, period, limit, spent, today)
+                    .ok_or_else(|| GatewayError::fleet_spend_unknown(&key.name, STATE_RETRY)),
+                None => Ok((limit, spent)),
             }
         })?;
         Some(hedged(match fleet {

@@ -322,6 +322,7 @@ pub async fn status(
                         crate::config::OnUnavailable::Refuse => "refuse",
                     },
                     "replicas": fleet.replicas(),
+                    "budget_share": fleet.budget_share(),
                 }),
             };
             serde_json::json!({

@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
-use crate::config::{Config, StateSettings};
+use crate::config::{Config, LedgerBackend, LedgerSettings, StateSettings};
 use crate::health::{LiveState, engine};
 use crate::ledger::Ledger;
 use crate::licence::{self, LicenceBook};
@@ -99,6 +99,7 @@ impl AppState {
             StateSettings::Memory => None,
             StateSettings::Redis(settings) => Some(Arc::new(Fleet::connect(
                 settings,
+                own_ledger(&config.ledger, &ledger),
                 metrics.state_degraded.clone(),
                 metrics.state_replicas.clone(),
                 &metrics.state_admissions,
@@ -180,6 +181,16 @@ impl AppState {
     /// Whether the shutdown grace period has run out.
     pub fn streams_ended(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// A ledger that counts only this replica's spend, kept in a data_dir
+/// (SQLite): the fleet keeps what it learns of budgets beside it, for a
+/// restart while Redis is away. A PostgreSQL ledger counts the fleet's.
+fn own_ledger(settings: &LedgerSettings, ledger: &Arc<Ledger>) -> Option<(PathBuf, Arc<Ledger>)> {
+    match (&settings.backend, &settings.data_dir) {
+        (LedgerBackend::Sqlite, Some(dir)) => Some((dir.clone(), ledger.clone())),
+        _ => None,
     }
 }
 

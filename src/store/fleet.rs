@@ -7,8 +7,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
@@ -21,11 +22,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::credit::{Budgeted, Credits, Draw, Terms};
 use super::prefixes::{self, Prefixes, WirePrefixes};
+use super::remembered::{self, KeyShare, Remembered};
 use super::sync::{SyncAsk, SyncReply, WirePush, WireReply};
 use super::users;
 use crate::config::{ClientTls, OnUnavailable, RedisState, Roots};
+use crate::ledger::Ledger;
 use crate::limits::{Limit, Refused, SharedCells, SharedTokens};
-use crate::metering::budget::{Ask, Period, SharedSpend, today as budget_today};
+use crate::metering::budget::{Ask, Period, SharedSpend, spent_in, today as budget_today};
 use crate::metering::prefix::Block;
 
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
@@ -58,6 +61,11 @@ fn stale_fields(today: Date) -> Vec<String> {
 /// The exchange is not on a request's path: it may take longer than an
 /// admission before the replica counts Redis away.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// While Redis answers, what the exchanges learned is written to the
+/// data_dir at most this often (when it changed): a restart reads it only
+/// if Redis is away, and an outage writes the latest at once.
+const REMEMBER_EVERY: Duration = Duration::from_secs(1);
 
 /// A request admitted by the fleet, with its budget reservation (its id
 /// and nano-dollars) when its key has a budget.
@@ -106,6 +114,9 @@ pub struct Fleet {
     /// Wakes the sender when a request's spend is queued.
     settled: tokio::sync::Notify,
     known: Mutex<Known>,
+    /// Where `known` is kept across restarts; `None` without a ledger of
+    /// this replica's own spend in a data_dir.
+    remember: Option<Remember>,
     prefixes: Mutex<Prefixes>,
     degraded_gauge: IntGauge,
     replicas_gauge: IntGauge,
@@ -180,10 +191,57 @@ struct Known {
     /// Per key with a budget, as of the last exchange (on `day`): the
     /// day's and the month's spend, and what requests hold.
     spent: HashMap<String, [u64; 3]>,
+    /// Per key, with `remember`: of the day's and the month's spend in
+    /// this replica's ledger, what `spent` counts.
+    counted: HashMap<String, [u64; 2]>,
+    /// `None`: no exchange since start, and nothing remembered.
     day: Option<Date>,
+    /// Read from the data_dir at start, and no exchange since: this
+    /// replica's spend since that exchange is in its ledger, beyond
+    /// `counted`.
+    remembered: bool,
     /// Whether the store's spend counters were seeded since it was last
     /// away.
     seeded: bool,
+}
+
+impl Known {
+    /// What to keep in the data_dir; `None` before any exchange.
+    fn to_remember(&self) -> Option<Remembered> {
+        Some(Remembered {
+            day: self.day?,
+            replicas: self.replicas,
+            keys: self
+                .spent
+                .iter()
+                .filter_map(|(key, fleet)| {
+                    let counted = *self.counted.get(key)?;
+                    Some((
+                        key.clone(),
+                        KeyShare {
+                            fleet: *fleet,
+                            counted,
+                        },
+                    ))
+                })
+                .collect(),
+        })
+    }
+}
+
+/// The data_dir `Known` is kept in, and the ledger of this replica's own
+/// spend beside it.
+struct Remember {
+    dir: PathBuf,
+    ledger: Arc<Ledger>,
+    written: Mutex<Written>,
+}
+
+#[derive(Default)]
+struct Written {
+    content: Option<Remembered>,
+    at: Option<Instant>,
+    failing: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -192,8 +250,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Fleet {
     /// Connects lazily: the gateway starts, degraded, when Redis is away.
+    /// `own_ledger`: a ledger in a data_dir that counts only this
+    /// replica's spend, where what exchanges learn of budgets is kept
+    /// across restarts.
     pub fn connect(
         settings: &RedisState,
+        own_ledger: Option<(PathBuf, Arc<Ledger>)>,
         degraded_gauge: IntGauge,
         replicas_gauge: IntGauge,
         admitted: &IntCounterVec,
@@ -235,6 +297,37 @@ impl Fleet {
         let connection = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| format!("[state] redis: {}", e.category()))?;
         let (admissions, admission_queue) = mpsc::unbounded_channel();
+        let mut known = Known {
+            replicas: 1,
+            ..Known::default()
+        };
+        let remember = own_ledger.map(|(dir, ledger)| {
+            let content = remembered::read(&dir);
+            if let Some(content) = &content {
+                tracing::info!(
+                    day = %content.day,
+                    replicas = content.replicas,
+                    keys = content.keys.len(),
+                    "took up the fleet's budgets as this replica's last exchange left them; it spends its share of them until Redis answers"
+                );
+                known.day = Some(content.day);
+                known.replicas = content.replicas;
+                known.remembered = true;
+                for (key, share) in &content.keys {
+                    known.spent.insert(key.clone(), share.fleet);
+                    known.counted.insert(key.clone(), share.counted);
+                }
+                replicas_gauge.set(i64::try_from(content.replicas).unwrap_or(i64::MAX));
+            }
+            Remember {
+                dir,
+                ledger,
+                written: Mutex::new(Written {
+                    content,
+                    ..Written::default()
+                }),
+            }
+        });
         Ok(Self {
             connection,
             admissions,
@@ -252,10 +345,8 @@ impl Fleet {
             pending: Mutex::default(),
             sending: tokio::sync::Mutex::new(()),
             settled: tokio::sync::Notify::new(),
-            known: Mutex::new(Known {
-                replicas: 1,
-                ..Known::default()
-            }),
+            known: Mutex::new(known),
+            remember,
             prefixes: Mutex::default(),
             degraded_gauge,
             replicas_gauge,
@@ -557,11 +648,16 @@ impl Fleet {
     }
 
     /// While Redis is away: a period's budget as this replica may use it,
-    /// and what it counts as spent. Its share is what the fleet had left
-    /// at the last exchange (spent and held), divided among the replicas
-    /// seen in the last minute; spent is that base and what this replica
-    /// spent since. Before any exchange the base is this replica's
-    /// ledger, `ledger_spent`.
+    /// and what it counts as spent; `None` when it has nothing to go by
+    /// (no exchange since it started and none remembered, or none since
+    /// the key had a budget). Its share is what the fleet had left at the
+    /// last exchange (spent and held), divided among the replicas seen in
+    /// the minute before; spent is that base and what this replica spent
+    /// since: what it has not sent, or, with the exchange remembered from
+    /// before a restart, what its ledger (`ledger_spent`) has beyond what
+    /// the exchange counted. Of a period that began after the exchange the
+    /// fleet had spent nothing, and only what its requests held may fall
+    /// in it.
     pub fn local_budget(
         &self,
         key: &str,
@@ -569,22 +665,90 @@ impl Fleet {
         limit: u64,
         ledger_spent: u64,
         today: Date,
-    ) -> (u64, u64) {
-        let (base, replicas) = {
-            let known = lock(&self.known);
-            let base = known.spent.get(key).map_or(ledger_spent, |s| {
-                let spent = match period {
-                    Period::Daily => s[0],
-                    Period::Monthly => s[1],
-                };
-                spent.saturating_add(s[2])
-            });
-            (base, known.replicas.max(1))
-        };
+    ) -> Option<(u64, u64)> {
         let (from, to) = period.bounds(today);
-        let unsent = lock(&self.pending).unsent(key, from, to);
+        let at = match period {
+            Period::Daily => 0,
+            Period::Monthly => 1,
+        };
+        let (base, since, replicas) = {
+            let known = lock(&self.known);
+            let day = known.day?;
+            let fleet = known.spent.get(key)?;
+            let (spent, counted) = if day < from {
+                (0, 0)
+            } else if day <= to {
+                let counted = match known.counted.get(key) {
+                    Some(counted) => counted[at],
+                    None if known.remembered => return None,
+                    None => 0,
+                };
+                (fleet[at], counted)
+            } else {
+                // The clock went back past the exchange.
+                return None;
+            };
+            let since = known
+                .remembered
+                .then(|| ledger_spent.saturating_sub(counted));
+            (spent.saturating_add(fleet[2]), since, known.replicas.max(1))
+        };
+        let since = since.unwrap_or_else(|| lock(&self.pending).unsent(key, from, to));
         let share = limit.saturating_sub(base) / replicas;
-        (base.saturating_add(share), base.saturating_add(unsent))
+        Some((base.saturating_add(share), base.saturating_add(since)))
+    }
+
+    /// Where this replica's share of budgets comes from while Redis is
+    /// away: `exchanged` (an exchange since it started), `remembered`
+    /// (one before it started, kept in its data_dir) or `none`.
+    pub fn budget_share(&self) -> &'static str {
+        let known = lock(&self.known);
+        match (known.day, known.remembered) {
+            (None, _) => "none",
+            (Some(_), true) => "remembered",
+            (Some(_), false) => "exchanged",
+        }
+    }
+
+    /// Keeps what the exchanges learned of budgets in the data_dir, when
+    /// it changed since last written: at most every `REMEMBER_EVERY`, or
+    /// at once when Redis is away (`now`).
+    async fn remember(&self, now: bool) {
+        let Some(remember) = &self.remember else {
+            return;
+        };
+        let Some(content) = lock(&self.known).to_remember() else {
+            return;
+        };
+        {
+            let written = lock(&remember.written);
+            let recent = written.at.is_some_and(|at| at.elapsed() < REMEMBER_EVERY);
+            if written.content.as_ref() == Some(&content) || (recent && !now) {
+                return;
+            }
+        }
+        let dir = remember.dir.clone();
+        let kept = content.clone();
+        let result = tokio::task::spawn_blocking(move || remembered::write(&dir, &kept))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let mut written = lock(&remember.written);
+        written.at = Some(Instant::now());
+        match result {
+            Ok(()) => {
+                written.content = Some(content);
+                written.failing = false;
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut written.failing, true) {
+                    tracing::warn!(
+                        file = %remembered::path(&remember.dir).display(),
+                        error = %e,
+                        "cannot keep the fleet's budgets in the data_dir; a restart while Redis is away refuses budgeted requests until it answers"
+                    );
+                }
+            }
+        }
     }
 
     /// One exchange with the fleet (see `lua/sync.lua`): what is queued
@@ -612,11 +776,12 @@ impl Fleet {
             });
             (unsent, wire)
         };
-        let Some(reply) = self
+        let Some((reply, counted)) = self
             .send(&ask, Some(&prefixes), today, seeding.as_deref())
             .await
         else {
             lock(&self.prefixes).restore(unsent);
+            self.remember(true).await;
             return None;
         };
         if let Ok(at) = reply.prefix_at.parse() {
@@ -637,6 +802,7 @@ impl Fleet {
             known.replicas = reply.replicas.max(1);
             known.seeded = true;
             known.day = Some(today);
+            known.remembered = false;
             known.spent = ask
                 .budgets
                 .iter()
@@ -646,7 +812,14 @@ impl Fleet {
                     (key.clone(), [n(&s[0]), n(&s[1]), n(&s[2])])
                 })
                 .collect();
+            known.counted = ask
+                .budgets
+                .iter()
+                .zip(counted)
+                .map(|((key, _), counted)| (key.clone(), counted))
+                .collect();
         }
+        self.remember(false).await;
         self.replicas_gauge.set(reply.replicas as i64);
         if self.degraded.swap(false, Ordering::AcqRel) {
             self.degraded_gauge.set(0);
@@ -712,14 +885,16 @@ impl Fleet {
 
     /// One call of `lua/sync.lua`, one at a time, so batches reach Redis
     /// in the order of their numbers. Prefix memory travels in the
-    /// periodic exchange only.
+    /// periodic exchange only. With the reply, per key of `ask.budgets`
+    /// (when `remember`), what the counts it brings hold of this
+    /// replica's ledger.
     async fn send(
         &self,
         ask: &SyncAsk,
         prefixes: Option<&WirePrefixes>,
         today: Date,
         seeding: Option<&[[u64; 2]]>,
-    ) -> Option<WireReply> {
+    ) -> Option<(WireReply, Vec<[u64; 2]>)> {
         let _turn = self.sending.lock().await;
         let payload = {
             let mut credits = lock(&self.credits);
@@ -776,7 +951,7 @@ impl Fleet {
                 .unsent
                 .retain(|b| b.number > payload.last_batch);
         }
-        Some(reply)
+        Some((reply, payload.counted))
     }
 
     /// The JSON `sync.lua` reads: every unacknowledged batch, and what
@@ -921,10 +1096,25 @@ impl Fleet {
             text["prefix"] = json!(prefixes);
         }
         let text = text.to_string();
+        // Read while `pending` is locked and every settlement queued is in
+        // this call's batches: of the ledger's spend, only what requests
+        // recorded in the instant before they settle is beyond them.
+        let counted = match &self.remember {
+            Some(remember) => ask
+                .budgets
+                .iter()
+                .map(|(key, _)| {
+                    [Period::Daily, Period::Monthly]
+                        .map(|period| spent_in(&remember.ledger, key, period, today))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         Payload {
             text,
             last_batch: pending.unsent.last().map_or(0, |b| b.number),
             renewed: !renew.is_empty(),
+            counted,
         }
     }
 }
@@ -944,6 +1134,9 @@ struct Payload {
     /// Batches up to this number are applied once it answers.
     last_batch: u64,
     renewed: bool,
+    /// Per key of the exchange's budgets, the day's and month's spend in
+    /// this replica's ledger as the batches were taken.
+    counted: Vec<[u64; 2]>,
 }
 
 impl SharedSpend for Fleet {
@@ -1008,9 +1201,80 @@ impl SharedTokens for Fleet {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use prometheus::Opts;
     use time::macros::date;
 
     use super::*;
+
+    /// A replica whose Redis is nowhere, on a ledger in `dir`.
+    fn unreachable(dir: &std::path::Path, ledger: &Arc<Ledger>) -> Fleet {
+        let settings = RedisState {
+            url: Some(crate::config::Secret::new("redis://127.0.0.1:1/0".into())),
+            prefix: "t:".into(),
+            timeout: Duration::from_millis(50),
+            on_unavailable: OnUnavailable::Local,
+            lease: Duration::from_secs(30),
+            tls: ClientTls::default(),
+        };
+        let gauge = || IntGauge::new("g", "g").unwrap();
+        let admitted = IntCounterVec::new(Opts::new("a", "a"), &["from"]).unwrap();
+        let own = Some((dir.to_owned(), ledger.clone()));
+        Fleet::connect(&settings, own, gauge(), gauge(), &admitted).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_restarted_replica_takes_the_share_it_had_and_counts_what_it_spent_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(Ledger::open(None).unwrap());
+        let (today, yesterday) = (date!(2026 - 12 - 07), date!(2026 - 12 - 06));
+        let fresh = unreachable(dir.path(), &ledger);
+        assert_eq!(fresh.budget_share(), "none");
+        assert_eq!(
+            fresh.local_budget("team", Period::Daily, 100, 0, today),
+            None,
+            "nothing to go by"
+        );
+        // The last exchange: the fleet had spent 20 today and 50 this
+        // month, its requests held 4; 10 and 30 of it were this replica's.
+        let remembered = |day| Remembered {
+            day,
+            replicas: 2,
+            keys: BTreeMap::from([(
+                "team".to_owned(),
+                KeyShare {
+                    fleet: [20, 50, 4],
+                    counted: [10, 30],
+                },
+            )]),
+        };
+        remembered::write(dir.path(), &remembered(today)).unwrap();
+        let restarted = unreachable(dir.path(), &ledger);
+        assert_eq!(restarted.budget_share(), "remembered");
+        assert_eq!(restarted.replicas(), 2);
+        // Its ledger has 16 today (6 since the exchange) and 40 this month.
+        let daily = restarted.local_budget("team", Period::Daily, 100, 16, today);
+        assert_eq!(daily, Some((24 + 38, 24 + 6)), "half of the 76 left");
+        let monthly = restarted.local_budget("team", Period::Monthly, 1_000, 40, today);
+        assert_eq!(monthly, Some((54 + 473, 54 + 10)));
+        assert_eq!(
+            restarted.local_budget("other", Period::Daily, 100, 0, today),
+            None,
+            "a key it knew nothing of"
+        );
+        // Of a day after the exchange the fleet had spent nothing, and
+        // this replica's ledger has all it spent that day; the month goes on.
+        remembered::write(dir.path(), &remembered(yesterday)).unwrap();
+        let next_day = unreachable(dir.path(), &ledger);
+        let daily = next_day.local_budget("team", Period::Daily, 100, 7, today);
+        assert_eq!(daily, Some((4 + 48, 4 + 7)));
+        let monthly = next_day.local_budget("team", Period::Monthly, 1_000, 40, today);
+        assert_eq!(monthly, Some((54 + 473, 54 + 10)));
+        // An exchange the clock is now before is no guide.
+        let back = next_day.local_budget("team", Period::Daily, 100, 0, date!(2026 - 12 - 05));
+        assert_eq!(back, None);
+    }
 
     #[test]
     fn spend_fields_name_the_day_and_month_and_past_ones_go_stale() {

@@ -13,6 +13,7 @@
 mod credit;
 mod fleet;
 mod prefixes;
+mod remembered;
 mod sync;
 mod users;
 
