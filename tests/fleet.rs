@@ -814,16 +814,21 @@ async fn with_redis_away_a_replica_spends_only_its_share_of_what_was_left() {
 }
 
 /// Requests of `team` one after another until the replica refuses one
-/// for its budget (at most `most`): how many were served.
+/// for its budget used up (at most `most` served): how many were served.
+/// One refused for what the last still holds is asked again shortly.
 async fn served_until_refused(gateway: &Gateway, most: usize) -> usize {
-    for served in 0..most {
+    let mut served = 0;
+    while served < most {
         match ask(gateway, "team", false).await {
-            (200, _) => {}
-            (429, Some(code)) if code == "insufficient_quota" => return served,
+            (200, _) => served += 1,
+            (429, Some(code)) if code == "insufficient_quota" => break,
+            (429, Some(code)) if code == "budget_held" => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             other => panic!("{other:?}"),
         }
     }
-    most
+    served
 }
 
 /// What a replica's ledger holds for `team`, in USD.
@@ -907,6 +912,25 @@ async fn a_replica_restarted_while_redis_is_away_spends_only_the_rest_of_its_sha
         "the fleet spent ${}",
         first_spent + second_spent
     );
+    // Once Redis answers, its count has what the first spent while it was
+    // away in both lives, though the first life's queue died with it.
+    redis.start_again();
+    let fleet = [first_again, second];
+    eventually("both replicas reconcile", || async {
+        status(&fleet[0]).await["state"]["degraded"] == false
+            && status(&fleet[1]).await["state"]["degraded"] == false
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    ledgers_match_the_fleet(&redis, &fleet).await;
+    // What is left of the budget, a cent's hundredth, goes in answers cut
+    // to fit, and no more.
+    for gateway in &fleet {
+        served_until_refused(gateway, 10).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let spent = ledgers_match_the_fleet(&redis, &fleet).await;
+    assert!(spent <= 0.10, "the fleet spent ${spent}");
 }
 
 /// A replica that starts while Redis is away has no share of a budget to

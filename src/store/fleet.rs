@@ -192,8 +192,10 @@ struct Known {
     /// day's and the month's spend, and what requests hold.
     spent: HashMap<String, [u64; 3]>,
     /// Per key, with `remember`: of the day's and the month's spend in
-    /// this replica's ledger, what `spent` counts.
+    /// this replica's ledger, what `spent` counts, and what settlement
+    /// calls added to the fleet's counts since.
     counted: HashMap<String, [u64; 2]>,
+    settled: HashMap<String, [u64; 2]>,
     /// `None`: no exchange since start, and nothing remembered.
     day: Option<Date>,
     /// Read from the data_dir at start, and no exchange since: this
@@ -207,26 +209,93 @@ struct Known {
 
 impl Known {
     /// What to keep in the data_dir; `None` before any exchange.
-    fn to_remember(&self) -> Option<Remembered> {
+    fn to_remember(&self, degraded: bool) -> Option<Remembered> {
         Some(Remembered {
             day: self.day?,
             replicas: self.replicas,
+            degraded,
             keys: self
                 .spent
                 .iter()
                 .filter_map(|(key, fleet)| {
                     let counted = *self.counted.get(key)?;
+                    let settled = self.settled.get(key).copied().unwrap_or_default();
                     Some((
                         key.clone(),
                         KeyShare {
                             fleet: *fleet,
                             counted,
+                            settled,
                         },
                     ))
                 })
                 .collect(),
         })
     }
+
+    /// Settlement calls added `settled` (key, day, nano-dollars) to the
+    /// fleet's counts after the last exchange.
+    fn settled_since(&mut self, settled: &[(String, Date, u64)]) {
+        let Some(day) = self.day else { return };
+        for (key, on, nano_usd) in settled {
+            let Some(sums) = self.settled.get_mut(key) else {
+                continue;
+            };
+            for (at, period) in [Period::Daily, Period::Monthly].into_iter().enumerate() {
+                if period.bounds(day) == period.bounds(*on) {
+                    sums[at] = sums[at].saturating_add(*nano_usd);
+                }
+            }
+        }
+    }
+}
+
+/// What this replica spent after the exchange `remembered` left, while
+/// Redis was away, by its ledger: settled again, so that the fleet's
+/// counts have it once Redis answers (a replica stopped then loses its
+/// queue, not its ledger). Days the exchange no longer keeps fields of
+/// are left out.
+fn unsent_before_start(remembered: &Remembered, ledger: &Ledger, today: Date) -> Vec<Settlement> {
+    let oldest = today.checked_sub(time::Duration::days(8));
+    if !remembered.degraded
+        || today < remembered.day
+        || oldest.is_none_or(|oldest| remembered.day < oldest)
+    {
+        return Vec::new();
+    }
+    let (first, last) = Period::Monthly.bounds(remembered.day);
+    let mut unsent = Vec::new();
+    for (key, share) in &remembered.keys {
+        let spent = |from: Date, to: Date| ledger.spent(key, from, to);
+        let counted = |at: usize| share.counted[at].saturating_add(share.settled[at]);
+        let mut days: Vec<(Date, u64)> = std::iter::successors(Some(remembered.day), |day| {
+            day.next_day().filter(|next| *next <= today)
+        })
+        .map(|day| (day, spent(day, day)))
+        .collect();
+        days[0].1 = days[0].1.saturating_sub(counted(0));
+        // What days of the month before the exchange's settled after it.
+        let in_month = days
+            .iter()
+            .filter(|(day, _)| *day <= last)
+            .fold(0u64, |sum, (_, nano)| sum.saturating_add(*nano));
+        let before = spent(first, last)
+            .saturating_sub(counted(1))
+            .saturating_sub(in_month);
+        days[0].1 = days[0].1.saturating_add(before);
+        unsent.extend(
+            days.into_iter()
+                .filter(|(_, nano)| *nano > 0)
+                .map(|(day, nano_usd)| Settlement {
+                    key: key.clone(),
+                    reservation: None,
+                    drawn: None,
+                    nano_usd,
+                    day,
+                }),
+        );
+    }
+    unsent
 }
 
 /// The data_dir `Known` is kept in, and the ledger of this replica's own
@@ -301,9 +370,18 @@ impl Fleet {
             replicas: 1,
             ..Known::default()
         };
+        let mut pending = Pending::default();
         let remember = own_ledger.map(|(dir, ledger)| {
             let content = remembered::read(&dir);
             if let Some(content) = &content {
+                pending.settle = unsent_before_start(content, &ledger, budget_today());
+                if !pending.settle.is_empty() {
+                    let nano_usd = pending.settle.iter().fold(0u64, |sum, s| sum.saturating_add(s.nano_usd));
+                    tracing::info!(
+                        usd = nano_usd as f64 / 1e9,
+                        "spend this replica recorded while Redis was away, before it restarted, goes to the fleet's counts when Redis answers"
+                    );
+                }
                 tracing::info!(
                     day = %content.day,
                     replicas = content.replicas,
@@ -316,6 +394,7 @@ impl Fleet {
                 for (key, share) in &content.keys {
                     known.spent.insert(key.clone(), share.fleet);
                     known.counted.insert(key.clone(), share.counted);
+                    known.settled.insert(key.clone(), share.settled);
                 }
                 replicas_gauge.set(i64::try_from(content.replicas).unwrap_or(i64::MAX));
             }
@@ -342,7 +421,7 @@ impl Fleet {
             admit: Script::new(include_str!("lua/admit.lua")),
             sync: Script::new(include_str!("lua/sync.lua")),
             credits: Mutex::default(),
-            pending: Mutex::default(),
+            pending: Mutex::new(pending),
             sending: tokio::sync::Mutex::new(()),
             settled: tokio::sync::Notify::new(),
             known: Mutex::new(known),
@@ -712,18 +791,22 @@ impl Fleet {
 
     /// Keeps what the exchanges learned of budgets in the data_dir, when
     /// it changed since last written: at most every `REMEMBER_EVERY`, or
-    /// at once when Redis is away (`now`).
+    /// at once when Redis is away (`now`) or answers again.
     async fn remember(&self, now: bool) {
         let Some(remember) = &self.remember else {
             return;
         };
-        let Some(content) = lock(&self.known).to_remember() else {
+        let Some(content) = lock(&self.known).to_remember(self.is_degraded()) else {
             return;
         };
         {
             let written = lock(&remember.written);
+            // A file that says Redis is away has a restart send again
+            // what was spent since: it is replaced as soon as Redis
+            // took that spend.
+            let recovered = written.content.as_ref().is_some_and(|c| c.degraded);
             let recent = written.at.is_some_and(|at| at.elapsed() < REMEMBER_EVERY);
-            if written.content.as_ref() == Some(&content) || (recent && !now) {
+            if written.content.as_ref() == Some(&content) || (recent && !now && !recovered) {
                 return;
             }
         }
@@ -818,8 +901,12 @@ impl Fleet {
                 .zip(counted)
                 .map(|((key, _), counted)| (key.clone(), counted))
                 .collect();
+            known.settled = known
+                .counted
+                .keys()
+                .map(|key| (key.clone(), [0; 2]))
+                .collect();
         }
-        self.remember(false).await;
         self.replicas_gauge.set(reply.replicas as i64);
         if self.degraded.swap(false, Ordering::AcqRel) {
             self.degraded_gauge.set(0);
@@ -827,6 +914,7 @@ impl Fleet {
                 "the shared state (Redis) answers again; spend recorded meanwhile is added to the fleet's"
             );
         }
+        self.remember(false).await;
         let pressure = reply
             .pressure
             .into_iter()
@@ -947,9 +1035,27 @@ impl Fleet {
         };
         // A store that lost its data applied nothing.
         if !reply.lost {
-            lock(&self.pending)
-                .unsent
-                .retain(|b| b.number > payload.last_batch);
+            let mut pending = lock(&self.pending);
+            // An exchange's reply counts its batches; between exchanges,
+            // what settlement calls added is kept beside the last one's.
+            let settled: Vec<(String, Date, u64)> =
+                if self.remember.is_some() && ask.budgets.is_empty() {
+                    pending
+                        .unsent
+                        .iter()
+                        .filter(|b| b.number <= payload.last_batch)
+                        .flat_map(|b| &b.settle)
+                        .filter(|s| s.nano_usd > 0)
+                        .map(|s| (s.key.clone(), s.day, s.nano_usd))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+            pending.unsent.retain(|b| b.number > payload.last_batch);
+            drop(pending);
+            if !settled.is_empty() {
+                lock(&self.known).settled_since(&settled);
+            }
         }
         Some((reply, payload.counted))
     }
@@ -1241,11 +1347,13 @@ mod tests {
         let remembered = |day| Remembered {
             day,
             replicas: 2,
+            degraded: false,
             keys: BTreeMap::from([(
                 "team".to_owned(),
                 KeyShare {
                     fleet: [20, 50, 4],
                     counted: [10, 30],
+                    settled: [0, 0],
                 },
             )]),
         };
@@ -1274,6 +1382,63 @@ mod tests {
         // An exchange the clock is now before is no guide.
         let back = next_day.local_budget("team", Period::Daily, 100, 0, date!(2026 - 12 - 05));
         assert_eq!(back, None);
+    }
+
+    #[test]
+    fn what_a_replica_spent_while_redis_was_away_before_it_restarted_is_settled_again() {
+        let ledger = Ledger::open(None).unwrap();
+        let spend = |day, nano_usd| {
+            let row = crate::ledger::Row {
+                day,
+                key: "team".into(),
+                model: "m".into(),
+                deployment: "d".into(),
+                api: "chat".into(),
+            };
+            let totals = crate::ledger::Totals {
+                cost_nano_usd: nano_usd,
+                ..Default::default()
+            };
+            ledger.record(row, totals);
+        };
+        let (before, exchanged, after) = (
+            date!(2026 - 11 - 29),
+            date!(2026 - 11 - 30),
+            date!(2026 - 12 - 01),
+        );
+        // The exchange counted 45 of its day and 125 of the month; a
+        // settlement call added 5 more of the day; then Redis went away,
+        // and 20 of the day before (a request that ran over midnight) and
+        // 7 of the day were settled, then 9 on the next day, in a new
+        // month. The day before's are the month's, and go with the
+        // exchange's day.
+        spend(before, 80 + 20);
+        spend(exchanged, 45 + 5 + 7);
+        spend(after, 9);
+        let remembered = |degraded| Remembered {
+            day: exchanged,
+            replicas: 2,
+            degraded,
+            keys: BTreeMap::from([(
+                "team".to_owned(),
+                KeyShare {
+                    fleet: [0; 3],
+                    counted: [45, 125],
+                    settled: [5, 5],
+                },
+            )]),
+        };
+        let unsent: Vec<(Date, u64)> = unsent_before_start(&remembered(true), &ledger, after)
+            .iter()
+            .map(|s| (s.day, s.nano_usd))
+            .collect();
+        assert_eq!(unsent, [(exchanged, 7 + 20), (after, 9)]);
+        assert!(
+            unsent_before_start(&remembered(false), &ledger, after).is_empty(),
+            "written while Redis answered: what was spent since reached it"
+        );
+        let weeks_later = date!(2026 - 12 - 20);
+        assert!(unsent_before_start(&remembered(true), &ledger, weeks_later).is_empty());
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct Remembered {
     pub day: Date,
     /// Replicas seen in the minute before it.
     pub replicas: u64,
+    /// Redis did not answer when this was written: nothing this replica
+    /// spent since reached the fleet's counts but `KeyShare::settled`.
+    pub degraded: bool,
     pub keys: BTreeMap<String, KeyShare>,
 }
 
@@ -39,6 +42,9 @@ pub struct KeyShare {
     /// Of this replica's ledger, the day's and the month's spend that the
     /// fleet's counts held: what the ledger has beyond it was spent since.
     pub counted: [u64; 2],
+    /// Of the day's and the month's spend since, what settlement calls
+    /// added to the fleet's counts before the next exchange.
+    pub settled: [u64; 2],
 }
 
 #[derive(Serialize, Deserialize)]
@@ -47,6 +53,7 @@ struct Wire {
     version: u32,
     day: String,
     replicas: u64,
+    degraded: bool,
     keys: BTreeMap<String, KeyShare>,
 }
 
@@ -79,6 +86,7 @@ pub fn read(dir: &Path) -> Option<Remembered> {
             Ok(Remembered {
                 day,
                 replicas: wire.replicas,
+                degraded: wire.degraded,
                 keys: wire.keys,
             })
         });
@@ -99,6 +107,7 @@ pub fn write(dir: &Path, remembered: &Remembered) -> std::io::Result<()> {
         version: VERSION,
         day: remembered.day.format(DAY).unwrap_or_default(),
         replicas: remembered.replicas,
+        degraded: remembered.degraded,
         keys: remembered.keys.clone(),
     };
     let text = serde_json::to_vec(&wire).map_err(std::io::Error::other)?;
@@ -120,11 +129,13 @@ mod tests {
         Remembered {
             day: date!(2026 - 12 - 07),
             replicas: 3,
+            degraded: true,
             keys: BTreeMap::from([(
                 "team".to_owned(),
                 KeyShare {
                     fleet: [20_000_000, 50_000_000, 1_000],
                     counted: [10_000_000, 30_000_000],
+                    settled: [5_000, 5_000],
                 },
             )]),
         }
@@ -153,11 +164,11 @@ mod tests {
         }
         for text in [
             "\u{0}\u{ff}garbage".as_bytes(),
-            br#"{"version":2,"day":"2026-12-07","replicas":1,"keys":{}}"#,
-            br#"{"version":1,"day":"2026-13-40","replicas":1,"keys":{}}"#,
-            br#"{"version":1,"day":"2026-12-07","replicas":0,"keys":{}}"#,
-            br#"{"version":1,"day":"2026-12-07","replicas":1,"keys":{"k":{"fleet":[-1,0,0],"counted":[0,0]}}}"#,
-            br#"{"version":1,"day":"2026-12-07","replicas":1,"keys":{"k":{"fleet":[0,0],"counted":[0,0]}}}"#,
+            br#"{"version":2,"day":"2026-12-07","replicas":1,"degraded":false,"keys":{}}"#,
+            br#"{"version":1,"day":"2026-13-40","replicas":1,"degraded":false,"keys":{}}"#,
+            br#"{"version":1,"day":"2026-12-07","replicas":0,"degraded":false,"keys":{}}"#,
+            br#"{"version":1,"day":"2026-12-07","replicas":1,"degraded":false,"keys":{"k":{"fleet":[-1,0,0],"counted":[0,0],"settled":[0,0]}}}"#,
+            br#"{"version":1,"day":"2026-12-07","replicas":1,"degraded":false,"keys":{"k":{"fleet":[0,0],"counted":[0,0],"settled":[0,0]}}}"#,
         ] {
             std::fs::write(path(dir.path()), text).unwrap();
             assert_eq!(read(dir.path()), None, "{}", String::from_utf8_lossy(text));
