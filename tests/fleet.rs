@@ -14,6 +14,7 @@ use support::certs::{ClientFiles, ServerTls, TestCa};
 use support::config::{Backend, Config, Deployment, Key, Model};
 use support::gateway::*;
 use support::mock::{MockServer, MockUpstream};
+use support::postgres::Postgres;
 use support::process::Process;
 use support::redis::Redis;
 use tollgate::limits::go_duration;
@@ -161,19 +162,19 @@ fn used_up(answers: &[(u16, Option<String>)]) -> bool {
 fn doomed_replica(config: &Config) -> (Process, tempfile::NamedTempFile) {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), config.to_toml()).unwrap();
-    (replica_process(file.path()), file)
+    (replica_process(file.path(), &[]), file)
 }
 
-/// A replica serving the config file at `path`, in a process of its own.
-fn replica_process(path: &std::path::Path) -> Process {
-    support::process::serve_file(
-        path,
-        &[
-            ("KEY_TEAM", "team-secret"),
-            ("ADMIN_TOKEN", ADMIN_TOKEN),
-            ("UPSTREAM_KEY_API", "sk-test-api"),
-        ],
-    )
+/// A replica serving the config file at `path`, in a process of its own,
+/// with `env` in its environment beside the keys' secrets.
+fn replica_process(path: &std::path::Path, env: &[(&str, &str)]) -> Process {
+    let mut all = vec![
+        ("KEY_TEAM", "team-secret"),
+        ("ADMIN_TOKEN", ADMIN_TOKEN),
+        ("UPSTREAM_KEY_API", "sk-test-api"),
+    ];
+    all.extend_from_slice(env);
+    support::process::serve_file(path, &all)
 }
 
 /// A client of a replica in a process of its own.
@@ -843,6 +844,32 @@ async fn ledger_of(gateway: &Gateway) -> f64 {
 /// fleet stays within the budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_restarted_while_redis_is_away_spends_only_the_rest_of_its_share() {
+    restarted_while_redis_is_away(|config| config, &[]).await;
+}
+
+/// The same with the PostgreSQL ledger, whose spool keeps what the
+/// replica spent once its records are shipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_on_the_postgres_ledger_restarted_while_redis_is_away_spends_only_the_rest_of_its_share()
+ {
+    let Some(postgres) = Postgres::start() else {
+        return;
+    };
+    let url = postgres.url();
+    let on_postgres = |config: Config| {
+        config
+            .set("ledger", "backend", "postgres")
+            .set("ledger", "url_env", POSTGRES_URL_ENV)
+    };
+    restarted_while_redis_is_away(on_postgres, &[(POSTGRES_URL_ENV, &url)]).await;
+}
+
+const POSTGRES_URL_ENV: &str = "TOLLGATE_POSTGRES_URL";
+
+/// Two replicas spend a budget through Redis; Redis stops; the first,
+/// its ledger `ledger` in a data_dir (with `env`), spends half its share,
+/// is killed and started again; both spend what they may.
+async fn restarted_while_redis_is_away(ledger: impl Fn(Config) -> Config, env: &[(&str, &str)]) {
     let Some(mut redis) = Redis::start() else {
         return;
     };
@@ -854,11 +881,12 @@ async fn a_replica_restarted_while_redis_is_away_spends_only_the_rest_of_its_sha
     )
     .set("state", "on_unavailable", "local");
     let data = tempfile::tempdir().unwrap();
-    let restartable = config
-        .clone()
+    let restartable = ledger(config.clone())
         .set("ledger", "data_dir", data.path().to_str().unwrap())
         .set("ledger", "flush_interval_ms", 50);
-    let (mut first, file) = doomed_replica(&restartable);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), restartable.to_toml()).unwrap();
+    let mut first = replica_process(file.path(), env);
     let second = start(&config).await;
     let first_client = client_of(&first);
     assert_eq!(ask(&first_client, "team", false).await.0, 200);
@@ -887,7 +915,7 @@ async fn a_replica_restarted_while_redis_is_away_spends_only_the_rest_of_its_sha
     tokio::time::sleep(Duration::from_millis(500)).await;
     first.child.kill().unwrap();
     first.child.wait().unwrap();
-    let again = replica_process(file.path());
+    let again = replica_process(file.path(), env);
     let first_again = client_of(&again);
     assert_eq!(
         status(&first_again).await["state"]["budget_share"],
@@ -895,6 +923,8 @@ async fn a_replica_restarted_while_redis_is_away_spends_only_the_rest_of_its_sha
     );
     let served_again = served_until_refused(&first_again, 10).await;
     let served_second = served_until_refused(&second, 10).await;
+    // A PostgreSQL ledger reports what was shipped.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let (first_spent, second_spent) = (ledger_of(&first_again).await, ledger_of(&second).await);
     eprintln!(
         "restarted replica: {served_again} served after its restart, ${first_spent} in both lives; \

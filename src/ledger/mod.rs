@@ -90,6 +90,14 @@ impl Totals {
 /// Nano-dollars per key, by day: what budgets read.
 type ByKey = HashMap<String, BTreeMap<Date, u64>>;
 
+/// Nano-dollars `key` spent from `from` to `to`, both included.
+fn sum_of(by_key: &ByKey, key: &str, from: Date, to: Date) -> u64 {
+    by_key.get(key).map_or(0, |days| {
+        days.range(from..=to)
+            .fold(0, |sum: u64, (_, cost)| sum.saturating_add(*cost))
+    })
+}
+
 /// Adds `cost` to `key`'s `day`; the key is cloned only when first seen,
 /// not per request.
 fn add_cost(by_key: &mut ByKey, key: &str, day: Date, cost: u64) {
@@ -135,6 +143,9 @@ struct State {
     /// PostgreSQL, until the fleet's totals are loaded: what this process
     /// recorded, to add to them (`Ledger::load_fleet_totals`).
     since_start: Option<ByKey>,
+    /// PostgreSQL: what this replica recorded, by key and day, in this
+    /// run and the earlier ones on its spool (`by_key` is the fleet's).
+    own: Option<ByKey>,
 }
 
 impl State {
@@ -144,6 +155,9 @@ impl State {
         add_cost(&mut self.by_key, &row.key, row.day, cost);
         if let Some(since_start) = &mut self.since_start {
             add_cost(since_start, &row.key, row.day, cost);
+        }
+        if let Some(own) = &mut self.own {
+            add_cost(own, &row.key, row.day, cost);
         }
         if let Some(all) = &mut self.totals {
             match all.get_mut(row) {
@@ -219,10 +233,11 @@ impl Ledger {
     /// the fleet's totals are loaded, budgets count what the spool holds
     /// (spend of an earlier run not yet shipped) and what is recorded.
     fn open_postgres(url: &Secret, data_dir: &Path) -> Result<Self, String> {
-        let (postgres, unshipped) = Postgres::open(url, data_dir)?;
+        let (postgres, unshipped, own) = Postgres::open(url, data_dir)?;
         let state = State {
             by_key: unshipped,
             since_start: Some(ByKey::default()),
+            own: Some(own),
             ..State::default()
         };
         Ok(Self {
@@ -265,10 +280,15 @@ impl Ledger {
 
     /// Nano-dollars a key spent from `from` to `to`, both included.
     pub fn spent(&self, key: &str, from: Date, to: Date) -> u64 {
-        self.state().by_key.get(key).map_or(0, |days| {
-            days.range(from..=to)
-                .fold(0, |sum: u64, (_, cost)| sum.saturating_add(*cost))
-        })
+        sum_of(&self.state().by_key, key, from, to)
+    }
+
+    /// Of `spent`, what this replica recorded (with PostgreSQL, shipped or
+    /// not, since the first day of last month), durably where the ledger
+    /// is: kept across restarts in a data_dir.
+    pub fn own_spent(&self, key: &str, from: Date, to: Date) -> u64 {
+        let state = self.state();
+        sum_of(state.own.as_ref().unwrap_or(&state.by_key), key, from, to)
     }
 
     /// The fleet's spend per key and day is known: budgets count it, and

@@ -97,8 +97,8 @@ struct Shipping {
 impl Postgres {
     /// The pool for the database at `url` (nothing is connected yet) and
     /// the spool in `data_dir`, with the spend per key and day the spool
-    /// holds.
-    pub fn open(url: &Secret, data_dir: &Path) -> Result<(Self, ByKey), String> {
+    /// holds, and this replica's.
+    pub fn open(url: &Secret, data_dir: &Path) -> Result<(Self, ByKey, ByKey), String> {
         let PostgresTarget { mut config, tls } = postgres_url::read(url.expose())
             .map_err(|e| format!("the ledger's PostgreSQL URL {e}"))?;
         if config.get_connect_timeout().is_none() {
@@ -135,6 +135,7 @@ impl Postgres {
         let spool = Spool::open(data_dir)?;
         let earlier_through = spool.last_seq()?;
         let unshipped = spool.spent_by_key()?;
+        let own = spool.own_by_key(OffsetDateTime::now_utc().date())?;
         let postgres = Self {
             pool,
             spool: Arc::new(spool),
@@ -142,7 +143,7 @@ impl Postgres {
             earlier_through,
             shipping: tokio::sync::Mutex::default(),
         };
-        Ok((postgres, unshipped))
+        Ok((postgres, unshipped, own))
     }
 
     pub fn spool(&self) -> &Spool {

@@ -13,17 +13,19 @@
 use std::borrow::Cow;
 use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::{Connection, params};
 use time::{Date, OffsetDateTime};
 
+use super::store::saturating_sums;
 use super::{ByKey, DAY, Row, Totals, add_cost, sqlite_schema};
 
 /// The spool's schema (`sqlite_schema`): records, then their inbound API
-/// (records spooled before it are `unknown`).
+/// (records spooled before it are `unknown`), then this replica's spend
+/// per key and day, which outlives the records shipped.
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS spool (
          seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -39,9 +41,24 @@ const SCHEMA: &[&str] = &[
          recorded_at_us INTEGER NOT NULL
      );",
     "ALTER TABLE spool ADD COLUMN api TEXT NOT NULL DEFAULT 'unknown';",
+    "CREATE TABLE own_spend (
+         key TEXT NOT NULL,
+         day TEXT NOT NULL,
+         cost_nano_usd INTEGER NOT NULL,
+         PRIMARY KEY (key, day)
+     );",
 ];
 
 pub(super) const FILE: &str = "tollgate-spool.sqlite3";
+
+/// Adds a record's cost to this replica's spend of its key and day.
+static OWN_UPSERT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO own_spend (key, day, cost_nano_usd) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key, day) DO UPDATE SET {}",
+        saturating_sums(&["cost_nano_usd"])
+    )
+});
 
 /// How long the writer waits before trying a failed write again.
 const RETRY: Duration = Duration::from_millis(200);
@@ -220,12 +237,33 @@ impl Spool {
             .map_err(sql)
     }
 
-    /// Nano-dollars per key and day in the file.
+    /// Nano-dollars per key and day in the file's records.
     pub fn spent_by_key(&self) -> Result<ByKey, String> {
-        let db = self.shared.db();
-        let mut statement = db
-            .prepare("SELECT key, day, sum(cost_nano_usd) FROM spool GROUP BY key, day")
+        self.sums("SELECT key, day, sum(cost_nano_usd) FROM spool GROUP BY key, day")
+    }
+
+    /// Nano-dollars per key and day this replica recorded, shipped or not,
+    /// since the first day of last month (older days are forgotten here).
+    pub fn own_by_key(&self, today: Date) -> Result<ByKey, String> {
+        let oldest = today
+            .replace_day(1)
+            .ok()
+            .and_then(|first| first.previous_day())
+            .and_then(|last| last.replace_day(1).ok())
+            .unwrap_or(today)
+            .format(DAY)
+            .map_err(|e| e.to_string())?;
+        self.shared
+            .db()
+            .execute("DELETE FROM own_spend WHERE day < ?1", [oldest])
             .map_err(sql)?;
+        self.sums("SELECT key, day, cost_nano_usd FROM own_spend")
+    }
+
+    /// Nano-dollars per key and day, as `query` selects them.
+    fn sums(&self, query: &str) -> Result<ByKey, String> {
+        let db = self.shared.db();
+        let mut statement = db.prepare(query).map_err(sql)?;
         let rows = statement
             .query_map([], |r| {
                 Ok((
@@ -378,8 +416,11 @@ impl Shared {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 )
                 .map_err(sql)?;
+            let mut own = tx.prepare_cached(&OWN_UPSERT).map_err(sql)?;
             for r in records {
                 let day = r.row.day.format(DAY).map_err(|e| e.to_string())?;
+                own.execute(params![r.row.key, day, int(r.cost_nano_usd)])
+                    .map_err(sql)?;
                 let micros = r.recorded_at.unix_timestamp_nanos() / 1_000;
                 insert
                     .execute(params![
@@ -471,6 +512,35 @@ mod tests {
             all[0].1.id[..16],
             "another process, another prefix"
         );
+    }
+
+    #[test]
+    fn this_replicas_spend_outlives_its_records_shipped_until_last_month_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let on = |day, key| crate::ledger::tests::row(day, key);
+        spool.push("r", on(date!(2026 - 10 - 31), "a"), &spend(1));
+        spool.push("r", on(date!(2026 - 11 - 01), "a"), &spend(2));
+        spool.push("r", on(date!(2026 - 12 - 07), "a"), &spend(3));
+        spool.push("r", on(date!(2026 - 12 - 07), "a"), &spend(u64::MAX));
+        spool.push("r", on(date!(2026 - 12 - 07), "b"), &spend(5));
+        spool.wait_written().unwrap();
+        spool
+            .remove_through(spool.last_seq().unwrap().unwrap())
+            .unwrap();
+        drop(spool);
+        let spool = Spool::open(dir.path()).unwrap();
+        assert!(spool.spent_by_key().unwrap().is_empty(), "all shipped");
+        let own = spool.own_by_key(date!(2026 - 12 - 07)).unwrap();
+        assert_eq!(
+            own["a"].iter().map(|(d, n)| (*d, *n)).collect::<Vec<_>>(),
+            [
+                (date!(2026 - 11 - 01), 2),
+                (date!(2026 - 12 - 07), i64::MAX as u64)
+            ],
+            "from the first of last month, each day's sum stopping at i64::MAX"
+        );
+        assert_eq!(own["b"][&date!(2026 - 12 - 07)], 5);
     }
 
     #[test]

@@ -301,15 +301,17 @@ pub async fn reserve(
         .admit(tokens, Instant::now())
         .map_err(|refused| rate_limited(&refused))?;
     let reservation = if let Some(ask) = ask {
-        let reservation = app.budgets.admit(key, today, ask, |period, limit| {
-            let spent = budget::spent_in(&app.ledger, &key.name, period, today);
-            match fleet {
+        let reservation = app
+            .budgets
+            .admit(key, today, ask, |period, limit| match fleet {
                 Some(fleet) => fleet
-                    .local_budget(&key.name, period, limit, spent, today)
+                    .local_budget(&key.name, period, limit, today)
                     .ok_or_else(|| GatewayError::fleet_spend_unknown(&key.name, STATE_RETRY)),
-                None => Ok((limit, spent)),
-            }
-        })?;
+                None => Ok((
+                    limit,
+                    budget::spent_in(&app.ledger, &key.name, period, today),
+                )),
+            })?;
         Some(hedged(match fleet {
             Some(fleet) => reservation.reported_to(fleet.clone()),
             None => reservation,

@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
-use crate::config::{Config, LedgerBackend, LedgerSettings, StateSettings};
+use crate::config::{Config, LedgerSettings, StateSettings};
 use crate::health::{LiveState, engine};
 use crate::ledger::Ledger;
 use crate::licence::{self, LicenceBook};
@@ -184,14 +184,12 @@ impl AppState {
     }
 }
 
-/// A ledger that counts only this replica's spend, kept in a data_dir
-/// (SQLite): the fleet keeps what it learns of budgets beside it, for a
-/// restart while Redis is away. A PostgreSQL ledger counts the fleet's.
+/// A ledger kept in a data_dir (SQLite, or PostgreSQL's spool), which
+/// keeps this replica's own spend across restarts: the fleet keeps what it
+/// learns of budgets beside it, for a restart while Redis is away.
 fn own_ledger(settings: &LedgerSettings, ledger: &Arc<Ledger>) -> Option<(PathBuf, Arc<Ledger>)> {
-    match (&settings.backend, &settings.data_dir) {
-        (LedgerBackend::Sqlite, Some(dir)) => Some((dir.clone(), ledger.clone())),
-        _ => None,
-    }
+    let dir = settings.data_dir.as_ref()?;
+    Some((dir.clone(), ledger.clone()))
 }
 
 /// What `tollgate check` warns of in a config the gateway serves (a key

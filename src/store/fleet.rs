@@ -28,7 +28,7 @@ use super::users;
 use crate::config::{ClientTls, OnUnavailable, RedisState, Roots};
 use crate::ledger::Ledger;
 use crate::limits::{Limit, Refused, SharedCells, SharedTokens};
-use crate::metering::budget::{Ask, Period, SharedSpend, spent_in, today as budget_today};
+use crate::metering::budget::{Ask, Period, SharedSpend, today as budget_today};
 use crate::metering::prefix::Block;
 
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
@@ -266,7 +266,7 @@ fn unsent_before_start(remembered: &Remembered, ledger: &Ledger, today: Date) ->
     let (first, last) = Period::Monthly.bounds(remembered.day);
     let mut unsent = Vec::new();
     for (key, share) in &remembered.keys {
-        let spent = |from: Date, to: Date| ledger.spent(key, from, to);
+        let spent = |from: Date, to: Date| ledger.own_spent(key, from, to);
         let counted = |at: usize| share.counted[at].saturating_add(share.settled[at]);
         let mut days: Vec<(Date, u64)> = std::iter::successors(Some(remembered.day), |day| {
             day.next_day().filter(|next| *next <= today)
@@ -319,9 +319,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Fleet {
     /// Connects lazily: the gateway starts, degraded, when Redis is away.
-    /// `own_ledger`: a ledger in a data_dir that counts only this
-    /// replica's spend, where what exchanges learn of budgets is kept
-    /// across restarts.
+    /// `own_ledger`: a ledger in a data_dir that keeps this replica's own
+    /// spend, where what exchanges learn of budgets is kept across
+    /// restarts.
     pub fn connect(
         settings: &RedisState,
         own_ledger: Option<(PathBuf, Arc<Ledger>)>,
@@ -733,8 +733,8 @@ impl Fleet {
     /// last exchange (spent and held), divided among the replicas seen in
     /// the minute before; spent is that base and what this replica spent
     /// since: what it has not sent, or, with the exchange remembered from
-    /// before a restart, what its ledger (`ledger_spent`) has beyond what
-    /// the exchange counted. Of a period that began after the exchange the
+    /// before a restart, what its ledger has of its own beyond what the
+    /// exchange counted. Of a period that began after the exchange the
     /// fleet had spent nothing, and only what its requests held may fall
     /// in it.
     pub fn local_budget(
@@ -742,7 +742,6 @@ impl Fleet {
         key: &str,
         period: Period,
         limit: u64,
-        ledger_spent: u64,
         today: Date,
     ) -> Option<(u64, u64)> {
         let (from, to) = period.bounds(today);
@@ -767,9 +766,15 @@ impl Fleet {
                 // The clock went back past the exchange.
                 return None;
             };
-            let since = known
-                .remembered
-                .then(|| ledger_spent.saturating_sub(counted));
+            let since = match &self.remember {
+                Some(remember) if known.remembered => Some(
+                    remember
+                        .ledger
+                        .own_spent(key, from, to)
+                        .saturating_sub(counted),
+                ),
+                _ => None,
+            };
             (spent.saturating_add(fleet[2]), since, known.replicas.max(1))
         };
         let since = since.unwrap_or_else(|| lock(&self.pending).unsent(key, from, to));
@@ -1210,8 +1215,10 @@ impl Fleet {
                 .budgets
                 .iter()
                 .map(|(key, _)| {
-                    [Period::Daily, Period::Monthly]
-                        .map(|period| spent_in(&remember.ledger, key, period, today))
+                    [Period::Daily, Period::Monthly].map(|period| {
+                        let (from, to) = period.bounds(today);
+                        remember.ledger.own_spent(key, from, to)
+                    })
                 })
                 .collect(),
             None => Vec::new(),
@@ -1330,15 +1337,34 @@ mod tests {
         Fleet::connect(&settings, own, gauge(), gauge(), &admitted).unwrap()
     }
 
+    /// `team` spent `nano_usd` on `day`, in `ledger`.
+    fn spend(ledger: &Ledger, day: Date, nano_usd: u64) {
+        let row = crate::ledger::Row {
+            day,
+            key: "team".into(),
+            model: "m".into(),
+            deployment: "d".into(),
+            api: "chat".into(),
+        };
+        let totals = crate::ledger::Totals {
+            cost_nano_usd: nano_usd,
+            ..Default::default()
+        };
+        ledger.record(row, totals);
+    }
+
     #[tokio::test]
     async fn a_restarted_replica_takes_the_share_it_had_and_counts_what_it_spent_since() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Arc::new(Ledger::open(None).unwrap());
         let (today, yesterday) = (date!(2026 - 12 - 07), date!(2026 - 12 - 06));
+        // Its ledger has 16 today and 40 this month.
+        spend(&ledger, date!(2026 - 12 - 01), 24);
+        spend(&ledger, today, 16);
         let fresh = unreachable(dir.path(), &ledger);
         assert_eq!(fresh.budget_share(), "none");
         assert_eq!(
-            fresh.local_budget("team", Period::Daily, 100, 0, today),
+            fresh.local_budget("team", Period::Daily, 100, today),
             None,
             "nothing to go by"
         );
@@ -1361,13 +1387,13 @@ mod tests {
         let restarted = unreachable(dir.path(), &ledger);
         assert_eq!(restarted.budget_share(), "remembered");
         assert_eq!(restarted.replicas(), 2);
-        // Its ledger has 16 today (6 since the exchange) and 40 this month.
-        let daily = restarted.local_budget("team", Period::Daily, 100, 16, today);
+        // 6 of today's and 10 of the month's were spent since.
+        let daily = restarted.local_budget("team", Period::Daily, 100, today);
         assert_eq!(daily, Some((24 + 38, 24 + 6)), "half of the 76 left");
-        let monthly = restarted.local_budget("team", Period::Monthly, 1_000, 40, today);
+        let monthly = restarted.local_budget("team", Period::Monthly, 1_000, today);
         assert_eq!(monthly, Some((54 + 473, 54 + 10)));
         assert_eq!(
-            restarted.local_budget("other", Period::Daily, 100, 0, today),
+            restarted.local_budget("other", Period::Daily, 100, today),
             None,
             "a key it knew nothing of"
         );
@@ -1375,32 +1401,19 @@ mod tests {
         // this replica's ledger has all it spent that day; the month goes on.
         remembered::write(dir.path(), &remembered(yesterday)).unwrap();
         let next_day = unreachable(dir.path(), &ledger);
-        let daily = next_day.local_budget("team", Period::Daily, 100, 7, today);
-        assert_eq!(daily, Some((4 + 48, 4 + 7)));
-        let monthly = next_day.local_budget("team", Period::Monthly, 1_000, 40, today);
+        let daily = next_day.local_budget("team", Period::Daily, 100, today);
+        assert_eq!(daily, Some((4 + 48, 4 + 16)));
+        let monthly = next_day.local_budget("team", Period::Monthly, 1_000, today);
         assert_eq!(monthly, Some((54 + 473, 54 + 10)));
         // An exchange the clock is now before is no guide.
-        let back = next_day.local_budget("team", Period::Daily, 100, 0, date!(2026 - 12 - 05));
+        let back = next_day.local_budget("team", Period::Daily, 100, date!(2026 - 12 - 05));
         assert_eq!(back, None);
     }
 
     #[test]
     fn what_a_replica_spent_while_redis_was_away_before_it_restarted_is_settled_again() {
         let ledger = Ledger::open(None).unwrap();
-        let spend = |day, nano_usd| {
-            let row = crate::ledger::Row {
-                day,
-                key: "team".into(),
-                model: "m".into(),
-                deployment: "d".into(),
-                api: "chat".into(),
-            };
-            let totals = crate::ledger::Totals {
-                cost_nano_usd: nano_usd,
-                ..Default::default()
-            };
-            ledger.record(row, totals);
-        };
+        let spend = |day, nano_usd| spend(&ledger, day, nano_usd);
         let (before, exchanged, after) = (
             date!(2026 - 11 - 29),
             date!(2026 - 11 - 30),
