@@ -238,9 +238,10 @@ impl Known {
     fn settled_since(&mut self, settled: &[(String, Date, u64)]) {
         let Some(day) = self.day else { return };
         for (key, on, nano_usd) in settled {
-            let Some(sums) = self.settled.get_mut(key) else {
+            if !self.spent.contains_key(key) {
                 continue;
-            };
+            }
+            let sums = self.settled.entry(key.clone()).or_default();
             for (at, period) in [Period::Daily, Period::Monthly].into_iter().enumerate() {
                 if period.bounds(day) == period.bounds(*on) {
                     sums[at] = sums[at].saturating_add(*nano_usd);
@@ -906,11 +907,6 @@ impl Fleet {
                 .zip(counted)
                 .map(|((key, _), counted)| (key.clone(), counted))
                 .collect();
-            known.settled = known
-                .counted
-                .keys()
-                .map(|key| (key.clone(), [0; 2]))
-                .collect();
         }
         self.replicas_gauge.set(reply.replicas as i64);
         if self.degraded.swap(false, Ordering::AcqRel) {
@@ -1043,22 +1039,26 @@ impl Fleet {
             let mut pending = lock(&self.pending);
             // An exchange's reply counts its batches; between exchanges,
             // what settlement calls added is kept beside the last one's.
-            let settled: Vec<(String, Date, u64)> =
-                if self.remember.is_some() && ask.budgets.is_empty() {
-                    pending
-                        .unsent
-                        .iter()
-                        .filter(|b| b.number <= payload.last_batch)
-                        .flat_map(|b| &b.settle)
-                        .filter(|s| s.nano_usd > 0)
-                        .map(|s| (s.key.clone(), s.day, s.nano_usd))
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+            let exchanged = prefixes.is_some();
+            let settled: Vec<(String, Date, u64)> = if self.remember.is_some() && !exchanged {
+                pending
+                    .unsent
+                    .iter()
+                    .filter(|b| b.number <= payload.last_batch)
+                    .flat_map(|b| &b.settle)
+                    .filter(|s| s.nano_usd > 0)
+                    .map(|s| (s.key.clone(), s.day, s.nano_usd))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             pending.unsent.retain(|b| b.number > payload.last_batch);
             drop(pending);
-            if !settled.is_empty() {
+            // Within this call's turn, so that no settlement call's answer
+            // comes between.
+            if exchanged {
+                lock(&self.known).settled.clear();
+            } else if !settled.is_empty() {
                 lock(&self.known).settled_since(&settled);
             }
         }
