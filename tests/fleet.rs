@@ -814,22 +814,18 @@ async fn with_redis_away_a_replica_spends_only_its_share_of_what_was_left() {
     );
 }
 
-/// Requests of `team` one after another until the replica refuses one
-/// for its budget used up (at most `most` served): how many were served.
-/// One refused for what the last still holds is asked again shortly.
-async fn served_until_refused(gateway: &Gateway, most: usize) -> usize {
+/// Waves of `wave` requests of `team` at once, until a whole wave is
+/// refused for the budget used up: how many were served.
+async fn served_until_used_up(gateway: &Gateway, wave: usize) -> usize {
     let mut served = 0;
-    while served < most {
-        match ask(gateway, "team", false).await {
-            (200, _) => served += 1,
-            (429, Some(code)) if code == "insufficient_quota" => break,
-            (429, Some(code)) if code == "budget_held" => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => panic!("{other:?}"),
+    for _ in 0..10 {
+        let answers = join_all((0..wave).map(|i| ask(gateway, "team", i % 2 == 0))).await;
+        served += served_of_wave(&answers);
+        if used_up(&answers) {
+            return served;
         }
     }
-    served
+    panic!("the budget was never used up");
 }
 
 /// What a replica's ledger holds for `team`, in USD.
@@ -921,8 +917,8 @@ async fn restarted_while_redis_is_away(ledger: impl Fn(Config) -> Config, env: &
         status(&first_again).await["state"]["budget_share"],
         "remembered"
     );
-    let served_again = served_until_refused(&first_again, 10).await;
-    let served_second = served_until_refused(&second, 10).await;
+    let served_again = served_until_used_up(&first_again, 8).await;
+    let served_second = served_until_used_up(&second, 8).await;
     // A PostgreSQL ledger reports what was shipped.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (first_spent, second_spent) = (ledger_of(&first_again).await, ledger_of(&second).await);
@@ -956,7 +952,7 @@ async fn restarted_while_redis_is_away(ledger: impl Fn(Config) -> Config, env: &
     // What is left of the budget, a cent's hundredth, goes in answers cut
     // to fit, and no more.
     for gateway in &fleet {
-        served_until_refused(gateway, 10).await;
+        served_until_used_up(gateway, 8).await;
     }
     tokio::time::sleep(Duration::from_millis(600)).await;
     let spent = ledgers_match_the_fleet(&redis, &fleet).await;
