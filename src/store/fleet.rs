@@ -310,7 +310,8 @@ struct Remember {
 #[derive(Default)]
 struct Written {
     content: Option<Remembered>,
-    at: Option<Instant>,
+    /// When `content` was last compared with what is known.
+    checked: Option<Instant>,
     failing: bool,
 }
 
@@ -802,17 +803,26 @@ impl Fleet {
         let Some(remember) = &self.remember else {
             return;
         };
-        let Some(content) = lock(&self.known).to_remember(self.is_degraded()) else {
-            return;
-        };
         {
             let written = lock(&remember.written);
             // A file that says Redis is away has a restart send again
             // what was spent since: it is replaced as soon as Redis
             // took that spend.
             let recovered = written.content.as_ref().is_some_and(|c| c.degraded);
-            let recent = written.at.is_some_and(|at| at.elapsed() < REMEMBER_EVERY);
-            if written.content.as_ref() == Some(&content) || (recent && !now && !recovered) {
+            let recent = written
+                .checked
+                .is_some_and(|at| at.elapsed() < REMEMBER_EVERY);
+            if recent && !now && !recovered {
+                return;
+            }
+        }
+        let Some(content) = lock(&self.known).to_remember(self.is_degraded()) else {
+            return;
+        };
+        {
+            let mut written = lock(&remember.written);
+            written.checked = Some(Instant::now());
+            if written.content.as_ref() == Some(&content) {
                 return;
             }
         }
@@ -822,7 +832,6 @@ impl Fleet {
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         let mut written = lock(&remember.written);
-        written.at = Some(Instant::now());
         match result {
             Ok(()) => {
                 written.content = Some(content);
