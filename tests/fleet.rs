@@ -386,6 +386,13 @@ async fn with_redis_away_local_mode_serves_and_then_adds_what_it_spent() {
         }
     };
     load().await;
+    // Each has a share of the budget to serve on once it exchanged with
+    // the fleet; without one it would refuse the budgeted key.
+    eventually("both replicas exchanged with the fleet", || async {
+        status(&fleet[0]).await["state"]["budget_share"] == "exchanged"
+            && status(&fleet[1]).await["state"]["budget_share"] == "exchanged"
+    })
+    .await;
     redis.stop();
     load().await;
     eventually("replicas report themselves degraded", || async {
