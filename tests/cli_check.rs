@@ -822,27 +822,15 @@ models = ["*"]
     assert_eq!(strict.code, Some(1), "--strict fails on warnings");
 }
 
-/// A gateway with the admin API, a simulated model and a key.
-const ADMINISTERED: &str = r#"
-[admin]
-token_env = "TOLLGATE_TEST_ADMIN_TOKEN"
-
-[[backends]]
-name = "sim"
-kind = "simulated"
-
-[[models]]
-alias = "chat"
-[[models.deployments]]
-backend = "sim"
-model = "m"
-context_window = 8192
-
-[[keys]]
-name = "team"
-sha256 = "5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b"
-models = ["*"]
-"#;
+/// `SIMULATED` with the admin API and a key.
+fn administered() -> String {
+    format!(
+        "[admin]\ntoken_env = \"TOLLGATE_TEST_ADMIN_TOKEN\"\n{SIMULATED}\n\
+         [[keys]]\nname = \"team\"\n\
+         sha256 = \"5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b\"\n\
+         models = [\"*\"]\n"
+    )
+}
 
 const ADMIN_TOKEN: &str = "admin-token-for-the-hostile-name-test";
 
@@ -862,12 +850,13 @@ async fn a_huge_name_is_quoted_at_most_256_characters_by_check_a_reload_and_its_
     // message and its problems) and the log of a refused file reload.
     let huge = "x".repeat(100_000);
     let hostile = format!(
-        "[server]\n\"{huge}\" = 1\n{ADMINISTERED}\n\
+        "[server]\n\"{huge}\" = 1\n{}\n\
          [[models]]\nalias = \"other\"\n[[models.deployments]]\nbackend = \"{huge}\"\n\
          model = \"m\"\ncontext_window = 8192\n\n\
          [[keys]]\nname = \"{huge}\"\n\
          sha256 = \"5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b\"\n\
-         models = [\"{huge}\"]\n"
+         models = [\"{huge}\"]\n",
+        administered()
     );
     let quoted = |what: &str, text: &str| {
         assert!(
@@ -902,7 +891,7 @@ async fn a_huge_name_is_quoted_at_most_256_characters_by_check_a_reload_and_its_
     }
     quoted("check", &out.stderr);
 
-    let file = temp_config(ADMINISTERED);
+    let file = temp_config(&administered());
     let gateway =
         support::process::serve_file(file.path(), &[("TOLLGATE_TEST_ADMIN_TOKEN", ADMIN_TOKEN)]);
     let response = reqwest::Client::new()

@@ -498,11 +498,7 @@ async fn a_killed_replicas_reservations_are_freed_within_the_lease() {
         .await;
     // Each request may cost up to 8,192 output tokens ($0.08): a $0.10
     // budget holds one at a time.
-    let config = shared(
-        one_model(&upstream).key(Key::new("team").set("budget_daily_usd", 0.10)),
-        &redis,
-    )
-    .set("state", "lease_ms", 2_000);
+    let config = a_tenth_of_a_dollar(&upstream, &redis).set("state", "lease_ms", 2_000);
     let (mut doomed, _file) = doomed_replica(&config);
     let client = reqwest::Client::new();
     let in_flight = client
@@ -776,11 +772,7 @@ async fn with_redis_away_a_replica_spends_only_its_share_of_what_was_left() {
     };
     // $0.02 answers against a $0.10 budget, shared by two replicas.
     let upstream = answering(2_000).await;
-    let config = shared(
-        one_model(&upstream).key(Key::new("team").set("budget_daily_usd", 0.10)),
-        &redis,
-    )
-    .set("state", "on_unavailable", "local");
+    let config = a_tenth_of_a_dollar(&upstream, &redis).set("state", "on_unavailable", "local");
     let fleet = replicas(&config, 2).await;
     // The first spends $0.02 while Redis answers; both learn of it and of
     // each other.
@@ -867,6 +859,15 @@ async fn a_replica_on_the_postgres_ledger_restarted_while_redis_is_away_spends_o
     restarted_while_redis_is_away(on_postgres, &[(POSTGRES_URL_ENV, &url)]).await;
 }
 
+/// `upstream`'s model shared through `redis`, and key `team` with a
+/// daily budget of $0.10.
+fn a_tenth_of_a_dollar(upstream: &MockServer, redis: &Redis) -> Config {
+    shared(
+        one_model(upstream).key(Key::new("team").set("budget_daily_usd", 0.10)),
+        redis,
+    )
+}
+
 const POSTGRES_URL_ENV: &str = "TOLLGATE_POSTGRES_URL";
 
 /// Two replicas spend a budget through Redis; Redis stops; the first,
@@ -878,11 +879,7 @@ async fn restarted_while_redis_is_away(ledger: impl Fn(Config) -> Config, env: &
     };
     // $0.02 answers against a $0.10 budget, shared by two replicas.
     let upstream = answering(2_000).await;
-    let config = shared(
-        one_model(&upstream).key(Key::new("team").set("budget_daily_usd", 0.10)),
-        &redis,
-    )
-    .set("state", "on_unavailable", "local");
+    let config = a_tenth_of_a_dollar(&upstream, &redis).set("state", "on_unavailable", "local");
     let data = tempfile::tempdir().unwrap();
     let restartable = ledger(config.clone())
         .set("ledger", "data_dir", data.path().to_str().unwrap())
