@@ -476,7 +476,7 @@ async fn usage_without_a_total_or_in_integral_floats_is_taken_as_reported() {
         .stream_bytes(format!(
             "data: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
             json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                   "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": null}]}),
+                   "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}),
             json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
                    "choices": [], "usage": usage}),
         ))
@@ -507,7 +507,7 @@ async fn output_is_estimated_from_the_text_however_the_json_is_spaced() {
     let upstream = MockUpstream::openai()
         .stream_bytes(
             "data: {\"id\": \"c\", \"choices\": [{\"index\": 0, \"delta\": {\"content\" : \"h\\u00e9llo \"}}]}\n\n\
-             data: {\"id\": \"c\", \"choices\": [{\"index\": 0, \"delta\": {\"content\": \"w\u{f6}rld\\n\"}}]}\n\n\
+             data: {\"id\": \"c\", \"choices\": [{\"index\": 0, \"delta\": {\"content\": \"w\u{f6}rld\\n\"}, \"finish_reason\": \"stop\"}]}\n\n\
              data: [DONE]\n\n",
         )
         .start()
@@ -541,6 +541,8 @@ async fn a_tool_calls_arguments_are_output_estimated_as_text_is() {
         piece(&call(0, "{\"city\": \"Paris\"")),
         piece(&format!("{},{}", call(0, "}"), call(1, "{\"city\": "))),
         piece(&call(1, "\"Rome\"}")),
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n"
+            .to_owned(),
         "data: [DONE]\n\n".to_owned(),
     ]
     .concat();

@@ -202,7 +202,8 @@ async fn log_probabilities_keyed_by_member_names_pass_through_and_only_a_chunks_
     let payloads = [
         chunk("usage", r#"{"usage":-0.5}"#),
         chunk(":", r#"{":":-0.1,"error":-1.5,"x_groq":-4.0}"#),
-        chunk(" text", r#"{" text":-0.2,"content":-2.0,"usage":{"a":-1.0}}"#),
+        chunk(" text", r#"{" text":-0.2,"content":-2.0,"usage":{"a":-1.0}}"#)
+            .replace(r#""finish_reason":null"#, r#""finish_reason":"length""#),
         r#"{"id":"cmpl-1","object":"text_completion","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":4,"completion_tokens":3,"total_tokens":7}}"#.to_owned(),
     ];
     let sse: String = payloads
@@ -437,6 +438,222 @@ async fn every_stream_ends_with_done_even_when_the_upstream_omits_it() {
     assert_eq!(got.last().map(String::as_str), Some("[DONE]"));
 }
 
+/// A streamed request for `n` answers to `path`, chat or legacy.
+fn ask(path: &str, n: usize) -> Value {
+    match path {
+        "/v1/chat/completions" => {
+            json!({"model": "chat", "stream": true, "n": n, "messages": user("hi")})
+        }
+        _ => json!({"model": "chat", "stream": true, "n": n, "prompt": "hi"}),
+    }
+}
+
+/// The ledger's total once it has recorded one request.
+async fn ledger_total(gateway: &Gateway) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let total = gateway.spend("").await["total"].clone();
+        if total["requests"] == 1 {
+            return total;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never recorded: {total}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A stream's payloads, read to its end, and the requests metered with
+/// `status` for `alias` on backend `vllm`, once the request is recorded.
+async fn stream_to_end(gateway: &Gateway, path: &str, body: Value, status: &str) -> Vec<String> {
+    let (_, events) = gateway.stream(path, body.clone()).await;
+    let got = events.rest().await;
+    let api = if path.ends_with("/chat/completions") {
+        "chat"
+    } else {
+        "completions"
+    };
+    let alias = body["model"].as_str().unwrap();
+    let labels = [
+        ("api", api),
+        ("alias", alias),
+        ("backend", "vllm"),
+        ("status", status),
+    ];
+    gateway
+        .eventually_metric("tollgate_requests_total", &labels, 1.0)
+        .await;
+    got
+}
+
+/// An upstream stream that ends, with `[DONE]` or its body closed cleanly,
+/// before a `finish_reason` said how each answer finished was cut short:
+/// the client gets what was sent, the gateway's error event and `[DONE]`,
+/// as for any failure after the first byte, and the request is metered as
+/// a 502 with the usage streamed, exact when the upstream sent it and
+/// estimated when not.
+#[tokio::test]
+async fn a_stream_that_ends_before_each_answer_finished_is_an_error_not_a_whole_answer() {
+    let one_of_two_finished = {
+        let chunk = |index: u32, delta: Value, finish: Value| {
+            let chunk = json!({"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish}]});
+            format!("data: {chunk}\n\n")
+        };
+        [
+            chunk(0, json!({"role": "assistant", "content": "a"}), Value::Null),
+            chunk(1, json!({"role": "assistant", "content": "b"}), Value::Null),
+            chunk(0, json!({}), json!("stop")),
+            "data: [DONE]\n\n".to_owned(),
+        ]
+        .concat()
+    };
+    let cases = [
+        ("[DONE]", MockUpstream::openai().omit_finish(), 1),
+        (
+            "closed",
+            MockUpstream::openai().omit_finish().omit_done(),
+            1,
+        ),
+        ("n=2", MockUpstream::openai().answers_of(3).omit_finish(), 2),
+        (
+            "one of n=2",
+            MockUpstream::openai().stream_bytes(one_of_two_finished),
+            2,
+        ),
+        ("no usage", mock::unfinished_stream(), 1),
+    ];
+    for (case, upstream, n) in cases {
+        for path in ["/v1/chat/completions", "/v1/completions"] {
+            let upstream = upstream.clone().start().await;
+            let priced =
+                Model::new("chat").deployment(Deployment::new("vllm", "m").price(1.0, 2.0));
+            let config = Config::new()
+                .backend(Backend::upstream("vllm", "vllm", &url(&upstream)))
+                .model(priced)
+                .admin();
+            let gateway = start(&config).await;
+            let got = stream_to_end(&gateway, path, ask(path, n), "502").await;
+            let (last, error) = (&got[got.len() - 1], parse(&got[got.len() - 2]));
+            assert_eq!(last, "[DONE]", "{case} {path}: {got:#?}");
+            check_error_shape(&error);
+            assert_eq!(
+                error["error"]["code"], "upstream_invalid_response",
+                "{case} {path}"
+            );
+            assert!(
+                message(&error["error"]).contains("`finish_reason`"),
+                "{case} {path}: {error}"
+            );
+            let content = got[..got.len() - 2].iter().map(|p| parse(p));
+            assert!(
+                content.clone().count() > 0,
+                "{case} {path}: what was sent is passed on"
+            );
+            assert!(
+                content
+                    .flat_map(|c| c["choices"].as_array().unwrap().clone())
+                    .all(|choice| choice["finish_reason"].is_null() || case == "one of n=2"),
+                "{case} {path}: {got:#?}"
+            );
+            // Metered: the upstream's usage when it sent it, else an estimate.
+            let estimated = if case == "no usage" || case == "one of n=2" {
+                "true"
+            } else {
+                "false"
+            };
+            let labels = [
+                (
+                    "api",
+                    if path.ends_with("/chat/completions") {
+                        "chat"
+                    } else {
+                        "completions"
+                    },
+                ),
+                ("alias", "chat"),
+                ("backend", "vllm"),
+                ("direction", "output"),
+                ("estimated", estimated),
+            ];
+            let text = gateway.metrics().await;
+            let output = metric(&text, "tollgate_tokens_total", &labels);
+            assert!(
+                output.is_some_and(|tokens| tokens > 0.0),
+                "{case} {path}: {text}"
+            );
+            let spent = ledger_total(&gateway).await;
+            assert_eq!(
+                spent["output_tokens"],
+                json!(output.unwrap() as u64),
+                "{case} {path}: {spent}"
+            );
+            assert!(
+                spent["cost_usd"].as_f64().unwrap() > 0.0,
+                "{case} {path}: {spent}"
+            );
+        }
+    }
+}
+
+/// Streams that say how each of their answers finished end with `[DONE]`
+/// and are metered as 200s: a whole answer, with a usage chunk after its
+/// finish chunk or usage on it (Groq's, Together's with its `eos`), each
+/// of two answers, a tool call, a legacy completion.
+#[tokio::test]
+async fn streams_that_say_how_each_answer_finished_end_with_done() {
+    let cases = [
+        ("vllm_chat_usage.sse", "/v1/chat/completions", 1, false),
+        ("openai_chat_usage.sse", "/v1/chat/completions", 1, false),
+        ("groq_chat.sse", "/v1/chat/completions", 1, false),
+        ("together_chat.sse", "/v1/chat/completions", 1, false),
+        ("vllm_completions_usage.sse", "/v1/completions", 1, false),
+        ("", "/v1/chat/completions", 2, false),
+        ("", "/v1/completions", 2, false),
+        ("", "/v1/chat/completions", 1, true),
+    ];
+    for (fixture, path, n, tools) in cases {
+        let upstream = match fixture {
+            "" => MockUpstream::openai().answers_of(3),
+            fixture => MockUpstream::openai().stream(fixture),
+        };
+        let upstream = upstream.start().await;
+        let calls = Model::new("chat").deployment(Deployment::new("vllm", "m").set("tools", true));
+        let config = Config::new()
+            .backend(Backend::upstream("vllm", "vllm", &url(&upstream)))
+            .model(calls);
+        let gateway = start(&config).await;
+        let mut body = ask(path, n);
+        body["stream_options"] = json!({"include_usage": true});
+        if tools {
+            body["tools"] = json!([{"type": "function", "function": {"name": openai_mock::TOOL_NAME, "parameters": {"type": "object"}}}]);
+        }
+        let got = stream_to_end(&gateway, path, body, "200").await;
+        assert_eq!(
+            got.last().map(String::as_str),
+            Some("[DONE]"),
+            "{fixture} {path} n={n}"
+        );
+        let chunks: Vec<Value> = got[..got.len() - 1].iter().map(|p| parse(p)).collect();
+        assert!(chunks.iter().all(|c| c.get("error").is_none()), "{got:#?}");
+        assert!(
+            is_usage_only(&got[got.len() - 2]),
+            "{fixture} {path}: the usage chunk last"
+        );
+        let finishes: Vec<&Value> = chunks
+            .iter()
+            .flat_map(|c| c["choices"].as_array().unwrap())
+            .map(|choice| &choice["finish_reason"])
+            .filter(|f| !f.is_null())
+            .collect();
+        assert_eq!(finishes.len(), n, "{fixture} {path}: {got:#?}");
+        if tools {
+            assert_eq!(finishes, [&json!("tool_calls")]);
+        }
+    }
+}
+
 #[tokio::test]
 async fn events_cut_across_tcp_writes_come_out_whole() {
     let upstream = MockUpstream::openai()
@@ -462,7 +679,8 @@ async fn events_cut_across_tcp_writes_come_out_whole() {
 #[tokio::test]
 async fn an_event_whose_data_spans_several_lines_comes_out_as_one() {
     let first = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","#;
-    let rest = r#" "choices":[{"index":0,"delta":{"content":"Hi\nthere"},"finish_reason":null}]}"#;
+    let rest =
+        r#" "choices":[{"index":0,"delta":{"content":"Hi\nthere"},"finish_reason":"stop"}]}"#;
     let upstream = MockUpstream::openai()
         .stream_bytes(format!(
             "data: {first}\ndata: {rest}\n\ndata: {first}\r\ndata:{rest}\r\n\r\ndata: [DONE]\n\n"

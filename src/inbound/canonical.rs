@@ -380,12 +380,6 @@ impl<S: Sink> Translator<S> {
         self.sink.finish(out, &self.finish, usage);
     }
 
-    /// Whether the canonical stream has said how its answer ended (a
-    /// `finish_reason`), as every upstream's last chunk does.
-    pub fn finished(&self) -> bool {
-        self.finish.reason.is_some()
-    }
-
     pub fn fail(&mut self, out: &mut BytesMut, error: &GatewayError) {
         if !self.done {
             self.done = true;

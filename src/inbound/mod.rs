@@ -178,14 +178,6 @@ impl Encoder {
         }
     }
 
-    /// Whether the stream has said how its answer ended.
-    pub fn finished(&self) -> bool {
-        match self {
-            Self::Messages(t) => t.finished(),
-            Self::Responses(t) => t.finished(),
-        }
-    }
-
     /// The stream failed after it started.
     pub fn fail(&mut self, out: &mut BytesMut, error: &GatewayError) {
         match self {

@@ -186,6 +186,8 @@ pub struct StreamReader {
     /// stream that puts what changes after its text (OpenAI's
     /// `obfuscation` padding) stops keeping its endings.
     ending_misses: u8,
+    /// The `finish_reason`s read that name a reason: each ends an answer.
+    finishes: u32,
 }
 
 /// The most kept of a chunk: an id, a model's name and an index take a
@@ -222,6 +224,10 @@ impl StreamReader {
                         && KEYS.error.find(rest).is_none()
                         && framed_as_object(chunk)
                     {
+                        // A reason in the opening was counted with the kept
+                        // chunk's, and the text holds no member.
+                        let reasons = after.map_or(0, finish_reasons);
+                        self.finishes = self.finishes.saturating_add(reasons);
                         let called = after.and_then(arguments);
                         self.keep_closing(after.filter(|_| called.is_none()));
                         return Ok(text_only(text + called.unwrap_or(0)));
@@ -232,12 +238,24 @@ impl StreamReader {
             self.kept.clear();
         }
         let (facts, text_at) = read(backend, chunk)?;
+        if !facts.usage_only {
+            self.finishes = self.finishes.saturating_add(finish_reasons(chunk));
+        }
         if self.misses < MAX_MISSES
             && let Some(at) = text_at
         {
             self.keep(chunk, at);
         }
         Ok(facts)
+    }
+
+    /// How many answers the chunks read so far have said the end of (a
+    /// `finish_reason` that is not `null`), as every upstream's last chunk
+    /// for an answer does. A chunk that repeats the ending of the one
+    /// before it is taken without search, so a reason it repeats is not
+    /// counted again.
+    pub fn finishes(&self) -> u32 {
+        self.finishes
     }
 
     /// Keeps `chunk` without its text, at `at`.
@@ -341,6 +359,7 @@ struct Keys {
     reasoning_content: Finder<'static>,
     reasoning: Finder<'static>,
     arguments: Finder<'static>,
+    finish_reason: Finder<'static>,
 }
 
 static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
@@ -353,7 +372,16 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys {
     reasoning_content: Finder::new(b"\"reasoning_content\""),
     reasoning: Finder::new(b"\"reasoning\""),
     arguments: Finder::new(b"\"arguments\""),
+    finish_reason: Finder::new(b"\"finish_reason\""),
 });
+
+/// How many `finish_reason` members of `json` name a reason: a string, not
+/// `null`. A log-probability keyed by the token `finish_reason` has a
+/// number for its value, and is none.
+fn finish_reasons(json: &[u8]) -> u32 {
+    let reasons = member_values(&KEYS.finish_reason, json).filter(|value| value.starts_with(b"\""));
+    u32::try_from(reasons.count()).unwrap_or(u32::MAX)
+}
 
 /// Bytes of generated text in a chunk, for an estimate when the upstream
 /// reports no usage, and for a stream's running cost: the first string
@@ -699,6 +727,57 @@ mod tests {
         )
         .unwrap();
         assert_eq!(whole.text_chars(), 11);
+    }
+
+    /// How many answers `chunks`, read in turn, said the end of.
+    fn finishes<'c>(chunks: impl IntoIterator<Item = &'c str>) -> u32 {
+        let mut reader = StreamReader::default();
+        for chunk in chunks {
+            reader.read("b", chunk.as_bytes()).unwrap();
+        }
+        reader.finishes()
+    }
+
+    #[test]
+    fn a_finish_reason_is_counted_wherever_a_chunk_is_read_and_only_a_reason() {
+        // Every recorded stream ends its answer once, read whichever way
+        // its last chunks are (an ending searched, read in full, Groq's
+        // and Together's with usage); without its finish chunk, none.
+        for stream in recorded() {
+            assert_eq!(finishes(stream.iter().map(String::as_str)), 1, "{stream:?}");
+            let unfinished = stream
+                .iter()
+                .filter(|c| !c.contains(r#""finish_reason":""#));
+            assert_eq!(finishes(unfinished.map(String::as_str)), 0, "{stream:?}");
+        }
+        // The reason in a chunk that opens and ends as the one before it
+        // but for its ending, or in a chunk read in full; each answer of
+        // two; a reason in text, or a token keyed `finish_reason`, is none.
+        let chunk = |index: u32, text: &str, finish: &str| {
+            format!(
+                r#"{{"id":"c","choices":[{{"index":{index},"delta":{{"content":"{text}"}},"finish_reason":{finish}}}]}}"#
+            )
+        };
+        let (a, b, stop) = (
+            chunk(0, "a", "null"),
+            chunk(0, "b", "null"),
+            chunk(0, "", r#""stop""#),
+        );
+        assert_eq!(finishes([&a, &b, &b, &stop].map(String::as_str)), 1);
+        assert_eq!(finishes([stop.as_str()]), 1);
+        let two = [
+            chunk(0, "a", "null"),
+            chunk(1, "a", "null"),
+            chunk(0, "", r#""stop""#),
+            chunk(1, "", r#""length""#),
+        ];
+        assert_eq!(finishes(two.iter().map(String::as_str)), 2);
+        let both = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"},{"index":1,"delta":{},"finish_reason":"tool_calls"}]}"#;
+        assert_eq!(finishes([both]), 2);
+        let said = chunk(0, r#"\"finish_reason\":\"stop\""#, "null");
+        let keyed = r#"{"choices":[{"index":0,"text":"x","logprobs":{"top_logprobs":[{"finish_reason":-0.1}]},"finish_reason":null}]}"#;
+        assert_eq!(finishes([&a, &said, &said].map(String::as_str)), 0);
+        assert_eq!(finishes([keyed, keyed]), 0);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The body of a streamed response. It forwards each upstream chunk the
 //! moment it arrives, meters it in passing, removes the usage-only chunk
 //! the client did not ask for (or adds one the upstream did not send in
-//! OpenAI's shape), turns a failure into an SSE error event, ends a stream
+//! OpenAI's shape), turns a failure into an SSE error event (an upstream
+//! stream that ended before a `finish_reason` said how each answer
+//! finished is one), ends a stream
 //! before a chunk that would take its cost past its budget reservation, as
 //! the upstream would at its `max_tokens` (`finish_reason: "length"`), ends
 //! with an error event a stream still open when the shutdown grace period
@@ -200,11 +202,17 @@ impl SseBody {
 
     /// The upstream ended normally, as seen at `now`.
     fn on_end(&mut self, now: Instant) {
-        // A translated stream ends by saying how its answer ended
-        // (`stop_reason`, `status`); one the upstream closed before saying
-        // was cut short, and must not read as a whole answer.
-        if self.encoder.as_ref().is_some_and(|e| !e.finished()) {
-            let what = "its stream ended before it said how the answer finished";
+        // Every upstream ends each answer with a chunk that says how it
+        // ended (`finish_reason`); a stream that ended before saying was
+        // cut short, and must not read as a whole answer.
+        if self.reader.finishes() < self.answers {
+            let what = match self.answers {
+                1 => "its stream ended before a `finish_reason` said how the answer finished"
+                    .to_owned(),
+                n => format!(
+                    "its stream ended before a `finish_reason` said how each of its {n} answers finished"
+                ),
+            };
             self.fail(GatewayError::upstream_protocol(&self.backend, what));
             return;
         }
@@ -345,6 +353,7 @@ mod tests {
     use crate::openai::UsageBound;
 
     const CONTENT: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}"#;
+    const LAST: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"stop"}]}"#;
     const LAST_WITH_USAGE: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
     const USAGE_ONLY: &str = r#"{"id":"c1","created":7,"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
 
@@ -445,7 +454,7 @@ mod tests {
 
     #[tokio::test]
     async fn events_that_are_ready_together_go_out_in_one_frame() {
-        let later = stream::iter([Ok(Chunk::from_static(CONTENT.as_bytes()))]);
+        let later = stream::iter([Ok(Chunk::from_static(LAST.as_bytes()))]);
         // The upstream has nothing for a moment after its second chunk.
         let upstream = stream::iter([Ok(Chunk::from_static(CONTENT.as_bytes()))])
             .chain(stream::once(tokio::task::yield_now()).filter_map(|()| async { None }))
@@ -481,7 +490,7 @@ mod tests {
             .chain(stream::once(tokio::task::yield_now()).filter_map(|()| async { None }))
             .chain(stream::iter([
                 content(),
-                content(),
+                Ok(Chunk::from_static(LAST.as_bytes())),
                 Ok(Chunk::from_static(USAGE_ONLY.as_bytes())),
             ]))
             .boxed();
@@ -517,7 +526,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_is_recorded_as_its_body_is_dropped_with_its_status_whatever_happens() {
-        let upstream = || stream::iter([Ok(Chunk::from_static(CONTENT.as_bytes()))]).boxed();
+        let upstream = || stream::iter([Ok(Chunk::from_static(LAST.as_bytes()))]).boxed();
         let first = || Chunk::from_static(CONTENT.as_bytes());
         // Ended: recorded once the server lets the body go, not before.
         let (metrics, meter) = test_meter();
@@ -553,10 +562,10 @@ mod tests {
 
     #[tokio::test]
     async fn drops_the_usage_chunk_nobody_asked_for() {
-        let (events, metrics) = run(vec![Ok(CONTENT), Ok(USAGE_ONLY)], false).await;
+        let (events, metrics) = run(vec![Ok(LAST), Ok(USAGE_ONLY)], false).await;
         assert_eq!(
             events,
-            [format!("data: {CONTENT}\n\n"), "data: [DONE]\n\n".into()]
+            [format!("data: {LAST}\n\n"), "data: [DONE]\n\n".into()]
         );
         assert_eq!(usage_metric(&metrics, "false"), 1, "still metered");
     }
@@ -620,6 +629,21 @@ mod tests {
             2,
             "usage estimated from the 5 characters sent"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_before_saying_how_its_answer_finished_is_a_failure() {
+        let (events, metrics) = run(vec![Ok(CONTENT), Ok(CONTENT)], false).await;
+        assert_eq!(events.len(), 4, "{events:?}");
+        assert!(
+            events[2].contains(r#""code":"upstream_invalid_response""#)
+                && events[2].contains("`finish_reason`"),
+            "{events:?}"
+        );
+        assert_eq!(events[3], "data: [DONE]\n\n");
+        assert_eq!(requests_metric(&metrics, "502"), 1);
+        assert_eq!(requests_metric(&metrics, "200"), 0);
+        assert_eq!(usage_metric(&metrics, "true"), 3, "the 10 characters sent");
     }
 
     #[tokio::test]

@@ -20,7 +20,8 @@
 //! byte, a pause between events, a connection dropped after N events or
 //! in the middle of a whole body, a whole body sent chunked (its size
 //! unknown until read), a stream held open until `MockServer::release`,
-//! events cut across TCP writes. Oversized answers are `body` and
+//! events cut across TCP writes, a stream that ends without a
+//! `finish_reason`. Oversized answers are `body` and
 //! `stream_bytes` with big bytes. It reports connections the peer closed.
 //!
 //! The protocol (`openai_mock`, `tgi_mock`, `bedrock_mock`) decides the
@@ -90,8 +91,10 @@ pub fn stream_without_usage<'t>(texts: impl IntoIterator<Item = &'t str>, finish
 /// A vLLM mock whose stream of "Hello" ends, its body closed cleanly,
 /// before any `finish_reason` or `[DONE]`: the answer was cut short.
 pub fn unfinished_stream() -> MockUpstream {
-    let sse = stream_without_usage(["Hel", "lo"], "stop");
-    MockUpstream::openai().stream_bytes(sse.split_inclusive("\n\n").take(3).collect::<String>())
+    MockUpstream::openai()
+        .stream_bytes(stream_without_usage(["Hel", "lo"], "stop"))
+        .omit_finish()
+        .omit_done()
 }
 
 /// Cuts an SSE byte stream after each blank line, so that the pieces,
@@ -156,6 +159,7 @@ pub struct MockUpstream {
     /// How the served model counts an image.
     vision: Vision,
     omit_done: bool,
+    omit_finish: bool,
     first_byte_after: Duration,
     body_after: Duration,
     event_delay: Duration,
@@ -185,6 +189,7 @@ impl MockUpstream {
             token_a_byte: false,
             vision: Vision::Llama4,
             omit_done: false,
+            omit_finish: false,
             first_byte_after: Duration::ZERO,
             body_after: Duration::ZERO,
             event_delay: Duration::ZERO,
@@ -296,6 +301,15 @@ impl MockUpstream {
     /// Drop the `data: [DONE]` event from the stream, as some servers do.
     pub fn omit_done(mut self) -> Self {
         self.omit_done = true;
+        self
+    }
+
+    /// Drop every event that says how an answer finished (a
+    /// `finish_reason` that is not `null`), as a server that stops
+    /// mid-answer would: the stream ends with `[DONE]`, or, with
+    /// `omit_done`, its body closed cleanly, without saying.
+    pub fn omit_finish(mut self) -> Self {
+        self.omit_finish = true;
         self
     }
 
@@ -767,6 +781,10 @@ async fn respond(
     let mut events = reply.events.clone().unwrap_or(route.events);
     if reply.omit_done {
         events.retain(|e| !e.starts_with(b"data: [DONE]"));
+    }
+    if reply.omit_finish {
+        let finish = memchr::memmem::Finder::new(br#""finish_reason":""#);
+        events.retain(|e| finish.find(e).is_none());
     }
     let reset = reply.reset_after;
     Ok(streamed(&shared, conn, events, route.content_type, reset))
