@@ -69,6 +69,7 @@ fn check_type(value: &Value, name: &str) {
                     .for_each(|p| check_type(p, p["type"].as_str().unwrap()));
             }
             ("part", part) => check_type(part, part["type"].as_str().unwrap()),
+            ("error", Value::Object(_)) => check_type(inner, "response.error"),
             ("usage", Value::Object(_)) => {
                 check_type(inner, "usage");
                 check_type(&inner["input_tokens_details"], "usage.input_tokens_details");
@@ -326,15 +327,53 @@ async fn upstream_errors_are_openai_errors(kind: Kind) {
     }
 }
 
+/// A stream that failed after it started ends as OpenAI's do: an `error`
+/// event with the gateway's `code`, then `response.failed`, whose
+/// response is `failed` with an `error` of a code the Responses API
+/// defines and the same message, its output what was streamed (the item
+/// cut short `incomplete`) and its usage; nothing else says the answer was
+/// whole. Returns the failed response.
+fn check_failed(events: &[(String, Value)], code: &str) -> Value {
+    check_events(events);
+    let [.., (error_name, error), (failed_name, failed)] = events else {
+        panic!("{events:?}");
+    };
+    assert_eq!(
+        (error_name.as_str(), failed_name.as_str()),
+        ("error", "response.failed"),
+        "{events:?}"
+    );
+    assert_eq!(error["code"], code, "{error}");
+    let response = &failed["response"];
+    assert_eq!(response["status"], "failed", "{response}");
+    assert_eq!(response["error"]["code"], "server_error", "{response}");
+    assert_eq!(response["error"]["message"], error["message"], "{response}");
+    assert!(response["usage"]["output_tokens"].is_u64(), "{response}");
+    let streamed: String = events
+        .iter()
+        .filter(|(name, _)| name == "response.output_text.delta")
+        .map(|(_, e)| e["delta"].as_str().unwrap())
+        .collect();
+    let output = response["output"].as_array().unwrap();
+    let text = output.iter().find(|item| item["type"] == "message");
+    match text {
+        Some(item) => {
+            assert_eq!(item["content"][0]["text"], streamed.as_str(), "{response}");
+            assert!(["incomplete", "completed"].contains(&item["status"].as_str().unwrap()));
+        }
+        None => assert_eq!(streamed, "", "{response}"),
+    }
+    for name in ["response.completed", "response.incomplete"] {
+        assert!(!names(events).contains(&name), "{events:?}");
+    }
+    response.clone()
+}
+
 async fn a_stream_cut_mid_way_is_an_error_event_and_metered_once(kind: Kind) {
     let upstream = kind.mock().reset_after(2).start().await;
     let gateway = start_for(kind, &upstream).await;
     let events = stream(&gateway, &ask(true)).await;
-    check_events(&events);
-    let (name, error) = events.last().unwrap();
-    assert_eq!(name, "error");
-    assert_eq!(error["code"], "upstream_disconnected", "{error}");
-    assert!(!names(&events).contains(&"response.completed"));
+    check_failed(&events, "upstream_disconnected");
     let labels = [
         ("api", "responses"),
         ("alias", "chat"),
@@ -346,22 +385,50 @@ async fn a_stream_cut_mid_way_is_an_error_event_and_metered_once(kind: Kind) {
 
 #[tokio::test]
 async fn a_stream_the_upstream_ends_unfinished_is_an_error_event_not_an_answer() {
-    let upstream = unfinished_stream().start().await;
-    let gateway = start_for(Kind::OpenAi, &upstream).await;
+    for upstream in [
+        unfinished_stream(),
+        MockUpstream::openai().omit_finish(),
+        MockUpstream::openai().omit_finish().omit_done(),
+    ] {
+        let upstream = upstream.start().await;
+        let gateway = start_for(Kind::OpenAi, &upstream).await;
+        let events = stream(&gateway, &ask(true)).await;
+        let response = check_failed(&events, "upstream_invalid_response");
+        assert_eq!(
+            response["output"][0]["status"], "incomplete",
+            "the message was cut short: {response}"
+        );
+        let labels = [
+            ("api", "responses"),
+            ("alias", "chat"),
+            ("backend", "up"),
+            ("status", "502"),
+        ];
+        gateway.recorded_once(&labels).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stream_the_upstream_stops_sending_fails_at_its_idle_timeout() {
+    let upstream = MockUpstream::openai().hold_after(2).start().await;
+    let config = Config::new()
+        .backend(Backend::upstream("up", "vllm", &url(&upstream)).idle_ms(150))
+        .model(Model::new("chat").deployment(Deployment::new("up", "m")));
+    let gateway = start(&config).await;
     let events = stream(&gateway, &ask(true)).await;
-    check_events(&events);
-    let (name, error) = events.last().unwrap();
-    assert_eq!(name, "error", "{events:?}");
-    assert_eq!(error["code"], "upstream_invalid_response", "{error}");
+    let response = check_failed(&events, "upstream_timeout");
     assert!(
-        !names(&events).contains(&"response.completed"),
-        "the answer is not made out whole: {events:?}"
+        response["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("150 ms"),
+        "{response}"
     );
     let labels = [
         ("api", "responses"),
         ("alias", "chat"),
         ("backend", "up"),
-        ("status", "502"),
+        ("status", "504"),
     ];
     gateway.recorded_once(&labels).await;
 }

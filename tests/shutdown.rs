@@ -134,6 +134,24 @@ async fn sigint_exits_zero_when_the_grace_period_runs_out_and_ends_each_stream_i
     assert!(last.contains(r#""type":"api_error""#), "{messages}");
     assert!(!messages.contains("message_stop"), "{messages}");
     assert!(logged.contains("status=503"), "{logged}");
+    let ask = serde_json::json!({"model": "llama", "stream": true, "max_output_tokens": 100,
+                                 "input": "hi"});
+    let (responses, logged) = cut_by_the_grace_period("/v1/responses", ask).await;
+    let events: Vec<&str> = responses.split_terminator("\n\n").collect();
+    let [.., error, failed] = events[..] else {
+        panic!("{responses}");
+    };
+    assert!(
+        error.starts_with("event: error\n") && error.contains(r#""code":"shutting_down""#),
+        "{responses}"
+    );
+    assert!(
+        failed.starts_with("event: response.failed\n"),
+        "{responses}"
+    );
+    assert!(failed.contains(r#""status":"failed""#), "{responses}");
+    assert!(!responses.contains("response.completed"), "{responses}");
+    assert!(logged.contains("status=503"), "{logged}");
 }
 
 #[tokio::test]

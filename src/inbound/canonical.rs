@@ -186,8 +186,9 @@ pub trait Sink {
     fn close(&mut self, out: &mut BytesMut, index: usize, last: Option<&Finish>);
     /// After the last block closed.
     fn finish(&mut self, out: &mut BytesMut, finish: &Finish, usage: Usage);
-    /// The stream failed after it started; nothing follows.
-    fn error(&mut self, out: &mut BytesMut, error: &GatewayError);
+    /// The stream failed after it started, having used `usage`; nothing
+    /// follows.
+    fn error(&mut self, out: &mut BytesMut, error: &GatewayError, usage: Usage);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -372,18 +373,26 @@ impl<S: Sink> Translator<S> {
             return;
         }
         self.done = true;
-        if !self.started {
-            self.started = true;
-            self.sink.start(out, "", "");
-        }
+        self.start_unnamed(out);
         self.close(out, true);
         self.sink.finish(out, &self.finish, usage);
     }
 
-    pub fn fail(&mut self, out: &mut BytesMut, error: &GatewayError) {
+    /// The canonical stream failed, having used `usage`.
+    pub fn fail(&mut self, out: &mut BytesMut, error: &GatewayError, usage: Usage) {
         if !self.done {
             self.done = true;
-            self.sink.error(out, error);
+            self.start_unnamed(out);
+            self.sink.error(out, error, usage);
+        }
+    }
+
+    /// Starts the answer, unless a chunk has, for a stream that ends before
+    /// any chunk named it.
+    fn start_unnamed(&mut self, out: &mut BytesMut) {
+        if !self.started {
+            self.started = true;
+            self.sink.start(out, "", "");
         }
     }
 }

@@ -178,11 +178,11 @@ impl Encoder {
         }
     }
 
-    /// The stream failed after it started.
-    pub fn fail(&mut self, out: &mut BytesMut, error: &GatewayError) {
+    /// The stream failed after it started, having used `usage`.
+    pub fn fail(&mut self, out: &mut BytesMut, error: &GatewayError, usage: Usage) {
         match self {
-            Self::Messages(t) => t.fail(out, error),
-            Self::Responses(t) => t.fail(out, error),
+            Self::Messages(t) => t.fail(out, error, usage),
+            Self::Responses(t) => t.fail(out, error, usage),
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::error::GatewayError;
 use crate::inbound::Encoder;
 use crate::metering::Meter;
 use crate::metering::usage::{self, ChunkFacts, StreamReader};
-use crate::openai::{Endpoint, ResponseIdentity};
+use crate::openai::{Endpoint, ResponseIdentity, Usage};
 use crate::providers::{Chunk, ChunkStream};
 
 const DONE: &[u8] = b"data: [DONE]\n\n";
@@ -233,7 +233,7 @@ impl SseBody {
         meter.failed(error.label());
         tracing::warn!(request_id = meter.request_id(), backend = %self.backend, error = %error.message(), "stream failed after it started");
         match &mut self.encoder {
-            Some(encoder) => encoder.fail(&mut self.ready, &error),
+            Some(encoder) => encoder.fail(&mut self.ready, &error, used(meter)),
             None => put_event(&mut self.ready, &error.body_json()),
         }
         self.end(error.status().as_u16());
@@ -241,16 +241,18 @@ impl SseBody {
 
     fn end(&mut self, status: u16) {
         match &mut self.encoder {
-            Some(encoder) => {
-                let meter = &self.meter;
-                let usage = meter.usage().unwrap_or_else(|| meter.usage_so_far());
-                encoder.end(&mut self.ready, usage);
-            }
+            Some(encoder) => encoder.end(&mut self.ready, used(&self.meter)),
             None => self.ready.put_slice(DONE),
         }
         self.finished = true;
         self.ended = Some(status);
     }
+}
+
+/// The usage a stream's last event states: the upstream's, or the
+/// meter's count so far.
+fn used(meter: &Meter) -> Usage {
+    meter.usage().unwrap_or_else(|| meter.usage_so_far())
 }
 
 /// One canonical chunk for the client: as it is, or re-encoded.

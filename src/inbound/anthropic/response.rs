@@ -233,7 +233,7 @@ impl Sink for MessagesSink {
         event(out, "message_stop", &json!({"type": "message_stop"}));
     }
 
-    fn error(&mut self, out: &mut BytesMut, error: &GatewayError) {
+    fn error(&mut self, out: &mut BytesMut, error: &GatewayError, _usage: Usage) {
         put_named_event(out, "error", &error.body_json_in(ErrorShape::Anthropic));
     }
 }

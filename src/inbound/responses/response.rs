@@ -2,11 +2,13 @@
 //! Responses event stream: `response.created`, `response.in_progress`,
 //! per output item `response.output_item.added`, its content part and
 //! deltas, their `.done` events and `response.output_item.done`, then
-//! `response.completed` (or `response.incomplete` at the output limit),
+//! `response.completed` (or `response.incomplete` at the output limit;
+//! for a stream that failed, an `error` event and `response.failed`),
 //! every event numbered by `sequence_number`. The `.done` events and the
 //! last event repeat the whole output, as the protocol defines them: the
 //! text and arguments streamed are kept for them.
 
+use axum::http::StatusCode;
 use bytes::{Bytes, BytesMut};
 use serde_json::{Map, Value, json};
 
@@ -170,6 +172,22 @@ enum Current {
     },
 }
 
+impl Current {
+    /// The item as the response lists it, with `status`.
+    fn item(&self, status: &str) -> Value {
+        match self {
+            Self::Reasoning { id, text } => reasoning_item(id, status, Some(text)),
+            Self::Text { id, text } => message_item(id, status, Some(text)),
+            Self::Call {
+                id,
+                call_id,
+                name,
+                arguments,
+            } => call_item(id, status, call_id, name, arguments),
+        }
+    }
+}
+
 /// Writes the Responses event stream.
 pub struct ResponsesSink {
     echo: Map<String, Value>,
@@ -315,9 +333,11 @@ impl Sink for ResponsesSink {
             Some("incomplete") => "incomplete",
             _ => "completed",
         };
-        let item = match self.current.take() {
-            None => return,
-            Some(Current::Reasoning { id, text }) => {
+        let Some(current) = self.current.take() else {
+            return;
+        };
+        match &current {
+            Current::Reasoning { id, text } => {
                 self.event(
                     out,
                     "response.reasoning_text.done",
@@ -329,9 +349,8 @@ impl Sink for ResponsesSink {
                     "response.content_part.done",
                     json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
                 );
-                reasoning_item(&id, done, Some(&text))
             }
-            Some(Current::Text { id, text }) => {
+            Current::Text { id, text } => {
                 self.event(
                     out,
                     "response.output_text.done",
@@ -345,22 +364,21 @@ impl Sink for ResponsesSink {
                     "response.content_part.done",
                     json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
                 );
-                message_item(&id, done, Some(&text))
             }
-            Some(Current::Call {
+            Current::Call {
                 id,
-                call_id,
                 name,
                 arguments,
-            }) => {
+                ..
+            } => {
                 self.event(
                     out,
                     "response.function_call_arguments.done",
                     json!({"item_id": id, "output_index": index, "name": name, "arguments": arguments}),
                 );
-                call_item(&id, done, &call_id, &name, &arguments)
             }
-        };
+        }
+        let item = current.item(done);
         self.event(
             out,
             "response.output_item.done",
@@ -382,10 +400,25 @@ impl Sink for ResponsesSink {
         self.event(out, name, json!({"response": response}));
     }
 
-    fn error(&mut self, out: &mut BytesMut, error: &GatewayError) {
+    /// The `error` event, then `response.failed`, as OpenAI ends a
+    /// response that fails: the response `failed`, with an `error` whose
+    /// `code` is one the Responses API defines, the output so far (the
+    /// item cut short `incomplete`) and the usage.
+    fn error(&mut self, out: &mut BytesMut, error: &GatewayError, usage: Usage) {
         let event = json!({"code": error.code(), "message": error.message(),
             "param": error.param_name()});
         self.event(out, "error", event);
+        let mut output = std::mem::take(&mut self.output);
+        output.extend(self.current.take().map(|cut| cut.item("incomplete")));
+        let mut response = self
+            .envelope()
+            .object("failed", Value::Null, &output, Some(usage));
+        let code = match error.status() {
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_exceeded",
+            _ => "server_error",
+        };
+        response["error"] = json!({"code": code, "message": error.message()});
+        self.event(out, "response.failed", json!({"response": response}));
     }
 }
 
