@@ -169,6 +169,9 @@ struct TextAt {
 /// is searched for usage and errors; when that is the same as the kept
 /// chunk's, it holds neither, and is not searched at all. A member name
 /// is quoted, and a string's quotes are escaped, so the text holds none.
+/// The `finish_reason`s that say how the answers ended are counted where
+/// a chunk is searched: in what follows the text of a chunk whose ending
+/// changed, and in a chunk read in full.
 #[derive(Default)]
 pub struct StreamReader {
     /// The last chunk read in full without its text (its opening, then
@@ -249,13 +252,13 @@ impl StreamReader {
         Ok(facts)
     }
 
-    /// How many answers the chunks read so far have said the end of (a
-    /// `finish_reason` that is not `null`), as every upstream's last chunk
-    /// for an answer does. A chunk that repeats the ending of the one
-    /// before it is taken without search, so a reason it repeats is not
-    /// counted again.
-    pub fn finishes(&self) -> u32 {
-        self.finishes
+    /// Whether the chunks read so far have said the end of `answers`
+    /// answers (a `finish_reason` that is not `null` for each), as every
+    /// upstream's last chunk for an answer does. A chunk that repeats the
+    /// ending of the one before it is taken without search, so a reason
+    /// it repeats counts once.
+    pub fn finished(&self, answers: u32) -> bool {
+        self.finishes >= answers
     }
 
     /// Keeps `chunk` without its text, at `at`.
@@ -735,7 +738,7 @@ mod tests {
         for chunk in chunks {
             reader.read("b", chunk.as_bytes()).unwrap();
         }
-        reader.finishes()
+        reader.finishes
     }
 
     #[test]
@@ -1064,6 +1067,7 @@ mod tests {
                 "x_groq",
                 "reasoning",
                 "arguments",
+                "finish_reason",
                 "tok",
             ];
             self.one_of(TOKENS)
@@ -1093,9 +1097,10 @@ mod tests {
         /// A choice of a chat chunk (`delta`) or of a legacy completion's
         /// (`text`), with log-probabilities or without.
         fn choice(&mut self) -> String {
+            let finish = ["null", r#""stop""#, r#""tool_calls""#][self.0.usize(..3)];
             let mut members = vec![
                 r#""index":0"#.to_owned(),
-                r#""finish_reason":null"#.to_owned(),
+                format!(r#""finish_reason":{finish}"#),
             ];
             if self.0.bool() {
                 let content = if self.0.u8(..4) == 0 {
@@ -1179,6 +1184,7 @@ mod tests {
                     r#","tool_calls":[{{"index":0,"function":{{"arguments":{}}}}}]}}}}]}}"#,
                     self.text()
                 ),
+                5 => r#"},"logprobs":null,"finish_reason":"stop"}]}"#.into(),
                 _ => "}}]}".into(),
             };
             format!("{OPENING}{text}{ending}")
@@ -1188,20 +1194,53 @@ mod tests {
     #[test]
     fn chunks_of_any_shape_read_fast_give_what_reading_them_in_full_gives() {
         let mut chunks = Chunks(fastrand::Rng::with_seed(23));
-        let mut reader = StreamReader::default();
+        let mut stream = Stream::default();
         for _ in 0..10_000 {
             let chunk = chunks.chunk();
             let full = parsed(chunk.as_bytes());
             assert_eq!(facts(read_chunk("b", chunk.as_bytes())), full, "{chunk}");
             // And as the next chunk of a stream, after one that opened as
             // it does.
-            assert_eq!(facts(reader.read("b", chunk.as_bytes())), full, "{chunk}");
+            assert_eq!(stream.read(&chunk), full, "{chunk}");
+            stream.maybe_end(&mut chunks.0);
         }
-        let mut reader = StreamReader::default();
+        let mut stream = Stream::default();
         for _ in 0..20_000 {
             let chunk = chunks.next_in_stream();
             let full = parsed(chunk.as_bytes());
-            assert_eq!(facts(reader.read("b", chunk.as_bytes())), full, "{chunk}");
+            assert_eq!(stream.read(&chunk), full, "{chunk}");
+            stream.maybe_end(&mut chunks.0);
+        }
+    }
+
+    /// Random chunks read in turn, as a stream that ends now and then: at
+    /// its end, the reader has counted a reason when one of the chunks
+    /// it took named one.
+    #[derive(Default)]
+    struct Stream {
+        reader: StreamReader,
+        named: bool,
+        chunks: Vec<String>,
+    }
+
+    impl Stream {
+        fn read(&mut self, chunk: &str) -> String {
+            let read = self.reader.read("b", chunk.as_bytes());
+            if read.is_ok() {
+                let value: serde_json::Value = serde_json::from_str(chunk).unwrap();
+                let choices = value["choices"].as_array().into_iter().flatten();
+                self.named |= choices.into_iter().any(|c| c["finish_reason"].is_string());
+            }
+            self.chunks.push(chunk.to_owned());
+            facts(read)
+        }
+
+        fn maybe_end(&mut self, rng: &mut fastrand::Rng) {
+            if rng.u8(..4) == 0 {
+                let counted = self.reader.finished(1);
+                assert_eq!(counted, self.named, "{:#?}", self.chunks);
+                *self = Self::default();
+            }
         }
     }
 }

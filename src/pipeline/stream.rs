@@ -205,7 +205,7 @@ impl SseBody {
         // Every upstream ends each answer with a chunk that says how it
         // ended (`finish_reason`); a stream that ended before saying was
         // cut short, and must not read as a whole answer.
-        if self.reader.finishes() < self.answers {
+        if !self.reader.finished(self.answers) {
             let what = match self.answers {
                 1 => "its stream ended before a `finish_reason` said how the answer finished"
                     .to_owned(),
