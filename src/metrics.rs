@@ -385,7 +385,7 @@ metrics! {
     }
     budget_remaining: GaugeVec {
         name: "tollgate_budget_remaining_usd",
-        help: "What is left of a key's budget in the current period, in USD.",
+        help: "What is left of a key's budget in the current period, in USD: with shared state, of the fleet's spend as of the last exchange with Redis, when that exchange was in the current day (`daily`) or month (`monthly`); otherwise of this replica's ledger.",
         labels: [KEY, PERIOD],
     }
     budget_limit: GaugeVec {

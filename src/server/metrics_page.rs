@@ -128,7 +128,7 @@ fn refresh(app: &AppState) {
             let spent = app
                 .fleet
                 .as_ref()
-                .and_then(|fleet| fleet.spent(&key.name, period))
+                .and_then(|fleet| fleet.spent(&key.name, period, today))
                 .unwrap_or_else(|| budget::spent_in(&app.ledger, &key.name, period, today));
             m.budget_remaining
                 .with_label_values(&[&key.name, period.name()])

@@ -147,7 +147,7 @@ impl AppState {
         let series = KeySeries::of(&snapshot.config, |key| {
             self.fleet
                 .as_ref()
-                .and_then(|fleet| fleet.spent(key, Period::Monthly))
+                .and_then(|fleet| fleet.spent(key, Period::Monthly, today))
                 .unwrap_or_else(|| budget::spent_in(&self.ledger, key, Period::Monthly, today))
         });
         if let KeySeries::Only(keys) = &series {

@@ -674,9 +674,14 @@ impl Fleet {
         }
     }
 
-    /// What `key` spent in `period`, fleet-wide, as of the last exchange.
-    pub fn spent(&self, key: &str, period: Period) -> Option<u64> {
+    /// What `key` spent in `period`, fleet-wide, as of the last exchange;
+    /// `None` when that exchange was in another day or month than
+    /// `today`'s, whose spend it does not know.
+    pub fn spent(&self, key: &str, period: Period, today: Date) -> Option<u64> {
         let known = lock(&self.known);
+        if period.bounds(known.day?) != period.bounds(today) {
+            return None;
+        }
         let spent = known.spent.get(key)?;
         Some(match period {
             Period::Daily => spent[0],
@@ -1417,6 +1422,15 @@ mod tests {
         // An exchange the clock is now before is no guide.
         let back = next_day.local_budget("team", Period::Daily, 100, date!(2026 - 12 - 05));
         assert_eq!(back, None);
+        // What the fleet had spent is its spend only in the exchange's
+        // day and month: the budget-remaining gauges read the ledger
+        // otherwise.
+        assert_eq!(restarted.spent("team", Period::Daily, today), Some(20));
+        assert_eq!(next_day.spent("team", Period::Daily, today), None);
+        assert_eq!(next_day.spent("team", Period::Monthly, today), Some(50));
+        let january = date!(2027 - 01 - 02);
+        assert_eq!(next_day.spent("team", Period::Monthly, january), None);
+        assert_eq!(fresh.spent("team", Period::Monthly, today), None);
     }
 
     #[test]
