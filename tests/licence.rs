@@ -190,6 +190,16 @@ async fn a_safety_identifier_names_the_end_user_on_chat_and_responses() {
     )
     .await;
     eventually_users(&gateway, 2.0).await;
+    // An empty `user` names no one: alone it counts nobody, and the
+    // `safety_identifier` beside it counts.
+    let mut body = chat("llama");
+    body["user"] = "".into();
+    built_with(&gateway, "/v1/chat/completions", body.clone(), None).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    eventually_users(&gateway, 2.0).await;
+    body["safety_identifier"] = "erin".into();
+    built_with(&gateway, "/v1/chat/completions", body, None).await;
+    eventually_users(&gateway, 3.0).await;
 }
 
 #[tokio::test]
