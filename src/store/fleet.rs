@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,15 @@ fn stale_fields(today: Date) -> Vec<String> {
         .chain(month.map(|day| period_field(Period::Monthly, day)))
         .collect()
 }
+/// How many budgeted keys not in use an exchange sweeps (see `payload`).
+const SWEEP: usize = 256;
+
+/// Whether the `i`th of `n` budgeted keys is in the slice an exchange
+/// sweeps from the `from`th on.
+fn in_turn(i: usize, n: usize, from: usize) -> bool {
+    (i + n - from) % n < SWEEP
+}
+
 /// The exchange is not on a request's path: it may take longer than an
 /// admission before the replica counts Redis away.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
@@ -103,6 +112,8 @@ pub struct Fleet {
     /// This process, among the replicas.
     replica: String,
     sequence: AtomicU64,
+    /// Where the next exchange's sweep of the budgeted keys starts.
+    sweep: AtomicUsize,
     degraded: AtomicBool,
     admit: Script,
     sync: Script,
@@ -419,6 +430,7 @@ impl Fleet {
             on_unavailable: settings.on_unavailable,
             replica: format!("{:016x}", fastrand::u64(..)),
             sequence: AtomicU64::new(0),
+            sweep: AtomicUsize::new(0),
             degraded: AtomicBool::new(false),
             admit: Script::new(include_str!("lua/admit.lua")),
             sync: Script::new(include_str!("lua/sync.lua")),
@@ -1188,21 +1200,29 @@ impl Fleet {
             .map(|(deployment, p)| WirePush::of(self.pressure_key(deployment), p))
             .collect();
         let pull: Vec<String> = ask.pull.iter().map(|d| self.pressure_key(d)).collect();
-        let stale = stale_fields(today);
+        // Every budgeted key's spend is read; its expired leases released
+        // and its past periods' fields dropped only when it is swept: the
+        // keys this replica settles or holds reservations of, and a slice
+        // of the rest in turn, each swept once every `n / SWEEP`
+        // exchanges. A key in use is swept by the replicas using it.
+        let n = ask.budgets.len();
+        let from = self.sweep.fetch_add(SWEEP, Ordering::Relaxed) % n.max(1);
+        let in_use: HashSet<&str> = (pending.unsent.iter())
+            .flat_map(|b| b.settle.iter().map(|s| s.key.as_str()))
+            .chain(pending.live.keys().map(String::as_str))
+            .collect();
         let spent: Vec<Vec<String>> = ask
             .budgets
             .iter()
-            .map(|(key, _)| {
+            .enumerate()
+            .map(|(i, (key, _))| {
                 let home = self.key_home(key);
-                let leases = Self::leases(&home);
-                let mut row = vec![
-                    home,
-                    leases,
-                    period_field(Period::Daily, today),
-                    period_field(Period::Monthly, today),
-                ];
-                row.extend(stale.iter().cloned());
-                row
+                if in_turn(i, n, from) || in_use.contains(key.as_str()) {
+                    let leases = Self::leases(&home);
+                    vec![home, leases]
+                } else {
+                    vec![home]
+                }
             })
             .collect();
         let mut text = json!({
@@ -1215,6 +1235,8 @@ impl Fleet {
             "push": push,
             "pull": pull,
             "spent": spent,
+            "fields": [period_field(Period::Daily, today), period_field(Period::Monthly, today)],
+            "stale": stale_fields(today),
         });
         // Absent, not null: Lua reads JSON's null as true.
         if let Some(prefixes) = prefixes {
@@ -1349,6 +1371,27 @@ mod tests {
         let admitted = IntCounterVec::new(Opts::new("a", "a"), &["from"]).unwrap();
         let own = Some((dir.to_owned(), ledger.clone()));
         Fleet::connect(&settings, own, gauge(), gauge(), &admitted).unwrap()
+    }
+
+    #[test]
+    fn every_budgeted_key_is_swept_within_its_share_of_the_exchanges() {
+        for n in [1_usize, 2, 255, 256, 257, 1_000, 10_000] {
+            for start in [0, 7, 12_345] {
+                // As `payload` takes it: the cursor moves on by SWEEP.
+                let exchanges = n.div_ceil(SWEEP);
+                let mut swept = vec![0; n];
+                for e in 0..exchanges {
+                    let from = (start + e * SWEEP) % n;
+                    for (i, times) in swept.iter_mut().enumerate() {
+                        *times += usize::from(in_turn(i, n, from));
+                    }
+                }
+                assert!(swept.iter().all(|&t| t >= 1), "{n} keys from {start}");
+                if n <= SWEEP {
+                    assert!(swept.iter().all(|&t| t == exchanges), "every exchange");
+                }
+            }
+        }
     }
 
     /// `team` spent `nano_usd` on `day`, in `ledger`.

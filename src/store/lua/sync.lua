@@ -9,7 +9,8 @@
 -- KEYS: 1 the replicas seen (sorted set), 2 the last batch applied for
 --       this replica
 -- ARGV[1]: JSON {replica, lease, seed, seeding, batches, renew, push,
---          pull, spent, prefix (the periodic exchange only)};
+--          pull, spent, fields, stale, prefix (the periodic exchange
+--          only)};
 -- amounts travel as strings (JSON numbers lose digits past 2^53).
 -- Times are microseconds; sent and returned relative to now.
 local time = redis.call('TIME')
@@ -189,22 +190,25 @@ if ask.prefix then
   end
 end
 
--- Per budgeted key [hash, leases, day field, month field, stale
--- fields...]: leases past their time are released (a replica that died
--- stopped renewing them), spend fields of past periods dropped, then its
--- day's and month's spend and what requests hold are read.
+-- Per budgeted key [hash], or [hash, leases] for one swept: a swept
+-- key's leases past their time are released (a replica that died stopped
+-- renewing them) and its spend fields of past periods (`stale`) dropped;
+-- then every key's day's and month's spend (`fields`) and what requests
+-- hold are read.
 local spent = {}
 for i, s in ipairs(ask.spent) do
   local hash, leases = s[1], s[2]
-  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
-  if #expired > 0 then
-    release(hash, expired)
-    redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  if leases then
+    local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
+    if #expired > 0 then
+      release(hash, expired)
+      redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+    end
+    if #ask.stale > 0 then
+      redis.call('HDEL', hash, unpack(ask.stale))
+    end
   end
-  if #s > 4 then
-    redis.call('HDEL', hash, unpack(s, 5))
-  end
-  local v = redis.call('HMGET', hash, s[3], s[4], '=')
+  local v = redis.call('HMGET', hash, ask.fields[1], ask.fields[2], '=')
   spent[i] = {v[1] or '0', v[2] or '0', v[3] or '0'}
 end
 
