@@ -811,12 +811,7 @@ async fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
     use tokio::io::AsyncWriteExt;
     // Twice what the gateway's send buffer can grow to (4 MB at Linux's
     // defaults) and the client's receive buffer hold, in few events.
-    let word: &'static str = Box::leak(" lorem".repeat(400).into_boxed_str());
-    let upstream = MockUpstream::openai()
-        .answers_of(4_000)
-        .token_text(word)
-        .start()
-        .await;
+    let upstream = MockUpstream::openai().bulky_answers_of(4_000).start().await;
     let config = vllm(&upstream, "chat").set("server", "send_timeout_ms", 300);
     let gateway = start(&config).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -845,12 +840,7 @@ async fn a_client_that_stops_reading_is_dropped_after_the_send_timeout() {
 async fn an_http2_client_that_stops_reading_is_let_go_after_the_send_timeout() {
     // Far more than the client's window (HTTP/2's default, 64 KB) and
     // the stream's buffer.
-    let word: &'static str = Box::leak(" lorem".repeat(400).into_boxed_str());
-    let upstream = MockUpstream::openai()
-        .answers_of(400)
-        .token_text(word)
-        .start()
-        .await;
+    let upstream = MockUpstream::openai().bulky_answers_of(400).start().await;
     let config = vllm(&upstream, "chat").set("server", "send_timeout_ms", 300);
     let gateway = start(&config).await;
     let answer = http2_stream(&gateway.base).await;

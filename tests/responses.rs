@@ -369,18 +369,20 @@ fn check_failed(events: &[(String, Value)], code: &str) -> Value {
     response.clone()
 }
 
+/// The labels of a Responses request on `up` that failed upstream.
+const FAILED_UPSTREAM: [(&str, &str); 4] = [
+    ("api", "responses"),
+    ("alias", "chat"),
+    ("backend", "up"),
+    ("status", "502"),
+];
+
 async fn a_stream_cut_mid_way_is_an_error_event_and_metered_once(kind: Kind) {
     let upstream = kind.mock().reset_after(2).start().await;
     let gateway = start_for(kind, &upstream).await;
     let events = stream(&gateway, &ask(true)).await;
     check_failed(&events, "upstream_disconnected");
-    let labels = [
-        ("api", "responses"),
-        ("alias", "chat"),
-        ("backend", "up"),
-        ("status", "502"),
-    ];
-    gateway.recorded_once(&labels).await;
+    gateway.recorded_once(&FAILED_UPSTREAM).await;
 }
 
 #[tokio::test]
@@ -398,13 +400,7 @@ async fn a_stream_the_upstream_ends_unfinished_is_an_error_event_not_an_answer()
             response["output"][0]["status"], "incomplete",
             "the message was cut short: {response}"
         );
-        let labels = [
-            ("api", "responses"),
-            ("alias", "chat"),
-            ("backend", "up"),
-            ("status", "502"),
-        ];
-        gateway.recorded_once(&labels).await;
+        gateway.recorded_once(&FAILED_UPSTREAM).await;
     }
 }
 

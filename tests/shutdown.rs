@@ -183,12 +183,7 @@ async fn a_stream_whose_client_stopped_reading_is_metered_and_kept_when_the_grac
 async fn stopped_reader_at_the_grace_periods_end(http2: bool) {
     use tokio::io::AsyncWriteExt;
     // Far more than the buffers and windows between the two hold.
-    let word: &'static str = Box::leak(" lorem".repeat(400).into_boxed_str());
-    let upstream = MockUpstream::openai()
-        .answers_of(4_000)
-        .token_text(word)
-        .start()
-        .await;
+    let upstream = MockUpstream::openai().bulky_answers_of(4_000).start().await;
     let data = tempfile::tempdir().unwrap();
     let config = Config::new()
         .set("server", "shutdown_grace_ms", 200)

@@ -284,6 +284,15 @@ impl MockUpstream {
         self
     }
 
+    /// Generated answers of `tokens` tokens of 2,400 bytes each: a stream
+    /// far larger than the buffers and windows between a client that
+    /// stops reading and the gateway hold.
+    pub fn bulky_answers_of(self, tokens: usize) -> Self {
+        static WORD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let word = WORD.get_or_init(|| " lorem".repeat(400));
+        self.answers_of(tokens).token_text(word)
+    }
+
     /// Counts the prompt as Llama 3.1 counts text written to take a token
     /// a byte (digits between spaces): its messages' text a token a byte,
     /// and the chat template's 35 around a message.
