@@ -267,6 +267,14 @@ async fn upstream_errors_are_anthropic_errors(kind: Kind) {
     );
 }
 
+/// The labels of a Messages request on `up` that failed upstream.
+const FAILED_UPSTREAM: [(&str, &str); 4] = [
+    ("api", "messages"),
+    ("alias", "chat"),
+    ("backend", "up"),
+    ("status", "502"),
+];
+
 async fn a_stream_cut_mid_way_is_an_error_event_and_metered_once(kind: Kind) {
     let upstream = kind.mock().reset_after(2).start().await;
     let gateway = start_for(kind, &upstream).await;
@@ -277,13 +285,7 @@ async fn a_stream_cut_mid_way_is_an_error_event_and_metered_once(kind: Kind) {
     assert_eq!(error["error"]["type"], "api_error", "{error}");
     assert_eq!(events[0].0, "message_start");
     assert!(!events.iter().any(|(n, _)| n == "message_stop"));
-    let labels = [
-        ("api", "messages"),
-        ("alias", "chat"),
-        ("backend", "up"),
-        ("status", "502"),
-    ];
-    gateway.recorded_once(&labels).await;
+    gateway.recorded_once(&FAILED_UPSTREAM).await;
 }
 
 #[tokio::test]
@@ -301,13 +303,7 @@ async fn a_stream_the_upstream_ends_unfinished_is_an_error_event_not_an_answer()
             .any(|(n, _)| n == "message_delta" || n == "message_stop"),
         "no stop_reason is made up: {events:?}"
     );
-    let labels = [
-        ("api", "messages"),
-        ("alias", "chat"),
-        ("backend", "up"),
-        ("status", "502"),
-    ];
-    gateway.recorded_once(&labels).await;
+    gateway.recorded_once(&FAILED_UPSTREAM).await;
 }
 
 for_each_kind!(

@@ -337,17 +337,8 @@ async fn a_candidate_whose_metrics_token_is_the_admin_token_is_refused() {
 async fn an_invalid_dry_run_is_not_counted_as_a_refused_reload() {
     let gateway = start(&simulated(&["one"])).await;
     let candidate = simulated(&["one"]).set("routing", "max_attempts", 99);
-    let response = admin(
-        &gateway,
-        reqwest::Method::POST,
-        "/admin/reload?dry_run=true",
-    )
-    .await
-    .body(candidate.to_toml())
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(response.status(), 422);
+    let (status, _) = posted(&gateway, DRY_RUN, &candidate).await;
+    assert_eq!(status, 422);
     let text = gateway.metrics().await;
     assert_eq!(
         metric(
@@ -365,18 +356,8 @@ async fn admin_reload_validates_whole_candidates_and_dry_runs_return_the_diff() 
     let version = active_version(&gateway).await;
 
     let candidate = simulated(&["one", "three"]).key(Key::new("team"));
-    let response = admin(
-        &gateway,
-        reqwest::Method::POST,
-        "/admin/reload?dry_run=true",
-    )
-    .await
-    .body(candidate.to_toml())
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(response.status(), 200);
-    let report: Value = response.json().await.unwrap();
+    let (status, report) = posted(&gateway, DRY_RUN, &candidate).await;
+    assert_eq!(status, 200);
     assert_eq!(report["applied"], false);
     assert_eq!(
         report["version"],
@@ -855,7 +836,16 @@ async fn a_file_written_in_place_is_read_once_its_writer_closes_it_however_long_
 
 /// `POST /admin/reload` of `candidate`: the status, and the body.
 async fn reload_with(gateway: &Gateway, candidate: &Config) -> (u16, Value) {
-    let response = admin(gateway, reqwest::Method::POST, "/admin/reload")
+    posted(gateway, "/admin/reload", candidate).await
+}
+
+/// A dry run's path: the candidate is checked, and nothing applied.
+const DRY_RUN: &str = "/admin/reload?dry_run=true";
+
+/// `POST` of `candidate` to the admin path `path`: the status, and the
+/// body.
+async fn posted(gateway: &Gateway, path: &str, candidate: &Config) -> (u16, Value) {
+    let response = admin(gateway, reqwest::Method::POST, path)
         .await
         .body(candidate.to_toml())
         .send()

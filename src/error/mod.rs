@@ -262,37 +262,46 @@ impl GatewayError {
     /// Every deployment the policy allows is unhealthy or cooling down;
     /// `why` says so of each.
     pub fn no_deployment_available(alias: &str, why: &str, retry_after: Duration) -> Self {
-        Self::new(
+        Self::retry_later(
             ErrorKind::NoDeployment,
-            format!(
-                "no deployment of model \"{alias}\" is available right now ({why}); retry after {} s",
-                retry_after.as_secs_f64().ceil()
-            ),
+            format_args!("no deployment of model \"{alias}\" is available right now ({why})"),
+            retry_after,
         )
-        .retry_after(Some(retry_after))
     }
 
     /// Redis, which holds the fleet's budgets and limits, did not answer in
     /// time and `[state] on_unavailable = "refuse"`.
     pub fn state_unavailable(retry_after: Duration) -> Self {
-        Self::new(
+        Self::retry_later(
             ErrorKind::StateUnavailable,
-            format!(
-                "the gateway cannot reach the shared state that enforces budgets and rate limits across its replicas, and is set to refuse requests until it can; retry after {} s",
-                retry_after.as_secs_f64().ceil()
-            ),
+            "the gateway cannot reach the shared state that enforces budgets and rate limits across its replicas, and is set to refuse requests until it can",
+            retry_after,
         )
-        .retry_after(Some(retry_after))
     }
 
     /// Redis did not answer, and this replica has not learned since it
     /// started (nor kept from before) what the fleet spent of `key`'s
     /// budget: it has no share to spend on its own.
     pub fn fleet_spend_unknown(key: &str, retry_after: Duration) -> Self {
-        Self::new(
+        Self::retry_later(
             ErrorKind::StateUnavailable,
+            format_args!(
+                "key \"{key}\" has a budget that the gateway's replicas share, and this replica cannot reach the shared state (Redis) and has not learned what the fleet spent of it, so it cannot tell what is left; requests with a budget are refused until the shared state answers"
+            ),
+            retry_after,
+        )
+    }
+
+    /// `message`, then when to retry, which `retry-after` says too.
+    fn retry_later(
+        kind: ErrorKind,
+        message: impl std::fmt::Display,
+        retry_after: Duration,
+    ) -> Self {
+        Self::new(
+            kind,
             format!(
-                "key \"{key}\" has a budget that the gateway's replicas share, and this replica cannot reach the shared state (Redis) and has not learned what the fleet spent of it, so it cannot tell what is left; requests with a budget are refused until the shared state answers; retry after {} s",
+                "{message}; retry after {} s",
                 retry_after.as_secs_f64().ceil()
             ),
         )
