@@ -624,42 +624,176 @@ async fn a_deployments_rpm_holds_for_the_whole_fleet() {
     assert_eq!(cheap.hits(), 4);
 }
 
+/// One call of the gateway's `sync.lua` as replica `replica`: an
+/// exchange that seeds, on 2026-12-04, and applies and reads nothing but
+/// what `ask` sets; what it answered.
+async fn sync_call(
+    connection: &mut redis::aio::MultiplexedConnection,
+    replica: &str,
+    ask: Value,
+) -> Value {
+    let script = redis::Script::new(concat!(
+        include_str!("../src/store/lua/spend_log.lua"),
+        include_str!("../src/store/lua/sync.lua")
+    ));
+    let mut payload = json!({
+        "replica": replica, "lease": 30_000_000, "seed": [], "seeding": true, "batches": [],
+        "renew": [], "push": [], "pull": [], "read": [], "sweep": [],
+        "fields": ["d:2026-12-04", "m:2026-12"], "stale": [],
+    });
+    for (field, value) in ask.as_object().unwrap() {
+        payload[field] = value.clone();
+    }
+    let reply: String = script
+        .key("t:spend-version")
+        .key("t:spend-changed")
+        .key("t:replicas")
+        .key(format!("t:applied:{replica}"))
+        .arg(payload.to_string())
+        .invoke_async(connection)
+        .await
+        .unwrap();
+    serde_json::from_str(&reply).unwrap()
+}
+
+/// A batch numbered `number` that settles `cost` nano-dollars of `key` on
+/// 2026-12-04.
+fn settling(number: u64, key: &str, cost: &str) -> Value {
+    json!([{"number": number, "charge": [], "settle": [[
+        format!("t:key:{key}"), format!("t:key:{key}:leases"), "d:2026-12-04", "m:2026-12", cost, 0
+    ]]}])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_sent_again_after_a_lost_reply_is_counted_once() {
     let Some(redis) = Redis::start() else { return };
     let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let script = redis::Script::new(include_str!("../src/store/lua/sync.lua"));
-    let batch = |number: u64, cost: &str| {
-        json!({
-            // Seeding, as a replica's first exchange with a store is.
-            "replica": "r1", "lease": 30_000_000, "seed": [], "seeding": true, "renew": [], "push": [],
-            "pull": [], "spent": [],
-            "batches": [{"number": number, "charge": [], "settle": [[
-                "t:key:team", "t:key:team:leases", "d:2026-12-04", "m:2026-12", cost, 0
-            ]]}],
-        })
-        .to_string()
-    };
-    for payload in [
-        batch(1, "500"),
-        batch(1, "500"),
-        batch(2, "70"),
-        batch(1, "500"),
-    ] {
-        let _: String = script
-            .key("t:replicas")
-            .key("t:applied:r1")
-            .arg(payload)
-            .invoke_async(&mut connection)
-            .await
-            .unwrap();
+    for (number, cost) in [(1, "500"), (1, "500"), (2, "70"), (1, "500")] {
+        let batches = settling(number, "team", cost);
+        sync_call(&mut connection, "r1", json!({"batches": batches})).await;
     }
     assert_eq!(
         redis.hash_int("t:key:team", "d:2026-12-04"),
         570,
         "batch 1 once, batch 2 once"
     );
+}
+
+/// The budget hashes an exchange read as changed since `since`: hash,
+/// day's and month's spend, held; and where the log is now.
+async fn changed_since(
+    connection: &mut redis::aio::MultiplexedConnection,
+    since: &Value,
+) -> (Vec<Vec<String>>, Value, bool) {
+    let reply = sync_call(connection, "r1", json!({"since": since})).await;
+    let changed = serde_json::from_value(reply["changed"].clone()).unwrap_or_default();
+    (changed, reply["version"].clone(), reply["reset"] == true)
+}
+
+fn spend_of(hash: &str, day: u64, held: u64) -> Vec<String> {
+    vec![
+        hash.into(),
+        day.to_string(),
+        day.to_string(),
+        held.to_string(),
+    ]
+}
+
+/// Every change of a key's spend or of what its requests hold is logged,
+/// whichever script makes it, and an exchange reads exactly the keys
+/// changed since its last read; from a log that began anew (Redis lost
+/// its data) it reads everything the new log has, however far its count
+/// got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_reads_the_budgets_changed_since_its_last_read_and_all_after_a_loss() {
+    let Some(redis) = Redis::start() else { return };
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    sync_call(&mut c, "r2", json!({"batches": settling(1, "a", "500")})).await;
+    let read = json!({"read": ["t:key:a", "t:key:b"]});
+    let first = sync_call(&mut c, "r1", read).await;
+    assert_eq!(
+        first["spent"],
+        json!([["500", "500", "0"], ["0", "0", "0"]])
+    );
+    let start = first["version"].clone();
+    let (changed, since, _) = changed_since(&mut c, &start).await;
+    assert!(changed.is_empty());
+    // Another replica settles more spend of `a`.
+    sync_call(&mut c, "r2", json!({"batches": settling(2, "a", "100")})).await;
+    let (changed, since, reset) = changed_since(&mut c, &since).await;
+    assert_eq!(changed, [spend_of("t:key:a", 600, 0)]);
+    assert!(!reset);
+    // An admission reserves 300 of `b`, with a lease of a microsecond.
+    let admit = redis::Script::new(concat!(
+        include_str!("../src/store/lua/spend_log.lua"),
+        include_str!("../src/store/lua/admit.lua")
+    ));
+    let granted: Vec<Vec<i64>> = admit
+        .key("t:spend-version")
+        .key("t:spend-changed")
+        .key("t:key:b")
+        .key("t:key:b:leases")
+        .arg(&[
+            "",
+            "0",
+            "",
+            "0",
+            "5",
+            "d:2026-12-04",
+            "-1",
+            "m:2026-12",
+            "-1",
+        ])
+        .arg(&["300", "300", "res-1", "1", "", "0"])
+        .invoke_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(granted, [[0, 300, 0]]);
+    let (changed, since, _) = changed_since(&mut c, &since).await;
+    assert_eq!(
+        changed,
+        [spend_of("t:key:b", 0, 300)],
+        "held, and `a` is not read"
+    );
+    // Its lease ran out; a sweep releases it.
+    let sweep = json!({"sweep": [["t:key:b", "t:key:b:leases"]]});
+    sync_call(&mut c, "r2", sweep).await;
+    let (changed, since, _) = changed_since(&mut c, &since).await;
+    assert_eq!(changed, [spend_of("t:key:b", 0, 0)]);
+    // A sweep that releases nothing, a seed of a field already there and a
+    // settlement of nothing change nothing.
+    let nothing = json!({
+        "sweep": [["t:key:a", "t:key:a:leases"]],
+        "seed": [["t:key:a", "d:2026-12-04", "7"]],
+        "batches": settling(3, "a", "0"),
+    });
+    sync_call(&mut c, "r2", nothing).await;
+    let (changed, since, _) = changed_since(&mut c, &since).await;
+    assert!(changed.is_empty(), "{changed:?}");
+    // Redis loses its data; another replica seeds `a` and settles spend
+    // of `c`, fifty times over: the log's count passes where r1 read.
+    assert_eq!(redis.command("FLUSHALL").as_deref(), Some("+OK"));
+    let seed =
+        json!({"seed": [["t:key:a", "d:2026-12-04", "400"], ["t:key:a", "m:2026-12", "400"]]});
+    sync_call(&mut c, "r2", seed).await;
+    for number in 1..=50 {
+        sync_call(&mut c, "r2", json!({"batches": settling(number, "c", "1")})).await;
+    }
+    let (mut changed, now, reset) = changed_since(&mut c, &since).await;
+    assert!(reset, "the log began anew");
+    assert!(
+        now[1].as_str().unwrap().parse::<u64>().unwrap()
+            > since[1].as_str().unwrap().parse().unwrap()
+    );
+    changed.sort();
+    assert_eq!(
+        changed,
+        [spend_of("t:key:a", 400, 0), spend_of("t:key:c", 50, 0)]
+    );
+    let (changed, _, reset) = changed_since(&mut c, &now).await;
+    assert!(changed.is_empty() && !reset);
 }
 
 /// Answers of 100 tokens, and a key with a budget far from spent, on
@@ -961,6 +1095,201 @@ async fn restarted_while_redis_is_away(ledger: impl Fn(Config) -> Config, env: &
     tokio::time::sleep(Duration::from_millis(600)).await;
     let spent = ledgers_match_the_fleet(&redis, &fleet).await;
     assert!(spent <= 0.10, "the fleet spent ${spent}");
+}
+
+/// More keys with a budget than an exchange sweeps: `k0`…`k299`, $1 a
+/// day each; those of `watched` have series of their own in `/metrics`.
+fn many_budgets(config: Config, watched: &[usize]) -> Config {
+    (0..300).fold(config, |config, i| {
+        config.key(
+            Key::new(&format!("k{i}"))
+                .set("budget_daily_usd", 1.0)
+                .set("metrics", watched.contains(&i)),
+        )
+    })
+}
+
+/// What `gateway` says is left of `key`'s daily budget, in USD.
+async fn left_of(gateway: &Gateway, key: &str) -> Option<f64> {
+    metric(
+        &gateway.metrics().await,
+        "tollgate_budget_remaining_usd",
+        &[("key", key), ("period", "daily")],
+    )
+}
+
+/// Both replicas of `fleet` see each other and have exchanged since:
+/// they read only what changes from then on.
+async fn settled_in(fleet: &[&Gateway]) {
+    eventually("the replicas see each other", || async {
+        let mut all = true;
+        for gateway in fleet {
+            all &= status(gateway).await["state"]["replicas"] == 2;
+        }
+        all
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+}
+
+/// With more budgeted keys than an exchange sweeps, a replica that reads
+/// only the keys whose spend changed still sees what another replica
+/// spent on any of them, first, middle or last, within about an
+/// exchange.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_sees_what_another_spent_on_any_of_many_budgeted_keys() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = answering(100).await;
+    let watched = [0, 150, 299];
+    let config = shared(many_budgets(one_model(&upstream), &watched), &redis);
+    let fleet = replicas(&config, 2).await;
+    settled_in(&[&fleet[0], &fleet[1]]).await;
+    for i in watched {
+        let key = format!("k{i}");
+        assert_eq!(left_of(&fleet[1], &key).await, Some(1.0));
+        assert_eq!(ask(&fleet[0], &key, i % 2 == 0).await.0, 200);
+        let spent = ledgers_spent(&fleet[..1], &key).await;
+        assert!(spent > 0.0);
+        let served = Instant::now();
+        eventually("the other replica sees what it spent", || async {
+            left_of(&fleet[1], &key)
+                .await
+                .is_some_and(|left| (left - (1.0 - spent)).abs() < 1e-9)
+        })
+        .await;
+        let seen = served.elapsed();
+        assert!(seen < Duration::from_secs(2), "{key} seen after {seen:?}");
+    }
+}
+
+/// What a request of one replica holds of a budget, among many budgeted
+/// keys, reaches the others: while Redis is away, another replica spends
+/// only its share of what the fleet had left beside that reservation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_another_replica_holds_on_one_of_many_keys_counts_while_redis_is_away() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    // The first replica's stream starts and hangs, holding its
+    // reservation; the second's answers are 100 tokens ($0.001).
+    let held = MockUpstream::openai()
+        .answers_of(50)
+        .hold_after(2)
+        .start()
+        .await;
+    let short = answering(100).await;
+    let on = |upstream: &MockServer| {
+        let config = a_tenth_of_a_dollar(upstream, &redis).set("state", "on_unavailable", "local");
+        many_budgets(config, &[])
+    };
+    let (first, second) = (start(&on(&held)).await, start(&on(&short)).await);
+    settled_in(&[&first, &second]).await;
+    // $0.06 held of the $0.10.
+    let body = json!({"model": "chat", "messages": user("hi"), "stream": true, "max_tokens": 6000});
+    let in_flight = first.chat_as("team-secret", body).await;
+    assert_eq!(in_flight.status(), 200);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    redis.stop();
+    // The second may spend half of the $0.04 left: $0.02, twenty
+    // answers; without the reservation it would take $0.05.
+    let mut served = 0;
+    while served < 60 {
+        match ask(&second, "team", false).await {
+            (200, _) => served += 1,
+            (429, code) => {
+                assert_eq!(code.as_deref(), Some("insufficient_quota"));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let spent = ledger_of(&second).await;
+    assert!(served >= 10, "{served} served");
+    assert!(
+        spent <= 0.02 + 0.0011,
+        "${spent} in {served} answers: at most its $0.02 share and one answer"
+    );
+    drop(in_flight);
+    held.release();
+}
+
+/// A key a reload gives a budget is read at the next exchange with what
+/// the fleet spent on it before, though nothing changed since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_a_reload_budgets_is_read_with_what_the_fleet_spent_on_it() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = answering(100).await;
+    let late = |budget: bool| {
+        let key = Key::new("late").set("metrics", true);
+        let key = if budget {
+            key.set("budget_daily_usd", 1.0)
+        } else {
+            key
+        };
+        shared(many_budgets(one_model(&upstream), &[]).key(key), &redis)
+    };
+    let first = start(&late(true)).await;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), late(false).to_toml()).unwrap();
+    let second = start_from_file(file.path()).await;
+    settled_in(&[&first, &second]).await;
+    assert_eq!(ask(&first, "late", false).await.0, 200);
+    let spent = ledgers_spent(std::slice::from_ref(&first), "late").await;
+    eventually("the fleet counts what it spent", || async {
+        fleet_spent(&redis, "late") == (spent * 1e9).round() as i64
+    })
+    .await;
+    // Exchanges of the second that see the change and ignore it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(left_of(&second, "late").await, None, "no budget yet");
+    let reloaded = second
+        .post("/admin/reload")
+        .bearer_auth(ADMIN_TOKEN)
+        .body(late(true).to_toml())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reloaded.status(), 200);
+    eventually("the reloaded replica reads the key's spend", || async {
+        left_of(&second, "late")
+            .await
+            .is_some_and(|left| (left - (1.0 - spent)).abs() < 1e-9)
+    })
+    .await;
+}
+
+/// The same with more budgeted keys than an exchange sweeps, each read
+/// only when it changed: after the loss, every replica's budgets show
+/// the seeded counts, and then what is spent on top of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_that_lost_its_data_is_seeded_again_and_read_by_what_changes_with_many_budgeted_keys()
+{
+    let Some(redis) = Redis::start() else { return };
+    let upstream = answering(100).await;
+    let config = shared(many_budgets(one_model(&upstream), &[0, 299]), &redis);
+    let fleet = replicas(&config, 2).await;
+    settled_in(&[&fleet[0], &fleet[1]]).await;
+    // The fleet's count, the ledgers' and what the second replica shows
+    // agree on `key`.
+    let in_step = |key: &'static str| {
+        let (fleet, redis) = (&fleet, &redis);
+        async move {
+            let spent = ledgers_spent(fleet, key).await;
+            let counted = redis.hash_int(&format!("{PREFIX}key:{key}"), &format!("d:{}", today()));
+            let left = left_of(&fleet[1], key).await;
+            counted == (spent * 1e9).round() as i64
+                && left.is_some_and(|left| (left - (1.0 - spent)).abs() < 1e-9)
+        }
+    };
+    assert_eq!(ask(&fleet[0], "k299", false).await.0, 200);
+    eventually("the fleet knows what was spent", || in_step("k299")).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(redis.command("FLUSHALL").as_deref(), Some("+OK"));
+    assert_eq!(ask(&fleet[0], "k299", false).await.0, 200);
+    eventually("seeded again, and counted on", || in_step("k299")).await;
+    assert_eq!(ask(&fleet[0], "k0", false).await.0, 200);
+    eventually("what changes next is read", || in_step("k0")).await;
+    assert!(in_step("k299").await);
 }
 
 /// A replica that starts while Redis is away has no share of a budget to

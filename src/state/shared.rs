@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use super::AppState;
 use crate::config::Affinity;
-use crate::metering::budget::{self, Period};
+use crate::metering::budget;
 use crate::store::{SYNC_EVERY, SyncAsk};
 
 /// How long spend queued by one request waits for others' before it is
@@ -115,16 +115,10 @@ pub async fn exchange(app: &AppState) {
         .keys
         .iter()
         .filter(|k| k.budget != crate::config::Budget::default())
-        .map(|k| {
-            let spent = |p| budget::spent_in(&app.ledger, &k.name, p, today);
-            (
-                k.name.clone(),
-                (spent(Period::Daily), spent(Period::Monthly)),
-            )
-        })
+        .map(|k| k.name.clone())
         .collect();
     let deployments: Vec<_> = live.deployments.iter().flatten().collect();
-    let Some(reply) = fleet.exchange(ask, today).await else {
+    let Some(reply) = fleet.exchange(ask, today, &app.ledger).await else {
         return;
     };
     let now = Instant::now();

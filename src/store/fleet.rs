@@ -28,7 +28,9 @@ use super::users;
 use crate::config::{ClientTls, OnUnavailable, RedisState, Roots};
 use crate::ledger::Ledger;
 use crate::limits::{Limit, Refused, SharedCells, SharedTokens};
-use crate::metering::budget::{Ask, Period, SharedSpend, today as budget_today};
+use crate::metering::budget::{
+    Ask, Period, SharedSpend, spent_in as budget_spent_in, today as budget_today,
+};
 use crate::metering::prefix::Block;
 
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
@@ -106,6 +108,9 @@ pub struct Fleet {
     /// Taken by the task that sends them.
     admission_queue: Mutex<Option<mpsc::UnboundedReceiver<Queued>>>,
     prefix: String,
+    /// The spend log's position and its changed hashes (see
+    /// `lua/spend_log.lua`), the first keys of both scripts.
+    spend_log: [String; 2],
     timeout: Duration,
     lease: Duration,
     pub on_unavailable: OnUnavailable,
@@ -216,9 +221,92 @@ struct Known {
     /// Whether the store's spend counters were seeded since it was last
     /// away.
     seeded: bool,
+    /// The spend log's position (epoch, number) `spent` was read at, when
+    /// the next exchange may read only the keys changed after it.
+    position: Option<[String; 2]>,
+}
+
+/// Which budgeted keys' spend an exchange reads, and seeds.
+#[derive(Debug, Default, PartialEq)]
+struct Reading {
+    /// The spend log's position the last exchange read: the keys changed
+    /// after it are read. `None`: `read` holds every key.
+    since: Option<[String; 2]>,
+    /// Indexes, in the exchange's budgets, of the keys read whatever
+    /// changed: every key, or those newly budgeted.
+    read: Vec<usize>,
+    /// Per budgeted key, what its spend counters are seeded with when the
+    /// store was away or lost its data (every key is read then).
+    seeds: Option<Vec<Seed>>,
 }
 
 impl Known {
+    /// What the next exchange reads of `budgets` on `today`: every key
+    /// after a start, a day or month that began, or an exchange that
+    /// seeds (Redis was away or lost its data); otherwise the keys
+    /// changed since the last one, and the keys newly budgeted.
+    fn reading(&self, budgets: &[String], today: Date) -> Reading {
+        let since = (self.position.clone())
+            .filter(|_| self.seeded && !self.remembered && self.day == Some(today));
+        let read = (budgets.iter().enumerate())
+            .filter(|(_, key)| since.is_none() || !self.spent.contains_key(*key))
+            .map(|(i, _)| i)
+            .collect();
+        Reading {
+            since,
+            read,
+            seeds: None,
+        }
+    }
+
+    /// Takes up what an exchange read of `budgets` as `reading` asked:
+    /// `keys` names a budget hash's key; `counted` is the ledger's spend
+    /// of the keys whose share of it in the fleet's counts may have moved.
+    fn take_up(
+        &mut self,
+        budgets: &[String],
+        reading: &Reading,
+        reply: &WireReply,
+        counted: Vec<(String, [u64; 2])>,
+        key_of: impl Fn(&str) -> Option<&str>,
+    ) {
+        let n = |t: &String| t.parse::<u64>().unwrap_or(0);
+        if reading.since.is_none() || reply.reset {
+            // What the store does not name has nothing.
+            self.spent = budgets.iter().map(|key| (key.clone(), [0; 3])).collect();
+        } else if self.spent.len() + reading.read.len() != budgets.len() {
+            // Some keys are no longer budgeted.
+            let budgeted: HashSet<&str> = budgets.iter().map(String::as_str).collect();
+            self.spent.retain(|key, _| budgeted.contains(key.as_str()));
+        }
+        for (&i, s) in reading.read.iter().zip(&reply.spent) {
+            self.spent
+                .insert(budgets[i].clone(), [n(&s[0]), n(&s[1]), n(&s[2])]);
+        }
+        for c in &reply.changed {
+            if let Some(spent) = key_of(&c[0]).and_then(|key| self.spent.get_mut(key)) {
+                *spent = [n(&c[1]), n(&c[2]), n(&c[3])];
+            }
+        }
+        if reading.since.is_none() {
+            self.counted.clear();
+        }
+        self.counted.retain(|key, _| self.spent.contains_key(key));
+        for (key, counted) in counted {
+            if self.spent.contains_key(&key) {
+                self.counted.insert(key, counted);
+            }
+        }
+        // A log that began anew, or replicas that came or went (one of a
+        // version that logs nothing, in a rolling upgrade), and the next
+        // exchange reads every key again.
+        self.position = reply
+            .version
+            .clone()
+            .filter(|_| !reply.reset && reply.replicas == self.replicas);
+        self.replicas = reply.replicas.max(1);
+    }
+
     /// What to keep in the data_dir; `None` before any exchange.
     fn to_remember(&self, degraded: bool) -> Option<Remembered> {
         Some(Remembered {
@@ -425,6 +513,8 @@ impl Fleet {
             admissions,
             admission_queue: Mutex::new(Some(admission_queue)),
             prefix: settings.prefix.clone(),
+            spend_log: ["spend-version", "spend-changed"]
+                .map(|k| format!("{}{k}", settings.prefix)),
             timeout: settings.timeout,
             lease: settings.lease,
             on_unavailable: settings.on_unavailable,
@@ -432,8 +522,14 @@ impl Fleet {
             sequence: AtomicU64::new(0),
             sweep: AtomicUsize::new(0),
             degraded: AtomicBool::new(false),
-            admit: Script::new(include_str!("lua/admit.lua")),
-            sync: Script::new(include_str!("lua/sync.lua")),
+            admit: Script::new(concat!(
+                include_str!("lua/spend_log.lua"),
+                include_str!("lua/admit.lua")
+            )),
+            sync: Script::new(concat!(
+                include_str!("lua/spend_log.lua"),
+                include_str!("lua/sync.lua")
+            )),
             credits: Mutex::default(),
             pending: Mutex::new(pending),
             sending: tokio::sync::Mutex::new(()),
@@ -716,6 +812,7 @@ impl Fleet {
                 None
             } else {
                 let mut invocation = self.admit.prepare_invoke();
+                invocation.key(&self.spend_log[0]).key(&self.spend_log[1]);
                 for queued in &batch {
                     invocation.key(&queued.keys[0]).key(&queued.keys[1]);
                     for arg in &queued.args {
@@ -868,20 +965,28 @@ impl Fleet {
 
     /// One exchange with the fleet (see `lua/sync.lua`): what is queued
     /// here goes out, what the fleet knows comes back.
-    pub async fn exchange(&self, ask: SyncAsk, today: Date) -> Option<SyncReply> {
+    /// `ledger` has the spend a store that lost its data is seeded with.
+    pub async fn exchange(&self, ask: SyncAsk, today: Date, ledger: &Ledger) -> Option<SyncReply> {
         // To seed: what the store said each key had spent today before it
-        // went away or lost its data.
-        let seeding = {
+        // went away or lost its data, and what the ledger has.
+        let reading = {
             let known = lock(&self.known);
-            (!known.seeded).then(|| {
+            let mut reading = known.reading(&ask.budgets, today);
+            reading.seeds = (!known.seeded).then(|| {
                 ask.budgets
                     .iter()
-                    .map(|(key, _)| {
+                    .map(|key| {
                         let last = known.spent.get(key).filter(|_| known.day == Some(today));
-                        last.map_or([0, 0], |s| [s[0], s[1]])
+                        let last = last.map_or([0, 0], |s| [s[0], s[1]]);
+                        let spent = |period| budget_spent_in(ledger, key, period, today);
+                        Seed {
+                            last,
+                            ledger: [spent(Period::Daily), spent(Period::Monthly)],
+                        }
                     })
-                    .collect::<Vec<_>>()
-            })
+                    .collect()
+            });
+            reading
         };
         let (unsent, prefixes) = {
             let mut queued = lock(&self.prefixes);
@@ -891,10 +996,7 @@ impl Fleet {
             });
             (unsent, wire)
         };
-        let Some((reply, counted)) = self
-            .send(&ask, Some(&prefixes), today, seeding.as_deref())
-            .await
-        else {
+        let Some((reply, counted)) = self.send(&ask, Some(&prefixes), today, &reading).await else {
             lock(&self.prefixes).restore(unsent);
             self.remember(true).await;
             return None;
@@ -905,7 +1007,10 @@ impl Fleet {
         if reply.lost {
             // Redis answers but lost its data: the next exchange seeds the
             // spend counters before anything is added to them.
-            lock(&self.known).seeded = false;
+            let mut known = lock(&self.known);
+            known.seeded = false;
+            known.position = None;
+            drop(known);
             lock(&self.prefixes).restore(unsent);
             tracing::warn!(
                 "the shared state (Redis) lost its data; the next exchange seeds its spend counters from what the fleet last knew"
@@ -913,26 +1018,14 @@ impl Fleet {
             return None;
         }
         {
+            let homes = self.key_home("");
             let mut known = lock(&self.known);
-            known.replicas = reply.replicas.max(1);
+            known.take_up(&ask.budgets, &reading, &reply, counted, |hash| {
+                hash.strip_prefix(&homes)
+            });
             known.seeded = true;
             known.day = Some(today);
             known.remembered = false;
-            known.spent = ask
-                .budgets
-                .iter()
-                .zip(&reply.spent)
-                .map(|((key, _), s)| {
-                    let n = |t: &String| t.parse::<u64>().unwrap_or(0);
-                    (key.clone(), [n(&s[0]), n(&s[1]), n(&s[2])])
-                })
-                .collect();
-            known.counted = ask
-                .budgets
-                .iter()
-                .zip(counted)
-                .map(|((key, _), counted)| (key.clone(), counted))
-                .collect();
         }
         self.replicas_gauge.set(reply.replicas as i64);
         if self.degraded.swap(false, Ordering::AcqRel) {
@@ -994,23 +1087,35 @@ impl Fleet {
             return;
         }
         let _ = self
-            .send(&SyncAsk::default(), None, budget_today(), None)
+            .send(
+                &SyncAsk::default(),
+                None,
+                budget_today(),
+                &Reading::default(),
+            )
             .await;
     }
 
     /// One call of `lua/sync.lua`, one at a time, so batches reach Redis
     /// in the order of their numbers. Prefix memory travels in the
-    /// periodic exchange only. With the reply, per key of `ask.budgets`
-    /// (when `remember`), what the counts it brings hold of this
-    /// replica's ledger.
+    /// periodic exchange only. With the reply (when `remember`), what the
+    /// counts it brings hold of this replica's ledger, for the keys where
+    /// that may have moved.
     async fn send(
         &self,
         ask: &SyncAsk,
         prefixes: Option<&WirePrefixes>,
         today: Date,
-        seeding: Option<&[[u64; 2]]>,
-    ) -> Option<(WireReply, Vec<[u64; 2]>)> {
+        reading: &Reading,
+    ) -> Option<(WireReply, Vec<(String, [u64; 2])>)> {
         let _turn = self.sending.lock().await;
+        // Keys this replica's settlement calls added spend of since the
+        // last exchange (only kept with `remember`).
+        let settled: Vec<String> = if prefixes.is_some() {
+            lock(&self.known).settled.keys().cloned().collect()
+        } else {
+            Vec::new()
+        };
         let payload = {
             let mut credits = lock(&self.credits);
             let released = credits.release(Instant::now(), today, self.is_degraded());
@@ -1043,11 +1148,13 @@ impl Fleet {
                 };
                 pending.unsent.push(batch);
             }
-            self.payload(&mut pending, ask, prefixes, today, seeding)
+            self.payload(&mut pending, ask, prefixes, today, reading, &settled)
         };
         let mut connection = self.connection.clone();
-        let mut invocation = self.sync.key(format!("{}replicas", self.prefix));
+        let mut invocation = self.sync.key(&self.spend_log[0]);
         invocation
+            .key(&self.spend_log[1])
+            .key(format!("{}replicas", self.prefix))
             .key(format!("{}applied:{}", self.prefix, self.replica))
             .arg(payload.text);
         let reply: Option<String> = self
@@ -1099,7 +1206,8 @@ impl Fleet {
         ask: &SyncAsk,
         prefixes: Option<&WirePrefixes>,
         today: Date,
-        seeding: Option<&[[u64; 2]]>,
+        reading: &Reading,
+        settled: &[String],
     ) -> Payload {
         let renew_due = pending
             .renewed
@@ -1122,21 +1230,17 @@ impl Fleet {
         // Spend counters Redis lost start again from the most the fleet
         // is known to have spent: the ledger less what is about to be
         // added to them, or what the store last said, which has none of it.
-        let seed: Vec<serde_json::Value> = match seeding {
-            Some(last) => ask
+        let seed: Vec<serde_json::Value> = match &reading.seeds {
+            Some(seeds) => ask
                 .budgets
                 .iter()
-                .zip(last)
-                .flat_map(|((key, (day, month)), [last_day, last_month])| {
+                .zip(seeds)
+                .flat_map(|(key, seed)| {
                     let home = self.key_home(key);
-                    [
-                        (Period::Daily, day, last_day),
-                        (Period::Monthly, month, last_month),
-                    ]
-                    .map(|(period, spent, last)| {
+                    [(0, Period::Daily), (1, Period::Monthly)].map(|(at, period)| {
                         let (from, to) = period.bounds(today);
-                        let ledger = spent.saturating_sub(pending.unsent(key, from, to));
-                        let base = ledger.max(*last);
+                        let ledger = seed.ledger[at].saturating_sub(pending.unsent(key, from, to));
+                        let base = ledger.max(seed.last[at]);
                         json!([home, period_field(period, today), base.to_string()])
                     })
                 })
@@ -1200,64 +1304,81 @@ impl Fleet {
             .map(|(deployment, p)| WirePush::of(self.pressure_key(deployment), p))
             .collect();
         let pull: Vec<String> = ask.pull.iter().map(|d| self.pressure_key(d)).collect();
-        // Every budgeted key's spend is read; its expired leases released
-        // and its past periods' fields dropped only when it is swept: the
-        // keys this replica settles or holds reservations of, and a slice
-        // of the rest in turn, each swept once every `n / SWEEP`
-        // exchanges. A key in use is swept by the replicas using it.
+        // The keys `reading` names are read, and the keys changed since
+        // its position. Expired leases are released and past periods'
+        // fields dropped of the keys swept: those this replica settles or
+        // holds reservations of, and a slice of the rest in turn, each
+        // swept once every `n / SWEEP` exchanges. A key in use is swept by
+        // the replicas using it.
         let n = ask.budgets.len();
         let from = self.sweep.fetch_add(SWEEP, Ordering::Relaxed) % n.max(1);
         let in_use: HashSet<&str> = (pending.unsent.iter())
             .flat_map(|b| b.settle.iter().map(|s| s.key.as_str()))
             .chain(pending.live.keys().map(String::as_str))
             .collect();
-        let spent: Vec<Vec<String>> = ask
-            .budgets
-            .iter()
-            .enumerate()
-            .map(|(i, (key, _))| {
+        let sweep: Vec<[String; 2]> = (ask.budgets.iter().enumerate())
+            .filter(|(i, key)| in_turn(*i, n, from) || in_use.contains(key.as_str()))
+            .map(|(_, key)| {
                 let home = self.key_home(key);
-                if in_turn(i, n, from) || in_use.contains(key.as_str()) {
-                    let leases = Self::leases(&home);
-                    vec![home, leases]
-                } else {
-                    vec![home]
-                }
+                let leases = Self::leases(&home);
+                [home, leases]
             })
+            .collect();
+        let read: Vec<String> = (reading.read.iter())
+            .map(|&i| self.key_home(&ask.budgets[i]))
             .collect();
         let mut text = json!({
             "replica": self.replica,
             "lease": self.lease.as_micros() as u64,
             "seed": seed,
-            "seeding": seeding.is_some(),
+            "seeding": reading.seeds.is_some(),
             "batches": batches,
             "renew": renew,
             "push": push,
             "pull": pull,
-            "spent": spent,
+            "read": read,
+            "sweep": sweep,
             "fields": [period_field(Period::Daily, today), period_field(Period::Monthly, today)],
             "stale": stale_fields(today),
         });
         // Absent, not null: Lua reads JSON's null as true.
+        if let Some(since) = &reading.since {
+            text["since"] = json!(since);
+        }
         if let Some(prefixes) = prefixes {
             text["prefix"] = json!(prefixes);
         }
         let text = text.to_string();
-        // Read while `pending` is locked and every settlement queued is in
-        // this call's batches: of the ledger's spend, only what requests
+        // Of this replica's ledger, what the fleet's counts hold moves only
+        // as its settlements reach them: it is taken again for the keys
+        // read whatever changed, those settled in this call and those
+        // settlement calls added to since the last exchange. Read while
+        // `pending` is locked and every settlement queued is in this
+        // call's batches: of the ledger's spend, only what requests
         // recorded in the instant before they settle is beyond them.
         let counted = match &self.remember {
-            Some(remember) => ask
-                .budgets
-                .iter()
-                .map(|(key, _)| {
-                    [Period::Daily, Period::Monthly].map(|period| {
-                        let (from, to) = period.bounds(today);
-                        remember.ledger.own_spent(key, from, to)
+            Some(remember) if prefixes.is_some() => {
+                let mut keys: HashSet<&str> = (reading.read.iter())
+                    .map(|&i| ask.budgets[i].as_str())
+                    .chain(settled.iter().map(String::as_str))
+                    .collect();
+                keys.extend(
+                    (pending.unsent.iter())
+                        .flat_map(|b| &b.settle)
+                        .filter(|s| s.nano_usd > 0)
+                        .map(|s| s.key.as_str()),
+                );
+                keys.into_iter()
+                    .map(|key| {
+                        let spent = [Period::Daily, Period::Monthly].map(|period| {
+                            let (from, to) = period.bounds(today);
+                            remember.ledger.own_spent(key, from, to)
+                        });
+                        (key.to_owned(), spent)
                     })
-                })
-                .collect(),
-            None => Vec::new(),
+                    .collect()
+            }
+            _ => Vec::new(),
         };
         Payload {
             text,
@@ -1283,9 +1404,18 @@ struct Payload {
     /// Batches up to this number are applied once it answers.
     last_batch: u64,
     renewed: bool,
-    /// Per key of the exchange's budgets, the day's and month's spend in
-    /// this replica's ledger as the batches were taken.
-    counted: Vec<[u64; 2]>,
+    /// Per key whose share of the fleet's counts may have moved, the
+    /// day's and month's spend in this replica's ledger as the batches
+    /// were taken.
+    counted: Vec<(String, [u64; 2])>,
+}
+
+/// What a store that lost its data is seeded with, per key: the day's and
+/// month's spend the last exchange read, and the ledger's.
+#[derive(Debug, PartialEq)]
+struct Seed {
+    last: [u64; 2],
+    ledger: [u64; 2],
 }
 
 impl SharedSpend for Fleet {
@@ -1392,6 +1522,161 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A reply of `sync.lua`: `spent` per key read, `changed` per hash
+    /// changed, at log position `n` of epoch "e".
+    fn reply(
+        replicas: u64,
+        spent: &[u64],
+        changed: &[(&str, u64)],
+        n: u64,
+        reset: bool,
+    ) -> WireReply {
+        let spent: Vec<[String; 3]> = spent
+            .iter()
+            .map(|s| [s.to_string(), s.to_string(), "1".into()])
+            .collect();
+        let changed: Vec<[String; 4]> = (changed.iter())
+            .map(|(hash, s)| [(*hash).to_owned(), s.to_string(), s.to_string(), "2".into()])
+            .collect();
+        serde_json::from_value(json!({
+            "replicas": replicas, "pressure": [], "spent": spent, "changed": changed,
+            "reset": reset, "version": ["e", n.to_string()],
+        }))
+        .unwrap()
+    }
+
+    fn names(keys: &[&str]) -> Vec<String> {
+        keys.iter().map(|k| (*k).to_owned()).collect()
+    }
+
+    /// `known` after an exchange of `budgets` on `today` that read `reply`.
+    fn exchanged(known: &mut Known, budgets: &[String], today: Date, reply: &WireReply) {
+        let reading = known.reading(budgets, today);
+        known.take_up(budgets, &reading, reply, Vec::new(), |hash| {
+            hash.strip_prefix("t:key:")
+        });
+        known.seeded = true;
+        known.day = Some(today);
+    }
+
+    #[test]
+    fn an_exchange_reads_every_key_only_when_it_cannot_go_by_what_changed() {
+        let today = date!(2026 - 12 - 07);
+        let budgets = names(&["a", "b", "c"]);
+        let mut known = Known {
+            replicas: 1,
+            ..Known::default()
+        };
+        let everything = Reading {
+            since: None,
+            read: vec![0, 1, 2],
+            seeds: None,
+        };
+        assert_eq!(known.reading(&budgets, today), everything, "at start");
+        exchanged(
+            &mut known,
+            &budgets,
+            today,
+            &reply(1, &[10, 20, 30], &[], 7, false),
+        );
+        assert_eq!(known.spent["b"], [20, 20, 1]);
+        let since = Some(["e".to_owned(), "7".to_owned()]);
+        let changes = Reading {
+            since: since.clone(),
+            read: Vec::new(),
+            seeds: None,
+        };
+        assert_eq!(known.reading(&budgets, today), changes, "what changed only");
+        // `b` changed, and a hash this replica does not budget.
+        let delta = reply(1, &[], &[("t:key:b", 25), ("t:key:x", 99)], 9, false);
+        exchanged(&mut known, &budgets, today, &delta);
+        assert_eq!(known.spent["a"], [10, 10, 1], "unchanged");
+        assert_eq!(known.spent["b"], [25, 25, 2]);
+        assert!(!known.spent.contains_key("x"));
+        // A reload budgets `d` and no longer `a`: `d` alone is read.
+        let reloaded = names(&["b", "c", "d"]);
+        let reading = known.reading(&reloaded, today);
+        assert_eq!(reading.read, [2]);
+        exchanged(
+            &mut known,
+            &reloaded,
+            today,
+            &reply(1, &[40], &[], 9, false),
+        );
+        let mut keys: Vec<&String> = known.spent.keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["b", "c", "d"]);
+        assert_eq!(known.spent["d"], [40, 40, 1]);
+        // Every key again: on the next day, while seeding, after a log
+        // that began anew, and when replicas came or went.
+        let tomorrow = date!(2026 - 12 - 08);
+        assert_eq!(known.reading(&reloaded, tomorrow).since, None);
+        known.seeded = false;
+        assert_eq!(known.reading(&reloaded, today).since, None);
+        known.seeded = true;
+        assert!(known.reading(&reloaded, today).since.is_some());
+        exchanged(
+            &mut known,
+            &reloaded,
+            today,
+            &reply(1, &[], &[("t:key:c", 3)], 2, true),
+        );
+        assert_eq!(known.spent["b"], [0; 3], "not in the new log: nothing");
+        assert_eq!(known.spent["c"], [3, 3, 2]);
+        assert_eq!(known.reading(&reloaded, today).since, None);
+        exchanged(
+            &mut known,
+            &reloaded,
+            today,
+            &reply(1, &[1, 2, 3], &[], 3, false),
+        );
+        assert!(known.reading(&reloaded, today).since.is_some());
+        exchanged(&mut known, &reloaded, today, &reply(2, &[], &[], 4, false));
+        assert_eq!(
+            known.reading(&reloaded, today).since,
+            None,
+            "a second replica"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_payload_names_only_the_keys_read_and_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(Ledger::open(None).unwrap());
+        let fleet = unreachable(dir.path(), &ledger);
+        let today = date!(2026 - 12 - 07);
+        let ask = SyncAsk {
+            budgets: (0..1_000).map(|i| format!("key-{i}")).collect(),
+            ..SyncAsk::default()
+        };
+        let named = |reading: &Reading| {
+            let text = fleet
+                .payload(&mut Pending::default(), &ask, None, today, reading, &[])
+                .text;
+            let payload: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let count = |field: &str| payload[field].as_array().unwrap().len();
+            (
+                count("read"),
+                count("sweep"),
+                text.matches("t:key:").count(),
+            )
+        };
+        let since = Some(["e".to_owned(), "7".to_owned()]);
+        let changes = Reading {
+            since: since.clone(),
+            read: vec![999],
+            seeds: None,
+        };
+        // A home and its leases per key swept, and the home of the one read.
+        assert_eq!(named(&changes), (1, SWEEP, 2 * SWEEP + 1));
+        let everything = Reading {
+            since: None,
+            read: (0..1_000).collect(),
+            seeds: None,
+        };
+        assert_eq!(named(&everything), (1_000, SWEEP, 2 * SWEEP + 1_000));
     }
 
     /// `team` spent `nano_usd` on `day`, in `ledger`.

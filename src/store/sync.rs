@@ -24,9 +24,10 @@ pub struct SyncAsk {
     pub push: Vec<(String, Pressure)>,
     /// Every deployment of the current config, to read the fleet's.
     pub pull: Vec<String>,
-    /// Keys with budgets: their spend is read back, and seeded with the
-    /// ledger's `(day, month)` when the store lost it.
-    pub budgets: Vec<(String, (u64, u64))>,
+    /// Keys with budgets: their spend is read back (what changed since
+    /// the last exchange), and seeded from the ledger when the store lost
+    /// it.
+    pub budgets: Vec<String>,
     /// Deployments of aliases with prefix affinity: the prompt blocks the
     /// other replicas routed to them are read back.
     pub prefixes: Vec<String>,
@@ -123,9 +124,20 @@ pub(super) struct WireReply {
     pub replicas: u64,
     #[serde(deserialize_with = "list")]
     pub pressure: Vec<WireSeen>,
-    /// Per budget key: day's spend, month's spend, held; as strings.
+    /// Per key read: day's spend, month's spend, held; as strings.
     #[serde(deserialize_with = "list")]
     pub spent: Vec<[String; 3]>,
+    /// The budget hashes changed since the position the exchange gave:
+    /// hash, day's spend, month's spend, held.
+    #[serde(default, deserialize_with = "list")]
+    pub changed: Vec<[String; 4]>,
+    /// The spend log began anew after that position: the hashes it does
+    /// not name have nothing.
+    #[serde(default)]
+    pub reset: bool,
+    /// The spend log's position after this exchange: epoch and number.
+    #[serde(default)]
+    pub version: Option<[String; 2]>,
     /// Per prefix set read: its new block hashes, 16 hex digits each.
     #[serde(default, deserialize_with = "list")]
     pub blocks: Vec<String>,

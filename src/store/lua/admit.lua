@@ -18,8 +18,9 @@
 -- with 2 keys and 15 arguments; each is all or nothing on its own, and
 -- each sees the ones before it.
 --
--- KEYS, per admission: 1 the owner's hash, 2 its lease expiries (sorted
---       set)
+-- KEYS: 1 and 2 the spend log (see spend_log.lua, which this script
+--       follows), then per admission: the owner's hash, and its lease
+--       expiries (sorted set)
 -- ARGV, per admission: 1 rpm field, 2 rpm, 3 tpm field, 4 tpm (fields ""
 --       and quotas 0: none), 5 tokens, 6 day field, 7 daily limit, 8 month
 --       field, 9 monthly limit (nano-USD; -1: none), 10 the cost wanted,
@@ -30,13 +31,7 @@
 --       wait µs, µs until the rpm cell is full} | {2, tpm wait µs, or -1:
 --       never, µs until the tpm cell is full} | {3, period (1 day, 2
 --       month), limit, spent, held, needed}
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local MINUTE = 60000000
-
-local function int(n)
-  return string.format('%.0f', n)
-end
 
 -- A GCRA cell: when it is full again (the theoretical arrival time).
 -- Taken, its new value; refused, the wait and how long until it is full.
@@ -158,6 +153,7 @@ local function admit(home, leases, arg)
     end
     table.insert(set, '=')
     table.insert(set, int(held))
+    changed(home)
   end
   if #set > 0 then
     redis.call('HSET', home, unpack(set))
@@ -166,7 +162,7 @@ local function admit(home, leases, arg)
 end
 
 local results = {}
-for i = 1, #KEYS / 2 do
-  results[i] = admit(KEYS[2 * i - 1], KEYS[2 * i], {unpack(ARGV, 15 * (i - 1) + 1, 15 * i)})
+for i = 1, #KEYS / 2 - 1 do
+  results[i] = admit(KEYS[2 * i + 1], KEYS[2 * i + 2], {unpack(ARGV, 15 * (i - 1) + 1, 15 * i)})
 end
 return results

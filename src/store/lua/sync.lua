@@ -6,27 +6,22 @@
 -- how many replicas are alive. A key's or deployment's state is one hash
 -- (see admit.lua).
 --
--- KEYS: 1 the replicas seen (sorted set), 2 the last batch applied for
---       this replica
+-- KEYS: 1 and 2 the spend log (see spend_log.lua, which this script
+--       follows), 3 the replicas seen (sorted set), 4 the last batch
+--       applied for this replica
 -- ARGV[1]: JSON {replica, lease, seed, seeding, batches, renew, push,
---          pull, spent, fields, stale, prefix (the periodic exchange
---          only)};
+--          pull, read, sweep, since, fields, stale, prefix (the periodic
+--          exchange only)};
 -- amounts travel as strings (JSON numbers lose digits past 2^53).
 -- Times are microseconds; sent and returned relative to now.
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local MINUTE = 60000000
 local ask = cjson.decode(ARGV[1])
 -- Every replica's exchange keeps the set of replicas: without it, Redis
 -- lost its data (a restart without persistence, a FLUSHALL). Nothing is
 -- applied then but by an exchange that seeds the spend counters first:
 -- spend added to an empty counter would keep the seed out.
-if redis.call('EXISTS', KEYS[1]) == 0 and not ask.seeding then
+if redis.call('EXISTS', KEYS[3]) == 0 and not ask.seeding then
   return cjson.encode({replicas = 0, pressure = {}, spent = {}, lost = true})
-end
-
-local function int(n)
-  return string.format('%.0f', n)
 end
 
 -- Releases reservations `ids` (without their `r:` prefix) from a key's
@@ -46,17 +41,20 @@ local function release(hash, ids)
   end
   redis.call('HDEL', hash, unpack(fields))
   redis.call('HSET', hash, '=', int(math.max(held, 0)))
+  changed(hash)
 end
 
 -- Spend counters that Redis lost (a restart without persistence) start
 -- again from the ledger: [hash, field, value].
 for _, s in ipairs(ask.seed) do
-  redis.call('HSETNX', s[1], s[2], s[3])
+  if redis.call('HSETNX', s[1], s[2], s[3]) == 1 then
+    changed(s[1])
+  end
 end
 
--- Batches of spend and token charges, each applied once: KEYS[2] holds
+-- Batches of spend and token charges, each applied once: KEYS[4] holds
 -- the highest batch number applied for this replica.
-local applied = tonumber(redis.call('GET', KEYS[2]) or '0')
+local applied = tonumber(redis.call('GET', KEYS[4]) or '0')
 for _, batch in ipairs(ask.batches) do
   if batch.number > applied then
     -- Per key and day: its hash and leases, its day and month fields, the
@@ -73,6 +71,7 @@ for _, batch in ipairs(ask.batches) do
           local taken = math.min(tonumber(v[1]), tonumber(s[i + 1]))
           redis.call('HSET', hash, field, int(tonumber(v[1]) - taken),
             '=', int(math.max(tonumber(v[2] or '0') - taken, 0)))
+          changed(hash)
         end
       end
     end
@@ -89,6 +88,7 @@ for _, batch in ipairs(ask.batches) do
       if cost ~= '0' then
         redis.call('HINCRBY', hash, day, cost)
         redis.call('HINCRBY', hash, month, cost)
+        changed(hash)
       end
     end
     -- Tokens past (positive) or short of (negative) what admission took,
@@ -109,7 +109,7 @@ for _, batch in ipairs(ask.batches) do
     applied = batch.number
   end
 end
-redis.call('SET', KEYS[2], int(applied), 'EX', 86400)
+redis.call('SET', KEYS[4], int(applied), 'EX', 86400)
 
 for _, r in ipairs(ask.renew) do
   local leases = r[1]
@@ -190,32 +190,53 @@ if ask.prefix then
   end
 end
 
--- Per budgeted key [hash], or [hash, leases] for one swept: a swept
--- key's leases past their time are released (a replica that died stopped
--- renewing them) and its spend fields of past periods (`stale`) dropped;
--- then every key's day's and month's spend (`fields`) and what requests
--- hold are read.
-local spent = {}
-for i, s in ipairs(ask.spent) do
+-- Keys swept, [hash, leases]: their leases past their time are released
+-- (a replica that died stopped renewing them) and their spend fields of
+-- past periods (`stale`) dropped.
+for _, s in ipairs(ask.sweep) do
   local hash, leases = s[1], s[2]
-  if leases then
-    local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
-    if #expired > 0 then
-      release(hash, expired)
-      redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-    end
-    if #ask.stale > 0 then
-      redis.call('HDEL', hash, unpack(ask.stale))
-    end
+  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
+  if #expired > 0 then
+    release(hash, expired)
+    redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
   end
-  local v = redis.call('HMGET', hash, ask.fields[1], ask.fields[2], '=')
-  spent[i] = {v[1] or '0', v[2] or '0', v[3] or '0'}
+  if #ask.stale > 0 then
+    redis.call('HDEL', hash, unpack(ask.stale))
+  end
 end
 
-redis.call('ZADD', KEYS[1], now, ask.replica)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - MINUTE)
-redis.call('PEXPIRE', KEYS[1], 120000)
-local replicas = redis.call('ZCARD', KEYS[1])
+-- The day's and month's spend (`fields`) and what requests hold: of each
+-- hash in `read`, and, with `since` (the log's position the replica read
+-- last, [epoch, n]), of each hash changed after it, as [hash, day, month,
+-- held]; all the log has when it began anew since (`reset`: what it does
+-- not name has nothing).
+local function spend(hash)
+  local v = redis.call('HMGET', hash, ask.fields[1], ask.fields[2], '=')
+  return {v[1] or '0', v[2] or '0', v[3] or '0'}
+end
+local spent = {}
+for i, hash in ipairs(ask.read) do
+  spent[i] = spend(hash)
+end
+local position = redis.call('HMGET', KEYS[1], 'epoch', 'n')
+local epoch, n = position[1] or '', position[2] or '0'
+local changes, reset = {}, false
+if ask.since then
+  local after = '(' .. ask.since[2]
+  if ask.since[1] ~= epoch then
+    after, reset = '-inf', true
+  end
+  for i, hash in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], after, '+inf')) do
+    local v = spend(hash)
+    changes[i] = {hash, v[1], v[2], v[3]}
+  end
+end
+
+redis.call('ZADD', KEYS[3], now, ask.replica)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - MINUTE)
+redis.call('PEXPIRE', KEYS[3], 120000)
+local replicas = redis.call('ZCARD', KEYS[3])
 
 return cjson.encode({replicas = replicas, pressure = pressure, spent = spent,
-  blocks = blocks, prefix_at = int(now)})
+  changed = changes, reset = reset, version = {epoch, n}, blocks = blocks,
+  prefix_at = int(now)})
