@@ -111,12 +111,7 @@ pub async fn exchange(app: &AppState) {
         }
     }
     let today = budget::today();
-    ask.budgets = config
-        .keys
-        .iter()
-        .filter(|k| k.budget != crate::config::Budget::default())
-        .map(|k| k.name.clone())
-        .collect();
+    ask.budgets = snapshot.budgeted.clone();
     let deployments: Vec<_> = live.deployments.iter().flatten().collect();
     let Some(reply) = fleet.exchange(ask, today, &app.ledger).await else {
         return;

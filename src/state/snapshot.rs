@@ -39,6 +39,9 @@ pub struct Snapshot {
     plan_tables: Vec<Box<[PlanRow]>>,
     /// Per model: its per-token deployments, for counterfactual costs.
     counterfactuals: Vec<Arc<[Counterfactual]>>,
+    /// The keys with a budget, in config order: the fleet's exchange
+    /// reads their spend.
+    pub budgeted: Arc<[String]>,
 }
 
 /// One deployment with everything serving it looks up, resolved when the
@@ -203,6 +206,10 @@ impl Snapshot {
             resolved,
             plan_tables,
             counterfactuals,
+            budgeted: (config.keys.iter())
+                .filter(|k| k.budget != crate::config::Budget::default())
+                .map(|k| k.name.clone())
+                .collect(),
             config,
         })
     }

@@ -63,10 +63,10 @@ fn stale_fields(today: Date) -> Vec<String> {
 /// How many budgeted keys not in use an exchange sweeps (see `payload`).
 const SWEEP: usize = 256;
 
-/// Whether the `i`th of `n` budgeted keys is in the slice an exchange
-/// sweeps from the `from`th on.
-fn in_turn(i: usize, n: usize, from: usize) -> bool {
-    (i + n - from) % n < SWEEP
+/// The indexes of the `n` budgeted keys an exchange sweeps in turn from
+/// the `from`th on.
+fn in_turn(n: usize, from: usize) -> impl Iterator<Item = usize> {
+    (0..n.min(SWEEP)).map(move |i| (from + i) % n)
 }
 
 /// The exchange is not on a request's path: it may take longer than an
@@ -224,6 +224,9 @@ struct Known {
     /// The spend log's position (epoch, number) `spent` was read at, when
     /// the next exchange may read only the keys changed after it.
     position: Option<[String; 2]>,
+    /// The budgeted keys `spent` holds: while the config stays, the
+    /// exchange's list is this one, and no key is new.
+    budgets: Arc<[String]>,
 }
 
 /// Which budgeted keys' spend an exchange reads, and seeds.
@@ -245,13 +248,17 @@ impl Known {
     /// after a start, a day or month that began, or an exchange that
     /// seeds (Redis was away or lost its data); otherwise the keys
     /// changed since the last one, and the keys newly budgeted.
-    fn reading(&self, budgets: &[String], today: Date) -> Reading {
+    fn reading(&self, budgets: &Arc<[String]>, today: Date) -> Reading {
         let since = (self.position.clone())
             .filter(|_| self.seeded && !self.remembered && self.day == Some(today));
-        let read = (budgets.iter().enumerate())
-            .filter(|(_, key)| since.is_none() || !self.spent.contains_key(*key))
-            .map(|(i, _)| i)
-            .collect();
+        let read = if since.is_some() && Arc::ptr_eq(budgets, &self.budgets) {
+            Vec::new()
+        } else {
+            (budgets.iter().enumerate())
+                .filter(|(_, key)| since.is_none() || !self.spent.contains_key(*key))
+                .map(|(i, _)| i)
+                .collect()
+        };
         Reading {
             since,
             read,
@@ -264,7 +271,7 @@ impl Known {
     /// of the keys whose share of it in the fleet's counts may have moved.
     fn take_up(
         &mut self,
-        budgets: &[String],
+        budgets: &Arc<[String]>,
         reading: &Reading,
         reply: &WireReply,
         counted: Vec<(String, [u64; 2])>,
@@ -274,11 +281,15 @@ impl Known {
         if reading.since.is_none() || reply.reset {
             // What the store does not name has nothing.
             self.spent = budgets.iter().map(|key| (key.clone(), [0; 3])).collect();
+            self.counted.retain(|key, _| self.spent.contains_key(key));
         } else if self.spent.len() + reading.read.len() != budgets.len() {
             // Some keys are no longer budgeted.
             let budgeted: HashSet<&str> = budgets.iter().map(String::as_str).collect();
             self.spent.retain(|key, _| budgeted.contains(key.as_str()));
+            self.counted
+                .retain(|key, _| budgeted.contains(key.as_str()));
         }
+        self.budgets = budgets.clone();
         for (&i, s) in reading.read.iter().zip(&reply.spent) {
             self.spent
                 .insert(budgets[i].clone(), [n(&s[0]), n(&s[1]), n(&s[2])]);
@@ -291,7 +302,6 @@ impl Known {
         if reading.since.is_none() {
             self.counted.clear();
         }
-        self.counted.retain(|key, _| self.spent.contains_key(key));
         for (key, counted) in counted {
             if self.spent.contains_key(&key) {
                 self.counted.insert(key, counted);
@@ -1312,13 +1322,18 @@ impl Fleet {
         // the replicas using it.
         let n = ask.budgets.len();
         let from = self.sweep.fetch_add(SWEEP, Ordering::Relaxed) % n.max(1);
-        let in_use: HashSet<&str> = (pending.unsent.iter())
-            .flat_map(|b| b.settle.iter().map(|s| s.key.as_str()))
+        let swept: HashSet<&str> = in_turn(n, from)
+            .map(|i| ask.budgets[i].as_str())
+            .chain(
+                pending
+                    .unsent
+                    .iter()
+                    .flat_map(|b| b.settle.iter().map(|s| s.key.as_str())),
+            )
             .chain(pending.live.keys().map(String::as_str))
             .collect();
-        let sweep: Vec<[String; 2]> = (ask.budgets.iter().enumerate())
-            .filter(|(i, key)| in_turn(*i, n, from) || in_use.contains(key.as_str()))
-            .map(|(_, key)| {
+        let sweep: Vec<[String; 2]> = (swept.into_iter())
+            .map(|key| {
                 let home = self.key_home(key);
                 let leases = Self::leases(&home);
                 [home, leases]
@@ -1512,8 +1527,8 @@ mod tests {
                 let mut swept = vec![0; n];
                 for e in 0..exchanges {
                     let from = (start + e * SWEEP) % n;
-                    for (i, times) in swept.iter_mut().enumerate() {
-                        *times += usize::from(in_turn(i, n, from));
+                    for i in in_turn(n, from) {
+                        swept[i] += 1;
                     }
                 }
                 assert!(swept.iter().all(|&t| t >= 1), "{n} keys from {start}");
@@ -1547,12 +1562,12 @@ mod tests {
         .unwrap()
     }
 
-    fn names(keys: &[&str]) -> Vec<String> {
+    fn names(keys: &[&str]) -> Arc<[String]> {
         keys.iter().map(|k| (*k).to_owned()).collect()
     }
 
     /// `known` after an exchange of `budgets` on `today` that read `reply`.
-    fn exchanged(known: &mut Known, budgets: &[String], today: Date, reply: &WireReply) {
+    fn exchanged(known: &mut Known, budgets: &Arc<[String]>, today: Date, reply: &WireReply) {
         let reading = known.reading(budgets, today);
         known.take_up(budgets, &reading, reply, Vec::new(), |hash| {
             hash.strip_prefix("t:key:")
@@ -1595,6 +1610,9 @@ mod tests {
         assert_eq!(known.spent["a"], [10, 10, 1], "unchanged");
         assert_eq!(known.spent["b"], [25, 25, 2]);
         assert!(!known.spent.contains_key("x"));
+        // A reload that changes no budget: nothing new.
+        let same = known.reading(&names(&["a", "b", "c"]), today);
+        assert!(same.since.is_some() && same.read.is_empty());
         // A reload budgets `d` and no longer `a`: `d` alone is read.
         let reloaded = names(&["b", "c", "d"]);
         let reading = known.reading(&reloaded, today);

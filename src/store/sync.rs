@@ -2,6 +2,7 @@
 //! (`lua/sync.lua`), as the state module gathers it from live state, and
 //! the wire shapes the script reads and writes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -26,8 +27,9 @@ pub struct SyncAsk {
     pub pull: Vec<String>,
     /// Keys with budgets: their spend is read back (what changed since
     /// the last exchange), and seeded from the ledger when the store lost
-    /// it.
-    pub budgets: Vec<String>,
+    /// it. The same list from one exchange to the next while the config
+    /// stays.
+    pub budgets: Arc<[String]>,
     /// Deployments of aliases with prefix affinity: the prompt blocks the
     /// other replicas routed to them are read back.
     pub prefixes: Vec<String>,
