@@ -1158,6 +1158,7 @@ async fn a_replica_sees_what_another_spent_on_any_of_many_budgeted_keys() {
         })
         .await;
         let seen = served.elapsed();
+        eprintln!("{key}: in the other replica's gauge {seen:?} after its answer");
         assert!(seen < Duration::from_secs(2), "{key} seen after {seen:?}");
     }
 }
@@ -1216,7 +1217,7 @@ async fn a_reservation_another_replica_holds_on_one_of_many_keys_counts_while_re
 /// A key a reload gives a budget is read at the next exchange with what
 /// the fleet spent on it before, though nothing changed since.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_a_reload_budgets_is_read_with_what_the_fleet_spent_on_it() {
+async fn a_key_a_reload_budgets_among_many_is_read_with_what_the_fleet_spent_on_it() {
     let Some(redis) = Redis::start() else { return };
     let upstream = answering(100).await;
     let late = |budget: bool| {

@@ -227,6 +227,9 @@ struct Known {
     /// The budgeted keys `spent` holds: while the config stays, the
     /// exchange's list is this one, and no key is new.
     budgets: Arc<[String]>,
+    /// Moves on whenever what `to_remember` keeps may have changed, so
+    /// that an idle replica does not build it to find it the same.
+    generation: u64,
 }
 
 /// Which budgeted keys' spend an exchange reads, and seeds.
@@ -278,12 +281,15 @@ impl Known {
         key_of: impl Fn(&str) -> Option<&str>,
     ) {
         let n = |t: &String| t.parse::<u64>().unwrap_or(0);
+        let mut moved = !reading.read.is_empty() || !counted.is_empty();
         if reading.since.is_none() || reply.reset {
+            moved = true;
             // What the store does not name has nothing.
             self.spent = budgets.iter().map(|key| (key.clone(), [0; 3])).collect();
             self.counted.retain(|key, _| self.spent.contains_key(key));
         } else if self.spent.len() + reading.read.len() != budgets.len() {
             // Some keys are no longer budgeted.
+            moved = true;
             let budgeted: HashSet<&str> = budgets.iter().map(String::as_str).collect();
             self.spent.retain(|key, _| budgeted.contains(key.as_str()));
             self.counted
@@ -296,7 +302,9 @@ impl Known {
         }
         for c in &reply.changed {
             if let Some(spent) = key_of(&c[0]).and_then(|key| self.spent.get_mut(key)) {
-                *spent = [n(&c[1]), n(&c[2]), n(&c[3])];
+                let read = [n(&c[1]), n(&c[2]), n(&c[3])];
+                moved |= *spent != read;
+                *spent = read;
             }
         }
         if reading.since.is_none() {
@@ -314,7 +322,11 @@ impl Known {
             .version
             .clone()
             .filter(|_| !reply.reset && reply.replicas == self.replicas);
+        moved |= reply.replicas.max(1) != self.replicas;
         self.replicas = reply.replicas.max(1);
+        if moved {
+            self.generation += 1;
+        }
     }
 
     /// What to keep in the data_dir; `None` before any exchange.
@@ -350,6 +362,7 @@ impl Known {
             if !self.spent.contains_key(key) {
                 continue;
             }
+            self.generation += 1;
             let sums = self.settled.entry(key.clone()).or_default();
             for (at, period) in [Period::Daily, Period::Monthly].into_iter().enumerate() {
                 if period.bounds(day) == period.bounds(*on) {
@@ -419,6 +432,9 @@ struct Remember {
 #[derive(Default)]
 struct Written {
     content: Option<Remembered>,
+    /// The generation of `Known`, and whether Redis was away, that
+    /// `content` was found the same as.
+    from: Option<(u64, bool)>,
     /// When `content` was last compared with what is known.
     checked: Option<Instant>,
     failing: bool,
@@ -940,13 +956,24 @@ impl Fleet {
                 return;
             }
         }
-        let Some(content) = lock(&self.known).to_remember(self.is_degraded()) else {
+        let degraded = self.is_degraded();
+        let generation = lock(&self.known).generation;
+        if lock(&remember.written).from == Some((generation, degraded)) {
             return;
+        }
+        let (generation, content) = {
+            let known = lock(&self.known);
+            let Some(content) = known.to_remember(degraded) else {
+                return;
+            };
+            (known.generation, content)
         };
+        let from = Some((generation, degraded));
         {
             let mut written = lock(&remember.written);
             written.checked = Some(Instant::now());
             if written.content.as_ref() == Some(&content) {
+                written.from = from;
                 return;
             }
         }
@@ -959,6 +986,7 @@ impl Fleet {
         match result {
             Ok(()) => {
                 written.content = Some(content);
+                written.from = from;
                 written.failing = false;
             }
             Err(e) => {
@@ -1200,7 +1228,11 @@ impl Fleet {
             // Within this call's turn, so that no settlement call's answer
             // comes between.
             if exchanged {
-                lock(&self.known).settled.clear();
+                let mut known = lock(&self.known);
+                if !known.settled.is_empty() {
+                    known.settled.clear();
+                    known.generation += 1;
+                }
             } else if !settled.is_empty() {
                 lock(&self.known).settled_since(&settled);
             }
@@ -1610,6 +1642,15 @@ mod tests {
         assert_eq!(known.spent["a"], [10, 10, 1], "unchanged");
         assert_eq!(known.spent["b"], [25, 25, 2]);
         assert!(!known.spent.contains_key("x"));
+        // What the data_dir keeps is built again only when something moved.
+        let generation = known.generation;
+        exchanged(&mut known, &budgets, today, &reply(1, &[], &[], 9, false));
+        let same = reply(1, &[], &[("t:key:b", 25), ("t:key:x", 1)], 10, false);
+        exchanged(&mut known, &budgets, today, &same);
+        assert_eq!(known.generation, generation, "nothing moved");
+        let moved = reply(1, &[], &[("t:key:b", 26)], 11, false);
+        exchanged(&mut known, &budgets, today, &moved);
+        assert!(known.generation > generation);
         // A reload that changes no budget: nothing new.
         let same = known.reading(&names(&["a", "b", "c"]), today);
         assert!(same.since.is_some() && same.read.is_empty());
