@@ -1351,18 +1351,17 @@ impl Fleet {
         // fields dropped of the keys swept: those this replica settles or
         // holds reservations of, and a slice of the rest in turn, each
         // swept once every `n / SWEEP` exchanges. A key in use is swept by
-        // the replicas using it.
+        // the replicas using it. Settlement calls, which carry no budgets,
+        // sweep nothing.
         let n = ask.budgets.len();
         let from = self.sweep.fetch_add(SWEEP, Ordering::Relaxed) % n.max(1);
+        let in_use = (pending.unsent.iter())
+            .flat_map(|b| b.settle.iter().map(|s| s.key.as_str()))
+            .chain(pending.live.keys().map(String::as_str))
+            .filter(|_| n > 0);
         let swept: HashSet<&str> = in_turn(n, from)
             .map(|i| ask.budgets[i].as_str())
-            .chain(
-                pending
-                    .unsent
-                    .iter()
-                    .flat_map(|b| b.settle.iter().map(|s| s.key.as_str())),
-            )
-            .chain(pending.live.keys().map(String::as_str))
+            .chain(in_use)
             .collect();
         let sweep: Vec<[String; 2]> = (swept.into_iter())
             .map(|key| {
@@ -1736,6 +1735,27 @@ mod tests {
             seeds: None,
         };
         assert_eq!(named(&everything), (1_000, SWEEP, 2 * SWEEP + 1_000));
+        // A settlement call, with reservations held, reads and sweeps
+        // nothing.
+        let mut pending = Pending::default();
+        pending
+            .live
+            .insert("key-7".into(), HashSet::from(["r".to_owned()]));
+        let settling = SyncAsk::default();
+        let text = (fleet.payload(
+            &mut pending,
+            &settling,
+            None,
+            today,
+            &Reading::default(),
+            &[],
+        ))
+        .text;
+        let payload: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (payload["read"].to_string(), payload["sweep"].to_string()),
+            ("[]".into(), "[]".into())
+        );
     }
 
     /// `team` spent `nano_usd` on `day`, in `ledger`.
