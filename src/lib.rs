@@ -2,6 +2,7 @@
 //! managed Llama backends. `main.rs` is a thin CLI over this library, so
 //! tests start the gateway in-process.
 
+pub mod boxed;
 pub mod config;
 pub mod economics;
 pub mod error;

@@ -25,7 +25,7 @@ const ORDER: &[&[&str]] = &[
     &["limits"],
     &["config"],
     &[
-        "id", "logging", "traces", "framing", "gather", "tls", "redact",
+        "id", "logging", "traces", "framing", "gather", "tls", "redact", "boxed",
     ],
 ];
 

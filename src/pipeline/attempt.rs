@@ -15,6 +15,7 @@ use prometheus::IntCounter;
 
 use super::admit::Admission;
 use super::{Failure, RequestCtx, hedge};
+use crate::boxed;
 use crate::config::{Backend, BackendKind, Deployment, RoutingSettings};
 use crate::error::GatewayError;
 use crate::health::Attempt;
@@ -259,19 +260,13 @@ pub async fn attempt<'s>(
                                 &second.deployment.upstream_model,
                             );
                             // Boxed, as is the race: a hedge is rare, and the
-                            // request's future, moved before it runs, stays small.
-                            let mut hedge_call = Box::pin(call_upstream(
-                                app,
-                                second.to(),
-                                request,
-                                &ctx.request_id,
-                                headers,
-                            ));
-                            let won = Box::pin(tried.race(
-                                (first, call),
-                                (second, hedge_call.as_mut()),
-                                &mut meter,
-                            ))
+                            // request's future stays small.
+                            let mut hedge_call = boxed::pinned(|| {
+                                call_upstream(app, second.to(), request, &ctx.request_id, headers)
+                            });
+                            let won = boxed::pinned(|| {
+                                tried.race((first, call), (second, hedge_call.as_mut()), &mut meter)
+                            })
                             .await;
                             match won {
                                 Some(answer) => return Ok(tried.served(answer, meter)),

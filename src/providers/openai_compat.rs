@@ -14,6 +14,7 @@ use memchr::memmem::Finder;
 use super::http::{self, Caps, ErrorReply, HttpClient, Target};
 use super::sse;
 use super::{Provider, UpstreamCall, UpstreamReply};
+use crate::boxed;
 use crate::config::{Backend, BackendKind};
 use crate::error::GatewayError;
 use serde_json::{Map, Value};
@@ -131,7 +132,7 @@ impl Provider for OpenAiCompat {
         &'a self,
         call: UpstreamCall<'a>,
     ) -> BoxFuture<'a, Result<UpstreamReply, GatewayError>> {
-        Box::pin(self.call(call))
+        boxed::pinned(|| self.call(call))
     }
 }
 

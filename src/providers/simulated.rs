@@ -24,6 +24,7 @@ use futures_util::stream;
 use serde_json::{Value, json};
 
 use super::{Chunk, Provider, UpstreamCall, UpstreamReply};
+use crate::boxed;
 use crate::config::{Backend, SimulatedSpec};
 use crate::error::GatewayError;
 use crate::metering::estimate;
@@ -154,7 +155,7 @@ impl Provider for Simulated {
         &'a self,
         call: UpstreamCall<'a>,
     ) -> BoxFuture<'a, Result<UpstreamReply, GatewayError>> {
-        Box::pin(self.call(call))
+        boxed::pinned(|| self.call(call))
     }
 }
 

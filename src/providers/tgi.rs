@@ -18,6 +18,7 @@ use super::openai_compat::OpenAiCompat;
 use super::sse;
 use super::translate::{ChunkMapper, Chunks, map_chunks};
 use super::{Chunk, ChunkStream, Provider, UpstreamCall, UpstreamReply};
+use crate::boxed;
 use crate::config::Backend;
 use crate::error::GatewayError;
 use crate::openai::scan::member_values;
@@ -135,7 +136,7 @@ impl Provider for Tgi {
         &'a self,
         call: UpstreamCall<'a>,
     ) -> BoxFuture<'a, Result<UpstreamReply, GatewayError>> {
-        Box::pin(self.call(call))
+        boxed::pinned(|| self.call(call))
     }
 }
 

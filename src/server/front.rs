@@ -22,6 +22,7 @@ use bytes::Bytes;
 use tower::{Layer, ServiceExt};
 use tower_http::cors::CorsLayer;
 
+use crate::boxed;
 use crate::id::REQUEST_ID_HEADER;
 use crate::inbound::Api;
 use crate::pipeline;
@@ -78,7 +79,7 @@ where
             && let Some(api) = inference_api(parts.uri.path())
         {
             let app = self.app.clone();
-            return Box::pin(async move {
+            return boxed::pinned(|| async move {
                 let mut response = pipeline::handle(app, id, api, parts.headers, body).await;
                 response.headers_mut().insert(REQUEST_ID_HEADER, header);
                 Ok(response)
@@ -88,7 +89,7 @@ where
         let request = Request::from_parts(parts, body);
         let router = self.router.clone();
         let cors = browser.then(|| self.cors.clone());
-        Box::pin(async move {
+        boxed::pinned(|| async move {
             let mut response = match cors {
                 Some(cors) => cors.layer(router).oneshot(request).await,
                 None => router.oneshot(request).await,

@@ -36,6 +36,7 @@ use tokio::time::Instant;
 
 use super::front::Front;
 use super::http1::{self, MAX_HEAD_BYTES};
+use crate::boxed;
 use crate::state::AppState;
 
 /// What an HTTP/2 stream may hold written and not yet sent: a client that
@@ -95,7 +96,7 @@ where
     fn call(&self, request: Request<B>) -> Answer {
         let answer = self.front.call(request);
         let (app, send_timeout) = (self.app.clone(), self.send_timeout);
-        Box::pin(async move {
+        boxed::pinned(|| async move {
             let response = answer.await?;
             Ok(response.map(|body| Watched::new(body, app, send_timeout)))
         })

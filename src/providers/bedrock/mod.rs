@@ -16,6 +16,7 @@ use url::Url;
 
 use super::http::{self, Caps, ErrorReply, HttpClient};
 use super::{Provider, UpstreamCall, UpstreamReply};
+use crate::boxed;
 use crate::config::Backend;
 use crate::error::GatewayError;
 use crate::openai::TypedRequest;
@@ -123,7 +124,7 @@ impl Provider for Bedrock {
         &'a self,
         call: UpstreamCall<'a>,
     ) -> BoxFuture<'a, Result<UpstreamReply, GatewayError>> {
-        Box::pin(self.call(call))
+        boxed::pinned(|| self.call(call))
     }
 }
 
