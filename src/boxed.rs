@@ -9,11 +9,17 @@
 use std::pin::Pin;
 
 #[inline(always)]
-pub fn pinned<T>(make: impl FnOnce() -> T) -> Pin<Box<T>> {
+pub fn built<T>(make: impl FnOnce() -> T) -> Box<T> {
     let mut slot = Box::<T>::new_uninit();
     slot.write(make());
     // SAFETY: `write` initialised the box.
-    Box::into_pin(unsafe { slot.assume_init() })
+    unsafe { slot.assume_init() }
+}
+
+/// [`built`], pinned: a future.
+#[inline(always)]
+pub fn pinned<T>(make: impl FnOnce() -> T) -> Pin<Box<T>> {
+    Box::into_pin(built(make))
 }
 
 #[cfg(test)]

@@ -42,6 +42,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::Response;
 use bytes::Bytes;
 
+use crate::boxed;
 use crate::config::ServerConfig;
 use crate::error::{ErrorShape, GatewayError};
 use crate::gather::gather;
@@ -131,30 +132,33 @@ async fn serve(
     let (limits, reservation) = admit::reserve(app, snapshot, key, &request, &admission)
         .await
         .map_err(|error| Failure::before_upstream(error, alias))?;
-    // Boxed: the meter (640 B) goes down the attempts and into the
+    // Boxed: the meter (680 B) goes down the attempts and into the
     // response's body, and a move of the box copies 8.
-    let meter = Box::new(Meter::new(
-        app.metrics.clone(),
-        MeterLabels {
-            request_id: ctx.request_id.clone(),
-            api: api.name(),
-            alias: alias.to_owned(),
-            key: key.map_or(NONE, |k| k.name.as_str()).to_owned(),
-            key_in_metrics: key.is_none_or(|k| app.key_series.load().label(&k.name) != OTHER_KEYS),
-            user: licence::end_user(&request, headers, &snapshot.config.licence),
-        },
-        Charges {
-            ledger: app.ledger.clone(),
-            reservation,
-            counterfactuals: snapshot.counterfactuals(admission.model).clone(),
-            limits,
-            licence: app.licence.clone(),
-        },
-        ctx.started,
-        admission.facts.prompt(),
-        in_flight,
-        trace.take(),
-    ));
+    let meter = boxed::built(|| {
+        Meter::new(
+            app.metrics.clone(),
+            MeterLabels {
+                request_id: ctx.request_id.clone(),
+                api: api.name(),
+                alias: alias.to_owned(),
+                key: key.map_or(NONE, |k| k.name.as_str()).to_owned(),
+                key_in_metrics: key
+                    .is_none_or(|k| app.key_series.load().label(&k.name) != OTHER_KEYS),
+                user: licence::end_user(&request, headers, &snapshot.config.licence),
+            },
+            Charges {
+                ledger: app.ledger.clone(),
+                reservation,
+                counterfactuals: snapshot.counterfactuals(admission.model).clone(),
+                limits,
+                licence: app.licence.clone(),
+            },
+            ctx.started,
+            admission.facts.prompt(),
+            in_flight,
+            trace.take(),
+        )
+    });
     let served = attempt::attempt(app, ctx, &request, &admission, meter).await?;
     let attribution = snapshot.config.licence.attribution_header;
     Ok(respond::respond(app, &request, served, reply, attribution))
