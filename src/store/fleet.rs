@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::credit::{Budgeted, Credits, Draw, Terms};
 use super::prefixes::{self, Prefixes, WirePrefixes};
-use super::remembered::{self, KeyShare, Remembered};
+use super::remembered::{self, Keeper, KeyShare, Remembered, Shares, Update};
 use super::sync::{SyncAsk, SyncReply, WirePush, WireReply};
 use super::users;
 use crate::config::{ClientTls, OnUnavailable, RedisState, Roots};
@@ -227,9 +227,24 @@ struct Known {
     /// The budgeted keys `spent` holds: while the config stays, the
     /// exchange's list is this one, and no key is new.
     budgets: Arc<[String]>,
-    /// Moves on whenever what `to_remember` keeps may have changed, so
-    /// that an idle replica does not build it to find it the same.
-    generation: u64,
+    /// What may have moved of the shares the data_dir keeps since they
+    /// were last taken: writing them costs what moved.
+    moved: Moved,
+}
+
+/// Keys whose share (`Known::share`) may have moved; `every`: any may.
+#[derive(Default)]
+struct Moved {
+    every: bool,
+    keys: HashSet<String>,
+}
+
+impl Moved {
+    fn key(&mut self, key: &str) {
+        if !self.every && !self.keys.contains(key) {
+            self.keys.insert(key.to_owned());
+        }
+    }
 }
 
 /// Which budgeted keys' spend an exchange reads, and seeds.
@@ -281,37 +296,48 @@ impl Known {
         key_of: impl Fn(&str) -> Option<&str>,
     ) {
         let n = |t: &String| t.parse::<u64>().unwrap_or(0);
-        let mut moved = !reading.read.is_empty() || !counted.is_empty();
         if reading.since.is_none() || reply.reset {
-            moved = true;
+            self.moved.every = true;
             // What the store does not name has nothing.
             self.spent = budgets.iter().map(|key| (key.clone(), [0; 3])).collect();
             self.counted.retain(|key, _| self.spent.contains_key(key));
         } else if self.spent.len() + reading.read.len() != budgets.len() {
             // Some keys are no longer budgeted.
-            moved = true;
             let budgeted: HashSet<&str> = budgets.iter().map(String::as_str).collect();
-            self.spent.retain(|key, _| budgeted.contains(key.as_str()));
+            let moved = &mut self.moved;
+            self.spent.retain(|key, _| {
+                let kept = budgeted.contains(key.as_str());
+                if !kept {
+                    moved.key(key);
+                }
+                kept
+            });
             self.counted
                 .retain(|key, _| budgeted.contains(key.as_str()));
         }
         self.budgets = budgets.clone();
         for (&i, s) in reading.read.iter().zip(&reply.spent) {
+            self.moved.key(&budgets[i]);
             self.spent
                 .insert(budgets[i].clone(), [n(&s[0]), n(&s[1]), n(&s[2])]);
         }
         for c in &reply.changed {
-            if let Some(spent) = key_of(&c[0]).and_then(|key| self.spent.get_mut(key)) {
+            if let Some((key, spent)) =
+                key_of(&c[0]).and_then(|key| self.spent.get_mut(key).map(|spent| (key, spent)))
+            {
                 let read = [n(&c[1]), n(&c[2]), n(&c[3])];
-                moved |= *spent != read;
-                *spent = read;
+                if *spent != read {
+                    *spent = read;
+                    self.moved.key(key);
+                }
             }
         }
         if reading.since.is_none() {
             self.counted.clear();
         }
         for (key, counted) in counted {
-            if self.spent.contains_key(&key) {
+            if self.spent.contains_key(&key) && self.counted.get(&key) != Some(&counted) {
+                self.moved.key(&key);
                 self.counted.insert(key, counted);
             }
         }
@@ -322,35 +348,45 @@ impl Known {
             .version
             .clone()
             .filter(|_| !reply.reset && reply.replicas == self.replicas);
-        moved |= reply.replicas.max(1) != self.replicas;
         self.replicas = reply.replicas.max(1);
-        if moved {
-            self.generation += 1;
-        }
     }
 
-    /// What to keep in the data_dir; `None` before any exchange.
-    fn to_remember(&self, degraded: bool) -> Option<Remembered> {
-        Some(Remembered {
-            day: self.day?,
+    /// What the data_dir keeps of `key`: `None` for a key not budgeted,
+    /// or whose share of the fleet's counts is not known.
+    fn share(&self, key: &str) -> Option<KeyShare> {
+        Some(KeyShare {
+            fleet: *self.spent.get(key)?,
+            counted: *self.counted.get(key)?,
+            settled: self.settled.get(key).copied().unwrap_or_default(),
+        })
+    }
+
+    /// What to keep in the data_dir, of the keys only those that may have
+    /// moved since the last call; `None` before any exchange.
+    fn take_moved(&mut self, degraded: bool) -> Option<Update> {
+        let day = self.day?;
+        let moved = std::mem::take(&mut self.moved);
+        let keys = if moved.every {
+            Shares::Every(
+                (self.spent.keys())
+                    .filter_map(|key| Some((key.clone(), self.share(key)?)))
+                    .collect(),
+            )
+        } else {
+            Shares::Moved(
+                (moved.keys.into_iter())
+                    .map(|key| {
+                        let share = self.share(&key);
+                        (key, share)
+                    })
+                    .collect(),
+            )
+        };
+        Some(Update {
+            day,
             replicas: self.replicas,
             degraded,
-            keys: self
-                .spent
-                .iter()
-                .filter_map(|(key, fleet)| {
-                    let counted = *self.counted.get(key)?;
-                    let settled = self.settled.get(key).copied().unwrap_or_default();
-                    Some((
-                        key.clone(),
-                        KeyShare {
-                            fleet: *fleet,
-                            counted,
-                            settled,
-                        },
-                    ))
-                })
-                .collect(),
+            keys,
         })
     }
 
@@ -362,7 +398,7 @@ impl Known {
             if !self.spent.contains_key(key) {
                 continue;
             }
-            self.generation += 1;
+            self.moved.key(key);
             let sums = self.settled.entry(key.clone()).or_default();
             for (at, period) in [Period::Daily, Period::Monthly].into_iter().enumerate() {
                 if period.bounds(day) == period.bounds(*on) {
@@ -421,22 +457,18 @@ fn unsent_before_start(remembered: &Remembered, ledger: &Ledger, today: Date) ->
     unsent
 }
 
-/// The data_dir `Known` is kept in, and the ledger of this replica's own
-/// spend beside it.
+/// The file in the data_dir `Known` is kept in, and the ledger of this
+/// replica's own spend beside it.
 struct Remember {
-    dir: PathBuf,
     ledger: Arc<Ledger>,
-    written: Mutex<Written>,
+    /// Locked by one write at a time, while it runs.
+    kept: Arc<Mutex<Kept>>,
 }
 
-#[derive(Default)]
-struct Written {
-    content: Option<Remembered>,
-    /// The generation of `Known`, and whether Redis was away, that
-    /// `content` was found the same as.
-    from: Option<(u64, bool)>,
-    /// When `content` was last compared with what is known.
-    checked: Option<Instant>,
+struct Kept {
+    keeper: Keeper,
+    /// When the last write began.
+    written: Option<Instant>,
     failing: bool,
 }
 
@@ -526,12 +558,12 @@ impl Fleet {
                 replicas_gauge.set(i64::try_from(content.replicas).unwrap_or(i64::MAX));
             }
             Remember {
-                dir,
                 ledger,
-                written: Mutex::new(Written {
-                    content,
-                    ..Written::default()
-                }),
+                kept: Arc::new(Mutex::new(Kept {
+                    keeper: Keeper::new(dir, content),
+                    written: None,
+                    failing: false,
+                })),
             }
         });
         Ok(Self {
@@ -938,67 +970,52 @@ impl Fleet {
 
     /// Keeps what the exchanges learned of budgets in the data_dir, when
     /// it changed since last written: at most every `REMEMBER_EVERY`, or
-    /// at once when Redis is away (`now`) or answers again.
+    /// at once when Redis is away (`now`) or answers again. What moved
+    /// meanwhile waits in `Known`.
     async fn remember(&self, now: bool) {
         let Some(remember) = &self.remember else {
             return;
         };
+        let degraded = self.is_degraded();
         {
-            let written = lock(&remember.written);
+            let mut kept = match remember.kept.try_lock() {
+                Ok(kept) => kept,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                // A write under way: what moved waits for the next call.
+                Err(TryLockError::WouldBlock) => return,
+            };
             // A file that says Redis is away has a restart send again
             // what was spent since: it is replaced as soon as Redis
             // took that spend.
-            let recovered = written.content.as_ref().is_some_and(|c| c.degraded);
-            let recent = written
-                .checked
-                .is_some_and(|at| at.elapsed() < REMEMBER_EVERY);
-            if recent && !now && !recovered {
+            let recent = (kept.written).is_some_and(|at| at.elapsed() < REMEMBER_EVERY);
+            if recent && !now && !kept.keeper.degraded() {
                 return;
             }
-        }
-        let degraded = self.is_degraded();
-        let generation = lock(&self.known).generation;
-        if lock(&remember.written).from == Some((generation, degraded)) {
-            return;
-        }
-        let (generation, content) = {
-            let known = lock(&self.known);
-            let Some(content) = known.to_remember(degraded) else {
+            let Some(update) = lock(&self.known).take_moved(degraded) else {
                 return;
             };
-            (known.generation, content)
-        };
-        let from = Some((generation, degraded));
-        {
-            let mut written = lock(&remember.written);
-            written.checked = Some(Instant::now());
-            if written.content.as_ref() == Some(&content) {
-                written.from = from;
+            if !kept.keeper.take(update) {
                 return;
             }
+            kept.written = Some(Instant::now());
         }
-        let dir = remember.dir.clone();
-        let kept = content.clone();
-        let result = tokio::task::spawn_blocking(move || remembered::write(&dir, &kept))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        let mut written = lock(&remember.written);
-        match result {
-            Ok(()) => {
-                written.content = Some(content);
-                written.from = from;
-                written.failing = false;
-            }
-            Err(e) => {
-                if !std::mem::replace(&mut written.failing, true) {
-                    tracing::warn!(
-                        file = %remembered::path(&remember.dir).display(),
-                        error = %e,
-                        "cannot keep the fleet's budgets in the data_dir; a restart while Redis is away refuses budgeted requests until it answers"
-                    );
+        let kept = remember.kept.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let kept = &mut *lock(&kept);
+            match kept.keeper.write() {
+                Ok(()) => kept.failing = false,
+                Err(e) => {
+                    if !std::mem::replace(&mut kept.failing, true) {
+                        tracing::warn!(
+                            file = %kept.keeper.path().display(),
+                            error = %e,
+                            "cannot keep the fleet's budgets in the data_dir; a restart while Redis is away refuses budgeted requests until it answers"
+                        );
+                    }
                 }
             }
-        }
+        })
+        .await;
     }
 
     /// One exchange with the fleet (see `lua/sync.lua`): what is queued
@@ -1228,10 +1245,9 @@ impl Fleet {
             // Within this call's turn, so that no settlement call's answer
             // comes between.
             if exchanged {
-                let mut known = lock(&self.known);
-                if !known.settled.is_empty() {
-                    known.settled.clear();
-                    known.generation += 1;
+                let known = &mut *lock(&self.known);
+                for key in known.settled.drain().map(|(key, _)| key) {
+                    known.moved.key(&key);
                 }
             } else if !settled.is_empty() {
                 lock(&self.known).settled_since(&settled);
@@ -1607,6 +1623,19 @@ mod tests {
         known.day = Some(today);
     }
 
+    /// The keys `known` names as moved since this was last called, in
+    /// order; `None`: every key.
+    fn moved(known: &mut Known) -> Option<Vec<String>> {
+        match known.take_moved(false).unwrap().keys {
+            Shares::Every(_) => None,
+            Shares::Moved(keys) => {
+                let mut keys: Vec<String> = keys.into_iter().map(|(key, _)| key).collect();
+                keys.sort();
+                Some(keys)
+            }
+        }
+    }
+
     #[test]
     fn an_exchange_reads_every_key_only_when_it_cannot_go_by_what_changed() {
         let today = date!(2026 - 12 - 07);
@@ -1641,15 +1670,19 @@ mod tests {
         assert_eq!(known.spent["a"], [10, 10, 1], "unchanged");
         assert_eq!(known.spent["b"], [25, 25, 2]);
         assert!(!known.spent.contains_key("x"));
-        // What the data_dir keeps is built again only when something moved.
-        let generation = known.generation;
+        // What the data_dir keeps is taken of the keys that moved only.
+        assert_eq!(
+            moved(&mut known),
+            None,
+            "every key, after reading every one"
+        );
         exchanged(&mut known, &budgets, today, &reply(1, &[], &[], 9, false));
         let same = reply(1, &[], &[("t:key:b", 25), ("t:key:x", 1)], 10, false);
         exchanged(&mut known, &budgets, today, &same);
-        assert_eq!(known.generation, generation, "nothing moved");
-        let moved = reply(1, &[], &[("t:key:b", 26)], 11, false);
-        exchanged(&mut known, &budgets, today, &moved);
-        assert!(known.generation > generation);
+        assert_eq!(moved(&mut known), Some(vec![]), "nothing moved");
+        let b_moved = reply(1, &[], &[("t:key:b", 26)], 11, false);
+        exchanged(&mut known, &budgets, today, &b_moved);
+        assert_eq!(moved(&mut known), Some(vec!["b".to_owned()]));
         // A reload that changes no budget: nothing new.
         let same = known.reading(&names(&["a", "b", "c"]), today);
         assert!(same.since.is_some() && same.read.is_empty());
@@ -1667,6 +1700,7 @@ mod tests {
         keys.sort();
         assert_eq!(keys, ["b", "c", "d"]);
         assert_eq!(known.spent["d"], [40, 40, 1]);
+        assert_eq!(moved(&mut known), Some(vec!["a".into(), "d".into()]));
         // Every key again: on the next day, while seeding, after a log
         // that began anew, and when replicas came or went.
         let tomorrow = date!(2026 - 12 - 08);
@@ -1838,6 +1872,48 @@ mod tests {
         let january = date!(2027 - 01 - 02);
         assert_eq!(next_day.spent("team", Period::Monthly, january), None);
         assert_eq!(fresh.spent("team", Period::Monthly, today), None);
+    }
+
+    #[tokio::test]
+    async fn a_write_after_one_key_of_many_moved_writes_that_key_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(Ledger::open(None).unwrap());
+        let fleet = unreachable(dir.path(), &ledger);
+        let today = date!(2026 - 12 - 07);
+        let budgets: Arc<[String]> = (0..10_000).map(|i| format!("key-{i}")).collect();
+        let spent: Vec<u64> = (0..10_000).collect();
+        let counted = budgets.iter().map(|key| (key.clone(), [1, 2])).collect();
+        {
+            let mut known = lock(&fleet.known);
+            let reading = known.reading(&budgets, today);
+            known.take_up(
+                &budgets,
+                &reading,
+                &reply(1, &spent, &[], 7, false),
+                counted,
+                |_| None,
+            );
+            known.day = Some(today);
+        }
+        fleet.remember(true).await;
+        let file = || std::fs::read(remembered::path(dir.path())).unwrap();
+        let whole = file();
+        assert!(whole.len() > 500_000, "{} bytes", whole.len());
+        lock(&fleet.known).settled_since(&[("key-5000".into(), today, 7)]);
+        fleet.remember(true).await;
+        let after = file();
+        assert!(
+            after.starts_with(&whole),
+            "the file as it was: {} bytes, then {}",
+            whole.len(),
+            after.len()
+        );
+        let appended = after.len() - whole.len();
+        assert!(appended < 200, "{appended} bytes appended");
+        let read = remembered::read(dir.path()).unwrap();
+        assert_eq!(read.keys.len(), 10_000);
+        assert_eq!(read.keys["key-5000"].settled, [7, 7]);
+        assert_eq!(read.keys["key-4999"].fleet, [4999, 4999, 1]);
     }
 
     #[test]
