@@ -274,17 +274,22 @@ impl Keeper {
         }
         // Taken out until it is written: a write that fails (or panics)
         // leaves the next one to write the file whole.
-        let appending = self.file.take();
-        let line = to_line(state, &self.unwritten.keys)?;
-        self.file = match appending {
-            Some(mut appending) if appending.after + line.len() as u64 <= appending.first => {
-                appending.file.write_all(&line)?;
-                appending.file.sync_data()?;
-                appending.after += line.len() as u64;
-                Some(appending)
+        let appending = match self.file.take() {
+            Some(mut appending) => {
+                let line = to_line(state, &self.unwritten.keys)?;
+                let after = appending.after + line.len() as u64;
+                if after <= appending.first {
+                    appending.file.write_all(&line)?;
+                    appending.file.sync_data()?;
+                    appending.after = after;
+                    appending
+                } else {
+                    self.write_whole(state)?
+                }
             }
-            _ => Some(self.write_whole(state)?),
+            None => self.write_whole(state)?,
         };
+        self.file = Some(appending);
         self.unwritten = Unwritten::default();
         Ok(())
     }
