@@ -228,7 +228,9 @@ struct Known {
     /// exchange's list is this one, and no key is new.
     budgets: Arc<[String]>,
     /// What may have moved of the shares the data_dir keeps since they
-    /// were last taken: writing them costs what moved.
+    /// were last taken: writing them costs what moved. Without
+    /// `remember` nothing takes it, and from the first exchange on it
+    /// says `every` and names no key.
     moved: Moved,
 }
 
