@@ -26,8 +26,13 @@ use time::macros::format_description;
 
 pub const FILE: &str = "tollgate-fleet-share.json";
 
-/// The format this gateway writes; a file of another is not read.
+/// The format this gateway writes; a file of another is not read, but for
+/// the one before it.
 const VERSION: u32 = 2;
+/// The format before this one: one record of every key, replaced whole. A
+/// file of it alone is read as this one's first line, so that a replica
+/// upgraded while Redis is away keeps the share it had.
+const BEFORE: u32 = 1;
 
 const DAY: &[time::format_description::BorrowedFormatItem<'_>] =
     format_description!("[year]-[month]-[day]");
@@ -116,7 +121,7 @@ fn replay(text: &[u8]) -> Result<Remembered, String> {
     let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
     let mut state: Option<Remembered> = None;
     for (at, line) in lines.iter().enumerate() {
-        let (header, moves) = match parse(line) {
+        let (header, moves) = match parse(line, lines.len() == 1) {
             Ok(record) => record,
             // Appended by a process killed before it finished.
             Err(_) if at > 0 && at + 1 == lines.len() => break,
@@ -142,10 +147,10 @@ fn replay(text: &[u8]) -> Result<Remembered, String> {
 }
 
 /// One line's day, replicas and degraded (with no keys), and the keys it
-/// says moved.
-fn parse(line: &[u8]) -> Result<(Remembered, Moves), String> {
+/// says moved; `alone`: the file's only line.
+fn parse(line: &[u8], alone: bool) -> Result<(Remembered, Moves), String> {
     let record = serde_json::from_slice::<Record<Moves>>(line).map_err(|e| e.to_string())?;
-    if record.version != VERSION {
+    if record.version != VERSION && !(record.version == BEFORE && alone) {
         return Err(format!("format version {}, not {VERSION}", record.version));
     }
     let day = Date::parse(&record.day, DAY).map_err(|e| format!("day: {e}"))?;
@@ -551,7 +556,7 @@ mod tests {
         let good = r#"{"version":2,"day":"2026-12-07","replicas":1,"degraded":false,"keys":{}}"#;
         for text in [
             "\u{0}\u{ff}garbage".to_owned(),
-            good.replace("\"version\":2", "\"version\":1"),
+            good.replace("\"version\":2", "\"version\":3"),
             good.replace("12-07", "13-40"),
             good.replace("\"replicas\":1", "\"replicas\":0"),
             good.replace(
@@ -562,9 +567,11 @@ mod tests {
                 "{}}",
                 r#"{"k":{"fleet":[0,0],"counted":[0,0],"settled":[0,0]}}}"#,
             ),
-            // The format before this one: one JSON file of every key.
-            r#"{"version":1,"day":"2026-12-07","replicas":1,"degraded":false,"keys":{}}"#
-                .to_owned(),
+            // The format before this one is a file of one record.
+            format!(
+                "{}\n{good}\n",
+                good.replace("\"version\":2", "\"version\":1")
+            ),
             // A line that does not parse, with lines after it.
             format!("{good}\n{{\"version\":2,\n{good}\n"),
             format!("{good}\n\n{good}\n"),
@@ -573,5 +580,25 @@ mod tests {
             std::fs::write(path(dir.path()), &text).unwrap();
             assert_eq!(read(dir.path()), None, "{text}");
         }
+    }
+
+    #[test]
+    fn a_file_of_the_format_before_is_read_and_then_written_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        // As the gateway before this one wrote it: one object, no newline.
+        let before = r#"{"version":1,"day":"2026-12-07","replicas":3,"degraded":true,"keys":{"key-0":{"fleet":[20000000,50000000,1000],"counted":[10000000,30000000],"settled":[5000,5000]}}}"#;
+        std::fs::write(path(dir.path()), before).unwrap();
+        let state = remembered(1);
+        assert_eq!(read(dir.path()), Some(state.clone()));
+        let mut keeper = Keeper::new(dir.path().to_owned(), Some(state.clone()));
+        let mut later = state.clone();
+        later.degraded = false;
+        assert!(keeper.take(moved(&state, &later)));
+        keeper.write().unwrap();
+        assert!(
+            file(dir.path()).starts_with(b"{\"version\":2,"),
+            "written whole, anew"
+        );
+        assert_eq!(read(dir.path()), Some(later));
     }
 }
