@@ -9,10 +9,12 @@
 use std::pin::Pin;
 
 #[inline(always)]
+#[allow(unsafe_code)]
 pub fn built<T>(make: impl FnOnce() -> T) -> Box<T> {
     let mut slot = Box::<T>::new_uninit();
     slot.write(make());
-    // SAFETY: `write` initialised the box.
+    // SAFETY: `write` initialised the box; if `make` panics, the box is
+    // freed uninitialised, and nothing in it is dropped.
     unsafe { slot.assume_init() }
 }
 
@@ -60,6 +62,20 @@ mod tests {
             drops.load(Ordering::Relaxed),
             2,
             "dropped unstarted, its captures go too"
+        );
+
+        let held = Counted(drops.clone());
+        let failed = std::panic::catch_unwind(move || {
+            built(move || -> Counted {
+                drop(held);
+                panic!("made nothing")
+            })
+        });
+        assert!(failed.is_err());
+        assert_eq!(
+            drops.load(Ordering::Relaxed),
+            3,
+            "a box left unmade drops nothing more"
         );
     }
 }

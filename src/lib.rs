@@ -1,6 +1,9 @@
 //! tollgate: an OpenAI-compatible gateway in front of self-hosted and
 //! managed Llama backends. `main.rs` is a thin CLI over this library, so
 //! tests start the gateway in-process.
+//!
+//! No `unsafe` but where a module says why it is sound (`boxed`).
+#![deny(unsafe_code)]
 
 pub mod boxed;
 pub mod config;

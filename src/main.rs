@@ -1,4 +1,5 @@
 //! The `tollgate` command: `serve`, `check`, `explain` and `healthcheck`.
+#![deny(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
