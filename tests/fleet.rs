@@ -1018,15 +1018,29 @@ async fn restarted_while_redis_is_away(ledger: impl Fn(Config) -> Config, env: &
     let Some(mut redis) = Redis::start() else {
         return;
     };
-    // $0.02 answers against a $0.10 budget, shared by two replicas.
+    // $0.02 answers against a $0.10 budget, shared by two replicas. With
+    // many other budgeted keys, what moved is appended to the share kept
+    // in the data_dir, not written whole.
     let upstream = answering(2_000).await;
-    let config = a_tenth_of_a_dollar(&upstream, &redis).set("state", "on_unavailable", "local");
+    let config = many_budgets(a_tenth_of_a_dollar(&upstream, &redis), &[]).set(
+        "state",
+        "on_unavailable",
+        "local",
+    );
     let data = tempfile::tempdir().unwrap();
     let restartable = ledger(config.clone())
         .set("ledger", "data_dir", data.path().to_str().unwrap())
         .set("ledger", "flush_interval_ms", 50);
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), restartable.to_toml()).unwrap();
+    let secrets: Vec<(String, String)> = (0..300)
+        .map(|i| (format!("KEY_K{i}"), format!("k{i}-secret")))
+        .collect();
+    let env: Vec<(&str, &str)> = (secrets.iter())
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .chain(env.iter().copied())
+        .collect();
+    let env = env.as_slice();
     let mut first = replica_process(file.path(), env);
     let second = start(&config).await;
     let first_client = client_of(&first);
@@ -1056,6 +1070,14 @@ async fn restarted_while_redis_is_away(ledger: impl Fn(Config) -> Config, env: &
     tokio::time::sleep(Duration::from_millis(500)).await;
     first.child.kill().unwrap();
     first.child.wait().unwrap();
+    // The share it restarts with is a journal: its whole first line, and
+    // what moved since appended, Redis going away among it.
+    let share = std::fs::read(data.path().join("tollgate-fleet-share.json")).unwrap();
+    let lines = share
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count();
+    assert!(lines > 1, "{lines} line(s) in the share it restarts with");
     let again = replica_process(file.path(), env);
     let first_again = client_of(&again);
     assert_eq!(

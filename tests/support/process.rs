@@ -131,7 +131,13 @@ fn spawn(mut program: Command, config: &Path, env: &[(&str, &str)]) -> Process {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut before = Vec::new();
     let (base, listening) = loop {
-        let line = lines.next().expect("the server logs its address").unwrap();
+        let Some(line) = lines.next() else {
+            panic!(
+                "the server exited before logging its address:\n{}",
+                before.join("\n")
+            );
+        };
+        let line = line.unwrap();
         // As text, `addr=IP:PORT`; as JSON, `"addr":"IP:PORT"`.
         if let Some(rest) = line.split("addr=").nth(1) {
             let base = format!("http://{}", rest.split_whitespace().next().unwrap());
