@@ -174,6 +174,54 @@ async fn a_budget_holds_with_100_requests_at_once_and_long_answers() {
     assert!(overrun <= 0.0, "overrun ${overrun}");
 }
 
+/// A client that sends its next request once it has read the last one's
+/// answer never finds that answer still reserved: a request's cost is in
+/// the ledger and its reservation freed before its last bytes go out
+/// (the order itself is proven where the meter and the stream are tested).
+/// Each request reserves $0.010082 (the most "hi" can be, 82 tokens, and
+/// 1,000 of output) of a $0.015 budget, which holds one reservation
+/// beside what is spent and never two; each costs about $0.00002, so
+/// about 240 requests in a row each find the one before settled or are
+/// refused `budget_held`, until the budget is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_waits_for_each_answer_never_finds_it_still_reserved() {
+    for stream in [false, true] {
+        let upstream = MockUpstream::openai()
+            .answers_of(1)
+            .record(false)
+            .start()
+            .await;
+        let budget = 0.015;
+        let gateway = start(&config(&upstream, budget)).await;
+        let body =
+            json!({"model": "chat", "messages": user("hi"), "max_tokens": 1000, "stream": stream});
+        let mut served = 0;
+        let refused = loop {
+            let response = gateway.chat_as("team-secret", body.clone()).await;
+            let status = response.status().as_u16();
+            let answer = response.text().await.unwrap();
+            if status != 200 {
+                break (status, answer);
+            }
+            served += 1;
+        };
+        let (status, answer) = refused;
+        let error: Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(
+            (status, error["error"]["code"].as_str()),
+            (429, Some("insufficient_quota")),
+            "stream: {stream}, after {served} requests: {answer}"
+        );
+        eprintln!("stream: {stream}: {served} served");
+        assert!(served > 200, "stream: {stream}: {served} served");
+        let spent = spent(&gateway).await;
+        assert!(
+            budget - spent < 0.010082 && spent <= budget,
+            "stream: {stream}: ${spent} spent"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_budget_holds_with_1000_requests_at_once_and_long_answers() {
     let (_, overrun) = overrun_at(1000, 1).await;

@@ -162,8 +162,21 @@ pub struct Meter {
     same_instant: u64,
     upstream_since: Option<Instant>,
     upstream_wait: Duration,
+    /// What the request used and cost, once charged.
+    settled: Option<Settled>,
     recorded: bool,
     _in_flight: InFlight,
+}
+
+/// What a request used and cost, as charged.
+#[derive(Clone, Copy)]
+struct Settled {
+    usage: Usage,
+    estimated: bool,
+    /// The serving deployment's cost, when the ledger has a row for it.
+    serving_nano: Option<u64>,
+    /// All the request cost: with a hedge's losers' prompts.
+    cost_nano: u64,
 }
 
 impl Meter {
@@ -201,6 +214,7 @@ impl Meter {
             same_instant: 0,
             upstream_since: None,
             upstream_wait: Duration::ZERO,
+            settled: None,
             recorded: false,
             _in_flight: in_flight,
         }
@@ -571,6 +585,133 @@ impl Meter {
         }
     }
 
+    /// Settles a request that holds its key's budget or rate limits
+    /// before the last bytes of its answer go out, so a client that sends
+    /// its next request as soon as it has this one's answer finds this
+    /// one's cost spent, not still held. Other requests settle as they are
+    /// recorded, after their last bytes.
+    pub fn settle_held(&mut self, status: u16) {
+        if self.charges.reservation.is_some() || self.charges.limits.is_some() {
+            self.settle(status, Instant::now());
+        }
+    }
+
+    /// Charges what the request used, once: to the ledger and the licence
+    /// book, the key's rate limits and budget, and the leases of the
+    /// deployments it ran on.
+    fn settle(&mut self, status: u16, now: Instant) -> Settled {
+        if let Some(settled) = self.settled {
+            return settled;
+        }
+        let (usage, estimated) = self.final_usage(status);
+        let charged = self.prompt.estimate.saturating_add(self.charged_output);
+        if let Some(limits) = &self.charges.limits {
+            limits.settle(charged, usage.total_tokens, now);
+        }
+        let hedge_nano = self.settle_losers(now);
+        let mut serving_nano = None;
+        if let Some(serving) = &self.serving {
+            serving.lease.settle(charged, &usage, !estimated, now);
+        }
+        if let Some(serving) = &self.serving
+            && (usage.total_tokens > 0 || hedge_nano > 0)
+        {
+            // One clock read for the ledger's day and the licence's hour.
+            let now = time::OffsetDateTime::now_utc();
+            let cost_nano = serving.rate.cost_nano_usd(&usage);
+            serving_nano = Some(cost_nano);
+            let MeterLabels {
+                request_id,
+                api,
+                alias,
+                key,
+                user,
+                ..
+            } = &self.labels;
+            self.charges.ledger.record_request(
+                request_id,
+                Row {
+                    day: now.date(),
+                    key: key.clone(),
+                    model: alias.clone(),
+                    deployment: serving.deployment.clone(),
+                    api: Cow::Borrowed(api),
+                },
+                Totals {
+                    requests: 1,
+                    input_tokens: usage.prompt_tokens,
+                    output_tokens: usage.completion_tokens,
+                    cost_nano_usd: cost_nano + hedge_nano,
+                },
+            );
+            self.charges.licence.served(
+                alias,
+                serving.licence,
+                *user,
+                &usage,
+                cost_nano + hedge_nano,
+                now,
+            );
+        }
+        let cost_nano = serving_nano.unwrap_or(0) + hedge_nano;
+        // Only now, with the cost in the ledger, may the budget be freed.
+        if let Some(reservation) = self.charges.reservation.take() {
+            reservation.settle(cost_nano);
+        }
+        let settled = Settled {
+            usage,
+            estimated,
+            serving_nano,
+            cost_nano,
+        };
+        self.settled = Some(settled);
+        settled
+    }
+
+    /// A hedge's loser, and a hedge the client left in flight, had the
+    /// prompt: each is charged it, estimated, to its own deployment in the
+    /// metrics and to the request's one record in the ledger. Returns what
+    /// they cost.
+    fn settle_losers(&self, now: Instant) -> u64 {
+        let mut hedge_nano = 0;
+        let MeterLabels { api, alias, .. } = &self.labels;
+        let m = &self.metrics;
+        for loser in self.cancelled.iter().chain(&self.hedge) {
+            let prompt = Usage::new(self.prompt.estimate, 0);
+            loser
+                .lease
+                .settle(self.prompt.estimate, &prompt, false, now);
+            let cost = loser.rate.cost_nano_usd(&prompt);
+            hedge_nano += cost;
+            series::record(
+                loser.series.tokens(api, false, true),
+                || {
+                    m.tokens.with_label_values(&[
+                        api,
+                        alias.as_str(),
+                        &loser.backend,
+                        "input",
+                        "true",
+                    ])
+                },
+                |c| c.inc_by(prompt.prompt_tokens),
+            );
+            m.cost
+                .with_label_values(&[alias.as_str(), &loser.deployment, self.key_label()])
+                .inc_by(cost as f64 / 1e9);
+        }
+        hedge_nano
+    }
+
+    /// The key as the cost metrics name it.
+    fn key_label(&self) -> &str {
+        if self.labels.key_in_metrics {
+            &self.labels.key
+        } else {
+            OTHER_KEYS
+        }
+    }
+
     /// Records the request once; later calls and the drop do nothing.
     pub fn finish(&mut self, status: u16) {
         if std::mem::replace(&mut self.recorded, true) {
@@ -581,7 +722,12 @@ impl Meter {
         let now = Instant::now();
         self.record_gaps();
         self.upstream_done(now);
-        let (usage, estimated) = self.final_usage(status);
+        let Settled {
+            usage,
+            estimated,
+            serving_nano,
+            cost_nano,
+        } = self.settle(status, now);
         let backend = self.last_backend.as_deref().unwrap_or(NONE);
         let MeterLabels {
             request_id,
@@ -589,7 +735,7 @@ impl Meter {
             alias,
             key,
             key_in_metrics,
-            user,
+            ..
         } = &self.labels;
         let m = &self.metrics;
         let series = self.serving.as_ref().map(|s| &*s.series);
@@ -619,56 +765,14 @@ impl Meter {
                     .inc_by(tokens);
             }
         }
-        let charged = self.prompt.estimate.saturating_add(self.charged_output);
-        if let Some(limits) = &self.charges.limits {
-            limits.settle(charged, usage.total_tokens, now);
-        }
-        let key_label = if *key_in_metrics { key } else { OTHER_KEYS };
-        // A hedge's loser, and a hedge the client left in flight, had the
-        // prompt: each is charged it, estimated, to its own deployment in
-        // the metrics and to the request's one record in the ledger.
-        let mut hedge_nano = 0;
-        for loser in self.cancelled.iter().chain(&self.hedge) {
-            let prompt = Usage::new(self.prompt.estimate, 0);
-            loser
-                .lease
-                .settle(self.prompt.estimate, &prompt, false, now);
-            let cost = loser.rate.cost_nano_usd(&prompt);
-            hedge_nano += cost;
-            series::record(
-                loser.series.tokens(api, false, true),
-                || {
-                    m.tokens.with_label_values(&[
-                        api,
-                        alias.as_str(),
-                        &loser.backend,
-                        "input",
-                        "true",
-                    ])
-                },
-                |c| c.inc_by(prompt.prompt_tokens),
-            );
-            m.cost
-                .with_label_values(&[alias.as_str(), &loser.deployment, key_label])
-                .inc_by(cost as f64 / 1e9);
-        }
-        let mut cost_nano = 0;
-        if let Some(serving) = &self.serving {
-            serving.lease.settle(charged, &usage, !estimated, now);
-        }
-        if let Some(serving) = &self.serving
-            && (usage.total_tokens > 0 || hedge_nano > 0)
-        {
-            // One clock read for the ledger's day and the licence's hour.
-            let now = time::OffsetDateTime::now_utc();
-            cost_nano = serving.rate.cost_nano_usd(&usage);
+        if let (Some(serving), Some(serving_nano)) = (&self.serving, serving_nano) {
             series::record(
                 (!*key_in_metrics).then_some(&serving.series.cost_other_keys),
                 || {
                     m.cost
-                        .with_label_values(&[alias, &serving.deployment, key_label])
+                        .with_label_values(&[alias, &serving.deployment, self.key_label()])
                 },
-                |c| c.inc_by(cost_nano as f64 / 1e9),
+                |c| c.inc_by(serving_nano as f64 / 1e9),
             );
             for c in self.charges.counterfactuals.iter() {
                 series::record(
@@ -680,35 +784,6 @@ impl Meter {
                     |s| s.inc_by(c.rate.cost_nano_usd(&usage) as f64 / 1e9),
                 );
             }
-            self.charges.ledger.record_request(
-                request_id,
-                Row {
-                    day: now.date(),
-                    key: key.clone(),
-                    model: alias.clone(),
-                    deployment: serving.deployment.clone(),
-                    api: Cow::Borrowed(api),
-                },
-                Totals {
-                    requests: 1,
-                    input_tokens: usage.prompt_tokens,
-                    output_tokens: usage.completion_tokens,
-                    cost_nano_usd: cost_nano + hedge_nano,
-                },
-            );
-            self.charges.licence.served(
-                alias,
-                serving.licence,
-                *user,
-                &usage,
-                cost_nano + hedge_nano,
-                now,
-            );
-        }
-        let cost_nano = cost_nano + hedge_nano;
-        // Only now, with the cost in the ledger, may the budget be freed.
-        if let Some(reservation) = self.charges.reservation.take() {
-            reservation.settle(cost_nano);
         }
         let elapsed = now.saturating_duration_since(self.started);
         m.record_request(series, api, alias, backend, status, elapsed);
@@ -761,8 +836,10 @@ impl Meter {
     /// [`finish`](Self::finish) does when the response's body lets it go:
     /// once the server has written the body's last bytes, so the
     /// access-log line, metrics and ledger row (a tenth of a streamed
-    /// request's CPU) do not hold them up.
-    pub fn ended(self: Box<Self>, status: u16) -> Ended {
+    /// request's CPU) do not hold them up. A request that holds its key's
+    /// budget or limits is charged now ([`settle_held`](Self::settle_held)).
+    pub fn ended(mut self: Box<Self>, status: u16) -> Ended {
+        self.settle_held(status);
         Ended(self, status)
     }
 }
@@ -795,5 +872,125 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+pub mod testing {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    use time::Date;
+
+    use super::budget::{Reservation, SharedSpend};
+    use super::*;
+
+    /// A deployment with no health to tell.
+    struct Unleased;
+
+    impl Settle for Unleased {
+        fn generated(&self, _: u64, _: Instant) {}
+        fn settle(&self, _: u64, _: &Usage, _: bool, _: Instant) {}
+    }
+
+    /// A meter at $1 per Mtok in and $10 out, holding `reservation`.
+    pub fn meter_charging(
+        reservation: Option<Reservation>,
+    ) -> (Arc<Metrics>, Arc<Ledger>, Box<Meter>) {
+        let metrics = Arc::new(Metrics::new());
+        let ledger = Arc::new(Ledger::open(None).unwrap());
+        let mut meter = Box::new(Meter::new(
+            metrics.clone(),
+            MeterLabels {
+                request_id: "r".into(),
+                api: "chat",
+                alias: "a".into(),
+                key: "k".into(),
+                key_in_metrics: true,
+                user: None,
+            },
+            Charges {
+                ledger: ledger.clone(),
+                reservation,
+                counterfactuals: Arc::new([]),
+                limits: None,
+                licence: Arc::default(),
+            },
+            std::time::Instant::now(),
+            PromptTokens {
+                estimate: 10,
+                most: 10,
+            },
+            InFlight::new(&metrics.in_flight),
+            None,
+        ));
+        meter.begin_attempt(
+            Serving {
+                deployment: "a/b".into(),
+                backend: "b".into(),
+                rate: Rate {
+                    input: 1_000,
+                    output: 10_000,
+                    ..Rate::default()
+                },
+                believable: UsageBound::new(8192, 1, 1),
+                output_limit: None,
+                licence: None,
+                lease: Box::new(Unleased),
+                series: Arc::default(),
+            },
+            "simulated",
+            "m",
+            std::time::Instant::now(),
+        );
+        meter.attempt_answered(|| None);
+        (metrics, ledger, meter)
+    }
+
+    /// The shared store's side of a reservation: what it was told spent.
+    #[derive(Default)]
+    pub struct Sink(pub Mutex<Vec<u64>>);
+
+    impl SharedSpend for Sink {
+        fn spent(&self, _: &str, _: Option<&str>, _: u64, nano_usd: u64, _: Date) {
+            self.0.lock().unwrap().push(nano_usd);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::budget::{Reservation, today};
+    use super::testing::{Sink, meter_charging};
+
+    #[test]
+    fn a_whole_answer_that_holds_a_budget_is_charged_before_it_goes_out() {
+        let requests = |metrics: &crate::metrics::Metrics| {
+            metrics
+                .requests
+                .with_label_values(&["chat", "a", "b", "200"])
+                .get()
+        };
+        // Its prompt estimated at 10 tokens, at 1,000 pico-dollars each.
+        let sink = Arc::new(Sink::default());
+        let reservation = Reservation::shared("k", 1_000, sink.clone(), "r".into());
+        let (metrics, ledger, meter) = meter_charging(Some(reservation));
+        let ended = meter.ended(200);
+        assert_eq!(*sink.0.lock().unwrap(), [10]);
+        assert_eq!(ledger.spent("k", today(), today()), 10);
+        assert_eq!(requests(&metrics), 0, "recorded as the server lets it go");
+        drop(ended);
+        assert_eq!(requests(&metrics), 1);
+        assert_eq!(*sink.0.lock().unwrap(), [10], "charged once");
+        assert_eq!(ledger.spent("k", today(), today()), 10);
+
+        // Holding nothing, it is charged once its last bytes are written.
+        let (_, ledger, meter) = meter_charging(None);
+        let ended = meter.ended(200);
+        assert_eq!(ledger.spent("k", today(), today()), 0);
+        drop(ended);
+        assert_eq!(ledger.spent("k", today(), today()), 10);
     }
 }

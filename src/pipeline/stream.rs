@@ -246,6 +246,7 @@ impl SseBody {
         }
         self.finished = true;
         self.ended = Some(status);
+        self.meter.settle_held(status);
     }
 }
 
@@ -346,13 +347,10 @@ mod tests {
     use futures_util::{StreamExt, stream};
 
     use super::*;
-    use crate::health::Lease;
     use crate::ledger::Ledger;
-    use crate::metering::cost::Rate;
-    use crate::metering::prompt::PromptTokens;
-    use crate::metering::{Charges, InFlight, MeterLabels, Serving};
+    use crate::metering::budget::Reservation;
+    use crate::metering::testing::{Sink, meter_charging};
     use crate::metrics::Metrics;
-    use crate::openai::UsageBound;
 
     const CONTENT: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}"#;
     const LAST: &str = r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"stop"}]}"#;
@@ -360,48 +358,7 @@ mod tests {
     const USAGE_ONLY: &str = r#"{"id":"c1","created":7,"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
 
     fn test_meter() -> (Arc<Metrics>, Box<Meter>) {
-        let metrics = Arc::new(Metrics::new());
-        let mut meter = Box::new(Meter::new(
-            metrics.clone(),
-            MeterLabels {
-                request_id: "r".into(),
-                api: "chat",
-                alias: "a".into(),
-                key: "k".into(),
-                key_in_metrics: true,
-                user: None,
-            },
-            Charges {
-                ledger: Arc::new(Ledger::open(None).unwrap()),
-                reservation: None,
-                counterfactuals: Arc::new([]),
-                limits: None,
-                licence: Arc::default(),
-            },
-            std::time::Instant::now(),
-            PromptTokens {
-                estimate: 10,
-                most: 10,
-            },
-            InFlight::new(&metrics.in_flight),
-            None,
-        ));
-        meter.begin_attempt(
-            Serving {
-                deployment: "a/b".into(),
-                backend: "b".into(),
-                rate: Rate::default(),
-                believable: UsageBound::new(8192, 1, 1),
-                output_limit: None,
-                licence: None,
-                lease: Box::new(Lease::new(Arc::default(), Arc::default(), Arc::default())),
-                series: Arc::default(),
-            },
-            "simulated",
-            "m",
-            std::time::Instant::now(),
-        );
-        meter.attempt_answered(|| None);
+        let (metrics, _, meter) = meter_charging(None);
         (metrics, meter)
     }
 
@@ -553,6 +510,59 @@ mod tests {
         drop(body);
         assert_eq!(requests_metric(&metrics, "499"), 1);
         assert_eq!(requests_metric(&metrics, "200"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_budgeted_stream_is_charged_before_its_last_frame_goes_out() {
+        let spent_today = |ledger: &Ledger| {
+            let today = crate::metering::budget::today();
+            ledger.spent("k", today, today)
+        };
+        let chunks = || {
+            stream::iter([
+                Ok(Chunk::from_static(CONTENT.as_bytes())),
+                Ok(Chunk::from_static(LAST_WITH_USAGE.as_bytes())),
+            ])
+            .boxed()
+        };
+        // 3 prompt tokens at 1,000 pico-dollars and 1 output token at
+        // 10,000: 13 nano-dollars.
+        let sink = Arc::new(Sink::default());
+        let reservation = Reservation::shared("k", 1_000, sink.clone(), "r".into());
+        let (metrics, ledger, meter) = meter_charging(Some(reservation));
+        let mut body = sse_body(
+            Chunk::from_static(CONTENT.as_bytes()),
+            chunks(),
+            false,
+            meter,
+        );
+        let mut frames = String::new();
+        while let Some(frame) = body.next().await {
+            frames.push_str(std::str::from_utf8(&frame.unwrap()).unwrap());
+            let last = frames.ends_with("data: [DONE]\n\n");
+            let told: &[u64] = if last { &[13] } else { &[] };
+            assert_eq!(*sink.0.lock().unwrap(), told, "{frames}");
+            assert_eq!(spent_today(&ledger), if last { 13 } else { 0 });
+        }
+        // Its metrics and log line wait for the server to let the body go.
+        assert_eq!(requests_metric(&metrics, "200"), 0);
+        drop(body);
+        assert_eq!(requests_metric(&metrics, "200"), 1);
+        assert_eq!(*sink.0.lock().unwrap(), [13], "charged once");
+        assert_eq!(spent_today(&ledger), 13);
+
+        // Holding nothing, it is charged once its last bytes are written.
+        let (_, ledger, meter) = meter_charging(None);
+        let mut body = sse_body(
+            Chunk::from_static(CONTENT.as_bytes()),
+            chunks(),
+            false,
+            meter,
+        );
+        while body.next().await.is_some() {}
+        assert_eq!(spent_today(&ledger), 0);
+        drop(body);
+        assert_eq!(spent_today(&ledger), 13);
     }
 
     fn usage_metric(metrics: &Metrics, estimated: &str) -> u64 {
