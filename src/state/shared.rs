@@ -17,8 +17,10 @@ use crate::store::{SYNC_EVERY, SyncAsk};
 
 /// How long spend queued by one request waits for others' before it is
 /// sent: one call settles every request that ended meanwhile (Redis runs
-/// one settlement script per 20 ms, not one per request), and a request's
-/// reservation is released within about this long of its end.
+/// one settlement script per 20 ms, not one per request). Spend that
+/// releases a budget reservation held in Redis is sent at once, with what
+/// queued while the call before ran: a client's next request, to any
+/// replica, finds the budget its last answer held free.
 const SETTLE_GATHER: Duration = Duration::from_millis(20);
 
 /// How often the sketch of this month's Llama end users (12 KiB) goes
@@ -57,9 +59,10 @@ pub fn share(app: &Arc<AppState>) -> Sharing {
                     let Some(app) = app.upgrade() else { return };
                     exchange(&app).await;
                 }
-                () = fleet.spend_queued() => {
-                    // Requests that end together settle in one call.
-                    tokio::time::sleep(SETTLE_GATHER).await;
+                releases = fleet.spend_queued() => {
+                    if !releases {
+                        tokio::time::sleep(SETTLE_GATHER).await;
+                    }
                     fleet.settle_now().await;
                 }
             }

@@ -129,6 +129,10 @@ pub struct Fleet {
     sending: tokio::sync::Mutex<()>,
     /// Wakes the sender when a request's spend is queued.
     settled: tokio::sync::Notify,
+    /// Spend queued since the last call releases a reservation in Redis.
+    releases: AtomicBool,
+    /// The last batch of spend Redis acknowledged.
+    acknowledged: AtomicU64,
     known: Mutex<Known>,
     /// Where `known` is kept across restarts; `None` without a ledger of
     /// this replica's own spend in a data_dir.
@@ -176,6 +180,16 @@ impl Pending {
             .chain(&self.settle)
             .filter(|s| s.key == key && s.day >= from && s.day <= to)
             .fold(0u64, |sum, s| sum.saturating_add(s.nano_usd))
+    }
+
+    /// Whether a settlement not yet acknowledged releases a reservation
+    /// `key` holds in Redis.
+    fn settles_reservation_of(&self, key: &str) -> bool {
+        self.unsent
+            .iter()
+            .flat_map(|b| &b.settle)
+            .chain(&self.settle)
+            .any(|s| s.key == key && s.reservation.is_some())
     }
 }
 
@@ -594,6 +608,8 @@ impl Fleet {
             pending: Mutex::new(pending),
             sending: tokio::sync::Mutex::new(()),
             settled: tokio::sync::Notify::new(),
+            releases: AtomicBool::new(false),
+            acknowledged: AtomicU64::new(0),
             known: Mutex::new(known),
             remember,
             prefixes: Mutex::default(),
@@ -604,9 +620,12 @@ impl Fleet {
         })
     }
 
-    /// Resolves when a request's spend was queued since the last call.
-    pub async fn spend_queued(&self) {
+    /// Resolves when a request's spend was queued since the last call:
+    /// whether it releases a reservation held in Redis, which the fleet's
+    /// next request on the key may be waiting for.
+    pub async fn spend_queued(&self) -> bool {
         self.settled.notified().await;
+        self.releases.swap(false, Ordering::AcqRel)
     }
 
     pub fn is_degraded(&self) -> bool {
@@ -682,6 +701,40 @@ impl Fleet {
     /// what it asks; all or nothing, from the owner's credit here or in
     /// one round trip, which a busy owner's also asks credit in.
     pub async fn admit(
+        &self,
+        cells: &SharedCells,
+        tokens: u64,
+        budget: Option<(&crate::config::Key, Ask, Date)>,
+    ) -> Result<Admitted, Denied> {
+        let acknowledged = self.acknowledged.load(Ordering::Acquire);
+        let admitted = self.admit_once(cells, tokens, budget).await;
+        // A budget held by reservations this replica has settled but whose
+        // release had not reached Redis when it was asked is free once it
+        // has: sent now (or acknowledged since), the request is asked for
+        // again, so a client that waits for each answer is not told to
+        // retry.
+        if let (
+            Err(Denied::Budget {
+                limit,
+                spent,
+                held,
+                needed,
+                ..
+            }),
+            Some((key, ..)),
+        ) = (&admitted, budget)
+            && *held > 0
+            && spent.saturating_add(*needed) <= *limit
+            && (self.acknowledged.load(Ordering::Acquire) != acknowledged
+                || lock(&self.pending).settles_reservation_of(&key.name))
+        {
+            self.settle_now().await;
+            return self.admit_once(cells, tokens, budget).await;
+        }
+        admitted
+    }
+
+    async fn admit_once(
         &self,
         cells: &SharedCells,
         tokens: u64,
@@ -1244,6 +1297,8 @@ impl Fleet {
             };
             pending.unsent.retain(|b| b.number > payload.last_batch);
             drop(pending);
+            self.acknowledged
+                .fetch_max(payload.last_batch, Ordering::AcqRel);
             // Within this call's turn, so that no settlement call's answer
             // comes between.
             if exchanged {
@@ -1509,6 +1564,9 @@ impl SharedSpend for Fleet {
         });
         drop(pending);
         drop(credits);
+        if reservation.is_some() {
+            self.releases.store(true, Ordering::Release);
+        }
         self.settled.notify_one();
     }
 }
