@@ -145,10 +145,16 @@ impl Limits {
         self.requests.set.load(Ordering::Acquire) || self.tokens.set.load(Ordering::Acquire)
     }
 
+    /// Whether there is a limit on tokens, which a request settles to
+    /// what it used.
+    pub fn limits_tokens(&self) -> bool {
+        self.tokens.set.load(Ordering::Acquire)
+    }
+
     /// Sends `delta` tokens to the shared token cell, if there is one and
     /// the store answers.
     fn to_shared(&self, delta: i64) {
-        if !self.tokens.set.load(Ordering::Acquire) {
+        if !self.limits_tokens() {
             return;
         }
         let shared = self.shared.load();

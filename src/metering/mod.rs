@@ -162,15 +162,14 @@ pub struct Meter {
     same_instant: u64,
     upstream_since: Option<Instant>,
     upstream_wait: Duration,
-    /// What the request used and cost, once charged.
-    settled: Option<Settled>,
+    /// What the request used is charged.
+    settled: bool,
     recorded: bool,
     _in_flight: InFlight,
 }
 
-/// What a request used and cost, as charged.
-#[derive(Clone, Copy)]
-struct Settled {
+/// What a request used and cost.
+struct Used {
     usage: Usage,
     estimated: bool,
     /// The serving deployment's cost, when the ledger has a row for it.
@@ -214,7 +213,7 @@ impl Meter {
             same_instant: 0,
             upstream_since: None,
             upstream_wait: Duration::ZERO,
-            settled: None,
+            settled: false,
             recorded: false,
             _in_flight: in_flight,
         }
@@ -585,122 +584,108 @@ impl Meter {
         }
     }
 
-    /// Settles a request that holds its key's budget or rate limits
-    /// before the last bytes of its answer go out, so a client that sends
-    /// its next request as soon as it has this one's answer finds this
-    /// one's cost spent, not still held. Other requests settle as they are
-    /// recorded, after their last bytes.
+    /// Settles a request that holds its key's budget or a limit on its
+    /// tokens before the last bytes of its answer go out, so a client that
+    /// sends its next request as soon as it has this one's answer finds
+    /// this one's cost spent, not still held. Other requests settle as
+    /// they are recorded, after their last bytes.
     pub fn settle_held(&mut self, status: u16) {
-        if self.charges.reservation.is_some() || self.charges.limits.is_some() {
-            self.settle(status, Instant::now());
+        if self.charges.reservation.is_some()
+            || (self.charges.limits.as_ref()).is_some_and(|limits| limits.limits_tokens())
+        {
+            let used = self.used(status);
+            self.charge(&used, Instant::now());
+        }
+    }
+
+    /// What the request used and cost.
+    fn used(&self, status: u16) -> Used {
+        let (usage, estimated) = self.final_usage(status);
+        let hedge_nano: u64 = self.losers().map(|(_, cost)| cost).sum();
+        let serving_nano = (self.serving.as_ref())
+            .filter(|_| usage.total_tokens > 0 || hedge_nano > 0)
+            .map(|serving| serving.rate.cost_nano_usd(&usage));
+        Used {
+            usage,
+            estimated,
+            serving_nano,
+            cost_nano: serving_nano.unwrap_or(0) + hedge_nano,
         }
     }
 
     /// Charges what the request used, once: to the ledger and the licence
     /// book, the key's rate limits and budget, and the leases of the
     /// deployments it ran on.
-    fn settle(&mut self, status: u16, now: Instant) -> Settled {
-        if let Some(settled) = self.settled {
-            return settled;
+    fn charge(&mut self, used: &Used, now: Instant) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
         }
-        let (usage, estimated) = self.final_usage(status);
+        let Used {
+            usage, estimated, ..
+        } = used;
         let charged = self.prompt.estimate.saturating_add(self.charged_output);
         if let Some(limits) = &self.charges.limits {
             limits.settle(charged, usage.total_tokens, now);
         }
-        let hedge_nano = self.settle_losers(now);
-        let mut serving_nano = None;
+        let prompt = Usage::new(self.prompt.estimate, 0);
+        for (loser, _) in self.losers() {
+            loser
+                .lease
+                .settle(self.prompt.estimate, &prompt, false, now);
+        }
         if let Some(serving) = &self.serving {
-            serving.lease.settle(charged, &usage, !estimated, now);
+            serving.lease.settle(charged, usage, !estimated, now);
+            if used.serving_nano.is_some() {
+                // One clock read for the ledger's day and the licence's hour.
+                let now = time::OffsetDateTime::now_utc();
+                let MeterLabels {
+                    request_id,
+                    api,
+                    alias,
+                    key,
+                    user,
+                    ..
+                } = &self.labels;
+                self.charges.ledger.record_request(
+                    request_id,
+                    Row {
+                        day: now.date(),
+                        key: key.clone(),
+                        model: alias.clone(),
+                        deployment: serving.deployment.clone(),
+                        api: Cow::Borrowed(api),
+                    },
+                    Totals {
+                        requests: 1,
+                        input_tokens: usage.prompt_tokens,
+                        output_tokens: usage.completion_tokens,
+                        cost_nano_usd: used.cost_nano,
+                    },
+                );
+                self.charges.licence.served(
+                    alias,
+                    serving.licence,
+                    *user,
+                    usage,
+                    used.cost_nano,
+                    now,
+                );
+            }
         }
-        if let Some(serving) = &self.serving
-            && (usage.total_tokens > 0 || hedge_nano > 0)
-        {
-            // One clock read for the ledger's day and the licence's hour.
-            let now = time::OffsetDateTime::now_utc();
-            let cost_nano = serving.rate.cost_nano_usd(&usage);
-            serving_nano = Some(cost_nano);
-            let MeterLabels {
-                request_id,
-                api,
-                alias,
-                key,
-                user,
-                ..
-            } = &self.labels;
-            self.charges.ledger.record_request(
-                request_id,
-                Row {
-                    day: now.date(),
-                    key: key.clone(),
-                    model: alias.clone(),
-                    deployment: serving.deployment.clone(),
-                    api: Cow::Borrowed(api),
-                },
-                Totals {
-                    requests: 1,
-                    input_tokens: usage.prompt_tokens,
-                    output_tokens: usage.completion_tokens,
-                    cost_nano_usd: cost_nano + hedge_nano,
-                },
-            );
-            self.charges.licence.served(
-                alias,
-                serving.licence,
-                *user,
-                &usage,
-                cost_nano + hedge_nano,
-                now,
-            );
-        }
-        let cost_nano = serving_nano.unwrap_or(0) + hedge_nano;
         // Only now, with the cost in the ledger, may the budget be freed.
         if let Some(reservation) = self.charges.reservation.take() {
-            reservation.settle(cost_nano);
+            reservation.settle(used.cost_nano);
         }
-        let settled = Settled {
-            usage,
-            estimated,
-            serving_nano,
-            cost_nano,
-        };
-        self.settled = Some(settled);
-        settled
     }
 
     /// A hedge's loser, and a hedge the client left in flight, had the
     /// prompt: each is charged it, estimated, to its own deployment in the
-    /// metrics and to the request's one record in the ledger. Returns what
-    /// they cost.
-    fn settle_losers(&self, now: Instant) -> u64 {
-        let mut hedge_nano = 0;
-        let MeterLabels { api, alias, .. } = &self.labels;
-        let m = &self.metrics;
-        for loser in self.cancelled.iter().chain(&self.hedge) {
-            let prompt = Usage::new(self.prompt.estimate, 0);
-            loser
-                .lease
-                .settle(self.prompt.estimate, &prompt, false, now);
-            let cost = loser.rate.cost_nano_usd(&prompt);
-            hedge_nano += cost;
-            series::record(
-                loser.series.tokens(api, false, true),
-                || {
-                    m.tokens.with_label_values(&[
-                        api,
-                        alias.as_str(),
-                        &loser.backend,
-                        "input",
-                        "true",
-                    ])
-                },
-                |c| c.inc_by(prompt.prompt_tokens),
-            );
-            m.cost
-                .with_label_values(&[alias.as_str(), &loser.deployment, self.key_label()])
-                .inc_by(cost as f64 / 1e9);
-        }
-        hedge_nano
+    /// metrics and to the request's one record in the ledger. Each, with
+    /// what it cost.
+    fn losers(&self) -> impl Iterator<Item = (&Serving, u64)> {
+        let prompt = Usage::new(self.prompt.estimate, 0);
+        (self.cancelled.iter().chain(&self.hedge))
+            .map(move |loser| (&**loser, loser.rate.cost_nano_usd(&prompt)))
     }
 
     /// The key as the cost metrics name it.
@@ -712,31 +697,10 @@ impl Meter {
         }
     }
 
-    /// Records the request once; later calls and the drop do nothing.
-    pub fn finish(&mut self, status: u16) {
-        if std::mem::replace(&mut self.recorded, true) {
-            return;
-        }
-        // One clock read for the request's end: its duration, and the
-        // limits and quotas it settles.
-        let now = Instant::now();
-        self.record_gaps();
-        self.upstream_done(now);
-        let Settled {
-            usage,
-            estimated,
-            serving_nano,
-            cost_nano,
-        } = self.settle(status, now);
+    /// The tokens the request used, in the metrics.
+    fn record_tokens(&self, usage: &Usage, estimated: bool) {
         let backend = self.last_backend.as_deref().unwrap_or(NONE);
-        let MeterLabels {
-            request_id,
-            api,
-            alias,
-            key,
-            key_in_metrics,
-            ..
-        } = &self.labels;
+        let MeterLabels { api, alias, .. } = &self.labels;
         let m = &self.metrics;
         let series = self.serving.as_ref().map(|s| &*s.series);
         let estimated_label = if estimated { "true" } else { "false" };
@@ -765,6 +729,55 @@ impl Meter {
                     .inc_by(tokens);
             }
         }
+    }
+
+    /// Records the request once; later calls and the drop do nothing.
+    pub fn finish(&mut self, status: u16) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        // One clock read for the request's end: its duration, and the
+        // limits and quotas it settles.
+        let now = Instant::now();
+        self.record_gaps();
+        self.upstream_done(now);
+        let used = self.used(status);
+        let Used {
+            usage,
+            estimated,
+            serving_nano,
+            cost_nano,
+        } = used;
+        self.record_tokens(&usage, estimated);
+        self.charge(&used, now);
+        let backend = self.last_backend.as_deref().unwrap_or(NONE);
+        let MeterLabels {
+            request_id,
+            api,
+            alias,
+            key,
+            key_in_metrics,
+            ..
+        } = &self.labels;
+        let m = &self.metrics;
+        for (loser, cost) in self.losers() {
+            series::record(
+                loser.series.tokens(api, false, true),
+                || {
+                    m.tokens.with_label_values(&[
+                        api,
+                        alias.as_str(),
+                        &loser.backend,
+                        "input",
+                        "true",
+                    ])
+                },
+                |c| c.inc_by(self.prompt.estimate),
+            );
+            m.cost
+                .with_label_values(&[alias.as_str(), &loser.deployment, self.key_label()])
+                .inc_by(cost as f64 / 1e9);
+        }
         if let (Some(serving), Some(serving_nano)) = (&self.serving, serving_nano) {
             series::record(
                 (!*key_in_metrics).then_some(&serving.series.cost_other_keys),
@@ -786,6 +799,7 @@ impl Meter {
             }
         }
         let elapsed = now.saturating_duration_since(self.started);
+        let series = self.serving.as_ref().map(|s| &*s.series);
         m.record_request(series, api, alias, backend, status, elapsed);
         series::record(
             series.map(|s| &s.gateway_overhead),
@@ -837,7 +851,7 @@ impl Meter {
     /// once the server has written the body's last bytes, so the
     /// access-log line, metrics and ledger row (a tenth of a streamed
     /// request's CPU) do not hold them up. A request that holds its key's
-    /// budget or limits is charged now ([`settle_held`](Self::settle_held)).
+    /// budget or a limit on its tokens is charged now ([`settle_held`](Self::settle_held)).
     pub fn ended(mut self: Box<Self>, status: u16) -> Ended {
         self.settle_held(status);
         Ended(self, status)
@@ -893,9 +907,11 @@ pub mod testing {
         fn settle(&self, _: u64, _: &Usage, _: bool, _: Instant) {}
     }
 
-    /// A meter at $1 per Mtok in and $10 out, holding `reservation`.
+    /// A meter at $1 per Mtok in and $10 out, holding `reservation` and
+    /// `limits`.
     pub fn meter_charging(
         reservation: Option<Reservation>,
+        limits: Option<Arc<Limits>>,
     ) -> (Arc<Metrics>, Arc<Ledger>, Box<Meter>) {
         let metrics = Arc::new(Metrics::new());
         let ledger = Arc::new(Ledger::open(None).unwrap());
@@ -913,7 +929,7 @@ pub mod testing {
                 ledger: ledger.clone(),
                 reservation,
                 counterfactuals: Arc::new([]),
-                limits: None,
+                limits,
                 licence: Arc::default(),
             },
             std::time::Instant::now(),
@@ -962,11 +978,15 @@ pub mod testing {
 mod tests {
     use std::sync::Arc;
 
+    use std::num::NonZeroU32;
+
     use super::budget::{Reservation, today};
     use super::testing::{Sink, meter_charging};
+    use crate::config::PerMinute;
+    use crate::limits::Limits;
 
     #[test]
-    fn a_whole_answer_that_holds_a_budget_is_charged_before_it_goes_out() {
+    fn a_whole_answer_that_holds_a_budget_or_a_token_limit_is_charged_before_it_goes_out() {
         let requests = |metrics: &crate::metrics::Metrics| {
             metrics
                 .requests
@@ -976,7 +996,7 @@ mod tests {
         // Its prompt estimated at 10 tokens, at 1,000 pico-dollars each.
         let sink = Arc::new(Sink::default());
         let reservation = Reservation::shared("k", 1_000, sink.clone(), "r".into());
-        let (metrics, ledger, meter) = meter_charging(Some(reservation));
+        let (metrics, ledger, meter) = meter_charging(Some(reservation), None);
         let ended = meter.ended(200);
         assert_eq!(*sink.0.lock().unwrap(), [10]);
         assert_eq!(ledger.spent("k", today(), today()), 10);
@@ -986,11 +1006,29 @@ mod tests {
         assert_eq!(*sink.0.lock().unwrap(), [10], "charged once");
         assert_eq!(ledger.spent("k", today(), today()), 10);
 
-        // Holding nothing, it is charged once its last bytes are written.
-        let (_, ledger, meter) = meter_charging(None);
+        // Holding no budget, nor a limit on tokens, it is charged once its
+        // last bytes are written.
+        for rpm in [None, Some(5)] {
+            let limits = Limits::default();
+            limits.configure(PerMinute {
+                requests: rpm.and_then(NonZeroU32::new),
+                tokens: None,
+            });
+            let (_, ledger, meter) = meter_charging(None, Some(Arc::new(limits)));
+            let ended = meter.ended(200);
+            assert_eq!(ledger.spent("k", today(), today()), 0, "rpm {rpm:?}");
+            drop(ended);
+            assert_eq!(ledger.spent("k", today(), today()), 10);
+        }
+        // A limit on tokens is settled to what the request used before.
+        let limits = Limits::default();
+        limits.configure(PerMinute {
+            requests: None,
+            tokens: NonZeroU32::new(1_000),
+        });
+        let (_, ledger, meter) = meter_charging(None, Some(Arc::new(limits)));
         let ended = meter.ended(200);
-        assert_eq!(ledger.spent("k", today(), today()), 0);
-        drop(ended);
         assert_eq!(ledger.spent("k", today(), today()), 10);
+        drop(ended);
     }
 }

@@ -358,7 +358,7 @@ mod tests {
     const USAGE_ONLY: &str = r#"{"id":"c1","created":7,"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
 
     fn test_meter() -> (Arc<Metrics>, Box<Meter>) {
-        let (metrics, _, meter) = meter_charging(None);
+        let (metrics, _, meter) = meter_charging(None, None);
         (metrics, meter)
     }
 
@@ -529,7 +529,7 @@ mod tests {
         // 10,000: 13 nano-dollars.
         let sink = Arc::new(Sink::default());
         let reservation = Reservation::shared("k", 1_000, sink.clone(), "r".into());
-        let (metrics, ledger, meter) = meter_charging(Some(reservation));
+        let (metrics, ledger, meter) = meter_charging(Some(reservation), None);
         let mut body = sse_body(
             Chunk::from_static(CONTENT.as_bytes()),
             chunks(),
@@ -552,7 +552,7 @@ mod tests {
         assert_eq!(spent_today(&ledger), 13);
 
         // Holding nothing, it is charged once its last bytes are written.
-        let (_, ledger, meter) = meter_charging(None);
+        let (_, ledger, meter) = meter_charging(None, None);
         let mut body = sse_body(
             Chunk::from_static(CONTENT.as_bytes()),
             chunks(),

@@ -728,8 +728,10 @@ impl Fleet {
             && (self.acknowledged.load(Ordering::Acquire) != acknowledged
                 || lock(&self.pending).settles_reservation_of(&key.name))
         {
-            self.settle_now().await;
-            return self.admit_once(cells, tokens, budget).await;
+            // Boxed: rare, and each request's future would otherwise hold
+            // room for both.
+            Box::pin(self.settle_now()).await;
+            return Box::pin(self.admit_once(cells, tokens, budget)).await;
         }
         admitted
     }
