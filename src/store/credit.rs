@@ -255,6 +255,15 @@ impl Credits {
         }
     }
 
+    /// An ask for `home`'s credit that will not be answered: the request
+    /// that asked was cancelled (its client left) while it waited. The
+    /// next admission may ask.
+    pub fn unasked(&mut self, home: &str) {
+        if let Some(home) = self.homes.get_mut(home) {
+            home.asking = false;
+        }
+    }
+
     /// Redis granted `units` of credit (0 or none: it did not answer)
     /// for requests of `terms`, the budget's under `id`. Returns the id
     /// when it names a new reservation, which the replica renews from now

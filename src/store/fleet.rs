@@ -78,6 +78,23 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
 /// if Redis is away, and an outage writes the latest at once.
 const REMEMBER_EVERY: Duration = Duration::from_secs(1);
 
+/// A credit asked for by a request in flight. Every other admission of
+/// its owner goes to Redis without asking until it is answered, so one
+/// whose request is cancelled first (its client left) lets the next ask.
+struct Asking<'a> {
+    credits: &'a Mutex<Credits>,
+    home: &'a str,
+    answered: bool,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            lock(self.credits).unasked(self.home);
+        }
+    }
+}
+
 /// A request admitted by the fleet, with its budget reservation (its id
 /// and nano-dollars) when its key has a budget.
 #[derive(Debug)]
@@ -769,11 +786,17 @@ impl Fleet {
                 Draw::Ask { units, id } => (units, id),
             };
         let id = terms.budget.map(|_| self.fresh_id());
+        let asking = (units > 0).then(|| Asking {
+            credits: &self.credits,
+            home: &cells.home,
+            answered: false,
+        });
         let reply = self
             .ask_redis(&terms, budget.map(|b| b.1), id.as_deref(), units, &credit)
             .await;
         let at = |i: usize| reply.as_ref().and_then(|r| r.get(i).copied()).unwrap_or(0);
-        if units > 0 {
+        if let Some(mut asking) = asking {
+            asking.answered = true;
             let granted = if at(0) == 0 { at(2).max(0) as u64 } else { 0 };
             let mut credits = lock(&self.credits);
             if let Some(credit) = credits.granted(&terms, granted, credit, Instant::now())
@@ -1793,6 +1816,40 @@ mod tests {
             None,
             "a second replica"
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_cancelled_while_it_asks_for_credit_lets_the_next_ask() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(Ledger::open(None).unwrap());
+        let fleet = unreachable(dir.path(), &ledger);
+        let cells = SharedCells {
+            home: "t:key:a".into(),
+            requests: Some(("rpm:600".into(), 600)),
+            tokens: None,
+        };
+        let terms = Terms {
+            cells: &cells,
+            tokens: 10,
+            budget: None,
+        };
+        let asks =
+            |fleet: &Fleet| match lock(&fleet.credits).draw(&terms, Instant::now(), String::new) {
+                Draw::Ask { units, .. } => units,
+                Draw::Taken(_) => panic!("no credit was granted"),
+            };
+        // Busy enough to ask for credit from the fourth admission on; each
+        // waits for Redis (nothing sends the queue here) until its client
+        // leaves.
+        for _ in 0..4 {
+            let admit = fleet.admit(&cells, 10, None);
+            assert!(
+                tokio::time::timeout(Duration::from_millis(5), admit)
+                    .await
+                    .is_err()
+            );
+        }
+        assert!(asks(&fleet) > 0, "the next admission asks again");
     }
 
     #[tokio::test]
