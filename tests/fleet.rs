@@ -2128,3 +2128,41 @@ async fn a_client_that_waits_for_each_answer_is_rarely_told_to_retry_by_two_repl
         "{held} told to retry of {served} served"
     );
 }
+
+/// A request whose client leaves while Redis has its admission holds
+/// nothing once Redis answers: what it reserved is released at once, not
+/// when its lease ends (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_leaves_during_its_admission_holds_nothing_after() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = answering(1).await;
+    let config = shared(
+        one_model(&upstream).key(Key::new("team").set("budget_daily_usd", 1.0)),
+        &redis,
+    );
+    let gateway = start(&config).await;
+    settled_in(&[&gateway]).await;
+    let home = format!("{PREFIX}key:team");
+    // Redis takes the admission once it is thawed, after the client left.
+    redis.freeze(true);
+    let body = json!({"model": "chat", "messages": user("hi"), "max_tokens": 100});
+    let gone = gateway
+        .post("/v1/chat/completions")
+        .bearer_auth("team-secret")
+        .json(&body)
+        .timeout(Duration::from_millis(150))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client left before an answer");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    redis.freeze(false);
+    // Thawed, Redis may read this test's own connection before the
+    // gateway's: the admission is given time to run first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = redis.hash_int(&home, "=");
+    eprintln!(
+        "held {held} 300 ms after; upstream called {} times",
+        upstream.hits()
+    );
+    assert_eq!(held, 0);
+}

@@ -170,6 +170,8 @@ struct Queued {
     keys: [String; 2],
     args: Vec<String>,
     reply: oneshot::Sender<Option<Vec<i64>>>,
+    /// The key whose budget it reserves under `args[11]`, if any.
+    budgeted: Option<String>,
 }
 
 #[derive(Default)]
@@ -910,6 +912,7 @@ impl Fleet {
             keys: [home, leases],
             args,
             reply,
+            budgeted: terms.budget.map(|(key, _)| key.to_owned()),
         };
         self.admissions.send(queued).ok()?;
         // Waiting includes a batch ahead of this one; the batch itself is
@@ -968,7 +971,9 @@ impl Fleet {
             match replies {
                 Some(replies) => {
                     for (queued, reply) in batch.drain(..).zip(replies) {
-                        let _ = queued.reply.send(Some(reply));
+                        if let Err(Some(reply)) = queued.reply.send(Some(reply)) {
+                            self.abandoned(queued.budgeted, &queued.args, &reply);
+                        }
                     }
                 }
                 None => {
@@ -978,6 +983,24 @@ impl Fleet {
                 }
             }
         }
+    }
+
+    /// Redis answered an admission whose request was cancelled meanwhile
+    /// (its client left): a reservation it made is released now rather
+    /// than held until its lease ends, as no request will settle it.
+    fn abandoned(&self, key: Option<String>, args: &[String], reply: &[i64]) {
+        let (Some(key), Some(0), Some(id)) = (key, reply.first(), args.get(11)) else {
+            return;
+        };
+        lock(&self.pending).settle.push(Settlement {
+            key,
+            reservation: Some(id.clone()),
+            drawn: None,
+            nano_usd: 0,
+            day: budget_today(),
+        });
+        self.releases.store(true, Ordering::Release);
+        self.settled.notify_one();
     }
 
     /// While Redis is away: a period's budget as this replica may use it,
