@@ -729,9 +729,9 @@ impl Fleet {
         let admitted = self.admit_once(cells, tokens, budget).await;
         // A budget held by reservations this replica has settled but whose
         // release had not reached Redis when it was asked is free once it
-        // has: sent now (or acknowledged since), the request is asked for
-        // again, so a client that waits for each answer is not told to
-        // retry.
+        // has: sent now if it is still unsent (or acknowledged since), the
+        // request is asked for again, so a client that waits for each
+        // answer is not told to retry.
         if let (
             Err(Denied::Budget {
                 limit,
@@ -744,13 +744,16 @@ impl Fleet {
         ) = (&admitted, budget)
             && *held > 0
             && spent.saturating_add(*needed) <= *limit
-            && (self.acknowledged.load(Ordering::Acquire) != acknowledged
-                || lock(&self.pending).settles_reservation_of(&key.name))
         {
-            // Boxed: rare, and each request's future would otherwise hold
-            // room for both.
-            Box::pin(self.settle_now()).await;
-            return Box::pin(self.admit_once(cells, tokens, budget)).await;
+            let unsent = lock(&self.pending).settles_reservation_of(&key.name);
+            if unsent || self.acknowledged.load(Ordering::Acquire) != acknowledged {
+                // Boxed: rare, and each request's future would otherwise
+                // hold room for both.
+                if unsent {
+                    Box::pin(self.settle_now()).await;
+                }
+                return Box::pin(self.admit_once(cells, tokens, budget)).await;
+            }
         }
         admitted
     }
