@@ -976,9 +976,8 @@ pub mod testing {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use std::num::NonZeroU32;
+    use std::sync::Arc;
 
     use super::budget::{Reservation, today};
     use super::testing::{Sink, meter_charging};

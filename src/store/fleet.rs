@@ -170,8 +170,8 @@ struct Queued {
     keys: [String; 2],
     args: Vec<String>,
     reply: oneshot::Sender<Option<Vec<i64>>>,
-    /// The key whose budget it reserves under `args[11]`, if any.
-    budgeted: Option<String>,
+    /// The key whose budget it reserves, and the reservation's id.
+    reservation: Option<(String, String)>,
 }
 
 #[derive(Default)]
@@ -915,7 +915,8 @@ impl Fleet {
             keys: [home, leases],
             args,
             reply,
-            budgeted: terms.budget.map(|(key, _)| key.to_owned()),
+            reservation: (terms.budget.zip(id))
+                .map(|((key, _), id)| (key.to_owned(), id.to_owned())),
         };
         self.admissions.send(queued).ok()?;
         // Waiting includes a batch ahead of this one; the batch itself is
@@ -975,7 +976,7 @@ impl Fleet {
                 Some(replies) => {
                     for (queued, reply) in batch.drain(..).zip(replies) {
                         if let Err(Some(reply)) = queued.reply.send(Some(reply)) {
-                            self.abandoned(queued.budgeted, &queued.args, &reply);
+                            self.abandoned(queued.reservation, &reply);
                         }
                     }
                 }
@@ -991,18 +992,26 @@ impl Fleet {
     /// Redis answered an admission whose request was cancelled meanwhile
     /// (its client left): a reservation it made is released now rather
     /// than held until its lease ends, as no request will settle it.
-    fn abandoned(&self, key: Option<String>, args: &[String], reply: &[i64]) {
-        let (Some(key), Some(0), Some(id)) = (key, reply.first(), args.get(11)) else {
+    fn abandoned(&self, reservation: Option<(String, String)>, reply: &[i64]) {
+        let (Some((key, id)), Some(0)) = (reservation, reply.first()) else {
             return;
         };
         lock(&self.pending).settle.push(Settlement {
             key,
-            reservation: Some(id.clone()),
+            reservation: Some(id),
             drawn: None,
             nano_usd: 0,
             day: budget_today(),
         });
-        self.releases.store(true, Ordering::Release);
+        self.queued(true);
+    }
+
+    /// Wakes the sender for spend just queued; `releases`: it releases a
+    /// reservation in Redis, sent at once.
+    fn queued(&self, releases: bool) {
+        if releases {
+            self.releases.store(true, Ordering::Release);
+        }
         self.settled.notify_one();
     }
 
@@ -1615,10 +1624,7 @@ impl SharedSpend for Fleet {
         });
         drop(pending);
         drop(credits);
-        if reservation.is_some() {
-            self.releases.store(true, Ordering::Release);
-        }
-        self.settled.notify_one();
+        self.queued(reservation.is_some());
     }
 }
 
