@@ -386,6 +386,8 @@ async fn an_exception_frame_is_an_http_error_first_and_an_sse_error_event_later(
         .chat(json!({"model": "alone", "messages": user("Hi"), "stream": true}))
         .await;
     assert_eq!(response.status(), 429);
+    // Bedrock says no wait: the gateway's own backoff's first step.
+    assert_eq!(response.headers()["retry-after"], "1");
     assert!(message(&error_of(response).await).contains("Too many requests"));
 
     // After the first chunk: an SSE error event, then [DONE].

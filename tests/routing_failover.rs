@@ -579,6 +579,61 @@ async fn a_429_with_retry_after_cools_its_deployment_for_that_long() {
     assert_eq!(alone.hits(), 1);
 }
 
+/// Bedrock's throttling, and some OpenAI-compatible servers' 429s, say no
+/// wait: the gateway backs off on its own, and tells the client so.
+#[tokio::test]
+async fn a_429_that_says_no_wait_cools_its_deployment_for_a_growing_backoff() {
+    let limited = MockUpstream::openai().status(429).start().await;
+    let config = Config::new()
+        .backend(Backend::new("limited", "openai", &url(&limited)))
+        .model(Model::new("alone").deployment(Deployment::named("alone", "limited")))
+        .admin();
+    let gateway = start(&config).await;
+    let retry_after = |response: &reqwest::Response| {
+        let headers = response.headers();
+        (
+            response.status().as_u16(),
+            headers["retry-after"].to_str().unwrap().to_owned(),
+        )
+    };
+
+    let response = gateway.chat(hi("alone")).await;
+    assert_eq!(retry_after(&response), (429, "1".to_owned()));
+    // It cools: the gateway answers for it, as for a 429 that said 1 s.
+    let response = gateway.chat(hi("alone")).await;
+    assert_eq!(retry_after(&response), (503, "1".to_owned()));
+    assert_eq!(limited.hits(), 1);
+
+    // Throttled again once its cooldown is over: twice as long.
+    gateway
+        .explain_until(ask("alone"), |e| e["chosen"] == "alone")
+        .await;
+    let response = gateway.chat(hi("alone")).await;
+    assert_eq!(retry_after(&response), (429, "2".to_owned()));
+    let explained = gateway.explain(ask("alone")).await;
+    let reason = reason(&explained, "alone");
+    let left: u64 = reason
+        .strip_prefix("rate limited upstream: cooling down for ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("{explained:#}"));
+    assert!((1000..=2000).contains(&left), "{left} ms");
+
+    // Once it answers, the next 429 starts over.
+    gateway
+        .explain_until(ask("alone"), |e| e["chosen"] == "alone")
+        .await;
+    limited.set_status(200);
+    assert_eq!(
+        outcome(&gateway, hi("alone"), 200).await,
+        pair("limited", 1)
+    );
+    limited.set_status(429);
+    let response = gateway.chat(hi("alone")).await;
+    assert_eq!(retry_after(&response), (429, "1".to_owned()));
+    assert_eq!(limited.hits(), 4);
+}
+
 // ---- circuit breakers -------------------------------------------------------------------
 
 #[tokio::test]

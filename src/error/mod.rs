@@ -129,6 +129,12 @@ impl GatewayError {
         self.kind.retriable()
     }
 
+    /// Tells the client to wait `wait`, unless the error already says how
+    /// long.
+    pub fn or_wait(&mut self, wait: Duration) {
+        self.retry.get_or_insert(Retry::After(wait));
+    }
+
     /// How long the client should wait before trying again, when known.
     pub fn wait(&self) -> Option<Duration> {
         match &self.retry {

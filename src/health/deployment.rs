@@ -2,7 +2,7 @@
 //! and prompt-cache estimates, 429 cooldowns, spillover saturation, the
 //! prompt prefixes it served.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,13 @@ use crate::openai::Usage;
 
 /// Weight of the newest sample in the moving averages.
 const EWMA_ALPHA: f64 = 0.2;
+
+/// The cooldown after an upstream's 429 that says no wait (Bedrock's
+/// throttling never does), doubled for each such 429 in a row, at most
+/// `2^UNSAID_DOUBLINGS` times: from 1 s to 8 s, as the OpenAI SDKs back
+/// off.
+const UNSAID_WAIT: Duration = Duration::from_secs(1);
+const UNSAID_DOUBLINGS: u32 = 3;
 
 fn ewma(old: Option<f64>, sample: f64) -> Option<f64> {
     Some(old.map_or(sample, |old| old + EWMA_ALPHA * (sample - old)))
@@ -46,6 +53,8 @@ pub struct DeploymentLive {
     /// When the newest pressure taken up from another replica was
     /// published, on the store's clock.
     pressure_seen_at: AtomicU64,
+    /// 429s in a row that said no wait, since it last answered.
+    unsaid_waits: AtomicU32,
 }
 
 /// What upstreams said of a deployment's capacity, as one replica shares
@@ -93,6 +102,7 @@ impl DeploymentLive {
             last_failure: Mutex::default(),
             pressure_changed: AtomicBool::default(),
             pressure_seen_at: AtomicU64::default(),
+            unsaid_waits: AtomicU32::default(),
         }
     }
 
@@ -131,6 +141,33 @@ impl DeploymentLive {
             let share = usage.cached_tokens() as f64 / usage.prompt_tokens as f64;
             let mut e = self.estimates();
             e.cache_hit = ewma(e.cache_hit, share);
+        }
+    }
+
+    /// An upstream's 429 that said to wait `said`: the deployment cools
+    /// for that long. One that said no wait cools it for 1 s, then for
+    /// twice the last for each such 429 in a row, up to 8 s; while it
+    /// cools already, one adds nothing, as it was sent before the
+    /// cooldown began. Returns how long the client is to wait.
+    pub fn rate_limited(&self, said: Option<Duration>, now: Instant) -> Duration {
+        let wait = match said {
+            Some(wait) => wait,
+            None => {
+                if let Some(left) = self.cooling_for(now) {
+                    return left;
+                }
+                let before = self.unsaid_waits.fetch_add(1, Ordering::Relaxed);
+                UNSAID_WAIT * (1 << before.min(UNSAID_DOUBLINGS))
+            }
+        };
+        self.cool_down(now + wait);
+        wait
+    }
+
+    /// It answered: the next 429 that says no wait starts over at 1 s.
+    pub fn answered(&self) {
+        if self.unsaid_waits.load(Ordering::Relaxed) != 0 {
+            self.unsaid_waits.store(0, Ordering::Relaxed);
         }
     }
 
@@ -256,5 +293,49 @@ impl AliasLive {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         *mean = ewma(*mean, tokens as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_429_that_says_no_wait_backs_off_from_1_s_to_8_s_and_starts_over_once_it_answers() {
+        let d = DeploymentLive::default();
+        let mut now = Instant::now();
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            let wait = d.rate_limited(None, now);
+            assert_eq!(d.cooling_for(now), Some(wait));
+            waits.push(wait.as_secs());
+            now += wait;
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 8]);
+        // One that says how long counts as neither.
+        assert_eq!(
+            d.rate_limited(Some(Duration::from_millis(300)), now),
+            Duration::from_millis(300)
+        );
+        now += Duration::from_secs(1);
+        assert_eq!(d.rate_limited(None, now), Duration::from_secs(8));
+        now += Duration::from_secs(8);
+        d.answered();
+        assert_eq!(d.rate_limited(None, now), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_burst_of_429s_that_say_no_wait_is_one_backoff() {
+        // Requests in flight together meet the same throttling: those
+        // answered while the deployment cools were sent before it did.
+        let d = DeploymentLive::default();
+        let now = Instant::now();
+        assert_eq!(d.rate_limited(None, now), Duration::from_secs(1));
+        for ms in [0, 10, 400] {
+            let at = now + Duration::from_millis(ms);
+            assert_eq!(d.rate_limited(None, at), Duration::from_millis(1000 - ms));
+        }
+        let after = now + Duration::from_secs(1);
+        assert_eq!(d.rate_limited(None, after), Duration::from_secs(2));
     }
 }

@@ -107,21 +107,22 @@ impl Attempt {
     pub fn succeeded(mut self, stream: bool) {
         let d = self.take();
         d.circuit.on_success();
+        d.answered();
         d.record_latency(stream, self.started.elapsed());
     }
 
     /// The upstream failed before the client saw a byte. A 429 cools the
-    /// deployment for its `retry-after`; other upstream failures count
-    /// against the circuit; an upstream that rejected the request itself
-    /// (a 4xx) is healthy.
-    pub fn failed(mut self, error: &GatewayError, settings: &RoutingSettings) {
+    /// deployment for its `retry-after`, or for a backoff of the gateway's
+    /// when it gave none, which the client is then told to wait; other
+    /// upstream failures count against the circuit; an upstream that
+    /// rejected the request itself (a 4xx) is healthy.
+    pub fn failed(mut self, error: &mut GatewayError, settings: &RoutingSettings) {
         let d = self.take();
         let now = Instant::now();
         match error.kind() {
             ErrorKind::UpstreamRateLimited => {
-                if let Some(after) = error.wait() {
-                    d.cool_down(now + after);
-                }
+                let wait = d.rate_limited(error.wait(), now);
+                error.or_wait(wait);
                 d.circuit.on_abandon(self.probe);
             }
             kind if kind.upstream_at_fault() => {

@@ -373,8 +373,8 @@ impl<'s> Tried<'s> {
 
     /// A leg failed before the client saw a byte: its deployment learns of
     /// it, and a failure that may be retried moves the request on.
-    fn failed(&mut self, leg: Leg<'s>, error: GatewayError) {
-        leg.attempt.failed(&error, self.settings);
+    fn failed(&mut self, leg: Leg<'s>, mut error: GatewayError) {
+        leg.attempt.failed(&mut error, self.settings);
         let backend = leg.backend.name.as_str();
         if !error.retriable() {
             self.fatal = Some((error, backend));
