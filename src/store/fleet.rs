@@ -95,6 +95,27 @@ impl Drop for Asking<'_> {
     }
 }
 
+/// An admission's answer from Redis, awaited. Dropped before it took the
+/// answer (its request was cancelled, or stopped waiting), a reservation
+/// the answer made is released at once: no request will settle it.
+struct Awaited<'a> {
+    fleet: &'a Fleet,
+    answer: oneshot::Receiver<Option<Vec<i64>>>,
+    /// The key whose budget it reserves, and the reservation's id.
+    reservation: Option<(String, String)>,
+}
+
+impl Drop for Awaited<'_> {
+    fn drop(&mut self) {
+        // Closed first, an answer sent later fails to arrive, and the
+        // sender releases its reservation itself.
+        self.answer.close();
+        if let Ok(Some(reply)) = self.answer.try_recv() {
+            self.fleet.abandoned(self.reservation.take(), &reply);
+        }
+    }
+}
+
 /// A request admitted by the fleet, with its budget reservation (its id
 /// and nano-dollars) when its key has a budget.
 #[derive(Debug)]
@@ -911,17 +932,23 @@ impl Fleet {
         }
         args.extend([credit.to_owned(), units.to_string()]);
         let (reply, answer) = oneshot::channel();
+        let reservation =
+            (terms.budget.zip(id)).map(|((key, _), id)| (key.to_owned(), id.to_owned()));
         let queued = Queued {
             keys: [home, leases],
             args,
             reply,
-            reservation: (terms.budget.zip(id))
-                .map(|((key, _), id)| (key.to_owned(), id.to_owned())),
+            reservation: reservation.clone(),
         };
         self.admissions.send(queued).ok()?;
+        let mut awaited = Awaited {
+            fleet: self,
+            answer,
+            reservation,
+        };
         // Waiting includes a batch ahead of this one; the batch itself is
         // bounded by the timeout, and marks Redis away when it runs over.
-        match tokio::time::timeout(self.timeout * 2, answer).await {
+        match tokio::time::timeout(self.timeout * 2, &mut awaited.answer).await {
             Ok(Ok(reply)) => reply,
             _ => None,
         }
@@ -1882,6 +1909,48 @@ mod tests {
             );
         }
         assert!(asks(&fleet) > 0, "the next admission asks again");
+    }
+
+    #[tokio::test]
+    async fn a_reservation_answered_to_a_request_cancelled_before_it_took_it_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(Ledger::open(None).unwrap());
+        let fleet = unreachable(dir.path(), &ledger);
+        let mut queue = lock(&fleet.admission_queue).take().unwrap();
+        let key = crate::config::Key {
+            name: "team".into(),
+            sha256: [0; 32],
+            models: crate::config::AllowedModels::All,
+            region: None,
+            region_header: false,
+            budget: crate::config::Budget {
+                daily_nano_usd: Some(1_000_000),
+                monthly_nano_usd: None,
+            },
+            limits: crate::config::PerMinute::default(),
+            metrics: false,
+        };
+        let cells = SharedCells {
+            home: "t:key:team".into(),
+            requests: None,
+            tokens: None,
+        };
+        let ask = Ask {
+            want: 500,
+            floor: 500,
+        };
+        let mut admit = Box::pin(fleet.admit(&cells, 10, Some((&key, ask, budget_today()))));
+        assert!(futures_util::poll!(admit.as_mut()).is_pending());
+        let queued = queue.recv().await.unwrap();
+        let id = queued.reservation.clone().unwrap().1;
+        // Redis reserved, and its answer reached the request, which its
+        // client left before it was polled again.
+        queued.reply.send(Some(vec![0, 500, 0])).unwrap();
+        drop(admit);
+        let pending = lock(&fleet.pending);
+        assert!(pending.settles_reservation_of("team"));
+        assert_eq!(pending.settle[0].reservation.as_deref(), Some(id.as_str()));
+        assert!(fleet.releases.load(Ordering::Acquire), "sent at once");
     }
 
     #[tokio::test]
