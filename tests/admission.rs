@@ -108,7 +108,7 @@ const CASES: &[Case] = &[
     // Residency leaves the EU nothing in "scarce"; its one US deployment
     // is at its quota after the warm-up requests.
     case("eu-team", None, "scarce", false, 451, None),
-    case("roamer", Some("us"), "scarce", false, 503, None),
+    case("roamer", Some("us"), "scarce", false, 429, None),
     // Regions are compared without regard to case: in the header, and in
     // the config.
     case("roamer", Some("EU"), "vision", false, 451, None),
@@ -188,7 +188,7 @@ async fn the_gateway_and_explain_decide_every_case_alike() {
         served(&gateway, &warm_up).await,
         (200, Some("sim-us".into()))
     );
-    assert_eq!(served(&gateway, &warm_up).await, (503, None));
+    assert_eq!(served(&gateway, &warm_up).await, (429, None));
     for case in CASES {
         let what = format!(
             "key {} region {:?} model {} image {}",

@@ -173,9 +173,12 @@ async fn tool_calls_come_back_as_openai_tool_calls(kind: Kind) {
 async fn upstream_errors_become_openai_errors_with_the_right_status(kind: Kind) {
     let limited = kind.rate_limited(kind.mock()).start().await;
     let gateway = start_for(kind, &limited).await;
+    // The second is the gateway's own: the first's 429 cools the only
+    // deployment for the backoff it says.
     for stream in [false, true] {
         let response = gateway.chat(chat(stream, None)).await;
         assert_eq!(response.status(), 429, "stream: {stream}");
+        assert_eq!(response.headers()["retry-after"], "1", "stream: {stream}");
         let error = error_of(response).await;
         assert_eq!(error["code"], "rate_limit_exceeded");
         assert_eq!(error["type"], "rate_limit_error");

@@ -363,16 +363,21 @@ async fn a_deployment_at_its_rpm_quota_is_skipped_not_failed() {
     assert_eq!(served_by(&response), ("dear".into(), "1".into()));
     assert_eq!(cheap.hits(), 2, "a skipped deployment is never called");
 
-    // An alias whose only deployment is at its quota: 503 with retry-after.
+    // An alias whose only deployment is at its quota: 429 with
+    // retry-after, as the provider would answer.
     assert_eq!(gateway.chat(hi("single")).await.status(), 200);
     let response = gateway.chat(hi("single")).await;
-    assert_eq!(response.status(), 503);
+    assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["x-tollgate-attempts"], "0");
     let wait = retry_after(&response);
     assert!((1..=60).contains(&wait), "{wait}");
     assert!(retry_after_ms(&response) <= 60_000);
     let error = error_of(response).await;
-    assert_eq!(error["code"], "no_deployment_available");
+    assert_eq!(error["code"], "rate_limit_exceeded");
+    assert!(
+        message(&error).starts_with("every deployment of model \"single\" is rate limited right now (single: at its rpm quota of"),
+        "{error}"
+    );
     assert_eq!(single.hits(), 1);
 }
 

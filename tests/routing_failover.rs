@@ -100,7 +100,12 @@ async fn each_retriable_failure_before_the_first_byte_fails_over_to_the_next_dep
         .await;
     let mut failing = Vec::new();
     for status in [404, 429, 500, 502, 503, 504] {
-        failing.push((status, MockUpstream::openai().status(status).start().await));
+        let mut mock = MockUpstream::openai().status(status);
+        if status == 429 {
+            // No cooldown, so that the streamed request is tried there too.
+            mock = mock.header("retry-after", "0");
+        }
+        failing.push((status, mock.start().await));
     }
     let spare = MockUpstream::openai().start().await;
     let mut config = Config::new()
@@ -539,7 +544,8 @@ async fn a_429_with_retry_after_cools_its_deployment_for_that_long() {
     assert_eq!(explained["chosen"], "spare");
     assert_eq!(candidate(&explained, "limited")["kept"], false);
     assert!(
-        reason(&explained, "limited").starts_with("rate limited upstream: cooling down for"),
+        reason(&explained, "limited")
+            .starts_with("rate limited upstream (the last: backend \"limited\" is rate limiting: "),
         "{explained:#}"
     );
     assert_eq!(
@@ -561,7 +567,8 @@ async fn a_429_with_retry_after_cools_its_deployment_for_that_long() {
     assert_eq!((limited.hits(), spare.hits()), (2, 2));
 
     // With nothing else to try, the 429 reaches the client; then, while the
-    // only deployment cools, the gateway answers 503 itself.
+    // only deployment cools, the gateway answers 429 itself, as the
+    // upstream would.
     let response = gateway.chat(hi("alone")).await;
     assert_eq!(response.status(), 429);
     assert_eq!(
@@ -571,11 +578,18 @@ async fn a_429_with_retry_after_cools_its_deployment_for_that_long() {
     );
     assert_eq!(served_by(&response), pair("alone", 1));
     let response = gateway.chat(hi("alone")).await;
-    assert_eq!(response.status(), 503);
+    assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(response.headers()["x-tollgate-attempts"], "0");
     let error = error_of(response).await;
-    assert_eq!(error["code"], "no_deployment_available");
-    assert!(message(&error).contains("model \"alone\""), "{error}");
+    assert_eq!(error["code"], "rate_limit_exceeded");
+    assert_eq!(error["type"], "rate_limit_error");
+    assert!(
+        message(&error).starts_with(
+            "every deployment of model \"alone\" is rate limited right now (alone: rate limited upstream (the last: backend \"alone\" is rate limiting: "
+        ),
+        "{error}"
+    );
     assert_eq!(alone.hits(), 1);
 }
 
@@ -601,7 +615,7 @@ async fn a_429_that_says_no_wait_cools_its_deployment_for_a_growing_backoff() {
     assert_eq!(retry_after(&response), (429, "1".to_owned()));
     // It cools: the gateway answers for it, as for a 429 that said 1 s.
     let response = gateway.chat(hi("alone")).await;
-    assert_eq!(retry_after(&response), (503, "1".to_owned()));
+    assert_eq!(retry_after(&response), (429, "1".to_owned()));
     assert_eq!(limited.hits(), 1);
 
     // Throttled again once its cooldown is over: twice as long.
@@ -613,8 +627,8 @@ async fn a_429_that_says_no_wait_cools_its_deployment_for_a_growing_backoff() {
     let explained = gateway.explain(ask("alone")).await;
     let reason = reason(&explained, "alone");
     let left: u64 = reason
-        .strip_prefix("rate limited upstream: cooling down for ")
-        .and_then(|rest| rest.split(' ').next())
+        .split_once("): cooling down for ")
+        .and_then(|(_, rest)| rest.split(' ').next())
         .and_then(|ms| ms.parse().ok())
         .unwrap_or_else(|| panic!("{explained:#}"));
     assert!((1000..=2000).contains(&left), "{left} ms");

@@ -332,6 +332,62 @@ fn open_circuits_and_rate_limit_cooldowns_drop_deployments_until_they_pass() {
     );
 }
 
+#[test]
+fn a_plan_whose_every_allowed_deployment_is_rate_limited_is_a_429_and_any_other_health_a_503() {
+    let config = Config::new()
+        .backend(sim("a", "us"))
+        .backend(sim("b", "us"))
+        .backend(sim("c", "eu"))
+        .model(
+            Model::new("chat")
+                .deployment(Deployment::named("cooling", "a"))
+                .deployment(Deployment::named("full", "b").set("rpm", 1))
+                .deployment(Deployment::named("elsewhere", "c")),
+        )
+        .model(
+            Model::new("small")
+                .deployment(Deployment::named("cooling-too", "a"))
+                .deployment(Deployment::named("tiny", "b").set("tpm", 4)),
+        )
+        .residency("us", &["us"]);
+    let s = snapshot(&config);
+    let now = Instant::now();
+    let facts = RequestFacts {
+        region: Some("us".into()),
+        ..text_facts(5, 10)
+    };
+    let (cooling, full) = (&s.resolved(0, 0).health, &s.resolved(0, 1).health);
+    cooling.cool_down(now + Duration::from_millis(1500));
+    assert!(full.quota.admit(5, now).is_ok(), "its one request");
+
+    // One cools after a 429, one is at its quota, one policy drops.
+    let plan = plan_at(&s, 0, &facts, now);
+    assert_eq!(plan.status, PlanStatus::RateLimited);
+    assert_eq!(plan.http_status(), 429);
+    let error = routing::refusal(&s, &plan, &facts, None);
+    assert_eq!(error.status().as_u16(), 429);
+    assert_eq!(error.code(), Some("rate_limit_exceeded"));
+    assert_eq!(error.wait(), Some(Duration::from_millis(1500)));
+    assert!(
+        error
+            .message()
+            .starts_with("every deployment of model \"chat\" is rate limited right now"),
+        "{}",
+        error.message()
+    );
+
+    // A deployment whose quota can never hold the request is not held
+    // back by a rate: waiting does not help, so the plan is a 503.
+    s.resolved(1, 0)
+        .health
+        .cool_down(now + Duration::from_millis(1500));
+    let plan = plan_at(&s, 1, &facts, now);
+    assert_eq!(plan.status, PlanStatus::Unavailable);
+    assert_eq!(plan.http_status(), 503);
+    let error = routing::refusal(&s, &plan, &facts, None);
+    assert_eq!(error.code(), Some("no_deployment_available"));
+}
+
 // ---- explain --------------------------------------------------------------------
 
 #[test]

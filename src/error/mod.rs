@@ -275,6 +275,16 @@ impl GatewayError {
         )
     }
 
+    /// Every deployment of `alias` policy allows is rate limited: cooling
+    /// down after an upstream's 429, or at its quota.
+    pub fn deployments_rate_limited(alias: &str, why: &str, retry_after: Duration) -> Self {
+        Self::retry_later(
+            ErrorKind::UpstreamRateLimited,
+            format_args!("every deployment of model \"{alias}\" is rate limited right now ({why})"),
+            retry_after,
+        )
+    }
+
     /// Redis, which holds the fleet's budgets and limits, did not answer in
     /// time and `[state] on_unavailable = "refuse"`.
     pub fn state_unavailable(retry_after: Duration) -> Self {

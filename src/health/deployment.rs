@@ -145,16 +145,23 @@ impl DeploymentLive {
     }
 
     /// An upstream's 429 that said to wait `said`: the deployment cools
-    /// for that long. One that said no wait cools it for 1 s, then for
-    /// twice the last for each such 429 in a row, up to 8 s; while it
-    /// cools already, one adds nothing, as it was sent before the
-    /// cooldown began. Returns how long the client is to wait.
+    /// for that long. One that said no wait adds nothing while it cools
+    /// already (it was sent before the cooldown began) or is at its quota
+    /// until a known time; otherwise it cools it for 1 s, then for twice
+    /// the last for each such 429 in a row, up to 8 s. Returns how long
+    /// the client is to wait.
     pub fn rate_limited(&self, said: Option<Duration>, now: Instant) -> Duration {
         let wait = match said {
             Some(wait) => wait,
             None => {
                 if let Some(left) = self.cooling_for(now) {
                     return left;
+                }
+                // Its quota keeps it out until then: what the upstream said
+                // is left (`x-ratelimit-*`, read from the 429 too), or the
+                // configured one.
+                if let Some((_, Some(reset))) = self.quota.blocked(0, now) {
+                    return reset;
                 }
                 let before = self.unsaid_waits.fetch_add(1, Ordering::Relaxed);
                 UNSAID_WAIT * (1 << before.min(UNSAID_DOUBLINGS))

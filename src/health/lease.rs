@@ -123,6 +123,7 @@ impl Attempt {
             ErrorKind::UpstreamRateLimited => {
                 let wait = d.rate_limited(error.wait(), now);
                 error.or_wait(wait);
+                d.record_failure(error.message());
                 d.circuit.on_abandon(self.probe);
             }
             kind if kind.upstream_at_fault() => {

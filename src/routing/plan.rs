@@ -22,6 +22,9 @@ pub enum PlanStatus {
     Blocked,
     /// Health or capacity leaves none (503).
     Unavailable,
+    /// Each deployment policy allows is rate limited: cooling down after
+    /// an upstream's 429, or at its quota (429, as the upstreams would).
+    RateLimited,
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +39,8 @@ pub struct Candidate {
     pub rule: Option<Rule>,
     /// When it may be usable again (open circuit, 429 cooldown, quota).
     pub retry_in: Option<Duration>,
+    /// Dropped as rate limited: cooling down after a 429, or at its quota.
+    pub limited: bool,
     /// The strategy's reason as a closed set, for metrics.
     pub label: &'static str,
 }
@@ -55,6 +60,7 @@ impl Candidate {
             score: None,
             rule,
             retry_in,
+            limited: false,
             label: "dropped",
         }
     }
@@ -88,6 +94,7 @@ impl Plan {
             PlanStatus::Ready => 200,
             PlanStatus::Blocked => 451,
             PlanStatus::Unavailable => 503,
+            PlanStatus::RateLimited => 429,
         }
     }
 
@@ -303,10 +310,12 @@ pub fn plan(
             score: Some(r.score),
             rule: None,
             retry_in: None,
+            limited: false,
             label: r.label,
         }
     }));
     let kept = candidates.iter().filter(|c| c.kept).count();
+    let limited = dropped.iter().filter(|c| c.limited).count();
     candidates.extend(dropped);
     if candidates.len() > kept + 1 {
         candidates[kept..].sort_by_key(|c| c.deployment);
@@ -315,6 +324,8 @@ pub fn plan(
         PlanStatus::Ready
     } else if blocked_by_policy == m.deployments.len() {
         PlanStatus::Blocked
+    } else if blocked_by_policy + limited == m.deployments.len() {
+        PlanStatus::RateLimited
     } else {
         PlanStatus::Unavailable
     };
@@ -337,15 +348,23 @@ fn unhealthy(
     now: Instant,
 ) -> Option<Candidate> {
     let drop = |reason, retry_in| Some(Candidate::dropped(index, reason, None, retry_in));
+    let last = || {
+        live.last_failure()
+            .map(|message| format!(" (the last: {message})"))
+            .unwrap_or_default()
+    };
+    let limited = |reason, retry_in| {
+        Some(Candidate {
+            limited: true,
+            ..Candidate::dropped(index, reason, None, retry_in)
+        })
+    };
     match live.circuit.view(now) {
         CircuitView::Open { failures, probe_in } => {
-            let last = live
-                .last_failure()
-                .map(|message| format!(" (the last: {message})"))
-                .unwrap_or_default();
             return drop(
                 format!(
-                    "circuit open after {failures} consecutive failures{last}; probe in {} ms",
+                    "circuit open after {failures} consecutive failures{}; probe in {} ms",
+                    last(),
                     probe_in.as_millis()
                 ),
                 Some(probe_in),
@@ -360,16 +379,20 @@ fn unhealthy(
         CircuitView::Closed | CircuitView::HalfOpen { probing: false } => {}
     }
     if let Some(left) = live.cooling_for(now) {
-        return drop(
+        return limited(
             format!(
-                "rate limited upstream: cooling down for {} ms more (retry-after)",
+                "rate limited upstream{}: cooling down for {} ms more (retry-after)",
+                last(),
                 left.as_millis()
             ),
             Some(left),
         );
     }
-    let (reason, retry_in) = live.quota.blocked(facts.input_tokens, now)?;
-    drop(reason, retry_in)
+    // A request its quota can never hold is not held back by a rate.
+    match live.quota.blocked(facts.input_tokens, now)? {
+        (reason, None) => drop(reason, None),
+        (reason, retry_in) => limited(reason, retry_in),
+    }
 }
 
 /// Puts the bound deployment first, unless the strategy dropped it. Under
@@ -431,7 +454,8 @@ pub fn policy_allows(snapshot: &Snapshot, model: usize, facts: &RequestFacts) ->
 }
 
 /// The error for a plan that has nothing to try: 451 naming the rules and
-/// what would make the request servable, or 503 with `retry-after`.
+/// what would make the request servable, or 429 or 503 with
+/// `retry-after`.
 pub fn refusal(
     snapshot: &Snapshot,
     plan: &Plan,
@@ -439,14 +463,21 @@ pub fn refusal(
     key: Option<&Key>,
 ) -> GatewayError {
     let alias = &snapshot.config.models[plan.model].alias;
-    if plan.status == PlanStatus::Unavailable {
+    if matches!(
+        plan.status,
+        PlanStatus::Unavailable | PlanStatus::RateLimited
+    ) {
         let deployments = &snapshot.config.models[plan.model].deployments;
         let why: Vec<String> = plan
             .candidates
             .iter()
             .map(|c| format!("{}: {}", deployments[c.deployment].name, c.reason))
             .collect();
-        return GatewayError::no_deployment_available(alias, &why.join("; "), plan.retry_after());
+        let refuse = match plan.status {
+            PlanStatus::RateLimited => GatewayError::deployments_rate_limited,
+            _ => GatewayError::no_deployment_available,
+        };
+        return refuse(alias, &why.join("; "), plan.retry_after());
     }
     let policy = &snapshot.config.policy;
     let why: Vec<String> = plan
