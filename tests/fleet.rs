@@ -2115,16 +2115,19 @@ async fn a_client_that_waits_for_each_answer_is_never_told_to_retry_by_one_repli
     assert_eq!(held, 0, "{served} served");
 }
 
-/// Another replica finds the release there unless the client's next
-/// request reaches Redis before it: the release is sent as the answer's
-/// last bytes are, so that is rare (none or one of 235 here, up to six
-/// with both cores busy; a client that alternated was told to retry every
-/// other time while releases waited 20 ms to go with others).
+/// The release is sent as the answer's last bytes are, and the client's
+/// next request may reach Redis through the other replica before it: the
+/// other replica asks again once, after a short wait, and finds it
+/// released (none of 235 in eight runs here, four of them with both
+/// cores busy; without the second ask, none to six; a client that
+/// alternated was told to retry every other time while releases waited
+/// 20 ms to go with others). A release slower than the wait still tells
+/// the client to retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_waits_for_each_answer_is_rarely_told_to_retry_by_two_replicas() {
     let (served, held) = one_by_one_to_the_budget_edge(2).await;
     assert!(
-        held * 10 <= served,
+        held * 50 <= served,
         "{held} told to retry of {served} served"
     );
 }

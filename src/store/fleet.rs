@@ -78,6 +78,13 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
 /// if Redis is away, and an outage writes the latest at once.
 const REMEMBER_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a request refused for budget that other replicas hold waits
+/// before it asks once more: a release each sends as its answer's last
+/// bytes go out reaches Redis in about a round trip, and a client that
+/// sent its next request to this replica on that answer may have beaten
+/// it there.
+const HELD_RECHECK: Duration = Duration::from_millis(10);
+
 /// A credit asked for by a request in flight. Every other admission of
 /// its owner goes to Redis without asking until it is answered, so one
 /// whose request is cancelled first (its client left) lets the next ask.
@@ -752,7 +759,8 @@ impl Fleet {
         // release had not reached Redis when it was asked is free once it
         // has: sent now if it is still unsent (or acknowledged since), the
         // request is asked for again, so a client that waits for each
-        // answer is not told to retry.
+        // answer is not told to retry. Held by another replica, it is
+        // asked for again after the time that replica's release takes.
         if let (
             Err(Denied::Budget {
                 limit,
@@ -767,14 +775,14 @@ impl Fleet {
             && spent.saturating_add(*needed) <= *limit
         {
             let unsent = lock(&self.pending).settles_reservation_of(&key.name);
-            if unsent || self.acknowledged.load(Ordering::Acquire) != acknowledged {
-                // Boxed: rare, and each request's future would otherwise
-                // hold room for both.
-                if unsent {
-                    Box::pin(self.settle_now()).await;
-                }
-                return Box::pin(self.admit_once(cells, tokens, budget)).await;
+            // Boxed: rare, and each request's future would otherwise hold
+            // room for all three.
+            if unsent {
+                Box::pin(self.settle_now()).await;
+            } else if self.acknowledged.load(Ordering::Acquire) == acknowledged {
+                Box::pin(tokio::time::sleep(HELD_RECHECK)).await;
             }
+            return Box::pin(self.admit_once(cells, tokens, budget)).await;
         }
         admitted
     }
