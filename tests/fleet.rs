@@ -2132,6 +2132,50 @@ async fn a_client_that_waits_for_each_answer_is_rarely_told_to_retry_by_two_repl
     );
 }
 
+/// Redis that answers an admission after `timeout_ms`, when the replica
+/// has gone on without it, still runs it: what it reserved is released
+/// once it answers, not when its lease ends (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_redis_makes_after_the_replica_stopped_waiting_is_released() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = answering(1).await;
+    let config = shared(
+        one_model(&upstream).key(Key::new("team").set("budget_daily_usd", 1.0)),
+        &redis,
+    )
+    .set("state", "timeout_ms", 200);
+    let gateway = start(&config).await;
+    settled_in(&[&gateway]).await;
+    let home = format!("{PREFIX}key:team");
+    let body = json!({"model": "chat", "messages": user("hi"), "max_tokens": 100});
+    // One admitted through Redis first, so that Redis has the script the
+    // late call runs.
+    let response = gateway
+        .post("/v1/chat/completions")
+        .bearer_auth("team-secret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    settled_in(&[&gateway]).await;
+    redis.freeze(true);
+    let response = gateway
+        .post("/v1/chat/completions")
+        .bearer_auth("team-secret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "served on the replica's share");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.freeze(false);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = redis.hash_int(&home, "=");
+    eprintln!("held {held} 300 ms after the thaw");
+    assert_eq!(held, 0);
+}
+
 /// A request whose client leaves while Redis has its admission holds
 /// nothing once Redis answers: what it reserved is released at once, not
 /// when its lease ends (30 s).

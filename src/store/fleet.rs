@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
@@ -987,7 +989,21 @@ impl Fleet {
             return;
         };
         let mut batch = Vec::new();
-        while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Calls Redis did not answer in time, which it may still run: what
+        // they reserved is released once it answers.
+        let mut late = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                received = queue.recv_many(&mut batch, MAX_BATCH) => {
+                    if received == 0 {
+                        return;
+                    }
+                }
+                Some((reservations, replies)) = late.next() => {
+                    self.answered_late(reservations, replies);
+                    continue;
+                }
+            }
             let replies = if self.is_degraded() {
                 None
             } else {
@@ -1000,11 +1016,26 @@ impl Fleet {
                     }
                 }
                 let mut connection = self.connection.clone();
-                self.bounded(
-                    self.timeout,
-                    invocation.invoke_async::<Vec<Vec<i64>>>(&mut connection),
-                )
-                .await
+                let mut call = Box::pin(async move {
+                    invocation
+                        .invoke_async::<Vec<Vec<i64>>>(&mut connection)
+                        .await
+                });
+                match tokio::time::timeout(self.timeout, call.as_mut()).await {
+                    Ok(Ok(replies)) => Some(replies),
+                    Ok(Err(e)) => {
+                        self.unavailable(&e.to_string());
+                        None
+                    }
+                    Err(_) => {
+                        let waited = self.timeout.as_millis();
+                        self.unavailable(&format!("no answer within {waited} ms"));
+                        let reservations: Vec<_> =
+                            batch.iter().map(|q| q.reservation.clone()).collect();
+                        late.push(async move { (reservations, call.await) });
+                        None
+                    }
+                }
                 .filter(|replies| replies.len() == batch.len())
             };
             match replies {
@@ -1022,6 +1053,31 @@ impl Fleet {
                 }
             }
         }
+    }
+
+    /// Redis answered a call of admissions after the replica had stopped
+    /// waiting for it and told each request it did not: the reservations
+    /// it made are released, as no request will settle them.
+    fn answered_late(
+        &self,
+        reservations: Vec<Option<(String, String)>>,
+        replies: RedisResult<Vec<Vec<i64>>>,
+    ) {
+        let Ok(replies) = replies else { return };
+        if replies.len() != reservations.len() {
+            return;
+        }
+        let mut released = 0;
+        for (reservation, reply) in reservations.into_iter().zip(replies) {
+            if reservation.is_some() && reply.first() == Some(&0) {
+                released += 1;
+                self.abandoned(reservation, &reply);
+            }
+        }
+        tracing::info!(
+            released,
+            "Redis answered admissions after the replica had stopped waiting; the reservations they made are released"
+        );
     }
 
     /// Redis answered an admission whose request was cancelled meanwhile
