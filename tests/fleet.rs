@@ -2150,24 +2150,14 @@ async fn a_reservation_redis_makes_after_the_replica_stopped_waiting_is_released
     let body = json!({"model": "chat", "messages": user("hi"), "max_tokens": 100});
     // One admitted through Redis first, so that Redis has the script the
     // late call runs.
-    let response = gateway
-        .post("/v1/chat/completions")
-        .bearer_auth("team-secret")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(ask_with(&gateway, "team", body.clone()).await.0, 200);
     settled_in(&[&gateway]).await;
     redis.freeze(true);
-    let response = gateway
-        .post("/v1/chat/completions")
-        .bearer_auth("team-secret")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "served on the replica's share");
+    assert_eq!(
+        ask_with(&gateway, "team", body).await.0,
+        200,
+        "served on the replica's share"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     redis.freeze(false);
     tokio::time::sleep(Duration::from_millis(300)).await;
