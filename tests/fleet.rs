@@ -624,6 +624,49 @@ async fn a_deployments_rpm_holds_for_the_whole_fleet() {
     assert_eq!(cheap.hits(), 4);
 }
 
+/// A deployment at its quota on other replicas, which this replica's plan
+/// cannot see, refuses the request when it is tried as the plan would
+/// have: 429, with when it has room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_full_on_other_replicas_is_a_429_when_tried() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = MockUpstream::openai().record(false).start().await;
+    let config = shared(
+        Config::new()
+            .backend(Backend::upstream("api", "openai", &url(&upstream)))
+            .model(
+                Model::new("alone").deployment(
+                    Deployment::new("api", "m")
+                        .set("rpm", 2)
+                        .set("context_window", 8192),
+                ),
+            )
+            .admin(),
+        &redis,
+    );
+    let fleet = replicas(&config, 2).await;
+    let hi = || json!({"model": "alone", "messages": user("hi")});
+    for _ in 0..2 {
+        assert_eq!(fleet[0].chat(hi()).await.status(), 200);
+    }
+    let response = fleet[1].chat(hi()).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["x-tollgate-attempts"], "0");
+    let wait: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    let error = error_of(response).await;
+    assert_eq!(error["code"], "rate_limit_exceeded");
+    assert!(
+        message(&error).contains("each was at its quota when tried"),
+        "{error}"
+    );
+    assert_eq!(upstream.hits(), 2);
+}
+
 /// One call of the gateway's `sync.lua` as replica `replica`: an
 /// exchange that seeds, on 2026-12-04, and applies and reads nothing but
 /// what `ask` sets; what it answered.

@@ -161,6 +161,9 @@ struct Tried<'s> {
     fatal: Option<(GatewayError, &'s str)>,
     /// The soonest a deployment skipped at its quota has room again.
     skipped: Option<Duration>,
+    /// A deployment was skipped as its half-open circuit's one probe was
+    /// taken by another request.
+    probing: bool,
     /// The deployment the last retriable failure was on, and its reason:
     /// a failover once the request goes on to another deployment.
     failing_over: Option<(&'s str, &'static str)>,
@@ -197,6 +200,7 @@ pub async fn attempt<'s>(
         last_error: None,
         fatal: None,
         skipped: None,
+        probing: false,
         failing_over: None,
     };
     let max_attempts = tried.settings.max_attempts;
@@ -294,17 +298,22 @@ pub async fn attempt<'s>(
         last_error,
         fatal,
         skipped,
+        probing,
         ..
     } = tried;
     let (error, backend) = fatal.or(last_error).unwrap_or_else(|| {
-        (
+        let wait = plan.retry_after_with(skipped);
+        // As the plan would have answered had it seen those quotas full.
+        let error = if skipped.is_some() && !probing && plan.dropped_only_as_rate_limited() {
+            GatewayError::deployments_rate_limited(alias, "each was at its quota when tried", wait)
+        } else {
             GatewayError::no_deployment_available(
                 alias,
                 "each was at its quota, or its circuit's one probe was taken, when tried",
-                plan.retry_after_with(skipped),
-            ),
-            NONE,
-        )
+                wait,
+            )
+        };
+        (error, NONE)
     });
     Err(Failure::after_attempts(
         error, alias, backend, attempts, meter,
@@ -321,7 +330,10 @@ impl<'s> Tried<'s> {
         let snapshot = &*self.ctx.snapshot;
         let resolved = snapshot.resolved(self.model, index);
         let deployment = &snapshot.config.models[self.model].deployments[index];
-        let attempt = Attempt::begin(&resolved.health)?;
+        let Some(attempt) = Attempt::begin(&resolved.health) else {
+            self.probing = true;
+            return None;
+        };
         let admitted = match admit_deployment(self.app, resolved, prompt, attempt.started()).await {
             Ok(admitted) => admitted,
             Err(refused) => {

@@ -106,6 +106,12 @@ impl Plan {
         rules
     }
 
+    /// Whether every deployment policy allows that the plan dropped was
+    /// dropped as rate limited: none is out for another reason.
+    pub fn dropped_only_as_rate_limited(&self) -> bool {
+        only_rate_limited(&self.candidates)
+    }
+
     /// The soonest a dropped deployment may be usable again.
     pub fn retry_after(&self) -> Duration {
         self.retry_after_with(None)
@@ -315,7 +321,6 @@ pub fn plan(
         }
     }));
     let kept = candidates.iter().filter(|c| c.kept).count();
-    let limited = dropped.iter().filter(|c| c.limited).count();
     candidates.extend(dropped);
     if candidates.len() > kept + 1 {
         candidates[kept..].sort_by_key(|c| c.deployment);
@@ -324,7 +329,7 @@ pub fn plan(
         PlanStatus::Ready
     } else if blocked_by_policy == m.deployments.len() {
         PlanStatus::Blocked
-    } else if blocked_by_policy + limited == m.deployments.len() {
+    } else if only_rate_limited(&candidates) {
         PlanStatus::RateLimited
     } else {
         PlanStatus::Unavailable
@@ -337,6 +342,15 @@ pub fn plan(
         candidates,
         affinity: binding,
     }
+}
+
+/// Whether each of `candidates` dropped for anything but policy was dropped
+/// as rate limited.
+fn only_rate_limited(candidates: &[Candidate]) -> bool {
+    candidates
+        .iter()
+        .filter(|c| !c.kept && c.rule.is_none())
+        .all(|c| c.limited)
 }
 
 /// The deployment at `index` dropped for its health (an open or probing
