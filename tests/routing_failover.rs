@@ -177,15 +177,21 @@ async fn only_a_failure_the_request_goes_on_from_counts_as_a_failover() {
 
 /// A base URL whose server answers every request with `reply` as it is,
 /// then closes the connection: an upstream that does not speak HTTP/1.1.
-async fn answering_with(reply: &'static [u8]) -> String {
+/// The n-th connection it accepts waits `after[n]`, if there is one,
+/// before it answers.
+async fn answering_with(reply: &'static [u8], after: &'static [Duration]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move {
+        let mut accepted = 0;
         while let Ok((mut stream, _)) = listener.accept().await {
+            let wait = after.get(accepted).copied().unwrap_or_default();
+            accepted += 1;
             tokio::spawn(async move {
                 let mut buf = vec![0; 64 * 1024];
                 let _ = stream.read(&mut buf).await;
+                tokio::time::sleep(wait).await;
                 let _ = stream.write_all(reply).await;
             });
         }
@@ -227,7 +233,11 @@ async fn an_upstream_that_breaks_http_fails_over_and_alone_is_a_502_that_says_wh
     let mut config = Config::new().backend(Backend::new("spare", "openai", &url(&spare)));
     for (name, reply, _) in broken {
         config = config
-            .backend(Backend::new(name, "openai", &answering_with(reply).await))
+            .backend(Backend::new(
+                name,
+                "openai",
+                &answering_with(reply, &[]).await,
+            ))
             .model(with_spare(name))
             .model(
                 Model::new(&format!("{name}-alone"))
@@ -646,6 +656,70 @@ async fn a_429_that_says_no_wait_cools_its_deployment_for_a_growing_backoff() {
     let response = gateway.chat(hi("alone")).await;
     assert_eq!(retry_after(&response), (429, "1".to_owned()));
     assert_eq!(limited.hits(), 4);
+}
+
+/// Requests in flight together meet the same throttling: however many
+/// 429s come back, they are one step of backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_429s_that_say_no_wait_is_one_step_of_backoff() {
+    // Each 429 comes 50 ms late, so that the whole wave is sent first.
+    let limited = MockUpstream::openai()
+        .status(429)
+        .first_byte_after(Duration::from_millis(50))
+        .start()
+        .await;
+    let config = Config::new()
+        .backend(Backend::new("limited", "openai", &url(&limited)))
+        .model(Model::new("alone").deployment(Deployment::named("alone", "limited")))
+        .admin();
+    let gateway = start(&config).await;
+    let wave = || async {
+        let asks = (0..40).map(|_| gateway.chat(hi("alone")));
+        let mut waits = Vec::new();
+        for response in futures_util::future::join_all(asks).await {
+            assert_eq!(response.status(), 429);
+            waits.push(
+                response.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        waits.dedup();
+        waits
+    };
+    assert_eq!(wave().await, ["1"]);
+    let reached = limited.hits();
+    assert!(reached > 1, "the wave reached the upstream {reached} times");
+    gateway
+        .explain_until(ask("alone"), |e| e["chosen"] == "alone")
+        .await;
+    assert_eq!(wave().await, ["2"], "the next wave is the next step");
+}
+
+/// A 429 that comes after the backoff it is part of is over, to a request
+/// sent before it began, says nothing new of the upstream: no next step,
+/// and no new cooldown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_to_a_request_sent_before_the_backoff_began_adds_nothing() {
+    const THROTTLED: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+    // Of two requests sent together, one is answered at once and the
+    // other after the first's backoff of 1 s is over.
+    const AFTER: &[Duration] = &[Duration::from_millis(50), Duration::from_millis(1600)];
+    let limited = answering_with(THROTTLED, AFTER).await;
+    let config = Config::new()
+        .backend(Backend::new("limited", "openai", &limited))
+        .model(Model::new("alone").deployment(Deployment::named("alone", "limited")))
+        .admin();
+    let gateway = start(&config).await;
+    let (first, late) = tokio::join!(gateway.chat(hi("alone")), gateway.chat(hi("alone")));
+    for response in [&first, &late] {
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["retry-after"], "1");
+        assert_eq!(response.headers()["x-tollgate-attempts"], "1");
+    }
+    let explained = gateway.explain(ask("alone")).await;
+    assert_eq!(explained["chosen"], "alone", "{explained:#}");
 }
 
 // ---- circuit breakers -------------------------------------------------------------------

@@ -79,6 +79,8 @@ struct Estimates {
     cache_hit: Option<f64>,
     /// After a 429 with `retry-after`, not used until then.
     cooled_until: Option<Instant>,
+    /// When the last backoff after a 429 that said no wait began.
+    backoff_began: Option<Instant>,
 }
 
 impl Default for DeploymentLive {
@@ -144,13 +146,15 @@ impl DeploymentLive {
         }
     }
 
-    /// An upstream's 429 that said to wait `said`: the deployment cools
-    /// for that long. One that said no wait adds nothing while it cools
-    /// already (it was sent before the cooldown began) or is at its quota
-    /// until a known time; otherwise it cools it for 1 s, then for twice
-    /// the last for each such 429 in a row, up to 8 s. Returns how long
-    /// the client is to wait.
-    pub fn rate_limited(&self, said: Option<Duration>, now: Instant) -> Duration {
+    /// An upstream's 429, to a request sent at `sent`, that said to wait
+    /// `said`: the deployment cools for that long. One that said no wait
+    /// cools it for 1 s, then for twice the last for each such 429 in a
+    /// row, up to 8 s. It adds nothing while the deployment cools already
+    /// or is at its quota until a known time, nor when its request was
+    /// sent before the last backoff began: requests in flight together
+    /// meet the same throttling. Returns how long the client is to wait.
+    pub fn rate_limited(&self, said: Option<Duration>, sent: Instant, now: Instant) -> Duration {
+        let backoff = |streak: u32| UNSAID_WAIT * (1 << streak.min(UNSAID_DOUBLINGS));
         let wait = match said {
             Some(wait) => wait,
             None => {
@@ -163,8 +167,14 @@ impl DeploymentLive {
                 if let Some((_, Some(reset))) = self.quota.blocked(0, now) {
                     return reset;
                 }
-                let before = self.unsaid_waits.fetch_add(1, Ordering::Relaxed);
-                UNSAID_WAIT * (1 << before.min(UNSAID_DOUBLINGS))
+                let mut e = self.estimates();
+                let streak = self.unsaid_waits.load(Ordering::Relaxed);
+                if streak > 0 && e.backoff_began.is_some_and(|began| sent < began) {
+                    return backoff(streak - 1);
+                }
+                e.backoff_began = Some(now);
+                self.unsaid_waits.store(streak + 1, Ordering::Relaxed);
+                backoff(streak)
             }
         };
         self.cool_down(now + wait);
@@ -307,42 +317,49 @@ impl AliasLive {
 mod tests {
     use super::*;
 
+    /// Each 429 to a request sent once the cooldown before it is over.
     #[test]
     fn a_429_that_says_no_wait_backs_off_from_1_s_to_8_s_and_starts_over_once_it_answers() {
         let d = DeploymentLive::default();
         let mut now = Instant::now();
         let mut waits = Vec::new();
         for _ in 0..5 {
-            let wait = d.rate_limited(None, now);
+            let wait = d.rate_limited(None, now, now);
             assert_eq!(d.cooling_for(now), Some(wait));
             waits.push(wait.as_secs());
             now += wait;
         }
         assert_eq!(waits, [1, 2, 4, 8, 8]);
         // One that says how long counts as neither.
-        assert_eq!(
-            d.rate_limited(Some(Duration::from_millis(300)), now),
-            Duration::from_millis(300)
-        );
+        let said = Some(Duration::from_millis(300));
+        assert_eq!(d.rate_limited(said, now, now), Duration::from_millis(300));
         now += Duration::from_secs(1);
-        assert_eq!(d.rate_limited(None, now), Duration::from_secs(8));
+        assert_eq!(d.rate_limited(None, now, now), Duration::from_secs(8));
         now += Duration::from_secs(8);
         d.answered();
-        assert_eq!(d.rate_limited(None, now), Duration::from_secs(1));
+        assert_eq!(d.rate_limited(None, now, now), Duration::from_secs(1));
     }
 
     #[test]
     fn a_burst_of_429s_that_say_no_wait_is_one_backoff() {
-        // Requests in flight together meet the same throttling: those
-        // answered while the deployment cools were sent before it did.
+        // Requests in flight together meet the same throttling, whenever
+        // their answers come.
         let d = DeploymentLive::default();
-        let now = Instant::now();
-        assert_eq!(d.rate_limited(None, now), Duration::from_secs(1));
+        let sent = Instant::now();
+        let first = sent + Duration::from_millis(50);
+        assert_eq!(d.rate_limited(None, sent, first), Duration::from_secs(1));
         for ms in [0, 10, 400] {
-            let at = now + Duration::from_millis(ms);
-            assert_eq!(d.rate_limited(None, at), Duration::from_millis(1000 - ms));
+            let at = first + Duration::from_millis(ms);
+            assert_eq!(
+                d.rate_limited(None, sent, at),
+                Duration::from_millis(1000 - ms)
+            );
         }
-        let after = now + Duration::from_secs(1);
-        assert_eq!(d.rate_limited(None, after), Duration::from_secs(2));
+        let late = first + Duration::from_secs(3);
+        assert_eq!(d.rate_limited(None, sent, late), Duration::from_secs(1));
+        assert_eq!(d.cooling_for(late), None, "nothing new of the upstream");
+        // One sent after the backoff began is the next step.
+        let probe = first + Duration::from_secs(1);
+        assert_eq!(d.rate_limited(None, probe, late), Duration::from_secs(2));
     }
 }

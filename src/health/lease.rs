@@ -121,7 +121,7 @@ impl Attempt {
         let now = Instant::now();
         match error.kind() {
             ErrorKind::UpstreamRateLimited => {
-                let wait = d.rate_limited(error.wait(), now);
+                let wait = d.rate_limited(error.wait(), self.started, now);
                 error.or_wait(wait);
                 d.record_failure(error.message());
                 d.circuit.on_abandon(self.probe);
