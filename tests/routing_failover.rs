@@ -662,10 +662,10 @@ async fn a_429_that_says_no_wait_cools_its_deployment_for_a_growing_backoff() {
 /// 429s come back, they are one step of backoff.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_429s_that_say_no_wait_is_one_step_of_backoff() {
-    // Each 429 comes 50 ms late, so that the whole wave is sent first.
+    // Each 429 comes 200 ms late, so that the whole wave is sent first.
     let limited = MockUpstream::openai()
         .status(429)
-        .first_byte_after(Duration::from_millis(50))
+        .first_byte_after(Duration::from_millis(200))
         .start()
         .await;
     let config = Config::new()
@@ -705,7 +705,7 @@ async fn a_429_to_a_request_sent_before_the_backoff_began_adds_nothing() {
     const THROTTLED: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
     // Of two requests sent together, one is answered at once and the
     // other after the first's backoff of 1 s is over.
-    const AFTER: &[Duration] = &[Duration::from_millis(50), Duration::from_millis(1600)];
+    const AFTER: &[Duration] = &[Duration::from_millis(300), Duration::from_millis(1900)];
     let limited = answering_with(THROTTLED, AFTER).await;
     let config = Config::new()
         .backend(Backend::new("limited", "openai", &limited))
