@@ -2175,6 +2175,51 @@ async fn a_client_that_waits_for_each_answer_is_rarely_told_to_retry_by_two_repl
     );
 }
 
+/// A key's hash outlives its last write by 40 days, longer than any month
+/// whose spend it keeps, and then leaves the log of changes too: keys no
+/// config names any more leave nothing in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_state_in_redis_ends_40_days_after_its_last_write() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = answering(1).await;
+    let config = shared(
+        one_model(&upstream)
+            .key(Key::new("team").set("budget_daily_usd", 1.0))
+            .key(Key::new("gone").set("budget_daily_usd", 1.0)),
+        &redis,
+    );
+    let gateway = start(&config).await;
+    settled_in(&[&gateway]).await;
+    let body = json!({"model": "chat", "messages": user("hi"), "max_tokens": 100});
+    for key in ["team", "gone"] {
+        assert_eq!(ask_with(&gateway, key, body.clone()).await.0, 200);
+    }
+    settled_in(&[&gateway]).await;
+    let int = |reply: Option<String>| -> Option<i64> { reply?.strip_prefix(':')?.parse().ok() };
+    let home = |key: &str| format!("{PREFIX}key:{key}");
+    let logged = |key: &str| {
+        redis
+            .command(&format!("ZSCORE {PREFIX}spend-changed {}", home(key)))
+            .is_some_and(|reply| reply != "$-1")
+    };
+    const DAYS_40_MS: i64 = 40 * 86_400_000;
+    for key in ["team", "gone"] {
+        let ttl = int(redis.command(&format!("PTTL {}", home(key)))).unwrap();
+        assert!(
+            (DAYS_40_MS - 60_000..=DAYS_40_MS).contains(&ttl),
+            "{key}: {ttl} ms"
+        );
+        assert!(logged(key), "{key} is in the log of changes");
+    }
+    // As if 40 days had passed without a write to it.
+    redis.command(&format!("DEL {}", home("gone")));
+    eventually("the exchange drops it from the log", || async {
+        !logged("gone")
+    })
+    .await;
+    assert!(logged("team"));
+}
+
 /// Redis that answers an admission after `timeout_ms`, when the replica
 /// has gone on without it, still runs it: what it reserved is released
 /// once it answers, not when its lease ends (30 s).

@@ -151,12 +151,14 @@ local function admit(home, leases, arg)
       table.insert(set, int(tonumber(v[6] or '0') + extra))
       redis.call('ZADD', leases, expiry, credit)
     end
+    keep(leases)
     table.insert(set, '=')
     table.insert(set, int(held))
     changed(home)
   end
   if #set > 0 then
     redis.call('HSET', home, unpack(set))
+    keep(home)
   end
   return {0, granted, units}
 end

@@ -13,6 +13,15 @@ local function int(n)
   return string.format('%.0f', n)
 end
 
+-- How long a key's or a deployment's hash, and its leases, outlive their
+-- last write (ms): longer than a month, so that a month's spend is kept
+-- to its end, and a key no config names any more leaves nothing behind.
+local KEEP = 40 * 86400 * 1000
+
+local function keep(key)
+  redis.call('PEXPIRE', key, KEEP)
+end
+
 local logged
 -- Logs a change of `hash`'s spend fields or of its `=`.
 local function changed(hash)

@@ -49,6 +49,7 @@ end
 for _, s in ipairs(ask.seed) do
   if redis.call('HSETNX', s[1], s[2], s[3]) == 1 then
     changed(s[1])
+    keep(s[1])
   end
 end
 
@@ -90,6 +91,7 @@ for _, batch in ipairs(ask.batches) do
         redis.call('HINCRBY', hash, month, cost)
         changed(hash)
       end
+      keep(hash)
     end
     -- Tokens past (positive) or short of (negative) what admission took,
     -- and the cells of a credit released unused (negative): [hash, field,
@@ -105,6 +107,7 @@ for _, batch in ipairs(ask.batches) do
         after = math.max(full_at - span, now)
       end
       redis.call('HSET', hash, field, int(after))
+      keep(hash)
     end
     applied = batch.number
   end
@@ -116,6 +119,7 @@ for _, r in ipairs(ask.renew) do
   for i = 2, #r do
     redis.call('ZADD', leases, 'XX', int(now + ask.lease), r[i])
   end
+  keep(leases)
 end
 
 -- Pressure: cool, requests left, tokens left, open; each until a time.
@@ -229,6 +233,13 @@ if ask.since then
   for i, hash in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], after, '+inf')) do
     local v = spend(hash)
     changes[i] = {hash, v[1], v[2], v[3]}
+  end
+end
+-- A hash gone (unwritten for longer than KEEP) leaves the log: the oldest
+-- few are looked at in each exchange.
+for _, hash in ipairs(redis.call('ZRANGE', KEYS[2], 0, 15)) do
+  if redis.call('EXISTS', hash) == 0 then
+    redis.call('ZREM', KEYS[2], hash)
   end
 end
 
