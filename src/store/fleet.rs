@@ -732,15 +732,25 @@ impl Fleet {
         limit: Duration,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Option<T> {
+        self.within(limit, call).await.ok().flatten()
+    }
+
+    /// `call`'s answer, `None` when it failed, or `Err` when Redis did not
+    /// answer within `limit`; either counts Redis away.
+    async fn within<T>(
+        &self,
+        limit: Duration,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<Option<T>, tokio::time::error::Elapsed> {
         match tokio::time::timeout(limit, call).await {
-            Ok(Ok(value)) => Some(value),
+            Ok(Ok(value)) => Ok(Some(value)),
             Ok(Err(e)) => {
                 self.unavailable(&e.to_string());
-                None
+                Ok(None)
             }
-            Err(_) => {
+            Err(elapsed) => {
                 self.unavailable(&format!("no answer within {} ms", limit.as_millis()));
-                None
+                Err(elapsed)
             }
         }
     }
@@ -1021,15 +1031,9 @@ impl Fleet {
                         .invoke_async::<Vec<Vec<i64>>>(&mut connection)
                         .await
                 });
-                match tokio::time::timeout(self.timeout, call.as_mut()).await {
-                    Ok(Ok(replies)) => Some(replies),
-                    Ok(Err(e)) => {
-                        self.unavailable(&e.to_string());
-                        None
-                    }
+                match self.within(self.timeout, call.as_mut()).await {
+                    Ok(replies) => replies,
                     Err(_) => {
-                        let waited = self.timeout.as_millis();
-                        self.unavailable(&format!("no answer within {waited} ms"));
                         let reservations: Vec<_> =
                             batch.iter().map(|q| q.reservation.clone()).collect();
                         late.push(async move { (reservations, call.await) });
@@ -1074,10 +1078,12 @@ impl Fleet {
                 self.abandoned(reservation, &reply);
             }
         }
-        tracing::info!(
-            released,
-            "Redis answered admissions after the replica had stopped waiting; the reservations they made are released"
-        );
+        if released > 0 {
+            tracing::info!(
+                released,
+                "Redis answered admissions after the replica had stopped waiting; the reservations they made are released"
+            );
+        }
     }
 
     /// Redis answered an admission whose request was cancelled meanwhile
